@@ -1,0 +1,52 @@
+/*
+ * SUMMARY
+ *  core/message.c - lifetime of the shared message model.
+ */
+#include "core/message.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/util.h"
+
+message_t *message_new(void)
+{
+    return xcalloc(1, sizeof(message_t));
+}
+
+static void free_addrs(mp_address_t *a, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(a[i].addr);
+        free(a[i].name);
+    }
+    free(a);
+}
+
+void message_free(message_t *m)
+{
+    if (m == NULL)
+        return;
+    free(m->id);
+    free(m->trace_id);
+    free(m->from.addr);
+    free(m->from.name);
+    free_addrs(m->to, m->nto);
+    free_addrs(m->cc, m->ncc);
+    free_addrs(m->bcc, m->nbcc);
+    free(m->subject);
+    free(m->text);
+    free(m->html);
+    for (size_t i = 0; i < m->nheaders; i++) {
+        free(m->headers[i].name);
+        free(m->headers[i].value);
+    }
+    free(m->headers);
+    free(m);
+}
+
+const char *message_addr_domain(const char *addr)
+{
+    const char *at = strrchr(addr, '@');
+    return at ? at + 1 : addr + strlen(addr);
+}

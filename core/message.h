@@ -1,0 +1,44 @@
+/*
+ * core/message.h - the message model every module shares.
+ *
+ * Built by queue/msgjson.c from the JSON body on mail.outbound, read by
+ * mime/ (to build the RFC 5322 bytes) and deliverer/ (the envelope).
+ * All strings are NUL-terminated UTF-8 owned by the message;
+ * message_free() releases everything.
+ */
+#ifndef MP_CORE_MESSAGE_H
+#define MP_CORE_MESSAGE_H
+
+#include <stddef.h>
+
+typedef struct mp_address {
+    char *addr; /* "local@domain", validated, never NULL */
+    char *name; /* display name or NULL */
+} mp_address_t;
+
+typedef struct mp_header {
+    char *name;  /* validated field name (RFC 5322 ftext) */
+    char *value; /* unfolded value, no CR or LF */
+} mp_header_t;
+
+typedef struct message {
+    char         *id;       /* mailpump message id: given or a generated UUID */
+    char         *trace_id; /* NULL if absent */
+    mp_address_t  from;
+    mp_address_t *to;  size_t nto;
+    mp_address_t *cc;  size_t ncc;
+    mp_address_t *bcc; size_t nbcc;
+    char         *subject; /* NULL if absent */
+    char         *text;    /* NULL if absent */
+    char         *html;    /* NULL if absent */
+    mp_header_t  *headers; size_t nheaders;
+    int           priority; /* AMQP priority 0..10, set by the consumer */
+} message_t;
+
+message_t *message_new(void);
+void       message_free(message_t *m);
+
+/* Domain part of an address (pointer into addr, after the last '@'). */
+const char *message_addr_domain(const char *addr);
+
+#endif

@@ -1,0 +1,670 @@
+/*
+ * SUMMARY
+ *  core/stream.c - non-blocking TCP stream with optional TLS, as events.
+ * DESCRIPTION
+ *  The only file that sees EAGAIN and SSL_ERROR_WANT_*. Those conditions
+ *  change the epoll interest and nothing else (nginx ngx_event_openssl):
+ *  a TLS read that wants a write resumes when the socket is writable, and
+ *  a write that wants a read resumes when it is readable. SSL_read is
+ *  repeated until it wants more input, which also drains SSL_pending():
+ *  epoll cannot see bytes already decrypted inside OpenSSL.
+ *
+ *  Writes are attempted at once from stream_write() for latency; what
+ *  the socket does not take waits for EPOLLOUT. Failures found outside
+ *  an fd callback are reported through a zero-delay timer so an owner
+ *  never receives an event from inside its own stream_write() call.
+ *
+ *  The inactivity timer is lazy: progress only records a timestamp and
+ *  the timer re-arms itself for the remainder when it fires early.
+ * DIAGNOSTICS
+ *  stream_error() holds the reason for STREAM_EV_ERROR / TIMEOUT.
+ */
+#include "core/stream.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+#include <arpa/inet.h>
+
+#include "core/tls.h"
+#include "core/util.h"
+
+#define STREAM_READ_CHUNK 16384
+#define STREAM_MAX_INPUT  (8u * 1024 * 1024) /* unparsed input cap: hostile peers */
+
+typedef enum {
+    ST_NEW = 0,
+    ST_CONNECTING,
+    ST_OPEN,
+    ST_HANDSHAKE,
+    ST_DEAD, /* closed, errored or timed out: waiting for stream_free */
+} st_state_t;
+
+struct stream {
+    loop_t      *loop;
+    int          fd;
+    st_state_t   state;
+    stream_cb    cb;
+    void        *arg;
+    buf_t        in;
+    buf_t        out;
+    SSL         *ssl;
+    int          read_wants_write;
+    int          write_wants_read;
+    int          hs_wants_write;
+    int          paused;
+    int          was_blocked;   /* output waited for EPOLLOUT: report DRAINED */
+    unsigned     interest;
+    unsigned     timeout_ms;
+    uint64_t     last_io;
+    loop_timer_t io_timer;
+    loop_timer_t defer_timer;
+    int          deferred_ev;   /* -1 none */
+    int          in_cb;
+    int          freed;
+    char         err[256];
+};
+
+static const char *event_names[STREAM_EV_LAST] = {
+    "connected", "tls_ready", "data", "drained", "timeout", "closed", "error",
+};
+
+const char *stream_event_name(stream_event_t ev)
+{
+    return ev < STREAM_EV_LAST ? event_names[ev] : "?";
+}
+
+static void stream_release(stream_t *s)
+{
+    buf_free(&s->in);
+    buf_free(&s->out);
+    free(s);
+}
+
+/* Deliver an event. Returns -1 if the owner freed the stream. */
+static int emit(stream_t *s, stream_event_t ev)
+{
+    s->in_cb++;
+    s->cb(s, ev, s->arg);
+    s->in_cb--;
+    if (s->freed) {
+        if (s->in_cb == 0)
+            stream_release(s);
+        return -1;
+    }
+    return 0;
+}
+
+static void update_interest(stream_t *s);
+
+static void teardown_io(stream_t *s)
+{
+    loop_timer_cancel(s->loop, &s->io_timer);
+    if (s->fd >= 0) {
+        loop_fd_del(s->loop, s->fd);
+        s->interest = 0;
+    }
+}
+
+/* Enter the dead state and report ev. */
+static int fail(stream_t *s, stream_event_t ev, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int fail(stream_t *s, stream_event_t ev, const char *fmt, ...)
+{
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(s->err, sizeof(s->err), fmt, ap);
+        va_end(ap);
+    }
+    s->state = ST_DEAD;
+    teardown_io(s);
+    return emit(s, ev);
+}
+
+static void defer_fired(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    stream_t *s = arg;
+    int ev = s->deferred_ev;
+    s->deferred_ev = -1;
+    if (ev < 0)
+        return;
+    if (ev == STREAM_EV_ERROR || ev == STREAM_EV_CLOSED || ev == STREAM_EV_TIMEOUT)
+        fail(s, (stream_event_t)ev, NULL);
+    else
+        emit(s, (stream_event_t)ev);
+}
+
+static void defer_event(stream_t *s, stream_event_t ev)
+{
+    /* an error outranks anything queued before it */
+    if (s->deferred_ev < 0 || ev == STREAM_EV_ERROR)
+        s->deferred_ev = (int)ev;
+    loop_timer_set(s->loop, &s->defer_timer, 0);
+}
+
+static void touch(stream_t *s)
+{
+    s->last_io = loop_now_ms(s->loop);
+}
+
+static void io_timer_fired(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    stream_t *s = arg;
+    if (s->state == ST_DEAD || s->timeout_ms == 0)
+        return;
+    uint64_t now = loop_update_time(loop);
+    uint64_t due = s->last_io + s->timeout_ms;
+    if (now < due) {
+        loop_timer_set(loop, &s->io_timer, due - now);
+        return;
+    }
+    fail(s, STREAM_EV_TIMEOUT, "no I/O for %u ms", s->timeout_ms);
+}
+
+void stream_set_timeout(stream_t *s, unsigned ms)
+{
+    s->timeout_ms = ms;
+    touch(s);
+    if (ms == 0 || s->state == ST_DEAD)
+        loop_timer_cancel(s->loop, &s->io_timer);
+    else
+        loop_timer_set(s->loop, &s->io_timer, ms);
+}
+
+static const char *ssl_reason(stream_t *s, int ret, int sslerr, char *buf, size_t len)
+{
+    if (sslerr == SSL_ERROR_SYSCALL) {
+        if (ERR_peek_last_error() != 0)
+            return tls_error_string(buf, len);
+        snprintf(buf, len, "%s", ret == 0 || errno == 0 ? "connection closed by peer" : strerror(errno));
+        return buf;
+    }
+    if (s->ssl) {
+        long vr = SSL_get_verify_result(s->ssl);
+        if (vr != X509_V_OK) {
+            snprintf(buf, len, "certificate verification failed: %s",
+                     X509_verify_cert_error_string(vr));
+            ERR_clear_error();
+            return buf;
+        }
+    }
+    return tls_error_string(buf, len);
+}
+
+/* Read what is available. Returns -1 if the stream was freed or died. */
+static int do_read(stream_t *s)
+{
+    size_t got = 0;
+    int eof = 0;
+    s->read_wants_write = 0;
+    while (!s->paused) {
+        if (buf_size(&s->in) > STREAM_MAX_INPUT)
+            return fail(s, STREAM_EV_ERROR, "peer sent more than %u unparsed bytes",
+                        STREAM_MAX_INPUT) < 0 ? -1 : -1;
+        buf_reserve(&s->in, STREAM_READ_CHUNK);
+        char *p = s->in.data + s->in.len;
+        ssize_t n;
+        if (s->ssl) {
+            ERR_clear_error();
+            int r = SSL_read(s->ssl, p, STREAM_READ_CHUNK);
+            if (r > 0) {
+                n = r;
+            } else {
+                int e = SSL_get_error(s->ssl, r);
+                if (e == SSL_ERROR_WANT_READ)
+                    break;
+                if (e == SSL_ERROR_WANT_WRITE) {
+                    s->read_wants_write = 1;
+                    break;
+                }
+                if (e == SSL_ERROR_ZERO_RETURN || (e == SSL_ERROR_SYSCALL && r == 0 &&
+                                                   ERR_peek_last_error() == 0)) {
+                    eof = 1;
+                    break;
+                }
+                char why[200];
+                ssl_reason(s, r, e, why, sizeof(why));
+                if (got > 0 && emit(s, STREAM_EV_DATA) < 0)
+                    return -1;
+                return fail(s, STREAM_EV_ERROR, "TLS read: %s", why) < 0 ? -1 : -1;
+            }
+        } else {
+            n = recv(s->fd, p, STREAM_READ_CHUNK, 0);
+            if (n == 0) {
+                eof = 1;
+                break;
+            }
+            if (n < 0) {
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    break;
+                if (errno == EINTR)
+                    continue;
+                int e = errno;
+                if (got > 0 && emit(s, STREAM_EV_DATA) < 0)
+                    return -1;
+                return fail(s, STREAM_EV_ERROR, "read: %s", strerror(e)) < 0 ? -1 : -1;
+            }
+        }
+        s->in.len += (size_t)n;
+        s->in.data[s->in.len] = '\0';
+        got += (size_t)n;
+    }
+    if (got > 0) {
+        touch(s);
+        if (emit(s, STREAM_EV_DATA) < 0 || s->state == ST_DEAD)
+            return -1;
+    }
+    if (eof) {
+        fail(s, STREAM_EV_CLOSED, "connection closed by peer");
+        return -1;
+    }
+    return 0;
+}
+
+/* Write what the socket takes. Returns 0 ok, -1 on a failure (recorded in
+ * s->err, the caller reports it). */
+static int do_write(stream_t *s)
+{
+    s->write_wants_read = 0;
+    while (buf_size(&s->out) > 0) {
+        size_t len = buf_size(&s->out);
+        ssize_t n;
+        if (s->ssl) {
+            ERR_clear_error();
+            int r = SSL_write(s->ssl, buf_head(&s->out), len > 65536 ? 65536 : (int)len);
+            if (r > 0) {
+                n = r;
+            } else {
+                int e = SSL_get_error(s->ssl, r);
+                if (e == SSL_ERROR_WANT_WRITE) {
+                    s->was_blocked = 1;
+                    return 0;
+                }
+                if (e == SSL_ERROR_WANT_READ) {
+                    s->write_wants_read = 1;
+                    s->was_blocked = 1;
+                    return 0;
+                }
+                char why[200];
+                snprintf(s->err, sizeof(s->err), "TLS write: %s", ssl_reason(s, r, e, why, sizeof(why)));
+                return -1;
+            }
+        } else {
+            n = send(s->fd, buf_head(&s->out), len, MSG_NOSIGNAL);
+            if (n < 0) {
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    s->was_blocked = 1;
+                    return 0;
+                }
+                if (errno == EINTR)
+                    continue;
+                snprintf(s->err, sizeof(s->err), "write: %s", strerror(errno));
+                return -1;
+            }
+        }
+        buf_consume(&s->out, (size_t)n);
+        touch(s);
+    }
+    return 0;
+}
+
+static void update_interest(stream_t *s)
+{
+    if (s->fd < 0 || s->state == ST_DEAD || s->freed)
+        return;
+    unsigned want = 0;
+    switch (s->state) {
+    case ST_CONNECTING:
+        want = LOOP_WRITE;
+        break;
+    case ST_HANDSHAKE:
+        want = s->hs_wants_write ? LOOP_WRITE : LOOP_READ;
+        break;
+    case ST_OPEN:
+        if (!s->paused || s->write_wants_read)
+            want |= LOOP_READ;
+        if ((buf_size(&s->out) > 0 && !s->write_wants_read) || s->read_wants_write)
+            want |= LOOP_WRITE;
+        break;
+    default:
+        break;
+    }
+    if (want != s->interest) {
+        loop_fd_mod(s->loop, s->fd, want);
+        s->interest = want;
+    }
+}
+
+static int do_handshake(stream_t *s)
+{
+    ERR_clear_error();
+    int r = SSL_do_handshake(s->ssl);
+    if (r == 1) {
+        s->state = ST_OPEN;
+        touch(s);
+        if (emit(s, STREAM_EV_TLS_READY) < 0 || s->state == ST_DEAD)
+            return -1;
+        /* output queued during the handshake goes now */
+        if (buf_size(&s->out) > 0 && do_write(s) < 0)
+            return fail(s, STREAM_EV_ERROR, NULL) < 0 ? -1 : -1;
+        update_interest(s);
+        return 0;
+    }
+    int e = SSL_get_error(s->ssl, r);
+    if (e == SSL_ERROR_WANT_READ) {
+        s->hs_wants_write = 0;
+    } else if (e == SSL_ERROR_WANT_WRITE) {
+        s->hs_wants_write = 1;
+    } else {
+        char why[200];
+        ssl_reason(s, r, e, why, sizeof(why));
+        fail(s, STREAM_EV_ERROR, "TLS handshake: %s", why);
+        return -1;
+    }
+    touch(s);
+    update_interest(s);
+    return 0;
+}
+
+static void on_fd(loop_t *loop, int fd, unsigned events, void *arg)
+{
+    stream_t *s = arg;
+    switch (s->state) {
+    case ST_CONNECTING: {
+        int soerr = 0;
+        socklen_t sl = sizeof(soerr);
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0)
+            soerr = errno;
+        if (soerr != 0) {
+            fail(s, STREAM_EV_ERROR, "connect: %s", strerror(soerr));
+            return;
+        }
+        s->state = ST_OPEN;
+        touch(s);
+        if (emit(s, STREAM_EV_CONNECTED) < 0)
+            return;
+        if (s->state == ST_OPEN && buf_size(&s->out) > 0 && do_write(s) < 0) {
+            fail(s, STREAM_EV_ERROR, NULL);
+            return;
+        }
+        update_interest(s);
+        return;
+    }
+    case ST_HANDSHAKE:
+        do_handshake(s);
+        return;
+    case ST_OPEN:
+        break;
+    default:
+        return;
+    }
+
+    if ((events & LOOP_READ) || ((events & LOOP_WRITE) && s->read_wants_write)) {
+        if (do_read(s) < 0)
+            return;
+        if (s->state != ST_OPEN)
+            return;
+    }
+    if (((events & LOOP_WRITE) || ((events & LOOP_READ) && s->write_wants_read)) &&
+        buf_size(&s->out) > 0) {
+        if (do_write(s) < 0) {
+            fail(s, STREAM_EV_ERROR, NULL);
+            return;
+        }
+        if (buf_size(&s->out) == 0 && s->was_blocked) {
+            s->was_blocked = 0;
+            if (emit(s, STREAM_EV_DRAINED) < 0)
+                return;
+        }
+    }
+    if (events & LOOP_ERROR && s->state == ST_OPEN && !(events & (LOOP_READ | LOOP_WRITE))) {
+        fail(s, STREAM_EV_ERROR, "socket error");
+        return;
+    }
+    update_interest(s);
+}
+
+stream_t *stream_new(loop_t *loop, stream_cb cb, void *arg)
+{
+    stream_t *s = xcalloc(1, sizeof(*s));
+    s->loop = loop;
+    s->fd = -1;
+    s->cb = cb;
+    s->arg = arg;
+    s->deferred_ev = -1;
+    buf_init(&s->in);
+    buf_init(&s->out);
+    loop_timer_init(&s->io_timer, io_timer_fired, s);
+    loop_timer_init(&s->defer_timer, defer_fired, s);
+    return s;
+}
+
+void stream_set_callback(stream_t *s, stream_cb cb, void *arg)
+{
+    s->cb = cb;
+    s->arg = arg;
+}
+
+static int setup_fd(stream_t *s, int fd)
+{
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    s->fd = fd;
+    if (loop_fd_add(s->loop, fd, 0, on_fd, s) < 0) {
+        snprintf(s->err, sizeof(s->err), "epoll: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+int stream_connect(stream_t *s, const struct sockaddr *sa, socklen_t salen)
+{
+    int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(s->err, sizeof(s->err), "socket: %s", strerror(errno));
+        return -1;
+    }
+    if (setup_fd(s, fd) < 0) {
+        close(fd);
+        s->fd = -1;
+        return -1;
+    }
+    touch(s);
+    if (s->timeout_ms)
+        loop_timer_set(s->loop, &s->io_timer, s->timeout_ms);
+    if (connect(fd, sa, salen) == 0) {
+        s->state = ST_OPEN;
+        update_interest(s);
+        defer_event(s, STREAM_EV_CONNECTED);
+        return 0;
+    }
+    if (errno == EINPROGRESS) {
+        s->state = ST_CONNECTING;
+        update_interest(s);
+        return 0;
+    }
+    snprintf(s->err, sizeof(s->err), "connect: %s", strerror(errno));
+    s->state = ST_OPEN; /* so the deferred error tears down the fd */
+    defer_event(s, STREAM_EV_ERROR);
+    return 0;
+}
+
+int stream_attach(stream_t *s, int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    if (setup_fd(s, fd) < 0) {
+        close(fd);
+        s->fd = -1;
+        return -1;
+    }
+    s->state = ST_OPEN;
+    touch(s);
+    update_interest(s);
+    return 0;
+}
+
+static int is_ip_literal(const char *h)
+{
+    unsigned char tmp[sizeof(struct in6_addr)];
+    return inet_pton(AF_INET, h, tmp) == 1 || inet_pton(AF_INET6, h, tmp) == 1;
+}
+
+static int start_tls(stream_t *s, SSL_CTX *ctx, int client, const char *sni, const char *verify_host)
+{
+    if (s->state != ST_OPEN || s->ssl) {
+        snprintf(s->err, sizeof(s->err), "TLS: stream not in plaintext open state");
+        return -1;
+    }
+    if (buf_size(&s->in) > 0) {
+        /* bytes that arrived before the handshake were never protected:
+         * a STARTTLS command-injection attempt (CVE-2011-0411 class) */
+        snprintf(s->err, sizeof(s->err), "TLS: %zu plaintext bytes pipelined before the handshake",
+                 buf_size(&s->in));
+        return -1;
+    }
+    s->ssl = SSL_new(ctx);
+    if (s->ssl == NULL) {
+        char e[200];
+        snprintf(s->err, sizeof(s->err), "TLS: %s", tls_error_string(e, sizeof(e)));
+        return -1;
+    }
+    SSL_set_fd(s->ssl, s->fd);
+    if (client) {
+        if (sni && *sni && !is_ip_literal(sni))
+            SSL_set_tlsext_host_name(s->ssl, sni);
+        if (verify_host && *verify_host) {
+            if (is_ip_literal(verify_host))
+                X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(s->ssl), verify_host);
+            else
+                SSL_set1_host(s->ssl, verify_host);
+        }
+        SSL_set_connect_state(s->ssl);
+        s->hs_wants_write = 1;
+    } else {
+        SSL_set_accept_state(s->ssl);
+        s->hs_wants_write = 0;
+    }
+    s->state = ST_HANDSHAKE;
+    touch(s);
+    update_interest(s);
+    return 0;
+}
+
+int stream_tls_client(stream_t *s, SSL_CTX *ctx, const char *sni, const char *verify_host)
+{
+    return start_tls(s, ctx, 1, sni, verify_host);
+}
+
+int stream_tls_server(stream_t *s, SSL_CTX *ctx)
+{
+    return start_tls(s, ctx, 0, NULL, NULL);
+}
+
+void stream_write(stream_t *s, const void *p, size_t n)
+{
+    if (s->state == ST_DEAD || s->freed)
+        return;
+    buf_append(&s->out, p, n);
+    if (s->state != ST_OPEN || s->write_wants_read)
+        return;
+    if (do_write(s) < 0) {
+        defer_event(s, STREAM_EV_ERROR);
+        return;
+    }
+    update_interest(s);
+}
+
+void stream_puts(stream_t *s, const char *str)
+{
+    stream_write(s, str, strlen(str));
+}
+
+void stream_printf(stream_t *s, const char *fmt, ...)
+{
+    buf_t tmp = BUF_INIT;
+    va_list ap;
+    va_start(ap, fmt);
+    buf_vprintf(&tmp, fmt, ap);
+    va_end(ap);
+    stream_write(s, buf_head(&tmp), buf_size(&tmp));
+    buf_free(&tmp);
+}
+
+size_t stream_pending_out(const stream_t *s)
+{
+    return buf_size(&s->out);
+}
+
+buf_t *stream_input(stream_t *s)
+{
+    return &s->in;
+}
+
+void stream_pause_read(stream_t *s, int paused)
+{
+    s->paused = paused;
+    update_interest(s);
+}
+
+void stream_free(stream_t *s)
+{
+    if (s == NULL || s->freed)
+        return;
+    s->freed = 1;
+    loop_timer_cancel(s->loop, &s->io_timer);
+    loop_timer_cancel(s->loop, &s->defer_timer);
+    if (s->fd >= 0)
+        loop_fd_del(s->loop, s->fd);
+    if (s->ssl) {
+        if (s->state == ST_OPEN) {
+            /* best effort close_notify; a peer that wants ours waits no longer */
+            ERR_clear_error();
+            SSL_shutdown(s->ssl);
+            ERR_clear_error();
+        }
+        SSL_free(s->ssl);
+        s->ssl = NULL;
+    }
+    if (s->fd >= 0) {
+        close(s->fd);
+        s->fd = -1;
+    }
+    if (s->in_cb == 0)
+        stream_release(s);
+}
+
+int stream_fd(const stream_t *s)
+{
+    return s->fd;
+}
+
+int stream_is_tls(const stream_t *s)
+{
+    return s->ssl != NULL && s->state == ST_OPEN;
+}
+
+const char *stream_error(const stream_t *s)
+{
+    return s->err[0] ? s->err : "no error";
+}
+
+const char *stream_tls_version(const stream_t *s)
+{
+    return s->ssl ? SSL_get_version(s->ssl) : NULL;
+}
+
+const char *stream_tls_cipher(const stream_t *s)
+{
+    return s->ssl ? SSL_get_cipher_name(s->ssl) : NULL;
+}

@@ -1,0 +1,87 @@
+/*
+ * core/stream.h - non-blocking stream I/O with optional TLS, reported
+ * upward as events (after OpenSMTPD's ioev). SMTP and IMAP sessions and
+ * the test receiver ride on it.
+ *
+ * The owner never sees EAGAIN or SSL_ERROR_WANT_*: it receives
+ *   STREAM_EV_CONNECTED  the TCP connect completed (client side)
+ *   STREAM_EV_TLS_READY  the TLS handshake completed
+ *   STREAM_EV_DATA       new bytes are in stream_input()
+ *   STREAM_EV_DRAINED    everything queued with stream_write() was sent
+ *   STREAM_EV_TIMEOUT    no I/O progress for the configured timeout
+ *   STREAM_EV_CLOSED     the peer closed the connection (clean EOF)
+ *   STREAM_EV_ERROR      connect/read/write/TLS failure; stream_error() says why
+ * After CLOSED, ERROR or TIMEOUT the stream does nothing more until freed.
+ *
+ * stream_free() may be called from inside the stream's own callback: the
+ * memory is released once the callback returns (STYLE §4).
+ */
+#ifndef MP_CORE_STREAM_H
+#define MP_CORE_STREAM_H
+
+#include <stddef.h>
+#include <sys/socket.h>
+#include <openssl/ssl.h>
+
+#include "core/buf.h"
+#include "core/loop.h"
+
+typedef struct stream stream_t;
+
+typedef enum {
+    STREAM_EV_CONNECTED = 0,
+    STREAM_EV_TLS_READY,
+    STREAM_EV_DATA,
+    STREAM_EV_DRAINED,
+    STREAM_EV_TIMEOUT,
+    STREAM_EV_CLOSED,
+    STREAM_EV_ERROR,
+    STREAM_EV_LAST
+} stream_event_t;
+
+typedef void (*stream_cb)(stream_t *s, stream_event_t ev, void *arg);
+
+const char *stream_event_name(stream_event_t ev);
+
+stream_t *stream_new(loop_t *loop, stream_cb cb, void *arg);
+/* Start a non-blocking connect. Returns 0 (CONNECTED or ERROR follows) or
+ * -1 when the socket cannot even be created (stream_error() says why). */
+int  stream_connect(stream_t *s, const struct sockaddr *sa, socklen_t salen);
+/* Adopt an already connected fd (server side, socketpair in tests).
+ * Takes ownership of fd. */
+int  stream_attach(stream_t *s, int fd);
+/* Begin a client TLS handshake on the connected stream. sni may be NULL.
+ * When verify_host is non-NULL the peer certificate must match it (and
+ * the ctx must have SSL_VERIFY_PEER). TLS_READY or ERROR follows. */
+int  stream_tls_client(stream_t *s, SSL_CTX *ctx, const char *sni, const char *verify_host);
+/* Begin a server TLS handshake (test receivers). */
+int  stream_tls_server(stream_t *s, SSL_CTX *ctx);
+
+/* Queue bytes for sending. Never fails (core aborts on OOM). */
+void stream_write(stream_t *s, const void *p, size_t n);
+void stream_puts(stream_t *s, const char *str);
+void stream_printf(stream_t *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Bytes queued and not yet written. */
+size_t stream_pending_out(const stream_t *s);
+
+/* Received bytes; the owner consumes what it parsed with buf_consume(). */
+buf_t *stream_input(stream_t *s);
+
+/* I/O inactivity timeout in ms (0 disables). Re-armed on every byte read
+ * or written, and whenever it is set. */
+void stream_set_timeout(stream_t *s, unsigned ms);
+
+/* Pause/resume reading (back-pressure). */
+void stream_pause_read(stream_t *s, int paused);
+
+/* Close the connection (TLS close_notify best effort) and release. */
+void stream_free(stream_t *s);
+
+int         stream_fd(const stream_t *s);
+int         stream_is_tls(const stream_t *s);
+const char *stream_error(const stream_t *s);
+const char *stream_tls_version(const stream_t *s); /* NULL without TLS */
+const char *stream_tls_cipher(const stream_t *s);  /* NULL without TLS */
+void        stream_set_callback(stream_t *s, stream_cb cb, void *arg);
+
+#endif
