@@ -1,0 +1,198 @@
+/*
+ * SUMMARY
+ *  metrics/metrics.c - lock-free counters, Prometheus text, HTTP endpoint.
+ * DESCRIPTION
+ *  Names follow Prometheus conventions: a mailpump_ prefix, _total on
+ *  counters. The table below is the single place a metric is named and
+ *  described.
+ */
+#include "metrics/metrics.h"
+
+#include <arpa/inet.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/util.h"
+
+static _Atomic uint64_t counters[MET_COUNTER_LAST];
+static _Atomic int64_t  gauges[MET_GAUGE_LAST];
+
+static const struct {
+    const char *name;
+    const char *help;
+} counter_info[MET_COUNTER_LAST] = {
+    [MET_MESSAGES_CONSUMED] = { "mailpump_messages_consumed_total", "Messages received from the outbound queue." },
+    [MET_MESSAGES_DONE] = { "mailpump_messages_done_total", "Messages finished and acknowledged." },
+    [MET_MESSAGES_DEAD] = { "mailpump_messages_dead_total", "Messages published to the dead-letter queue." },
+    [MET_RCPT_DELIVERED] = { "mailpump_recipients_delivered_total", "Recipients accepted by the receiving server." },
+    [MET_RCPT_FAILED] = { "mailpump_recipients_failed_total", "Recipients that failed permanently." },
+    [MET_RCPT_DEFERRED] = { "mailpump_recipients_deferred_total", "Recipients that failed transiently." },
+    [MET_SMTP_SESSIONS] = { "mailpump_smtp_sessions_opened_total", "SMTP connections opened." },
+    [MET_SMTP_SESSION_ERRORS] = { "mailpump_smtp_session_errors_total", "SMTP connections that ended in a network, TLS or timeout error." },
+    [MET_DNS_QUERIES] = { "mailpump_dns_queries_total", "MX resolutions started." },
+    [MET_IMAP_APPENDED] = { "mailpump_imap_appended_total", "Sent copies appended over IMAP." },
+    [MET_IMAP_APPEND_FAILED] = { "mailpump_imap_append_failed_total", "IMAP appends that failed." },
+    [MET_EVENTS_PUBLISHED] = { "mailpump_events_published_total", "Events confirmed by the broker." },
+    [MET_PUBLISH_FAILED] = { "mailpump_publish_failed_total", "Publishes the broker did not confirm." },
+};
+
+static const struct {
+    const char *name;
+    const char *help;
+} gauge_info[MET_GAUGE_LAST] = {
+    [MET_INFLIGHT] = { "mailpump_messages_inflight", "Messages consumed and not yet acknowledged." },
+    [MET_WORKERS_READY] = { "mailpump_workers_ready", "Worker threads holding an open broker connection." },
+    [MET_WORKERS] = { "mailpump_workers", "Configured worker threads." },
+};
+
+void metrics_inc(metric_counter_t c, uint64_t n)
+{
+    atomic_fetch_add_explicit(&counters[c], n, memory_order_relaxed);
+}
+
+void metrics_gauge_add(metric_gauge_t g, int64_t delta)
+{
+    atomic_fetch_add_explicit(&gauges[g], delta, memory_order_relaxed);
+}
+
+void metrics_gauge_set(metric_gauge_t g, int64_t v)
+{
+    atomic_store_explicit(&gauges[g], v, memory_order_relaxed);
+}
+
+uint64_t metrics_counter(metric_counter_t c)
+{
+    return atomic_load_explicit(&counters[c], memory_order_relaxed);
+}
+
+int64_t metrics_gauge(metric_gauge_t g)
+{
+    return atomic_load_explicit(&gauges[g], memory_order_relaxed);
+}
+
+void metrics_render(buf_t *out)
+{
+    for (int i = 0; i < MET_COUNTER_LAST; i++)
+        buf_printf(out, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", counter_info[i].name,
+                   counter_info[i].help, counter_info[i].name, counter_info[i].name,
+                   (unsigned long long)metrics_counter((metric_counter_t)i));
+    for (int i = 0; i < MET_GAUGE_LAST; i++)
+        buf_printf(out, "# HELP %s %s\n# TYPE %s gauge\n%s %lld\n", gauge_info[i].name,
+                   gauge_info[i].help, gauge_info[i].name, gauge_info[i].name,
+                   (long long)metrics_gauge((metric_gauge_t)i));
+}
+
+struct metrics_server {
+    struct MHD_Daemon *mhd;
+};
+
+static enum MHD_Result reply(struct MHD_Connection *c, unsigned status, const char *ctype,
+                             buf_t *body)
+{
+    size_t len;
+    char *data = buf_steal(body, &len);
+    struct MHD_Response *r = MHD_create_response_from_buffer(len, data, MHD_RESPMEM_MUST_FREE);
+    MHD_add_response_header(r, "Content-Type", ctype);
+    enum MHD_Result ret = MHD_queue_response(c, status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
+                                  const char *method, const char *version, const char *upload,
+                                  size_t *upload_size, void **con_cls)
+{
+    buf_t b = BUF_INIT;
+    if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
+        buf_puts(&b, "method not allowed\n");
+        return reply(c, MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain", &b);
+    }
+    if (strcmp(url, "/metrics") == 0) {
+        metrics_render(&b);
+        return reply(c, MHD_HTTP_OK, "text/plain; version=0.0.4", &b);
+    }
+    if (strcmp(url, "/healthz") == 0) {
+        buf_puts(&b, "ok\n");
+        return reply(c, MHD_HTTP_OK, "text/plain", &b);
+    }
+    if (strcmp(url, "/readyz") == 0) {
+        int64_t ready = metrics_gauge(MET_WORKERS_READY), want = metrics_gauge(MET_WORKERS);
+        int ok = want > 0 && ready == want;
+        buf_printf(&b, "%s: %lld/%lld workers connected\n", ok ? "ready" : "not ready",
+                   (long long)ready, (long long)want);
+        return reply(c, ok ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain", &b);
+    }
+    buf_puts(&b, "not found: try /metrics, /healthz or /readyz\n");
+    return reply(c, MHD_HTTP_NOT_FOUND, "text/plain", &b);
+}
+
+static int parse_listen(const char *listen, struct sockaddr_storage *ss, char *err, size_t errlen)
+{
+    char host[128];
+    const char *colon = strrchr(listen, ':');
+    if (colon == NULL || (size_t)(colon - listen) >= sizeof(host)) {
+        snprintf(err, errlen, "[metrics] listen: expected host:port, got \"%s\"", listen);
+        return -1;
+    }
+    memcpy(host, listen, (size_t)(colon - listen));
+    host[colon - listen] = '\0';
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end != '\0' || port <= 0 || port > 65535) {
+        snprintf(err, errlen, "[metrics] listen: bad port in \"%s\"", listen);
+        return -1;
+    }
+    memset(ss, 0, sizeof(*ss));
+    size_t hl = strlen(host);
+    if (hl >= 2 && host[0] == '[' && host[hl - 1] == ']') {
+        host[hl - 1] = '\0';
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET6, host + 1, &s6->sin6_addr) == 1)
+            return 0;
+    } else {
+        struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+        s4->sin_family = AF_INET;
+        s4->sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, host, &s4->sin_addr) == 1)
+            return 0;
+    }
+    snprintf(err, errlen, "[metrics] listen: \"%s\" is not a numeric address", host);
+    return -1;
+}
+
+metrics_server_t *metrics_server_start(const char *listen, char *err, size_t errlen)
+{
+    struct sockaddr_storage ss;
+    if (parse_listen(listen, &ss, err, errlen) < 0)
+        return NULL;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL;
+    if (ss.ss_family == AF_INET6)
+        flags |= MHD_USE_IPv6;
+    uint16_t port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
+                                             : ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    struct MHD_Daemon *d = MHD_start_daemon(flags, port, NULL, NULL, on_request, NULL,
+                                            MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+                                            MHD_OPTION_CONNECTION_LIMIT, 64u,
+                                            MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_END);
+    if (d == NULL) {
+        snprintf(err, errlen, "[metrics] cannot listen on %s (address in use?)", listen);
+        return NULL;
+    }
+    metrics_server_t *s = xcalloc(1, sizeof(*s));
+    s->mhd = d;
+    return s;
+}
+
+void metrics_server_stop(metrics_server_t *s)
+{
+    if (s == NULL)
+        return;
+    MHD_stop_daemon(s->mhd);
+    free(s);
+}

@@ -1,0 +1,55 @@
+/*
+ * metrics/metrics.h - process-wide counters and the HTTP endpoint.
+ *
+ * Counters are atomics indexed by an enum, shared by all worker threads
+ * without locks (relaxed increments; the scrape reads a consistent-enough
+ * snapshot). The HTTP endpoint serves /metrics (Prometheus text format
+ * 0.0.4), /healthz (the process runs) and /readyz (every worker holds a
+ * broker connection) from libmicrohttpd's own thread, off the hot path.
+ */
+#ifndef MP_METRICS_METRICS_H
+#define MP_METRICS_METRICS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/buf.h"
+
+typedef enum {
+    MET_MESSAGES_CONSUMED = 0,
+    MET_MESSAGES_DONE,
+    MET_MESSAGES_DEAD,
+    MET_RCPT_DELIVERED,
+    MET_RCPT_FAILED,
+    MET_RCPT_DEFERRED,
+    MET_SMTP_SESSIONS,
+    MET_SMTP_SESSION_ERRORS,
+    MET_DNS_QUERIES,
+    MET_IMAP_APPENDED,
+    MET_IMAP_APPEND_FAILED,
+    MET_EVENTS_PUBLISHED,
+    MET_PUBLISH_FAILED,
+    MET_COUNTER_LAST
+} metric_counter_t;
+
+typedef enum {
+    MET_INFLIGHT = 0,       /* messages consumed and not yet acked */
+    MET_WORKERS_READY,      /* workers with an open broker connection */
+    MET_WORKERS,            /* configured workers */
+    MET_GAUGE_LAST
+} metric_gauge_t;
+
+void metrics_inc(metric_counter_t c, uint64_t n);
+void metrics_gauge_add(metric_gauge_t g, int64_t delta);
+void metrics_gauge_set(metric_gauge_t g, int64_t v);
+uint64_t metrics_counter(metric_counter_t c);
+int64_t  metrics_gauge(metric_gauge_t g);
+/* Append the Prometheus text exposition to out. */
+void metrics_render(buf_t *out);
+
+typedef struct metrics_server metrics_server_t;
+/* listen is "host:port" (IPv4 or [IPv6]). NULL + err on failure. */
+metrics_server_t *metrics_server_start(const char *listen, char *err, size_t errlen);
+void metrics_server_stop(metrics_server_t *s);
+
+#endif

@@ -1,0 +1,88 @@
+/*
+ * SUMMARY
+ *  queue/event.c - JSON serialisation of delivery events (jansson).
+ * DESCRIPTION
+ *  Absent values are omitted rather than sent as null so consumers can
+ *  tell "not applicable" from "empty". Strings that are not valid UTF-8
+ *  (a hostile server's reply text) are made safe byte by byte first:
+ *  jansson refuses invalid UTF-8 and an event must never be lost to it.
+ */
+#include "queue/event.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/buf.h"
+#include "core/util.h"
+
+static void set_str(json_t *o, const char *key, const char *v)
+{
+    if (v == NULL)
+        return;
+    json_t *s = json_string(v);
+    if (s == NULL) {
+        /* invalid UTF-8: keep printable ASCII, replace the rest */
+        buf_t b = BUF_INIT;
+        for (const unsigned char *c = (const unsigned char *)v; *c; c++)
+            buf_putc(&b, (*c >= 0x20 && *c < 0x7f) ? (char)*c : '?');
+        s = json_string(buf_head(&b));
+        buf_free(&b);
+    }
+    json_object_set_new(o, key, s);
+}
+
+char *mq_event_to_json(const mq_event_t *ev)
+{
+    json_t *o = json_object();
+    set_str(o, "event", ev->event);
+    set_str(o, "message_id", ev->message_id);
+    set_str(o, "trace_id", ev->trace_id);
+    set_str(o, "from", ev->sender);
+    set_str(o, "recipient", ev->recipient);
+    set_str(o, "outcome", ev->outcome);
+    set_str(o, "reason", ev->reason);
+    if (ev->smtp_code > 0) {
+        json_t *smtp = json_object();
+        json_object_set_new(smtp, "code", json_integer(ev->smtp_code));
+        if (ev->smtp_enhanced && ev->smtp_enhanced[0])
+            set_str(smtp, "enhanced", ev->smtp_enhanced);
+        set_str(smtp, "text", ev->smtp_text ? ev->smtp_text : "");
+        json_object_set_new(o, "smtp", smtp);
+    }
+    if (ev->mx_host && ev->mx_host[0])
+        set_str(o, "mx_host", ev->mx_host);
+    if (ev->mx_addr && ev->mx_addr[0])
+        set_str(o, "mx_addr", ev->mx_addr);
+    if (ev->tls_version) {
+        json_t *tls = json_object();
+        set_str(tls, "version", ev->tls_version);
+        set_str(tls, "cipher", ev->tls_cipher);
+        json_object_set_new(o, "tls", tls);
+    }
+    json_object_set_new(o, "attempt", json_integer(ev->attempt));
+    if (ev->imap_appended) {
+        json_t *imap = json_object();
+        set_str(imap, "mailbox", ev->imap_mailbox);
+        json_object_set_new(imap, "uidvalidity", json_integer(ev->imap_uidvalidity));
+        json_object_set_new(imap, "uid", json_integer(ev->imap_uid));
+        json_object_set_new(o, "imap", imap);
+    }
+    set_str(o, "error", ev->error);
+    uint64_t ts = ev->ts_ms ? ev->ts_ms : util_wall_ms();
+    time_t secs = (time_t)(ts / 1000);
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    char when[40];
+    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", &tm);
+    char full[64];
+    snprintf(full, sizeof(full), "%s.%03uZ", when, (unsigned)(ts % 1000));
+    set_str(o, "ts", full);
+    char *s = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    if (s == NULL)
+        abort(); /* only on OOM: core policy */
+    return s;
+}

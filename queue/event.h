@@ -1,0 +1,41 @@
+/*
+ * queue/event.h - the JSON events published to the mail.events exchange.
+ *
+ * One event per recipient (delivered, deferred, failed) and one per
+ * message for the Sent-folder copy (appended, append_failed) or for a
+ * dead-lettered message (dead). The routing key is the event name.
+ * The README documents every field.
+ */
+#ifndef MP_QUEUE_EVENT_H
+#define MP_QUEUE_EVENT_H
+
+#include <stdint.h>
+
+typedef struct mq_event {
+    const char *event;        /* routing key: delivered, deferred, failed, appended, ... */
+    const char *message_id;
+    const char *trace_id;     /* NULL: omitted */
+    const char *sender;
+    const char *recipient;    /* NULL for message-level events */
+    const char *outcome;      /* delivered / transient / permanent, NULL: omitted */
+    const char *reason;       /* classifier tag, NULL: omitted */
+    int         smtp_code;    /* 0: omitted */
+    const char *smtp_enhanced;/* "" or NULL: omitted */
+    const char *smtp_text;
+    const char *mx_host;
+    const char *mx_addr;
+    const char *tls_version;
+    const char *tls_cipher;
+    unsigned    attempt;
+    int         imap_appended;/* 1: uidvalidity/uid/mailbox present */
+    uint32_t    imap_uidvalidity;
+    uint32_t    imap_uid;
+    const char *imap_mailbox;
+    const char *error;        /* free-form reason for failures */
+    uint64_t    ts_ms;        /* wall clock; 0 = now */
+} mq_event_t;
+
+/* Serialise as one compact JSON object. Returns a malloc'd string. */
+char *mq_event_to_json(const mq_event_t *ev);
+
+#endif

@@ -1,0 +1,101 @@
+/*
+ * queue/mq.h - one AMQP connection per worker, driven by the worker's loop.
+ *
+ * librabbitmq is synchronous. Set-up RPCs (login, channel, confirm.select,
+ * topology, basic.qos) run in mq_open() before the loop takes over; after
+ * that the socket is watched for EPOLLIN and frames are read with a zero
+ * timeout, so the loop never blocks on the broker. A periodic timer calls
+ * into the library so heartbeats keep flowing while the queue is idle.
+ *
+ * Publishes use publisher confirms: every mq_publish() gets exactly one
+ * mq_confirm_cb call, ok=1 on basic.ack, ok=0 on basic.nack or when the
+ * connection is lost. Deliveries are handed over whole (method + header +
+ * body assembled here) and the receiver owns them.
+ */
+#ifndef MP_QUEUE_MQ_H
+#define MP_QUEUE_MQ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/loop.h"
+
+typedef enum {
+    MQ_OK = 0,
+    MQ_ECONNECT = -1,  /* TCP connect or login failed */
+    MQ_EPROTO = -2,    /* broker refused an operation (channel/connection closed) */
+    MQ_ECLOSED = -3,   /* the connection is gone */
+} mq_status_t;
+
+const char *mq_strerror(int status);
+
+typedef struct mq_config {
+    const char *host;
+    unsigned    port;
+    const char *user;
+    const char *password;
+    const char *vhost;
+    unsigned    heartbeat;       /* seconds, 0 disables */
+    unsigned    prefetch;
+    const char *queue;           /* mail.outbound */
+    const char *dead_queue;      /* mail.dead */
+    const char *events_exchange; /* mail.events */
+} mq_config_t;
+
+typedef struct mq_delivery {
+    uint64_t tag;
+    char    *body;        /* NUL-terminated copy, len bytes */
+    size_t   len;
+    int      priority;    /* 0 when the property is absent */
+    int      redelivered;
+    char    *message_id;  /* AMQP message-id property or NULL */
+} mq_delivery_t;
+
+void mq_delivery_free(mq_delivery_t *d);
+
+typedef struct mq mq_t;
+
+/* Receives ownership of d. */
+typedef void (*mq_delivery_cb)(void *arg, mq_delivery_t *d);
+/* The connection died (broker gone, channel closed). Fires once; every
+ * unconfirmed publish has already been failed. The owner frees mq later. */
+typedef void (*mq_lost_cb)(void *arg, const char *why);
+/* Fires exactly once per publish. */
+typedef void (*mq_confirm_cb)(void *arg, int ok);
+
+typedef struct mq_header {
+    const char *key;
+    const char *value;
+} mq_header_t;
+
+typedef struct mq_publish_opts {
+    const char        *content_type; /* default application/json */
+    const char        *message_id;
+    int                priority;     /* -1: unset */
+    int                persistent;   /* delivery_mode 2 */
+    const mq_header_t *headers;
+    size_t             nheaders;
+} mq_publish_opts_t;
+
+/* Connect, log in, open channel 1 with confirms, declare the topology
+ * (queue durable with x-max-priority 10, dead queue, topic exchange).
+ * Blocking: call before the loop runs. NULL + err on failure. */
+mq_t *mq_open(loop_t *loop, const mq_config_t *cfg, char *err, size_t errlen);
+/* Start consuming cfg->queue with basic.qos prefetch. Returns 0 or -1+err. */
+int   mq_consume(mq_t *mq, mq_delivery_cb on_delivery, mq_lost_cb on_lost, void *arg,
+                 char *err, size_t errlen);
+/* Ask the broker to stop delivering (basic.cancel, not waited for). */
+void  mq_cancel(mq_t *mq);
+/* Publish with confirm. Returns 0 (cb will fire) or -1 (cb will not fire). */
+int   mq_publish(mq_t *mq, const char *exchange, const char *routing_key, const void *body,
+                 size_t len, const mq_publish_opts_t *opts, mq_confirm_cb cb, void *arg);
+int   mq_ack(mq_t *mq, uint64_t tag);
+int   mq_nack(mq_t *mq, uint64_t tag, int requeue);
+/* Publishes not yet confirmed. */
+size_t mq_unconfirmed(const mq_t *mq);
+int    mq_is_open(const mq_t *mq);
+/* Close (channel and connection, best effort) and free. Pending confirm
+ * callbacks fire with ok=0. */
+void  mq_free(mq_t *mq);
+
+#endif
