@@ -1,0 +1,214 @@
+/*
+ * SUMMARY
+ *  cli/client.c - blocking enqueue-with-confirm and event subscription.
+ * DESCRIPTION
+ *  Uses librabbitmq's blocking calls. A confirm is awaited frame by frame
+ *  so an unrelated frame (a basic.return, a delivery on a subscription
+ *  opened on the same connection) is skipped instead of mistaken for it.
+ */
+#include "cli/client.h"
+
+#include <amqp.h>
+#include <amqp_framing.h>
+#include <amqp_tcp_socket.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include "core/util.h"
+
+#define CH 1
+
+struct mp_client {
+    amqp_connection_state_t conn;
+    mp_client_opts_t        o;
+    uint64_t                next_seq;
+    char                   *sub_queue;
+};
+
+static int rpc_check(mp_client_t *c, const char *what, char *err, size_t errlen)
+{
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(c->conn);
+    if (r.reply_type == AMQP_RESPONSE_NORMAL)
+        return 0;
+    if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION) {
+        snprintf(err, errlen, "%s: %s", what, amqp_error_string2(r.library_error));
+    } else if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
+               r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+        amqp_channel_close_t *m = r.reply.decoded;
+        snprintf(err, errlen, "%s: broker closed the channel: %u %.*s", what, m->reply_code,
+                 (int)m->reply_text.len, (char *)m->reply_text.bytes);
+    } else if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
+               r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
+        amqp_connection_close_t *m = r.reply.decoded;
+        snprintf(err, errlen, "%s: broker closed the connection: %u %.*s", what, m->reply_code,
+                 (int)m->reply_text.len, (char *)m->reply_text.bytes);
+    } else {
+        snprintf(err, errlen, "%s: failed", what);
+    }
+    return -1;
+}
+
+mp_client_t *mp_client_connect(const mp_client_opts_t *o, char *err, size_t errlen)
+{
+    mp_client_t *c = xcalloc(1, sizeof(*c));
+    c->o = *o;
+    c->next_seq = 1;
+    c->conn = amqp_new_connection();
+    amqp_socket_t *s = amqp_tcp_socket_new(c->conn);
+    struct timeval tv = { 10, 0 };
+    int r = s ? amqp_socket_open_noblock(s, o->host, (int)o->port, &tv) : AMQP_STATUS_NO_MEMORY;
+    if (r != AMQP_STATUS_OK) {
+        snprintf(err, errlen, "cannot connect to RabbitMQ at %s:%u: %s", o->host, o->port,
+                 amqp_error_string2(r));
+        goto fail;
+    }
+    amqp_rpc_reply_t lr = amqp_login(c->conn, o->vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN,
+                                     o->user, o->password);
+    if (lr.reply_type != AMQP_RESPONSE_NORMAL) {
+        snprintf(err, errlen, "login to RabbitMQ as %s failed (check user, password, vhost)",
+                 o->user);
+        goto fail;
+    }
+    amqp_channel_open(c->conn, CH);
+    if (rpc_check(c, "channel.open", err, errlen) < 0)
+        goto fail;
+    amqp_confirm_select(c->conn, CH);
+    if (rpc_check(c, "confirm.select", err, errlen) < 0)
+        goto fail;
+    amqp_table_entry_t prio;
+    prio.key = amqp_cstring_bytes("x-max-priority");
+    prio.value.kind = AMQP_FIELD_KIND_I32;
+    prio.value.value.i32 = 10;
+    amqp_table_t qargs = { 1, &prio };
+    amqp_queue_declare(c->conn, CH, amqp_cstring_bytes(o->queue), 0, 1, 0, 0, qargs);
+    if (rpc_check(c, "declare queue", err, errlen) < 0)
+        goto fail;
+    amqp_exchange_declare(c->conn, CH, amqp_cstring_bytes(o->events_exchange),
+                          amqp_cstring_bytes("topic"), 0, 1, 0, 0, amqp_empty_table);
+    if (rpc_check(c, "declare events exchange", err, errlen) < 0)
+        goto fail;
+    return c;
+fail:
+    amqp_destroy_connection(c->conn);
+    free(c);
+    return NULL;
+}
+
+int mp_client_enqueue(mp_client_t *c, const char *body, size_t len, int priority,
+                      const char *message_id, unsigned timeout_ms, char *err, size_t errlen)
+{
+    amqp_basic_properties_t p;
+    memset(&p, 0, sizeof(p));
+    p._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG;
+    p.content_type = amqp_cstring_bytes("application/json");
+    p.delivery_mode = 2;
+    if (priority >= 0) {
+        p._flags |= AMQP_BASIC_PRIORITY_FLAG;
+        p.priority = (uint8_t)priority;
+    }
+    if (message_id) {
+        p._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
+        p.message_id = amqp_cstring_bytes(message_id);
+    }
+    amqp_bytes_t b = { len, (void *)body };
+    int r = amqp_basic_publish(c->conn, CH, amqp_empty_bytes, amqp_cstring_bytes(c->o.queue), 1,
+                               0, &p, b);
+    if (r != AMQP_STATUS_OK) {
+        snprintf(err, errlen, "publish: %s", amqp_error_string2(r));
+        return -1;
+    }
+    uint64_t seq = c->next_seq++;
+    uint64_t deadline = util_mono_ms() + timeout_ms;
+    for (;;) {
+        uint64_t now = util_mono_ms();
+        if (now >= deadline) {
+            snprintf(err, errlen, "no confirm from the broker within %u ms", timeout_ms);
+            return -1;
+        }
+        uint64_t left = deadline - now;
+        struct timeval tv = { (time_t)(left / 1000), (suseconds_t)((left % 1000) * 1000) };
+        amqp_frame_t f;
+        r = amqp_simple_wait_frame_noblock(c->conn, &f, &tv);
+        if (r == AMQP_STATUS_TIMEOUT)
+            continue;
+        if (r != AMQP_STATUS_OK) {
+            snprintf(err, errlen, "waiting for confirm: %s", amqp_error_string2(r));
+            return -1;
+        }
+        if (f.frame_type != AMQP_FRAME_METHOD)
+            continue;
+        if (f.payload.method.id == AMQP_BASIC_ACK_METHOD) {
+            amqp_basic_ack_t *a = f.payload.method.decoded;
+            if (a->delivery_tag == seq || (a->multiple && a->delivery_tag >= seq))
+                return 0;
+        } else if (f.payload.method.id == AMQP_BASIC_NACK_METHOD) {
+            amqp_basic_nack_t *n = f.payload.method.decoded;
+            if (n->delivery_tag == seq || (n->multiple && n->delivery_tag >= seq)) {
+                snprintf(err, errlen, "the broker refused the message (nack)");
+                return -1;
+            }
+        } else if (f.payload.method.id == AMQP_BASIC_RETURN_METHOD) {
+            amqp_basic_return_t *rt = f.payload.method.decoded;
+            snprintf(err, errlen, "the broker returned the message: %u %.*s", rt->reply_code,
+                     (int)rt->reply_text.len, (char *)rt->reply_text.bytes);
+            return -1;
+        } else if (f.payload.method.id == AMQP_CHANNEL_CLOSE_METHOD ||
+                   f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD) {
+            snprintf(err, errlen, "the broker closed the channel while publishing");
+            return -1;
+        }
+    }
+}
+
+int mp_client_subscribe(mp_client_t *c, const char *pattern, char *err, size_t errlen)
+{
+    amqp_queue_declare_ok_t *q = amqp_queue_declare(c->conn, CH, amqp_empty_bytes, 0, 0, 1, 1,
+                                                    amqp_empty_table);
+    if (q == NULL || rpc_check(c, "declare subscription queue", err, errlen) < 0)
+        return -1;
+    c->sub_queue = xstrndup(q->queue.bytes, q->queue.len);
+    amqp_queue_bind(c->conn, CH, amqp_cstring_bytes(c->sub_queue),
+                    amqp_cstring_bytes(c->o.events_exchange), amqp_cstring_bytes(pattern),
+                    amqp_empty_table);
+    if (rpc_check(c, "bind subscription queue", err, errlen) < 0)
+        return -1;
+    amqp_basic_consume(c->conn, CH, amqp_cstring_bytes(c->sub_queue), amqp_empty_bytes, 0, 1, 1,
+                       amqp_empty_table);
+    return rpc_check(c, "consume subscription queue", err, errlen);
+}
+
+int mp_client_next_event(mp_client_t *c, unsigned timeout_ms, char **body, size_t *len,
+                         char *err, size_t errlen)
+{
+    amqp_envelope_t env;
+    struct timeval tv = { (time_t)(timeout_ms / 1000), (suseconds_t)((timeout_ms % 1000) * 1000) };
+    amqp_maybe_release_buffers(c->conn);
+    amqp_rpc_reply_t r = amqp_consume_message(c->conn, &env, &tv, 0);
+    if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_TIMEOUT)
+        return 0;
+    if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+        snprintf(err, errlen, "receiving events: %s",
+                 r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION
+                     ? amqp_error_string2(r.library_error)
+                     : "broker error");
+        return -1;
+    }
+    *body = xstrndup(env.message.body.bytes, env.message.body.len);
+    if (len)
+        *len = env.message.body.len;
+    amqp_destroy_envelope(&env);
+    return 1;
+}
+
+void mp_client_close(mp_client_t *c)
+{
+    if (c == NULL)
+        return;
+    amqp_channel_close(c->conn, CH, AMQP_REPLY_SUCCESS);
+    amqp_connection_close(c->conn, AMQP_REPLY_SUCCESS);
+    amqp_destroy_connection(c->conn);
+    free(c->sub_queue);
+    free(c);
+}

@@ -1,0 +1,726 @@
+/*
+ * SUMMARY
+ *  deliverer/worker.c - a worker thread and the life of each message.
+ * DESCRIPTION
+ *  Every consumed message becomes a job that moves through
+ *    PARSE -> RESOLVE (per recipient domain) -> SMTP (per domain)
+ *          -> APPEND (sender's Sent folder, when mapped) -> EVENTS -> ACK
+ *  Domains of one message are resolved and delivered concurrently. The
+ *  job is acked only after every event it produced (or its dead letter)
+ *  has been confirmed by the broker; if a confirm fails it is nacked
+ *  back to the queue instead, so nothing is ever acked unaccounted for.
+ *
+ *  Malformed input (bad JSON, invalid addresses, headers that cannot be
+ *  built) is published to the dead-letter queue with the reason in the
+ *  x-mailpump-reason header, announced with a "dead" event, then acked.
+ *
+ *  A lost broker connection drops every job without acking (the broker
+ *  redelivers them) and reconnects with backoff.
+ *
+ *  Shutdown: the consumer is cancelled, in-flight jobs finish within the
+ *  grace period, and whatever is still unfinished is left unacked.
+ */
+#include "deliverer/worker.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <unistd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "core/buf.h"
+#include "core/log.h"
+#include "core/loop.h"
+#include "core/message.h"
+#include "core/util.h"
+#include "deliverer/outcome.h"
+#include "dns/resolver.h"
+#include "imap/imap.h"
+#include "metrics/metrics.h"
+#include "mime/build.h"
+#include "queue/event.h"
+#include "queue/mq.h"
+#include "queue/msgjson.h"
+
+typedef struct job job_t;
+
+typedef struct job_rcpt {
+    const char *addr;   /* into the message */
+    size_t      domain; /* index into job->domains */
+    outcome_t   outcome;
+    const char *reason;
+    int         code;
+    char        enh[16];
+    char        text[512];
+    int         decided;
+} job_rcpt_t;
+
+typedef struct job_domain {
+    char      *name;
+    uint64_t   dns_id;
+    deliver_t *dl;
+    char       mx_host[256];
+    char       mx_addr[64];
+    char       tls_version[32];
+    char       tls_cipher[96];
+    int        done;
+} job_domain_t;
+
+struct job {
+    worker_t       *w;
+    job_t          *prev, *next;
+    mq_delivery_t  *dv;
+    message_t      *msg;
+    buf_t           raw;  /* RFC 5322 bytes: IMAP APPEND */
+    buf_t           wire; /* dot-stuffed: SMTP DATA */
+    job_rcpt_t     *rcpts;
+    size_t          nrcpts;
+    job_domain_t   *domains;
+    size_t          ndomains;
+    size_t          domains_left;
+    imap_append_t  *append;
+    int             append_tried;
+    imap_append_result_t append_res;
+    size_t          confirms_left;
+    int             confirm_failed;
+    int             dead;
+    uint64_t        started_ms;
+};
+
+struct worker {
+    const worker_env_t *env;
+    int                 index;
+    pthread_t           thread;
+    loop_t             *loop;
+    mq_t               *mq;
+    mq_t               *mq_dead;   /* lost connection awaiting release */
+    dns_resolver_t     *dns;
+    job_t              *jobs;
+    size_t              njobs;
+    atomic_int          stop_requested;
+    int                 draining;
+    int                 ready;
+    unsigned            reconnect_delay_ms;
+    loop_timer_t        reconnect_timer;
+    loop_timer_t        grace_timer;
+    loop_timer_t        release_timer;
+    int                 exit_code;
+};
+
+static void job_publish_events(job_t *j);
+static void job_finish(job_t *j, int ack);
+static void worker_connect(worker_t *w);
+static void on_appended(void *arg, const imap_append_result_t *res);
+
+/* ---- job bookkeeping ---- */
+
+static void job_link(worker_t *w, job_t *j)
+{
+    j->next = w->jobs;
+    if (w->jobs)
+        w->jobs->prev = j;
+    w->jobs = j;
+    w->njobs++;
+    metrics_gauge_add(MET_INFLIGHT, 1);
+}
+
+static void job_unlink(worker_t *w, job_t *j)
+{
+    if (j->prev)
+        j->prev->next = j->next;
+    else
+        w->jobs = j->next;
+    if (j->next)
+        j->next->prev = j->prev;
+    w->njobs--;
+    metrics_gauge_add(MET_INFLIGHT, -1);
+}
+
+/* Release a job and everything it still holds. Outstanding DNS queries,
+ * SMTP deliveries and the IMAP append are cancelled: their callbacks will
+ * not fire. Pending publish confirms must already be resolved. */
+static void job_free(job_t *j)
+{
+    worker_t *w = j->w;
+    for (size_t i = 0; i < j->ndomains; i++) {
+        job_domain_t *d = &j->domains[i];
+        if (d->dns_id && w->dns)
+            dns_cancel(w->dns, d->dns_id);
+        if (d->dl)
+            deliver_cancel(d->dl);
+        free(d->name);
+    }
+    if (j->append)
+        imap_append_cancel(j->append);
+    free(j->domains);
+    free(j->rcpts);
+    buf_free(&j->raw);
+    buf_free(&j->wire);
+    message_free(j->msg);
+    mq_delivery_free(j->dv);
+    free(j);
+}
+
+static void worker_check_drained(worker_t *w)
+{
+    if (w->draining && w->njobs == 0)
+        loop_stop(w->loop);
+}
+
+static void job_finish(job_t *j, int ack)
+{
+    worker_t *w = j->w;
+    if (w->mq && mq_is_open(w->mq)) {
+        if (ack)
+            mq_ack(w->mq, j->dv->tag);
+        else
+            mq_nack(w->mq, j->dv->tag, 1);
+    }
+    if (ack)
+        metrics_inc(MET_MESSAGES_DONE, 1);
+    log_info("worker", "message_done", "msg=%s ack=%d rcpts=%zu ms=%llu",
+             j->msg ? j->msg->id : "-", ack, j->nrcpts,
+             (unsigned long long)(util_mono_ms() - j->started_ms));
+    job_unlink(w, j);
+    job_free(j);
+    worker_check_drained(w);
+}
+
+/* ---- confirmed publishing ---- */
+
+static void on_confirm(void *arg, int ok)
+{
+    job_t *j = arg;
+    if (ok) {
+        metrics_inc(MET_EVENTS_PUBLISHED, 1);
+    } else {
+        metrics_inc(MET_PUBLISH_FAILED, 1);
+        j->confirm_failed = 1;
+    }
+    if (--j->confirms_left == 0)
+        job_finish(j, !j->confirm_failed);
+}
+
+static void job_publish(job_t *j, const char *exchange, const char *rkey, const char *body,
+                        size_t len, const mq_publish_opts_t *opts)
+{
+    worker_t *w = j->w;
+    j->confirms_left++;
+    if (mq_publish(w->mq, exchange, rkey, body, len, opts, on_confirm, j) < 0) {
+        /* the connection is gone; the job is dropped with it */
+        j->confirms_left--;
+        j->confirm_failed = 1;
+    }
+}
+
+static void job_publish_event(job_t *j, const mq_event_t *ev)
+{
+    char *json = mq_event_to_json(ev);
+    mq_publish_opts_t o = { .message_id = j->msg ? j->msg->id : NULL, .priority = -1,
+                            .persistent = 1 };
+    job_publish(j, j->w->env->cfg->amqp_events_exchange, ev->event, json, strlen(json), &o);
+    free(json);
+}
+
+/* Publish the original body to the dead-letter queue with the reason,
+ * announce it, and ack once both are confirmed. */
+static void job_dead_letter(job_t *j, const char *reason)
+{
+    worker_t *w = j->w;
+    const mp_config_t *cfg = w->env->cfg;
+    j->dead = 1;
+    metrics_inc(MET_MESSAGES_DEAD, 1);
+    log_warn("worker", "dead_letter", "tag=%llu msg=%s reason=\"%s\"",
+             (unsigned long long)j->dv->tag, j->msg ? j->msg->id : "-", reason);
+    char when[32];
+    snprintf(when, sizeof(when), "%llu", (unsigned long long)util_wall_ms());
+    mq_header_t hdrs[] = {
+        { "x-mailpump-reason", reason },
+        { "x-mailpump-dead-at-ms", when },
+    };
+    mq_publish_opts_t o = { .content_type = "application/octet-stream",
+                            .message_id = j->dv->message_id, .priority = -1, .persistent = 1,
+                            .headers = hdrs, .nheaders = 2 };
+    job_publish(j, "", cfg->amqp_dead_queue, j->dv->body, j->dv->len, &o);
+    mq_event_t ev = { .event = "dead", .message_id = j->msg ? j->msg->id : j->dv->message_id,
+                      .error = reason, .attempt = 1 };
+    job_publish_event(j, &ev);
+    if (j->confirms_left == 0)
+        job_finish(j, 0);
+}
+
+/* ---- results ---- */
+
+static void rcpt_set(job_rcpt_t *r, outcome_t o, const char *reason, int code, const char *enh,
+                     const char *text)
+{
+    r->outcome = o;
+    r->reason = reason;
+    r->code = code;
+    snprintf(r->enh, sizeof(r->enh), "%s", enh ? enh : "");
+    snprintf(r->text, sizeof(r->text), "%s", text ? text : "");
+    r->decided = 1;
+}
+
+static void job_domain_done(job_t *j)
+{
+    if (--j->domains_left > 0)
+        return;
+    worker_t *w = j->w;
+    const worker_env_t *env = w->env;
+    size_t delivered = 0;
+    for (size_t i = 0; i < j->nrcpts; i++)
+        if (j->rcpts[i].outcome == OUTCOME_DELIVERED)
+            delivered++;
+    const account_t *acct = env->imap_addrlen ? accounts_find(&env->accounts, j->msg->from.addr)
+                                              : NULL;
+    if (delivered == 0 || acct == NULL) {
+        job_publish_events(j);
+        return;
+    }
+    imap_account_t ia = {
+        .addr = (const struct sockaddr *)&env->imap_addr,
+        .addrlen = env->imap_addrlen,
+        .host = env->cfg->imap_host,
+        .tls = strcmp(env->cfg->imap_tls, "starttls") == 0 ? IMAP_TLS_STARTTLS
+               : strcmp(env->cfg->imap_tls, "none") == 0   ? IMAP_TLS_NONE
+                                                           : IMAP_TLS_IMAPS,
+        .ssl_ctx = env->imap_ctx,
+        .verify_host = env->cfg->imap_ca_file[0] != '\0',
+        .user = acct->login,
+        .password = acct->password,
+        .timeout_ms = env->cfg->imap_timeout_ms,
+    };
+    j->append_tried = 1;
+    j->append = imap_append_start(w->loop, &ia, buf_head(&j->raw), buf_size(&j->raw), on_appended, j);
+}
+
+static void on_appended(void *arg, const imap_append_result_t *res)
+{
+    job_t *j = arg;
+    j->append = NULL;
+    j->append_res = *res;
+    if (res->status == IMAP_OK)
+        metrics_inc(MET_IMAP_APPENDED, 1);
+    else
+        metrics_inc(MET_IMAP_APPEND_FAILED, 1);
+    job_publish_events(j);
+}
+
+static const char *event_name(outcome_t o)
+{
+    switch (o) {
+    case OUTCOME_DELIVERED: return "delivered";
+    case OUTCOME_TRANSIENT: return "deferred";
+    default: return "failed";
+    }
+}
+
+static void job_publish_events(job_t *j)
+{
+    int appended = j->append_tried && j->append_res.status == IMAP_OK;
+    for (size_t i = 0; i < j->nrcpts; i++) {
+        job_rcpt_t *r = &j->rcpts[i];
+        job_domain_t *d = &j->domains[r->domain];
+        switch (r->outcome) {
+        case OUTCOME_DELIVERED: metrics_inc(MET_RCPT_DELIVERED, 1); break;
+        case OUTCOME_TRANSIENT: metrics_inc(MET_RCPT_DEFERRED, 1); break;
+        default: metrics_inc(MET_RCPT_FAILED, 1); break;
+        }
+        mq_event_t ev = {
+            .event = event_name(r->outcome),
+            .message_id = j->msg->id,
+            .trace_id = j->msg->trace_id,
+            .sender = j->msg->from.addr,
+            .recipient = r->addr,
+            .outcome = outcome_name(r->outcome),
+            .reason = r->reason,
+            .smtp_code = r->code,
+            .smtp_enhanced = r->enh,
+            .smtp_text = r->text,
+            .mx_host = d->mx_host,
+            .mx_addr = d->mx_addr,
+            .tls_version = d->tls_version[0] ? d->tls_version : NULL,
+            .tls_cipher = d->tls_cipher[0] ? d->tls_cipher : NULL,
+            .attempt = 1,
+            .imap_appended = appended && r->outcome == OUTCOME_DELIVERED,
+            .imap_uidvalidity = j->append_res.uidvalidity,
+            .imap_uid = j->append_res.uid,
+            .imap_mailbox = j->append_res.mailbox,
+        };
+        log_info("worker", event_name(r->outcome),
+                 "msg=%s rcpt=%s code=%d enh=%s reason=%s mx=%s tls=%s", j->msg->id, r->addr,
+                 r->code, r->enh[0] ? r->enh : "-", r->reason ? r->reason : "-",
+                 d->mx_host[0] ? d->mx_host : "-", d->tls_version[0] ? d->tls_version : "none");
+        job_publish_event(j, &ev);
+    }
+    if (j->append_tried) {
+        mq_event_t ev = {
+            .event = appended ? "appended" : "append_failed",
+            .message_id = j->msg->id,
+            .trace_id = j->msg->trace_id,
+            .sender = j->msg->from.addr,
+            .attempt = 1,
+            .imap_appended = appended,
+            .imap_uidvalidity = j->append_res.uidvalidity,
+            .imap_uid = j->append_res.uid,
+            .imap_mailbox = j->append_res.mailbox,
+            .error = appended ? NULL : j->append_res.error,
+        };
+        job_publish_event(j, &ev);
+    }
+    if (j->confirms_left == 0)
+        job_finish(j, 0);
+}
+
+/* ---- SMTP per domain ---- */
+
+static void on_delivered(void *arg, const deliver_result_t *res);
+
+typedef struct domain_ref {
+    job_t *job;
+    size_t idx;
+} domain_ref_t;
+
+static void on_delivered_domain(job_t *j, size_t di, const deliver_result_t *res)
+{
+    job_domain_t *d = &j->domains[di];
+    d->dl = NULL;
+    snprintf(d->mx_host, sizeof(d->mx_host), "%s", res->mx_host);
+    snprintf(d->mx_addr, sizeof(d->mx_addr), "%s", res->mx_addr);
+    snprintf(d->tls_version, sizeof(d->tls_version), "%s", res->tls_version ? res->tls_version : "");
+    snprintf(d->tls_cipher, sizeof(d->tls_cipher), "%s", res->tls_cipher ? res->tls_cipher : "");
+    metrics_inc(MET_SMTP_SESSIONS, res->attempts_made);
+    /* results come back in request order: the domain's recipients */
+    size_t k = 0;
+    for (size_t i = 0; i < j->nrcpts && k < res->nrcpts; i++) {
+        if (j->rcpts[i].domain != di)
+            continue;
+        const deliver_rcpt_result_t *rr = &res->rcpts[k++];
+        rcpt_set(&j->rcpts[i], rr->outcome, rr->reason, rr->code, rr->enh, rr->text);
+    }
+    d->done = 1;
+    job_domain_done(j);
+}
+
+/* Deliveries report back with a small heap cell naming job and domain. */
+static void on_delivered(void *arg, const deliver_result_t *res)
+{
+    domain_ref_t *ref = arg;
+    job_t *j = ref->job;
+    size_t di = ref->idx;
+    free(ref);
+    on_delivered_domain(j, di, res);
+}
+
+static void on_mx(void *arg, const dns_mx_result_t *mx);
+
+static void domain_fail(job_t *j, size_t di, outcome_t o, const char *reason, const char *text)
+{
+    for (size_t i = 0; i < j->nrcpts; i++)
+        if (j->rcpts[i].domain == di)
+            rcpt_set(&j->rcpts[i], o, reason, 0, NULL, text);
+    j->domains[di].done = 1;
+    job_domain_done(j);
+}
+
+static void on_mx_domain(job_t *j, size_t di, const dns_mx_result_t *mx)
+{
+    worker_t *w = j->w;
+    job_domain_t *d = &j->domains[di];
+    d->dns_id = 0;
+    if (mx->status != DNS_OK) {
+        char text[256];
+        snprintf(text, sizeof(text), "%s: %s", d->name, dns_strerror(mx->status));
+        domain_fail(j, di, dns_status_is_permanent(mx->status) ? OUTCOME_PERMANENT : OUTCOME_TRANSIENT,
+                    "dns", text);
+        return;
+    }
+    size_t ncand = 0;
+    deliver_candidate_t *cand = deliver_candidates_from_mx(mx, w->env->dcfg.max_mx, &ncand);
+    const char **rcpts = xcalloc(j->nrcpts, sizeof(char *));
+    size_t n = 0;
+    for (size_t i = 0; i < j->nrcpts; i++)
+        if (j->rcpts[i].domain == di)
+            rcpts[n++] = j->rcpts[i].addr;
+    deliver_request_t req = {
+        .mail_from = j->msg->from.addr,
+        .rcpts = rcpts,
+        .nrcpts = n,
+        .data = buf_head(&j->wire),
+        .len = buf_size(&j->wire),
+        .message_size = buf_size(&j->raw),
+        .candidates = cand,
+        .ncandidates = ncand,
+        .log_id = j->msg->id,
+    };
+    domain_ref_t *ref = xmalloc(sizeof(*ref));
+    ref->job = j;
+    ref->idx = di;
+    d->dl = deliver_start(w->loop, &w->env->dcfg, &req, on_delivered, ref);
+    free(rcpts);
+    free(cand);
+    if (d->dl == NULL) {
+        free(ref);
+        domain_fail(j, di, OUTCOME_TRANSIENT, "network", "cannot start SMTP delivery");
+    }
+}
+
+static void on_mx(void *arg, const dns_mx_result_t *mx)
+{
+    domain_ref_t *ref = arg;
+    job_t *j = ref->job;
+    size_t di = ref->idx;
+    free(ref);
+    on_mx_domain(j, di, mx);
+}
+
+/* ---- a new message ---- */
+
+static size_t job_domain_index(job_t *j, const char *domain)
+{
+    for (size_t i = 0; i < j->ndomains; i++)
+        if (strcasecmp(j->domains[i].name, domain) == 0)
+            return i;
+    j->domains = xrealloc(j->domains, (j->ndomains + 1) * sizeof(job_domain_t));
+    memset(&j->domains[j->ndomains], 0, sizeof(job_domain_t));
+    j->domains[j->ndomains].name = xstrdup(domain);
+    return j->ndomains++;
+}
+
+static void job_add_rcpts(job_t *j, const mp_address_t *list, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        int dup = 0;
+        for (size_t k = 0; k < j->nrcpts && !dup; k++)
+            dup = strcasecmp(j->rcpts[k].addr, list[i].addr) == 0;
+        if (dup)
+            continue; /* one copy per recipient, whatever the header lists */
+        j->rcpts = xrealloc(j->rcpts, (j->nrcpts + 1) * sizeof(job_rcpt_t));
+        job_rcpt_t *r = &j->rcpts[j->nrcpts++];
+        memset(r, 0, sizeof(*r));
+        r->addr = list[i].addr;
+        r->domain = job_domain_index(j, message_addr_domain(list[i].addr));
+    }
+}
+
+static void on_delivery(void *arg, mq_delivery_t *dv)
+{
+    worker_t *w = arg;
+    metrics_inc(MET_MESSAGES_CONSUMED, 1);
+    job_t *j = xcalloc(1, sizeof(*j));
+    j->w = w;
+    j->dv = dv;
+    j->started_ms = util_mono_ms();
+    buf_init(&j->raw);
+    buf_init(&j->wire);
+    job_link(w, j);
+
+    char err[512];
+    int rc = msgjson_parse(dv->body, dv->len, &j->msg, err, sizeof(err));
+    if (rc != MSGJSON_OK) {
+        job_dead_letter(j, err);
+        return;
+    }
+    j->msg->priority = dv->priority;
+    mime_opts_t mo = { .now = 0, .max_size = w->env->cfg->message_max_size };
+    rc = mime_build(j->msg, &mo, &j->raw, err, sizeof(err));
+    if (rc != MIME_OK) {
+        job_dead_letter(j, err);
+        return;
+    }
+    mime_dotstuff(buf_head(&j->raw), buf_size(&j->raw), &j->wire);
+
+    job_add_rcpts(j, j->msg->to, j->msg->nto);
+    job_add_rcpts(j, j->msg->cc, j->msg->ncc);
+    job_add_rcpts(j, j->msg->bcc, j->msg->nbcc);
+    log_info("worker", "message_received", "tag=%llu msg=%s trace=%s prio=%d rcpts=%zu domains=%zu bytes=%zu",
+             (unsigned long long)dv->tag, j->msg->id, j->msg->trace_id ? j->msg->trace_id : "-",
+             dv->priority, j->nrcpts, j->ndomains, buf_size(&j->raw));
+    j->domains_left = j->ndomains;
+    /* the domain array is complete: references by index stay valid */
+    for (size_t i = 0; i < j->ndomains; i++) {
+        domain_ref_t *ref = xmalloc(sizeof(*ref));
+        ref->job = j;
+        ref->idx = i;
+        metrics_inc(MET_DNS_QUERIES, 1);
+        j->domains[i].dns_id = dns_mx_query(w->dns, j->domains[i].name, on_mx, ref);
+        if (j->domains[i].dns_id == 0) {
+            free(ref);
+            domain_fail(j, i, OUTCOME_TRANSIENT, "dns", "cannot start DNS query");
+        }
+    }
+}
+
+/* ---- connection management ---- */
+
+static void release_dead_mq(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    worker_t *w = arg;
+    mq_free(w->mq_dead);
+    w->mq_dead = NULL;
+}
+
+static void on_lost(void *arg, const char *why)
+{
+    worker_t *w = arg;
+    if (w->ready) {
+        w->ready = 0;
+        metrics_gauge_add(MET_WORKERS_READY, -1);
+    }
+    /* unacked messages return to the queue when the broker sees us gone */
+    while (w->jobs) {
+        job_t *j = w->jobs;
+        job_unlink(w, j);
+        job_free(j);
+    }
+    /* mq invoked us: release it once its stack has unwound */
+    w->mq_dead = w->mq;
+    w->mq = NULL;
+    loop_timer_set(w->loop, &w->release_timer, 0);
+    if (w->draining) {
+        loop_stop(w->loop);
+        return;
+    }
+    w->reconnect_delay_ms = 500;
+    loop_timer_set(w->loop, &w->reconnect_timer, w->reconnect_delay_ms);
+}
+
+static void on_reconnect(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    worker_connect(arg);
+}
+
+static void worker_connect(worker_t *w)
+{
+    const mp_config_t *cfg = w->env->cfg;
+    mq_config_t mc = {
+        .host = cfg->amqp_host, .port = cfg->amqp_port, .user = cfg->amqp_user,
+        .password = cfg->amqp_password, .vhost = cfg->amqp_vhost,
+        .heartbeat = cfg->amqp_heartbeat, .prefetch = cfg->amqp_prefetch,
+        .queue = cfg->amqp_queue, .dead_queue = cfg->amqp_dead_queue,
+        .events_exchange = cfg->amqp_events_exchange,
+    };
+    char err[512] = "";
+    w->mq = mq_open(w->loop, &mc, err, sizeof(err));
+    if (w->mq && mq_consume(w->mq, on_delivery, on_lost, w, err, sizeof(err)) < 0) {
+        mq_free(w->mq);
+        w->mq = NULL;
+    }
+    if (w->mq == NULL) {
+        log_error("worker", "broker_unavailable", "worker=%d retry_ms=%u reason=\"%s\"", w->index,
+                  w->reconnect_delay_ms, err);
+        loop_timer_set(w->loop, &w->reconnect_timer, w->reconnect_delay_ms);
+        w->reconnect_delay_ms = w->reconnect_delay_ms * 2 > 30000 ? 30000 : w->reconnect_delay_ms * 2;
+        return;
+    }
+    w->reconnect_delay_ms = 500;
+    w->ready = 1;
+    metrics_gauge_add(MET_WORKERS_READY, 1);
+    log_info("worker", "consuming", "worker=%d queue=%s prefetch=%u", w->index, cfg->amqp_queue,
+             cfg->amqp_prefetch);
+}
+
+/* ---- shutdown ---- */
+
+static void on_grace_expired(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    worker_t *w = arg;
+    log_warn("worker", "grace_expired", "worker=%d unfinished=%zu (left unacked: they return to the queue)",
+             w->index, w->njobs);
+    loop_stop(loop);
+}
+
+static void on_wakeup(loop_t *loop, void *arg)
+{
+    worker_t *w = arg;
+    if (!atomic_load(&w->stop_requested) || w->draining)
+        return;
+    w->draining = 1;
+    loop_timer_cancel(loop, &w->reconnect_timer);
+    log_info("worker", "draining", "worker=%d inflight=%zu", w->index, w->njobs);
+    if (w->mq)
+        mq_cancel(w->mq);
+    loop_timer_set(loop, &w->grace_timer, w->env->cfg->worker_shutdown_grace_ms);
+    worker_check_drained(w);
+}
+
+static void *worker_main(void *arg)
+{
+    worker_t *w = arg;
+    char err[512];
+    const mp_config_t *cfg = w->env->cfg;
+    dns_config_t dc = { .servers = cfg->dns_servers, .timeout_ms = cfg->dns_timeout_ms,
+                        .tries = cfg->dns_tries };
+    w->dns = dns_resolver_new(w->loop, &dc, err, sizeof(err));
+    if (w->dns == NULL) {
+        log_error("worker", "dns_init_failed", "worker=%d reason=\"%s\"", w->index, err);
+        w->exit_code = 1;
+        kill(getpid(), SIGUSR1); /* main takes it with sigwait and stops the others */
+        return NULL;
+    }
+    w->reconnect_delay_ms = 500;
+    if (!atomic_load(&w->stop_requested))
+        worker_connect(w);
+    on_wakeup(w->loop, w); /* a stop that came before the loop ran */
+    loop_run(w->loop);
+
+    while (w->jobs) {
+        job_t *j = w->jobs;
+        job_unlink(w, j);
+        job_free(j);
+    }
+    if (w->ready)
+        metrics_gauge_add(MET_WORKERS_READY, -1);
+    mq_free(w->mq);
+    mq_free(w->mq_dead);
+    w->mq = w->mq_dead = NULL;
+    dns_resolver_free(w->dns);
+    w->dns = NULL;
+    loop_timer_cancel(w->loop, &w->grace_timer);
+    loop_timer_cancel(w->loop, &w->reconnect_timer);
+    loop_timer_cancel(w->loop, &w->release_timer);
+    log_info("worker", "stopped", "worker=%d", w->index);
+    return NULL;
+}
+
+worker_t *worker_start(const worker_env_t *env, int index)
+{
+    worker_t *w = xcalloc(1, sizeof(*w));
+    w->env = env;
+    w->index = index;
+    atomic_init(&w->stop_requested, 0);
+    w->loop = loop_new();
+    if (w->loop == NULL) {
+        free(w);
+        return NULL;
+    }
+    loop_timer_init(&w->reconnect_timer, on_reconnect, w);
+    loop_timer_init(&w->grace_timer, on_grace_expired, w);
+    loop_timer_init(&w->release_timer, release_dead_mq, w);
+    loop_set_wakeup(w->loop, on_wakeup, w);
+    if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
+        loop_free(w->loop);
+        free(w);
+        return NULL;
+    }
+    return w;
+}
+
+void worker_stop(worker_t *w)
+{
+    atomic_store(&w->stop_requested, 1);
+    loop_wakeup(w->loop);
+}
+
+int worker_join(worker_t *w)
+{
+    pthread_join(w->thread, NULL);
+    int rc = w->exit_code;
+    loop_free(w->loop);
+    free(w);
+    return rc;
+}

@@ -1,0 +1,42 @@
+/*
+ * deliverer/worker.h - one worker thread: its loop, broker connection,
+ * resolver and sessions, and the life of every message it consumes.
+ *
+ * Workers share only the read-only worker_env_t and the atomic metrics.
+ * worker_stop() is the one call made from another thread.
+ */
+#ifndef MP_DELIVERER_WORKER_H
+#define MP_DELIVERER_WORKER_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/socket.h>
+
+#include "core/config.h"
+#include "deliverer/accounts.h"
+#include "deliverer/deliver.h"
+
+/* Process-wide, built once by main before threads start, then read-only. */
+typedef struct worker_env {
+    const mp_config_t      *cfg;
+    deliver_config_t        dcfg;        /* SMTP settings and TLS contexts */
+    SSL_CTX                *smtp_verify_ctx;
+    SSL_CTX                *smtp_noverify_ctx;
+    SSL_CTX                *imap_ctx;
+    accounts_t              accounts;
+    struct sockaddr_storage imap_addr;
+    socklen_t               imap_addrlen; /* 0: no IMAP configured */
+} worker_env_t;
+
+typedef struct worker worker_t;
+
+/* Start a worker thread. Returns NULL on thread creation failure. */
+worker_t *worker_start(const worker_env_t *env, int index);
+/* Thread-safe: stop consuming, finish in-flight messages within the
+ * grace period, then let the thread end. */
+void worker_stop(worker_t *w);
+/* Wait for the thread and free it. Returns the worker's exit status
+ * (0 = clean). */
+int  worker_join(worker_t *w);
+
+#endif
