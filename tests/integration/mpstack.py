@@ -1,0 +1,214 @@
+"""Helpers shared by the Python integration tests: the local stack's
+addresses, a mailpumpd process with its own queues, and event capture.
+
+Every test talks to the real services started by `deploy/local/stack up`.
+When the stack is not up the helpers raise, so the test fails loudly.
+"""
+import http.client
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import uuid
+
+import pika
+
+SOURCE_DIR = os.environ.get("MAILPUMP_SOURCE_DIR",
+                            os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+BUILD_DIR = os.environ.get("MAILPUMP_BUILD_DIR", os.path.join(SOURCE_DIR, "build"))
+STACK_DIR = os.environ.get("MP_STACK_DIR", "/tmp/mpstack")
+
+
+def stack_env():
+    path = os.path.join(STACK_DIR, "env")
+    if not os.path.exists(path):
+        raise RuntimeError(f"{path} is missing: the local stack is not up "
+                           f"(run deploy/local/stack up)")
+    env = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#") or "=" not in line:
+                continue
+            k, v = line.split("=", 1)
+            env[k] = v.strip('"')
+    return env
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def amqp_channel(env):
+    params = pika.ConnectionParameters(
+        host=env["MP_AMQP_HOST"], port=int(env["MP_AMQP_PORT"]),
+        credentials=pika.PlainCredentials(env["MP_AMQP_USER"], env["MP_AMQP_PASSWORD"]),
+        blocked_connection_timeout=10, socket_timeout=10)
+    conn = pika.BlockingConnection(params)
+    return conn, conn.channel()
+
+
+class Daemon:
+    """mailpumpd on the stack's config with private queue names, so tests
+    never see each other's messages."""
+
+    def __init__(self, env, workers=2, extra_env=None):
+        self.env = env
+        tag = uuid.uuid4().hex[:8]
+        self.queue = f"itest.{tag}.outbound"
+        self.dead_queue = f"itest.{tag}.dead"
+        self.exchange = f"itest.{tag}.events"
+        self.metrics_port = free_port()
+        self.log_path = os.path.join(STACK_DIR, f"mailpumpd-{tag}.log")
+        self.proc_env = dict(os.environ)
+        self.proc_env.update({
+            "MAILPUMP_AMQP_QUEUE": self.queue,
+            "MAILPUMP_AMQP_DEAD_QUEUE": self.dead_queue,
+            "MAILPUMP_AMQP_EVENTS_EXCHANGE": self.exchange,
+            "MAILPUMP_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+            "MAILPUMP_WORKER_COUNT": str(workers),
+        })
+        if extra_env:
+            self.proc_env.update(extra_env)
+        self.proc = None
+        self.events = []
+
+    def start(self):
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [os.path.join(BUILD_DIR, "mailpumpd"), "--config", self.env["MP_MAILPUMPD_CONFIG"]],
+            env=self.proc_env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        log.close()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mailpumpd exited with {self.proc.returncode}: {self.log()}")
+            try:
+                status, _ = self.http("/readyz")
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("mailpumpd not ready after 30 s: " + self.log())
+
+    def http(self, path):
+        c = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=5)
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read().decode()
+        c.close()
+        return r.status, body
+
+    def metric(self, name):
+        _, body = self.http("/metrics")
+        for line in body.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def log(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self, timeout=30):
+        """SIGTERM, wait, then delete this daemon's private queues."""
+        try:
+            if self.proc is None or self.proc.poll() is not None:
+                return self.proc.returncode if self.proc else None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        finally:
+            self.delete_topology()
+
+    def delete_topology(self):
+        conn, ch = amqp_channel(self.env)
+        try:
+            ch.queue_delete(self.queue)
+            ch.queue_delete(self.dead_queue)
+            ch.exchange_delete(self.exchange)
+        finally:
+            conn.close()
+
+    def cli(self, *args, stdin=None):
+        env = dict(self.proc_env)
+        env.update({
+            "MAILPUMP_AMQP_HOST": self.env["MP_AMQP_HOST"],
+            "MAILPUMP_AMQP_PORT": self.env["MP_AMQP_PORT"],
+        })
+        return subprocess.run([os.path.join(BUILD_DIR, "mailpump"), *args], env=env,
+                              input=stdin, capture_output=True, text=True, timeout=60)
+
+
+class EventTap:
+    """A private queue bound to the events exchange, declared before any
+    message is enqueued so no event can be missed."""
+
+    def __init__(self, env, exchange):
+        self.conn, self.ch = amqp_channel(env)
+        self.ch.exchange_declare(exchange=exchange, exchange_type="topic", durable=True)
+        q = self.ch.queue_declare(queue="", exclusive=True, auto_delete=True)
+        self.queue = q.method.queue
+        self.ch.queue_bind(queue=self.queue, exchange=exchange, routing_key="#")
+        self.events = []
+
+    def wait(self, pred, count, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            got = [e for e in self.events if pred(e)]
+            if len(got) >= count:
+                return got
+            method, props, body = self.ch.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                time.sleep(0.05)
+                continue
+            ev = json.loads(body)
+            ev["_routing_key"] = method.routing_key
+            self.events.append(ev)
+        got = [e for e in self.events if pred(e)]
+        raise AssertionError(f"expected {count} events, got {len(got)} within {timeout}s: "
+                             f"{json.dumps(self.events, indent=1)}")
+
+    def close(self):
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+
+
+def find_in_maildir(maildir, needle, timeout=30):
+    """Path of the first message file under maildir/new containing needle."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for sub in ("new", "cur"):
+            d = os.path.join(maildir, sub)
+            if not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                p = os.path.join(d, name)
+                try:
+                    with open(p, "rb") as f:
+                        data = f.read()
+                except FileNotFoundError:
+                    continue
+                if needle.encode() in data:
+                    return p, data
+        time.sleep(0.1)
+    return None, None
+
+
+def imap_ssl_context(env):
+    ctx = ssl.create_default_context(cafile=env["MP_CA_FILE"])
+    return ctx

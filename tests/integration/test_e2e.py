@@ -1,0 +1,254 @@
+"""End to end on the real local stack: RabbitMQ -> mailpumpd -> Postfix
+(STARTTLS) -> Dovecot Sent folder, with events and dead letters.
+
+Independent checks: the received message is parsed by Python's email
+package, the Sent copy is fetched back with imaplib, events and the dead
+letter queue are read with pika.
+"""
+import email
+import email.policy
+import imaplib
+import json
+import os
+import subprocess
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mpstack  # noqa: E402
+
+
+class EndToEnd(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.env = mpstack.stack_env()
+        cls.daemon = mpstack.Daemon(cls.env, workers=2)
+        cls.tap = mpstack.EventTap(cls.env, cls.daemon.exchange)
+        cls.daemon.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        rc = cls.daemon.stop()
+        cls.tap.close()
+        if rc != 0:
+            raise AssertionError(f"mailpumpd exit status {rc} after SIGTERM:\n{cls.daemon.log()}")
+
+    def enqueue(self, *args):
+        r = self.daemon.cli("enqueue", *args)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        msg_id = r.stdout.strip()
+        self.assertRegex(msg_id, r"^[0-9a-f-]{36}$")
+        return msg_id
+
+    def events_for(self, msg_id, count, kinds=None, timeout=60):
+        return self.tap.wait(lambda e: e.get("message_id") == msg_id and
+                             (kinds is None or e["event"] in kinds), count, timeout)
+
+    def test_delivered_over_tls_and_appended_to_sent(self):
+        subject = "Grüße aus Köln ✓ — ünïcödé subject"
+        text = "Hello Bob,\n.a line starting with a dot\n..two dots\nbye\n"
+        msg_id = self.enqueue("--from", "Alice Example <alice@test.example>",
+                              "--to", "alice@test.example", "--to", "bob@test.example",
+                              "--subject", subject, "--text", text,
+                              "--header", "X-Campaign: itest", "--trace-id", "trace-e2e-1")
+        evs = self.events_for(msg_id, 3, kinds={"delivered", "appended"})
+        delivered = sorted((e for e in evs if e["event"] == "delivered"),
+                           key=lambda e: e["recipient"])
+        self.assertEqual([e["recipient"] for e in delivered],
+                         ["alice@test.example", "bob@test.example"])
+        appended = [e for e in evs if e["event"] == "appended"]
+        self.assertEqual(len(appended), 1)
+        for e in delivered:
+            self.assertEqual(e["_routing_key"], "delivered")
+            self.assertEqual(e["outcome"], "delivered")
+            self.assertEqual(e["smtp"]["code"], 250)
+            self.assertEqual(e["mx_host"], "mx1.test.example")
+            self.assertEqual(e["mx_addr"], "127.0.0.2")
+            self.assertTrue(e["tls"]["version"].startswith("TLSv1."), e)
+            self.assertEqual(e["trace_id"], "trace-e2e-1")
+            self.assertEqual(e["attempt"], 1)
+            self.assertEqual(e["imap"]["uid"], appended[0]["imap"]["uid"])
+            self.assertGreater(e["imap"]["uid"], 0)
+            self.assertGreater(e["imap"]["uidvalidity"], 0)
+
+        # the receiver's copies: one per recipient, over TLS, headers right
+        files = []
+        deadline = time.time() + 30
+        while time.time() < deadline and len(files) < 2:
+            files = []
+            for sub in ("new", "cur"):
+                d = os.path.join(self.env["MP_MX1_MAILDIR"], sub)
+                for name in os.listdir(d) if os.path.isdir(d) else []:
+                    with open(os.path.join(d, name), "rb") as f:
+                        data = f.read()
+                    if msg_id.encode() in data:
+                        files.append(data)
+            time.sleep(0.1)
+        self.assertEqual(len(files), 2)
+        delivered_to = set()
+        for data in files:
+            m = email.message_from_bytes(data, policy=email.policy.default)
+            delivered_to.add(str(m["Delivered-To"]))
+            self.assertEqual(str(m["Subject"]), subject)
+            self.assertIn("alice@test.example", str(m["From"]))
+            self.assertIn("Alice Example", str(m["From"]))
+            self.assertEqual(m["Message-ID"], f"<{msg_id}@test.example>")
+            self.assertEqual(str(m["X-Campaign"]), "itest")
+            self.assertIsNotNone(m["Date"])
+            self.assertEqual(m["MIME-Version"], "1.0")
+            received = " ".join(str(h) for h in m.get_all("Received"))
+            self.assertRegex(received, r"using TLSv1\.[23]")
+            body = m.get_body(preferencelist=("plain",)).get_content()
+            self.assertEqual(body.replace("\r\n", "\n"), text)
+            # raw bytes: CRLF only, dots unstuffed by the receiver
+            self.assertNotIn(b"\n..a line", data)
+        self.assertEqual(delivered_to, {"alice@test.example", "bob@test.example"})
+
+        # the Sent copy, fetched back under the UID the event reported
+        uid = appended[0]["imap"]["uid"]
+        im = imaplib.IMAP4_SSL(self.env["MP_IMAP_HOST"], int(self.env["MP_IMAPS_PORT"]),
+                               ssl_context=mpstack.imap_ssl_context(self.env))
+        try:
+            im.login("alice@test.example", self.env["MP_IMAP_PASSWORD"])
+            typ, data = im.status(appended[0]["imap"]["mailbox"], "(UIDVALIDITY)")
+            self.assertEqual(typ, "OK")
+            self.assertIn(f"UIDVALIDITY {appended[0]['imap']['uidvalidity']}".encode(), data[0])
+            im.select(appended[0]["imap"]["mailbox"], readonly=True)
+            typ, data = im.uid("FETCH", str(uid), "(FLAGS BODY.PEEK[])")
+            self.assertEqual(typ, "OK")
+            self.assertIsInstance(data[0], tuple, data)
+            sent = email.message_from_bytes(data[0][1], policy=email.policy.default)
+            self.assertEqual(sent["Message-ID"], f"<{msg_id}@test.example>")
+            self.assertEqual(str(sent["Subject"]), subject)
+            self.assertIn(b"\\Seen", data[0][0])
+        finally:
+            im.logout()
+
+    def test_rejected_recipient_fails_with_5xx(self):
+        msg_id = self.enqueue("--from", "bob@test.example", "--to", "reject@test.example",
+                              "--to", "carol@test.example", "--subject", "partly rejected",
+                              "--text", "hi")
+        evs = self.events_for(msg_id, 2, kinds={"delivered", "failed"})
+        by_rcpt = {e["recipient"]: e for e in evs}
+        failed = by_rcpt["reject@test.example"]
+        self.assertEqual(failed["event"], "failed")
+        self.assertEqual(failed["_routing_key"], "failed")
+        self.assertEqual(failed["outcome"], "permanent")
+        self.assertEqual(failed["smtp"]["code"], 550)
+        self.assertEqual(failed["smtp"]["enhanced"], "5.1.1")
+        self.assertIn("no such user", failed["smtp"]["text"])
+        self.assertEqual(failed["reason"], "no_such_user")
+        self.assertNotIn("imap", failed)
+        self.assertEqual(by_rcpt["carol@test.example"]["event"], "delivered")
+
+    def test_malformed_messages_are_dead_lettered(self):
+        conn, ch = mpstack.amqp_channel(self.env)
+        try:
+            ch.confirm_delivery()
+            bad = [
+                (b"{this is not json", "invalid JSON"),
+                (json.dumps({"to": ["x@test.example"], "id": "no-from-1"}).encode(), "from"),
+                (json.dumps({"from": "a@test.example", "to": ["bob@"], "id": "bad-rcpt-1"}).encode(),
+                 "bob@"),
+                (json.dumps({"from": "a@test.example", "to": ["b@test.example"], "id": "crlf-1",
+                             "headers": {"X-Evil": "a\r\nBcc: victim@test.example"}}).encode(),
+                 "X-Evil"),
+            ]
+            for body, _ in bad:
+                ch.basic_publish("", self.daemon.queue, body,
+                                 pika.BasicProperties(delivery_mode=2))
+            dead = self.tap.wait(lambda e: e["event"] == "dead", len(bad))
+            self.assertTrue(any("JSON" in e["error"] for e in dead), dead)
+            got = {}
+            deadline = time.time() + 30
+            while len(got) < len(bad) and time.time() < deadline:
+                method, props, body = ch.basic_get(self.daemon.dead_queue, auto_ack=True)
+                if method is None:
+                    time.sleep(0.1)
+                    continue
+                got[body] = props.headers["x-mailpump-reason"]
+            self.assertEqual(len(got), len(bad))
+            for body, needle in bad:
+                self.assertIn(body, got)
+                self.assertIn(needle, got[body])
+        finally:
+            conn.close()
+        # the worker survived: a good message still goes through
+        msg_id = self.enqueue("--from", "bob@test.example", "--to", "dave@test.example",
+                              "--subject", "after the bad ones", "--text", "still here")
+        self.events_for(msg_id, 1, kinds={"delivered"})
+
+    def test_metrics_and_health(self):
+        msg_id = self.enqueue("--from", "bob@test.example", "--to", "erin@test.example",
+                              "--text", "metrics")
+        self.events_for(msg_id, 1, kinds={"delivered"})
+        status, body = self.daemon.http("/healthz")
+        self.assertEqual(status, 200)
+        status, body = self.daemon.http("/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn("# TYPE mailpump_messages_consumed_total counter", body)
+        self.assertGreaterEqual(self.daemon.metric("mailpump_messages_consumed_total"), 1)
+        self.assertGreaterEqual(self.daemon.metric("mailpump_recipients_delivered_total"), 1)
+        self.assertGreaterEqual(self.daemon.metric("mailpump_smtp_sessions_opened_total"), 1)
+        self.assertEqual(self.daemon.metric("mailpump_workers_ready"), 2)
+        status, _ = self.daemon.http("/nope")
+        self.assertEqual(status, 404)
+
+
+class Priority(unittest.TestCase):
+    def test_priority_property_is_honoured(self):
+        env = mpstack.stack_env()
+        d = mpstack.Daemon(env, workers=1, extra_env={"MAILPUMP_AMQP_PREFETCH": "1"})
+        tap = mpstack.EventTap(env, d.exchange)
+        try:
+            ids = []
+            for i in range(4):
+                r = d.cli("enqueue", "--from", "bob@test.example", "--to", "frank@test.example",
+                          "--text", f"low {i}", "--priority", "0")
+                self.assertEqual(r.returncode, 0, r.stderr)
+                ids.append(r.stdout.strip())
+            r = d.cli("enqueue", "--from", "bob@test.example", "--to", "frank@test.example",
+                      "--text", "urgent", "--priority", "9")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            urgent = r.stdout.strip()
+            d.start()
+            evs = tap.wait(lambda e: e["event"] == "delivered", 5)
+            self.assertEqual(evs[0]["message_id"], urgent)
+            self.assertEqual({e["message_id"] for e in evs[1:]}, set(ids))
+        finally:
+            rc = d.stop()
+            tap.close()
+        self.assertEqual(rc, 0)
+
+
+class Configuration(unittest.TestCase):
+    def test_check_config(self):
+        env = mpstack.stack_env()
+        exe = os.path.join(mpstack.BUILD_DIR, "mailpumpd")
+        r = subprocess.run([exe, "--config", env["MP_MAILPUMPD_CONFIG"], "--check-config"],
+                           capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("[amqp]", r.stdout)
+        self.assertIn("password = ********", r.stdout)
+        self.assertNotIn("password = guest", r.stdout)
+        r = subprocess.run([exe, "--config", env["MP_MAILPUMPD_CONFIG"], "--check-config"],
+                           env=dict(os.environ, MAILPUMP_AMQP_PREFETCH="7"),
+                           capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("prefetch = 7", r.stdout)
+        r = subprocess.run([exe, "--config", env["MP_MAILPUMPD_CONFIG"], "--check-config"],
+                           env=dict(os.environ, MAILPUMP_SMTP_TLS="sometimes"),
+                           capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("[smtp] tls", r.stderr)
+        r = subprocess.run([exe, "--config", "/nonexistent.ini"], capture_output=True, text=True,
+                           timeout=30)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("/nonexistent.ini", r.stderr)
+
+
+import pika  # noqa: E402
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
