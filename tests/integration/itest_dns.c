@@ -27,36 +27,12 @@
 #include "core/loop.h"
 #include "core/util.h"
 #include "dns/resolver.h"
+#include "tests/support/stackenv.h"
 
 #define STACK_HINT "run `deploy/local/stack up` first"
 
 static char dns_server[128];
 
-/* KEY=value (optionally quoted) from the stack's env file. */
-static int env_lookup(const char *path, const char *key, char *out, size_t outlen)
-{
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return -1;
-    char line[1024];
-    size_t klen = strlen(key);
-    int found = -1;
-    while (found < 0 && fgets(line, sizeof(line), f) != NULL) {
-        if (strncmp(line, key, klen) != 0 || line[klen] != '=')
-            continue;
-        char *v = line + klen + 1;
-        v[strcspn(v, "\r\n")] = '\0';
-        size_t vlen = strlen(v);
-        if (vlen >= 2 && (v[0] == '"' || v[0] == '\'') && v[vlen - 1] == v[0]) {
-            v[vlen - 1] = '\0';
-            v++;
-        }
-        snprintf(out, outlen, "%s", v);
-        found = 0;
-    }
-    fclose(f);
-    return found;
-}
 
 typedef struct got {
     int      calls;
@@ -129,11 +105,9 @@ static void require_stack(void)
     static int checked;
     if (checked)
         return;
-    const char *dir = getenv("MP_STACK_DIR");
-    char path[512];
-    snprintf(path, sizeof(path), "%s/env", dir && *dir ? dir : "/tmp/mpstack");
-    if (env_lookup(path, "MP_DNS_SERVER", dns_server, sizeof(dns_server)) < 0 || dns_server[0] == '\0')
-        fail_msg("MP_DNS_SERVER not found in %s: the local stack is not up; " STACK_HINT, path);
+    if (stackenv_get("MP_DNS_SERVER", dns_server, sizeof(dns_server)) < 0 || dns_server[0] == '\0')
+        fail_msg("MP_DNS_SERVER not found in %s: the local stack is not up; " STACK_HINT,
+                 stackenv_path());
 
     loop_t *loop = loop_new();
     dns_resolver_t *r = new_resolver(loop, 500, 2);
@@ -144,7 +118,7 @@ static void require_stack(void)
     loop_free(loop);
     if (g.calls != 1 || g.status != DNS_OK)
         fail_msg("DNS server %s (from %s) did not answer MX test.example: %s; " STACK_HINT, dns_server,
-                 path, g.calls ? dns_strerror(g.status) : "no callback");
+                 stackenv_path(), g.calls ? dns_strerror(g.status) : "no callback");
     checked = 1;
 }
 
