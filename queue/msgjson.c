@@ -1,0 +1,554 @@
+/*
+ * SUMMARY
+ *  queue/msgjson.c - JSON message body to message_t.
+ * DESCRIPTION
+ *  The body of a mail.outbound message is untrusted application input.
+ *  Everything that later becomes part of an SMTP envelope or a header is
+ *  validated here, so a malformed message is dead-lettered with a precise
+ *  reason before any connection is opened: addresses are checked
+ *  syntactically, and CR/LF is refused in every string that becomes a
+ *  header (header injection, SMTP smuggling). Message bodies (text, html)
+ *  are kept as given; mime/ normalises their line endings.
+ *
+ *  Duplicate object keys are refused: two "to" members would otherwise be
+ *  read differently by different JSON parsers along the pipeline.
+ * DIAGNOSTICS
+ *  MSGJSON_EJSON for input that is not JSON (jansson's position and text),
+ *  MSGJSON_EINVAL for JSON that is not a valid message. Reasons quote the
+ *  offending value with control characters escaped, since they end up in
+ *  logs and dead-letter records.
+ */
+#include "queue/msgjson.h"
+
+#include <ctype.h>
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/util.h"
+
+#define MSGJSON_ADDR_MAX 254  /* RFC 5321 4.5.3.1.3 path minus the brackets */
+#define MSGJSON_LOCAL_MAX 64  /* RFC 5321 4.5.3.1.1 */
+#define MSGJSON_LABEL_MAX 63  /* RFC 1035 2.3.4 */
+#define MSGJSON_ID_MAX 200
+#define MSGJSON_HNAME_MAX 76  /* same bound as mime/: name plus one encoded word fits a line */
+
+const char *msgjson_strerror(int status)
+{
+    switch (status) {
+    case MSGJSON_OK:
+        return "success";
+    case MSGJSON_ENOMEM:
+        return "out of memory";
+    case MSGJSON_EJSON:
+        return "invalid JSON";
+    case MSGJSON_EINVAL:
+        return "invalid message";
+    default:
+        return "unknown msgjson status";
+    }
+}
+
+static void msgjson_seterr(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void msgjson_seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err == NULL || errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* Quote caller text for a reason string: escape control bytes, quotes and
+ * backslashes, and cut long values short. */
+static const char *msgjson_esc(const char *s, char *dst, size_t dstlen)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t o = 0;
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (o + 8 >= dstlen) {
+            memcpy(dst + o, "...", 3);
+            o += 3;
+            break;
+        }
+        if (*p == '\r' || *p == '\n' || *p == '\t') {
+            dst[o++] = '\\';
+            dst[o++] = *p == '\r' ? 'r' : *p == '\n' ? 'n' : 't';
+        } else if (*p == '"' || *p == '\\') {
+            dst[o++] = '\\';
+            dst[o++] = (char)*p;
+        } else if (*p < 0x20 || *p == 0x7f) {
+            dst[o++] = '\\';
+            dst[o++] = 'x';
+            dst[o++] = hex[*p >> 4];
+            dst[o++] = hex[*p & 15];
+        } else {
+            dst[o++] = (char)*p;
+        }
+    }
+    dst[o] = '\0';
+    return dst;
+}
+
+/* ---- address syntax ------------------------------------------------------ */
+
+/* Well-formed UTF-8 (no overlongs, surrogates or values past U+10FFFF).
+ * jansson checks its input already; the CLI calls the validator directly. */
+static int msgjson_utf8_ok(const unsigned char *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        size_t need;
+        unsigned lo = 0x80, hi = 0xbf;
+        if (c < 0x80) {
+            i++;
+            continue;
+        } else if (c >= 0xc2 && c <= 0xdf) {
+            need = 1;
+        } else if (c >= 0xe0 && c <= 0xef) {
+            need = 2;
+            if (c == 0xe0)
+                lo = 0xa0;
+            if (c == 0xed)
+                hi = 0x9f;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            need = 3;
+            if (c == 0xf0)
+                lo = 0x90;
+            if (c == 0xf4)
+                hi = 0x8f;
+        } else {
+            return 0;
+        }
+        if (i + need >= n)
+            return 0;
+        if (s[i + 1] < lo || s[i + 1] > hi)
+            return 0;
+        for (size_t k = 2; k <= need; k++)
+            if ((s[i + k] & 0xc0) != 0x80)
+                return 0;
+        i += need + 1;
+    }
+    return 1;
+}
+
+static int msgjson_atext(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           strchr("!#$%&'*+-/=?^_`{|}~", c) != NULL || c >= 0x80;
+}
+
+/* RFC 5321 Local-part: Dot-string or Quoted-string (RFC 6531 adds UTF-8). */
+static int msgjson_valid_local(const unsigned char *s, size_t n)
+{
+    if (n == 0 || n > MSGJSON_LOCAL_MAX)
+        return 0;
+    if (s[0] == '"') {
+        if (n < 3 || s[n - 1] != '"')
+            return 0;
+        for (size_t i = 1; i < n - 1; i++) {
+            if (s[i] == '\\') {
+                if (++i >= n - 1 || s[i] < 0x20 || s[i] > 0x7e)
+                    return 0;
+            } else if (s[i] == '"') {
+                return 0;
+            } else if (s[i] < 0x20 || s[i] == 0x7f) {
+                return 0;
+            }
+        }
+        return 1;
+    }
+    if (s[0] == '.' || s[n - 1] == '.')
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '.') {
+            if (s[i + 1] == '.')
+                return 0;
+        } else if (!msgjson_atext(s[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Dot-separated labels of letters, digits and inner hyphens; a label with
+ * UTF-8 is an IDN in U-label form and is kept as is (no IDNA mapping). */
+static int msgjson_valid_domain(const unsigned char *s, size_t n)
+{
+    if (n == 0)
+        return 0;
+    size_t start = 0;
+    for (size_t i = 0; i <= n; i++) {
+        if (i < n && s[i] != '.') {
+            unsigned char c = s[i];
+            if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                  c == '-' || c >= 0x80))
+                return 0;
+            continue;
+        }
+        size_t len = i - start;
+        if (len == 0 || len > MSGJSON_LABEL_MAX || s[start] == '-' || s[i - 1] == '-')
+            return 0;
+        start = i + 1;
+    }
+    return 1;
+}
+
+int msgjson_valid_address(const char *addr)
+{
+    if (addr == NULL)
+        return 0;
+    const unsigned char *s = (const unsigned char *)addr;
+    size_t n = strlen(addr);
+    if (n < 3 || n > MSGJSON_ADDR_MAX || !msgjson_utf8_ok(s, n))
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] <= 0x20 || s[i] == 0x7f || s[i] == '<' || s[i] == '>')
+            return 0;
+    /* The last "@" splits: a quoted local part may itself contain one. */
+    const char *at = strrchr(addr, '@');
+    if (at == NULL)
+        return 0;
+    size_t ll = (size_t)(at - addr);
+    return msgjson_valid_local(s, ll) && msgjson_valid_domain(s + ll + 1, n - ll - 1);
+}
+
+/* ---- field helpers ---------------------------------------------------------- */
+
+typedef struct msgjson_ctx {
+    char  *err;
+    size_t errlen;
+} msgjson_ctx_t;
+
+static int msgjson_has_crlf(const char *s)
+{
+    return strpbrk(s, "\r\n") != NULL;
+}
+
+/* Display names become header text: no control characters besides tab. */
+static int msgjson_valid_name(const char *s)
+{
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+        if ((*p < 0x20 && *p != '\t') || *p == 0x7f)
+            return 0;
+    return 1;
+}
+
+static int msgjson_is_blank(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/* Display name from "Name <addr>": trimmed, and unquoted when given as an
+ * RFC 5322 quoted-string. NULL when nothing is left. */
+static char *msgjson_take_name(const char *s, size_t n)
+{
+    while (n > 0 && msgjson_is_blank(s[0]))
+        s++, n--;
+    while (n > 0 && msgjson_is_blank(s[n - 1]))
+        n--;
+    if (n >= 2 && s[0] == '"' && s[n - 1] == '"') {
+        char *name = xmalloc(n);
+        size_t o = 0;
+        for (size_t i = 1; i < n - 1; i++) {
+            if (s[i] == '\\' && i + 1 < n - 1)
+                i++;
+            name[o++] = s[i];
+        }
+        name[o] = '\0';
+        if (o == 0) {
+            free(name);
+            return NULL;
+        }
+        return name;
+    }
+    return n ? xstrndup(s, n) : NULL;
+}
+
+/* Fill a from a JSON address in one of the accepted forms. where names the
+ * field for the error, e.g. "\"to\"[1]". */
+static int msgjson_address(msgjson_ctx_t *c, json_t *v, const char *where, mp_address_t *a)
+{
+    char tmp[96];
+    const char *addr;
+    size_t alen;
+    if (json_is_string(v)) {
+        const char *s = json_string_value(v);
+        size_t n = strlen(s);
+        while (n > 0 && msgjson_is_blank(s[n - 1]))
+            n--;
+        const char *lt = n > 0 && s[n - 1] == '>' ? memrchr(s, '<', n) : NULL;
+        /* "Name <addr>"; a bare "<addr>" (no name) stays one string and is
+         * refused below like any other address with angle brackets */
+        a->name = lt ? msgjson_take_name(s, (size_t)(lt - s)) : NULL;
+        if (a->name) {
+            addr = lt + 1;
+            alen = (size_t)(s + n - 1 - addr);
+        } else {
+            addr = s;
+            alen = strlen(s);
+        }
+    } else if (json_is_object(v)) {
+        json_t *jaddr = json_object_get(v, "address");
+        json_t *jname = json_object_get(v, "name");
+        if (jaddr == NULL) {
+            msgjson_seterr(c->err, c->errlen, "missing field \"address\" in %s", where);
+            return MSGJSON_EINVAL;
+        }
+        if (!json_is_string(jaddr)) {
+            msgjson_seterr(c->err, c->errlen, "%s.address must be a string", where);
+            return MSGJSON_EINVAL;
+        }
+        if (jname != NULL && !json_is_null(jname) && !json_is_string(jname)) {
+            msgjson_seterr(c->err, c->errlen, "%s.name must be a string", where);
+            return MSGJSON_EINVAL;
+        }
+        if (jname != NULL && json_is_string(jname) && json_string_length(jname) > 0)
+            a->name = xstrdup(json_string_value(jname));
+        addr = json_string_value(jaddr);
+        alen = strlen(addr);
+    } else {
+        msgjson_seterr(c->err, c->errlen, "%s must be a string or an object", where);
+        return MSGJSON_EINVAL;
+    }
+    a->addr = xstrndup(addr, alen);
+    if (!msgjson_valid_address(a->addr)) {
+        msgjson_seterr(c->err, c->errlen, "invalid address in %s: \"%s\"", where,
+                       msgjson_esc(a->addr, tmp, sizeof(tmp)));
+        return MSGJSON_EINVAL;
+    }
+    if (a->name && !msgjson_valid_name(a->name)) {
+        msgjson_seterr(c->err, c->errlen, "invalid display name in %s: \"%s\"", where,
+                       msgjson_esc(a->name, tmp, sizeof(tmp)));
+        return MSGJSON_EINVAL;
+    }
+    return MSGJSON_OK;
+}
+
+/* A recipient list: an array of addresses, or one address as a string. */
+static int msgjson_address_list(msgjson_ctx_t *c, json_t *root, const char *key, int required,
+                                mp_address_t **list, size_t *count)
+{
+    char where[48];
+    json_t *v = json_object_get(root, key);
+    if (v == NULL || json_is_null(v)) {
+        if (!required)
+            return MSGJSON_OK;
+        msgjson_seterr(c->err, c->errlen, "missing field \"%s\"", key);
+        return MSGJSON_EINVAL;
+    }
+    if (json_is_string(v)) {
+        *list = xcalloc(1, sizeof(**list));
+        *count = 1;
+        snprintf(where, sizeof(where), "\"%s\"", key);
+        return msgjson_address(c, v, where, &(*list)[0]);
+    }
+    if (!json_is_array(v)) {
+        msgjson_seterr(c->err, c->errlen, "\"%s\" must be an array or a string", key);
+        return MSGJSON_EINVAL;
+    }
+    size_t n = json_array_size(v);
+    if (n == 0) {
+        if (!required)
+            return MSGJSON_OK;
+        msgjson_seterr(c->err, c->errlen, "\"%s\" must not be empty", key);
+        return MSGJSON_EINVAL;
+    }
+    /* count is set first so message_free() releases a partly filled list */
+    *list = xcalloc(n, sizeof(**list));
+    *count = n;
+    for (size_t i = 0; i < n; i++) {
+        snprintf(where, sizeof(where), "\"%s\"[%zu]", key, i);
+        int rc = msgjson_address(c, json_array_get(v, i), where, &(*list)[i]);
+        if (rc != MSGJSON_OK)
+            return rc;
+    }
+    return MSGJSON_OK;
+}
+
+/* Optional string member; header_text refuses CR/LF because the value
+ * becomes a header. */
+static int msgjson_string(msgjson_ctx_t *c, json_t *root, const char *key, int header_text,
+                          char **dst)
+{
+    json_t *v = json_object_get(root, key);
+    if (v == NULL || json_is_null(v))
+        return MSGJSON_OK;
+    if (!json_is_string(v)) {
+        msgjson_seterr(c->err, c->errlen, "\"%s\" must be a string", key);
+        return MSGJSON_EINVAL;
+    }
+    if (header_text && msgjson_has_crlf(json_string_value(v))) {
+        msgjson_seterr(c->err, c->errlen, "\"%s\" must not contain CR or LF", key);
+        return MSGJSON_EINVAL;
+    }
+    *dst = xstrdup(json_string_value(v));
+    return MSGJSON_OK;
+}
+
+/* RFC 5322 dot-atom-text: the id is the left part of the Message-ID. */
+static int msgjson_valid_id(const char *id)
+{
+    size_t n = strlen(id);
+    if (n < 1 || n > MSGJSON_ID_MAX || id[0] == '.' || id[n - 1] == '.' || strstr(id, ".."))
+        return 0;
+    for (const unsigned char *p = (const unsigned char *)id; *p; p++)
+        if (!isalnum(*p) && *p != '.' && strchr("!#$%&'*+-/=?^_`{|}~", *p) == NULL)
+            return 0;
+    return 1;
+}
+
+/* The id ends up as the left part of the Message-ID and in Redis keys. */
+static int msgjson_id(msgjson_ctx_t *c, json_t *root, message_t *m)
+{
+    char tmp[96];
+    int rc = msgjson_string(c, root, "id", 0, &m->id);
+    if (rc != MSGJSON_OK)
+        return rc;
+    if (m->id == NULL) {
+        char uuid[37];
+        util_uuid(uuid);
+        m->id = xstrdup(uuid);
+    } else if (!msgjson_valid_id(m->id)) {
+        msgjson_seterr(c->err, c->errlen,
+                       "invalid \"id\": \"%s\" (1..%d characters: letters, digits, "
+                       "\".\" and !#$%%&'*+-/=?^_`{|}~)",
+                       msgjson_esc(m->id, tmp, sizeof(tmp)), MSGJSON_ID_MAX);
+        return MSGJSON_EINVAL;
+    }
+    return MSGJSON_OK;
+}
+
+/* RFC 5322 field-name (ftext), bounded like mime/ does. */
+static int msgjson_valid_hname(const char *name)
+{
+    size_t n = 0;
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++, n++)
+        if (*p < 33 || *p > 126 || *p == ':')
+            return 0;
+    return n >= 1 && n <= MSGJSON_HNAME_MAX;
+}
+
+/* Whether a header may override a structural one is mime/'s decision (it
+ * owns that list); here only syntax is checked. */
+static int msgjson_headers(msgjson_ctx_t *c, json_t *root, message_t *m)
+{
+    char tmp[96];
+    json_t *v = json_object_get(root, "headers");
+    if (v == NULL || json_is_null(v))
+        return MSGJSON_OK;
+    if (!json_is_object(v)) {
+        msgjson_seterr(c->err, c->errlen, "\"headers\" must be an object");
+        return MSGJSON_EINVAL;
+    }
+    size_t n = json_object_size(v);
+    if (n == 0)
+        return MSGJSON_OK;
+    m->headers = xcalloc(n, sizeof(*m->headers));
+    const char *key;
+    json_t *val;
+    json_object_foreach(v, key, val) {
+        if (!msgjson_valid_hname(key)) {
+            msgjson_seterr(c->err, c->errlen, "invalid header name \"%s\"",
+                           msgjson_esc(key, tmp, sizeof(tmp)));
+            return MSGJSON_EINVAL;
+        }
+        if (!json_is_string(val)) {
+            msgjson_seterr(c->err, c->errlen, "header \"%s\" must have a string value", key);
+            return MSGJSON_EINVAL;
+        }
+        if (msgjson_has_crlf(json_string_value(val))) {
+            msgjson_seterr(c->err, c->errlen, "value of header \"%s\" contains CR or LF", key);
+            return MSGJSON_EINVAL;
+        }
+        mp_header_t *h = &m->headers[m->nheaders++];
+        h->name = xstrdup(key);
+        h->value = xstrdup(json_string_value(val));
+    }
+    return MSGJSON_OK;
+}
+
+static const char *msgjson_type_name(const json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_ARRAY:
+        return "an array";
+    case JSON_STRING:
+        return "a string";
+    case JSON_INTEGER:
+    case JSON_REAL:
+        return "a number";
+    case JSON_TRUE:
+    case JSON_FALSE:
+        return "a boolean";
+    case JSON_NULL:
+        return "null";
+    default:
+        return "an object";
+    }
+}
+
+static int msgjson_fill(msgjson_ctx_t *c, json_t *root, message_t *m)
+{
+    int rc;
+    json_t *from = json_object_get(root, "from");
+    if (from == NULL || json_is_null(from)) {
+        msgjson_seterr(c->err, c->errlen, "missing field \"from\"");
+        return MSGJSON_EINVAL;
+    }
+    if ((rc = msgjson_address(c, from, "\"from\"", &m->from)) != MSGJSON_OK ||
+        (rc = msgjson_address_list(c, root, "to", 1, &m->to, &m->nto)) != MSGJSON_OK ||
+        (rc = msgjson_address_list(c, root, "cc", 0, &m->cc, &m->ncc)) != MSGJSON_OK ||
+        (rc = msgjson_address_list(c, root, "bcc", 0, &m->bcc, &m->nbcc)) != MSGJSON_OK ||
+        (rc = msgjson_string(c, root, "subject", 1, &m->subject)) != MSGJSON_OK ||
+        (rc = msgjson_string(c, root, "text", 0, &m->text)) != MSGJSON_OK ||
+        (rc = msgjson_string(c, root, "html", 0, &m->html)) != MSGJSON_OK ||
+        (rc = msgjson_string(c, root, "trace_id", 1, &m->trace_id)) != MSGJSON_OK ||
+        (rc = msgjson_headers(c, root, m)) != MSGJSON_OK)
+        return rc;
+    return msgjson_id(c, root, m);
+}
+
+int msgjson_parse(const char *body, size_t len, message_t **out, char *err, size_t errlen)
+{
+    msgjson_ctx_t c = { err, errlen };
+    json_error_t jerr;
+    *out = NULL;
+    if (err && errlen)
+        err[0] = '\0';
+    if (body == NULL)
+        body = "", len = 0;
+    /* No JSON_ALLOW_NUL: "\u0000" inside a string is refused by jansson, so
+     * every string below is a proper C string. */
+    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (root == NULL) {
+        if (json_error_code(&jerr) == json_error_out_of_memory) {
+            msgjson_seterr(err, errlen, "out of memory parsing JSON");
+            return MSGJSON_ENOMEM;
+        }
+        msgjson_seterr(err, errlen, "invalid JSON at line %d column %d: %s", jerr.line,
+                       jerr.column, jerr.text);
+        return MSGJSON_EJSON;
+    }
+    if (!json_is_object(root)) {
+        msgjson_seterr(err, errlen, "message must be a JSON object, not %s",
+                       msgjson_type_name(root));
+        json_decref(root);
+        return MSGJSON_EINVAL;
+    }
+    message_t *m = message_new();
+    int rc = msgjson_fill(&c, root, m);
+    json_decref(root);
+    if (rc != MSGJSON_OK) {
+        message_free(m);
+        return rc;
+    }
+    *out = m;
+    return MSGJSON_OK;
+}

@@ -1,0 +1,378 @@
+/*
+ * SUMMARY
+ *  tests/unit/test_msgjson.c - queue/msgjson: JSON body to message_t.
+ * DESCRIPTION
+ *  Good inputs in every accepted form, checked field by field; malformed
+ *  inputs table-driven with the expected status and a piece of the
+ *  reason (the reason is what an operator reads in mail.dead); and the
+ *  address validator on its own.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "core/message.h"
+#include "queue/msgjson.h"
+
+static message_t *parse_ok(const char *json)
+{
+    message_t *m = (message_t *)0x1;
+    char err[256] = "";
+    int rc = msgjson_parse(json, strlen(json), &m, err, sizeof(err));
+    if (rc != MSGJSON_OK)
+        fail_msg("parse failed (%d): %s\ninput: %s", rc, err, json);
+    assert_non_null(m);
+    return m;
+}
+
+static void assert_addr(const mp_address_t *a, const char *addr, const char *name)
+{
+    assert_string_equal(a->addr, addr);
+    if (name == NULL)
+        assert_null(a->name);
+    else
+        assert_string_equal(a->name, name);
+}
+
+static int is_uuid4(const char *s)
+{
+    if (strlen(s) != 36)
+        return 0;
+    for (int i = 0; i < 36; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (s[i] != '-')
+                return 0;
+        } else if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) {
+            return 0;
+        }
+    }
+    return s[14] == '4';
+}
+
+/* ---- good inputs ---------------------------------------------------------- */
+
+static void test_minimal_defaults(void **state)
+{
+    (void)state;
+    message_t *m = parse_ok("{\"from\":\"alice@test.example\",\"to\":\"bob@test.example\"}");
+    assert_addr(&m->from, "alice@test.example", NULL);
+    assert_int_equal(m->nto, 1);
+    assert_addr(&m->to[0], "bob@test.example", NULL);
+    assert_int_equal(m->ncc, 0);
+    assert_int_equal(m->nbcc, 0);
+    assert_null(m->cc);
+    assert_null(m->bcc);
+    assert_null(m->subject);
+    assert_null(m->text);
+    assert_null(m->html);
+    assert_null(m->trace_id);
+    assert_int_equal(m->nheaders, 0);
+    assert_int_equal(m->priority, 0);
+    assert_non_null(m->id);
+    assert_true(is_uuid4(m->id));
+
+    /* a fresh id per message */
+    message_t *m2 = parse_ok("{\"from\":\"alice@test.example\",\"to\":[\"bob@test.example\"],"
+                             "\"id\":null}");
+    assert_true(is_uuid4(m2->id));
+    assert_string_not_equal(m->id, m2->id);
+    message_free(m2);
+    message_free(m);
+}
+
+static void test_address_forms(void **state)
+{
+    (void)state;
+    message_t *m = parse_ok(
+        "{\"from\":\"Alice Smith <alice@test.example>\","
+        " \"to\":[\"bob@test.example\","
+        "        \"  \\\"Smith, Carol \\\\\\\"CJ\\\\\\\"\\\" <carol@test.example> \","
+        "        {\"address\":\"dan@test.example\",\"name\":\"Dan D\"},"
+        "        {\"address\":\"eve@test.example\"},"
+        "        {\"address\":\"fay@test.example\",\"name\":null},"
+        "        \"Jörg <joerg@bücher.example>\"],"
+        " \"cc\":[{\"address\":\"\\\"quoted.local\\\"@test.example\",\"name\":\"Q\"}],"
+        " \"bcc\":\"hidden@test.example\"}");
+    assert_addr(&m->from, "alice@test.example", "Alice Smith");
+    assert_int_equal(m->nto, 6);
+    assert_addr(&m->to[0], "bob@test.example", NULL);
+    assert_addr(&m->to[1], "carol@test.example", "Smith, Carol \"CJ\"");
+    assert_addr(&m->to[2], "dan@test.example", "Dan D");
+    assert_addr(&m->to[3], "eve@test.example", NULL);
+    assert_addr(&m->to[4], "fay@test.example", NULL);
+    assert_addr(&m->to[5], "joerg@bücher.example", "Jörg");
+    assert_int_equal(m->ncc, 1);
+    assert_addr(&m->cc[0], "\"quoted.local\"@test.example", "Q");
+    assert_int_equal(m->nbcc, 1);
+    assert_addr(&m->bcc[0], "hidden@test.example", NULL);
+    message_free(m);
+
+    m = parse_ok("{\"from\":{\"address\":\"alice@test.example\",\"name\":\"Alice\"},"
+                 "\"to\":[\"b@test.example\"],\"cc\":[],\"bcc\":null}");
+    assert_addr(&m->from, "alice@test.example", "Alice");
+    assert_int_equal(m->ncc, 0);
+    assert_int_equal(m->nbcc, 0);
+    message_free(m);
+}
+
+static void test_all_fields(void **state)
+{
+    (void)state;
+    message_t *m = parse_ok(
+        "{\"id\":\"order-42.confirm_1\",\"trace_id\":\"4bf92f3577b34da6\","
+        " \"from\":\"alice@test.example\",\"to\":[\"bob@test.example\"],"
+        " \"subject\":\"Grüße ✓\",\"text\":\"line1\\r\\nline2\\n\",\"html\":\"<p>x</p>\","
+        " \"headers\":{\"X-Campaign\":\"spring\",\"Reply-To\":\"help@test.example\","
+        "              \"X-Empty\":\"\"},"
+        " \"priority\":9,\"unknown\":{\"nested\":[1,2,3]},\"another\":null}");
+    assert_string_equal(m->id, "order-42.confirm_1");
+    assert_string_equal(m->trace_id, "4bf92f3577b34da6");
+    assert_string_equal(m->subject, "Grüße ✓");
+    assert_string_equal(m->text, "line1\r\nline2\n"); /* bodies kept as given */
+    assert_string_equal(m->html, "<p>x</p>");
+    assert_int_equal(m->nheaders, 3);
+    /* the order of the JSON object is kept */
+    assert_string_equal(m->headers[0].name, "X-Campaign");
+    assert_string_equal(m->headers[0].value, "spring");
+    assert_string_equal(m->headers[1].name, "Reply-To");
+    assert_string_equal(m->headers[1].value, "help@test.example");
+    assert_string_equal(m->headers[2].name, "X-Empty");
+    assert_string_equal(m->headers[2].value, "");
+    assert_int_equal(m->priority, 0); /* an AMQP property, not the body's */
+    message_free(m);
+}
+
+/* The body is a byte range, not a C string. */
+static void test_length_bounded(void **state)
+{
+    (void)state;
+    static const char body[] = "{\"from\":\"a@test.example\",\"to\":\"b@test.example\"}GARBAGE";
+    message_t *m = NULL;
+    char err[128];
+    assert_int_equal(msgjson_parse(body, sizeof(body) - 1 - 7, &m, err, sizeof(err)), MSGJSON_OK);
+    assert_addr(&m->to[0], "b@test.example", NULL);
+    message_free(m);
+    assert_int_equal(msgjson_parse(body, sizeof(body) - 1, &m, err, sizeof(err)), MSGJSON_EJSON);
+    assert_null(m);
+    /* no error buffer at all is fine */
+    assert_int_equal(msgjson_parse(body, sizeof(body) - 1, &m, NULL, 0), MSGJSON_EJSON);
+}
+
+/* ---- malformed inputs, table-driven ---------------------------------------- */
+
+#define FROM "\"from\":\"a@test.example\""
+#define TO "\"to\":[\"b@test.example\"]"
+
+static const struct bad_case {
+    const char *json;
+    int         status;
+    const char *reason; /* substring of the error */
+} bad_cases[] = {
+    { "not json", MSGJSON_EJSON, "invalid JSON at line 1 column 3: '[' or '{' expected" },
+    { "", MSGJSON_EJSON, "invalid JSON at line" },
+    { "{\"from\":", MSGJSON_EJSON, "invalid JSON at line 1 column 8" },
+    { "{} trailing", MSGJSON_EJSON, "invalid JSON" },
+    { "\"just a string\"", MSGJSON_EJSON, "invalid JSON" },
+    { "{\"from\":\"a@test.example\",\"from\":\"c@test.example\"," TO "}", MSGJSON_EJSON,
+      "duplicate" },
+    { "{" FROM "," TO ",\"subject\":\"a\\u0000b\"}", MSGJSON_EJSON, "invalid JSON" },
+    { "{" FROM "," TO ",\"subject\":\"\xff\xfe\"}", MSGJSON_EJSON, "invalid JSON" },
+    { "[1,2]", MSGJSON_EINVAL, "must be a JSON object, not an array" },
+    { "[{" FROM "," TO "}]", MSGJSON_EINVAL, "must be a JSON object" },
+    { "{" TO "}", MSGJSON_EINVAL, "missing field \"from\"" },
+    { "{\"from\":null," TO "}", MSGJSON_EINVAL, "missing field \"from\"" },
+    { "{" FROM "}", MSGJSON_EINVAL, "missing field \"to\"" },
+    { "{" FROM ",\"to\":[]}", MSGJSON_EINVAL, "\"to\" must not be empty" },
+    { "{" FROM ",\"to\":42}", MSGJSON_EINVAL, "\"to\" must be an array or a string" },
+    { "{" FROM ",\"to\":{\"address\":\"b@test.example\"}}", MSGJSON_EINVAL,
+      "\"to\" must be an array or a string" },
+    { "{" FROM ",\"to\":[true]}", MSGJSON_EINVAL, "\"to\"[0] must be a string or an object" },
+    { "{" FROM ",\"to\":[\"ok@test.example\",\"bob@\"]}", MSGJSON_EINVAL,
+      "invalid address in \"to\"[1]: \"bob@\"" },
+    { "{" FROM ",\"to\":\"@x\"}", MSGJSON_EINVAL, "invalid address in \"to\": \"@x\"" },
+    { "{" FROM ",\"to\":[\"a b@c\"]}", MSGJSON_EINVAL, "invalid address in \"to\"[0]: \"a b@c\"" },
+    { "{" FROM ",\"to\":[\"<a@b>\"]}", MSGJSON_EINVAL, "invalid address in \"to\"[0]: \"<a@b>\"" },
+    { "{" FROM ",\"to\":[\"a@b\\r\\nRcpt: x\"]}", MSGJSON_EINVAL,
+      "invalid address in \"to\"[0]: \"a@b\\r\\nRcpt: x\"" },
+    { "{" FROM ",\"to\":[\"Bob <bob@>\"]}", MSGJSON_EINVAL, "invalid address in \"to\"[0]: \"bob@\"" },
+    { "{" FROM ",\"to\":[\"Bob <b@test.example\"]}", MSGJSON_EINVAL, "invalid address in \"to\"[0]" },
+    { "{" FROM ",\"to\":[{\"address\":\"a..b@test.example\"}]}", MSGJSON_EINVAL,
+      "invalid address in \"to\"[0]" },
+    { "{" FROM "," TO ",\"cc\":[\"x@-bad.example\"]}", MSGJSON_EINVAL,
+      "invalid address in \"cc\"[0]: \"x@-bad.example\"" },
+    { "{" FROM "," TO ",\"cc\":7}", MSGJSON_EINVAL, "\"cc\" must be an array or a string" },
+    { "{" FROM "," TO ",\"bcc\":[\"x@bad..example\"]}", MSGJSON_EINVAL,
+      "invalid address in \"bcc\"[0]" },
+    { "{\"from\":\"nobody\"," TO "}", MSGJSON_EINVAL, "invalid address in \"from\": \"nobody\"" },
+    { "{\"from\":[\"a@test.example\"]," TO "}", MSGJSON_EINVAL,
+      "\"from\" must be a string or an object" },
+    { "{\"from\":{\"name\":\"A\"}," TO "}", MSGJSON_EINVAL, "missing field \"address\" in \"from\"" },
+    { "{\"from\":{\"address\":5}," TO "}", MSGJSON_EINVAL, "\"from\".address must be a string" },
+    { "{\"from\":{\"address\":\"a@test.example\",\"name\":5}," TO "}", MSGJSON_EINVAL,
+      "\"from\".name must be a string" },
+    { "{\"from\":{\"address\":\"a@test.example\",\"name\":\"A\\r\\nBcc: x\"}," TO "}",
+      MSGJSON_EINVAL, "invalid display name in \"from\"" },
+    { "{\"from\":\"Evil\\nBcc: x <a@test.example>\"," TO "}", MSGJSON_EINVAL,
+      "invalid display name in \"from\"" },
+    { "{" FROM "," TO ",\"subject\":5}", MSGJSON_EINVAL, "\"subject\" must be a string" },
+    { "{" FROM "," TO ",\"subject\":[\"x\"]}", MSGJSON_EINVAL, "\"subject\" must be a string" },
+    { "{" FROM "," TO ",\"subject\":\"hi\\r\\nBcc: x\"}", MSGJSON_EINVAL,
+      "\"subject\" must not contain CR or LF" },
+    { "{" FROM "," TO ",\"text\":false}", MSGJSON_EINVAL, "\"text\" must be a string" },
+    { "{" FROM "," TO ",\"html\":{}}", MSGJSON_EINVAL, "\"html\" must be a string" },
+    { "{" FROM "," TO ",\"headers\":[]}", MSGJSON_EINVAL, "\"headers\" must be an object" },
+    { "{" FROM "," TO ",\"headers\":{\"X-A\":1}}", MSGJSON_EINVAL,
+      "header \"X-A\" must have a string value" },
+    { "{" FROM "," TO ",\"headers\":{\"X-A\":\"a\\r\\nBcc: x\"}}", MSGJSON_EINVAL,
+      "value of header \"X-A\" contains CR or LF" },
+    { "{" FROM "," TO ",\"headers\":{\"X-A\":\"ok\",\"X-B\":\"a\\nb\"}}", MSGJSON_EINVAL,
+      "value of header \"X-B\" contains CR or LF" },
+    { "{" FROM "," TO ",\"headers\":{\"X-A\":\"a\\rb\"}}", MSGJSON_EINVAL, "contains CR or LF" },
+    { "{" FROM "," TO ",\"headers\":{\"Bad Name\":\"v\"}}", MSGJSON_EINVAL,
+      "invalid header name \"Bad Name\"" },
+    { "{" FROM "," TO ",\"headers\":{\"X:Y\":\"v\"}}", MSGJSON_EINVAL, "invalid header name" },
+    { "{" FROM "," TO ",\"headers\":{\"\":\"v\"}}", MSGJSON_EINVAL, "invalid header name" },
+    { "{" FROM "," TO ",\"headers\":{\"X-\\r\\nBcc\":\"v\"}}", MSGJSON_EINVAL,
+      "invalid header name \"X-\\r\\nBcc\"" },
+    { "{" FROM "," TO ",\"id\":\"has space\"}", MSGJSON_EINVAL, "invalid \"id\": \"has space\"" },
+    { "{" FROM "," TO ",\"id\":\"\"}", MSGJSON_EINVAL, "invalid \"id\"" },
+    { "{" FROM "," TO ",\"id\":\"<x@y>\"}", MSGJSON_EINVAL, "invalid \"id\"" },
+    { "{" FROM "," TO ",\"id\":\"caf\xc3\xa9\"}", MSGJSON_EINVAL, "invalid \"id\"" },
+    { "{" FROM "," TO ",\"id\":5}", MSGJSON_EINVAL, "\"id\" must be a string" },
+    { "{" FROM "," TO ",\"trace_id\":5}", MSGJSON_EINVAL, "\"trace_id\" must be a string" },
+    { "{" FROM "," TO ",\"trace_id\":\"t\\n1\"}", MSGJSON_EINVAL,
+      "\"trace_id\" must not contain CR or LF" },
+};
+
+static void test_malformed_table(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof(bad_cases) / sizeof(bad_cases[0]); i++) {
+        const struct bad_case *c = &bad_cases[i];
+        message_t *m = (message_t *)0x1;
+        char err[256] = "";
+        int rc = msgjson_parse(c->json, strlen(c->json), &m, err, sizeof(err));
+        if (rc != c->status || m != NULL || strstr(err, c->reason) == NULL)
+            fail_msg("case %zu: %s\n  got %d \"%s\"\n  want %d \"%s\"", i, c->json, rc, err,
+                     c->status, c->reason);
+    }
+}
+
+static void test_id_length(void **state)
+{
+    (void)state;
+    char json[512], id[202];
+    memset(id, 'x', 200);
+    id[200] = '\0';
+    snprintf(json, sizeof(json), "{" FROM "," TO ",\"id\":\"%s\"}", id);
+    message_t *m = parse_ok(json);
+    assert_string_equal(m->id, id);
+    message_free(m);
+    strcat(id, "x");
+    snprintf(json, sizeof(json), "{" FROM "," TO ",\"id\":\"%s\"}", id);
+    char err[256];
+    assert_int_equal(msgjson_parse(json, strlen(json), &m, err, sizeof(err)), MSGJSON_EINVAL);
+    assert_null(m);
+    assert_non_null(strstr(err, "invalid \"id\""));
+}
+
+/* ---- the address validator ---------------------------------------------------- */
+
+static void test_valid_address(void **state)
+{
+    (void)state;
+    static const char *const good[] = {
+        "a@b",
+        "alice@test.example",
+        "first.last+tag@sub.test.example",
+        "o'brien@test.example",
+        "x!#$%&'*+-/=?^_`{|}~@test.example",
+        "\"john..doe\"@test.example",
+        "\"a\\\"b\"@test.example",
+        "user@b\xc3\xbc" "cher.example",
+        "\xce\xb4\xce\xbf\xce\xba@\xcf\x80\xce\xb1.example",
+        "x@123.example",
+        "x@xn--bcher-kva.example",
+    };
+    static const char *const bad[] = {
+        "", "ab", "bob@", "@x", "a b@c", "<a@b>", "a@b>", "a@b\r\nRcpt: x", "a@b\n",
+        "a\t@b", "a..b@x", ".a@x", "a.@x", "a@x..y", "a@.x", "a@x.", "a@-x", "a@x-",
+        "a@x_y", "a@[1.2.3.4]", "\"a\"b\"@x", "\"\"@x", "a@b@c", "a(b)@x", "a,b@x",
+        "\xff@x", "a@\xc3", "a@\xed\xa0\x80x", /* surrogate */
+    };
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+        if (!msgjson_valid_address(good[i]))
+            fail_msg("should be valid: %s", good[i]);
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        if (msgjson_valid_address(bad[i]))
+            fail_msg("should be invalid: %s", bad[i]);
+    assert_false(msgjson_valid_address(NULL));
+}
+
+static void test_valid_address_lengths(void **state)
+{
+    (void)state;
+    char a[300];
+    /* local part: 64 ok, 65 not */
+    memset(a, 'l', 64);
+    strcpy(a + 64, "@x.example");
+    assert_true(msgjson_valid_address(a));
+    memset(a, 'l', 65);
+    strcpy(a + 65, "@x.example");
+    assert_false(msgjson_valid_address(a));
+    /* label: 63 ok, 64 not */
+    a[0] = 'u';
+    a[1] = '@';
+    memset(a + 2, 'd', 63);
+    strcpy(a + 65, ".example");
+    assert_true(msgjson_valid_address(a));
+    memset(a + 2, 'd', 64);
+    strcpy(a + 66, ".example");
+    assert_false(msgjson_valid_address(a));
+    /* total: 254 ok, 255 not (64 + 1 + 63.63.61 / 62) */
+    memset(a, 'l', 64);
+    a[64] = '@';
+    memset(a + 65, 'a', 63);
+    a[128] = '.';
+    memset(a + 129, 'b', 63);
+    a[192] = '.';
+    memset(a + 193, 'c', 61);
+    a[254] = '\0';
+    assert_int_equal(strlen(a), 254);
+    assert_true(msgjson_valid_address(a));
+    a[254] = 'c';
+    a[255] = '\0';
+    assert_false(msgjson_valid_address(a));
+}
+
+static void test_strerror(void **state)
+{
+    (void)state;
+    assert_string_equal(msgjson_strerror(MSGJSON_OK), "success");
+    assert_string_equal(msgjson_strerror(MSGJSON_EJSON), "invalid JSON");
+    assert_string_equal(msgjson_strerror(MSGJSON_EINVAL), "invalid message");
+    assert_string_equal(msgjson_strerror(MSGJSON_ENOMEM), "out of memory");
+    assert_non_null(msgjson_strerror(12345));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_minimal_defaults),
+        cmocka_unit_test(test_address_forms),
+        cmocka_unit_test(test_all_fields),
+        cmocka_unit_test(test_length_bounded),
+        cmocka_unit_test(test_malformed_table),
+        cmocka_unit_test(test_id_length),
+        cmocka_unit_test(test_valid_address),
+        cmocka_unit_test(test_valid_address_lengths),
+        cmocka_unit_test(test_strerror),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
