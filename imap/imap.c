@@ -1,0 +1,907 @@
+/*
+ * SUMMARY
+ *  imap/imap.c - one IMAP session that APPENDs a sent message to the
+ *  sender's \Sent mailbox and reports its UID (RFC 3501, 4315, 6154, 7888).
+ * DESCRIPTION
+ *  An explicit state machine (imap_state_t) rides on core/stream: it
+ *  sees CONNECTED / TLS_READY / DATA / TIMEOUT / CLOSED / ERROR and never
+ *  EAGAIN. enter-style send_*() functions write a command and move to the
+ *  state that waits for its reply; on_tagged() switches on the state.
+ *
+ *    CONNECT -> [TLS] -> GREETING -> [CAPABILITY] -> [STARTTLS ->
+ *    STARTTLS_TLS -> CAPABILITY] -> LOGIN -> [AUTH_CAPABILITY] -> LIST ->
+ *    APPEND -> LOGOUT -> DONE
+ *
+ *  Capabilities come from the greeting's [CAPABILITY] code or a
+ *  CAPABILITY command, are forgotten after STARTTLS (RFC 3501 §6.2.1) and
+ *  after login, where servers such as Dovecot first announce UIDPLUS,
+ *  SPECIAL-USE and LITERAL+; the login reply usually carries them.
+ *
+ *  Commands are built as chunks. A synchronising literal "{n}" ends a
+ *  chunk: the rest waits for the server's "+" continuation. With
+ *  LITERAL+ (or LITERAL- for up to 4096 octets) literals are "{n+}" and
+ *  the whole command goes at once. A tagged reply that arrives instead
+ *  of "+" completes the command and the literal is never sent.
+ *
+ *  Credentials never travel in clear unless the account says
+ *  IMAP_TLS_NONE; a PREAUTH greeting in STARTTLS mode is refused, since
+ *  it would make STARTTLS impossible (an attacker's downgrade).
+ *
+ *  The user callback fires exactly once, from the session's own
+ *  zero-delay timer: never inside imap_append_start(), never inside a
+ *  stream callback, and the session is freed only after it returns.
+ *  After a server's refusal (tagged NO/BAD, no \Sent mailbox) the session
+ *  still says LOGOUT; after a transport failure it just closes.
+ * DIAGNOSTICS
+ *  One info line per stored message (user, mailbox, uidvalidity, uid),
+ *  one warn line per failure; state transitions and the first line of
+ *  each command (credentials redacted) and response at debug.
+ */
+#include "imap/imap.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <openssl/crypto.h>
+
+#include "core/buf.h"
+#include "core/log.h"
+#include "core/stream.h"
+#include "core/util.h"
+#include "imap/parser.h"
+
+#define IMAP_DEFAULT_TIMEOUT_MS 30000u
+#define IMAP_LOGOUT_TIMEOUT_MS  5000u  /* the result is known: do not wait long for goodbyes */
+#define IMAP_LITERAL_MINUS_MAX  4096u  /* RFC 7888 §5: LITERAL- non-sync limit */
+#define IMAP_MAX_QUOTED         1024u  /* longer strings go as literals */
+#define IMAP_MAX_CHUNKS         8
+
+typedef enum {
+    IMAP_ST_INIT = 0,
+    IMAP_ST_CONNECT,         /* TCP connect */
+    IMAP_ST_TLS,             /* implicit TLS handshake (imaps) */
+    IMAP_ST_GREETING,        /* waiting for "* OK" / "* PREAUTH" */
+    IMAP_ST_CAPABILITY,      /* CAPABILITY before login */
+    IMAP_ST_STARTTLS,        /* STARTTLS sent */
+    IMAP_ST_STARTTLS_TLS,    /* handshake after STARTTLS OK */
+    IMAP_ST_LOGIN,           /* LOGIN or AUTHENTICATE PLAIN sent */
+    IMAP_ST_AUTH_CAPABILITY, /* CAPABILITY after login */
+    IMAP_ST_LIST,            /* looking for \Sent */
+    IMAP_ST_APPEND,
+    IMAP_ST_LOGOUT,
+    IMAP_ST_DONE,            /* result set, callback pending */
+    IMAP_ST_LAST
+} imap_state_t;
+
+/* Per state: trace name, and what was going on when a timeout or a lost
+ * connection interrupted it (the wording of the error). */
+static const struct {
+    const char *name;
+    const char *doing;
+} state_info[IMAP_ST_LAST] = {
+    [IMAP_ST_INIT] = { "INIT", "starting" },
+    [IMAP_ST_CONNECT] = { "CONNECT", "connecting" },
+    [IMAP_ST_TLS] = { "TLS", "in the TLS handshake" },
+    [IMAP_ST_GREETING] = { "GREETING", "waiting for the server greeting" },
+    [IMAP_ST_CAPABILITY] = { "CAPABILITY", "waiting for the CAPABILITY reply" },
+    [IMAP_ST_STARTTLS] = { "STARTTLS", "waiting for the STARTTLS reply" },
+    [IMAP_ST_STARTTLS_TLS] = { "STARTTLS_TLS", "in the TLS handshake after STARTTLS" },
+    [IMAP_ST_LOGIN] = { "LOGIN", "waiting for the login reply" },
+    [IMAP_ST_AUTH_CAPABILITY] = { "AUTH_CAPABILITY", "waiting for the CAPABILITY reply after login" },
+    [IMAP_ST_LIST] = { "LIST", "waiting for the LIST reply" },
+    [IMAP_ST_APPEND] = { "APPEND",
+                         "waiting for the APPEND reply -- the message may be stored twice if retried" },
+    [IMAP_ST_LOGOUT] = { "LOGOUT", "waiting for the LOGOUT reply" },
+    [IMAP_ST_DONE] = { "DONE", "finished" },
+};
+
+static const char *strstate(imap_state_t st)
+{
+    return st < IMAP_ST_LAST ? state_info[st].name : "?";
+}
+
+typedef struct cmd_chunk {
+    size_t      off;  /* into a->cmd when ext == NULL */
+    size_t      len;
+    const char *ext;  /* the caller's message bytes: referenced, not copied */
+    int         sync; /* after sending this chunk wait for "+" */
+} cmd_chunk_t;
+
+struct imap_append {
+    loop_t      *loop;
+    uint64_t     id;    /* session id for log lines */
+    imap_state_t state;
+
+    /* copied from the account */
+    struct sockaddr_storage addr;
+    socklen_t               addrlen;
+    char                   *host;
+    char                   *user;
+    char                   *password;
+    imap_tls_t              tls;
+    SSL_CTX                *ssl_ctx; /* our reference */
+    int                     verify_host;
+    unsigned                timeout_ms;
+
+    const char    *data; /* the message: referenced */
+    size_t         len;
+    imap_append_cb cb;
+    void          *arg;
+
+    stream_t *stream;
+
+    /* the command in flight */
+    unsigned    tagno;
+    char        tag[16];   /* "" when no tagged reply is awaited */
+    buf_t       cmd;
+    cmd_chunk_t chunks[IMAP_MAX_CHUNKS];
+    size_t      nchunks;
+    size_t      next_chunk;
+    int         waiting_cont;
+    int         cmd_sensitive; /* holds credentials: redact, wipe */
+
+    unsigned caps;
+    int      caps_known;
+    char    *sent_special; /* first selectable mailbox with \Sent */
+    char    *sent_named;   /* "Sent" */
+    char    *sent_inbox;   /* "INBOX<delim>Sent" (servers with INBOX-prefixed namespaces) */
+    char     bye[512];     /* text of an untagged BYE */
+
+    imap_append_result_t res;
+    int                  have_result;
+    int                  in_user_cb;
+    loop_timer_t         done_timer;
+    imap_resp_t          resp;
+};
+
+const char *imap_strerror(int status)
+{
+    switch (status) {
+    case IMAP_OK: return "ok";
+    case IMAP_ENETWORK: return "network error";
+    case IMAP_ETIMEOUT: return "timeout";
+    case IMAP_ETLS: return "TLS error";
+    case IMAP_EAUTH: return "authentication failed";
+    case IMAP_ENOSENT: return "no \\Sent mailbox";
+    case IMAP_EPROTO: return "protocol error";
+    case IMAP_EREFUSED: return "APPEND refused";
+    case IMAP_ENOUIDPLUS: return "appended without APPENDUID";
+    default: return "unknown imap status";
+    }
+}
+
+/* ---------------------------------------------------------------- helpers */
+
+static void set_state(imap_append_t *a, imap_state_t st)
+{
+    log_debug("imap", "state", "session=%016" PRIx64 " %s -> %s", a->id, strstate(a->state), strstate(st));
+    a->state = st;
+}
+
+static void set_result(imap_append_t *a, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void set_result(imap_append_t *a, int status, const char *fmt, ...)
+{
+    if (a->have_result)
+        return; /* the first outcome is the one that counts */
+    a->have_result = 1;
+    a->res.status = status;
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(a->res.error, sizeof(a->res.error), fmt, ap);
+        va_end(ap);
+    }
+}
+
+/* Close the connection and hand the result to the done timer. */
+static void finish(imap_append_t *a)
+{
+    if (a->state == IMAP_ST_DONE)
+        return;
+    set_state(a, IMAP_ST_DONE);
+    if (a->stream) {
+        stream_free(a->stream); /* safe inside the stream's own callback */
+        a->stream = NULL;
+    }
+    loop_timer_set(a->loop, &a->done_timer, 0);
+}
+
+static void fail(imap_append_t *a, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void fail(imap_append_t *a, int status, const char *fmt, ...)
+{
+    if (!a->have_result) {
+        va_list ap;
+        va_start(ap, fmt);
+        a->have_result = 1;
+        a->res.status = status;
+        vsnprintf(a->res.error, sizeof(a->res.error), fmt, ap);
+        va_end(ap);
+    }
+    finish(a);
+}
+
+static void wipe_cmd(imap_append_t *a)
+{
+    if (a->cmd_sensitive && a->cmd.data)
+        OPENSSL_cleanse(a->cmd.data, a->cmd.cap);
+    a->cmd_sensitive = 0;
+}
+
+static char *xstrdup_or_null(const char *s)
+{
+    return s ? xstrdup(s) : NULL;
+}
+
+static void free_secret(char *s)
+{
+    if (s) {
+        OPENSSL_cleanse(s, strlen(s));
+        free(s);
+    }
+}
+
+/* For a log value inside double quotes. */
+static const char *logsafe(char *dst, size_t n, const char *src)
+{
+    size_t i = 0;
+    for (; src && src[i] && i + 1 < n; i++) {
+        unsigned char c = (unsigned char)src[i];
+        dst[i] = c == '"' ? '\'' : (c < 0x20 || c == 0x7f) ? '?' : (char)c;
+    }
+    dst[i] = '\0';
+    return dst;
+}
+
+/* ---------------------------------------------------------------- commands */
+
+static cmd_chunk_t *cmd_new_chunk(imap_append_t *a)
+{
+    if (a->nchunks == IMAP_MAX_CHUNKS) {
+        log_error("imap", "panic", "session=%016" PRIx64 " command has too many parts", a->id);
+        abort();
+    }
+    cmd_chunk_t *c = &a->chunks[a->nchunks++];
+    memset(c, 0, sizeof(*c));
+    c->off = a->cmd.len;
+    return c;
+}
+
+static void cmd_bytes(imap_append_t *a, const char *p, size_t n)
+{
+    cmd_chunk_t *c = a->nchunks ? &a->chunks[a->nchunks - 1] : NULL;
+    if (c == NULL || c->ext || c->sync)
+        c = cmd_new_chunk(a);
+    buf_append(&a->cmd, p, n);
+    c->len += n;
+}
+
+static void cmd_text(imap_append_t *a, const char *s)
+{
+    cmd_bytes(a, s, strlen(s));
+}
+
+static void cmd_printf(imap_append_t *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void cmd_printf(imap_append_t *a, const char *fmt, ...)
+{
+    char tmp[128];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    if (n > 0)
+        cmd_bytes(a, tmp, (size_t)n < sizeof(tmp) ? (size_t)n : sizeof(tmp) - 1);
+}
+
+/* What was written so far waits for a "+" before the rest is sent. */
+static void cmd_sync(imap_append_t *a)
+{
+    if (a->nchunks)
+        a->chunks[a->nchunks - 1].sync = 1;
+}
+
+static void cmd_begin(imap_append_t *a, const char *verb, int sensitive)
+{
+    wipe_cmd(a);
+    buf_reset(&a->cmd);
+    a->nchunks = a->next_chunk = 0;
+    a->waiting_cont = 0;
+    a->cmd_sensitive = sensitive;
+    snprintf(a->tag, sizeof(a->tag), "A%u", ++a->tagno);
+    cmd_printf(a, "%s %s", a->tag, verb);
+}
+
+/* literal: "{n}" CRLF and wait for "+", or "{n+}" CRLF when allowed. */
+static void cmd_literal(imap_append_t *a, const char *p, size_t n, int referenced)
+{
+    int nonsync = (a->caps & IMAP_CAP_LITERAL_PLUS) ||
+                  ((a->caps & IMAP_CAP_LITERAL_MINUS) && n <= IMAP_LITERAL_MINUS_MAX);
+    cmd_printf(a, "{%zu%s}\r\n", n, nonsync ? "+" : "");
+    if (!nonsync)
+        cmd_sync(a);
+    if (referenced) {
+        cmd_chunk_t *c = cmd_new_chunk(a);
+        c->ext = p;
+        c->len = n;
+    } else {
+        cmd_bytes(a, p, n);
+    }
+}
+
+/* astring: a quoted string when every octet is printable ASCII, else a
+ * literal (8-bit, control characters, very long values). */
+static void cmd_astring(imap_append_t *a, const char *s)
+{
+    size_t n = strlen(s);
+    int quotable = n <= IMAP_MAX_QUOTED;
+    for (size_t i = 0; quotable && i < n; i++)
+        if ((unsigned char)s[i] < 0x20 || (unsigned char)s[i] > 0x7e)
+            quotable = 0;
+    if (!quotable) {
+        cmd_literal(a, s, n, 0);
+        return;
+    }
+    cmd_bytes(a, "\"", 1);
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '\\' || s[i] == '"')
+            cmd_bytes(a, "\\", 1);
+        cmd_bytes(a, s + i, 1);
+    }
+    cmd_bytes(a, "\"", 1);
+}
+
+/* Send chunks until one waits for a continuation. */
+static void cmd_flush(imap_append_t *a)
+{
+    a->waiting_cont = 0;
+    while (a->next_chunk < a->nchunks) {
+        const cmd_chunk_t *c = &a->chunks[a->next_chunk++];
+        stream_write(a->stream, c->ext ? c->ext : a->cmd.data + c->off, c->len);
+        if (c->sync) {
+            a->waiting_cont = 1;
+            return;
+        }
+    }
+}
+
+static void cmd_end(imap_append_t *a, imap_state_t next)
+{
+    cmd_bytes(a, "\r\n", 2);
+    if (log_enabled(LOG_DEBUG)) {
+        const char *line = a->cmd.data;
+        size_t n = strcspn(line, "\r\n");
+        if (a->cmd_sensitive)
+            log_debug("imap", "send", "session=%016" PRIx64 " %s <credentials>", a->id, a->tag);
+        else
+            log_debug("imap", "send", "session=%016" PRIx64 " %.*s", a->id, (int)(n > 200 ? 200 : n), line);
+    }
+    set_state(a, next);
+    unsigned t = a->timeout_ms;
+    if (next == IMAP_ST_LOGOUT && t > IMAP_LOGOUT_TIMEOUT_MS)
+        t = IMAP_LOGOUT_TIMEOUT_MS;
+    stream_set_timeout(a->stream, t);
+    cmd_flush(a);
+}
+
+/* ---------------------------------------------------------------- steps */
+
+static void send_logout(imap_append_t *a)
+{
+    cmd_begin(a, "LOGOUT", 0);
+    cmd_end(a, IMAP_ST_LOGOUT);
+}
+
+/* The server refused something: record why, then say goodbye politely. */
+static void refuse(imap_append_t *a, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void refuse(imap_append_t *a, int status, const char *fmt, ...)
+{
+    if (!a->have_result) {
+        va_list ap;
+        va_start(ap, fmt);
+        a->have_result = 1;
+        a->res.status = status;
+        vsnprintf(a->res.error, sizeof(a->res.error), fmt, ap);
+        va_end(ap);
+    }
+    send_logout(a);
+}
+
+static void send_capability(imap_append_t *a, imap_state_t next)
+{
+    cmd_begin(a, "CAPABILITY", 0);
+    cmd_end(a, next);
+}
+
+static void start_tls(imap_append_t *a, imap_state_t next)
+{
+    const char *verify = a->verify_host ? a->host : NULL;
+    if (stream_tls_client(a->stream, a->ssl_ctx, a->host, verify) < 0) {
+        fail(a, IMAP_ETLS, "%s", stream_error(a->stream));
+        return;
+    }
+    set_state(a, next);
+}
+
+static void b64_encode(buf_t *out, const unsigned char *p, size_t n)
+{
+    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for (size_t i = 0; i < n; i += 3) {
+        unsigned v = (unsigned)p[i] << 16;
+        if (i + 1 < n)
+            v |= (unsigned)p[i + 1] << 8;
+        if (i + 2 < n)
+            v |= p[i + 2];
+        char q[4] = { tab[(v >> 18) & 63], tab[(v >> 12) & 63], i + 1 < n ? tab[(v >> 6) & 63] : '=',
+                      i + 2 < n ? tab[v & 63] : '=' };
+        buf_append(out, q, 4);
+    }
+}
+
+static void send_login(imap_append_t *a)
+{
+    if (a->tls != IMAP_TLS_NONE && !stream_is_tls(a->stream)) {
+        /* cannot happen by construction; keep it impossible */
+        fail(a, IMAP_ETLS, "refusing to send credentials without TLS");
+        return;
+    }
+    if (!(a->caps & IMAP_CAP_LOGINDISABLED)) {
+        cmd_begin(a, "LOGIN", 1);
+        cmd_text(a, " ");
+        cmd_astring(a, a->user);
+        cmd_text(a, " ");
+        cmd_astring(a, a->password);
+    } else if (a->caps & IMAP_CAP_AUTH_PLAIN) {
+        /* RFC 4616: authzid NUL authcid NUL passwd, base64 */
+        buf_t raw = BUF_INIT, b64 = BUF_INIT;
+        buf_putc(&raw, '\0');
+        buf_puts(&raw, a->user);
+        buf_putc(&raw, '\0');
+        buf_puts(&raw, a->password);
+        b64_encode(&b64, (const unsigned char *)raw.data, raw.len);
+        cmd_begin(a, "AUTHENTICATE PLAIN", 1);
+        if (a->caps & IMAP_CAP_SASL_IR) {
+            cmd_text(a, " ");
+        } else {
+            cmd_text(a, "\r\n");
+            cmd_sync(a);
+        }
+        cmd_bytes(a, b64.data, b64.len);
+        OPENSSL_cleanse(raw.data, raw.cap);
+        OPENSSL_cleanse(b64.data, b64.cap);
+        buf_free(&raw);
+        buf_free(&b64);
+    } else {
+        refuse(a, IMAP_EAUTH, "server advertises LOGINDISABLED and offers no AUTH=PLAIN");
+        return;
+    }
+    /* the login reply (or a CAPABILITY after it) says what is allowed now */
+    a->caps_known = 0;
+    cmd_end(a, IMAP_ST_LOGIN);
+}
+
+/* Capabilities known, not logged in yet. */
+static void after_capabilities(imap_append_t *a)
+{
+    if (a->tls == IMAP_TLS_STARTTLS && !stream_is_tls(a->stream)) {
+        if (!(a->caps & IMAP_CAP_STARTTLS)) {
+            refuse(a, IMAP_ETLS, "server does not offer STARTTLS");
+            return;
+        }
+        cmd_begin(a, "STARTTLS", 0);
+        cmd_end(a, IMAP_ST_STARTTLS);
+        return;
+    }
+    send_login(a);
+}
+
+/* Logged in, capabilities known: look for \Sent. */
+static void after_login(imap_append_t *a)
+{
+    cmd_begin(a, "LIST", 0);
+    if ((a->caps & IMAP_CAP_SPECIAL_USE) && (a->caps & IMAP_CAP_LIST_EXTENDED))
+        cmd_text(a, " (SPECIAL-USE) \"\" \"*\""); /* RFC 6154 §5.1: only special-use mailboxes */
+    else
+        cmd_text(a, " \"\" \"*\""); /* attributes (if any) come with plain LIST */
+    cmd_end(a, IMAP_ST_LIST);
+}
+
+static void send_append(imap_append_t *a, const char *mailbox)
+{
+    cmd_begin(a, "APPEND", 0);
+    cmd_text(a, " ");
+    cmd_astring(a, mailbox);
+    cmd_text(a, " (\\Seen) ");
+    cmd_literal(a, a->data, a->len, 1);
+    cmd_end(a, IMAP_ST_APPEND);
+}
+
+/* ---------------------------------------------------------------- replies */
+
+static void on_greeting(imap_append_t *a, const imap_resp_t *r)
+{
+    switch (r->cond) {
+    case IMAP_COND_OK:
+        if (a->caps_known)
+            after_capabilities(a);
+        else
+            send_capability(a, IMAP_ST_CAPABILITY);
+        return;
+    case IMAP_COND_PREAUTH:
+        if (a->tls == IMAP_TLS_STARTTLS) {
+            refuse(a, IMAP_ETLS, "server greeted with PREAUTH: STARTTLS impossible");
+            return;
+        }
+        if (a->caps_known)
+            after_login(a);
+        else
+            send_capability(a, IMAP_ST_AUTH_CAPABILITY);
+        return;
+    case IMAP_COND_BYE:
+        fail(a, IMAP_ENETWORK, "server refused the connection: BYE %s", r->text);
+        return;
+    default:
+        fail(a, IMAP_EPROTO, "unexpected greeting: %s %s", r->keyword, r->text);
+        return;
+    }
+}
+
+static void on_list_entry(imap_append_t *a, const imap_resp_t *r)
+{
+    if (r->mbx_name_truncated || (r->mbx_flags & (IMAP_MBX_NOSELECT | IMAP_MBX_NONEXISTENT)))
+        return;
+    const char *name = r->mbx_name;
+    if ((r->mbx_flags & IMAP_MBX_SENT) && a->sent_special == NULL)
+        a->sent_special = xstrdup(name);
+    if (a->sent_named == NULL && strcmp(name, "Sent") == 0)
+        a->sent_named = xstrdup(name);
+    if (a->sent_inbox == NULL && r->mbx_delim && util_strncasecmp(name, "INBOX", 5) == 0 &&
+        name[5] == r->mbx_delim && strcmp(name + 6, "Sent") == 0)
+        a->sent_inbox = xstrdup(name);
+}
+
+static void on_untagged(imap_append_t *a, const imap_resp_t *r)
+{
+    if (a->state == IMAP_ST_GREETING) {
+        on_greeting(a, r);
+        return;
+    }
+    if (r->cond == IMAP_COND_BYE) {
+        /* the server is about to close: keep its reason for the error */
+        snprintf(a->bye, sizeof(a->bye), "%s", r->text[0] ? r->text : "(no text)");
+        return;
+    }
+    if (a->state == IMAP_ST_LIST && (strcmp(r->keyword, "LIST") == 0 || strcmp(r->keyword, "XLIST") == 0))
+        on_list_entry(a, r);
+    /* anything else (EXISTS, FLAGS, OK [ALERT] ...) is not ours to act on */
+}
+
+static void on_continuation(imap_append_t *a, const imap_resp_t *r)
+{
+    if (!a->waiting_cont) {
+        fail(a, IMAP_EPROTO, "unexpected continuation request %s: + %s", state_info[a->state].doing, r->text);
+        return;
+    }
+    cmd_flush(a);
+}
+
+/* "NO [CODE] text" for error messages. */
+static const char *reply_text(const imap_resp_t *r, char *buf, size_t n)
+{
+    snprintf(buf, n, "%s%s%s%s%s", imap_cond_name(r->cond), r->code[0] ? " [" : "", r->code,
+             r->code[0] ? "]" : "", r->text[0] ? " " : "");
+    size_t used = strlen(buf);
+    snprintf(buf + used, n - used, "%s", r->text);
+    return buf;
+}
+
+static void on_append_reply(imap_append_t *a, const imap_resp_t *r)
+{
+    char why[600];
+    if (r->cond != IMAP_COND_OK) {
+        refuse(a, IMAP_EREFUSED, "APPEND to %s: %s", a->res.mailbox, reply_text(r, why, sizeof(why)));
+        return;
+    }
+    if (r->has_appenduid) {
+        a->res.uidvalidity = r->uidvalidity;
+        a->res.uid = r->uid;
+        set_result(a, IMAP_OK, NULL);
+    } else if (strcmp(r->code, "APPENDUID") == 0) {
+        set_result(a, IMAP_EPROTO, "APPEND to %s: malformed APPENDUID: %s", a->res.mailbox,
+                   reply_text(r, why, sizeof(why)));
+    } else {
+        set_result(a, IMAP_ENOUIDPLUS, "appended to %s but the server returned no APPENDUID%s", a->res.mailbox,
+                   (a->caps & IMAP_CAP_UIDPLUS) ? "" : " (no UIDPLUS)");
+    }
+    send_logout(a);
+}
+
+static void on_list_done(imap_append_t *a, const imap_resp_t *r)
+{
+    char why[600];
+    if (r->cond != IMAP_COND_OK) {
+        refuse(a, IMAP_EPROTO, "LIST: %s", reply_text(r, why, sizeof(why)));
+        return;
+    }
+    const char *mailbox = a->sent_special;
+    if (mailbox == NULL && !(a->caps & IMAP_CAP_SPECIAL_USE))
+        mailbox = a->sent_named ? a->sent_named : a->sent_inbox;
+    if (mailbox == NULL) {
+        refuse(a, IMAP_ENOSENT, "%s", (a->caps & IMAP_CAP_SPECIAL_USE)
+                                         ? "no selectable mailbox has the \\Sent attribute"
+                                         : "server has no SPECIAL-USE and no mailbox named Sent");
+        return;
+    }
+    snprintf(a->res.mailbox, sizeof(a->res.mailbox), "%s", mailbox);
+    send_append(a, mailbox);
+}
+
+static void on_tagged(imap_append_t *a, const imap_resp_t *r)
+{
+    char why[600];
+    if (a->tag[0] == '\0' || strcmp(r->tag, a->tag) != 0) {
+        fail(a, IMAP_EPROTO, "unexpected tagged reply %s: %s %s", state_info[a->state].doing, r->tag,
+             reply_text(r, why, sizeof(why)));
+        return;
+    }
+    /* the command is complete; a literal still waiting for "+" is never sent */
+    a->tag[0] = '\0';
+    a->waiting_cont = 0;
+    a->next_chunk = a->nchunks;
+    wipe_cmd(a);
+
+    switch (a->state) {
+    case IMAP_ST_CAPABILITY:
+    case IMAP_ST_AUTH_CAPABILITY:
+        if (r->cond != IMAP_COND_OK) {
+            refuse(a, IMAP_EPROTO, "CAPABILITY: %s", reply_text(r, why, sizeof(why)));
+        } else if (!a->caps_known) {
+            fail(a, IMAP_EPROTO, "CAPABILITY completed without capability data");
+        } else if (a->state == IMAP_ST_CAPABILITY) {
+            after_capabilities(a);
+        } else {
+            after_login(a);
+        }
+        return;
+    case IMAP_ST_STARTTLS:
+        if (r->cond != IMAP_COND_OK) {
+            refuse(a, IMAP_ETLS, "STARTTLS: %s", reply_text(r, why, sizeof(why)));
+            return;
+        }
+        a->caps = 0; /* RFC 3501 §6.2.1: forget what was said in clear */
+        a->caps_known = 0;
+        start_tls(a, IMAP_ST_STARTTLS_TLS);
+        return;
+    case IMAP_ST_LOGIN:
+        if (r->cond != IMAP_COND_OK) {
+            refuse(a, IMAP_EAUTH, "login as %s: %s", a->user, reply_text(r, why, sizeof(why)));
+            return;
+        }
+        if (a->caps_known)
+            after_login(a);
+        else
+            send_capability(a, IMAP_ST_AUTH_CAPABILITY);
+        return;
+    case IMAP_ST_LIST:
+        on_list_done(a, r);
+        return;
+    case IMAP_ST_APPEND:
+        on_append_reply(a, r);
+        return;
+    case IMAP_ST_LOGOUT:
+        finish(a);
+        return;
+    default:
+        fail(a, IMAP_EPROTO, "tagged reply in state %s", strstate(a->state));
+        return;
+    }
+}
+
+static void on_response(imap_append_t *a, const imap_resp_t *r)
+{
+    if (r->has_caps) {
+        a->caps = r->caps;
+        a->caps_known = 1;
+    }
+    switch (r->kind) {
+    case IMAP_RESP_UNTAGGED:
+        on_untagged(a, r);
+        return;
+    case IMAP_RESP_CONTINUATION:
+        on_continuation(a, r);
+        return;
+    default:
+        on_tagged(a, r);
+        return;
+    }
+}
+
+static void on_data(imap_append_t *a)
+{
+    buf_t *in = stream_input(a->stream);
+    /* the state check comes first: a finished session has let go of its stream */
+    while (a->state != IMAP_ST_DONE && buf_size(in) > 0) {
+        size_t used = 0;
+        int rc = imap_resp_parse(buf_head(in), buf_size(in), &a->resp, &used);
+        if (rc == IMAP_PARSE_MORE)
+            return;
+        if (rc == IMAP_PARSE_ERROR) {
+            fail(a, IMAP_EPROTO, "bad response %s: %s", state_info[a->state].doing, a->resp.error);
+            return;
+        }
+        if (log_enabled(LOG_DEBUG)) {
+            size_t n = strcspn(buf_head(in), "\r\n");
+            log_debug("imap", "recv", "session=%016" PRIx64 " %.*s", a->id, (int)(n > 200 ? 200 : n),
+                      buf_head(in));
+        }
+        /* consumed before acting: STARTTLS must find nothing pipelined behind its OK */
+        buf_consume(in, used);
+        on_response(a, &a->resp);
+    }
+}
+
+static void on_stream(stream_t *s, stream_event_t ev, void *arg)
+{
+    imap_append_t *a = arg;
+    if (a->state == IMAP_ST_DONE)
+        return;
+    switch (ev) {
+    case STREAM_EV_CONNECTED:
+        if (a->tls == IMAP_TLS_IMAPS)
+            start_tls(a, IMAP_ST_TLS);
+        else
+            set_state(a, IMAP_ST_GREETING);
+        return;
+    case STREAM_EV_TLS_READY:
+        log_debug("imap", "tls", "session=%016" PRIx64 " version=%s cipher=%s", a->id,
+                  stream_tls_version(s), stream_tls_cipher(s));
+        if (a->state == IMAP_ST_TLS)
+            set_state(a, IMAP_ST_GREETING);
+        else
+            send_capability(a, IMAP_ST_CAPABILITY);
+        return;
+    case STREAM_EV_DATA:
+        on_data(a);
+        return;
+    case STREAM_EV_DRAINED:
+        return;
+    default:
+        break;
+    }
+
+    /* TIMEOUT, CLOSED, ERROR: the stream is dead */
+    if (a->state == IMAP_ST_LOGOUT) {
+        finish(a); /* the result was settled before LOGOUT */
+        return;
+    }
+    const char *doing = state_info[a->state].doing;
+    if (ev == STREAM_EV_TIMEOUT) {
+        fail(a, IMAP_ETIMEOUT, "timeout %s (%u ms)", doing, a->timeout_ms);
+    } else if (ev == STREAM_EV_CLOSED) {
+        if (a->bye[0])
+            fail(a, IMAP_ENETWORK, "server closed the connection %s: BYE %s", doing, a->bye);
+        else
+            fail(a, IMAP_ENETWORK, "server closed the connection %s", doing);
+    } else {
+        int tls = a->state == IMAP_ST_TLS || a->state == IMAP_ST_STARTTLS_TLS;
+        fail(a, tls ? IMAP_ETLS : IMAP_ENETWORK, "%s %s: %s", tls ? "TLS failed" : "connection failed", doing,
+             stream_error(s));
+    }
+}
+
+/* ---------------------------------------------------------------- lifetime */
+
+static void session_free(imap_append_t *a)
+{
+    loop_timer_cancel(a->loop, &a->done_timer);
+    if (a->stream)
+        stream_free(a->stream);
+    if (a->ssl_ctx)
+        SSL_CTX_free(a->ssl_ctx); /* from imap_append_start() */
+    wipe_cmd(a);
+    buf_free(&a->cmd);
+    free_secret(a->password);
+    free(a->user);
+    free(a->host);
+    free(a->sent_special);
+    free(a->sent_named);
+    free(a->sent_inbox);
+    free(a);
+}
+
+static void log_result(imap_append_t *a)
+{
+    char user[300], mbx[300], err[600];
+    logsafe(user, sizeof(user), a->user);
+    logsafe(mbx, sizeof(mbx), a->res.mailbox);
+    if (a->res.status == IMAP_OK)
+        log_info("imap", "appended",
+                 "session=%016" PRIx64 " user=\"%s\" host=%s mailbox=\"%s\" uidvalidity=%" PRIu32
+                 " uid=%" PRIu32 " size=%zu",
+                 a->id, user, a->host, mbx, a->res.uidvalidity, a->res.uid, a->len);
+    else
+        log_warn("imap", "append_failed",
+                 "session=%016" PRIx64 " user=\"%s\" host=%s mailbox=\"%s\" status=%s error=\"%s\"", a->id,
+                 user, a->host, mbx, imap_strerror(a->res.status), logsafe(err, sizeof(err), a->res.error));
+}
+
+static void done_fired(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    imap_append_t *a = arg;
+    if (!a->have_result) /* every path sets one; never report success by accident */
+        set_result(a, IMAP_EPROTO, "session ended without a result");
+    log_result(a);
+    a->in_user_cb = 1;
+    a->cb(a->arg, &a->res);
+    a->in_user_cb = 0;
+    session_free(a);
+}
+
+imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const char *data, size_t len,
+                                 imap_append_cb cb, void *arg)
+{
+    if (loop == NULL || acct == NULL || cb == NULL)
+        return NULL;
+    imap_append_t *a = xcalloc(1, sizeof(*a));
+    a->loop = loop;
+    a->id = util_rand64();
+    a->state = IMAP_ST_INIT;
+    a->host = xstrdup(acct->host ? acct->host : "");
+    a->user = xstrdup_or_null(acct->user);
+    a->password = xstrdup_or_null(acct->password);
+    a->tls = acct->tls;
+    a->verify_host = acct->verify_host;
+    a->timeout_ms = acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS;
+    if (acct->ssl_ctx && SSL_CTX_up_ref(acct->ssl_ctx) == 1)
+        a->ssl_ctx = acct->ssl_ctx;
+    a->data = data;
+    a->len = len;
+    a->cb = cb;
+    a->arg = arg;
+    buf_init(&a->cmd);
+    loop_timer_init(&a->done_timer, done_fired, a);
+
+    /* argument errors still come back through the callback, later */
+    if (acct->addr == NULL || acct->addrlen == 0 || acct->addrlen > sizeof(a->addr)) {
+        fail(a, IMAP_EPROTO, "no usable server address");
+        return a;
+    }
+    memcpy(&a->addr, acct->addr, acct->addrlen);
+    a->addrlen = acct->addrlen;
+    if (a->tls != IMAP_TLS_IMAPS && a->tls != IMAP_TLS_STARTTLS && a->tls != IMAP_TLS_NONE) {
+        fail(a, IMAP_EPROTO, "unknown TLS mode %d", (int)a->tls);
+        return a;
+    }
+    if (a->tls != IMAP_TLS_NONE && a->ssl_ctx == NULL) {
+        fail(a, IMAP_ETLS, "TLS required but no SSL_CTX given");
+        return a;
+    }
+    if (a->verify_host && a->host[0] == '\0') {
+        fail(a, IMAP_ETLS, "certificate name check asked without a host name");
+        return a;
+    }
+    if (a->user == NULL || a->password == NULL) {
+        fail(a, IMAP_EAUTH, "no user or password");
+        return a;
+    }
+    if (data == NULL && len > 0) {
+        fail(a, IMAP_EPROTO, "no message data");
+        return a;
+    }
+
+    a->stream = stream_new(loop, on_stream, a);
+    stream_set_timeout(a->stream, a->timeout_ms);
+    set_state(a, IMAP_ST_CONNECT);
+    if (stream_connect(a->stream, (const struct sockaddr *)&a->addr, a->addrlen) < 0)
+        fail(a, IMAP_ENETWORK, "%s", stream_error(a->stream));
+    return a;
+}
+
+void imap_append_cancel(imap_append_t *a)
+{
+    if (a == NULL || a->in_user_cb)
+        return;
+    log_debug("imap", "cancel", "session=%016" PRIx64 " in state %s", a->id, strstate(a->state));
+    session_free(a);
+}

@@ -1,0 +1,94 @@
+/*
+ * imap/imap.h - APPEND the sent copy of a message to the sender's IMAP
+ * \Sent mailbox and report the new UID (RFC 4315 UIDPLUS).
+ *
+ * One imap_append_t is one short session: connect, TLS (implicit or
+ * STARTTLS), log in, find the \Sent mailbox, APPEND (\Seen), read
+ * [APPENDUID uidvalidity uid], LOGOUT. It runs inside the caller's loop
+ * and is used only from the thread that runs that loop.
+ *
+ * Ownership:
+ *  - imap_append_start() copies what it needs from acct (address, host,
+ *    user, password; it takes its own reference on acct->ssl_ctx).
+ *  - The message bytes are referenced, not copied: the caller keeps
+ *    data alive until the callback fires or imap_append_cancel() returns.
+ *  - The result passed to the callback is valid only during the call.
+ *  - The handle belongs to the module; it is released right after the
+ *    callback returns. Do not use it afterwards.
+ *
+ * Callback: fires exactly once per started append, never synchronously
+ * inside imap_append_start() (even for immediate failures: a zero-delay
+ * timer delivers them), and never after imap_append_cancel().
+ */
+#ifndef MP_IMAP_IMAP_H
+#define MP_IMAP_IMAP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <openssl/ssl.h>
+
+#include "core/loop.h"
+
+typedef enum {
+    IMAP_TLS_IMAPS = 0, /* TLS from the first byte (port 993) */
+    IMAP_TLS_STARTTLS,  /* plaintext, CAPABILITY, STARTTLS, then TLS (port 143) */
+    IMAP_TLS_NONE,      /* plaintext throughout: tests and trusted loopback only */
+} imap_tls_t;
+
+typedef enum {
+    IMAP_OK = 0,
+    IMAP_ENETWORK = -1,   /* connect failed, connection lost, server said BYE */
+    IMAP_ETIMEOUT = -2,   /* no reply within acct->timeout_ms */
+    IMAP_ETLS = -3,       /* handshake/verification failed, STARTTLS missing or refused */
+    IMAP_EAUTH = -4,      /* LOGIN/AUTHENTICATE refused, or no usable mechanism */
+    IMAP_ENOSENT = -5,    /* no \Sent mailbox */
+    IMAP_EPROTO = -6,     /* malformed or unexpected server response, bad arguments */
+    IMAP_EREFUSED = -7,   /* APPEND answered NO/BAD */
+    IMAP_ENOUIDPLUS = -8, /* appended but server gave no APPENDUID */
+} imap_status_t;
+
+/* Static English text for an imap_status_t; "unknown imap status" otherwise. */
+const char *imap_strerror(int status);
+
+typedef struct imap_account {
+    const struct sockaddr *addr;  /* resolved by the caller, port included */
+    socklen_t              addrlen;
+    const char            *host;  /* for SNI and the certificate name check */
+    imap_tls_t             tls;
+    SSL_CTX               *ssl_ctx;     /* verifying or not, the caller's choice */
+    int                    verify_host; /* check the certificate name against host */
+    const char            *user, *password;
+    unsigned               timeout_ms;  /* per command, 0 means 30000 */
+} imap_account_t;
+
+typedef struct imap_append_result {
+    int      status;           /* imap_status_t */
+    uint32_t uidvalidity, uid; /* from [APPENDUID v u] when status == IMAP_OK */
+    char     mailbox[256];     /* the \Sent mailbox name used ("" if none found) */
+    char     error[512];       /* server text or local reason when status != OK */
+} imap_append_result_t;
+
+typedef void (*imap_append_cb)(void *arg, const imap_append_result_t *res); /* res valid only during the call */
+
+typedef struct imap_append imap_append_t;
+
+/* Connect, log in, find the mailbox with SPECIAL-USE \Sent (LIST
+ * (SPECIAL-USE) "" "*" with LIST-EXTENDED, else LIST "" "*"; a mailbox
+ * literally named "Sent" is used only if the server has no SPECIAL-USE),
+ * APPEND (\Seen) the message (CRLF bytes, not dot-stuffed; referenced),
+ * read APPENDUID, LOGOUT.
+ * Credentials are never sent without TLS unless acct->tls == IMAP_TLS_NONE.
+ * Returns the handle; NULL only when loop, acct or cb is NULL (a
+ * programming error: nothing is started and no callback fires). Every
+ * other failure is reported through the callback. */
+imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const char *data, size_t len,
+                                 imap_append_cb cb, void *arg);
+
+/* Abort: close the connection and release everything; the callback will
+ * not fire. Harmless with NULL. Must not be called after the callback has
+ * fired (the handle is gone); calling it from inside that callback is a
+ * no-op. A message whose APPEND was already sent may still be stored. */
+void imap_append_cancel(imap_append_t *a);
+
+#endif

@@ -1,0 +1,490 @@
+/*
+ * SUMMARY
+ *  tests/integration/itest_imap.c - APPEND to the real Dovecot of the
+ *  local stack (deploy/local/stack up).
+ * DESCRIPTION
+ *  Reads ${MP_STACK_DIR:-/tmp/mpstack}/env. If it is missing or Dovecot
+ *  does not answer, every test fails and says to run the stack: an
+ *  integration test that skips proves nothing.
+ *
+ *  What is stored is checked independently of our client: Python's
+ *  imaplib (over verified TLS) EXAMINEs the mailbox, compares
+ *  UIDVALIDITY, UID FETCHes the message and compares it byte for byte
+ *  and checks it carries \Seen.
+ *
+ *  The wrong CA is generated here (a fresh self-signed EC certificate
+ *  that never signed anything) so verification has to fail for the
+ *  reason under test, not for a missing file.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+
+#include "core/log.h"
+#include "core/loop.h"
+#include "core/tls.h"
+#include "core/util.h"
+#include "imap/imap.h"
+
+#define STACK_HINT "run `deploy/local/stack up` first (as root), then re-run this test"
+
+static struct {
+    char     env_path[512];
+    char     host[64];
+    unsigned imaps_port;
+    unsigned imap_port;
+    char     ca_file[512];
+    char     user[2][128];
+    char     password[128];
+    SSL_CTX *verify_ctx; /* trusts the stack's CA, verifies peers */
+    int      ready;
+} E;
+
+/* ---------------------------------------------------------------- stack */
+
+static int env_get(const char *path, const char *key, char *out, size_t outsz)
+{
+    FILE *fp = fopen(path, "r");
+    if (fp == NULL)
+        return -1;
+    char line[1024];
+    size_t klen = strlen(key);
+    int found = -1;
+    while (fgets(line, sizeof(line), fp)) {
+        line[strcspn(line, "\r\n")] = '\0';
+        if (strncmp(line, key, klen) != 0 || line[klen] != '=')
+            continue;
+        char *v = line + klen + 1;
+        size_t n = strlen(v);
+        if (n >= 2 && ((v[0] == '"' && v[n - 1] == '"') || (v[0] == '\'' && v[n - 1] == '\''))) {
+            v[n - 1] = '\0';
+            v++;
+        }
+        snprintf(out, outsz, "%s", v);
+        found = 0;
+    }
+    fclose(fp);
+    return found;
+}
+
+/* Connect and read the greeting: Dovecot answers "* OK". */
+static int imap_answers(const char *host, unsigned port, int want_greeting, char *why, size_t whylen)
+{
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+    if (inet_pton(AF_INET, host, &sin.sin_addr) != 1) {
+        snprintf(why, whylen, "MP_IMAP_HOST %s is not an IPv4 address", host);
+        return -1;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(why, whylen, "socket: %s", strerror(errno));
+        return -1;
+    }
+    int rc = connect(fd, (struct sockaddr *)&sin, sizeof(sin));
+    struct pollfd p = { .fd = fd, .events = POLLOUT };
+    if (rc < 0 && errno == EINPROGRESS && poll(&p, 1, 3000) == 1) {
+        int soerr = 0;
+        socklen_t sl = sizeof(soerr);
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl);
+        rc = soerr ? -1 : 0;
+        errno = soerr ? soerr : ETIMEDOUT;
+    } else if (rc < 0 && errno == EINPROGRESS) {
+        errno = ETIMEDOUT;
+    }
+    if (rc < 0) {
+        snprintf(why, whylen, "connect %s:%u: %s", host, port, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (want_greeting) {
+        char buf[256] = "";
+        p.events = POLLIN;
+        ssize_t n = poll(&p, 1, 3000) == 1 ? recv(fd, buf, sizeof(buf) - 1, 0) : -1;
+        if (n < 4 || strncmp(buf, "* OK", 4) != 0) {
+            snprintf(why, whylen, "%s:%u connected but sent no IMAP greeting", host, port);
+            close(fd);
+            return -1;
+        }
+    }
+    close(fd);
+    return 0;
+}
+
+static int stack_setup(void **state)
+{
+    const char *dir = getenv("MP_STACK_DIR");
+    snprintf(E.env_path, sizeof(E.env_path), "%s/env", dir && *dir ? dir : "/tmp/mpstack");
+    char port[32] = "", users[256] = "", why[512] = "";
+    if (access(E.env_path, R_OK) != 0) {
+        fprintf(stderr, "\nFATAL: %s is missing: the local stack is not up.\n       %s\n\n", E.env_path, STACK_HINT);
+        return -1;
+    }
+    if (env_get(E.env_path, "MP_IMAP_HOST", E.host, sizeof(E.host)) < 0 ||
+        env_get(E.env_path, "MP_CA_FILE", E.ca_file, sizeof(E.ca_file)) < 0 ||
+        env_get(E.env_path, "MP_IMAP_PASSWORD", E.password, sizeof(E.password)) < 0 ||
+        env_get(E.env_path, "MP_IMAP_USERS", users, sizeof(users)) < 0) {
+        fprintf(stderr, "\nFATAL: %s lacks MP_IMAP_HOST/MP_CA_FILE/MP_IMAP_PASSWORD/MP_IMAP_USERS.\n       %s\n\n",
+                E.env_path, STACK_HINT);
+        return -1;
+    }
+    E.imaps_port = env_get(E.env_path, "MP_IMAPS_PORT", port, sizeof(port)) == 0 ? (unsigned)atoi(port) : 9993;
+    E.imap_port = env_get(E.env_path, "MP_IMAP_PORT", port, sizeof(port)) == 0 ? (unsigned)atoi(port) : 1143;
+    if (sscanf(users, "%127s %127s", E.user[0], E.user[1]) != 2) {
+        fprintf(stderr, "\nFATAL: MP_IMAP_USERS in %s should name two users.\n       %s\n\n", E.env_path, STACK_HINT);
+        return -1;
+    }
+    if (imap_answers(E.host, E.imaps_port, 0, why, sizeof(why)) < 0 ||
+        imap_answers(E.host, E.imap_port, 1, why, sizeof(why)) < 0) {
+        fprintf(stderr, "\nFATAL: Dovecot does not answer (%s).\n       %s\n\n", why, STACK_HINT);
+        return -1;
+    }
+    char err[256];
+    E.verify_ctx = tls_client_ctx_new(E.ca_file, 1, err, sizeof(err));
+    if (E.verify_ctx == NULL) {
+        fprintf(stderr, "\nFATAL: %s\n       %s\n\n", err, STACK_HINT);
+        return -1;
+    }
+    E.ready = 1;
+    return 0;
+}
+
+static int stack_teardown(void **state)
+{
+    if (E.verify_ctx)
+        SSL_CTX_free(E.verify_ctx);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- helpers */
+
+typedef struct outcome {
+    int                  calls;
+    imap_append_result_t res;
+} outcome_t;
+
+static void on_done(void *arg, const imap_append_result_t *res)
+{
+    outcome_t *o = arg;
+    o->calls++;
+    o->res = *res;
+}
+
+typedef struct job {
+    const char *host;  /* SNI and name check */
+    unsigned    port;
+    imap_tls_t  tls;
+    SSL_CTX    *ctx;
+    int         verify_host;
+    const char *user;
+    const char *password;
+} job_t;
+
+static void account_for(const job_t *j, imap_account_t *acct, struct sockaddr_in *sin)
+{
+    memset(sin, 0, sizeof(*sin));
+    sin->sin_family = AF_INET;
+    sin->sin_port = htons((uint16_t)j->port);
+    assert_int_equal(inet_pton(AF_INET, E.host, &sin->sin_addr), 1);
+    memset(acct, 0, sizeof(*acct));
+    acct->addr = (struct sockaddr *)sin;
+    acct->addrlen = sizeof(*sin);
+    acct->host = j->host;
+    acct->tls = j->tls;
+    acct->ssl_ctx = j->ctx;
+    acct->verify_host = j->verify_host;
+    acct->user = j->user;
+    acct->password = j->password;
+    acct->timeout_ms = 10000;
+}
+
+static outcome_t run_append(const job_t *j, const char *msg)
+{
+    if (!E.ready)
+        fail_msg("local stack not ready: " STACK_HINT);
+    loop_t *loop = loop_new();
+    assert_non_null(loop);
+    struct sockaddr_in sin;
+    imap_account_t acct;
+    account_for(j, &acct, &sin);
+    outcome_t o;
+    memset(&o, 0, sizeof(o));
+    assert_non_null(imap_append_start(loop, &acct, msg, strlen(msg), on_done, &o));
+    assert_int_equal(o.calls, 0);
+    loop_run(loop); /* returns when nothing is registered any more */
+    assert_int_equal(o.calls, 1);
+    assert_int_equal(loop_fd_count(loop), 0);
+    assert_int_equal(loop_timer_count(loop), 0);
+    loop_free(loop);
+    return o;
+}
+
+static char *make_message(const char *from, const char *tag)
+{
+    char uuid[37];
+    util_uuid(uuid);
+    char *m = NULL;
+    int n = asprintf(&m,
+                     "From: %s\r\n"
+                     "To: someone@test.example\r\n"
+                     "Subject: itest_imap %s %s\r\n"
+                     "Date: Mon, 23 Nov 2026 16:49:37 +0000\r\n"
+                     "Message-ID: <%s@itest.test.example>\r\n"
+                     "MIME-Version: 1.0\r\n"
+                     "Content-Type: text/plain; charset=utf-8\r\n"
+                     "\r\n"
+                     "Sent copy written by itest_imap (%s).\r\n"
+                     ".a line starting with a dot is not stuffed\r\n"
+                     "\r\n"
+                     "-- \r\n"
+                     "mailpump\r\n",
+                     from, tag, uuid, uuid, tag);
+    assert_true(n > 0);
+    return m;
+}
+
+static const char VERIFY_PY[] =
+    "import imaplib, ssl, sys\n"
+    "host, port, ca, user, pw, mbox, uidv, uid, path = sys.argv[1:]\n"
+    "want = open(path, 'rb').read()\n"
+    "ctx = ssl.create_default_context(cafile=ca)\n"
+    "m = imaplib.IMAP4_SSL(host, int(port), ssl_context=ctx)\n"
+    "m.login(user, pw)\n"
+    "q = '\"' + mbox.replace('\\\\', '\\\\\\\\').replace('\"', '\\\\\"') + '\"'\n"
+    "typ, _ = m.select(q, readonly=True)\n"
+    "assert typ == 'OK', 'EXAMINE failed'\n"
+    "got_uidv = m.response('UIDVALIDITY')[1][0].decode()\n"
+    "if got_uidv != uidv:\n"
+    "    sys.exit('UIDVALIDITY is %s, client reported %s' % (got_uidv, uidv))\n"
+    "typ, data = m.uid('FETCH', uid, '(FLAGS BODY.PEEK[])')\n"
+    "if typ != 'OK' or not data or not isinstance(data[0], tuple):\n"
+    "    sys.exit('UID %s not found in %s: %r' % (uid, mbox, data))\n"
+    "meta, body = data[0]\n"
+    "if body != want:\n"
+    "    sys.exit('stored bytes differ:\\n%r\\nexpected\\n%r' % (body, want))\n"
+    "if b'\\\\Seen' not in meta:\n"
+    "    sys.exit('no \\\\Seen flag: %r' % meta)\n"
+    "m.logout()\n";
+
+/* Fetch the message back with Python's imaplib and compare. */
+static void verify_stored(const char *user, const imap_append_result_t *res, const char *msg)
+{
+    char path[] = "/tmp/itest_imap_msg_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    size_t len = strlen(msg);
+    assert_int_equal(write(fd, msg, len), (ssize_t)len);
+    close(fd);
+
+    char port[16], uidv[16], uid[16];
+    snprintf(port, sizeof(port), "%u", E.imaps_port);
+    snprintf(uidv, sizeof(uidv), "%u", res->uidvalidity);
+    snprintf(uid, sizeof(uid), "%u", res->uid);
+    char *const argv[] = { "/usr/bin/python3", "-c", (char *)VERIFY_PY, E.host, port, E.ca_file, (char *)user,
+                           E.password, (char *)res->mailbox, uidv, uid, path, NULL };
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    int st = 0;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    unlink(path);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        fail_msg("independent check (python imaplib) failed for %s uid %u (exit %d)", res->mailbox, res->uid,
+                 WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+}
+
+static void expect_ok(const outcome_t *o)
+{
+    if (o->res.status != IMAP_OK)
+        fail_msg("append failed: %s: %s", imap_strerror(o->res.status), o->res.error);
+    assert_true(o->res.uidvalidity > 0);
+    assert_true(o->res.uid > 0);
+    assert_string_equal(o->res.mailbox, "Sent"); /* the stack's \Sent mailbox */
+}
+
+/* A self-signed CA certificate that signed nothing, as a PEM file. */
+static void make_wrong_ca(char *path, size_t pathsz)
+{
+    EVP_PKEY *key = EVP_EC_gen("P-256");
+    assert_non_null(key);
+    X509 *x = X509_new();
+    assert_non_null(x);
+    X509_set_version(x, 2);
+    ASN1_INTEGER_set(X509_get_serialNumber(x), (long)(util_rand64() & 0x7fffffff));
+    X509_gmtime_adj(X509_getm_notBefore(x), -60);
+    X509_gmtime_adj(X509_getm_notAfter(x), 86400);
+    X509_NAME *name = X509_get_subject_name(x);
+    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC, (const unsigned char *)"mailpump wrong test CA", -1, -1, 0);
+    X509_set_issuer_name(x, name);
+    X509_set_pubkey(x, key);
+    X509_EXTENSION *ext = X509V3_EXT_conf_nid(NULL, NULL, NID_basic_constraints, "critical,CA:TRUE");
+    assert_non_null(ext);
+    X509_add_ext(x, ext, -1);
+    X509_EXTENSION_free(ext);
+    assert_true(X509_sign(x, key, EVP_sha256()) > 0);
+
+    snprintf(path, pathsz, "/tmp/itest_imap_wrong_ca_XXXXXX");
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    FILE *fp = fdopen(fd, "w");
+    assert_non_null(fp);
+    assert_int_equal(PEM_write_X509(fp, x), 1);
+    fclose(fp);
+    X509_free(x);
+    EVP_PKEY_free(key);
+}
+
+/* ---------------------------------------------------------------- tests */
+
+static void test_imaps_append_verified(void **state)
+{
+    /* SNI and the certificate name check on imap.test.example */
+    job_t j = { "imap.test.example", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[0], E.password };
+    char *msg = make_message(E.user[0], "imaps");
+    outcome_t o = run_append(&j, msg);
+    expect_ok(&o);
+    verify_stored(E.user[0], &o.res, msg);
+    free(msg);
+}
+
+static void test_two_appends_increase(void **state)
+{
+    job_t j = { "127.0.0.1", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[1], E.password };
+    char *m1 = make_message(E.user[1], "first");
+    char *m2 = make_message(E.user[1], "second");
+    outcome_t o1 = run_append(&j, m1);
+    outcome_t o2 = run_append(&j, m2);
+    expect_ok(&o1);
+    expect_ok(&o2);
+    assert_int_equal(o1.res.uidvalidity, o2.res.uidvalidity);
+    if (!(o2.res.uid > o1.res.uid))
+        fail_msg("UIDs did not increase: %u then %u", o1.res.uid, o2.res.uid);
+    verify_stored(E.user[1], &o1.res, m1);
+    verify_stored(E.user[1], &o2.res, m2);
+    free(m1);
+    free(m2);
+}
+
+static void test_starttls(void **state)
+{
+    job_t j = { "localhost", E.imap_port, IMAP_TLS_STARTTLS, E.verify_ctx, 1, E.user[0], E.password };
+    char *msg = make_message(E.user[0], "starttls");
+    outcome_t o = run_append(&j, msg);
+    expect_ok(&o);
+    verify_stored(E.user[0], &o.res, msg);
+    free(msg);
+}
+
+/* Several sessions at once in one loop: all stored, all UIDs distinct. */
+static void test_concurrent(void **state)
+{
+    enum { N = 6 };
+    if (!E.ready)
+        fail_msg("local stack not ready: " STACK_HINT);
+    loop_t *loop = loop_new();
+    struct sockaddr_in sin[N];
+    imap_account_t acct[N];
+    outcome_t o[N];
+    char *msg[N];
+    for (int i = 0; i < N; i++) {
+        job_t j = { "127.0.0.1", i % 2 ? E.imap_port : E.imaps_port, i % 2 ? IMAP_TLS_STARTTLS : IMAP_TLS_IMAPS,
+                    E.verify_ctx, 1, E.user[0], E.password };
+        account_for(&j, &acct[i], &sin[i]);
+        msg[i] = make_message(E.user[0], "concurrent");
+        memset(&o[i], 0, sizeof(o[i]));
+        assert_non_null(imap_append_start(loop, &acct[i], msg[i], strlen(msg[i]), on_done, &o[i]));
+    }
+    loop_run(loop);
+    assert_int_equal(loop_fd_count(loop), 0);
+    assert_int_equal(loop_timer_count(loop), 0);
+    loop_free(loop);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(o[i].calls, 1);
+        expect_ok(&o[i]);
+        for (int k = 0; k < i; k++)
+            if (o[k].res.uid == o[i].res.uid)
+                fail_msg("two appends got the same UID %u", o[i].res.uid);
+    }
+    verify_stored(E.user[0], &o[N - 1].res, msg[N - 1]);
+    for (int i = 0; i < N; i++)
+        free(msg[i]);
+}
+
+static void test_wrong_password(void **state)
+{
+    job_t j = { "127.0.0.1", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[0], "not-the-password" };
+    char *msg = make_message(E.user[0], "wrong password");
+    outcome_t o = run_append(&j, msg);
+    free(msg);
+    if (o.res.status != IMAP_EAUTH)
+        fail_msg("expected IMAP_EAUTH, got %s: %s", imap_strerror(o.res.status), o.res.error);
+}
+
+static void test_wrong_ca(void **state)
+{
+    char path[64], err[256];
+    make_wrong_ca(path, sizeof(path));
+    SSL_CTX *ctx = tls_client_ctx_new(path, 1, err, sizeof(err));
+    unlink(path);
+    if (ctx == NULL)
+        fail_msg("cannot build the wrong-CA context: %s", err);
+    char *msg = make_message(E.user[0], "wrong ca");
+    job_t j = { "imap.test.example", E.imaps_port, IMAP_TLS_IMAPS, ctx, 1, E.user[0], E.password };
+    outcome_t o = run_append(&j, msg);
+    if (o.res.status != IMAP_ETLS)
+        fail_msg("imaps: expected IMAP_ETLS, got %s: %s", imap_strerror(o.res.status), o.res.error);
+    assert_non_null(strstr(o.res.error, "certificate"));
+    /* the same after STARTTLS */
+    job_t j2 = { "imap.test.example", E.imap_port, IMAP_TLS_STARTTLS, ctx, 1, E.user[0], E.password };
+    o = run_append(&j2, msg);
+    if (o.res.status != IMAP_ETLS)
+        fail_msg("starttls: expected IMAP_ETLS, got %s: %s", imap_strerror(o.res.status), o.res.error);
+    SSL_CTX_free(ctx);
+    free(msg);
+}
+
+static void test_wrong_host_name(void **state)
+{
+    job_t j = { "wrong.example", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[0], E.password };
+    char *msg = make_message(E.user[0], "wrong name");
+    outcome_t o = run_append(&j, msg);
+    free(msg);
+    if (o.res.status != IMAP_ETLS)
+        fail_msg("expected IMAP_ETLS, got %s: %s", imap_strerror(o.res.status), o.res.error);
+}
+
+int main(void)
+{
+    const char *dbg = getenv("MP_TEST_DEBUG");
+    log_setup(dbg && *dbg ? LOG_DEBUG : LOG_INFO, LOG_FMT_LOGFMT);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_imaps_append_verified),
+        cmocka_unit_test(test_two_appends_increase),
+        cmocka_unit_test(test_starttls),
+        cmocka_unit_test(test_concurrent),
+        cmocka_unit_test(test_wrong_password),
+        cmocka_unit_test(test_wrong_ca),
+        cmocka_unit_test(test_wrong_host_name),
+    };
+    return cmocka_run_group_tests(tests, stack_setup, stack_teardown);
+}

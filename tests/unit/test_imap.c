@@ -1,0 +1,1083 @@
+/*
+ * SUMMARY
+ *  tests/unit/test_imap.c - the IMAP response parser and the APPEND
+ *  session against a scripted fake server.
+ * DESCRIPTION
+ *  Parser: one table of inputs and what must come out (tagged, untagged,
+ *  continuation, response codes, LIST names as atoms, quoted strings and
+ *  literals, partial input, garbage), plus a check that every proper
+ *  prefix of a complete response asks for more bytes.
+ *
+ *  Session: a fake IMAP server listens on 127.0.0.1 port 0 inside the
+ *  test's own loop and plays a script of (exact client bytes expected,
+ *  server bytes to answer) steps, in plaintext (IMAP_TLS_NONE). The
+ *  client never runs ahead of a reply, so any byte beyond the current
+ *  expectation is a failure; a step may hold its answer back for a while
+ *  to prove the client waits (for the "+" before a literal). Every test
+ *  ends with no fd and no timer left in the loop.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "core/buf.h"
+#include "core/log.h"
+#include "core/loop.h"
+#include "core/stream.h"
+#include "core/tls.h"
+#include "imap/imap.h"
+#include "imap/parser.h"
+
+/* ================================================================ parser */
+
+typedef struct parse_case {
+    const char      *name;
+    const char      *input;
+    size_t           input_len; /* 0: strlen(input) */
+    int              rc;
+    size_t           used;      /* for DONE; 0: the whole input */
+    imap_resp_kind_t kind;
+    const char      *tag;       /* NULL: not checked */
+    imap_cond_t      cond;
+    const char      *keyword;   /* NULL: not checked */
+    uint32_t         number;
+    const char      *code;      /* NULL: must be "" */
+    int              has_appenduid;
+    uint32_t         uidvalidity, uid;
+    int              has_caps;
+    unsigned         caps;
+    unsigned         mbx_flags;
+    char             delim;
+    const char      *mbx_name;  /* NULL: not checked */
+    size_t           mbx_name_len; /* 0: strlen(mbx_name) */
+    const char      *text;      /* NULL: not checked */
+} parse_case_t;
+
+#define DOVECOT_GREETING_CAPS                                                                           \
+    "* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ AUTH=PLAIN AUTH=LOGIN] " \
+    "Dovecot (Debian) ready.\r\n"
+
+static const parse_case_t parse_cases[] = {
+    /* tagged */
+    { .name = "tagged OK", .input = "A1 OK LOGIN completed\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_TAGGED, .tag = "A1", .cond = IMAP_COND_OK, .text = "LOGIN completed" },
+    { .name = "tagged NO with code", .input = "A3 NO [OVERQUOTA] Quota exceeded\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED, .tag = "A3", .cond = IMAP_COND_NO,
+      .code = "OVERQUOTA", .text = "Quota exceeded" },
+    { .name = "tagged BAD", .input = "A2 BAD Error in IMAP command LGIN: Unknown command.\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED, .tag = "A2", .cond = IMAP_COND_BAD,
+      .text = "Error in IMAP command LGIN: Unknown command." },
+    { .name = "status is case-insensitive", .input = "a7 ok done\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_TAGGED, .tag = "a7", .cond = IMAP_COND_OK, .text = "done" },
+    { .name = "tagged OK without text", .input = "A1 OK\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_TAGGED, .tag = "A1", .cond = IMAP_COND_OK, .text = "" },
+    { .name = "bare LF", .input = "A9 OK done\n", .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED,
+      .tag = "A9", .cond = IMAP_COND_OK, .text = "done" },
+    { .name = "control characters in text", .input = "A1 NO bad\x01thing\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_TAGGED, .tag = "A1", .cond = IMAP_COND_NO, .text = "bad?thing" },
+    { .name = "text ending in {5} is not a literal", .input = "A1 NO too big {5}\r\nA2 OK\r\n",
+      .rc = IMAP_PARSE_DONE, .used = 19, .kind = IMAP_RESP_TAGGED, .tag = "A1", .cond = IMAP_COND_NO,
+      .text = "too big {5}" },
+    { .name = "two responses: only the first", .input = "A1 OK a\r\nA2 OK b\r\n", .rc = IMAP_PARSE_DONE,
+      .used = 9, .kind = IMAP_RESP_TAGGED, .tag = "A1", .cond = IMAP_COND_OK, .text = "a" },
+
+    /* APPENDUID */
+    { .name = "APPENDUID", .input = "A4 OK [APPENDUID 38505 3955] APPEND completed\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK,
+      .code = "APPENDUID", .has_appenduid = 1, .uidvalidity = 38505, .uid = 3955,
+      .text = "APPEND completed" },
+    { .name = "APPENDUID 32-bit max", .input = "A4 OK [appenduid 4294967295 1] ok\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK,
+      .code = "APPENDUID", .has_appenduid = 1, .uidvalidity = 4294967295u, .uid = 1, .text = "ok" },
+    { .name = "APPENDUID over 32 bits", .input = "A4 OK [APPENDUID 4294967296 1] ok\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK,
+      .code = "APPENDUID", .text = "ok" },
+    { .name = "APPENDUID uid-set", .input = "A4 OK [APPENDUID 7 3:5] ok\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID", .text = "ok" },
+    { .name = "APPENDUID zero uidvalidity", .input = "A4 OK [APPENDUID 0 5] ok\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID", .text = "ok" },
+    { .name = "APPENDUID missing uid", .input = "A4 OK [APPENDUID 7] ok\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID", .text = "ok" },
+
+    /* capabilities */
+    { .name = "greeting with CAPABILITY code", .input = DOVECOT_GREETING_CAPS, .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_UNTAGGED, .cond = IMAP_COND_OK, .keyword = "OK", .code = "CAPABILITY",
+      .has_caps = 1,
+      .caps = IMAP_CAP_IMAP4REV1 | IMAP_CAP_SASL_IR | IMAP_CAP_LITERAL_PLUS | IMAP_CAP_AUTH_PLAIN,
+      .text = "Dovecot (Debian) ready." },
+    { .name = "untagged CAPABILITY",
+      .input = "* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED UIDPLUS special-use LIST-EXTENDED literal-\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_UNTAGGED, .keyword = "CAPABILITY", .has_caps = 1,
+      .caps = IMAP_CAP_IMAP4REV1 | IMAP_CAP_STARTTLS | IMAP_CAP_LOGINDISABLED | IMAP_CAP_UIDPLUS |
+              IMAP_CAP_SPECIAL_USE | IMAP_CAP_LIST_EXTENDED | IMAP_CAP_LITERAL_MINUS },
+    { .name = "IMAP4rev2 implies", .input = "* CAPABILITY IMAP4rev2\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_UNTAGGED, .keyword = "CAPABILITY", .has_caps = 1,
+      .caps = IMAP_CAP_IMAP4REV2 | IMAP_CAP_UIDPLUS | IMAP_CAP_SPECIAL_USE | IMAP_CAP_LIST_EXTENDED |
+              IMAP_CAP_LITERAL_MINUS },
+    { .name = "login OK with CAPABILITY code",
+      .input = "A2 OK [CAPABILITY IMAP4rev1 UIDPLUS SPECIAL-USE LITERAL+] Logged in\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED, .tag = "A2", .cond = IMAP_COND_OK,
+      .code = "CAPABILITY", .has_caps = 1,
+      .caps = IMAP_CAP_IMAP4REV1 | IMAP_CAP_UIDPLUS | IMAP_CAP_SPECIAL_USE | IMAP_CAP_LITERAL_PLUS,
+      .text = "Logged in" },
+
+    /* LIST */
+    { .name = "LIST atom name", .input = "* LIST (\\HasNoChildren \\Sent) \"/\" Sent\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_UNTAGGED, .keyword = "LIST",
+      .mbx_flags = IMAP_MBX_HASNOCHILDREN | IMAP_MBX_SENT, .delim = '/', .mbx_name = "Sent" },
+    { .name = "LIST quoted name with escapes",
+      .input = "* LIST (\\Sent) \".\" \"Sent \\\"Items\\\" \\\\ x\"\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_UNTAGGED, .keyword = "LIST", .mbx_flags = IMAP_MBX_SENT, .delim = '.',
+      .mbx_name = "Sent \"Items\" \\ x" },
+    { .name = "LIST literal name", .input = "* LIST (\\Sent) \"/\" {8}\r\nGesendet\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_UNTAGGED, .keyword = "LIST", .mbx_flags = IMAP_MBX_SENT,
+      .delim = '/', .mbx_name = "Gesendet" },
+    { .name = "LIST literal with CRLF inside", .input = "* LIST () \"/\" {6}\r\na\r\nbc!\r\nA1 OK\r\n",
+      .rc = IMAP_PARSE_DONE, .used = 27, .kind = IMAP_RESP_UNTAGGED, .keyword = "LIST", .delim = '/',
+      .mbx_name = "a\r\nbc!" },
+    { .name = "LIST NIL delimiter, empty name", .input = "* LIST (\\Noselect) NIL \"\"\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_UNTAGGED, .keyword = "LIST",
+      .mbx_flags = IMAP_MBX_NOSELECT, .delim = '\0', .mbx_name = "" },
+    { .name = "LIST backslash delimiter", .input = "* LIST () \"\\\\\" INBOX\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_UNTAGGED, .keyword = "LIST", .delim = '\\', .mbx_name = "INBOX" },
+    { .name = "LIST extended data and unknown flags",
+      .input = "* LIST (\\Sent $Custom \\X-Foo \\Subscribed) \"/\" \"Sent\" (\"CHILDINFO\" (\"SUBSCRIBED\"))\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_UNTAGGED, .keyword = "LIST",
+      .mbx_flags = IMAP_MBX_SENT | IMAP_MBX_SUBSCRIBED, .delim = '/', .mbx_name = "Sent" },
+    { .name = "LIST flags case-insensitive", .input = "* list (\\SENT \\noselect \\Drafts) \"/\" x]y\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_UNTAGGED, .keyword = "LIST",
+      .mbx_flags = IMAP_MBX_SENT | IMAP_MBX_NOSELECT | IMAP_MBX_DRAFTS, .delim = '/', .mbx_name = "x]y" },
+    { .name = "LIST UTF-8 atom", .input = "* LIST (\\Sent) \"/\" \"Gel&APY-scht\"\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_UNTAGGED, .keyword = "LIST", .mbx_flags = IMAP_MBX_SENT, .delim = '/',
+      .mbx_name = "Gel&APY-scht" },
+
+    /* continuation */
+    { .name = "continuation", .input = "+ Ready for literal data\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_CONTINUATION, .text = "Ready for literal data" },
+    { .name = "bare continuation", .input = "+\r\n", .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_CONTINUATION,
+      .text = "" },
+    { .name = "continuation with empty text", .input = "+ \r\nA1 OK\r\n", .rc = IMAP_PARSE_DONE, .used = 4,
+      .kind = IMAP_RESP_CONTINUATION, .text = "" },
+
+    /* other untagged */
+    { .name = "EXISTS", .input = "* 3 EXISTS\r\n", .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_UNTAGGED,
+      .keyword = "EXISTS", .number = 3 },
+    { .name = "FETCH with a literal", .input = "* 12 FETCH (BODY[] {5}\r\nhello)\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_UNTAGGED, .keyword = "FETCH", .number = 12 },
+    { .name = "BYE", .input = "* BYE Logging out\r\n", .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_UNTAGGED,
+      .keyword = "BYE", .cond = IMAP_COND_BYE, .text = "Logging out" },
+    { .name = "PREAUTH", .input = "* PREAUTH [CAPABILITY IMAP4rev1 UIDPLUS] hi\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_UNTAGGED, .keyword = "PREAUTH", .cond = IMAP_COND_PREAUTH, .code = "CAPABILITY",
+      .has_caps = 1, .caps = IMAP_CAP_IMAP4REV1 | IMAP_CAP_UIDPLUS, .text = "hi" },
+    { .name = "untagged OK text ending in {3} is not a literal", .input = "* OK [ALERT] odd {3}\r\nabc\r\n",
+      .rc = IMAP_PARSE_DONE, .used = 22, .kind = IMAP_RESP_UNTAGGED, .keyword = "OK", .cond = IMAP_COND_OK,
+      .code = "ALERT", .text = "odd {3}" },
+    { .name = "FLAGS", .input = "* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_UNTAGGED, .keyword = "FLAGS" },
+
+    /* partial input */
+    { .name = "empty input", .input = "", .rc = IMAP_PARSE_MORE },
+    { .name = "partial line", .input = "A1 OK don", .rc = IMAP_PARSE_MORE },
+    { .name = "CR without LF", .input = "A1 OK done\r", .rc = IMAP_PARSE_MORE },
+    { .name = "literal announced, not arrived", .input = "* LIST (\\Sent) \"/\" {8}\r\n", .rc = IMAP_PARSE_MORE },
+    { .name = "literal partly arrived", .input = "* LIST (\\Sent) \"/\" {8}\r\nGese", .rc = IMAP_PARSE_MORE },
+    { .name = "literal arrived, line not ended", .input = "* LIST (\\Sent) \"/\" {8}\r\nGesendet", .rc = IMAP_PARSE_MORE },
+
+    /* garbage */
+    { .name = "empty line", .input = "\r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "unknown tagged status", .input = "A1 MAYBE later\r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "tagged BYE", .input = "A1 BYE x\r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "no status", .input = "hello\r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "star without keyword", .input = "* \r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "star without space", .input = "*OK\r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "bad tag", .input = "(foo) OK\r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "unterminated response code", .input = "A1 OK [APPENDUID 1 2\r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "LIST without closing paren", .input = "* LIST (\\Sent \"/\" Sent\r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "LIST unterminated quoted name", .input = "* LIST (\\Sent) \"/\" \"Sent\r\n",
+      .rc = IMAP_PARSE_ERROR },
+    { .name = "LIST bad delimiter", .input = "* LIST () \"//\" Sent\r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "LIST missing name", .input = "* LIST () \"/\"\r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "LIST literal too long", .input = "* LIST () \"/\" {99999999}\r\n", .rc = IMAP_PARSE_ERROR },
+    { .name = "TLS record", .input = "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n", .input_len = 13, .rc = IMAP_PARSE_ERROR },
+    { .name = "NUL in tag", .input = "A\0 OK x\r\n", .input_len = 9, .rc = IMAP_PARSE_ERROR },
+};
+
+static void check_case(const parse_case_t *c)
+{
+    size_t len = c->input_len ? c->input_len : strlen(c->input);
+    imap_resp_t r;
+    size_t used = 12345;
+    int rc = imap_resp_parse(c->input, len, &r, &used);
+    if (rc != c->rc)
+        fail_msg("case '%s': rc %d, expected %d (error: %s)", c->name, rc, c->rc, r.error ? r.error : "-");
+    if (rc != IMAP_PARSE_DONE) {
+        assert_int_equal(used, 0);
+        if (rc == IMAP_PARSE_ERROR && r.error == NULL)
+            fail_msg("case '%s': error without a reason", c->name);
+        return;
+    }
+    size_t want_used = c->used ? c->used : len;
+    if (used != want_used)
+        fail_msg("case '%s': used %zu, expected %zu", c->name, used, want_used);
+    if (r.kind != c->kind)
+        fail_msg("case '%s': kind %s, expected %s", c->name, imap_resp_kind_name(r.kind),
+                 imap_resp_kind_name(c->kind));
+    if (c->tag && strcmp(r.tag, c->tag) != 0)
+        fail_msg("case '%s': tag '%s', expected '%s'", c->name, r.tag, c->tag);
+    if (r.cond != c->cond)
+        fail_msg("case '%s': cond %s, expected %s", c->name, imap_cond_name(r.cond), imap_cond_name(c->cond));
+    if (c->keyword && strcmp(r.keyword, c->keyword) != 0)
+        fail_msg("case '%s': keyword '%s', expected '%s'", c->name, r.keyword, c->keyword);
+    if (r.number != c->number)
+        fail_msg("case '%s': number %u, expected %u", c->name, r.number, c->number);
+    if (strcmp(r.code, c->code ? c->code : "") != 0)
+        fail_msg("case '%s': code '%s', expected '%s'", c->name, r.code, c->code ? c->code : "");
+    if (r.has_appenduid != c->has_appenduid || r.uidvalidity != c->uidvalidity || r.uid != c->uid)
+        fail_msg("case '%s': appenduid %d %u %u, expected %d %u %u", c->name, r.has_appenduid, r.uidvalidity,
+                 r.uid, c->has_appenduid, c->uidvalidity, c->uid);
+    if (r.has_caps != c->has_caps || r.caps != c->caps)
+        fail_msg("case '%s': caps %d %#x, expected %d %#x", c->name, r.has_caps, r.caps, c->has_caps, c->caps);
+    if (r.mbx_flags != c->mbx_flags)
+        fail_msg("case '%s': mailbox flags %#x, expected %#x", c->name, r.mbx_flags, c->mbx_flags);
+    if (r.mbx_delim != c->delim)
+        fail_msg("case '%s': delimiter '%c', expected '%c'", c->name, r.mbx_delim, c->delim);
+    if (c->mbx_name) {
+        size_t nl = c->mbx_name_len ? c->mbx_name_len : strlen(c->mbx_name);
+        if (r.mbx_name_len != nl || memcmp(r.mbx_name, c->mbx_name, nl) != 0 || r.mbx_name_truncated)
+            fail_msg("case '%s': mailbox '%s', expected '%s'", c->name, r.mbx_name, c->mbx_name);
+    }
+    if (c->text && strcmp(r.text, c->text) != 0)
+        fail_msg("case '%s': text '%s', expected '%s'", c->name, r.text, c->text);
+}
+
+static void test_parser_table(void **state)
+{
+    for (size_t i = 0; i < sizeof(parse_cases) / sizeof(parse_cases[0]); i++)
+        check_case(&parse_cases[i]);
+}
+
+/* Bytes arrive in any split: every proper prefix of a response is "more". */
+static void test_parser_prefixes(void **state)
+{
+    for (size_t i = 0; i < sizeof(parse_cases) / sizeof(parse_cases[0]); i++) {
+        const parse_case_t *c = &parse_cases[i];
+        if (c->rc != IMAP_PARSE_DONE)
+            continue;
+        size_t len = c->input_len ? c->input_len : strlen(c->input);
+        size_t want = c->used ? c->used : len;
+        for (size_t k = 0; k < want; k++) {
+            imap_resp_t r;
+            size_t used = 0;
+            int rc = imap_resp_parse(c->input, k, &r, &used);
+            if (rc != IMAP_PARSE_MORE)
+                fail_msg("case '%s': prefix of %zu bytes gave %d, expected MORE", c->name, k, rc);
+        }
+    }
+}
+
+static void test_parser_limits(void **state)
+{
+    size_t n = IMAP_MAX_LINE + 10;
+    char *big = malloc(n + 2);
+    assert_non_null(big);
+    memset(big, 'A', n);
+    imap_resp_t r;
+    size_t used = 0;
+    /* an endless line is refused before its end arrives */
+    assert_int_equal(imap_resp_parse(big, n, &r, &used), IMAP_PARSE_ERROR);
+    assert_non_null(r.error);
+    /* a line just under the limit is fine */
+    memcpy(big, "A1 OK ", 6);
+    big[IMAP_MAX_LINE - 2] = '\r';
+    big[IMAP_MAX_LINE - 1] = '\n';
+    assert_int_equal(imap_resp_parse(big, IMAP_MAX_LINE, &r, &used), IMAP_PARSE_DONE);
+    assert_int_equal(used, IMAP_MAX_LINE);
+    free(big);
+
+    /* a mailbox name longer than the buffer is reported as truncated */
+    buf_t b = BUF_INIT;
+    buf_printf(&b, "* LIST (\\Sent) \"/\" {%zu}\r\n", sizeof(r.mbx_name) + 5);
+    for (size_t i = 0; i < sizeof(r.mbx_name) + 5; i++)
+        buf_putc(&b, 'x');
+    buf_puts(&b, "\r\n");
+    assert_int_equal(imap_resp_parse(b.data, b.len, &r, &used), IMAP_PARSE_DONE);
+    assert_int_equal(used, b.len);
+    assert_true(r.mbx_name_truncated);
+    buf_free(&b);
+}
+
+static void test_strerror(void **state)
+{
+    const int all[] = { IMAP_OK, IMAP_ENETWORK, IMAP_ETIMEOUT, IMAP_ETLS, IMAP_EAUTH,
+                        IMAP_ENOSENT, IMAP_EPROTO, IMAP_EREFUSED, IMAP_ENOUIDPLUS };
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
+        assert_non_null(imap_strerror(all[i]));
+        assert_string_not_equal(imap_strerror(all[i]), "unknown imap status");
+    }
+    assert_string_equal(imap_strerror(-99), "unknown imap status");
+}
+
+/* ================================================================ fake server */
+
+typedef struct step {
+    const char *expect;   /* exact bytes the client must send; NULL: none (greeting) */
+    const char *reply;    /* what the server answers; NULL: nothing */
+    unsigned    delay_ms; /* hold the reply back; the client must stay silent */
+    int         close;    /* server closes after the reply */
+} step_t;
+
+typedef struct fake {
+    loop_t      *loop;
+    int          lfd;
+    uint16_t     port;
+    stream_t    *conn;
+    int          accepted;
+    const step_t *steps;
+    size_t       nsteps;
+    size_t       cur;
+    buf_t        pending;    /* client bytes not yet matched */
+    buf_t        transcript; /* everything the client sent */
+    loop_timer_t delay;
+    int          closing;
+    char         failure[2048];
+} fake_t;
+
+static void fake_failf(fake_t *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void fake_failf(fake_t *f, const char *fmt, ...)
+{
+    if (f->failure[0])
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(f->failure, sizeof(f->failure), fmt, ap);
+    va_end(ap);
+}
+
+static void fake_close(fake_t *f)
+{
+    if (f->conn) {
+        stream_free(f->conn);
+        f->conn = NULL;
+    }
+    loop_timer_cancel(f->loop, &f->delay);
+}
+
+static void fake_send_reply(fake_t *f)
+{
+    const step_t *st = &f->steps[f->cur++];
+    if (st->reply)
+        stream_puts(f->conn, st->reply);
+    if (st->close) {
+        if (stream_pending_out(f->conn) == 0)
+            fake_close(f);
+        else
+            f->closing = 1; /* on DRAINED */
+    }
+}
+
+static void fake_advance(fake_t *f)
+{
+    while (f->conn && !f->closing && !loop_timer_active(&f->delay) && f->cur < f->nsteps && !f->failure[0]) {
+        const step_t *st = &f->steps[f->cur];
+        if (st->expect) {
+            size_t n = strlen(st->expect);
+            size_t have = buf_size(&f->pending);
+            size_t cmp = have < n ? have : n;
+            if (memcmp(buf_head(&f->pending), st->expect, cmp) != 0) {
+                fake_failf(f, "step %zu: client sent\n[%.*s]\nexpected\n[%s]", f->cur, (int)have,
+                           buf_head(&f->pending), st->expect);
+                fake_close(f);
+                return;
+            }
+            if (have < n)
+                return; /* wait for the rest */
+            buf_consume(&f->pending, n);
+            if (buf_size(&f->pending) > 0) {
+                fake_failf(f, "step %zu: client ran ahead of the reply: [%s]", f->cur, buf_head(&f->pending));
+                fake_close(f);
+                return;
+            }
+        }
+        if (st->delay_ms) {
+            loop_timer_set(f->loop, &f->delay, st->delay_ms);
+            return;
+        }
+        fake_send_reply(f);
+    }
+}
+
+static void fake_delay_fired(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    fake_t *f = arg;
+    if (buf_size(&f->pending) > 0) {
+        fake_failf(f, "step %zu: client did not wait for the reply: [%s]", f->cur, buf_head(&f->pending));
+        fake_close(f);
+        return;
+    }
+    fake_send_reply(f);
+    fake_advance(f);
+}
+
+static void fake_on_conn(stream_t *s, stream_event_t ev, void *arg)
+{
+    fake_t *f = arg;
+    switch (ev) {
+    case STREAM_EV_DATA: {
+        buf_t *in = stream_input(s);
+        buf_append(&f->pending, buf_head(in), buf_size(in));
+        buf_append(&f->transcript, buf_head(in), buf_size(in));
+        buf_consume(in, buf_size(in));
+        if (f->cur >= f->nsteps || f->closing) {
+            fake_failf(f, "client sent bytes after the script ended: [%s]", buf_head(&f->pending));
+            fake_close(f);
+            return;
+        }
+        fake_advance(f);
+        return;
+    }
+    case STREAM_EV_DRAINED:
+        if (f->closing)
+            fake_close(f);
+        return;
+    case STREAM_EV_CLOSED:
+    case STREAM_EV_ERROR:
+    case STREAM_EV_TIMEOUT:
+        for (size_t i = f->cur; i < f->nsteps; i++)
+            if (f->steps[i].expect) {
+                fake_failf(f, "client closed at step %zu, still expected [%s] (%s)", f->cur, f->steps[i].expect,
+                           stream_error(s));
+                break;
+            }
+        fake_close(f);
+        return;
+    default:
+        return;
+    }
+}
+
+static void fake_on_accept(loop_t *loop, int fd, unsigned events, void *arg)
+{
+    fake_t *f = arg;
+    int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (c < 0)
+        return;
+    if (f->accepted) {
+        fake_failf(f, "client connected twice");
+        close(c);
+        return;
+    }
+    f->accepted = 1;
+    f->conn = stream_new(loop, fake_on_conn, f);
+    if (stream_attach(f->conn, c) < 0) {
+        fake_failf(f, "stream_attach: %s", stream_error(f->conn));
+        fake_close(f);
+        return;
+    }
+    fake_advance(f); /* the greeting */
+}
+
+static void fake_start(fake_t *f, loop_t *loop, const step_t *steps, size_t nsteps)
+{
+    memset(f, 0, sizeof(*f));
+    f->loop = loop;
+    f->steps = steps;
+    f->nsteps = nsteps;
+    buf_init(&f->pending);
+    buf_init(&f->transcript);
+    loop_timer_init(&f->delay, fake_delay_fired, f);
+    f->lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    assert_true(f->lfd >= 0);
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = 0 };
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(f->lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(listen(f->lfd, 8), 0);
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(getsockname(f->lfd, (struct sockaddr *)&sin, &sl), 0);
+    f->port = ntohs(sin.sin_port);
+    assert_int_equal(loop_fd_add(loop, f->lfd, LOOP_READ, fake_on_accept, f), 0);
+}
+
+static void fake_stop(fake_t *f)
+{
+    fake_close(f);
+    loop_fd_del(f->loop, f->lfd);
+    close(f->lfd);
+    buf_free(&f->pending);
+    buf_free(&f->transcript);
+}
+
+/* ================================================================ client runs */
+
+typedef struct outcome {
+    int                  calls;
+    imap_append_result_t res;
+} outcome_t;
+
+static void on_done(void *arg, const imap_append_result_t *res)
+{
+    outcome_t *o = arg;
+    o->calls++;
+    o->res = *res;
+}
+
+static const char MSG[] = "From: alice@test.example\r\n"
+                          "To: bob@test.example\r\n"
+                          "Subject: hello\r\n"
+                          "Message-ID: <unit-1@test.example>\r\n"
+                          "\r\n"
+                          "Hello Bob.\r\n"
+                          ".leading dot stays\r\n";
+
+typedef struct run_opts {
+    imap_tls_t  tls;
+    SSL_CTX    *ssl_ctx;
+    const char *user;
+    const char *password;
+    unsigned    timeout_ms;
+    int         cancel_after_ms; /* > 0: cancel the append then */
+} run_opts_t;
+
+static void run_loop_until(loop_t *loop, int (*done)(void *), void *arg, unsigned max_ms)
+{
+    uint64_t start = loop_update_time(loop);
+    while (!done(arg)) {
+        if (loop_update_time(loop) - start > max_ms)
+            fail_msg("loop did not settle within %u ms", max_ms);
+        loop_run_once(loop, 50);
+    }
+}
+
+typedef struct run_state {
+    outcome_t *o;
+    fake_t    *f;
+} run_state_t;
+
+static int run_finished(void *arg)
+{
+    run_state_t *rs = arg;
+    return rs->o->calls > 0 && rs->f->conn == NULL && !loop_timer_active(&rs->f->delay);
+}
+
+/* Run one append against the script; returns the outcome. Asserts the
+ * whole script was played, the callback fired exactly once (and not
+ * synchronously) and the loop ended empty. */
+static outcome_t run_script(const step_t *steps, size_t nsteps, const run_opts_t *opt)
+{
+    loop_t *loop = loop_new();
+    assert_non_null(loop);
+    fake_t f;
+    fake_start(&f, loop, steps, nsteps);
+
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons(f.port) };
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    imap_account_t acct = {
+        .addr = (struct sockaddr *)&sin,
+        .addrlen = sizeof(sin),
+        .host = "127.0.0.1",
+        .tls = opt && opt->ssl_ctx ? opt->tls : IMAP_TLS_NONE, /* plaintext unless a test brings TLS */
+        .ssl_ctx = opt ? opt->ssl_ctx : NULL,
+        .user = opt && opt->user ? opt->user : "alice@test.example",
+        .password = opt && opt->password ? opt->password : "secret",
+        .timeout_ms = opt && opt->timeout_ms ? opt->timeout_ms : 5000,
+    };
+    outcome_t o;
+    memset(&o, 0, sizeof(o));
+    imap_append_t *a = imap_append_start(loop, &acct, MSG, strlen(MSG), on_done, &o);
+    assert_non_null(a);
+    assert_int_equal(o.calls, 0); /* never synchronous */
+
+    run_state_t rs = { &o, &f };
+    if (opt && opt->cancel_after_ms > 0) {
+        uint64_t start = loop_update_time(loop);
+        while (loop_update_time(loop) - start < (uint64_t)opt->cancel_after_ms)
+            loop_run_once(loop, 10);
+        assert_int_equal(o.calls, 0);
+        imap_append_cancel(a);
+        uint64_t s2 = loop_update_time(loop);
+        while (f.conn != NULL && loop_update_time(loop) - s2 < 5000)
+            loop_run_once(loop, 50);
+        for (int i = 0; i < 5; i++)
+            loop_run_once(loop, 10);
+        assert_int_equal(o.calls, 0);
+        if (f.failure[0])
+            fail_msg("fake server: %s", f.failure);
+    } else {
+        run_loop_until(loop, run_finished, &rs, 10000);
+        /* a few more turns: nothing else may fire */
+        for (int i = 0; i < 3; i++)
+            loop_run_once(loop, 10);
+        assert_int_equal(o.calls, 1);
+        if (f.failure[0])
+            fail_msg("fake server: %s", f.failure);
+        if (f.cur != f.nsteps)
+            fail_msg("script stopped at step %zu of %zu; transcript:\n%s", f.cur, f.nsteps,
+                     buf_head(&f.transcript));
+        if (buf_size(&f.pending) != 0)
+            fail_msg("unmatched client bytes: [%s]", buf_head(&f.pending));
+    }
+    fake_stop(&f);
+    assert_int_equal(loop_fd_count(loop), 0);
+    assert_int_equal(loop_timer_count(loop), 0);
+    loop_free(loop);
+    return o;
+}
+
+#define NSTEPS(s) (sizeof(s) / sizeof((s)[0]))
+
+/* "A3 APPEND "Sent" (\Seen) {N+}\r\n" followed, if with_data, by the message and CRLF */
+static const char *append_cmd(char *buf, size_t n, const char *tag, const char *quoted_mbx, int plus,
+                              int with_data)
+{
+    snprintf(buf, n, "%s APPEND %s (\\Seen) {%zu%s}\r\n%s%s", tag, quoted_mbx, strlen(MSG), plus ? "+" : "",
+             with_data ? MSG : "", with_data ? "\r\n" : "");
+    return buf;
+}
+
+static char *msg_crlf(void)
+{
+    static char buf[sizeof(MSG) + 2];
+    snprintf(buf, sizeof(buf), "%s\r\n", MSG);
+    return buf;
+}
+
+static void test_append_literal_plus(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] ready\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"pa\\\"ss\\\\word\"\r\n",
+          "A1 OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS SPECIAL-USE LIST-EXTENDED] Logged in\r\n", 0, 0 },
+        { "A2 LIST (SPECIAL-USE) \"\" \"*\"\r\n",
+          "* LIST (\\Sent \\HasNoChildren) \"/\" Sent\r\nA2 OK List completed (0.001 + 0.000 secs).\r\n", 0, 0 },
+        /* LITERAL+: the message follows the command at once, no "+" */
+        { append_cmd(app, sizeof(app), "A3", "\"Sent\"", 1, 1),
+          "A3 OK [APPENDUID 1700000000 42] Append completed (0.004 + 0.000 secs).\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "* BYE Logging out\r\nA4 OK Logout completed (0.001 + 0.000 secs).\r\n", 0, 1 },
+    };
+    run_opts_t opt = { .tls = IMAP_TLS_NONE, .password = "pa\"ss\\word" };
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    assert_int_equal(o.res.status, IMAP_OK);
+    assert_int_equal(o.res.uidvalidity, 1700000000u);
+    assert_int_equal(o.res.uid, 42);
+    assert_string_equal(o.res.mailbox, "Sent");
+}
+
+static void test_append_sync_literal(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        { NULL, "* OK IMAP4rev1 server ready\r\n", 0, 0 },
+        { "A1 CAPABILITY\r\n", "* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nA1 OK done\r\n", 0, 0 },
+        { "A2 LOGIN \"alice@test.example\" \"secret\"\r\n", "A2 OK Logged in\r\n", 0, 0 },
+        /* no capabilities with the login reply: ask again */
+        { "A3 CAPABILITY\r\n", "* CAPABILITY IMAP4rev1 UIDPLUS SPECIAL-USE\r\nA3 OK done\r\n", 0, 0 },
+        /* SPECIAL-USE without LIST-EXTENDED: plain LIST carries the attributes */
+        { "A4 LIST \"\" \"*\"\r\n",
+          "* LIST (\\HasNoChildren) \"/\" INBOX\r\n* LIST (\\Sent) \"/\" \"Sent Messages\"\r\nA4 OK done\r\n", 0, 0 },
+        /* no LITERAL+: the client must wait for "+" (held back 150 ms) */
+        { append_cmd(app, sizeof(app), "A5", "\"Sent Messages\"", 0, 0), "+ Ready for literal data\r\n", 150, 0 },
+        { msg_crlf(), "A5 OK [APPENDUID 3 7] done\r\n", 0, 0 },
+        { "A6 LOGOUT\r\n", "* BYE bye\r\nA6 OK done\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_OK);
+    assert_int_equal(o.res.uidvalidity, 3);
+    assert_int_equal(o.res.uid, 7);
+    assert_string_equal(o.res.mailbox, "Sent Messages");
+}
+
+static void test_append_gesendet(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+ SASL-IR AUTH=PLAIN] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"secret\"\r\n",
+          "* CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS SPECIAL-USE LIST-EXTENDED\r\nA1 OK Logged in\r\n", 0, 0 },
+        /* a decoy named Sent, a \Noselect one with \Sent, then the real one as a literal */
+        { "A2 LIST (SPECIAL-USE) \"\" \"*\"\r\n",
+          "* LIST (\\HasNoChildren) \".\" Sent\r\n"
+          "* LIST (\\Sent \\Noselect) \".\" Archiv\r\n"
+          "* LIST (\\Drafts) \".\" Entw&APw-rfe\r\n"
+          "* LIST (\\Sent \\HasNoChildren) \".\" {8}\r\nGesendet\r\n"
+          "A2 OK LIST completed\r\n", 0, 0 },
+        { append_cmd(app, sizeof(app), "A3", "\"Gesendet\"", 1, 1), "A3 OK [APPENDUID 9 1] ok\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "* BYE\r\nA4 OK\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_OK);
+    assert_string_equal(o.res.mailbox, "Gesendet");
+    assert_int_equal(o.res.uidvalidity, 9);
+    assert_int_equal(o.res.uid, 1);
+}
+
+static void test_append_refused(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"secret\"\r\n",
+          "A1 OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS SPECIAL-USE LIST-EXTENDED] Logged in\r\n", 0, 0 },
+        { "A2 LIST (SPECIAL-USE) \"\" \"*\"\r\n", "* LIST (\\Sent) \"/\" Sent\r\nA2 OK done\r\n", 0, 0 },
+        { append_cmd(app, sizeof(app), "A3", "\"Sent\"", 1, 1),
+          "A3 NO [OVERQUOTA] Quota exceeded (mailbox for user is full)\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "* BYE\r\nA4 OK\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_EREFUSED);
+    assert_non_null(strstr(o.res.error, "NO [OVERQUOTA] Quota exceeded (mailbox for user is full)"));
+    assert_string_equal(o.res.mailbox, "Sent");
+}
+
+/* Without LITERAL+ the server may refuse instead of sending "+": the
+ * literal must then never be sent. */
+static void test_append_refused_before_literal(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"secret\"\r\n",
+          "A1 OK [CAPABILITY IMAP4rev1 UIDPLUS SPECIAL-USE LIST-EXTENDED] ok\r\n", 0, 0 },
+        { "A2 LIST (SPECIAL-USE) \"\" \"*\"\r\n", "* LIST (\\Sent) \"/\" Sent\r\nA2 OK done\r\n", 0, 0 },
+        { append_cmd(app, sizeof(app), "A3", "\"Sent\"", 0, 0), "A3 NO [TOOBIG] Message too large\r\n", 100, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_EREFUSED);
+    assert_non_null(strstr(o.res.error, "Message too large"));
+}
+
+static void test_login_refused(void **state)
+{
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"wrong\"\r\n", "A1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+          0, 0 },
+        { "A2 LOGOUT\r\n", "* BYE\r\nA2 OK\r\n", 0, 1 },
+    };
+    run_opts_t opt = { .password = "wrong" };
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    assert_int_equal(o.res.status, IMAP_EAUTH);
+    assert_non_null(strstr(o.res.error, "Authentication failed."));
+    assert_string_equal(o.res.mailbox, "");
+}
+
+static void test_no_appenduid(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"secret\"\r\n",
+          "A1 OK [CAPABILITY IMAP4rev1 LITERAL+ SPECIAL-USE LIST-EXTENDED] ok\r\n", 0, 0 },
+        { "A2 LIST (SPECIAL-USE) \"\" \"*\"\r\n", "* LIST (\\Sent) \"/\" Sent\r\nA2 OK done\r\n", 0, 0 },
+        { append_cmd(app, sizeof(app), "A3", "\"Sent\"", 1, 1), "A3 OK Append completed\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_ENOUIDPLUS);
+    assert_string_equal(o.res.mailbox, "Sent");
+    assert_non_null(strstr(o.res.error, "APPENDUID"));
+    assert_int_equal(o.res.uid, 0);
+}
+
+/* No SPECIAL-USE: fall back to a mailbox literally named "Sent". */
+static void test_fallback_named_sent(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"secret\"\r\n", "A1 OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS] ok\r\n",
+          0, 0 },
+        { "A2 LIST \"\" \"*\"\r\n",
+          "* LIST (\\HasChildren) \".\" INBOX\r\n* LIST () \".\" Sent-old\r\n* LIST () \".\" Sent\r\nA2 OK done\r\n", 0, 0 },
+        { append_cmd(app, sizeof(app), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 5 6] ok\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_OK);
+    assert_string_equal(o.res.mailbox, "Sent");
+    assert_int_equal(o.res.uid, 6);
+}
+
+/* SPECIAL-USE and no \Sent: a folder named Sent is not used. */
+static void test_no_sent_mailbox(void **state)
+{
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"secret\"\r\n",
+          "A1 OK [CAPABILITY IMAP4rev1 UIDPLUS SPECIAL-USE LIST-EXTENDED] ok\r\n", 0, 0 },
+        { "A2 LIST (SPECIAL-USE) \"\" \"*\"\r\n", "* LIST (\\Trash) \"/\" Trash\r\nA2 OK done\r\n", 0, 0 },
+        { "A3 LOGOUT\r\n", "A3 OK\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_ENOSENT);
+}
+
+/* LOGINDISABLED with AUTH=PLAIN and SASL-IR: AUTHENTICATE with an initial response. */
+static void test_authenticate_plain_sasl_ir(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=PLAIN SASL-IR] hi\r\n", 0, 0 },
+        { "A1 AUTHENTICATE PLAIN AGFsaWNlQHRlc3QuZXhhbXBsZQBzZWNyZXQ=\r\n",
+          "A1 OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS SPECIAL-USE LIST-EXTENDED] ok\r\n", 0, 0 },
+        { "A2 LIST (SPECIAL-USE) \"\" \"*\"\r\n", "* LIST (\\Sent) \"/\" Sent\r\nA2 OK done\r\n", 0, 0 },
+        { append_cmd(app, sizeof(app), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 1 2] ok\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_OK);
+}
+
+/* ... and without SASL-IR: wait for "+" before the response. */
+static void test_authenticate_plain_continuation(void **state)
+{
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=PLAIN] hi\r\n", 0, 0 },
+        { "A1 AUTHENTICATE PLAIN\r\n", "+ \r\n", 100, 0 },
+        { "AGFsaWNlQHRlc3QuZXhhbXBsZQBzZWNyZXQ=\r\n", "A1 NO [AUTHENTICATIONFAILED] nope\r\n", 0, 0 },
+        { "A2 LOGOUT\r\n", "A2 OK\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_EAUTH);
+    assert_non_null(strstr(o.res.error, "nope"));
+}
+
+/* Non-ASCII password: a literal (non-synchronising with LITERAL+). */
+static void test_login_literal(void **state)
+{
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" {9+}\r\np\xc3\xa4ssword\r\n", "A1 NO bad\r\n", 0, 0 },
+        { "A2 LOGOUT\r\n", "A2 OK\r\n", 0, 1 },
+    };
+    run_opts_t opt = { .password = "p\xc3\xa4ssword" };
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    assert_int_equal(o.res.status, IMAP_EAUTH);
+}
+
+/* ... and synchronising without it. */
+static void test_login_sync_literal(void **state)
+{
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1] hi\r\n", 0, 0 },
+        { "A1 LOGIN {5}\r\n", "+ go\r\n", 100, 0 },
+        { "al\tce \"secret\"\r\n", "A1 NO bad\r\n", 0, 0 },
+        { "A2 LOGOUT\r\n", "A2 OK\r\n", 0, 1 },
+    };
+    run_opts_t opt = { .user = "al\tce" };
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    assert_int_equal(o.res.status, IMAP_EAUTH);
+}
+
+/* PREAUTH greeting (IMAP_TLS_NONE): no login at all. */
+static void test_preauth(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        { NULL, "* PREAUTH [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS SPECIAL-USE] welcome\r\n", 0, 0 },
+        { "A1 LIST \"\" \"*\"\r\n", "* LIST (\\Sent) \"/\" Sent\r\nA1 OK done\r\n", 0, 0 },
+        { append_cmd(app, sizeof(app), "A2", "\"Sent\"", 1, 1), "A2 OK [APPENDUID 1 1] ok\r\n", 0, 0 },
+        { "A3 LOGOUT\r\n", "A3 OK\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_OK);
+}
+
+/* STARTTLS required but not offered: credentials never leave in clear. */
+static void test_starttls_missing(void **state)
+{
+    char err[256];
+    SSL_CTX *ctx = tls_client_ctx_new(NULL, 0, err, sizeof(err));
+    assert_non_null(ctx);
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] hi\r\n", 0, 0 },
+        { "A1 LOGOUT\r\n", "A1 OK\r\n", 0, 1 },
+    };
+    run_opts_t opt = { .tls = IMAP_TLS_STARTTLS, .ssl_ctx = ctx };
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    SSL_CTX_free(ctx);
+    assert_int_equal(o.res.status, IMAP_ETLS);
+    assert_non_null(strstr(o.res.error, "STARTTLS"));
+}
+
+/* A server that pipelines plaintext behind its STARTTLS OK is an
+ * injection attempt: no handshake, no credentials. */
+static void test_starttls_injection(void **state)
+{
+    char err[256];
+    SSL_CTX *ctx = tls_client_ctx_new(NULL, 0, err, sizeof(err));
+    assert_non_null(ctx);
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] hi\r\n", 0, 0 },
+        { "A1 STARTTLS\r\n", "A1 OK Begin TLS negotiation now.\r\n* OK injected\r\n", 0, 0 },
+    };
+    run_opts_t opt = { .tls = IMAP_TLS_STARTTLS, .ssl_ctx = ctx };
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    SSL_CTX_free(ctx);
+    assert_int_equal(o.res.status, IMAP_ETLS);
+}
+
+static void test_timeout(void **state)
+{
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"secret\"\r\n", NULL, 0, 0 }, /* and then silence */
+    };
+    run_opts_t opt = { .timeout_ms = 200 };
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    assert_int_equal(o.res.status, IMAP_ETIMEOUT);
+    assert_non_null(strstr(o.res.error, "login"));
+}
+
+static void test_garbage(void **state)
+{
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"secret\"\r\n", "220 smtp.example ESMTP\r\n", 0, 0 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_EPROTO);
+}
+
+static void test_greeting_bye(void **state)
+{
+    const step_t steps[] = {
+        { NULL, "* BYE Too many connections\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_ENETWORK);
+    assert_non_null(strstr(o.res.error, "Too many connections"));
+}
+
+static void test_server_closes(void **state)
+{
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"secret\"\r\n", "* BYE shutting down\r\n", 0, 1 },
+    };
+    outcome_t o = run_script(steps, NSTEPS(steps), NULL);
+    assert_int_equal(o.res.status, IMAP_ENETWORK);
+    assert_non_null(strstr(o.res.error, "shutting down"));
+}
+
+static void test_cancel(void **state)
+{
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"secret\"\r\n", NULL, 0, 0 },
+    };
+    run_opts_t opt = { .cancel_after_ms = 100 };
+    run_script(steps, NSTEPS(steps), &opt);
+}
+
+static void test_connect_refused(void **state)
+{
+    loop_t *loop = loop_new();
+    /* a port nobody listens on: bind, note it, close */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = 0 };
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    socklen_t sl = sizeof(sin);
+    getsockname(fd, (struct sockaddr *)&sin, &sl);
+    close(fd);
+
+    imap_account_t acct = { .addr = (struct sockaddr *)&sin, .addrlen = sizeof(sin), .host = "127.0.0.1",
+                            .tls = IMAP_TLS_NONE, .user = "u", .password = "p", .timeout_ms = 2000 };
+    outcome_t o;
+    memset(&o, 0, sizeof(o));
+    assert_non_null(imap_append_start(loop, &acct, MSG, strlen(MSG), on_done, &o));
+    assert_int_equal(o.calls, 0);
+    loop_run(loop);
+    assert_int_equal(o.calls, 1);
+    assert_int_equal(o.res.status, IMAP_ENETWORK);
+    assert_int_equal(loop_fd_count(loop), 0);
+    assert_int_equal(loop_timer_count(loop), 0);
+    loop_free(loop);
+}
+
+static void test_bad_arguments(void **state)
+{
+    loop_t *loop = loop_new();
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons(1) };
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    struct {
+        imap_account_t acct;
+        int            status;
+    } cases[] = {
+        { { .addr = NULL, .user = "u", .password = "p", .tls = IMAP_TLS_NONE }, IMAP_EPROTO },
+        { { .addr = (struct sockaddr *)&sin, .addrlen = sizeof(sin), .user = "u", .password = "p",
+            .tls = IMAP_TLS_IMAPS, .ssl_ctx = NULL }, IMAP_ETLS },
+        { { .addr = (struct sockaddr *)&sin, .addrlen = sizeof(sin), .user = NULL, .password = "p",
+            .tls = IMAP_TLS_NONE }, IMAP_EAUTH },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        outcome_t o;
+        memset(&o, 0, sizeof(o));
+        assert_non_null(imap_append_start(loop, &cases[i].acct, MSG, strlen(MSG), on_done, &o));
+        assert_int_equal(o.calls, 0);
+        loop_run(loop);
+        assert_int_equal(o.calls, 1);
+        assert_int_equal(o.res.status, cases[i].status);
+    }
+    assert_null(imap_append_start(loop, &cases[0].acct, MSG, strlen(MSG), NULL, NULL));
+    assert_null(imap_append_start(NULL, &cases[0].acct, MSG, strlen(MSG), on_done, NULL));
+    /* cancelling before the deferred failure fires: no callback */
+    outcome_t o;
+    memset(&o, 0, sizeof(o));
+    imap_append_t *a = imap_append_start(loop, &cases[0].acct, MSG, strlen(MSG), on_done, &o);
+    imap_append_cancel(a);
+    imap_append_cancel(NULL);
+    loop_run(loop);
+    assert_int_equal(o.calls, 0);
+    assert_int_equal(loop_fd_count(loop), 0);
+    assert_int_equal(loop_timer_count(loop), 0);
+    loop_free(loop);
+}
+
+int main(void)
+{
+    const char *dbg = getenv("MP_TEST_DEBUG");
+    log_setup(dbg && *dbg ? LOG_DEBUG : LOG_INFO, LOG_FMT_LOGFMT);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_parser_table),
+        cmocka_unit_test(test_parser_prefixes),
+        cmocka_unit_test(test_parser_limits),
+        cmocka_unit_test(test_strerror),
+        cmocka_unit_test(test_append_literal_plus),
+        cmocka_unit_test(test_append_sync_literal),
+        cmocka_unit_test(test_append_gesendet),
+        cmocka_unit_test(test_append_refused),
+        cmocka_unit_test(test_append_refused_before_literal),
+        cmocka_unit_test(test_login_refused),
+        cmocka_unit_test(test_no_appenduid),
+        cmocka_unit_test(test_fallback_named_sent),
+        cmocka_unit_test(test_no_sent_mailbox),
+        cmocka_unit_test(test_authenticate_plain_sasl_ir),
+        cmocka_unit_test(test_authenticate_plain_continuation),
+        cmocka_unit_test(test_login_literal),
+        cmocka_unit_test(test_login_sync_literal),
+        cmocka_unit_test(test_preauth),
+        cmocka_unit_test(test_starttls_missing),
+        cmocka_unit_test(test_starttls_injection),
+        cmocka_unit_test(test_timeout),
+        cmocka_unit_test(test_garbage),
+        cmocka_unit_test(test_greeting_bye),
+        cmocka_unit_test(test_server_closes),
+        cmocka_unit_test(test_cancel),
+        cmocka_unit_test(test_connect_refused),
+        cmocka_unit_test(test_bad_arguments),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
