@@ -42,6 +42,7 @@
 #include "core/loop.h"
 #include "core/tls.h"
 #include "core/util.h"
+#include "tests/support/stackenv.h"
 #include "imap/imap.h"
 
 #define STACK_HINT "run `deploy/local/stack up` first (as root), then re-run this test"
@@ -59,31 +60,6 @@ static struct {
 } E;
 
 /* ---------------------------------------------------------------- stack */
-
-static int env_get(const char *path, const char *key, char *out, size_t outsz)
-{
-    FILE *fp = fopen(path, "r");
-    if (fp == NULL)
-        return -1;
-    char line[1024];
-    size_t klen = strlen(key);
-    int found = -1;
-    while (fgets(line, sizeof(line), fp)) {
-        line[strcspn(line, "\r\n")] = '\0';
-        if (strncmp(line, key, klen) != 0 || line[klen] != '=')
-            continue;
-        char *v = line + klen + 1;
-        size_t n = strlen(v);
-        if (n >= 2 && ((v[0] == '"' && v[n - 1] == '"') || (v[0] == '\'' && v[n - 1] == '\''))) {
-            v[n - 1] = '\0';
-            v++;
-        }
-        snprintf(out, outsz, "%s", v);
-        found = 0;
-    }
-    fclose(fp);
-    return found;
-}
 
 /* Connect and read the greeting: Dovecot answers "* OK". */
 static int imap_answers(const char *host, unsigned port, int want_greeting, char *why, size_t whylen)
@@ -130,23 +106,22 @@ static int imap_answers(const char *host, unsigned port, int want_greeting, char
 
 static int stack_setup(void **state)
 {
-    const char *dir = getenv("MP_STACK_DIR");
-    snprintf(E.env_path, sizeof(E.env_path), "%s/env", dir && *dir ? dir : "/tmp/mpstack");
+    snprintf(E.env_path, sizeof(E.env_path), "%s", stackenv_path());
     char port[32] = "", users[256] = "", why[512] = "";
     if (access(E.env_path, R_OK) != 0) {
         fprintf(stderr, "\nFATAL: %s is missing: the local stack is not up.\n       %s\n\n", E.env_path, STACK_HINT);
         return -1;
     }
-    if (env_get(E.env_path, "MP_IMAP_HOST", E.host, sizeof(E.host)) < 0 ||
-        env_get(E.env_path, "MP_CA_FILE", E.ca_file, sizeof(E.ca_file)) < 0 ||
-        env_get(E.env_path, "MP_IMAP_PASSWORD", E.password, sizeof(E.password)) < 0 ||
-        env_get(E.env_path, "MP_IMAP_USERS", users, sizeof(users)) < 0) {
+    if (stackenv_get("MP_IMAP_HOST", E.host, sizeof(E.host)) < 0 ||
+        stackenv_get("MP_CA_FILE", E.ca_file, sizeof(E.ca_file)) < 0 ||
+        stackenv_get("MP_IMAP_PASSWORD", E.password, sizeof(E.password)) < 0 ||
+        stackenv_get("MP_IMAP_USERS", users, sizeof(users)) < 0) {
         fprintf(stderr, "\nFATAL: %s lacks MP_IMAP_HOST/MP_CA_FILE/MP_IMAP_PASSWORD/MP_IMAP_USERS.\n       %s\n\n",
                 E.env_path, STACK_HINT);
         return -1;
     }
-    E.imaps_port = env_get(E.env_path, "MP_IMAPS_PORT", port, sizeof(port)) == 0 ? (unsigned)atoi(port) : 9993;
-    E.imap_port = env_get(E.env_path, "MP_IMAP_PORT", port, sizeof(port)) == 0 ? (unsigned)atoi(port) : 1143;
+    E.imaps_port = stackenv_get("MP_IMAPS_PORT", port, sizeof(port)) == 0 ? (unsigned)atoi(port) : 9993;
+    E.imap_port = stackenv_get("MP_IMAP_PORT", port, sizeof(port)) == 0 ? (unsigned)atoi(port) : 1143;
     if (sscanf(users, "%127s %127s", E.user[0], E.user[1]) != 2) {
         fprintf(stderr, "\nFATAL: MP_IMAP_USERS in %s should name two users.\n       %s\n\n", E.env_path, STACK_HINT);
         return -1;
