@@ -1,0 +1,47 @@
+/*
+ * deliverer/outcome.h - what a recipient's SMTP answer (or a failure to
+ * get one) means: delivered, try again later, or give up.
+ *
+ * Pure functions over static tables; thread-safe. Reason tags are static
+ * strings, stable for metrics labels and events: no_such_user,
+ * mailbox_full, greylisted, policy, message_too_big, spam, rate_limited,
+ * other, and for failures without a usable reply network, timeout, tls,
+ * dns, protocol.
+ */
+#ifndef MP_DELIVERER_OUTCOME_H
+#define MP_DELIVERER_OUTCOME_H
+
+typedef enum {
+    OUTCOME_DELIVERED = 0,
+    OUTCOME_TRANSIENT,
+    OUTCOME_PERMANENT,
+} outcome_t;
+
+/* Kinds of failure that leave a recipient without a final reply. */
+typedef enum {
+    OUTCOME_ERR_NETWORK = 0, /* connect refused/unreachable, connection lost */
+    OUTCOME_ERR_TIMEOUT,
+    OUTCOME_ERR_TLS,         /* STARTTLS missing under a policy that needs it, handshake, verification */
+    OUTCOME_ERR_DNS,         /* temporary resolution failure, no candidate to try */
+    OUTCOME_ERR_PROTOCOL,    /* unparseable or unexpected reply */
+    OUTCOME_ERR_LAST
+} outcome_error_t;
+
+/* "delivered" / "transient" / "permanent". */
+const char *outcome_name(outcome_t o);
+
+/*
+ * Classify a reply. code decides the outcome (2xx delivered, 4xx
+ * transient, 5xx permanent; anything else is a protocol violation and
+ * transient). enh ("5.1.1" or "" / NULL) and text (may be NULL) only pick
+ * the reason tag. *reason_tag (when reason_tag is non-NULL) receives a
+ * static tag; for 2xx it is "delivered".
+ */
+outcome_t outcome_classify(int code, const char *enh, const char *text, const char **reason_tag);
+
+/* Failure without a reply: always transient; *reason_tag (when non-NULL)
+ * receives "network", "timeout", "tls", "dns" or "protocol" ("protocol"
+ * for an unknown kind). */
+outcome_t outcome_for_error(int kind, const char **reason_tag);
+
+#endif

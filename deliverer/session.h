@@ -1,0 +1,180 @@
+/*
+ * deliverer/session.h - one SMTP client connection to one MX address,
+ * carrying one mail transaction, as an explicit state machine.
+ *
+ * The session owns its stream (core/stream.h) and sees only its events.
+ * It knows nothing about failover or retries: it reports, per recipient,
+ * the reply that decides its fate (if one came) and, for the session as
+ * a whole, an smtp_status_t saying why it ended early. deliver.c turns
+ * that into per-recipient outcomes and picks the next MX.
+ *
+ * Lock-step for now: one command, one reply. The reply accounting
+ * (s->expect, the RCPT send/receive cursors) is already split so that
+ * PIPELINING only has to let the sender run ahead.
+ *
+ * Thread-safety: none; everything runs in the thread of the session's loop.
+ */
+#ifndef MP_DELIVERER_SESSION_H
+#define MP_DELIVERER_SESSION_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <openssl/ssl.h>
+
+#include "core/loop.h"
+#include "deliverer/reply.h"
+
+typedef enum {
+    SMTP_TLS_NONE = 0,      /* never STARTTLS */
+    SMTP_TLS_OPPORTUNISTIC, /* STARTTLS when offered, certificate not checked; plaintext otherwise */
+    SMTP_TLS_REQUIRED,      /* STARTTLS mandatory (tls error when not offered), certificate not checked */
+    SMTP_TLS_VERIFY,        /* STARTTLS mandatory, chain verified and name == MX host name */
+} smtp_tls_policy_t;
+
+typedef enum {
+    SMTP_STATE_CONNECT = 0,
+    SMTP_STATE_GREETING,
+    SMTP_STATE_EHLO,
+    SMTP_STATE_HELO,          /* fallback when EHLO was answered 5xx */
+    SMTP_STATE_STARTTLS,
+    SMTP_STATE_TLS_HANDSHAKE,
+    SMTP_STATE_EHLO_TLS,      /* EHLO again inside TLS (RFC 3207 §4.2) */
+    SMTP_STATE_MAIL,
+    SMTP_STATE_RCPT,
+    SMTP_STATE_DATA,
+    SMTP_STATE_BODY,          /* payload being written, then waiting for the final reply */
+    SMTP_STATE_RSET,          /* no recipient accepted: abort the transaction */
+    SMTP_STATE_QUIT,
+    SMTP_STATE_DONE,
+    SMTP_STATE_LAST
+} smtp_state_t;
+
+/* "EHLO", "RCPT", ... ; "?" out of range. */
+const char *smtp_strstate(smtp_state_t st);
+
+/* Why a session ended before completing its transaction. */
+typedef enum {
+    SMTP_OK = 0,         /* transaction completed: every recipient has its final reply */
+    SMTP_ENETWORK = -1,  /* connect failed, connection lost, socket error */
+    SMTP_ETIMEOUT = -2,  /* no progress within the state's timeout */
+    SMTP_ETLS = -3,      /* STARTTLS unavailable under REQUIRED/VERIFY, refused, handshake/verify failure */
+    SMTP_EPROTO = -4,    /* unparseable or unexpected reply */
+    SMTP_EREJECTED = -5, /* the server refused the session: 421 at any point, greeting, EHLO/HELO not 2xx */
+} smtp_status_t;
+
+const char *smtp_strerror(int status);
+
+/* EHLO keywords (RFC 5321 §4.1.1.1 and the extensions we care about). */
+#define SMTP_FEAT_PIPELINING          0x001u
+#define SMTP_FEAT_STARTTLS            0x002u
+#define SMTP_FEAT_SIZE                0x004u
+#define SMTP_FEAT_8BITMIME            0x008u
+#define SMTP_FEAT_SMTPUTF8            0x010u
+#define SMTP_FEAT_ENHANCEDSTATUSCODES 0x020u
+#define SMTP_FEAT_CHUNKING            0x040u
+#define SMTP_FEAT_AUTH                0x080u
+
+typedef struct smtp_features {
+    unsigned flags;    /* SMTP_FEAT_* */
+    size_t   size_max; /* SIZE argument; 0 when absent or unlimited */
+    char     auth[128];/* AUTH mechanisms, space separated, truncated */
+} smtp_features_t;
+
+/* Fold one EHLO keyword line ("SIZE 10240000", "AUTH PLAIN LOGIN", ...;
+ * no CRLF, need not be NUL terminated) into f. Unknown keywords are ignored. */
+void smtp_features_parse_line(smtp_features_t *f, const char *line, size_t len);
+
+/*
+ * Per-state timeouts in milliseconds (0 = none). Each is an inactivity
+ * timeout: it restarts on every byte read or written, which is what
+ * RFC 5321 §4.5.3.2 asks for the data block ("3 minutes per send").
+ */
+typedef struct smtp_timeouts {
+    unsigned connect_ms;    /* 30 s (TCP connect) */
+    unsigned greeting_ms;   /* 300 s  §4.5.3.2.1 */
+    unsigned helo_ms;       /* 300 s  EHLO/HELO (like MAIL) */
+    unsigned starttls_ms;   /* 300 s  STARTTLS reply and TLS handshake (Postfix smtp_starttls_timeout) */
+    unsigned mail_ms;       /* 300 s  §4.5.3.2.2 */
+    unsigned rcpt_ms;       /* 300 s  §4.5.3.2.3 */
+    unsigned data_init_ms;  /* 120 s  §4.5.3.2.4 */
+    unsigned data_block_ms; /* 180 s  §4.5.3.2.5, while the payload is being written */
+    unsigned data_done_ms;  /* 600 s  §4.5.3.2.6, waiting for the reply to the final dot */
+    unsigned rset_ms;       /* 20 s   (Postfix smtp_rset_timeout) */
+    unsigned quit_ms;       /* 10 s   we do not wait long for 221 */
+} smtp_timeouts_t;
+
+/* Fill t with the defaults above scaled by scale_pct percent (0 means
+ * 100); every non-zero result is at least 1 ms. */
+void smtp_timeouts_default(smtp_timeouts_t *t, unsigned scale_pct);
+
+/* The reply that decided one recipient. */
+typedef struct smtp_rcpt_reply {
+    int  code;      /* 0 while no reply */
+    char enh[16];
+    char text[512];
+    int  accepted;  /* RCPT got 2xx: waiting for the end-of-data reply */
+    int  final;     /* code/enh/text is this recipient's final answer (RCPT
+                     * rejection, MAIL/DATA rejection, or end-of-data reply) */
+} smtp_rcpt_reply_t;
+
+typedef struct smtp_session_result {
+    int                status;      /* smtp_status_t */
+    smtp_state_t       state;       /* state in which status was set (DONE when OK) */
+    char               error[256];  /* wording for status != OK, e.g. "timeout while sending RCPT TO" */
+    int                has_reply;
+    smtp_reply_t       reply;       /* last reply that mattered (has_reply): not RSET's or QUIT's,
+                                     * nothing after a failure */
+    int                dot_sent;    /* the whole payload incl. final dot was written: the
+                                     * server may have accepted it, do not resend elsewhere */
+    const char        *tls_version; /* static OpenSSL strings, NULL if plaintext */
+    const char        *tls_cipher;
+    smtp_features_t    features;    /* from the last EHLO */
+    smtp_rcpt_reply_t *rcpts;       /* same order as params.rcpts */
+    size_t             nrcpts;
+} smtp_session_result_t;
+
+typedef struct smtp_session_params {
+    const char            *helo_name;
+    smtp_tls_policy_t      tls;
+    SSL_CTX               *tls_verify_ctx;   /* used by SMTP_TLS_VERIFY */
+    SSL_CTX               *tls_noverify_ctx; /* used by OPPORTUNISTIC and REQUIRED */
+    smtp_timeouts_t        timeouts;
+    const char            *mx_host;          /* SNI, name verified under VERIFY, logs */
+    const struct sockaddr *addr;             /* with the port set */
+    socklen_t              addrlen;
+    const char            *mail_from;        /* "" for the null sender */
+    const char *const     *rcpts;
+    size_t                 nrcpts;           /* >= 1 */
+    const char            *data;             /* dot-stuffed payload ending in CRLF.CRLF, written as is */
+    size_t                 len;
+    size_t                 message_size;     /* SIZE= value; 0: use len */
+    const char            *log_id;           /* message id for log lines, may be NULL */
+} smtp_session_params_t;
+
+typedef struct smtp_session smtp_session_t;
+
+/* Fires exactly once per session that is not freed first, never from
+ * inside smtp_session_start(). res is valid only during the call. The
+ * owner must call smtp_session_free() afterwards, and may do so inside
+ * the callback (the release is then deferred until it returns). */
+typedef void (*smtp_session_cb)(void *arg, smtp_session_t *s, const smtp_session_result_t *res);
+
+/*
+ * Connect and run the transaction. The params struct is copied; the
+ * strings, arrays, address and payload it points to must stay valid until
+ * the callback has fired or the session is freed. Never returns NULL (a
+ * connect that cannot even start is reported through the callback).
+ */
+smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *params,
+                                   smtp_session_cb cb, void *arg);
+/* Close and release. Before the callback has fired it is a cancel: the
+ * callback never fires. NULL is harmless. */
+void smtp_session_free(smtp_session_t *s);
+/* The random 64-bit id used in this session's log lines. */
+uint64_t smtp_session_id(const smtp_session_t *s);
+
+/* Numeric host of sa into buf ("192.0.2.1", "2001:db8::1"); returns buf. */
+const char *smtp_addr_text(const struct sockaddr *sa, char *buf, size_t len);
+
+#endif

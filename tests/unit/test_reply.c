@@ -1,0 +1,273 @@
+/*
+ * tests/unit/test_reply.c - the SMTP reply parser (deliverer/reply.c),
+ * table-driven: valid replies, every prefix of them, garbage, and replies
+ * buffered back to back.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "core/buf.h"
+#include "deliverer/reply.h"
+
+typedef struct valid_case {
+    const char *name;
+    const char *in;
+    int         code;
+    const char *enh;
+    const char *text;
+    int         nlines;
+} valid_case_t;
+
+static const valid_case_t valid_cases[] = {
+    { "single line", "250 OK\r\n", 250, "", "OK", 1 },
+    { "greeting", "220 mx.example ESMTP ready\r\n", 220, "", "mx.example ESMTP ready", 1 },
+    { "multi-line EHLO", "250-mx.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250 8BITMIME\r\n", 250, "",
+      "mx.example PIPELINING SIZE 10240000 8BITMIME", 4 },
+    { "enhanced code", "550 5.1.1 <b@y>: Recipient address rejected\r\n", 550, "5.1.1",
+      "<b@y>: Recipient address rejected", 1 },
+    { "enhanced code repeated on every line", "550-5.7.1 first line\r\n550-5.7.1 second\r\n550 5.7.1 third\r\n",
+      550, "5.7.1", "first line second third", 3 },
+    { "different enhanced code later is text", "550-5.1.1 a\r\n550 5.7.1 b\r\n", 550, "5.1.1", "a 5.7.1 b", 2 },
+    { "enhanced code only", "250 2.0.0\r\n", 250, "2.0.0", "", 1 },
+    { "three-digit subject and detail", "550 5.123.456 x\r\n", 550, "5.123.456", "x", 1 },
+    { "5.1.10", "550 5.1.10 null MX\r\n", 550, "5.1.10", "null MX", 1 },
+    { "no enhanced code: class mismatch", "550 4.1.1 x\r\n", 550, "", "4.1.1 x", 1 },
+    { "no enhanced code: glued text", "250 2.0.0ok\r\n", 250, "", "2.0.0ok", 1 },
+    { "no enhanced code: four digits", "250 2.0.1234 x\r\n", 250, "", "2.0.1234 x", 1 },
+    { "no enhanced code: two parts", "450 4.2 x\r\n", 450, "", "4.2 x", 1 },
+    { "LF-only", "451 4.7.1 greylisted, try later\n", 451, "4.7.1", "greylisted, try later", 1 },
+    { "LF-only multi-line", "250-a\n250 b\n", 250, "", "a b", 2 },
+    { "mixed endings", "250-a\r\n250 b\n", 250, "", "a b", 2 },
+    { "354", "354 End data with <CR><LF>.<CR><LF>\r\n", 354, "", "End data with <CR><LF>.<CR><LF>", 1 },
+    { "bare code", "250\r\n", 250, "", "", 1 },
+    { "bare code ends multi-line", "250-a\r\n250\r\n", 250, "", "a", 2 },
+    { "empty continuation", "250-\r\n250 ok\r\n", 250, "", "ok", 2 },
+    { "control bytes sanitised", "250 a\tb\x01" "c\r\n", 250, "", "a b?c", 1 },
+    { "421", "421 4.7.0 mx.example Error: too many connections\r\n", 421, "4.7.0",
+      "mx.example Error: too many connections", 1 },
+};
+
+static void test_valid(void **state)
+{
+    for (size_t i = 0; i < sizeof(valid_cases) / sizeof(valid_cases[0]); i++) {
+        const valid_case_t *c = &valid_cases[i];
+        smtp_reply_t r;
+        size_t used = 12345;
+        size_t len = strlen(c->in);
+        print_message("case: %s\n", c->name);
+        assert_int_equal(smtp_reply_parse(c->in, len, &used, &r), SMTP_REPLY_OK);
+        assert_int_equal(used, len);
+        assert_int_equal(r.code, c->code);
+        assert_string_equal(r.enh, c->enh);
+        assert_string_equal(r.text, c->text);
+        assert_int_equal(r.nlines, c->nlines);
+    }
+}
+
+/* Every strict prefix of a valid reply needs more bytes. */
+static void test_every_prefix_is_again(void **state)
+{
+    for (size_t i = 0; i < sizeof(valid_cases) / sizeof(valid_cases[0]); i++) {
+        const valid_case_t *c = &valid_cases[i];
+        size_t len = strlen(c->in);
+        for (size_t n = 0; n < len; n++) {
+            /* a heap copy of exactly n bytes: valgrind sees any overread */
+            char *p = malloc(n ? n : 1);
+            memcpy(p, c->in, n);
+            smtp_reply_t r;
+            size_t used = 777;
+            int rc = smtp_reply_parse(p, n, &used, &r);
+            if (rc != SMTP_REPLY_AGAIN)
+                fail_msg("case %s: prefix of %zu bytes gave %d, expected AGAIN", c->name, n, rc);
+            assert_int_equal(used, 777); /* untouched */
+            free(p);
+        }
+    }
+}
+
+typedef struct garbage_case {
+    const char *name;
+    const char *in;
+    size_t      len; /* 0: strlen */
+} garbage_case_t;
+
+static const garbage_case_t garbage_cases[] = {
+    { "letters", "hello world\r\n", 0 },
+    { "letters without LF are garbage at once", "EHLO", 0 },
+    { "two-digit code", "25 ok\r\n", 0 },
+    { "two-digit bare code", "25\r\n", 0 },
+    { "no separator", "250ok\r\n", 0 },
+    { "bad separator", "250_ok\r\n", 0 },
+    { "1xx", "150 ok\r\n", 0 },
+    { "6xx", "650 ok\r\n", 0 },
+    { "0xx", "050 ok\r\n", 0 },
+    { "mismatched codes", "250-a\r\n251 b\r\n", 0 },
+    { "mismatched codes seen before the end of line", "250-a\r\n3", 0 },
+    { "mismatched codes, first digit", "250-a\r\n550 b\r\n", 0 },
+    { "garbage continuation", "250-a\r\nxyz\r\n", 0 },
+    { "empty line", "\r\n", 0 },
+    { "empty line LF", "\n", 0 },
+    { "NUL byte", "250 a\0b\r\n", 9 },
+    { "space first", " 250 ok\r\n", 0 },
+};
+
+static void test_garbage(void **state)
+{
+    for (size_t i = 0; i < sizeof(garbage_cases) / sizeof(garbage_cases[0]); i++) {
+        const garbage_case_t *c = &garbage_cases[i];
+        smtp_reply_t r;
+        size_t used = 0;
+        print_message("case: %s\n", c->name);
+        assert_int_equal(smtp_reply_parse(c->in, c->len ? c->len : strlen(c->in), &used, &r),
+                         SMTP_REPLY_EPROTO);
+    }
+}
+
+static void test_line_length_limit(void **state)
+{
+    buf_t b = BUF_INIT;
+    smtp_reply_t r;
+    size_t used = 0;
+
+    /* exactly SMTP_REPLY_MAX_LINE octets of content is fine */
+    buf_puts(&b, "250 ");
+    for (size_t i = 4; i < SMTP_REPLY_MAX_LINE; i++)
+        buf_putc(&b, 'x');
+    buf_puts(&b, "\r\n");
+    assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_OK);
+    assert_int_equal(used, buf_size(&b));
+    assert_int_equal(strlen(r.text), sizeof(r.text) - 1); /* truncated */
+
+    /* one more is garbage, with or without the line end buffered */
+    buf_reset(&b);
+    buf_puts(&b, "250 ");
+    for (size_t i = 4; i < SMTP_REPLY_MAX_LINE + 1; i++)
+        buf_putc(&b, 'x');
+    assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_AGAIN);
+    buf_putc(&b, 'x');
+    assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_EPROTO);
+    buf_reset(&b);
+    buf_puts(&b, "250 ");
+    for (size_t i = 4; i < SMTP_REPLY_MAX_LINE + 1; i++)
+        buf_putc(&b, 'x');
+    buf_puts(&b, "\r\n");
+    assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_EPROTO);
+
+    /* an overlong continuation line, too */
+    buf_reset(&b);
+    buf_puts(&b, "250-a\r\n250-");
+    for (size_t i = 0; i < 3000; i++)
+        buf_putc(&b, 'y');
+    assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_EPROTO);
+    buf_free(&b);
+}
+
+static void test_line_count_limit(void **state)
+{
+    buf_t b = BUF_INIT;
+    smtp_reply_t r;
+    size_t used = 0;
+
+    for (int i = 0; i < SMTP_REPLY_MAX_LINES - 1; i++)
+        buf_printf(&b, "250-line %d\r\n", i);
+    buf_puts(&b, "250 last\r\n");
+    assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_OK);
+    assert_int_equal(r.nlines, SMTP_REPLY_MAX_LINES);
+    assert_int_equal(used, buf_size(&b));
+
+    buf_reset(&b);
+    for (int i = 0; i < SMTP_REPLY_MAX_LINES; i++)
+        buf_printf(&b, "250-line %d\r\n", i);
+    /* the 101st line is not even buffered: already garbage */
+    assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_EPROTO);
+    buf_puts(&b, "250 last\r\n");
+    assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_EPROTO);
+    buf_free(&b);
+}
+
+static void test_back_to_back(void **state)
+{
+    const char *in = "250-mx\r\n250 PIPELINING\r\n354 go ahead\n550 5.1.1 no\r\n25";
+    size_t len = strlen(in), off = 0, used = 0;
+    smtp_reply_t r;
+
+    assert_int_equal(smtp_reply_parse(in + off, len - off, &used, &r), SMTP_REPLY_OK);
+    assert_int_equal(used, strlen("250-mx\r\n250 PIPELINING\r\n"));
+    assert_int_equal(r.code, 250);
+    assert_string_equal(r.text, "mx PIPELINING");
+    off += used;
+
+    assert_int_equal(smtp_reply_parse(in + off, len - off, &used, &r), SMTP_REPLY_OK);
+    assert_int_equal(used, strlen("354 go ahead\n"));
+    assert_int_equal(r.code, 354);
+    off += used;
+
+    assert_int_equal(smtp_reply_parse(in + off, len - off, &used, &r), SMTP_REPLY_OK);
+    assert_int_equal(used, strlen("550 5.1.1 no\r\n"));
+    assert_int_equal(r.code, 550);
+    assert_string_equal(r.enh, "5.1.1");
+    assert_string_equal(r.text, "no");
+    off += used;
+
+    used = 99;
+    assert_int_equal(smtp_reply_parse(in + off, len - off, &used, &r), SMTP_REPLY_AGAIN);
+    assert_int_equal(used, 99);
+}
+
+typedef struct lines_seen {
+    int  n;
+    char line[8][64];
+} lines_seen_t;
+
+static void on_line(void *arg, int index, const char *text, size_t len)
+{
+    lines_seen_t *ls = arg;
+    assert_int_equal(index, ls->n);
+    assert_true(len < sizeof(ls->line[0]));
+    memcpy(ls->line[ls->n], text, len);
+    ls->line[ls->n][len] = '\0';
+    ls->n++;
+}
+
+static void test_line_callback(void **state)
+{
+    const char *in = "250-mx.example hello\r\n250-SIZE 1000\r\n250-2.0.0 kept\r\n250 STARTTLS\r\n";
+    lines_seen_t ls = { 0 };
+    smtp_reply_t r;
+    size_t used = 0;
+
+    /* never called for an incomplete reply */
+    assert_int_equal(smtp_reply_parse_lines(in, strlen(in) - 3, &used, &r, on_line, &ls), SMTP_REPLY_AGAIN);
+    assert_int_equal(ls.n, 0);
+
+    assert_int_equal(smtp_reply_parse_lines(in, strlen(in), &used, &r, on_line, &ls), SMTP_REPLY_OK);
+    assert_int_equal(ls.n, 4);
+    assert_string_equal(ls.line[0], "mx.example hello");
+    assert_string_equal(ls.line[1], "SIZE 1000");
+    assert_string_equal(ls.line[2], "2.0.0 kept"); /* raw: enhanced code kept */
+    assert_string_equal(ls.line[3], "STARTTLS");
+
+    ls.n = 0;
+    assert_int_equal(smtp_reply_parse_lines("250-a\r\nxx\r\n", 11, &used, &r, on_line, &ls), SMTP_REPLY_EPROTO);
+    assert_int_equal(ls.n, 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_valid),
+        cmocka_unit_test(test_every_prefix_is_again),
+        cmocka_unit_test(test_garbage),
+        cmocka_unit_test(test_line_length_limit),
+        cmocka_unit_test(test_line_count_limit),
+        cmocka_unit_test(test_back_to_back),
+        cmocka_unit_test(test_line_callback),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,1276 @@
+/*
+ * tests/unit/test_smtp.c - the SMTP client (deliverer/session.c,
+ * deliverer/deliver.c, deliverer/outcome.c) against scripted fake SMTP
+ * servers running in the same loop (curl ftpserver.pl / test913 style):
+ * each server listens on 127.0.0.1, port 0, answers per a script, and
+ * records every byte it receives (decrypted after STARTTLS), so the tests
+ * assert the exact transcript.
+ *
+ * The STARTTLS cases generate a throwaway CA, a second untrusted CA and
+ * server certificates at run time with the openssl CLI in a temp dir.
+ * Every test ends with the loop empty: no fd, no timer.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "core/buf.h"
+#include "core/log.h"
+#include "core/loop.h"
+#include "core/stream.h"
+#include "core/tls.h"
+#include "deliverer/deliver.h"
+#include "deliverer/outcome.h"
+#include "deliverer/session.h"
+
+/* ------------------------------------------------------------------ */
+/* fake SMTP server                                                    */
+
+typedef enum {
+    ACT_REPLY = 0, /* write the reply */
+    ACT_CLOSE,     /* write the reply (if any), then close */
+    ACT_SILENT,    /* say nothing */
+    ACT_STARTTLS,  /* write the reply, then start the server TLS handshake */
+} act_t;
+
+typedef struct rule {
+    const char *prefix; /* first matching command prefix wins */
+    const char *reply;  /* written verbatim (CRLFs included) */
+    act_t       act;
+} rule_t;
+
+typedef struct script {
+    const char   *greeting;     /* NULL: silent */
+    act_t         greeting_act; /* ACT_CLOSE: close right after it */
+    const rule_t *rules;        /* ends with prefix NULL */
+    const char   *eod_reply;    /* reply to the end of data */
+    act_t         eod_act;      /* ACT_CLOSE: close at the first body bytes, no reply */
+    SSL_CTX      *tls;          /* for ACT_STARTTLS */
+} script_t;
+
+#define FAKE_MAX_CONNS 4
+
+struct fake_server;
+
+typedef struct fake_conn {
+    struct fake_server *fs;
+    stream_t           *st; /* NULL: slot free */
+    int                 in_data;
+    buf_t               body;
+} fake_conn_t;
+
+typedef struct fake_server {
+    loop_t         *loop;
+    int             lfd;
+    unsigned short  port;
+    const script_t *sc;
+    fake_conn_t     conns[FAKE_MAX_CONNS];
+    buf_t           transcript; /* every byte received, all connections */
+    int             naccepted;
+} fake_server_t;
+
+static void conn_close(fake_conn_t *c)
+{
+    stream_free(c->st); /* safe inside its callback */
+    c->st = NULL;
+    c->in_data = 0;
+    buf_free(&c->body);
+}
+
+static int body_complete(const buf_t *b)
+{
+    size_t n = buf_size(b);
+    const char *p = buf_head(b);
+    return (n == 3 && memcmp(p, ".\r\n", 3) == 0) || (n >= 5 && memcmp(p + n - 5, "\r\n.\r\n", 5) == 0);
+}
+
+static const rule_t *find_rule(const script_t *sc, const char *line)
+{
+    for (const rule_t *r = sc->rules; r && r->prefix; r++)
+        if (strncmp(line, r->prefix, strlen(r->prefix)) == 0)
+            return r;
+    return NULL;
+}
+
+static void conn_process(fake_conn_t *c)
+{
+    fake_server_t *fs = c->fs;
+    buf_t *in = stream_input(c->st);
+    while (buf_size(in) > 0) {
+        if (c->in_data) {
+            buf_append(&fs->transcript, buf_head(in), buf_size(in));
+            buf_append(&c->body, buf_head(in), buf_size(in));
+            buf_consume(in, buf_size(in));
+            if (fs->sc->eod_act == ACT_CLOSE) {
+                conn_close(c);
+                return;
+            }
+            if (!body_complete(&c->body))
+                return;
+            c->in_data = 0;
+            buf_reset(&c->body);
+            if (fs->sc->eod_act == ACT_SILENT)
+                return;
+            stream_puts(c->st, fs->sc->eod_reply ? fs->sc->eod_reply : "250 2.0.0 Ok: queued\r\n");
+            continue;
+        }
+        size_t ll = buf_line_len(in);
+        if (ll == 0)
+            return;
+        char line[1024];
+        size_t cl = ll;
+        while (cl > 0 && (buf_head(in)[cl - 1] == '\n' || buf_head(in)[cl - 1] == '\r'))
+            cl--;
+        if (cl >= sizeof(line))
+            cl = sizeof(line) - 1;
+        memcpy(line, buf_head(in), cl);
+        line[cl] = '\0';
+        buf_append(&fs->transcript, buf_head(in), ll);
+        buf_consume(in, ll);
+
+        const rule_t *r = find_rule(fs->sc, line);
+        if (r == NULL) {
+            stream_puts(c->st, "502 5.5.2 Error: command not recognized\r\n");
+            continue;
+        }
+        if (strcmp(line, "DATA") == 0 && r->reply && strncmp(r->reply, "354", 3) == 0)
+            c->in_data = 1;
+        switch (r->act) {
+        case ACT_REPLY:
+            stream_puts(c->st, r->reply);
+            break;
+        case ACT_SILENT:
+            break;
+        case ACT_CLOSE:
+            if (r->reply)
+                stream_puts(c->st, r->reply);
+            conn_close(c);
+            return;
+        case ACT_STARTTLS:
+            stream_puts(c->st, r->reply);
+            if (stream_tls_server(c->st, fs->sc->tls) < 0)
+                conn_close(c);
+            return; /* the rest is TLS */
+        }
+    }
+}
+
+static void conn_cb(stream_t *s, stream_event_t ev, void *arg)
+{
+    fake_conn_t *c = arg;
+    switch (ev) {
+    case STREAM_EV_DATA:
+        conn_process(c);
+        break;
+    case STREAM_EV_CLOSED:
+    case STREAM_EV_ERROR:
+    case STREAM_EV_TIMEOUT:
+        conn_close(c);
+        break;
+    default:
+        break;
+    }
+}
+
+static void srv_accept(loop_t *loop, int fd, unsigned events, void *arg)
+{
+    fake_server_t *fs = arg;
+    fake_conn_t *c = NULL;
+    int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (cfd < 0)
+        return;
+    for (size_t i = 0; i < FAKE_MAX_CONNS && c == NULL; i++)
+        if (fs->conns[i].st == NULL)
+            c = &fs->conns[i];
+    assert_non_null(c);
+    fs->naccepted++;
+    c->fs = fs;
+    c->in_data = 0;
+    buf_init(&c->body);
+    c->st = stream_new(loop, conn_cb, c);
+    assert_int_equal(stream_attach(c->st, cfd), 0);
+    if (fs->sc->greeting)
+        stream_puts(c->st, fs->sc->greeting);
+    if (fs->sc->greeting_act == ACT_CLOSE)
+        conn_close(c);
+}
+
+static int fake_server_busy(const fake_server_t *fs)
+{
+    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
+        if (fs->conns[i].st)
+            return 1;
+    return 0;
+}
+
+static fake_server_t *fake_server_new(loop_t *loop, const script_t *sc)
+{
+    fake_server_t *fs = calloc(1, sizeof(*fs));
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t sl = sizeof(sin);
+    assert_non_null(fs);
+    fs->loop = loop;
+    fs->sc = sc;
+    buf_init(&fs->transcript);
+    fs->lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    assert_true(fs->lfd >= 0);
+    assert_int_equal(bind(fs->lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(listen(fs->lfd, 8), 0);
+    assert_int_equal(getsockname(fs->lfd, (struct sockaddr *)&sin, &sl), 0);
+    fs->port = ntohs(sin.sin_port);
+    assert_int_equal(loop_fd_add(loop, fs->lfd, LOOP_READ, srv_accept, fs), 0);
+    return fs;
+}
+
+static void fake_server_free(fake_server_t *fs)
+{
+    if (fs == NULL)
+        return;
+    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
+        if (fs->conns[i].st)
+            conn_close(&fs->conns[i]);
+    loop_fd_del(fs->loop, fs->lfd);
+    close(fs->lfd);
+    buf_free(&fs->transcript);
+    free(fs);
+}
+
+/* NUL-terminated view of what a server received. */
+static const char *transcript(fake_server_t *fs)
+{
+    return buf_head(&fs->transcript);
+}
+
+/* A port on which nothing listens. */
+static unsigned short closed_port(void)
+{
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t sl = sizeof(sin);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(fd >= 0);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&sin, &sl), 0);
+    close(fd);
+    return ntohs(sin.sin_port);
+}
+
+/* ------------------------------------------------------------------ */
+/* harness                                                             */
+
+#define HELO_NAME "mailpump.test"
+#define FROM      "a@x"
+#define MSG_SIZE  38
+/* already dot-stuffed, as mime_dotstuff() produces it */
+#define PAYLOAD "Subject: test\r\n\r\nhello\r\n..leading dot\r\n.\r\n"
+
+#define EHLO_PLAIN "250-fake.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+#define EHLO_TLS   "250-fake.test\r\n250-SIZE 10240000\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
+
+typedef struct rcpt_copy {
+    char      rcpt[64];
+    outcome_t outcome;
+    char      reason[32];
+    int       code;
+    char      enh[16];
+    char      text[512];
+} rcpt_copy_t;
+
+typedef struct capture {
+    int         fired;
+    size_t      nrcpts;
+    rcpt_copy_t r[8];
+    char        mx_host[256];
+    char        mx_addr[64];
+    char        tls_version[32];
+    int         tls;
+    unsigned    attempts;
+} capture_t;
+
+typedef struct tls_fixture {
+    char     dir[64];
+    char     ca[128];
+    SSL_CTX *verify_ctx;   /* trusts the good CA */
+    SSL_CTX *noverify_ctx;
+    SSL_CTX *server_ctx;   /* mx.test.local signed by the good CA */
+    SSL_CTX *evil_ctx;     /* mx.test.local signed by an untrusted CA */
+} tls_fixture_t;
+
+static tls_fixture_t fx;
+
+typedef struct tctx {
+    loop_t         *loop;
+    smtp_timeouts_t to;
+} tctx_t;
+
+static void on_result(void *arg, const deliver_result_t *res)
+{
+    capture_t *c = arg;
+    assert_int_equal(c->fired, 0); /* exactly once */
+    c->fired++;
+    c->nrcpts = res->nrcpts;
+    for (size_t i = 0; i < res->nrcpts && i < 8; i++) {
+        const deliver_rcpt_result_t *r = &res->rcpts[i];
+        snprintf(c->r[i].rcpt, sizeof(c->r[i].rcpt), "%s", r->rcpt);
+        c->r[i].outcome = r->outcome;
+        snprintf(c->r[i].reason, sizeof(c->r[i].reason), "%s", r->reason ? r->reason : "(null)");
+        c->r[i].code = r->code;
+        memcpy(c->r[i].enh, r->enh, sizeof(c->r[i].enh));
+        memcpy(c->r[i].text, r->text, sizeof(c->r[i].text));
+    }
+    snprintf(c->mx_host, sizeof(c->mx_host), "%s", res->mx_host);
+    snprintf(c->mx_addr, sizeof(c->mx_addr), "%s", res->mx_addr);
+    c->tls = res->tls_version != NULL;
+    snprintf(c->tls_version, sizeof(c->tls_version), "%s", res->tls_version ? res->tls_version : "");
+    c->attempts = res->attempts_made;
+}
+
+static deliver_candidate_t cand(const char *host, unsigned short port)
+{
+    deliver_candidate_t c;
+    memset(&c, 0, sizeof(c));
+    snprintf(c.host, sizeof(c.host), "%s", host);
+    struct sockaddr_in *sin = (struct sockaddr_in *)&c.addr;
+    sin->sin_family = AF_INET;
+    sin->sin_port = htons(port);
+    sin->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    c.addrlen = sizeof(*sin);
+    return c;
+}
+
+static void run_until(loop_t *loop, const int *flag)
+{
+    for (int i = 0; i < 100000 && !*flag; i++)
+        assert_true(loop_run_once(loop, 50) >= 0);
+    assert_true(*flag);
+}
+
+/* Free the servers, let the loop settle, and insist it is empty. */
+static void drain_and_check(loop_t *loop, fake_server_t **srv, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        fake_server_free(srv[i]);
+    for (int i = 0; i < 100 && (loop_fd_count(loop) || loop_timer_count(loop)); i++)
+        loop_run_once(loop, 10);
+    assert_int_equal(loop_fd_count(loop), 0);
+    assert_int_equal(loop_timer_count(loop), 0);
+}
+
+static deliver_config_t config(tctx_t *t, smtp_tls_policy_t tls)
+{
+    deliver_config_t cfg = {
+        .port = 25,
+        .helo_name = HELO_NAME,
+        .tls = tls,
+        .tls_verify_ctx = fx.verify_ctx,
+        .tls_noverify_ctx = fx.noverify_ctx,
+        .max_mx = 5,
+        .timeouts = &t->to,
+    };
+    return cfg;
+}
+
+static void deliver_and_wait(tctx_t *t, const deliver_config_t *cfg, const char *const *rcpts, size_t nrcpts,
+                             const deliver_candidate_t *cands, size_t ncands, capture_t *cap)
+{
+    deliver_request_t req = {
+        .mail_from = FROM,
+        .rcpts = rcpts,
+        .nrcpts = nrcpts,
+        .data = PAYLOAD,
+        .len = strlen(PAYLOAD),
+        .message_size = MSG_SIZE,
+        .candidates = cands,
+        .ncandidates = ncands,
+        .log_id = "test-msg-1",
+    };
+    memset(cap, 0, sizeof(*cap));
+    deliver_t *d = deliver_start(t->loop, cfg, &req, on_result, cap);
+    assert_non_null(d);
+    assert_int_equal(cap->fired, 0); /* never synchronously */
+    run_until(t->loop, &cap->fired);
+}
+
+static void assert_rcpt(const capture_t *c, size_t i, const char *rcpt, outcome_t o, const char *reason, int code,
+                        const char *enh)
+{
+    assert_true(i < c->nrcpts);
+    assert_string_equal(c->r[i].rcpt, rcpt);
+    assert_string_equal(outcome_name(c->r[i].outcome), outcome_name(o));
+    assert_string_equal(c->r[i].reason, reason);
+    assert_int_equal(c->r[i].code, code);
+    assert_string_equal(c->r[i].enh, enh);
+}
+
+static int setup(void **state)
+{
+    tctx_t *t = calloc(1, sizeof(*t));
+    t->loop = loop_new();
+    if (t->loop == NULL)
+        return -1;
+    /* generous for valgrind; the timeout tests shorten what they need */
+    smtp_timeouts_default(&t->to, 100);
+    unsigned *p = (unsigned *)&t->to;
+    for (size_t i = 0; i < sizeof(t->to) / sizeof(unsigned); i++)
+        p[i] = 5000;
+    *state = t;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    tctx_t *t = *state;
+    loop_free(t->loop);
+    free(t);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* scripts                                                             */
+
+static const rule_t rules_ok[] = {
+    { "EHLO", EHLO_PLAIN, ACT_REPLY },
+    { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+    { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+    { "DATA", "354 End data with <CR><LF>.<CR><LF>\r\n", ACT_REPLY },
+    { "RSET", "250 2.0.0 Ok\r\n", ACT_REPLY },
+    { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+    { NULL, NULL, 0 },
+};
+
+static const script_t script_ok = {
+    .greeting = "220 fake.test ESMTP\r\n",
+    .rules = rules_ok,
+    .eod_reply = "250 2.0.0 Ok: queued as ABC123\r\n",
+};
+
+#define TRANSCRIPT_OK(rcpts)                                                                    \
+    "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n" rcpts "DATA\r\n" PAYLOAD "QUIT\r\n"
+
+/* ------------------------------------------------------------------ */
+/* tests                                                               */
+
+static void test_all_delivered(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
+
+    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\n"));
+    assert_int_equal(cap.nrcpts, 2);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_string_equal(cap.r[0].text, "Ok: queued as ABC123");
+    assert_string_equal(cap.mx_host, "mx1.fake.test");
+    assert_string_equal(cap.mx_addr, "127.0.0.1");
+    assert_int_equal(cap.tls, 0);
+    assert_int_equal(cap.attempts, 1);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_per_recipient_results(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:<b@y>", "550 5.1.1 <b@y>: Recipient address rejected: User unknown\r\n", ACT_REPLY },
+        { "RCPT TO:<d@y>", "452 4.2.2 <d@y>: mailbox full\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = {
+        .greeting = "220-fake.test ESMTP\r\n220 multi-line greeting\r\n",
+        .rules = rules,
+        .eod_reply = "250-2.0.0 Ok:\r\n250 2.0.0 queued as XYZ\r\n",
+    };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y", "c@y", "d@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 3, c, 1, &cap);
+
+    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\n"));
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+    assert_string_equal(cap.r[0].text, "<b@y>: Recipient address rejected: User unknown");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_string_equal(cap.r[1].text, "Ok: queued as XYZ");
+    assert_rcpt(&cap, 2, "d@y", OUTCOME_TRANSIENT, "mailbox_full", 452, "4.2.2");
+    assert_string_equal(cap.r[2].text, "<d@y>: mailbox full");
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_all_rcpt_rejected(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:<b@y>", "550 5.1.1 no such user\r\n", ACT_REPLY },
+        { "RCPT TO:<c@y>", "554 5.7.1 <c@y>: Relay access denied\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "RSET", "250 2.0.0 Ok\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
+
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRSET\r\nQUIT\r\n");
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "policy", 554, "5.7.1");
+    assert_int_equal(cap.attempts, 1);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_mail_from_rejected(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "553 5.7.1 <a@x>: Sender address rejected: not owned by user\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    fake_server_t *s1 = fake_server_new(t->loop, &sc);
+    fake_server_t *s2 = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 2, &cap);
+
+    /* a completed dialogue: the server's answer stands, no failover */
+    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\nQUIT\r\n");
+    assert_int_equal(s2->naccepted, 0);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "policy", 553, "5.7.1");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "policy", 553, "5.7.1");
+    assert_int_equal(cap.attempts, 1);
+    fake_server_t *all[] = { s1, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+static void test_greeting_421_next_candidate(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t busy = {
+        .greeting = "421 4.3.2 fake.test Service not available, closing channel\r\n",
+        .greeting_act = ACT_CLOSE,
+        .rules = rules_ok,
+    };
+    fake_server_t *s1 = fake_server_new(t->loop, &busy);
+    fake_server_t *s2 = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 2, &cap);
+
+    assert_int_equal(s1->naccepted, 1);
+    assert_string_equal(transcript(s1), ""); /* no QUIT after 421 */
+    assert_string_equal(transcript(s2), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_string_equal(cap.mx_host, "mx2.fake.test");
+    assert_int_equal(cap.attempts, 2);
+    fake_server_t *all[] = { s1, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+static void test_greeting_554_everywhere(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t refuse = { .greeting = "554 5.7.1 no service for you\r\n", .rules = rules };
+    fake_server_t *s1 = fake_server_new(t->loop, &refuse);
+    fake_server_t *s2 = fake_server_new(t->loop, &refuse);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 2, &cap);
+
+    assert_string_equal(transcript(s1), "QUIT\r\n");
+    assert_string_equal(transcript(s2), "QUIT\r\n");
+    /* refused at the session level by every MX: try again later */
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "policy", 554, "5.7.1");
+    assert_int_equal(cap.attempts, 2);
+    fake_server_t *all[] = { s1, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+static void test_connect_refused_next_candidate(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    unsigned short dead = closed_port();
+    deliver_candidate_t c[] = { cand("dead.fake.test", dead), cand("mx2.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 2, &cap);
+    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_string_equal(cap.mx_host, "mx2.fake.test");
+    assert_int_equal(cap.attempts, 2);
+
+    /* the refused one alone: transient, network */
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "network", 0, "");
+    assert_non_null(strstr(cap.r[0].text, "refused"));
+    assert_string_equal(cap.mx_host, "dead.fake.test");
+    assert_int_equal(cap.attempts, 1);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_ehlo_502_helo_fallback(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", "502 5.5.2 Error: command not recognized\r\n", ACT_REPLY },
+        { "HELO", "250 fake.test\r\n", ACT_REPLY },
+        { "MAIL FROM:", "250 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 old.fake.test SMTP\r\n", .rules = rules, .eod_reply = "250 Ok\r\n" };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("old.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_OPPORTUNISTIC);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    /* no SIZE= without EHLO; opportunistic TLS quietly stays plaintext */
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nHELO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\n"
+                                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD "QUIT\r\n");
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "");
+    assert_int_equal(cap.tls, 0);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_timeout_greeting(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t silent = { .greeting = NULL, .rules = rules_ok };
+    fake_server_t *fs = fake_server_new(t->loop, &silent);
+    deliver_candidate_t c[] = { cand("slow.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    t->to.greeting_ms = 200;
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
+    assert_string_equal(transcript(fs), "");
+    for (size_t i = 0; i < 2; i++) {
+        assert_rcpt(&cap, i, rcpts[i], OUTCOME_TRANSIENT, "timeout", 0, "");
+        assert_string_equal(cap.r[i].text, "timeout while receiving the initial server greeting");
+    }
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_timeout_end_of_data_no_failover(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .eod_act = ACT_SILENT };
+    fake_server_t *s1 = fake_server_new(t->loop, &sc);
+    fake_server_t *s2 = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    t->to.data_done_ms = 300;
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 2, &cap);
+    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
+    /* the server may have the message: no second copy elsewhere */
+    assert_int_equal(s2->naccepted, 0);
+    assert_int_equal(cap.attempts, 1);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    assert_string_equal(cap.r[0].text,
+                        "timeout while sending end of data -- message may be sent more than once");
+    fake_server_t *all[] = { s1, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+static void test_close_mid_data(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .eod_act = ACT_CLOSE };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "network", 0, "");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_TRANSIENT, "network", 0, "");
+    assert_non_null(strstr(cap.r[0].text, "end of data"));
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* 421 in the middle of RCPT: the recipient already refused keeps its
+ * answer, only the open one goes to the next MX. */
+static void test_421_mid_rcpt_failover_keeps_answers(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:<b@y>", "550 5.1.1 no such user\r\n", ACT_REPLY },
+        { "RCPT TO:<c@y>", "421 4.7.0 fake.test Error: too many connections, rate limited\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    fake_server_t *s1 = fake_server_new(t->loop, &sc);
+    fake_server_t *s2 = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 2, &cap);
+    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\n");
+    assert_string_equal(transcript(s2), TRANSCRIPT_OK("RCPT TO:<c@y>\r\n"));
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.attempts, 2);
+
+    /* and with only the first MX: the open recipient is rate limited */
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_TRANSIENT, "rate_limited", 421, "4.7.0");
+    fake_server_t *all[] = { s1, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+static void test_size_limit_checked_before_mail(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", "250-fake.test\r\n250 SIZE 10\r\n", ACT_REPLY },
+        { "QUIT", "221 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nQUIT\r\n");
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "message_too_big", 552, "5.3.4");
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_garbage_reply_is_protocol_error(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", "250 fake.test\r\n", ACT_REPLY },
+        { "MAIL FROM:", "hello there\r\n", ACT_REPLY },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
+    assert_non_null(strstr(cap.r[0].text, "malformed reply while sending MAIL FROM"));
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_injection_refused(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y>\r\nRCPT TO:<evil@z", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
+    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<c@y>\r\n"));
+    assert_int_equal(cap.r[0].outcome, OUTCOME_PERMANENT);
+    assert_int_equal(cap.r[0].code, 0);
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_no_candidates(void **state)
+{
+    tctx_t *t = *state;
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 1, NULL, 0, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "dns", 0, "");
+    assert_int_equal(cap.attempts, 0);
+    drain_and_check(t->loop, NULL, 0);
+}
+
+static void never_called(void *arg, const deliver_result_t *res)
+{
+    fail_msg("callback fired after deliver_cancel");
+}
+
+static void test_cancel(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t silent = { .greeting = NULL, .rules = rules_ok };
+    fake_server_t *s1 = fake_server_new(t->loop, &silent);
+    fake_server_t *s2 = fake_server_new(t->loop, &silent);
+    deliver_candidate_t c1[] = { cand("mx1.fake.test", s1->port) };
+    deliver_candidate_t c2[] = { cand("mx2.fake.test", s2->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    deliver_request_t req = {
+        .mail_from = FROM, .rcpts = rcpts, .nrcpts = 1, .data = PAYLOAD, .len = strlen(PAYLOAD),
+        .candidates = c1, .ncandidates = 1,
+    };
+
+    /* cancelled at once */
+    deliver_cancel(deliver_start(t->loop, &cfg, &req, never_called, NULL));
+    /* cancelled while connected, waiting for the greeting */
+    req.candidates = c2;
+    deliver_t *d = deliver_start(t->loop, &cfg, &req, never_called, NULL);
+    run_until(t->loop, &s2->naccepted);
+    for (int i = 0; i < 5; i++)
+        loop_run_once(t->loop, 10);
+    deliver_cancel(d);
+    deliver_cancel(NULL);
+    fake_server_t *all[] = { s1, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+/* ---- STARTTLS ------------------------------------------------------ */
+
+static const rule_t rules_tls[] = {
+    { "EHLO", EHLO_TLS, ACT_REPLY },
+    { "STARTTLS", "220 2.0.0 Ready to start TLS\r\n", ACT_STARTTLS },
+    { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+    { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+    { "DATA", "354 End data with <CR><LF>.<CR><LF>\r\n", ACT_REPLY },
+    { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+    { NULL, NULL, 0 },
+};
+
+#define TRANSCRIPT_TLS(rcpts)                                                                  \
+    "EHLO " HELO_NAME "\r\nSTARTTLS\r\nEHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n" rcpts \
+    "DATA\r\n" PAYLOAD "QUIT\r\n"
+
+static void test_starttls_verify_ok(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .greeting = "220 mx.test.local ESMTP\r\n", .rules = rules_tls, .tls = fx.server_ctx };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx.test.local", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_VERIFY);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    assert_string_equal(transcript(fs), TRANSCRIPT_TLS("RCPT TO:<b@y>\r\n"));
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.tls, 1);
+    assert_true(strncmp(cap.tls_version, "TLSv1.", 6) == 0);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_starttls_opportunistic_untrusted_ok(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .greeting = "220 mx.test.local ESMTP\r\n", .rules = rules_tls, .tls = fx.evil_ctx };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("whatever.test", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_OPPORTUNISTIC);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    assert_string_equal(transcript(fs), TRANSCRIPT_TLS("RCPT TO:<b@y>\r\n"));
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.tls, 1);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_starttls_verify_wrong_name_next_candidate(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .greeting = "220 mx.test.local ESMTP\r\n", .rules = rules_tls, .tls = fx.server_ctx };
+    fake_server_t *s1 = fake_server_new(t->loop, &sc);
+    fake_server_t *s2 = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("wrong.test.local", s1->port), cand("mx.test.local", s2->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_VERIFY);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nSTARTTLS\r\n");
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
+    assert_non_null(strstr(cap.r[0].text, "certificate verification failed"));
+    assert_int_equal(cap.tls, 0);
+
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 2, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_string_equal(transcript(s2), TRANSCRIPT_TLS("RCPT TO:<b@y>\r\n"));
+    assert_string_equal(cap.mx_host, "mx.test.local");
+    assert_int_equal(cap.attempts, 2);
+    assert_int_equal(cap.tls, 1);
+    fake_server_t *all[] = { s1, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+static void test_starttls_verify_untrusted_ca(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .greeting = "220 mx.test.local ESMTP\r\n", .rules = rules_tls, .tls = fx.evil_ctx };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx.test.local", fs->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_VERIFY);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nSTARTTLS\r\n");
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_TRANSIENT, "tls", 0, "");
+    assert_non_null(strstr(cap.r[0].text, "certificate verification failed"));
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_tls_required_not_offered(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    capture_t cap;
+
+    for (int policy = SMTP_TLS_REQUIRED; policy <= SMTP_TLS_VERIFY; policy++) {
+        deliver_config_t cfg = config(t, (smtp_tls_policy_t)policy);
+        buf_reset(&fs->transcript);
+        deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+        assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nQUIT\r\n");
+        assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
+        assert_string_equal(cap.r[0].text, "TLS required but the server does not offer STARTTLS");
+        for (int i = 0; i < 20 && fake_server_busy(fs); i++)
+            loop_run_once(t->loop, 10);
+    }
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* Bytes pipelined behind "220" were never protected by TLS: refuse. */
+static void test_starttls_injection(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_TLS, ACT_REPLY },
+        { "STARTTLS", "220 2.0.0 Ready\r\n250 2.1.0 injected\r\n", ACT_REPLY },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx.test.local", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_REQUIRED);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
+    assert_non_null(strstr(cap.r[0].text, "pipelined"));
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* ---- pure pieces ---------------------------------------------------- */
+
+static void test_features(void **state)
+{
+    static const char *lines[] = {
+        "PIPELINING", "size 35882577", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING",
+        "STARTTLS", "AUTH PLAIN LOGIN", "AUTH=LOGIN", "DSN", "VRFY", "ETRN",
+    };
+    smtp_features_t f;
+    memset(&f, 0, sizeof(f));
+    for (size_t i = 0; i < sizeof(lines) / sizeof(lines[0]); i++)
+        smtp_features_parse_line(&f, lines[i], strlen(lines[i]));
+    assert_int_equal(f.flags, SMTP_FEAT_PIPELINING | SMTP_FEAT_SIZE | SMTP_FEAT_8BITMIME | SMTP_FEAT_SMTPUTF8 |
+                                  SMTP_FEAT_ENHANCEDSTATUSCODES | SMTP_FEAT_CHUNKING | SMTP_FEAT_STARTTLS |
+                                  SMTP_FEAT_AUTH);
+    assert_int_equal(f.size_max, 35882577);
+    assert_string_equal(f.auth, "PLAIN LOGIN LOGIN");
+
+    memset(&f, 0, sizeof(f));
+    smtp_features_parse_line(&f, "SIZE", 4);
+    smtp_features_parse_line(&f, "STARTTLSX", 9);
+    smtp_features_parse_line(&f, "PIPELININGfoo", 10); /* len cuts it to "PIPELINING" */
+    assert_int_equal(f.flags, SMTP_FEAT_SIZE | SMTP_FEAT_PIPELINING);
+    assert_int_equal(f.size_max, 0);
+}
+
+static void test_strstate_and_timeouts(void **state)
+{
+    assert_string_equal(smtp_strstate(SMTP_STATE_CONNECT), "CONNECT");
+    assert_string_equal(smtp_strstate(SMTP_STATE_EHLO_TLS), "EHLO_TLS");
+    assert_string_equal(smtp_strstate(SMTP_STATE_DONE), "DONE");
+    assert_string_equal(smtp_strstate(SMTP_STATE_LAST), "?");
+    assert_string_equal(smtp_strerror(SMTP_ETLS), "TLS failure");
+    assert_string_equal(smtp_strerror(-99), "unknown smtp status");
+
+    smtp_timeouts_t to;
+    smtp_timeouts_default(&to, 0);
+    assert_int_equal(to.connect_ms, 30000);
+    assert_int_equal(to.greeting_ms, 300000);
+    assert_int_equal(to.mail_ms, 300000);
+    assert_int_equal(to.rcpt_ms, 300000);
+    assert_int_equal(to.data_init_ms, 120000);
+    assert_int_equal(to.data_block_ms, 180000);
+    assert_int_equal(to.data_done_ms, 600000);
+    smtp_timeouts_default(&to, 1);
+    assert_int_equal(to.connect_ms, 300);
+    assert_int_equal(to.data_done_ms, 6000);
+}
+
+typedef struct classify_case {
+    int         code;
+    const char *enh;
+    const char *text;
+    outcome_t   outcome;
+    const char *tag;
+} classify_case_t;
+
+static void test_outcome_table(void **state)
+{
+    static const classify_case_t cases[] = {
+        { 250, "2.0.0", "Ok: queued", OUTCOME_DELIVERED, "delivered" },
+        { 251, "", "will forward", OUTCOME_DELIVERED, "delivered" },
+        { 550, "5.1.1", "User unknown", OUTCOME_PERMANENT, "no_such_user" },
+        { 550, "5.1.10", "null MX", OUTCOME_PERMANENT, "no_such_user" },
+        { 552, "5.2.2", "Mailbox full", OUTCOME_PERMANENT, "mailbox_full" },
+        { 452, "4.2.2", "Mailbox full", OUTCOME_TRANSIENT, "mailbox_full" },
+        { 451, "4.7.1", "Greylisted, see http://postgrey", OUTCOME_TRANSIENT, "greylisted" },
+        { 450, "4.2.0", "Recipient address rejected: Greylisted", OUTCOME_TRANSIENT, "greylisted" },
+        { 450, "4.7.1", "Client host rejected", OUTCOME_TRANSIENT, "policy" },
+        { 554, "5.7.1", "Relay access denied", OUTCOME_PERMANENT, "policy" },
+        { 552, "5.3.4", "Message size exceeds fixed limit", OUTCOME_PERMANENT, "message_too_big" },
+        { 554, "5.7.0", "Message rejected as spam", OUTCOME_PERMANENT, "spam" },
+        { 550, "5.7.1", "SPAM detected", OUTCOME_PERMANENT, "spam" },
+        { 421, "4.7.0", "Too many connections, rate limited", OUTCOME_TRANSIENT, "rate_limited" },
+        { 421, "", "Rate limit exceeded", OUTCOME_TRANSIENT, "rate_limited" },
+        { 451, "4.7.0", "Throttled, slow down", OUTCOME_TRANSIENT, "rate_limited" },
+        { 421, "4.3.2", "Service shutting down", OUTCOME_TRANSIENT, "other" },
+        { 450, "4.2.0", "try again later", OUTCOME_TRANSIENT, "other" },
+        { 554, "", "Transaction failed", OUTCOME_PERMANENT, "other" },
+        { 550, NULL, NULL, OUTCOME_PERMANENT, "other" },
+        { 354, "", "go ahead", OUTCOME_TRANSIENT, "protocol" },
+        { 0, "", "", OUTCOME_TRANSIENT, "protocol" },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const char *tag = NULL;
+        outcome_t o = outcome_classify(cases[i].code, cases[i].enh, cases[i].text, &tag);
+        print_message("case %d %s %s\n", cases[i].code, cases[i].enh ? cases[i].enh : "-",
+                      cases[i].text ? cases[i].text : "-");
+        assert_string_equal(outcome_name(o), outcome_name(cases[i].outcome));
+        assert_string_equal(tag, cases[i].tag);
+    }
+    static const char *kinds[] = { "network", "timeout", "tls", "dns", "protocol" };
+    for (int k = 0; k < OUTCOME_ERR_LAST; k++) {
+        const char *tag = NULL;
+        assert_int_equal(outcome_for_error(k, &tag), OUTCOME_TRANSIENT);
+        assert_string_equal(tag, kinds[k]);
+    }
+    assert_string_equal(outcome_name(OUTCOME_DELIVERED), "delivered");
+    assert_string_equal(outcome_name(OUTCOME_TRANSIENT), "transient");
+    assert_string_equal(outcome_name(OUTCOME_PERMANENT), "permanent");
+}
+
+static void test_candidates_from_mx(void **state)
+{
+    struct sockaddr_storage a[3];
+    memset(a, 0, sizeof(a));
+    for (int i = 0; i < 3; i++) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&a[i];
+        sin->sin_family = AF_INET;
+        sin->sin_addr.s_addr = htonl(0x7f000002u + (unsigned)i);
+    }
+    dns_mx_host_t hosts[] = {
+        { "mx1.example", 10, &a[0], 2 },
+        { "mx2.example", 20, &a[2], 1 },
+    };
+    dns_mx_result_t mx = { .status = DNS_OK, .hosts = hosts, .nhosts = 2 };
+    size_t n = 0;
+    deliver_candidate_t *c = deliver_candidates_from_mx(&mx, 0, &n);
+    assert_int_equal(n, 3);
+    assert_string_equal(c[0].host, "mx1.example");
+    assert_string_equal(c[1].host, "mx1.example");
+    assert_string_equal(c[2].host, "mx2.example");
+    assert_int_equal(c[2].pref, 20);
+    assert_int_equal(c[1].addrlen, sizeof(struct sockaddr_in));
+    assert_memory_equal(&c[1].addr, &a[1], sizeof(struct sockaddr_in));
+    free(c);
+
+    c = deliver_candidates_from_mx(&mx, 1, &n);
+    assert_int_equal(n, 2);
+    free(c);
+
+    mx.status = DNS_TEMPFAIL;
+    assert_null(deliver_candidates_from_mx(&mx, 5, &n));
+    assert_int_equal(n, 0);
+}
+
+/* ------------------------------------------------------------------ */
+/* throwaway PKI                                                       */
+
+static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int sh(const char *fmt, ...)
+{
+    char cmd[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof(cmd), fmt, ap);
+    va_end(ap);
+    int rc = system(cmd);
+    if (rc != 0)
+        fprintf(stderr, "command failed (%d): %s\n", rc, cmd);
+    return rc;
+}
+
+static int make_ca(const char *dir, const char *name)
+{
+    return sh("cd %s && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
+              "-keyout %s.key -out %s.crt -days 2 -subj '/CN=mailpump test %s' "
+              "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign "
+              ">/dev/null 2>&1",
+              dir, name, name, name);
+}
+
+static int make_cert(const char *dir, const char *name, const char *ca, const char *dns)
+{
+    return sh("cd %s && printf 'subjectAltName=DNS:%s\\nbasicConstraints=CA:FALSE\\n"
+              "extendedKeyUsage=serverAuth\\n' > %s.ext && "
+              "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout %s.key "
+              "-out %s.csr -subj '/CN=%s' >/dev/null 2>&1 && "
+              "openssl x509 -req -in %s.csr -CA %s.crt -CAkey %s.key -CAcreateserial -out %s.crt "
+              "-days 2 -extfile %s.ext >/dev/null 2>&1",
+              dir, dns, name, name, name, dns, name, ca, ca, name, name);
+}
+
+static int group_setup(void **state)
+{
+    char err[256], path[192], key[192];
+    const char *lvl = getenv("MP_TEST_LOG");
+    log_setup(lvl ? (enum log_level)log_level_from_name(lvl) : LOG_WARN, LOG_FMT_LOGFMT);
+
+    snprintf(fx.dir, sizeof(fx.dir), "/tmp/mp_test_smtp.XXXXXX");
+    if (mkdtemp(fx.dir) == NULL)
+        return -1;
+    if (make_ca(fx.dir, "ca") || make_ca(fx.dir, "evilca") || make_cert(fx.dir, "server", "ca", "mx.test.local") ||
+        make_cert(fx.dir, "evil", "evilca", "mx.test.local"))
+        return -1;
+    snprintf(fx.ca, sizeof(fx.ca), "%s/ca.crt", fx.dir);
+    fx.verify_ctx = tls_client_ctx_new(fx.ca, 1, err, sizeof(err));
+    fx.noverify_ctx = tls_client_ctx_new(fx.ca, 0, err, sizeof(err));
+    snprintf(path, sizeof(path), "%s/server.crt", fx.dir);
+    snprintf(key, sizeof(key), "%s/server.key", fx.dir);
+    fx.server_ctx = tls_server_ctx_new(path, key, err, sizeof(err));
+    snprintf(path, sizeof(path), "%s/evil.crt", fx.dir);
+    snprintf(key, sizeof(key), "%s/evil.key", fx.dir);
+    fx.evil_ctx = tls_server_ctx_new(path, key, err, sizeof(err));
+    if (!fx.verify_ctx || !fx.noverify_ctx || !fx.server_ctx || !fx.evil_ctx) {
+        fprintf(stderr, "TLS setup: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+static int group_teardown(void **state)
+{
+    SSL_CTX_free(fx.verify_ctx);
+    SSL_CTX_free(fx.noverify_ctx);
+    SSL_CTX_free(fx.server_ctx);
+    SSL_CTX_free(fx.evil_ctx);
+    if (fx.dir[0])
+        sh("rm -rf '%s'", fx.dir);
+    return 0;
+}
+
+#define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_features),
+        cmocka_unit_test(test_strstate_and_timeouts),
+        cmocka_unit_test(test_outcome_table),
+        cmocka_unit_test(test_candidates_from_mx),
+        T(test_all_delivered),
+        T(test_per_recipient_results),
+        T(test_all_rcpt_rejected),
+        T(test_mail_from_rejected),
+        T(test_greeting_421_next_candidate),
+        T(test_greeting_554_everywhere),
+        T(test_connect_refused_next_candidate),
+        T(test_ehlo_502_helo_fallback),
+        T(test_timeout_greeting),
+        T(test_timeout_end_of_data_no_failover),
+        T(test_close_mid_data),
+        T(test_421_mid_rcpt_failover_keeps_answers),
+        T(test_size_limit_checked_before_mail),
+        T(test_garbage_reply_is_protocol_error),
+        T(test_injection_refused),
+        T(test_no_candidates),
+        T(test_cancel),
+        T(test_starttls_verify_ok),
+        T(test_starttls_opportunistic_untrusted_ok),
+        T(test_starttls_verify_wrong_name_next_candidate),
+        T(test_starttls_verify_untrusted_ca),
+        T(test_tls_required_not_offered),
+        T(test_starttls_injection),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
