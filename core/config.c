@@ -63,6 +63,9 @@ static const key_def_t keys[] = {
     { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0 },
     { "log", "level", K_STR, F(log_level), "info", 0 },
     { "log", "format", K_STR, F(log_format), "logfmt", 0 },
+    { "retry", "delay_ms", K_UINT, F(retry_delay_ms), "60000", 0 },
+    { "retry", "max_attempts", K_UINT, F(retry_max_attempts), "5", 0 },
+    { "retry", "queue_prefix", K_STR, F(retry_queue_prefix), "mail.retry", 0 },
     { "message", "max_size", K_ULONG, F(message_max_size), "26214400", 0 },
 };
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
@@ -236,6 +239,11 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
     if (cfg->smtp_max_mx == 0 || cfg->dns_tries == 0 || cfg->dns_timeout_ms == 0 ||
         cfg->smtp_timeout_scale == 0) {
         snprintf(err, errlen, "[smtp] max_mx, timeout_scale and [dns] tries, timeout_ms must be > 0");
+        return -1;
+    }
+    if (cfg->retry_max_attempts == 0 || cfg->retry_delay_ms == 0 ||
+        cfg->retry_delay_ms > 0x7fffffffu) {
+        snprintf(err, errlen, "[retry] max_attempts and delay_ms must be > 0");
         return -1;
     }
     if (cfg->imap_host[0] && !cfg->imap_accounts_file[0]) {

@@ -49,6 +49,10 @@ typedef struct mp_config {
     /* [log] */
     char    *log_level;
     char    *log_format;          /* logfmt | json */
+    /* [retry] */
+    unsigned retry_delay_ms;      /* wait before retrying transient recipients */
+    unsigned retry_max_attempts;  /* attempts before they fail for good */
+    char    *retry_queue_prefix;  /* delay queue: <prefix>.<seconds>s */
     /* [message] */
     unsigned long message_max_size;
 } mp_config_t;

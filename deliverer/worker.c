@@ -83,6 +83,9 @@ struct job {
     size_t          domains_left;
     imap_append_t  *append;
     int             append_tried;
+    int             appended_before; /* an earlier attempt already stored the Sent copy */
+    unsigned        attempt;         /* 1 for the first delivery attempt */
+    char           *first_seen;      /* ms since the epoch, as text, travels in headers */
     imap_append_result_t append_res;
     size_t          confirms_left;
     int             confirm_failed;
@@ -159,6 +162,7 @@ static void job_free(job_t *j)
     free(j->rcpts);
     buf_free(&j->raw);
     buf_free(&j->wire);
+    free(j->first_seen);
     message_free(j->msg);
     mq_delivery_free(j->dv);
     free(j);
@@ -246,7 +250,7 @@ static void job_dead_letter(job_t *j, const char *reason)
                             .headers = hdrs, .nheaders = 2 };
     job_publish(j, "", cfg->amqp_dead_queue, j->dv->body, j->dv->len, &o);
     mq_event_t ev = { .event = "dead", .message_id = j->msg ? j->msg->id : j->dv->message_id,
-                      .error = reason, .attempt = 1 };
+                      .error = reason, .attempt = j->attempt };
     job_publish_event(j, &ev);
     if (j->confirms_left == 0)
         job_finish(j, 0);
@@ -277,7 +281,7 @@ static void job_domain_done(job_t *j)
             delivered++;
     const account_t *acct = env->imap_addrlen ? accounts_find(&env->accounts, j->msg->from.addr)
                                               : NULL;
-    if (delivered == 0 || acct == NULL) {
+    if (delivered == 0 || acct == NULL || j->appended_before) {
         job_publish_events(j);
         return;
     }
@@ -319,12 +323,69 @@ static const char *event_name(outcome_t o)
     }
 }
 
+/* The delay queue's name: <prefix>.<delay>s (or ms for sub-second delays). */
+static void retry_queue_name(const mp_config_t *cfg, char *out, size_t outlen)
+{
+    unsigned ms = cfg->retry_delay_ms;
+    if (ms % 1000 == 0)
+        snprintf(out, outlen, "%s.%us", cfg->retry_queue_prefix, ms / 1000);
+    else
+        snprintf(out, outlen, "%s.%ums", cfg->retry_queue_prefix, ms);
+}
+
+/* Republish the original body to the delay queue with the recipients
+ * still pending; the broker routes it back to the outbound queue when the
+ * delay expires. Returns 1 if a retry was scheduled. */
+static int job_schedule_retry(job_t *j)
+{
+    worker_t *w = j->w;
+    const mp_config_t *cfg = w->env->cfg;
+    if (j->attempt >= cfg->retry_max_attempts)
+        return 0;
+    buf_t pending = BUF_INIT;
+    for (size_t i = 0; i < j->nrcpts; i++) {
+        if (j->rcpts[i].outcome != OUTCOME_TRANSIENT)
+            continue;
+        if (buf_size(&pending))
+            buf_putc(&pending, ',');
+        buf_puts(&pending, j->rcpts[i].addr);
+    }
+    char attempt[16], queue[256];
+    snprintf(attempt, sizeof(attempt), "%u", j->attempt + 1);
+    retry_queue_name(cfg, queue, sizeof(queue));
+    int appended = j->appended_before || (j->append_tried && j->append_res.status == IMAP_OK);
+    mq_header_t hdrs[] = {
+        { "x-mailpump-pending", buf_head(&pending) },
+        { "x-mailpump-attempt", attempt },
+        { "x-mailpump-first-seen-ms", j->first_seen },
+        { "x-mailpump-appended", appended ? "1" : "0" },
+    };
+    mq_publish_opts_t o = { .message_id = j->msg->id, .priority = j->dv->priority,
+                            .persistent = 1, .headers = hdrs, .nheaders = 4 };
+    log_info("worker", "retry_scheduled", "msg=%s attempt=%u delay_ms=%u pending=%s", j->msg->id,
+             j->attempt + 1, cfg->retry_delay_ms, buf_head(&pending));
+    job_publish(j, "", queue, j->dv->body, j->dv->len, &o);
+    buf_free(&pending);
+    return 1;
+}
+
 static void job_publish_events(job_t *j)
 {
     int appended = j->append_tried && j->append_res.status == IMAP_OK;
+    size_t transient = 0;
+    for (size_t i = 0; i < j->nrcpts; i++)
+        transient += j->rcpts[i].outcome == OUTCOME_TRANSIENT;
+    int retrying = transient > 0 && job_schedule_retry(j);
     for (size_t i = 0; i < j->nrcpts; i++) {
         job_rcpt_t *r = &j->rcpts[i];
         job_domain_t *d = &j->domains[r->domain];
+        char exhausted[600] = "";
+        if (r->outcome == OUTCOME_TRANSIENT && !retrying) {
+            /* out of attempts: the last transient answer becomes final */
+            snprintf(exhausted, sizeof(exhausted), "retries exhausted after %u attempts: %s",
+                     j->attempt, r->text);
+            r->outcome = OUTCOME_PERMANENT;
+        }
         switch (r->outcome) {
         case OUTCOME_DELIVERED: metrics_inc(MET_RCPT_DELIVERED, 1); break;
         case OUTCOME_TRANSIENT: metrics_inc(MET_RCPT_DEFERRED, 1); break;
@@ -345,16 +406,18 @@ static void job_publish_events(job_t *j)
             .mx_addr = d->mx_addr,
             .tls_version = d->tls_version[0] ? d->tls_version : NULL,
             .tls_cipher = d->tls_cipher[0] ? d->tls_cipher : NULL,
-            .attempt = 1,
+            .attempt = j->attempt,
             .imap_appended = appended && r->outcome == OUTCOME_DELIVERED,
             .imap_uidvalidity = j->append_res.uidvalidity,
             .imap_uid = j->append_res.uid,
             .imap_mailbox = j->append_res.mailbox,
+            .error = exhausted[0] ? exhausted : NULL,
         };
         log_info("worker", event_name(r->outcome),
-                 "msg=%s rcpt=%s code=%d enh=%s reason=%s mx=%s tls=%s", j->msg->id, r->addr,
-                 r->code, r->enh[0] ? r->enh : "-", r->reason ? r->reason : "-",
-                 d->mx_host[0] ? d->mx_host : "-", d->tls_version[0] ? d->tls_version : "none");
+                 "msg=%s rcpt=%s attempt=%u code=%d enh=%s reason=%s mx=%s tls=%s", j->msg->id,
+                 r->addr, j->attempt, r->code, r->enh[0] ? r->enh : "-",
+                 r->reason ? r->reason : "-", d->mx_host[0] ? d->mx_host : "-",
+                 d->tls_version[0] ? d->tls_version : "none");
         job_publish_event(j, &ev);
     }
     if (j->append_tried) {
@@ -363,7 +426,7 @@ static void job_publish_events(job_t *j)
             .message_id = j->msg->id,
             .trace_id = j->msg->trace_id,
             .sender = j->msg->from.addr,
-            .attempt = 1,
+            .attempt = j->attempt,
             .imap_appended = appended,
             .imap_uidvalidity = j->append_res.uidvalidity,
             .imap_uid = j->append_res.uid,
@@ -491,9 +554,26 @@ static size_t job_domain_index(job_t *j, const char *domain)
     return j->ndomains++;
 }
 
-static void job_add_rcpts(job_t *j, const mp_address_t *list, size_t n)
+/* 1 if addr is in the comma-separated list (case-insensitive). */
+static int in_list(const char *list, const char *addr)
+{
+    size_t alen = strlen(addr);
+    for (const char *p = list; *p;) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == alen && strncasecmp(p, addr, len) == 0)
+            return 1;
+        p += len + (end ? 1 : 0);
+    }
+    return 0;
+}
+
+/* Add recipients, once each; on a retry only those still pending. */
+static void job_add_rcpts(job_t *j, const mp_address_t *list, size_t n, const char *pending)
 {
     for (size_t i = 0; i < n; i++) {
+        if (pending && !in_list(pending, list[i].addr))
+            continue;
         int dup = 0;
         for (size_t k = 0; k < j->nrcpts && !dup; k++)
             dup = strcasecmp(j->rcpts[k].addr, list[i].addr) == 0;
@@ -518,6 +598,18 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
     buf_init(&j->raw);
     buf_init(&j->wire);
     job_link(w, j);
+    const char *h = mq_delivery_header(dv, "x-mailpump-attempt");
+    j->attempt = h && atoi(h) > 0 ? (unsigned)atoi(h) : 1;
+    h = mq_delivery_header(dv, "x-mailpump-first-seen-ms");
+    if (h) {
+        j->first_seen = xstrdup(h);
+    } else {
+        char now[32];
+        snprintf(now, sizeof(now), "%llu", (unsigned long long)util_wall_ms());
+        j->first_seen = xstrdup(now);
+    }
+    h = mq_delivery_header(dv, "x-mailpump-appended");
+    j->appended_before = h && strcmp(h, "1") == 0;
 
     char err[512];
     int rc = msgjson_parse(dv->body, dv->len, &j->msg, err, sizeof(err));
@@ -534,12 +626,18 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
     }
     mime_dotstuff(buf_head(&j->raw), buf_size(&j->raw), &j->wire);
 
-    job_add_rcpts(j, j->msg->to, j->msg->nto);
-    job_add_rcpts(j, j->msg->cc, j->msg->ncc);
-    job_add_rcpts(j, j->msg->bcc, j->msg->nbcc);
-    log_info("worker", "message_received", "tag=%llu msg=%s trace=%s prio=%d rcpts=%zu domains=%zu bytes=%zu",
+    const char *pending = mq_delivery_header(dv, "x-mailpump-pending");
+    job_add_rcpts(j, j->msg->to, j->msg->nto, pending);
+    job_add_rcpts(j, j->msg->cc, j->msg->ncc, pending);
+    job_add_rcpts(j, j->msg->bcc, j->msg->nbcc, pending);
+    if (j->nrcpts == 0) {
+        job_dead_letter(j, "retry carries no pending recipient of this message");
+        return;
+    }
+    log_info("worker", "message_received",
+             "tag=%llu msg=%s trace=%s prio=%d attempt=%u rcpts=%zu domains=%zu bytes=%zu",
              (unsigned long long)dv->tag, j->msg->id, j->msg->trace_id ? j->msg->trace_id : "-",
-             dv->priority, j->nrcpts, j->ndomains, buf_size(&j->raw));
+             dv->priority, j->attempt, j->nrcpts, j->ndomains, buf_size(&j->raw));
     j->domains_left = j->ndomains;
     /* the domain array is complete: references by index stay valid */
     for (size_t i = 0; i < j->ndomains; i++) {
@@ -606,7 +704,11 @@ static void worker_connect(worker_t *w)
     };
     char err[512] = "";
     w->mq = mq_open(w->loop, &mc, err, sizeof(err));
-    if (w->mq && mq_consume(w->mq, on_delivery, on_lost, w, err, sizeof(err)) < 0) {
+    char retry_queue[256];
+    retry_queue_name(cfg, retry_queue, sizeof(retry_queue));
+    if (w->mq && (mq_declare_delay_queue(w->mq, retry_queue, cfg->retry_delay_ms, err,
+                                         sizeof(err)) < 0 ||
+                  mq_consume(w->mq, on_delivery, on_lost, w, err, sizeof(err)) < 0)) {
         mq_free(w->mq);
         w->mq = NULL;
     }

@@ -71,6 +71,11 @@ struct mq {
     int                      in_drain;
 };
 
+static void copy_bytes(char **dst, amqp_bytes_t b)
+{
+    *dst = xstrndup(b.bytes ? (const char *)b.bytes : "", b.len);
+}
+
 const char *mq_strerror(int status)
 {
     switch (status) {
@@ -88,7 +93,51 @@ void mq_delivery_free(mq_delivery_t *d)
         return;
     free(d->body);
     free(d->message_id);
+    for (size_t i = 0; i < d->nheaders; i++) {
+        free(d->hkeys[i]);
+        free(d->hvals[i]);
+    }
+    free(d->hkeys);
+    free(d->hvals);
     free(d);
+}
+
+const char *mq_delivery_header(const mq_delivery_t *d, const char *key)
+{
+    for (size_t i = 0; i < d->nheaders; i++)
+        if (strcmp(d->hkeys[i], key) == 0)
+            return d->hvals[i];
+    return NULL;
+}
+
+static void copy_headers(mq_delivery_t *d, const amqp_table_t *t)
+{
+    for (int i = 0; i < t->num_entries; i++) {
+        const amqp_table_entry_t *e = &t->entries[i];
+        char num[32];
+        amqp_bytes_t v;
+        switch (e->value.kind) {
+        case AMQP_FIELD_KIND_UTF8:
+        case AMQP_FIELD_KIND_BYTES:
+            v = e->value.value.bytes;
+            break;
+        case AMQP_FIELD_KIND_I32:
+            snprintf(num, sizeof(num), "%d", e->value.value.i32);
+            v = amqp_cstring_bytes(num);
+            break;
+        case AMQP_FIELD_KIND_I64:
+            snprintf(num, sizeof(num), "%lld", (long long)e->value.value.i64);
+            v = amqp_cstring_bytes(num);
+            break;
+        default:
+            continue; /* x-death tables and other structured values */
+        }
+        d->hkeys = xrealloc(d->hkeys, (d->nheaders + 1) * sizeof(char *));
+        d->hvals = xrealloc(d->hvals, (d->nheaders + 1) * sizeof(char *));
+        copy_bytes(&d->hkeys[d->nheaders], e->key);
+        copy_bytes(&d->hvals[d->nheaders], v);
+        d->nheaders++;
+    }
 }
 
 static void reply_text(amqp_rpc_reply_t r, const char *what, char *err, size_t errlen)
@@ -203,11 +252,6 @@ static void connection_lost(mq_t *mq, const char *why)
 
 /* ---- frame handling ---- */
 
-static void copy_bytes(char **dst, amqp_bytes_t b)
-{
-    *dst = xstrndup(b.bytes ? (const char *)b.bytes : "", b.len);
-}
-
 static void finish_delivery(mq_t *mq)
 {
     mq_delivery_t *d = mq->cur;
@@ -311,6 +355,8 @@ static void handle_frame(mq_t *mq, amqp_frame_t *f)
                 mq->cur->priority = p->priority;
             if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG)
                 copy_bytes(&mq->cur->message_id, p->message_id);
+            if (p->_flags & AMQP_BASIC_HEADERS_FLAG)
+                copy_headers(mq->cur, &p->headers);
         }
         mq->cur->body = xmalloc(mq->cur_size + 1);
         mq->cur->body[0] = '\0';
@@ -507,6 +553,23 @@ void mq_cancel(mq_t *mq)
     int r = amqp_send_method(mq->conn, MQ_CHANNEL, AMQP_BASIC_CANCEL_METHOD, &req);
     if (r != AMQP_STATUS_OK)
         connection_lost(mq, "basic.cancel: send failed");
+}
+
+int mq_declare_delay_queue(mq_t *mq, const char *name, unsigned ttl_ms, char *err, size_t errlen)
+{
+    amqp_table_entry_t a[3];
+    a[0].key = amqp_cstring_bytes("x-message-ttl");
+    a[0].value.kind = AMQP_FIELD_KIND_I32;
+    a[0].value.value.i32 = (int32_t)ttl_ms;
+    a[1].key = amqp_cstring_bytes("x-dead-letter-exchange");
+    a[1].value.kind = AMQP_FIELD_KIND_UTF8;
+    a[1].value.value.bytes = amqp_cstring_bytes("");
+    a[2].key = amqp_cstring_bytes("x-dead-letter-routing-key");
+    a[2].value.kind = AMQP_FIELD_KIND_UTF8;
+    a[2].value.value.bytes = amqp_cstring_bytes(mq->cfg.queue);
+    amqp_table_t args = { 3, a };
+    amqp_queue_declare(mq->conn, MQ_CHANNEL, amqp_cstring_bytes(name), 0, 1, 0, 0, args);
+    return rpc_ok(mq, "declare delay queue", err, errlen);
 }
 
 int mq_publish(mq_t *mq, const char *exchange, const char *routing_key, const void *body,

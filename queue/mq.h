@@ -49,9 +49,14 @@ typedef struct mq_delivery {
     int      priority;    /* 0 when the property is absent */
     int      redelivered;
     char    *message_id;  /* AMQP message-id property or NULL */
+    char   **hkeys;       /* string-valued headers (others are skipped) */
+    char   **hvals;
+    size_t   nheaders;
 } mq_delivery_t;
 
 void mq_delivery_free(mq_delivery_t *d);
+/* Value of a string header, or NULL. */
+const char *mq_delivery_header(const mq_delivery_t *d, const char *key);
 
 typedef struct mq mq_t;
 
@@ -86,6 +91,10 @@ int   mq_consume(mq_t *mq, mq_delivery_cb on_delivery, mq_lost_cb on_lost, void 
                  char *err, size_t errlen);
 /* Ask the broker to stop delivering (basic.cancel, not waited for). */
 void  mq_cancel(mq_t *mq);
+/* Declare a durable delay queue: messages expire after ttl_ms and are
+ * dead-lettered back to cfg->queue. Blocking RPC: call only from set-up
+ * (mq_open's caller), before the loop runs. 0 or -1 + err. */
+int   mq_declare_delay_queue(mq_t *mq, const char *name, unsigned ttl_ms, char *err, size_t errlen);
 /* Publish with confirm. Returns 0 (cb will fire) or -1 (cb will not fire). */
 int   mq_publish(mq_t *mq, const char *exchange, const char *routing_key, const void *body,
                  size_t len, const mq_publish_opts_t *opts, mq_confirm_cb cb, void *arg);
