@@ -74,6 +74,7 @@ class Daemon:
             "MAILPUMP_AMQP_EVENTS_EXCHANGE": self.exchange,
             "MAILPUMP_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
             "MAILPUMP_WORKER_COUNT": str(workers),
+            "MAILPUMP_RETRY_QUEUE_PREFIX": f"itest.{tag}.retry",
         })
         if extra_env:
             self.proc_env.update(extra_env)
@@ -114,6 +115,11 @@ class Daemon:
                 return float(line.split()[1])
         raise KeyError(name)
 
+    def retry_queue(self):
+        ms = int(self.proc_env.get("MAILPUMP_RETRY_DELAY_MS", "60000"))
+        prefix = self.proc_env["MAILPUMP_RETRY_QUEUE_PREFIX"]
+        return f"{prefix}.{ms // 1000}s" if ms % 1000 == 0 else f"{prefix}.{ms}ms"
+
     def log(self):
         with open(self.log_path) as f:
             return f.read()
@@ -138,6 +144,7 @@ class Daemon:
         try:
             ch.queue_delete(self.queue)
             ch.queue_delete(self.dead_queue)
+            ch.queue_delete(self.retry_queue())
             ch.exchange_delete(self.exchange)
         finally:
             conn.close()

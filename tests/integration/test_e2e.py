@@ -23,7 +23,9 @@ class EndToEnd(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.env = mpstack.stack_env()
-        cls.daemon = mpstack.Daemon(cls.env, workers=2)
+        cls.daemon = mpstack.Daemon(cls.env, workers=2, extra_env={
+            "MAILPUMP_RETRY_DELAY_MS": "300", "MAILPUMP_RETRY_MAX_ATTEMPTS": "3",
+            "MAILPUMP_DNS_TIMEOUT_MS": "300", "MAILPUMP_DNS_TRIES": "1"})
         cls.tap = mpstack.EventTap(cls.env, cls.daemon.exchange)
         cls.daemon.start()
 
@@ -178,6 +180,66 @@ class EndToEnd(unittest.TestCase):
         msg_id = self.enqueue("--from", "bob@test.example", "--to", "dave@test.example",
                               "--subject", "after the bad ones", "--text", "still here")
         self.events_for(msg_id, 1, kinds={"delivered"})
+
+    def test_transient_recipient_retried_until_attempts_run_out(self):
+        msg_id = self.enqueue("--from", "bob@test.example", "--to", "tempfail@test.example",
+                              "--to", "henry@test.example", "--subject", "tempfail",
+                              "--text", "retry me")
+        evs = self.events_for(msg_id, 4, kinds={"delivered", "deferred", "failed"}, timeout=60)
+        henry = [e for e in evs if e["recipient"] == "henry@test.example"]
+        temp = sorted((e for e in evs if e["recipient"] == "tempfail@test.example"),
+                      key=lambda e: e["attempt"])
+        # the accepted recipient is delivered once, on the first attempt only
+        self.assertEqual([(e["event"], e["attempt"]) for e in henry], [("delivered", 1)])
+        self.assertEqual([(e["event"], e["attempt"]) for e in temp],
+                         [("deferred", 1), ("deferred", 2), ("failed", 3)])
+        for e in temp:
+            self.assertEqual(e["smtp"]["code"], 450)
+            self.assertEqual(e["smtp"]["enhanced"], "4.2.0")
+        self.assertEqual(temp[0]["outcome"], "transient")
+        self.assertIn("retries exhausted after 3 attempts", temp[2]["error"])
+        # the Sent copy was stored once, on the attempt that delivered henry
+        appended = [e for e in self.tap.events
+                    if e.get("message_id") == msg_id and e["event"] == "appended"]
+        self.assertEqual(len(appended), 1)
+        self.assertEqual(appended[0]["attempt"], 1)
+        _, data = mpstack.find_in_maildir(self.env["MP_MX1_MAILDIR"], msg_id)
+        self.assertIsNotNone(data)
+        copies = 0
+        for sub in ("new", "cur"):
+            d = os.path.join(self.env["MP_MX1_MAILDIR"], sub)
+            for name in os.listdir(d):
+                with open(os.path.join(d, name), "rb") as f:
+                    copies += msg_id.encode() in f.read()
+        self.assertEqual(copies, 1)
+
+    def test_dns_outcomes_and_failover(self):
+        cases = {
+            "ann@nxdomain.test.example": ("failed", "dns", "mx_host", None),
+            "ann@nullmx.test.example": ("failed", "dns", "mx_host", None),
+            "ann@failover.test.example": ("delivered", "delivered", "mx_host", "mx2.test.example"),
+            # implicit MX: the domain's own A record; its name is not in the
+            # receiver's certificate, so the verify policy refuses it
+            "ann@nomx.test.example": ("deferred", "tls", "mx_host", "nomx.test.example"),
+        }
+        ids = {}
+        for rcpt in cases:
+            ids[rcpt] = self.enqueue("--from", "bob@test.example", "--to", rcpt,
+                                     "--subject", "dns", "--text", rcpt)
+        for rcpt, (event, reason, _, mx) in cases.items():
+            ev = self.events_for(ids[rcpt], 1, kinds={"delivered", "failed", "deferred"})[0]
+            self.assertEqual((ev["event"], ev["reason"]), (event, reason), ev)
+            if mx:
+                self.assertEqual(ev["mx_host"], mx)
+                self.assertIn(ev["mx_addr"], ("127.0.0.2", "127.0.0.3"))
+            else:
+                self.assertNotIn("smtp", ev)
+        # a resolver that never answers is transient: deferred, then retried
+        tid = self.enqueue("--from", "bob@test.example", "--to", "ann@timeout.test.example",
+                           "--text", "slow dns")
+        ev = self.events_for(tid, 1, kinds={"deferred"})[0]
+        self.assertEqual(ev["outcome"], "transient")
+        self.assertEqual(ev["reason"], "dns")
 
     def test_metrics_and_health(self):
         msg_id = self.enqueue("--from", "bob@test.example", "--to", "erin@test.example",
