@@ -10,6 +10,7 @@ import email.policy
 import imaplib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -282,6 +283,114 @@ class Priority(unittest.TestCase):
             rc = d.stop()
             tap.close()
         self.assertEqual(rc, 0)
+
+
+class GracefulShutdown(unittest.TestCase):
+    """SIGTERM with a message in flight: it is finished and acked, nothing
+    new is consumed, and the daemon exits 0."""
+
+    def test_sigterm_finishes_inflight_and_stops_consuming(self):
+        env = mpstack.stack_env()
+        port = mpstack.free_port()
+        # a plaintext receiver that waits 2 s before answering DATA
+        sink = subprocess.Popen(["/usr/sbin/smtp-sink", "-u", "nobody", "-w", "2",
+                                 f"127.0.0.2:{port}", "100"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        d = mpstack.Daemon(env, workers=1, extra_env={
+            "MAILPUMP_SMTP_PORT": str(port), "MAILPUMP_SMTP_TLS": "none",
+            "MAILPUMP_IMAP_HOST": ""})
+        tap = mpstack.EventTap(env, d.exchange)
+        try:
+            d.start()
+            r = d.cli("enqueue", "--from", "bob@test.example", "--to", "slow@test.example",
+                      "--text", "in flight at SIGTERM")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            inflight = r.stdout.strip()
+            deadline = time.time() + 10
+            while time.time() < deadline and d.metric("mailpump_messages_inflight") < 1:
+                time.sleep(0.05)
+            self.assertEqual(d.metric("mailpump_messages_inflight"), 1)
+            d.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            r = d.cli("enqueue", "--from", "bob@test.example", "--to", "later@test.example",
+                      "--text", "after SIGTERM")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertEqual(d.proc.wait(30), 0, d.log())
+            evs = tap.wait(lambda e: e["event"] == "delivered", 1)
+            self.assertEqual(evs[0]["message_id"], inflight)
+            self.assertEqual(evs[0]["smtp"]["code"], 250)
+            self.assertNotIn("tls", evs[0])
+            conn, ch = mpstack.amqp_channel(env)
+            try:
+                q = ch.queue_declare(d.queue, passive=True)
+                self.assertEqual(q.method.message_count, 1)  # the later one waits
+            finally:
+                conn.close()
+            self.assertIn("event=draining", d.log())
+        finally:
+            d.stop()
+            tap.close()
+            sink.terminate()
+            sink.wait(10)
+
+
+class Cli(unittest.TestCase):
+    def run_cli(self, *args, stdin=None):
+        return subprocess.run([os.path.join(mpstack.BUILD_DIR, "mailpump"), *args],
+                              input=stdin, capture_output=True, text=True, timeout=30)
+
+    def test_help(self):
+        r = self.run_cli("--help")
+        self.assertEqual(r.returncode, 0)
+        self.assertIn("enqueue", r.stdout)
+        r = self.run_cli("help", "enqueue")
+        self.assertEqual(r.returncode, 0)
+        self.assertIn("--priority", r.stdout)
+        r = self.run_cli("enqueue", "--help")
+        self.assertIn("--from", r.stdout)
+        r = self.run_cli("bogus")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("unknown command", r.stderr)
+
+    def test_invalid_message_refused_before_publishing(self):
+        r = self.run_cli("--amqp", "127.0.0.1:1", "enqueue", "--from", "alice@test.example",
+                         "--to", "bob@")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("invalid message", r.stderr)
+        self.assertIn("bob@", r.stderr)
+        r = self.run_cli("--amqp", "127.0.0.1:1", "enqueue", stdin="{nope")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("not a JSON object", r.stderr)
+
+    def test_json_on_stdin(self):
+        env = mpstack.stack_env()
+        q = "itest.cli." + os.urandom(4).hex()
+        body = json.dumps({"from": "alice@test.example", "to": ["bob@test.example"],
+                           "id": "cli-stdin-1", "subject": "from stdin"})
+        r = subprocess.run([os.path.join(mpstack.BUILD_DIR, "mailpump"),
+                            "--amqp", f"{env['MP_AMQP_HOST']}:{env['MP_AMQP_PORT']}",
+                            "enqueue", "--priority", "7"], input=body,
+                           env=dict(os.environ, MAILPUMP_AMQP_QUEUE=q),
+                           capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.strip(), "cli-stdin-1")
+        conn, ch = mpstack.amqp_channel(env)
+        try:
+            method, props, got = ch.basic_get(q, auto_ack=True)
+            self.assertIsNotNone(method)
+            self.assertEqual(json.loads(got)["subject"], "from stdin")
+            self.assertEqual(props.priority, 7)
+            self.assertEqual(props.delivery_mode, 2)
+            ch.queue_delete(q)
+        finally:
+            conn.close()
+
+    def test_broker_down_is_a_clear_error(self):
+        r = self.run_cli("--amqp", "127.0.0.1:1", "enqueue", "--from", "alice@test.example",
+                         "--to", "bob@test.example")
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("cannot connect to RabbitMQ at 127.0.0.1:1", r.stderr)
 
 
 class Configuration(unittest.TestCase):
