@@ -138,6 +138,14 @@ typedef struct parse_ctx {
 static int on_ini(void *user, const char *section, const char *name, const char *value)
 {
     parse_ctx_t *pc = user;
+    if (pc->failed)
+        return 0; /* keep the first error */
+    if (section[0] == '\0') {
+        snprintf(pc->err, pc->errlen,
+                 "key \"%s\" outside a [section] (is a section header malformed?)", name);
+        pc->failed = 1;
+        return 0;
+    }
     const key_def_t *k = find_key(section, name);
     if (k == NULL) {
         snprintf(pc->err, pc->errlen, "unknown key [%s] %s", section, name);

@@ -1,0 +1,157 @@
+/*
+ * Unit tests for core/config: file parsing, environment overrides,
+ * validation errors, and the masked dump.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/config.h"
+
+static char path[64];
+
+static void write_file(const char *text)
+{
+    snprintf(path, sizeof(path), "/tmp/mp-config-XXXXXX");
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+    close(fd);
+}
+
+static int teardown(void **state)
+{
+    unlink(path);
+    unsetenv("MAILPUMP_AMQP_PORT");
+    unsetenv("MAILPUMP_SMTP_TLS");
+    unsetenv("MAILPUMP_WORKER_COUNT");
+    return 0;
+}
+
+static void test_defaults(void **state)
+{
+    mp_config_t c;
+    char err[256];
+    config_defaults(&c);
+    assert_int_equal(config_load(&c, NULL, err, sizeof(err)), 0);
+    assert_int_equal(config_validate(&c, err, sizeof(err)), 0);
+    assert_string_equal(c.amqp_queue, "mail.outbound");
+    assert_string_equal(c.amqp_dead_queue, "mail.dead");
+    assert_string_equal(c.amqp_events_exchange, "mail.events");
+    assert_int_equal(c.amqp_port, 5672);
+    assert_int_equal(c.worker_count, 0);
+    assert_string_equal(c.smtp_tls, "opportunistic");
+    assert_int_equal(c.smtp_port, 25);
+    assert_int_equal(c.message_max_size, 26214400UL);
+    config_free(&c);
+}
+
+static void test_file_then_environment(void **state)
+{
+    write_file("; comment\n[amqp]\nhost = broker.internal\nport = 5673\n"
+               "[smtp]\ntls = verify\nport = 2525\n[worker]\ncount = 3\n");
+    setenv("MAILPUMP_AMQP_PORT", "6000", 1);
+    setenv("MAILPUMP_WORKER_COUNT", "7", 1);
+    mp_config_t c;
+    char err[256];
+    config_defaults(&c);
+    assert_int_equal(config_load(&c, path, err, sizeof(err)), 0);
+    assert_string_equal(c.amqp_host, "broker.internal"); /* file */
+    assert_int_equal(c.amqp_port, 6000);                 /* environment wins */
+    assert_int_equal(c.worker_count, 7);
+    assert_string_equal(c.smtp_tls, "verify");
+    assert_int_equal(c.smtp_port, 2525);
+    config_free(&c);
+}
+
+static void test_errors_name_the_problem(void **state)
+{
+    static const struct {
+        const char *file;
+        const char *env_key, *env_val;
+        int         load_fails; /* else validation fails */
+        const char *needle;
+    } cases[] = {
+        { "[amqp]\nhots = x\n", NULL, NULL, 1, "unknown key [amqp] hots" },
+        { "[nope]\nkey = 1\n", NULL, NULL, 1, "unknown key [nope] key" },
+        { "[amqp]\nport = many\n", NULL, NULL, 1, "[amqp] port: expected a non-negative number" },
+        { "[amqp]\nport = -5\n", NULL, NULL, 1, "expected a non-negative number" },
+        { "[amqp]\nport = 70000\n", NULL, NULL, 0, "ports must be between 1 and 65535" },
+        { "[smtp]\ntls = maybe\n", NULL, NULL, 0, "[smtp] tls: \"maybe\"" },
+        { "", "MAILPUMP_SMTP_TLS", "sometimes", 0, "\"sometimes\"" },
+        { "", "MAILPUMP_AMQP_PORT", "x1", 1, "MAILPUMP_AMQP_PORT" },
+        { "[imap]\nhost = 127.0.0.1\n", NULL, NULL, 0, "accounts_file is empty" },
+        { "[amqp]\nprefetch = 0\n", NULL, NULL, 0, "prefetch" },
+        { "[amqp\nport = 1\n", NULL, NULL, 1, "outside a [section]" },
+        { "[amqp]\nport\n", NULL, NULL, 1, "syntax error" },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        write_file(cases[i].file);
+        if (cases[i].env_key)
+            setenv(cases[i].env_key, cases[i].env_val, 1);
+        mp_config_t c;
+        char err[512] = "";
+        config_defaults(&c);
+        int lr = config_load(&c, path, err, sizeof(err));
+        int vr = lr == 0 ? config_validate(&c, err, sizeof(err)) : 0;
+        if (cases[i].load_fails) {
+            assert_int_equal(lr, -1);
+        } else {
+            assert_int_equal(lr, 0);
+            assert_int_equal(vr, -1);
+        }
+        if (strstr(err, cases[i].needle) == NULL)
+            fail_msg("case %zu: \"%s\" not in \"%s\"", i, cases[i].needle, err);
+        config_free(&c);
+        if (cases[i].env_key)
+            unsetenv(cases[i].env_key);
+        unlink(path);
+    }
+}
+
+static void test_missing_file(void **state)
+{
+    mp_config_t c;
+    char err[256];
+    config_defaults(&c);
+    assert_int_equal(config_load(&c, "/nonexistent/mailpumpd.ini", err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "/nonexistent/mailpumpd.ini"));
+    config_free(&c);
+}
+
+static void test_dump_masks_secrets(void **state)
+{
+    write_file("[amqp]\npassword = hunter2\n");
+    mp_config_t c;
+    char err[256];
+    config_defaults(&c);
+    assert_int_equal(config_load(&c, path, err, sizeof(err)), 0);
+    char *out = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&out, &len);
+    config_dump(&c, f);
+    fclose(f);
+    assert_null(strstr(out, "hunter2"));
+    assert_non_null(strstr(out, "password = ********"));
+    assert_non_null(strstr(out, "[amqp]\nhost = 127.0.0.1\n"));
+    free(out);
+    config_free(&c);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_defaults, teardown),
+        cmocka_unit_test_teardown(test_file_then_environment, teardown),
+        cmocka_unit_test_teardown(test_errors_name_the_problem, teardown),
+        cmocka_unit_test_teardown(test_missing_file, teardown),
+        cmocka_unit_test_teardown(test_dump_masks_secrets, teardown),
+    };
+    return cmocka_run_group_tests_name("config", tests, NULL, NULL);
+}
