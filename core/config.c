@@ -19,7 +19,7 @@
 
 #include "core/util.h"
 
-typedef enum { K_STR, K_UINT, K_ULONG } key_type_t;
+typedef enum { K_STR, K_UINT, K_ULONG, K_MS } key_type_t;
 
 typedef struct key_def {
     const char *section;
@@ -63,9 +63,24 @@ static const key_def_t keys[] = {
     { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0 },
     { "log", "level", K_STR, F(log_level), "info", 0 },
     { "log", "format", K_STR, F(log_format), "logfmt", 0 },
-    { "retry", "delay_ms", K_UINT, F(retry_delay_ms), "60000", 0 },
-    { "retry", "max_attempts", K_UINT, F(retry_max_attempts), "5", 0 },
+    { "retry", "levels", K_STR, F(retry_levels), "30s,1m,2m,5m,10m,20m,40m,1h,2h,4h,8h,16h", 0 },
     { "retry", "queue_prefix", K_STR, F(retry_queue_prefix), "mail.retry", 0 },
+    { "retry", "poison_redeliveries", K_UINT, F(retry_poison_redeliveries), "5", 0 },
+    { "retry", "p0_base", K_MS, F(retry_base_ms[0]), "30s", 0 },
+    { "retry", "p1_base", K_MS, F(retry_base_ms[1]), "1m", 0 },
+    { "retry", "p2_base", K_MS, F(retry_base_ms[2]), "5m", 0 },
+    { "retry", "p0_max_age", K_MS, F(retry_max_age_ms[0]), "5d", 0 },
+    { "retry", "p1_max_age", K_MS, F(retry_max_age_ms[1]), "3d", 0 },
+    { "retry", "p2_max_age", K_MS, F(retry_max_age_ms[2]), "1d", 0 },
+    { "retry", "p0_max_attempts", K_UINT, F(retry_max_attempts[0]), "40", 0 },
+    { "retry", "p1_max_attempts", K_UINT, F(retry_max_attempts[1]), "25", 0 },
+    { "retry", "p2_max_attempts", K_UINT, F(retry_max_attempts[2]), "12", 0 },
+    { "retry", "p0_fast_retries", K_UINT, F(retry_fast_retries[0]), "5", 0 },
+    { "retry", "p1_fast_retries", K_UINT, F(retry_fast_retries[1]), "3", 0 },
+    { "retry", "p2_fast_retries", K_UINT, F(retry_fast_retries[2]), "1", 0 },
+    { "retry", "p0_fast_base", K_MS, F(retry_fast_base_ms[0]), "50ms", 0 },
+    { "retry", "p1_fast_base", K_MS, F(retry_fast_base_ms[1]), "200ms", 0 },
+    { "retry", "p2_fast_base", K_MS, F(retry_fast_base_ms[2]), "1s", 0 },
     { "message", "max_size", K_ULONG, F(message_max_size), "26214400", 0 },
 };
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
@@ -77,6 +92,16 @@ static int set_value(mp_config_t *cfg, const key_def_t *k, const char *v, char *
         char **p = (char **)base;
         free(*p);
         *p = xstrdup(v);
+        return 0;
+    }
+    if (k->type == K_MS) {
+        uint64_t ms;
+        if (config_parse_duration(v, &ms) < 0) {
+            snprintf(err, errlen, "[%s] %s: expected a duration like 250ms, 30s, 5m, 2h, 1d; got \"%s\"",
+                     k->section, k->key, v);
+            return -1;
+        }
+        *(uint64_t *)base = ms;
         return 0;
     }
     char *end;
@@ -99,6 +124,47 @@ static int set_value(mp_config_t *cfg, const key_def_t *k, const char *v, char *
     else
         *(unsigned long *)base = n;
     return 0;
+}
+
+int config_parse_duration(const char *s, uint64_t *ms)
+{
+    while (isspace((unsigned char)*s))
+        s++;
+    if (!isdigit((unsigned char)*s))
+        return -1;
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(s, &end, 10);
+    if (errno)
+        return -1;
+    static const struct { const char *unit; uint64_t mult; } units[] = {
+        { "", 1 }, { "ms", 1 }, { "s", 1000 }, { "m", 60000 }, { "h", 3600000 }, { "d", 86400000 },
+    };
+    while (isspace((unsigned char)*end))
+        end++;
+    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+        if (strcmp(end, units[i].unit) == 0) {
+            if (n > UINT64_MAX / units[i].mult)
+                return -1;
+            *ms = n * units[i].mult;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+void config_format_duration(uint64_t ms, char *out, size_t outlen)
+{
+    static const struct { const char *unit; uint64_t mult; } units[] = {
+        { "d", 86400000 }, { "h", 3600000 }, { "m", 60000 }, { "s", 1000 },
+    };
+    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+        if (ms >= units[i].mult && ms % units[i].mult == 0) {
+            snprintf(out, outlen, "%llu%s", (unsigned long long)(ms / units[i].mult), units[i].unit);
+            return;
+        }
+    }
+    snprintf(out, outlen, "%llums", (unsigned long long)ms);
 }
 
 static const key_def_t *find_key(const char *section, const char *key)
@@ -249,10 +315,34 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "[smtp] max_mx, timeout_scale and [dns] tries, timeout_ms must be > 0");
         return -1;
     }
-    if (cfg->retry_max_attempts == 0 || cfg->retry_delay_ms == 0 ||
-        cfg->retry_delay_ms > 0x7fffffffu) {
-        snprintf(err, errlen, "[retry] max_attempts and delay_ms must be > 0");
-        return -1;
+    for (int c = 0; c < 3; c++) {
+        if (cfg->retry_max_attempts[c] == 0 || cfg->retry_base_ms[c] == 0 ||
+            cfg->retry_max_age_ms[c] == 0) {
+            snprintf(err, errlen, "[retry] p%d_max_attempts, p%d_base and p%d_max_age must be > 0",
+                     c, c, c);
+            return -1;
+        }
+    }
+    {
+        /* every level a duration, ascending, within RabbitMQ's TTL range */
+        char *copy = xstrdup(cfg->retry_levels), *save = NULL;
+        uint64_t prev = 0;
+        int n = 0, bad = 0;
+        for (char *t = strtok_r(copy, ", ", &save); t; t = strtok_r(NULL, ", ", &save)) {
+            uint64_t ms;
+            if (config_parse_duration(t, &ms) < 0 || ms == 0 || ms <= prev || ms > 0x7fffffffu) {
+                bad = 1;
+                break;
+            }
+            prev = ms;
+            n++;
+        }
+        free(copy);
+        if (bad || n == 0) {
+            snprintf(err, errlen, "[retry] levels: expected ascending durations like "
+                                  "\"30s,1m,5m,1h\", got \"%s\"", cfg->retry_levels);
+            return -1;
+        }
     }
     if (cfg->imap_host[0] && !cfg->imap_accounts_file[0]) {
         snprintf(err, errlen, "[imap] host is set but accounts_file is empty");
@@ -285,6 +375,12 @@ void config_dump(const mp_config_t *cfg, void *stream)
         case K_ULONG:
             fprintf(f, "%s = %lu\n", k->key, *(const unsigned long *)base);
             break;
+        case K_MS: {
+            char d[32];
+            config_format_duration(*(const uint64_t *)base, d, sizeof(d));
+            fprintf(f, "%s = %s\n", k->key, d);
+            break;
+        }
         }
     }
 }

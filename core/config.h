@@ -10,6 +10,7 @@
 #define MP_CORE_CONFIG_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct mp_config {
     /* [worker] */
@@ -50,9 +51,15 @@ typedef struct mp_config {
     char    *log_level;
     char    *log_format;          /* logfmt | json */
     /* [retry] */
-    unsigned retry_delay_ms;      /* wait before retrying transient recipients */
-    unsigned retry_max_attempts;  /* attempts before they fail for good */
-    char    *retry_queue_prefix;  /* delay queue: <prefix>.<seconds>s */
+    char    *retry_levels;        /* delay queues, e.g. "30s,1m,5m,1h" */
+    char    *retry_queue_prefix;  /* delay queue: <prefix>.<level> */
+    unsigned retry_poison_redeliveries; /* redeliveries without finishing -> dead */
+    /* per priority class: [0] P0 (priority 8-10), [1] P1 (4-7), [2] P2 (0-3) */
+    uint64_t retry_base_ms[3];    /* first retry delay; doubles per attempt */
+    uint64_t retry_max_age_ms[3]; /* then the remaining recipients bounce */
+    unsigned retry_max_attempts[3];
+    unsigned retry_fast_retries[3];  /* network errors retried within an attempt */
+    uint64_t retry_fast_base_ms[3];  /* base x 2^n, capped at 3 s, +-15 % jitter */
     /* [message] */
     unsigned long message_max_size;
 } mp_config_t;
@@ -64,6 +71,11 @@ void config_defaults(mp_config_t *cfg);
 int  config_load(mp_config_t *cfg, const char *path, char *err, size_t errlen);
 /* Check values that parse but make no sense. Returns 0 or -1 + err. */
 int  config_validate(const mp_config_t *cfg, char *err, size_t errlen);
+/* Parse a duration: "250ms", "30s", "5m", "2h", "1d", or bare milliseconds.
+ * Returns 0 and sets *ms, or -1. */
+int  config_parse_duration(const char *s, uint64_t *ms);
+/* Format ms with the largest exact unit ("90s", "5m", "250ms"). */
+void config_format_duration(uint64_t ms, char *out, size_t outlen);
 /* Print the effective configuration (passwords masked) as INI. */
 void config_dump(const mp_config_t *cfg, void *FILE_stream);
 void config_free(mp_config_t *cfg);

@@ -114,6 +114,10 @@ static int build_env(const mp_config_t *cfg, worker_env_t *env, char *helo, size
     } else if (gethostname(helo, helolen) != 0 || helo[0] == '\0') {
         snprintf(helo, helolen, "localhost");
     }
+    if (retry_levels_parse(cfg->retry_levels, &env->levels) < 0) {
+        snprintf(err, errlen, "[retry] levels: cannot parse \"%s\"", cfg->retry_levels);
+        return -1;
+    }
     deliver_config_t *d = &env->dcfg;
     d->port = (unsigned short)cfg->smtp_port;
     d->helo_name = helo;
@@ -131,6 +135,7 @@ static void free_env(worker_env_t *env)
     SSL_CTX_free(env->smtp_noverify_ctx);
     SSL_CTX_free(env->imap_ctx);
     accounts_free(&env->accounts);
+    retry_levels_free(&env->levels);
 }
 
 int main(int argc, char **argv)

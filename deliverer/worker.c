@@ -37,6 +37,7 @@
 #include "core/message.h"
 #include "core/util.h"
 #include "deliverer/outcome.h"
+#include "deliverer/retry.h"
 #include "dns/resolver.h"
 #include "imap/imap.h"
 #include "metrics/metrics.h"
@@ -85,7 +86,9 @@ struct job {
     int             append_tried;
     int             appended_before; /* an earlier attempt already stored the Sent copy */
     unsigned        attempt;         /* 1 for the first delivery attempt */
-    char           *first_seen;      /* ms since the epoch, as text, travels in headers */
+    uint64_t        first_seen_ms;   /* wall clock of the first consume; travels in headers */
+    uint64_t        retry_in_ms;     /* delay chosen for the next attempt */
+    char            give_up[160];    /* why transient recipients are not retried */
     imap_append_result_t append_res;
     size_t          confirms_left;
     int             confirm_failed;
@@ -162,7 +165,6 @@ static void job_free(job_t *j)
     free(j->rcpts);
     buf_free(&j->raw);
     buf_free(&j->wire);
-    free(j->first_seen);
     message_free(j->msg);
     mq_delivery_free(j->dv);
     free(j);
@@ -319,29 +321,32 @@ static const char *event_name(outcome_t o)
     switch (o) {
     case OUTCOME_DELIVERED: return "delivered";
     case OUTCOME_TRANSIENT: return "deferred";
-    default: return "failed";
+    default: return "bounced";
     }
 }
 
-/* The delay queue's name: <prefix>.<delay>s (or ms for sub-second delays). */
-static void retry_queue_name(const mp_config_t *cfg, char *out, size_t outlen)
+/* Delay queue of level i: <prefix>.<level>, e.g. mail.retry.5m. */
+static void retry_queue_name(const worker_env_t *env, size_t i, char *out, size_t outlen)
 {
-    unsigned ms = cfg->retry_delay_ms;
-    if (ms % 1000 == 0)
-        snprintf(out, outlen, "%s.%us", cfg->retry_queue_prefix, ms / 1000);
-    else
-        snprintf(out, outlen, "%s.%ums", cfg->retry_queue_prefix, ms);
+    snprintf(out, outlen, "%s.%s", env->cfg->retry_queue_prefix, env->levels.names[i]);
 }
 
-/* Republish the original body to the delay queue with the recipients
- * still pending; the broker routes it back to the outbound queue when the
- * delay expires. Returns 1 if a retry was scheduled. */
+static double rand01(void)
+{
+    return (double)(util_rand64() >> 11) / 9007199254740992.0; /* 2^53 */
+}
+
+/* Republish the original body to a delay queue with the recipients still
+ * pending; the broker routes it back to the outbound queue when the delay
+ * expires. Returns 1 if a retry was scheduled; 0 when attempts or age are
+ * used up (j->give_up says which). */
 static int job_schedule_retry(job_t *j)
 {
     worker_t *w = j->w;
-    const mp_config_t *cfg = w->env->cfg;
-    if (j->attempt >= cfg->retry_max_attempts)
-        return 0;
+    const worker_env_t *env = w->env;
+    const mp_config_t *cfg = env->cfg;
+    int c = retry_class(j->dv->priority);
+    uint64_t server_ms = 0;
     buf_t pending = BUF_INIT;
     for (size_t i = 0; i < j->nrcpts; i++) {
         if (j->rcpts[i].outcome != OUTCOME_TRANSIENT)
@@ -349,21 +354,44 @@ static int job_schedule_retry(job_t *j)
         if (buf_size(&pending))
             buf_putc(&pending, ',');
         buf_puts(&pending, j->rcpts[i].addr);
+        uint64_t asked = retry_server_delay_ms(j->rcpts[i].text);
+        if (asked > server_ms)
+            server_ms = asked;
     }
-    char attempt[16], queue[256];
+    uint64_t want = retry_backoff_ms(cfg->retry_base_ms[c], j->attempt, rand01());
+    size_t level = retry_pick_level(&env->levels, want, server_ms);
+    uint64_t delay = env->levels.ms[level];
+    uint64_t age = util_wall_ms() - j->first_seen_ms;
+    if (j->attempt >= cfg->retry_max_attempts[c]) {
+        snprintf(j->give_up, sizeof(j->give_up), "retries exhausted after %u attempts", j->attempt);
+    } else if (age + delay > cfg->retry_max_age_ms[c]) {
+        char a[32];
+        config_format_duration(cfg->retry_max_age_ms[c], a, sizeof(a));
+        snprintf(j->give_up, sizeof(j->give_up), "expired: next attempt would pass the maximum "
+                 "age of %s (P%d)", a, c);
+    }
+    if (j->give_up[0]) {
+        buf_free(&pending);
+        return 0;
+    }
+    char attempt[16], first[32], queue[256];
     snprintf(attempt, sizeof(attempt), "%u", j->attempt + 1);
-    retry_queue_name(cfg, queue, sizeof(queue));
+    snprintf(first, sizeof(first), "%llu", (unsigned long long)j->first_seen_ms);
+    retry_queue_name(env, level, queue, sizeof(queue));
     int appended = j->appended_before || (j->append_tried && j->append_res.status == IMAP_OK);
     mq_header_t hdrs[] = {
         { "x-mailpump-pending", buf_head(&pending) },
         { "x-mailpump-attempt", attempt },
-        { "x-mailpump-first-seen-ms", j->first_seen },
+        { "x-mailpump-first-seen-ms", first },
         { "x-mailpump-appended", appended ? "1" : "0" },
     };
     mq_publish_opts_t o = { .message_id = j->msg->id, .priority = j->dv->priority,
                             .persistent = 1, .headers = hdrs, .nheaders = 4 };
-    log_info("worker", "retry_scheduled", "msg=%s attempt=%u delay_ms=%u pending=%s", j->msg->id,
-             j->attempt + 1, cfg->retry_delay_ms, buf_head(&pending));
+    j->retry_in_ms = delay;
+    log_info("worker", "retry_scheduled",
+             "msg=%s class=P%d attempt=%u queue=%s delay_ms=%llu server_ms=%llu pending=%s",
+             j->msg->id, c, j->attempt + 1, queue, (unsigned long long)delay,
+             (unsigned long long)server_ms, buf_head(&pending));
     job_publish(j, "", queue, j->dv->body, j->dv->len, &o);
     buf_free(&pending);
     return 1;
@@ -379,11 +407,10 @@ static void job_publish_events(job_t *j)
     for (size_t i = 0; i < j->nrcpts; i++) {
         job_rcpt_t *r = &j->rcpts[i];
         job_domain_t *d = &j->domains[r->domain];
-        char exhausted[600] = "";
+        char exhausted[700] = "";
         if (r->outcome == OUTCOME_TRANSIENT && !retrying) {
-            /* out of attempts: the last transient answer becomes final */
-            snprintf(exhausted, sizeof(exhausted), "retries exhausted after %u attempts: %s",
-                     j->attempt, r->text);
+            /* out of attempts or time: the last transient answer becomes final */
+            snprintf(exhausted, sizeof(exhausted), "%s; last reply: %s", j->give_up, r->text);
             r->outcome = OUTCOME_PERMANENT;
         }
         switch (r->outcome) {
@@ -412,6 +439,8 @@ static void job_publish_events(job_t *j)
             .imap_uid = j->append_res.uid,
             .imap_mailbox = j->append_res.mailbox,
             .error = exhausted[0] ? exhausted : NULL,
+            .retry_in_ms = r->outcome == OUTCOME_TRANSIENT ? j->retry_in_ms : 0,
+            .age_ms = util_wall_ms() - j->first_seen_ms,
         };
         log_info("worker", event_name(r->outcome),
                  "msg=%s rcpt=%s attempt=%u code=%d enh=%s reason=%s mx=%s tls=%s", j->msg->id,
@@ -601,13 +630,9 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
     const char *h = mq_delivery_header(dv, "x-mailpump-attempt");
     j->attempt = h && atoi(h) > 0 ? (unsigned)atoi(h) : 1;
     h = mq_delivery_header(dv, "x-mailpump-first-seen-ms");
-    if (h) {
-        j->first_seen = xstrdup(h);
-    } else {
-        char now[32];
-        snprintf(now, sizeof(now), "%llu", (unsigned long long)util_wall_ms());
-        j->first_seen = xstrdup(now);
-    }
+    j->first_seen_ms = h ? strtoull(h, NULL, 10) : 0;
+    if (j->first_seen_ms == 0 || j->first_seen_ms > util_wall_ms())
+        j->first_seen_ms = util_wall_ms();
     h = mq_delivery_header(dv, "x-mailpump-appended");
     j->appended_before = h && strcmp(h, "1") == 0;
 
@@ -704,11 +729,16 @@ static void worker_connect(worker_t *w)
     };
     char err[512] = "";
     w->mq = mq_open(w->loop, &mc, err, sizeof(err));
-    char retry_queue[256];
-    retry_queue_name(cfg, retry_queue, sizeof(retry_queue));
-    if (w->mq && (mq_declare_delay_queue(w->mq, retry_queue, cfg->retry_delay_ms, err,
-                                         sizeof(err)) < 0 ||
-                  mq_consume(w->mq, on_delivery, on_lost, w, err, sizeof(err)) < 0)) {
+    for (size_t i = 0; w->mq && i < w->env->levels.n; i++) {
+        char queue[256];
+        retry_queue_name(w->env, i, queue, sizeof(queue));
+        if (mq_declare_delay_queue(w->mq, queue, (unsigned)w->env->levels.ms[i], err,
+                                   sizeof(err)) < 0) {
+            mq_free(w->mq);
+            w->mq = NULL;
+        }
+    }
+    if (w->mq && mq_consume(w->mq, on_delivery, on_lost, w, err, sizeof(err)) < 0) {
         mq_free(w->mq);
         w->mq = NULL;
     }

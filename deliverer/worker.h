@@ -15,6 +15,7 @@
 #include "core/config.h"
 #include "deliverer/accounts.h"
 #include "deliverer/deliver.h"
+#include "deliverer/retry.h"
 
 /* Process-wide, built once by main before threads start, then read-only. */
 typedef struct worker_env {
@@ -24,6 +25,7 @@ typedef struct worker_env {
     SSL_CTX                *smtp_noverify_ctx;
     SSL_CTX                *imap_ctx;
     accounts_t              accounts;
+    retry_levels_t          levels;      /* delay queues, ascending */
     struct sockaddr_storage imap_addr;
     socklen_t               imap_addrlen; /* 0: no IMAP configured */
 } worker_env_t;

@@ -71,6 +71,9 @@ char *mq_event_to_json(const mq_event_t *ev)
         json_object_set_new(o, "imap", imap);
     }
     set_str(o, "error", ev->error);
+    if (ev->retry_in_ms)
+        json_object_set_new(o, "retry_in_ms", json_integer((json_int_t)ev->retry_in_ms));
+    json_object_set_new(o, "age_ms", json_integer((json_int_t)ev->age_ms));
     uint64_t ts = ev->ts_ms ? ev->ts_ms : util_wall_ms();
     time_t secs = (time_t)(ts / 1000);
     struct tm tm;

@@ -32,6 +32,8 @@ typedef struct mq_event {
     uint32_t    imap_uid;
     const char *imap_mailbox;
     const char *error;        /* free-form reason for failures */
+    uint64_t    retry_in_ms;  /* deferred: delay before the next attempt; 0 omitted */
+    uint64_t    age_ms;       /* since the message was first consumed */
     uint64_t    ts_ms;        /* wall clock; 0 = now */
 } mq_event_t;
 

@@ -7,6 +7,7 @@ When the stack is not up the helpers raise, so the test fails loudly.
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -36,6 +37,19 @@ def stack_env():
             k, v = line.split("=", 1)
             env[k] = v.strip('"')
     return env
+
+
+def parse_duration(text):
+    m = re.fullmatch(r"\s*(\d+)\s*(ms|s|m|h|d)?\s*", text)
+    n, unit = int(m.group(1)), m.group(2) or "ms"
+    return n * {"ms": 1, "s": 1000, "m": 60000, "h": 3600000, "d": 86400000}[unit]
+
+
+def format_duration(ms):
+    for unit, mult in (("d", 86400000), ("h", 3600000), ("m", 60000), ("s", 1000)):
+        if ms >= mult and ms % mult == 0:
+            return f"{ms // mult}{unit}"
+    return f"{ms}ms"
 
 
 def free_port():
@@ -115,10 +129,12 @@ class Daemon:
                 return float(line.split()[1])
         raise KeyError(name)
 
-    def retry_queue(self):
-        ms = int(self.proc_env.get("MAILPUMP_RETRY_DELAY_MS", "60000"))
+    def retry_queues(self):
+        """Names of the delay queues the daemon declares ([retry] levels)."""
+        levels = self.proc_env.get("MAILPUMP_RETRY_LEVELS",
+                                   "30s,1m,2m,5m,10m,20m,40m,1h,2h,4h,8h,16h")
         prefix = self.proc_env["MAILPUMP_RETRY_QUEUE_PREFIX"]
-        return f"{prefix}.{ms // 1000}s" if ms % 1000 == 0 else f"{prefix}.{ms}ms"
+        return [f"{prefix}.{format_duration(parse_duration(t))}" for t in levels.split(",")]
 
     def log(self):
         with open(self.log_path) as f:
@@ -144,7 +160,8 @@ class Daemon:
         try:
             ch.queue_delete(self.queue)
             ch.queue_delete(self.dead_queue)
-            ch.queue_delete(self.retry_queue())
+            for q in self.retry_queues():
+                ch.queue_delete(q)
             ch.exchange_delete(self.exchange)
         finally:
             conn.close()

@@ -25,7 +25,8 @@ class EndToEnd(unittest.TestCase):
     def setUpClass(cls):
         cls.env = mpstack.stack_env()
         cls.daemon = mpstack.Daemon(cls.env, workers=2, extra_env={
-            "MAILPUMP_RETRY_DELAY_MS": "300", "MAILPUMP_RETRY_MAX_ATTEMPTS": "3",
+            "MAILPUMP_RETRY_LEVELS": "300ms,600ms", "MAILPUMP_RETRY_P2_BASE": "300ms",
+            "MAILPUMP_RETRY_P2_MAX_ATTEMPTS": "3",
             "MAILPUMP_DNS_TIMEOUT_MS": "300", "MAILPUMP_DNS_TRIES": "1"})
         cls.tap = mpstack.EventTap(cls.env, cls.daemon.exchange)
         cls.daemon.start()
@@ -132,11 +133,11 @@ class EndToEnd(unittest.TestCase):
         msg_id = self.enqueue("--from", "bob@test.example", "--to", "reject@test.example",
                               "--to", "carol@test.example", "--subject", "partly rejected",
                               "--text", "hi")
-        evs = self.events_for(msg_id, 2, kinds={"delivered", "failed"})
+        evs = self.events_for(msg_id, 2, kinds={"delivered", "bounced"})
         by_rcpt = {e["recipient"]: e for e in evs}
         failed = by_rcpt["reject@test.example"]
-        self.assertEqual(failed["event"], "failed")
-        self.assertEqual(failed["_routing_key"], "failed")
+        self.assertEqual(failed["event"], "bounced")
+        self.assertEqual(failed["_routing_key"], "bounced")
         self.assertEqual(failed["outcome"], "permanent")
         self.assertEqual(failed["smtp"]["code"], 550)
         self.assertEqual(failed["smtp"]["enhanced"], "5.1.1")
@@ -186,14 +187,14 @@ class EndToEnd(unittest.TestCase):
         msg_id = self.enqueue("--from", "bob@test.example", "--to", "tempfail@test.example",
                               "--to", "henry@test.example", "--subject", "tempfail",
                               "--text", "retry me")
-        evs = self.events_for(msg_id, 4, kinds={"delivered", "deferred", "failed"}, timeout=60)
+        evs = self.events_for(msg_id, 4, kinds={"delivered", "deferred", "bounced"}, timeout=60)
         henry = [e for e in evs if e["recipient"] == "henry@test.example"]
         temp = sorted((e for e in evs if e["recipient"] == "tempfail@test.example"),
                       key=lambda e: e["attempt"])
         # the accepted recipient is delivered once, on the first attempt only
         self.assertEqual([(e["event"], e["attempt"]) for e in henry], [("delivered", 1)])
         self.assertEqual([(e["event"], e["attempt"]) for e in temp],
-                         [("deferred", 1), ("deferred", 2), ("failed", 3)])
+                         [("deferred", 1), ("deferred", 2), ("bounced", 3)])
         for e in temp:
             self.assertEqual(e["smtp"]["code"], 450)
             self.assertEqual(e["smtp"]["enhanced"], "4.2.0")
@@ -216,8 +217,8 @@ class EndToEnd(unittest.TestCase):
 
     def test_dns_outcomes_and_failover(self):
         cases = {
-            "ann@nxdomain.test.example": ("failed", "dns", "mx_host", None),
-            "ann@nullmx.test.example": ("failed", "dns", "mx_host", None),
+            "ann@nxdomain.test.example": ("bounced", "dns", "mx_host", None),
+            "ann@nullmx.test.example": ("bounced", "dns", "mx_host", None),
             "ann@failover.test.example": ("delivered", "delivered", "mx_host", "mx2.test.example"),
             # implicit MX: the domain's own A record; its name is not in the
             # receiver's certificate, so the verify policy refuses it
@@ -228,7 +229,7 @@ class EndToEnd(unittest.TestCase):
             ids[rcpt] = self.enqueue("--from", "bob@test.example", "--to", rcpt,
                                      "--subject", "dns", "--text", rcpt)
         for rcpt, (event, reason, _, mx) in cases.items():
-            ev = self.events_for(ids[rcpt], 1, kinds={"delivered", "failed", "deferred"})[0]
+            ev = self.events_for(ids[rcpt], 1, kinds={"delivered", "bounced", "deferred"})[0]
             self.assertEqual((ev["event"], ev["reason"]), (event, reason), ev)
             if mx:
                 self.assertEqual(ev["mx_host"], mx)

@@ -1,0 +1,49 @@
+/*
+ * deliverer/retry.h - the retry policy, as pure functions.
+ *
+ * Two layers (README "Retries"):
+ *  - fast retries inside one attempt, for network jitter (connection
+ *    refused/reset, timeouts): base x 2^n capped at 3 s, +-15 % jitter;
+ *  - retries across attempts for transient replies: the message goes to
+ *    the delay queue ("level") chosen by exponential backoff with jitter,
+ *    per priority class, never shorter than a delay the server asked for.
+ * Nothing here does I/O or reads the clock; callers pass the randomness.
+ */
+#ifndef MP_DELIVERER_RETRY_H
+#define MP_DELIVERER_RETRY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define RETRY_CLASSES 3 /* P0 = priority 8-10, P1 = 4-7, P2 = 0-3 */
+
+typedef struct retry_levels {
+    uint64_t *ms;    /* ascending */
+    char    **names; /* "30s", "1m", ...: the queue name suffix */
+    size_t    n;
+} retry_levels_t;
+
+/* Parse "30s,1m,5m". 0, or -1 (levels left empty) on a bad spec. */
+int  retry_levels_parse(const char *spec, retry_levels_t *out);
+void retry_levels_free(retry_levels_t *l);
+
+/* Priority class of an AMQP priority: 0 for 8-10, 1 for 4-7, 2 for 0-3. */
+int  retry_class(int priority);
+
+/* Jittered exponential delay: base x 2^(attempt-1) scaled by a factor in
+ * [0.85, 1.15) taken from rnd in [0, 1). attempt >= 1. */
+uint64_t retry_backoff_ms(uint64_t base_ms, unsigned attempt, double rnd);
+
+/* The level for the next attempt: the shortest level at least as long as
+ * max(want_ms, server_ms); the longest level when none is. */
+size_t retry_pick_level(const retry_levels_t *l, uint64_t want_ms, uint64_t server_ms);
+
+/* Fast retry n (0-based) inside an attempt: base x 2^n capped at 3 s, with
+ * +-15 % jitter from rnd in [0, 1). */
+uint64_t retry_fast_delay_ms(uint64_t base_ms, unsigned n, double rnd);
+
+/* A delay the server asked for in its reply text ("try again in 5
+ * minutes", "retry after 300 seconds", "wait 2 hours"), in ms; 0 if none. */
+uint64_t retry_server_delay_ms(const char *text);
+
+#endif
