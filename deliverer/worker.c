@@ -59,16 +59,31 @@ typedef struct job_rcpt {
     int         decided;
 } job_rcpt_t;
 
-typedef struct job_domain {
+typedef struct job_domain job_domain_t;
+
+/* What an asynchronous callback (DNS, SMTP, timer) gets back: the job and
+ * the domain's index. Embedded in the domain, valid for the job's life;
+ * job_free() cancels every callback that could still use it. */
+typedef struct domain_ref {
+    job_t *job;
+    size_t idx;
+} domain_ref_t;
+
+struct job_domain {
     char      *name;
+    domain_ref_t self;
     uint64_t   dns_id;
     deliver_t *dl;
+    deliver_candidate_t *cand; /* from DNS, kept for fast retries */
+    size_t     ncand;
+    unsigned   fast_tries;
+    loop_timer_t fast_timer;
     char       mx_host[256];
     char       mx_addr[64];
     char       tls_version[32];
     char       tls_cipher[96];
     int        done;
-} job_domain_t;
+};
 
 struct job {
     worker_t       *w;
@@ -157,6 +172,8 @@ static void job_free(job_t *j)
             dns_cancel(w->dns, d->dns_id);
         if (d->dl)
             deliver_cancel(d->dl);
+        loop_timer_cancel(w->loop, &d->fast_timer);
+        free(d->cand);
         free(d->name);
     }
     if (j->append)
@@ -472,20 +489,48 @@ static void job_publish_events(job_t *j)
 
 static void on_delivered(void *arg, const deliver_result_t *res);
 
-typedef struct domain_ref {
-    job_t *job;
-    size_t idx;
-} domain_ref_t;
+/* A session-level network failure or timeout for every recipient: no
+ * server decided anything, so this is jitter worth a quick retry. */
+static int worth_fast_retry(const deliver_result_t *res)
+{
+    if (res->nrcpts == 0)
+        return 0;
+    for (size_t i = 0; i < res->nrcpts; i++) {
+        const deliver_rcpt_result_t *r = &res->rcpts[i];
+        if (r->outcome != OUTCOME_TRANSIENT || r->code != 0 || r->reason == NULL ||
+            (strcmp(r->reason, "network") != 0 && strcmp(r->reason, "timeout") != 0))
+            return 0;
+    }
+    return 1;
+}
+
+static void domain_start_smtp(job_t *j, size_t di);
+
+static void on_fast_retry(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    domain_ref_t *ref = arg;
+    domain_start_smtp(ref->job, ref->idx);
+}
 
 static void on_delivered_domain(job_t *j, size_t di, const deliver_result_t *res)
 {
     job_domain_t *d = &j->domains[di];
     d->dl = NULL;
+    metrics_inc(MET_SMTP_SESSIONS, res->attempts_made);
+    int c = retry_class(j->dv->priority);
+    const mp_config_t *cfg = j->w->env->cfg;
+    if (worth_fast_retry(res) && d->fast_tries < cfg->retry_fast_retries[c]) {
+        uint64_t ms = retry_fast_delay_ms(cfg->retry_fast_base_ms[c], d->fast_tries, rand01());
+        d->fast_tries++;
+        log_info("worker", "fast_retry", "msg=%s domain=%s try=%u delay_ms=%llu reason=\"%s\"",
+                 j->msg->id, d->name, d->fast_tries, (unsigned long long)ms, res->rcpts[0].text);
+        loop_timer_set(j->w->loop, &d->fast_timer, ms);
+        return;
+    }
     snprintf(d->mx_host, sizeof(d->mx_host), "%s", res->mx_host);
     snprintf(d->mx_addr, sizeof(d->mx_addr), "%s", res->mx_addr);
     snprintf(d->tls_version, sizeof(d->tls_version), "%s", res->tls_version ? res->tls_version : "");
     snprintf(d->tls_cipher, sizeof(d->tls_cipher), "%s", res->tls_cipher ? res->tls_cipher : "");
-    metrics_inc(MET_SMTP_SESSIONS, res->attempts_made);
     /* results come back in request order: the domain's recipients */
     size_t k = 0;
     for (size_t i = 0; i < j->nrcpts && k < res->nrcpts; i++) {
@@ -502,10 +547,7 @@ static void on_delivered_domain(job_t *j, size_t di, const deliver_result_t *res
 static void on_delivered(void *arg, const deliver_result_t *res)
 {
     domain_ref_t *ref = arg;
-    job_t *j = ref->job;
-    size_t di = ref->idx;
-    free(ref);
-    on_delivered_domain(j, di, res);
+    on_delivered_domain(ref->job, ref->idx, res);
 }
 
 static void on_mx(void *arg, const dns_mx_result_t *mx);
@@ -531,8 +573,15 @@ static void on_mx_domain(job_t *j, size_t di, const dns_mx_result_t *mx)
                     "dns", text);
         return;
     }
-    size_t ncand = 0;
-    deliver_candidate_t *cand = deliver_candidates_from_mx(mx, w->env->dcfg.max_mx, &ncand);
+    d->cand = deliver_candidates_from_mx(mx, w->env->dcfg.max_mx, &d->ncand);
+    domain_start_smtp(j, di);
+}
+
+/* Deliver the domain's recipients over its MX candidates. */
+static void domain_start_smtp(job_t *j, size_t di)
+{
+    worker_t *w = j->w;
+    job_domain_t *d = &j->domains[di];
     const char **rcpts = xcalloc(j->nrcpts, sizeof(char *));
     size_t n = 0;
     for (size_t i = 0; i < j->nrcpts; i++)
@@ -545,29 +594,20 @@ static void on_mx_domain(job_t *j, size_t di, const dns_mx_result_t *mx)
         .data = buf_head(&j->wire),
         .len = buf_size(&j->wire),
         .message_size = buf_size(&j->raw),
-        .candidates = cand,
-        .ncandidates = ncand,
+        .candidates = d->cand,
+        .ncandidates = d->ncand,
         .log_id = j->msg->id,
     };
-    domain_ref_t *ref = xmalloc(sizeof(*ref));
-    ref->job = j;
-    ref->idx = di;
-    d->dl = deliver_start(w->loop, &w->env->dcfg, &req, on_delivered, ref);
+    d->dl = deliver_start(w->loop, &w->env->dcfg, &req, on_delivered, &d->self);
     free(rcpts);
-    free(cand);
-    if (d->dl == NULL) {
-        free(ref);
+    if (d->dl == NULL)
         domain_fail(j, di, OUTCOME_TRANSIENT, "network", "cannot start SMTP delivery");
-    }
 }
 
 static void on_mx(void *arg, const dns_mx_result_t *mx)
 {
     domain_ref_t *ref = arg;
-    job_t *j = ref->job;
-    size_t di = ref->idx;
-    free(ref);
-    on_mx_domain(j, di, mx);
+    on_mx_domain(ref->job, ref->idx, mx);
 }
 
 /* ---- a new message ---- */
@@ -580,6 +620,7 @@ static size_t job_domain_index(job_t *j, const char *domain)
     j->domains = xrealloc(j->domains, (j->ndomains + 1) * sizeof(job_domain_t));
     memset(&j->domains[j->ndomains], 0, sizeof(job_domain_t));
     j->domains[j->ndomains].name = xstrdup(domain);
+    loop_timer_init(&j->domains[j->ndomains].fast_timer, on_fast_retry, NULL);
     return j->ndomains++;
 }
 
@@ -665,16 +706,18 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
              dv->priority, j->attempt, j->nrcpts, j->ndomains, buf_size(&j->raw));
     j->domains_left = j->ndomains;
     /* the domain array is complete: references by index stay valid */
+    /* the domain array is final now: point each callback cell at it */
     for (size_t i = 0; i < j->ndomains; i++) {
-        domain_ref_t *ref = xmalloc(sizeof(*ref));
-        ref->job = j;
-        ref->idx = i;
+        job_domain_t *d = &j->domains[i];
+        d->self.job = j;
+        d->self.idx = i;
+        d->fast_timer.arg = &d->self;
+    }
+    for (size_t i = 0; i < j->ndomains; i++) {
         metrics_inc(MET_DNS_QUERIES, 1);
-        j->domains[i].dns_id = dns_mx_query(w->dns, j->domains[i].name, on_mx, ref);
-        if (j->domains[i].dns_id == 0) {
-            free(ref);
-            domain_fail(j, i, OUTCOME_TRANSIENT, "dns", "cannot start DNS query");
-        }
+        j->domains[i].dns_id = dns_mx_query(w->dns, j->domains[i].name, on_mx, &j->domains[i].self);
+        if (j->domains[i].dns_id == 0)
+            abort(); /* only when out of memory: core policy */
     }
 }
 

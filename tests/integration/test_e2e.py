@@ -336,6 +336,38 @@ class GracefulShutdown(unittest.TestCase):
             sink.wait(10)
 
 
+class NetworkJitter(unittest.TestCase):
+    def test_refused_connections_get_fast_retries_then_defer(self):
+        env = mpstack.stack_env()
+        closed = mpstack.free_port()  # nothing listens there on any 127.x address
+        d = mpstack.Daemon(env, workers=1, extra_env={
+            "MAILPUMP_SMTP_PORT": str(closed), "MAILPUMP_IMAP_HOST": "",
+            "MAILPUMP_RETRY_P2_FAST_RETRIES": "2", "MAILPUMP_RETRY_P2_FAST_BASE": "50ms",
+            "MAILPUMP_RETRY_P0_FAST_RETRIES": "4", "MAILPUMP_RETRY_P0_FAST_BASE": "20ms",
+            "MAILPUMP_RETRY_LEVELS": "1h"})
+        tap = mpstack.EventTap(env, d.exchange)
+        try:
+            d.start()
+            ids = {}
+            for prio in ("0", "9"):
+                r = d.cli("enqueue", "--from", "bob@test.example", "--to", "ivy@test.example",
+                          "--text", "refused", "--priority", prio)
+                self.assertEqual(r.returncode, 0, r.stderr)
+                ids[prio] = r.stdout.strip()
+            for prio, fast in (("0", 2), ("9", 4)):
+                ev = tap.wait(lambda e: e.get("message_id") == ids[prio], 1)[0]
+                self.assertEqual(ev["event"], "deferred")
+                self.assertEqual(ev["reason"], "network")
+                self.assertEqual(ev["retry_in_ms"], 3600000)
+                self.assertNotIn("smtp", ev)
+                tries = [l for l in d.log().splitlines()
+                         if "event=fast_retry" in l and ids[prio] in l]
+                self.assertEqual(len(tries), fast, "\n".join(tries))
+        finally:
+            self.assertEqual(d.stop(), 0)
+            tap.close()
+
+
 class Cli(unittest.TestCase):
     def run_cli(self, *args, stdin=None):
         return subprocess.run([os.path.join(mpstack.BUILD_DIR, "mailpump"), *args],
