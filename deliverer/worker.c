@@ -100,6 +100,8 @@ struct job {
     imap_append_t  *append;
     int             append_tried;
     int             appended_before; /* an earlier attempt already stored the Sent copy */
+    int             append_needed;   /* an earlier attempt delivered but could not append */
+    int             append_only;     /* this attempt only retries the Sent copy */
     unsigned        attempt;         /* 1 for the first delivery attempt */
     uint64_t        first_seen_ms;   /* wall clock of the first consume; travels in headers */
     uint64_t        retry_in_ms;     /* delay chosen for the next attempt */
@@ -300,7 +302,7 @@ static void job_domain_done(job_t *j)
             delivered++;
     const account_t *acct = env->imap_addrlen ? accounts_find(&env->accounts, j->msg->from.addr)
                                               : NULL;
-    if (delivered == 0 || acct == NULL || j->appended_before) {
+    if ((delivered == 0 && !j->append_needed) || acct == NULL || j->appended_before) {
         job_publish_events(j);
         return;
     }
@@ -312,7 +314,7 @@ static void job_domain_done(job_t *j)
                : strcmp(env->cfg->imap_tls, "none") == 0   ? IMAP_TLS_NONE
                                                            : IMAP_TLS_IMAPS,
         .ssl_ctx = env->imap_ctx,
-        .verify_host = env->cfg->imap_ca_file[0] != '\0',
+        .verify_host = 1,
         .user = acct->login,
         .password = acct->password,
         .timeout_ms = env->cfg->imap_timeout_ms,
@@ -326,6 +328,11 @@ static void on_appended(void *arg, const imap_append_result_t *res)
     job_t *j = arg;
     j->append = NULL;
     j->append_res = *res;
+    if (res->status == IMAP_ENOUIDPLUS) {
+        /* stored, only the UID is unknown: never append it twice */
+        j->append_res.status = IMAP_OK;
+        j->append_res.uid = j->append_res.uidvalidity = 0;
+    }
     if (res->status == IMAP_OK)
         metrics_inc(MET_IMAP_APPENDED, 1);
     else
@@ -353,6 +360,25 @@ static double rand01(void)
     return (double)(util_rand64() >> 11) / 9007199254740992.0; /* 2^53 */
 }
 
+/* The Sent copy failed for a reason a later try can cure (network, TLS,
+ * timeout, a refusal such as over quota); not for bad credentials or a
+ * missing \Sent mailbox, which need an operator. */
+static int job_append_retryable(const job_t *j)
+{
+    if (!j->append_tried)
+        return 0;
+    switch (j->append_res.status) {
+    case IMAP_ENETWORK:
+    case IMAP_ETIMEOUT:
+    case IMAP_ETLS:
+    case IMAP_EPROTO:
+    case IMAP_EREFUSED:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 /* Republish the original body to a delay queue with the recipients still
  * pending; the broker routes it back to the outbound queue when the delay
  * expires. Returns 1 if a retry was scheduled; 0 when attempts or age are
@@ -375,6 +401,10 @@ static int job_schedule_retry(job_t *j)
         if (asked > server_ms)
             server_ms = asked;
     }
+    if (buf_size(&pending) == 0 && !job_append_retryable(j)) {
+        buf_free(&pending);
+        return 0; /* nothing to retry */
+    }
     uint64_t want = retry_backoff_ms(cfg->retry_base_ms[c], j->attempt, rand01());
     size_t level = retry_pick_level(&env->levels, want, server_ms);
     uint64_t delay = env->levels.ms[level];
@@ -396,14 +426,17 @@ static int job_schedule_retry(job_t *j)
     snprintf(first, sizeof(first), "%llu", (unsigned long long)j->first_seen_ms);
     retry_queue_name(env, level, queue, sizeof(queue));
     int appended = j->appended_before || (j->append_tried && j->append_res.status == IMAP_OK);
+    int needed = !appended && job_append_retryable(j);
     mq_header_t hdrs[] = {
         { "x-mailpump-pending", buf_head(&pending) },
         { "x-mailpump-attempt", attempt },
         { "x-mailpump-first-seen-ms", first },
         { "x-mailpump-appended", appended ? "1" : "0" },
+        { "x-mailpump-append-needed", needed ? "1" : "0" },
+        { "x-mailpump-append-only", buf_size(&pending) == 0 ? "1" : "0" },
     };
     mq_publish_opts_t o = { .message_id = j->msg->id, .priority = j->dv->priority,
-                            .persistent = 1, .headers = hdrs, .nheaders = 4 };
+                            .persistent = 1, .headers = hdrs, .nheaders = 6 };
     j->retry_in_ms = delay;
     log_info("worker", "retry_scheduled",
              "msg=%s class=P%d attempt=%u queue=%s delay_ms=%llu server_ms=%llu pending=%s",
@@ -420,7 +453,7 @@ static void job_publish_events(job_t *j)
     size_t transient = 0;
     for (size_t i = 0; i < j->nrcpts; i++)
         transient += j->rcpts[i].outcome == OUTCOME_TRANSIENT;
-    int retrying = transient > 0 && job_schedule_retry(j);
+    int retrying = (transient > 0 || job_append_retryable(j)) && job_schedule_retry(j);
     for (size_t i = 0; i < j->nrcpts; i++) {
         job_rcpt_t *r = &j->rcpts[i];
         job_domain_t *d = &j->domains[r->domain];
@@ -478,6 +511,8 @@ static void job_publish_events(job_t *j)
             .imap_uid = j->append_res.uid,
             .imap_mailbox = j->append_res.mailbox,
             .error = appended ? NULL : j->append_res.error,
+            .retry_in_ms = !appended && retrying && job_append_retryable(j) ? j->retry_in_ms : 0,
+            .age_ms = util_wall_ms() - j->first_seen_ms,
         };
         job_publish_event(j, &ev);
     }
@@ -676,6 +711,10 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
         j->first_seen_ms = util_wall_ms();
     h = mq_delivery_header(dv, "x-mailpump-appended");
     j->appended_before = h && strcmp(h, "1") == 0;
+    h = mq_delivery_header(dv, "x-mailpump-append-needed");
+    j->append_needed = h && strcmp(h, "1") == 0;
+    h = mq_delivery_header(dv, "x-mailpump-append-only");
+    j->append_only = h && strcmp(h, "1") == 0;
 
     char err[512];
     int rc = msgjson_parse(dv->body, dv->len, &j->msg, err, sizeof(err));
@@ -696,6 +735,16 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
     job_add_rcpts(j, j->msg->to, j->msg->nto, pending);
     job_add_rcpts(j, j->msg->cc, j->msg->ncc, pending);
     job_add_rcpts(j, j->msg->bcc, j->msg->nbcc, pending);
+    if (j->append_only) {
+        /* every recipient is settled; only the Sent copy is retried, so an
+         * IMAP failure never causes an SMTP resend */
+        log_info("worker", "message_received", "tag=%llu msg=%s attempt=%u append_only=1",
+                 (unsigned long long)dv->tag, j->msg->id, j->attempt);
+        j->nrcpts = 0;
+        j->domains_left = 1;
+        job_domain_done(j);
+        return;
+    }
     if (j->nrcpts == 0) {
         job_dead_letter(j, "retry carries no pending recipient of this message");
         return;

@@ -368,6 +368,43 @@ class NetworkJitter(unittest.TestCase):
             tap.close()
 
 
+class ImapFailure(unittest.TestCase):
+    def test_append_is_retried_alone_never_resending_smtp(self):
+        env = mpstack.stack_env()
+        d = mpstack.Daemon(env, workers=1, extra_env={
+            "MAILPUMP_IMAP_PORT": str(mpstack.free_port()),  # nothing listens: append fails
+            "MAILPUMP_RETRY_LEVELS": "200ms,400ms", "MAILPUMP_RETRY_P2_BASE": "200ms",
+            "MAILPUMP_RETRY_P2_MAX_ATTEMPTS": "3"})
+        tap = mpstack.EventTap(env, d.exchange)
+        try:
+            d.start()
+            r = d.cli("enqueue", "--from", "alice@test.example", "--to", "jack@test.example",
+                      "--subject", "imap down", "--text", "sent once")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            msg_id = r.stdout.strip()
+            evs = tap.wait(lambda e: e.get("message_id") == msg_id and
+                           e["event"] == "append_failed", 3)
+            evs.sort(key=lambda e: e["attempt"])
+            self.assertEqual([e["attempt"] for e in evs], [1, 2, 3])
+            self.assertIn("retry_in_ms", evs[0])
+            self.assertIn("retry_in_ms", evs[1])
+            self.assertNotIn("retry_in_ms", evs[2])  # attempts used up
+            delivered = [e for e in tap.events
+                         if e.get("message_id") == msg_id and e["event"] == "delivered"]
+            self.assertEqual(len(delivered), 1)
+            # the receiver got exactly one copy
+            copies = 0
+            for sub in ("new", "cur"):
+                dd = os.path.join(env["MP_MX1_MAILDIR"], sub)
+                for name in os.listdir(dd):
+                    with open(os.path.join(dd, name), "rb") as f:
+                        copies += msg_id.encode() in f.read()
+            self.assertEqual(copies, 1)
+        finally:
+            self.assertEqual(d.stop(), 0)
+            tap.close()
+
+
 class Cli(unittest.TestCase):
     def run_cli(self, *args, stdin=None):
         return subprocess.run([os.path.join(mpstack.BUILD_DIR, "mailpump"), *args],
