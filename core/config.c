@@ -60,6 +60,9 @@ static const key_def_t keys[] = {
     { "imap", "ca_file", K_STR, F(imap_ca_file), "", 0 },
     { "imap", "accounts_file", K_STR, F(imap_accounts_file), "", 0 },
     { "imap", "timeout_ms", K_UINT, F(imap_timeout_ms), "30000", 0 },
+    { "redis", "host", K_STR, F(redis_host), "", 0 },
+    { "redis", "port", K_UINT, F(redis_port), "6379", 0 },
+    { "redis", "timeout_ms", K_UINT, F(redis_timeout_ms), "50", 0 },
     { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0 },
     { "log", "level", K_STR, F(log_level), "info", 0 },
     { "log", "format", K_STR, F(log_format), "logfmt", 0 },
@@ -82,6 +85,10 @@ static const key_def_t keys[] = {
     { "retry", "p1_fast_base", K_MS, F(retry_fast_base_ms[1]), "200ms", 0 },
     { "retry", "p2_fast_base", K_MS, F(retry_fast_base_ms[2]), "1s", 0 },
     { "message", "max_size", K_ULONG, F(message_max_size), "26214400", 0 },
+    { "dkim", "keys_file", K_STR, F(dkim_keys_file), "", 0 },
+    { "dkim", "headers", K_STR, F(dkim_headers),
+      "from:to:cc:subject:date:message-id:mime-version:content-type:content-transfer-encoding:"
+      "reply-to:in-reply-to:references:list-id:list-unsubscribe:list-unsubscribe-post", 0 },
 };
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
 

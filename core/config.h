@@ -45,6 +45,10 @@ typedef struct mp_config {
     char    *imap_ca_file;
     char    *imap_accounts_file;
     unsigned imap_timeout_ms;
+    /* [redis] (shared by the DNS L2 cache and the delivery ledger) */
+    char    *redis_host;          /* empty disables Redis */
+    unsigned redis_port;
+    unsigned redis_timeout_ms;
     /* [metrics] */
     char    *metrics_listen;      /* host:port, empty disables */
     /* [log] */
@@ -62,6 +66,9 @@ typedef struct mp_config {
     uint64_t retry_fast_base_ms[3];  /* base x 2^n, capped at 3 s, +-15 % jitter */
     /* [message] */
     unsigned long message_max_size;
+    /* [dkim] */
+    char    *dkim_keys_file;      /* "domain selector algorithm key.pem" lines; empty = no signing */
+    char    *dkim_headers;        /* colon-separated signed header fields */
 } mp_config_t;
 
 /* Fill defaults. */

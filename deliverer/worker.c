@@ -37,6 +37,7 @@
 #include "core/message.h"
 #include "core/util.h"
 #include "deliverer/outcome.h"
+#include "deliverer/ledger.h"
 #include "deliverer/retry.h"
 #include "dns/resolver.h"
 #include "imap/imap.h"
@@ -57,6 +58,8 @@ typedef struct job_rcpt {
     char        enh[16];
     char        text[512];
     int         decided;
+    int         skip;          /* the ledger says an earlier attempt delivered it */
+    int         possible_dup;  /* the ledger found it mid-transaction */
 } job_rcpt_t;
 
 typedef struct job_domain job_domain_t;
@@ -111,6 +114,8 @@ struct job {
     int             confirm_failed;
     int             dead;
     uint64_t        started_ms;
+    uint64_t        ledger_op;       /* outstanding ledger call, 0 if none */
+    uint64_t        ledger_op2;
 };
 
 struct worker {
@@ -121,6 +126,8 @@ struct worker {
     mq_t               *mq;
     mq_t               *mq_dead;   /* lost connection awaiting release */
     dns_resolver_t     *dns;
+    rclient_t          *redis;     /* NULL when [redis] host is empty */
+    ledger_t           *ledger;
     job_t              *jobs;
     size_t              njobs;
     atomic_int          stop_requested;
@@ -137,6 +144,9 @@ static void job_publish_events(job_t *j);
 static void job_finish(job_t *j, int ack);
 static void worker_connect(worker_t *w);
 static void on_appended(void *arg, const imap_append_result_t *res);
+static void job_check_ledger(job_t *j);
+static void job_resolve(job_t *j);
+static void on_redelivery_counted(void *arg, int ok, long long count);
 
 /* ---- job bookkeeping ---- */
 
@@ -180,6 +190,10 @@ static void job_free(job_t *j)
     }
     if (j->append)
         imap_append_cancel(j->append);
+    if (j->ledger_op)
+        ledger_cancel(w->ledger, j->ledger_op);
+    if (j->ledger_op2)
+        ledger_cancel(w->ledger, j->ledger_op2);
     free(j->domains);
     free(j->rcpts);
     buf_free(&j->raw);
@@ -290,10 +304,85 @@ static void rcpt_set(job_rcpt_t *r, outcome_t o, const char *reason, int code, c
     r->decided = 1;
 }
 
+static void job_after_smtp(job_t *j);
+
 static void job_domain_done(job_t *j)
 {
     if (--j->domains_left > 0)
         return;
+    job_after_smtp(j);
+}
+
+/* Every domain is settled: record the outcome in the ledger, then store
+ * the Sent copy, then publish the events. */
+static void job_store_sent_copy(job_t *j);
+
+static void on_ledger_settled(void *arg, int ok)
+{
+    job_t *j = arg;
+    if (!ok) {
+        metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
+        log_warn("worker", "ledger_unavailable", "msg=%s step=settle (at-least-once)", j->msg->id);
+    }
+}
+
+static void on_ledger_done_marked(void *arg, int ok)
+{
+    job_t *j = arg;
+    j->ledger_op = 0;
+    on_ledger_settled(j, ok);
+    if (j->ledger_op2 == 0)
+        job_store_sent_copy(j);
+}
+
+static void on_ledger_cleared(void *arg, int ok)
+{
+    job_t *j = arg;
+    j->ledger_op2 = 0;
+    on_ledger_settled(j, ok);
+    if (j->ledger_op == 0)
+        job_store_sent_copy(j);
+}
+
+static void job_after_smtp(job_t *j)
+{
+    worker_t *w = j->w;
+    if (w->ledger == NULL || j->nrcpts == 0) {
+        job_store_sent_copy(j);
+        return;
+    }
+    /* delivered -> "done" (a redelivery skips them); the rest -> no record,
+     * so a later attempt does not mistake them for possible duplicates */
+    const char **done = xcalloc(j->nrcpts, sizeof(char *));
+    const char **clear = xcalloc(j->nrcpts, sizeof(char *));
+    size_t nd = 0, nc = 0;
+    for (size_t i = 0; i < j->nrcpts; i++) {
+        if (j->rcpts[i].skip)
+            continue;
+        if (j->rcpts[i].outcome == OUTCOME_DELIVERED)
+            done[nd++] = j->rcpts[i].addr;
+        else
+            clear[nc++] = j->rcpts[i].addr;
+    }
+    if (nd == 0 && nc == 0) {
+        free(done);
+        free(clear);
+        job_store_sent_copy(j);
+        return;
+    }
+    /* both ids are set before either callback can run (never synchronous) */
+    if (nd)
+        j->ledger_op = ledger_mark(w->ledger, j->msg->id, done, nd, LEDGER_DONE,
+                                   on_ledger_done_marked, j);
+    if (nc)
+        j->ledger_op2 = ledger_mark(w->ledger, j->msg->id, clear, nc, LEDGER_NONE,
+                                    on_ledger_cleared, j);
+    free(done);
+    free(clear);
+}
+
+static void job_store_sent_copy(job_t *j)
+{
     worker_t *w = j->w;
     const worker_env_t *env = w->env;
     size_t delivered = 0;
@@ -490,6 +579,8 @@ static void job_publish_events(job_t *j)
             .imap_mailbox = j->append_res.mailbox,
             .error = exhausted[0] ? exhausted : NULL,
             .retry_in_ms = r->outcome == OUTCOME_TRANSIENT ? j->retry_in_ms : 0,
+            .possible_duplicate = r->possible_dup && r->outcome == OUTCOME_DELIVERED,
+            .already_delivered = r->skip,
             .age_ms = util_wall_ms() - j->first_seen_ms,
         };
         log_info("worker", event_name(r->outcome),
@@ -569,7 +660,7 @@ static void on_delivered_domain(job_t *j, size_t di, const deliver_result_t *res
     /* results come back in request order: the domain's recipients */
     size_t k = 0;
     for (size_t i = 0; i < j->nrcpts && k < res->nrcpts; i++) {
-        if (j->rcpts[i].domain != di)
+        if (j->rcpts[i].domain != di || j->rcpts[i].skip)
             continue;
         const deliver_rcpt_result_t *rr = &res->rcpts[k++];
         rcpt_set(&j->rcpts[i], rr->outcome, rr->reason, rr->code, rr->enh, rr->text);
@@ -590,7 +681,7 @@ static void on_mx(void *arg, const dns_mx_result_t *mx);
 static void domain_fail(job_t *j, size_t di, outcome_t o, const char *reason, const char *text)
 {
     for (size_t i = 0; i < j->nrcpts; i++)
-        if (j->rcpts[i].domain == di)
+        if (j->rcpts[i].domain == di && !j->rcpts[i].skip)
             rcpt_set(&j->rcpts[i], o, reason, 0, NULL, text);
     j->domains[di].done = 1;
     job_domain_done(j);
@@ -620,7 +711,7 @@ static void domain_start_smtp(job_t *j, size_t di)
     const char **rcpts = xcalloc(j->nrcpts, sizeof(char *));
     size_t n = 0;
     for (size_t i = 0; i < j->nrcpts; i++)
-        if (j->rcpts[i].domain == di)
+        if (j->rcpts[i].domain == di && !j->rcpts[i].skip)
             rcpts[n++] = j->rcpts[i].addr;
     deliver_request_t req = {
         .mail_from = j->msg->from.addr,
@@ -692,6 +783,109 @@ static void job_add_rcpts(job_t *j, const mp_address_t *list, size_t n, const ch
     }
 }
 
+/* Resolve every domain that still has a recipient to deliver. */
+static void job_resolve(job_t *j)
+{
+    worker_t *w = j->w;
+    j->domains_left = 0;
+    for (size_t i = 0; i < j->ndomains; i++) {
+        int work = 0;
+        for (size_t r = 0; r < j->nrcpts && !work; r++)
+            work = j->rcpts[r].domain == i && !j->rcpts[r].skip;
+        j->domains[i].done = !work;
+        j->domains_left += work;
+    }
+    if (j->domains_left == 0) {
+        job_after_smtp(j);
+        return;
+    }
+    for (size_t i = 0; i < j->ndomains; i++) {
+        if (j->domains[i].done)
+            continue;
+        metrics_inc(MET_DNS_QUERIES, 1);
+        j->domains[i].dns_id = dns_mx_query(w->dns, j->domains[i].name, on_mx, &j->domains[i].self);
+        if (j->domains[i].dns_id == 0)
+            abort(); /* only when out of memory: core policy */
+    }
+}
+
+static void on_sending_marked(void *arg, int ok)
+{
+    job_t *j = arg;
+    j->ledger_op = 0;
+    if (!ok) {
+        metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
+        log_warn("worker", "ledger_unavailable", "msg=%s step=mark_sending (at-least-once)",
+                 j->msg->id);
+    }
+    job_resolve(j);
+}
+
+static void on_ledger_looked_up(void *arg, int ok, const ledger_state_t *states)
+{
+    job_t *j = arg;
+    worker_t *w = j->w;
+    j->ledger_op = 0;
+    if (!ok) {
+        metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
+        log_warn("worker", "ledger_unavailable", "msg=%s step=lookup (at-least-once)", j->msg->id);
+        job_resolve(j);
+        return;
+    }
+    const char **sending = xcalloc(j->nrcpts, sizeof(char *));
+    size_t n = 0;
+    for (size_t i = 0; i < j->nrcpts; i++) {
+        job_rcpt_t *r = &j->rcpts[i];
+        if (states[i] == LEDGER_DONE) {
+            r->skip = 1;
+            rcpt_set(r, OUTCOME_DELIVERED, "already_delivered", 0, NULL,
+                     "delivered by an earlier attempt of this message (ledger)");
+            metrics_inc(MET_RCPT_SKIPPED_DONE, 1);
+            continue;
+        }
+        if (states[i] == LEDGER_SENDING) {
+            r->possible_dup = 1;
+            metrics_inc(MET_POSSIBLE_DUPLICATES, 1);
+        }
+        sending[n++] = r->addr;
+    }
+    if (n == 0) {
+        free(sending);
+        job_resolve(j);
+        return;
+    }
+    j->ledger_op = ledger_mark(w->ledger, j->msg->id, sending, n, LEDGER_SENDING,
+                               on_sending_marked, j);
+    free(sending);
+}
+
+static void job_check_ledger(job_t *j)
+{
+    const char **rcpts = xcalloc(j->nrcpts, sizeof(char *));
+    for (size_t i = 0; i < j->nrcpts; i++)
+        rcpts[i] = j->rcpts[i].addr;
+    j->ledger_op = ledger_lookup(j->w->ledger, j->msg->id, rcpts, j->nrcpts, on_ledger_looked_up, j);
+    free(rcpts);
+}
+
+static void on_redelivery_counted(void *arg, int ok, long long count)
+{
+    job_t *j = arg;
+    j->ledger_op = 0;
+    unsigned limit = j->w->env->cfg->retry_poison_redeliveries;
+    if (ok && limit > 0 && count > (long long)limit) {
+        char why[160];
+        snprintf(why, sizeof(why), "poison: redelivered %lld times without finishing (limit %u)",
+                 count, limit);
+        metrics_inc(MET_MESSAGES_POISON, 1);
+        job_dead_letter(j, why);
+        return;
+    }
+    if (!ok)
+        metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
+    job_check_ledger(j);
+}
+
 static void on_delivery(void *arg, mq_delivery_t *dv)
 {
     worker_t *w = arg;
@@ -753,8 +947,6 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
              "tag=%llu msg=%s trace=%s prio=%d attempt=%u rcpts=%zu domains=%zu bytes=%zu",
              (unsigned long long)dv->tag, j->msg->id, j->msg->trace_id ? j->msg->trace_id : "-",
              dv->priority, j->attempt, j->nrcpts, j->ndomains, buf_size(&j->raw));
-    j->domains_left = j->ndomains;
-    /* the domain array is complete: references by index stay valid */
     /* the domain array is final now: point each callback cell at it */
     for (size_t i = 0; i < j->ndomains; i++) {
         job_domain_t *d = &j->domains[i];
@@ -762,11 +954,12 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
         d->self.idx = i;
         d->fast_timer.arg = &d->self;
     }
-    for (size_t i = 0; i < j->ndomains; i++) {
-        metrics_inc(MET_DNS_QUERIES, 1);
-        j->domains[i].dns_id = dns_mx_query(w->dns, j->domains[i].name, on_mx, &j->domains[i].self);
-        if (j->domains[i].dns_id == 0)
-            abort(); /* only when out of memory: core policy */
+    if (w->ledger == NULL) {
+        job_resolve(j);
+    } else if (dv->redelivered) {
+        j->ledger_op = ledger_count_redelivery(w->ledger, j->msg->id, on_redelivery_counted, j);
+    } else {
+        job_check_ledger(j);
     }
 }
 
@@ -886,6 +1079,16 @@ static void *worker_main(void *arg)
         kill(getpid(), SIGUSR1); /* main takes it with sigwait and stops the others */
         return NULL;
     }
+    if (cfg->redis_host[0]) {
+        rclient_config_t rc = { .host = cfg->redis_host, .port = cfg->redis_port,
+                                .timeout_ms = cfg->redis_timeout_ms };
+        w->redis = rclient_new(w->loop, &rc);
+        uint64_t ttl = 0;
+        for (int c = 0; c < RETRY_CLASSES; c++)
+            if (cfg->retry_max_age_ms[c] > ttl)
+                ttl = cfg->retry_max_age_ms[c];
+        w->ledger = ledger_new(w->loop, w->redis, ttl);
+    }
     w->reconnect_delay_ms = 500;
     if (!atomic_load(&w->stop_requested))
         worker_connect(w);
@@ -904,6 +1107,10 @@ static void *worker_main(void *arg)
     w->mq = w->mq_dead = NULL;
     dns_resolver_free(w->dns);
     w->dns = NULL;
+    rclient_free(w->redis); /* first: its pending replies still find the ledger */
+    ledger_free(w->ledger);
+    w->redis = NULL;
+    w->ledger = NULL;
     loop_timer_cancel(w->loop, &w->grace_timer);
     loop_timer_cancel(w->loop, &w->reconnect_timer);
     loop_timer_cancel(w->loop, &w->release_timer);

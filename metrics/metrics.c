@@ -38,6 +38,11 @@ static const struct {
     [MET_IMAP_APPEND_FAILED] = { "mailpump_imap_append_failed_total", "IMAP appends that failed." },
     [MET_EVENTS_PUBLISHED] = { "mailpump_events_published_total", "Events confirmed by the broker." },
     [MET_PUBLISH_FAILED] = { "mailpump_publish_failed_total", "Publishes the broker did not confirm." },
+    [MET_RETRIES_SCHEDULED] = { "mailpump_retries_scheduled_total", "Messages republished to a delay queue." },
+    [MET_RCPT_SKIPPED_DONE] = { "mailpump_recipients_skipped_already_delivered_total", "Recipients of a redelivered message skipped because the ledger says they were delivered." },
+    [MET_POSSIBLE_DUPLICATES] = { "mailpump_recipients_possible_duplicate_total", "Recipients delivered again after a redelivery found them mid-transaction." },
+    [MET_LEDGER_UNAVAILABLE] = { "mailpump_ledger_unavailable_total", "Ledger (Redis) calls that failed: delivery went on at-least-once." },
+    [MET_MESSAGES_POISON] = { "mailpump_messages_poison_total", "Messages dead-lettered after too many redeliveries." },
 };
 
 static const struct {

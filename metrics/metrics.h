@@ -29,6 +29,12 @@ typedef enum {
     MET_IMAP_APPEND_FAILED,
     MET_EVENTS_PUBLISHED,
     MET_PUBLISH_FAILED,
+    /* message lifecycle: retries, ledger, poison */
+    MET_RETRIES_SCHEDULED,
+    MET_RCPT_SKIPPED_DONE,
+    MET_POSSIBLE_DUPLICATES,
+    MET_LEDGER_UNAVAILABLE,
+    MET_MESSAGES_POISON,
     MET_COUNTER_LAST
 } metric_counter_t;
 

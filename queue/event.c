@@ -74,6 +74,10 @@ char *mq_event_to_json(const mq_event_t *ev)
     if (ev->retry_in_ms)
         json_object_set_new(o, "retry_in_ms", json_integer((json_int_t)ev->retry_in_ms));
     json_object_set_new(o, "age_ms", json_integer((json_int_t)ev->age_ms));
+    if (ev->possible_duplicate)
+        json_object_set_new(o, "possible_duplicate", json_true());
+    if (ev->already_delivered)
+        json_object_set_new(o, "already_delivered", json_true());
     uint64_t ts = ev->ts_ms ? ev->ts_ms : util_wall_ms();
     time_t secs = (time_t)(ts / 1000);
     struct tm tm;

@@ -34,6 +34,8 @@ typedef struct mq_event {
     const char *error;        /* free-form reason for failures */
     uint64_t    retry_in_ms;  /* deferred: delay before the next attempt; 0 omitted */
     uint64_t    age_ms;       /* since the message was first consumed */
+    int         possible_duplicate; /* delivered again after a redelivery found it mid-send */
+    int         already_delivered;  /* an earlier attempt delivered it (ledger): not sent again */
     uint64_t    ts_ms;        /* wall clock; 0 = now */
 } mq_event_t;
 

@@ -1,0 +1,282 @@
+/*
+ * SUMMARY
+ *  deliverer/ledger.c - delivery records in Redis (see ledger.h).
+ * DESCRIPTION
+ *  One Redis round trip per call: MGET for a lookup, one SET ... PX (or
+ *  DEL) per recipient pipelined for a mark, INCR + PEXPIRE for the
+ *  redelivery count; the call completes when the last reply is in. A
+ *  call is an entry in a small table found by id, so cancelling one
+ *  (its job was dropped) simply forgets it and late replies are ignored.
+ *  Recipients are keyed in lower case: the domain part is
+ *  case-insensitive and local parts differing only in case are, in
+ *  practice, one mailbox.
+ */
+#include "deliverer/ledger.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/buf.h"
+#include "core/loop.h"
+#include "core/util.h"
+
+typedef enum { OP_LOOKUP, OP_MARK, OP_COUNT } op_kind_t;
+
+typedef struct op {
+    uint64_t        id;
+    op_kind_t       kind;
+    ledger_t       *l;
+    size_t          n;         /* recipients */
+    size_t          replies_left;
+    int             ok;
+    long long       count;
+    ledger_state_t *states;
+    union {
+        ledger_lookup_cb lookup;
+        ledger_done_cb   done;
+        ledger_count_cb  count;
+    } cb;
+    void           *arg;
+    int             cancelled;
+    struct op      *next;
+} op_t;
+
+struct ledger {
+    loop_t      *loop;
+    rclient_t   *rc;
+    uint64_t     ttl_ms;
+    uint64_t     next_id;
+    op_t        *ops;
+    loop_timer_t fail_timer; /* completes calls made without a client */
+};
+
+static void op_unlink(ledger_t *l, op_t *op)
+{
+    for (op_t **p = &l->ops; *p; p = &(*p)->next) {
+        if (*p == op) {
+            *p = op->next;
+            return;
+        }
+    }
+}
+
+static void op_complete(op_t *op)
+{
+    ledger_t *l = op->l;
+    op_unlink(l, op);
+    if (!op->cancelled) {
+        switch (op->kind) {
+        case OP_LOOKUP:
+            if (!op->ok)
+                memset(op->states, 0, op->n * sizeof(ledger_state_t));
+            op->cb.lookup(op->arg, op->ok, op->states);
+            break;
+        case OP_MARK:
+            op->cb.done(op->arg, op->ok);
+            break;
+        case OP_COUNT:
+            op->cb.count(op->arg, op->ok, op->count);
+            break;
+        }
+    }
+    free(op->states);
+    free(op);
+}
+
+static op_t *op_new(ledger_t *l, op_kind_t kind, size_t n, void *arg)
+{
+    op_t *op = xcalloc(1, sizeof(*op));
+    op->id = ++l->next_id;
+    op->kind = kind;
+    op->l = l;
+    op->n = n;
+    op->ok = 1;
+    op->arg = arg;
+    if (kind == OP_LOOKUP)
+        op->states = xcalloc(n ? n : 1, sizeof(ledger_state_t));
+    op->next = l->ops;
+    l->ops = op;
+    return op;
+}
+
+/* Find a live op by id (it may have completed or been cancelled). */
+static op_t *op_find(ledger_t *l, uint64_t id)
+{
+    for (op_t *op = l->ops; op; op = op->next)
+        if (op->id == id)
+            return op;
+    return NULL;
+}
+
+typedef struct reply_ref {
+    ledger_t *l;
+    uint64_t  id;
+} reply_ref_t;
+
+static void on_reply(void *arg, const redisReply *r, const char *err)
+{
+    reply_ref_t *ref = arg;
+    op_t *op = op_find(ref->l, ref->id);
+    free(ref);
+    if (op == NULL)
+        return;
+    if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+        op->ok = 0;
+    } else if (op->kind == OP_LOOKUP && r->type == REDIS_REPLY_ARRAY) {
+        for (size_t i = 0; i < r->elements && i < op->n; i++) {
+            const redisReply *e = r->element[i];
+            if (e->type == REDIS_REPLY_STRING && strcmp(e->str, "done") == 0)
+                op->states[i] = LEDGER_DONE;
+            else if (e->type == REDIS_REPLY_STRING && strcmp(e->str, "sending") == 0)
+                op->states[i] = LEDGER_SENDING;
+        }
+    } else if (op->kind == OP_COUNT && r->type == REDIS_REPLY_INTEGER && op->count == 0) {
+        op->count = r->integer; /* INCR answers first (>= 1); PEXPIRE's 1 is not a count */
+    }
+    if (--op->replies_left == 0)
+        op_complete(op);
+}
+
+static void send_argv(ledger_t *l, op_t *op, int argc, const char **argv, const size_t *lens)
+{
+    reply_ref_t *ref = xmalloc(sizeof(*ref));
+    ref->l = l;
+    ref->id = op->id;
+    op->replies_left++;
+    rclient_commandargv(l->rc, on_reply, ref, argc, argv, lens);
+}
+
+static char *rcpt_key(const char *msg_id, const char *rcpt)
+{
+    buf_t b = BUF_INIT;
+    buf_printf(&b, "mp:r:%s:", msg_id);
+    for (const char *c = rcpt; *c; c++)
+        buf_putc(&b, (char)tolower((unsigned char)*c));
+    return buf_steal(&b, NULL);
+}
+
+static void on_fail_timer(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    ledger_t *l = arg;
+    /* calls made without a client complete with ok=0, never synchronously */
+    for (op_t *op = l->ops; op;) {
+        op_t *next = op->next;
+        if (op->replies_left == 0) {
+            op->ok = 0;
+            op_complete(op);
+        }
+        op = next;
+    }
+}
+
+static uint64_t no_client(ledger_t *l, op_t *op)
+{
+    op->ok = 0;
+    loop_timer_set(l->loop, &l->fail_timer, 0);
+    return op->id;
+}
+
+ledger_t *ledger_new(loop_t *loop, rclient_t *rc, uint64_t ttl_ms)
+{
+    ledger_t *l = xcalloc(1, sizeof(*l));
+    l->loop = loop;
+    l->rc = rc;
+    l->ttl_ms = ttl_ms ? ttl_ms : 86400000;
+    loop_timer_init(&l->fail_timer, on_fail_timer, l);
+    return l;
+}
+
+void ledger_free(ledger_t *l)
+{
+    if (l == NULL)
+        return;
+    loop_timer_cancel(l->loop, &l->fail_timer);
+    while (l->ops) {
+        l->ops->ok = 0;
+        op_complete(l->ops);
+    }
+    free(l);
+}
+
+uint64_t ledger_lookup(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
+                       ledger_lookup_cb cb, void *arg)
+{
+    op_t *op = op_new(l, OP_LOOKUP, n, arg);
+    op->cb.lookup = cb;
+    if (l->rc == NULL || n == 0)
+        return no_client(l, op);
+    const char **argv = xcalloc(n + 1, sizeof(char *));
+    size_t *lens = xcalloc(n + 1, sizeof(size_t));
+    argv[0] = "MGET";
+    lens[0] = 4;
+    for (size_t i = 0; i < n; i++) {
+        argv[i + 1] = rcpt_key(msg_id, rcpts[i]);
+        lens[i + 1] = strlen(argv[i + 1]);
+    }
+    send_argv(l, op, (int)n + 1, argv, lens);
+    for (size_t i = 0; i < n; i++)
+        free((char *)argv[i + 1]);
+    free(argv);
+    free(lens);
+    return op->id;
+}
+
+uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
+                     ledger_state_t state, ledger_done_cb cb, void *arg)
+{
+    op_t *op = op_new(l, OP_MARK, n, arg);
+    op->cb.done = cb;
+    if (l->rc == NULL || n == 0)
+        return no_client(l, op);
+    char ttl[32];
+    snprintf(ttl, sizeof(ttl), "%llu", (unsigned long long)l->ttl_ms);
+    for (size_t i = 0; i < n; i++) {
+        char *key = rcpt_key(msg_id, rcpts[i]);
+        if (state == LEDGER_NONE) {
+            const char *argv[] = { "DEL", key };
+            size_t lens[] = { 3, strlen(key) };
+            send_argv(l, op, 2, argv, lens);
+        } else {
+            const char *v = state == LEDGER_DONE ? "done" : "sending";
+            const char *argv[] = { "SET", key, v, "PX", ttl };
+            size_t lens[] = { 3, strlen(key), strlen(v), 2, strlen(ttl) };
+            send_argv(l, op, 5, argv, lens);
+        }
+        free(key);
+    }
+    return op->id;
+}
+
+uint64_t ledger_count_redelivery(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg)
+{
+    op_t *op = op_new(l, OP_COUNT, 0, arg);
+    op->cb.count = cb;
+    if (l->rc == NULL)
+        return no_client(l, op);
+    buf_t key = BUF_INIT;
+    buf_printf(&key, "mp:d:%s", msg_id);
+    char ttl[32];
+    snprintf(ttl, sizeof(ttl), "%llu", (unsigned long long)l->ttl_ms);
+    const char *incr[] = { "INCR", buf_head(&key) };
+    size_t incr_l[] = { 4, buf_size(&key) };
+    const char *exp[] = { "PEXPIRE", buf_head(&key), ttl };
+    size_t exp_l[] = { 7, buf_size(&key), strlen(ttl) };
+    /* the INCR reply carries the count; PEXPIRE only has to succeed */
+    send_argv(l, op, 2, incr, incr_l);
+    reply_ref_t *ref = xmalloc(sizeof(*ref));
+    ref->l = l;
+    ref->id = op->id;
+    op->replies_left++;
+    rclient_commandargv(l->rc, on_reply, ref, 3, exp, exp_l);
+    buf_free(&key);
+    return op->id;
+}
+
+void ledger_cancel(ledger_t *l, uint64_t id)
+{
+    op_t *op = op_find(l, id);
+    if (op)
+        op->cancelled = 1;
+}

@@ -1,0 +1,49 @@
+/*
+ * deliverer/ledger.h - per-recipient delivery records in Redis, so a
+ * redelivered message never sends a recipient twice.
+ *
+ * Key mp:r:<message id>:<recipient> holds "sending" (set before the SMTP
+ * transaction) or "done" (set after a 2xx), with TTL = the longest maximum
+ * message age. A redelivery skips "done" recipients and delivers "sending"
+ * ones again, flagged as possible duplicates: the one window no sender
+ * can close (RFC 1047). Key mp:d:<message id> counts redeliveries for the
+ * poison-message limit.
+ *
+ * Every call completes through its callback exactly once and never
+ * synchronously; ok=0 means Redis could not answer (down or slow) and the
+ * caller carries on at-least-once.
+ */
+#ifndef MP_DELIVERER_LEDGER_H
+#define MP_DELIVERER_LEDGER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/rclient.h"
+
+typedef enum { LEDGER_NONE = 0, LEDGER_SENDING, LEDGER_DONE } ledger_state_t;
+
+typedef struct ledger ledger_t;
+
+/* states has n entries, valid only during the call (ok=0: all NONE). */
+typedef void (*ledger_lookup_cb)(void *arg, int ok, const ledger_state_t *states);
+typedef void (*ledger_done_cb)(void *arg, int ok);
+typedef void (*ledger_count_cb)(void *arg, int ok, long long count);
+
+/* rc is borrowed; NULL makes every call complete with ok=0. Free the
+ * rclient before the ledger: its pending replies then arrive (as failures)
+ * while the ledger still exists. */
+ledger_t *ledger_new(loop_t *loop, rclient_t *rc, uint64_t ttl_ms);
+void      ledger_free(ledger_t *l); /* pending callbacks fire with ok=0 */
+
+uint64_t ledger_lookup(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
+                       ledger_lookup_cb cb, void *arg);
+/* Set (state SENDING or DONE) or clear (NONE) the records of n recipients. */
+uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
+                     ledger_state_t state, ledger_done_cb cb, void *arg);
+/* Count one more redelivery of msg_id; the callback gets the new count. */
+uint64_t ledger_count_redelivery(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg);
+/* The callback of this call will not fire. */
+void     ledger_cancel(ledger_t *l, uint64_t id);
+
+#endif
