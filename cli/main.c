@@ -17,6 +17,7 @@
 
 #include "cli/client.h"
 #include "core/buf.h"
+#include "cli/dns_cmd.h"
 #include "core/config.h"
 #include "core/message.h"
 #include "core/util.h"
@@ -30,6 +31,7 @@ static void usage(FILE *f)
             "Commands:\n"
             "  enqueue   publish a message to the outbound queue and print its id\n"
             "  events    print delivery events (one JSON object per line)\n"
+            "  dns       resolve MX as the engine would, or prewarm the Redis cache: mailpump dns --help\n"
             "  help      show help for a command: mailpump help enqueue\n"
             "\n"
             "Global options (before the command):\n"
@@ -387,6 +389,8 @@ int main(int argc, char **argv)
         rc = cmd_enqueue(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "events") == 0) {
         rc = cmd_events(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "dns") == 0) {
+        rc = dns_cmd_main(&cfg, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "mailpump: unknown command \"%s\" (try mailpump --help)\n", cmd);
         rc = 2;

@@ -48,12 +48,40 @@ static const key_def_t keys[] = {
     { "dns", "servers", K_STR, F(dns_servers), "", 0 },
     { "dns", "timeout_ms", K_UINT, F(dns_timeout_ms), "2000", 0 },
     { "dns", "tries", K_UINT, F(dns_tries), "2", 0 },
+    { "dns", "l1_entries", K_UINT, F(dns_l1_entries), "10000", 0 },
+    { "dns", "max_ttl_s", K_UINT, F(dns_max_ttl_s), "3600", 0 },
+    { "dns", "negative_ttl_s", K_UINT, F(dns_negative_ttl_s), "900", 0 },
+    { "dns", "l2", K_UINT, F(dns_l2), "1", 0 },
     { "smtp", "port", K_UINT, F(smtp_port), "25", 0 },
     { "smtp", "helo_name", K_STR, F(smtp_helo_name), "", 0 },
     { "smtp", "tls", K_STR, F(smtp_tls), "opportunistic", 0 },
     { "smtp", "ca_file", K_STR, F(smtp_ca_file), "", 0 },
     { "smtp", "max_mx", K_UINT, F(smtp_max_mx), "5", 0 },
     { "smtp", "timeout_scale", K_UINT, F(smtp_timeout_scale), "100", 0 },
+    { "smtp", "tls_policy", K_STR, F(smtp_tls_policy), "", 0 },
+    { "smtp", "max_rcpts", K_UINT, F(smtp_max_rcpts), "100", 0 },
+    { "smtp", "pipelining", K_UINT, F(smtp_pipelining), "1", 0 },
+    { "smtp", "pool", K_UINT, F(smtp_pool), "1", 0 },
+    { "smtp", "pool_max_msgs", K_UINT, F(smtp_pool_max_msgs), "100", 0 },
+    { "smtp", "pool_max_age_ms", K_UINT, F(smtp_pool_max_age_ms), "300000", 0 },
+    { "smtp", "pool_idle_ms", K_UINT, F(smtp_pool_idle_ms), "5000", 0 },
+    { "smtp", "pool_max_per_dest", K_UINT, F(smtp_pool_max_per_dest), "20", 0 },
+    { "smtp", "pool_max_total", K_UINT, F(smtp_pool_max_total), "1000", 0 },
+    { "smtp", "tls_cache_size", K_UINT, F(smtp_tls_cache_size), "1024", 0 },
+    { "smtp", "relay", K_STR, F(smtp_relay), "", 0 },
+    { "smtp", "relay_user", K_STR, F(smtp_relay_user), "", 0 },
+    { "smtp", "relay_password", K_STR, F(smtp_relay_password), "", 1 },
+    { "smtp", "timeout_connect_ms", K_UINT, F(smtp_timeout_ms[0]), "0", 0 },
+    { "smtp", "timeout_greeting_ms", K_UINT, F(smtp_timeout_ms[1]), "0", 0 },
+    { "smtp", "timeout_helo_ms", K_UINT, F(smtp_timeout_ms[2]), "0", 0 },
+    { "smtp", "timeout_starttls_ms", K_UINT, F(smtp_timeout_ms[3]), "0", 0 },
+    { "smtp", "timeout_mail_ms", K_UINT, F(smtp_timeout_ms[4]), "0", 0 },
+    { "smtp", "timeout_rcpt_ms", K_UINT, F(smtp_timeout_ms[5]), "0", 0 },
+    { "smtp", "timeout_data_init_ms", K_UINT, F(smtp_timeout_ms[6]), "0", 0 },
+    { "smtp", "timeout_data_block_ms", K_UINT, F(smtp_timeout_ms[7]), "0", 0 },
+    { "smtp", "timeout_data_done_ms", K_UINT, F(smtp_timeout_ms[8]), "0", 0 },
+    { "smtp", "timeout_rset_ms", K_UINT, F(smtp_timeout_ms[9]), "0", 0 },
+    { "smtp", "timeout_quit_ms", K_UINT, F(smtp_timeout_ms[10]), "0", 0 },
     { "imap", "host", K_STR, F(imap_host), "", 0 },
     { "imap", "port", K_UINT, F(imap_port), "993", 0 },
     { "imap", "tls", K_STR, F(imap_tls), "imaps", 0 },
@@ -315,6 +343,11 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
     }
     if (cfg->worker_count > 256) {
         snprintf(err, errlen, "[worker] count must be at most 256");
+        return -1;
+    }
+    if (cfg->dns_l1_entries == 0 || cfg->dns_max_ttl_s == 0 || cfg->dns_negative_ttl_s == 0 ||
+        cfg->dns_l2 > 1) {
+        snprintf(err, errlen, "[dns] l1_entries, max_ttl_s, negative_ttl_s must be > 0 and l2 0 or 1");
         return -1;
     }
     if (cfg->smtp_max_mx == 0 || cfg->dns_tries == 0 || cfg->dns_timeout_ms == 0 ||

@@ -31,6 +31,10 @@ typedef struct mp_config {
     char    *dns_servers;         /* "host:port,..." or empty for the system's */
     unsigned dns_timeout_ms;
     unsigned dns_tries;
+    unsigned dns_l1_entries;      /* per-worker in-memory cache (L1) entries */
+    unsigned dns_max_ttl_s;       /* cap on how long a positive answer is cached */
+    unsigned dns_negative_ttl_s;  /* cap on how long a negative answer is cached (RFC 2308) */
+    unsigned dns_l2;              /* 1: share answers in Redis ([redis] host must be set) */
     /* [smtp] */
     unsigned smtp_port;
     char    *smtp_helo_name;      /* empty = host name */
@@ -38,6 +42,21 @@ typedef struct mp_config {
     char    *smtp_ca_file;
     unsigned smtp_max_mx;
     unsigned smtp_timeout_scale;  /* percent of the RFC 5321 timeouts */
+    char    *smtp_tls_policy;     /* per domain: "example.com:verify,.example.org:required" */
+    unsigned smtp_max_rcpts;      /* recipients per transaction */
+    unsigned smtp_pipelining;     /* 0 = lock-step even when offered */
+    unsigned smtp_pool;           /* 0 = one connection per message */
+    unsigned smtp_pool_max_msgs;  /* transactions per pooled connection */
+    unsigned smtp_pool_max_age_ms;
+    unsigned smtp_pool_idle_ms;
+    unsigned smtp_pool_max_per_dest;
+    unsigned smtp_pool_max_total; /* per worker */
+    unsigned smtp_tls_cache_size; /* TLS sessions kept per worker for resumption */
+    char    *smtp_relay;          /* "host[:port]": smarthost mode; empty = MX delivery */
+    char    *smtp_relay_user;     /* AUTH PLAIN/LOGIN over TLS; empty = no AUTH */
+    char    *smtp_relay_password;
+    unsigned smtp_timeout_ms[11]; /* per state, 0 = scaled RFC default: connect, greeting, helo,
+                                   * starttls, mail, rcpt, data_init, data_block, data_done, rset, quit */
     /* [imap] */
     char    *imap_host;
     unsigned imap_port;

@@ -6,7 +6,10 @@
  * a command that gets no reply within timeout_ms completes with an error
  * (the late reply, if any, is dropped); while Redis is down commands fail
  * at once (from a zero-delay timer, never inside rclient_command) and the
- * client reconnects in the background with backoff.
+ * client reconnects in the background with backoff (100 ms doubling to
+ * reconnect_max_ms). Commands given during the very first connection
+ * attempt are queued and sent once connected (still bounded by
+ * timeout_ms); callers that must not wait at all check rclient_connected().
  *
  * hiredis 0.14 (Debian 12) has no scheduleTimer hook, so command timeouts
  * are our own loop timers, and replies find their command through a 64-bit
@@ -48,7 +51,8 @@ uint64_t rclient_commandargv(rclient_t *c, rclient_cb cb, void *arg, int argc,
 void rclient_cancel(rclient_t *c, uint64_t id);
 /* 1 while a connection is established. */
 int  rclient_connected(const rclient_t *c);
-/* Counters for metrics: commands failed (timeout, down, lost), reconnects. */
+/* Counters for metrics: commands failed (timeout, down, lost) plus failed
+ * connection attempts and lost connections. Error replies are not counted. */
 uint64_t rclient_errors(const rclient_t *c);
 /* Pending callbacks fire with NULL/"shutting down"; no fd or timer remains
  * in the loop afterwards. Safe to call from inside an rclient_cb (the

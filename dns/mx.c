@@ -77,8 +77,25 @@ const char *dns_strerror(int status)
     case DNS_TIMEOUT:    return "DNS timeout";
     case DNS_EBADNAME:   return "invalid domain name";
     case DNS_ECANCELLED: return "DNS query cancelled";
+    case DNS_EBADVALUE:  return "corrupt cached value";
+    case DNS_EEXPIRED:   return "cached value expired";
     }
     return "unknown dns status";
+}
+
+const char *dns_status_tag(int status)
+{
+    switch (status) {
+    case DNS_OK:         return "ok";
+    case DNS_NXDOMAIN:   return "nxdomain";
+    case DNS_NULLMX:     return "nullmx";
+    case DNS_NOADDR:     return "noaddr";
+    case DNS_TEMPFAIL:   return "tempfail";
+    case DNS_TIMEOUT:    return "timeout";
+    case DNS_EBADNAME:   return "badname";
+    case DNS_ECANCELLED: return "cancelled";
+    }
+    return "error";
 }
 
 int dns_status_is_permanent(int status)

@@ -1,10 +1,23 @@
 /*
  * SUMMARY
- *  dns/resolver.c - MX, then A/AAAA, with c-ares inside the worker's loop.
+ *  dns/resolver.c - MX, then A/AAAA, with c-ares inside the worker's loop,
+ *  behind an L1 LRU, an optional Redis L2, and single flight.
  * DESCRIPTION
- *  One c-ares channel per resolver (per worker thread). c-ares 1.18 has no
- *  event thread and no ares_process_fds, so the channel is driven the way
- *  STYLE §8 describes:
+ *  Two kinds of object:
+ *   - an ask (dns_ask_t) is one dns_mx_query() call: its callback, its id
+ *     (what dns_cancel() takes) and, once answered, a reference on the
+ *     record that answers it;
+ *   - a flight (dns_query_t) is one resolution of one normalised name.
+ *     Every ask for a name not in L1 joins the flight for that name, or
+ *     starts one (single flight). A flight asks L2 first (when a Redis
+ *     client is configured and connected), then DNS; the answer becomes a
+ *     dns_record_t that fills L1 (and L2 when it came from DNS), and every
+ *     ask waiting on the flight gets a reference to it.
+ *  An L1 hit never starts a flight: the ask is answered on the next loop
+ *  pass (callbacks never run inside dns_mx_query()).
+ *
+ *  c-ares 1.18 has no event thread and no ares_process_fds, so the
+ *  channel is driven the way STYLE §8 describes:
  *   - ARES_OPT_SOCK_STATE_CB adds, modifies and removes c-ares' sockets in
  *     the loop;
  *   - a readiness event calls ares_process_fd() for that socket;
@@ -12,31 +25,45 @@
  *     ares_process_fd(ch, ARES_SOCKET_BAD, ARES_SOCKET_BAD) so that
  *     timeouts and retries run even when no socket is readable.
  *
- *  A query walks two stages: the MX lookup, then one A and one AAAA lookup
- *  per MX host (or for the domain itself when it has no MX: the implicit
- *  MX of RFC 5321 §5.1). It completes when its count of outstanding
- *  lookups drops to zero; it is then queued on the done list.
+ *  The DNS stage of a flight: the MX lookup (answers parsed by dns/msg.c
+ *  for TTLs, CNAME chains, the SOA of negative answers and the additional
+ *  section), a new MX lookup of the canonical name when a CNAME points to
+ *  a name whose MX the answer does not carry (at most DNS_MAX_CNAME
+ *  hops), then one A and one AAAA lookup per MX host (or for the domain
+ *  itself when it has no MX: the implicit MX of RFC 5321 §5.1) unless the
+ *  additional section already holds that host's addresses of that family.
+ *  A flight completes when its count of outstanding lookups drops to
+ *  zero; it is then queued on the done list.
  *
  *  At most DNS_MAX_INFLIGHT lookups are in c-ares at once; the others wait
  *  in two FIFOs, address lookups (which finish queries under way) ahead
  *  of MX lookups (which start new ones).
  *
+ *  Lifetimes: a positive answer lives min(its smallest TTL, max_ttl_s);
+ *  NXDOMAIN and NOADDR live min(SOA TTL, SOA MINIMUM) (RFC 2308 §5),
+ *  or DNS_NEG_TTL_NO_SOA when the server sent no SOA, capped by
+ *  negative_ttl_s; a null MX lives as its MX record does. SERVFAIL,
+ *  timeouts and the like are never cached. L2 keeps the same lifetime
+ *  (Redis EX), and an L2 answer enters L1 with what remains of it.
+ *
  *  Ownership and re-entrancy (STYLE §4):
- *   - Every c-ares lookup carries a small dns_req_t naming its query by
- *     64-bit id, never by pointer. The reply looks the id up in the wait
- *     table; a cancelled query is simply gone and the reply is dropped.
- *   - c-ares callbacks only record results and start further lookups.
- *     User callbacks run only from dns_dispatch(), which is reached from
- *     the loop (fd event, c-ares timer, or the zero "defer" timer), never
- *     from inside c-ares nor from dns_mx_query(). So a user callback may
- *     start or cancel queries or free the resolver, and the channel is
- *     never destroyed inside a c-ares callback.
+ *   - Every c-ares lookup carries a small dns_req_t naming its flight by
+ *     64-bit id, never by pointer; every Redis command a dns_l2op_t. The
+ *     reply looks the id up; the resolver's release cancels its Redis
+ *     commands (rclient_cancel: their callbacks never fire) before it
+ *     frees anything.
+ *   - c-ares and rclient callbacks only record results and start further
+ *     lookups. User callbacks run only from dns_dispatch(), which is
+ *     reached from the loop (fd event, c-ares timer, or the zero "defer"
+ *     timer), never from inside c-ares, rclient or dns_mx_query(). So a
+ *     user callback may start or cancel queries or free the resolver.
  *   - dns_resolver_free() from inside a user callback only sets
  *     free_pending; dns_dispatch() releases once the callback returned.
  * DIAGNOSTICS
  *  dns_resolver_new() fills err. Query outcomes go to the callback as a
  *  dns_status_t; a socket the loop refuses to watch is logged (its lookups
- *  then end by timeout).
+ *  then end by timeout); Redis failures are counted (l2_errors) and logged
+ *  at debug, and the lookup goes on over DNS.
  */
 #include "dns/resolver.h"
 
@@ -51,13 +78,29 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include "core/log.h"
+#include "core/rclient.h"
 #include "core/util.h"
+#include "dns/cache.h"
+#include "dns/idn.h"
+#include "dns/msg.h"
 #include "dns/mx.h"
+#include "dns/record.h"
 
 #define DNS_DEFAULT_TIMEOUT_MS 2000u
 #define DNS_DEFAULT_TRIES      2u
+#define DNS_DEFAULT_L1         10000u
+#define DNS_DEFAULT_MAX_TTL    3600u
+#define DNS_DEFAULT_NEG_TTL    900u
+#define DNS_DEFAULT_L2_PREFIX  "mp:dns:1:"
+/* Lifetime of a negative answer that came without an SOA (dnsmasq's
+ * local zones send none). RFC 2308 §5 says not to cache those at all,
+ * which is meant for resolvers that answer others; a delivery engine
+ * retrying the same typo domain a thousand times a second is better off
+ * remembering it briefly. Capped by negative_ttl_s like the rest. */
+#define DNS_NEG_TTL_NO_SOA     60u
 #define DNS_BUCKETS_MIN        64u
 /* Lookups handed to c-ares at once, per resolver. A burst of a few
  * hundred UDP queries overflows the socket buffers of a local resolver
@@ -65,31 +108,130 @@
  * full timeout; beyond this the rest wait in FIFOs. */
 #define DNS_MAX_INFLIGHT       128u
 
+/* ---- an intrusive table of objects keyed by a 64-bit id ---- */
+
+typedef struct dns_idnode {
+    uint64_t           id;
+    struct dns_idnode *next;
+} dns_idnode_t;
+
+typedef struct dns_idtab {
+    dns_idnode_t **b;
+    size_t         nb; /* power of two */
+    size_t         n;
+} dns_idtab_t;
+
+#define DNS_CONTAINER(ptr, type, member) ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+
+static int dns_idtab_init(dns_idtab_t *t)
+{
+    t->nb = DNS_BUCKETS_MIN;
+    t->n = 0;
+    t->b = dns_calloc(t->nb, sizeof(*t->b));
+    return t->b ? DNS_OK : DNS_ENOMEM;
+}
+
+static dns_idnode_t *dns_idtab_find(const dns_idtab_t *t, uint64_t id)
+{
+    /* ids are sequential, so the low bits already spread well */
+    for (dns_idnode_t *n = t->b[id & (t->nb - 1)]; n != NULL; n = n->next)
+        if (n->id == id)
+            return n;
+    return NULL;
+}
+
+static void dns_idtab_insert(dns_idtab_t *t, dns_idnode_t *node)
+{
+    if (t->n >= t->nb * 2) {
+        size_t nb = t->nb * 2;
+        dns_idnode_t **b = dns_calloc(nb, sizeof(*b));
+        if (b != NULL) { /* else: longer chains, still correct */
+            for (size_t i = 0; i < t->nb; i++) {
+                dns_idnode_t *n = t->b[i], *next;
+                for (; n != NULL; n = next) {
+                    next = n->next;
+                    n->next = b[n->id & (nb - 1)];
+                    b[n->id & (nb - 1)] = n;
+                }
+            }
+            free(t->b);
+            t->b = b;
+            t->nb = nb;
+        }
+    }
+    dns_idnode_t **head = &t->b[node->id & (t->nb - 1)];
+    node->next = *head;
+    *head = node;
+    t->n++;
+}
+
+static void dns_idtab_remove(dns_idtab_t *t, dns_idnode_t *node)
+{
+    dns_idnode_t **pp = &t->b[node->id & (t->nb - 1)];
+    while (*pp != NULL && *pp != node)
+        pp = &(*pp)->next;
+    if (*pp == node) {
+        *pp = node->next;
+        node->next = NULL;
+        t->n--;
+    }
+}
+
+/* ---- objects ---- */
+
 /* Address lookups of one host; parallel to dns_query_t.hosts. */
 typedef struct dns_qhost {
     struct in_addr       *v4;
     size_t                n4;
     struct ares_in6_addr *v6;
     size_t                n6;
-    int                   st4, st6; /* dns_status_t of the A and AAAA lookups */
+    int                   st4, st6;   /* dns_status_t of the A and AAAA lookups */
+    uint32_t              ttl4, ttl6; /* smallest TTL of the addresses kept */
+    long                  neg4, neg6; /* negative TTL of an empty answer, -1: none */
 } dns_qhost_t;
 
+typedef struct dns_ask dns_ask_t;
+
+/* One resolution of one name (a flight). */
 typedef struct dns_query {
-    uint64_t          id;
-    struct dns_query *hnext;        /* wait table chain */
+    dns_idnode_t      node;          /* id; in r->flights */
+    struct dns_query *nnext;         /* name table chain */
+    uint64_t          nhash;
     struct dns_query *dprev, *dnext; /* done list, when on_done */
     int               on_done;
-    dns_mx_cb         cb;
-    void             *arg;
-    char             *domain;       /* without the final dot */
-    int               status;       /* first error that decides the outcome */
-    int               addr_stage;   /* MX stage done, address lookups started */
+    dns_ask_t        *asks_head, *asks_tail; /* waiting asks */
+    char             *key;           /* normalised name: cache key */
+    char             *domain;        /* name of the MX lookup (moves along a CNAME chain) */
+    int               status;        /* first error that decides the outcome */
+    int               addr_stage;    /* MX stage done, address lookups started */
     int               implicit;
-    size_t            pending;      /* outstanding c-ares lookups, plus holds */
+    int               cname_hops;
+    int               layer;         /* DNS_LAYER_L2 or DNS_LAYER_DNS */
+    size_t            pending;       /* outstanding lookups (c-ares, Redis), plus holds */
+    uint32_t          ttl;           /* smallest positive TTL met */
+    long              neg_ttl;       /* smallest negative TTL met, -1: none */
+    dns_record_t     *rec;           /* an L2 answer */
+    struct dns_l2op  *l2get;         /* the outstanding L2 read */
     dns_mx_host_t    *hosts;
     size_t            nhosts;
     dns_qhost_t      *qh;
 } dns_query_t;
+
+/* One dns_mx_query() call. */
+struct dns_ask {
+    dns_idnode_t   node;       /* id; in r->asks */
+    dns_ask_t     *prev, *next; /* on its flight's list, or on the done list */
+    uint64_t       qid;        /* flight waited on; 0 once answered */
+    dns_record_t  *rec;        /* the answer once answered; NULL: status only */
+    int            status;
+    int            layer;
+    unsigned       ttl_s;
+    dns_mx_cb      cb;
+    void          *arg;
+    uint64_t       t0_us;
+    int            has_name;
+    char           name[];     /* normalised name */
+};
 
 /* The argument of one c-ares lookup. */
 typedef struct dns_req {
@@ -100,6 +242,14 @@ typedef struct dns_req {
     struct dns_req *next; /* while waiting in a dns_fifo_t */
 } dns_req_t;
 
+/* The argument of one Redis command. */
+typedef struct dns_l2op {
+    dns_resolver_t  *r;
+    uint64_t         qid;  /* flight for a GET; 0 for a SET */
+    uint64_t         rcid; /* rclient command id */
+    struct dns_l2op *prev, *next;
+} dns_l2op_t;
+
 typedef struct dns_fifo {
     dns_req_t *head, *tail;
 } dns_fifo_t;
@@ -109,10 +259,12 @@ struct dns_resolver {
     ares_channel   ch;
     loop_timer_t   ares_timer;  /* ares_timeout() cap */
     loop_timer_t   defer_timer; /* zero delay: run callbacks outside dns_mx_query */
-    dns_query_t  **buckets;     /* wait table: id -> query */
-    size_t         nbuckets;    /* power of two */
-    size_t         nqueries;
-    dns_query_t   *done_head, *done_tail;
+    dns_idtab_t    flights;     /* id -> flight (c-ares and Redis replies find them here) */
+    dns_query_t  **names;       /* name -> flight (single flight) */
+    size_t         nnames;      /* buckets, power of two */
+    dns_idtab_t    asks;        /* id -> ask (dns_cancel) */
+    dns_query_t   *done_head, *done_tail;   /* completed flights */
+    dns_ask_t     *adone_head, *adone_tail; /* answered asks */
     dns_fifo_t     wait_addr;   /* lookups not yet handed to c-ares: */
     dns_fifo_t     wait_mx;     /*  address ones go first */
     size_t         inflight;    /* lookups handed to c-ares, not yet answered */
@@ -122,71 +274,156 @@ struct dns_resolver {
     unsigned       dispatching; /* depth of user callbacks on the stack */
     int            free_pending;
     int            freeing;
+    /* caches */
+    dns_cache_t   *l1;
+    unsigned       max_ttl_s, neg_ttl_s;
+    rclient_t     *redis;
+    char          *l2_prefix;
+    dns_l2op_t    *l2ops;       /* outstanding Redis commands */
+    dns_event_cb   on_event;
+    void          *event_arg;
+    uint64_t       skew_ms;     /* test clock offset */
+    uint64_t       seed;        /* per-answer shuffle of equal preferences */
+    dns_stats_t    st;
 };
 
 static void dns_on_mx_reply(void *arg, int status, int timeouts, unsigned char *abuf, int alen);
 static void dns_on_addr_reply(void *arg, int status, int timeouts, unsigned char *abuf, int alen);
+static void dns_arm_ares_timer(dns_resolver_t *r, int exact);
 
-/* ---- wait table ---- */
-
-static size_t dns_bucket(const dns_resolver_t *r, uint64_t id)
+const char *dns_layer_name(int layer)
 {
-    /* ids are sequential, so the low bits already spread well */
-    return (size_t)(id & (r->nbuckets - 1));
-}
-
-static dns_query_t *dns_table_find(const dns_resolver_t *r, uint64_t id)
-{
-    for (dns_query_t *q = r->buckets[dns_bucket(r, id)]; q != NULL; q = q->hnext)
-        if (q->id == id)
-            return q;
-    return NULL;
-}
-
-static void dns_table_grow(dns_resolver_t *r)
-{
-    size_t n = r->nbuckets * 2;
-    dns_query_t **b = dns_calloc(n, sizeof(*b));
-    if (b == NULL)
-        return; /* longer chains, still correct */
-    for (size_t i = 0; i < r->nbuckets; i++) {
-        dns_query_t *q = r->buckets[i];
-        while (q != NULL) {
-            dns_query_t *next = q->hnext;
-            size_t k = (size_t)(q->id & (n - 1));
-            q->hnext = b[k];
-            b[k] = q;
-            q = next;
-        }
+    switch (layer) {
+    case DNS_LAYER_L1:  return "l1";
+    case DNS_LAYER_L2:  return "l2";
+    case DNS_LAYER_DNS: return "dns";
     }
-    free(r->buckets);
-    r->buckets = b;
-    r->nbuckets = n;
+    return "none";
 }
 
-static void dns_table_insert(dns_resolver_t *r, dns_query_t *q)
+static uint64_t dns_now_ms(dns_resolver_t *r)
 {
-    if (r->nqueries >= r->nbuckets * 2)
-        dns_table_grow(r);
-    size_t k = dns_bucket(r, q->id);
-    q->hnext = r->buckets[k];
-    r->buckets[k] = q;
-    r->nqueries++;
+    return loop_now_ms(r->loop) + r->skew_ms;
 }
 
-static void dns_table_remove(dns_resolver_t *r, dns_query_t *q)
+static uint64_t dns_now_s(dns_resolver_t *r)
 {
-    dns_query_t **pp = &r->buckets[dns_bucket(r, q->id)];
+    return (util_wall_ms() + r->skew_ms) / 1000u;
+}
+
+static uint64_t dns_mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+static void dns_emit(dns_resolver_t *r, const dns_event_t *ev)
+{
+    if (r->on_event != NULL)
+        r->on_event(r->event_arg, ev);
+}
+
+static void dns_l2_error(dns_resolver_t *r, const char *what, const char *err)
+{
+    r->st.l2_errors++;
+    log_debug("dns", "l2_error", "op=%s reason=\"%s\"", what, err ? err : "-");
+    dns_event_t ev = { .kind = DNS_EV_L2_ERROR };
+    dns_emit(r, &ev);
+}
+
+/* L1 operations that may change its size report the change. */
+static void dns_l1_size_changed(dns_resolver_t *r, size_t before)
+{
+    size_t after = dns_cache_size(r->l1);
+    if (after != before) {
+        dns_event_t ev = { .kind = DNS_EV_L1_SIZE, .l1_delta = (long)after - (long)before };
+        dns_emit(r, &ev);
+    }
+}
+
+/* ---- name table (single flight) ---- */
+
+static uint64_t dns_name_hash(const char *s)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (; *s; s++) {
+        h ^= (unsigned char)*s;
+        h *= 0x100000001b3ull;
+    }
+    return h;
+}
+
+static dns_query_t **dns_names_slot(dns_resolver_t *r, const char *key, uint64_t h)
+{
+    dns_query_t **pp = &r->names[h & (r->nnames - 1)];
+    while (*pp != NULL && ((*pp)->nhash != h || strcmp((*pp)->key, key) != 0))
+        pp = &(*pp)->nnext;
+    return pp;
+}
+
+static void dns_names_remove(dns_resolver_t *r, dns_query_t *q)
+{
+    dns_query_t **pp = &r->names[q->nhash & (r->nnames - 1)];
     while (*pp != NULL && *pp != q)
-        pp = &(*pp)->hnext;
-    if (*pp == q) {
-        *pp = q->hnext;
-        q->hnext = NULL;
-        r->nqueries--;
-    }
+        pp = &(*pp)->nnext;
+    if (*pp == q)
+        *pp = q->nnext;
+    q->nnext = NULL;
 }
 
-/* ---- done list ---- */
+/* ---- ask lists ---- */
+
+static void dns_ask_link(dns_ask_t **head, dns_ask_t **tail, dns_ask_t *a)
+{
+    a->next = NULL;
+    a->prev = *tail;
+    if (*tail != NULL)
+        (*tail)->next = a;
+    else
+        *head = a;
+    *tail = a;
+}
+
+static void dns_ask_unlink(dns_ask_t **head, dns_ask_t **tail, dns_ask_t *a)
+{
+    if (a->prev != NULL)
+        a->prev->next = a->next;
+    else
+        *head = a->next;
+    if (a->next != NULL)
+        a->next->prev = a->prev;
+    else
+        *tail = a->prev;
+    a->prev = a->next = NULL;
+}
+
+static void dns_arm_defer(dns_resolver_t *r)
+{
+    if (!loop_timer_active(&r->defer_timer))
+        loop_timer_set(r->loop, &r->defer_timer, 0);
+}
+
+/* Answer an ask: it moves to the done list, dispatched from the loop. */
+static void dns_ask_answer(dns_resolver_t *r, dns_ask_t *a, dns_record_t *rec, int status, int layer,
+                           unsigned ttl_s)
+{
+    a->qid = 0;
+    a->rec = rec != NULL ? dns_record_ref(rec) : NULL;
+    a->status = rec != NULL ? rec->status : status;
+    a->layer = layer;
+    a->ttl_s = ttl_s;
+    dns_ask_link(&r->adone_head, &r->adone_tail, a);
+    dns_arm_defer(r);
+}
+
+static void dns_ask_free(dns_ask_t *a)
+{
+    dns_record_unref(a->rec);
+    free(a);
+}
+
+/* ---- done list of flights ---- */
 
 static void dns_done_append(dns_resolver_t *r, dns_query_t *q)
 {
@@ -216,7 +453,7 @@ static void dns_done_unlink(dns_resolver_t *r, dns_query_t *q)
     q->on_done = 0;
 }
 
-/* ---- queries ---- */
+/* ---- flights ---- */
 
 static void dns_query_drop_hosts(dns_query_t *q)
 {
@@ -238,6 +475,8 @@ static void dns_query_drop_hosts(dns_query_t *q)
 static void dns_query_free(dns_query_t *q)
 {
     dns_query_drop_hosts(q);
+    dns_record_unref(q->rec);
+    free(q->key);
     free(q->domain);
     free(q);
 }
@@ -263,12 +502,26 @@ static void dns_sockaddr_v6(struct sockaddr_storage *ss, const struct ares_in6_a
     memcpy(&sin6->sin6_addr, a, sizeof(sin6->sin6_addr));
 }
 
+static void dns_min_ttl(uint32_t *ttl, uint32_t v)
+{
+    if (v < *ttl)
+        *ttl = v;
+}
+
+static void dns_min_neg(long *neg, long v)
+{
+    if (v >= 0 && (*neg < 0 || v < *neg))
+        *neg = v;
+}
+
 /* All address lookups are in: keep the hosts that have an address, in
  * their sorted order, and decide the status when none has one. */
 static int dns_query_collect(dns_query_t *q)
 {
     size_t kept = 0;
     int transient = DNS_OK, nxdomain = 0;
+    long neg = -1;
+    uint32_t ttl = UINT32_MAX;
     for (size_t i = 0; i < q->nhosts; i++) {
         dns_qhost_t *h = &q->qh[i];
         size_t n = h->n4 + h->n6;
@@ -281,6 +534,8 @@ static int dns_query_collect(dns_query_t *q)
                 transient = st;
             if (h->st4 == DNS_NXDOMAIN || h->st6 == DNS_NXDOMAIN)
                 nxdomain = 1;
+            dns_min_neg(&neg, h->neg4);
+            dns_min_neg(&neg, h->neg6);
             free(q->hosts[i].name);
             q->hosts[i].name = NULL;
             continue;
@@ -290,6 +545,10 @@ static int dns_query_collect(dns_query_t *q)
             dns_sockaddr_v4(&out->addrs[out->naddrs++], &h->v4[j]);
         for (size_t j = 0; j < h->n6; j++)
             dns_sockaddr_v6(&out->addrs[out->naddrs++], &h->v6[j]);
+        if (h->n4)
+            dns_min_ttl(&ttl, h->ttl4);
+        if (h->n6)
+            dns_min_ttl(&ttl, h->ttl6);
         q->hosts[kept++] = *out;
     }
     for (size_t i = 0; i < q->nhosts; i++) {
@@ -299,10 +558,13 @@ static int dns_query_collect(dns_query_t *q)
     free(q->qh);
     q->qh = NULL;
     q->nhosts = kept;
-    if (kept > 0)
+    if (kept > 0) {
+        dns_min_ttl(&q->ttl, ttl);
         return DNS_OK;
+    }
     if (transient != DNS_OK)
         return transient;
+    dns_min_neg(&q->neg_ttl, neg);
     /* Implicit MX: the MX lookup said the name exists with no MX, yet its
      * address lookup says it does not exist (it was just removed). */
     if (q->implicit && nxdomain)
@@ -310,7 +572,7 @@ static int dns_query_collect(dns_query_t *q)
     return DNS_NOADDR;
 }
 
-/* Drop one outstanding lookup (or hold); at zero the query is complete
+/* Drop one outstanding lookup (or hold); at zero the flight is complete
  * and waits on the done list for dns_dispatch(). */
 static void dns_query_release(dns_resolver_t *r, dns_query_t *q)
 {
@@ -321,8 +583,7 @@ static void dns_query_release(dns_resolver_t *r, dns_query_t *q)
     if (q->status != DNS_OK)
         dns_query_drop_hosts(q); /* hosts are reported only on success */
     dns_done_append(r, q);
-    if (!loop_timer_active(&r->defer_timer))
-        loop_timer_set(r->loop, &r->defer_timer, 0);
+    dns_arm_defer(r);
 }
 
 static void dns_fifo_push(dns_fifo_t *f, dns_req_t *req)
@@ -353,6 +614,12 @@ static void dns_fifo_clear(dns_fifo_t *f)
         free(req);
 }
 
+static dns_query_t *dns_flight_find(const dns_resolver_t *r, uint64_t id)
+{
+    dns_idnode_t *n = dns_idtab_find(&r->flights, id);
+    return n ? DNS_CONTAINER(n, dns_query_t, node) : NULL;
+}
+
 /* Hand waiting lookups to c-ares while fewer than DNS_MAX_INFLIGHT are
  * out. Address lookups first: they finish queries already under way,
  * where a new MX lookup only starts one more. */
@@ -367,13 +634,14 @@ static void dns_pump(dns_resolver_t *r)
         dns_req_t *req = dns_fifo_pop(&r->wait_addr);
         if (req == NULL && (req = dns_fifo_pop(&r->wait_mx)) == NULL)
             break;
-        dns_query_t *q = dns_table_find(r, req->qid);
-        if (q == NULL) { /* cancelled while waiting */
+        dns_query_t *q = dns_flight_find(r, req->qid);
+        if (q == NULL) { /* gone while waiting */
             free(req);
             continue;
         }
         const char *name = req->type == T_MX ? q->domain : q->hosts[req->host].name;
         r->inflight++;
+        r->st.wire_queries++;
         ares_query(r->ch, name, C_IN, req->type,
                    req->type == T_MX ? dns_on_mx_reply : dns_on_addr_reply, req);
     }
@@ -396,7 +664,7 @@ static void dns_lookup(dns_resolver_t *r, dns_query_t *q, int type, size_t host)
         return;
     }
     req->r = r;
-    req->qid = q->id;
+    req->qid = q->node.id;
     req->host = host;
     req->type = type;
     q->pending++;
@@ -407,7 +675,48 @@ static void dns_lookup(dns_resolver_t *r, dns_query_t *q, int type, size_t host)
     dns_pump(r);
 }
 
-static void dns_start_addrs(dns_resolver_t *r, dns_query_t *q)
+/* Take the addresses of family type for host name from the answer or
+ * additional section of m. Returns how many (0: none there). */
+static size_t dns_take_extra(dns_qhost_t *h, int type, const char *name, const dns_msg_t *m)
+{
+    size_t n = 0;
+    uint32_t ttl = UINT32_MAX;
+    for (size_t i = 0; i < m->nrr; i++) {
+        const dns_rr_t *rr = &m->rr[i];
+        if (rr->type == type && rr->section != DNS_SEC_AUTHORITY && strcasecmp(rr->name, name) == 0)
+            n++;
+    }
+    if (n == 0)
+        return 0;
+    if (n > DNS_MAX_ADDRS)
+        n = DNS_MAX_ADDRS;
+    void *arr = type == T_A ? dns_calloc(n, sizeof(struct in_addr)) : dns_calloc(n, sizeof(struct ares_in6_addr));
+    if (arr == NULL)
+        return 0; /* look it up instead */
+    size_t k = 0;
+    for (size_t i = 0; i < m->nrr && k < n; i++) {
+        const dns_rr_t *rr = &m->rr[i];
+        if (rr->type != type || rr->section == DNS_SEC_AUTHORITY || strcasecmp(rr->name, name) != 0)
+            continue;
+        memcpy((unsigned char *)arr + k * (type == T_A ? 4u : 16u), rr->addr, type == T_A ? 4u : 16u);
+        dns_min_ttl(&ttl, rr->ttl);
+        k++;
+    }
+    if (type == T_A) {
+        h->v4 = arr;
+        h->n4 = k;
+        h->ttl4 = ttl;
+        h->st4 = DNS_OK;
+    } else {
+        h->v6 = arr;
+        h->n6 = k;
+        h->ttl6 = ttl;
+        h->st6 = DNS_OK;
+    }
+    return k;
+}
+
+static void dns_start_addrs(dns_resolver_t *r, dns_query_t *q, const dns_msg_t *m)
 {
     q->qh = dns_calloc(q->nhosts, sizeof(*q->qh));
     if (q->qh == NULL) {
@@ -416,13 +725,24 @@ static void dns_start_addrs(dns_resolver_t *r, dns_query_t *q)
     }
     q->addr_stage = 1;
     for (size_t i = 0; i < q->nhosts; i++) {
-        q->qh[i].st4 = q->qh[i].st6 = DNS_OK;
-        dns_lookup(r, q, T_A, i);
-        dns_lookup(r, q, T_AAAA, i);
+        dns_qhost_t *h = &q->qh[i];
+        h->st4 = h->st6 = DNS_OK;
+        h->neg4 = h->neg6 = -1;
+        /* A family present in the additional section is taken as is; a
+         * family absent from it proves nothing and is looked up. */
+        if (m != NULL && dns_take_extra(h, T_A, q->hosts[i].name, m) > 0)
+            r->st.additional++;
+        else
+            dns_lookup(r, q, T_A, i);
+        if (m != NULL && dns_take_extra(h, T_AAAA, q->hosts[i].name, m) > 0)
+            r->st.additional++;
+        else
+            dns_lookup(r, q, T_AAAA, i);
     }
 }
 
-/* No MX record: the domain itself is the only host (RFC 5321 §5.1). */
+/* No MX record: the domain itself is the only host (RFC 5321 §5.1); after
+ * a CNAME chain, its canonical name. */
 static void dns_use_implicit(dns_resolver_t *r, dns_query_t *q)
 {
     q->implicit = 1;
@@ -434,7 +754,7 @@ static void dns_use_implicit(dns_resolver_t *r, dns_query_t *q)
         return;
     }
     q->nhosts = 1;
-    dns_start_addrs(r, q);
+    dns_start_addrs(r, q, NULL);
 }
 
 static int dns_is_root(const char *host)
@@ -442,26 +762,30 @@ static int dns_is_root(const char *host)
     return host[0] == '\0' || (host[0] == '.' && host[1] == '\0');
 }
 
-/* Turn the MX RRset into q->hosts: null MX check, sort, de-duplicate, cap. */
-static int dns_take_mx(dns_query_t *q, const struct ares_mx_reply *mx)
+/* Turn the MX RRset of owner in m into q->hosts: null MX check, sort,
+ * de-duplicate, cap. */
+static int dns_take_mx(dns_query_t *q, const dns_msg_t *m, const char *owner, size_t n)
 {
-    size_t n = 0;
-    for (const struct ares_mx_reply *m = mx; m != NULL; m = m->next) {
-        /* RFC 7505: "0 ." says the domain accepts no mail. It must stand
-         * alone; if a zone lists other MX besides, the explicit refusal
-         * still wins (§4.1: clients MUST NOT deliver). */
-        if (m->priority == 0 && dns_is_root(m->host))
-            return DNS_NULLMX;
-        n++;
-    }
     dns_mx_host_t *all = dns_calloc(n, sizeof(*all));
     if (all == NULL)
         return DNS_ENOMEM;
     size_t i = 0;
-    for (const struct ares_mx_reply *m = mx; m != NULL; m = m->next, i++) {
-        all[i].name = m->host; /* borrowed until the copy below */
-        all[i].pref = m->priority;
+    for (size_t k = 0; k < m->nrr && i < n; k++) {
+        const dns_rr_t *rr = &m->rr[k];
+        if (rr->section != DNS_SEC_ANSWER || rr->type != T_MX || strcasecmp(rr->name, owner) != 0)
+            continue;
+        /* RFC 7505: "0 ." says the domain accepts no mail. It must stand
+         * alone; if a zone lists other MX besides, the explicit refusal
+         * still wins (§4.1: clients MUST NOT deliver). */
+        if (rr->pref == 0 && dns_is_root(rr->target)) {
+            free(all);
+            return DNS_NULLMX;
+        }
+        all[i].name = rr->target; /* borrowed until the copy below */
+        all[i].pref = rr->pref;
+        i++;
     }
+    n = i;
     dns_sort_mx(all, n, util_rand64());
 
     q->hosts = dns_calloc(n < DNS_MAX_HOSTS ? n : DNS_MAX_HOSTS, sizeof(*q->hosts));
@@ -508,7 +832,68 @@ static dns_query_t *dns_req_owner(void *arg, int status, dns_resolver_t **rp, dn
     if (status == ARES_EDESTRUCTION)
         return NULL;
     copy->r->inflight--;
-    return dns_table_find(copy->r, copy->qid); /* NULL: cancelled meanwhile */
+    return dns_flight_find(copy->r, copy->qid);
+}
+
+/* Parse abuf when c-ares handed over a message worth reading. Returns
+ * DNS_OK with *m filled, 1 when there is nothing to parse, or an error. */
+static int dns_parse_reply(int status, const unsigned char *abuf, int alen, dns_msg_t *m)
+{
+    memset(m, 0, sizeof(*m));
+    if ((status != ARES_SUCCESS && status != ARES_ENODATA && status != ARES_ENOTFOUND) || abuf == NULL ||
+        alen <= 0)
+        return 1;
+    return dns_msg_parse(abuf, alen, m);
+}
+
+static void dns_mx_answer(dns_resolver_t *r, dns_query_t *q, int status, const dns_msg_t *m)
+{
+    if (status == ARES_ENOTFOUND) {
+        q->status = DNS_NXDOMAIN;
+        dns_min_neg(&q->neg_ttl, dns_msg_negative_ttl(m));
+        return;
+    }
+    uint32_t ttl = UINT32_MAX;
+    int hops = q->cname_hops;
+    const char *canon = dns_msg_chase(m, q->domain, &ttl, &hops);
+    if (hops > DNS_MAX_CNAME) {
+        q->status = DNS_TEMPFAIL; /* a loop, or a chain nobody should follow */
+        return;
+    }
+    size_t n = 0;
+    for (size_t i = 0; i < m->nrr; i++) {
+        const dns_rr_t *rr = &m->rr[i];
+        if (rr->section == DNS_SEC_ANSWER && rr->type == T_MX && strcasecmp(rr->name, canon) == 0) {
+            n++;
+            dns_min_ttl(&ttl, rr->ttl);
+        }
+    }
+    dns_min_ttl(&q->ttl, ttl);
+    if (n > 0) {
+        q->status = dns_take_mx(q, m, canon, n);
+        if (q->status == DNS_OK)
+            dns_start_addrs(r, q, m);
+        return;
+    }
+    if (strcasecmp(canon, q->domain) != 0) {
+        /* A CNAME whose target's MX the server did not add: ask for them. */
+        char *next = dns_strndup(canon, strlen(canon));
+        if (next == NULL) {
+            q->status = DNS_ENOMEM;
+            return;
+        }
+        free(q->domain);
+        q->domain = next;
+        q->cname_hops = hops;
+        dns_lookup(r, q, T_MX, 0);
+        return;
+    }
+    /* NOERROR without MX (NODATA): implicit MX. The answer that there is
+     * no MX has the negative lifetime. */
+    dns_min_neg(&q->neg_ttl, dns_msg_negative_ttl(m));
+    if (dns_msg_negative_ttl(m) < 0)
+        dns_min_neg(&q->neg_ttl, DNS_NEG_TTL_NO_SOA);
+    dns_use_implicit(r, q);
 }
 
 static void dns_on_mx_reply(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
@@ -520,61 +905,48 @@ static void dns_on_mx_reply(void *arg, int status, int timeouts, unsigned char *
         dns_pump(r); /* its slot is free for a waiting lookup */
         return;
     }
-
-    if (status == ARES_SUCCESS) {
-        struct ares_mx_reply *mx = NULL;
-        status = ares_parse_mx_reply(abuf, alen, &mx);
-        if (status == ARES_SUCCESS) {
-            q->status = dns_take_mx(q, mx);
-            if (q->status == DNS_OK)
-                dns_start_addrs(r, q);
-        }
-        if (mx != NULL)
-            ares_free_data(mx);
-    }
-    if (status == ARES_ENODATA)
-        dns_use_implicit(r, q); /* NOERROR without MX, or only a CNAME */
-    else if (status != ARES_SUCCESS)
+    dns_msg_t m;
+    int pst = dns_parse_reply(status, abuf, alen, &m);
+    if (pst == DNS_OK)
+        dns_mx_answer(r, q, status, &m);
+    else if (pst != 1)
+        q->status = pst;
+    else
         q->status = dns_status_from_ares(status);
+    dns_msg_free(&m);
 
     log_debug("dns", "mx_reply", "id=%016" PRIx64 " domain=%s ares=%s hosts=%zu implicit=%d",
-              q->id, q->domain, ares_strerror(status), q->nhosts, q->implicit);
+              q->node.id, q->domain, ares_strerror(status), q->nhosts, q->implicit);
     dns_query_release(r, q); /* the MX lookup's reference */
     dns_pump(r);
 }
 
-/* Copy the addresses of an A/AAAA answer into the host's lookup state. */
-static int dns_take_addrs(dns_qhost_t *h, int type, const unsigned char *abuf, int alen)
+/* Record the answer of an A or AAAA lookup in the host's lookup state. */
+static void dns_addr_answer(dns_qhost_t *h, const char *host, int type, int status, const dns_msg_t *m)
 {
-    int n = DNS_MAX_ADDRS, st;
-    if (type == T_A) {
-        struct ares_addrttl ttl[DNS_MAX_ADDRS];
-        st = ares_parse_a_reply(abuf, alen, NULL, ttl, &n);
-        if (st != ARES_SUCCESS)
-            return dns_status_from_ares(st);
-        if (n == 0)
-            return DNS_NOADDR;
-        h->v4 = dns_calloc((size_t)n, sizeof(*h->v4));
-        if (h->v4 == NULL)
-            return DNS_ENOMEM;
-        for (int i = 0; i < n; i++)
-            h->v4[i] = ttl[i].ipaddr;
-        h->n4 = (size_t)n;
-    } else {
-        struct ares_addr6ttl ttl[DNS_MAX_ADDRS];
-        st = ares_parse_aaaa_reply(abuf, alen, NULL, ttl, &n);
-        if (st != ARES_SUCCESS)
-            return dns_status_from_ares(st);
-        if (n == 0)
-            return DNS_NOADDR;
-        h->v6 = dns_calloc((size_t)n, sizeof(*h->v6));
-        if (h->v6 == NULL)
-            return DNS_ENOMEM;
-        for (int i = 0; i < n; i++)
-            h->v6[i] = ttl[i].ip6addr;
-        h->n6 = (size_t)n;
+    int *st = type == T_A ? &h->st4 : &h->st6;
+    long *neg = type == T_A ? &h->neg4 : &h->neg6;
+    if (status == ARES_ENOTFOUND || status == ARES_ENODATA) {
+        *st = status == ARES_ENOTFOUND ? DNS_NXDOMAIN : DNS_NOADDR;
+        *neg = dns_msg_negative_ttl(m);
+        return;
     }
-    return DNS_OK;
+    uint32_t ttl = UINT32_MAX;
+    int hops = 0;
+    const char *canon = dns_msg_chase(m, host, &ttl, &hops);
+    if (hops > DNS_MAX_CNAME) {
+        *st = DNS_TEMPFAIL;
+        return;
+    }
+    /* dns_take_extra() reads the answer section too: the same code takes
+     * the addresses of the canonical name. */
+    uint32_t chain = ttl;
+    if (dns_take_extra(h, type, canon, m) == 0) {
+        *st = DNS_NOADDR;
+        *neg = dns_msg_negative_ttl(m);
+        return;
+    }
+    dns_min_ttl(type == T_A ? &h->ttl4 : &h->ttl6, chain);
 }
 
 static void dns_on_addr_reply(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
@@ -588,16 +960,134 @@ static void dns_on_addr_reply(void *arg, int status, int timeouts, unsigned char
     }
 
     dns_qhost_t *h = &q->qh[req.host];
-    int st = status == ARES_SUCCESS ? dns_take_addrs(h, req.type, abuf, alen)
-                                    : dns_status_from_ares(status);
-    if (req.type == T_A)
-        h->st4 = st;
+    dns_msg_t m;
+    int pst = dns_parse_reply(status, abuf, alen, &m);
+    if (pst == DNS_OK)
+        dns_addr_answer(h, q->hosts[req.host].name, req.type, status, &m);
+    else if (req.type == T_A)
+        h->st4 = pst != 1 ? pst : dns_status_from_ares(status);
     else
-        h->st6 = st;
+        h->st6 = pst != 1 ? pst : dns_status_from_ares(status);
+    dns_msg_free(&m);
     log_debug("dns", "addr_reply", "id=%016" PRIx64 " host=%s type=%s status=%s",
-              q->id, q->hosts[req.host].name, req.type == T_A ? "A" : "AAAA", dns_strerror(st));
+              q->node.id, q->hosts[req.host].name, req.type == T_A ? "A" : "AAAA",
+              dns_strerror(req.type == T_A ? h->st4 : h->st6));
     dns_query_release(r, q);
     dns_pump(r);
+}
+
+/* ---- L2 (Redis) ---- */
+
+static dns_l2op_t *dns_l2op_new(dns_resolver_t *r, uint64_t qid)
+{
+    dns_l2op_t *op = dns_calloc(1, sizeof(*op));
+    if (op == NULL)
+        return NULL;
+    op->r = r;
+    op->qid = qid;
+    op->next = r->l2ops;
+    if (r->l2ops)
+        r->l2ops->prev = op;
+    r->l2ops = op;
+    return op;
+}
+
+static void dns_l2op_unlink(dns_resolver_t *r, dns_l2op_t *op)
+{
+    if (op->prev)
+        op->prev->next = op->next;
+    else
+        r->l2ops = op->next;
+    if (op->next)
+        op->next->prev = op->prev;
+}
+
+static void dns_on_l2_set(void *arg, const redisReply *reply, const char *err)
+{
+    dns_l2op_t *op = arg;
+    dns_resolver_t *r = op->r;
+    dns_l2op_unlink(r, op);
+    free(op);
+    if (reply == NULL)
+        dns_l2_error(r, "set", err);
+}
+
+static void dns_on_l2_get(void *arg, const redisReply *reply, const char *err)
+{
+    dns_l2op_t *op = arg;
+    dns_resolver_t *r = op->r;
+    uint64_t qid = op->qid;
+    dns_l2op_unlink(r, op);
+    free(op);
+    dns_query_t *q = dns_flight_find(r, qid);
+    if (q == NULL)
+        return;
+    q->l2get = NULL;
+    if (reply == NULL) {
+        dns_l2_error(r, "get", err);
+    } else if (reply->type == REDIS_REPLY_STRING) {
+        dns_record_t *rec = NULL;
+        int st = dns_record_decode((const unsigned char *)reply->str, reply->len, dns_now_s(r), &rec);
+        if (st == DNS_OK) {
+            r->st.l2_hits++;
+            q->rec = rec;
+            q->status = rec->status;
+            q->layer = DNS_LAYER_L2;
+        } else if (st == DNS_EBADVALUE) {
+            dns_l2_error(r, "decode", "corrupt value");
+        }
+    } else if (reply->type != REDIS_REPLY_NIL) {
+        dns_l2_error(r, "get", "unexpected reply type");
+    }
+    if (q->rec == NULL) /* miss: DNS answers (and its answer overwrites a bad value) */
+        dns_lookup(r, q, T_MX, 0);
+    dns_query_release(r, q); /* the L2 read's hold */
+    if (r->inflight > 0)
+        dns_arm_ares_timer(r, 0);
+}
+
+static int dns_l2_key(const dns_resolver_t *r, const char *name, char *out, size_t outlen)
+{
+    int n = snprintf(out, outlen, "%s%s", r->l2_prefix, name);
+    return n > 0 && (size_t)n < outlen ? n : -1;
+}
+
+/* Start the L2 read of flight q. 0 when started. */
+static int dns_l2_get(dns_resolver_t *r, dns_query_t *q)
+{
+    char key[DNS_NAME_MAX + 64];
+    int klen = dns_l2_key(r, q->key, key, sizeof(key));
+    if (klen < 0)
+        return -1;
+    dns_l2op_t *op = dns_l2op_new(r, q->node.id);
+    if (op == NULL)
+        return -1;
+    const char *argv[2] = { "GET", key };
+    const size_t lens[2] = { 3, (size_t)klen };
+    q->pending++;
+    q->l2get = op;
+    r->st.l2_gets++;
+    op->rcid = rclient_commandargv(r->redis, dns_on_l2_get, op, 2, argv, lens);
+    return 0;
+}
+
+/* Store an answer from DNS in L2 for ttl_s seconds (fire and forget). */
+static void dns_l2_set(dns_resolver_t *r, const char *name, const dns_record_t *rec, unsigned ttl_s)
+{
+    unsigned char val[4096];
+    size_t vlen = dns_record_encode(rec, dns_now_s(r), val, sizeof(val));
+    char key[DNS_NAME_MAX + 64], ttl[16];
+    int klen = dns_l2_key(r, name, key, sizeof(key));
+    if (vlen == 0 || klen < 0)
+        return; /* too big for one value: L1 only */
+    dns_l2op_t *op = dns_l2op_new(r, 0);
+    if (op == NULL)
+        return;
+    int tlen = snprintf(ttl, sizeof(ttl), "%u", ttl_s);
+    const char *argv[5] = { "SET", key, (const char *)val, "EX", ttl };
+    const size_t lens[5] = { 3, (size_t)klen, vlen, 2, (size_t)tlen };
+    r->st.l2_sets++;
+    op->rcid = rclient_commandargv(r->redis, dns_on_l2_set, op, 5, argv, lens);
 }
 
 /* ---- loop glue ---- */
@@ -608,10 +1098,10 @@ static void dns_on_addr_reply(void *arg, int status, int timeouts, unsigned char
  * expires no sooner than timeout_ms from now (c-ares only doubles that
  * per round), so a timer already due before then still covers it. Firing
  * early costs one empty pass and an exact re-arm. Exact when asked, and
- * when no query of ours is left, so that an idle loop goes empty. */
+ * when no lookup of ours is left, so that an idle loop goes empty. */
 static void dns_arm_ares_timer(dns_resolver_t *r, int exact)
 {
-    if (!exact && r->nqueries > 0 && loop_timer_active(&r->ares_timer) &&
+    if (!exact && r->inflight > 0 && loop_timer_active(&r->ares_timer) &&
         r->ares_timer.when <= loop_now_ms(r->loop) + r->timeout_ms)
         return;
     struct timeval tv, *tvp = ares_timeout(r->ch, NULL, &tv);
@@ -627,30 +1117,120 @@ static void dns_arm_ares_timer(dns_resolver_t *r, int exact)
 
 static void dns_resolver_release(dns_resolver_t *r);
 
+static unsigned dns_cap_ttl(const dns_resolver_t *r, int status, uint32_t ttl, long neg)
+{
+    uint64_t t;
+    switch (status) {
+    case DNS_OK:
+    case DNS_NULLMX:
+        t = ttl == UINT32_MAX ? 0 : ttl; /* no TTL seen: do not cache */
+        return (unsigned)(t < r->max_ttl_s ? t : r->max_ttl_s);
+    case DNS_NXDOMAIN:
+    case DNS_NOADDR:
+        t = neg >= 0 ? (uint64_t)neg : DNS_NEG_TTL_NO_SOA;
+        if (status == DNS_NOADDR && ttl < t)
+            t = ttl; /* no longer than the MX records that led there */
+        return (unsigned)(t < r->neg_ttl_s ? t : r->neg_ttl_s);
+    }
+    return 0;
+}
+
+/* A flight is complete: build (or take) its record, fill the caches, and
+ * answer every ask waiting on it. */
+static void dns_flight_finish(dns_resolver_t *r, dns_query_t *q)
+{
+    dns_idtab_remove(&r->flights, &q->node);
+    dns_names_remove(r, q);
+    dns_record_t *rec = q->rec;
+    q->rec = NULL;
+    unsigned ttl_s = 0;
+    int status = q->status;
+    if (rec != NULL) { /* from L2: its remaining lifetime, under our caps */
+        ttl_s = dns_cap_ttl(r, rec->status, rec->ttl_s, rec->ttl_s);
+    } else {
+        /* An implicit MX rests on the negative answer "no MX" too. */
+        if (status == DNS_OK && q->implicit && q->neg_ttl >= 0)
+            dns_min_ttl(&q->ttl, (uint32_t)q->neg_ttl);
+        ttl_s = dns_status_cacheable(status) ? dns_cap_ttl(r, status, q->ttl, q->neg_ttl) : 0;
+        if (status == DNS_OK || dns_status_cacheable(status)) {
+            rec = dns_record_new(status, q->implicit, ttl_s, q->hosts, q->nhosts);
+            if (rec == NULL)
+                status = DNS_ENOMEM;
+        }
+    }
+    if (rec != NULL && ttl_s > 0) {
+        size_t before = dns_cache_size(r->l1);
+        if (dns_cache_put(r->l1, q->key, rec, dns_now_ms(r) + (uint64_t)ttl_s * 1000u) == DNS_OK)
+            dns_l1_size_changed(r, before);
+        if (q->layer == DNS_LAYER_DNS && r->redis != NULL && rclient_connected(r->redis))
+            dns_l2_set(r, q->key, rec, ttl_s);
+    }
+    log_debug("dns", "resolved", "id=%016" PRIx64 " domain=%s layer=%s status=%s ttl=%u",
+              q->node.id, q->key, dns_layer_name(q->layer), dns_strerror(status), ttl_s);
+    dns_ask_t *a;
+    while ((a = q->asks_head) != NULL) {
+        dns_ask_unlink(&q->asks_head, &q->asks_tail, a);
+        dns_ask_answer(r, a, rec, status, q->layer, ttl_s);
+    }
+    dns_record_unref(rec);
+    dns_query_free(q);
+}
+
+/* Run the callback of one answered ask and free it. */
+static void dns_ask_deliver(dns_resolver_t *r, dns_ask_t *a)
+{
+    dns_idtab_remove(&r->asks, &a->node); /* a dns_cancel() of this id is now harmless */
+    dns_mx_host_t hosts[DNS_MAX_HOSTS];
+    dns_mx_result_t res = { .status = a->status, .layer = a->layer, .ttl_s = a->ttl_s,
+                            .name = a->has_name ? a->name : NULL };
+    if (a->rec != NULL)
+        res.implicit = a->rec->implicit;
+    if (a->rec != NULL && a->rec->status == DNS_OK) {
+        /* Cached hosts are stored sorted; every answer gets its own
+         * shuffle among equal preferences so that they share the load. */
+        res.nhosts = a->rec->nhosts;
+        memcpy(hosts, a->rec->hosts, res.nhosts * sizeof(*hosts));
+        r->seed += 0x9e3779b97f4a7c15ull;
+        dns_sort_mx(hosts, res.nhosts, r->seed);
+        res.hosts = hosts;
+    }
+    if (a->layer < DNS_LAYER_LAST)
+        r->st.lookups[a->layer]++;
+    if (r->on_event != NULL) {
+        dns_event_t ev = { .kind = DNS_EV_LOOKUP, .layer = a->layer, .status = a->status,
+                           .latency_us = dns_mono_us() - a->t0_us };
+        dns_emit(r, &ev);
+    }
+    a->cb(a->arg, &res);
+    dns_ask_free(a);
+}
+
 /* Run the callbacks of completed queries. Must be the last thing its
  * caller does: r may be released on the way out. */
 static void dns_dispatch(dns_resolver_t *r)
 {
     r->dispatching++;
-    while (r->done_head != NULL && !r->free_pending) {
-        dns_query_t *q = r->done_head;
-        dns_done_unlink(r, q);
-        dns_table_remove(r, q); /* a dns_cancel() of this id is now harmless */
-        dns_mx_result_t res = { .status = q->status, .implicit = q->implicit,
-                                .hosts = q->nhosts ? q->hosts : NULL, .nhosts = q->nhosts };
-        log_debug("dns", "mx_done", "id=%016" PRIx64 " domain=%s status=%s hosts=%zu implicit=%d",
-                  q->id, q->domain ? q->domain : "-", dns_strerror(q->status), q->nhosts, q->implicit);
-        q->cb(q->arg, &res);
-        dns_query_free(q);
+    while (!r->free_pending) {
+        if (r->done_head != NULL) {
+            dns_query_t *q = r->done_head;
+            dns_done_unlink(r, q);
+            dns_flight_finish(r, q);
+        } else if (r->adone_head != NULL) {
+            dns_ask_t *a = r->adone_head;
+            dns_ask_unlink(&r->adone_head, &r->adone_tail, a);
+            dns_ask_deliver(r, a);
+        } else {
+            break;
+        }
     }
     r->dispatching--;
     if (r->dispatching == 0 && r->free_pending) {
         dns_resolver_release(r);
         return;
     }
-    if (r->done_head == NULL)
+    if (r->done_head == NULL && r->adone_head == NULL)
         loop_timer_cancel(r->loop, &r->defer_timer);
-    if (r->nqueries == 0 && !r->freeing)
+    if (r->inflight == 0 && !r->freeing)
         dns_arm_ares_timer(r, 1);
 }
 
@@ -676,7 +1256,8 @@ static void dns_on_ares_timer(loop_t *loop, loop_timer_t *t, void *arg)
 
 static void dns_on_defer(loop_t *loop, loop_timer_t *t, void *arg)
 {
-    dns_dispatch(arg);
+    dns_resolver_t *r = arg;
+    dns_dispatch(r);
 }
 
 static void dns_sock_state(void *data, ares_socket_t fd, int readable, int writable)
@@ -720,6 +1301,18 @@ static void dns_seterr(char *err, size_t errlen, const char *fmt, ...)
     va_end(ap);
 }
 
+static void dns_resolver_destroy(dns_resolver_t *r)
+{
+    if (r->ch != NULL)
+        ares_destroy(r->ch);
+    dns_cache_free(r->l1);
+    free(r->flights.b);
+    free(r->asks.b);
+    free(r->names);
+    free(r->l2_prefix);
+    free(r);
+}
+
 dns_resolver_t *dns_resolver_new(loop_t *loop, const dns_config_t *cfg, char *err, size_t errlen)
 {
     pthread_once(&dns_lib_once, dns_lib_init);
@@ -728,14 +1321,29 @@ dns_resolver_t *dns_resolver_new(loop_t *loop, const dns_config_t *cfg, char *er
         return NULL;
     }
     dns_resolver_t *r = dns_calloc(1, sizeof(*r));
-    if (r == NULL || (r->buckets = dns_calloc(DNS_BUCKETS_MIN, sizeof(*r->buckets))) == NULL) {
-        free(r);
+    if (r == NULL) {
         dns_seterr(err, errlen, "dns: out of memory");
         return NULL;
     }
     r->loop = loop;
-    r->nbuckets = DNS_BUCKETS_MIN;
     r->next_id = 1;
+    r->nnames = DNS_BUCKETS_MIN;
+    r->max_ttl_s = cfg && cfg->max_ttl_s ? cfg->max_ttl_s : DNS_DEFAULT_MAX_TTL;
+    r->neg_ttl_s = cfg && cfg->negative_ttl_s ? cfg->negative_ttl_s : DNS_DEFAULT_NEG_TTL;
+    r->redis = cfg ? cfg->redis : NULL;
+    r->on_event = cfg ? cfg->on_event : NULL;
+    r->event_arg = cfg ? cfg->event_arg : NULL;
+    r->seed = util_rand64();
+    const char *prefix = cfg && cfg->l2_prefix ? cfg->l2_prefix : DNS_DEFAULT_L2_PREFIX;
+    unsigned l1 = cfg && cfg->l1_entries ? cfg->l1_entries : DNS_DEFAULT_L1;
+    if (dns_idtab_init(&r->flights) != DNS_OK || dns_idtab_init(&r->asks) != DNS_OK ||
+        (r->names = dns_calloc(r->nnames, sizeof(*r->names))) == NULL ||
+        (r->l2_prefix = dns_strndup(prefix, strlen(prefix))) == NULL ||
+        (r->l1 = dns_cache_new(l1)) == NULL) {
+        dns_resolver_destroy(r);
+        dns_seterr(err, errlen, "dns: out of memory");
+        return NULL;
+    }
     loop_timer_init(&r->ares_timer, dns_on_ares_timer, r);
     loop_timer_init(&r->defer_timer, dns_on_defer, r);
 
@@ -757,8 +1365,8 @@ dns_resolver_t *dns_resolver_new(loop_t *loop, const dns_config_t *cfg, char *er
     int st = ares_init_options(&r->ch, &o, mask);
     if (st != ARES_SUCCESS) {
         dns_seterr(err, errlen, "dns: ares_init_options: %s", ares_strerror(st));
-        free(r->buckets);
-        free(r);
+        r->ch = NULL;
+        dns_resolver_destroy(r);
         return NULL;
     }
     if (cfg && cfg->servers && cfg->servers[0] != '\0') {
@@ -766,58 +1374,130 @@ dns_resolver_t *dns_resolver_new(loop_t *loop, const dns_config_t *cfg, char *er
         if (st != ARES_SUCCESS) {
             dns_seterr(err, errlen, "dns: servers \"%s\": %s (want ip:port,ip:port)",
                        cfg->servers, ares_strerror(st));
-            ares_destroy(r->ch);
-            free(r->buckets);
-            free(r);
+            dns_resolver_destroy(r);
             return NULL;
         }
     }
     return r;
 }
 
-uint64_t dns_mx_query(dns_resolver_t *r, const char *domain, dns_mx_cb cb, void *arg)
+/* A new flight for key, with its first ask. NULL on OOM. */
+static dns_query_t *dns_flight_new(dns_resolver_t *r, const char *key, uint64_t h)
 {
     dns_query_t *q = dns_calloc(1, sizeof(*q));
     if (q == NULL)
-        return 0;
-    q->id = r->next_id++;
-    q->cb = cb;
-    q->arg = arg;
-    dns_table_insert(r, q);
+        return NULL;
+    size_t len = strlen(key);
+    if ((q->key = dns_strndup(key, len)) == NULL || (q->domain = dns_strndup(key, len)) == NULL) {
+        free(q->key);
+        free(q);
+        return NULL;
+    }
+    q->node.id = r->next_id++;
+    q->nhash = h;
+    q->ttl = UINT32_MAX;
+    q->neg_ttl = -1;
+    q->layer = DNS_LAYER_DNS;
+    dns_idtab_insert(&r->flights, &q->node);
+    dns_query_t **slot = &r->names[h & (r->nnames - 1)];
+    q->nnext = *slot;
+    *slot = q;
+    return q;
+}
 
-    /* Our own hold: whatever c-ares reports synchronously below, the
-     * query completes no earlier than the release at the end, and even
-     * then only onto the done list, which the loop drains. */
+uint64_t dns_mx_query(dns_resolver_t *r, const char *domain, dns_mx_cb cb, void *arg)
+{
+    char key[DNS_NAME_MAX];
+    int nst = (r->freeing || r->free_pending) ? DNS_ECANCELLED : dns_name_normalize(domain, key);
+    size_t klen = nst == DNS_OK ? strlen(key) : 0;
+    dns_ask_t *a = dns_malloc(sizeof(*a) + klen + 1);
+    if (a == NULL)
+        return 0;
+    memset(a, 0, sizeof(*a));
+    a->node.id = r->next_id++;
+    a->cb = cb;
+    a->arg = arg;
+    a->t0_us = r->on_event != NULL ? dns_mono_us() : 0;
+    a->has_name = nst == DNS_OK;
+    memcpy(a->name, key, klen);
+    a->name[klen] = '\0';
+    dns_idtab_insert(&r->asks, &a->node);
+    if (nst != DNS_OK) {
+        dns_ask_answer(r, a, NULL, nst, DNS_LAYER_NONE, 0);
+        return a->node.id;
+    }
+
+    /* L1 */
+    uint64_t now = dns_now_ms(r), expires = 0;
+    size_t before = dns_cache_size(r->l1);
+    dns_record_t *rec = dns_cache_get(r->l1, key, now, &expires);
+    dns_l1_size_changed(r, before); /* an expired entry may have gone */
+    if (rec != NULL) {
+        dns_ask_answer(r, a, rec, rec->status, DNS_LAYER_L1, (unsigned)((expires - now + 999u) / 1000u));
+        return a->node.id;
+    }
+
+    /* single flight */
+    uint64_t h = dns_name_hash(key);
+    dns_query_t *q = *dns_names_slot(r, key, h);
+    if (q != NULL) {
+        r->st.coalesced++;
+        a->qid = q->node.id;
+        dns_ask_link(&q->asks_head, &q->asks_tail, a);
+        return a->node.id;
+    }
+    if ((q = dns_flight_new(r, key, h)) == NULL) {
+        dns_ask_answer(r, a, NULL, DNS_ENOMEM, DNS_LAYER_NONE, 0);
+        return a->node.id;
+    }
+    a->qid = q->node.id;
+    dns_ask_link(&q->asks_head, &q->asks_tail, a);
+
+    /* Our own hold: whatever c-ares or rclient report synchronously
+     * below, the flight completes no earlier than the release at the
+     * end, and even then only onto the done list, which the loop drains. */
     q->pending = 1;
-    size_t len = dns_name_check(domain);
-    if (r->freeing || r->free_pending)
-        q->status = DNS_ECANCELLED;
-    else if (len == 0)
-        q->status = DNS_EBADNAME;
-    else if ((q->domain = dns_strndup(domain, len)) == NULL)
-        q->status = DNS_ENOMEM;
-    else
+    if (r->redis == NULL || !rclient_connected(r->redis) || dns_l2_get(r, q) != 0)
         dns_lookup(r, q, T_MX, 0);
     dns_query_release(r, q);
     if (!r->freeing)
         dns_arm_ares_timer(r, 0);
-    return q->id;
+    return a->node.id;
 }
 
 void dns_cancel(dns_resolver_t *r, uint64_t id)
 {
-    dns_query_t *q = r != NULL ? dns_table_find(r, id) : NULL;
-    if (q == NULL)
+    dns_idnode_t *n = r != NULL ? dns_idtab_find(&r->asks, id) : NULL;
+    if (n == NULL)
         return;
-    /* Its c-ares lookups stay in flight; their replies no longer find
-     * the id and are dropped. */
-    dns_done_unlink(r, q);
-    dns_table_remove(r, q);
-    dns_query_free(q);
-    if (r->done_head == NULL)
+    dns_ask_t *a = DNS_CONTAINER(n, dns_ask_t, node);
+    dns_idtab_remove(&r->asks, &a->node);
+    if (a->qid != 0) {
+        /* The flight goes on: its answer still fills the caches. */
+        dns_query_t *q = dns_flight_find(r, a->qid);
+        if (q != NULL)
+            dns_ask_unlink(&q->asks_head, &q->asks_tail, a);
+    } else {
+        dns_ask_unlink(&r->adone_head, &r->adone_tail, a);
+    }
+    dns_ask_free(a);
+    if (r->done_head == NULL && r->adone_head == NULL)
         loop_timer_cancel(r->loop, &r->defer_timer);
-    if (r->nqueries == 0 && !r->freeing)
-        dns_arm_ares_timer(r, 1);
+}
+
+void dns_resolver_stats(const dns_resolver_t *r, dns_stats_t *out)
+{
+    *out = r->st;
+    out->l1_size = dns_cache_size(r->l1);
+    out->l1_evictions = dns_cache_evictions(r->l1);
+    out->l2_inflight = 0;
+    for (const dns_l2op_t *op = r->l2ops; op != NULL; op = op->next)
+        out->l2_inflight++;
+}
+
+void dns_resolver_test_advance(dns_resolver_t *r, uint64_t ms)
+{
+    r->skew_ms += ms;
 }
 
 /* The real teardown, outside any callback. */
@@ -827,6 +1507,13 @@ static void dns_resolver_release(dns_resolver_t *r)
     r->free_pending = 0;
     loop_timer_cancel(r->loop, &r->ares_timer);
     loop_timer_cancel(r->loop, &r->defer_timer);
+    /* Redis commands: their callbacks must not fire into freed memory. */
+    while (r->l2ops != NULL) {
+        dns_l2op_t *op = r->l2ops;
+        dns_l2op_unlink(r, op);
+        rclient_cancel(r->redis, op->rcid);
+        free(op);
+    }
     /* Fires every outstanding lookup with ARES_EDESTRUCTION (each frees
      * its dns_req_t) and reports each socket closed, which removes it
      * from the loop. */
@@ -835,23 +1522,40 @@ static void dns_resolver_release(dns_resolver_t *r)
     dns_fifo_clear(&r->wait_addr);
     dns_fifo_clear(&r->wait_mx);
 
-    /* Callbacks may start (they get ECANCELLED too) or cancel queries. */
-    r->dispatching++;
-    while (r->nqueries > 0) {
-        for (size_t i = 0; i < r->nbuckets; i++) {
-            dns_query_t *q;
-            while ((q = r->buckets[i]) != NULL) {
-                dns_done_unlink(r, q);
-                dns_table_remove(r, q);
-                dns_mx_result_t res = { .status = DNS_ECANCELLED };
-                q->cb(q->arg, &res);
-                dns_query_free(q);
+    /* Flights go; their asks join the answered ones, and every ask gets
+     * DNS_ECANCELLED. Callbacks may start (they get ECANCELLED too) or
+     * cancel queries. */
+    while (r->done_head != NULL)
+        dns_done_unlink(r, r->done_head);
+    for (size_t i = 0; i < r->flights.nb; i++) {
+        while (r->flights.b[i] != NULL) {
+            dns_query_t *q = DNS_CONTAINER(r->flights.b[i], dns_query_t, node);
+            dns_idtab_remove(&r->flights, &q->node);
+            dns_ask_t *a;
+            while ((a = q->asks_head) != NULL) {
+                dns_ask_unlink(&q->asks_head, &q->asks_tail, a);
+                a->qid = 0;
+                dns_ask_link(&r->adone_head, &r->adone_tail, a);
             }
+            dns_query_free(q);
         }
     }
+    r->dispatching++;
+    dns_ask_t *a;
+    while ((a = r->adone_head) != NULL) {
+        dns_ask_unlink(&r->adone_head, &r->adone_tail, a);
+        dns_idtab_remove(&r->asks, &a->node);
+        dns_mx_result_t res = { .status = DNS_ECANCELLED, .layer = DNS_LAYER_NONE };
+        a->cb(a->arg, &res);
+        dns_ask_free(a);
+    }
     loop_timer_cancel(r->loop, &r->defer_timer); /* armed by queries started above */
-    free(r->buckets);
-    free(r);
+    size_t l1 = dns_cache_size(r->l1);
+    if (l1 > 0) {
+        dns_event_t ev = { .kind = DNS_EV_L1_SIZE, .l1_delta = -(long)l1 };
+        dns_emit(r, &ev);
+    }
+    dns_resolver_destroy(r);
 }
 
 void dns_resolver_free(dns_resolver_t *r)

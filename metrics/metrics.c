@@ -34,6 +34,7 @@ static const struct {
     [MET_SMTP_SESSIONS] = { "mailpump_smtp_sessions_opened_total", "SMTP connections opened." },
     [MET_SMTP_SESSION_ERRORS] = { "mailpump_smtp_session_errors_total", "SMTP connections that ended in a network, TLS or timeout error." },
     [MET_DNS_QUERIES] = { "mailpump_dns_queries_total", "MX resolutions started." },
+    [MET_DNS_L2_ERRORS] = { "mailpump_dns_redis_errors_total", "DNS cache: Redis commands that failed or returned a corrupt value (the lookup went on over DNS)." },
     [MET_IMAP_APPENDED] = { "mailpump_imap_appended_total", "Sent copies appended over IMAP." },
     [MET_IMAP_APPEND_FAILED] = { "mailpump_imap_append_failed_total", "IMAP appends that failed." },
     [MET_EVENTS_PUBLISHED] = { "mailpump_events_published_total", "Events confirmed by the broker." },
@@ -51,6 +52,7 @@ static const struct {
 } gauge_info[MET_GAUGE_LAST] = {
     [MET_INFLIGHT] = { "mailpump_messages_inflight", "Messages consumed and not yet acknowledged." },
     [MET_WORKERS_READY] = { "mailpump_workers_ready", "Worker threads holding an open broker connection." },
+    [MET_DNS_L1_ENTRIES] = { "mailpump_dns_l1_entries", "Answers held in the workers' in-memory DNS caches." },
     [MET_WORKERS] = { "mailpump_workers", "Configured worker threads." },
 };
 
@@ -79,6 +81,82 @@ int64_t metrics_gauge(metric_gauge_t g)
     return atomic_load_explicit(&gauges[g], memory_order_relaxed);
 }
 
+/* ---- histograms and DNS lookups (issue 5) ---- */
+
+void metrics_hist_observe(metrics_hist_t *h, uint64_t us)
+{
+    size_t i = 0;
+    while (i < h->nbounds && us > h->bounds_us[i])
+        i++;
+    atomic_fetch_add_explicit(&h->counts[i], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&h->sum_us, us, memory_order_relaxed);
+}
+
+void metrics_hist_render(const metrics_hist_t *h, buf_t *out)
+{
+    buf_printf(out, "# HELP %s %s\n# TYPE %s histogram\n", h->name, h->help, h->name);
+    uint64_t cum = 0;
+    for (size_t i = 0; i <= h->nbounds; i++) {
+        cum += atomic_load_explicit(&h->counts[i], memory_order_relaxed);
+        if (i < h->nbounds)
+            buf_printf(out, "%s_bucket{le=\"%g\"} %llu\n", h->name, (double)h->bounds_us[i] / 1e6,
+                       (unsigned long long)cum);
+        else
+            buf_printf(out, "%s_bucket{le=\"+Inf\"} %llu\n", h->name, (unsigned long long)cum);
+    }
+    buf_printf(out, "%s_sum %g\n%s_count %llu\n", h->name,
+               (double)atomic_load_explicit(&h->sum_us, memory_order_relaxed) / 1e6, h->name,
+               (unsigned long long)cum);
+}
+
+static const char *const dns_layers[] = { "l1", "l2", "dns", "none" };
+static const char *const dns_results[] = { "ok", "nxdomain", "nullmx", "noaddr", "tempfail",
+                                           "timeout", "badname", "cancelled", "error" };
+#define DNS_NLAYERS  (sizeof(dns_layers) / sizeof(dns_layers[0]))
+#define DNS_NRESULTS (sizeof(dns_results) / sizeof(dns_results[0]))
+static _Atomic uint64_t dns_lookups[DNS_NLAYERS][DNS_NRESULTS];
+static const uint64_t dns_bounds_us[] = { 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000,
+                                          25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 5000000 };
+static metrics_hist_t dns_latency = METRICS_HIST_INIT(
+    "mailpump_dns_lookup_seconds", "Time from an MX lookup request to its answer, any layer.", dns_bounds_us);
+
+static size_t dns_label_index(const char *const *labels, size_t n, const char *s)
+{
+    for (size_t i = 0; s != NULL && i < n; i++)
+        if (strcmp(labels[i], s) == 0)
+            return i;
+    return n - 1; /* "none" / "error" */
+}
+
+void metrics_dns_lookup(const char *layer, const char *result, uint64_t latency_us)
+{
+    size_t l = dns_label_index(dns_layers, DNS_NLAYERS, layer);
+    size_t r = dns_label_index(dns_results, DNS_NRESULTS, result);
+    atomic_fetch_add_explicit(&dns_lookups[l][r], 1, memory_order_relaxed);
+    metrics_hist_observe(&dns_latency, latency_us);
+}
+
+uint64_t metrics_dns_lookups(const char *layer, const char *result)
+{
+    size_t l = dns_label_index(dns_layers, DNS_NLAYERS, layer);
+    size_t r = dns_label_index(dns_results, DNS_NRESULTS, result);
+    return atomic_load_explicit(&dns_lookups[l][r], memory_order_relaxed);
+}
+
+static void metrics_render_dns(buf_t *out)
+{
+    buf_puts(out, "# HELP mailpump_dns_lookups_total MX lookups completed, by answering layer and result.\n"
+                  "# TYPE mailpump_dns_lookups_total counter\n");
+    for (size_t l = 0; l < DNS_NLAYERS; l++)
+        for (size_t r = 0; r < DNS_NRESULTS; r++) {
+            uint64_t v = atomic_load_explicit(&dns_lookups[l][r], memory_order_relaxed);
+            if (v > 0 || (r == 0 && l < 3)) /* the ok series always, the rest once seen */
+                buf_printf(out, "mailpump_dns_lookups_total{layer=\"%s\",result=\"%s\"} %llu\n",
+                           dns_layers[l], dns_results[r], (unsigned long long)v);
+        }
+    metrics_hist_render(&dns_latency, out);
+}
+
 void metrics_render(buf_t *out)
 {
     for (int i = 0; i < MET_COUNTER_LAST; i++)
@@ -89,6 +167,7 @@ void metrics_render(buf_t *out)
         buf_printf(out, "# HELP %s %s\n# TYPE %s gauge\n%s %lld\n", gauge_info[i].name,
                    gauge_info[i].help, gauge_info[i].name, gauge_info[i].name,
                    (long long)metrics_gauge((metric_gauge_t)i));
+    metrics_render_dns(out); /* issue 5 */
 }
 
 struct metrics_server {

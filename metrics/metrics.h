@@ -25,6 +25,7 @@ typedef enum {
     MET_SMTP_SESSIONS,
     MET_SMTP_SESSION_ERRORS,
     MET_DNS_QUERIES,
+    MET_DNS_L2_ERRORS,      /* DNS cache: Redis commands failed, corrupt values */
     MET_IMAP_APPENDED,
     MET_IMAP_APPEND_FAILED,
     MET_EVENTS_PUBLISHED,
@@ -41,6 +42,7 @@ typedef enum {
 typedef enum {
     MET_INFLIGHT = 0,       /* messages consumed and not yet acked */
     MET_WORKERS_READY,      /* workers with an open broker connection */
+    MET_DNS_L1_ENTRIES,     /* answers held in the workers' L1 DNS caches */
     MET_WORKERS,            /* configured workers */
     MET_GAUGE_LAST
 } metric_gauge_t;
@@ -52,6 +54,33 @@ uint64_t metrics_counter(metric_counter_t c);
 int64_t  metrics_gauge(metric_gauge_t g);
 /* Append the Prometheus text exposition to out. */
 void metrics_render(buf_t *out);
+
+/* ---- histograms and DNS lookups (issue 5) ---- */
+
+/* A fixed-bucket histogram of microsecond values, rendered in seconds
+ * (Prometheus histogram: cumulative le buckets, _sum, _count). Lock-free
+ * like the counters. Define one statically with METRICS_HIST_INIT and an
+ * ascending array of upper bounds. */
+#define METRICS_HIST_BUCKETS 20
+typedef struct metrics_hist {
+    const char      *name;
+    const char      *help;
+    const uint64_t  *bounds_us; /* ascending upper bounds, at most METRICS_HIST_BUCKETS */
+    size_t           nbounds;
+    _Atomic uint64_t counts[METRICS_HIST_BUCKETS + 1]; /* per bucket; the last is +Inf */
+    _Atomic uint64_t sum_us;
+} metrics_hist_t;
+#define METRICS_HIST_INIT(name_, help_, bounds_) \
+    { .name = (name_), .help = (help_), .bounds_us = (bounds_), .nbounds = sizeof(bounds_) / sizeof((bounds_)[0]) }
+void metrics_hist_observe(metrics_hist_t *h, uint64_t us);
+void metrics_hist_render(const metrics_hist_t *h, buf_t *out);
+
+/* One DNS lookup completed: mailpump_dns_lookups_total{layer,result} and
+ * the mailpump_dns_lookup_seconds histogram. layer is "l1", "l2", "dns"
+ * or "none"; result one of dns_status_tag()'s tags (unknown ones count
+ * as "error"). Pass dns_layer_name(ev->layer) and dns_status_tag(ev->status). */
+void metrics_dns_lookup(const char *layer, const char *result, uint64_t latency_us);
+uint64_t metrics_dns_lookups(const char *layer, const char *result);
 
 typedef struct metrics_server metrics_server_t;
 /* listen is "host:port" (IPv4 or [IPv6]). NULL + err on failure. */
