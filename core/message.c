@@ -42,6 +42,14 @@ void message_free(message_t *m)
         free(m->headers[i].value);
     }
     free(m->headers);
+    for (size_t i = 0; i < m->nattachments; i++) {
+        free(m->attachments[i].filename);
+        free(m->attachments[i].content_type);
+        free(m->attachments[i].content_id);
+        free(m->attachments[i].data);
+    }
+    free(m->attachments);
+    free(m->raw);
     free(m);
 }
 

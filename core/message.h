@@ -21,6 +21,16 @@ typedef struct mp_header {
     char *value; /* unfolded value, no CR or LF */
 } mp_header_t;
 
+/* One attachment (JSON "attachments"). data holds the decoded bytes. */
+typedef struct mp_attachment {
+    char          *filename;     /* UTF-8, no control characters, never NULL */
+    char          *content_type; /* "type/subtype[; params]", printable ASCII */
+    char          *content_id;   /* without angle brackets, or NULL */
+    int            is_inline;    /* 1: part of multipart/related */
+    unsigned char *data;         /* decoded content (may be NULL when len 0) */
+    size_t         len;
+} mp_attachment_t;
+
 typedef struct message {
     char         *id;       /* mailpump message id: given or a generated UUID */
     char         *trace_id; /* NULL if absent */
@@ -33,6 +43,12 @@ typedef struct message {
     char         *html;    /* NULL if absent */
     mp_header_t  *headers; size_t nheaders;
     int           priority; /* AMQP priority 0..10, set by the consumer */
+    mp_attachment_t *attachments; size_t nattachments;
+    /* A complete RFC 5322 message given by the application (JSON "raw"),
+     * decoded from base64; when set, mime/ sends it instead of building
+     * one (subject, text, html, headers, attachments are then absent). */
+    char         *raw;     /* NULL if absent; raw_len bytes, NUL-terminated */
+    size_t        raw_len;
 } message_t;
 
 message_t *message_new(void);

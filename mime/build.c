@@ -3,10 +3,14 @@
  *  mime/build.c - build RFC 5322 / MIME message bytes; SMTP dot-stuffing.
  * DESCRIPTION
  *  mime_build() writes the header block (addresses, RFC 2047 encoded
- *  words, Date, Message-ID, the caller's extra headers) and a text/plain,
- *  text/html or multipart/alternative body, choosing 7bit or
- *  quoted-printable per part. The same bytes go to SMTP and to IMAP, so
- *  they are built once and end in CRLF.
+ *  words, Date, Message-ID, the caller's extra headers) and the body:
+ *  text/plain, text/html or multipart/alternative, nested in
+ *  multipart/related for inline attachments and multipart/mixed for the
+ *  others, choosing 7bit, quoted-printable or base64 per part; or it
+ *  passes an application's raw message through, only normalising line
+ *  endings. The same bytes go to SMTP and to IMAP, so they are built once
+ *  and end in CRLF. The output is reserved once up front, so a large
+ *  attachment is base64-encoded straight into its final place.
  *
  *  Invariants the rest of the system relies on (DESIGN.md, "Protocol
  *  rules"): every line ends in CRLF, no line exceeds 998 octets, no caller
@@ -15,7 +19,10 @@
  *
  *  mime_dotstuff() is the only place where DATA framing happens: it also
  *  turns any bare CR or LF into CRLF, so even a buggy caller cannot put
- *  a bare line ending on the wire (SMTP smuggling).
+ *  a bare line ending on the wire (SMTP smuggling). mime_wire_segments()
+ *  is the same framing as an iovec over the built bytes, for a session
+ *  that can write one without copying the message; it refuses input with
+ *  a bare line ending rather than frame it differently.
  * DIAGNOSTICS
  *  MIME_EINVAL with a reason in err for input that cannot be represented
  *  safely; MIME_ETOOBIG when the result exceeds opts->max_size. The
@@ -26,6 +33,7 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <time.h>
@@ -660,21 +668,333 @@ static void mime_put_qp(buf_t *out, const char *s, size_t n)
     }
 }
 
-/* Content headers and encoded content of one text part. Returns the offset
- * (relative to buf_head) where the encoded content starts. */
-static size_t mime_put_part(buf_t *out, const char *subtype, const char *s)
+/* ---- leaves: text bodies and attachments ---------------------------------- */
+
+typedef enum { MIME_CTE_7BIT, MIME_CTE_QP, MIME_CTE_B64 } mime_cte_t;
+
+static const char *const mime_cte_name[] = { "7bit", "quoted-printable", "base64" };
+
+/* base64 body (RFC 2045 6.8): 76 characters (57 octets) per line, written
+ * straight into reserved memory because this is where large attachments
+ * spend their time. */
+static size_t mime_b64_body_len(size_t n)
+{
+    return 4 * ((n + 2) / 3) + 2 * ((n + 56) / 57);
+}
+
+static char *mime_b64_lines(char *p, const unsigned char *s, size_t n)
+{
+    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    while (n >= 57) {
+        for (int g = 0; g < 19; g++, s += 3) {
+            uint32_t v = (uint32_t)s[0] << 16 | (uint32_t)s[1] << 8 | s[2];
+            p[0] = tab[v >> 18];
+            p[1] = tab[(v >> 12) & 63];
+            p[2] = tab[(v >> 6) & 63];
+            p[3] = tab[v & 63];
+            p += 4;
+        }
+        *p++ = '\r';
+        *p++ = '\n';
+        n -= 57;
+    }
+    if (n > 0) {
+        for (; n >= 3; n -= 3, s += 3) {
+            uint32_t v = (uint32_t)s[0] << 16 | (uint32_t)s[1] << 8 | s[2];
+            p[0] = tab[v >> 18];
+            p[1] = tab[(v >> 12) & 63];
+            p[2] = tab[(v >> 6) & 63];
+            p[3] = tab[v & 63];
+            p += 4;
+        }
+        if (n > 0) {
+            uint32_t v = (uint32_t)s[0] << 16 | (n > 1 ? (uint32_t)s[1] << 8 : 0);
+            p[0] = tab[v >> 18];
+            p[1] = tab[(v >> 12) & 63];
+            p[2] = n > 1 ? tab[(v >> 6) & 63] : '=';
+            p[3] = '=';
+            p += 4;
+        }
+        *p++ = '\r';
+        *p++ = '\n';
+    }
+    return p;
+}
+
+static void mime_put_b64(buf_t *out, const unsigned char *s, size_t n)
+{
+    buf_reserve(out, mime_b64_body_len(n));
+    char *p = mime_b64_lines(out->data + out->len, s, n);
+    out->len = (size_t)(p - out->data);
+    out->data[out->len] = '\0';
+}
+
+/* Binary-safe 7bit: printable ASCII and tab, every line ending already
+ * CRLF and every line at most 998 octets. Such content is copied
+ * verbatim, so the recipient decodes exactly the bytes that were given;
+ * other control characters, though legal in 7bit, mark binary data. */
+static int mime_is_7bit_exact(const unsigned char *s, size_t n)
+{
+    size_t col = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c >= 0x7f || (c < 0x20 && c != '\t' && c != '\r' && c != '\n'))
+            return 0;
+        if (c == '\r') {
+            if (i + 1 >= n || s[i + 1] != '\n')
+                return 0;
+            i++;
+            col = 0;
+        } else if (c == '\n') {
+            return 0;
+        } else if (++col > MIME_LINE_HARD) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Text: 7bit when it already is (line endings are normalised, which is
+ * the canonical form of text, RFC 2049 4), quoted-printable while that is
+ * shorter than base64 (under one octet in six needs escaping), base64
+ * otherwise and always for NUL. Other types: verbatim 7bit or base64. */
+static mime_cte_t mime_choose_cte(const char *ctype, const unsigned char *s, size_t n)
+{
+    int text = strncasecmp(ctype, "text/", 5) == 0;
+    if (!text)
+        return mime_is_7bit_exact(s, n) ? MIME_CTE_7BIT : MIME_CTE_B64;
+    if (memchr(s, '\0', n) != NULL)
+        return MIME_CTE_B64;
+    if (mime_is_7bit((const char *)s, n))
+        return MIME_CTE_7BIT;
+    size_t esc = 0;
+    for (size_t i = 0; i < n; i++)
+        esc += (s[i] >= 0x80 || (s[i] < 0x20 && s[i] != '\t' && s[i] != '\r' && s[i] != '\n'));
+    return esc * 6 < n ? MIME_CTE_QP : MIME_CTE_B64;
+}
+
+static void mime_put_content(buf_t *out, mime_cte_t cte, const char *s, size_t n)
+{
+    switch (cte) {
+    case MIME_CTE_7BIT:
+        mime_put_7bit(out, s, n);
+        break;
+    case MIME_CTE_QP:
+        mime_put_qp(out, s, n);
+        break;
+    case MIME_CTE_B64:
+        mime_put_b64(out, (const unsigned char *)s, n);
+        break;
+    }
+}
+
+/* Content headers and encoded content of one text body part: 7bit or
+ * quoted-printable, so mostly-ASCII mail stays readable in any client. */
+static void mime_put_text(buf_t *out, const char *subtype, const char *s)
 {
     size_t n = strlen(s);
-    int seven = mime_is_7bit(s, n);
+    mime_cte_t cte = mime_is_7bit(s, n) ? MIME_CTE_7BIT : MIME_CTE_QP;
     buf_printf(out, "Content-Type: text/%s; charset=utf-8\r\n"
                     "Content-Transfer-Encoding: %s\r\n\r\n",
-               subtype, seven ? "7bit" : "quoted-printable");
-    size_t start = buf_size(out);
-    if (seven)
-        mime_put_7bit(out, s, n);
-    else
-        mime_put_qp(out, s, n);
-    return start;
+               subtype, mime_cte_name[cte]);
+    mime_put_content(out, cte, s, n);
+}
+
+/* RFC 2231 attribute-char: what may stay literal in an extended value. */
+static int mime_attr_char(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           (c != 0 && strchr("!#$&+-.^_`|~", c) != NULL);
+}
+
+#define MIME_PARAM_CHUNK 60 /* encoded characters per continuation line */
+
+/*
+ * ";\r\n attr=value" for a file name. A short printable-ASCII name is a
+ * quoted-string; anything else is RFC 2231 (UTF-8, percent-encoded),
+ * split into continuations attr*0*, attr*1*, ... of at most 60 characters
+ * that never split a UTF-8 character, so every line stays under 78.
+ */
+static void mime_put_fname_param(buf_t *out, const char *attr, const char *v)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    const unsigned char *s = (const unsigned char *)v;
+    size_t n = strlen(v);
+    int plain = n <= MIME_PARAM_CHUNK;
+    for (size_t i = 0; plain && i < n; i++)
+        plain = s[i] >= 0x20 && s[i] < 0x7f && s[i] != '"' && s[i] != '\\';
+    /* "=?" inside a quoted name would be decoded as RFC 2047 by some
+     * clients: such names take the RFC 2231 form too */
+    if (plain && strstr(v, "=?") == NULL) {
+        buf_printf(out, ";\r\n %s=\"%s\"", attr, v);
+        return;
+    }
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        total += mime_attr_char(s[i]) ? 1 : 3;
+    int cont = total + 7 > MIME_PARAM_CHUNK; /* "utf-8''" */
+    size_t pos = 0;
+    for (unsigned idx = 0; pos < n; idx++) {
+        if (cont)
+            buf_printf(out, ";\r\n %s*%u*=%s", attr, idx, idx == 0 ? "utf-8''" : "");
+        else
+            buf_printf(out, ";\r\n %s*=utf-8''", attr);
+        size_t col = idx == 0 ? 7 : 0;
+        while (pos < n) {
+            size_t cl = mime_utf8_len(s + pos, n - pos), cost = 0;
+            for (size_t j = 0; j < cl; j++)
+                cost += mime_attr_char(s[pos + j]) ? 1 : 3;
+            if (col > 0 && col + cost > MIME_PARAM_CHUNK)
+                break;
+            for (size_t j = 0; j < cl; j++) {
+                unsigned char c = s[pos + j];
+                if (mime_attr_char(c)) {
+                    buf_putc(out, (char)c);
+                } else {
+                    char e[3] = { '%', hex[c >> 4], hex[c & 15] };
+                    buf_append(out, e, 3);
+                }
+            }
+            col += cost;
+            pos += cl;
+        }
+    }
+}
+
+/* Part headers and encoded content of one attachment. */
+static void mime_put_attachment(buf_t *out, const mp_attachment_t *a, mime_cte_t cte,
+                                int disp_inline)
+{
+    buf_printf(out, "Content-Type: %s", a->content_type);
+    mime_put_fname_param(out, "name", a->filename);
+    buf_printf(out, "\r\nContent-Transfer-Encoding: %s\r\n", mime_cte_name[cte]);
+    if (a->content_id)
+        buf_printf(out, "Content-ID: <%s>\r\n", a->content_id);
+    buf_puts(out, disp_inline ? "Content-Disposition: inline" : "Content-Disposition: attachment");
+    mime_put_fname_param(out, "filename", a->filename);
+    buf_puts(out, "\r\n\r\n");
+    mime_put_content(out, cte, (const char *)a->data, a->len);
+}
+
+/* ---- structure: mixed > related > alternative ------------------------------- */
+
+/*
+ * Which multipart levels a message needs and the boundary of each. Inline
+ * attachments join the HTML in multipart/related (RFC 2387); without an
+ * HTML body nothing could refer to them, so they go to multipart/mixed
+ * with an inline disposition like the rest.
+ */
+typedef struct mime_tree {
+    const message_t *m;
+    int              has_text, has_html;
+    size_t           nrelated, nmixed;
+    mime_cte_t      *cte; /* per attachment */
+    char             b_mixed[40], b_related[40], b_alt[40];
+} mime_tree_t;
+
+static int mime_in_related(const mime_tree_t *t, const mp_attachment_t *a)
+{
+    return a->is_inline && t->has_html;
+}
+
+static void mime_new_boundary(char *b, size_t blen)
+{
+    snprintf(b, blen, "=_mp_%016llx%016llx", (unsigned long long)util_rand64(),
+             (unsigned long long)util_rand64());
+}
+
+/* A boundary must not occur in any part (RFC 2046 5.1.1). Quoted-printable
+ * ("=" is always followed by a hex digit or CRLF) and base64 (no "_") can
+ * never contain "=_", so only the 7bit parts are searched, in their source
+ * form: normalising line endings cannot create or remove a string that
+ * holds no CR or LF. */
+static int mime_boundary_clash(const mime_tree_t *t, const char *b)
+{
+    const message_t *m = t->m;
+    size_t bl = strlen(b);
+    if (t->has_text && memmem(m->text, strlen(m->text), b, bl))
+        return 1;
+    if (t->has_html && memmem(m->html, strlen(m->html), b, bl))
+        return 1;
+    for (size_t i = 0; i < m->nattachments; i++)
+        if (t->cte[i] == MIME_CTE_7BIT && memmem(m->attachments[i].data, m->attachments[i].len, b, bl))
+            return 1;
+    return 0;
+}
+
+static int mime_pick_boundary(const mime_tree_t *t, char *b, size_t blen, const char *other1,
+                              const char *other2)
+{
+    for (int i = 0; i < MIME_BOUNDARY_TRIES; i++) {
+        mime_new_boundary(b, blen);
+        if (!mime_boundary_clash(t, b) && strcmp(b, other1) != 0 && strcmp(b, other2) != 0)
+            return MIME_OK;
+    }
+    return MIME_EINVAL;
+}
+
+/* text, html or multipart/alternative of both */
+static void mime_put_core(buf_t *out, const mime_tree_t *t)
+{
+    const message_t *m = t->m;
+    if (t->has_text && t->has_html) {
+        buf_printf(out, "Content-Type: multipart/alternative;\r\n boundary=\"%s\"\r\n\r\n",
+                   t->b_alt);
+        buf_printf(out, "--%s\r\n", t->b_alt);
+        mime_put_text(out, "plain", m->text);
+        buf_printf(out, "\r\n--%s\r\n", t->b_alt);
+        mime_put_text(out, "html", m->html);
+        buf_printf(out, "\r\n--%s--\r\n", t->b_alt);
+    } else {
+        mime_put_text(out, t->has_html ? "html" : "plain",
+                      t->has_html ? m->html : t->has_text ? m->text : "");
+    }
+}
+
+static void mime_put_related(buf_t *out, const mime_tree_t *t)
+{
+    const message_t *m = t->m;
+    if (t->nrelated == 0) {
+        mime_put_core(out, t);
+        return;
+    }
+    buf_printf(out, "Content-Type: multipart/related;\r\n type=\"%s\";\r\n boundary=\"%s\"\r\n\r\n",
+               t->has_text ? "multipart/alternative" : "text/html", t->b_related);
+    buf_printf(out, "--%s\r\n", t->b_related);
+    mime_put_core(out, t);
+    for (size_t i = 0; i < m->nattachments; i++) {
+        if (!mime_in_related(t, &m->attachments[i]))
+            continue;
+        buf_printf(out, "\r\n--%s\r\n", t->b_related);
+        mime_put_attachment(out, &m->attachments[i], t->cte[i], 1);
+    }
+    buf_printf(out, "\r\n--%s--\r\n", t->b_related);
+}
+
+static void mime_put_mixed(buf_t *out, const mime_tree_t *t)
+{
+    const message_t *m = t->m;
+    if (t->nmixed == 0) {
+        mime_put_related(out, t);
+        return;
+    }
+    buf_printf(out, "Content-Type: multipart/mixed;\r\n boundary=\"%s\"\r\n\r\n", t->b_mixed);
+    /* without text or html the attachments are the only parts */
+    int first = 1;
+    if (t->has_text || t->has_html) {
+        buf_printf(out, "--%s\r\n", t->b_mixed);
+        mime_put_related(out, t);
+        first = 0;
+    }
+    for (size_t i = 0; i < m->nattachments; i++) {
+        const mp_attachment_t *a = &m->attachments[i];
+        if (mime_in_related(t, a))
+            continue;
+        buf_printf(out, first ? "--%s\r\n" : "\r\n--%s\r\n", t->b_mixed);
+        first = 0;
+        mime_put_attachment(out, a, t->cte[i], a->is_inline);
+    }
+    buf_printf(out, "\r\n--%s--\r\n", t->b_mixed);
 }
 
 static int mime_ends_crlf(const buf_t *out)
@@ -683,43 +1003,221 @@ static int mime_ends_crlf(const buf_t *out)
     return n >= 2 && memcmp(buf_head(out) + n - 2, "\r\n", 2) == 0;
 }
 
-/* multipart/alternative. The boundary is random; it is still checked
- * against both encoded parts, because a 7bit part is arbitrary caller text
- * (quoted-printable output can never contain "=_"). */
-static int mime_put_alternative(buf_t *out, const char *text, const char *html, char *err,
-                                size_t errlen)
+/* What the caller's attachment says must be safe to copy into headers. */
+static int mime_check_attachments(const message_t *m, char *err, size_t errlen)
 {
-    size_t mark = buf_size(out);
-    char boundary[48];
-    for (int t = 0; t < MIME_BOUNDARY_TRIES; t++) {
-        mime_truncate(out, mark);
-        snprintf(boundary, sizeof(boundary), "=_mp_%016llx%016llx",
-                 (unsigned long long)util_rand64(), (unsigned long long)util_rand64());
-        size_t blen = strlen(boundary);
-        buf_printf(out, "Content-Type: multipart/alternative;\r\n boundary=\"%s\"\r\n\r\n",
-                   boundary);
-        buf_printf(out, "--%s\r\n", boundary);
-        size_t s1 = mime_put_part(out, "plain", text), e1 = buf_size(out);
-        buf_printf(out, "\r\n--%s\r\n", boundary);
-        size_t s2 = mime_put_part(out, "html", html), e2 = buf_size(out);
-        buf_printf(out, "\r\n--%s--\r\n", boundary);
-        const char *h = buf_head(out);
-        if (memmem(h + s1, e1 - s1, boundary, blen) == NULL &&
-            memmem(h + s2, e2 - s2, boundary, blen) == NULL)
-            return MIME_OK;
+    char tmp[80];
+    for (size_t i = 0; i < m->nattachments; i++) {
+        const mp_attachment_t *a = &m->attachments[i];
+        if (a->filename == NULL || a->filename[0] == '\0' || strlen(a->filename) > 255) {
+            mime_seterr(err, errlen, "attachment %zu: file name must be 1..255 octets", i);
+            return MIME_EINVAL;
+        }
+        for (const unsigned char *p = (const unsigned char *)a->filename; *p; p++) {
+            if (*p < 0x20 || *p == 0x7f) {
+                mime_seterr(err, errlen, "attachment %zu: control character in file name \"%s\"",
+                            i, mime_errstr(a->filename, tmp, sizeof(tmp)));
+                return MIME_EINVAL;
+            }
+        }
+        const char *ct = a->content_type;
+        size_t cl = ct ? strlen(ct) : 0;
+        int ok = cl > 0 && cl <= 200 && strchr(ct, '/') != NULL && ct[0] != '/';
+        for (size_t k = 0; ok && k < cl; k++)
+            ok = (unsigned char)ct[k] >= 0x20 && (unsigned char)ct[k] < 0x7f;
+        if (!ok) {
+            mime_seterr(err, errlen, "attachment %zu: invalid content type \"%s\"", i,
+                        ct ? mime_errstr(ct, tmp, sizeof(tmp)) : "(null)");
+            return MIME_EINVAL;
+        }
+        if (strncasecmp(ct, "multipart/", 10) == 0) {
+            mime_seterr(err, errlen, "attachment %zu: a multipart content type cannot be attached",
+                        i);
+            return MIME_EINVAL;
+        }
+        if (a->content_id) {
+            size_t il = strlen(a->content_id);
+            ok = il > 0 && il <= 250;
+            for (size_t k = 0; ok && k < il; k++) {
+                unsigned char c = (unsigned char)a->content_id[k];
+                ok = c > 0x20 && c < 0x7f && c != '<' && c != '>';
+            }
+            if (!ok) {
+                mime_seterr(err, errlen, "attachment %zu: invalid content id \"%s\"", i,
+                            mime_errstr(a->content_id, tmp, sizeof(tmp)));
+                return MIME_EINVAL;
+            }
+        }
+        if (a->data == NULL && a->len > 0) {
+            mime_seterr(err, errlen, "attachment %zu: no data", i);
+            return MIME_EINVAL;
+        }
     }
-    mime_seterr(err, errlen, "could not find a MIME boundary absent from the content");
-    return MIME_EINVAL;
+    return MIME_OK;
+}
+
+/* Room for the whole message before writing it, so a large body is
+ * encoded once straight into its final place instead of being moved by
+ * the buffer's doubling; a bound, not an exact size (pages never written
+ * are never touched). Fails softly: allocation failure is MIME_ENOMEM. */
+static int mime_reserve(buf_t *out, size_t extra)
+{
+    if (out->len + extra + 1 <= out->cap)
+        return MIME_OK;
+    buf_compact(out);
+    size_t want = out->len + extra + 1;
+    char *p = realloc(out->data, want);
+    if (p == NULL)
+        return MIME_ENOMEM;
+    out->data = p;
+    out->cap = want;
+    out->data[out->len] = '\0';
+    return MIME_OK;
+}
+
+static size_t mime_text_bound(const char *s)
+{
+    size_t n = s ? strlen(s) : 0;
+    /* quoted-printable: 3 per octet plus a soft break per 25 escapes */
+    return 3 * n + 3 * (n / 25) + 256;
+}
+
+static size_t mime_size_bound(const message_t *m)
+{
+    size_t b = 8192 + mime_text_bound(m->subject) + mime_text_bound(m->trace_id) +
+               mime_text_bound(m->text) + mime_text_bound(m->html);
+    b += (m->nto + m->ncc + 1) * 2048;
+    for (size_t i = 0; i < m->nheaders; i++)
+        b += mime_text_bound(m->headers[i].value) + 100;
+    for (size_t i = 0; i < m->nattachments; i++) {
+        size_t n = m->attachments[i].len;
+        size_t b64 = mime_b64_body_len(n);
+        size_t qp = 3 * n + 3 * (n / 25) + 2;
+        b += 4096 + (b64 > qp ? b64 : qp);
+    }
+    return b;
 }
 
 static int mime_put_body(buf_t *out, const message_t *m, char *err, size_t errlen)
 {
-    int has_text = m->text && *m->text, has_html = m->html && *m->html;
-    if (has_text && has_html)
-        return mime_put_alternative(out, m->text, m->html, err, errlen);
-    mime_put_part(out, has_html ? "html" : "plain", has_html ? m->html : has_text ? m->text : "");
+    mime_tree_t t = { .m = m };
+    t.has_text = m->text && *m->text;
+    t.has_html = m->html && *m->html;
+    if (m->nattachments > 0) {
+        t.cte = malloc(m->nattachments * sizeof(*t.cte));
+        if (t.cte == NULL) {
+            mime_seterr(err, errlen, "out of memory");
+            return MIME_ENOMEM;
+        }
+    }
+    for (size_t i = 0; i < m->nattachments; i++) {
+        const mp_attachment_t *a = &m->attachments[i];
+        t.cte[i] = mime_choose_cte(a->content_type, a->data, a->len);
+        if (mime_in_related(&t, a))
+            t.nrelated++;
+        else
+            t.nmixed++;
+    }
+    int rc = MIME_OK;
+    for (size_t i = 0; i < m->nattachments; i++) {
+        if (strncasecmp(m->attachments[i].content_type, "message/", 8) == 0 &&
+            t.cte[i] != MIME_CTE_7BIT) {
+            /* RFC 2046 5.2: message/... may not be encoded */
+            mime_seterr(err, errlen,
+                        "attachment %zu: message/* content must be 7-bit with CRLF line "
+                        "endings; attach it as application/octet-stream",
+                        i);
+            rc = MIME_EINVAL;
+            goto out;
+        }
+    }
+    if ((t.has_text && t.has_html &&
+         mime_pick_boundary(&t, t.b_alt, sizeof(t.b_alt), "", "") != MIME_OK) ||
+        (t.nrelated && mime_pick_boundary(&t, t.b_related, sizeof(t.b_related), t.b_alt, "") !=
+                           MIME_OK) ||
+        (t.nmixed && mime_pick_boundary(&t, t.b_mixed, sizeof(t.b_mixed), t.b_alt, t.b_related) !=
+                         MIME_OK)) {
+        mime_seterr(err, errlen, "could not find a MIME boundary absent from the content");
+        rc = MIME_EINVAL;
+        goto out;
+    }
+    mime_put_mixed(out, &t);
     /* SMTP and IMAP both want the message to end with a line break; adding
      * it here keeps the bytes sent and the bytes filed identical. */
+    if (!mime_ends_crlf(out))
+        buf_append(out, "\r\n", 2);
+out:
+    free(t.cte);
+    return rc;
+}
+
+/* ---- raw messages ------------------------------------------------------------ */
+
+/*
+ * The application's own message: line endings normalised to CRLF, nothing
+ * else changed. Refused when a line exceeds 998 octets, a NUL is present,
+ * the header section holds a line that is neither a field nor a
+ * continuation, or there is no From field (it is what DKIM signs and what
+ * recipients judge).
+ */
+static int mime_put_raw(buf_t *out, const message_t *m, char *err, size_t errlen)
+{
+    const char *s = m->raw;
+    size_t n = m->raw_len, pos = 0, st, len, lineno = 0;
+    int eol, in_header = 1, has_from = 0;
+    if (n == 0) {
+        mime_seterr(err, errlen, "raw message is empty");
+        return MIME_EINVAL;
+    }
+    if (memchr(s, '\0', n) != NULL) {
+        mime_seterr(err, errlen, "raw message contains a NUL byte");
+        return MIME_EINVAL;
+    }
+    while (mime_next_line(s, n, &pos, &st, &len, &eol)) {
+        lineno++;
+        if (len > MIME_LINE_HARD) {
+            mime_seterr(err, errlen, "raw message line %zu is %zu octets long (limit %d)", lineno,
+                        len, MIME_LINE_HARD);
+            return MIME_EINVAL;
+        }
+        if (!in_header)
+            continue;
+        if (len == 0) {
+            in_header = 0;
+            if (lineno == 1) {
+                mime_seterr(err, errlen, "raw message has no header section");
+                return MIME_EINVAL;
+            }
+            continue;
+        }
+        if (s[st] == ' ' || s[st] == '\t') {
+            if (lineno == 1) {
+                mime_seterr(err, errlen, "raw message starts with a continuation line");
+                return MIME_EINVAL;
+            }
+            continue;
+        }
+        size_t k = 0;
+        while (k < len && (unsigned char)s[st + k] >= 33 && (unsigned char)s[st + k] <= 126 &&
+               s[st + k] != ':')
+            k++;
+        if (k == 0 || k == len || s[st + k] != ':') {
+            mime_seterr(err, errlen, "raw message header line %zu is not a header field",
+                        lineno);
+            return MIME_EINVAL;
+        }
+        if (k == 4 && strncasecmp(s + st, "From", 4) == 0)
+            has_from = 1;
+    }
+    if (!has_from) {
+        mime_seterr(err, errlen, "raw message has no From header field");
+        return MIME_EINVAL;
+    }
+    if (mime_reserve(out, n + n / 8 + 4) != MIME_OK) {
+        mime_seterr(err, errlen, "out of memory");
+        return MIME_ENOMEM;
+    }
+    mime_put_7bit(out, s, n);
     if (!mime_ends_crlf(out))
         buf_append(out, "\r\n", 2);
     return MIME_OK;
@@ -760,15 +1258,51 @@ static int mime_check(const message_t *m, char *err, size_t errlen)
         mime_seterr(err, errlen, "trace id contains CR or LF");
         return MIME_EINVAL;
     }
+    if ((rc = mime_check_attachments(m, err, errlen)) != MIME_OK)
+        return rc;
     return mime_check_headers(m, err, errlen);
+}
+
+/* A cheap lower bound of the result: refuse an oversized message before
+ * spending memory and time encoding it. */
+static size_t mime_size_floor(const message_t *m)
+{
+    size_t n = m->raw_len + (m->text ? strlen(m->text) : 0) + (m->html ? strlen(m->html) : 0);
+    for (size_t i = 0; i < m->nattachments; i++)
+        n += m->attachments[i].len;
+    return n;
 }
 
 static int mime_build_into(const message_t *m, const mime_opts_t *opts, buf_t *out, char *err,
                            size_t errlen)
 {
+    if (m == NULL) {
+        mime_seterr(err, errlen, "no message");
+        return MIME_EINVAL;
+    }
+    if (opts && opts->max_size && mime_size_floor(m) > opts->max_size) {
+        mime_seterr(err, errlen, "message is more than %zu bytes, limit is %zu",
+                    mime_size_floor(m), opts->max_size);
+        return MIME_ETOOBIG;
+    }
+    if (m->raw) {
+        int rc;
+        if (!mime_addr_ok(m->from.addr)) {
+            mime_seterr(err, errlen, "invalid sender address");
+            return MIME_EINVAL;
+        }
+        if ((rc = mime_check_addrs("to", m->to, m->nto, err, errlen)) != MIME_OK ||
+            (rc = mime_check_addrs("cc", m->cc, m->ncc, err, errlen)) != MIME_OK)
+            return rc;
+        return mime_put_raw(out, m, err, errlen);
+    }
     int rc = mime_check(m, err, errlen);
     if (rc != MIME_OK)
         return rc;
+    if (mime_reserve(out, mime_size_bound(m)) != MIME_OK) {
+        mime_seterr(err, errlen, "out of memory");
+        return MIME_ENOMEM;
+    }
 
     mime_put_addrs(out, "From", &m->from, 1);
     if (m->nto > 0)
@@ -841,4 +1375,49 @@ void mime_dotstuff(const char *in, size_t len, buf_t *out)
     p += 3;
     out->len = (size_t)(p - out->data);
     out->data[out->len] = '\0';
+}
+
+int mime_wire_segments(const char *msg, size_t len, mime_seg_t **segs, size_t *nseg)
+{
+    /* first pass: check line endings, count the lines that need a dot */
+    size_t dots = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (msg[i] == '\r') {
+            if (i + 1 >= len || msg[i + 1] != '\n')
+                return MIME_EINVAL;
+            i++;
+            if (i + 1 < len && msg[i + 1] == '.')
+                dots++;
+        } else if (msg[i] == '\n') {
+            return MIME_EINVAL;
+        }
+    }
+    if (len > 0 && msg[0] == '.')
+        dots++;
+    mime_seg_t *v = malloc((2 * dots + 3) * sizeof(*v));
+    if (v == NULL)
+        return MIME_ENOMEM;
+    size_t k = 0, start = 0;
+    for (size_t ls = 0; ls < len;) {
+        if (msg[ls] == '.') {
+            /* the segment before, then one extra "." (RFC 5321 4.5.2); the
+             * line's own dot starts the next segment */
+            if (ls > start)
+                v[k++] = (mime_seg_t){ msg + start, ls - start };
+            v[k++] = (mime_seg_t){ ".", 1 };
+            start = ls;
+        }
+        const char *nl = memchr(msg + ls, '\n', len - ls);
+        if (nl == NULL)
+            break;
+        ls = (size_t)(nl - msg) + 1;
+    }
+    if (len > start)
+        v[k++] = (mime_seg_t){ msg + start, len - start };
+    if (len > 0 && (len < 2 || msg[len - 1] != '\n'))
+        v[k++] = (mime_seg_t){ "\r\n", 2 };
+    v[k++] = (mime_seg_t){ ".\r\n", 3 };
+    *segs = v;
+    *nseg = k;
+    return MIME_OK;
 }

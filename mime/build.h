@@ -43,13 +43,50 @@ typedef struct mime_opts {
  * Content-Type, Content-Transfer-Encoding. Bcc is never written.
  * text/html that are NULL or "" count as absent.
  *
+ * Body structure, each level only when needed:
+ *   multipart/mixed      body (or related) first, then the attachments
+ *                        (non-inline ones, and inline ones when there is
+ *                        no HTML body; without text and html the
+ *                        attachments are the only parts)
+ *   > multipart/related  the HTML (or alternative) body, then the inline
+ *                        attachments (RFC 2387, type= the root's type)
+ *   > multipart/alternative  text/plain, then text/html
+ * Content-Transfer-Encoding per part: text bodies 7bit or quoted-printable;
+ * text/... attachments 7bit, quoted-printable while under one octet in six
+ * needs escaping, else base64 (always for NUL); other attachments 7bit only
+ * when printable ASCII with CRLF line endings (copied verbatim), else
+ * base64 in 76-character lines. message/... attachments must be 7bit.
+ * Never 8bit: the output is 7-bit clean apart from UTF-8 addresses.
+ * Attachment part headers: Content-Type (the caller's, plus name=),
+ * Content-Transfer-Encoding, Content-ID (when set), Content-Disposition
+ * (attachment or inline, filename=). File names that are short printable
+ * ASCII are quoted strings; others are RFC 2231 (utf-8'', percent-encoded,
+ * split into continuations of at most 60 characters). Boundaries are
+ * "=_mp_" plus 128 random bits, distinct per level and checked against
+ * every 7bit part (QP and base64 output cannot contain "=_").
+ *
+ * m->raw (the application's own message) is sent instead of building:
+ * line endings become CRLF and a final CRLF is added, nothing else
+ * changes. Refused (MIME_EINVAL) when empty, when it holds a NUL, a line
+ * over 998 octets, a header-section line that is neither a field nor a
+ * continuation, or no From field.
+ *
+ * Size: the whole output is reserved once (a bound; pages never written
+ * stay untouched), so a large body is encoded straight into its final
+ * place. With opts->max_size, a message whose decoded content alone
+ * exceeds the limit is refused before anything is encoded, and any
+ * result larger than the limit is refused too (MIME_ETOOBIG, "message is
+ * N bytes, limit is M"); MIME_ENOMEM when the reservation fails.
+ *
  * Returns MIME_OK, or < 0 with a human-readable reason in err (err may be
  * NULL / errlen 0). MIME_EINVAL covers: CR or LF in any header value or
  * display name, a malformed address or id, a header name that is not
  * 1..76 printable ASCII characters without ':', and a caller header that
  * would override a structural one (From, To, Cc, Bcc, Subject, Date,
  * Message-ID, MIME-Version, Content-Type, Content-Transfer-Encoding,
- * X-Mailpump-Trace-Id).
+ * X-Mailpump-Trace-Id), and for attachments: a file name that is empty,
+ * over 255 octets or holds control characters, a content type that is not
+ * printable ASCII "type/subtype..." or is multipart, an invalid content id.
  */
 int mime_build(const message_t *m, const mime_opts_t *opts, buf_t *out, char *err,
                size_t errlen) __attribute__((warn_unused_result));
@@ -64,6 +101,29 @@ int mime_build(const message_t *m, const mime_opts_t *opts, buf_t *out, char *er
  * wire). Appends to out.
  */
 void mime_dotstuff(const char *in, size_t len, buf_t *out);
+
+/*
+ * Zero-copy SMTP DATA framing for a session that writes an iovec: the
+ * same framing as mime_dotstuff(), but as segments that point into msg
+ * (or at static "." / "\r\n" / ".\r\n" strings), so the bytes built once
+ * serve IMAP APPEND (msg itself) and SMTP DATA (the segments) without a
+ * second copy of the message. The concatenation of the segments equals
+ * what mime_dotstuff(msg, len) appends, byte for byte.
+ *
+ * msg must have CRLF line endings only (mime_build's output always has);
+ * a bare CR or LF gives MIME_EINVAL, and the caller falls back to
+ * mime_dotstuff(). On MIME_OK *segs is a malloc'ed array of *nseg
+ * segments (caller frees; msg must outlive it). MIME_ENOMEM when the
+ * array cannot be allocated. One segment per line that starts with "."
+ * plus at most three.
+ */
+typedef struct mime_seg {
+    const char *p;
+    size_t      n;
+} mime_seg_t;
+
+int mime_wire_segments(const char *msg, size_t len, mime_seg_t **segs, size_t *nseg)
+    __attribute__((warn_unused_result));
 
 /*
  * Append one complete header field "name: value\r\n" to out.

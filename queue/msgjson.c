@@ -25,7 +25,9 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
+#include <strings.h>
 
 #include "core/util.h"
 
@@ -34,6 +36,9 @@
 #define MSGJSON_LABEL_MAX 63  /* RFC 1035 2.3.4 */
 #define MSGJSON_ID_MAX 200
 #define MSGJSON_HNAME_MAX 76  /* same bound as mime/: name plus one encoded word fits a line */
+#define MSGJSON_FNAME_MAX 255 /* octets of an attachment file name (common file systems) */
+#define MSGJSON_CTYPE_MAX 200
+#define MSGJSON_CID_MAX 250
 
 const char *msgjson_strerror(int status)
 {
@@ -474,6 +479,351 @@ static int msgjson_headers(msgjson_ctx_t *c, json_t *root, message_t *m)
     return MSGJSON_OK;
 }
 
+/* ---- attachments and raw messages ------------------------------------------ */
+
+static int msgjson_b64val(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '+')
+        return 62;
+    if (c == '/')
+        return 63;
+    return -1;
+}
+
+/*
+ * Strict RFC 4648 base64 (standard alphabet, padding required) that
+ * tolerates line breaks and blanks between characters, as applications
+ * often wrap their base64. On success *out is a malloc'ed buffer of *outlen
+ * bytes plus a NUL. Returns MSGJSON_OK, MSGJSON_ENOMEM, or MSGJSON_EINVAL
+ * with *bad = offset of the first offending character.
+ */
+static int msgjson_b64_decode(const char *s, size_t n, unsigned char **out, size_t *outlen,
+                              size_t *bad)
+{
+    unsigned char *o = malloc(n / 4 * 3 + 4);
+    if (o == NULL)
+        return MSGJSON_ENOMEM;
+    size_t k = 0, q = 0, pad = 0;
+    uint32_t acc = 0;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == ' ' || c == '\t' || c == '\r' || c == '\n')
+            continue;
+        int v = msgjson_b64val(c);
+        if (c == '=') {
+            /* padding: only in the last quantum, at position 3 or 2-3 */
+            if (q < 2) {
+                *bad = i;
+                free(o);
+                return MSGJSON_EINVAL;
+            }
+            pad++;
+            v = 0;
+        } else if (v < 0 || pad > 0) {
+            *bad = i;
+            free(o);
+            return MSGJSON_EINVAL;
+        }
+        acc = (acc << 6) | (uint32_t)v;
+        if (++q == 4) {
+            o[k++] = (unsigned char)(acc >> 16);
+            if (pad < 2)
+                o[k++] = (unsigned char)(acc >> 8);
+            if (pad < 1)
+                o[k++] = (unsigned char)acc;
+            /* "ab=c" and the bits a decoder would drop must be zero, so
+             * every byte string has exactly one accepted encoding */
+            if ((pad == 1 && (acc & 0xff)) || (pad == 2 && (acc & 0xffff))) {
+                *bad = i;
+                free(o);
+                return MSGJSON_EINVAL;
+            }
+            q = 0;
+            acc = 0;
+            if (pad) {
+                /* nothing but blanks may follow the padded quantum */
+                for (size_t j = i + 1; j < n; j++) {
+                    if (s[j] != ' ' && s[j] != '\t' && s[j] != '\r' && s[j] != '\n') {
+                        *bad = j;
+                        free(o);
+                        return MSGJSON_EINVAL;
+                    }
+                }
+                break;
+            }
+        }
+    }
+    if (q != 0) {
+        *bad = n;
+        free(o);
+        return MSGJSON_EINVAL;
+    }
+    o[k] = '\0';
+    *out = o;
+    *outlen = k;
+    return MSGJSON_OK;
+}
+
+/* RFC 2045 token: printable ASCII except blanks and tspecials. */
+static int msgjson_tchar(unsigned char c)
+{
+    return c > 32 && c < 127 && strchr("()<>@,;:\\\"/[]?=", c) == NULL;
+}
+
+static size_t msgjson_token(const char *s)
+{
+    size_t n = 0;
+    while (s[n] && msgjson_tchar((unsigned char)s[n]))
+        n++;
+    return n;
+}
+
+/* type "/" subtype *(";" attribute "=" (token / quoted-string)), blanks
+ * allowed around ";" and "=" (RFC 2045 5.1). multipart/... is refused: an
+ * attachment cannot bring its own boundaries. */
+static int msgjson_valid_ctype(const char *s)
+{
+    size_t n = strlen(s), t;
+    if (n == 0 || n > MSGJSON_CTYPE_MAX)
+        return 0;
+    if ((t = msgjson_token(s)) == 0 || s[t] != '/')
+        return 0;
+    if (strncasecmp(s, "multipart/", 10) == 0)
+        return 0;
+    s += t + 1;
+    if ((t = msgjson_token(s)) == 0)
+        return 0;
+    s += t;
+    for (;;) {
+        while (msgjson_is_blank(*s))
+            s++;
+        if (*s == '\0')
+            return 1;
+        if (*s++ != ';')
+            return 0;
+        while (msgjson_is_blank(*s))
+            s++;
+        if ((t = msgjson_token(s)) == 0)
+            return 0;
+        s += t;
+        while (msgjson_is_blank(*s))
+            s++;
+        if (*s++ != '=')
+            return 0;
+        while (msgjson_is_blank(*s))
+            s++;
+        if (*s == '"') {
+            for (s++; *s != '"'; s++) {
+                if (*s == '\\')
+                    s++;
+                if ((unsigned char)*s < 32 || (unsigned char)*s > 126)
+                    return 0; /* includes the NUL of an unterminated string */
+            }
+            s++;
+        } else if ((t = msgjson_token(s)) == 0) {
+            return 0;
+        } else {
+            s += t;
+        }
+    }
+}
+
+/* Content-ID: id-left "@" id-right as printable ASCII without blanks,
+ * brackets or quotes; given with or without the angle brackets. */
+static char *msgjson_take_cid(const char *s)
+{
+    size_t n = strlen(s);
+    if (n >= 2 && s[0] == '<' && s[n - 1] == '>')
+        s++, n -= 2;
+    if (n == 0 || n > MSGJSON_CID_MAX)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c <= 32 || c >= 127 || c == '<' || c == '>' || c == '"' || c == '\\' || c == '(' ||
+            c == ')' || c == ',' || c == ';' || c == ':')
+            return NULL;
+    }
+    return xstrndup(s, n);
+}
+
+static int msgjson_attachment(msgjson_ctx_t *c, json_t *v, size_t idx, mp_attachment_t *a)
+{
+    char tmp[96];
+    if (!json_is_object(v)) {
+        msgjson_seterr(c->err, c->errlen, "\"attachments\"[%zu] must be an object", idx);
+        return MSGJSON_EINVAL;
+    }
+    json_t *jf = json_object_get(v, "filename");
+    json_t *jt = json_object_get(v, "content_type");
+    json_t *jc = json_object_get(v, "content_base64");
+    json_t *ji = json_object_get(v, "content_id");
+    json_t *jin = json_object_get(v, "inline");
+    if (jf == NULL || json_is_null(jf)) {
+        msgjson_seterr(c->err, c->errlen, "missing field \"filename\" in \"attachments\"[%zu]",
+                       idx);
+        return MSGJSON_EINVAL;
+    }
+    if (!json_is_string(jf)) {
+        msgjson_seterr(c->err, c->errlen, "\"attachments\"[%zu].filename must be a string", idx);
+        return MSGJSON_EINVAL;
+    }
+    const char *fn = json_string_value(jf);
+    size_t fl = strlen(fn);
+    if (fl == 0 || fl > MSGJSON_FNAME_MAX) {
+        msgjson_seterr(c->err, c->errlen,
+                       "\"attachments\"[%zu].filename must be 1..%d octets, not %zu", idx,
+                       MSGJSON_FNAME_MAX, fl);
+        return MSGJSON_EINVAL;
+    }
+    for (const unsigned char *p = (const unsigned char *)fn; *p; p++) {
+        if (*p < 0x20 || *p == 0x7f) {
+            msgjson_seterr(c->err, c->errlen,
+                           "\"attachments\"[%zu].filename contains a control character "
+                           "(CR, LF, ...): \"%s\"",
+                           idx, msgjson_esc(fn, tmp, sizeof(tmp)));
+            return MSGJSON_EINVAL;
+        }
+    }
+    a->filename = xstrdup(fn);
+    if (jt == NULL || json_is_null(jt)) {
+        a->content_type = xstrdup("application/octet-stream");
+    } else if (!json_is_string(jt)) {
+        msgjson_seterr(c->err, c->errlen, "\"attachments\"[%zu].content_type must be a string",
+                       idx);
+        return MSGJSON_EINVAL;
+    } else if (!msgjson_valid_ctype(json_string_value(jt))) {
+        msgjson_seterr(c->err, c->errlen,
+                       "invalid \"attachments\"[%zu].content_type: \"%s\" (type/subtype "
+                       "[; name=value], not multipart, no CR or LF)",
+                       idx, msgjson_esc(json_string_value(jt), tmp, sizeof(tmp)));
+        return MSGJSON_EINVAL;
+    } else {
+        a->content_type = xstrdup(json_string_value(jt));
+    }
+    if (ji != NULL && !json_is_null(ji)) {
+        if (!json_is_string(ji)) {
+            msgjson_seterr(c->err, c->errlen, "\"attachments\"[%zu].content_id must be a string",
+                           idx);
+            return MSGJSON_EINVAL;
+        }
+        if ((a->content_id = msgjson_take_cid(json_string_value(ji))) == NULL) {
+            msgjson_seterr(c->err, c->errlen,
+                           "invalid \"attachments\"[%zu].content_id: \"%s\" (printable ASCII "
+                           "without blanks, e.g. \"logo@example.com\")",
+                           idx, msgjson_esc(json_string_value(ji), tmp, sizeof(tmp)));
+            return MSGJSON_EINVAL;
+        }
+    }
+    if (jin != NULL && !json_is_null(jin)) {
+        if (!json_is_boolean(jin)) {
+            msgjson_seterr(c->err, c->errlen, "\"attachments\"[%zu].inline must be a boolean",
+                           idx);
+            return MSGJSON_EINVAL;
+        }
+        a->is_inline = json_is_true(jin);
+    }
+    if (jc == NULL || json_is_null(jc)) {
+        msgjson_seterr(c->err, c->errlen,
+                       "missing field \"content_base64\" in \"attachments\"[%zu]", idx);
+        return MSGJSON_EINVAL;
+    }
+    if (!json_is_string(jc)) {
+        msgjson_seterr(c->err, c->errlen,
+                       "\"attachments\"[%zu].content_base64 must be a string", idx);
+        return MSGJSON_EINVAL;
+    }
+    size_t bad = 0;
+    int rc = msgjson_b64_decode(json_string_value(jc), json_string_length(jc), &a->data, &a->len,
+                                &bad);
+    if (rc == MSGJSON_ENOMEM) {
+        msgjson_seterr(c->err, c->errlen, "out of memory decoding \"attachments\"[%zu]", idx);
+        return rc;
+    }
+    if (rc != MSGJSON_OK) {
+        msgjson_seterr(c->err, c->errlen,
+                       "\"attachments\"[%zu].content_base64 is not valid base64 (at offset %zu)",
+                       idx, bad);
+        return rc;
+    }
+    return MSGJSON_OK;
+}
+
+static int msgjson_attachments(msgjson_ctx_t *c, json_t *root, message_t *m)
+{
+    json_t *v = json_object_get(root, "attachments");
+    if (v == NULL || json_is_null(v))
+        return MSGJSON_OK;
+    if (!json_is_array(v)) {
+        msgjson_seterr(c->err, c->errlen, "\"attachments\" must be an array");
+        return MSGJSON_EINVAL;
+    }
+    size_t n = json_array_size(v);
+    if (n == 0)
+        return MSGJSON_OK;
+    m->attachments = xcalloc(n, sizeof(*m->attachments));
+    for (size_t i = 0; i < n; i++) {
+        /* counted first so message_free() releases a partly filled entry */
+        m->nattachments = i + 1;
+        int rc = msgjson_attachment(c, json_array_get(v, i), i, &m->attachments[i]);
+        if (rc != MSGJSON_OK)
+            return rc;
+    }
+    return MSGJSON_OK;
+}
+
+/* "raw": the application's own RFC 5322 message. Everything that would
+ * build a message is refused next to it, so nothing is silently ignored;
+ * its syntax (header block, line lengths) is mime/'s to check. */
+static int msgjson_raw(msgjson_ctx_t *c, json_t *root, message_t *m)
+{
+    static const char *const exclusive[] = { "subject", "text", "html", "headers",
+                                              "attachments" };
+    json_t *v = json_object_get(root, "raw");
+    if (v == NULL || json_is_null(v))
+        return MSGJSON_OK;
+    if (!json_is_string(v)) {
+        msgjson_seterr(c->err, c->errlen, "\"raw\" must be a string (base64)");
+        return MSGJSON_EINVAL;
+    }
+    for (size_t i = 0; i < sizeof(exclusive) / sizeof(exclusive[0]); i++) {
+        json_t *x = json_object_get(root, exclusive[i]);
+        if (x != NULL && !json_is_null(x)) {
+            msgjson_seterr(c->err, c->errlen, "\"raw\" cannot be combined with \"%s\"",
+                           exclusive[i]);
+            return MSGJSON_EINVAL;
+        }
+    }
+    size_t bad = 0;
+    unsigned char *d = NULL;
+    int rc = msgjson_b64_decode(json_string_value(v), json_string_length(v), &d, &m->raw_len,
+                                &bad);
+    if (rc == MSGJSON_ENOMEM) {
+        msgjson_seterr(c->err, c->errlen, "out of memory decoding \"raw\"");
+        return rc;
+    }
+    if (rc != MSGJSON_OK) {
+        msgjson_seterr(c->err, c->errlen, "\"raw\" is not valid base64 (at offset %zu)", bad);
+        return rc;
+    }
+    m->raw = (char *)d;
+    if (m->raw_len == 0) {
+        msgjson_seterr(c->err, c->errlen, "\"raw\" is empty");
+        return MSGJSON_EINVAL;
+    }
+    if (memchr(m->raw, '\0', m->raw_len) != NULL) {
+        msgjson_seterr(c->err, c->errlen, "\"raw\" contains a NUL byte at offset %zu",
+                       (size_t)((char *)memchr(m->raw, '\0', m->raw_len) - m->raw));
+        return MSGJSON_EINVAL;
+    }
+    return MSGJSON_OK;
+}
+
 static const char *msgjson_type_name(const json_t *v)
 {
     switch (json_typeof(v)) {
@@ -510,7 +860,9 @@ static int msgjson_fill(msgjson_ctx_t *c, json_t *root, message_t *m)
         (rc = msgjson_string(c, root, "text", 0, &m->text)) != MSGJSON_OK ||
         (rc = msgjson_string(c, root, "html", 0, &m->html)) != MSGJSON_OK ||
         (rc = msgjson_string(c, root, "trace_id", 1, &m->trace_id)) != MSGJSON_OK ||
-        (rc = msgjson_headers(c, root, m)) != MSGJSON_OK)
+        (rc = msgjson_headers(c, root, m)) != MSGJSON_OK ||
+        (rc = msgjson_attachments(c, root, m)) != MSGJSON_OK ||
+        (rc = msgjson_raw(c, root, m)) != MSGJSON_OK)
         return rc;
     return msgjson_id(c, root, m);
 }
@@ -545,6 +897,8 @@ int msgjson_parse(const char *body, size_t len, message_t **out, char *err, size
     message_t *m = message_new();
     int rc = msgjson_fill(&c, root, m);
     json_decref(root);
+    if (rc == MSGJSON_ENOMEM && c.err && c.errlen && c.err[0] == '\0')
+        msgjson_seterr(err, errlen, "out of memory");
     if (rc != MSGJSON_OK) {
         message_free(m);
         return rc;

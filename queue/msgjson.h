@@ -11,6 +11,17 @@
  *             (whether a name may be used at all is decided by mime/)
  *   id        optional: 1..200 printable ASCII without spaces or "<>@";
  *             a random UUID when absent
+ *   attachments optional array of objects:
+ *             filename       required, 1..255 octets of UTF-8, no control chars
+ *             content_type   "type/subtype[; attr=value]..." (not multipart/...),
+ *                            default application/octet-stream
+ *             content_base64 required, RFC 4648 base64 (blanks/line breaks
+ *                            between characters allowed), decoded here
+ *             content_id     optional, "id@host" with or without <>
+ *             inline         optional boolean: part of multipart/related
+ *   raw       optional base64 of a complete RFC 5322 message; excludes
+ *             subject, text, html, headers and attachments (from/to/cc/bcc
+ *             still give the envelope). Must not be empty or contain NUL.
  * Message priority is an AMQP property, not part of the body: it stays 0.
  *
  * Parsing does no I/O and keeps no state; it is safe from any thread.
@@ -24,7 +35,7 @@
 
 typedef enum {
     MSGJSON_OK = 0,
-    MSGJSON_ENOMEM = -1,
+    MSGJSON_ENOMEM = -1, /* e.g. decoding a large attachment */
     MSGJSON_EJSON = -2, /* not JSON at all (or not valid UTF-8) */
     MSGJSON_EINVAL = -3 /* JSON, but not a valid message: dead-letter it */
 } msgjson_status_t;

@@ -264,6 +264,168 @@ static void test_malformed_table(void **state)
     }
 }
 
+/* ---- attachments and raw (issue 6) --------------------------------------------- */
+
+static void test_attachments(void **state)
+{
+    (void)state;
+    message_t *m = parse_ok(
+        "{" FROM "," TO ",\"html\":\"<img src=cid:l>\",\"attachments\":["
+        " {\"filename\":\"Grüße.pdf\",\"content_type\":\"application/pdf\","
+        "  \"content_base64\":\"JVBERi0xLjQK\"},"
+        " {\"filename\":\"logo.png\",\"content_type\":\"image/png; x-opt=\\\"a b\\\"\","
+        "  \"content_base64\":\"AAEC\\r\\n/w==\\n\",\"content_id\":\"<l@x>\",\"inline\":true},"
+        " {\"filename\":\"empty\",\"content_base64\":\"\",\"inline\":false,\"content_id\":null}]}");
+    assert_int_equal(m->nattachments, 3);
+    mp_attachment_t *a = m->attachments;
+    assert_string_equal(a[0].filename, "Grüße.pdf");
+    assert_string_equal(a[0].content_type, "application/pdf");
+    assert_int_equal(a[0].len, 9);
+    assert_memory_equal(a[0].data, "%PDF-1.4\n", 9);
+    assert_null(a[0].content_id);
+    assert_int_equal(a[0].is_inline, 0);
+    assert_string_equal(a[1].content_type, "image/png; x-opt=\"a b\"");
+    assert_int_equal(a[1].len, 4); /* line breaks between characters are fine */
+    assert_memory_equal(a[1].data, "\x00\x01\x02\xff", 4);
+    assert_string_equal(a[1].content_id, "l@x"); /* brackets dropped */
+    assert_int_equal(a[1].is_inline, 1);
+    assert_string_equal(a[2].content_type, "application/octet-stream"); /* default */
+    assert_int_equal(a[2].len, 0);
+    assert_null(m->raw);
+    message_free(m);
+}
+
+static void test_raw(void **state)
+{
+    (void)state;
+    /* "From: a@b\r\n\r\nhi\r\n" */
+    message_t *m = parse_ok("{" FROM "," TO ",\"cc\":\"c@test.example\","
+                            "\"raw\":\"RnJvbTogYUBiDQoNCmhpDQo=\"}");
+    assert_int_equal(m->raw_len, 17);
+    assert_string_equal(m->raw, "From: a@b\r\n\r\nhi\r\n");
+    assert_int_equal(m->ncc, 1);
+    message_free(m);
+}
+
+static const struct bad_case bad_parts[] = {
+    { "{" FROM "," TO ",\"attachments\":{}}", MSGJSON_EINVAL, "\"attachments\" must be an array" },
+    { "{" FROM "," TO ",\"attachments\":[5]}", MSGJSON_EINVAL,
+      "\"attachments\"[0] must be an object" },
+    { "{" FROM "," TO ",\"attachments\":[{\"content_base64\":\"\"}]}", MSGJSON_EINVAL,
+      "missing field \"filename\" in \"attachments\"[0]" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":7,\"content_base64\":\"\"}]}",
+      MSGJSON_EINVAL, "\"attachments\"[0].filename must be a string" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"\",\"content_base64\":\"\"}]}",
+      MSGJSON_EINVAL, "\"attachments\"[0].filename must be 1..255 octets, not 0" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\\r\\nBcc: x\",\"content_base64\":\"\"}]}",
+      MSGJSON_EINVAL,
+      "\"attachments\"[0].filename contains a control character (CR, LF, ...): \"a\\r\\nBcc: x\"" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\\tb\",\"content_base64\":\"\"}]}",
+      MSGJSON_EINVAL, "filename contains a control character" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_type\":\"text/plain\\r\\nX: y\","
+      "\"content_base64\":\"\"}]}",
+      MSGJSON_EINVAL, "invalid \"attachments\"[0].content_type: \"text/plain\\r\\nX: y\"" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_type\":\"text\","
+      "\"content_base64\":\"\"}]}",
+      MSGJSON_EINVAL, "invalid \"attachments\"[0].content_type" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_type\":\"text/plain; x\","
+      "\"content_base64\":\"\"}]}",
+      MSGJSON_EINVAL, "invalid \"attachments\"[0].content_type" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_type\":\"text/plain; a=\\\"b\","
+      "\"content_base64\":\"\"}]}",
+      MSGJSON_EINVAL, "invalid \"attachments\"[0].content_type" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_type\":\"multipart/mixed\","
+      "\"content_base64\":\"\"}]}",
+      MSGJSON_EINVAL, "not multipart" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_type\":5,"
+      "\"content_base64\":\"\"}]}",
+      MSGJSON_EINVAL, "\"attachments\"[0].content_type must be a string" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\"}]}", MSGJSON_EINVAL,
+      "missing field \"content_base64\" in \"attachments\"[0]" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_base64\":[]}]}",
+      MSGJSON_EINVAL, "\"attachments\"[0].content_base64 must be a string" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_base64\":\"QUJD\"},"
+      "{\"filename\":\"b\",\"content_base64\":\"QU*D\"}]}",
+      MSGJSON_EINVAL, "\"attachments\"[1].content_base64 is not valid base64 (at offset 2)" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_base64\":\"QUJ\"}]}",
+      MSGJSON_EINVAL, "is not valid base64 (at offset 3)" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_base64\":\"QQ==QUJD\"}]}",
+      MSGJSON_EINVAL, "is not valid base64 (at offset 4)" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_base64\":\"Q===\"}]}",
+      MSGJSON_EINVAL, "is not valid base64 (at offset 1)" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_base64\":\"QR==\"}]}",
+      MSGJSON_EINVAL, "is not valid base64" }, /* non-zero padding bits */
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_base64\":\"QUJD-_\"}]}",
+      MSGJSON_EINVAL, "is not valid base64 (at offset 4)" }, /* base64url is not base64 */
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_base64\":\"\","
+      "\"content_id\":\"a b@c\"}]}",
+      MSGJSON_EINVAL, "invalid \"attachments\"[0].content_id: \"a b@c\"" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_base64\":\"\","
+      "\"content_id\":\"<>\"}]}",
+      MSGJSON_EINVAL, "invalid \"attachments\"[0].content_id" },
+    { "{" FROM "," TO ",\"attachments\":[{\"filename\":\"a\",\"content_base64\":\"\","
+      "\"inline\":\"yes\"}]}",
+      MSGJSON_EINVAL, "\"attachments\"[0].inline must be a boolean" },
+    { "{" FROM "," TO ",\"raw\":5}", MSGJSON_EINVAL, "\"raw\" must be a string (base64)" },
+    { "{" FROM "," TO ",\"raw\":\"\"}", MSGJSON_EINVAL, "\"raw\" is empty" },
+    { "{" FROM "," TO ",\"raw\":\"Zm9v!\"}", MSGJSON_EINVAL,
+      "\"raw\" is not valid base64 (at offset 4)" },
+    { "{" FROM "," TO ",\"raw\":\"QQBC\"}", MSGJSON_EINVAL, "\"raw\" contains a NUL byte at offset 1" },
+    { "{" FROM "," TO ",\"raw\":\"QUJD\",\"text\":\"x\"}", MSGJSON_EINVAL,
+      "\"raw\" cannot be combined with \"text\"" },
+    { "{" FROM "," TO ",\"raw\":\"QUJD\",\"subject\":\"x\"}", MSGJSON_EINVAL,
+      "\"raw\" cannot be combined with \"subject\"" },
+    { "{" FROM "," TO ",\"raw\":\"QUJD\",\"attachments\":[]}", MSGJSON_EINVAL,
+      "\"raw\" cannot be combined with \"attachments\"" },
+    { "{" FROM "," TO ",\"raw\":\"QUJD\",\"headers\":{}}", MSGJSON_EINVAL,
+      "\"raw\" cannot be combined with \"headers\"" },
+};
+
+static void test_malformed_parts(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof(bad_parts) / sizeof(bad_parts[0]); i++) {
+        const struct bad_case *c = &bad_parts[i];
+        message_t *m = (message_t *)0x1;
+        char err[256] = "";
+        int rc = msgjson_parse(c->json, strlen(c->json), &m, err, sizeof(err));
+        if (rc != c->status || m != NULL || strstr(err, c->reason) == NULL)
+            fail_msg("case %zu: %s\n  got %d \"%s\"\n  want %d \"%s\"", i, c->json, rc, err,
+                     c->status, c->reason);
+    }
+}
+
+/* Every byte value survives base64 in JSON, in every padding variant. */
+static void test_base64_roundtrip(void **state)
+{
+    (void)state;
+    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for (size_t n = 0; n < 300; n += (n < 10 ? 1 : 37)) {
+        unsigned char d[300];
+        char json[1024], b64[512];
+        size_t o = 0;
+        for (size_t i = 0; i < n; i++)
+            d[i] = (unsigned char)(255 - i * 13);
+        for (size_t i = 0; i < n; i += 3) {
+            unsigned v = (unsigned)d[i] << 16 | (i + 1 < n ? (unsigned)d[i + 1] << 8 : 0) |
+                         (i + 2 < n ? d[i + 2] : 0);
+            b64[o++] = tab[v >> 18];
+            b64[o++] = tab[(v >> 12) & 63];
+            b64[o++] = i + 1 < n ? tab[(v >> 6) & 63] : '=';
+            b64[o++] = i + 2 < n ? tab[v & 63] : '=';
+        }
+        b64[o] = '\0';
+        snprintf(json, sizeof(json),
+                 "{" FROM "," TO ",\"attachments\":[{\"filename\":\"f\",\"content_base64\":\"%s\"}]}",
+                 b64);
+        message_t *m = parse_ok(json);
+        assert_int_equal(m->attachments[0].len, n);
+        if (n)
+            assert_memory_equal(m->attachments[0].data, d, n);
+        message_free(m);
+    }
+}
+
 static void test_id_length(void **state)
 {
     (void)state;
@@ -373,6 +535,10 @@ int main(void)
         cmocka_unit_test(test_valid_address),
         cmocka_unit_test(test_valid_address_lengths),
         cmocka_unit_test(test_strerror),
+        cmocka_unit_test(test_attachments),
+        cmocka_unit_test(test_raw),
+        cmocka_unit_test(test_malformed_parts),
+        cmocka_unit_test(test_base64_roundtrip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
