@@ -114,6 +114,13 @@ static int build_env(const mp_config_t *cfg, worker_env_t *env, char *helo, size
     } else if (gethostname(helo, helolen) != 0 || helo[0] == '\0') {
         snprintf(helo, helolen, "localhost");
     }
+    if (cfg->dkim_keys_file[0]) {
+        env->dkim = dkim_load(cfg->dkim_keys_file, cfg->dkim_headers, e, sizeof(e));
+        if (env->dkim == NULL) {
+            snprintf(err, errlen, "[dkim] keys_file: %s", e);
+            return -1;
+        }
+    }
     if (retry_levels_parse(cfg->retry_levels, &env->levels) < 0) {
         snprintf(err, errlen, "[retry] levels: cannot parse \"%s\"", cfg->retry_levels);
         return -1;
@@ -136,6 +143,7 @@ static void free_env(worker_env_t *env)
     SSL_CTX_free(env->imap_ctx);
     accounts_free(&env->accounts);
     retry_levels_free(&env->levels);
+    dkim_free(env->dkim);
 }
 
 int main(int argc, char **argv)

@@ -923,6 +923,20 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
         job_dead_letter(j, err);
         return;
     }
+    if (w->env->dkim) {
+        /* signed once here: the same bytes go to SMTP and to IMAP */
+        rc = dkim_sign(w->env->dkim, message_addr_domain(j->msg->from.addr), &j->raw, 0, err,
+                       sizeof(err));
+        if (rc == DKIM_EINVAL) {
+            job_dead_letter(j, err);
+            return;
+        }
+        if (rc == DKIM_ENOKEY)
+            log_debug("worker", "dkim_unsigned", "msg=%s reason=\"%s\"", j->msg->id, err);
+        else if (rc != DKIM_OK)
+            log_error("worker", "dkim_failed", "msg=%s reason=\"%s\" action=send_unsigned",
+                      j->msg->id, err);
+    }
     mime_dotstuff(buf_head(&j->raw), buf_size(&j->raw), &j->wire);
 
     const char *pending = mq_delivery_header(dv, "x-mailpump-pending");
@@ -1065,20 +1079,27 @@ static void on_wakeup(loop_t *loop, void *arg)
     worker_check_drained(w);
 }
 
+/* The resolver's counters, into the process-wide metrics. */
+static void on_dns_event(void *arg, const dns_event_t *ev)
+{
+    switch (ev->kind) {
+    case DNS_EV_LOOKUP:
+        metrics_dns_lookup(dns_layer_name(ev->layer), dns_status_tag(ev->status), ev->latency_us);
+        break;
+    case DNS_EV_L1_SIZE:
+        metrics_gauge_add(MET_DNS_L1_ENTRIES, ev->l1_delta);
+        break;
+    case DNS_EV_L2_ERROR:
+        metrics_inc(MET_DNS_L2_ERRORS, 1);
+        break;
+    }
+}
+
 static void *worker_main(void *arg)
 {
     worker_t *w = arg;
     char err[512];
     const mp_config_t *cfg = w->env->cfg;
-    dns_config_t dc = { .servers = cfg->dns_servers, .timeout_ms = cfg->dns_timeout_ms,
-                        .tries = cfg->dns_tries };
-    w->dns = dns_resolver_new(w->loop, &dc, err, sizeof(err));
-    if (w->dns == NULL) {
-        log_error("worker", "dns_init_failed", "worker=%d reason=\"%s\"", w->index, err);
-        w->exit_code = 1;
-        kill(getpid(), SIGUSR1); /* main takes it with sigwait and stops the others */
-        return NULL;
-    }
     if (cfg->redis_host[0]) {
         rclient_config_t rc = { .host = cfg->redis_host, .port = cfg->redis_port,
                                 .timeout_ms = cfg->redis_timeout_ms };
@@ -1088,6 +1109,24 @@ static void *worker_main(void *arg)
             if (cfg->retry_max_age_ms[c] > ttl)
                 ttl = cfg->retry_max_age_ms[c];
         w->ledger = ledger_new(w->loop, w->redis, ttl);
+    }
+    /* The same rclient carries the DNS L2 cache: dns_resolver_free(), which
+     * runs before rclient_free(), cancels the resolver's Redis commands. */
+    dns_config_t dc = { .servers = cfg->dns_servers, .timeout_ms = cfg->dns_timeout_ms,
+                        .tries = cfg->dns_tries, .l1_entries = cfg->dns_l1_entries,
+                        .max_ttl_s = cfg->dns_max_ttl_s, .negative_ttl_s = cfg->dns_negative_ttl_s,
+                        .redis = cfg->dns_l2 ? w->redis : NULL,
+                        .on_event = on_dns_event, .event_arg = w };
+    w->dns = dns_resolver_new(w->loop, &dc, err, sizeof(err));
+    if (w->dns == NULL) {
+        log_error("worker", "dns_init_failed", "worker=%d reason=\"%s\"", w->index, err);
+        rclient_free(w->redis);
+        ledger_free(w->ledger);
+        w->redis = NULL;
+        w->ledger = NULL;
+        w->exit_code = 1;
+        kill(getpid(), SIGUSR1); /* main takes it with sigwait and stops the others */
+        return NULL;
     }
     w->reconnect_delay_ms = 500;
     if (!atomic_load(&w->stop_requested))

@@ -16,6 +16,7 @@
 #include "deliverer/accounts.h"
 #include "deliverer/deliver.h"
 #include "deliverer/retry.h"
+#include "mime/dkim.h"
 
 /* Process-wide, built once by main before threads start, then read-only. */
 typedef struct worker_env {
@@ -28,6 +29,7 @@ typedef struct worker_env {
     retry_levels_t          levels;      /* delay queues, ascending */
     struct sockaddr_storage imap_addr;
     socklen_t               imap_addrlen; /* 0: no IMAP configured */
+    dkim_signer_t          *dkim;        /* NULL: [dkim] keys_file empty, no signing */
 } worker_env_t;
 
 typedef struct worker worker_t;

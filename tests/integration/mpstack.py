@@ -205,6 +205,20 @@ class EventTap:
         raise AssertionError(f"expected {count} events, got {len(got)} within {timeout}s: "
                              f"{json.dumps(self.events, indent=1)}")
 
+    def drain(self, quiet=0.3):
+        """Read every event available until none arrives for `quiet` s."""
+        last = time.time()
+        while time.time() - last < quiet:
+            method, props, body = self.ch.basic_get(self.queue, auto_ack=True)
+            if method is None:
+                time.sleep(0.02)
+                continue
+            ev = json.loads(body)
+            ev["_routing_key"] = method.routing_key
+            self.events.append(ev)
+            last = time.time()
+        return self.events
+
     def close(self):
         try:
             self.conn.close()
