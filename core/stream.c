@@ -57,6 +57,7 @@ struct stream {
     buf_t        in;
     buf_t        out;
     SSL         *ssl;
+    SSL_SESSION *new_sess;      /* newest session/ticket the server issued (owned) */
     int          read_wants_write;
     int          write_wants_read;
     int          hs_wants_write;
@@ -520,7 +521,15 @@ static int is_ip_literal(const char *h)
     return inet_pton(AF_INET, h, tmp) == 1 || inet_pton(AF_INET6, h, tmp) == 1;
 }
 
-static int start_tls(stream_t *s, SSL_CTX *ctx, int client, const char *sni, const char *verify_host)
+static void on_tls_session(void *arg, SSL_SESSION *sess)
+{
+    stream_t *s = arg;
+    SSL_SESSION_free(s->new_sess);
+    s->new_sess = sess;
+}
+
+static int start_tls(stream_t *s, SSL_CTX *ctx, int client, const char *sni, const char *verify_host,
+                     SSL_SESSION *resume)
 {
     if (s->state != ST_OPEN || s->ssl) {
         snprintf(s->err, sizeof(s->err), "TLS: stream not in plaintext open state");
@@ -549,6 +558,19 @@ static int start_tls(stream_t *s, SSL_CTX *ctx, int client, const char *sni, con
             else
                 SSL_set1_host(s->ssl, verify_host);
         }
+        tls_set_session_sink(s->ssl, on_tls_session, s);
+        /* Offer a copy: OpenSSL marks a TLS 1.3 session used for
+         * resumption as spent, and servers that issue no new ticket on
+         * resumption (Postfix) would then cost every other connection a
+         * full handshake. Reusing a ticket is what Postfix's own client
+         * cache does; its only cost is linkability, irrelevant between
+         * MTAs. A failed set only costs a full handshake. */
+        if (resume) {
+            SSL_SESSION *copy = SSL_SESSION_dup(resume);
+            if (copy == NULL || SSL_set_session(s->ssl, copy) != 1)
+                ERR_clear_error();
+            SSL_SESSION_free(copy);
+        }
         SSL_set_connect_state(s->ssl);
         s->hs_wants_write = 1;
     } else {
@@ -563,12 +585,56 @@ static int start_tls(stream_t *s, SSL_CTX *ctx, int client, const char *sni, con
 
 int stream_tls_client(stream_t *s, SSL_CTX *ctx, const char *sni, const char *verify_host)
 {
-    return start_tls(s, ctx, 1, sni, verify_host);
+    return start_tls(s, ctx, 1, sni, verify_host, NULL);
+}
+
+int stream_tls_client_resume(stream_t *s, SSL_CTX *ctx, const char *sni, const char *verify_host,
+                             SSL_SESSION *resume)
+{
+    return start_tls(s, ctx, 1, sni, verify_host, resume);
 }
 
 int stream_tls_server(stream_t *s, SSL_CTX *ctx)
 {
-    return start_tls(s, ctx, 0, NULL, NULL);
+    return start_tls(s, ctx, 0, NULL, NULL, NULL);
+}
+
+SSL_SESSION *stream_tls_take_session(stream_t *s)
+{
+    SSL_SESSION *r = s->new_sess;
+    s->new_sess = NULL;
+    return r;
+}
+
+void stream_trim(stream_t *s)
+{
+    if (buf_size(&s->in) == 0)
+        buf_free(&s->in);
+    if (buf_size(&s->out) == 0)
+        buf_free(&s->out);
+}
+
+SSL_SESSION *stream_tls_get1_session(const stream_t *s)
+{
+    return s->ssl ? SSL_get1_session(s->ssl) : NULL;
+}
+
+int stream_tls_resumed(const stream_t *s)
+{
+    return s->ssl != NULL && SSL_session_reused(s->ssl);
+}
+
+int stream_peek_closed(const stream_t *s)
+{
+    if (s->state != ST_OPEN || s->fd < 0)
+        return 1;
+    if (buf_size(&s->in) > 0)
+        return 1;
+    char c;
+    ssize_t n = recv(s->fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 0 || n > 0)
+        return 1; /* EOF, or bytes nobody asked for (a 421, a close_notify) */
+    return !(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR);
 }
 
 void stream_write(stream_t *s, const void *p, size_t n)
@@ -633,9 +699,12 @@ void stream_free(stream_t *s)
             SSL_shutdown(s->ssl);
             ERR_clear_error();
         }
+        tls_set_session_sink(s->ssl, NULL, NULL);
         SSL_free(s->ssl);
         s->ssl = NULL;
     }
+    SSL_SESSION_free(s->new_sess);
+    s->new_sess = NULL;
     if (s->fd >= 0) {
         close(s->fd);
         s->fd = -1;

@@ -54,6 +54,23 @@ int  stream_attach(stream_t *s, int fd);
  * When verify_host is non-NULL the peer certificate must match it (and
  * the ctx must have SSL_VERIFY_PEER). TLS_READY or ERROR follows. */
 int  stream_tls_client(stream_t *s, SSL_CTX *ctx, const char *sni, const char *verify_host);
+/* Same, offering resume (borrowed; may be NULL) for an abbreviated
+ * handshake. A session the server refuses just means a full handshake. */
+int  stream_tls_client_resume(stream_t *s, SSL_CTX *ctx, const char *sni, const char *verify_host,
+                              SSL_SESSION *resume);
+/* The newest session (TLS 1.2) or ticket (TLS 1.3, may arrive after
+ * TLS_READY with the first server data) the server issued on this client
+ * stream, or NULL. Ownership passes to the caller; a second call returns
+ * NULL until the server issues another. */
+SSL_SESSION *stream_tls_take_session(stream_t *s);
+/* The session in use (a new reference, or NULL without TLS). */
+SSL_SESSION *stream_tls_get1_session(const stream_t *s);
+/* 1 when the handshake was an abbreviated (resumed) one. */
+int  stream_tls_resumed(const stream_t *s);
+/* Liveness probe for an idle connection (nginx keepalive, curl
+ * conn_seems_healthy): 1 when the peer has closed, sent unsolicited bytes
+ * or the socket failed (recv MSG_PEEK), 0 when it looks usable. */
+int  stream_peek_closed(const stream_t *s);
 /* Begin a server TLS handshake (test receivers). */
 int  stream_tls_server(stream_t *s, SSL_CTX *ctx);
 
@@ -70,6 +87,10 @@ buf_t *stream_input(stream_t *s);
 /* I/O inactivity timeout in ms (0 disables). Re-armed on every byte read
  * or written, and whenever it is set. */
 void stream_set_timeout(stream_t *s, unsigned ms);
+
+/* Release the memory of empty input/output buffers (an idle pooled
+ * connection should cost little more than its SSL object). */
+void stream_trim(stream_t *s);
 
 /* Pause/resume reading (back-pressure). */
 void stream_pause_read(stream_t *s, int paused);

@@ -1,50 +1,84 @@
 /*
  * SUMMARY
- *  deliverer/deliver.c - one delivery attempt over a domain's MX candidates.
+ *  deliverer/deliver.c - one delivery attempt over a domain's MX candidates,
+ *  on a per-worker context (session pool, TLS session cache).
  * DESCRIPTION
  *  Owns a copy of the envelope and of the candidate list, runs one SMTP
- *  session at a time (session.c) and folds each session's per-recipient
- *  replies into the result, classified by outcome.c. Recipients settled by
- *  one session are not offered to the next: each session gets the list of
- *  those still open and an index map back into the request.
+ *  transaction at a time (session.c) and folds each transaction's
+ *  per-recipient replies into the result, classified by outcome.c.
+ *  Recipients settled by one transaction are not offered again: each
+ *  transaction gets the list of those still open (at most max_rcpts) and
+ *  an index map back into the request.
+ *
+ *  Sessions come from the pool (pool.c) keyed by destination. After a
+ *  completed transaction with recipients left (splitting, or "452 too many
+ *  recipients"), the next transaction runs on the same connection. A
+ *  pooled connection that turns out dead before answering anything (the
+ *  server closed it while idle) is dropped and the same candidate is tried
+ *  again on a fresh connection: that costs no attempt.
  *
  *  The user callback always runs from a zero-delay timer of our own: never
  *  inside deliver_start(), never deep inside a session/stream callback
  *  chain, and the deliver_t can be released right after it returns.
  * DIAGNOSTICS
- *  The sessions log one info line each; this file adds a debug summary.
+ *  The sessions log one info line per transaction; this file adds a debug
+ *  summary per attempt.
  */
 #include "deliverer/deliver.h"
 
+#include <netdb.h>
 #include <netinet/in.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/config.h"
 #include "core/log.h"
+#include "core/tls.h"
 #include "core/util.h"
+
+struct deliver_ctx {
+    loop_t               *loop;
+    deliver_config_t      cfg;        /* strings below are our copies */
+    char                 *helo_name;
+    char                 *policy_map;
+    char                 *auth_user;
+    char                 *auth_pass;
+    deliver_candidate_t  *relay;
+    smtp_timeouts_t       timeouts;
+    smtp_pool_t          *pool;
+    tls_session_cache_t  *tls_cache;
+    uint64_t              tls_full, tls_resumed, transactions;
+};
 
 struct deliver {
     loop_t                *loop;
-    deliver_config_t       cfg;
-    char                  *helo_name;
-    smtp_timeouts_t        timeouts;
+    deliver_ctx_t         *ctx;
+    int                    own_ctx;     /* deliver_start(): a private, unpooled context */
+    smtp_tls_policy_t      policy;
     char                  *mail_from;
     char                 **rcpts;
     size_t                 nrcpts;
     const char            *data;
     size_t                 len;
     size_t                 message_size;
+    unsigned               need;
     char                  *log_id;
     deliver_candidate_t   *cands;
     size_t                 ncands;
     size_t                 next;        /* next candidate to try */
+    size_t                 cur;         /* candidate in use */
     unsigned               hosts_tried;
     deliver_rcpt_result_t *results;
     unsigned char         *settled;     /* per recipient: results[i] is final */
-    size_t                *open_idx;    /* current session's recipients -> request index */
+    size_t                *open_idx;    /* current transaction's recipients -> request index */
     const char           **open_rcpts;
     size_t                 nopen;
     smtp_session_t        *sess;
+    char                   key[700];    /* pool key of the candidate in use */
+    int                    holding;     /* we hold a pool slot for key */
+    smtp_pool_wait_t       wait;
+    unsigned               lost_retries;
     /* why the last session ended, for recipients left without an answer */
     int                    last_status;
     int                    last_has_reply;
@@ -79,11 +113,274 @@ static int address_ok(const char *a, int empty_ok)
     return 1;
 }
 
+/* ---- TLS policy per destination domain ---- */
+
+int deliver_tls_policy_parse(const char *s)
+{
+    static const char *const names[] = { "none", "opportunistic", "required", "verify" };
+    for (int i = 0; i < 4; i++)
+        if (s && strcmp(s, names[i]) == 0)
+            return i;
+    return -1;
+}
+
+smtp_tls_policy_t deliver_tls_policy_for(const deliver_config_t *cfg, const char *domain)
+{
+    const char *m = cfg->tls_policy_map;
+    if (m == NULL || domain == NULL || domain[0] == '\0')
+        return cfg->tls;
+    size_t dl = strlen(domain);
+    while (*m) {
+        while (*m == ' ' || *m == ',' || *m == '\t')
+            m++;
+        size_t el = strcspn(m, ",");
+        const char *colon = memchr(m, ':', el);
+        if (colon) {
+            size_t nl = (size_t)(colon - m);
+            char pol[32];
+            size_t pl = el - nl - 1;
+            const char *ps = colon + 1;
+            while (pl > 0 && *ps == ' ') {
+                ps++;
+                pl--;
+            }
+            while (pl > 0 && ps[pl - 1] == ' ')
+                pl--;
+            if (pl < sizeof(pol)) {
+                memcpy(pol, ps, pl);
+                pol[pl] = '\0';
+                int p = deliver_tls_policy_parse(pol);
+                int hit = 0;
+                if (nl > 0 && m[0] == '.') /* ".example.org": the domain and its subdomains */
+                    hit = (dl == nl - 1 && util_strncasecmp(domain, m + 1, nl - 1) == 0) ||
+                          (dl > nl && util_strncasecmp(domain + dl - nl, m, nl) == 0);
+                else
+                    hit = dl == nl && util_strncasecmp(domain, m, nl) == 0;
+                if (hit && p >= 0)
+                    return (smtp_tls_policy_t)p;
+            }
+        }
+        m += el;
+    }
+    return cfg->tls;
+}
+
+int deliver_tls_policy_map_check(const char *map, char *err, size_t errlen)
+{
+    const char *m = map ? map : "";
+    while (*m) {
+        while (*m == ' ' || *m == ',' || *m == '\t')
+            m++;
+        size_t el = strcspn(m, ",");
+        if (el == 0)
+            break;
+        const char *colon = memchr(m, ':', el);
+        char pol[32] = "";
+        if (colon) {
+            const char *ps = colon + 1;
+            size_t pl = el - (size_t)(colon - m) - 1;
+            while (pl > 0 && *ps == ' ') {
+                ps++;
+                pl--;
+            }
+            while (pl > 0 && ps[pl - 1] == ' ')
+                pl--;
+            if (pl < sizeof(pol)) {
+                memcpy(pol, ps, pl);
+                pol[pl] = '\0';
+            }
+        }
+        if (colon == NULL || colon == m || deliver_tls_policy_parse(pol) < 0) {
+            snprintf(err, errlen, "[smtp] tls_policy: \"%.*s\" is not domain:none|opportunistic|required|verify",
+                     (int)el, m);
+            return -1;
+        }
+        m += el;
+    }
+    return 0;
+}
+
+int deliver_config_engine(deliver_config_t *d, const struct mp_config *cfg, smtp_timeouts_t *timeouts,
+                          deliver_candidate_t **relay, char *err, size_t errlen)
+{
+    *relay = NULL;
+    if (deliver_tls_policy_map_check(cfg->smtp_tls_policy, err, errlen) < 0)
+        return -1;
+    d->tls_policy_map = cfg->smtp_tls_policy && cfg->smtp_tls_policy[0] ? cfg->smtp_tls_policy : NULL;
+    d->max_rcpts = cfg->smtp_max_rcpts;
+    d->no_pipelining = cfg->smtp_pipelining == 0;
+    d->pool.disabled = cfg->smtp_pool == 0;
+    d->pool.max_msgs_per_session = cfg->smtp_pool_max_msgs;
+    d->pool.max_age_ms = cfg->smtp_pool_max_age_ms;
+    d->pool.max_idle_ms = cfg->smtp_pool_idle_ms;
+    d->pool.max_per_dest = cfg->smtp_pool_max_per_dest;
+    d->pool.max_total = cfg->smtp_pool_max_total;
+    d->tls_cache_size = cfg->smtp_tls_cache_size;
+    smtp_timeouts_default(timeouts, cfg->smtp_timeout_scale);
+    unsigned *t = (unsigned *)timeouts;
+    _Static_assert(sizeof(smtp_timeouts_t) == sizeof(cfg->smtp_timeout_ms), "one key per state timeout");
+    for (size_t i = 0; i < sizeof(cfg->smtp_timeout_ms) / sizeof(cfg->smtp_timeout_ms[0]); i++)
+        if (cfg->smtp_timeout_ms[i])
+            t[i] = cfg->smtp_timeout_ms[i];
+    d->timeouts = timeouts;
+    if (cfg->smtp_relay && cfg->smtp_relay[0]) {
+        size_t n = 0;
+        if (deliver_relay_candidates(cfg->smtp_relay, (unsigned short)cfg->smtp_port, relay, &n, err, errlen) < 0)
+            return -1;
+        if (n == 0) {
+            snprintf(err, errlen, "[smtp] relay %s: no address", cfg->smtp_relay);
+            return -1;
+        }
+        d->relay = *relay;
+        d->nrelay = n;
+    }
+    if (cfg->smtp_relay_user && cfg->smtp_relay_user[0]) {
+        if (d->tls == SMTP_TLS_NONE) {
+            snprintf(err, errlen, "[smtp] relay_user needs tls other than none: AUTH is only sent inside TLS");
+            return -1;
+        }
+        d->auth_user = cfg->smtp_relay_user;
+        d->auth_pass = cfg->smtp_relay_password;
+    }
+    return 0;
+}
+
+int deliver_relay_candidates(const char *hostport, unsigned short default_port, deliver_candidate_t **out,
+                             size_t *n, char *err, size_t errlen)
+{
+    char host[256], port[16];
+    *out = NULL;
+    *n = 0;
+    const char *hp = hostport ? hostport : "";
+    const char *colon = strrchr(hp, ':');
+    if (hp[0] == '[') { /* [IPv6]:port */
+        const char *end = strchr(hp, ']');
+        if (end == NULL || (size_t)(end - hp - 1) >= sizeof(host)) {
+            snprintf(err, errlen, "relay \"%s\": bad address", hp);
+            return -1;
+        }
+        memcpy(host, hp + 1, (size_t)(end - hp - 1));
+        host[end - hp - 1] = '\0';
+        colon = end[1] == ':' ? end + 1 : NULL;
+    } else {
+        size_t hl = colon ? (size_t)(colon - hp) : strlen(hp);
+        if (hl == 0 || hl >= sizeof(host)) {
+            snprintf(err, errlen, "relay \"%s\": bad host", hp);
+            return -1;
+        }
+        memcpy(host, hp, hl);
+        host[hl] = '\0';
+    }
+    snprintf(port, sizeof(port), "%s", colon ? colon + 1 : "");
+    if (port[0] == '\0')
+        snprintf(port, sizeof(port), "%u", default_port ? default_port : 25);
+    struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res = NULL;
+    int r = getaddrinfo(host, port, &hints, &res);
+    if (r != 0) {
+        snprintf(err, errlen, "relay %s: %s", host, gai_strerror(r));
+        return -1;
+    }
+    size_t k = 0;
+    for (struct addrinfo *a = res; a; a = a->ai_next)
+        k++;
+    deliver_candidate_t *c = xcalloc(k ? k : 1, sizeof(*c));
+    k = 0;
+    for (struct addrinfo *a = res; a; a = a->ai_next) {
+        if (a->ai_addrlen > sizeof(c[k].addr))
+            continue;
+        copy_text(c[k].host, sizeof(c[k].host), host);
+        memcpy(&c[k].addr, a->ai_addr, a->ai_addrlen);
+        c[k].addrlen = a->ai_addrlen;
+        k++;
+    }
+    freeaddrinfo(res);
+    *out = c;
+    *n = k;
+    return 0;
+}
+
+/* ---- context ---- */
+
+deliver_ctx_t *deliver_ctx_new(loop_t *loop, const deliver_config_t *cfg)
+{
+    deliver_ctx_t *ctx = xcalloc(1, sizeof(*ctx));
+    ctx->loop = loop;
+    ctx->cfg = *cfg;
+    ctx->helo_name = xstrdup(cfg->helo_name && *cfg->helo_name ? cfg->helo_name : "localhost");
+    ctx->cfg.helo_name = ctx->helo_name;
+    ctx->policy_map = cfg->tls_policy_map ? xstrdup(cfg->tls_policy_map) : NULL;
+    ctx->cfg.tls_policy_map = ctx->policy_map;
+    ctx->auth_user = cfg->auth_user && *cfg->auth_user ? xstrdup(cfg->auth_user) : NULL;
+    ctx->auth_pass = cfg->auth_pass ? xstrdup(cfg->auth_pass) : NULL;
+    ctx->cfg.auth_user = ctx->auth_user;
+    ctx->cfg.auth_pass = ctx->auth_pass;
+    if (cfg->nrelay) {
+        ctx->relay = xcalloc(cfg->nrelay, sizeof(*ctx->relay));
+        memcpy(ctx->relay, cfg->relay, cfg->nrelay * sizeof(*ctx->relay));
+    }
+    ctx->cfg.relay = ctx->relay;
+    if (cfg->timeouts)
+        ctx->timeouts = *cfg->timeouts;
+    else
+        smtp_timeouts_default(&ctx->timeouts, cfg->timeout_scale_pct);
+    ctx->cfg.timeouts = NULL;
+    ctx->pool = smtp_pool_new(loop, &cfg->pool);
+    ctx->tls_cache = tls_session_cache_new(cfg->tls_cache_size);
+    return ctx;
+}
+
+void deliver_ctx_free(deliver_ctx_t *ctx)
+{
+    if (ctx == NULL)
+        return;
+    smtp_pool_free(ctx->pool);
+    tls_session_cache_free(ctx->tls_cache);
+    free(ctx->helo_name);
+    free(ctx->policy_map);
+    if (ctx->auth_pass)
+        memset(ctx->auth_pass, 0, strlen(ctx->auth_pass));
+    free(ctx->auth_user);
+    free(ctx->auth_pass);
+    free(ctx->relay);
+    free(ctx);
+}
+
+void deliver_ctx_stats(const deliver_ctx_t *ctx, deliver_stats_t *st)
+{
+    memset(st, 0, sizeof(*st));
+    smtp_pool_get_stats(ctx->pool, &st->pool);
+    st->tls_full = ctx->tls_full;
+    st->tls_resumed = ctx->tls_resumed;
+    st->transactions = ctx->transactions;
+    st->tls_cached = tls_session_cache_count(ctx->tls_cache);
+}
+
+/* ---- one attempt ---- */
+
+static void drop_session(deliver_t *d, smtp_session_t *keep)
+{
+    if (d->holding) {
+        d->holding = 0;
+        smtp_pool_release(d->ctx->pool, d->key, keep);
+    } else if (keep) {
+        smtp_session_free(keep);
+    }
+    d->sess = NULL;
+}
+
 static void release(deliver_t *d)
 {
-    smtp_session_free(d->sess);
+    smtp_pool_cancel(d->ctx->pool, &d->wait);
+    if (d->sess) {
+        smtp_session_t *s = d->sess;
+        d->sess = NULL;
+        smtp_session_free(s);
+    }
+    if (d->holding) {
+        d->holding = 0;
+        smtp_pool_release(d->ctx->pool, d->key, NULL);
+    }
     loop_timer_cancel(d->loop, &d->done_timer);
-    free(d->helo_name);
     free(d->mail_from);
     for (size_t i = 0; i < d->nrcpts; i++)
         free(d->rcpts[i]);
@@ -94,6 +391,8 @@ static void release(deliver_t *d)
     free(d->settled);
     free(d->open_idx);
     free(d->open_rcpts);
+    if (d->own_ctx)
+        deliver_ctx_free(d->ctx);
     free(d);
 }
 
@@ -157,14 +456,16 @@ static void finish(deliver_t *d)
         }
         d->settled[i] = 1;
     }
-    log_debug("deliver", "attempt", "msg=%s mx=%s addr=%s attempts=%u rcpts=%zu tls=%s",
+    log_debug("deliver", "attempt", "msg=%s mx=%s addr=%s attempts=%u connections=%u reused=%u txns=%u "
+              "rcpts=%zu tls=%s",
               d->log_id ? d->log_id : "-", d->res.mx_host[0] ? d->res.mx_host : "-",
-              d->res.mx_addr[0] ? d->res.mx_addr : "-", d->res.attempts_made, d->nrcpts,
-              d->res.tls_version ? d->res.tls_version : "none");
+              d->res.mx_addr[0] ? d->res.mx_addr : "-", d->res.attempts_made, d->res.connections,
+              d->res.reused, d->res.transactions, d->nrcpts, d->res.tls_version ? d->res.tls_version : "none");
     loop_timer_set(d->loop, &d->done_timer, 0);
 }
 
 static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t *sr);
+static void try_next(deliver_t *d);
 
 static void set_port(struct sockaddr_storage *ss, unsigned short port)
 {
@@ -179,10 +480,121 @@ static void set_port(struct sockaddr_storage *ss, unsigned short port)
     }
 }
 
-/* Start a session on the next candidate, or finish when none is left. */
+/* The next transaction's recipients: open ones, at most max_rcpts. */
+static size_t collect_open(deliver_t *d)
+{
+    size_t max = d->ctx->cfg.max_rcpts ? d->ctx->cfg.max_rcpts : 100;
+    d->nopen = 0;
+    for (size_t i = 0; i < d->nrcpts && d->nopen < max; i++) {
+        if (d->settled[i])
+            continue;
+        d->open_idx[d->nopen] = i;
+        d->open_rcpts[d->nopen] = d->rcpts[i];
+        d->nopen++;
+    }
+    return d->nopen;
+}
+
+static size_t open_left(const deliver_t *d)
+{
+    size_t left = 0;
+    for (size_t i = 0; i < d->nrcpts; i++)
+        left += !d->settled[i];
+    return left;
+}
+
+static smtp_session_params_t session_params(deliver_t *d)
+{
+    const deliver_ctx_t *ctx = d->ctx;
+    const deliver_candidate_t *c = &d->cands[d->cur];
+    smtp_session_params_t p = {
+        .helo_name = ctx->helo_name,
+        .tls = d->policy,
+        .tls_verify_ctx = ctx->cfg.tls_verify_ctx,
+        .tls_noverify_ctx = ctx->cfg.tls_noverify_ctx,
+        .timeouts = ctx->timeouts,
+        .mx_host = c->host,
+        .addr = (const struct sockaddr *)&c->addr,
+        .addrlen = c->addrlen,
+        .mail_from = d->mail_from,
+        .rcpts = d->open_rcpts,
+        .nrcpts = d->nopen,
+        .data = d->data,
+        .len = d->len,
+        .message_size = d->message_size,
+        .log_id = d->log_id,
+        /* pooled, or more recipients than one transaction takes: keep the
+         * connection for what comes next; otherwise QUIT right away */
+        .keep_open = !smtp_pool_disabled(ctx->pool) || d->nopen < open_left(d),
+        .no_pipelining = ctx->cfg.no_pipelining,
+        .need = d->need,
+        .auth_user = ctx->auth_user,
+        .auth_pass = ctx->auth_pass,
+        .tls_cache = ctx->tls_cache,
+    };
+    return p;
+}
+
+/* Run the next transaction on s (IDLE, ours). */
+static void run_on(deliver_t *d, smtp_session_t *s);
+static void use_candidate(deliver_t *d);
+
+static void on_pool(void *arg, int how, smtp_session_t *s)
+{
+    deliver_t *d = arg;
+    if (how == 0) {
+        /* the context is going away */
+        d->last_status = SMTP_ENETWORK;
+        copy_text(d->last_error, sizeof(d->last_error), "delivery context shut down");
+        finish(d);
+        return;
+    }
+    d->holding = 1;
+    if (how == SMTP_POOL_REUSE) {
+        run_on(d, s);
+        return;
+    }
+    smtp_session_params_t p = session_params(d);
+    d->res.connections++;
+    d->sess = smtp_session_start(d->loop, &p, on_session, d);
+}
+
+static void run_on(deliver_t *d, smtp_session_t *s)
+{
+    smtp_session_params_t p = session_params(d);
+    d->sess = s;
+    if (smtp_session_next(s, &p, on_session, d) < 0) {
+        /* not IDLE after all: give the slot back, ask again */
+        drop_session(d, s);
+        use_candidate(d);
+    }
+}
+
+/* Get a connection to the current candidate for the open recipients. */
+static void use_candidate(deliver_t *d)
+{
+    const deliver_candidate_t *c = &d->cands[d->cur];
+    char addr[64];
+    if (collect_open(d) == 0) {
+        finish(d);
+        return;
+    }
+    smtp_addr_text((const struct sockaddr *)&c->addr, addr, sizeof(addr));
+    unsigned port = c->addr.ss_family == AF_INET6 ? ntohs(((const struct sockaddr_in6 *)&c->addr)->sin6_port)
+                                                  : ntohs(((const struct sockaddr_in *)&c->addr)->sin_port);
+    snprintf(d->key, sizeof(d->key), "%s|%u|%d|%s|%s|%s", addr, port, (int)d->policy, c->host,
+             d->ctx->helo_name, d->ctx->auth_user ? d->ctx->auth_user : "");
+    smtp_session_t *s = NULL;
+    int how = smtp_pool_acquire(d->ctx->pool, d->key, &s, &d->wait, on_pool, d);
+    if (how == SMTP_POOL_WAIT)
+        return;
+    on_pool(d, how, s);
+}
+
+/* Start on the next candidate, or finish when none is left. */
 static void try_next(deliver_t *d)
 {
-    unsigned max_mx = d->cfg.max_mx ? d->cfg.max_mx : 5;
+    unsigned max_mx = d->ctx->cfg.max_mx ? d->ctx->cfg.max_mx : 5;
     while (d->next < d->ncands) {
         const deliver_candidate_t *c = &d->cands[d->next];
         int new_host = d->next == 0 || strcmp(c->host, d->cands[d->next - 1].host) != 0;
@@ -191,43 +603,16 @@ static void try_next(deliver_t *d)
                 break;
             d->hosts_tried++;
         }
-        d->next++;
-
-        d->nopen = 0;
-        for (size_t i = 0; i < d->nrcpts; i++) {
-            if (d->settled[i])
-                continue;
-            d->open_idx[d->nopen] = i;
-            d->open_rcpts[d->nopen] = d->rcpts[i];
-            d->nopen++;
-        }
-        if (d->nopen == 0)
+        d->cur = d->next++;
+        if (collect_open(d) == 0)
             break;
-
-        smtp_session_params_t p = {
-            .helo_name = d->helo_name,
-            .tls = d->cfg.tls,
-            .tls_verify_ctx = d->cfg.tls_verify_ctx,
-            .tls_noverify_ctx = d->cfg.tls_noverify_ctx,
-            .timeouts = d->timeouts,
-            .mx_host = c->host,
-            .addr = (const struct sockaddr *)&c->addr,
-            .addrlen = c->addrlen,
-            .mail_from = d->mail_from,
-            .rcpts = d->open_rcpts,
-            .nrcpts = d->nopen,
-            .data = d->data,
-            .len = d->len,
-            .message_size = d->message_size,
-            .log_id = d->log_id,
-        };
         copy_text(d->res.mx_host, sizeof(d->res.mx_host), c->host);
         smtp_addr_text((const struct sockaddr *)&c->addr, d->res.mx_addr, sizeof(d->res.mx_addr));
         d->res.tls_version = NULL;
         d->res.tls_cipher = NULL;
         d->res.attempts_made++;
         d->tried_any = 1;
-        d->sess = smtp_session_start(d->loop, &p, on_session, d);
+        use_candidate(d);
         return;
     }
     finish(d);
@@ -236,46 +621,104 @@ static void try_next(deliver_t *d)
 static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t *sr)
 {
     deliver_t *d = arg;
-    size_t still_open = 0;
+    size_t still_open = 0, progress = 0;
 
     d->res.tls_version = sr->tls_version;
     d->res.tls_cipher = sr->tls_cipher;
+    d->res.features = sr->features;
+    if (!sr->reused && sr->tls_version) {
+        if (sr->tls_resumed) {
+            d->res.tls_resumed++;
+            d->ctx->tls_resumed++;
+        } else {
+            d->res.tls_full++;
+            d->ctx->tls_full++;
+        }
+    }
+    int lost_idle = sr->reused && sr->txn_replies == 0 && !sr->dot_sent &&
+                    (sr->status == SMTP_ENETWORK ||
+                     (sr->status == SMTP_EREJECTED && sr->has_reply && sr->reply.code == 421));
+    if (lost_idle && d->lost_retries < 8) {
+        /* the server had closed the pooled connection: no answer was lost,
+         * no attempt spent; the same candidate again on a fresh one */
+        d->lost_retries++;
+        log_debug("deliver", "pooled_lost", "msg=%s mx=%s error=\"%s\"", d->log_id ? d->log_id : "-",
+                  d->res.mx_host, sr->error);
+        drop_session(d, s);
+        use_candidate(d);
+        return;
+    }
+    if (sr->reused)
+        d->res.reused++;
+    if (sr->txn_replies > 0 || sr->status == SMTP_OK) {
+        d->res.transactions++;
+        d->ctx->transactions++;
+    }
     for (size_t j = 0; j < sr->nrcpts && j < d->nopen; j++) {
         const smtp_rcpt_reply_t *rr = &sr->rcpts[j];
-        if (rr->final)
+        if (rr->final) {
             settle(d, d->open_idx[j], rr->code, rr->enh, rr->text);
-        else
+            progress++;
+        } else {
             still_open++;
+        }
     }
     d->last_status = sr->status;
     d->last_has_reply = sr->has_reply;
     d->last_reply = sr->reply;
     copy_text(d->last_error, sizeof(d->last_error), sr->error);
 
-    smtp_session_free(s); /* deferred by the session until its callback returns */
-    d->sess = NULL;
+    size_t left = 0;
+    for (size_t i = 0; i < d->nrcpts; i++)
+        left += !d->settled[i];
 
+    if (sr->status == SMTP_OK && left > 0) {
+        if (progress == 0) {
+            /* a transaction that settled nobody ("452 too many recipients"
+             * for the first one): their own replies stand, try later */
+            for (size_t j = 0; j < sr->nrcpts && j < d->nopen; j++)
+                if (!d->settled[d->open_idx[j]] && sr->rcpts[j].code)
+                    settle(d, d->open_idx[j], sr->rcpts[j].code, sr->rcpts[j].enh, sr->rcpts[j].text);
+            drop_session(d, sr->reusable ? s : NULL);
+            if (!sr->reusable)
+                smtp_session_free(s);
+            finish(d);
+            return;
+        }
+        /* split transactions: the next batch of recipients */
+        if (sr->reusable) {
+            collect_open(d);
+            run_on(d, s); /* sr is invalid from here */
+            return;
+        }
+        drop_session(d, NULL);
+        smtp_session_free(s);
+        use_candidate(d);
+        return;
+    }
+    if (sr->reusable) {
+        drop_session(d, s);
+    } else {
+        drop_session(d, NULL);
+        smtp_session_free(s); /* deferred by the session until its callback returns */
+    }
     if (sr->status != SMTP_OK && !sr->dot_sent && still_open > 0)
         try_next(d);
     else
         finish(d);
 }
 
-deliver_t *deliver_start(loop_t *loop, const deliver_config_t *cfg, const deliver_request_t *req,
-                         deliver_cb cb, void *arg)
+static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request_t *req, deliver_cb cb,
+                              void *arg)
 {
     deliver_t *d = xcalloc(1, sizeof(*d));
-    d->loop = loop;
-    d->cfg = *cfg;
+    d->loop = ctx->loop;
+    d->ctx = ctx;
+    d->own_ctx = own;
     d->cb = cb;
     d->arg = arg;
-    d->helo_name = xstrdup(cfg->helo_name && *cfg->helo_name ? cfg->helo_name : "localhost");
-    d->cfg.helo_name = d->helo_name;
-    if (cfg->timeouts)
-        d->timeouts = *cfg->timeouts;
-    else
-        smtp_timeouts_default(&d->timeouts, cfg->timeout_scale_pct);
-    d->cfg.timeouts = NULL;
+    d->policy = deliver_tls_policy_for(&ctx->cfg, req->domain);
+    d->res.tls_policy = d->policy;
     d->mail_from = xstrdup(req->mail_from ? req->mail_from : "");
     d->nrcpts = req->nrcpts;
     d->rcpts = xcalloc(req->nrcpts ? req->nrcpts : 1, sizeof(*d->rcpts));
@@ -284,12 +727,19 @@ deliver_t *deliver_start(loop_t *loop, const deliver_config_t *cfg, const delive
     d->data = req->data;
     d->len = req->len;
     d->message_size = req->message_size;
+    d->need = req->need;
     d->log_id = req->log_id ? xstrdup(req->log_id) : NULL;
-    d->ncands = req->ncandidates;
-    d->cands = xcalloc(req->ncandidates ? req->ncandidates : 1, sizeof(*d->cands));
-    if (req->ncandidates)
-        memcpy(d->cands, req->candidates, req->ncandidates * sizeof(*d->cands));
-    unsigned short port = cfg->port ? cfg->port : 25;
+    const deliver_candidate_t *src = req->candidates;
+    size_t nsrc = req->ncandidates;
+    if (ctx->cfg.nrelay) { /* smarthost: the MX list does not matter */
+        src = ctx->relay;
+        nsrc = ctx->cfg.nrelay;
+    }
+    d->ncands = nsrc;
+    d->cands = xcalloc(nsrc ? nsrc : 1, sizeof(*d->cands));
+    if (nsrc)
+        memcpy(d->cands, src, nsrc * sizeof(*d->cands));
+    unsigned short port = ctx->cfg.port ? ctx->cfg.port : 25;
     for (size_t i = 0; i < d->ncands; i++) {
         deliver_candidate_t *c = &d->cands[i];
         c->host[sizeof(c->host) - 1] = '\0';
@@ -316,10 +766,24 @@ deliver_t *deliver_start(loop_t *loop, const deliver_config_t *cfg, const delive
                       from_ok ? "invalid recipient address" : "invalid sender address");
         }
     }
-    /* sessions report asynchronously, finish() through a timer: either way
-     * the callback cannot fire before we return */
+    /* sessions and the pool report asynchronously, finish() through a
+     * timer: either way the callback cannot fire before we return */
     try_next(d);
     return d;
+}
+
+deliver_t *deliver_ctx_start(deliver_ctx_t *ctx, const deliver_request_t *req, deliver_cb cb, void *arg)
+{
+    return attempt_new(ctx, 0, req, cb, arg);
+}
+
+deliver_t *deliver_start(loop_t *loop, const deliver_config_t *cfg, const deliver_request_t *req,
+                         deliver_cb cb, void *arg)
+{
+    deliver_config_t c = *cfg;
+    c.pool.disabled = 1;
+    c.tls_cache_size = 1;
+    return attempt_new(deliver_ctx_new(loop, &c), 1, req, cb, arg);
 }
 
 void deliver_cancel(deliver_t *d)
@@ -328,7 +792,6 @@ void deliver_cancel(deliver_t *d)
         return;
     release(d);
 }
-
 deliver_candidate_t *deliver_candidates_from_mx(const dns_mx_result_t *mx, unsigned max_mx, size_t *n)
 {
     size_t total = 0, hosts;

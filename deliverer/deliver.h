@@ -17,6 +17,17 @@
  * no candidate; a server refusal keeps its code and tag but stays
  * transient, as Postfix does after skipping every refusing MX).
  *
+ *
+ * Engine (issue 3): attempts run on a per-worker deliver_ctx_t holding the
+ * session pool (pool.h) and the TLS session cache. Sessions are reused
+ * across messages of the same destination; recipients beyond max_rcpts
+ * are split over several transactions, on the same connection when it
+ * can be kept; a pooled connection found dead before it answered anything
+ * is replaced by a fresh one to the same candidate without counting an
+ * attempt. The TLS policy comes from the per-domain map (request.domain)
+ * or the default; relay mode replaces the MX list by the smarthost and
+ * authenticates (only inside TLS).
+ *
  * Thread-safety: none; use from the loop's thread only.
  */
 #ifndef MP_DELIVERER_DELIVER_H
@@ -28,6 +39,7 @@
 
 #include "core/loop.h"
 #include "deliverer/outcome.h"
+#include "deliverer/pool.h"
 #include "deliverer/session.h" /* smtp_tls_policy_t, smtp_timeouts_t */
 #include "dns/resolver.h"      /* dns_mx_result_t */
 
@@ -41,6 +53,21 @@ typedef struct deliver_config {
     unsigned          timeout_scale_pct; /* RFC 5321 timeouts scaled: 100 (or 0) = RFC values */
     const smtp_timeouts_t *timeouts;     /* explicit per-state timeouts (ms), copied; when
                                           * non-NULL it replaces the scaled defaults entirely */
+    /* --- engine (issue 3); zero values give the defaults in brackets --- */
+    unsigned          max_rcpts;         /* recipients per transaction [100]; more are split over
+                                          * transactions, each recipient keeps its own outcome */
+    const char       *tls_policy_map;    /* per destination domain, overrides tls: "example.com:verify,
+                                          * .example.org:required, legacy.test:none" (".d" also matches
+                                          * subdomains); copied; NULL or "" none */
+    int               no_pipelining;     /* lock-step even when the server offers PIPELINING */
+    smtp_pool_limits_t pool;             /* see pool.h; pool.disabled closes after each message */
+    /* relay / smarthost mode: every message goes to these candidates (resolved once by
+     * deliver_relay_candidates()) instead of the request's MX list */
+    const struct deliver_candidate *relay; /* copied by deliver_ctx_new */
+    size_t            nrelay;
+    const char       *auth_user;         /* AUTH PLAIN/LOGIN, only ever sent inside TLS; NULL none */
+    const char       *auth_pass;
+    unsigned          tls_cache_size;    /* TLS sessions kept for resumption [1024]; deliver_ctx only */
 } deliver_config_t;
 
 typedef struct deliver_candidate {
@@ -66,7 +93,16 @@ typedef struct deliver_result {
     char                   mx_addr[64];  /* numeric address, no port */
     const char            *tls_version;  /* of that last session; NULL if plaintext */
     const char            *tls_cipher;
-    unsigned               attempts_made;/* connections tried */
+    unsigned               attempts_made;/* candidates tried (new or pooled connections); an idle
+                                          * pooled connection found closed does not count */
+    unsigned               connections;  /* new TCP connections opened */
+    unsigned               reused;       /* transactions run on pooled connections */
+    unsigned               transactions; /* MAIL transactions (recipient splitting) */
+    unsigned               tls_full;     /* full TLS handshakes done */
+    unsigned               tls_resumed;  /* abbreviated (resumed) TLS handshakes */
+    smtp_tls_policy_t      tls_policy;   /* the policy applied to this domain */
+    smtp_features_t        features;     /* EHLO of the last session (SIZE limit, 8BITMIME,
+                                          * SMTPUTF8, PIPELINING, ...); zero if none answered */
 } deliver_result_t;
 
 typedef struct deliver_request {
@@ -80,11 +116,65 @@ typedef struct deliver_request {
     const deliver_candidate_t *candidates; /* sorted; copied by deliver_start */
     size_t             ncandidates;
     const char        *log_id;       /* message id for log lines; copied, may be NULL */
+    const char        *domain;       /* recipient domain: picks the TLS policy; NULL: default */
+    unsigned           need;         /* SMTP_NEED_8BITMIME / SMTP_NEED_SMTPUTF8 */
 } deliver_request_t;
 
 /* res is valid only during the call. */
 typedef void (*deliver_cb)(void *arg, const deliver_result_t *res);
 typedef struct deliver deliver_t;
+
+/*
+ * Per-worker delivery context: the session pool, the TLS session cache and
+ * the parsed configuration. cfg (and what it points to) is copied except
+ * the SSL_CTXs, which must outlive the context. deliver_ctx_free() first
+ * needs every deliver_t of the context finished or cancelled; it QUITs the
+ * idle sessions (best effort) and frees them.
+ */
+typedef struct deliver_ctx deliver_ctx_t;
+deliver_ctx_t *deliver_ctx_new(loop_t *loop, const deliver_config_t *cfg);
+void           deliver_ctx_free(deliver_ctx_t *ctx);
+
+typedef struct deliver_stats {
+    smtp_pool_stats_t pool;
+    uint64_t          tls_full;     /* full handshakes since the context was created */
+    uint64_t          tls_resumed;  /* resumed handshakes */
+    uint64_t          transactions;
+    size_t            tls_cached;   /* TLS sessions kept for resumption */
+} deliver_stats_t;
+void deliver_ctx_stats(const deliver_ctx_t *ctx, deliver_stats_t *st);
+
+/* Start an attempt on the context's pool (same contract as deliver_start). */
+deliver_t *deliver_ctx_start(deliver_ctx_t *ctx, const deliver_request_t *req, deliver_cb cb, void *arg);
+
+/* The TLS policy cfg gives domain (map entry or the default). */
+smtp_tls_policy_t deliver_tls_policy_for(const deliver_config_t *cfg, const char *domain);
+/* Parse "none|opportunistic|required|verify"; -1 when unknown. */
+int deliver_tls_policy_parse(const char *s);
+
+/* Check a tls_policy map: every entry "domain:policy" with a known policy.
+ * Returns 0, or -1 with the offending entry in err. */
+int deliver_tls_policy_map_check(const char *map, char *err, size_t errlen);
+
+/*
+ * Fill the engine fields of d (pipelining, max_rcpts, pool limits, TLS
+ * policy map, TLS cache size, per-state timeouts, relay and AUTH) from the
+ * [smtp] keys of cfg (core/config.h). Per-state timeouts: the scaled RFC
+ * defaults with every non-zero smtp_timeout_ms[] key overriding its state,
+ * written to *timeouts, which d->timeouts then points to (keep it alive as
+ * long as d). A relay is resolved now (blocking: start-up only) into a
+ * malloc'd *relay the caller frees after the last deliver_ctx_free().
+ * d's strings point into cfg. Returns 0, or -1 with err.
+ */
+struct mp_config;
+int deliver_config_engine(deliver_config_t *d, const struct mp_config *cfg, smtp_timeouts_t *timeouts,
+                          deliver_candidate_t **relay, char *err, size_t errlen);
+
+/* Resolve "host[:port]" (blocking getaddrinfo: at start-up only) into
+ * relay candidates, every address of the host. Returns 0 and a malloc'd
+ * array, or -1 with err. */
+int deliver_relay_candidates(const char *hostport, unsigned short default_port, deliver_candidate_t **out,
+                             size_t *n, char *err, size_t errlen);
 
 /*
  * Start the attempt. cb fires exactly once, never from inside
@@ -96,6 +186,8 @@ typedef struct deliver deliver_t;
  */
 deliver_t *deliver_start(loop_t *loop, const deliver_config_t *cfg, const deliver_request_t *req,
                          deliver_cb cb, void *arg);
+/* deliver_start() is the one-shot form kept for callers without a context:
+ * a private context with pooling disabled, freed with the attempt. */
 /* cb will not fire; the connection is closed. NULL is harmless; so is a
  * call from inside the delivery's own callback (nothing more happens). */
 void deliver_cancel(deliver_t *d);

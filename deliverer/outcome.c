@@ -2,13 +2,14 @@
  * SUMMARY
  *  deliverer/outcome.c - per-recipient classification of SMTP answers.
  * DESCRIPTION
- *  The reply code alone decides delivered / transient / permanent: a
- *  server that says 4xx wants us back, whatever its enhanced code claims.
- *  The reason tag comes from a first-match table over (code class, exact
- *  code, enhanced code pattern, words in the text). More specific rows
- *  come first: "5.7.1 ... spam" is spam, not policy; "4.7.1 greylisted"
- *  is greylisting, not policy. This is the walking-skeleton table; real
- *  provider wordings get added as rows, not as code.
+ *  The reply code decides delivered / transient / permanent: a server
+ *  that says 4xx wants us back, whatever its enhanced code claims. The one
+ *  exception is a row marked force 'T': a 5xx whose words say "later"
+ *  (greylisting, a daily sending quota, RFC 5321's "552 too many
+ *  recipients") is transient. The reason tag comes from the same
+ *  first-match table over (code class, exact code, enhanced code pattern,
+ *  words in the text). More specific rows come first: "5.7.1 ... spam" is
+ *  spam, not policy; "4.7.1 greylisted" is greylisting, not policy.
  * DIAGNOSTICS
  *  None: unknown inputs classify as "other" (or "protocol" for a code
  *  outside 2xx..5xx).
@@ -26,19 +27,86 @@ typedef struct outcome_rule {
     const char *enh;  /* pattern: 'x' matches any class digit, a trailing ".x" any detail; NULL any */
     const char *text; /* '|'-separated words, case-insensitive; NULL any */
     const char *tag;
+    char        force; /* 'T': transient whatever the code says (a code that lies); 0: by code */
 } outcome_rule_t;
 
+/*
+ * First match wins, so the order is the policy:
+ *   1. texts that overrule the code (greylisting or a daily sending quota
+ *      answered with 5xx, RFC 5321 §4.5.3.1.10 "552 too many recipients");
+ *   2. texts that refine a class: rate limits before spam (Gmail's "unusual
+ *      rate of unsolicited mail" is a throttle), blocklists before spam;
+ *   3. RFC 3463 enhanced codes, most specific first;
+ *   4. text-only fallbacks for servers without enhanced codes (Yahoo,
+ *      Exim defaults, old Exchange).
+ * Real provider wordings are added as rows and as cases in
+ * tests/unit/test_outcome.c, never as code.
+ */
 static const outcome_rule_t rules[] = {
-    /* text-qualified rows first: they refine what the codes alone say */
-    { '4', 0,   NULL,    "greylist|graylist",                            "greylisted" },
-    { '4', 421, NULL,    "rate|too many|throttl|slow down",              "rate_limited" },
-    { '4', 0,   "4.7.0", "rate|too many|throttl|slow down",              "rate_limited" },
-    { 0,   0,   "x.7.x", "spam|junk|bulk",                               "spam" },
-    { 0,   0,   "x.1.1",  NULL,                                          "no_such_user" },
-    { 0,   0,   "x.1.10", NULL,                                          "no_such_user" },
-    { 0,   0,   "x.2.2",  NULL,                                          "mailbox_full" },
-    { 0,   0,   "x.3.4",  NULL,                                          "message_too_big" },
-    { 0,   0,   "x.7.1",  NULL,                                          "policy" },
+    /* 1. the code lies */
+    { '5', 0,   NULL,    "greylist|graylist|grey-list|gray-list",           "greylisted", 'T' },
+    { '5', 0,   NULL,    "sending quota|sending limit|daily user sending|too many messages sent|"
+                         "rate limit exceeded|temporarily deferred|temporarily rate",
+                                                                               "rate_limited", 'T' },
+    { '5', 0,   NULL,    "try again later|please try later|temporary failure|temporarily unavailable",
+                                                                               "other", 'T' },
+    { '5', 552, NULL,    "too many recipients",                              "rate_limited", 'T' },
+    /* 2. text refines the class */
+    { '4', 0,   NULL,    "greylist|graylist|grey-list|gray-list",           "greylisted", 0 },
+    { '4', 0,   NULL,    "rate limit|rate limited|connection limit|too many connections|too many messages|"
+                         "too many concurrent|throttl|slow down|unexpected volume|server busy|"
+                         "receiving mail at a rate|unusual rate|temporarily deferred|rate of|too many login",
+                                                                               "rate_limited", 0 },
+    { 0,   0,   NULL,    "starttls|must issue a starttls|tls required|encryption required|"
+                         "tls not available|requires tls",                   "tls", 0 },
+    { 0,   0,   "x.7.x", "blocked using|blocklist|blacklist|block list|dnsbl|spamhaus|spamcop|barracuda|"
+                         "banned sending ip|reputation",                    "policy", 0 },
+    { 0,   0,   NULL,    "spam|junk|unsolicited|bulk mail|phish|virus|malware|malicious|suspicious content|"
+                         "content presents a potential",                    "spam", 0 },
+    /* 3. enhanced status codes (RFC 3463) */
+    { 0,   0,   "x.1.1",  NULL,                                           "no_such_user", 0 },
+    { 0,   0,   "x.1.0",  "user|mailbox|recipient|address",               "no_such_user", 0 },
+    { 0,   0,   "x.1.2",  NULL,                                           "dns", 0 },
+    { 0,   0,   "x.1.3",  NULL,                                           "no_such_user", 0 },
+    { 0,   0,   "x.1.6",  NULL,                                           "no_such_user", 0 },
+    { 0,   0,   "x.1.10", NULL,                                           "no_such_user", 0 },
+    { 0,   0,   "x.2.1",  NULL,                                           "no_such_user", 0 },
+    { 0,   0,   "x.2.2",  NULL,                                           "mailbox_full", 0 },
+    { 0,   0,   "x.2.3",  NULL,                                           "message_too_big", 0 },
+    { 0,   0,   "x.3.4",  NULL,                                           "message_too_big", 0 },
+    { 0,   0,   "x.4.4",  NULL,                                           "dns", 0 },
+    { 0,   0,   "x.4.3",  NULL,                                           "dns", 0 },
+    /* Exchange Online's directory-based edge blocking: "5.4.1 Recipient
+     * address rejected: Access denied" means the mailbox does not exist */
+    { 0,   0,   "x.4.1",  "recipient address rejected",                   "no_such_user", 0 },
+    { 0,   0,   "x.4.1",  NULL,                                           "network", 0 },
+    { 0,   0,   "x.4.2",  NULL,                                           "network", 0 },
+    { 0,   0,   "x.4.7",  NULL,                                           "timeout", 0 },
+    { 0,   0,   "x.4.5",  NULL,                                           "rate_limited", 0 },
+    { 0,   0,   "x.5.3",  NULL,                                           "rate_limited", 0 },
+    { 0,   0,   "x.5.x",  NULL,                                           "protocol", 0 },
+    { 0,   0,   "x.7.5",  NULL,                                           "tls", 0 },
+    { 0,   0,   "x.7.10", NULL,                                           "tls", 0 },
+    { 0,   0,   "x.7.11", NULL,                                           "tls", 0 },
+    { 0,   0,   "x.7.x",  NULL,                                           "policy", 0 },
+    { 0,   0,   "x.6.x",  NULL,                                           "policy", 0 },
+    /* 4. no enhanced code: the words */
+    { 0,   0,   NULL,    "user unknown|unknown user|no such user|no such recipient|no such mailbox|"
+                         "mailbox unavailable|mailbox not found|recipient not found|invalid recipient|"
+                         "unknown recipient|does not exist|doesn't exist|not exist|no mailbox|"
+                         "doesn't have a|address rejected: user|account has been disabled|"
+                         "account is disabled|user not found|unrouteable address|invalid mailbox",
+                                                                               "no_such_user", 0 },
+    { 0,   0,   NULL,    "mailbox full|mailbox is full|over quota|quota exceeded|exceeded storage|"
+                         "insufficient storage|out of storage|storage allocation|mailbox size limit",
+                                                                               "mailbox_full", 0 },
+    { 0,   0,   NULL,    "too large|too big|size exceeds|exceeds size|size limit|exceeds the maximum|"
+                         "message length exceeds",                          "message_too_big", 0 },
+    { 0,   0,   NULL,    "relay access denied|relaying denied|not permitted to relay|relay not permitted|"
+                         "access denied|rejected by policy|policy|policies|anti-spoofing|blocked|denied|dmarc|spf|dkim",
+                                                                               "policy", 0 },
+    { 0,   0,   NULL,    "command not recognized|syntax error|bad sequence|unrecognized command|"
+                         "command unrecognized",                            "protocol", 0 },
 };
 
 static const char *const outcome_names[] = { "delivered", "transient", "permanent" };
@@ -126,6 +194,8 @@ outcome_t outcome_classify(int code, const char *enh, const char *text, const ch
         if (r->text && !text_match(r->text, text))
             continue;
         tag = r->tag;
+        if (r->force == 'T')
+            o = OUTCOME_TRANSIENT;
         break;
     }
     if (reason_tag)

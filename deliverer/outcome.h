@@ -33,9 +33,14 @@ const char *outcome_name(outcome_t o);
 /*
  * Classify a reply. code decides the outcome (2xx delivered, 4xx
  * transient, 5xx permanent; anything else is a protocol violation and
- * transient). enh ("5.1.1" or "" / NULL) and text (may be NULL) only pick
- * the reason tag. *reason_tag (when reason_tag is non-NULL) receives a
- * static tag; for 2xx it is "delivered".
+ * transient), except where the words say the code lies: a 5xx about
+ * greylisting, a daily sending quota or "552 too many recipients" (RFC
+ * 5321 §4.5.3.1.10) is transient. enh ("5.1.1" or "" / NULL) and text
+ * (may be NULL) pick the reason tag; replies can carry every tag,
+ * including dns (x.1.2, x.4.4), tls ("must issue a STARTTLS command
+ * first", x.7.10), network (x.4.1/x.4.2), timeout (x.4.7) and protocol
+ * (x.5.x). *reason_tag (when reason_tag is non-NULL) receives a static
+ * tag; for 2xx it is "delivered".
  */
 outcome_t outcome_classify(int code, const char *enh, const char *text, const char **reason_tag);
 

@@ -12,7 +12,20 @@
  *  Input is read only through smtp_reply_parse_lines(); the EHLO keywords
  *  arrive through its per-line callback, so nothing parses continuations
  *  twice. s->expect counts the replies the server owes us: a reply nobody
- *  asked for is a protocol error (and the hook for PIPELINING later).
+ *  asked for is a protocol error.
+ *
+ *  PIPELINING (Postfix smtp_loop): the send cursor runs ahead, the state
+ *  is the receive cursor. With s->batch set, entering MAIL writes MAIL,
+ *  every RCPT and DATA at once; MAIL/RCPT/DATA replies then only move the
+ *  state without sending. A refused MAIL still owes us the RCPT and DATA
+ *  replies: they are read and ignored (s->mail_failed). A 354 to DATA
+ *  when nobody was accepted cannot be answered with RSET (it would be
+ *  message text), so that connection is closed instead of reused.
+ *
+ *  Reuse: with keep_open the end of a transaction leads to IDLE (after
+ *  RSET when the server may still hold an open transaction) instead of
+ *  QUIT. An IDLE session has no timeout of its own (the pool expires it)
+ *  and any event on it ends it through the closed callback.
  *
  *  Lifetime (STYLE §4): the owner's callback fires exactly once, from a
  *  stream event or a deferred timer, never from smtp_session_start(). The
@@ -42,6 +55,7 @@
 
 #include "core/log.h"
 #include "core/stream.h"
+#include "core/tls.h"
 #include "core/util.h"
 #include "deliverer/outcome.h"
 #include "metrics/metrics.h"
@@ -68,6 +82,23 @@ struct smtp_session {
     int                   finished;
     char                  addr_text[64];
     unsigned              port;
+    /* engine: pipelining, reuse, AUTH, resumption */
+    int                   batch;       /* this transaction's envelope was pipelined */
+    int                   mail_failed; /* MAIL refused in a batch: absorb RCPT/DATA replies */
+    int                   txn_open;    /* MAIL accepted and no end-of-data reply yet */
+    int                   idle_report; /* defer_timer reports the end of a transaction */
+    int                   quitting;    /* smtp_session_quit(): ends with closed_cb */
+    int                   dead;        /* connection gone: only smtp_session_free() remains */
+    unsigned              ntxn;        /* transactions completed on this connection */
+    uint64_t              born_ms;
+    unsigned              txn_seq;     /* bumped by smtp_session_next() */
+    /* the connection outlives the delivery that opened it: own copies */
+    char                  mx_host[256];
+    struct sockaddr_storage addr;
+    unsigned              auth_step;
+    char                  tls_key[400];
+    smtp_session_closed_cb closed_cb;
+    void                 *closed_arg;
 };
 
 /*
@@ -91,11 +122,13 @@ static const struct smtp_state_info {
                                    "performing the TLS handshake" },
     [SMTP_STATE_EHLO_TLS] = { "EHLO_TLS", offsetof(smtp_timeouts_t, helo_ms),
                               "sending EHLO after STARTTLS" },
+    [SMTP_STATE_AUTH] = { "AUTH", offsetof(smtp_timeouts_t, helo_ms), "authenticating" },
     [SMTP_STATE_MAIL] = { "MAIL", offsetof(smtp_timeouts_t, mail_ms), "sending MAIL FROM" },
     [SMTP_STATE_RCPT] = { "RCPT", offsetof(smtp_timeouts_t, rcpt_ms), "sending RCPT TO" },
     [SMTP_STATE_DATA] = { "DATA", offsetof(smtp_timeouts_t, data_init_ms), "sending DATA command" },
     [SMTP_STATE_BODY] = { "BODY", offsetof(smtp_timeouts_t, data_block_ms), "sending message body" },
     [SMTP_STATE_RSET] = { "RSET", offsetof(smtp_timeouts_t, rset_ms), "sending RSET" },
+    [SMTP_STATE_IDLE] = { "IDLE", TIMEOUT_NONE, "idle between transactions" },
     [SMTP_STATE_QUIT] = { "QUIT", offsetof(smtp_timeouts_t, quit_ms), "sending QUIT" },
     [SMTP_STATE_DONE] = { "DONE", TIMEOUT_NONE, "finishing" },
 };
@@ -297,16 +330,40 @@ static void log_session(smtp_session_t *s)
     quote_safe(reply, sizeof(reply), s->res.has_reply ? s->res.reply.text : "");
     quote_safe(err, sizeof(err), s->res.status == SMTP_OK ? "" : s->res.error);
     log_info("smtp", "session",
-             "msg=%s session=%016" PRIx64 " mx=%s addr=%s port=%u tls=%s cipher=%s result=%s "
-             "state=%s rcpts=%zu delivered=%zu transient=%zu permanent=%zu unanswered=%zu "
-             "code=%d enh=%s reply=\"%s\" error=\"%s\"",
+             "msg=%s session=%016" PRIx64 " mx=%s addr=%s port=%u tls=%s cipher=%s resumed=%d result=%s "
+             "state=%s txn=%u reused=%d pipelined=%d kept=%d rcpts=%zu delivered=%zu transient=%zu "
+             "permanent=%zu unanswered=%zu code=%d enh=%s reply=\"%s\" error=\"%s\"",
              s->p.log_id ? s->p.log_id : "-", s->id, s->p.mx_host ? s->p.mx_host : "-",
              s->addr_text, s->port, s->res.tls_version ? s->res.tls_version : "none",
-             s->res.tls_cipher ? s->res.tls_cipher : "none",
-             status_tok(s->res.status),
-             smtp_strstate(s->res.state), s->res.nrcpts, n[OUTCOME_DELIVERED], n[OUTCOME_TRANSIENT],
-             n[OUTCOME_PERMANENT], open, s->res.has_reply ? s->res.reply.code : 0,
+             s->res.tls_cipher ? s->res.tls_cipher : "none", s->res.tls_resumed,
+             status_tok(s->res.status), smtp_strstate(s->res.state), s->ntxn, s->res.reused,
+             s->res.pipelined, s->res.reusable, s->res.nrcpts, n[OUTCOME_DELIVERED],
+             n[OUTCOME_TRANSIENT], n[OUTCOME_PERMANENT], open, s->res.has_reply ? s->res.reply.code : 0,
              s->res.has_reply && s->res.reply.enh[0] ? s->res.reply.enh : "-", reply, err);
+}
+
+static void close_stream(smtp_session_t *s)
+{
+    if (s->st) {
+        stream_free(s->st); /* safe inside its own callback */
+        s->st = NULL;
+    }
+    s->dead = 1;
+}
+
+/* The connection of an IDLE or quitting session ended. */
+static void closed(smtp_session_t *s)
+{
+    if (s->finished)
+        return;
+    s->finished = 1;
+    loop_timer_cancel(s->loop, &s->defer_timer);
+    log_debug("smtp", "state", "session=%016" PRIx64 " %s -> %s", s->id, smtp_strstate(s->state),
+              smtp_strstate(SMTP_STATE_DONE));
+    s->state = SMTP_STATE_DONE;
+    close_stream(s);
+    if (s->closed_cb)
+        s->closed_cb(s->closed_arg, s);
 }
 
 /* Close the connection and report. Callers return right after. */
@@ -314,6 +371,10 @@ static void finish(smtp_session_t *s)
 {
     if (s->finished)
         return;
+    if (s->quitting) {
+        closed(s);
+        return;
+    }
     s->finished = 1;
     if (s->res.status == SMTP_OK)
         s->res.state = SMTP_STATE_DONE;
@@ -321,10 +382,8 @@ static void finish(smtp_session_t *s)
               smtp_strstate(SMTP_STATE_DONE));
     s->state = SMTP_STATE_DONE;
     loop_timer_cancel(s->loop, &s->defer_timer);
-    if (s->st) {
-        stream_free(s->st); /* safe inside its own callback */
-        s->st = NULL;
-    }
+    close_stream(s);
+    s->res.reusable = 0;
     log_session(s);
     if (s->res.status == SMTP_ENETWORK || s->res.status == SMTP_ETLS || s->res.status == SMTP_ETIMEOUT)
         metrics_inc(MET_SMTP_SESSION_ERRORS, 1);
@@ -345,7 +404,7 @@ static void session_fail(smtp_session_t *s, int status, int quit, const char *fm
         s->res.status = status;
         s->res.state = s->state;
     }
-    if (quit && s->st && s->state != SMTP_STATE_QUIT)
+    if (quit && s->st && s->state != SMTP_STATE_QUIT && s->expect == 0)
         enter_state(s, SMTP_STATE_QUIT);
     else
         finish(s);
@@ -369,14 +428,22 @@ static void set_rcpt_reply(smtp_rcpt_reply_t *rr, int code, const char *enh, con
 
 /* A reply that settles every recipient still waiting for one: all of
  * them when MAIL is refused; after RCPT only the accepted ones are left
- * (the refused ones already have their answer), for DATA and end of data. */
+ * (the refused ones already have their answer), for DATA and end of data.
+ * Recipients deferred to another transaction (452 too many) stay open. */
 static void settle_rcpts(smtp_session_t *s, int code, const char *enh, const char *text)
 {
     for (size_t i = 0; i < s->res.nrcpts; i++) {
         smtp_rcpt_reply_t *rr = &s->res.rcpts[i];
-        if (!rr->final)
+        if (!rr->final && !rr->retry_txn)
             set_rcpt_reply(rr, code, enh, text, 1);
     }
+}
+
+static void log_cmd(smtp_session_t *s, const char *cmd)
+{
+    if (strncmp(cmd, "AUTH ", 5) == 0 || s->state == SMTP_STATE_AUTH)
+        cmd = "AUTH ********"; /* never log credentials */
+    log_debug("smtp", "send", "session=%016" PRIx64 " cmd=\"%s\"", s->id, cmd);
 }
 
 static void send_cmd(smtp_session_t *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -387,7 +454,7 @@ static void send_cmd(smtp_session_t *s, const char *fmt, ...)
     va_start(ap, fmt);
     buf_vprintf(&b, fmt, ap);
     va_end(ap);
-    log_debug("smtp", "send", "session=%016" PRIx64 " cmd=\"%s\"", s->id, buf_head(&b));
+    log_cmd(s, buf_head(&b));
     buf_puts(&b, "\r\n");
     stream_write(s->st, buf_head(&b), buf_size(&b));
     buf_free(&b);
@@ -397,6 +464,21 @@ static void send_cmd(smtp_session_t *s, const char *fmt, ...)
 static SSL_CTX *tls_ctx(const smtp_session_t *s)
 {
     return s->p.tls == SMTP_TLS_VERIFY ? s->p.tls_verify_ctx : s->p.tls_noverify_ctx;
+}
+
+/* The envelope can start: AUTH first in relay mode. */
+static void ready_for_mail(smtp_session_t *s)
+{
+    if (s->p.auth_user && s->p.auth_user[0]) {
+        if (s->st == NULL || !stream_is_tls(s->st)) {
+            /* credentials never travel in the clear */
+            session_fail(s, SMTP_ETLS, 1, "AUTH configured but the session is not protected by TLS");
+            return;
+        }
+        enter_state(s, SMTP_STATE_AUTH);
+        return;
+    }
+    enter_state(s, SMTP_STATE_MAIL);
 }
 
 /* After EHLO or HELO in plaintext: STARTTLS or straight to the envelope. */
@@ -416,7 +498,7 @@ static void after_hello(smtp_session_t *s)
                                             : "TLS required but the server does not offer STARTTLS");
         return;
     }
-    enter_state(s, SMTP_STATE_MAIL);
+    ready_for_mail(s);
 }
 
 static void body_sent(smtp_session_t *s)
@@ -426,12 +508,169 @@ static void body_sent(smtp_session_t *s)
     log_debug("smtp", "send", "session=%016" PRIx64 " body=%zu bytes written", s->id, s->p.len);
 }
 
+/* Move the receive cursor without sending (pipelined replies). */
+static void set_state(smtp_session_t *s, smtp_state_t next)
+{
+    log_debug("smtp", "state", "session=%016" PRIx64 " %s -> %s (pipelined)", s->id,
+              smtp_strstate(s->state), smtp_strstate(next));
+    s->state = next;
+    stream_set_timeout(s->st, state_timeout(s, next));
+}
+
+static const char b64_alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+static void b64_append(buf_t *out, const unsigned char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i += 3) {
+        unsigned v = (unsigned)p[i] << 16;
+        if (i + 1 < n)
+            v |= (unsigned)p[i + 1] << 8;
+        if (i + 2 < n)
+            v |= p[i + 2];
+        char q[4] = { b64_alphabet[(v >> 18) & 63], b64_alphabet[(v >> 12) & 63],
+                      i + 1 < n ? b64_alphabet[(v >> 6) & 63] : '=', i + 2 < n ? b64_alphabet[v & 63] : '=' };
+        buf_append(out, q, 4);
+    }
+}
+
+/* One AUTH line (credentials), sent without logging its content. */
+static void send_auth(smtp_session_t *s, const char *prefix, const unsigned char *p, size_t n)
+{
+    buf_t b = BUF_INIT;
+    buf_puts(&b, prefix);
+    b64_append(&b, p, n);
+    log_cmd(s, "AUTH");
+    buf_puts(&b, "\r\n");
+    stream_write(s->st, buf_head(&b), buf_size(&b));
+    buf_free(&b);
+    s->expect++;
+}
+
+static int auth_offers(const smtp_session_t *s, const char *mech)
+{
+    const char *a = s->res.features.auth;
+    size_t ml = strlen(mech);
+    while (*a) {
+        size_t l = strcspn(a, " ");
+        if (l == ml && util_strncasecmp(a, mech, ml) == 0)
+            return 1;
+        a += l;
+        while (*a == ' ')
+            a++;
+    }
+    return 0;
+}
+
+static void auth_step(smtp_session_t *s)
+{
+    const char *u = s->p.auth_user, *pw = s->p.auth_pass ? s->p.auth_pass : "";
+    if (s->auth_step == 0) {
+        if (auth_offers(s, "PLAIN")) {
+            /* RFC 4616: authzid NUL authcid NUL passwd, as the initial response */
+            size_t ul = strlen(u), pl = strlen(pw);
+            unsigned char *m = xmalloc(ul + pl + 2);
+            m[0] = '\0';
+            memcpy(m + 1, u, ul);
+            m[ul + 1] = '\0';
+            memcpy(m + ul + 2, pw, pl);
+            send_auth(s, "AUTH PLAIN ", m, ul + pl + 2);
+            memset(m, 0, ul + pl + 2);
+            free(m);
+            s->auth_step = 10; /* PLAIN: the next reply is the verdict */
+        } else if (auth_offers(s, "LOGIN")) {
+            send_cmd(s, "AUTH LOGIN");
+            s->auth_step = 1;
+        } else {
+            session_fail(s, SMTP_EPROTO, 1, "AUTH configured but the server offers neither PLAIN nor LOGIN (\"%s\")",
+                         s->res.features.auth);
+        }
+    } else if (s->auth_step == 1) {
+        send_auth(s, "", (const unsigned char *)u, strlen(u));
+        s->auth_step = 2;
+    } else if (s->auth_step == 2) {
+        send_auth(s, "", (const unsigned char *)pw, strlen(pw));
+        s->auth_step = 10;
+    }
+}
+
+static int use_pipelining(const smtp_session_t *s)
+{
+    return (s->res.features.flags & SMTP_FEAT_PIPELINING) && !s->p.no_pipelining;
+}
+
+/* Local refusals before MAIL: the server said what it cannot take. */
+static int refuse_locally(smtp_session_t *s)
+{
+    size_t size = s->p.message_size ? s->p.message_size : s->p.len;
+    const smtp_features_t *f = &s->res.features;
+    const char *who = s->p.mx_host ? s->p.mx_host : s->addr_text;
+    char text[200];
+    if ((f->flags & SMTP_FEAT_SIZE) && f->size_max > 0 && size > f->size_max) {
+        /* RFC 1870 §6: do not send what the server already said it refuses */
+        snprintf(text, sizeof(text), "message size %zu exceeds size limit %zu of server %s", size,
+                 f->size_max, who);
+        settle_rcpts(s, 552, "5.3.4", text);
+        return 1;
+    }
+    if ((s->p.need & SMTP_NEED_SMTPUTF8) && !(f->flags & SMTP_FEAT_SMTPUTF8)) {
+        snprintf(text, sizeof(text), "message needs SMTPUTF8 but server %s does not support it", who);
+        settle_rcpts(s, 553, "5.6.7", text);
+        return 1;
+    }
+    if ((s->p.need & SMTP_NEED_8BITMIME) && !(f->flags & SMTP_FEAT_8BITMIME)) {
+        snprintf(text, sizeof(text), "message needs 8BITMIME but server %s does not support it", who);
+        settle_rcpts(s, 554, "5.6.3", text);
+        return 1;
+    }
+    return 0;
+}
+
+static void end_transaction(smtp_session_t *s);
+
+static void send_envelope(smtp_session_t *s)
+{
+    size_t size = s->p.message_size ? s->p.message_size : s->p.len;
+    const smtp_features_t *f = &s->res.features;
+    buf_t b = BUF_INIT;
+    buf_printf(&b, "MAIL FROM:<%s>", s->p.mail_from);
+    if (f->flags & SMTP_FEAT_SIZE)
+        buf_printf(&b, " SIZE=%zu", size);
+    if ((s->p.need & SMTP_NEED_8BITMIME) && (f->flags & SMTP_FEAT_8BITMIME))
+        buf_puts(&b, " BODY=8BITMIME");
+    if ((s->p.need & SMTP_NEED_SMTPUTF8) && (f->flags & SMTP_FEAT_SMTPUTF8))
+        buf_puts(&b, " SMTPUTF8");
+    if (!s->batch) {
+        send_cmd(s, "%s", buf_head(&b));
+        buf_free(&b);
+        return;
+    }
+    /* RFC 2920 §3.1: MAIL, RCPT and DATA may all be in one group; DATA
+     * is the last command of it */
+    log_cmd(s, buf_head(&b));
+    buf_puts(&b, "\r\n");
+    s->expect++;
+    for (size_t i = 0; i < s->p.nrcpts; i++) {
+        size_t at = buf_size(&b);
+        buf_printf(&b, "RCPT TO:<%s>", s->p.rcpts[i]);
+        log_cmd(s, buf_head(&b) + at);
+        buf_puts(&b, "\r\n");
+        s->expect++;
+    }
+    s->rcpt_sent = s->p.nrcpts;
+    log_cmd(s, "DATA");
+    buf_puts(&b, "DATA\r\n");
+    s->expect++;
+    stream_write(s->st, buf_head(&b), buf_size(&b));
+    buf_free(&b);
+}
+
 static void enter_state(smtp_session_t *s, smtp_state_t next)
 {
     log_debug("smtp", "state", "session=%016" PRIx64 " %s -> %s", s->id, smtp_strstate(s->state),
               smtp_strstate(next));
     s->state = next;
-    stream_set_timeout(s->st, state_timeout(s, next));
+    if (s->st)
+        stream_set_timeout(s->st, state_timeout(s, next));
 
     switch (next) {
     case SMTP_STATE_GREETING:
@@ -447,30 +686,29 @@ static void enter_state(smtp_session_t *s, smtp_state_t next)
     case SMTP_STATE_STARTTLS:
         send_cmd(s, "STARTTLS");
         break;
-    case SMTP_STATE_TLS_HANDSHAKE:
+    case SMTP_STATE_TLS_HANDSHAKE: {
+        SSL_SESSION *resume = s->p.tls_cache ? tls_session_cache_get(s->p.tls_cache, s->tls_key) : NULL;
+        log_debug("smtp", "tls_resume", "session=%016" PRIx64 " offered=%d", s->id, resume != NULL);
         /* refuses when bytes are buffered after the 220: STARTTLS injection */
-        if (stream_tls_client(s->st, tls_ctx(s), s->p.mx_host,
-                              s->p.tls == SMTP_TLS_VERIFY ? s->p.mx_host : NULL) < 0)
+        if (stream_tls_client_resume(s->st, tls_ctx(s), s->p.mx_host,
+                                     s->p.tls == SMTP_TLS_VERIFY ? s->p.mx_host : NULL, resume) < 0)
             session_fail(s, SMTP_ETLS, 0, "%s", stream_error(s->st));
         break;
-    case SMTP_STATE_MAIL: {
-        size_t size = s->p.message_size ? s->p.message_size : s->p.len;
-        const smtp_features_t *f = &s->res.features;
-        if ((f->flags & SMTP_FEAT_SIZE) && f->size_max > 0 && size > f->size_max) {
-            /* RFC 1870 §6: do not send what the server already said it refuses */
-            char text[160];
-            snprintf(text, sizeof(text), "message size %zu exceeds size limit %zu of server %s", size,
-                     f->size_max, s->p.mx_host ? s->p.mx_host : s->addr_text);
-            settle_rcpts(s, 552, "5.3.4", text);
-            enter_state(s, SMTP_STATE_QUIT);
+    }
+    case SMTP_STATE_AUTH:
+        s->auth_step = 0;
+        auth_step(s);
+        break;
+    case SMTP_STATE_MAIL:
+        s->batch = use_pipelining(s);
+        s->res.pipelined = s->batch;
+        if (refuse_locally(s)) {
+            s->batch = 0;
+            end_transaction(s);
             break;
         }
-        if (f->flags & SMTP_FEAT_SIZE)
-            send_cmd(s, "MAIL FROM:<%s> SIZE=%zu", s->p.mail_from, size);
-        else
-            send_cmd(s, "MAIL FROM:<%s>", s->p.mail_from);
+        send_envelope(s);
         break;
-    }
     case SMTP_STATE_RCPT:
         send_cmd(s, "RCPT TO:<%s>", s->p.rcpts[s->rcpt_sent]);
         s->rcpt_sent++;
@@ -491,11 +729,66 @@ static void enter_state(smtp_session_t *s, smtp_state_t next)
     case SMTP_STATE_QUIT:
         send_cmd(s, "QUIT");
         break;
+    case SMTP_STATE_IDLE:
+        /* the pool decides how long an idle connection lives */
+        stream_set_timeout(s->st, 0);
+        stream_trim(s->st);
+        s->idle_report = 1;
+        loop_timer_set(s->loop, &s->defer_timer, 0);
+        break;
     case SMTP_STATE_CONNECT:
     case SMTP_STATE_DONE:
     case SMTP_STATE_LAST:
         finish(s);
         break;
+    }
+}
+
+/* The transaction is over (whatever the answers): clean up the server's
+ * side when it may still hold a transaction, then idle or quit. */
+static void end_transaction(smtp_session_t *s)
+{
+    if (s->txn_open) {
+        enter_state(s, SMTP_STATE_RSET);
+        return;
+    }
+    s->ntxn++;
+    if (s->p.keep_open && s->res.status == SMTP_OK && s->st)
+        enter_state(s, SMTP_STATE_IDLE);
+    else
+        enter_state(s, SMTP_STATE_QUIT);
+}
+
+/* RFC 5321 §4.5.3.1.10: "452 too many recipients" asks for another
+ * transaction, it is no verdict on the recipient. */
+static int too_many_rcpts(const smtp_reply_t *r)
+{
+    if (r->code != 452 && r->code != 451)
+        return 0;
+    if (strcmp(r->enh, "4.5.3") == 0)
+        return 1;
+    const char *t = r->text;
+    for (; *t; t++)
+        if (util_strncasecmp(t, "too many recipients", 19) == 0)
+            return 1;
+    return 0;
+}
+
+static void rcpt_reply(smtp_session_t *s, const smtp_reply_t *r)
+{
+    int cls = r->code / 100;
+    smtp_rcpt_reply_t *rr = &s->res.rcpts[s->rcpt_done++];
+    if (s->mail_failed)
+        return; /* 503 "need MAIL first": the MAIL refusal already answered it */
+    if (too_many_rcpts(r)) {
+        set_rcpt_reply(rr, r->code, r->enh, r->text, 0);
+        rr->retry_txn = 1;
+        return;
+    }
+    set_rcpt_reply(rr, r->code, r->enh, r->text, cls != 2);
+    if (cls == 2) {
+        rr->accepted = 1;
+        s->naccepted++;
     }
 }
 
@@ -542,7 +835,7 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
         if (cls == 2)
             enter_state(s, SMTP_STATE_TLS_HANDSHAKE);
         else if (s->p.tls == SMTP_TLS_OPPORTUNISTIC)
-            enter_state(s, SMTP_STATE_MAIL); /* still a valid plaintext session */
+            ready_for_mail(s); /* still a valid plaintext session */
         else
             session_fail(s, SMTP_ETLS, 1, "STARTTLS refused by server: %d%s%s %s", r->code,
                          r->enh[0] ? " " : "", r->enh, r->text);
@@ -551,51 +844,90 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
     case SMTP_STATE_EHLO_TLS:
         if (cls == 2) {
             s->res.features = s->ehlo_feat;
-            enter_state(s, SMTP_STATE_MAIL);
+            ready_for_mail(s);
         } else {
             session_rejected(s, r);
         }
         break;
 
+    case SMTP_STATE_AUTH:
+        if (cls == 3 && (s->auth_step == 1 || s->auth_step == 2))
+            auth_step(s);
+        else if (cls == 2 && s->auth_step == 10)
+            enter_state(s, SMTP_STATE_MAIL);
+        else if (cls == 3)
+            session_fail(s, SMTP_EPROTO, 0, "unexpected AUTH challenge: %d %s", r->code, r->text);
+        else
+            /* 535 5.7.8 bad credentials, 454 4.7.0 temporary failure: the
+             * relay refused us, not the recipients */
+            session_rejected(s, r);
+        break;
+
     case SMTP_STATE_MAIL:
+        s->res.txn_replies++;
         if (cls == 2) {
-            enter_state(s, SMTP_STATE_RCPT);
+            s->txn_open = 1;
+            if (s->batch)
+                set_state(s, SMTP_STATE_RCPT);
+            else
+                enter_state(s, SMTP_STATE_RCPT);
         } else {
             /* the sender was refused: that is every recipient's answer */
             settle_rcpts(s, r->code, r->enh, r->text);
-            enter_state(s, SMTP_STATE_QUIT);
+            if (s->batch) {
+                s->mail_failed = 1; /* the RCPT and DATA replies are still owed */
+                set_state(s, SMTP_STATE_RCPT);
+            } else {
+                end_transaction(s);
+            }
         }
         break;
 
-    case SMTP_STATE_RCPT: {
-        smtp_rcpt_reply_t *rr = &s->res.rcpts[s->rcpt_done++];
-        set_rcpt_reply(rr, r->code, r->enh, r->text, cls != 2);
-        if (cls == 2) {
-            rr->accepted = 1;
-            s->naccepted++;
-        }
-        if (s->rcpt_sent < s->res.nrcpts)
-            enter_state(s, SMTP_STATE_RCPT);
-        else if (s->naccepted > 0)
+    case SMTP_STATE_RCPT:
+        s->res.txn_replies++;
+        rcpt_reply(s, r);
+        if (s->rcpt_done < s->res.nrcpts) {
+            if (s->batch)
+                stream_set_timeout(s->st, state_timeout(s, SMTP_STATE_RCPT));
+            else
+                enter_state(s, SMTP_STATE_RCPT);
+        } else if (s->batch) {
+            set_state(s, SMTP_STATE_DATA); /* DATA went out with the batch */
+        } else if (s->naccepted > 0) {
             enter_state(s, SMTP_STATE_DATA);
-        else
-            enter_state(s, SMTP_STATE_RSET);
+        } else {
+            end_transaction(s);
+        }
         break;
-    }
 
     case SMTP_STATE_DATA:
+        s->res.txn_replies++;
         if (cls == 3) {
-            enter_state(s, SMTP_STATE_BODY);
+            if (s->naccepted > 0 && !s->mail_failed) {
+                enter_state(s, SMTP_STATE_BODY);
+            } else {
+                /* 354 with nobody accepted: RSET or QUIT now would be
+                 * taken as message text. Every recipient has its answer;
+                 * drop this connection rather than send an empty message. */
+                log_warn("smtp", "data_without_rcpt", "session=%016" PRIx64 " code=%d closing", s->id,
+                         r->code);
+                s->txn_open = 0;
+                finish(s);
+            }
         } else if (cls == 2) {
             /* accepting DATA without 354 would "deliver" a message never sent */
             session_fail(s, SMTP_EPROTO, 1, "unexpected reply to DATA: %d %s", r->code, r->text);
         } else {
-            settle_rcpts(s, r->code, r->enh, r->text);
-            enter_state(s, SMTP_STATE_QUIT);
+            /* in a batch this is usually "554 5.5.1 no valid recipients"
+             * after every RCPT was refused: only accepted ones take it */
+            if (s->naccepted > 0 && !s->mail_failed)
+                settle_rcpts(s, r->code, r->enh, r->text);
+            end_transaction(s);
         }
         break;
 
     case SMTP_STATE_BODY:
+        s->res.txn_replies++;
         if (cls == 3) {
             session_fail(s, SMTP_EPROTO, 0, "unexpected reply to end of data: %d %s", r->code, r->text);
             break;
@@ -604,14 +936,24 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
             log_warn("smtp", "early_reply", "session=%016" PRIx64 " code=%d before the end of data",
                      s->id, r->code);
         settle_rcpts(s, r->code, r->enh, r->text);
-        if (r->code == 421)
+        s->txn_open = 0;
+        if (r->code == 421) {
             finish(s);
-        else
-            enter_state(s, SMTP_STATE_QUIT);
+        } else if (!s->res.dot_sent) {
+            /* the server answered before reading the whole body: the rest
+             * of our bytes would be commands to it; do not reuse */
+            s->p.keep_open = 0;
+            end_transaction(s);
+        } else {
+            end_transaction(s);
+        }
         break;
 
     case SMTP_STATE_RSET:
-        enter_state(s, SMTP_STATE_QUIT);
+        s->txn_open = 0;
+        if (cls != 2)
+            s->p.keep_open = 0; /* a server that cannot reset cannot be reused */
+        end_transaction(s);
         break;
 
     case SMTP_STATE_QUIT:
@@ -620,6 +962,7 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
 
     case SMTP_STATE_CONNECT:
     case SMTP_STATE_TLS_HANDSHAKE:
+    case SMTP_STATE_IDLE:
     case SMTP_STATE_DONE:
     case SMTP_STATE_LAST:
         session_fail(s, SMTP_EPROTO, 0, "unexpected reply while %s: %d %s", state_doing(s), r->code,
@@ -628,10 +971,42 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
     }
 }
 
+/* Keep the newest session/ticket the server issued for the next connect. */
+static void harvest_tls_session(smtp_session_t *s)
+{
+    if (s->p.tls_cache == NULL || s->st == NULL)
+        return;
+    SSL_SESSION *sess = stream_tls_take_session(s->st);
+    if (sess) {
+        log_debug("smtp", "tls_session", "session=%016" PRIx64 " stored=1 resumable=%d lifetime=%lu",
+                  s->id, SSL_SESSION_is_resumable(sess), (unsigned long)SSL_SESSION_get_ticket_lifetime_hint(sess));
+        tls_session_cache_put(s->p.tls_cache, s->tls_key, sess);
+    }
+}
+
+/* An IDLE connection ended. When the end of the transaction has not been
+ * reported yet, it still is (not reusable); otherwise the owner hears it
+ * through the closed callback. */
+static void idle_lost(smtp_session_t *s)
+{
+    if (s->idle_report) {
+        close_stream(s);
+        return;
+    }
+    closed(s);
+}
+
 static void on_data(smtp_session_t *s)
 {
     buf_t *in = stream_input(s->st);
-    while (!s->finished && s->st && buf_size(in) > 0) {
+    if (s->state == SMTP_STATE_IDLE) {
+        /* nobody asked: typically "421 idle timeout" before a close */
+        log_debug("smtp", "idle_input", "session=%016" PRIx64 " bytes=%zu", s->id, buf_size(in));
+        idle_lost(s);
+        return;
+    }
+    harvest_tls_session(s);
+    while (!s->finished && s->st && buf_size(in) > 0 && s->state != SMTP_STATE_IDLE) {
         smtp_reply_t r;
         size_t used = 0;
         int ehlo = s->state == SMTP_STATE_EHLO || s->state == SMTP_STATE_EHLO_TLS;
@@ -650,7 +1025,8 @@ static void on_data(smtp_session_t *s)
         buf_consume(in, used);
         log_debug("smtp", "recv", "session=%016" PRIx64 " state=%s code=%d enh=%s lines=%d text=\"%s\"",
                   s->id, smtp_strstate(s->state), r.code, r.enh[0] ? r.enh : "-", r.nlines, r.text);
-        if (s->res.status == SMTP_OK && s->state != SMTP_STATE_QUIT && s->state != SMTP_STATE_RSET) {
+        if (s->res.status == SMTP_OK && s->state != SMTP_STATE_QUIT && s->state != SMTP_STATE_RSET &&
+            !(s->mail_failed && (s->state == SMTP_STATE_RCPT || s->state == SMTP_STATE_DATA))) {
             /* keep the reply that decided things (or caused the failure),
              * not the courtesy replies to RSET and QUIT */
             s->res.reply = r;
@@ -680,6 +1056,10 @@ static void on_stream(stream_t *st, stream_event_t ev, void *arg)
 {
     smtp_session_t *s = arg;
     s->in_cb++;
+    if (s->state == SMTP_STATE_IDLE && ev != STREAM_EV_DATA && ev != STREAM_EV_DRAINED) {
+        idle_lost(s); /* the server hung up on an idle connection */
+        goto out;
+    }
     switch (ev) {
     case STREAM_EV_CONNECTED:
         if (s->state == SMTP_STATE_CONNECT)
@@ -688,6 +1068,8 @@ static void on_stream(stream_t *st, stream_event_t ev, void *arg)
     case STREAM_EV_TLS_READY:
         s->res.tls_version = stream_tls_version(st);
         s->res.tls_cipher = stream_tls_cipher(st);
+        s->res.tls_resumed = stream_tls_resumed(st);
+        harvest_tls_session(s);
         enter_state(s, SMTP_STATE_EHLO_TLS);
         break;
     case STREAM_EV_DATA:
@@ -722,19 +1104,77 @@ static void on_stream(stream_t *st, stream_event_t ev, void *arg)
     case STREAM_EV_LAST:
         break;
     }
+out:
     s->in_cb--;
     if (s->freed && s->in_cb == 0)
         release(s);
+}
+
+/* End of a transaction on a kept connection: report from the loop. */
+static void report_idle(smtp_session_t *s)
+{
+    s->idle_report = 0;
+    s->res.reusable = !s->dead;
+    s->res.state = SMTP_STATE_DONE;
+    if (s->dead) {
+        s->finished = 1;
+        s->state = SMTP_STATE_DONE;
+    }
+    log_session(s);
+    unsigned seq = s->txn_seq;
+    s->cb(s->cb_arg, s, &s->res);
+    if (!s->freed && s->txn_seq == seq) {
+        /* parked: what the transaction pointed to belongs to its owner,
+         * who is done with it; never touch it again */
+        s->p.mail_from = "";
+        s->p.rcpts = NULL;
+        s->p.nrcpts = 0;
+        s->p.data = NULL;
+        s->p.len = 0;
+        s->p.log_id = NULL;
+    }
 }
 
 static void defer_fired(loop_t *loop, loop_timer_t *t, void *arg)
 {
     smtp_session_t *s = arg;
     s->in_cb++;
-    finish(s);
+    if (s->quitting && s->dead)
+        closed(s);
+    else if (s->idle_report && s->state == SMTP_STATE_IDLE)
+        report_idle(s);
+    else
+        finish(s);
     s->in_cb--;
     if (s->freed && s->in_cb == 0)
         release(s);
+}
+
+static void reset_txn(smtp_session_t *s, const smtp_session_params_t *p)
+{
+    s->txn_seq++;
+    s->p.mail_from = p->mail_from ? p->mail_from : "";
+    s->p.rcpts = p->rcpts;
+    s->p.nrcpts = p->nrcpts;
+    s->p.data = p->data;
+    s->p.len = p->len;
+    s->p.message_size = p->message_size;
+    s->p.log_id = p->log_id;
+    s->p.need = p->need;
+    s->p.keep_open = p->keep_open;
+    s->expect = 0;
+    s->rcpt_sent = s->rcpt_done = s->naccepted = 0;
+    s->batch = s->mail_failed = s->txn_open = 0;
+    s->res.status = SMTP_OK;
+    s->res.error[0] = '\0';
+    s->res.has_reply = 0;
+    s->res.dot_sent = 0;
+    s->res.reusable = 0;
+    s->res.txn_replies = 0;
+    s->res.pipelined = 0;
+    free(s->res.rcpts);
+    s->res.nrcpts = p->nrcpts;
+    s->res.rcpts = xcalloc(p->nrcpts ? p->nrcpts : 1, sizeof(*s->res.rcpts));
 }
 
 smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *params,
@@ -747,15 +1187,28 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
         s->p.helo_name = "localhost";
     if (s->p.mail_from == NULL)
         s->p.mail_from = "";
+    if (params->mx_host) {
+        copy_text(s->mx_host, sizeof(s->mx_host), params->mx_host);
+        s->p.mx_host = s->mx_host;
+    }
+    if (params->addr && params->addrlen <= sizeof(s->addr)) {
+        memcpy(&s->addr, params->addr, params->addrlen);
+        s->p.addr = (const struct sockaddr *)&s->addr;
+    }
     s->cb = cb;
     s->cb_arg = arg;
     s->id = util_rand64();
+    s->born_ms = loop_now_ms(loop);
     s->state = SMTP_STATE_CONNECT;
     s->res.state = SMTP_STATE_CONNECT;
     s->res.nrcpts = params->nrcpts;
     s->res.rcpts = xcalloc(params->nrcpts ? params->nrcpts : 1, sizeof(*s->res.rcpts));
     smtp_addr_text(params->addr, s->addr_text, sizeof(s->addr_text));
     s->port = addr_port(params->addr);
+    /* a session is only offered where it was issued: same address, port,
+     * name (SNI and verified name) and policy */
+    snprintf(s->tls_key, sizeof(s->tls_key), "%s|%u|%s|%d", s->addr_text, s->port,
+             s->p.mx_host ? s->p.mx_host : "", (int)s->p.tls);
     loop_timer_init(&s->defer_timer, defer_fired, s);
 
     log_debug("smtp", "state", "session=%016" PRIx64 " msg=%s -> %s mx=%s addr=%s port=%u", s->id,
@@ -771,6 +1224,71 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
         loop_timer_set(loop, &s->defer_timer, 0);
     }
     return s;
+}
+
+int smtp_session_next(smtp_session_t *s, const smtp_session_params_t *txn, smtp_session_cb cb, void *arg)
+{
+    if (s == NULL || s->state != SMTP_STATE_IDLE || s->finished || s->dead || s->quitting ||
+        txn->nrcpts == 0)
+        return -1;
+    loop_timer_cancel(s->loop, &s->defer_timer);
+    s->idle_report = 0;
+    s->cb = cb;
+    s->cb_arg = arg;
+    reset_txn(s, txn);
+    s->res.reused = 1;
+    /* a refusal made locally (SIZE) answers from IDLE again: through the
+     * defer timer, so never from inside this call */
+    enter_state(s, SMTP_STATE_MAIL);
+    return 0;
+}
+
+void smtp_session_set_closed_cb(smtp_session_t *s, smtp_session_closed_cb cb, void *arg)
+{
+    s->closed_cb = cb;
+    s->closed_arg = arg;
+}
+
+void smtp_session_quit(smtp_session_t *s)
+{
+    if (s == NULL || s->finished || s->quitting)
+        return;
+    s->quitting = 1;
+    loop_timer_cancel(s->loop, &s->defer_timer);
+    s->idle_report = 0;
+    if (s->state == SMTP_STATE_IDLE && s->st && !s->dead) {
+        enter_state(s, SMTP_STATE_QUIT);
+        return;
+    }
+    close_stream(s);
+    loop_timer_set(s->loop, &s->defer_timer, 0); /* closed_cb from the loop */
+}
+
+int smtp_session_usable(const smtp_session_t *s)
+{
+    return s != NULL && s->state == SMTP_STATE_IDLE && !s->finished && !s->dead && !s->quitting &&
+           s->st != NULL && !s->idle_report && !stream_peek_closed(s->st);
+}
+
+smtp_state_t smtp_session_state(const smtp_session_t *s)
+{
+    return s->state;
+}
+
+const smtp_features_t *smtp_session_features(const smtp_session_t *s)
+{
+    return &s->res.features;
+}
+
+unsigned smtp_session_transactions(const smtp_session_t *s)
+{
+    return s->ntxn;
+}
+
+uint64_t smtp_session_age_ms(const smtp_session_t *s)
+{
+    uint64_t now = loop_now_ms(s->loop);
+    return now > s->born_ms ? now - s->born_ms : 0;
 }
 
 void smtp_session_free(smtp_session_t *s)

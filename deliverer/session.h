@@ -8,9 +8,16 @@
  * a whole, an smtp_status_t saying why it ended early. deliver.c turns
  * that into per-recipient outcomes and picks the next MX.
  *
- * Lock-step for now: one command, one reply. The reply accounting
- * (s->expect, the RCPT send/receive cursors) is already split so that
- * PIPELINING only has to let the sender run ahead.
+ * PIPELINING (RFC 2920): when the server offers it, MAIL, every RCPT and
+ * DATA go out in one write and the replies are matched in order by a
+ * separate receive cursor; the body is only sent when at least one RCPT
+ * was accepted, otherwise the transaction is RSET. Without PIPELINING the
+ * same states run lock-step.
+ *
+ * A session can outlive its transaction (params.keep_open): it then
+ * parks in SMTP_STATE_IDLE, still authenticated and inside TLS, and the
+ * owner (the pool, pool.h) can run the next transaction on it with
+ * smtp_session_next(), say QUIT with smtp_session_quit(), or free it.
  *
  * Thread-safety: none; everything runs in the thread of the session's loop.
  */
@@ -23,6 +30,7 @@
 #include <openssl/ssl.h>
 
 #include "core/loop.h"
+#include "core/tls.h"
 #include "deliverer/reply.h"
 
 typedef enum {
@@ -40,11 +48,13 @@ typedef enum {
     SMTP_STATE_STARTTLS,
     SMTP_STATE_TLS_HANDSHAKE,
     SMTP_STATE_EHLO_TLS,      /* EHLO again inside TLS (RFC 3207 §4.2) */
+    SMTP_STATE_AUTH,          /* AUTH PLAIN / LOGIN (relay mode), only inside TLS */
     SMTP_STATE_MAIL,
     SMTP_STATE_RCPT,
     SMTP_STATE_DATA,
     SMTP_STATE_BODY,          /* payload being written, then waiting for the final reply */
     SMTP_STATE_RSET,          /* no recipient accepted: abort the transaction */
+    SMTP_STATE_IDLE,          /* between transactions, kept open for reuse */
     SMTP_STATE_QUIT,
     SMTP_STATE_DONE,
     SMTP_STATE_LAST
@@ -116,6 +126,8 @@ typedef struct smtp_rcpt_reply {
     int  accepted;  /* RCPT got 2xx: waiting for the end-of-data reply */
     int  final;     /* code/enh/text is this recipient's final answer (RCPT
                      * rejection, MAIL/DATA rejection, or end-of-data reply) */
+    int  retry_txn; /* RCPT got "452 4.5.3 too many recipients" (RFC 5321
+                     * §4.5.3.1.10): not final, offer it in a new transaction */
 } smtp_rcpt_reply_t;
 
 typedef struct smtp_session_result {
@@ -132,6 +144,15 @@ typedef struct smtp_session_result {
     smtp_features_t    features;    /* from the last EHLO */
     smtp_rcpt_reply_t *rcpts;       /* same order as params.rcpts */
     size_t             nrcpts;
+    int                reusable;    /* the session is IDLE: smtp_session_next() may run another
+                                     * transaction on it */
+    int                reused;      /* this transaction ran on a connection that had carried an
+                                     * earlier one */
+    unsigned           txn_replies; /* replies received for this transaction's commands: 0 with
+                                     * ENETWORK on a reused session means the server had closed
+                                     * it while idle (no attempt spent) */
+    int                pipelined;   /* the envelope went out as one PIPELINING batch */
+    int                tls_resumed; /* the TLS handshake was abbreviated (session resumption) */
 } smtp_session_result_t;
 
 typedef struct smtp_session_params {
@@ -150,7 +171,21 @@ typedef struct smtp_session_params {
     size_t                 len;
     size_t                 message_size;     /* SIZE= value; 0: use len */
     const char            *log_id;           /* message id for log lines, may be NULL */
+    /* --- engine additions; zero keeps the lock-step, one-shot behaviour --- */
+    int                    keep_open;        /* go IDLE after the transaction instead of QUIT */
+    int                    no_pipelining;    /* lock-step even when PIPELINING is offered */
+    unsigned               need;             /* SMTP_NEED_*: what the message requires */
+    const char            *auth_user;        /* relay: AUTH PLAIN/LOGIN after STARTTLS; NULL none */
+    const char            *auth_pass;
+    struct tls_session_cache *tls_cache;     /* resumption cache (core/tls.h), may be NULL */
 } smtp_session_params_t;
+
+/* params.need: the message is 8-bit (BODY=8BITMIME, RFC 6152) or has
+ * UTF-8 addresses/headers (SMTPUTF8, RFC 6531). A server that does not
+ * offer the extension gets no MAIL: every recipient is answered locally,
+ * permanent "554 5.6.3" / "553 5.6.7" (mailpump does not downgrade). */
+#define SMTP_NEED_8BITMIME 0x1u
+#define SMTP_NEED_SMTPUTF8 0x2u
 
 typedef struct smtp_session smtp_session_t;
 
@@ -161,16 +196,50 @@ typedef struct smtp_session smtp_session_t;
 typedef void (*smtp_session_cb)(void *arg, smtp_session_t *s, const smtp_session_result_t *res);
 
 /*
- * Connect and run the transaction. The params struct is copied; the
- * strings, arrays, address and payload it points to must stay valid until
- * the callback has fired or the session is freed. Never returns NULL (a
- * connect that cannot even start is reported through the callback).
+ * Connect and run the transaction. The params struct is copied, and so
+ * are mx_host and the address. The transaction's strings, arrays and
+ * payload must stay valid until the callback has fired; helo_name,
+ * auth_user/auth_pass, the SSL_CTXs and tls_cache for as long as the
+ * session lives (a kept session outlives the delivery that opened it).
+ * Never returns NULL (a connect that cannot even start is reported
+ * through the callback).
  */
 smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *params,
                                    smtp_session_cb cb, void *arg);
 /* Close and release. Before the callback has fired it is a cancel: the
  * callback never fires. NULL is harmless. */
 void smtp_session_free(smtp_session_t *s);
+
+/*
+ * Run another transaction on an IDLE session (after a callback that said
+ * res->reusable). Only the transaction fields of txn are used (mail_from,
+ * rcpts, nrcpts, data, len, message_size, log_id, need, keep_open); the
+ * connection keeps the parameters it was started with. cb fires exactly
+ * once, never from inside this call. Returns 0, or -1 (nothing happens)
+ * when the session is not IDLE.
+ */
+int smtp_session_next(smtp_session_t *s, const smtp_session_params_t *txn, smtp_session_cb cb, void *arg);
+
+/* Called at most once while the session is IDLE or quitting, when the
+ * connection ends: the server closed it or sent something unsolicited
+ * (a 421 before an idle timeout), an I/O error, or the QUIT started by
+ * smtp_session_quit() is over. The session is then dead: free it (may be
+ * done inside the callback). */
+typedef void (*smtp_session_closed_cb)(void *arg, smtp_session_t *s);
+void smtp_session_set_closed_cb(smtp_session_t *s, smtp_session_closed_cb cb, void *arg);
+/* IDLE session: send QUIT and close on 221, EOF or quit timeout, then
+ * fire the closed callback. Any other state: close at once, same callback
+ * from the loop. */
+void smtp_session_quit(smtp_session_t *s);
+/* 1 when IDLE and the connection still looks usable (no EOF, no bytes
+ * waiting: stream_peek_closed()). */
+int smtp_session_usable(const smtp_session_t *s);
+smtp_state_t smtp_session_state(const smtp_session_t *s);
+const smtp_features_t *smtp_session_features(const smtp_session_t *s);
+/* Transactions completed on this connection (its "messages"). */
+unsigned smtp_session_transactions(const smtp_session_t *s);
+/* Milliseconds since smtp_session_start(). */
+uint64_t smtp_session_age_ms(const smtp_session_t *s);
 /* The random 64-bit id used in this session's log lines. */
 uint64_t smtp_session_id(const smtp_session_t *s);
 

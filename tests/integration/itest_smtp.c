@@ -134,8 +134,11 @@ typedef struct capture {
     unsigned    attempts;
 } capture_t;
 
+static deliver_result_t last_result; /* counters of the last result (pointers not valid) */
+
 static void on_result(void *arg, const deliver_result_t *res)
 {
+    last_result = *res;
     capture_t *c = arg;
     assert_int_equal(c->fired, 0);
     c->fired = 1;
@@ -357,12 +360,132 @@ static void test_verify_wrong_name(void **state)
     loop_free(loop);
 }
 
+/* ---- the engine on a per-worker context ---------------------------- */
+
+static deliver_ctx_t *ctx_new(loop_t *loop, smtp_tls_policy_t tls, unsigned max_rcpts, int nopool)
+{
+    deliver_config_t cfg = {
+        .helo_name = "mailpump.test",
+        .tls = tls,
+        .tls_verify_ctx = env.verify_ctx,
+        .tls_noverify_ctx = env.noverify_ctx,
+        .max_mx = 5,
+        .timeout_scale_pct = 10,
+        .max_rcpts = max_rcpts,
+        .pool = { .disabled = nopool },
+    };
+    return deliver_ctx_new(loop, &cfg);
+}
+
+static void ctx_run(loop_t *loop, deliver_ctx_t *ctx, const char *const *rcpts, size_t nrcpts,
+                    const deliver_candidate_t *cands, size_t ncands, const buf_t *payload, capture_t *cap,
+                    deliver_result_t *copy)
+{
+    deliver_request_t req = {
+        .mail_from = "itest@mailpump.test",
+        .rcpts = rcpts,
+        .nrcpts = nrcpts,
+        .data = buf_head(payload),
+        .len = buf_size(payload),
+        .candidates = cands,
+        .ncandidates = ncands,
+        .log_id = "itest_smtp_ctx",
+        .domain = "test.example",
+    };
+    memset(cap, 0, sizeof(*cap));
+    assert_non_null(deliver_ctx_start(ctx, &req, on_result, cap));
+    for (int i = 0; i < 2000 && !cap->fired; i++)
+        assert_true(loop_run_once(loop, 100) >= 0);
+    if (!cap->fired)
+        fail_msg("no result within 200 s from %s: %s", cands[0].host, STACK_HINT);
+    *copy = last_result;
+}
+
+static void ctx_close(loop_t *loop, deliver_ctx_t *ctx)
+{
+    deliver_ctx_free(ctx);
+    for (int i = 0; i < 200 && (loop_fd_count(loop) || loop_timer_count(loop)); i++)
+        loop_run_once(loop, 10);
+    assert_int_equal(loop_fd_count(loop), 0);
+    assert_int_equal(loop_timer_count(loop), 0);
+}
+
+/* Postfix, pooled: two recipients with one per transaction go over one
+ * connection as two transactions; the next message reuses it. */
+static void test_pool_split_and_reuse(void **state)
+{
+    loop_t *loop = loop_new();
+    char t1[37], t2[37];
+    buf_t p1 = BUF_INIT, p2 = BUF_INIT;
+    capture_t cap;
+    deliver_result_t r;
+    util_uuid(t1);
+    util_uuid(t2);
+    make_payload(&p1, t1, "alice@test.example");
+    make_payload(&p2, t2, "bob@test.example");
+    deliver_candidate_t c[] = { cand("mx1.test.example", env.mx1, env.port) };
+    const char *rc1[] = { "alice@test.example", "reject@test.example", "bob@test.example" };
+    const char *rc2[] = { "bob@test.example" };
+    deliver_ctx_t *ctx = ctx_new(loop, SMTP_TLS_VERIFY, 2, 0);
+
+    ctx_run(loop, ctx, rc1, 3, c, 1, &p1, &cap, &r);
+    assert_rcpt(&cap, 0, "alice@test.example", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_rcpt(&cap, 1, "reject@test.example", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+    assert_rcpt(&cap, 2, "bob@test.example", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(r.transactions, 2);
+    assert_int_equal(r.connections, 1);
+    ctx_run(loop, ctx, rc2, 1, c, 1, &p2, &cap, &r);
+    assert_rcpt(&cap, 0, "bob@test.example", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(r.connections, 0);
+    assert_int_equal(r.reused, 1);
+    deliver_stats_t st;
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.connects, 1);
+    assert_int_equal(st.pool.reuses, 1);
+    assert_int_equal(st.tls_full, 1);
+    if (!maildir_has(env.mx1_maildir, t1, 20000) || !maildir_has(env.mx1_maildir, t2, 20000))
+        fail_msg("tokens %s / %s not found in %s", t1, t2, env.mx1_maildir);
+    ctx_close(loop, ctx);
+    buf_free(&p1);
+    buf_free(&p2);
+    loop_free(loop);
+}
+
+/* Postfix issues TLS session tickets: new connections resume. */
+static void test_tls_resumption(void **state)
+{
+    loop_t *loop = loop_new();
+    buf_t p = BUF_INIT;
+    capture_t cap;
+    deliver_result_t r;
+    make_payload(&p, "resumption", "alice@test.example");
+    deliver_candidate_t c[] = { cand("mx2.test.example", env.mx2, env.port) };
+    const char *rc[] = { "alice@test.example" };
+    deliver_ctx_t *ctx = ctx_new(loop, SMTP_TLS_VERIFY, 0, 1);
+
+    for (int i = 0; i < 3; i++) {
+        ctx_run(loop, ctx, rc, 1, c, 1, &p, &cap, &r);
+        assert_rcpt(&cap, 0, "alice@test.example", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+        assert_int_equal(r.connections, 1);
+        print_message("  handshake %d: full=%u resumed=%u %s\n", i, r.tls_full, r.tls_resumed, cap.tls_version);
+    }
+    deliver_stats_t st;
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.tls_full, 1);
+    assert_int_equal(st.tls_resumed, 2);
+    ctx_close(loop, ctx);
+    buf_free(&p);
+    loop_free(loop);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_verify_mixed_recipients),
         cmocka_unit_test(test_failover_to_mx2),
         cmocka_unit_test(test_verify_wrong_name),
+        cmocka_unit_test(test_pool_split_and_reuse),
+        cmocka_unit_test(test_tls_resumption),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

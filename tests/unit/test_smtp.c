@@ -18,6 +18,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <signal.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +27,7 @@
 #include <unistd.h>
 
 #include "core/buf.h"
+#include "core/config.h"
 #include "core/log.h"
 #include "core/loop.h"
 #include "core/stream.h"
@@ -57,6 +59,11 @@ typedef struct script {
     const char   *eod_reply;    /* reply to the end of data */
     act_t         eod_act;      /* ACT_CLOSE: close at the first body bytes, no reply */
     SSL_CTX      *tls;          /* for ACT_STARTTLS */
+    int           hold_until_data; /* answer MAIL/RCPT only once DATA arrived: a lock-step
+                                    * client would wait forever (proves PIPELINING) */
+    int           eod_then_close;  /* after the end-of-data reply, hang up (idle close) */
+    int           close_on_reuse;  /* a MAIL on a connection that already took a message:
+                                    * close without a word (a server that dropped it idle) */
 } script_t;
 
 #define FAKE_MAX_CONNS 4
@@ -67,6 +74,10 @@ typedef struct fake_conn {
     struct fake_server *fs;
     stream_t           *st; /* NULL: slot free */
     int                 in_data;
+    int                 mail_ok; /* like Postfix: RCPT needs MAIL, DATA needs an accepted RCPT */
+    int                 rcpt_ok;
+    int                 nmsgs;   /* messages taken on this connection */
+    buf_t               held;    /* replies held back (hold_until_data) */
     buf_t               body;
 } fake_conn_t;
 
@@ -78,6 +89,8 @@ typedef struct fake_server {
     fake_conn_t     conns[FAKE_MAX_CONNS];
     buf_t           transcript; /* every byte received, all connections */
     int             naccepted;
+    int             nmessages;  /* end-of-data replies given */
+    int             maxconc;    /* most connections open at once */
 } fake_server_t;
 
 static void conn_close(fake_conn_t *c)
@@ -86,6 +99,22 @@ static void conn_close(fake_conn_t *c)
     c->st = NULL;
     c->in_data = 0;
     buf_free(&c->body);
+    buf_free(&c->held);
+}
+
+/* Reply, or hold the reply back until DATA (hold_until_data). */
+static void conn_reply(fake_conn_t *c, const char *line, const char *reply)
+{
+    if (c->fs->sc->hold_until_data &&
+        (strncmp(line, "MAIL", 4) == 0 || strncmp(line, "RCPT", 4) == 0 || strcmp(line, "DATA") == 0)) {
+        buf_puts(&c->held, reply);
+        if (strcmp(line, "DATA") != 0)
+            return;
+        stream_write(c->st, buf_head(&c->held), buf_size(&c->held));
+        buf_reset(&c->held);
+        return;
+    }
+    stream_puts(c->st, reply);
 }
 
 static int body_complete(const buf_t *b)
@@ -119,10 +148,17 @@ static void conn_process(fake_conn_t *c)
             if (!body_complete(&c->body))
                 return;
             c->in_data = 0;
+            c->mail_ok = c->rcpt_ok = 0;
+            fs->nmessages++;
+            c->nmsgs++;
             buf_reset(&c->body);
             if (fs->sc->eod_act == ACT_SILENT)
                 return;
             stream_puts(c->st, fs->sc->eod_reply ? fs->sc->eod_reply : "250 2.0.0 Ok: queued\r\n");
+            if (fs->sc->eod_then_close) {
+                conn_close(c);
+                return;
+            }
             continue;
         }
         size_t ll = buf_line_len(in);
@@ -140,6 +176,25 @@ static void conn_process(fake_conn_t *c)
         buf_consume(in, ll);
 
         const rule_t *r = find_rule(fs->sc, line);
+        if (fs->sc->close_on_reuse && c->nmsgs > 0 && strncmp(line, "MAIL FROM:", 10) == 0) {
+            conn_close(c);
+            return;
+        }
+        if (strncmp(line, "RCPT TO:", 8) == 0 && !c->mail_ok && r && r->act == ACT_REPLY) {
+            conn_reply(c, line, "503 5.5.1 Error: need MAIL command\r\n");
+            continue;
+        }
+        if (strcmp(line, "DATA") == 0 && r && r->act == ACT_REPLY && (!c->mail_ok || !c->rcpt_ok)) {
+            conn_reply(c, line, c->mail_ok ? "554 5.5.1 Error: no valid recipients\r\n"
+                                           : "503 5.5.1 Error: need RCPT command\r\n");
+            continue;
+        }
+        if (r && r->reply && r->reply[0] == '2' && strncmp(line, "MAIL FROM:", 10) == 0)
+            c->mail_ok = 1;
+        if (r && r->reply && r->reply[0] == '2' && strncmp(line, "RCPT TO:", 8) == 0)
+            c->rcpt_ok++;
+        if (strcmp(line, "RSET") == 0)
+            c->mail_ok = c->rcpt_ok = 0;
         if (r == NULL) {
             stream_puts(c->st, "502 5.5.2 Error: command not recognized\r\n");
             continue;
@@ -148,7 +203,7 @@ static void conn_process(fake_conn_t *c)
             c->in_data = 1;
         switch (r->act) {
         case ACT_REPLY:
-            stream_puts(c->st, r->reply);
+            conn_reply(c, line, r->reply);
             break;
         case ACT_SILENT:
             break;
@@ -196,10 +251,18 @@ static void srv_accept(loop_t *loop, int fd, unsigned events, void *arg)
     assert_non_null(c);
     fs->naccepted++;
     c->fs = fs;
+    c->nmsgs = 0;
+    buf_init(&c->held);
     c->in_data = 0;
+    c->mail_ok = c->rcpt_ok = 0;
     buf_init(&c->body);
     c->st = stream_new(loop, conn_cb, c);
     assert_int_equal(stream_attach(c->st, cfd), 0);
+    int open = 0;
+    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
+        open += fs->conns[i].st != NULL;
+    if (open > fs->maxconc)
+        fs->maxconc = open;
     if (fs->sc->greeting)
         stream_puts(c->st, fs->sc->greeting);
     if (fs->sc->greeting_act == ACT_CLOSE)
@@ -289,12 +352,14 @@ typedef struct rcpt_copy {
 typedef struct capture {
     int         fired;
     size_t      nrcpts;
-    rcpt_copy_t r[8];
+    rcpt_copy_t r[16];
     char        mx_host[256];
     char        mx_addr[64];
     char        tls_version[32];
     int         tls;
     unsigned    attempts;
+    unsigned    connections, reused, transactions, tls_full, tls_resumed;
+    smtp_features_t features;
 } capture_t;
 
 typedef struct tls_fixture {
@@ -319,7 +384,7 @@ static void on_result(void *arg, const deliver_result_t *res)
     assert_int_equal(c->fired, 0); /* exactly once */
     c->fired++;
     c->nrcpts = res->nrcpts;
-    for (size_t i = 0; i < res->nrcpts && i < 8; i++) {
+    for (size_t i = 0; i < res->nrcpts && i < 16; i++) {
         const deliver_rcpt_result_t *r = &res->rcpts[i];
         snprintf(c->r[i].rcpt, sizeof(c->r[i].rcpt), "%s", r->rcpt);
         c->r[i].outcome = r->outcome;
@@ -333,6 +398,12 @@ static void on_result(void *arg, const deliver_result_t *res)
     c->tls = res->tls_version != NULL;
     snprintf(c->tls_version, sizeof(c->tls_version), "%s", res->tls_version ? res->tls_version : "");
     c->attempts = res->attempts_made;
+    c->connections = res->connections;
+    c->reused = res->reused;
+    c->transactions = res->transactions;
+    c->tls_full = res->tls_full;
+    c->tls_resumed = res->tls_resumed;
+    c->features = res->features;
 }
 
 static deliver_candidate_t cand(const char *host, unsigned short port)
@@ -541,8 +612,10 @@ static void test_all_rcpt_rejected(void **state)
 
     deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
 
+    /* pipelined: DATA went out with the RCPTs and got 554; the accepted
+     * MAIL leaves a transaction open, so RSET before QUIT */
     assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
-                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRSET\r\nQUIT\r\n");
+                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\nRSET\r\nQUIT\r\n");
     assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "policy", 554, "5.7.1");
     assert_int_equal(cap.attempts, 1);
@@ -569,7 +642,10 @@ static void test_mail_from_rejected(void **state)
     deliver_and_wait(t, &cfg, rcpts, 2, c, 2, &cap);
 
     /* a completed dialogue: the server's answer stands, no failover */
-    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\nQUIT\r\n");
+    /* pipelined: the RCPT and DATA replies (503) are read and ignored; no
+     * transaction was opened, so no RSET */
+    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\nQUIT\r\n");
     assert_int_equal(s2->naccepted, 0);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "policy", 553, "5.7.1");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "policy", 553, "5.7.1");
@@ -1027,6 +1103,841 @@ static void test_starttls_injection(void **state)
     drain_and_check(t->loop, &fs, 1);
 }
 
+/* ---- engine: pipelining, splitting, pool, resumption, AUTH ---------- */
+
+typedef struct creq {
+    const char *const *rcpts;
+    size_t             nrcpts;
+    const char        *domain;
+    unsigned           need;
+} creq_t;
+
+static deliver_t *ctx_start(deliver_ctx_t *ctx, const creq_t *q, const deliver_candidate_t *cands,
+                            size_t ncands, capture_t *cap)
+{
+    deliver_request_t req = {
+        .mail_from = FROM,
+        .rcpts = q->rcpts,
+        .nrcpts = q->nrcpts,
+        .data = PAYLOAD,
+        .len = strlen(PAYLOAD),
+        .message_size = MSG_SIZE,
+        .candidates = cands,
+        .ncandidates = ncands,
+        .log_id = "test-msg-ctx",
+        .domain = q->domain,
+        .need = q->need,
+    };
+    memset(cap, 0, sizeof(*cap));
+    deliver_t *d = deliver_ctx_start(ctx, &req, on_result, cap);
+    assert_non_null(d);
+    assert_int_equal(cap->fired, 0);
+    return d;
+}
+
+static void ctx_deliver(deliver_ctx_t *ctx, loop_t *loop, const creq_t *q, const deliver_candidate_t *cands,
+                        size_t ncands, capture_t *cap)
+{
+    ctx_start(ctx, q, cands, ncands, cap);
+    run_until(loop, &cap->fired);
+}
+
+static void spin(loop_t *loop, int n)
+{
+    for (int i = 0; i < n; i++)
+        loop_run_once(loop, 10);
+}
+
+/* The server holds every MAIL/RCPT reply until DATA arrives: only a
+ * client that really sends MAIL, RCPTs and DATA without waiting gets
+ * through. Exact transcript, one transaction. */
+static void test_pipelining_batch(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .hold_until_data = 1,
+                                 .eod_reply = "250 2.0.0 Ok: queued as P1\r\n" };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y", "c@y", "d@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    t->to.mail_ms = 1000; /* a lock-step client would time out waiting for MAIL's reply */
+    deliver_and_wait(t, &cfg, rcpts, 3, c, 1, &cap);
+    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\n"));
+    for (size_t i = 0; i < 3; i++)
+        assert_rcpt(&cap, i, rcpts[i], OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.transactions, 1);
+    /* the EHLO keywords reach the caller */
+    assert_int_equal(cap.features.flags, SMTP_FEAT_PIPELINING | SMTP_FEAT_SIZE | SMTP_FEAT_8BITMIME |
+                                             SMTP_FEAT_ENHANCEDSTATUSCODES);
+    assert_int_equal(cap.features.size_max, 10240000);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* Without PIPELINING in EHLO the same exchange is lock-step: RCPTs all
+ * refused means no DATA at all, then RSET. */
+static void test_lockstep_without_pipelining(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", "250-fake.test\r\n250 SIZE 1000\r\n", ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "550 5.1.1 no such user\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "RSET", "250 2.0.0 Ok\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRSET\r\nQUIT\r\n");
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+
+    /* PIPELINING offered but switched off by configuration: lock-step too */
+    static const script_t held = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .hold_until_data = 1 };
+    fake_server_t *s2 = fake_server_new(t->loop, &held);
+    deliver_candidate_t c2[] = { cand("mx1.fake.test", s2->port) };
+    cfg.no_pipelining = 1;
+    t->to.mail_ms = 300;
+    deliver_and_wait(t, &cfg, rcpts, 1, c2, 1, &cap);
+    assert_string_equal(transcript(s2), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n");
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    assert_string_equal(cap.r[0].text, "timeout while sending MAIL FROM");
+    fake_server_t *all[] = { fs, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+/* More recipients than max_rcpts: split over transactions on the same
+ * connection, each recipient with its own answer. */
+static void test_split_transactions(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:<r2@y>", "550 5.1.1 <r2@y>: User unknown\r\n", ACT_REPLY },
+        { "RCPT TO:<r4@y>", "452 4.2.2 <r4@y>: Mailbox full\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "r1@y", "r2@y", "r3@y", "r4@y", "r5@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    cfg.max_rcpts = 2;
+    deliver_and_wait(t, &cfg, rcpts, 5, c, 1, &cap);
+#define ENV "MAIL FROM:<" FROM "> SIZE=38\r\n"
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\n"
+                                        ENV "RCPT TO:<r1@y>\r\nRCPT TO:<r2@y>\r\nDATA\r\n" PAYLOAD
+                                        ENV "RCPT TO:<r3@y>\r\nRCPT TO:<r4@y>\r\nDATA\r\n" PAYLOAD
+                                        ENV "RCPT TO:<r5@y>\r\nDATA\r\n" PAYLOAD "QUIT\r\n");
+#undef ENV
+    assert_int_equal(fs->naccepted, 1);
+    assert_int_equal(fs->nmessages, 3);
+    assert_int_equal(cap.transactions, 3);
+    assert_int_equal(cap.attempts, 1);
+    assert_rcpt(&cap, 0, "r1@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_rcpt(&cap, 1, "r2@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+    assert_rcpt(&cap, 2, "r3@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_rcpt(&cap, 3, "r4@y", OUTCOME_TRANSIENT, "mailbox_full", 452, "4.2.2");
+    assert_rcpt(&cap, 4, "r5@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* "452 4.5.3 too many recipients" is no verdict: those recipients go in
+ * the next transaction. */
+static void test_452_too_many_recipients_next_txn(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:<c@y>", "452 4.5.3 Error: too many recipients\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const rule_t rules2[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "452 4.5.3 Error: too many recipients\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "RSET", "250 2.0.0 Ok\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    static const script_t sc2 = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules2 };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    fake_server_t *s2 = fake_server_new(t->loop, &sc2);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    deliver_candidate_t c2[] = { cand("mx1.fake.test", s2->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    /* c@y is refused "too many" in the first transaction only (the rule
+     * matches by address, so it gets it again: no progress the second
+     * time, its own 452 stands) */
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\n"
+                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"
+                                        PAYLOAD "QUIT\r\n" /* one-shot: no pool, a new connection */
+                                        "EHLO " HELO_NAME "\r\n"
+                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<c@y>\r\nDATA\r\n"
+                                        "RSET\r\nQUIT\r\n");
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_TRANSIENT, "rate_limited", 452, "4.5.3");
+    assert_int_equal(cap.transactions, 2);
+
+    /* nobody accepted, all "too many": one transaction, no loop */
+    deliver_and_wait(t, &cfg, rcpts, 2, c2, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "rate_limited", 452, "4.5.3");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_TRANSIENT, "rate_limited", 452, "4.5.3");
+    assert_int_equal(cap.transactions, 1);
+    fake_server_t *all[] = { fs, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+static deliver_ctx_t *pool_ctx(tctx_t *t, smtp_tls_policy_t tls, const smtp_pool_limits_t *lim)
+{
+    deliver_config_t cfg = config(t, tls);
+    if (lim)
+        cfg.pool = *lim;
+    return deliver_ctx_new(t->loop, &cfg);
+}
+
+/* Two messages to one destination: one connection, no RSET between
+ * completed transactions, the second says reused. */
+static void test_pool_reuse(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y" }, *r2[] = { "c@y" };
+    creq_t q1 = { r1, 1, "y", 0 }, q2 = { r2, 1, "y", 0 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    capture_t cap;
+
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.connections, 1);
+    assert_int_equal(cap.reused, 0);
+    spin(t->loop, 3);
+    ctx_deliver(ctx, t->loop, &q2, c, 1, &cap);
+    assert_rcpt(&cap, 0, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.connections, 0);
+    assert_int_equal(cap.reused, 1);
+    assert_int_equal(cap.attempts, 1);
+    assert_int_equal(fs->naccepted, 1);
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\n"
+                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD
+                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<c@y>\r\nDATA\r\n" PAYLOAD);
+    deliver_stats_t st;
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.connects, 1);
+    assert_int_equal(st.pool.reuses, 1);
+    assert_int_equal(st.pool.idle, 1);
+    /* freeing the context says QUIT to what is idle */
+    deliver_ctx_free(ctx);
+    spin(t->loop, 5);
+    assert_string_equal(transcript(fs) + strlen(transcript(fs)) - 6, "QUIT\r\n");
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* A transaction left open (every RCPT refused) is RSET before the
+ * connection goes back to the pool; the next message needs no RSET. */
+static void test_pool_rset_only_when_needed(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:<bad@y>", "550 5.1.1 no such user\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "RSET", "250 2.0.0 Ok\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "bad@y" }, *r2[] = { "c@y" };
+    creq_t q1 = { r1, 1, NULL, 0 }, q2 = { r2, 1, NULL, 0 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    capture_t cap;
+
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "bad@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+    ctx_deliver(ctx, t->loop, &q2, c, 1, &cap);
+    assert_rcpt(&cap, 0, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.reused, 1);
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\n"
+                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<bad@y>\r\nDATA\r\nRSET\r\n"
+                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<c@y>\r\nDATA\r\n" PAYLOAD);
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* The server hangs up on the idle connection: noticed, discarded, the
+ * next message connects afresh and that costs nothing. */
+static void test_pool_idle_close_detected(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    capture_t cap;
+    deliver_stats_t st;
+
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    spin(t->loop, 3);
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.idle, 1);
+    for (size_t i = 0; i < FAKE_MAX_CONNS; i++) /* the server's idle timeout */
+        if (fs->conns[i].st)
+            conn_close(&fs->conns[i]);
+    spin(t->loop, 5);
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.idle, 0);
+    assert_int_equal(st.pool.idle_lost, 1);
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.attempts, 1);
+    assert_int_equal(cap.connections, 1);
+    assert_int_equal(cap.reused, 0);
+    assert_int_equal(fs->naccepted, 2);
+
+    /* "421 idle timeout" then close: same */
+    static const script_t bye = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok };
+    fake_server_t *s2 = fake_server_new(t->loop, &bye);
+    deliver_candidate_t c2[] = { cand("mx2.fake.test", s2->port) };
+    ctx_deliver(ctx, t->loop, &q1, c2, 1, &cap);
+    spin(t->loop, 3);
+    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
+        if (s2->conns[i].st)
+            stream_puts(s2->conns[i].st, "421 4.4.2 fake.test Error: timeout exceeded\r\n");
+    spin(t->loop, 5);
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.idle_lost, 2);
+
+    /* a server that hangs up right after the end-of-data reply: never
+     * pooled at all */
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .eod_then_close = 1 };
+    fake_server_t *s3 = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c3[] = { cand("mx3.fake.test", s3->port) };
+    deliver_ctx_stats(ctx, &st);
+    size_t idle_before = st.pool.idle;
+    ctx_deliver(ctx, t->loop, &q1, c3, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    spin(t->loop, 5);
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.idle, idle_before);
+    deliver_ctx_free(ctx);
+    fake_server_t *all[] = { fs, s2, s3 };
+    drain_and_check(t->loop, all, 3);
+}
+
+/* The pooled connection dies only when used (the close was not seen while
+ * idle): the message goes over a fresh connection to the same MX, and the
+ * attempt count says one. */
+static void test_pool_dead_on_reuse_retried(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .close_on_reuse = 1 };
+    static const script_t other = { .greeting = "554 5.7.1 not me\r\n", .rules = rules_ok };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    fake_server_t *s2 = fake_server_new(t->loop, &other);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port), cand("mx2.fake.test", s2->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    capture_t cap;
+
+    ctx_deliver(ctx, t->loop, &q1, c, 2, &cap);
+    assert_int_equal(cap.connections, 1);
+    ctx_deliver(ctx, t->loop, &q1, c, 2, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_string_equal(cap.mx_host, "mx1.fake.test");
+    assert_int_equal(cap.attempts, 1);
+    assert_int_equal(cap.connections, 1);
+    assert_int_equal(fs->naccepted, 2);
+    assert_int_equal(s2->naccepted, 0);
+    deliver_ctx_free(ctx);
+    fake_server_t *all[] = { fs, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+/* Limits: messages per session (then QUIT and a new connection), idle
+ * time (QUIT when it runs out). */
+static void test_pool_limits_msgs_and_idle(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    smtp_pool_limits_t lim = { .max_msgs_per_session = 2, .max_idle_ms = 200 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, &lim);
+    capture_t cap;
+    deliver_stats_t st;
+
+    for (int i = 0; i < 3; i++) {
+        ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+        assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+        assert_int_equal(cap.connections, i == 2 ? 1 : (i == 0));
+    }
+    spin(t->loop, 5);
+    assert_int_equal(fs->naccepted, 2);
+    /* the first connection said QUIT after its second message */
+    assert_non_null(strstr(transcript(fs), PAYLOAD "QUIT\r\nEHLO "));
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.idle, 1);
+    for (int i = 0; i < 60 && st.pool.idle; i++) {
+        spin(t->loop, 1);
+        deliver_ctx_stats(ctx, &st);
+    }
+    assert_int_equal(st.pool.idle, 0);
+    assert_int_equal(st.pool.evicted, 2);
+    spin(t->loop, 5);
+    assert_false(fake_server_busy(fs)); /* QUIT answered, both closed */
+    assert_int_equal(loop_timer_count(t->loop), 0); /* no sweep timer without idle sessions */
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* Worker limit: a full worker evicts another destination's idle session
+ * (QUIT) to connect; age limit: a connection past max_age is not kept. */
+static void test_pool_worker_limit_and_age(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *a = fake_server_new(t->loop, &script_ok);
+    fake_server_t *b = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t ca[] = { cand("mxa.fake.test", a->port) };
+    deliver_candidate_t cb[] = { cand("mxb.fake.test", b->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    smtp_pool_limits_t lim = { .max_total = 1, .max_idle_ms = 60000 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, &lim);
+    capture_t cap;
+    deliver_stats_t st;
+
+    ctx_deliver(ctx, t->loop, &q1, ca, 1, &cap);
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.idle, 1);
+    /* no waiting for a's idle time to run out (60 s): evicted at once */
+    deliver_t *d = ctx_start(ctx, &q1, cb, 1, &cap);
+    for (int i = 0; i < 200 && !cap.fired; i++)
+        loop_run_once(t->loop, 10);
+    if (!cap.fired) {
+        deliver_cancel(d);
+        fail_msg("the second destination waited for the first one's idle session");
+    }
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    spin(t->loop, 5);
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.evicted, 1);
+    assert_int_equal(st.pool.idle, 1); /* b's */
+    assert_string_equal(transcript(a) + strlen(transcript(a)) - 6, "QUIT\r\n");
+    assert_null(strstr(transcript(b), "QUIT"));
+    deliver_ctx_free(ctx);
+    spin(t->loop, 5);
+
+    /* idle time generous, age short: the sweep retires it for its age */
+    smtp_pool_limits_t old = { .max_age_ms = 100, .max_idle_ms = 60000 };
+    ctx = pool_ctx(t, SMTP_TLS_NONE, &old);
+    buf_reset(&a->transcript);
+    ctx_deliver(ctx, t->loop, &q1, ca, 1, &cap);
+    deliver_ctx_stats(ctx, &st);
+    for (int i = 0; i < 100 && st.pool.idle; i++) {
+        spin(t->loop, 1);
+        deliver_ctx_stats(ctx, &st);
+    }
+    assert_int_equal(st.pool.idle, 0);
+    assert_int_equal(st.pool.evicted, 1);
+    spin(t->loop, 5);
+    assert_string_equal(transcript(a), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
+    deliver_ctx_free(ctx);
+    fake_server_t *all[] = { a, b };
+    drain_and_check(t->loop, all, 2);
+}
+
+/* One connection per destination: the second message waits for the
+ * first's connection and reuses it. */
+static void test_pool_per_destination_limit(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y" }, *r2[] = { "c@y" };
+    creq_t q1 = { r1, 1, NULL, 0 }, q2 = { r2, 1, NULL, 0 };
+    smtp_pool_limits_t lim = { .max_per_dest = 1 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, &lim);
+    capture_t cap1, cap2;
+
+    ctx_start(ctx, &q1, c, 1, &cap1);
+    ctx_start(ctx, &q2, c, 1, &cap2);
+    run_until(t->loop, &cap1.fired);
+    run_until(t->loop, &cap2.fired);
+    assert_rcpt(&cap1, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_rcpt(&cap2, 0, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(fs->naccepted, 1);
+    assert_int_equal(fs->maxconc, 1);
+    assert_int_equal(cap2.reused, 1);
+
+    /* without the limit two connections open at once */
+    deliver_ctx_free(ctx);
+    spin(t->loop, 5);
+    ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    ctx_start(ctx, &q1, c, 1, &cap1);
+    ctx_start(ctx, &q2, c, 1, &cap2);
+    run_until(t->loop, &cap1.fired);
+    run_until(t->loop, &cap2.fired);
+    assert_int_equal(fs->naccepted, 3);
+    assert_int_equal(fs->maxconc, 2);
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* A second connection to a destination resumes the TLS session. */
+static void test_tls_resumption(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .greeting = "220 mx.test.local ESMTP\r\n", .rules = rules_tls, .tls = fx.server_ctx };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx.test.local", fs->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    smtp_pool_limits_t lim = { .disabled = 1 }; /* a new connection every time */
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_VERIFY, &lim);
+    capture_t cap;
+    deliver_stats_t st;
+
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.tls_full, 1);
+    assert_int_equal(cap.tls_resumed, 0);
+    for (int i = 0; i < 2; i++) {
+        spin(t->loop, 3);
+        ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+        assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+        assert_int_equal(cap.tls, 1);
+        assert_int_equal(cap.tls_full, 0);
+        assert_int_equal(cap.tls_resumed, 1);
+    }
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.tls_full, 1);
+    assert_int_equal(st.tls_resumed, 2);
+    assert_int_equal(st.tls_cached, 1);
+    assert_int_equal(fs->naccepted, 3);
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* Per-domain TLS policy overrides the default. */
+static void test_tls_policy_per_domain(void **state)
+{
+    tctx_t *t = *state;
+    deliver_config_t cfg = config(t, SMTP_TLS_VERIFY);
+    cfg.tls_policy_map = "legacy.test:none, .corp.test:required,bank.test : verify,bad.test:bogus";
+    assert_int_equal(deliver_tls_policy_for(&cfg, "legacy.test"), SMTP_TLS_NONE);
+    assert_int_equal(deliver_tls_policy_for(&cfg, "LEGACY.test"), SMTP_TLS_NONE);
+    assert_int_equal(deliver_tls_policy_for(&cfg, "x.legacy.test"), SMTP_TLS_VERIFY);
+    assert_int_equal(deliver_tls_policy_for(&cfg, "corp.test"), SMTP_TLS_REQUIRED);
+    assert_int_equal(deliver_tls_policy_for(&cfg, "a.b.corp.test"), SMTP_TLS_REQUIRED);
+    assert_int_equal(deliver_tls_policy_for(&cfg, "xcorp.test"), SMTP_TLS_VERIFY);
+    assert_int_equal(deliver_tls_policy_for(&cfg, "bank.test"), SMTP_TLS_VERIFY);
+    assert_int_equal(deliver_tls_policy_for(&cfg, "bad.test"), SMTP_TLS_VERIFY);
+    assert_int_equal(deliver_tls_policy_for(&cfg, NULL), SMTP_TLS_VERIFY);
+    assert_int_equal(deliver_tls_policy_parse("opportunistic"), SMTP_TLS_OPPORTUNISTIC);
+    assert_int_equal(deliver_tls_policy_parse("x"), -1);
+
+    /* end to end: a plaintext-only server is fine for legacy.test under a
+     * verify default, and refused for another domain */
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@legacy.test" };
+    creq_t q1 = { r1, 1, "legacy.test", 0 }, q2 = { r1, 1, "other.test", 0 };
+    deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
+    capture_t cap;
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@legacy.test", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.tls, 0);
+    ctx_deliver(ctx, t->loop, &q2, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@legacy.test", OUTCOME_TRANSIENT, "tls", 0, "");
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static const rule_t rules_auth[] = {
+    { "EHLO", "250-fake.test\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 AUTH LOGIN PLAIN\r\n", ACT_REPLY },
+    { "STARTTLS", "220 2.0.0 Ready to start TLS\r\n", ACT_STARTTLS },
+    { "AUTH PLAIN AHVzZXIAcGFzcw==", "235 2.7.0 Authentication successful\r\n", ACT_REPLY },
+    { "AUTH PLAIN", "535 5.7.8 Error: authentication failed\r\n", ACT_REPLY },
+    { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+    { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+    { "DATA", "354 go ahead\r\n", ACT_REPLY },
+    { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+    { NULL, NULL, 0 },
+};
+
+static const rule_t rules_auth_login[] = {
+    { "EHLO", "250-fake.test\r\n250-STARTTLS\r\n250 AUTH=LOGIN\r\n", ACT_REPLY },
+    { "STARTTLS", "220 2.0.0 Ready to start TLS\r\n", ACT_STARTTLS },
+    { "AUTH LOGIN", "334 VXNlcm5hbWU6\r\n", ACT_REPLY },
+    { "dXNlcg==", "334 UGFzc3dvcmQ6\r\n", ACT_REPLY },
+    { "cGFzcw==", "235 2.7.0 Authentication successful\r\n", ACT_REPLY },
+    { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+    { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+    { "DATA", "354 go ahead\r\n", ACT_REPLY },
+    { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+    { NULL, NULL, 0 },
+};
+
+/* Relay mode: the smarthost replaces the MX list; AUTH only inside TLS. */
+static void test_relay_auth(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .greeting = "220 relay.test ESMTP\r\n", .rules = rules_auth, .tls = fx.server_ctx };
+    script_t sl = { .greeting = "220 relay.test ESMTP\r\n", .rules = rules_auth_login, .tls = fx.server_ctx };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    fake_server_t *fl = fake_server_new(t->loop, &sl);
+    fake_server_t *mx = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t relay = cand("mx.test.local", fs->port);
+    deliver_candidate_t relay_login = cand("mx.test.local", fl->port);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", mx->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, "y", 0 };
+    capture_t cap;
+
+    deliver_config_t cfg = config(t, SMTP_TLS_VERIFY);
+    cfg.relay = &relay;
+    cfg.nrelay = 1;
+    cfg.auth_user = "user";
+    cfg.auth_pass = "pass";
+    deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nSTARTTLS\r\nEHLO " HELO_NAME "\r\n"
+                                        "AUTH PLAIN AHVzZXIAcGFzcw==\r\nMAIL FROM:<" FROM ">\r\n"
+                                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
+    assert_int_equal(mx->naccepted, 0);
+    deliver_ctx_free(ctx);
+
+    /* wrong password: the relay refused us, not the recipient */
+    cfg.auth_pass = "wrong";
+    ctx = deliver_ctx_new(t->loop, &cfg);
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "policy", 535, "5.7.8");
+    deliver_ctx_free(ctx);
+
+    /* LOGIN when PLAIN is not offered */
+    cfg.auth_pass = "pass";
+    cfg.relay = &relay_login;
+    ctx = deliver_ctx_new(t->loop, &cfg);
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_string_equal(transcript(fl), "EHLO " HELO_NAME "\r\nSTARTTLS\r\nEHLO " HELO_NAME "\r\n"
+                                        "AUTH LOGIN\r\ndXNlcg==\r\ncGFzcw==\r\nMAIL FROM:<" FROM ">\r\n"
+                                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
+    deliver_ctx_free(ctx);
+
+    /* never in the clear: policy none means no AUTH at all */
+    buf_reset(&fs->transcript);
+    cfg.relay = &relay;
+    cfg.tls = SMTP_TLS_NONE;
+    ctx = deliver_ctx_new(t->loop, &cfg);
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
+    assert_null(strstr(transcript(fs), "AUTH"));
+    deliver_ctx_free(ctx);
+    fake_server_t *all[] = { fs, fl, mx };
+    drain_and_check(t->loop, all, 3);
+}
+
+/* 8BITMIME / SMTPUTF8: declared when offered, refused locally when not. */
+static void test_need_8bitmime_smtputf8(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok); /* 8BITMIME, no SMTPUTF8 */
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q8 = { r1, 1, NULL, SMTP_NEED_8BITMIME }, qu = { r1, 1, NULL, SMTP_NEED_SMTPUTF8 };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    cfg.pool.disabled = 1;
+    deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
+    capture_t cap;
+
+    ctx_deliver(ctx, t->loop, &q8, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_non_null(strstr(transcript(fs), "MAIL FROM:<" FROM "> SIZE=38 BODY=8BITMIME\r\n"));
+    spin(t->loop, 5);
+    buf_reset(&fs->transcript);
+    ctx_deliver(ctx, t->loop, &qu, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "policy", 553, "5.6.7");
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nQUIT\r\n");
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* Pipelined batch, MAIL refused: the RCPT and DATA replies are read and
+ * ignored, nothing else is sent, no RSET, and a pooled session stays in
+ * sync for the next message. */
+static void test_pipelined_mail_refused_keeps_sync(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:<>", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "MAIL FROM:", "553 5.7.1 <a@x>: Sender address rejected\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y", "c@y" };
+    creq_t q1 = { r1, 2, NULL, 0 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    capture_t cap;
+
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "policy", 553, "5.7.1");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "policy", 553, "5.7.1");
+    deliver_request_t req = { .mail_from = "", .rcpts = r1, .nrcpts = 1, .data = PAYLOAD, .len = strlen(PAYLOAD),
+                              .message_size = MSG_SIZE, .candidates = c, .ncandidates = 1 };
+    memset(&cap, 0, sizeof(cap));
+    deliver_ctx_start(ctx, &req, on_result, &cap);
+    run_until(t->loop, &cap.fired);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.reused, 1);
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\n"
+                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"
+                                        "MAIL FROM:<> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* RCPT timeout inside a pipelined batch: per-state timeout wording. */
+static void test_pipelined_rcpt_timeout(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:<c@y>", NULL, ACT_SILENT },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", NULL, ACT_SILENT },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    t->to.rcpt_ms = 200;
+    deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    assert_string_equal(cap.r[0].text, "timeout while sending RCPT TO");
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_tls_session_cache(void **state)
+{
+    tls_session_cache_t *c = tls_session_cache_new(2);
+    SSL_CTX *ctx = fx.noverify_ctx;
+    SSL *ssl = SSL_new(ctx);
+    assert_null(tls_session_cache_get(c, "a"));
+    /* a fresh SSL_SESSION has no ticket/id: not resumable, dropped on get */
+    tls_session_cache_put(c, "a", SSL_SESSION_new());
+    assert_int_equal(tls_session_cache_count(c), 1);
+    assert_null(tls_session_cache_get(c, "a"));
+    assert_int_equal(tls_session_cache_count(c), 0);
+    tls_session_cache_put(c, "a", SSL_SESSION_new());
+    tls_session_cache_put(c, "b", SSL_SESSION_new());
+    tls_session_cache_put(c, "c", SSL_SESSION_new()); /* bounded: "a" goes */
+    assert_int_equal(tls_session_cache_count(c), 2);
+    tls_session_cache_put(c, "b", NULL);
+    assert_int_equal(tls_session_cache_count(c), 1);
+    SSL_free(ssl);
+    tls_session_cache_free(c);
+}
+
+
+static void set_str(char **field, const char *v)
+{
+    free(*field);
+    *field = strdup(v);
+}
+
+/* [smtp] keys -> deliver_config_t */
+static void test_config_engine(void **state)
+{
+    mp_config_t mc;
+    deliver_config_t d;
+    smtp_timeouts_t to;
+    deliver_candidate_t *relay = NULL;
+    char err[256];
+
+    config_defaults(&mc);
+    memset(&d, 0, sizeof(d));
+    d.tls = SMTP_TLS_OPPORTUNISTIC;
+    mc.smtp_timeout_ms[5] = 1234; /* rcpt */
+    mc.smtp_timeout_scale = 10;
+    mc.smtp_pool = 0;
+    mc.smtp_pipelining = 0;
+    set_str(&mc.smtp_tls_policy, "a.test:verify, .b.test:none");
+    set_str(&mc.smtp_relay, "127.0.0.1:2526");
+    set_str(&mc.smtp_relay_user, "u");
+    assert_int_equal(deliver_config_engine(&d, &mc, &to, &relay, err, sizeof(err)), 0);
+    assert_ptr_equal(d.timeouts, &to);
+    assert_int_equal(to.rcpt_ms, 1234);
+    assert_int_equal(to.mail_ms, 30000);
+    assert_int_equal(d.max_rcpts, 100);
+    assert_true(d.pool.disabled);
+    assert_true(d.no_pipelining);
+    assert_int_equal(d.pool.max_idle_ms, 5000);
+    assert_int_equal(deliver_tls_policy_for(&d, "x.b.test"), SMTP_TLS_NONE);
+    assert_int_equal(d.nrelay, 1);
+    assert_int_equal(ntohs(((struct sockaddr_in *)&relay[0].addr)->sin_port), 2526);
+    assert_string_equal(relay[0].host, "127.0.0.1");
+    assert_string_equal(d.auth_user, "u");
+    free(relay);
+
+    d.tls = SMTP_TLS_NONE; /* AUTH would go in the clear */
+    assert_int_equal(deliver_config_engine(&d, &mc, &to, &relay, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "relay_user"));
+    free(relay);
+    set_str(&mc.smtp_tls_policy, "a.test:sometimes");
+    assert_int_equal(deliver_config_engine(&d, &mc, &to, &relay, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "a.test:sometimes"));
+    assert_int_equal(deliver_tls_policy_map_check("nocolon", err, sizeof(err)), -1);
+    assert_int_equal(deliver_tls_policy_map_check("", err, sizeof(err)), 0);
+    config_free(&mc);
+}
+
 /* ---- pure pieces ---------------------------------------------------- */
 
 static void test_features(void **state)
@@ -1204,6 +2115,7 @@ static int group_setup(void **state)
 {
     char err[256], path[192], key[192];
     const char *lvl = getenv("MP_TEST_LOG");
+    signal(SIGPIPE, SIG_IGN); /* as mailpumpd: a TLS write to a closed peer is an error, not a signal */
     log_setup(lvl ? (enum log_level)log_level_from_name(lvl) : LOG_WARN, LOG_FMT_LOGFMT);
 
     snprintf(fx.dir, sizeof(fx.dir), "/tmp/mp_test_smtp.XXXXXX");
@@ -1271,6 +2183,25 @@ int main(void)
         T(test_starttls_verify_untrusted_ca),
         T(test_tls_required_not_offered),
         T(test_starttls_injection),
+        T(test_pipelining_batch),
+        T(test_lockstep_without_pipelining),
+        T(test_split_transactions),
+        T(test_452_too_many_recipients_next_txn),
+        T(test_pool_reuse),
+        T(test_pool_rset_only_when_needed),
+        T(test_pool_idle_close_detected),
+        T(test_pool_dead_on_reuse_retried),
+        T(test_pool_limits_msgs_and_idle),
+        T(test_pool_per_destination_limit),
+        T(test_pool_worker_limit_and_age),
+        T(test_tls_resumption),
+        T(test_tls_policy_per_domain),
+        T(test_relay_auth),
+        T(test_need_8bitmime_smtputf8),
+        T(test_pipelined_mail_refused_keeps_sync),
+        T(test_pipelined_rcpt_timeout),
+        cmocka_unit_test(test_tls_session_cache),
+        cmocka_unit_test(test_config_engine),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

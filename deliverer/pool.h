@@ -1,0 +1,100 @@
+/*
+ * deliverer/pool.h - per-worker cache of open SMTP sessions, keyed by
+ * destination.
+ *
+ * A destination key names everything that makes two connections
+ * interchangeable: MX address, port, TLS policy, MX host name (SNI and
+ * verified name), EHLO name and AUTH identity (deliver.c builds it). A
+ * finished transaction gives its session back; the next message for the
+ * same key reuses it instead of connecting, greeting, EHLO-ing and
+ * negotiating TLS again.
+ *
+ * Limits (smtp_pool_limits_t): messages per session, session age, idle
+ * time, connections per destination and per worker. A destination or the
+ * worker at its limit makes the caller wait (FIFO) for a slot; when the
+ * worker is full, idle sessions of other destinations are evicted first.
+ * Evicted and expired sessions say QUIT before they close. An idle session
+ * the server closed (EOF, a 421, bytes nobody asked for) is dropped the
+ * moment it is noticed, and again checked with a MSG_PEEK probe when it
+ * is handed out, so a dead connection never costs a delivery attempt.
+ *
+ * Ownership: a session handed out (or connected after SMTP_POOL_CONNECT)
+ * belongs to the caller until smtp_pool_release(); idle ones belong to the
+ * pool. The caller's slot counts from acquire to release.
+ *
+ * Thread-safety: none; one pool per worker loop.
+ */
+#ifndef MP_DELIVERER_POOL_H
+#define MP_DELIVERER_POOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/loop.h"
+#include "deliverer/session.h"
+
+typedef struct smtp_pool_limits {
+    unsigned max_msgs_per_session; /* transactions per connection; 0 means 100 */
+    unsigned max_age_ms;           /* connection lifetime; 0 means 300000 */
+    unsigned max_idle_ms;          /* idle time before QUIT; 0 means 5000 */
+    unsigned max_per_dest;         /* connections (busy + idle) per key; 0 means 20 */
+    unsigned max_total;            /* connections per worker; 0 means 1000 */
+    int      disabled;             /* never keep a session: every acquire connects */
+} smtp_pool_limits_t;
+
+typedef struct smtp_pool_stats {
+    uint64_t connects;   /* SMTP_POOL_CONNECT grants */
+    uint64_t reuses;     /* idle sessions handed out */
+    uint64_t idle_lost;  /* idle sessions found closed by the server */
+    uint64_t evicted;    /* QUIT for limits, age, idle time, or room for another key */
+    size_t   idle;       /* currently idle */
+    size_t   busy;       /* currently handed out / connecting */
+    size_t   waiting;    /* callers waiting for a slot */
+} smtp_pool_stats_t;
+
+typedef struct smtp_pool smtp_pool_t;
+
+enum { SMTP_POOL_REUSE = 1, SMTP_POOL_CONNECT = 2, SMTP_POOL_WAIT = 3 };
+
+/* Fires exactly once for a waiting acquire (never from inside acquire or
+ * release): how = SMTP_POOL_REUSE with s, or SMTP_POOL_CONNECT with NULL;
+ * on smtp_pool_free() with how = 0 and NULL. */
+typedef void (*smtp_pool_cb)(void *arg, int how, smtp_session_t *s);
+
+/* A waiting caller, embedded in its owner (no allocation). */
+typedef struct smtp_pool_wait {
+    struct smtp_pool_wait *next, *prev;
+    char                  *key;
+    smtp_pool_cb           cb;
+    void                  *arg;
+    int                    queued;
+} smtp_pool_wait_t;
+
+smtp_pool_t *smtp_pool_new(loop_t *loop, const smtp_pool_limits_t *lim);
+/* QUITs (best effort, without waiting) and frees idle sessions, fails
+ * waiters with how = 0. Busy sessions are their owners'. NULL harmless. */
+void smtp_pool_free(smtp_pool_t *p);
+
+/*
+ * Ask for a connection to key. Returns SMTP_POOL_REUSE and sets *s (an
+ * IDLE session, now the caller's: run smtp_session_next() on it),
+ * SMTP_POOL_CONNECT (open a new one), or SMTP_POOL_WAIT (w is queued; its
+ * callback decides later; w must stay valid until then or
+ * smtp_pool_cancel()).
+ */
+int  smtp_pool_acquire(smtp_pool_t *p, const char *key, smtp_session_t **s, smtp_pool_wait_t *w,
+                       smtp_pool_cb cb, void *arg) __attribute__((warn_unused_result));
+/* Withdraw a waiting acquire; harmless when w is not queued. */
+void smtp_pool_cancel(smtp_pool_t *p, smtp_pool_wait_t *w);
+/*
+ * End of the caller's use of its slot for key. s may be NULL (the
+ * connection failed or was freed by the caller). A session whose last
+ * result said reusable and that is within its limits becomes idle; any
+ * other is QUIT (if still in sync) and freed by the pool. Takes ownership
+ * of s. Returns 1 if the session was kept idle, 0 if closed.
+ */
+int  smtp_pool_release(smtp_pool_t *p, const char *key, smtp_session_t *s);
+void smtp_pool_get_stats(const smtp_pool_t *p, smtp_pool_stats_t *st);
+int  smtp_pool_disabled(const smtp_pool_t *p);
+
+#endif
