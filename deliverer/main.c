@@ -82,6 +82,9 @@ static smtp_tls_policy_t tls_policy(const char *s)
     return SMTP_TLS_OPPORTUNISTIC;
 }
 
+static smtp_timeouts_t      smtp_timeouts; /* env.dcfg.timeouts points here */
+static deliver_candidate_t *smtp_relay;    /* [smtp] relay, resolved at start-up */
+
 static int build_env(const mp_config_t *cfg, worker_env_t *env, char *helo, size_t helolen,
                      char *err, size_t errlen)
 {
@@ -133,6 +136,10 @@ static int build_env(const mp_config_t *cfg, worker_env_t *env, char *helo, size
     d->tls_noverify_ctx = env->smtp_noverify_ctx;
     d->max_mx = cfg->smtp_max_mx;
     d->timeout_scale_pct = cfg->smtp_timeout_scale;
+    /* pipelining, max_rcpts, pool limits, tls_policy map, per-state
+     * timeouts, relay + AUTH (validated here: exit 2 on a bad value) */
+    if (deliver_config_engine(d, cfg, &smtp_timeouts, &smtp_relay, err, errlen) < 0)
+        return -1;
     return 0;
 }
 
@@ -142,6 +149,8 @@ static void free_env(worker_env_t *env)
     SSL_CTX_free(env->smtp_noverify_ctx);
     SSL_CTX_free(env->imap_ctx);
     accounts_free(&env->accounts);
+    free(smtp_relay);
+    smtp_relay = NULL;
     retry_levels_free(&env->levels);
     dkim_free(env->dkim);
 }

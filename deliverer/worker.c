@@ -126,6 +126,7 @@ struct worker {
     mq_t               *mq;
     mq_t               *mq_dead;   /* lost connection awaiting release */
     dns_resolver_t     *dns;
+    deliver_ctx_t      *dctx;      /* SMTP session pool and TLS session cache */
     rclient_t          *redis;     /* NULL when [redis] host is empty */
     ledger_t           *ledger;
     job_t              *jobs;
@@ -642,7 +643,10 @@ static void on_delivered_domain(job_t *j, size_t di, const deliver_result_t *res
 {
     job_domain_t *d = &j->domains[di];
     d->dl = NULL;
-    metrics_inc(MET_SMTP_SESSIONS, res->attempts_made);
+    metrics_inc(MET_SMTP_SESSIONS, res->connections); /* new connections, not pooled reuses */
+    metrics_inc(MET_SMTP_SESSIONS_REUSED, res->reused);
+    metrics_inc(MET_TLS_FULL_HANDSHAKES, res->tls_full);
+    metrics_inc(MET_TLS_RESUMED_HANDSHAKES, res->tls_resumed);
     int c = retry_class(j->dv->priority);
     const mp_config_t *cfg = j->w->env->cfg;
     if (worth_fast_retry(res) && d->fast_tries < cfg->retry_fast_retries[c]) {
@@ -703,6 +707,20 @@ static void on_mx_domain(job_t *j, size_t di, const dns_mx_result_t *mx)
     domain_start_smtp(j, di);
 }
 
+/* RFC 6531: a non-ASCII envelope address needs SMTPUTF8 (the MIME
+ * builder's output is 7-bit, so BODY=8BITMIME is never needed). */
+static int job_needs_smtputf8(const job_t *j)
+{
+    for (const unsigned char *p = (const unsigned char *)j->msg->from.addr; p && *p; p++)
+        if (*p >= 0x80)
+            return 1;
+    for (size_t i = 0; i < j->nrcpts; i++)
+        for (const unsigned char *p = (const unsigned char *)j->rcpts[i].addr; p && *p; p++)
+            if (*p >= 0x80)
+                return 1;
+    return 0;
+}
+
 /* Deliver the domain's recipients over its MX candidates. */
 static void domain_start_smtp(job_t *j, size_t di)
 {
@@ -723,8 +741,10 @@ static void domain_start_smtp(job_t *j, size_t di)
         .candidates = d->cand,
         .ncandidates = d->ncand,
         .log_id = j->msg->id,
+        .domain = d->name,
+        .need = job_needs_smtputf8(j) ? SMTP_NEED_SMTPUTF8 : 0,
     };
-    d->dl = deliver_start(w->loop, &w->env->dcfg, &req, on_delivered, &d->self);
+    d->dl = deliver_ctx_start(w->dctx, &req, on_delivered, &d->self);
     free(rcpts);
     if (d->dl == NULL)
         domain_fail(j, di, OUTCOME_TRANSIENT, "network", "cannot start SMTP delivery");
@@ -802,6 +822,10 @@ static void job_resolve(job_t *j)
     for (size_t i = 0; i < j->ndomains; i++) {
         if (j->domains[i].done)
             continue;
+        if (w->env->dcfg.nrelay > 0) { /* relay mode: the smarthost replaces MX */
+            domain_start_smtp(j, i);
+            continue;
+        }
         metrics_inc(MET_DNS_QUERIES, 1);
         j->domains[i].dns_id = dns_mx_query(w->dns, j->domains[i].name, on_mx, &j->domains[i].self);
         if (j->domains[i].dns_id == 0)
@@ -920,7 +944,9 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
     mime_opts_t mo = { .now = 0, .max_size = w->env->cfg->message_max_size };
     rc = mime_build(j->msg, &mo, &j->raw, err, sizeof(err));
     if (rc != MIME_OK) {
-        job_dead_letter(j, err);
+        char why[600];
+        snprintf(why, sizeof(why), "%s: %s", mime_strerror(rc), err);
+        job_dead_letter(j, why);
         return;
     }
     if (w->env->dkim) {
@@ -1128,6 +1154,7 @@ static void *worker_main(void *arg)
         kill(getpid(), SIGUSR1); /* main takes it with sigwait and stops the others */
         return NULL;
     }
+    w->dctx = deliver_ctx_new(w->loop, &w->env->dcfg);
     w->reconnect_delay_ms = 500;
     if (!atomic_load(&w->stop_requested))
         worker_connect(w);
@@ -1139,6 +1166,8 @@ static void *worker_main(void *arg)
         job_unlink(w, j);
         job_free(j);
     }
+    deliver_ctx_free(w->dctx); /* after the jobs: they cancel their deliveries first */
+    w->dctx = NULL;
     if (w->ready)
         metrics_gauge_add(MET_WORKERS_READY, -1);
     mq_free(w->mq);

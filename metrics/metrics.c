@@ -43,6 +43,9 @@ static const struct {
     [MET_RCPT_SKIPPED_DONE] = { "mailpump_recipients_skipped_already_delivered_total", "Recipients of a redelivered message skipped because the ledger says they were delivered." },
     [MET_POSSIBLE_DUPLICATES] = { "mailpump_recipients_possible_duplicate_total", "Recipients delivered again after a redelivery found them mid-transaction." },
     [MET_LEDGER_UNAVAILABLE] = { "mailpump_ledger_unavailable_total", "Ledger (Redis) calls that failed: delivery went on at-least-once." },
+    [MET_TLS_FULL_HANDSHAKES] = { "mailpump_tls_full_handshakes_total", "SMTP TLS handshakes without session resumption." },
+    [MET_TLS_RESUMED_HANDSHAKES] = { "mailpump_tls_resumed_handshakes_total", "SMTP TLS handshakes that resumed a cached session." },
+    [MET_SMTP_SESSIONS_REUSED] = { "mailpump_smtp_sessions_reused_total", "Deliveries that reused a pooled SMTP session." },
     [MET_MESSAGES_POISON] = { "mailpump_messages_poison_total", "Messages dead-lettered after too many redeliveries." },
 };
 
