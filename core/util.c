@@ -9,6 +9,7 @@
 #include "core/util.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,6 +107,45 @@ uint64_t util_wall_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+void util_seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (err == NULL || errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+const char *util_quote_text(const char *s, char *dst, size_t dstlen)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t o = 0;
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (o + 8 >= dstlen) {
+            memcpy(dst + o, "...", 3);
+            o += 3;
+            break;
+        }
+        if (*p == '\r' || *p == '\n' || *p == '\t') {
+            dst[o++] = '\\';
+            dst[o++] = *p == '\r' ? 'r' : *p == '\n' ? 'n' : 't';
+        } else if (*p == '"' || *p == '\\') {
+            dst[o++] = '\\';
+            dst[o++] = (char)*p;
+        } else if (*p < 0x20 || *p == 0x7f) {
+            dst[o++] = '\\';
+            dst[o++] = 'x';
+            dst[o++] = hex[*p >> 4];
+            dst[o++] = hex[*p & 15];
+        } else {
+            dst[o++] = (char)*p;
+        }
+    }
+    dst[o] = '\0';
+    return dst;
 }
 
 int util_strncasecmp(const char *a, const char *b, size_t n)

@@ -23,6 +23,15 @@ uint64_t util_rand64(void);
 /* Monotonic and wall clocks in milliseconds. */
 uint64_t util_mono_ms(void);
 uint64_t util_wall_ms(void);
+/* vsnprintf into err (when err and errlen are set): the one helper every
+ * module uses to fill a caller's reason buffer. */
+void util_seterr(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Quote caller-supplied text for a reason string that ends up in logs and
+ * dead-letter records: CR, LF and TAB as \r \n \t, quotes and backslashes
+ * escaped, other control bytes as \xNN, cut short with "..." to fit dst
+ * (dstlen >= 16). Returns dst. */
+const char *util_quote_text(const char *s, char *dst, size_t dstlen);
 /* Case-insensitive ASCII compare of at most n bytes. */
 int util_strncasecmp(const char *a, const char *b, size_t n);
 

@@ -69,50 +69,7 @@ const char *mime_strerror(int status)
     }
 }
 
-static void mime_seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
 
-static void mime_seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-/* Render caller-supplied text for an error message: the reason ends up in
- * logs and dead-letter records, so control bytes are escaped and the text
- * is cut short rather than copied verbatim. */
-static const char *mime_errstr(const char *s, char *dst, size_t dstlen)
-{
-    static const char hex[] = "0123456789abcdef";
-    size_t o = 0;
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (o + 8 >= dstlen) {
-            memcpy(dst + o, "...", 3);
-            o += 3;
-            break;
-        }
-        if (*p == '\r') {
-            dst[o++] = '\\';
-            dst[o++] = 'r';
-        } else if (*p == '\n') {
-            dst[o++] = '\\';
-            dst[o++] = 'n';
-        } else if (*p < 0x20 || *p == 0x7f || *p == '"' || *p == '\\') {
-            dst[o++] = '\\';
-            dst[o++] = 'x';
-            dst[o++] = hex[*p >> 4];
-            dst[o++] = hex[*p & 15];
-        } else {
-            dst[o++] = (char)*p;
-        }
-    }
-    dst[o] = '\0';
-    return dst;
-}
 
 static void mime_truncate(buf_t *out, size_t size)
 {
@@ -486,12 +443,12 @@ static int mime_check_addrs(const char *field, const mp_address_t *a, size_t n, 
     char tmp[80];
     for (size_t i = 0; i < n; i++) {
         if (!mime_addr_ok(a[i].addr)) {
-            mime_seterr(err, errlen, "invalid address in %s[%zu]: \"%s\"", field, i,
-                        a[i].addr ? mime_errstr(a[i].addr, tmp, sizeof(tmp)) : "(null)");
+            util_seterr(err, errlen, "invalid address in %s[%zu]: \"%s\"", field, i,
+                        a[i].addr ? util_quote_text(a[i].addr, tmp, sizeof(tmp)) : "(null)");
             return MIME_EINVAL;
         }
         if (a[i].name && mime_has_crlf(a[i].name)) {
-            mime_seterr(err, errlen, "display name in %s[%zu] contains CR or LF", field, i);
+            util_seterr(err, errlen, "display name in %s[%zu] contains CR or LF", field, i);
             return MIME_EINVAL;
         }
     }
@@ -555,17 +512,17 @@ static int mime_check_headers(const message_t *m, char *err, size_t errlen)
     for (size_t i = 0; i < m->nheaders; i++) {
         const mp_header_t *h = &m->headers[i];
         if (h->name == NULL || !mime_valid_hname(h->name)) {
-            mime_seterr(err, errlen, "invalid header name \"%s\"",
-                        h->name ? mime_errstr(h->name, tmp, sizeof(tmp)) : "(null)");
+            util_seterr(err, errlen, "invalid header name \"%s\"",
+                        h->name ? util_quote_text(h->name, tmp, sizeof(tmp)) : "(null)");
             return MIME_EINVAL;
         }
         if (mime_is_structural(h->name)) {
-            mime_seterr(err, errlen, "header \"%s\" is set by mailpump and cannot be overridden",
+            util_seterr(err, errlen, "header \"%s\" is set by mailpump and cannot be overridden",
                         h->name);
             return MIME_EINVAL;
         }
         if (h->value == NULL || mime_has_crlf(h->value)) {
-            mime_seterr(err, errlen, "value of header \"%s\" contains CR or LF", h->name);
+            util_seterr(err, errlen, "value of header \"%s\" contains CR or LF", h->name);
             return MIME_EINVAL;
         }
     }
@@ -1010,13 +967,13 @@ static int mime_check_attachments(const message_t *m, char *err, size_t errlen)
     for (size_t i = 0; i < m->nattachments; i++) {
         const mp_attachment_t *a = &m->attachments[i];
         if (a->filename == NULL || a->filename[0] == '\0' || strlen(a->filename) > 255) {
-            mime_seterr(err, errlen, "attachment %zu: file name must be 1..255 octets", i);
+            util_seterr(err, errlen, "attachment %zu: file name must be 1..255 octets", i);
             return MIME_EINVAL;
         }
         for (const unsigned char *p = (const unsigned char *)a->filename; *p; p++) {
             if (*p < 0x20 || *p == 0x7f) {
-                mime_seterr(err, errlen, "attachment %zu: control character in file name \"%s\"",
-                            i, mime_errstr(a->filename, tmp, sizeof(tmp)));
+                util_seterr(err, errlen, "attachment %zu: control character in file name \"%s\"",
+                            i, util_quote_text(a->filename, tmp, sizeof(tmp)));
                 return MIME_EINVAL;
             }
         }
@@ -1026,12 +983,12 @@ static int mime_check_attachments(const message_t *m, char *err, size_t errlen)
         for (size_t k = 0; ok && k < cl; k++)
             ok = (unsigned char)ct[k] >= 0x20 && (unsigned char)ct[k] < 0x7f;
         if (!ok) {
-            mime_seterr(err, errlen, "attachment %zu: invalid content type \"%s\"", i,
-                        ct ? mime_errstr(ct, tmp, sizeof(tmp)) : "(null)");
+            util_seterr(err, errlen, "attachment %zu: invalid content type \"%s\"", i,
+                        ct ? util_quote_text(ct, tmp, sizeof(tmp)) : "(null)");
             return MIME_EINVAL;
         }
         if (strncasecmp(ct, "multipart/", 10) == 0) {
-            mime_seterr(err, errlen, "attachment %zu: a multipart content type cannot be attached",
+            util_seterr(err, errlen, "attachment %zu: a multipart content type cannot be attached",
                         i);
             return MIME_EINVAL;
         }
@@ -1043,13 +1000,13 @@ static int mime_check_attachments(const message_t *m, char *err, size_t errlen)
                 ok = c > 0x20 && c < 0x7f && c != '<' && c != '>';
             }
             if (!ok) {
-                mime_seterr(err, errlen, "attachment %zu: invalid content id \"%s\"", i,
-                            mime_errstr(a->content_id, tmp, sizeof(tmp)));
+                util_seterr(err, errlen, "attachment %zu: invalid content id \"%s\"", i,
+                            util_quote_text(a->content_id, tmp, sizeof(tmp)));
                 return MIME_EINVAL;
             }
         }
         if (a->data == NULL && a->len > 0) {
-            mime_seterr(err, errlen, "attachment %zu: no data", i);
+            util_seterr(err, errlen, "attachment %zu: no data", i);
             return MIME_EINVAL;
         }
     }
@@ -1106,7 +1063,7 @@ static int mime_put_body(buf_t *out, const message_t *m, char *err, size_t errle
     if (m->nattachments > 0) {
         t.cte = malloc(m->nattachments * sizeof(*t.cte));
         if (t.cte == NULL) {
-            mime_seterr(err, errlen, "out of memory");
+            util_seterr(err, errlen, "out of memory");
             return MIME_ENOMEM;
         }
     }
@@ -1123,7 +1080,7 @@ static int mime_put_body(buf_t *out, const message_t *m, char *err, size_t errle
         if (strncasecmp(m->attachments[i].content_type, "message/", 8) == 0 &&
             t.cte[i] != MIME_CTE_7BIT) {
             /* RFC 2046 5.2: message/... may not be encoded */
-            mime_seterr(err, errlen,
+            util_seterr(err, errlen,
                         "attachment %zu: message/* content must be 7-bit with CRLF line "
                         "endings; attach it as application/octet-stream",
                         i);
@@ -1137,7 +1094,7 @@ static int mime_put_body(buf_t *out, const message_t *m, char *err, size_t errle
                            MIME_OK) ||
         (t.nmixed && mime_pick_boundary(&t, t.b_mixed, sizeof(t.b_mixed), t.b_alt, t.b_related) !=
                          MIME_OK)) {
-        mime_seterr(err, errlen, "could not find a MIME boundary absent from the content");
+        util_seterr(err, errlen, "could not find a MIME boundary absent from the content");
         rc = MIME_EINVAL;
         goto out;
     }
@@ -1166,17 +1123,17 @@ static int mime_put_raw(buf_t *out, const message_t *m, char *err, size_t errlen
     size_t n = m->raw_len, pos = 0, st, len, lineno = 0;
     int eol, in_header = 1, has_from = 0;
     if (n == 0) {
-        mime_seterr(err, errlen, "raw message is empty");
+        util_seterr(err, errlen, "raw message is empty");
         return MIME_EINVAL;
     }
     if (memchr(s, '\0', n) != NULL) {
-        mime_seterr(err, errlen, "raw message contains a NUL byte");
+        util_seterr(err, errlen, "raw message contains a NUL byte");
         return MIME_EINVAL;
     }
     while (mime_next_line(s, n, &pos, &st, &len, &eol)) {
         lineno++;
         if (len > MIME_LINE_HARD) {
-            mime_seterr(err, errlen, "raw message line %zu is %zu octets long (limit %d)", lineno,
+            util_seterr(err, errlen, "raw message line %zu is %zu octets long (limit %d)", lineno,
                         len, MIME_LINE_HARD);
             return MIME_EINVAL;
         }
@@ -1185,14 +1142,14 @@ static int mime_put_raw(buf_t *out, const message_t *m, char *err, size_t errlen
         if (len == 0) {
             in_header = 0;
             if (lineno == 1) {
-                mime_seterr(err, errlen, "raw message has no header section");
+                util_seterr(err, errlen, "raw message has no header section");
                 return MIME_EINVAL;
             }
             continue;
         }
         if (s[st] == ' ' || s[st] == '\t') {
             if (lineno == 1) {
-                mime_seterr(err, errlen, "raw message starts with a continuation line");
+                util_seterr(err, errlen, "raw message starts with a continuation line");
                 return MIME_EINVAL;
             }
             continue;
@@ -1202,7 +1159,7 @@ static int mime_put_raw(buf_t *out, const message_t *m, char *err, size_t errlen
                s[st + k] != ':')
             k++;
         if (k == 0 || k == len || s[st + k] != ':') {
-            mime_seterr(err, errlen, "raw message header line %zu is not a header field",
+            util_seterr(err, errlen, "raw message header line %zu is not a header field",
                         lineno);
             return MIME_EINVAL;
         }
@@ -1210,11 +1167,11 @@ static int mime_put_raw(buf_t *out, const message_t *m, char *err, size_t errlen
             has_from = 1;
     }
     if (!has_from) {
-        mime_seterr(err, errlen, "raw message has no From header field");
+        util_seterr(err, errlen, "raw message has no From header field");
         return MIME_EINVAL;
     }
     if (mime_reserve(out, n + n / 8 + 4) != MIME_OK) {
-        mime_seterr(err, errlen, "out of memory");
+        util_seterr(err, errlen, "out of memory");
         return MIME_ENOMEM;
     }
     mime_put_7bit(out, s, n);
@@ -1230,32 +1187,32 @@ static int mime_check(const message_t *m, char *err, size_t errlen)
     char tmp[80];
     int rc;
     if (m == NULL) {
-        mime_seterr(err, errlen, "no message");
+        util_seterr(err, errlen, "no message");
         return MIME_EINVAL;
     }
     if (!mime_addr_ok(m->from.addr)) {
-        mime_seterr(err, errlen, "invalid sender address \"%s\"",
-                    m->from.addr ? mime_errstr(m->from.addr, tmp, sizeof(tmp)) : "(null)");
+        util_seterr(err, errlen, "invalid sender address \"%s\"",
+                    m->from.addr ? util_quote_text(m->from.addr, tmp, sizeof(tmp)) : "(null)");
         return MIME_EINVAL;
     }
     if (m->from.name && mime_has_crlf(m->from.name)) {
-        mime_seterr(err, errlen, "sender display name contains CR or LF");
+        util_seterr(err, errlen, "sender display name contains CR or LF");
         return MIME_EINVAL;
     }
     if ((rc = mime_check_addrs("to", m->to, m->nto, err, errlen)) != MIME_OK ||
         (rc = mime_check_addrs("cc", m->cc, m->ncc, err, errlen)) != MIME_OK)
         return rc;
     if (m->id == NULL || !mime_valid_id(m->id)) {
-        mime_seterr(err, errlen, "invalid message id \"%s\"",
-                    m->id ? mime_errstr(m->id, tmp, sizeof(tmp)) : "(null)");
+        util_seterr(err, errlen, "invalid message id \"%s\"",
+                    m->id ? util_quote_text(m->id, tmp, sizeof(tmp)) : "(null)");
         return MIME_EINVAL;
     }
     if (m->subject && mime_has_crlf(m->subject)) {
-        mime_seterr(err, errlen, "subject contains CR or LF");
+        util_seterr(err, errlen, "subject contains CR or LF");
         return MIME_EINVAL;
     }
     if (m->trace_id && mime_has_crlf(m->trace_id)) {
-        mime_seterr(err, errlen, "trace id contains CR or LF");
+        util_seterr(err, errlen, "trace id contains CR or LF");
         return MIME_EINVAL;
     }
     if ((rc = mime_check_attachments(m, err, errlen)) != MIME_OK)
@@ -1277,18 +1234,18 @@ static int mime_build_into(const message_t *m, const mime_opts_t *opts, buf_t *o
                            size_t errlen)
 {
     if (m == NULL) {
-        mime_seterr(err, errlen, "no message");
+        util_seterr(err, errlen, "no message");
         return MIME_EINVAL;
     }
     if (opts && opts->max_size && mime_size_floor(m) > opts->max_size) {
-        mime_seterr(err, errlen, "message is more than %zu bytes, limit is %zu",
+        util_seterr(err, errlen, "message is more than %zu bytes, limit is %zu",
                     mime_size_floor(m), opts->max_size);
         return MIME_ETOOBIG;
     }
     if (m->raw) {
         int rc;
         if (!mime_addr_ok(m->from.addr)) {
-            mime_seterr(err, errlen, "invalid sender address");
+            util_seterr(err, errlen, "invalid sender address");
             return MIME_EINVAL;
         }
         if ((rc = mime_check_addrs("to", m->to, m->nto, err, errlen)) != MIME_OK ||
@@ -1300,7 +1257,7 @@ static int mime_build_into(const message_t *m, const mime_opts_t *opts, buf_t *o
     if (rc != MIME_OK)
         return rc;
     if (mime_reserve(out, mime_size_bound(m)) != MIME_OK) {
-        mime_seterr(err, errlen, "out of memory");
+        util_seterr(err, errlen, "out of memory");
         return MIME_ENOMEM;
     }
 
@@ -1330,7 +1287,7 @@ int mime_build(const message_t *m, const mime_opts_t *opts, buf_t *out, char *er
         err[0] = '\0';
     int rc = mime_build_into(m, opts, out, err, errlen);
     if (rc == MIME_OK && opts && opts->max_size && buf_size(out) - mark > opts->max_size) {
-        mime_seterr(err, errlen, "message is %zu bytes, limit is %zu", buf_size(out) - mark,
+        util_seterr(err, errlen, "message is %zu bytes, limit is %zu", buf_size(out) - mark,
                     opts->max_size);
         rc = MIME_ETOOBIG;
     }

@@ -43,6 +43,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "core/util.h"
+
 #define DKIM_MAX_HEADERS 64 /* names in the signed list */
 #define DKIM_MAX_FIELDS 1024 /* header fields considered in one message */
 #define DKIM_FOLD 76
@@ -85,18 +87,6 @@ const char *dkim_strerror(int status)
     }
 }
 
-static void dkim_seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void dkim_seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static const char *dkim_ssl_reason(void)
 {
@@ -292,14 +282,14 @@ static int dkim_parse_headers(dkim_signer_t *s, const char *list, char *err, siz
         while (e > 0 && (p[e - 1] == ' ' || p[e - 1] == '\t'))
             e--;
         if (e == 0 || e > 76) {
-            dkim_seterr(err, errlen, "[dkim] headers: empty or overlong field name in \"%.60s\"",
+            util_seterr(err, errlen, "[dkim] headers: empty or overlong field name in \"%.60s\"",
                         list);
             return DKIM_ECONFIG;
         }
         for (size_t i = 0; i < e; i++) {
             unsigned char c = (unsigned char)p[i];
             if (c < 33 || c > 126) {
-                dkim_seterr(err, errlen, "[dkim] headers: invalid field name \"%.*s\"", (int)e, p);
+                util_seterr(err, errlen, "[dkim] headers: invalid field name \"%.*s\"", (int)e, p);
                 return DKIM_ECONFIG;
             }
         }
@@ -308,7 +298,7 @@ static int dkim_parse_headers(dkim_signer_t *s, const char *list, char *err, siz
             dup |= strncasecmp(s->hdrs[i], p, e) == 0 && s->hdrs[i][e] == '\0';
         if (!dup) {
             if (s->nhdrs == DKIM_MAX_HEADERS) {
-                dkim_seterr(err, errlen, "[dkim] headers: more than %d names",
+                util_seterr(err, errlen, "[dkim] headers: more than %d names",
                             DKIM_MAX_HEADERS);
                 return DKIM_ECONFIG;
             }
@@ -319,7 +309,7 @@ static int dkim_parse_headers(dkim_signer_t *s, const char *list, char *err, siz
                 *q = (char)tolower((unsigned char)*q);
             if (strcmp(h, "dkim-signature") == 0) {
                 free(h);
-                dkim_seterr(err, errlen, "[dkim] headers: DKIM-Signature cannot be signed");
+                util_seterr(err, errlen, "[dkim] headers: DKIM-Signature cannot be signed");
                 return DKIM_ECONFIG;
             }
             has_from |= strcmp(h, "from") == 0;
@@ -330,7 +320,7 @@ static int dkim_parse_headers(dkim_signer_t *s, const char *list, char *err, siz
             p++;
     }
     if (!has_from) {
-        dkim_seterr(err, errlen, "[dkim] headers must include \"from\" (RFC 6376 5.4)");
+        util_seterr(err, errlen, "[dkim] headers must include \"from\" (RFC 6376 5.4)");
         return DKIM_ECONFIG;
     }
     return DKIM_OK;
@@ -341,30 +331,30 @@ static int dkim_load_key(dkim_key_t *k, const char *path, const char *where, cha
 {
     FILE *f = fopen(path, "r");
     if (f == NULL) {
-        dkim_seterr(err, errlen, "%s: cannot open key %s: %s", where, path, strerror(errno));
+        util_seterr(err, errlen, "%s: cannot open key %s: %s", where, path, strerror(errno));
         return DKIM_ECONFIG;
     }
     ERR_clear_error();
     k->pkey = PEM_read_PrivateKey(f, NULL, NULL, NULL);
     fclose(f);
     if (k->pkey == NULL) {
-        dkim_seterr(err, errlen, "%s: %s is not a PEM private key (%s)", where, path,
+        util_seterr(err, errlen, "%s: %s is not a PEM private key (%s)", where, path,
                     dkim_ssl_reason());
         return DKIM_ECONFIG;
     }
     int id = EVP_PKEY_get_base_id(k->pkey);
     if (k->alg == DKIM_ALG_RSA && id != EVP_PKEY_RSA) {
-        dkim_seterr(err, errlen, "%s: %s is not an RSA key but rsa-sha256 was given", where,
+        util_seterr(err, errlen, "%s: %s is not an RSA key but rsa-sha256 was given", where,
                     path);
         return DKIM_ECONFIG;
     }
     if (k->alg == DKIM_ALG_ED25519 && id != EVP_PKEY_ED25519) {
-        dkim_seterr(err, errlen, "%s: %s is not an Ed25519 key but ed25519-sha256 was given",
+        util_seterr(err, errlen, "%s: %s is not an Ed25519 key but ed25519-sha256 was given",
                     where, path);
         return DKIM_ECONFIG;
     }
     if (k->alg == DKIM_ALG_RSA && EVP_PKEY_get_bits(k->pkey) < 1024) {
-        dkim_seterr(err, errlen, "%s: RSA key %s has %d bits; at least 1024 are required "
+        util_seterr(err, errlen, "%s: RSA key %s has %d bits; at least 1024 are required "
                     "(RFC 8301), 2048 advised", where, path, EVP_PKEY_get_bits(k->pkey));
         return DKIM_ECONFIG;
     }
@@ -376,11 +366,11 @@ static int dkim_add_key(dkim_signer_t *s, char **f, const char *where, const cha
                         char *err, size_t errlen)
 {
     if (!dkim_valid_dname(f[0])) {
-        dkim_seterr(err, errlen, "%s: invalid domain \"%.80s\"", where, f[0]);
+        util_seterr(err, errlen, "%s: invalid domain \"%.80s\"", where, f[0]);
         return DKIM_ECONFIG;
     }
     if (!dkim_valid_dname(f[1])) {
-        dkim_seterr(err, errlen, "%s: invalid selector \"%.80s\"", where, f[1]);
+        util_seterr(err, errlen, "%s: invalid selector \"%.80s\"", where, f[1]);
         return DKIM_ECONFIG;
     }
     dkim_alg_t alg;
@@ -389,7 +379,7 @@ static int dkim_add_key(dkim_signer_t *s, char **f, const char *where, const cha
     } else if (strcasecmp(f[2], "ed25519-sha256") == 0) {
         alg = DKIM_ALG_ED25519;
     } else {
-        dkim_seterr(err, errlen,
+        util_seterr(err, errlen,
                     "%s: unknown algorithm \"%.40s\" (rsa-sha256 or ed25519-sha256)", where,
                     f[2]);
         return DKIM_ECONFIG;
@@ -423,7 +413,7 @@ dkim_signer_t *dkim_load_mem(const char *text, size_t len, const char *name,
         name = "keys";
     dkim_signer_t *s = calloc(1, sizeof(*s));
     if (s == NULL) {
-        dkim_seterr(err, errlen, "out of memory");
+        util_seterr(err, errlen, "out of memory");
         return NULL;
     }
     int rc = dkim_parse_headers(s, headers, err, errlen);
@@ -438,7 +428,7 @@ dkim_signer_t *dkim_load_mem(const char *text, size_t len, const char *name,
         char where[300];
         snprintf(where, sizeof(where), "%.256s:%zu", name, lineno);
         if (ll >= sizeof(line)) {
-            dkim_seterr(err, errlen, "%s: line too long", where);
+            util_seterr(err, errlen, "%s: line too long", where);
             rc = DKIM_ECONFIG;
             break;
         }
@@ -446,7 +436,7 @@ dkim_signer_t *dkim_load_mem(const char *text, size_t len, const char *name,
         line[ll] = '\0';
         pos = e + 1;
         if (memchr(line, '\0', ll) != NULL) {
-            dkim_seterr(err, errlen, "%s: NUL byte", where);
+            util_seterr(err, errlen, "%s: NUL byte", where);
             rc = DKIM_ECONFIG;
             break;
         }
@@ -464,7 +454,7 @@ dkim_signer_t *dkim_load_mem(const char *text, size_t len, const char *name,
         if (nf == 0)
             continue;
         if (nf != 4) {
-            dkim_seterr(err, errlen,
+            util_seterr(err, errlen,
                         "%s: expected \"domain selector algorithm key-file\", got %d field%s",
                         where, nf, nf == 1 ? "" : "s");
             rc = DKIM_ECONFIG;
@@ -473,12 +463,12 @@ dkim_signer_t *dkim_load_mem(const char *text, size_t len, const char *name,
         rc = dkim_add_key(s, f, where, basedir, err, errlen);
     }
     if (rc == DKIM_OK && s->nkeys == 0) {
-        dkim_seterr(err, errlen, "%s: no keys", name);
+        util_seterr(err, errlen, "%s: no keys", name);
         rc = DKIM_ECONFIG;
     }
     if (rc != DKIM_OK) {
         if (rc == DKIM_ENOMEM)
-            dkim_seterr(err, errlen, "out of memory");
+            util_seterr(err, errlen, "out of memory");
         dkim_free(s);
         return NULL;
     }
@@ -489,7 +479,7 @@ dkim_signer_t *dkim_load(const char *path, const char *headers, char *err, size_
 {
     FILE *f = fopen(path, "r");
     if (f == NULL) {
-        dkim_seterr(err, errlen, "%s: %s", path, strerror(errno));
+        util_seterr(err, errlen, "%s: %s", path, strerror(errno));
         return NULL;
     }
     buf_t text = BUF_INIT;
@@ -683,7 +673,7 @@ static int dkim_sign_one(const dkim_signer_t *s, const dkim_key_t *k, const dkim
     unsigned char raw[1024];
     size_t rl = sizeof(raw);
     if (k->alg == DKIM_ALG_RSA && (size_t)EVP_PKEY_get_size(k->pkey) > rl) {
-        dkim_seterr(err, errlen, "RSA key for %s too large", k->domain);
+        util_seterr(err, errlen, "RSA key for %s too large", k->domain);
         buf_free(&h);
         buf_free(&input);
         return DKIM_ECRYPTO;
@@ -691,7 +681,7 @@ static int dkim_sign_one(const dkim_signer_t *s, const dkim_key_t *k, const dkim
     ERR_clear_error();
     int rc = dkim_do_sign(k, &input, raw, &rl);
     if (rc != DKIM_OK) {
-        dkim_seterr(err, errlen, "DKIM %s signature for d=%s failed: %s", dkim_alg_name[k->alg],
+        util_seterr(err, errlen, "DKIM %s signature for d=%s failed: %s", dkim_alg_name[k->alg],
                     k->domain, dkim_ssl_reason());
         buf_free(&h);
         buf_free(&input);
@@ -737,25 +727,25 @@ int dkim_signature(const dkim_signer_t *s, const char *sender_domain, const char
         err[0] = '\0';
     const char *d = s && sender_domain ? dkim_find_domain(s, sender_domain) : NULL;
     if (d == NULL) {
-        dkim_seterr(err, errlen, "no DKIM key for domain \"%.100s\"",
+        util_seterr(err, errlen, "no DKIM key for domain \"%.100s\"",
                     sender_domain ? sender_domain : "");
         return DKIM_ENOKEY;
     }
     if (len == 0 || msg[0] == '\r' || msg[0] == '\n' || msg[0] == ' ' || msg[0] == '\t') {
-        dkim_seterr(err, errlen, "message has no header section");
+        util_seterr(err, errlen, "message has no header section");
         return DKIM_EINVAL;
     }
     size_t boff = dkim_body_offset(msg, len);
     dkim_field_t *fl = malloc(DKIM_MAX_FIELDS * sizeof(*fl));
     if (fl == NULL) {
-        dkim_seterr(err, errlen, "out of memory");
+        util_seterr(err, errlen, "out of memory");
         return DKIM_ENOMEM;
     }
     size_t nf = dkim_fields(msg, boff, fl, DKIM_MAX_FIELDS);
     unsigned char bh[32];
     int rc = dkim_body_hash(msg + boff, len - boff, bh);
     if (rc != DKIM_OK) {
-        dkim_seterr(err, errlen, "body hash failed: %s", dkim_ssl_reason());
+        util_seterr(err, errlen, "body hash failed: %s", dkim_ssl_reason());
         free(fl);
         return rc;
     }
@@ -796,7 +786,7 @@ int dkim_sign(const dkim_signer_t *s, const char *sender_domain, buf_t *msg, tim
             char *p = realloc(msg->data, msg->len + n + 1);
             if (p == NULL) {
                 buf_free(&sig);
-                dkim_seterr(err, errlen, "out of memory");
+                util_seterr(err, errlen, "out of memory");
                 return DKIM_ENOMEM;
             }
             msg->data = p;

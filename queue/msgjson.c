@@ -56,49 +56,7 @@ const char *msgjson_strerror(int status)
     }
 }
 
-static void msgjson_seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
 
-static void msgjson_seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-/* Quote caller text for a reason string: escape control bytes, quotes and
- * backslashes, and cut long values short. */
-static const char *msgjson_esc(const char *s, char *dst, size_t dstlen)
-{
-    static const char hex[] = "0123456789abcdef";
-    size_t o = 0;
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (o + 8 >= dstlen) {
-            memcpy(dst + o, "...", 3);
-            o += 3;
-            break;
-        }
-        if (*p == '\r' || *p == '\n' || *p == '\t') {
-            dst[o++] = '\\';
-            dst[o++] = *p == '\r' ? 'r' : *p == '\n' ? 'n' : 't';
-        } else if (*p == '"' || *p == '\\') {
-            dst[o++] = '\\';
-            dst[o++] = (char)*p;
-        } else if (*p < 0x20 || *p == 0x7f) {
-            dst[o++] = '\\';
-            dst[o++] = 'x';
-            dst[o++] = hex[*p >> 4];
-            dst[o++] = hex[*p & 15];
-        } else {
-            dst[o++] = (char)*p;
-        }
-    }
-    dst[o] = '\0';
-    return dst;
-}
 
 /* ---- address syntax ------------------------------------------------------ */
 
@@ -303,15 +261,15 @@ static int msgjson_address(msgjson_ctx_t *c, json_t *v, const char *where, mp_ad
         json_t *jaddr = json_object_get(v, "address");
         json_t *jname = json_object_get(v, "name");
         if (jaddr == NULL) {
-            msgjson_seterr(c->err, c->errlen, "missing field \"address\" in %s", where);
+            util_seterr(c->err, c->errlen, "missing field \"address\" in %s", where);
             return MSGJSON_EINVAL;
         }
         if (!json_is_string(jaddr)) {
-            msgjson_seterr(c->err, c->errlen, "%s.address must be a string", where);
+            util_seterr(c->err, c->errlen, "%s.address must be a string", where);
             return MSGJSON_EINVAL;
         }
         if (jname != NULL && !json_is_null(jname) && !json_is_string(jname)) {
-            msgjson_seterr(c->err, c->errlen, "%s.name must be a string", where);
+            util_seterr(c->err, c->errlen, "%s.name must be a string", where);
             return MSGJSON_EINVAL;
         }
         if (jname != NULL && json_is_string(jname) && json_string_length(jname) > 0)
@@ -319,18 +277,18 @@ static int msgjson_address(msgjson_ctx_t *c, json_t *v, const char *where, mp_ad
         addr = json_string_value(jaddr);
         alen = strlen(addr);
     } else {
-        msgjson_seterr(c->err, c->errlen, "%s must be a string or an object", where);
+        util_seterr(c->err, c->errlen, "%s must be a string or an object", where);
         return MSGJSON_EINVAL;
     }
     a->addr = xstrndup(addr, alen);
     if (!msgjson_valid_address(a->addr)) {
-        msgjson_seterr(c->err, c->errlen, "invalid address in %s: \"%s\"", where,
-                       msgjson_esc(a->addr, tmp, sizeof(tmp)));
+        util_seterr(c->err, c->errlen, "invalid address in %s: \"%s\"", where,
+                       util_quote_text(a->addr, tmp, sizeof(tmp)));
         return MSGJSON_EINVAL;
     }
     if (a->name && !msgjson_valid_name(a->name)) {
-        msgjson_seterr(c->err, c->errlen, "invalid display name in %s: \"%s\"", where,
-                       msgjson_esc(a->name, tmp, sizeof(tmp)));
+        util_seterr(c->err, c->errlen, "invalid display name in %s: \"%s\"", where,
+                       util_quote_text(a->name, tmp, sizeof(tmp)));
         return MSGJSON_EINVAL;
     }
     return MSGJSON_OK;
@@ -345,7 +303,7 @@ static int msgjson_address_list(msgjson_ctx_t *c, json_t *root, const char *key,
     if (v == NULL || json_is_null(v)) {
         if (!required)
             return MSGJSON_OK;
-        msgjson_seterr(c->err, c->errlen, "missing field \"%s\"", key);
+        util_seterr(c->err, c->errlen, "missing field \"%s\"", key);
         return MSGJSON_EINVAL;
     }
     if (json_is_string(v)) {
@@ -355,14 +313,14 @@ static int msgjson_address_list(msgjson_ctx_t *c, json_t *root, const char *key,
         return msgjson_address(c, v, where, &(*list)[0]);
     }
     if (!json_is_array(v)) {
-        msgjson_seterr(c->err, c->errlen, "\"%s\" must be an array or a string", key);
+        util_seterr(c->err, c->errlen, "\"%s\" must be an array or a string", key);
         return MSGJSON_EINVAL;
     }
     size_t n = json_array_size(v);
     if (n == 0) {
         if (!required)
             return MSGJSON_OK;
-        msgjson_seterr(c->err, c->errlen, "\"%s\" must not be empty", key);
+        util_seterr(c->err, c->errlen, "\"%s\" must not be empty", key);
         return MSGJSON_EINVAL;
     }
     /* count is set first so message_free() releases a partly filled list */
@@ -386,11 +344,11 @@ static int msgjson_string(msgjson_ctx_t *c, json_t *root, const char *key, int h
     if (v == NULL || json_is_null(v))
         return MSGJSON_OK;
     if (!json_is_string(v)) {
-        msgjson_seterr(c->err, c->errlen, "\"%s\" must be a string", key);
+        util_seterr(c->err, c->errlen, "\"%s\" must be a string", key);
         return MSGJSON_EINVAL;
     }
     if (header_text && msgjson_has_crlf(json_string_value(v))) {
-        msgjson_seterr(c->err, c->errlen, "\"%s\" must not contain CR or LF", key);
+        util_seterr(c->err, c->errlen, "\"%s\" must not contain CR or LF", key);
         return MSGJSON_EINVAL;
     }
     *dst = xstrdup(json_string_value(v));
@@ -421,10 +379,10 @@ static int msgjson_id(msgjson_ctx_t *c, json_t *root, message_t *m)
         util_uuid(uuid);
         m->id = xstrdup(uuid);
     } else if (!msgjson_valid_id(m->id)) {
-        msgjson_seterr(c->err, c->errlen,
+        util_seterr(c->err, c->errlen,
                        "invalid \"id\": \"%s\" (1..%d characters: letters, digits, "
                        "\".\" and !#$%%&'*+-/=?^_`{|}~)",
-                       msgjson_esc(m->id, tmp, sizeof(tmp)), MSGJSON_ID_MAX);
+                       util_quote_text(m->id, tmp, sizeof(tmp)), MSGJSON_ID_MAX);
         return MSGJSON_EINVAL;
     }
     return MSGJSON_OK;
@@ -449,7 +407,7 @@ static int msgjson_headers(msgjson_ctx_t *c, json_t *root, message_t *m)
     if (v == NULL || json_is_null(v))
         return MSGJSON_OK;
     if (!json_is_object(v)) {
-        msgjson_seterr(c->err, c->errlen, "\"headers\" must be an object");
+        util_seterr(c->err, c->errlen, "\"headers\" must be an object");
         return MSGJSON_EINVAL;
     }
     size_t n = json_object_size(v);
@@ -460,16 +418,16 @@ static int msgjson_headers(msgjson_ctx_t *c, json_t *root, message_t *m)
     json_t *val;
     json_object_foreach(v, key, val) {
         if (!msgjson_valid_hname(key)) {
-            msgjson_seterr(c->err, c->errlen, "invalid header name \"%s\"",
-                           msgjson_esc(key, tmp, sizeof(tmp)));
+            util_seterr(c->err, c->errlen, "invalid header name \"%s\"",
+                           util_quote_text(key, tmp, sizeof(tmp)));
             return MSGJSON_EINVAL;
         }
         if (!json_is_string(val)) {
-            msgjson_seterr(c->err, c->errlen, "header \"%s\" must have a string value", key);
+            util_seterr(c->err, c->errlen, "header \"%s\" must have a string value", key);
             return MSGJSON_EINVAL;
         }
         if (msgjson_has_crlf(json_string_value(val))) {
-            msgjson_seterr(c->err, c->errlen, "value of header \"%s\" contains CR or LF", key);
+            util_seterr(c->err, c->errlen, "value of header \"%s\" contains CR or LF", key);
             return MSGJSON_EINVAL;
         }
         mp_header_t *h = &m->headers[m->nheaders++];
@@ -656,7 +614,7 @@ static int msgjson_attachment(msgjson_ctx_t *c, json_t *v, size_t idx, mp_attach
 {
     char tmp[96];
     if (!json_is_object(v)) {
-        msgjson_seterr(c->err, c->errlen, "\"attachments\"[%zu] must be an object", idx);
+        util_seterr(c->err, c->errlen, "\"attachments\"[%zu] must be an object", idx);
         return MSGJSON_EINVAL;
     }
     json_t *jf = json_object_get(v, "filename");
@@ -665,28 +623,28 @@ static int msgjson_attachment(msgjson_ctx_t *c, json_t *v, size_t idx, mp_attach
     json_t *ji = json_object_get(v, "content_id");
     json_t *jin = json_object_get(v, "inline");
     if (jf == NULL || json_is_null(jf)) {
-        msgjson_seterr(c->err, c->errlen, "missing field \"filename\" in \"attachments\"[%zu]",
+        util_seterr(c->err, c->errlen, "missing field \"filename\" in \"attachments\"[%zu]",
                        idx);
         return MSGJSON_EINVAL;
     }
     if (!json_is_string(jf)) {
-        msgjson_seterr(c->err, c->errlen, "\"attachments\"[%zu].filename must be a string", idx);
+        util_seterr(c->err, c->errlen, "\"attachments\"[%zu].filename must be a string", idx);
         return MSGJSON_EINVAL;
     }
     const char *fn = json_string_value(jf);
     size_t fl = strlen(fn);
     if (fl == 0 || fl > MSGJSON_FNAME_MAX) {
-        msgjson_seterr(c->err, c->errlen,
+        util_seterr(c->err, c->errlen,
                        "\"attachments\"[%zu].filename must be 1..%d octets, not %zu", idx,
                        MSGJSON_FNAME_MAX, fl);
         return MSGJSON_EINVAL;
     }
     for (const unsigned char *p = (const unsigned char *)fn; *p; p++) {
         if (*p < 0x20 || *p == 0x7f) {
-            msgjson_seterr(c->err, c->errlen,
+            util_seterr(c->err, c->errlen,
                            "\"attachments\"[%zu].filename contains a control character "
                            "(CR, LF, ...): \"%s\"",
-                           idx, msgjson_esc(fn, tmp, sizeof(tmp)));
+                           idx, util_quote_text(fn, tmp, sizeof(tmp)));
             return MSGJSON_EINVAL;
         }
     }
@@ -694,47 +652,47 @@ static int msgjson_attachment(msgjson_ctx_t *c, json_t *v, size_t idx, mp_attach
     if (jt == NULL || json_is_null(jt)) {
         a->content_type = xstrdup("application/octet-stream");
     } else if (!json_is_string(jt)) {
-        msgjson_seterr(c->err, c->errlen, "\"attachments\"[%zu].content_type must be a string",
+        util_seterr(c->err, c->errlen, "\"attachments\"[%zu].content_type must be a string",
                        idx);
         return MSGJSON_EINVAL;
     } else if (!msgjson_valid_ctype(json_string_value(jt))) {
-        msgjson_seterr(c->err, c->errlen,
+        util_seterr(c->err, c->errlen,
                        "invalid \"attachments\"[%zu].content_type: \"%s\" (type/subtype "
                        "[; name=value], not multipart, no CR or LF)",
-                       idx, msgjson_esc(json_string_value(jt), tmp, sizeof(tmp)));
+                       idx, util_quote_text(json_string_value(jt), tmp, sizeof(tmp)));
         return MSGJSON_EINVAL;
     } else {
         a->content_type = xstrdup(json_string_value(jt));
     }
     if (ji != NULL && !json_is_null(ji)) {
         if (!json_is_string(ji)) {
-            msgjson_seterr(c->err, c->errlen, "\"attachments\"[%zu].content_id must be a string",
+            util_seterr(c->err, c->errlen, "\"attachments\"[%zu].content_id must be a string",
                            idx);
             return MSGJSON_EINVAL;
         }
         if ((a->content_id = msgjson_take_cid(json_string_value(ji))) == NULL) {
-            msgjson_seterr(c->err, c->errlen,
+            util_seterr(c->err, c->errlen,
                            "invalid \"attachments\"[%zu].content_id: \"%s\" (printable ASCII "
                            "without blanks, e.g. \"logo@example.com\")",
-                           idx, msgjson_esc(json_string_value(ji), tmp, sizeof(tmp)));
+                           idx, util_quote_text(json_string_value(ji), tmp, sizeof(tmp)));
             return MSGJSON_EINVAL;
         }
     }
     if (jin != NULL && !json_is_null(jin)) {
         if (!json_is_boolean(jin)) {
-            msgjson_seterr(c->err, c->errlen, "\"attachments\"[%zu].inline must be a boolean",
+            util_seterr(c->err, c->errlen, "\"attachments\"[%zu].inline must be a boolean",
                            idx);
             return MSGJSON_EINVAL;
         }
         a->is_inline = json_is_true(jin);
     }
     if (jc == NULL || json_is_null(jc)) {
-        msgjson_seterr(c->err, c->errlen,
+        util_seterr(c->err, c->errlen,
                        "missing field \"content_base64\" in \"attachments\"[%zu]", idx);
         return MSGJSON_EINVAL;
     }
     if (!json_is_string(jc)) {
-        msgjson_seterr(c->err, c->errlen,
+        util_seterr(c->err, c->errlen,
                        "\"attachments\"[%zu].content_base64 must be a string", idx);
         return MSGJSON_EINVAL;
     }
@@ -742,11 +700,11 @@ static int msgjson_attachment(msgjson_ctx_t *c, json_t *v, size_t idx, mp_attach
     int rc = msgjson_b64_decode(json_string_value(jc), json_string_length(jc), &a->data, &a->len,
                                 &bad);
     if (rc == MSGJSON_ENOMEM) {
-        msgjson_seterr(c->err, c->errlen, "out of memory decoding \"attachments\"[%zu]", idx);
+        util_seterr(c->err, c->errlen, "out of memory decoding \"attachments\"[%zu]", idx);
         return rc;
     }
     if (rc != MSGJSON_OK) {
-        msgjson_seterr(c->err, c->errlen,
+        util_seterr(c->err, c->errlen,
                        "\"attachments\"[%zu].content_base64 is not valid base64 (at offset %zu)",
                        idx, bad);
         return rc;
@@ -760,7 +718,7 @@ static int msgjson_attachments(msgjson_ctx_t *c, json_t *root, message_t *m)
     if (v == NULL || json_is_null(v))
         return MSGJSON_OK;
     if (!json_is_array(v)) {
-        msgjson_seterr(c->err, c->errlen, "\"attachments\" must be an array");
+        util_seterr(c->err, c->errlen, "\"attachments\" must be an array");
         return MSGJSON_EINVAL;
     }
     size_t n = json_array_size(v);
@@ -788,13 +746,13 @@ static int msgjson_raw(msgjson_ctx_t *c, json_t *root, message_t *m)
     if (v == NULL || json_is_null(v))
         return MSGJSON_OK;
     if (!json_is_string(v)) {
-        msgjson_seterr(c->err, c->errlen, "\"raw\" must be a string (base64)");
+        util_seterr(c->err, c->errlen, "\"raw\" must be a string (base64)");
         return MSGJSON_EINVAL;
     }
     for (size_t i = 0; i < sizeof(exclusive) / sizeof(exclusive[0]); i++) {
         json_t *x = json_object_get(root, exclusive[i]);
         if (x != NULL && !json_is_null(x)) {
-            msgjson_seterr(c->err, c->errlen, "\"raw\" cannot be combined with \"%s\"",
+            util_seterr(c->err, c->errlen, "\"raw\" cannot be combined with \"%s\"",
                            exclusive[i]);
             return MSGJSON_EINVAL;
         }
@@ -804,20 +762,20 @@ static int msgjson_raw(msgjson_ctx_t *c, json_t *root, message_t *m)
     int rc = msgjson_b64_decode(json_string_value(v), json_string_length(v), &d, &m->raw_len,
                                 &bad);
     if (rc == MSGJSON_ENOMEM) {
-        msgjson_seterr(c->err, c->errlen, "out of memory decoding \"raw\"");
+        util_seterr(c->err, c->errlen, "out of memory decoding \"raw\"");
         return rc;
     }
     if (rc != MSGJSON_OK) {
-        msgjson_seterr(c->err, c->errlen, "\"raw\" is not valid base64 (at offset %zu)", bad);
+        util_seterr(c->err, c->errlen, "\"raw\" is not valid base64 (at offset %zu)", bad);
         return rc;
     }
     m->raw = (char *)d;
     if (m->raw_len == 0) {
-        msgjson_seterr(c->err, c->errlen, "\"raw\" is empty");
+        util_seterr(c->err, c->errlen, "\"raw\" is empty");
         return MSGJSON_EINVAL;
     }
     if (memchr(m->raw, '\0', m->raw_len) != NULL) {
-        msgjson_seterr(c->err, c->errlen, "\"raw\" contains a NUL byte at offset %zu",
+        util_seterr(c->err, c->errlen, "\"raw\" contains a NUL byte at offset %zu",
                        (size_t)((char *)memchr(m->raw, '\0', m->raw_len) - m->raw));
         return MSGJSON_EINVAL;
     }
@@ -849,7 +807,7 @@ static int msgjson_fill(msgjson_ctx_t *c, json_t *root, message_t *m)
     int rc;
     json_t *from = json_object_get(root, "from");
     if (from == NULL || json_is_null(from)) {
-        msgjson_seterr(c->err, c->errlen, "missing field \"from\"");
+        util_seterr(c->err, c->errlen, "missing field \"from\"");
         return MSGJSON_EINVAL;
     }
     if ((rc = msgjson_address(c, from, "\"from\"", &m->from)) != MSGJSON_OK ||
@@ -881,15 +839,15 @@ int msgjson_parse(const char *body, size_t len, message_t **out, char *err, size
     json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
     if (root == NULL) {
         if (json_error_code(&jerr) == json_error_out_of_memory) {
-            msgjson_seterr(err, errlen, "out of memory parsing JSON");
+            util_seterr(err, errlen, "out of memory parsing JSON");
             return MSGJSON_ENOMEM;
         }
-        msgjson_seterr(err, errlen, "invalid JSON at line %d column %d: %s", jerr.line,
+        util_seterr(err, errlen, "invalid JSON at line %d column %d: %s", jerr.line,
                        jerr.column, jerr.text);
         return MSGJSON_EJSON;
     }
     if (!json_is_object(root)) {
-        msgjson_seterr(err, errlen, "message must be a JSON object, not %s",
+        util_seterr(err, errlen, "message must be a JSON object, not %s",
                        msgjson_type_name(root));
         json_decref(root);
         return MSGJSON_EINVAL;
@@ -898,7 +856,7 @@ int msgjson_parse(const char *body, size_t len, message_t **out, char *err, size
     int rc = msgjson_fill(&c, root, m);
     json_decref(root);
     if (rc == MSGJSON_ENOMEM && c.err && c.errlen && c.err[0] == '\0')
-        msgjson_seterr(err, errlen, "out of memory");
+        util_seterr(err, errlen, "out of memory");
     if (rc != MSGJSON_OK) {
         message_free(m);
         return rc;
