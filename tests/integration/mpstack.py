@@ -11,7 +11,9 @@ import re
 import signal
 import socket
 import ssl
+import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 
@@ -73,23 +75,35 @@ class Daemon:
     """mailpumpd on the stack's config with private queue names, so tests
     never see each other's messages."""
 
-    def __init__(self, env, workers=2, extra_env=None):
+    def __init__(self, env, workers=2, extra_env=None, queues_of=None):
+        """env: stack_env() or a copy with other MP_AMQP_* (a private
+        broker). queues_of: another Daemon whose queues, exchange and retry
+        levels this one takes over (a restart after kill or SIGTERM)."""
         self.env = env
         tag = uuid.uuid4().hex[:8]
         self.queue = f"itest.{tag}.outbound"
         self.dead_queue = f"itest.{tag}.dead"
         self.exchange = f"itest.{tag}.events"
+        retry_prefix = f"itest.{tag}.retry"
+        if queues_of is not None:
+            self.queue, self.dead_queue = queues_of.queue, queues_of.dead_queue
+            self.exchange = queues_of.exchange
+            retry_prefix = queues_of.proc_env["MAILPUMP_RETRY_QUEUE_PREFIX"]
         self.metrics_port = free_port()
         self.log_path = os.path.join(STACK_DIR, f"mailpumpd-{tag}.log")
         self.proc_env = dict(os.environ)
         self.proc_env.update({
+            "MAILPUMP_AMQP_HOST": env["MP_AMQP_HOST"],
+            "MAILPUMP_AMQP_PORT": str(env["MP_AMQP_PORT"]),
             "MAILPUMP_AMQP_QUEUE": self.queue,
             "MAILPUMP_AMQP_DEAD_QUEUE": self.dead_queue,
             "MAILPUMP_AMQP_EVENTS_EXCHANGE": self.exchange,
             "MAILPUMP_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
             "MAILPUMP_WORKER_COUNT": str(workers),
-            "MAILPUMP_RETRY_QUEUE_PREFIX": f"itest.{tag}.retry",
+            "MAILPUMP_RETRY_QUEUE_PREFIX": retry_prefix,
         })
+        if queues_of is not None and "MAILPUMP_RETRY_LEVELS" in queues_of.proc_env:
+            self.proc_env["MAILPUMP_RETRY_LEVELS"] = queues_of.proc_env["MAILPUMP_RETRY_LEVELS"]
         if extra_env:
             self.proc_env.update(extra_env)
         self.proc = None
@@ -250,3 +264,44 @@ def find_in_maildir(maildir, needle, timeout=30):
 def imap_ssl_context(env):
     ctx = ssl.create_default_context(cafile=env["MP_CA_FILE"])
     return ctx
+
+
+class Sink:
+    """tests/tools/smtpsink on a loopback address, with fault rules."""
+
+    def __init__(self, addr="127.0.0.2", rules=(), extra=()):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="mp-sink-")
+        self.stats = os.path.join(self.dir, "stats.json")
+        self.maildir = os.path.join(self.dir, "mail")
+        args = [os.path.join(BUILD_DIR, "tests", "smtpsink"), "--listen", f"{addr}:{self.port}",
+                "--stats-file", self.stats, "--maildir", self.maildir, "--quiet", *extra]
+        for r in rules:
+            args += ["--rule", r]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"smtpsink exited with {self.proc.returncode}")
+            try:
+                socket.create_connection((addr, self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("smtpsink did not start listening")
+
+    def messages(self):
+        """Bytes of every kept message."""
+        out = []
+        d = os.path.join(self.maildir, "new")
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            with open(os.path.join(d, name), "rb") as f:
+                out.append(f.read())
+        return out
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -135,6 +135,52 @@ class Ledger(unittest.TestCase):
             tap.close()
 
 
+class Retries(unittest.TestCase):
+    def test_greylisted_recipient_delivered_on_a_later_attempt(self):
+        env = mpstack.stack_env()
+        # greylists grey@ once, asking for 2 seconds; everything else is accepted
+        sink = mpstack.Sink(rules=["rcpt:grey@test.example#1=450 4.7.1 greylisted, "
+                                   "try again in 2 seconds",
+                                   "rcpt:hard@test.example=550 5.1.1 no such user"])
+        d = mpstack.Daemon(env, workers=1, extra_env={
+            "MAILPUMP_SMTP_PORT": str(sink.port), "MAILPUMP_SMTP_TLS": "none",
+            "MAILPUMP_IMAP_HOST": "", "MAILPUMP_RETRY_LEVELS": "500ms,1s,3s,10s",
+            "MAILPUMP_RETRY_P1_BASE": "500ms"})
+        tap = mpstack.EventTap(env, d.exchange)
+        try:
+            d.start()
+            r = d.cli("enqueue", "--from", "bob@test.example", "--to", "grey@test.example",
+                      "--to", "ok@test.example", "--to", "hard@test.example",
+                      "--priority", "5", "--text", "greylisting")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            mid = r.stdout.strip()
+            evs = tap.wait(lambda e: e.get("message_id") == mid and "recipient" in e, 4)
+            grey = sorted((e for e in evs if e["recipient"] == "grey@test.example"),
+                          key=lambda e: e["attempt"])
+            self.assertEqual([(e["event"], e["attempt"]) for e in grey],
+                             [("deferred", 1), ("delivered", 2)])
+            self.assertEqual(grey[0]["reason"], "greylisted")
+            # the server asked for 2 s: the 3 s level, not the 500 ms backoff
+            self.assertEqual(grey[0]["retry_in_ms"], 3000)
+            self.assertGreaterEqual(grey[1]["age_ms"], 3000)
+            self.assertLess(grey[0]["age_ms"], 3000)
+            others = {e["recipient"]: e for e in evs if e["recipient"] != "grey@test.example"}
+            self.assertEqual(others["ok@test.example"]["event"], "delivered")
+            self.assertEqual(others["ok@test.example"]["attempt"], 1)
+            self.assertEqual(others["hard@test.example"]["event"], "bounced")
+            self.assertEqual(others["hard@test.example"]["reason"], "no_such_user")
+            # only the pending recipient went out again: ok on attempt 1, grey on attempt 2
+            rcpts = []
+            for m in sink.messages():
+                rcpts += re.findall(rb"X-Sink-Rcpt-To: <?([^>\r\n]+)", m)
+            self.assertEqual(sorted(x.decode() for x in rcpts),
+                             ["grey@test.example", "ok@test.example"])
+        finally:
+            self.assertEqual(d.stop(), 0)
+            tap.close()
+            sink.stop()
+
+
 class RedisOutage(unittest.TestCase):
     """A private Redis, stopped mid-run and started again."""
 
