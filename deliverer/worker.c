@@ -14,8 +14,11 @@
  *  built) is published to the dead-letter queue with the reason in the
  *  x-mailpump-reason header, announced with a "dead" event, then acked.
  *
- *  A lost broker connection drops every job without acking (the broker
- *  redelivers them) and reconnects with backoff.
+ *  A lost broker connection acks nothing more (the broker redelivers every
+ *  unacked message). Jobs that have not reached SMTP are dropped; jobs in
+ *  an SMTP transaction finish it and record it in the ledger, so the
+ *  redelivery skips those recipients (on_lost). Reconnecting waits for
+ *  them and backs off with jitter.
  *
  *  Shutdown: the consumer is cancelled, in-flight jobs finish within the
  *  grace period, and whatever is still unfinished is left unacked.
@@ -116,6 +119,7 @@ struct job {
     uint64_t        started_ms;
     uint64_t        ledger_op;       /* outstanding ledger call, 0 if none */
     uint64_t        ledger_op2;
+    int             smtp_started;    /* some domain reached domain_start_smtp() */
 };
 
 struct worker {
@@ -135,6 +139,8 @@ struct worker {
     int                 draining;
     int                 ready;
     unsigned            reconnect_delay_ms;
+    uint64_t            connected_ms;  /* mono time of the last successful connect */
+    uint64_t            lost_ms;       /* mono time of the last connection loss */
     loop_timer_t        reconnect_timer;
     loop_timer_t        grace_timer;
     loop_timer_t        release_timer;
@@ -249,7 +255,7 @@ static void job_publish(job_t *j, const char *exchange, const char *rkey, const 
 {
     worker_t *w = j->w;
     j->confirms_left++;
-    if (mq_publish(w->mq, exchange, rkey, body, len, opts, on_confirm, j) < 0) {
+    if (w->mq == NULL || mq_publish(w->mq, exchange, rkey, body, len, opts, on_confirm, j) < 0) {
         /* the connection is gone; the job is dropped with it */
         j->confirms_left--;
         j->confirm_failed = 1;
@@ -386,6 +392,13 @@ static void job_store_sent_copy(job_t *j)
 {
     worker_t *w = j->w;
     const worker_env_t *env = w->env;
+    if (w->mq == NULL || !mq_is_open(w->mq)) {
+        /* the delivery's channel is gone (see on_lost): the ledger holds
+         * what this attempt delivered; the redelivery appends the Sent
+         * copy and publishes the events */
+        job_finish(j, 0);
+        return;
+    }
     size_t delivered = 0;
     for (size_t i = 0; i < j->nrcpts; i++)
         if (j->rcpts[i].outcome == OUTCOME_DELIVERED)
@@ -726,6 +739,12 @@ static void domain_start_smtp(job_t *j, size_t di)
 {
     worker_t *w = j->w;
     job_domain_t *d = &j->domains[di];
+    if (w->mq == NULL || !mq_is_open(w->mq)) {
+        /* no transaction is started for a message the broker redelivers */
+        domain_fail(j, di, OUTCOME_TRANSIENT, "network", "broker connection lost");
+        return;
+    }
+    j->smtp_started = 1;
     const char **rcpts = xcalloc(j->nrcpts, sizeof(char *));
     size_t n = 0;
     for (size_t i = 0; i < j->nrcpts; i++)
@@ -819,9 +838,12 @@ static void job_resolve(job_t *j)
         job_after_smtp(j);
         return;
     }
-    for (size_t i = 0; i < j->ndomains; i++) {
+    /* counted down, not compared with j->ndomains: a delivery that fails
+     * synchronously can settle the job's last domain and finish the job */
+    for (size_t i = 0, left = j->domains_left; left > 0; i++) {
         if (j->domains[i].done)
             continue;
+        left--;
         if (w->env->dcfg.nrelay > 0) { /* relay mode: the smarthost replaces MX */
             domain_start_smtp(j, i);
             continue;
@@ -1012,6 +1034,32 @@ static void release_dead_mq(loop_t *loop, loop_timer_t *t, void *arg)
     w->mq_dead = NULL;
 }
 
+/* Exponential backoff with jitter: the workers and pods that lost the
+ * broker together do not all come back in the same instant. */
+static void worker_schedule_reconnect(worker_t *w)
+{
+    unsigned ms = (unsigned)(w->reconnect_delay_ms * (0.8 + 0.4 * rand01()));
+    loop_timer_set(w->loop, &w->reconnect_timer, ms);
+    w->reconnect_delay_ms = w->reconnect_delay_ms * 2 > 30000 ? 30000 : w->reconnect_delay_ms * 2;
+}
+
+static void worker_drop_jobs(worker_t *w)
+{
+    while (w->jobs) {
+        job_t *j = w->jobs;
+        job_unlink(w, j);
+        job_free(j);
+    }
+}
+
+/* Every unacked message returns to the queue once the broker sees the
+ * connection gone. Jobs that have not reached SMTP are dropped. A job
+ * whose SMTP transaction has begun is left to finish it: cut after the
+ * final dot, its recipients would stay "sending" in the ledger and the
+ * redelivery would send them again. It records its outcome in the ledger
+ * and stops there (job_store_sent_copy); the redelivery skips what it
+ * delivered. Reconnecting waits for these jobs (on_reconnect), so the
+ * redelivery never runs beside them. */
 static void on_lost(void *arg, const char *why)
 {
     worker_t *w = arg;
@@ -1019,27 +1067,45 @@ static void on_lost(void *arg, const char *why)
         w->ready = 0;
         metrics_gauge_add(MET_WORKERS_READY, -1);
     }
-    /* unacked messages return to the queue when the broker sees us gone */
-    while (w->jobs) {
-        job_t *j = w->jobs;
-        job_unlink(w, j);
-        job_free(j);
+    job_t *next;
+    for (job_t *j = w->jobs; j; j = next) {
+        next = j->next;
+        if (!j->smtp_started || j->append_tried) {
+            job_unlink(w, j);
+            job_free(j);
+        }
     }
-    /* mq invoked us: release it once its stack has unwound */
     w->mq_dead = w->mq;
     w->mq = NULL;
     loop_timer_set(w->loop, &w->release_timer, 0);
+    w->lost_ms = util_mono_ms();
+    if (w->njobs)
+        log_info("worker", "finishing_smtp", "worker=%d inflight=%zu reason=\"%s\"", w->index,
+                 w->njobs, why);
     if (w->draining) {
-        loop_stop(w->loop);
+        worker_check_drained(w); /* else the grace timer ends it */
         return;
     }
-    w->reconnect_delay_ms = 500;
-    loop_timer_set(w->loop, &w->reconnect_timer, w->reconnect_delay_ms);
+    /* a connection that dies soon after it was made (a broker that accepts
+     * and then closes) must not turn into a reconnect storm */
+    if (util_mono_ms() - w->connected_ms >= 30000)
+        w->reconnect_delay_ms = 500;
+    worker_schedule_reconnect(w);
 }
 
 static void on_reconnect(loop_t *loop, loop_timer_t *t, void *arg)
 {
-    worker_connect(arg);
+    worker_t *w = arg;
+    if (w->njobs > 0) {
+        /* jobs of the lost connection are finishing SMTP (see on_lost) */
+        if (util_mono_ms() - w->lost_ms < w->env->cfg->worker_shutdown_grace_ms) {
+            loop_timer_set(loop, t, 100);
+            return;
+        }
+        log_warn("worker", "smtp_abandoned", "worker=%d unfinished=%zu", w->index, w->njobs);
+        worker_drop_jobs(w);
+    }
+    worker_connect(w);
 }
 
 static void worker_connect(worker_t *w)
@@ -1070,11 +1136,10 @@ static void worker_connect(worker_t *w)
     if (w->mq == NULL) {
         log_error("worker", "broker_unavailable", "worker=%d retry_ms=%u reason=\"%s\"", w->index,
                   w->reconnect_delay_ms, err);
-        loop_timer_set(w->loop, &w->reconnect_timer, w->reconnect_delay_ms);
-        w->reconnect_delay_ms = w->reconnect_delay_ms * 2 > 30000 ? 30000 : w->reconnect_delay_ms * 2;
+        worker_schedule_reconnect(w);
         return;
     }
-    w->reconnect_delay_ms = 500;
+    w->connected_ms = util_mono_ms();
     w->ready = 1;
     metrics_gauge_add(MET_WORKERS_READY, 1);
     log_info("worker", "consuming", "worker=%d queue=%s prefetch=%u", w->index, cfg->amqp_queue,
@@ -1161,18 +1226,16 @@ static void *worker_main(void *arg)
     on_wakeup(w->loop, w); /* a stop that came before the loop ran */
     loop_run(w->loop);
 
-    while (w->jobs) {
-        job_t *j = w->jobs;
-        job_unlink(w, j);
-        job_free(j);
-    }
-    deliver_ctx_free(w->dctx); /* after the jobs: they cancel their deliveries first */
-    w->dctx = NULL;
+    /* the connection first: mq_free() fails the unconfirmed publishes, and
+     * their jobs finish (unacked) while they still exist */
     if (w->ready)
         metrics_gauge_add(MET_WORKERS_READY, -1);
     mq_free(w->mq);
     mq_free(w->mq_dead);
     w->mq = w->mq_dead = NULL;
+    worker_drop_jobs(w);
+    deliver_ctx_free(w->dctx); /* after the jobs: they cancel their deliveries first */
+    w->dctx = NULL;
     dns_resolver_free(w->dns);
     w->dns = NULL;
     rclient_free(w->redis); /* first: its pending replies still find the ledger */

@@ -19,6 +19,17 @@
  *  Publishing writes through librabbitmq's blocking send. Event bodies are
  *  small and the broker is near; a large backlog would show as latency in
  *  the loop, which is the seam for a buffered writer later.
+ *
+ *  Writes are batched per loop iteration. The first publish, ack or nack
+ *  of an iteration corks the socket (TCP_CORK) and arms a zero-delay
+ *  timer that runs at the end of it: a librabbitmq publish is three
+ *  send()s and an ack one more, and without the cork each of them is its
+ *  own loopback segment that wakes the broker. Acks wait for that timer
+ *  too: the unsettled deliveries are kept in tag order, and acks that
+ *  settle a prefix of them go out as one basic.ack with multiple=1; the
+ *  others are sent one by one, so no ack ever waits for a slower message.
+ *  Nacks are sent at once (corked). Blocking RPCs flush first, so they
+ *  never wait on data held back.
  * DIAGNOSTICS
  *  Set-up failures return NULL with the broker's reply text. A lost
  *  connection is reported once through mq_lost_cb.
@@ -28,9 +39,12 @@
 #include <amqp.h>
 #include <amqp_framing.h>
 #include <amqp_tcp_socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/time.h>
 
 #include "core/log.h"
@@ -68,7 +82,16 @@ struct mq {
     int                      cur_skip; /* basic.return content: discard */
     loop_timer_t             hb_timer;
     loop_timer_t             drain_timer;
+    loop_timer_t             lost_timer;
+    char                     lost_why[300];
     int                      in_drain;
+    int                      corked;      /* TCP_CORK is set on the socket */
+    int                      flush_armed; /* flush_timer runs at the end of this iteration */
+    loop_timer_t             flush_timer;
+    /* deliveries not yet settled on the wire, in tag order (at most the
+     * prefetch window); ack_wanted marks those mq_ack() has settled */
+    struct unsettled { uint64_t tag; int ack_wanted; } *uns;
+    size_t                   nuns, uns_cap;
 };
 
 static void copy_bytes(char **dst, amqp_bytes_t b)
@@ -177,6 +200,100 @@ static int rpc_ok(mq_t *mq, const char *what, char *err, size_t errlen)
     return -1;
 }
 
+/* ---- write batching ---- */
+
+static void connection_lost(mq_t *mq, const char *why);
+
+static void uncork(mq_t *mq)
+{
+    if (!mq->corked)
+        return;
+    mq->corked = 0;
+    int off = 0;
+    /* pushes whatever the kernel held back; a failure here surfaces on
+     * the next send or read */
+    (void)setsockopt(mq->fd, IPPROTO_TCP, TCP_CORK, &off, sizeof(off));
+}
+
+/* Hold writes back until the end of this loop iteration. */
+static void batch_begin(mq_t *mq)
+{
+    if (mq->flush_armed)
+        return;
+    mq->flush_armed = 1;
+    loop_timer_set(mq->loop, &mq->flush_timer, 0);
+    int on = 1;
+    if (!mq->corked && mq->fd >= 0 &&
+        setsockopt(mq->fd, IPPROTO_TCP, TCP_CORK, &on, sizeof(on)) == 0)
+        mq->corked = 1; /* else (not TCP) writes just go out one by one */
+}
+
+/* Index of tag in mq->uns, or -1. */
+static long uns_find(const mq_t *mq, uint64_t tag)
+{
+    size_t lo = 0, hi = mq->nuns;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (mq->uns[mid].tag < tag)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < mq->nuns && mq->uns[lo].tag == tag ? (long)lo : -1;
+}
+
+static void uns_remove(mq_t *mq, size_t i, size_t n)
+{
+    memmove(mq->uns + i, mq->uns + i + n, (mq->nuns - i - n) * sizeof(*mq->uns));
+    mq->nuns -= n;
+}
+
+static int send_ack(mq_t *mq, uint64_t tag, int multiple)
+{
+    if (amqp_basic_ack(mq->conn, MQ_CHANNEL, tag, multiple) != AMQP_STATUS_OK) {
+        connection_lost(mq, "basic.ack: send failed");
+        return -1;
+    }
+    return 0;
+}
+
+/* Send the acks mq_ack() collected: the settled prefix as one. */
+static void flush_acks(mq_t *mq)
+{
+    size_t k = 0;
+    while (k < mq->nuns && mq->uns[k].ack_wanted)
+        k++;
+    if (k > 0) {
+        if (send_ack(mq, mq->uns[k - 1].tag, k > 1) < 0)
+            return;
+        uns_remove(mq, 0, k);
+    }
+    for (size_t i = 0; i < mq->nuns && mq->open;) {
+        if (!mq->uns[i].ack_wanted) {
+            i++;
+            continue;
+        }
+        if (send_ack(mq, mq->uns[i].tag, 0) < 0)
+            return;
+        uns_remove(mq, i, 1);
+    }
+}
+
+/* End of the batch: acks out, cork off. */
+static void flush(mq_t *mq)
+{
+    mq->flush_armed = 0;
+    loop_timer_cancel(mq->loop, &mq->flush_timer);
+    if (mq->open)
+        flush_acks(mq);
+    uncork(mq);
+}
+
+static void on_flush_timer(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    flush(arg);
+}
+
 /* ---- confirms ---- */
 
 static void pend_push(mq_t *mq, uint64_t seq, mq_confirm_cb cb, void *arg)
@@ -231,23 +348,38 @@ static void fail_all_confirms(mq_t *mq)
 
 /* ---- connection loss ---- */
 
+static void on_lost_timer(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    mq_t *mq = arg;
+    fail_all_confirms(mq);
+    if (mq->on_lost)
+        mq->on_lost(mq->arg, mq->lost_why);
+}
+
+/* The connection is unusable from here on (mq_publish, mq_ack ... fail at
+ * once), but the confirm callbacks and on_lost run from a timer: a loss
+ * found inside mq_publish() or mq_ack() must not free the caller's job
+ * while the caller is still using it. */
 static void connection_lost(mq_t *mq, const char *why)
 {
     if (!mq->open)
         return;
     mq->open = 0;
     log_error("amqp", "connection_lost", "reason=\"%s\"", why);
+    snprintf(mq->lost_why, sizeof(mq->lost_why), "%s", why);
     if (mq->registered) {
         loop_fd_del(mq->loop, mq->fd);
         mq->registered = 0;
     }
     loop_timer_cancel(mq->loop, &mq->hb_timer);
     loop_timer_cancel(mq->loop, &mq->drain_timer);
+    loop_timer_cancel(mq->loop, &mq->flush_timer);
+    mq->flush_armed = 0;
+    mq->corked = 0;
+    mq->nuns = 0; /* the broker requeues them */
     mq_delivery_free(mq->cur);
     mq->cur = NULL;
-    fail_all_confirms(mq);
-    if (mq->on_lost)
-        mq->on_lost(mq->arg, why);
+    loop_timer_set(mq->loop, &mq->lost_timer, 0);
 }
 
 /* ---- frame handling ---- */
@@ -276,6 +408,12 @@ static void handle_method(mq_t *mq, amqp_frame_t *f)
         mq->cur = xcalloc(1, sizeof(mq_delivery_t));
         mq->cur->tag = dv->delivery_tag;
         mq->cur->redelivered = dv->redelivered;
+        if (mq->nuns == mq->uns_cap) {
+            mq->uns_cap = mq->uns_cap ? mq->uns_cap * 2 : 64;
+            mq->uns = xrealloc(mq->uns, mq->uns_cap * sizeof(*mq->uns));
+        }
+        /* tags grow on a channel: the array stays sorted */
+        mq->uns[mq->nuns++] = (struct unsettled){ dv->delivery_tag, 0 };
         mq->cur_skip = 0;
         mq->rx = RX_HEADER;
         break;
@@ -458,6 +596,8 @@ mq_t *mq_open(loop_t *loop, const mq_config_t *cfg, char *err, size_t errlen)
     mq->next_seq = 1;
     loop_timer_init(&mq->hb_timer, on_heartbeat, mq);
     loop_timer_init(&mq->drain_timer, on_drain_timer, mq);
+    loop_timer_init(&mq->lost_timer, on_lost_timer, mq);
+    loop_timer_init(&mq->flush_timer, on_flush_timer, mq);
     mq->conn = amqp_new_connection();
     amqp_socket_t *sock = amqp_tcp_socket_new(mq->conn);
     if (sock == NULL) {
@@ -470,8 +610,22 @@ mq_t *mq_open(loop_t *loop, const mq_config_t *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "connect to %s:%u: %s", cfg->host, cfg->port, amqp_error_string2(r));
         goto fail;
     }
-    amqp_rpc_reply_t lr = amqp_login(mq->conn, cfg->vhost, 0, 131072, (int)cfg->heartbeat,
-                                     AMQP_SASL_METHOD_PLAIN, cfg->user, cfg->password);
+    /* Without consumer_cancel_notify the broker ends our consumer silently
+     * when the queue is deleted or its node fails: the worker would stay
+     * connected and never receive again. With it, a basic.cancel arrives
+     * and is handled as a lost connection (reconnect, redeclare). The
+     * library merges this into its default capabilities. */
+    amqp_table_entry_t cap = { .key = amqp_cstring_bytes("consumer_cancel_notify"),
+                               .value = { .kind = AMQP_FIELD_KIND_BOOLEAN,
+                                          .value = { .boolean = 1 } } };
+    amqp_table_entry_t prop = { .key = amqp_cstring_bytes("capabilities"),
+                                .value = { .kind = AMQP_FIELD_KIND_TABLE,
+                                           .value = { .table = { 1, &cap } } } };
+    amqp_table_t props = { 1, &prop };
+    amqp_rpc_reply_t lr = amqp_login_with_properties(mq->conn, cfg->vhost, 0, 131072,
+                                                     (int)cfg->heartbeat, &props,
+                                                     AMQP_SASL_METHOD_PLAIN, cfg->user,
+                                                     cfg->password);
     if (lr.reply_type != AMQP_RESPONSE_NORMAL) {
         reply_text(lr, "login", err, errlen);
         goto fail;
@@ -568,6 +722,7 @@ int mq_declare_delay_queue(mq_t *mq, const char *name, unsigned ttl_ms, char *er
     a[2].value.kind = AMQP_FIELD_KIND_UTF8;
     a[2].value.value.bytes = amqp_cstring_bytes(mq->cfg.queue);
     amqp_table_t args = { 3, a };
+    flush(mq); /* an RPC: the request must leave now */
     amqp_queue_declare(mq->conn, MQ_CHANNEL, amqp_cstring_bytes(name), 0, 1, 0, 0, args);
     return rpc_ok(mq, "declare delay queue", err, errlen);
 }
@@ -604,6 +759,7 @@ int mq_publish(mq_t *mq, const char *exchange, const char *routing_key, const vo
         p.headers.entries = entries;
     }
     amqp_bytes_t b = { len, (void *)body };
+    batch_begin(mq);
     int r = amqp_basic_publish(mq->conn, MQ_CHANNEL, amqp_cstring_bytes(exchange),
                                amqp_cstring_bytes(routing_key), 0, 0, &p, b);
     if (r != AMQP_STATUS_OK) {
@@ -623,11 +779,11 @@ int mq_ack(mq_t *mq, uint64_t tag)
 {
     if (!mq->open)
         return -1;
-    int r = amqp_basic_ack(mq->conn, MQ_CHANNEL, tag, 0);
-    if (r != AMQP_STATUS_OK) {
-        connection_lost(mq, "basic.ack: send failed");
-        return -1;
-    }
+    batch_begin(mq);
+    long i = uns_find(mq, tag);
+    if (i < 0) /* not a delivery of this connection: the broker decides */
+        return send_ack(mq, tag, 0);
+    mq->uns[i].ack_wanted = 1; /* sent by flush() */
     return 0;
 }
 
@@ -635,6 +791,10 @@ int mq_nack(mq_t *mq, uint64_t tag, int requeue)
 {
     if (!mq->open)
         return -1;
+    batch_begin(mq);
+    long i = uns_find(mq, tag);
+    if (i >= 0)
+        uns_remove(mq, (size_t)i, 1);
     int r = amqp_basic_nack(mq->conn, MQ_CHANNEL, tag, 0, requeue);
     if (r != AMQP_STATUS_OK) {
         connection_lost(mq, "basic.nack: send failed");
@@ -657,12 +817,19 @@ void mq_free(mq_t *mq)
 {
     if (mq == NULL)
         return;
+    flush(mq); /* collected acks first (a failure arms timers cancelled below) */
     if (mq->registered)
         loop_fd_del(mq->loop, mq->fd);
     loop_timer_cancel(mq->loop, &mq->hb_timer);
     loop_timer_cancel(mq->loop, &mq->drain_timer);
+    loop_timer_cancel(mq->loop, &mq->lost_timer);
     if (mq->open) {
         mq->open = 0;
+        /* A broker that no longer answers (frozen, partitioned) would hold
+         * each closing RPC until the heartbeat gives up, 2 x heartbeat:
+         * longer than any shutdown grace period. */
+        struct timeval close_tv = { 1, 0 };
+        amqp_set_rpc_timeout(mq->conn, &close_tv);
         amqp_channel_close(mq->conn, MQ_CHANNEL, AMQP_REPLY_SUCCESS);
         amqp_connection_close(mq->conn, AMQP_REPLY_SUCCESS);
     }
@@ -671,5 +838,6 @@ void mq_free(mq_t *mq)
     amqp_destroy_connection(mq->conn);
     free(mq->consumer_tag);
     free(mq->pend);
+    free(mq->uns);
     free(mq);
 }

@@ -62,8 +62,10 @@ typedef struct mq mq_t;
 
 /* Receives ownership of d. */
 typedef void (*mq_delivery_cb)(void *arg, mq_delivery_t *d);
-/* The connection died (broker gone, channel closed). Fires once; every
- * unconfirmed publish has already been failed. The owner frees mq later. */
+/* The connection died (broker gone, channel closed). Fires once, from a
+ * loop timer, never inside an mq_* call: from the moment of the loss
+ * mq_publish/mq_ack/mq_nack fail at once, and the unconfirmed publishes
+ * are failed (ok=0) just before this call. The owner frees mq later. */
 typedef void (*mq_lost_cb)(void *arg, const char *why);
 /* Fires exactly once per publish. */
 typedef void (*mq_confirm_cb)(void *arg, int ok);
