@@ -17,6 +17,7 @@
 #include <sys/time.h>
 
 #include "core/util.h"
+#include "queue/mq.h"
 
 #define CH 1
 
@@ -29,25 +30,7 @@ struct mp_client {
 
 static int rpc_check(mp_client_t *c, const char *what, char *err, size_t errlen)
 {
-    amqp_rpc_reply_t r = amqp_get_rpc_reply(c->conn);
-    if (r.reply_type == AMQP_RESPONSE_NORMAL)
-        return 0;
-    if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION) {
-        snprintf(err, errlen, "%s: %s", what, amqp_error_string2(r.library_error));
-    } else if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
-               r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
-        amqp_channel_close_t *m = r.reply.decoded;
-        snprintf(err, errlen, "%s: broker closed the channel: %u %.*s", what, m->reply_code,
-                 (int)m->reply_text.len, (char *)m->reply_text.bytes);
-    } else if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
-               r.reply.id == AMQP_CONNECTION_CLOSE_METHOD) {
-        amqp_connection_close_t *m = r.reply.decoded;
-        snprintf(err, errlen, "%s: broker closed the connection: %u %.*s", what, m->reply_code,
-                 (int)m->reply_text.len, (char *)m->reply_text.bytes);
-    } else {
-        snprintf(err, errlen, "%s: failed", what);
-    }
-    return -1;
+    return mq_rpc_check(c->conn, what, err, errlen);
 }
 
 mp_client_t *mp_client_connect(const mp_client_opts_t *o, char *err, size_t errlen)
@@ -77,17 +60,7 @@ mp_client_t *mp_client_connect(const mp_client_opts_t *o, char *err, size_t errl
     amqp_confirm_select(c->conn, CH);
     if (rpc_check(c, "confirm.select", err, errlen) < 0)
         goto fail;
-    amqp_table_entry_t prio;
-    prio.key = amqp_cstring_bytes("x-max-priority");
-    prio.value.kind = AMQP_FIELD_KIND_I32;
-    prio.value.value.i32 = 10;
-    amqp_table_t qargs = { 1, &prio };
-    amqp_queue_declare(c->conn, CH, amqp_cstring_bytes(o->queue), 0, 1, 0, 0, qargs);
-    if (rpc_check(c, "declare queue", err, errlen) < 0)
-        goto fail;
-    amqp_exchange_declare(c->conn, CH, amqp_cstring_bytes(o->events_exchange),
-                          amqp_cstring_bytes("topic"), 0, 1, 0, 0, amqp_empty_table);
-    if (rpc_check(c, "declare events exchange", err, errlen) < 0)
+    if (mq_declare_outbound(c->conn, CH, o->queue, o->events_exchange, err, errlen) < 0)
         goto fail;
     return c;
 fail:

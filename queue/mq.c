@@ -191,13 +191,34 @@ static void reply_text(amqp_rpc_reply_t r, const char *what, char *err, size_t e
     }
 }
 
-static int rpc_ok(mq_t *mq, const char *what, char *err, size_t errlen)
+int mq_rpc_check(amqp_connection_state_t conn, const char *what, char *err, size_t errlen)
 {
-    amqp_rpc_reply_t r = amqp_get_rpc_reply(mq->conn);
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(conn);
     if (r.reply_type == AMQP_RESPONSE_NORMAL)
         return 0;
     reply_text(r, what, err, errlen);
     return -1;
+}
+
+static int rpc_ok(mq_t *mq, const char *what, char *err, size_t errlen)
+{
+    return mq_rpc_check(mq->conn, what, err, errlen);
+}
+
+int mq_declare_outbound(amqp_connection_state_t conn, int channel, const char *queue,
+                        const char *events_exchange, char *err, size_t errlen)
+{
+    amqp_table_entry_t prio;
+    prio.key = amqp_cstring_bytes("x-max-priority");
+    prio.value.kind = AMQP_FIELD_KIND_I32;
+    prio.value.value.i32 = 10;
+    amqp_table_t qargs = { 1, &prio };
+    amqp_queue_declare(conn, (amqp_channel_t)channel, amqp_cstring_bytes(queue), 0, 1, 0, 0, qargs);
+    if (mq_rpc_check(conn, "declare queue", err, errlen) < 0)
+        return -1;
+    amqp_exchange_declare(conn, (amqp_channel_t)channel, amqp_cstring_bytes(events_exchange),
+                          amqp_cstring_bytes("topic"), 0, 1, 0, 0, amqp_empty_table);
+    return mq_rpc_check(conn, "declare events exchange", err, errlen);
 }
 
 /* ---- write batching ---- */
@@ -637,21 +658,12 @@ mq_t *mq_open(loop_t *loop, const mq_config_t *cfg, char *err, size_t errlen)
     if (rpc_ok(mq, "confirm.select", err, errlen) < 0)
         goto fail;
 
-    amqp_table_entry_t prio;
-    prio.key = amqp_cstring_bytes("x-max-priority");
-    prio.value.kind = AMQP_FIELD_KIND_I32;
-    prio.value.value.i32 = 10;
-    amqp_table_t qargs = { 1, &prio };
-    amqp_queue_declare(mq->conn, MQ_CHANNEL, amqp_cstring_bytes(cfg->queue), 0, 1, 0, 0, qargs);
-    if (rpc_ok(mq, "declare queue", err, errlen) < 0)
+    if (mq_declare_outbound(mq->conn, MQ_CHANNEL, cfg->queue, cfg->events_exchange, err,
+                            errlen) < 0)
         goto fail;
     amqp_queue_declare(mq->conn, MQ_CHANNEL, amqp_cstring_bytes(cfg->dead_queue), 0, 1, 0, 0,
                        amqp_empty_table);
     if (rpc_ok(mq, "declare dead-letter queue", err, errlen) < 0)
-        goto fail;
-    amqp_exchange_declare(mq->conn, MQ_CHANNEL, amqp_cstring_bytes(cfg->events_exchange),
-                          amqp_cstring_bytes("topic"), 0, 1, 0, 0, amqp_empty_table);
-    if (rpc_ok(mq, "declare events exchange", err, errlen) < 0)
         goto fail;
 
     mq->fd = amqp_get_sockfd(mq->conn);

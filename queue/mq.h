@@ -60,6 +60,16 @@ const char *mq_delivery_header(const mq_delivery_t *d, const char *key);
 
 typedef struct mq mq_t;
 
+/* ---- shared by the daemon's set-up and the blocking client library ---- */
+struct amqp_connection_state_t_;
+/* Check the reply of the last synchronous RPC on conn: 0 when it succeeded,
+ * else -1 with "what: reason" (the broker's reply code and text) in err. */
+int mq_rpc_check(struct amqp_connection_state_t_ *conn, const char *what, char *err, size_t errlen);
+/* Declare the outbound queue (durable, x-max-priority 10) and the events
+ * exchange (durable topic) on channel. Blocking. 0 or -1 + err. */
+int mq_declare_outbound(struct amqp_connection_state_t_ *conn, int channel, const char *queue,
+                        const char *events_exchange, char *err, size_t errlen);
+
 /* Receives ownership of d. */
 typedef void (*mq_delivery_cb)(void *arg, mq_delivery_t *d);
 /* The connection died (broker gone, channel closed). Fires once, from a
