@@ -1289,17 +1289,6 @@ static void dns_lib_init(void)
     dns_lib_status = ares_library_init(ARES_LIB_INIT_ALL);
 }
 
-static void dns_seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void dns_seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static void dns_resolver_destroy(dns_resolver_t *r)
 {
@@ -1317,12 +1306,12 @@ dns_resolver_t *dns_resolver_new(loop_t *loop, const dns_config_t *cfg, char *er
 {
     pthread_once(&dns_lib_once, dns_lib_init);
     if (dns_lib_status != ARES_SUCCESS) {
-        dns_seterr(err, errlen, "dns: ares_library_init: %s", ares_strerror(dns_lib_status));
+        util_seterr(err, errlen, "dns: ares_library_init: %s", ares_strerror(dns_lib_status));
         return NULL;
     }
     dns_resolver_t *r = dns_calloc(1, sizeof(*r));
     if (r == NULL) {
-        dns_seterr(err, errlen, "dns: out of memory");
+        util_seterr(err, errlen, "dns: out of memory");
         return NULL;
     }
     r->loop = loop;
@@ -1341,7 +1330,7 @@ dns_resolver_t *dns_resolver_new(loop_t *loop, const dns_config_t *cfg, char *er
         (r->l2_prefix = dns_strndup(prefix, strlen(prefix))) == NULL ||
         (r->l1 = dns_cache_new(l1)) == NULL) {
         dns_resolver_destroy(r);
-        dns_seterr(err, errlen, "dns: out of memory");
+        util_seterr(err, errlen, "dns: out of memory");
         return NULL;
     }
     loop_timer_init(&r->ares_timer, dns_on_ares_timer, r);
@@ -1364,7 +1353,7 @@ dns_resolver_t *dns_resolver_new(loop_t *loop, const dns_config_t *cfg, char *er
                ARES_OPT_SOCK_STATE_CB;
     int st = ares_init_options(&r->ch, &o, mask);
     if (st != ARES_SUCCESS) {
-        dns_seterr(err, errlen, "dns: ares_init_options: %s", ares_strerror(st));
+        util_seterr(err, errlen, "dns: ares_init_options: %s", ares_strerror(st));
         r->ch = NULL;
         dns_resolver_destroy(r);
         return NULL;
@@ -1372,7 +1361,7 @@ dns_resolver_t *dns_resolver_new(loop_t *loop, const dns_config_t *cfg, char *er
     if (cfg && cfg->servers && cfg->servers[0] != '\0') {
         st = ares_set_servers_ports_csv(r->ch, cfg->servers);
         if (st != ARES_SUCCESS) {
-            dns_seterr(err, errlen, "dns: servers \"%s\": %s (want ip:port,ip:port)",
+            util_seterr(err, errlen, "dns: servers \"%s\": %s (want ip:port,ip:port)",
                        cfg->servers, ares_strerror(st));
             dns_resolver_destroy(r);
             return NULL;

@@ -209,17 +209,23 @@ static void finish(imap_append_t *a)
     loop_timer_set(a->loop, &a->done_timer, 0);
 }
 
+/* Record the first failure only: later ones are consequences of it. */
+static void set_result_v(imap_append_t *a, int status, const char *fmt, va_list ap)
+{
+    if (a->have_result)
+        return;
+    a->have_result = 1;
+    a->res.status = status;
+    vsnprintf(a->res.error, sizeof(a->res.error), fmt, ap);
+}
+
 static void fail(imap_append_t *a, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void fail(imap_append_t *a, int status, const char *fmt, ...)
 {
-    if (!a->have_result) {
-        va_list ap;
-        va_start(ap, fmt);
-        a->have_result = 1;
-        a->res.status = status;
-        vsnprintf(a->res.error, sizeof(a->res.error), fmt, ap);
-        va_end(ap);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    set_result_v(a, status, fmt, ap);
+    va_end(ap);
     finish(a);
 }
 
@@ -397,14 +403,10 @@ static void send_logout(imap_append_t *a)
 static void refuse(imap_append_t *a, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void refuse(imap_append_t *a, int status, const char *fmt, ...)
 {
-    if (!a->have_result) {
-        va_list ap;
-        va_start(ap, fmt);
-        a->have_result = 1;
-        a->res.status = status;
-        vsnprintf(a->res.error, sizeof(a->res.error), fmt, ap);
-        va_end(ap);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    set_result_v(a, status, fmt, ap);
+    va_end(ap);
     send_logout(a);
 }
 
