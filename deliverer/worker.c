@@ -26,6 +26,7 @@
 #include "deliverer/worker.h"
 
 #include <arpa/inet.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <unistd.h>
@@ -144,6 +145,7 @@ struct worker {
     loop_timer_t        reconnect_timer;
     loop_timer_t        grace_timer;
     loop_timer_t        release_timer;
+    loop_timer_t        trim_timer;    /* gives freed heap back once idle */
     int                 exit_code;
 };
 
@@ -216,6 +218,19 @@ static void worker_check_drained(worker_t *w)
         loop_stop(w->loop);
 }
 
+/* A burst leaves the heap at its high-water mark: a thousand messages in
+ * flight with their sessions' buffers are freed but stay resident, and
+ * the worker's RSS would never come down to what it still holds (idle
+ * pooled sessions, caches). Half a second after the worker runs out of
+ * work, hand the free pages back. At most twice a second per worker, and
+ * never while there is work. */
+static void on_trim(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    worker_t *w = arg;
+    if (w->njobs == 0)
+        malloc_trim(0);
+}
+
 static void job_finish(job_t *j, int ack)
 {
     worker_t *w = j->w;
@@ -232,6 +247,8 @@ static void job_finish(job_t *j, int ack)
              (unsigned long long)(util_mono_ms() - j->started_ms));
     job_unlink(w, j);
     job_free(j);
+    if (w->njobs == 0 && !loop_timer_active(&w->trim_timer))
+        loop_timer_set(w->loop, &w->trim_timer, 500);
     worker_check_drained(w);
 }
 
@@ -1245,6 +1262,7 @@ static void *worker_main(void *arg)
     loop_timer_cancel(w->loop, &w->grace_timer);
     loop_timer_cancel(w->loop, &w->reconnect_timer);
     loop_timer_cancel(w->loop, &w->release_timer);
+    loop_timer_cancel(w->loop, &w->trim_timer);
     log_info("worker", "stopped", "worker=%d", w->index);
     return NULL;
 }
@@ -1263,6 +1281,7 @@ worker_t *worker_start(const worker_env_t *env, int index)
     loop_timer_init(&w->reconnect_timer, on_reconnect, w);
     loop_timer_init(&w->grace_timer, on_grace_expired, w);
     loop_timer_init(&w->release_timer, release_dead_mq, w);
+    loop_timer_init(&w->trim_timer, on_trim, w);
     loop_set_wakeup(w->loop, on_wakeup, w);
     if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
         loop_free(w->loop);

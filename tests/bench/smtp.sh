@@ -362,7 +362,10 @@ idle_sessions_run() { # pooled TLS sessions held idle: RSS growth per session
     "$PUB" publish "${amqp[@]}" --queue "$q" --dead-queue "$dq" --exchange "$ex" --count "$idle_sessions" \
         --size 200 --prefix "$rid-$name" --to "sink@test.example" >"$work/$name.publish.out"
     wait_events "$name" "$idle_sessions" "$(phase_seconds "$idle_sessions")"
-    sleep 1
+    # the burst is over: let the worker settle (it trims its heap half a
+    # second after its last message), so the figure is what the idle
+    # sessions hold rather than the burst's high-water mark
+    sleep 2
     after=$(proc_kib "$daemon_pid" VmRSS)
     sink_stats "$sink_pid" "$work/$name.sink.json"
     open=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['connections_open'])" "$work/$name.sink.json")
