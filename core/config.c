@@ -66,6 +66,7 @@ static const key_def_t keys[] = {
     { "smtp", "pool_max_age_ms", K_UINT, F(smtp_pool_max_age_ms), "300000", 0 },
     { "smtp", "pool_idle_ms", K_UINT, F(smtp_pool_idle_ms), "5000", 0 },
     { "smtp", "pool_max_per_dest", K_UINT, F(smtp_pool_max_per_dest), "20", 0 },
+    { "smtp", "pool_initial_per_dest", K_UINT, F(smtp_pool_initial_per_dest), "1", 0 },
     { "smtp", "pool_max_total", K_UINT, F(smtp_pool_max_total), "1000", 0 },
     { "smtp", "tls_cache_size", K_UINT, F(smtp_tls_cache_size), "1024", 0 },
     { "smtp", "relay", K_STR, F(smtp_relay), "", 0 },

@@ -50,6 +50,7 @@ typedef struct mp_config {
     unsigned smtp_pool_max_age_ms;
     unsigned smtp_pool_idle_ms;
     unsigned smtp_pool_max_per_dest;
+    unsigned smtp_pool_initial_per_dest;
     unsigned smtp_pool_max_total; /* per worker */
     unsigned smtp_tls_cache_size; /* TLS sessions kept per worker for resumption */
     char    *smtp_relay;          /* "host[:port]": smarthost mode; empty = MX delivery */

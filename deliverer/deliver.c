@@ -214,6 +214,7 @@ int deliver_config_engine(deliver_config_t *d, const struct mp_config *cfg, smtp
     d->pool.max_age_ms = cfg->smtp_pool_max_age_ms;
     d->pool.max_idle_ms = cfg->smtp_pool_idle_ms;
     d->pool.max_per_dest = cfg->smtp_pool_max_per_dest;
+    d->pool.initial_per_dest = cfg->smtp_pool_initial_per_dest;
     d->pool.max_total = cfg->smtp_pool_max_total;
     d->tls_cache_size = cfg->smtp_tls_cache_size;
     smtp_timeouts_default(timeouts, cfg->smtp_timeout_scale);

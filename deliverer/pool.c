@@ -42,7 +42,8 @@ struct pdest {
     char     *key;
     unsigned  busy;
     unsigned  nidle;
-    pconn_t  *idle; /* MRU first */
+    int       proven; /* a transaction completed here: slow start is over */
+    pconn_t  *idle;   /* MRU first */
 };
 
 struct smtp_pool {
@@ -153,7 +154,10 @@ static int too_old(const smtp_pool_t *p, smtp_session_t *s)
  * session (least recently used) when the worker is full. */
 static int room_for(smtp_pool_t *p, pdest_t *d)
 {
-    if (d->busy + d->nidle >= p->lim.max_per_dest)
+    unsigned limit = p->lim.max_per_dest;
+    if (!d->proven && p->lim.initial_per_dest > 0 && p->lim.initial_per_dest < limit)
+        limit = p->lim.initial_per_dest;
+    if (d->busy + d->nidle >= limit)
         return 0;
     if (p->busy + p->idle < p->lim.max_total)
         return 1;
@@ -379,6 +383,8 @@ int smtp_pool_release(smtp_pool_t *p, const char *key, smtp_session_t *s)
     if (s == NULL)
         return 0;
     int idle = smtp_session_state(s) == SMTP_STATE_IDLE;
+    if (idle && smtp_session_usable(s) && smtp_session_transactions(s) > 0)
+        d->proven = 1; /* waiters woken above may now open the other connections */
     if (!p->lim.disabled && idle && smtp_session_usable(s) && !too_old(p, s) &&
         d->busy + d->nidle < p->lim.max_per_dest) {
         pconn_t *c = xcalloc(1, sizeof(*c));

@@ -38,6 +38,11 @@ typedef struct smtp_pool_limits {
     unsigned max_age_ms;           /* connection lifetime; 0 means 300000 */
     unsigned max_idle_ms;          /* idle time before QUIT; 0 means 5000 */
     unsigned max_per_dest;         /* connections (busy + idle) per key; 0 means 20 */
+    unsigned initial_per_dest;     /* connections per key until one transaction has
+                                    * completed there (slow start: the first TLS session
+                                    * is cached before the others resume it, and a dead
+                                    * destination costs one connect at a time); 0 means
+                                    * max_per_dest */
     unsigned max_total;            /* connections per worker; 0 means 1000 */
     int      disabled;             /* never keep a session: every acquire connects */
 } smtp_pool_limits_t;

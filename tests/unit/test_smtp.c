@@ -1617,6 +1617,46 @@ static void test_pool_per_destination_limit(void **state)
     drain_and_check(t->loop, &fs, 1);
 }
 
+/* Slow start: a fresh destination gets one connection until a transaction
+ * completed there; then the others open at once. */
+static void test_pool_slow_start(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y" }, *r2[] = { "c@y" }, *r3[] = { "d@y" }, *r4[] = { "e@y" };
+    creq_t q1 = { r1, 1, NULL, 0 }, q2 = { r2, 1, NULL, 0 }, q3 = { r3, 1, NULL, 0 },
+           q4 = { r4, 1, NULL, 0 };
+    smtp_pool_limits_t lim = { .max_per_dest = 3, .initial_per_dest = 1 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, &lim);
+    capture_t cap1, cap2, cap3, cap4;
+
+    ctx_start(ctx, &q1, c, 1, &cap1);
+    ctx_start(ctx, &q2, c, 1, &cap2);
+    ctx_start(ctx, &q3, c, 1, &cap3);
+    run_until(t->loop, &cap1.fired);
+    /* until the first transaction completed, one connection only */
+    assert_int_equal(fs->naccepted, 1);
+    run_until(t->loop, &cap2.fired);
+    run_until(t->loop, &cap3.fired);
+    /* then the rest in parallel: the first session reused, one more opened */
+    assert_int_equal(fs->naccepted, 2);
+    assert_int_equal(fs->maxconc, 2);
+    /* once proven, a new burst may use the full limit */
+    ctx_start(ctx, &q1, c, 1, &cap1);
+    ctx_start(ctx, &q2, c, 1, &cap2);
+    ctx_start(ctx, &q3, c, 1, &cap3);
+    ctx_start(ctx, &q4, c, 1, &cap4);
+    run_until(t->loop, &cap1.fired);
+    run_until(t->loop, &cap2.fired);
+    run_until(t->loop, &cap3.fired);
+    run_until(t->loop, &cap4.fired);
+    assert_int_equal(fs->maxconc, 3);
+    assert_rcpt(&cap4, 0, "e@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
 /* A second connection to a destination resumes the TLS session. */
 static void test_tls_resumption(void **state)
 {
@@ -2193,6 +2233,7 @@ int main(void)
         T(test_pool_dead_on_reuse_retried),
         T(test_pool_limits_msgs_and_idle),
         T(test_pool_per_destination_limit),
+        T(test_pool_slow_start),
         T(test_pool_worker_limit_and_age),
         T(test_tls_resumption),
         T(test_tls_policy_per_domain),
