@@ -620,6 +620,11 @@ mq_t *mq_open(loop_t *loop, const mq_config_t *cfg, char *err, size_t errlen)
     loop_timer_init(&mq->lost_timer, on_lost_timer, mq);
     loop_timer_init(&mq->flush_timer, on_flush_timer, mq);
     mq->conn = amqp_new_connection();
+    /* a broker that accepts the connection and then hangs must not hold
+     * this worker's thread (and SIGTERM) forever in the set-up RPCs */
+    struct timeval rpc_tv = { 10, 0 };
+    amqp_set_handshake_timeout(mq->conn, &rpc_tv);
+    amqp_set_rpc_timeout(mq->conn, &rpc_tv);
     amqp_socket_t *sock = amqp_tcp_socket_new(mq->conn);
     if (sock == NULL) {
         snprintf(err, errlen, "cannot create AMQP socket");
