@@ -305,3 +305,31 @@ class Sink:
             self.proc.terminate()
             self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- transcript and counters (used by test_engine_sink.py) --------------
+
+    def transcript(self):
+        """Lines of the --log FILE transcript, when the sink was started
+        with extra=["--log", FILE]."""
+        args = list(self.proc.args)
+        path = args[args.index("--log") + 1]
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [line.rstrip("\n") for line in f]
+
+    def read_stats(self, timeout=5):
+        """The counters as of now: SIGUSR1 makes the sink rewrite the file."""
+        try:
+            os.unlink(self.stats)
+        except FileNotFoundError:
+            pass
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with open(self.stats) as f:
+                    return json.load(f)
+            except (FileNotFoundError, ValueError):
+                time.sleep(0.02)
+        raise AssertionError("smtpsink did not rewrite its stats file after SIGUSR1")
