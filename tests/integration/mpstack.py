@@ -4,6 +4,7 @@ addresses, a mailpumpd process with its own queues, and event capture.
 Every test talks to the real services started by `deploy/local/stack up`.
 When the stack is not up the helpers raise, so the test fails loudly.
 """
+import atexit
 import http.client
 import json
 import os
@@ -39,6 +40,19 @@ def stack_env():
             k, v = line.split("=", 1)
             env[k] = v.strip('"')
     return env
+
+
+# Every process a test starts through these helpers; whatever a failing
+# test leaves running is killed when the test program exits.
+_STARTED = []
+
+
+@atexit.register
+def _kill_leftovers():
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def parse_duration(text):
@@ -114,6 +128,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [os.path.join(BUILD_DIR, "mailpumpd"), "--config", self.env["MP_MAILPUMPD_CONFIG"]],
             env=self.proc_env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        _STARTED.append(self.proc)
         log.close()
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -280,6 +295,7 @@ class Sink:
             args += ["--rule", r]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
+        _STARTED.append(self.proc)
         deadline = time.time() + 10
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -265,6 +265,7 @@ class KillNine(unittest.TestCase):
                  # sink's accept queue costs 15 s of greeting wait, not 5 min
                  "MAILPUMP_SMTP_TIMEOUT_SCALE": "5"}
         d = mpstack.Daemon(env, workers=2, extra_env=extra)
+        d2 = None
         tap = mpstack.EventTap(env, d.exchange)
         try:
             conn, ch = mpstack.amqp_channel(env)
@@ -331,8 +332,10 @@ class KillNine(unittest.TestCase):
                   f"{len(flagged)} flagged possible_duplicate, {skipped} skipped as already "
                   f"delivered, {self.COUNT} of {self.COUNT} delivered", file=sys.stderr)
         finally:
-            if d.proc and d.proc.poll() is None:
-                d.proc.kill()
+            for daemon in (d, d2):
+                if daemon is not None and daemon.proc and daemon.proc.poll() is None:
+                    daemon.proc.kill()
+                    daemon.proc.wait(10)
             d.delete_topology()
             tap.close()
             sink.stdin.close()
