@@ -323,8 +323,9 @@ static size_t mime_chunk_end(const char *v, size_t n, size_t i)
 
 /* Can the value go out as is? Printable ASCII (and tab), nothing that a
  * decoder would mistake for an encoded-word, and no chunk so long that a
- * line would exceed 998 octets even when folded. */
-static int mime_plain_ok(const char *v, size_t n)
+ * line would exceed 998 octets even when folded. prefix: the length of
+ * "Name: " before the value. */
+static int mime_plain_ok(const char *v, size_t n, size_t prefix)
 {
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)v[i];
@@ -333,8 +334,10 @@ static int mime_plain_ok(const char *v, size_t n)
     }
     if (memmem(v, n, "=?", 2) != NULL)
         return 0;
+    /* the first chunk shares its line with "Name: " and cannot be folded
+     * away from it; the others start a line of their own */
     for (size_t i = 0; i < n; i = mime_chunk_end(v, n, i))
-        if (mime_chunk_end(v, n, i) - i > MIME_LINE_HARD - 1)
+        if (mime_chunk_end(v, n, i) - i + (i == 0 ? prefix : 0) > MIME_LINE_HARD - 1)
             return 0;
     return 1;
 }
@@ -362,7 +365,7 @@ static void mime_put_field(buf_t *out, const char *name, const char *value)
     mime_hw_begin(&hw, out, name);
     if (n == 0)
         ; /* "Subject:" alone is a valid empty unstructured field */
-    else if (mime_plain_ok(value, n))
+    else if (mime_plain_ok(value, n, strlen(name) + 2))
         mime_hw_plain(&hw, value, n);
     else
         mime_hw_encoded(&hw, value, n);

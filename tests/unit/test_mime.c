@@ -1031,6 +1031,35 @@ static void test_build_then_stuff(void **state)
     message_free(m);
 }
 
+/* A single word too long to share a line with "Subject: " (found by the
+ * fuzzer): the field must still keep every line within 998 octets. */
+static void test_unfoldable_word_after_field_name(void **state)
+{
+    for (size_t len = 985; len <= 1000; len++) {
+        message_t *m = base_message();
+        m->subject = xmalloc(len + 1);
+        memset(m->subject, 'G', len);
+        m->subject[len] = '\0';
+        buf_t out = BUF_INIT;
+        char err[256];
+        assert_int_equal(build(m, &out, err, sizeof(err)), MIME_OK);
+        size_t col = 0, longest = 0;
+        for (const char *c = buf_head(&out); *c; c++) {
+            if (*c == '\r') {
+                longest = col > longest ? col : longest;
+                col = 0;
+                c++;
+            } else {
+                col++;
+            }
+        }
+        if (longest > 998)
+            fail_msg("subject of %zu octets gives a %zu-octet line", len, longest);
+        buf_free(&out);
+        message_free(m);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1059,6 +1088,7 @@ int main(void)
         cmocka_unit_test(test_long_recipient_list_folded),
         cmocka_unit_test(test_build_random_invariants),
         cmocka_unit_test(test_build_then_stuff),
+        cmocka_unit_test(test_unfoldable_word_after_field_name),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
