@@ -61,7 +61,6 @@ typedef struct job_rcpt {
     int         code;
     char        enh[16];
     char        text[512];
-    int         decided;
     int         skip;          /* the ledger says an earlier attempt delivered it */
     int         possible_dup;  /* the ledger found it mid-transaction */
 } job_rcpt_t;
@@ -325,7 +324,6 @@ static void rcpt_set(job_rcpt_t *r, outcome_t o, const char *reason, int code, c
     r->code = code;
     snprintf(r->enh, sizeof(r->enh), "%s", enh ? enh : "");
     snprintf(r->text, sizeof(r->text), "%s", text ? text : "");
-    r->decided = 1;
 }
 
 static void job_after_smtp(job_t *j);
@@ -341,20 +339,20 @@ static void job_domain_done(job_t *j)
  * the Sent copy, then publish the events. */
 static void job_store_sent_copy(job_t *j);
 
-static void on_ledger_settled(void *arg, int ok)
+/* Redis could not answer a ledger call: delivery goes on at-least-once,
+ * and operators see it in the metric and the log. */
+static void ledger_unavailable(const job_t *j, const char *step)
 {
-    job_t *j = arg;
-    if (!ok) {
-        metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
-        log_warn("worker", "ledger_unavailable", "msg=%s step=settle (at-least-once)", j->msg->id);
-    }
+    metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
+    log_warn("worker", "ledger_unavailable", "msg=%s step=%s (at-least-once)", j->msg->id, step);
 }
 
 static void on_ledger_done_marked(void *arg, int ok)
 {
     job_t *j = arg;
     j->ledger_op = 0;
-    on_ledger_settled(j, ok);
+    if (!ok)
+        ledger_unavailable(j, "mark_done");
     if (j->ledger_op2 == 0)
         job_store_sent_copy(j);
 }
@@ -363,7 +361,8 @@ static void on_ledger_cleared(void *arg, int ok)
 {
     job_t *j = arg;
     j->ledger_op2 = 0;
-    on_ledger_settled(j, ok);
+    if (!ok)
+        ledger_unavailable(j, "clear");
     if (j->ledger_op == 0)
         job_store_sent_copy(j);
 }
@@ -876,11 +875,8 @@ static void on_sending_marked(void *arg, int ok)
 {
     job_t *j = arg;
     j->ledger_op = 0;
-    if (!ok) {
-        metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
-        log_warn("worker", "ledger_unavailable", "msg=%s step=mark_sending (at-least-once)",
-                 j->msg->id);
-    }
+    if (!ok)
+        ledger_unavailable(j, "mark_sending");
     job_resolve(j);
 }
 
@@ -890,8 +886,7 @@ static void on_ledger_looked_up(void *arg, int ok, const ledger_state_t *states)
     worker_t *w = j->w;
     j->ledger_op = 0;
     if (!ok) {
-        metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
-        log_warn("worker", "ledger_unavailable", "msg=%s step=lookup (at-least-once)", j->msg->id);
+        ledger_unavailable(j, "lookup");
         job_resolve(j);
         return;
     }
@@ -945,7 +940,7 @@ static void on_redelivery_counted(void *arg, int ok, long long count)
         return;
     }
     if (!ok)
-        metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
+        ledger_unavailable(j, "count_redelivery");
     job_check_ledger(j);
 }
 
