@@ -4,9 +4,9 @@
  * DESCRIPTION
  *  The pure functions (status texts and permanence, c-ares status mapping,
  *  name syntax, MX ordering) are checked from tables. The resolver itself
- *  runs against a mock DNS server (c-ares test/README.md style): a UDP
- *  socket on 127.0.0.1 served from the same loop, answering from a small
- *  table-driven zone, so every outcome (null MX, implicit MX, NXDOMAIN,
+ *  runs against the mock DNS server of tests/support/fakedns.h: a UDP
+ *  socket on 127.0.0.1 served from the same loop, answering from the small
+ *  table-driven zone below, so every outcome (null MX, implicit MX, NXDOMAIN,
  *  SERVFAIL, timeouts, partial host failures) is deterministic. Also:
  *  teardown with queries outstanding towards a closed port, cancel,
  *  re-entrant use from callbacks, and injected allocation failures.
@@ -20,19 +20,17 @@
 #include <arpa/inet.h>
 #include <arpa/nameser.h>
 #include <ares.h>
-#include <errno.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/socket.h>
-#include <unistd.h>
 
 #include "core/loop.h"
 #include "core/util.h"
 #include "dns/mx.h"
 #include "dns/resolver.h"
+#include "tests/support/fakedns.h"
 
 /* ---- pure functions ---- */
 
@@ -167,185 +165,39 @@ static void test_sort_mx(void **state)
     assert_string_equal(one.name, "only");
 }
 
-/* ---- mock DNS server ---- */
+/* ---- the mock DNS server's zone (tests/support/fakedns.h) ---- */
 
-#define MOCK_DROP (-1) /* never answer */
-
-typedef struct mock_rr {
-    const char *name;
-    int         type;  /* T_MX, T_A, T_AAAA, T_TXT (existence only); 0: every type gets rcode */
-    int         rcode; /* for type 0: ns_r_nxdomain, ns_r_servfail, MOCK_DROP */
-    unsigned    pref;
-    const char *data;  /* MX target ("" is the root) or address text */
-} mock_rr_t;
-
-static const mock_rr_t mock_zone[] = {
-    { "a.test", T_MX, 0, 10, "mx1.a.test" },
-    { "a.test", T_MX, 0, 20, "mx2.a.test" },
-    { "a.test", T_MX, 0, 20, "mx3.a.test" },
-    { "mx1.a.test", T_A, 0, 0, "192.0.2.1" },
-    { "mx1.a.test", T_AAAA, 0, 0, "2001:db8::1" },
-    { "mx2.a.test", T_A, 0, 0, "192.0.2.2" },
-    { "mx2.a.test", T_A, 0, 0, "192.0.2.22" },
-    { "mx3.a.test", T_A, 0, 0, "192.0.2.3" },
-    { "nomx.test", T_A, 0, 0, "192.0.2.9" },
-    { "nomx6.test", T_AAAA, 0, 0, "2001:db8::9" },
-    { "null.test", T_MX, 0, 0, "" },
-    { "mixnull.test", T_MX, 0, 0, "" },
-    { "mixnull.test", T_MX, 0, 10, "mx3.a.test" },
-    { "rootpref.test", T_MX, 0, 10, "" },
-    { "nx.test", 0, ns_r_nxdomain, 0, NULL },
-    { "fail.test", 0, ns_r_servfail, 0, NULL },
-    { "drop.test", 0, MOCK_DROP, 0, NULL },
-    { "slow.test", 0, MOCK_DROP, 0, NULL },
-    { "noaddr.test", T_MX, 0, 10, "gone.test" },
-    { "noaddr.test", T_MX, 0, 20, "empty.test" },
-    { "empty.test", T_TXT, 0, 0, NULL },
-    { "bare.test", T_TXT, 0, 0, NULL },
-    { "half.test", T_MX, 0, 10, "slow.test" },
-    { "half.test", T_MX, 0, 20, "mx3.a.test" },
-    { "allslow.test", T_MX, 0, 10, "slow.test" },
-    { "allslow.test", T_MX, 0, 20, "gone.test" },
-    { "mxfail.test", T_MX, 0, 10, "fail.test" },
-    { "dup.test", T_MX, 0, 10, "mx3.a.test" },
-    { "dup.test", T_MX, 0, 20, "MX3.A.TEST" },
+static const fakedns_rr_t mock_zone[] = {
+    { "a.test", T_MX, 0, 60, 10, "mx1.a.test", 0 },
+    { "a.test", T_MX, 0, 60, 20, "mx2.a.test", 0 },
+    { "a.test", T_MX, 0, 60, 20, "mx3.a.test", 0 },
+    { "mx1.a.test", T_A, 0, 60, 0, "192.0.2.1", 0 },
+    { "mx1.a.test", T_AAAA, 0, 60, 0, "2001:db8::1", 0 },
+    { "mx2.a.test", T_A, 0, 60, 0, "192.0.2.2", 0 },
+    { "mx2.a.test", T_A, 0, 60, 0, "192.0.2.22", 0 },
+    { "mx3.a.test", T_A, 0, 60, 0, "192.0.2.3", 0 },
+    { "nomx.test", T_A, 0, 60, 0, "192.0.2.9", 0 },
+    { "nomx6.test", T_AAAA, 0, 60, 0, "2001:db8::9", 0 },
+    { "null.test", T_MX, 0, 60, 0, "", 0 },
+    { "mixnull.test", T_MX, 0, 60, 0, "", 0 },
+    { "mixnull.test", T_MX, 0, 60, 10, "mx3.a.test", 0 },
+    { "rootpref.test", T_MX, 0, 60, 10, "", 0 },
+    { "nx.test", 0, ns_r_nxdomain, 0, 0, NULL, 0 },
+    { "fail.test", 0, ns_r_servfail, 0, 0, NULL, 0 },
+    { "drop.test", 0, FAKEDNS_DROP, 0, 0, NULL, 0 },
+    { "slow.test", 0, FAKEDNS_DROP, 0, 0, NULL, 0 },
+    { "noaddr.test", T_MX, 0, 60, 10, "gone.test", 0 },
+    { "noaddr.test", T_MX, 0, 60, 20, "empty.test", 0 },
+    { "empty.test", T_TXT, 0, 60, 0, NULL, 0 }, /* exists, without MX or addresses */
+    { "bare.test", T_TXT, 0, 60, 0, NULL, 0 },
+    { "half.test", T_MX, 0, 60, 10, "slow.test", 0 },
+    { "half.test", T_MX, 0, 60, 20, "mx3.a.test", 0 },
+    { "allslow.test", T_MX, 0, 60, 10, "slow.test", 0 },
+    { "allslow.test", T_MX, 0, 60, 20, "gone.test", 0 },
+    { "mxfail.test", T_MX, 0, 60, 10, "fail.test", 0 },
+    { "dup.test", T_MX, 0, 60, 10, "mx3.a.test", 0 },
+    { "dup.test", T_MX, 0, 60, 20, "MX3.A.TEST", 0 },
 };
-
-typedef struct mock {
-    int      fd;
-    uint16_t port;
-    unsigned nqueries;
-} mock_t;
-
-static size_t mock_put_name(unsigned char *p, const char *name)
-{
-    size_t off = 0;
-    while (*name) {
-        const char *dot = strchr(name, '.');
-        size_t len = dot ? (size_t)(dot - name) : strlen(name);
-        p[off++] = (unsigned char)len;
-        memcpy(p + off, name, len);
-        off += len;
-        name += len + (dot ? 1 : 0);
-    }
-    p[off++] = 0;
-    return off;
-}
-
-static void put16(unsigned char *p, unsigned v)
-{
-    p[0] = (unsigned char)(v >> 8);
-    p[1] = (unsigned char)v;
-}
-
-/* Build the answer to query q (n bytes) into a; returns its length, 0 to drop. */
-static size_t mock_answer(const unsigned char *q, size_t n, unsigned char *a)
-{
-    char name[256];
-    size_t nl = 0, off = 12;
-    if (n < 12)
-        return 0;
-    while (off < n && q[off] != 0) {
-        size_t len = q[off++];
-        if (off + len > n || nl + len + 1 >= sizeof(name))
-            return 0;
-        if (nl > 0)
-            name[nl++] = '.';
-        memcpy(name + nl, q + off, len);
-        nl += len;
-        off += len;
-    }
-    name[nl] = '\0';
-    off++;
-    if (off + 4 > n)
-        return 0;
-    int qtype = q[off] << 8 | q[off + 1];
-    off += 4;
-
-    int exists = 0, rcode = ns_r_noerror;
-    for (size_t i = 0; i < sizeof(mock_zone) / sizeof(mock_zone[0]); i++) {
-        if (strcasecmp(mock_zone[i].name, name) != 0)
-            continue;
-        exists = 1;
-        if (mock_zone[i].type == 0) {
-            if (mock_zone[i].rcode == MOCK_DROP)
-                return 0;
-            rcode = mock_zone[i].rcode;
-        }
-    }
-    if (!exists)
-        rcode = ns_r_nxdomain;
-
-    memcpy(a, q, off); /* header and question */
-    a[2] = (unsigned char)(0x84 | (q[2] & 0x01)); /* QR, AA, RD echoed */
-    a[3] = (unsigned char)(0x80 | rcode);         /* RA */
-    put16(a + 6, 0);
-    put16(a + 8, 0);
-    put16(a + 10, 0);
-    unsigned ancount = 0;
-    for (size_t i = 0; rcode == ns_r_noerror && i < sizeof(mock_zone) / sizeof(mock_zone[0]); i++) {
-        const mock_rr_t *rr = &mock_zone[i];
-        if (rr->type != qtype || strcasecmp(rr->name, name) != 0)
-            continue;
-        put16(a + off, 0xc00c); /* the question's name */
-        put16(a + off + 2, (unsigned)qtype);
-        put16(a + off + 4, ns_c_in);
-        memcpy(a + off + 6, "\0\0\0\x3c", 4); /* TTL 60 */
-        unsigned char *rd = a + off + 12;
-        size_t rdlen;
-        if (qtype == T_MX) {
-            put16(rd, rr->pref);
-            rdlen = 2 + mock_put_name(rd + 2, rr->data);
-        } else if (qtype == T_A) {
-            assert_int_equal(inet_pton(AF_INET, rr->data, rd), 1);
-            rdlen = 4;
-        } else {
-            assert_int_equal(inet_pton(AF_INET6, rr->data, rd), 1);
-            rdlen = 16;
-        }
-        put16(a + off + 10, (unsigned)rdlen);
-        off += 12 + rdlen;
-        ancount++;
-    }
-    put16(a + 6, ancount);
-    return off;
-}
-
-static void mock_on_read(loop_t *loop, int fd, unsigned events, void *arg)
-{
-    mock_t *m = arg;
-    for (;;) {
-        unsigned char q[512], a[2048];
-        struct sockaddr_storage from;
-        socklen_t fromlen = sizeof(from);
-        ssize_t n = recvfrom(fd, q, sizeof(q), 0, (struct sockaddr *)&from, &fromlen);
-        if (n < 0)
-            return;
-        m->nqueries++;
-        size_t alen = mock_answer(q, (size_t)n, a);
-        if (alen > 0)
-            sendto(fd, a, alen, 0, (struct sockaddr *)&from, fromlen);
-    }
-}
-
-static void mock_start(loop_t *loop, mock_t *m)
-{
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t len = sizeof(sin);
-    memset(m, 0, sizeof(*m));
-    m->fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    assert_true(m->fd >= 0);
-    assert_int_equal(bind(m->fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
-    assert_int_equal(getsockname(m->fd, (struct sockaddr *)&sin, &len), 0);
-    m->port = ntohs(sin.sin_port);
-    assert_int_equal(loop_fd_add(loop, m->fd, LOOP_READ, mock_on_read, m), 0);
-}
-
-static void mock_stop(loop_t *loop, mock_t *m)
-{
-    loop_fd_del(loop, m->fd);
-    close(m->fd);
-}
 
 /* ---- resolver fixtures ---- */
 
@@ -422,7 +274,7 @@ static void assert_loop_empty(loop_t *loop)
 
 typedef struct fixture {
     loop_t         *loop;
-    mock_t          mock;
+    fakedns_t       mock;
     dns_resolver_t *r;
 } fixture_t;
 
@@ -439,12 +291,10 @@ static dns_resolver_t *new_resolver(loop_t *loop, const char *servers, unsigned 
 static int setup_mock(void **state)
 {
     fixture_t *f = calloc(1, sizeof(*f));
-    char servers[64];
     f->loop = loop_new();
     assert_non_null(f->loop);
-    mock_start(f->loop, &f->mock);
-    snprintf(servers, sizeof(servers), "127.0.0.1:%u", (unsigned)f->mock.port);
-    f->r = new_resolver(f->loop, servers, 200, 1);
+    assert_int_equal(fakedns_start(&f->mock, f->loop, mock_zone, sizeof(mock_zone) / sizeof(mock_zone[0])), 0);
+    f->r = new_resolver(f->loop, f->mock.addr, 200, 1);
     *state = f;
     return 0;
 }
@@ -453,7 +303,7 @@ static int teardown_mock(void **state)
 {
     fixture_t *f = *state;
     dns_resolver_free(f->r);
-    mock_stop(f->loop, &f->mock);
+    fakedns_stop(&f->mock);
     assert_loop_empty(f->loop);
     loop_free(f->loop);
     free(f);
@@ -624,14 +474,12 @@ static void test_mock_reentrant(void **state)
 static void test_mock_alloc_failures(void **state)
 {
     fixture_t *f = *state;
-    char servers[64];
-    snprintf(servers, sizeof(servers), "127.0.0.1:%u", (unsigned)f->mock.port);
     int last_failed = 1;
     long n;
     for (n = 0; n < 400 && last_failed; n++) {
         dns_test_fail_alloc_after(n);
         char err[128];
-        dns_config_t cfg = { .servers = servers, .timeout_ms = 200, .tries = 1 };
+        dns_config_t cfg = { .servers = f->mock.addr, .timeout_ms = 200, .tries = 1 };
         dns_resolver_t *r = dns_resolver_new(f->loop, &cfg, err, sizeof(err));
         if (r == NULL) {
             assert_string_equal(err, "dns: out of memory");

@@ -3,10 +3,10 @@
  * the resolver's layering (L1 -> L2 -> DNS), TTLs, negative caching
  * (RFC 2308), single flight, CNAME chains and the additional section.
  *
- * Runs a mock DNS server (UDP) and a fake Redis (RESP over TCP, GET/SET
- * in memory) inside the test's own loop. The resolver's clock is moved
- * with dns_resolver_test_advance() so expiry needs no sleeping. Every
- * test ends with the loop empty.
+ * Runs the mock DNS server of tests/support/fakedns.h (UDP) and a fake
+ * Redis (RESP over TCP, GET/SET in memory) inside the test's own loop.
+ * The resolver's clock is moved with dns_resolver_test_advance() so
+ * expiry needs no sleeping. Every test ends with the loop empty.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -35,6 +35,7 @@
 #include "dns/mx.h"
 #include "dns/record.h"
 #include "dns/resolver.h"
+#include "tests/support/fakedns.h"
 
 /* ---- helpers to build records ---- */
 
@@ -286,269 +287,36 @@ static void test_idn(void **state)
     assert_int_equal(dns_addr_domain_is_utf8("no-at-sign"), 0);
 }
 
-/* ---- mock DNS server ---- */
+/* ---- the mock DNS server's zone (tests/support/fakedns.h) ---- */
 
-#define MOCK_DROP (-1)
-
-typedef struct zrr {
-    const char *name;
-    int         type;  /* T_MX, T_A, T_AAAA, T_CNAME; 0: every query gets rcode */
-    int         rcode;
-    unsigned    ttl;
-    unsigned    pref;
-    const char *data;
-} zrr_t;
-
-static const zrr_t zone[] = {
-    { "two.test", T_MX, 0, 300, 10, "mx1.two.test" },
-    { "two.test", T_MX, 0, 300, 20, "mx2.two.test" },
-    { "mx1.two.test", T_A, 0, 40, 0, "192.0.2.1" },
-    { "mx2.two.test", T_A, 0, 300, 0, "192.0.2.2" },
-    { "eq.test", T_MX, 0, 300, 10, "a.eq.test" },
-    { "eq.test", T_MX, 0, 300, 10, "b.eq.test" },
-    { "a.eq.test", T_A, 0, 300, 0, "192.0.2.5" },
-    { "b.eq.test", T_A, 0, 300, 0, "192.0.2.6" },
-    { "implicit.test", T_A, 0, 120, 0, "192.0.2.9" },
-    { "null.test", T_MX, 0, 500, 0, "" },
-    { "noaddr.test", T_MX, 0, 300, 10, "gone.noaddr.test" },
-    { "fail.test", 0, ns_r_servfail, 0, 0, NULL },
-    { "slow.test", 0, MOCK_DROP, 0, 0, NULL },
+static const fakedns_rr_t zone[] = {
+    { "two.test", T_MX, 0, 300, 10, "mx1.two.test", 0 },
+    { "two.test", T_MX, 0, 300, 20, "mx2.two.test", 0 },
+    { "mx1.two.test", T_A, 0, 40, 0, "192.0.2.1", 0 },
+    { "mx2.two.test", T_A, 0, 300, 0, "192.0.2.2", 0 },
+    { "eq.test", T_MX, 0, 300, 10, "a.eq.test", 0 },
+    { "eq.test", T_MX, 0, 300, 10, "b.eq.test", 0 },
+    { "a.eq.test", T_A, 0, 300, 0, "192.0.2.5", 0 },
+    { "b.eq.test", T_A, 0, 300, 0, "192.0.2.6", 0 },
+    { "implicit.test", T_A, 0, 120, 0, "192.0.2.9", 0 },
+    { "null.test", T_MX, 0, 500, 0, "", 0 },
+    { "noaddr.test", T_MX, 0, 300, 10, "gone.noaddr.test", 0 },
+    { "fail.test", 0, ns_r_servfail, 0, 0, NULL, 0 },
+    { "slow.test", 0, FAKEDNS_DROP, 0, 0, NULL, 0 },
     /* CNAME the server chases (the target's MX in the same answer) */
-    { "alias.test", T_CNAME, 0, 50, 0, "two.test" },
+    { "alias.test", T_CNAME, 0, 50, 0, "two.test", FAKEDNS_CHASE },
     /* CNAME whose target's MX the server leaves out: a second MX query */
-    { "lazy.test", T_CNAME, 0, 300, 0, "implicit.test" },
-    { "loop1.test", T_CNAME, 0, 300, 0, "loop2.test" },
-    { "loop2.test", T_CNAME, 0, 300, 0, "loop1.test" },
+    { "lazy.test", T_CNAME, 0, 300, 0, "implicit.test", 0 },
+    { "loop1.test", T_CNAME, 0, 300, 0, "loop2.test", 0 },
+    { "loop2.test", T_CNAME, 0, 300, 0, "loop1.test", 0 },
     /* MX host behind a CNAME */
-    { "cnmx.test", T_MX, 0, 300, 10, "host.cnmx.test" },
-    { "host.cnmx.test", T_CNAME, 0, 300, 0, "mx2.two.test" },
+    { "cnmx.test", T_MX, 0, 300, 10, "host.cnmx.test", 0 },
+    { "host.cnmx.test", T_CNAME, 0, 300, 0, "mx2.two.test", FAKEDNS_CHASE },
     /* additional section with the MX hosts' A records */
-    { "add.test", T_MX, 0, 300, 10, "mx1.two.test" },
+    { "add.test", T_MX, 0, 300, 10, "mx1.two.test", FAKEDNS_ADDITIONAL },
     /* IDN */
-    { "xn--bcher-kva.test", T_A, 0, 300, 0, "192.0.2.77" },
+    { "xn--bcher-kva.test", T_A, 0, 300, 0, "192.0.2.77", 0 },
 };
-
-/* names whose MX answer carries the hosts' A records as additional */
-static int mock_adds_additional(const char *name)
-{
-    return strcasecmp(name, "add.test") == 0;
-}
-
-/* CNAMEs the server chases within one answer */
-static int mock_chases(const char *name)
-{
-    return strcasecmp(name, "alias.test") == 0 || strcasecmp(name, "host.cnmx.test") == 0;
-}
-
-typedef struct mock {
-    int      fd;
-    uint16_t port;
-    unsigned nqueries;
-    unsigned nmx;
-    unsigned na;
-    int      soa_ttl, soa_min; /* SOA in negative answers when soa_ttl >= 0 */
-} mock_t;
-
-static size_t put_name(unsigned char *p, const char *name)
-{
-    size_t off = 0;
-    while (*name) {
-        const char *dot = strchr(name, '.');
-        size_t len = dot ? (size_t)(dot - name) : strlen(name);
-        p[off++] = (unsigned char)len;
-        memcpy(p + off, name, len);
-        off += len;
-        name += len + (dot ? 1 : 0);
-    }
-    p[off++] = 0;
-    return off;
-}
-
-static void put16(unsigned char *p, unsigned v)
-{
-    p[0] = (unsigned char)(v >> 8);
-    p[1] = (unsigned char)v;
-}
-
-static void put32(unsigned char *p, unsigned v)
-{
-    put16(p, v >> 16);
-    put16(p + 2, v & 0xffff);
-}
-
-/* Append one RR; returns its length. */
-static size_t put_rr(unsigned char *p, const zrr_t *rr)
-{
-    size_t off = put_name(p, rr->name);
-    put16(p + off, (unsigned)rr->type);
-    put16(p + off + 2, ns_c_in);
-    put32(p + off + 4, rr->ttl);
-    unsigned char *rd = p + off + 10;
-    size_t rdlen;
-    if (rr->type == T_MX) {
-        put16(rd, rr->pref);
-        rdlen = 2 + put_name(rd + 2, rr->data);
-    } else if (rr->type == T_CNAME) {
-        rdlen = put_name(rd, rr->data);
-    } else if (rr->type == T_A) {
-        assert_int_equal(inet_pton(AF_INET, rr->data, rd), 1);
-        rdlen = 4;
-    } else {
-        assert_int_equal(inet_pton(AF_INET6, rr->data, rd), 1);
-        rdlen = 16;
-    }
-    put16(p + off + 8, (unsigned)rdlen);
-    return off + 10 + rdlen;
-}
-
-static int zone_has(const char *name)
-{
-    for (size_t i = 0; i < sizeof(zone) / sizeof(zone[0]); i++)
-        if (strcasecmp(zone[i].name, name) == 0)
-            return 1;
-    return 0;
-}
-
-static const zrr_t *zone_cname(const char *name)
-{
-    for (size_t i = 0; i < sizeof(zone) / sizeof(zone[0]); i++)
-        if (zone[i].type == T_CNAME && strcasecmp(zone[i].name, name) == 0)
-            return &zone[i];
-    return NULL;
-}
-
-static size_t mock_answer(mock_t *m, const unsigned char *q, size_t n, unsigned char *a)
-{
-    char name[256];
-    size_t nl = 0, off = 12;
-    if (n < 12)
-        return 0;
-    while (off < n && q[off] != 0) {
-        size_t len = q[off++];
-        if (nl > 0)
-            name[nl++] = '.';
-        memcpy(name + nl, q + off, len);
-        nl += len;
-        off += len;
-    }
-    name[nl] = '\0';
-    off++;
-    int qtype = q[off] << 8 | q[off + 1];
-    off += 4;
-    if (qtype == T_MX)
-        m->nmx++;
-    if (qtype == T_A)
-        m->na++;
-
-    int rcode = ns_r_noerror;
-    for (size_t i = 0; i < sizeof(zone) / sizeof(zone[0]); i++) {
-        if (zone[i].type == 0 && strcasecmp(zone[i].name, name) == 0) {
-            if (zone[i].rcode == MOCK_DROP)
-                return 0;
-            rcode = zone[i].rcode;
-        }
-    }
-    memcpy(a, q, off);
-    a[2] = (unsigned char)(0x84 | (q[2] & 0x01));
-    unsigned an = 0, ns = 0, ar = 0;
-    size_t w = off;
-    char cur[256];
-    snprintf(cur, sizeof(cur), "%s", name);
-    if (rcode == ns_r_noerror && !zone_has(cur))
-        rcode = ns_r_nxdomain;
-    /* CNAME chain (chased only when the server is told to) */
-    for (int hop = 0; rcode == ns_r_noerror && hop < 4; hop++) {
-        const zrr_t *cn = zone_cname(cur);
-        if (cn == NULL || qtype == T_CNAME)
-            break;
-        w += put_rr(a + w, cn);
-        an++;
-        int chase = mock_chases(cur);
-        snprintf(cur, sizeof(cur), "%s", cn->data);
-        if (!chase) {
-            cur[0] = '\0'; /* the answer stops at the CNAME */
-            break;
-        }
-    }
-    for (size_t i = 0; rcode == ns_r_noerror && cur[0] && i < sizeof(zone) / sizeof(zone[0]); i++) {
-        if (zone[i].type == qtype && strcasecmp(zone[i].name, cur) == 0) {
-            w += put_rr(a + w, &zone[i]);
-            an++;
-        }
-    }
-    if (qtype == T_MX && mock_adds_additional(name)) {
-        for (size_t i = 0; i < sizeof(zone) / sizeof(zone[0]); i++) {
-            if (zone[i].type != T_MX || strcasecmp(zone[i].name, name) != 0)
-                continue;
-            for (size_t k = 0; k < sizeof(zone) / sizeof(zone[0]); k++)
-                if (zone[k].type == T_A && strcasecmp(zone[k].name, zone[i].data) == 0) {
-                    w += put_rr(a + w, &zone[k]);
-                    ar++;
-                }
-        }
-    }
-    if ((rcode == ns_r_nxdomain || (rcode == ns_r_noerror && an == 0)) && m->soa_ttl >= 0) {
-        /* SOA in the authority section (RFC 2308) */
-        w += put_name(a + w, "test");
-        put16(a + w, T_SOA);
-        put16(a + w + 2, ns_c_in);
-        put32(a + w + 4, (unsigned)m->soa_ttl);
-        unsigned char *rd = a + w + 10;
-        size_t rl = put_name(rd, "ns.test");
-        rl += put_name(rd + rl, "hostmaster.test");
-        put32(rd + rl, 1);
-        put32(rd + rl + 4, 3600);
-        put32(rd + rl + 8, 600);
-        put32(rd + rl + 12, 86400);
-        put32(rd + rl + 16, (unsigned)m->soa_min);
-        rl += 20;
-        put16(a + w + 8, (unsigned)rl);
-        w += 10 + rl;
-        ns++;
-    }
-    a[3] = (unsigned char)(0x80 | rcode);
-    put16(a + 6, an);
-    put16(a + 8, ns);
-    put16(a + 10, ar);
-    return w;
-}
-
-static void mock_on_read(loop_t *loop, int fd, unsigned events, void *arg)
-{
-    mock_t *m = arg;
-    for (;;) {
-        unsigned char q[512], a[4096];
-        struct sockaddr_storage from;
-        socklen_t fromlen = sizeof(from);
-        ssize_t n = recvfrom(fd, q, sizeof(q), 0, (struct sockaddr *)&from, &fromlen);
-        if (n < 0)
-            return;
-        m->nqueries++;
-        size_t alen = mock_answer(m, q, (size_t)n, a);
-        if (alen > 0)
-            sendto(fd, a, alen, 0, (struct sockaddr *)&from, fromlen);
-    }
-}
-
-static void mock_start(loop_t *loop, mock_t *m)
-{
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t len = sizeof(sin);
-    memset(m, 0, sizeof(*m));
-    m->soa_ttl = -1;
-    m->fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    assert_true(m->fd >= 0);
-    assert_int_equal(bind(m->fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
-    assert_int_equal(getsockname(m->fd, (struct sockaddr *)&sin, &len), 0);
-    m->port = ntohs(sin.sin_port);
-    assert_int_equal(loop_fd_add(loop, m->fd, LOOP_READ, mock_on_read, m), 0);
-}
-
-static void mock_stop(loop_t *loop, mock_t *m)
-{
-    loop_fd_del(loop, m->fd);
-    close(m->fd);
-}
 
 /* ---- fake Redis: GET/SET in memory, optionally silent ---- */
 
@@ -711,18 +479,6 @@ static void fr_stop(fredis_t *f)
 
 /* ---- the answer parser on hostile input ---- */
 
-static size_t build_query(unsigned char *q, const char *name, int type)
-{
-    memset(q, 0, 12);
-    q[0] = 0x12;
-    q[1] = 0x34;
-    q[5] = 1;
-    size_t off = 12 + put_name(q + 12, name);
-    put16(q + off, (unsigned)type);
-    put16(q + off + 2, ns_c_in);
-    return off + 4;
-}
-
 /* Parse a copy in a heap block of exactly len bytes, so that ASan and
  * valgrind see any read past the end. */
 static int parse_exact(const unsigned char *buf, size_t len, dns_msg_t *msg)
@@ -743,8 +499,8 @@ static int parse_exact(const unsigned char *buf, size_t len, dns_msg_t *msg)
 
 static void test_msg_parse_hostile(void **state)
 {
-    mock_t m;
-    memset(&m, 0, sizeof(m));
+    fakedns_t m;
+    assert_int_equal(fakedns_init(&m, zone, sizeof(zone) / sizeof(zone[0])), 0);
     m.soa_ttl = 100;
     m.soa_min = 20;
     unsigned char q[512], a[4096], bad[4096];
@@ -754,8 +510,8 @@ static void test_msg_parse_hostile(void **state)
     } qs[] = { { "two.test", T_MX }, { "alias.test", T_MX }, { "add.test", T_MX },
                { "nothere.test", T_MX }, { "host.cnmx.test", T_A } };
     for (size_t i = 0; i < sizeof(qs) / sizeof(qs[0]); i++) {
-        size_t qlen = build_query(q, qs[i].name, qs[i].type);
-        size_t alen = mock_answer(&m, q, qlen, a);
+        size_t qlen = fakedns_query(q, sizeof(q), qs[i].name, qs[i].type);
+        size_t alen = fakedns_answer(&m, q, qlen, a, sizeof(a));
         assert_true(alen > 12);
         dns_msg_t msg;
         assert_int_equal(dns_msg_parse(a, (int)alen, &msg), DNS_OK);
@@ -778,9 +534,10 @@ static void test_msg_parse_hostile(void **state)
         }
     }
     /* a message whose counts promise more than it holds */
-    size_t qlen = build_query(q, "two.test", T_MX);
+    size_t qlen = fakedns_query(q, sizeof(q), "two.test", T_MX);
     memcpy(bad, q, qlen);
-    put16(bad + 6, 65535);
+    bad[6] = 0xff; /* ANCOUNT 65535 */
+    bad[7] = 0xff;
     dns_msg_t msg;
     assert_int_equal(parse_exact(bad, qlen, &msg), DNS_TEMPFAIL);
     dns_msg_free(&msg);
@@ -833,7 +590,7 @@ static void on_result(void *arg, const dns_mx_result_t *res)
 
 typedef struct fx {
     loop_t         *loop;
-    mock_t          mock;
+    fakedns_t       mock;
     fredis_t        redis;
     int             with_redis;
     rclient_t      *rc;
@@ -856,9 +613,8 @@ static void on_event(void *arg, const dns_event_t *ev)
 
 static dns_resolver_t *fx_resolver(fx_t *f, unsigned l1, unsigned max_ttl, unsigned neg_ttl)
 {
-    char servers[64], err[256] = "";
-    snprintf(servers, sizeof(servers), "127.0.0.1:%u", (unsigned)f->mock.port);
-    dns_config_t cfg = { .servers = servers, .timeout_ms = 200, .tries = 1, .l1_entries = l1,
+    char err[256] = "";
+    dns_config_t cfg = { .servers = f->mock.addr, .timeout_ms = 200, .tries = 1, .l1_entries = l1,
                          .max_ttl_s = max_ttl, .negative_ttl_s = neg_ttl, .redis = f->rc,
                          .on_event = on_event, .event_arg = f };
     dns_resolver_t *r = dns_resolver_new(f->loop, &cfg, err, sizeof(err));
@@ -885,7 +641,7 @@ static void fx_setup_common(fx_t *f, int with_redis)
 {
     memset(f, 0, sizeof(*f));
     f->loop = loop_new();
-    mock_start(f->loop, &f->mock);
+    assert_int_equal(fakedns_start(&f->mock, f->loop, zone, sizeof(zone) / sizeof(zone[0])), 0);
     f->with_redis = with_redis;
     if (with_redis) {
         fr_start(&f->redis, f->loop);
@@ -925,7 +681,7 @@ static int teardown(void **state)
     rclient_free(f->rc);
     if (f->with_redis)
         fr_stop(&f->redis);
-    mock_stop(f->loop, &f->mock);
+    fakedns_stop(&f->mock);
     assert_int_equal(loop_fd_count(f->loop), 0);
     assert_int_equal(loop_timer_count(f->loop), 0);
     loop_free(f->loop);
