@@ -14,6 +14,18 @@
  *  an fd callback are reported through a zero-delay timer so an owner
  *  never receives an event from inside its own stream_write() call.
  *
+ *  The output is a queue of segments: bytes the stream owns (copied into
+ *  one buffer, consecutive writes coalesced) and bytes it only references
+ *  (stream_write_ref(): a message body goes out of the memory it was
+ *  built in, never copied here). Plaintext sends the queue with one
+ *  sendmsg() of up to STREAM_IOV_MAX segments. TLS writes a large segment
+ *  straight from its memory; small segments in a row (the "." of a
+ *  dot-stuffed line between two pieces of a body) are first gathered into
+ *  one record-sized buffer, so they do not each cost a TLS record. An
+ *  SSL_write that must be retried is retried with the same bytes and at
+ *  least the same length (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER and
+ *  SSL_MODE_ENABLE_PARTIAL_WRITE are set on every SSL object).
+ *
  *  The inactivity timer is lazy: progress only records a timestamp and
  *  the timer re-arms itself for the remainder when it fires early.
  * DIAGNOSTICS
@@ -29,6 +41,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
@@ -39,6 +52,17 @@
 
 #define STREAM_READ_CHUNK 16384
 #define STREAM_MAX_INPUT  (8u * 1024 * 1024) /* unparsed input cap: hostile peers */
+#define STREAM_IOV_MAX    64     /* segments per sendmsg() */
+#define STREAM_TLS_WRITE  65536  /* bytes per SSL_write() (4 records) */
+#define STREAM_GATHER_MIN 4096   /* TLS: a smaller segment with more behind it is gathered */
+#define STREAM_GATHER_MAX 16384  /* TLS: one full record */
+
+/* One piece of the output queue: n bytes of the caller's memory at ref,
+ * or (ref == NULL) the next n owned bytes at the head of s->out. */
+typedef struct out_seg {
+    const char *ref;
+    size_t      n;
+} out_seg_t;
 
 typedef enum {
     ST_NEW = 0,
@@ -55,7 +79,15 @@ struct stream {
     stream_cb    cb;
     void        *arg;
     buf_t        in;
-    buf_t        out;
+    buf_t        out;           /* owned output bytes, in queue order */
+    out_seg_t   *segs;          /* the output queue: segs[seg_head .. seg_end) */
+    size_t       seg_head;
+    size_t       seg_end;
+    size_t       seg_cap;
+    buf_t        gather;        /* TLS: small segments gathered into one record */
+    size_t       out_total;     /* bytes queued and not yet written (segs + gather) */
+    size_t       out_refs;      /* of which caller memory (stream_write_ref) */
+    int          corked;
     SSL         *ssl;
     SSL_SESSION *new_sess;      /* newest session/ticket the server issued (owned) */
     int          read_wants_write;
@@ -87,6 +119,8 @@ static void stream_release(stream_t *s)
 {
     buf_free(&s->in);
     buf_free(&s->out);
+    buf_free(&s->gather);
+    free(s->segs);
     free(s);
 }
 
@@ -275,48 +309,165 @@ static int do_read(stream_t *s)
     return 0;
 }
 
+/* ---- the output queue ---- */
+
+static void out_push(stream_t *s, const char *ref, size_t n)
+{
+    s->out_total += n;
+    if (ref)
+        s->out_refs += n;
+    if (s->seg_end > s->seg_head) {
+        out_seg_t *last = &s->segs[s->seg_end - 1];
+        if ((ref == NULL && last->ref == NULL) || (ref != NULL && last->ref + last->n == ref)) {
+            last->n += n;
+            return;
+        }
+    }
+    if (s->seg_end == s->seg_cap) {
+        if (s->seg_head > 0) {
+            memmove(s->segs, s->segs + s->seg_head, (s->seg_end - s->seg_head) * sizeof(*s->segs));
+            s->seg_end -= s->seg_head;
+            s->seg_head = 0;
+        }
+        if (s->seg_end == s->seg_cap) {
+            s->seg_cap = s->seg_cap ? s->seg_cap * 2 : 8;
+            s->segs = xrealloc(s->segs, s->seg_cap * sizeof(*s->segs));
+        }
+    }
+    s->segs[s->seg_end].ref = ref;
+    s->segs[s->seg_end].n = n;
+    s->seg_end++;
+}
+
+/* Take n bytes off the front of the segment queue (not s->gather). */
+static void out_pop(stream_t *s, size_t n)
+{
+    while (n > 0) {
+        out_seg_t *g = &s->segs[s->seg_head];
+        size_t k = n < g->n ? n : g->n;
+        if (g->ref) {
+            g->ref += k;
+            s->out_refs -= k;
+        } else {
+            buf_consume(&s->out, k);
+        }
+        g->n -= k;
+        n -= k;
+        if (g->n == 0)
+            s->seg_head++;
+    }
+    if (s->seg_head == s->seg_end)
+        s->seg_head = s->seg_end = 0;
+}
+
+static const char *seg_bytes(const stream_t *s, const out_seg_t *g, size_t owned_before)
+{
+    return g->ref ? g->ref : buf_head(&s->out) + owned_before;
+}
+
+/* Plaintext: one sendmsg() of the queue's first segments. Returns bytes
+ * written, 0 when the socket is full, -1 on a failure. */
+static ssize_t write_plain(stream_t *s)
+{
+    struct iovec iov[STREAM_IOV_MAX];
+    int cnt = 0;
+    size_t owned = 0;
+    for (size_t i = s->seg_head; i < s->seg_end && cnt < STREAM_IOV_MAX; i++) {
+        const out_seg_t *g = &s->segs[i];
+        iov[cnt].iov_base = (void *)seg_bytes(s, g, owned);
+        iov[cnt].iov_len = g->n;
+        cnt++;
+        if (g->ref == NULL)
+            owned += g->n;
+    }
+    struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
+    for (;;) {
+        ssize_t n = sendmsg(s->fd, &mh, MSG_NOSIGNAL);
+        if (n >= 0) {
+            out_pop(s, (size_t)n);
+            s->out_total -= (size_t)n;
+            return n;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        snprintf(s->err, sizeof(s->err), "write: %s", strerror(errno));
+        return -1;
+    }
+}
+
+/* TLS: gather small segments from the front of the queue into s->gather,
+ * up to one record. */
+static void gather_front(stream_t *s)
+{
+    while (s->seg_head < s->seg_end && buf_size(&s->gather) < STREAM_GATHER_MAX) {
+        const out_seg_t *g = &s->segs[s->seg_head];
+        size_t room = STREAM_GATHER_MAX - buf_size(&s->gather);
+        size_t k = g->n < room ? g->n : room;
+        buf_append(&s->gather, seg_bytes(s, g, 0), k);
+        out_pop(s, k);
+    }
+}
+
+/* TLS: one SSL_write. Returns bytes written, 0 when it must wait, -1 on a
+ * failure. A retried SSL_write always starts with the same bytes and is
+ * never shorter: gathered bytes are written before anything else, a
+ * segment at the front only grows (owned bytes coalesce), and a write
+ * from the front segment that had to wait becomes a gathered write only
+ * by gaining bytes after it. */
+static ssize_t write_tls(stream_t *s)
+{
+    const char *p;
+    size_t len;
+    int gathered = 0;
+    if (buf_size(&s->gather) == 0 && s->seg_end - s->seg_head > 1 &&
+        s->segs[s->seg_head].n < STREAM_GATHER_MIN)
+        gather_front(s);
+    if (buf_size(&s->gather) > 0) {
+        p = buf_head(&s->gather);
+        len = buf_size(&s->gather);
+        gathered = 1;
+    } else {
+        const out_seg_t *g = &s->segs[s->seg_head];
+        p = seg_bytes(s, g, 0);
+        len = g->n < STREAM_TLS_WRITE ? g->n : STREAM_TLS_WRITE;
+    }
+    ERR_clear_error();
+    int r = SSL_write(s->ssl, p, (int)len);
+    if (r > 0) {
+        if (gathered)
+            buf_consume(&s->gather, (size_t)r);
+        else
+            out_pop(s, (size_t)r);
+        s->out_total -= (size_t)r;
+        return r;
+    }
+    int e = SSL_get_error(s->ssl, r);
+    if (e == SSL_ERROR_WANT_WRITE)
+        return 0;
+    if (e == SSL_ERROR_WANT_READ) {
+        s->write_wants_read = 1;
+        return 0;
+    }
+    char why[200];
+    snprintf(s->err, sizeof(s->err), "TLS write: %s", ssl_reason(s, r, e, why, sizeof(why)));
+    return -1;
+}
+
 /* Write what the socket takes. Returns 0 ok, -1 on a failure (recorded in
  * s->err, the caller reports it). */
 static int do_write(stream_t *s)
 {
     s->write_wants_read = 0;
-    while (buf_size(&s->out) > 0) {
-        size_t len = buf_size(&s->out);
-        ssize_t n;
-        if (s->ssl) {
-            ERR_clear_error();
-            int r = SSL_write(s->ssl, buf_head(&s->out), len > 65536 ? 65536 : (int)len);
-            if (r > 0) {
-                n = r;
-            } else {
-                int e = SSL_get_error(s->ssl, r);
-                if (e == SSL_ERROR_WANT_WRITE) {
-                    s->was_blocked = 1;
-                    return 0;
-                }
-                if (e == SSL_ERROR_WANT_READ) {
-                    s->write_wants_read = 1;
-                    s->was_blocked = 1;
-                    return 0;
-                }
-                char why[200];
-                snprintf(s->err, sizeof(s->err), "TLS write: %s", ssl_reason(s, r, e, why, sizeof(why)));
-                return -1;
-            }
-        } else {
-            n = send(s->fd, buf_head(&s->out), len, MSG_NOSIGNAL);
-            if (n < 0) {
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    s->was_blocked = 1;
-                    return 0;
-                }
-                if (errno == EINTR)
-                    continue;
-                snprintf(s->err, sizeof(s->err), "write: %s", strerror(errno));
-                return -1;
-            }
+    while (s->out_total > 0) {
+        ssize_t n = s->ssl ? write_tls(s) : write_plain(s);
+        if (n < 0)
+            return -1;
+        if (n == 0) {
+            s->was_blocked = 1;
+            return 0;
         }
-        buf_consume(&s->out, (size_t)n);
         touch(s);
     }
     return 0;
@@ -337,7 +488,7 @@ static void update_interest(stream_t *s)
     case ST_OPEN:
         if (!s->paused || s->write_wants_read)
             want |= LOOP_READ;
-        if ((buf_size(&s->out) > 0 && !s->write_wants_read) || s->read_wants_write)
+        if ((s->out_total > 0 && !s->write_wants_read) || s->read_wants_write)
             want |= LOOP_WRITE;
         break;
     default:
@@ -359,7 +510,7 @@ static int do_handshake(stream_t *s)
         if (emit(s, STREAM_EV_TLS_READY) < 0 || s->state == ST_DEAD)
             return -1;
         /* output queued during the handshake goes now */
-        if (buf_size(&s->out) > 0 && do_write(s) < 0)
+        if (s->out_total > 0 && do_write(s) < 0)
             return fail(s, STREAM_EV_ERROR, NULL) < 0 ? -1 : -1;
         update_interest(s);
         return 0;
@@ -397,7 +548,7 @@ static void on_fd(loop_t *loop, int fd, unsigned events, void *arg)
         touch(s);
         if (emit(s, STREAM_EV_CONNECTED) < 0)
             return;
-        if (s->state == ST_OPEN && buf_size(&s->out) > 0 && do_write(s) < 0) {
+        if (s->state == ST_OPEN && s->out_total > 0 && do_write(s) < 0) {
             fail(s, STREAM_EV_ERROR, NULL);
             return;
         }
@@ -420,12 +571,12 @@ static void on_fd(loop_t *loop, int fd, unsigned events, void *arg)
             return;
     }
     if (((events & LOOP_WRITE) || ((events & LOOP_READ) && s->write_wants_read)) &&
-        buf_size(&s->out) > 0) {
+        s->out_total > 0) {
         if (do_write(s) < 0) {
             fail(s, STREAM_EV_ERROR, NULL);
             return;
         }
-        if (buf_size(&s->out) == 0 && s->was_blocked) {
+        if (s->out_total == 0 && s->was_blocked) {
             s->was_blocked = 0;
             if (emit(s, STREAM_EV_DRAINED) < 0)
                 return;
@@ -448,6 +599,7 @@ stream_t *stream_new(loop_t *loop, stream_cb cb, void *arg)
     s->deferred_ev = -1;
     buf_init(&s->in);
     buf_init(&s->out);
+    buf_init(&s->gather);
     loop_timer_init(&s->io_timer, io_timer_fired, s);
     loop_timer_init(&s->defer_timer, defer_fired, s);
     return s;
@@ -553,6 +705,8 @@ static int start_tls(stream_t *s, SSL_CTX *ctx, int client, const char *sni, con
         return -1;
     }
     SSL_set_fd(s->ssl, s->fd);
+    /* write_tls() relies on both (see the top of this file) */
+    SSL_set_mode(s->ssl, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     if (client) {
         if (sni && *sni && !is_ip_literal(sni))
             SSL_set_tlsext_host_name(s->ssl, sni);
@@ -614,8 +768,13 @@ void stream_trim(stream_t *s)
 {
     if (buf_size(&s->in) == 0)
         buf_free(&s->in);
-    if (buf_size(&s->out) == 0)
+    if (s->out_total == 0) {
         buf_free(&s->out);
+        buf_free(&s->gather);
+        free(s->segs);
+        s->segs = NULL;
+        s->seg_head = s->seg_end = s->seg_cap = 0;
+    }
 }
 
 SSL_SESSION *stream_tls_get1_session(const stream_t *s)
@@ -641,18 +800,40 @@ int stream_peek_closed(const stream_t *s)
     return !(errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR);
 }
 
-void stream_write(stream_t *s, const void *p, size_t n)
+/* Send what was queued now, unless corked or not yet open. */
+static void write_now(stream_t *s)
 {
-    if (s->state == ST_DEAD || s->freed)
-        return;
-    buf_append(&s->out, p, n);
-    if (s->state != ST_OPEN || s->write_wants_read)
+    if (s->corked || s->state != ST_OPEN || s->write_wants_read)
         return;
     if (do_write(s) < 0) {
         defer_event(s, STREAM_EV_ERROR);
         return;
     }
     update_interest(s);
+}
+
+void stream_write(stream_t *s, const void *p, size_t n)
+{
+    if (s->state == ST_DEAD || s->freed || n == 0)
+        return;
+    buf_append(&s->out, p, n);
+    out_push(s, NULL, n);
+    write_now(s);
+}
+
+void stream_write_ref(stream_t *s, const void *p, size_t n)
+{
+    if (s->state == ST_DEAD || s->freed || n == 0)
+        return;
+    out_push(s, p, n);
+    write_now(s);
+}
+
+void stream_cork(stream_t *s, int on)
+{
+    s->corked = on;
+    if (!on && s->out_total > 0 && !s->freed && s->state != ST_DEAD)
+        write_now(s);
 }
 
 void stream_puts(stream_t *s, const char *str)
@@ -673,7 +854,12 @@ void stream_printf(stream_t *s, const char *fmt, ...)
 
 size_t stream_pending_out(const stream_t *s)
 {
-    return buf_size(&s->out);
+    return s->out_total;
+}
+
+size_t stream_pending_refs(const stream_t *s)
+{
+    return s->out_refs;
 }
 
 buf_t *stream_input(stream_t *s)

@@ -74,12 +74,22 @@ int  stream_peek_closed(const stream_t *s);
 /* Begin a server TLS handshake (test receivers). */
 int  stream_tls_server(stream_t *s, SSL_CTX *ctx);
 
-/* Queue bytes for sending. Never fails (core aborts on OOM). */
+/* Queue bytes for sending (copied). Never fails (core aborts on OOM). */
 void stream_write(stream_t *s, const void *p, size_t n);
 void stream_puts(stream_t *s, const char *str);
 void stream_printf(stream_t *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Bytes queued and not yet written. */
+/* Queue n bytes of the caller's memory without copying them (a message
+ * body written once, sent from where it was built). The memory must stay
+ * alive and unchanged until the bytes are written (stream_pending_refs()
+ * is 0, or STREAM_EV_DRAINED) or the stream is freed; a stream that dies
+ * first never touches it again. Order with stream_write() is kept. */
+void stream_write_ref(stream_t *s, const void *p, size_t n);
+/* While corked, writes only queue; uncorking sends the queue at once
+ * (many small pieces, one system call). */
+void stream_cork(stream_t *s, int on);
+/* Bytes queued and not yet written; of those, bytes of caller memory. */
 size_t stream_pending_out(const stream_t *s);
+size_t stream_pending_refs(const stream_t *s);
 
 /* Received bytes; the owner consumes what it parsed with buf_consume(). */
 buf_t *stream_input(stream_t *s);
