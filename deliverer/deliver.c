@@ -61,6 +61,8 @@ struct deliver {
     size_t                 nrcpts;
     const char            *data;
     size_t                 len;
+    const mime_seg_t      *segs;
+    size_t                 nsegs;
     size_t                 message_size;
     unsigned               need;
     char                  *log_id;
@@ -522,6 +524,8 @@ static smtp_session_params_t session_params(deliver_t *d)
         .nrcpts = d->nopen,
         .data = d->data,
         .len = d->len,
+        .segs = d->segs,
+        .nsegs = d->nsegs,
         .message_size = d->message_size,
         .log_id = d->log_id,
         /* pooled, or more recipients than one transaction takes: keep the
@@ -727,6 +731,8 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
         d->rcpts[i] = xstrdup(req->rcpts[i] ? req->rcpts[i] : "");
     d->data = req->data;
     d->len = req->len;
+    d->segs = req->segs;
+    d->nsegs = req->nsegs;
     d->message_size = req->message_size;
     d->need = req->need;
     d->log_id = req->log_id ? xstrdup(req->log_id) : NULL;

@@ -112,6 +112,9 @@ typedef struct deliver_request {
     const char        *data;         /* dot-stuffed payload (mime_dotstuff()); NOT copied: keep it
                                       * alive until the callback */
     size_t             len;
+    const mime_seg_t  *segs;         /* or (nsegs > 0) the payload as mime_wire_segments(); the
+                                      * array and what it points to: NOT copied, the same rule */
+    size_t             nsegs;
     size_t             message_size; /* for SIZE=; 0: len */
     const deliver_candidate_t *candidates; /* sorted; copied by deliver_start */
     size_t             ncandidates;

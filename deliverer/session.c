@@ -501,6 +501,21 @@ static void after_hello(smtp_session_t *s)
     ready_for_mail(s);
 }
 
+/* The payload goes out of the caller's memory: referenced, not copied
+ * (the same bytes serve IMAP APPEND). One system call for all of it as
+ * far as the socket takes it. */
+static void send_body(smtp_session_t *s)
+{
+    stream_cork(s->st, 1);
+    if (s->p.nsegs > 0) {
+        for (size_t i = 0; i < s->p.nsegs; i++)
+            stream_write_ref(s->st, s->p.segs[i].p, s->p.segs[i].n);
+    } else {
+        stream_write_ref(s->st, s->p.data, s->p.len);
+    }
+    stream_cork(s->st, 0);
+}
+
 static void body_sent(smtp_session_t *s)
 {
     s->res.dot_sent = 1;
@@ -718,7 +733,7 @@ static void enter_state(smtp_session_t *s, smtp_state_t next)
         break;
     case SMTP_STATE_BODY:
         s->expect++; /* the reply to the final dot */
-        stream_write(s->st, s->p.data, s->p.len);
+        send_body(s);
         if (stream_pending_out(s->st) == 0)
             body_sent(s);
         /* else STREAM_EV_DRAINED completes it */
@@ -941,9 +956,11 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
             finish(s);
         } else if (!s->res.dot_sent) {
             /* the server answered before reading the whole body: the rest
-             * of our bytes would be commands to it; do not reuse */
+             * of our bytes would be read as commands, and a QUIT as part
+             * of the body; close without another word */
             s->p.keep_open = 0;
-            end_transaction(s);
+            s->ntxn++;
+            finish(s);
         } else {
             end_transaction(s);
         }
@@ -1114,6 +1131,8 @@ out:
 static void report_idle(smtp_session_t *s)
 {
     s->idle_report = 0;
+    if (s->st && stream_pending_refs(s->st) > 0)
+        close_stream(s); /* never park a connection still sending the owner's bytes */
     s->res.reusable = !s->dead;
     s->res.state = SMTP_STATE_DONE;
     if (s->dead) {
@@ -1131,6 +1150,8 @@ static void report_idle(smtp_session_t *s)
         s->p.nrcpts = 0;
         s->p.data = NULL;
         s->p.len = 0;
+        s->p.segs = NULL;
+        s->p.nsegs = 0;
         s->p.log_id = NULL;
     }
 }
@@ -1150,6 +1171,16 @@ static void defer_fired(loop_t *loop, loop_timer_t *t, void *arg)
         release(s);
 }
 
+/* With segments, len is their total: SIZE= and the logs use it. */
+static void payload_len(smtp_session_t *s)
+{
+    if (s->p.nsegs == 0)
+        return;
+    s->p.len = 0;
+    for (size_t i = 0; i < s->p.nsegs; i++)
+        s->p.len += s->p.segs[i].n;
+}
+
 static void reset_txn(smtp_session_t *s, const smtp_session_params_t *p)
 {
     s->txn_seq++;
@@ -1158,6 +1189,9 @@ static void reset_txn(smtp_session_t *s, const smtp_session_params_t *p)
     s->p.nrcpts = p->nrcpts;
     s->p.data = p->data;
     s->p.len = p->len;
+    s->p.segs = p->segs;
+    s->p.nsegs = p->nsegs;
+    payload_len(s);
     s->p.message_size = p->message_size;
     s->p.log_id = p->log_id;
     s->p.need = p->need;
@@ -1183,6 +1217,7 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
     smtp_session_t *s = xcalloc(1, sizeof(*s));
     s->loop = loop;
     s->p = *params;
+    payload_len(s);
     if (s->p.helo_name == NULL || s->p.helo_name[0] == '\0')
         s->p.helo_name = "localhost";
     if (s->p.mail_from == NULL)

@@ -29,6 +29,8 @@
 #include <sys/socket.h>
 #include <openssl/ssl.h>
 
+#include "mime/build.h" /* mime_seg_t */
+
 #include "core/loop.h"
 #include "core/tls.h"
 #include "deliverer/reply.h"
@@ -169,7 +171,10 @@ typedef struct smtp_session_params {
     size_t                 nrcpts;           /* >= 1 */
     const char            *data;             /* dot-stuffed payload ending in CRLF.CRLF, written as is */
     size_t                 len;
-    size_t                 message_size;     /* SIZE= value; 0: use len */
+    const mime_seg_t      *segs;             /* or (nsegs > 0) the payload as segments
+                                              * (mime_wire_segments()); data/len unused */
+    size_t                 nsegs;
+    size_t                 message_size;     /* SIZE= value; 0: the payload's length */
     const char            *log_id;           /* message id for log lines, may be NULL */
     /* --- engine additions; zero keeps the lock-step, one-shot behaviour --- */
     int                    keep_open;        /* go IDLE after the transaction instead of QUIT */
@@ -198,7 +203,8 @@ typedef void (*smtp_session_cb)(void *arg, smtp_session_t *s, const smtp_session
 /*
  * Connect and run the transaction. The params struct is copied, and so
  * are mx_host and the address. The transaction's strings, arrays and
- * payload must stay valid until the callback has fired; helo_name,
+ * payload must stay valid until the callback has fired (the payload is
+ * sent from where it lies, never copied); helo_name,
  * auth_user/auth_pass, the SSL_CTXs and tls_cache for as long as the
  * session lives (a kept session outlives the delivery that opened it).
  * Never returns NULL (a connect that cannot even start is reported
@@ -213,7 +219,8 @@ void smtp_session_free(smtp_session_t *s);
 /*
  * Run another transaction on an IDLE session (after a callback that said
  * res->reusable). Only the transaction fields of txn are used (mail_from,
- * rcpts, nrcpts, data, len, message_size, log_id, need, keep_open); the
+ * rcpts, nrcpts, data, len, segs, nsegs, message_size, log_id, need,
+ * keep_open); the
  * connection keeps the parameters it was started with. cb fires exactly
  * once, never from inside this call. Returns 0, or -1 (nothing happens)
  * when the session is not IDLE.

@@ -96,8 +96,10 @@ struct job {
     job_t          *prev, *next;
     mq_delivery_t  *dv;
     message_t      *msg;
-    buf_t           raw;  /* RFC 5322 bytes: IMAP APPEND */
-    buf_t           wire; /* dot-stuffed: SMTP DATA */
+    buf_t           raw;  /* RFC 5322 bytes, built once: IMAP APPEND and SMTP DATA */
+    mime_seg_t     *wire; /* SMTP DATA: raw dot-stuffed, as segments pointing into raw */
+    size_t          nwire;
+    buf_t           wire_copy; /* the dot-stuffed copy, only if raw is not all CRLF */
     job_rcpt_t     *rcpts;
     size_t          nrcpts;
     job_domain_t   *domains;
@@ -204,8 +206,9 @@ static void job_free(job_t *j)
         ledger_cancel(w->ledger, j->ledger_op2);
     free(j->domains);
     free(j->rcpts);
+    free(j->wire);
+    buf_free(&j->wire_copy);
     buf_free(&j->raw);
-    buf_free(&j->wire);
     message_free(j->msg);
     mq_delivery_free(j->dv);
     free(j);
@@ -770,8 +773,10 @@ static void domain_start_smtp(job_t *j, size_t di)
         .mail_from = j->msg->from.addr,
         .rcpts = rcpts,
         .nrcpts = n,
-        .data = buf_head(&j->wire),
-        .len = buf_size(&j->wire),
+        .data = buf_head(&j->wire_copy),
+        .len = buf_size(&j->wire_copy),
+        .segs = j->wire,
+        .nsegs = j->nwire,
         .message_size = buf_size(&j->raw),
         .candidates = d->cand,
         .ncandidates = d->ncand,
@@ -953,7 +958,7 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
     j->dv = dv;
     j->started_ms = util_mono_ms();
     buf_init(&j->raw);
-    buf_init(&j->wire);
+    buf_init(&j->wire_copy);
     job_link(w, j);
     const char *h = mq_delivery_header(dv, "x-mailpump-attempt");
     j->attempt = h && atoi(h) > 0 ? (unsigned)atoi(h) : 1;
@@ -997,7 +1002,11 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
             log_error("worker", "dkim_failed", "msg=%s reason=\"%s\" action=send_unsigned",
                       j->msg->id, err);
     }
-    mime_dotstuff(buf_head(&j->raw), buf_size(&j->raw), &j->wire);
+    /* SMTP DATA is sent from raw itself; mime_build's output is all CRLF,
+     * so the dot-stuffed copy is only a fallback (or the core's answer to
+     * an allocation failure) */
+    if (mime_wire_segments(buf_head(&j->raw), buf_size(&j->raw), &j->wire, &j->nwire) != MIME_OK)
+        mime_dotstuff(buf_head(&j->raw), buf_size(&j->raw), &j->wire_copy);
 
     const char *pending = mq_delivery_header(dv, "x-mailpump-pending");
     job_add_rcpts(j, j->msg->to, j->msg->nto, pending);

@@ -21,7 +21,9 @@
  *  chunk: the rest waits for the server's "+" continuation. With
  *  LITERAL+ (or LITERAL- for up to 4096 octets) literals are "{n+}" and
  *  the whole command goes at once. A tagged reply that arrives instead
- *  of "+" completes the command and the literal is never sent.
+ *  of "+" completes the command and the literal is never sent. The
+ *  message literal is never copied: the stream sends it from the caller's
+ *  memory (stream_write_ref()), the same bytes the SMTP session sent.
  *
  *  Credentials never travel in clear unless the account says
  *  IMAP_TLS_NONE; a PREAUTH greeting in STARTTLS mode is refused, since
@@ -362,14 +364,19 @@ static void cmd_astring(imap_append_t *a, const char *s)
 static void cmd_flush(imap_append_t *a)
 {
     a->waiting_cont = 0;
+    stream_cork(a->stream, 1);
     while (a->next_chunk < a->nchunks) {
         const cmd_chunk_t *c = &a->chunks[a->next_chunk++];
-        stream_write(a->stream, c->ext ? c->ext : a->cmd.data + c->off, c->len);
+        if (c->ext) /* the message: sent from the caller's memory (alive until the callback) */
+            stream_write_ref(a->stream, c->ext, c->len);
+        else
+            stream_write(a->stream, a->cmd.data + c->off, c->len);
         if (c->sync) {
             a->waiting_cont = 1;
-            return;
+            break;
         }
     }
+    stream_cork(a->stream, 0);
 }
 
 static void cmd_end(imap_append_t *a, imap_state_t next)

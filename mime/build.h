@@ -3,7 +3,8 @@
  *
  * mime_build() turns the message model into the exact bytes that are sent
  * over SMTP and appended to the IMAP Sent folder (built once, used twice).
- * mime_dotstuff() is the one place where SMTP DATA framing happens
+ * mime_dotstuff() and mime_wire_segments() (the same framing without a
+ * copy) are the one place where SMTP DATA framing happens
  * (DESIGN.md: CRLF normalisation and dot-stuffing in one place).
  *
  * Nothing here does I/O. Output is always appended to the caller's buffer;

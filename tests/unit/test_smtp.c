@@ -32,9 +32,11 @@
 #include "core/loop.h"
 #include "core/stream.h"
 #include "core/tls.h"
+#include "core/util.h"
 #include "deliverer/deliver.h"
 #include "deliverer/outcome.h"
 #include "deliverer/session.h"
+#include "mime/build.h"
 
 /* ------------------------------------------------------------------ */
 /* fake SMTP server                                                    */
@@ -64,6 +66,8 @@ typedef struct script {
     int           eod_then_close;  /* after the end-of-data reply, hang up (idle close) */
     int           close_on_reuse;  /* a MAIL on a connection that already took a message:
                                     * close without a word (a server that dropped it idle) */
+    const char   *early_reply;     /* at the first body bytes: this reply, then read no more
+                                    * until the test resumes reading */
 } script_t;
 
 #define FAKE_MAX_CONNS 4
@@ -91,6 +95,7 @@ typedef struct fake_server {
     int             naccepted;
     int             nmessages;  /* end-of-data replies given */
     int             maxconc;    /* most connections open at once */
+    int             early_replied;
 } fake_server_t;
 
 static void conn_close(fake_conn_t *c)
@@ -141,6 +146,12 @@ static void conn_process(fake_conn_t *c)
             buf_append(&fs->transcript, buf_head(in), buf_size(in));
             buf_append(&c->body, buf_head(in), buf_size(in));
             buf_consume(in, buf_size(in));
+            if (fs->sc->early_reply && !fs->early_replied) {
+                fs->early_replied = 1;
+                stream_puts(c->st, fs->sc->early_reply);
+                stream_pause_read(c->st, 1);
+                return;
+            }
             if (fs->sc->eod_act == ACT_CLOSE) {
                 conn_close(c);
                 return;
@@ -449,6 +460,16 @@ static deliver_config_t config(tctx_t *t, smtp_tls_policy_t tls)
         .timeouts = &t->to,
     };
     return cfg;
+}
+
+static void deliver_req_and_wait(tctx_t *t, const deliver_config_t *cfg, const deliver_request_t *req,
+                                 capture_t *cap)
+{
+    memset(cap, 0, sizeof(*cap));
+    deliver_t *d = deliver_start(t->loop, cfg, req, on_result, cap);
+    assert_non_null(d);
+    assert_int_equal(cap->fired, 0);
+    run_until(t->loop, &cap->fired);
 }
 
 static void deliver_and_wait(tctx_t *t, const deliver_config_t *cfg, const char *const *rcpts, size_t nrcpts,
@@ -2115,6 +2136,110 @@ static void test_candidates_from_mx(void **state)
 }
 
 /* ------------------------------------------------------------------ */
+/* the payload: sent from the caller's memory                          */
+
+/* A message of about 1 MB with many lines that start with a dot, sent as
+ * mime_wire_segments() frames it (pointers into the message, never a
+ * copy): the server reads exactly the dot-stuffed bytes, and SIZE= is the
+ * message's size. Plaintext and STARTTLS. */
+static void body_segments(tctx_t *t, int tls)
+{
+    buf_t msg = BUF_INIT, stuffed = BUF_INIT;
+    buf_puts(&msg, "Subject: segments\r\n\r\n");
+    for (unsigned i = 0; buf_size(&msg) < (1u << 20); i++)
+        buf_printf(&msg, i % 3 == 0 ? ".line %u starts with a dot\r\n" : "line %u of the body text\r\n", i);
+    mime_seg_t *segs = NULL;
+    size_t nsegs = 0;
+    assert_int_equal(mime_wire_segments(buf_head(&msg), buf_size(&msg), &segs, &nsegs), MIME_OK);
+    assert_true(nsegs > 10000);
+    mime_dotstuff(buf_head(&msg), buf_size(&msg), &stuffed);
+
+    script_t sc = { .greeting = "220 mx.test.local ESMTP\r\n", .rules = tls ? rules_tls : rules_ok,
+                    .tls = fx.server_ctx };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx.test.local", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, tls ? SMTP_TLS_VERIFY : SMTP_TLS_NONE);
+    deliver_request_t req = { .mail_from = FROM, .rcpts = rcpts, .nrcpts = 1, .segs = segs, .nsegs = nsegs,
+                              .candidates = c, .ncandidates = 1 };
+    capture_t cap;
+    deliver_req_and_wait(t, &cfg, &req, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.tls, tls);
+
+    buf_t want = BUF_INIT;
+    buf_printf(&want, "EHLO " HELO_NAME "\r\n%sMAIL FROM:<" FROM "> SIZE=%zu\r\nRCPT TO:<b@y>\r\nDATA\r\n",
+               tls ? "STARTTLS\r\nEHLO " HELO_NAME "\r\n" : "", buf_size(&stuffed));
+    buf_append(&want, buf_head(&stuffed), buf_size(&stuffed));
+    buf_puts(&want, "QUIT\r\n");
+    assert_int_equal(buf_size(&fs->transcript), buf_size(&want));
+    assert_memory_equal(buf_head(&fs->transcript), buf_head(&want), buf_size(&want));
+    drain_and_check(t->loop, &fs, 1);
+    buf_free(&want);
+    buf_free(&stuffed);
+    buf_free(&msg);
+    free(segs);
+}
+
+static void test_body_segments_plain(void **state)
+{
+    body_segments(*state, 0);
+}
+
+static void test_body_segments_starttls(void **state)
+{
+    body_segments(*state, 1);
+}
+
+/* The server answers (552) before it has read the body. The rest of the
+ * body cannot be followed by commands (they would be read as body), so
+ * the connection is closed at once, and nothing of the caller's payload
+ * is read after the result: overwritten then, it never shows up on the
+ * wire. */
+static void test_early_reply_closes(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok,
+                                 .early_reply = "552 5.3.4 Message size exceeds fixed limit\r\n" };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    size_t n = 8u << 20;
+    char *payload = malloc(n);
+    assert_non_null(payload);
+    memset(payload, 'a', n);
+    memcpy(payload + n - 5, "\r\n.\r\n", 5);
+    deliver_request_t req = { .mail_from = FROM, .rcpts = rcpts, .nrcpts = 1, .data = payload, .len = n,
+                              .candidates = c, .ncandidates = 1 };
+    capture_t cap;
+    memset(&cap, 0, sizeof(cap));
+    /* a client that said QUIT after the partial body would wait for a
+     * 221 that cannot come (the server reads it as body): 30 s here */
+    t->to.quit_ms = t->to.data_block_ms = t->to.data_done_ms = 30000;
+    deliver_t *d = deliver_start(t->loop, &cfg, &req, on_result, &cap);
+    assert_non_null(d);
+    uint64_t until = util_mono_ms() + 10000;
+    while (!cap.fired && util_mono_ms() < until)
+        loop_run_once(t->loop, 50);
+    assert_int_equal(cap.fired, 1); /* at once, not after a QUIT timeout */
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "message_too_big", 552, "5.3.4");
+    assert_int_equal(fs->early_replied, 1);
+
+    memset(payload, 'X', n); /* the owner reuses its memory */
+    fake_conn_t *fc = &fs->conns[0];
+    assert_non_null(fc->st);
+    stream_pause_read(fc->st, 0);
+    for (int i = 0; i < 200 && fc->st != NULL; i++)
+        loop_run_once(t->loop, 10);
+    assert_null(fc->st); /* the client hung up */
+    assert_null(memchr(buf_head(&fs->transcript), 'X', buf_size(&fs->transcript)));
+    assert_null(strstr(buf_head(&fs->transcript), "QUIT"));
+    drain_and_check(t->loop, &fs, 1);
+    free(payload);
+}
+
+/* ------------------------------------------------------------------ */
 /* throwaway PKI                                                       */
 
 static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -2201,6 +2326,9 @@ int main(void)
         cmocka_unit_test(test_outcome_table),
         cmocka_unit_test(test_candidates_from_mx),
         T(test_all_delivered),
+        T(test_body_segments_plain),
+        T(test_body_segments_starttls),
+        T(test_early_reply_closes),
         T(test_per_recipient_results),
         T(test_all_rcpt_rejected),
         T(test_mail_from_rejected),
