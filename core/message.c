@@ -34,6 +34,12 @@ void message_free(message_t *m)
     free_addrs(m->to, m->nto);
     free_addrs(m->cc, m->ncc);
     free_addrs(m->bcc, m->nbcc);
+    message_drop_content(m);
+    free(m);
+}
+
+void message_drop_content(message_t *m)
+{
     free(m->subject);
     free(m->text);
     free(m->html);
@@ -50,7 +56,12 @@ void message_free(message_t *m)
     }
     free(m->attachments);
     free(m->raw);
-    free(m);
+    m->subject = m->text = m->html = m->raw = NULL;
+    m->raw_len = 0;
+    m->headers = NULL;
+    m->nheaders = 0;
+    m->attachments = NULL;
+    m->nattachments = 0;
 }
 
 const char *message_addr_domain(const char *addr)

@@ -53,6 +53,10 @@ typedef struct message {
 
 message_t *message_new(void);
 void       message_free(message_t *m);
+/* Release what only the builder reads (subject, bodies, headers,
+ * attachments, raw), keeping the envelope, id and trace id: a message in
+ * flight holds its built bytes, not a second, decoded copy. */
+void       message_drop_content(message_t *m);
 
 /* Domain part of an address (pointer into addr, after the last '@'). */
 const char *message_addr_domain(const char *addr);

@@ -1002,6 +1002,7 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
             log_error("worker", "dkim_failed", "msg=%s reason=\"%s\" action=send_unsigned",
                       j->msg->id, err);
     }
+    message_drop_content(j->msg); /* from here on the built bytes are the message */
     /* SMTP DATA is sent from raw itself; mime_build's output is all CRLF,
      * so the dot-stuffed copy is only a fallback (or the core's answer to
      * an allocation failure) */

@@ -292,6 +292,19 @@ static void test_attachments(void **state)
     assert_string_equal(a[2].content_type, "application/octet-stream"); /* default */
     assert_int_equal(a[2].len, 0);
     assert_null(m->raw);
+
+    /* once built, a message in flight keeps only its envelope */
+    message_drop_content(m);
+    assert_null(m->attachments);
+    assert_int_equal(m->nattachments, 0);
+    assert_null(m->html);
+    assert_null(m->text);
+    assert_null(m->subject);
+    assert_int_equal(m->nheaders, 0);
+    assert_string_equal(m->from.addr, "a@test.example");
+    assert_int_equal(m->nto, 1);
+    assert_string_equal(m->to[0].addr, "b@test.example");
+    message_drop_content(m); /* twice is harmless */
     message_free(m);
 }
 
