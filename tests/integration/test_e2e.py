@@ -5,6 +5,7 @@ Independent checks: the received message is parsed by Python's email
 package, the Sent copy is fetched back with imaplib, events and the dead
 letter queue are read with pika.
 """
+import base64
 import email
 import email.policy
 import imaplib
@@ -128,6 +129,66 @@ class EndToEnd(unittest.TestCase):
             self.assertIn(b"\\Seen", data[0][0])
         finally:
             im.logout()
+
+    def test_large_message_same_bytes_delivered_and_appended(self):
+        """A 6 MB message with dot lines and a binary attachment: what
+        Postfix stored and what Dovecot's Sent folder returns are the same
+        message, byte for byte (both are sent from the one built copy)."""
+        attachment = os.urandom(6 << 20)
+        text = "".join(f"{'.' if i % 3 == 0 else ''}line {i} of a large message\n"
+                       for i in range(20000))
+        msg_id = "e2e-large-" + os.urandom(4).hex()
+        body = json.dumps({
+            "id": msg_id, "from": "alice@test.example", "to": ["bob@test.example"],
+            "subject": "large", "text": text,
+            "attachments": [{"filename": "blob.bin", "content_type": "application/octet-stream",
+                             "content_base64": base64.b64encode(attachment).decode()}]})
+        r = self.daemon.cli("enqueue", stdin=body)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        evs = self.events_for(msg_id, 2, kinds={"delivered", "appended", "failed", "deferred"},
+                              timeout=120)
+        kinds = sorted(e["event"] for e in evs)
+        self.assertEqual(kinds, ["appended", "delivered"], evs)
+        appended = [e for e in evs if e["event"] == "appended"][0]
+
+        stored = None
+        deadline = time.time() + 30
+        while time.time() < deadline and stored is None:
+            for sub in ("new", "cur"):
+                d = os.path.join(self.env["MP_MX1_MAILDIR"], sub)
+                for name in os.listdir(d) if os.path.isdir(d) else []:
+                    with open(os.path.join(d, name), "rb") as f:
+                        data = f.read()
+                    if f"<{msg_id}@test.example>".encode() in data:
+                        stored = data
+            time.sleep(0.1)
+        self.assertIsNotNone(stored)
+        m = email.message_from_bytes(stored, policy=email.policy.default)
+        parts = list(m.iter_attachments())
+        self.assertEqual(len(parts), 1)
+        self.assertEqual(parts[0].get_content(), attachment)
+        self.assertEqual(m.get_body(preferencelist=("plain",)).get_content().replace("\r\n", "\n"),
+                         text)
+
+        im = imaplib.IMAP4_SSL(self.env["MP_IMAP_HOST"], int(self.env["MP_IMAPS_PORT"]),
+                               ssl_context=mpstack.imap_ssl_context(self.env))
+        try:
+            im.login("alice@test.example", self.env["MP_IMAP_PASSWORD"])
+            im.select(appended["imap"]["mailbox"], readonly=True)
+            typ, data = im.uid("FETCH", str(appended["imap"]["uid"]), "(BODY.PEEK[])")
+            self.assertEqual(typ, "OK")
+            sent = data[0][1]
+        finally:
+            im.logout()
+        # Postfix stores LF line ends and puts its trace fields on top
+        # (Return-Path, X-Original-To, Delivered-To, Received); the rest is
+        # the message
+        sent_lf = sent.replace(b"\r\n", b"\n")
+        self.assertGreater(len(sent_lf), 6 << 20)
+        self.assertTrue(stored.endswith(sent_lf), "the delivered and the Sent copy differ")
+        trace = stored[:len(stored) - len(sent_lf)].decode()
+        names = [line.split(":", 1)[0] for line in trace.splitlines() if line[:1] not in (" ", "\t")]
+        self.assertEqual(names, ["Return-Path", "X-Original-To", "Delivered-To", "Received"], trace)
 
     def test_rejected_recipient_fails_with_5xx(self):
         msg_id = self.enqueue("--from", "bob@test.example", "--to", "reject@test.example",
