@@ -9,3 +9,4 @@ bin=${MAILPUMP_BUILD_DIR:-build-bench}/tests/bench_mime
 "$bin"
 "$bin" rss
 "$bin" rss-worker
+"$bin" rss-worker-copy
