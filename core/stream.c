@@ -18,10 +18,12 @@
  *  one buffer, consecutive writes coalesced) and bytes it only references
  *  (stream_write_ref(): a message body goes out of the memory it was
  *  built in, never copied here). Plaintext sends the queue with one
- *  sendmsg() of up to STREAM_IOV_MAX segments. TLS writes a large segment
- *  straight from its memory; small segments in a row (the "." of a
- *  dot-stuffed line between two pieces of a body) are first gathered into
- *  one record-sized buffer, so they do not each cost a TLS record. An
+ *  sendmsg() of up to STREAM_IOV_MAX segments. TLS writes a segment of a
+ *  record or more straight from its memory; a shorter one with more
+ *  behind it (a 10 KB message and its terminating ".\r\n", the "." of a
+ *  dot-stuffed line between two pieces of a body) is first gathered with
+ *  what follows into one record-sized buffer, so records stay full and
+ *  few: at most one record's worth is ever copied at a time. An
  *  SSL_write that must be retried is retried with the same bytes and at
  *  least the same length (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER and
  *  SSL_MODE_ENABLE_PARTIAL_WRITE are set on every SSL object).
@@ -54,8 +56,8 @@
 #define STREAM_MAX_INPUT  (8u * 1024 * 1024) /* unparsed input cap: hostile peers */
 #define STREAM_IOV_MAX    64     /* segments per sendmsg() */
 #define STREAM_TLS_WRITE  65536  /* bytes per SSL_write() (4 records) */
-#define STREAM_GATHER_MIN 4096   /* TLS: a smaller segment with more behind it is gathered */
-#define STREAM_GATHER_MAX 16384  /* TLS: one full record */
+#define STREAM_GATHER_MAX 16384  /* TLS: one full record; a shorter segment with more behind it
+                                  * is gathered with what follows */
 
 /* One piece of the output queue: n bytes of the caller's memory at ref,
  * or (ref == NULL) the next n owned bytes at the head of s->out. */
@@ -422,7 +424,7 @@ static ssize_t write_tls(stream_t *s)
     size_t len;
     int gathered = 0;
     if (buf_size(&s->gather) == 0 && s->seg_end - s->seg_head > 1 &&
-        s->segs[s->seg_head].n < STREAM_GATHER_MIN)
+        s->segs[s->seg_head].n < STREAM_GATHER_MAX)
         gather_front(s);
     if (buf_size(&s->gather) > 0) {
         p = buf_head(&s->gather);
