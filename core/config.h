@@ -53,6 +53,9 @@ typedef struct mp_config {
     unsigned smtp_pool_initial_per_dest;
     unsigned smtp_pool_max_total; /* per worker */
     unsigned smtp_tls_cache_size; /* TLS sessions kept per worker for resumption */
+    uint64_t smtp_route_penalty_ms;     /* an MX address that failed to connect or greet is
+                                         * skipped this long (doubling per failure); 0 = never */
+    uint64_t smtp_route_penalty_max_ms; /* the doubling stops here */
     char    *smtp_relay;          /* "host[:port]": smarthost mode; empty = MX delivery */
     char    *smtp_relay_user;     /* AUTH PLAIN/LOGIN over TLS; empty = no AUTH */
     char    *smtp_relay_password;

@@ -17,6 +17,15 @@
  *  server closed it while idle) is dropped and the same candidate is tried
  *  again on a fresh connection: that costs no attempt.
  *
+ *  Route penalties (Postfix's dead-host memory, per worker here): an
+ *  address whose fresh connection failed at connect or greeting time is
+ *  remembered in the context with a "down until"; later attempts skip it
+ *  (other MX addresses first), and an attempt that finds every candidate
+ *  down ends without connecting. The penalty doubles with each failure in
+ *  a row; the first session past the greeting forgets it. A message that
+ *  waited in the pool for a slot on an address that went down meanwhile
+ *  gives the slot back instead of connecting.
+ *
  *  The user callback always runs from a zero-delay timer of our own: never
  *  inside deliver_start(), never deep inside a session/stream callback
  *  chain, and the deliver_t can be released right after it returns.
@@ -36,6 +45,17 @@
 #include "core/log.h"
 #include "core/tls.h"
 #include "core/util.h"
+#include "metrics/metrics.h"
+
+#define ROUTES_MAX 256 /* remembered down addresses per worker */
+
+/* An MX address (and port) that failed before or at the greeting. */
+typedef struct route {
+    char     key[72];   /* "address|port" */
+    unsigned failures;  /* in a row */
+    uint64_t until_ms;  /* skipped until then (loop clock) */
+    char     why[360];  /* the failure that marked it */
+} route_t;
 
 struct deliver_ctx {
     loop_t               *loop;
@@ -49,6 +69,8 @@ struct deliver_ctx {
     smtp_pool_t          *pool;
     tls_session_cache_t  *tls_cache;
     uint64_t              tls_full, tls_resumed, transactions;
+    route_t              *routes;     /* down (or recently down) addresses */
+    size_t                nroutes;
 };
 
 struct deliver {
@@ -87,6 +109,9 @@ struct deliver {
     smtp_reply_t           last_reply;
     char                   last_error[256];
     int                    tried_any;
+    const char            *counted_host; /* the MX host last counted against max_mx */
+    size_t                 skipped_down; /* candidates skipped: their address was down */
+    char                   down_why[512];/* the first of them, for the result */
     deliver_result_t       res;
     loop_timer_t           done_timer;
     deliver_cb             cb;
@@ -219,6 +244,9 @@ int deliver_config_engine(deliver_config_t *d, const struct mp_config *cfg, smtp
     d->pool.initial_per_dest = cfg->smtp_pool_initial_per_dest;
     d->pool.max_total = cfg->smtp_pool_max_total;
     d->tls_cache_size = cfg->smtp_tls_cache_size;
+    d->route_penalty_ms = (unsigned)(cfg->smtp_route_penalty_ms > 86400000 ? 86400000 : cfg->smtp_route_penalty_ms);
+    d->route_penalty_max_ms =
+        (unsigned)(cfg->smtp_route_penalty_max_ms > 86400000 ? 86400000 : cfg->smtp_route_penalty_max_ms);
     smtp_timeouts_default(timeouts, cfg->smtp_timeout_scale);
     unsigned *t = (unsigned *)timeouts;
     _Static_assert(sizeof(smtp_timeouts_t) == sizeof(cfg->smtp_timeout_ms), "one key per state timeout");
@@ -345,6 +373,7 @@ void deliver_ctx_free(deliver_ctx_t *ctx)
     free(ctx->auth_user);
     free(ctx->auth_pass);
     free(ctx->relay);
+    free(ctx->routes);
     free(ctx);
 }
 
@@ -441,7 +470,11 @@ static void finish(deliver_t *d)
         if (d->settled[i])
             continue;
         deliver_rcpt_result_t *r = &d->results[i];
-        if (!d->tried_any) {
+        if (!d->tried_any && d->skipped_down) {
+            r->outcome = outcome_for_error(OUTCOME_ERR_NETWORK, &r->reason);
+            r->code = 0;
+            copy_text(r->text, sizeof(r->text), d->down_why);
+        } else if (!d->tried_any) {
             r->outcome = outcome_for_error(OUTCOME_ERR_DNS, &r->reason);
             r->code = 0;
             copy_text(r->text, sizeof(r->text), "no MX candidate to try");
@@ -469,6 +502,109 @@ static void finish(deliver_t *d)
 
 static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t *sr);
 static void try_next(deliver_t *d);
+
+/* ---- route penalties ---- */
+
+static void route_key(const deliver_candidate_t *c, char *out, size_t n)
+{
+    char addr[64];
+    smtp_addr_text((const struct sockaddr *)&c->addr, addr, sizeof(addr));
+    unsigned port = c->addr.ss_family == AF_INET6 ? ntohs(((const struct sockaddr_in6 *)&c->addr)->sin6_port)
+                                                  : ntohs(((const struct sockaddr_in *)&c->addr)->sin_port);
+    snprintf(out, n, "%s|%u", addr, port);
+}
+
+static route_t *route_find(deliver_ctx_t *ctx, const deliver_candidate_t *c)
+{
+    char key[72];
+    route_key(c, key, sizeof(key));
+    for (size_t i = 0; i < ctx->nroutes; i++)
+        if (strcmp(ctx->routes[i].key, key) == 0)
+            return &ctx->routes[i];
+    return NULL;
+}
+
+/* The route's entry when it is down now, else NULL. */
+static const route_t *route_down(deliver_ctx_t *ctx, const deliver_candidate_t *c)
+{
+    if (ctx->cfg.route_penalty_ms == 0 || ctx->nroutes == 0)
+        return NULL;
+    const route_t *r = route_find(ctx, c);
+    return r && r->until_ms > loop_now_ms(ctx->loop) ? r : NULL;
+}
+
+static void route_failed(deliver_ctx_t *ctx, const deliver_candidate_t *c, const char *why)
+{
+    if (ctx->cfg.route_penalty_ms == 0)
+        return;
+    uint64_t now = loop_now_ms(ctx->loop);
+    route_t *r = route_find(ctx, c);
+    if (r == NULL) {
+        if (ctx->nroutes == ROUTES_MAX) {
+            /* full: the entry that frees up soonest makes room */
+            size_t old = 0;
+            for (size_t i = 1; i < ctx->nroutes; i++)
+                if (ctx->routes[i].until_ms < ctx->routes[old].until_ms)
+                    old = i;
+            r = &ctx->routes[old];
+        } else {
+            if (ctx->routes == NULL)
+                ctx->routes = xcalloc(ROUTES_MAX, sizeof(*ctx->routes));
+            r = &ctx->routes[ctx->nroutes++];
+        }
+        memset(r, 0, sizeof(*r));
+        route_key(c, r->key, sizeof(r->key));
+    }
+    uint64_t max = ctx->cfg.route_penalty_max_ms ? ctx->cfg.route_penalty_max_ms : 300000;
+    uint64_t pen = ctx->cfg.route_penalty_ms;
+    for (unsigned i = 0; i < r->failures && pen < max; i++)
+        pen *= 2;
+    if (pen > max)
+        pen = max;
+    r->failures++;
+    r->until_ms = now + pen;
+    snprintf(r->why, sizeof(r->why), "%.100s [%s]: %.180s", c->host, r->key, why);
+    metrics_inc(MET_SMTP_ROUTES_DOWN, 1);
+    log_warn("deliver", "route_down", "mx=%s addr=%s failures=%u skip_ms=%llu error=\"%s\"", c->host, r->key,
+             r->failures, (unsigned long long)pen, why);
+}
+
+static void route_ok(deliver_ctx_t *ctx, const deliver_candidate_t *c)
+{
+    route_t *r = ctx->nroutes ? route_find(ctx, c) : NULL;
+    if (r == NULL)
+        return;
+    log_info("deliver", "route_up", "mx=%s addr=%s after=%u failures", c->host, r->key, r->failures);
+    *r = ctx->routes[--ctx->nroutes];
+}
+
+/* Skip a down candidate: remember why, for an attempt that finds no other. */
+static void skip_down(deliver_t *d, const deliver_candidate_t *c, const route_t *r)
+{
+    d->skipped_down++;
+    metrics_inc(MET_SMTP_ROUTE_SKIPS, 1);
+    if (d->down_why[0] == '\0') {
+        uint64_t left = r->until_ms - loop_now_ms(d->loop);
+        snprintf(d->down_why, sizeof(d->down_why),
+                 "every MX address is down after recent failures (next try in %llu s): %s",
+                 (unsigned long long)(left + 999) / 1000, r->why);
+    }
+    log_debug("deliver", "route_skip", "msg=%s mx=%s addr=%s", d->log_id ? d->log_id : "-", c->host, r->key);
+}
+
+/* What a finished session says about its route: a fresh connection that
+ * failed at connect or greeting time marks it down; any session that got
+ * further clears it. */
+static void route_learn(deliver_t *d, const smtp_session_result_t *sr)
+{
+    const deliver_candidate_t *c = &d->cands[d->cur];
+    if (sr->status == SMTP_OK || sr->state > SMTP_STATE_GREETING) {
+        route_ok(d->ctx, c);
+        return;
+    }
+    if (!sr->reused && (sr->status == SMTP_ENETWORK || sr->status == SMTP_ETIMEOUT))
+        route_failed(d->ctx, c, sr->error);
+}
 
 static void set_port(struct sockaddr_storage *ss, unsigned short port)
 {
@@ -559,6 +695,19 @@ static void on_pool(void *arg, int how, smtp_session_t *s)
         run_on(d, s);
         return;
     }
+    const route_t *down = route_down(d->ctx, &d->cands[d->cur]);
+    if (down) {
+        /* it went down while we waited for the slot: no attempt made */
+        d->holding = 0;
+        smtp_pool_release(d->ctx->pool, d->key, NULL);
+        skip_down(d, &d->cands[d->cur], down);
+        d->res.attempts_made--;
+        d->tried_any = d->res.attempts_made > 0;
+        d->last_status = SMTP_ENETWORK;
+        copy_text(d->last_error, sizeof(d->last_error), down->why);
+        try_next(d);
+        return;
+    }
     smtp_session_params_t p = session_params(d);
     d->res.connections++;
     d->sess = smtp_session_start(d->loop, &p, on_session, d);
@@ -602,11 +751,18 @@ static void try_next(deliver_t *d)
     unsigned max_mx = d->ctx->cfg.max_mx ? d->ctx->cfg.max_mx : 5;
     while (d->next < d->ncands) {
         const deliver_candidate_t *c = &d->cands[d->next];
-        int new_host = d->next == 0 || strcmp(c->host, d->cands[d->next - 1].host) != 0;
+        const route_t *down = route_down(d->ctx, c);
+        if (down) {
+            d->next++;
+            skip_down(d, c, down);
+            continue;
+        }
+        int new_host = d->counted_host == NULL || strcmp(c->host, d->counted_host) != 0;
         if (new_host) {
             if (d->hosts_tried >= max_mx)
                 break;
             d->hosts_tried++;
+            d->counted_host = c->host;
         }
         d->cur = d->next++;
         if (collect_open(d) == 0)
@@ -640,6 +796,7 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
             d->ctx->tls_full++;
         }
     }
+    route_learn(d, sr);
     int lost_idle = sr->reused && sr->txn_replies == 0 && !sr->dot_sent &&
                     (sr->status == SMTP_ENETWORK ||
                      (sr->status == SMTP_EREJECTED && sr->has_reply && sr->reply.code == 421));

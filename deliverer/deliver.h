@@ -68,6 +68,15 @@ typedef struct deliver_config {
     const char       *auth_user;         /* AUTH PLAIN/LOGIN, only ever sent inside TLS; NULL none */
     const char       *auth_pass;
     unsigned          tls_cache_size;    /* TLS sessions kept for resumption [1024]; deliver_ctx only */
+    /* route penalties (deliver_ctx only): an address whose connection failed before or at the
+     * greeting (refused, unreachable, timed out) is skipped by later attempts for
+     * route_penalty_ms, doubled per failure in a row up to route_penalty_max_ms [300000]; any
+     * session that gets past the greeting clears it. An attempt whose candidates are all down
+     * ends at once, transient "network". 0 disables (the default of this struct; mailpumpd's
+     * [smtp] route_penalty is 1 s: short enough that fast retries
+     * outlive a blip, doubling to minutes for an address that stays dead). */
+    unsigned          route_penalty_ms;
+    unsigned          route_penalty_max_ms;
 } deliver_config_t;
 
 typedef struct deliver_candidate {

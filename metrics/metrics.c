@@ -46,6 +46,8 @@ static const struct {
     [MET_TLS_FULL_HANDSHAKES] = { "mailpump_tls_full_handshakes_total", "SMTP TLS handshakes without session resumption." },
     [MET_TLS_RESUMED_HANDSHAKES] = { "mailpump_tls_resumed_handshakes_total", "SMTP TLS handshakes that resumed a cached session." },
     [MET_SMTP_SESSIONS_REUSED] = { "mailpump_smtp_sessions_reused_total", "Deliveries that reused a pooled SMTP session." },
+    [MET_SMTP_ROUTES_DOWN] = { "mailpump_smtp_routes_marked_down_total", "MX addresses marked down after failing to connect or greet (skipped for route_penalty, doubling)." },
+    [MET_SMTP_ROUTE_SKIPS] = { "mailpump_smtp_route_skips_total", "MX candidates skipped because their address was marked down." },
     [MET_MESSAGES_POISON] = { "mailpump_messages_poison_total", "Messages dead-lettered after too many redeliveries." },
 };
 

@@ -39,6 +39,8 @@ typedef enum {
     MET_TLS_FULL_HANDSHAKES,
     MET_TLS_RESUMED_HANDSHAKES,
     MET_SMTP_SESSIONS_REUSED,
+    MET_SMTP_ROUTES_DOWN,   /* MX addresses marked down (or kept down) after a failure */
+    MET_SMTP_ROUTE_SKIPS,   /* candidates skipped because their address was down */
     MET_COUNTER_LAST
 } metric_counter_t;
 

@@ -329,6 +329,23 @@ class EngineSink(unittest.TestCase):
         self.assertEqual([x["event"] for x in tap.events], ["delivered"])
         self.assertEqual(len(sink.messages()), 1)
 
+    def test_dead_first_mx_costs_one_connect(self):
+        """failover.test.example's first MX (down.test.example) refuses: the
+        first message finds out and goes to mx2, the next four skip the
+        dead address without connecting (route penalty)."""
+        sink = self.sink(addr="127.0.0.3")
+        d, tap = self.daemon(sink.port, MAILPUMP_SMTP_ROUTE_PENALTY="60s")
+        mids = [self.enqueue(d, [f"r{i}@failover.test.example"]) for i in range(5)]
+        for mid in mids:
+            e = self.wait_final(tap, mid, 1)[0]
+            self.assertEqual((e["event"], e["mx_addr"]), ("delivered", "127.0.0.3"), e)
+        self.assertEqual(d.metric("mailpump_smtp_routes_marked_down_total"), 1)
+        self.assertEqual(d.metric("mailpump_smtp_route_skips_total"), 4)
+        downs = [line for line in d.log().splitlines() if "event=route_down" in line]
+        self.assertEqual(len(downs), 1, downs)
+        self.assertIn("mx=down.test.example addr=127.0.0.4|", downs[0])
+        self.assertIn("Connection refused", downs[0])
+
     # ---- 7. relay with AUTH ----------------------------------------------------
 
     def test_relay_auth_after_starttls(self):

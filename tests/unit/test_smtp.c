@@ -36,6 +36,7 @@
 #include "deliverer/deliver.h"
 #include "deliverer/outcome.h"
 #include "deliverer/session.h"
+#include "metrics/metrics.h"
 #include "mime/build.h"
 
 /* ------------------------------------------------------------------ */
@@ -288,10 +289,12 @@ static int fake_server_busy(const fake_server_t *fs)
     return 0;
 }
 
-static fake_server_t *fake_server_new(loop_t *loop, const script_t *sc)
+/* A fake server on port (0: an ephemeral one). */
+static fake_server_t *fake_server_on(loop_t *loop, const script_t *sc, unsigned short port)
 {
     fake_server_t *fs = calloc(1, sizeof(*fs));
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+                               .sin_port = htons(port) };
     socklen_t sl = sizeof(sin);
     assert_non_null(fs);
     fs->loop = loop;
@@ -305,6 +308,11 @@ static fake_server_t *fake_server_new(loop_t *loop, const script_t *sc)
     fs->port = ntohs(sin.sin_port);
     assert_int_equal(loop_fd_add(loop, fs->lfd, LOOP_READ, srv_accept, fs), 0);
     return fs;
+}
+
+static fake_server_t *fake_server_new(loop_t *loop, const script_t *sc)
+{
+    return fake_server_on(loop, sc, 0);
 }
 
 static void fake_server_free(fake_server_t *fs)
@@ -1169,6 +1177,14 @@ static void spin(loop_t *loop, int n)
         loop_run_once(loop, 10);
 }
 
+/* Run the loop for about ms milliseconds. */
+static void spin_ms(loop_t *loop, unsigned ms)
+{
+    uint64_t until = util_mono_ms() + ms;
+    while (util_mono_ms() < until)
+        loop_run_once(loop, 10);
+}
+
 /* The server holds every MAIL/RCPT reply until DATA arrives: only a
  * client that really sends MAIL, RCPTs and DATA without waiting gets
  * through. Exact transcript, one transaction. */
@@ -1676,6 +1692,87 @@ static void test_pool_slow_start(void **state)
     assert_rcpt(&cap4, 0, "e@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     deliver_ctx_free(ctx);
     drain_and_check(t->loop, &fs, 1);
+}
+
+/* Route penalties: an address that refused a connection is skipped by the
+ * next attempts (the other MX at once), an attempt with only down
+ * addresses ends without connecting, the penalty doubles per failure in a
+ * row, and a session that gets past the greeting clears it. */
+static void test_route_penalty(void **state)
+{
+    tctx_t *t = *state;
+    unsigned short dead = closed_port();
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t both[] = { cand("mx1.fake.test", dead), cand("mx2.fake.test", fs->port) };
+    const char *r1[] = { "b@y" }, *r2[] = { "c@y" }, *r3[] = { "d@y" };
+    creq_t q1 = { r1, 1, NULL, 0 }, q2 = { r2, 1, NULL, 0 }, q3 = { r3, 1, NULL, 0 };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    cfg.route_penalty_ms = 200;
+    cfg.route_penalty_max_ms = 2000;
+    cfg.pool.initial_per_dest = 1;
+    deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
+    capture_t cap, cap2, cap3;
+    uint64_t skips = metrics_counter(MET_SMTP_ROUTE_SKIPS);
+
+    /* mx1 refuses: mx2 takes it, mx1 is now down */
+    ctx_deliver(ctx, t->loop, &q1, both, 2, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.attempts, 2);
+    /* the next message goes straight to mx2 */
+    ctx_deliver(ctx, t->loop, &q2, both, 2, &cap);
+    assert_rcpt(&cap, 0, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.attempts, 1);
+    assert_string_equal(cap.mx_host, "mx2.fake.test");
+    assert_int_equal(metrics_counter(MET_SMTP_ROUTE_SKIPS) - skips, 1);
+    /* only mx1: no connection at all, the reason says why */
+    ctx_deliver(ctx, t->loop, &q1, both, 1, &cap);
+    assert_int_equal(cap.attempts, 0);
+    assert_string_equal(outcome_name(cap.r[0].outcome), "transient");
+    assert_string_equal(cap.r[0].reason, "network");
+    assert_non_null(strstr(cap.r[0].text, "every MX address is down after recent failures (next try in 1 s): "
+                                          "mx1.fake.test [127.0.0.1|"));
+    assert_non_null(strstr(cap.r[0].text, "Connection refused"));
+
+    /* 200 ms on, mx1 is tried again: refused, now down for 400 ms. Three
+     * messages at once: slow start lets one connect, the two that waited
+     * for its slot find mx1 down and give up without connecting. */
+    spin_ms(t->loop, 250);
+    ctx_start(ctx, &q1, both, 1, &cap);
+    ctx_start(ctx, &q2, both, 1, &cap2);
+    ctx_start(ctx, &q3, both, 1, &cap3);
+    run_until(t->loop, &cap.fired);
+    run_until(t->loop, &cap2.fired);
+    run_until(t->loop, &cap3.fired);
+    assert_int_equal(cap.attempts, 1);
+    assert_non_null(strstr(cap.r[0].text, "Connection refused"));
+    assert_null(strstr(cap.r[0].text, "every MX address"));
+    assert_int_equal(cap2.attempts, 0);
+    assert_string_equal(cap2.r[0].reason, "network");
+    assert_non_null(strstr(cap2.r[0].text, "Connection refused"));
+    assert_int_equal(cap3.attempts, 0);
+    spin_ms(t->loop, 250); /* 250 < 400: still down */
+    ctx_deliver(ctx, t->loop, &q1, both, 1, &cap);
+    assert_int_equal(cap.attempts, 0);
+
+    /* mx1 comes back: after the penalty it is used, and that clears it */
+    fake_server_t *back = fake_server_on(t->loop, &script_ok, dead);
+    spin_ms(t->loop, 200);
+    ctx_deliver(ctx, t->loop, &q1, both, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_string_equal(cap.mx_host, "mx1.fake.test");
+    /* down again: the success cleared the count, so this first failure in
+     * a row costs 200 ms (not 800), and 300 ms on mx1 is tried again */
+    fake_server_free(back); /* the pooled session to it is noticed closed */
+    spin(t->loop, 5);
+    ctx_deliver(ctx, t->loop, &q1, both, 1, &cap); /* refused: down for 200 ms */
+    assert_int_equal(cap.attempts, 1);
+    assert_non_null(strstr(cap.r[0].text, "Connection refused"));
+    spin_ms(t->loop, 300);
+    ctx_deliver(ctx, t->loop, &q1, both, 1, &cap);
+    assert_int_equal(cap.attempts, 1);
+    deliver_ctx_free(ctx);
+    fake_server_t *all[] = { fs };
+    drain_and_check(t->loop, all, 1);
 }
 
 /* A second connection to a destination resumes the TLS session. */
@@ -2362,6 +2459,7 @@ int main(void)
         T(test_pool_limits_msgs_and_idle),
         T(test_pool_per_destination_limit),
         T(test_pool_slow_start),
+        T(test_route_penalty),
         T(test_pool_worker_limit_and_age),
         T(test_tls_resumption),
         T(test_tls_policy_per_domain),
