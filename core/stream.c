@@ -320,7 +320,7 @@ static void out_push(stream_t *s, const char *ref, size_t n)
         s->out_refs += n;
     if (s->seg_end > s->seg_head) {
         out_seg_t *last = &s->segs[s->seg_end - 1];
-        if ((ref == NULL && last->ref == NULL) || (ref != NULL && last->ref + last->n == ref)) {
+        if (ref == NULL ? last->ref == NULL : last->ref != NULL && last->ref + last->n == ref) {
             last->n += n;
             return;
         }
