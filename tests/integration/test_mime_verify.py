@@ -2,13 +2,18 @@
 
 tests/tools/mimetool builds messages from JSON exactly as the worker does
 (msgjson_parse -> mime_build -> dkim_sign). Python's email package parses
-each one back and the decoded parts are compared with the input; DKIM
-signatures (RSA-2048 and Ed25519, keys generated here with the openssl
-CLI) are verified by python3-dkim with a dnsfunc that serves the public
-keys' TXT records. Messages are random but seeded, so a failure is
-reproducible (the seed and the JSON are printed).
+each one back and the decoded parts are compared with the input. DKIM
+signatures (RSA-2048 and Ed25519) are made with the local stack's keys
+file ($MP_DKIM_KEYS_FILE, written by deploy/local/stack up) and verified
+by python3-dkim against the public keys the stack's DNS server
+($MP_DNS_SERVER, dnsmasq) serves as TXT records, queried over UDP with
+dnspython. Messages are random but seeded, so a failure is reproducible
+(the seed and the JSON are printed).
 
-Needs no running services: only the build directory (MAILPUMP_BUILD_DIR).
+Needs the build directory (MAILPUMP_BUILD_DIR) and the local stack: fails
+when the zone does not serve the keys. opendkim-testmsg is not a second
+verifier here: it has no resolver option and uses glibc's resolver, which
+only reads /etc/resolv.conf and only talks to port 53.
 """
 import base64
 import email
@@ -16,13 +21,21 @@ import email.policy
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import unittest
 
 import dkim
+import dns.flags
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mpstack  # noqa: E402
 
 BUILD = os.environ.get("MAILPUMP_BUILD_DIR") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "build")
@@ -105,39 +118,62 @@ class MimeVerify(unittest.TestCase):
     def setUpClass(cls):
         if not os.access(TOOL, os.X_OK):
             raise AssertionError("%s not built" % TOOL)
-        cls.tmp = tempfile.mkdtemp(prefix="mime_verify.")
-        rsa = os.path.join(cls.tmp, "rsa.pem")
-        ed = os.path.join(cls.tmp, "ed.pem")
-        subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt",
-                        "rsa_keygen_bits:2048", "-out", rsa], check=True, capture_output=True)
-        subprocess.run(["openssl", "genpkey", "-algorithm", "ED25519", "-out", ed],
-                       check=True, capture_output=True)
-
-        def pub_der(path):
-            return subprocess.run(["openssl", "pkey", "-in", path, "-pubout", "-outform", "DER"],
-                                  check=True, capture_output=True).stdout
-
-        # TXT records as the local zone would serve them (RFC 6376 3.6.1,
-        # RFC 8463 4: Ed25519 p= is the bare 32-byte key)
-        cls.dns = {
-            b"mprsa._domainkey.test.example.":
-                b"v=DKIM1; k=rsa; p=" + base64.b64encode(pub_der(rsa)),
-            b"mped._domainkey.test.example.":
-                b"v=DKIM1; k=ed25519; p=" + base64.b64encode(pub_der(ed)[-32:]),
-        }
-        cls.keys = os.path.join(cls.tmp, "keys.txt")
-        with open(cls.keys, "w") as f:
-            f.write("# test keys\ntest.example mprsa rsa-sha256 rsa.pem\n"
-                    "test.example mped ed25519-sha256 %s\n" % ed)
+        env = mpstack.stack_env()
+        cls.keys = env.get("MP_DKIM_KEYS_FILE", "")
+        if not os.path.isfile(cls.keys):
+            raise AssertionError("no DKIM keys file %r in the stack's env: run "
+                                 "deploy/local/stack up" % cls.keys)
+        host, port = env["MP_DNS_SERVER"].rsplit(":", 1)
+        cls.dns_server = (host, int(port))
+        cls.dns_queries = 0
+        # domain selector algorithm key-file, paths relative to the keys file
+        cls.stack_keys = []
+        with open(cls.keys) as f:
+            for line in f:
+                fields = line.split()
+                if fields and not fields[0].startswith("#"):
+                    domain, sel, alg, pem = fields
+                    pem = os.path.join(os.path.dirname(cls.keys), pem)
+                    cls.stack_keys.append((domain, sel, alg, pem))
+        if sorted(k[2] for k in cls.stack_keys) != ["ed25519-sha256", "rsa-sha256"]:
+            raise AssertionError("%s: want one rsa-sha256 and one ed25519-sha256 key, got %r"
+                                 % (cls.keys, cls.stack_keys))
+        for domain, sel, alg, pem in cls.stack_keys:
+            name = "%s._domainkey.%s." % (sel, domain)
+            if not cls.query_txt(name.encode()):
+                raise AssertionError("DNS server %s:%d serves no TXT record for %s (key %s "
+                                     "of %s): run deploy/local/stack up"
+                                     % (host, int(port), name, pem, cls.keys))
 
     @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+    def query_txt(cls, name, timeout=5):
+        """The TXT record at name (bytes) as served by the stack's DNS
+        server, its character-strings joined (RFC 6376 3.6.2.2); None when
+        the name or the record does not exist. Anything else (timeout,
+        SERVFAIL, several records) raises."""
+        cls.dns_queries += 1
+        qname = dns.name.from_text(name.decode("ascii"))
+        q = dns.message.make_query(qname, dns.rdatatype.TXT)
+        host, port = cls.dns_server
+        r, _ = dns.query.udp_with_fallback(q, host, port=port, timeout=timeout)
+        if r.rcode() == dns.rcode.NXDOMAIN:
+            return None
+        if r.rcode() != dns.rcode.NOERROR:
+            raise AssertionError("%s:%d answered %s for %s TXT"
+                                 % (host, port, dns.rcode.to_text(r.rcode()), qname))
+        if not r.flags & dns.flags.AA:
+            raise AssertionError("%s:%d is not authoritative for %s" % (host, port, qname))
+        rrset = r.get_rrset(r.answer, qname, dns.rdataclass.IN, dns.rdatatype.TXT)
+        if rrset is None:
+            return None
+        if len(rrset) != 1:
+            raise AssertionError("%s: %d TXT records, want one: %s" % (qname, len(rrset), rrset))
+        return b"".join(list(rrset)[0].strings)
 
     def dnsfunc(self, name, timeout=5):
         if not name.endswith(b"."):
             name += b"."
-        return self.dns.get(name)
+        return self.query_txt(name, timeout)
 
     def run_tool(self, msg, *args, expect_rc=0):
         p = subprocess.run([TOOL, "--now", str(NOW), *args], input=json.dumps(msg).encode(),
@@ -230,14 +266,30 @@ class MimeVerify(unittest.TestCase):
         self.assertEqual(len(sigs), 2)
         algs = set()
         for i in range(len(sigs)):
+            queries = self.dns_queries
             try:
                 ok = d.verify(idx=i, dnsfunc=self.dnsfunc)
             except dkim.ValidationError:  # e.g. "body hash mismatch"
                 ok = False
             self.assertEqual(ok, expect,
                              raw[:3000].decode("ascii", "replace"))
+            if expect:
+                # the key came from the zone, not from anywhere else
+                self.assertEqual(self.dns_queries, queries + 1)
             algs.add(sigs[i].split(b"a=")[1].split(b";")[0])
         self.assertEqual(algs, {b"rsa-sha256", b"ed25519-sha256"})
+
+    def test_zone_serves_the_stack_keys(self):
+        # the published p= is the public half of the key mimetool signs with
+        # (RFC 6376 3.6.1; RFC 8463 4: Ed25519 p= is the bare 32-byte key)
+        for domain, sel, alg, pem in self.stack_keys:
+            with self.subTest(selector=sel):
+                der = subprocess.run(["openssl", "pkey", "-in", pem, "-pubout", "-outform", "DER"],
+                                     check=True, capture_output=True).stdout
+                k, p = (b"rsa", der) if alg == "rsa-sha256" else (b"ed25519", der[-32:])
+                want = b"v=DKIM1; k=" + k + b"; p=" + base64.b64encode(p)
+                got = self.query_txt(("%s._domainkey.%s." % (sel, domain)).encode())
+                self.assertEqual(got, want, "the zone does not publish the key of %s" % pem)
 
     def test_dkim_signatures_verify(self):
         r = random.Random(SEED + 1)
