@@ -18,6 +18,13 @@ import tempfile
 import time
 import uuid
 
+import dns.flags
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
 import pika
 
 SOURCE_DIR = os.environ.get("MAILPUMP_SOURCE_DIR",
@@ -274,6 +281,39 @@ def find_in_maildir(maildir, needle, timeout=30):
                     return p, data
         time.sleep(0.1)
     return None, None
+
+
+def zone_txt(server, name, timeout=5):
+    """The TXT record at name (bytes) as the stack's DNS server (host, port)
+    serves it, its character-strings joined (RFC 6376 3.6.2.2); None when
+    the name or the record does not exist. Anything else (timeout,
+    SERVFAIL, a non-authoritative answer, several records) raises."""
+    qname = dns.name.from_text(name.decode("ascii"))
+    q = dns.message.make_query(qname, dns.rdatatype.TXT)
+    host, port = server
+    r, _ = dns.query.udp_with_fallback(q, host, port=port, timeout=timeout)
+    if r.rcode() == dns.rcode.NXDOMAIN:
+        return None
+    if r.rcode() != dns.rcode.NOERROR:
+        raise AssertionError("%s:%d answered %s for %s TXT"
+                             % (host, port, dns.rcode.to_text(r.rcode()), qname))
+    if not r.flags & dns.flags.AA:
+        raise AssertionError("%s:%d is not authoritative for %s" % (host, port, qname))
+    rrset = r.get_rrset(r.answer, qname, dns.rdataclass.IN, dns.rdatatype.TXT)
+    if rrset is None:
+        return None
+    if len(rrset) != 1:
+        raise AssertionError("%s: %d TXT records, want one: %s" % (qname, len(rrset), rrset))
+    return b"".join(list(rrset)[0].strings)
+
+
+def zone_dnsfunc(env):
+    """A python3-dkim dnsfunc answering from the stack's zone."""
+    host, port = env["MP_DNS_SERVER"].rsplit(":", 1)
+
+    def dnsfunc(name, timeout=5):
+        return zone_txt((host, int(port)), name if name.endswith(b".") else name + b".", timeout)
+    return dnsfunc
 
 
 def imap_ssl_context(env):

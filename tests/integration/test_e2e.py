@@ -17,6 +17,8 @@ import sys
 import time
 import unittest
 
+import dkim
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mpstack  # noqa: E402
 
@@ -108,6 +110,14 @@ class EndToEnd(unittest.TestCase):
             self.assertEqual(body.replace("\r\n", "\n"), text)
             # raw bytes: CRLF only, dots unstuffed by the receiver
             self.assertNotIn(b"\n..a line", data)
+            # signed with both stack keys; both verify against the zone
+            sigs = m.get_all("DKIM-Signature")
+            self.assertEqual(len(sigs), 2, sigs)
+            crlf = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            d = dkim.DKIM(crlf)
+            for i in range(2):
+                self.assertTrue(d.verify(idx=i, dnsfunc=mpstack.zone_dnsfunc(self.env)),
+                                f"DKIM signature {i} does not verify: {sigs[i]}")
         self.assertEqual(delivered_to, {"alice@test.example", "bob@test.example"})
 
         # the Sent copy, fetched back under the UID the event reported
