@@ -107,6 +107,11 @@ struct deliver {
     int                    last_status;
     int                    last_has_reply;
     smtp_reply_t           last_reply;
+    /* the last refusal a server itself gave about the session (421 at
+     * RCPT, a 4xx greeting): it outranks a later candidate that could not
+     * even be reached */
+    int                    spoke;
+    smtp_reply_t           spoke_reply;
     char                   last_error[256];
     int                    tried_any;
     const char            *counted_host; /* the MX host last counted against max_mx */
@@ -478,11 +483,14 @@ static void finish(deliver_t *d)
             r->outcome = outcome_for_error(OUTCOME_ERR_DNS, &r->reason);
             r->code = 0;
             copy_text(r->text, sizeof(r->text), "no MX candidate to try");
-        } else if (d->last_status == SMTP_EREJECTED && d->last_has_reply) {
-            /* the server spoke, but about the session, not this recipient:
+        } else if ((d->last_status == SMTP_EREJECTED && d->last_has_reply) || d->spoke) {
+            /* a server spoke, but about the session, not this recipient:
              * keep its words, try again later (Postfix skips 5xx greetings
-             * and defers when every MX refused) */
-            settle(d, i, d->last_reply.code, d->last_reply.enh, d->last_reply.text);
+             * and defers when every MX refused). A later MX that could not
+             * be reached says less than that. */
+            const smtp_reply_t *sr = d->last_status == SMTP_EREJECTED && d->last_has_reply ? &d->last_reply
+                                                                                          : &d->spoke_reply;
+            settle(d, i, sr->code, sr->enh, sr->text);
             r->outcome = OUTCOME_TRANSIENT;
         } else {
             r->outcome = outcome_for_error(error_kind(d->last_status), &r->reason);
@@ -828,6 +836,10 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
     d->last_status = sr->status;
     d->last_has_reply = sr->has_reply;
     d->last_reply = sr->reply;
+    if (sr->status == SMTP_EREJECTED && sr->has_reply) {
+        d->spoke = 1;
+        d->spoke_reply = sr->reply;
+    }
     copy_text(d->last_error, sizeof(d->last_error), sr->error);
 
     size_t left = 0;

@@ -883,6 +883,15 @@ static void test_421_mid_rcpt_failover_keeps_answers(void **state)
     deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_TRANSIENT, "rate_limited", 421, "4.7.0");
+
+    /* and when the next MX cannot even be reached, the first one's words
+     * stand: rate limited, not "network" */
+    deliver_candidate_t c2[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", closed_port()) };
+    deliver_and_wait(t, &cfg, rcpts, 2, c2, 2, &cap);
+    assert_int_equal(cap.attempts, 2);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_TRANSIENT, "rate_limited", 421, "4.7.0");
+    assert_string_equal(cap.r[1].text, "fake.test Error: too many connections, rate limited");
     fake_server_t *all[] = { s1, s2 };
     drain_and_check(t->loop, all, 2);
 }
