@@ -34,14 +34,26 @@
  *  stream callback, and the session is freed only after it returns.
  *  After a server's refusal (tagged NO/BAD, no \Sent mailbox) the session
  *  still says LOGOUT; after a transport failure it just closes.
+ *
+ *  Pooled (acct->pool): a tagged OK to APPEND moves the session to IDLE
+ *  instead of LOGOUT; after the callback the pool parks it per account
+ *  key, and a later append for the key re-enters at APPEND. The pool lives
+ *  in this file too (section "pool") because it drives the same state
+ *  machine; see its comment for the details.
  * DIAGNOSTICS
  *  One info line per stored message (user, mailbox, uidvalidity, uid),
  *  one warn line per failure; state transitions and the first line of
- *  each command (credentials redacted) and response at debug.
+ *  each command (credentials redacted) and response at debug. The pool
+ *  logs open, park, reuse, retry, idle_lost, not_reusable and logout
+ *  (with a reason) at debug as mod=imap_pool; counters in
+ *  imap_pool_get_stats().
  */
 #include "imap/imap.h"
 
+#include <arpa/inet.h>
+#include <errno.h>
 #include <inttypes.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,6 +72,13 @@
 #define IMAP_MAX_QUOTED         1024u  /* longer strings go as literals */
 #define IMAP_MAX_CHUNKS         8
 
+/* pool defaults (imap_pool_limits_t) */
+#define IMAP_POOL_MAX_APPENDS   100u
+#define IMAP_POOL_MAX_AGE_MS    300000u
+#define IMAP_POOL_IDLE_MS       10000u
+#define IMAP_POOL_IDLE_PER_ACCT 4u
+#define IMAP_POOL_IDLE_TOTAL    64u
+
 typedef enum {
     IMAP_ST_INIT = 0,
     IMAP_ST_CONNECT,         /* TCP connect */
@@ -73,6 +92,7 @@ typedef enum {
     IMAP_ST_LIST,            /* looking for \Sent */
     IMAP_ST_APPEND,
     IMAP_ST_LOGOUT,
+    IMAP_ST_IDLE,            /* pooled: APPEND done, connection kept (callback pending, or parked) */
     IMAP_ST_DONE,            /* result set, callback pending */
     IMAP_ST_LAST
 } imap_state_t;
@@ -96,6 +116,7 @@ static const struct {
     [IMAP_ST_APPEND] = { "APPEND",
                          "waiting for the APPEND reply -- the message may be stored twice if retried" },
     [IMAP_ST_LOGOUT] = { "LOGOUT", "waiting for the LOGOUT reply" },
+    [IMAP_ST_IDLE] = { "IDLE", "idle in the pool" },
     [IMAP_ST_DONE] = { "DONE", "finished" },
 };
 
@@ -110,6 +131,11 @@ typedef struct cmd_chunk {
     const char *ext;  /* the caller's message bytes: referenced, not copied */
     int         sync; /* after sending this chunk wait for "+" */
 } cmd_chunk_t;
+
+typedef struct pacct pacct_t;
+
+/* Which pool list a session is on (one set of links serves them all). */
+typedef enum { ON_NONE = 0, ON_BUSY, ON_IDLE, ON_CLOSING } pool_list_t;
 
 struct imap_append {
     loop_t      *loop;
@@ -156,6 +182,39 @@ struct imap_append {
     int                  in_user_cb;
     loop_timer_t         done_timer;
     imap_resp_t          resp;
+
+    /* pooling: the connection outlives the append when it succeeded */
+    imap_pool_t        *pool;     /* NULL: unpooled (or detached by imap_pool_free) */
+    pacct_t            *pa;       /* the pool's entry for this key */
+    struct imap_append *next, *prev;
+    pool_list_t         on;
+    char                mailbox[256]; /* the \Sent mailbox found by LIST, kept for reuse */
+    uint64_t            opened_ms;    /* loop clock when this connection was opened */
+    uint64_t            idle_since;
+    unsigned            nappends;     /* successful APPENDs on this connection */
+    int                 reused;       /* the append in flight runs on a parked connection */
+    int                 job_reused;   /* the append started on a parked connection (result) */
+    int                 retried;      /* already moved to a fresh connection once */
+    int                 append_answered; /* the server said something (not BYE) to the APPEND in flight */
+    unsigned            connections;  /* connections opened for the append in flight */
+    loop_timer_t        idle_timer;
+};
+
+struct pacct {
+    pacct_t     *next;
+    char        *key;
+    imap_append_t *idle; /* MRU first */
+    unsigned     nidle;
+};
+
+struct imap_pool {
+    loop_t            *loop;
+    imap_pool_limits_t lim;
+    pacct_t           *accts;
+    imap_append_t     *busy;    /* pooled appends in flight */
+    imap_append_t     *closing; /* background LOGOUTs (no callback) */
+    size_t             nidle;
+    imap_pool_stats_t  st;
 };
 
 const char *imap_strerror(int status)
@@ -262,6 +321,12 @@ static const char *logsafe(char *dst, size_t n, const char *src)
     dst[i] = '\0';
     return dst;
 }
+
+static void go_idle(imap_append_t *a);
+static void idle_unfit(imap_append_t *a, const char *why);
+static int  may_retry(imap_append_t *a, stream_t *s);
+static void retry_fresh(imap_append_t *a, const char *why);
+static void on_stream(stream_t *s, stream_event_t ev, void *arg);
 
 /* ---------------------------------------------------------------- commands */
 
@@ -406,6 +471,16 @@ static void send_logout(imap_append_t *a)
     cmd_end(a, IMAP_ST_LOGOUT);
 }
 
+/* Pooled and stored: keep the connection. The callback fires from the
+ * done timer; pool_park() decides afterwards whether it is kept. */
+static void go_idle(imap_append_t *a)
+{
+    a->nappends++;
+    set_state(a, IMAP_ST_IDLE);
+    stream_set_timeout(a->stream, 0);
+    loop_timer_set(a->loop, &a->done_timer, 0);
+}
+
 /* The server refused something: record why, then say goodbye politely. */
 static void refuse(imap_append_t *a, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void refuse(imap_append_t *a, int status, const char *fmt, ...)
@@ -518,6 +593,7 @@ static void after_login(imap_append_t *a)
 
 static void send_append(imap_append_t *a, const char *mailbox)
 {
+    a->append_answered = 0;
     cmd_begin(a, "APPEND", 0);
     cmd_text(a, " ");
     cmd_astring(a, mailbox);
@@ -623,6 +699,10 @@ static void on_append_reply(imap_append_t *a, const imap_resp_t *r)
         set_result(a, IMAP_ENOUIDPLUS, "appended to %s but the server returned no APPENDUID%s", a->res.mailbox,
                    (a->caps & IMAP_CAP_UIDPLUS) ? "" : " (no UIDPLUS)");
     }
+    if (a->pool && (a->res.status == IMAP_OK || a->res.status == IMAP_ENOUIDPLUS)) {
+        go_idle(a);
+        return;
+    }
     send_logout(a);
 }
 
@@ -643,6 +723,7 @@ static void on_list_done(imap_append_t *a, const imap_resp_t *r)
         return;
     }
     snprintf(a->res.mailbox, sizeof(a->res.mailbox), "%s", mailbox);
+    snprintf(a->mailbox, sizeof(a->mailbox), "%s", mailbox);
     send_append(a, mailbox);
 }
 
@@ -713,6 +794,8 @@ static void on_response(imap_append_t *a, const imap_resp_t *r)
         a->caps = r->caps;
         a->caps_known = 1;
     }
+    if (a->state == IMAP_ST_APPEND && !(r->kind == IMAP_RESP_UNTAGGED && r->cond == IMAP_COND_BYE))
+        a->append_answered = 1; /* from here on a lost connection is never retried */
     switch (r->kind) {
     case IMAP_RESP_UNTAGGED:
         on_untagged(a, r);
@@ -731,6 +814,14 @@ static void on_data(imap_append_t *a)
     buf_t *in = stream_input(a->stream);
     /* the state check comes first: a finished session has let go of its stream */
     while (a->state != IMAP_ST_DONE && buf_size(in) > 0) {
+        if (a->state == IMAP_ST_IDLE) {
+            /* nothing is asked of an idle session: whatever comes (a BYE
+             * before the server hangs up, an alert) makes it unfit */
+            idle_unfit(a, buf_size(in) >= 5 && util_strncasecmp(buf_head(in), "* BYE", 5) == 0
+                              ? "bye"
+                              : "unsolicited_data");
+            return; /* a may be gone */
+        }
         size_t used = 0;
         int rc = imap_resp_parse(buf_head(in), buf_size(in), &a->resp, &used);
         if (rc == IMAP_PARSE_MORE)
@@ -755,6 +846,11 @@ static void on_stream(stream_t *s, stream_event_t ev, void *arg)
     imap_append_t *a = arg;
     if (a->state == IMAP_ST_DONE)
         return;
+    if (a->state == IMAP_ST_IDLE && ev != STREAM_EV_DATA) {
+        if (ev != STREAM_EV_DRAINED)
+            idle_unfit(a, ev == STREAM_EV_CLOSED ? "closed_by_server" : stream_event_name(ev)); /* a may be gone */
+        return;
+    }
     switch (ev) {
     case STREAM_EV_CONNECTED:
         if (a->tls == IMAP_TLS_IMAPS)
@@ -784,6 +880,10 @@ static void on_stream(stream_t *s, stream_event_t ev, void *arg)
         finish(a); /* the result was settled before LOGOUT */
         return;
     }
+    if (ev != STREAM_EV_TIMEOUT && may_retry(a, s)) {
+        retry_fresh(a, ev == STREAM_EV_CLOSED ? "closed by server" : stream_error(s));
+        return;
+    }
     const char *doing = state_info[a->state].doing;
     if (ev == STREAM_EV_TIMEOUT) {
         fail(a, IMAP_ETIMEOUT, "timeout %s (%u ms)", doing, a->timeout_ms);
@@ -801,9 +901,55 @@ static void on_stream(stream_t *s, stream_event_t ev, void *arg)
 
 /* ---------------------------------------------------------------- lifetime */
 
+static void list_add(imap_append_t **head, imap_append_t *a)
+{
+    a->prev = NULL;
+    a->next = *head;
+    if (*head)
+        (*head)->prev = a;
+    *head = a;
+}
+
+static void list_del(imap_append_t **head, imap_append_t *a)
+{
+    if (a->prev)
+        a->prev->next = a->next;
+    else
+        *head = a->next;
+    if (a->next)
+        a->next->prev = a->prev;
+    a->next = a->prev = NULL;
+}
+
+/* Take a off whatever pool list holds it. */
+static void pool_unlink(imap_append_t *a)
+{
+    imap_pool_t *p = a->pool;
+    switch (a->on) {
+    case ON_BUSY:
+        list_del(&p->busy, a);
+        break;
+    case ON_IDLE:
+        list_del(&a->pa->idle, a);
+        a->pa->nidle--;
+        p->nidle--;
+        loop_timer_cancel(a->loop, &a->idle_timer);
+        break;
+    case ON_CLOSING:
+        list_del(&p->closing, a);
+        break;
+    default:
+        break;
+    }
+    a->on = ON_NONE;
+}
+
 static void session_free(imap_append_t *a)
 {
+    if (a->pool)
+        pool_unlink(a);
     loop_timer_cancel(a->loop, &a->done_timer);
+    loop_timer_cancel(a->loop, &a->idle_timer);
     if (a->stream)
         stream_free(a->stream);
     if (a->ssl_ctx)
@@ -827,31 +973,407 @@ static void log_result(imap_append_t *a)
     if (a->res.status == IMAP_OK)
         log_info("imap", "appended",
                  "session=%016" PRIx64 " user=\"%s\" host=%s mailbox=\"%s\" uidvalidity=%" PRIu32
-                 " uid=%" PRIu32 " size=%zu",
-                 a->id, user, a->host, mbx, a->res.uidvalidity, a->res.uid, a->len);
+                 " uid=%" PRIu32 " size=%zu reused=%d",
+                 a->id, user, a->host, mbx, a->res.uidvalidity, a->res.uid, a->len, a->job_reused);
     else
         log_warn("imap", "append_failed",
                  "session=%016" PRIx64 " user=\"%s\" host=%s mailbox=\"%s\" status=%s error=\"%s\"", a->id,
                  user, a->host, mbx, imap_strerror(a->res.status), logsafe(err, sizeof(err), a->res.error));
 }
 
+static void pool_park(imap_append_t *a);
+static void pool_debug(const imap_append_t *a, const char *event, const char *reason);
+
 static void done_fired(loop_t *loop, loop_timer_t *t, void *arg)
 {
     imap_append_t *a = arg;
+    if (a->cb == NULL) { /* a background LOGOUT (pool) has ended: nobody to tell */
+        session_free(a);
+        return;
+    }
     if (!a->have_result) /* every path sets one; never report success by accident */
         set_result(a, IMAP_EPROTO, "session ended without a result");
+    a->res.connections = a->connections;
+    a->res.reused = a->job_reused;
     log_result(a);
     a->in_user_cb = 1;
     a->cb(a->arg, &a->res);
     a->in_user_cb = 0;
-    session_free(a);
+    if (a->state == IMAP_ST_IDLE && a->pool)
+        pool_park(a); /* the append is over for the caller; the connection stays */
+    else
+        session_free(a);
 }
+
+/* Open a fresh connection for the append in a. */
+static void open_connection(imap_append_t *a)
+{
+    a->stream = stream_new(a->loop, on_stream, a);
+    stream_set_timeout(a->stream, a->timeout_ms);
+    a->opened_ms = loop_now_ms(a->loop);
+    a->connections++;
+    if (a->pool) {
+        a->pool->st.opened++;
+        pool_debug(a, "open", a->retried ? "retry" : NULL);
+    }
+    set_state(a, IMAP_ST_CONNECT);
+    if (stream_connect(a->stream, (const struct sockaddr *)&a->addr, a->addrlen) < 0)
+        fail(a, IMAP_ENETWORK, "%s", stream_error(a->stream));
+}
+
+/* ---------------------------------------------------------------- pool */
+
+/*
+ * The pool reuses the session object itself: after a successful APPEND a
+ * pooled session enters IMAP_ST_IDLE, the callback fires from the done
+ * timer as usual, and only then is the object parked (pool_park) with its
+ * callback, argument and message pointer cleared, so nothing of the
+ * finished append stays referenced. Reuse hands the same object out as
+ * the new append's handle.
+ *
+ * Idle sessions keep their stream callback: any event on them (bytes,
+ * EOF, error) drops them at once (idle_unfit). Each has its own idle
+ * timer (the loop's min-heap) set to the idle time or the rest of its
+ * age, whichever ends first; it says LOGOUT in the background, on the
+ * closing list, without a callback.
+ */
+
+static unsigned or_default(unsigned v, unsigned def)
+{
+    return v ? v : def;
+}
+
+static pacct_t *pacct_get(imap_pool_t *p, const char *key, int create)
+{
+    for (pacct_t *pa = p->accts; pa; pa = pa->next)
+        if (strcmp(pa->key, key) == 0)
+            return pa;
+    if (!create)
+        return NULL;
+    pacct_t *pa = xcalloc(1, sizeof(*pa));
+    pa->key = xstrdup(key);
+    pa->next = p->accts;
+    p->accts = pa;
+    return pa;
+}
+
+/* The pool key: server address and port, TLS mode, host name and its
+ * check, user. Returns a malloc'd string. */
+static char *account_key(const imap_account_t *acct)
+{
+    char ip[INET6_ADDRSTRLEN] = "?";
+    unsigned port = 0;
+    if (acct->addr->sa_family == AF_INET && acct->addrlen >= sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)acct->addr;
+        inet_ntop(AF_INET, &sin->sin_addr, ip, sizeof(ip));
+        port = ntohs(sin->sin_port);
+    } else if (acct->addr->sa_family == AF_INET6 && acct->addrlen >= sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)acct->addr;
+        inet_ntop(AF_INET6, &sin6->sin6_addr, ip, sizeof(ip));
+        port = ntohs(sin6->sin6_port);
+    }
+    buf_t b = BUF_INIT;
+    buf_printf(&b, "[%s]:%u tls=%d host=%s verify=%d user=", ip, port, (int)acct->tls, acct->host ? acct->host : "",
+               acct->verify_host ? 1 : 0);
+    buf_puts(&b, acct->user);
+    char *key = xstrdup(b.data);
+    buf_free(&b);
+    return key;
+}
+
+/* The same checks imap_append_start() reports through the callback: only
+ * a valid request may take a parked session. */
+static int account_valid(const imap_account_t *acct, const char *data, size_t len)
+{
+    if (acct->addr == NULL || acct->addrlen == 0 || acct->addrlen > sizeof(struct sockaddr_storage))
+        return 0;
+    if (acct->tls != IMAP_TLS_IMAPS && acct->tls != IMAP_TLS_STARTTLS && acct->tls != IMAP_TLS_NONE)
+        return 0;
+    if (acct->tls != IMAP_TLS_NONE && acct->ssl_ctx == NULL)
+        return 0;
+    if (acct->verify_host && (acct->host == NULL || acct->host[0] == '\0'))
+        return 0;
+    if (acct->user == NULL || acct->password == NULL)
+        return 0;
+    return !(data == NULL && len > 0);
+}
+
+static void pool_debug(const imap_append_t *a, const char *event, const char *reason)
+{
+    if (!log_enabled(LOG_DEBUG))
+        return;
+    char user[300];
+    logsafe(user, sizeof(user), a->user);
+    log_debug("imap_pool", event,
+              "session=%016" PRIx64 " user=\"%s\" host=%s appends=%u age_ms=%" PRIu64 " idle=%zu reason=%s", a->id,
+              user, a->host, a->nappends, loop_now_ms(a->loop) - a->opened_ms, a->pool ? a->pool->nidle : 0,
+              reason ? reason : "-");
+}
+
+/* Say LOGOUT in the background; done_fired() frees a when it has ended. */
+static void retire(imap_append_t *a, const char *why, uint64_t *counter)
+{
+    imap_pool_t *p = a->pool;
+    pool_unlink(a);
+    (*counter)++;
+    pool_debug(a, "logout", why);
+    a->cb = NULL;
+    a->arg = NULL;
+    a->on = ON_CLOSING;
+    list_add(&p->closing, a);
+    send_logout(a);
+}
+
+/* An idle session saw an event it did not ask for. Parked: drop it now.
+ * Callback still pending: finish without LOGOUT, so it is not parked. */
+static void idle_unfit(imap_append_t *a, const char *why)
+{
+    if (a->on == ON_IDLE) {
+        a->pool->st.lost++;
+        pool_debug(a, "idle_lost", why);
+        session_free(a); /* inside the stream's callback: the stream defers its own release */
+        return;
+    }
+    pool_debug(a, "not_reusable", why);
+    finish(a);
+}
+
+static void idle_fired(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    imap_append_t *a = arg;
+    imap_pool_t *p = a->pool;
+    int old = loop_now_ms(loop) - a->opened_ms >= p->lim.max_age_ms;
+    retire(a, old ? "max_age" : "idle_timeout", &p->st.expired);
+}
+
+/* After the callback of a successful pooled append: park or retire. */
+static void pool_park(imap_append_t *a)
+{
+    imap_pool_t *p = a->pool;
+    pool_unlink(a); /* from busy */
+    /* nothing of the finished append stays with the connection */
+    a->cb = NULL;
+    a->arg = NULL;
+    a->data = NULL;
+    a->len = 0;
+    a->nchunks = a->next_chunk = 0;
+    a->reused = a->job_reused = 0;
+    a->retried = 0;
+    a->connections = 0;
+    wipe_cmd(a);
+    buf_free(&a->cmd);
+
+    uint64_t now = loop_now_ms(a->loop);
+    uint64_t age = now - a->opened_ms;
+    if (stream_pending_out(a->stream) > 0 || stream_peek_closed(a->stream)) {
+        /* the server spoke or hung up behind its OK: not worth a LOGOUT */
+        p->st.lost++;
+        pool_debug(a, "idle_lost", "not_clean");
+        session_free(a);
+        return;
+    }
+    if (a->nappends >= p->lim.max_appends) {
+        retire(a, "max_appends", &p->st.retired);
+        return;
+    }
+    if (age >= p->lim.max_age_ms) {
+        retire(a, "max_age", &p->st.retired);
+        return;
+    }
+    if (a->pa->nidle >= p->lim.max_idle_per_account) {
+        retire(a, "account_idle_full", &p->st.retired);
+        return;
+    }
+    if (p->nidle >= p->lim.max_idle_total) {
+        /* make room: the least recently used idle session of the pool goes */
+        imap_append_t *victim = NULL;
+        for (pacct_t *pa = p->accts; pa; pa = pa->next)
+            for (imap_append_t *c = pa->idle; c; c = c->next)
+                if (victim == NULL || c->idle_since < victim->idle_since)
+                    victim = c;
+        if (victim == NULL) {
+            retire(a, "pool_idle_full", &p->st.retired);
+            return;
+        }
+        retire(victim, "pool_idle_full", &p->st.retired);
+    }
+    stream_set_timeout(a->stream, 0); /* the idle timer rules now */
+    stream_trim(a->stream);
+    a->idle_since = now;
+    a->on = ON_IDLE;
+    list_add(&a->pa->idle, a);
+    a->pa->nidle++;
+    p->nidle++;
+    p->st.parked++;
+    uint64_t left = p->lim.max_age_ms - age;
+    loop_timer_set(a->loop, &a->idle_timer, left < p->lim.idle_ms ? left : p->lim.idle_ms);
+    pool_debug(a, "park", NULL);
+}
+
+/* A parked session for key that still looks alive, or NULL. */
+static imap_append_t *pool_take(imap_pool_t *p, const char *key)
+{
+    pacct_t *pa = pacct_get(p, key, 0);
+    imap_append_t *a;
+    while (pa && (a = pa->idle) != NULL) {
+        pool_unlink(a);
+        if (a->nappends >= p->lim.max_appends ||
+            loop_now_ms(a->loop) - a->opened_ms >= p->lim.max_age_ms) {
+            retire(a, "limits", &p->st.retired);
+            continue;
+        }
+        if (stream_peek_closed(a->stream)) {
+            /* closed while idle and not noticed yet: costs nothing */
+            p->st.lost++;
+            pool_debug(a, "idle_lost", "probe");
+            session_free(a);
+            continue;
+        }
+        return a;
+    }
+    return NULL;
+}
+
+/* Run the new append on the parked session a: APPEND only. */
+static imap_append_t *start_reused(imap_append_t *a, const imap_account_t *acct, const char *data, size_t len,
+                                   imap_append_cb cb, void *arg)
+{
+    imap_pool_t *p = a->pool;
+    a->data = data;
+    a->len = len;
+    a->cb = cb;
+    a->arg = arg;
+    memset(&a->res, 0, sizeof(a->res));
+    a->have_result = 0;
+    a->in_user_cb = 0;
+    a->timeout_ms = acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS;
+    a->reused = a->job_reused = 1;
+    a->retried = 0;
+    a->connections = 0;
+    a->bye[0] = '\0';
+    buf_init(&a->cmd);
+    a->on = ON_BUSY;
+    list_add(&p->busy, a);
+    p->st.reused++;
+    pool_debug(a, "reuse", NULL);
+    snprintf(a->res.mailbox, sizeof(a->res.mailbox), "%s", a->mailbox);
+    send_append(a, a->mailbox);
+    return a;
+}
+
+/* A reused connection died in the APPEND without any answer. Retry only
+ * where the server cannot have the message: the literal had not all
+ * left, or the connection was reset (the server's socket was gone when
+ * our bytes arrived). A clean EOF after everything left is ambiguous. */
+static int may_retry(imap_append_t *a, stream_t *s)
+{
+    if (!a->reused || a->retried || a->state != IMAP_ST_APPEND || a->append_answered)
+        return 0;
+    if (a->waiting_cont || a->next_chunk < a->nchunks || stream_pending_out(s) > 0)
+        return 1;
+    const char *e = stream_error(s);
+    return e && (strstr(e, strerror(ECONNRESET)) != NULL || strstr(e, strerror(EPIPE)) != NULL);
+}
+
+static void retry_fresh(imap_append_t *a, const char *why)
+{
+    if (a->pool)
+        a->pool->st.retried++;
+    pool_debug(a, "retry", why);
+    stream_free(a->stream); /* inside its own callback: released once it returns */
+    a->stream = NULL;
+    /* a new connection knows nothing yet */
+    a->id = util_rand64();
+    a->caps = 0;
+    a->caps_known = 0;
+    free(a->sent_special);
+    free(a->sent_named);
+    free(a->sent_inbox);
+    a->sent_special = a->sent_named = a->sent_inbox = NULL;
+    a->mailbox[0] = '\0';
+    a->res.mailbox[0] = '\0';
+    a->bye[0] = '\0';
+    a->tag[0] = '\0';
+    a->tagno = 0;
+    wipe_cmd(a);
+    buf_reset(&a->cmd);
+    a->nchunks = a->next_chunk = 0;
+    a->waiting_cont = 0;
+    a->nappends = 0;
+    a->reused = 0;
+    a->retried = 1;
+    open_connection(a);
+}
+
+imap_pool_t *imap_pool_new(loop_t *loop, const imap_pool_limits_t *lim)
+{
+    imap_pool_t *p = xcalloc(1, sizeof(*p));
+    p->loop = loop;
+    imap_pool_limits_t z = { 0 };
+    if (lim == NULL)
+        lim = &z;
+    p->lim.max_appends = or_default(lim->max_appends, IMAP_POOL_MAX_APPENDS);
+    p->lim.max_age_ms = or_default(lim->max_age_ms, IMAP_POOL_MAX_AGE_MS);
+    p->lim.idle_ms = or_default(lim->idle_ms, IMAP_POOL_IDLE_MS);
+    p->lim.max_idle_per_account = or_default(lim->max_idle_per_account, IMAP_POOL_IDLE_PER_ACCT);
+    p->lim.max_idle_total = or_default(lim->max_idle_total, IMAP_POOL_IDLE_TOTAL);
+    return p;
+}
+
+void imap_pool_free(imap_pool_t *p)
+{
+    if (p == NULL)
+        return;
+    while (p->accts) {
+        pacct_t *pa = p->accts;
+        while (pa->idle) {
+            imap_append_t *a = pa->idle;
+            pool_unlink(a);
+            pool_debug(a, "logout", "pool_free");
+            send_logout(a); /* written at once, best effort */
+            session_free(a);
+        }
+        p->accts = pa->next;
+        free(pa->key);
+        free(pa);
+    }
+    while (p->closing)
+        session_free(p->closing); /* unlinks itself; no callback is owed */
+    while (p->busy) {
+        /* in flight: they finish as unpooled appends */
+        imap_append_t *a = p->busy;
+        pool_unlink(a);
+        a->pool = NULL;
+        a->pa = NULL;
+    }
+    free(p);
+}
+
+void imap_pool_get_stats(const imap_pool_t *p, imap_pool_stats_t *st)
+{
+    memset(st, 0, sizeof(*st));
+    if (p == NULL)
+        return;
+    *st = p->st;
+    st->idle = p->nidle;
+}
+
+/* ---------------------------------------------------------------- public */
 
 imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const char *data, size_t len,
                                  imap_append_cb cb, void *arg)
 {
     if (loop == NULL || acct == NULL || cb == NULL)
         return NULL;
+    char *key = NULL;
+    if (acct->pool && account_valid(acct, data, len)) {
+        key = account_key(acct);
+        imap_append_t *reused = pool_take(acct->pool, key);
+        if (reused) {
+            free(key);
+            return start_reused(reused, acct, data, len, cb, arg);
+        }
+    }
     imap_append_t *a = xcalloc(1, sizeof(*a));
     a->loop = loop;
     a->id = util_rand64();
@@ -870,6 +1392,7 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
     a->arg = arg;
     buf_init(&a->cmd);
     loop_timer_init(&a->done_timer, done_fired, a);
+    loop_timer_init(&a->idle_timer, idle_fired, a);
 
     /* argument errors still come back through the callback, later */
     if (acct->addr == NULL || acct->addrlen == 0 || acct->addrlen > sizeof(a->addr)) {
@@ -899,11 +1422,14 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
         return a;
     }
 
-    a->stream = stream_new(loop, on_stream, a);
-    stream_set_timeout(a->stream, a->timeout_ms);
-    set_state(a, IMAP_ST_CONNECT);
-    if (stream_connect(a->stream, (const struct sockaddr *)&a->addr, a->addrlen) < 0)
-        fail(a, IMAP_ENETWORK, "%s", stream_error(a->stream));
+    if (key) {
+        a->pool = acct->pool;
+        a->pa = pacct_get(a->pool, key, 1);
+        a->on = ON_BUSY;
+        list_add(&a->pool->busy, a);
+        free(key);
+    }
+    open_connection(a);
     return a;
 }
 
@@ -912,5 +1438,5 @@ void imap_append_cancel(imap_append_t *a)
     if (a == NULL || a->in_user_cb)
         return;
     log_debug("imap", "cancel", "session=%016" PRIx64 " in state %s", a->id, strstate(a->state));
-    session_free(a);
+    session_free(a); /* a pooled one is closed, never parked */
 }

@@ -19,6 +19,27 @@
  * Callback: fires exactly once per started append, never synchronously
  * inside imap_append_start() (even for immediate failures: a zero-delay
  * timer delivers them), and never after imap_append_cancel().
+ *
+ * Pooling (imap_pool_t, optional): an account with acct->pool set runs
+ * its append through that pool. Sessions are keyed by server address and
+ * port, TLS mode, host name, certificate check and user (a password
+ * change within the process is not expected). A pooled session that
+ * completed its APPEND with a tagged OK (with or without APPENDUID)
+ * reports the result at once and is parked instead of saying LOGOUT; the
+ * next append for the same key reuses it and sends only APPEND (the \Sent
+ * mailbox and the capabilities it learned are kept). Any failure or
+ * unexpected response closes the session as without a pool. Two appends
+ * at once for one key get two connections; nothing ever waits for a
+ * session. A parked session holds nothing of the append it finished (no
+ * reference to the message bytes, no callback). Idle sessions are
+ * watched (BYE, EOF or any unsolicited byte drops them), probed before
+ * reuse, logged out after the idle time, and never reused past the
+ * per-session append count or age. A reused session that dies before its
+ * APPEND got any answer, at a point where the server cannot have taken
+ * the message (the literal had not all left, or the connection was reset:
+ * the server's socket was gone), is retried once on a fresh connection,
+ * transparently; a clean EOF after the whole APPEND left is reported as
+ * IMAP_ENETWORK since the server may have stored it.
  */
 #ifndef MP_IMAP_IMAP_H
 #define MP_IMAP_IMAP_H
@@ -60,6 +81,7 @@ typedef struct imap_account {
     int                    verify_host; /* check the certificate name against host */
     const char            *user, *password;
     unsigned               timeout_ms;  /* per command, 0 means 30000 */
+    struct imap_pool      *pool;        /* NULL: one session per append (LOGOUT after it) */
 } imap_account_t;
 
 typedef struct imap_append_result {
@@ -67,6 +89,8 @@ typedef struct imap_append_result {
     uint32_t uidvalidity, uid; /* from [APPENDUID v u] when status == IMAP_OK */
     char     mailbox[256];     /* the \Sent mailbox name used ("" if none found) */
     char     error[512];       /* server text or local reason when status != OK */
+    unsigned connections;      /* connections this append opened (0 when it ran on a parked session) */
+    int      reused;           /* 1 when it started on a parked (pooled) session */
 } imap_append_result_t;
 
 typedef void (*imap_append_cb)(void *arg, const imap_append_result_t *res); /* res valid only during the call */
@@ -90,5 +114,41 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
  * fired (the handle is gone); calling it from inside that callback is a
  * no-op. A message whose APPEND was already sent may still be stored. */
 void imap_append_cancel(imap_append_t *a);
+
+/* ---------------------------------------------------------------- pool */
+
+typedef struct imap_pool imap_pool_t;
+
+/* Zero means the default given in brackets. */
+typedef struct imap_pool_limits {
+    unsigned max_appends;          /* successful appends per session [100] */
+    unsigned max_age_ms;           /* a session older than this is not reused [300000] */
+    unsigned idle_ms;              /* idle time before LOGOUT [10000] */
+    unsigned max_idle_per_account; /* idle sessions kept per key [4] */
+    unsigned max_idle_total;       /* idle sessions kept per pool [64] */
+} imap_pool_limits_t;
+
+typedef struct imap_pool_stats {
+    uint64_t opened;   /* connections opened for pooled appends (retries included) */
+    uint64_t reused;   /* appends started on a parked session */
+    uint64_t parked;   /* sessions put back idle after a successful APPEND */
+    uint64_t expired;  /* idle sessions logged out after idle_ms or max_age_ms */
+    uint64_t retired;  /* sessions logged out instead of parked (limits, pool full) */
+    uint64_t lost;     /* idle sessions found closed (watch or probe before reuse) */
+    uint64_t retried;  /* appends moved to a fresh connection after a reused one died */
+    size_t   idle;     /* sessions idle right now */
+} imap_pool_stats_t;
+
+/* One pool per loop (worker thread); used only from that loop's thread.
+ * lim may be NULL (all defaults). Never returns NULL (core aborts on OOM). */
+imap_pool_t *imap_pool_new(loop_t *loop, const imap_pool_limits_t *lim);
+/* Say LOGOUT (written at once, best effort) to every idle session and
+ * close it, close sessions still logging out, and release the pool. No
+ * callback is pending afterwards and no fd or timer of the pool is left
+ * in the loop. Appends still in flight are detached: they finish as
+ * unpooled ones and their callbacks still fire (cancel them first if that
+ * is not wanted). Harmless with NULL. */
+void imap_pool_free(imap_pool_t *p);
+void imap_pool_get_stats(const imap_pool_t *p, imap_pool_stats_t *st);
 
 #endif

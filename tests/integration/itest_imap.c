@@ -405,6 +405,101 @@ static void test_concurrent(void **state)
         free(msg[i]);
 }
 
+/* Dovecot's log: its size now, and how many logins of user it recorded
+ * after offset (imap-login writes one line per connection that logs in). */
+static void dovecot_log_path(char *path, size_t n)
+{
+    char dir[400];
+    if (stackenv_get("MP_STACK_DIR", dir, sizeof(dir)) < 0)
+        snprintf(dir, sizeof(dir), "/tmp/mpstack");
+    snprintf(path, n, "%s/dovecot/dovecot.log", dir);
+}
+
+static long dovecot_log_size(void)
+{
+    char path[512];
+    dovecot_log_path(path, sizeof(path));
+    FILE *fp = fopen(path, "r");
+    if (fp == NULL)
+        fail_msg("cannot read %s: %s (" STACK_HINT ")", path, strerror(errno));
+    fseek(fp, 0, SEEK_END);
+    long n = ftell(fp);
+    fclose(fp);
+    return n;
+}
+
+static int dovecot_logins_since(long offset, const char *user)
+{
+    char path[512], needle[256], line[4096];
+    dovecot_log_path(path, sizeof(path));
+    snprintf(needle, sizeof(needle), "Login: user=<%s>", user);
+    FILE *fp = fopen(path, "r");
+    assert_non_null(fp);
+    fseek(fp, offset, SEEK_SET);
+    int n = 0;
+    while (fgets(line, sizeof(line), fp))
+        if (strstr(line, "imap-login:") && strstr(line, needle))
+            n++;
+    fclose(fp);
+    return n;
+}
+
+/* Five appends through a pool to one account: one connection (our stats
+ * and Dovecot's own login count agree), five distinct increasing UIDs,
+ * the stored bytes compared by an independent client. */
+static void test_pool_five_appends(void **state)
+{
+    enum { N = 5 };
+    if (!E.ready)
+        fail_msg("local stack not ready: " STACK_HINT);
+    long log_at = dovecot_log_size();
+    loop_t *loop = loop_new();
+    assert_non_null(loop);
+    imap_pool_t *pool = imap_pool_new(loop, NULL);
+    job_t j = { "imap.test.example", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[1], E.password };
+    struct sockaddr_in sin;
+    imap_account_t acct;
+    account_for(&j, &acct, &sin);
+    acct.pool = pool;
+    outcome_t o[N];
+    char *msg[N];
+    for (int i = 0; i < N; i++) {
+        msg[i] = make_message(E.user[1], "pooled");
+        memset(&o[i], 0, sizeof(o[i]));
+        assert_non_null(imap_append_start(loop, &acct, msg[i], strlen(msg[i]), on_done, &o[i]));
+        assert_int_equal(o[i].calls, 0);
+        /* until the callback: the parked session keeps an fd and a timer, so
+         * loop_run() would not return by itself */
+        for (int k = 0; o[i].calls == 0 && k < 2000; k++)
+            loop_run_once(loop, 50);
+        assert_int_equal(o[i].calls, 1);
+        expect_ok(&o[i]);
+        assert_int_equal(o[i].res.reused, i > 0);
+        assert_int_equal(o[i].res.connections, i == 0 ? 1u : 0u);
+        for (int k = 0; k < i; k++) {
+            assert_int_equal(o[k].res.uidvalidity, o[i].res.uidvalidity);
+            if (!(o[i].res.uid > o[k].res.uid))
+                fail_msg("UID %u after %u: not distinct and increasing", o[i].res.uid, o[k].res.uid);
+        }
+    }
+    imap_pool_stats_t st;
+    imap_pool_get_stats(pool, &st);
+    assert_int_equal(st.opened, 1);
+    assert_int_equal(st.reused, N - 1);
+    assert_int_equal(st.idle, 1);
+    imap_pool_free(pool); /* LOGOUT and close */
+    assert_int_equal(loop_fd_count(loop), 0);
+    assert_int_equal(loop_timer_count(loop), 0);
+    loop_free(loop);
+    int logins = dovecot_logins_since(log_at, E.user[1]);
+    if (logins != 1)
+        fail_msg("Dovecot logged %d logins of %s for %d pooled appends, expected 1", logins, E.user[1], N);
+    verify_stored(E.user[1], &o[0].res, msg[0]);
+    verify_stored(E.user[1], &o[N - 1].res, msg[N - 1]);
+    for (int i = 0; i < N; i++)
+        free(msg[i]);
+}
+
 static void test_wrong_password(void **state)
 {
     job_t j = { "127.0.0.1", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[0], "not-the-password" };
@@ -457,6 +552,7 @@ int main(void)
         cmocka_unit_test(test_two_appends_increase),
         cmocka_unit_test(test_starttls),
         cmocka_unit_test(test_concurrent),
+        cmocka_unit_test(test_pool_five_appends),
         cmocka_unit_test(test_wrong_password),
         cmocka_unit_test(test_wrong_ca),
         cmocka_unit_test(test_wrong_host_name),

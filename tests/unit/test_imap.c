@@ -334,23 +334,44 @@ typedef struct step {
     const char *expect;   /* exact bytes the client must send; NULL: none (greeting) */
     const char *reply;    /* what the server answers; NULL: nothing */
     unsigned    delay_ms; /* hold the reply back; the client must stay silent */
-    int         close;    /* server closes after the reply */
+    int         close;    /* server closes after the reply (FAKE_RESET: abortive close, RST) */
 } step_t;
 
-typedef struct fake {
-    loop_t      *loop;
-    int          lfd;
-    uint16_t     port;
-    stream_t    *conn;
-    int          accepted;
+#define FAKE_RESET    2
+#define FAKE_MAX_CONN 4
+
+typedef struct script {
     const step_t *steps;
-    size_t       nsteps;
-    size_t       cur;
-    buf_t        pending;    /* client bytes not yet matched */
-    buf_t        transcript; /* everything the client sent */
-    loop_timer_t delay;
-    int          closing;
-    char         failure[2048];
+    size_t        nsteps;
+} script_t;
+
+struct fake;
+
+/* One accepted connection and the script it plays. */
+typedef struct fconn {
+    struct fake  *f;
+    int           index;
+    stream_t     *conn;
+    const step_t *steps;
+    size_t        nsteps;
+    size_t        cur;
+    buf_t         pending;    /* client bytes not yet matched */
+    buf_t         transcript; /* everything the client sent */
+    loop_timer_t  delay;
+    int           closing;
+} fconn_t;
+
+/* The server: the n-th accepted connection plays the n-th script; one
+ * more connection than scripts is a failure. */
+typedef struct fake {
+    loop_t  *loop;
+    int      lfd;
+    uint16_t port;
+    script_t scripts[FAKE_MAX_CONN];
+    size_t   nscripts;
+    size_t   accepted;
+    fconn_t  c[FAKE_MAX_CONN];
+    char     failure[2048];
 } fake_t;
 
 static void fake_failf(fake_t *f, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -364,102 +385,119 @@ static void fake_failf(fake_t *f, const char *fmt, ...)
     va_end(ap);
 }
 
-static void fake_close(fake_t *f)
+static void fake_close(fconn_t *fc)
 {
-    if (f->conn) {
-        stream_free(f->conn);
-        f->conn = NULL;
+    if (fc->conn) {
+        stream_free(fc->conn);
+        fc->conn = NULL;
     }
-    loop_timer_cancel(f->loop, &f->delay);
+    loop_timer_cancel(fc->f->loop, &fc->delay);
 }
 
-static void fake_send_reply(fake_t *f)
+/* Close with RST: the client's next read or write fails with a reset. */
+static void fake_reset(fconn_t *fc)
 {
-    const step_t *st = &f->steps[f->cur++];
+    if (fc->conn) {
+        struct linger lg = { .l_onoff = 1, .l_linger = 0 };
+        setsockopt(stream_fd(fc->conn), SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    }
+    fake_close(fc);
+}
+
+static void fake_send_reply(fconn_t *fc)
+{
+    const step_t *st = &fc->steps[fc->cur++];
     if (st->reply)
-        stream_puts(f->conn, st->reply);
-    if (st->close) {
-        if (stream_pending_out(f->conn) == 0)
-            fake_close(f);
+        stream_puts(fc->conn, st->reply);
+    if (st->close == FAKE_RESET)
+        fake_reset(fc);
+    else if (st->close) {
+        if (stream_pending_out(fc->conn) == 0)
+            fake_close(fc);
         else
-            f->closing = 1; /* on DRAINED */
+            fc->closing = 1; /* on DRAINED */
     }
 }
 
-static void fake_advance(fake_t *f)
+static void fake_advance(fconn_t *fc)
 {
-    while (f->conn && !f->closing && !loop_timer_active(&f->delay) && f->cur < f->nsteps && !f->failure[0]) {
-        const step_t *st = &f->steps[f->cur];
+    fake_t *f = fc->f;
+    while (fc->conn && !fc->closing && !loop_timer_active(&fc->delay) && fc->cur < fc->nsteps && !f->failure[0]) {
+        const step_t *st = &fc->steps[fc->cur];
         if (st->expect) {
             size_t n = strlen(st->expect);
-            size_t have = buf_size(&f->pending);
+            size_t have = buf_size(&fc->pending);
             size_t cmp = have < n ? have : n;
-            if (memcmp(buf_head(&f->pending), st->expect, cmp) != 0) {
-                fake_failf(f, "step %zu: client sent\n[%.*s]\nexpected\n[%s]", f->cur, (int)have,
-                           buf_head(&f->pending), st->expect);
-                fake_close(f);
+            if (memcmp(buf_head(&fc->pending), st->expect, cmp) != 0) {
+                fake_failf(f, "conn %d step %zu: client sent\n[%.*s]\nexpected\n[%s]", fc->index, fc->cur, (int)have,
+                           buf_head(&fc->pending), st->expect);
+                fake_close(fc);
                 return;
             }
             if (have < n)
                 return; /* wait for the rest */
-            buf_consume(&f->pending, n);
-            if (buf_size(&f->pending) > 0) {
-                fake_failf(f, "step %zu: client ran ahead of the reply: [%s]", f->cur, buf_head(&f->pending));
-                fake_close(f);
+            buf_consume(&fc->pending, n);
+            if (buf_size(&fc->pending) > 0) {
+                fake_failf(f, "conn %d step %zu: client ran ahead of the reply: [%s]", fc->index, fc->cur,
+                           buf_head(&fc->pending));
+                fake_close(fc);
                 return;
             }
         }
         if (st->delay_ms) {
-            loop_timer_set(f->loop, &f->delay, st->delay_ms);
+            loop_timer_set(f->loop, &fc->delay, st->delay_ms);
             return;
         }
-        fake_send_reply(f);
+        fake_send_reply(fc);
     }
 }
 
 static void fake_delay_fired(loop_t *loop, loop_timer_t *t, void *arg)
 {
-    fake_t *f = arg;
-    if (buf_size(&f->pending) > 0) {
-        fake_failf(f, "step %zu: client did not wait for the reply: [%s]", f->cur, buf_head(&f->pending));
-        fake_close(f);
+    fconn_t *fc = arg;
+    if (buf_size(&fc->pending) > 0) {
+        fake_failf(fc->f, "conn %d step %zu: client did not wait for the reply: [%s]", fc->index, fc->cur,
+                   buf_head(&fc->pending));
+        fake_close(fc);
         return;
     }
-    fake_send_reply(f);
-    fake_advance(f);
+    fake_send_reply(fc);
+    fake_advance(fc);
 }
 
 static void fake_on_conn(stream_t *s, stream_event_t ev, void *arg)
 {
-    fake_t *f = arg;
+    fconn_t *fc = arg;
+    fake_t *f = fc->f;
     switch (ev) {
     case STREAM_EV_DATA: {
         buf_t *in = stream_input(s);
-        buf_append(&f->pending, buf_head(in), buf_size(in));
-        buf_append(&f->transcript, buf_head(in), buf_size(in));
+        buf_append(&fc->pending, buf_head(in), buf_size(in));
+        buf_append(&fc->transcript, buf_head(in), buf_size(in));
         buf_consume(in, buf_size(in));
-        if (f->cur >= f->nsteps || f->closing) {
-            fake_failf(f, "client sent bytes after the script ended: [%s]", buf_head(&f->pending));
-            fake_close(f);
+        if (fc->cur >= fc->nsteps || fc->closing) {
+            fake_failf(f, "conn %d: client sent bytes after the script ended: [%s]", fc->index,
+                       buf_head(&fc->pending));
+            fake_close(fc);
             return;
         }
-        fake_advance(f);
+        fake_advance(fc);
         return;
     }
     case STREAM_EV_DRAINED:
-        if (f->closing)
-            fake_close(f);
+        if (fc->closing)
+            fake_close(fc);
         return;
     case STREAM_EV_CLOSED:
     case STREAM_EV_ERROR:
     case STREAM_EV_TIMEOUT:
-        for (size_t i = f->cur; i < f->nsteps; i++)
-            if (f->steps[i].expect) {
-                fake_failf(f, "client closed at step %zu, still expected [%s] (%s)", f->cur, f->steps[i].expect,
-                           stream_error(s));
+        for (size_t i = fc->cur; i < fc->nsteps; i++)
+            if (fc->steps[i].expect) {
+                fake_failf(f, "conn %d: client closed at step %zu, still expected [%s] (%s)", fc->index, fc->cur,
+                           fc->steps[i].expect, stream_error(s));
                 break;
             }
-        fake_close(f);
+        fake_close(fc);
         return;
     default:
         return;
@@ -472,30 +510,40 @@ static void fake_on_accept(loop_t *loop, int fd, unsigned events, void *arg)
     int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (c < 0)
         return;
-    if (f->accepted) {
-        fake_failf(f, "client connected twice");
+    if (f->accepted >= f->nscripts) {
+        fake_failf(f, "client connected %zu times, expected %zu", f->accepted + 1, f->nscripts);
         close(c);
         return;
     }
-    f->accepted = 1;
-    f->conn = stream_new(loop, fake_on_conn, f);
-    if (stream_attach(f->conn, c) < 0) {
-        fake_failf(f, "stream_attach: %s", stream_error(f->conn));
-        fake_close(f);
+    fconn_t *fc = &f->c[f->accepted++];
+    fc->conn = stream_new(loop, fake_on_conn, fc);
+    if (stream_attach(fc->conn, c) < 0) {
+        fake_failf(f, "stream_attach: %s", stream_error(fc->conn));
+        fake_close(fc);
         return;
     }
-    fake_advance(f); /* the greeting */
+    fake_advance(fc); /* the greeting */
 }
 
-static void fake_start(fake_t *f, loop_t *loop, const step_t *steps, size_t nsteps)
+static void fake_start_multi(fake_t *f, loop_t *loop, const script_t *scripts, size_t nscripts)
 {
     memset(f, 0, sizeof(*f));
+    assert_true(nscripts <= FAKE_MAX_CONN);
     f->loop = loop;
-    f->steps = steps;
-    f->nsteps = nsteps;
-    buf_init(&f->pending);
-    buf_init(&f->transcript);
-    loop_timer_init(&f->delay, fake_delay_fired, f);
+    f->nscripts = nscripts;
+    for (size_t i = 0; i < FAKE_MAX_CONN; i++) {
+        fconn_t *fc = &f->c[i];
+        fc->f = f;
+        fc->index = (int)i;
+        if (i < nscripts) {
+            f->scripts[i] = scripts[i];
+            fc->steps = scripts[i].steps;
+            fc->nsteps = scripts[i].nsteps;
+        }
+        buf_init(&fc->pending);
+        buf_init(&fc->transcript);
+        loop_timer_init(&fc->delay, fake_delay_fired, fc);
+    }
     f->lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     assert_true(f->lfd >= 0);
     struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = 0 };
@@ -508,13 +556,38 @@ static void fake_start(fake_t *f, loop_t *loop, const step_t *steps, size_t nste
     assert_int_equal(loop_fd_add(loop, f->lfd, LOOP_READ, fake_on_accept, f), 0);
 }
 
+static void fake_start(fake_t *f, loop_t *loop, const step_t *steps, size_t nsteps)
+{
+    script_t sc = { steps, nsteps };
+    fake_start_multi(f, loop, &sc, 1);
+}
+
 static void fake_stop(fake_t *f)
 {
-    fake_close(f);
+    for (size_t i = 0; i < FAKE_MAX_CONN; i++) {
+        fake_close(&f->c[i]);
+        buf_free(&f->c[i].pending);
+        buf_free(&f->c[i].transcript);
+    }
     loop_fd_del(f->loop, f->lfd);
     close(f->lfd);
-    buf_free(&f->pending);
-    buf_free(&f->transcript);
+}
+
+/* Every script played to its end, nothing unmatched, no failure. */
+static void fake_check(fake_t *f)
+{
+    if (f->failure[0])
+        fail_msg("fake server: %s", f->failure);
+    if (f->accepted != f->nscripts)
+        fail_msg("client connected %zu times, expected %zu", f->accepted, f->nscripts);
+    for (size_t i = 0; i < f->nscripts; i++) {
+        fconn_t *fc = &f->c[i];
+        if (fc->cur != fc->nsteps)
+            fail_msg("conn %zu: script stopped at step %zu of %zu; transcript:\n%s", i, fc->cur, fc->nsteps,
+                     buf_head(&fc->transcript));
+        if (buf_size(&fc->pending) != 0)
+            fail_msg("conn %zu: unmatched client bytes: [%s]", i, buf_head(&fc->pending));
+    }
 }
 
 /* ================================================================ client runs */
@@ -566,7 +639,7 @@ typedef struct run_state {
 static int run_finished(void *arg)
 {
     run_state_t *rs = arg;
-    return rs->o->calls > 0 && rs->f->conn == NULL && !loop_timer_active(&rs->f->delay);
+    return rs->o->calls > 0 && rs->f->c[0].conn == NULL && !loop_timer_active(&rs->f->c[0].delay);
 }
 
 /* Run one append against the script; returns the outcome. Asserts the
@@ -605,7 +678,7 @@ static outcome_t run_script(const step_t *steps, size_t nsteps, const run_opts_t
         assert_int_equal(o.calls, 0);
         imap_append_cancel(a);
         uint64_t s2 = loop_update_time(loop);
-        while (f.conn != NULL && loop_update_time(loop) - s2 < 5000)
+        while (f.c[0].conn != NULL && loop_update_time(loop) - s2 < 5000)
             loop_run_once(loop, 50);
         for (int i = 0; i < 5; i++)
             loop_run_once(loop, 10);
@@ -618,13 +691,7 @@ static outcome_t run_script(const step_t *steps, size_t nsteps, const run_opts_t
         for (int i = 0; i < 3; i++)
             loop_run_once(loop, 10);
         assert_int_equal(o.calls, 1);
-        if (f.failure[0])
-            fail_msg("fake server: %s", f.failure);
-        if (f.cur != f.nsteps)
-            fail_msg("script stopped at step %zu of %zu; transcript:\n%s", f.cur, f.nsteps,
-                     buf_head(&f.transcript));
-        if (buf_size(&f.pending) != 0)
-            fail_msg("unmatched client bytes: [%s]", buf_head(&f.pending));
+        fake_check(&f);
     }
     fake_stop(&f);
     assert_int_equal(loop_fd_count(loop), 0);
@@ -1046,6 +1113,555 @@ static void test_bad_arguments(void **state)
     loop_free(loop);
 }
 
+/* ================================================================ pool */
+
+#define P_GREETING "* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] ready\r\n"
+#define P_LOGIN(user) "A1 LOGIN \"" user "\" \"secret\"\r\n"
+#define P_LOGIN_OK    "A1 OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS SPECIAL-USE LIST-EXTENDED] Logged in\r\n"
+#define P_LIST        "A2 LIST (SPECIAL-USE) \"\" \"*\"\r\n"
+#define P_LIST_OK     "* LIST (\\Sent \\HasNoChildren) \"/\" Sent\r\nA2 OK List completed\r\n"
+
+typedef struct penv {
+    loop_t            *loop;
+    fake_t             f;
+    imap_pool_t       *pool;
+    struct sockaddr_in sin;
+} penv_t;
+
+static void penv_start(penv_t *e, const script_t *sc, size_t n, const imap_pool_limits_t *lim)
+{
+    memset(e, 0, sizeof(*e));
+    e->loop = loop_new();
+    assert_non_null(e->loop);
+    fake_start_multi(&e->f, e->loop, sc, n);
+    e->sin.sin_family = AF_INET;
+    e->sin.sin_port = htons(e->f.port);
+    e->sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    e->pool = imap_pool_new(e->loop, lim);
+    assert_non_null(e->pool);
+}
+
+static imap_account_t penv_acct(penv_t *e, const char *user)
+{
+    imap_account_t a = { .addr = (struct sockaddr *)&e->sin, .addrlen = sizeof(e->sin), .host = "127.0.0.1",
+                         .tls = IMAP_TLS_NONE, .user = user, .password = "secret", .timeout_ms = 5000,
+                         .pool = e->pool };
+    return a;
+}
+
+static void penv_run_ms(penv_t *e, unsigned ms)
+{
+    uint64_t start = loop_update_time(e->loop);
+    while (loop_update_time(e->loop) - start < ms)
+        loop_run_once(e->loop, 10);
+}
+
+static void penv_wait_calls(penv_t *e, const outcome_t *o, int n)
+{
+    uint64_t start = loop_update_time(e->loop);
+    while (o->calls < n) {
+        if (loop_update_time(e->loop) - start > 5000)
+            fail_msg("callback did not fire within 5 s");
+        loop_run_once(e->loop, 50);
+    }
+    for (int i = 0; i < 3; i++)
+        loop_run_once(e->loop, 5);
+    assert_int_equal(o->calls, n); /* exactly once */
+    if (e->f.failure[0])
+        fail_msg("fake server: %s", e->f.failure);
+}
+
+static void penv_wait_closed(penv_t *e, int conn)
+{
+    uint64_t start = loop_update_time(e->loop);
+    while (e->f.c[conn].conn != NULL) {
+        if (loop_update_time(e->loop) - start > 5000)
+            fail_msg("connection %d still open after 5 s", conn);
+        loop_run_once(e->loop, 20);
+    }
+}
+
+static outcome_t penv_append(penv_t *e, const char *user)
+{
+    imap_account_t acct = penv_acct(e, user);
+    outcome_t o;
+    memset(&o, 0, sizeof(o));
+    assert_non_null(imap_append_start(e->loop, &acct, MSG, strlen(MSG), on_done, &o));
+    assert_int_equal(o.calls, 0); /* never synchronous, reused or not */
+    penv_wait_calls(e, &o, 1);
+    return o;
+}
+
+static imap_pool_stats_t penv_stats(penv_t *e)
+{
+    imap_pool_stats_t st;
+    imap_pool_get_stats(e->pool, &st);
+    return st;
+}
+
+/* Free the pool (LOGOUT to what is idle), let the server see it, check
+ * every script ran to its end and the loop ends empty. */
+static void penv_end(penv_t *e)
+{
+    imap_pool_free(e->pool);
+    for (size_t i = 0; i < e->f.accepted; i++)
+        penv_wait_closed(e, (int)i);
+    fake_check(&e->f);
+    fake_stop(&e->f);
+    assert_int_equal(loop_fd_count(e->loop), 0);
+    assert_int_equal(loop_timer_count(e->loop), 0);
+    loop_free(e->loop);
+}
+
+static void assert_transcript(fake_t *f, int conn, const char *want)
+{
+    buf_t *t = &f->c[conn].transcript;
+    if (buf_size(t) != strlen(want) || memcmp(buf_head(t), want, strlen(want)) != 0)
+        fail_msg("conn %d transcript:\n[%.*s]\nexpected\n[%s]", conn, (int)buf_size(t), buf_head(t), want);
+}
+
+/* Two appends to one account: one connection; the second sends APPEND only. */
+static void test_pool_reuse(void **state)
+{
+    char app3[1024], app4[1024], want[4096];
+    const step_t c0[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(app3, sizeof(app3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { append_cmd(app4, sizeof(app4), "A4", "\"Sent\"", 1, 1), "A4 OK [APPENDUID 77 2] done\r\n", 0, 0 },
+        { "A5 LOGOUT\r\n", "* BYE\r\nA5 OK\r\n", 0, 1 }, /* from imap_pool_free() */
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) } };
+    penv_t e;
+    penv_start(&e, sc, 1, NULL);
+
+    outcome_t o1 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o1.res.status, IMAP_OK);
+    assert_int_equal(o1.res.uid, 1);
+    assert_int_equal(o1.res.connections, 1);
+    assert_int_equal(o1.res.reused, 0);
+    /* parked, not logged out */
+    snprintf(want, sizeof(want), "%s%s%s", P_LOGIN("alice@test.example"), P_LIST, app3);
+    assert_transcript(&e.f, 0, want);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.opened, 1);
+    assert_int_equal(st.parked, 1);
+    assert_int_equal(st.idle, 1);
+
+    outcome_t o2 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o2.res.status, IMAP_OK);
+    assert_int_equal(o2.res.uidvalidity, 77);
+    assert_int_equal(o2.res.uid, 2);
+    assert_string_equal(o2.res.mailbox, "Sent");
+    assert_int_equal(o2.res.connections, 0);
+    assert_int_equal(o2.res.reused, 1);
+    /* the exact conversation: the reused session said APPEND and nothing else */
+    snprintf(want, sizeof(want), "%s%s%s%s", P_LOGIN("alice@test.example"), P_LIST, app3, app4);
+    assert_transcript(&e.f, 0, want);
+    st = penv_stats(&e);
+    assert_int_equal(st.opened, 1);
+    assert_int_equal(st.reused, 1);
+    assert_int_equal(st.idle, 1);
+    assert_int_equal(e.f.accepted, 1);
+    penv_end(&e);
+}
+
+/* Different accounts never share a connection. */
+static void test_pool_accounts(void **state)
+{
+    char a3[1024], a4[1024], b3[1024];
+    const step_t c0[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), "A4 OK [APPENDUID 77 2] done\r\n", 0, 0 },
+        { "A5 LOGOUT\r\n", "A5 OK\r\n", 0, 1 },
+    };
+    const step_t c1[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("bob@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(b3, sizeof(b3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 88 1] done\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) }, { c1, NSTEPS(c1) } };
+    penv_t e;
+    penv_start(&e, sc, 2, NULL);
+    outcome_t o1 = penv_append(&e, "alice@test.example");
+    outcome_t o2 = penv_append(&e, "bob@test.example");
+    outcome_t o3 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o1.res.status, IMAP_OK);
+    assert_int_equal(o2.res.status, IMAP_OK);
+    assert_int_equal(o2.res.uidvalidity, 88);
+    assert_int_equal(o2.res.reused, 0);
+    assert_int_equal(o3.res.status, IMAP_OK);
+    assert_int_equal(o3.res.uid, 2);
+    assert_int_equal(o3.res.reused, 1);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.opened, 2);
+    assert_int_equal(st.reused, 1);
+    assert_int_equal(st.idle, 2);
+    penv_end(&e);
+}
+
+/* Idle past idle_ms: the pool says LOGOUT and leaves nothing in the loop. */
+static void test_pool_idle_timeout(void **state)
+{
+    char app[1024];
+    const step_t c0[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(app, sizeof(app), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "* BYE Logging out\r\nA4 OK Logout completed\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) } };
+    imap_pool_limits_t lim = { .idle_ms = 200 };
+    penv_t e;
+    penv_start(&e, sc, 1, &lim);
+    outcome_t o = penv_append(&e, "alice@test.example");
+    assert_int_equal(o.res.status, IMAP_OK);
+    penv_run_ms(&e, 80);
+    assert_int_equal(e.f.c[0].cur, 4); /* still idle: no LOGOUT yet */
+    assert_int_equal(penv_stats(&e).idle, 1);
+    penv_wait_closed(&e, 0);
+    penv_run_ms(&e, 30);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.expired, 1);
+    assert_int_equal(st.idle, 0);
+    /* the pool holds nothing any more: only the fake's listener is left */
+    assert_int_equal(loop_timer_count(e.loop), 0);
+    assert_int_equal(loop_fd_count(e.loop), 1);
+    assert_int_equal(o.calls, 1);
+    penv_end(&e);
+}
+
+/* The server says BYE and closes an idle session: it is dropped when
+ * noticed, and the next append logs in afresh without an error. */
+static void test_pool_server_closes_idle(void **state)
+{
+    char a0[1024], a1[1024];
+    const step_t c0[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a0, sizeof(a0), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { NULL, "* BYE Disconnected for inactivity.\r\n", 50, 1 },
+    };
+    const step_t c1[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a1, sizeof(a1), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 2] done\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) }, { c1, NSTEPS(c1) } };
+    penv_t e;
+    penv_start(&e, sc, 2, NULL);
+    outcome_t o1 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o1.res.status, IMAP_OK);
+    penv_wait_closed(&e, 0);
+    penv_run_ms(&e, 50);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.lost, 1);
+    assert_int_equal(st.idle, 0);
+    outcome_t o2 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o2.res.status, IMAP_OK);
+    assert_int_equal(o2.res.uid, 2);
+    assert_int_equal(o2.res.reused, 0);
+    assert_int_equal(o2.res.connections, 1);
+    penv_end(&e);
+}
+
+/* A silent EOF on an idle session (no BYE): noticed by the watch, the
+ * session is dropped at once and holds no fd or timer any more. */
+static void test_pool_idle_eof_noticed(void **state)
+{
+    char a0[1024];
+    const step_t c0[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a0, sizeof(a0), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { NULL, NULL, 50, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) } };
+    penv_t e;
+    penv_start(&e, sc, 1, NULL);
+    outcome_t o1 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o1.res.status, IMAP_OK);
+    assert_int_equal(penv_stats(&e).idle, 1);
+    penv_wait_closed(&e, 0);
+    penv_run_ms(&e, 50);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.lost, 1);
+    assert_int_equal(st.idle, 0);
+    assert_int_equal(loop_fd_count(e.loop), 1); /* the fake's listener only */
+    assert_int_equal(loop_timer_count(e.loop), 0);
+    penv_end(&e);
+}
+
+/* The server closed while nobody ran the loop: the probe before reuse
+ * finds it, and the append goes to a fresh connection. */
+static void test_pool_probe_before_reuse(void **state)
+{
+    char a0[1024], a1[1024];
+    const step_t c0[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a0, sizeof(a0), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+    };
+    const step_t c1[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a1, sizeof(a1), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 2] done\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) }, { c1, NSTEPS(c1) } };
+    penv_t e;
+    penv_start(&e, sc, 2, NULL);
+    outcome_t o1 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o1.res.status, IMAP_OK);
+    fake_close(&e.f.c[0]); /* FIN is queued at the client before it runs again */
+    outcome_t o2 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o2.res.status, IMAP_OK);
+    assert_int_equal(o2.res.reused, 0);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.lost, 1);
+    assert_int_equal(st.reused, 0);
+    assert_int_equal(st.opened, 2);
+    penv_end(&e);
+}
+
+/* APPEND refused: LOGOUT as without a pool, and never reused. */
+static void test_pool_append_no(void **state)
+{
+    char a0[1024], a1[1024];
+    const step_t c0[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a0, sizeof(a0), "A3", "\"Sent\"", 1, 1), "A3 NO [OVERQUOTA] Quota exceeded\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "* BYE\r\nA4 OK\r\n", 0, 1 },
+    };
+    const step_t c1[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a1, sizeof(a1), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 2] done\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) }, { c1, NSTEPS(c1) } };
+    penv_t e;
+    penv_start(&e, sc, 2, NULL);
+    outcome_t o1 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o1.res.status, IMAP_EREFUSED);
+    penv_wait_closed(&e, 0);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.parked, 0);
+    assert_int_equal(st.idle, 0);
+    outcome_t o2 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o2.res.status, IMAP_OK);
+    assert_int_equal(o2.res.reused, 0);
+    assert_int_equal(penv_stats(&e).reused, 0);
+    penv_end(&e);
+}
+
+/* max_appends = 2: the second append's session says LOGOUT; the third
+ * append opens a new connection. */
+static void test_pool_max_appends(void **state)
+{
+    char a3[1024], a4[1024], b3[1024];
+    const step_t c0[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), "A4 OK [APPENDUID 77 2] done\r\n", 0, 0 },
+        { "A5 LOGOUT\r\n", "* BYE\r\nA5 OK\r\n", 0, 1 },
+    };
+    const step_t c1[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(b3, sizeof(b3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 3] done\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) }, { c1, NSTEPS(c1) } };
+    imap_pool_limits_t lim = { .max_appends = 2 };
+    penv_t e;
+    penv_start(&e, sc, 2, &lim);
+    outcome_t o1 = penv_append(&e, "alice@test.example");
+    outcome_t o2 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o1.res.status, IMAP_OK);
+    assert_int_equal(o2.res.status, IMAP_OK);
+    assert_int_equal(o2.res.reused, 1);
+    penv_wait_closed(&e, 0); /* logged out right after the second */
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.retired, 1);
+    assert_int_equal(st.idle, 0);
+    outcome_t o3 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o3.res.status, IMAP_OK);
+    assert_int_equal(o3.res.uid, 3);
+    assert_int_equal(o3.res.reused, 0);
+    assert_int_equal(penv_stats(&e).opened, 2);
+    penv_end(&e);
+}
+
+/* Cancel a pooled append in flight on a reused session: no callback, the
+ * connection is closed (not parked), the next append connects afresh. */
+static void test_pool_cancel(void **state)
+{
+    char a3[1024], a4[1024], b3[1024];
+    const step_t c0[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), NULL, 0, 0 }, /* and no answer */
+    };
+    const step_t c1[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(b3, sizeof(b3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 3] done\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) }, { c1, NSTEPS(c1) } };
+    penv_t e;
+    penv_start(&e, sc, 2, NULL);
+    outcome_t o1 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o1.res.status, IMAP_OK);
+
+    imap_account_t acct = penv_acct(&e, "alice@test.example");
+    outcome_t o2;
+    memset(&o2, 0, sizeof(o2));
+    imap_append_t *a = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2);
+    assert_non_null(a);
+    penv_run_ms(&e, 100);
+    assert_int_equal(e.f.c[0].cur, 5); /* the APPEND arrived */
+    imap_append_cancel(a);
+    penv_wait_closed(&e, 0);
+    penv_run_ms(&e, 30);
+    assert_int_equal(o2.calls, 0);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.reused, 1);
+    assert_int_equal(st.idle, 0);
+
+    outcome_t o3 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o3.res.status, IMAP_OK);
+    assert_int_equal(o3.res.reused, 0);
+    assert_int_equal(o2.calls, 0);
+    penv_end(&e);
+}
+
+/* Two appends at once for one account: two connections. With one idle
+ * session allowed per account, the second to finish says LOGOUT (its
+ * reply never comes); pool_free then LOGOUTs the idle one, drops the one
+ * still logging out, and no callback fires again. */
+static void test_pool_concurrent_and_free(void **state)
+{
+    char a3[1024];
+    const step_t c[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", NULL, 0, 0 }, /* at retirement or at pool_free; no reply */
+    };
+    const script_t sc[] = { { c, NSTEPS(c) }, { c, NSTEPS(c) } };
+    imap_pool_limits_t lim = { .max_idle_per_account = 1 };
+    penv_t e;
+    penv_start(&e, sc, 2, &lim);
+    imap_account_t acct = penv_acct(&e, "alice@test.example");
+    outcome_t o1, o2;
+    memset(&o1, 0, sizeof(o1));
+    memset(&o2, 0, sizeof(o2));
+    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1));
+    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2));
+    penv_wait_calls(&e, &o1, 1);
+    penv_wait_calls(&e, &o2, 1);
+    penv_run_ms(&e, 50);
+    assert_int_equal(o1.res.status, IMAP_OK);
+    assert_int_equal(o2.res.status, IMAP_OK);
+    assert_int_equal(e.f.accepted, 2);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.opened, 2);
+    assert_int_equal(st.parked, 1);
+    assert_int_equal(st.retired, 1);
+    assert_int_equal(st.idle, 1);
+    penv_end(&e); /* loop empty, scripts done (both LOGOUTs seen) */
+    assert_int_equal(o1.calls, 1);
+    assert_int_equal(o2.calls, 1);
+}
+
+/* A reused session reset by the server before any answer to APPEND: the
+ * server's socket was gone, so the append moves to a fresh connection
+ * once and the caller sees only the success. */
+static void test_pool_retry_after_reset(void **state)
+{
+    char a3[1024], a4[1024], b3[1024];
+    const step_t c0[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), NULL, 0, FAKE_RESET },
+    };
+    const step_t c1[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(b3, sizeof(b3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 9] done\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) }, { c1, NSTEPS(c1) } };
+    penv_t e;
+    penv_start(&e, sc, 2, NULL);
+    outcome_t o1 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o1.res.status, IMAP_OK);
+    outcome_t o2 = penv_append(&e, "alice@test.example");
+    if (o2.res.status != IMAP_OK)
+        fail_msg("retry did not hide the dead session: %s", o2.res.error);
+    assert_int_equal(o2.res.uid, 9);
+    assert_int_equal(o2.res.reused, 1);
+    assert_int_equal(o2.res.connections, 1);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.retried, 1);
+    assert_int_equal(st.opened, 2);
+    penv_end(&e);
+}
+
+/* A clean close after the whole APPEND reached the server: it may have
+ * stored the message, so the failure is reported and nothing is retried. */
+static void test_pool_no_retry_after_eof(void **state)
+{
+    char a3[1024], a4[1024];
+    const step_t c0[] = {
+        { NULL, P_GREETING, 0, 0 },
+        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
+        { P_LIST, P_LIST_OK, 0, 0 },
+        { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), NULL, 20, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) } };
+    penv_t e;
+    penv_start(&e, sc, 1, NULL);
+    outcome_t o1 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o1.res.status, IMAP_OK);
+    outcome_t o2 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o2.res.status, IMAP_ENETWORK);
+    assert_int_equal(o2.res.reused, 1);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.retried, 0);
+    assert_int_equal(st.opened, 1);
+    penv_end(&e);
+}
+
 int main(void)
 {
     const char *dbg = getenv("MP_TEST_DEBUG");
@@ -1078,6 +1694,18 @@ int main(void)
         cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_connect_refused),
         cmocka_unit_test(test_bad_arguments),
+        cmocka_unit_test(test_pool_reuse),
+        cmocka_unit_test(test_pool_accounts),
+        cmocka_unit_test(test_pool_idle_timeout),
+        cmocka_unit_test(test_pool_server_closes_idle),
+        cmocka_unit_test(test_pool_idle_eof_noticed),
+        cmocka_unit_test(test_pool_probe_before_reuse),
+        cmocka_unit_test(test_pool_append_no),
+        cmocka_unit_test(test_pool_max_appends),
+        cmocka_unit_test(test_pool_cancel),
+        cmocka_unit_test(test_pool_concurrent_and_free),
+        cmocka_unit_test(test_pool_retry_after_reset),
+        cmocka_unit_test(test_pool_no_retry_after_eof),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
