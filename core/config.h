@@ -68,6 +68,9 @@ typedef struct mp_config {
     char    *imap_ca_file;
     char    *imap_accounts_file;
     unsigned imap_timeout_ms;
+    unsigned imap_pool;           /* 0 = one IMAP session per Sent copy */
+    unsigned imap_pool_max_appends; /* appends per pooled session */
+    unsigned imap_pool_idle_ms;   /* idle time before LOGOUT */
     /* [redis] (shared by the DNS L2 cache and the delivery ledger) */
     char    *redis_host;          /* empty disables Redis */
     unsigned redis_port;

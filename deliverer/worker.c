@@ -133,6 +133,7 @@ struct worker {
     mq_t               *mq_dead;   /* lost connection awaiting release */
     dns_resolver_t     *dns;
     deliver_ctx_t      *dctx;      /* SMTP session pool and TLS session cache */
+    imap_pool_t        *imap_pool; /* logged-in IMAP sessions per account; NULL when [imap] pool = 0 */
     rclient_t          *redis;     /* NULL when [redis] host is empty */
     ledger_t           *ledger;
     job_t              *jobs;
@@ -440,6 +441,7 @@ static void job_store_sent_copy(job_t *j)
         .user = acct->login,
         .password = acct->password,
         .timeout_ms = env->cfg->imap_timeout_ms,
+        .pool = w->imap_pool,
     };
     j->append_tried = 1;
     j->append = imap_append_start(w->loop, &ia, buf_head(&j->raw), buf_size(&j->raw), on_appended, j);
@@ -450,6 +452,8 @@ static void on_appended(void *arg, const imap_append_result_t *res)
     job_t *j = arg;
     j->append = NULL;
     j->append_res = *res;
+    metrics_inc(MET_IMAP_SESSIONS, res->connections);
+    metrics_inc(MET_IMAP_SESSIONS_REUSED, (uint64_t)res->reused);
     if (res->status == IMAP_ENOUIDPLUS) {
         /* stored, only the UID is unknown: never append it twice */
         j->append_res.status = IMAP_OK;
@@ -1242,6 +1246,11 @@ static void *worker_main(void *arg)
         return NULL;
     }
     w->dctx = deliver_ctx_new(w->loop, &w->env->dcfg);
+    if (w->env->cfg->imap_pool) {
+        imap_pool_limits_t il = { .max_appends = w->env->cfg->imap_pool_max_appends,
+                                  .idle_ms = w->env->cfg->imap_pool_idle_ms };
+        w->imap_pool = imap_pool_new(w->loop, &il);
+    }
     w->reconnect_delay_ms = 500;
     if (!atomic_load(&w->stop_requested))
         worker_connect(w);
@@ -1258,6 +1267,8 @@ static void *worker_main(void *arg)
     worker_drop_jobs(w);
     deliver_ctx_free(w->dctx); /* after the jobs: they cancel their deliveries first */
     w->dctx = NULL;
+    imap_pool_free(w->imap_pool); /* after the jobs too: they cancel their appends first */
+    w->imap_pool = NULL;
     dns_resolver_free(w->dns);
     w->dns = NULL;
     rclient_free(w->redis); /* first: its pending replies still find the ledger */

@@ -41,6 +41,8 @@ typedef enum {
     MET_SMTP_SESSIONS_REUSED,
     MET_SMTP_ROUTES_DOWN,   /* MX addresses marked down (or kept down) after a failure */
     MET_SMTP_ROUTE_SKIPS,   /* candidates skipped because their address was down */
+    MET_IMAP_SESSIONS,      /* IMAP connections opened */
+    MET_IMAP_SESSIONS_REUSED, /* appends that ran on a pooled IMAP session */
     MET_COUNTER_LAST
 } metric_counter_t;
 
