@@ -106,6 +106,7 @@ struct stream {
     int          in_cb;
     int          freed;
     char         err[256];
+    int          sys_errno; /* errno of the system call that failed, 0 if none did */
 };
 
 static const char *event_names[STREAM_EV_LAST] = {
@@ -222,6 +223,8 @@ static const char *ssl_reason(stream_t *s, int ret, int sslerr, char *buf, size_
     if (sslerr == SSL_ERROR_SYSCALL) {
         if (ERR_peek_last_error() != 0)
             return tls_error_string(buf, len);
+        if (ret != 0 && errno != 0)
+            s->sys_errno = errno;
         snprintf(buf, len, "%s", ret == 0 || errno == 0 ? "connection closed by peer" : strerror(errno));
         return buf;
     }
@@ -291,6 +294,7 @@ static int do_read(stream_t *s)
                 if (errno == EINTR)
                     continue;
                 int e = errno;
+                s->sys_errno = e;
                 if (got > 0 && emit(s, STREAM_EV_DATA) < 0)
                     return -1;
                 return fail(s, STREAM_EV_ERROR, "read: %s", strerror(e)) < 0 ? -1 : -1;
@@ -394,6 +398,7 @@ static ssize_t write_plain(stream_t *s)
             continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             return 0;
+        s->sys_errno = errno;
         snprintf(s->err, sizeof(s->err), "write: %s", strerror(errno));
         return -1;
     }
@@ -543,6 +548,7 @@ static void on_fd(loop_t *loop, int fd, unsigned events, void *arg)
         if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0)
             soerr = errno;
         if (soerr != 0) {
+            s->sys_errno = soerr;
             fail(s, STREAM_EV_ERROR, "connect: %s", strerror(soerr));
             return;
         }
@@ -629,6 +635,7 @@ int stream_connect(stream_t *s, const struct sockaddr *sa, socklen_t salen)
 {
     int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
+        s->sys_errno = errno;
         snprintf(s->err, sizeof(s->err), "socket: %s", strerror(errno));
         return -1;
     }
@@ -651,6 +658,7 @@ int stream_connect(stream_t *s, const struct sockaddr *sa, socklen_t salen)
         update_interest(s);
         return 0;
     }
+    s->sys_errno = errno;
     snprintf(s->err, sizeof(s->err), "connect: %s", strerror(errno));
     s->state = ST_OPEN; /* so the deferred error tears down the fd */
     defer_event(s, STREAM_EV_ERROR);
@@ -918,6 +926,11 @@ int stream_is_tls(const stream_t *s)
 const char *stream_error(const stream_t *s)
 {
     return s->err[0] ? s->err : "no error";
+}
+
+int stream_errno(const stream_t *s)
+{
+    return s->sys_errno;
 }
 
 const char *stream_tls_version(const stream_t *s)

@@ -91,6 +91,11 @@ void stream_cork(stream_t *s, int on);
 size_t stream_pending_out(const stream_t *s);
 size_t stream_pending_refs(const stream_t *s);
 
+/* The errno of the system call whose failure killed the stream
+ * (ECONNRESET, EPIPE, ECONNREFUSED...), 0 when the failure was not a
+ * system call's (TLS alert, certificate, clean EOF, timeout). */
+int  stream_errno(const stream_t *s);
+
 /* Received bytes; the owner consumes what it parsed with buf_consume(). */
 buf_t *stream_input(stream_t *s);
 

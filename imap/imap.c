@@ -1271,8 +1271,8 @@ static int may_retry(imap_append_t *a, stream_t *s)
         return 0;
     if (a->waiting_cont || a->next_chunk < a->nchunks || stream_pending_out(s) > 0)
         return 1;
-    const char *e = stream_error(s);
-    return e && (strstr(e, strerror(ECONNRESET)) != NULL || strstr(e, strerror(EPIPE)) != NULL);
+    int e = stream_errno(s);
+    return e == ECONNRESET || e == EPIPE;
 }
 
 static void retry_fresh(imap_append_t *a, const char *why)

@@ -22,6 +22,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
@@ -315,6 +317,54 @@ static void test_ref_over_tls(void **state)
     loop_free(l);
 }
 
+/* stream_errno(): the failing system call's errno, 0 for a clean EOF. */
+static void test_errno(void **state)
+{
+    loop_t *l = loop_new();
+    /* the peer is gone when we write: EPIPE */
+    int sv[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    peer_t w = { 0 };
+    w.st = stream_new(l, on_reader, &w);
+    assert_int_equal(stream_attach(w.st, sv[0]), 0);
+    close(sv[1]);
+    stream_write(w.st, "x", 1);
+    run_until(l, &w.done);
+    assert_int_equal(w.events[STREAM_EV_ERROR], 1);
+    assert_int_equal(stream_errno(w.st), EPIPE);
+    stream_free(w.st);
+
+    /* a clean EOF is no system call's failure */
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    peer_t r = { 0 };
+    buf_init(&r.got);
+    r.want = 1;
+    r.st = stream_new(l, on_reader, &r);
+    assert_int_equal(stream_attach(r.st, sv[0]), 0);
+    close(sv[1]);
+    run_until(l, &r.done);
+    assert_int_equal(r.events[STREAM_EV_CLOSED], 1);
+    assert_int_equal(stream_errno(r.st), 0);
+    stream_free(r.st);
+    buf_free(&r.got);
+
+    /* nobody listens on the port: ECONNREFUSED */
+    int lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(bind(lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(getsockname(lfd, (struct sockaddr *)&sin, &sl), 0);
+    close(lfd); /* the port is free and closed now */
+    peer_t c = { 0 };
+    c.st = stream_new(l, on_reader, &c);
+    assert_int_equal(stream_connect(c.st, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    run_until(l, &c.done);
+    assert_int_equal(c.events[STREAM_EV_ERROR], 1);
+    assert_int_equal(stream_errno(c.st), ECONNREFUSED);
+    stream_free(c.st);
+    loop_free(l);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN); /* as the daemon: a closed peer is an error event */
@@ -323,6 +373,7 @@ int main(void)
         cmocka_unit_test(test_cork),
         cmocka_unit_test(test_free_with_refs_queued),
         cmocka_unit_test(test_ref_over_tls),
+        cmocka_unit_test(test_errno),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
