@@ -314,6 +314,25 @@ class EndToEnd(unittest.TestCase):
         self.assertEqual(ev["outcome"], "transient")
         self.assertEqual(ev["reason"], "dns")
 
+    def test_sent_copies_share_pooled_imap_sessions(self):
+        """[imap] pool = 1 (the default): a worker keeps its logged-in
+        session to the sender's mailbox and the next Sent copy is one
+        APPEND on it. Six messages in turn from one sender open at most one
+        IMAP connection per worker (2); the others reuse one."""
+        opened0 = self.daemon.metric("mailpump_imap_sessions_opened_total")
+        reused0 = self.daemon.metric("mailpump_imap_sessions_reused_total")
+        uids = []
+        for i in range(6):
+            msg_id = self.enqueue("--from", "bob@test.example", "--to", "erin@test.example",
+                                  "--text", f"pooled sent copy {i}")
+            ev = self.events_for(msg_id, 1, kinds={"appended"})[0]
+            uids.append(ev["imap"]["uid"])
+        self.assertEqual(len(set(uids)), 6, uids)
+        opened = self.daemon.metric("mailpump_imap_sessions_opened_total") - opened0
+        reused = self.daemon.metric("mailpump_imap_sessions_reused_total") - reused0
+        self.assertLessEqual(opened, 2, f"opened {opened} IMAP connections for 6 copies")
+        self.assertEqual(opened + reused, 6, (opened, reused))
+
     def test_metrics_and_health(self):
         msg_id = self.enqueue("--from", "bob@test.example", "--to", "erin@test.example",
                               "--text", "metrics")
