@@ -1120,6 +1120,8 @@ static void test_bad_arguments(void **state)
 #define P_LOGIN_OK    "A1 OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS SPECIAL-USE LIST-EXTENDED] Logged in\r\n"
 #define P_LIST        "A2 LIST (SPECIAL-USE) \"\" \"*\"\r\n"
 #define P_LIST_OK     "* LIST (\\Sent \\HasNoChildren) \"/\" Sent\r\nA2 OK List completed\r\n"
+/* the opening of a fresh pooled session: greeting, LOGIN, LIST */
+#define P_OPEN(user) { NULL, P_GREETING, 0, 0 }, { P_LOGIN(user), P_LOGIN_OK, 0, 0 }, { P_LIST, P_LIST_OK, 0, 0 }
 
 typedef struct penv {
     loop_t            *loop;
@@ -1225,9 +1227,7 @@ static void test_pool_reuse(void **state)
 {
     char app3[1024], app4[1024], want[4096];
     const step_t c0[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(app3, sizeof(app3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
         { append_cmd(app4, sizeof(app4), "A4", "\"Sent\"", 1, 1), "A4 OK [APPENDUID 77 2] done\r\n", 0, 0 },
         { "A5 LOGOUT\r\n", "* BYE\r\nA5 OK\r\n", 0, 1 }, /* from imap_pool_free() */
@@ -1272,17 +1272,13 @@ static void test_pool_accounts(void **state)
 {
     char a3[1024], a4[1024], b3[1024];
     const step_t c0[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
         { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), "A4 OK [APPENDUID 77 2] done\r\n", 0, 0 },
         { "A5 LOGOUT\r\n", "A5 OK\r\n", 0, 1 },
     };
     const step_t c1[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("bob@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("bob@test.example"),
         { append_cmd(b3, sizeof(b3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 88 1] done\r\n", 0, 0 },
         { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
     };
@@ -1311,9 +1307,7 @@ static void test_pool_idle_timeout(void **state)
 {
     char app[1024];
     const step_t c0[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(app, sizeof(app), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
         { "A4 LOGOUT\r\n", "* BYE Logging out\r\nA4 OK Logout completed\r\n", 0, 1 },
     };
@@ -1344,16 +1338,12 @@ static void test_pool_server_closes_idle(void **state)
 {
     char a0[1024], a1[1024];
     const step_t c0[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a0, sizeof(a0), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
         { NULL, "* BYE Disconnected for inactivity.\r\n", 50, 1 },
     };
     const step_t c1[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a1, sizeof(a1), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 2] done\r\n", 0, 0 },
         { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
     };
@@ -1381,9 +1371,7 @@ static void test_pool_idle_eof_noticed(void **state)
 {
     char a0[1024];
     const step_t c0[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a0, sizeof(a0), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
         { NULL, NULL, 50, 1 },
     };
@@ -1409,15 +1397,11 @@ static void test_pool_probe_before_reuse(void **state)
 {
     char a0[1024], a1[1024];
     const step_t c0[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a0, sizeof(a0), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
     };
     const step_t c1[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a1, sizeof(a1), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 2] done\r\n", 0, 0 },
         { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
     };
@@ -1442,16 +1426,12 @@ static void test_pool_append_no(void **state)
 {
     char a0[1024], a1[1024];
     const step_t c0[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a0, sizeof(a0), "A3", "\"Sent\"", 1, 1), "A3 NO [OVERQUOTA] Quota exceeded\r\n", 0, 0 },
         { "A4 LOGOUT\r\n", "* BYE\r\nA4 OK\r\n", 0, 1 },
     };
     const step_t c1[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a1, sizeof(a1), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 2] done\r\n", 0, 0 },
         { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
     };
@@ -1477,17 +1457,13 @@ static void test_pool_max_appends(void **state)
 {
     char a3[1024], a4[1024], b3[1024];
     const step_t c0[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
         { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), "A4 OK [APPENDUID 77 2] done\r\n", 0, 0 },
         { "A5 LOGOUT\r\n", "* BYE\r\nA5 OK\r\n", 0, 1 },
     };
     const step_t c1[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(b3, sizeof(b3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 3] done\r\n", 0, 0 },
         { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
     };
@@ -1518,16 +1494,12 @@ static void test_pool_cancel(void **state)
 {
     char a3[1024], a4[1024], b3[1024];
     const step_t c0[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
         { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), NULL, 0, 0 }, /* and no answer */
     };
     const step_t c1[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(b3, sizeof(b3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 3] done\r\n", 0, 0 },
         { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
     };
@@ -1567,9 +1539,7 @@ static void test_pool_concurrent_and_free(void **state)
 {
     char a3[1024];
     const step_t c[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
         { "A4 LOGOUT\r\n", NULL, 0, 0 }, /* at retirement or at pool_free; no reply */
     };
@@ -1606,16 +1576,12 @@ static void test_pool_retry_after_reset(void **state)
 {
     char a3[1024], a4[1024], b3[1024];
     const step_t c0[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
         { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), NULL, 0, FAKE_RESET },
     };
     const step_t c1[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(b3, sizeof(b3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 9] done\r\n", 0, 0 },
         { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
     };
@@ -1642,9 +1608,7 @@ static void test_pool_no_retry_after_eof(void **state)
 {
     char a3[1024], a4[1024];
     const step_t c0[] = {
-        { NULL, P_GREETING, 0, 0 },
-        { P_LOGIN("alice@test.example"), P_LOGIN_OK, 0, 0 },
-        { P_LIST, P_LIST_OK, 0, 0 },
+        P_OPEN("alice@test.example"),
         { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
         { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), NULL, 20, 1 },
     };
