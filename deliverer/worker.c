@@ -499,6 +499,7 @@ static int job_append_retryable(const job_t *j)
     case IMAP_ETLS:
     case IMAP_EPROTO:
     case IMAP_EREFUSED:
+    case IMAP_EBUSY:
         return 1;
     default:
         return 0;
@@ -1248,7 +1249,8 @@ static void *worker_main(void *arg)
     w->dctx = deliver_ctx_new(w->loop, &w->env->dcfg);
     if (w->env->cfg->imap_pool) {
         imap_pool_limits_t il = { .max_appends = w->env->cfg->imap_pool_max_appends,
-                                  .idle_ms = w->env->cfg->imap_pool_idle_ms };
+                                  .idle_ms = w->env->cfg->imap_pool_idle_ms,
+                                  .max_conns_per_account = w->env->cfg->imap_pool_max_connections };
         w->imap_pool = imap_pool_new(w->loop, &il);
     }
     w->reconnect_delay_ms = 500;

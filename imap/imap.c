@@ -78,6 +78,7 @@
 #define IMAP_POOL_IDLE_MS       10000u
 #define IMAP_POOL_IDLE_PER_ACCT 4u
 #define IMAP_POOL_IDLE_TOTAL    64u
+#define IMAP_POOL_CONNS_PER_ACCT 2u
 
 typedef enum {
     IMAP_ST_INIT = 0,
@@ -93,6 +94,7 @@ typedef enum {
     IMAP_ST_APPEND,
     IMAP_ST_LOGOUT,
     IMAP_ST_IDLE,            /* pooled: APPEND done, connection kept (callback pending, or parked) */
+    IMAP_ST_WAIT,            /* pooled: every connection of the account is busy; queued */
     IMAP_ST_DONE,            /* result set, callback pending */
     IMAP_ST_LAST
 } imap_state_t;
@@ -117,6 +119,7 @@ static const struct {
                          "waiting for the APPEND reply -- the message may be stored twice if retried" },
     [IMAP_ST_LOGOUT] = { "LOGOUT", "waiting for the LOGOUT reply" },
     [IMAP_ST_IDLE] = { "IDLE", "idle in the pool" },
+    [IMAP_ST_WAIT] = { "WAIT", "waiting for a free IMAP session of the account" },
     [IMAP_ST_DONE] = { "DONE", "finished" },
 };
 
@@ -135,7 +138,7 @@ typedef struct cmd_chunk {
 typedef struct pacct pacct_t;
 
 /* Which pool list a session is on (one set of links serves them all). */
-typedef enum { ON_NONE = 0, ON_BUSY, ON_IDLE, ON_CLOSING } pool_list_t;
+typedef enum { ON_NONE = 0, ON_BUSY, ON_IDLE, ON_CLOSING, ON_WAIT } pool_list_t;
 
 struct imap_append {
     loop_t      *loop;
@@ -197,7 +200,9 @@ struct imap_append {
     int                 retried;      /* already moved to a fresh connection once */
     int                 append_answered; /* the server said something (not BYE) to the APPEND in flight */
     unsigned            connections;  /* connections opened for the append in flight */
-    loop_timer_t        idle_timer;
+    int                 counted;      /* holds one of its account's connection slots (pa->nconn) */
+    struct imap_append *served_by;    /* WAIT handle: the parked session running its append */
+    loop_timer_t        idle_timer;   /* parked: idle/age expiry; WAIT: the wait's deadline */
 };
 
 struct pacct {
@@ -205,6 +210,8 @@ struct pacct {
     char        *key;
     imap_append_t *idle; /* MRU first */
     unsigned     nidle;
+    imap_append_t *waiters; /* appends queued for a session, newest first (served oldest first) */
+    unsigned     nconn;  /* connections of this key: busy, parked or logging out */
 };
 
 struct imap_pool {
@@ -214,6 +221,9 @@ struct imap_pool {
     imap_append_t     *busy;    /* pooled appends in flight */
     imap_append_t     *closing; /* background LOGOUTs (no callback) */
     size_t             nidle;
+    size_t             nwait;
+    loop_timer_t       wake_timer; /* serves waiters outside the call that freed a session */
+    int                freeing;
     imap_pool_stats_t  st;
 };
 
@@ -229,6 +239,7 @@ const char *imap_strerror(int status)
     case IMAP_EPROTO: return "protocol error";
     case IMAP_EREFUSED: return "APPEND refused";
     case IMAP_ENOUIDPLUS: return "appended without APPENDUID";
+    case IMAP_EBUSY: return "server busy";
     default: return "unknown imap status";
     }
 }
@@ -765,7 +776,11 @@ static void on_tagged(imap_append_t *a, const imap_resp_t *r)
         return;
     case IMAP_ST_LOGIN:
         if (r->cond != IMAP_COND_OK) {
-            refuse(a, IMAP_EAUTH, "login as %s: %s", a->user, reply_text(r, why, sizeof(why)));
+            /* RFC 5530: these codes say "not now", not "wrong credentials"
+             * (Dovecot: NO [LIMIT] past mail_max_userip_connections) */
+            int busy = strcmp(r->code, "UNAVAILABLE") == 0 || strcmp(r->code, "LIMIT") == 0 ||
+                       strcmp(r->code, "INUSE") == 0 || strcmp(r->code, "SERVERBUG") == 0;
+            refuse(a, busy ? IMAP_EBUSY : IMAP_EAUTH, "login as %s: %s", a->user, reply_text(r, why, sizeof(why)));
             return;
         }
         if (a->caps_known)
@@ -938,16 +953,29 @@ static void pool_unlink(imap_append_t *a)
     case ON_CLOSING:
         list_del(&p->closing, a);
         break;
+    case ON_WAIT:
+        list_del(&a->pa->waiters, a);
+        p->nwait--;
+        loop_timer_cancel(a->loop, &a->idle_timer);
+        break;
     default:
         break;
     }
     a->on = ON_NONE;
 }
 
+static void pool_wake(imap_pool_t *p);
+
 static void session_free(imap_append_t *a)
 {
-    if (a->pool)
+    if (a->pool) {
         pool_unlink(a);
+        if (a->counted) {
+            a->pa->nconn--;
+            if (a->pa->waiters)
+                pool_wake(a->pool); /* a connection slot came free */
+        }
+    }
     loop_timer_cancel(a->loop, &a->done_timer);
     loop_timer_cancel(a->loop, &a->idle_timer);
     if (a->stream)
@@ -1142,6 +1170,13 @@ static void idle_fired(loop_t *loop, loop_timer_t *t, void *arg)
 {
     imap_append_t *a = arg;
     imap_pool_t *p = a->pool;
+    if (a->state == IMAP_ST_WAIT) {
+        unsigned busy = a->pa->nconn;
+        pool_unlink(a);
+        fail(a, IMAP_ETIMEOUT, "no IMAP session of the account came free within %u ms (%u connections busy)",
+             a->timeout_ms, busy);
+        return;
+    }
     int old = loop_now_ms(loop) - a->opened_ms >= p->lim.max_age_ms;
     retire(a, old ? "max_age" : "idle_timeout", &p->st.expired);
 }
@@ -1208,6 +1243,8 @@ static void pool_park(imap_append_t *a)
     uint64_t left = p->lim.max_age_ms - age;
     loop_timer_set(a->loop, &a->idle_timer, left < p->lim.idle_ms ? left : p->lim.idle_ms);
     pool_debug(a, "park", NULL);
+    if (a->pa->waiters)
+        pool_wake(p);
 }
 
 /* A parked session for key that still looks alive, or NULL. */
@@ -1235,7 +1272,7 @@ static imap_append_t *pool_take(imap_pool_t *p, const char *key)
 }
 
 /* Run the new append on the parked session a: APPEND only. */
-static imap_append_t *start_reused(imap_append_t *a, const imap_account_t *acct, const char *data, size_t len,
+static imap_append_t *start_reused(imap_append_t *a, unsigned timeout_ms, const char *data, size_t len,
                                    imap_append_cb cb, void *arg)
 {
     imap_pool_t *p = a->pool;
@@ -1246,7 +1283,7 @@ static imap_append_t *start_reused(imap_append_t *a, const imap_account_t *acct,
     memset(&a->res, 0, sizeof(a->res));
     a->have_result = 0;
     a->in_user_cb = 0;
-    a->timeout_ms = acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS;
+    a->timeout_ms = timeout_ms;
     a->reused = a->job_reused = 1;
     a->retried = 0;
     a->connections = 0;
@@ -1259,6 +1296,68 @@ static imap_append_t *start_reused(imap_append_t *a, const imap_account_t *acct,
     snprintf(a->res.mailbox, sizeof(a->res.mailbox), "%s", a->mailbox);
     send_append(a, a->mailbox);
     return a;
+}
+
+/* ------------------------------------------------------ waiting for a session */
+
+/* The parked session s ran the append of the queued handle w: report it
+ * as w's (the caller holds w), then w is done. */
+static void forward_done(void *arg, const imap_append_result_t *res)
+{
+    imap_append_t *w = arg;
+    w->served_by = NULL;
+    w->in_user_cb = 1;
+    w->cb(w->arg, res);
+    w->in_user_cb = 0;
+    session_free(w);
+}
+
+/* Give the queued append w a session: a parked one if any is alive, else
+ * a fresh connection when the account has a slot free. 0 when neither. */
+static int serve_waiter(imap_pool_t *p, imap_append_t *w)
+{
+    imap_append_t *s = pool_take(p, w->pa->key);
+    if (s) {
+        pool_unlink(w);
+        w->pool = NULL; /* from now on only a handle for the caller */
+        w->pa = NULL;
+        w->served_by = s;
+        pool_debug(w, "wait_served", "parked");
+        start_reused(s, w->timeout_ms, w->data, w->len, forward_done, w);
+        return 1;
+    }
+    if (w->pa->nconn >= p->lim.max_conns_per_account)
+        return 0;
+    pool_unlink(w);
+    w->counted = 1;
+    w->pa->nconn++;
+    w->on = ON_BUSY;
+    list_add(&p->busy, w);
+    pool_debug(w, "wait_served", "fresh");
+    open_connection(w);
+    return 1;
+}
+
+static void wake_fired(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    imap_pool_t *p = arg;
+    for (pacct_t *pa = p->accts; pa; pa = pa->next) {
+        while (pa->waiters) {
+            imap_append_t *w = pa->waiters;
+            while (w->next) /* the oldest: served in arrival order */
+                w = w->next;
+            if (!serve_waiter(p, w))
+                break;
+        }
+    }
+}
+
+/* Serve waiters from a timer, never inside the call that freed or parked
+ * a session (that may be a stream callback or the caller's callback). */
+static void pool_wake(imap_pool_t *p)
+{
+    if (!p->freeing)
+        loop_timer_set(p->loop, &p->wake_timer, 0);
 }
 
 /* A reused connection died in the APPEND without any answer. Retry only
@@ -1317,6 +1416,8 @@ imap_pool_t *imap_pool_new(loop_t *loop, const imap_pool_limits_t *lim)
     p->lim.idle_ms = or_default(lim->idle_ms, IMAP_POOL_IDLE_MS);
     p->lim.max_idle_per_account = or_default(lim->max_idle_per_account, IMAP_POOL_IDLE_PER_ACCT);
     p->lim.max_idle_total = or_default(lim->max_idle_total, IMAP_POOL_IDLE_TOTAL);
+    p->lim.max_conns_per_account = or_default(lim->max_conns_per_account, IMAP_POOL_CONNS_PER_ACCT);
+    loop_timer_init(&p->wake_timer, wake_fired, p);
     return p;
 }
 
@@ -1324,6 +1425,28 @@ void imap_pool_free(imap_pool_t *p)
 {
     if (p == NULL)
         return;
+    p->freeing = 1; /* nothing is served from here on */
+    loop_timer_cancel(p->loop, &p->wake_timer);
+    while (p->busy) {
+        /* in flight: they finish as unpooled appends */
+        imap_append_t *a = p->busy;
+        pool_unlink(a);
+        a->pool = NULL;
+        a->pa = NULL;
+        a->counted = 0;
+    }
+    for (pacct_t *pa = p->accts; pa; pa = pa->next) {
+        while (pa->waiters) {
+            /* queued: each goes on its own connection, unpooled */
+            imap_append_t *w = pa->waiters;
+            pool_unlink(w);
+            w->pool = NULL;
+            w->pa = NULL;
+            open_connection(w);
+        }
+    }
+    while (p->closing)
+        session_free(p->closing); /* unlinks itself; no callback is owed */
     while (p->accts) {
         pacct_t *pa = p->accts;
         while (pa->idle) {
@@ -1337,15 +1460,6 @@ void imap_pool_free(imap_pool_t *p)
         free(pa->key);
         free(pa);
     }
-    while (p->closing)
-        session_free(p->closing); /* unlinks itself; no callback is owed */
-    while (p->busy) {
-        /* in flight: they finish as unpooled appends */
-        imap_append_t *a = p->busy;
-        pool_unlink(a);
-        a->pool = NULL;
-        a->pa = NULL;
-    }
     free(p);
 }
 
@@ -1356,6 +1470,7 @@ void imap_pool_get_stats(const imap_pool_t *p, imap_pool_stats_t *st)
         return;
     *st = p->st;
     st->idle = p->nidle;
+    st->waiting = p->nwait;
 }
 
 /* ---------------------------------------------------------------- public */
@@ -1371,7 +1486,8 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
         imap_append_t *reused = pool_take(acct->pool, key);
         if (reused) {
             free(key);
-            return start_reused(reused, acct, data, len, cb, arg);
+            return start_reused(reused, acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS, data, len,
+                                cb, arg);
         }
     }
     imap_append_t *a = xcalloc(1, sizeof(*a));
@@ -1423,11 +1539,26 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
     }
 
     if (key) {
-        a->pool = acct->pool;
-        a->pa = pacct_get(a->pool, key, 1);
-        a->on = ON_BUSY;
-        list_add(&a->pool->busy, a);
+        imap_pool_t *p = acct->pool;
+        a->pool = p;
+        a->pa = pacct_get(p, key, 1);
         free(key);
+        if (a->pa->nconn >= p->lim.max_conns_per_account) {
+            /* every connection of the account is busy: queue for the
+             * first that is parked or closed, within the timeout */
+            set_state(a, IMAP_ST_WAIT);
+            a->on = ON_WAIT;
+            list_add(&a->pa->waiters, a);
+            p->nwait++;
+            p->st.waited++;
+            loop_timer_set(loop, &a->idle_timer, a->timeout_ms);
+            pool_debug(a, "wait", NULL);
+            return a;
+        }
+        a->counted = 1;
+        a->pa->nconn++;
+        a->on = ON_BUSY;
+        list_add(&p->busy, a);
     }
     open_connection(a);
     return a;
@@ -1438,5 +1569,7 @@ void imap_append_cancel(imap_append_t *a)
     if (a == NULL || a->in_user_cb)
         return;
     log_debug("imap", "cancel", "session=%016" PRIx64 " in state %s", a->id, strstate(a->state));
+    if (a->served_by) /* queued, then given a parked session: that one is closed */
+        session_free(a->served_by);
     session_free(a); /* a pooled one is closed, never parked */
 }

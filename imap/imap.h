@@ -29,8 +29,11 @@
  * next append for the same key reuses it and sends only APPEND (the \Sent
  * mailbox and the capabilities it learned are kept). Any failure or
  * unexpected response closes the session as without a pool. Two appends
- * at once for one key get two connections; nothing ever waits for a
- * session. A parked session holds nothing of the append it finished (no
+ * at once for one key get two connections, up to
+ * max_conns_per_account; beyond that an append queues (first come, first
+ * served) for a session that is parked or a connection that closes, and
+ * fails with IMAP_ETIMEOUT if none comes within its timeout_ms (servers
+ * cap connections per user: Dovecot's mail_max_userip_connections is 10). A parked session holds nothing of the append it finished (no
  * reference to the message bytes, no callback). Idle sessions are
  * watched (BYE, EOF or any unsolicited byte drops them), probed before
  * reuse, logged out after the idle time, and never reused past the
@@ -67,6 +70,7 @@ typedef enum {
     IMAP_EPROTO = -6,     /* malformed or unexpected server response, bad arguments */
     IMAP_EREFUSED = -7,   /* APPEND answered NO/BAD */
     IMAP_ENOUIDPLUS = -8, /* appended but server gave no APPENDUID */
+    IMAP_EBUSY = -9,      /* LOGIN refused for now: [UNAVAILABLE], [LIMIT], [INUSE], [SERVERBUG] (RFC 5530) */
 } imap_status_t;
 
 /* Static English text for an imap_status_t; "unknown imap status" otherwise. */
@@ -126,6 +130,8 @@ typedef struct imap_pool_limits {
     unsigned idle_ms;              /* idle time before LOGOUT [10000] */
     unsigned max_idle_per_account; /* idle sessions kept per key [4] */
     unsigned max_idle_total;       /* idle sessions kept per pool [64] */
+    unsigned max_conns_per_account; /* connections per key at once (busy, idle or logging out) [2];
+                                     * further appends queue for one, up to their timeout_ms */
 } imap_pool_limits_t;
 
 typedef struct imap_pool_stats {
@@ -136,7 +142,9 @@ typedef struct imap_pool_stats {
     uint64_t retired;  /* sessions logged out instead of parked (limits, pool full) */
     uint64_t lost;     /* idle sessions found closed (watch or probe before reuse) */
     uint64_t retried;  /* appends moved to a fresh connection after a reused one died */
+    uint64_t waited;   /* appends that queued because the account's connections were all busy */
     size_t   idle;     /* sessions idle right now */
+    size_t   waiting;  /* appends queued right now */
 } imap_pool_stats_t;
 
 /* One pool per loop (worker thread); used only from that loop's thread.

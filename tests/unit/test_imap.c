@@ -320,7 +320,7 @@ static void test_parser_limits(void **state)
 static void test_strerror(void **state)
 {
     const int all[] = { IMAP_OK, IMAP_ENETWORK, IMAP_ETIMEOUT, IMAP_ETLS, IMAP_EAUTH,
-                        IMAP_ENOSENT, IMAP_EPROTO, IMAP_EREFUSED, IMAP_ENOUIDPLUS };
+                        IMAP_ENOSENT, IMAP_EPROTO, IMAP_EREFUSED, IMAP_ENOUIDPLUS, IMAP_EBUSY };
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
         assert_non_null(imap_strerror(all[i]));
         assert_string_not_equal(imap_strerror(all[i]), "unknown imap status");
@@ -837,6 +837,23 @@ static void test_login_refused(void **state)
     assert_int_equal(o.res.status, IMAP_EAUTH);
     assert_non_null(strstr(o.res.error, "Authentication failed."));
     assert_string_equal(o.res.mailbox, "");
+}
+
+/* RFC 5530 [LIMIT] on LOGIN (Dovecot past mail_max_userip_connections)
+ * is "not now", a retryable IMAP_EBUSY, never bad credentials. */
+static void test_login_busy(void **state)
+{
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] hi\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"wrong\"\r\n",
+          "A1 NO [LIMIT] Maximum number of connections from user+IP exceeded (mail_max_userip_connections=10)\r\n",
+          0, 0 },
+        { "A2 LOGOUT\r\n", "* BYE\r\nA2 OK\r\n", 0, 1 },
+    };
+    run_opts_t opt = { .password = "wrong" };
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    assert_int_equal(o.res.status, IMAP_EBUSY);
+    assert_non_null(strstr(o.res.error, "mail_max_userip_connections"));
 }
 
 static void test_no_appenduid(void **state)
@@ -1569,6 +1586,132 @@ static void test_pool_concurrent_and_free(void **state)
     assert_int_equal(o2.calls, 1);
 }
 
+/* One connection allowed per account: three appends at once share it,
+ * in the order they were started; the two that queued reuse it. */
+static void test_pool_cap_queues(void **state)
+{
+    char a3[1024], a4[1024], a5[1024];
+    const step_t c0[] = {
+        P_OPEN("alice@test.example"),
+        { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), "A4 OK [APPENDUID 77 2] done\r\n", 0, 0 },
+        { append_cmd(a5, sizeof(a5), "A5", "\"Sent\"", 1, 1), "A5 OK [APPENDUID 77 3] done\r\n", 0, 0 },
+        { "A6 LOGOUT\r\n", "A6 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) } };
+    imap_pool_limits_t lim = { .max_conns_per_account = 1 };
+    penv_t e;
+    penv_start(&e, sc, 1, &lim);
+    imap_account_t acct = penv_acct(&e, "alice@test.example");
+    outcome_t o[3];
+    memset(o, 0, sizeof(o));
+    for (int i = 0; i < 3; i++)
+        assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o[i]));
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.waiting, 2);
+    for (int i = 0; i < 3; i++)
+        penv_wait_calls(&e, &o[i], 1);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(o[i].res.status, IMAP_OK);
+        assert_int_equal(o[i].res.uid, (unsigned)i + 1); /* first come, first served */
+        assert_int_equal(o[i].res.reused, i > 0);
+        assert_int_equal(o[i].res.connections, i == 0 ? 1u : 0u);
+    }
+    st = penv_stats(&e);
+    assert_int_equal(st.opened, 1);
+    assert_int_equal(st.waited, 2);
+    assert_int_equal(st.reused, 2);
+    assert_int_equal(st.waiting, 0);
+    assert_int_equal(e.f.accepted, 1);
+    penv_end(&e);
+}
+
+/* The one connection is slow: a queued append with a short timeout gives
+ * up with IMAP_ETIMEOUT, a cancelled one is never called back, and the
+ * first completes. */
+static void test_pool_wait_timeout_and_cancel(void **state)
+{
+    char a3[1024];
+    const step_t c0[] = {
+        P_OPEN("alice@test.example"),
+        { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 600, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) } };
+    imap_pool_limits_t lim = { .max_conns_per_account = 1 };
+    penv_t e;
+    penv_start(&e, sc, 1, &lim);
+    imap_account_t acct = penv_acct(&e, "alice@test.example");
+    imap_account_t hasty = acct;
+    hasty.timeout_ms = 150; /* not part of the key: same account */
+    outcome_t o1, o2, o3;
+    memset(&o1, 0, sizeof(o1));
+    memset(&o2, 0, sizeof(o2));
+    memset(&o3, 0, sizeof(o3));
+    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1));
+    assert_non_null(imap_append_start(e.loop, &hasty, MSG, strlen(MSG), on_done, &o2));
+    imap_append_t *h3 = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o3);
+    assert_non_null(h3);
+    assert_int_equal(penv_stats(&e).waiting, 2);
+    imap_append_cancel(h3);
+    assert_int_equal(penv_stats(&e).waiting, 1);
+    penv_wait_calls(&e, &o2, 1);
+    assert_int_equal(o2.res.status, IMAP_ETIMEOUT);
+    assert_non_null(strstr(o2.res.error, "no IMAP session of the account came free within 150 ms"));
+    assert_int_equal(o1.calls, 0); /* still waiting for its reply */
+    penv_wait_calls(&e, &o1, 1);
+    assert_int_equal(o1.res.status, IMAP_OK);
+    penv_run_ms(&e, 30);
+    assert_int_equal(o3.calls, 0);
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.waited, 2);
+    assert_int_equal(st.waiting, 0);
+    assert_int_equal(st.idle, 1);
+    penv_end(&e);
+}
+
+/* A queued append handed a parked session, cancelled while its APPEND is
+ * out: that session is closed, the caller hears nothing, and the slot it
+ * held goes to the next append (a fresh connection). */
+static void test_pool_cancel_served_waiter(void **state)
+{
+    char a3[1024], a4[1024], b3[1024];
+    const step_t c0[] = {
+        P_OPEN("alice@test.example"),
+        { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 100, 0 },
+        { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), NULL, 0, 0 }, /* and no answer */
+    };
+    const step_t c1[] = {
+        P_OPEN("alice@test.example"),
+        { append_cmd(b3, sizeof(b3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 3] done\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "A4 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) }, { c1, NSTEPS(c1) } };
+    imap_pool_limits_t lim = { .max_conns_per_account = 1 };
+    penv_t e;
+    penv_start(&e, sc, 2, &lim);
+    imap_account_t acct = penv_acct(&e, "alice@test.example");
+    outcome_t o1, o2;
+    memset(&o1, 0, sizeof(o1));
+    memset(&o2, 0, sizeof(o2));
+    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1));
+    imap_append_t *h2 = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2);
+    assert_non_null(h2);
+    penv_wait_calls(&e, &o1, 1);
+    assert_int_equal(o1.res.status, IMAP_OK);
+    penv_run_ms(&e, 100);
+    assert_int_equal(e.f.c[0].cur, 5); /* the queued append's APPEND arrived on the parked session */
+    imap_append_cancel(h2);
+    penv_wait_closed(&e, 0);
+    outcome_t o3 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o3.res.status, IMAP_OK);
+    assert_int_equal(o3.res.uid, 3);
+    assert_int_equal(o3.res.reused, 0);
+    assert_int_equal(o2.calls, 0);
+    assert_int_equal(e.f.accepted, 2);
+    penv_end(&e);
+}
+
 /* A reused session reset by the server before any answer to APPEND: the
  * server's socket was gone, so the append moves to a fresh connection
  * once and the caller sees only the success. */
@@ -1641,6 +1784,7 @@ int main(void)
         cmocka_unit_test(test_append_refused),
         cmocka_unit_test(test_append_refused_before_literal),
         cmocka_unit_test(test_login_refused),
+        cmocka_unit_test(test_login_busy),
         cmocka_unit_test(test_no_appenduid),
         cmocka_unit_test(test_fallback_named_sent),
         cmocka_unit_test(test_no_sent_mailbox),
@@ -1669,6 +1813,9 @@ int main(void)
         cmocka_unit_test(test_pool_cancel),
         cmocka_unit_test(test_pool_concurrent_and_free),
         cmocka_unit_test(test_pool_retry_after_reset),
+        cmocka_unit_test(test_pool_cap_queues),
+        cmocka_unit_test(test_pool_wait_timeout_and_cancel),
+        cmocka_unit_test(test_pool_cancel_served_waiter),
         cmocka_unit_test(test_pool_no_retry_after_eof),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
