@@ -69,8 +69,10 @@ fail:
     return NULL;
 }
 
-int mp_client_enqueue(mp_client_t *c, const char *body, size_t len, int priority,
-                      const char *message_id, unsigned timeout_ms, char *err, size_t errlen)
+/* Publish persistent and mandatory to the outbound queue; the delivery tag
+ * its confirm will carry in *seq. */
+static int client_publish(mp_client_t *c, const char *body, size_t len, int priority,
+                          const char *message_id, uint64_t *seq, char *err, size_t errlen)
 {
     amqp_basic_properties_t p;
     memset(&p, 0, sizeof(p));
@@ -92,7 +94,17 @@ int mp_client_enqueue(mp_client_t *c, const char *body, size_t len, int priority
         snprintf(err, errlen, "publish: %s", amqp_error_string2(r));
         return -1;
     }
-    uint64_t seq = c->next_seq++;
+    *seq = c->next_seq++;
+    return 0;
+}
+
+int mp_client_enqueue(mp_client_t *c, const char *body, size_t len, int priority,
+                      const char *message_id, unsigned timeout_ms, char *err, size_t errlen)
+{
+    uint64_t seq;
+    if (client_publish(c, body, len, priority, message_id, &seq, err, errlen) < 0)
+        return -1;
+    int r;
     uint64_t deadline = util_mono_ms() + timeout_ms;
     for (;;) {
         uint64_t now = util_mono_ms();
@@ -131,6 +143,88 @@ int mp_client_enqueue(mp_client_t *c, const char *body, size_t len, int priority
                    f.payload.method.id == AMQP_CONNECTION_CLOSE_METHOD) {
             snprintf(err, errlen, "the broker closed the channel while publishing");
             return -1;
+        }
+    }
+}
+
+int mp_client_publish(mp_client_t *c, const char *body, size_t len, int priority,
+                      const char *message_id, uint64_t *seq, char *err, size_t errlen)
+{
+    return client_publish(c, body, len, priority, message_id, seq, err, errlen);
+}
+
+int mp_client_pump(mp_client_t *c, unsigned timeout_ms, mp_client_confirm_cb on_confirm,
+                   mp_client_event_cb on_event, void *arg, char *err, size_t errlen)
+{
+    uint64_t deadline = util_mono_ms() + timeout_ms;
+    for (;;) {
+        uint64_t now = util_mono_ms();
+        uint64_t left = now >= deadline ? 0 : deadline - now;
+        struct timeval tv = { (time_t)(left / 1000), (suseconds_t)((left % 1000) * 1000) };
+        amqp_frame_t f;
+        /* the decoded frames of the previous call are no longer referenced */
+        amqp_maybe_release_buffers(c->conn);
+        int r = amqp_simple_wait_frame_noblock(c->conn, &f, &tv);
+        if (r == AMQP_STATUS_TIMEOUT)
+            return 0;
+        if (r != AMQP_STATUS_OK) {
+            snprintf(err, errlen, "connection to the broker: %s", amqp_error_string2(r));
+            return -1;
+        }
+        if (f.frame_type != AMQP_FRAME_METHOD) {
+            if (left == 0)
+                return 0;
+            continue; /* heartbeats; content frames are read with their method */
+        }
+        switch (f.payload.method.id) {
+        case AMQP_BASIC_ACK_METHOD: {
+            amqp_basic_ack_t *a = f.payload.method.decoded;
+            on_confirm(arg, a->delivery_tag, a->multiple, 1);
+            return 1;
+        }
+        case AMQP_BASIC_NACK_METHOD: {
+            amqp_basic_nack_t *n = f.payload.method.decoded;
+            on_confirm(arg, n->delivery_tag, n->multiple, 0);
+            return 1;
+        }
+        case AMQP_BASIC_DELIVER_METHOD: {
+            amqp_message_t m;
+            amqp_rpc_reply_t rr = amqp_read_message(c->conn, f.channel, &m, 0);
+            if (rr.reply_type != AMQP_RESPONSE_NORMAL) {
+                snprintf(err, errlen, "receiving an event: %s",
+                         rr.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION
+                             ? amqp_error_string2(rr.library_error)
+                             : "broker error");
+                return -1;
+            }
+            on_event(arg, m.body.bytes, m.body.len);
+            amqp_destroy_message(&m);
+            return 1;
+        }
+        case AMQP_BASIC_RETURN_METHOD: {
+            /* mandatory publish to a queue that is gone: the confirm that
+             * follows would make an unrouted message look published */
+            amqp_basic_return_t *rt = f.payload.method.decoded;
+            snprintf(err, errlen, "the broker returned a message: %u %.*s", rt->reply_code,
+                     (int)rt->reply_text.len, (char *)rt->reply_text.bytes);
+            return -1;
+        }
+        case AMQP_CHANNEL_CLOSE_METHOD: {
+            amqp_channel_close_t *cc = f.payload.method.decoded;
+            snprintf(err, errlen, "the broker closed the channel: %u %.*s", cc->reply_code,
+                     (int)cc->reply_text.len, (char *)cc->reply_text.bytes);
+            return -1;
+        }
+        case AMQP_CONNECTION_CLOSE_METHOD: {
+            amqp_connection_close_t *cc = f.payload.method.decoded;
+            snprintf(err, errlen, "the broker closed the connection: %u %.*s", cc->reply_code,
+                     (int)cc->reply_text.len, (char *)cc->reply_text.bytes);
+            return -1;
+        }
+        default:
+            if (left == 0)
+                return 0;
+            continue;
         }
     }
 }

@@ -18,6 +18,7 @@
 #include "cli/client.h"
 #include "core/buf.h"
 #include "cli/dns_cmd.h"
+#include "cli/stress_cmd.h"
 #include "core/config.h"
 #include "core/message.h"
 #include "core/util.h"
@@ -32,6 +33,8 @@ static void usage(FILE *f)
             "  enqueue   publish a message to the outbound queue and print its id\n"
             "  events    print delivery events (one JSON object per line)\n"
             "  dns       resolve MX as the engine would, or prewarm the Redis cache: mailpump dns --help\n"
+            "  stress    publish N messages, follow them to their final events, report rates\n"
+            "            and latencies: mailpump stress --help\n"
             "  help      show help for a command: mailpump help enqueue\n"
             "\n"
             "Global options (before the command):\n"
@@ -361,6 +364,8 @@ int main(int argc, char **argv)
             usage_enqueue(stdout);
         else if (strcmp(what, "events") == 0)
             usage_events(stdout);
+        else if (strcmp(what, "stress") == 0)
+            stress_cmd_usage(stdout);
         else
             usage(stdout);
         return 0;
@@ -391,6 +396,8 @@ int main(int argc, char **argv)
         rc = cmd_events(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "dns") == 0) {
         rc = dns_cmd_main(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "stress") == 0) {
+        rc = stress_cmd_main(&cfg, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "mailpump: unknown command \"%s\" (try mailpump --help)\n", cmd);
         rc = 2;
