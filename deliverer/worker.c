@@ -443,6 +443,12 @@ static void job_store_sent_copy(job_t *j)
         .timeout_ms = env->cfg->imap_timeout_ms,
         .pool = w->imap_pool,
     };
+    /* a retried append, or a message back after a worker or connection
+     * died, may find its copy already stored: look before appending */
+    char mid[512];
+    if ((j->append_only || j->dv->redelivered) &&
+        mime_header_find(buf_head(&j->raw), buf_size(&j->raw), "Message-ID", mid, sizeof(mid)) == MIME_OK)
+        ia.check_message_id = mid;
     j->append_tried = 1;
     j->append = imap_append_start(w->loop, &ia, buf_head(&j->raw), buf_size(&j->raw), on_appended, j);
 }
@@ -454,6 +460,7 @@ static void on_appended(void *arg, const imap_append_result_t *res)
     j->append_res = *res;
     metrics_inc(MET_IMAP_SESSIONS, res->connections);
     metrics_inc(MET_IMAP_SESSIONS_REUSED, (uint64_t)res->reused);
+    metrics_inc(MET_IMAP_ALREADY_STORED, (uint64_t)res->already_stored);
     if (res->status == IMAP_ENOUIDPLUS) {
         /* stored, only the UID is unknown: never append it twice */
         j->append_res.status = IMAP_OK;

@@ -91,6 +91,9 @@ typedef enum {
     IMAP_ST_LOGIN,           /* LOGIN or AUTHENTICATE PLAIN sent */
     IMAP_ST_AUTH_CAPABILITY, /* CAPABILITY after login */
     IMAP_ST_LIST,            /* looking for \Sent */
+    IMAP_ST_EXAMINE,         /* check_message_id: EXAMINE the \Sent mailbox */
+    IMAP_ST_SEARCH,          /* check_message_id: UID SEARCH HEADER Message-ID */
+    IMAP_ST_CLOSE,           /* check_message_id: CLOSE (read-only: nothing expunged) */
     IMAP_ST_APPEND,
     IMAP_ST_LOGOUT,
     IMAP_ST_IDLE,            /* pooled: APPEND done, connection kept (callback pending, or parked) */
@@ -115,6 +118,9 @@ static const struct {
     [IMAP_ST_LOGIN] = { "LOGIN", "waiting for the login reply" },
     [IMAP_ST_AUTH_CAPABILITY] = { "AUTH_CAPABILITY", "waiting for the CAPABILITY reply after login" },
     [IMAP_ST_LIST] = { "LIST", "waiting for the LIST reply" },
+    [IMAP_ST_EXAMINE] = { "EXAMINE", "waiting for the EXAMINE reply" },
+    [IMAP_ST_SEARCH] = { "SEARCH", "waiting for the UID SEARCH reply" },
+    [IMAP_ST_CLOSE] = { "CLOSE", "waiting for the CLOSE reply" },
     [IMAP_ST_APPEND] = { "APPEND",
                          "waiting for the APPEND reply -- the message may be stored twice if retried" },
     [IMAP_ST_LOGOUT] = { "LOGOUT", "waiting for the LOGOUT reply" },
@@ -201,6 +207,8 @@ struct imap_append {
     int                 append_answered; /* the server said something (not BYE) to the APPEND in flight */
     unsigned            connections;  /* connections opened for the append in flight */
     int                 counted;      /* holds one of its account's connection slots (pa->nconn) */
+    char               *check_msgid;  /* look for this Message-ID in \Sent before APPEND; NULL: don't */
+    uint32_t            found_uid, found_uidvalidity;
     struct imap_append *served_by;    /* WAIT handle: the parked session running its append */
     loop_timer_t        idle_timer;   /* parked: idle/age expiry; WAIT: the wait's deadline */
 };
@@ -613,6 +621,60 @@ static void send_append(imap_append_t *a, const char *mailbox)
     cmd_end(a, IMAP_ST_APPEND);
 }
 
+/* An earlier attempt may have stored this copy and lost the answer (the
+ * connection dropped after APPEND, the worker died before recording it):
+ * when asked, look for its Message-ID first. EXAMINE is read-only, so the
+ * CLOSE after the search expunges nothing. */
+static void before_append(imap_append_t *a)
+{
+    if (a->check_msgid == NULL) {
+        send_append(a, a->mailbox);
+        return;
+    }
+    a->found_uid = a->found_uidvalidity = 0;
+    cmd_begin(a, "EXAMINE", 0);
+    cmd_text(a, " ");
+    cmd_astring(a, a->mailbox);
+    cmd_end(a, IMAP_ST_EXAMINE);
+}
+
+static void on_check_reply(imap_append_t *a, const imap_resp_t *r)
+{
+    switch (a->state) {
+    case IMAP_ST_EXAMINE:
+        if (r->cond != IMAP_COND_OK) { /* cannot look: store it */
+            send_append(a, a->mailbox);
+            return;
+        }
+        cmd_begin(a, "UID SEARCH", 0);
+        cmd_text(a, " HEADER Message-ID ");
+        cmd_astring(a, a->check_msgid);
+        cmd_end(a, IMAP_ST_SEARCH);
+        return;
+    case IMAP_ST_SEARCH:
+        if (r->cond != IMAP_COND_OK)
+            a->found_uid = 0;
+        cmd_begin(a, "CLOSE", 0);
+        cmd_end(a, IMAP_ST_CLOSE);
+        return;
+    default: /* CLOSE */
+        if (a->found_uid == 0 || a->found_uidvalidity == 0) {
+            send_append(a, a->mailbox);
+            return;
+        }
+        a->res.uid = a->found_uid;
+        a->res.uidvalidity = a->found_uidvalidity;
+        a->res.already_stored = 1;
+        set_result(a, IMAP_OK, NULL);
+        if (a->pool) {
+            go_idle(a);
+            return;
+        }
+        send_logout(a);
+        return;
+    }
+}
+
 /* ---------------------------------------------------------------- replies */
 
 static void on_greeting(imap_append_t *a, const imap_resp_t *r)
@@ -670,6 +732,10 @@ static void on_untagged(imap_append_t *a, const imap_resp_t *r)
     }
     if (a->state == IMAP_ST_LIST && (strcmp(r->keyword, "LIST") == 0 || strcmp(r->keyword, "XLIST") == 0))
         on_list_entry(a, r);
+    if (a->state == IMAP_ST_EXAMINE && r->has_uidvalidity)
+        a->found_uidvalidity = r->uidvalidity;
+    if (a->state == IMAP_ST_SEARCH && strcmp(r->keyword, "SEARCH") == 0 && r->search_max > a->found_uid)
+        a->found_uid = r->search_max; /* the newest copy, if several */
     /* anything else (EXISTS, FLAGS, OK [ALERT] ...) is not ours to act on */
 }
 
@@ -735,7 +801,7 @@ static void on_list_done(imap_append_t *a, const imap_resp_t *r)
     }
     snprintf(a->res.mailbox, sizeof(a->res.mailbox), "%s", mailbox);
     snprintf(a->mailbox, sizeof(a->mailbox), "%s", mailbox);
-    send_append(a, mailbox);
+    before_append(a);
 }
 
 static void on_tagged(imap_append_t *a, const imap_resp_t *r)
@@ -790,6 +856,11 @@ static void on_tagged(imap_append_t *a, const imap_resp_t *r)
         return;
     case IMAP_ST_LIST:
         on_list_done(a, r);
+        return;
+    case IMAP_ST_EXAMINE:
+    case IMAP_ST_SEARCH:
+    case IMAP_ST_CLOSE:
+        on_check_reply(a, r);
         return;
     case IMAP_ST_APPEND:
         on_append_reply(a, r);
@@ -987,6 +1058,7 @@ static void session_free(imap_append_t *a)
     free_secret(a->password);
     free(a->user);
     free(a->host);
+    free(a->check_msgid);
     free(a->sent_special);
     free(a->sent_named);
     free(a->sent_inbox);
@@ -1001,8 +1073,9 @@ static void log_result(imap_append_t *a)
     if (a->res.status == IMAP_OK)
         log_info("imap", "appended",
                  "session=%016" PRIx64 " user=\"%s\" host=%s mailbox=\"%s\" uidvalidity=%" PRIu32
-                 " uid=%" PRIu32 " size=%zu reused=%d",
-                 a->id, user, a->host, mbx, a->res.uidvalidity, a->res.uid, a->len, a->job_reused);
+                 " uid=%" PRIu32 " size=%zu reused=%d already_stored=%d",
+                 a->id, user, a->host, mbx, a->res.uidvalidity, a->res.uid, a->len, a->job_reused,
+                 a->res.already_stored);
     else
         log_warn("imap", "append_failed",
                  "session=%016" PRIx64 " user=\"%s\" host=%s mailbox=\"%s\" status=%s error=\"%s\"", a->id,
@@ -1191,6 +1264,8 @@ static void pool_park(imap_append_t *a)
     a->arg = NULL;
     a->data = NULL;
     a->len = 0;
+    free(a->check_msgid);
+    a->check_msgid = NULL;
     a->nchunks = a->next_chunk = 0;
     a->reused = a->job_reused = 0;
     a->retried = 0;
@@ -1272,8 +1347,8 @@ static imap_append_t *pool_take(imap_pool_t *p, const char *key)
 }
 
 /* Run the new append on the parked session a: APPEND only. */
-static imap_append_t *start_reused(imap_append_t *a, unsigned timeout_ms, const char *data, size_t len,
-                                   imap_append_cb cb, void *arg)
+static imap_append_t *start_reused(imap_append_t *a, unsigned timeout_ms, const char *check_msgid,
+                                   const char *data, size_t len, imap_append_cb cb, void *arg)
 {
     imap_pool_t *p = a->pool;
     a->data = data;
@@ -1294,7 +1369,9 @@ static imap_append_t *start_reused(imap_append_t *a, unsigned timeout_ms, const 
     p->st.reused++;
     pool_debug(a, "reuse", NULL);
     snprintf(a->res.mailbox, sizeof(a->res.mailbox), "%s", a->mailbox);
-    send_append(a, a->mailbox);
+    free(a->check_msgid);
+    a->check_msgid = check_msgid && check_msgid[0] ? xstrdup(check_msgid) : NULL;
+    before_append(a);
     return a;
 }
 
@@ -1323,7 +1400,7 @@ static int serve_waiter(imap_pool_t *p, imap_append_t *w)
         w->pa = NULL;
         w->served_by = s;
         pool_debug(w, "wait_served", "parked");
-        start_reused(s, w->timeout_ms, w->data, w->len, forward_done, w);
+        start_reused(s, w->timeout_ms, w->check_msgid, w->data, w->len, forward_done, w);
         return 1;
     }
     if (w->pa->nconn >= p->lim.max_conns_per_account)
@@ -1366,7 +1443,11 @@ static void pool_wake(imap_pool_t *p)
  * our bytes arrived). A clean EOF after everything left is ambiguous. */
 static int may_retry(imap_append_t *a, stream_t *s)
 {
-    if (!a->reused || a->retried || a->state != IMAP_ST_APPEND || a->append_answered)
+    if (!a->reused || a->retried)
+        return 0;
+    if (a->state == IMAP_ST_EXAMINE || a->state == IMAP_ST_SEARCH || a->state == IMAP_ST_CLOSE)
+        return 1; /* nothing stored yet */
+    if (a->state != IMAP_ST_APPEND || a->append_answered)
         return 0;
     if (a->waiting_cont || a->next_chunk < a->nchunks || stream_pending_out(s) > 0)
         return 1;
@@ -1486,8 +1567,8 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
         imap_append_t *reused = pool_take(acct->pool, key);
         if (reused) {
             free(key);
-            return start_reused(reused, acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS, data, len,
-                                cb, arg);
+            return start_reused(reused, acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS,
+                                acct->check_message_id, data, len, cb, arg);
         }
     }
     imap_append_t *a = xcalloc(1, sizeof(*a));
@@ -1497,6 +1578,8 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
     a->host = xstrdup(acct->host ? acct->host : "");
     a->user = xstrdup_or_null(acct->user);
     a->password = xstrdup_or_null(acct->password);
+    if (acct->check_message_id && acct->check_message_id[0])
+        a->check_msgid = xstrdup(acct->check_message_id);
     a->tls = acct->tls;
     a->verify_host = acct->verify_host;
     a->timeout_ms = acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS;

@@ -86,6 +86,11 @@ typedef struct imap_account {
     const char            *user, *password;
     unsigned               timeout_ms;  /* per command, 0 means 30000 */
     struct imap_pool      *pool;        /* NULL: one session per append (LOGOUT after it) */
+    /* Non-NULL: before APPEND, EXAMINE the \Sent mailbox and UID SEARCH
+     * HEADER Message-ID for this value; a copy found is reported as
+     * stored (its UID, already_stored = 1) instead of appending a second.
+     * For retries after an uncertain outcome; costs three round trips. */
+    const char            *check_message_id;
 } imap_account_t;
 
 typedef struct imap_append_result {
@@ -95,6 +100,7 @@ typedef struct imap_append_result {
     char     error[512];       /* server text or local reason when status != OK */
     unsigned connections;      /* connections this append opened (0 when it ran on a parked session) */
     int      reused;           /* 1 when it started on a parked (pooled) session */
+    int      already_stored;   /* check_message_id found it: nothing appended, uid is the existing copy's */
 } imap_append_result_t;
 
 typedef void (*imap_append_cb)(void *arg, const imap_append_result_t *res); /* res valid only during the call */

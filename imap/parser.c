@@ -455,6 +455,12 @@ static int parse_resp_text(cursor_t *c, imap_resp_t *r)
             r->caps = parse_caps(c->p + args, args_end - args);
         } else if (strcmp(r->code, "APPENDUID") == 0) {
             parse_appenduid(r, c->p + args, args_end - args);
+        } else if (strcmp(r->code, "UIDVALIDITY") == 0) {
+            uint32_t v = 0;
+            if (args_end > args && parse_nz32(c->p + args, args_end - args, &v) == args_end - args) {
+                r->has_uidvalidity = 1;
+                r->uidvalidity = v;
+            }
         }
         cur_sp(c);
     }
@@ -531,6 +537,26 @@ static int parse_list(cursor_t *c, imap_resp_t *r)
     return 0;
 }
 
+/* "* SEARCH" *(SP nz-number): how many, and the highest. */
+static int parse_search(cursor_t *c, imap_resp_t *r)
+{
+    while (!cur_eol(c)) {
+        if (!cur_sp(c))
+            return fail(r, "expected SP in SEARCH data");
+        if (cur_eol(c))
+            break; /* a trailing space: lenient */
+        uint32_t v = 0;
+        size_t k = parse_nz32(c->p + c->pos, c->len - c->pos, &v);
+        if (k == 0)
+            return fail(r, "SEARCH data is not a list of numbers");
+        c->pos += k;
+        r->search_count++;
+        if (v > r->search_max)
+            r->search_max = v;
+    }
+    return 0;
+}
+
 static int parse_untagged(cursor_t *c, imap_resp_t *r)
 {
     r->kind = IMAP_RESP_UNTAGGED;
@@ -568,6 +594,8 @@ static int parse_untagged(cursor_t *c, imap_resp_t *r)
     if (strcmp(r->keyword, "LIST") == 0 || strcmp(r->keyword, "LSUB") == 0 ||
         strcmp(r->keyword, "XLIST") == 0)
         return parse_list(c, r);
+    if (strcmp(r->keyword, "SEARCH") == 0)
+        return parse_search(c, r);
     return 0;
 }
 

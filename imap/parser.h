@@ -8,9 +8,10 @@
  * several lines) and says how many bytes that was, or asks for more.
  *
  * Only what an APPEND session needs is decoded: status and text, response
- * codes (CAPABILITY and APPENDUID with their arguments, the name of any
- * other), CAPABILITY data, LIST/LSUB/XLIST data. Other untagged data
- * (EXISTS, FLAGS, FETCH ...) is framed and reported by keyword only.
+ * codes (CAPABILITY, APPENDUID and UIDVALIDITY with their arguments, the
+ * name of any other), CAPABILITY data, LIST/LSUB/XLIST data, SEARCH data
+ * (count and highest number). Other untagged data (EXISTS, FLAGS, FETCH
+ * ...) is framed and reported by keyword only.
  *
  * Everything decoded is copied into imap_resp_t: it does not point into
  * the input, which the caller may consume right away.
@@ -96,8 +97,13 @@ typedef struct imap_resp {
     /* resp-text-code: "[CODE args]" of a status response */
     char        code[32];     /* upper case; "" when there is none */
     int         has_appenduid;/* code is APPENDUID with a valid "nz-number SP nz-number" */
-    uint32_t    uidvalidity;  /* APPENDUID */
+    int         has_uidvalidity; /* code is UIDVALIDITY with a valid nz-number (SELECT/EXAMINE) */
+    uint32_t    uidvalidity;  /* APPENDUID or UIDVALIDITY */
     uint32_t    uid;          /* APPENDUID */
+
+    /* "* SEARCH n n ..." (UID SEARCH gives UIDs) */
+    uint32_t    search_count; /* numbers listed */
+    uint32_t    search_max;   /* the highest, 0 when none */
 
     /* capabilities, from "[CAPABILITY ...]" or "* CAPABILITY ..." */
     int         has_caps;

@@ -43,6 +43,7 @@ typedef enum {
     MET_SMTP_ROUTE_SKIPS,   /* candidates skipped because their address was down */
     MET_IMAP_SESSIONS,      /* IMAP connections opened */
     MET_IMAP_SESSIONS_REUSED, /* appends that ran on a pooled IMAP session */
+    MET_IMAP_ALREADY_STORED, /* retried Sent copies found already stored */
     MET_COUNTER_LAST
 } metric_counter_t;
 

@@ -1381,3 +1381,49 @@ int mime_wire_segments(const char *msg, size_t len, mime_seg_t **segs, size_t *n
     *nseg = k;
     return MIME_OK;
 }
+
+int mime_header_find(const char *msg, size_t len, const char *name, char *out, size_t outlen)
+{
+    size_t nlen = strlen(name);
+    size_t i = 0;
+    while (i < len) {
+        if (msg[i] == '\r' || msg[i] == '\n')
+            break; /* the empty line: end of the header section */
+        size_t eol = i;
+        while (eol < len && msg[eol] != '\n')
+            eol++;
+        if (eol - i > nlen && strncasecmp(msg + i, name, nlen) == 0 && msg[i + nlen] == ':') {
+            /* the value, with its continuation lines, unfolded */
+            size_t o = 0;
+            size_t p = i + nlen + 1;
+            for (;;) {
+                size_t end = p;
+                while (end < len && msg[end] != '\n')
+                    end++;
+                size_t stop = end > p && msg[end - 1] == '\r' ? end - 1 : end;
+                for (size_t k = p; k < stop; k++) {
+                    if (o + 1 >= outlen)
+                        return MIME_EINVAL;
+                    out[o++] = msg[k];
+                }
+                if (end + 1 < len && (msg[end + 1] == ' ' || msg[end + 1] == '\t')) {
+                    p = end + 1;
+                    continue;
+                }
+                break;
+            }
+            size_t b = 0;
+            while (b < o && (out[b] == ' ' || out[b] == '\t'))
+                b++;
+            while (o > b && (out[o - 1] == ' ' || out[o - 1] == '\t'))
+                o--;
+            if (o == b)
+                return MIME_EINVAL;
+            memmove(out, out + b, o - b);
+            out[o - b] = '\0';
+            return MIME_OK;
+        }
+        i = eol + 1;
+    }
+    return MIME_EINVAL;
+}

@@ -140,4 +140,13 @@ int mime_wire_segments(const char *msg, size_t len, mime_seg_t **segs, size_t *n
  */
 int mime_encode_header_value(buf_t *out, const char *name, const char *value);
 
+/*
+ * The value of the first header field called name (case-insensitive) in
+ * the header section of msg (up to the first empty line), unfolded (each
+ * CRLF or LF before white space removed) and trimmed, NUL-terminated into
+ * out. MIME_OK; MIME_EINVAL when there is no such field or its value does
+ * not fit in outlen. For a built message's own Message-ID, say.
+ */
+int mime_header_find(const char *msg, size_t len, const char *name, char *out, size_t outlen);
+
 #endif

@@ -44,6 +44,7 @@
 #include "core/util.h"
 #include "tests/support/stackenv.h"
 #include "imap/imap.h"
+#include "mime/build.h"
 
 #define STACK_HINT "run `deploy/local/stack up` first (as root), then re-run this test"
 
@@ -190,7 +191,15 @@ static void account_for(const job_t *j, imap_account_t *acct, struct sockaddr_in
     acct->timeout_ms = 10000;
 }
 
+static outcome_t run_append_checked(const job_t *j, const char *msg, const char *check_msgid);
+
 static outcome_t run_append(const job_t *j, const char *msg)
+{
+    return run_append_checked(j, msg, NULL);
+}
+
+/* One append on its own loop; check_msgid as acct.check_message_id. */
+static outcome_t run_append_checked(const job_t *j, const char *msg, const char *check_msgid)
 {
     if (!E.ready)
         fail_msg("local stack not ready: " STACK_HINT);
@@ -199,6 +208,7 @@ static outcome_t run_append(const job_t *j, const char *msg)
     struct sockaddr_in sin;
     imap_account_t acct;
     account_for(j, &acct, &sin);
+    acct.check_message_id = check_msgid;
     outcome_t o;
     memset(&o, 0, sizeof(o));
     assert_non_null(imap_append_start(loop, &acct, msg, strlen(msg), on_done, &o));
@@ -286,6 +296,36 @@ static void verify_stored(const char *user, const imap_append_result_t *res, con
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
         fail_msg("independent check (python imaplib) failed for %s uid %u (exit %d)", res->mailbox, res->uid,
                  WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+}
+
+/* How many messages in the user's Sent carry this Message-ID (Python's
+ * imaplib, independent of our client); -1 when the check itself failed. */
+static int count_with_message_id(const char *user, const char *mid)
+{
+    static const char COUNT_PY[] =
+        "import imaplib, ssl, sys\n"
+        "host, port, ca, user, pw, mid = sys.argv[1:7]\n"
+        "ctx = ssl.create_default_context(cafile=ca)\n"
+        "ctx.check_hostname = False\n"
+        "im = imaplib.IMAP4_SSL(host, int(port), ssl_context=ctx)\n"
+        "im.login(user, pw)\n"
+        "im.select('Sent', readonly=True)\n"
+        "typ, data = im.uid('SEARCH', 'HEADER', 'Message-ID', '\"' + mid + '\"')\n"
+        "im.logout()\n"
+        "sys.exit(len(data[0].split()) if typ == 'OK' else 100)\n";
+    char port[16];
+    snprintf(port, sizeof(port), "%u", E.imaps_port);
+    char *const argv[] = { "/usr/bin/python3", "-c", (char *)COUNT_PY, E.host, port, E.ca_file, (char *)user,
+                           E.password, (char *)mid, NULL };
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    int st = 0;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    return WIFEXITED(st) && WEXITSTATUS(st) < 100 ? WEXITSTATUS(st) : -1;
 }
 
 static void expect_ok(const outcome_t *o)
@@ -500,6 +540,39 @@ static void test_pool_five_appends(void **state)
         free(msg[i]);
 }
 
+/* A retry after an uncertain outcome: with check_message_id, Dovecot's
+ * Sent folder is searched first; the copy stored before is found (same
+ * UID, nothing appended), a message not stored yet is appended. The count
+ * of copies is checked with Python's imaplib. */
+static void test_check_message_id(void **state)
+{
+    job_t j = { "imap.test.example", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[0], E.password };
+    char *msg = make_message(E.user[0], "checked");
+    char mid[256];
+    assert_int_equal(mime_header_find(msg, strlen(msg), "Message-ID", mid, sizeof(mid)), MIME_OK);
+    outcome_t o1 = run_append(&j, msg);
+    expect_ok(&o1);
+    assert_int_equal(o1.res.already_stored, 0);
+    outcome_t o2 = run_append_checked(&j, msg, mid);
+    expect_ok(&o2);
+    assert_int_equal(o2.res.already_stored, 1);
+    assert_int_equal(o2.res.uidvalidity, o1.res.uidvalidity);
+    assert_int_equal(o2.res.uid, o1.res.uid);
+    assert_int_equal(count_with_message_id(E.user[0], mid), 1);
+
+    char *other = make_message(E.user[0], "checked, new");
+    char mid2[256];
+    assert_int_equal(mime_header_find(other, strlen(other), "Message-ID", mid2, sizeof(mid2)), MIME_OK);
+    outcome_t o3 = run_append_checked(&j, other, mid2);
+    expect_ok(&o3);
+    assert_int_equal(o3.res.already_stored, 0);
+    assert_true(o3.res.uid > o1.res.uid);
+    verify_stored(E.user[0], &o3.res, other);
+    assert_int_equal(count_with_message_id(E.user[0], mid2), 1);
+    free(msg);
+    free(other);
+}
+
 static void test_wrong_password(void **state)
 {
     job_t j = { "127.0.0.1", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[0], "not-the-password" };
@@ -553,6 +626,7 @@ int main(void)
         cmocka_unit_test(test_starttls),
         cmocka_unit_test(test_concurrent),
         cmocka_unit_test(test_pool_five_appends),
+        cmocka_unit_test(test_check_message_id),
         cmocka_unit_test(test_wrong_password),
         cmocka_unit_test(test_wrong_ca),
         cmocka_unit_test(test_wrong_host_name),

@@ -11,6 +11,7 @@ import email.policy
 import imaplib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -491,6 +492,51 @@ class ImapFailure(unittest.TestCase):
                         copies += msg_id.encode() in f.read()
             self.assertEqual(copies, 1)
         finally:
+            self.assertEqual(d.stop(), 0)
+            tap.close()
+
+
+class SentCopyRetry(unittest.TestCase):
+    def test_copy_stored_by_an_earlier_attempt_is_found_not_appended_again(self):
+        """An earlier worker stored the Sent copy and died before its ack:
+        the message comes back redelivered, the worker searches the Sent
+        folder for its Message-ID first and reports the copy that is there
+        (same UID) instead of storing a second one."""
+        env = mpstack.stack_env()
+        d = mpstack.Daemon(env, workers=1)
+        tap = mpstack.EventTap(env, d.exchange)
+        msg_id = "sentcopy-" + os.urandom(6).hex()
+        im = imaplib.IMAP4_SSL(env["MP_IMAP_HOST"], int(env["MP_IMAPS_PORT"]),
+                               ssl_context=mpstack.imap_ssl_context(env))
+        conn, ch = mpstack.amqp_channel(env)
+        try:
+            im.login("alice@test.example", env["MP_IMAP_PASSWORD"])
+            earlier = (f"From: alice@test.example\r\nTo: kim@test.example\r\n"
+                       f"Message-ID: <{msg_id}@test.example>\r\nSubject: stored before\r\n\r\n"
+                       f"the earlier attempt's copy\r\n").encode()
+            typ, data = im.append("Sent", "(\\Seen)", None, earlier)
+            self.assertEqual(typ, "OK", data)
+            uid0 = int(re.search(rb"APPENDUID \d+ (\d+)", data[0]).group(1))
+
+            ch.queue_declare(d.queue, durable=True, arguments={"x-max-priority": 10})
+            ch.confirm_delivery()
+            ch.basic_publish("", d.queue, json.dumps({
+                "id": msg_id, "from": "alice@test.example", "to": ["kim@test.example"],
+                "subject": "stored before", "text": "sent once"}), pika.BasicProperties(delivery_mode=2))
+            method, _, _ = ch.basic_get(d.queue, auto_ack=False)  # the worker that died
+            self.assertIsNotNone(method)
+            ch.basic_nack(method.delivery_tag, requeue=True)
+            d.start()
+            ev = tap.wait(lambda e: e.get("message_id") == msg_id and e["event"] == "appended", 1)[0]
+            self.assertEqual(ev["imap"]["uid"], uid0)
+            self.assertEqual(d.metric("mailpump_imap_copies_found_total"), 1)
+            im.select("Sent", readonly=True)
+            typ, data = im.uid("SEARCH", "HEADER", "Message-ID", f"<{msg_id}@test.example>")
+            self.assertEqual(typ, "OK")
+            self.assertEqual(data[0].split(), [str(uid0).encode()])
+        finally:
+            conn.close()
+            im.logout()
             self.assertEqual(d.stop(), 0)
             tap.close()
 

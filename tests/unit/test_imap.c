@@ -317,6 +317,33 @@ static void test_parser_limits(void **state)
     buf_free(&b);
 }
 
+/* UIDVALIDITY (EXAMINE) and SEARCH data: what the Message-ID check reads. */
+static void test_parser_search_uidvalidity(void **state)
+{
+    imap_resp_t r;
+    size_t used = 0;
+    const char *ok = "* OK [UIDVALIDITY 1700000001] UIDs valid\r\n";
+    assert_int_equal(imap_resp_parse(ok, strlen(ok), &r, &used), IMAP_PARSE_DONE);
+    assert_true(r.has_uidvalidity);
+    assert_int_equal(r.uidvalidity, 1700000001u);
+    const char *zero = "* OK [UIDVALIDITY 0] bad\r\n";
+    assert_int_equal(imap_resp_parse(zero, strlen(zero), &r, &used), IMAP_PARSE_DONE);
+    assert_false(r.has_uidvalidity);
+    const char *srch = "* SEARCH 3 19 7\r\n";
+    assert_int_equal(imap_resp_parse(srch, strlen(srch), &r, &used), IMAP_PARSE_DONE);
+    assert_string_equal(r.keyword, "SEARCH");
+    assert_int_equal(r.search_count, 3);
+    assert_int_equal(r.search_max, 19);
+    const char *none = "* SEARCH\r\n";
+    assert_int_equal(imap_resp_parse(none, strlen(none), &r, &used), IMAP_PARSE_DONE);
+    assert_int_equal(r.search_count, 0);
+    assert_int_equal(r.search_max, 0);
+    const char *bad = "* SEARCH 3 x\r\n";
+    assert_int_equal(imap_resp_parse(bad, strlen(bad), &r, &used), IMAP_PARSE_ERROR);
+    for (size_t k = 0; k < strlen(srch); k++) /* every prefix asks for more */
+        assert_int_equal(imap_resp_parse(srch, k, &r, &used), IMAP_PARSE_MORE);
+}
+
 static void test_strerror(void **state)
 {
     const int all[] = { IMAP_OK, IMAP_ENETWORK, IMAP_ETIMEOUT, IMAP_ETLS, IMAP_EAUTH,
@@ -619,6 +646,7 @@ typedef struct run_opts {
     const char *password;
     unsigned    timeout_ms;
     int         cancel_after_ms; /* > 0: cancel the append then */
+    const char *check_msgid;     /* acct.check_message_id */
 } run_opts_t;
 
 static void run_loop_until(loop_t *loop, int (*done)(void *), void *arg, unsigned max_ms)
@@ -663,6 +691,7 @@ static outcome_t run_script(const step_t *steps, size_t nsteps, const run_opts_t
         .user = opt && opt->user ? opt->user : "alice@test.example",
         .password = opt && opt->password ? opt->password : "secret",
         .timeout_ms = opt && opt->timeout_ms ? opt->timeout_ms : 5000,
+        .check_message_id = opt ? opt->check_msgid : NULL,
     };
     outcome_t o;
     memset(&o, 0, sizeof(o));
@@ -1712,6 +1741,99 @@ static void test_pool_cancel_served_waiter(void **state)
     penv_end(&e);
 }
 
+#define CHECK_EXAMINE "A3 EXAMINE \"Sent\"\r\n"
+#define CHECK_EXAMINE_OK "* 2 EXISTS\r\n* OK [UIDVALIDITY 77] UIDs valid\r\nA3 OK [READ-ONLY] Examine completed\r\n"
+#define CHECK_SEARCH "A4 UID SEARCH HEADER Message-ID \"<m1@test.example>\"\r\n"
+
+/* check_message_id finds the copy an earlier attempt stored: its UID is
+ * reported, nothing is appended. */
+static void test_check_found(void **state)
+{
+    const step_t steps[] = {
+        P_OPEN("alice@test.example"),
+        { CHECK_EXAMINE, CHECK_EXAMINE_OK, 0, 0 },
+        { CHECK_SEARCH, "* SEARCH 2 5\r\nA4 OK Search completed\r\n", 0, 0 },
+        { "A5 CLOSE\r\n", "A5 OK Close completed\r\n", 0, 0 },
+        { "A6 LOGOUT\r\n", "* BYE\r\nA6 OK\r\n", 0, 1 },
+    };
+    run_opts_t opt = { .check_msgid = "<m1@test.example>" };
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    assert_int_equal(o.res.status, IMAP_OK);
+    assert_int_equal(o.res.already_stored, 1);
+    assert_int_equal(o.res.uidvalidity, 77);
+    assert_int_equal(o.res.uid, 5); /* the newest of the two */
+    assert_string_equal(o.res.mailbox, "Sent");
+}
+
+/* Not there: the same conversation, then the APPEND. */
+static void test_check_absent_appends(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        P_OPEN("alice@test.example"),
+        { CHECK_EXAMINE, CHECK_EXAMINE_OK, 0, 0 },
+        { CHECK_SEARCH, "* SEARCH\r\nA4 OK Search completed\r\n", 0, 0 },
+        { "A5 CLOSE\r\n", "A5 OK Close completed\r\n", 0, 0 },
+        { append_cmd(app, sizeof(app), "A6", "\"Sent\"", 1, 1), "A6 OK [APPENDUID 77 3] done\r\n", 0, 0 },
+        { "A7 LOGOUT\r\n", "* BYE\r\nA7 OK\r\n", 0, 1 },
+    };
+    run_opts_t opt = { .check_msgid = "<m1@test.example>" };
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    assert_int_equal(o.res.status, IMAP_OK);
+    assert_int_equal(o.res.already_stored, 0);
+    assert_int_equal(o.res.uid, 3);
+}
+
+/* A server that refuses the search: the copy is stored anyway (the check
+ * is a precaution, never a reason to lose the Sent copy). */
+static void test_check_refused_still_appends(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        P_OPEN("alice@test.example"),
+        { CHECK_EXAMINE, "A3 NO [NOPERM] not allowed\r\n", 0, 0 },
+        { append_cmd(app, sizeof(app), "A4", "\"Sent\"", 1, 1), "A4 OK [APPENDUID 77 4] done\r\n", 0, 0 },
+        { "A5 LOGOUT\r\n", "* BYE\r\nA5 OK\r\n", 0, 1 },
+    };
+    run_opts_t opt = { .check_msgid = "<m1@test.example>" };
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    assert_int_equal(o.res.status, IMAP_OK);
+    assert_int_equal(o.res.already_stored, 0);
+    assert_int_equal(o.res.uid, 4);
+}
+
+/* Pooled: the check runs on a reused session too (tags go on), and the
+ * session is parked again after a copy was found. */
+static void test_pool_check_on_reused(void **state)
+{
+    char a3[1024];
+    const step_t c0[] = {
+        P_OPEN("alice@test.example"),
+        { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { "A4 EXAMINE \"Sent\"\r\n", "* OK [UIDVALIDITY 77] ok\r\nA4 OK [READ-ONLY] done\r\n", 0, 0 },
+        { "A5 UID SEARCH HEADER Message-ID \"<m1@test.example>\"\r\n", "* SEARCH 1\r\nA5 OK done\r\n", 0, 0 },
+        { "A6 CLOSE\r\n", "A6 OK done\r\n", 0, 0 },
+        { "A7 LOGOUT\r\n", "A7 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) } };
+    penv_t e;
+    penv_start(&e, sc, 1, NULL);
+    outcome_t o1 = penv_append(&e, "alice@test.example");
+    assert_int_equal(o1.res.status, IMAP_OK);
+    imap_account_t acct = penv_acct(&e, "alice@test.example");
+    acct.check_message_id = "<m1@test.example>";
+    outcome_t o2;
+    memset(&o2, 0, sizeof(o2));
+    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2));
+    penv_wait_calls(&e, &o2, 1);
+    assert_int_equal(o2.res.status, IMAP_OK);
+    assert_int_equal(o2.res.already_stored, 1);
+    assert_int_equal(o2.res.uid, 1);
+    assert_int_equal(o2.res.reused, 1);
+    assert_int_equal(penv_stats(&e).idle, 1);
+    penv_end(&e);
+}
+
 /* A reused session reset by the server before any answer to APPEND: the
  * server's socket was gone, so the append moves to a fresh connection
  * once and the caller sees only the success. */
@@ -1777,6 +1899,7 @@ int main(void)
         cmocka_unit_test(test_parser_table),
         cmocka_unit_test(test_parser_prefixes),
         cmocka_unit_test(test_parser_limits),
+        cmocka_unit_test(test_parser_search_uidvalidity),
         cmocka_unit_test(test_strerror),
         cmocka_unit_test(test_append_literal_plus),
         cmocka_unit_test(test_append_sync_literal),
@@ -1816,6 +1939,10 @@ int main(void)
         cmocka_unit_test(test_pool_cap_queues),
         cmocka_unit_test(test_pool_wait_timeout_and_cancel),
         cmocka_unit_test(test_pool_cancel_served_waiter),
+        cmocka_unit_test(test_check_found),
+        cmocka_unit_test(test_check_absent_appends),
+        cmocka_unit_test(test_check_refused_still_appends),
+        cmocka_unit_test(test_pool_check_on_reused),
         cmocka_unit_test(test_pool_no_retry_after_eof),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -1060,6 +1060,30 @@ static void test_unfoldable_word_after_field_name(void **state)
     }
 }
 
+/* mime_header_find: first field of the name, any case, unfolded and
+ * trimmed; never past the header section; too small a buffer refused. */
+static void test_header_find(void **state)
+{
+    const char m[] = "From: a@b.example\r\n"
+                     "message-id:\r\n  <x.1@b.example>  \r\n"
+                     "Message-ID: <second@b.example>\r\n"
+                     "Subject: one\r\n\ttwo\r\n"
+                     "\r\n"
+                     "X-In-Body: no\r\n";
+    char out[64];
+    assert_int_equal(mime_header_find(m, sizeof(m) - 1, "Message-ID", out, sizeof(out)), MIME_OK);
+    assert_string_equal(out, "<x.1@b.example>");
+    assert_int_equal(mime_header_find(m, sizeof(m) - 1, "subject", out, sizeof(out)), MIME_OK);
+    assert_string_equal(out, "one\ttwo");
+    assert_int_equal(mime_header_find(m, sizeof(m) - 1, "X-In-Body", out, sizeof(out)), MIME_EINVAL);
+    assert_int_equal(mime_header_find(m, sizeof(m) - 1, "From", out, 5), MIME_EINVAL);
+    assert_int_equal(mime_header_find(m, sizeof(m) - 1, "Fro", out, sizeof(out)), MIME_EINVAL);
+    assert_int_equal(mime_header_find("Subject:  \r\n\r\n", 14, "Subject", out, sizeof(out)), MIME_EINVAL);
+    /* LF-only input and a field on the last line without its newline */
+    assert_int_equal(mime_header_find("A: 1\nB: 2", 9, "B", out, sizeof(out)), MIME_OK);
+    assert_string_equal(out, "2");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1089,6 +1113,7 @@ int main(void)
         cmocka_unit_test(test_build_random_invariants),
         cmocka_unit_test(test_build_then_stuff),
         cmocka_unit_test(test_unfoldable_word_after_field_name),
+        cmocka_unit_test(test_header_find),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
