@@ -26,6 +26,11 @@
  *  waited in the pool for a slot on an address that went down meanwhile
  *  gives the slot back instead of connecting.
  *
+ *  Hold: with request.before_body each session gets our hook, which
+ *  numbers the hold (d->hold) and passes it on; deliver_resume() wakes the
+ *  session only for the hold still current, so a resume that arrives
+ *  after its session ended (timeout while held, failover) does nothing.
+ *
  *  The user callback always runs from a zero-delay timer of our own: never
  *  inside deliver_start(), never deep inside a session/stream callback
  *  chain, and the deliver_t can be released right after it returns.
@@ -87,6 +92,10 @@ struct deliver {
     size_t                 nsegs;
     size_t                 message_size;
     unsigned               need;
+    deliver_hold_cb        before_body;
+    void                  *before_body_arg;
+    uint64_t               hold;        /* id of the held transaction of d->sess; 0 none */
+    uint64_t               hold_seq;
     char                  *log_id;
     deliver_candidate_t   *cands;
     size_t                 ncands;
@@ -650,6 +659,23 @@ static size_t open_left(const deliver_t *d)
     return left;
 }
 
+/* The session's 354 is in: number the hold, let the owner decide when.
+ * Nothing of d is touched after the owner's hook returns. */
+static void on_session_hold(void *arg, smtp_session_t *s, const char *const *accepted, size_t n)
+{
+    deliver_t *d = arg;
+    d->hold = ++d->hold_seq;
+    d->before_body(d->before_body_arg, d, d->hold, accepted, n);
+}
+
+void deliver_resume(deliver_t *d, uint64_t hold)
+{
+    if (d == NULL || hold == 0 || hold != d->hold || d->sess == NULL)
+        return;
+    d->hold = 0;
+    smtp_session_resume(d->sess);
+}
+
 static smtp_session_params_t session_params(deliver_t *d)
 {
     const deliver_ctx_t *ctx = d->ctx;
@@ -680,6 +706,8 @@ static smtp_session_params_t session_params(deliver_t *d)
         .auth_user = ctx->auth_user,
         .auth_pass = ctx->auth_pass,
         .tls_cache = ctx->tls_cache,
+        .before_body = d->before_body ? on_session_hold : NULL,
+        .before_body_arg = d,
     };
     return p;
 }
@@ -792,6 +820,7 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
     deliver_t *d = arg;
     size_t still_open = 0, progress = 0;
 
+    d->hold = 0; /* a transaction held until now is over: a late resume is void */
     d->res.tls_version = sr->tls_version;
     d->res.tls_cipher = sr->tls_cipher;
     d->res.features = sr->features;
@@ -831,6 +860,8 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
             progress++;
         } else {
             still_open++;
+            if (rr->accepted && sr->dot_sent)
+                d->results[d->open_idx[j]].maybe_sent = 1;
         }
     }
     d->last_status = sr->status;
@@ -904,6 +935,8 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
     d->nsegs = req->nsegs;
     d->message_size = req->message_size;
     d->need = req->need;
+    d->before_body = req->before_body;
+    d->before_body_arg = req->before_body_arg;
     d->log_id = req->log_id ? xstrdup(req->log_id) : NULL;
     const deliver_candidate_t *src = req->candidates;
     size_t nsrc = req->ncandidates;

@@ -28,12 +28,21 @@
  * or the default; relay mode replaces the MX list by the smarthost and
  * authenticates (only inside TLS).
  *
+ * Hold before the body (request.before_body, optional): every transaction
+ * of the attempt (split recipients, another MX, a fresh connection after
+ * a dead pooled one) calls it once, after the server's 354, with the
+ * recipients it accepted at RCPT; that transaction's payload waits until
+ * the owner calls deliver_resume(). The owner records what it must before
+ * the final dot (the ledger's "sending") and resumes whatever the outcome
+ * of its own write: the hold never decides the delivery.
+ *
  * Thread-safety: none; use from the loop's thread only.
  */
 #ifndef MP_DELIVERER_DELIVER_H
 #define MP_DELIVERER_DELIVER_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/socket.h>
 #include <openssl/ssl.h>
 
@@ -93,6 +102,9 @@ typedef struct deliver_rcpt_result {
     int         code;      /* deciding reply code, 0 when none (network, timeout, ...) */
     char        enh[16];
     char        text[512]; /* reply text, or what went wrong */
+    int         maybe_sent;/* accepted, and its transaction's final dot went out without a
+                            * reply (RFC 1047): the server may have the message although the
+                            * outcome is not "delivered" */
 } deliver_rcpt_result_t;
 
 typedef struct deliver_result {
@@ -114,6 +126,15 @@ typedef struct deliver_result {
                                           * SMTPUTF8, PIPELINING, ...); zero if none answered */
 } deliver_result_t;
 
+typedef struct deliver deliver_t;
+
+/* A transaction of d has its 354: accepted[0..n-1] (n >= 1) are its
+ * recipients the server took, deliver's copies of request strings; the
+ * array is valid during the call, the strings until d's callback. The
+ * body goes once deliver_resume(d, hold) is called (from inside the hook
+ * or later). Never cancel d from inside. */
+typedef void (*deliver_hold_cb)(void *arg, deliver_t *d, uint64_t hold, const char *const *accepted, size_t n);
+
 typedef struct deliver_request {
     const char        *mail_from;    /* "" for the null sender; copied */
     const char *const *rcpts;        /* copied */
@@ -130,11 +151,12 @@ typedef struct deliver_request {
     const char        *log_id;       /* message id for log lines; copied, may be NULL */
     const char        *domain;       /* recipient domain: picks the TLS policy; NULL: default */
     unsigned           need;         /* SMTP_NEED_8BITMIME / SMTP_NEED_SMTPUTF8 */
+    deliver_hold_cb    before_body;  /* NULL: each body follows its 354 at once */
+    void              *before_body_arg;
 } deliver_request_t;
 
 /* res is valid only during the call. */
 typedef void (*deliver_cb)(void *arg, const deliver_result_t *res);
-typedef struct deliver deliver_t;
 
 /*
  * Per-worker delivery context: the session pool, the TLS session cache and
@@ -203,6 +225,12 @@ deliver_t *deliver_start(loop_t *loop, const deliver_config_t *cfg, const delive
 /* cb will not fire; the connection is closed. NULL is harmless; so is a
  * call from inside the delivery's own callback (nothing more happens). */
 void deliver_cancel(deliver_t *d);
+
+/* Let the transaction held with this hold id send its body. Harmless when
+ * that transaction is over (its session timed out or lost the connection
+ * while held: the attempt went on without it). Only while d is alive:
+ * before its callback fires and before deliver_cancel(). */
+void deliver_resume(deliver_t *d, uint64_t hold);
 
 /*
  * Flatten an MX answer into candidates: every address of a host before the

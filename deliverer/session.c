@@ -22,6 +22,14 @@
  *  when nobody was accepted cannot be answered with RSET (it would be
  *  message text), so that connection is closed instead of reused.
  *
+ *  Hold (params.before_body): a 354 that would start the body enters
+ *  HOLD instead and hands the accepted recipients to the owner; the body
+ *  goes out on smtp_session_resume(). The hook may resume from inside
+ *  (s->in_hold_cb: the flag is acted on once it returns, so the hook
+ *  never runs inside enter_state(BODY)). While held the server owes us
+ *  nothing: any reply is unsolicited, and the stream's inactivity
+ *  timeout (data_block) still runs.
+ *
  *  Reuse: with keep_open the end of a transaction leads to IDLE (after
  *  RSET when the server may still hold an open transaction) instead of
  *  QUIT. An IDLE session has no timeout of its own (the pool expires it)
@@ -38,8 +46,9 @@
  *  close. QUIT itself never fails a session.
  * DIAGNOSTICS
  *  One info line per session (mod=smtp event=session) with message id,
- *  session id, MX, TLS version and the result; state transitions, commands
- *  and replies at debug. Sessions ending in a network, TLS or timeout
+ *  session id, MX, TLS version and the result; state transitions, commands,
+ *  replies, and a hold with its accepted recipients and (on resume) how
+ *  long it lasted (event=hold / event=resume held_ms=) at debug. Sessions ending in a network, TLS or timeout
  *  error count in MET_SMTP_SESSION_ERRORS (opened sessions are counted by
  *  the worker from deliver_result_t.attempts_made).
  */
@@ -92,6 +101,9 @@ struct smtp_session {
     unsigned              ntxn;        /* transactions completed on this connection */
     uint64_t              born_ms;
     unsigned              txn_seq;     /* bumped by smtp_session_next() */
+    int                   in_hold_cb;  /* inside params.before_body */
+    int                   hold_resumed;/* smtp_session_resume() came from inside it */
+    uint64_t              held_ms;     /* when HOLD was entered (for the log) */
     /* the connection outlives the delivery that opened it: own copies */
     char                  mx_host[256];
     struct sockaddr_storage addr;
@@ -126,6 +138,11 @@ static const struct smtp_state_info {
     [SMTP_STATE_MAIL] = { "MAIL", offsetof(smtp_timeouts_t, mail_ms), "sending MAIL FROM" },
     [SMTP_STATE_RCPT] = { "RCPT", offsetof(smtp_timeouts_t, rcpt_ms), "sending RCPT TO" },
     [SMTP_STATE_DATA] = { "DATA", offsetof(smtp_timeouts_t, data_init_ms), "sending DATA command" },
+    /* we are the silent side: the server waits 5 minutes for data (RFC
+     * 5321 §4.5.3.2.7); the data block timeout (§4.5.3.2.5, 3 minutes)
+     * ends a hold well inside that */
+    [SMTP_STATE_HOLD] = { "HOLD", offsetof(smtp_timeouts_t, data_block_ms),
+                          "waiting to send the message body" },
     [SMTP_STATE_BODY] = { "BODY", offsetof(smtp_timeouts_t, data_block_ms), "sending message body" },
     [SMTP_STATE_RSET] = { "RSET", offsetof(smtp_timeouts_t, rset_ms), "sending RSET" },
     [SMTP_STATE_IDLE] = { "IDLE", TIMEOUT_NONE, "idle between transactions" },
@@ -679,6 +696,28 @@ static void send_envelope(smtp_session_t *s)
     buf_free(&b);
 }
 
+/* The 354 is in: hand the accepted recipients to the owner, who resumes
+ * now or later. Runs inside a stream callback (on_reply), whose in_cb
+ * count defers a release the hook might cause. */
+static void hold_body(smtp_session_t *s)
+{
+    const char **acc = xcalloc(s->naccepted ? s->naccepted : 1, sizeof(*acc));
+    size_t n = 0;
+    for (size_t i = 0; i < s->res.nrcpts && n < s->naccepted; i++)
+        if (s->res.rcpts[i].accepted)
+            acc[n++] = s->p.rcpts[i];
+    s->held_ms = loop_now_ms(s->loop);
+    s->hold_resumed = 0;
+    s->in_hold_cb = 1;
+    log_debug("smtp", "hold", "session=%016" PRIx64 " msg=%s accepted=%zu", s->id,
+              s->p.log_id ? s->p.log_id : "-", n);
+    s->p.before_body(s->p.before_body_arg, s, acc, n);
+    s->in_hold_cb = 0;
+    free(acc);
+    if (s->hold_resumed && !s->freed && !s->finished && s->state == SMTP_STATE_HOLD)
+        enter_state(s, SMTP_STATE_BODY);
+}
+
 static void enter_state(smtp_session_t *s, smtp_state_t next)
 {
     log_debug("smtp", "state", "session=%016" PRIx64 " %s -> %s", s->id, smtp_strstate(s->state),
@@ -730,6 +769,9 @@ static void enter_state(smtp_session_t *s, smtp_state_t next)
         break;
     case SMTP_STATE_DATA:
         send_cmd(s, "DATA");
+        break;
+    case SMTP_STATE_HOLD:
+        hold_body(s);
         break;
     case SMTP_STATE_BODY:
         s->expect++; /* the reply to the final dot */
@@ -919,7 +961,7 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
         s->res.txn_replies++;
         if (cls == 3) {
             if (s->naccepted > 0 && !s->mail_failed) {
-                enter_state(s, SMTP_STATE_BODY);
+                enter_state(s, s->p.before_body ? SMTP_STATE_HOLD : SMTP_STATE_BODY);
             } else {
                 /* 354 with nobody accepted: RSET or QUIT now would be
                  * taken as message text. Every recipient has its answer;
@@ -979,6 +1021,7 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
 
     case SMTP_STATE_CONNECT:
     case SMTP_STATE_TLS_HANDSHAKE:
+    case SMTP_STATE_HOLD:
     case SMTP_STATE_IDLE:
     case SMTP_STATE_DONE:
     case SMTP_STATE_LAST:
@@ -1153,6 +1196,8 @@ static void report_idle(smtp_session_t *s)
         s->p.segs = NULL;
         s->p.nsegs = 0;
         s->p.log_id = NULL;
+        s->p.before_body = NULL;
+        s->p.before_body_arg = NULL;
     }
 }
 
@@ -1196,6 +1241,8 @@ static void reset_txn(smtp_session_t *s, const smtp_session_params_t *p)
     s->p.log_id = p->log_id;
     s->p.need = p->need;
     s->p.keep_open = p->keep_open;
+    s->p.before_body = p->before_body;
+    s->p.before_body_arg = p->before_body_arg;
     s->expect = 0;
     s->rcpt_sent = s->rcpt_done = s->naccepted = 0;
     s->batch = s->mail_failed = s->txn_open = 0;
@@ -1276,6 +1323,23 @@ int smtp_session_next(smtp_session_t *s, const smtp_session_params_t *txn, smtp_
      * defer timer, so never from inside this call */
     enter_state(s, SMTP_STATE_MAIL);
     return 0;
+}
+
+void smtp_session_resume(smtp_session_t *s)
+{
+    if (s == NULL || s->freed || s->finished || s->state != SMTP_STATE_HOLD)
+        return;
+    if (s->in_hold_cb) {
+        s->hold_resumed = 1; /* hold_body() goes on once the hook returns */
+        return;
+    }
+    log_debug("smtp", "resume", "session=%016" PRIx64 " held_ms=%llu", s->id,
+              (unsigned long long)(loop_now_ms(s->loop) - s->held_ms));
+    s->in_cb++;
+    enter_state(s, SMTP_STATE_BODY);
+    s->in_cb--;
+    if (s->freed && s->in_cb == 0)
+        release(s);
 }
 
 void smtp_session_set_closed_cb(smtp_session_t *s, smtp_session_closed_cb cb, void *arg)

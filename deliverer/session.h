@@ -14,6 +14,16 @@
  * was accepted, otherwise the transaction is RSET. Without PIPELINING the
  * same states run lock-step.
  *
+ * Hold before the body (params.before_body, optional): after the 354 the
+ * session hands the recipients accepted at RCPT to its owner and sends
+ * nothing more until smtp_session_resume(). This is where an owner
+ * records "about to send the final dot" (the delivery ledger): the one
+ * window in which a message may be delivered without its sender knowing
+ * (RFC 1047) starts with the body, not before. The session stays in
+ * SMTP_STATE_HOLD under the data_block timeout; a timeout, a lost
+ * connection or smtp_session_free() ends it as in any other state, the
+ * payload never sent. Without the hook the body follows the 354 at once.
+ *
  * A session can outlive its transaction (params.keep_open): it then
  * parks in SMTP_STATE_IDLE, still authenticated and inside TLS, and the
  * owner (the pool, pool.h) can run the next transaction on it with
@@ -54,6 +64,7 @@ typedef enum {
     SMTP_STATE_MAIL,
     SMTP_STATE_RCPT,
     SMTP_STATE_DATA,
+    SMTP_STATE_HOLD,          /* 354 in, payload held until the owner resumes (before_body) */
     SMTP_STATE_BODY,          /* payload being written, then waiting for the final reply */
     SMTP_STATE_RSET,          /* no recipient accepted: abort the transaction */
     SMTP_STATE_IDLE,          /* between transactions, kept open for reuse */
@@ -157,6 +168,15 @@ typedef struct smtp_session_result {
     int                tls_resumed; /* the TLS handshake was abbreviated (session resumption) */
 } smtp_session_result_t;
 
+typedef struct smtp_session smtp_session_t;
+
+/* The 354 of a transaction is in: accepted[0..n-1] (n >= 1) are the
+ * recipients the server took at RCPT, as given in params.rcpts, in order;
+ * the array is valid only during the call, the strings as long as the
+ * transaction. Call smtp_session_resume(s) when the body may go, now
+ * (from inside the hook) or later from the loop. Do not free s here. */
+typedef void (*smtp_session_hold_cb)(void *arg, smtp_session_t *s, const char *const *accepted, size_t n);
+
 typedef struct smtp_session_params {
     const char            *helo_name;
     smtp_tls_policy_t      tls;
@@ -183,6 +203,8 @@ typedef struct smtp_session_params {
     const char            *auth_user;        /* relay: AUTH PLAIN/LOGIN after STARTTLS; NULL none */
     const char            *auth_pass;
     struct tls_session_cache *tls_cache;     /* resumption cache (core/tls.h), may be NULL */
+    smtp_session_hold_cb   before_body;      /* per transaction; NULL: the body follows the 354 */
+    void                  *before_body_arg;
 } smtp_session_params_t;
 
 /* params.need: the message is 8-bit (BODY=8BITMIME, RFC 6152) or has
@@ -191,8 +213,6 @@ typedef struct smtp_session_params {
  * permanent "554 5.6.3" / "553 5.6.7" (mailpump does not downgrade). */
 #define SMTP_NEED_8BITMIME 0x1u
 #define SMTP_NEED_SMTPUTF8 0x2u
-
-typedef struct smtp_session smtp_session_t;
 
 /* Fires exactly once per session that is not freed first, never from
  * inside smtp_session_start(). res is valid only during the call. The
@@ -220,12 +240,18 @@ void smtp_session_free(smtp_session_t *s);
  * Run another transaction on an IDLE session (after a callback that said
  * res->reusable). Only the transaction fields of txn are used (mail_from,
  * rcpts, nrcpts, data, len, segs, nsegs, message_size, log_id, need,
- * keep_open); the
+ * keep_open, before_body, before_body_arg); the
  * connection keeps the parameters it was started with. cb fires exactly
  * once, never from inside this call. Returns 0, or -1 (nothing happens)
  * when the session is not IDLE.
  */
 int smtp_session_next(smtp_session_t *s, const smtp_session_params_t *txn, smtp_session_cb cb, void *arg);
+
+/* Send the body of the transaction held by before_body. Harmless when
+ * the session is not held (any more): its transaction may have ended
+ * meanwhile (timeout, lost connection) and been reported. May be called
+ * from inside the hook. Never after smtp_session_free(). */
+void smtp_session_resume(smtp_session_t *s);
 
 /* Called at most once while the session is IDLE or quitting, when the
  * connection ends: the server closed it or sent something unsolicited

@@ -366,6 +366,7 @@ typedef struct rcpt_copy {
     int       code;
     char      enh[16];
     char      text[512];
+    int       maybe_sent;
 } rcpt_copy_t;
 
 typedef struct capture {
@@ -411,6 +412,7 @@ static void on_result(void *arg, const deliver_result_t *res)
         c->r[i].code = r->code;
         memcpy(c->r[i].enh, r->enh, sizeof(c->r[i].enh));
         memcpy(c->r[i].text, r->text, sizeof(c->r[i].text));
+        c->r[i].maybe_sent = r->maybe_sent;
     }
     snprintf(c->mx_host, sizeof(c->mx_host), "%s", res->mx_host);
     snprintf(c->mx_addr, sizeof(c->mx_addr), "%s", res->mx_addr);
@@ -830,6 +832,7 @@ static void test_timeout_end_of_data_no_failover(void **state)
     assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
     assert_string_equal(cap.r[0].text,
                         "timeout while sending end of data -- message may be sent more than once");
+    assert_int_equal(cap.r[0].maybe_sent, 1); /* the owner must flag a later copy */
     fake_server_t *all[] = { s1, s2 };
     drain_and_check(t->loop, all, 2);
 }
@@ -2348,6 +2351,284 @@ static void test_early_reply_closes(void **state)
 /* ------------------------------------------------------------------ */
 /* throwaway PKI                                                       */
 
+/* ---- hold before the body (request.before_body) -------------------- */
+
+#define HOLD_MAX 4
+
+typedef struct hold_rec {
+    int        calls;
+    deliver_t *d;
+    uint64_t   hold[HOLD_MAX];
+    size_t     n[HOLD_MAX];
+    char       acc[HOLD_MAX][4][16];
+    int        resume_inside; /* resume from inside the hook */
+} hold_rec_t;
+
+static void on_hold(void *arg, deliver_t *d, uint64_t hold, const char *const *accepted, size_t n)
+{
+    hold_rec_t *h = arg;
+    assert_true(h->calls < HOLD_MAX);
+    assert_true(n >= 1 && n <= 4);
+    assert_true(hold != 0);
+    h->d = d;
+    h->hold[h->calls] = hold;
+    h->n[h->calls] = n;
+    for (size_t i = 0; i < n; i++)
+        snprintf(h->acc[h->calls][i], sizeof(h->acc[h->calls][i]), "%s", accepted[i]);
+    h->calls++;
+    if (h->resume_inside)
+        deliver_resume(d, hold);
+}
+
+/* Like run_until(), but fails within ms instead of spinning on. */
+static void run_until_within(loop_t *loop, const int *flag, unsigned ms)
+{
+    uint64_t until = util_mono_ms() + ms;
+    while (!*flag && util_mono_ms() < until)
+        assert_true(loop_run_once(loop, 10) >= 0);
+    assert_true(*flag);
+}
+
+/* The transcript so far ends with DATA: not one byte of the body went. */
+static void assert_no_body(fake_server_t *fs)
+{
+    const char *tr = transcript(fs);
+    size_t n = strlen(tr);
+    assert_true(n >= 6);
+    assert_string_equal(tr + n - 6, "DATA\r\n");
+    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
+        assert_int_equal(buf_size(&fs->conns[i].body), 0);
+}
+
+static deliver_request_t hold_req(const char *const *rcpts, size_t n, const deliver_candidate_t *c, size_t nc,
+                                  hold_rec_t *h)
+{
+    deliver_request_t req = {
+        .mail_from = FROM,
+        .rcpts = rcpts,
+        .nrcpts = n,
+        .data = PAYLOAD,
+        .len = strlen(PAYLOAD),
+        .message_size = MSG_SIZE,
+        .candidates = c,
+        .ncandidates = nc,
+        .log_id = "test-msg-hold",
+        .before_body = h ? on_hold : NULL,
+        .before_body_arg = h,
+    };
+    return req;
+}
+
+/* Pipelined envelope as before (the server holds MAIL/RCPT replies until
+ * DATA); after the 354 the hook gets exactly the accepted recipients and
+ * the body waits for deliver_resume(); a stale hold id does nothing.
+ * Then the same exchange without a hook: the very same transcript. */
+static void test_hold_before_body(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:<c@y>", "550 5.1.1 <c@y>: User unknown\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules, .hold_until_data = 1,
+                                 .eod_reply = "250 2.0.0 Ok: queued as H1\r\n" };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    fake_server_t *plain = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    deliver_candidate_t c2[] = { cand("mx1.fake.test", plain->port) };
+    const char *rcpts[] = { "b@y", "c@y", "d@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    hold_rec_t h = { 0 };
+    capture_t cap = { 0 };
+
+    t->to.mail_ms = 1000; /* a lock-step client would time out: pipelining stays */
+    deliver_request_t req = hold_req(rcpts, 3, c, 1, &h);
+    deliver_t *d = deliver_start(t->loop, &cfg, &req, on_result, &cap);
+    run_until_within(t->loop, &h.calls, 5000);
+    assert_ptr_equal(h.d, d);
+    assert_int_equal(h.calls, 1);
+    assert_int_equal(h.n[0], 2);
+    assert_string_equal(h.acc[0][0], "b@y");
+    assert_string_equal(h.acc[0][1], "d@y");
+    spin_ms(t->loop, 200);
+    assert_int_equal(cap.fired, 0);
+    assert_int_equal(h.calls, 1);
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\nDATA\r\n");
+    assert_no_body(fs);
+    deliver_resume(d, h.hold[0] + 1); /* not this transaction's hold */
+    spin_ms(t->loop, 50);
+    assert_no_body(fs);
+    deliver_resume(d, h.hold[0]);
+    run_until(t->loop, &cap.fired);
+    assert_int_equal(h.calls, 1);
+    const char *want = TRANSCRIPT_OK("RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\n");
+    assert_string_equal(transcript(fs), want);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+    assert_rcpt(&cap, 2, "d@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(fs->nmessages, 1);
+
+    /* no hook: the body follows the 354, byte for byte the same exchange */
+    req = hold_req(rcpts, 3, c2, 1, NULL);
+    deliver_req_and_wait(t, &cfg, &req, &cap);
+    assert_string_equal(transcript(plain), want);
+    assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+    fake_server_t *all[] = { fs, plain };
+    drain_and_check(t->loop, all, 2);
+}
+
+/* Split recipients: one hold per transaction on the same connection, each
+ * with its own accepted recipients, each body only after its resume.
+ * Pipelined with later resumes, then lock-step resuming from inside the
+ * hook (no wait at all). */
+static void test_hold_per_transaction(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:<r2@y>", "550 5.1.1 <r2@y>: User unknown\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
+    const char *rcpts[] = { "r1@y", "r2@y", "r3@y", "r4@y", "r5@y" };
+#define ENV "MAIL FROM:<" FROM "> SIZE=38\r\n"
+    const char *want = "EHLO " HELO_NAME "\r\n"
+                       ENV "RCPT TO:<r1@y>\r\nRCPT TO:<r2@y>\r\nDATA\r\n" PAYLOAD
+                       ENV "RCPT TO:<r3@y>\r\nRCPT TO:<r4@y>\r\nDATA\r\n" PAYLOAD
+                       ENV "RCPT TO:<r5@y>\r\nDATA\r\n" PAYLOAD "QUIT\r\n";
+#undef ENV
+    for (int inside = 0; inside < 2; inside++) {
+        fake_server_t *fs = fake_server_new(t->loop, &sc);
+        deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+        deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+        hold_rec_t h = { .resume_inside = inside };
+        capture_t cap = { 0 };
+        cfg.max_rcpts = 2;
+        cfg.no_pipelining = inside;
+        deliver_request_t req = hold_req(rcpts, 5, c, 1, &h);
+        deliver_t *d = deliver_start(t->loop, &cfg, &req, on_result, &cap);
+        int resumed = 0;
+        for (uint64_t until = util_mono_ms() + 5000; !cap.fired && util_mono_ms() < until;) {
+            assert_true(loop_run_once(t->loop, 10) >= 0);
+            if (!inside && h.calls > resumed) {
+                /* held: this transaction's body has not started */
+                assert_int_equal(fs->nmessages, resumed);
+                spin(t->loop, 3);
+                assert_no_body(fs);
+                deliver_resume(d, h.hold[resumed]);
+                resumed++;
+            }
+        }
+        assert_true(cap.fired);
+        assert_string_equal(transcript(fs), want);
+        assert_int_equal(h.calls, 3);
+        assert_int_equal(cap.transactions, 3);
+        assert_int_equal(h.n[0], 1);
+        assert_string_equal(h.acc[0][0], "r1@y");
+        assert_int_equal(h.n[1], 2);
+        assert_string_equal(h.acc[1][0], "r3@y");
+        assert_string_equal(h.acc[1][1], "r4@y");
+        assert_int_equal(h.n[2], 1);
+        assert_string_equal(h.acc[2][0], "r5@y");
+        assert_true(h.hold[0] != h.hold[1] && h.hold[1] != h.hold[2]);
+        assert_rcpt(&cap, 0, "r1@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+        assert_rcpt(&cap, 1, "r2@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
+        for (size_t i = 2; i < 5; i++)
+            assert_rcpt(&cap, i, rcpts[i], OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+        drain_and_check(t->loop, &fs, 1);
+    }
+}
+
+/* A held session still obeys its timeout: never resumed, it times out
+ * without a byte of the body, and the attempt fails over to the next MX,
+ * whose transaction holds (and is resumed) on its own. The late resume of
+ * the first hold does nothing. */
+static void test_hold_timeout_fails_over(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *s1 = fake_server_new(t->loop, &script_ok);
+    fake_server_t *s2 = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    hold_rec_t h = { 0 };
+    capture_t cap = { 0 };
+
+    t->to.data_block_ms = 300;
+    deliver_request_t req = hold_req(rcpts, 1, c, 2, &h);
+    deliver_t *d = deliver_start(t->loop, &cfg, &req, on_result, &cap);
+    run_until_within(t->loop, &h.calls, 5000);
+    assert_no_body(s1);
+    int two = 0;
+    for (uint64_t until = util_mono_ms() + 5000; !two && util_mono_ms() < until;) {
+        assert_true(loop_run_once(t->loop, 10) >= 0);
+        two = h.calls == 2;
+    }
+    assert_true(two);
+    assert_int_equal(cap.fired, 0);
+    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                                        "RCPT TO:<b@y>\r\nDATA\r\n");
+    assert_int_equal(s1->nmessages, 0);
+    assert_int_equal(h.n[1], 1);
+    assert_string_equal(h.acc[1][0], "b@y");
+    deliver_resume(d, h.hold[0]); /* the first hold is over */
+    spin(t->loop, 3);
+    assert_no_body(s2);
+    deliver_resume(d, h.hold[1]);
+    run_until(t->loop, &cap.fired);
+    assert_string_equal(transcript(s2), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.r[0].maybe_sent, 0); /* the held transaction never sent its dot */
+    assert_string_equal(cap.mx_host, "mx2.fake.test");
+    assert_int_equal(cap.attempts, 2);
+    fake_server_t *all[] = { s1, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+/* Cancelled while held: no callback, no body, nothing left in the loop
+ * (and nothing leaked, under ASan): one-shot, then on a pooled context. */
+static void test_hold_cancel(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    hold_rec_t h = { 0 };
+
+    deliver_request_t req = hold_req(rcpts, 2, c, 1, &h);
+    deliver_t *d = deliver_start(t->loop, &cfg, &req, never_called, NULL);
+    run_until_within(t->loop, &h.calls, 5000);
+    spin(t->loop, 3);
+    deliver_cancel(d);
+    spin(t->loop, 5);
+    assert_no_body(fs);
+    assert_int_equal(fs->nmessages, 0);
+
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    hold_rec_t h2 = { 0 };
+    req.before_body_arg = &h2;
+    d = deliver_ctx_start(ctx, &req, never_called, NULL);
+    run_until_within(t->loop, &h2.calls, 5000);
+    deliver_cancel(d);
+    deliver_ctx_free(ctx);
+    spin(t->loop, 5);
+    assert_no_body(fs);
+    assert_int_equal(fs->nmessages, 0);
+    assert_int_equal(fs->naccepted, 2);
+    drain_and_check(t->loop, &fs, 1);
+}
+
 static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static int sh(const char *fmt, ...)
 {
@@ -2476,6 +2757,10 @@ int main(void)
         T(test_need_8bitmime_smtputf8),
         T(test_pipelined_mail_refused_keeps_sync),
         T(test_pipelined_rcpt_timeout),
+        T(test_hold_before_body),
+        T(test_hold_per_transaction),
+        T(test_hold_timeout_fails_over),
+        T(test_hold_cancel),
         cmocka_unit_test(test_tls_session_cache),
         cmocka_unit_test(test_config_engine),
     };
