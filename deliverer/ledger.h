@@ -2,12 +2,13 @@
  * deliverer/ledger.h - per-recipient delivery records in Redis, so a
  * redelivered message never sends a recipient twice.
  *
- * Key mp:r:<message id>:<recipient> holds "sending" (set before the SMTP
- * transaction) or "done" (set after a 2xx), with TTL = the longest maximum
- * message age. A redelivery skips "done" recipients and delivers "sending"
- * ones again, flagged as possible duplicates: the one window no sender
- * can close (RFC 1047). Key mp:d:<message id> counts redeliveries for the
- * poison-message limit.
+ * Key mp:r:<message id>:<recipient> holds "sending" (set for the
+ * recipients a server accepted, while their transaction holds its body
+ * after the 354: just before the final dot) or "done" (set after a 2xx),
+ * with TTL = the longest maximum message age. A redelivery skips "done"
+ * recipients and delivers "sending" ones again, flagged as possible
+ * duplicates: the one window no sender can close (RFC 1047). Key
+ * mp:d:<message id> counts redeliveries for the poison-message limit.
  *
  * Every call completes through its callback exactly once and never
  * synchronously; ok=0 means Redis could not answer (down or slow) and the

@@ -14,6 +14,14 @@
  *  built) is published to the dead-letter queue with the reason in the
  *  x-mailpump-reason header, announced with a "dead" event, then acked.
  *
+ *  The ledger (ledger.h): a lookup when the job starts (skip "done",
+ *  flag "sending" as possible duplicates); "sending" for the recipients a
+ *  server accepted, written while that transaction holds its body after
+ *  the 354 (deliver.h before_body), so only a transaction that was about
+ *  to send its final dot leaves the mark; "done" (or no record) once every
+ *  domain is settled. Redis failing never holds a delivery back: the
+ *  body goes on and the failure is counted.
+ *
  *  A lost broker connection acks nothing more (the broker redelivers every
  *  unacked message). Jobs that have not reached SMTP are dropped; jobs in
  *  an SMTP transaction finish it and record it in the ledger, so the
@@ -89,6 +97,8 @@ struct job_domain {
     char       tls_version[32];
     char       tls_cipher[96];
     int        done;
+    uint64_t   mark_op;  /* ledger "sending" of the held transaction, 0 if none */
+    uint64_t   hold;     /* its deliver hold id */
 };
 
 struct job {
@@ -121,7 +131,7 @@ struct job {
     uint64_t        started_ms;
     uint64_t        ledger_op;       /* outstanding ledger call, 0 if none */
     uint64_t        ledger_op2;
-    int             smtp_started;    /* some domain reached domain_start_smtp() */
+    int             smtp_started;    /* some domain reached domain_start_smtp(): see on_lost */
 };
 
 struct worker {
@@ -195,6 +205,8 @@ static void job_free(job_t *j)
             dns_cancel(w->dns, d->dns_id);
         if (d->dl)
             deliver_cancel(d->dl);
+        if (d->mark_op)
+            ledger_cancel(w->ledger, d->mark_op);
         loop_timer_cancel(w->loop, &d->fast_timer);
         free(d->cand);
         free(d->name);
@@ -379,7 +391,9 @@ static void job_after_smtp(job_t *j)
         return;
     }
     /* delivered -> "done" (a redelivery skips them); the rest -> no record,
-     * so a later attempt does not mistake them for possible duplicates */
+     * so a later attempt does not mistake them for possible duplicates,
+     * except those an earlier attempt left "sending": the server may still
+     * have that copy, and the attempt that delivers must say so */
     const char **done = xcalloc(j->nrcpts, sizeof(char *));
     const char **clear = xcalloc(j->nrcpts, sizeof(char *));
     size_t nd = 0, nc = 0;
@@ -388,7 +402,7 @@ static void job_after_smtp(job_t *j)
             continue;
         if (j->rcpts[i].outcome == OUTCOME_DELIVERED)
             done[nd++] = j->rcpts[i].addr;
-        else
+        else if (!j->rcpts[i].possible_dup)
             clear[nc++] = j->rcpts[i].addr;
     }
     if (nd == 0 && nc == 0) {
@@ -687,6 +701,24 @@ static void on_delivered_domain(job_t *j, size_t di, const deliver_result_t *res
 {
     job_domain_t *d = &j->domains[di];
     d->dl = NULL;
+    if (d->mark_op) {
+        /* a transaction ended while held (timeout, lost connection): its
+         * mark still lands in Redis, before the marks job_after_smtp()
+         * sends on the same connection; only the resume is void now */
+        ledger_cancel(j->w->ledger, d->mark_op);
+        d->mark_op = 0;
+    }
+    /* cut between the final dot and its reply: whatever attempt delivers
+     * these recipients later (a fast retry, a retry level) may be a second
+     * copy; the "sending" mark stays (job_after_smtp) */
+    for (size_t i = 0, k = 0; i < j->nrcpts && k < res->nrcpts; i++) {
+        if (j->rcpts[i].domain != di || j->rcpts[i].skip)
+            continue;
+        if (res->rcpts[k++].maybe_sent && !j->rcpts[i].possible_dup) {
+            j->rcpts[i].possible_dup = 1;
+            metrics_inc(MET_POSSIBLE_DUPLICATES, 1);
+        }
+    }
     metrics_inc(MET_SMTP_SESSIONS, res->connections); /* new connections, not pooled reuses */
     metrics_inc(MET_SMTP_SESSIONS_REUSED, res->reused);
     metrics_inc(MET_TLS_FULL_HANDSHAKES, res->tls_full);
@@ -765,6 +797,33 @@ static int job_needs_smtputf8(const job_t *j)
     return 0;
 }
 
+static void on_sending_marked(void *arg, int ok)
+{
+    domain_ref_t *ref = arg;
+    job_t *j = ref->job;
+    job_domain_t *d = &j->domains[ref->idx];
+    d->mark_op = 0;
+    if (!ok)
+        ledger_unavailable(j, "mark_sending"); /* the body goes all the same */
+    deliver_resume(d->dl, d->hold);
+}
+
+/* A transaction of this domain has its 354 and holds its body: record its
+ * accepted recipients as "sending" first. From the final dot on, the
+ * server may take the message without our hearing of it (RFC 1047); a
+ * redelivery must then flag them, and before it nothing can have been
+ * delivered, so nothing is marked. */
+static void on_before_body(void *arg, deliver_t *dl, uint64_t hold, const char *const *accepted, size_t n)
+{
+    domain_ref_t *ref = arg;
+    job_t *j = ref->job;
+    job_domain_t *d = &j->domains[ref->idx];
+    if (d->mark_op)
+        ledger_cancel(j->w->ledger, d->mark_op); /* of a transaction that ended while held */
+    d->hold = hold;
+    d->mark_op = ledger_mark(j->w->ledger, j->msg->id, accepted, n, LEDGER_SENDING, on_sending_marked, ref);
+}
+
 /* Deliver the domain's recipients over its MX candidates. */
 static void domain_start_smtp(job_t *j, size_t di)
 {
@@ -795,6 +854,9 @@ static void domain_start_smtp(job_t *j, size_t di)
         .log_id = j->msg->id,
         .domain = d->name,
         .need = job_needs_smtputf8(j) ? SMTP_NEED_SMTPUTF8 : 0,
+        /* without a ledger there is nothing to record: no hold at all */
+        .before_body = w->ledger ? on_before_body : NULL,
+        .before_body_arg = &d->self,
     };
     d->dl = deliver_ctx_start(w->dctx, &req, on_delivered, &d->self);
     free(rcpts);
@@ -888,27 +950,24 @@ static void job_resolve(job_t *j)
     }
 }
 
-static void on_sending_marked(void *arg, int ok)
-{
-    job_t *j = arg;
-    j->ledger_op = 0;
-    if (!ok)
-        ledger_unavailable(j, "mark_sending");
-    job_resolve(j);
-}
-
 static void on_ledger_looked_up(void *arg, int ok, const ledger_state_t *states)
 {
     job_t *j = arg;
-    worker_t *w = j->w;
     j->ledger_op = 0;
     if (!ok) {
         ledger_unavailable(j, "lookup");
+        if (j->dv->redelivered) {
+            /* back unacked from a worker that died: it may have been cut
+             * between a final dot and its reply, and nothing says for
+             * whom. Flag every recipient rather than miss a copy. */
+            for (size_t i = 0; i < j->nrcpts; i++) {
+                j->rcpts[i].possible_dup = 1;
+                metrics_inc(MET_POSSIBLE_DUPLICATES, 1);
+            }
+        }
         job_resolve(j);
         return;
     }
-    const char **sending = xcalloc(j->nrcpts, sizeof(char *));
-    size_t n = 0;
     for (size_t i = 0; i < j->nrcpts; i++) {
         job_rcpt_t *r = &j->rcpts[i];
         if (states[i] == LEDGER_DONE) {
@@ -919,19 +978,16 @@ static void on_ledger_looked_up(void *arg, int ok, const ledger_state_t *states)
             continue;
         }
         if (states[i] == LEDGER_SENDING) {
+            /* an earlier attempt was cut between its final dot and the
+             * reply: the server may have it. The mark stays until this
+             * attempt settles the recipient. */
             r->possible_dup = 1;
             metrics_inc(MET_POSSIBLE_DUPLICATES, 1);
         }
-        sending[n++] = r->addr;
     }
-    if (n == 0) {
-        free(sending);
-        job_resolve(j);
-        return;
-    }
-    j->ledger_op = ledger_mark(w->ledger, j->msg->id, sending, n, LEDGER_SENDING,
-                               on_sending_marked, j);
-    free(sending);
+    /* "sending" is written per transaction, just before its body
+     * (on_before_body), not here */
+    job_resolve(j);
 }
 
 static void job_check_ledger(job_t *j)
@@ -1087,13 +1143,19 @@ static void worker_drop_jobs(worker_t *w)
 }
 
 /* Every unacked message returns to the queue once the broker sees the
- * connection gone. Jobs that have not reached SMTP are dropped. A job
- * whose SMTP transaction has begun is left to finish it: cut after the
- * final dot, its recipients would stay "sending" in the ledger and the
- * redelivery would send them again. It records its outcome in the ledger
- * and stops there (job_store_sent_copy); the redelivery skips what it
- * delivered. Reconnecting waits for these jobs (on_reconnect), so the
- * redelivery never runs beside them. */
+ * connection gone. Jobs that have not reached SMTP are dropped: they have
+ * nothing in the ledger ("sending" is only written by a transaction
+ * holding its body), so the redelivery starts them afresh. A job whose
+ * SMTP has begun (smtp_started) is left to finish it: cut after the
+ * final dot, its recipients would stay "sending" and the redelivery would
+ * send them again, flagged; a transaction still in its envelope goes on
+ * to mark, send and record like any other. It records its outcome in the
+ * ledger and stops there (job_store_sent_copy); the redelivery skips what
+ * it delivered. smtp_started deliberately still means "a domain reached
+ * domain_start_smtp()", not "a body was held": finishing an envelope
+ * already under way costs less than redoing it, and a job kept a little
+ * early is never wrong. Reconnecting waits for these jobs (on_reconnect),
+ * so the redelivery never runs beside them. */
 static void on_lost(void *arg, const char *why)
 {
     worker_t *w = arg;

@@ -1,6 +1,7 @@
 """Message lifecycle on the real stack: the Redis ledger (skip what was
 delivered, flag possible duplicates), poison and oversized messages, Redis
-going away mid-run, and kill -9 of mailpumpd in the middle of a batch.
+going away mid-run, and kill -9 of mailpumpd in the middle of a batch or
+before a transaction reached DATA.
 
 Receivers: Postfix (mx1) and Postfix's smtp-sink started here on a private
 port, with a slow reply to the final dot so that many messages are in
@@ -11,6 +12,7 @@ import glob
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -344,6 +346,73 @@ class KillNine(unittest.TestCase):
             except subprocess.TimeoutExpired:
                 sink.kill()
                 sink.wait()
+            sink.stdout.close()
+            shutil.rmtree(dumpdir, ignore_errors=True)
+
+    def test_kill9_before_data_flags_nothing(self):
+        """Killed while the receiver sits on its RCPT reply: no DATA, so the
+        message cannot have been delivered. The ledger holds no "sending"
+        mark for it and the redelivery is not a possible duplicate."""
+        env = mpstack.stack_env()
+        rport = env["MP_REDIS_PORT"]
+        port = mpstack.free_port()
+        dumpdir = tempfile.mkdtemp(prefix="mp-sink-")
+        os.chmod(dumpdir, 0o777)
+        sink = subprocess.Popen(["/usr/bin/python3",
+                                 os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              "slowsink.py"),
+                                 "127.0.0.2", str(port), dumpdir, "0", "--stall-first-rcpt", "120"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        self.assertEqual(sink.stdout.readline().strip(), "ready")
+        extra = {"MAILPUMP_SMTP_PORT": str(port), "MAILPUMP_SMTP_TLS": "none",
+                 "MAILPUMP_IMAP_HOST": ""}
+        d = mpstack.Daemon(env, workers=1, extra_env=extra)
+        d2 = None
+        tap = mpstack.EventTap(env, d.exchange)
+        msg_id = "k9rcpt-" + os.urandom(6).hex()
+        key = f"mp:r:{msg_id}:quinn@test.example"
+        try:
+            d.start()
+            r = d.cli("enqueue", "--id", msg_id, "--from", "bob@test.example",
+                      "--to", "quinn@test.example", "--text", "killed before DATA")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            ready, _, _ = select.select([sink.stdout], [], [], 30)
+            self.assertTrue(ready, "the receiver never got the RCPT")
+            self.assertEqual(sink.stdout.readline().strip(), "rcpt-stalled")
+            time.sleep(0.3)  # the ledger lookup is long done; a mark would be in Redis
+            d.proc.send_signal(signal.SIGKILL)
+            d.proc.wait(10)
+            # nothing in the ledger: the transaction never got to its final dot
+            self.assertEqual(redis_cli(rport, "GET", key), "")
+            d2 = mpstack.Daemon(env, workers=1, extra_env=extra, queues_of=d)
+            d2.start()
+            ev = tap.wait(lambda e: e["event"] == "delivered" and e.get("message_id") == msg_id, 1)[0]
+            self.assertNotIn("possible_duplicate", ev)
+            self.assertNotIn("already_delivered", ev)
+            self.assertEqual(ev["attempt"], 1)
+            self.assertEqual(redis_cli(rport, "GET", key), "done")
+            self.assertEqual(d2.metric("mailpump_recipients_possible_duplicate_total"), 0)
+            copies = 0
+            for path in glob.glob(os.path.join(dumpdir, "*")):
+                with open(path, "rb") as f:
+                    copies += msg_id.encode() in f.read()
+            self.assertEqual(copies, 1)
+            self.assertEqual(d2.stop(), 0)
+        finally:
+            for daemon in (d, d2):
+                if daemon is not None and daemon.proc and daemon.proc.poll() is None:
+                    daemon.proc.kill()
+                    daemon.proc.wait(10)
+            d.delete_topology()
+            tap.close()
+            sink.stdin.close()
+            try:
+                sink.wait(10)
+            except subprocess.TimeoutExpired:
+                sink.kill()
+                sink.wait()
+            sink.stdout.close()
             shutil.rmtree(dumpdir, ignore_errors=True)
 
 
