@@ -288,6 +288,32 @@ void loop_wakeup(loop_t *loop)
     (void)w;
 }
 
+/* Run the callbacks of n ready events; returns how many ran. */
+static int dispatch(loop_t *loop, const struct epoll_event *evs, int n)
+{
+    int ran = 0;
+    for (int i = 0; i < n; i++) {
+        int fd = evs[i].data.fd;
+        /* an earlier callback in this batch may have removed this fd */
+        if ((size_t)fd >= loop->nfds_cap || !loop->fds[fd].used)
+            continue;
+        fd_slot_t *s = &loop->fds[fd];
+        unsigned events = 0;
+        if (evs[i].events & (EPOLLIN | EPOLLRDHUP))
+            events |= LOOP_READ;
+        if (evs[i].events & EPOLLOUT)
+            events |= LOOP_WRITE;
+        if (evs[i].events & (EPOLLERR | EPOLLHUP))
+            events |= LOOP_ERROR | (s->mask & (LOOP_READ | LOOP_WRITE));
+        events &= s->mask | LOOP_ERROR;
+        if (events == 0)
+            continue;
+        s->cb(loop, fd, events, s->arg);
+        ran++;
+    }
+    return ran;
+}
+
 int loop_run_once(loop_t *loop, int max_wait_ms)
 {
     if (loop->before_sleep)
@@ -310,25 +336,17 @@ int loop_run_once(loop_t *loop, int max_wait_ms)
         n = 0;
     }
     loop_update_time(loop);
-    int ran = 0;
-    for (int i = 0; i < n; i++) {
-        int fd = evs[i].data.fd;
-        /* an earlier callback in this batch may have removed this fd */
-        if ((size_t)fd >= loop->nfds_cap || !loop->fds[fd].used)
-            continue;
-        fd_slot_t *s = &loop->fds[fd];
-        unsigned events = 0;
-        if (evs[i].events & (EPOLLIN | EPOLLRDHUP))
-            events |= LOOP_READ;
-        if (evs[i].events & EPOLLOUT)
-            events |= LOOP_WRITE;
-        if (evs[i].events & (EPOLLERR | EPOLLHUP))
-            events |= LOOP_ERROR | (s->mask & (LOOP_READ | LOOP_WRITE));
-        events &= s->mask | LOOP_ERROR;
-        if (events == 0)
-            continue;
-        s->cb(loop, fd, events, s->arg);
-        ran++;
+    int ran = dispatch(loop, evs, n);
+    if (n > 0 && loop->nheap > 0 && loop->heap[0]->when <= loop_update_time(loop)) {
+        /* The callbacks above took long enough for a timer to come due.
+         * What became readable meanwhile (a reply already in the socket)
+         * is handled before that timer says "timeout": one more look,
+         * without waiting. */
+        n = epoll_wait(loop->epfd, evs, LOOP_MAX_EVENTS, 0);
+        if (n > 0) {
+            loop_update_time(loop);
+            ran += dispatch(loop, evs, n);
+        }
     }
     ran += run_timers(loop);
     return ran;

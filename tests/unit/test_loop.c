@@ -344,6 +344,68 @@ static void test_stream_connect_refused(void **state)
     loop_free(l);
 }
 
+/* A reply that arrives while a callback keeps the loop busy past a
+ * timer's deadline is read before that timer fires: the timeout is not
+ * declared with the answer already in the socket. */
+typedef struct busy {
+    int      order[4];
+    int      n;
+    int      wake_peer;  /* written during the slow callback */
+} busy_t;
+
+static void on_slow(loop_t *loop, int fd, unsigned events, void *arg)
+{
+    busy_t *b = arg;
+    char c;
+    assert_int_equal(read(fd, &c, 1), 1);
+    b->order[b->n++] = 1;
+    assert_int_equal(write(b->wake_peer, "r", 1), 1); /* the reply arrives... */
+    usleep(40 * 1000);                                /* ...while we are busy */
+}
+
+static void on_reply_ready(loop_t *loop, int fd, unsigned events, void *arg)
+{
+    busy_t *b = arg;
+    char c;
+    assert_int_equal(read(fd, &c, 1), 1);
+    b->order[b->n++] = 2;
+}
+
+static void on_deadline(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    busy_t *b = arg;
+    b->order[b->n++] = 3;
+}
+
+static void test_ready_io_before_due_timer(void **state)
+{
+    loop_t *l = loop_new();
+    int slow[2], reply[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, slow), 0);
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, reply), 0);
+    busy_t b = { .wake_peer = reply[1] };
+    assert_int_equal(loop_fd_add(l, slow[0], LOOP_READ, on_slow, &b), 0);
+    assert_int_equal(loop_fd_add(l, reply[0], LOOP_READ, on_reply_ready, &b), 0);
+    loop_timer_t deadline;
+    loop_timer_init(&deadline, on_deadline, &b);
+    loop_timer_set(l, &deadline, 10);
+    assert_int_equal(write(slow[1], "s", 1), 1);
+    for (int i = 0; i < 10 && b.n < 3; i++)
+        loop_run_once(l, 100);
+    assert_int_equal(b.n, 3);
+    assert_int_equal(b.order[0], 1);
+    assert_int_equal(b.order[1], 2); /* the reply, although the deadline passed during on_slow */
+    assert_int_equal(b.order[2], 3);
+    loop_fd_del(l, slow[0]);
+    loop_fd_del(l, reply[0]);
+    for (int i = 0; i < 2; i++) {
+        close(slow[i]);
+        close(reply[i]);
+    }
+    assert_loop_empty(l);
+    loop_free(l);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -357,6 +419,7 @@ int main(void)
         cmocka_unit_test(test_stream_free_inside_callback),
         cmocka_unit_test(test_stream_timeout),
         cmocka_unit_test(test_stream_connect_refused),
+        cmocka_unit_test(test_ready_io_before_due_timer),
     };
     return cmocka_run_group_tests_name("loop", tests, NULL, NULL);
 }
