@@ -12,7 +12,10 @@
  *   - a connect timer frees a context that did not connect in time;
  *   - every command owns a loop timer (embedded in its rc_cmd_t); it fires
  *     "timeout", and the late reply, which still arrives in order, finds
- *     no id and is dropped;
+ *     no id and is dropped. The time runs again from the moment hiredis
+ *     has written the command out: a command queued during a long pass of
+ *     the loop (a burst of deliveries) is judged by how long Redis takes,
+ *     not by how long the loop was busy before it could send it;
  *   - the same timer, armed at zero, delivers failures that must not run
  *     inside rclient_command() or inside hiredis' teardown ("not
  *     connected", "connection lost").
@@ -83,6 +86,7 @@ struct rclient {
     rc_cmd_t         **buckets;
     size_t             nbuckets, npending;
     uint64_t           next_id;
+    uint64_t           unflushed_id; /* commands from this id on may not be written out yet */
     uint64_t           errors;
     unsigned           depth;
     int                free_pending, freeing;
@@ -155,6 +159,19 @@ static void rc_leave(rclient_t *c)
 
 /* ---- the adapter: hiredis interest -> loop registration ---- */
 
+/* hiredis' output buffer is empty: every command queued so far is on the
+ * wire, so their timeouts run from now. Zero-delay failure timers are
+ * left alone. */
+static void rc_flushed(rclient_t *c)
+{
+    for (uint64_t id = c->unflushed_id; id < c->next_id; id++) {
+        rc_cmd_t *cmd = *rc_slot(c, id);
+        if (cmd != NULL && strcmp(cmd->err, "timeout") == 0)
+            loop_timer_set(c->loop, &cmd->timer, c->timeout_ms);
+    }
+    c->unflushed_id = c->next_id;
+}
+
 static void rc_on_fd(loop_t *loop, int fd, unsigned events, void *arg)
 {
     rclient_t *c = arg;
@@ -163,8 +180,11 @@ static void rc_on_fd(loop_t *loop, int fd, unsigned events, void *arg)
     if (ac != NULL && (events & (LOOP_READ | LOOP_ERROR)) && c->reading)
         redisAsyncHandleRead(ac);
     /* the read may have torn the context down (c->ac is then NULL) */
-    if (ac != NULL && c->ac == ac && (events & (LOOP_WRITE | LOOP_ERROR)) && c->writing)
+    if (ac != NULL && c->ac == ac && (events & (LOOP_WRITE | LOOP_ERROR)) && c->writing) {
         redisAsyncHandleWrite(ac);
+        if (c->ac == ac && !c->writing && c->state == RC_UP)
+            rc_flushed(c);
+    }
     c->depth--;
     rc_leave(c);
 }
@@ -453,6 +473,7 @@ rclient_t *rclient_new(loop_t *loop, const rclient_config_t *cfg)
     c->nbuckets = RC_BUCKETS_MIN;
     c->buckets = xcalloc(c->nbuckets, sizeof(*c->buckets));
     c->next_id = 1;
+    c->unflushed_id = 1;
     c->fd = -1;
     loop_timer_init(&c->reconnect_timer, rc_on_reconnect, c);
     loop_timer_init(&c->connect_timer, rc_on_connect_timeout, c);

@@ -369,6 +369,29 @@ static void test_timeout_then_late_reply_dropped(void **state)
     loop_free(l);
 }
 
+/* A command queued while the loop is busy for longer than the timeout
+ * (a burst of work in one callback) is timed from when it is written
+ * out, so Redis answering at once is not reported as a timeout. */
+static void test_timeout_counts_from_the_write(void **state)
+{
+    loop_t *l = loop_new();
+    fake_t f;
+    fake_start(&f, l);
+    rclient_t *c = client_for(l, f.port, 50);
+    assert_true(wait_connected(l, c, 1000));
+    rec_t ping = { 0 };
+    send_cmd(c, &ping, "PING");
+    usleep(120 * 1000); /* the loop is busy elsewhere: nothing written yet */
+    run_until(l, &ping.calls, 1000);
+    assert_int_equal(ping.type, REDIS_REPLY_STATUS);
+    assert_string_equal(ping.str, "PONG");
+    assert_int_equal(rclient_errors(c), 0);
+    rclient_free(c);
+    fake_stop(&f);
+    assert_loop_empty(l);
+    loop_free(l);
+}
+
 static void test_server_closes_then_reconnect(void **state)
 {
     loop_t *l = loop_new();
@@ -580,6 +603,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_replies_and_error_reply),
         cmocka_unit_test(test_timeout_then_late_reply_dropped),
+        cmocka_unit_test(test_timeout_counts_from_the_write),
         cmocka_unit_test(test_server_closes_then_reconnect),
         cmocka_unit_test(test_server_down_and_back),
         cmocka_unit_test(test_free_with_pending_each_once),
