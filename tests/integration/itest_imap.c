@@ -269,6 +269,20 @@ static const char VERIFY_PY[] =
     "m.logout()\n";
 
 /* Fetch the message back with Python's imaplib and compare. */
+/* Run argv (an independent checker) and return its wait status. */
+static int run_wait(char *const argv[])
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    int st = 0;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    return st;
+}
+
 static void verify_stored(const char *user, const imap_append_result_t *res, const char *msg)
 {
     char path[] = "/tmp/itest_imap_msg_XXXXXX";
@@ -284,14 +298,7 @@ static void verify_stored(const char *user, const imap_append_result_t *res, con
     snprintf(uid, sizeof(uid), "%u", res->uid);
     char *const argv[] = { "/usr/bin/python3", "-c", (char *)VERIFY_PY, E.host, port, E.ca_file, (char *)user,
                            E.password, (char *)res->mailbox, uidv, uid, path, NULL };
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    int st = 0;
-    assert_int_equal(waitpid(pid, &st, 0), pid);
+    int st = run_wait(argv);
     unlink(path);
     if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
         fail_msg("independent check (python imaplib) failed for %s uid %u (exit %d)", res->mailbox, res->uid,
@@ -317,14 +324,7 @@ static int count_with_message_id(const char *user, const char *mid)
     snprintf(port, sizeof(port), "%u", E.imaps_port);
     char *const argv[] = { "/usr/bin/python3", "-c", (char *)COUNT_PY, E.host, port, E.ca_file, (char *)user,
                            E.password, (char *)mid, NULL };
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    int st = 0;
-    assert_int_equal(waitpid(pid, &st, 0), pid);
+    int st = run_wait(argv);
     return WIFEXITED(st) && WEXITSTATUS(st) < 100 ? WEXITSTATUS(st) : -1;
 }
 

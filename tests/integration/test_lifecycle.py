@@ -241,6 +241,25 @@ class RedisOutage(unittest.TestCase):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def cleanup_kill_run(d, d2, tap, sink, dumpdir):
+    """End what a kill -9 test started: both daemons, the event tap, the
+    sink (stdin closed: it exits) and its dump directory."""
+    for daemon in (d, d2):
+        if daemon is not None and daemon.proc and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+    d.delete_topology()
+    tap.close()
+    sink.stdin.close()
+    try:
+        sink.wait(10)
+    except subprocess.TimeoutExpired:
+        sink.kill()
+        sink.wait()
+    sink.stdout.close()
+    shutil.rmtree(dumpdir, ignore_errors=True)
+
+
 class KillNine(unittest.TestCase):
     COUNT = 1000
 
@@ -334,20 +353,7 @@ class KillNine(unittest.TestCase):
                   f"{len(flagged)} flagged possible_duplicate, {skipped} skipped as already "
                   f"delivered, {self.COUNT} of {self.COUNT} delivered", file=sys.stderr)
         finally:
-            for daemon in (d, d2):
-                if daemon is not None and daemon.proc and daemon.proc.poll() is None:
-                    daemon.proc.kill()
-                    daemon.proc.wait(10)
-            d.delete_topology()
-            tap.close()
-            sink.stdin.close()
-            try:
-                sink.wait(10)
-            except subprocess.TimeoutExpired:
-                sink.kill()
-                sink.wait()
-            sink.stdout.close()
-            shutil.rmtree(dumpdir, ignore_errors=True)
+            cleanup_kill_run(d, d2, tap, sink, dumpdir)
 
     def test_kill9_before_data_flags_nothing(self):
         """Killed while the receiver sits on its RCPT reply: no DATA, so the
@@ -400,20 +406,7 @@ class KillNine(unittest.TestCase):
             self.assertEqual(copies, 1)
             self.assertEqual(d2.stop(), 0)
         finally:
-            for daemon in (d, d2):
-                if daemon is not None and daemon.proc and daemon.proc.poll() is None:
-                    daemon.proc.kill()
-                    daemon.proc.wait(10)
-            d.delete_topology()
-            tap.close()
-            sink.stdin.close()
-            try:
-                sink.wait(10)
-            except subprocess.TimeoutExpired:
-                sink.kill()
-                sink.wait()
-            sink.stdout.close()
-            shutil.rmtree(dumpdir, ignore_errors=True)
+            cleanup_kill_run(d, d2, tap, sink, dumpdir)
 
 
 if __name__ == "__main__":
