@@ -24,6 +24,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -573,6 +574,85 @@ static void test_check_message_id(void **state)
     free(other);
 }
 
+/* The pool under churn against the real Dovecot: 60 appends for one
+ * account with at most 2 connections, started in waves while earlier ones
+ * are in flight, a quarter of them cancelled at random points (queued,
+ * served by a parked session, or on their own connection). Every append
+ * not cancelled is called back exactly once with a stored copy; no
+ * cancelled one ever is; the loop ends empty (tests/run also runs this
+ * under ASan+UBSan). */
+static void test_pool_churn(void **state)
+{
+    enum { N = 60 };
+    if (!E.ready)
+        fail_msg("local stack not ready: " STACK_HINT);
+    loop_t *loop = loop_new();
+    assert_non_null(loop);
+    imap_pool_limits_t lim = { .max_conns_per_account = 2, .max_appends = 7 };
+    imap_pool_t *pool = imap_pool_new(loop, &lim);
+    job_t j = { "imap.test.example", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[1], E.password };
+    struct sockaddr_in sin;
+    imap_account_t acct;
+    account_for(&j, &acct, &sin);
+    acct.pool = pool;
+    char *msg = make_message(E.user[1], "churn");
+    outcome_t o[N];
+    imap_append_t *h[N];
+    int cancelled[N];
+    memset(o, 0, sizeof(o));
+    memset(cancelled, 0, sizeof(cancelled));
+    uint64_t seed = util_rand64();
+    unsigned started = 0;
+    for (int round = 0; round < 4000; round++) {
+        /* start a few more */
+        for (int k = 0; k < 3 && started < N; k++, started++) {
+            h[started] = imap_append_start(loop, &acct, msg, strlen(msg), on_done, &o[started]);
+            assert_non_null(h[started]);
+        }
+        /* cancel one still pending, now and then */
+        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+        if ((seed >> 33) % 4 == 0 && started > 0) {
+            unsigned i = (unsigned)((seed >> 40) % started);
+            if (!cancelled[i] && o[i].calls == 0) {
+                imap_append_cancel(h[i]);
+                cancelled[i] = 1;
+            }
+        }
+        loop_run_once(loop, 5);
+        int open = 0;
+        for (unsigned i = 0; i < started; i++)
+            open += !cancelled[i] && o[i].calls == 0;
+        if (started == N && open == 0)
+            break;
+    }
+    int ok = 0, ncancelled = 0;
+    for (int i = 0; i < N; i++) {
+        if (cancelled[i]) {
+            ncancelled++;
+            assert_int_equal(o[i].calls, 0);
+            continue;
+        }
+        if (o[i].calls != 1)
+            fail_msg("append %d: %d callbacks", i, o[i].calls);
+        if (o[i].res.status != IMAP_OK)
+            fail_msg("append %d: %s: %s", i, imap_strerror(o[i].res.status), o[i].res.error);
+        ok++;
+    }
+    imap_pool_stats_t st;
+    imap_pool_get_stats(pool, &st);
+    print_message("churn: %d stored, %d cancelled, %" PRIu64 " connections, %" PRIu64 " waited, %" PRIu64
+                  " reused\n", ok, ncancelled, st.opened, st.waited, st.reused);
+    assert_true(st.waited > 0); /* the cap was reached */
+    assert_int_equal(st.waiting, 0);
+    imap_pool_free(pool);
+    for (int i = 0; i < 50 && (loop_fd_count(loop) || loop_timer_count(loop)); i++)
+        loop_run_once(loop, 20);
+    assert_int_equal(loop_fd_count(loop), 0);
+    assert_int_equal(loop_timer_count(loop), 0);
+    loop_free(loop);
+    free(msg);
+}
+
 static void test_wrong_password(void **state)
 {
     job_t j = { "127.0.0.1", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[0], "not-the-password" };
@@ -627,6 +707,7 @@ int main(void)
         cmocka_unit_test(test_concurrent),
         cmocka_unit_test(test_pool_five_appends),
         cmocka_unit_test(test_check_message_id),
+        cmocka_unit_test(test_pool_churn),
         cmocka_unit_test(test_wrong_password),
         cmocka_unit_test(test_wrong_ca),
         cmocka_unit_test(test_wrong_host_name),
