@@ -17,9 +17,10 @@
  *  server closed it while idle) is dropped and the same candidate is tried
  *  again on a fresh connection: that costs no attempt.
  *
- *  Route penalties (Postfix's dead-host memory, per worker here): an
- *  address whose fresh connection failed at connect or greeting time is
- *  remembered in the context with a "down until"; later attempts skip it
+ *  Route penalties (Postfix's dead-host memory; routes.h, one table per
+ *  process when cfg.routes is given, else per context): an address whose
+ *  fresh connection failed at connect or greeting time is remembered with
+ *  a "down until"; later attempts skip it
  *  (other MX addresses first), and an attempt that finds every candidate
  *  down ends without connecting. The penalty doubles with each failure in
  *  a row; the first session past the greeting forgets it. A message that
@@ -50,18 +51,11 @@
 #include "core/log.h"
 #include "core/tls.h"
 #include "core/util.h"
+#include "deliverer/routes.h"
 #include "metrics/metrics.h"
 
-#define ROUTES_MAX 256 /* remembered down addresses per worker */
 
 /* An MX address (and port) that failed before or at the greeting. */
-typedef struct route {
-    char     key[72];   /* "address|port" */
-    unsigned failures;  /* in a row */
-    uint64_t until_ms;  /* skipped until then (loop clock) */
-    char     why[360];  /* the failure that marked it */
-} route_t;
-
 struct deliver_ctx {
     loop_t               *loop;
     deliver_config_t      cfg;        /* strings below are our copies */
@@ -74,8 +68,8 @@ struct deliver_ctx {
     smtp_pool_t          *pool;
     tls_session_cache_t  *tls_cache;
     uint64_t              tls_full, tls_resumed, transactions;
-    route_t              *routes;     /* down (or recently down) addresses */
-    size_t                nroutes;
+    routes_t             *routes;     /* down (or recently down) addresses: cfg.routes or our own */
+    int                   routes_owned;
 };
 
 struct deliver {
@@ -359,6 +353,12 @@ deliver_ctx_t *deliver_ctx_new(loop_t *loop, const deliver_config_t *cfg)
     ctx->auth_pass = cfg->auth_pass ? xstrdup(cfg->auth_pass) : NULL;
     ctx->cfg.auth_user = ctx->auth_user;
     ctx->cfg.auth_pass = ctx->auth_pass;
+    if (cfg->routes) {
+        ctx->routes = cfg->routes; /* shared with the other workers */
+    } else {
+        ctx->routes = routes_new(cfg->route_penalty_ms, cfg->route_penalty_max_ms);
+        ctx->routes_owned = 1;
+    }
     if (cfg->nrelay) {
         ctx->relay = xcalloc(cfg->nrelay, sizeof(*ctx->relay));
         memcpy(ctx->relay, cfg->relay, cfg->nrelay * sizeof(*ctx->relay));
@@ -387,7 +387,8 @@ void deliver_ctx_free(deliver_ctx_t *ctx)
     free(ctx->auth_user);
     free(ctx->auth_pass);
     free(ctx->relay);
-    free(ctx->routes);
+    if (ctx->routes_owned)
+        routes_free(ctx->routes);
     free(ctx);
 }
 
@@ -531,72 +532,41 @@ static void route_key(const deliver_candidate_t *c, char *out, size_t n)
     snprintf(out, n, "%s|%u", addr, port);
 }
 
-static route_t *route_find(deliver_ctx_t *ctx, const deliver_candidate_t *c)
+/* Whether the candidate's address is down now; *st says since when and why. */
+static int route_down(deliver_ctx_t *ctx, const deliver_candidate_t *c, route_state_t *st)
 {
+    if (ctx->cfg.route_penalty_ms == 0)
+        return 0;
     char key[72];
     route_key(c, key, sizeof(key));
-    for (size_t i = 0; i < ctx->nroutes; i++)
-        if (strcmp(ctx->routes[i].key, key) == 0)
-            return &ctx->routes[i];
-    return NULL;
-}
-
-/* The route's entry when it is down now, else NULL. */
-static const route_t *route_down(deliver_ctx_t *ctx, const deliver_candidate_t *c)
-{
-    if (ctx->cfg.route_penalty_ms == 0 || ctx->nroutes == 0)
-        return NULL;
-    const route_t *r = route_find(ctx, c);
-    return r && r->until_ms > loop_now_ms(ctx->loop) ? r : NULL;
+    return routes_down(ctx->routes, key, loop_now_ms(ctx->loop), st);
 }
 
 static void route_failed(deliver_ctx_t *ctx, const deliver_candidate_t *c, const char *why)
 {
     if (ctx->cfg.route_penalty_ms == 0)
         return;
-    uint64_t now = loop_now_ms(ctx->loop);
-    route_t *r = route_find(ctx, c);
-    if (r == NULL) {
-        if (ctx->nroutes == ROUTES_MAX) {
-            /* full: the entry that frees up soonest makes room */
-            size_t old = 0;
-            for (size_t i = 1; i < ctx->nroutes; i++)
-                if (ctx->routes[i].until_ms < ctx->routes[old].until_ms)
-                    old = i;
-            r = &ctx->routes[old];
-        } else {
-            if (ctx->routes == NULL)
-                ctx->routes = xcalloc(ROUTES_MAX, sizeof(*ctx->routes));
-            r = &ctx->routes[ctx->nroutes++];
-        }
-        memset(r, 0, sizeof(*r));
-        route_key(c, r->key, sizeof(r->key));
-    }
-    uint64_t max = ctx->cfg.route_penalty_max_ms ? ctx->cfg.route_penalty_max_ms : 300000;
-    uint64_t pen = ctx->cfg.route_penalty_ms;
-    for (unsigned i = 0; i < r->failures && pen < max; i++)
-        pen *= 2;
-    if (pen > max)
-        pen = max;
-    r->failures++;
-    r->until_ms = now + pen;
-    snprintf(r->why, sizeof(r->why), "%.100s [%s]: %.180s", c->host, r->key, why);
+    char key[72], text[ROUTES_WHY_LEN];
+    route_key(c, key, sizeof(key));
+    snprintf(text, sizeof(text), "%.100s [%s]: %.180s", c->host, key, why);
+    unsigned failures = 0;
+    uint64_t pen = routes_failed(ctx->routes, key, loop_now_ms(ctx->loop), text, &failures);
     metrics_inc(MET_SMTP_ROUTES_DOWN, 1);
-    log_warn("deliver", "route_down", "mx=%s addr=%s failures=%u skip_ms=%llu error=\"%s\"", c->host, r->key,
-             r->failures, (unsigned long long)pen, why);
+    log_warn("deliver", "route_down", "mx=%s addr=%s failures=%u skip_ms=%llu error=\"%s\"", c->host, key, failures,
+             (unsigned long long)pen, why);
 }
 
 static void route_ok(deliver_ctx_t *ctx, const deliver_candidate_t *c)
 {
-    route_t *r = ctx->nroutes ? route_find(ctx, c) : NULL;
-    if (r == NULL)
-        return;
-    log_info("deliver", "route_up", "mx=%s addr=%s after=%u failures", c->host, r->key, r->failures);
-    *r = ctx->routes[--ctx->nroutes];
+    char key[72];
+    route_key(c, key, sizeof(key));
+    unsigned had = routes_ok(ctx->routes, key);
+    if (had)
+        log_info("deliver", "route_up", "mx=%s addr=%s after=%u failures", c->host, key, had);
 }
 
 /* Skip a down candidate: remember why, for an attempt that finds no other. */
-static void skip_down(deliver_t *d, const deliver_candidate_t *c, const route_t *r)
+static void skip_down(deliver_t *d, const deliver_candidate_t *c, const route_state_t *r)
 {
     d->skipped_down++;
     metrics_inc(MET_SMTP_ROUTE_SKIPS, 1);
@@ -606,7 +576,11 @@ static void skip_down(deliver_t *d, const deliver_candidate_t *c, const route_t 
                  "every MX address is down after recent failures (next try in %llu s): %s",
                  (unsigned long long)(left + 999) / 1000, r->why);
     }
-    log_debug("deliver", "route_skip", "msg=%s mx=%s addr=%s", d->log_id ? d->log_id : "-", c->host, r->key);
+    if (log_enabled(LOG_DEBUG)) {
+        char key[72];
+        route_key(c, key, sizeof(key));
+        log_debug("deliver", "route_skip", "msg=%s mx=%s addr=%s", d->log_id ? d->log_id : "-", c->host, key);
+    }
 }
 
 /* What a finished session says about its route: a fresh connection that
@@ -731,16 +705,16 @@ static void on_pool(void *arg, int how, smtp_session_t *s)
         run_on(d, s);
         return;
     }
-    const route_t *down = route_down(d->ctx, &d->cands[d->cur]);
-    if (down) {
+    route_state_t down;
+    if (route_down(d->ctx, &d->cands[d->cur], &down)) {
         /* it went down while we waited for the slot: no attempt made */
         d->holding = 0;
         smtp_pool_release(d->ctx->pool, d->key, NULL);
-        skip_down(d, &d->cands[d->cur], down);
+        skip_down(d, &d->cands[d->cur], &down);
         d->res.attempts_made--;
         d->tried_any = d->res.attempts_made > 0;
         d->last_status = SMTP_ENETWORK;
-        copy_text(d->last_error, sizeof(d->last_error), down->why);
+        copy_text(d->last_error, sizeof(d->last_error), down.why);
         try_next(d);
         return;
     }
@@ -787,10 +761,10 @@ static void try_next(deliver_t *d)
     unsigned max_mx = d->ctx->cfg.max_mx ? d->ctx->cfg.max_mx : 5;
     while (d->next < d->ncands) {
         const deliver_candidate_t *c = &d->cands[d->next];
-        const route_t *down = route_down(d->ctx, c);
-        if (down) {
+        route_state_t down;
+        if (route_down(d->ctx, c, &down)) {
             d->next++;
-            skip_down(d, c, down);
+            skip_down(d, c, &down);
             continue;
         }
         int new_host = d->counted_host == NULL || strcmp(c->host, d->counted_host) != 0;

@@ -86,6 +86,8 @@ typedef struct deliver_config {
      * outlive a blip, doubling to minutes for an address that stays dead). */
     unsigned          route_penalty_ms;
     unsigned          route_penalty_max_ms;
+    struct routes    *routes;            /* the table to share (mailpumpd: one for all workers, routes.h);
+                                          * NULL: each deliver_ctx keeps its own */
 } deliver_config_t;
 
 typedef struct deliver_candidate {

@@ -26,6 +26,7 @@
 #include "core/log.h"
 #include "core/tls.h"
 #include "core/util.h"
+#include "deliverer/routes.h"
 #include "deliverer/worker.h"
 #include "metrics/metrics.h"
 
@@ -140,6 +141,9 @@ static int build_env(const mp_config_t *cfg, worker_env_t *env, char *helo, size
      * timeouts, relay + AUTH (validated here: exit 2 on a bad value) */
     if (deliver_config_engine(d, cfg, &smtp_timeouts, &smtp_relay, err, errlen) < 0)
         return -1;
+    /* one route penalty table for every worker: a dead MX address costs
+     * one failed connect per penalty, not one per worker */
+    d->routes = routes_new(d->route_penalty_ms, d->route_penalty_max_ms);
     return 0;
 }
 
@@ -153,6 +157,8 @@ static void free_env(worker_env_t *env)
     smtp_relay = NULL;
     retry_levels_free(&env->levels);
     dkim_free(env->dkim);
+    routes_free(env->dcfg.routes);
+    env->dcfg.routes = NULL;
 }
 
 int main(int argc, char **argv)

@@ -1096,9 +1096,9 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
         return;
     }
     log_info("worker", "message_received",
-             "tag=%llu msg=%s trace=%s prio=%d attempt=%u rcpts=%zu domains=%zu bytes=%zu",
+             "tag=%llu msg=%s trace=%s prio=%d attempt=%u rcpts=%zu domains=%zu bytes=%zu worker=%d",
              (unsigned long long)dv->tag, j->msg->id, j->msg->trace_id ? j->msg->trace_id : "-",
-             dv->priority, j->attempt, j->nrcpts, j->ndomains, buf_size(&j->raw));
+             dv->priority, j->attempt, j->nrcpts, j->ndomains, buf_size(&j->raw), w->index);
     /* the domain array is final now: point each callback cell at it */
     for (size_t i = 0; i < j->ndomains; i++) {
         job_domain_t *d = &j->domains[i];

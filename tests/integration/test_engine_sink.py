@@ -84,13 +84,14 @@ class EngineSink(unittest.TestCase):
         self.addCleanup(s.stop)
         return s
 
-    def daemon(self, port, **env):
-        """mailpumpd, one worker, no IMAP, delivering to port; returns it
-        started together with an event tap declared before any enqueue."""
+    def daemon(self, port, workers=1, **env):
+        """mailpumpd, one worker unless told, no IMAP, delivering to port;
+        returns it started together with an event tap declared before any
+        enqueue."""
         extra = {"MAILPUMP_SMTP_PORT": str(port), "MAILPUMP_SMTP_TLS": "none",
                  "MAILPUMP_IMAP_HOST": "", "MAILPUMP_RETRY_LEVELS": "1m"}
         extra.update({k: str(v) for k, v in env.items()})
-        d = mpstack.Daemon(self.env, workers=1, extra_env=extra)
+        d = mpstack.Daemon(self.env, workers=workers, extra_env=extra)
         tap = mpstack.EventTap(self.env, d.exchange)
         self.addCleanup(tap.close)
         try:
@@ -328,6 +329,22 @@ class EngineSink(unittest.TestCase):
         tap.drain(0.2)
         self.assertEqual([x["event"] for x in tap.events], ["delivered"])
         self.assertEqual(len(sink.messages()), 1)
+
+    def test_dead_mx_learned_once_by_every_worker(self):
+        """Two workers share the route penalty table: the dead first MX is
+        marked down once, and the messages either worker takes afterwards
+        skip it without connecting."""
+        sink = self.sink(addr="127.0.0.3")
+        d, tap = self.daemon(sink.port, workers=2, MAILPUMP_SMTP_ROUTE_PENALTY="60s")
+        for i in range(6):  # one at a time: the workers take turns
+            mid = self.enqueue(d, [f"w{i}@failover.test.example"])
+            e = self.wait_final(tap, mid, 1)[0]
+            self.assertEqual((e["event"], e["mx_addr"]), ("delivered", "127.0.0.3"), e)
+        self.assertEqual(d.metric("mailpump_smtp_routes_marked_down_total"), 1)
+        self.assertEqual(d.metric("mailpump_smtp_route_skips_total"), 5)
+        workers = set(re.findall(r"worker=(\d+)", " ".join(
+            line for line in d.log().splitlines() if "event=message_received" in line)))
+        self.assertEqual(len(workers), 2, "both workers took messages")
 
     def test_dead_first_mx_costs_one_connect(self):
         """failover.test.example's first MX (down.test.example) refuses: the

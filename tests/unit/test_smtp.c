@@ -34,6 +34,7 @@
 #include "core/tls.h"
 #include "core/util.h"
 #include "deliverer/deliver.h"
+#include "deliverer/routes.h"
 #include "deliverer/outcome.h"
 #include "deliverer/session.h"
 #include "metrics/metrics.h"
@@ -1787,6 +1788,35 @@ static void test_route_penalty(void **state)
     drain_and_check(t->loop, all, 1);
 }
 
+/* Two contexts (two workers) with one table: what one learns about a dead
+ * address, the other skips without connecting. */
+static void test_route_penalty_shared(void **state)
+{
+    tctx_t *t = *state;
+    unsigned short dead = closed_port();
+    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    deliver_candidate_t both[] = { cand("mx1.fake.test", dead), cand("mx2.fake.test", fs->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    cfg.route_penalty_ms = 5000;
+    cfg.routes = routes_new(cfg.route_penalty_ms, 0);
+    deliver_ctx_t *a = deliver_ctx_new(t->loop, &cfg);
+    deliver_ctx_t *b = deliver_ctx_new(t->loop, &cfg);
+    capture_t cap;
+    ctx_deliver(a, t->loop, &q1, both, 2, &cap); /* mx1 refuses, mx2 delivers */
+    assert_int_equal(cap.attempts, 2);
+    ctx_deliver(b, t->loop, &q1, both, 1, &cap); /* the other worker: mx1 only */
+    assert_int_equal(cap.attempts, 0);
+    assert_string_equal(cap.r[0].reason, "network");
+    assert_non_null(strstr(cap.r[0].text, "every MX address is down"));
+    deliver_ctx_free(a);
+    deliver_ctx_free(b);
+    routes_free(cfg.routes);
+    fake_server_t *all[] = { fs };
+    drain_and_check(t->loop, all, 1);
+}
+
 /* A second connection to a destination resumes the TLS session. */
 static void test_tls_resumption(void **state)
 {
@@ -2750,6 +2780,7 @@ int main(void)
         T(test_pool_per_destination_limit),
         T(test_pool_slow_start),
         T(test_route_penalty),
+        T(test_route_penalty_shared),
         T(test_pool_worker_limit_and_age),
         T(test_tls_resumption),
         T(test_tls_policy_per_domain),
