@@ -241,6 +241,21 @@ class RedisOutage(unittest.TestCase):
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def start_slowsink(test, delay, *extra):
+    """slowsink.py on 127.0.0.2:<free port> storing into a fresh dump
+    directory; returns (port, dumpdir, process) once it is ready."""
+    port = mpstack.free_port()
+    dumpdir = tempfile.mkdtemp(prefix="mp-sink-")
+    os.chmod(dumpdir, 0o777)
+    sink = subprocess.Popen(["/usr/bin/python3",
+                             os.path.join(os.path.dirname(os.path.abspath(__file__)), "slowsink.py"),
+                             "127.0.0.2", str(port), dumpdir, delay, *extra],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    test.assertEqual(sink.stdout.readline().strip(), "ready")
+    return port, dumpdir, sink
+
+
 def cleanup_kill_run(d, d2, tap, sink, dumpdir):
     """End what a kill -9 test started: both daemons, the event tap, the
     sink (stdin closed: it exits) and its dump directory."""
@@ -265,17 +280,8 @@ class KillNine(unittest.TestCase):
 
     def test_kill9_mid_batch_loses_nothing_and_flags_duplicates(self):
         env = mpstack.stack_env()
-        port = mpstack.free_port()
-        dumpdir = tempfile.mkdtemp(prefix="mp-sink-")
-        os.chmod(dumpdir, 0o777)
         # stores each message at the final dot, answers 1 s later
-        sink = subprocess.Popen(["/usr/bin/python3",
-                                 os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                              "slowsink.py"),
-                                 "127.0.0.2", str(port), dumpdir, "1.0"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-        self.assertEqual(sink.stdout.readline().strip(), "ready")
+        port, dumpdir, sink = start_slowsink(self, "1.0")
         # short retry levels: a connection the sink's listen backlog refuses
         # under the burst is retried within seconds, not minutes
         extra = {"MAILPUMP_SMTP_PORT": str(port), "MAILPUMP_SMTP_TLS": "none",
@@ -361,16 +367,7 @@ class KillNine(unittest.TestCase):
         mark for it and the redelivery is not a possible duplicate."""
         env = mpstack.stack_env()
         rport = env["MP_REDIS_PORT"]
-        port = mpstack.free_port()
-        dumpdir = tempfile.mkdtemp(prefix="mp-sink-")
-        os.chmod(dumpdir, 0o777)
-        sink = subprocess.Popen(["/usr/bin/python3",
-                                 os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                              "slowsink.py"),
-                                 "127.0.0.2", str(port), dumpdir, "0", "--stall-first-rcpt", "120"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-        self.assertEqual(sink.stdout.readline().strip(), "ready")
+        port, dumpdir, sink = start_slowsink(self, "0", "--stall-first-rcpt", "120")
         extra = {"MAILPUMP_SMTP_PORT": str(port), "MAILPUMP_SMTP_TLS": "none",
                  "MAILPUMP_IMAP_HOST": ""}
         d = mpstack.Daemon(env, workers=1, extra_env=extra)
