@@ -458,11 +458,14 @@ static void job_store_sent_copy(job_t *j)
         .pool = w->imap_pool,
     };
     /* a retried append, or a message back after a worker or connection
-     * died, may find its copy already stored: look before appending */
+     * died, may find its copy already stored: look before appending; and
+     * a pooled session lost in an uncertain way looks before its retry */
     char mid[512];
-    if ((j->append_only || j->dv->redelivered) &&
-        mime_header_find(buf_head(&j->raw), buf_size(&j->raw), "Message-ID", mid, sizeof(mid)) == MIME_OK)
-        ia.check_message_id = mid;
+    if (mime_header_find(buf_head(&j->raw), buf_size(&j->raw), "Message-ID", mid, sizeof(mid)) == MIME_OK) {
+        ia.message_id = mid;
+        if (j->append_only || j->dv->redelivered)
+            ia.check_message_id = mid;
+    }
     j->append_tried = 1;
     j->append = imap_append_start(w->loop, &ia, buf_head(&j->raw), buf_size(&j->raw), on_appended, j);
 }

@@ -208,6 +208,7 @@ struct imap_append {
     unsigned            connections;  /* connections opened for the append in flight */
     int                 counted;      /* holds one of its account's connection slots (pa->nconn) */
     char               *check_msgid;  /* look for this Message-ID in \Sent before APPEND; NULL: don't */
+    char               *msgid;        /* the message's Message-ID (account's message_id), or NULL */
     uint32_t            found_uid, found_uidvalidity;
     struct imap_append *served_by;    /* WAIT handle: the parked session running its append */
     loop_timer_t        idle_timer;   /* parked: idle/age expiry; WAIT: the wait's deadline */
@@ -344,7 +345,7 @@ static const char *logsafe(char *dst, size_t n, const char *src)
 static void go_idle(imap_append_t *a);
 static void idle_unfit(imap_append_t *a, const char *why);
 static int  may_retry(imap_append_t *a, stream_t *s);
-static void retry_fresh(imap_append_t *a, const char *why);
+static void retry_fresh(imap_append_t *a, const char *why, int check);
 static void on_stream(stream_t *s, stream_event_t ev, void *arg);
 
 /* ---------------------------------------------------------------- commands */
@@ -966,8 +967,9 @@ static void on_stream(stream_t *s, stream_event_t ev, void *arg)
         finish(a); /* the result was settled before LOGOUT */
         return;
     }
-    if (ev != STREAM_EV_TIMEOUT && may_retry(a, s)) {
-        retry_fresh(a, ev == STREAM_EV_CLOSED ? "closed by server" : stream_error(s));
+    int retry = ev != STREAM_EV_TIMEOUT ? may_retry(a, s) : 0;
+    if (retry) {
+        retry_fresh(a, ev == STREAM_EV_CLOSED ? "closed by server" : stream_error(s), retry == 2);
         return;
     }
     const char *doing = state_info[a->state].doing;
@@ -1059,6 +1061,7 @@ static void session_free(imap_append_t *a)
     free(a->user);
     free(a->host);
     free(a->check_msgid);
+    free(a->msgid);
     free(a->sent_special);
     free(a->sent_named);
     free(a->sent_inbox);
@@ -1265,7 +1268,8 @@ static void pool_park(imap_append_t *a)
     a->data = NULL;
     a->len = 0;
     free(a->check_msgid);
-    a->check_msgid = NULL;
+    free(a->msgid);
+    a->check_msgid = a->msgid = NULL;
     a->nchunks = a->next_chunk = 0;
     a->reused = a->job_reused = 0;
     a->retried = 0;
@@ -1348,7 +1352,8 @@ static imap_append_t *pool_take(imap_pool_t *p, const char *key)
 
 /* Run the new append on the parked session a: APPEND only. */
 static imap_append_t *start_reused(imap_append_t *a, unsigned timeout_ms, const char *check_msgid,
-                                   const char *data, size_t len, imap_append_cb cb, void *arg)
+                                   const char *msgid, const char *data, size_t len, imap_append_cb cb,
+                                   void *arg)
 {
     imap_pool_t *p = a->pool;
     a->data = data;
@@ -1371,6 +1376,8 @@ static imap_append_t *start_reused(imap_append_t *a, unsigned timeout_ms, const 
     snprintf(a->res.mailbox, sizeof(a->res.mailbox), "%s", a->mailbox);
     free(a->check_msgid);
     a->check_msgid = check_msgid && check_msgid[0] ? xstrdup(check_msgid) : NULL;
+    free(a->msgid);
+    a->msgid = msgid && msgid[0] ? xstrdup(msgid) : NULL;
     before_append(a);
     return a;
 }
@@ -1400,7 +1407,7 @@ static int serve_waiter(imap_pool_t *p, imap_append_t *w)
         w->pa = NULL;
         w->served_by = s;
         pool_debug(w, "wait_served", "parked");
-        start_reused(s, w->timeout_ms, w->check_msgid, w->data, w->len, forward_done, w);
+        start_reused(s, w->timeout_ms, w->check_msgid, w->msgid, w->data, w->len, forward_done, w);
         return 1;
     }
     if (w->pa->nconn >= p->lim.max_conns_per_account)
@@ -1437,10 +1444,11 @@ static void pool_wake(imap_pool_t *p)
         loop_timer_set(p->loop, &p->wake_timer, 0);
 }
 
-/* A reused connection died in the APPEND without any answer. Retry only
- * where the server cannot have the message: the literal had not all
- * left, or the connection was reset (the server's socket was gone when
- * our bytes arrived). A clean EOF after everything left is ambiguous. */
+/* A reused connection died in the APPEND without any answer. 1: retry,
+ * the server cannot have the message (the literal had not all left, or
+ * the connection was reset: the server's socket was gone when our bytes
+ * arrived). A clean EOF after everything left is ambiguous: 2 (retry, but
+ * look for the Message-ID first) when it is known, else 0 (fail). */
 static int may_retry(imap_append_t *a, stream_t *s)
 {
     if (!a->reused || a->retried)
@@ -1452,14 +1460,18 @@ static int may_retry(imap_append_t *a, stream_t *s)
     if (a->waiting_cont || a->next_chunk < a->nchunks || stream_pending_out(s) > 0)
         return 1;
     int e = stream_errno(s);
-    return e == ECONNRESET || e == EPIPE;
+    if (e == ECONNRESET || e == EPIPE)
+        return 1;
+    return a->msgid ? 2 : 0;
 }
 
-static void retry_fresh(imap_append_t *a, const char *why)
+static void retry_fresh(imap_append_t *a, const char *why, int check)
 {
     if (a->pool)
         a->pool->st.retried++;
-    pool_debug(a, "retry", why);
+    pool_debug(a, check ? "retry_check" : "retry", why);
+    if (check && a->check_msgid == NULL)
+        a->check_msgid = xstrdup(a->msgid);
     stream_free(a->stream); /* inside its own callback: released once it returns */
     a->stream = NULL;
     /* a new connection knows nothing yet */
@@ -1568,7 +1580,7 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
         if (reused) {
             free(key);
             return start_reused(reused, acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS,
-                                acct->check_message_id, data, len, cb, arg);
+                                acct->check_message_id, acct->message_id, data, len, cb, arg);
         }
     }
     imap_append_t *a = xcalloc(1, sizeof(*a));
@@ -1580,6 +1592,8 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
     a->password = xstrdup_or_null(acct->password);
     if (acct->check_message_id && acct->check_message_id[0])
         a->check_msgid = xstrdup(acct->check_message_id);
+    if (acct->message_id && acct->message_id[0])
+        a->msgid = xstrdup(acct->message_id);
     a->tls = acct->tls;
     a->verify_host = acct->verify_host;
     a->timeout_ms = acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS;

@@ -91,6 +91,12 @@ typedef struct imap_account {
      * stored (its UID, already_stored = 1) instead of appending a second.
      * For retries after an uncertain outcome; costs three round trips. */
     const char            *check_message_id;
+    /* The message's Message-ID, or NULL. With it, a parked session that
+     * closes cleanly after the whole APPEND went out (the server may or
+     * may not have stored the copy) is not reported as a failure: the
+     * append moves once to a fresh connection, which looks for this
+     * Message-ID before appending. */
+    const char            *message_id;
 } imap_account_t;
 
 typedef struct imap_append_result {
