@@ -1207,6 +1207,15 @@ static void on_reconnect(loop_t *loop, loop_timer_t *t, void *arg)
     worker_connect(w);
 }
 
+
+/* The broker's resource alarm blocked this worker's publishes (events,
+ * retries): they are held in mq until it unblocks; deliveries go on. */
+static void on_broker_blocked(void *arg, int blocked, const char *reason)
+{
+    (void)arg;
+    (void)reason; /* logged by mq */
+    metrics_gauge_add(MET_WORKERS_BLOCKED, blocked ? 1 : -1);
+}
 static void worker_connect(worker_t *w)
 {
     const mp_config_t *cfg = w->env->cfg;
@@ -1238,6 +1247,7 @@ static void worker_connect(worker_t *w)
         worker_schedule_reconnect(w);
         return;
     }
+    mq_on_blocked(w->mq, on_broker_blocked, w);
     w->connected_ms = util_mono_ms();
     w->ready = 1;
     metrics_gauge_add(MET_WORKERS_READY, 1);

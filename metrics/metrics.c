@@ -60,6 +60,8 @@ static const struct {
 } gauge_info[MET_GAUGE_LAST] = {
     [MET_INFLIGHT] = { "mailpump_messages_inflight", "Messages consumed and not yet acknowledged." },
     [MET_WORKERS_READY] = { "mailpump_workers_ready", "Worker threads holding an open broker connection." },
+    [MET_WORKERS_BLOCKED] = { "mailpump_workers_blocked",
+                              "Worker threads whose publishes the broker blocks (memory or disk alarm); events wait in memory." },
     [MET_DNS_L1_ENTRIES] = { "mailpump_dns_l1_entries", "Answers held in the workers' in-memory DNS caches." },
     [MET_WORKERS] = { "mailpump_workers", "Configured worker threads." },
 };

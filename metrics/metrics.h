@@ -52,6 +52,7 @@ typedef enum {
     MET_WORKERS_READY,      /* workers with an open broker connection */
     MET_DNS_L1_ENTRIES,     /* answers held in the workers' L1 DNS caches */
     MET_WORKERS,            /* configured workers */
+    MET_WORKERS_BLOCKED,    /* workers whose publishes the broker blocks (resource alarm) */
     MET_GAUGE_LAST
 } metric_gauge_t;
 

@@ -20,6 +20,14 @@
  *  small and the broker is near; a large backlog would show as latency in
  *  the loop, which is the seam for a buffered writer later.
  *
+ *  Resource alarms: the broker stops reading from a publishing connection
+ *  while its memory or disk alarm is in effect, so a send would fill the
+ *  socket buffer and then block the loop. The connection.blocked
+ *  capability makes the broker say so (connection.blocked with a reason,
+ *  later connection.unblocked); meanwhile publishes are copied and held
+ *  here, in order, and sent when it unblocks. Their confirm callbacks fire
+ *  as usual, later; ok=0 if the connection is lost first.
+ *
  *  Writes are batched per loop iteration. The first publish, ack or nack
  *  of an iteration corks the socket (TCP_CORK) and arms a zero-delay
  *  timer that runs at the end of it: a librabbitmq publish is three
@@ -60,6 +68,18 @@ typedef struct pending_confirm {
 
 typedef enum { RX_METHOD = 0, RX_HEADER, RX_BODY } rx_state_t;
 
+/* A publish held while the broker blocks us: everything copied. */
+typedef struct held_publish {
+    struct held_publish *next;
+    char                *exchange, *routing_key, *body, *content_type, *message_id;
+    size_t               len;
+    int                  priority, persistent;
+    mq_header_t         *headers;
+    size_t               nheaders;
+    mq_confirm_cb        cb;
+    void                *arg;
+} held_publish_t;
+
 struct mq {
     loop_t                  *loop;
     amqp_connection_state_t  conn;
@@ -92,6 +112,12 @@ struct mq {
      * prefetch window); ack_wanted marks those mq_ack() has settled */
     struct unsettled { uint64_t tag; int ack_wanted; } *uns;
     size_t                   nuns, uns_cap;
+    /* connection.blocked: publishes held until connection.unblocked */
+    int                      blocked;
+    held_publish_t          *held, **held_tail;
+    size_t                   nheld;
+    mq_blocked_cb            on_blocked;
+    void                    *blocked_arg;
 };
 
 static void copy_bytes(char **dst, amqp_bytes_t b)
@@ -367,12 +393,116 @@ static void fail_all_confirms(mq_t *mq)
     }
 }
 
+/* ---- publishes held while the broker blocks us ---- */
+
+static void held_free(held_publish_t *h)
+{
+    free(h->exchange);
+    free(h->routing_key);
+    free(h->body);
+    free(h->content_type);
+    free(h->message_id);
+    for (size_t i = 0; i < h->nheaders; i++) {
+        free((char *)h->headers[i].key);
+        free((char *)h->headers[i].value);
+    }
+    free(h->headers);
+    free(h);
+}
+
+static void hold_publish(mq_t *mq, const char *exchange, const char *routing_key, const void *body,
+                         size_t len, const mq_publish_opts_t *opts, mq_confirm_cb cb, void *arg)
+{
+    held_publish_t *h = xcalloc(1, sizeof(*h));
+    h->exchange = xstrdup(exchange);
+    h->routing_key = xstrdup(routing_key);
+    h->body = xmalloc(len ? len : 1);
+    memcpy(h->body, body, len);
+    h->len = len;
+    h->priority = -1;
+    h->persistent = 1;
+    if (opts) {
+        h->content_type = opts->content_type ? xstrdup(opts->content_type) : NULL;
+        h->message_id = opts->message_id ? xstrdup(opts->message_id) : NULL;
+        h->priority = opts->priority;
+        h->persistent = opts->persistent;
+        if (opts->nheaders > 0) {
+            h->headers = xcalloc(opts->nheaders, sizeof(*h->headers));
+            for (size_t i = 0; i < opts->nheaders; i++) {
+                h->headers[i].key = xstrdup(opts->headers[i].key);
+                h->headers[i].value = xstrdup(opts->headers[i].value);
+            }
+            h->nheaders = opts->nheaders;
+        }
+    }
+    h->cb = cb;
+    h->arg = arg;
+    *mq->held_tail = h;
+    mq->held_tail = &h->next;
+    mq->nheld++;
+}
+
+static held_publish_t *held_pop(mq_t *mq)
+{
+    held_publish_t *h = mq->held;
+    mq->held = h->next;
+    if (mq->held == NULL)
+        mq->held_tail = &mq->held;
+    mq->nheld--;
+    return h;
+}
+
+/* Every held publish fails (ok=0), in order. */
+static void fail_held(mq_t *mq)
+{
+    while (mq->held) {
+        held_publish_t *h = held_pop(mq);
+        mq_confirm_cb cb = h->cb;
+        void *arg = h->arg;
+        held_free(h);
+        cb(arg, 0);
+    }
+}
+
+static int send_publish(mq_t *mq, const char *exchange, const char *routing_key, const void *body,
+                        size_t len, const mq_publish_opts_t *opts, mq_confirm_cb cb, void *arg);
+
+/* Unblocked: send what was held, in order. A send that fails leaves the
+ * rest (and that one) to the lost connection's timer. */
+static void release_held(mq_t *mq)
+{
+    while (mq->held && mq->open && !mq->blocked) {
+        held_publish_t *h = held_pop(mq);
+        mq_publish_opts_t o = { h->content_type, h->message_id, h->priority, h->persistent,
+                                h->headers, h->nheaders };
+        if (send_publish(mq, h->exchange, h->routing_key, h->body, h->len, &o, h->cb, h->arg) < 0) {
+            h->next = mq->held; /* back at the head: failed with the rest */
+            mq->held = h;
+            if (h->next == NULL)
+                mq->held_tail = &h->next;
+            mq->nheld++;
+            return;
+        }
+        held_free(h);
+    }
+}
+
+static void set_blocked(mq_t *mq, int blocked, const char *reason)
+{
+    if (mq->blocked == blocked)
+        return;
+    mq->blocked = blocked;
+    if (mq->on_blocked)
+        mq->on_blocked(mq->blocked_arg, blocked, reason);
+}
+
 /* ---- connection loss ---- */
 
 static void on_lost_timer(loop_t *loop, loop_timer_t *t, void *arg)
 {
     mq_t *mq = arg;
     fail_all_confirms(mq);
+    fail_held(mq);
     if (mq->on_lost)
         mq->on_lost(mq->arg, mq->lost_why);
 }
@@ -400,6 +530,7 @@ static void connection_lost(mq_t *mq, const char *why)
     mq->nuns = 0; /* the broker requeues them */
     mq_delivery_free(mq->cur);
     mq->cur = NULL;
+    set_blocked(mq, 0, why);
     loop_timer_set(mq->loop, &mq->lost_timer, 0);
 }
 
@@ -457,6 +588,24 @@ static void handle_method(mq_t *mq, amqp_frame_t *f)
         resolve_confirms(mq, n->delivery_tag, n->multiple, 0);
         break;
     }
+    case AMQP_CONNECTION_BLOCKED_METHOD: {
+        amqp_connection_blocked_t *b = m->decoded;
+        char why[128];
+        size_t n = b->reason.len < sizeof(why) - 1 ? b->reason.len : sizeof(why) - 1;
+        for (size_t i = 0; i < n; i++) {
+            char ch = ((const char *)b->reason.bytes)[i];
+            why[i] = ch >= 0x20 && ch < 0x7f && ch != '"' ? ch : '?';
+        }
+        why[n] = '\0';
+        log_warn("amqp", "broker_blocked", "reason=\"%s\" unconfirmed=%zu", why, mq->npend);
+        set_blocked(mq, 1, why);
+        break;
+    }
+    case AMQP_CONNECTION_UNBLOCKED_METHOD:
+        log_info("amqp", "broker_unblocked", "held=%zu", mq->nheld);
+        set_blocked(mq, 0, NULL);
+        release_held(mq);
+        break;
     case AMQP_BASIC_CANCEL_OK_METHOD:
         log_info("amqp", "consumer_cancelled", "queue=%s", mq->cfg.queue);
         break;
@@ -615,6 +764,7 @@ mq_t *mq_open(loop_t *loop, const mq_config_t *cfg, char *err, size_t errlen)
     mq->cfg = *cfg;
     mq->fd = -1;
     mq->next_seq = 1;
+    mq->held_tail = &mq->held;
     loop_timer_init(&mq->hb_timer, on_heartbeat, mq);
     loop_timer_init(&mq->drain_timer, on_drain_timer, mq);
     loop_timer_init(&mq->lost_timer, on_lost_timer, mq);
@@ -639,14 +789,19 @@ mq_t *mq_open(loop_t *loop, const mq_config_t *cfg, char *err, size_t errlen)
     /* Without consumer_cancel_notify the broker ends our consumer silently
      * when the queue is deleted or its node fails: the worker would stay
      * connected and never receive again. With it, a basic.cancel arrives
-     * and is handled as a lost connection (reconnect, redeclare). The
-     * library merges this into its default capabilities. */
-    amqp_table_entry_t cap = { .key = amqp_cstring_bytes("consumer_cancel_notify"),
-                               .value = { .kind = AMQP_FIELD_KIND_BOOLEAN,
-                                          .value = { .boolean = 1 } } };
+     * and is handled as a lost connection (reconnect, redeclare). And
+     * connection.blocked: the broker says when a resource alarm stops it
+     * reading our publishes (they are held here meanwhile). The library
+     * merges these into its default capabilities. */
+    amqp_table_entry_t cap[2] = {
+        { .key = amqp_cstring_bytes("consumer_cancel_notify"),
+          .value = { .kind = AMQP_FIELD_KIND_BOOLEAN, .value = { .boolean = 1 } } },
+        { .key = amqp_cstring_bytes("connection.blocked"),
+          .value = { .kind = AMQP_FIELD_KIND_BOOLEAN, .value = { .boolean = 1 } } },
+    };
     amqp_table_entry_t prop = { .key = amqp_cstring_bytes("capabilities"),
                                 .value = { .kind = AMQP_FIELD_KIND_TABLE,
-                                           .value = { .table = { 1, &cap } } } };
+                                           .value = { .table = { 2, cap } } } };
     amqp_table_t props = { 1, &prop };
     amqp_rpc_reply_t lr = amqp_login_with_properties(mq->conn, cfg->vhost, 0, 131072,
                                                      (int)cfg->heartbeat, &props,
@@ -749,6 +904,16 @@ int mq_publish(mq_t *mq, const char *exchange, const char *routing_key, const vo
 {
     if (!mq->open)
         return -1;
+    if (mq->blocked) {
+        hold_publish(mq, exchange, routing_key, body, len, opts, cb, arg);
+        return 0;
+    }
+    return send_publish(mq, exchange, routing_key, body, len, opts, cb, arg);
+}
+
+static int send_publish(mq_t *mq, const char *exchange, const char *routing_key, const void *body,
+                        size_t len, const mq_publish_opts_t *opts, mq_confirm_cb cb, void *arg)
+{
     amqp_basic_properties_t p;
     memset(&p, 0, sizeof(p));
     p._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG;
@@ -822,7 +987,18 @@ int mq_nack(mq_t *mq, uint64_t tag, int requeue)
 
 size_t mq_unconfirmed(const mq_t *mq)
 {
-    return mq->npend;
+    return mq->npend + mq->nheld;
+}
+
+void mq_on_blocked(mq_t *mq, mq_blocked_cb cb, void *arg)
+{
+    mq->on_blocked = cb;
+    mq->blocked_arg = arg;
+}
+
+int mq_blocked(const mq_t *mq)
+{
+    return mq->blocked;
 }
 
 int mq_is_open(const mq_t *mq)
@@ -850,7 +1026,9 @@ void mq_free(mq_t *mq)
         amqp_channel_close(mq->conn, MQ_CHANNEL, AMQP_REPLY_SUCCESS);
         amqp_connection_close(mq->conn, AMQP_REPLY_SUCCESS);
     }
+    set_blocked(mq, 0, "closed");
     fail_all_confirms(mq);
+    fail_held(mq);
     mq_delivery_free(mq->cur);
     amqp_destroy_connection(mq->conn);
     free(mq->consumer_tag);

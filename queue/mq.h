@@ -112,8 +112,15 @@ int   mq_publish(mq_t *mq, const char *exchange, const char *routing_key, const 
                  size_t len, const mq_publish_opts_t *opts, mq_confirm_cb cb, void *arg);
 int   mq_ack(mq_t *mq, uint64_t tag);
 int   mq_nack(mq_t *mq, uint64_t tag, int requeue);
-/* Publishes not yet confirmed. */
+/* Publishes not yet confirmed (sent, or held while blocked). */
 size_t mq_unconfirmed(const mq_t *mq);
+/* The broker blocked (1, with its reason, e.g. "low on memory") or
+ * unblocked (0) this connection's publishes: a resource alarm. While
+ * blocked, mq_publish() holds copies and sends them on connection.unblocked.
+ * Also called with 0 when the connection is lost or freed while blocked. */
+typedef void (*mq_blocked_cb)(void *arg, int blocked, const char *reason);
+void   mq_on_blocked(mq_t *mq, mq_blocked_cb cb, void *arg);
+int    mq_blocked(const mq_t *mq);
 int    mq_is_open(const mq_t *mq);
 /* Close (channel and connection, best effort) and free. Pending confirm
  * callbacks fire with ok=0. */
