@@ -26,7 +26,31 @@ struct mp_client {
     mp_client_opts_t        o;
     uint64_t                next_seq;
     char                   *sub_queue;
+    int                     blocked;            /* connection.blocked, not yet unblocked */
+    char                    blocked_reason[128];
 };
+
+/* connection.blocked / unblocked (a resource alarm on the broker). 1 when
+ * f was one of them. */
+static int note_blocked(mp_client_t *c, const amqp_frame_t *f)
+{
+    if (f->payload.method.id == AMQP_CONNECTION_BLOCKED_METHOD) {
+        const amqp_connection_blocked_t *b = f->payload.method.decoded;
+        c->blocked = 1;
+        mq_safe_text(c->blocked_reason, sizeof(c->blocked_reason), b->reason.bytes, b->reason.len);
+        return 1;
+    }
+    if (f->payload.method.id == AMQP_CONNECTION_UNBLOCKED_METHOD) {
+        c->blocked = 0;
+        return 1;
+    }
+    return 0;
+}
+
+const char *mp_client_blocked(const mp_client_t *c)
+{
+    return c->blocked ? c->blocked_reason : NULL;
+}
 
 static int rpc_check(mp_client_t *c, const char *what, char *err, size_t errlen)
 {
@@ -47,8 +71,16 @@ mp_client_t *mp_client_connect(const mp_client_opts_t *o, char *err, size_t errl
                  amqp_error_string2(r));
         goto fail;
     }
-    amqp_rpc_reply_t lr = amqp_login(c->conn, o->vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN,
-                                     o->user, o->password);
+    /* the broker says when a resource alarm stops it reading our publishes */
+    amqp_table_entry_t cap = { .key = amqp_cstring_bytes("connection.blocked"),
+                               .value = { .kind = AMQP_FIELD_KIND_BOOLEAN,
+                                          .value = { .boolean = 1 } } };
+    amqp_table_entry_t prop = { .key = amqp_cstring_bytes("capabilities"),
+                                .value = { .kind = AMQP_FIELD_KIND_TABLE,
+                                           .value = { .table = { 1, &cap } } } };
+    amqp_table_t props = { 1, &prop };
+    amqp_rpc_reply_t lr = amqp_login_with_properties(c->conn, o->vhost, 0, 131072, 0, &props,
+                                                     AMQP_SASL_METHOD_PLAIN, o->user, o->password);
     if (lr.reply_type != AMQP_RESPONSE_NORMAL) {
         snprintf(err, errlen, "login to RabbitMQ as %s failed (check user, password, vhost)",
                  o->user);
@@ -109,7 +141,12 @@ int mp_client_enqueue(mp_client_t *c, const char *body, size_t len, int priority
     for (;;) {
         uint64_t now = util_mono_ms();
         if (now >= deadline) {
-            snprintf(err, errlen, "no confirm from the broker within %u ms", timeout_ms);
+            if (c->blocked)
+                snprintf(err, errlen,
+                         "no confirm from the broker within %u ms: it blocks publishers (%s)",
+                         timeout_ms, c->blocked_reason);
+            else
+                snprintf(err, errlen, "no confirm from the broker within %u ms", timeout_ms);
             return -1;
         }
         uint64_t left = deadline - now;
@@ -122,7 +159,7 @@ int mp_client_enqueue(mp_client_t *c, const char *body, size_t len, int priority
             snprintf(err, errlen, "waiting for confirm: %s", amqp_error_string2(r));
             return -1;
         }
-        if (f.frame_type != AMQP_FRAME_METHOD)
+        if (f.frame_type != AMQP_FRAME_METHOD || note_blocked(c, &f))
             continue;
         if (f.payload.method.id == AMQP_BASIC_ACK_METHOD) {
             amqp_basic_ack_t *a = f.payload.method.decoded;
@@ -222,6 +259,7 @@ int mp_client_pump(mp_client_t *c, unsigned timeout_ms, mp_client_confirm_cb on_
             return -1;
         }
         default:
+            note_blocked(c, &f);
             if (left == 0)
                 return 0;
             continue;
@@ -249,10 +287,27 @@ int mp_client_subscribe(mp_client_t *c, const char *pattern, char *err, size_t e
 int mp_client_next_event(mp_client_t *c, unsigned timeout_ms, char **body, size_t *len,
                          char *err, size_t errlen)
 {
+    uint64_t deadline = util_mono_ms() + timeout_ms;
     amqp_envelope_t env;
-    struct timeval tv = { (time_t)(timeout_ms / 1000), (suseconds_t)((timeout_ms % 1000) * 1000) };
-    amqp_maybe_release_buffers(c->conn);
-    amqp_rpc_reply_t r = amqp_consume_message(c->conn, &env, &tv, 0);
+    amqp_rpc_reply_t r;
+    for (;;) {
+        uint64_t now = util_mono_ms();
+        uint64_t left = now >= deadline ? 0 : deadline - now;
+        struct timeval tv = { (time_t)(left / 1000), (suseconds_t)((left % 1000) * 1000) };
+        amqp_maybe_release_buffers(c->conn);
+        r = amqp_consume_message(c->conn, &env, &tv, 0);
+        if (r.reply_type != AMQP_RESPONSE_LIBRARY_EXCEPTION ||
+            r.library_error != AMQP_STATUS_UNEXPECTED_STATE)
+            break;
+        /* a method frame that is not a delivery waits in the library */
+        amqp_frame_t f;
+        if (amqp_simple_wait_frame(c->conn, &f) != AMQP_STATUS_OK ||
+            f.frame_type != AMQP_FRAME_METHOD || !note_blocked(c, &f)) {
+            snprintf(err, errlen, "receiving events: unexpected frame from the broker");
+            return -1;
+        }
+        /* a resource alarm on the broker: not an event, keep waiting */
+    }
     if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION && r.library_error == AMQP_STATUS_TIMEOUT)
         return 0;
     if (r.reply_type != AMQP_RESPONSE_NORMAL) {
@@ -273,6 +328,10 @@ void mp_client_close(mp_client_t *c)
 {
     if (c == NULL)
         return;
+    /* a broker that stopped reading (blocked by an alarm, or hung) never
+     * answers the closing RPCs: do not wait for it */
+    struct timeval tv = { 1, 0 };
+    amqp_set_rpc_timeout(c->conn, &tv);
     amqp_channel_close(c->conn, CH, AMQP_REPLY_SUCCESS);
     amqp_connection_close(c->conn, AMQP_REPLY_SUCCESS);
     amqp_destroy_connection(c->conn);

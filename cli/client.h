@@ -58,6 +58,11 @@ int  mp_client_subscribe(mp_client_t *c, const char *pattern, char *err, size_t 
  * -1 = error (err says why). */
 int  mp_client_next_event(mp_client_t *c, unsigned timeout_ms, char **body, size_t *len,
                           char *err, size_t errlen);
+/* The broker's reason while it blocks this connection's publishes (a
+ * memory or disk alarm: connection.blocked seen by enqueue or pump), else
+ * NULL. Publishing then only fills buffers until the alarm clears. */
+const char *mp_client_blocked(const mp_client_t *c);
+/* Close (waiting at most 1 s for the broker) and free. */
 void mp_client_close(mp_client_t *c);
 
 #endif

@@ -770,6 +770,7 @@ static int stress_loop(mp_client_t *cl, const stress_opts_t *o, const char *runi
     stress_bucket_init(&bucket, o->rate, o->rate / 50, clock_us(CLOCK_MONOTONIC));
     uint64_t deadline = util_mono_ms() + (uint64_t)o->timeout_s * 1000;
     *start_us = clock_us(CLOCK_REALTIME);
+    int was_blocked = 0;
     for (;;) {
         uint64_t now = util_mono_ms();
         if (now >= deadline) {
@@ -779,7 +780,18 @@ static int stress_loop(mp_client_t *cl, const stress_opts_t *o, const char *runi
         if (c->nsent == o->count && c->outstanding == 0 && stress_run_missing(c->run) == 0)
             return 0;
         uint64_t wait = deadline - now < 200 ? deadline - now : 200;
-        if (c->nsent < o->count && c->outstanding < o->window) {
+        /* a broker resource alarm: publishing would only fill buffers (and
+         * then block this loop past --timeout); wait for it to clear */
+        const char *blocked = mp_client_blocked(cl);
+        if ((blocked != NULL) != was_blocked) {
+            was_blocked = blocked != NULL;
+            if (blocked)
+                fprintf(stderr, "mailpump stress: the broker blocks publishers (%s); waiting\n",
+                        blocked);
+            else
+                fprintf(stderr, "mailpump stress: the broker accepts publishers again\n");
+        }
+        if (!blocked && c->nsent < o->count && c->outstanding < o->window) {
             uint64_t us = stress_bucket_take(&bucket, clock_us(CLOCK_MONOTONIC));
             if (us == 0) {
                 char *body = message_body(tmpl, runid, c->nsent + 1);
@@ -978,8 +990,10 @@ int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
         stress_report_print(stdout, &rep);
     }
     if (timed_out)
-        fprintf(stderr, "mailpump stress: timeout after %u s: %zu message%s missing\n",
-                o.timeout_s, rep.missing, rep.missing == 1 ? "" : "s");
+        fprintf(stderr, "mailpump stress: timeout after %u s: %zu message%s missing%s%s%s\n",
+                o.timeout_s, rep.missing, rep.missing == 1 ? "" : "s",
+                mp_client_blocked(cl) ? " (the broker blocks publishers: " : "",
+                mp_client_blocked(cl) ? mp_client_blocked(cl) : "", mp_client_blocked(cl) ? ")" : "");
     int failures = rep.bounced || rep.dead || rep.append_failed;
     rc = lr < 0 || rep.missing || rep.unpublished || (failures && !o.allow_failures) ? 1 : 0;
 done:

@@ -591,12 +591,7 @@ static void handle_method(mq_t *mq, amqp_frame_t *f)
     case AMQP_CONNECTION_BLOCKED_METHOD: {
         amqp_connection_blocked_t *b = m->decoded;
         char why[128];
-        size_t n = b->reason.len < sizeof(why) - 1 ? b->reason.len : sizeof(why) - 1;
-        for (size_t i = 0; i < n; i++) {
-            char ch = ((const char *)b->reason.bytes)[i];
-            why[i] = ch >= 0x20 && ch < 0x7f && ch != '"' ? ch : '?';
-        }
-        why[n] = '\0';
+        mq_safe_text(why, sizeof(why), b->reason.bytes, b->reason.len);
         log_warn("amqp", "broker_blocked", "reason=\"%s\" unconfirmed=%zu", why, mq->npend);
         set_blocked(mq, 1, why);
         break;
@@ -988,6 +983,18 @@ int mq_nack(mq_t *mq, uint64_t tag, int requeue)
 size_t mq_unconfirmed(const mq_t *mq)
 {
     return mq->npend + mq->nheld;
+}
+
+void mq_safe_text(char *out, size_t outlen, const void *bytes, size_t len)
+{
+    if (outlen == 0)
+        return;
+    size_t n = len < outlen - 1 ? len : outlen - 1;
+    for (size_t i = 0; i < n; i++) {
+        char ch = ((const char *)bytes)[i];
+        out[i] = ch >= 0x20 && ch < 0x7f && ch != '"' ? ch : '?';
+    }
+    out[n] = '\0';
 }
 
 void mq_on_blocked(mq_t *mq, mq_blocked_cb cb, void *arg)

@@ -423,6 +423,37 @@ class ResourceAlarm(unittest.TestCase):
             shutil.rmtree(dumpdir, ignore_errors=True)
 
 
+    def test_cli_reports_the_alarm_within_its_timeout(self):
+        """With the alarm raised and no daemon, `mailpump enqueue` and
+        `mailpump stress` end within their timeouts and say why; stress
+        stops publishing once blocked (1 MB bodies would otherwise fill the
+        socket and block it past --timeout)."""
+        broker = privbroker.PrivateBroker()
+        try:
+            broker.start()
+            d = mpstack.Daemon(broker.stack_env(mpstack.stack_env()))  # its queue names only
+            broker.ctl("set_vm_memory_high_watermark", "absolute", "1MB")
+            t0 = time.time()
+            r = d.cli("enqueue", "--from", "bob@test.example", "--to", "pat@test.example",
+                      "--subject", "alarm", "--text", "x", "--timeout", "2000")
+            enqueue_s = time.time() - t0
+            self.assertEqual(r.returncode, 1, r.stderr)
+            self.assertIn("it blocks publishers (", r.stderr)
+            self.assertLess(enqueue_s, 2 + 3)
+            t0 = time.time()
+            r = d.cli("stress", "--from", "bob@test.example", "--to", "pat@test.example",
+                      "--count", "40", "--size", "1000000", "--timeout", "3")
+            stress_s = time.time() - t0
+            self.assertEqual(r.returncode, 1, r.stderr)
+            self.assertIn("the broker blocks publishers (", r.stderr)
+            self.assertIn("timeout after 3 s", r.stderr)
+            self.assertLess(stress_s, 3 + 4)
+            print(f"\nalarm: enqueue failed after {enqueue_s:.1f} s, stress after "
+                  f"{stress_s:.1f} s, both naming the alarm", file=sys.stderr)
+        finally:
+            broker.close()
+
+
 class Redeclare(unittest.TestCase):
 
     def test_deleted_queues_are_redeclared_on_reconnect(self):
