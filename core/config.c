@@ -68,6 +68,7 @@ static const key_def_t keys[] = {
     { "smtp", "pool_max_per_dest", K_UINT, F(smtp_pool_max_per_dest), "20", 0 },
     { "smtp", "pool_initial_per_dest", K_UINT, F(smtp_pool_initial_per_dest), "1", 0 },
     { "smtp", "pool_max_total", K_UINT, F(smtp_pool_max_total), "1000", 0 },
+    { "smtp", "pool_refused_backoff", K_MS, F(smtp_pool_refused_backoff_ms), "60s", 0 },
     { "smtp", "tls_cache_size", K_UINT, F(smtp_tls_cache_size), "1024", 0 },
     { "smtp", "route_penalty", K_MS, F(smtp_route_penalty_ms), "1s", 0 },
     { "smtp", "route_penalty_max", K_MS, F(smtp_route_penalty_max_ms), "5m", 0 },

@@ -52,6 +52,9 @@ typedef struct mp_config {
     unsigned smtp_pool_max_per_dest;
     unsigned smtp_pool_initial_per_dest;
     unsigned smtp_pool_max_total; /* per worker */
+    uint64_t smtp_pool_refused_backoff_ms; /* a destination that refused a new connection (4xx
+                                            * greeting) while others were open is capped at
+                                            * those this long; 0 = never */
     unsigned smtp_tls_cache_size; /* TLS sessions kept per worker for resumption */
     uint64_t smtp_route_penalty_ms;     /* an MX address that failed to connect or greet is
                                          * skipped this long (doubling per failure); 0 = never */

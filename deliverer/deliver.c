@@ -251,6 +251,10 @@ int deliver_config_engine(deliver_config_t *d, const struct mp_config *cfg, smtp
     d->pool.max_per_dest = cfg->smtp_pool_max_per_dest;
     d->pool.initial_per_dest = cfg->smtp_pool_initial_per_dest;
     d->pool.max_total = cfg->smtp_pool_max_total;
+    d->pool.refused_backoff_ms = cfg->smtp_pool_refused_backoff_ms > 86400000
+                                     ? 86400000
+                                     : (unsigned)cfg->smtp_pool_refused_backoff_ms;
+    d->pool.no_refused_backoff = cfg->smtp_pool_refused_backoff_ms == 0;
     d->tls_cache_size = cfg->smtp_tls_cache_size;
     d->route_penalty_ms = (unsigned)(cfg->smtp_route_penalty_ms > 86400000 ? 86400000 : cfg->smtp_route_penalty_ms);
     d->route_penalty_max_ms =
@@ -808,6 +812,22 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
         }
     }
     route_learn(d, sr);
+    int refused_new = !sr->reused && sr->status == SMTP_EREJECTED && sr->state == SMTP_STATE_GREETING &&
+                      sr->has_reply && sr->reply.code >= 400 && sr->reply.code < 500;
+    if (refused_new && d->holding && d->lost_retries < 8 && smtp_pool_refused(d->ctx->pool, d->key)) {
+        /* "421 too many connections" while this worker has others open
+         * there: the server limits connections, not messages. The pool now
+         * caps the destination at those; wait for one of them instead of
+         * deferring the message */
+        d->lost_retries++;
+        metrics_inc(MET_SMTP_DEST_CAPPED, 1);
+        log_debug("deliver", "refused_wait", "msg=%s mx=%s code=%d", d->log_id ? d->log_id : "-",
+                  d->res.mx_host, sr->reply.code);
+        drop_session(d, NULL);
+        smtp_session_free(s);
+        use_candidate(d);
+        return;
+    }
     int lost_idle = sr->reused && sr->txn_replies == 0 && !sr->dot_sent &&
                     (sr->status == SMTP_ENETWORK ||
                      (sr->status == SMTP_EREJECTED && sr->has_reply && sr->reply.code == 421));

@@ -43,6 +43,8 @@ struct pdest {
     unsigned  busy;
     unsigned  nidle;
     int       proven; /* a transaction completed here: slow start is over */
+    unsigned  cap;    /* smtp_pool_refused(): connections allowed until cap_until; 0 none */
+    uint64_t  cap_until;
     pconn_t  *idle;   /* MRU first */
 };
 
@@ -157,6 +159,12 @@ static int room_for(smtp_pool_t *p, pdest_t *d)
     unsigned limit = p->lim.max_per_dest;
     if (!d->proven && p->lim.initial_per_dest > 0 && p->lim.initial_per_dest < limit)
         limit = p->lim.initial_per_dest;
+    if (d->cap && loop_now_ms(p->loop) >= d->cap_until) {
+        log_info("pool", "dest_cap_lifted", "dest=%s cap=%u", d->key, d->cap);
+        d->cap = 0;
+    }
+    if (d->cap && d->cap < limit)
+        limit = d->cap;
     if (d->busy + d->nidle >= limit)
         return 0;
     if (p->busy + p->idle < p->lim.max_total)
@@ -290,6 +298,8 @@ smtp_pool_t *smtp_pool_new(loop_t *loop, const smtp_pool_limits_t *lim)
         p->lim.max_per_dest = 20;
     if (p->lim.max_total == 0)
         p->lim.max_total = 1000;
+    if (p->lim.refused_backoff_ms == 0)
+        p->lim.refused_backoff_ms = 60000;
     loop_timer_init(&p->sweep_timer, sweep_fired, p);
     loop_timer_init(&p->wake_timer, wake_fired, p);
     return p;
@@ -416,6 +426,24 @@ int smtp_pool_release(smtp_pool_t *p, const char *key, smtp_session_t *s)
     }
     smtp_session_free(s);
     return 0;
+}
+
+int smtp_pool_refused(smtp_pool_t *p, const char *key)
+{
+    if (p->lim.disabled || p->lim.no_refused_backoff)
+        return 0;
+    pdest_t *d = dest_get(p, key);
+    unsigned others = d->busy + d->nidle;
+    if (others > 0)
+        others--; /* the caller's own slot */
+    if (others == 0)
+        return 0;
+    if (d->cap == 0 || others < d->cap)
+        d->cap = others;
+    d->cap_until = loop_now_ms(p->loop) + p->lim.refused_backoff_ms;
+    p->st.refused++;
+    log_info("pool", "dest_capped", "dest=%s cap=%u for_ms=%u", key, d->cap, p->lim.refused_backoff_ms);
+    return 1;
 }
 
 void smtp_pool_get_stats(const smtp_pool_t *p, smtp_pool_stats_t *st)

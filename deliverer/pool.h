@@ -44,6 +44,9 @@ typedef struct smtp_pool_limits {
                                     * destination costs one connect at a time); 0 means
                                     * max_per_dest */
     unsigned max_total;            /* connections per worker; 0 means 1000 */
+    unsigned refused_backoff_ms;   /* smtp_pool_refused(): how long a destination stays
+                                    * capped at the connections it had open; 0 means 60000 */
+    int      no_refused_backoff;   /* smtp_pool_refused() learns nothing */
     int      disabled;             /* never keep a session: every acquire connects */
 } smtp_pool_limits_t;
 
@@ -52,6 +55,7 @@ typedef struct smtp_pool_stats {
     uint64_t reuses;     /* idle sessions handed out */
     uint64_t idle_lost;  /* idle sessions found closed by the server */
     uint64_t evicted;    /* QUIT for limits, age, idle time, or room for another key */
+    uint64_t refused;    /* smtp_pool_refused() capped a destination */
     size_t   idle;       /* currently idle */
     size_t   busy;       /* currently handed out / connecting */
     size_t   waiting;    /* callers waiting for a slot */
@@ -99,6 +103,16 @@ void smtp_pool_cancel(smtp_pool_t *p, smtp_pool_wait_t *w);
  * of s. Returns 1 if the session was kept idle, 0 if closed.
  */
 int  smtp_pool_release(smtp_pool_t *p, const char *key, smtp_session_t *s);
+/*
+ * The caller's new connection to key (its slot still held) was refused
+ * for now at the greeting (a 4xx such as "421 too many connections") while
+ * the worker has other connections open there: the server limits
+ * connections per client. Caps key at those others for refused_backoff_ms
+ * (slots beyond wait, FIFO) and returns 1: acquire again and wait for one
+ * of them. 0 when no other is open (nothing learned; try elsewhere or
+ * later) or the feedback is off.
+ */
+int  smtp_pool_refused(smtp_pool_t *p, const char *key);
 void smtp_pool_get_stats(const smtp_pool_t *p, smtp_pool_stats_t *st);
 int  smtp_pool_disabled(const smtp_pool_t *p);
 

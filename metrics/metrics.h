@@ -41,6 +41,7 @@ typedef enum {
     MET_SMTP_SESSIONS_REUSED,
     MET_SMTP_ROUTES_DOWN,   /* MX addresses marked down (or kept down) after a failure */
     MET_SMTP_ROUTE_SKIPS,   /* candidates skipped because their address was down */
+    MET_SMTP_DEST_CAPPED,   /* new connections turned away at the greeting; destination capped */
     MET_IMAP_SESSIONS,      /* IMAP connections opened */
     MET_IMAP_SESSIONS_REUSED, /* appends that ran on a pooled IMAP session */
     MET_IMAP_ALREADY_STORED, /* retried Sent copies found already stored */

@@ -70,6 +70,8 @@ typedef struct script {
                                     * close without a word (a server that dropped it idle) */
     const char   *early_reply;     /* at the first body bytes: this reply, then read no more
                                     * until the test resumes reading */
+    int           max_conns;       /* a connection beyond this many open ones gets "421 too
+                                    * many connections" and is closed (0: no limit) */
 } script_t;
 
 #define FAKE_MAX_CONNS 4
@@ -98,6 +100,7 @@ typedef struct fake_server {
     int             nmessages;  /* end-of-data replies given */
     int             maxconc;    /* most connections open at once */
     int             naccepted_idle; /* accepted before any end-of-data reply */
+    int             nrefused;       /* turned away by max_conns */
     int             early_replied;
 } fake_server_t;
 
@@ -277,6 +280,12 @@ static void srv_accept(loop_t *loop, int fd, unsigned events, void *arg)
     int open = 0;
     for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
         open += fs->conns[i].st != NULL;
+    if (fs->sc->max_conns && open > fs->sc->max_conns) {
+        fs->nrefused++;
+        stream_puts(c->st, "421 4.7.0 fake.test Error: too many connections\r\n");
+        conn_close(c);
+        return;
+    }
     if (open > fs->maxconc)
         fs->maxconc = open;
     if (fs->sc->greeting)
@@ -1711,6 +1720,64 @@ static void test_pool_slow_start(void **state)
     drain_and_check(t->loop, &fs, 1);
 }
 
+/* A server that takes two connections per client and answers a third with
+ * "421 too many connections": the pool caps the destination at the two it
+ * has open, and the refused messages wait for them instead of failing. */
+static void test_pool_refused_caps_destination(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t limited = {
+        .greeting = "220 fake.test ESMTP\r\n",
+        .rules = rules_ok,
+        .eod_reply = "250 2.0.0 Ok: queued as ABC123\r\n",
+        .max_conns = 2,
+    };
+    fake_server_t *fs = fake_server_new(t->loop, &limited);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r[6][1] = { { "b@y" }, { "c@y" }, { "d@y" }, { "e@y" }, { "f@y" }, { "g@y" } };
+    creq_t q[6];
+    capture_t cap[6];
+    smtp_pool_limits_t lim = { .max_per_dest = 4, .refused_backoff_ms = 3000, .max_idle_ms = 20000 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, &lim);
+    for (int i = 0; i < 6; i++) {
+        q[i] = (creq_t){ r[i], 1, NULL, 0 };
+        ctx_start(ctx, &q[i], c, 1, &cap[i]);
+    }
+    for (int i = 0; i < 6; i++) {
+        run_until(t->loop, &cap[i].fired);
+        assert_rcpt(&cap[i], 0, r[i][0], OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    }
+    /* four connections opened at once, two turned away; their messages
+     * then waited for the two that work */
+    assert_int_equal(fs->nrefused, 2);
+    assert_int_equal(fs->maxconc, 2);
+    assert_int_equal(fs->nmessages, 6);
+    deliver_stats_t st;
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.refused, 2);
+    /* capped: a new burst opens no third connection */
+    for (int i = 0; i < 6; i++)
+        ctx_start(ctx, &q[i], c, 1, &cap[i]);
+    for (int i = 0; i < 6; i++) {
+        run_until(t->loop, &cap[i].fired);
+        assert_rcpt(&cap[i], 0, r[i][0], OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    }
+    assert_int_equal(fs->nrefused, 2);
+    assert_int_equal(fs->naccepted, 4);
+    /* the cap lapses: the next burst tries more connections again */
+    spin_ms(t->loop, 3100);
+    for (int i = 0; i < 6; i++)
+        ctx_start(ctx, &q[i], c, 1, &cap[i]);
+    for (int i = 0; i < 6; i++) {
+        run_until(t->loop, &cap[i].fired);
+        assert_rcpt(&cap[i], 0, r[i][0], OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    }
+    assert_int_equal(fs->nrefused, 4);
+    assert_int_equal(fs->naccepted, 6);
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
 /* Route penalties: an address that refused a connection is skipped by the
  * next attempts (the other MX at once), an attempt with only down
  * addresses ends without connecting, the penalty doubles per failure in a
@@ -2783,6 +2850,7 @@ int main(void)
         T(test_pool_limits_msgs_and_idle),
         T(test_pool_per_destination_limit),
         T(test_pool_slow_start),
+        T(test_pool_refused_caps_destination),
         T(test_route_penalty),
         T(test_route_penalty_shared),
         T(test_pool_worker_limit_and_age),
