@@ -423,6 +423,63 @@ class ResourceAlarm(unittest.TestCase):
             shutil.rmtree(dumpdir, ignore_errors=True)
 
 
+    def test_broker_killed_while_events_are_held(self):
+        """The broker dies (SIGKILL) while the workers hold their events for
+        an alarm: the held publishes fail with the connection, nothing is
+        acked, and after the restart the redelivered messages are found in
+        the ledger: every message reaches the receiver exactly once and has
+        its delivered event."""
+        base = mpstack.stack_env()
+        broker = privbroker.PrivateBroker()
+        dumpdir = tempfile.mkdtemp(prefix="mp-sink-")
+        os.chmod(dumpdir, 0o777)
+        sink = d = tap = None
+        count = 30
+        try:
+            broker.start()
+            env = broker.stack_env(base)
+            sink = SlowSink(dumpdir, 0.0)
+            d = mpstack.Daemon(env, workers=2, extra_env=sink_env(
+                sink.port, MAILPUMP_AMQP_PREFETCH="20", MAILPUMP_AMQP_HEARTBEAT="5"))
+            tap = DurableTap(env, d.exchange, d.queue + ".tap")
+            ids = [f"rk-{i:05d}-{os.urandom(3).hex()}" for i in range(count)]
+            publish_batch(env, d.queue, ids, "alarm then crash")
+            broker.ctl("set_vm_memory_high_watermark", "absolute", "1MB")
+            d.start()
+            deadline = time.time() + 60
+            while len(receiver_copies(dumpdir, "rk-")) < count:
+                self.assertLess(time.time(), deadline, "deliveries did not finish while blocked")
+                time.sleep(0.1)
+            deadline = time.time() + 10
+            while d.metric("mailpump_workers_blocked") < 2 and time.time() < deadline:
+                time.sleep(0.1)
+            self.assertEqual(d.metric("mailpump_workers_blocked"), 2)
+            broker.kill_node()
+            broker.start()  # the alarm threshold is not kept across a restart
+            self.assertTrue(wait_ready(d, 90), "/readyz not 200 within 90 s of the restart")
+            tap.wait_delivered(set(ids), timeout=90)
+            tap.drain(quiet=1.0)
+            self.assertEqual(d.metric("mailpump_workers_blocked"), 0)
+            copies = receiver_copies(dumpdir, "rk-")
+            self.assertEqual(sorted(copies), sorted(ids))
+            self.assertEqual(max(copies.values()), 1, "a message received twice")
+            again = {e["message_id"] for e in tap.events
+                     if e["event"] == "delivered" and e.get("already_delivered")}
+            self.assertIsNone(d.proc.poll(), "mailpumpd exited")
+            self.assertEqual(d.stop(), 0)
+            print(f"\nbroker killed while {count} events were held: all delivered once, "
+                  f"{len(again)} redelivered messages found in the ledger", file=sys.stderr)
+        finally:
+            if d is not None and d.proc is not None and d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+            if tap is not None:
+                tap.close()
+            if sink is not None:
+                sink.close()
+            broker.close()
+            shutil.rmtree(dumpdir, ignore_errors=True)
+
     def test_cli_reports_the_alarm_within_its_timeout(self):
         """With the alarm raised and no daemon, `mailpump enqueue` and
         `mailpump stress` end within their timeouts and say why; stress
