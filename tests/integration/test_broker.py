@@ -29,6 +29,7 @@ received twice must be explained by a `possible_duplicate` event (the
 RFC 1047 window: the connection died while the reply to the dot was in
 flight).
 """
+import contextlib
 import glob
 import json
 import os
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -344,7 +346,55 @@ class FrozenBroker(unittest.TestCase):
 
 
 class ResourceAlarm(unittest.TestCase):
-    COUNT = 60
+
+    @contextlib.contextmanager
+    def blocked_batch(self, prefix, count, prefetch, **daemon_env):
+        """A private broker, a receiver, mailpumpd with 2 workers and a tap;
+        count messages preloaded, the memory alarm raised, the daemon
+        started: yields once every message reached the receiver and both
+        workers are blocked. Everything is stopped afterwards."""
+        broker = privbroker.PrivateBroker()
+        dumpdir = tempfile.mkdtemp(prefix="mp-sink-")
+        os.chmod(dumpdir, 0o777)
+        sink = d = tap = None
+        try:
+            broker.start()
+            env = broker.stack_env(mpstack.stack_env())
+            sink = SlowSink(dumpdir, 0.0)
+            d = mpstack.Daemon(env, workers=2, extra_env=sink_env(
+                sink.port, MAILPUMP_AMQP_PREFETCH=str(prefetch), **daemon_env))
+            tap = DurableTap(env, d.exchange, d.queue + ".tap")
+            ids = [f"{prefix}-{i:05d}-{os.urandom(3).hex()}" for i in range(count)]
+            publish_batch(env, d.queue, ids, "resource alarm")
+            broker.ctl("set_vm_memory_high_watermark", "absolute", "1MB")
+            d.start()
+            deadline = time.time() + 60
+            while len(receiver_copies(dumpdir, prefix)) < count:
+                self.assertLess(time.time(), deadline, "not every message reached the receiver "
+                                "while publishing was blocked")
+                time.sleep(0.1)
+            deadline = time.time() + 10
+            while d.metric("mailpump_workers_blocked") < 2 and time.time() < deadline:
+                time.sleep(0.1)
+            self.assertEqual(d.metric("mailpump_workers_blocked"), 2, "both workers blocked")
+            self.assertIn("event=broker_blocked", d.log())
+            yield types.SimpleNamespace(broker=broker, d=d, tap=tap, ids=ids,
+                                        copies=lambda: receiver_copies(dumpdir, prefix))
+        finally:
+            if d is not None and d.proc is not None and d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+            if tap is not None:
+                tap.close()
+            if sink is not None:
+                sink.close()
+            broker.close()
+            shutil.rmtree(dumpdir, ignore_errors=True)
+
+    def assert_each_once(self, run):
+        copies = run.copies()
+        self.assertEqual(sorted(copies), sorted(run.ids))
+        self.assertEqual(max(copies.values()), 1, "a message received twice")
 
     def test_memory_alarm_holds_events_and_loses_nothing(self):
         """The private broker's memory alarm is raised before mailpumpd
@@ -354,74 +404,38 @@ class ResourceAlarm(unittest.TestCase):
         (nothing acked, mailpump_workers_blocked = 2), and once the alarm
         clears publish them: every message delivered once, every event
         there."""
-        base = mpstack.stack_env()
-        broker = privbroker.PrivateBroker()
-        dumpdir = tempfile.mkdtemp(prefix="mp-sink-")
-        os.chmod(dumpdir, 0o777)
-        sink = d = tap = None
-        try:
-            broker.start()
-            env = broker.stack_env(base)
-            sink = SlowSink(dumpdir, 0.0)
-            d = mpstack.Daemon(env, workers=2, extra_env=sink_env(
-                sink.port, MAILPUMP_AMQP_PREFETCH="50"))
-            tap = DurableTap(env, d.exchange, d.queue + ".tap")
-            ids = [f"ra-{i:05d}-{os.urandom(3).hex()}" for i in range(self.COUNT)]
-            publish_batch(env, d.queue, ids, "resource alarm")
-            broker.ctl("set_vm_memory_high_watermark", "absolute", "1MB")
-            d.start()
-            deadline = time.time() + 60
-            while len(receiver_copies(dumpdir, "ra-")) < self.COUNT:
-                self.assertLess(time.time(), deadline, "not every message reached the receiver "
-                                "while publishing was blocked")
-                time.sleep(0.1)
-            deadline = time.time() + 10
-            while d.metric("mailpump_workers_blocked") < 2 and time.time() < deadline:
-                time.sleep(0.1)
-            self.assertEqual(d.metric("mailpump_workers_blocked"), 2, "both workers blocked")
-            self.assertIn("event=broker_blocked", d.log())
+        count = 60
+        with self.blocked_batch("ra", count, prefetch=50) as run:
+            d, tap = run.d, run.tap
             tap.poll(1.0)
-            held = self.COUNT - len(tap.delivered_ids())
+            held = count - len(tap.delivered_ids())
             # a worker's first publish may have been read before the broker
             # blocked it; everything after is held and nothing is acked
-            self.assertGreaterEqual(held, self.COUNT - 2)
-            self.assertEqual(d.metric("mailpump_messages_inflight"), self.COUNT)
+            self.assertGreaterEqual(held, count - 2)
+            self.assertEqual(d.metric("mailpump_messages_inflight"), count)
             self.assertIsNone(d.proc.poll())
             t0 = time.time()
-            broker.ctl("set_vm_memory_high_watermark", "0.4")
-            tap.wait_delivered(set(ids), timeout=60)
+            run.broker.ctl("set_vm_memory_high_watermark", "0.4")
+            tap.wait_delivered(set(run.ids), timeout=60)
             after_s = time.time() - t0
             tap.drain(quiet=1.0)
             # the broker blocks a connection at its first publish during the
             # alarm (that one waits in the broker); the rest waited in the
             # workers instead of filling the socket
             held_local = sum(int(n) for n in re.findall(r"event=broker_unblocked held=(\d+)", d.log()))
-            self.assertGreaterEqual(held_local, self.COUNT - 2, "events held by the workers")
+            self.assertGreaterEqual(held_local, count - 2, "events held by the workers")
             self.assertEqual(d.metric("mailpump_workers_blocked"), 0)
             deadline = time.time() + 10
             while d.metric("mailpump_messages_inflight") > 0 and time.time() < deadline:
                 time.sleep(0.1)
             self.assertEqual(d.metric("mailpump_messages_inflight"), 0, "every message acked")
-            copies = receiver_copies(dumpdir, "ra-")
-            self.assertEqual(sorted(copies), sorted(ids))
-            self.assertEqual(max(copies.values()), 1, "a message received twice")
+            self.assert_each_once(run)
             delivered = [e for e in tap.events if e["event"] == "delivered"]
-            self.assertEqual(len(delivered), self.COUNT, "one delivered event per message")
+            self.assertEqual(len(delivered), count, "one delivered event per message")
             self.assertEqual(d.stop(), 0)
-            print(f"\nmemory alarm: {self.COUNT} delivered while blocked, {held} events missing "
+            print(f"\nmemory alarm: {count} delivered while blocked, {held} events missing "
                   f"at the tap, {held_local} held by the workers, "
                   f"all published {after_s:.1f} s after the alarm cleared", file=sys.stderr)
-        finally:
-            if d is not None and d.proc is not None and d.proc.poll() is None:
-                d.proc.kill()
-                d.proc.wait()
-            if tap is not None:
-                tap.close()
-            if sink is not None:
-                sink.close()
-            broker.close()
-            shutil.rmtree(dumpdir, ignore_errors=True)
-
 
     def test_broker_killed_while_events_are_held(self):
         """The broker dies (SIGKILL) while the workers hold their events for
@@ -429,56 +443,23 @@ class ResourceAlarm(unittest.TestCase):
         acked, and after the restart the redelivered messages are found in
         the ledger: every message reaches the receiver exactly once and has
         its delivered event."""
-        base = mpstack.stack_env()
-        broker = privbroker.PrivateBroker()
-        dumpdir = tempfile.mkdtemp(prefix="mp-sink-")
-        os.chmod(dumpdir, 0o777)
-        sink = d = tap = None
         count = 30
-        try:
-            broker.start()
-            env = broker.stack_env(base)
-            sink = SlowSink(dumpdir, 0.0)
-            d = mpstack.Daemon(env, workers=2, extra_env=sink_env(
-                sink.port, MAILPUMP_AMQP_PREFETCH="20", MAILPUMP_AMQP_HEARTBEAT="5"))
-            tap = DurableTap(env, d.exchange, d.queue + ".tap")
-            ids = [f"rk-{i:05d}-{os.urandom(3).hex()}" for i in range(count)]
-            publish_batch(env, d.queue, ids, "alarm then crash")
-            broker.ctl("set_vm_memory_high_watermark", "absolute", "1MB")
-            d.start()
-            deadline = time.time() + 60
-            while len(receiver_copies(dumpdir, "rk-")) < count:
-                self.assertLess(time.time(), deadline, "deliveries did not finish while blocked")
-                time.sleep(0.1)
-            deadline = time.time() + 10
-            while d.metric("mailpump_workers_blocked") < 2 and time.time() < deadline:
-                time.sleep(0.1)
-            self.assertEqual(d.metric("mailpump_workers_blocked"), 2)
-            broker.kill_node()
-            broker.start()  # the alarm threshold is not kept across a restart
+        # prefetch 20: both workers get messages, so both publish and block
+        with self.blocked_batch("rk", count, prefetch=20, MAILPUMP_AMQP_HEARTBEAT="5") as run:
+            d, tap = run.d, run.tap
+            run.broker.kill_node()
+            run.broker.start()  # the alarm threshold is not kept across a restart
             self.assertTrue(wait_ready(d, 90), "/readyz not 200 within 90 s of the restart")
-            tap.wait_delivered(set(ids), timeout=90)
+            tap.wait_delivered(set(run.ids), timeout=90)
             tap.drain(quiet=1.0)
             self.assertEqual(d.metric("mailpump_workers_blocked"), 0)
-            copies = receiver_copies(dumpdir, "rk-")
-            self.assertEqual(sorted(copies), sorted(ids))
-            self.assertEqual(max(copies.values()), 1, "a message received twice")
+            self.assert_each_once(run)
             again = {e["message_id"] for e in tap.events
                      if e["event"] == "delivered" and e.get("already_delivered")}
             self.assertIsNone(d.proc.poll(), "mailpumpd exited")
             self.assertEqual(d.stop(), 0)
             print(f"\nbroker killed while {count} events were held: all delivered once, "
                   f"{len(again)} redelivered messages found in the ledger", file=sys.stderr)
-        finally:
-            if d is not None and d.proc is not None and d.proc.poll() is None:
-                d.proc.kill()
-                d.proc.wait()
-            if tap is not None:
-                tap.close()
-            if sink is not None:
-                sink.close()
-            broker.close()
-            shutil.rmtree(dumpdir, ignore_errors=True)
 
     def test_cli_reports_the_alarm_within_its_timeout(self):
         """With the alarm raised and no daemon, `mailpump enqueue` and

@@ -1892,9 +1892,9 @@ static void test_pool_no_retry_after_eof(void **state)
 }
 
 /* The same clean close when the Message-ID is known: the append moves to
- * a fresh connection that looks for the copy first. The server had stored
- * it: its UID is reported, nothing is appended twice. */
-static void test_pool_eof_retry_finds_copy(void **state)
+ * a fresh connection (script c1) that looks for the copy first. Returns
+ * the second append's outcome; *st the pool's counters before the end. */
+static outcome_t eof_after_append(const step_t *c1, size_t n1, imap_pool_stats_t *st)
 {
     char a3[1024], a4[1024];
     const step_t c0[] = {
@@ -1902,14 +1902,7 @@ static void test_pool_eof_retry_finds_copy(void **state)
         { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
         { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), NULL, 20, 1 },
     };
-    const step_t c1[] = {
-        P_OPEN("alice@test.example"),
-        { CHECK_EXAMINE, CHECK_EXAMINE_OK, 0, 0 },
-        { CHECK_SEARCH, "* SEARCH 2\r\nA4 OK Search completed\r\n", 0, 0 },
-        { "A5 CLOSE\r\n", "A5 OK Close completed\r\n", 0, 0 },
-        { "A6 LOGOUT\r\n", "A6 OK\r\n", 0, 1 },
-    };
-    const script_t sc[] = { { c0, NSTEPS(c0) }, { c1, NSTEPS(c1) } };
+    const script_t sc[] = { { c0, NSTEPS(c0) }, { c1, n1 } };
     penv_t e;
     penv_start(&e, sc, 2, NULL);
     imap_account_t acct = penv_acct(&e, "alice@test.example");
@@ -1925,26 +1918,36 @@ static void test_pool_eof_retry_finds_copy(void **state)
     penv_wait_calls(&e, &o2, 1);
     if (o2.res.status != IMAP_OK)
         fail_msg("ambiguous close reported: %s", o2.res.error);
-    assert_int_equal(o2.res.already_stored, 1);
-    assert_int_equal(o2.res.uid, 2);
-    assert_int_equal(o2.res.reused, 1);
-    assert_int_equal(o2.res.connections, 1);
-    imap_pool_stats_t st = penv_stats(&e);
+    *st = penv_stats(&e);
+    penv_end(&e);
+    return o2;
+}
+
+/* The server had stored it: its UID is reported, nothing appended twice. */
+static void test_pool_eof_retry_finds_copy(void **state)
+{
+    const step_t c1[] = {
+        P_OPEN("alice@test.example"),
+        { CHECK_EXAMINE, CHECK_EXAMINE_OK, 0, 0 },
+        { CHECK_SEARCH, "* SEARCH 2\r\nA4 OK Search completed\r\n", 0, 0 },
+        { "A5 CLOSE\r\n", "A5 OK Close completed\r\n", 0, 0 },
+        { "A6 LOGOUT\r\n", "A6 OK\r\n", 0, 1 },
+    };
+    imap_pool_stats_t st;
+    outcome_t o = eof_after_append(c1, NSTEPS(c1), &st);
+    assert_int_equal(o.res.already_stored, 1);
+    assert_int_equal(o.res.uid, 2);
+    assert_int_equal(o.res.reused, 1);
+    assert_int_equal(o.res.connections, 1);
     assert_int_equal(st.retried, 1);
     assert_int_equal(st.opened, 2);
     assert_int_equal(st.idle, 1); /* the fresh session is parked */
-    penv_end(&e);
 }
 
 /* The server had not stored it: the fresh connection appends it. */
 static void test_pool_eof_retry_appends(void **state)
 {
-    char a3[1024], a4[1024], b6[1024];
-    const step_t c0[] = {
-        P_OPEN("alice@test.example"),
-        { append_cmd(a3, sizeof(a3), "A3", "\"Sent\"", 1, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
-        { append_cmd(a4, sizeof(a4), "A4", "\"Sent\"", 1, 1), NULL, 20, 1 },
-    };
+    char b6[1024];
     const step_t c1[] = {
         P_OPEN("alice@test.example"),
         { CHECK_EXAMINE, CHECK_EXAMINE_OK, 0, 0 },
@@ -1953,25 +1956,11 @@ static void test_pool_eof_retry_appends(void **state)
         { append_cmd(b6, sizeof(b6), "A6", "\"Sent\"", 1, 1), "A6 OK [APPENDUID 77 2] done\r\n", 0, 0 },
         { "A7 LOGOUT\r\n", "A7 OK\r\n", 0, 1 },
     };
-    const script_t sc[] = { { c0, NSTEPS(c0) }, { c1, NSTEPS(c1) } };
-    penv_t e;
-    penv_start(&e, sc, 2, NULL);
-    imap_account_t acct = penv_acct(&e, "alice@test.example");
-    acct.message_id = "<m1@test.example>";
-    outcome_t o1, o2;
-    memset(&o1, 0, sizeof(o1));
-    memset(&o2, 0, sizeof(o2));
-    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1));
-    penv_wait_calls(&e, &o1, 1);
-    assert_int_equal(o1.res.status, IMAP_OK);
-    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2));
-    penv_wait_calls(&e, &o2, 1);
-    if (o2.res.status != IMAP_OK)
-        fail_msg("ambiguous close reported: %s", o2.res.error);
-    assert_int_equal(o2.res.already_stored, 0);
-    assert_int_equal(o2.res.uid, 2);
-    assert_int_equal(penv_stats(&e).retried, 1);
-    penv_end(&e);
+    imap_pool_stats_t st;
+    outcome_t o = eof_after_append(c1, NSTEPS(c1), &st);
+    assert_int_equal(o.res.already_stored, 0);
+    assert_int_equal(o.res.uid, 2);
+    assert_int_equal(st.retried, 1);
 }
 
 int main(void)
