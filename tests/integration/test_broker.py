@@ -209,6 +209,21 @@ def sink_env(port, **more):
     return env
 
 
+def stop_all(d, tap, sink, broker, dumpdir):
+    """A test's cleanup: the daemon killed if still running, then the tap,
+    the receiver, the private broker and the receiver's directory (None
+    for what was never made)."""
+    if d is not None and d.proc is not None and d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+    if tap is not None:
+        tap.close()
+    if sink is not None:
+        sink.close()
+    broker.close()
+    shutil.rmtree(dumpdir, ignore_errors=True)
+
+
 def wait_ready(d, timeout):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -298,15 +313,7 @@ class BrokerRestart(unittest.TestCase):
                   f"{len(flagged)} flagged possible_duplicate, {len(skipped)} skipped as "
                   f"already delivered, tap reconnects {tap.reconnects}", file=sys.stderr)
         finally:
-            if d is not None and d.proc is not None and d.proc.poll() is None:
-                d.proc.kill()
-                d.proc.wait()
-            if tap is not None:
-                tap.close()
-            if sink is not None:
-                sink.close()
-            broker.close()  # the private queues go with it
-            shutil.rmtree(dumpdir, ignore_errors=True)
+            stop_all(d, tap, sink, broker, dumpdir)  # the private queues go with the broker
 
 
 class FrozenBroker(unittest.TestCase):
@@ -381,15 +388,7 @@ class ResourceAlarm(unittest.TestCase):
             yield types.SimpleNamespace(broker=broker, d=d, tap=tap, ids=ids,
                                         copies=lambda: receiver_copies(dumpdir, prefix))
         finally:
-            if d is not None and d.proc is not None and d.proc.poll() is None:
-                d.proc.kill()
-                d.proc.wait()
-            if tap is not None:
-                tap.close()
-            if sink is not None:
-                sink.close()
-            broker.close()
-            shutil.rmtree(dumpdir, ignore_errors=True)
+            stop_all(d, tap, sink, broker, dumpdir)
 
     def assert_each_once(self, run):
         copies = run.copies()
