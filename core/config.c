@@ -96,6 +96,7 @@ static const key_def_t keys[] = {
     { "imap", "pool_max_appends", K_UINT, F(imap_pool_max_appends), "100", 0 },
     { "imap", "pool_idle_ms", K_UINT, F(imap_pool_idle_ms), "10000", 0 },
     { "imap", "pool_max_connections", K_UINT, F(imap_pool_max_connections), "2", 0 },
+    { "imap", "pool_max_batch", K_UINT, F(imap_pool_max_batch), "16", 0 },
     { "redis", "host", K_STR, F(redis_host), "", 0 },
     { "redis", "port", K_UINT, F(redis_port), "6379", 0 },
     { "redis", "timeout_ms", K_UINT, F(redis_timeout_ms), "50", 0 },

@@ -75,6 +75,7 @@ typedef struct mp_config {
     unsigned imap_pool_max_appends; /* appends per pooled session */
     unsigned imap_pool_idle_ms;   /* idle time before LOGOUT */
     unsigned imap_pool_max_connections; /* per account and worker; more appends queue */
+    unsigned imap_pool_max_batch;       /* queued appends sent in one MULTIAPPEND; 1 = never */
     /* [redis] (shared by the DNS L2 cache and the delivery ledger) */
     char    *redis_host;          /* empty disables Redis */
     unsigned redis_port;

@@ -478,6 +478,8 @@ static void on_appended(void *arg, const imap_append_result_t *res)
     metrics_inc(MET_IMAP_SESSIONS, res->connections);
     metrics_inc(MET_IMAP_SESSIONS_REUSED, (uint64_t)res->reused);
     metrics_inc(MET_IMAP_ALREADY_STORED, (uint64_t)res->already_stored);
+    if (res->batched > 1)
+        metrics_inc(MET_IMAP_BATCHED, 1);
     if (res->status == IMAP_ENOUIDPLUS) {
         /* stored, only the UID is unknown: never append it twice */
         j->append_res.status = IMAP_OK;
@@ -1332,7 +1334,8 @@ static void *worker_main(void *arg)
     if (w->env->cfg->imap_pool) {
         imap_pool_limits_t il = { .max_appends = w->env->cfg->imap_pool_max_appends,
                                   .idle_ms = w->env->cfg->imap_pool_idle_ms,
-                                  .max_conns_per_account = w->env->cfg->imap_pool_max_connections };
+                                  .max_conns_per_account = w->env->cfg->imap_pool_max_connections,
+                                  .max_batch = w->env->cfg->imap_pool_max_batch };
         w->imap_pool = imap_pool_new(w->loop, &il);
     }
     w->reconnect_delay_ms = 500;

@@ -70,7 +70,7 @@
 #define IMAP_LOGOUT_TIMEOUT_MS  5000u  /* the result is known: do not wait long for goodbyes */
 #define IMAP_LITERAL_MINUS_MAX  4096u  /* RFC 7888 §5: LITERAL- non-sync limit */
 #define IMAP_MAX_QUOTED         1024u  /* longer strings go as literals */
-#define IMAP_MAX_CHUNKS         8
+#define IMAP_BATCH_MAX_BYTES    (8u << 20) /* a MULTIAPPEND adds messages up to this total */
 
 /* pool defaults (imap_pool_limits_t) */
 #define IMAP_POOL_MAX_APPENDS   100u
@@ -79,6 +79,7 @@
 #define IMAP_POOL_IDLE_PER_ACCT 4u
 #define IMAP_POOL_IDLE_TOTAL    64u
 #define IMAP_POOL_CONNS_PER_ACCT 2u
+#define IMAP_POOL_MAX_BATCH     16u
 
 typedef enum {
     IMAP_ST_INIT = 0,
@@ -173,7 +174,8 @@ struct imap_append {
     unsigned    tagno;
     char        tag[16];   /* "" when no tagged reply is awaited */
     buf_t       cmd;
-    cmd_chunk_t chunks[IMAP_MAX_CHUNKS];
+    cmd_chunk_t *chunks;
+    size_t      chunks_cap;
     size_t      nchunks;
     size_t      next_chunk;
     int         waiting_cont;
@@ -211,6 +213,13 @@ struct imap_append {
     char               *msgid;        /* the message's Message-ID (account's message_id), or NULL */
     uint32_t            found_uid, found_uidvalidity;
     struct imap_append *served_by;    /* WAIT handle: the parked session running its append */
+    /* MULTIAPPEND (RFC 3502): the queued appends whose messages one APPEND
+     * carries, oldest first (a slot is NULL once its handle is cancelled),
+     * and their uids from APPENDUID. Each gets its result from its own
+     * done timer. */
+    struct imap_append **batch;
+    size_t              nbatch;
+    uint32_t           *batch_uids;
     loop_timer_t        idle_timer;   /* parked: idle/age expiry; WAIT: the wait's deadline */
 };
 
@@ -352,9 +361,9 @@ static void on_stream(stream_t *s, stream_event_t ev, void *arg);
 
 static cmd_chunk_t *cmd_new_chunk(imap_append_t *a)
 {
-    if (a->nchunks == IMAP_MAX_CHUNKS) {
-        log_error("imap", "panic", "session=%016" PRIx64 " command has too many parts", a->id);
-        abort();
+    if (a->nchunks == a->chunks_cap) {
+        a->chunks_cap = a->chunks_cap ? a->chunks_cap * 2 : 8;
+        a->chunks = xrealloc(a->chunks, a->chunks_cap * sizeof(*a->chunks));
     }
     cmd_chunk_t *c = &a->chunks[a->nchunks++];
     memset(c, 0, sizeof(*c));
@@ -495,7 +504,7 @@ static void send_logout(imap_append_t *a)
  * done timer; pool_park() decides afterwards whether it is kept. */
 static void go_idle(imap_append_t *a)
 {
-    a->nappends++;
+    a->nappends += a->nbatch ? (unsigned)a->nbatch : 1;
     set_state(a, IMAP_ST_IDLE);
     stream_set_timeout(a->stream, 0);
     loop_timer_set(a->loop, &a->done_timer, 0);
@@ -617,8 +626,15 @@ static void send_append(imap_append_t *a, const char *mailbox)
     cmd_begin(a, "APPEND", 0);
     cmd_text(a, " ");
     cmd_astring(a, mailbox);
-    cmd_text(a, " (\\Seen) ");
-    cmd_literal(a, a->data, a->len, 1);
+    if (a->nbatch) {
+        for (size_t i = 0; i < a->nbatch; i++) {
+            cmd_text(a, " (\\Seen) ");
+            cmd_literal(a, a->batch[i]->data, a->batch[i]->len, 1);
+        }
+    } else {
+        cmd_text(a, " (\\Seen) ");
+        cmd_literal(a, a->data, a->len, 1);
+    }
     cmd_end(a, IMAP_ST_APPEND);
 }
 
@@ -766,10 +782,18 @@ static void on_append_reply(imap_append_t *a, const imap_resp_t *r)
         refuse(a, IMAP_EREFUSED, "APPEND to %s: %s", a->res.mailbox, reply_text(r, why, sizeof(why)));
         return;
     }
-    if (r->has_appenduid) {
+    size_t want = a->nbatch ? a->nbatch : 1;
+    if (r->has_appenduid && r->nuids == want) {
         a->res.uidvalidity = r->uidvalidity;
         a->res.uid = r->uid;
+        if (a->nbatch) {
+            a->batch_uids = xcalloc(want, sizeof(*a->batch_uids));
+            memcpy(a->batch_uids, r->uids, want * sizeof(*a->batch_uids));
+        }
         set_result(a, IMAP_OK, NULL);
+    } else if (r->has_appenduid) {
+        set_result(a, IMAP_EPROTO, "APPEND of %zu message%s to %s: APPENDUID lists %u uid%s", want,
+                   want == 1 ? "" : "s", a->res.mailbox, r->nuids, r->nuids == 1 ? "" : "s");
     } else if (strcmp(r->code, "APPENDUID") == 0) {
         set_result(a, IMAP_EPROTO, "APPEND to %s: malformed APPENDUID: %s", a->res.mailbox,
                    reply_text(r, why, sizeof(why)));
@@ -1039,8 +1063,14 @@ static void pool_unlink(imap_append_t *a)
 
 static void pool_wake(imap_pool_t *p);
 
+static void batch_dispatch(imap_append_t *s);
+
 static void session_free(imap_append_t *a)
 {
+    if (a->nbatch) { /* closed before its result was handed out */
+        set_result(a, IMAP_ENETWORK, "the connection carrying this copy was closed before the server answered");
+        batch_dispatch(a);
+    }
     if (a->pool) {
         pool_unlink(a);
         if (a->counted) {
@@ -1057,6 +1087,7 @@ static void session_free(imap_append_t *a)
         SSL_CTX_free(a->ssl_ctx); /* from imap_append_start() */
     wipe_cmd(a);
     buf_free(&a->cmd);
+    free(a->chunks);
     free_secret(a->password);
     free(a->user);
     free(a->host);
@@ -1091,6 +1122,17 @@ static void pool_debug(const imap_append_t *a, const char *event, const char *re
 static void done_fired(loop_t *loop, loop_timer_t *t, void *arg)
 {
     imap_append_t *a = arg;
+    if (a->nbatch) {
+        if (!a->have_result)
+            set_result(a, IMAP_EPROTO, "session ended without a result");
+        pool_debug(a, "batch_done", a->res.status == IMAP_OK ? "ok" : imap_strerror(a->res.status));
+        batch_dispatch(a);
+        if (a->state == IMAP_ST_IDLE && a->pool)
+            pool_park(a);
+        else
+            session_free(a);
+        return;
+    }
     if (a->cb == NULL) { /* a background LOGOUT (pool) has ended: nobody to tell */
         session_free(a);
         return;
@@ -1276,6 +1318,9 @@ static void pool_park(imap_append_t *a)
     a->connections = 0;
     wipe_cmd(a);
     buf_free(&a->cmd);
+    free(a->chunks);
+    a->chunks = NULL;
+    a->chunks_cap = 0;
 
     uint64_t now = loop_now_ms(a->loop);
     uint64_t age = now - a->opened_ms;
@@ -1350,16 +1395,10 @@ static imap_append_t *pool_take(imap_pool_t *p, const char *key)
     return NULL;
 }
 
-/* Run the new append on the parked session a: APPEND only. */
-static imap_append_t *start_reused(imap_append_t *a, unsigned timeout_ms, const char *check_msgid,
-                                   const char *msgid, const char *data, size_t len, imap_append_cb cb,
-                                   void *arg)
+/* The parked session a is busy again for a new command. */
+static void reuse_begin(imap_append_t *a, unsigned timeout_ms)
 {
     imap_pool_t *p = a->pool;
-    a->data = data;
-    a->len = len;
-    a->cb = cb;
-    a->arg = arg;
     memset(&a->res, 0, sizeof(a->res));
     a->have_result = 0;
     a->in_user_cb = 0;
@@ -1374,6 +1413,18 @@ static imap_append_t *start_reused(imap_append_t *a, unsigned timeout_ms, const 
     p->st.reused++;
     pool_debug(a, "reuse", NULL);
     snprintf(a->res.mailbox, sizeof(a->res.mailbox), "%s", a->mailbox);
+}
+
+/* Run the new append on the parked session a: APPEND only. */
+static imap_append_t *start_reused(imap_append_t *a, unsigned timeout_ms, const char *check_msgid,
+                                   const char *msgid, const char *data, size_t len, imap_append_cb cb,
+                                   void *arg)
+{
+    reuse_begin(a, timeout_ms);
+    a->data = data;
+    a->len = len;
+    a->cb = cb;
+    a->arg = arg;
     free(a->check_msgid);
     a->check_msgid = check_msgid && check_msgid[0] ? xstrdup(check_msgid) : NULL;
     free(a->msgid);
@@ -1383,6 +1434,81 @@ static imap_append_t *start_reused(imap_append_t *a, unsigned timeout_ms, const 
 }
 
 /* ------------------------------------------------------ waiting for a session */
+
+/* The batch's command is over (or its connection gone): every queued
+ * append in it gets the result, with its own uid, from its own done
+ * timer; the handles are done afterwards. */
+static void batch_dispatch(imap_append_t *s)
+{
+    for (size_t i = 0; i < s->nbatch; i++) {
+        imap_append_t *w = s->batch[i];
+        if (w == NULL) /* cancelled */
+            continue;
+        w->served_by = NULL;
+        w->res = s->res;
+        if (s->res.status == IMAP_OK && s->batch_uids)
+            w->res.uid = s->batch_uids[i];
+        w->res.batched = (unsigned)s->nbatch;
+        w->job_reused = 1;
+        w->have_result = 1;
+        loop_timer_set(w->loop, &w->done_timer, 0);
+    }
+    free(s->batch);
+    free(s->batch_uids);
+    s->batch = NULL;
+    s->batch_uids = NULL;
+    s->nbatch = 0;
+}
+
+/* Queued appends of w's account to send with w in one MULTIAPPEND on the
+ * parked session s: w first, then the next oldest, up to max_batch
+ * messages and IMAP_BATCH_MAX_BYTES. None (0) when the server cannot take
+ * them or w must look for an earlier copy first. */
+static size_t gather_batch(imap_pool_t *p, const imap_append_t *s, imap_append_t *w, imap_append_t ***out)
+{
+    if (p->lim.max_batch < 2 || !(s->caps & IMAP_CAP_MULTIAPPEND) || w->check_msgid)
+        return 0;
+    imap_append_t **m = xcalloc(p->lim.max_batch, sizeof(*m));
+    size_t n = 0, bytes = 0;
+    /* the waiters list is newest first: from w (the oldest) towards the head */
+    for (imap_append_t *c = w; c && n < p->lim.max_batch; c = c->prev) {
+        if (c->check_msgid || (n > 0 && bytes + c->len > IMAP_BATCH_MAX_BYTES))
+            continue;
+        m[n++] = c;
+        bytes += c->len;
+    }
+    if (n < 2) {
+        free(m);
+        return 0;
+    }
+    *out = m;
+    return n;
+}
+
+/* One APPEND on the parked session s for the n queued appends in m. */
+static void start_batch(imap_pool_t *p, imap_append_t *s, imap_append_t **m, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        pool_unlink(m[i]); /* off the waiters, its deadline cancelled */
+        m[i]->pool = NULL; /* from now on only a handle for its caller */
+        m[i]->pa = NULL;
+        m[i]->served_by = s;
+        pool_debug(m[i], "wait_served", "batch");
+    }
+    reuse_begin(s, m[0]->timeout_ms);
+    s->data = NULL;
+    s->len = 0;
+    s->cb = NULL;
+    s->arg = NULL;
+    free(s->check_msgid);
+    free(s->msgid);
+    s->check_msgid = s->msgid = NULL;
+    s->batch = m;
+    s->nbatch = n;
+    p->st.batches++;
+    p->st.batched += n;
+    send_append(s, s->mailbox);
+}
 
 /* The parked session s ran the append of the queued handle w: report it
  * as w's (the caller holds w), then w is done. */
@@ -1401,6 +1527,12 @@ static void forward_done(void *arg, const imap_append_result_t *res)
 static int serve_waiter(imap_pool_t *p, imap_append_t *w)
 {
     imap_append_t *s = pool_take(p, w->pa->key);
+    imap_append_t **m = NULL;
+    size_t n = s ? gather_batch(p, s, w, &m) : 0;
+    if (n) {
+        start_batch(p, s, m, n);
+        return 1;
+    }
     if (s) {
         pool_unlink(w);
         w->pool = NULL; /* from now on only a handle for the caller */
@@ -1451,8 +1583,8 @@ static void pool_wake(imap_pool_t *p)
  * look for the Message-ID first) when it is known, else 0 (fail). */
 static int may_retry(imap_append_t *a, stream_t *s)
 {
-    if (!a->reused || a->retried)
-        return 0;
+    if (!a->reused || a->retried || a->nbatch)
+        return 0; /* a batch's copies are retried by their owners */
     if (a->state == IMAP_ST_EXAMINE || a->state == IMAP_ST_SEARCH || a->state == IMAP_ST_CLOSE)
         return 1; /* nothing stored yet */
     if (a->state != IMAP_ST_APPEND || a->append_answered)
@@ -1510,6 +1642,9 @@ imap_pool_t *imap_pool_new(loop_t *loop, const imap_pool_limits_t *lim)
     p->lim.max_idle_per_account = or_default(lim->max_idle_per_account, IMAP_POOL_IDLE_PER_ACCT);
     p->lim.max_idle_total = or_default(lim->max_idle_total, IMAP_POOL_IDLE_TOTAL);
     p->lim.max_conns_per_account = or_default(lim->max_conns_per_account, IMAP_POOL_CONNS_PER_ACCT);
+    p->lim.max_batch = or_default(lim->max_batch, IMAP_POOL_MAX_BATCH);
+    if (p->lim.max_batch > IMAP_MAX_UIDS)
+        p->lim.max_batch = IMAP_MAX_UIDS;
     loop_timer_init(&p->wake_timer, wake_fired, p);
     return p;
 }
@@ -1666,7 +1801,23 @@ void imap_append_cancel(imap_append_t *a)
     if (a == NULL || a->in_user_cb)
         return;
     log_debug("imap", "cancel", "session=%016" PRIx64 " in state %s", a->id, strstate(a->state));
-    if (a->served_by) /* queued, then given a parked session: that one is closed */
-        session_free(a->served_by);
+    if (a->served_by) { /* queued, then given a parked session */
+        imap_append_t *s = a->served_by;
+        int in_batch = 0;
+        for (size_t i = 0; i < s->nbatch; i++)
+            if (s->batch[i] == a) {
+                s->batch[i] = NULL;
+                in_batch = 1;
+            }
+        if (in_batch && s->state == IMAP_ST_APPEND && !s->waiting_cont && s->next_chunk >= s->nchunks &&
+            stream_pending_out(s->stream) == 0) {
+            /* the whole batch has left: nothing of this copy is referenced
+             * any more, the others go on (the server may store this one) */
+            session_free(a);
+            return;
+        }
+        session_free(s); /* its bytes are still to be sent: the connection goes, the
+                          * rest of its batch fails */
+    }
     session_free(a); /* a pooled one is closed, never parked */
 }

@@ -107,6 +107,7 @@ typedef struct imap_append_result {
     unsigned connections;      /* connections this append opened (0 when it ran on a parked session) */
     int      reused;           /* 1 when it started on a parked (pooled) session */
     int      already_stored;   /* check_message_id found it: nothing appended, uid is the existing copy's */
+    unsigned batched;          /* > 1: stored by one APPEND with this many messages (MULTIAPPEND) */
 } imap_append_result_t;
 
 typedef void (*imap_append_cb)(void *arg, const imap_append_result_t *res); /* res valid only during the call */
@@ -126,7 +127,11 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
                                  imap_append_cb cb, void *arg);
 
 /* Abort: close the connection and release everything; the callback will
- * not fire. Harmless with NULL. Must not be called after the callback has
+ * not fire. An append that shares a MULTIAPPEND with others (see
+ * imap_pool_limits_t.max_batch) leaves the batch alone once all its bytes
+ * have been written out; before that the shared connection is closed and
+ * the others of the batch fail with IMAP_ENETWORK, for their owners to
+ * retry. Harmless with NULL. Must not be called after the callback has
  * fired (the handle is gone); calling it from inside that callback is a
  * no-op. A message whose APPEND was already sent may still be stored. */
 void imap_append_cancel(imap_append_t *a);
@@ -144,6 +149,8 @@ typedef struct imap_pool_limits {
     unsigned max_idle_total;       /* idle sessions kept per pool [64] */
     unsigned max_conns_per_account; /* connections per key at once (busy, idle or logging out) [2];
                                      * further appends queue for one, up to their timeout_ms */
+    unsigned max_batch;             /* queued appends of one account sent in one APPEND when the
+                                     * server has MULTIAPPEND (RFC 3502) [16, at most 64]; 1: never */
 } imap_pool_limits_t;
 
 typedef struct imap_pool_stats {
@@ -155,6 +162,8 @@ typedef struct imap_pool_stats {
     uint64_t lost;     /* idle sessions found closed (watch or probe before reuse) */
     uint64_t retried;  /* appends moved to a fresh connection after a reused one died */
     uint64_t waited;   /* appends that queued because the account's connections were all busy */
+    uint64_t batches;  /* MULTIAPPEND commands (several queued appends in one APPEND) */
+    uint64_t batched;  /* appends sent in them */
     size_t   idle;     /* sessions idle right now */
     size_t   waiting;  /* appends queued right now */
 } imap_pool_stats_t;

@@ -76,6 +76,7 @@ unsigned imap_cap_from_name(const char *name, size_t len)
         { "UIDPLUS", IMAP_CAP_UIDPLUS },
         { "SPECIAL-USE", IMAP_CAP_SPECIAL_USE },
         { "LIST-EXTENDED", IMAP_CAP_LIST_EXTENDED },
+        { "MULTIAPPEND", IMAP_CAP_MULTIAPPEND },
     };
     for (size_t i = 0; i < sizeof(caps) / sizeof(caps[0]); i++)
         if (ieq(name, len, caps[i].name))
@@ -400,27 +401,54 @@ static size_t parse_nz32(const char *s, size_t n, uint32_t *out)
     return i;
 }
 
-/* "APPENDUID" SP nz-number SP uid: a single message gives a single uid
- * (a uid-set would mean MULTIAPPEND, which we never send). */
+/* "APPENDUID" SP nz-number SP uid-set (RFC 4315): one uid for one
+ * message; after a MULTIAPPEND the uids of the messages in the order they
+ * were sent, as numbers and ranges ("5:7", "5,9,11:12"; a range counts up
+ * from its lower end). More than IMAP_MAX_UIDS uids: not understood. */
 static void parse_appenduid(imap_resp_t *r, const char *s, size_t n)
 {
-    uint32_t v = 0, u = 0;
+    uint32_t v = 0, nuids = 0;
     size_t i = parse_nz32(s, n, &v);
     if (i == 0 || i >= n || s[i] != ' ')
         return;
     while (i < n && s[i] == ' ')
         i++;
-    size_t k = parse_nz32(s + i, n - i, &u);
-    if (k == 0)
-        return;
-    i += k;
+    for (;;) {
+        uint32_t lo = 0, hi = 0;
+        size_t k = parse_nz32(s + i, n - i, &lo);
+        if (k == 0)
+            return;
+        i += k;
+        hi = lo;
+        if (i < n && s[i] == ':') {
+            k = parse_nz32(s + i + 1, n - i - 1, &hi);
+            if (k == 0)
+                return;
+            i += 1 + k;
+            if (hi < lo) {
+                uint32_t t = lo;
+                lo = hi;
+                hi = t;
+            }
+        }
+        if ((uint64_t)hi - lo + 1 > IMAP_MAX_UIDS - nuids)
+            return;
+        for (uint64_t u = lo; u <= hi; u++)
+            r->uids[nuids++] = (uint32_t)u;
+        if (i < n && s[i] == ',') {
+            i++;
+            continue;
+        }
+        break;
+    }
     while (i < n && s[i] == ' ')
         i++;
     if (i != n)
         return;
     r->has_appenduid = 1;
     r->uidvalidity = v;
-    r->uid = u;
+    r->uid = r->uids[0];
+    r->nuids = nuids;
 }
 
 static int is_code_char(int ch)

@@ -64,6 +64,7 @@ enum {
     IMAP_CAP_UIDPLUS       = 1u << 8,
     IMAP_CAP_SPECIAL_USE   = 1u << 9,
     IMAP_CAP_LIST_EXTENDED = 1u << 10,
+    IMAP_CAP_MULTIAPPEND   = 1u << 11,
 };
 
 /* Mailbox attributes from LIST (RFC 3501, RFC 5258, RFC 6154). */
@@ -86,6 +87,8 @@ enum {
     IMAP_MBX_TRASH         = 1u << 15,
 };
 
+#define IMAP_MAX_UIDS 64 /* APPENDUID uids understood (a MULTIAPPEND batch at most) */
+
 typedef struct imap_resp {
     imap_resp_kind_t kind;
     char        tag[64];      /* tagged: the tag */
@@ -96,10 +99,12 @@ typedef struct imap_resp {
 
     /* resp-text-code: "[CODE args]" of a status response */
     char        code[32];     /* upper case; "" when there is none */
-    int         has_appenduid;/* code is APPENDUID with a valid "nz-number SP nz-number" */
+    int         has_appenduid;/* code is APPENDUID with a valid "nz-number SP uid-set" */
     int         has_uidvalidity; /* code is UIDVALIDITY with a valid nz-number (SELECT/EXAMINE) */
     uint32_t    uidvalidity;  /* APPENDUID or UIDVALIDITY */
-    uint32_t    uid;          /* APPENDUID */
+    uint32_t    uid;          /* APPENDUID: the first (the only one for a single message) */
+    uint32_t    uids[IMAP_MAX_UIDS]; /* APPENDUID: every uid, in the order the messages went */
+    uint32_t    nuids;
 
     /* "* SEARCH n n ..." (UID SEARCH gives UIDs) */
     uint32_t    search_count; /* numbers listed */

@@ -55,6 +55,7 @@ typedef struct parse_case {
     const char      *code;      /* NULL: must be "" */
     int              has_appenduid;
     uint32_t         uidvalidity, uid;
+    const char      *uids;      /* APPENDUID uid-set expanded, "3 4 5"; NULL: not checked */
     int              has_caps;
     unsigned         caps;
     unsigned         mbx_flags;
@@ -104,6 +105,20 @@ static const parse_case_t parse_cases[] = {
       .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK,
       .code = "APPENDUID", .text = "ok" },
     { .name = "APPENDUID uid-set", .input = "A4 OK [APPENDUID 7 3:5] ok\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID", .has_appenduid = 1,
+      .uidvalidity = 7, .uid = 3, .uids = "3 4 5", .text = "ok" },
+    { .name = "APPENDUID uid-set list", .input = "A4 OK [APPENDUID 7 9,2:1,12] ok\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID", .has_appenduid = 1,
+      .uidvalidity = 7, .uid = 9, .uids = "9 1 2 12", .text = "ok" },
+    { .name = "APPENDUID uid-set too long", .input = "A4 OK [APPENDUID 7 1:65] ok\r\n", .rc = IMAP_PARSE_DONE,
+      .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID", .text = "ok" },
+    { .name = "APPENDUID uid-set 64", .input = "A4 OK [APPENDUID 7 4294967232:4294967295] ok\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID",
+      .has_appenduid = 1, .uidvalidity = 7, .uid = 4294967232u, .text = "ok" },
+    { .name = "APPENDUID uid-set dangling comma", .input = "A4 OK [APPENDUID 7 3,] ok\r\n",
+      .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID",
+      .text = "ok" },
+    { .name = "APPENDUID uid-set zero", .input = "A4 OK [APPENDUID 7 0:3] ok\r\n", .rc = IMAP_PARSE_DONE,
       .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID", .text = "ok" },
     { .name = "APPENDUID zero uidvalidity", .input = "A4 OK [APPENDUID 0 5] ok\r\n", .rc = IMAP_PARSE_DONE,
       .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID", .text = "ok" },
@@ -246,6 +261,13 @@ static void check_case(const parse_case_t *c)
     if (r.has_appenduid != c->has_appenduid || r.uidvalidity != c->uidvalidity || r.uid != c->uid)
         fail_msg("case '%s': appenduid %d %u %u, expected %d %u %u", c->name, r.has_appenduid, r.uidvalidity,
                  r.uid, c->has_appenduid, c->uidvalidity, c->uid);
+    if (c->uids) {
+        char got[256] = "";
+        for (uint32_t i = 0; i < r.nuids; i++)
+            snprintf(got + strlen(got), sizeof(got) - strlen(got), "%s%u", i ? " " : "", r.uids[i]);
+        if (strcmp(got, c->uids) != 0)
+            fail_msg("case '%s': uids '%s', expected '%s'", c->name, got, c->uids);
+    }
     if (r.has_caps != c->has_caps || r.caps != c->caps)
         fail_msg("case '%s': caps %d %#x, expected %d %#x", c->name, r.has_caps, r.caps, c->has_caps, c->caps);
     if (r.mbx_flags != c->mbx_flags)
@@ -1963,6 +1985,182 @@ static void test_pool_eof_retry_appends(void **state)
     assert_int_equal(st.retried, 1);
 }
 
+/* ------------------------------------------------------------ MULTIAPPEND */
+
+#define P_LOGIN_OK_MA                                                                                    \
+    "A1 OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS SPECIAL-USE LIST-EXTENDED MULTIAPPEND] Logged in\r\n"
+#define P_OPEN_MA(user)                                                                                  \
+    { NULL, P_GREETING, 0, 0 }, { P_LOGIN(user), P_LOGIN_OK_MA, 0, 0 }, { P_LIST, P_LIST_OK, 0, 0 }
+
+static const char *const BODIES[] = {
+    "From: alice@test.example\r\nSubject: one\r\n\r\nfirst\r\n",
+    "From: alice@test.example\r\nSubject: two\r\n\r\nsecond\r\n",
+    "From: alice@test.example\r\nSubject: three\r\n\r\nthird\r\n",
+    "From: alice@test.example\r\nSubject: four\r\n\r\nfourth\r\n",
+};
+
+/* "<tag> APPEND "Sent" (\Seen) {n+}<CRLF><body> ..." for the bodies listed. */
+static const char *multi_cmd(char *buf, size_t n, const char *tag, const int *which, size_t k)
+{
+    size_t used = (size_t)snprintf(buf, n, "%s APPEND \"Sent\"", tag);
+    for (size_t i = 0; i < k; i++)
+        used += (size_t)snprintf(buf + used, n - used, " (\\Seen) {%zu+}\r\n%s", strlen(BODIES[which[i]]),
+                                 BODIES[which[i]]);
+    snprintf(buf + used, n - used, "\r\n");
+    return buf;
+}
+
+/* Four appends start while the account's one connection opens. The
+ * second and fourth wait and then go in one APPEND (MULTIAPPEND), in
+ * arrival order, each with its uid from the APPENDUID set; the third must
+ * look for an earlier copy first, so it is not batched and runs alone
+ * afterwards. */
+static void test_pool_multiappend(void **state)
+{
+    char a3[1024], a4[2048], a8[1024];
+    const int first[] = { 0 }, pair[] = { 1, 3 }, third[] = { 2 };
+    const step_t c0[] = {
+        P_OPEN_MA("alice@test.example"),
+        { multi_cmd(a3, sizeof(a3), "A3", first, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { multi_cmd(a4, sizeof(a4), "A4", pair, 2), "A4 OK [APPENDUID 77 2:3] done\r\n", 0, 0 },
+        { "A5 EXAMINE \"Sent\"\r\n", "* OK [UIDVALIDITY 77] ok\r\nA5 OK [READ-ONLY] done\r\n", 0, 0 },
+        { "A6 UID SEARCH HEADER Message-ID \"<m3@test.example>\"\r\n", "* SEARCH\r\nA6 OK done\r\n", 0, 0 },
+        { "A7 CLOSE\r\n", "A7 OK done\r\n", 0, 0 },
+        { multi_cmd(a8, sizeof(a8), "A8", third, 1), "A8 OK [APPENDUID 77 4] done\r\n", 0, 0 },
+        { "A9 LOGOUT\r\n", "A9 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) } };
+    imap_pool_limits_t lim = { .max_conns_per_account = 1 };
+    penv_t e;
+    penv_start(&e, sc, 1, &lim);
+    outcome_t o[4];
+    memset(o, 0, sizeof(o));
+    for (int i = 0; i < 4; i++) {
+        imap_account_t acct = penv_acct(&e, "alice@test.example");
+        if (i == 2)
+            acct.check_message_id = "<m3@test.example>";
+        assert_non_null(imap_append_start(e.loop, &acct, BODIES[i], strlen(BODIES[i]), on_done, &o[i]));
+    }
+    for (int i = 0; i < 4; i++)
+        penv_wait_calls(&e, &o[i], 1);
+    const unsigned uid[] = { 1, 2, 4, 3 }, batched[] = { 0, 2, 0, 2 };
+    for (int i = 0; i < 4; i++) {
+        if (o[i].res.status != IMAP_OK)
+            fail_msg("append %d: %s", i, o[i].res.error);
+        assert_int_equal(o[i].res.uid, uid[i]);
+        assert_int_equal(o[i].res.uidvalidity, 77);
+        assert_int_equal(o[i].res.batched, batched[i]);
+        assert_int_equal(o[i].res.reused, i > 0);
+        assert_string_equal(o[i].res.mailbox, "Sent");
+    }
+    imap_pool_stats_t st = penv_stats(&e);
+    assert_int_equal(st.batches, 1);
+    assert_int_equal(st.batched, 2);
+    assert_int_equal(st.opened, 1);
+    penv_end(&e);
+}
+
+/* A batch the server refuses, or answers with one uid for two messages:
+ * every copy in it gets that failure (their owners retry them, looking for
+ * an earlier copy first), and the session is logged out. */
+static void test_pool_multiappend_failures(void **state)
+{
+    const char *answer[] = { "A4 NO [OVERQUOTA] Quota exceeded\r\n", "A4 OK [APPENDUID 77 2] done\r\n" };
+    const int want[] = { IMAP_EREFUSED, IMAP_EPROTO };
+    for (int k = 0; k < 2; k++) {
+        char a3[1024], a4[2048];
+        const int first[] = { 0 }, pair[] = { 1, 2 };
+        const step_t c0[] = {
+            P_OPEN_MA("alice@test.example"),
+            { multi_cmd(a3, sizeof(a3), "A3", first, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+            { multi_cmd(a4, sizeof(a4), "A4", pair, 2), answer[k], 0, 0 },
+            { "A5 LOGOUT\r\n", "A5 OK\r\n", 0, 1 },
+        };
+        const script_t sc[] = { { c0, NSTEPS(c0) } };
+        imap_pool_limits_t lim = { .max_conns_per_account = 1 };
+        penv_t e;
+        penv_start(&e, sc, 1, &lim);
+        imap_account_t acct = penv_acct(&e, "alice@test.example");
+        outcome_t o[3];
+        memset(o, 0, sizeof(o));
+        for (int i = 0; i < 3; i++)
+            assert_non_null(imap_append_start(e.loop, &acct, BODIES[i], strlen(BODIES[i]), on_done, &o[i]));
+        for (int i = 0; i < 3; i++)
+            penv_wait_calls(&e, &o[i], 1);
+        assert_int_equal(o[0].res.status, IMAP_OK);
+        for (int i = 1; i < 3; i++) {
+            assert_int_equal(o[i].res.status, want[k]);
+            assert_int_equal(o[i].res.uid, 0);
+            assert_int_equal(o[i].res.batched, 2);
+        }
+        if (k == 0)
+            assert_non_null(strstr(o[1].res.error, "Quota exceeded"));
+        else
+            assert_non_null(strstr(o[1].res.error, "APPENDUID lists 1 uid"));
+        penv_end(&e);
+    }
+}
+
+/* Copies of a batch are cancelled (their owners are going away). Once the
+ * whole batch has been written out, a cancelled copy is only forgotten:
+ * the others get their answer. While the batch still waits to send (here:
+ * a synchronizing literal waits for "+"), the connection is closed at once,
+ * the cancelled copy is never called back, and the other fails right away
+ * instead of waiting for an answer that will not come. */
+static void test_pool_multiappend_cancel(void **state)
+{
+    for (int sent = 1; sent >= 0; sent--) {
+        char a3[1024], a4[2048], s3[128], s4[128], b3[256];
+        const int first[] = { 0 }, pair[] = { 1, 2 };
+        snprintf(s3, sizeof(s3), "A3 APPEND \"Sent\" (\\Seen) {%zu}\r\n", strlen(BODIES[0]));
+        snprintf(b3, sizeof(b3), "%s\r\n", BODIES[0]);
+        snprintf(s4, sizeof(s4), "A4 APPEND \"Sent\" (\\Seen) {%zu}\r\n", strlen(BODIES[1]));
+        const step_t c_sent[] = {
+            P_OPEN_MA("alice@test.example"),
+            { multi_cmd(a3, sizeof(a3), "A3", first, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+            { multi_cmd(a4, sizeof(a4), "A4", pair, 2), "A4 OK [APPENDUID 77 2:3] done\r\n", 300, 0 },
+            { "A5 LOGOUT\r\n", "A5 OK\r\n", 0, 1 },
+        };
+        /* no LITERAL+: every literal waits for "+" */
+        const step_t c_waiting[] = {
+            { NULL, P_GREETING, 0, 0 },
+            { P_LOGIN("alice@test.example"),
+              "A1 OK [CAPABILITY IMAP4rev1 UIDPLUS SPECIAL-USE LIST-EXTENDED MULTIAPPEND] Logged in\r\n", 0, 0 },
+            { P_LIST, P_LIST_OK, 0, 0 },
+            { s3, "+ go\r\n", 0, 0 },
+            { b3, "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+            { s4, NULL, 0, 0 }, /* and no "+" */
+        };
+        const script_t sc[] = { { sent ? c_sent : c_waiting, sent ? NSTEPS(c_sent) : NSTEPS(c_waiting) } };
+        imap_pool_limits_t lim = { .max_conns_per_account = 1 };
+        penv_t e;
+        penv_start(&e, sc, 1, &lim);
+        imap_account_t acct = penv_acct(&e, "alice@test.example");
+        outcome_t o[3];
+        memset(o, 0, sizeof(o));
+        imap_append_t *h[3];
+        for (int i = 0; i < 3; i++)
+            assert_non_null(h[i] = imap_append_start(e.loop, &acct, BODIES[i], strlen(BODIES[i]), on_done, &o[i]));
+        penv_wait_calls(&e, &o[0], 1);
+        assert_int_equal(o[0].res.status, IMAP_OK);
+        penv_run_ms(&e, 100); /* the batch is sent (or waits for "+") */
+        assert_int_equal(penv_stats(&e).batches, 1);
+        uint64_t t0 = loop_update_time(e.loop);
+        imap_append_cancel(h[1]);
+        penv_wait_calls(&e, &o[2], 1);
+        if (sent) {
+            assert_int_equal(o[2].res.status, IMAP_OK);
+            assert_int_equal(o[2].res.uid, 3);
+        } else {
+            assert_true(loop_update_time(e.loop) - t0 < 1000);
+            assert_int_equal(o[2].res.status, IMAP_ENETWORK);
+        }
+        penv_run_ms(&e, 50);
+        assert_int_equal(o[1].calls, 0);
+        penv_end(&e);
+    }
+}
+
 int main(void)
 {
     const char *dbg = getenv("MP_TEST_DEBUG");
@@ -2018,6 +2216,9 @@ int main(void)
         cmocka_unit_test(test_pool_no_retry_after_eof),
         cmocka_unit_test(test_pool_eof_retry_finds_copy),
         cmocka_unit_test(test_pool_eof_retry_appends),
+        cmocka_unit_test(test_pool_multiappend),
+        cmocka_unit_test(test_pool_multiappend_failures),
+        cmocka_unit_test(test_pool_multiappend_cancel),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
