@@ -10,6 +10,9 @@
 #              message also gets its Sent copy
 #   paced_sent STRESS_PACED (default 300) messages with Sent copies at
 #              STRESS_RATE/s (default 30): the latency of one message
+#   burst_sent_nobatch  burst_sent again on a daemon that sends one Sent
+#              copy per APPEND ([imap] pool_max_batch = 1), for the
+#              MULTIAPPEND ratio
 # Prints "BENCH stress <run>_<metric> <value> <unit>" plus the daemon's CPU
 # per message and peak RSS, and the ratio burst_sent / burst.
 set -euo pipefail
@@ -59,15 +62,26 @@ def run(name, *args):
         print(f"BENCH stress {name}_{k} {v} {unit}", flush=True)
     return rep
 
+sent_args = ("--count", str(count), "--from", "alice@test.example", "--to-domain", "test.example",
+             "--size", "10240", "--append")
 try:
     b = run("burst", "--count", str(count), "--from", "carol@test.example", "--to-domain", "test.example",
             "--size", "10240")
-    s = run("burst_sent", "--count", str(count), "--from", "alice@test.example", "--to-domain", "test.example",
-            "--size", "10240", "--append")
+    s = run("burst_sent", *sent_args)
     run("paced_sent", "--count", str(paced), "--rate", str(rate), "--from", "alice@test.example",
         "--to-domain", "test.example", "--size", "10240", "--append")
     if b["delivered_per_s"]:
         print(f"BENCH stress sent_copy_cost_ratio {s['delivered_per_s'] / b['delivered_per_s']:.2f} x")
+finally:
+    d.stop()
+
+# the same burst with one Sent copy per APPEND ([imap] pool_max_batch = 1)
+d = mpstack.Daemon(env, workers=2, extra_env={"MAILPUMP_IMAP_POOL_MAX_BATCH": "1"})
+d.start()
+try:
+    n = run("burst_sent_nobatch", *sent_args)
+    if n["delivered_per_s"]:
+        print(f"BENCH stress multiappend_speedup {s['delivered_per_s'] / n['delivered_per_s']:.2f} x")
 finally:
     d.stop()
 PY
