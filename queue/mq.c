@@ -417,7 +417,8 @@ static void hold_publish(mq_t *mq, const char *exchange, const char *routing_key
     h->exchange = xstrdup(exchange);
     h->routing_key = xstrdup(routing_key);
     h->body = xmalloc(len ? len : 1);
-    memcpy(h->body, body, len);
+    if (len)
+        memcpy(h->body, body, len);
     h->len = len;
     h->priority = -1;
     h->persistent = 1;
