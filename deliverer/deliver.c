@@ -159,12 +159,20 @@ int deliver_tls_policy_parse(const char *s)
     return -1;
 }
 
+int deliver_domain_matches(const char *pattern, size_t plen, const char *domain)
+{
+    size_t dl = strlen(domain);
+    if (plen > 0 && pattern[0] == '.') /* ".example.org": the domain and its subdomains */
+        return (dl == plen - 1 && util_strncasecmp(domain, pattern + 1, plen - 1) == 0) ||
+               (dl > plen && util_strncasecmp(domain + dl - plen, pattern, plen) == 0);
+    return dl == plen && util_strncasecmp(domain, pattern, plen) == 0;
+}
+
 smtp_tls_policy_t deliver_tls_policy_for(const deliver_config_t *cfg, const char *domain)
 {
     const char *m = cfg->tls_policy_map;
     if (m == NULL || domain == NULL || domain[0] == '\0')
         return cfg->tls;
-    size_t dl = strlen(domain);
     while (*m) {
         while (*m == ' ' || *m == ',' || *m == '\t')
             m++;
@@ -185,13 +193,7 @@ smtp_tls_policy_t deliver_tls_policy_for(const deliver_config_t *cfg, const char
                 memcpy(pol, ps, pl);
                 pol[pl] = '\0';
                 int p = deliver_tls_policy_parse(pol);
-                int hit = 0;
-                if (nl > 0 && m[0] == '.') /* ".example.org": the domain and its subdomains */
-                    hit = (dl == nl - 1 && util_strncasecmp(domain, m + 1, nl - 1) == 0) ||
-                          (dl > nl && util_strncasecmp(domain + dl - nl, m, nl) == 0);
-                else
-                    hit = dl == nl && util_strncasecmp(domain, m, nl) == 0;
-                if (hit && p >= 0)
+                if (deliver_domain_matches(m, nl, domain) && p >= 0)
                     return (smtp_tls_policy_t)p;
             }
         }

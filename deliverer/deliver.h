@@ -183,6 +183,10 @@ void deliver_ctx_stats(const deliver_ctx_t *ctx, deliver_stats_t *st);
 /* Start an attempt on the context's pool (same contract as deliver_start). */
 deliver_t *deliver_ctx_start(deliver_ctx_t *ctx, const deliver_request_t *req, deliver_cb cb, void *arg);
 
+/* 1 when domain matches pattern (plen bytes): the same name, or for
+ * ".example.org" that domain or one of its subdomains; case-insensitive.
+ * The matching of [smtp] tls_policy and rate_limits entries. */
+int deliver_domain_matches(const char *pattern, size_t plen, const char *domain);
 /* The TLS policy cfg gives domain (map entry or the default). */
 smtp_tls_policy_t deliver_tls_policy_for(const deliver_config_t *cfg, const char *domain);
 /* Parse "none|opportunistic|required|verify"; -1 when unknown. */

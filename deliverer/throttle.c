@@ -1,0 +1,144 @@
+/*
+ * SUMMARY
+ *  deliverer/throttle.c - per-domain message-rate limits (GCRA), one
+ *  table per process.
+ * DESCRIPTION
+ *  Each rule keeps a theoretical arrival time (tat): the earliest moment
+ *  its next message may go. A message at now waits max(0, tat - now); a
+ *  wait within the caller's limit moves tat one interval past
+ *  max(tat, now). Without a burst allowance the spacing is exact, which
+ *  is what a receiver's "N per period" limit can count on.
+ */
+#include "deliverer/throttle.h"
+
+#include <ctype.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/util.h"
+#include "deliverer/deliver.h"
+
+#define THROTTLE_RULE_LEN 64
+
+typedef struct rule {
+    char   name[THROTTLE_RULE_LEN]; /* "gmail.com" or ".yahoo.com" */
+    size_t namelen;
+    char   text[THROTTLE_RULE_LEN + 24]; /* "gmail.com:100/s" */
+    double interval_ms;
+    double tat_ms; /* guarded by the table's lock */
+} rule_t;
+
+struct throttle {
+    pthread_mutex_t lock;
+    rule_t         *rules;
+    size_t          nrules;
+};
+
+/* "name:N/s|m|h" of length n into r; -1 when it is not one. */
+static int parse_rule(const char *s, size_t n, rule_t *r)
+{
+    const char *colon = memchr(s, ':', n);
+    if (colon == NULL || colon == s || (size_t)(colon - s) >= sizeof(r->name))
+        return -1;
+    size_t nl = (size_t)(colon - s);
+    for (size_t i = 0; i < nl; i++)
+        if (!(isalnum((unsigned char)s[i]) || s[i] == '.' || s[i] == '-'))
+            return -1;
+    if (nl == 1 && s[0] == '.')
+        return -1;
+    const char *p = colon + 1, *end = s + n;
+    if (p >= end || !isdigit((unsigned char)*p))
+        return -1;
+    unsigned long rate = 0;
+    while (p < end && isdigit((unsigned char)*p)) {
+        rate = rate * 10 + (unsigned long)(*p - '0');
+        if (rate > 1000000)
+            return -1;
+        p++;
+    }
+    if (rate == 0 || p + 2 != end || p[0] != '/')
+        return -1;
+    double period;
+    switch (p[1]) {
+    case 's': period = 1000.0; break;
+    case 'm': period = 60000.0; break;
+    case 'h': period = 3600000.0; break;
+    default: return -1;
+    }
+    memcpy(r->name, s, nl);
+    r->name[nl] = '\0';
+    r->namelen = nl;
+    snprintf(r->text, sizeof(r->text), "%.*s", (int)n, s);
+    r->interval_ms = period / (double)rate;
+    r->tat_ms = 0;
+    return 0;
+}
+
+int throttle_new(const char *spec, throttle_t **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    rule_t *rules = NULL;
+    size_t n = 0;
+    const char *m = spec ? spec : "";
+    while (*m) {
+        while (*m == ' ' || *m == ',' || *m == '\t')
+            m++;
+        size_t el = strcspn(m, ",");
+        while (el > 0 && (m[el - 1] == ' ' || m[el - 1] == '\t'))
+            el--;
+        if (el == 0)
+            break;
+        rule_t r;
+        if (parse_rule(m, el, &r) < 0) {
+            snprintf(err, errlen, "[smtp] rate_limits: \"%.*s\" is not domain:N/s, domain:N/m or domain:N/h "
+                     "(N from 1 to 1000000; .domain also matches subdomains)", (int)el, m);
+            free(rules);
+            return -1;
+        }
+        rules = xrealloc(rules, (n + 1) * sizeof(*rules));
+        rules[n++] = r;
+        m += strcspn(m, ",");
+    }
+    if (n == 0)
+        return 0;
+    throttle_t *t = xcalloc(1, sizeof(*t));
+    pthread_mutex_init(&t->lock, NULL);
+    t->rules = rules;
+    t->nrules = n;
+    *out = t;
+    return 0;
+}
+
+void throttle_free(throttle_t *t)
+{
+    if (t == NULL)
+        return;
+    pthread_mutex_destroy(&t->lock);
+    free(t->rules);
+    free(t);
+}
+
+int64_t throttle_take(throttle_t *t, const char *domain, uint64_t now_ms, uint64_t max_wait_ms, char *rule,
+                      size_t rulelen)
+{
+    if (t == NULL || domain == NULL)
+        return -1;
+    rule_t *r = NULL;
+    for (size_t i = 0; i < t->nrules && r == NULL; i++) /* names never change: no lock */
+        if (deliver_domain_matches(t->rules[i].name, t->rules[i].namelen, domain))
+            r = &t->rules[i];
+    if (r == NULL)
+        return -1;
+    if (rule && rulelen)
+        snprintf(rule, rulelen, "%s", r->text);
+    double now = (double)now_ms;
+    pthread_mutex_lock(&t->lock);
+    double tat = r->tat_ms > now ? r->tat_ms : now;
+    double wait = tat - now;
+    if (wait <= (double)max_wait_ms)
+        r->tat_ms = tat + r->interval_ms;
+    pthread_mutex_unlock(&t->lock);
+    return (int64_t)(wait + 0.999); /* a fraction of a ms waits one more */
+}

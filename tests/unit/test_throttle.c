@@ -1,0 +1,158 @@
+/*
+ * Unit tests for deliverer/throttle: parsing [smtp] rate_limits, which
+ * rule a domain falls under, the exact waits of the spacing (GCRA), a
+ * wait too long reserving nothing, and many threads sharing a rule.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "deliverer/throttle.h"
+
+static throttle_t *make(const char *spec)
+{
+    throttle_t *t = NULL;
+    char err[256] = "";
+    if (throttle_new(spec, &t, err, sizeof(err)) != 0)
+        fail_msg("spec \"%s\" refused: %s", spec, err);
+    return t;
+}
+
+static void test_parse(void **state)
+{
+    throttle_t *t = NULL;
+    char err[256];
+    assert_int_equal(throttle_new("", &t, err, sizeof(err)), 0);
+    assert_null(t);
+    assert_int_equal(throttle_new(NULL, &t, err, sizeof(err)), 0);
+    assert_null(t);
+    assert_int_equal(throttle_new(" , ", &t, err, sizeof(err)), 0);
+    assert_null(t);
+    t = make(" gmail.com:100/s , .yahoo.com:20/m,example.org:5000/h ");
+    char rule[96];
+    assert_int_equal(throttle_take(t, "gmail.com", 0, 0, rule, sizeof(rule)), 0);
+    assert_string_equal(rule, "gmail.com:100/s");
+    assert_int_equal(throttle_take(t, "mail.yahoo.com", 0, 0, rule, sizeof(rule)), 0);
+    assert_string_equal(rule, ".yahoo.com:20/m");
+    assert_int_equal(throttle_take(t, "example.org", 0, 0, rule, sizeof(rule)), 0);
+    assert_string_equal(rule, "example.org:5000/h");
+    throttle_free(t);
+
+    const char *bad[] = { "gmail.com", "gmail.com:", ":5/s", "gmail.com:0/s", "gmail.com:5", "gmail.com:5/d",
+                          "gmail.com:5/ss", "gmail.com:x/s", "gm ail.com:5/s", ".:5/s", "a.com:5/s,b.com",
+                          "gmail.com:1000001/s" };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        t = NULL;
+        err[0] = '\0';
+        if (throttle_new(bad[i], &t, err, sizeof(err)) != -1)
+            fail_msg("\"%s\" accepted", bad[i]);
+        assert_null(t);
+        assert_non_null(strstr(err, "[smtp] rate_limits: \""));
+    }
+    assert_int_equal(throttle_new("a.com:5/s, gmail.com:5/d", &t, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "\"gmail.com:5/d\""));
+}
+
+/* Exact names, ".suffix" for the domain and its subdomains, case, and
+ * the first matching rule wins; other domains are not limited. */
+static void test_matching(void **state)
+{
+    throttle_t *t = make("mx.example.org:1/s, .example.org:2/s, Gmail.COM:3/s");
+    char rule[96];
+    assert_int_equal(throttle_take(t, "mx.example.org", 0, 0, rule, sizeof(rule)), 0);
+    assert_string_equal(rule, "mx.example.org:1/s");
+    assert_int_equal(throttle_take(t, "example.org", 0, 0, rule, sizeof(rule)), 0);
+    assert_string_equal(rule, ".example.org:2/s");
+    assert_int_equal(throttle_take(t, "a.b.EXAMPLE.org", 0, 0, rule, sizeof(rule)), 500);
+    assert_string_equal(rule, ".example.org:2/s"); /* one budget for the rule */
+    assert_int_equal(throttle_take(t, "gmail.com", 0, 0, rule, sizeof(rule)), 0);
+    assert_int_equal(throttle_take(t, "notexample.org", 0, 0, NULL, 0), -1);
+    assert_int_equal(throttle_take(t, "mail.gmail.com", 0, 0, NULL, 0), -1);
+    assert_int_equal(throttle_take(t, "org", 0, 0, NULL, 0), -1);
+    assert_int_equal(throttle_take(NULL, "gmail.com", 0, 0, NULL, 0), -1);
+    throttle_free(t);
+}
+
+/* 4 per second: one message every 250 ms. Messages arriving together
+ * wait 0, 250, 500 ...; a wait over the caller's limit reserves nothing;
+ * after a quiet spell the next goes at once and no credit piles up. */
+static void test_spacing(void **state)
+{
+    throttle_t *t = make("d.test:4/s");
+    const int64_t want[] = { 0, 250, 500, 750, 1000 };
+    for (size_t i = 0; i < 5; i++)
+        assert_int_equal(throttle_take(t, "d.test", 10000, 1000, NULL, 0), want[i]);
+    /* the next would wait 1250 ms: over the limit, nothing reserved */
+    assert_int_equal(throttle_take(t, "d.test", 10000, 1000, NULL, 0), 1250);
+    assert_int_equal(throttle_take(t, "d.test", 10000, 1000, NULL, 0), 1250);
+    /* 1000 ms later the queue has moved on by 4 slots */
+    assert_int_equal(throttle_take(t, "d.test", 11000, 1000, NULL, 0), 250);
+    /* quiet for a minute: at once, then spaced again (no burst saved up) */
+    assert_int_equal(throttle_take(t, "d.test", 71000, 1000, NULL, 0), 0);
+    assert_int_equal(throttle_take(t, "d.test", 71000, 1000, NULL, 0), 250);
+    assert_int_equal(throttle_take(t, "d.test", 71100, 1000, NULL, 0), 400);
+    throttle_free(t);
+
+    /* 5000/h: 720 ms apart; a fraction of a ms rounds up */
+    t = make("h.test:5000/h, m.test:7/m");
+    assert_int_equal(throttle_take(t, "h.test", 0, 10000, NULL, 0), 0);
+    assert_int_equal(throttle_take(t, "h.test", 0, 10000, NULL, 0), 720);
+    assert_int_equal(throttle_take(t, "m.test", 0, 60000, NULL, 0), 0);
+    assert_int_equal(throttle_take(t, "m.test", 0, 60000, NULL, 0), 8572); /* 60000 / 7 = 8571.4 */
+    throttle_free(t);
+}
+
+typedef struct {
+    throttle_t *t;
+    int64_t     waits[200];
+} worker_arg_t;
+
+static void *taker(void *arg)
+{
+    worker_arg_t *a = arg;
+    for (int i = 0; i < 200; i++)
+        a->waits[i] = throttle_take(a->t, "x.test", 5000, 1000000, NULL, 0);
+    return NULL;
+}
+
+/* Four threads take 200 slots each at the same instant: the 800 waits are
+ * exactly 0, 10, ..., 7990 ms, each once (none lost, none shared). */
+static void test_threads(void **state)
+{
+    throttle_t *t = make("x.test:100/s");
+    worker_arg_t a[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        a[i].t = t;
+        assert_int_equal(pthread_create(&th[i], NULL, taker, &a[i]), 0);
+    }
+    static int seen[800];
+    memset(seen, 0, sizeof(seen));
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        for (int k = 0; k < 200; k++) {
+            int64_t w = a[i].waits[k];
+            assert_true(w >= 0 && w % 10 == 0 && w / 10 < 800);
+            seen[w / 10]++;
+        }
+    }
+    for (int i = 0; i < 800; i++)
+        assert_int_equal(seen[i], 1);
+    throttle_free(t);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_parse),
+        cmocka_unit_test(test_matching),
+        cmocka_unit_test(test_spacing),
+        cmocka_unit_test(test_threads),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
