@@ -59,6 +59,8 @@ static const key_def_t keys[] = {
     { "smtp", "max_mx", K_UINT, F(smtp_max_mx), "5", 0 },
     { "smtp", "timeout_scale", K_UINT, F(smtp_timeout_scale), "100", 0 },
     { "smtp", "tls_policy", K_STR, F(smtp_tls_policy), "", 0 },
+    { "smtp", "rate_limits", K_STR, F(smtp_rate_limits), "", 0 },
+    { "smtp", "rate_limit_max_wait", K_MS, F(smtp_rate_limit_max_wait_ms), "10s", 0 },
     { "smtp", "max_rcpts", K_UINT, F(smtp_max_rcpts), "100", 0 },
     { "smtp", "pipelining", K_UINT, F(smtp_pipelining), "1", 0 },
     { "smtp", "pool", K_UINT, F(smtp_pool), "1", 0 },

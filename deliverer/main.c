@@ -27,6 +27,7 @@
 #include "core/tls.h"
 #include "core/util.h"
 #include "deliverer/routes.h"
+#include "deliverer/throttle.h"
 #include "deliverer/worker.h"
 #include "metrics/metrics.h"
 
@@ -144,7 +145,8 @@ static int build_env(const mp_config_t *cfg, worker_env_t *env, char *helo, size
     /* one route penalty table for every worker: a dead MX address costs
      * one failed connect per penalty, not one per worker */
     d->routes = routes_new(d->route_penalty_ms, d->route_penalty_max_ms);
-    return 0;
+    /* message-rate limits per destination domain, one table per process */
+    return throttle_new(cfg->smtp_rate_limits, &env->throttle, err, errlen);
 }
 
 static void free_env(worker_env_t *env)
@@ -159,6 +161,8 @@ static void free_env(worker_env_t *env)
     dkim_free(env->dkim);
     routes_free(env->dcfg.routes);
     env->dcfg.routes = NULL;
+    throttle_free(env->throttle);
+    env->throttle = NULL;
 }
 
 int main(int argc, char **argv)

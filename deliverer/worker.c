@@ -51,6 +51,7 @@
 #include "deliverer/outcome.h"
 #include "deliverer/ledger.h"
 #include "deliverer/retry.h"
+#include "deliverer/throttle.h"
 #include "dns/resolver.h"
 #include "imap/imap.h"
 #include "metrics/metrics.h"
@@ -641,7 +642,9 @@ static void job_publish_events(job_t *j)
             .imap_uidvalidity = j->append_res.uidvalidity,
             .imap_uid = j->append_res.uid,
             .imap_mailbox = j->append_res.mailbox,
-            .error = exhausted[0] ? exhausted : NULL,
+            /* no server answered: the local reason ("connect: Connection
+             * refused", a DNS failure, a rate limit) */
+            .error = exhausted[0] ? exhausted : r->code == 0 && r->text[0] ? r->text : NULL,
             .retry_in_ms = r->outcome == OUTCOME_TRANSIENT ? j->retry_in_ms : 0,
             .possible_duplicate = r->possible_dup && r->outcome == OUTCOME_DELIVERED,
             .already_delivered = r->skip,
@@ -762,6 +765,7 @@ static void on_delivered(void *arg, const deliver_result_t *res)
 }
 
 static void on_mx(void *arg, const dns_mx_result_t *mx);
+static void domain_go(job_t *j, size_t di);
 
 static void domain_fail(job_t *j, size_t di, outcome_t o, const char *reason, const char *text)
 {
@@ -785,7 +789,7 @@ static void on_mx_domain(job_t *j, size_t di, const dns_mx_result_t *mx)
         return;
     }
     d->cand = deliver_candidates_from_mx(mx, w->env->dcfg.max_mx, &d->ncand);
-    domain_start_smtp(j, di);
+    domain_go(j, di);
 }
 
 /* RFC 6531: a non-ASCII envelope address needs SMTPUTF8 (the MIME
@@ -875,6 +879,39 @@ static void on_mx(void *arg, const dns_mx_result_t *mx)
     on_mx_domain(ref->job, ref->idx, mx);
 }
 
+/* The domain's message-rate limit ([smtp] rate_limits), then SMTP: at
+ * once, after a wait for its slot (the fast-retry timer; later fast
+ * retries are not charged again), or, when the slot is further away than
+ * rate_limit_max_wait, deferred to a retry queue no sooner than it. */
+static void domain_go(job_t *j, size_t di)
+{
+    worker_t *w = j->w;
+    job_domain_t *d = &j->domains[di];
+    const mp_config_t *cfg = w->env->cfg;
+    char rule[96];
+    int64_t wait = throttle_take(w->env->throttle, d->name, util_mono_ms(), cfg->smtp_rate_limit_max_wait_ms,
+                                 rule, sizeof(rule));
+    if (wait <= 0) {
+        domain_start_smtp(j, di);
+        return;
+    }
+    if ((uint64_t)wait > cfg->smtp_rate_limit_max_wait_ms) {
+        char text[256];
+        /* "in N s" is read back as the delay asked for (retry_server_delay_ms) */
+        snprintf(text, sizeof(text), "local rate limit %s: next free slot in %llu s", rule,
+                 (unsigned long long)((wait + 999) / 1000));
+        metrics_inc(MET_RATE_LIMIT_DEFERRED, 1);
+        log_info("worker", "rate_limited", "msg=%s domain=%s rule=%s wait_ms=%lld deferred=1", j->msg->id, d->name,
+                 rule, (long long)wait);
+        domain_fail(j, di, OUTCOME_TRANSIENT, "rate_limited", text);
+        return;
+    }
+    metrics_inc(MET_RATE_LIMIT_WAITS, 1);
+    log_debug("worker", "rate_limited", "msg=%s domain=%s rule=%s wait_ms=%lld", j->msg->id, d->name, rule,
+              (long long)wait);
+    loop_timer_set(w->loop, &d->fast_timer, (uint64_t)wait);
+}
+
 /* ---- a new message ---- */
 
 static size_t job_domain_index(job_t *j, const char *domain)
@@ -945,7 +982,7 @@ static void job_resolve(job_t *j)
             continue;
         left--;
         if (w->env->dcfg.nrelay > 0) { /* relay mode: the smarthost replaces MX */
-            domain_start_smtp(j, i);
+            domain_go(j, i);
             continue;
         }
         metrics_inc(MET_DNS_QUERIES, 1);

@@ -30,6 +30,7 @@ typedef struct worker_env {
     struct sockaddr_storage imap_addr;
     socklen_t               imap_addrlen; /* 0: no IMAP configured */
     dkim_signer_t          *dkim;        /* NULL: [dkim] keys_file empty, no signing */
+    struct throttle        *throttle;    /* [smtp] rate_limits, shared by the workers; NULL: none */
 } worker_env_t;
 
 typedef struct worker worker_t;

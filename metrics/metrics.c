@@ -48,6 +48,8 @@ static const struct {
     [MET_SMTP_SESSIONS_REUSED] = { "mailpump_smtp_sessions_reused_total", "Deliveries that reused a pooled SMTP session." },
     [MET_SMTP_ROUTES_DOWN] = { "mailpump_smtp_routes_marked_down_total", "MX addresses marked down after failing to connect or greet (skipped for route_penalty, doubling)." },
     [MET_SMTP_ROUTE_SKIPS] = { "mailpump_smtp_route_skips_total", "MX candidates skipped because their address was marked down." },
+    [MET_RATE_LIMIT_WAITS] = { "mailpump_rate_limit_waits_total", "Messages that waited in the worker for their slot under [smtp] rate_limits." },
+    [MET_RATE_LIMIT_DEFERRED] = { "mailpump_rate_limit_deferred_total", "Messages (per domain) deferred to a retry queue because their rate_limits slot was further away than rate_limit_max_wait." },
     [MET_SMTP_DEST_CAPPED] = { "mailpump_smtp_dest_capped_total", "New connections turned away at the greeting (4xx) while others to the destination were open: it was capped at those (pool_refused_backoff) and the message waited for one." },
     [MET_MESSAGES_POISON] = { "mailpump_messages_poison_total", "Messages dead-lettered after too many redeliveries." },
     [MET_IMAP_SESSIONS] = { "mailpump_imap_sessions_opened_total", "IMAP connections opened for Sent copies." },

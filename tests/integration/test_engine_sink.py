@@ -13,6 +13,7 @@ resumption, MX failover, relay with AUTH.
 Needs the local stack (deploy/local/stack up); fails loudly without it.
 """
 import base64
+import datetime
 import os
 import re
 import shutil
@@ -362,6 +363,41 @@ class EngineSink(unittest.TestCase):
         self.assertEqual(len(downs), 1, downs)
         self.assertIn("mx=down.test.example addr=127.0.0.4|", downs[0])
         self.assertIn("Connection refused", downs[0])
+
+    def test_rate_limit_spaces_messages_and_defers_the_rest(self):
+        """[smtp] rate_limits test.example:4/s across 2 workers: 12 messages
+        enqueued at once are sent 250 ms apart (the last at least 2.75 s
+        after the first). Those whose slot is more than rate_limit_max_wait
+        (1 s) away are deferred with the rule and the wait, come back from
+        the retry queue no sooner, and are delivered."""
+        sink = self.sink()
+        d, tap = self.daemon(sink.port, workers=2, MAILPUMP_SMTP_RATE_LIMITS="test.example:4/s",
+                             MAILPUMP_SMTP_RATE_LIMIT_MAX_WAIT="1s", MAILPUMP_RETRY_LEVELS="300ms,1s,2s,4s",
+                             MAILPUMP_RETRY_P0_BASE="300ms", MAILPUMP_RETRY_P1_BASE="300ms",
+                             MAILPUMP_RETRY_P2_BASE="300ms")
+        mids = [self.enqueue(d, [f"rl{i}@test.example"]) for i in range(12)]
+        delivered = []
+        for mid in mids:
+            evs = tap.wait(lambda e, m=mid: e.get("message_id") == m and e.get("event") == "delivered", 1,
+                           timeout=60)
+            delivered.append(evs[0])
+        stamps = sorted(datetime.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
+                        for e in delivered)
+        spread = stamps[-1] - stamps[0]
+        self.assertGreaterEqual(spread, 11 * 0.25 - 0.1, f"12 messages within {spread:.2f} s")
+        deferred = [e for e in tap.events if e.get("event") == "deferred"]
+        self.assertGreater(len(deferred), 0, "none waited long enough to be deferred")
+        for e in deferred:
+            self.assertEqual(e["reason"], "rate_limited", e)
+            self.assertIn("local rate limit test.example:4/s: next free slot in ", e["error"])
+        self.assertGreater(d.metric("mailpump_rate_limit_waits_total"), 0)
+        self.assertEqual(d.metric("mailpump_rate_limit_deferred_total"), len(deferred))
+        self.assertEqual(len(sink.messages()), 12)
+        # another domain is not limited
+        mid = self.enqueue(d, ["free@nomx.test.example"])
+        self.assertEqual(self.wait_final(tap, mid, 1)[0]["event"], "delivered")
+        print(f"\nrate limit 4/s: 12 delivered over {spread:.2f} s, {len(deferred)} deferrals",
+              file=sys.stderr)
 
     # ---- 7. relay with AUTH ----------------------------------------------------
 
