@@ -120,15 +120,32 @@ void throttle_free(throttle_t *t)
     free(t);
 }
 
+static rule_t *find_rule(const throttle_t *t, const char *domain)
+{
+    if (t == NULL || domain == NULL)
+        return NULL;
+    for (size_t i = 0; i < t->nrules; i++) /* names never change: no lock */
+        if (deliver_domain_matches(t->rules[i].name, t->rules[i].namelen, domain))
+            return &t->rules[i];
+    return NULL;
+}
+
+int throttle_rule(const throttle_t *t, const char *domain, double *interval_ms, char *rule, size_t rulelen)
+{
+    const rule_t *r = find_rule(t, domain);
+    if (r == NULL)
+        return 0;
+    if (interval_ms)
+        *interval_ms = r->interval_ms;
+    if (rule && rulelen)
+        snprintf(rule, rulelen, "%s", r->text);
+    return 1;
+}
+
 int64_t throttle_take(throttle_t *t, const char *domain, uint64_t now_ms, uint64_t max_wait_ms, char *rule,
                       size_t rulelen)
 {
-    if (t == NULL || domain == NULL)
-        return -1;
-    rule_t *r = NULL;
-    for (size_t i = 0; i < t->nrules && r == NULL; i++) /* names never change: no lock */
-        if (deliver_domain_matches(t->rules[i].name, t->rules[i].namelen, domain))
-            r = &t->rules[i];
+    rule_t *r = find_rule(t, domain);
     if (r == NULL)
         return -1;
     if (rule && rulelen)
@@ -142,3 +159,20 @@ int64_t throttle_take(throttle_t *t, const char *domain, uint64_t now_ms, uint64
     pthread_mutex_unlock(&t->lock);
     return (int64_t)(wait + 0.999); /* a fraction of a ms waits one more */
 }
+
+/* GCRA on Redis' clock: the key holds the rule's theoretical arrival time
+ * (ms), kept a little longer than it matters. Fractions of a ms are kept
+ * (%.3f) so 7/m stays 8571.429 ms apart. */
+const char THROTTLE_REDIS_SCRIPT[] =
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000\n"
+    "local interval = tonumber(ARGV[1])\n"
+    "local maxwait = tonumber(ARGV[2])\n"
+    "local tat = tonumber(redis.call('GET', KEYS[1])) or now\n"
+    "if tat < now then tat = now end\n"
+    "local wait = tat - now\n"
+    "if wait <= maxwait then\n"
+    "  redis.call('SET', KEYS[1], string.format('%.3f', tat + interval), 'PX',\n"
+    "             math.ceil(wait + interval) + 1000)\n"
+    "end\n"
+    "return math.ceil(wait)\n";

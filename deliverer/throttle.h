@@ -9,9 +9,11 @@
  * hour, evenly spaced (GCRA with no burst: one message every period/rate).
  * Every domain a rule matches shares that rule's budget.
  *
- * One table serves every worker thread of a process: the limit is per
- * mailpumpd process (per pod), not per fleet. A mutex guards it; a domain
- * no rule names costs one scan of the rules without the lock.
+ * One table serves every worker thread of a process; a mutex guards it, and
+ * a domain no rule names costs one scan of the rules without the lock.
+ * With Redis the workers keep each rule's budget there instead
+ * (THROTTLE_REDIS_SCRIPT), one for the whole fleet; this table is the
+ * fallback while Redis cannot answer.
  */
 #ifndef MP_DELIVERER_THROTTLE_H
 #define MP_DELIVERER_THROTTLE_H
@@ -35,5 +37,14 @@ void throttle_free(throttle_t *t);
  */
 int64_t throttle_take(throttle_t *t, const char *domain, uint64_t now_ms, uint64_t max_wait_ms, char *rule,
                       size_t rulelen);
+
+/* 1 when a rule limits domain, with its message spacing (ms) and text (for
+ * a budget kept elsewhere: the fleet's, in Redis); 0 otherwise. */
+int throttle_rule(const throttle_t *t, const char *domain, double *interval_ms, char *rule, size_t rulelen);
+
+/* The budget of a rule for a whole fleet, kept in Redis: EVAL this with
+ * one key ("mp:rl:" + rule text) and ARGV interval_ms, max_wait_ms. It
+ * answers the wait in ms like throttle_take(), on Redis' clock. */
+extern const char THROTTLE_REDIS_SCRIPT[];
 
 #endif

@@ -99,6 +99,7 @@ struct job_domain {
     char       tls_cipher[96];
     int        done;
     uint64_t   mark_op;  /* ledger "sending" of the held transaction, 0 if none */
+    uint64_t   rate_op;  /* Redis command asking the fleet's rate_limits budget, 0 if none */
     uint64_t   hold;     /* its deliver hold id */
 };
 
@@ -208,6 +209,8 @@ static void job_free(job_t *j)
             deliver_cancel(d->dl);
         if (d->mark_op)
             ledger_cancel(w->ledger, d->mark_op);
+        if (d->rate_op && w->redis)
+            rclient_cancel(w->redis, d->rate_op);
         loop_timer_cancel(w->loop, &d->fast_timer);
         free(d->cand);
         free(d->name);
@@ -879,18 +882,15 @@ static void on_mx(void *arg, const dns_mx_result_t *mx)
     on_mx_domain(ref->job, ref->idx, mx);
 }
 
-/* The domain's message-rate limit ([smtp] rate_limits), then SMTP: at
- * once, after a wait for its slot (the fast-retry timer; later fast
- * retries are not charged again), or, when the slot is further away than
+/* SMTP for the domain after its rate limit said wait (ms): at once, after
+ * a wait for its slot (the fast-retry timer; later fast retries are not
+ * charged again), or, when the slot is further away than
  * rate_limit_max_wait, deferred to a retry queue no sooner than it. */
-static void domain_go(job_t *j, size_t di)
+static void domain_throttled(job_t *j, size_t di, int64_t wait, const char *rule)
 {
     worker_t *w = j->w;
     job_domain_t *d = &j->domains[di];
     const mp_config_t *cfg = w->env->cfg;
-    char rule[96];
-    int64_t wait = throttle_take(w->env->throttle, d->name, util_mono_ms(), cfg->smtp_rate_limit_max_wait_ms,
-                                 rule, sizeof(rule));
     if (wait <= 0) {
         domain_start_smtp(j, di);
         return;
@@ -910,6 +910,59 @@ static void domain_go(job_t *j, size_t di)
     log_debug("worker", "rate_limited", "msg=%s domain=%s rule=%s wait_ms=%lld", j->msg->id, d->name, rule,
               (long long)wait);
     loop_timer_set(w->loop, &d->fast_timer, (uint64_t)wait);
+}
+
+/* The process's own budget: without Redis, or while it cannot answer. */
+static int64_t local_take(job_t *j, size_t di)
+{
+    const worker_env_t *env = j->w->env;
+    return throttle_take(env->throttle, j->domains[di].name, util_mono_ms(), env->cfg->smtp_rate_limit_max_wait_ms,
+                         NULL, 0);
+}
+
+static void on_rate_reply(void *arg, const redisReply *reply, const char *err)
+{
+    domain_ref_t *ref = arg;
+    job_t *j = ref->job;
+    job_domain_t *d = &j->domains[ref->idx];
+    char rule[96] = "";
+    d->rate_op = 0;
+    throttle_rule(j->w->env->throttle, d->name, NULL, rule, sizeof(rule));
+    int64_t wait;
+    if (reply && reply->type == REDIS_REPLY_INTEGER) {
+        wait = reply->integer;
+    } else {
+        metrics_inc(MET_RATE_LIMIT_REDIS_ERRORS, 1);
+        log_debug("worker", "rate_limit_local", "msg=%s domain=%s error=\"%s\"", j->msg->id, d->name,
+                  err ? err : "unexpected reply");
+        wait = local_take(j, ref->idx);
+    }
+    domain_throttled(j, ref->idx, wait, rule);
+}
+
+/* The domain's message-rate limit ([smtp] rate_limits), then SMTP. With
+ * Redis the budget is the fleet's (one key per rule, THROTTLE_REDIS_SCRIPT);
+ * without, or when Redis fails, the process's own. */
+static void domain_go(job_t *j, size_t di)
+{
+    worker_t *w = j->w;
+    job_domain_t *d = &j->domains[di];
+    double interval = 0;
+    char rule[96];
+    if (!throttle_rule(w->env->throttle, d->name, &interval, rule, sizeof(rule))) {
+        domain_start_smtp(j, di);
+        return;
+    }
+    if (w->redis && rclient_connected(w->redis)) {
+        char key[128], iv[32], mw[32];
+        snprintf(key, sizeof(key), "mp:rl:%s", rule);
+        snprintf(iv, sizeof(iv), "%.3f", interval);
+        snprintf(mw, sizeof(mw), "%llu", (unsigned long long)w->env->cfg->smtp_rate_limit_max_wait_ms);
+        const char *argv[] = { "EVAL", THROTTLE_REDIS_SCRIPT, "1", key, iv, mw };
+        d->rate_op = rclient_commandargv(w->redis, on_rate_reply, &d->self, 6, argv, NULL);
+        return;
+    }
+    domain_throttled(j, di, local_take(j, di), rule);
 }
 
 /* ---- a new message ---- */

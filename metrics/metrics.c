@@ -50,6 +50,7 @@ static const struct {
     [MET_SMTP_ROUTE_SKIPS] = { "mailpump_smtp_route_skips_total", "MX candidates skipped because their address was marked down." },
     [MET_RATE_LIMIT_WAITS] = { "mailpump_rate_limit_waits_total", "Messages that waited in the worker for their slot under [smtp] rate_limits." },
     [MET_RATE_LIMIT_DEFERRED] = { "mailpump_rate_limit_deferred_total", "Messages (per domain) deferred to a retry queue because their rate_limits slot was further away than rate_limit_max_wait." },
+    [MET_RATE_LIMIT_REDIS_ERRORS] = { "mailpump_rate_limit_redis_errors_total", "rate_limits budgets Redis could not give (timeout, error): the process's own table answered." },
     [MET_SMTP_DEST_CAPPED] = { "mailpump_smtp_dest_capped_total", "New connections turned away at the greeting (4xx) while others to the destination were open: it was capped at those (pool_refused_backoff) and the message waited for one." },
     [MET_MESSAGES_POISON] = { "mailpump_messages_poison_total", "Messages dead-lettered after too many redeliveries." },
     [MET_IMAP_SESSIONS] = { "mailpump_imap_sessions_opened_total", "IMAP connections opened for Sent copies." },

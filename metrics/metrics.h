@@ -44,6 +44,7 @@ typedef enum {
     MET_SMTP_DEST_CAPPED,   /* new connections turned away at the greeting; destination capped */
     MET_RATE_LIMIT_WAITS,   /* messages that waited for their slot ([smtp] rate_limits) */
     MET_RATE_LIMIT_DEFERRED, /* domains of messages deferred: their slot was too far away */
+    MET_RATE_LIMIT_REDIS_ERRORS, /* rate_limits asked of Redis, answered by the local table instead */
     MET_IMAP_SESSIONS,      /* IMAP connections opened */
     MET_IMAP_SESSIONS_REUSED, /* appends that ran on a pooled IMAP session */
     MET_IMAP_ALREADY_STORED, /* retried Sent copies found already stored */
