@@ -17,8 +17,10 @@ import datetime
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -430,6 +432,42 @@ class EngineSink(unittest.TestCase):
         self.assertEqual(d2.metric("mailpump_rate_limit_redis_errors_total"), 0)
         print(f"\nrate limit 5/s over two processes {taken}: 12 delivered over {spread:.2f} s",
               file=sys.stderr)
+
+    def test_rate_limit_without_redis_answers_uses_the_process_budget(self):
+        """A Redis that accepts connections and never answers: every budget
+        request times out, the process's own table answers instead
+        (mailpump_rate_limit_redis_errors_total), and the messages are still
+        spaced by the rule."""
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        self.addCleanup(silent.close)
+        held = []
+
+        def accept_and_hold():
+            while True:
+                try:
+                    c, _ = silent.accept()
+                except OSError:
+                    return
+                held.append(c)  # read nothing, answer nothing
+
+        threading.Thread(target=accept_and_hold, daemon=True).start()
+        self.addCleanup(lambda: [c.close() for c in held])
+        sink = self.sink()
+        d, tap = self.daemon(sink.port, MAILPUMP_SMTP_RATE_LIMITS="test.example:6/s",
+                             MAILPUMP_SMTP_RATE_LIMIT_MAX_WAIT="10s",
+                             MAILPUMP_REDIS_HOST="127.0.0.1", MAILPUMP_REDIS_PORT=silent.getsockname()[1])
+        mids = [self.enqueue(d, [f"nr{i}@test.example"]) for i in range(6)]
+        delivered = []
+        for mid in mids:
+            delivered += tap.wait(lambda e, m=mid: e.get("message_id") == m and e.get("event") == "delivered",
+                                  1, timeout=60)
+        stamps = sorted(datetime.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
+                        for e in delivered)
+        self.assertGreaterEqual(stamps[-1] - stamps[0], 5 / 6 * 0.8)
+        # each request that reached the silent Redis timed out and fell back
+        self.assertGreater(d.metric("mailpump_rate_limit_redis_errors_total"), 0)
 
     # ---- 7. relay with AUTH ----------------------------------------------------
 
