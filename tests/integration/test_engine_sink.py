@@ -123,6 +123,17 @@ class EngineSink(unittest.TestCase):
         """The n per-recipient events of message mid."""
         return tap.wait(lambda e: e.get("message_id") == mid and "recipient" in e, n, timeout)
 
+    def delivered_spread(self, tap, mids):
+        """Seconds between the first and the last delivered event of mids
+        (the events' own ts), waiting for each."""
+        delivered = []
+        for mid in mids:
+            delivered += tap.wait(lambda e, m=mid: e.get("message_id") == m and e.get("event") == "delivered",
+                                  1, timeout=60)
+        stamps = sorted(datetime.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
+                        for e in delivered)
+        return stamps[-1] - stamps[0]
+
     def wait_closed(self, sink, n, timeout=10):
         """Until the transcript shows n closed connections (the
         readiness probe's included)."""
@@ -378,14 +389,7 @@ class EngineSink(unittest.TestCase):
                              MAILPUMP_RETRY_P0_BASE="300ms", MAILPUMP_RETRY_P1_BASE="300ms",
                              MAILPUMP_RETRY_P2_BASE="300ms")
         mids = [self.enqueue(d, [f"rl{i}@test.example"]) for i in range(12)]
-        delivered = []
-        for mid in mids:
-            evs = tap.wait(lambda e, m=mid: e.get("message_id") == m and e.get("event") == "delivered", 1,
-                           timeout=60)
-            delivered.append(evs[0])
-        stamps = sorted(datetime.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
-                        for e in delivered)
-        spread = stamps[-1] - stamps[0]
+        spread = self.delivered_spread(tap, mids)
         # 2.75 s when spaced exactly (the events' clock adds jitter); 0.3 s unlimited
         self.assertGreaterEqual(spread, 11 * 0.25 * 0.8, f"12 messages within {spread:.2f} s")
         deferred = [e for e in tap.events if e.get("event") == "deferred"]
@@ -417,13 +421,7 @@ class EngineSink(unittest.TestCase):
         d2.start()
         self.addCleanup(self.stop_daemon, d2)
         mids = [self.enqueue(d, [f"fl{i}@test.example"]) for i in range(12)]
-        delivered = []
-        for mid in mids:
-            delivered += tap.wait(lambda e, m=mid: e.get("message_id") == m and e.get("event") == "delivered",
-                                  1, timeout=60)
-        stamps = sorted(datetime.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
-                        for e in delivered)
-        spread = stamps[-1] - stamps[0]
+        spread = self.delivered_spread(tap, mids)
         # 2.2 s when spaced exactly; 1.0 s with two budgets of 6 each
         self.assertGreaterEqual(spread, 11 * 0.2 * 0.8, f"12 messages within {spread:.2f} s")
         taken = [len(re.findall(r"event=message_received", x.log())) for x in (d, d2)]
@@ -459,13 +457,7 @@ class EngineSink(unittest.TestCase):
                              MAILPUMP_SMTP_RATE_LIMIT_MAX_WAIT="10s",
                              MAILPUMP_REDIS_HOST="127.0.0.1", MAILPUMP_REDIS_PORT=silent.getsockname()[1])
         mids = [self.enqueue(d, [f"nr{i}@test.example"]) for i in range(6)]
-        delivered = []
-        for mid in mids:
-            delivered += tap.wait(lambda e, m=mid: e.get("message_id") == m and e.get("event") == "delivered",
-                                  1, timeout=60)
-        stamps = sorted(datetime.datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
-                        for e in delivered)
-        self.assertGreaterEqual(stamps[-1] - stamps[0], 5 / 6 * 0.8)
+        self.assertGreaterEqual(self.delivered_spread(tap, mids), 5 / 6 * 0.8)
         # each request that reached the silent Redis timed out and fell back
         self.assertGreater(d.metric("mailpump_rate_limit_redis_errors_total"), 0)
 
