@@ -485,29 +485,55 @@ static int dovecot_logins_since(long offset, const char *user)
     return n;
 }
 
+/* A loop, a pool with lim (NULL: defaults) and the second user's IMAPS
+ * account on it: the set-up of the pooled tests. */
+typedef struct pooled {
+    loop_t            *loop;
+    imap_pool_t       *pool;
+    struct sockaddr_in sin;
+    imap_account_t     acct;
+} pooled_t;
+
+static void pooled_start(pooled_t *p, const imap_pool_limits_t *lim)
+{
+    if (!E.ready)
+        fail_msg("local stack not ready: " STACK_HINT);
+    p->loop = loop_new();
+    assert_non_null(p->loop);
+    p->pool = imap_pool_new(p->loop, lim);
+    job_t j = { "imap.test.example", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[1], E.password };
+    account_for(&j, &p->acct, &p->sin);
+    p->acct.pool = p->pool;
+}
+
+/* LOGOUT and close every pooled session; the loop must then be empty at
+ * once, or after at most settle passes (cancelled appends' leftovers). */
+static void pooled_end(pooled_t *p, int settle)
+{
+    imap_pool_free(p->pool);
+    for (int i = 0; i < settle && (loop_fd_count(p->loop) || loop_timer_count(p->loop)); i++)
+        loop_run_once(p->loop, 20);
+    assert_int_equal(loop_fd_count(p->loop), 0);
+    assert_int_equal(loop_timer_count(p->loop), 0);
+    loop_free(p->loop);
+}
+
 /* Five appends through a pool to one account: one connection (our stats
  * and Dovecot's own login count agree), five distinct increasing UIDs,
  * the stored bytes compared by an independent client. */
 static void test_pool_five_appends(void **state)
 {
     enum { N = 5 };
-    if (!E.ready)
-        fail_msg("local stack not ready: " STACK_HINT);
     long log_at = dovecot_log_size();
-    loop_t *loop = loop_new();
-    assert_non_null(loop);
-    imap_pool_t *pool = imap_pool_new(loop, NULL);
-    job_t j = { "imap.test.example", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[1], E.password };
-    struct sockaddr_in sin;
-    imap_account_t acct;
-    account_for(&j, &acct, &sin);
-    acct.pool = pool;
+    pooled_t p;
+    pooled_start(&p, NULL);
+    loop_t *loop = p.loop;
     outcome_t o[N];
     char *msg[N];
     for (int i = 0; i < N; i++) {
         msg[i] = make_message(E.user[1], "pooled");
         memset(&o[i], 0, sizeof(o[i]));
-        assert_non_null(imap_append_start(loop, &acct, msg[i], strlen(msg[i]), on_done, &o[i]));
+        assert_non_null(imap_append_start(loop, &p.acct, msg[i], strlen(msg[i]), on_done, &o[i]));
         assert_int_equal(o[i].calls, 0);
         /* until the callback: the parked session keeps an fd and a timer, so
          * loop_run() would not return by itself */
@@ -524,14 +550,11 @@ static void test_pool_five_appends(void **state)
         }
     }
     imap_pool_stats_t st;
-    imap_pool_get_stats(pool, &st);
+    imap_pool_get_stats(p.pool, &st);
     assert_int_equal(st.opened, 1);
     assert_int_equal(st.reused, N - 1);
     assert_int_equal(st.idle, 1);
-    imap_pool_free(pool); /* LOGOUT and close */
-    assert_int_equal(loop_fd_count(loop), 0);
-    assert_int_equal(loop_timer_count(loop), 0);
-    loop_free(loop);
+    pooled_end(&p, 0);
     int logins = dovecot_logins_since(log_at, E.user[1]);
     if (logins != 1)
         fail_msg("Dovecot logged %d logins of %s for %d pooled appends, expected 1", logins, E.user[1], N);
@@ -548,17 +571,10 @@ static void test_pool_five_appends(void **state)
 static void test_pool_multiappend(void **state)
 {
     enum { N = 12 };
-    if (!E.ready)
-        fail_msg("local stack not ready: " STACK_HINT);
-    loop_t *loop = loop_new();
-    assert_non_null(loop);
     imap_pool_limits_t lim = { .max_conns_per_account = 1 };
-    imap_pool_t *pool = imap_pool_new(loop, &lim);
-    job_t j = { "imap.test.example", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[1], E.password };
-    struct sockaddr_in sin;
-    imap_account_t acct;
-    account_for(&j, &acct, &sin);
-    acct.pool = pool;
+    pooled_t p;
+    pooled_start(&p, &lim);
+    loop_t *loop = p.loop;
     outcome_t o[N];
     char *msg[N];
     for (int i = 0; i < N; i++) {
@@ -566,7 +582,7 @@ static void test_pool_multiappend(void **state)
         snprintf(tag, sizeof(tag), "batch-%d", i);
         msg[i] = make_message(E.user[1], tag);
         memset(&o[i], 0, sizeof(o[i]));
-        assert_non_null(imap_append_start(loop, &acct, msg[i], strlen(msg[i]), on_done, &o[i]));
+        assert_non_null(imap_append_start(loop, &p.acct, msg[i], strlen(msg[i]), on_done, &o[i]));
     }
     for (int i = 0; i < N; i++)
         for (int k = 0; o[i].calls == 0 && k < 2000; k++)
@@ -581,14 +597,11 @@ static void test_pool_multiappend(void **state)
     assert_int_equal(o[0].res.batched, 0);
     assert_int_equal(o[1].res.batched, N - 1);
     imap_pool_stats_t st;
-    imap_pool_get_stats(pool, &st);
+    imap_pool_get_stats(p.pool, &st);
     assert_int_equal(st.opened, 1);
     assert_int_equal(st.batches, 1);
     assert_int_equal(st.batched, N - 1);
-    imap_pool_free(pool);
-    assert_int_equal(loop_fd_count(loop), 0);
-    assert_int_equal(loop_timer_count(loop), 0);
-    loop_free(loop);
+    pooled_end(&p, 0);
     for (int i = 0; i < N; i++) {
         verify_stored(E.user[1], &o[i].res, msg[i]);
         free(msg[i]);
@@ -638,17 +651,10 @@ static void test_check_message_id(void **state)
 static void test_pool_churn(void **state)
 {
     enum { N = 60 };
-    if (!E.ready)
-        fail_msg("local stack not ready: " STACK_HINT);
-    loop_t *loop = loop_new();
-    assert_non_null(loop);
     imap_pool_limits_t lim = { .max_conns_per_account = 2, .max_appends = 7 };
-    imap_pool_t *pool = imap_pool_new(loop, &lim);
-    job_t j = { "imap.test.example", E.imaps_port, IMAP_TLS_IMAPS, E.verify_ctx, 1, E.user[1], E.password };
-    struct sockaddr_in sin;
-    imap_account_t acct;
-    account_for(&j, &acct, &sin);
-    acct.pool = pool;
+    pooled_t p;
+    pooled_start(&p, &lim);
+    loop_t *loop = p.loop;
     char *msg = make_message(E.user[1], "churn");
     outcome_t o[N];
     imap_append_t *h[N];
@@ -660,7 +666,7 @@ static void test_pool_churn(void **state)
     for (int round = 0; round < 4000; round++) {
         /* start a few more */
         for (int k = 0; k < 3 && started < N; k++, started++) {
-            h[started] = imap_append_start(loop, &acct, msg, strlen(msg), on_done, &o[started]);
+            h[started] = imap_append_start(loop, &p.acct, msg, strlen(msg), on_done, &o[started]);
             assert_non_null(h[started]);
         }
         /* cancel one still pending, now and then */
@@ -698,18 +704,13 @@ static void test_pool_churn(void **state)
         ok++;
     }
     imap_pool_stats_t st;
-    imap_pool_get_stats(pool, &st);
+    imap_pool_get_stats(p.pool, &st);
     print_message("churn: %d stored, %d cancelled, %d failed with a cancelled batch, %" PRIu64
                   " connections, %" PRIu64 " waited, %" PRIu64 " reused, %" PRIu64 " batches\n", ok, ncancelled,
                   siblings, st.opened, st.waited, st.reused, st.batches);
     assert_true(st.waited > 0); /* the cap was reached */
     assert_int_equal(st.waiting, 0);
-    imap_pool_free(pool);
-    for (int i = 0; i < 50 && (loop_fd_count(loop) || loop_timer_count(loop)); i++)
-        loop_run_once(loop, 20);
-    assert_int_equal(loop_fd_count(loop), 0);
-    assert_int_equal(loop_timer_count(loop), 0);
-    loop_free(loop);
+    pooled_end(&p, 50);
     free(msg);
 }
 

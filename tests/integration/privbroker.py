@@ -57,8 +57,8 @@ def _comm(pid):
         return ""
 
 
-def _process_tree(root):
-    """root and all its descendants."""
+def process_tree(root):
+    """root and all its descendants, root first."""
     children = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -209,14 +209,14 @@ class PrivateBroker:
                 raise RuntimeError(f"rabbitmq-server wrote no pid file in "
                                    f"{self.start_timeout}s\n{self.log_tail()}")
             time.sleep(0.1)
-        self._pids.update(_process_tree(self.proc.pid))
+        self._pids.update(process_tree(self.proc.pid))
         left = max(5, int(deadline - time.time()))
         self.ctl("await_startup", "--timeout", str(left), timeout=left + 30)
         while not _tcp_open(self.port):
             if time.time() > deadline:
                 raise RuntimeError(f"AMQP port {self.port} not open\n{self.log_tail()}")
             time.sleep(0.1)
-        self._pids.update(_process_tree(self.proc.pid))
+        self._pids.update(process_tree(self.proc.pid))
         return self
 
     def stop_app(self):
@@ -246,7 +246,7 @@ class PrivateBroker:
             return
         self.thaw()
         if self.proc.poll() is None and self.beam_pid():
-            self._pids.update(_process_tree(self.proc.pid))
+            self._pids.update(process_tree(self.proc.pid))
             r = self.ctl("stop", self.pid_file, timeout=timeout + 30, check=False)
             if r.returncode != 0 and self.beam_pid():
                 os.kill(self.beam_pid(), signal.SIGTERM)

@@ -19,6 +19,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mpstack  # noqa: E402
+import privbroker  # noqa: E402
 import pika  # noqa: E402
 
 N = 150
@@ -28,25 +29,6 @@ SENDER = "alice@test.example"
 def dovecot_pid():
     with open(os.path.join(mpstack.STACK_DIR, "dovecot", "run", "master.pid")) as f:
         return int(f.read().split()[0])
-
-
-def descendants(pid):
-    """Every process below pid (Dovecot's imap and login processes)."""
-    children = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def stack_up():
@@ -83,7 +65,7 @@ class DovecotRestart(unittest.TestCase):
             # Dovecot dies: its imap processes first (SIGKILL: sessions cut
             # mid-command), then the master
             pid = dovecot_pid()
-            for child in descendants(pid):
+            for child in privbroker.process_tree(pid)[1:]:  # Dovecot's imap and login processes
                 try:
                     os.kill(child, signal.SIGKILL)
                 except ProcessLookupError:
