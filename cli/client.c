@@ -37,7 +37,9 @@ static int note_blocked(mp_client_t *c, const amqp_frame_t *f)
     if (f->payload.method.id == AMQP_CONNECTION_BLOCKED_METHOD) {
         const amqp_connection_blocked_t *b = f->payload.method.decoded;
         c->blocked = 1;
-        mq_safe_text(c->blocked_reason, sizeof(c->blocked_reason), b->reason.bytes, b->reason.len);
+        char raw[96];
+        snprintf(raw, sizeof(raw), "%.*s", (int)b->reason.len, (const char *)b->reason.bytes);
+        util_quote_text(raw, c->blocked_reason, sizeof(c->blocked_reason));
         return 1;
     }
     if (f->payload.method.id == AMQP_CONNECTION_UNBLOCKED_METHOD) {

@@ -62,7 +62,7 @@ int  mp_client_next_event(mp_client_t *c, unsigned timeout_ms, char **body, size
  * memory or disk alarm: connection.blocked seen by enqueue or pump), else
  * NULL. Publishing then only fills buffers until the alarm clears. */
 const char *mp_client_blocked(const mp_client_t *c);
-/* Close (waiting at most 1 s for the broker) and free. */
+/* Close (waiting at most 1 s for each of the broker's two closing replies) and free. */
 void mp_client_close(mp_client_t *c);
 
 #endif

@@ -791,7 +791,12 @@ static int stress_loop(mp_client_t *cl, const stress_opts_t *o, const char *runi
             else
                 fprintf(stderr, "mailpump stress: the broker accepts publishers again\n");
         }
-        if (!blocked && c->nsent < o->count && c->outstanding < o->window) {
+        /* the unconfirmed bodies stay within STRESS_INFLIGHT_BYTES too: a
+         * broker that stops reading (an alarm) must not get more than the
+         * socket buffers hold, or the blocking send would outlast --timeout */
+        int room = c->outstanding < o->window &&
+                   (c->outstanding == 0 || (c->outstanding + 1) * (o->size + 1024) <= STRESS_INFLIGHT_BYTES);
+        if (!blocked && c->nsent < o->count && room) {
             uint64_t us = stress_bucket_take(&bucket, clock_us(CLOCK_MONOTONIC));
             if (us == 0) {
                 char *body = message_body(tmpl, runid, c->nsent + 1);
@@ -850,7 +855,7 @@ int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
                         .subject = "mailpump stress", .priority = -1, .timeout_s = 120 };
     o.to = xcalloc((size_t)argc + 1, sizeof(*o.to));
     int rc = 2, c, recipients_set = 0;
-    unsigned long long v;
+    unsigned long long v = 0;
     optind = 1;
     while ((c = getopt_long(argc, argv, "n:r:w:k:s:p:at:h", opts, NULL)) != -1) {
         const char *bad = NULL;
@@ -956,6 +961,12 @@ int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
         if (!dup)
             rcpts[nr++] = msg->to[i].addr;
     }
+    if (o.count * nr > STRESS_MAX_CELLS) {
+        free(rcpts);
+        fprintf(stderr, "mailpump stress: --count x recipients is %zu; at most %u are followed\n",
+                o.count * nr, STRESS_MAX_CELLS);
+        goto done;
+    }
     run = stress_run_new(runid, o.count, rcpts, nr, o.append);
     free(rcpts);
 
@@ -989,11 +1000,11 @@ int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
     } else {
         stress_report_print(stdout, &rep);
     }
+    const char *blocked = mp_client_blocked(cl);
     if (timed_out)
         fprintf(stderr, "mailpump stress: timeout after %u s: %zu message%s missing%s%s%s\n",
                 o.timeout_s, rep.missing, rep.missing == 1 ? "" : "s",
-                mp_client_blocked(cl) ? " (the broker blocks publishers: " : "",
-                mp_client_blocked(cl) ? mp_client_blocked(cl) : "", mp_client_blocked(cl) ? ")" : "");
+                blocked ? " (the broker blocks publishers: " : "", blocked ? blocked : "", blocked ? ")" : "");
     int failures = rep.bounced || rep.dead || rep.append_failed;
     rc = lr < 0 || rep.missing || rep.unpublished || (failures && !o.allow_failures) ? 1 : 0;
 done:

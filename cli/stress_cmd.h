@@ -102,6 +102,8 @@ int           stress_run_event(stress_run_t *r, const char *body, size_t len, ui
 size_t        stress_run_missing(const stress_run_t *r);
 
 #define STRESS_SHOWN 20
+#define STRESS_MAX_CELLS 10000000u          /* messages x recipients followed by one run */
+#define STRESS_INFLIGHT_BYTES (2u << 20)     /* unconfirmed message bodies at most (one always goes) */
 
 typedef struct stress_report {
     char          run_id[STRESS_RUNID_LEN + 1];

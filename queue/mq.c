@@ -468,23 +468,17 @@ static void fail_held(mq_t *mq)
 static int send_publish(mq_t *mq, const char *exchange, const char *routing_key, const void *body,
                         size_t len, const mq_publish_opts_t *opts, mq_confirm_cb cb, void *arg);
 
-/* Unblocked: send what was held, in order. A send that fails leaves the
- * rest (and that one) to the lost connection's timer. */
+/* Unblocked: send what was held, in order. A send that fails leaves that
+ * one and the rest to the lost connection's timer. */
 static void release_held(mq_t *mq)
 {
-    while (mq->held && mq->open && !mq->blocked) {
-        held_publish_t *h = held_pop(mq);
+    while (mq->held) {
+        held_publish_t *h = mq->held;
         mq_publish_opts_t o = { h->content_type, h->message_id, h->priority, h->persistent,
                                 h->headers, h->nheaders };
-        if (send_publish(mq, h->exchange, h->routing_key, h->body, h->len, &o, h->cb, h->arg) < 0) {
-            h->next = mq->held; /* back at the head: failed with the rest */
-            mq->held = h;
-            if (h->next == NULL)
-                mq->held_tail = &h->next;
-            mq->nheld++;
-            return;
-        }
-        held_free(h);
+        if (send_publish(mq, h->exchange, h->routing_key, h->body, h->len, &o, h->cb, h->arg) < 0)
+            return; /* the connection is lost: this one and the rest fail with it */
+        held_free(held_pop(mq));
     }
 }
 
@@ -591,8 +585,9 @@ static void handle_method(mq_t *mq, amqp_frame_t *f)
     }
     case AMQP_CONNECTION_BLOCKED_METHOD: {
         amqp_connection_blocked_t *b = m->decoded;
-        char why[128];
-        mq_safe_text(why, sizeof(why), b->reason.bytes, b->reason.len);
+        char raw[128], why[160];
+        snprintf(raw, sizeof(raw), "%.*s", (int)b->reason.len, (const char *)b->reason.bytes);
+        util_quote_text(raw, why, sizeof(why));
         log_warn("amqp", "broker_blocked", "reason=\"%s\" unconfirmed=%zu", why, mq->npend);
         set_blocked(mq, 1, why);
         break;
@@ -900,7 +895,7 @@ int mq_publish(mq_t *mq, const char *exchange, const char *routing_key, const vo
 {
     if (!mq->open)
         return -1;
-    if (mq->blocked) {
+    if (mq->blocked || mq->held) { /* after the held ones, never before */
         hold_publish(mq, exchange, routing_key, body, len, opts, cb, arg);
         return 0;
     }
@@ -986,27 +981,10 @@ size_t mq_unconfirmed(const mq_t *mq)
     return mq->npend + mq->nheld;
 }
 
-void mq_safe_text(char *out, size_t outlen, const void *bytes, size_t len)
-{
-    if (outlen == 0)
-        return;
-    size_t n = len < outlen - 1 ? len : outlen - 1;
-    for (size_t i = 0; i < n; i++) {
-        char ch = ((const char *)bytes)[i];
-        out[i] = ch >= 0x20 && ch < 0x7f && ch != '"' ? ch : '?';
-    }
-    out[n] = '\0';
-}
-
 void mq_on_blocked(mq_t *mq, mq_blocked_cb cb, void *arg)
 {
     mq->on_blocked = cb;
     mq->blocked_arg = arg;
-}
-
-int mq_blocked(const mq_t *mq)
-{
-    return mq->blocked;
 }
 
 int mq_is_open(const mq_t *mq)

@@ -120,10 +120,6 @@ size_t mq_unconfirmed(const mq_t *mq);
  * Also called with 0 when the connection is lost or freed while blocked. */
 typedef void (*mq_blocked_cb)(void *arg, int blocked, const char *reason);
 void   mq_on_blocked(mq_t *mq, mq_blocked_cb cb, void *arg);
-/* A broker's text (len bytes) as a printable ASCII string for logs and
- * errors: other bytes and '"' become '?'; cut to outlen - 1. */
-void   mq_safe_text(char *out, size_t outlen, const void *bytes, size_t len);
-int    mq_blocked(const mq_t *mq);
 int    mq_is_open(const mq_t *mq);
 /* Close (channel and connection, best effort) and free. Pending confirm
  * callbacks fire with ok=0. */
