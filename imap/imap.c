@@ -1222,9 +1222,7 @@ static char *account_key(const imap_account_t *acct)
     buf_printf(&b, "[%s]:%u tls=%d host=%s verify=%d user=", ip, port, (int)acct->tls, acct->host ? acct->host : "",
                acct->verify_host ? 1 : 0);
     buf_puts(&b, acct->user);
-    char *key = xstrdup(b.data);
-    buf_free(&b);
-    return key;
+    return buf_steal(&b, NULL);
 }
 
 /* The same checks imap_append_start() reports through the callback: only
@@ -1711,7 +1709,10 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
     char *key = NULL;
     if (acct->pool && account_valid(acct, data, len)) {
         key = account_key(acct);
-        imap_append_t *reused = pool_take(acct->pool, key);
+        /* first come, first served: with appends queued, a parked session
+         * is theirs (the wake timer hands it over) */
+        const pacct_t *pa = pacct_get(acct->pool, key, 0);
+        imap_append_t *reused = pa && pa->waiters ? NULL : pool_take(acct->pool, key);
         if (reused) {
             free(key);
             return start_reused(reused, acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS,
@@ -1809,10 +1810,12 @@ void imap_append_cancel(imap_append_t *a)
                 s->batch[i] = NULL;
                 in_batch = 1;
             }
-        if (in_batch && s->state == IMAP_ST_APPEND && !s->waiting_cont && s->next_chunk >= s->nchunks &&
-            stream_pending_out(s->stream) == 0) {
-            /* the whole batch has left: nothing of this copy is referenced
-             * any more, the others go on (the server may store this one) */
+        int leaving = s->state == IMAP_ST_APPEND &&
+                      (s->waiting_cont || s->next_chunk < s->nchunks || stream_pending_out(s->stream) > 0);
+        if (in_batch && !leaving) {
+            /* the batch has been written out (or answered): nothing of this
+             * copy is referenced any more, the others go on (the server
+             * may store this one) */
             session_free(a);
             return;
         }

@@ -269,7 +269,6 @@ static const char VERIFY_PY[] =
     "    sys.exit('no \\\\Seen flag: %r' % meta)\n"
     "m.logout()\n";
 
-/* Fetch the message back with Python's imaplib and compare. */
 /* Run argv (an independent checker) and return its wait status. */
 static int run_wait(char *const argv[])
 {
@@ -284,6 +283,7 @@ static int run_wait(char *const argv[])
     return st;
 }
 
+/* Fetch the message back with Python's imaplib and compare. */
 static void verify_stored(const char *user, const imap_append_result_t *res, const char *msg)
 {
     char path[] = "/tmp/itest_imap_msg_XXXXXX";

@@ -56,6 +56,7 @@ typedef struct parse_case {
     int              has_appenduid;
     uint32_t         uidvalidity, uid;
     const char      *uids;      /* APPENDUID uid-set expanded, "3 4 5"; NULL: not checked */
+    uint32_t         nuids;     /* APPENDUID uids counted; 0: not checked */
     int              has_caps;
     unsigned         caps;
     unsigned         mbx_flags;
@@ -114,7 +115,7 @@ static const parse_case_t parse_cases[] = {
       .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID", .text = "ok" },
     { .name = "APPENDUID uid-set 64", .input = "A4 OK [APPENDUID 7 4294967232:4294967295] ok\r\n",
       .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID",
-      .has_appenduid = 1, .uidvalidity = 7, .uid = 4294967232u, .text = "ok" },
+      .has_appenduid = 1, .uidvalidity = 7, .uid = 4294967232u, .nuids = 64, .text = "ok" },
     { .name = "APPENDUID uid-set dangling comma", .input = "A4 OK [APPENDUID 7 3,] ok\r\n",
       .rc = IMAP_PARSE_DONE, .kind = IMAP_RESP_TAGGED, .tag = "A4", .cond = IMAP_COND_OK, .code = "APPENDUID",
       .text = "ok" },
@@ -261,6 +262,8 @@ static void check_case(const parse_case_t *c)
     if (r.has_appenduid != c->has_appenduid || r.uidvalidity != c->uidvalidity || r.uid != c->uid)
         fail_msg("case '%s': appenduid %d %u %u, expected %d %u %u", c->name, r.has_appenduid, r.uidvalidity,
                  r.uid, c->has_appenduid, c->uidvalidity, c->uid);
+    if (c->nuids && r.nuids != c->nuids)
+        fail_msg("case '%s': %u uids, expected %u", c->name, r.nuids, c->nuids);
     if (c->uids) {
         char got[256] = "";
         for (uint32_t i = 0; i < r.nuids; i++)
