@@ -100,6 +100,7 @@ struct job_domain {
     int        done;
     uint64_t   mark_op;  /* ledger "sending" of the held transaction, 0 if none */
     uint64_t   rate_op;  /* Redis command asking the fleet's rate_limits budget, 0 if none */
+    int        slot_granted; /* fast_timer is the wait for a rate_limits slot already taken */
     uint64_t   hold;     /* its deliver hold id */
 };
 
@@ -125,6 +126,7 @@ struct job {
     unsigned        attempt;         /* 1 for the first delivery attempt */
     uint64_t        first_seen_ms;   /* wall clock of the first consume; travels in headers */
     uint64_t        retry_in_ms;     /* delay chosen for the next attempt */
+    uint64_t        throttle_ms;     /* longest rate_limits wait of a deferred domain */
     char            give_up[160];    /* why transient recipients are not retried */
     imap_append_result_t append_res;
     size_t          confirms_left;
@@ -546,15 +548,20 @@ static int job_schedule_retry(job_t *j)
     const worker_env_t *env = w->env;
     const mp_config_t *cfg = env->cfg;
     int c = retry_class(j->dv->priority);
-    uint64_t server_ms = 0;
+    uint64_t server_ms = j->throttle_ms; /* our own rate limit counts like a server's request */
     buf_t pending = BUF_INIT;
+    int throttled_only = 1; /* every recipient left waits for a rate_limits slot: no attempt spent */
     for (size_t i = 0; i < j->nrcpts; i++) {
-        if (j->rcpts[i].outcome != OUTCOME_TRANSIENT)
+        const job_rcpt_t *r = &j->rcpts[i];
+        if (r->outcome != OUTCOME_TRANSIENT)
             continue;
         if (buf_size(&pending))
             buf_putc(&pending, ',');
-        buf_puts(&pending, j->rcpts[i].addr);
-        uint64_t asked = retry_server_delay_ms(j->rcpts[i].text);
+        buf_puts(&pending, r->addr);
+        if (r->code == 0 && r->reason && strcmp(r->reason, "rate_limited") == 0)
+            continue; /* deferred by rate_limits before any server was asked */
+        throttled_only = 0;
+        uint64_t asked = retry_server_delay_ms(r->text);
         if (asked > server_ms)
             server_ms = asked;
     }
@@ -562,11 +569,13 @@ static int job_schedule_retry(job_t *j)
         buf_free(&pending);
         return 0; /* nothing to retry */
     }
-    uint64_t want = retry_backoff_ms(cfg->retry_base_ms[c], j->attempt, rand01());
+    throttled_only = throttled_only && buf_size(&pending) > 0;
+    unsigned next_attempt = throttled_only ? j->attempt : j->attempt + 1;
+    uint64_t want = throttled_only ? 0 : retry_backoff_ms(cfg->retry_base_ms[c], j->attempt, rand01());
     size_t level = retry_pick_level(&env->levels, want, server_ms);
     uint64_t delay = env->levels.ms[level];
     uint64_t age = util_wall_ms() - j->first_seen_ms;
-    if (j->attempt >= cfg->retry_max_attempts[c]) {
+    if (!throttled_only && j->attempt >= cfg->retry_max_attempts[c]) {
         snprintf(j->give_up, sizeof(j->give_up), "retries exhausted after %u attempts", j->attempt);
     } else if (age + delay > cfg->retry_max_age_ms[c]) {
         char a[32];
@@ -579,7 +588,7 @@ static int job_schedule_retry(job_t *j)
         return 0;
     }
     char attempt[16], first[32], queue[256];
-    snprintf(attempt, sizeof(attempt), "%u", j->attempt + 1);
+    snprintf(attempt, sizeof(attempt), "%u", next_attempt);
     snprintf(first, sizeof(first), "%llu", (unsigned long long)j->first_seen_ms);
     retry_queue_name(env, level, queue, sizeof(queue));
     int appended = j->appended_before || (j->append_tried && j->append_res.status == IMAP_OK);
@@ -597,7 +606,7 @@ static int job_schedule_retry(job_t *j)
     j->retry_in_ms = delay;
     log_info("worker", "retry_scheduled",
              "msg=%s class=P%d attempt=%u queue=%s delay_ms=%llu server_ms=%llu pending=%s",
-             j->msg->id, c, j->attempt + 1, queue, (unsigned long long)delay,
+             j->msg->id, c, next_attempt, queue, (unsigned long long)delay,
              (unsigned long long)server_ms, buf_head(&pending));
     job_publish(j, "", queue, j->dv->body, j->dv->len, &o);
     buf_free(&pending);
@@ -701,11 +710,20 @@ static int worth_fast_retry(const deliver_result_t *res)
 }
 
 static void domain_start_smtp(job_t *j, size_t di);
+static void domain_go(job_t *j, size_t di);
 
+/* fast_timer: the end of a wait for a rate_limits slot (SMTP now), or a
+ * fast retry, which is another transaction and takes a slot of its own */
 static void on_fast_retry(loop_t *loop, loop_timer_t *t, void *arg)
 {
     domain_ref_t *ref = arg;
-    domain_start_smtp(ref->job, ref->idx);
+    job_domain_t *d = &ref->job->domains[ref->idx];
+    if (d->slot_granted) {
+        d->slot_granted = 0;
+        domain_start_smtp(ref->job, ref->idx);
+        return;
+    }
+    domain_go(ref->job, ref->idx);
 }
 
 static void on_delivered_domain(job_t *j, size_t di, const deliver_result_t *res)
@@ -768,7 +786,6 @@ static void on_delivered(void *arg, const deliver_result_t *res)
 }
 
 static void on_mx(void *arg, const dns_mx_result_t *mx);
-static void domain_go(job_t *j, size_t di);
 
 static void domain_fail(job_t *j, size_t di, outcome_t o, const char *reason, const char *text)
 {
@@ -883,9 +900,9 @@ static void on_mx(void *arg, const dns_mx_result_t *mx)
 }
 
 /* SMTP for the domain after its rate limit said wait (ms): at once, after
- * a wait for its slot (the fast-retry timer; later fast retries are not
- * charged again), or, when the slot is further away than
- * rate_limit_max_wait, deferred to a retry queue no sooner than it. */
+ * a wait for its slot (on fast_timer), or, when the slot is further away
+ * than rate_limit_max_wait, deferred to a retry queue no sooner than it,
+ * without spending an attempt (job_schedule_retry). */
 static void domain_throttled(job_t *j, size_t di, int64_t wait, const char *rule)
 {
     worker_t *w = j->w;
@@ -897,9 +914,11 @@ static void domain_throttled(job_t *j, size_t di, int64_t wait, const char *rule
     }
     if ((uint64_t)wait > cfg->smtp_rate_limit_max_wait_ms) {
         char text[256];
-        /* "in N s" is read back as the delay asked for (retry_server_delay_ms) */
+        /* for people; the wait itself travels in j->throttle_ms */
         snprintf(text, sizeof(text), "local rate limit %s: next free slot in %llu s", rule,
                  (unsigned long long)((wait + 999) / 1000));
+        if ((uint64_t)wait > j->throttle_ms)
+            j->throttle_ms = (uint64_t)wait; /* the retry comes no sooner (job_schedule_retry) */
         metrics_inc(MET_RATE_LIMIT_DEFERRED, 1);
         log_info("worker", "rate_limited", "msg=%s domain=%s rule=%s wait_ms=%lld deferred=1", j->msg->id, d->name,
                  rule, (long long)wait);
@@ -909,6 +928,7 @@ static void domain_throttled(job_t *j, size_t di, int64_t wait, const char *rule
     metrics_inc(MET_RATE_LIMIT_WAITS, 1);
     log_debug("worker", "rate_limited", "msg=%s domain=%s rule=%s wait_ms=%lld", j->msg->id, d->name, rule,
               (long long)wait);
+    d->slot_granted = 1;
     loop_timer_set(w->loop, &d->fast_timer, (uint64_t)wait);
 }
 

@@ -397,6 +397,10 @@ class EngineSink(unittest.TestCase):
         for e in deferred:
             self.assertEqual(e["reason"], "rate_limited", e)
             self.assertIn("local rate limit test.example:4/s: next free slot in ", e["error"])
+        # waiting for a slot spends no attempt (it asked no server)
+        attempts = sorted({e["attempt"] for e in tap.events
+                           if e.get("event") in ("delivered", "deferred") and e["message_id"] in mids})
+        self.assertEqual(attempts, [1])
         self.assertGreater(d.metric("mailpump_rate_limit_waits_total"), 0)
         self.assertEqual(d.metric("mailpump_rate_limit_deferred_total"), len(deferred))
         self.assertEqual(len(sink.messages()), 12)
