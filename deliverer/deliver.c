@@ -590,13 +590,14 @@ static void skip_down(deliver_t *d, const deliver_candidate_t *c, const route_st
 }
 
 /* What a finished session says about its route: a fresh connection that
- * failed at connect or greeting time marks it down; any session that got
- * further clears it. */
+ * failed at connect or greeting time marks it down; a fresh one that got
+ * further clears it (reused sessions touch the shared table not at all). */
 static void route_learn(deliver_t *d, const smtp_session_result_t *sr)
 {
     const deliver_candidate_t *c = &d->cands[d->cur];
     if (sr->status == SMTP_OK || sr->state > SMTP_STATE_GREETING) {
-        route_ok(d->ctx, c);
+        if (!sr->reused) /* a reused session cleared its route when it was new */
+            route_ok(d->ctx, c);
         return;
     }
     if (!sr->reused && (sr->status == SMTP_ENETWORK || sr->status == SMTP_ETIMEOUT))

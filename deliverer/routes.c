@@ -6,7 +6,8 @@
  *  an atomic so the usual case, nothing marked, takes no lock (the hot
  *  path shares nothing but atomics, DESIGN.md). An entry stays after its
  *  penalty ran out, keeping the failure count for the doubling, until a
- *  session to it gets past the greeting.
+ *  session to it gets past the greeting, or until it has been free for
+ *  max_ms (an address nobody tries again), so the table empties again.
  */
 #include "deliverer/routes.h"
 
@@ -58,11 +59,24 @@ static route_t *find(routes_t *r, const char *key)
     return NULL;
 }
 
+/* Forget entries whose penalty ran out more than max_ms ago. */
+static void prune(routes_t *r, uint64_t now)
+{
+    for (size_t i = 0; i < r->n;) {
+        if (r->tab[i].st.until_ms + r->max_ms <= now)
+            r->tab[i] = r->tab[--r->n];
+        else
+            i++;
+    }
+    atomic_store_explicit(&r->count, r->n, memory_order_release);
+}
+
 int routes_down(routes_t *r, const char *key, uint64_t now, route_state_t *st)
 {
     if (r == NULL || r->penalty_ms == 0 || atomic_load_explicit(&r->count, memory_order_acquire) == 0)
         return 0;
     pthread_mutex_lock(&r->mu);
+    prune(r, now);
     route_t *e = find(r, key);
     int down = e != NULL && e->st.until_ms > now;
     if (down)

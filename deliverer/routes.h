@@ -6,7 +6,8 @@
  * one per worker.
  *
  * Keys are "address|port". A failure marks the key down for the penalty,
- * doubled per failure in a row up to the maximum; routes_ok() forgets it.
+ * doubled per failure in a row up to the maximum; routes_ok() forgets it,
+ * and so does the table once its penalty has been over for the maximum.
  * Thread-safe: a mutex guards the table, and while nothing is marked
  * (the normal state) every call returns after one atomic load.
  */

@@ -40,6 +40,27 @@ static void test_doubling_and_cap(void **state)
     routes_free(r);
 }
 
+/* An address nobody tries again is forgotten once its penalty has been
+ * over for the maximum; before that the count for the doubling stays. */
+static void test_forgotten_after_max(void **state)
+{
+    routes_t *r = routes_new(200, 1000);
+    route_state_t st;
+    unsigned f = 0;
+    assert_int_equal(routes_failed(r, "10.0.0.9|25", 1000, "refused", &f), 200); /* until 1200 */
+    assert_int_equal(routes_down(r, "10.0.0.1|25", 2199, &st), 0);               /* prunes nothing yet */
+    assert_int_equal(routes_failed(r, "10.0.0.9|25", 2199, "again", &f), 400);   /* until 2599 */
+    assert_int_equal(f, 2);
+    assert_int_equal(routes_down(r, "10.0.0.1|25", 3598, &st), 0);
+    assert_int_equal(routes_ok(r, "10.0.0.9|25"), 2); /* still remembered at 3598 */
+    assert_int_equal(routes_failed(r, "10.0.0.9|25", 4000, "new", &f), 200); /* until 4200 */
+    assert_int_equal(routes_down(r, "10.0.0.1|25", 5200, &st), 0);          /* 4200 + 1000: gone */
+    assert_int_equal(routes_ok(r, "10.0.0.9|25"), 0);
+    assert_int_equal(routes_failed(r, "10.0.0.9|25", 5300, "fresh", &f), 200);
+    assert_int_equal(f, 1);
+    routes_free(r);
+}
+
 static void test_full_table_and_disabled(void **state)
 {
     routes_t *r = routes_new(100, 0);
@@ -105,6 +126,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_doubling_and_cap),
+        cmocka_unit_test(test_forgotten_after_max),
         cmocka_unit_test(test_full_table_and_disabled),
         cmocka_unit_test(test_threads),
     };
