@@ -122,6 +122,55 @@ static void test_threads(void **state)
     routes_free(r);
 }
 
+typedef struct {
+    routes_t          *r;
+    pthread_barrier_t *go;
+    int                base;
+} marker_t;
+
+static void *mark_keys(void *arg)
+{
+    marker_t *m = arg;
+    char key[32];
+    unsigned f;
+    pthread_barrier_wait(m->go);
+    for (int i = 0; i < 50; i++) {
+        snprintf(key, sizeof(key), "10.3.%d.%d|25", m->base, i);
+        routes_failed(m->r, key, 1000, "refused", &f);
+    }
+    return NULL;
+}
+
+/* Four workers mark 50 new addresses each at the same instant, 40 times
+ * over: every one of the 200 is then down with exactly one failure (an
+ * unguarded table loses or doubles entries). */
+static void test_threads_no_entry_lost(void **state)
+{
+    for (int round = 0; round < 40; round++) {
+        routes_t *r = routes_new(100, 1000);
+        pthread_barrier_t go;
+        pthread_barrier_init(&go, NULL, 4);
+        marker_t m[4];
+        pthread_t th[4];
+        for (int i = 0; i < 4; i++) {
+            m[i] = (marker_t){ r, &go, i };
+            assert_int_equal(pthread_create(&th[i], NULL, mark_keys, &m[i]), 0);
+        }
+        for (int i = 0; i < 4; i++)
+            pthread_join(th[i], NULL);
+        pthread_barrier_destroy(&go);
+        char key[32];
+        route_state_t st;
+        for (int t = 0; t < 4; t++)
+            for (int i = 0; i < 50; i++) {
+                snprintf(key, sizeof(key), "10.3.%d.%d|25", t, i);
+                if (!routes_down(r, key, 1001, &st) || st.failures != 1)
+                    fail_msg("round %d: %s lost or counted twice", round, key);
+            }
+        routes_free(r);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -129,6 +178,7 @@ int main(void)
         cmocka_unit_test(test_forgotten_after_max),
         cmocka_unit_test(test_full_table_and_disabled),
         cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_threads_no_entry_lost),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

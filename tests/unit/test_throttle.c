@@ -107,42 +107,53 @@ static void test_spacing(void **state)
     throttle_free(t);
 }
 
+#define TAKES 20000
+
 typedef struct {
-    throttle_t *t;
-    int64_t     waits[200];
+    throttle_t        *t;
+    pthread_barrier_t *go;
+    int64_t            waits[TAKES];
 } worker_arg_t;
 
 static void *taker(void *arg)
 {
     worker_arg_t *a = arg;
-    for (int i = 0; i < 200; i++)
-        a->waits[i] = throttle_take(a->t, "x.test", 5000, 1000000, NULL, 0);
+    pthread_barrier_wait(a->go);
+    for (int i = 0; i < TAKES; i++)
+        a->waits[i] = throttle_take(a->t, "x.test", 5000, 100000000, NULL, 0);
     return NULL;
 }
 
-/* Four threads take 200 slots each at the same instant: the 800 waits are
- * exactly 0, 10, ..., 7990 ms, each once (none lost, none shared). */
+/* Four threads take 20,000 slots each, starting at the same instant: the
+ * 80,000 waits are exactly 0, 10, 20 ... ms, each once (none lost, none
+ * shared; without the lock some are). */
 static void test_threads(void **state)
 {
     throttle_t *t = make("x.test:100/s");
-    worker_arg_t a[4];
+    static worker_arg_t a[4];
+    pthread_barrier_t go;
+    pthread_barrier_init(&go, NULL, 4);
     pthread_t th[4];
     for (int i = 0; i < 4; i++) {
         a[i].t = t;
+        a[i].go = &go;
         assert_int_equal(pthread_create(&th[i], NULL, taker, &a[i]), 0);
     }
-    static int seen[800];
+    static int seen[4 * TAKES];
     memset(seen, 0, sizeof(seen));
     for (int i = 0; i < 4; i++) {
         pthread_join(th[i], NULL);
-        for (int k = 0; k < 200; k++) {
+        for (int k = 0; k < TAKES; k++) {
             int64_t w = a[i].waits[k];
-            assert_true(w >= 0 && w % 10 == 0 && w / 10 < 800);
+            if (!(w >= 0 && w % 10 == 0 && w / 10 < 4 * TAKES))
+                fail_msg("thread %d take %d: wait %lld", i, k, (long long)w);
             seen[w / 10]++;
         }
     }
-    for (int i = 0; i < 800; i++)
-        assert_int_equal(seen[i], 1);
+    pthread_barrier_destroy(&go);
+    for (int i = 0; i < 4 * TAKES; i++)
+        if (seen[i] != 1)
+            fail_msg("slot %d taken %d times", i, seen[i]);
     throttle_free(t);
 }
 
