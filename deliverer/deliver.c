@@ -168,71 +168,71 @@ int deliver_domain_matches(const char *pattern, size_t plen, const char *domain)
     return dl == plen && util_strncasecmp(domain, pattern, plen) == 0;
 }
 
+static size_t trim_blanks(const char **s, size_t n)
+{
+    while (n > 0 && (**s == ' ' || **s == '\t')) {
+        (*s)++;
+        n--;
+    }
+    while (n > 0 && ((*s)[n - 1] == ' ' || (*s)[n - 1] == '\t'))
+        n--;
+    return n;
+}
+
+int deliver_map_next(const char **m, deliver_map_entry_t *e)
+{
+    const char *p = *m ? *m : "";
+    while (*p == ' ' || *p == ',' || *p == '\t')
+        p++;
+    size_t el = strcspn(p, ",");
+    *m = p + el;
+    e->entry = p;
+    e->elen = trim_blanks(&e->entry, el);
+    if (e->elen == 0)
+        return 0;
+    const char *colon = memchr(e->entry, ':', e->elen);
+    e->name = e->entry;
+    e->nlen = trim_blanks(&e->name, colon ? (size_t)(colon - e->entry) : e->elen);
+    e->value = colon ? colon + 1 : e->entry + e->elen;
+    e->vlen = colon ? trim_blanks(&e->value, e->elen - (size_t)(colon - e->entry) - 1) : 0;
+    e->has_value = colon != NULL;
+    return 1;
+}
+
+/* The policy an entry's value names, or -1. */
+static int entry_policy(const deliver_map_entry_t *e)
+{
+    char pol[32];
+    if (!e->has_value || e->vlen >= sizeof(pol))
+        return -1;
+    memcpy(pol, e->value, e->vlen);
+    pol[e->vlen] = '\0';
+    return deliver_tls_policy_parse(pol);
+}
+
 smtp_tls_policy_t deliver_tls_policy_for(const deliver_config_t *cfg, const char *domain)
 {
     const char *m = cfg->tls_policy_map;
     if (m == NULL || domain == NULL || domain[0] == '\0')
         return cfg->tls;
-    while (*m) {
-        while (*m == ' ' || *m == ',' || *m == '\t')
-            m++;
-        size_t el = strcspn(m, ",");
-        const char *colon = memchr(m, ':', el);
-        if (colon) {
-            size_t nl = (size_t)(colon - m);
-            char pol[32];
-            size_t pl = el - nl - 1;
-            const char *ps = colon + 1;
-            while (pl > 0 && *ps == ' ') {
-                ps++;
-                pl--;
-            }
-            while (pl > 0 && ps[pl - 1] == ' ')
-                pl--;
-            if (pl < sizeof(pol)) {
-                memcpy(pol, ps, pl);
-                pol[pl] = '\0';
-                int p = deliver_tls_policy_parse(pol);
-                if (deliver_domain_matches(m, nl, domain) && p >= 0)
-                    return (smtp_tls_policy_t)p;
-            }
-        }
-        m += el;
+    deliver_map_entry_t e;
+    while (deliver_map_next(&m, &e)) {
+        int p = entry_policy(&e);
+        if (p >= 0 && deliver_domain_matches(e.name, e.nlen, domain))
+            return (smtp_tls_policy_t)p;
     }
     return cfg->tls;
 }
 
 int deliver_tls_policy_map_check(const char *map, char *err, size_t errlen)
 {
-    const char *m = map ? map : "";
-    while (*m) {
-        while (*m == ' ' || *m == ',' || *m == '\t')
-            m++;
-        size_t el = strcspn(m, ",");
-        if (el == 0)
-            break;
-        const char *colon = memchr(m, ':', el);
-        char pol[32] = "";
-        if (colon) {
-            const char *ps = colon + 1;
-            size_t pl = el - (size_t)(colon - m) - 1;
-            while (pl > 0 && *ps == ' ') {
-                ps++;
-                pl--;
-            }
-            while (pl > 0 && ps[pl - 1] == ' ')
-                pl--;
-            if (pl < sizeof(pol)) {
-                memcpy(pol, ps, pl);
-                pol[pl] = '\0';
-            }
-        }
-        if (colon == NULL || colon == m || deliver_tls_policy_parse(pol) < 0) {
+    deliver_map_entry_t e;
+    while (deliver_map_next(&map, &e)) {
+        if (e.nlen == 0 || entry_policy(&e) < 0) {
             snprintf(err, errlen, "[smtp] tls_policy: \"%.*s\" is not domain:none|opportunistic|required|verify",
-                     (int)el, m);
+                     (int)e.elen, e.entry);
             return -1;
         }
-        m += el;
     }
     return 0;
 }

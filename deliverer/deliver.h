@@ -183,6 +183,16 @@ void deliver_ctx_stats(const deliver_ctx_t *ctx, deliver_stats_t *st);
 /* Start an attempt on the context's pool (same contract as deliver_start). */
 deliver_t *deliver_ctx_start(deliver_ctx_t *ctx, const deliver_request_t *req, deliver_cb cb, void *arg);
 
+/* One "domain:value" entry of a comma-separated per-domain map
+ * ([smtp] tls_policy, rate_limits), blanks around each part trimmed. */
+typedef struct deliver_map_entry {
+    const char *entry, *name, *value; /* into the map, not terminated */
+    size_t      elen, nlen, vlen;
+    int         has_value;            /* there was a ':' */
+} deliver_map_entry_t;
+/* The next entry at *m (NULL: an empty map), moving *m past it: 1, or 0
+ * at the end. */
+int deliver_map_next(const char **m, deliver_map_entry_t *e);
 /* 1 when domain matches pattern (plen bytes): the same name, or for
  * ".example.org" that domain or one of its subdomains; case-insensitive.
  * The matching of [smtp] tls_policy and rate_limits entries. */

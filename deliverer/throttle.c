@@ -81,25 +81,17 @@ int throttle_new(const char *spec, throttle_t **out, char *err, size_t errlen)
     *out = NULL;
     rule_t *rules = NULL;
     size_t n = 0;
-    const char *m = spec ? spec : "";
-    while (*m) {
-        while (*m == ' ' || *m == ',' || *m == '\t')
-            m++;
-        size_t el = strcspn(m, ",");
-        while (el > 0 && (m[el - 1] == ' ' || m[el - 1] == '\t'))
-            el--;
-        if (el == 0)
-            break;
+    deliver_map_entry_t e;
+    while (deliver_map_next(&spec, &e)) {
         rule_t r;
-        if (parse_rule(m, el, &r) < 0) {
+        if (parse_rule(e.entry, e.elen, &r) < 0) {
             snprintf(err, errlen, "[smtp] rate_limits: \"%.*s\" is not domain:N/s, domain:N/m or domain:N/h "
-                     "(N from 1 to 1000000; .domain also matches subdomains)", (int)el, m);
+                     "(N from 1 to 1000000; .domain also matches subdomains)", (int)e.elen, e.entry);
             free(rules);
             return -1;
         }
         rules = xrealloc(rules, (n + 1) * sizeof(*rules));
         rules[n++] = r;
-        m += strcspn(m, ",");
     }
     if (n == 0)
         return 0;
