@@ -1466,7 +1466,7 @@ static size_t gather_batch(imap_pool_t *p, const imap_append_t *s, imap_append_t
 {
     if (p->lim.max_batch < 2 || !(s->caps & IMAP_CAP_MULTIAPPEND) || w->check_msgid)
         return 0;
-    imap_append_t **m = xcalloc(p->lim.max_batch, sizeof(*m));
+    imap_append_t *m[IMAP_MAX_UIDS]; /* max_batch is at most that */
     size_t n = 0, bytes = 0;
     /* the waiters list is newest first: from w (the oldest) towards the head */
     for (imap_append_t *c = w; c && n < p->lim.max_batch; c = c->prev) {
@@ -1475,11 +1475,10 @@ static size_t gather_batch(imap_pool_t *p, const imap_append_t *s, imap_append_t
         m[n++] = c;
         bytes += c->len;
     }
-    if (n < 2) {
-        free(m);
-        return 0;
-    }
-    *out = m;
+    if (n < 2)
+        return 0; /* nothing to share: no allocation */
+    *out = xcalloc(n, sizeof(**out));
+    memcpy(*out, m, n * sizeof(*m));
     return n;
 }
 
