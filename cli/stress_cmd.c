@@ -607,7 +607,7 @@ void stress_cmd_usage(FILE *f)
             "  -r, --rate R           publish at most R messages/s (default 0: as fast as\n"
             "                         confirms allow)\n"
             "  -w, --window N         unconfirmed publishes in flight (default 64; 1 waits\n"
-            "                         for each confirm)\n"
+            "                         for each confirm), and at most 2 MB of their bodies\n"
             "      --from ADDR        sender\n"
             "      --to ADDR          recipient of every message (repeatable)\n"
             "      --to-domain DOMAIN recipients user1..userK@DOMAIN\n"
