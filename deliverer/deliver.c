@@ -967,7 +967,7 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
         if (!from_ok || !address_ok(d->rcpts[i], 0)) {
             settle(d, i, 0, "", "");
             d->results[i].outcome = OUTCOME_PERMANENT;
-            d->results[i].reason = "other";
+            d->results[i].reason = OUTCOME_R_OTHER;
             copy_text(d->results[i].text, sizeof(d->results[i].text),
                       from_ok ? "invalid recipient address" : "invalid sender address");
         }

@@ -100,7 +100,7 @@ typedef struct deliver_candidate {
 typedef struct deliver_rcpt_result {
     const char *rcpt;      /* deliver's copy of the request's string, valid during the callback */
     outcome_t   outcome;
-    const char *reason;    /* static tag (outcome.h) */
+    outcome_reason_t reason;
     int         code;      /* deciding reply code, 0 when none (network, timeout, ...) */
     char        enh[16];
     char        text[512]; /* reply text, or what went wrong */

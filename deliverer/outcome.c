@@ -26,7 +26,7 @@ typedef struct outcome_rule {
     int         code; /* exact reply code, 0 for any */
     const char *enh;  /* pattern: 'x' matches any class digit, a trailing ".x" any detail; NULL any */
     const char *text; /* '|'-separated words, case-insensitive; NULL any */
-    const char *tag;
+    outcome_reason_t tag;
     char        force; /* 'T': transient whatever the code says (a code that lies); 0: by code */
 } outcome_rule_t;
 
@@ -44,80 +44,103 @@ typedef struct outcome_rule {
  */
 static const outcome_rule_t rules[] = {
     /* 1. the code lies */
-    { '5', 0,   NULL,    "greylist|graylist|grey-list|gray-list",           "greylisted", 'T' },
+    { '5', 0,   NULL,    "greylist|graylist|grey-list|gray-list",           OUTCOME_R_GREYLISTED, 'T' },
     { '5', 0,   NULL,    "sending quota|sending limit|daily user sending|too many messages sent|"
                          "rate limit exceeded|temporarily deferred|temporarily rate",
-                                                                               "rate_limited", 'T' },
+                                                                               OUTCOME_R_RATE_LIMITED, 'T' },
     { '5', 0,   NULL,    "try again later|please try later|temporary failure|temporarily unavailable",
-                                                                               "other", 'T' },
-    { '5', 552, NULL,    "too many recipients",                              "rate_limited", 'T' },
+                                                                               OUTCOME_R_OTHER, 'T' },
+    { '5', 552, NULL,    "too many recipients",                              OUTCOME_R_RATE_LIMITED, 'T' },
     /* 2. text refines the class */
-    { '4', 0,   NULL,    "greylist|graylist|grey-list|gray-list",           "greylisted", 0 },
+    { '4', 0,   NULL,    "greylist|graylist|grey-list|gray-list",           OUTCOME_R_GREYLISTED, 0 },
     { '4', 0,   NULL,    "rate limit|rate limited|connection limit|too many connections|too many messages|"
                          "too many concurrent|throttl|slow down|unexpected volume|server busy|"
                          "receiving mail at a rate|unusual rate|temporarily deferred|rate of|too many login",
-                                                                               "rate_limited", 0 },
+                                                                               OUTCOME_R_RATE_LIMITED, 0 },
     { 0,   0,   NULL,    "starttls|must issue a starttls|tls required|encryption required|"
-                         "tls not available|requires tls",                   "tls", 0 },
+                         "tls not available|requires tls",                   OUTCOME_R_TLS, 0 },
     { 0,   0,   "x.7.x", "blocked using|blocklist|blacklist|block list|dnsbl|spamhaus|spamcop|barracuda|"
-                         "banned sending ip|reputation",                    "policy", 0 },
+                         "banned sending ip|reputation",                    OUTCOME_R_POLICY, 0 },
     { 0,   0,   NULL,    "spam|junk|unsolicited|bulk mail|phish|virus|malware|malicious|suspicious content|"
-                         "content presents a potential",                    "spam", 0 },
+                         "content presents a potential",                    OUTCOME_R_SPAM, 0 },
     /* 3. enhanced status codes (RFC 3463) */
-    { 0,   0,   "x.1.1",  NULL,                                           "no_such_user", 0 },
-    { 0,   0,   "x.1.0",  "user|mailbox|recipient|address",               "no_such_user", 0 },
-    { 0,   0,   "x.1.2",  NULL,                                           "dns", 0 },
-    { 0,   0,   "x.1.3",  NULL,                                           "no_such_user", 0 },
-    { 0,   0,   "x.1.6",  NULL,                                           "no_such_user", 0 },
-    { 0,   0,   "x.1.10", NULL,                                           "no_such_user", 0 },
-    { 0,   0,   "x.2.1",  NULL,                                           "no_such_user", 0 },
-    { 0,   0,   "x.2.2",  NULL,                                           "mailbox_full", 0 },
-    { 0,   0,   "x.2.3",  NULL,                                           "message_too_big", 0 },
-    { 0,   0,   "x.3.4",  NULL,                                           "message_too_big", 0 },
-    { 0,   0,   "x.4.4",  NULL,                                           "dns", 0 },
-    { 0,   0,   "x.4.3",  NULL,                                           "dns", 0 },
+    { 0,   0,   "x.1.1",  NULL,                                           OUTCOME_R_NO_SUCH_USER, 0 },
+    { 0,   0,   "x.1.0",  "user|mailbox|recipient|address",               OUTCOME_R_NO_SUCH_USER, 0 },
+    { 0,   0,   "x.1.2",  NULL,                                           OUTCOME_R_DNS, 0 },
+    { 0,   0,   "x.1.3",  NULL,                                           OUTCOME_R_NO_SUCH_USER, 0 },
+    { 0,   0,   "x.1.6",  NULL,                                           OUTCOME_R_NO_SUCH_USER, 0 },
+    { 0,   0,   "x.1.10", NULL,                                           OUTCOME_R_NO_SUCH_USER, 0 },
+    { 0,   0,   "x.2.1",  NULL,                                           OUTCOME_R_NO_SUCH_USER, 0 },
+    { 0,   0,   "x.2.2",  NULL,                                           OUTCOME_R_MAILBOX_FULL, 0 },
+    { 0,   0,   "x.2.3",  NULL,                                           OUTCOME_R_MESSAGE_TOO_BIG, 0 },
+    { 0,   0,   "x.3.4",  NULL,                                           OUTCOME_R_MESSAGE_TOO_BIG, 0 },
+    { 0,   0,   "x.4.4",  NULL,                                           OUTCOME_R_DNS, 0 },
+    { 0,   0,   "x.4.3",  NULL,                                           OUTCOME_R_DNS, 0 },
     /* Exchange Online's directory-based edge blocking: "5.4.1 Recipient
      * address rejected: Access denied" means the mailbox does not exist */
-    { 0,   0,   "x.4.1",  "recipient address rejected",                   "no_such_user", 0 },
-    { 0,   0,   "x.4.1",  NULL,                                           "network", 0 },
-    { 0,   0,   "x.4.2",  NULL,                                           "network", 0 },
-    { 0,   0,   "x.4.7",  NULL,                                           "timeout", 0 },
-    { 0,   0,   "x.4.5",  NULL,                                           "rate_limited", 0 },
-    { 0,   0,   "x.5.3",  NULL,                                           "rate_limited", 0 },
-    { 0,   0,   "x.5.x",  NULL,                                           "protocol", 0 },
-    { 0,   0,   "x.7.5",  NULL,                                           "tls", 0 },
-    { 0,   0,   "x.7.10", NULL,                                           "tls", 0 },
-    { 0,   0,   "x.7.11", NULL,                                           "tls", 0 },
-    { 0,   0,   "x.7.x",  NULL,                                           "policy", 0 },
-    { 0,   0,   "x.6.x",  NULL,                                           "policy", 0 },
+    { 0,   0,   "x.4.1",  "recipient address rejected",                   OUTCOME_R_NO_SUCH_USER, 0 },
+    { 0,   0,   "x.4.1",  NULL,                                           OUTCOME_R_NETWORK, 0 },
+    { 0,   0,   "x.4.2",  NULL,                                           OUTCOME_R_NETWORK, 0 },
+    { 0,   0,   "x.4.7",  NULL,                                           OUTCOME_R_TIMEOUT, 0 },
+    { 0,   0,   "x.4.5",  NULL,                                           OUTCOME_R_RATE_LIMITED, 0 },
+    { 0,   0,   "x.5.3",  NULL,                                           OUTCOME_R_RATE_LIMITED, 0 },
+    { 0,   0,   "x.5.x",  NULL,                                           OUTCOME_R_PROTOCOL, 0 },
+    { 0,   0,   "x.7.5",  NULL,                                           OUTCOME_R_TLS, 0 },
+    { 0,   0,   "x.7.10", NULL,                                           OUTCOME_R_TLS, 0 },
+    { 0,   0,   "x.7.11", NULL,                                           OUTCOME_R_TLS, 0 },
+    { 0,   0,   "x.7.x",  NULL,                                           OUTCOME_R_POLICY, 0 },
+    { 0,   0,   "x.6.x",  NULL,                                           OUTCOME_R_POLICY, 0 },
     /* 4. no enhanced code: the words */
     { 0,   0,   NULL,    "user unknown|unknown user|no such user|no such recipient|no such mailbox|"
                          "mailbox unavailable|mailbox not found|recipient not found|invalid recipient|"
                          "unknown recipient|does not exist|doesn't exist|not exist|no mailbox|"
                          "doesn't have a|address rejected: user|account has been disabled|"
                          "account is disabled|user not found|unrouteable address|invalid mailbox",
-                                                                               "no_such_user", 0 },
+                                                                               OUTCOME_R_NO_SUCH_USER, 0 },
     { 0,   0,   NULL,    "mailbox full|mailbox is full|over quota|quota exceeded|exceeded storage|"
                          "insufficient storage|out of storage|storage allocation|mailbox size limit",
-                                                                               "mailbox_full", 0 },
+                                                                               OUTCOME_R_MAILBOX_FULL, 0 },
     { 0,   0,   NULL,    "too large|too big|size exceeds|exceeds size|size limit|exceeds the maximum|"
-                         "message length exceeds",                          "message_too_big", 0 },
+                         "message length exceeds",                          OUTCOME_R_MESSAGE_TOO_BIG, 0 },
     { 0,   0,   NULL,    "relay access denied|relaying denied|not permitted to relay|relay not permitted|"
                          "access denied|rejected by policy|policy|policies|anti-spoofing|blocked|denied|dmarc|spf|dkim",
-                                                                               "policy", 0 },
+                                                                               OUTCOME_R_POLICY, 0 },
     { 0,   0,   NULL,    "command not recognized|syntax error|bad sequence|unrecognized command|"
-                         "command unrecognized",                            "protocol", 0 },
+                         "command unrecognized",                            OUTCOME_R_PROTOCOL, 0 },
 };
 
 static const char *const outcome_names[] = { "delivered", "transient", "permanent" };
 
-static const char *const error_tags[OUTCOME_ERR_LAST] = {
-    [OUTCOME_ERR_NETWORK] = "network",
-    [OUTCOME_ERR_TIMEOUT] = "timeout",
-    [OUTCOME_ERR_TLS] = "tls",
-    [OUTCOME_ERR_DNS] = "dns",
-    [OUTCOME_ERR_PROTOCOL] = "protocol",
+static const outcome_reason_t error_reasons[OUTCOME_ERR_LAST] = {
+    [OUTCOME_ERR_NETWORK] = OUTCOME_R_NETWORK,
+    [OUTCOME_ERR_TIMEOUT] = OUTCOME_R_TIMEOUT,
+    [OUTCOME_ERR_TLS] = OUTCOME_R_TLS,
+    [OUTCOME_ERR_DNS] = OUTCOME_R_DNS,
+    [OUTCOME_ERR_PROTOCOL] = OUTCOME_R_PROTOCOL,
 };
+
+static const char *const reason_names[OUTCOME_R_LAST] = {
+    [OUTCOME_R_DELIVERED] = "delivered",
+    [OUTCOME_R_NO_SUCH_USER] = "no_such_user",
+    [OUTCOME_R_MAILBOX_FULL] = "mailbox_full",
+    [OUTCOME_R_GREYLISTED] = "greylisted",
+    [OUTCOME_R_POLICY] = "policy",
+    [OUTCOME_R_MESSAGE_TOO_BIG] = "message_too_big",
+    [OUTCOME_R_SPAM] = "spam",
+    [OUTCOME_R_RATE_LIMITED] = "rate_limited",
+    [OUTCOME_R_OTHER] = "other",
+    [OUTCOME_R_NETWORK] = "network",
+    [OUTCOME_R_TIMEOUT] = "timeout",
+    [OUTCOME_R_TLS] = "tls",
+    [OUTCOME_R_DNS] = "dns",
+    [OUTCOME_R_PROTOCOL] = "protocol",
+    [OUTCOME_R_ALREADY_DELIVERED] = "already_delivered",
+};
+
+const char *outcome_reason_name(outcome_reason_t r)
+{
+    return (unsigned)r < OUTCOME_R_LAST ? reason_names[r] : "other";
+}
 
 const char *outcome_name(outcome_t o)
 {
@@ -166,20 +189,20 @@ static int text_match(const char *words, const char *text)
     return 0;
 }
 
-outcome_t outcome_classify(int code, const char *enh, const char *text, const char **reason_tag)
+outcome_t outcome_classify(int code, const char *enh, const char *text, outcome_reason_t *reason_tag)
 {
-    const char *tag = "other";
+    outcome_reason_t tag = OUTCOME_R_OTHER;
     outcome_t o;
     int cls = code / 100;
 
     if (code < 200 || code > 599 || cls == 3) {
         if (reason_tag)
-            *reason_tag = error_tags[OUTCOME_ERR_PROTOCOL];
+            *reason_tag = OUTCOME_R_PROTOCOL;
         return OUTCOME_TRANSIENT;
     }
     if (cls == 2) {
         if (reason_tag)
-            *reason_tag = "delivered";
+            *reason_tag = OUTCOME_R_DELIVERED;
         return OUTCOME_DELIVERED;
     }
     o = cls == 4 ? OUTCOME_TRANSIENT : OUTCOME_PERMANENT;
@@ -203,10 +226,9 @@ outcome_t outcome_classify(int code, const char *enh, const char *text, const ch
     return o;
 }
 
-outcome_t outcome_for_error(int kind, const char **reason_tag)
+outcome_t outcome_for_error(int kind, outcome_reason_t *reason_tag)
 {
     if (reason_tag)
-        *reason_tag = (kind >= 0 && kind < OUTCOME_ERR_LAST) ? error_tags[kind]
-                                                              : error_tags[OUTCOME_ERR_PROTOCOL];
+        *reason_tag = (kind >= 0 && kind < OUTCOME_ERR_LAST) ? error_reasons[kind] : OUTCOME_R_PROTOCOL;
     return OUTCOME_TRANSIENT;
 }

@@ -17,6 +17,30 @@ typedef enum {
     OUTCOME_PERMANENT,
 } outcome_t;
 
+/* Why a recipient ended as it did: the tag events and metrics carry
+ * (outcome_reason_name() gives the stable text). */
+typedef enum {
+    OUTCOME_R_DELIVERED = 0,
+    OUTCOME_R_NO_SUCH_USER,
+    OUTCOME_R_MAILBOX_FULL,
+    OUTCOME_R_GREYLISTED,
+    OUTCOME_R_POLICY,
+    OUTCOME_R_MESSAGE_TOO_BIG,
+    OUTCOME_R_SPAM,
+    OUTCOME_R_RATE_LIMITED,      /* by the server, or by our own [smtp] rate_limits */
+    OUTCOME_R_OTHER,
+    OUTCOME_R_NETWORK,
+    OUTCOME_R_TIMEOUT,
+    OUTCOME_R_TLS,
+    OUTCOME_R_DNS,
+    OUTCOME_R_PROTOCOL,
+    OUTCOME_R_ALREADY_DELIVERED, /* an earlier attempt delivered it (the ledger) */
+    OUTCOME_R_LAST
+} outcome_reason_t;
+
+/* "no_such_user", "rate_limited", ...; "other" for a value out of range. */
+const char *outcome_reason_name(outcome_reason_t r);
+
 /* Kinds of failure that leave a recipient without a final reply. */
 typedef enum {
     OUTCOME_ERR_NETWORK = 0, /* connect refused/unreachable, connection lost */
@@ -39,14 +63,14 @@ const char *outcome_name(outcome_t o);
  * (may be NULL) pick the reason tag; replies can carry every tag,
  * including dns (x.1.2, x.4.4), tls ("must issue a STARTTLS command
  * first", x.7.10), network (x.4.1/x.4.2), timeout (x.4.7) and protocol
- * (x.5.x). *reason_tag (when reason_tag is non-NULL) receives a static
- * tag; for 2xx it is "delivered".
+ * (x.5.x). *reason (when reason is non-NULL) receives the tag; for 2xx
+ * it is OUTCOME_R_DELIVERED.
  */
-outcome_t outcome_classify(int code, const char *enh, const char *text, const char **reason_tag);
+outcome_t outcome_classify(int code, const char *enh, const char *text, outcome_reason_t *reason);
 
-/* Failure without a reply: always transient; *reason_tag (when non-NULL)
- * receives "network", "timeout", "tls", "dns" or "protocol" ("protocol"
- * for an unknown kind). */
-outcome_t outcome_for_error(int kind, const char **reason_tag);
+/* Failure without a reply: always transient; *reason (when non-NULL)
+ * receives network, timeout, tls, dns or protocol (protocol for an
+ * unknown kind). */
+outcome_t outcome_for_error(int kind, outcome_reason_t *reason);
 
 #endif

@@ -147,11 +147,11 @@ static void on_result(void *arg, const deliver_result_t *res)
         const deliver_rcpt_result_t *r = &res->rcpts[i];
         snprintf(c->r[i].rcpt, sizeof(c->r[i].rcpt), "%s", r->rcpt);
         c->r[i].outcome = r->outcome;
-        snprintf(c->r[i].reason, sizeof(c->r[i].reason), "%s", r->reason);
+        snprintf(c->r[i].reason, sizeof(c->r[i].reason), "%s", outcome_reason_name(r->reason));
         c->r[i].code = r->code;
         memcpy(c->r[i].enh, r->enh, sizeof(c->r[i].enh));
         memcpy(c->r[i].text, r->text, sizeof(c->r[i].text));
-        print_message("  %s: %s/%s %d %s %s\n", r->rcpt, outcome_name(r->outcome), r->reason, r->code, r->enh,
+        print_message("  %s: %s/%s %d %s %s\n", r->rcpt, outcome_name(r->outcome), outcome_reason_name(r->reason), r->code, r->enh,
                       r->text);
     }
     snprintf(c->mx_host, sizeof(c->mx_host), "%s", res->mx_host);
