@@ -83,6 +83,11 @@ uint64_t util_rand64(void)
     return v;
 }
 
+double util_rand01(void)
+{
+    return (double)(util_rand64() >> 11) / 9007199254740992.0; /* 53 random bits / 2^53 */
+}
+
 void util_uuid(char out[37])
 {
     unsigned char b[16];

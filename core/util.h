@@ -20,6 +20,8 @@ char *xstrndup(const char *s, size_t n);
 void util_uuid(char out[37]);
 /* A random 64-bit id (session ids, correlation). */
 uint64_t util_rand64(void);
+/* A uniform random number in [0, 1): jitter for backoffs. */
+double   util_rand01(void);
 /* Monotonic and wall clocks in milliseconds. */
 uint64_t util_mono_ms(void);
 uint64_t util_wall_ms(void);

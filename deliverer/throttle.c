@@ -17,8 +17,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/log.h"
+#include "core/rclient.h"
 #include "core/util.h"
 #include "deliverer/deliver.h"
+#include "metrics/metrics.h"
 
 #define THROTTLE_RULE_LEN 64
 
@@ -155,7 +158,7 @@ int64_t throttle_take(throttle_t *t, const char *domain, uint64_t now_ms, uint64
 /* GCRA on Redis' clock: the key holds the rule's theoretical arrival time
  * (ms), kept a little longer than it matters. Fractions of a ms are kept
  * (%.3f) so 7/m stays 8571.429 ms apart. */
-const char THROTTLE_REDIS_SCRIPT[] =
+static const char throttle_redis_script[] =
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000\n"
     "local interval = tonumber(ARGV[1])\n"
@@ -168,3 +171,62 @@ const char THROTTLE_REDIS_SCRIPT[] =
     "             math.ceil(wait + interval) + 1000)\n"
     "end\n"
     "return math.ceil(wait)\n";
+
+static int throttle_local(throttle_ask_t *ask, throttle_answer_t *ans, int fallback)
+{
+    ans->wait_ms = throttle_take(ask->t, ask->domain, util_mono_ms(), ask->max_wait_ms, NULL, 0);
+    ans->rule = ask->rule;
+    ans->local_fallback = fallback;
+    return 1;
+}
+
+static void throttle_on_reply(void *arg, const redisReply *reply, const char *err)
+{
+    throttle_ask_t *ask = arg;
+    throttle_answer_t ans;
+    ask->op = 0;
+    if (reply && reply->type == REDIS_REPLY_INTEGER) {
+        ans.wait_ms = reply->integer;
+        ans.rule = ask->rule;
+        ans.local_fallback = 0;
+    } else {
+        metrics_inc(MET_RATE_LIMIT_REDIS_ERRORS, 1);
+        log_debug("throttle", "rate_limit_local", "domain=%s rule=%s error=\"%s\"", ask->domain, ask->rule,
+                  err ? err : "unexpected reply");
+        throttle_local(ask, &ans, 1);
+    }
+    ask->cb(ask->arg, &ans);
+}
+
+int throttle_ask_start(throttle_ask_t *ask, throttle_t *t, rclient_t *rc, const char *domain,
+                       uint64_t max_wait_ms, throttle_cb cb, void *arg, throttle_answer_t *now)
+{
+    double interval = 0;
+    memset(ask, 0, sizeof(*ask));
+    ask->t = t;
+    ask->rc = rc;
+    ask->domain = domain;
+    ask->max_wait_ms = max_wait_ms;
+    ask->cb = cb;
+    ask->arg = arg;
+    if (!throttle_rule(t, domain, &interval, ask->rule, sizeof(ask->rule))) {
+        *now = (throttle_answer_t){ .wait_ms = -1, .rule = ask->rule };
+        return 1;
+    }
+    if (rc == NULL || !rclient_connected(rc))
+        return throttle_local(ask, now, 0);
+    char key[128], iv[32], mw[32];
+    snprintf(key, sizeof(key), "mp:rl:%s", ask->rule);
+    snprintf(iv, sizeof(iv), "%.3f", interval);
+    snprintf(mw, sizeof(mw), "%llu", (unsigned long long)max_wait_ms);
+    const char *argv[] = { "EVAL", throttle_redis_script, "1", key, iv, mw };
+    ask->op = rclient_commandargv(rc, throttle_on_reply, ask, 6, argv, NULL);
+    return 0;
+}
+
+void throttle_ask_cancel(throttle_ask_t *ask)
+{
+    if (ask->op && ask->rc)
+        rclient_cancel(ask->rc, ask->op);
+    ask->op = 0;
+}

@@ -38,13 +38,49 @@ void throttle_free(throttle_t *t);
 int64_t throttle_take(throttle_t *t, const char *domain, uint64_t now_ms, uint64_t max_wait_ms, char *rule,
                       size_t rulelen);
 
-/* 1 when a rule limits domain, with its message spacing (ms) and text (for
- * a budget kept elsewhere: the fleet's, in Redis); 0 otherwise. */
+/* 1 when a rule limits domain, with its message spacing (ms) and text;
+ * 0 otherwise. */
 int throttle_rule(const throttle_t *t, const char *domain, double *interval_ms, char *rule, size_t rulelen);
 
-/* The budget of a rule for a whole fleet, kept in Redis: EVAL this with
- * one key ("mp:rl:" + rule text) and ARGV interval_ms, max_wait_ms. It
- * answers the wait in ms like throttle_take(), on Redis' clock. */
-extern const char THROTTLE_REDIS_SCRIPT[];
+/* ------------------------------------------------- the fleet's budget */
+
+/* What an ask answers: wait_ms as throttle_take() (-1: no rule limits the
+ * domain), the rule's text ("" when none), and whether Redis was asked
+ * and failed, so the process's own table answered instead. */
+typedef struct throttle_answer {
+    int64_t     wait_ms;
+    const char *rule;   /* valid during the callback (or until the ask is reused) */
+    int         local_fallback;
+} throttle_answer_t;
+
+typedef void (*throttle_cb)(void *arg, const throttle_answer_t *ans);
+
+/* One ask, owned by the caller (embed it); its fields are private. */
+typedef struct throttle_ask {
+    throttle_t  *t;
+    struct rclient *rc;
+    uint64_t     op;       /* the Redis command in flight, 0 if none */
+    const char  *domain;   /* borrowed until the answer */
+    uint64_t     max_wait_ms;
+    char         rule[96];
+    throttle_cb  cb;
+    void        *arg;
+} throttle_ask_t;
+
+/*
+ * One message for domain, under the budget of the whole fleet: with rc
+ * connected the rule's budget lives in Redis (a GCRA script on Redis'
+ * clock, key mp:rl:<rule text>), so every process that shares the Redis
+ * shares it; without rc, while it is not connected, or when the command
+ * fails, the process's table answers (throttle_take). Returns 1 when the
+ * answer is ready now (no rule, or the local table): *now holds it and
+ * cb will not fire. Returns 0 when Redis was asked: cb fires exactly
+ * once, never synchronously, unless throttle_ask_cancel() comes first.
+ * Redis failures count in mailpump_rate_limit_redis_errors_total.
+ */
+int  throttle_ask_start(throttle_ask_t *ask, throttle_t *t, struct rclient *rc, const char *domain,
+                        uint64_t max_wait_ms, throttle_cb cb, void *arg, throttle_answer_t *now);
+/* The callback will not fire. Harmless when nothing is in flight. */
+void throttle_ask_cancel(throttle_ask_t *ask);
 
 #endif
