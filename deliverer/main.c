@@ -103,6 +103,9 @@ static int build_env(const mp_config_t *cfg, worker_env_t *env, char *helo, size
         snprintf(err, errlen, "TLS: %s", e);
         return -1;
     }
+    env->imap_tls = strcmp(cfg->imap_tls, "starttls") == 0 ? IMAP_TLS_STARTTLS
+                    : strcmp(cfg->imap_tls, "none") == 0   ? IMAP_TLS_NONE
+                                                           : IMAP_TLS_IMAPS;
     if (cfg->imap_host[0]) {
         env->imap_ctx = tls_client_ctx_new(cfg->imap_ca_file, 1, e, sizeof(e));
         if (env->imap_ctx == NULL) {

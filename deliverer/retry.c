@@ -10,6 +10,7 @@
 #include "deliverer/retry.h"
 
 #include <ctype.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -51,6 +52,11 @@ void retry_levels_free(retry_levels_t *l)
     free(l->names);
     free(l->ms);
     memset(l, 0, sizeof(*l));
+}
+
+void retry_queue_name(const char *prefix, const retry_levels_t *l, size_t i, char *out, size_t outlen)
+{
+    snprintf(out, outlen, "%s.%s", prefix, l->names[i]);
 }
 
 int retry_class(int priority)

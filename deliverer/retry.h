@@ -27,6 +27,9 @@ typedef struct retry_levels {
 int  retry_levels_parse(const char *spec, retry_levels_t *out);
 void retry_levels_free(retry_levels_t *l);
 
+/* The delay queue of level i: "<prefix>.<level name>", e.g. mail.retry.5m. */
+void retry_queue_name(const char *prefix, const retry_levels_t *l, size_t i, char *out, size_t outlen);
+
 /* Priority class of an AMQP priority: 0 for 8-10, 1 for 4-7, 2 for 0-3. */
 int  retry_class(int priority);
 

@@ -1,0 +1,926 @@
+/*
+ * SUMMARY
+ *  deliverer/job.c - one consumed message, from its JSON to its ack.
+ * DESCRIPTION
+ *  The job is a state machine (enum job_state, job.h lists the states).
+ *  Each state has an enter function in job_states[] that starts the
+ *  state's work; when that work is over (at once, or in a callback) it
+ *  calls job_next(), the one place that decides what follows. Every
+ *  transition is traced at debug as "from -> to".
+ *
+ *  Nothing is acked before what replaces the message is confirmed by
+ *  the broker: the events, a retry republished to a delay queue, or the
+ *  dead letter. If any confirm fails the message is nacked back to the
+ *  queue instead, so nothing is ever acked unaccounted for.
+ *
+ *  The ledger (ledger.h): LOOKUP skips recipients recorded "done" and
+ *  flags those left "sending" (an earlier attempt was cut between its
+ *  final dot and the reply) as possible duplicates; each domain leg
+ *  marks "sending" while a transaction holds its body; RECORD writes
+ *  "done" for the delivered and clears the rest, except the flagged
+ *  ones that were not delivered now: the server may still have that
+ *  copy, and the attempt that delivers must say so. Redis failing never
+ *  holds a delivery back: the job goes on at-least-once and counts it.
+ *
+ *  Broker loss: the owner frees jobs that have not reached SMTP (the
+ *  redelivery starts them afresh) and keeps the others
+ *  (job_survives_loss); a kept job finishes its SMTP, records it in the
+ *  ledger and ends at SENT_COPY without events: the redelivery skips
+ *  what it delivered and publishes them.
+ * DIAGNOSTICS
+ *  Info lines message_received, one per recipient outcome, retry_scheduled
+ *  and message_done; warn lines dead_letter and ledger_unavailable.
+ */
+#include "deliverer/job.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "core/buf.h"
+#include "core/log.h"
+#include "core/message.h"
+#include "core/util.h"
+#include "deliverer/envelope.h"
+#include "deliverer/outcome.h"
+#include "deliverer/retry.h"
+#include "metrics/metrics.h"
+#include "mime/build.h"
+#include "queue/event.h"
+#include "queue/msgjson.h"
+
+enum job_state {
+    JOB_INTAKE = 0,
+    JOB_COUNT,
+    JOB_LOOKUP,
+    JOB_DOMAINS,
+    JOB_RECORD,
+    JOB_SENT_COPY,
+    JOB_EVENTS,
+    JOB_DEAD,
+    JOB_DONE,
+    JOB_STATE_LAST
+};
+
+typedef struct job_rcpt {
+    const char      *addr;   /* into the message */
+    size_t           domain; /* index into job->domains */
+    outcome_t        outcome;
+    outcome_reason_t reason;
+    int              code;
+    char             enh[16];
+    char             text[512];
+    int              skip;         /* the ledger says an earlier attempt delivered it */
+    int              possible_dup; /* the ledger found it mid-send, or a leg was cut after its dot */
+} job_rcpt_t;
+
+typedef struct job_domain {
+    job_t        *job;   /* the leg's callbacks find the job and the domain through this */
+    char         *name;
+    domain_leg_t *leg;
+    const char  **rcpts; /* the leg's recipients (it borrows them) */
+    size_t       *idx;   /* their indexes into job->rcpts */
+    size_t        n;
+    char          mx_host[256];
+    char          mx_addr[64];
+    char          tls_version[32];
+    char          tls_cipher[96];
+} job_domain_t;
+
+struct job {
+    job_ctx_t           *ctx;
+    enum job_state       state;
+    job_end_cb           end;
+    void                *end_arg;
+    mq_delivery_t       *dv;
+    message_t           *msg;
+    envelope_t           envelope;  /* what earlier attempts left; attempt 1 when none */
+    buf_t                raw;       /* RFC 5322 bytes, built once: IMAP APPEND and SMTP DATA */
+    mime_seg_t          *wire;      /* SMTP DATA: raw dot-stuffed, as segments pointing into raw */
+    size_t               nwire;
+    buf_t                wire_copy; /* the dot-stuffed copy, only if raw is not all CRLF */
+    unsigned             need;      /* SMTP_NEED_* of the envelope addresses */
+    job_rcpt_t          *rcpts;
+    size_t               nrcpts;
+    job_domain_t        *domains;
+    size_t               ndomains;
+    size_t               legs_left;
+    int                  smtp_started; /* a leg went on to SMTP: see job_survives_loss */
+    uint64_t             ledger_op;    /* the ledger call of COUNT, LOOKUP or RECORD ("done") */
+    uint64_t             clear_op;     /* RECORD's second call (clearing), 0 if none */
+    uint64_t             throttle_ms;  /* longest rate_limits wait of a deferred domain */
+    imap_append_t       *append;
+    int                  append_tried;
+    imap_append_result_t append_res;
+    uint64_t             retry_in_ms;  /* delay chosen for the next attempt */
+    char                 give_up[160]; /* why transient recipients are not retried */
+    char                 dead_reason[640]; /* set: the message goes to the dead-letter queue */
+    size_t               confirms_left;
+    int                  confirm_failed;
+    int                  broker_lost;  /* found at SENT_COPY: the job ends unacked */
+    uint64_t             started_ms;
+};
+
+static void job_enter_intake(job_t *j);
+static void job_enter_count(job_t *j);
+static void job_enter_lookup(job_t *j);
+static void job_enter_domains(job_t *j);
+static void job_enter_record(job_t *j);
+static void job_enter_sent_copy(job_t *j);
+static void job_enter_events(job_t *j);
+static void job_enter_dead(job_t *j);
+static void job_enter_done(job_t *j);
+
+static const struct {
+    const char *name;
+    void (*enter)(job_t *j);
+} job_states[JOB_STATE_LAST] = {
+    [JOB_INTAKE] = { "intake", job_enter_intake },
+    [JOB_COUNT] = { "count", job_enter_count },
+    [JOB_LOOKUP] = { "lookup", job_enter_lookup },
+    [JOB_DOMAINS] = { "domains", job_enter_domains },
+    [JOB_RECORD] = { "record", job_enter_record },
+    [JOB_SENT_COPY] = { "sent_copy", job_enter_sent_copy },
+    [JOB_EVENTS] = { "events", job_enter_events },
+    [JOB_DEAD] = { "dead", job_enter_dead },
+    [JOB_DONE] = { "done", job_enter_done },
+};
+
+/* The current state's work is over: every transition is decided here.
+ * Always the caller's last action (the job may be gone when it returns). */
+static void job_next(job_t *j)
+{
+    enum job_state next = JOB_DONE;
+    switch (j->state) {
+    case JOB_INTAKE:
+        if (j->dead_reason[0])
+            next = JOB_DEAD;
+        else if (j->envelope.append_only)
+            next = JOB_SENT_COPY; /* every recipient is settled: no SMTP resend */
+        else if (j->ctx->svc.ledger == NULL)
+            next = JOB_DOMAINS;
+        else
+            next = j->dv->redelivered ? JOB_COUNT : JOB_LOOKUP;
+        break;
+    case JOB_COUNT: next = j->dead_reason[0] ? JOB_DEAD : JOB_LOOKUP; break;
+    case JOB_LOOKUP: next = JOB_DOMAINS; break;
+    case JOB_DOMAINS: next = JOB_RECORD; break;
+    case JOB_RECORD: next = JOB_SENT_COPY; break;
+    case JOB_SENT_COPY: next = j->broker_lost ? JOB_DONE : JOB_EVENTS; break;
+    case JOB_EVENTS:
+    case JOB_DEAD: next = JOB_DONE; break;
+    case JOB_DONE:
+    case JOB_STATE_LAST: return; /* nothing follows */
+    }
+    log_debug("job", "state", "msg=%s %s -> %s", j->msg ? j->msg->id : "-", job_states[j->state].name,
+              job_states[next].name);
+    j->state = next;
+    job_states[next].enter(j);
+}
+
+static int job_broker_open(const job_t *j)
+{
+    return j->ctx->mq != NULL && mq_is_open(j->ctx->mq);
+}
+
+/* Redis could not answer a ledger call: delivery goes on at-least-once,
+ * and operators see it in the metric and the log. */
+static void job_ledger_unavailable(const job_t *j, const char *step)
+{
+    metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
+    log_warn("job", "ledger_unavailable", "msg=%s step=%s (at-least-once)", j->msg->id, step);
+}
+
+static void job_flag_possible_dup(job_rcpt_t *r)
+{
+    if (r->possible_dup)
+        return;
+    r->possible_dup = 1;
+    metrics_inc(MET_POSSIBLE_DUPLICATES, 1);
+}
+
+static void rcpt_set(job_rcpt_t *r, outcome_t o, outcome_reason_t reason, int code, const char *enh,
+                     const char *text)
+{
+    r->outcome = o;
+    r->reason = reason;
+    r->code = code;
+    snprintf(r->enh, sizeof(r->enh), "%s", enh ? enh : "");
+    snprintf(r->text, sizeof(r->text), "%s", text ? text : "");
+}
+
+/* ---- publishing with confirms ---- */
+
+static void job_on_confirm(void *arg, int ok)
+{
+    job_t *j = arg;
+    if (ok) {
+        metrics_inc(MET_EVENTS_PUBLISHED, 1);
+    } else {
+        metrics_inc(MET_PUBLISH_FAILED, 1);
+        j->confirm_failed = 1;
+    }
+    if (--j->confirms_left == 0)
+        job_next(j);
+}
+
+static void job_publish(job_t *j, const char *exchange, const char *rkey, const char *body, size_t len,
+                        const mq_publish_opts_t *opts)
+{
+    j->confirms_left++;
+    if (j->ctx->mq == NULL ||
+        mq_publish(j->ctx->mq, exchange, rkey, body, len, opts, job_on_confirm, j) < 0) {
+        /* the connection is gone; the message comes back */
+        j->confirms_left--;
+        j->confirm_failed = 1;
+    }
+}
+
+static void job_publish_event(job_t *j, const mq_event_t *ev)
+{
+    char *json = mq_event_to_json(ev);
+    mq_publish_opts_t o = { .message_id = j->msg ? j->msg->id : NULL, .priority = -1, .persistent = 1 };
+    job_publish(j, j->ctx->env->cfg->amqp_events_exchange, ev->event, json, strlen(json), &o);
+    free(json);
+}
+
+/* Everything is published: DONE once the confirms are in (at once when
+ * every publish failed on the spot). */
+static void job_await_confirms(job_t *j)
+{
+    if (j->confirms_left == 0)
+        job_next(j);
+}
+
+/* ---- INTAKE ---- */
+
+static void job_dead_letter(job_t *j, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void job_dead_letter(job_t *j, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(j->dead_reason, sizeof(j->dead_reason), fmt, ap);
+    va_end(ap);
+    if (j->dead_reason[0] == '\0')
+        snprintf(j->dead_reason, sizeof(j->dead_reason), "invalid message");
+}
+
+static size_t job_domain_index(job_t *j, const char *domain)
+{
+    for (size_t i = 0; i < j->ndomains; i++)
+        if (strcasecmp(j->domains[i].name, domain) == 0)
+            return i;
+    j->domains = xrealloc(j->domains, (j->ndomains + 1) * sizeof(job_domain_t));
+    memset(&j->domains[j->ndomains], 0, sizeof(job_domain_t));
+    j->domains[j->ndomains].name = xstrdup(domain);
+    return j->ndomains++;
+}
+
+/* Add recipients, once each; on a retry only those still pending. */
+static void job_add_rcpts(job_t *j, const mp_address_t *list, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (!envelope_is_pending(&j->envelope, list[i].addr))
+            continue;
+        int dup = 0;
+        for (size_t k = 0; k < j->nrcpts && !dup; k++)
+            dup = strcasecmp(j->rcpts[k].addr, list[i].addr) == 0;
+        if (dup)
+            continue; /* one copy per recipient, whatever the header lists */
+        j->rcpts = xrealloc(j->rcpts, (j->nrcpts + 1) * sizeof(job_rcpt_t));
+        job_rcpt_t *r = &j->rcpts[j->nrcpts++];
+        memset(r, 0, sizeof(*r));
+        r->addr = list[i].addr;
+        r->domain = job_domain_index(j, message_addr_domain(list[i].addr));
+    }
+}
+
+/* RFC 6531: a non-ASCII envelope address needs SMTPUTF8 (the MIME
+ * builder's output is 7-bit, so BODY=8BITMIME is never needed). */
+static unsigned job_smtp_need(const job_t *j)
+{
+    for (const unsigned char *p = (const unsigned char *)j->msg->from.addr; p && *p; p++)
+        if (*p >= 0x80)
+            return SMTP_NEED_SMTPUTF8;
+    for (size_t i = 0; i < j->nrcpts; i++)
+        for (const unsigned char *p = (const unsigned char *)j->rcpts[i].addr; p && *p; p++)
+            if (*p >= 0x80)
+                return SMTP_NEED_SMTPUTF8;
+    return 0;
+}
+
+/* The RFC 5322 bytes, built and signed once: the same bytes go to SMTP
+ * and to IMAP. 0, or -1 with the job's dead_reason set. */
+static int job_build(job_t *j)
+{
+    const worker_env_t *env = j->ctx->env;
+    char err[512];
+    mime_opts_t mo = { .now = 0, .max_size = env->cfg->message_max_size };
+    int rc = mime_build(j->msg, &mo, &j->raw, err, sizeof(err));
+    if (rc != MIME_OK) {
+        job_dead_letter(j, "%s: %s", mime_strerror(rc), err);
+        return -1;
+    }
+    if (env->dkim) {
+        rc = dkim_sign(env->dkim, message_addr_domain(j->msg->from.addr), &j->raw, 0, err, sizeof(err));
+        if (rc == DKIM_EINVAL) {
+            job_dead_letter(j, "%s", err);
+            return -1;
+        }
+        if (rc == DKIM_ENOKEY)
+            log_debug("job", "dkim_unsigned", "msg=%s reason=\"%s\"", j->msg->id, err);
+        else if (rc != DKIM_OK)
+            log_error("job", "dkim_failed", "msg=%s reason=\"%s\" action=send_unsigned", j->msg->id, err);
+    }
+    message_drop_content(j->msg); /* from here on the built bytes are the message */
+    /* SMTP DATA is sent from raw itself; mime_build's output is all CRLF,
+     * so the dot-stuffed copy is only a fallback (or the core's answer to
+     * an allocation failure) */
+    if (mime_wire_segments(buf_head(&j->raw), buf_size(&j->raw), &j->wire, &j->nwire) != MIME_OK)
+        mime_dotstuff(buf_head(&j->raw), buf_size(&j->raw), &j->wire_copy);
+    return 0;
+}
+
+static void job_enter_intake(job_t *j)
+{
+    mq_delivery_t *dv = j->dv;
+    char err[512];
+    envelope_read(dv, util_wall_ms(), &j->envelope);
+    if (msgjson_parse(dv->body, dv->len, &j->msg, err, sizeof(err)) != MSGJSON_OK) {
+        job_dead_letter(j, "%s", err);
+        job_next(j);
+        return;
+    }
+    j->msg->priority = dv->priority;
+    if (job_build(j) < 0) {
+        job_next(j);
+        return;
+    }
+    job_add_rcpts(j, j->msg->to, j->msg->nto);
+    job_add_rcpts(j, j->msg->cc, j->msg->ncc);
+    job_add_rcpts(j, j->msg->bcc, j->msg->nbcc);
+    if (j->envelope.append_only) {
+        log_info("job", "message_received", "tag=%llu msg=%s attempt=%u append_only=1",
+                 (unsigned long long)dv->tag, j->msg->id, j->envelope.attempt);
+        j->nrcpts = 0;
+        job_next(j);
+        return;
+    }
+    if (j->nrcpts == 0) {
+        job_dead_letter(j, "retry carries no pending recipient of this message");
+        job_next(j);
+        return;
+    }
+    j->need = job_smtp_need(j);
+    log_info("job", "message_received",
+             "tag=%llu msg=%s trace=%s prio=%d attempt=%u rcpts=%zu domains=%zu bytes=%zu worker=%d",
+             (unsigned long long)dv->tag, j->msg->id, j->msg->trace_id ? j->msg->trace_id : "-", dv->priority,
+             j->envelope.attempt, j->nrcpts, j->ndomains, buf_size(&j->raw), j->ctx->worker_index);
+    job_next(j);
+}
+
+/* ---- COUNT ---- */
+
+static void job_on_counted(void *arg, int ok, long long count)
+{
+    job_t *j = arg;
+    j->ledger_op = 0;
+    unsigned limit = j->ctx->env->cfg->retry_poison_redeliveries;
+    if (ok && limit > 0 && count > (long long)limit) {
+        metrics_inc(MET_MESSAGES_POISON, 1);
+        job_dead_letter(j, "poison: redelivered %lld times without finishing (limit %u)", count, limit);
+    } else if (!ok) {
+        job_ledger_unavailable(j, "count_redelivery");
+    }
+    job_next(j);
+}
+
+static void job_enter_count(job_t *j)
+{
+    j->ledger_op = ledger_count_redelivery(j->ctx->svc.ledger, j->msg->id, job_on_counted, j);
+}
+
+/* ---- LOOKUP ---- */
+
+static void job_on_looked_up(void *arg, int ok, const ledger_state_t *states)
+{
+    job_t *j = arg;
+    j->ledger_op = 0;
+    if (!ok) {
+        job_ledger_unavailable(j, "lookup");
+        if (j->dv->redelivered) {
+            /* back unacked from a worker that died: it may have been cut
+             * between a final dot and its reply, and nothing says for
+             * whom. Flag every recipient rather than miss a copy. */
+            for (size_t i = 0; i < j->nrcpts; i++)
+                job_flag_possible_dup(&j->rcpts[i]);
+        }
+        job_next(j);
+        return;
+    }
+    for (size_t i = 0; i < j->nrcpts; i++) {
+        job_rcpt_t *r = &j->rcpts[i];
+        if (states[i] == LEDGER_DONE) {
+            r->skip = 1;
+            rcpt_set(r, OUTCOME_DELIVERED, OUTCOME_R_ALREADY_DELIVERED, 0, NULL,
+                     "delivered by an earlier attempt of this message (ledger)");
+            metrics_inc(MET_RCPT_SKIPPED_DONE, 1);
+        } else if (states[i] == LEDGER_SENDING) {
+            /* an earlier attempt was cut between its final dot and the
+             * reply: the server may have it. The mark stays until this
+             * attempt settles the recipient. */
+            job_flag_possible_dup(r);
+        }
+    }
+    job_next(j);
+}
+
+static void job_enter_lookup(job_t *j)
+{
+    const char **rcpts = xcalloc(j->nrcpts, sizeof(char *));
+    for (size_t i = 0; i < j->nrcpts; i++)
+        rcpts[i] = j->rcpts[i].addr;
+    j->ledger_op = ledger_lookup(j->ctx->svc.ledger, j->msg->id, rcpts, j->nrcpts, job_on_looked_up, j);
+    free(rcpts);
+}
+
+/* ---- DOMAINS ---- */
+
+static int job_gate(void *arg, const char **why)
+{
+    job_domain_t *d = arg;
+    if (!job_broker_open(d->job)) {
+        /* no transaction is started for a message the broker redelivers */
+        *why = "broker connection lost";
+        return 0;
+    }
+    d->job->smtp_started = 1;
+    return 1;
+}
+
+static void job_on_leg_done(void *arg, const domain_result_t *res)
+{
+    job_domain_t *d = arg;
+    job_t *j = d->job;
+    snprintf(d->mx_host, sizeof(d->mx_host), "%s", res->mx_host);
+    snprintf(d->mx_addr, sizeof(d->mx_addr), "%s", res->mx_addr);
+    snprintf(d->tls_version, sizeof(d->tls_version), "%s", res->tls_version);
+    snprintf(d->tls_cipher, sizeof(d->tls_cipher), "%s", res->tls_cipher);
+    for (size_t k = 0; k < res->nrcpts && k < d->n; k++) {
+        const domain_rcpt_result_t *rr = &res->rcpts[k];
+        job_rcpt_t *r = &j->rcpts[d->idx[k]];
+        if (rr->maybe_sent)
+            job_flag_possible_dup(r);
+        rcpt_set(r, rr->outcome, rr->reason, rr->code, rr->enh, rr->text);
+    }
+    if (res->throttle_wait_ms > j->throttle_ms)
+        j->throttle_ms = res->throttle_wait_ms; /* the retry comes no sooner */
+    domain_free(d->leg);
+    d->leg = NULL;
+    if (--j->legs_left == 0)
+        job_next(j);
+}
+
+static void job_enter_domains(job_t *j)
+{
+    const mp_config_t *cfg = j->ctx->env->cfg;
+    int c = retry_class(j->dv->priority);
+    for (size_t i = 0; i < j->nrcpts; i++) {
+        if (j->rcpts[i].skip)
+            continue;
+        job_domain_t *d = &j->domains[j->rcpts[i].domain];
+        d->rcpts = xrealloc(d->rcpts, (d->n + 1) * sizeof(*d->rcpts));
+        d->idx = xrealloc(d->idx, (d->n + 1) * sizeof(*d->idx));
+        d->rcpts[d->n] = j->rcpts[i].addr;
+        d->idx[d->n++] = i;
+    }
+    j->legs_left = 0;
+    for (size_t i = 0; i < j->ndomains; i++)
+        j->legs_left += j->domains[i].n > 0;
+    if (j->legs_left == 0) {
+        job_next(j);
+        return;
+    }
+    /* legs report asynchronously (domain.h): every leg starts before any
+     * of them can end the state */
+    for (size_t i = 0; i < j->ndomains; i++) {
+        job_domain_t *d = &j->domains[i];
+        if (d->n == 0)
+            continue;
+        d->job = j;
+        domain_request_t req = {
+            .name = d->name,
+            .msg_id = j->msg->id,
+            .mail_from = j->msg->from.addr,
+            .rcpts = d->rcpts,
+            .nrcpts = d->n,
+            .data = buf_head(&j->wire_copy),
+            .len = buf_size(&j->wire_copy),
+            .segs = j->wire,
+            .nsegs = j->nwire,
+            .message_size = buf_size(&j->raw),
+            .need = j->need,
+            .fast_retries = cfg->retry_fast_retries[c],
+            .fast_base_ms = cfg->retry_fast_base_ms[c],
+            .gate = job_gate,
+            .done = job_on_leg_done,
+            .arg = d,
+        };
+        d->leg = domain_start(&j->ctx->svc, &req);
+    }
+}
+
+/* ---- RECORD ---- */
+
+static void job_on_recorded(void *arg, int ok)
+{
+    job_t *j = arg;
+    j->ledger_op = 0;
+    if (!ok)
+        job_ledger_unavailable(j, "mark_done");
+    if (j->clear_op == 0)
+        job_next(j);
+}
+
+static void job_on_cleared(void *arg, int ok)
+{
+    job_t *j = arg;
+    j->clear_op = 0;
+    if (!ok)
+        job_ledger_unavailable(j, "clear");
+    if (j->ledger_op == 0)
+        job_next(j);
+}
+
+static void job_enter_record(job_t *j)
+{
+    ledger_t *ledger = j->ctx->svc.ledger;
+    if (ledger == NULL || j->nrcpts == 0) {
+        job_next(j);
+        return;
+    }
+    /* delivered -> "done" (a redelivery skips them); the rest -> no record,
+     * so a later attempt does not mistake them for possible duplicates,
+     * except those flagged: the server may still have that copy */
+    const char **done = xcalloc(j->nrcpts, sizeof(char *));
+    const char **clear = xcalloc(j->nrcpts, sizeof(char *));
+    size_t nd = 0, nc = 0;
+    for (size_t i = 0; i < j->nrcpts; i++) {
+        if (j->rcpts[i].skip)
+            continue;
+        if (j->rcpts[i].outcome == OUTCOME_DELIVERED)
+            done[nd++] = j->rcpts[i].addr;
+        else if (!j->rcpts[i].possible_dup)
+            clear[nc++] = j->rcpts[i].addr;
+    }
+    /* both ids are set before either callback can run (never synchronous) */
+    if (nd)
+        j->ledger_op = ledger_mark(ledger, j->msg->id, done, nd, LEDGER_DONE, job_on_recorded, j);
+    if (nc)
+        j->clear_op = ledger_mark(ledger, j->msg->id, clear, nc, LEDGER_NONE, job_on_cleared, j);
+    free(done);
+    free(clear);
+    if (nd == 0 && nc == 0)
+        job_next(j);
+}
+
+/* ---- SENT_COPY ---- */
+
+static void job_on_appended(void *arg, const imap_append_result_t *res)
+{
+    job_t *j = arg;
+#ifdef imap_append_free /* TEMP until the caller-owned handle lands */
+    j->append = NULL;
+#endif
+    j->append_res = *res;
+    metrics_inc(MET_IMAP_SESSIONS, res->connections);
+    metrics_inc(MET_IMAP_SESSIONS_REUSED, (uint64_t)res->reused);
+    metrics_inc(MET_IMAP_ALREADY_STORED, (uint64_t)res->already_stored);
+    if (res->batched > 1)
+        metrics_inc(MET_IMAP_BATCHED, 1);
+    if (res->status == IMAP_ENOUIDPLUS) {
+        /* stored, only the UID is unknown: never append it twice */
+        j->append_res.status = IMAP_OK;
+        j->append_res.uid = j->append_res.uidvalidity = 0;
+    }
+    metrics_inc(j->append_res.status == IMAP_OK ? MET_IMAP_APPENDED : MET_IMAP_APPEND_FAILED, 1);
+    job_next(j);
+}
+
+static void job_enter_sent_copy(job_t *j)
+{
+    job_ctx_t *ctx = j->ctx;
+    const worker_env_t *env = ctx->env;
+    if (!job_broker_open(j)) {
+        /* the delivery's channel is gone: the ledger holds what this
+         * attempt delivered; the redelivery stores the Sent copy and
+         * publishes the events */
+        j->broker_lost = 1;
+        job_next(j);
+        return;
+    }
+    size_t delivered = 0;
+    for (size_t i = 0; i < j->nrcpts; i++)
+        delivered += j->rcpts[i].outcome == OUTCOME_DELIVERED;
+    const account_t *acct = env->imap_addrlen ? accounts_find(&env->accounts, j->msg->from.addr) : NULL;
+    if ((delivered == 0 && !j->envelope.append_needed) || acct == NULL || j->envelope.appended) {
+        job_next(j);
+        return;
+    }
+    imap_account_t ia = {
+        .addr = (const struct sockaddr *)&env->imap_addr,
+        .addrlen = env->imap_addrlen,
+        .host = env->cfg->imap_host,
+        .tls = env->imap_tls,
+        .ssl_ctx = env->imap_ctx,
+        .verify_host = 1,
+        .user = acct->login,
+        .password = acct->password,
+        .timeout_ms = env->cfg->imap_timeout_ms,
+        .pool = ctx->imap_pool,
+    };
+    /* a retried append, or a message back after a worker or connection
+     * died, may find its copy already stored: look before appending; and
+     * a pooled session lost in an uncertain way looks before its retry */
+    char mid[512];
+    if (mime_header_find(buf_head(&j->raw), buf_size(&j->raw), "Message-ID", mid, sizeof(mid)) == MIME_OK) {
+        ia.message_id = mid;
+        if (j->envelope.append_only || j->dv->redelivered)
+            ia.check_message_id = mid;
+    }
+    j->append_tried = 1;
+    j->append = imap_append_start(ctx->svc.loop, &ia, buf_head(&j->raw), buf_size(&j->raw), job_on_appended, j);
+}
+
+/* ---- EVENTS ---- */
+
+static const char *event_name(outcome_t o)
+{
+    switch (o) {
+    case OUTCOME_DELIVERED: return "delivered";
+    case OUTCOME_TRANSIENT: return "deferred";
+    default: return "bounced";
+    }
+}
+
+/* The Sent copy failed for a reason a later try can cure (network, TLS,
+ * timeout, a refusal such as over quota); not for bad credentials or a
+ * missing \Sent mailbox, which need an operator. */
+static int job_append_retryable(const job_t *j)
+{
+    if (!j->append_tried)
+        return 0;
+    switch (j->append_res.status) {
+    case IMAP_ENETWORK:
+    case IMAP_ETIMEOUT:
+    case IMAP_ETLS:
+    case IMAP_EPROTO:
+    case IMAP_EREFUSED:
+    case IMAP_EBUSY:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Republish the original body to a delay queue with the recipients still
+ * pending; the broker routes it back to the outbound queue when the delay
+ * expires. Returns 1 if a retry was scheduled; 0 when there is nothing to
+ * retry or attempts or age are used up (j->give_up says which). */
+static int job_schedule_retry(job_t *j)
+{
+    const worker_env_t *env = j->ctx->env;
+    const mp_config_t *cfg = env->cfg;
+    int c = retry_class(j->dv->priority);
+    uint64_t server_ms = j->throttle_ms; /* our own rate limit counts like a server's request */
+    buf_t pending = BUF_INIT;
+    int throttled_only = 1; /* every recipient left waits for a rate_limits slot: no attempt spent */
+    for (size_t i = 0; i < j->nrcpts; i++) {
+        const job_rcpt_t *r = &j->rcpts[i];
+        if (r->outcome != OUTCOME_TRANSIENT)
+            continue;
+        if (buf_size(&pending))
+            buf_putc(&pending, ',');
+        buf_puts(&pending, r->addr);
+        if (r->code == 0 && r->reason == OUTCOME_R_RATE_LIMITED)
+            continue; /* deferred by rate_limits before any server was asked */
+        throttled_only = 0;
+        uint64_t asked = retry_server_delay_ms(r->text);
+        if (asked > server_ms)
+            server_ms = asked;
+    }
+    if (buf_size(&pending) == 0 && !job_append_retryable(j)) {
+        buf_free(&pending);
+        return 0;
+    }
+    throttled_only = throttled_only && buf_size(&pending) > 0;
+    unsigned attempt = j->envelope.attempt;
+    uint64_t want = throttled_only ? 0 : retry_backoff_ms(cfg->retry_base_ms[c], attempt, util_rand01());
+    size_t level = retry_pick_level(&env->levels, want, server_ms);
+    uint64_t delay = env->levels.ms[level];
+    uint64_t age = util_wall_ms() - j->envelope.first_seen_ms;
+    if (!throttled_only && attempt >= cfg->retry_max_attempts[c]) {
+        snprintf(j->give_up, sizeof(j->give_up), "retries exhausted after %u attempts", attempt);
+    } else if (age + delay > cfg->retry_max_age_ms[c]) {
+        char a[32];
+        config_format_duration(cfg->retry_max_age_ms[c], a, sizeof(a));
+        snprintf(j->give_up, sizeof(j->give_up), "expired: next attempt would pass the maximum age of %s (P%d)",
+                 a, c);
+    }
+    if (j->give_up[0]) {
+        buf_free(&pending);
+        return 0;
+    }
+    int appended = j->envelope.appended || (j->append_tried && j->append_res.status == IMAP_OK);
+    envelope_t next = {
+        .attempt = throttled_only ? attempt : attempt + 1,
+        .first_seen_ms = j->envelope.first_seen_ms,
+        .pending = buf_head(&pending),
+        .appended = appended,
+        .append_needed = !appended && job_append_retryable(j),
+        .append_only = buf_size(&pending) == 0,
+    };
+    envelope_headers_t hdrs;
+    envelope_write(&next, &hdrs);
+    char queue[256];
+    retry_queue_name(cfg->retry_queue_prefix, &env->levels, level, queue, sizeof(queue));
+    mq_publish_opts_t o = { .message_id = j->msg->id, .priority = j->dv->priority, .persistent = 1,
+                            .headers = hdrs.hdr, .nheaders = hdrs.n };
+    j->retry_in_ms = delay;
+    log_info("job", "retry_scheduled", "msg=%s class=P%d attempt=%u queue=%s delay_ms=%llu server_ms=%llu pending=%s",
+             j->msg->id, c, next.attempt, queue, (unsigned long long)delay, (unsigned long long)server_ms,
+             buf_head(&pending));
+    job_publish(j, "", queue, j->dv->body, j->dv->len, &o);
+    buf_free(&pending);
+    return 1;
+}
+
+static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int appended)
+{
+    const job_domain_t *d = &j->domains[r->domain];
+    char exhausted[700] = "";
+    if (r->outcome == OUTCOME_TRANSIENT && !retrying) {
+        /* out of attempts or time: the last transient answer becomes final */
+        snprintf(exhausted, sizeof(exhausted), "%s; last reply: %s", j->give_up, r->text);
+        r->outcome = OUTCOME_PERMANENT;
+    }
+    switch (r->outcome) {
+    case OUTCOME_DELIVERED: metrics_inc(MET_RCPT_DELIVERED, 1); break;
+    case OUTCOME_TRANSIENT: metrics_inc(MET_RCPT_DEFERRED, 1); break;
+    default: metrics_inc(MET_RCPT_FAILED, 1); break;
+    }
+    const char *reason = outcome_reason_name(r->reason);
+    mq_event_t ev = {
+        .event = event_name(r->outcome),
+        .message_id = j->msg->id,
+        .trace_id = j->msg->trace_id,
+        .sender = j->msg->from.addr,
+        .recipient = r->addr,
+        .outcome = outcome_name(r->outcome),
+        .reason = reason,
+        .smtp_code = r->code,
+        .smtp_enhanced = r->enh,
+        .smtp_text = r->text,
+        .mx_host = d->mx_host,
+        .mx_addr = d->mx_addr,
+        .tls_version = d->tls_version[0] ? d->tls_version : NULL,
+        .tls_cipher = d->tls_cipher[0] ? d->tls_cipher : NULL,
+        .attempt = j->envelope.attempt,
+        .imap_appended = appended && r->outcome == OUTCOME_DELIVERED,
+        .imap_uidvalidity = j->append_res.uidvalidity,
+        .imap_uid = j->append_res.uid,
+        .imap_mailbox = j->append_res.mailbox,
+        /* no server answered: the local reason ("connect: Connection
+         * refused", a DNS failure, a rate limit) */
+        .error = exhausted[0] ? exhausted : r->code == 0 && r->text[0] ? r->text : NULL,
+        .retry_in_ms = r->outcome == OUTCOME_TRANSIENT ? j->retry_in_ms : 0,
+        .possible_duplicate = r->possible_dup && r->outcome == OUTCOME_DELIVERED,
+        .already_delivered = r->skip,
+        .age_ms = util_wall_ms() - j->envelope.first_seen_ms,
+    };
+    log_info("job", event_name(r->outcome), "msg=%s rcpt=%s attempt=%u code=%d enh=%s reason=%s mx=%s tls=%s",
+             j->msg->id, r->addr, j->envelope.attempt, r->code, r->enh[0] ? r->enh : "-", reason,
+             d->mx_host[0] ? d->mx_host : "-", d->tls_version[0] ? d->tls_version : "none");
+    job_publish_event(j, &ev);
+}
+
+static void job_enter_events(job_t *j)
+{
+    int appended = j->append_tried && j->append_res.status == IMAP_OK;
+    size_t transient = 0;
+    for (size_t i = 0; i < j->nrcpts; i++)
+        transient += j->rcpts[i].outcome == OUTCOME_TRANSIENT;
+    int retrying = (transient > 0 || job_append_retryable(j)) && job_schedule_retry(j);
+    for (size_t i = 0; i < j->nrcpts; i++)
+        job_publish_rcpt_event(j, &j->rcpts[i], retrying, appended);
+    if (j->append_tried) {
+        mq_event_t ev = {
+            .event = appended ? "appended" : "append_failed",
+            .message_id = j->msg->id,
+            .trace_id = j->msg->trace_id,
+            .sender = j->msg->from.addr,
+            .attempt = j->envelope.attempt,
+            .imap_appended = appended,
+            .imap_uidvalidity = j->append_res.uidvalidity,
+            .imap_uid = j->append_res.uid,
+            .imap_mailbox = j->append_res.mailbox,
+            .error = appended ? NULL : j->append_res.error,
+            .retry_in_ms = !appended && retrying && job_append_retryable(j) ? j->retry_in_ms : 0,
+            .age_ms = util_wall_ms() - j->envelope.first_seen_ms,
+        };
+        job_publish_event(j, &ev);
+    }
+    job_await_confirms(j);
+}
+
+/* ---- DEAD ---- */
+
+/* The original body to the dead-letter queue with the reason, and a dead
+ * event; acked once both are confirmed. */
+static void job_enter_dead(job_t *j)
+{
+    const mp_config_t *cfg = j->ctx->env->cfg;
+    metrics_inc(MET_MESSAGES_DEAD, 1);
+    log_warn("job", "dead_letter", "tag=%llu msg=%s reason=\"%s\"", (unsigned long long)j->dv->tag,
+             j->msg ? j->msg->id : "-", j->dead_reason);
+    envelope_dead_t hdrs;
+    envelope_dead_write(j->dead_reason, util_wall_ms(), &hdrs);
+    mq_publish_opts_t o = { .content_type = "application/octet-stream", .message_id = j->dv->message_id,
+                            .priority = -1, .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n };
+    job_publish(j, "", cfg->amqp_dead_queue, j->dv->body, j->dv->len, &o);
+    mq_event_t ev = { .event = "dead", .message_id = j->msg ? j->msg->id : j->dv->message_id,
+                      .error = j->dead_reason, .attempt = j->envelope.attempt };
+    job_publish_event(j, &ev);
+    job_await_confirms(j);
+}
+
+/* ---- DONE ---- */
+
+static void job_enter_done(job_t *j)
+{
+    /* nothing published failed (a lost connection fails them all) */
+    int ack = !j->broker_lost && !j->confirm_failed;
+    if (job_broker_open(j)) {
+        if (ack)
+            mq_ack(j->ctx->mq, j->dv->tag);
+        else
+            mq_nack(j->ctx->mq, j->dv->tag, 1);
+    }
+    if (ack)
+        metrics_inc(MET_MESSAGES_DONE, 1);
+    log_info("job", "message_done", "msg=%s ack=%d rcpts=%zu ms=%llu", j->msg ? j->msg->id : "-", ack, j->nrcpts,
+             (unsigned long long)(util_mono_ms() - j->started_ms));
+    j->end(j->end_arg, j); /* may free the job */
+}
+
+/* ---- the job ---- */
+
+job_t *job_new(job_ctx_t *ctx, mq_delivery_t *dv, job_end_cb end, void *arg)
+{
+    job_t *j = xcalloc(1, sizeof(*j));
+    j->ctx = ctx;
+    j->dv = dv;
+    j->end = end;
+    j->end_arg = arg;
+    j->started_ms = util_mono_ms();
+    buf_init(&j->raw);
+    buf_init(&j->wire_copy);
+    return j;
+}
+
+void job_run(job_t *j)
+{
+    j->state = JOB_INTAKE;
+    job_states[JOB_INTAKE].enter(j);
+}
+
+int job_survives_loss(const job_t *j)
+{
+    return j->smtp_started && !j->append_tried;
+}
+
+void job_free(job_t *j)
+{
+    ledger_t *ledger = j->ctx->svc.ledger;
+    for (size_t i = 0; i < j->ndomains; i++) {
+        domain_free(j->domains[i].leg);
+        free(j->domains[i].rcpts);
+        free(j->domains[i].idx);
+        free(j->domains[i].name);
+    }
+    imap_append_free(j->append);
+    if (j->ledger_op)
+        ledger_cancel(ledger, j->ledger_op);
+    if (j->clear_op)
+        ledger_cancel(ledger, j->clear_op);
+    free(j->domains);
+    free(j->rcpts);
+    free(j->wire);
+    buf_free(&j->wire_copy);
+    buf_free(&j->raw);
+    message_free(j->msg);
+    mq_delivery_free(j->dv);
+    free(j);
+}
