@@ -157,6 +157,44 @@ static void test_threads(void **state)
     throttle_free(t);
 }
 
+/* The ask without Redis answers at once from the process's table: -1
+ * when no rule limits the domain, else the same spacing as
+ * throttle_take(); the callback never fires. */
+static int asks_fired;
+static void on_answer(void *arg, const throttle_answer_t *ans)
+{
+    asks_fired++;
+}
+
+static void test_ask_without_redis(void **state)
+{
+    throttle_t *t = NULL;
+    char err[256];
+    assert_int_equal(throttle_new("slow.test:2/s", &t, err, sizeof(err)), 0);
+    throttle_ask_t ask;
+    throttle_answer_t now;
+    assert_int_equal(throttle_ask_start(&ask, t, NULL, "fast.test", 10000, on_answer, NULL, &now), 1);
+    assert_int_equal(now.wait_ms, -1);
+    assert_string_equal(now.rule, "");
+    assert_int_equal(throttle_ask_start(&ask, t, NULL, "slow.test", 10000, on_answer, NULL, &now), 1);
+    assert_int_equal(now.wait_ms, 0);
+    assert_string_equal(now.rule, "slow.test:2/s");
+    assert_int_equal(now.local_fallback, 0);
+    assert_int_equal(throttle_ask_start(&ask, t, NULL, "slow.test", 10000, on_answer, NULL, &now), 1);
+    assert_in_range(now.wait_ms, 490, 500); /* the next slot, 500 ms after the first */
+    /* a slot further than max_wait reserves nothing: the same wait again */
+    assert_int_equal(throttle_ask_start(&ask, t, NULL, "slow.test", 100, on_answer, NULL, &now), 1);
+    assert_in_range(now.wait_ms, 900, 1000);
+    assert_int_equal(throttle_ask_start(&ask, t, NULL, "slow.test", 100, on_answer, NULL, &now), 1);
+    assert_in_range(now.wait_ms, 900, 1000);
+    throttle_ask_cancel(&ask); /* nothing in flight: harmless */
+    assert_int_equal(asks_fired, 0);
+    /* no table at all ([smtp] rate_limits empty) */
+    assert_int_equal(throttle_ask_start(&ask, NULL, NULL, "slow.test", 100, on_answer, NULL, &now), 1);
+    assert_int_equal(now.wait_ms, -1);
+    throttle_free(t);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -164,6 +202,7 @@ int main(void)
         cmocka_unit_test(test_matching),
         cmocka_unit_test(test_spacing),
         cmocka_unit_test(test_threads),
+        cmocka_unit_test(test_ask_without_redis),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
