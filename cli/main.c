@@ -57,7 +57,7 @@ static void usage_enqueue(FILE *f)
             "\n"
             "Publishes one message to the outbound queue, waits for the broker's\n"
             "confirm, and prints the message id. Without --from/--to the JSON message\n"
-            "is read from standard input (format: see README, \"Message format\").\n"
+            "is read from standard input (format: docs/message-format.md).\n"
             "\n"
             "  --from ADDR          sender, \"addr@domain\" or \"Name <addr@domain>\"\n"
             "  --to ADDR            recipient (repeatable)\n"
@@ -82,7 +82,7 @@ static void usage_events(FILE *f)
             "Subscribes to the events exchange and prints each event as one JSON line.\n"
             "Prints \"subscribed\" on standard error once events are being received.\n"
             "\n"
-            "  --key PATTERN   routing-key pattern: delivered, failed, deferred, dead,\n"
+            "  --key PATTERN   routing-key pattern: delivered, bounced, deferred, dead,\n"
             "                  appended, append_failed, or # for all (default #)\n"
             "  --count N       exit 0 after N events\n"
             "  --timeout SEC   exit 1 if no event arrives for SEC seconds (default: wait)\n");

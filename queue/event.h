@@ -1,10 +1,10 @@
 /*
  * queue/event.h - the JSON events published to the mail.events exchange.
  *
- * One event per recipient (delivered, deferred, failed) and one per
+ * One event per recipient (delivered, deferred, bounced) and one per
  * message for the Sent-folder copy (appended, append_failed) or for a
  * dead-lettered message (dead). The routing key is the event name.
- * The README documents every field.
+ * docs/message-format.md documents every field.
  */
 #ifndef MP_QUEUE_EVENT_H
 #define MP_QUEUE_EVENT_H
@@ -12,7 +12,7 @@
 #include <stdint.h>
 
 typedef struct mq_event {
-    const char *event;        /* routing key: delivered, deferred, failed, appended, ... */
+    const char *event;        /* routing key: delivered, deferred, bounced, appended, ... */
     const char *message_id;
     const char *trace_id;     /* NULL: omitted */
     const char *sender;

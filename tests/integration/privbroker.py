@@ -2,7 +2,7 @@
 without touching the shared stack's one.
 
 It is started the way deploy/local/stack starts the shared node (see
-/work/shared/LOCAL-STACK.md): /usr/lib/rabbitmq/bin/rabbitmq-server run
+deploy/local/README.md): /usr/lib/rabbitmq/bin/rabbitmq-server run
 directly, with every path under a temporary directory, a unique node name,
 and the AMQP listener, the Erlang distribution port and epmd on free
 loopback ports. No plugins, so it boots in a few seconds.

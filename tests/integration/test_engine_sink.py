@@ -1,6 +1,6 @@
 """The delivery engine against the fault-injecting receiver tests/tools/smtpsink.
 
-Issue 3's SMTP rules, proven end to end: mailpumpd (private queues, one
+The SMTP engine's rules, proven end to end: mailpumpd (private queues, one
 worker) delivers to an smtpsink that stands in for the MX hosts of the
 local stack's DNS zone (test.example MX 10 mx1 = 127.0.0.2, MX 20 mx2 =
 127.0.0.3; failover.test.example MX 10 down = 127.0.0.4, MX 20 mx2). The

@@ -1,4 +1,4 @@
-"""Independent verification of mime/ and mime/dkim (issue 6).
+"""Independent verification of mime/ and mime/dkim.
 
 tests/tools/mimetool builds messages from JSON exactly as the worker does
 (msgjson_parse -> mime_build -> dkim_sign). Python's email package parses

@@ -2,7 +2,7 @@
  * tests/support/fakedns.h - an in-process fake DNS server for unit tests.
  *
  * A UDP socket on 127.0.0.1 with an ephemeral port, served from the test's
- * own loop (c-ares test/README.md style), answering from a zone the test
+ * own loop (as c-ares' own test suite does), answering from a zone the test
  * gives as a table. Every outcome is deterministic: records, NXDOMAIN for
  * names the zone does not hold, an rcode or silence for chosen names, CNAME
  * chains chased or not, A/AAAA records in the additional section, and an

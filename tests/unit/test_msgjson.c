@@ -264,7 +264,7 @@ static void test_malformed_table(void **state)
     }
 }
 
-/* ---- attachments and raw (issue 6) --------------------------------------------- */
+/* ---- attachments and raw ------------------------------------------------------- */
 
 static void test_attachments(void **state)
 {

@@ -189,7 +189,7 @@ static void test_real_world_table(void **state)
 
 /* Every tag the table can produce is reachable: a row deleted from the
  * rule table makes at least one case above fail, and each tag named in
- * README appears in the cases. */
+ * docs/message-format.md appears in the cases. */
 static void test_every_tag_covered(void **state)
 {
     static const char *tags[] = { "delivered", "no_such_user", "mailbox_full", "rate_limited", "greylisted",
