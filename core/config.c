@@ -19,121 +19,200 @@
 
 #include "core/util.h"
 
-typedef enum { K_STR, K_UINT, K_ULONG, K_MS } key_type_t;
+typedef enum { K_STR, K_UINT, K_ULONG, K_MS, K_ENUM } key_type_t;
+
+/* A name of an enumerated key and the value it stands for; a name whose
+ * value an earlier name already has is an alias (accepted, not listed). */
+typedef struct enum_name {
+    const char *name;
+    int         value;
+} enum_name_t;
 
 typedef struct key_def {
-    const char *section;
-    const char *key;
-    key_type_t  type;
-    size_t      offset;
-    const char *defval;
-    int         secret;
+    const char        *section;
+    const char        *key;
+    key_type_t         type;
+    size_t             offset;
+    const char        *defval;
+    int                secret;
+    const enum_name_t *names; /* K_ENUM: the allowed names, { NULL } last */
 } key_def_t;
+
+/* K_ENUM fields are stored as int */
+_Static_assert(sizeof(mp_smtp_tls_t) == sizeof(int), "enum stored as int");
+_Static_assert(sizeof(mp_imap_tls_t) == sizeof(int), "enum stored as int");
+_Static_assert(sizeof(mp_log_level_t) == sizeof(int), "enum stored as int");
+_Static_assert(sizeof(mp_log_format_t) == sizeof(int), "enum stored as int");
+
+static const enum_name_t smtp_tls_names[] = {
+    { "none", MP_SMTP_TLS_NONE },
+    { "opportunistic", MP_SMTP_TLS_OPPORTUNISTIC },
+    { "required", MP_SMTP_TLS_REQUIRED },
+    { "verify", MP_SMTP_TLS_VERIFY },
+    { NULL, 0 },
+};
+static const enum_name_t imap_tls_names[] = {
+    { "imaps", MP_IMAP_TLS_IMAPS },
+    { "starttls", MP_IMAP_TLS_STARTTLS },
+    { "none", MP_IMAP_TLS_NONE },
+    { NULL, 0 },
+};
+static const enum_name_t log_level_names[] = {
+    { "error", MP_LOG_LEVEL_ERROR },
+    { "warn", MP_LOG_LEVEL_WARN },
+    { "info", MP_LOG_LEVEL_INFO },
+    { "debug", MP_LOG_LEVEL_DEBUG },
+    { "warning", MP_LOG_LEVEL_WARN },
+    { NULL, 0 },
+};
+static const enum_name_t log_format_names[] = {
+    { "logfmt", MP_LOG_FORMAT_LOGFMT },
+    { "json", MP_LOG_FORMAT_JSON },
+    { NULL, 0 },
+};
 
 #define F(field) offsetof(mp_config_t, field)
 
 static const key_def_t keys[] = {
-    { "worker", "count", K_UINT, F(worker_count), "0", 0 },
-    { "worker", "shutdown_grace_ms", K_UINT, F(worker_shutdown_grace_ms), "30000", 0 },
-    { "amqp", "host", K_STR, F(amqp_host), "127.0.0.1", 0 },
-    { "amqp", "port", K_UINT, F(amqp_port), "5672", 0 },
-    { "amqp", "user", K_STR, F(amqp_user), "guest", 0 },
-    { "amqp", "password", K_STR, F(amqp_password), "guest", 1 },
-    { "amqp", "vhost", K_STR, F(amqp_vhost), "/", 0 },
-    { "amqp", "prefetch", K_UINT, F(amqp_prefetch), "64", 0 },
-    { "amqp", "heartbeat", K_UINT, F(amqp_heartbeat), "30", 0 },
-    { "amqp", "queue", K_STR, F(amqp_queue), "mail.outbound", 0 },
-    { "amqp", "dead_queue", K_STR, F(amqp_dead_queue), "mail.dead", 0 },
-    { "amqp", "events_exchange", K_STR, F(amqp_events_exchange), "mail.events", 0 },
-    { "dns", "servers", K_STR, F(dns_servers), "", 0 },
-    { "dns", "timeout_ms", K_UINT, F(dns_timeout_ms), "2000", 0 },
-    { "dns", "tries", K_UINT, F(dns_tries), "2", 0 },
-    { "dns", "l1_entries", K_UINT, F(dns_l1_entries), "10000", 0 },
-    { "dns", "max_ttl_s", K_UINT, F(dns_max_ttl_s), "3600", 0 },
-    { "dns", "negative_ttl_s", K_UINT, F(dns_negative_ttl_s), "900", 0 },
-    { "dns", "l2", K_UINT, F(dns_l2), "1", 0 },
-    { "smtp", "port", K_UINT, F(smtp_port), "25", 0 },
-    { "smtp", "helo_name", K_STR, F(smtp_helo_name), "", 0 },
-    { "smtp", "tls", K_STR, F(smtp_tls), "opportunistic", 0 },
-    { "smtp", "ca_file", K_STR, F(smtp_ca_file), "", 0 },
-    { "smtp", "max_mx", K_UINT, F(smtp_max_mx), "5", 0 },
-    { "smtp", "timeout_scale", K_UINT, F(smtp_timeout_scale), "100", 0 },
-    { "smtp", "tls_policy", K_STR, F(smtp_tls_policy), "", 0 },
-    { "smtp", "rate_limits", K_STR, F(smtp_rate_limits), "", 0 },
-    { "smtp", "rate_limit_max_wait", K_MS, F(smtp_rate_limit_max_wait_ms), "10s", 0 },
-    { "smtp", "max_rcpts", K_UINT, F(smtp_max_rcpts), "100", 0 },
-    { "smtp", "pipelining", K_UINT, F(smtp_pipelining), "1", 0 },
-    { "smtp", "pool", K_UINT, F(smtp_pool), "1", 0 },
-    { "smtp", "pool_max_msgs", K_UINT, F(smtp_pool_max_msgs), "100", 0 },
-    { "smtp", "pool_max_age_ms", K_UINT, F(smtp_pool_max_age_ms), "300000", 0 },
-    { "smtp", "pool_idle_ms", K_UINT, F(smtp_pool_idle_ms), "5000", 0 },
-    { "smtp", "pool_max_per_dest", K_UINT, F(smtp_pool_max_per_dest), "20", 0 },
-    { "smtp", "pool_initial_per_dest", K_UINT, F(smtp_pool_initial_per_dest), "1", 0 },
-    { "smtp", "pool_max_total", K_UINT, F(smtp_pool_max_total), "1000", 0 },
-    { "smtp", "pool_refused_backoff", K_MS, F(smtp_pool_refused_backoff_ms), "60s", 0 },
-    { "smtp", "tls_cache_size", K_UINT, F(smtp_tls_cache_size), "1024", 0 },
-    { "smtp", "route_penalty", K_MS, F(smtp_route_penalty_ms), "1s", 0 },
-    { "smtp", "route_penalty_max", K_MS, F(smtp_route_penalty_max_ms), "5m", 0 },
-    { "smtp", "relay", K_STR, F(smtp_relay), "", 0 },
-    { "smtp", "relay_user", K_STR, F(smtp_relay_user), "", 0 },
-    { "smtp", "relay_password", K_STR, F(smtp_relay_password), "", 1 },
-    { "smtp", "timeout_connect_ms", K_UINT, F(smtp_timeout_ms[0]), "0", 0 },
-    { "smtp", "timeout_greeting_ms", K_UINT, F(smtp_timeout_ms[1]), "0", 0 },
-    { "smtp", "timeout_helo_ms", K_UINT, F(smtp_timeout_ms[2]), "0", 0 },
-    { "smtp", "timeout_starttls_ms", K_UINT, F(smtp_timeout_ms[3]), "0", 0 },
-    { "smtp", "timeout_mail_ms", K_UINT, F(smtp_timeout_ms[4]), "0", 0 },
-    { "smtp", "timeout_rcpt_ms", K_UINT, F(smtp_timeout_ms[5]), "0", 0 },
-    { "smtp", "timeout_data_init_ms", K_UINT, F(smtp_timeout_ms[6]), "0", 0 },
-    { "smtp", "timeout_data_block_ms", K_UINT, F(smtp_timeout_ms[7]), "0", 0 },
-    { "smtp", "timeout_data_done_ms", K_UINT, F(smtp_timeout_ms[8]), "0", 0 },
-    { "smtp", "timeout_rset_ms", K_UINT, F(smtp_timeout_ms[9]), "0", 0 },
-    { "smtp", "timeout_quit_ms", K_UINT, F(smtp_timeout_ms[10]), "0", 0 },
-    { "imap", "host", K_STR, F(imap_host), "", 0 },
-    { "imap", "port", K_UINT, F(imap_port), "993", 0 },
-    { "imap", "tls", K_STR, F(imap_tls), "imaps", 0 },
-    { "imap", "ca_file", K_STR, F(imap_ca_file), "", 0 },
-    { "imap", "accounts_file", K_STR, F(imap_accounts_file), "", 0 },
-    { "imap", "timeout_ms", K_UINT, F(imap_timeout_ms), "30000", 0 },
-    { "imap", "pool", K_UINT, F(imap_pool), "1", 0 },
-    { "imap", "pool_max_appends", K_UINT, F(imap_pool_max_appends), "100", 0 },
-    { "imap", "pool_idle_ms", K_UINT, F(imap_pool_idle_ms), "10000", 0 },
-    { "imap", "pool_max_connections", K_UINT, F(imap_pool_max_connections), "2", 0 },
-    { "imap", "pool_max_batch", K_UINT, F(imap_pool_max_batch), "16", 0 },
-    { "redis", "host", K_STR, F(redis_host), "", 0 },
-    { "redis", "port", K_UINT, F(redis_port), "6379", 0 },
-    { "redis", "timeout_ms", K_UINT, F(redis_timeout_ms), "50", 0 },
-    { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0 },
-    { "log", "level", K_STR, F(log_level), "info", 0 },
-    { "log", "format", K_STR, F(log_format), "logfmt", 0 },
-    { "retry", "levels", K_STR, F(retry_levels), "30s,1m,2m,5m,10m,20m,40m,1h,2h,4h,8h,16h", 0 },
-    { "retry", "queue_prefix", K_STR, F(retry_queue_prefix), "mail.retry", 0 },
-    { "retry", "poison_redeliveries", K_UINT, F(retry_poison_redeliveries), "5", 0 },
-    { "retry", "p0_base", K_MS, F(retry_base_ms[0]), "30s", 0 },
-    { "retry", "p1_base", K_MS, F(retry_base_ms[1]), "1m", 0 },
-    { "retry", "p2_base", K_MS, F(retry_base_ms[2]), "5m", 0 },
-    { "retry", "p0_max_age", K_MS, F(retry_max_age_ms[0]), "5d", 0 },
-    { "retry", "p1_max_age", K_MS, F(retry_max_age_ms[1]), "3d", 0 },
-    { "retry", "p2_max_age", K_MS, F(retry_max_age_ms[2]), "1d", 0 },
-    { "retry", "p0_max_attempts", K_UINT, F(retry_max_attempts[0]), "40", 0 },
-    { "retry", "p1_max_attempts", K_UINT, F(retry_max_attempts[1]), "25", 0 },
-    { "retry", "p2_max_attempts", K_UINT, F(retry_max_attempts[2]), "12", 0 },
-    { "retry", "p0_fast_retries", K_UINT, F(retry_fast_retries[0]), "5", 0 },
-    { "retry", "p1_fast_retries", K_UINT, F(retry_fast_retries[1]), "3", 0 },
-    { "retry", "p2_fast_retries", K_UINT, F(retry_fast_retries[2]), "1", 0 },
-    { "retry", "p0_fast_base", K_MS, F(retry_fast_base_ms[0]), "50ms", 0 },
-    { "retry", "p1_fast_base", K_MS, F(retry_fast_base_ms[1]), "200ms", 0 },
-    { "retry", "p2_fast_base", K_MS, F(retry_fast_base_ms[2]), "1s", 0 },
-    { "message", "max_size", K_ULONG, F(message_max_size), "26214400", 0 },
-    { "dkim", "keys_file", K_STR, F(dkim_keys_file), "", 0 },
+    { "worker", "count", K_UINT, F(worker_count), "0", 0, NULL },
+    { "worker", "shutdown_grace_ms", K_UINT, F(worker_shutdown_grace_ms), "30000", 0, NULL },
+    { "amqp", "host", K_STR, F(amqp_host), "127.0.0.1", 0, NULL },
+    { "amqp", "port", K_UINT, F(amqp_port), "5672", 0, NULL },
+    { "amqp", "user", K_STR, F(amqp_user), "guest", 0, NULL },
+    { "amqp", "password", K_STR, F(amqp_password), "guest", 1, NULL },
+    { "amqp", "vhost", K_STR, F(amqp_vhost), "/", 0, NULL },
+    { "amqp", "prefetch", K_UINT, F(amqp_prefetch), "64", 0, NULL },
+    { "amqp", "heartbeat", K_UINT, F(amqp_heartbeat), "30", 0, NULL },
+    { "amqp", "queue", K_STR, F(amqp_queue), "mail.outbound", 0, NULL },
+    { "amqp", "dead_queue", K_STR, F(amqp_dead_queue), "mail.dead", 0, NULL },
+    { "amqp", "events_exchange", K_STR, F(amqp_events_exchange), "mail.events", 0, NULL },
+    { "dns", "servers", K_STR, F(dns_servers), "", 0, NULL },
+    { "dns", "timeout_ms", K_UINT, F(dns_timeout_ms), "2000", 0, NULL },
+    { "dns", "tries", K_UINT, F(dns_tries), "2", 0, NULL },
+    { "dns", "l1_entries", K_UINT, F(dns_l1_entries), "10000", 0, NULL },
+    { "dns", "max_ttl_s", K_UINT, F(dns_max_ttl_s), "3600", 0, NULL },
+    { "dns", "negative_ttl_s", K_UINT, F(dns_negative_ttl_s), "900", 0, NULL },
+    { "dns", "l2", K_UINT, F(dns_l2), "1", 0, NULL },
+    { "smtp", "port", K_UINT, F(smtp_port), "25", 0, NULL },
+    { "smtp", "helo_name", K_STR, F(smtp_helo_name), "", 0, NULL },
+    { "smtp", "tls", K_ENUM, F(smtp_tls), "opportunistic", 0, smtp_tls_names },
+    { "smtp", "ca_file", K_STR, F(smtp_ca_file), "", 0, NULL },
+    { "smtp", "max_mx", K_UINT, F(smtp_max_mx), "5", 0, NULL },
+    { "smtp", "timeout_scale", K_UINT, F(smtp_timeout_scale), "100", 0, NULL },
+    { "smtp", "tls_policy", K_STR, F(smtp_tls_policy), "", 0, NULL },
+    { "smtp", "rate_limits", K_STR, F(smtp_rate_limits), "", 0, NULL },
+    { "smtp", "rate_limit_max_wait", K_MS, F(smtp_rate_limit_max_wait_ms), "10s", 0, NULL },
+    { "smtp", "max_rcpts", K_UINT, F(smtp_max_rcpts), "100", 0, NULL },
+    { "smtp", "pipelining", K_UINT, F(smtp_pipelining), "1", 0, NULL },
+    { "smtp", "pool", K_UINT, F(smtp_pool), "1", 0, NULL },
+    { "smtp", "pool_max_msgs", K_UINT, F(smtp_pool_max_msgs), "100", 0, NULL },
+    { "smtp", "pool_max_age_ms", K_UINT, F(smtp_pool_max_age_ms), "300000", 0, NULL },
+    { "smtp", "pool_idle_ms", K_UINT, F(smtp_pool_idle_ms), "5000", 0, NULL },
+    { "smtp", "pool_max_per_dest", K_UINT, F(smtp_pool_max_per_dest), "20", 0, NULL },
+    { "smtp", "pool_initial_per_dest", K_UINT, F(smtp_pool_initial_per_dest), "1", 0, NULL },
+    { "smtp", "pool_max_total", K_UINT, F(smtp_pool_max_total), "1000", 0, NULL },
+    { "smtp", "pool_refused_backoff", K_MS, F(smtp_pool_refused_backoff_ms), "60s", 0, NULL },
+    { "smtp", "tls_cache_size", K_UINT, F(smtp_tls_cache_size), "1024", 0, NULL },
+    { "smtp", "route_penalty", K_MS, F(smtp_route_penalty_ms), "1s", 0, NULL },
+    { "smtp", "route_penalty_max", K_MS, F(smtp_route_penalty_max_ms), "5m", 0, NULL },
+    { "smtp", "relay", K_STR, F(smtp_relay), "", 0, NULL },
+    { "smtp", "relay_user", K_STR, F(smtp_relay_user), "", 0, NULL },
+    { "smtp", "relay_password", K_STR, F(smtp_relay_password), "", 1, NULL },
+    { "smtp", "timeout_connect_ms", K_UINT, F(smtp_timeout_connect_ms), "0", 0, NULL },
+    { "smtp", "timeout_greeting_ms", K_UINT, F(smtp_timeout_greeting_ms), "0", 0, NULL },
+    { "smtp", "timeout_helo_ms", K_UINT, F(smtp_timeout_helo_ms), "0", 0, NULL },
+    { "smtp", "timeout_starttls_ms", K_UINT, F(smtp_timeout_starttls_ms), "0", 0, NULL },
+    { "smtp", "timeout_mail_ms", K_UINT, F(smtp_timeout_mail_ms), "0", 0, NULL },
+    { "smtp", "timeout_rcpt_ms", K_UINT, F(smtp_timeout_rcpt_ms), "0", 0, NULL },
+    { "smtp", "timeout_data_init_ms", K_UINT, F(smtp_timeout_data_init_ms), "0", 0, NULL },
+    { "smtp", "timeout_data_block_ms", K_UINT, F(smtp_timeout_data_block_ms), "0", 0, NULL },
+    { "smtp", "timeout_data_done_ms", K_UINT, F(smtp_timeout_data_done_ms), "0", 0, NULL },
+    { "smtp", "timeout_rset_ms", K_UINT, F(smtp_timeout_rset_ms), "0", 0, NULL },
+    { "smtp", "timeout_quit_ms", K_UINT, F(smtp_timeout_quit_ms), "0", 0, NULL },
+    { "imap", "host", K_STR, F(imap_host), "", 0, NULL },
+    { "imap", "port", K_UINT, F(imap_port), "993", 0, NULL },
+    { "imap", "tls", K_ENUM, F(imap_tls), "imaps", 0, imap_tls_names },
+    { "imap", "ca_file", K_STR, F(imap_ca_file), "", 0, NULL },
+    { "imap", "accounts_file", K_STR, F(imap_accounts_file), "", 0, NULL },
+    { "imap", "timeout_ms", K_UINT, F(imap_timeout_ms), "30000", 0, NULL },
+    { "imap", "pool", K_UINT, F(imap_pool), "1", 0, NULL },
+    { "imap", "pool_max_appends", K_UINT, F(imap_pool_max_appends), "100", 0, NULL },
+    { "imap", "pool_idle_ms", K_UINT, F(imap_pool_idle_ms), "10000", 0, NULL },
+    { "imap", "pool_max_connections", K_UINT, F(imap_pool_max_connections), "2", 0, NULL },
+    { "imap", "pool_max_batch", K_UINT, F(imap_pool_max_batch), "16", 0, NULL },
+    { "redis", "host", K_STR, F(redis_host), "", 0, NULL },
+    { "redis", "port", K_UINT, F(redis_port), "6379", 0, NULL },
+    { "redis", "timeout_ms", K_UINT, F(redis_timeout_ms), "50", 0, NULL },
+    { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0, NULL },
+    { "log", "level", K_ENUM, F(log_level), "info", 0, log_level_names },
+    { "log", "format", K_ENUM, F(log_format), "logfmt", 0, log_format_names },
+    { "retry", "levels", K_STR, F(retry_levels), "30s,1m,2m,5m,10m,20m,40m,1h,2h,4h,8h,16h", 0, NULL },
+    { "retry", "queue_prefix", K_STR, F(retry_queue_prefix), "mail.retry", 0, NULL },
+    { "retry", "poison_redeliveries", K_UINT, F(retry_poison_redeliveries), "5", 0, NULL },
+    { "retry", "p0_base", K_MS, F(retry_base_ms[0]), "30s", 0, NULL },
+    { "retry", "p1_base", K_MS, F(retry_base_ms[1]), "1m", 0, NULL },
+    { "retry", "p2_base", K_MS, F(retry_base_ms[2]), "5m", 0, NULL },
+    { "retry", "p0_max_age", K_MS, F(retry_max_age_ms[0]), "5d", 0, NULL },
+    { "retry", "p1_max_age", K_MS, F(retry_max_age_ms[1]), "3d", 0, NULL },
+    { "retry", "p2_max_age", K_MS, F(retry_max_age_ms[2]), "1d", 0, NULL },
+    { "retry", "p0_max_attempts", K_UINT, F(retry_max_attempts[0]), "40", 0, NULL },
+    { "retry", "p1_max_attempts", K_UINT, F(retry_max_attempts[1]), "25", 0, NULL },
+    { "retry", "p2_max_attempts", K_UINT, F(retry_max_attempts[2]), "12", 0, NULL },
+    { "retry", "p0_fast_retries", K_UINT, F(retry_fast_retries[0]), "5", 0, NULL },
+    { "retry", "p1_fast_retries", K_UINT, F(retry_fast_retries[1]), "3", 0, NULL },
+    { "retry", "p2_fast_retries", K_UINT, F(retry_fast_retries[2]), "1", 0, NULL },
+    { "retry", "p0_fast_base", K_MS, F(retry_fast_base_ms[0]), "50ms", 0, NULL },
+    { "retry", "p1_fast_base", K_MS, F(retry_fast_base_ms[1]), "200ms", 0, NULL },
+    { "retry", "p2_fast_base", K_MS, F(retry_fast_base_ms[2]), "1s", 0, NULL },
+    { "message", "max_size", K_ULONG, F(message_max_size), "26214400", 0, NULL },
+    { "dkim", "keys_file", K_STR, F(dkim_keys_file), "", 0, NULL },
     { "dkim", "headers", K_STR, F(dkim_headers),
       "from:to:cc:subject:date:message-id:mime-version:content-type:content-transfer-encoding:"
-      "reply-to:in-reply-to:references:list-id:list-unsubscribe:list-unsubscribe-post", 0 },
+      "reply-to:in-reply-to:references:list-id:list-unsubscribe:list-unsubscribe-post", 0, NULL },
 };
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
+
+static int enum_value(const enum_name_t *names, const char *v)
+{
+    for (const enum_name_t *n = names; n->name; n++)
+        if (strcmp(v, n->name) == 0)
+            return n->value;
+    return -1;
+}
+
+/* The names of an enum key joined by sep, aliases left out. */
+static void enum_list(const enum_name_t *names, const char *sep, char *out, size_t outlen)
+{
+    size_t len = 0;
+    out[0] = '\0';
+    for (const enum_name_t *n = names; n->name; n++) {
+        int alias = 0;
+        for (const enum_name_t *m = names; m < n; m++)
+            if (m->value == n->value)
+                alias = 1;
+        if (alias)
+            continue;
+        int w = snprintf(out + len, outlen - len, "%s%s", len ? sep : "", n->name);
+        if (w < 0 || (size_t)w >= outlen - len)
+            return;
+        len += (size_t)w;
+    }
+}
 
 static int set_value(mp_config_t *cfg, const key_def_t *k, const char *v, char *err, size_t errlen)
 {
     char *base = (char *)cfg + k->offset;
+    if (k->type == K_ENUM) {
+        int e = enum_value(k->names, v);
+        if (e < 0) {
+            char allowed[256];
+            enum_list(k->names, ", ", allowed, sizeof(allowed));
+            snprintf(err, errlen, "[%s] %s: \"%s\" is not one of %s", k->section, k->key, v, allowed);
+            return -1;
+        }
+        *(int *)base = e;
+        return 0;
+    }
     if (k->type == K_STR) {
         char **p = (char **)base;
         free(*p);
@@ -311,38 +390,8 @@ int config_load(mp_config_t *cfg, const char *path, char *err, size_t errlen)
     return 0;
 }
 
-static int one_of(const char *v, const char *const *set)
-{
-    for (; *set; set++)
-        if (strcmp(v, *set) == 0)
-            return 1;
-    return 0;
-}
-
 int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
 {
-    static const char *const tls[] = { "none", "opportunistic", "required", "verify", NULL };
-    static const char *const itls[] = { "imaps", "starttls", "none", NULL };
-    static const char *const fmts[] = { "logfmt", "json", NULL };
-    static const char *const levels[] = { "error", "warn", "warning", "info", "debug", NULL };
-    if (!one_of(cfg->smtp_tls, tls)) {
-        snprintf(err, errlen, "[smtp] tls: \"%s\" is not one of none, opportunistic, required, verify",
-                 cfg->smtp_tls);
-        return -1;
-    }
-    if (!one_of(cfg->imap_tls, itls)) {
-        snprintf(err, errlen, "[imap] tls: \"%s\" is not one of imaps, starttls, none", cfg->imap_tls);
-        return -1;
-    }
-    if (!one_of(cfg->log_format, fmts)) {
-        snprintf(err, errlen, "[log] format: \"%s\" is not one of logfmt, json", cfg->log_format);
-        return -1;
-    }
-    if (!one_of(cfg->log_level, levels)) {
-        snprintf(err, errlen, "[log] level: \"%s\" is not one of error, warn, info, debug",
-                 cfg->log_level);
-        return -1;
-    }
     if (cfg->amqp_port == 0 || cfg->amqp_port > 65535 || cfg->smtp_port == 0 ||
         cfg->smtp_port > 65535 || cfg->imap_port == 0 || cfg->imap_port > 65535) {
         snprintf(err, errlen, "ports must be between 1 and 65535");
@@ -399,9 +448,6 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "[imap] host is set but accounts_file is empty");
         return -1;
     }
-    if (strcmp(cfg->smtp_tls, "verify") == 0 && !cfg->smtp_ca_file[0]) {
-        /* system CA paths are used: fine, but say so at start-up */
-    }
     return 0;
 }
 
@@ -432,6 +478,40 @@ void config_dump(const mp_config_t *cfg, void *stream)
             fprintf(f, "%s = %s\n", k->key, d);
             break;
         }
+        case K_ENUM:
+            fprintf(f, "%s = %s\n", k->key, config_enum_name(k->section, k->key, *(const int *)base));
+            break;
         }
     }
+}
+
+/* The enumerated key [section] key, or NULL. */
+static const key_def_t *find_enum(const char *section, const char *key)
+{
+    const key_def_t *k = find_key(section, key);
+    return k && k->type == K_ENUM ? k : NULL;
+}
+
+int config_enum_parse(const char *section, const char *key, const char *s)
+{
+    const key_def_t *k = find_enum(section, key);
+    return k && s ? enum_value(k->names, s) : -1;
+}
+
+const char *config_enum_name(const char *section, const char *key, int value)
+{
+    const key_def_t *k = find_enum(section, key);
+    for (const enum_name_t *n = k ? k->names : NULL; n && n->name; n++)
+        if (n->value == value)
+            return n->name;
+    return "?";
+}
+
+void config_enum_list(const char *section, const char *key, const char *sep, char *out, size_t outlen)
+{
+    const key_def_t *k = find_enum(section, key);
+    if (k)
+        enum_list(k->names, sep, out, outlen);
+    else if (outlen)
+        out[0] = '\0';
 }

@@ -453,9 +453,7 @@ static void job_store_sent_copy(job_t *j)
         .addr = (const struct sockaddr *)&env->imap_addr,
         .addrlen = env->imap_addrlen,
         .host = env->cfg->imap_host,
-        .tls = strcmp(env->cfg->imap_tls, "starttls") == 0 ? IMAP_TLS_STARTTLS
-               : strcmp(env->cfg->imap_tls, "none") == 0   ? IMAP_TLS_NONE
-                                                           : IMAP_TLS_IMAPS,
+        .tls = env->imap_tls,
         .ssl_ctx = env->imap_ctx,
         .verify_host = 1,
         .user = acct->login,

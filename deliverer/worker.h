@@ -16,6 +16,7 @@
 #include "deliverer/accounts.h"
 #include "deliverer/deliver.h"
 #include "deliverer/retry.h"
+#include "imap/imap.h"
 #include "mime/dkim.h"
 
 /* Process-wide, built once by main before threads start, then read-only. */
@@ -25,6 +26,7 @@ typedef struct worker_env {
     SSL_CTX                *smtp_verify_ctx;
     SSL_CTX                *smtp_noverify_ctx;
     SSL_CTX                *imap_ctx;
+    imap_tls_t              imap_tls;    /* [imap] tls */
     accounts_t              accounts;
     retry_levels_t          levels;      /* delay queues, ascending */
     struct sockaddr_storage imap_addr;
