@@ -35,15 +35,20 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "Usage: mailpumpd [--config FILE] [--check-config] [--help] [--version]\n"
+            "Usage: mailpumpd [--config FILE] [--check-config] [--print-config-reference]\n"
+            "                 [--help] [--version]\n"
             "\n"
             "Outbound mail delivery engine: consumes JSON messages from RabbitMQ,\n"
             "delivers them over SMTP (STARTTLS), appends the sent copy to the\n"
             "sender's IMAP Sent folder and publishes one event per recipient.\n"
             "\n"
-            "  -c, --config FILE    INI configuration file (see README: Configuration)\n"
+            "  -c, --config FILE    INI configuration file (see docs/configuration.md)\n"
             "      --check-config   validate the configuration, print it with secrets\n"
             "                       masked, and exit (0 = valid)\n"
+            "      --print-config-reference\n"
+            "                       print every key (type, default, environment\n"
+            "                       variable, meaning) as Markdown, and exit\n"
+            "                       (docs/configuration.md is this output)\n"
             "  -h, --help           this text\n"
             "  -V, --version        print the version\n"
             "\n"
@@ -167,6 +172,7 @@ int main(int argc, char **argv)
     static const struct option opts[] = {
         { "config", required_argument, NULL, 'c' },
         { "check-config", no_argument, NULL, 'k' },
+        { "print-config-reference", no_argument, NULL, 'r' },
         { "help", no_argument, NULL, 'h' },
         { "version", no_argument, NULL, 'V' },
         { NULL, 0, NULL, 0 },
@@ -177,6 +183,7 @@ int main(int argc, char **argv)
         switch (c) {
         case 'c': config_path = optarg; break;
         case 'k': check_only = 1; break;
+        case 'r': config_print_reference(stdout); return 0;
         case 'h': usage(stdout); return 0;
         case 'V': printf("mailpumpd %s\n", MAILPUMPD_VERSION); return 0;
         default: usage(stderr); return 2;

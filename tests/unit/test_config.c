@@ -7,6 +7,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -223,6 +224,64 @@ static void test_dump_masks_secrets(void **state)
     config_free(&c);
 }
 
+/* The reference lists every key of the dump under its section, with its
+ * environment variable and a description. */
+static void test_reference(void **state)
+{
+    mp_config_t c;
+    config_defaults(&c);
+    char *dump = NULL, *ref = NULL;
+    size_t dlen = 0, rlen = 0;
+    FILE *f = open_memstream(&dump, &dlen);
+    config_dump(&c, f);
+    fclose(f);
+    f = open_memstream(&ref, &rlen);
+    config_print_reference(f);
+    fclose(f);
+    char section[32] = "", *save = NULL;
+    const char *sec_at = ref;
+    int n = 0;
+    for (char *line = strtok_r(dump, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        char key[64], want[256];
+        if (sscanf(line, "[%31[a-z]]", section) == 1) {
+            snprintf(want, sizeof(want), "\n## [%s]\n", section);
+            sec_at = strstr(ref, want);
+            if (sec_at == NULL)
+                fail_msg("no section %s in the reference", want);
+            continue;
+        }
+        if (sscanf(line, "%63[a-z0-9_] =", key) != 1)
+            continue;
+        char env[128];
+        snprintf(env, sizeof(env), "MAILPUMP_%s_%s", section, key);
+        for (char *p = env; *p; p++)
+            *p = (char)toupper((unsigned char)*p);
+        snprintf(want, sizeof(want), "\n| `%s` | ", key);
+        const char *row = strstr(sec_at, want);
+        const char *next = strstr(sec_at + 1, "\n## [");
+        if (row == NULL || (next && row > next))
+            fail_msg("[%s] %s: no row in its section", section, key);
+        const char *end = strchr(row + 1, '\n');
+        snprintf(want, sizeof(want), " | `%s` | ", env);
+        const char *e = strstr(row, want);
+        if (e == NULL || e > end)
+            fail_msg("[%s] %s: no %s", section, key, env);
+        if (end - (e + strlen(want)) < 8 + 2) /* " |" after a description of some length */
+            fail_msg("[%s] %s: no description", section, key);
+        n++;
+    }
+    assert_true(n > 90);
+    assert_non_null(strstr(ref, "| `tls` | one of `none`, `opportunistic`, `required`, `verify` | `opportunistic` |"));
+    assert_non_null(strstr(ref, "| `level` | one of `error`, `warn`, `info`, `debug` | `info` |"));
+    assert_non_null(strstr(ref, "| `rate_limit_max_wait` | duration | `10s` |"));
+    assert_non_null(strstr(ref, "| `password` | secret string | `guest` |"));
+    assert_non_null(strstr(ref, "| `helo_name` | string | (empty) |"));
+    assert_non_null(strstr(ref, "rsa-sha256\\|ed25519-sha256")); /* '|' escaped in a cell */
+    free(dump);
+    free(ref);
+    config_free(&c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -232,6 +291,7 @@ int main(void)
         cmocka_unit_test_teardown(test_enum_keys, teardown),
         cmocka_unit_test_teardown(test_missing_file, teardown),
         cmocka_unit_test_teardown(test_dump_masks_secrets, teardown),
+        cmocka_unit_test(test_reference),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }
