@@ -2,9 +2,10 @@
  * SUMMARY
  *  core/config.c - INI configuration with MAILPUMP_<SECTION>_<KEY> overrides.
  * DESCRIPTION
- *  One table lists every key with its type and the field it sets; the
- *  file parser, the environment overlay and the dump all walk it, so a
- *  new key is one line here plus the field in config.h.
+ *  One table lists every key with its type, the field it sets, its
+ *  default and its description; the file parser, the environment
+ *  overlay, the dump and the reference (docs/configuration.md) all walk
+ *  it, so a new key is one entry here plus the field in config.h.
  */
 #include "core/config.h"
 
@@ -19,121 +20,311 @@
 
 #include "core/util.h"
 
-typedef enum { K_STR, K_UINT, K_ULONG, K_MS } key_type_t;
+typedef enum { K_STR, K_UINT, K_ULONG, K_MS, K_ENUM } key_type_t;
+
+/* A name of an enumerated key and the value it stands for; a name whose
+ * value an earlier name already has is an alias (accepted, not listed). */
+typedef struct enum_name {
+    const char *name;
+    int         value;
+} enum_name_t;
 
 typedef struct key_def {
-    const char *section;
-    const char *key;
-    key_type_t  type;
-    size_t      offset;
-    const char *defval;
-    int         secret;
+    const char        *section;
+    const char        *key;
+    key_type_t         type;
+    size_t             offset;
+    const char        *defval;
+    int                secret;
+    const enum_name_t *names; /* K_ENUM: the allowed names, { NULL } last */
+    const char        *desc;  /* one line for the reference: what it does, units, what empty or 0 means */
 } key_def_t;
+
+/* K_ENUM fields are stored as int */
+_Static_assert(sizeof(mp_smtp_tls_t) == sizeof(int), "enum stored as int");
+_Static_assert(sizeof(mp_imap_tls_t) == sizeof(int), "enum stored as int");
+_Static_assert(sizeof(mp_log_level_t) == sizeof(int), "enum stored as int");
+_Static_assert(sizeof(mp_log_format_t) == sizeof(int), "enum stored as int");
+
+static const enum_name_t smtp_tls_names[] = {
+    { "none", MP_SMTP_TLS_NONE },
+    { "opportunistic", MP_SMTP_TLS_OPPORTUNISTIC },
+    { "required", MP_SMTP_TLS_REQUIRED },
+    { "verify", MP_SMTP_TLS_VERIFY },
+    { NULL, 0 },
+};
+static const enum_name_t imap_tls_names[] = {
+    { "imaps", MP_IMAP_TLS_IMAPS },
+    { "starttls", MP_IMAP_TLS_STARTTLS },
+    { "none", MP_IMAP_TLS_NONE },
+    { NULL, 0 },
+};
+static const enum_name_t log_level_names[] = {
+    { "error", MP_LOG_LEVEL_ERROR },
+    { "warn", MP_LOG_LEVEL_WARN },
+    { "info", MP_LOG_LEVEL_INFO },
+    { "debug", MP_LOG_LEVEL_DEBUG },
+    { "warning", MP_LOG_LEVEL_WARN },
+    { NULL, 0 },
+};
+static const enum_name_t log_format_names[] = {
+    { "logfmt", MP_LOG_FORMAT_LOGFMT },
+    { "json", MP_LOG_FORMAT_JSON },
+    { NULL, 0 },
+};
 
 #define F(field) offsetof(mp_config_t, field)
 
 static const key_def_t keys[] = {
-    { "worker", "count", K_UINT, F(worker_count), "0", 0 },
-    { "worker", "shutdown_grace_ms", K_UINT, F(worker_shutdown_grace_ms), "30000", 0 },
-    { "amqp", "host", K_STR, F(amqp_host), "127.0.0.1", 0 },
-    { "amqp", "port", K_UINT, F(amqp_port), "5672", 0 },
-    { "amqp", "user", K_STR, F(amqp_user), "guest", 0 },
-    { "amqp", "password", K_STR, F(amqp_password), "guest", 1 },
-    { "amqp", "vhost", K_STR, F(amqp_vhost), "/", 0 },
-    { "amqp", "prefetch", K_UINT, F(amqp_prefetch), "64", 0 },
-    { "amqp", "heartbeat", K_UINT, F(amqp_heartbeat), "30", 0 },
-    { "amqp", "queue", K_STR, F(amqp_queue), "mail.outbound", 0 },
-    { "amqp", "dead_queue", K_STR, F(amqp_dead_queue), "mail.dead", 0 },
-    { "amqp", "events_exchange", K_STR, F(amqp_events_exchange), "mail.events", 0 },
-    { "dns", "servers", K_STR, F(dns_servers), "", 0 },
-    { "dns", "timeout_ms", K_UINT, F(dns_timeout_ms), "2000", 0 },
-    { "dns", "tries", K_UINT, F(dns_tries), "2", 0 },
-    { "dns", "l1_entries", K_UINT, F(dns_l1_entries), "10000", 0 },
-    { "dns", "max_ttl_s", K_UINT, F(dns_max_ttl_s), "3600", 0 },
-    { "dns", "negative_ttl_s", K_UINT, F(dns_negative_ttl_s), "900", 0 },
-    { "dns", "l2", K_UINT, F(dns_l2), "1", 0 },
-    { "smtp", "port", K_UINT, F(smtp_port), "25", 0 },
-    { "smtp", "helo_name", K_STR, F(smtp_helo_name), "", 0 },
-    { "smtp", "tls", K_STR, F(smtp_tls), "opportunistic", 0 },
-    { "smtp", "ca_file", K_STR, F(smtp_ca_file), "", 0 },
-    { "smtp", "max_mx", K_UINT, F(smtp_max_mx), "5", 0 },
-    { "smtp", "timeout_scale", K_UINT, F(smtp_timeout_scale), "100", 0 },
-    { "smtp", "tls_policy", K_STR, F(smtp_tls_policy), "", 0 },
-    { "smtp", "rate_limits", K_STR, F(smtp_rate_limits), "", 0 },
-    { "smtp", "rate_limit_max_wait", K_MS, F(smtp_rate_limit_max_wait_ms), "10s", 0 },
-    { "smtp", "max_rcpts", K_UINT, F(smtp_max_rcpts), "100", 0 },
-    { "smtp", "pipelining", K_UINT, F(smtp_pipelining), "1", 0 },
-    { "smtp", "pool", K_UINT, F(smtp_pool), "1", 0 },
-    { "smtp", "pool_max_msgs", K_UINT, F(smtp_pool_max_msgs), "100", 0 },
-    { "smtp", "pool_max_age_ms", K_UINT, F(smtp_pool_max_age_ms), "300000", 0 },
-    { "smtp", "pool_idle_ms", K_UINT, F(smtp_pool_idle_ms), "5000", 0 },
-    { "smtp", "pool_max_per_dest", K_UINT, F(smtp_pool_max_per_dest), "20", 0 },
-    { "smtp", "pool_initial_per_dest", K_UINT, F(smtp_pool_initial_per_dest), "1", 0 },
-    { "smtp", "pool_max_total", K_UINT, F(smtp_pool_max_total), "1000", 0 },
-    { "smtp", "pool_refused_backoff", K_MS, F(smtp_pool_refused_backoff_ms), "60s", 0 },
-    { "smtp", "tls_cache_size", K_UINT, F(smtp_tls_cache_size), "1024", 0 },
-    { "smtp", "route_penalty", K_MS, F(smtp_route_penalty_ms), "1s", 0 },
-    { "smtp", "route_penalty_max", K_MS, F(smtp_route_penalty_max_ms), "5m", 0 },
-    { "smtp", "relay", K_STR, F(smtp_relay), "", 0 },
-    { "smtp", "relay_user", K_STR, F(smtp_relay_user), "", 0 },
-    { "smtp", "relay_password", K_STR, F(smtp_relay_password), "", 1 },
-    { "smtp", "timeout_connect_ms", K_UINT, F(smtp_timeout_ms[0]), "0", 0 },
-    { "smtp", "timeout_greeting_ms", K_UINT, F(smtp_timeout_ms[1]), "0", 0 },
-    { "smtp", "timeout_helo_ms", K_UINT, F(smtp_timeout_ms[2]), "0", 0 },
-    { "smtp", "timeout_starttls_ms", K_UINT, F(smtp_timeout_ms[3]), "0", 0 },
-    { "smtp", "timeout_mail_ms", K_UINT, F(smtp_timeout_ms[4]), "0", 0 },
-    { "smtp", "timeout_rcpt_ms", K_UINT, F(smtp_timeout_ms[5]), "0", 0 },
-    { "smtp", "timeout_data_init_ms", K_UINT, F(smtp_timeout_ms[6]), "0", 0 },
-    { "smtp", "timeout_data_block_ms", K_UINT, F(smtp_timeout_ms[7]), "0", 0 },
-    { "smtp", "timeout_data_done_ms", K_UINT, F(smtp_timeout_ms[8]), "0", 0 },
-    { "smtp", "timeout_rset_ms", K_UINT, F(smtp_timeout_ms[9]), "0", 0 },
-    { "smtp", "timeout_quit_ms", K_UINT, F(smtp_timeout_ms[10]), "0", 0 },
-    { "imap", "host", K_STR, F(imap_host), "", 0 },
-    { "imap", "port", K_UINT, F(imap_port), "993", 0 },
-    { "imap", "tls", K_STR, F(imap_tls), "imaps", 0 },
-    { "imap", "ca_file", K_STR, F(imap_ca_file), "", 0 },
-    { "imap", "accounts_file", K_STR, F(imap_accounts_file), "", 0 },
-    { "imap", "timeout_ms", K_UINT, F(imap_timeout_ms), "30000", 0 },
-    { "imap", "pool", K_UINT, F(imap_pool), "1", 0 },
-    { "imap", "pool_max_appends", K_UINT, F(imap_pool_max_appends), "100", 0 },
-    { "imap", "pool_idle_ms", K_UINT, F(imap_pool_idle_ms), "10000", 0 },
-    { "imap", "pool_max_connections", K_UINT, F(imap_pool_max_connections), "2", 0 },
-    { "imap", "pool_max_batch", K_UINT, F(imap_pool_max_batch), "16", 0 },
-    { "redis", "host", K_STR, F(redis_host), "", 0 },
-    { "redis", "port", K_UINT, F(redis_port), "6379", 0 },
-    { "redis", "timeout_ms", K_UINT, F(redis_timeout_ms), "50", 0 },
-    { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0 },
-    { "log", "level", K_STR, F(log_level), "info", 0 },
-    { "log", "format", K_STR, F(log_format), "logfmt", 0 },
-    { "retry", "levels", K_STR, F(retry_levels), "30s,1m,2m,5m,10m,20m,40m,1h,2h,4h,8h,16h", 0 },
-    { "retry", "queue_prefix", K_STR, F(retry_queue_prefix), "mail.retry", 0 },
-    { "retry", "poison_redeliveries", K_UINT, F(retry_poison_redeliveries), "5", 0 },
-    { "retry", "p0_base", K_MS, F(retry_base_ms[0]), "30s", 0 },
-    { "retry", "p1_base", K_MS, F(retry_base_ms[1]), "1m", 0 },
-    { "retry", "p2_base", K_MS, F(retry_base_ms[2]), "5m", 0 },
-    { "retry", "p0_max_age", K_MS, F(retry_max_age_ms[0]), "5d", 0 },
-    { "retry", "p1_max_age", K_MS, F(retry_max_age_ms[1]), "3d", 0 },
-    { "retry", "p2_max_age", K_MS, F(retry_max_age_ms[2]), "1d", 0 },
-    { "retry", "p0_max_attempts", K_UINT, F(retry_max_attempts[0]), "40", 0 },
-    { "retry", "p1_max_attempts", K_UINT, F(retry_max_attempts[1]), "25", 0 },
-    { "retry", "p2_max_attempts", K_UINT, F(retry_max_attempts[2]), "12", 0 },
-    { "retry", "p0_fast_retries", K_UINT, F(retry_fast_retries[0]), "5", 0 },
-    { "retry", "p1_fast_retries", K_UINT, F(retry_fast_retries[1]), "3", 0 },
-    { "retry", "p2_fast_retries", K_UINT, F(retry_fast_retries[2]), "1", 0 },
-    { "retry", "p0_fast_base", K_MS, F(retry_fast_base_ms[0]), "50ms", 0 },
-    { "retry", "p1_fast_base", K_MS, F(retry_fast_base_ms[1]), "200ms", 0 },
-    { "retry", "p2_fast_base", K_MS, F(retry_fast_base_ms[2]), "1s", 0 },
-    { "message", "max_size", K_ULONG, F(message_max_size), "26214400", 0 },
-    { "dkim", "keys_file", K_STR, F(dkim_keys_file), "", 0 },
+    { "worker", "count", K_UINT, F(worker_count), "0", 0, NULL,
+      "worker threads; 0 = one per CPU" },
+    { "worker", "shutdown_grace_ms", K_UINT, F(worker_shutdown_grace_ms), "30000", 0, NULL,
+      "milliseconds the workers get after SIGTERM/SIGINT to finish in-flight messages; what is "
+      "unfinished then returns to the queue" },
+    { "amqp", "host", K_STR, F(amqp_host), "127.0.0.1", 0, NULL,
+      "RabbitMQ host" },
+    { "amqp", "port", K_UINT, F(amqp_port), "5672", 0, NULL,
+      "RabbitMQ port" },
+    { "amqp", "user", K_STR, F(amqp_user), "guest", 0, NULL,
+      "RabbitMQ user" },
+    { "amqp", "password", K_STR, F(amqp_password), "guest", 1, NULL,
+      "RabbitMQ password (masked by --check-config)" },
+    { "amqp", "vhost", K_STR, F(amqp_vhost), "/", 0, NULL,
+      "RabbitMQ virtual host" },
+    { "amqp", "prefetch", K_UINT, F(amqp_prefetch), "64", 0, NULL,
+      "unacknowledged messages per worker (1-65535)" },
+    { "amqp", "heartbeat", K_UINT, F(amqp_heartbeat), "30", 0, NULL,
+      "AMQP heartbeat, seconds" },
+    { "amqp", "queue", K_STR, F(amqp_queue), "mail.outbound", 0, NULL,
+      "consumed queue (declared durable, x-max-priority 10)" },
+    { "amqp", "dead_queue", K_STR, F(amqp_dead_queue), "mail.dead", 0, NULL,
+      "queue for malformed, oversized and poison messages" },
+    { "amqp", "events_exchange", K_STR, F(amqp_events_exchange), "mail.events", 0, NULL,
+      "topic exchange the per-recipient events are published to" },
+    { "dns", "servers", K_STR, F(dns_servers), "", 0, NULL,
+      "`host:port,...` resolvers for MX/A/AAAA; empty = the system's" },
+    { "dns", "timeout_ms", K_UINT, F(dns_timeout_ms), "2000", 0, NULL,
+      "milliseconds per DNS try (> 0)" },
+    { "dns", "tries", K_UINT, F(dns_tries), "2", 0, NULL,
+      "DNS tries per query (> 0)" },
+    { "dns", "l1_entries", K_UINT, F(dns_l1_entries), "10000", 0, NULL,
+      "per-worker in-memory answer cache (LRU entries, > 0)" },
+    { "dns", "max_ttl_s", K_UINT, F(dns_max_ttl_s), "3600", 0, NULL,
+      "seconds a positive answer is cached at most (memory and Redis)" },
+    { "dns", "negative_ttl_s", K_UINT, F(dns_negative_ttl_s), "900", 0, NULL,
+      "seconds an NXDOMAIN/no-address answer is cached at most: the SOA minimum (RFC 2308), 60 s "
+      "without SOA" },
+    { "dns", "l2", K_UINT, F(dns_l2), "1", 0, NULL,
+      "1: share answers in Redis across workers and pods (`[redis] host` must be set); 0: memory only" },
+    { "smtp", "port", K_UINT, F(smtp_port), "25", 0, NULL,
+      "destination port (1-65535)" },
+    { "smtp", "helo_name", K_STR, F(smtp_helo_name), "", 0, NULL,
+      "EHLO name; empty = this host's name" },
+    { "smtp", "tls", K_ENUM, F(smtp_tls), "opportunistic", 0, smtp_tls_names,
+      "default TLS policy: `none`, `opportunistic` (STARTTLS when offered, no verification), `required`"
+      " (no STARTTLS = deferred), `verify` (chain against `ca_file` and the MX host name)" },
+    { "smtp", "ca_file", K_STR, F(smtp_ca_file), "", 0, NULL,
+      "CA bundle for `verify`; empty = the system's" },
+    { "smtp", "max_mx", K_UINT, F(smtp_max_mx), "5", 0, NULL,
+      "MX hosts tried per attempt (> 0)" },
+    { "smtp", "timeout_scale", K_UINT, F(smtp_timeout_scale), "100", 0, NULL,
+      "percent of the RFC 5321 section 4.5.3.2 timeouts (> 0)" },
+    { "smtp", "tls_policy", K_STR, F(smtp_tls_policy), "", 0, NULL,
+      "per destination domain, overrides `tls`: `bank.example:verify, legacy.example:none, "
+      ".corp.example:required` (`.d` also matches subdomains; the first matching entry applies); empty "
+      "= none" },
+    { "smtp", "rate_limits", K_STR, F(smtp_rate_limits), "", 0, NULL,
+      "messages per second, minute or hour per recipient domain, evenly spaced, kept in Redis for the "
+      "whole fleet (per process without Redis): `gmail.com:100/s, .yahoo.com:20/s, example.org:5000/h`;"
+      " empty = no limits" },
+    { "smtp", "rate_limit_max_wait", K_MS, F(smtp_rate_limit_max_wait_ms), "10s", 0, NULL,
+      "a message whose rate-limit slot is at most this far away waits for it; a later slot defers the "
+      "domain's recipients (`rate_limited`) without spending an attempt" },
+    { "smtp", "max_rcpts", K_UINT, F(smtp_max_rcpts), "100", 0, NULL,
+      "recipients per transaction; more are split over transactions on one connection" },
+    { "smtp", "pipelining", K_UINT, F(smtp_pipelining), "1", 0, NULL,
+      "1: use PIPELINING when offered; 0: lock-step" },
+    { "smtp", "pool", K_UINT, F(smtp_pool), "1", 0, NULL,
+      "1: keep connections open for the next messages to the same destination; 0: one connection per "
+      "message" },
+    { "smtp", "pool_max_msgs", K_UINT, F(smtp_pool_max_msgs), "100", 0, NULL,
+      "messages per pooled connection" },
+    { "smtp", "pool_max_age_ms", K_UINT, F(smtp_pool_max_age_ms), "300000", 0, NULL,
+      "milliseconds a pooled connection lives" },
+    { "smtp", "pool_idle_ms", K_UINT, F(smtp_pool_idle_ms), "5000", 0, NULL,
+      "milliseconds of idleness before a pooled connection is QUIT" },
+    { "smtp", "pool_max_per_dest", K_UINT, F(smtp_pool_max_per_dest), "20", 0, NULL,
+      "connections per destination (address, port, policy, MX name, EHLO name, AUTH user); more "
+      "messages wait" },
+    { "smtp", "pool_initial_per_dest", K_UINT, F(smtp_pool_initial_per_dest), "1", 0, NULL,
+      "slow start: connections to a destination until one transaction completed there" },
+    { "smtp", "pool_max_total", K_UINT, F(smtp_pool_max_total), "1000", 0, NULL,
+      "connections per worker; idle ones of other destinations are closed to make room" },
+    { "smtp", "pool_refused_backoff", K_MS, F(smtp_pool_refused_backoff_ms), "60s", 0, NULL,
+      "a destination that answers a new connection with a 4xx greeting while others are open is capped "
+      "at those for this long; 0 disables" },
+    { "smtp", "tls_cache_size", K_UINT, F(smtp_tls_cache_size), "1024", 0, NULL,
+      "TLS sessions kept per worker for resumption (0 = 1024)" },
+    { "smtp", "route_penalty", K_MS, F(smtp_route_penalty_ms), "1s", 0, NULL,
+      "an MX address whose connection failed at connect or greeting time is skipped by every worker for"
+      " this long, doubling per failure in a row; 0 disables" },
+    { "smtp", "route_penalty_max", K_MS, F(smtp_route_penalty_max_ms), "5m", 0, NULL,
+      "the route penalty's doubling stops here" },
+    { "smtp", "relay", K_STR, F(smtp_relay), "", 0, NULL,
+      "`host[:port]`: smarthost mode, every message goes there instead of MX; empty = MX delivery" },
+    { "smtp", "relay_user", K_STR, F(smtp_relay_user), "", 0, NULL,
+      "AUTH PLAIN (or LOGIN) user for the relay, only sent inside TLS (`tls` must not be `none`); empty"
+      " = no AUTH" },
+    { "smtp", "relay_password", K_STR, F(smtp_relay_password), "", 1, NULL,
+      "AUTH password for the relay (masked by --check-config)" },
+    { "smtp", "timeout_connect_ms", K_UINT, F(smtp_timeout_connect_ms), "0", 0, NULL,
+      "milliseconds for the TCP connect; 0 = the scaled default (30 s)" },
+    { "smtp", "timeout_greeting_ms", K_UINT, F(smtp_timeout_greeting_ms), "0", 0, NULL,
+      "milliseconds of inactivity waiting for the greeting; 0 = the scaled RFC value (300 s)" },
+    { "smtp", "timeout_helo_ms", K_UINT, F(smtp_timeout_helo_ms), "0", 0, NULL,
+      "milliseconds of inactivity for EHLO/HELO; 0 = the scaled RFC value (300 s)" },
+    { "smtp", "timeout_starttls_ms", K_UINT, F(smtp_timeout_starttls_ms), "0", 0, NULL,
+      "milliseconds of inactivity for STARTTLS and the TLS handshake; 0 = the scaled default (300 s)" },
+    { "smtp", "timeout_mail_ms", K_UINT, F(smtp_timeout_mail_ms), "0", 0, NULL,
+      "milliseconds of inactivity for MAIL FROM; 0 = the scaled RFC value (300 s)" },
+    { "smtp", "timeout_rcpt_ms", K_UINT, F(smtp_timeout_rcpt_ms), "0", 0, NULL,
+      "milliseconds of inactivity for RCPT TO; 0 = the scaled RFC value (300 s)" },
+    { "smtp", "timeout_data_init_ms", K_UINT, F(smtp_timeout_data_init_ms), "0", 0, NULL,
+      "milliseconds of inactivity for DATA's 354; 0 = the scaled RFC value (120 s)" },
+    { "smtp", "timeout_data_block_ms", K_UINT, F(smtp_timeout_data_block_ms), "0", 0, NULL,
+      "milliseconds of inactivity while the body is written; 0 = the scaled RFC value (180 s)" },
+    { "smtp", "timeout_data_done_ms", K_UINT, F(smtp_timeout_data_done_ms), "0", 0, NULL,
+      "milliseconds waiting for the reply to the final dot; 0 = the scaled RFC value (600 s)" },
+    { "smtp", "timeout_rset_ms", K_UINT, F(smtp_timeout_rset_ms), "0", 0, NULL,
+      "milliseconds of inactivity for RSET; 0 = the scaled default (20 s)" },
+    { "smtp", "timeout_quit_ms", K_UINT, F(smtp_timeout_quit_ms), "0", 0, NULL,
+      "milliseconds waiting for QUIT's 221; 0 = the scaled default (10 s)" },
+    { "imap", "host", K_STR, F(imap_host), "", 0, NULL,
+      "IMAP server for Sent copies; empty disables appends (else `accounts_file` must be set)" },
+    { "imap", "port", K_UINT, F(imap_port), "993", 0, NULL,
+      "IMAP port (1-65535)" },
+    { "imap", "tls", K_ENUM, F(imap_tls), "imaps", 0, imap_tls_names,
+      "`imaps` (TLS from the first byte), `starttls` or `none` (plaintext: tests and trusted loopback "
+      "only)" },
+    { "imap", "ca_file", K_STR, F(imap_ca_file), "", 0, NULL,
+      "CA bundle for the IMAP server (certificate and name are always verified); empty = the system's" },
+    { "imap", "accounts_file", K_STR, F(imap_accounts_file), "", 0, NULL,
+      "lines `sender-address login password` (`#` comments); mount it from a Secret" },
+    { "imap", "timeout_ms", K_UINT, F(imap_timeout_ms), "30000", 0, NULL,
+      "milliseconds per IMAP command" },
+    { "imap", "pool", K_UINT, F(imap_pool), "1", 0, NULL,
+      "1: per-worker sessions per account, reused for APPEND; 0: one IMAP session per Sent copy" },
+    { "imap", "pool_max_appends", K_UINT, F(imap_pool_max_appends), "100", 0, NULL,
+      "appends per pooled IMAP session" },
+    { "imap", "pool_idle_ms", K_UINT, F(imap_pool_idle_ms), "10000", 0, NULL,
+      "milliseconds of idleness before a pooled IMAP session is logged out" },
+    { "imap", "pool_max_connections", K_UINT, F(imap_pool_max_connections), "2", 0, NULL,
+      "IMAP connections per account and worker at once; further Sent copies queue for one (keep workers"
+      " x this under the server's per-user limit)" },
+    { "imap", "pool_max_batch", K_UINT, F(imap_pool_max_batch), "16", 0, NULL,
+      "queued Sent copies of one account sent in one MULTIAPPEND (RFC 3502), at most 64 and 8 MB per "
+      "APPEND; 1 = one copy per APPEND" },
+    { "redis", "host", K_STR, F(redis_host), "", 0, NULL,
+      "Redis for the delivery ledger, the shared DNS cache and rate limits; empty disables them" },
+    { "redis", "port", K_UINT, F(redis_port), "6379", 0, NULL,
+      "Redis port" },
+    { "redis", "timeout_ms", K_UINT, F(redis_timeout_ms), "50", 0, NULL,
+      "milliseconds per Redis command, from when it is written; a slower Redis counts as unavailable "
+      "for that call" },
+    { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0, NULL,
+      "`host:port` of the HTTP metrics endpoint; empty disables it" },
+    { "log", "level", K_ENUM, F(log_level), "info", 0, log_level_names,
+      "least severe level logged (`warning` is also accepted for `warn`)" },
+    { "log", "format", K_ENUM, F(log_format), "logfmt", 0, log_format_names,
+      "`logfmt`, or `json` (one object per line)" },
+    { "retry", "levels", K_STR, F(retry_levels), "30s,1m,2m,5m,10m,20m,40m,1h,2h,4h,8h,16h", 0, NULL,
+      "ascending delays of the delay queues `<queue_prefix>.<level>`" },
+    { "retry", "queue_prefix", K_STR, F(retry_queue_prefix), "mail.retry", 0, NULL,
+      "name prefix of the delay queues" },
+    { "retry", "poison_redeliveries", K_UINT, F(retry_poison_redeliveries), "5", 0, NULL,
+      "redeliveries without finishing before a message is dead-lettered" },
+    { "retry", "p0_base", K_MS, F(retry_base_ms[0]), "30s", 0, NULL,
+      "first retry delay of priority class P0 (priority 8-10); doubles per attempt, +-15 % jitter" },
+    { "retry", "p1_base", K_MS, F(retry_base_ms[1]), "1m", 0, NULL,
+      "first retry delay of priority class P1 (priority 4-7); doubles per attempt, +-15 % jitter" },
+    { "retry", "p2_base", K_MS, F(retry_base_ms[2]), "5m", 0, NULL,
+      "first retry delay of priority class P2 (priority 0-3); doubles per attempt, +-15 % jitter" },
+    { "retry", "p0_max_age", K_MS, F(retry_max_age_ms[0]), "5d", 0, NULL,
+      "P0: after this the remaining recipients bounce" },
+    { "retry", "p1_max_age", K_MS, F(retry_max_age_ms[1]), "3d", 0, NULL,
+      "P1: after this the remaining recipients bounce" },
+    { "retry", "p2_max_age", K_MS, F(retry_max_age_ms[2]), "1d", 0, NULL,
+      "P2: after this the remaining recipients bounce" },
+    { "retry", "p0_max_attempts", K_UINT, F(retry_max_attempts[0]), "40", 0, NULL,
+      "P0: attempts before the remaining recipients bounce" },
+    { "retry", "p1_max_attempts", K_UINT, F(retry_max_attempts[1]), "25", 0, NULL,
+      "P1: attempts before the remaining recipients bounce" },
+    { "retry", "p2_max_attempts", K_UINT, F(retry_max_attempts[2]), "12", 0, NULL,
+      "P2: attempts before the remaining recipients bounce" },
+    { "retry", "p0_fast_retries", K_UINT, F(retry_fast_retries[0]), "5", 0, NULL,
+      "P0: immediate retries of a refused/reset connection or timeout within one attempt" },
+    { "retry", "p1_fast_retries", K_UINT, F(retry_fast_retries[1]), "3", 0, NULL,
+      "P1: immediate retries of a refused/reset connection or timeout within one attempt" },
+    { "retry", "p2_fast_retries", K_UINT, F(retry_fast_retries[2]), "1", 0, NULL,
+      "P2: immediate retries of a refused/reset connection or timeout within one attempt" },
+    { "retry", "p0_fast_base", K_MS, F(retry_fast_base_ms[0]), "50ms", 0, NULL,
+      "P0: fast retry delay base x 2^n, capped at 3 s, +-15 % jitter" },
+    { "retry", "p1_fast_base", K_MS, F(retry_fast_base_ms[1]), "200ms", 0, NULL,
+      "P1: fast retry delay base x 2^n, capped at 3 s, +-15 % jitter" },
+    { "retry", "p2_fast_base", K_MS, F(retry_fast_base_ms[2]), "1s", 0, NULL,
+      "P2: fast retry delay base x 2^n, capped at 3 s, +-15 % jitter" },
+    { "message", "max_size", K_ULONG, F(message_max_size), "26214400", 0, NULL,
+      "bytes; larger built messages are dead-lettered" },
+    { "dkim", "keys_file", K_STR, F(dkim_keys_file), "", 0, NULL,
+      "lines `domain selector rsa-sha256|ed25519-sha256 key.pem`; empty = no signing" },
     { "dkim", "headers", K_STR, F(dkim_headers),
       "from:to:cc:subject:date:message-id:mime-version:content-type:content-transfer-encoding:"
-      "reply-to:in-reply-to:references:list-id:list-unsubscribe:list-unsubscribe-post", 0 },
+      "reply-to:in-reply-to:references:list-id:list-unsubscribe:list-unsubscribe-post", 0, NULL,
+      "colon-separated header fields to sign (must include `from`)" },
 };
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
+
+static int enum_value(const enum_name_t *names, const char *v)
+{
+    for (const enum_name_t *n = names; n->name; n++)
+        if (strcmp(v, n->name) == 0)
+            return n->value;
+    return -1;
+}
+
+/* The names of an enum key joined by sep, aliases left out. */
+static void enum_list(const enum_name_t *names, const char *sep, char *out, size_t outlen)
+{
+    size_t len = 0;
+    out[0] = '\0';
+    for (const enum_name_t *n = names; n->name; n++) {
+        int alias = 0;
+        for (const enum_name_t *m = names; m < n; m++)
+            if (m->value == n->value)
+                alias = 1;
+        if (alias)
+            continue;
+        int w = snprintf(out + len, outlen - len, "%s%s", len ? sep : "", n->name);
+        if (w < 0 || (size_t)w >= outlen - len)
+            return;
+        len += (size_t)w;
+    }
+}
 
 static int set_value(mp_config_t *cfg, const key_def_t *k, const char *v, char *err, size_t errlen)
 {
     char *base = (char *)cfg + k->offset;
+    if (k->type == K_ENUM) {
+        int e = enum_value(k->names, v);
+        if (e < 0) {
+            char allowed[256];
+            enum_list(k->names, ", ", allowed, sizeof(allowed));
+            snprintf(err, errlen, "[%s] %s: \"%s\" is not one of %s", k->section, k->key, v, allowed);
+            return -1;
+        }
+        *(int *)base = e;
+        return 0;
+    }
     if (k->type == K_STR) {
         char **p = (char **)base;
         free(*p);
@@ -271,6 +462,14 @@ static int on_ini(void *user, const char *section, const char *name, const char 
     return 1;
 }
 
+/* MAILPUMP_<SECTION>_<KEY> */
+static void env_name(const key_def_t *k, char *name, size_t len)
+{
+    snprintf(name, len, "MAILPUMP_%s_%s", k->section, k->key);
+    for (char *c = name; *c; c++)
+        *c = (char)toupper((unsigned char)*c);
+}
+
 int config_load(mp_config_t *cfg, const char *path, char *err, size_t errlen)
 {
     if (path) {
@@ -295,9 +494,7 @@ int config_load(mp_config_t *cfg, const char *path, char *err, size_t errlen)
     }
     for (size_t i = 0; i < NKEYS; i++) {
         char name[128];
-        snprintf(name, sizeof(name), "MAILPUMP_%s_%s", keys[i].section, keys[i].key);
-        for (char *c = name; *c; c++)
-            *c = (char)toupper((unsigned char)*c);
+        env_name(&keys[i], name, sizeof(name));
         const char *v = getenv(name);
         if (v == NULL)
             continue;
@@ -311,38 +508,8 @@ int config_load(mp_config_t *cfg, const char *path, char *err, size_t errlen)
     return 0;
 }
 
-static int one_of(const char *v, const char *const *set)
-{
-    for (; *set; set++)
-        if (strcmp(v, *set) == 0)
-            return 1;
-    return 0;
-}
-
 int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
 {
-    static const char *const tls[] = { "none", "opportunistic", "required", "verify", NULL };
-    static const char *const itls[] = { "imaps", "starttls", "none", NULL };
-    static const char *const fmts[] = { "logfmt", "json", NULL };
-    static const char *const levels[] = { "error", "warn", "warning", "info", "debug", NULL };
-    if (!one_of(cfg->smtp_tls, tls)) {
-        snprintf(err, errlen, "[smtp] tls: \"%s\" is not one of none, opportunistic, required, verify",
-                 cfg->smtp_tls);
-        return -1;
-    }
-    if (!one_of(cfg->imap_tls, itls)) {
-        snprintf(err, errlen, "[imap] tls: \"%s\" is not one of imaps, starttls, none", cfg->imap_tls);
-        return -1;
-    }
-    if (!one_of(cfg->log_format, fmts)) {
-        snprintf(err, errlen, "[log] format: \"%s\" is not one of logfmt, json", cfg->log_format);
-        return -1;
-    }
-    if (!one_of(cfg->log_level, levels)) {
-        snprintf(err, errlen, "[log] level: \"%s\" is not one of error, warn, info, debug",
-                 cfg->log_level);
-        return -1;
-    }
     if (cfg->amqp_port == 0 || cfg->amqp_port > 65535 || cfg->smtp_port == 0 ||
         cfg->smtp_port > 65535 || cfg->imap_port == 0 || cfg->imap_port > 65535) {
         snprintf(err, errlen, "ports must be between 1 and 65535");
@@ -399,9 +566,6 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "[imap] host is set but accounts_file is empty");
         return -1;
     }
-    if (strcmp(cfg->smtp_tls, "verify") == 0 && !cfg->smtp_ca_file[0]) {
-        /* system CA paths are used: fine, but say so at start-up */
-    }
     return 0;
 }
 
@@ -432,6 +596,104 @@ void config_dump(const mp_config_t *cfg, void *stream)
             fprintf(f, "%s = %s\n", k->key, d);
             break;
         }
+        case K_ENUM:
+            fprintf(f, "%s = %s\n", k->key, config_enum_name(k->section, k->key, *(const int *)base));
+            break;
         }
+    }
+}
+
+/* The enumerated key [section] key, or NULL. */
+static const key_def_t *find_enum(const char *section, const char *key)
+{
+    const key_def_t *k = find_key(section, key);
+    return k && k->type == K_ENUM ? k : NULL;
+}
+
+int config_enum_parse(const char *section, const char *key, const char *s)
+{
+    const key_def_t *k = find_enum(section, key);
+    return k && s ? enum_value(k->names, s) : -1;
+}
+
+const char *config_enum_name(const char *section, const char *key, int value)
+{
+    const key_def_t *k = find_enum(section, key);
+    for (const enum_name_t *n = k ? k->names : NULL; n && n->name; n++)
+        if (n->value == value)
+            return n->name;
+    return "?";
+}
+
+void config_enum_list(const char *section, const char *key, const char *sep, char *out, size_t outlen)
+{
+    const key_def_t *k = find_enum(section, key);
+    if (k)
+        enum_list(k->names, sep, out, outlen);
+    else if (outlen)
+        out[0] = '\0';
+}
+
+/* s for a Markdown table cell: '|' escaped */
+static void put_cell(FILE *f, const char *s)
+{
+    for (; *s; s++) {
+        if (*s == '|')
+            fputc('\\', f);
+        fputc(*s, f);
+    }
+}
+
+void config_print_reference(void *stream)
+{
+    FILE *f = stream;
+    fputs("# mailpumpd configuration reference\n"
+          "\n"
+          "_Generated from the key table in core/config.c by `mailpumpd --print-config-reference`; "
+          "do not edit, regenerate with `mailpumpd --print-config-reference > docs/configuration.md`._\n"
+          "\n"
+          "An INI file (`mailpumpd --config FILE`) of `[section]` headers and `key = value` lines. "
+          "Every key can be overridden by its environment variable `MAILPUMP_<SECTION>_<KEY>`, "
+          "which wins over the file. Unknown sections or keys are errors. "
+          "`mailpumpd --check-config` validates a configuration and prints the effective values "
+          "with secrets masked.\n"
+          "\n"
+          "Types: *integer* is a non-negative decimal number; *duration* is `250ms`, `30s`, `5m`, "
+          "`2h`, `1d` or a bare number of milliseconds; *one of* takes exactly one of the names "
+          "listed; a *secret* string is masked by `--check-config`.\n", f);
+    const char *section = "";
+    for (size_t i = 0; i < NKEYS; i++) {
+        const key_def_t *k = &keys[i];
+        if (strcmp(section, k->section) != 0) {
+            fprintf(f, "\n## [%s]\n\n| key | type | default | environment | description |\n"
+                       "|---|---|---|---|---|\n", k->section);
+            section = k->section;
+        }
+        char env[128];
+        env_name(k, env, sizeof(env));
+        fprintf(f, "| `%s` | ", k->key);
+        switch (k->type) {
+        case K_STR: fputs(k->secret ? "secret string" : "string", f); break;
+        case K_UINT:
+        case K_ULONG: fputs("integer", f); break;
+        case K_MS: fputs("duration", f); break;
+        case K_ENUM: {
+            char names[256];
+            enum_list(k->names, "`, `", names, sizeof(names));
+            fprintf(f, "one of `%s`", names);
+            break;
+        }
+        }
+        fputs(" | ", f);
+        if (k->defval[0]) {
+            fputc('`', f);
+            put_cell(f, k->defval);
+            fputc('`', f);
+        } else {
+            fputs("(empty)", f);
+        }
+        fprintf(f, " | `%s` | ", env);
+        put_cell(f, k->desc);
+        fputs(" |\n", f);
     }
 }

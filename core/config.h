@@ -12,6 +12,33 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The enumerated keys, parsed once by config_load() (K_ENUM in config.c);
+ * each value's name is in config.c's table, in this order. */
+typedef enum {
+    MP_SMTP_TLS_NONE = 0,      /* "none" */
+    MP_SMTP_TLS_OPPORTUNISTIC, /* "opportunistic" */
+    MP_SMTP_TLS_REQUIRED,      /* "required" */
+    MP_SMTP_TLS_VERIFY,        /* "verify" */
+} mp_smtp_tls_t;
+
+typedef enum {
+    MP_IMAP_TLS_IMAPS = 0, /* "imaps" */
+    MP_IMAP_TLS_STARTTLS,  /* "starttls" */
+    MP_IMAP_TLS_NONE,      /* "none" */
+} mp_imap_tls_t;
+
+typedef enum {
+    MP_LOG_LEVEL_ERROR = 0, /* "error" */
+    MP_LOG_LEVEL_WARN,      /* "warn" (or "warning") */
+    MP_LOG_LEVEL_INFO,      /* "info" */
+    MP_LOG_LEVEL_DEBUG,     /* "debug" */
+} mp_log_level_t;
+
+typedef enum {
+    MP_LOG_FORMAT_LOGFMT = 0, /* "logfmt" */
+    MP_LOG_FORMAT_JSON,       /* "json" */
+} mp_log_format_t;
+
 typedef struct mp_config {
     /* [worker] */
     unsigned worker_count;        /* 0 = number of CPUs */
@@ -38,7 +65,7 @@ typedef struct mp_config {
     /* [smtp] */
     unsigned smtp_port;
     char    *smtp_helo_name;      /* empty = host name */
-    char    *smtp_tls;            /* none | opportunistic | required | verify */
+    mp_smtp_tls_t smtp_tls;       /* default TLS policy */
     char    *smtp_ca_file;
     unsigned smtp_max_mx;
     unsigned smtp_timeout_scale;  /* percent of the RFC 5321 timeouts */
@@ -64,12 +91,22 @@ typedef struct mp_config {
     char    *smtp_relay;          /* "host[:port]": smarthost mode; empty = MX delivery */
     char    *smtp_relay_user;     /* AUTH PLAIN/LOGIN over TLS; empty = no AUTH */
     char    *smtp_relay_password;
-    unsigned smtp_timeout_ms[11]; /* per state, 0 = scaled RFC default: connect, greeting, helo,
-                                   * starttls, mail, rcpt, data_init, data_block, data_done, rset, quit */
+    /* per-state timeouts (smtp_timeouts_t in deliverer/session.h), 0 = the scaled RFC default */
+    unsigned smtp_timeout_connect_ms;
+    unsigned smtp_timeout_greeting_ms;
+    unsigned smtp_timeout_helo_ms;
+    unsigned smtp_timeout_starttls_ms;
+    unsigned smtp_timeout_mail_ms;
+    unsigned smtp_timeout_rcpt_ms;
+    unsigned smtp_timeout_data_init_ms;
+    unsigned smtp_timeout_data_block_ms;
+    unsigned smtp_timeout_data_done_ms;
+    unsigned smtp_timeout_rset_ms;
+    unsigned smtp_timeout_quit_ms;
     /* [imap] */
     char    *imap_host;
     unsigned imap_port;
-    char    *imap_tls;            /* imaps | starttls | none */
+    mp_imap_tls_t imap_tls;
     char    *imap_ca_file;
     char    *imap_accounts_file;
     unsigned imap_timeout_ms;
@@ -85,8 +122,8 @@ typedef struct mp_config {
     /* [metrics] */
     char    *metrics_listen;      /* host:port, empty disables */
     /* [log] */
-    char    *log_level;
-    char    *log_format;          /* logfmt | json */
+    mp_log_level_t  log_level;
+    mp_log_format_t log_format;
     /* [retry] */
     char    *retry_levels;        /* delay queues, e.g. "30s,1m,5m,1h" */
     char    *retry_queue_prefix;  /* delay queue: <prefix>.<level> */
@@ -118,6 +155,16 @@ int  config_parse_duration(const char *s, uint64_t *ms);
 void config_format_duration(uint64_t ms, char *out, size_t outlen);
 /* Print the effective configuration (passwords masked) as INI. */
 void config_dump(const mp_config_t *cfg, void *FILE_stream);
+/* Print the reference of every key (section, key, type, default,
+ * environment variable, description) as Markdown: docs/configuration.md. */
+void config_print_reference(void *FILE_stream);
+/* The value the enumerated key [section] key gives the name s (exact
+ * spelling, aliases included), or -1 when unknown (or not an enum key). */
+int  config_enum_parse(const char *section, const char *key, const char *s);
+/* The name of value for that key; "?" when out of range. */
+const char *config_enum_name(const char *section, const char *key, int value);
+/* The key's names joined by sep ("none|opportunistic|..."), aliases left out. */
+void config_enum_list(const char *section, const char *key, const char *sep, char *out, size_t outlen);
 void config_free(mp_config_t *cfg);
 
 #endif

@@ -46,6 +46,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "core/config.h"
 #include "core/log.h"
@@ -60,7 +61,7 @@ struct deliver_ctx {
     loop_t               *loop;
     deliver_config_t      cfg;        /* strings below are our copies */
     char                 *helo_name;
-    char                 *policy_map;
+    deliver_tls_map_t     tls_map;    /* cfg.tls_policy_map, parsed */
     char                 *auth_user;
     char                 *auth_pass;
     deliver_candidate_t  *relay;
@@ -150,13 +151,22 @@ static int address_ok(const char *a, int empty_ok)
 
 /* ---- TLS policy per destination domain ---- */
 
+/* The one mapping of the configuration's [smtp] tls values to ours. */
+static smtp_tls_policy_t tls_policy_of(mp_smtp_tls_t t)
+{
+    switch (t) {
+    case MP_SMTP_TLS_NONE: return SMTP_TLS_NONE;
+    case MP_SMTP_TLS_REQUIRED: return SMTP_TLS_REQUIRED;
+    case MP_SMTP_TLS_VERIFY: return SMTP_TLS_VERIFY;
+    case MP_SMTP_TLS_OPPORTUNISTIC: break;
+    }
+    return SMTP_TLS_OPPORTUNISTIC;
+}
+
 int deliver_tls_policy_parse(const char *s)
 {
-    static const char *const names[] = { "none", "opportunistic", "required", "verify" };
-    for (int i = 0; i < 4; i++)
-        if (s && strcmp(s, names[i]) == 0)
-            return i;
-    return -1;
+    int v = config_enum_parse("smtp", "tls", s); /* the names of [smtp] tls */
+    return v < 0 ? -1 : (int)tls_policy_of((mp_smtp_tls_t)v);
 }
 
 int deliver_domain_matches(const char *pattern, size_t plen, const char *domain)
@@ -210,40 +220,80 @@ static int entry_policy(const deliver_map_entry_t *e)
     return deliver_tls_policy_parse(pol);
 }
 
-smtp_tls_policy_t deliver_tls_policy_for(const deliver_config_t *cfg, const char *domain)
+int deliver_tls_map_parse(const char *map, deliver_tls_map_t *out, char *err, size_t errlen)
 {
-    const char *m = cfg->tls_policy_map;
-    if (m == NULL || domain == NULL || domain[0] == '\0')
-        return cfg->tls;
+    memset(out, 0, sizeof(*out));
+    int rc = 0;
+    size_t cap = 0;
     deliver_map_entry_t e;
+    out->text = xstrdup(map ? map : "");
+    const char *m = out->text;
     while (deliver_map_next(&m, &e)) {
         int p = entry_policy(&e);
-        if (p >= 0 && deliver_domain_matches(e.name, e.nlen, domain))
-            return (smtp_tls_policy_t)p;
-    }
-    return cfg->tls;
-}
-
-int deliver_tls_policy_map_check(const char *map, char *err, size_t errlen)
-{
-    deliver_map_entry_t e;
-    while (deliver_map_next(&map, &e)) {
-        if (e.nlen == 0 || entry_policy(&e) < 0) {
-            snprintf(err, errlen, "[smtp] tls_policy: \"%.*s\" is not domain:none|opportunistic|required|verify",
-                     (int)e.elen, e.entry);
-            return -1;
+        if (e.nlen == 0 || p < 0) {
+            if (rc == 0) {
+                char names[128];
+                config_enum_list("smtp", "tls", "|", names, sizeof(names));
+                snprintf(err, errlen, "[smtp] tls_policy: \"%.*s\" is not domain:%s", (int)e.elen, e.entry,
+                         names);
+            }
+            rc = -1;
+            continue;
         }
+        if (out->n == cap) {
+            cap = cap ? 2 * cap : 4;
+            out->rules = xrealloc(out->rules, cap * sizeof(*out->rules));
+        }
+        out->rules[out->n++] = (deliver_tls_rule_t){ e.name, e.nlen, (smtp_tls_policy_t)p };
     }
-    return 0;
+    return rc;
 }
 
-int deliver_config_engine(deliver_config_t *d, const struct mp_config *cfg, smtp_timeouts_t *timeouts,
-                          deliver_candidate_t **relay, char *err, size_t errlen)
+smtp_tls_policy_t deliver_tls_map_lookup(const deliver_tls_map_t *m, smtp_tls_policy_t dflt, const char *domain)
 {
-    *relay = NULL;
-    if (deliver_tls_policy_map_check(cfg->smtp_tls_policy, err, errlen) < 0)
+    if (domain == NULL || domain[0] == '\0')
+        return dflt;
+    for (size_t i = 0; i < m->n; i++)
+        if (deliver_domain_matches(m->rules[i].pattern, m->rules[i].plen, domain))
+            return m->rules[i].policy;
+    return dflt;
+}
+
+void deliver_tls_map_free(deliver_tls_map_t *m)
+{
+    free(m->rules);
+    free(m->text);
+    memset(m, 0, sizeof(*m));
+}
+
+static unsigned cap_ms(uint64_t ms)
+{
+    return (unsigned)(ms > 86400000 ? 86400000 : ms);
+}
+
+int deliver_config_build(deliver_config_t *d, const struct mp_config *cfg, SSL_CTX *verify_ctx,
+                         SSL_CTX *noverify_ctx, deliver_config_store_t *store, char *err, size_t errlen)
+{
+    memset(d, 0, sizeof(*d));
+    memset(store, 0, sizeof(*store));
+    deliver_tls_map_t map;
+    int bad_map = deliver_tls_map_parse(cfg->smtp_tls_policy, &map, err, errlen);
+    deliver_tls_map_free(&map); /* each deliver_ctx parses its own copy */
+    if (bad_map < 0)
         return -1;
-    d->tls_policy_map = cfg->smtp_tls_policy && cfg->smtp_tls_policy[0] ? cfg->smtp_tls_policy : NULL;
+    d->port = (unsigned short)cfg->smtp_port;
+    if (cfg->smtp_helo_name[0])
+        snprintf(store->helo, sizeof(store->helo), "%s", cfg->smtp_helo_name);
+    else if (gethostname(store->helo, sizeof(store->helo)) != 0 || store->helo[0] == '\0')
+        snprintf(store->helo, sizeof(store->helo), "localhost");
+    store->helo[sizeof(store->helo) - 1] = '\0'; /* gethostname may truncate without one */
+    d->helo_name = store->helo;
+    d->tls = tls_policy_of(cfg->smtp_tls);
+    d->tls_verify_ctx = verify_ctx;
+    d->tls_noverify_ctx = noverify_ctx;
+    d->max_mx = cfg->smtp_max_mx;
+    d->timeout_scale_pct = cfg->smtp_timeout_scale;
+    d->tls_policy_map = cfg->smtp_tls_policy[0] ? cfg->smtp_tls_policy : NULL;
     d->max_rcpts = cfg->smtp_max_rcpts;
     d->no_pipelining = cfg->smtp_pipelining == 0;
     d->pool.disabled = cfg->smtp_pool == 0;
@@ -253,33 +303,45 @@ int deliver_config_engine(deliver_config_t *d, const struct mp_config *cfg, smtp
     d->pool.max_per_dest = cfg->smtp_pool_max_per_dest;
     d->pool.initial_per_dest = cfg->smtp_pool_initial_per_dest;
     d->pool.max_total = cfg->smtp_pool_max_total;
-    d->pool.refused_backoff_ms = cfg->smtp_pool_refused_backoff_ms > 86400000
-                                     ? 86400000
-                                     : (unsigned)cfg->smtp_pool_refused_backoff_ms;
+    d->pool.refused_backoff_ms = cap_ms(cfg->smtp_pool_refused_backoff_ms);
     d->pool.no_refused_backoff = cfg->smtp_pool_refused_backoff_ms == 0;
     d->tls_cache_size = cfg->smtp_tls_cache_size;
-    d->route_penalty_ms = (unsigned)(cfg->smtp_route_penalty_ms > 86400000 ? 86400000 : cfg->smtp_route_penalty_ms);
-    d->route_penalty_max_ms =
-        (unsigned)(cfg->smtp_route_penalty_max_ms > 86400000 ? 86400000 : cfg->smtp_route_penalty_max_ms);
-    smtp_timeouts_default(timeouts, cfg->smtp_timeout_scale);
-    unsigned *t = (unsigned *)timeouts;
-    _Static_assert(sizeof(smtp_timeouts_t) == sizeof(cfg->smtp_timeout_ms), "one key per state timeout");
-    for (size_t i = 0; i < sizeof(cfg->smtp_timeout_ms) / sizeof(cfg->smtp_timeout_ms[0]); i++)
-        if (cfg->smtp_timeout_ms[i])
-            t[i] = cfg->smtp_timeout_ms[i];
-    d->timeouts = timeouts;
-    if (cfg->smtp_relay && cfg->smtp_relay[0]) {
+    d->route_penalty_ms = cap_ms(cfg->smtp_route_penalty_ms);
+    d->route_penalty_max_ms = cap_ms(cfg->smtp_route_penalty_max_ms);
+    /* one route penalty table for every worker: a dead MX address costs
+     * one failed connect per penalty, not one per worker */
+    store->routes = routes_new(d->route_penalty_ms, d->route_penalty_max_ms);
+    d->routes = store->routes;
+    smtp_timeouts_t *t = &store->timeouts;
+    smtp_timeouts_default(t, cfg->smtp_timeout_scale);
+#define OVERRIDE_TIMEOUT(state) \
+    if (cfg->smtp_timeout_##state) \
+        t->state = cfg->smtp_timeout_##state
+    OVERRIDE_TIMEOUT(connect_ms);
+    OVERRIDE_TIMEOUT(greeting_ms);
+    OVERRIDE_TIMEOUT(helo_ms);
+    OVERRIDE_TIMEOUT(starttls_ms);
+    OVERRIDE_TIMEOUT(mail_ms);
+    OVERRIDE_TIMEOUT(rcpt_ms);
+    OVERRIDE_TIMEOUT(data_init_ms);
+    OVERRIDE_TIMEOUT(data_block_ms);
+    OVERRIDE_TIMEOUT(data_done_ms);
+    OVERRIDE_TIMEOUT(rset_ms);
+    OVERRIDE_TIMEOUT(quit_ms);
+#undef OVERRIDE_TIMEOUT
+    d->timeouts = t;
+    if (cfg->smtp_relay[0]) {
         size_t n = 0;
-        if (deliver_relay_candidates(cfg->smtp_relay, (unsigned short)cfg->smtp_port, relay, &n, err, errlen) < 0)
+        if (deliver_relay_candidates(cfg->smtp_relay, d->port, &store->relay, &n, err, errlen) < 0)
             return -1;
         if (n == 0) {
             snprintf(err, errlen, "[smtp] relay %s: no address", cfg->smtp_relay);
             return -1;
         }
-        d->relay = *relay;
+        d->relay = store->relay;
         d->nrelay = n;
     }
-    if (cfg->smtp_relay_user && cfg->smtp_relay_user[0]) {
+    if (cfg->smtp_relay_user[0]) {
         if (d->tls == SMTP_TLS_NONE) {
             snprintf(err, errlen, "[smtp] relay_user needs tls other than none: AUTH is only sent inside TLS");
             return -1;
@@ -288,6 +350,13 @@ int deliver_config_engine(deliver_config_t *d, const struct mp_config *cfg, smtp
         d->auth_pass = cfg->smtp_relay_password;
     }
     return 0;
+}
+
+void deliver_config_store_free(deliver_config_store_t *store)
+{
+    free(store->relay);
+    routes_free(store->routes);
+    memset(store, 0, sizeof(*store));
 }
 
 int deliver_relay_candidates(const char *hostport, unsigned short default_port, deliver_candidate_t **out,
@@ -353,8 +422,11 @@ deliver_ctx_t *deliver_ctx_new(loop_t *loop, const deliver_config_t *cfg)
     ctx->cfg = *cfg;
     ctx->helo_name = xstrdup(cfg->helo_name && *cfg->helo_name ? cfg->helo_name : "localhost");
     ctx->cfg.helo_name = ctx->helo_name;
-    ctx->policy_map = cfg->tls_policy_map ? xstrdup(cfg->tls_policy_map) : NULL;
-    ctx->cfg.tls_policy_map = ctx->policy_map;
+    char e[256];
+    /* once per context: an attempt only looks its domain up. A bad entry
+     * is left out (mailpumpd refused it already, deliver_config_build) */
+    (void)deliver_tls_map_parse(cfg->tls_policy_map, &ctx->tls_map, e, sizeof(e));
+    ctx->cfg.tls_policy_map = NULL;
     ctx->auth_user = cfg->auth_user && *cfg->auth_user ? xstrdup(cfg->auth_user) : NULL;
     ctx->auth_pass = cfg->auth_pass ? xstrdup(cfg->auth_pass) : NULL;
     ctx->cfg.auth_user = ctx->auth_user;
@@ -387,7 +459,7 @@ void deliver_ctx_free(deliver_ctx_t *ctx)
     smtp_pool_free(ctx->pool);
     tls_session_cache_free(ctx->tls_cache);
     free(ctx->helo_name);
-    free(ctx->policy_map);
+    deliver_tls_map_free(&ctx->tls_map);
     if (ctx->auth_pass)
         memset(ctx->auth_pass, 0, strlen(ctx->auth_pass));
     free(ctx->auth_user);
@@ -919,7 +991,7 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
     d->own_ctx = own;
     d->cb = cb;
     d->arg = arg;
-    d->policy = deliver_tls_policy_for(&ctx->cfg, req->domain);
+    d->policy = deliver_tls_map_lookup(&ctx->tls_map, ctx->cfg.tls, req->domain);
     d->res.tls_policy = d->policy;
     d->mail_from = xstrdup(req->mail_from ? req->mail_from : "");
     d->nrcpts = req->nrcpts;

@@ -18,7 +18,7 @@
  * transient, as Postfix does after skipping every refusing MX).
  *
  *
- * Engine (issue 3): attempts run on a per-worker deliver_ctx_t holding the
+ * Engine: attempts run on a per-worker deliver_ctx_t holding the
  * session pool (pool.h) and the TLS session cache. Sessions are reused
  * across messages of the same destination; recipients beyond max_rcpts
  * are split over several transactions, on the same connection when it
@@ -62,12 +62,13 @@ typedef struct deliver_config {
     unsigned          timeout_scale_pct; /* RFC 5321 timeouts scaled: 100 (or 0) = RFC values */
     const smtp_timeouts_t *timeouts;     /* explicit per-state timeouts (ms), copied; when
                                           * non-NULL it replaces the scaled defaults entirely */
-    /* --- engine (issue 3); zero values give the defaults in brackets --- */
+    /* --- engine; zero values give the defaults in brackets --- */
     unsigned          max_rcpts;         /* recipients per transaction [100]; more are split over
                                           * transactions, each recipient keeps its own outcome */
     const char       *tls_policy_map;    /* per destination domain, overrides tls: "example.com:verify,
                                           * .example.org:required, legacy.test:none" (".d" also matches
-                                          * subdomains); copied; NULL or "" none */
+                                          * subdomains); parsed by deliver_ctx_new (deliver_tls_map_t),
+                                          * entries that do not parse left out; NULL or "" none */
     int               no_pipelining;     /* lock-step even when the server offers PIPELINING */
     smtp_pool_limits_t pool;             /* see pool.h; pool.disabled closes after each message */
     /* relay / smarthost mode: every message goes to these candidates (resolved once by
@@ -197,28 +198,59 @@ int deliver_map_next(const char **m, deliver_map_entry_t *e);
  * ".example.org" that domain or one of its subdomains; case-insensitive.
  * The matching of [smtp] tls_policy and rate_limits entries. */
 int deliver_domain_matches(const char *pattern, size_t plen, const char *domain);
-/* The TLS policy cfg gives domain (map entry or the default). */
-smtp_tls_policy_t deliver_tls_policy_for(const deliver_config_t *cfg, const char *domain);
-/* Parse "none|opportunistic|required|verify"; -1 when unknown. */
+/* Parse "none|opportunistic|required|verify" (the names of [smtp] tls);
+ * -1 when unknown. */
 int deliver_tls_policy_parse(const char *s);
 
-/* Check a tls_policy map: every entry "domain:policy" with a known policy.
- * Returns 0, or -1 with the offending entry in err. */
-int deliver_tls_policy_map_check(const char *map, char *err, size_t errlen);
+/* A per-domain TLS policy map ([smtp] tls_policy) parsed once: its
+ * (pattern, policy) entries in the map's order, the first match wins. */
+typedef struct deliver_tls_rule {
+    const char       *pattern; /* "example.com" or ".example.org" (also its subdomains), plen bytes */
+    size_t            plen;
+    smtp_tls_policy_t policy;
+} deliver_tls_rule_t;
+typedef struct deliver_tls_map {
+    char               *text;  /* the map's copy the patterns point into */
+    deliver_tls_rule_t *rules;
+    size_t              n;
+} deliver_tls_map_t;
+/* Parse map (NULL or "": no entries) into *out; free it with
+ * deliver_tls_map_free() whatever the result. Returns 0, or -1 with the
+ * first entry that is not "domain:policy" with a known policy in err;
+ * *out then holds the valid entries. */
+int deliver_tls_map_parse(const char *map, deliver_tls_map_t *out, char *err, size_t errlen);
+/* The policy of the first entry matching domain (deliver_domain_matches),
+ * else dflt (also for a NULL or empty domain). No parsing. */
+smtp_tls_policy_t deliver_tls_map_lookup(const deliver_tls_map_t *m, smtp_tls_policy_t dflt, const char *domain);
+void deliver_tls_map_free(deliver_tls_map_t *m);
+
+/* What deliver_config_build() makes for the config it fills to point to:
+ * keep it alive as long as that config and every deliver_ctx made from it,
+ * then deliver_config_store_free(). */
+struct routes;
+typedef struct deliver_config_store {
+    char                 helo[256]; /* [smtp] helo_name, else this host's name, else "localhost" */
+    smtp_timeouts_t      timeouts;
+    deliver_candidate_t *relay;     /* [smtp] relay's addresses (malloc'd); NULL: MX delivery */
+    struct routes       *routes;    /* the route penalty table every context shares */
+} deliver_config_store_t;
 
 /*
- * Fill the engine fields of d (pipelining, max_rcpts, pool limits, TLS
- * policy map, TLS cache size, per-state timeouts, relay and AUTH) from the
- * [smtp] keys of cfg (core/config.h). Per-state timeouts: the scaled RFC
- * defaults with every non-zero smtp_timeout_ms[] key overriding its state,
- * written to *timeouts, which d->timeouts then points to (keep it alive as
- * long as d). A relay is resolved now (blocking: start-up only) into a
- * malloc'd *relay the caller frees after the last deliver_ctx_free().
- * d's strings point into cfg. Returns 0, or -1 with err.
+ * The one translation of the [smtp] keys of cfg (core/config.h) into d
+ * (zeroed first): port, EHLO name, default TLS policy and the tls_policy
+ * map (checked here, parsed by each deliver_ctx_new), max_mx, pipelining,
+ * max_rcpts, pool limits, TLS cache size, route penalties (one table,
+ * store->routes), per-state timeouts (the scaled RFC defaults, each
+ * non-zero smtp_timeout_<state>_ms overriding its state) and relay + AUTH.
+ * verify_ctx and noverify_ctx become d's TLS contexts (not owned). A relay
+ * is resolved now (blocking: start-up only). d's strings point into cfg
+ * and *store. Returns 0, or -1 with err; either way the caller ends with
+ * deliver_config_store_free(store).
  */
 struct mp_config;
-int deliver_config_engine(deliver_config_t *d, const struct mp_config *cfg, smtp_timeouts_t *timeouts,
-                          deliver_candidate_t **relay, char *err, size_t errlen);
+int deliver_config_build(deliver_config_t *d, const struct mp_config *cfg, SSL_CTX *verify_ctx,
+                         SSL_CTX *noverify_ctx, deliver_config_store_t *store, char *err, size_t errlen);
+void deliver_config_store_free(deliver_config_store_t *store);
 
 /* Resolve "host[:port]" (blocking getaddrinfo: at start-up only) into
  * relay candidates, every address of the host. Returns 0 and a malloc'd

@@ -26,7 +26,6 @@
 #include "core/log.h"
 #include "core/tls.h"
 #include "core/util.h"
-#include "deliverer/routes.h"
 #include "deliverer/throttle.h"
 #include "deliverer/worker.h"
 #include "metrics/metrics.h"
@@ -36,15 +35,20 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "Usage: mailpumpd [--config FILE] [--check-config] [--help] [--version]\n"
+            "Usage: mailpumpd [--config FILE] [--check-config] [--print-config-reference]\n"
+            "                 [--help] [--version]\n"
             "\n"
             "Outbound mail delivery engine: consumes JSON messages from RabbitMQ,\n"
             "delivers them over SMTP (STARTTLS), appends the sent copy to the\n"
             "sender's IMAP Sent folder and publishes one event per recipient.\n"
             "\n"
-            "  -c, --config FILE    INI configuration file (see README: Configuration)\n"
+            "  -c, --config FILE    INI configuration file (see docs/configuration.md)\n"
             "      --check-config   validate the configuration, print it with secrets\n"
             "                       masked, and exit (0 = valid)\n"
+            "      --print-config-reference\n"
+            "                       print every key (type, default, environment\n"
+            "                       variable, meaning) as Markdown, and exit\n"
+            "                       (docs/configuration.md is this output)\n"
             "  -h, --help           this text\n"
             "  -V, --version        print the version\n"
             "\n"
@@ -73,25 +77,40 @@ static int resolve_imap(const mp_config_t *cfg, worker_env_t *env, char *err, si
     return 0;
 }
 
-static smtp_tls_policy_t tls_policy(const char *s)
+/* The one mapping of the configuration's enums to the modules' own. */
+static imap_tls_t imap_tls_of(mp_imap_tls_t t)
 {
-    if (strcmp(s, "none") == 0)
-        return SMTP_TLS_NONE;
-    if (strcmp(s, "required") == 0)
-        return SMTP_TLS_REQUIRED;
-    if (strcmp(s, "verify") == 0)
-        return SMTP_TLS_VERIFY;
-    return SMTP_TLS_OPPORTUNISTIC;
+    switch (t) {
+    case MP_IMAP_TLS_STARTTLS: return IMAP_TLS_STARTTLS;
+    case MP_IMAP_TLS_NONE: return IMAP_TLS_NONE;
+    case MP_IMAP_TLS_IMAPS: break;
+    }
+    return IMAP_TLS_IMAPS;
 }
 
-static smtp_timeouts_t      smtp_timeouts; /* env.dcfg.timeouts points here */
-static deliver_candidate_t *smtp_relay;    /* [smtp] relay, resolved at start-up */
+static enum log_level log_level_of(mp_log_level_t l)
+{
+    switch (l) {
+    case MP_LOG_LEVEL_ERROR: return LOG_ERROR;
+    case MP_LOG_LEVEL_WARN: return LOG_WARN;
+    case MP_LOG_LEVEL_DEBUG: return LOG_DEBUG;
+    case MP_LOG_LEVEL_INFO: break;
+    }
+    return LOG_INFO;
+}
 
-static int build_env(const mp_config_t *cfg, worker_env_t *env, char *helo, size_t helolen,
-                     char *err, size_t errlen)
+static enum log_format log_format_of(mp_log_format_t f)
+{
+    return f == MP_LOG_FORMAT_JSON ? LOG_FMT_JSON : LOG_FMT_LOGFMT;
+}
+
+static deliver_config_store_t smtp_store; /* what env.dcfg points into */
+
+static int build_env(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errlen)
 {
     memset(env, 0, sizeof(*env));
     env->cfg = cfg;
+    env->imap_tls = imap_tls_of(cfg->imap_tls);
     char e[256];
     env->smtp_verify_ctx = tls_client_ctx_new(cfg->smtp_ca_file, 1, e, sizeof(e));
     if (env->smtp_verify_ctx == NULL) {
@@ -103,9 +122,6 @@ static int build_env(const mp_config_t *cfg, worker_env_t *env, char *helo, size
         snprintf(err, errlen, "TLS: %s", e);
         return -1;
     }
-    env->imap_tls = strcmp(cfg->imap_tls, "starttls") == 0 ? IMAP_TLS_STARTTLS
-                    : strcmp(cfg->imap_tls, "none") == 0   ? IMAP_TLS_NONE
-                                                           : IMAP_TLS_IMAPS;
     if (cfg->imap_host[0]) {
         env->imap_ctx = tls_client_ctx_new(cfg->imap_ca_file, 1, e, sizeof(e));
         if (env->imap_ctx == NULL) {
@@ -116,11 +132,6 @@ static int build_env(const mp_config_t *cfg, worker_env_t *env, char *helo, size
             return -1;
         if (resolve_imap(cfg, env, err, errlen) < 0)
             return -1;
-    }
-    if (cfg->smtp_helo_name[0]) {
-        snprintf(helo, helolen, "%s", cfg->smtp_helo_name);
-    } else if (gethostname(helo, helolen) != 0 || helo[0] == '\0') {
-        snprintf(helo, helolen, "localhost");
     }
     if (cfg->dkim_keys_file[0]) {
         env->dkim = dkim_load(cfg->dkim_keys_file, cfg->dkim_headers, e, sizeof(e));
@@ -133,21 +144,10 @@ static int build_env(const mp_config_t *cfg, worker_env_t *env, char *helo, size
         snprintf(err, errlen, "[retry] levels: cannot parse \"%s\"", cfg->retry_levels);
         return -1;
     }
-    deliver_config_t *d = &env->dcfg;
-    d->port = (unsigned short)cfg->smtp_port;
-    d->helo_name = helo;
-    d->tls = tls_policy(cfg->smtp_tls);
-    d->tls_verify_ctx = env->smtp_verify_ctx;
-    d->tls_noverify_ctx = env->smtp_noverify_ctx;
-    d->max_mx = cfg->smtp_max_mx;
-    d->timeout_scale_pct = cfg->smtp_timeout_scale;
-    /* pipelining, max_rcpts, pool limits, tls_policy map, per-state
-     * timeouts, relay + AUTH (validated here: exit 2 on a bad value) */
-    if (deliver_config_engine(d, cfg, &smtp_timeouts, &smtp_relay, err, errlen) < 0)
+    /* [smtp]: one translation, validated there (exit 2 on a bad value) */
+    if (deliver_config_build(&env->dcfg, cfg, env->smtp_verify_ctx, env->smtp_noverify_ctx, &smtp_store,
+                             err, errlen) < 0)
         return -1;
-    /* one route penalty table for every worker: a dead MX address costs
-     * one failed connect per penalty, not one per worker */
-    d->routes = routes_new(d->route_penalty_ms, d->route_penalty_max_ms);
     /* message-rate limits per destination domain, one table per process */
     return throttle_new(cfg->smtp_rate_limits, &env->throttle, err, errlen);
 }
@@ -158,12 +158,11 @@ static void free_env(worker_env_t *env)
     SSL_CTX_free(env->smtp_noverify_ctx);
     SSL_CTX_free(env->imap_ctx);
     accounts_free(&env->accounts);
-    free(smtp_relay);
-    smtp_relay = NULL;
     retry_levels_free(&env->levels);
     dkim_free(env->dkim);
-    routes_free(env->dcfg.routes);
+    deliver_config_store_free(&smtp_store);
     env->dcfg.routes = NULL;
+    env->dcfg.relay = NULL;
     throttle_free(env->throttle);
     env->throttle = NULL;
 }
@@ -173,6 +172,7 @@ int main(int argc, char **argv)
     static const struct option opts[] = {
         { "config", required_argument, NULL, 'c' },
         { "check-config", no_argument, NULL, 'k' },
+        { "print-config-reference", no_argument, NULL, 'r' },
         { "help", no_argument, NULL, 'h' },
         { "version", no_argument, NULL, 'V' },
         { NULL, 0, NULL, 0 },
@@ -183,6 +183,7 @@ int main(int argc, char **argv)
         switch (c) {
         case 'c': config_path = optarg; break;
         case 'k': check_only = 1; break;
+        case 'r': config_print_reference(stdout); return 0;
         case 'h': usage(stdout); return 0;
         case 'V': printf("mailpumpd %s\n", MAILPUMPD_VERSION); return 0;
         default: usage(stderr); return 2;
@@ -203,12 +204,10 @@ int main(int argc, char **argv)
         config_free(&cfg);
         return 2;
     }
-    log_setup((enum log_level)log_level_from_name(cfg.log_level),
-              strcmp(cfg.log_format, "json") == 0 ? LOG_FMT_JSON : LOG_FMT_LOGFMT);
+    log_setup(log_level_of(cfg.log_level), log_format_of(cfg.log_format));
 
     worker_env_t env;
-    char helo[256];
-    if (build_env(&cfg, &env, helo, sizeof(helo), err, sizeof(err)) < 0) {
+    if (build_env(&cfg, &env, err, sizeof(err)) < 0) {
         fprintf(stderr, "mailpumpd: configuration error: %s\n", err);
         free_env(&env);
         config_free(&cfg);
@@ -250,7 +249,8 @@ int main(int argc, char **argv)
     metrics_gauge_set(MET_WORKERS, nworkers);
     log_info("main", "start", "version=%s workers=%u queue=%s amqp=%s:%u metrics=%s smtp_tls=%s",
              MAILPUMPD_VERSION, nworkers, cfg.amqp_queue, cfg.amqp_host, cfg.amqp_port,
-             cfg.metrics_listen[0] ? cfg.metrics_listen : "off", cfg.smtp_tls);
+             cfg.metrics_listen[0] ? cfg.metrics_listen : "off",
+             config_enum_name("smtp", "tls", (int)cfg.smtp_tls));
 
     worker_t **workers = xcalloc(nworkers, sizeof(worker_t *));
     int rc = 0;

@@ -35,7 +35,7 @@
  *  QUIT. An IDLE session has no timeout of its own (the pool expires it)
  *  and any event on it ends it through the closed callback.
  *
- *  Lifetime (STYLE §4): the owner's callback fires exactly once, from a
+ *  Lifetime: the owner's callback fires exactly once, from a
  *  stream event or a deferred timer, never from smtp_session_start(). The
  *  owner may free the session inside it: every entry point counts itself
  *  in s->in_cb and the release happens once the outermost one returns.
@@ -185,6 +185,12 @@ const char *smtp_strerror(int status)
                                                                                : "unknown smtp status";
 }
 
+static unsigned scale_timeout(unsigned ms, unsigned pct)
+{
+    uint64_t v = (uint64_t)ms * pct / 100;
+    return v == 0 ? 1 : v > UINT32_MAX ? UINT32_MAX : (unsigned)v;
+}
+
 void smtp_timeouts_default(smtp_timeouts_t *t, unsigned scale_pct)
 {
     static const smtp_timeouts_t rfc = {
@@ -200,14 +206,21 @@ void smtp_timeouts_default(smtp_timeouts_t *t, unsigned scale_pct)
         .rset_ms = 20000,
         .quit_ms = 10000,
     };
-    unsigned *dst = (unsigned *)t;
-    const unsigned *src = (const unsigned *)&rfc;
     if (scale_pct == 0)
         scale_pct = 100;
-    for (size_t i = 0; i < sizeof(rfc) / sizeof(unsigned); i++) {
-        uint64_t v = (uint64_t)src[i] * scale_pct / 100;
-        dst[i] = v == 0 ? 1 : v > UINT32_MAX ? UINT32_MAX : (unsigned)v;
-    }
+#define SCALE(state) t->state = scale_timeout(rfc.state, scale_pct)
+    SCALE(connect_ms);
+    SCALE(greeting_ms);
+    SCALE(helo_ms);
+    SCALE(starttls_ms);
+    SCALE(mail_ms);
+    SCALE(rcpt_ms);
+    SCALE(data_init_ms);
+    SCALE(data_block_ms);
+    SCALE(data_done_ms);
+    SCALE(rset_ms);
+    SCALE(quit_ms);
+#undef SCALE
 }
 
 const char *smtp_addr_text(const struct sockaddr *sa, char *buf, size_t len)

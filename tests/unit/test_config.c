@@ -7,6 +7,7 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,7 +47,12 @@ static void test_defaults(void **state)
     assert_string_equal(c.amqp_events_exchange, "mail.events");
     assert_int_equal(c.amqp_port, 5672);
     assert_int_equal(c.worker_count, 0);
-    assert_string_equal(c.smtp_tls, "opportunistic");
+    assert_int_equal(c.smtp_tls, MP_SMTP_TLS_OPPORTUNISTIC);
+    assert_int_equal(c.imap_tls, MP_IMAP_TLS_IMAPS);
+    assert_int_equal(c.log_level, MP_LOG_LEVEL_INFO);
+    assert_int_equal(c.log_format, MP_LOG_FORMAT_LOGFMT);
+    assert_int_equal(c.smtp_timeout_connect_ms, 0);
+    assert_int_equal(c.smtp_timeout_quit_ms, 0);
     assert_int_equal(c.smtp_port, 25);
     assert_int_equal(c.message_max_size, 26214400UL);
     config_free(&c);
@@ -65,7 +71,7 @@ static void test_file_then_environment(void **state)
     assert_string_equal(c.amqp_host, "broker.internal"); /* file */
     assert_int_equal(c.amqp_port, 6000);                 /* environment wins */
     assert_int_equal(c.worker_count, 7);
-    assert_string_equal(c.smtp_tls, "verify");
+    assert_int_equal(c.smtp_tls, MP_SMTP_TLS_VERIFY);
     assert_int_equal(c.smtp_port, 2525);
     config_free(&c);
 }
@@ -83,8 +89,15 @@ static void test_errors_name_the_problem(void **state)
         { "[amqp]\nport = many\n", NULL, NULL, 1, "[amqp] port: expected a non-negative number" },
         { "[amqp]\nport = -5\n", NULL, NULL, 1, "expected a non-negative number" },
         { "[amqp]\nport = 70000\n", NULL, NULL, 0, "ports must be between 1 and 65535" },
-        { "[smtp]\ntls = maybe\n", NULL, NULL, 0, "[smtp] tls: \"maybe\"" },
-        { "", "MAILPUMP_SMTP_TLS", "sometimes", 0, "\"sometimes\"" },
+        { "[smtp]\ntls = maybe\n", NULL, NULL, 1,
+          ":2: [smtp] tls: \"maybe\" is not one of none, opportunistic, required, verify" },
+        { "", "MAILPUMP_SMTP_TLS", "sometimes", 1,
+          "MAILPUMP_SMTP_TLS: [smtp] tls: \"sometimes\" is not one of none, opportunistic, required, verify" },
+        { "[imap]\ntls = ssl\n", NULL, NULL, 1, "[imap] tls: \"ssl\" is not one of imaps, starttls, none" },
+        { "[log]\nformat = xml\n", NULL, NULL, 1, "[log] format: \"xml\" is not one of logfmt, json" },
+        { "[log]\nlevel = trace\n", NULL, NULL, 1,
+          "[log] level: \"trace\" is not one of error, warn, info, debug" },
+        { "[log]\nlevel = INFO\n", NULL, NULL, 1, "[log] level: \"INFO\" is not one of" },
         { "", "MAILPUMP_AMQP_PORT", "x1", 1, "MAILPUMP_AMQP_PORT" },
         { "[imap]\nhost = 127.0.0.1\n", NULL, NULL, 0, "accounts_file is empty" },
         { "[amqp]\nprefetch = 0\n", NULL, NULL, 0, "prefetch" },
@@ -115,6 +128,68 @@ static void test_errors_name_the_problem(void **state)
     }
 }
 
+/* The enumerated keys are parsed by config_load into enum values: from
+ * the file, from the environment, aliases included. */
+static void test_enum_keys(void **state)
+{
+    static const struct {
+        const char *file;
+        int         smtp_tls, imap_tls, level, format;
+    } cases[] = {
+        { "[smtp]\ntls = none\n[imap]\ntls = starttls\n[log]\nlevel = error\nformat = json\n",
+          MP_SMTP_TLS_NONE, MP_IMAP_TLS_STARTTLS, MP_LOG_LEVEL_ERROR, MP_LOG_FORMAT_JSON },
+        { "[smtp]\ntls = required\n[imap]\ntls = none\n[log]\nlevel = warn\nformat = logfmt\n",
+          MP_SMTP_TLS_REQUIRED, MP_IMAP_TLS_NONE, MP_LOG_LEVEL_WARN, MP_LOG_FORMAT_LOGFMT },
+        { "[smtp]\ntls = verify\n[imap]\ntls = imaps\n[log]\nlevel = warning\n",
+          MP_SMTP_TLS_VERIFY, MP_IMAP_TLS_IMAPS, MP_LOG_LEVEL_WARN, MP_LOG_FORMAT_LOGFMT },
+        { "[smtp]\ntls = opportunistic\n[log]\nlevel = debug\n",
+          MP_SMTP_TLS_OPPORTUNISTIC, MP_IMAP_TLS_IMAPS, MP_LOG_LEVEL_DEBUG, MP_LOG_FORMAT_LOGFMT },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        write_file(cases[i].file);
+        mp_config_t c;
+        char err[256] = "";
+        config_defaults(&c);
+        if (config_load(&c, path, err, sizeof(err)) != 0)
+            fail_msg("case %zu: %s", i, err);
+        assert_int_equal(c.smtp_tls, cases[i].smtp_tls);
+        assert_int_equal(c.imap_tls, cases[i].imap_tls);
+        assert_int_equal(c.log_level, cases[i].level);
+        assert_int_equal(c.log_format, cases[i].format);
+        assert_int_equal(config_validate(&c, err, sizeof(err)), 0);
+        config_free(&c);
+        unlink(path);
+    }
+    /* the environment overrides the file's value */
+    write_file("[smtp]\ntls = none\n");
+    setenv("MAILPUMP_SMTP_TLS", "verify", 1);
+    mp_config_t c;
+    char err[256];
+    config_defaults(&c);
+    assert_int_equal(config_load(&c, path, err, sizeof(err)), 0);
+    assert_int_equal(c.smtp_tls, MP_SMTP_TLS_VERIFY);
+    config_free(&c);
+
+    /* names and values, one table */
+    assert_int_equal(config_enum_parse("smtp", "tls", "required"), MP_SMTP_TLS_REQUIRED);
+    assert_int_equal(config_enum_parse("imap", "tls", "none"), MP_IMAP_TLS_NONE);
+    assert_int_equal(config_enum_parse("log", "level", "warning"), MP_LOG_LEVEL_WARN);
+    assert_int_equal(config_enum_parse("smtp", "tls", "imaps"), -1);
+    assert_int_equal(config_enum_parse("smtp", "tls", NULL), -1);
+    assert_int_equal(config_enum_parse("smtp", "port", "25"), -1); /* not an enum key */
+    assert_string_equal(config_enum_name("smtp", "tls", MP_SMTP_TLS_VERIFY), "verify");
+    assert_string_equal(config_enum_name("log", "level", MP_LOG_LEVEL_WARN), "warn");
+    assert_string_equal(config_enum_name("log", "format", MP_LOG_FORMAT_JSON), "json");
+    assert_string_equal(config_enum_name("imap", "tls", 7), "?");
+    char list[128];
+    config_enum_list("smtp", "tls", "|", list, sizeof(list));
+    assert_string_equal(list, "none|opportunistic|required|verify");
+    config_enum_list("log", "level", ", ", list, sizeof(list));
+    assert_string_equal(list, "error, warn, info, debug");
+    config_enum_list("amqp", "host", ", ", list, sizeof(list));
+    assert_string_equal(list, "");
+}
+
 static void test_missing_file(void **state)
 {
     mp_config_t c;
@@ -140,7 +215,70 @@ static void test_dump_masks_secrets(void **state)
     assert_null(strstr(out, "hunter2"));
     assert_non_null(strstr(out, "password = ********"));
     assert_non_null(strstr(out, "[amqp]\nhost = 127.0.0.1\n"));
+    /* enumerated keys by name, timeouts by their keys */
+    assert_non_null(strstr(out, "\ntls = opportunistic\n"));
+    assert_non_null(strstr(out, "\ntls = imaps\n"));
+    assert_non_null(strstr(out, "[log]\nlevel = info\nformat = logfmt\n"));
+    assert_non_null(strstr(out, "\ntimeout_data_block_ms = 0\n"));
     free(out);
+    config_free(&c);
+}
+
+/* The reference lists every key of the dump under its section, with its
+ * environment variable and a description. */
+static void test_reference(void **state)
+{
+    mp_config_t c;
+    config_defaults(&c);
+    char *dump = NULL, *ref = NULL;
+    size_t dlen = 0, rlen = 0;
+    FILE *f = open_memstream(&dump, &dlen);
+    config_dump(&c, f);
+    fclose(f);
+    f = open_memstream(&ref, &rlen);
+    config_print_reference(f);
+    fclose(f);
+    char section[32] = "", *save = NULL;
+    const char *sec_at = ref;
+    int n = 0;
+    for (char *line = strtok_r(dump, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        char key[64], want[256];
+        if (sscanf(line, "[%31[a-z]]", section) == 1) {
+            snprintf(want, sizeof(want), "\n## [%s]\n", section);
+            sec_at = strstr(ref, want);
+            if (sec_at == NULL)
+                fail_msg("no section %s in the reference", want);
+            continue;
+        }
+        if (sscanf(line, "%63[a-z0-9_] =", key) != 1)
+            continue;
+        char env[128];
+        snprintf(env, sizeof(env), "MAILPUMP_%s_%s", section, key);
+        for (char *p = env; *p; p++)
+            *p = (char)toupper((unsigned char)*p);
+        snprintf(want, sizeof(want), "\n| `%s` | ", key);
+        const char *row = strstr(sec_at, want);
+        const char *next = strstr(sec_at + 1, "\n## [");
+        if (row == NULL || (next && row > next))
+            fail_msg("[%s] %s: no row in its section", section, key);
+        const char *end = strchr(row + 1, '\n');
+        snprintf(want, sizeof(want), " | `%s` | ", env);
+        const char *e = strstr(row, want);
+        if (e == NULL || e > end)
+            fail_msg("[%s] %s: no %s", section, key, env);
+        if (end - (e + strlen(want)) < 8 + 2) /* " |" after a description of some length */
+            fail_msg("[%s] %s: no description", section, key);
+        n++;
+    }
+    assert_true(n > 90);
+    assert_non_null(strstr(ref, "| `tls` | one of `none`, `opportunistic`, `required`, `verify` | `opportunistic` |"));
+    assert_non_null(strstr(ref, "| `level` | one of `error`, `warn`, `info`, `debug` | `info` |"));
+    assert_non_null(strstr(ref, "| `rate_limit_max_wait` | duration | `10s` |"));
+    assert_non_null(strstr(ref, "| `password` | secret string | `guest` |"));
+    assert_non_null(strstr(ref, "| `helo_name` | string | (empty) |"));
+    assert_non_null(strstr(ref, "rsa-sha256\\|ed25519-sha256")); /* '|' escaped in a cell */
+    free(dump);
+    free(ref);
     config_free(&c);
 }
 
@@ -150,8 +288,10 @@ int main(void)
         cmocka_unit_test_teardown(test_defaults, teardown),
         cmocka_unit_test_teardown(test_file_then_environment, teardown),
         cmocka_unit_test_teardown(test_errors_name_the_problem, teardown),
+        cmocka_unit_test_teardown(test_enum_keys, teardown),
         cmocka_unit_test_teardown(test_missing_file, teardown),
         cmocka_unit_test_teardown(test_dump_masks_secrets, teardown),
+        cmocka_unit_test(test_reference),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }

@@ -1929,17 +1929,59 @@ static void test_tls_policy_per_domain(void **state)
     tctx_t *t = *state;
     deliver_config_t cfg = config(t, SMTP_TLS_VERIFY);
     cfg.tls_policy_map = "legacy.test:none, .corp.test:required,bank.test : verify,bad.test:bogus";
-    assert_int_equal(deliver_tls_policy_for(&cfg, "legacy.test"), SMTP_TLS_NONE);
-    assert_int_equal(deliver_tls_policy_for(&cfg, "LEGACY.test"), SMTP_TLS_NONE);
-    assert_int_equal(deliver_tls_policy_for(&cfg, "x.legacy.test"), SMTP_TLS_VERIFY);
-    assert_int_equal(deliver_tls_policy_for(&cfg, "corp.test"), SMTP_TLS_REQUIRED);
-    assert_int_equal(deliver_tls_policy_for(&cfg, "a.b.corp.test"), SMTP_TLS_REQUIRED);
-    assert_int_equal(deliver_tls_policy_for(&cfg, "xcorp.test"), SMTP_TLS_VERIFY);
-    assert_int_equal(deliver_tls_policy_for(&cfg, "bank.test"), SMTP_TLS_VERIFY);
-    assert_int_equal(deliver_tls_policy_for(&cfg, "bad.test"), SMTP_TLS_VERIFY);
-    assert_int_equal(deliver_tls_policy_for(&cfg, NULL), SMTP_TLS_VERIFY);
+    /* parsed once: the valid entries in order, blanks trimmed, the bad one
+     * named in err and left out */
+    deliver_tls_map_t m;
+    char err[256] = "";
+    assert_int_equal(deliver_tls_map_parse(cfg.tls_policy_map, &m, err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] tls_policy: \"bad.test:bogus\" is not domain:none|opportunistic|required|verify");
+    assert_int_equal(m.n, 3);
+    assert_int_equal(m.rules[0].plen, strlen("legacy.test"));
+    assert_memory_equal(m.rules[0].pattern, "legacy.test", m.rules[0].plen);
+    assert_int_equal(m.rules[0].policy, SMTP_TLS_NONE);
+    assert_int_equal(m.rules[1].plen, strlen(".corp.test"));
+    assert_memory_equal(m.rules[1].pattern, ".corp.test", m.rules[1].plen);
+    assert_int_equal(m.rules[1].policy, SMTP_TLS_REQUIRED);
+    assert_int_equal(m.rules[2].plen, strlen("bank.test"));
+    assert_memory_equal(m.rules[2].pattern, "bank.test", m.rules[2].plen);
+    assert_int_equal(m.rules[2].policy, SMTP_TLS_VERIFY);
+    assert_ptr_not_equal(m.text, cfg.tls_policy_map); /* its own copy */
+    smtp_tls_policy_t dflt = SMTP_TLS_VERIFY;
+    assert_int_equal(deliver_tls_map_lookup(&m, dflt, "legacy.test"), SMTP_TLS_NONE);
+    assert_int_equal(deliver_tls_map_lookup(&m, dflt, "LEGACY.test"), SMTP_TLS_NONE);
+    assert_int_equal(deliver_tls_map_lookup(&m, dflt, "x.legacy.test"), SMTP_TLS_VERIFY);
+    assert_int_equal(deliver_tls_map_lookup(&m, dflt, "corp.test"), SMTP_TLS_REQUIRED);
+    assert_int_equal(deliver_tls_map_lookup(&m, dflt, "a.b.corp.test"), SMTP_TLS_REQUIRED);
+    assert_int_equal(deliver_tls_map_lookup(&m, dflt, "xcorp.test"), SMTP_TLS_VERIFY);
+    assert_int_equal(deliver_tls_map_lookup(&m, dflt, "bank.test"), SMTP_TLS_VERIFY);
+    assert_int_equal(deliver_tls_map_lookup(&m, SMTP_TLS_OPPORTUNISTIC, "bad.test"), SMTP_TLS_OPPORTUNISTIC);
+    assert_int_equal(deliver_tls_map_lookup(&m, dflt, NULL), SMTP_TLS_VERIFY);
+    assert_int_equal(deliver_tls_map_lookup(&m, dflt, ""), SMTP_TLS_VERIFY);
+    deliver_tls_map_free(&m);
+    assert_null(m.rules);
+    /* the first matching entry wins; empty and NULL maps have none */
+    assert_int_equal(deliver_tls_map_parse(" .t:none , a.t : verify ,", &m, err, sizeof(err)), 0);
+    assert_int_equal(m.n, 2);
+    assert_int_equal(deliver_tls_map_lookup(&m, dflt, "a.t"), SMTP_TLS_NONE);
+    deliver_tls_map_free(&m);
+    assert_int_equal(deliver_tls_map_parse("", &m, err, sizeof(err)), 0);
+    assert_int_equal(m.n, 0);
+    assert_int_equal(deliver_tls_map_lookup(&m, dflt, "a.t"), SMTP_TLS_VERIFY);
+    deliver_tls_map_free(&m);
+    assert_int_equal(deliver_tls_map_parse(NULL, &m, err, sizeof(err)), 0);
+    assert_int_equal(m.n, 0);
+    deliver_tls_map_free(&m);
+    assert_int_equal(deliver_tls_map_parse("nocolon, :none, x.t:", &m, err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] tls_policy: \"nocolon\" is not domain:none|opportunistic|required|verify");
+    assert_int_equal(m.n, 0);
+    deliver_tls_map_free(&m);
     assert_int_equal(deliver_tls_policy_parse("opportunistic"), SMTP_TLS_OPPORTUNISTIC);
+    assert_int_equal(deliver_tls_policy_parse("none"), SMTP_TLS_NONE);
+    assert_int_equal(deliver_tls_policy_parse("required"), SMTP_TLS_REQUIRED);
+    assert_int_equal(deliver_tls_policy_parse("verify"), SMTP_TLS_VERIFY);
     assert_int_equal(deliver_tls_policy_parse("x"), -1);
+    assert_int_equal(deliver_tls_policy_parse("Verify"), -1);
+    assert_int_equal(deliver_tls_policy_parse(NULL), -1);
 
     /* end to end: a plaintext-only server is fine for legacy.test under a
      * verify default, and refused for another domain */
@@ -2163,49 +2205,99 @@ static void set_str(char **field, const char *v)
     *field = strdup(v);
 }
 
-/* [smtp] keys -> deliver_config_t */
-static void test_config_engine(void **state)
+/* [smtp] keys -> deliver_config_t, in one function */
+static void test_config_build(void **state)
 {
     mp_config_t mc;
     deliver_config_t d;
-    smtp_timeouts_t to;
-    deliver_candidate_t *relay = NULL;
+    deliver_config_store_t st;
     char err[256];
+    SSL_CTX *v = (SSL_CTX *)&mc, *nv = (SSL_CTX *)&d; /* not used: only passed on */
 
     config_defaults(&mc);
-    memset(&d, 0, sizeof(d));
-    d.tls = SMTP_TLS_OPPORTUNISTIC;
-    mc.smtp_timeout_ms[5] = 1234; /* rcpt */
+    mc.smtp_timeout_rcpt_ms = 1234;
+    mc.smtp_timeout_quit_ms = 77;
     mc.smtp_timeout_scale = 10;
     mc.smtp_pool = 0;
     mc.smtp_pipelining = 0;
+    mc.smtp_port = 2525;
+    mc.smtp_max_mx = 3;
+    mc.smtp_tls = MP_SMTP_TLS_REQUIRED;
+    set_str(&mc.smtp_helo_name, "mx.sender.test");
     set_str(&mc.smtp_tls_policy, "a.test:verify, .b.test:none");
     set_str(&mc.smtp_relay, "127.0.0.1:2526");
     set_str(&mc.smtp_relay_user, "u");
-    assert_int_equal(deliver_config_engine(&d, &mc, &to, &relay, err, sizeof(err)), 0);
-    assert_ptr_equal(d.timeouts, &to);
-    assert_int_equal(to.rcpt_ms, 1234);
-    assert_int_equal(to.mail_ms, 30000);
+    assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), 0);
+    assert_int_equal(d.port, 2525);
+    assert_string_equal(d.helo_name, "mx.sender.test");
+    assert_int_equal(d.tls, SMTP_TLS_REQUIRED);
+    assert_ptr_equal(d.tls_verify_ctx, v);
+    assert_ptr_equal(d.tls_noverify_ctx, nv);
+    assert_int_equal(d.max_mx, 3);
+    assert_int_equal(d.timeout_scale_pct, 10);
+    assert_ptr_equal(d.timeouts, &st.timeouts);
+    assert_int_equal(st.timeouts.rcpt_ms, 1234);
+    assert_int_equal(st.timeouts.quit_ms, 77);
+    assert_int_equal(st.timeouts.mail_ms, 30000);      /* 300 s scaled to 10 % */
+    assert_int_equal(st.timeouts.data_done_ms, 60000); /* 600 s */
+    assert_int_equal(st.timeouts.connect_ms, 3000);
     assert_int_equal(d.max_rcpts, 100);
     assert_true(d.pool.disabled);
     assert_true(d.no_pipelining);
     assert_int_equal(d.pool.max_idle_ms, 5000);
-    assert_int_equal(deliver_tls_policy_for(&d, "x.b.test"), SMTP_TLS_NONE);
+    assert_int_equal(d.route_penalty_ms, 1000);
+    assert_int_equal(d.route_penalty_max_ms, 300000);
+    assert_non_null(d.routes);
+    assert_ptr_equal(d.routes, st.routes);
+    assert_string_equal(d.tls_policy_map, "a.test:verify, .b.test:none");
     assert_int_equal(d.nrelay, 1);
-    assert_int_equal(ntohs(((struct sockaddr_in *)&relay[0].addr)->sin_port), 2526);
-    assert_string_equal(relay[0].host, "127.0.0.1");
+    assert_ptr_equal(d.relay, st.relay);
+    assert_int_equal(ntohs(((struct sockaddr_in *)&st.relay[0].addr)->sin_port), 2526);
+    assert_string_equal(st.relay[0].host, "127.0.0.1");
     assert_string_equal(d.auth_user, "u");
-    free(relay);
+    deliver_config_store_free(&st);
 
-    d.tls = SMTP_TLS_NONE; /* AUTH would go in the clear */
-    assert_int_equal(deliver_config_engine(&d, &mc, &to, &relay, err, sizeof(err)), -1);
+    /* each named timeout key overrides its own state only */
+    mc.smtp_timeout_rcpt_ms = 0;
+    mc.smtp_timeout_quit_ms = 0;
+    mc.smtp_timeout_scale = 100;
+    mc.smtp_timeout_connect_ms = 1;
+    mc.smtp_timeout_greeting_ms = 2;
+    mc.smtp_timeout_helo_ms = 3;
+    mc.smtp_timeout_starttls_ms = 4;
+    mc.smtp_timeout_mail_ms = 5;
+    mc.smtp_timeout_data_init_ms = 7;
+    mc.smtp_timeout_data_block_ms = 8;
+    mc.smtp_timeout_data_done_ms = 9;
+    mc.smtp_timeout_rset_ms = 10;
+    set_str(&mc.smtp_relay, "");
+    set_str(&mc.smtp_helo_name, "");
+    assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), 0);
+    smtp_timeouts_t want = { .connect_ms = 1, .greeting_ms = 2, .helo_ms = 3, .starttls_ms = 4,
+                             .mail_ms = 5, .rcpt_ms = 300000, .data_init_ms = 7, .data_block_ms = 8,
+                             .data_done_ms = 9, .rset_ms = 10, .quit_ms = 10000 };
+    assert_memory_equal(&st.timeouts, &want, sizeof(want));
+    assert_int_equal(d.nrelay, 0);
+    assert_null(d.relay);
+    assert_true(d.helo_name[0] != '\0'); /* this host's name */
+    deliver_config_store_free(&st);
+
+    mc.smtp_tls = MP_SMTP_TLS_NONE; /* AUTH would go in the clear */
+    assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "relay_user"));
-    free(relay);
+    deliver_config_store_free(&st);
+    mc.smtp_tls = MP_SMTP_TLS_VERIFY;
+    assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), 0);
+    assert_int_equal(d.tls, SMTP_TLS_VERIFY);
+    deliver_config_store_free(&st);
+    mc.smtp_tls = MP_SMTP_TLS_OPPORTUNISTIC;
+    assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), 0);
+    assert_int_equal(d.tls, SMTP_TLS_OPPORTUNISTIC);
+    deliver_config_store_free(&st);
     set_str(&mc.smtp_tls_policy, "a.test:sometimes");
-    assert_int_equal(deliver_config_engine(&d, &mc, &to, &relay, err, sizeof(err)), -1);
+    assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "a.test:sometimes"));
-    assert_int_equal(deliver_tls_policy_map_check("nocolon", err, sizeof(err)), -1);
-    assert_int_equal(deliver_tls_policy_map_check("", err, sizeof(err)), 0);
+    deliver_config_store_free(&st);
     config_free(&mc);
 }
 
@@ -2865,7 +2957,7 @@ int main(void)
         T(test_hold_timeout_fails_over),
         T(test_hold_cancel),
         cmocka_unit_test(test_tls_session_cache),
-        cmocka_unit_test(test_config_engine),
+        cmocka_unit_test(test_config_build),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
