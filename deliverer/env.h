@@ -28,7 +28,7 @@ typedef struct worker_env {
     SSL_CTX                *imap_ctx;
     imap_tls_t              imap_tls;    /* [imap] tls */
     accounts_t              accounts;
-    retry_levels_t          levels;      /* delay queues, ascending */
+    retry_policy_t          retry;       /* [retry], delay queues ascending */
     struct sockaddr_storage imap_addr;
     socklen_t               imap_addrlen; /* 0: no IMAP configured */
     dkim_signer_t          *dkim;        /* NULL: [dkim] keys_file empty, no signing */

@@ -387,7 +387,7 @@ static void job_on_counted(void *arg, int ok, long long count)
 {
     job_t *j = arg;
     j->ledger_op = 0;
-    unsigned limit = j->ctx->env->cfg->retry_poison_redeliveries;
+    unsigned limit = j->ctx->env->retry.poison_redeliveries;
     if (ok && limit > 0 && count > (long long)limit) {
         metrics_inc(MET_MESSAGES_POISON, 1);
         job_dead_letter(j, "poison: redelivered %lld times without finishing (limit %u)", count, limit);
@@ -485,8 +485,7 @@ static void job_on_leg_done(void *arg, const domain_result_t *res)
 
 static void job_enter_domains(job_t *j)
 {
-    const mp_config_t *cfg = j->ctx->env->cfg;
-    int c = retry_class(j->dv->priority);
+    const retry_class_policy_t *rc = &j->ctx->env->retry.cls[retry_class(j->dv->priority)];
     for (size_t i = 0; i < j->nrcpts; i++) {
         if (j->rcpts[i].skip)
             continue;
@@ -522,8 +521,8 @@ static void job_enter_domains(job_t *j)
             .nsegs = j->nwire,
             .message_size = buf_size(&j->raw),
             .need = j->need,
-            .fast_retries = cfg->retry_fast_retries[c],
-            .fast_base_ms = cfg->retry_fast_base_ms[c],
+            .fast_retries = rc->fast_retries,
+            .fast_base_ms = rc->fast_base_ms,
             .gate = job_gate,
             .done = job_on_leg_done,
             .arg = d,
@@ -691,9 +690,9 @@ static int job_append_retryable(const job_t *j)
  * retry or attempts or age are used up (j->give_up says which). */
 static int job_schedule_retry(job_t *j)
 {
-    const worker_env_t *env = j->ctx->env;
-    const mp_config_t *cfg = env->cfg;
+    const retry_policy_t *rp = &j->ctx->env->retry;
     int c = retry_class(j->dv->priority);
+    const retry_class_policy_t *rc = &rp->cls[c];
     uint64_t server_ms = j->throttle_ms; /* our own rate limit counts like a server's request */
     buf_t pending = BUF_INIT;
     int throttled_only = 1; /* every recipient left waits for a rate_limits slot: no attempt spent */
@@ -717,15 +716,15 @@ static int job_schedule_retry(job_t *j)
     }
     throttled_only = throttled_only && buf_size(&pending) > 0;
     unsigned attempt = j->envelope.attempt;
-    uint64_t want = throttled_only ? 0 : retry_backoff_ms(cfg->retry_base_ms[c], attempt, util_rand01());
-    size_t level = retry_pick_level(&env->levels, want, server_ms);
-    uint64_t delay = env->levels.ms[level];
+    uint64_t want = throttled_only ? 0 : retry_backoff_ms(rc->base_ms, attempt, util_rand01());
+    size_t level = retry_pick_level(&rp->levels, want, server_ms);
+    uint64_t delay = rp->levels.ms[level];
     uint64_t age = util_wall_ms() - j->envelope.first_seen_ms;
-    if (!throttled_only && attempt >= cfg->retry_max_attempts[c]) {
+    if (!throttled_only && attempt >= rc->max_attempts) {
         snprintf(j->give_up, sizeof(j->give_up), "retries exhausted after %u attempts", attempt);
-    } else if (age + delay > cfg->retry_max_age_ms[c]) {
+    } else if (age + delay > rc->max_age_ms) {
         char a[32];
-        config_format_duration(cfg->retry_max_age_ms[c], a, sizeof(a));
+        config_format_duration(rc->max_age_ms, a, sizeof(a));
         snprintf(j->give_up, sizeof(j->give_up), "expired: next attempt would pass the maximum age of %s (P%d)",
                  a, c);
     }
@@ -745,7 +744,7 @@ static int job_schedule_retry(job_t *j)
     envelope_headers_t hdrs;
     envelope_write(&next, &hdrs);
     char queue[256];
-    retry_queue_name(cfg->retry_queue_prefix, &env->levels, level, queue, sizeof(queue));
+    retry_queue_name(rp->queue_prefix, &rp->levels, level, queue, sizeof(queue));
     mq_publish_opts_t o = { .message_id = j->msg->id, .priority = j->dv->priority, .persistent = 1,
                             .headers = hdrs.hdr, .nheaders = hdrs.n };
     j->retry_in_ms = delay;

@@ -140,10 +140,8 @@ static int build_env(const mp_config_t *cfg, worker_env_t *env, char *err, size_
             return -1;
         }
     }
-    if (retry_levels_parse(cfg->retry_levels, &env->levels) < 0) {
-        snprintf(err, errlen, "[retry] levels: cannot parse \"%s\"", cfg->retry_levels);
+    if (retry_policy_init(&env->retry, cfg, err, errlen) < 0)
         return -1;
-    }
     /* [smtp]: one translation, validated there (exit 2 on a bad value) */
     if (deliver_config_build(&env->dcfg, cfg, env->smtp_verify_ctx, env->smtp_noverify_ctx, &smtp_store,
                              err, errlen) < 0)
@@ -158,7 +156,7 @@ static void free_env(worker_env_t *env)
     SSL_CTX_free(env->smtp_noverify_ctx);
     SSL_CTX_free(env->imap_ctx);
     accounts_free(&env->accounts);
-    retry_levels_free(&env->levels);
+    retry_policy_free(&env->retry);
     dkim_free(env->dkim);
     deliver_config_store_free(&smtp_store);
     env->dcfg.routes = NULL;

@@ -54,6 +54,34 @@ void retry_levels_free(retry_levels_t *l)
     memset(l, 0, sizeof(*l));
 }
 
+int retry_policy_init(retry_policy_t *p, const mp_config_t *cfg, char *err, size_t errlen)
+{
+    memset(p, 0, sizeof(*p));
+    if (retry_levels_parse(cfg->retry_levels, &p->levels) < 0) {
+        snprintf(err, errlen, "[retry] levels: cannot parse \"%s\"", cfg->retry_levels);
+        return -1;
+    }
+    for (int c = 0; c < RETRY_CLASSES; c++) {
+        p->cls[c] = (retry_class_policy_t){
+            .base_ms = cfg->retry_base_ms[c],
+            .max_age_ms = cfg->retry_max_age_ms[c],
+            .max_attempts = cfg->retry_max_attempts[c],
+            .fast_retries = cfg->retry_fast_retries[c],
+            .fast_base_ms = cfg->retry_fast_base_ms[c],
+        };
+        if (p->cls[c].max_age_ms > p->max_age_ms)
+            p->max_age_ms = p->cls[c].max_age_ms;
+    }
+    p->queue_prefix = cfg->retry_queue_prefix;
+    p->poison_redeliveries = cfg->retry_poison_redeliveries;
+    return 0;
+}
+
+void retry_policy_free(retry_policy_t *p)
+{
+    retry_levels_free(&p->levels);
+}
+
 void retry_queue_name(const char *prefix, const retry_levels_t *l, size_t i, char *out, size_t outlen)
 {
     snprintf(out, outlen, "%s.%s", prefix, l->names[i]);

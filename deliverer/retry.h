@@ -17,11 +17,34 @@
 
 #define RETRY_CLASSES 3 /* P0 = priority 8-10, P1 = 4-7, P2 = 0-3 */
 
-typedef struct retry_levels {
-    uint64_t *ms;    /* ascending */
-    char    **names; /* "30s", "1m", ...: the queue name suffix */
-    size_t    n;
-} retry_levels_t;
+typedef struct retry_levels retry_levels_t;
+
+/* One priority class's policy: [retry] p<N>_* */
+typedef struct retry_class_policy {
+    uint64_t base_ms;      /* first retry delay; doubles per attempt */
+    uint64_t max_age_ms;   /* then the recipients still pending bounce */
+    unsigned max_attempts;
+    unsigned fast_retries; /* network failures retried within one attempt */
+    uint64_t fast_base_ms;
+} retry_class_policy_t;
+
+/* The whole [retry] section, translated once at start-up. */
+typedef struct retry_policy {
+    retry_class_policy_t cls[RETRY_CLASSES]; /* indexed by retry_class() */
+    struct retry_levels {
+        uint64_t *ms;    /* ascending */
+        char    **names; /* "30s", "1m", ...: the queue name suffix */
+        size_t    n;
+    } levels;
+    const char *queue_prefix;        /* delay queue: <prefix>.<level> */
+    unsigned    poison_redeliveries; /* redeliveries without finishing -> dead; 0 never */
+    uint64_t    max_age_ms;          /* the longest class's: how long the ledger keeps a record */
+} retry_policy_t;
+
+struct mp_config;
+/* From cfg (validated); queue_prefix points into it. 0, or -1 with err. */
+int  retry_policy_init(retry_policy_t *p, const struct mp_config *cfg, char *err, size_t errlen);
+void retry_policy_free(retry_policy_t *p);
 
 /* Parse "30s,1m,5m". 0, or -1 (levels left empty) on a bad spec. */
 int  retry_levels_parse(const char *spec, retry_levels_t *out);

@@ -229,10 +229,11 @@ static void worker_connect(worker_t *w)
     };
     char err[512] = "";
     mq_t *mq = mq_open(w->loop, &mc, err, sizeof(err));
-    for (size_t i = 0; mq && i < env->levels.n; i++) {
+    const retry_policy_t *rp = &env->retry;
+    for (size_t i = 0; mq && i < rp->levels.n; i++) {
         char queue[256];
-        retry_queue_name(cfg->retry_queue_prefix, &env->levels, i, queue, sizeof(queue));
-        if (mq_declare_delay_queue(mq, queue, (unsigned)env->levels.ms[i], err, sizeof(err)) < 0) {
+        retry_queue_name(rp->queue_prefix, &rp->levels, i, queue, sizeof(queue));
+        if (mq_declare_delay_queue(mq, queue, (unsigned)rp->levels.ms[i], err, sizeof(err)) < 0) {
             mq_free(mq);
             mq = NULL;
         }
@@ -308,11 +309,7 @@ static int worker_open_services(worker_t *w, char *err, size_t errlen)
         rclient_config_t rc = { .host = cfg->redis_host, .port = cfg->redis_port,
                                 .timeout_ms = cfg->redis_timeout_ms };
         w->redis = rclient_new(w->loop, &rc);
-        uint64_t ttl = 0;
-        for (int c = 0; c < RETRY_CLASSES; c++)
-            if (cfg->retry_max_age_ms[c] > ttl)
-                ttl = cfg->retry_max_age_ms[c];
-        svc->ledger = ledger_new(w->loop, w->redis, ttl);
+        svc->ledger = ledger_new(w->loop, w->redis, w->env->retry.max_age_ms);
     }
     /* The same rclient carries the DNS L2 cache: dns_resolver_free(), which
      * runs before rclient_free(), cancels the resolver's Redis commands. */

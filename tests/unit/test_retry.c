@@ -7,8 +7,10 @@
 #include <setjmp.h>
 #include <cmocka.h>
 
+#include <stdlib.h>
 #include <string.h>
 
+#include "core/config.h"
 #include "deliverer/retry.h"
 
 static void test_levels_parse(void **state)
@@ -103,9 +105,45 @@ static void test_server_delay(void **state)
     assert_int_equal(retry_server_delay_ms(NULL), 0);
 }
 
+/* [retry] translated once: each class's keys land in its own struct. */
+static void test_policy_from_config(void **state)
+{
+    mp_config_t cfg;
+    config_defaults(&cfg);
+    cfg.retry_base_ms[1] = 1111;
+    cfg.retry_max_age_ms[2] = 86400000ULL * 9; /* the longest: the ledger's TTL */
+    cfg.retry_max_attempts[0] = 7;
+    cfg.retry_fast_retries[2] = 4;
+    cfg.retry_fast_base_ms[0] = 33;
+    cfg.retry_poison_redeliveries = 9;
+    retry_policy_t p;
+    char err[128];
+    assert_int_equal(retry_policy_init(&p, &cfg, err, sizeof(err)), 0);
+    assert_int_equal(p.cls[1].base_ms, 1111);
+    assert_int_equal(p.cls[0].base_ms, 30000);
+    assert_int_equal(p.cls[2].max_age_ms, 86400000ULL * 9);
+    assert_int_equal(p.max_age_ms, 86400000ULL * 9);
+    assert_int_equal(p.cls[0].max_attempts, 7);
+    assert_int_equal(p.cls[2].fast_retries, 4);
+    assert_int_equal(p.cls[0].fast_base_ms, 33);
+    assert_int_equal(p.poison_redeliveries, 9);
+    assert_string_equal(p.queue_prefix, "mail.retry");
+    assert_int_equal(p.levels.n, 12);
+    char q[64];
+    retry_queue_name(p.queue_prefix, &p.levels, 3, q, sizeof(q));
+    assert_string_equal(q, "mail.retry.5m");
+    retry_policy_free(&p);
+    free(cfg.retry_levels);
+    cfg.retry_levels = strdup("1m,30s");
+    assert_int_equal(retry_policy_init(&p, &cfg, err, sizeof(err)), -1);
+    assert_string_equal(err, "[retry] levels: cannot parse \"1m,30s\"");
+    config_free(&cfg);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_policy_from_config),
         cmocka_unit_test(test_levels_parse),
         cmocka_unit_test(test_classes),
         cmocka_unit_test(test_backoff_doubles_with_bounded_jitter),
