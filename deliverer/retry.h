@@ -1,7 +1,7 @@
 /*
  * deliverer/retry.h - the retry policy, as pure functions.
  *
- * Two layers (README "Retries"):
+ * Two layers (docs/operations.md, "Delivery guarantees"):
  *  - fast retries inside one attempt, for network jitter (connection
  *    refused/reset, timeouts): base x 2^n capped at 3 s, +-15 % jitter;
  *  - retries across attempts for transient replies: the message goes to
