@@ -223,15 +223,6 @@ const char *smtp_addr_text(const struct sockaddr *sa, char *buf, size_t len)
     return buf;
 }
 
-static unsigned addr_port(const struct sockaddr *sa)
-{
-    if (sa->sa_family == AF_INET)
-        return ntohs(((const struct sockaddr_in *)sa)->sin_port);
-    if (sa->sa_family == AF_INET6)
-        return ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
-    return 0;
-}
-
 /* ---- EHLO keywords ---------------------------------------------------- */
 
 static const struct {
@@ -1271,7 +1262,7 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
     s->res.nrcpts = params->nrcpts;
     s->res.rcpts = xcalloc(params->nrcpts ? params->nrcpts : 1, sizeof(*s->res.rcpts));
     smtp_addr_text(params->addr, s->addr_text, sizeof(s->addr_text));
-    s->port = addr_port(params->addr);
+    s->port = util_sockaddr_port(params->addr);
     /* a session is only offered where it was issued: same address, port,
      * name (SNI and verified name) and policy */
     snprintf(s->tls_key, sizeof(s->tls_key), "%s|%u|%s|%d", s->addr_text, s->port,
