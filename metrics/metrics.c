@@ -96,7 +96,7 @@ int64_t metrics_gauge(metric_gauge_t g)
     return atomic_load_explicit(&gauges[g], memory_order_relaxed);
 }
 
-/* ---- histograms and DNS lookups (issue 5) ---- */
+/* ---- histograms and DNS lookups ---- */
 
 void metrics_hist_observe(metrics_hist_t *h, uint64_t us)
 {
@@ -182,7 +182,7 @@ void metrics_render(buf_t *out)
         buf_printf(out, "# HELP %s %s\n# TYPE %s gauge\n%s %lld\n", gauge_info[i].name,
                    gauge_info[i].help, gauge_info[i].name, gauge_info[i].name,
                    (long long)metrics_gauge((metric_gauge_t)i));
-    metrics_render_dns(out); /* issue 5 */
+    metrics_render_dns(out);
 }
 
 struct metrics_server {

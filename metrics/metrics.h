@@ -69,7 +69,7 @@ int64_t  metrics_gauge(metric_gauge_t g);
 /* Append the Prometheus text exposition to out. */
 void metrics_render(buf_t *out);
 
-/* ---- histograms and DNS lookups (issue 5) ---- */
+/* ---- histograms and DNS lookups ---- */
 
 /* A fixed-bucket histogram of microsecond values, rendered in seconds
  * (Prometheus histogram: cumulative le buckets, _sum, _count). Lock-free
