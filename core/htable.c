@@ -144,13 +144,20 @@ int htable_remove(htable_t *t, htable_node_t *n)
     return 1;
 }
 
-htable_node_t *htable_first(const htable_t *t)
+htable_node_t *htable_first(const htable_t *t, size_t *hint)
 {
     if (t->count == 0)
         return NULL;
-    for (size_t i = 0; i < t->nbuckets; i++)
-        if (t->buckets[i] != NULL)
+    /* from the hint to the end, then once more from the start: a node
+     * inserted behind the hint (or moved there by growing) is found too */
+    size_t start = *hint < t->nbuckets ? *hint : 0;
+    for (size_t k = 0; k < t->nbuckets; k++) {
+        size_t i = (start + k) & (t->nbuckets - 1);
+        if (t->buckets[i] != NULL) {
+            *hint = i;
             return t->buckets[i];
+        }
+    }
     return NULL;
 }
 

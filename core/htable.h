@@ -90,10 +90,13 @@ int  htable_remove(htable_t *t, htable_node_t *n);
 
 static inline size_t htable_count(const htable_t *t) { return t->count; }
 
-/* Some node, or NULL when empty: "while ((n = htable_first(t)))
- * { htable_remove(t, n); ... }" drains a table even when the code in the
- * loop inserts or removes others. O(buckets) per call. */
-htable_node_t *htable_first(const htable_t *t);
+/* Some node, or NULL when empty. The search starts at bucket *hint
+ * (start with 0) and leaves *hint where the node was found, so
+ *   size_t hint = 0;
+ *   while ((n = htable_first(t, &hint))) { htable_remove(t, n); ... }
+ * drains a table in O(buckets + nodes) even when the code in the loop
+ * inserts (and grows the table) or removes other nodes. */
+htable_node_t *htable_first(const htable_t *t, size_t *hint);
 
 void           htable_iter_init(htable_iter_t *it, const htable_t *t);
 /* The next node, or NULL at the end. */

@@ -471,7 +471,8 @@ static void rc_release(rclient_t *c)
      * too) or cancel others. */
     c->depth++;
     htable_node_t *n;
-    while ((n = htable_first(&c->pending)) != NULL) {
+    size_t hint = 0;
+    while ((n = htable_first(&c->pending, &hint)) != NULL) {
         rc_cmd_t *cmd = rc_take(c, HTABLE_ENTRY(n, rc_cmd_t, node)->id);
         rc_finish(c, cmd, NULL, "shutting down");
     }

@@ -196,7 +196,8 @@ void ledger_free(ledger_t *l)
     loop_timer_cancel(l->loop, &l->fail_timer);
     /* callbacks may make further calls: they complete here too */
     htable_node_t *n;
-    while ((n = htable_first(&l->ops)) != NULL) {
+    size_t hint = 0;
+    while ((n = htable_first(&l->ops, &hint)) != NULL) {
         op_t *op = HTABLE_ENTRY(n, op_t, node);
         op->ok = 0;
         op_complete(op);

@@ -227,31 +227,36 @@ static void test_iterate_while_deleting(void **state)
 }
 
 /* htable_first() drains a table even when the loop body inserts new
- * nodes and removes others (what teardown callbacks do). */
+ * nodes (enough to make it grow) and removes others, as teardown
+ * callbacks do; a hint past the end starts from the beginning. */
 static void test_first_drains(void **state)
 {
-    enum { N = 40 };
+    enum { N = 12, MAX = 200 };
     htable_t t;
     assert_int_equal(htable_init(&t, HTABLE_U64, 0, NULL), 0);
-    item_t it[2 * N];
+    static item_t it[MAX];
     memset(it, 0, sizeof(it));
     for (int i = 0; i < N; i++) {
         it[i].id = (uint64_t)i;
         htable_insert_u64(&t, &it[i].node, it[i].id);
     }
-    assert_null(htable_first(&(htable_t){ .buckets = NULL, .nbuckets = 0, .count = 0 }));
+    size_t hint = 0;
+    assert_null(htable_first(&(htable_t){ .buckets = NULL, .nbuckets = 0, .count = 0 }, &hint));
+    hint = 1000; /* past the end: starts from the beginning */
     int next_new = N, taken = 0;
+    size_t most_buckets = t.nbuckets;
     htable_node_t *n;
-    while ((n = htable_first(&t)) != NULL) {
+    while ((n = htable_first(&t, &hint)) != NULL) {
         htable_remove(&t, n);
         item_of(n)->seen++;
         taken++;
-        if (next_new < 2 * N && item_of(n)->id % 4 == 0) {
-            /* a callback starts another one ... */
+        /* a callback starts two more ... */
+        for (int k = 0; k < 2 && next_new < MAX; k++, next_new++) {
             it[next_new].id = (uint64_t)next_new;
             htable_insert_u64(&t, &it[next_new].node, it[next_new].id);
-            next_new++;
         }
+        if (t.nbuckets > most_buckets)
+            most_buckets = t.nbuckets;
         /* ... and cancels one */
         htable_node_t *o = htable_find_u64(&t, item_of(n)->id + 1);
         if (o != NULL && item_of(n)->id % 5 == 0) {
@@ -260,9 +265,11 @@ static void test_first_drains(void **state)
             taken++;
         }
     }
+    assert_true(most_buckets > 16); /* it grew while being drained */
     assert_int_equal(htable_count(&t), 0);
-    assert_int_equal(taken, next_new);
-    for (int i = 0; i < next_new; i++)
+    assert_int_equal(next_new, MAX);
+    assert_int_equal(taken, MAX);
+    for (int i = 0; i < MAX; i++)
         assert_int_equal(it[i].seen, 1);
     htable_fini(&t);
 }
