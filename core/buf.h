@@ -4,7 +4,8 @@
  * Data lives in [data + off, data + len). buf_consume() advances the read
  * cursor; the space is reclaimed lazily by buf_compact() and by appends.
  * The buffer keeps a NUL after the last byte so callers may treat readable
- * text as a C string. Allocation failure aborts (core policy, STYLE §4).
+ * text as a C string. Allocation failure aborts, like every core allocation
+ * (core/util.h says why).
  */
 #ifndef MP_CORE_BUF_H
 #define MP_CORE_BUF_H

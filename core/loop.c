@@ -16,7 +16,6 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "core/util.h"
@@ -47,13 +46,6 @@ struct loop {
     void          *wakeup_arg;
 };
 
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 uint64_t loop_now_ms(loop_t *loop)
 {
     return loop->now;
@@ -61,7 +53,7 @@ uint64_t loop_now_ms(loop_t *loop)
 
 uint64_t loop_update_time(loop_t *loop)
 {
-    loop->now = mono_ms();
+    loop->now = util_mono_ms();
     return loop->now;
 }
 
@@ -90,7 +82,7 @@ loop_t *loop_new(void)
         errno = e;
         return NULL;
     }
-    loop->now = mono_ms();
+    loop->now = util_mono_ms();
     if (loop_fd_add(loop, loop->wakefd, LOOP_READ, wake_read, NULL) < 0) {
         int e = errno;
         loop_free(loop);
@@ -248,7 +240,7 @@ void loop_timer_set(loop_t *loop, loop_timer_t *t, uint64_t ms)
         loop->heap_cap = loop->heap_cap ? loop->heap_cap * 2 : 64;
         loop->heap = xrealloc(loop->heap, loop->heap_cap * sizeof(*loop->heap));
     }
-    t->when = mono_ms() + ms;
+    t->when = util_mono_ms() + ms;
     t->index = loop->nheap;
     loop->heap[loop->nheap++] = t;
     heap_up(loop, t->index);

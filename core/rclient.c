@@ -20,7 +20,9 @@
  *     inside rclient_command() or inside hiredis' teardown ("not
  *     connected", "connection lost").
  *  hiredis is told only the command id (privdata is the id, not a
- *  pointer); replies find their command in the pending table (STYLE §4).
+ *  pointer); replies find their command in the pending table (a
+ *  core/htable.h table keyed by id), so a late reply for a command that
+ *  timed out or was cancelled finds nothing instead of freed memory.
  *
  *  States: CONNECTING (first attempt: commands are queued in hiredis and
  *  written once connected), UP, DOWN (waiting for the reconnect timer,
@@ -48,6 +50,7 @@
 
 #include <hiredis/async.h>
 
+#include "core/htable.h"
 #include "core/log.h"
 #include "core/util.h"
 
@@ -55,13 +58,13 @@
 #define RC_DEFAULT_CONNECT_MS   500u
 #define RC_DEFAULT_RECONNECT_MS 5000u
 #define RC_BACKOFF_MIN_MS       100u
-#define RC_BUCKETS_MIN          64u
+#define RC_BUCKETS_MIN          64u /* initial size of the pending table */
 
 typedef enum { RC_CONNECTING = 0, RC_UP, RC_DOWN } rc_state_t;
 
 typedef struct rc_cmd {
     uint64_t       id;
-    struct rc_cmd *hnext;
+    htable_node_t  node;  /* in c->pending, keyed by id */
     rclient_t     *c;
     rclient_cb     cb;
     void          *arg;
@@ -82,9 +85,7 @@ struct rclient {
     loop_timer_t       connect_timer;
     /* adapter state for ac */
     int                fd, reading, writing, registered;
-    /* pending table: id -> command */
-    rc_cmd_t         **buckets;
-    size_t             nbuckets, npending;
+    htable_t           pending; /* id -> command */
     uint64_t           next_id;
     uint64_t           unflushed_id; /* commands from this id on may not be written out yet */
     uint64_t           errors;
@@ -97,45 +98,19 @@ static void rc_connect(rclient_t *c);
 
 /* ---- pending table ---- */
 
-static rc_cmd_t **rc_slot(rclient_t *c, uint64_t id)
+static rc_cmd_t *rc_find(rclient_t *c, uint64_t id)
 {
-    rc_cmd_t **p = &c->buckets[id & (c->nbuckets - 1)];
-    while (*p != NULL && (*p)->id != id)
-        p = &(*p)->hnext;
-    return p;
-}
-
-static void rc_insert(rclient_t *c, rc_cmd_t *cmd)
-{
-    if (c->npending >= c->nbuckets * 2) {
-        size_t n = c->nbuckets * 2;
-        rc_cmd_t **b = xcalloc(n, sizeof(*b));
-        for (size_t i = 0; i < c->nbuckets; i++) {
-            rc_cmd_t *q = c->buckets[i], *next;
-            for (; q != NULL; q = next) {
-                next = q->hnext;
-                q->hnext = b[q->id & (n - 1)];
-                b[q->id & (n - 1)] = q;
-            }
-        }
-        free(c->buckets);
-        c->buckets = b;
-        c->nbuckets = n;
-    }
-    rc_cmd_t **head = &c->buckets[cmd->id & (c->nbuckets - 1)];
-    cmd->hnext = *head;
-    *head = cmd;
-    c->npending++;
+    htable_node_t *n = htable_find_u64(&c->pending, id);
+    return n ? HTABLE_ENTRY(n, rc_cmd_t, node) : NULL;
 }
 
 /* Unlink and return the command, or NULL when it is gone. */
 static rc_cmd_t *rc_take(rclient_t *c, uint64_t id)
 {
-    rc_cmd_t **p = rc_slot(c, id), *cmd = *p;
+    rc_cmd_t *cmd = rc_find(c, id);
     if (cmd == NULL)
         return NULL;
-    *p = cmd->hnext;
-    c->npending--;
+    htable_remove(&c->pending, &cmd->node);
     loop_timer_cancel(c->loop, &cmd->timer);
     return cmd;
 }
@@ -165,7 +140,7 @@ static void rc_leave(rclient_t *c)
 static void rc_flushed(rclient_t *c)
 {
     for (uint64_t id = c->unflushed_id; id < c->next_id; id++) {
-        rc_cmd_t *cmd = *rc_slot(c, id);
+        rc_cmd_t *cmd = rc_find(c, id);
         if (cmd != NULL && strcmp(cmd->err, "timeout") == 0)
             loop_timer_set(c->loop, &cmd->timer, c->timeout_ms);
     }
@@ -342,14 +317,14 @@ static void rc_on_reply(redisAsyncContext *ac, void *r, void *privdata)
     uint64_t id = (uint64_t)(uintptr_t)privdata;
     if (c->free_pending || c->freeing)
         return; /* the release reports "shutting down" to whatever is left */
-    rc_cmd_t **p = rc_slot(c, id);
-    if (*p == NULL)
+    rc_cmd_t *pending = rc_find(c, id);
+    if (pending == NULL)
         return; /* timed out or cancelled: a late reply */
     if (reply == NULL) {
         /* hiredis is tearing the context down: report from the loop,
          * not from inside redisAsyncFree(). */
-        (*p)->err = "connection lost";
-        loop_timer_set(c->loop, &(*p)->timer, 0);
+        pending->err = "connection lost";
+        loop_timer_set(c->loop, &pending->timer, 0);
         return;
     }
     rc_cmd_t *cmd = rc_take(c, id);
@@ -368,7 +343,7 @@ static rc_cmd_t *rc_cmd_new(rclient_t *c, rclient_cb cb, void *arg)
     cmd->arg = arg;
     cmd->err = "timeout";
     loop_timer_init(&cmd->timer, rc_on_timer, cmd);
-    rc_insert(c, cmd);
+    htable_insert_u64(&c->pending, &cmd->node, cmd->id);
     return cmd;
 }
 
@@ -470,8 +445,7 @@ rclient_t *rclient_new(loop_t *loop, const rclient_config_t *cfg)
     c->reconnect_max_ms = cfg && cfg->reconnect_max_ms ? cfg->reconnect_max_ms : RC_DEFAULT_RECONNECT_MS;
     if (c->reconnect_max_ms < RC_BACKOFF_MIN_MS)
         c->reconnect_max_ms = RC_BACKOFF_MIN_MS;
-    c->nbuckets = RC_BUCKETS_MIN;
-    c->buckets = xcalloc(c->nbuckets, sizeof(*c->buckets));
+    htable_init(&c->pending, HTABLE_U64, RC_BUCKETS_MIN, NULL); /* xcalloc: cannot fail */
     c->next_id = 1;
     c->unflushed_id = 1;
     c->fd = -1;
@@ -496,15 +470,13 @@ static void rc_release(rclient_t *c)
     /* Callbacks may start commands (they fail with "shutting down" here
      * too) or cancel others. */
     c->depth++;
-    while (c->npending > 0) {
-        for (size_t i = 0; i < c->nbuckets; i++) {
-            while (c->buckets[i] != NULL) {
-                rc_cmd_t *cmd = rc_take(c, c->buckets[i]->id);
-                rc_finish(c, cmd, NULL, "shutting down");
-            }
-        }
+    htable_node_t *n;
+    size_t hint = 0;
+    while ((n = htable_first(&c->pending, &hint)) != NULL) {
+        rc_cmd_t *cmd = rc_take(c, HTABLE_ENTRY(n, rc_cmd_t, node)->id);
+        rc_finish(c, cmd, NULL, "shutting down");
     }
-    free(c->buckets);
+    htable_fini(&c->pending);
     free(c->host);
     free(c);
 }

@@ -13,7 +13,8 @@
  *
  * hiredis 0.14 (Debian 12) has no scheduleTimer hook, so command timeouts
  * are our own loop timers, and replies find their command through a 64-bit
- * id (STYLE §4), never a raw pointer.
+ * id, never a raw pointer: a reply can arrive after its command timed out
+ * or was cancelled and freed.
  */
 #ifndef MP_CORE_RCLIENT_H
 #define MP_CORE_RCLIENT_H

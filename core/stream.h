@@ -14,7 +14,8 @@
  * After CLOSED, ERROR or TIMEOUT the stream does nothing more until freed.
  *
  * stream_free() may be called from inside the stream's own callback: the
- * memory is released once the callback returns (STYLE §4).
+ * memory is released once the callback returns, so the stream code that
+ * called the callback never touches freed memory on its way out.
  */
 #ifndef MP_CORE_STREAM_H
 #define MP_CORE_STREAM_H

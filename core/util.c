@@ -1,6 +1,6 @@
 /*
  * SUMMARY
- *  core/util.c - checked allocation, random ids, clocks.
+ *  core/util.c - checked allocation, random ids, clocks, socket addresses.
  * DESCRIPTION
  *  The core aborts on out-of-memory: a worker that cannot allocate a few
  *  bytes cannot make progress, and the unacked messages return to the
@@ -9,6 +9,7 @@
 #include "core/util.h"
 
 #include <errno.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -156,4 +157,21 @@ const char *util_quote_text(const char *s, char *dst, size_t dstlen)
 int util_strncasecmp(const char *a, const char *b, size_t n)
 {
     return strncasecmp(a, b, n);
+}
+
+unsigned util_sockaddr_port(const struct sockaddr *sa)
+{
+    if (sa->sa_family == AF_INET)
+        return ntohs(((const struct sockaddr_in *)(const void *)sa)->sin_port);
+    if (sa->sa_family == AF_INET6)
+        return ntohs(((const struct sockaddr_in6 *)(const void *)sa)->sin6_port);
+    return 0;
+}
+
+void util_sockaddr_set_port(struct sockaddr *sa, unsigned port)
+{
+    if (sa->sa_family == AF_INET)
+        ((struct sockaddr_in *)(void *)sa)->sin_port = htons((uint16_t)port);
+    else if (sa->sa_family == AF_INET6)
+        ((struct sockaddr_in6 *)(void *)sa)->sin6_port = htons((uint16_t)port);
 }

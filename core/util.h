@@ -1,14 +1,19 @@
 /*
- * core/util.h - small helpers: checked allocation, ids, time.
+ * core/util.h - small helpers: checked allocation, ids, time, socket
+ * addresses.
  *
- * The x* allocators abort on out-of-memory (core policy: STYLE §4);
- * mime/ and dns/ use plain malloc and report MIME_ENOMEM / DNS_ENOMEM.
+ * The x* allocators abort on out-of-memory: a worker that cannot allocate
+ * a few bytes cannot make progress, and its unacknowledged messages go
+ * back to the broker for another (docs/architecture.md). mime/ and dns/
+ * are libraries with callers that can recover, so they use plain malloc
+ * and report MIME_ENOMEM / DNS_ENOMEM.
  */
 #ifndef MP_CORE_UTIL_H
 #define MP_CORE_UTIL_H
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 void *xmalloc(size_t n);
 void *xcalloc(size_t n, size_t size);
@@ -36,5 +41,12 @@ void util_seterr(char *err, size_t errlen, const char *fmt, ...)
 const char *util_quote_text(const char *s, char *dst, size_t dstlen);
 /* Case-insensitive ASCII compare of at most n bytes. */
 int util_strncasecmp(const char *a, const char *b, size_t n);
+
+/* The port of an AF_INET or AF_INET6 address in host order; 0 for any
+ * other family. */
+unsigned util_sockaddr_port(const struct sockaddr *sa);
+/* Set the port (host order) of an AF_INET or AF_INET6 address; other
+ * families are left alone. */
+void util_sockaddr_set_port(struct sockaddr *sa, unsigned port);
 
 #endif

@@ -605,8 +605,7 @@ static void route_key(const deliver_candidate_t *c, char *out, size_t n)
 {
     char addr[64];
     smtp_addr_text((const struct sockaddr *)&c->addr, addr, sizeof(addr));
-    unsigned port = c->addr.ss_family == AF_INET6 ? ntohs(((const struct sockaddr_in6 *)&c->addr)->sin6_port)
-                                                  : ntohs(((const struct sockaddr_in *)&c->addr)->sin_port);
+    unsigned port = util_sockaddr_port((const struct sockaddr *)&c->addr);
     snprintf(out, n, "%s|%u", addr, port);
 }
 
@@ -674,19 +673,6 @@ static void route_learn(deliver_t *d, const smtp_session_result_t *sr)
     }
     if (!sr->reused && (sr->status == SMTP_ENETWORK || sr->status == SMTP_ETIMEOUT))
         route_failed(d->ctx, c, sr->error);
-}
-
-static void set_port(struct sockaddr_storage *ss, unsigned short port)
-{
-    if (ss->ss_family == AF_INET) {
-        struct sockaddr_in *sin = (struct sockaddr_in *)ss;
-        if (sin->sin_port == 0)
-            sin->sin_port = htons(port);
-    } else if (ss->ss_family == AF_INET6) {
-        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
-        if (sin6->sin6_port == 0)
-            sin6->sin6_port = htons(port);
-    }
 }
 
 /* The next transaction's recipients: open ones, at most max_rcpts. */
@@ -823,8 +809,7 @@ static void use_candidate(deliver_t *d)
         return;
     }
     smtp_addr_text((const struct sockaddr *)&c->addr, addr, sizeof(addr));
-    unsigned port = c->addr.ss_family == AF_INET6 ? ntohs(((const struct sockaddr_in6 *)&c->addr)->sin6_port)
-                                                  : ntohs(((const struct sockaddr_in *)&c->addr)->sin_port);
+    unsigned port = util_sockaddr_port((const struct sockaddr *)&c->addr);
     snprintf(d->key, sizeof(d->key), "%s|%u|%d|%s|%s|%s", addr, port, (int)d->policy, c->host,
              d->ctx->helo_name, d->ctx->auth_user ? d->ctx->auth_user : "");
     smtp_session_t *s = NULL;
@@ -1021,7 +1006,8 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
     for (size_t i = 0; i < d->ncands; i++) {
         deliver_candidate_t *c = &d->cands[i];
         c->host[sizeof(c->host) - 1] = '\0';
-        set_port(&c->addr, port);
+        if (util_sockaddr_port((const struct sockaddr *)&c->addr) == 0) /* the caller's port wins */
+            util_sockaddr_set_port((struct sockaddr *)&c->addr, port);
         if (c->addrlen == 0)
             c->addrlen = c->addr.ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
                                                        : sizeof(struct sockaddr_in);

@@ -5,8 +5,11 @@
  *  One Redis round trip per call: MGET for a lookup, one SET ... PX (or
  *  DEL) per recipient pipelined for a mark, INCR + PEXPIRE for the
  *  redelivery count; the call completes when the last reply is in. A
- *  call is an entry in a small table found by id, so cancelling one
- *  (its job was dropped) simply forgets it and late replies are ignored.
+ *  call is an entry in a table found by id (core/htable.h), so cancelling
+ *  one (its job was dropped) simply forgets it and late replies are
+ *  ignored. Calls made without a client wait on a list of their own for
+ *  the zero-delay timer that fails them, so that they never complete
+ *  inside the call that made them.
  *  Recipients are keyed in lower case: the domain part is
  *  case-insensitive and local parts differing only in case are, in
  *  practice, one mailbox.
@@ -17,8 +20,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 
 #include "core/buf.h"
+#include "core/htable.h"
 #include "core/loop.h"
 #include "core/util.h"
 
@@ -40,7 +45,9 @@ typedef struct op {
     } cb;
     void           *arg;
     int             cancelled;
-    struct op      *next;
+    htable_node_t   node;      /* in l->ops, keyed by id */
+    int             failing;   /* on l->failing */
+    LIST_ENTRY(op)  fail;
 } op_t;
 
 struct ledger {
@@ -48,24 +55,17 @@ struct ledger {
     rclient_t   *rc;
     uint64_t     ttl_ms;
     uint64_t     next_id;
-    op_t        *ops;
-    loop_timer_t fail_timer; /* completes calls made without a client */
+    htable_t     ops;        /* id -> live call */
+    LIST_HEAD(, op) failing; /* calls made without a client, newest first */
+    loop_timer_t fail_timer; /* completes the failing ones */
 };
-
-static void op_unlink(ledger_t *l, op_t *op)
-{
-    for (op_t **p = &l->ops; *p; p = &(*p)->next) {
-        if (*p == op) {
-            *p = op->next;
-            return;
-        }
-    }
-}
 
 static void op_complete(op_t *op)
 {
     ledger_t *l = op->l;
-    op_unlink(l, op);
+    htable_remove(&l->ops, &op->node);
+    if (op->failing)
+        LIST_REMOVE(op, fail);
     if (!op->cancelled) {
         switch (op->kind) {
         case OP_LOOKUP:
@@ -96,18 +96,15 @@ static op_t *op_new(ledger_t *l, op_kind_t kind, size_t n, void *arg)
     op->arg = arg;
     if (kind == OP_LOOKUP)
         op->states = xcalloc(n ? n : 1, sizeof(ledger_state_t));
-    op->next = l->ops;
-    l->ops = op;
+    htable_insert_u64(&l->ops, &op->node, op->id);
     return op;
 }
 
 /* Find a live op by id (it may have completed or been cancelled). */
 static op_t *op_find(ledger_t *l, uint64_t id)
 {
-    for (op_t *op = l->ops; op; op = op->next)
-        if (op->id == id)
-            return op;
-    return NULL;
+    htable_node_t *n = htable_find_u64(&l->ops, id);
+    return n ? HTABLE_ENTRY(n, op_t, node) : NULL;
 }
 
 typedef struct reply_ref {
@@ -160,20 +157,22 @@ static char *rcpt_key(const char *msg_id, const char *rcpt)
 static void on_fail_timer(loop_t *loop, loop_timer_t *t, void *arg)
 {
     ledger_t *l = arg;
-    /* calls made without a client complete with ok=0, never synchronously */
-    for (op_t *op = l->ops; op;) {
-        op_t *next = op->next;
-        if (op->replies_left == 0) {
-            op->ok = 0;
-            op_complete(op);
-        }
-        op = next;
+    /* calls made without a client complete with ok=0, never synchronously;
+     * ones their callbacks make go in at the head, behind this walk, and
+     * wait for the timer's next run */
+    op_t *op = LIST_FIRST(&l->failing), *next;
+    for (; op != NULL; op = next) {
+        next = LIST_NEXT(op, fail);
+        op->ok = 0;
+        op_complete(op);
     }
 }
 
 static uint64_t no_client(ledger_t *l, op_t *op)
 {
     op->ok = 0;
+    op->failing = 1;
+    LIST_INSERT_HEAD(&l->failing, op, fail);
     loop_timer_set(l->loop, &l->fail_timer, 0);
     return op->id;
 }
@@ -184,6 +183,8 @@ ledger_t *ledger_new(loop_t *loop, rclient_t *rc, uint64_t ttl_ms)
     l->loop = loop;
     l->rc = rc;
     l->ttl_ms = ttl_ms ? ttl_ms : 86400000;
+    htable_init(&l->ops, HTABLE_U64, 16, NULL); /* xcalloc: cannot fail */
+    LIST_INIT(&l->failing);
     loop_timer_init(&l->fail_timer, on_fail_timer, l);
     return l;
 }
@@ -193,10 +194,15 @@ void ledger_free(ledger_t *l)
     if (l == NULL)
         return;
     loop_timer_cancel(l->loop, &l->fail_timer);
-    while (l->ops) {
-        l->ops->ok = 0;
-        op_complete(l->ops);
+    /* callbacks may make further calls: they complete here too */
+    htable_node_t *n;
+    size_t hint = 0;
+    while ((n = htable_first(&l->ops, &hint)) != NULL) {
+        op_t *op = HTABLE_ENTRY(n, op_t, node);
+        op->ok = 0;
+        op_complete(op);
     }
+    htable_fini(&l->ops);
     free(l);
 }
 

@@ -18,6 +18,11 @@
  * moment it is noticed, and again checked with a MSG_PEEK probe when it
  * is handed out, so a dead connection never costs a delivery attempt.
  *
+ * A destination is remembered only while something holds it: a busy or
+ * idle session, a waiter, or a refused_backoff cap in force. Once nothing
+ * does it is freed (its slow start begins again next time), so a worker
+ * that meets many destinations over its life keeps only the live ones.
+ *
  * Ownership: a session handed out (or connected after SMTP_POOL_CONNECT)
  * belongs to the caller until smtp_pool_release(); idle ones belong to the
  * pool. The caller's slot counts from acquire to release.
@@ -29,6 +34,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/queue.h>
 
 #include "core/loop.h"
 #include "deliverer/session.h"
@@ -59,6 +65,7 @@ typedef struct smtp_pool_stats {
     size_t   idle;       /* currently idle */
     size_t   busy;       /* currently handed out / connecting */
     size_t   waiting;    /* callers waiting for a slot */
+    size_t   dests;      /* destinations known: with a session, a waiter or a cap in force */
 } smtp_pool_stats_t;
 
 typedef struct smtp_pool smtp_pool_t;
@@ -72,7 +79,7 @@ typedef void (*smtp_pool_cb)(void *arg, int how, smtp_session_t *s);
 
 /* A waiting caller, embedded in its owner (no allocation). */
 typedef struct smtp_pool_wait {
-    struct smtp_pool_wait *next, *prev;
+    TAILQ_ENTRY(smtp_pool_wait) link; /* in the pool's FIFO while queued */
     char                  *key;
     smtp_pool_cb           cb;
     void                  *arg;

@@ -4,10 +4,11 @@
  * DESCRIPTION
  *  A small array under a mutex; `count` mirrors the number of entries in
  *  an atomic so the usual case, nothing marked, takes no lock (the hot
- *  path shares nothing but atomics, DESIGN.md). An entry stays after its
- *  penalty ran out, keeping the failure count for the doubling, until a
- *  session to it gets past the greeting, or until it has been free for
- *  max_ms (an address nobody tries again), so the table empties again.
+ *  path shares nothing but atomics, so workers do not contend on it:
+ *  docs/architecture.md). An entry stays after its penalty ran out,
+ *  keeping the failure count for the doubling, until a session to it gets
+ *  past the greeting, or until it has been free for max_ms (an address
+ *  nobody tries again), so the table empties again.
  */
 #include "deliverer/routes.h"
 

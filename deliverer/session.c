@@ -62,6 +62,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/base64.h"
 #include "core/log.h"
 #include "core/stream.h"
 #include "core/tls.h"
@@ -233,15 +234,6 @@ const char *smtp_addr_text(const struct sockaddr *sa, char *buf, size_t len)
     if (a == NULL || inet_ntop(sa->sa_family, a, buf, (socklen_t)len) == NULL)
         snprintf(buf, len, "?");
     return buf;
-}
-
-static unsigned addr_port(const struct sockaddr *sa)
-{
-    if (sa->sa_family == AF_INET)
-        return ntohs(((const struct sockaddr_in *)sa)->sin_port);
-    if (sa->sa_family == AF_INET6)
-        return ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
-    return 0;
 }
 
 /* ---- EHLO keywords ---------------------------------------------------- */
@@ -562,28 +554,12 @@ static void set_state(smtp_session_t *s, smtp_state_t next)
     stream_set_timeout(s->st, state_timeout(s, next));
 }
 
-static const char b64_alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-static void b64_append(buf_t *out, const unsigned char *p, size_t n)
-{
-    for (size_t i = 0; i < n; i += 3) {
-        unsigned v = (unsigned)p[i] << 16;
-        if (i + 1 < n)
-            v |= (unsigned)p[i + 1] << 8;
-        if (i + 2 < n)
-            v |= p[i + 2];
-        char q[4] = { b64_alphabet[(v >> 18) & 63], b64_alphabet[(v >> 12) & 63],
-                      i + 1 < n ? b64_alphabet[(v >> 6) & 63] : '=', i + 2 < n ? b64_alphabet[v & 63] : '=' };
-        buf_append(out, q, 4);
-    }
-}
-
 /* One AUTH line (credentials), sent without logging its content. */
 static void send_auth(smtp_session_t *s, const char *prefix, const unsigned char *p, size_t n)
 {
     buf_t b = BUF_INIT;
     buf_puts(&b, prefix);
-    b64_append(&b, p, n);
+    base64_encode(&b, p, n);
     log_cmd(s, "AUTH");
     buf_puts(&b, "\r\n");
     stream_write(s->st, buf_head(&b), buf_size(&b));
@@ -1299,7 +1275,7 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
     s->res.nrcpts = params->nrcpts;
     s->res.rcpts = xcalloc(params->nrcpts ? params->nrcpts : 1, sizeof(*s->res.rcpts));
     smtp_addr_text(params->addr, s->addr_text, sizeof(s->addr_text));
-    s->port = addr_port(params->addr);
+    s->port = util_sockaddr_port(params->addr);
     /* a session is only offered where it was issued: same address, port,
      * name (SNI and verified name) and policy */
     snprintf(s->tls_key, sizeof(s->tls_key), "%s|%u|%s|%d", s->addr_text, s->port,

@@ -2,12 +2,12 @@
  * SUMMARY
  *  dns/cache.c - bounded LRU of dns_record_t keyed by domain.
  * DESCRIPTION
- *  A chained hash table (FNV-1a, power-of-two buckets sized once for
- *  max_entries, so it never rehashes) plus an intrusive doubly linked
- *  list in recency order: get moves the entry to the head, put evicts
- *  from the tail. Expired entries are dropped lazily when met by get,
- *  and first in line anyway when they are the least recently used.
- *  The key is stored inline after the entry (one allocation per entry).
+ *  A core/htable.h table of entries (sized once for max_entries, so it
+ *  never grows) plus a sys/queue.h TAILQ in recency order: get moves the
+ *  entry to the head, put evicts from the tail. Expired entries are
+ *  dropped lazily when met by get, and first in line anyway when they are
+ *  the least recently used. The key is stored inline after the entry (one
+ *  allocation per entry) and is what the table's node points to.
  * DIAGNOSTICS
  *  DNS_ENOMEM from put.
  */
@@ -15,35 +15,25 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 
+#include "core/htable.h"
 #include "dns/mx.h"
 
 typedef struct dns_centry {
-    struct dns_centry *hnext;
-    struct dns_centry *prev, *next; /* recency list: head is most recent */
-    uint64_t           hash;
-    uint64_t           expires_ms;
-    dns_record_t      *rec;
-    char               key[];
+    htable_node_t           node; /* in c->table, keyed by key */
+    TAILQ_ENTRY(dns_centry) lru;  /* head is most recent */
+    uint64_t                expires_ms;
+    dns_record_t           *rec;
+    char                    key[];
 } dns_centry_t;
 
 struct dns_cache {
-    dns_centry_t **buckets;
-    size_t         nbuckets; /* power of two */
-    size_t         size, max;
-    dns_centry_t  *head, *tail;
-    uint64_t       evictions;
+    htable_t                    table;
+    TAILQ_HEAD(dns_centry_list, dns_centry) lru;
+    size_t                      max;
+    uint64_t                    evictions;
 };
-
-static uint64_t dns_hash(const char *s)
-{
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 0x100000001b3ull;
-    }
-    return h;
-}
 
 dns_cache_t *dns_cache_new(size_t max_entries)
 {
@@ -51,87 +41,54 @@ dns_cache_t *dns_cache_new(size_t max_entries)
     if (c == NULL)
         return NULL;
     c->max = max_entries ? max_entries : 1;
-    c->nbuckets = 16;
-    while (c->nbuckets < c->max && c->nbuckets < ((size_t)1 << 30))
-        c->nbuckets *= 2;
-    c->buckets = dns_calloc(c->nbuckets, sizeof(*c->buckets));
-    if (c->buckets == NULL) {
+    TAILQ_INIT(&c->lru);
+    if (htable_init(&c->table, HTABLE_STR, c->max, dns_calloc) != 0) {
         free(c);
         return NULL;
     }
     return c;
 }
 
-static void dns_lru_unlink(dns_cache_t *c, dns_centry_t *e)
+static dns_centry_t *dns_cache_find(dns_cache_t *c, const char *key)
 {
-    if (e->prev)
-        e->prev->next = e->next;
-    else
-        c->head = e->next;
-    if (e->next)
-        e->next->prev = e->prev;
-    else
-        c->tail = e->prev;
-    e->prev = e->next = NULL;
+    htable_node_t *n = htable_find_str(&c->table, key);
+    return n ? HTABLE_ENTRY(n, dns_centry_t, node) : NULL;
 }
 
-static void dns_lru_push_front(dns_cache_t *c, dns_centry_t *e)
+static void dns_cache_drop(dns_cache_t *c, dns_centry_t *e)
 {
-    e->prev = NULL;
-    e->next = c->head;
-    if (c->head)
-        c->head->prev = e;
-    else
-        c->tail = e;
-    c->head = e;
-}
-
-static dns_centry_t **dns_cache_slot(dns_cache_t *c, const char *key, uint64_t h)
-{
-    dns_centry_t **pp = &c->buckets[h & (c->nbuckets - 1)];
-    while (*pp != NULL && ((*pp)->hash != h || strcmp((*pp)->key, key) != 0))
-        pp = &(*pp)->hnext;
-    return pp;
-}
-
-static void dns_cache_drop(dns_cache_t *c, dns_centry_t **pp)
-{
-    dns_centry_t *e = *pp;
-    *pp = e->hnext;
-    dns_lru_unlink(c, e);
+    htable_remove(&c->table, &e->node);
+    TAILQ_REMOVE(&c->lru, e, lru);
     dns_record_unref(e->rec);
     free(e);
-    c->size--;
 }
 
 void dns_cache_free(dns_cache_t *c)
 {
     if (c == NULL)
         return;
-    dns_centry_t *e = c->head, *next;
-    for (; e != NULL; e = next) {
-        next = e->next;
+    dns_centry_t *e;
+    while ((e = TAILQ_FIRST(&c->lru)) != NULL) {
+        TAILQ_REMOVE(&c->lru, e, lru);
         dns_record_unref(e->rec);
         free(e);
     }
-    free(c->buckets);
+    htable_fini(&c->table);
     free(c);
 }
 
 dns_record_t *dns_cache_get(dns_cache_t *c, const char *key, uint64_t now_ms, uint64_t *expires_ms)
 {
-    uint64_t h = dns_hash(key);
-    dns_centry_t **pp = dns_cache_slot(c, key, h);
-    dns_centry_t *e = *pp;
+    dns_centry_t *e = dns_cache_find(c, key);
     if (e == NULL)
         return NULL;
     if (e->expires_ms <= now_ms) {
-        dns_cache_drop(c, pp);
+        dns_cache_drop(c, e);
         return NULL;
     }
-    if (c->head != e) {
-        dns_lru_unlink(c, e);
-        dns_lru_push_front(c, e);
+    if (TAILQ_FIRST(&c->lru) != e) {
+        TAILQ_REMOVE(&c->lru, e, lru);
+        TAILQ_INSERT_HEAD(&c->lru, e, lru);
     }
     if (expires_ms)
         *expires_ms = e->expires_ms;
@@ -140,48 +97,41 @@ dns_record_t *dns_cache_get(dns_cache_t *c, const char *key, uint64_t now_ms, ui
 
 int dns_cache_put(dns_cache_t *c, const char *key, dns_record_t *rec, uint64_t expires_ms)
 {
-    uint64_t h = dns_hash(key);
-    dns_centry_t **pp = dns_cache_slot(c, key, h);
-    if (*pp != NULL) {
-        dns_centry_t *e = *pp;
+    dns_centry_t *e = dns_cache_find(c, key);
+    if (e != NULL) {
         dns_record_unref(e->rec);
         e->rec = dns_record_ref(rec);
         e->expires_ms = expires_ms;
-        dns_lru_unlink(c, e);
-        dns_lru_push_front(c, e);
+        TAILQ_REMOVE(&c->lru, e, lru);
+        TAILQ_INSERT_HEAD(&c->lru, e, lru);
         return DNS_OK;
     }
     size_t len = strlen(key);
-    dns_centry_t *e = dns_malloc(sizeof(*e) + len + 1);
+    e = dns_malloc(sizeof(*e) + len + 1);
     if (e == NULL)
         return DNS_ENOMEM;
     memcpy(e->key, key, len + 1);
-    e->hash = h;
     e->expires_ms = expires_ms;
     e->rec = dns_record_ref(rec);
-    if (c->size >= c->max) {
-        dns_centry_t *old = c->tail;
-        dns_cache_drop(c, dns_cache_slot(c, old->key, old->hash));
+    if (htable_count(&c->table) >= c->max) {
+        dns_cache_drop(c, TAILQ_LAST(&c->lru, dns_centry_list));
         c->evictions++;
-        pp = dns_cache_slot(c, key, h); /* the chain may have changed */
     }
-    e->hnext = *pp;
-    *pp = e;
-    dns_lru_push_front(c, e);
-    c->size++;
+    htable_insert_str(&c->table, &e->node, e->key);
+    TAILQ_INSERT_HEAD(&c->lru, e, lru);
     return DNS_OK;
 }
 
 void dns_cache_remove(dns_cache_t *c, const char *key)
 {
-    dns_centry_t **pp = dns_cache_slot(c, key, dns_hash(key));
-    if (*pp != NULL)
-        dns_cache_drop(c, pp);
+    dns_centry_t *e = dns_cache_find(c, key);
+    if (e != NULL)
+        dns_cache_drop(c, e);
 }
 
 size_t dns_cache_size(const dns_cache_t *c)
 {
-    return c->size;
+    return htable_count(&c->table);
 }
 
 uint64_t dns_cache_evictions(const dns_cache_t *c)

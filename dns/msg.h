@@ -3,8 +3,9 @@
  * c-ares' ares_parse_*_reply() give: TTLs of MX records, CNAME chains,
  * the SOA of a negative answer (RFC 2308) and the additional section.
  *
- * A parser that does no I/O (STYLE §3): it turns the message into a flat
- * array of records; the helpers below answer questions about it.
+ * A parser that does no I/O (so tests and fuzzers feed it bytes directly):
+ * it turns the message into a flat array of records; the helpers below
+ * answer questions about it.
  */
 #ifndef MP_DNS_MSG_H
 #define MP_DNS_MSG_H

@@ -39,7 +39,8 @@ int dns_status_from_ares(int ares_status);
 void dns_sort_mx(dns_mx_host_t *hosts, size_t n, uint64_t seed);
 
 /* The module's allocator. dns/ reports DNS_ENOMEM instead of aborting
- * (STYLE §4), so tests inject failures here. */
+ * (its callers can fail one lookup and go on), so tests inject failures
+ * here. */
 void *dns_malloc(size_t n);
 void *dns_calloc(size_t n, size_t size);
 char *dns_strndup(const char *s, size_t n);

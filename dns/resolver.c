@@ -17,7 +17,9 @@
  *  pass (callbacks never run inside dns_mx_query()).
  *
  *  c-ares 1.18 has no event thread and no ares_process_fds, so the
- *  channel is driven the way STYLE §8 describes:
+ *  channel is driven by the worker's own loop, like every other library
+ *  with sockets (one thread per worker, no thread of its own:
+ *  docs/architecture.md):
  *   - ARES_OPT_SOCK_STATE_CB adds, modifies and removes c-ares' sockets in
  *     the loop;
  *   - a readiness event calls ares_process_fd() for that socket;
@@ -46,7 +48,11 @@
  *  timeouts and the like are never cached. L2 keeps the same lifetime
  *  (Redis EX), and an L2 answer enters L1 with what remains of it.
  *
- *  Ownership and re-entrancy (STYLE §4):
+ *  Ids and names are looked up in core/htable.h tables (flights by id,
+ *  asks by id, flights by name); ask, done and wait lists are sys/queue.h.
+ *
+ *  Ownership and re-entrancy (a library callback can fire after the
+ *  object it was about is gone, so it carries an id, never a pointer):
  *   - Every c-ares lookup carries a small dns_req_t naming its flight by
  *     64-bit id, never by pointer; every Redis command a dns_l2op_t. The
  *     reply looks the id up; the resolver's release cancels its Redis
@@ -78,8 +84,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/queue.h>
 #include <time.h>
 
+#include "core/htable.h"
 #include "core/log.h"
 #include "core/rclient.h"
 #include "core/util.h"
@@ -101,81 +109,12 @@
  * retrying the same typo domain a thousand times a second is better off
  * remembering it briefly. Capped by negative_ttl_s like the rest. */
 #define DNS_NEG_TTL_NO_SOA     60u
-#define DNS_BUCKETS_MIN        64u
+#define DNS_BUCKETS_MIN        64u /* initial size of the id and name tables */
 /* Lookups handed to c-ares at once, per resolver. A burst of a few
  * hundred UDP queries overflows the socket buffers of a local resolver
  * (dnsmasq drops them: UdpRcvbufErrors), and every dropped one costs a
  * full timeout; beyond this the rest wait in FIFOs. */
 #define DNS_MAX_INFLIGHT       128u
-
-/* ---- an intrusive table of objects keyed by a 64-bit id ---- */
-
-typedef struct dns_idnode {
-    uint64_t           id;
-    struct dns_idnode *next;
-} dns_idnode_t;
-
-typedef struct dns_idtab {
-    dns_idnode_t **b;
-    size_t         nb; /* power of two */
-    size_t         n;
-} dns_idtab_t;
-
-#define DNS_CONTAINER(ptr, type, member) ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
-
-static int dns_idtab_init(dns_idtab_t *t)
-{
-    t->nb = DNS_BUCKETS_MIN;
-    t->n = 0;
-    t->b = dns_calloc(t->nb, sizeof(*t->b));
-    return t->b ? DNS_OK : DNS_ENOMEM;
-}
-
-static dns_idnode_t *dns_idtab_find(const dns_idtab_t *t, uint64_t id)
-{
-    /* ids are sequential, so the low bits already spread well */
-    for (dns_idnode_t *n = t->b[id & (t->nb - 1)]; n != NULL; n = n->next)
-        if (n->id == id)
-            return n;
-    return NULL;
-}
-
-static void dns_idtab_insert(dns_idtab_t *t, dns_idnode_t *node)
-{
-    if (t->n >= t->nb * 2) {
-        size_t nb = t->nb * 2;
-        dns_idnode_t **b = dns_calloc(nb, sizeof(*b));
-        if (b != NULL) { /* else: longer chains, still correct */
-            for (size_t i = 0; i < t->nb; i++) {
-                dns_idnode_t *n = t->b[i], *next;
-                for (; n != NULL; n = next) {
-                    next = n->next;
-                    n->next = b[n->id & (nb - 1)];
-                    b[n->id & (nb - 1)] = n;
-                }
-            }
-            free(t->b);
-            t->b = b;
-            t->nb = nb;
-        }
-    }
-    dns_idnode_t **head = &t->b[node->id & (t->nb - 1)];
-    node->next = *head;
-    *head = node;
-    t->n++;
-}
-
-static void dns_idtab_remove(dns_idtab_t *t, dns_idnode_t *node)
-{
-    dns_idnode_t **pp = &t->b[node->id & (t->nb - 1)];
-    while (*pp != NULL && *pp != node)
-        pp = &(*pp)->next;
-    if (*pp == node) {
-        *pp = node->next;
-        node->next = NULL;
-        t->n--;
-    }
-}
 
 /* ---- objects ---- */
 
@@ -193,13 +132,15 @@ typedef struct dns_qhost {
 typedef struct dns_ask dns_ask_t;
 
 /* One resolution of one name (a flight). */
+typedef TAILQ_HEAD(dns_ask_list, dns_ask) dns_ask_list_t;
+
 typedef struct dns_query {
-    dns_idnode_t      node;          /* id; in r->flights */
-    struct dns_query *nnext;         /* name table chain */
-    uint64_t          nhash;
-    struct dns_query *dprev, *dnext; /* done list, when on_done */
+    uint64_t          id;
+    htable_node_t     node;          /* in r->flights, keyed by id */
+    htable_node_t     nnode;         /* in r->names, keyed by key (single flight) */
+    TAILQ_ENTRY(dns_query) done;     /* r->done, when on_done */
     int               on_done;
-    dns_ask_t        *asks_head, *asks_tail; /* waiting asks */
+    dns_ask_list_t    asks;          /* waiting asks */
     char             *key;           /* normalised name: cache key */
     char             *domain;        /* name of the MX lookup (moves along a CNAME chain) */
     int               status;        /* first error that decides the outcome */
@@ -219,8 +160,9 @@ typedef struct dns_query {
 
 /* One dns_mx_query() call. */
 struct dns_ask {
-    dns_idnode_t   node;       /* id; in r->asks */
-    dns_ask_t     *prev, *next; /* on its flight's list, or on the done list */
+    uint64_t       id;
+    htable_node_t  node;       /* in r->asks, keyed by id */
+    TAILQ_ENTRY(dns_ask) link; /* on its flight's list, or on the done list */
     uint64_t       qid;        /* flight waited on; 0 once answered */
     dns_record_t  *rec;        /* the answer once answered; NULL: status only */
     int            status;
@@ -239,7 +181,7 @@ typedef struct dns_req {
     uint64_t        qid;
     size_t          host; /* index into hosts; unused for MX */
     int             type; /* T_MX, T_A or T_AAAA */
-    struct dns_req *next; /* while waiting in a dns_fifo_t */
+    STAILQ_ENTRY(dns_req) next; /* while waiting in a dns_fifo_t */
 } dns_req_t;
 
 /* The argument of one Redis command. */
@@ -247,24 +189,21 @@ typedef struct dns_l2op {
     dns_resolver_t  *r;
     uint64_t         qid;  /* flight for a GET; 0 for a SET */
     uint64_t         rcid; /* rclient command id */
-    struct dns_l2op *prev, *next;
+    LIST_ENTRY(dns_l2op) link; /* r->l2ops */
 } dns_l2op_t;
 
-typedef struct dns_fifo {
-    dns_req_t *head, *tail;
-} dns_fifo_t;
+typedef STAILQ_HEAD(dns_fifo, dns_req) dns_fifo_t;
 
 struct dns_resolver {
     loop_t        *loop;
     ares_channel   ch;
     loop_timer_t   ares_timer;  /* ares_timeout() cap */
     loop_timer_t   defer_timer; /* zero delay: run callbacks outside dns_mx_query */
-    dns_idtab_t    flights;     /* id -> flight (c-ares and Redis replies find them here) */
-    dns_query_t  **names;       /* name -> flight (single flight) */
-    size_t         nnames;      /* buckets, power of two */
-    dns_idtab_t    asks;        /* id -> ask (dns_cancel) */
-    dns_query_t   *done_head, *done_tail;   /* completed flights */
-    dns_ask_t     *adone_head, *adone_tail; /* answered asks */
+    htable_t       flights;     /* id -> flight (c-ares and Redis replies find them here) */
+    htable_t       names;       /* name -> flight (single flight) */
+    htable_t       asks;        /* id -> ask (dns_cancel) */
+    TAILQ_HEAD(, dns_query) done; /* completed flights */
+    dns_ask_list_t adone;       /* answered asks */
     dns_fifo_t     wait_addr;   /* lookups not yet handed to c-ares: */
     dns_fifo_t     wait_mx;     /*  address ones go first */
     size_t         inflight;    /* lookups handed to c-ares, not yet answered */
@@ -279,7 +218,7 @@ struct dns_resolver {
     unsigned       max_ttl_s, neg_ttl_s;
     rclient_t     *redis;
     char          *l2_prefix;
-    dns_l2op_t    *l2ops;       /* outstanding Redis commands */
+    LIST_HEAD(, dns_l2op) l2ops; /* outstanding Redis commands */
     dns_event_cb   on_event;
     void          *event_arg;
     uint64_t       skew_ms;     /* test clock offset */
@@ -344,58 +283,10 @@ static void dns_l1_size_changed(dns_resolver_t *r, size_t before)
 
 /* ---- name table (single flight) ---- */
 
-static uint64_t dns_name_hash(const char *s)
+static dns_query_t *dns_names_find(const dns_resolver_t *r, const char *key)
 {
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (; *s; s++) {
-        h ^= (unsigned char)*s;
-        h *= 0x100000001b3ull;
-    }
-    return h;
-}
-
-static dns_query_t **dns_names_slot(dns_resolver_t *r, const char *key, uint64_t h)
-{
-    dns_query_t **pp = &r->names[h & (r->nnames - 1)];
-    while (*pp != NULL && ((*pp)->nhash != h || strcmp((*pp)->key, key) != 0))
-        pp = &(*pp)->nnext;
-    return pp;
-}
-
-static void dns_names_remove(dns_resolver_t *r, dns_query_t *q)
-{
-    dns_query_t **pp = &r->names[q->nhash & (r->nnames - 1)];
-    while (*pp != NULL && *pp != q)
-        pp = &(*pp)->nnext;
-    if (*pp == q)
-        *pp = q->nnext;
-    q->nnext = NULL;
-}
-
-/* ---- ask lists ---- */
-
-static void dns_ask_link(dns_ask_t **head, dns_ask_t **tail, dns_ask_t *a)
-{
-    a->next = NULL;
-    a->prev = *tail;
-    if (*tail != NULL)
-        (*tail)->next = a;
-    else
-        *head = a;
-    *tail = a;
-}
-
-static void dns_ask_unlink(dns_ask_t **head, dns_ask_t **tail, dns_ask_t *a)
-{
-    if (a->prev != NULL)
-        a->prev->next = a->next;
-    else
-        *head = a->next;
-    if (a->next != NULL)
-        a->next->prev = a->prev;
-    else
-        *tail = a->prev;
-    a->prev = a->next = NULL;
+    htable_node_t *n = htable_find_str(&r->names, key);
+    return n ? HTABLE_ENTRY(n, dns_query_t, nnode) : NULL;
 }
 
 static void dns_arm_defer(dns_resolver_t *r)
@@ -413,7 +304,7 @@ static void dns_ask_answer(dns_resolver_t *r, dns_ask_t *a, dns_record_t *rec, i
     a->status = rec != NULL ? rec->status : status;
     a->layer = layer;
     a->ttl_s = ttl_s;
-    dns_ask_link(&r->adone_head, &r->adone_tail, a);
+    TAILQ_INSERT_TAIL(&r->adone, a, link);
     dns_arm_defer(r);
 }
 
@@ -428,28 +319,14 @@ static void dns_ask_free(dns_ask_t *a)
 static void dns_done_append(dns_resolver_t *r, dns_query_t *q)
 {
     q->on_done = 1;
-    q->dnext = NULL;
-    q->dprev = r->done_tail;
-    if (r->done_tail != NULL)
-        r->done_tail->dnext = q;
-    else
-        r->done_head = q;
-    r->done_tail = q;
+    TAILQ_INSERT_TAIL(&r->done, q, done);
 }
 
 static void dns_done_unlink(dns_resolver_t *r, dns_query_t *q)
 {
     if (!q->on_done)
         return;
-    if (q->dprev != NULL)
-        q->dprev->dnext = q->dnext;
-    else
-        r->done_head = q->dnext;
-    if (q->dnext != NULL)
-        q->dnext->dprev = q->dprev;
-    else
-        r->done_tail = q->dprev;
-    q->dprev = q->dnext = NULL;
+    TAILQ_REMOVE(&r->done, q, done);
     q->on_done = 0;
 }
 
@@ -586,24 +463,11 @@ static void dns_query_release(dns_resolver_t *r, dns_query_t *q)
     dns_arm_defer(r);
 }
 
-static void dns_fifo_push(dns_fifo_t *f, dns_req_t *req)
-{
-    req->next = NULL;
-    if (f->tail != NULL)
-        f->tail->next = req;
-    else
-        f->head = req;
-    f->tail = req;
-}
-
 static dns_req_t *dns_fifo_pop(dns_fifo_t *f)
 {
-    dns_req_t *req = f->head;
-    if (req != NULL) {
-        f->head = req->next;
-        if (f->head == NULL)
-            f->tail = NULL;
-    }
+    dns_req_t *req = STAILQ_FIRST(f);
+    if (req != NULL)
+        STAILQ_REMOVE_HEAD(f, next);
     return req;
 }
 
@@ -616,8 +480,8 @@ static void dns_fifo_clear(dns_fifo_t *f)
 
 static dns_query_t *dns_flight_find(const dns_resolver_t *r, uint64_t id)
 {
-    dns_idnode_t *n = dns_idtab_find(&r->flights, id);
-    return n ? DNS_CONTAINER(n, dns_query_t, node) : NULL;
+    htable_node_t *n = htable_find_u64(&r->flights, id);
+    return n ? HTABLE_ENTRY(n, dns_query_t, node) : NULL;
 }
 
 /* Hand waiting lookups to c-ares while fewer than DNS_MAX_INFLIGHT are
@@ -664,11 +528,11 @@ static void dns_lookup(dns_resolver_t *r, dns_query_t *q, int type, size_t host)
         return;
     }
     req->r = r;
-    req->qid = q->node.id;
+    req->qid = q->id;
     req->host = host;
     req->type = type;
     q->pending++;
-    dns_fifo_push(type == T_MX ? &r->wait_mx : &r->wait_addr, req);
+    STAILQ_INSERT_TAIL(type == T_MX ? &r->wait_mx : &r->wait_addr, req, next);
     /* c-ares may call back synchronously (bad name, out of memory): the
      * callers hold a reference, so q cannot complete in the middle of a
      * loop over its hosts. */
@@ -916,7 +780,7 @@ static void dns_on_mx_reply(void *arg, int status, int timeouts, unsigned char *
     dns_msg_free(&m);
 
     log_debug("dns", "mx_reply", "id=%016" PRIx64 " domain=%s ares=%s hosts=%zu implicit=%d",
-              q->node.id, q->domain, ares_strerror(status), q->nhosts, q->implicit);
+              q->id, q->domain, ares_strerror(status), q->nhosts, q->implicit);
     dns_query_release(r, q); /* the MX lookup's reference */
     dns_pump(r);
 }
@@ -970,7 +834,7 @@ static void dns_on_addr_reply(void *arg, int status, int timeouts, unsigned char
         h->st6 = pst != 1 ? pst : dns_status_from_ares(status);
     dns_msg_free(&m);
     log_debug("dns", "addr_reply", "id=%016" PRIx64 " host=%s type=%s status=%s",
-              q->node.id, q->hosts[req.host].name, req.type == T_A ? "A" : "AAAA",
+              q->id, q->hosts[req.host].name, req.type == T_A ? "A" : "AAAA",
               dns_strerror(req.type == T_A ? h->st4 : h->st6));
     dns_query_release(r, q);
     dns_pump(r);
@@ -985,28 +849,15 @@ static dns_l2op_t *dns_l2op_new(dns_resolver_t *r, uint64_t qid)
         return NULL;
     op->r = r;
     op->qid = qid;
-    op->next = r->l2ops;
-    if (r->l2ops)
-        r->l2ops->prev = op;
-    r->l2ops = op;
+    LIST_INSERT_HEAD(&r->l2ops, op, link);
     return op;
-}
-
-static void dns_l2op_unlink(dns_resolver_t *r, dns_l2op_t *op)
-{
-    if (op->prev)
-        op->prev->next = op->next;
-    else
-        r->l2ops = op->next;
-    if (op->next)
-        op->next->prev = op->prev;
 }
 
 static void dns_on_l2_set(void *arg, const redisReply *reply, const char *err)
 {
     dns_l2op_t *op = arg;
     dns_resolver_t *r = op->r;
-    dns_l2op_unlink(r, op);
+    LIST_REMOVE(op, link);
     free(op);
     if (reply == NULL)
         dns_l2_error(r, "set", err);
@@ -1017,7 +868,7 @@ static void dns_on_l2_get(void *arg, const redisReply *reply, const char *err)
     dns_l2op_t *op = arg;
     dns_resolver_t *r = op->r;
     uint64_t qid = op->qid;
-    dns_l2op_unlink(r, op);
+    LIST_REMOVE(op, link);
     free(op);
     dns_query_t *q = dns_flight_find(r, qid);
     if (q == NULL)
@@ -1059,7 +910,7 @@ static int dns_l2_get(dns_resolver_t *r, dns_query_t *q)
     int klen = dns_l2_key(r, q->key, key, sizeof(key));
     if (klen < 0)
         return -1;
-    dns_l2op_t *op = dns_l2op_new(r, q->node.id);
+    dns_l2op_t *op = dns_l2op_new(r, q->id);
     if (op == NULL)
         return -1;
     const char *argv[2] = { "GET", key };
@@ -1139,8 +990,8 @@ static unsigned dns_cap_ttl(const dns_resolver_t *r, int status, uint32_t ttl, l
  * answer every ask waiting on it. */
 static void dns_flight_finish(dns_resolver_t *r, dns_query_t *q)
 {
-    dns_idtab_remove(&r->flights, &q->node);
-    dns_names_remove(r, q);
+    htable_remove(&r->flights, &q->node);
+    htable_remove(&r->names, &q->nnode);
     dns_record_t *rec = q->rec;
     q->rec = NULL;
     unsigned ttl_s = 0;
@@ -1166,10 +1017,10 @@ static void dns_flight_finish(dns_resolver_t *r, dns_query_t *q)
             dns_l2_set(r, q->key, rec, ttl_s);
     }
     log_debug("dns", "resolved", "id=%016" PRIx64 " domain=%s layer=%s status=%s ttl=%u",
-              q->node.id, q->key, dns_layer_name(q->layer), dns_strerror(status), ttl_s);
+              q->id, q->key, dns_layer_name(q->layer), dns_strerror(status), ttl_s);
     dns_ask_t *a;
-    while ((a = q->asks_head) != NULL) {
-        dns_ask_unlink(&q->asks_head, &q->asks_tail, a);
+    while ((a = TAILQ_FIRST(&q->asks)) != NULL) {
+        TAILQ_REMOVE(&q->asks, a, link);
         dns_ask_answer(r, a, rec, status, q->layer, ttl_s);
     }
     dns_record_unref(rec);
@@ -1179,7 +1030,7 @@ static void dns_flight_finish(dns_resolver_t *r, dns_query_t *q)
 /* Run the callback of one answered ask and free it. */
 static void dns_ask_deliver(dns_resolver_t *r, dns_ask_t *a)
 {
-    dns_idtab_remove(&r->asks, &a->node); /* a dns_cancel() of this id is now harmless */
+    htable_remove(&r->asks, &a->node); /* a dns_cancel() of this id is now harmless */
     dns_mx_host_t hosts[DNS_MAX_HOSTS];
     dns_mx_result_t res = { .status = a->status, .layer = a->layer, .ttl_s = a->ttl_s,
                             .name = a->has_name ? a->name : NULL };
@@ -1211,13 +1062,13 @@ static void dns_dispatch(dns_resolver_t *r)
 {
     r->dispatching++;
     while (!r->free_pending) {
-        if (r->done_head != NULL) {
-            dns_query_t *q = r->done_head;
+        if (!TAILQ_EMPTY(&r->done)) {
+            dns_query_t *q = TAILQ_FIRST(&r->done);
             dns_done_unlink(r, q);
             dns_flight_finish(r, q);
-        } else if (r->adone_head != NULL) {
-            dns_ask_t *a = r->adone_head;
-            dns_ask_unlink(&r->adone_head, &r->adone_tail, a);
+        } else if (!TAILQ_EMPTY(&r->adone)) {
+            dns_ask_t *a = TAILQ_FIRST(&r->adone);
+            TAILQ_REMOVE(&r->adone, a, link);
             dns_ask_deliver(r, a);
         } else {
             break;
@@ -1228,7 +1079,7 @@ static void dns_dispatch(dns_resolver_t *r)
         dns_resolver_release(r);
         return;
     }
-    if (r->done_head == NULL && r->adone_head == NULL)
+    if (TAILQ_EMPTY(&r->done) && TAILQ_EMPTY(&r->adone))
         loop_timer_cancel(r->loop, &r->defer_timer);
     if (r->inflight == 0 && !r->freeing)
         dns_arm_ares_timer(r, 1);
@@ -1295,9 +1146,9 @@ static void dns_resolver_destroy(dns_resolver_t *r)
     if (r->ch != NULL)
         ares_destroy(r->ch);
     dns_cache_free(r->l1);
-    free(r->flights.b);
-    free(r->asks.b);
-    free(r->names);
+    htable_fini(&r->flights);
+    htable_fini(&r->asks);
+    htable_fini(&r->names);
     free(r->l2_prefix);
     free(r);
 }
@@ -1316,7 +1167,11 @@ dns_resolver_t *dns_resolver_new(loop_t *loop, const dns_config_t *cfg, char *er
     }
     r->loop = loop;
     r->next_id = 1;
-    r->nnames = DNS_BUCKETS_MIN;
+    TAILQ_INIT(&r->done);
+    TAILQ_INIT(&r->adone);
+    STAILQ_INIT(&r->wait_addr);
+    STAILQ_INIT(&r->wait_mx);
+    LIST_INIT(&r->l2ops);
     r->max_ttl_s = cfg && cfg->max_ttl_s ? cfg->max_ttl_s : DNS_DEFAULT_MAX_TTL;
     r->neg_ttl_s = cfg && cfg->negative_ttl_s ? cfg->negative_ttl_s : DNS_DEFAULT_NEG_TTL;
     r->redis = cfg ? cfg->redis : NULL;
@@ -1325,8 +1180,10 @@ dns_resolver_t *dns_resolver_new(loop_t *loop, const dns_config_t *cfg, char *er
     r->seed = util_rand64();
     const char *prefix = cfg && cfg->l2_prefix ? cfg->l2_prefix : DNS_DEFAULT_L2_PREFIX;
     unsigned l1 = cfg && cfg->l1_entries ? cfg->l1_entries : DNS_DEFAULT_L1;
-    if (dns_idtab_init(&r->flights) != DNS_OK || dns_idtab_init(&r->asks) != DNS_OK ||
-        (r->names = dns_calloc(r->nnames, sizeof(*r->names))) == NULL ||
+    /* dns_calloc: an allocation failure is reported, not an abort */
+    if (htable_init(&r->flights, HTABLE_U64, DNS_BUCKETS_MIN, dns_calloc) != 0 ||
+        htable_init(&r->asks, HTABLE_U64, DNS_BUCKETS_MIN, dns_calloc) != 0 ||
+        htable_init(&r->names, HTABLE_STR, DNS_BUCKETS_MIN, dns_calloc) != 0 ||
         (r->l2_prefix = dns_strndup(prefix, strlen(prefix))) == NULL ||
         (r->l1 = dns_cache_new(l1)) == NULL) {
         dns_resolver_destroy(r);
@@ -1371,7 +1228,7 @@ dns_resolver_t *dns_resolver_new(loop_t *loop, const dns_config_t *cfg, char *er
 }
 
 /* A new flight for key, with its first ask. NULL on OOM. */
-static dns_query_t *dns_flight_new(dns_resolver_t *r, const char *key, uint64_t h)
+static dns_query_t *dns_flight_new(dns_resolver_t *r, const char *key)
 {
     dns_query_t *q = dns_calloc(1, sizeof(*q));
     if (q == NULL)
@@ -1382,15 +1239,13 @@ static dns_query_t *dns_flight_new(dns_resolver_t *r, const char *key, uint64_t 
         free(q);
         return NULL;
     }
-    q->node.id = r->next_id++;
-    q->nhash = h;
+    q->id = r->next_id++;
     q->ttl = UINT32_MAX;
     q->neg_ttl = -1;
     q->layer = DNS_LAYER_DNS;
-    dns_idtab_insert(&r->flights, &q->node);
-    dns_query_t **slot = &r->names[h & (r->nnames - 1)];
-    q->nnext = *slot;
-    *slot = q;
+    TAILQ_INIT(&q->asks);
+    htable_insert_u64(&r->flights, &q->node, q->id);
+    htable_insert_str(&r->names, &q->nnode, q->key);
     return q;
 }
 
@@ -1403,17 +1258,17 @@ uint64_t dns_mx_query(dns_resolver_t *r, const char *domain, dns_mx_cb cb, void 
     if (a == NULL)
         return 0;
     memset(a, 0, sizeof(*a));
-    a->node.id = r->next_id++;
+    a->id = r->next_id++;
     a->cb = cb;
     a->arg = arg;
     a->t0_us = r->on_event != NULL ? dns_mono_us() : 0;
     a->has_name = nst == DNS_OK;
     memcpy(a->name, key, klen);
     a->name[klen] = '\0';
-    dns_idtab_insert(&r->asks, &a->node);
+    htable_insert_u64(&r->asks, &a->node, a->id);
     if (nst != DNS_OK) {
         dns_ask_answer(r, a, NULL, nst, DNS_LAYER_NONE, 0);
-        return a->node.id;
+        return a->id;
     }
 
     /* L1 */
@@ -1423,24 +1278,23 @@ uint64_t dns_mx_query(dns_resolver_t *r, const char *domain, dns_mx_cb cb, void 
     dns_l1_size_changed(r, before); /* an expired entry may have gone */
     if (rec != NULL) {
         dns_ask_answer(r, a, rec, rec->status, DNS_LAYER_L1, (unsigned)((expires - now + 999u) / 1000u));
-        return a->node.id;
+        return a->id;
     }
 
     /* single flight */
-    uint64_t h = dns_name_hash(key);
-    dns_query_t *q = *dns_names_slot(r, key, h);
+    dns_query_t *q = dns_names_find(r, key);
     if (q != NULL) {
         r->st.coalesced++;
-        a->qid = q->node.id;
-        dns_ask_link(&q->asks_head, &q->asks_tail, a);
-        return a->node.id;
+        a->qid = q->id;
+        TAILQ_INSERT_TAIL(&q->asks, a, link);
+        return a->id;
     }
-    if ((q = dns_flight_new(r, key, h)) == NULL) {
+    if ((q = dns_flight_new(r, key)) == NULL) {
         dns_ask_answer(r, a, NULL, DNS_ENOMEM, DNS_LAYER_NONE, 0);
-        return a->node.id;
+        return a->id;
     }
-    a->qid = q->node.id;
-    dns_ask_link(&q->asks_head, &q->asks_tail, a);
+    a->qid = q->id;
+    TAILQ_INSERT_TAIL(&q->asks, a, link);
 
     /* Our own hold: whatever c-ares or rclient report synchronously
      * below, the flight completes no earlier than the release at the
@@ -1451,26 +1305,26 @@ uint64_t dns_mx_query(dns_resolver_t *r, const char *domain, dns_mx_cb cb, void 
     dns_query_release(r, q);
     if (!r->freeing)
         dns_arm_ares_timer(r, 0);
-    return a->node.id;
+    return a->id;
 }
 
 void dns_cancel(dns_resolver_t *r, uint64_t id)
 {
-    dns_idnode_t *n = r != NULL ? dns_idtab_find(&r->asks, id) : NULL;
+    htable_node_t *n = r != NULL ? htable_find_u64(&r->asks, id) : NULL;
     if (n == NULL)
         return;
-    dns_ask_t *a = DNS_CONTAINER(n, dns_ask_t, node);
-    dns_idtab_remove(&r->asks, &a->node);
+    dns_ask_t *a = HTABLE_ENTRY(n, dns_ask_t, node);
+    htable_remove(&r->asks, &a->node);
     if (a->qid != 0) {
         /* The flight goes on: its answer still fills the caches. */
         dns_query_t *q = dns_flight_find(r, a->qid);
         if (q != NULL)
-            dns_ask_unlink(&q->asks_head, &q->asks_tail, a);
+            TAILQ_REMOVE(&q->asks, a, link);
     } else {
-        dns_ask_unlink(&r->adone_head, &r->adone_tail, a);
+        TAILQ_REMOVE(&r->adone, a, link);
     }
     dns_ask_free(a);
-    if (r->done_head == NULL && r->adone_head == NULL)
+    if (TAILQ_EMPTY(&r->done) && TAILQ_EMPTY(&r->adone))
         loop_timer_cancel(r->loop, &r->defer_timer);
 }
 
@@ -1480,7 +1334,8 @@ void dns_resolver_stats(const dns_resolver_t *r, dns_stats_t *out)
     out->l1_size = dns_cache_size(r->l1);
     out->l1_evictions = dns_cache_evictions(r->l1);
     out->l2_inflight = 0;
-    for (const dns_l2op_t *op = r->l2ops; op != NULL; op = op->next)
+    const dns_l2op_t *op;
+    LIST_FOREACH(op, &r->l2ops, link)
         out->l2_inflight++;
 }
 
@@ -1497,9 +1352,9 @@ static void dns_resolver_release(dns_resolver_t *r)
     loop_timer_cancel(r->loop, &r->ares_timer);
     loop_timer_cancel(r->loop, &r->defer_timer);
     /* Redis commands: their callbacks must not fire into freed memory. */
-    while (r->l2ops != NULL) {
-        dns_l2op_t *op = r->l2ops;
-        dns_l2op_unlink(r, op);
+    dns_l2op_t *op;
+    while ((op = LIST_FIRST(&r->l2ops)) != NULL) {
+        LIST_REMOVE(op, link);
         rclient_cancel(r->redis, op->rcid);
         free(op);
     }
@@ -1514,26 +1369,27 @@ static void dns_resolver_release(dns_resolver_t *r)
     /* Flights go; their asks join the answered ones, and every ask gets
      * DNS_ECANCELLED. Callbacks may start (they get ECANCELLED too) or
      * cancel queries. */
-    while (r->done_head != NULL)
-        dns_done_unlink(r, r->done_head);
-    for (size_t i = 0; i < r->flights.nb; i++) {
-        while (r->flights.b[i] != NULL) {
-            dns_query_t *q = DNS_CONTAINER(r->flights.b[i], dns_query_t, node);
-            dns_idtab_remove(&r->flights, &q->node);
-            dns_ask_t *a;
-            while ((a = q->asks_head) != NULL) {
-                dns_ask_unlink(&q->asks_head, &q->asks_tail, a);
-                a->qid = 0;
-                dns_ask_link(&r->adone_head, &r->adone_tail, a);
-            }
-            dns_query_free(q);
+    while (!TAILQ_EMPTY(&r->done))
+        dns_done_unlink(r, TAILQ_FIRST(&r->done));
+    htable_iter_t it;
+    htable_iter_init(&it, &r->flights);
+    for (htable_node_t *n; (n = htable_iter_next(&it)) != NULL;) {
+        dns_query_t *q = HTABLE_ENTRY(n, dns_query_t, node);
+        htable_remove(&r->flights, &q->node);
+        htable_remove(&r->names, &q->nnode);
+        dns_ask_t *a;
+        while ((a = TAILQ_FIRST(&q->asks)) != NULL) {
+            TAILQ_REMOVE(&q->asks, a, link);
+            a->qid = 0;
+            TAILQ_INSERT_TAIL(&r->adone, a, link);
         }
+        dns_query_free(q); /* no callback: the iterator stays valid */
     }
     r->dispatching++;
     dns_ask_t *a;
-    while ((a = r->adone_head) != NULL) {
-        dns_ask_unlink(&r->adone_head, &r->adone_tail, a);
-        dns_idtab_remove(&r->asks, &a->node);
+    while ((a = TAILQ_FIRST(&r->adone)) != NULL) {
+        TAILQ_REMOVE(&r->adone, a, link);
+        htable_remove(&r->asks, &a->node);
         dns_mx_result_t res = { .status = DNS_ECANCELLED, .layer = DNS_LAYER_NONE };
         a->cb(a->arg, &res);
         dns_ask_free(a);

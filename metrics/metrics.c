@@ -273,8 +273,7 @@ metrics_server_t *metrics_server_start(const char *listen, char *err, size_t err
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL;
     if (ss.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
-    uint16_t port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
-                                             : ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    uint16_t port = (uint16_t)util_sockaddr_port((const struct sockaddr *)&ss);
     struct MHD_Daemon *d = MHD_start_daemon(flags, port, NULL, NULL, on_request, NULL,
                                             MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
                                             MHD_OPTION_CONNECTION_LIMIT, 64u,

@@ -12,8 +12,8 @@
  *  and end in CRLF. The output is reserved once up front, so a large
  *  attachment is base64-encoded straight into its final place.
  *
- *  Invariants the rest of the system relies on (DESIGN.md, "Protocol
- *  rules"): every line ends in CRLF, no line exceeds 998 octets, no caller
+ *  Invariants the rest of the system relies on (the protocol rules of
+ *  docs/architecture.md): every line ends in CRLF, no line exceeds 998 octets, no caller
  *  string can inject a header (CR/LF in values is refused, not escaped),
  *  and a caller cannot override a header the builder owns.
  *
@@ -38,6 +38,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "core/base64.h"
 #include "core/util.h"
 
 #define MIME_LINE_SOFT 78   /* RFC 5322 2.1.1 SHOULD */
@@ -133,11 +134,6 @@ static size_t mime_q_cost(unsigned char c)
     return mime_q_literal(c) ? 1 : 3;
 }
 
-static size_t mime_b64_len(size_t n)
-{
-    return 4 * ((n + 2) / 3);
-}
-
 /* ---- RFC 2047 encoded-words ------------------------------------------ */
 
 /* Pick the shorter encoding for the whole value: Q keeps mostly-ASCII text
@@ -147,7 +143,7 @@ static int mime_ew_use_b(const unsigned char *s, size_t n)
     size_t q = 0;
     for (size_t i = 0; i < n; i++)
         q += mime_q_cost(s[i]);
-    return mime_b64_len(n) < q;
+    return base64_encoded_len(n) < q;
 }
 
 /* How many bytes (whole UTF-8 characters) of s fit in one encoded-word of
@@ -160,7 +156,7 @@ static size_t mime_ew_fit(const unsigned char *s, size_t n, int b, size_t maxw)
     while (k < n) {
         size_t cl = mime_utf8_len(s + k, n - k), c2;
         if (b) {
-            c2 = mime_b64_len(k + cl);
+            c2 = base64_encoded_len(k + cl);
         } else {
             c2 = cost;
             for (size_t j = 0; j < cl; j++)
@@ -178,7 +174,7 @@ static size_t mime_ew_len(const unsigned char *s, size_t k, int b)
 {
     size_t payload = 0;
     if (b) {
-        payload = mime_b64_len(k);
+        payload = base64_encoded_len(k);
     } else {
         for (size_t i = 0; i < k; i++)
             payload += mime_q_cost(s[i]);
@@ -186,30 +182,12 @@ static size_t mime_ew_len(const unsigned char *s, size_t k, int b)
     return MIME_EW_OVERHEAD + payload;
 }
 
-static void mime_b64_put(buf_t *out, const unsigned char *s, size_t n)
-{
-    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    char q[4];
-    for (size_t i = 0; i < n; i += 3) {
-        uint32_t v = (uint32_t)s[i] << 16;
-        if (i + 1 < n)
-            v |= (uint32_t)s[i + 1] << 8;
-        if (i + 2 < n)
-            v |= s[i + 2];
-        q[0] = tab[(v >> 18) & 63];
-        q[1] = tab[(v >> 12) & 63];
-        q[2] = i + 1 < n ? tab[(v >> 6) & 63] : '=';
-        q[3] = i + 2 < n ? tab[v & 63] : '=';
-        buf_append(out, q, 4);
-    }
-}
-
 static void mime_ew_put(buf_t *out, const unsigned char *s, size_t k, int b)
 {
     static const char hex[] = "0123456789ABCDEF";
     buf_append(out, b ? "=?UTF-8?B?" : "=?UTF-8?Q?", 10);
     if (b) {
-        mime_b64_put(out, s, k);
+        base64_encode(out, s, k);
     } else {
         for (size_t i = 0; i < k; i++) {
             if (s[i] == ' ') {
@@ -636,47 +614,25 @@ static const char *const mime_cte_name[] = { "7bit", "quoted-printable", "base64
 
 /* base64 body (RFC 2045 6.8): 76 characters (57 octets) per line, written
  * straight into reserved memory because this is where large attachments
- * spend their time. */
+ * spend their time. The only line-wrapping base64 encoder of the project;
+ * the encoding itself is core/base64's, one line at a time. */
 static size_t mime_b64_body_len(size_t n)
 {
-    return 4 * ((n + 2) / 3) + 2 * ((n + 56) / 57);
+    return base64_encoded_len(n) + 2 * ((n + 56) / 57);
 }
 
+/* Writes mime_b64_body_len(n) characters at p (which has room for one
+ * more: base64_encode_to() ends each line with a NUL that the CR then
+ * overwrites). Returns the end. */
 static char *mime_b64_lines(char *p, const unsigned char *s, size_t n)
 {
-    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    while (n >= 57) {
-        for (int g = 0; g < 19; g++, s += 3) {
-            uint32_t v = (uint32_t)s[0] << 16 | (uint32_t)s[1] << 8 | s[2];
-            p[0] = tab[v >> 18];
-            p[1] = tab[(v >> 12) & 63];
-            p[2] = tab[(v >> 6) & 63];
-            p[3] = tab[v & 63];
-            p += 4;
-        }
+    while (n > 0) {
+        size_t k = n < 57 ? n : 57;
+        p += base64_encode_to(p, s, k);
         *p++ = '\r';
         *p++ = '\n';
-        n -= 57;
-    }
-    if (n > 0) {
-        for (; n >= 3; n -= 3, s += 3) {
-            uint32_t v = (uint32_t)s[0] << 16 | (uint32_t)s[1] << 8 | s[2];
-            p[0] = tab[v >> 18];
-            p[1] = tab[(v >> 12) & 63];
-            p[2] = tab[(v >> 6) & 63];
-            p[3] = tab[v & 63];
-            p += 4;
-        }
-        if (n > 0) {
-            uint32_t v = (uint32_t)s[0] << 16 | (n > 1 ? (uint32_t)s[1] << 8 : 0);
-            p[0] = tab[v >> 18];
-            p[1] = tab[(v >> 12) & 63];
-            p[2] = n > 1 ? tab[(v >> 6) & 63] : '=';
-            p[3] = '=';
-            p += 4;
-        }
-        *p++ = '\r';
-        *p++ = '\n';
+        s += k;
+        n -= k;
     }
     return p;
 }

@@ -4,8 +4,9 @@
  * mime_build() turns the message model into the exact bytes that are sent
  * over SMTP and appended to the IMAP Sent folder (built once, used twice).
  * mime_dotstuff() and mime_wire_segments() (the same framing without a
- * copy) are the one place where SMTP DATA framing happens
- * (DESIGN.md: CRLF normalisation and dot-stuffing in one place).
+ * copy) are the one place where SMTP DATA framing happens: CRLF
+ * normalisation and dot-stuffing live in one place so that no path can put
+ * a bare line ending or an unstuffed dot on the wire (SMTP smuggling).
  *
  * Nothing here does I/O. Output is always appended to the caller's buffer;
  * on error the buffer is restored to the length it had on entry.

@@ -43,6 +43,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "core/base64.h"
 #include "core/util.h"
 
 #define DKIM_MAX_HEADERS 64 /* names in the signed list */
@@ -536,15 +537,6 @@ static size_t dkim_fields(const char *msg, size_t hlen, dkim_field_t *fl, size_t
     return n;
 }
 
-static void dkim_b64(buf_t *out, const unsigned char *s, size_t n)
-{
-    size_t need = 4 * ((n + 2) / 3);
-    buf_reserve(out, need);
-    EVP_EncodeBlock((unsigned char *)out->data + out->len, s, (int)n);
-    out->len += need;
-    out->data[out->len] = '\0';
-}
-
 typedef struct dkim_md_sink {
     EVP_MD_CTX *md;
     int         fail;
@@ -688,7 +680,7 @@ static int dkim_sign_one(const dkim_signer_t *s, const dkim_key_t *k, const dkim
         return rc;
     }
     buf_t b = BUF_INIT;
-    dkim_b64(&b, raw, rl);
+    base64_encode(&b, raw, rl);
     /* the signature, folded: blanks inside b= are ignored by verifiers */
     for (size_t off = 0; off < buf_size(&b);) {
         size_t room = col < DKIM_FOLD ? DKIM_FOLD - col : 0;
@@ -750,7 +742,7 @@ int dkim_signature(const dkim_signer_t *s, const char *sender_domain, const char
         return rc;
     }
     buf_t bhb = BUF_INIT;
-    dkim_b64(&bhb, bh, sizeof(bh));
+    base64_encode(&bhb, bh, sizeof(bh));
     size_t mark = buf_size(sig);
     long long t = (long long)(now ? now : time(NULL));
     for (size_t i = 0; i < s->nkeys && rc == DKIM_OK; i++)

@@ -52,6 +52,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/queue.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
@@ -70,7 +71,7 @@ typedef enum { RX_METHOD = 0, RX_HEADER, RX_BODY } rx_state_t;
 
 /* A publish held while the broker blocks us: everything copied. */
 typedef struct held_publish {
-    struct held_publish *next;
+    STAILQ_ENTRY(held_publish) next;
     char                *exchange, *routing_key, *body, *content_type, *message_id;
     size_t               len;
     int                  priority, persistent;
@@ -114,7 +115,7 @@ struct mq {
     size_t                   nuns, uns_cap;
     /* connection.blocked: publishes held until connection.unblocked */
     int                      blocked;
-    held_publish_t          *held, **held_tail;
+    STAILQ_HEAD(, held_publish) held; /* FIFO: sent in the order given */
     size_t                   nheld;
     mq_blocked_cb            on_blocked;
     void                    *blocked_arg;
@@ -438,17 +439,14 @@ static void hold_publish(mq_t *mq, const char *exchange, const char *routing_key
     }
     h->cb = cb;
     h->arg = arg;
-    *mq->held_tail = h;
-    mq->held_tail = &h->next;
+    STAILQ_INSERT_TAIL(&mq->held, h, next);
     mq->nheld++;
 }
 
 static held_publish_t *held_pop(mq_t *mq)
 {
-    held_publish_t *h = mq->held;
-    mq->held = h->next;
-    if (mq->held == NULL)
-        mq->held_tail = &mq->held;
+    held_publish_t *h = STAILQ_FIRST(&mq->held);
+    STAILQ_REMOVE_HEAD(&mq->held, next);
     mq->nheld--;
     return h;
 }
@@ -456,7 +454,7 @@ static held_publish_t *held_pop(mq_t *mq)
 /* Every held publish fails (ok=0), in order. */
 static void fail_held(mq_t *mq)
 {
-    while (mq->held) {
+    while (!STAILQ_EMPTY(&mq->held)) {
         held_publish_t *h = held_pop(mq);
         mq_confirm_cb cb = h->cb;
         void *arg = h->arg;
@@ -472,8 +470,8 @@ static int send_publish(mq_t *mq, const char *exchange, const char *routing_key,
  * one and the rest to the lost connection's timer. */
 static void release_held(mq_t *mq)
 {
-    while (mq->held) {
-        held_publish_t *h = mq->held;
+    while (!STAILQ_EMPTY(&mq->held)) {
+        held_publish_t *h = STAILQ_FIRST(&mq->held);
         mq_publish_opts_t o = { h->content_type, h->message_id, h->priority, h->persistent,
                                 h->headers, h->nheaders };
         if (send_publish(mq, h->exchange, h->routing_key, h->body, h->len, &o, h->cb, h->arg) < 0)
@@ -755,7 +753,7 @@ mq_t *mq_open(loop_t *loop, const mq_config_t *cfg, char *err, size_t errlen)
     mq->cfg = *cfg;
     mq->fd = -1;
     mq->next_seq = 1;
-    mq->held_tail = &mq->held;
+    STAILQ_INIT(&mq->held);
     loop_timer_init(&mq->hb_timer, on_heartbeat, mq);
     loop_timer_init(&mq->drain_timer, on_drain_timer, mq);
     loop_timer_init(&mq->lost_timer, on_lost_timer, mq);
@@ -895,7 +893,7 @@ int mq_publish(mq_t *mq, const char *exchange, const char *routing_key, const vo
 {
     if (!mq->open)
         return -1;
-    if (mq->blocked || mq->held) { /* after the held ones, never before */
+    if (mq->blocked || !STAILQ_EMPTY(&mq->held)) { /* after the held ones, never before */
         hold_publish(mq, exchange, routing_key, body, len, opts, cb, arg);
         return 0;
     }

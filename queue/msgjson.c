@@ -29,6 +29,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "core/base64.h"
 #include "core/util.h"
 
 #define MSGJSON_ADDR_MAX 254  /* RFC 5321 4.5.3.1.3 path minus the brackets */
@@ -439,86 +440,21 @@ static int msgjson_headers(msgjson_ctx_t *c, json_t *root, message_t *m)
 
 /* ---- attachments and raw messages ------------------------------------------ */
 
-static int msgjson_b64val(unsigned char c)
-{
-    if (c >= 'A' && c <= 'Z')
-        return c - 'A';
-    if (c >= 'a' && c <= 'z')
-        return c - 'a' + 26;
-    if (c >= '0' && c <= '9')
-        return c - '0' + 52;
-    if (c == '+')
-        return 62;
-    if (c == '/')
-        return 63;
-    return -1;
-}
-
 /*
- * Strict RFC 4648 base64 (standard alphabet, padding required) that
- * tolerates line breaks and blanks between characters, as applications
- * often wrap their base64. On success *out is a malloc'ed buffer of *outlen
- * bytes plus a NUL. Returns MSGJSON_OK, MSGJSON_ENOMEM, or MSGJSON_EINVAL
- * with *bad = offset of the first offending character.
+ * Strict RFC 4648 base64 (core/base64.h: padding required, blanks and line
+ * breaks between characters tolerated, as applications often wrap their
+ * base64). On success *out is a malloc'ed buffer of *outlen bytes plus a
+ * NUL. Returns MSGJSON_OK, MSGJSON_ENOMEM, or MSGJSON_EINVAL with *bad =
+ * offset of the first offending character.
  */
 static int msgjson_b64_decode(const char *s, size_t n, unsigned char **out, size_t *outlen,
                               size_t *bad)
 {
-    unsigned char *o = malloc(n / 4 * 3 + 4);
+    unsigned char *o = malloc(base64_decoded_max(n) + 1);
     if (o == NULL)
         return MSGJSON_ENOMEM;
-    size_t k = 0, q = 0, pad = 0;
-    uint32_t acc = 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        if (c == ' ' || c == '\t' || c == '\r' || c == '\n')
-            continue;
-        int v = msgjson_b64val(c);
-        if (c == '=') {
-            /* padding: only in the last quantum, at position 3 or 2-3 */
-            if (q < 2) {
-                *bad = i;
-                free(o);
-                return MSGJSON_EINVAL;
-            }
-            pad++;
-            v = 0;
-        } else if (v < 0 || pad > 0) {
-            *bad = i;
-            free(o);
-            return MSGJSON_EINVAL;
-        }
-        acc = (acc << 6) | (uint32_t)v;
-        if (++q == 4) {
-            o[k++] = (unsigned char)(acc >> 16);
-            if (pad < 2)
-                o[k++] = (unsigned char)(acc >> 8);
-            if (pad < 1)
-                o[k++] = (unsigned char)acc;
-            /* "ab=c" and the bits a decoder would drop must be zero, so
-             * every byte string has exactly one accepted encoding */
-            if ((pad == 1 && (acc & 0xff)) || (pad == 2 && (acc & 0xffff))) {
-                *bad = i;
-                free(o);
-                return MSGJSON_EINVAL;
-            }
-            q = 0;
-            acc = 0;
-            if (pad) {
-                /* nothing but blanks may follow the padded quantum */
-                for (size_t j = i + 1; j < n; j++) {
-                    if (s[j] != ' ' && s[j] != '\t' && s[j] != '\r' && s[j] != '\n') {
-                        *bad = j;
-                        free(o);
-                        return MSGJSON_EINVAL;
-                    }
-                }
-                break;
-            }
-        }
-    }
-    if (q != 0) {
-        *bad = n;
+    size_t k = 0;
+    if (base64_decode(o, &k, s, n, bad) != 0) {
         free(o);
         return MSGJSON_EINVAL;
     }

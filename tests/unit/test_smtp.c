@@ -1579,11 +1579,76 @@ static void test_pool_limits_msgs_and_idle(void **state)
     }
     assert_int_equal(st.pool.idle, 0);
     assert_int_equal(st.pool.evicted, 2);
+    assert_int_equal(st.pool.dests, 0); /* nothing holds the destination: forgotten */
     spin(t->loop, 5);
     assert_false(fake_server_busy(fs)); /* QUIT answered, both closed */
     assert_int_equal(loop_timer_count(t->loop), 0); /* no sweep timer without idle sessions */
     deliver_ctx_free(ctx);
     drain_and_check(t->loop, &fs, 1);
+}
+
+static void count_grant(void *arg, int how, smtp_session_t *s)
+{
+    (*(int *)arg)++;
+}
+
+/* The pool forgets a destination as soon as nothing holds it (no busy or
+ * idle session, no waiter, no cap in force), so a worker that meets a
+ * thousand destinations does not keep a thousand entries. */
+static void test_pool_frees_unused_destinations(void **state)
+{
+    tctx_t *t = *state;
+    smtp_pool_limits_t lim = { .max_per_dest = 1, .max_idle_ms = 20, .refused_backoff_ms = 60 };
+    smtp_pool_t *p = smtp_pool_new(t->loop, &lim);
+    smtp_pool_stats_t st;
+    smtp_session_t *s = NULL;
+    smtp_pool_wait_t w;
+    char key[32];
+
+    /* connections that failed (released without a session) */
+    for (int i = 0; i < 1000; i++) {
+        snprintf(key, sizeof(key), "192.0.2.%d|25|0|mx|h|", i);
+        assert_int_equal(smtp_pool_acquire(p, key, &s, &w, count_grant, NULL), SMTP_POOL_CONNECT);
+        smtp_pool_get_stats(p, &st);
+        assert_int_equal(st.dests, 1);
+        assert_int_equal(smtp_pool_release(p, key, NULL), 0);
+        smtp_pool_get_stats(p, &st);
+        assert_int_equal(st.dests, 0);
+    }
+
+    /* a waiter holds its destination; cancelled, the busy slot still does */
+    int granted = 0;
+    assert_int_equal(smtp_pool_acquire(p, "b", &s, &w, count_grant, &granted), SMTP_POOL_CONNECT);
+    assert_int_equal(smtp_pool_acquire(p, "b", &s, &w, count_grant, &granted), SMTP_POOL_WAIT);
+    smtp_pool_release(p, "b", NULL);
+    smtp_pool_get_stats(p, &st);
+    assert_int_equal(st.dests, 1); /* the waiter's */
+    smtp_pool_cancel(p, &w);
+    smtp_pool_get_stats(p, &st);
+    assert_int_equal(st.dests, 0);
+    spin(t->loop, 2);
+    assert_int_equal(granted, 0);
+
+    /* a cap in force holds it until it runs out; the sweep frees it then */
+    lim.max_per_dest = 4;
+    smtp_pool_free(p);
+    p = smtp_pool_new(t->loop, &lim);
+    assert_int_equal(smtp_pool_acquire(p, "c", &s, &w, count_grant, NULL), SMTP_POOL_CONNECT);
+    assert_int_equal(smtp_pool_acquire(p, "c", &s, &w, count_grant, NULL), SMTP_POOL_CONNECT);
+    assert_int_equal(smtp_pool_refused(p, "c"), 1);
+    smtp_pool_release(p, "c", NULL);
+    smtp_pool_release(p, "c", NULL);
+    smtp_pool_get_stats(p, &st);
+    assert_int_equal(st.dests, 1);
+    assert_int_equal(st.busy, 0);
+    for (int i = 0; i < 100 && st.dests; i++) {
+        spin(t->loop, 1);
+        smtp_pool_get_stats(p, &st);
+    }
+    assert_int_equal(st.dests, 0);
+    spin(t->loop, 5);
+    assert_int_equal(loop_timer_count(t->loop), 0); /* no sweep once nothing is capped */
+    smtp_pool_free(p);
 }
 
 /* Worker limit: a full worker evicts another destination's idle session
@@ -2940,6 +3005,7 @@ int main(void)
         T(test_pool_idle_close_detected),
         T(test_pool_dead_on_reuse_retried),
         T(test_pool_limits_msgs_and_idle),
+        T(test_pool_frees_unused_destinations),
         T(test_pool_per_destination_limit),
         T(test_pool_slow_start),
         T(test_pool_refused_caps_destination),
