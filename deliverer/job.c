@@ -590,9 +590,6 @@ static void job_enter_record(job_t *j)
 static void job_on_appended(void *arg, const imap_append_result_t *res)
 {
     job_t *j = arg;
-#ifdef imap_append_free /* TEMP until the caller-owned handle lands */
-    j->append = NULL;
-#endif
     j->append_res = *res;
     metrics_inc(MET_IMAP_SESSIONS, res->connections);
     metrics_inc(MET_IMAP_SESSIONS_REUSED, (uint64_t)res->reused);

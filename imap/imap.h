@@ -181,4 +181,3 @@ void imap_pool_free(imap_pool_t *p);
 void imap_pool_get_stats(const imap_pool_t *p, imap_pool_stats_t *st);
 
 #endif
-#define imap_append_free(a) imap_append_cancel(a) /* TEMP compile shim */
