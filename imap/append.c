@@ -17,6 +17,12 @@
  *
  *  Argument errors go straight to REPORT, so they too come back later,
  *  through the callback.
+ *
+ *  The handle is the caller's until imap_append_free(): DONE keeps it
+ *  (nothing else points at it any more). Freed before DONE it first
+ *  cancels, taking itself back from whatever serves it; freed from inside
+ *  its own callback it only notes so, and deliver() releases it once the
+ *  callback has returned, since the call chain still holds it.
  * DIAGNOSTICS
  *  One info line per stored message (user, mailbox, uidvalidity, uid),
  *  one warn line per failure, state changes and cancels at debug
@@ -106,7 +112,8 @@ static void release(imap_append_t *a)
     free(a);
 }
 
-/* The one callback. The handle is the module's: released once it returns. */
+/* The one callback. The handle stays the caller's; one freed from inside
+ * its own callback is released here, once the callback has returned. */
 static void deliver(imap_append_t *a)
 {
     log_result(a);
@@ -114,7 +121,8 @@ static void deliver(imap_append_t *a)
     a->in_cb = 1;
     a->cb(a->arg, &a->res);
     a->in_cb = 0;
-    release(a);
+    if (a->free_asked)
+        release(a);
 }
 
 static void done_fired(loop_t *loop, loop_timer_t *t, void *arg)
@@ -241,15 +249,20 @@ static void cancel(imap_append_t *a)
     case IMAP_APPEND_ST_POOLED:
         imap_pool_withdraw(a);
         return;
-    default: /* INIT, REPORT (release cancels the timer), DONE */
+    default: /* INIT, REPORT (release cancels the timer) */
         return;
     }
 }
 
-void imap_append_cancel(imap_append_t *a)
+void imap_append_free(imap_append_t *a)
 {
-    if (a == NULL || a->in_cb)
+    if (a == NULL)
         return;
-    cancel(a);
+    if (a->in_cb) { /* deliver() still has it on its stack */
+        a->free_asked = 1;
+        return;
+    }
+    if (a->state != IMAP_APPEND_ST_DONE)
+        cancel(a);
     release(a);
 }

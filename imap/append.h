@@ -40,7 +40,7 @@ struct imap_append {
     unsigned            timeout_ms;
     char               *check_msgid; /* look for it in \Sent before APPEND; NULL: don't */
     char               *msgid;       /* the message's Message-ID, or NULL */
-    const char         *data;        /* the message: referenced until the callback or the cancel */
+    const char         *data;        /* the message: referenced until the callback or the free */
     size_t              len;
     imap_append_cb      cb;
     void               *arg;
