@@ -2198,6 +2198,53 @@ static void test_pool_multiappend_cancel(void **state)
     }
 }
 
+/* Each caller frees its own handle from inside its callback: the first
+ * (alone, on the fresh connection, which is parked after its callback) and
+ * the two that went together in one MULTIAPPEND. The result stays valid
+ * for the rest of the call; the handles are gone afterwards (ASan). */
+typedef struct self_free {
+    outcome_t      o;
+    imap_append_t *h;
+} self_free_t;
+
+static void on_done_free(void *arg, const imap_append_result_t *res)
+{
+    self_free_t *sf = arg;
+    on_done(&sf->o, res);
+    imap_append_free(sf->h);
+    assert_int_equal(res->uid, sf->o.res.uid); /* still valid after the free */
+}
+
+static void test_free_in_callback(void **state)
+{
+    char a3[1024], a4[2048];
+    const int first[] = { 0 }, pair[] = { 1, 2 };
+    const step_t c0[] = {
+        P_OPEN_MA("alice@test.example"),
+        { multi_cmd(a3, sizeof(a3), "A3", first, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { multi_cmd(a4, sizeof(a4), "A4", pair, 2), "A4 OK [APPENDUID 77 2:3] done\r\n", 0, 0 },
+        { "A5 LOGOUT\r\n", "A5 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) } };
+    imap_pool_limits_t lim = { .max_conns_per_account = 1 };
+    penv_t e;
+    penv_start(&e, sc, 1, &lim);
+    imap_account_t acct = penv_acct(&e, "alice@test.example");
+    self_free_t sf[3];
+    memset(sf, 0, sizeof(sf));
+    for (int i = 0; i < 3; i++)
+        assert_non_null(sf[i].h = imap_append_start(e.loop, &acct, BODIES[i], strlen(BODIES[i]), on_done_free, &sf[i]));
+    for (int i = 0; i < 3; i++)
+        penv_wait_calls(&e, &sf[i].o, 1);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(sf[i].o.res.status, IMAP_OK);
+        assert_int_equal(sf[i].o.res.uid, (unsigned)i + 1);
+    }
+    assert_int_equal(penv_stats(&e).batches, 1);
+    assert_int_equal(penv_stats(&e).idle, 1);
+    penv_end(&e);
+}
+
 int main(void)
 {
     const char *dbg = getenv("MP_TEST_DEBUG");
@@ -2256,6 +2303,7 @@ int main(void)
         cmocka_unit_test(test_pool_multiappend),
         cmocka_unit_test(test_pool_multiappend_failures),
         cmocka_unit_test(test_pool_multiappend_cancel),
+        cmocka_unit_test(test_free_in_callback),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
