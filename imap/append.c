@@ -7,15 +7,19 @@
  *  its pool (pool.c) or onto a connection of its own (conn.c), which says
  *  LOGOUT after the APPEND. Whoever serves it hands back one result; the
  *  request passes it to the caller's callback, from its own zero-delay
- *  timer (imap_append_report()) or from the server's timer handler that
- *  already runs outside any stream callback (imap_append_finish()), so
- *  the callback never fires inside imap_append_start() or inside I/O.
+ *  timer (imap_append_report()) or straight from the connection's timer
+ *  handler, which already runs outside any stream callback
+ *  (imap_append_finish()): never inside imap_append_start() or I/O.
  *
  *  States (imap_append_state_t), changed only in imap_append_enter():
  *
- *    INIT -> OWN | WAIT | POOLED | REPORT -> ... -> REPORT -> DONE
+ *    INIT -> OWN ------------------------------> DONE   no pool
+ *    INIT -> [WAIT ->] POOLED -> [REPORT ->] DONE       pooled
+ *    INIT | WAIT -> REPORT -> DONE                      bad arguments,
+ *                                                       wait timed out
+ *    WAIT -> OWN -> DONE                                pool freed
  *
- *  Argument errors go straight to REPORT, so they too come back later,
+ *  REPORT is the zero-delay hop: bad arguments too come back later,
  *  through the callback.
  *
  *  The handle is the caller's until imap_append_free(): DONE keeps it

@@ -15,10 +15,9 @@
  *  READY (job.keep_open, after a stored job) keeps the connection; the
  *  next job re-enters at [EXAMINE] or APPEND.
  *
- *  Capabilities come from the greeting's [CAPABILITY] code or a
- *  CAPABILITY command and are forgotten after STARTTLS (RFC 3501 §6.2.1)
- *  and after login, where servers such as Dovecot first announce UIDPLUS,
- *  SPECIAL-USE and LITERAL+ (the login reply usually carries them).
+ *  Capabilities (the greeting's [CAPABILITY] code or a CAPABILITY command)
+ *  are forgotten after STARTTLS (RFC 3501 §6.2.1) and after login, where
+ *  Dovecot first announces UIDPLUS, SPECIAL-USE and LITERAL+.
  *
  *  Commands are built as chunks; a synchronising literal "{n}" ends one,
  *  and the rest waits for the server's "+". With LITERAL+ (or LITERAL- up
@@ -81,8 +80,7 @@ static const struct {
     [IMAP_CONN_ST_EXAMINE] = { "EXAMINE", "waiting for the EXAMINE reply" },
     [IMAP_CONN_ST_SEARCH] = { "SEARCH", "waiting for the UID SEARCH reply" },
     [IMAP_CONN_ST_CLOSE] = { "CLOSE", "waiting for the CLOSE reply" },
-    [IMAP_CONN_ST_APPEND] = { "APPEND",
-                              "waiting for the APPEND reply -- the message may be stored twice if retried" },
+    [IMAP_CONN_ST_APPEND] = { "APPEND", "waiting for the APPEND reply -- the message may be stored twice if retried" },
     [IMAP_CONN_ST_LOGOUT] = { "LOGOUT", "waiting for the LOGOUT reply" },
     [IMAP_CONN_ST_READY] = { "READY", "idle" },
     [IMAP_CONN_ST_DONE] = { "DONE", "finished" },
@@ -98,7 +96,7 @@ typedef struct cmd_chunk {
     size_t      len;
     const char *ext;  /* the owner's message bytes: referenced, not copied */
     int         sync; /* after sending this chunk wait for "+" */
-} cmd_chunk_t;
+} imap_conn_chunk_t;
 
 struct imap_conn {
     loop_t           *loop;
@@ -114,7 +112,7 @@ struct imap_conn {
     unsigned     tagno;
     char         tag[16]; /* "" when no tagged reply is awaited */
     buf_t        cmd;
-    cmd_chunk_t *chunks;
+    imap_conn_chunk_t *chunks;
     size_t       chunks_cap;
     size_t       nchunks;
     size_t       next_chunk;
@@ -146,8 +144,6 @@ struct imap_conn {
     loop_timer_t         done_timer;
     imap_resp_t          resp;
 };
-
-/* ---------------------------------------------------------------- account */
 
 void imap_conn_acct_copy(imap_conn_acct_t *dst, const imap_conn_acct_t *src)
 {
@@ -238,13 +234,13 @@ static void cmd_release(imap_conn_t *c)
 
 /* ---------------------------------------------------------------- commands */
 
-static cmd_chunk_t *cmd_new_chunk(imap_conn_t *c)
+static imap_conn_chunk_t *cmd_new_chunk(imap_conn_t *c)
 {
     if (c->nchunks == c->chunks_cap) {
         c->chunks_cap = c->chunks_cap ? c->chunks_cap * 2 : 8;
         c->chunks = xrealloc(c->chunks, c->chunks_cap * sizeof(*c->chunks));
     }
-    cmd_chunk_t *ch = &c->chunks[c->nchunks++];
+    imap_conn_chunk_t *ch = &c->chunks[c->nchunks++];
     memset(ch, 0, sizeof(*ch));
     ch->off = c->cmd.len;
     return ch;
@@ -252,7 +248,7 @@ static cmd_chunk_t *cmd_new_chunk(imap_conn_t *c)
 
 static void cmd_bytes(imap_conn_t *c, const char *p, size_t n)
 {
-    cmd_chunk_t *ch = c->nchunks ? &c->chunks[c->nchunks - 1] : NULL;
+    imap_conn_chunk_t *ch = c->nchunks ? &c->chunks[c->nchunks - 1] : NULL;
     if (ch == NULL || ch->ext || ch->sync)
         ch = cmd_new_chunk(c);
     buf_append(&c->cmd, p, n);
@@ -303,7 +299,7 @@ static void cmd_literal(imap_conn_t *c, const char *p, size_t n, int referenced)
     if (!nonsync)
         cmd_sync(c);
     if (referenced) {
-        cmd_chunk_t *ch = cmd_new_chunk(c);
+        imap_conn_chunk_t *ch = cmd_new_chunk(c);
         ch->ext = p;
         ch->len = n;
     } else {
@@ -339,7 +335,7 @@ static void cmd_flush(imap_conn_t *c)
     c->waiting_cont = 0;
     stream_cork(c->stream, 1);
     while (c->next_chunk < c->nchunks) {
-        const cmd_chunk_t *ch = &c->chunks[c->next_chunk++];
+        const imap_conn_chunk_t *ch = &c->chunks[c->next_chunk++];
         if (ch->ext) /* a message: sent from the owner's memory (alive until the job is reported) */
             stream_write_ref(c->stream, ch->ext, ch->len);
         else
@@ -558,6 +554,15 @@ static void on_check_reply(imap_conn_t *c, const imap_resp_t *r)
     }
 }
 
+/* Logged in (or PREAUTH): capabilities since login first, then LIST. */
+static void authenticated(imap_conn_t *c)
+{
+    if (c->caps_known)
+        after_login(c);
+    else
+        send_capability(c, IMAP_CONN_ST_AUTH_CAPABILITY);
+}
+
 /* ---------------------------------------------------------------- replies */
 
 static void on_greeting(imap_conn_t *c, const imap_resp_t *r)
@@ -574,10 +579,7 @@ static void on_greeting(imap_conn_t *c, const imap_resp_t *r)
             refuse(c, IMAP_ETLS, "server greeted with PREAUTH: STARTTLS impossible");
             return;
         }
-        if (c->caps_known)
-            after_login(c);
-        else
-            send_capability(c, IMAP_CONN_ST_AUTH_CAPABILITY);
+        authenticated(c);
         return;
     case IMAP_COND_BYE:
         fail(c, IMAP_ENETWORK, "server refused the connection: BYE %s", r->text);
@@ -737,10 +739,7 @@ static void on_tagged(imap_conn_t *c, const imap_resp_t *r)
             refuse(c, busy ? IMAP_EBUSY : IMAP_EAUTH, "login as %s: %s", c->acct.user, reply_text(r, why, sizeof(why)));
             return;
         }
-        if (c->caps_known)
-            after_login(c);
-        else
-            send_capability(c, IMAP_CONN_ST_AUTH_CAPABILITY);
+        authenticated(c);
         return;
     case IMAP_CONN_ST_LIST:
         on_list_done(c, r);
@@ -929,7 +928,6 @@ imap_conn_t *imap_conn_open(loop_t *loop, const imap_conn_acct_t *acct, const im
     imap_conn_t *c = xcalloc(1, sizeof(*c));
     c->loop = loop;
     c->id = util_rand64();
-    c->state = IMAP_CONN_ST_INIT;
     c->cb = cb;
     c->arg = arg;
     imap_conn_acct_copy(&c->acct, acct);

@@ -2,10 +2,11 @@
  * imap/imap.h - APPEND the sent copy of a message to the sender's IMAP
  * \Sent mailbox and report the new UID (RFC 4315 UIDPLUS).
  *
- * One imap_append_t is one short session: connect, TLS (implicit or
- * STARTTLS), log in, find the \Sent mailbox, APPEND (\Seen), read
- * [APPENDUID uidvalidity uid], LOGOUT. It runs inside the caller's loop
- * and is used only from the thread that runs that loop.
+ * One imap_append_t is the caller's handle for one message. Without a
+ * pool it runs one short session: connect, TLS (implicit or STARTTLS), log
+ * in, find the \Sent mailbox, APPEND (\Seen), read [APPENDUID uidvalidity
+ * uid], LOGOUT. It runs inside the caller's loop and is used only from the
+ * thread that runs that loop.
  *
  * Ownership:
  *  - imap_append_start() copies what it needs from acct (address, host,

@@ -9,8 +9,8 @@
  *  the busy sessions and those saying LOGOUT in the background.
  *
  *  A session (imap_pool_sess_t) is a connection (conn.c) plus the
- *  requests whose job it runs. Its states (sess_state_t), changed only in
- *  sess_move() together with the list that holds it:
+ *  requests whose job it runs. Its states (imap_pool_sess_state_t),
+ *  changed only in sess_move() together with the list that holds it:
  *
  *    BUSY -> IDLE -> BUSY ... -> CLOSING -> freed
  *    BUSY -> DETACHED (imap_pool_free: it finishes on its own)
@@ -66,26 +66,30 @@
 #define IMAP_BATCH_MAX_BYTES     (8u << 20) /* a MULTIAPPEND adds messages up to this total */
 
 typedef enum {
-    SESS_BUSY = 0, /* running a job */
-    SESS_IDLE,     /* parked */
-    SESS_CLOSING,  /* LOGOUT in the background; nobody waits for it */
-    SESS_DETACHED, /* its pool is gone: it finishes its job, then closes */
-    SESS_ST_LAST
-} sess_state_t;
+    IMAP_POOL_SESS_BUSY = 0, /* running a job */
+    IMAP_POOL_SESS_IDLE,     /* parked */
+    IMAP_POOL_SESS_CLOSING,  /* LOGOUT in the background; nobody waits for it */
+    IMAP_POOL_SESS_DETACHED, /* its pool is gone: it finishes its job, then closes */
+    IMAP_POOL_SESS_ST_LAST
+} imap_pool_sess_state_t;
 
-static const char *const sess_names[SESS_ST_LAST] = { "BUSY", "IDLE", "CLOSING", "DETACHED" };
+static const char *sess_strstate(imap_pool_sess_state_t st)
+{
+    static const char *const names[IMAP_POOL_SESS_ST_LAST] = { "BUSY", "IDLE", "CLOSING", "DETACHED" };
+    return st < IMAP_POOL_SESS_ST_LAST ? names[st] : "?";
+}
 
 typedef struct imap_pool_sess imap_pool_sess_t;
-typedef struct imap_pool_acct pacct_t;
-TAILQ_HEAD(sess_list, imap_pool_sess);
-TAILQ_HEAD(wait_list, imap_append);
+typedef struct imap_pool_acct imap_pool_acct_t;
+TAILQ_HEAD(imap_pool_sess_list, imap_pool_sess);
+TAILQ_HEAD(imap_pool_wait_list, imap_append);
 
 struct imap_pool_sess {
     TAILQ_ENTRY(imap_pool_sess) link; /* on the list of its state */
-    sess_state_t  state;
+    imap_pool_sess_state_t  state;
     loop_t       *loop;
     imap_pool_t  *pool; /* NULL once detached */
-    pacct_t      *pa;
+    imap_pool_acct_t      *pa;
     imap_conn_t  *conn;
     /* the requests of the job in flight, in the order their messages go
      * (a slot is NULL once its request is withdrawn) */
@@ -101,9 +105,9 @@ struct imap_pool_sess {
 struct imap_pool_acct {
     LIST_ENTRY(imap_pool_acct) link;
     char            *key;
-    struct sess_list idle; /* MRU first */
+    struct imap_pool_sess_list idle; /* MRU first */
     unsigned         nidle;
-    struct wait_list waiters; /* oldest first */
+    struct imap_pool_wait_list waiters; /* oldest first */
     unsigned         nconn;   /* sessions of this key: busy, parked or logging out */
 };
 
@@ -111,8 +115,8 @@ struct imap_pool {
     loop_t            *loop;
     imap_pool_limits_t lim;
     LIST_HEAD(, imap_pool_acct) accts;
-    struct sess_list   busy;
-    struct sess_list   closing;
+    struct imap_pool_sess_list   busy;
+    struct imap_pool_sess_list   closing;
     size_t             nidle;
     size_t             nwait;
     loop_timer_t       wake_timer; /* serves waiters outside the call that freed a session */
@@ -151,27 +155,27 @@ static void wait_debug(const imap_append_t *a, const imap_pool_t *p, const char 
 
 /* ---------------------------------------------------------------- sessions */
 
-static struct sess_list *list_of(const imap_pool_sess_t *s, sess_state_t st)
+static struct imap_pool_sess_list *list_of(const imap_pool_sess_t *s, imap_pool_sess_state_t st)
 {
     if (s->pool == NULL)
         return NULL;
     switch (st) {
-    case SESS_BUSY: return &s->pool->busy;
-    case SESS_IDLE: return &s->pa->idle;
-    case SESS_CLOSING: return &s->pool->closing;
+    case IMAP_POOL_SESS_BUSY: return &s->pool->busy;
+    case IMAP_POOL_SESS_IDLE: return &s->pa->idle;
+    case IMAP_POOL_SESS_CLOSING: return &s->pool->closing;
     default: return NULL;
     }
 }
 
 /* The one place a session changes state, and list with it. */
-static void sess_move(imap_pool_sess_t *s, sess_state_t st)
+static void sess_move(imap_pool_sess_t *s, imap_pool_sess_state_t st)
 {
-    struct sess_list *from = list_of(s, s->state), *to = list_of(s, st);
-    log_debug("imap_pool", "state", "session=%016" PRIx64 " %s -> %s", imap_conn_info(s->conn).id, sess_names[s->state],
-              sess_names[st]);
+    struct imap_pool_sess_list *from = list_of(s, s->state), *to = list_of(s, st);
+    log_debug("imap_pool", "state", "session=%016" PRIx64 " %s -> %s", imap_conn_info(s->conn).id,
+              sess_strstate(s->state), sess_strstate(st));
     if (from)
         TAILQ_REMOVE(from, s, link);
-    if (s->state == SESS_IDLE && s->pool) {
+    if (s->state == IMAP_POOL_SESS_IDLE && s->pool) {
         s->pa->nidle--;
         s->pool->nidle--;
         loop_timer_cancel(s->loop, &s->idle_timer);
@@ -179,7 +183,7 @@ static void sess_move(imap_pool_sess_t *s, sess_state_t st)
     s->state = st;
     if (to)
         TAILQ_INSERT_HEAD(to, s, link);
-    if (st == SESS_IDLE && s->pool) {
+    if (st == IMAP_POOL_SESS_IDLE && s->pool) {
         s->pa->nidle++;
         s->pool->nidle++;
     }
@@ -202,10 +206,10 @@ static void sess_open(imap_pool_sess_t *s)
 static void idle_fired(loop_t *loop, loop_timer_t *t, void *arg);
 
 /* A session on a fresh connection for a, holding one of pa's slots. */
-static void sess_new(imap_pool_t *p, pacct_t *pa, imap_append_t *a)
+static void sess_new(imap_pool_t *p, imap_pool_acct_t *pa, imap_append_t *a)
 {
     imap_pool_sess_t *s = xcalloc(1, sizeof(*s));
-    s->state = SESS_DETACHED; /* on no list until the move below */
+    s->state = IMAP_POOL_SESS_DETACHED; /* on no list until the move below */
     s->loop = p->loop;
     s->pool = p;
     s->pa = pa;
@@ -216,7 +220,7 @@ static void sess_new(imap_pool_t *p, pacct_t *pa, imap_append_t *a)
     a->sess = s;
     imap_append_enter(a, IMAP_APPEND_ST_POOLED);
     sess_open(s);
-    sess_move(s, SESS_BUSY);
+    sess_move(s, IMAP_POOL_SESS_BUSY);
 }
 
 /* Each request still in s gets res (its own uid from a batch), from its
@@ -253,12 +257,13 @@ static void sess_free(imap_pool_sess_t *s)
         imap_append_result_t res;
         memset(&res, 0, sizeof(res));
         res.status = IMAP_ENETWORK;
+        snprintf(res.mailbox, sizeof(res.mailbox), "%s", imap_conn_result(s->conn)->mailbox);
         snprintf(res.error, sizeof(res.error),
                  "the connection carrying this copy was closed before the server answered");
         sess_report(s, &res, 1);
     }
     imap_pool_t *p = s->pool;
-    sess_move(s, SESS_DETACHED);
+    sess_move(s, IMAP_POOL_SESS_DETACHED);
     if (p) {
         s->pa->nconn--;
         if (!TAILQ_EMPTY(&s->pa->waiters))
@@ -274,7 +279,7 @@ static void retire(imap_pool_sess_t *s, const char *why, uint64_t *counter)
 {
     (*counter)++;
     sess_debug(s, "logout", why);
-    sess_move(s, SESS_CLOSING);
+    sess_move(s, IMAP_POOL_SESS_CLOSING);
     imap_conn_logout(s->conn);
 }
 
@@ -315,7 +320,7 @@ static void pool_park(imap_pool_sess_t *s)
     if (p->nidle >= p->lim.max_idle_total) {
         /* make room: the least recently used idle session of the pool goes */
         imap_pool_sess_t *victim = NULL, *c;
-        pacct_t *pa;
+        imap_pool_acct_t *pa;
         LIST_FOREACH (pa, &p->accts, link)
             TAILQ_FOREACH (c, &pa->idle, link)
                 if (victim == NULL || c->idle_since < victim->idle_since)
@@ -327,7 +332,7 @@ static void pool_park(imap_pool_sess_t *s)
         retire(victim, "pool_idle_full", &p->st.retired);
     }
     s->idle_since = now;
-    sess_move(s, SESS_IDLE);
+    sess_move(s, IMAP_POOL_SESS_IDLE);
     p->st.parked++;
     uint64_t left = p->lim.max_age_ms - age;
     loop_timer_set(p->loop, &s->idle_timer, left < p->lim.idle_ms ? left : p->lim.idle_ms);
@@ -340,7 +345,7 @@ static void pool_park(imap_pool_sess_t *s)
 static void sess_done(imap_pool_sess_t *s)
 {
     imap_conn_t *c = s->conn;
-    if (s->state == SESS_CLOSING) { /* a background LOGOUT has ended: nobody to tell */
+    if (s->state == IMAP_POOL_SESS_CLOSING) { /* a background LOGOUT has ended: nobody to tell */
         sess_free(s);
         return;
     }
@@ -361,15 +366,16 @@ static void sess_done(imap_pool_sess_t *s)
     }
     if (s->nreqs > 1)
         sess_debug(s, "batch_done", imap_strerror(imap_conn_result(c)->status));
-    /* batched copies hear from their own timers; a lone one now, before
-     * the session is parked, as it always was */
+    /* batched copies hear from their own timers; a lone one at once, so its
+     * callback runs before the session is parked or freed (an append it
+     * starts finds the session still busy) */
     sess_report(s, imap_conn_result(c), s->nreqs > 1);
     if (imap_conn_info(c).state != IMAP_CONN_ST_READY) {
         sess_free(s);
     } else if (s->pool) {
         pool_park(s);
     } else { /* detached by imap_pool_free(): nobody will reuse it */
-        sess_move(s, SESS_CLOSING);
+        sess_move(s, IMAP_POOL_SESS_CLOSING);
         imap_conn_logout(c);
     }
 }
@@ -381,7 +387,7 @@ static void sess_on_conn(void *arg, imap_conn_t *c, imap_conn_event_t ev, const 
         sess_done(s);
         return;
     }
-    if (s->state == SESS_IDLE) { /* parked: drop it now */
+    if (s->state == IMAP_POOL_SESS_IDLE) { /* parked: drop it now */
         s->pool->st.lost++;
         sess_debug(s, "idle_lost", why);
         sess_free(s); /* inside the stream's callback: the stream defers its own release */
@@ -420,10 +426,10 @@ static char *account_key(const imap_conn_acct_t *ac)
     return buf_steal(&b, NULL);
 }
 
-static pacct_t *pacct_get(imap_pool_t *p, const imap_conn_acct_t *ac)
+static imap_pool_acct_t *pacct_get(imap_pool_t *p, const imap_conn_acct_t *ac)
 {
     char *key = account_key(ac);
-    pacct_t *pa;
+    imap_pool_acct_t *pa;
     LIST_FOREACH (pa, &p->accts, link)
         if (strcmp(pa->key, key) == 0) {
             free(key);
@@ -438,7 +444,7 @@ static pacct_t *pacct_get(imap_pool_t *p, const imap_conn_acct_t *ac)
 }
 
 /* A parked session of pa that still looks alive, or NULL. */
-static imap_pool_sess_t *pool_take(imap_pool_t *p, pacct_t *pa)
+static imap_pool_sess_t *pool_take(imap_pool_t *p, imap_pool_acct_t *pa)
 {
     imap_pool_sess_t *s;
     while ((s = TAILQ_FIRST(&pa->idle)) != NULL) {
@@ -474,7 +480,7 @@ static void sess_run(imap_pool_t *p, imap_pool_sess_t *s, imap_append_t *const *
     s->reused = 1;
     s->retried = 0;
     s->connections = 0;
-    sess_move(s, SESS_BUSY);
+    sess_move(s, IMAP_POOL_SESS_BUSY);
     p->st.reused++;
     if (n > 1) {
         p->st.batches++;
@@ -490,7 +496,7 @@ static void sess_run(imap_pool_t *p, imap_pool_sess_t *s, imap_append_t *const *
 
 static void wait_fired(loop_t *loop, loop_timer_t *t, void *arg);
 
-static void wait_add(imap_pool_t *p, pacct_t *pa, imap_append_t *a)
+static void wait_add(imap_pool_t *p, imap_pool_acct_t *pa, imap_append_t *a)
 {
     a->pool = p;
     a->pa = pa;
@@ -544,7 +550,7 @@ static size_t gather_batch(const imap_pool_t *p, const imap_pool_sess_t *s, imap
  * connection when the account has a slot free. 0 when neither. */
 static int serve_waiter(imap_pool_t *p, imap_append_t *w)
 {
-    pacct_t *pa = w->pa;
+    imap_pool_acct_t *pa = w->pa;
     imap_pool_sess_t *s = pool_take(p, pa);
     if (s) {
         imap_append_t *m[IMAP_MAX_UIDS]; /* max_batch is at most that */
@@ -569,7 +575,7 @@ static int serve_waiter(imap_pool_t *p, imap_append_t *w)
 static void wake_fired(loop_t *loop, loop_timer_t *t, void *arg)
 {
     imap_pool_t *p = arg;
-    pacct_t *pa;
+    imap_pool_acct_t *pa;
     imap_append_t *w;
     LIST_FOREACH (pa, &p->accts, link)
         while ((w = TAILQ_FIRST(&pa->waiters)) != NULL)
@@ -587,7 +593,7 @@ static void pool_wake(imap_pool_t *p)
 
 void imap_pool_submit(imap_pool_t *p, imap_append_t *a)
 {
-    pacct_t *pa = pacct_get(p, &a->acct);
+    imap_pool_acct_t *pa = pacct_get(p, &a->acct);
     /* first come, first served: with requests queued, a parked session is
      * theirs (the wake timer hands it over) */
     imap_pool_sess_t *s = TAILQ_EMPTY(&pa->waiters) ? pool_take(p, pa) : NULL;
@@ -652,11 +658,11 @@ void imap_pool_free(imap_pool_t *p)
     imap_pool_sess_t *s;
     while ((s = TAILQ_FIRST(&p->busy)) != NULL) {
         /* in flight: they finish without the pool */
-        sess_move(s, SESS_DETACHED);
+        sess_move(s, IMAP_POOL_SESS_DETACHED);
         s->pool = NULL;
         s->pa = NULL;
     }
-    pacct_t *pa;
+    imap_pool_acct_t *pa;
     imap_append_t *w;
     LIST_FOREACH (pa, &p->accts, link)
         while ((w = TAILQ_FIRST(&pa->waiters)) != NULL) {

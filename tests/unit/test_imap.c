@@ -2233,7 +2233,8 @@ static void test_free_in_callback(void **state)
     self_free_t sf[3];
     memset(sf, 0, sizeof(sf));
     for (int i = 0; i < 3; i++)
-        assert_non_null(sf[i].h = imap_append_start(e.loop, &acct, BODIES[i], strlen(BODIES[i]), on_done_free, &sf[i]));
+        assert_non_null(sf[i].h =
+                            imap_append_start(e.loop, &acct, BODIES[i], strlen(BODIES[i]), on_done_free, &sf[i]));
     for (int i = 0; i < 3; i++)
         penv_wait_calls(&e, &sf[i].o, 1);
     for (int i = 0; i < 3; i++) {
