@@ -2,23 +2,25 @@
  * imap/imap.h - APPEND the sent copy of a message to the sender's IMAP
  * \Sent mailbox and report the new UID (RFC 4315 UIDPLUS).
  *
- * One imap_append_t is one short session: connect, TLS (implicit or
- * STARTTLS), log in, find the \Sent mailbox, APPEND (\Seen), read
- * [APPENDUID uidvalidity uid], LOGOUT. It runs inside the caller's loop
- * and is used only from the thread that runs that loop.
+ * One imap_append_t is the caller's handle for one message. Without a
+ * pool it runs one short session: connect, TLS (implicit or STARTTLS), log
+ * in, find the \Sent mailbox, APPEND (\Seen), read [APPENDUID uidvalidity
+ * uid], LOGOUT. It runs inside the caller's loop and is used only from the
+ * thread that runs that loop.
  *
  * Ownership:
  *  - imap_append_start() copies what it needs from acct (address, host,
  *    user, password; it takes its own reference on acct->ssl_ctx).
  *  - The message bytes are referenced, not copied: the caller keeps
- *    data alive until the callback fires or imap_append_cancel() returns.
+ *    data alive until the callback fires or imap_append_free() returns.
  *  - The result passed to the callback is valid only during the call.
- *  - The handle belongs to the module; it is released right after the
- *    callback returns. Do not use it afterwards.
+ *  - The handle is the caller's: one per message, never handed out again
+ *    for another. The caller releases it with imap_append_free(), after
+ *    the callback (or before, to cancel), and before freeing the loop.
  *
  * Callback: fires exactly once per started append, never synchronously
  * inside imap_append_start() (even for immediate failures: a zero-delay
- * timer delivers them), and never after imap_append_cancel().
+ * timer delivers them), and never after imap_append_free().
  *
  * Pooling (imap_pool_t, optional): an account with acct->pool set runs
  * its append through that pool. Sessions are keyed by server address and
@@ -126,15 +128,19 @@ typedef struct imap_append imap_append_t;
 imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const char *data, size_t len,
                                  imap_append_cb cb, void *arg);
 
-/* Abort: close the connection and release everything; the callback will
- * not fire. An append that shares a MULTIAPPEND with others (see
- * imap_pool_limits_t.max_batch) leaves the batch alone once all its bytes
- * have been written out; before that the shared connection is closed and
- * the others of the batch fail with IMAP_ENETWORK, for their owners to
- * retry. Harmless with NULL. Must not be called after the callback has
- * fired (the handle is gone); calling it from inside that callback is a
- * no-op. A message whose APPEND was already sent may still be stored. */
-void imap_append_cancel(imap_append_t *a);
+/* Release the handle. Harmless with NULL.
+ *  - After the callback: only releases it.
+ *  - From inside its own callback: releases it once the callback returns
+ *    (do not use it after this call).
+ *  - Before the callback (cancel): closes the append's connection, the
+ *    callback will not fire, and the message bytes are no longer
+ *    referenced when it returns. An append that shares a MULTIAPPEND with
+ *    others (see imap_pool_limits_t.max_batch) leaves the batch alone once
+ *    all its bytes have been written out; before that the shared
+ *    connection is closed and the others of the batch fail with
+ *    IMAP_ENETWORK, for their owners to retry. A message whose APPEND was
+ *    already sent may still be stored. */
+void imap_append_free(imap_append_t *a);
 
 /* ---------------------------------------------------------------- pool */
 
@@ -175,8 +181,8 @@ imap_pool_t *imap_pool_new(loop_t *loop, const imap_pool_limits_t *lim);
  * close it, close sessions still logging out, and release the pool. No
  * callback is pending afterwards and no fd or timer of the pool is left
  * in the loop. Appends still in flight are detached: they finish as
- * unpooled ones and their callbacks still fire (cancel them first if that
- * is not wanted). Harmless with NULL. */
+ * unpooled ones and their callbacks still fire (free their handles first
+ * if that is not wanted). Harmless with NULL. */
 void imap_pool_free(imap_pool_t *p);
 void imap_pool_get_stats(const imap_pool_t *p, imap_pool_stats_t *st);
 

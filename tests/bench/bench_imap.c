@@ -43,8 +43,9 @@ typedef struct bench {
 } bench_t;
 
 typedef struct slot {
-    bench_t *b;
-    double   t0;
+    bench_t       *b;
+    double         t0;
+    imap_append_t *h;
 } slot_t;
 
 static double now_ms(void)
@@ -60,6 +61,8 @@ static void on_done(void *arg, const imap_append_result_t *res)
 {
     slot_t *s = arg;
     bench_t *b = s->b;
+    imap_append_free(s->h); /* inside its own callback: released once it returns */
+    s->h = NULL;
     b->inflight--;
     b->connections += res->connections;
     if (res->status != IMAP_OK) {
@@ -78,7 +81,8 @@ static void start_one(bench_t *b, slot_t *s)
     s->t0 = now_ms();
     b->started++;
     b->inflight++;
-    if (imap_append_start(b->loop, &b->acct, b->msg, b->msglen, on_done, s) == NULL) {
+    s->h = imap_append_start(b->loop, &b->acct, b->msg, b->msglen, on_done, s);
+    if (s->h == NULL) {
         fprintf(stderr, "bench_imap: imap_append_start refused its arguments\n");
         exit(1);
     }

@@ -212,10 +212,12 @@ static outcome_t run_append_checked(const job_t *j, const char *msg, const char 
     acct.check_message_id = check_msgid;
     outcome_t o;
     memset(&o, 0, sizeof(o));
-    assert_non_null(imap_append_start(loop, &acct, msg, strlen(msg), on_done, &o));
+    imap_append_t *a = imap_append_start(loop, &acct, msg, strlen(msg), on_done, &o);
+    assert_non_null(a);
     assert_int_equal(o.calls, 0);
     loop_run(loop); /* returns when nothing is registered any more */
     assert_int_equal(o.calls, 1);
+    imap_append_free(a);
     assert_int_equal(loop_fd_count(loop), 0);
     assert_int_equal(loop_timer_count(loop), 0);
     loop_free(loop);
@@ -421,6 +423,7 @@ static void test_concurrent(void **state)
     struct sockaddr_in sin[N];
     imap_account_t acct[N];
     outcome_t o[N];
+    imap_append_t *h[N];
     char *msg[N];
     for (int i = 0; i < N; i++) {
         job_t j = { "127.0.0.1", i % 2 ? E.imap_port : E.imaps_port, i % 2 ? IMAP_TLS_STARTTLS : IMAP_TLS_IMAPS,
@@ -428,9 +431,11 @@ static void test_concurrent(void **state)
         account_for(&j, &acct[i], &sin[i]);
         msg[i] = make_message(E.user[0], "concurrent");
         memset(&o[i], 0, sizeof(o[i]));
-        assert_non_null(imap_append_start(loop, &acct[i], msg[i], strlen(msg[i]), on_done, &o[i]));
+        assert_non_null(h[i] = imap_append_start(loop, &acct[i], msg[i], strlen(msg[i]), on_done, &o[i]));
     }
     loop_run(loop);
+    for (int i = 0; i < N; i++)
+        imap_append_free(h[i]);
     assert_int_equal(loop_fd_count(loop), 0);
     assert_int_equal(loop_timer_count(loop), 0);
     loop_free(loop);
@@ -533,13 +538,15 @@ static void test_pool_five_appends(void **state)
     for (int i = 0; i < N; i++) {
         msg[i] = make_message(E.user[1], "pooled");
         memset(&o[i], 0, sizeof(o[i]));
-        assert_non_null(imap_append_start(loop, &p.acct, msg[i], strlen(msg[i]), on_done, &o[i]));
+        imap_append_t *h = imap_append_start(loop, &p.acct, msg[i], strlen(msg[i]), on_done, &o[i]);
+        assert_non_null(h);
         assert_int_equal(o[i].calls, 0);
         /* until the callback: the parked session keeps an fd and a timer, so
          * loop_run() would not return by itself */
         for (int k = 0; o[i].calls == 0 && k < 2000; k++)
             loop_run_once(loop, 50);
         assert_int_equal(o[i].calls, 1);
+        imap_append_free(h);
         expect_ok(&o[i]);
         assert_int_equal(o[i].res.reused, i > 0);
         assert_int_equal(o[i].res.connections, i == 0 ? 1u : 0u);
@@ -576,17 +583,20 @@ static void test_pool_multiappend(void **state)
     pooled_start(&p, &lim);
     loop_t *loop = p.loop;
     outcome_t o[N];
+    imap_append_t *h[N];
     char *msg[N];
     for (int i = 0; i < N; i++) {
         char tag[32];
         snprintf(tag, sizeof(tag), "batch-%d", i);
         msg[i] = make_message(E.user[1], tag);
         memset(&o[i], 0, sizeof(o[i]));
-        assert_non_null(imap_append_start(loop, &p.acct, msg[i], strlen(msg[i]), on_done, &o[i]));
+        assert_non_null(h[i] = imap_append_start(loop, &p.acct, msg[i], strlen(msg[i]), on_done, &o[i]));
     }
     for (int i = 0; i < N; i++)
         for (int k = 0; o[i].calls == 0 && k < 2000; k++)
             loop_run_once(loop, 50);
+    for (int i = 0; i < N; i++)
+        imap_append_free(h[i]);
     for (int i = 0; i < N; i++) {
         assert_int_equal(o[i].calls, 1);
         expect_ok(&o[i]);
@@ -674,7 +684,7 @@ static void test_pool_churn(void **state)
         if ((seed >> 33) % 4 == 0 && started > 0) {
             unsigned i = (unsigned)((seed >> 40) % started);
             if (!cancelled[i] && o[i].calls == 0) {
-                imap_append_cancel(h[i]);
+                imap_append_free(h[i]);
                 cancelled[i] = 1;
             }
         }
@@ -710,6 +720,9 @@ static void test_pool_churn(void **state)
                   siblings, st.opened, st.waited, st.reused, st.batches);
     assert_true(st.waited > 0); /* the cap was reached */
     assert_int_equal(st.waiting, 0);
+    for (unsigned i = 0; i < started; i++)
+        if (!cancelled[i])
+            imap_append_free(h[i]);
     pooled_end(&p, 50);
     free(msg);
 }

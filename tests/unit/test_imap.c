@@ -730,7 +730,7 @@ static outcome_t run_script(const step_t *steps, size_t nsteps, const run_opts_t
         while (loop_update_time(loop) - start < (uint64_t)opt->cancel_after_ms)
             loop_run_once(loop, 10);
         assert_int_equal(o.calls, 0);
-        imap_append_cancel(a);
+        imap_append_free(a);
         uint64_t s2 = loop_update_time(loop);
         while (f.c[0].conn != NULL && loop_update_time(loop) - s2 < 5000)
             loop_run_once(loop, 50);
@@ -746,6 +746,7 @@ static outcome_t run_script(const step_t *steps, size_t nsteps, const run_opts_t
             loop_run_once(loop, 10);
         assert_int_equal(o.calls, 1);
         fake_check(&f);
+        imap_append_free(a);
     }
     fake_stop(&f);
     assert_int_equal(loop_fd_count(loop), 0);
@@ -1135,11 +1136,13 @@ static void test_connect_refused(void **state)
                             .tls = IMAP_TLS_NONE, .user = "u", .password = "p", .timeout_ms = 2000 };
     outcome_t o;
     memset(&o, 0, sizeof(o));
-    assert_non_null(imap_append_start(loop, &acct, MSG, strlen(MSG), on_done, &o));
+    imap_append_t *a = imap_append_start(loop, &acct, MSG, strlen(MSG), on_done, &o);
+    assert_non_null(a);
     assert_int_equal(o.calls, 0);
     loop_run(loop);
     assert_int_equal(o.calls, 1);
     assert_int_equal(o.res.status, IMAP_ENETWORK);
+    imap_append_free(a);
     assert_int_equal(loop_fd_count(loop), 0);
     assert_int_equal(loop_timer_count(loop), 0);
     loop_free(loop);
@@ -1163,11 +1166,13 @@ static void test_bad_arguments(void **state)
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         outcome_t o;
         memset(&o, 0, sizeof(o));
-        assert_non_null(imap_append_start(loop, &cases[i].acct, MSG, strlen(MSG), on_done, &o));
+        imap_append_t *h = imap_append_start(loop, &cases[i].acct, MSG, strlen(MSG), on_done, &o);
+        assert_non_null(h);
         assert_int_equal(o.calls, 0);
         loop_run(loop);
         assert_int_equal(o.calls, 1);
         assert_int_equal(o.res.status, cases[i].status);
+        imap_append_free(h);
     }
     assert_null(imap_append_start(loop, &cases[0].acct, MSG, strlen(MSG), NULL, NULL));
     assert_null(imap_append_start(NULL, &cases[0].acct, MSG, strlen(MSG), on_done, NULL));
@@ -1175,8 +1180,8 @@ static void test_bad_arguments(void **state)
     outcome_t o;
     memset(&o, 0, sizeof(o));
     imap_append_t *a = imap_append_start(loop, &cases[0].acct, MSG, strlen(MSG), on_done, &o);
-    imap_append_cancel(a);
-    imap_append_cancel(NULL);
+    imap_append_free(a);
+    imap_append_free(NULL);
     loop_run(loop);
     assert_int_equal(o.calls, 0);
     assert_int_equal(loop_fd_count(loop), 0);
@@ -1259,9 +1264,11 @@ static outcome_t penv_append(penv_t *e, const char *user)
     imap_account_t acct = penv_acct(e, user);
     outcome_t o;
     memset(&o, 0, sizeof(o));
-    assert_non_null(imap_append_start(e->loop, &acct, MSG, strlen(MSG), on_done, &o));
+    imap_append_t *a = imap_append_start(e->loop, &acct, MSG, strlen(MSG), on_done, &o);
+    assert_non_null(a);
     assert_int_equal(o.calls, 0); /* never synchronous, reused or not */
     penv_wait_calls(e, &o, 1);
+    imap_append_free(a);
     return o;
 }
 
@@ -1587,7 +1594,7 @@ static void test_pool_cancel(void **state)
     assert_non_null(a);
     penv_run_ms(&e, 100);
     assert_int_equal(e.f.c[0].cur, 5); /* the APPEND arrived */
-    imap_append_cancel(a);
+    imap_append_free(a);
     penv_wait_closed(&e, 0);
     penv_run_ms(&e, 30);
     assert_int_equal(o2.calls, 0);
@@ -1622,10 +1629,14 @@ static void test_pool_concurrent_and_free(void **state)
     outcome_t o1, o2;
     memset(&o1, 0, sizeof(o1));
     memset(&o2, 0, sizeof(o2));
-    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1));
-    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2));
+    imap_append_t *h1 = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1);
+    imap_append_t *h2 = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2);
+    assert_non_null(h1);
+    assert_non_null(h2);
     penv_wait_calls(&e, &o1, 1);
     penv_wait_calls(&e, &o2, 1);
+    imap_append_free(h1);
+    imap_append_free(h2);
     penv_run_ms(&e, 50);
     assert_int_equal(o1.res.status, IMAP_OK);
     assert_int_equal(o2.res.status, IMAP_OK);
@@ -1658,13 +1669,16 @@ static void test_pool_cap_queues(void **state)
     penv_start(&e, sc, 1, &lim);
     imap_account_t acct = penv_acct(&e, "alice@test.example");
     outcome_t o[3];
+    imap_append_t *h[3];
     memset(o, 0, sizeof(o));
     for (int i = 0; i < 3; i++)
-        assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o[i]));
+        assert_non_null(h[i] = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o[i]));
     imap_pool_stats_t st = penv_stats(&e);
     assert_int_equal(st.waiting, 2);
     for (int i = 0; i < 3; i++)
         penv_wait_calls(&e, &o[i], 1);
+    for (int i = 0; i < 3; i++)
+        imap_append_free(h[i]);
     for (int i = 0; i < 3; i++) {
         assert_int_equal(o[i].res.status, IMAP_OK);
         assert_int_equal(o[i].res.uid, (unsigned)i + 1); /* first come, first served */
@@ -1702,12 +1716,14 @@ static void test_pool_wait_timeout_and_cancel(void **state)
     memset(&o1, 0, sizeof(o1));
     memset(&o2, 0, sizeof(o2));
     memset(&o3, 0, sizeof(o3));
-    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1));
-    assert_non_null(imap_append_start(e.loop, &hasty, MSG, strlen(MSG), on_done, &o2));
+    imap_append_t *h1 = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1);
+    imap_append_t *h2 = imap_append_start(e.loop, &hasty, MSG, strlen(MSG), on_done, &o2);
+    assert_non_null(h1);
+    assert_non_null(h2);
     imap_append_t *h3 = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o3);
     assert_non_null(h3);
     assert_int_equal(penv_stats(&e).waiting, 2);
-    imap_append_cancel(h3);
+    imap_append_free(h3);
     assert_int_equal(penv_stats(&e).waiting, 1);
     penv_wait_calls(&e, &o2, 1);
     assert_int_equal(o2.res.status, IMAP_ETIMEOUT);
@@ -1717,6 +1733,8 @@ static void test_pool_wait_timeout_and_cancel(void **state)
     assert_int_equal(o1.res.status, IMAP_OK);
     penv_run_ms(&e, 30);
     assert_int_equal(o3.calls, 0);
+    imap_append_free(h1);
+    imap_append_free(h2);
     imap_pool_stats_t st = penv_stats(&e);
     assert_int_equal(st.waited, 2);
     assert_int_equal(st.waiting, 0);
@@ -1748,14 +1766,16 @@ static void test_pool_cancel_served_waiter(void **state)
     outcome_t o1, o2;
     memset(&o1, 0, sizeof(o1));
     memset(&o2, 0, sizeof(o2));
-    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1));
+    imap_append_t *h1 = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1);
+    assert_non_null(h1);
     imap_append_t *h2 = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2);
     assert_non_null(h2);
     penv_wait_calls(&e, &o1, 1);
+    imap_append_free(h1);
     assert_int_equal(o1.res.status, IMAP_OK);
     penv_run_ms(&e, 100);
     assert_int_equal(e.f.c[0].cur, 5); /* the queued append's APPEND arrived on the parked session */
-    imap_append_cancel(h2);
+    imap_append_free(h2);
     penv_wait_closed(&e, 0);
     outcome_t o3 = penv_append(&e, "alice@test.example");
     assert_int_equal(o3.res.status, IMAP_OK);
@@ -1849,8 +1869,10 @@ static void test_pool_check_on_reused(void **state)
     acct.check_message_id = "<m1@test.example>";
     outcome_t o2;
     memset(&o2, 0, sizeof(o2));
-    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2));
+    imap_append_t *h2 = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2);
+    assert_non_null(h2);
     penv_wait_calls(&e, &o2, 1);
+    imap_append_free(h2);
     assert_int_equal(o2.res.status, IMAP_OK);
     assert_int_equal(o2.res.already_stored, 1);
     assert_int_equal(o2.res.uid, 1);
@@ -1935,12 +1957,16 @@ static outcome_t eof_after_append(const step_t *c1, size_t n1, imap_pool_stats_t
     outcome_t o1, o2;
     memset(&o1, 0, sizeof(o1));
     memset(&o2, 0, sizeof(o2));
-    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1));
+    imap_append_t *h1 = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o1);
+    assert_non_null(h1);
     penv_wait_calls(&e, &o1, 1);
+    imap_append_free(h1);
     assert_int_equal(o1.res.status, IMAP_OK);
     assert_int_equal(o1.res.already_stored, 0); /* no search on a first try */
-    assert_non_null(imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2));
+    imap_append_t *h2 = imap_append_start(e.loop, &acct, MSG, strlen(MSG), on_done, &o2);
+    assert_non_null(h2);
     penv_wait_calls(&e, &o2, 1);
+    imap_append_free(h2);
     if (o2.res.status != IMAP_OK)
         fail_msg("ambiguous close reported: %s", o2.res.error);
     *st = penv_stats(&e);
@@ -2037,15 +2063,18 @@ static void test_pool_multiappend(void **state)
     penv_t e;
     penv_start(&e, sc, 1, &lim);
     outcome_t o[4];
+    imap_append_t *h[4];
     memset(o, 0, sizeof(o));
     for (int i = 0; i < 4; i++) {
         imap_account_t acct = penv_acct(&e, "alice@test.example");
         if (i == 2)
             acct.check_message_id = "<m3@test.example>";
-        assert_non_null(imap_append_start(e.loop, &acct, BODIES[i], strlen(BODIES[i]), on_done, &o[i]));
+        assert_non_null(h[i] = imap_append_start(e.loop, &acct, BODIES[i], strlen(BODIES[i]), on_done, &o[i]));
     }
     for (int i = 0; i < 4; i++)
         penv_wait_calls(&e, &o[i], 1);
+    for (int i = 0; i < 4; i++)
+        imap_append_free(h[i]);
     const unsigned uid[] = { 1, 2, 4, 3 }, batched[] = { 0, 2, 0, 2 };
     for (int i = 0; i < 4; i++) {
         if (o[i].res.status != IMAP_OK)
@@ -2085,11 +2114,14 @@ static void test_pool_multiappend_failures(void **state)
         penv_start(&e, sc, 1, &lim);
         imap_account_t acct = penv_acct(&e, "alice@test.example");
         outcome_t o[3];
+        imap_append_t *h[3];
         memset(o, 0, sizeof(o));
         for (int i = 0; i < 3; i++)
-            assert_non_null(imap_append_start(e.loop, &acct, BODIES[i], strlen(BODIES[i]), on_done, &o[i]));
+            assert_non_null(h[i] = imap_append_start(e.loop, &acct, BODIES[i], strlen(BODIES[i]), on_done, &o[i]));
         for (int i = 0; i < 3; i++)
             penv_wait_calls(&e, &o[i], 1);
+        for (int i = 0; i < 3; i++)
+            imap_append_free(h[i]);
         assert_int_equal(o[0].res.status, IMAP_OK);
         for (int i = 1; i < 3; i++) {
             assert_int_equal(o[i].res.status, want[k]);
@@ -2149,7 +2181,7 @@ static void test_pool_multiappend_cancel(void **state)
         penv_run_ms(&e, 100); /* the batch is sent (or waits for "+") */
         assert_int_equal(penv_stats(&e).batches, 1);
         uint64_t t0 = loop_update_time(e.loop);
-        imap_append_cancel(h[1]);
+        imap_append_free(h[1]);
         penv_wait_calls(&e, &o[2], 1);
         if (sent) {
             assert_int_equal(o[2].res.status, IMAP_OK);
@@ -2160,8 +2192,58 @@ static void test_pool_multiappend_cancel(void **state)
         }
         penv_run_ms(&e, 50);
         assert_int_equal(o[1].calls, 0);
+        imap_append_free(h[0]);
+        imap_append_free(h[2]);
         penv_end(&e);
     }
+}
+
+/* Each caller frees its own handle from inside its callback: the first
+ * (alone, on the fresh connection, which is parked after its callback) and
+ * the two that went together in one MULTIAPPEND. The result stays valid
+ * for the rest of the call; the handles are gone afterwards (ASan). */
+typedef struct self_free {
+    outcome_t      o;
+    imap_append_t *h;
+} self_free_t;
+
+static void on_done_free(void *arg, const imap_append_result_t *res)
+{
+    self_free_t *sf = arg;
+    on_done(&sf->o, res);
+    imap_append_free(sf->h);
+    assert_int_equal(res->uid, sf->o.res.uid); /* still valid after the free */
+}
+
+static void test_free_in_callback(void **state)
+{
+    char a3[1024], a4[2048];
+    const int first[] = { 0 }, pair[] = { 1, 2 };
+    const step_t c0[] = {
+        P_OPEN_MA("alice@test.example"),
+        { multi_cmd(a3, sizeof(a3), "A3", first, 1), "A3 OK [APPENDUID 77 1] done\r\n", 0, 0 },
+        { multi_cmd(a4, sizeof(a4), "A4", pair, 2), "A4 OK [APPENDUID 77 2:3] done\r\n", 0, 0 },
+        { "A5 LOGOUT\r\n", "A5 OK\r\n", 0, 1 },
+    };
+    const script_t sc[] = { { c0, NSTEPS(c0) } };
+    imap_pool_limits_t lim = { .max_conns_per_account = 1 };
+    penv_t e;
+    penv_start(&e, sc, 1, &lim);
+    imap_account_t acct = penv_acct(&e, "alice@test.example");
+    self_free_t sf[3];
+    memset(sf, 0, sizeof(sf));
+    for (int i = 0; i < 3; i++)
+        assert_non_null(sf[i].h =
+                            imap_append_start(e.loop, &acct, BODIES[i], strlen(BODIES[i]), on_done_free, &sf[i]));
+    for (int i = 0; i < 3; i++)
+        penv_wait_calls(&e, &sf[i].o, 1);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(sf[i].o.res.status, IMAP_OK);
+        assert_int_equal(sf[i].o.res.uid, (unsigned)i + 1);
+    }
+    assert_int_equal(penv_stats(&e).batches, 1);
+    assert_int_equal(penv_stats(&e).idle, 1);
+    penv_end(&e);
 }
 
 int main(void)
@@ -2222,6 +2304,7 @@ int main(void)
         cmocka_unit_test(test_pool_multiappend),
         cmocka_unit_test(test_pool_multiappend_failures),
         cmocka_unit_test(test_pool_multiappend_cancel),
+        cmocka_unit_test(test_free_in_callback),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
