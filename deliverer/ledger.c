@@ -20,10 +20,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/queue.h>
 
 #include "core/buf.h"
 #include "core/htable.h"
+#include "core/list.h"
 #include "core/loop.h"
 #include "core/util.h"
 

@@ -301,10 +301,8 @@ static void sweep_fired(loop_t *loop, loop_timer_t *t, void *arg)
     for (htable_node_t *n; (n = htable_iter_next(&it)) != NULL;) {
         pdest_t *d = HTABLE_ENTRY(n, pdest_t, node);
         pconn_t *c, *next;
-        /* glibc's sys/queue.h has no LIST_FOREACH_SAFE: next is taken
-         * first because evict() moves c to the closing list */
-        for (c = LIST_FIRST(&d->idle); c != NULL; c = next) {
-            next = LIST_NEXT(c, link);
+        /* evict() moves c to the closing list */
+        LIST_FOREACH_SAFE(c, &d->idle, link, next) {
             if (now - c->idle_since >= p->lim.max_idle_ms)
                 evict(p, c, "idle_time");
             else if (smtp_session_age_ms(c->s) >= p->lim.max_age_ms)

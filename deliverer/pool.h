@@ -34,8 +34,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/queue.h>
 
+#include "core/list.h"
 #include "core/loop.h"
 #include "deliverer/session.h"
 

@@ -15,9 +15,9 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <sys/queue.h>
 
 #include "core/htable.h"
+#include "core/list.h"
 #include "dns/mx.h"
 
 typedef struct dns_centry {

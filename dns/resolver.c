@@ -84,10 +84,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/queue.h>
 #include <time.h>
 
 #include "core/htable.h"
+#include "core/list.h"
 #include "core/log.h"
 #include "core/rclient.h"
 #include "core/util.h"

@@ -13,8 +13,8 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/queue.h>
 
+#include "core/list.h"
 #include "core/loop.h"
 #include "imap/conn.h"
 #include "imap/imap.h"

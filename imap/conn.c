@@ -52,6 +52,7 @@
 #include <string.h>
 #include <openssl/crypto.h>
 
+#include "core/base64.h"
 #include "core/buf.h"
 #include "core/log.h"
 #include "core/stream.h"
@@ -404,21 +405,6 @@ static void start_tls(imap_conn_t *c, imap_conn_state_t next)
     set_state(c, next);
 }
 
-static void b64_encode(buf_t *out, const unsigned char *p, size_t n)
-{
-    static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    for (size_t i = 0; i < n; i += 3) {
-        unsigned v = (unsigned)p[i] << 16;
-        if (i + 1 < n)
-            v |= (unsigned)p[i + 1] << 8;
-        if (i + 2 < n)
-            v |= p[i + 2];
-        char q[4] = { tab[(v >> 18) & 63], tab[(v >> 12) & 63], i + 1 < n ? tab[(v >> 6) & 63] : '=',
-                      i + 2 < n ? tab[v & 63] : '=' };
-        buf_append(out, q, 4);
-    }
-}
-
 static void send_login(imap_conn_t *c)
 {
     if (c->acct.tls != IMAP_TLS_NONE && !stream_is_tls(c->stream)) {
@@ -439,7 +425,7 @@ static void send_login(imap_conn_t *c)
         buf_puts(&raw, c->acct.user);
         buf_putc(&raw, '\0');
         buf_puts(&raw, c->acct.password);
-        b64_encode(&b64, (const unsigned char *)raw.data, raw.len);
+        base64_encode(&b64, raw.data, raw.len);
         cmd_begin(c, "AUTHENTICATE PLAIN", 1);
         if (c->caps & IMAP_CAP_SASL_IR) {
             cmd_text(c, " ");

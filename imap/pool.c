@@ -49,9 +49,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/queue.h>
 
 #include "core/buf.h"
+#include "core/list.h"
 #include "core/log.h"
 #include "core/util.h"
 

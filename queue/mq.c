@@ -52,10 +52,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/queue.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
+#include "core/list.h"
 #include "core/log.h"
 #include "core/util.h"
 
