@@ -77,6 +77,15 @@ static void fill_random(void *p, size_t n)
     }
 }
 
+void util_copy_text(char *dst, size_t cap, const char *src)
+{
+    size_t n = strlen(src);
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
 uint64_t util_rand64(void)
 {
     uint64_t v;

@@ -23,6 +23,8 @@ char *xstrndup(const char *s, size_t n);
 
 /* A random RFC 4122 version 4 UUID, lower-case, 36 characters + NUL. */
 void util_uuid(char out[37]);
+/* Copy src into dst (cap > 0 bytes), cut to fit, always terminated. */
+void util_copy_text(char *dst, size_t cap, const char *src);
 /* A random 64-bit id (session ids, correlation). */
 uint64_t util_rand64(void);
 /* A uniform random number in [0, 1): jitter for backoffs. */

@@ -128,15 +128,6 @@ struct deliver {
     int                    in_cb;
 };
 
-static void copy_text(char *dst, size_t cap, const char *src)
-{
-    size_t n = strlen(src);
-    if (n >= cap)
-        n = cap - 1;
-    memcpy(dst, src, n);
-    dst[n] = '\0';
-}
-
 /* No CR/LF/controls (command injection), no angle brackets (they would
  * end the path early). Quoted local parts with spaces stay possible. */
 static int address_ok(const char *a, int empty_ok)
@@ -402,7 +393,7 @@ int deliver_relay_candidates(const char *hostport, unsigned short default_port, 
     for (struct addrinfo *a = res; a; a = a->ai_next) {
         if (a->ai_addrlen > sizeof(c[k].addr))
             continue;
-        copy_text(c[k].host, sizeof(c[k].host), host);
+        util_copy_text(c[k].host, sizeof(c[k].host), host);
         memcpy(&c[k].addr, a->ai_addr, a->ai_addrlen);
         c[k].addrlen = a->ai_addrlen;
         k++;
@@ -526,8 +517,8 @@ static void settle(deliver_t *d, size_t i, int code, const char *enh, const char
     deliver_rcpt_result_t *r = &d->results[i];
     r->outcome = outcome_classify(code, enh, text, &r->reason);
     r->code = code;
-    copy_text(r->enh, sizeof(r->enh), enh ? enh : "");
-    copy_text(r->text, sizeof(r->text), text ? text : "");
+    util_copy_text(r->enh, sizeof(r->enh), enh ? enh : "");
+    util_copy_text(r->text, sizeof(r->text), text ? text : "");
     d->settled[i] = 1;
 }
 
@@ -566,11 +557,11 @@ static void finish(deliver_t *d)
         if (!d->tried_any && d->skipped_down) {
             r->outcome = outcome_for_error(OUTCOME_ERR_NETWORK, &r->reason);
             r->code = 0;
-            copy_text(r->text, sizeof(r->text), d->down_why);
+            util_copy_text(r->text, sizeof(r->text), d->down_why);
         } else if (!d->tried_any) {
             r->outcome = outcome_for_error(OUTCOME_ERR_DNS, &r->reason);
             r->code = 0;
-            copy_text(r->text, sizeof(r->text), "no MX candidate to try");
+            util_copy_text(r->text, sizeof(r->text), "no MX candidate to try");
         } else if ((d->last_status == SMTP_EREJECTED && d->last_has_reply) || d->spoke) {
             /* a server spoke, but about the session, not this recipient:
              * keep its words, try again later (Postfix skips 5xx greetings
@@ -584,7 +575,7 @@ static void finish(deliver_t *d)
             r->outcome = outcome_for_error(error_kind(d->last_status), &r->reason);
             r->code = 0;
             r->enh[0] = '\0';
-            copy_text(r->text, sizeof(r->text), d->last_error[0] ? d->last_error : "no answer");
+            util_copy_text(r->text, sizeof(r->text), d->last_error[0] ? d->last_error : "no answer");
         }
         d->settled[i] = 1;
     }
@@ -761,7 +752,7 @@ static void on_pool(void *arg, int how, smtp_session_t *s)
     if (how == 0) {
         /* the context is going away */
         d->last_status = SMTP_ENETWORK;
-        copy_text(d->last_error, sizeof(d->last_error), "delivery context shut down");
+        util_copy_text(d->last_error, sizeof(d->last_error), "delivery context shut down");
         finish(d);
         return;
     }
@@ -779,7 +770,7 @@ static void on_pool(void *arg, int how, smtp_session_t *s)
         d->res.attempts_made--;
         d->tried_any = d->res.attempts_made > 0;
         d->last_status = SMTP_ENETWORK;
-        copy_text(d->last_error, sizeof(d->last_error), down.why);
+        util_copy_text(d->last_error, sizeof(d->last_error), down.why);
         try_next(d);
         return;
     }
@@ -841,7 +832,7 @@ static void try_next(deliver_t *d)
         d->cur = d->next++;
         if (collect_open(d) == 0)
             break;
-        copy_text(d->res.mx_host, sizeof(d->res.mx_host), c->host);
+        util_copy_text(d->res.mx_host, sizeof(d->res.mx_host), c->host);
         smtp_addr_text((const struct sockaddr *)&c->addr, d->res.mx_addr, sizeof(d->res.mx_addr));
         d->res.tls_version = NULL;
         d->res.tls_cipher = NULL;
@@ -925,7 +916,7 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
         d->spoke = 1;
         d->spoke_reply = sr->reply;
     }
-    copy_text(d->last_error, sizeof(d->last_error), sr->error);
+    util_copy_text(d->last_error, sizeof(d->last_error), sr->error);
 
     size_t left = 0;
     for (size_t i = 0; i < d->nrcpts; i++)
@@ -1026,7 +1017,7 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
             settle(d, i, 0, "", "");
             d->results[i].outcome = OUTCOME_PERMANENT;
             d->results[i].reason = OUTCOME_R_OTHER;
-            copy_text(d->results[i].text, sizeof(d->results[i].text),
+            util_copy_text(d->results[i].text, sizeof(d->results[i].text),
                       from_ok ? "invalid recipient address" : "invalid sender address");
         }
     }
@@ -1074,7 +1065,7 @@ deliver_candidate_t *deliver_candidates_from_mx(const dns_mx_result_t *mx, unsig
     for (size_t h = 0; h < hosts; h++) {
         const dns_mx_host_t *mh = &mx->hosts[h];
         for (size_t a = 0; a < mh->naddrs; a++) {
-            copy_text(c[k].host, sizeof(c[k].host), mh->name ? mh->name : "");
+            util_copy_text(c[k].host, sizeof(c[k].host), mh->name ? mh->name : "");
             c[k].pref = mh->pref;
             c[k].addr = mh->addrs[a];
             c[k].addrlen = mh->addrs[a].ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)

@@ -319,19 +319,10 @@ static const char *state_doing(const smtp_session_t *s)
     return state_info[s->state].doing;
 }
 
-static void copy_text(char *dst, size_t cap, const char *src)
-{
-    size_t n = strlen(src);
-    if (n >= cap)
-        n = cap - 1;
-    memcpy(dst, src, n);
-    dst[n] = '\0';
-}
-
 /* For the log line: reply text without double quotes. */
 static void quote_safe(char *dst, size_t cap, const char *src)
 {
-    copy_text(dst, cap, src);
+    util_copy_text(dst, cap, src);
     for (char *p = dst; *p; p++)
         if (*p == '"' || *p == '\\')
             *p = '\'';
@@ -443,8 +434,8 @@ static void session_rejected(smtp_session_t *s, const smtp_reply_t *r)
 static void set_rcpt_reply(smtp_rcpt_reply_t *rr, int code, const char *enh, const char *text, int final)
 {
     rr->code = code;
-    copy_text(rr->enh, sizeof(rr->enh), enh);
-    copy_text(rr->text, sizeof(rr->text), text);
+    util_copy_text(rr->enh, sizeof(rr->enh), enh);
+    util_copy_text(rr->text, sizeof(rr->text), text);
     rr->final = final;
 }
 
@@ -1259,7 +1250,7 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
     if (s->p.mail_from == NULL)
         s->p.mail_from = "";
     if (params->mx_host) {
-        copy_text(s->mx_host, sizeof(s->mx_host), params->mx_host);
+        util_copy_text(s->mx_host, sizeof(s->mx_host), params->mx_host);
         s->p.mx_host = s->mx_host;
     }
     if (params->addr && params->addrlen <= sizeof(s->addr)) {
