@@ -129,7 +129,7 @@ static void leg_on_mx(void *arg, const dns_mx_result_t *mx)
     domain_leg_t *leg = arg;
     leg->dns_id = 0;
     if (mx->status != DNS_OK) {
-        char text[320];
+        char text[256];
         snprintf(text, sizeof(text), "%s: %s", leg->req.name, dns_strerror(mx->status));
         leg_fail(leg, dns_status_is_permanent(mx->status) ? OUTCOME_PERMANENT : OUTCOME_TRANSIENT,
                  OUTCOME_R_DNS, text);
@@ -149,6 +149,9 @@ static void leg_on_throttle(void *arg, const throttle_answer_t *ans)
 {
     domain_leg_t *leg = arg;
     int64_t wait = ans->wait_ms;
+    if (ans->local_fallback)
+        log_debug("domain", "rate_limit_local", "msg=%s domain=%s rule=%s (Redis did not answer)",
+                  leg->req.msg_id, leg->req.name, ans->rule);
     if (wait <= 0) {
         leg_smtp(leg);
         return;
@@ -200,6 +203,8 @@ static int leg_worth_fast_retry(const deliver_result_t *res)
 static void leg_on_delivered(void *arg, const deliver_result_t *res)
 {
     domain_leg_t *leg = arg;
+    if (leg->state != LEG_SMTP)
+        return; /* cannot happen: deliver reports once, and only while the leg waits for it */
     leg->dl = NULL;
     if (leg->mark_op) {
         /* a transaction ended while held (timeout, lost connection): its
@@ -212,8 +217,8 @@ static void leg_on_delivered(void *arg, const deliver_result_t *res)
      * delivers these recipients later (a fast retry, a retry level) may
      * be a second copy */
     for (size_t i = 0; i < res->nrcpts && i < leg->req.nrcpts; i++)
-        if (res->rcpts[i].maybe_sent)
-            leg->res[i].maybe_sent = 1;
+        if (res->rcpts[i].maybe_sent && leg->req.cut)
+            leg->req.cut(leg->req.arg, i);
     metrics_inc(MET_SMTP_SESSIONS, res->connections); /* new connections, not pooled reuses */
     metrics_inc(MET_SMTP_SESSIONS_REUSED, res->reused);
     metrics_inc(MET_TLS_FULL_HANDSHAKES, res->tls_full);
@@ -310,8 +315,12 @@ domain_leg_t *domain_start(const domain_services_t *svc, const domain_request_t 
     leg->req = *req;
     leg->res = xcalloc(req->nrcpts ? req->nrcpts : 1, sizeof(*leg->res));
     loop_timer_init(&leg->timer, leg_on_timer, leg);
+    for (size_t i = 0; i < req->nrcpts; i++) { /* what a result the leg never got says */
+        leg->res[i].outcome = OUTCOME_TRANSIENT;
+        leg->res[i].reason = OUTCOME_R_OTHER;
+        snprintf(leg->res[i].text, sizeof(leg->res[i].text), "no result");
+    }
     if (svc->dcfg->nrelay > 0) { /* relay mode: no MX lookup */
-        leg->state = LEG_THROTTLE;
         leg_throttle(leg);
         return leg;
     }

@@ -54,9 +54,6 @@ typedef struct domain_rcpt_result {
     int              code;      /* 0: no server answered (text says why) */
     char             enh[16];
     char             text[512];
-    int              maybe_sent;/* some transaction of the leg (a fast retry's too) was cut
-                                 * between its final dot and the reply: the server may
-                                 * have it, whatever the outcome says */
 } domain_rcpt_result_t;
 
 typedef struct domain_result {
@@ -79,6 +76,12 @@ typedef void (*domain_done_cb)(void *arg, const domain_result_t *res);
  * confirm the outcome is gone. */
 typedef int (*domain_gate_cb)(void *arg, const char **why);
 
+/* A transaction of the leg (a fast retry's too) was cut between its
+ * final dot and the reply: the server may have the message for request
+ * recipient k, whatever its outcome will say. Called as soon as that
+ * attempt returns, once per recipient and cut. */
+typedef void (*domain_cut_cb)(void *arg, size_t k);
+
 typedef struct domain_request {
     const char        *name;         /* the recipient domain; borrowed */
     const char        *msg_id;       /* ledger key and log lines; borrowed */
@@ -94,6 +97,7 @@ typedef struct domain_request {
     unsigned           fast_retries; /* fast retries allowed within this attempt */
     uint64_t           fast_base_ms;
     domain_gate_cb     gate;
+    domain_cut_cb      cut;
     domain_done_cb     done;
     void              *arg;
 } domain_request_t;
@@ -101,8 +105,10 @@ typedef struct domain_request {
 typedef struct domain_leg domain_leg_t;
 
 /* Start the leg. Everything req points to must outlive the leg. done
- * fires exactly once, never from inside domain_start(), unless
- * domain_free() comes first. Never NULL. */
+ * fires exactly once, unless domain_free() comes first, and always from
+ * the loop: a leg that ends without a delivery result (DNS, gate, rate
+ * limit) reports from a zero-delay timer, so never from inside
+ * domain_start(). Never NULL. */
 domain_leg_t *domain_start(const domain_services_t *svc, const domain_request_t *req);
 
 /* 1 once the leg's gate let it go on to SMTP. */

@@ -460,6 +460,16 @@ static int job_gate(void *arg, const char **why)
     return 1;
 }
 
+/* Cut between the final dot and its reply: whichever attempt delivers
+ * this recipient later (a fast retry, a retry level) may be a second
+ * copy; RECORD keeps its "sending" mark. */
+static void job_on_leg_cut(void *arg, size_t k)
+{
+    job_domain_t *d = arg;
+    if (k < d->n)
+        job_flag_possible_dup(&d->job->rcpts[d->idx[k]]);
+}
+
 static void job_on_leg_done(void *arg, const domain_result_t *res)
 {
     job_domain_t *d = arg;
@@ -471,8 +481,6 @@ static void job_on_leg_done(void *arg, const domain_result_t *res)
     for (size_t k = 0; k < res->nrcpts && k < d->n; k++) {
         const domain_rcpt_result_t *rr = &res->rcpts[k];
         job_rcpt_t *r = &j->rcpts[d->idx[k]];
-        if (rr->maybe_sent)
-            job_flag_possible_dup(r);
         rcpt_set(r, rr->outcome, rr->reason, rr->code, rr->enh, rr->text);
     }
     if (res->throttle_wait_ms > j->throttle_ms)
@@ -524,6 +532,7 @@ static void job_enter_domains(job_t *j)
             .fast_retries = rc->fast_retries,
             .fast_base_ms = rc->fast_base_ms,
             .gate = job_gate,
+            .cut = job_on_leg_cut,
             .done = job_on_leg_done,
             .arg = d,
         };
