@@ -275,6 +275,8 @@ static const key_def_t keys[] = {
       "P2: fast retry delay base x 2^n, capped at 3 s, +-15 % jitter" },
     { "message", "max_size", K_ULONG, F(message_max_size), "26214400", 0, NULL,
       "bytes; larger built messages are dead-lettered" },
+    { "message", "max_recipients", K_UINT, F(message_max_recipients), "10000", 0, NULL,
+      "recipients (to + cc + bcc) one message may name, 1 to 100000; more are dead-lettered" },
     { "dkim", "keys_file", K_STR, F(dkim_keys_file), "", 0, NULL,
       "lines `domain selector rsa-sha256|ed25519-sha256 key.pem`; empty = no signing" },
     { "dkim", "headers", K_STR, F(dkim_headers),
@@ -513,6 +515,11 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
     if (cfg->amqp_port == 0 || cfg->amqp_port > 65535 || cfg->smtp_port == 0 ||
         cfg->smtp_port > 65535 || cfg->imap_port == 0 || cfg->imap_port > 65535) {
         snprintf(err, errlen, "ports must be between 1 and 65535");
+        return -1;
+    }
+    if (cfg->message_max_recipients == 0 || cfg->message_max_recipients > 100000) {
+        /* a retry carries a bit per recipient in one AMQP header frame */
+        snprintf(err, errlen, "[message] max_recipients must be between 1 and 100000");
         return -1;
     }
     if (cfg->amqp_prefetch == 0 || cfg->amqp_prefetch > 65535) {

@@ -136,6 +136,7 @@ typedef struct mp_config {
     uint64_t retry_fast_base_ms[3];  /* base x 2^n, capped at 3 s, +-15 % jitter */
     /* [message] */
     unsigned long message_max_size;
+    unsigned message_max_recipients; /* to + cc + bcc per message */
     /* [dkim] */
     char    *dkim_keys_file;      /* "domain selector algorithm key.pem" lines; empty = no signing */
     char    *dkim_headers;        /* colon-separated signed header fields */

@@ -33,6 +33,7 @@ typedef struct mp_attachment {
 
 typedef struct message {
     char         *id;       /* mailpump message id: given or a generated UUID */
+    int           id_generated; /* the JSON had no "id": id is a UUID made by this parse */
     char         *trace_id; /* NULL if absent */
     mp_address_t  from;
     mp_address_t *to;  size_t nto;

@@ -6,7 +6,15 @@
  * what the next attempt must know travels beside it as x-mailpump-*
  * headers. This file is the only code that names them: the job reads an
  * envelope when a message arrives and writes one when it schedules a
- * retry; nothing else looks at those headers.
+ * retry or assigns an id; nothing else looks at those headers.
+ *
+ * The recipients still pending are a bit set over the message's own
+ * recipient list (to, cc, bcc in order, each address once: the order the
+ * job builds), not their addresses: every address the parser accepts is
+ * then unambiguous (a quoted local part may hold a comma), and 10,000
+ * recipients take 1,668 bytes, far inside the broker's frame. Retries
+ * written by earlier versions carry a comma-separated list instead; it
+ * is still read.
  *
  * Reading is forgiving (a missing or garbled header gives the value of a
  * first attempt): the headers come from the broker, and an application
@@ -18,38 +26,53 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/buf.h"
 #include "queue/mq.h"
 
 typedef struct envelope {
-    unsigned    attempt;       /* 1 for the first delivery attempt */
-    uint64_t    first_seen_ms; /* wall clock of the first consume */
-    const char *pending;       /* recipients still to deliver, comma-separated; NULL: every
-                                * recipient of the message (a first attempt) */
-    int         appended;      /* an earlier attempt stored the Sent copy */
-    int         append_needed; /* an earlier attempt delivered but could not store it */
-    int         append_only;   /* every recipient is settled: only the Sent copy is left */
+    unsigned       attempt;       /* 1 for the first delivery attempt */
+    uint64_t       first_seen_ms; /* wall clock of the first consume */
+    const char    *id;            /* the id assigned to a message that had none; NULL */
+    /* pending recipients: a bit per recipient (bit i of byte i / 8, low bit
+     * first), or the legacy list; neither: every recipient (a first attempt) */
+    unsigned char *pending_set;   /* owned by the envelope read; borrowed when writing */
+    size_t         pending_nbits;
+    const char    *pending_list;  /* legacy, comma-separated; read only */
+    int            appended;      /* an earlier attempt stored the Sent copy */
+    int            append_needed; /* an earlier attempt delivered but could not store it */
+    int            append_only;   /* every recipient is settled: only the Sent copy is left */
 } envelope_t;
 
-/* The envelope dv carries; pending points into dv. A first_seen_ms that
- * is missing, zero or in the future (another host's clock) becomes
- * now_wall_ms. */
+/* The envelope dv carries; id and pending_list point into dv. A
+ * first_seen_ms that is missing, zero or in the future (another host's
+ * clock) becomes now_wall_ms. Free with envelope_free(). */
 void envelope_read(const mq_delivery_t *dv, uint64_t now_wall_ms, envelope_t *out);
+/* What envelope_read() allocated. */
+void envelope_free(envelope_t *e);
 
-/* 1 when addr is one of e's pending recipients (case-insensitive), or
- * when e names none (every recipient is pending). */
-int envelope_is_pending(const envelope_t *e, const char *addr);
+/* 1 when recipient i (addr) is still pending: its bit, or its address in
+ * the legacy list (case-insensitive), or every recipient when the
+ * envelope names none. */
+int envelope_is_pending(const envelope_t *e, size_t i, const char *addr);
 
-/* The headers of a republish carrying e: out->hdr[0..out->n-1], pointing
- * into out and into e->pending (keep both alive until mq_publish()
- * returns; it copies them). */
-#define ENVELOPE_MAX_HEADERS 6
+/* Bit i of a pending set of nbits (see envelope_t). */
+static inline void envelope_set_bit(unsigned char *set, size_t i) { set[i / 8] |= (unsigned char)(1u << (i % 8)); }
+static inline size_t envelope_set_bytes(size_t nbits) { return (nbits + 7) / 8; }
+
+/* The headers of a republish carrying e (no pending set: every recipient
+ * is pending): out->hdr[0..out->n-1], pointing
+ * into out and into e (keep both alive until mq_publish() returns; it
+ * copies them). Release with envelope_headers_free(). */
+#define ENVELOPE_MAX_HEADERS 7
 typedef struct envelope_headers {
     mq_header_t hdr[ENVELOPE_MAX_HEADERS];
     size_t      n;
     char        attempt[16];
     char        first_seen[24];
+    buf_t       pending;
 } envelope_headers_t;
 void envelope_write(const envelope_t *e, envelope_headers_t *out);
+void envelope_headers_free(envelope_headers_t *h);
 
 /* The headers of a dead letter: why, and when (wall clock ms). */
 typedef struct envelope_dead {

@@ -38,8 +38,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <ctype.h>
+#include <openssl/evp.h>
 
 #include "core/buf.h"
+#include "core/htable.h"
 #include "core/log.h"
 #include "core/message.h"
 #include "core/util.h"
@@ -53,6 +56,8 @@
 
 enum job_state {
     JOB_INTAKE = 0,
+    JOB_ASSIGN,
+    JOB_IDENTITY,
     JOB_COUNT,
     JOB_LOOKUP,
     JOB_DOMAINS,
@@ -66,6 +71,7 @@ enum job_state {
 
 typedef struct job_rcpt {
     const char      *addr;   /* into the message */
+    size_t           index;  /* position in the message's recipient list (the envelope's bit) */
     size_t           domain; /* index into job->domains */
     outcome_t        outcome;
     outcome_reason_t reason;
@@ -78,7 +84,8 @@ typedef struct job_rcpt {
 
 typedef struct job_domain {
     job_t        *job;   /* the leg's callbacks find the job and the domain through this */
-    char         *name;
+    char         *name;  /* lower case */
+    htable_node_t node;  /* in job->domain_index */
     domain_leg_t *leg;
     const char  **rcpts; /* the leg's recipients (it borrows them) */
     size_t       *idx;   /* their indexes into job->rcpts */
@@ -102,10 +109,13 @@ struct job {
     size_t               nwire;
     buf_t                wire_copy; /* the dot-stuffed copy, only if raw is not all CRLF */
     unsigned             need;      /* SMTP_NEED_* of the envelope addresses */
-    job_rcpt_t          *rcpts;
+    job_rcpt_t          *rcpts;     /* pending recipients, in the message's order */
     size_t               nrcpts;
-    job_domain_t        *domains;
+    size_t               nlisted;   /* recipients of the message, each once, pending or not */
+    job_domain_t        *domains;   /* allocated once, room for a domain per recipient */
     size_t               ndomains;
+    htable_t             domain_index;
+    char                 digest[65]; /* SHA-256 of the body, hex: the message's identity check */
     size_t               legs_left;
     int                  smtp_started; /* a leg went on to SMTP: see job_survives_loss */
     uint64_t             ledger_op;    /* the ledger call of COUNT, LOOKUP or RECORD ("done") */
@@ -124,6 +134,8 @@ struct job {
 };
 
 static void job_enter_intake(job_t *j);
+static void job_enter_assign(job_t *j);
+static void job_enter_identity(job_t *j);
 static void job_enter_count(job_t *j);
 static void job_enter_lookup(job_t *j);
 static void job_enter_domains(job_t *j);
@@ -138,6 +150,8 @@ static const struct {
     void (*enter)(job_t *j);
 } job_states[JOB_STATE_LAST] = {
     [JOB_INTAKE] = { "intake", job_enter_intake },
+    [JOB_ASSIGN] = { "assign", job_enter_assign },
+    [JOB_IDENTITY] = { "identity", job_enter_identity },
     [JOB_COUNT] = { "count", job_enter_count },
     [JOB_LOOKUP] = { "lookup", job_enter_lookup },
     [JOB_DOMAINS] = { "domains", job_enter_domains },
@@ -157,12 +171,18 @@ static void job_next(job_t *j)
     case JOB_INTAKE:
         if (j->dead_reason[0])
             next = JOB_DEAD;
+        else if (j->msg->id_generated)
+            next = JOB_ASSIGN; /* no id: republished with one, then acked */
         else if (j->envelope.append_only)
             next = JOB_SENT_COPY; /* every recipient is settled: no SMTP resend */
         else if (j->ctx->svc.ledger == NULL)
             next = JOB_DOMAINS;
         else
-            next = j->dv->redelivered ? JOB_COUNT : JOB_LOOKUP;
+            next = JOB_IDENTITY;
+        break;
+    case JOB_ASSIGN: next = JOB_DONE; break;
+    case JOB_IDENTITY:
+        next = j->dead_reason[0] ? JOB_DEAD : j->dv->redelivered ? JOB_COUNT : JOB_LOOKUP;
         break;
     case JOB_COUNT: next = j->dead_reason[0] ? JOB_DEAD : JOB_LOOKUP; break;
     case JOB_LOOKUP: next = JOB_DOMAINS; break;
@@ -269,32 +289,69 @@ static void job_dead_letter(job_t *j, const char *fmt, ...)
 
 static size_t job_domain_index(job_t *j, const char *domain)
 {
-    for (size_t i = 0; i < j->ndomains; i++)
-        if (strcasecmp(j->domains[i].name, domain) == 0)
-            return i;
-    j->domains = xrealloc(j->domains, (j->ndomains + 1) * sizeof(job_domain_t));
-    memset(&j->domains[j->ndomains], 0, sizeof(job_domain_t));
-    j->domains[j->ndomains].name = xstrdup(domain);
+    char *name = xstrdup(domain);
+    for (char *c = name; *c; c++)
+        *c = (char)tolower((unsigned char)*c);
+    htable_node_t *n = htable_find_str(&j->domain_index, name);
+    if (n) {
+        free(name);
+        return (size_t)(HTABLE_ENTRY(n, job_domain_t, node) - j->domains);
+    }
+    job_domain_t *d = &j->domains[j->ndomains];
+    memset(d, 0, sizeof(*d));
+    d->name = name;
+    htable_insert_str(&j->domain_index, &d->node, d->name);
     return j->ndomains++;
 }
 
-/* Add recipients, once each; on a retry only those still pending. */
-static void job_add_rcpts(job_t *j, const mp_address_t *list, size_t n)
+/* The message's recipients, each address once (case-insensitive),
+ * whatever the headers list; of those, only the ones still pending on a
+ * retry. A recipient's position in the deduplicated list is its bit in
+ * the envelope. Linear: a message may name [message] max_recipients. */
+typedef struct job_listed {
+    htable_node_t node;
+    char         *key;
+} job_listed_t;
+
+static void job_collect_rcpts(job_t *j)
 {
-    for (size_t i = 0; i < n; i++) {
-        if (!envelope_is_pending(&j->envelope, list[i].addr))
-            continue;
-        int dup = 0;
-        for (size_t k = 0; k < j->nrcpts && !dup; k++)
-            dup = strcasecmp(j->rcpts[k].addr, list[i].addr) == 0;
-        if (dup)
-            continue; /* one copy per recipient, whatever the header lists */
-        j->rcpts = xrealloc(j->rcpts, (j->nrcpts + 1) * sizeof(job_rcpt_t));
-        job_rcpt_t *r = &j->rcpts[j->nrcpts++];
-        memset(r, 0, sizeof(*r));
-        r->addr = list[i].addr;
-        r->domain = job_domain_index(j, message_addr_domain(list[i].addr));
+    const message_t *m = j->msg;
+    const struct { const mp_address_t *a; size_t n; } lists[] = { { m->to, m->nto }, { m->cc, m->ncc },
+                                                                 { m->bcc, m->nbcc } };
+    size_t total = m->nto + m->ncc + m->nbcc;
+    job_listed_t *seen = xcalloc(total ? total : 1, sizeof(*seen));
+    htable_t index;
+    htable_init(&index, HTABLE_STR, total, NULL);
+    j->rcpts = xcalloc(total ? total : 1, sizeof(job_rcpt_t));
+    j->domains = xcalloc(total ? total : 1, sizeof(job_domain_t));
+    htable_init(&j->domain_index, HTABLE_STR, total, NULL);
+    size_t nseen = 0;
+    for (size_t l = 0; l < 3; l++) {
+        for (size_t i = 0; i < lists[l].n; i++) {
+            const char *addr = lists[l].a[i].addr;
+            job_listed_t *e = &seen[nseen];
+            e->key = xstrdup(addr);
+            for (char *c = e->key; *c; c++)
+                *c = (char)tolower((unsigned char)*c);
+            if (htable_find_str(&index, e->key)) {
+                free(e->key);
+                continue;
+            }
+            htable_insert_str(&index, &e->node, e->key);
+            size_t pos = nseen++;
+            if (!envelope_is_pending(&j->envelope, pos, addr))
+                continue;
+            job_rcpt_t *r = &j->rcpts[j->nrcpts++];
+            r->addr = addr;
+            r->index = pos;
+            r->domain = job_domain_index(j, message_addr_domain(addr));
+        }
     }
+    j->nlisted = nseen;
+    for (size_t i = 0; i < nseen; i++)
+        free(seen[i].key);
+    free(seen);
+    htable_fini(&index);
 }
 
 /* RFC 6531: a non-ASCII envelope address needs SMTPUTF8 (the MIME
@@ -343,6 +400,15 @@ static int job_build(job_t *j)
     return 0;
 }
 
+static void job_body_digest(job_t *j)
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int n = 0;
+    EVP_Digest(j->dv->body, j->dv->len, md, &n, EVP_sha256(), NULL);
+    for (unsigned i = 0; i < n && 2 * i + 2 < sizeof(j->digest); i++)
+        snprintf(j->digest + 2 * i, 3, "%02x", md[i]);
+}
+
 static void job_enter_intake(job_t *j)
 {
     mq_delivery_t *dv = j->dv;
@@ -354,13 +420,30 @@ static void job_enter_intake(job_t *j)
         return;
     }
     j->msg->priority = dv->priority;
+    job_body_digest(j);
+    if (j->msg->id_generated && j->envelope.id && msgjson_valid_id(j->envelope.id)) {
+        /* the id an earlier attempt assigned (JOB_ASSIGN) */
+        free(j->msg->id);
+        j->msg->id = xstrdup(j->envelope.id);
+        j->msg->id_generated = 0;
+    }
+    size_t named = j->msg->nto + j->msg->ncc + j->msg->nbcc;
+    unsigned most = j->ctx->env->cfg->message_max_recipients;
+    if (named > most) {
+        job_dead_letter(j, "too many recipients: %zu (at most %u per message, [message] max_recipients)", named,
+                        most);
+        job_next(j);
+        return;
+    }
+    if (j->msg->id_generated) {
+        job_next(j); /* JOB_ASSIGN: nothing is built for a message that is republished */
+        return;
+    }
     if (job_build(j) < 0) {
         job_next(j);
         return;
     }
-    job_add_rcpts(j, j->msg->to, j->msg->nto);
-    job_add_rcpts(j, j->msg->cc, j->msg->ncc);
-    job_add_rcpts(j, j->msg->bcc, j->msg->nbcc);
+    job_collect_rcpts(j);
     if (j->envelope.append_only) {
         log_info("job", "message_received", "tag=%llu msg=%s attempt=%u append_only=1",
                  (unsigned long long)dv->tag, j->msg->id, j->envelope.attempt);
@@ -379,6 +462,80 @@ static void job_enter_intake(job_t *j)
              (unsigned long long)dv->tag, j->msg->id, j->msg->trace_id ? j->msg->trace_id : "-", dv->priority,
              j->envelope.attempt, j->nrcpts, j->ndomains, buf_size(&j->raw), j->ctx->worker_index);
     job_next(j);
+}
+
+/* ---- ASSIGN ---- */
+
+/* A message published without "id" would be a new message on every
+ * parse: to the ledger, the poison counter, its Message-ID and the Sent
+ * folder search. It gets one id, once: the body is republished to the
+ * outbound queue with the id in its envelope (confirmed), and only then
+ * is the original acked. A worker dying between that confirm and the
+ * ack brings the original back redelivered: the id it was given is then
+ * found under the body's digest in the ledger, so both copies carry the
+ * same id and the ledger lets only one of them deliver. */
+static void job_republish_with_id(job_t *j, const char *id)
+{
+    const mp_config_t *cfg = j->ctx->env->cfg;
+    envelope_t next = { .attempt = j->envelope.attempt, .first_seen_ms = j->envelope.first_seen_ms, .id = id };
+    envelope_headers_t hdrs;
+    envelope_write(&next, &hdrs);
+    mq_publish_opts_t o = { .content_type = "application/json", .message_id = id, .priority = j->dv->priority,
+                            .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n };
+    log_info("job", "id_assigned", "tag=%llu msg=%s redelivered=%d", (unsigned long long)j->dv->tag, id,
+             j->dv->redelivered);
+    job_publish(j, "", cfg->amqp_queue, j->dv->body, j->dv->len, &o);
+    envelope_headers_free(&hdrs);
+    job_await_confirms(j);
+}
+
+static void job_on_id_claimed(void *arg, int ok, const char *holder)
+{
+    job_t *j = arg;
+    j->ledger_op = 0;
+    if (!ok)
+        job_ledger_unavailable(j, "assign_id");
+    job_republish_with_id(j, ok && holder && msgjson_valid_id(holder) ? holder : j->msg->id);
+}
+
+static void job_enter_assign(job_t *j)
+{
+    ledger_t *ledger = j->ctx->svc.ledger;
+    if (ledger == NULL) {
+        job_republish_with_id(j, j->msg->id);
+        return;
+    }
+    /* a first delivery takes a new id (an identical body published again
+     * is another message); a redelivery takes the one its first delivery
+     * may have given it */
+    j->ledger_op = ledger_claim(ledger, 'a', j->digest, j->msg->id, !j->dv->redelivered, job_on_id_claimed, j);
+}
+
+/* ---- IDENTITY ---- */
+
+/* The body's digest under the message id: a retry, a redelivery or a
+ * publisher's own resend of the same bytes finds its own digest; an id
+ * reused for other bytes within the ledger's lifetime finds another and
+ * is dead-lettered, instead of having its recipients skipped as
+ * delivered and its Sent copy reported as found. */
+static void job_on_identity(void *arg, int ok, const char *holder)
+{
+    job_t *j = arg;
+    j->ledger_op = 0;
+    if (!ok) {
+        job_ledger_unavailable(j, "identity");
+    } else if (holder && strcmp(holder, j->digest) != 0) {
+        char ttl[32];
+        config_format_duration(j->ctx->env->retry.max_age_ms, ttl, sizeof(ttl));
+        job_dead_letter(j, "id reused: message id \"%s\" was given to a different message (another body) "
+                        "within the last %s", j->msg->id, ttl);
+    }
+    job_next(j);
+}
+
+static void job_enter_identity(job_t *j)
+{
+    j->ledger_op = ledger_claim(j->ctx->svc.ledger, 'm', j->msg->id, j->digest, 0, job_on_identity, j);
 }
 
 /* ---- COUNT ---- */
@@ -494,12 +651,20 @@ static void job_on_leg_done(void *arg, const domain_result_t *res)
 static void job_enter_domains(job_t *j)
 {
     const retry_class_policy_t *rc = &j->ctx->env->retry.cls[retry_class(j->dv->priority)];
+    /* each domain's recipients: counted, then placed (linear) */
+    for (size_t i = 0; i < j->nrcpts; i++)
+        if (!j->rcpts[i].skip)
+            j->domains[j->rcpts[i].domain].n++;
+    for (size_t i = 0; i < j->ndomains; i++) {
+        job_domain_t *d = &j->domains[i];
+        d->rcpts = xcalloc(d->n ? d->n : 1, sizeof(*d->rcpts));
+        d->idx = xcalloc(d->n ? d->n : 1, sizeof(*d->idx));
+        d->n = 0;
+    }
     for (size_t i = 0; i < j->nrcpts; i++) {
         if (j->rcpts[i].skip)
             continue;
         job_domain_t *d = &j->domains[j->rcpts[i].domain];
-        d->rcpts = xrealloc(d->rcpts, (d->n + 1) * sizeof(*d->rcpts));
-        d->idx = xrealloc(d->idx, (d->n + 1) * sizeof(*d->idx));
         d->rcpts[d->n] = j->rcpts[i].addr;
         d->idx[d->n++] = i;
     }
@@ -739,10 +904,16 @@ static int job_schedule_retry(job_t *j)
         return 0;
     }
     int appended = j->envelope.appended || (j->append_tried && j->append_res.status == IMAP_OK);
+    unsigned char *set = xcalloc(1, envelope_set_bytes(j->nlisted) + 1);
+    for (size_t i = 0; i < j->nrcpts; i++)
+        if (j->rcpts[i].outcome == OUTCOME_TRANSIENT)
+            envelope_set_bit(set, j->rcpts[i].index);
     envelope_t next = {
         .attempt = throttled_only ? attempt : attempt + 1,
         .first_seen_ms = j->envelope.first_seen_ms,
-        .pending = buf_head(&pending),
+        .id = j->envelope.id, /* the id ASSIGN gave, if that is where it came from */
+        .pending_set = set,
+        .pending_nbits = j->nlisted,
         .appended = appended,
         .append_needed = !appended && job_append_retryable(j),
         .append_only = buf_size(&pending) == 0,
@@ -758,6 +929,8 @@ static int job_schedule_retry(job_t *j)
              j->msg->id, c, next.attempt, queue, (unsigned long long)delay, (unsigned long long)server_ms,
              buf_head(&pending));
     job_publish(j, "", queue, j->dv->body, j->dv->len, &o);
+    envelope_headers_free(&hdrs);
+    free(set);
     buf_free(&pending);
     return 1;
 }
@@ -909,6 +1082,8 @@ int job_survives_loss(const job_t *j)
 void job_free(job_t *j)
 {
     ledger_t *ledger = j->ctx->svc.ledger;
+    envelope_free(&j->envelope);
+    htable_fini(&j->domain_index);
     for (size_t i = 0; i < j->ndomains; i++) {
         domain_free(j->domains[i].leg);
         free(j->domains[i].rcpts);

@@ -27,7 +27,7 @@
 #include "core/loop.h"
 #include "core/util.h"
 
-typedef enum { OP_LOOKUP, OP_MARK, OP_COUNT } op_kind_t;
+typedef enum { OP_LOOKUP, OP_MARK, OP_COUNT, OP_CLAIM } op_kind_t;
 
 typedef struct op {
     uint64_t        id;
@@ -37,11 +37,14 @@ typedef struct op {
     size_t          replies_left;
     int             ok;
     long long       count;
+    char           *holder;    /* OP_CLAIM: the value that holds the key */
+    int             replace;   /* OP_CLAIM: ours overwrites; the old value is not the holder */
     ledger_state_t *states;
     union {
         ledger_lookup_cb lookup;
         ledger_done_cb   done;
         ledger_count_cb  count;
+        ledger_claim_cb  claim;
     } cb;
     void           *arg;
     int             cancelled;
@@ -79,8 +82,12 @@ static void op_complete(op_t *op)
         case OP_COUNT:
             op->cb.count(op->arg, op->ok, op->count);
             break;
+        case OP_CLAIM:
+            op->cb.claim(op->arg, op->ok, op->ok ? op->holder : NULL);
+            break;
         }
     }
+    free(op->holder);
     free(op->states);
     free(op);
 }
@@ -128,6 +135,14 @@ static void on_reply(void *arg, const redisReply *r, const char *err)
                 op->states[i] = LEDGER_DONE;
             else if (e->type == REDIS_REPLY_STRING && strcmp(e->str, "sending") == 0)
                 op->states[i] = LEDGER_SENDING;
+        }
+    } else if (op->kind == OP_CLAIM) {
+        /* SET ... GET: nil when the key was free (ours now), else the earlier value */
+        if (r->type == REDIS_REPLY_STRING && !op->replace) {
+            free(op->holder);
+            op->holder = xstrdup(r->str);
+        } else if (r->type != REDIS_REPLY_NIL && r->type != REDIS_REPLY_STRING) {
+            op->ok = 0;
         }
     } else if (op->kind == OP_COUNT && r->type == REDIS_REPLY_INTEGER && op->count == 0) {
         op->count = r->integer; /* INCR answers first (>= 1); PEXPIRE's 1 is not a count */
@@ -276,6 +291,26 @@ uint64_t ledger_count_redelivery(ledger_t *l, const char *msg_id, ledger_count_c
     ref->id = op->id;
     op->replies_left++;
     rclient_commandargv(l->rc, on_reply, ref, 3, exp, exp_l);
+    buf_free(&key);
+    return op->id;
+}
+
+uint64_t ledger_claim(ledger_t *l, char ns, const char *name, const char *value, int replace, ledger_claim_cb cb,
+                      void *arg)
+{
+    op_t *op = op_new(l, OP_CLAIM, 0, arg);
+    op->cb.claim = cb;
+    op->holder = xstrdup(value);
+    op->replace = replace;
+    if (l->rc == NULL)
+        return no_client(l, op);
+    buf_t key = BUF_INIT;
+    buf_printf(&key, "mp:%c:%s", ns, name);
+    char ttl[32];
+    snprintf(ttl, sizeof(ttl), "%llu", (unsigned long long)l->ttl_ms);
+    const char *argv[] = { "SET", buf_head(&key), value, "PX", ttl, "GET", "NX" };
+    size_t lens[] = { 3, buf_size(&key), strlen(value), 2, strlen(ttl), 3, 2 };
+    send_argv(l, op, replace ? 6 : 7, argv, lens);
     buf_free(&key);
     return op->id;
 }

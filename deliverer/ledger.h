@@ -8,7 +8,10 @@
  * with TTL = the longest maximum message age. A redelivery skips "done"
  * recipients and delivers "sending" ones again, flagged as possible
  * duplicates: the one window no sender can close (RFC 1047). Key
- * mp:d:<message id> counts redeliveries for the poison-message limit.
+ * mp:d:<message id> counts redeliveries for the poison-message limit;
+ * mp:m:<message id> holds the digest of the message's body and
+ * mp:a:<body digest> the id given to a message that came without one
+ * (ledger_claim).
  *
  * Every call completes through its callback exactly once and never
  * synchronously; ok=0 means Redis could not answer (down or slow) and the
@@ -44,6 +47,19 @@ uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, 
                      ledger_state_t state, ledger_done_cb cb, void *arg);
 /* Count one more redelivery of msg_id; the callback gets the new count. */
 uint64_t ledger_count_redelivery(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg);
+/*
+ * Claim key mp:<ns>:<name> for value, kept as long as the records (one
+ * command, SET ... GET, Redis 7): the callback gets the value that now
+ * holds the key: value itself when the key was free (or replace is set:
+ * ours overwrites whatever was there), the earlier holder's otherwise.
+ * ok=0 (holder NULL): Redis could not answer. holder is valid during the
+ * call. The job keeps a message's body digest under its id this way (an
+ * id reused for another message is caught) and the id it assigned to a
+ * message that came without one under the body's digest.
+ */
+typedef void (*ledger_claim_cb)(void *arg, int ok, const char *holder);
+uint64_t ledger_claim(ledger_t *l, char ns, const char *name, const char *value, int replace, ledger_claim_cb cb,
+                      void *arg);
 /* The callback of this call will not fire. */
 void     ledger_cancel(ledger_t *l, uint64_t id);
 

@@ -357,7 +357,7 @@ static int msgjson_string(msgjson_ctx_t *c, json_t *root, const char *key, int h
 }
 
 /* RFC 5322 dot-atom-text: the id is the left part of the Message-ID. */
-static int msgjson_valid_id(const char *id)
+int msgjson_valid_id(const char *id)
 {
     size_t n = strlen(id);
     if (n < 1 || n > MSGJSON_ID_MAX || id[0] == '.' || id[n - 1] == '.' || strstr(id, ".."))
@@ -379,6 +379,7 @@ static int msgjson_id(msgjson_ctx_t *c, json_t *root, message_t *m)
         char uuid[37];
         util_uuid(uuid);
         m->id = xstrdup(uuid);
+        m->id_generated = 1;
     } else if (!msgjson_valid_id(m->id)) {
         util_seterr(c->err, c->errlen,
                        "invalid \"id\": \"%s\" (1..%d characters: letters, digits, "

@@ -62,4 +62,7 @@ const char *msgjson_strerror(int status);
  */
 int msgjson_valid_address(const char *addr);
 
+/* 1 when id is a valid message id (the "id" field's rules), else 0. */
+int msgjson_valid_id(const char *id);
+
 #endif

@@ -1,7 +1,8 @@
 /*
  * Unit tests for deliverer/envelope: what a retry carries survives the
- * trip through AMQP headers exactly; missing or garbled headers read as
- * a first attempt; the dead-letter headers.
+ * trip through AMQP headers exactly (the pending set bit by bit, the
+ * assigned id); the legacy pending list; missing or garbled headers read
+ * as a first attempt; the dead-letter headers.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -36,11 +37,16 @@ static void delivery_done(mq_delivery_t *d)
 
 static void test_round_trip(void **state)
 {
-    envelope_t in = { .attempt = 7, .first_seen_ms = 1700000000123ULL, .pending = "a@x.test,B@y.test",
-                      .appended = 1, .append_needed = 0, .append_only = 0 };
+    /* recipients 0, 2 and 9 of ten pending */
+    unsigned char set[2] = { 0 };
+    envelope_set_bit(set, 0);
+    envelope_set_bit(set, 2);
+    envelope_set_bit(set, 9);
+    envelope_t in = { .attempt = 7, .first_seen_ms = 1700000000123ULL, .pending_set = set, .pending_nbits = 10,
+                      .appended = 1, .append_needed = 0, .append_only = 0, .id = "given-1" };
     envelope_headers_t h;
     envelope_write(&in, &h);
-    assert_int_equal(h.n, 6);
+    assert_int_equal(h.n, 7);
     for (size_t i = 0; i < h.n; i++)
         assert_memory_equal(h.hdr[i].key, "x-mailpump-", 11); /* every name in one namespace */
     mq_delivery_t d = delivery_with(h.hdr, h.n);
@@ -48,25 +54,60 @@ static void test_round_trip(void **state)
     envelope_read(&d, 1800000000000ULL, &out);
     assert_int_equal(out.attempt, 7);
     assert_int_equal(out.first_seen_ms, 1700000000123ULL);
-    assert_string_equal(out.pending, "a@x.test,B@y.test");
+    assert_string_equal(out.id, "given-1");
+    assert_int_equal(out.pending_nbits, 16); /* whole bytes */
+    for (size_t i = 0; i < 16; i++)
+        assert_int_equal(envelope_is_pending(&out, i, "ignored@x.test"), i == 0 || i == 2 || i == 9);
     assert_int_equal(out.appended, 1);
     assert_int_equal(out.append_needed, 0);
     assert_int_equal(out.append_only, 0);
-    assert_true(envelope_is_pending(&out, "a@x.test"));
-    assert_true(envelope_is_pending(&out, "b@Y.TEST")); /* case-insensitive */
-    assert_false(envelope_is_pending(&out, "a@x.tes"));
-    assert_false(envelope_is_pending(&out, "c@z.test"));
+    envelope_free(&out);
     delivery_done(&d);
+    envelope_headers_free(&h);
 
-    envelope_t only = { .attempt = 2, .first_seen_ms = 5, .pending = "", .append_needed = 1, .append_only = 1 };
+    /* nobody pending (only the Sent copy is left) is not "everybody" */
+    unsigned char none[1] = { 0 };
+    envelope_t only = { .attempt = 2, .first_seen_ms = 5, .pending_set = none, .pending_nbits = 0,
+                        .append_needed = 1, .append_only = 1 };
     envelope_write(&only, &h);
+    assert_int_equal(h.n, 6); /* no id header without an assigned id */
     d = delivery_with(h.hdr, h.n);
     envelope_read(&d, 10, &out);
     assert_int_equal(out.append_only, 1);
     assert_int_equal(out.append_needed, 1);
     assert_int_equal(out.appended, 0);
-    assert_string_equal(out.pending, "");
-    assert_false(envelope_is_pending(&out, "a@x.test")); /* "" names nobody */
+    assert_null(out.id);
+    assert_false(envelope_is_pending(&out, 0, "a@x.test"));
+    envelope_free(&out);
+    delivery_done(&d);
+    envelope_headers_free(&h);
+}
+
+/* Retries written by earlier versions name the pending recipients. */
+static void test_legacy_list(void **state)
+{
+    const mq_header_t h[] = { { "x-mailpump-pending", "a@x.test,B@y.test" } };
+    mq_delivery_t d = delivery_with(h, 1);
+    envelope_t e;
+    envelope_read(&d, 1, &e);
+    assert_true(envelope_is_pending(&e, 5, "a@x.test"));
+    assert_true(envelope_is_pending(&e, 0, "b@Y.TEST")); /* case-insensitive */
+    assert_false(envelope_is_pending(&e, 1, "a@x.tes"));
+    assert_false(envelope_is_pending(&e, 1, "c@z.test"));
+    envelope_free(&e);
+    delivery_done(&d);
+}
+
+/* A garbled set names nobody: the job dead-letters the retry with a
+ * reason instead of sending to everyone again. */
+static void test_garbled_set(void **state)
+{
+    const mq_header_t h[] = { { "x-mailpump-pending-set", "!!not base64" } };
+    mq_delivery_t d = delivery_with(h, 1);
+    envelope_t e;
+    envelope_read(&d, 1, &e);
+    assert_false(envelope_is_pending(&e, 0, "a@x.test"));
+    envelope_free(&e);
     delivery_done(&d);
 }
 
@@ -79,9 +120,12 @@ static void test_first_attempt_and_garbage(void **state)
     envelope_read(&d, 42, &e);
     assert_int_equal(e.attempt, 1);
     assert_int_equal(e.first_seen_ms, 42);
-    assert_null(e.pending);
-    assert_true(envelope_is_pending(&e, "anyone@x.test"));
+    assert_null(e.pending_set);
+    assert_null(e.pending_list);
+    assert_null(e.id);
+    assert_true(envelope_is_pending(&e, 3, "anyone@x.test"));
     assert_int_equal(e.appended + e.append_needed + e.append_only, 0);
+    envelope_free(&e);
     delivery_done(&d);
 
     const mq_header_t bad[] = {
@@ -96,6 +140,7 @@ static void test_first_attempt_and_garbage(void **state)
     assert_int_equal(e.first_seen_ms, 1000);
     assert_int_equal(e.appended, 0);
     assert_int_equal(e.append_only, 0);
+    envelope_free(&e);
     delivery_done(&d);
 }
 
@@ -114,6 +159,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_round_trip),
+        cmocka_unit_test(test_legacy_list),
+        cmocka_unit_test(test_garbled_set),
         cmocka_unit_test(test_first_attempt_and_garbage),
         cmocka_unit_test(test_dead_headers),
     };

@@ -1,0 +1,230 @@
+"""A message's identity and its retry envelope, end to end.
+
+mailpumpd (private queues, one worker, the stack's Redis) delivers to a
+tests/tools/smtpsink standing in for the test.example MX hosts:
+
+- a message published without "id" is given one id, once: every event,
+  the retry and every copy on the receiver carry it; two identical
+  id-less publishes stay two messages; a redelivered id-less message takes
+  the id its first delivery gave it (kept in Redis under the body's
+  digest);
+- an id reused for a different body is dead-lettered, not skipped;
+- a retry names its pending recipients unambiguously, whatever the
+  address (a quoted local part with a comma);
+- a message naming more than [message] max_recipients is dead-lettered.
+
+Needs the local stack (deploy/local/stack up); fails loudly without it.
+"""
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import pika
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mpstack  # noqa: E402
+
+SENDER = "bob@test.example"
+FAST_RETRY = {"MAILPUMP_RETRY_LEVELS": "300ms", "MAILPUMP_RETRY_P0_BASE": "300ms",
+              "MAILPUMP_RETRY_P1_BASE": "300ms", "MAILPUMP_RETRY_P2_BASE": "300ms"}
+
+
+def message_ids(raw_messages):
+    """The Message-ID header of each raw message the receiver kept."""
+    out = []
+    for raw in raw_messages:
+        m = re.search(rb"^Message-ID: <([^@>]+)@", raw, re.M | re.I)
+        out.append(m.group(1).decode() if m else None)
+    return out
+
+
+class Identity(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.env = mpstack.stack_env()
+
+    def sink(self, rules=()):
+        s = mpstack.Sink(addr="127.0.0.2", rules=list(rules))
+        self.addCleanup(s.stop)
+        return s
+
+    def daemon(self, port, **env):
+        extra = {"MAILPUMP_SMTP_PORT": str(port), "MAILPUMP_SMTP_TLS": "none", "MAILPUMP_IMAP_HOST": ""}
+        extra.update({k: str(v) for k, v in env.items()})
+        d = mpstack.Daemon(self.env, workers=1, extra_env=extra)
+        tap = mpstack.EventTap(self.env, d.exchange)
+        self.addCleanup(tap.close)
+        return d, tap
+
+    def start(self, d):
+        try:
+            d.start()
+        except Exception:
+            d.stop()
+            raise
+        self.addCleanup(self.stop, d)
+
+    def stop(self, d):
+        if d.proc is not None and d.proc.poll() is None:
+            self.assertEqual(d.stop(), 0, d.log()[-3000:])
+
+    def publish(self, d, msg, requeue_once=False):
+        """Publish msg (a dict) straight to the daemon's queue, as an
+        application would. requeue_once: take it back once and requeue
+        it, so the daemon sees it redelivered (a worker that died)."""
+        conn, ch = mpstack.amqp_channel(self.env)
+        try:
+            ch.queue_declare(d.queue, durable=True, arguments={"x-max-priority": 10})
+            ch.confirm_delivery()
+            body = json.dumps(msg).encode()
+            ch.basic_publish("", d.queue, body, pika.BasicProperties(delivery_mode=2))
+            if requeue_once:
+                method, _, _ = ch.basic_get(d.queue, auto_ack=False)
+                self.assertIsNotNone(method)
+                ch.basic_nack(method.delivery_tag, requeue=True)
+            return body
+        finally:
+            conn.close()
+
+    def redis(self, *args):
+        r = subprocess.run(["redis-cli", "-h", self.env["MP_REDIS_HOST"], "-p", str(self.env["MP_REDIS_PORT"]),
+                            *args], capture_output=True, text=True, timeout=10)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return r.stdout.strip()
+
+    def final_events(self, tap, pred, n, timeout=30):
+        return tap.wait(lambda e: "recipient" in e and e["event"] != "deferred" and pred(e), n, timeout)
+
+    # ---- a message without id -------------------------------------------------
+
+    def test_message_without_id_gets_one_id_for_its_whole_life(self):
+        # the first RCPT is refused once: that recipient is retried alone,
+        # and its copy must carry the id its co-recipient's copy carries
+        sink = self.sink(rules=["cmd:RCPT#1=451 4.2.0 try later"])
+        d, tap = self.daemon(sink.port, **FAST_RETRY)
+        self.start(d)
+        tag = os.urandom(4).hex()
+        rcpts = [f"a-{tag}@test.example", f"b-{tag}@test.example"]
+        self.publish(d, {"from": SENDER, "to": rcpts, "subject": "no id", "text": tag})
+        evs = self.final_events(tap, lambda e: e["recipient"] in rcpts, 2)
+        ids = {e["message_id"] for e in evs}
+        self.assertEqual(len(ids), 1, evs)
+        mid = ids.pop()
+        self.assertRegex(mid, r"^[0-9a-f-]{36}$")
+        deferred = [e for e in tap.drain() if e.get("event") == "deferred"]
+        self.assertEqual([e["message_id"] for e in deferred], [mid], deferred)
+        self.assertEqual(sorted(e["attempt"] for e in evs), [1, 2], evs)
+        # both copies on the receiver carry the same Message-ID
+        self.assertEqual(message_ids(sink.messages()), [mid, mid])
+        self.assertEqual(d.log().count("event=id_assigned"), 1, d.log()[-3000:])
+
+    def test_two_identical_publishes_without_id_are_two_messages(self):
+        sink = self.sink()
+        d, tap = self.daemon(sink.port)
+        self.start(d)
+        rcpt = f"twice-{os.urandom(4).hex()}@test.example"
+        msg = {"from": SENDER, "to": [rcpt], "subject": "same", "text": "same body"}
+        self.publish(d, msg)
+        self.publish(d, msg)
+        evs = self.final_events(tap, lambda e: e["recipient"] == rcpt, 2)
+        self.assertEqual([e["event"] for e in evs], ["delivered", "delivered"], evs)
+        self.assertNotIn("already_delivered", [e.get("reason") for e in evs])
+        self.assertEqual(len({e["message_id"] for e in evs}), 2, evs)
+        self.assertEqual(len(sink.messages()), 2)
+
+    def test_redelivered_message_without_id_takes_the_id_it_was_given(self):
+        # the window between the confirm of the republish and the ack of
+        # the original: the original comes back redelivered, and its first
+        # delivery left its id under the body's digest
+        sink = self.sink()
+        d, tap = self.daemon(sink.port)
+        rcpt = f"redeliv-{os.urandom(4).hex()}@test.example"
+        msg = {"from": SENDER, "to": [rcpt], "subject": "redelivered", "text": rcpt}
+        given = "given-" + os.urandom(4).hex()
+        body = json.dumps(msg).encode()
+        self.redis("SET", "mp:a:" + hashlib.sha256(body).hexdigest(), given, "EX", "600")
+        self.publish(d, msg, requeue_once=True)
+        self.start(d)
+        ev = self.final_events(tap, lambda e: e["recipient"] == rcpt, 1)[0]
+        self.assertEqual(ev["message_id"], given)
+        self.assertEqual(message_ids(sink.messages()), [given])
+
+    def test_first_delivery_without_id_ignores_an_identical_earlier_body(self):
+        sink = self.sink()
+        d, tap = self.daemon(sink.port)
+        rcpt = f"fresh-{os.urandom(4).hex()}@test.example"
+        msg = {"from": SENDER, "to": [rcpt], "subject": "fresh", "text": rcpt}
+        body = json.dumps(msg).encode()
+        self.redis("SET", "mp:a:" + hashlib.sha256(body).hexdigest(), "someone-else", "EX", "600")
+        self.publish(d, msg)
+        self.start(d)
+        ev = self.final_events(tap, lambda e: e["recipient"] == rcpt, 1)[0]
+        self.assertNotEqual(ev["message_id"], "someone-else")
+        self.assertEqual(ev["event"], "delivered")
+
+    # ---- an id reused -----------------------------------------------------------
+
+    def test_id_reused_for_another_message_is_dead_lettered(self):
+        sink = self.sink()
+        d, tap = self.daemon(sink.port)
+        self.start(d)
+        mid = "reused-" + os.urandom(4).hex()
+        rcpt = f"{mid}@test.example"
+        self.publish(d, {"id": mid, "from": SENDER, "to": [rcpt], "subject": "first", "text": "one"})
+        first = self.final_events(tap, lambda e: e["message_id"] == mid, 1)[0]
+        self.assertEqual(first["event"], "delivered")
+        # the same bytes again (a publisher's own resend) are the same message
+        self.publish(d, {"id": mid, "from": SENDER, "to": [rcpt], "subject": "first", "text": "one"})
+        again = self.final_events(tap, lambda e: e["message_id"] == mid and e is not first, 1)[0]
+        self.assertEqual(again["reason"], "already_delivered")
+        # other bytes under the same id: dead, not "already delivered"
+        self.publish(d, {"id": mid, "from": SENDER, "to": [rcpt], "subject": "second", "text": "two"})
+        dead = tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "dead", 1)[0]
+        self.assertIn(f'id reused: message id "{mid}" was given to a different message', dead["error"])
+        conn, ch = mpstack.amqp_channel(self.env)
+        try:
+            method, props, body = ch.basic_get(d.dead_queue, auto_ack=True)
+            self.assertIsNotNone(method)
+            self.assertIn(b'"second"', body)
+            self.assertIn("id reused", props.headers["x-mailpump-reason"])
+        finally:
+            conn.close()
+        self.assertEqual(len(sink.messages()), 1)
+
+    # ---- the retry envelope ---------------------------------------------------
+
+    def test_quoted_local_part_with_a_comma_is_retried(self):
+        sink = self.sink(rules=["cmd:RCPT#2=451 4.2.0 try later"])
+        d, tap = self.daemon(sink.port, **FAST_RETRY)
+        self.start(d)
+        tag = os.urandom(4).hex()
+        odd = f'"x,{tag}"@test.example'
+        plain = f"plain-{tag}@test.example"
+        mid = "comma-" + tag
+        self.publish(d, {"id": mid, "from": SENDER, "to": [odd, plain], "subject": "comma", "text": tag})
+        evs = self.final_events(tap, lambda e: e["message_id"] == mid, 2)
+        self.assertEqual(sorted((e["recipient"], e["event"], e["attempt"]) for e in evs),
+                         sorted([(odd, "delivered", 2), (plain, "delivered", 2)]), evs)
+        self.assertEqual(len(sink.messages()), 1)  # one transaction, both recipients
+
+    def test_too_many_recipients_is_dead_lettered(self):
+        sink = self.sink()
+        d, tap = self.daemon(sink.port, MAILPUMP_MESSAGE_MAX_RECIPIENTS=3)
+        self.start(d)
+        mid = "many-" + os.urandom(4).hex()
+        self.publish(d, {"id": mid, "from": SENDER, "to": [f"r{i}@test.example" for i in range(4)],
+                         "subject": "many", "text": "x"})
+        dead = tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "dead", 1)[0]
+        self.assertEqual(dead["error"], "too many recipients: 4 (at most 3 per message, "
+                                        "[message] max_recipients)")
+        self.assertEqual(sink.messages(), [])
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
