@@ -4,6 +4,9 @@
  * A job walks one state table (job.c):
  *   INTAKE     parse the JSON, build the RFC 5322 bytes once, DKIM-sign,
  *              read the retry envelope, collect the recipients
+ *   ASSIGN     a message without id: republish it once with one, then ack
+ *   IDENTITY   the body's digest under the id: an id reused for another
+ *              message is dead-lettered
  *   COUNT      a redelivered message: count it (the poison limit)
  *   LOOKUP     the ledger: skip recipients delivered before, flag those
  *              an earlier attempt left mid-send as possible duplicates
