@@ -118,8 +118,9 @@ struct job {
     char                 digest[65]; /* SHA-256 of the body, hex: the message's identity check */
     size_t               legs_left;
     int                  smtp_started; /* a leg went on to SMTP: see job_survives_loss */
-    uint64_t             ledger_op;    /* the ledger call of COUNT, LOOKUP or RECORD ("done") */
-    uint64_t             clear_op;     /* RECORD's second call (clearing), 0 if none */
+    uint64_t             ledger_op;    /* the ledger call of ASSIGN, IDENTITY, COUNT or LOOKUP */
+    uint64_t             record_ops[3]; /* RECORD's calls: done, done-dup, clear (0: none) */
+    size_t               record_left;
     uint64_t             throttle_ms;  /* longest rate_limits wait of a deferred domain */
     imap_append_t       *append;
     int                  append_tried;
@@ -579,10 +580,13 @@ static void job_on_looked_up(void *arg, int ok, const ledger_state_t *states)
     }
     for (size_t i = 0; i < j->nrcpts; i++) {
         job_rcpt_t *r = &j->rcpts[i];
-        if (states[i] == LEDGER_DONE) {
+        if (states[i] == LEDGER_DONE || states[i] == LEDGER_DONE_FLAGGED) {
             r->skip = 1;
             rcpt_set(r, OUTCOME_DELIVERED, OUTCOME_R_ALREADY_DELIVERED, 0, NULL,
                      "delivered by an earlier attempt of this message (ledger)");
+            /* that attempt's copy may have been a second one: it was
+             * counted then, and its event may never have gone out */
+            r->possible_dup = states[i] == LEDGER_DONE_FLAGGED;
             metrics_inc(MET_RCPT_SKIPPED_DONE, 1);
         } else if (states[i] == LEDGER_SENDING) {
             /* an earlier attempt was cut between its final dot and the
@@ -710,21 +714,12 @@ static void job_enter_domains(job_t *j)
 static void job_on_recorded(void *arg, int ok)
 {
     job_t *j = arg;
-    j->ledger_op = 0;
     if (!ok)
-        job_ledger_unavailable(j, "mark_done");
-    if (j->clear_op == 0)
+        job_ledger_unavailable(j, "record");
+    if (--j->record_left == 0) {
+        memset(j->record_ops, 0, sizeof(j->record_ops));
         job_next(j);
-}
-
-static void job_on_cleared(void *arg, int ok)
-{
-    job_t *j = arg;
-    j->clear_op = 0;
-    if (!ok)
-        job_ledger_unavailable(j, "clear");
-    if (j->ledger_op == 0)
-        job_next(j);
+    }
 }
 
 static void job_enter_record(job_t *j)
@@ -734,28 +729,36 @@ static void job_enter_record(job_t *j)
         job_next(j);
         return;
     }
-    /* delivered -> "done" (a redelivery skips them); the rest -> no record,
-     * so a later attempt does not mistake them for possible duplicates,
-     * except those flagged: the server may still have that copy */
-    const char **done = xcalloc(j->nrcpts, sizeof(char *));
-    const char **clear = xcalloc(j->nrcpts, sizeof(char *));
-    size_t nd = 0, nc = 0;
+    /* delivered -> "done" (a redelivery skips them), or "done-dup" when
+     * this copy may be a second one: a redelivery then still reports the
+     * flag, should this attempt die before its event is confirmed; the
+     * rest -> no record, so a later attempt does not mistake them for
+     * possible duplicates, except those flagged: the server may still
+     * have that copy */
+    static const ledger_state_t states[3] = { LEDGER_DONE, LEDGER_DONE_FLAGGED, LEDGER_NONE };
+    const char **group[3];
+    size_t n[3] = { 0, 0, 0 };
+    for (int g = 0; g < 3; g++)
+        group[g] = xcalloc(j->nrcpts, sizeof(char *));
     for (size_t i = 0; i < j->nrcpts; i++) {
-        if (j->rcpts[i].skip)
+        const job_rcpt_t *r = &j->rcpts[i];
+        if (r->skip)
             continue;
-        if (j->rcpts[i].outcome == OUTCOME_DELIVERED)
-            done[nd++] = j->rcpts[i].addr;
-        else if (!j->rcpts[i].possible_dup)
-            clear[nc++] = j->rcpts[i].addr;
+        if (r->outcome == OUTCOME_DELIVERED)
+            group[r->possible_dup ? 1 : 0][n[r->possible_dup ? 1 : 0]++] = r->addr;
+        else if (!r->possible_dup)
+            group[2][n[2]++] = r->addr;
     }
-    /* both ids are set before either callback can run (never synchronous) */
-    if (nd)
-        j->ledger_op = ledger_mark(ledger, j->msg->id, done, nd, LEDGER_DONE, job_on_recorded, j);
-    if (nc)
-        j->clear_op = ledger_mark(ledger, j->msg->id, clear, nc, LEDGER_NONE, job_on_cleared, j);
-    free(done);
-    free(clear);
-    if (nd == 0 && nc == 0)
+    /* every id is set before any callback can run (never synchronous) */
+    j->record_left = 0;
+    for (int g = 0; g < 3; g++) {
+        if (n[g]) {
+            j->record_left++;
+            j->record_ops[g] = ledger_mark(ledger, j->msg->id, group[g], n[g], states[g], job_on_recorded, j);
+        }
+        free(group[g]);
+    }
+    if (j->record_left == 0)
         job_next(j);
 }
 
@@ -1093,8 +1096,9 @@ void job_free(job_t *j)
     imap_append_free(j->append);
     if (j->ledger_op)
         ledger_cancel(ledger, j->ledger_op);
-    if (j->clear_op)
-        ledger_cancel(ledger, j->clear_op);
+    for (int g = 0; g < 3; g++)
+        if (j->record_ops[g])
+            ledger_cancel(ledger, j->record_ops[g]);
     free(j->domains);
     free(j->rcpts);
     free(j->wire);

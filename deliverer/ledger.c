@@ -133,6 +133,8 @@ static void on_reply(void *arg, const redisReply *r, const char *err)
             const redisReply *e = r->element[i];
             if (e->type == REDIS_REPLY_STRING && strcmp(e->str, "done") == 0)
                 op->states[i] = LEDGER_DONE;
+            else if (e->type == REDIS_REPLY_STRING && strcmp(e->str, "done-dup") == 0)
+                op->states[i] = LEDGER_DONE_FLAGGED;
             else if (e->type == REDIS_REPLY_STRING && strcmp(e->str, "sending") == 0)
                 op->states[i] = LEDGER_SENDING;
         }
@@ -260,7 +262,7 @@ uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, 
             size_t lens[] = { 3, strlen(key) };
             send_argv(l, op, 2, argv, lens);
         } else {
-            const char *v = state == LEDGER_DONE ? "done" : "sending";
+            const char *v = state == LEDGER_DONE ? "done" : state == LEDGER_DONE_FLAGGED ? "done-dup" : "sending";
             const char *argv[] = { "SET", key, v, "PX", ttl };
             size_t lens[] = { 3, strlen(key), strlen(v), 2, strlen(ttl) };
             send_argv(l, op, 5, argv, lens);

@@ -4,7 +4,9 @@
  *
  * Key mp:r:<message id>:<recipient> holds "sending" (set for the
  * recipients a server accepted, while their transaction holds its body
- * after the 354: just before the final dot) or "done" (set after a 2xx),
+ * after the 354: just before the final dot) or "done" (set after a 2xx;
+ * "done-dup" when that delivery was flagged as a possible duplicate, so
+ * the flag outlives an attempt that dies before its event goes out),
  * with TTL = the longest maximum message age. A redelivery skips "done"
  * recipients and delivers "sending" ones again, flagged as possible
  * duplicates: the one window no sender can close (RFC 1047). Key
@@ -25,7 +27,12 @@
 
 #include "core/rclient.h"
 
-typedef enum { LEDGER_NONE = 0, LEDGER_SENDING, LEDGER_DONE } ledger_state_t;
+typedef enum {
+    LEDGER_NONE = 0,
+    LEDGER_SENDING,
+    LEDGER_DONE,
+    LEDGER_DONE_FLAGGED, /* "done-dup": delivered, and that copy may have been a second one */
+} ledger_state_t;
 
 typedef struct ledger ledger_t;
 

@@ -1,4 +1,5 @@
-"""A message's identity and its retry envelope, end to end.
+"""Delivery guarantees end to end: a message's identity, its retry
+envelope, and the ledger's flags.
 
 mailpumpd (private queues, one worker, the stack's Redis) delivers to a
 tests/tools/smtpsink standing in for the test.example MX hosts:
@@ -11,7 +12,9 @@ tests/tools/smtpsink standing in for the test.example MX hosts:
 - an id reused for a different body is dead-lettered, not skipped;
 - a retry names its pending recipients unambiguously, whatever the
   address (a quoted local part with a comma);
-- a message naming more than [message] max_recipients is dead-lettered.
+- a message naming more than [message] max_recipients is dead-lettered;
+- a possible duplicate stays flagged in the ledger ("done-dup") until a
+  redelivery has reported it.
 
 Needs the local stack (deploy/local/stack up); fails loudly without it.
 """
@@ -223,6 +226,43 @@ class Identity(unittest.TestCase):
         dead = tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "dead", 1)[0]
         self.assertEqual(dead["error"], "too many recipients: 4 (at most 3 per message, "
                                         "[message] max_recipients)")
+        self.assertEqual(sink.messages(), [])
+
+
+    # ---- the ledger's flags ----------------------------------------------------
+
+    def test_flagged_delivery_is_recorded_flagged(self):
+        # an earlier attempt left "sending": this delivery may be a second
+        # copy, and the record must say so until its event is out
+        sink = self.sink()
+        d, tap = self.daemon(sink.port)
+        mid = "flag-" + os.urandom(4).hex()
+        rcpt = f"{mid}@test.example"
+        key = f"mp:r:{mid}:{rcpt}"
+        self.redis("SET", key, "sending", "EX", "600")
+        self.start(d)
+        self.publish(d, {"id": mid, "from": SENDER, "to": [rcpt], "subject": "flag", "text": "x"})
+        ev = self.final_events(tap, lambda e: e["message_id"] == mid, 1)[0]
+        self.assertEqual(ev["event"], "delivered")
+        self.assertTrue(ev.get("possible_duplicate"), ev)
+        self.assertEqual(self.redis("GET", key), "done-dup")
+
+    def test_redelivery_reports_a_recorded_flag(self):
+        # the attempt that delivered the flagged copy died before its event
+        # was confirmed: the redelivery skips the recipient and still says
+        # the copy may have been a second one
+        sink = self.sink()
+        d, tap = self.daemon(sink.port)
+        mid = "flagged-" + os.urandom(4).hex()
+        rcpt = f"{mid}@test.example"
+        self.redis("SET", f"mp:r:{mid}:{rcpt}", "done-dup", "EX", "600")
+        self.publish(d, {"id": mid, "from": SENDER, "to": [rcpt], "subject": "flagged", "text": "x"},
+                     requeue_once=True)
+        self.start(d)
+        ev = self.final_events(tap, lambda e: e["message_id"] == mid, 1)[0]
+        self.assertEqual((ev["event"], ev.get("reason")), ("delivered", "already_delivered"), ev)
+        self.assertTrue(ev.get("already_delivered"), ev)
+        self.assertTrue(ev.get("possible_duplicate"), ev)
         self.assertEqual(sink.messages(), [])
 
 
