@@ -820,7 +820,9 @@ static void job_enter_sent_copy(job_t *j)
     char mid[512];
     if (mime_header_find(buf_head(&j->raw), buf_size(&j->raw), "Message-ID", mid, sizeof(mid)) == MIME_OK) {
         ia.message_id = mid;
-        if (j->envelope.append_only || j->dv->redelivered)
+        /* also when an earlier attempt's append failed: one that timed
+         * out may still have been stored */
+        if (j->envelope.append_only || j->envelope.append_needed || j->dv->redelivered)
             ia.check_message_id = mid;
     }
     j->append_tried = 1;

@@ -18,7 +18,9 @@ tests/tools/smtpsink standing in for the test.example MX hosts:
 
 Needs the local stack (deploy/local/stack up); fails loudly without it.
 """
+import base64
 import hashlib
+import imaplib
 import json
 import os
 import re
@@ -264,6 +266,46 @@ class Identity(unittest.TestCase):
         self.assertTrue(ev.get("already_delivered"), ev)
         self.assertTrue(ev.get("possible_duplicate"), ev)
         self.assertEqual(sink.messages(), [])
+
+
+    # ---- the Sent copy ----------------------------------------------------------
+
+    def test_retry_that_still_owes_the_sent_copy_looks_for_it_first(self):
+        # the earlier attempt's APPEND timed out, but the server stored it;
+        # this retry (a recipient still pending, the copy still owed) must
+        # find that copy instead of storing a second one
+        sink = self.sink()
+        d = mpstack.Daemon(self.env, workers=1, extra_env={"MAILPUMP_SMTP_PORT": str(sink.port),
+                                                            "MAILPUMP_SMTP_TLS": "none"})
+        tap = mpstack.EventTap(self.env, d.exchange)
+        self.addCleanup(tap.close)
+        mid = "owed-" + os.urandom(4).hex()
+        im = imaplib.IMAP4_SSL(self.env["MP_IMAP_HOST"], int(self.env["MP_IMAPS_PORT"]),
+                               ssl_context=mpstack.imap_ssl_context(self.env))
+        self.addCleanup(im.logout)
+        im.login("alice@test.example", "password")
+        earlier = (f"From: alice@test.example\r\nTo: kim@test.example\r\n"
+                   f"Message-ID: <{mid}@test.example>\r\nSubject: owed\r\n\r\nearlier copy\r\n").encode()
+        typ, data = im.append("Sent", "(\\Seen)", None, earlier)
+        self.assertEqual(typ, "OK", data)
+        uid0 = int(re.search(rb"APPENDUID \d+ (\d+)", data[0]).group(1))
+        self.start(d)
+        conn, ch = mpstack.amqp_channel(self.env)
+        try:
+            ch.confirm_delivery()
+            body = json.dumps({"id": mid, "from": "alice@test.example", "to": ["kim@test.example"],
+                               "subject": "owed", "text": "sent once"})
+            pending = base64.b64encode(bytes([1])).decode()  # recipient 0 still pending
+            ch.basic_publish("", d.queue, body, pika.BasicProperties(delivery_mode=2, headers={
+                "x-mailpump-attempt": "2", "x-mailpump-pending-set": pending,
+                "x-mailpump-append-needed": "1"}))
+        finally:
+            conn.close()
+        ev = tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "appended", 1)[0]
+        self.assertEqual(ev["imap"]["uid"], uid0)
+        im.select("Sent", readonly=True)
+        typ, data = im.uid("SEARCH", "HEADER", "Message-ID", f"<{mid}@test.example>")
+        self.assertEqual(data[0].split(), [str(uid0).encode()])
 
 
 if __name__ == "__main__":
