@@ -76,6 +76,8 @@ static void leg_smtp(domain_leg_t *leg);
 
 static void leg_set_state(domain_leg_t *leg, enum leg_state st)
 {
+    if (st == leg->state)
+        return; /* a relay leg starts at THROTTLE */
     log_debug("domain", "state", "msg=%s domain=%s %s -> %s", leg->req.msg_id, leg->req.name,
               leg_state_names[leg->state], leg_state_names[st]);
     leg->state = st;
@@ -321,6 +323,7 @@ domain_leg_t *domain_start(const domain_services_t *svc, const domain_request_t 
         snprintf(leg->res[i].text, sizeof(leg->res[i].text), "no result");
     }
     if (svc->dcfg->nrelay > 0) { /* relay mode: no MX lookup */
+        leg->state = LEG_THROTTLE;
         leg_throttle(leg);
         return leg;
     }

@@ -79,7 +79,8 @@ typedef int (*domain_gate_cb)(void *arg, const char **why);
 /* A transaction of the leg (a fast retry's too) was cut between its
  * final dot and the reply: the server may have the message for request
  * recipient k, whatever its outcome will say. Called as soon as that
- * attempt returns, once per recipient and cut. */
+ * attempt returns, once per recipient and cut. It must not free the leg
+ * (done comes later, and may). */
 typedef void (*domain_cut_cb)(void *arg, size_t k);
 
 typedef struct domain_request {
