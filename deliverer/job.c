@@ -482,7 +482,7 @@ static void job_republish_with_id(job_t *j, const char *id)
     envelope_headers_t hdrs;
     envelope_write(&next, &hdrs);
     mq_publish_opts_t o = { .content_type = "application/json", .message_id = id, .priority = j->dv->priority,
-                            .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n };
+                            .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n, .mandatory = 1 };
     log_info("job", "id_assigned", "tag=%llu msg=%s redelivered=%d", (unsigned long long)j->dv->tag, id,
              j->dv->redelivered);
     job_publish(j, "", cfg->amqp_queue, j->dv->body, j->dv->len, &o);
@@ -928,7 +928,7 @@ static int job_schedule_retry(job_t *j)
     char queue[256];
     retry_queue_name(rp->queue_prefix, &rp->levels, level, queue, sizeof(queue));
     mq_publish_opts_t o = { .message_id = j->msg->id, .priority = j->dv->priority, .persistent = 1,
-                            .headers = hdrs.hdr, .nheaders = hdrs.n };
+                            .headers = hdrs.hdr, .nheaders = hdrs.n, .mandatory = 1 };
     j->retry_in_ms = delay;
     log_info("job", "retry_scheduled", "msg=%s class=P%d attempt=%u queue=%s delay_ms=%llu server_ms=%llu pending=%s",
              j->msg->id, c, next.attempt, queue, (unsigned long long)delay, (unsigned long long)server_ms,
@@ -1031,7 +1031,8 @@ static void job_enter_dead(job_t *j)
     envelope_dead_t hdrs;
     envelope_dead_write(j->dead_reason, util_wall_ms(), &hdrs);
     mq_publish_opts_t o = { .content_type = "application/octet-stream", .message_id = j->dv->message_id,
-                            .priority = -1, .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n };
+                            .priority = -1, .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n,
+                            .mandatory = 1 };
     job_publish(j, "", cfg->amqp_dead_queue, j->dv->body, j->dv->len, &o);
     mq_event_t ev = { .event = "dead", .message_id = j->msg ? j->msg->id : j->dv->message_id,
                       .error = j->dead_reason, .attempt = j->envelope.attempt };

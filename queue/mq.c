@@ -65,6 +65,7 @@ typedef struct pending_confirm {
     uint64_t      seq;
     mq_confirm_cb cb;
     void         *arg;
+    int           returned; /* basic.return came for it: its ack is a failure */
 } pending_confirm_t;
 
 typedef enum { RX_METHOD = 0, RX_HEADER, RX_BODY } rx_state_t;
@@ -74,7 +75,7 @@ typedef struct held_publish {
     STAILQ_ENTRY(held_publish) next;
     char                *exchange, *routing_key, *body, *content_type, *message_id;
     size_t               len;
-    int                  priority, persistent;
+    int                  priority, persistent, mandatory;
     mq_header_t         *headers;
     size_t               nheaders;
     mq_confirm_cb        cb;
@@ -356,7 +357,7 @@ static void pend_push(mq_t *mq, uint64_t seq, mq_confirm_cb cb, void *arg)
             mq->pend = xrealloc(mq->pend, mq->pend_cap * sizeof(*mq->pend));
         }
     }
-    mq->pend[mq->pend_head + mq->npend++] = (pending_confirm_t){ seq, cb, arg };
+    mq->pend[mq->pend_head + mq->npend++] = (pending_confirm_t){ seq, cb, arg, 0 };
 }
 
 /* Resolve seq (or every seq <= tag when multiple). Callbacks may publish,
@@ -368,7 +369,7 @@ static void resolve_confirms(mq_t *mq, uint64_t tag, int multiple, int ok)
             pending_confirm_t p = mq->pend[mq->pend_head];
             mq->pend_head++;
             mq->npend--;
-            p.cb(p.arg, ok);
+            p.cb(p.arg, ok && !p.returned);
         }
         return;
     }
@@ -379,9 +380,18 @@ static void resolve_confirms(mq_t *mq, uint64_t tag, int multiple, int ok)
         pending_confirm_t p = *pc;
         memmove(pc, pc + 1, (mq->npend - i - 1) * sizeof(*pc));
         mq->npend--;
-        p.cb(p.arg, ok);
+        p.cb(p.arg, ok && !p.returned);
         return;
     }
+}
+
+/* A mandatory publish no queue took: the broker's ack that follows is a
+ * failure for its sender. */
+static void mark_returned(mq_t *mq, uint64_t seq)
+{
+    for (size_t i = 0; i < mq->npend; i++)
+        if (mq->pend[mq->pend_head + i].seq == seq)
+            mq->pend[mq->pend_head + i].returned = 1;
 }
 
 static void fail_all_confirms(mq_t *mq)
@@ -428,6 +438,7 @@ static void hold_publish(mq_t *mq, const char *exchange, const char *routing_key
         h->message_id = opts->message_id ? xstrdup(opts->message_id) : NULL;
         h->priority = opts->priority;
         h->persistent = opts->persistent;
+        h->mandatory = opts->mandatory;
         if (opts->nheaders > 0) {
             h->headers = xcalloc(opts->nheaders, sizeof(*h->headers));
             for (size_t i = 0; i < opts->nheaders; i++) {
@@ -473,7 +484,7 @@ static void release_held(mq_t *mq)
     while (!STAILQ_EMPTY(&mq->held)) {
         held_publish_t *h = STAILQ_FIRST(&mq->held);
         mq_publish_opts_t o = { h->content_type, h->message_id, h->priority, h->persistent,
-                                h->headers, h->nheaders };
+                                h->headers, h->nheaders, h->mandatory };
         if (send_publish(mq, h->exchange, h->routing_key, h->body, h->len, &o, h->cb, h->arg) < 0)
             return; /* the connection is lost: this one and the rest fail with it */
         held_free(held_pop(mq));
@@ -563,12 +574,21 @@ static void handle_method(mq_t *mq, amqp_frame_t *f)
         mq->rx = RX_HEADER;
         break;
     }
-    case AMQP_BASIC_RETURN_METHOD:
-        /* an unroutable mandatory publish: its content follows; drop it */
+    case AMQP_BASIC_RETURN_METHOD: {
+        /* an unroutable mandatory publish: its content follows, and its
+         * correlation id names the publish (see send_publish) */
+        amqp_basic_return_t *r = m->decoded;
+        char ex[256], rk[256], text[256];
+        snprintf(ex, sizeof(ex), "%.*s", (int)r->exchange.len, (const char *)r->exchange.bytes);
+        snprintf(rk, sizeof(rk), "%.*s", (int)r->routing_key.len, (const char *)r->routing_key.bytes);
+        snprintf(text, sizeof(text), "%.*s", (int)r->reply_text.len, (const char *)r->reply_text.bytes);
+        log_error("amqp", "publish_returned", "exchange=\"%s\" routing_key=\"%s\" code=%u reason=\"%s\"", ex, rk,
+                  (unsigned)r->reply_code, text);
         mq->cur = xcalloc(1, sizeof(mq_delivery_t));
         mq->cur_skip = 1;
         mq->rx = RX_HEADER;
         break;
+    }
     case AMQP_BASIC_ACK_METHOD: {
         amqp_basic_ack_t *a = m->decoded;
         resolve_confirms(mq, a->delivery_tag, a->multiple, 1);
@@ -654,6 +674,11 @@ static void handle_frame(mq_t *mq, amqp_frame_t *f)
                 copy_bytes(&mq->cur->message_id, p->message_id);
             if (p->_flags & AMQP_BASIC_HEADERS_FLAG)
                 copy_headers(mq->cur, &p->headers);
+            if (mq->cur_skip && (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG)) {
+                char seq[24];
+                snprintf(seq, sizeof(seq), "%.*s", (int)p->correlation_id.len, (const char *)p->correlation_id.bytes);
+                mark_returned(mq, strtoull(seq, NULL, 10));
+            }
         }
         mq->cur->body = xmalloc(mq->cur_size + 1);
         mq->cur->body[0] = '\0';
@@ -929,10 +954,19 @@ static int send_publish(mq_t *mq, const char *exchange, const char *routing_key,
         p.headers.num_entries = (int)n;
         p.headers.entries = entries;
     }
+    /* mandatory: a publish no queue takes comes back (basic.return) before
+     * its ack, carrying our sequence number as its correlation id */
+    char seq[24];
+    int mandatory = opts && opts->mandatory;
+    if (mandatory) {
+        snprintf(seq, sizeof(seq), "%llu", (unsigned long long)mq->next_seq);
+        p._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
+        p.correlation_id = amqp_cstring_bytes(seq);
+    }
     amqp_bytes_t b = { len, (void *)body };
     batch_begin(mq);
     int r = amqp_basic_publish(mq->conn, MQ_CHANNEL, amqp_cstring_bytes(exchange),
-                               amqp_cstring_bytes(routing_key), 0, 0, &p, b);
+                               amqp_cstring_bytes(routing_key), mandatory, 0, &p, b);
     if (r != AMQP_STATUS_OK) {
         char why[200];
         snprintf(why, sizeof(why), "publish: %s", amqp_error_string2(r));

@@ -92,6 +92,8 @@ typedef struct mq_publish_opts {
     int                persistent;   /* delivery_mode 2 */
     const mq_header_t *headers;
     size_t             nheaders;
+    int                mandatory;    /* no queue takes it: the broker returns it and the
+                                      * confirm callback gets ok=0 */
 } mq_publish_opts_t;
 
 /* Connect, log in, open channel 1 with confirms, declare the topology

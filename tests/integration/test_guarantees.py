@@ -308,5 +308,34 @@ class Identity(unittest.TestCase):
         self.assertEqual(data[0].split(), [str(uid0).encode()])
 
 
+    # ---- publishes no queue takes -------------------------------------------------
+
+    def test_retry_to_a_deleted_delay_queue_is_not_lost(self):
+        # the retry level was deleted behind the daemon's back: the broker
+        # confirms a publish no queue took unless it is mandatory; returned,
+        # it fails, the message goes back unacked, and after the poison
+        # limit it ends in the dead-letter queue instead of vanishing
+        sink = self.sink(rules=["cmd:RCPT=451 4.2.0 try later"])
+        d, tap = self.daemon(sink.port, MAILPUMP_RETRY_LEVELS="1m", MAILPUMP_RETRY_POISON_REDELIVERIES=2)
+        self.start(d)
+        conn, ch = mpstack.amqp_channel(self.env)
+        try:
+            ch.queue_delete(d.retry_queues()[0])
+        finally:
+            conn.close()
+        mid = "returned-" + os.urandom(4).hex()
+        self.publish(d, {"id": mid, "from": SENDER, "to": [f"{mid}@test.example"], "subject": "r", "text": "x"})
+        dead = tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "dead", 1, timeout=60)[0]
+        self.assertIn("poison", dead["error"])
+        self.assertIn("event=publish_returned", d.log())
+        conn, ch = mpstack.amqp_channel(self.env)
+        try:
+            method, _, body = ch.basic_get(d.dead_queue, auto_ack=True)
+            self.assertIsNotNone(method)
+            self.assertIn(mid.encode(), body)
+        finally:
+            conn.close()
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
