@@ -355,18 +355,28 @@ static void job_collect_rcpts(job_t *j)
     htable_fini(&index);
 }
 
-/* RFC 6531: a non-ASCII envelope address needs SMTPUTF8 (the MIME
- * builder's output is 7-bit, so BODY=8BITMIME is never needed). */
+/* RFC 6531: a non-ASCII envelope address needs SMTPUTF8. RFC 6152: 8-bit
+ * bytes in the message (only a "raw" message can have them: the MIME
+ * builder's own output is 7-bit) need BODY=8BITMIME, and a server that
+ * does not offer it gets no such message (session.c refuses, 5.6.3). */
 static unsigned job_smtp_need(const job_t *j)
 {
+    unsigned need = 0;
+    const unsigned char *b = (const unsigned char *)buf_head(&j->raw);
+    for (size_t i = 0, n = buf_size(&j->raw); i < n; i++) {
+        if (b[i] >= 0x80) {
+            need |= SMTP_NEED_8BITMIME;
+            break;
+        }
+    }
     for (const unsigned char *p = (const unsigned char *)j->msg->from.addr; p && *p; p++)
         if (*p >= 0x80)
-            return SMTP_NEED_SMTPUTF8;
+            return need | SMTP_NEED_SMTPUTF8;
     for (size_t i = 0; i < j->nrcpts; i++)
         for (const unsigned char *p = (const unsigned char *)j->rcpts[i].addr; p && *p; p++)
             if (*p >= 0x80)
-                return SMTP_NEED_SMTPUTF8;
-    return 0;
+                return need | SMTP_NEED_SMTPUTF8;
+    return need;
 }
 
 /* The RFC 5322 bytes, built and signed once: the same bytes go to SMTP

@@ -337,5 +337,43 @@ class Identity(unittest.TestCase):
             conn.close()
 
 
+    # ---- 8-bit raw messages ---------------------------------------------------------
+
+    def raw_8bit(self, d, mid):
+        raw = (f"From: {SENDER}\r\nTo: {mid}@test.example\r\nSubject: 8bit\r\n"
+               "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               "Content-Transfer-Encoding: 8bit\r\n\r\nGr\u00fc\u00dfe aus K\u00f6ln\r\n").encode()
+        self.publish(d, {"id": mid, "from": SENDER, "to": [f"{mid}@test.example"],
+                         "raw": base64.b64encode(raw).decode()})
+
+    def test_raw_8bit_message_declares_8bitmime(self):
+        log = os.path.join(tempfile.mkdtemp(prefix="mp-8bit-"), "t.log")
+        self.addCleanup(shutil.rmtree, os.path.dirname(log), True)
+        s = mpstack.Sink(addr="127.0.0.2", extra=["--log", log])
+        self.addCleanup(s.stop)
+        d, tap = self.daemon(s.port)
+        self.start(d)
+        mid = "eight-" + os.urandom(4).hex()
+        self.raw_8bit(d, mid)
+        ev = self.final_events(tap, lambda e: e["message_id"] == mid, 1)[0]
+        self.assertEqual(ev["event"], "delivered", ev)
+        with open(log) as f:
+            mails = [line for line in f if "MAIL FROM:" in line]
+        self.assertEqual(len(mails), 1, mails)
+        self.assertIn("BODY=8BITMIME", mails[0])
+
+    def test_raw_8bit_message_to_a_7bit_server_is_refused_clearly(self):
+        s = mpstack.Sink(addr="127.0.0.2", extra=["--no-8bitmime"])
+        self.addCleanup(s.stop)
+        d, tap = self.daemon(s.port)
+        self.start(d)
+        mid = "seven-" + os.urandom(4).hex()
+        self.raw_8bit(d, mid)
+        ev = self.final_events(tap, lambda e: e["message_id"] == mid, 1)[0]
+        self.assertEqual(ev["event"], "bounced", ev)
+        self.assertIn("needs 8BITMIME", ev["smtp"]["text"])
+        self.assertEqual(s.messages(), [])
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
