@@ -173,10 +173,13 @@ static const key_def_t keys[] = {
     { "smtp", "relay", K_STR, F(smtp_relay), "", 0, NULL,
       "`host[:port]`: smarthost mode, every message goes there instead of MX; empty = MX delivery" },
     { "smtp", "relay_user", K_STR, F(smtp_relay_user), "", 0, NULL,
-      "AUTH PLAIN (or LOGIN) user for the relay, only sent inside TLS (`tls` must not be `none`); empty"
-      " = no AUTH" },
+      "AUTH PLAIN (or LOGIN) user for the relay, only sent inside TLS whose certificate and name are"
+      " verified (`tls = verify`, see relay_auth_unverified); empty = no AUTH" },
     { "smtp", "relay_password", K_STR, F(smtp_relay_password), "", 1, NULL,
       "AUTH password for the relay (masked by --check-config)" },
+    { "smtp", "relay_auth_unverified", K_UINT, F(smtp_relay_auth_unverified), "0", 0, NULL,
+      "1 = send the relay password even when the relay's certificate is not verified (`tls` other than"
+      " `verify`, or a `tls_policy` entry other than `verify`); 0 = refuse such a configuration at start-up" },
     { "smtp", "timeout_connect_ms", K_UINT, F(smtp_timeout_connect_ms), "0", 0, NULL,
       "milliseconds for the TCP connect; 0 = the scaled default (30 s)" },
     { "smtp", "timeout_greeting_ms", K_UINT, F(smtp_timeout_greeting_ms), "0", 0, NULL,

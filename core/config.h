@@ -91,6 +91,7 @@ typedef struct mp_config {
     char    *smtp_relay;          /* "host[:port]": smarthost mode; empty = MX delivery */
     char    *smtp_relay_user;     /* AUTH PLAIN/LOGIN over TLS; empty = no AUTH */
     char    *smtp_relay_password;
+    unsigned smtp_relay_auth_unverified; /* 1: AUTH also to a relay whose certificate is not verified */
     /* per-state timeouts (smtp_timeouts_t in deliverer/session.h), 0 = the scaled RFC default */
     unsigned smtp_timeout_connect_ms;
     unsigned smtp_timeout_greeting_ms;

@@ -337,6 +337,23 @@ int deliver_config_build(deliver_config_t *d, const struct mp_config *cfg, SSL_C
             snprintf(err, errlen, "[smtp] relay_user needs tls other than none: AUTH is only sent inside TLS");
             return -1;
         }
+        /* a password is only for the relay it belongs to: whoever answers
+         * STARTTLS with any certificate must not get it */
+        if (!cfg->smtp_relay_auth_unverified) {
+            int unverified = d->tls != SMTP_TLS_VERIFY;
+            deliver_tls_map_t policies;
+            char e[256];
+            deliver_tls_map_parse(cfg->smtp_tls_policy, &policies, e, sizeof(e));
+            for (size_t i = 0; i < policies.n; i++)
+                unverified |= policies.rules[i].policy != SMTP_TLS_VERIFY;
+            deliver_tls_map_free(&policies);
+            if (unverified) {
+                snprintf(err, errlen, "[smtp] relay_user needs tls = verify (and no tls_policy entry other than "
+                         "verify): the password goes only to a relay whose certificate and name are checked; "
+                         "set relay_auth_unverified = 1 to send it without that check");
+                return -1;
+            }
+        }
         d->auth_user = cfg->smtp_relay_user;
         d->auth_pass = cfg->smtp_relay_password;
     }

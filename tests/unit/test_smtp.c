@@ -2292,6 +2292,7 @@ static void test_config_build(void **state)
     set_str(&mc.smtp_tls_policy, "a.test:verify, .b.test:none");
     set_str(&mc.smtp_relay, "127.0.0.1:2526");
     set_str(&mc.smtp_relay_user, "u");
+    mc.smtp_relay_auth_unverified = 1; /* the cases below are about the translation */
     assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), 0);
     assert_int_equal(d.port, 2525);
     assert_string_equal(d.helo_name, "mx.sender.test");
@@ -2362,6 +2363,29 @@ static void test_config_build(void **state)
     set_str(&mc.smtp_tls_policy, "a.test:sometimes");
     assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "a.test:sometimes"));
+    deliver_config_store_free(&st);
+
+    /* the relay password goes only to a verified relay unless opted out */
+    mc.smtp_relay_auth_unverified = 0;
+    static const char refused[] = "[smtp] relay_user needs tls = verify (and no tls_policy entry other than "
+                                  "verify): the password goes only to a relay whose certificate and name are "
+                                  "checked; set relay_auth_unverified = 1 to send it without that check";
+    set_str(&mc.smtp_tls_policy, "");
+    const mp_smtp_tls_t weak[] = { MP_SMTP_TLS_OPPORTUNISTIC, MP_SMTP_TLS_REQUIRED };
+    for (size_t i = 0; i < 2; i++) {
+        mc.smtp_tls = weak[i];
+        assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), -1);
+        assert_string_equal(err, refused);
+        deliver_config_store_free(&st);
+    }
+    mc.smtp_tls = MP_SMTP_TLS_VERIFY;
+    set_str(&mc.smtp_tls_policy, "a.test:verify, .b.test:required");
+    assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), -1);
+    assert_string_equal(err, refused);
+    deliver_config_store_free(&st);
+    set_str(&mc.smtp_tls_policy, "a.test:verify");
+    assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), 0);
+    assert_string_equal(d.auth_user, "u");
     deliver_config_store_free(&st);
     config_free(&mc);
 }
