@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "core/config.h"
@@ -165,6 +166,25 @@ static void free_env(worker_env_t *env)
     env->throttle = NULL;
 }
 
+/* Every SMTP and IMAP session, DNS socket and pooled connection is a
+ * descriptor: the soft limit (often 1024) would be reached long before
+ * the memory or the sessions run out. Raise it to the hard limit once,
+ * at start-up, and say what we got. */
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return;
+    rlim_t before = rl.rlim_cur;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+            getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    log_info("main", "fd_limit", "soft=%llu hard=%llu was=%llu", (unsigned long long)rl.rlim_cur,
+             (unsigned long long)rl.rlim_max, (unsigned long long)before);
+}
+
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
@@ -227,6 +247,7 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
+    raise_fd_limit();
 
     metrics_server_t *ms = NULL;
     if (cfg.metrics_listen[0]) {

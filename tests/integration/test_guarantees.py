@@ -24,6 +24,7 @@ import imaplib
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -373,6 +374,24 @@ class Identity(unittest.TestCase):
         self.assertEqual(ev["event"], "bounced", ev)
         self.assertIn("needs 8BITMIME", ev["smtp"]["text"])
         self.assertEqual(s.messages(), [])
+
+
+    # ---- local resources --------------------------------------------------------------
+
+    def test_descriptor_limit_raised_to_the_hard_limit(self):
+        sink = self.sink()
+        d, tap = self.daemon(sink.port)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        try:
+            self.start(d)  # inherits the low soft limit
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        with open(f"/proc/{d.proc.pid}/limits") as f:
+            line = next(x for x in f if x.startswith("Max open files"))
+        got_soft, got_hard = line.split()[3:5]
+        self.assertEqual(got_soft, got_hard, line)
+        self.assertIn(f"event=fd_limit soft={got_hard} hard={got_hard} was=256", d.log())
 
 
 if __name__ == "__main__":
