@@ -101,8 +101,10 @@ static void test_errors_name_the_problem(void **state)
         { "", "MAILPUMP_AMQP_PORT", "x1", 1, "MAILPUMP_AMQP_PORT" },
         { "[imap]\nhost = 127.0.0.1\n", NULL, NULL, 0, "accounts_file is empty" },
         { "[amqp]\nprefetch = 0\n", NULL, NULL, 0, "prefetch" },
-        { "[amqp\nport = 1\n", NULL, NULL, 1, "outside a [section]" },
-        { "[amqp]\nport\n", NULL, NULL, 1, "syntax error" },
+        { "[amqp\nport = 1\n", NULL, NULL, 1, ":1: malformed section header \"[amqp\": no closing ]" },
+        { "port = 1\n[amqp]\n", NULL, NULL, 1, ":1: key \"port\" outside a [section]" },
+        { "[amqp]\nport\n", NULL, NULL, 1,
+          ":2: syntax error: expected \"key = value\", \"[section]\" or a comment, got \"port\"" },
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         write_file(cases[i].file);
@@ -188,6 +190,149 @@ static void test_enum_keys(void **state)
     assert_string_equal(list, "error, warn, info, debug");
     config_enum_list("amqp", "host", ", ", list, sizeof(list));
     assert_string_equal(list, "");
+}
+
+/* Parse text as the configuration file: 0 or -1 with err. */
+static int load_text(mp_config_t *c, const char *text, char *err, size_t errlen)
+{
+    write_file(text);
+    config_defaults(c);
+    int r = config_load(c, path, err, errlen);
+    unlink(path);
+    return r;
+}
+
+/* The error after the "path:" prefix, or "" when err is not "path:...". */
+static const char *after_path(const char *err)
+{
+    size_t n = strlen(path);
+    return strncmp(err, path, n) == 0 && err[n] == ':' ? err + n + 1 : "";
+}
+
+/* A line of any length is read whole: no 200-byte limit (libinih's). */
+static void test_long_lines(void **state)
+{
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    fputs("[smtp]\ntls_policy = ", f);
+    for (int i = 0; i < 400; i++)
+        fprintf(f, "%sdomain-%03d.example:verify", i ? ", " : "", i);
+    fputs("\nport = 2525\n", f);
+    fprintf(f, "helo_name = %0300d\n", 0); /* a long value for a short key */
+    fclose(f);
+    mp_config_t c;
+    char err[512] = "";
+    if (load_text(&c, text, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(strlen(c.smtp_tls_policy), 400 * 27 - 2);
+    assert_true(strncmp(c.smtp_tls_policy, "domain-000.example:verify, domain-001", 37) == 0);
+    const char *tail = c.smtp_tls_policy + strlen(c.smtp_tls_policy) - 25;
+    assert_string_equal(tail, "domain-399.example:verify");
+    assert_int_equal(c.smtp_port, 2525);
+    assert_int_equal(strlen(c.smtp_helo_name), 300);
+    config_free(&c);
+    free(text);
+
+    /* a long unknown key is named whole, not cut into "unknown key ... ple" */
+    char line[600];
+    snprintf(line, sizeof(line), "[smtp]\n%0250d = 1\n", 7);
+    assert_int_equal(load_text(&c, line, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, ":2: unknown key [smtp] 0000000"));
+    assert_non_null(strstr(err, "0007"));
+    config_free(&c);
+}
+
+/* A key given twice is an error naming both lines, case-insensitively. */
+static void test_duplicate_key(void **state)
+{
+    mp_config_t c;
+    char err[512] = "";
+    assert_int_equal(load_text(&c, "[smtp]\ntls = none\n; x\n\ntls = verify\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "5: [smtp] tls is given twice, on lines 2 and 5");
+    config_free(&c);
+    /* also across two [smtp] sections, and spelled in another case */
+    assert_int_equal(load_text(&c, "[smtp]\nport = 25\n[amqp]\nhost = x\n[SMTP]\nPort = 26\n", err, sizeof(err)),
+                     -1);
+    assert_string_equal(after_path(err), "6: [smtp] port is given twice, on lines 2 and 6");
+    config_free(&c);
+    /* a section given twice is fine, and the environment still wins over the file */
+    setenv("MAILPUMP_SMTP_PORT", "27", 1);
+    assert_int_equal(load_text(&c, "[smtp]\nport = 25\n[amqp]\nhost = x\n[smtp]\ntls = none\n", err, sizeof(err)),
+                     0);
+    unsetenv("MAILPUMP_SMTP_PORT");
+    assert_int_equal(c.smtp_port, 27);
+    assert_int_equal(c.smtp_tls, MP_SMTP_TLS_NONE);
+    config_free(&c);
+}
+
+/* An indented line after a key (libinih's continuation) is an error. */
+static void test_continuation_line(void **state)
+{
+    mp_config_t c;
+    char err[512] = "";
+    /* a key with no _file form is told only to use one line; a blank line does not end the value */
+    assert_int_equal(load_text(&c, "[amqp]\nhost = x\n\n\tport = 1\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err),
+                        "4: continuation lines are not supported: put the whole value on one line (this indented "
+                        "line follows [amqp] host; unindent it if it is a key of its own)");
+    config_free(&c);
+    /* indentation where no value precedes, and indented comments, read as before */
+    if (load_text(&c, "  [amqp]\n  host = x\n  ; comment\n  # comment\n\n[smtp]\n\tport = 26\n", err,
+                  sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_string_equal(c.amqp_host, "x");
+    assert_int_equal(c.smtp_port, 26);
+    config_free(&c);
+}
+
+/* Values are taken as written: only a ';' after a blank starts a comment,
+ * and that is refused on a secret rather than cutting it. */
+static void test_values_and_comments(void **state)
+{
+    mp_config_t c;
+    char err[512] = "";
+    if (load_text(&c,
+                  "\xef\xbb\xbf; comment\n# comment\n[amqp]\npassword = pa;ss#wo\"rd\"\r\nhost = broker ; inline\n"
+                  "user: \"quoted\"\nvhost =\n[smtp] ; the SMTP side\nca_file = /x;\nrelay_password =;x\n"
+                  "helo_name = a=b:c\n",
+                  err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_string_equal(c.amqp_password, "pa;ss#wo\"rd\"");
+    assert_string_equal(c.amqp_host, "broker");
+    assert_string_equal(c.amqp_user, "\"quoted\"");
+    assert_string_equal(c.amqp_vhost, "");
+    assert_string_equal(c.smtp_ca_file, "/x;");
+    assert_string_equal(c.smtp_relay_password, ";x");
+    assert_string_equal(c.smtp_helo_name, "a=b:c");
+    config_free(&c);
+    assert_int_equal(load_text(&c, "[smtp]\nport = 25x\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "2: [smtp] port: expected a non-negative number, got \"25x\"");
+    config_free(&c);
+    assert_int_equal(load_text(&c, "[amqp]\npassword = pa ;ss\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err),
+                        "2: [amqp] password: a blank followed by ';' starts an inline comment, which would cut "
+                        "this secret short; put the comment on a line of its own, or set MAILPUMP_AMQP_PASSWORD "
+                        "(taken verbatim)");
+    config_free(&c);
+    assert_int_equal(load_text(&c, "[amqp] x\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "1: unexpected \"x\" after the section header");
+    config_free(&c);
+    assert_int_equal(load_text(&c, "[ ]\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "1: empty section name");
+    config_free(&c);
+    assert_int_equal(load_text(&c, "[amqp]\n= 1\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "2: syntax error: no key name before the '='");
+    config_free(&c);
+    char nul[] = "[amqp]\nhost = a\0b\n";
+    write_file("");
+    FILE *f = fopen(path, "w");
+    fwrite(nul, 1, sizeof(nul) - 1, f);
+    fclose(f);
+    config_defaults(&c);
+    assert_int_equal(config_load(&c, path, err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "2: NUL byte in the line (not a text file?)");
+    config_free(&c);
 }
 
 static void test_missing_file(void **state)
@@ -289,6 +434,10 @@ int main(void)
         cmocka_unit_test_teardown(test_file_then_environment, teardown),
         cmocka_unit_test_teardown(test_errors_name_the_problem, teardown),
         cmocka_unit_test_teardown(test_enum_keys, teardown),
+        cmocka_unit_test_teardown(test_long_lines, teardown),
+        cmocka_unit_test_teardown(test_duplicate_key, teardown),
+        cmocka_unit_test_teardown(test_continuation_line, teardown),
+        cmocka_unit_test_teardown(test_values_and_comments, teardown),
         cmocka_unit_test_teardown(test_missing_file, teardown),
         cmocka_unit_test_teardown(test_dump_masks_secrets, teardown),
         cmocka_unit_test(test_reference),
