@@ -131,12 +131,20 @@ static const key_def_t keys[] = {
       "percent of the RFC 5321 section 4.5.3.2 timeouts (> 0)" },
     { "smtp", "tls_policy", K_STR, F(smtp_tls_policy), "", 0, NULL,
       "per destination domain, overrides `tls`: `bank.example:verify, legacy.example:none, "
-      ".corp.example:required` (`.d` also matches subdomains; the first matching entry applies); empty "
-      "= none" },
+      ".corp.example:required` (`.d` also matches subdomains; the first matching entry applies, these "
+      "before those of `tls_policy_file`); empty = none" },
+    { "smtp", "tls_policy_file", K_STR, F(smtp_tls_policy_file), "", 0, NULL,
+      "file of more `tls_policy` entries, one `domain:policy` per line (blank lines and lines starting "
+      "with `#` ignored), read at start-up and appended after the inline entries (the first match "
+      "wins); errors name file:line; empty = none" },
     { "smtp", "rate_limits", K_STR, F(smtp_rate_limits), "", 0, NULL,
       "messages per second, minute or hour per recipient domain, evenly spaced, kept in Redis for the "
       "whole fleet (per process without Redis): `gmail.com:100/s, .yahoo.com:20/s, example.org:5000/h`;"
-      " empty = no limits" },
+      " empty = no limits; `rate_limits_file` entries follow these (the first matching rule applies)" },
+    { "smtp", "rate_limits_file", K_STR, F(smtp_rate_limits_file), "", 0, NULL,
+      "file of more `rate_limits` rules, one `domain:N/s|m|h` per line (blank lines and lines starting "
+      "with `#` ignored), read at start-up and appended after the inline rules (the first match wins); "
+      "errors name file:line; empty = none" },
     { "smtp", "rate_limit_max_wait", K_MS, F(smtp_rate_limit_max_wait_ms), "10s", 0, NULL,
       "a message whose rate-limit slot is at most this far away waits for it; a later slot defers the "
       "domain's recipients (`rate_limited`) without spending an attempt" },

@@ -147,7 +147,7 @@ static int build_env(const mp_config_t *cfg, worker_env_t *env, char *err, size_
                              err, errlen) < 0)
         return -1;
     /* message-rate limits per destination domain, one table per process */
-    return throttle_new(cfg->smtp_rate_limits, &env->throttle, err, errlen);
+    return throttle_load(cfg->smtp_rate_limits, cfg->smtp_rate_limits_file, &env->throttle, err, errlen);
 }
 
 static void free_env(worker_env_t *env)

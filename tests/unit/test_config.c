@@ -14,6 +14,8 @@
 #include <unistd.h>
 
 #include "core/config.h"
+#include "deliverer/deliver.h"
+#include "deliverer/throttle.h"
 
 static char path[64];
 
@@ -271,6 +273,13 @@ static void test_continuation_line(void **state)
 {
     mp_config_t c;
     char err[512] = "";
+    assert_int_equal(load_text(&c, "[smtp]\ntls_policy = a.example:verify,\n  b.example:none\n", err, sizeof(err)),
+                     -1);
+    assert_string_equal(after_path(err),
+                        "3: continuation lines are not supported: put the whole value on one line, or use "
+                        "tls_policy_file (this indented line follows [smtp] tls_policy; unindent it if it is a "
+                        "key of its own)");
+    config_free(&c);
     /* a key with no _file form is told only to use one line; a blank line does not end the value */
     assert_int_equal(load_text(&c, "[amqp]\nhost = x\n\n\tport = 1\n", err, sizeof(err)), -1);
     assert_string_equal(after_path(err),
@@ -333,6 +342,125 @@ static void test_values_and_comments(void **state)
     assert_int_equal(config_load(&c, path, err, sizeof(err)), -1);
     assert_string_equal(after_path(err), "2: NUL byte in the line (not a text file?)");
     config_free(&c);
+}
+
+static char map_path[64];
+
+/* map_path holds text */
+static void write_map(const char *text)
+{
+    snprintf(map_path, sizeof(map_path), "/tmp/mp-map-XXXXXX");
+    int fd = mkstemp(map_path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+    close(fd);
+}
+
+/* deliver_config_build() of [smtp] tls_policy + tls_policy_file: 0, or -1 with err. */
+static int build_tls_policy(const char *inline_map, const char *file, char *map, size_t maplen, char *err,
+                            size_t errlen)
+{
+    mp_config_t c;
+    config_defaults(&c);
+    free(c.smtp_tls_policy);
+    c.smtp_tls_policy = strdup(inline_map);
+    free(c.smtp_tls_policy_file);
+    c.smtp_tls_policy_file = strdup(file);
+    deliver_config_t d;
+    deliver_config_store_t st;
+    int r = deliver_config_build(&d, &c, NULL, NULL, &st, err, errlen);
+    if (r == 0)
+        snprintf(map, maplen, "%s", d.tls_policy_map ? d.tls_policy_map : "(none)");
+    deliver_config_store_free(&st);
+    config_free(&c);
+    return r;
+}
+
+/* [smtp] tls_policy_file: one entry per line after the inline entries,
+ * so an inline entry wins; errors name file:line. */
+static void test_tls_policy_file(void **state)
+{
+    char map[512], err[512] = "";
+    write_map("# bank domains\n\nbank.example:verify\r\n  .corp.example : required  \n   # indented comment\n"
+              "a.example:none\n");
+    if (build_tls_policy("a.example:verify, b.example:none", map_path, map, sizeof(map), err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_string_equal(map, "a.example:verify, b.example:none, bank.example:verify, .corp.example : required, "
+                             "a.example:none");
+    deliver_tls_map_t m;
+    assert_int_equal(deliver_tls_map_parse(map, &m, err, sizeof(err)), 0);
+    assert_int_equal(m.n, 5);
+    assert_int_equal(deliver_tls_map_lookup(&m, SMTP_TLS_OPPORTUNISTIC, "a.example"), SMTP_TLS_VERIFY);
+    assert_int_equal(deliver_tls_map_lookup(&m, SMTP_TLS_OPPORTUNISTIC, "mx.corp.example"), SMTP_TLS_REQUIRED);
+    assert_int_equal(deliver_tls_map_lookup(&m, SMTP_TLS_OPPORTUNISTIC, "bank.example"), SMTP_TLS_VERIFY);
+    deliver_tls_map_free(&m);
+    /* only the file */
+    assert_int_equal(build_tls_policy("", map_path, map, sizeof(map), err, sizeof(err)), 0);
+    assert_string_equal(map, "bank.example:verify, .corp.example : required, a.example:none");
+    unlink(map_path);
+    /* an empty file, or none */
+    write_map("# nothing yet\n");
+    assert_int_equal(build_tls_policy("", map_path, map, sizeof(map), err, sizeof(err)), 0);
+    assert_string_equal(map, "(none)");
+    unlink(map_path);
+
+    static const struct { const char *file; const char *want; } bad[] = {
+        { "a.example:verify\n\nb.example:sometimes\n",
+          ":3: \"b.example:sometimes\" is not domain:none|opportunistic|required|verify" },
+        { "a.example:verify, b.example:none\n", ":1: \"a.example:verify, b.example:none\": one entry per line, "
+                                                 "without ','" },
+        { "a.example:verify # the bank\n",
+          ":1: \"a.example:verify # the bank\" is not domain:none|opportunistic|required|verify" },
+        { "a.example\n", ":1: \"a.example\" is not domain:none|opportunistic|required|verify" },
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        write_map(bad[i].file);
+        assert_int_equal(build_tls_policy("", map_path, map, sizeof(map), err, sizeof(err)), -1);
+        char want[512];
+        snprintf(want, sizeof(want), "[smtp] tls_policy_file: %s%s", map_path, bad[i].want);
+        assert_string_equal(err, want);
+        unlink(map_path);
+    }
+    assert_int_equal(build_tls_policy("", "/nonexistent/tls", map, sizeof(map), err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] tls_policy_file: /nonexistent/tls: No such file or directory");
+    /* the inline key's own error is unchanged */
+    assert_int_equal(build_tls_policy("a.example:maybe", "", map, sizeof(map), err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] tls_policy: \"a.example:maybe\" is not domain:none|opportunistic|required|verify");
+}
+
+/* [smtp] rate_limits_file: the same form for the rate limits. */
+static void test_rate_limits_file(void **state)
+{
+    char err[512] = "", rule[96];
+    double iv = 0;
+    throttle_t *t = NULL;
+    write_map("# providers\ngmail.com:50/s\n.yahoo.com:20/m\nexample.org:10/h\n");
+    if (throttle_load("gmail.com:100/s", map_path, &t, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(throttle_rule(t, "gmail.com", &iv, rule, sizeof(rule)), 1);
+    assert_string_equal(rule, "gmail.com:100/s"); /* the inline rule comes first */
+    assert_true(iv > 9.99 && iv < 10.01);
+    assert_int_equal(throttle_rule(t, "mx.yahoo.com", &iv, rule, sizeof(rule)), 1);
+    assert_string_equal(rule, ".yahoo.com:20/m");
+    assert_int_equal(throttle_rule(t, "example.org", &iv, rule, sizeof(rule)), 1);
+    assert_string_equal(rule, "example.org:10/h");
+    assert_int_equal(throttle_rule(t, "example.net", &iv, rule, sizeof(rule)), 0);
+    throttle_free(t);
+    unlink(map_path);
+
+    write_map("gmail.com:50/s\n# x\nyahoo.com:20/d\n");
+    assert_int_equal(throttle_load("", map_path, &t, err, sizeof(err)), -1);
+    char want[512];
+    snprintf(want, sizeof(want), "[smtp] rate_limits_file: %s:3: \"yahoo.com:20/d\" is not domain:N/s, "
+             "domain:N/m or domain:N/h (N from 1 to 1000000; .domain also matches subdomains)", map_path);
+    assert_string_equal(err, want);
+    assert_null(t);
+    unlink(map_path);
+    assert_int_equal(throttle_load("", "/nonexistent/rates", &t, err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] rate_limits_file: /nonexistent/rates: No such file or directory");
+    /* neither: no limits */
+    assert_int_equal(throttle_load("", "", &t, err, sizeof(err)), 0);
+    assert_null(t);
 }
 
 static void test_missing_file(void **state)
@@ -438,6 +566,8 @@ int main(void)
         cmocka_unit_test_teardown(test_duplicate_key, teardown),
         cmocka_unit_test_teardown(test_continuation_line, teardown),
         cmocka_unit_test_teardown(test_values_and_comments, teardown),
+        cmocka_unit_test(test_tls_policy_file),
+        cmocka_unit_test(test_rate_limits_file),
         cmocka_unit_test_teardown(test_missing_file, teardown),
         cmocka_unit_test_teardown(test_dump_masks_secrets, teardown),
         cmocka_unit_test(test_reference),
