@@ -119,7 +119,8 @@ static const key_def_t keys[] = {
     { "smtp", "port", K_UINT, F(smtp_port), "25", 0, NULL,
       "destination port (1-65535)" },
     { "smtp", "helo_name", K_STR, F(smtp_helo_name), "", 0, NULL,
-      "EHLO name; empty = this host's name" },
+      "EHLO name: a host name or an address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`), RFC 5321 "
+      "section 4.1.3; empty = this host's name" },
     { "smtp", "tls", K_ENUM, F(smtp_tls), "opportunistic", 0, smtp_tls_names,
       "default TLS policy: `none`, `opportunistic` (STARTTLS when offered, no verification), `required`"
       " (no STARTTLS = deferred), `verify` (chain against `ca_file` and the MX host name)" },
@@ -795,8 +796,8 @@ void config_print_reference(void *stream)
           "continuation line elsewhere) are errors. "
           "Every key can be overridden by its environment variable `MAILPUMP_<SECTION>_<KEY>`, "
           "which wins over the file. Unknown sections or keys are errors. "
-          "`mailpumpd --check-config` validates a configuration and prints the effective values "
-          "with secrets masked.\n"
+          "`mailpumpd --check-config` runs every check start-up runs before it starts a worker and prints "
+          "the effective values with secrets masked.\n"
           "\n"
           "Types: *integer* is a non-negative decimal number; *duration* is `250ms`, `30s`, `5m`, "
           "`2h`, `1d` or a bare number of milliseconds; *one of* takes exactly one of the names "

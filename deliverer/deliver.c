@@ -41,12 +41,14 @@
  */
 #include "deliverer/deliver.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "core/buf.h"
@@ -55,6 +57,7 @@
 #include "core/tls.h"
 #include "core/util.h"
 #include "deliverer/routes.h"
+#include "dns/mx.h"
 #include "metrics/metrics.h"
 
 
@@ -319,6 +322,27 @@ void deliver_tls_map_free(deliver_tls_map_t *m)
     memset(m, 0, sizeof(*m));
 }
 
+int deliver_helo_name_check(const char *name, char *err, size_t errlen)
+{
+    size_t n = strlen(name);
+    if (n >= 2 && name[0] == '[' && name[n - 1] == ']') {
+        char lit[64];
+        unsigned char addr[16];
+        if (n - 2 < sizeof(lit)) {
+            memcpy(lit, name + 1, n - 2);
+            lit[n - 2] = '\0';
+            if (strncasecmp(lit, "IPv6:", 5) == 0 ? inet_pton(AF_INET6, lit + 5, addr) == 1
+                                                 : inet_pton(AF_INET, lit, addr) == 1)
+                return 0;
+        }
+    } else if (n > 0 && dns_name_check(name) == n) {
+        return 0;
+    }
+    snprintf(err, errlen, "[smtp] helo_name: \"%s\" is neither a host name nor an address literal like "
+             "[192.0.2.1] or [IPv6:2001:db8::1] (RFC 5321 section 4.1.3)", name);
+    return -1;
+}
+
 static unsigned cap_ms(uint64_t ms)
 {
     return (unsigned)(ms > 86400000 ? 86400000 : ms);
@@ -336,6 +360,8 @@ int deliver_config_build(deliver_config_t *d, const struct mp_config *cfg, SSL_C
     int bad_map = deliver_tls_map_parse(store->tls_policy, &map, err, errlen);
     deliver_tls_map_free(&map); /* each deliver_ctx parses its own copy */
     if (bad_map < 0)
+        return -1;
+    if (cfg->smtp_helo_name[0] && deliver_helo_name_check(cfg->smtp_helo_name, err, errlen) < 0)
         return -1;
     d->port = (unsigned short)cfg->smtp_port;
     if (cfg->smtp_helo_name[0])

@@ -239,6 +239,12 @@ int deliver_tls_map_parse(const char *map, deliver_tls_map_t *out, char *err, si
 smtp_tls_policy_t deliver_tls_map_lookup(const deliver_tls_map_t *m, smtp_tls_policy_t dflt, const char *domain);
 void deliver_tls_map_free(deliver_tls_map_t *m);
 
+/* 0 when name is what EHLO may carry (RFC 5321 section 4.1.3): a host
+ * name of LDH labels (no final dot, a last label not all digits) or an
+ * address literal, "[192.0.2.1]" or "[IPv6:2001:db8::1]"; else -1 with err
+ * ("[smtp] helo_name: ..."). */
+int deliver_helo_name_check(const char *name, char *err, size_t errlen);
+
 /* What deliver_config_build() makes for the config it fills to point to:
  * keep it alive as long as that config and every deliver_ctx made from it,
  * then deliver_config_store_free(). */
@@ -253,7 +259,8 @@ typedef struct deliver_config_store {
 
 /*
  * The one translation of the [smtp] keys of cfg (core/config.h) into d
- * (zeroed first): port, EHLO name, default TLS policy and the tls_policy
+ * (zeroed first): port, EHLO name (a configured one checked with
+ * deliver_helo_name_check()), default TLS policy and the tls_policy
  * map with tls_policy_file's entries after it (read and checked here,
  * kept in store->tls_policy, parsed by each deliver_ctx_new), max_mx, pipelining,
  * max_rcpts, pool limits, TLS cache size, route penalties (one table,

@@ -15,6 +15,7 @@
 
 #include "core/config.h"
 #include "deliverer/deliver.h"
+#include "deliverer/env.h"
 #include "deliverer/throttle.h"
 
 static char path[64];
@@ -463,6 +464,86 @@ static void test_rate_limits_file(void **state)
     assert_null(t);
 }
 
+/* env_build() (the start-up checks --check-config runs) of the defaults
+ * with [section] key = value set: 0, or -1 with err. */
+static int check_with(const char *section, const char *key, const char *value, char *err, size_t errlen)
+{
+    char text[512];
+    snprintf(text, sizeof(text), "[%s]\n%s = %s\n", section, key, value);
+    mp_config_t c;
+    if (load_text(&c, text, err, errlen) != 0)
+        fail_msg("%s", err);
+    worker_env_t env;
+    int r = env_build(&c, &env, err, errlen);
+    env_free(&env);
+    config_free(&c);
+    return r;
+}
+
+/* [metrics] listen: start-up's own parse, before any worker runs. */
+static void test_check_metrics_listen(void **state)
+{
+    static const struct { const char *listen, *want; } cases[] = {
+        { "0.0.0.0:9464", NULL },
+        { "127.0.0.1:19466", NULL },
+        { "[::]:9464", NULL },
+        { "19466", "[metrics] listen: expected host:port, got \"19466\"" },
+        { "localhost:9464", "[metrics] listen: \"localhost\" is not a numeric address" },
+        { "0.0.0.0:0", "[metrics] listen: bad port in \"0.0.0.0:0\"" },
+        { "0.0.0.0:http", "[metrics] listen: bad port in \"0.0.0.0:http\"" },
+        { "[::1:9464", "[metrics] listen: \"[::1\" is not a numeric address" },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char err[512] = "";
+        int r = check_with("metrics", "listen", cases[i].listen, err, sizeof(err));
+        if (cases[i].want == NULL && r != 0)
+            fail_msg("%s: %s", cases[i].listen, err);
+        if (cases[i].want) {
+            assert_int_equal(r, -1);
+            assert_string_equal(err, cases[i].want);
+        }
+    }
+}
+
+/* [smtp] helo_name: a host name or an address literal (RFC 5321 4.1.3). */
+static void test_check_helo_name(void **state)
+{
+    static const char *good[] = {
+        "mail-out.example.com", "localhost", "MX1.Example.ORG", "[192.0.2.1]", "[IPv6:2001:db8::1]", "[ipv6:::1]",
+    };
+    static const char *bad[] = {
+        "'not a name'", "not a name", "mail_out.example.com", "mail.example.com.", "192.0.2.1", "[192.0.2.256]",
+        "[2001:db8::1]", "-mx.example.com", "mx..example.com", "[]", "mx.example.com:25",
+    };
+    char err[512] = "";
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+        if (check_with("smtp", "helo_name", good[i], err, sizeof(err)) != 0)
+            fail_msg("%s: %s", good[i], err);
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        if (check_with("smtp", "helo_name", bad[i], err, sizeof(err)) != -1)
+            fail_msg("%s accepted", bad[i]);
+        char want[512];
+        snprintf(want, sizeof(want), "[smtp] helo_name: \"%s\" is neither a host name nor an address literal "
+                 "like [192.0.2.1] or [IPv6:2001:db8::1] (RFC 5321 section 4.1.3)", bad[i]);
+        assert_string_equal(err, want);
+    }
+}
+
+/* The start-up checks include the map files and config_validate(). */
+static void test_check_runs_every_check(void **state)
+{
+    char err[512] = "";
+    assert_int_equal(check_with("smtp", "rate_limits_file", "/nonexistent/rates", err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] rate_limits_file: /nonexistent/rates: No such file or directory");
+    assert_int_equal(check_with("smtp", "tls_policy_file", "/nonexistent/tls", err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] tls_policy_file: /nonexistent/tls: No such file or directory");
+    assert_int_equal(check_with("amqp", "prefetch", "0", err, sizeof(err)), -1);
+    assert_string_equal(err, "[amqp] prefetch must be between 1 and 65535");
+    assert_int_equal(check_with("smtp", "rate_limits", "gmail.com:100/d", err, sizeof(err)), -1);
+    assert_true(strncmp(err, "[smtp] rate_limits: \"gmail.com:100/d\" is not", 43) == 0);
+    assert_int_equal(check_with("log", "level", "info", err, sizeof(err)), 0);
+}
+
 static void test_missing_file(void **state)
 {
     mp_config_t c;
@@ -568,6 +649,9 @@ int main(void)
         cmocka_unit_test_teardown(test_values_and_comments, teardown),
         cmocka_unit_test(test_tls_policy_file),
         cmocka_unit_test(test_rate_limits_file),
+        cmocka_unit_test_teardown(test_check_metrics_listen, teardown),
+        cmocka_unit_test_teardown(test_check_helo_name, teardown),
+        cmocka_unit_test_teardown(test_check_runs_every_check, teardown),
         cmocka_unit_test_teardown(test_missing_file, teardown),
         cmocka_unit_test_teardown(test_dump_masks_secrets, teardown),
         cmocka_unit_test(test_reference),
