@@ -218,7 +218,10 @@ static const key_def_t keys[] = {
     { "imap", "ca_file", K_STR, F(imap_ca_file), "", 0, NULL,
       "CA bundle for the IMAP server (certificate and name are always verified); empty = the system's" },
     { "imap", "accounts_file", K_STR, F(imap_accounts_file), "", 0, NULL,
-      "lines `sender-address login password` (`#` comments); mount it from a Secret" },
+      "lines `sender-address login password`, fields separated by blanks; a field may be "
+      "double-quoted (`\"pass word\"`, with `\\\"` and `\\\\` inside) and `#` inside a field is "
+      "part of it; comments are lines starting with `#` and a `#` field after the three; a sender "
+      "given twice is an error; mount it from a Secret" },
     { "imap", "timeout_ms", K_UINT, F(imap_timeout_ms), "30000", 0, NULL,
       "milliseconds per IMAP command" },
     { "imap", "pool", K_UINT, F(imap_pool), "1", 0, NULL,
