@@ -566,6 +566,7 @@ static int parse_line(parse_ctx_t *pc, char *line)
     if (*delim != '=' && *delim != ':')
         return parse_error(pc, "syntax error: expected \"key = value\", \"[section]\" or a comment, got \"%.64s\"",
                            s);
+    char sep = *delim;
     *delim = '\0';
     char *name = trim(s), *value = delim + 1;
     char *comment = find_or_comment(value, NULL);
@@ -573,7 +574,7 @@ static int parse_line(parse_ctx_t *pc, char *line)
     *comment = '\0';
     value = trim(value);
     if (*name == '\0')
-        return parse_error(pc, "syntax error: no key name before the '%c'", *delim ? *delim : '=');
+        return parse_error(pc, "syntax error: no key name before the '%c'", sep);
     if (pc->section == NULL)
         return parse_error(pc, "key \"%s\" outside a [section] (is a section header malformed?)", name);
     const key_def_t *k = find_key(pc->section, name);

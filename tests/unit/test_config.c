@@ -20,13 +20,19 @@
 
 static char path[64];
 
-static void write_file(const char *text)
+/* A new temporary file (named after tmpl) holding text; its name in out. */
+static void write_temp(char *out, size_t outlen, const char *tmpl, const char *text)
 {
-    snprintf(path, sizeof(path), "/tmp/mp-config-XXXXXX");
-    int fd = mkstemp(path);
+    snprintf(out, outlen, "%s", tmpl);
+    int fd = mkstemp(out);
     assert_true(fd >= 0);
     assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
     close(fd);
+}
+
+static void write_file(const char *text)
+{
+    write_temp(path, sizeof(path), "/tmp/mp-config-XXXXXX", text);
 }
 
 static int teardown(void **state)
@@ -334,6 +340,9 @@ static void test_values_and_comments(void **state)
     assert_int_equal(load_text(&c, "[amqp]\n= 1\n", err, sizeof(err)), -1);
     assert_string_equal(after_path(err), "2: syntax error: no key name before the '='");
     config_free(&c);
+    assert_int_equal(load_text(&c, "[amqp]\n : 1\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "2: syntax error: no key name before the ':'");
+    config_free(&c);
     char nul[] = "[amqp]\nhost = a\0b\n";
     write_file("");
     FILE *f = fopen(path, "w");
@@ -350,11 +359,7 @@ static char map_path[64];
 /* map_path holds text */
 static void write_map(const char *text)
 {
-    snprintf(map_path, sizeof(map_path), "/tmp/mp-map-XXXXXX");
-    int fd = mkstemp(map_path);
-    assert_true(fd >= 0);
-    assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
-    close(fd);
+    write_temp(map_path, sizeof(map_path), "/tmp/mp-map-XXXXXX", text);
 }
 
 /* deliver_config_build() of [smtp] tls_policy + tls_policy_file: 0, or -1 with err. */
