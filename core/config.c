@@ -11,7 +11,7 @@
 
 #include <ctype.h>
 #include <errno.h>
-#include <ini.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -119,7 +119,8 @@ static const key_def_t keys[] = {
     { "smtp", "port", K_UINT, F(smtp_port), "25", 0, NULL,
       "destination port (1-65535)" },
     { "smtp", "helo_name", K_STR, F(smtp_helo_name), "", 0, NULL,
-      "EHLO name; empty = this host's name" },
+      "EHLO name: a host name or an address literal (`[192.0.2.1]`, `[IPv6:2001:db8::1]`), RFC 5321 "
+      "section 4.1.3; empty = this host's name" },
     { "smtp", "tls", K_ENUM, F(smtp_tls), "opportunistic", 0, smtp_tls_names,
       "default TLS policy: `none`, `opportunistic` (STARTTLS when offered, no verification), `required`"
       " (no STARTTLS = deferred), `verify` (chain against `ca_file` and the MX host name)" },
@@ -131,12 +132,20 @@ static const key_def_t keys[] = {
       "percent of the RFC 5321 section 4.5.3.2 timeouts (> 0)" },
     { "smtp", "tls_policy", K_STR, F(smtp_tls_policy), "", 0, NULL,
       "per destination domain, overrides `tls`: `bank.example:verify, legacy.example:none, "
-      ".corp.example:required` (`.d` also matches subdomains; the first matching entry applies); empty "
-      "= none" },
+      ".corp.example:required` (`.d` also matches subdomains; the first matching entry applies, these "
+      "before those of `tls_policy_file`); empty = none" },
+    { "smtp", "tls_policy_file", K_STR, F(smtp_tls_policy_file), "", 0, NULL,
+      "file of more `tls_policy` entries, one `domain:policy` per line (blank lines and lines starting "
+      "with `#` ignored), read at start-up and appended after the inline entries (the first match "
+      "wins); errors name file:line; empty = none" },
     { "smtp", "rate_limits", K_STR, F(smtp_rate_limits), "", 0, NULL,
       "messages per second, minute or hour per recipient domain, evenly spaced, kept in Redis for the "
       "whole fleet (per process without Redis): `gmail.com:100/s, .yahoo.com:20/s, example.org:5000/h`;"
-      " empty = no limits" },
+      " empty = no limits; `rate_limits_file` entries follow these (the first matching rule applies)" },
+    { "smtp", "rate_limits_file", K_STR, F(smtp_rate_limits_file), "", 0, NULL,
+      "file of more `rate_limits` rules, one `domain:N/s|m|h` per line (blank lines and lines starting "
+      "with `#` ignored), read at start-up and appended after the inline rules (the first match wins); "
+      "errors name file:line; empty = none" },
     { "smtp", "rate_limit_max_wait", K_MS, F(smtp_rate_limit_max_wait_ms), "10s", 0, NULL,
       "a message whose rate-limit slot is at most this far away waits for it; a later slot defers the "
       "domain's recipients (`rate_limited`) without spending an attempt" },
@@ -212,7 +221,10 @@ static const key_def_t keys[] = {
     { "imap", "ca_file", K_STR, F(imap_ca_file), "", 0, NULL,
       "CA bundle for the IMAP server (certificate and name are always verified); empty = the system's" },
     { "imap", "accounts_file", K_STR, F(imap_accounts_file), "", 0, NULL,
-      "lines `sender-address login password` (`#` comments); mount it from a Secret" },
+      "lines `sender-address login password`, fields separated by blanks; a field may be "
+      "double-quoted (`\"pass word\"`, with `\\\"` and `\\\\` inside) and `#` inside a field is "
+      "part of it; comments are lines starting with `#` and a `#` field after the three; a sender "
+      "given twice is an error; mount it from a Secret" },
     { "imap", "timeout_ms", K_UINT, F(imap_timeout_ms), "30000", 0, NULL,
       "milliseconds per IMAP command" },
     { "imap", "pool", K_UINT, F(imap_pool), "1", 0, NULL,
@@ -436,37 +448,6 @@ void config_free(mp_config_t *cfg)
     }
 }
 
-typedef struct parse_ctx {
-    mp_config_t *cfg;
-    char        *err;
-    size_t       errlen;
-    int          failed;
-} parse_ctx_t;
-
-static int on_ini(void *user, const char *section, const char *name, const char *value)
-{
-    parse_ctx_t *pc = user;
-    if (pc->failed)
-        return 0; /* keep the first error */
-    if (section[0] == '\0') {
-        snprintf(pc->err, pc->errlen,
-                 "key \"%s\" outside a [section] (is a section header malformed?)", name);
-        pc->failed = 1;
-        return 0;
-    }
-    const key_def_t *k = find_key(section, name);
-    if (k == NULL) {
-        snprintf(pc->err, pc->errlen, "unknown key [%s] %s", section, name);
-        pc->failed = 1;
-        return 0;
-    }
-    if (set_value(pc->cfg, k, value, pc->err, pc->errlen) < 0) {
-        pc->failed = 1;
-        return 0;
-    }
-    return 1;
-}
-
 /* MAILPUMP_<SECTION>_<KEY> */
 static void env_name(const key_def_t *k, char *name, size_t len)
 {
@@ -475,28 +456,187 @@ static void env_name(const key_def_t *k, char *name, size_t len)
         *c = (char)toupper((unsigned char)*c);
 }
 
+/* ---- the file ----
+ *
+ * Our own line reader rather than libinih: Debian's build of libinih reads
+ * at most 200 bytes per line and parses the rest of a longer line as the
+ * next line (a long tls_policy lost its tail, or became "unknown key"),
+ * treats an indented line as a continuation that replaces the value before
+ * it, and hands a key given twice to the caller as if it were new. How a
+ * line is read depended on how the library was built; here it is one
+ * page of code with no limits:
+ *
+ *  - lines of any length (getline); a UTF-8 byte order mark is skipped;
+ *  - blank lines, and lines whose first non-blank character is ';' or '#',
+ *    are comments;
+ *  - "[section]", optionally followed by a comment;
+ *  - "key = value" (or "key: value"; the first '=' or ':' separates), the
+ *    value trimmed of surrounding blanks and taken as written: quotes are
+ *    part of it, '#' is part of it, and so is a ';' that follows a
+ *    non-blank character ("pa;ss" stays "pa;ss"). A ';' after a blank
+ *    starts an inline comment ("port = 25 ; smtp" is 25), as libinih did.
+ *    That cut would silently shorten a secret ("pa ;ss"), so on a secret
+ *    key it is an error: comment on a line of its own, or set the secret
+ *    through its environment variable, which is taken verbatim;
+ *  - a key given twice is an error naming both lines;
+ *  - an indented line after a key (libinih's continuation line) is an
+ *    error: a value is one line, long maps have a <key>_file form.
+ */
+typedef struct parse_ctx {
+    mp_config_t     *cfg;
+    const char      *path;
+    char            *err;
+    size_t           errlen;
+    int              lineno;
+    char            *section;      /* the current [section], NULL before the first */
+    const key_def_t *prev;         /* the last key of this section: an indented line follows it */
+    int              line_of[NKEYS]; /* the line each key was set on, 0 = not in the file */
+} parse_ctx_t;
+
+static int parse_error(parse_ctx_t *pc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int parse_error(parse_ctx_t *pc, const char *fmt, ...)
+{
+    char msg[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    snprintf(pc->err, pc->errlen, "%s:%d: %s", pc->path, pc->lineno, msg);
+    return -1;
+}
+
+static int is_blank(char c)
+{
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v';
+}
+
+/* s without its leading and trailing blanks (in place) */
+static char *trim(char *s)
+{
+    while (is_blank(*s))
+        s++;
+    size_t n = strlen(s);
+    while (n > 0 && is_blank(s[n - 1]))
+        s[--n] = '\0';
+    return s;
+}
+
+/* The first of chars in s, or the ';' of an inline comment (after a
+ * blank), or the end of s: libinih's find_chars_or_comment(). */
+static char *find_or_comment(char *s, const char *chars)
+{
+    int was_blank = 0;
+    for (; *s; s++) {
+        if ((chars && strchr(chars, *s)) || (was_blank && *s == ';'))
+            break;
+        was_blank = is_blank(*s);
+    }
+    return s;
+}
+
+static int parse_line(parse_ctx_t *pc, char *line)
+{
+    if (pc->lineno == 1 && strncmp(line, "\xef\xbb\xbf", 3) == 0)
+        line += 3;
+    int indented = line[0] == ' ' || line[0] == '\t';
+    char *s = trim(line);
+    if (*s == '\0' || *s == ';' || *s == '#')
+        return 0;
+    if (indented && pc->prev) {
+        char file_key[96];
+        snprintf(file_key, sizeof(file_key), "%s_file", pc->prev->key);
+        return parse_error(pc, "continuation lines are not supported: put the whole value on one line%s%s "
+                               "(this indented line follows [%s] %s; unindent it if it is a key of its own)",
+                           find_key(pc->prev->section, file_key) ? ", or use " : "",
+                           find_key(pc->prev->section, file_key) ? file_key : "", pc->prev->section,
+                           pc->prev->key);
+    }
+    if (*s == '[') {
+        char *end = strchr(s, ']');
+        if (end == NULL)
+            return parse_error(pc, "malformed section header \"%.64s\": no closing ]", s);
+        char *rest = trim(end + 1);
+        if (*rest && *rest != ';' && *rest != '#')
+            return parse_error(pc, "unexpected \"%.64s\" after the section header", rest);
+        *end = '\0';
+        char *name = trim(s + 1);
+        if (*name == '\0')
+            return parse_error(pc, "empty section name");
+        free(pc->section);
+        pc->section = xstrdup(name);
+        pc->prev = NULL;
+        return 0;
+    }
+    char *delim = find_or_comment(s, "=:");
+    if (*delim != '=' && *delim != ':')
+        return parse_error(pc, "syntax error: expected \"key = value\", \"[section]\" or a comment, got \"%.64s\"",
+                           s);
+    char sep = *delim;
+    *delim = '\0';
+    char *name = trim(s), *value = delim + 1;
+    char *comment = find_or_comment(value, NULL);
+    int has_comment = *comment == ';';
+    *comment = '\0';
+    value = trim(value);
+    if (*name == '\0')
+        return parse_error(pc, "syntax error: no key name before the '%c'", sep);
+    if (pc->section == NULL)
+        return parse_error(pc, "key \"%s\" outside a [section] (is a section header malformed?)", name);
+    const key_def_t *k = find_key(pc->section, name);
+    if (k == NULL)
+        return parse_error(pc, "unknown key [%s] %s", pc->section, name);
+    size_t idx = (size_t)(k - keys);
+    if (pc->line_of[idx])
+        return parse_error(pc, "[%s] %s is given twice, on lines %d and %d", k->section, k->key,
+                           pc->line_of[idx], pc->lineno);
+    if (has_comment && k->secret) {
+        char env[128];
+        env_name(k, env, sizeof(env));
+        return parse_error(pc, "[%s] %s: a blank followed by ';' starts an inline comment, which would cut "
+                               "this secret short; put the comment on a line of its own, or set %s "
+                               "(taken verbatim)", k->section, k->key, env);
+    }
+    char msg[512];
+    if (set_value(pc->cfg, k, value, msg, sizeof(msg)) < 0)
+        return parse_error(pc, "%s", msg);
+    pc->line_of[idx] = pc->lineno;
+    pc->prev = k;
+    return 0;
+}
+
+static int parse_file(mp_config_t *cfg, const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    parse_ctx_t pc = { .cfg = cfg, .path = path, .err = err, .errlen = errlen };
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    int rc = 0;
+    while (rc == 0 && (n = getline(&line, &cap, f)) >= 0) {
+        pc.lineno++;
+        if (strlen(line) != (size_t)n)
+            rc = parse_error(&pc, "NUL byte in the line (not a text file?)");
+        else
+            rc = parse_line(&pc, line);
+    }
+    if (rc == 0 && ferror(f)) {
+        snprintf(err, errlen, "%s: %s", path, strerror(errno));
+        rc = -1;
+    }
+    free(line);
+    free(pc.section);
+    fclose(f);
+    return rc;
+}
+
 int config_load(mp_config_t *cfg, const char *path, char *err, size_t errlen)
 {
-    if (path) {
-        parse_ctx_t pc = { cfg, err, errlen, 0 };
-        FILE *f = fopen(path, "r");
-        if (f == NULL) {
-            snprintf(err, errlen, "%s: %s", path, strerror(errno));
-            return -1;
-        }
-        int r = ini_parse_file(f, on_ini, &pc);
-        fclose(f);
-        if (r != 0) {
-            if (pc.failed) {
-                char tmp[512];
-                snprintf(tmp, sizeof(tmp), "%s:%d: %s", path, r, err);
-                snprintf(err, errlen, "%s", tmp);
-            } else {
-                snprintf(err, errlen, "%s:%d: syntax error", path, r);
-            }
-            return -1;
-        }
-    }
+    if (path && parse_file(cfg, path, err, errlen) < 0)
+        return -1;
     for (size_t i = 0; i < NKEYS; i++) {
         char name[128];
         env_name(&keys[i], name, sizeof(name));
@@ -662,11 +802,16 @@ void config_print_reference(void *stream)
           "_Generated from the key table in core/config.c by `mailpumpd --print-config-reference`; "
           "do not edit, regenerate with `mailpumpd --print-config-reference > docs/configuration.md`._\n"
           "\n"
-          "An INI file (`mailpumpd --config FILE`) of `[section]` headers and `key = value` lines. "
+          "An INI file (`mailpumpd --config FILE`) of `[section]` headers and `key = value` lines "
+          "(`key: value` too), each value on one line of any length and taken as written (quotes, `#` "
+          "and a `;` directly after a character are part of it); a line whose first non-blank character "
+          "is `;` or `#` is a comment, and so is the rest of a line from a `;` after a blank, except on "
+          "a secret, where that is an error. A key given twice and an indented line after a key (a "
+          "continuation line elsewhere) are errors. "
           "Every key can be overridden by its environment variable `MAILPUMP_<SECTION>_<KEY>`, "
           "which wins over the file. Unknown sections or keys are errors. "
-          "`mailpumpd --check-config` validates a configuration and prints the effective values "
-          "with secrets masked.\n"
+          "`mailpumpd --check-config` runs every check start-up runs before it starts a worker and prints "
+          "the effective values with secrets masked.\n"
           "\n"
           "Types: *integer* is a non-negative decimal number; *duration* is `250ms`, `30s`, `5m`, "
           "`2h`, `1d` or a bare number of milliseconds; *one of* takes exactly one of the names "

@@ -70,7 +70,9 @@ typedef struct mp_config {
     unsigned smtp_max_mx;
     unsigned smtp_timeout_scale;  /* percent of the RFC 5321 timeouts */
     char    *smtp_tls_policy;     /* per domain: "example.com:verify,.example.org:required" */
+    char    *smtp_tls_policy_file; /* more tls_policy entries, one per line, after the inline ones */
     char    *smtp_rate_limits;    /* per domain: "gmail.com:100/s,.yahoo.com:20/m" (per process) */
+    char    *smtp_rate_limits_file; /* more rate_limits entries, one per line, after the inline ones */
     uint64_t smtp_rate_limit_max_wait_ms; /* a message waits this long for its slot, else it is deferred */
     unsigned smtp_max_rcpts;      /* recipients per transaction */
     unsigned smtp_pipelining;     /* 0 = lock-step even when offered */

@@ -41,18 +41,23 @@
  */
 #include "deliverer/deliver.h"
 
+#include <arpa/inet.h>
+#include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
+#include "core/buf.h"
 #include "core/config.h"
 #include "core/log.h"
 #include "core/tls.h"
 #include "core/util.h"
 #include "deliverer/routes.h"
+#include "dns/mx.h"
 #include "metrics/metrics.h"
 
 
@@ -200,6 +205,58 @@ int deliver_map_next(const char **m, deliver_map_entry_t *e)
     return 1;
 }
 
+int deliver_map_load(const char *file_key, const char *inline_map, const char *path, deliver_map_check_fn check,
+                     char **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    buf_t b = BUF_INIT;
+    buf_puts(&b, inline_map ? inline_map : "");
+    if (path && path[0]) {
+        FILE *f = fopen(path, "r");
+        if (f == NULL) {
+            snprintf(err, errlen, "%s: %s: %s", file_key, path, strerror(errno));
+            buf_free(&b);
+            return -1;
+        }
+        char *line = NULL;
+        size_t cap = 0;
+        int lineno = 0, rc = 0;
+        while (rc == 0 && getline(&line, &cap, f) >= 0) {
+            lineno++;
+            const char *s = line;
+            size_t n = trim_blanks(&s, strcspn(line, "\r\n"));
+            if (n == 0 || s[0] == '#')
+                continue;
+            line[(size_t)(s - line) + n] = '\0'; /* the entry is the line */
+            char why[384];
+            deliver_map_entry_t e;
+            const char *m = s;
+            if (memchr(s, ',', n)) {
+                snprintf(why, sizeof(why), "\"%.*s\": one entry per line, without ','", (int)n, s);
+                rc = -1;
+            } else if (!deliver_map_next(&m, &e) || check(&e, why, sizeof(why)) < 0) {
+                rc = -1;
+            } else {
+                buf_printf(&b, "%s%.*s", buf_size(&b) ? ", " : "", (int)n, s);
+                continue;
+            }
+            snprintf(err, errlen, "%s: %s:%d: %s", file_key, path, lineno, why);
+        }
+        if (rc == 0 && ferror(f)) {
+            snprintf(err, errlen, "%s: %s: %s", file_key, path, strerror(errno));
+            rc = -1;
+        }
+        free(line);
+        fclose(f);
+        if (rc < 0) {
+            buf_free(&b);
+            return -1;
+        }
+    }
+    *out = buf_steal(&b, NULL);
+    return 0;
+}
+
 /* The policy an entry's value names, or -1. */
 static int entry_policy(const deliver_map_entry_t *e)
 {
@@ -211,6 +268,17 @@ static int entry_policy(const deliver_map_entry_t *e)
     return deliver_tls_policy_parse(pol);
 }
 
+/* A deliver_map_check_fn: "domain:policy" with a known policy. */
+static int tls_entry_check(const deliver_map_entry_t *e, char *err, size_t errlen)
+{
+    if (e->nlen > 0 && entry_policy(e) >= 0)
+        return 0;
+    char names[128];
+    config_enum_list("smtp", "tls", "|", names, sizeof(names));
+    snprintf(err, errlen, "\"%.*s\" is not domain:%s", (int)e->elen, e->entry, names);
+    return -1;
+}
+
 int deliver_tls_map_parse(const char *map, deliver_tls_map_t *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof(*out));
@@ -220,17 +288,14 @@ int deliver_tls_map_parse(const char *map, deliver_tls_map_t *out, char *err, si
     out->text = xstrdup(map ? map : "");
     const char *m = out->text;
     while (deliver_map_next(&m, &e)) {
-        int p = entry_policy(&e);
-        if (e.nlen == 0 || p < 0) {
-            if (rc == 0) {
-                char names[128];
-                config_enum_list("smtp", "tls", "|", names, sizeof(names));
-                snprintf(err, errlen, "[smtp] tls_policy: \"%.*s\" is not domain:%s", (int)e.elen, e.entry,
-                         names);
-            }
+        char why[256];
+        if (tls_entry_check(&e, why, sizeof(why)) < 0) {
+            if (rc == 0)
+                snprintf(err, errlen, "[smtp] tls_policy: %s", why);
             rc = -1;
             continue;
         }
+        int p = entry_policy(&e);
         if (out->n == cap) {
             cap = cap ? 2 * cap : 4;
             out->rules = xrealloc(out->rules, cap * sizeof(*out->rules));
@@ -257,6 +322,27 @@ void deliver_tls_map_free(deliver_tls_map_t *m)
     memset(m, 0, sizeof(*m));
 }
 
+int deliver_helo_name_check(const char *name, char *err, size_t errlen)
+{
+    size_t n = strlen(name);
+    if (n >= 2 && name[0] == '[' && name[n - 1] == ']') {
+        char lit[64];
+        unsigned char addr[16];
+        if (n - 2 < sizeof(lit)) {
+            memcpy(lit, name + 1, n - 2);
+            lit[n - 2] = '\0';
+            if (strncasecmp(lit, "IPv6:", 5) == 0 ? inet_pton(AF_INET6, lit + 5, addr) == 1
+                                                 : inet_pton(AF_INET, lit, addr) == 1)
+                return 0;
+        }
+    } else if (n > 0 && dns_name_check(name) == n) {
+        return 0;
+    }
+    snprintf(err, errlen, "[smtp] helo_name: \"%s\" is neither a host name nor an address literal like "
+             "[192.0.2.1] or [IPv6:2001:db8::1] (RFC 5321 section 4.1.3)", name);
+    return -1;
+}
+
 static unsigned cap_ms(uint64_t ms)
 {
     return (unsigned)(ms > 86400000 ? 86400000 : ms);
@@ -267,10 +353,15 @@ int deliver_config_build(deliver_config_t *d, const struct mp_config *cfg, SSL_C
 {
     memset(d, 0, sizeof(*d));
     memset(store, 0, sizeof(*store));
+    if (deliver_map_load("[smtp] tls_policy_file", cfg->smtp_tls_policy, cfg->smtp_tls_policy_file,
+                         tls_entry_check, &store->tls_policy, err, errlen) < 0)
+        return -1;
     deliver_tls_map_t map;
-    int bad_map = deliver_tls_map_parse(cfg->smtp_tls_policy, &map, err, errlen);
+    int bad_map = deliver_tls_map_parse(store->tls_policy, &map, err, errlen);
     deliver_tls_map_free(&map); /* each deliver_ctx parses its own copy */
     if (bad_map < 0)
+        return -1;
+    if (cfg->smtp_helo_name[0] && deliver_helo_name_check(cfg->smtp_helo_name, err, errlen) < 0)
         return -1;
     d->port = (unsigned short)cfg->smtp_port;
     if (cfg->smtp_helo_name[0])
@@ -284,7 +375,7 @@ int deliver_config_build(deliver_config_t *d, const struct mp_config *cfg, SSL_C
     d->tls_noverify_ctx = noverify_ctx;
     d->max_mx = cfg->smtp_max_mx;
     d->timeout_scale_pct = cfg->smtp_timeout_scale;
-    d->tls_policy_map = cfg->smtp_tls_policy[0] ? cfg->smtp_tls_policy : NULL;
+    d->tls_policy_map = store->tls_policy[0] ? store->tls_policy : NULL;
     d->max_rcpts = cfg->smtp_max_rcpts;
     d->no_pipelining = cfg->smtp_pipelining == 0;
     d->pool.disabled = cfg->smtp_pool == 0;
@@ -363,6 +454,7 @@ int deliver_config_build(deliver_config_t *d, const struct mp_config *cfg, SSL_C
 void deliver_config_store_free(deliver_config_store_t *store)
 {
     free(store->relay);
+    free(store->tls_policy);
     routes_free(store->routes);
     memset(store, 0, sizeof(*store));
 }

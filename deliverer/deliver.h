@@ -194,6 +194,21 @@ typedef struct deliver_map_entry {
 /* The next entry at *m (NULL: an empty map), moving *m past it: 1, or 0
  * at the end. */
 int deliver_map_next(const char **m, deliver_map_entry_t *e);
+/* Why e is not a valid entry, written into err; returns -1, or 0 when it is. */
+typedef int (*deliver_map_check_fn)(const deliver_map_entry_t *e, char *err, size_t errlen);
+/*
+ * The entries of a map key and of its file form ([smtp] tls_policy and
+ * tls_policy_file, rate_limits and rate_limits_file): inline_map's entries
+ * first, then one "domain:value" entry per line of path (NULL or "": no
+ * file), blank lines and lines whose first non-blank character is '#'
+ * ignored. Each file entry is checked with check. *out gets them all in
+ * that order, ", "-separated (malloc'd, "" when none), so the first
+ * matching entry is an inline one when one matches. Reads the file now
+ * (blocking: start-up only). Returns 0, or -1 with "file_key: path:line:
+ * reason" (or "file_key: path: error") in err and *out NULL.
+ */
+int deliver_map_load(const char *file_key, const char *inline_map, const char *path, deliver_map_check_fn check,
+                     char **out, char *err, size_t errlen);
 /* 1 when domain matches pattern (plen bytes): the same name, or for
  * ".example.org" that domain or one of its subdomains; case-insensitive.
  * The matching of [smtp] tls_policy and rate_limits entries. */
@@ -224,6 +239,12 @@ int deliver_tls_map_parse(const char *map, deliver_tls_map_t *out, char *err, si
 smtp_tls_policy_t deliver_tls_map_lookup(const deliver_tls_map_t *m, smtp_tls_policy_t dflt, const char *domain);
 void deliver_tls_map_free(deliver_tls_map_t *m);
 
+/* 0 when name is what EHLO may carry (RFC 5321 section 4.1.3): a host
+ * name of LDH labels (no final dot, a last label not all digits) or an
+ * address literal, "[192.0.2.1]" or "[IPv6:2001:db8::1]"; else -1 with err
+ * ("[smtp] helo_name: ..."). */
+int deliver_helo_name_check(const char *name, char *err, size_t errlen);
+
 /* What deliver_config_build() makes for the config it fills to point to:
  * keep it alive as long as that config and every deliver_ctx made from it,
  * then deliver_config_store_free(). */
@@ -232,13 +253,16 @@ typedef struct deliver_config_store {
     char                 helo[256]; /* [smtp] helo_name, else this host's name, else "localhost" */
     smtp_timeouts_t      timeouts;
     deliver_candidate_t *relay;     /* [smtp] relay's addresses (malloc'd); NULL: MX delivery */
+    char                *tls_policy; /* [smtp] tls_policy, then tls_policy_file's entries (malloc'd) */
     struct routes       *routes;    /* the route penalty table every context shares */
 } deliver_config_store_t;
 
 /*
  * The one translation of the [smtp] keys of cfg (core/config.h) into d
- * (zeroed first): port, EHLO name, default TLS policy and the tls_policy
- * map (checked here, parsed by each deliver_ctx_new), max_mx, pipelining,
+ * (zeroed first): port, EHLO name (a configured one checked with
+ * deliver_helo_name_check()), default TLS policy and the tls_policy
+ * map with tls_policy_file's entries after it (read and checked here,
+ * kept in store->tls_policy, parsed by each deliver_ctx_new), max_mx, pipelining,
  * max_rcpts, pool limits, TLS cache size, route penalties (one table,
  * store->routes), per-state timeouts (the scaled RFC defaults, each
  * non-zero smtp_timeout_<state>_ms overriding its state) and relay + AUTH.

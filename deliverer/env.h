@@ -33,6 +33,21 @@ typedef struct worker_env {
     socklen_t               imap_addrlen; /* 0: no IMAP configured */
     dkim_signer_t          *dkim;        /* NULL: [dkim] keys_file empty, no signing */
     struct throttle        *throttle;    /* [smtp] rate_limits, shared by the workers; NULL: none */
+    deliver_config_store_t  smtp_store;  /* what dcfg points into */
 } worker_env_t;
+
+/*
+ * Every check start-up makes before it runs a worker, building *env from
+ * cfg (zeroed first; env->cfg = cfg): config_validate(), the syntax of
+ * [metrics] listen (metrics_listen_parse), the TLS contexts and CA files,
+ * the IMAP accounts file and host, the DKIM keys, the retry levels,
+ * deliver_config_build() ([smtp]: helo_name, tls_policy and
+ * tls_policy_file, the relay) and the rate limits (throttle_load).
+ * `mailpumpd --check-config` runs exactly this and stops. Blocking (files,
+ * getaddrinfo): start-up only. Returns 0, or -1 with err; either way
+ * env_free() afterwards.
+ */
+int  env_build(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errlen);
+void env_free(worker_env_t *env);
 
 #endif

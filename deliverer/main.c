@@ -15,7 +15,6 @@
  */
 #include <errno.h>
 #include <getopt.h>
-#include <netdb.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,9 +24,8 @@
 
 #include "core/config.h"
 #include "core/log.h"
-#include "core/tls.h"
 #include "core/util.h"
-#include "deliverer/throttle.h"
+#include "deliverer/env.h"
 #include "deliverer/worker.h"
 #include "metrics/metrics.h"
 
@@ -44,8 +42,9 @@ static void usage(FILE *f)
             "sender's IMAP Sent folder and publishes one event per recipient.\n"
             "\n"
             "  -c, --config FILE    INI configuration file (see docs/configuration.md)\n"
-            "      --check-config   validate the configuration, print it with secrets\n"
-            "                       masked, and exit (0 = valid)\n"
+            "      --check-config   run every check start-up runs, print the\n"
+            "                       configuration with secrets masked, and exit\n"
+            "                       (0 = valid)\n"
             "      --print-config-reference\n"
             "                       print every key (type, default, environment\n"
             "                       variable, meaning) as Markdown, and exit\n"
@@ -59,36 +58,7 @@ static void usage(FILE *f)
             "within [worker] shutdown_grace_ms, and exit 0.\n");
 }
 
-static int resolve_imap(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errlen)
-{
-    if (cfg->imap_host[0] == '\0')
-        return 0;
-    char port[16];
-    snprintf(port, sizeof(port), "%u", cfg->imap_port);
-    struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res = NULL;
-    /* once at start-up, before any worker runs: blocking is fine here */
-    int r = getaddrinfo(cfg->imap_host, port, &hints, &res);
-    if (r != 0) {
-        snprintf(err, errlen, "[imap] host %s: %s", cfg->imap_host, gai_strerror(r));
-        return -1;
-    }
-    memcpy(&env->imap_addr, res->ai_addr, res->ai_addrlen);
-    env->imap_addrlen = res->ai_addrlen;
-    freeaddrinfo(res);
-    return 0;
-}
-
 /* The one mapping of the configuration's enums to the modules' own. */
-static imap_tls_t imap_tls_of(mp_imap_tls_t t)
-{
-    switch (t) {
-    case MP_IMAP_TLS_STARTTLS: return IMAP_TLS_STARTTLS;
-    case MP_IMAP_TLS_NONE: return IMAP_TLS_NONE;
-    case MP_IMAP_TLS_IMAPS: break;
-    }
-    return IMAP_TLS_IMAPS;
-}
-
 static enum log_level log_level_of(mp_log_level_t l)
 {
     switch (l) {
@@ -103,67 +73,6 @@ static enum log_level log_level_of(mp_log_level_t l)
 static enum log_format log_format_of(mp_log_format_t f)
 {
     return f == MP_LOG_FORMAT_JSON ? LOG_FMT_JSON : LOG_FMT_LOGFMT;
-}
-
-static deliver_config_store_t smtp_store; /* what env.dcfg points into */
-
-static int build_env(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errlen)
-{
-    memset(env, 0, sizeof(*env));
-    env->cfg = cfg;
-    env->imap_tls = imap_tls_of(cfg->imap_tls);
-    char e[256];
-    env->smtp_verify_ctx = tls_client_ctx_new(cfg->smtp_ca_file, 1, e, sizeof(e));
-    if (env->smtp_verify_ctx == NULL) {
-        snprintf(err, errlen, "[smtp] ca_file: %s", e);
-        return -1;
-    }
-    env->smtp_noverify_ctx = tls_client_ctx_new(NULL, 0, e, sizeof(e));
-    if (env->smtp_noverify_ctx == NULL) {
-        snprintf(err, errlen, "TLS: %s", e);
-        return -1;
-    }
-    if (cfg->imap_host[0]) {
-        env->imap_ctx = tls_client_ctx_new(cfg->imap_ca_file, 1, e, sizeof(e));
-        if (env->imap_ctx == NULL) {
-            snprintf(err, errlen, "[imap] ca_file: %s", e);
-            return -1;
-        }
-        if (accounts_load(&env->accounts, cfg->imap_accounts_file, err, errlen) < 0)
-            return -1;
-        if (resolve_imap(cfg, env, err, errlen) < 0)
-            return -1;
-    }
-    if (cfg->dkim_keys_file[0]) {
-        env->dkim = dkim_load(cfg->dkim_keys_file, cfg->dkim_headers, e, sizeof(e));
-        if (env->dkim == NULL) {
-            snprintf(err, errlen, "[dkim] keys_file: %s", e);
-            return -1;
-        }
-    }
-    if (retry_policy_init(&env->retry, cfg, err, errlen) < 0)
-        return -1;
-    /* [smtp]: one translation, validated there (exit 2 on a bad value) */
-    if (deliver_config_build(&env->dcfg, cfg, env->smtp_verify_ctx, env->smtp_noverify_ctx, &smtp_store,
-                             err, errlen) < 0)
-        return -1;
-    /* message-rate limits per destination domain, one table per process */
-    return throttle_new(cfg->smtp_rate_limits, &env->throttle, err, errlen);
-}
-
-static void free_env(worker_env_t *env)
-{
-    SSL_CTX_free(env->smtp_verify_ctx);
-    SSL_CTX_free(env->smtp_noverify_ctx);
-    SSL_CTX_free(env->imap_ctx);
-    accounts_free(&env->accounts);
-    retry_policy_free(&env->retry);
-    dkim_free(env->dkim);
-    deliver_config_store_free(&smtp_store);
-    env->dcfg.routes = NULL;
-    env->dcfg.relay = NULL;
-    throttle_free(env->throttle);
-    env->throttle = NULL;
 }
 
 /* Every SMTP and IMAP session, DNS socket and pooled connection is a
@@ -216,25 +125,25 @@ int main(int argc, char **argv)
     mp_config_t cfg;
     char err[1024];
     config_defaults(&cfg);
-    if (config_load(&cfg, config_path, err, sizeof(err)) < 0 ||
-        config_validate(&cfg, err, sizeof(err)) < 0) {
+    if (config_load(&cfg, config_path, err, sizeof(err)) < 0) {
         fprintf(stderr, "mailpumpd: configuration error: %s\n", err);
         config_free(&cfg);
         return 2;
     }
     log_setup(log_level_of(cfg.log_level), log_format_of(cfg.log_format));
 
+    /* every check start-up makes: --check-config stops after it */
     worker_env_t env;
-    if (build_env(&cfg, &env, err, sizeof(err)) < 0) {
+    if (env_build(&cfg, &env, err, sizeof(err)) < 0) {
         fprintf(stderr, "mailpumpd: configuration error: %s\n", err);
-        free_env(&env);
+        env_free(&env);
         config_free(&cfg);
         return 2;
     }
     if (check_only) {
         config_dump(&cfg, stdout);
         printf("\n# configuration is valid (%zu IMAP accounts)\n", env.accounts.n);
-        free_env(&env);
+        env_free(&env);
         config_free(&cfg);
         return 0;
     }
@@ -254,7 +163,7 @@ int main(int argc, char **argv)
         ms = metrics_server_start(cfg.metrics_listen, err, sizeof(err));
         if (ms == NULL) {
             fprintf(stderr, "mailpumpd: %s\n", err);
-            free_env(&env);
+            env_free(&env);
             config_free(&cfg);
             return 2;
         }
@@ -295,7 +204,7 @@ int main(int argc, char **argv)
             rc = 1;
     free(workers);
     metrics_server_stop(ms);
-    free_env(&env);
+    env_free(&env);
     config_free(&cfg);
     log_info("main", "exit", "status=%d", rc);
     return rc;

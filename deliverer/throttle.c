@@ -79,6 +79,17 @@ static int parse_rule(const char *s, size_t n, rule_t *r)
     return 0;
 }
 
+/* A deliver_map_check_fn: a rule parse_rule() takes. */
+static int rule_check(const deliver_map_entry_t *e, char *err, size_t errlen)
+{
+    rule_t r;
+    if (parse_rule(e->entry, e->elen, &r) == 0)
+        return 0;
+    snprintf(err, errlen, "\"%.*s\" is not domain:N/s, domain:N/m or domain:N/h "
+             "(N from 1 to 1000000; .domain also matches subdomains)", (int)e->elen, e->entry);
+    return -1;
+}
+
 int throttle_new(const char *spec, throttle_t **out, char *err, size_t errlen)
 {
     *out = NULL;
@@ -88,8 +99,9 @@ int throttle_new(const char *spec, throttle_t **out, char *err, size_t errlen)
     while (deliver_map_next(&spec, &e)) {
         rule_t r;
         if (parse_rule(e.entry, e.elen, &r) < 0) {
-            snprintf(err, errlen, "[smtp] rate_limits: \"%.*s\" is not domain:N/s, domain:N/m or domain:N/h "
-                     "(N from 1 to 1000000; .domain also matches subdomains)", (int)e.elen, e.entry);
+            char why[256];
+            rule_check(&e, why, sizeof(why));
+            snprintf(err, errlen, "[smtp] rate_limits: %s", why);
             free(rules);
             return -1;
         }
@@ -104,6 +116,17 @@ int throttle_new(const char *spec, throttle_t **out, char *err, size_t errlen)
     t->nrules = n;
     *out = t;
     return 0;
+}
+
+int throttle_load(const char *spec, const char *path, throttle_t **out, char *err, size_t errlen)
+{
+    char *all;
+    *out = NULL;
+    if (deliver_map_load("[smtp] rate_limits_file", spec, path, rule_check, &all, err, errlen) < 0)
+        return -1;
+    int rc = throttle_new(all, out, err, errlen);
+    free(all);
+    return rc;
 }
 
 void throttle_free(throttle_t *t)

@@ -26,6 +26,10 @@ typedef struct throttle throttle_t;
 /* Parse spec. 0 with *out set (NULL when spec is empty or NULL: no
  * limits), or -1 with err naming the bad entry. */
 int  throttle_new(const char *spec, throttle_t **out, char *err, size_t errlen);
+/* throttle_new() of spec's rules followed by those of path, one per line
+ * ([smtp] rate_limits_file; NULL or "": none; deliver_map_load()), read
+ * now. -1 with err naming the bad entry, a file one as path:line. */
+int  throttle_load(const char *spec, const char *path, throttle_t **out, char *err, size_t errlen);
 void throttle_free(throttle_t *t);
 
 /*

@@ -229,7 +229,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     return reply(c, MHD_HTTP_NOT_FOUND, "text/plain", &b);
 }
 
-static int parse_listen(const char *listen, struct sockaddr_storage *ss, char *err, size_t errlen)
+int metrics_listen_parse(const char *listen, struct sockaddr_storage *ss, char *err, size_t errlen)
 {
     char host[128];
     const char *colon = strrchr(listen, ':');
@@ -268,7 +268,7 @@ static int parse_listen(const char *listen, struct sockaddr_storage *ss, char *e
 metrics_server_t *metrics_server_start(const char *listen, char *err, size_t errlen)
 {
     struct sockaddr_storage ss;
-    if (parse_listen(listen, &ss, err, errlen) < 0)
+    if (metrics_listen_parse(listen, &ss, err, errlen) < 0)
         return NULL;
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL;
     if (ss.ss_family == AF_INET6)

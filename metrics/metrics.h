@@ -12,6 +12,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 #include "core/buf.h"
 
@@ -97,7 +98,12 @@ void metrics_dns_lookup(const char *layer, const char *result, uint64_t latency_
 uint64_t metrics_dns_lookups(const char *layer, const char *result);
 
 typedef struct metrics_server metrics_server_t;
-/* listen is "host:port" (IPv4 or [IPv6]). NULL + err on failure. */
+/* Parse [metrics] listen, "host:port" with a numeric IPv4 host or an
+ * [IPv6] one, into *ss: 0, or -1 with err. The one parse of the key:
+ * metrics_server_start() uses it, and so does the start-up check that
+ * --check-config runs. */
+int metrics_listen_parse(const char *listen, struct sockaddr_storage *ss, char *err, size_t errlen);
+/* listen as metrics_listen_parse() takes it. NULL + err on failure. */
 metrics_server_t *metrics_server_start(const char *listen, char *err, size_t errlen);
 void metrics_server_stop(metrics_server_t *s);
 

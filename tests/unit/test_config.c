@@ -14,16 +14,25 @@
 #include <unistd.h>
 
 #include "core/config.h"
+#include "deliverer/deliver.h"
+#include "deliverer/env.h"
+#include "deliverer/throttle.h"
 
 static char path[64];
 
-static void write_file(const char *text)
+/* A new temporary file (named after tmpl) holding text; its name in out. */
+static void write_temp(char *out, size_t outlen, const char *tmpl, const char *text)
 {
-    snprintf(path, sizeof(path), "/tmp/mp-config-XXXXXX");
-    int fd = mkstemp(path);
+    snprintf(out, outlen, "%s", tmpl);
+    int fd = mkstemp(out);
     assert_true(fd >= 0);
     assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
     close(fd);
+}
+
+static void write_file(const char *text)
+{
+    write_temp(path, sizeof(path), "/tmp/mp-config-XXXXXX", text);
 }
 
 static int teardown(void **state)
@@ -101,8 +110,10 @@ static void test_errors_name_the_problem(void **state)
         { "", "MAILPUMP_AMQP_PORT", "x1", 1, "MAILPUMP_AMQP_PORT" },
         { "[imap]\nhost = 127.0.0.1\n", NULL, NULL, 0, "accounts_file is empty" },
         { "[amqp]\nprefetch = 0\n", NULL, NULL, 0, "prefetch" },
-        { "[amqp\nport = 1\n", NULL, NULL, 1, "outside a [section]" },
-        { "[amqp]\nport\n", NULL, NULL, 1, "syntax error" },
+        { "[amqp\nport = 1\n", NULL, NULL, 1, ":1: malformed section header \"[amqp\": no closing ]" },
+        { "port = 1\n[amqp]\n", NULL, NULL, 1, ":1: key \"port\" outside a [section]" },
+        { "[amqp]\nport\n", NULL, NULL, 1,
+          ":2: syntax error: expected \"key = value\", \"[section]\" or a comment, got \"port\"" },
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         write_file(cases[i].file);
@@ -188,6 +199,354 @@ static void test_enum_keys(void **state)
     assert_string_equal(list, "error, warn, info, debug");
     config_enum_list("amqp", "host", ", ", list, sizeof(list));
     assert_string_equal(list, "");
+}
+
+/* Parse text as the configuration file: 0 or -1 with err. */
+static int load_text(mp_config_t *c, const char *text, char *err, size_t errlen)
+{
+    write_file(text);
+    config_defaults(c);
+    int r = config_load(c, path, err, errlen);
+    unlink(path);
+    return r;
+}
+
+/* The error after the "path:" prefix, or "" when err is not "path:...". */
+static const char *after_path(const char *err)
+{
+    size_t n = strlen(path);
+    return strncmp(err, path, n) == 0 && err[n] == ':' ? err + n + 1 : "";
+}
+
+/* A line of any length is read whole: no 200-byte limit (libinih's). */
+static void test_long_lines(void **state)
+{
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    fputs("[smtp]\ntls_policy = ", f);
+    for (int i = 0; i < 400; i++)
+        fprintf(f, "%sdomain-%03d.example:verify", i ? ", " : "", i);
+    fputs("\nport = 2525\n", f);
+    fprintf(f, "helo_name = %0300d\n", 0); /* a long value for a short key */
+    fclose(f);
+    mp_config_t c;
+    char err[512] = "";
+    if (load_text(&c, text, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(strlen(c.smtp_tls_policy), 400 * 27 - 2);
+    assert_true(strncmp(c.smtp_tls_policy, "domain-000.example:verify, domain-001", 37) == 0);
+    const char *tail = c.smtp_tls_policy + strlen(c.smtp_tls_policy) - 25;
+    assert_string_equal(tail, "domain-399.example:verify");
+    assert_int_equal(c.smtp_port, 2525);
+    assert_int_equal(strlen(c.smtp_helo_name), 300);
+    config_free(&c);
+    free(text);
+
+    /* a long unknown key is named whole, not cut into "unknown key ... ple" */
+    char line[600];
+    snprintf(line, sizeof(line), "[smtp]\n%0250d = 1\n", 7);
+    assert_int_equal(load_text(&c, line, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, ":2: unknown key [smtp] 0000000"));
+    assert_non_null(strstr(err, "0007"));
+    config_free(&c);
+}
+
+/* A key given twice is an error naming both lines, case-insensitively. */
+static void test_duplicate_key(void **state)
+{
+    mp_config_t c;
+    char err[512] = "";
+    assert_int_equal(load_text(&c, "[smtp]\ntls = none\n; x\n\ntls = verify\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "5: [smtp] tls is given twice, on lines 2 and 5");
+    config_free(&c);
+    /* also across two [smtp] sections, and spelled in another case */
+    assert_int_equal(load_text(&c, "[smtp]\nport = 25\n[amqp]\nhost = x\n[SMTP]\nPort = 26\n", err, sizeof(err)),
+                     -1);
+    assert_string_equal(after_path(err), "6: [smtp] port is given twice, on lines 2 and 6");
+    config_free(&c);
+    /* a section given twice is fine, and the environment still wins over the file */
+    setenv("MAILPUMP_SMTP_PORT", "27", 1);
+    assert_int_equal(load_text(&c, "[smtp]\nport = 25\n[amqp]\nhost = x\n[smtp]\ntls = none\n", err, sizeof(err)),
+                     0);
+    unsetenv("MAILPUMP_SMTP_PORT");
+    assert_int_equal(c.smtp_port, 27);
+    assert_int_equal(c.smtp_tls, MP_SMTP_TLS_NONE);
+    config_free(&c);
+}
+
+/* An indented line after a key (libinih's continuation) is an error. */
+static void test_continuation_line(void **state)
+{
+    mp_config_t c;
+    char err[512] = "";
+    assert_int_equal(load_text(&c, "[smtp]\ntls_policy = a.example:verify,\n  b.example:none\n", err, sizeof(err)),
+                     -1);
+    assert_string_equal(after_path(err),
+                        "3: continuation lines are not supported: put the whole value on one line, or use "
+                        "tls_policy_file (this indented line follows [smtp] tls_policy; unindent it if it is a "
+                        "key of its own)");
+    config_free(&c);
+    /* a key with no _file form is told only to use one line; a blank line does not end the value */
+    assert_int_equal(load_text(&c, "[amqp]\nhost = x\n\n\tport = 1\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err),
+                        "4: continuation lines are not supported: put the whole value on one line (this indented "
+                        "line follows [amqp] host; unindent it if it is a key of its own)");
+    config_free(&c);
+    /* indentation where no value precedes, and indented comments, read as before */
+    if (load_text(&c, "  [amqp]\n  host = x\n  ; comment\n  # comment\n\n[smtp]\n\tport = 26\n", err,
+                  sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_string_equal(c.amqp_host, "x");
+    assert_int_equal(c.smtp_port, 26);
+    config_free(&c);
+}
+
+/* Values are taken as written: only a ';' after a blank starts a comment,
+ * and that is refused on a secret rather than cutting it. */
+static void test_values_and_comments(void **state)
+{
+    mp_config_t c;
+    char err[512] = "";
+    if (load_text(&c,
+                  "\xef\xbb\xbf; comment\n# comment\n[amqp]\npassword = pa;ss#wo\"rd\"\r\nhost = broker ; inline\n"
+                  "user: \"quoted\"\nvhost =\n[smtp] ; the SMTP side\nca_file = /x;\nrelay_password =;x\n"
+                  "helo_name = a=b:c\n",
+                  err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_string_equal(c.amqp_password, "pa;ss#wo\"rd\"");
+    assert_string_equal(c.amqp_host, "broker");
+    assert_string_equal(c.amqp_user, "\"quoted\"");
+    assert_string_equal(c.amqp_vhost, "");
+    assert_string_equal(c.smtp_ca_file, "/x;");
+    assert_string_equal(c.smtp_relay_password, ";x");
+    assert_string_equal(c.smtp_helo_name, "a=b:c");
+    config_free(&c);
+    assert_int_equal(load_text(&c, "[smtp]\nport = 25x\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "2: [smtp] port: expected a non-negative number, got \"25x\"");
+    config_free(&c);
+    assert_int_equal(load_text(&c, "[amqp]\npassword = pa ;ss\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err),
+                        "2: [amqp] password: a blank followed by ';' starts an inline comment, which would cut "
+                        "this secret short; put the comment on a line of its own, or set MAILPUMP_AMQP_PASSWORD "
+                        "(taken verbatim)");
+    config_free(&c);
+    assert_int_equal(load_text(&c, "[amqp] x\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "1: unexpected \"x\" after the section header");
+    config_free(&c);
+    assert_int_equal(load_text(&c, "[ ]\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "1: empty section name");
+    config_free(&c);
+    assert_int_equal(load_text(&c, "[amqp]\n= 1\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "2: syntax error: no key name before the '='");
+    config_free(&c);
+    assert_int_equal(load_text(&c, "[amqp]\n : 1\n", err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "2: syntax error: no key name before the ':'");
+    config_free(&c);
+    char nul[] = "[amqp]\nhost = a\0b\n";
+    write_file("");
+    FILE *f = fopen(path, "w");
+    fwrite(nul, 1, sizeof(nul) - 1, f);
+    fclose(f);
+    config_defaults(&c);
+    assert_int_equal(config_load(&c, path, err, sizeof(err)), -1);
+    assert_string_equal(after_path(err), "2: NUL byte in the line (not a text file?)");
+    config_free(&c);
+}
+
+static char map_path[64];
+
+/* map_path holds text */
+static void write_map(const char *text)
+{
+    write_temp(map_path, sizeof(map_path), "/tmp/mp-map-XXXXXX", text);
+}
+
+/* deliver_config_build() of [smtp] tls_policy + tls_policy_file: 0, or -1 with err. */
+static int build_tls_policy(const char *inline_map, const char *file, char *map, size_t maplen, char *err,
+                            size_t errlen)
+{
+    mp_config_t c;
+    config_defaults(&c);
+    free(c.smtp_tls_policy);
+    c.smtp_tls_policy = strdup(inline_map);
+    free(c.smtp_tls_policy_file);
+    c.smtp_tls_policy_file = strdup(file);
+    deliver_config_t d;
+    deliver_config_store_t st;
+    int r = deliver_config_build(&d, &c, NULL, NULL, &st, err, errlen);
+    if (r == 0)
+        snprintf(map, maplen, "%s", d.tls_policy_map ? d.tls_policy_map : "(none)");
+    deliver_config_store_free(&st);
+    config_free(&c);
+    return r;
+}
+
+/* [smtp] tls_policy_file: one entry per line after the inline entries,
+ * so an inline entry wins; errors name file:line. */
+static void test_tls_policy_file(void **state)
+{
+    char map[512], err[512] = "";
+    write_map("# bank domains\n\nbank.example:verify\r\n  .corp.example : required  \n   # indented comment\n"
+              "a.example:none\n");
+    if (build_tls_policy("a.example:verify, b.example:none", map_path, map, sizeof(map), err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_string_equal(map, "a.example:verify, b.example:none, bank.example:verify, .corp.example : required, "
+                             "a.example:none");
+    deliver_tls_map_t m;
+    assert_int_equal(deliver_tls_map_parse(map, &m, err, sizeof(err)), 0);
+    assert_int_equal(m.n, 5);
+    assert_int_equal(deliver_tls_map_lookup(&m, SMTP_TLS_OPPORTUNISTIC, "a.example"), SMTP_TLS_VERIFY);
+    assert_int_equal(deliver_tls_map_lookup(&m, SMTP_TLS_OPPORTUNISTIC, "mx.corp.example"), SMTP_TLS_REQUIRED);
+    assert_int_equal(deliver_tls_map_lookup(&m, SMTP_TLS_OPPORTUNISTIC, "bank.example"), SMTP_TLS_VERIFY);
+    deliver_tls_map_free(&m);
+    /* only the file */
+    assert_int_equal(build_tls_policy("", map_path, map, sizeof(map), err, sizeof(err)), 0);
+    assert_string_equal(map, "bank.example:verify, .corp.example : required, a.example:none");
+    unlink(map_path);
+    /* an empty file, or none */
+    write_map("# nothing yet\n");
+    assert_int_equal(build_tls_policy("", map_path, map, sizeof(map), err, sizeof(err)), 0);
+    assert_string_equal(map, "(none)");
+    unlink(map_path);
+
+    static const struct { const char *file; const char *want; } bad[] = {
+        { "a.example:verify\n\nb.example:sometimes\n",
+          ":3: \"b.example:sometimes\" is not domain:none|opportunistic|required|verify" },
+        { "a.example:verify, b.example:none\n", ":1: \"a.example:verify, b.example:none\": one entry per line, "
+                                                 "without ','" },
+        { "a.example:verify # the bank\n",
+          ":1: \"a.example:verify # the bank\" is not domain:none|opportunistic|required|verify" },
+        { "a.example\n", ":1: \"a.example\" is not domain:none|opportunistic|required|verify" },
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        write_map(bad[i].file);
+        assert_int_equal(build_tls_policy("", map_path, map, sizeof(map), err, sizeof(err)), -1);
+        char want[512];
+        snprintf(want, sizeof(want), "[smtp] tls_policy_file: %s%s", map_path, bad[i].want);
+        assert_string_equal(err, want);
+        unlink(map_path);
+    }
+    assert_int_equal(build_tls_policy("", "/nonexistent/tls", map, sizeof(map), err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] tls_policy_file: /nonexistent/tls: No such file or directory");
+    /* the inline key's own error is unchanged */
+    assert_int_equal(build_tls_policy("a.example:maybe", "", map, sizeof(map), err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] tls_policy: \"a.example:maybe\" is not domain:none|opportunistic|required|verify");
+}
+
+/* [smtp] rate_limits_file: the same form for the rate limits. */
+static void test_rate_limits_file(void **state)
+{
+    char err[512] = "", rule[96];
+    double iv = 0;
+    throttle_t *t = NULL;
+    write_map("# providers\ngmail.com:50/s\n.yahoo.com:20/m\nexample.org:10/h\n");
+    if (throttle_load("gmail.com:100/s", map_path, &t, err, sizeof(err)) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(throttle_rule(t, "gmail.com", &iv, rule, sizeof(rule)), 1);
+    assert_string_equal(rule, "gmail.com:100/s"); /* the inline rule comes first */
+    assert_true(iv > 9.99 && iv < 10.01);
+    assert_int_equal(throttle_rule(t, "mx.yahoo.com", &iv, rule, sizeof(rule)), 1);
+    assert_string_equal(rule, ".yahoo.com:20/m");
+    assert_int_equal(throttle_rule(t, "example.org", &iv, rule, sizeof(rule)), 1);
+    assert_string_equal(rule, "example.org:10/h");
+    assert_int_equal(throttle_rule(t, "example.net", &iv, rule, sizeof(rule)), 0);
+    throttle_free(t);
+    unlink(map_path);
+
+    write_map("gmail.com:50/s\n# x\nyahoo.com:20/d\n");
+    assert_int_equal(throttle_load("", map_path, &t, err, sizeof(err)), -1);
+    char want[512];
+    snprintf(want, sizeof(want), "[smtp] rate_limits_file: %s:3: \"yahoo.com:20/d\" is not domain:N/s, "
+             "domain:N/m or domain:N/h (N from 1 to 1000000; .domain also matches subdomains)", map_path);
+    assert_string_equal(err, want);
+    assert_null(t);
+    unlink(map_path);
+    assert_int_equal(throttle_load("", "/nonexistent/rates", &t, err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] rate_limits_file: /nonexistent/rates: No such file or directory");
+    /* neither: no limits */
+    assert_int_equal(throttle_load("", "", &t, err, sizeof(err)), 0);
+    assert_null(t);
+}
+
+/* env_build() (the start-up checks --check-config runs) of the defaults
+ * with [section] key = value set: 0, or -1 with err. */
+static int check_with(const char *section, const char *key, const char *value, char *err, size_t errlen)
+{
+    char text[512];
+    snprintf(text, sizeof(text), "[%s]\n%s = %s\n", section, key, value);
+    mp_config_t c;
+    if (load_text(&c, text, err, errlen) != 0)
+        fail_msg("%s", err);
+    worker_env_t env;
+    int r = env_build(&c, &env, err, errlen);
+    env_free(&env);
+    config_free(&c);
+    return r;
+}
+
+/* [metrics] listen: start-up's own parse, before any worker runs. */
+static void test_check_metrics_listen(void **state)
+{
+    static const struct { const char *listen, *want; } cases[] = {
+        { "0.0.0.0:9464", NULL },
+        { "127.0.0.1:19466", NULL },
+        { "[::]:9464", NULL },
+        { "19466", "[metrics] listen: expected host:port, got \"19466\"" },
+        { "localhost:9464", "[metrics] listen: \"localhost\" is not a numeric address" },
+        { "0.0.0.0:0", "[metrics] listen: bad port in \"0.0.0.0:0\"" },
+        { "0.0.0.0:http", "[metrics] listen: bad port in \"0.0.0.0:http\"" },
+        { "[::1:9464", "[metrics] listen: \"[::1\" is not a numeric address" },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char err[512] = "";
+        int r = check_with("metrics", "listen", cases[i].listen, err, sizeof(err));
+        if (cases[i].want == NULL && r != 0)
+            fail_msg("%s: %s", cases[i].listen, err);
+        if (cases[i].want) {
+            assert_int_equal(r, -1);
+            assert_string_equal(err, cases[i].want);
+        }
+    }
+}
+
+/* [smtp] helo_name: a host name or an address literal (RFC 5321 4.1.3). */
+static void test_check_helo_name(void **state)
+{
+    static const char *good[] = {
+        "mail-out.example.com", "localhost", "MX1.Example.ORG", "[192.0.2.1]", "[IPv6:2001:db8::1]", "[ipv6:::1]",
+    };
+    static const char *bad[] = {
+        "'not a name'", "not a name", "mail_out.example.com", "mail.example.com.", "192.0.2.1", "[192.0.2.256]",
+        "[2001:db8::1]", "-mx.example.com", "mx..example.com", "[]", "mx.example.com:25",
+    };
+    char err[512] = "";
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
+        if (check_with("smtp", "helo_name", good[i], err, sizeof(err)) != 0)
+            fail_msg("%s: %s", good[i], err);
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        if (check_with("smtp", "helo_name", bad[i], err, sizeof(err)) != -1)
+            fail_msg("%s accepted", bad[i]);
+        char want[512];
+        snprintf(want, sizeof(want), "[smtp] helo_name: \"%s\" is neither a host name nor an address literal "
+                 "like [192.0.2.1] or [IPv6:2001:db8::1] (RFC 5321 section 4.1.3)", bad[i]);
+        assert_string_equal(err, want);
+    }
+}
+
+/* The start-up checks include the map files and config_validate(). */
+static void test_check_runs_every_check(void **state)
+{
+    char err[512] = "";
+    assert_int_equal(check_with("smtp", "rate_limits_file", "/nonexistent/rates", err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] rate_limits_file: /nonexistent/rates: No such file or directory");
+    assert_int_equal(check_with("smtp", "tls_policy_file", "/nonexistent/tls", err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] tls_policy_file: /nonexistent/tls: No such file or directory");
+    assert_int_equal(check_with("amqp", "prefetch", "0", err, sizeof(err)), -1);
+    assert_string_equal(err, "[amqp] prefetch must be between 1 and 65535");
+    assert_int_equal(check_with("smtp", "rate_limits", "gmail.com:100/d", err, sizeof(err)), -1);
+    assert_true(strncmp(err, "[smtp] rate_limits: \"gmail.com:100/d\" is not", 43) == 0);
+    assert_int_equal(check_with("log", "level", "info", err, sizeof(err)), 0);
 }
 
 static void test_missing_file(void **state)
@@ -289,6 +648,15 @@ int main(void)
         cmocka_unit_test_teardown(test_file_then_environment, teardown),
         cmocka_unit_test_teardown(test_errors_name_the_problem, teardown),
         cmocka_unit_test_teardown(test_enum_keys, teardown),
+        cmocka_unit_test_teardown(test_long_lines, teardown),
+        cmocka_unit_test_teardown(test_duplicate_key, teardown),
+        cmocka_unit_test_teardown(test_continuation_line, teardown),
+        cmocka_unit_test_teardown(test_values_and_comments, teardown),
+        cmocka_unit_test(test_tls_policy_file),
+        cmocka_unit_test(test_rate_limits_file),
+        cmocka_unit_test_teardown(test_check_metrics_listen, teardown),
+        cmocka_unit_test_teardown(test_check_helo_name, teardown),
+        cmocka_unit_test_teardown(test_check_runs_every_check, teardown),
         cmocka_unit_test_teardown(test_missing_file, teardown),
         cmocka_unit_test_teardown(test_dump_masks_secrets, teardown),
         cmocka_unit_test(test_reference),

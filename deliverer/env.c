@@ -1,0 +1,118 @@
+/*
+ * SUMMARY
+ *  deliverer/env.c - the start-up checks and the state they build.
+ * DESCRIPTION
+ *  env_build() is every check mailpumpd makes before it starts a worker,
+ *  in one place, so that `mailpumpd --check-config` (which stops after
+ *  it) accepts exactly the configurations start-up accepts: the values
+ *  (config_validate), the syntax of [metrics] listen (the parse the
+ *  endpoint itself uses; only the bind is left to start-up), the TLS CA
+ *  files, the IMAP accounts file and host, the DKIM keys, the retry
+ *  levels, the [smtp] translation (helo_name, tls_policy and its file,
+ *  the relay's resolution) and the rate limits and their file.
+ */
+#include "deliverer/env.h"
+
+#include <netdb.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "core/tls.h"
+#include "deliverer/throttle.h"
+#include "metrics/metrics.h"
+
+static imap_tls_t imap_tls_of(mp_imap_tls_t t)
+{
+    switch (t) {
+    case MP_IMAP_TLS_STARTTLS: return IMAP_TLS_STARTTLS;
+    case MP_IMAP_TLS_NONE: return IMAP_TLS_NONE;
+    case MP_IMAP_TLS_IMAPS: break;
+    }
+    return IMAP_TLS_IMAPS;
+}
+
+static int resolve_imap(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errlen)
+{
+    if (cfg->imap_host[0] == '\0')
+        return 0;
+    char port[16];
+    snprintf(port, sizeof(port), "%u", cfg->imap_port);
+    struct addrinfo hints = { .ai_socktype = SOCK_STREAM }, *res = NULL;
+    /* once at start-up, before any worker runs: blocking is fine here */
+    int r = getaddrinfo(cfg->imap_host, port, &hints, &res);
+    if (r != 0) {
+        snprintf(err, errlen, "[imap] host %s: %s", cfg->imap_host, gai_strerror(r));
+        return -1;
+    }
+    memcpy(&env->imap_addr, res->ai_addr, res->ai_addrlen);
+    env->imap_addrlen = res->ai_addrlen;
+    freeaddrinfo(res);
+    return 0;
+}
+
+int env_build(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errlen)
+{
+    memset(env, 0, sizeof(*env));
+    env->cfg = cfg;
+    if (config_validate(cfg, err, errlen) < 0)
+        return -1;
+    if (cfg->metrics_listen[0]) { /* the syntax; the bind comes when the endpoint starts */
+        struct sockaddr_storage ss;
+        if (metrics_listen_parse(cfg->metrics_listen, &ss, err, errlen) < 0)
+            return -1;
+    }
+    env->imap_tls = imap_tls_of(cfg->imap_tls);
+    char e[256];
+    env->smtp_verify_ctx = tls_client_ctx_new(cfg->smtp_ca_file, 1, e, sizeof(e));
+    if (env->smtp_verify_ctx == NULL) {
+        snprintf(err, errlen, "[smtp] ca_file: %s", e);
+        return -1;
+    }
+    env->smtp_noverify_ctx = tls_client_ctx_new(NULL, 0, e, sizeof(e));
+    if (env->smtp_noverify_ctx == NULL) {
+        snprintf(err, errlen, "TLS: %s", e);
+        return -1;
+    }
+    if (cfg->imap_host[0]) {
+        env->imap_ctx = tls_client_ctx_new(cfg->imap_ca_file, 1, e, sizeof(e));
+        if (env->imap_ctx == NULL) {
+            snprintf(err, errlen, "[imap] ca_file: %s", e);
+            return -1;
+        }
+        if (accounts_load(&env->accounts, cfg->imap_accounts_file, err, errlen) < 0)
+            return -1;
+        if (resolve_imap(cfg, env, err, errlen) < 0)
+            return -1;
+    }
+    if (cfg->dkim_keys_file[0]) {
+        env->dkim = dkim_load(cfg->dkim_keys_file, cfg->dkim_headers, e, sizeof(e));
+        if (env->dkim == NULL) {
+            snprintf(err, errlen, "[dkim] keys_file: %s", e);
+            return -1;
+        }
+    }
+    if (retry_policy_init(&env->retry, cfg, err, errlen) < 0)
+        return -1;
+    /* [smtp]: one translation, validated there (exit 2 on a bad value) */
+    if (deliver_config_build(&env->dcfg, cfg, env->smtp_verify_ctx, env->smtp_noverify_ctx, &env->smtp_store,
+                             err, errlen) < 0)
+        return -1;
+    /* message-rate limits per destination domain, one table per process */
+    return throttle_load(cfg->smtp_rate_limits, cfg->smtp_rate_limits_file, &env->throttle, err, errlen);
+}
+
+void env_free(worker_env_t *env)
+{
+    SSL_CTX_free(env->smtp_verify_ctx);
+    SSL_CTX_free(env->smtp_noverify_ctx);
+    SSL_CTX_free(env->imap_ctx);
+    accounts_free(&env->accounts);
+    retry_policy_free(&env->retry);
+    dkim_free(env->dkim);
+    deliver_config_store_free(&env->smtp_store);
+    env->dcfg.routes = NULL;
+    env->dcfg.relay = NULL;
+    throttle_free(env->throttle);
+    env->throttle = NULL;
+}
+
