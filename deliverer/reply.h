@@ -13,7 +13,10 @@
 #include <stddef.h>
 
 #define SMTP_REPLY_MAX_LINE  2048 /* octets of one line, without CRLF */
-#define SMTP_REPLY_MAX_LINES 100
+/* Octets of one whole reply, line ends included: the budget for one reply
+ * (an EHLO with thousands of extension lines fits; docs/operations.md).
+ * The session caps its stream's unparsed input at this, too. */
+#define SMTP_REPLY_MAX_BYTES (512u * 1024)
 
 typedef struct smtp_reply {
     int  code;       /* 3-digit code */
@@ -32,8 +35,9 @@ enum { SMTP_REPLY_OK = 0, SMTP_REPLY_AGAIN = 1, SMTP_REPLY_EPROTO = -1 };
  * SMTP_REPLY_AGAIN when more bytes are needed (*consumed untouched), or
  * SMTP_REPLY_EPROTO on garbage: a line not starting with a code 2xx..5xx
  * followed by ' ', '-' or the end of the line, inconsistent codes across
- * lines, a line longer than SMTP_REPLY_MAX_LINE octets, more than
- * SMTP_REPLY_MAX_LINES lines, or a NUL byte. Garbage is reported as soon
+ * lines, a line longer than SMTP_REPLY_MAX_LINE octets, a reply longer
+ * than SMTP_REPLY_MAX_BYTES octets (any number of lines up to that), or
+ * a NUL byte. Garbage is reported as soon
  * as the buffered prefix proves it, without waiting for the end of line.
  * Accepts LF-only line endings. A bare "250" (no text) is accepted as the
  * last line (RFC 5321 grammar: Reply-code [ SP textstring ] CRLF).

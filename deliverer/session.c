@@ -345,19 +345,22 @@ static void log_session(smtp_session_t *s)
     log_info("smtp", "session",
              "msg=%s session=%016" PRIx64 " mx=%s addr=%s port=%u tls=%s cipher=%s resumed=%d result=%s "
              "state=%s txn=%u reused=%d pipelined=%d kept=%d rcpts=%zu delivered=%zu transient=%zu "
-             "permanent=%zu unanswered=%zu code=%d enh=%s reply=\"%s\" error=\"%s\"",
+             "permanent=%zu unanswered=%zu bytes_in=%llu code=%d enh=%s reply=\"%s\" error=\"%s\"",
              s->p.log_id ? s->p.log_id : "-", s->id, s->p.mx_host ? s->p.mx_host : "-",
              s->addr_text, s->port, s->res.tls_version ? s->res.tls_version : "none",
              s->res.tls_cipher ? s->res.tls_cipher : "none", s->res.tls_resumed,
              status_tok(s->res.status), smtp_strstate(s->res.state), s->ntxn, s->res.reused,
              s->res.pipelined, s->res.reusable, s->res.nrcpts, n[OUTCOME_DELIVERED],
-             n[OUTCOME_TRANSIENT], n[OUTCOME_PERMANENT], open, s->res.has_reply ? s->res.reply.code : 0,
+             n[OUTCOME_TRANSIENT], n[OUTCOME_PERMANENT], open,
+             (unsigned long long)s->res.bytes_in,
+             s->res.has_reply ? s->res.reply.code : 0,
              s->res.has_reply && s->res.reply.enh[0] ? s->res.reply.enh : "-", reply, err);
 }
 
 static void close_stream(smtp_session_t *s)
 {
     if (s->st) {
+        s->res.bytes_in = stream_bytes_in(s->st);
         stream_free(s->st); /* safe inside its own callback */
         s->st = NULL;
     }
@@ -1158,6 +1161,8 @@ static void report_idle(smtp_session_t *s)
         close_stream(s); /* never park a connection still sending the owner's bytes */
     s->res.reusable = !s->dead;
     s->res.state = SMTP_STATE_DONE;
+    if (s->st)
+        s->res.bytes_in = stream_bytes_in(s->st);
     if (s->dead) {
         s->finished = 1;
         s->state = SMTP_STATE_DONE;
@@ -1277,6 +1282,9 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
               s->p.log_id ? s->p.log_id : "-", smtp_strstate(SMTP_STATE_CONNECT),
               s->p.mx_host ? s->p.mx_host : "-", s->addr_text, s->port);
     s->st = stream_new(loop, on_stream, s);
+    /* the parser refuses a reply past its budget first: this is only the
+     * stream's backstop, never more unparsed than one reply may take */
+    stream_set_max_input(s->st, SMTP_REPLY_MAX_BYTES);
     stream_set_timeout(s->st, state_timeout(s, SMTP_STATE_CONNECT));
     if (params->nrcpts == 0 || stream_connect(s->st, params->addr, params->addrlen) < 0) {
         /* report from the loop, never from inside the caller's start call */

@@ -166,6 +166,8 @@ typedef struct smtp_session_result {
                                      * it while idle (no attempt spent) */
     int                pipelined;   /* the envelope went out as one PIPELINING batch */
     int                tls_resumed; /* the TLS handshake was abbreviated (session resumption) */
+    uint64_t           bytes_in;    /* bytes read from the server on this connection so far
+                                     * (after TLS decryption) */
 } smtp_session_result_t;
 
 typedef struct smtp_session smtp_session_t;

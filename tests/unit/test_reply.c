@@ -174,19 +174,80 @@ static void test_line_count_limit(void **state)
     smtp_reply_t r;
     size_t used = 0;
 
-    for (int i = 0; i < SMTP_REPLY_MAX_LINES - 1; i++)
+    for (int i = 0; i < 99; i++)
         buf_printf(&b, "250-line %d\r\n", i);
     buf_puts(&b, "250 last\r\n");
     assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_OK);
-    assert_int_equal(r.nlines, SMTP_REPLY_MAX_LINES);
+    assert_int_equal(r.nlines, 100);
     assert_int_equal(used, buf_size(&b));
+    buf_free(&b);
+}
 
+typedef struct ehlo_count {
+    int    n;
+    size_t bytes;
+} ehlo_count_t;
+
+static void count_line(void *arg, int index, const char *text, size_t len)
+{
+    ehlo_count_t *c = arg;
+    assert_int_equal(index, c->n);
+    c->n++;
+    c->bytes += len;
+}
+
+/* Lines are not counted: 5,000 EHLO lines (145 KB) are one reply; only
+ * SMTP_REPLY_MAX_BYTES for the whole reply is, as soon as that much is
+ * buffered without its end. */
+static void test_reply_byte_budget(void **state)
+{
+    buf_t b = BUF_INIT;
+    smtp_reply_t r;
+    size_t used = 0;
+    ehlo_count_t cnt = { 0, 0 };
+
+    buf_puts(&b, "250-mx.example\r\n");
+    for (int i = 1; i < 4999; i++)
+        buf_printf(&b, "250-X-EXTENSION-%05d ARG=1\r\n", i);
+    buf_puts(&b, "250 8BITMIME\r\n");
+    assert_true(buf_size(&b) > 140000);
+    assert_int_equal(smtp_reply_parse_lines(buf_head(&b), buf_size(&b), &used, &r, count_line, &cnt),
+                     SMTP_REPLY_OK);
+    assert_int_equal(used, buf_size(&b));
+    assert_int_equal(r.nlines, 5000);
+    assert_int_equal(cnt.n, 5000);
+    assert_int_equal(r.code, 250);
+    assert_int_equal(strlen(r.text), sizeof(r.text) - 1); /* joined text truncated */
+
+    /* exactly the budget is one reply */
     buf_reset(&b);
-    for (int i = 0; i < SMTP_REPLY_MAX_LINES; i++)
-        buf_printf(&b, "250-line %d\r\n", i);
-    /* the 101st line is not even buffered: already garbage */
+    while (buf_size(&b) + 2 * 1000 < SMTP_REPLY_MAX_BYTES) {
+        buf_puts(&b, "250-");
+        for (int i = 0; i < 994; i++)
+            buf_putc(&b, 'a');
+        buf_puts(&b, "\r\n");
+    }
+    size_t last = SMTP_REPLY_MAX_BYTES - buf_size(&b) - 6;
+    buf_puts(&b, "250 ");
+    for (size_t i = 0; i < last; i++)
+        buf_putc(&b, 'z');
+    buf_puts(&b, "\r\n");
+    assert_int_equal(buf_size(&b), SMTP_REPLY_MAX_BYTES);
+    assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_OK);
+    assert_int_equal(used, SMTP_REPLY_MAX_BYTES);
+
+    /* one octet more is garbage, complete or not */
+    buf_reset(&b);
+    while (buf_size(&b) <= SMTP_REPLY_MAX_BYTES) {
+        buf_puts(&b, "250-");
+        for (int i = 0; i < 994; i++)
+            buf_putc(&b, 'a');
+        buf_puts(&b, "\r\n");
+    }
     assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_EPROTO);
-    buf_puts(&b, "250 last\r\n");
+    assert_int_equal(smtp_reply_parse(buf_head(&b), SMTP_REPLY_MAX_BYTES, &used, &r), SMTP_REPLY_AGAIN);
+    assert_int_equal(smtp_reply_parse(buf_head(&b), SMTP_REPLY_MAX_BYTES + 1, &used, &r), SMTP_REPLY_EPROTO);
+    buf_puts(&b, "250 end\r\n");
     assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_EPROTO);
     buf_free(&b);
 }
@@ -266,6 +327,7 @@ int main(void)
         cmocka_unit_test(test_garbage),
         cmocka_unit_test(test_line_length_limit),
         cmocka_unit_test(test_line_count_limit),
+        cmocka_unit_test(test_reply_byte_budget),
         cmocka_unit_test(test_back_to_back),
         cmocka_unit_test(test_line_callback),
     };

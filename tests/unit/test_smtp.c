@@ -2242,6 +2242,127 @@ static void test_pipelined_rcpt_timeout(void **state)
     drain_and_check(t->loop, &fs, 1);
 }
 
+/* ------------------------------------------------------------------ */
+/* hostile receivers                                                   */
+
+typedef struct sess_capture {
+    int          fired;
+    int          status;
+    smtp_state_t state;
+    char         error[256];
+    uint64_t     bytes_in;
+} sess_capture_t;
+
+static void on_sess(void *arg, smtp_session_t *s, const smtp_session_result_t *res)
+{
+    sess_capture_t *c = arg;
+    c->fired++;
+    c->status = res->status;
+    c->state = res->state;
+    snprintf(c->error, sizeof(c->error), "%s", res->error);
+    c->bytes_in = res->bytes_in;
+    smtp_session_free(s);
+}
+
+/* One bare session (no deliver, no pool) to 127.0.0.1:port. */
+static void session_run(tctx_t *t, unsigned short port, sess_capture_t *cap)
+{
+    static const char *rcpts[] = { "b@y" };
+    deliver_candidate_t c = cand("mx1.fake.test", port);
+    smtp_session_params_t p = {
+        .helo_name = HELO_NAME,
+        .tls = SMTP_TLS_NONE,
+        .timeouts = t->to,
+        .mx_host = c.host,
+        .addr = (const struct sockaddr *)&c.addr,
+        .addrlen = c.addrlen,
+        .mail_from = FROM,
+        .rcpts = rcpts,
+        .nrcpts = 1,
+        .data = PAYLOAD,
+        .len = strlen(PAYLOAD),
+        .message_size = MSG_SIZE,
+    };
+    memset(cap, 0, sizeof(*cap));
+    smtp_session_start(t->loop, &p, on_sess, cap);
+    run_until(t->loop, &cap->fired);
+}
+
+#define HOSTILE_SIZE (20u * 1024 * 1024)
+#define READ_CHUNK   16384u /* core/stream.c: what one read takes at most */
+
+/* A 20 MB greeting, once as one line without an end and once as valid
+ * "220-" lines: the parser sees the bytes as they arrive and gives up
+ * at the line limit or at the reply budget, so the engine reads at most
+ * the budget plus one chunk. It is a protocol error (no QUIT: nothing is
+ * in sync), and it does not mark the address down as unreachable. */
+static void test_hostile_greeting_budget(void **state)
+{
+    tctx_t *t = *state;
+    char *noeol = malloc(HOSTILE_SIZE + 1);
+    char *lines = malloc(HOSTILE_SIZE + 16);
+    assert_non_null(noeol);
+    assert_non_null(lines);
+    memcpy(noeol, "220 ", 4);
+    memset(noeol + 4, 'x', HOSTILE_SIZE - 4);
+    noeol[HOSTILE_SIZE] = '\0';
+    size_t n = 0;
+    while (n + 1000 < HOSTILE_SIZE) {
+        memcpy(lines + n, "220-", 4);
+        memset(lines + n + 4, 'x', 994);
+        memcpy(lines + n + 998, "\r\n", 2);
+        n += 1000;
+    }
+    strcpy(lines + n, "220 end\r\n");
+    script_t s1 = { .greeting = noeol, .rules = rules_ok };
+    script_t s2 = { .greeting = lines, .rules = rules_ok };
+    fake_server_t *f1 = fake_server_new(t->loop, &s1);
+    fake_server_t *f2 = fake_server_new(t->loop, &s2);
+    sess_capture_t sc;
+
+    session_run(t, f1->port, &sc);
+    assert_int_equal(sc.status, SMTP_EPROTO);
+    assert_int_equal(sc.state, SMTP_STATE_GREETING);
+    assert_non_null(strstr(sc.error, "malformed reply while receiving the initial server greeting: \"220 xxx"));
+    assert_true(sc.bytes_in > SMTP_REPLY_MAX_LINE);
+    assert_true(sc.bytes_in <= SMTP_REPLY_MAX_BYTES + READ_CHUNK);
+
+    session_run(t, f2->port, &sc);
+    assert_int_equal(sc.status, SMTP_EPROTO);
+    assert_int_equal(sc.state, SMTP_STATE_GREETING);
+    assert_non_null(strstr(sc.error, "malformed reply while receiving the initial server greeting"));
+    assert_true(sc.bytes_in > SMTP_REPLY_MAX_BYTES);
+    assert_true(sc.bytes_in <= SMTP_REPLY_MAX_BYTES + READ_CHUNK);
+
+    /* through an attempt with route penalties on: transient "protocol",
+     * and the next message connects again (the server answered: it is no
+     * unreachable address) */
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    cfg.route_penalty_ms = 5000;
+    deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", f2->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    capture_t cap;
+    uint64_t downs = metrics_counter(MET_SMTP_ROUTES_DOWN);
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
+    assert_non_null(strstr(cap.r[0].text, "malformed reply while receiving the initial server greeting"));
+    assert_int_equal(cap.attempts, 1);
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
+    assert_int_equal(cap.attempts, 1);
+    assert_int_equal(cap.connections, 1);
+    assert_int_equal(metrics_counter(MET_SMTP_ROUTES_DOWN) - downs, 0);
+    assert_string_equal(transcript(f1), "");
+    assert_string_equal(transcript(f2), "");
+    deliver_ctx_free(ctx);
+    fake_server_t *all[] = { f1, f2 };
+    drain_and_check(t->loop, all, 2);
+    free(noeol);
+    free(lines);
+}
+
 static void test_tls_session_cache(void **state)
 {
     tls_session_cache_t *c = tls_session_cache_new(2);
@@ -2390,6 +2511,7 @@ static void test_features(void **state)
     smtp_features_parse_line(&f, "PIPELININGfoo", 10); /* len cuts it to "PIPELINING" */
     assert_int_equal(f.flags, SMTP_FEAT_SIZE | SMTP_FEAT_PIPELINING);
     assert_int_equal(f.size_max, 0);
+
 }
 
 static void test_strstate_and_timeouts(void **state)
@@ -3018,6 +3140,7 @@ int main(void)
         T(test_need_8bitmime_smtputf8),
         T(test_pipelined_mail_refused_keeps_sync),
         T(test_pipelined_rcpt_timeout),
+        T(test_hostile_greeting_budget),
         T(test_hold_before_body),
         T(test_hold_per_transaction),
         T(test_hold_timeout_fails_over),
