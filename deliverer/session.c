@@ -267,11 +267,17 @@ void smtp_features_parse_line(smtp_features_t *f, const char *line, size_t len)
     for (size_t i = 0; i < sizeof(ehlo_keywords) / sizeof(ehlo_keywords[0]); i++) {
         if (strlen(ehlo_keywords[i].kw) != kl || util_strncasecmp(line, ehlo_keywords[i].kw, kl) != 0)
             continue;
-        f->flags |= ehlo_keywords[i].flag;
         if (ehlo_keywords[i].flag == SMTP_FEAT_SIZE) {
+            /* RFC 1870: digits only. "SIZE -1", "SIZE 12abc" or a number
+             * that does not fit say nothing usable: ignored, as if no
+             * SIZE were offered (no limit, no SIZE= parameter) */
             size_t v = 0;
-            for (size_t j = 0; j < alen && args[j] >= '0' && args[j] <= '9'; j++)
-                v = v > SIZE_MAX / 10 - 10 ? SIZE_MAX : v * 10 + (size_t)(args[j] - '0');
+            for (size_t j = 0; j < alen && args[j] != ' '; j++) {
+                unsigned d = (unsigned char)args[j] - '0';
+                if (d > 9 || v > (SIZE_MAX - d) / 10)
+                    return;
+                v = v * 10 + d;
+            }
             f->size_max = v;
         } else if (ehlo_keywords[i].flag == SMTP_FEAT_AUTH) {
             size_t have = strlen(f->auth);
@@ -283,6 +289,7 @@ void smtp_features_parse_line(smtp_features_t *f, const char *line, size_t len)
             }
             f->auth[have] = '\0';
         }
+        f->flags |= ehlo_keywords[i].flag;
         return;
     }
 }

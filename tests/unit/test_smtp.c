@@ -2363,6 +2363,46 @@ static void test_hostile_greeting_budget(void **state)
     free(lines);
 }
 
+/* EHLO with 5,000 extension lines (145 KB), among them "SIZE -1" and a
+ * 21-digit SIZE: one reply within the budget; the absurd SIZEs are
+ * ignored (no limit, no SIZE= parameter), PIPELINING is still seen, and
+ * the message goes. */
+static void test_ehlo_5000_lines(void **state)
+{
+    tctx_t *t = *state;
+    buf_t ehlo = BUF_INIT;
+    buf_puts(&ehlo, "250-fake.test hello\r\n250-PIPELINING\r\n250-SIZE -1\r\n250-SIZE 123456789012345678901\r\n");
+    for (int i = 4; i < 4999; i++)
+        buf_printf(&ehlo, "250-X-VENDOR-%04d ARGUMENT=1\r\n", i);
+    buf_puts(&ehlo, "250 8BITMIME\r\n");
+    assert_true(buf_size(&ehlo) >= 145000);
+    rule_t rules[] = {
+        { "EHLO", buf_head(&ehlo), ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    /* replies held until DATA: only a pipelining client gets through */
+    script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules, .hold_until_data = 1 };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    t->to.mail_ms = 1000;
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\nRCPT TO:<b@y>\r\nDATA\r\n"
+                                        PAYLOAD "QUIT\r\n");
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.features.flags, SMTP_FEAT_PIPELINING | SMTP_FEAT_8BITMIME);
+    assert_int_equal(cap.features.size_max, 0);
+    drain_and_check(t->loop, &fs, 1);
+    buf_free(&ehlo);
+}
+
 static void test_tls_session_cache(void **state)
 {
     tls_session_cache_t *c = tls_session_cache_new(2);
@@ -2512,6 +2552,23 @@ static void test_features(void **state)
     assert_int_equal(f.flags, SMTP_FEAT_SIZE | SMTP_FEAT_PIPELINING);
     assert_int_equal(f.size_max, 0);
 
+    /* a SIZE that is negative, not a number or does not fit is ignored */
+    static const char *absurd[] = { "SIZE -1", "SIZE 123456789012345678901", "SIZE 12abc", "SIZE 1e9",
+                                    "SIZE 18446744073709551616" };
+    for (size_t i = 0; i < sizeof(absurd) / sizeof(absurd[0]); i++) {
+        memset(&f, 0, sizeof(f));
+        smtp_features_parse_line(&f, absurd[i], strlen(absurd[i]));
+        assert_int_equal(f.flags, 0);
+        assert_int_equal(f.size_max, 0);
+    }
+    /* and does not undo a sane one before it */
+    memset(&f, 0, sizeof(f));
+    smtp_features_parse_line(&f, "SIZE 10240000", 13);
+    smtp_features_parse_line(&f, "SIZE -1", 7);
+    assert_int_equal(f.flags, SMTP_FEAT_SIZE);
+    assert_int_equal(f.size_max, 10240000);
+    smtp_features_parse_line(&f, "SIZE 18446744073709551615", 25);
+    assert_int_equal(f.size_max, SIZE_MAX);
 }
 
 static void test_strstate_and_timeouts(void **state)
@@ -3141,6 +3198,7 @@ int main(void)
         T(test_pipelined_mail_refused_keeps_sync),
         T(test_pipelined_rcpt_timeout),
         T(test_hostile_greeting_budget),
+        T(test_ehlo_5000_lines),
         T(test_hold_before_body),
         T(test_hold_per_transaction),
         T(test_hold_timeout_fails_over),
