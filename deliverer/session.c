@@ -839,6 +839,15 @@ static void rcpt_reply(smtp_session_t *s, const smtp_reply_t *r)
     }
 }
 
+/* A reply that cannot answer the command it is matched with (354 to MAIL
+ * or RCPT, 2xx to DATA): the server answered fewer (or more) replies than
+ * we sent commands, so nothing it says from here can be matched. Drop the
+ * connection at once, no QUIT, never reused. */
+static void out_of_step(smtp_session_t *s, const char *cmd, const smtp_reply_t *r)
+{
+    session_fail(s, SMTP_EPROTO, 0, "out-of-step reply to %s: %d %s", cmd, r->code, r->text);
+}
+
 static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
 {
     int cls = r->code / 100;
@@ -912,7 +921,9 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
 
     case SMTP_STATE_MAIL:
         s->res.txn_replies++;
-        if (cls == 2) {
+        if (cls == 3) {
+            out_of_step(s, "MAIL FROM", r);
+        } else if (cls == 2) {
             s->txn_open = 1;
             if (s->batch)
                 set_state(s, SMTP_STATE_RCPT);
@@ -932,6 +943,10 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
 
     case SMTP_STATE_RCPT:
         s->res.txn_replies++;
+        if (cls == 3) {
+            out_of_step(s, "RCPT TO", r);
+            break;
+        }
         rcpt_reply(s, r);
         if (s->rcpt_done < s->res.nrcpts) {
             if (s->batch)
@@ -962,8 +977,9 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
                 finish(s);
             }
         } else if (cls == 2) {
-            /* accepting DATA without 354 would "deliver" a message never sent */
-            session_fail(s, SMTP_EPROTO, 1, "unexpected reply to DATA: %d %s", r->code, r->text);
+            /* accepting DATA without 354 would "deliver" a message never
+             * sent; usually the late answer to an earlier command */
+            out_of_step(s, "DATA", r);
         } else {
             /* in a batch this is usually "554 5.5.1 no valid recipients"
              * after every RCPT was refused: only accepted ones take it */

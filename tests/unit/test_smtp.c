@@ -2403,6 +2403,63 @@ static void test_ehlo_5000_lines(void **state)
     buf_free(&ehlo);
 }
 
+/* A server that answers fewer replies than pipelined commands: its 354
+ * to DATA arrives where the RCPT reply belongs. The session drops the
+ * connection at once (no QUIT, no body, no wait for the DATA timeout) as
+ * a protocol error and never reuses it; lock-step, a 250 where DATA needs
+ * 354 is the same. */
+static void test_out_of_step_replies(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t short_rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_SILENT }, /* taken, but never answered */
+        { "DATA", "354 End data with <CR><LF>.<CR><LF>\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const rule_t go_ahead_rules[] = {
+        { "EHLO", "250-fake.test\r\n250 8BITMIME\r\n", ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "250 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t s1 = { .greeting = "220 fake.test ESMTP\r\n", .rules = short_rules };
+    static const script_t s2 = { .greeting = "220 fake.test ESMTP\r\n", .rules = go_ahead_rules };
+    fake_server_t *f1 = fake_server_new(t->loop, &s1);
+    fake_server_t *f2 = fake_server_new(t->loop, &s2);
+    deliver_candidate_t c1[] = { cand("mx1.fake.test", f1->port) };
+    deliver_candidate_t c2[] = { cand("mx2.fake.test", f2->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    capture_t cap;
+
+    for (int i = 0; i < 2; i++) {
+        uint64_t t0 = util_mono_ms();
+        ctx_deliver(ctx, t->loop, &q1, c1, 1, &cap);
+        assert_true(util_mono_ms() - t0 < 2000); /* DATA's timeout is 5 s here */
+        assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
+        assert_string_equal(cap.r[0].text, "out-of-step reply to RCPT TO: 354 End data with <CR><LF>.<CR><LF>");
+        assert_int_equal(cap.reused, 0); /* the second message gets a new connection */
+        assert_int_equal(cap.connections, 1);
+    }
+    assert_int_equal(f1->naccepted, 2);
+    assert_string_equal(transcript(f1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n"
+                                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n");
+
+    ctx_deliver(ctx, t->loop, &q1, c2, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
+    assert_string_equal(cap.r[0].text, "out-of-step reply to DATA: 250 go ahead");
+    assert_string_equal(transcript(f2), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\nRCPT TO:<b@y>\r\nDATA\r\n");
+    deliver_ctx_free(ctx);
+    fake_server_t *all[] = { f1, f2 };
+    drain_and_check(t->loop, all, 2);
+}
+
 static void test_tls_session_cache(void **state)
 {
     tls_session_cache_t *c = tls_session_cache_new(2);
@@ -3199,6 +3256,7 @@ int main(void)
         T(test_pipelined_rcpt_timeout),
         T(test_hostile_greeting_budget),
         T(test_ehlo_5000_lines),
+        T(test_out_of_step_replies),
         T(test_hold_before_body),
         T(test_hold_per_transaction),
         T(test_hold_timeout_fails_over),
