@@ -2460,6 +2460,40 @@ static void test_out_of_step_replies(void **state)
     drain_and_check(t->loop, all, 2);
 }
 
+/* An address down after a greeting timeout: the attempt that finds every
+ * address down says what made it down (a timeout, how long it waited),
+ * tagged "timeout", not just that it is down. */
+static void test_route_penalty_keeps_cause(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t silent = { .greeting = NULL, .rules = rules_ok };
+    fake_server_t *fs = fake_server_new(t->loop, &silent);
+    deliver_candidate_t c[] = { cand("slow.fake.test", fs->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    cfg.route_penalty_ms = 5000;
+    t->to.greeting_ms = 200;
+    deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
+    capture_t cap;
+    char want[256];
+
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    assert_string_equal(cap.r[0].text, "timeout while receiving the initial server greeting");
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_int_equal(cap.attempts, 0);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    snprintf(want, sizeof(want),
+             "every MX address is down after recent failures (next try in 5 s): slow.fake.test [127.0.0.1|%u]: "
+             "timeout while receiving the initial server greeting (after 0.2 s)",
+             (unsigned)fs->port);
+    assert_string_equal(cap.r[0].text, want);
+    assert_int_equal(fs->naccepted, 1);
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
 static void test_tls_session_cache(void **state)
 {
     tls_session_cache_t *c = tls_session_cache_new(2);
@@ -3257,6 +3291,7 @@ int main(void)
         T(test_hostile_greeting_budget),
         T(test_ehlo_5000_lines),
         T(test_out_of_step_replies),
+        T(test_route_penalty_keeps_cause),
         T(test_hold_before_body),
         T(test_hold_per_transaction),
         T(test_hold_timeout_fails_over),
