@@ -619,13 +619,13 @@ static void route_failed(deliver_ctx_t *ctx, const deliver_candidate_t *c, const
 {
     if (ctx->cfg.route_penalty_ms == 0)
         return;
-    char key[72], text[ROUTES_WHY_LEN], waited[48] = "";
+    char key[72], text[ROUTES_WHY_LEN], waited[24] = "";
     route_key(c, key, sizeof(key));
     if (sr->status == SMTP_ETIMEOUT) {
         unsigned ms = sr->state == SMTP_STATE_CONNECT ? ctx->timeouts.connect_ms : ctx->timeouts.greeting_ms;
         snprintf(waited, sizeof(waited), " (after %g s)", ms / 1000.0);
     }
-    snprintf(text, sizeof(text), "%.100s [%s]: %.180s%s", c->host, key, sr->error, waited);
+    snprintf(text, sizeof(text), "%.100s [%.60s]: %.170s%s", c->host, key, sr->error, waited);
     unsigned failures = 0;
     uint64_t pen = routes_failed(ctx->routes, key, loop_now_ms(ctx->loop), sr->status, text, &failures);
     metrics_inc(MET_SMTP_ROUTES_DOWN, 1);
