@@ -96,11 +96,12 @@ static void line_span(const char *data, size_t pos, size_t len, size_t *tstart, 
     *next = pos + (size_t)(lf - p) + 1;
 }
 
-int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_reply_t *out,
-                           smtp_reply_line_cb line_cb, void *arg)
+int smtp_reply_parse_resume(const char *data, size_t len, size_t *checked, size_t *consumed,
+                            smtp_reply_t *out, smtp_reply_line_cb line_cb, void *arg)
 {
-    size_t pos = 0;
-    int n = 0;
+    /* the lines before *checked were complete and valid at the last call */
+    size_t pos = *checked <= len ? *checked : 0;
+    int n = pos > 0;
 
     /* first pass: find the end of one whole reply, checking as we go */
     for (;;) {
@@ -122,6 +123,7 @@ int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_
             /* +1: the CR of a CRLF may already be buffered */
             if (linelen > SMTP_REPLY_MAX_LINE + 1 || len > SMTP_REPLY_MAX_BYTES)
                 return SMTP_REPLY_EPROTO;
+            *checked = pos; /* the next call starts at this incomplete line */
             return SMTP_REPLY_AGAIN;
         }
         if (content > SMTP_REPLY_MAX_LINE || content < 3)
@@ -137,7 +139,6 @@ int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_
 
     memset(out, 0, sizeof(*out));
     out->code = (data[0] - '0') * 100 + (data[1] - '0') * 10 + (data[2] - '0');
-    out->nlines = n;
 
     size_t ts, te, next;
     line_span(data, 0, pos, &ts, &te, &next);
@@ -150,6 +151,7 @@ int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_
     /* second pass over the lines found: text, then the line callback */
     size_t tl = 0;
     for (size_t at = 0; at < pos; at = next) {
+        out->nlines++;
         line_span(data, at, pos, &ts, &te, &next);
         const char *t = data + ts;
         size_t tn = te - ts;
@@ -169,7 +171,15 @@ int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_
         }
     }
     *consumed = pos;
+    *checked = 0;
     return SMTP_REPLY_OK;
+}
+
+int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_reply_t *out,
+                           smtp_reply_line_cb line_cb, void *arg)
+{
+    size_t checked = 0;
+    return smtp_reply_parse_resume(data, len, &checked, consumed, out, line_cb, arg);
 }
 
 int smtp_reply_parse(const char *data, size_t len, size_t *consumed, smtp_reply_t *out)

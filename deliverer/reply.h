@@ -60,4 +60,16 @@ typedef void (*smtp_reply_line_cb)(void *arg, int index, const char *text, size_
 int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_reply_t *out,
                            smtp_reply_line_cb line_cb, void *arg);
 
+/*
+ * Same again, for input that grows between calls: *checked (0 for a new
+ * reply) is where the previous call, which returned AGAIN on a prefix of
+ * the same bytes, stopped checking; lines before it are not checked
+ * again, so feeding a reply a chunk at a time costs its length, not its
+ * length times the number of chunks. Set on AGAIN, back to 0 on OK. Only
+ * for a buffer whose head did not move since that call (reset *checked
+ * to 0 after consuming).
+ */
+int smtp_reply_parse_resume(const char *data, size_t len, size_t *checked, size_t *consumed,
+                            smtp_reply_t *out, smtp_reply_line_cb line_cb, void *arg);
+
 #endif

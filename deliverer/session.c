@@ -9,7 +9,8 @@
  *  Everything per state (name, timeout, how to word a failure) lives in
  *  one table, after Postfix smtp_proto.c.
  *
- *  Input is read only through smtp_reply_parse_lines(); the EHLO keywords
+ *  Input is read only through smtp_reply_parse_resume() (a reply arriving
+ *  a chunk at a time is checked once, not once per chunk); the EHLO keywords
  *  arrive through its per-line callback, so nothing parses continuations
  *  twice. s->expect counts the replies the server owes us: a reply nobody
  *  asked for is a protocol error.
@@ -85,6 +86,7 @@ struct smtp_session {
     size_t                rcpt_done; /* RCPT replies received */
     size_t                naccepted;
     smtp_features_t       ehlo_feat; /* filled by the line callback while parsing EHLO */
+    size_t                reply_checked; /* input the parser already checked (smtp_reply_parse_resume) */
     smtp_session_result_t res;
     loop_timer_t          defer_timer;
     int                   in_cb;
@@ -1076,7 +1078,8 @@ static void on_data(smtp_session_t *s)
         smtp_reply_t r;
         size_t used = 0;
         int ehlo = s->state == SMTP_STATE_EHLO || s->state == SMTP_STATE_EHLO_TLS;
-        int rc = smtp_reply_parse_lines(buf_head(in), buf_size(in), &used, &r, ehlo ? ehlo_line : NULL, s);
+        int rc = smtp_reply_parse_resume(buf_head(in), buf_size(in), &s->reply_checked, &used, &r,
+                                         ehlo ? ehlo_line : NULL, s);
         if (rc == SMTP_REPLY_AGAIN)
             return;
         if (rc == SMTP_REPLY_EPROTO) {
@@ -1252,6 +1255,7 @@ static void reset_txn(smtp_session_t *s, const smtp_session_params_t *p)
     s->p.before_body = p->before_body;
     s->p.before_body_arg = p->before_body_arg;
     s->expect = 0;
+    s->reply_checked = 0;
     s->rcpt_sent = s->rcpt_done = s->naccepted = 0;
     s->batch = s->mail_failed = s->txn_open = 0;
     s->res.status = SMTP_OK;
