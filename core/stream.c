@@ -53,7 +53,7 @@
 #include "core/util.h"
 
 #define STREAM_READ_CHUNK 16384
-#define STREAM_MAX_INPUT  (8u * 1024 * 1024) /* unparsed input cap: hostile peers */
+#define STREAM_MAX_INPUT  (8u * 1024 * 1024) /* default unparsed input cap: hostile peers */
 #define STREAM_IOV_MAX    64     /* segments per sendmsg() */
 #define STREAM_TLS_WRITE  65536  /* bytes per SSL_write() (4 records) */
 #define STREAM_GATHER_MAX 16384  /* TLS: one full record; a shorter segment with more behind it
@@ -99,6 +99,8 @@ struct stream {
     int          was_blocked;   /* output waited for EPOLLOUT: report DRAINED */
     unsigned     interest;
     unsigned     timeout_ms;
+    size_t       max_input;     /* unparsed input cap (stream_set_max_input) */
+    uint64_t     bytes_in;      /* bytes received since the stream was made */
     uint64_t     last_io;
     loop_timer_t io_timer;
     loop_timer_t defer_timer;
@@ -245,17 +247,23 @@ static const char *ssl_reason(stream_t *s, int ret, int sslerr, char *buf, size_
  * are appended to s->in: reserving a full chunk in every stream's own
  * buffer would pin 32 KiB of heap (16 KiB rounded up) per connection for
  * replies of a hundred bytes, which is what a pool of a thousand mostly
- * idle sessions must not pay. */
+ * idle sessions must not pay.
+ *
+ * Every chunk read is handed to the owner at once (STREAM_EV_DATA), so
+ * its parser sees the bytes as they arrive and can give up on a reply
+ * that is already too big, instead of the stream reading the socket
+ * empty first. What the owner leaves unparsed is capped by max_input:
+ * past it the stream fails before reading another chunk, so a peer gets
+ * at most the cap plus one chunk into memory. */
 static int do_read(stream_t *s)
 {
     static __thread char scratch[STREAM_READ_CHUNK];
-    size_t got = 0;
     int eof = 0;
     s->read_wants_write = 0;
     while (!s->paused) {
-        if (buf_size(&s->in) > STREAM_MAX_INPUT)
-            return fail(s, STREAM_EV_ERROR, "peer sent more than %u unparsed bytes",
-                        STREAM_MAX_INPUT) < 0 ? -1 : -1;
+        if (buf_size(&s->in) > s->max_input)
+            return fail(s, STREAM_EV_ERROR, "peer sent more than %zu unparsed bytes",
+                        s->max_input) < 0 ? -1 : -1;
         char *p = scratch;
         ssize_t n;
         if (s->ssl) {
@@ -278,8 +286,6 @@ static int do_read(stream_t *s)
                 }
                 char why[200];
                 ssl_reason(s, r, e, why, sizeof(why));
-                if (got > 0 && emit(s, STREAM_EV_DATA) < 0)
-                    return -1;
                 return fail(s, STREAM_EV_ERROR, "TLS read: %s", why) < 0 ? -1 : -1;
             }
         } else {
@@ -295,18 +301,16 @@ static int do_read(stream_t *s)
                     continue;
                 int e = errno;
                 s->sys_errno = e;
-                if (got > 0 && emit(s, STREAM_EV_DATA) < 0)
-                    return -1;
                 return fail(s, STREAM_EV_ERROR, "read: %s", strerror(e)) < 0 ? -1 : -1;
             }
         }
         buf_append(&s->in, p, (size_t)n);
-        got += (size_t)n;
-    }
-    if (got > 0) {
+        s->bytes_in += (uint64_t)n;
         touch(s);
         if (emit(s, STREAM_EV_DATA) < 0 || s->state == ST_DEAD)
             return -1;
+        if (s->state != ST_OPEN)
+            return 0; /* the owner started TLS: what follows is the handshake's */
     }
     if (eof) {
         fail(s, STREAM_EV_CLOSED, "connection closed by peer");
@@ -605,6 +609,7 @@ stream_t *stream_new(loop_t *loop, stream_cb cb, void *arg)
     s->cb = cb;
     s->arg = arg;
     s->deferred_ev = -1;
+    s->max_input = STREAM_MAX_INPUT;
     buf_init(&s->in);
     buf_init(&s->out);
     buf_init(&s->gather);
@@ -875,6 +880,16 @@ size_t stream_pending_refs(const stream_t *s)
 buf_t *stream_input(stream_t *s)
 {
     return &s->in;
+}
+
+void stream_set_max_input(stream_t *s, size_t max)
+{
+    s->max_input = max ? max : STREAM_MAX_INPUT;
+}
+
+uint64_t stream_bytes_in(const stream_t *s)
+{
+    return s->bytes_in;
 }
 
 void stream_pause_read(stream_t *s, int paused)

@@ -21,6 +21,7 @@
 #define MP_CORE_STREAM_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/socket.h>
 #include <openssl/ssl.h>
 
@@ -97,8 +98,19 @@ size_t stream_pending_refs(const stream_t *s);
  * system call's (TLS alert, certificate, clean EOF, timeout). */
 int  stream_errno(const stream_t *s);
 
-/* Received bytes; the owner consumes what it parsed with buf_consume(). */
+/* Received bytes; the owner consumes what it parsed with buf_consume().
+ * STREAM_EV_DATA comes once per chunk read (at most 16 KB), so a parser
+ * sees input as it arrives, not only once the socket is empty. */
 buf_t *stream_input(stream_t *s);
+/* Cap on the input the owner leaves unparsed (0: the default, 8 MB):
+ * with more than max bytes buffered the stream reads no further and
+ * fails with STREAM_EV_ERROR, so a peer gets at most max plus one read
+ * chunk into memory. Each protocol sets what one of its units needs
+ * (an SMTP reply: SMTP_REPLY_MAX_BYTES; IMAP keeps the default, above
+ * its largest response). */
+void stream_set_max_input(stream_t *s, size_t max);
+/* Bytes received since stream_new() (plaintext, after TLS decryption). */
+uint64_t stream_bytes_in(const stream_t *s);
 
 /* I/O inactivity timeout in ms (0 disables). Re-armed on every byte read
  * or written, and whenever it is set. */

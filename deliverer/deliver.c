@@ -126,6 +126,7 @@ struct deliver {
     const char            *counted_host; /* the MX host last counted against max_mx */
     size_t                 skipped_down; /* candidates skipped: their address was down */
     char                   down_why[512];/* the first of them, for the result */
+    int                    down_cause;   /* and what made it down (smtp_status_t) */
     deliver_result_t       res;
     loop_timer_t           done_timer;
     deliver_cb             cb;
@@ -664,7 +665,8 @@ static void finish(deliver_t *d)
             continue;
         deliver_rcpt_result_t *r = &d->results[i];
         if (!d->tried_any && d->skipped_down) {
-            r->outcome = outcome_for_error(OUTCOME_ERR_NETWORK, &r->reason);
+            /* tagged by the failure that made the address down */
+            r->outcome = outcome_for_error(error_kind(d->down_cause), &r->reason);
             r->code = 0;
             util_copy_text(r->text, sizeof(r->text), d->down_why);
         } else if (!d->tried_any) {
@@ -719,18 +721,25 @@ static int route_down(deliver_ctx_t *ctx, const deliver_candidate_t *c, route_st
     return routes_down(ctx->routes, key, loop_now_ms(ctx->loop), st);
 }
 
-static void route_failed(deliver_ctx_t *ctx, const deliver_candidate_t *c, const char *why)
+/* Mark the candidate's address down after sr failed there. The penalty
+ * keeps the kind of failure and its wording (with how long a timeout
+ * waited), which is what an attempt finding every address down reports. */
+static void route_failed(deliver_ctx_t *ctx, const deliver_candidate_t *c, const smtp_session_result_t *sr)
 {
     if (ctx->cfg.route_penalty_ms == 0)
         return;
-    char key[72], text[ROUTES_WHY_LEN];
+    char key[72], text[ROUTES_WHY_LEN], waited[24] = "";
     route_key(c, key, sizeof(key));
-    snprintf(text, sizeof(text), "%.100s [%s]: %.180s", c->host, key, why);
+    if (sr->status == SMTP_ETIMEOUT) {
+        unsigned ms = sr->state == SMTP_STATE_CONNECT ? ctx->timeouts.connect_ms : ctx->timeouts.greeting_ms;
+        snprintf(waited, sizeof(waited), " (after %g s)", ms / 1000.0);
+    }
+    snprintf(text, sizeof(text), "%.100s [%.60s]: %.170s%s", c->host, key, sr->error, waited);
     unsigned failures = 0;
-    uint64_t pen = routes_failed(ctx->routes, key, loop_now_ms(ctx->loop), text, &failures);
+    uint64_t pen = routes_failed(ctx->routes, key, loop_now_ms(ctx->loop), sr->status, text, &failures);
     metrics_inc(MET_SMTP_ROUTES_DOWN, 1);
-    log_warn("deliver", "route_down", "mx=%s addr=%s failures=%u skip_ms=%llu error=\"%s\"", c->host, key, failures,
-             (unsigned long long)pen, why);
+    log_warn("deliver", "route_down", "mx=%s addr=%s failures=%u skip_ms=%llu error=\"%s%s\"", c->host, key,
+             failures, (unsigned long long)pen, sr->error, waited);
 }
 
 static void route_ok(deliver_ctx_t *ctx, const deliver_candidate_t *c)
@@ -748,6 +757,7 @@ static void skip_down(deliver_t *d, const deliver_candidate_t *c, const route_st
     d->skipped_down++;
     metrics_inc(MET_SMTP_ROUTE_SKIPS, 1);
     if (d->down_why[0] == '\0') {
+        d->down_cause = r->cause;
         uint64_t left = r->until_ms - loop_now_ms(d->loop);
         snprintf(d->down_why, sizeof(d->down_why),
                  "every MX address is down after recent failures (next try in %llu s): %s",
@@ -772,7 +782,7 @@ static void route_learn(deliver_t *d, const smtp_session_result_t *sr)
         return;
     }
     if (!sr->reused && (sr->status == SMTP_ENETWORK || sr->status == SMTP_ETIMEOUT))
-        route_failed(d->ctx, c, sr->error);
+        route_failed(d->ctx, c, sr);
 }
 
 /* The next transaction's recipients: open ones, at most max_rcpts. */
@@ -878,7 +888,7 @@ static void on_pool(void *arg, int how, smtp_session_t *s)
         skip_down(d, &d->cands[d->cur], &down);
         d->res.attempts_made--;
         d->tried_any = d->res.attempts_made > 0;
-        d->last_status = SMTP_ENETWORK;
+        d->last_status = down.cause;
         util_copy_text(d->last_error, sizeof(d->last_error), down.why);
         try_next(d);
         return;

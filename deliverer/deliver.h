@@ -82,7 +82,8 @@ typedef struct deliver_config {
      * greeting (refused, unreachable, timed out) is skipped by later attempts for
      * route_penalty_ms, doubled per failure in a row up to route_penalty_max_ms [300000]; any
      * session that gets past the greeting clears it. An attempt whose candidates are all down
-     * ends at once, transient "network". 0 disables (the default of this struct; mailpumpd's
+     * ends at once, transient, with the cause that made the first of them down (its reason
+     * tag, network or timeout, and its words, a timeout with how long it waited). 0 disables (the default of this struct; mailpumpd's
      * [smtp] route_penalty is 1 s: short enough that fast retries
      * outlive a blip, doubling to minutes for an address that stays dead). */
     unsigned          route_penalty_ms;

@@ -5,9 +5,12 @@
  *  A reply is a run of lines "NNN-text" ended by "NNN text" (or a bare
  *  "NNN"). The parser first locates the lines of one whole reply, checking
  *  each byte prefix as soon as it is buffered, so a peer that sends garbage
- *  is rejected at once instead of after 2 KB of waiting. Only when the
- *  whole reply is there does it fill the result: code, the RFC 3463
- *  enhanced code of the first line, and the joined text.
+ *  is rejected at once instead of after 2 KB of waiting, and a reply past
+ *  SMTP_REPLY_MAX_BYTES as soon as that much of it is buffered. Only when
+ *  the whole reply is there does a second pass over its lines fill the
+ *  result: code, the RFC 3463 enhanced code of the first line, and the
+ *  joined text. No line count is kept, so the number of lines is bounded
+ *  by the byte budget alone.
  *
  *  Like hiredis' redisReaderGetReply it never consumes a partial reply,
  *  so callers simply retry with more bytes after SMTP_REPLY_AGAIN.
@@ -79,16 +82,29 @@ static void text_append(smtp_reply_t *out, size_t *tl, const char *t, size_t n)
     out->text[*tl] = '\0';
 }
 
-int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_reply_t *out,
-                           smtp_reply_line_cb line_cb, void *arg)
+/* The line at data + pos (a complete one: its LF is buffered): where its
+ * text starts and ends, and where the next line starts. */
+static void line_span(const char *data, size_t pos, size_t len, size_t *tstart, size_t *tend, size_t *next)
 {
-    size_t tstart[SMTP_REPLY_MAX_LINES], tend[SMTP_REPLY_MAX_LINES];
-    size_t pos = 0;
-    int n = 0;
+    const char *p = data + pos;
+    const char *lf = memchr(p, '\n', len - pos);
+    size_t content = (size_t)(lf - p);
+    if (content > 0 && p[content - 1] == '\r')
+        content--;
+    *tstart = pos + (content > 3 ? 4 : 3);
+    *tend = pos + content;
+    *next = pos + (size_t)(lf - p) + 1;
+}
 
+int smtp_reply_parse_resume(const char *data, size_t len, size_t *checked, size_t *consumed,
+                            smtp_reply_t *out, smtp_reply_line_cb line_cb, void *arg)
+{
+    /* the lines before *checked were complete and valid at the last call */
+    size_t pos = *checked <= len ? *checked : 0;
+    int n = pos > 0;
+
+    /* first pass: find the end of one whole reply, checking as we go */
     for (;;) {
-        if (n == SMTP_REPLY_MAX_LINES)
-            return SMTP_REPLY_EPROTO; /* 100 continuation lines and still going */
         const char *p = data + pos;
         size_t avail = len - pos;
         const char *lf = memchr(p, '\n', avail);
@@ -105,48 +121,65 @@ int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_
             return SMTP_REPLY_EPROTO;
         if (!lf) {
             /* +1: the CR of a CRLF may already be buffered */
-            if (linelen > SMTP_REPLY_MAX_LINE + 1)
+            if (linelen > SMTP_REPLY_MAX_LINE + 1 || len > SMTP_REPLY_MAX_BYTES)
                 return SMTP_REPLY_EPROTO;
+            *checked = pos; /* the next call starts at this incomplete line */
             return SMTP_REPLY_AGAIN;
         }
         if (content > SMTP_REPLY_MAX_LINE || content < 3)
             return SMTP_REPLY_EPROTO;
-        /* a bare "NNN" ends the reply like "NNN " */
-        int last = content == 3 || p[3] == ' ';
-        tstart[n] = pos + (content > 3 ? 4 : 3);
-        tend[n] = pos + content;
-        n++;
         pos += linelen + 1;
-        if (last)
+        if (pos > SMTP_REPLY_MAX_BYTES)
+            return SMTP_REPLY_EPROTO; /* the reply is over its budget and still going */
+        n++;
+        /* a bare "NNN" ends the reply like "NNN " */
+        if (content == 3 || p[3] == ' ')
             break;
     }
 
     memset(out, 0, sizeof(*out));
     out->code = (data[0] - '0') * 100 + (data[1] - '0') * 10 + (data[2] - '0');
-    out->nlines = n;
 
-    size_t el = enh_len(data + tstart[0], tend[0] - tstart[0], data[0]);
+    size_t ts, te, next;
+    line_span(data, 0, pos, &ts, &te, &next);
+    size_t el = enh_len(data + ts, te - ts, data[0]);
     if (el > 0 && el < sizeof(out->enh))
-        memcpy(out->enh, data + tstart[0], el);
+        memcpy(out->enh, data + ts, el);
     else
         el = 0;
 
+    /* second pass over the lines found: text, then the line callback */
     size_t tl = 0;
-    for (int i = 0; i < n; i++) {
-        const char *t = data + tstart[i];
-        size_t tn = tend[i] - tstart[i];
+    for (size_t at = 0; at < pos; at = next) {
+        out->nlines++;
+        line_span(data, at, pos, &ts, &te, &next);
+        const char *t = data + ts;
+        size_t tn = te - ts;
         size_t skip = enh_len(t, tn, data[0]);
         if (skip > 0 && (skip != el || memcmp(t, out->enh, el) != 0))
             skip = 0; /* a different code on a later line is text */
         if (skip > 0 && skip < tn)
             skip++; /* the space after it */
-        text_append(out, &tl, t + skip, tn - skip);
+        if (tl < sizeof(out->text) - 1)
+            text_append(out, &tl, t + skip, tn - skip);
     }
-    if (line_cb)
-        for (int i = 0; i < n; i++)
-            line_cb(arg, i, data + tstart[i], tend[i] - tstart[i]);
+    if (line_cb) {
+        int i = 0;
+        for (size_t at = 0; at < pos; at = next) {
+            line_span(data, at, pos, &ts, &te, &next);
+            line_cb(arg, i++, data + ts, te - ts);
+        }
+    }
     *consumed = pos;
+    *checked = 0;
     return SMTP_REPLY_OK;
+}
+
+int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_reply_t *out,
+                           smtp_reply_line_cb line_cb, void *arg)
+{
+    size_t checked = 0;
+    return smtp_reply_parse_resume(data, len, &checked, consumed, out, line_cb, arg);
 }
 
 int smtp_reply_parse(const char *data, size_t len, size_t *consumed, smtp_reply_t *out)

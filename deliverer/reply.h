@@ -13,7 +13,10 @@
 #include <stddef.h>
 
 #define SMTP_REPLY_MAX_LINE  2048 /* octets of one line, without CRLF */
-#define SMTP_REPLY_MAX_LINES 100
+/* Octets of one whole reply, line ends included: the budget for one reply
+ * (an EHLO with thousands of extension lines fits; docs/operations.md).
+ * The session caps its stream's unparsed input at this, too. */
+#define SMTP_REPLY_MAX_BYTES (512u * 1024)
 
 typedef struct smtp_reply {
     int  code;       /* 3-digit code */
@@ -32,8 +35,9 @@ enum { SMTP_REPLY_OK = 0, SMTP_REPLY_AGAIN = 1, SMTP_REPLY_EPROTO = -1 };
  * SMTP_REPLY_AGAIN when more bytes are needed (*consumed untouched), or
  * SMTP_REPLY_EPROTO on garbage: a line not starting with a code 2xx..5xx
  * followed by ' ', '-' or the end of the line, inconsistent codes across
- * lines, a line longer than SMTP_REPLY_MAX_LINE octets, more than
- * SMTP_REPLY_MAX_LINES lines, or a NUL byte. Garbage is reported as soon
+ * lines, a line longer than SMTP_REPLY_MAX_LINE octets, a reply longer
+ * than SMTP_REPLY_MAX_BYTES octets (any number of lines up to that), or
+ * a NUL byte. Garbage is reported as soon
  * as the buffered prefix proves it, without waiting for the end of line.
  * Accepts LF-only line endings. A bare "250" (no text) is accepted as the
  * last line (RFC 5321 grammar: Reply-code [ SP textstring ] CRLF).
@@ -55,5 +59,17 @@ int smtp_reply_parse(const char *data, size_t len, size_t *consumed, smtp_reply_
 typedef void (*smtp_reply_line_cb)(void *arg, int index, const char *text, size_t len);
 int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_reply_t *out,
                            smtp_reply_line_cb line_cb, void *arg);
+
+/*
+ * Same again, for input that grows between calls: *checked (0 for a new
+ * reply) is where the previous call, which returned AGAIN on a prefix of
+ * the same bytes, stopped checking; lines before it are not checked
+ * again, so feeding a reply a chunk at a time costs its length, not its
+ * length times the number of chunks. Set on AGAIN, back to 0 on OK. Only
+ * for a buffer whose head did not move since that call (reset *checked
+ * to 0 after consuming).
+ */
+int smtp_reply_parse_resume(const char *data, size_t len, size_t *checked, size_t *consumed,
+                            smtp_reply_t *out, smtp_reply_line_cb line_cb, void *arg);
 
 #endif

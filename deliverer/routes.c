@@ -86,7 +86,8 @@ int routes_down(routes_t *r, const char *key, uint64_t now, route_state_t *st)
     return down;
 }
 
-uint64_t routes_failed(routes_t *r, const char *key, uint64_t now, const char *why, unsigned *failures)
+uint64_t routes_failed(routes_t *r, const char *key, uint64_t now, int cause, const char *why,
+                       unsigned *failures)
 {
     if (r == NULL || r->penalty_ms == 0)
         return 0;
@@ -115,6 +116,7 @@ uint64_t routes_failed(routes_t *r, const char *key, uint64_t now, const char *w
         pen = r->max_ms;
     e->st.failures++;
     e->st.until_ms = now + pen;
+    e->st.cause = cause;
     snprintf(e->st.why, sizeof(e->st.why), "%s", why);
     *failures = e->st.failures;
     pthread_mutex_unlock(&r->mu);

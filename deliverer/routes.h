@@ -23,6 +23,7 @@
 typedef struct routes routes_t;
 
 typedef struct route_state {
+    int      cause;             /* the caller's kind of that failure (deliver: smtp_status_t) */
     unsigned failures;          /* in a row */
     uint64_t until_ms;          /* skipped until then (monotonic ms, loop_now_ms) */
     char     why[ROUTES_WHY_LEN]; /* the failure that marked it */
@@ -35,10 +36,13 @@ void routes_free(routes_t *r);
 
 /* 1 with *st filled when key is down at now, else 0. */
 int routes_down(routes_t *r, const char *key, uint64_t now, route_state_t *st);
-/* Mark key down after a failure at now; why is kept for the error of an
- * attempt that finds every address down. Returns the penalty in ms and
- * sets *failures to the count in a row (0 and untouched when disabled). */
-uint64_t routes_failed(routes_t *r, const char *key, uint64_t now, const char *why, unsigned *failures);
+/* Mark key down after a failure at now; its kind (cause) and wording
+ * (why) are kept, so an attempt that finds every address down reports
+ * what made them down, not merely that they are. Returns the penalty in
+ * ms and sets *failures to the count in a row (0 and untouched when
+ * disabled). */
+uint64_t routes_failed(routes_t *r, const char *key, uint64_t now, int cause, const char *why,
+                       unsigned *failures);
 /* Forget key; returns how many failures in a row it had (0: not marked). */
 unsigned routes_ok(routes_t *r, const char *key);
 

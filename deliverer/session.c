@@ -9,7 +9,8 @@
  *  Everything per state (name, timeout, how to word a failure) lives in
  *  one table, after Postfix smtp_proto.c.
  *
- *  Input is read only through smtp_reply_parse_lines(); the EHLO keywords
+ *  Input is read only through smtp_reply_parse_resume() (a reply arriving
+ *  a chunk at a time is checked once, not once per chunk); the EHLO keywords
  *  arrive through its per-line callback, so nothing parses continuations
  *  twice. s->expect counts the replies the server owes us: a reply nobody
  *  asked for is a protocol error.
@@ -85,6 +86,7 @@ struct smtp_session {
     size_t                rcpt_done; /* RCPT replies received */
     size_t                naccepted;
     smtp_features_t       ehlo_feat; /* filled by the line callback while parsing EHLO */
+    size_t                reply_checked; /* input the parser already checked (smtp_reply_parse_resume) */
     smtp_session_result_t res;
     loop_timer_t          defer_timer;
     int                   in_cb;
@@ -267,11 +269,17 @@ void smtp_features_parse_line(smtp_features_t *f, const char *line, size_t len)
     for (size_t i = 0; i < sizeof(ehlo_keywords) / sizeof(ehlo_keywords[0]); i++) {
         if (strlen(ehlo_keywords[i].kw) != kl || util_strncasecmp(line, ehlo_keywords[i].kw, kl) != 0)
             continue;
-        f->flags |= ehlo_keywords[i].flag;
         if (ehlo_keywords[i].flag == SMTP_FEAT_SIZE) {
+            /* RFC 1870: digits only. "SIZE -1", "SIZE 12abc" or a number
+             * that does not fit say nothing usable: ignored, as if no
+             * SIZE were offered (no limit, no SIZE= parameter) */
             size_t v = 0;
-            for (size_t j = 0; j < alen && args[j] >= '0' && args[j] <= '9'; j++)
-                v = v > SIZE_MAX / 10 - 10 ? SIZE_MAX : v * 10 + (size_t)(args[j] - '0');
+            for (size_t j = 0; j < alen && args[j] != ' '; j++) {
+                unsigned d = (unsigned char)args[j] - '0';
+                if (d > 9 || v > (SIZE_MAX - d) / 10)
+                    return;
+                v = v * 10 + d;
+            }
             f->size_max = v;
         } else if (ehlo_keywords[i].flag == SMTP_FEAT_AUTH) {
             size_t have = strlen(f->auth);
@@ -283,6 +291,7 @@ void smtp_features_parse_line(smtp_features_t *f, const char *line, size_t len)
             }
             f->auth[have] = '\0';
         }
+        f->flags |= ehlo_keywords[i].flag;
         return;
     }
 }
@@ -345,19 +354,22 @@ static void log_session(smtp_session_t *s)
     log_info("smtp", "session",
              "msg=%s session=%016" PRIx64 " mx=%s addr=%s port=%u tls=%s cipher=%s resumed=%d result=%s "
              "state=%s txn=%u reused=%d pipelined=%d kept=%d rcpts=%zu delivered=%zu transient=%zu "
-             "permanent=%zu unanswered=%zu code=%d enh=%s reply=\"%s\" error=\"%s\"",
+             "permanent=%zu unanswered=%zu bytes_in=%llu code=%d enh=%s reply=\"%s\" error=\"%s\"",
              s->p.log_id ? s->p.log_id : "-", s->id, s->p.mx_host ? s->p.mx_host : "-",
              s->addr_text, s->port, s->res.tls_version ? s->res.tls_version : "none",
              s->res.tls_cipher ? s->res.tls_cipher : "none", s->res.tls_resumed,
              status_tok(s->res.status), smtp_strstate(s->res.state), s->ntxn, s->res.reused,
              s->res.pipelined, s->res.reusable, s->res.nrcpts, n[OUTCOME_DELIVERED],
-             n[OUTCOME_TRANSIENT], n[OUTCOME_PERMANENT], open, s->res.has_reply ? s->res.reply.code : 0,
+             n[OUTCOME_TRANSIENT], n[OUTCOME_PERMANENT], open,
+             (unsigned long long)s->res.bytes_in,
+             s->res.has_reply ? s->res.reply.code : 0,
              s->res.has_reply && s->res.reply.enh[0] ? s->res.reply.enh : "-", reply, err);
 }
 
 static void close_stream(smtp_session_t *s)
 {
     if (s->st) {
+        s->res.bytes_in = stream_bytes_in(s->st);
         stream_free(s->st); /* safe inside its own callback */
         s->st = NULL;
     }
@@ -829,6 +841,15 @@ static void rcpt_reply(smtp_session_t *s, const smtp_reply_t *r)
     }
 }
 
+/* A reply that cannot answer the command it is matched with (354 to MAIL
+ * or RCPT, 2xx to DATA): the server answered fewer (or more) replies than
+ * we sent commands, so nothing it says from here can be matched. Drop the
+ * connection at once, no QUIT, never reused. */
+static void out_of_step(smtp_session_t *s, const char *cmd, const smtp_reply_t *r)
+{
+    session_fail(s, SMTP_EPROTO, 0, "out-of-step reply to %s: %d %s", cmd, r->code, r->text);
+}
+
 static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
 {
     int cls = r->code / 100;
@@ -902,7 +923,9 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
 
     case SMTP_STATE_MAIL:
         s->res.txn_replies++;
-        if (cls == 2) {
+        if (cls == 3) {
+            out_of_step(s, "MAIL FROM", r);
+        } else if (cls == 2) {
             s->txn_open = 1;
             if (s->batch)
                 set_state(s, SMTP_STATE_RCPT);
@@ -922,6 +945,10 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
 
     case SMTP_STATE_RCPT:
         s->res.txn_replies++;
+        if (cls == 3) {
+            out_of_step(s, "RCPT TO", r);
+            break;
+        }
         rcpt_reply(s, r);
         if (s->rcpt_done < s->res.nrcpts) {
             if (s->batch)
@@ -952,8 +979,9 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
                 finish(s);
             }
         } else if (cls == 2) {
-            /* accepting DATA without 354 would "deliver" a message never sent */
-            session_fail(s, SMTP_EPROTO, 1, "unexpected reply to DATA: %d %s", r->code, r->text);
+            /* accepting DATA without 354 would "deliver" a message never
+             * sent; usually the late answer to an earlier command */
+            out_of_step(s, "DATA", r);
         } else {
             /* in a batch this is usually "554 5.5.1 no valid recipients"
              * after every RCPT was refused: only accepted ones take it */
@@ -1050,7 +1078,8 @@ static void on_data(smtp_session_t *s)
         smtp_reply_t r;
         size_t used = 0;
         int ehlo = s->state == SMTP_STATE_EHLO || s->state == SMTP_STATE_EHLO_TLS;
-        int rc = smtp_reply_parse_lines(buf_head(in), buf_size(in), &used, &r, ehlo ? ehlo_line : NULL, s);
+        int rc = smtp_reply_parse_resume(buf_head(in), buf_size(in), &s->reply_checked, &used, &r,
+                                         ehlo ? ehlo_line : NULL, s);
         if (rc == SMTP_REPLY_AGAIN)
             return;
         if (rc == SMTP_REPLY_EPROTO) {
@@ -1158,6 +1187,8 @@ static void report_idle(smtp_session_t *s)
         close_stream(s); /* never park a connection still sending the owner's bytes */
     s->res.reusable = !s->dead;
     s->res.state = SMTP_STATE_DONE;
+    if (s->st)
+        s->res.bytes_in = stream_bytes_in(s->st);
     if (s->dead) {
         s->finished = 1;
         s->state = SMTP_STATE_DONE;
@@ -1224,6 +1255,7 @@ static void reset_txn(smtp_session_t *s, const smtp_session_params_t *p)
     s->p.before_body = p->before_body;
     s->p.before_body_arg = p->before_body_arg;
     s->expect = 0;
+    s->reply_checked = 0;
     s->rcpt_sent = s->rcpt_done = s->naccepted = 0;
     s->batch = s->mail_failed = s->txn_open = 0;
     s->res.status = SMTP_OK;
@@ -1277,6 +1309,9 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
               s->p.log_id ? s->p.log_id : "-", smtp_strstate(SMTP_STATE_CONNECT),
               s->p.mx_host ? s->p.mx_host : "-", s->addr_text, s->port);
     s->st = stream_new(loop, on_stream, s);
+    /* the parser refuses a reply past its budget first: this is only the
+     * stream's backstop, never more unparsed than one reply may take */
+    stream_set_max_input(s->st, SMTP_REPLY_MAX_BYTES);
     stream_set_timeout(s->st, state_timeout(s, SMTP_STATE_CONNECT));
     if (params->nrcpts == 0 || stream_connect(s->st, params->addr, params->addrlen) < 0) {
         /* report from the loop, never from inside the caller's start call */

@@ -105,7 +105,9 @@ typedef struct smtp_features {
 } smtp_features_t;
 
 /* Fold one EHLO keyword line ("SIZE 10240000", "AUTH PLAIN LOGIN", ...;
- * no CRLF, need not be NUL terminated) into f. Unknown keywords are ignored. */
+ * no CRLF, need not be NUL terminated) into f. Unknown keywords are
+ * ignored, and so is a SIZE whose argument is not a number that fits a
+ * size_t ("SIZE -1", 21 digits): no limit is taken from it. */
 void smtp_features_parse_line(smtp_features_t *f, const char *line, size_t len);
 
 /*
@@ -166,6 +168,8 @@ typedef struct smtp_session_result {
                                      * it while idle (no attempt spent) */
     int                pipelined;   /* the envelope went out as one PIPELINING batch */
     int                tls_resumed; /* the TLS handshake was abbreviated (session resumption) */
+    uint64_t           bytes_in;    /* bytes read from the server on this connection so far
+                                     * (after TLS decryption) */
 } smtp_session_result_t;
 
 typedef struct smtp_session smtp_session_t;

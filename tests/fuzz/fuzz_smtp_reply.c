@@ -45,7 +45,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         if (rc != SMTP_REPLY_OK || used == 0 || used > size - off)
             abort();
-        if (r.code < 200 || r.code > 599 || r.nlines < 1 || r.nlines > SMTP_REPLY_MAX_LINES)
+        if (r.code < 200 || r.code > 599 || r.nlines < 1 || (size_t)r.nlines * 4 > used || used > SMTP_REPLY_MAX_BYTES)
             abort();
         if (memchr(r.text, '\0', sizeof(r.text)) == NULL || memchr(r.enh, '\0', sizeof(r.enh)) == NULL)
             abort();

@@ -174,19 +174,80 @@ static void test_line_count_limit(void **state)
     smtp_reply_t r;
     size_t used = 0;
 
-    for (int i = 0; i < SMTP_REPLY_MAX_LINES - 1; i++)
+    for (int i = 0; i < 99; i++)
         buf_printf(&b, "250-line %d\r\n", i);
     buf_puts(&b, "250 last\r\n");
     assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_OK);
-    assert_int_equal(r.nlines, SMTP_REPLY_MAX_LINES);
+    assert_int_equal(r.nlines, 100);
     assert_int_equal(used, buf_size(&b));
+    buf_free(&b);
+}
 
+typedef struct ehlo_count {
+    int    n;
+    size_t bytes;
+} ehlo_count_t;
+
+static void count_line(void *arg, int index, const char *text, size_t len)
+{
+    ehlo_count_t *c = arg;
+    assert_int_equal(index, c->n);
+    c->n++;
+    c->bytes += len;
+}
+
+/* Lines are not counted: 5,000 EHLO lines (145 KB) are one reply; only
+ * SMTP_REPLY_MAX_BYTES for the whole reply is, as soon as that much is
+ * buffered without its end. */
+static void test_reply_byte_budget(void **state)
+{
+    buf_t b = BUF_INIT;
+    smtp_reply_t r;
+    size_t used = 0;
+    ehlo_count_t cnt = { 0, 0 };
+
+    buf_puts(&b, "250-mx.example\r\n");
+    for (int i = 1; i < 4999; i++)
+        buf_printf(&b, "250-X-EXTENSION-%05d ARG=1\r\n", i);
+    buf_puts(&b, "250 8BITMIME\r\n");
+    assert_true(buf_size(&b) > 140000);
+    assert_int_equal(smtp_reply_parse_lines(buf_head(&b), buf_size(&b), &used, &r, count_line, &cnt),
+                     SMTP_REPLY_OK);
+    assert_int_equal(used, buf_size(&b));
+    assert_int_equal(r.nlines, 5000);
+    assert_int_equal(cnt.n, 5000);
+    assert_int_equal(r.code, 250);
+    assert_int_equal(strlen(r.text), sizeof(r.text) - 1); /* joined text truncated */
+
+    /* exactly the budget is one reply */
     buf_reset(&b);
-    for (int i = 0; i < SMTP_REPLY_MAX_LINES; i++)
-        buf_printf(&b, "250-line %d\r\n", i);
-    /* the 101st line is not even buffered: already garbage */
+    while (buf_size(&b) + 2 * 1000 < SMTP_REPLY_MAX_BYTES) {
+        buf_puts(&b, "250-");
+        for (int i = 0; i < 994; i++)
+            buf_putc(&b, 'a');
+        buf_puts(&b, "\r\n");
+    }
+    size_t last = SMTP_REPLY_MAX_BYTES - buf_size(&b) - 6;
+    buf_puts(&b, "250 ");
+    for (size_t i = 0; i < last; i++)
+        buf_putc(&b, 'z');
+    buf_puts(&b, "\r\n");
+    assert_int_equal(buf_size(&b), SMTP_REPLY_MAX_BYTES);
+    assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_OK);
+    assert_int_equal(used, SMTP_REPLY_MAX_BYTES);
+
+    /* one octet more is garbage, complete or not */
+    buf_reset(&b);
+    while (buf_size(&b) <= SMTP_REPLY_MAX_BYTES) {
+        buf_puts(&b, "250-");
+        for (int i = 0; i < 994; i++)
+            buf_putc(&b, 'a');
+        buf_puts(&b, "\r\n");
+    }
     assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_EPROTO);
-    buf_puts(&b, "250 last\r\n");
+    assert_int_equal(smtp_reply_parse(buf_head(&b), SMTP_REPLY_MAX_BYTES, &used, &r), SMTP_REPLY_AGAIN);
+    assert_int_equal(smtp_reply_parse(buf_head(&b), SMTP_REPLY_MAX_BYTES + 1, &used, &r), SMTP_REPLY_EPROTO);
+    buf_puts(&b, "250 end\r\n");
     assert_int_equal(smtp_reply_parse(buf_head(&b), buf_size(&b), &used, &r), SMTP_REPLY_EPROTO);
     buf_free(&b);
 }
@@ -258,6 +319,58 @@ static void test_line_callback(void **state)
     assert_int_equal(ls.n, 0);
 }
 
+/* Fed a few bytes at a time with smtp_reply_parse_resume(), every reply
+ * gives what it gives in one piece, garbage is still garbage, and two
+ * buffered replies come out one after the other. */
+static void test_resume_in_chunks(void **state)
+{
+    buf_t big = BUF_INIT;
+    buf_puts(&big, "250-mx.example\r\n");
+    for (int i = 1; i < 4999; i++)
+        buf_printf(&big, "250-X-EXTENSION-%05d ARG=1\r\n", i);
+    buf_puts(&big, "250 8BITMIME\r\n354 go\r\n");
+    size_t nvalid = sizeof(valid_cases) / sizeof(valid_cases[0]);
+    for (size_t step = 1; step <= 7; step += 3) {
+        for (size_t i = 0; i <= nvalid; i++) {
+            const char *in = i < nvalid ? valid_cases[i].in : buf_head(&big);
+            size_t len = i < nvalid ? strlen(in) : buf_size(&big);
+            smtp_reply_t whole, r;
+            size_t wused = 0, used = 0, checked = 0, off = 0, n = 0;
+            assert_int_equal(smtp_reply_parse(in, len, &wused, &whole), SMTP_REPLY_OK);
+            int rc = SMTP_REPLY_AGAIN;
+            while (rc == SMTP_REPLY_AGAIN) {
+                n = n + step < len - off ? n + step : len - off;
+                rc = smtp_reply_parse_resume(in + off, n, &checked, &used, &r, NULL, NULL);
+            }
+            assert_int_equal(rc, SMTP_REPLY_OK);
+            assert_int_equal(checked, 0);
+            assert_int_equal(used, wused);
+            assert_int_equal(r.code, whole.code);
+            assert_int_equal(r.nlines, whole.nlines);
+            assert_string_equal(r.enh, whole.enh);
+            assert_string_equal(r.text, whole.text);
+            if (i == nvalid) { /* the 354 behind it */
+                off += used;
+                assert_int_equal(smtp_reply_parse_resume(in + off, len - off, &checked, &used, &r, NULL, NULL),
+                                 SMTP_REPLY_OK);
+                assert_int_equal(r.code, 354);
+            }
+        }
+        for (size_t i = 0; i < sizeof(garbage_cases) / sizeof(garbage_cases[0]); i++) {
+            const garbage_case_t *c = &garbage_cases[i];
+            size_t len = c->len ? c->len : strlen(c->in), checked = 0, used = 0, n = 0;
+            smtp_reply_t r;
+            int rc = SMTP_REPLY_AGAIN;
+            while (rc == SMTP_REPLY_AGAIN && n < len) {
+                n = n + step < len ? n + step : len;
+                rc = smtp_reply_parse_resume(c->in, n, &checked, &used, &r, NULL, NULL);
+            }
+            assert_int_equal(rc, SMTP_REPLY_EPROTO);
+        }
+    }
+    buf_free(&big);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -266,6 +379,8 @@ int main(void)
         cmocka_unit_test(test_garbage),
         cmocka_unit_test(test_line_length_limit),
         cmocka_unit_test(test_line_count_limit),
+        cmocka_unit_test(test_reply_byte_budget),
+        cmocka_unit_test(test_resume_in_chunks),
         cmocka_unit_test(test_back_to_back),
         cmocka_unit_test(test_line_callback),
     };

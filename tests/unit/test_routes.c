@@ -20,7 +20,7 @@ static void test_doubling_and_cap(void **state)
     route_state_t st;
     unsigned f = 0;
     assert_int_equal(routes_down(r, "10.0.0.1|25", 0, &st), 0);
-    assert_int_equal(routes_failed(r, "10.0.0.1|25", 1000, "refused", &f), 200);
+    assert_int_equal(routes_failed(r, "10.0.0.1|25", 1000, 0, "refused", &f), 200);
     assert_int_equal(f, 1);
     assert_int_equal(routes_down(r, "10.0.0.1|25", 1199, &st), 1);
     assert_int_equal(st.until_ms, 1200);
@@ -28,15 +28,20 @@ static void test_doubling_and_cap(void **state)
     assert_string_equal(st.why, "refused");
     assert_int_equal(routes_down(r, "10.0.0.1|25", 1200, &st), 0); /* served its time */
     assert_int_equal(routes_down(r, "10.0.0.1|26", 1100, &st), 0); /* another port */
-    assert_int_equal(routes_failed(r, "10.0.0.1|25", 2000, "again", &f), 400);
-    assert_int_equal(routes_failed(r, "10.0.0.1|25", 3000, "again", &f), 800);
-    assert_int_equal(routes_failed(r, "10.0.0.1|25", 4000, "again", &f), 1000); /* capped */
-    assert_int_equal(routes_failed(r, "10.0.0.1|25", 5000, "again", &f), 1000);
+    assert_int_equal(routes_failed(r, "10.0.0.1|25", 2000, 0, "again", &f), 400);
+    assert_int_equal(routes_failed(r, "10.0.0.1|25", 3000, 0, "again", &f), 800);
+    assert_int_equal(routes_failed(r, "10.0.0.1|25", 4000, 0, "again", &f), 1000); /* capped */
+    assert_int_equal(routes_failed(r, "10.0.0.1|25", 5000, 0, "again", &f), 1000);
     assert_int_equal(f, 5);
     assert_int_equal(routes_ok(r, "10.0.0.1|25"), 5);
     assert_int_equal(routes_ok(r, "10.0.0.1|25"), 0);
     assert_int_equal(routes_down(r, "10.0.0.1|25", 5001, &st), 0);
-    assert_int_equal(routes_failed(r, "10.0.0.1|25", 6000, "new run", &f), 200); /* the count starts over */
+    assert_int_equal(routes_failed(r, "10.0.0.1|25", 6000, 0, "new run", &f), 200); /* the count starts over */
+    /* the kind of the failure is kept with its words */
+    routes_failed(r, "10.0.0.7|25", 6000, -2, "greeting timeout", &f);
+    assert_int_equal(routes_down(r, "10.0.0.7|25", 6100, &st), 1);
+    assert_int_equal(st.cause, -2);
+    assert_string_equal(st.why, "greeting timeout");
     routes_free(r);
 }
 
@@ -47,16 +52,16 @@ static void test_forgotten_after_max(void **state)
     routes_t *r = routes_new(200, 1000);
     route_state_t st;
     unsigned f = 0;
-    assert_int_equal(routes_failed(r, "10.0.0.9|25", 1000, "refused", &f), 200); /* until 1200 */
+    assert_int_equal(routes_failed(r, "10.0.0.9|25", 1000, 0, "refused", &f), 200); /* until 1200 */
     assert_int_equal(routes_down(r, "10.0.0.1|25", 2199, &st), 0);               /* prunes nothing yet */
-    assert_int_equal(routes_failed(r, "10.0.0.9|25", 2199, "again", &f), 400);   /* until 2599 */
+    assert_int_equal(routes_failed(r, "10.0.0.9|25", 2199, 0, "again", &f), 400);   /* until 2599 */
     assert_int_equal(f, 2);
     assert_int_equal(routes_down(r, "10.0.0.1|25", 3598, &st), 0);
     assert_int_equal(routes_ok(r, "10.0.0.9|25"), 2); /* still remembered at 3598 */
-    assert_int_equal(routes_failed(r, "10.0.0.9|25", 4000, "new", &f), 200); /* until 4200 */
+    assert_int_equal(routes_failed(r, "10.0.0.9|25", 4000, 0, "new", &f), 200); /* until 4200 */
     assert_int_equal(routes_down(r, "10.0.0.1|25", 5200, &st), 0);          /* 4200 + 1000: gone */
     assert_int_equal(routes_ok(r, "10.0.0.9|25"), 0);
-    assert_int_equal(routes_failed(r, "10.0.0.9|25", 5300, "fresh", &f), 200);
+    assert_int_equal(routes_failed(r, "10.0.0.9|25", 5300, 0, "fresh", &f), 200);
     assert_int_equal(f, 1);
     routes_free(r);
 }
@@ -68,10 +73,10 @@ static void test_full_table_and_disabled(void **state)
     unsigned f;
     for (int i = 0; i < ROUTES_MAX; i++) {
         snprintf(key, sizeof(key), "10.1.%d.%d|25", i / 250, i % 250);
-        routes_failed(r, key, (uint64_t)i, "x", &f);
+        routes_failed(r, key, (uint64_t)i, 0, "x", &f);
     }
     /* full: the one that frees up soonest (the first) makes room */
-    routes_failed(r, "10.9.9.9|25", 500, "newest", &f);
+    routes_failed(r, "10.9.9.9|25", 500, 0, "newest", &f);
     route_state_t st;
     assert_int_equal(routes_down(r, "10.1.0.0|25", 50, &st), 0);
     assert_int_equal(routes_down(r, "10.9.9.9|25", 550, &st), 1);
@@ -80,7 +85,7 @@ static void test_full_table_and_disabled(void **state)
 
     routes_t *off = routes_new(0, 0);
     f = 77;
-    assert_int_equal(routes_failed(off, "10.0.0.1|25", 0, "x", &f), 0);
+    assert_int_equal(routes_failed(off, "10.0.0.1|25", 0, 0, "x", &f), 0);
     assert_int_equal(f, 77);
     assert_int_equal(routes_down(off, "10.0.0.1|25", 0, &st), 0);
     routes_free(off);
@@ -96,7 +101,7 @@ static void *hammer(void *arg)
     for (int i = 0; i < 20000; i++) {
         snprintf(key, sizeof(key), "10.2.0.%d|25", i % 8);
         switch (i % 3) {
-        case 0: routes_failed(r, key, (uint64_t)i, "busy", &f); break;
+        case 0: routes_failed(r, key, (uint64_t)i, 0, "busy", &f); break;
         case 1: routes_down(r, key, (uint64_t)i, &st); break;
         default: routes_ok(r, key); break;
         }
@@ -115,7 +120,7 @@ static void test_threads(void **state)
     for (int i = 0; i < 4; i++)
         pthread_join(th[i], NULL);
     unsigned f;
-    routes_failed(r, "10.2.0.0|25", 1000000, "last", &f);
+    routes_failed(r, "10.2.0.0|25", 1000000, 0, "last", &f);
     route_state_t st;
     assert_int_equal(routes_down(r, "10.2.0.0|25", 1000001, &st), 1);
     assert_string_equal(st.why, "last");
@@ -136,7 +141,7 @@ static void *mark_keys(void *arg)
     pthread_barrier_wait(m->go);
     for (int i = 0; i < 50; i++) {
         snprintf(key, sizeof(key), "10.3.%d.%d|25", m->base, i);
-        routes_failed(m->r, key, 1000, "refused", &f);
+        routes_failed(m->r, key, 1000, 0, "refused", &f);
     }
     return NULL;
 }

@@ -2242,6 +2242,258 @@ static void test_pipelined_rcpt_timeout(void **state)
     drain_and_check(t->loop, &fs, 1);
 }
 
+/* ------------------------------------------------------------------ */
+/* hostile receivers                                                   */
+
+typedef struct sess_capture {
+    int          fired;
+    int          status;
+    smtp_state_t state;
+    char         error[256];
+    uint64_t     bytes_in;
+} sess_capture_t;
+
+static void on_sess(void *arg, smtp_session_t *s, const smtp_session_result_t *res)
+{
+    sess_capture_t *c = arg;
+    c->fired++;
+    c->status = res->status;
+    c->state = res->state;
+    snprintf(c->error, sizeof(c->error), "%s", res->error);
+    c->bytes_in = res->bytes_in;
+    smtp_session_free(s);
+}
+
+/* One bare session (no deliver, no pool) to 127.0.0.1:port. */
+static void session_run(tctx_t *t, unsigned short port, sess_capture_t *cap)
+{
+    static const char *rcpts[] = { "b@y" };
+    deliver_candidate_t c = cand("mx1.fake.test", port);
+    smtp_session_params_t p = {
+        .helo_name = HELO_NAME,
+        .tls = SMTP_TLS_NONE,
+        .timeouts = t->to,
+        .mx_host = c.host,
+        .addr = (const struct sockaddr *)&c.addr,
+        .addrlen = c.addrlen,
+        .mail_from = FROM,
+        .rcpts = rcpts,
+        .nrcpts = 1,
+        .data = PAYLOAD,
+        .len = strlen(PAYLOAD),
+        .message_size = MSG_SIZE,
+    };
+    memset(cap, 0, sizeof(*cap));
+    smtp_session_start(t->loop, &p, on_sess, cap);
+    run_until(t->loop, &cap->fired);
+}
+
+#define HOSTILE_SIZE (20u * 1024 * 1024)
+#define READ_CHUNK   16384u /* core/stream.c: what one read takes at most */
+
+/* A 20 MB greeting, once as one line without an end and once as valid
+ * "220-" lines: the parser sees the bytes as they arrive and gives up
+ * at the line limit or at the reply budget, so the engine reads at most
+ * the budget plus one chunk. It is a protocol error (no QUIT: nothing is
+ * in sync), and it does not mark the address down as unreachable. */
+static void test_hostile_greeting_budget(void **state)
+{
+    tctx_t *t = *state;
+    char *noeol = malloc(HOSTILE_SIZE + 1);
+    char *lines = malloc(HOSTILE_SIZE + 16);
+    assert_non_null(noeol);
+    assert_non_null(lines);
+    memcpy(noeol, "220 ", 4);
+    memset(noeol + 4, 'x', HOSTILE_SIZE - 4);
+    noeol[HOSTILE_SIZE] = '\0';
+    size_t n = 0;
+    while (n + 1000 < HOSTILE_SIZE) {
+        memcpy(lines + n, "220-", 4);
+        memset(lines + n + 4, 'x', 994);
+        memcpy(lines + n + 998, "\r\n", 2);
+        n += 1000;
+    }
+    strcpy(lines + n, "220 end\r\n");
+    script_t s1 = { .greeting = noeol, .rules = rules_ok };
+    script_t s2 = { .greeting = lines, .rules = rules_ok };
+    fake_server_t *f1 = fake_server_new(t->loop, &s1);
+    fake_server_t *f2 = fake_server_new(t->loop, &s2);
+    sess_capture_t sc;
+
+    session_run(t, f1->port, &sc);
+    assert_int_equal(sc.status, SMTP_EPROTO);
+    assert_int_equal(sc.state, SMTP_STATE_GREETING);
+    assert_non_null(strstr(sc.error, "malformed reply while receiving the initial server greeting: \"220 xxx"));
+    assert_true(sc.bytes_in > SMTP_REPLY_MAX_LINE);
+    assert_true(sc.bytes_in <= SMTP_REPLY_MAX_BYTES + READ_CHUNK);
+
+    session_run(t, f2->port, &sc);
+    assert_int_equal(sc.status, SMTP_EPROTO);
+    assert_int_equal(sc.state, SMTP_STATE_GREETING);
+    assert_non_null(strstr(sc.error, "malformed reply while receiving the initial server greeting"));
+    assert_true(sc.bytes_in > SMTP_REPLY_MAX_BYTES);
+    assert_true(sc.bytes_in <= SMTP_REPLY_MAX_BYTES + READ_CHUNK);
+
+    /* through an attempt with route penalties on: transient "protocol",
+     * and the next message connects again (the server answered: it is no
+     * unreachable address) */
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    cfg.route_penalty_ms = 5000;
+    deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", f2->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    capture_t cap;
+    uint64_t downs = metrics_counter(MET_SMTP_ROUTES_DOWN);
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
+    assert_non_null(strstr(cap.r[0].text, "malformed reply while receiving the initial server greeting"));
+    assert_int_equal(cap.attempts, 1);
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
+    assert_int_equal(cap.attempts, 1);
+    assert_int_equal(cap.connections, 1);
+    assert_int_equal(metrics_counter(MET_SMTP_ROUTES_DOWN) - downs, 0);
+    assert_string_equal(transcript(f1), "");
+    assert_string_equal(transcript(f2), "");
+    deliver_ctx_free(ctx);
+    fake_server_t *all[] = { f1, f2 };
+    drain_and_check(t->loop, all, 2);
+    free(noeol);
+    free(lines);
+}
+
+/* EHLO with 5,000 extension lines (145 KB), among them "SIZE -1" and a
+ * 21-digit SIZE: one reply within the budget; the absurd SIZEs are
+ * ignored (no limit, no SIZE= parameter), PIPELINING is still seen, and
+ * the message goes. */
+static void test_ehlo_5000_lines(void **state)
+{
+    tctx_t *t = *state;
+    buf_t ehlo = BUF_INIT;
+    buf_puts(&ehlo, "250-fake.test hello\r\n250-PIPELINING\r\n250-SIZE -1\r\n250-SIZE 123456789012345678901\r\n");
+    for (int i = 4; i < 4999; i++)
+        buf_printf(&ehlo, "250-X-VENDOR-%04d ARGUMENT=1\r\n", i);
+    buf_puts(&ehlo, "250 8BITMIME\r\n");
+    assert_true(buf_size(&ehlo) >= 145000);
+    rule_t rules[] = {
+        { "EHLO", buf_head(&ehlo), ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    /* replies held until DATA: only a pipelining client gets through */
+    script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules, .hold_until_data = 1 };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t cap;
+
+    t->to.mail_ms = 1000;
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\nRCPT TO:<b@y>\r\nDATA\r\n"
+                                        PAYLOAD "QUIT\r\n");
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.features.flags, SMTP_FEAT_PIPELINING | SMTP_FEAT_8BITMIME);
+    assert_int_equal(cap.features.size_max, 0);
+    drain_and_check(t->loop, &fs, 1);
+    buf_free(&ehlo);
+}
+
+/* A server that answers fewer replies than pipelined commands: its 354
+ * to DATA arrives where the RCPT reply belongs. The session drops the
+ * connection at once (no QUIT, no body, no wait for the DATA timeout) as
+ * a protocol error and never reuses it; lock-step, a 250 where DATA needs
+ * 354 is the same. */
+static void test_out_of_step_replies(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t short_rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_SILENT }, /* taken, but never answered */
+        { "DATA", "354 End data with <CR><LF>.<CR><LF>\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const rule_t go_ahead_rules[] = {
+        { "EHLO", "250-fake.test\r\n250 8BITMIME\r\n", ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "250 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t s1 = { .greeting = "220 fake.test ESMTP\r\n", .rules = short_rules };
+    static const script_t s2 = { .greeting = "220 fake.test ESMTP\r\n", .rules = go_ahead_rules };
+    fake_server_t *f1 = fake_server_new(t->loop, &s1);
+    fake_server_t *f2 = fake_server_new(t->loop, &s2);
+    deliver_candidate_t c1[] = { cand("mx1.fake.test", f1->port) };
+    deliver_candidate_t c2[] = { cand("mx2.fake.test", f2->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    capture_t cap;
+
+    for (int i = 0; i < 2; i++) {
+        uint64_t t0 = util_mono_ms();
+        ctx_deliver(ctx, t->loop, &q1, c1, 1, &cap);
+        assert_true(util_mono_ms() - t0 < 2000); /* DATA's timeout is 5 s here */
+        assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
+        assert_string_equal(cap.r[0].text, "out-of-step reply to RCPT TO: 354 End data with <CR><LF>.<CR><LF>");
+        assert_int_equal(cap.reused, 0); /* the second message gets a new connection */
+        assert_int_equal(cap.connections, 1);
+    }
+    assert_int_equal(f1->naccepted, 2);
+    assert_string_equal(transcript(f1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n"
+                                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n");
+
+    ctx_deliver(ctx, t->loop, &q1, c2, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
+    assert_string_equal(cap.r[0].text, "out-of-step reply to DATA: 250 go ahead");
+    assert_string_equal(transcript(f2), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\nRCPT TO:<b@y>\r\nDATA\r\n");
+    deliver_ctx_free(ctx);
+    fake_server_t *all[] = { f1, f2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+/* An address down after a greeting timeout: the attempt that finds every
+ * address down says what made it down (a timeout, how long it waited),
+ * tagged "timeout", not just that it is down. */
+static void test_route_penalty_keeps_cause(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t silent = { .greeting = NULL, .rules = rules_ok };
+    fake_server_t *fs = fake_server_new(t->loop, &silent);
+    deliver_candidate_t c[] = { cand("slow.fake.test", fs->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    cfg.route_penalty_ms = 5000;
+    t->to.greeting_ms = 200;
+    deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
+    capture_t cap;
+    char want[256];
+
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    assert_string_equal(cap.r[0].text, "timeout while receiving the initial server greeting");
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_int_equal(cap.attempts, 0);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    snprintf(want, sizeof(want),
+             "every MX address is down after recent failures (next try in 5 s): slow.fake.test [127.0.0.1|%u]: "
+             "timeout while receiving the initial server greeting (after 0.2 s)",
+             (unsigned)fs->port);
+    assert_string_equal(cap.r[0].text, want);
+    assert_int_equal(fs->naccepted, 1);
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
 static void test_tls_session_cache(void **state)
 {
     tls_session_cache_t *c = tls_session_cache_new(2);
@@ -2414,6 +2666,24 @@ static void test_features(void **state)
     smtp_features_parse_line(&f, "PIPELININGfoo", 10); /* len cuts it to "PIPELINING" */
     assert_int_equal(f.flags, SMTP_FEAT_SIZE | SMTP_FEAT_PIPELINING);
     assert_int_equal(f.size_max, 0);
+
+    /* a SIZE that is negative, not a number or does not fit is ignored */
+    static const char *absurd[] = { "SIZE -1", "SIZE 123456789012345678901", "SIZE 12abc", "SIZE 1e9",
+                                    "SIZE 18446744073709551616" };
+    for (size_t i = 0; i < sizeof(absurd) / sizeof(absurd[0]); i++) {
+        memset(&f, 0, sizeof(f));
+        smtp_features_parse_line(&f, absurd[i], strlen(absurd[i]));
+        assert_int_equal(f.flags, 0);
+        assert_int_equal(f.size_max, 0);
+    }
+    /* and does not undo a sane one before it */
+    memset(&f, 0, sizeof(f));
+    smtp_features_parse_line(&f, "SIZE 10240000", 13);
+    smtp_features_parse_line(&f, "SIZE -1", 7);
+    assert_int_equal(f.flags, SMTP_FEAT_SIZE);
+    assert_int_equal(f.size_max, 10240000);
+    smtp_features_parse_line(&f, "SIZE 18446744073709551615", 25);
+    assert_int_equal(f.size_max, SIZE_MAX);
 }
 
 static void test_strstate_and_timeouts(void **state)
@@ -3042,6 +3312,10 @@ int main(void)
         T(test_need_8bitmime_smtputf8),
         T(test_pipelined_mail_refused_keeps_sync),
         T(test_pipelined_rcpt_timeout),
+        T(test_hostile_greeting_budget),
+        T(test_ehlo_5000_lines),
+        T(test_out_of_step_replies),
+        T(test_route_penalty_keeps_cause),
         T(test_hold_before_body),
         T(test_hold_per_transaction),
         T(test_hold_timeout_fails_over),

@@ -365,6 +365,72 @@ static void test_errno(void **state)
     loop_free(l);
 }
 
+/* A reader that parses nothing: it keeps every byte in the stream's input. */
+typedef struct hoard {
+    int    events[STREAM_EV_LAST];
+    size_t seen;      /* input size at the last DATA */
+    size_t max_step;  /* most new bytes one DATA brought */
+    int    done;
+} hoard_t;
+
+static void on_hoard(stream_t *s, stream_event_t ev, void *arg)
+{
+    hoard_t *h = arg;
+    h->events[ev]++;
+    if (ev == STREAM_EV_DATA) {
+        size_t n = buf_size(stream_input(s));
+        if (n - h->seen > h->max_step)
+            h->max_step = n - h->seen;
+        h->seen = n;
+    } else if (ev == STREAM_EV_CLOSED || ev == STREAM_EV_ERROR || ev == STREAM_EV_TIMEOUT) {
+        h->done = 1;
+    }
+}
+
+/* Input reaches the owner one read chunk at a time, and an owner's cap on
+ * what it leaves unparsed ends the stream after at most the cap plus one
+ * chunk; without a cap of its own a stream keeps the 8 MB default. */
+static void test_input_cap_per_chunk(void **state)
+{
+    loop_t *l = loop_new();
+    size_t total = 1024 * 1024, cap = 100000;
+    char *data = pattern(total, 3);
+    for (int capped = 1; capped >= 0; capped--) {
+        int sv[2];
+        assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+        peer_t w;
+        memset(&w, 0, sizeof(w));
+        hoard_t h;
+        memset(&h, 0, sizeof(h));
+        w.st = stream_new(l, on_writer, &w);
+        stream_t *r = stream_new(l, on_hoard, &h);
+        assert_int_equal(stream_attach(w.st, sv[0]), 0);
+        assert_int_equal(stream_attach(r, sv[1]), 0);
+        if (capped)
+            stream_set_max_input(r, cap);
+        stream_write(w.st, data, total);
+        if (capped) {
+            run_until(l, &h.done);
+            assert_int_equal(h.events[STREAM_EV_ERROR], 1);
+            assert_string_equal(stream_error(r), "peer sent more than 100000 unparsed bytes");
+            assert_true(stream_bytes_in(r) > cap);
+            assert_true(stream_bytes_in(r) <= cap + 16384);
+        } else {
+            for (int i = 0; i < 20000 && stream_bytes_in(r) < total; i++)
+                assert_true(loop_run_once(l, 100) >= 0);
+            assert_int_equal(stream_bytes_in(r), total);
+            assert_int_equal(h.events[STREAM_EV_ERROR], 0);
+            assert_int_equal(buf_size(stream_input(r)), total);
+        }
+        assert_true(h.max_step <= 16384); /* one chunk per DATA */
+        assert_true((size_t)h.events[STREAM_EV_DATA] >= stream_bytes_in(r) / 16384);
+        stream_free(r);
+        stream_free(w.st);
+    }
+    free(data);
+    loop_free(l);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN); /* as the daemon: a closed peer is an error event */
@@ -374,6 +440,7 @@ int main(void)
         cmocka_unit_test(test_free_with_refs_queued),
         cmocka_unit_test(test_ref_over_tls),
         cmocka_unit_test(test_errno),
+        cmocka_unit_test(test_input_cap_per_chunk),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
