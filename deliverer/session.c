@@ -56,6 +56,7 @@
 #include "deliverer/session.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <stdarg.h>
@@ -164,10 +165,11 @@ static const char *const status_text[] = {
     [3] = "TLS failure",
     [4] = "protocol error",
     [5] = "rejected by server",
+    [6] = "local resources exhausted",
 };
 
 /* logfmt-safe one-word form of the status, for result= in the log line */
-static const char *const status_token[] = { "ok", "network", "timeout", "tls", "protocol", "rejected" };
+static const char *const status_token[] = { "ok", "network", "timeout", "tls", "protocol", "rejected", "local" };
 _Static_assert(sizeof(status_token) == sizeof(status_text), "one token per status");
 
 static const char *status_tok(int status)
@@ -186,6 +188,12 @@ const char *smtp_strerror(int status)
     int i = -status;
     return (i >= 0 && i < (int)(sizeof(status_text) / sizeof(status_text[0]))) ? status_text[i]
                                                                                : "unknown smtp status";
+}
+
+/* A connect that failed for want of something of ours, not the peer's. */
+static int local_errno(int e)
+{
+    return e == EMFILE || e == ENFILE || e == ENOBUFS || e == ENOMEM || e == EADDRNOTAVAIL;
 }
 
 static unsigned scale_timeout(unsigned ms, unsigned pct)
@@ -412,6 +420,8 @@ static void finish(smtp_session_t *s)
     log_session(s);
     if (s->res.status == SMTP_ENETWORK || s->res.status == SMTP_ETLS || s->res.status == SMTP_ETIMEOUT)
         metrics_inc(MET_SMTP_SESSION_ERRORS, 1);
+    if (s->res.status == SMTP_ELOCAL)
+        metrics_inc(MET_LOCAL_RESOURCE_ERRORS, 1);
     s->cb(s->cb_arg, s, &s->res);
 }
 
@@ -1166,7 +1176,7 @@ static void on_stream(stream_t *st, stream_event_t ev, void *arg)
         else if (s->state == SMTP_STATE_TLS_HANDSHAKE)
             session_fail(s, SMTP_ETLS, 0, "%s", stream_error(st));
         else if (s->state == SMTP_STATE_CONNECT)
-            session_fail(s, SMTP_ENETWORK, 0, "%s", stream_error(st));
+            session_fail(s, local_errno(stream_errno(st)) ? SMTP_ELOCAL : SMTP_ENETWORK, 0, "%s", stream_error(st));
         else
             session_fail(s, SMTP_ENETWORK, 0, "%s while %s", stream_error(st), state_doing(s));
         break;
@@ -1315,7 +1325,9 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
     stream_set_timeout(s->st, state_timeout(s, SMTP_STATE_CONNECT));
     if (params->nrcpts == 0 || stream_connect(s->st, params->addr, params->addrlen) < 0) {
         /* report from the loop, never from inside the caller's start call */
-        s->res.status = params->nrcpts == 0 ? SMTP_EPROTO : SMTP_ENETWORK;
+        s->res.status = params->nrcpts == 0                  ? SMTP_EPROTO
+                        : local_errno(stream_errno(s->st)) ? SMTP_ELOCAL
+                                                           : SMTP_ENETWORK;
         snprintf(s->res.error, sizeof(s->res.error), "%s",
                  params->nrcpts == 0 ? "no recipients" : stream_error(s->st));
         loop_timer_set(loop, &s->defer_timer, 0);

@@ -84,6 +84,8 @@ typedef enum {
     SMTP_ETLS = -3,      /* STARTTLS unavailable under REQUIRED/VERIFY, refused, handshake/verify failure */
     SMTP_EPROTO = -4,    /* unparseable or unexpected reply */
     SMTP_EREJECTED = -5, /* the server refused the session: 421 at any point, greeting, EHLO/HELO not 2xx */
+    SMTP_ELOCAL = -6,    /* no connection for want of local resources (descriptors, ports, memory):
+                          * back-pressure, never the destination's fault */
 } smtp_status_t;
 
 const char *smtp_strerror(int status);

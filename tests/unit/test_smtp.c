@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -2363,6 +2364,47 @@ static void test_hostile_greeting_budget(void **state)
     free(lines);
 }
 
+/* Out of descriptors: the connection is not made for want of ours, not
+ * the server's fault: SMTP_ELOCAL, counted, transient network with the
+ * local reason, and the address is not marked down. */
+static void test_local_descriptors_exhausted(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc0 = { .greeting = "220 fake ESMTP\r\n", .rules = rules_ok };
+    fake_server_t *f = fake_server_new(t->loop, &sc0);
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    cfg.route_penalty_ms = 5000;
+    deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", f->port) };
+    const char *r1[] = { "b@y" };
+    creq_t q1 = { r1, 1, NULL, 0 };
+    capture_t cap;
+    uint64_t downs = metrics_counter(MET_SMTP_ROUTES_DOWN);
+    uint64_t local = metrics_counter(MET_LOCAL_RESOURCE_ERRORS);
+    /* no descriptor left for a socket: the limit at the next free one */
+    int probe = dup(0);
+    assert_true(probe >= 0);
+    struct rlimit old, low;
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &old), 0);
+    low = old;
+    low.rlim_cur = (rlim_t)probe;
+    close(probe);
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &low), 0);
+    ctx_start(ctx, &q1, c, 1, &cap);
+    run_until(t->loop, &cap.fired);
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &old), 0);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "network", 0, "");
+    assert_non_null(strstr(cap.r[0].text, "Too many open files"));
+    assert_int_equal(metrics_counter(MET_LOCAL_RESOURCE_ERRORS) - local, 1);
+    assert_int_equal(metrics_counter(MET_SMTP_ROUTES_DOWN) - downs, 0);
+    /* with descriptors again, the same address is tried at once */
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    deliver_ctx_free(ctx);
+    fake_server_t *all[] = { f };
+    drain_and_check(t->loop, all, 1);
+}
+
 /* EHLO with 5,000 extension lines (145 KB), among them "SIZE -1" and a
  * 21-digit SIZE: one reply within the budget; the absurd SIZEs are
  * ignored (no limit, no SIZE= parameter), PIPELINING is still seen, and
@@ -3313,6 +3355,7 @@ int main(void)
         T(test_pipelined_mail_refused_keeps_sync),
         T(test_pipelined_rcpt_timeout),
         T(test_hostile_greeting_budget),
+        T(test_local_descriptors_exhausted),
         T(test_ehlo_5000_lines),
         T(test_out_of_step_replies),
         T(test_route_penalty_keeps_cause),
