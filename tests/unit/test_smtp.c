@@ -666,6 +666,72 @@ static void test_all_rcpt_rejected(void **state)
     drain_and_check(t->loop, &fs, 1);
 }
 
+/* The session line with hostile outside values: an MX name, a message
+ * id, a trace id and a server text with spaces, '=', quotes and
+ * backslashes; in JSON every one of them is one member, nothing forged. */
+static char *capture_session_log(tctx_t *t, enum log_format f)
+{
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "RSET", "250 2.0.0 Ok\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules,
+                                 .eod_reply = "550 5.7.1 \"x\" code=250 result=ok \\ bye\r\n" };
+    static char got[16384];
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("evil mx=1 \"q\"", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    deliver_request_t req = {
+        .mail_from = FROM, .rcpts = rcpts, .nrcpts = 1, .data = PAYLOAD, .len = strlen(PAYLOAD),
+        .message_size = MSG_SIZE, .candidates = c, .ncandidates = 1,
+        .log_id = "m 1=x", .trace_id = "t \"2\"",
+    };
+    capture_t cap;
+    FILE *tmp = tmpfile();
+    assert_non_null(tmp);
+    int saved = dup(STDERR_FILENO);
+    dup2(fileno(tmp), STDERR_FILENO);
+    log_setup(LOG_INFO, f);
+    deliver_req_and_wait(t, &cfg, &req, &cap);
+    drain_and_check(t->loop, &fs, 1);
+    log_setup(LOG_INFO, LOG_FMT_LOGFMT);
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    rewind(tmp);
+    size_t n = fread(got, 1, sizeof(got) - 1, tmp);
+    got[n] = '\0';
+    fclose(tmp);
+    assert_int_equal(cap.r[0].code, 550);
+    char *line = strstr(got, f == LOG_FMT_JSON ? "\"event\":\"session\"" : "event=session");
+    assert_non_null(line);
+    *strchr(line, '\n') = '\0';
+    return line;
+}
+
+static void test_log_hostile_values(void **state)
+{
+    tctx_t *t = *state;
+    const char *l = capture_session_log(t, LOG_FMT_LOGFMT);
+    assert_non_null(strstr(l, " msg=\"m 1=x\" trace=\"t \\\"2\\\"\" session="));
+    assert_non_null(strstr(l, " mx=\"evil mx=1 \\\"q\\\"\" addr=127.0.0.1 "));
+    assert_non_null(strstr(l, " code=550 enh=5.7.1 reply=\"\\\"x\\\" code=250 result=ok \\\\ bye\" error="));
+    l = capture_session_log(t, LOG_FMT_JSON);
+    assert_non_null(strstr(l, ",\"msg\":\"m 1=x\",\"trace\":\"t \\\"2\\\"\",\"session\":"));
+    assert_non_null(strstr(l, ",\"mx\":\"evil mx=1 \\\"q\\\"\",\"addr\":\"127.0.0.1\","));
+    assert_non_null(strstr(l, ",\"code\":550,\"enh\":\"5.7.1\",\"reply\":\"\\\"x\\\" code=250 result=ok \\\\ bye\","));
+    /* one member each: the server's text added none */
+    const char *r = strstr(l, "\"result\":");
+    assert_non_null(r);
+    assert_null(strstr(r + 1, "\"result\":"));
+    assert_null(strstr(l, "\"code_2\"") );
+}
+
 static void test_mail_from_rejected(void **state)
 {
     tctx_t *t = *state;
@@ -2976,6 +3042,7 @@ int main(void)
         T(test_early_reply_closes),
         T(test_per_recipient_results),
         T(test_all_rcpt_rejected),
+        T(test_log_hostile_values),
         T(test_mail_from_rejected),
         T(test_greeting_421_next_candidate),
         T(test_greeting_554_everywhere),
