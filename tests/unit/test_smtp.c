@@ -666,6 +666,14 @@ static void test_all_rcpt_rejected(void **state)
     drain_and_check(t->loop, &fs, 1);
 }
 
+/* $MP_TEST_LOG names the level (default warn). */
+static enum log_level test_log_level(void)
+{
+    const char *lvl = getenv("MP_TEST_LOG");
+    int l = lvl ? log_level_from_name(lvl) : -1;
+    return l < 0 ? LOG_WARN : (enum log_level)l;
+}
+
 /* The session line with hostile outside values: an MX name, a message
  * id, a trace id and a server text with spaces, '=', quotes and
  * backslashes; in JSON every one of them is one member, nothing forged. */
@@ -700,7 +708,7 @@ static char *capture_session_log(tctx_t *t, enum log_format f)
     log_setup(LOG_INFO, f);
     deliver_req_and_wait(t, &cfg, &req, &cap);
     drain_and_check(t->loop, &fs, 1);
-    log_setup(LOG_INFO, LOG_FMT_LOGFMT);
+    log_setup(test_log_level(), LOG_FMT_LOGFMT);
     dup2(saved, STDERR_FILENO);
     close(saved);
     rewind(tmp);
@@ -2990,9 +2998,8 @@ static int make_cert(const char *dir, const char *name, const char *ca, const ch
 static int group_setup(void **state)
 {
     char err[256], path[192], key[192];
-    const char *lvl = getenv("MP_TEST_LOG");
     signal(SIGPIPE, SIG_IGN); /* as mailpumpd: a TLS write to a closed peer is an error, not a signal */
-    log_setup(lvl ? (enum log_level)log_level_from_name(lvl) : LOG_WARN, LOG_FMT_LOGFMT);
+    log_setup(test_log_level(), LOG_FMT_LOGFMT);
 
     snprintf(fx.dir, sizeof(fx.dir), "/tmp/mp_test_smtp.XXXXXX");
     if (mkdtemp(fx.dir) == NULL)
