@@ -150,37 +150,6 @@ static void puts_(out_t *o, const char *s)
     put(o, s, strlen(s));
 }
 
-/* Length of the valid UTF-8 sequence at s (of at most len bytes), 0 if
- * there is none. */
-static size_t utf8_len(const unsigned char *s, size_t len)
-{
-    unsigned char c = s[0];
-    size_t need;
-    unsigned char lo = 0x80, hi = 0xbf;
-    if (c >= 0xc2 && c <= 0xdf)
-        need = 2;
-    else if (c >= 0xe0 && c <= 0xef) {
-        need = 3;
-        if (c == 0xe0)
-            lo = 0xa0;
-        if (c == 0xed)
-            hi = 0x9f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        need = 4;
-        if (c == 0xf0)
-            lo = 0x90;
-        if (c == 0xf4)
-            hi = 0x8f;
-    } else
-        return 0;
-    if (len < need || s[1] < lo || s[1] > hi)
-        return 0;
-    for (size_t i = 2; i < need; i++)
-        if (s[i] < 0x80 || s[i] > 0xbf)
-            return 0;
-    return need;
-}
-
 /* s[0..len) as a JSON string (RFC 8259): quotes, backslashes and control
  * bytes escaped, bytes that are not UTF-8 as U+FFFD. */
 static void put_json_string(out_t *o, const char *s, size_t len)
@@ -191,7 +160,7 @@ static void put_json_string(out_t *o, const char *s, size_t len)
     for (size_t i = 0; i < len;) {
         unsigned char c = u[i];
         if (c >= 0x80) {
-            size_t k = utf8_len(u + i, len - i);
+            size_t k = util_utf8_len(u + i, len - i);
             if (k) {
                 put(o, s + i, k);
                 i += k;

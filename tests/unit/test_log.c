@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "core/log.h"
+#include "tests/support/logcapture.h"
 
 #define TS "2026-12-07T12:00:00.000Z"
 
@@ -119,25 +120,15 @@ static void test_truncated(void **state)
 static char *capture(enum log_format f, const char *v)
 {
     static char got[8192];
-    FILE *tmp = tmpfile();
-    assert_non_null(tmp);
-    int saved = dup(STDERR_FILENO);
-    dup2(fileno(tmp), STDERR_FILENO);
-    log_setup(LOG_DEBUG, f);
+    logcapture_t lc;
+    assert_int_equal(logcapture_begin(&lc, LOG_DEBUG, f), 0);
     log_warn("dns", "mx_reply", "%s domain=%s hosts=%d", LOG_MSG("id-1", v), LOG_Q(v), 2);
     /* the pairs buffer overflows: the cut pair is dropped */
     char huge[6000];
     memset(huge, 'h', sizeof(huge) - 1);
     huge[sizeof(huge) - 1] = '\0';
     log_debug("dns", "big", "a=1 b=%s", huge);
-    dup2(saved, STDERR_FILENO);
-    close(saved);
-    rewind(tmp);
-    size_t n = fread(got, 1, sizeof(got) - 1, tmp);
-    got[n] = '\0';
-    fclose(tmp);
-    log_setup(LOG_INFO, LOG_FMT_LOGFMT);
-    return got;
+    return logcapture_end(&lc, got, sizeof(got), LOG_INFO);
 }
 
 static void test_log_msg(void **state)

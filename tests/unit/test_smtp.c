@@ -39,6 +39,7 @@
 #include "deliverer/session.h"
 #include "metrics/metrics.h"
 #include "mime/build.h"
+#include "tests/support/logcapture.h"
 
 /* ------------------------------------------------------------------ */
 /* fake SMTP server                                                    */
@@ -701,20 +702,11 @@ static char *capture_session_log(tctx_t *t, enum log_format f)
         .log_id = "m 1=x", .trace_id = "t \"2\"",
     };
     capture_t cap;
-    FILE *tmp = tmpfile();
-    assert_non_null(tmp);
-    int saved = dup(STDERR_FILENO);
-    dup2(fileno(tmp), STDERR_FILENO);
-    log_setup(LOG_INFO, f);
+    logcapture_t lc;
+    assert_int_equal(logcapture_begin(&lc, LOG_INFO, f), 0);
     deliver_req_and_wait(t, &cfg, &req, &cap);
     drain_and_check(t->loop, &fs, 1);
-    log_setup(test_log_level(), LOG_FMT_LOGFMT);
-    dup2(saved, STDERR_FILENO);
-    close(saved);
-    rewind(tmp);
-    size_t n = fread(got, 1, sizeof(got) - 1, tmp);
-    got[n] = '\0';
-    fclose(tmp);
+    logcapture_end(&lc, got, sizeof(got), test_log_level());
     assert_int_equal(cap.r[0].code, 550);
     char *line = strstr(got, f == LOG_FMT_JSON ? "\"event\":\"session\"" : "event=session");
     assert_non_null(line);
