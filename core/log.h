@@ -1,15 +1,25 @@
 /*
  * core/log.h - one structured line per event.
  *
- * log_msg(LOG_INFO, "smtp", "delivered", "msg=%s rcpt=%s code=%d", ...)
+ * log_msg(LOG_INFO, "smtp", "delivered", "%s rcpt=%s code=%d", LOG_MSG(id, trace), LOG_Q(rcpt), code)
  * prints, in logfmt:
- *   ts=2026-11-23T16:49:37.123Z level=info mod=smtp event=delivered msg=... rcpt=...
- * or, with format json, {"ts":..,"level":..,"mod":..,"event":..,"detail":"msg=..."}.
- * The fields string is free-form key=value pairs. Thread-safe (one write(2)
- * per line to stderr).
+ *   ts=2026-11-23T16:49:37.123Z level=info mod=smtp event=delivered msg="..." trace="..." rcpt="..." code=250
+ * or, with format json, one object with one member per key:
+ *   {"ts":"...","level":"info","mod":"smtp","event":"delivered","msg":"...","trace":"...","rcpt":"...","code":250}
+ *
+ * The fields string is space-separated key=value pairs. A bare value is
+ * only ever something the program made itself (a number, a static token,
+ * an id of ours); every value that can hold outside data (names from DNS,
+ * server texts, addresses, ids and names from the published message,
+ * error strings) goes through LOG_Q(), which writes it inside double
+ * quotes with quotes, backslashes and control bytes escaped, so no value
+ * can add a field or a line. docs/operations.md describes the format.
+ * Thread-safe (one write(2) per line to stderr).
  */
 #ifndef MP_CORE_LOG_H
 #define MP_CORE_LOG_H
+
+#include <stddef.h>
 
 enum log_level { LOG_ERROR = 0, LOG_WARN, LOG_INFO, LOG_DEBUG };
 enum log_format { LOG_FMT_LOGFMT = 0, LOG_FMT_JSON };
@@ -19,6 +29,30 @@ int  log_level_from_name(const char *name); /* -1 if unknown */
 int  log_enabled(enum log_level level);
 void log_msg(enum log_level level, const char *mod, const char *event, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+
+/* Room for one quoted value; longer text is cut short with "..." inside
+ * the quotes. */
+#define LOG_QUOTE_MAX 320
+
+/* s as a quoted log value into dst: "..." with \" \\ \r \n \t and \xNN
+ * (other control bytes, DEL) escaped, cut short with "..." to fit n
+ * (n >= 16). NULL gives the bare "-" (no value). Returns dst. */
+const char *log_quote(const char *s, char *dst, size_t n);
+/* The fields that tie a line to its message: msg="<msg_id>" and, when
+ * trace_id is not NULL, trace="<trace_id>"; msg=- without a message id.
+ * Returns dst; n >= 2 * LOG_QUOTE_MAX + 16 never cuts. */
+const char *log_msgref(const char *msg_id, const char *trace_id, char *dst, size_t n);
+
+/* For a %s argument of a log_* call: the buffer lives until the end of
+ * the statement. */
+#define LOG_Q(s)             log_quote((s), (char[LOG_QUOTE_MAX]){ 0 }, LOG_QUOTE_MAX)
+#define LOG_MSG(msg, trace)  log_msgref((msg), (trace), (char[2 * LOG_QUOTE_MAX + 16]){ 0 }, 2 * LOG_QUOTE_MAX + 16)
+
+/* One whole line (with its '\n') for the given timestamp and fields, as
+ * log_msg() writes it; what log_msg() and the tests share. Returns the
+ * length (< cap; cap >= 256). */
+size_t log_render(char *line, size_t cap, enum log_format format, enum log_level level, const char *ts,
+                  const char *mod, const char *event, const char *pairs);
 
 #define log_error(mod, ev, ...) log_msg(LOG_ERROR, mod, ev, __VA_ARGS__)
 #define log_warn(mod, ev, ...)  log_msg(LOG_WARN, mod, ev, __VA_ARGS__)

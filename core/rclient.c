@@ -216,9 +216,9 @@ static void rc_schedule_reconnect(rclient_t *c, const char *why)
     if (c->freeing)
         return;
     if (c->backoff_ms == 0)
-        log_warn("redis", "down", "addr=%s:%d reason=\"%s\"", c->host, c->port, why);
+        log_warn("redis", "down", "addr=%s:%d reason=%s", c->host, c->port, LOG_Q(why));
     else
-        log_debug("redis", "retry_failed", "addr=%s:%d reason=\"%s\"", c->host, c->port, why);
+        log_debug("redis", "retry_failed", "addr=%s:%d reason=%s", c->host, c->port, LOG_Q(why));
     c->backoff_ms = c->backoff_ms == 0 ? RC_BACKOFF_MIN_MS
                   : (c->backoff_ms * 2 > c->reconnect_max_ms ? c->reconnect_max_ms : c->backoff_ms * 2);
     loop_timer_set(c->loop, &c->reconnect_timer, c->backoff_ms);

@@ -41,6 +41,10 @@ void util_seterr(char *err, size_t errlen, const char *fmt, ...)
  * escaped, other control bytes as \xNN, cut short with "..." to fit dst
  * (dstlen >= 16). Returns dst. */
 const char *util_quote_text(const char *s, char *dst, size_t dstlen);
+/* Length of the well-formed UTF-8 sequence at s (of n >= 1 bytes): 1 for
+ * ASCII, 2..4, or 0 when there is none (a stray or cut byte, an overlong
+ * form, a surrogate, a value past U+10FFFF). */
+size_t util_utf8_len(const unsigned char *s, size_t n);
 /* Case-insensitive ASCII compare of at most n bytes. */
 int util_strncasecmp(const char *a, const char *b, size_t n);
 

@@ -97,6 +97,7 @@ struct deliver {
     uint64_t               hold;        /* id of the held transaction of d->sess; 0 none */
     uint64_t               hold_seq;
     char                  *log_id;
+    char                  *trace_id;
     deliver_candidate_t   *cands;
     size_t                 ncands;
     size_t                 next;        /* next candidate to try */
@@ -133,6 +134,9 @@ struct deliver {
     void                  *arg;
     int                    in_cb;
 };
+
+/* The message fields of an attempt's log lines. */
+#define DELIVER_MSG(d) LOG_MSG((d)->log_id, (d)->trace_id)
 
 /* No CR/LF/controls (command injection), no angle brackets (they would
  * end the path early). Quoted local parts with spaces stay possible. */
@@ -612,6 +616,7 @@ static void release(deliver_t *d)
         free(d->rcpts[i]);
     free(d->rcpts);
     free(d->log_id);
+    free(d->trace_id);
     free(d->cands);
     free(d->results);
     free(d->settled);
@@ -690,9 +695,9 @@ static void finish(deliver_t *d)
         }
         d->settled[i] = 1;
     }
-    log_debug("deliver", "attempt", "msg=%s mx=%s addr=%s attempts=%u connections=%u reused=%u txns=%u "
+    log_debug("deliver", "attempt", "%s mx=%s addr=%s attempts=%u connections=%u reused=%u txns=%u "
               "rcpts=%zu tls=%s",
-              d->log_id ? d->log_id : "-", d->res.mx_host[0] ? d->res.mx_host : "-",
+              DELIVER_MSG(d), LOG_Q(d->res.mx_host[0] ? d->res.mx_host : NULL),
               d->res.mx_addr[0] ? d->res.mx_addr : "-", d->res.attempts_made, d->res.connections,
               d->res.reused, d->res.transactions, d->nrcpts, d->res.tls_version ? d->res.tls_version : "none");
     loop_timer_set(d->loop, &d->done_timer, 0);
@@ -738,8 +743,10 @@ static void route_failed(deliver_ctx_t *ctx, const deliver_candidate_t *c, const
     unsigned failures = 0;
     uint64_t pen = routes_failed(ctx->routes, key, loop_now_ms(ctx->loop), sr->status, text, &failures);
     metrics_inc(MET_SMTP_ROUTES_DOWN, 1);
-    log_warn("deliver", "route_down", "mx=%s addr=%s failures=%u skip_ms=%llu error=\"%s%s\"", c->host, key,
-             failures, (unsigned long long)pen, sr->error, waited);
+    char error[sizeof(sr->error) + sizeof(waited)];
+    snprintf(error, sizeof(error), "%s%s", sr->error, waited);
+    log_warn("deliver", "route_down", "mx=%s addr=%s failures=%u skip_ms=%llu error=%s", LOG_Q(c->host), key,
+             failures, (unsigned long long)pen, LOG_Q(error));
 }
 
 static void route_ok(deliver_ctx_t *ctx, const deliver_candidate_t *c)
@@ -748,7 +755,7 @@ static void route_ok(deliver_ctx_t *ctx, const deliver_candidate_t *c)
     route_key(c, key, sizeof(key));
     unsigned had = routes_ok(ctx->routes, key);
     if (had)
-        log_info("deliver", "route_up", "mx=%s addr=%s after=%u failures", c->host, key, had);
+        log_info("deliver", "route_up", "mx=%s addr=%s after_failures=%u", LOG_Q(c->host), key, had);
 }
 
 /* Skip a down candidate: remember why, for an attempt that finds no other. */
@@ -766,7 +773,7 @@ static void skip_down(deliver_t *d, const deliver_candidate_t *c, const route_st
     if (log_enabled(LOG_DEBUG)) {
         char key[72];
         route_key(c, key, sizeof(key));
-        log_debug("deliver", "route_skip", "msg=%s mx=%s addr=%s", d->log_id ? d->log_id : "-", c->host, key);
+        log_debug("deliver", "route_skip", "%s mx=%s addr=%s", DELIVER_MSG(d), LOG_Q(c->host), key);
     }
 }
 
@@ -847,6 +854,7 @@ static smtp_session_params_t session_params(deliver_t *d)
         .nsegs = d->nsegs,
         .message_size = d->message_size,
         .log_id = d->log_id,
+        .trace_id = d->trace_id,
         /* pooled, or more recipients than one transaction takes: keep the
          * connection for what comes next; otherwise QUIT right away */
         .keep_open = !smtp_pool_disabled(ctx->pool) || d->nopen < open_left(d),
@@ -991,8 +999,8 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
          * deferring the message */
         d->lost_retries++;
         metrics_inc(MET_SMTP_DEST_CAPPED, 1);
-        log_debug("deliver", "refused_wait", "msg=%s mx=%s code=%d", d->log_id ? d->log_id : "-",
-                  d->res.mx_host, sr->reply.code);
+        log_debug("deliver", "refused_wait", "%s mx=%s code=%d", DELIVER_MSG(d), LOG_Q(d->res.mx_host),
+                  sr->reply.code);
         drop_session(d, NULL);
         smtp_session_free(s);
         use_candidate(d);
@@ -1005,8 +1013,8 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
         /* the server had closed the pooled connection: no answer was lost,
          * no attempt spent; the same candidate again on a fresh one */
         d->lost_retries++;
-        log_debug("deliver", "pooled_lost", "msg=%s mx=%s error=\"%s\"", d->log_id ? d->log_id : "-",
-                  d->res.mx_host, sr->error);
+        log_debug("deliver", "pooled_lost", "%s mx=%s error=%s", DELIVER_MSG(d), LOG_Q(d->res.mx_host),
+                  LOG_Q(sr->error));
         drop_session(d, s);
         use_candidate(d);
         return;
@@ -1102,6 +1110,7 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
     d->before_body = req->before_body;
     d->before_body_arg = req->before_body_arg;
     d->log_id = req->log_id ? xstrdup(req->log_id) : NULL;
+    d->trace_id = req->trace_id ? xstrdup(req->trace_id) : NULL;
     const deliver_candidate_t *src = req->candidates;
     size_t nsrc = req->ncandidates;
     if (ctx->cfg.nrelay) { /* smarthost: the MX list does not matter */

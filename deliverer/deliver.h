@@ -153,6 +153,7 @@ typedef struct deliver_request {
     const deliver_candidate_t *candidates; /* sorted; copied by deliver_start */
     size_t             ncandidates;
     const char        *log_id;       /* message id for log lines; copied, may be NULL */
+    const char        *trace_id;     /* the message's trace id for log lines; copied, may be NULL */
     const char        *domain;       /* recipient domain: picks the TLS policy; NULL: default */
     unsigned           need;         /* SMTP_NEED_8BITMIME / SMTP_NEED_SMTPUTF8 */
     deliver_hold_cb    before_body;  /* NULL: each body follows its 354 at once */

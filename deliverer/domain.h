@@ -86,6 +86,7 @@ typedef void (*domain_cut_cb)(void *arg, size_t k);
 typedef struct domain_request {
     const char        *name;         /* the recipient domain; borrowed */
     const char        *msg_id;       /* ledger key and log lines; borrowed */
+    const char        *trace_id;     /* the message's trace id for log lines, or NULL; borrowed */
     const char        *mail_from;    /* borrowed, as everything below */
     const char *const *rcpts;
     size_t             nrcpts;

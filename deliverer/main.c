@@ -176,7 +176,7 @@ int main(int argc, char **argv)
     }
     metrics_gauge_set(MET_WORKERS, nworkers);
     log_info("main", "start", "version=%s workers=%u queue=%s amqp=%s:%u metrics=%s smtp_tls=%s",
-             MAILPUMPD_VERSION, nworkers, cfg.amqp_queue, cfg.amqp_host, cfg.amqp_port,
+             MAILPUMPD_VERSION, nworkers, LOG_Q(cfg.amqp_queue), cfg.amqp_host, cfg.amqp_port,
              cfg.metrics_listen[0] ? cfg.metrics_listen : "off",
              config_enum_name("smtp", "tls", (int)cfg.smtp_tls));
 
@@ -186,8 +186,8 @@ int main(int argc, char **argv)
     for (; started < nworkers; started++) {
         workers[started] = worker_start(&env, (int)started);
         if (workers[started] == NULL) {
-            log_error("main", "worker_start_failed", "worker=%u reason=\"%s\"", started,
-                      strerror(errno));
+            log_error("main", "worker_start_failed", "worker=%u reason=%s", started,
+                      LOG_Q(strerror(errno)));
             rc = 1;
             break;
         }
@@ -195,7 +195,7 @@ int main(int argc, char **argv)
     if (rc == 0) {
         int sig = 0;
         sigwait(&set, &sig);
-        log_info("main", "signal", "signal=%s action=drain", strsignal(sig));
+        log_info("main", "signal", "signal=%s action=drain", LOG_Q(strsignal(sig)));
     }
     for (unsigned i = 0; i < started; i++)
         worker_stop(workers[i]);

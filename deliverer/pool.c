@@ -144,7 +144,7 @@ static void on_closed(void *arg, smtp_session_t *s)
         c->d->nidle--;
         p->idle--;
         p->st.idle_lost++;
-        log_debug("pool", "idle_lost", "session=%016" PRIx64 " dest=%s", smtp_session_id(s), c->d->key);
+        log_debug("pool", "idle_lost", "session=%016" PRIx64 " dest=%s", smtp_session_id(s), LOG_Q(c->d->key));
         dest_gc(p, c->d);
         arm_sweep(p);
         wake_soon(p);
@@ -161,7 +161,8 @@ static void evict(smtp_pool_t *p, pconn_t *c, const char *why)
     c->d->nidle--;
     p->idle--;
     p->st.evicted++;
-    log_debug("pool", "evict", "session=%016" PRIx64 " dest=%s reason=%s", smtp_session_id(c->s), c->d->key, why);
+    log_debug("pool", "evict", "session=%016" PRIx64 " dest=%s reason=%s", smtp_session_id(c->s), LOG_Q(c->d->key),
+              LOG_Q(why));
     c->closing = 1;
     c->d = NULL;
     LIST_INSERT_HEAD(&p->closing, c, link);
@@ -183,7 +184,7 @@ static int room_for(smtp_pool_t *p, pdest_t *d)
     if (!d->proven && p->lim.initial_per_dest > 0 && p->lim.initial_per_dest < limit)
         limit = p->lim.initial_per_dest;
     if (d->cap && loop_now_ms(p->loop) >= d->cap_until) {
-        log_info("pool", "dest_cap_lifted", "dest=%s cap=%u", d->key, d->cap);
+        log_info("pool", "dest_cap_lifted", "dest=%s cap=%u", LOG_Q(d->key), d->cap);
         d->cap = 0;
         p->capped--;
     }
@@ -239,7 +240,7 @@ static int try_grant(smtp_pool_t *p, pdest_t *d, smtp_session_t **out)
         p->busy++;
         p->st.reuses++;
         *out = c->s;
-        log_debug("pool", "reuse", "session=%016" PRIx64 " dest=%s txn=%u", smtp_session_id(c->s), d->key,
+        log_debug("pool", "reuse", "session=%016" PRIx64 " dest=%s txn=%u", smtp_session_id(c->s), LOG_Q(d->key),
                   smtp_session_transactions(c->s));
         free(c);
         arm_sweep(p);
@@ -439,7 +440,7 @@ int smtp_pool_release(smtp_pool_t *p, const char *key, smtp_session_t *s)
         d->nidle++;
         p->idle++;
         arm_sweep(p);
-        log_debug("pool", "park", "session=%016" PRIx64 " dest=%s txn=%u", smtp_session_id(s), key,
+        log_debug("pool", "park", "session=%016" PRIx64 " dest=%s txn=%u", smtp_session_id(s), LOG_Q(key),
                   smtp_session_transactions(s));
         return 1;
     }
@@ -480,7 +481,7 @@ int smtp_pool_refused(smtp_pool_t *p, const char *key)
     d->cap_until = loop_now_ms(p->loop) + p->lim.refused_backoff_ms;
     arm_sweep(p);
     p->st.refused++;
-    log_info("pool", "dest_capped", "dest=%s cap=%u for_ms=%u", key, d->cap, p->lim.refused_backoff_ms);
+    log_info("pool", "dest_capped", "dest=%s cap=%u for_ms=%u", LOG_Q(key), d->cap, p->lim.refused_backoff_ms);
     return 1;
 }
 

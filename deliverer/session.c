@@ -5,7 +5,7 @@
  * DESCRIPTION
  *  Shape after OpenSMTPD mta_session.c: enter_state() sends the command
  *  that belongs to a state, on_reply() switches on the state to decide
- *  the next one, and smtp_strstate() names states for "%s -> %s" traces.
+ *  the next one, and smtp_strstate() names states for the from= and to= of state traces.
  *  Everything per state (name, timeout, how to word a failure) lives in
  *  one table, after Postfix smtp_proto.c.
  *
@@ -337,13 +337,8 @@ static const char *state_doing(const smtp_session_t *s)
 }
 
 /* For the log line: reply text without double quotes. */
-static void quote_safe(char *dst, size_t cap, const char *src)
-{
-    util_copy_text(dst, cap, src);
-    for (char *p = dst; *p; p++)
-        if (*p == '"' || *p == '\\')
-            *p = '\'';
-}
+/* The message fields of a session's log lines (msg=- between messages). */
+#define SESS_MSG(s) LOG_MSG((s)->p.log_id, (s)->p.trace_id)
 
 static void log_session(smtp_session_t *s)
 {
@@ -356,22 +351,18 @@ static void log_session(smtp_session_t *s)
         }
         n[outcome_classify(r->code, r->enh, r->text, NULL)]++;
     }
-    char reply[300], err[300];
-    quote_safe(reply, sizeof(reply), s->res.has_reply ? s->res.reply.text : "");
-    quote_safe(err, sizeof(err), s->res.status == SMTP_OK ? "" : s->res.error);
     log_info("smtp", "session",
-             "msg=%s session=%016" PRIx64 " mx=%s addr=%s port=%u tls=%s cipher=%s resumed=%d result=%s "
+             "%s session=%016" PRIx64 " mx=%s addr=%s port=%u tls=%s cipher=%s resumed=%d result=%s "
              "state=%s txn=%u reused=%d pipelined=%d kept=%d rcpts=%zu delivered=%zu transient=%zu "
-             "permanent=%zu unanswered=%zu bytes_in=%llu code=%d enh=%s reply=\"%s\" error=\"%s\"",
-             s->p.log_id ? s->p.log_id : "-", s->id, s->p.mx_host ? s->p.mx_host : "-",
+             "permanent=%zu unanswered=%zu bytes_in=%llu code=%d enh=%s reply=%s error=%s",
+             SESS_MSG(s), s->id, LOG_Q(s->p.mx_host),
              s->addr_text, s->port, s->res.tls_version ? s->res.tls_version : "none",
              s->res.tls_cipher ? s->res.tls_cipher : "none", s->res.tls_resumed,
              status_tok(s->res.status), smtp_strstate(s->res.state), s->ntxn, s->res.reused,
              s->res.pipelined, s->res.reusable, s->res.nrcpts, n[OUTCOME_DELIVERED],
-             n[OUTCOME_TRANSIENT], n[OUTCOME_PERMANENT], open,
-             (unsigned long long)s->res.bytes_in,
-             s->res.has_reply ? s->res.reply.code : 0,
-             s->res.has_reply && s->res.reply.enh[0] ? s->res.reply.enh : "-", reply, err);
+             n[OUTCOME_TRANSIENT], n[OUTCOME_PERMANENT], open, (unsigned long long)s->res.bytes_in,
+             s->res.has_reply ? s->res.reply.code : 0, s->res.has_reply && s->res.reply.enh[0] ? s->res.reply.enh : "-",
+             LOG_Q(s->res.has_reply ? s->res.reply.text : ""), LOG_Q(s->res.status == SMTP_OK ? "" : s->res.error));
 }
 
 static void close_stream(smtp_session_t *s)
@@ -391,8 +382,8 @@ static void closed(smtp_session_t *s)
         return;
     s->finished = 1;
     loop_timer_cancel(s->loop, &s->defer_timer);
-    log_debug("smtp", "state", "session=%016" PRIx64 " %s -> %s", s->id, smtp_strstate(s->state),
-              smtp_strstate(SMTP_STATE_DONE));
+    log_debug("smtp", "state", "%s session=%016" PRIx64 " from=%s to=%s", SESS_MSG(s), s->id,
+              smtp_strstate(s->state), smtp_strstate(SMTP_STATE_DONE));
     s->state = SMTP_STATE_DONE;
     close_stream(s);
     if (s->closed_cb)
@@ -411,8 +402,8 @@ static void finish(smtp_session_t *s)
     s->finished = 1;
     if (s->res.status == SMTP_OK)
         s->res.state = SMTP_STATE_DONE;
-    log_debug("smtp", "state", "session=%016" PRIx64 " %s -> %s", s->id, smtp_strstate(s->state),
-              smtp_strstate(SMTP_STATE_DONE));
+    log_debug("smtp", "state", "%s session=%016" PRIx64 " from=%s to=%s", SESS_MSG(s), s->id,
+              smtp_strstate(s->state), smtp_strstate(SMTP_STATE_DONE));
     s->state = SMTP_STATE_DONE;
     loop_timer_cancel(s->loop, &s->defer_timer);
     close_stream(s);
@@ -478,7 +469,7 @@ static void log_cmd(smtp_session_t *s, const char *cmd)
 {
     if (strncmp(cmd, "AUTH ", 5) == 0 || s->state == SMTP_STATE_AUTH)
         cmd = "AUTH ********"; /* never log credentials */
-    log_debug("smtp", "send", "session=%016" PRIx64 " cmd=\"%s\"", s->id, cmd);
+    log_debug("smtp", "send", "%s session=%016" PRIx64 " cmd=%s", SESS_MSG(s), s->id, LOG_Q(cmd));
 }
 
 static void send_cmd(smtp_session_t *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -555,13 +546,13 @@ static void body_sent(smtp_session_t *s)
 {
     s->res.dot_sent = 1;
     stream_set_timeout(s->st, state_timeout(s, SMTP_STATE_BODY));
-    log_debug("smtp", "send", "session=%016" PRIx64 " body=%zu bytes written", s->id, s->p.len);
+    log_debug("smtp", "send", "%s session=%016" PRIx64 " body_bytes=%zu", SESS_MSG(s), s->id, s->p.len);
 }
 
 /* Move the receive cursor without sending (pipelined replies). */
 static void set_state(smtp_session_t *s, smtp_state_t next)
 {
-    log_debug("smtp", "state", "session=%016" PRIx64 " %s -> %s (pipelined)", s->id,
+    log_debug("smtp", "state", "%s session=%016" PRIx64 " from=%s to=%s pipelined=1", SESS_MSG(s), s->id,
               smtp_strstate(s->state), smtp_strstate(next));
     s->state = next;
     stream_set_timeout(s->st, state_timeout(s, next));
@@ -711,8 +702,7 @@ static void hold_body(smtp_session_t *s)
     s->held_ms = loop_now_ms(s->loop);
     s->hold_resumed = 0;
     s->in_hold_cb = 1;
-    log_debug("smtp", "hold", "session=%016" PRIx64 " msg=%s accepted=%zu", s->id,
-              s->p.log_id ? s->p.log_id : "-", n);
+    log_debug("smtp", "hold", "%s session=%016" PRIx64 " accepted=%zu", SESS_MSG(s), s->id, n);
     s->p.before_body(s->p.before_body_arg, s, acc, n);
     s->in_hold_cb = 0;
     free(acc);
@@ -722,8 +712,8 @@ static void hold_body(smtp_session_t *s)
 
 static void enter_state(smtp_session_t *s, smtp_state_t next)
 {
-    log_debug("smtp", "state", "session=%016" PRIx64 " %s -> %s", s->id, smtp_strstate(s->state),
-              smtp_strstate(next));
+    log_debug("smtp", "state", "%s session=%016" PRIx64 " from=%s to=%s", SESS_MSG(s), s->id,
+              smtp_strstate(s->state), smtp_strstate(next));
     s->state = next;
     if (s->st)
         stream_set_timeout(s->st, state_timeout(s, next));
@@ -744,7 +734,7 @@ static void enter_state(smtp_session_t *s, smtp_state_t next)
         break;
     case SMTP_STATE_TLS_HANDSHAKE: {
         SSL_SESSION *resume = s->p.tls_cache ? tls_session_cache_get(s->p.tls_cache, s->tls_key) : NULL;
-        log_debug("smtp", "tls_resume", "session=%016" PRIx64 " offered=%d", s->id, resume != NULL);
+        log_debug("smtp", "tls_resume", "%s session=%016" PRIx64 " offered=%d", SESS_MSG(s), s->id, resume != NULL);
         /* refuses when bytes are buffered after the 220: STARTTLS injection */
         if (stream_tls_client_resume(s->st, tls_ctx(s), s->p.mx_host,
                                      s->p.tls == SMTP_TLS_VERIFY ? s->p.mx_host : NULL, resume) < 0)
@@ -983,8 +973,8 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
                 /* 354 with nobody accepted: RSET or QUIT now would be
                  * taken as message text. Every recipient has its answer;
                  * drop this connection rather than send an empty message. */
-                log_warn("smtp", "data_without_rcpt", "session=%016" PRIx64 " code=%d closing", s->id,
-                         r->code);
+                log_warn("smtp", "data_without_rcpt", "%s session=%016" PRIx64 " code=%d action=close",
+                         SESS_MSG(s), s->id, r->code);
                 s->txn_open = 0;
                 finish(s);
             }
@@ -1008,8 +998,8 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
             break;
         }
         if (!s->res.dot_sent)
-            log_warn("smtp", "early_reply", "session=%016" PRIx64 " code=%d before the end of data",
-                     s->id, r->code);
+            log_warn("smtp", "early_reply", "%s session=%016" PRIx64 " code=%d before=end_of_data",
+                     SESS_MSG(s), s->id, r->code);
         settle_rcpts(s, r->code, r->enh, r->text);
         s->txn_open = 0;
         if (r->code == 421) {
@@ -1056,8 +1046,8 @@ static void harvest_tls_session(smtp_session_t *s)
         return;
     SSL_SESSION *sess = stream_tls_take_session(s->st);
     if (sess) {
-        log_debug("smtp", "tls_session", "session=%016" PRIx64 " stored=1 resumable=%d lifetime=%lu",
-                  s->id, SSL_SESSION_is_resumable(sess), (unsigned long)SSL_SESSION_get_ticket_lifetime_hint(sess));
+        log_debug("smtp", "tls_session", "%s session=%016" PRIx64 " stored=1 resumable=%d lifetime=%lu",
+                  SESS_MSG(s), s->id, SSL_SESSION_is_resumable(sess), (unsigned long)SSL_SESSION_get_ticket_lifetime_hint(sess));
         tls_session_cache_put(s->p.tls_cache, s->tls_key, sess);
     }
 }
@@ -1079,7 +1069,7 @@ static void on_data(smtp_session_t *s)
     buf_t *in = stream_input(s->st);
     if (s->state == SMTP_STATE_IDLE) {
         /* nobody asked: typically "421 idle timeout" before a close */
-        log_debug("smtp", "idle_input", "session=%016" PRIx64 " bytes=%zu", s->id, buf_size(in));
+        log_debug("smtp", "idle_input", "%s session=%016" PRIx64 " bytes=%zu", SESS_MSG(s), s->id, buf_size(in));
         idle_lost(s);
         return;
     }
@@ -1094,16 +1084,14 @@ static void on_data(smtp_session_t *s)
             return;
         if (rc == SMTP_REPLY_EPROTO) {
             char junk[64];
-            quote_safe(junk, sizeof(junk), buf_head(in));
-            for (char *p = junk; *p; p++)
-                if ((unsigned char)*p < 0x20)
-                    *p = '?';
+            util_quote_text(buf_head(in), junk, sizeof(junk));
             session_fail(s, SMTP_EPROTO, 0, "malformed reply while %s: \"%s\"", state_doing(s), junk);
             return;
         }
         buf_consume(in, used);
-        log_debug("smtp", "recv", "session=%016" PRIx64 " state=%s code=%d enh=%s lines=%d text=\"%s\"",
-                  s->id, smtp_strstate(s->state), r.code, r.enh[0] ? r.enh : "-", r.nlines, r.text);
+        log_debug("smtp", "recv", "%s session=%016" PRIx64 " state=%s code=%d enh=%s lines=%d text=%s",
+                  SESS_MSG(s), s->id, smtp_strstate(s->state), r.code, r.enh[0] ? r.enh : "-", r.nlines,
+                  LOG_Q(r.text));
         if (s->res.status == SMTP_OK && s->state != SMTP_STATE_QUIT && s->state != SMTP_STATE_RSET &&
             !(s->mail_failed && (s->state == SMTP_STATE_RCPT || s->state == SMTP_STATE_DATA))) {
             /* keep the reply that decided things (or caused the failure),
@@ -1217,6 +1205,7 @@ static void report_idle(smtp_session_t *s)
         s->p.segs = NULL;
         s->p.nsegs = 0;
         s->p.log_id = NULL;
+        s->p.trace_id = NULL;
         s->p.before_body = NULL;
         s->p.before_body_arg = NULL;
     }
@@ -1260,6 +1249,7 @@ static void reset_txn(smtp_session_t *s, const smtp_session_params_t *p)
     payload_len(s);
     s->p.message_size = p->message_size;
     s->p.log_id = p->log_id;
+    s->p.trace_id = p->trace_id;
     s->p.need = p->need;
     s->p.keep_open = p->keep_open;
     s->p.before_body = p->before_body;
@@ -1315,9 +1305,8 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
              s->p.mx_host ? s->p.mx_host : "", (int)s->p.tls);
     loop_timer_init(&s->defer_timer, defer_fired, s);
 
-    log_debug("smtp", "state", "session=%016" PRIx64 " msg=%s -> %s mx=%s addr=%s port=%u", s->id,
-              s->p.log_id ? s->p.log_id : "-", smtp_strstate(SMTP_STATE_CONNECT),
-              s->p.mx_host ? s->p.mx_host : "-", s->addr_text, s->port);
+    log_debug("smtp", "state", "%s session=%016" PRIx64 " to=%s mx=%s addr=%s port=%u", SESS_MSG(s), s->id,
+              smtp_strstate(SMTP_STATE_CONNECT), LOG_Q(s->p.mx_host), s->addr_text, s->port);
     s->st = stream_new(loop, on_stream, s);
     /* the parser refuses a reply past its budget first: this is only the
      * stream's backstop, never more unparsed than one reply may take */
@@ -1360,7 +1349,7 @@ void smtp_session_resume(smtp_session_t *s)
         s->hold_resumed = 1; /* hold_body() goes on once the hook returns */
         return;
     }
-    log_debug("smtp", "resume", "session=%016" PRIx64 " held_ms=%llu", s->id,
+    log_debug("smtp", "resume", "%s session=%016" PRIx64 " held_ms=%llu", SESS_MSG(s), s->id,
               (unsigned long long)(loop_now_ms(s->loop) - s->held_ms));
     s->in_cb++;
     enter_state(s, SMTP_STATE_BODY);

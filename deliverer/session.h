@@ -202,6 +202,7 @@ typedef struct smtp_session_params {
     size_t                 nsegs;
     size_t                 message_size;     /* SIZE= value; 0: the payload's length */
     const char            *log_id;           /* message id for log lines, may be NULL */
+    const char            *trace_id;         /* its trace id for log lines, may be NULL */
     /* --- engine additions; zero keeps the lock-step, one-shot behaviour --- */
     int                    keep_open;        /* go IDLE after the transaction instead of QUIT */
     int                    no_pipelining;    /* lock-step even when PIPELINING is offered */

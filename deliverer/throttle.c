@@ -214,8 +214,8 @@ static void throttle_on_reply(void *arg, const redisReply *reply, const char *er
         ans.local_fallback = 0;
     } else {
         metrics_inc(MET_RATE_LIMIT_REDIS_ERRORS, 1);
-        log_debug("throttle", "redis_failed", "domain=%s rule=%s error=\"%s\"", ask->domain, ask->rule,
-                  err ? err : "unexpected reply");
+        log_debug("throttle", "redis_failed", "domain=%s rule=%s error=%s", LOG_Q(ask->domain), LOG_Q(ask->rule),
+                  LOG_Q(err ? err : "unexpected reply"));
         throttle_local(ask, &ans, 1);
     }
     ask->cb(ask->arg, &ans);

@@ -180,7 +180,7 @@ static void on_lost(void *arg, const char *why)
     loop_timer_set(w->loop, &w->release_timer, 0);
     w->lost_ms = util_mono_ms();
     if (w->njobs)
-        log_info("worker", "finishing_smtp", "worker=%d inflight=%zu reason=\"%s\"", w->index, w->njobs, why);
+        log_info("worker", "finishing_smtp", "worker=%d inflight=%zu reason=%s", w->index, w->njobs, LOG_Q(why));
     if (w->draining) {
         worker_check_drained(w); /* else the grace timer ends it */
         return;
@@ -243,8 +243,8 @@ static void worker_connect(worker_t *w)
         mq = NULL;
     }
     if (mq == NULL) {
-        log_error("worker", "broker_unavailable", "worker=%d retry_ms=%u reason=\"%s\"", w->index,
-                  w->reconnect_delay_ms, err);
+        log_error("worker", "broker_unavailable", "worker=%d retry_ms=%u reason=%s", w->index,
+                  w->reconnect_delay_ms, LOG_Q(err));
         worker_schedule_reconnect(w);
         return;
     }
@@ -253,7 +253,7 @@ static void worker_connect(worker_t *w)
     w->connected_ms = util_mono_ms();
     w->ready = 1;
     metrics_gauge_add(MET_WORKERS_READY, 1);
-    log_info("worker", "consuming", "worker=%d queue=%s prefetch=%u", w->index, cfg->amqp_queue,
+    log_info("worker", "consuming", "worker=%d queue=%s prefetch=%u", w->index, LOG_Q(cfg->amqp_queue),
              cfg->amqp_prefetch);
 }
 
@@ -262,8 +262,7 @@ static void worker_connect(worker_t *w)
 static void on_grace_expired(loop_t *loop, loop_timer_t *t, void *arg)
 {
     worker_t *w = arg;
-    log_warn("worker", "grace_expired", "worker=%d unfinished=%zu (left unacked: they return to the queue)",
-             w->index, w->njobs);
+    log_warn("worker", "grace_expired", "worker=%d unfinished=%zu action=leave_unacked", w->index, w->njobs);
     loop_stop(loop);
 }
 
@@ -366,7 +365,7 @@ static void *worker_main(void *arg)
     worker_t *w = arg;
     char err[512];
     if (worker_open_services(w, err, sizeof(err)) < 0) {
-        log_error("worker", "dns_init_failed", "worker=%d reason=\"%s\"", w->index, err);
+        log_error("worker", "dns_init_failed", "worker=%d reason=%s", w->index, LOG_Q(err));
         w->exit_code = 1;
         kill(getpid(), SIGUSR1); /* main takes it with sigwait and stops the others */
         return NULL;

@@ -266,7 +266,7 @@ static void dns_emit(dns_resolver_t *r, const dns_event_t *ev)
 static void dns_l2_error(dns_resolver_t *r, const char *what, const char *err)
 {
     r->st.l2_errors++;
-    log_debug("dns", "l2_error", "op=%s reason=\"%s\"", what, err ? err : "-");
+    log_debug("dns", "l2_error", "op=%s reason=%s", what, LOG_Q(err));
     dns_event_t ev = { .kind = DNS_EV_L2_ERROR };
     dns_emit(r, &ev);
 }
@@ -780,7 +780,7 @@ static void dns_on_mx_reply(void *arg, int status, int timeouts, unsigned char *
     dns_msg_free(&m);
 
     log_debug("dns", "mx_reply", "id=%016" PRIx64 " domain=%s ares=%s hosts=%zu implicit=%d",
-              q->id, q->domain, ares_strerror(status), q->nhosts, q->implicit);
+              q->id, LOG_Q(q->domain), LOG_Q(ares_strerror(status)), q->nhosts, q->implicit);
     dns_query_release(r, q); /* the MX lookup's reference */
     dns_pump(r);
 }
@@ -834,8 +834,8 @@ static void dns_on_addr_reply(void *arg, int status, int timeouts, unsigned char
         h->st6 = pst != 1 ? pst : dns_status_from_ares(status);
     dns_msg_free(&m);
     log_debug("dns", "addr_reply", "id=%016" PRIx64 " host=%s type=%s status=%s",
-              q->id, q->hosts[req.host].name, req.type == T_A ? "A" : "AAAA",
-              dns_strerror(req.type == T_A ? h->st4 : h->st6));
+              q->id, LOG_Q(q->hosts[req.host].name), req.type == T_A ? "A" : "AAAA",
+              LOG_Q(dns_strerror(req.type == T_A ? h->st4 : h->st6)));
     dns_query_release(r, q);
     dns_pump(r);
 }
@@ -1017,7 +1017,7 @@ static void dns_flight_finish(dns_resolver_t *r, dns_query_t *q)
             dns_l2_set(r, q->key, rec, ttl_s);
     }
     log_debug("dns", "resolved", "id=%016" PRIx64 " domain=%s layer=%s status=%s ttl=%u",
-              q->id, q->key, dns_layer_name(q->layer), dns_strerror(status), ttl_s);
+              q->id, LOG_Q(q->key), dns_layer_name(q->layer), LOG_Q(dns_strerror(status)), ttl_s);
     dns_ask_t *a;
     while ((a = TAILQ_FIRST(&q->asks)) != NULL) {
         TAILQ_REMOVE(&q->asks, a, link);

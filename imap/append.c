@@ -61,6 +61,9 @@ const char *imap_strerror(int status)
     }
 }
 
+/* The message fields of an append's log lines. */
+#define APPEND_MSG(a) LOG_MSG((a)->log_id, (a)->trace_id)
+
 static const char *const state_names[IMAP_APPEND_ST_LAST] = {
     [IMAP_APPEND_ST_INIT] = "INIT",     [IMAP_APPEND_ST_OWN] = "OWN",       [IMAP_APPEND_ST_WAIT] = "WAIT",
     [IMAP_APPEND_ST_POOLED] = "POOLED", [IMAP_APPEND_ST_REPORT] = "REPORT", [IMAP_APPEND_ST_DONE] = "DONE",
@@ -73,38 +76,35 @@ const char *imap_append_strstate(imap_append_state_t st)
 
 void imap_append_enter(imap_append_t *a, imap_append_state_t st)
 {
-    log_debug("imap", "append_state", "append=%016" PRIx64 " %s -> %s", a->id, imap_append_strstate(a->state),
-              imap_append_strstate(st));
+    log_debug("imap", "append_state", "%s append=%016" PRIx64 " from=%s to=%s", APPEND_MSG(a), a->id,
+              imap_append_strstate(a->state), imap_append_strstate(st));
     a->state = st;
 }
 
-const char *imap_logsafe(char *dst, size_t n, const char *src)
+const char *imap_append_log_ref(imap_append_t *const *a, size_t n, char *dst, size_t len)
 {
-    size_t i = 0;
-    for (; src && src[i] && i + 1 < n; i++) {
-        unsigned char c = (unsigned char)src[i];
-        dst[i] = c == '"' ? '\'' : (c < 0x20 || c == 0x7f) ? '?' : (char)c;
-    }
-    dst[i] = '\0';
-    return dst;
+    if (n == 1)
+        return log_msgref(a[0]->log_id, a[0]->trace_id, dst, len);
+    char ids[LOG_QUOTE_MAX];
+    size_t o = 0;
+    ids[0] = '\0';
+    for (size_t i = 0; i < n && o + 1 < sizeof(ids); i++)
+        o += (size_t)snprintf(ids + o, sizeof(ids) - o, "%s%s", i ? "," : "", a[i]->log_id ? a[i]->log_id : "-");
+    return log_msgref(ids, NULL, dst, len);
 }
 
 static void log_result(const imap_append_t *a)
 {
-    char user[300], mbx[300], err[600];
-    imap_logsafe(user, sizeof(user), a->acct.user);
-    imap_logsafe(mbx, sizeof(mbx), a->res.mailbox);
     if (a->res.status == IMAP_OK)
         log_info("imap", "appended",
-                 "session=%016" PRIx64 " user=\"%s\" host=%s mailbox=\"%s\" uidvalidity=%" PRIu32
+                 "%s session=%016" PRIx64 " user=%s host=%s mailbox=%s uidvalidity=%" PRIu32
                  " uid=%" PRIu32 " size=%zu reused=%d already_stored=%d",
-                 a->id, user, a->acct.host, mbx, a->res.uidvalidity, a->res.uid, a->len, a->res.reused,
-                 a->res.already_stored);
+                 APPEND_MSG(a), a->id, LOG_Q(a->acct.user), LOG_Q(a->acct.host), LOG_Q(a->res.mailbox),
+                 a->res.uidvalidity, a->res.uid, a->len, a->res.reused, a->res.already_stored);
     else
-        log_warn("imap", "append_failed",
-                 "session=%016" PRIx64 " user=\"%s\" host=%s mailbox=\"%s\" status=%s error=\"%s\"", a->id,
-                 user, a->acct.host ? a->acct.host : "", mbx, imap_strerror(a->res.status),
-                 imap_logsafe(err, sizeof(err), a->res.error));
+        log_warn("imap", "append_failed", "%s session=%016" PRIx64 " user=%s host=%s mailbox=%s status=%s error=%s",
+                 APPEND_MSG(a), a->id, LOG_Q(a->acct.user), LOG_Q(a->acct.host), LOG_Q(a->res.mailbox),
+                 LOG_Q(imap_strerror(a->res.status)), LOG_Q(a->res.error));
 }
 
 static void release(imap_append_t *a)
@@ -113,6 +113,8 @@ static void release(imap_append_t *a)
     imap_conn_acct_clear(&a->acct);
     free(a->check_msgid);
     free(a->msgid);
+    free(a->log_id);
+    free(a->trace_id);
     free(a);
 }
 
@@ -176,7 +178,9 @@ static void own_on_conn(void *arg, imap_conn_t *c, imap_conn_event_t ev, const c
 void imap_append_run_alone(imap_append_t *a)
 {
     imap_conn_msg_t m = { a->data, a->len };
-    imap_conn_job_t job = { .msgs = &m, .nmsgs = 1, .check_msgid = a->check_msgid, .timeout_ms = a->timeout_ms };
+    char ref[IMAP_LOG_REF_MAX];
+    imap_conn_job_t job = { .msgs = &m, .nmsgs = 1, .check_msgid = a->check_msgid, .timeout_ms = a->timeout_ms,
+                            .log_ref = imap_append_log_ref(&a, 1, ref, sizeof(ref)) };
     imap_append_enter(a, IMAP_APPEND_ST_OWN);
     a->conn = imap_conn_open(a->loop, &a->acct, &job, own_on_conn, a);
 }
@@ -216,6 +220,8 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
     a->cb = cb;
     a->arg = arg;
     a->timeout_ms = acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS;
+    a->log_id = acct->log_id ? xstrdup(acct->log_id) : NULL;
+    a->trace_id = acct->trace_id ? xstrdup(acct->trace_id) : NULL;
     loop_timer_init(&a->done_timer, done_fired, a);
 
     char err[128];
@@ -243,7 +249,8 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
 /* Whatever serves a lets go of it; no result will come. */
 static void cancel(imap_append_t *a)
 {
-    log_debug("imap", "cancel", "append=%016" PRIx64 " in state %s", a->id, imap_append_strstate(a->state));
+    log_debug("imap", "cancel", "%s append=%016" PRIx64 " state=%s", APPEND_MSG(a), a->id,
+              imap_append_strstate(a->state));
     switch (a->state) {
     case IMAP_APPEND_ST_OWN:
         imap_conn_free(a->conn);

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "core/list.h"
+#include "core/log.h"
 #include "core/loop.h"
 #include "imap/conn.h"
 #include "imap/imap.h"
@@ -40,6 +41,8 @@ struct imap_append {
     unsigned            timeout_ms;
     char               *check_msgid; /* look for it in \Sent before APPEND; NULL: don't */
     char               *msgid;       /* the message's Message-ID, or NULL */
+    char               *log_id;      /* queue message id and trace id for log lines, or NULL */
+    char               *trace_id;
     const char         *data;        /* the message: referenced until the callback or the free */
     size_t              len;
     imap_append_cb      cb;
@@ -71,9 +74,12 @@ void imap_append_fail(imap_append_t *a, int status, const char *fmt, ...) __attr
 /* The outcome, with the callback now: only from a timer's handler (never
  * inside imap_append_start() or a stream callback). a may be gone after. */
 void imap_append_finish(imap_append_t *a, const imap_append_result_t *res);
-/* For a log value inside double quotes: at most n - 1 bytes of src, with
- * quotes and control characters replaced. Returns dst. */
-const char *imap_logsafe(char *dst, size_t n, const char *src);
+/* The msg= (and trace=) fields of a job carrying a[0..n): the one
+ * message's (log_msgref()), or msg="<id>,<id>,..." for a MULTIAPPEND.
+ * Returns dst. */
+const char *imap_append_log_ref(imap_append_t *const *a, size_t n, char *dst, size_t len);
+/* Room for imap_append_log_ref() of up to IMAP_MAX_UIDS appends. */
+#define IMAP_LOG_REF_MAX (2 * LOG_QUOTE_MAX + 16)
 /* Serve a on a connection of its own, LOGOUT after its APPEND. */
 void imap_append_run_alone(imap_append_t *a);
 

@@ -135,6 +135,7 @@ struct imap_conn {
     imap_conn_msg_t      msgs[IMAP_MAX_UIDS];
     size_t               nmsgs;
     char                *check_msgid;
+    char                *log_ref; /* the job's msg= (and trace=) fields, or NULL */
     int                  keep_open;
     int                  append_answered; /* the server said something (not BYE) to the APPEND */
     uint32_t             found_uid, found_uidvalidity;
@@ -145,6 +146,18 @@ struct imap_conn {
     loop_timer_t         done_timer;
     imap_resp_t          resp;
 };
+
+/* The message fields of a connection's log lines. */
+#define CONN_MSG(c) ((c)->log_ref ? (c)->log_ref : "msg=-")
+
+/* The first min(n, 200) bytes of a protocol line, for a log value. */
+static const char *head_text(const char *line, size_t n, char dst[201])
+{
+    n = n > 200 ? 200 : n;
+    memcpy(dst, line, n);
+    dst[n] = '\0';
+    return dst;
+}
 
 void imap_conn_acct_copy(imap_conn_acct_t *dst, const imap_conn_acct_t *src)
 {
@@ -175,8 +188,8 @@ void imap_conn_acct_clear(imap_conn_acct_t *a)
 /* Every state change goes through here (and shows in the debug trace). */
 static void set_state(imap_conn_t *c, imap_conn_state_t st)
 {
-    log_debug("imap", "state", "session=%016" PRIx64 " %s -> %s", c->id, imap_conn_strstate(c->state),
-              imap_conn_strstate(st));
+    log_debug("imap", "state", "%s session=%016" PRIx64 " from=%s to=%s", CONN_MSG(c), c->id,
+              imap_conn_strstate(c->state), imap_conn_strstate(st));
     c->state = st;
 }
 
@@ -356,9 +369,11 @@ static void cmd_end(imap_conn_t *c, imap_conn_state_t next)
         const char *line = c->cmd.data;
         size_t n = strcspn(line, "\r\n");
         if (c->cmd_sensitive)
-            log_debug("imap", "send", "session=%016" PRIx64 " %s <credentials>", c->id, c->tag);
+            log_debug("imap", "send", "%s session=%016" PRIx64 " tag=%s line=\"<credentials>\"", CONN_MSG(c),
+                      c->id, LOG_Q(c->tag));
         else
-            log_debug("imap", "send", "session=%016" PRIx64 " %.*s", c->id, (int)(n > 200 ? 200 : n), line);
+            log_debug("imap", "send", "%s session=%016" PRIx64 " line=%s", CONN_MSG(c), c->id,
+                      LOG_Q(head_text(line, n, (char[201]){ 0 })));
     }
     set_state(c, next);
     unsigned t = c->timeout_ms;
@@ -799,8 +814,8 @@ static void on_data(imap_conn_t *c)
         }
         if (log_enabled(LOG_DEBUG)) {
             size_t n = strcspn(buf_head(in), "\r\n");
-            log_debug("imap", "recv", "session=%016" PRIx64 " %.*s", c->id, (int)(n > 200 ? 200 : n),
-                      buf_head(in));
+            log_debug("imap", "recv", "%s session=%016" PRIx64 " line=%s", CONN_MSG(c), c->id,
+                      LOG_Q(head_text(buf_head(in), n, (char[201]){ 0 })));
         }
         /* consumed before acting: STARTTLS must find nothing pipelined behind its OK */
         buf_consume(in, used);
@@ -844,8 +859,8 @@ static void on_stream(stream_t *s, stream_event_t ev, void *arg)
             set_state(c, IMAP_CONN_ST_GREETING);
         return;
     case STREAM_EV_TLS_READY:
-        log_debug("imap", "tls", "session=%016" PRIx64 " version=%s cipher=%s", c->id, stream_tls_version(s),
-                  stream_tls_cipher(s));
+        log_debug("imap", "tls", "%s session=%016" PRIx64 " version=%s cipher=%s", CONN_MSG(c), c->id,
+                  stream_tls_version(s), stream_tls_cipher(s));
         if (c->state == IMAP_CONN_ST_TLS)
             set_state(c, IMAP_CONN_ST_GREETING);
         else
@@ -899,6 +914,8 @@ static void job_begin(imap_conn_t *c, const imap_conn_job_t *job)
     memcpy(c->msgs, job->msgs, c->nmsgs * sizeof(*c->msgs));
     free(c->check_msgid);
     c->check_msgid = job->check_msgid && job->check_msgid[0] ? xstrdup(job->check_msgid) : NULL;
+    free(c->log_ref);
+    c->log_ref = job->log_ref ? xstrdup(job->log_ref) : NULL;
     c->keep_open = job->keep_open;
     c->timeout_ms = job->timeout_ms ? job->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS;
     memset(&c->res, 0, sizeof(c->res));
@@ -940,6 +957,8 @@ void imap_conn_park(imap_conn_t *c)
     c->nmsgs = 0;
     free(c->check_msgid);
     c->check_msgid = NULL;
+    free(c->log_ref);
+    c->log_ref = NULL;
     cmd_release(c);
     stream_set_timeout(c->stream, 0); /* the owner's idle timer rules now */
     stream_trim(c->stream);
@@ -954,6 +973,7 @@ void imap_conn_free(imap_conn_t *c)
         stream_free(c->stream); /* safe inside the stream's own callback */
     cmd_release(c);
     free(c->check_msgid);
+    free(c->log_ref);
     free(c->sent_special);
     free(c->sent_named);
     free(c->sent_inbox);
@@ -965,7 +985,8 @@ void imap_conn_free(imap_conn_t *c)
 
 imap_conn_info_t imap_conn_info(const imap_conn_t *c)
 {
-    imap_conn_info_t in = { c->id, c->state, c->caps, c->nappends, c->opened_ms, c->loss, &c->acct, c->uids };
+    imap_conn_info_t in = { c->id, c->state, c->caps, c->nappends, c->opened_ms, c->loss, &c->acct, c->uids,
+                            CONN_MSG(c) };
     return in;
 }
 

@@ -102,6 +102,8 @@ typedef struct imap_conn_job {
     const char            *check_msgid; /* non-NULL: look for it before APPEND (nmsgs == 1); copied */
     unsigned               timeout_ms;  /* per command; 0 means IMAP_DEFAULT_TIMEOUT_MS */
     int                    keep_open;   /* stored: go READY instead of LOGOUT */
+    const char            *log_ref;     /* the job's message fields for log lines (log_msgref()); copied,
+                                         * NULL: msg=- */
 } imap_conn_job_t;
 
 typedef enum { IMAP_CONN_EV_DONE = 0, IMAP_CONN_EV_UNFIT } imap_conn_event_t;
@@ -135,6 +137,7 @@ typedef struct imap_conn_info {
     imap_conn_loss_t  loss;      /* of the last job */
     const imap_conn_acct_t *acct; /* the connection's copy */
     const uint32_t *uids; /* per message of the last job, when its result is IMAP_OK */
+    const char     *log_ref; /* the current job's message fields for log lines; "msg=-" between jobs */
 } imap_conn_info_t;
 
 imap_conn_info_t imap_conn_info(const imap_conn_t *c);

@@ -99,6 +99,10 @@ typedef struct imap_account {
      * append moves once to a fresh connection, which looks for this
      * Message-ID before appending. */
     const char            *message_id;
+    /* For log lines (msg= and trace=): the queue message id and its trace
+     * id, or NULL; copied. */
+    const char            *log_id;
+    const char            *trace_id;
 } imap_account_t;
 
 typedef struct imap_append_result {

@@ -129,14 +129,12 @@ static void pool_wake(imap_pool_t *p);
 
 /* ---------------------------------------------------------------- logging */
 
-static void pool_debug(uint64_t id, const imap_conn_acct_t *ac, unsigned appends, uint64_t age_ms,
+static void pool_debug(const char *ref, uint64_t id, const imap_conn_acct_t *ac, unsigned appends, uint64_t age_ms,
                        const imap_pool_t *p, const char *event, const char *reason)
 {
-    char user[300];
-    imap_logsafe(user, sizeof(user), ac->user);
     log_debug("imap_pool", event,
-              "session=%016" PRIx64 " user=\"%s\" host=%s appends=%u age_ms=%" PRIu64 " idle=%zu reason=%s", id, user,
-              ac->host, appends, age_ms, p ? p->nidle : 0, reason ? reason : "-");
+              "%s session=%016" PRIx64 " user=%s host=%s appends=%u age_ms=%" PRIu64 " idle=%zu reason=%s", ref, id,
+              LOG_Q(ac->user), LOG_Q(ac->host), appends, age_ms, p ? p->nidle : 0, LOG_Q(reason));
 }
 
 static void sess_debug(const imap_pool_sess_t *s, const char *event, const char *reason)
@@ -144,13 +142,13 @@ static void sess_debug(const imap_pool_sess_t *s, const char *event, const char 
     if (!log_enabled(LOG_DEBUG))
         return;
     imap_conn_info_t in = imap_conn_info(s->conn);
-    pool_debug(in.id, in.acct, in.appends, loop_now_ms(s->loop) - in.opened_ms, s->pool, event, reason);
+    pool_debug(in.log_ref, in.id, in.acct, in.appends, loop_now_ms(s->loop) - in.opened_ms, s->pool, event, reason);
 }
 
 static void wait_debug(const imap_append_t *a, const imap_pool_t *p, const char *event, const char *reason)
 {
     if (log_enabled(LOG_DEBUG))
-        pool_debug(a->id, &a->acct, 0, 0, p, event, reason);
+        pool_debug(LOG_MSG(a->log_id, a->trace_id), a->id, &a->acct, 0, 0, p, event, reason);
 }
 
 /* ---------------------------------------------------------------- sessions */
@@ -171,8 +169,11 @@ static struct imap_pool_sess_list *list_of(const imap_pool_sess_t *s, imap_pool_
 static void sess_move(imap_pool_sess_t *s, imap_pool_sess_state_t st)
 {
     struct imap_pool_sess_list *from = list_of(s, s->state), *to = list_of(s, st);
-    log_debug("imap_pool", "state", "session=%016" PRIx64 " %s -> %s", imap_conn_info(s->conn).id,
-              sess_strstate(s->state), sess_strstate(st));
+    if (log_enabled(LOG_DEBUG)) {
+        imap_conn_info_t in = imap_conn_info(s->conn);
+        log_debug("imap_pool", "state", "%s session=%016" PRIx64 " from=%s to=%s", in.log_ref, in.id,
+                  sess_strstate(s->state), sess_strstate(st));
+    }
     if (from)
         TAILQ_REMOVE(from, s, link);
     if (s->state == IMAP_POOL_SESS_IDLE && s->pool) {
@@ -194,8 +195,9 @@ static void sess_open(imap_pool_sess_t *s)
 {
     imap_append_t *a = s->reqs[0];
     imap_conn_msg_t m = { a->data, a->len };
+    char ref[IMAP_LOG_REF_MAX];
     imap_conn_job_t job = { .msgs = &m, .nmsgs = 1, .check_msgid = a->check_msgid, .timeout_ms = a->timeout_ms,
-                            .keep_open = 1 };
+                            .keep_open = 1, .log_ref = imap_append_log_ref(&a, 1, ref, sizeof(ref)) };
     s->conn = imap_conn_open(a->loop, &a->acct, &job, sess_on_conn, s);
     s->connections++;
     if (s->pool)
@@ -487,8 +489,10 @@ static void sess_run(imap_pool_t *p, imap_pool_sess_t *s, imap_append_t *const *
         p->st.batched += n;
     }
     sess_debug(s, "reuse", NULL);
+    char ref[IMAP_LOG_REF_MAX];
     imap_conn_job_t job = { .msgs = msgs, .nmsgs = n, .check_msgid = n == 1 ? m[0]->check_msgid : NULL,
-                            .timeout_ms = m[0]->timeout_ms, .keep_open = 1 };
+                            .timeout_ms = m[0]->timeout_ms, .keep_open = 1,
+                            .log_ref = imap_append_log_ref(m, n, ref, sizeof(ref)) };
     imap_conn_run(s->conn, &job);
 }
 

@@ -520,7 +520,7 @@ static void connection_lost(mq_t *mq, const char *why)
     if (!mq->open)
         return;
     mq->open = 0;
-    log_error("amqp", "connection_lost", "reason=\"%s\"", why);
+    log_error("amqp", "connection_lost", "reason=%s", LOG_Q(why));
     snprintf(mq->lost_why, sizeof(mq->lost_why), "%s", why);
     if (mq->registered) {
         loop_fd_del(mq->loop, mq->fd);
@@ -606,7 +606,7 @@ static void handle_method(mq_t *mq, amqp_frame_t *f)
         char raw[128], why[160];
         snprintf(raw, sizeof(raw), "%.*s", (int)b->reason.len, (const char *)b->reason.bytes);
         util_quote_text(raw, why, sizeof(why));
-        log_warn("amqp", "broker_blocked", "reason=\"%s\" unconfirmed=%zu", why, mq->npend);
+        log_warn("amqp", "broker_blocked", "reason=%s unconfirmed=%zu", LOG_Q(why), mq->npend);
         set_blocked(mq, 1, why);
         break;
     }
@@ -616,11 +616,11 @@ static void handle_method(mq_t *mq, amqp_frame_t *f)
         release_held(mq);
         break;
     case AMQP_BASIC_CANCEL_OK_METHOD:
-        log_info("amqp", "consumer_cancelled", "queue=%s", mq->cfg.queue);
+        log_info("amqp", "consumer_cancelled", "queue=%s", LOG_Q(mq->cfg.queue));
         break;
     case AMQP_BASIC_CANCEL_METHOD:
         /* the broker cancelled us (queue deleted, node failover) */
-        log_error("amqp", "consumer_cancelled_by_broker", "queue=%s", mq->cfg.queue);
+        log_error("amqp", "consumer_cancelled_by_broker", "queue=%s", LOG_Q(mq->cfg.queue));
         mq->cancelled = 1;
         connection_lost(mq, "consumer cancelled by the broker");
         break;

@@ -374,7 +374,7 @@ class EngineSink(unittest.TestCase):
         self.assertEqual(d.metric("mailpump_smtp_route_skips_total"), 4)
         downs = [line for line in d.log().splitlines() if "event=route_down" in line]
         self.assertEqual(len(downs), 1, downs)
-        self.assertIn("mx=down.test.example addr=127.0.0.4|", downs[0])
+        self.assertIn('mx="down.test.example" addr=127.0.0.4|', downs[0])
         self.assertIn("Connection refused", downs[0])
 
     def test_rate_limit_spaces_messages_and_defers_the_rest(self):

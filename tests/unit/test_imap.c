@@ -38,6 +38,7 @@
 #include "core/tls.h"
 #include "imap/imap.h"
 #include "imap/parser.h"
+#include "tests/support/logcapture.h"
 
 /* ================================================================ parser */
 
@@ -672,6 +673,7 @@ typedef struct run_opts {
     unsigned    timeout_ms;
     int         cancel_after_ms; /* > 0: cancel the append then */
     const char *check_msgid;     /* acct.check_message_id */
+    const char *log_id, *trace_id; /* acct.log_id, acct.trace_id */
 } run_opts_t;
 
 static void run_loop_until(loop_t *loop, int (*done)(void *), void *arg, unsigned max_ms)
@@ -717,6 +719,8 @@ static outcome_t run_script(const step_t *steps, size_t nsteps, const run_opts_t
         .password = opt && opt->password ? opt->password : "secret",
         .timeout_ms = opt && opt->timeout_ms ? opt->timeout_ms : 5000,
         .check_message_id = opt ? opt->check_msgid : NULL,
+        .log_id = opt ? opt->log_id : NULL,
+        .trace_id = opt ? opt->trace_id : NULL,
     };
     outcome_t o;
     memset(&o, 0, sizeof(o));
@@ -793,6 +797,42 @@ static void test_append_literal_plus(void **state)
     assert_int_equal(o.res.uidvalidity, 1700000000u);
     assert_int_equal(o.res.uid, 42);
     assert_string_equal(o.res.mailbox, "Sent");
+}
+
+/* Every line of an append carries its message's msg= and trace=, quoted;
+ * the server's texts are quoted too. */
+static void test_append_log_lines(void **state)
+{
+    char app[1024];
+    const step_t steps[] = {
+        { NULL, "* OK [CAPABILITY IMAP4rev1 LITERAL+ AUTH=PLAIN] ready\r\n", 0, 0 },
+        { "A1 LOGIN \"alice@test.example\" \"secret\"\r\n",
+          "A1 OK [CAPABILITY IMAP4rev1 LITERAL+ UIDPLUS SPECIAL-USE LIST-EXTENDED] Logged in\r\n", 0, 0 },
+        { "A2 LIST (SPECIAL-USE) \"\" \"*\"\r\n", "* LIST (\\Sent) \"/\" Sent\r\nA2 OK done\r\n", 0, 0 },
+        { append_cmd(app, sizeof(app), "A3", "\"Sent\"", 1, 1), "A3 NO [OVERQUOTA] \"full\" uid=9\r\n", 0, 0 },
+        { "A4 LOGOUT\r\n", "* BYE Logging out\r\nA4 OK Logout completed\r\n", 0, 1 },
+    };
+    run_opts_t opt = { .tls = IMAP_TLS_NONE, .log_id = "m 1=x", .trace_id = "t \"2\"" };
+    static char got[65536];
+    logcapture_t lc;
+    assert_int_equal(logcapture_begin(&lc, LOG_DEBUG, LOG_FMT_LOGFMT), 0);
+    outcome_t o = run_script(steps, NSTEPS(steps), &opt);
+    const char *dbg = getenv("MP_TEST_DEBUG");
+    logcapture_end(&lc, got, sizeof(got), dbg && *dbg ? LOG_DEBUG : LOG_INFO);
+    assert_int_equal(o.res.status, IMAP_EREFUSED);
+    size_t lines = 0;
+    for (char *l = strtok(got, "\n"); l; l = strtok(NULL, "\n")) {
+        if (!strstr(l, " mod=imap "))
+            continue;
+        lines++;
+        if (!strstr(l, "event=") || !strstr(l, " msg=\"m 1=x\" trace=\"t \\\"2\\\"\" "))
+            fail_msg("no message fields: %s", l);
+        if (strstr(l, "event=append_failed"))
+            assert_non_null(strstr(l, " user=\"alice@test.example\" host=\"127.0.0.1\" mailbox=\"Sent\" "
+                                      "status=\"APPEND refused\" error=\"APPEND to Sent: NO [OVERQUOTA] "
+                                      "\\\"full\\\" uid=9\""));
+    }
+    assert_true(lines > 10);
 }
 
 static void test_append_sync_literal(void **state)
@@ -2257,6 +2297,7 @@ int main(void)
         cmocka_unit_test(test_parser_search_uidvalidity),
         cmocka_unit_test(test_strerror),
         cmocka_unit_test(test_append_literal_plus),
+        cmocka_unit_test(test_append_log_lines),
         cmocka_unit_test(test_append_sync_literal),
         cmocka_unit_test(test_append_gesendet),
         cmocka_unit_test(test_append_refused),

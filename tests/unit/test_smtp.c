@@ -40,6 +40,7 @@
 #include "deliverer/session.h"
 #include "metrics/metrics.h"
 #include "mime/build.h"
+#include "tests/support/logcapture.h"
 
 /* ------------------------------------------------------------------ */
 /* fake SMTP server                                                    */
@@ -665,6 +666,71 @@ static void test_all_rcpt_rejected(void **state)
     assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "policy", 554, "5.7.1");
     assert_int_equal(cap.attempts, 1);
     drain_and_check(t->loop, &fs, 1);
+}
+
+/* $MP_TEST_LOG names the level (default warn). */
+static enum log_level test_log_level(void)
+{
+    const char *lvl = getenv("MP_TEST_LOG");
+    int l = lvl ? log_level_from_name(lvl) : -1;
+    return l < 0 ? LOG_WARN : (enum log_level)l;
+}
+
+/* The session line with hostile outside values: an MX name, a message
+ * id, a trace id and a server text with spaces, '=', quotes and
+ * backslashes; in JSON every one of them is one member, nothing forged. */
+static char *capture_session_log(tctx_t *t, enum log_format f)
+{
+    static const rule_t rules[] = {
+        { "EHLO", EHLO_PLAIN, ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "RSET", "250 2.0.0 Ok\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules,
+                                 .eod_reply = "550 5.7.1 \"x\" code=250 result=ok \\ bye\r\n" };
+    static char got[16384];
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("evil mx=1 \"q\"", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    deliver_request_t req = {
+        .mail_from = FROM, .rcpts = rcpts, .nrcpts = 1, .data = PAYLOAD, .len = strlen(PAYLOAD),
+        .message_size = MSG_SIZE, .candidates = c, .ncandidates = 1,
+        .log_id = "m 1=x", .trace_id = "t \"2\"",
+    };
+    capture_t cap;
+    logcapture_t lc;
+    assert_int_equal(logcapture_begin(&lc, LOG_INFO, f), 0);
+    deliver_req_and_wait(t, &cfg, &req, &cap);
+    drain_and_check(t->loop, &fs, 1);
+    logcapture_end(&lc, got, sizeof(got), test_log_level());
+    assert_int_equal(cap.r[0].code, 550);
+    char *line = strstr(got, f == LOG_FMT_JSON ? "\"event\":\"session\"" : "event=session");
+    assert_non_null(line);
+    *strchr(line, '\n') = '\0';
+    return line;
+}
+
+static void test_log_hostile_values(void **state)
+{
+    tctx_t *t = *state;
+    const char *l = capture_session_log(t, LOG_FMT_LOGFMT);
+    assert_non_null(strstr(l, " msg=\"m 1=x\" trace=\"t \\\"2\\\"\" session="));
+    assert_non_null(strstr(l, " mx=\"evil mx=1 \\\"q\\\"\" addr=127.0.0.1 "));
+    assert_non_null(strstr(l, " code=550 enh=5.7.1 reply=\"\\\"x\\\" code=250 result=ok \\\\ bye\" error="));
+    l = capture_session_log(t, LOG_FMT_JSON);
+    assert_non_null(strstr(l, ",\"msg\":\"m 1=x\",\"trace\":\"t \\\"2\\\"\",\"session\":"));
+    assert_non_null(strstr(l, ",\"mx\":\"evil mx=1 \\\"q\\\"\",\"addr\":\"127.0.0.1\","));
+    assert_non_null(strstr(l, ",\"code\":550,\"enh\":\"5.7.1\",\"reply\":\"\\\"x\\\" code=250 result=ok \\\\ bye\","));
+    /* one member each: the server's text added none */
+    const char *r = strstr(l, "\"result\":");
+    assert_non_null(r);
+    assert_null(strstr(r + 1, "\"result\":"));
+    assert_null(strstr(l, "\"code_2\"") );
 }
 
 static void test_mail_from_rejected(void **state)
@@ -3260,9 +3326,8 @@ static int make_cert(const char *dir, const char *name, const char *ca, const ch
 static int group_setup(void **state)
 {
     char err[256], path[192], key[192];
-    const char *lvl = getenv("MP_TEST_LOG");
     signal(SIGPIPE, SIG_IGN); /* as mailpumpd: a TLS write to a closed peer is an error, not a signal */
-    log_setup(lvl ? (enum log_level)log_level_from_name(lvl) : LOG_WARN, LOG_FMT_LOGFMT);
+    log_setup(test_log_level(), LOG_FMT_LOGFMT);
 
     snprintf(fx.dir, sizeof(fx.dir), "/tmp/mp_test_smtp.XXXXXX");
     if (mkdtemp(fx.dir) == NULL)
@@ -3312,6 +3377,7 @@ int main(void)
         T(test_early_reply_closes),
         T(test_per_recipient_results),
         T(test_all_rcpt_rejected),
+        T(test_log_hostile_values),
         T(test_mail_from_rejected),
         T(test_greeting_421_next_candidate),
         T(test_greeting_554_everywhere),
