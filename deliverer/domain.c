@@ -71,6 +71,9 @@ struct domain_leg {
     uint64_t                 throttle_wait_ms;
 };
 
+/* The message fields of a leg's log lines. */
+#define LEG_MSG(leg) LOG_MSG((leg)->req.msg_id, (leg)->req.trace_id)
+
 static void leg_throttle(domain_leg_t *leg);
 static void leg_smtp(domain_leg_t *leg);
 
@@ -78,7 +81,7 @@ static void leg_set_state(domain_leg_t *leg, enum leg_state st)
 {
     if (st == leg->state)
         return; /* a relay leg starts at THROTTLE */
-    log_debug("domain", "state", "msg=%s domain=%s %s -> %s", leg->req.msg_id, leg->req.name,
+    log_debug("domain", "state", "%s domain=%s from=%s to=%s", LEG_MSG(leg), LOG_Q(leg->req.name),
               leg_state_names[leg->state], leg_state_names[st]);
     leg->state = st;
 }
@@ -152,8 +155,8 @@ static void leg_on_throttle(void *arg, const throttle_answer_t *ans)
     domain_leg_t *leg = arg;
     int64_t wait = ans->wait_ms;
     if (ans->local_fallback)
-        log_debug("domain", "rate_limit_local", "msg=%s domain=%s rule=%s (Redis did not answer)",
-                  leg->req.msg_id, leg->req.name, ans->rule);
+        log_debug("domain", "rate_limit_local", "%s domain=%s rule=%s budget=local", LEG_MSG(leg),
+                  LOG_Q(leg->req.name), LOG_Q(ans->rule));
     if (wait <= 0) {
         leg_smtp(leg);
         return;
@@ -164,14 +167,14 @@ static void leg_on_throttle(void *arg, const throttle_answer_t *ans)
                  (unsigned long long)((wait + 999) / 1000));
         leg->throttle_wait_ms = (uint64_t)wait;
         metrics_inc(MET_RATE_LIMIT_DEFERRED, 1);
-        log_info("domain", "rate_limited", "msg=%s domain=%s rule=%s wait_ms=%lld deferred=1", leg->req.msg_id,
-                 leg->req.name, ans->rule, (long long)wait);
+        log_info("domain", "rate_limited", "%s domain=%s rule=%s wait_ms=%lld deferred=1", LEG_MSG(leg),
+                 LOG_Q(leg->req.name), LOG_Q(ans->rule), (long long)wait);
         leg_fail(leg, OUTCOME_TRANSIENT, OUTCOME_R_RATE_LIMITED, text);
         return;
     }
     metrics_inc(MET_RATE_LIMIT_WAITS, 1);
-    log_debug("domain", "rate_limited", "msg=%s domain=%s rule=%s wait_ms=%lld", leg->req.msg_id, leg->req.name,
-              ans->rule, (long long)wait);
+    log_debug("domain", "rate_limited", "%s domain=%s rule=%s wait_ms=%lld", LEG_MSG(leg), LOG_Q(leg->req.name),
+              LOG_Q(ans->rule), (long long)wait);
     leg_set_state(leg, LEG_SLOT_WAIT);
     loop_timer_set(leg->svc->loop, &leg->timer, (uint64_t)wait);
 }
@@ -228,8 +231,8 @@ static void leg_on_delivered(void *arg, const deliver_result_t *res)
     if (leg_worth_fast_retry(res) && leg->fast_tries < leg->req.fast_retries) {
         uint64_t ms = retry_fast_delay_ms(leg->req.fast_base_ms, leg->fast_tries, util_rand01());
         leg->fast_tries++;
-        log_info("domain", "fast_retry", "msg=%s domain=%s try=%u delay_ms=%llu reason=\"%s\"", leg->req.msg_id,
-                 leg->req.name, leg->fast_tries, (unsigned long long)ms, res->rcpts[0].text);
+        log_info("domain", "fast_retry", "%s domain=%s try=%u delay_ms=%llu reason=%s", LEG_MSG(leg),
+                 LOG_Q(leg->req.name), leg->fast_tries, (unsigned long long)ms, LOG_Q(res->rcpts[0].text));
         leg_set_state(leg, LEG_FAST_WAIT);
         loop_timer_set(leg->svc->loop, &leg->timer, ms);
         return;
@@ -258,7 +261,7 @@ static void leg_on_sending_marked(void *arg, int ok)
     if (!ok) {
         /* the body goes all the same: at-least-once, and operators see it */
         metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
-        log_warn("domain", "ledger_unavailable", "msg=%s step=mark_sending (at-least-once)", leg->req.msg_id);
+        log_warn("domain", "ledger_unavailable", "%s step=mark_sending delivery=at_least_once", LEG_MSG(leg));
     }
     deliver_resume(leg->dl, leg->hold);
 }
@@ -297,6 +300,7 @@ static void leg_smtp(domain_leg_t *leg)
         .candidates = dcfg->nrelay > 0 ? NULL : leg->cand,
         .ncandidates = dcfg->nrelay > 0 ? 0 : leg->ncand,
         .log_id = rq->msg_id,
+        .trace_id = rq->trace_id,
         .domain = rq->name,
         .need = rq->need,
         /* without a ledger there is nothing to record: no hold at all */

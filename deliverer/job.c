@@ -134,6 +134,10 @@ struct job {
     uint64_t             started_ms;
 };
 
+/* The message fields of a job's log lines: before the body parsed, the
+ * AMQP message-id property (or msg=-). */
+#define JOB_MSG(j) LOG_MSG((j)->msg ? (j)->msg->id : (j)->dv->message_id, (j)->msg ? (j)->msg->trace_id : NULL)
+
 static void job_enter_intake(job_t *j);
 static void job_enter_assign(job_t *j);
 static void job_enter_identity(job_t *j);
@@ -195,8 +199,7 @@ static void job_next(job_t *j)
     case JOB_DONE:
     case JOB_STATE_LAST: return; /* nothing follows */
     }
-    log_debug("job", "state", "msg=%s %s -> %s", j->msg ? j->msg->id : "-", job_states[j->state].name,
-              job_states[next].name);
+    log_debug("job", "state", "%s from=%s to=%s", JOB_MSG(j), job_states[j->state].name, job_states[next].name);
     j->state = next;
     job_states[next].enter(j);
 }
@@ -211,7 +214,7 @@ static int job_broker_open(const job_t *j)
 static void job_ledger_unavailable(const job_t *j, const char *step)
 {
     metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
-    log_warn("job", "ledger_unavailable", "msg=%s step=%s (at-least-once)", j->msg->id, step);
+    log_warn("job", "ledger_unavailable", "%s step=%s delivery=at_least_once", JOB_MSG(j), step);
 }
 
 static void job_flag_possible_dup(job_rcpt_t *r)
@@ -398,9 +401,9 @@ static int job_build(job_t *j)
             return -1;
         }
         if (rc == DKIM_ENOKEY)
-            log_debug("job", "dkim_unsigned", "msg=%s reason=\"%s\"", j->msg->id, err);
+            log_debug("job", "dkim_unsigned", "%s reason=%s", JOB_MSG(j), LOG_Q(err));
         else if (rc != DKIM_OK)
-            log_error("job", "dkim_failed", "msg=%s reason=\"%s\" action=send_unsigned", j->msg->id, err);
+            log_error("job", "dkim_failed", "%s reason=%s action=send_unsigned", JOB_MSG(j), LOG_Q(err));
     }
     message_drop_content(j->msg); /* from here on the built bytes are the message */
     /* SMTP DATA is sent from raw itself; mime_build's output is all CRLF,
@@ -456,8 +459,8 @@ static void job_enter_intake(job_t *j)
     }
     job_collect_rcpts(j);
     if (j->envelope.append_only) {
-        log_info("job", "message_received", "tag=%llu msg=%s attempt=%u append_only=1",
-                 (unsigned long long)dv->tag, j->msg->id, j->envelope.attempt);
+        log_info("job", "message_received", "tag=%llu %s attempt=%u append_only=1", (unsigned long long)dv->tag,
+                 JOB_MSG(j), j->envelope.attempt);
         j->nrcpts = 0;
         job_next(j);
         return;
@@ -469,8 +472,8 @@ static void job_enter_intake(job_t *j)
     }
     j->need = job_smtp_need(j);
     log_info("job", "message_received",
-             "tag=%llu msg=%s trace=%s prio=%d attempt=%u rcpts=%zu domains=%zu bytes=%zu worker=%d",
-             (unsigned long long)dv->tag, j->msg->id, j->msg->trace_id ? j->msg->trace_id : "-", dv->priority,
+             "tag=%llu %s prio=%d attempt=%u rcpts=%zu domains=%zu bytes=%zu worker=%d",
+             (unsigned long long)dv->tag, JOB_MSG(j), dv->priority,
              j->envelope.attempt, j->nrcpts, j->ndomains, buf_size(&j->raw), j->ctx->worker_index);
     job_next(j);
 }
@@ -493,7 +496,8 @@ static void job_republish_with_id(job_t *j, const char *id)
     envelope_write(&next, &hdrs);
     mq_publish_opts_t o = { .content_type = "application/json", .message_id = id, .priority = j->dv->priority,
                             .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n, .mandatory = 1 };
-    log_info("job", "id_assigned", "tag=%llu msg=%s redelivered=%d", (unsigned long long)j->dv->tag, id,
+    log_info("job", "id_assigned", "tag=%llu %s redelivered=%d", (unsigned long long)j->dv->tag,
+             LOG_MSG(id, j->msg->trace_id),
              j->dv->redelivered);
     job_publish(j, "", cfg->amqp_queue, j->dv->body, j->dv->len, &o);
     envelope_headers_free(&hdrs);
@@ -699,6 +703,7 @@ static void job_enter_domains(job_t *j)
         domain_request_t req = {
             .name = d->name,
             .msg_id = j->msg->id,
+            .trace_id = j->msg->trace_id,
             .mail_from = j->msg->from.addr,
             .rcpts = d->rcpts,
             .nrcpts = d->n,
@@ -823,6 +828,8 @@ static void job_enter_sent_copy(job_t *j)
         .password = acct->password,
         .timeout_ms = env->cfg->imap_timeout_ms,
         .pool = ctx->imap_pool,
+        .log_id = j->msg->id,
+        .trace_id = j->msg->trace_id,
     };
     /* a retried append, or a message back after a worker or connection
      * died, may find its copy already stored: look before appending; and
@@ -940,9 +947,9 @@ static int job_schedule_retry(job_t *j)
     mq_publish_opts_t o = { .message_id = j->msg->id, .priority = j->dv->priority, .persistent = 1,
                             .headers = hdrs.hdr, .nheaders = hdrs.n, .mandatory = 1 };
     j->retry_in_ms = delay;
-    log_info("job", "retry_scheduled", "msg=%s class=P%d attempt=%u queue=%s delay_ms=%llu server_ms=%llu pending=%s",
-             j->msg->id, c, next.attempt, queue, (unsigned long long)delay, (unsigned long long)server_ms,
-             buf_head(&pending));
+    log_info("job", "retry_scheduled", "%s class=P%d attempt=%u queue=%s delay_ms=%llu server_ms=%llu pending=%s",
+             JOB_MSG(j), c, next.attempt, LOG_Q(queue), (unsigned long long)delay, (unsigned long long)server_ms,
+             LOG_Q(buf_head(&pending)));
     job_publish(j, "", queue, j->dv->body, j->dv->len, &o);
     envelope_headers_free(&hdrs);
     free(set);
@@ -993,9 +1000,9 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
         .already_delivered = r->skip,
         .age_ms = util_wall_ms() - j->envelope.first_seen_ms,
     };
-    log_info("job", event_name(r->outcome), "msg=%s rcpt=%s attempt=%u code=%d enh=%s reason=%s mx=%s tls=%s",
-             j->msg->id, r->addr, j->envelope.attempt, r->code, r->enh[0] ? r->enh : "-", reason,
-             d->mx_host[0] ? d->mx_host : "-", d->tls_version[0] ? d->tls_version : "none");
+    log_info("job", event_name(r->outcome), "%s rcpt=%s attempt=%u code=%d enh=%s reason=%s mx=%s tls=%s",
+             JOB_MSG(j), LOG_Q(r->addr), j->envelope.attempt, r->code, r->enh[0] ? r->enh : "-", reason,
+             LOG_Q(d->mx_host[0] ? d->mx_host : NULL), d->tls_version[0] ? d->tls_version : "none");
     job_publish_event(j, &ev);
 }
 
@@ -1036,8 +1043,8 @@ static void job_enter_dead(job_t *j)
 {
     const mp_config_t *cfg = j->ctx->env->cfg;
     metrics_inc(MET_MESSAGES_DEAD, 1);
-    log_warn("job", "dead_letter", "tag=%llu msg=%s reason=\"%s\"", (unsigned long long)j->dv->tag,
-             j->msg ? j->msg->id : "-", j->dead_reason);
+    log_warn("job", "dead_letter", "tag=%llu %s reason=%s", (unsigned long long)j->dv->tag, JOB_MSG(j),
+             LOG_Q(j->dead_reason));
     envelope_dead_t hdrs;
     envelope_dead_write(j->dead_reason, util_wall_ms(), &hdrs);
     mq_publish_opts_t o = { .content_type = "application/octet-stream", .message_id = j->dv->message_id,
@@ -1064,7 +1071,7 @@ static void job_enter_done(job_t *j)
     }
     if (ack)
         metrics_inc(MET_MESSAGES_DONE, 1);
-    log_info("job", "message_done", "msg=%s ack=%d rcpts=%zu ms=%llu", j->msg ? j->msg->id : "-", ack, j->nrcpts,
+    log_info("job", "message_done", "%s ack=%d rcpts=%zu ms=%llu", JOB_MSG(j), ack, j->nrcpts,
              (unsigned long long)(util_mono_ms() - j->started_ms));
     j->end(j->end_arg, j); /* may free the job */
 }
