@@ -131,6 +131,7 @@ struct job {
     size_t               confirms_left;
     int                  confirm_failed;
     int                  broker_lost;  /* found at SENT_COPY: the job ends unacked */
+    int                  copy_dropped; /* a second republish of an id-less message: acked, nothing else */
     uint64_t             started_ms;
 };
 
@@ -187,7 +188,10 @@ static void job_next(job_t *j)
         break;
     case JOB_ASSIGN: next = JOB_DONE; break;
     case JOB_IDENTITY:
-        next = j->dead_reason[0] ? JOB_DEAD : j->dv->redelivered ? JOB_COUNT : JOB_LOOKUP;
+        next = j->dead_reason[0] ? JOB_DEAD
+               : j->copy_dropped ? JOB_DONE /* acked: another copy carries the message */
+               : j->dv->redelivered ? JOB_COUNT
+                                    : JOB_LOOKUP;
         break;
     case JOB_COUNT: next = j->dead_reason[0] ? JOB_DEAD : JOB_LOOKUP; break;
     case JOB_LOOKUP: next = JOB_DOMAINS; break;
@@ -486,12 +490,18 @@ static void job_enter_intake(job_t *j)
  * outbound queue with the id in its envelope (confirmed), and only then
  * is the original acked. A worker dying between that confirm and the
  * ack brings the original back redelivered: the id it was given is then
- * found under the body's digest in the ledger, so both copies carry the
- * same id and the ledger lets only one of them deliver. */
+ * found under the body's digest in the ledger and it is republished
+ * again, so two copies with the same id may be queued. Each republish
+ * carries a copy token of its own, and IDENTITY lets only the first copy
+ * that claims the id go on: the other is acked and dropped before any
+ * delivery work, so they never race each other through SMTP and IMAP. */
 static void job_republish_with_id(job_t *j, const char *id)
 {
     const mp_config_t *cfg = j->ctx->env->cfg;
-    envelope_t next = { .attempt = j->envelope.attempt, .first_seen_ms = j->envelope.first_seen_ms, .id = id };
+    char copy[37];
+    util_uuid(copy);
+    envelope_t next = { .attempt = j->envelope.attempt, .first_seen_ms = j->envelope.first_seen_ms, .id = id,
+                        .copy = copy };
     envelope_headers_t hdrs;
     envelope_write(&next, &hdrs);
     mq_publish_opts_t o = { .content_type = "application/json", .message_id = id, .priority = j->dv->priority,
@@ -533,6 +543,21 @@ static void job_enter_assign(job_t *j)
  * reused for other bytes within the ledger's lifetime finds another and
  * is dead-lettered, instead of having its recipients skipped as
  * delivered and its Sent copy reported as found. */
+/* Which republish of an id-less message holds its id: ours, or a
+ * second copy of the same original that must not be delivered again. */
+static void job_on_copy_claimed(void *arg, int ok, const char *holder)
+{
+    job_t *j = arg;
+    j->ledger_op = 0;
+    if (!ok) {
+        job_ledger_unavailable(j, "claim_copy");
+    } else if (holder && strcmp(holder, j->envelope.copy) != 0) {
+        log_info("job", "copy_dropped", "%s copy=%s holder=%s", JOB_MSG(j), LOG_Q(j->envelope.copy), LOG_Q(holder));
+        j->copy_dropped = 1;
+    }
+    job_next(j);
+}
+
 static void job_on_identity(void *arg, int ok, const char *holder)
 {
     job_t *j = arg;
@@ -544,6 +569,11 @@ static void job_on_identity(void *arg, int ok, const char *holder)
         config_format_duration(j->ctx->env->retry.max_age_ms, ttl, sizeof(ttl));
         job_dead_letter(j, "id reused: message id \"%s\" was given to a different message (another body) "
                         "within the last %s", j->msg->id, ttl);
+    } else if (j->envelope.copy) {
+        /* a republish that assigned the id: only one such copy goes on */
+        j->ledger_op = ledger_claim(j->ctx->svc.ledger, 'c', j->msg->id, j->envelope.copy, 0, job_on_copy_claimed,
+                                    j);
+        return;
     }
     job_next(j);
 }
@@ -1052,7 +1082,8 @@ static void job_enter_dead(job_t *j)
                             .mandatory = 1 };
     job_publish(j, "", cfg->amqp_dead_queue, j->dv->body, j->dv->len, &o);
     mq_event_t ev = { .event = "dead", .message_id = j->msg ? j->msg->id : j->dv->message_id,
-                      .error = j->dead_reason, .attempt = j->envelope.attempt };
+                      .trace_id = j->msg ? j->msg->trace_id : NULL, .error = j->dead_reason,
+                      .attempt = j->envelope.attempt };
     job_publish_event(j, &ev);
     job_await_confirms(j);
 }

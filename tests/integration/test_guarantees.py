@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 import pika
@@ -161,6 +162,36 @@ class Identity(unittest.TestCase):
         self.assertEqual(ev["message_id"], given)
         self.assertEqual(message_ids(sink.messages()), [given])
 
+    def test_second_republish_of_an_idless_message_is_dropped(self):
+        # a worker died after its republish was confirmed and before the
+        # original's ack: the redelivered original was republished again
+        # with the same id. Two copies are queued; only the first to claim
+        # the id is delivered, the other is acked without a word.
+        sink = self.sink()
+        d, tap = self.daemon(sink.port)
+        rcpt = f"copies-{os.urandom(4).hex()}@test.example"
+        given = "given-" + os.urandom(4).hex()
+        body = json.dumps({"from": SENDER, "to": [rcpt], "subject": "copies", "text": rcpt}).encode()
+        conn, ch = mpstack.amqp_channel(self.env)
+        try:
+            ch.queue_declare(d.queue, durable=True, arguments={"x-max-priority": 10})
+            ch.confirm_delivery()
+            for copy in ("copy-a", "copy-b"):
+                ch.basic_publish("", d.queue, body, pika.BasicProperties(
+                    delivery_mode=2, headers={"x-mailpump-id": given, "x-mailpump-copy": copy}))
+        finally:
+            conn.close()
+        self.start(d)
+        ev = self.final_events(tap, lambda e: e["recipient"] == rcpt, 1)[0]
+        self.assertEqual((ev["message_id"], ev["event"]), (given, "delivered"), ev)
+        deadline = time.time() + 10
+        while "event=copy_dropped" not in d.log() and time.time() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(d.log().count("event=copy_dropped"), 1, d.log()[-3000:])
+        tap.drain()
+        self.assertEqual(len([e for e in tap.events if e.get("recipient") == rcpt]), 1, tap.events)
+        self.assertEqual(len(sink.messages()), 1)
+
     def test_first_delivery_without_id_ignores_an_identical_earlier_body(self):
         sink = self.sink()
         d, tap = self.daemon(sink.port)
@@ -225,8 +256,9 @@ class Identity(unittest.TestCase):
         self.start(d)
         mid = "many-" + os.urandom(4).hex()
         self.publish(d, {"id": mid, "from": SENDER, "to": [f"r{i}@test.example" for i in range(4)],
-                         "subject": "many", "text": "x"})
+                         "subject": "many", "text": "x", "trace_id": "trace-" + mid})
         dead = tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "dead", 1)[0]
+        self.assertEqual(dead["trace_id"], "trace-" + mid)  # dead events carry the trace too
         self.assertEqual(dead["error"], "too many recipients: 4 (at most 3 per message, "
                                         "[message] max_recipients)")
         self.assertEqual(sink.messages(), [])
