@@ -4,11 +4,11 @@
  * retries, the report.
  *
  * The peers are fakes running in the test's own loop: scripted SMTP
- * servers on 127.0.0.1 (as in test_smtp.c; a listener that accepts and
- * closes at once counts connection attempts), the mock DNS server of
- * tests/support/fakedns.h for the MX cases (relay mode, where the
- * smarthost replaces the MX list, drives the rest), and the process's own
- * rate-limit table (throttle.h, no Redis). There is no ledger
+ * servers on 127.0.0.1 (tests/support/fakesmtp.h, as in test_smtp.c; a
+ * listener that accepts and closes at once counts connection attempts),
+ * the mock DNS server of tests/support/fakedns.h for the MX cases (relay
+ * mode, where the smarthost replaces the MX list, drives the rest), and
+ * the process's own rate-limit table (throttle.h, no Redis). There is no ledger
  * (svc.ledger = NULL: no "sending" marks, no hold before the body).
  *
  * Every test ends with the loop empty: no fd, no timer.
@@ -41,233 +41,7 @@
 #include "deliverer/throttle.h"
 #include "dns/resolver.h"
 #include "tests/support/fakedns.h"
-
-/* ------------------------------------------------------------------ */
-/* fake SMTP server (the scripted server of test_smtp.c, trimmed)      */
-
-typedef enum {
-    ACT_REPLY = 0, /* write the reply */
-    ACT_CLOSE,     /* write the reply (if any), then close */
-    ACT_SILENT,    /* say nothing */
-} act_t;
-
-typedef struct rule {
-    const char *prefix; /* first matching command prefix wins */
-    const char *reply;  /* written verbatim (CRLFs included) */
-    act_t       act;
-} rule_t;
-
-typedef struct script {
-    const char   *greeting;     /* NULL: silent */
-    act_t         greeting_act; /* ACT_CLOSE: close right after it (or at once, without one) */
-    const rule_t *rules;        /* ends with prefix NULL */
-    const char   *eod_reply;    /* reply to the end of data */
-    int           eod_close;    /* take the whole body, then hang up without a reply */
-} script_t;
-
-#define FAKE_MAX_CONNS 4
-
-struct fake_server;
-
-typedef struct fake_conn {
-    struct fake_server *fs;
-    stream_t           *st; /* NULL: slot free */
-    int                 in_data;
-    buf_t               body;
-} fake_conn_t;
-
-typedef struct fake_server {
-    loop_t         *loop;
-    int             lfd;
-    unsigned short  port;
-    const script_t *sc;         /* tests may switch it between connections */
-    fake_conn_t     conns[FAKE_MAX_CONNS];
-    buf_t           transcript; /* every byte received, all connections */
-    int             naccepted;
-    int             nmessages;
-} fake_server_t;
-
-static void conn_close(fake_conn_t *c)
-{
-    stream_free(c->st); /* safe inside its callback */
-    c->st = NULL;
-    c->in_data = 0;
-    buf_free(&c->body);
-}
-
-static int body_complete(const buf_t *b)
-{
-    size_t n = buf_size(b);
-    const char *p = buf_head(b);
-    return (n == 3 && memcmp(p, ".\r\n", 3) == 0) || (n >= 5 && memcmp(p + n - 5, "\r\n.\r\n", 5) == 0);
-}
-
-static const rule_t *find_rule(const script_t *sc, const char *line)
-{
-    for (const rule_t *r = sc->rules; r && r->prefix; r++)
-        if (strncmp(line, r->prefix, strlen(r->prefix)) == 0)
-            return r;
-    return NULL;
-}
-
-static void conn_process(fake_conn_t *c)
-{
-    fake_server_t *fs = c->fs;
-    buf_t *in = stream_input(c->st);
-    while (buf_size(in) > 0) {
-        if (c->in_data) {
-            buf_append(&fs->transcript, buf_head(in), buf_size(in));
-            buf_append(&c->body, buf_head(in), buf_size(in));
-            buf_consume(in, buf_size(in));
-            if (!body_complete(&c->body))
-                return;
-            c->in_data = 0;
-            fs->nmessages++;
-            buf_reset(&c->body);
-            if (fs->sc->eod_close) {
-                conn_close(c);
-                return;
-            }
-            stream_puts(c->st, fs->sc->eod_reply ? fs->sc->eod_reply : "250 2.0.0 Ok: queued\r\n");
-            continue;
-        }
-        size_t ll = buf_line_len(in);
-        if (ll == 0)
-            return;
-        char line[1024];
-        size_t cl = ll;
-        while (cl > 0 && (buf_head(in)[cl - 1] == '\n' || buf_head(in)[cl - 1] == '\r'))
-            cl--;
-        if (cl >= sizeof(line))
-            cl = sizeof(line) - 1;
-        memcpy(line, buf_head(in), cl);
-        line[cl] = '\0';
-        buf_append(&fs->transcript, buf_head(in), ll);
-        buf_consume(in, ll);
-
-        const rule_t *r = find_rule(fs->sc, line);
-        if (r == NULL) {
-            stream_puts(c->st, "502 5.5.2 Error: command not recognized\r\n");
-            continue;
-        }
-        if (strcmp(line, "DATA") == 0 && r->reply && strncmp(r->reply, "354", 3) == 0)
-            c->in_data = 1;
-        switch (r->act) {
-        case ACT_REPLY:
-            stream_puts(c->st, r->reply);
-            break;
-        case ACT_SILENT:
-            break;
-        case ACT_CLOSE:
-            if (r->reply)
-                stream_puts(c->st, r->reply);
-            conn_close(c);
-            return;
-        }
-    }
-}
-
-static void conn_cb(stream_t *s, stream_event_t ev, void *arg)
-{
-    fake_conn_t *c = arg;
-    switch (ev) {
-    case STREAM_EV_DATA:
-        conn_process(c);
-        break;
-    case STREAM_EV_CLOSED:
-    case STREAM_EV_ERROR:
-    case STREAM_EV_TIMEOUT:
-        conn_close(c);
-        break;
-    default:
-        break;
-    }
-}
-
-static void srv_accept(loop_t *loop, int fd, unsigned events, void *arg)
-{
-    fake_server_t *fs = arg;
-    fake_conn_t *c = NULL;
-    int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (cfd < 0)
-        return;
-    fs->naccepted++;
-    if (fs->sc->greeting == NULL && fs->sc->greeting_act == ACT_CLOSE) {
-        close(cfd); /* accept and hang up at once: a connection attempt, counted */
-        return;
-    }
-    for (size_t i = 0; i < FAKE_MAX_CONNS && c == NULL; i++)
-        if (fs->conns[i].st == NULL)
-            c = &fs->conns[i];
-    assert_non_null(c);
-    c->fs = fs;
-    c->in_data = 0;
-    buf_init(&c->body);
-    c->st = stream_new(loop, conn_cb, c);
-    assert_int_equal(stream_attach(c->st, cfd), 0);
-    if (fs->sc->greeting)
-        stream_puts(c->st, fs->sc->greeting);
-    if (fs->sc->greeting_act == ACT_CLOSE)
-        conn_close(c);
-}
-
-static int fake_server_busy(const fake_server_t *fs)
-{
-    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
-        if (fs->conns[i].st)
-            return 1;
-    return 0;
-}
-
-static fake_server_t *fake_server_new(loop_t *loop, const script_t *sc)
-{
-    fake_server_t *fs = calloc(1, sizeof(*fs));
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t sl = sizeof(sin);
-    assert_non_null(fs);
-    fs->loop = loop;
-    fs->sc = sc;
-    buf_init(&fs->transcript);
-    fs->lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    assert_true(fs->lfd >= 0);
-    assert_int_equal(bind(fs->lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
-    assert_int_equal(listen(fs->lfd, 8), 0);
-    assert_int_equal(getsockname(fs->lfd, (struct sockaddr *)&sin, &sl), 0);
-    fs->port = ntohs(sin.sin_port);
-    assert_int_equal(loop_fd_add(loop, fs->lfd, LOOP_READ, srv_accept, fs), 0);
-    return fs;
-}
-
-static void fake_server_free(fake_server_t *fs)
-{
-    if (fs == NULL)
-        return;
-    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
-        if (fs->conns[i].st)
-            conn_close(&fs->conns[i]);
-    loop_fd_del(fs->loop, fs->lfd);
-    close(fs->lfd);
-    buf_free(&fs->transcript);
-    free(fs);
-}
-
-static const char *transcript(fake_server_t *fs)
-{
-    return buf_head(&fs->transcript);
-}
-
-/* A port on which nothing listens. */
-static unsigned short closed_port(void)
-{
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t sl = sizeof(sin);
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    assert_true(fd >= 0);
-    assert_int_equal(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&sin, &sl), 0);
-    close(fd);
-    return ntohs(sin.sin_port);
-}
+#include "tests/support/fakesmtp.h"
 
 /* ------------------------------------------------------------------ */
 /* scripts                                                             */
@@ -276,29 +50,6 @@ static unsigned short closed_port(void)
 #define FROM      "a@x"
 #define MSG_SIZE  38
 #define PAYLOAD   "Subject: test\r\n\r\nhello\r\n..leading dot\r\n.\r\n" /* dot-stuffed */
-#define EHLO_PLAIN "250-fake.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
-
-static const rule_t rules_ok[] = {
-    { "EHLO", EHLO_PLAIN, ACT_REPLY },
-    { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
-    { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
-    { "DATA", "354 End data with <CR><LF>.<CR><LF>\r\n", ACT_REPLY },
-    { "RSET", "250 2.0.0 Ok\r\n", ACT_REPLY },
-    { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
-    { NULL, NULL, 0 },
-};
-
-static const script_t script_ok = {
-    .greeting = "220 fake.test ESMTP\r\n",
-    .rules = rules_ok,
-    .eod_reply = "250 2.0.0 Ok: queued as ABC123\r\n",
-};
-
-/* accepts, then hangs up before a word: a network failure */
-static const script_t script_hangup = { .greeting = NULL, .greeting_act = ACT_CLOSE };
-
-/* accepts and never speaks */
-static const script_t script_silent = { .greeting = NULL, .rules = rules_ok };
 
 #define TRANSCRIPT_OK(rcpts) \
     "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n" rcpts "DATA\r\n" PAYLOAD "QUIT\r\n"
@@ -612,7 +363,7 @@ static void assert_rcpt(const dcap_t *c, size_t i, outcome_t o, outcome_reason_t
 static void test_delivered_relay(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_ok);
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
     relay_env(f, fs->port, NULL, 0);
     const char *rcpts[] = { "b@y.test", "c@y.test", "d@y.test" };
     leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 3, .fast_retries = 2, .fast_base_ms = 10,
@@ -638,7 +389,7 @@ static void test_delivered_relay(void **state)
     assert_int_equal(cap.gate_calls, 1);
     assert_int_equal(fs->naccepted, 1);
     assert_int_equal(fs->nmessages, 1);
-    assert_string_equal(transcript(fs),
+    assert_string_equal(fake_server_transcript(fs),
                         TRANSCRIPT_OK("RCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nRCPT TO:<d@y.test>\r\n"));
     domain_free(leg);
 }
@@ -647,7 +398,7 @@ static void test_delivered_relay(void **state)
 static void test_delivered_mx(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_ok);
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
     mx_env(f, fs->port);
     const char *rcpts[] = { "b@mx.test" };
     leg_args_t a = { .domain = "mx.test", .rcpts = rcpts, .nrcpts = 1 };
@@ -665,7 +416,7 @@ static void test_delivered_mx(void **state)
     assert_string_equal(cap.mx_host, "mx1.mx.test");
     assert_string_equal(cap.mx_addr, "127.0.0.1");
     assert_int_equal(cap.throttle_wait_ms, 0);
-    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@mx.test>\r\n"));
+    assert_string_equal(fake_server_transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@mx.test>\r\n"));
     finish_leg(f, &cap);
 }
 
@@ -741,7 +492,7 @@ static void assert_all_network(const dcap_t *c, size_t n)
 static void test_fast_retry_closed_port(void **state)
 {
     fx_t *f = *state;
-    relay_env(f, closed_port(), NULL, 0);
+    relay_env(f, fakesmtp_closed_port(), NULL, 0);
     const char *rcpts[] = { "b@y.test", "c@y.test" };
     leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 2, .fast_retries = 2, .fast_base_ms = 20,
                      .gate = 1 };
@@ -776,7 +527,7 @@ static void test_fast_retry_closed_port(void **state)
 static void test_fast_retry_counts_connections(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_hangup);
+    fake_server_t *fs = server(f, &fakesmtp_script_hangup);
     relay_env(f, fs->port, NULL, 0);
     const char *rcpts[] = { "b@y.test" };
     leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1, .fast_retries = 2, .fast_base_ms = 5 };
@@ -804,12 +555,12 @@ static void test_fast_retry_counts_connections(void **state)
 static void test_fast_retry_then_delivered(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_hangup);
+    fake_server_t *fs = server(f, &fakesmtp_script_hangup);
     relay_env(f, fs->port, NULL, 0);
     const char *rcpts[] = { "b@y.test", "c@y.test" };
     leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 2, .fast_retries = 3, .fast_base_ms = 5,
                      .gate = 1 };
-    dcap_t cap = { .gate_allow = -1, .srv = fs, .switch_to = &script_ok };
+    dcap_t cap = { .gate_allow = -1, .srv = fs, .switch_to = &fakesmtp_script_ok };
     domain_request_t rq = request(&a, &cap);
 
     start(f, &rq, &cap);
@@ -822,7 +573,7 @@ static void test_fast_retry_then_delivered(void **state)
     assert_string_equal(cap.r[0].text, "Ok: queued as ABC123");
     assert_string_equal(cap.mx_host, "relay.test");
     assert_string_equal(cap.mx_addr, "127.0.0.1");
-    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\n"));
+    assert_string_equal(fake_server_transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\n"));
 }
 
 /* A server that answered (421 at the greeting) decided something: no fast
@@ -869,7 +620,7 @@ static void test_no_fast_retry_after_reply(void **state)
 static void test_cut_after_dot(void **state)
 {
     fx_t *f = *state;
-    static const script_t cut = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .eod_close = 1 };
+    static const script_t cut = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok, .eod_close = 1 };
     fake_server_t *fs = server(f, &cut);
     relay_env(f, fs->port, NULL, 0);
     const char *rcpts[] = { "b@y.test", "c@y.test" };
@@ -893,7 +644,7 @@ static void test_cut_after_dot(void **state)
     leg_args_t a2 = a;
     a2.fast_retries = 2;
     a2.fast_base_ms = 5;
-    dcap_t c2 = { .gate_allow = -1, .srv = fs, .switch_to = &script_ok };
+    dcap_t c2 = { .gate_allow = -1, .srv = fs, .switch_to = &fakesmtp_script_ok };
     domain_request_t q2 = request(&a2, &c2);
     start(f, &q2, &c2);
     finish_leg(f, &c2);
@@ -914,7 +665,7 @@ static void test_cut_after_dot(void **state)
 static void test_gate_refuses(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_ok);
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
     relay_env(f, fs->port, NULL, 0);
     const char *rcpts[] = { "b@y.test", "c@y.test" };
     leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 2, .fast_retries = 2, .fast_base_ms = 5,
@@ -944,7 +695,7 @@ static void test_gate_refuses(void **state)
 static void test_gate_before_fast_retry(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_hangup);
+    fake_server_t *fs = server(f, &fakesmtp_script_hangup);
     relay_env(f, fs->port, NULL, 0);
     const char *rcpts[] = { "b@y.test" };
     leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1, .fast_retries = 2, .fast_base_ms = 5,
@@ -972,7 +723,7 @@ static void test_gate_before_fast_retry(void **state)
 static void test_rate_limit_deferred(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_ok);
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
     relay_env(f, fs->port, "slow.test:1/h", 50);
     const char *rcpts[] = { "b@slow.test", "c@slow.test" };
     leg_args_t a = { .domain = "slow.test", .rcpts = rcpts, .nrcpts = 2, .fast_retries = 2, .fast_base_ms = 5,
@@ -1021,7 +772,7 @@ static void test_rate_limit_deferred(void **state)
 static void test_rate_limit_waits(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_ok);
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
     relay_env(f, fs->port, "fast.test:20/s", 1000);
     const char *rcpts[] = { "b@fast.test" };
     leg_args_t a = { .domain = "fast.test", .rcpts = rcpts, .nrcpts = 1, .gate = 1 };
@@ -1063,7 +814,7 @@ static void test_rate_limit_waits(void **state)
 static void test_fast_retry_takes_slot(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_hangup);
+    fake_server_t *fs = server(f, &fakesmtp_script_hangup);
     relay_env(f, fs->port, "slow.test:1/h", 50);
     const char *rcpts[] = { "b@slow.test" };
     leg_args_t a = { .domain = "slow.test", .rcpts = rcpts, .nrcpts = 1, .fast_retries = 2, .fast_base_ms = 5,
@@ -1111,7 +862,7 @@ static void dns_case(fx_t *f, const char *domain, outcome_t o, int status)
 static void test_dns_failures(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_ok);
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
     mx_env(f, fs->port);
     dns_case(f, "nx.test", OUTCOME_PERMANENT, DNS_NXDOMAIN);
     dns_case(f, "null.test", OUTCOME_PERMANENT, DNS_NULLMX);
@@ -1127,7 +878,7 @@ static void test_dns_failures(void **state)
 static void test_free_during_dns(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_ok);
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
     mx_env(f, fs->port);
     const char *rcpts[] = { "b@drop.test" };
     leg_args_t a = { .domain = "drop.test", .rcpts = rcpts, .nrcpts = 1, .gate = 1 };
@@ -1158,7 +909,7 @@ static void test_free_during_dns(void **state)
 static void test_free_during_smtp(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_silent);
+    fake_server_t *fs = server(f, &fakesmtp_script_silent);
     relay_env(f, fs->port, NULL, 0);
     const char *rcpts[] = { "b@y.test" };
     leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1, .fast_retries = 2, .fast_base_ms = 5 };
@@ -1186,7 +937,7 @@ static void test_free_during_smtp(void **state)
 static void test_free_during_slot_wait(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_ok);
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
     relay_env(f, fs->port, "wait.test:4/s", 2000);
     const char *rcpts[] = { "b@wait.test" };
     leg_args_t a = { .domain = "wait.test", .rcpts = rcpts, .nrcpts = 1, .gate = 1 };
@@ -1214,7 +965,7 @@ static void test_free_during_slot_wait(void **state)
 static void test_free_during_fast_wait(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_hangup);
+    fake_server_t *fs = server(f, &fakesmtp_script_hangup);
     relay_env(f, fs->port, NULL, 0);
     const char *rcpts[] = { "b@y.test" };
     leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1, .fast_retries = 2, .fast_base_ms = 300,
@@ -1246,7 +997,7 @@ static void test_free_during_fast_wait(void **state)
 static void test_free_before_report(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *fs = server(f, &script_ok);
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
     relay_env(f, fs->port, "slow.test:1/h", 0);
     const char *rcpts[] = { "b@y.test" };
     leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1, .gate = 1 };
@@ -1277,8 +1028,8 @@ static void test_free_before_report(void **state)
 static void test_free_inside_done(void **state)
 {
     fx_t *f = *state;
-    fake_server_t *ok = server(f, &script_ok);
-    fake_server_t *hang = server(f, &script_hangup);
+    fake_server_t *ok = server(f, &fakesmtp_script_ok);
+    fake_server_t *hang = server(f, &fakesmtp_script_hangup);
     mx_env(f, ok->port);
     const char *rcpts[] = { "b@mx.test", "c@mx.test" };
 

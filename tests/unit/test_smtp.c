@@ -1,10 +1,10 @@
 /*
  * tests/unit/test_smtp.c - the SMTP client (deliverer/session.c,
  * deliverer/deliver.c, deliverer/outcome.c) against scripted fake SMTP
- * servers running in the same loop (curl ftpserver.pl / test913 style):
- * each server listens on 127.0.0.1, port 0, answers per a script, and
- * records every byte it receives (decrypted after STARTTLS), so the tests
- * assert the exact transcript.
+ * servers (tests/support/fakesmtp.h) running in the same loop (curl
+ * ftpserver.pl / test913 style): each server listens on 127.0.0.1, port 0,
+ * answers per a script, and records every byte it receives (decrypted
+ * after STARTTLS), so the tests assert the exact transcript.
  *
  * The STARTTLS cases generate a throwaway CA, a second untrusted CA and
  * server certificates at run time with the openssl CLI in a temp dir.
@@ -40,327 +40,8 @@
 #include "deliverer/session.h"
 #include "metrics/metrics.h"
 #include "mime/build.h"
+#include "tests/support/fakesmtp.h"
 #include "tests/support/logcapture.h"
-
-/* ------------------------------------------------------------------ */
-/* fake SMTP server                                                    */
-
-typedef enum {
-    ACT_REPLY = 0, /* write the reply */
-    ACT_CLOSE,     /* write the reply (if any), then close */
-    ACT_SILENT,    /* say nothing */
-    ACT_STARTTLS,  /* write the reply, then start the server TLS handshake */
-} act_t;
-
-typedef struct rule {
-    const char *prefix; /* first matching command prefix wins */
-    const char *reply;  /* written verbatim (CRLFs included) */
-    act_t       act;
-} rule_t;
-
-typedef struct script {
-    const char   *greeting;     /* NULL: silent */
-    act_t         greeting_act; /* ACT_CLOSE: close right after it */
-    const rule_t *rules;        /* ends with prefix NULL */
-    const char   *eod_reply;    /* reply to the end of data */
-    act_t         eod_act;      /* ACT_CLOSE: close at the first body bytes, no reply */
-    SSL_CTX      *tls;          /* for ACT_STARTTLS */
-    int           hold_until_data; /* answer MAIL/RCPT only once DATA arrived: a lock-step
-                                    * client would wait forever (proves PIPELINING) */
-    int           eod_then_close;  /* after the end-of-data reply, hang up (idle close) */
-    int           close_on_reuse;  /* a MAIL on a connection that already took a message:
-                                    * close without a word (a server that dropped it idle) */
-    const char   *early_reply;     /* at the first body bytes: this reply, then read no more
-                                    * until the test resumes reading */
-    int           max_conns;       /* a connection beyond this many open ones gets "421 too
-                                    * many connections" and is closed (0: no limit) */
-} script_t;
-
-#define FAKE_MAX_CONNS 4
-
-struct fake_server;
-
-typedef struct fake_conn {
-    struct fake_server *fs;
-    stream_t           *st; /* NULL: slot free */
-    int                 in_data;
-    int                 mail_ok; /* like Postfix: RCPT needs MAIL, DATA needs an accepted RCPT */
-    int                 rcpt_ok;
-    int                 nmsgs;   /* messages taken on this connection */
-    buf_t               held;    /* replies held back (hold_until_data) */
-    buf_t               body;
-} fake_conn_t;
-
-typedef struct fake_server {
-    loop_t         *loop;
-    int             lfd;
-    unsigned short  port;
-    const script_t *sc;
-    fake_conn_t     conns[FAKE_MAX_CONNS];
-    buf_t           transcript; /* every byte received, all connections */
-    int             naccepted;
-    int             nmessages;  /* end-of-data replies given */
-    int             maxconc;    /* most connections open at once */
-    int             naccepted_idle; /* accepted before any end-of-data reply */
-    int             nrefused;       /* turned away by max_conns */
-    int             early_replied;
-} fake_server_t;
-
-static void conn_close(fake_conn_t *c)
-{
-    stream_free(c->st); /* safe inside its callback */
-    c->st = NULL;
-    c->in_data = 0;
-    buf_free(&c->body);
-    buf_free(&c->held);
-}
-
-/* Reply, or hold the reply back until DATA (hold_until_data). */
-static void conn_reply(fake_conn_t *c, const char *line, const char *reply)
-{
-    if (c->fs->sc->hold_until_data &&
-        (strncmp(line, "MAIL", 4) == 0 || strncmp(line, "RCPT", 4) == 0 || strcmp(line, "DATA") == 0)) {
-        buf_puts(&c->held, reply);
-        if (strcmp(line, "DATA") != 0)
-            return;
-        stream_write(c->st, buf_head(&c->held), buf_size(&c->held));
-        buf_reset(&c->held);
-        return;
-    }
-    stream_puts(c->st, reply);
-}
-
-static int body_complete(const buf_t *b)
-{
-    size_t n = buf_size(b);
-    const char *p = buf_head(b);
-    return (n == 3 && memcmp(p, ".\r\n", 3) == 0) || (n >= 5 && memcmp(p + n - 5, "\r\n.\r\n", 5) == 0);
-}
-
-static const rule_t *find_rule(const script_t *sc, const char *line)
-{
-    for (const rule_t *r = sc->rules; r && r->prefix; r++)
-        if (strncmp(line, r->prefix, strlen(r->prefix)) == 0)
-            return r;
-    return NULL;
-}
-
-static void conn_process(fake_conn_t *c)
-{
-    fake_server_t *fs = c->fs;
-    buf_t *in = stream_input(c->st);
-    while (buf_size(in) > 0) {
-        if (c->in_data) {
-            buf_append(&fs->transcript, buf_head(in), buf_size(in));
-            buf_append(&c->body, buf_head(in), buf_size(in));
-            buf_consume(in, buf_size(in));
-            if (fs->sc->early_reply && !fs->early_replied) {
-                fs->early_replied = 1;
-                stream_puts(c->st, fs->sc->early_reply);
-                stream_pause_read(c->st, 1);
-                return;
-            }
-            if (fs->sc->eod_act == ACT_CLOSE) {
-                conn_close(c);
-                return;
-            }
-            if (!body_complete(&c->body))
-                return;
-            c->in_data = 0;
-            c->mail_ok = c->rcpt_ok = 0;
-            fs->nmessages++;
-            c->nmsgs++;
-            buf_reset(&c->body);
-            if (fs->sc->eod_act == ACT_SILENT)
-                return;
-            stream_puts(c->st, fs->sc->eod_reply ? fs->sc->eod_reply : "250 2.0.0 Ok: queued\r\n");
-            if (fs->sc->eod_then_close) {
-                conn_close(c);
-                return;
-            }
-            continue;
-        }
-        size_t ll = buf_line_len(in);
-        if (ll == 0)
-            return;
-        char line[1024];
-        size_t cl = ll;
-        while (cl > 0 && (buf_head(in)[cl - 1] == '\n' || buf_head(in)[cl - 1] == '\r'))
-            cl--;
-        if (cl >= sizeof(line))
-            cl = sizeof(line) - 1;
-        memcpy(line, buf_head(in), cl);
-        line[cl] = '\0';
-        buf_append(&fs->transcript, buf_head(in), ll);
-        buf_consume(in, ll);
-
-        const rule_t *r = find_rule(fs->sc, line);
-        if (fs->sc->close_on_reuse && c->nmsgs > 0 && strncmp(line, "MAIL FROM:", 10) == 0) {
-            conn_close(c);
-            return;
-        }
-        if (strncmp(line, "RCPT TO:", 8) == 0 && !c->mail_ok && r && r->act == ACT_REPLY) {
-            conn_reply(c, line, "503 5.5.1 Error: need MAIL command\r\n");
-            continue;
-        }
-        if (strcmp(line, "DATA") == 0 && r && r->act == ACT_REPLY && (!c->mail_ok || !c->rcpt_ok)) {
-            conn_reply(c, line, c->mail_ok ? "554 5.5.1 Error: no valid recipients\r\n"
-                                           : "503 5.5.1 Error: need RCPT command\r\n");
-            continue;
-        }
-        if (r && r->reply && r->reply[0] == '2' && strncmp(line, "MAIL FROM:", 10) == 0)
-            c->mail_ok = 1;
-        if (r && r->reply && r->reply[0] == '2' && strncmp(line, "RCPT TO:", 8) == 0)
-            c->rcpt_ok++;
-        if (strcmp(line, "RSET") == 0)
-            c->mail_ok = c->rcpt_ok = 0;
-        if (r == NULL) {
-            stream_puts(c->st, "502 5.5.2 Error: command not recognized\r\n");
-            continue;
-        }
-        if (strcmp(line, "DATA") == 0 && r->reply && strncmp(r->reply, "354", 3) == 0)
-            c->in_data = 1;
-        switch (r->act) {
-        case ACT_REPLY:
-            conn_reply(c, line, r->reply);
-            break;
-        case ACT_SILENT:
-            break;
-        case ACT_CLOSE:
-            if (r->reply)
-                stream_puts(c->st, r->reply);
-            conn_close(c);
-            return;
-        case ACT_STARTTLS:
-            stream_puts(c->st, r->reply);
-            if (stream_tls_server(c->st, fs->sc->tls) < 0)
-                conn_close(c);
-            return; /* the rest is TLS */
-        }
-    }
-}
-
-static void conn_cb(stream_t *s, stream_event_t ev, void *arg)
-{
-    fake_conn_t *c = arg;
-    switch (ev) {
-    case STREAM_EV_DATA:
-        conn_process(c);
-        break;
-    case STREAM_EV_CLOSED:
-    case STREAM_EV_ERROR:
-    case STREAM_EV_TIMEOUT:
-        conn_close(c);
-        break;
-    default:
-        break;
-    }
-}
-
-static void srv_accept(loop_t *loop, int fd, unsigned events, void *arg)
-{
-    fake_server_t *fs = arg;
-    fake_conn_t *c = NULL;
-    int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (cfd < 0)
-        return;
-    for (size_t i = 0; i < FAKE_MAX_CONNS && c == NULL; i++)
-        if (fs->conns[i].st == NULL)
-            c = &fs->conns[i];
-    assert_non_null(c);
-    fs->naccepted++;
-    if (fs->nmessages == 0)
-        fs->naccepted_idle++;
-    c->fs = fs;
-    c->nmsgs = 0;
-    buf_init(&c->held);
-    c->in_data = 0;
-    c->mail_ok = c->rcpt_ok = 0;
-    buf_init(&c->body);
-    c->st = stream_new(loop, conn_cb, c);
-    assert_int_equal(stream_attach(c->st, cfd), 0);
-    int open = 0;
-    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
-        open += fs->conns[i].st != NULL;
-    if (fs->sc->max_conns && open > fs->sc->max_conns) {
-        fs->nrefused++;
-        stream_puts(c->st, "421 4.7.0 fake.test Error: too many connections\r\n");
-        conn_close(c);
-        return;
-    }
-    if (open > fs->maxconc)
-        fs->maxconc = open;
-    if (fs->sc->greeting)
-        stream_puts(c->st, fs->sc->greeting);
-    if (fs->sc->greeting_act == ACT_CLOSE)
-        conn_close(c);
-}
-
-static int fake_server_busy(const fake_server_t *fs)
-{
-    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
-        if (fs->conns[i].st)
-            return 1;
-    return 0;
-}
-
-/* A fake server on port (0: an ephemeral one). */
-static fake_server_t *fake_server_on(loop_t *loop, const script_t *sc, unsigned short port)
-{
-    fake_server_t *fs = calloc(1, sizeof(*fs));
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
-                               .sin_port = htons(port) };
-    socklen_t sl = sizeof(sin);
-    assert_non_null(fs);
-    fs->loop = loop;
-    fs->sc = sc;
-    buf_init(&fs->transcript);
-    fs->lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    assert_true(fs->lfd >= 0);
-    assert_int_equal(bind(fs->lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
-    assert_int_equal(listen(fs->lfd, 8), 0);
-    assert_int_equal(getsockname(fs->lfd, (struct sockaddr *)&sin, &sl), 0);
-    fs->port = ntohs(sin.sin_port);
-    assert_int_equal(loop_fd_add(loop, fs->lfd, LOOP_READ, srv_accept, fs), 0);
-    return fs;
-}
-
-static fake_server_t *fake_server_new(loop_t *loop, const script_t *sc)
-{
-    return fake_server_on(loop, sc, 0);
-}
-
-static void fake_server_free(fake_server_t *fs)
-{
-    if (fs == NULL)
-        return;
-    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
-        if (fs->conns[i].st)
-            conn_close(&fs->conns[i]);
-    loop_fd_del(fs->loop, fs->lfd);
-    close(fs->lfd);
-    buf_free(&fs->transcript);
-    free(fs);
-}
-
-/* NUL-terminated view of what a server received. */
-static const char *transcript(fake_server_t *fs)
-{
-    return buf_head(&fs->transcript);
-}
-
-/* A port on which nothing listens. */
-static unsigned short closed_port(void)
-{
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t sl = sizeof(sin);
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    assert_true(fd >= 0);
-    assert_int_equal(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&sin, &sl), 0);
-    close(fd);
-    return ntohs(sin.sin_port);
-}
 
 /* ------------------------------------------------------------------ */
 /* harness                                                             */
@@ -371,8 +52,7 @@ static unsigned short closed_port(void)
 /* already dot-stuffed, as mime_dotstuff() produces it */
 #define PAYLOAD "Subject: test\r\n\r\nhello\r\n..leading dot\r\n.\r\n"
 
-#define EHLO_PLAIN "250-fake.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
-#define EHLO_TLS   "250-fake.test\r\n250-SIZE 10240000\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
+#define EHLO_TLS "250-fake.test\r\n250-SIZE 10240000\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
 
 typedef struct rcpt_copy {
     char      rcpt[64];
@@ -555,22 +235,6 @@ static int teardown(void **state)
 /* ------------------------------------------------------------------ */
 /* scripts                                                             */
 
-static const rule_t rules_ok[] = {
-    { "EHLO", EHLO_PLAIN, ACT_REPLY },
-    { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
-    { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
-    { "DATA", "354 End data with <CR><LF>.<CR><LF>\r\n", ACT_REPLY },
-    { "RSET", "250 2.0.0 Ok\r\n", ACT_REPLY },
-    { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
-    { NULL, NULL, 0 },
-};
-
-static const script_t script_ok = {
-    .greeting = "220 fake.test ESMTP\r\n",
-    .rules = rules_ok,
-    .eod_reply = "250 2.0.0 Ok: queued as ABC123\r\n",
-};
-
 #define TRANSCRIPT_OK(rcpts)                                                                    \
     "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n" rcpts "DATA\r\n" PAYLOAD "QUIT\r\n"
 
@@ -580,7 +244,7 @@ static const script_t script_ok = {
 static void test_all_delivered(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *rcpts[] = { "b@y", "c@y" };
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
@@ -588,7 +252,7 @@ static void test_all_delivered(void **state)
 
     deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
 
-    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\n"));
+    assert_string_equal(fake_server_transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\n"));
     assert_int_equal(cap.nrcpts, 2);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
@@ -626,7 +290,8 @@ static void test_per_recipient_results(void **state)
 
     deliver_and_wait(t, &cfg, rcpts, 3, c, 1, &cap);
 
-    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\n"));
+    assert_string_equal(fake_server_transcript(fs),
+                        TRANSCRIPT_OK("RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\n"));
     assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
     assert_string_equal(cap.r[0].text, "<b@y>: Recipient address rejected: User unknown");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
@@ -660,8 +325,9 @@ static void test_all_rcpt_rejected(void **state)
 
     /* pipelined: DATA went out with the RCPTs and got 554; the accepted
      * MAIL leaves a transaction open, so RSET before QUIT */
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
-                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\nRSET\r\nQUIT\r\n");
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\nRSET\r\nQUIT\r\n");
     assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "policy", 554, "5.7.1");
     assert_int_equal(cap.attempts, 1);
@@ -744,7 +410,7 @@ static void test_mail_from_rejected(void **state)
     };
     static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
     fake_server_t *s1 = fake_server_new(t->loop, &sc);
-    fake_server_t *s2 = fake_server_new(t->loop, &script_ok);
+    fake_server_t *s2 = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
     const char *rcpts[] = { "b@y", "c@y" };
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
@@ -755,8 +421,9 @@ static void test_mail_from_rejected(void **state)
     /* a completed dialogue: the server's answer stands, no failover */
     /* pipelined: the RCPT and DATA replies (503) are read and ignored; no
      * transaction was opened, so no RSET */
-    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
-                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\nQUIT\r\n");
+    assert_string_equal(fake_server_transcript(s1),
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\nQUIT\r\n");
     assert_int_equal(s2->naccepted, 0);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "policy", 553, "5.7.1");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "policy", 553, "5.7.1");
@@ -771,10 +438,10 @@ static void test_greeting_421_next_candidate(void **state)
     static const script_t busy = {
         .greeting = "421 4.3.2 fake.test Service not available, closing channel\r\n",
         .greeting_act = ACT_CLOSE,
-        .rules = rules_ok,
+        .rules = fakesmtp_rules_ok,
     };
     fake_server_t *s1 = fake_server_new(t->loop, &busy);
-    fake_server_t *s2 = fake_server_new(t->loop, &script_ok);
+    fake_server_t *s2 = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
     const char *rcpts[] = { "b@y" };
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
@@ -783,8 +450,8 @@ static void test_greeting_421_next_candidate(void **state)
     deliver_and_wait(t, &cfg, rcpts, 1, c, 2, &cap);
 
     assert_int_equal(s1->naccepted, 1);
-    assert_string_equal(transcript(s1), ""); /* no QUIT after 421 */
-    assert_string_equal(transcript(s2), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
+    assert_string_equal(fake_server_transcript(s1), ""); /* no QUIT after 421 */
+    assert_string_equal(fake_server_transcript(s2), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_string_equal(cap.mx_host, "mx2.fake.test");
     assert_int_equal(cap.attempts, 2);
@@ -809,8 +476,8 @@ static void test_greeting_554_everywhere(void **state)
 
     deliver_and_wait(t, &cfg, rcpts, 1, c, 2, &cap);
 
-    assert_string_equal(transcript(s1), "QUIT\r\n");
-    assert_string_equal(transcript(s2), "QUIT\r\n");
+    assert_string_equal(fake_server_transcript(s1), "QUIT\r\n");
+    assert_string_equal(fake_server_transcript(s2), "QUIT\r\n");
     /* refused at the session level by every MX: try again later */
     assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "policy", 554, "5.7.1");
     assert_int_equal(cap.attempts, 2);
@@ -821,15 +488,15 @@ static void test_greeting_554_everywhere(void **state)
 static void test_connect_refused_next_candidate(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
-    unsigned short dead = closed_port();
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
+    unsigned short dead = fakesmtp_closed_port();
     deliver_candidate_t c[] = { cand("dead.fake.test", dead), cand("mx2.fake.test", fs->port) };
     const char *rcpts[] = { "b@y" };
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
     capture_t cap;
 
     deliver_and_wait(t, &cfg, rcpts, 1, c, 2, &cap);
-    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
+    assert_string_equal(fake_server_transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_string_equal(cap.mx_host, "mx2.fake.test");
     assert_int_equal(cap.attempts, 2);
@@ -864,8 +531,9 @@ static void test_ehlo_502_helo_fallback(void **state)
 
     deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
     /* no SIZE= without EHLO; opportunistic TLS quietly stays plaintext */
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nHELO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\n"
-                                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD "QUIT\r\n");
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\nHELO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\n"
+                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD "QUIT\r\n");
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "");
     assert_int_equal(cap.tls, 0);
     drain_and_check(t->loop, &fs, 1);
@@ -874,7 +542,7 @@ static void test_ehlo_502_helo_fallback(void **state)
 static void test_timeout_greeting(void **state)
 {
     tctx_t *t = *state;
-    static const script_t silent = { .greeting = NULL, .rules = rules_ok };
+    static const script_t silent = { .greeting = NULL, .rules = fakesmtp_rules_ok };
     fake_server_t *fs = fake_server_new(t->loop, &silent);
     deliver_candidate_t c[] = { cand("slow.fake.test", fs->port) };
     const char *rcpts[] = { "b@y", "c@y" };
@@ -883,7 +551,7 @@ static void test_timeout_greeting(void **state)
 
     t->to.greeting_ms = 200;
     deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
-    assert_string_equal(transcript(fs), "");
+    assert_string_equal(fake_server_transcript(fs), "");
     for (size_t i = 0; i < 2; i++) {
         assert_rcpt(&cap, i, rcpts[i], OUTCOME_TRANSIENT, "timeout", 0, "");
         assert_string_equal(cap.r[i].text, "timeout while receiving the initial server greeting");
@@ -894,9 +562,10 @@ static void test_timeout_greeting(void **state)
 static void test_timeout_end_of_data_no_failover(void **state)
 {
     tctx_t *t = *state;
-    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .eod_act = ACT_SILENT };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok,
+                                 .eod_act = ACT_SILENT };
     fake_server_t *s1 = fake_server_new(t->loop, &sc);
-    fake_server_t *s2 = fake_server_new(t->loop, &script_ok);
+    fake_server_t *s2 = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
     const char *rcpts[] = { "b@y" };
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
@@ -904,8 +573,9 @@ static void test_timeout_end_of_data_no_failover(void **state)
 
     t->to.data_done_ms = 300;
     deliver_and_wait(t, &cfg, rcpts, 1, c, 2, &cap);
-    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
-                                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
+    assert_string_equal(fake_server_transcript(s1),
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
     /* the server may have the message: no second copy elsewhere */
     assert_int_equal(s2->naccepted, 0);
     assert_int_equal(cap.attempts, 1);
@@ -920,7 +590,8 @@ static void test_timeout_end_of_data_no_failover(void **state)
 static void test_close_mid_data(void **state)
 {
     tctx_t *t = *state;
-    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .eod_act = ACT_CLOSE };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok,
+                                 .eod_act = ACT_CLOSE };
     fake_server_t *fs = fake_server_new(t->loop, &sc);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *rcpts[] = { "b@y", "c@y" };
@@ -948,16 +619,17 @@ static void test_421_mid_rcpt_failover_keeps_answers(void **state)
     };
     static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules };
     fake_server_t *s1 = fake_server_new(t->loop, &sc);
-    fake_server_t *s2 = fake_server_new(t->loop, &script_ok);
+    fake_server_t *s2 = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
     const char *rcpts[] = { "b@y", "c@y" };
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
     capture_t cap;
 
     deliver_and_wait(t, &cfg, rcpts, 2, c, 2, &cap);
-    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
-                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\n");
-    assert_string_equal(transcript(s2), TRANSCRIPT_OK("RCPT TO:<c@y>\r\n"));
+    assert_string_equal(fake_server_transcript(s1),
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\n");
+    assert_string_equal(fake_server_transcript(s2), TRANSCRIPT_OK("RCPT TO:<c@y>\r\n"));
     assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_int_equal(cap.attempts, 2);
@@ -969,7 +641,7 @@ static void test_421_mid_rcpt_failover_keeps_answers(void **state)
 
     /* and when the next MX cannot even be reached, the first one's words
      * stand: rate limited, not "network" */
-    deliver_candidate_t c2[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", closed_port()) };
+    deliver_candidate_t c2[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", fakesmtp_closed_port()) };
     deliver_and_wait(t, &cfg, rcpts, 2, c2, 2, &cap);
     assert_int_equal(cap.attempts, 2);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
@@ -995,7 +667,7 @@ static void test_size_limit_checked_before_mail(void **state)
     capture_t cap;
 
     deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nQUIT\r\n");
+    assert_string_equal(fake_server_transcript(fs), "EHLO " HELO_NAME "\r\nQUIT\r\n");
     assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "message_too_big", 552, "5.3.4");
     drain_and_check(t->loop, &fs, 1);
 }
@@ -1024,14 +696,14 @@ static void test_garbage_reply_is_protocol_error(void **state)
 static void test_injection_refused(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *rcpts[] = { "b@y>\r\nRCPT TO:<evil@z", "c@y" };
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
     capture_t cap;
 
     deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
-    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<c@y>\r\n"));
+    assert_string_equal(fake_server_transcript(fs), TRANSCRIPT_OK("RCPT TO:<c@y>\r\n"));
     assert_int_equal(cap.r[0].outcome, OUTCOME_PERMANENT);
     assert_int_equal(cap.r[0].code, 0);
     assert_rcpt(&cap, 1, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
@@ -1059,7 +731,7 @@ static void never_called(void *arg, const deliver_result_t *res)
 static void test_cancel(void **state)
 {
     tctx_t *t = *state;
-    static const script_t silent = { .greeting = NULL, .rules = rules_ok };
+    static const script_t silent = { .greeting = NULL, .rules = fakesmtp_rules_ok };
     fake_server_t *s1 = fake_server_new(t->loop, &silent);
     fake_server_t *s2 = fake_server_new(t->loop, &silent);
     deliver_candidate_t c1[] = { cand("mx1.fake.test", s1->port) };
@@ -1112,7 +784,7 @@ static void test_starttls_verify_ok(void **state)
     capture_t cap;
 
     deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
-    assert_string_equal(transcript(fs), TRANSCRIPT_TLS("RCPT TO:<b@y>\r\n"));
+    assert_string_equal(fake_server_transcript(fs), TRANSCRIPT_TLS("RCPT TO:<b@y>\r\n"));
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_int_equal(cap.tls, 1);
     assert_true(strncmp(cap.tls_version, "TLSv1.", 6) == 0);
@@ -1130,7 +802,7 @@ static void test_starttls_opportunistic_untrusted_ok(void **state)
     capture_t cap;
 
     deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
-    assert_string_equal(transcript(fs), TRANSCRIPT_TLS("RCPT TO:<b@y>\r\n"));
+    assert_string_equal(fake_server_transcript(fs), TRANSCRIPT_TLS("RCPT TO:<b@y>\r\n"));
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_int_equal(cap.tls, 1);
     drain_and_check(t->loop, &fs, 1);
@@ -1148,14 +820,14 @@ static void test_starttls_verify_wrong_name_next_candidate(void **state)
     capture_t cap;
 
     deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
-    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nSTARTTLS\r\n");
+    assert_string_equal(fake_server_transcript(s1), "EHLO " HELO_NAME "\r\nSTARTTLS\r\n");
     assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
     assert_non_null(strstr(cap.r[0].text, "certificate verification failed"));
     assert_int_equal(cap.tls, 0);
 
     deliver_and_wait(t, &cfg, rcpts, 1, c, 2, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
-    assert_string_equal(transcript(s2), TRANSCRIPT_TLS("RCPT TO:<b@y>\r\n"));
+    assert_string_equal(fake_server_transcript(s2), TRANSCRIPT_TLS("RCPT TO:<b@y>\r\n"));
     assert_string_equal(cap.mx_host, "mx.test.local");
     assert_int_equal(cap.attempts, 2);
     assert_int_equal(cap.tls, 1);
@@ -1174,7 +846,7 @@ static void test_starttls_verify_untrusted_ca(void **state)
     capture_t cap;
 
     deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nSTARTTLS\r\n");
+    assert_string_equal(fake_server_transcript(fs), "EHLO " HELO_NAME "\r\nSTARTTLS\r\n");
     assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_TRANSIENT, "tls", 0, "");
     assert_non_null(strstr(cap.r[0].text, "certificate verification failed"));
@@ -1184,7 +856,7 @@ static void test_starttls_verify_untrusted_ca(void **state)
 static void test_tls_required_not_offered(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *rcpts[] = { "b@y" };
     capture_t cap;
@@ -1193,7 +865,7 @@ static void test_tls_required_not_offered(void **state)
         deliver_config_t cfg = config(t, (smtp_tls_policy_t)policy);
         buf_reset(&fs->transcript);
         deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
-        assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nQUIT\r\n");
+        assert_string_equal(fake_server_transcript(fs), "EHLO " HELO_NAME "\r\nQUIT\r\n");
         assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
         assert_string_equal(cap.r[0].text, "TLS required but the server does not offer STARTTLS");
         for (int i = 0; i < 20 && fake_server_busy(fs); i++)
@@ -1283,7 +955,8 @@ static void spin_ms(loop_t *loop, unsigned ms)
 static void test_pipelining_batch(void **state)
 {
     tctx_t *t = *state;
-    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .hold_until_data = 1,
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok,
+                                 .hold_until_data = 1,
                                  .eod_reply = "250 2.0.0 Ok: queued as P1\r\n" };
     fake_server_t *fs = fake_server_new(t->loop, &sc);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
@@ -1293,7 +966,8 @@ static void test_pipelining_batch(void **state)
 
     t->to.mail_ms = 1000; /* a lock-step client would time out waiting for MAIL's reply */
     deliver_and_wait(t, &cfg, rcpts, 3, c, 1, &cap);
-    assert_string_equal(transcript(fs), TRANSCRIPT_OK("RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\n"));
+    assert_string_equal(fake_server_transcript(fs),
+                        TRANSCRIPT_OK("RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\n"));
     for (size_t i = 0; i < 3; i++)
         assert_rcpt(&cap, i, rcpts[i], OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_int_equal(cap.transactions, 1);
@@ -1326,19 +1000,21 @@ static void test_lockstep_without_pipelining(void **state)
     capture_t cap;
 
     deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
-                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRSET\r\nQUIT\r\n");
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRSET\r\nQUIT\r\n");
     assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
 
     /* PIPELINING offered but switched off by configuration: lock-step too */
-    static const script_t held = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .hold_until_data = 1 };
+    static const script_t held = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok,
+                                   .hold_until_data = 1 };
     fake_server_t *s2 = fake_server_new(t->loop, &held);
     deliver_candidate_t c2[] = { cand("mx1.fake.test", s2->port) };
     cfg.no_pipelining = 1;
     t->to.mail_ms = 300;
     deliver_and_wait(t, &cfg, rcpts, 1, c2, 1, &cap);
-    assert_string_equal(transcript(s2), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n");
+    assert_string_equal(fake_server_transcript(s2), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n");
     assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
     assert_string_equal(cap.r[0].text, "timeout while sending MAIL FROM");
     fake_server_t *all[] = { fs, s2 };
@@ -1370,10 +1046,11 @@ static void test_split_transactions(void **state)
     cfg.max_rcpts = 2;
     deliver_and_wait(t, &cfg, rcpts, 5, c, 1, &cap);
 #define ENV "MAIL FROM:<" FROM "> SIZE=38\r\n"
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\n"
-                                        ENV "RCPT TO:<r1@y>\r\nRCPT TO:<r2@y>\r\nDATA\r\n" PAYLOAD
-                                        ENV "RCPT TO:<r3@y>\r\nRCPT TO:<r4@y>\r\nDATA\r\n" PAYLOAD
-                                        ENV "RCPT TO:<r5@y>\r\nDATA\r\n" PAYLOAD "QUIT\r\n");
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\n"
+                        ENV "RCPT TO:<r1@y>\r\nRCPT TO:<r2@y>\r\nDATA\r\n" PAYLOAD
+                        ENV "RCPT TO:<r3@y>\r\nRCPT TO:<r4@y>\r\nDATA\r\n" PAYLOAD
+                        ENV "RCPT TO:<r5@y>\r\nDATA\r\n" PAYLOAD "QUIT\r\n");
 #undef ENV
     assert_int_equal(fs->naccepted, 1);
     assert_int_equal(fs->nmessages, 3);
@@ -1424,12 +1101,13 @@ static void test_452_too_many_recipients_next_txn(void **state)
      * matches by address, so it gets it again: no progress the second
      * time, its own 452 stands) */
     deliver_and_wait(t, &cfg, rcpts, 2, c, 1, &cap);
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\n"
-                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"
-                                        PAYLOAD "QUIT\r\n" /* one-shot: no pool, a new connection */
-                                        "EHLO " HELO_NAME "\r\n"
-                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<c@y>\r\nDATA\r\n"
-                                        "RSET\r\nQUIT\r\n");
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\n"
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"
+                        PAYLOAD "QUIT\r\n" /* one-shot: no pool, a new connection */
+                        "EHLO " HELO_NAME "\r\n"
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<c@y>\r\nDATA\r\n"
+                        "RSET\r\nQUIT\r\n");
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_TRANSIENT, "rate_limited", 452, "4.5.3");
     assert_int_equal(cap.transactions, 2);
@@ -1456,7 +1134,7 @@ static deliver_ctx_t *pool_ctx(tctx_t *t, smtp_tls_policy_t tls, const smtp_pool
 static void test_pool_reuse(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *r1[] = { "b@y" }, *r2[] = { "c@y" };
     creq_t q1 = { r1, 1, "y", 0 }, q2 = { r2, 1, "y", 0 };
@@ -1474,9 +1152,10 @@ static void test_pool_reuse(void **state)
     assert_int_equal(cap.reused, 1);
     assert_int_equal(cap.attempts, 1);
     assert_int_equal(fs->naccepted, 1);
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\n"
-                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD
-                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<c@y>\r\nDATA\r\n" PAYLOAD);
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\n"
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<c@y>\r\nDATA\r\n" PAYLOAD);
     deliver_stats_t st;
     deliver_ctx_stats(ctx, &st);
     assert_int_equal(st.pool.connects, 1);
@@ -1485,7 +1164,7 @@ static void test_pool_reuse(void **state)
     /* freeing the context says QUIT to what is idle */
     deliver_ctx_free(ctx);
     spin(t->loop, 5);
-    assert_string_equal(transcript(fs) + strlen(transcript(fs)) - 6, "QUIT\r\n");
+    assert_string_equal(fake_server_transcript(fs) + strlen(fake_server_transcript(fs)) - 6, "QUIT\r\n");
     drain_and_check(t->loop, &fs, 1);
 }
 
@@ -1517,9 +1196,10 @@ static void test_pool_rset_only_when_needed(void **state)
     ctx_deliver(ctx, t->loop, &q2, c, 1, &cap);
     assert_rcpt(&cap, 0, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_int_equal(cap.reused, 1);
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\n"
-                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<bad@y>\r\nDATA\r\nRSET\r\n"
-                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<c@y>\r\nDATA\r\n" PAYLOAD);
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\n"
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<bad@y>\r\nDATA\r\nRSET\r\n"
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<c@y>\r\nDATA\r\n" PAYLOAD);
     deliver_ctx_free(ctx);
     drain_and_check(t->loop, &fs, 1);
 }
@@ -1529,7 +1209,7 @@ static void test_pool_rset_only_when_needed(void **state)
 static void test_pool_idle_close_detected(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *r1[] = { "b@y" };
     creq_t q1 = { r1, 1, NULL, 0 };
@@ -1543,7 +1223,7 @@ static void test_pool_idle_close_detected(void **state)
     assert_int_equal(st.pool.idle, 1);
     for (size_t i = 0; i < FAKE_MAX_CONNS; i++) /* the server's idle timeout */
         if (fs->conns[i].st)
-            conn_close(&fs->conns[i]);
+            fake_conn_close(&fs->conns[i]);
     spin(t->loop, 5);
     deliver_ctx_stats(ctx, &st);
     assert_int_equal(st.pool.idle, 0);
@@ -1556,7 +1236,7 @@ static void test_pool_idle_close_detected(void **state)
     assert_int_equal(fs->naccepted, 2);
 
     /* "421 idle timeout" then close: same */
-    static const script_t bye = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok };
+    static const script_t bye = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok };
     fake_server_t *s2 = fake_server_new(t->loop, &bye);
     deliver_candidate_t c2[] = { cand("mx2.fake.test", s2->port) };
     ctx_deliver(ctx, t->loop, &q1, c2, 1, &cap);
@@ -1570,7 +1250,8 @@ static void test_pool_idle_close_detected(void **state)
 
     /* a server that hangs up right after the end-of-data reply: never
      * pooled at all */
-    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .eod_then_close = 1 };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok,
+                                 .eod_then_close = 1 };
     fake_server_t *s3 = fake_server_new(t->loop, &sc);
     deliver_candidate_t c3[] = { cand("mx3.fake.test", s3->port) };
     deliver_ctx_stats(ctx, &st);
@@ -1591,8 +1272,9 @@ static void test_pool_idle_close_detected(void **state)
 static void test_pool_dead_on_reuse_retried(void **state)
 {
     tctx_t *t = *state;
-    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok, .close_on_reuse = 1 };
-    static const script_t other = { .greeting = "554 5.7.1 not me\r\n", .rules = rules_ok };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok,
+                                 .close_on_reuse = 1 };
+    static const script_t other = { .greeting = "554 5.7.1 not me\r\n", .rules = fakesmtp_rules_ok };
     fake_server_t *fs = fake_server_new(t->loop, &sc);
     fake_server_t *s2 = fake_server_new(t->loop, &other);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port), cand("mx2.fake.test", s2->port) };
@@ -1620,7 +1302,7 @@ static void test_pool_dead_on_reuse_retried(void **state)
 static void test_pool_limits_msgs_and_idle(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *r1[] = { "b@y" };
     creq_t q1 = { r1, 1, NULL, 0 };
@@ -1637,7 +1319,7 @@ static void test_pool_limits_msgs_and_idle(void **state)
     spin(t->loop, 5);
     assert_int_equal(fs->naccepted, 2);
     /* the first connection said QUIT after its second message */
-    assert_non_null(strstr(transcript(fs), PAYLOAD "QUIT\r\nEHLO "));
+    assert_non_null(strstr(fake_server_transcript(fs), PAYLOAD "QUIT\r\nEHLO "));
     deliver_ctx_stats(ctx, &st);
     assert_int_equal(st.pool.idle, 1);
     for (int i = 0; i < 60 && st.pool.idle; i++) {
@@ -1723,8 +1405,8 @@ static void test_pool_frees_unused_destinations(void **state)
 static void test_pool_worker_limit_and_age(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *a = fake_server_new(t->loop, &script_ok);
-    fake_server_t *b = fake_server_new(t->loop, &script_ok);
+    fake_server_t *a = fake_server_new(t->loop, &fakesmtp_script_ok);
+    fake_server_t *b = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t ca[] = { cand("mxa.fake.test", a->port) };
     deliver_candidate_t cb[] = { cand("mxb.fake.test", b->port) };
     const char *r1[] = { "b@y" };
@@ -1750,8 +1432,8 @@ static void test_pool_worker_limit_and_age(void **state)
     deliver_ctx_stats(ctx, &st);
     assert_int_equal(st.pool.evicted, 1);
     assert_int_equal(st.pool.idle, 1); /* b's */
-    assert_string_equal(transcript(a) + strlen(transcript(a)) - 6, "QUIT\r\n");
-    assert_null(strstr(transcript(b), "QUIT"));
+    assert_string_equal(fake_server_transcript(a) + strlen(fake_server_transcript(a)) - 6, "QUIT\r\n");
+    assert_null(strstr(fake_server_transcript(b), "QUIT"));
     deliver_ctx_free(ctx);
     spin(t->loop, 5);
 
@@ -1768,7 +1450,7 @@ static void test_pool_worker_limit_and_age(void **state)
     assert_int_equal(st.pool.idle, 0);
     assert_int_equal(st.pool.evicted, 1);
     spin(t->loop, 5);
-    assert_string_equal(transcript(a), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
+    assert_string_equal(fake_server_transcript(a), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
     deliver_ctx_free(ctx);
     fake_server_t *all[] = { a, b };
     drain_and_check(t->loop, all, 2);
@@ -1779,7 +1461,7 @@ static void test_pool_worker_limit_and_age(void **state)
 static void test_pool_per_destination_limit(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *r1[] = { "b@y" }, *r2[] = { "c@y" };
     creq_t q1 = { r1, 1, NULL, 0 }, q2 = { r2, 1, NULL, 0 };
@@ -1816,7 +1498,7 @@ static void test_pool_per_destination_limit(void **state)
 static void test_pool_slow_start(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *r1[] = { "b@y" }, *r2[] = { "c@y" }, *r3[] = { "d@y" }, *r4[] = { "e@y" };
     creq_t q1 = { r1, 1, NULL, 0 }, q2 = { r2, 1, NULL, 0 }, q3 = { r3, 1, NULL, 0 },
@@ -1860,7 +1542,7 @@ static void test_pool_refused_caps_destination(void **state)
     tctx_t *t = *state;
     static const script_t limited = {
         .greeting = "220 fake.test ESMTP\r\n",
-        .rules = rules_ok,
+        .rules = fakesmtp_rules_ok,
         .eod_reply = "250 2.0.0 Ok: queued as ABC123\r\n",
         .max_conns = 2,
     };
@@ -1917,8 +1599,8 @@ static void test_pool_refused_caps_destination(void **state)
 static void test_route_penalty(void **state)
 {
     tctx_t *t = *state;
-    unsigned short dead = closed_port();
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    unsigned short dead = fakesmtp_closed_port();
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t both[] = { cand("mx1.fake.test", dead), cand("mx2.fake.test", fs->port) };
     const char *r1[] = { "b@y" }, *r2[] = { "c@y" }, *r3[] = { "d@y" };
     creq_t q1 = { r1, 1, NULL, 0 }, q2 = { r2, 1, NULL, 0 }, q3 = { r3, 1, NULL, 0 };
@@ -1971,7 +1653,7 @@ static void test_route_penalty(void **state)
     assert_int_equal(cap.attempts, 0);
 
     /* mx1 comes back: after the penalty it is used, and that clears it */
-    fake_server_t *back = fake_server_on(t->loop, &script_ok, dead);
+    fake_server_t *back = fake_server_on(t->loop, &fakesmtp_script_ok, dead);
     spin_ms(t->loop, 200);
     ctx_deliver(ctx, t->loop, &q1, both, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
@@ -1996,8 +1678,8 @@ static void test_route_penalty(void **state)
 static void test_route_penalty_shared(void **state)
 {
     tctx_t *t = *state;
-    unsigned short dead = closed_port();
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    unsigned short dead = fakesmtp_closed_port();
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t both[] = { cand("mx1.fake.test", dead), cand("mx2.fake.test", fs->port) };
     const char *r1[] = { "b@y" };
     creq_t q1 = { r1, 1, NULL, 0 };
@@ -2117,7 +1799,7 @@ static void test_tls_policy_per_domain(void **state)
 
     /* end to end: a plaintext-only server is fine for legacy.test under a
      * verify default, and refused for another domain */
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *r1[] = { "b@legacy.test" };
     creq_t q1 = { r1, 1, "legacy.test", 0 }, q2 = { r1, 1, "other.test", 0 };
@@ -2165,7 +1847,7 @@ static void test_relay_auth(void **state)
     script_t sl = { .greeting = "220 relay.test ESMTP\r\n", .rules = rules_auth_login, .tls = fx.server_ctx };
     fake_server_t *fs = fake_server_new(t->loop, &sc);
     fake_server_t *fl = fake_server_new(t->loop, &sl);
-    fake_server_t *mx = fake_server_new(t->loop, &script_ok);
+    fake_server_t *mx = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t relay = cand("mx.test.local", fs->port);
     deliver_candidate_t relay_login = cand("mx.test.local", fl->port);
     deliver_candidate_t c[] = { cand("mx1.fake.test", mx->port) };
@@ -2181,9 +1863,10 @@ static void test_relay_auth(void **state)
     deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
     ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nSTARTTLS\r\nEHLO " HELO_NAME "\r\n"
-                                        "AUTH PLAIN AHVzZXIAcGFzcw==\r\nMAIL FROM:<" FROM ">\r\n"
-                                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\nSTARTTLS\r\nEHLO " HELO_NAME "\r\n"
+                        "AUTH PLAIN AHVzZXIAcGFzcw==\r\nMAIL FROM:<" FROM ">\r\n"
+                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
     assert_int_equal(mx->naccepted, 0);
     deliver_ctx_free(ctx);
 
@@ -2200,9 +1883,10 @@ static void test_relay_auth(void **state)
     ctx = deliver_ctx_new(t->loop, &cfg);
     ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
-    assert_string_equal(transcript(fl), "EHLO " HELO_NAME "\r\nSTARTTLS\r\nEHLO " HELO_NAME "\r\n"
-                                        "AUTH LOGIN\r\ndXNlcg==\r\ncGFzcw==\r\nMAIL FROM:<" FROM ">\r\n"
-                                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
+    assert_string_equal(fake_server_transcript(fl),
+                        "EHLO " HELO_NAME "\r\nSTARTTLS\r\nEHLO " HELO_NAME "\r\n"
+                        "AUTH LOGIN\r\ndXNlcg==\r\ncGFzcw==\r\nMAIL FROM:<" FROM ">\r\n"
+                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
     deliver_ctx_free(ctx);
 
     /* never in the clear: policy none means no AUTH at all */
@@ -2212,7 +1896,7 @@ static void test_relay_auth(void **state)
     ctx = deliver_ctx_new(t->loop, &cfg);
     ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
-    assert_null(strstr(transcript(fs), "AUTH"));
+    assert_null(strstr(fake_server_transcript(fs), "AUTH"));
     deliver_ctx_free(ctx);
     fake_server_t *all[] = { fs, fl, mx };
     drain_and_check(t->loop, all, 3);
@@ -2222,7 +1906,7 @@ static void test_relay_auth(void **state)
 static void test_need_8bitmime_smtputf8(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok); /* 8BITMIME, no SMTPUTF8 */
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok); /* 8BITMIME, no SMTPUTF8 */
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *r1[] = { "b@y" };
     creq_t q8 = { r1, 1, NULL, SMTP_NEED_8BITMIME }, qu = { r1, 1, NULL, SMTP_NEED_SMTPUTF8 };
@@ -2233,12 +1917,12 @@ static void test_need_8bitmime_smtputf8(void **state)
 
     ctx_deliver(ctx, t->loop, &q8, c, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
-    assert_non_null(strstr(transcript(fs), "MAIL FROM:<" FROM "> SIZE=38 BODY=8BITMIME\r\n"));
+    assert_non_null(strstr(fake_server_transcript(fs), "MAIL FROM:<" FROM "> SIZE=38 BODY=8BITMIME\r\n"));
     spin(t->loop, 5);
     buf_reset(&fs->transcript);
     ctx_deliver(ctx, t->loop, &qu, c, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_PERMANENT, "policy", 553, "5.6.7");
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nQUIT\r\n");
+    assert_string_equal(fake_server_transcript(fs), "EHLO " HELO_NAME "\r\nQUIT\r\n");
     deliver_ctx_free(ctx);
     drain_and_check(t->loop, &fs, 1);
 }
@@ -2276,9 +1960,10 @@ static void test_pipelined_mail_refused_keeps_sync(void **state)
     run_until(t->loop, &cap.fired);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_int_equal(cap.reused, 1);
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\n"
-                                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"
-                                        "MAIL FROM:<> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\n"
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"
+                        "MAIL FROM:<> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
     deliver_ctx_free(ctx);
     drain_and_check(t->loop, &fs, 1);
 }
@@ -2381,8 +2066,8 @@ static void test_hostile_greeting_budget(void **state)
         n += 1000;
     }
     strcpy(lines + n, "220 end\r\n");
-    script_t s1 = { .greeting = noeol, .rules = rules_ok };
-    script_t s2 = { .greeting = lines, .rules = rules_ok };
+    script_t s1 = { .greeting = noeol, .rules = fakesmtp_rules_ok };
+    script_t s2 = { .greeting = lines, .rules = fakesmtp_rules_ok };
     fake_server_t *f1 = fake_server_new(t->loop, &s1);
     fake_server_t *f2 = fake_server_new(t->loop, &s2);
     sess_capture_t sc;
@@ -2421,8 +2106,8 @@ static void test_hostile_greeting_budget(void **state)
     assert_int_equal(cap.attempts, 1);
     assert_int_equal(cap.connections, 1);
     assert_int_equal(metrics_counter(MET_SMTP_ROUTES_DOWN) - downs, 0);
-    assert_string_equal(transcript(f1), "");
-    assert_string_equal(transcript(f2), "");
+    assert_string_equal(fake_server_transcript(f1), "");
+    assert_string_equal(fake_server_transcript(f2), "");
     deliver_ctx_free(ctx);
     fake_server_t *all[] = { f1, f2 };
     drain_and_check(t->loop, all, 2);
@@ -2436,7 +2121,7 @@ static void test_hostile_greeting_budget(void **state)
 static void test_local_descriptors_exhausted(void **state)
 {
     tctx_t *t = *state;
-    script_t sc0 = { .greeting = "220 fake ESMTP\r\n", .rules = rules_ok };
+    script_t sc0 = { .greeting = "220 fake ESMTP\r\n", .rules = fakesmtp_rules_ok };
     fake_server_t *f = fake_server_new(t->loop, &sc0);
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
     cfg.route_penalty_ms = 5000;
@@ -2502,8 +2187,9 @@ static void test_ehlo_5000_lines(void **state)
 
     t->to.mail_ms = 1000;
     deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\nRCPT TO:<b@y>\r\nDATA\r\n"
-                                        PAYLOAD "QUIT\r\n");
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\nRCPT TO:<b@y>\r\nDATA\r\n"
+                        PAYLOAD "QUIT\r\n");
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_int_equal(cap.features.flags, SMTP_FEAT_PIPELINING | SMTP_FEAT_8BITMIME);
     assert_int_equal(cap.features.size_max, 0);
@@ -2556,13 +2242,15 @@ static void test_out_of_step_replies(void **state)
         assert_int_equal(cap.connections, 1);
     }
     assert_int_equal(f1->naccepted, 2);
-    assert_string_equal(transcript(f1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n"
-                                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n");
+    assert_string_equal(fake_server_transcript(f1),
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n"
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n");
 
     ctx_deliver(ctx, t->loop, &q1, c2, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
     assert_string_equal(cap.r[0].text, "out-of-step reply to DATA: 250 go ahead");
-    assert_string_equal(transcript(f2), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\nRCPT TO:<b@y>\r\nDATA\r\n");
+    assert_string_equal(fake_server_transcript(f2),
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\nRCPT TO:<b@y>\r\nDATA\r\n");
     deliver_ctx_free(ctx);
     fake_server_t *all[] = { f1, f2 };
     drain_and_check(t->loop, all, 2);
@@ -2574,7 +2262,7 @@ static void test_out_of_step_replies(void **state)
 static void test_route_penalty_keeps_cause(void **state)
 {
     tctx_t *t = *state;
-    static const script_t silent = { .greeting = NULL, .rules = rules_ok };
+    static const script_t silent = { .greeting = NULL, .rules = fakesmtp_rules_ok };
     fake_server_t *fs = fake_server_new(t->loop, &silent);
     deliver_candidate_t c[] = { cand("slow.fake.test", fs->port) };
     const char *r1[] = { "b@y" };
@@ -2923,7 +2611,7 @@ static void body_segments(tctx_t *t, int tls)
     assert_true(nsegs > 10000);
     mime_dotstuff(buf_head(&msg), buf_size(&msg), &stuffed);
 
-    script_t sc = { .greeting = "220 mx.test.local ESMTP\r\n", .rules = tls ? rules_tls : rules_ok,
+    script_t sc = { .greeting = "220 mx.test.local ESMTP\r\n", .rules = tls ? rules_tls : fakesmtp_rules_ok,
                     .tls = fx.server_ctx };
     fake_server_t *fs = fake_server_new(t->loop, &sc);
     deliver_candidate_t c[] = { cand("mx.test.local", fs->port) };
@@ -2968,7 +2656,7 @@ static void test_body_segments_starttls(void **state)
 static void test_early_reply_closes(void **state)
 {
     tctx_t *t = *state;
-    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_ok,
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok,
                                  .early_reply = "552 5.3.4 Message size exceeds fixed limit\r\n" };
     fake_server_t *fs = fake_server_new(t->loop, &sc);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
@@ -3052,7 +2740,7 @@ static void run_until_within(loop_t *loop, const int *flag, unsigned ms)
 /* The transcript so far ends with DATA: not one byte of the body went. */
 static void assert_no_body(fake_server_t *fs)
 {
-    const char *tr = transcript(fs);
+    const char *tr = fake_server_transcript(fs);
     size_t n = strlen(tr);
     assert_true(n >= 6);
     assert_string_equal(tr + n - 6, "DATA\r\n");
@@ -3118,8 +2806,9 @@ static void test_hold_before_body(void **state)
     spin_ms(t->loop, 200);
     assert_int_equal(cap.fired, 0);
     assert_int_equal(h.calls, 1);
-    assert_string_equal(transcript(fs), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
-                                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\nDATA\r\n");
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\nDATA\r\n");
     assert_no_body(fs);
     deliver_resume(d, h.hold[0] + 1); /* not this transaction's hold */
     spin_ms(t->loop, 50);
@@ -3128,7 +2817,7 @@ static void test_hold_before_body(void **state)
     run_until(t->loop, &cap.fired);
     assert_int_equal(h.calls, 1);
     const char *want = TRANSCRIPT_OK("RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\n");
-    assert_string_equal(transcript(fs), want);
+    assert_string_equal(fake_server_transcript(fs), want);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
     assert_rcpt(&cap, 2, "d@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
@@ -3137,7 +2826,7 @@ static void test_hold_before_body(void **state)
     /* no hook: the body follows the 354, byte for byte the same exchange */
     req = hold_req(rcpts, 3, c2, 1, NULL);
     deliver_req_and_wait(t, &cfg, &req, &cap);
-    assert_string_equal(transcript(plain), want);
+    assert_string_equal(fake_server_transcript(plain), want);
     assert_rcpt(&cap, 1, "c@y", OUTCOME_PERMANENT, "no_such_user", 550, "5.1.1");
     fake_server_t *all[] = { fs, plain };
     drain_and_check(t->loop, all, 2);
@@ -3190,7 +2879,7 @@ static void test_hold_per_transaction(void **state)
             }
         }
         assert_true(cap.fired);
-        assert_string_equal(transcript(fs), want);
+        assert_string_equal(fake_server_transcript(fs), want);
         assert_int_equal(h.calls, 3);
         assert_int_equal(cap.transactions, 3);
         assert_int_equal(h.n[0], 1);
@@ -3216,8 +2905,8 @@ static void test_hold_per_transaction(void **state)
 static void test_hold_timeout_fails_over(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *s1 = fake_server_new(t->loop, &script_ok);
-    fake_server_t *s2 = fake_server_new(t->loop, &script_ok);
+    fake_server_t *s1 = fake_server_new(t->loop, &fakesmtp_script_ok);
+    fake_server_t *s2 = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
     const char *rcpts[] = { "b@y" };
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
@@ -3236,8 +2925,9 @@ static void test_hold_timeout_fails_over(void **state)
     }
     assert_true(two);
     assert_int_equal(cap.fired, 0);
-    assert_string_equal(transcript(s1), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
-                                        "RCPT TO:<b@y>\r\nDATA\r\n");
+    assert_string_equal(fake_server_transcript(s1),
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                        "RCPT TO:<b@y>\r\nDATA\r\n");
     assert_int_equal(s1->nmessages, 0);
     assert_int_equal(h.n[1], 1);
     assert_string_equal(h.acc[1][0], "b@y");
@@ -3246,7 +2936,7 @@ static void test_hold_timeout_fails_over(void **state)
     assert_no_body(s2);
     deliver_resume(d, h.hold[1]);
     run_until(t->loop, &cap.fired);
-    assert_string_equal(transcript(s2), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
+    assert_string_equal(fake_server_transcript(s2), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
     assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
     assert_int_equal(cap.r[0].maybe_sent, 0); /* the held transaction never sent its dot */
     assert_string_equal(cap.mx_host, "mx2.fake.test");
@@ -3260,7 +2950,7 @@ static void test_hold_timeout_fails_over(void **state)
 static void test_hold_cancel(void **state)
 {
     tctx_t *t = *state;
-    fake_server_t *fs = fake_server_new(t->loop, &script_ok);
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
     deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
     const char *rcpts[] = { "b@y", "c@y" };
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
