@@ -363,7 +363,11 @@ int deliver_config_build(deliver_config_t *d, const struct mp_config *cfg, SSL_C
         return -1;
     deliver_tls_map_t map;
     int bad_map = deliver_tls_map_parse(store->tls_policy, &map, err, errlen);
-    deliver_tls_map_free(&map); /* each deliver_ctx parses its own copy */
+    /* what the relay check below needs; each deliver_ctx parses its own copy */
+    int map_unverified = 0;
+    for (size_t i = 0; i < map.n; i++)
+        map_unverified |= map.rules[i].policy != SMTP_TLS_VERIFY;
+    deliver_tls_map_free(&map);
     if (bad_map < 0)
         return -1;
     if (cfg->smtp_helo_name[0] && deliver_helo_name_check(cfg->smtp_helo_name, err, errlen) < 0)
@@ -436,14 +440,8 @@ int deliver_config_build(deliver_config_t *d, const struct mp_config *cfg, SSL_C
         /* a password is only for the relay it belongs to: whoever answers
          * STARTTLS with any certificate must not get it */
         if (!cfg->smtp_relay_auth_unverified) {
-            int unverified = d->tls != SMTP_TLS_VERIFY;
-            deliver_tls_map_t policies;
-            char e[256];
-            deliver_tls_map_parse(cfg->smtp_tls_policy, &policies, e, sizeof(e));
-            for (size_t i = 0; i < policies.n; i++)
-                unverified |= policies.rules[i].policy != SMTP_TLS_VERIFY;
-            deliver_tls_map_free(&policies);
-            if (unverified) {
+            /* the inline entries and those of tls_policy_file alike */
+            if (d->tls != SMTP_TLS_VERIFY || map_unverified) {
                 snprintf(err, errlen, "[smtp] relay_user needs tls = verify (and no tls_policy entry other than "
                          "verify): the password goes only to a relay whose certificate and name are checked; "
                          "set relay_auth_unverified = 1 to send it without that check");

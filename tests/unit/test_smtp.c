@@ -2435,6 +2435,19 @@ static void test_config_build(void **state)
     assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), 0);
     assert_string_equal(d.auth_user, "u");
     deliver_config_store_free(&st);
+    /* an entry from tls_policy_file counts as much as an inline one */
+    char pf[] = "/tmp/mp-test-tlspolicy-XXXXXX";
+    int pfd = mkstemp(pf);
+    assert_true(pfd >= 0);
+    static const char lines[] = "# more entries\nlegacy.test:opportunistic\n";
+    assert_int_equal(write(pfd, lines, sizeof(lines) - 1), (ssize_t)(sizeof(lines) - 1));
+    close(pfd);
+    set_str(&mc.smtp_tls_policy_file, pf);
+    assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), -1);
+    assert_string_equal(err, refused);
+    deliver_config_store_free(&st);
+    unlink(pf);
+    set_str(&mc.smtp_tls_policy_file, "");
     config_free(&mc);
 }
 
