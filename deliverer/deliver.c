@@ -83,6 +83,7 @@ struct deliver {
     deliver_ctx_t         *ctx;
     int                    own_ctx;     /* deliver_start(): a private, unpooled context */
     smtp_tls_policy_t      policy;
+    int                    tls_fell_back; /* this candidate is tried in plaintext after its handshake failed */
     char                  *mail_from;
     char                 **rcpts;
     size_t                 nrcpts;
@@ -957,6 +958,10 @@ static void try_next(deliver_t *d)
         d->cur = d->next++;
         if (collect_open(d) == 0)
             break;
+        if (d->tls_fell_back) { /* the plaintext retry was for the last candidate only */
+            d->tls_fell_back = 0;
+            d->policy = SMTP_TLS_OPPORTUNISTIC;
+        }
         util_copy_text(d->res.mx_host, sizeof(d->res.mx_host), c->host);
         smtp_addr_text((const struct sockaddr *)&c->addr, d->res.mx_addr, sizeof(d->res.mx_addr));
         d->res.tls_version = NULL;
@@ -1014,6 +1019,22 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
         log_debug("deliver", "pooled_lost", "%s mx=%s error=%s", DELIVER_MSG(d), LOG_Q(d->res.mx_host),
                   LOG_Q(sr->error));
         drop_session(d, s);
+        use_candidate(d);
+        return;
+    }
+    /* opportunistic TLS whose handshake failed: the server offered
+     * STARTTLS, but its TLS does not work with us. As Postfix does for
+     * "may", the same address once more in plaintext; never under
+     * required or verify, whose sessions end here as tls */
+    if (sr->status == SMTP_ETLS && sr->state == SMTP_STATE_TLS_HANDSHAKE && d->policy == SMTP_TLS_OPPORTUNISTIC &&
+        !sr->dot_sent && !d->tls_fell_back) {
+        d->tls_fell_back = 1;
+        d->policy = SMTP_TLS_NONE;
+        metrics_inc(MET_SMTP_TLS_FALLBACKS, 1);
+        log_info("deliver", "tls_fallback", "%s mx=%s error=%s", DELIVER_MSG(d), LOG_Q(d->res.mx_host),
+                 LOG_Q(sr->error));
+        drop_session(d, NULL);
+        smtp_session_free(s);
         use_candidate(d);
         return;
     }

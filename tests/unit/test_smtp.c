@@ -808,6 +808,42 @@ static void test_starttls_opportunistic_untrusted_ok(void **state)
     drain_and_check(t->loop, &fs, 1);
 }
 
+/* STARTTLS offered and accepted, but the handshake fails (a server with
+ * no certificate). Opportunistic: the same address once more in
+ * plaintext, delivered there, counted; required: tls, no plaintext. */
+static void test_starttls_handshake_failure_falls_back_to_plaintext(void **state)
+{
+    tctx_t *t = *state;
+    SSL_CTX *broken = SSL_CTX_new(TLS_server_method()); /* no certificate: every handshake fails */
+    assert_non_null(broken);
+    script_t sc = { .greeting = "220 mx.test.local ESMTP\r\n", .rules = rules_tls, .tls = broken };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx.test.local", fs->port) };
+    const char *rcpts[] = { "b@y" };
+    capture_t cap;
+    uint64_t before = metrics_counter(MET_SMTP_TLS_FALLBACKS);
+
+    deliver_config_t cfg = config(t, SMTP_TLS_OPPORTUNISTIC);
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.tls, 0);
+    assert_int_equal(cap.connections, 2);
+    assert_int_equal(metrics_counter(MET_SMTP_TLS_FALLBACKS) - before, 1);
+    assert_string_equal(fake_server_transcript(fs), "EHLO " HELO_NAME "\r\nSTARTTLS\r\n"
+                                                    "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
+                                                    "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD "QUIT\r\n");
+
+    buf_reset(&fs->transcript);
+    cfg = config(t, SMTP_TLS_REQUIRED);
+    deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
+    assert_int_equal(cap.connections, 1);
+    assert_int_equal(metrics_counter(MET_SMTP_TLS_FALLBACKS) - before, 1);
+    assert_string_equal(fake_server_transcript(fs), "EHLO " HELO_NAME "\r\nSTARTTLS\r\n");
+    drain_and_check(t->loop, &fs, 1);
+    SSL_CTX_free(broken);
+}
+
 static void test_starttls_verify_wrong_name_next_candidate(void **state)
 {
     tctx_t *t = *state;
@@ -3097,6 +3133,7 @@ int main(void)
         T(test_cancel),
         T(test_starttls_verify_ok),
         T(test_starttls_opportunistic_untrusted_ok),
+        T(test_starttls_handshake_failure_falls_back_to_plaintext),
         T(test_starttls_verify_wrong_name_next_candidate),
         T(test_starttls_verify_untrusted_ca),
         T(test_tls_required_not_offered),
