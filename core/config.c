@@ -246,6 +246,14 @@ static const key_def_t keys[] = {
     { "redis", "timeout_ms", K_UINT, F(redis_timeout_ms), "50", 0, NULL,
       "milliseconds per Redis command, from when it is written; a slower Redis counts as unavailable "
       "for that call" },
+    { "redis", "mark_wait", K_MS, F(redis_mark_wait_ms), "2s", 0, NULL,
+      "how long a transaction's final dot waits for its ledger \"sending\" mark, retrying while Redis "
+      "cannot answer (the body is already on its way); then see `send_unrecorded`" },
+    { "redis", "send_unrecorded", K_UINT, F(redis_send_unrecorded), "0", 0, NULL,
+      "0: a transaction whose \"sending\" mark could not be recorded within `mark_wait` is abandoned "
+      "before its final dot and its recipients deferred (`ledger_unavailable`), so no copy ever goes "
+      "unrecorded; 1: the dot goes anyway (at-least-once: a worker killed in that window causes a "
+      "duplicate nobody flags)" },
     { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0, NULL,
       "`host:port` of the HTTP metrics endpoint; empty disables it" },
     { "log", "level", K_ENUM, F(log_level), "info", 0, log_level_names,
@@ -663,6 +671,15 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
     if (cfg->message_max_recipients == 0 || cfg->message_max_recipients > 100000) {
         /* a retry carries a bit per recipient in one AMQP header frame */
         snprintf(err, errlen, "[message] max_recipients must be between 1 and 100000");
+        return -1;
+    }
+    if (cfg->redis_send_unrecorded > 1) {
+        snprintf(err, errlen, "[redis] send_unrecorded must be 0 or 1");
+        return -1;
+    }
+    if (cfg->redis_mark_wait_ms > 60000) {
+        /* the server's own timeout for the rest of the data is minutes (RFC 5321 §4.5.3.2.6) */
+        snprintf(err, errlen, "[redis] mark_wait must be at most 60s");
         return -1;
     }
     if (cfg->amqp_prefetch == 0 || cfg->amqp_prefetch > 65535) {

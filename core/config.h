@@ -122,6 +122,8 @@ typedef struct mp_config {
     char    *redis_host;          /* empty disables Redis */
     unsigned redis_port;
     unsigned redis_timeout_ms;
+    unsigned redis_mark_wait_ms;    /* the final dot waits this long for its "sending" mark */
+    unsigned redis_send_unrecorded; /* 1: send the dot when the mark cannot be recorded */
     /* [metrics] */
     char    *metrics_listen;      /* host:port, empty disables */
     /* [log] */

@@ -28,9 +28,12 @@
  *  gives the slot back instead of connecting.
  *
  *  Hold: with request.before_body each session gets our hook, which
- *  numbers the hold (d->hold) and passes it on; deliver_resume() wakes the
- *  session only for the hold still current, so a resume that arrives
- *  after its session ended (timeout while held, failover) does nothing.
+ *  numbers the hold (d->hold), maps the accepted recipients to request
+ *  positions and passes them on; deliver_resume() and deliver_abort()
+ *  reach the session only for the hold still current, so one that
+ *  arrives after its session ended (timeout while held, failover) does
+ *  nothing. When the held transaction's session reports, request.after_txn
+ *  hears first what became of each of those recipients.
  *
  *  The user callback always runs from a zero-delay timer of our own: never
  *  inside deliver_start(), never deep inside a session/stream callback
@@ -94,7 +97,10 @@ struct deliver {
     size_t                 message_size;
     unsigned               need;
     deliver_hold_cb        before_body;
+    deliver_txn_cb         after_txn;
     void                  *before_body_arg;
+    size_t                *held_pos;    /* the held transaction's recipients, positions in open_rcpts */
+    size_t                 nheld;       /* 0: the current transaction was not held */
     uint64_t               hold;        /* id of the held transaction of d->sess; 0 none */
     uint64_t               hold_seq;
     char                  *log_id;
@@ -620,6 +626,7 @@ static void release(deliver_t *d)
     free(d->results);
     free(d->settled);
     free(d->open_idx);
+    free(d->held_pos);
     free(d->open_rcpts);
     if (d->own_ctx)
         deliver_ctx_free(d->ctx);
@@ -816,11 +823,45 @@ static size_t open_left(const deliver_t *d)
 
 /* The session's 354 is in: number the hold, let the owner decide when.
  * Nothing of d is touched after the owner's hook returns. */
-static void on_session_hold(void *arg, smtp_session_t *s, const char *const *accepted, size_t n)
+static void on_session_hold(void *arg, smtp_session_t *s, const size_t *accepted, size_t n)
 {
     deliver_t *d = arg;
+    size_t *idx = xcalloc(n ? n : 1, sizeof(*idx));
+    d->nheld = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (accepted[i] >= d->nopen)
+            continue; /* cannot happen: the session's recipients are open_rcpts */
+        idx[d->nheld] = d->open_idx[accepted[i]];
+        d->held_pos[d->nheld++] = accepted[i];
+    }
     d->hold = ++d->hold_seq;
-    d->before_body(d->before_body_arg, d, d->hold, accepted, n);
+    d->before_body(d->before_body_arg, d, d->hold, idx, d->nheld);
+    free(idx);
+}
+
+/* The held transaction is over: what became of each of its recipients. */
+static void report_held(deliver_t *d, const smtp_session_result_t *sr)
+{
+    size_t n = d->nheld;
+    d->nheld = 0;
+    if (n == 0 || d->after_txn == NULL)
+        return;
+    size_t *idx = xcalloc(n, sizeof(*idx));
+    deliver_txn_state_t *st = xcalloc(n, sizeof(*st));
+    for (size_t i = 0; i < n; i++) {
+        size_t j = d->held_pos[i];
+        const smtp_rcpt_reply_t *rr = j < sr->nrcpts ? &sr->rcpts[j] : NULL;
+        idx[i] = d->open_idx[j];
+        if (rr && rr->final && rr->code >= 200 && rr->code < 300)
+            st[i] = DELIVER_TXN_DELIVERED;
+        else if (rr && !rr->final && sr->dot_sent)
+            st[i] = DELIVER_TXN_MAYBE_SENT;
+        else
+            st[i] = DELIVER_TXN_NOT_SENT;
+    }
+    d->after_txn(d->before_body_arg, d, idx, st, n);
+    free(idx);
+    free(st);
 }
 
 void deliver_resume(deliver_t *d, uint64_t hold)
@@ -829,6 +870,14 @@ void deliver_resume(deliver_t *d, uint64_t hold)
         return;
     d->hold = 0;
     smtp_session_resume(d->sess);
+}
+
+void deliver_abort(deliver_t *d, uint64_t hold, const char *why)
+{
+    if (d == NULL || hold == 0 || hold != d->hold || d->sess == NULL)
+        return;
+    d->hold = 0;
+    smtp_session_abort(d->sess, why);
 }
 
 static smtp_session_params_t session_params(deliver_t *d)
@@ -980,6 +1029,7 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
     size_t still_open = 0, progress = 0;
 
     d->hold = 0; /* a transaction held until now is over: a late resume is void */
+    report_held(d, sr);
     d->res.tls_version = sr->tls_version;
     d->res.tls_cipher = sr->tls_cipher;
     d->res.features = sr->features;
@@ -1098,8 +1148,8 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
         drop_session(d, NULL);
         smtp_session_free(s); /* deferred by the session until its callback returns */
     }
-    if (sr->status != SMTP_OK && !sr->dot_sent && still_open > 0)
-        try_next(d);
+    if (sr->status != SMTP_OK && sr->status != SMTP_EABORTED && !sr->dot_sent && still_open > 0)
+        try_next(d); /* an abandoned transaction ends the attempt: its owner decided */
     else
         finish(d);
 }
@@ -1127,6 +1177,7 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
     d->message_size = req->message_size;
     d->need = req->need;
     d->before_body = req->before_body;
+    d->after_txn = req->before_body ? req->after_txn : NULL;
     d->before_body_arg = req->before_body_arg;
     d->log_id = req->log_id ? xstrdup(req->log_id) : NULL;
     d->trace_id = req->trace_id ? xstrdup(req->trace_id) : NULL;
@@ -1155,6 +1206,7 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
     d->settled = xcalloc(n, 1);
     d->open_idx = xcalloc(n, sizeof(*d->open_idx));
     d->open_rcpts = xcalloc(n, sizeof(*d->open_rcpts));
+    d->held_pos = xcalloc(n, sizeof(*d->held_pos));
     loop_timer_init(&d->done_timer, done_fired, d);
 
     int from_ok = address_ok(d->mail_from, 1);

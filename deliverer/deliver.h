@@ -28,13 +28,15 @@
  * or the default; relay mode replaces the MX list by the smarthost and
  * authenticates (only inside TLS).
  *
- * Hold before the body (request.before_body, optional): every transaction
- * of the attempt (split recipients, another MX, a fresh connection after
- * a dead pooled one) calls it once, after the server's 354, with the
- * recipients it accepted at RCPT; that transaction's payload waits until
- * the owner calls deliver_resume(). The owner records what it must before
- * the final dot (the ledger's "sending") and resumes whatever the outcome
- * of its own write: the hold never decides the delivery.
+ * Hold before the final dot (request.before_body, optional): every
+ * transaction of the attempt (split recipients, another MX, a fresh
+ * connection after a dead pooled one) calls it once, after the server's
+ * 354, with the recipients it accepted at RCPT; that transaction's body
+ * goes out at once but its final dot waits until the owner calls
+ * deliver_resume() (or deliver_abort()). The owner records what it must
+ * before the dot (the ledger's "sending"), and request.after_txn tells
+ * it, as soon as that transaction is over, what became of each of those
+ * recipients (the ledger's "done").
  *
  * Thread-safety: none; use from the loop's thread only.
  */
@@ -132,12 +134,27 @@ typedef struct deliver_result {
 
 typedef struct deliver deliver_t;
 
-/* A transaction of d has its 354: accepted[0..n-1] (n >= 1) are its
- * recipients the server took, deliver's copies of request strings; the
- * array is valid during the call, the strings until d's callback. The
- * body goes once deliver_resume(d, hold) is called (from inside the hook
- * or later). Never cancel d from inside. */
-typedef void (*deliver_hold_cb)(void *arg, deliver_t *d, uint64_t hold, const char *const *accepted, size_t n);
+/* A transaction of d has its 354: accepted[0..n-1] (n >= 1) are the
+ * positions in the request's rcpts of the recipients the server took;
+ * the array is valid during the call. The body is on its way; its final
+ * dot goes once deliver_resume(d, hold) is called, and
+ * deliver_abort(d, hold, why) abandons the transaction instead (from
+ * inside the hook or later). Never cancel d from inside. */
+typedef void (*deliver_hold_cb)(void *arg, deliver_t *d, uint64_t hold, const size_t *accepted, size_t n);
+
+/* What became of one recipient of a held transaction, once it is over. */
+typedef enum {
+    DELIVER_TXN_NOT_SENT = 0, /* no final dot went, or the server refused the message: nothing delivered */
+    DELIVER_TXN_DELIVERED,    /* 2xx to the final dot */
+    DELIVER_TXN_MAYBE_SENT,   /* the dot went out and no reply came (RFC 1047) */
+} deliver_txn_state_t;
+
+/* A held transaction of d is over: for each of the recipients its hook
+ * named (accepted[i], positions in the request's rcpts), what became of
+ * it. Arrays valid during the call. Called before d's own callback, from
+ * inside the session's; never cancel d from inside. */
+typedef void (*deliver_txn_cb)(void *arg, deliver_t *d, const size_t *accepted, const deliver_txn_state_t *st,
+                               size_t n);
 
 typedef struct deliver_request {
     const char        *mail_from;    /* "" for the null sender; copied */
@@ -157,6 +174,7 @@ typedef struct deliver_request {
     const char        *domain;       /* recipient domain: picks the TLS policy; NULL: default */
     unsigned           need;         /* SMTP_NEED_8BITMIME / SMTP_NEED_SMTPUTF8 */
     deliver_hold_cb    before_body;  /* NULL: each body follows its 354 at once */
+    deliver_txn_cb     after_txn;    /* with before_body: each held transaction's end; may be NULL */
     void              *before_body_arg;
 } deliver_request_t;
 
@@ -305,6 +323,11 @@ void deliver_cancel(deliver_t *d);
  * while held: the attempt went on without it). Only while d is alive:
  * before its callback fires and before deliver_cancel(). */
 void deliver_resume(deliver_t *d, uint64_t hold);
+/* Abandon it instead: the connection is closed before the final dot, the
+ * attempt ends (no other MX is tried) and its accepted recipients stay
+ * transient with why as their text, reason network (the owner, who knows
+ * why, may retag them). Same rules as deliver_resume(). */
+void deliver_abort(deliver_t *d, uint64_t hold, const char *why);
 
 /*
  * Flatten an MX answer into candidates: every address of a host before the

@@ -1,7 +1,7 @@
 /*
  * SUMMARY
  *  deliverer/domain.c - one domain leg of a message: MX, rate limit,
- *  SMTP, fast retries, the ledger's "sending" mark.
+ *  SMTP, fast retries, the ledger's records of each transaction.
  * DESCRIPTION
  *  The leg is a small state machine (enum leg_state). Each asynchronous
  *  step (DNS answer, rate-limit answer, timer, SMTP result) lands in one
@@ -11,12 +11,24 @@
  *  limit, the pause before a fast retry, and the zero-delay report that
  *  keeps the done callback out of domain_start().
  *
- *  The "sending" mark: a transaction that has its 354 holds its body
- *  (deliver.h before_body) until the ledger has recorded the recipients
- *  the server accepted. From the final dot on, the server may take the
- *  message without our hearing of it (RFC 1047); a redelivery must then
- *  flag them. Before the dot nothing can have been delivered, so nothing
- *  needs marking. A Redis that cannot answer never holds the body back.
+ *  The ledger (ledger.h), per transaction. One that has its 354 sends
+ *  its body at once but holds the final dot (deliver.h before_body)
+ *  until the ledger has recorded the recipients the server accepted as
+ *  "sending": from the dot on, the server may take the message without
+ *  our hearing of it (RFC 1047), and a redelivery must then flag them.
+ *  Before the dot nothing can have been delivered, so nothing is marked
+ *  earlier. A mark Redis cannot record is tried again until mark_wait
+ *  is spent; then the transaction is abandoned before its dot (the
+ *  connection closed, the server discards it) and its recipients are
+ *  deferred as ledger_unavailable, unless send_unrecorded lets the dot
+ *  go unrecorded. As soon as a held transaction is over (deliver.h
+ *  after_txn) the leg records what became of its recipients, without
+ *  waiting for the rest of the leg or the message: "done" for a 2xx
+ *  ("done-dup" when the copy may be a second one: the job flagged the
+ *  recipient, or an earlier transaction of the leg was cut after its
+ *  dot), nothing (the mark deleted) for one not sent, and the mark kept
+ *  for one cut after its dot. The leg reports only once those writes are
+ *  answered, so that what it reports is what the ledger holds.
  * DIAGNOSTICS
  *  Log lines fast_retry and rate_limited (info when deferred, debug when
  *  waited for); metrics for DNS queries, SMTP sessions, TLS handshakes
@@ -39,6 +51,7 @@ enum leg_state {
     LEG_SLOT_WAIT, /* a rate-limit slot is taken; the timer runs to it */
     LEG_SMTP,      /* the delivery attempt runs */
     LEG_FAST_WAIT, /* a network failure; the timer runs to the fast retry */
+    LEG_RECORD,    /* the result is set; the ledger's answers to its writes are awaited */
     LEG_REPORT,    /* the result is set; a zero-delay timer reports it */
     LEG_DONE,      /* reported */
     LEG_STATE_LAST
@@ -46,7 +59,7 @@ enum leg_state {
 
 static const char *const leg_state_names[LEG_STATE_LAST] = {
     [LEG_MX] = "mx", [LEG_THROTTLE] = "throttle", [LEG_SLOT_WAIT] = "slot_wait", [LEG_SMTP] = "smtp",
-    [LEG_FAST_WAIT] = "fast_wait", [LEG_REPORT] = "report", [LEG_DONE] = "done",
+    [LEG_FAST_WAIT] = "fast_wait", [LEG_RECORD] = "record", [LEG_REPORT] = "report", [LEG_DONE] = "done",
 };
 
 struct domain_leg {
@@ -60,7 +73,16 @@ struct domain_leg {
     loop_timer_t             timer;
     deliver_t               *dl;
     uint64_t                 mark_op; /* ledger "sending" of the held transaction, 0 if none */
-    uint64_t                 hold;    /* its deliver hold id */
+    uint64_t                 hold;    /* its deliver hold id, 0 if none */
+    size_t                  *held;    /* its recipients (request positions) */
+    size_t                   nheld;
+    uint64_t                 mark_deadline_ms; /* its dot waits for the mark until then */
+    unsigned                 mark_tries;
+    unsigned char           *flag;     /* per recipient: a delivery now may be a second copy */
+    unsigned char           *not_sent; /* per recipient: in a transaction abandoned for want of its mark */
+    uint64_t                *writes;   /* ledger writes of ended transactions (ids, for cancel) */
+    size_t                   nwrites, writes_cap;
+    size_t                   writes_left; /* not answered yet */
     unsigned                 fast_tries;
     int                      smtp_started;
     domain_rcpt_result_t    *res;
@@ -76,6 +98,7 @@ struct domain_leg {
 
 static void leg_throttle(domain_leg_t *leg);
 static void leg_smtp(domain_leg_t *leg);
+static void leg_mark_sending(domain_leg_t *leg);
 
 static void leg_set_state(domain_leg_t *leg, enum leg_state st)
 {
@@ -103,6 +126,10 @@ static void leg_fail(domain_leg_t *leg, outcome_t o, outcome_reason_t reason, co
 
 static void leg_report(domain_leg_t *leg)
 {
+    if (leg->writes_left > 0) {
+        leg_set_state(leg, LEG_RECORD); /* leg_on_written reports */
+        return;
+    }
     leg_set_state(leg, LEG_DONE);
     domain_result_t out = {
         .rcpts = leg->res,
@@ -120,6 +147,7 @@ static void leg_on_timer(loop_t *loop, loop_timer_t *t, void *arg)
 {
     domain_leg_t *leg = arg;
     switch (leg->state) {
+    case LEG_SMTP: leg_mark_sending(leg); break; /* the held dot's mark, again */
     case LEG_SLOT_WAIT: leg_smtp(leg); break;
     case LEG_FAST_WAIT: leg_throttle(leg); break; /* another transaction: another slot */
     case LEG_REPORT: leg_report(leg); break;
@@ -211,24 +239,25 @@ static void leg_on_delivered(void *arg, const deliver_result_t *res)
     if (leg->state != LEG_SMTP)
         return; /* cannot happen: deliver reports once, and only while the leg waits for it */
     leg->dl = NULL;
-    if (leg->mark_op) {
-        /* a transaction ended while held (timeout, lost connection): its
-         * mark still lands in Redis, before the marks the job sends on the
-         * same connection; only the resume is void now */
-        ledger_cancel(leg->svc->ledger, leg->mark_op);
-        leg->mark_op = 0;
-    }
     /* cut between the final dot and its reply: whichever transaction
      * delivers these recipients later (a fast retry, a retry level) may
      * be a second copy */
-    for (size_t i = 0; i < res->nrcpts && i < leg->req.nrcpts; i++)
-        if (res->rcpts[i].maybe_sent && leg->req.cut)
-            leg->req.cut(leg->req.arg, i);
+    int abandoned = 0;
+    for (size_t i = 0; i < res->nrcpts && i < leg->req.nrcpts; i++) {
+        if (res->rcpts[i].maybe_sent) {
+            leg->flag[i] = 1;
+            if (leg->req.cut)
+                leg->req.cut(leg->req.arg, i);
+        }
+        abandoned |= leg->not_sent[i];
+    }
     metrics_inc(MET_SMTP_SESSIONS, res->connections); /* new connections, not pooled reuses */
     metrics_inc(MET_SMTP_SESSIONS_REUSED, res->reused);
     metrics_inc(MET_TLS_FULL_HANDSHAKES, res->tls_full);
     metrics_inc(MET_TLS_RESUMED_HANDSHAKES, res->tls_resumed);
-    if (leg_worth_fast_retry(res) && leg->fast_tries < leg->req.fast_retries) {
+    /* a transaction abandoned for want of its ledger mark is not worth a
+     * fast retry: Redis was given mark_wait already */
+    if (!abandoned && leg_worth_fast_retry(res) && leg->fast_tries < leg->req.fast_retries) {
         uint64_t ms = retry_fast_delay_ms(leg->req.fast_base_ms, leg->fast_tries, util_rand01());
         leg->fast_tries++;
         log_info("domain", "fast_retry", "%s domain=%s try=%u delay_ms=%llu reason=%s", LEG_MSG(leg),
@@ -250,30 +279,134 @@ static void leg_on_delivered(void *arg, const deliver_result_t *res)
         r->code = rr->code;
         snprintf(r->enh, sizeof(r->enh), "%s", rr->enh);
         snprintf(r->text, sizeof(r->text), "%s", rr->text);
+        if (leg->not_sent[i] && r->outcome == OUTCOME_TRANSIENT && r->code == 0)
+            r->reason = OUTCOME_R_LEDGER;
     }
     leg_report(leg);
 }
+
+/* ---- the ledger, per transaction ---- */
+
+#define LEG_NOT_SENT_TEXT "not sent: the ledger could not record this copy before its final dot (Redis unavailable)"
 
 static void leg_on_sending_marked(void *arg, int ok)
 {
     domain_leg_t *leg = arg;
     leg->mark_op = 0;
-    if (!ok) {
-        /* the body goes all the same: at-least-once, and operators see it */
-        metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
-        log_warn("domain", "ledger_unavailable", "%s step=mark_sending delivery=at_least_once", LEG_MSG(leg));
+    if (ok) {
+        deliver_resume(leg->dl, leg->hold);
+        return;
     }
-    deliver_resume(leg->dl, leg->hold);
+    uint64_t now = loop_now_ms(leg->svc->loop);
+    if (now < leg->mark_deadline_ms) {
+        /* Redis is slow or away: the dot waits and the mark is tried again */
+        uint64_t ms = 50ull << (leg->mark_tries < 4 ? leg->mark_tries : 4);
+        if (ms > leg->mark_deadline_ms - now)
+            ms = leg->mark_deadline_ms - now;
+        leg->mark_tries++;
+        loop_timer_set(leg->svc->loop, &leg->timer, ms);
+        return;
+    }
+    metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
+    if (leg->svc->send_unrecorded) {
+        /* the operator chose at-least-once over waiting for Redis */
+        log_warn("domain", "ledger_unavailable", "%s step=mark_sending tries=%u delivery=at_least_once", LEG_MSG(leg),
+                 leg->mark_tries + 1);
+        deliver_resume(leg->dl, leg->hold);
+        return;
+    }
+    metrics_inc(MET_LEDGER_NOT_SENT, 1);
+    log_warn("domain", "ledger_unavailable", "%s step=mark_sending tries=%u action=not_sent rcpts=%zu", LEG_MSG(leg),
+             leg->mark_tries + 1, leg->nheld);
+    for (size_t i = 0; i < leg->nheld; i++)
+        leg->not_sent[leg->held[i]] = 1;
+    deliver_abort(leg->dl, leg->hold, LEG_NOT_SENT_TEXT);
 }
 
-static void leg_on_before_body(void *arg, deliver_t *dl, uint64_t hold, const char *const *accepted, size_t n)
+static void leg_mark_sending(domain_leg_t *leg)
+{
+    const char **r = xcalloc(leg->nheld ? leg->nheld : 1, sizeof(*r));
+    for (size_t i = 0; i < leg->nheld; i++)
+        r[i] = leg->req.rcpts[leg->held[i]];
+    leg->mark_op = ledger_mark(leg->svc->ledger, leg->req.msg_id, r, leg->nheld, LEDGER_SENDING,
+                               leg_on_sending_marked, leg);
+    free(r);
+}
+
+static void leg_on_before_body(void *arg, deliver_t *dl, uint64_t hold, const size_t *accepted, size_t n)
 {
     domain_leg_t *leg = arg;
-    if (leg->mark_op)
-        ledger_cancel(leg->svc->ledger, leg->mark_op); /* of a transaction that ended while held */
     leg->hold = hold;
-    leg->mark_op = ledger_mark(leg->svc->ledger, leg->req.msg_id, accepted, n, LEDGER_SENDING,
-                               leg_on_sending_marked, leg);
+    leg->nheld = 0;
+    for (size_t i = 0; i < n; i++)
+        if (accepted[i] < leg->req.nrcpts)
+            leg->held[leg->nheld++] = accepted[i];
+    leg->mark_tries = 0;
+    leg->mark_deadline_ms = loop_now_ms(leg->svc->loop) + leg->svc->mark_wait_ms;
+    leg_mark_sending(leg);
+}
+
+static void leg_on_written(void *arg, int ok)
+{
+    domain_leg_t *leg = arg;
+    if (!ok) {
+        /* a "done" lost: the "sending" mark stays, and a redelivery flags
+         * the recipient instead of skipping it */
+        metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
+        log_warn("domain", "ledger_unavailable", "%s step=record delivery=at_least_once", LEG_MSG(leg));
+    }
+    if (--leg->writes_left == 0 && leg->state == LEG_RECORD)
+        leg_report(leg);
+}
+
+static void leg_write(domain_leg_t *leg, const char **rcpts, size_t n, ledger_state_t st)
+{
+    if (n == 0)
+        return;
+    if (leg->nwrites == leg->writes_cap) {
+        leg->writes_cap = leg->writes_cap ? leg->writes_cap * 2 : 4;
+        leg->writes = xrealloc(leg->writes, leg->writes_cap * sizeof(*leg->writes));
+    }
+    leg->writes_left++;
+    leg->writes[leg->nwrites++] = ledger_mark(leg->svc->ledger, leg->req.msg_id, rcpts, n, st, leg_on_written, leg);
+}
+
+/* A held transaction is over: record at once what became of its
+ * recipients. Its mark, if still unanswered, is superseded (the writes
+ * below follow it on the same connection). */
+static void leg_on_txn_over(void *arg, deliver_t *dl, const size_t *accepted, const deliver_txn_state_t *st,
+                            size_t n)
+{
+    domain_leg_t *leg = arg;
+    if (leg->mark_op) {
+        ledger_cancel(leg->svc->ledger, leg->mark_op);
+        leg->mark_op = 0;
+    }
+    if (leg->state == LEG_SMTP)
+        loop_timer_cancel(leg->svc->loop, &leg->timer); /* a mark's retry */
+    leg->hold = 0;
+    const char **g[3];
+    size_t ng[3] = { 0, 0, 0 };
+    for (int i = 0; i < 3; i++)
+        g[i] = xcalloc(n ? n : 1, sizeof(char *));
+    for (size_t i = 0; i < n; i++) {
+        size_t k = accepted[i];
+        if (k >= leg->req.nrcpts)
+            continue;
+        switch (st[i]) {
+        case DELIVER_TXN_DELIVERED: g[leg->flag[k] ? 1 : 0][ng[leg->flag[k] ? 1 : 0]++] = leg->req.rcpts[k]; break;
+        case DELIVER_TXN_MAYBE_SENT: leg->flag[k] = 1; break; /* the mark stays */
+        case DELIVER_TXN_NOT_SENT:
+            if (!leg->flag[k]) /* a flagged one keeps its mark: an earlier copy may be there */
+                g[2][ng[2]++] = leg->req.rcpts[k];
+            break;
+        }
+    }
+    leg_write(leg, g[0], ng[0], LEDGER_DONE);
+    leg_write(leg, g[1], ng[1], LEDGER_DONE_FLAGGED);
+    leg_write(leg, g[2], ng[2], LEDGER_NONE);
+    for (int i = 0; i < 3; i++)
+        free(g[i]);
 }
 
 static void leg_smtp(domain_leg_t *leg)
@@ -285,6 +418,7 @@ static void leg_smtp(domain_leg_t *leg)
         return;
     }
     leg->smtp_started = 1;
+    memset(leg->not_sent, 0, leg->req.nrcpts ? leg->req.nrcpts : 1);
     leg_set_state(leg, LEG_SMTP);
     const deliver_config_t *dcfg = leg->svc->dcfg;
     deliver_request_t dr = {
@@ -305,6 +439,7 @@ static void leg_smtp(domain_leg_t *leg)
         .need = rq->need,
         /* without a ledger there is nothing to record: no hold at all */
         .before_body = leg->svc->ledger ? leg_on_before_body : NULL,
+        .after_txn = leg_on_txn_over,
         .before_body_arg = leg,
     };
     leg->dl = deliver_ctx_start(leg->svc->dctx, &dr, leg_on_delivered, leg);
@@ -319,7 +454,14 @@ domain_leg_t *domain_start(const domain_services_t *svc, const domain_request_t 
     domain_leg_t *leg = xcalloc(1, sizeof(*leg));
     leg->svc = svc;
     leg->req = *req;
-    leg->res = xcalloc(req->nrcpts ? req->nrcpts : 1, sizeof(*leg->res));
+    size_t n = req->nrcpts ? req->nrcpts : 1;
+    leg->res = xcalloc(n, sizeof(*leg->res));
+    leg->held = xcalloc(n, sizeof(*leg->held));
+    leg->flag = xcalloc(n, 1);
+    leg->not_sent = xcalloc(n, 1);
+    for (size_t i = 0; req->flagged && i < req->nrcpts; i++)
+        leg->flag[i] = req->flagged[i] != 0;
+    leg->req.flagged = NULL; /* read here only */
     loop_timer_init(&leg->timer, leg_on_timer, leg);
     for (size_t i = 0; i < req->nrcpts; i++) { /* what a result the leg never got says */
         leg->res[i].outcome = OUTCOME_TRANSIENT;
@@ -356,8 +498,14 @@ void domain_free(domain_leg_t *leg)
         deliver_cancel(leg->dl);
     if (leg->mark_op)
         ledger_cancel(svc->ledger, leg->mark_op);
+    for (size_t i = 0; i < leg->nwrites; i++)
+        ledger_cancel(svc->ledger, leg->writes[i]); /* harmless for answered ones */
     loop_timer_cancel(svc->loop, &leg->timer);
     free(leg->cand);
     free(leg->res);
+    free(leg->held);
+    free(leg->flag);
+    free(leg->not_sent);
+    free(leg->writes);
     free(leg);
 }

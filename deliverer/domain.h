@@ -3,18 +3,23 @@
  * domain, from the MX lookup to the last SMTP reply.
  *
  * A leg walks
- *   MX -> RATE LIMIT -> SMTP -> (FAST RETRY -> RATE LIMIT -> SMTP)* -> DONE
+ *   MX -> RATE LIMIT -> SMTP -> (FAST RETRY -> RATE LIMIT -> SMTP)* -> RECORD -> DONE
  *   - MX: dns/ resolves the domain (skipped in relay mode, where the
  *     smarthost replaces the MX list);
  *   - RATE LIMIT: [smtp] rate_limits (throttle.h). A slot within
  *     rate_limit_max_wait is waited for; a later one ends the leg
  *     transient, rate_limited, with the wait in throttle_wait_ms;
  *   - SMTP: one delivery attempt over the candidates (deliver.h). While
- *     a transaction holds its body after the 354, the leg records its
- *     accepted recipients as "sending" in the ledger (ledger.h);
+ *     a transaction's body goes out after the 354, the leg records its
+ *     accepted recipients as "sending" in the ledger (ledger.h), and the
+ *     final dot waits for that record; as soon as the transaction is
+ *     over it records what became of them: "done" (or "done-dup" for a
+ *     recipient flagged as a possible second copy), or no record for
+ *     one that was not sent;
  *   - FAST RETRY: a failure of the network alone (refused, reset,
  *     timeout) for every recipient is retried within the attempt, up to
- *     the job's fast-retry budget, each try taking a rate-limit slot.
+ *     the job's fast-retry budget, each try taking a rate-limit slot;
+ *   - RECORD: the leg's ledger writes are answered (or failed).
  * The leg reports once, by callback, with every recipient's result in
  * request order. It knows nothing of the job that started it.
  *
@@ -45,6 +50,8 @@ typedef struct domain_services {
     throttle_t             *throttle; /* NULL: no rate limits */
     const deliver_config_t *dcfg;
     uint64_t                rate_limit_max_wait_ms;
+    uint64_t                mark_wait_ms;     /* a final dot waits this long for its "sending" mark */
+    int                     send_unrecorded;  /* 1: the dot goes when the mark cannot be recorded */
 } domain_services_t;
 
 /* One recipient's final result. */
@@ -96,6 +103,9 @@ typedef struct domain_request {
     size_t             nsegs;
     size_t             message_size;
     unsigned           need;         /* SMTP_NEED_* */
+    const unsigned char *flagged;    /* per recipient, or NULL: an earlier attempt may have delivered
+                                      * it (the ledger found it "sending"), so a delivery now is
+                                      * recorded "done-dup"; read at domain_start() */
     unsigned           fast_retries; /* fast retries allowed within this attempt */
     uint64_t           fast_base_ms;
     domain_gate_cb     gate;

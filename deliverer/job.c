@@ -16,17 +16,21 @@
  *  The ledger (ledger.h): LOOKUP skips recipients recorded "done" and
  *  flags those left "sending" (an earlier attempt was cut between its
  *  final dot and the reply) as possible duplicates; each domain leg
- *  marks "sending" while a transaction holds its body; RECORD writes
- *  "done" for the delivered and clears the rest, except the flagged
- *  ones that were not delivered now: the server may still have that
- *  copy, and the attempt that delivers must say so. Redis failing never
- *  holds a delivery back: the job goes on at-least-once and counts it.
+ *  records its transactions as they happen (domain.c): "sending" before
+ *  the final dot, then "done" ("done-dup" for a flagged recipient) or no
+ *  record, the mark kept for one whose copy may be at the server. A leg
+ *  reports only once those writes are answered, so by SENT_COPY the
+ *  ledger holds what this attempt did. A Redis that cannot record a
+ *  "sending" mark keeps that copy from being sent (the leg defers it)
+ *  unless [redis] send_unrecorded says otherwise; other ledger failures
+ *  never hold a delivery back: the job goes on at-least-once and counts
+ *  them.
  *
  *  Broker loss: the owner frees jobs that have not reached SMTP (the
  *  redelivery starts them afresh) and keeps the others
- *  (job_survives_loss); a kept job finishes its SMTP, records it in the
- *  ledger and ends at SENT_COPY without events: the redelivery skips
- *  what it delivered and publishes them.
+ *  (job_survives_loss); a kept job finishes its SMTP (its legs record it
+ *  in the ledger) and ends at SENT_COPY without events: the redelivery
+ *  skips what it delivered and publishes them.
  * DIAGNOSTICS
  *  Info lines message_received, one per recipient outcome, retry_scheduled
  *  and message_done; warn lines dead_letter and ledger_unavailable.
@@ -61,7 +65,6 @@ enum job_state {
     JOB_COUNT,
     JOB_LOOKUP,
     JOB_DOMAINS,
-    JOB_RECORD,
     JOB_SENT_COPY,
     JOB_EVENTS,
     JOB_DEAD,
@@ -89,6 +92,7 @@ typedef struct job_domain {
     domain_leg_t *leg;
     const char  **rcpts; /* the leg's recipients (it borrows them) */
     size_t       *idx;   /* their indexes into job->rcpts */
+    unsigned char *flagged; /* theirs: possible duplicates already (read by domain_start) */
     size_t        n;
     char          mx_host[256];
     char          mx_addr[64];
@@ -119,8 +123,6 @@ struct job {
     size_t               legs_left;
     int                  smtp_started; /* a leg went on to SMTP: see job_survives_loss */
     uint64_t             ledger_op;    /* the ledger call of ASSIGN, IDENTITY, COUNT or LOOKUP */
-    uint64_t             record_ops[3]; /* RECORD's calls: done, done-dup, clear (0: none) */
-    size_t               record_left;
     uint64_t             throttle_ms;  /* longest rate_limits wait of a deferred domain */
     imap_append_t       *append;
     int                  append_tried;
@@ -145,7 +147,6 @@ static void job_enter_identity(job_t *j);
 static void job_enter_count(job_t *j);
 static void job_enter_lookup(job_t *j);
 static void job_enter_domains(job_t *j);
-static void job_enter_record(job_t *j);
 static void job_enter_sent_copy(job_t *j);
 static void job_enter_events(job_t *j);
 static void job_enter_dead(job_t *j);
@@ -161,7 +162,6 @@ static const struct {
     [JOB_COUNT] = { "count", job_enter_count },
     [JOB_LOOKUP] = { "lookup", job_enter_lookup },
     [JOB_DOMAINS] = { "domains", job_enter_domains },
-    [JOB_RECORD] = { "record", job_enter_record },
     [JOB_SENT_COPY] = { "sent_copy", job_enter_sent_copy },
     [JOB_EVENTS] = { "events", job_enter_events },
     [JOB_DEAD] = { "dead", job_enter_dead },
@@ -195,8 +195,7 @@ static void job_next(job_t *j)
         break;
     case JOB_COUNT: next = j->dead_reason[0] ? JOB_DEAD : JOB_LOOKUP; break;
     case JOB_LOOKUP: next = JOB_DOMAINS; break;
-    case JOB_DOMAINS: next = JOB_RECORD; break;
-    case JOB_RECORD: next = JOB_SENT_COPY; break;
+    case JOB_DOMAINS: next = JOB_SENT_COPY; break;
     case JOB_SENT_COPY: next = j->broker_lost ? JOB_DONE : JOB_EVENTS; break;
     case JOB_EVENTS:
     case JOB_DEAD: next = JOB_DONE; break;
@@ -667,7 +666,7 @@ static int job_gate(void *arg, const char **why)
 
 /* Cut between the final dot and its reply: whichever attempt delivers
  * this recipient later (a fast retry, a retry level) may be a second
- * copy; RECORD keeps its "sending" mark. */
+ * copy; the leg keeps its "sending" mark. */
 static void job_on_leg_cut(void *arg, size_t k)
 {
     job_domain_t *d = arg;
@@ -707,6 +706,7 @@ static void job_enter_domains(job_t *j)
         job_domain_t *d = &j->domains[i];
         d->rcpts = xcalloc(d->n ? d->n : 1, sizeof(*d->rcpts));
         d->idx = xcalloc(d->n ? d->n : 1, sizeof(*d->idx));
+        d->flagged = xcalloc(d->n ? d->n : 1, 1);
         d->n = 0;
     }
     for (size_t i = 0; i < j->nrcpts; i++) {
@@ -714,6 +714,7 @@ static void job_enter_domains(job_t *j)
             continue;
         job_domain_t *d = &j->domains[j->rcpts[i].domain];
         d->rcpts[d->n] = j->rcpts[i].addr;
+        d->flagged[d->n] = (unsigned char)j->rcpts[i].possible_dup;
         d->idx[d->n++] = i;
     }
     j->legs_left = 0;
@@ -743,6 +744,7 @@ static void job_enter_domains(job_t *j)
             .nsegs = j->nwire,
             .message_size = buf_size(&j->raw),
             .need = j->need,
+            .flagged = d->flagged,
             .fast_retries = rc->fast_retries,
             .fast_base_ms = rc->fast_base_ms,
             .gate = job_gate,
@@ -752,59 +754,6 @@ static void job_enter_domains(job_t *j)
         };
         d->leg = domain_start(&j->ctx->svc, &req);
     }
-}
-
-/* ---- RECORD ---- */
-
-static void job_on_recorded(void *arg, int ok)
-{
-    job_t *j = arg;
-    if (!ok)
-        job_ledger_unavailable(j, "record");
-    if (--j->record_left == 0) {
-        memset(j->record_ops, 0, sizeof(j->record_ops));
-        job_next(j);
-    }
-}
-
-static void job_enter_record(job_t *j)
-{
-    ledger_t *ledger = j->ctx->svc.ledger;
-    if (ledger == NULL || j->nrcpts == 0) {
-        job_next(j);
-        return;
-    }
-    /* delivered -> "done" (a redelivery skips them), or "done-dup" when
-     * this copy may be a second one: a redelivery then still reports the
-     * flag, should this attempt die before its event is confirmed; the
-     * rest -> no record, so a later attempt does not mistake them for
-     * possible duplicates, except those flagged: the server may still
-     * have that copy */
-    static const ledger_state_t states[3] = { LEDGER_DONE, LEDGER_DONE_FLAGGED, LEDGER_NONE };
-    const char **group[3];
-    size_t n[3] = { 0, 0, 0 };
-    for (int g = 0; g < 3; g++)
-        group[g] = xcalloc(j->nrcpts, sizeof(char *));
-    for (size_t i = 0; i < j->nrcpts; i++) {
-        const job_rcpt_t *r = &j->rcpts[i];
-        if (r->skip)
-            continue;
-        if (r->outcome == OUTCOME_DELIVERED)
-            group[r->possible_dup ? 1 : 0][n[r->possible_dup ? 1 : 0]++] = r->addr;
-        else if (!r->possible_dup)
-            group[2][n[2]++] = r->addr;
-    }
-    /* every id is set before any callback can run (never synchronous) */
-    j->record_left = 0;
-    for (int g = 0; g < 3; g++) {
-        if (n[g]) {
-            j->record_left++;
-            j->record_ops[g] = ledger_mark(ledger, j->msg->id, group[g], n[g], states[g], job_on_recorded, j);
-        }
-        free(group[g]);
-    }
-    if (j->record_left == 0)
-        job_next(j);
 }
 
 /* ---- SENT_COPY ---- */
@@ -1142,14 +1091,12 @@ void job_free(job_t *j)
         domain_free(j->domains[i].leg);
         free(j->domains[i].rcpts);
         free(j->domains[i].idx);
+        free(j->domains[i].flagged);
         free(j->domains[i].name);
     }
     imap_append_free(j->append);
     if (j->ledger_op)
         ledger_cancel(ledger, j->ledger_op);
-    for (int g = 0; g < 3; g++)
-        if (j->record_ops[g])
-            ledger_cancel(ledger, j->record_ops[g]);
     free(j->domains);
     free(j->rcpts);
     free(j->wire);

@@ -10,8 +10,8 @@
  *   COUNT      a redelivered message: count it (the poison limit)
  *   LOOKUP     the ledger: skip recipients delivered before, flag those
  *              an earlier attempt left mid-send as possible duplicates
- *   DOMAINS    one domain leg per recipient domain, concurrently (domain.h)
- *   RECORD     the ledger: "done" for the delivered, clear the others
+ *   DOMAINS    one domain leg per recipient domain, concurrently (domain.h);
+ *              each records its transactions in the ledger as they end
  *   SENT_COPY  APPEND to the sender's IMAP Sent folder (UIDPLUS)
  *   EVENTS     the retry (republished to a delay queue) and one event per
  *              recipient and per Sent copy, all with publisher confirms

@@ -2,9 +2,14 @@
  * SUMMARY
  *  deliverer/ledger.c - delivery records in Redis (see ledger.h).
  * DESCRIPTION
- *  One Redis round trip per call: MGET for a lookup, one SET ... PX (or
- *  DEL) per recipient pipelined for a mark, INCR + PEXPIRE for the
- *  redelivery count; the call completes when the last reply is in. A
+ *  One Redis round trip per call: MGET for a lookup, INCR + PEXPIRE for
+ *  the redelivery count; the call completes when the last reply is in.
+ *  Marks are written in batches: every ledger_mark() of one loop
+ *  iteration (the "sending" marks of every transaction that got its 354
+ *  in that pass, the "done" of every one that got its reply) joins one
+ *  EVAL of a script that sets or deletes each key in order, sent from a
+ *  zero-delay timer at the end of the iteration (or at once when the
+ *  batch is full); every call in it completes with that one reply. A
  *  call is an entry in a table found by id (core/htable.h), so cancelling
  *  one (its job was dropped) simply forgets it and late replies are
  *  ignored. Calls made without a client wait on a list of their own for
@@ -53,6 +58,15 @@ typedef struct op {
     LIST_ENTRY(op)  fail;
 } op_t;
 
+/* Keys and values of the marks waiting for the end of the iteration. */
+typedef struct batch {
+    char    **keys;
+    char    **vals;  /* "" deletes */
+    size_t    nkeys, cap;
+    uint64_t *ops;   /* the calls it completes */
+    size_t    nops, opcap;
+} batch_t;
+
 struct ledger {
     loop_t      *loop;
     rclient_t   *rc;
@@ -61,7 +75,23 @@ struct ledger {
     htable_t     ops;        /* id -> live call */
     LIST_HEAD(, op) failing; /* calls made without a client, newest first */
     loop_timer_t fail_timer; /* completes the failing ones */
+    batch_t      batch;
+    loop_timer_t flush_timer;
+    uint64_t     batches;    /* EVALs sent (tests and debugging) */
 };
+
+/* Keys per EVAL: a batch this full goes at once. */
+#define LEDGER_BATCH_MAX 512
+
+/* KEYS[i] gets ARGV[i + 1] with ARGV[1] as its TTL, or is deleted when
+ * that value is empty; in order, so a key given twice ends as the last. */
+static const char MARK_SCRIPT[] =
+    "local ttl = ARGV[1] "
+    "for i, k in ipairs(KEYS) do "
+    "local v = ARGV[i + 1] "
+    "if v == '' then redis.call('DEL', k) else redis.call('SET', k, v, 'PX', ttl) end "
+    "end "
+    "return #KEYS";
 
 static void op_complete(op_t *op)
 {
@@ -194,6 +224,103 @@ static uint64_t no_client(ledger_t *l, op_t *op)
     return op->id;
 }
 
+typedef struct batch_ref {
+    ledger_t *l;
+    uint64_t *ops;
+    size_t    nops;
+} batch_ref_t;
+
+static void on_batch_reply(void *arg, const redisReply *r, const char *err)
+{
+    batch_ref_t *ref = arg;
+    int ok = r != NULL && r->type == REDIS_REPLY_INTEGER;
+    for (size_t i = 0; i < ref->nops; i++) {
+        op_t *op = op_find(ref->l, ref->ops[i]);
+        if (op == NULL)
+            continue;
+        op->ok = ok;
+        op_complete(op);
+    }
+    free(ref->ops);
+    free(ref);
+}
+
+static void batch_flush(ledger_t *l)
+{
+    batch_t *b = &l->batch;
+    loop_timer_cancel(l->loop, &l->flush_timer);
+    if (b->nops == 0)
+        return;
+    char nkeys[24], ttl[32];
+    snprintf(nkeys, sizeof(nkeys), "%zu", b->nkeys);
+    snprintf(ttl, sizeof(ttl), "%llu", (unsigned long long)l->ttl_ms);
+    size_t argc = 4 + 2 * b->nkeys;
+    const char **argv = xcalloc(argc, sizeof(char *));
+    size_t *lens = xcalloc(argc, sizeof(size_t));
+    size_t a = 0;
+    argv[a++] = "EVAL";
+    argv[a++] = MARK_SCRIPT;
+    argv[a++] = nkeys;
+    for (size_t i = 0; i < b->nkeys; i++)
+        argv[a++] = b->keys[i];
+    argv[a++] = ttl;
+    for (size_t i = 0; i < b->nkeys; i++)
+        argv[a++] = b->vals[i];
+    for (size_t i = 0; i < argc; i++)
+        lens[i] = strlen(argv[i]);
+    batch_ref_t *ref = xmalloc(sizeof(*ref));
+    ref->l = l;
+    ref->ops = b->ops;
+    ref->nops = b->nops;
+    l->batches++;
+    rclient_commandargv(l->rc, on_batch_reply, ref, (int)argc, argv, lens);
+    free(argv);
+    free(lens);
+    for (size_t i = 0; i < b->nkeys; i++) {
+        free(b->keys[i]);
+        free(b->vals[i]);
+    }
+    b->nkeys = 0;
+    b->ops = NULL;
+    b->nops = b->opcap = 0;
+}
+
+static void on_flush_timer(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    batch_flush(arg);
+}
+
+static void batch_add_key(ledger_t *l, char *key, const char *val)
+{
+    batch_t *b = &l->batch;
+    if (b->nkeys == b->cap) {
+        b->cap = b->cap ? b->cap * 2 : 64;
+        b->keys = xrealloc(b->keys, b->cap * sizeof(char *));
+        b->vals = xrealloc(b->vals, b->cap * sizeof(char *));
+    }
+    b->keys[b->nkeys] = key;
+    b->vals[b->nkeys++] = xstrdup(val);
+}
+
+static void batch_add_op(ledger_t *l, uint64_t id)
+{
+    batch_t *b = &l->batch;
+    if (b->nops == b->opcap) {
+        b->opcap = b->opcap ? b->opcap * 2 : 16;
+        b->ops = xrealloc(b->ops, b->opcap * sizeof(uint64_t));
+    }
+    b->ops[b->nops++] = id;
+    if (b->nkeys >= LEDGER_BATCH_MAX)
+        batch_flush(l);
+    else
+        loop_timer_set(l->loop, &l->flush_timer, 0);
+}
+
+uint64_t ledger_batches(const ledger_t *l)
+{
+    return l->batches;
+}
+
 ledger_t *ledger_new(loop_t *loop, rclient_t *rc, uint64_t ttl_ms)
 {
     ledger_t *l = xcalloc(1, sizeof(*l));
@@ -203,6 +330,7 @@ ledger_t *ledger_new(loop_t *loop, rclient_t *rc, uint64_t ttl_ms)
     htable_init(&l->ops, HTABLE_U64, 16, NULL); /* xcalloc: cannot fail */
     LIST_INIT(&l->failing);
     loop_timer_init(&l->fail_timer, on_fail_timer, l);
+    loop_timer_init(&l->flush_timer, on_flush_timer, l);
     return l;
 }
 
@@ -211,7 +339,9 @@ void ledger_free(ledger_t *l)
     if (l == NULL)
         return;
     loop_timer_cancel(l->loop, &l->fail_timer);
-    /* callbacks may make further calls: they complete here too */
+    /* the client is gone already (ledger.h): marks still waiting for
+     * their batch are not sent, and their calls fail below like every
+     * other; callbacks may make further calls: they complete here too */
     htable_node_t *n;
     size_t hint = 0;
     while ((n = htable_first(&l->ops, &hint)) != NULL) {
@@ -219,7 +349,15 @@ void ledger_free(ledger_t *l)
         op->ok = 0;
         op_complete(op);
     }
+    loop_timer_cancel(l->loop, &l->flush_timer);
     htable_fini(&l->ops);
+    for (size_t i = 0; i < l->batch.nkeys; i++) {
+        free(l->batch.keys[i]);
+        free(l->batch.vals[i]);
+    }
+    free(l->batch.keys);
+    free(l->batch.vals);
+    free(l->batch.ops);
     free(l);
 }
 
@@ -253,23 +391,15 @@ uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, 
     op->cb.done = cb;
     if (l->rc == NULL || n == 0)
         return no_client(l, op);
-    char ttl[32];
-    snprintf(ttl, sizeof(ttl), "%llu", (unsigned long long)l->ttl_ms);
-    for (size_t i = 0; i < n; i++) {
-        char *key = rcpt_key(msg_id, rcpts[i]);
-        if (state == LEDGER_NONE) {
-            const char *argv[] = { "DEL", key };
-            size_t lens[] = { 3, strlen(key) };
-            send_argv(l, op, 2, argv, lens);
-        } else {
-            const char *v = state == LEDGER_DONE ? "done" : state == LEDGER_DONE_FLAGGED ? "done-dup" : "sending";
-            const char *argv[] = { "SET", key, v, "PX", ttl };
-            size_t lens[] = { 3, strlen(key), strlen(v), 2, strlen(ttl) };
-            send_argv(l, op, 5, argv, lens);
-        }
-        free(key);
-    }
-    return op->id;
+    const char *v = state == LEDGER_NONE            ? ""
+                    : state == LEDGER_DONE          ? "done"
+                    : state == LEDGER_DONE_FLAGGED ? "done-dup"
+                                                    : "sending";
+    for (size_t i = 0; i < n; i++)
+        batch_add_key(l, rcpt_key(msg_id, rcpts[i]), v);
+    uint64_t id = op->id;
+    batch_add_op(l, id); /* may flush: op is not touched after this */
+    return id;
 }
 
 uint64_t ledger_count_redelivery(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg)

@@ -67,6 +67,9 @@ uint64_t ledger_count_redelivery(ledger_t *l, const char *msg_id, ledger_count_c
 typedef void (*ledger_claim_cb)(void *arg, int ok, const char *holder);
 uint64_t ledger_claim(ledger_t *l, char ns, const char *name, const char *value, int replace, ledger_claim_cb cb,
                       void *arg);
+/* EVALs of marks sent so far: every ledger_mark() of one loop iteration
+ * shares one (tests and debugging). */
+uint64_t ledger_batches(const ledger_t *l);
 /* The callback of this call will not fire. */
 void     ledger_cancel(ledger_t *l, uint64_t id);
 

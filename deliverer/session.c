@@ -107,6 +107,10 @@ struct smtp_session {
     unsigned              txn_seq;     /* bumped by smtp_session_next() */
     int                   in_hold_cb;  /* inside params.before_body */
     int                   hold_resumed;/* smtp_session_resume() came from inside it */
+    int                   held;        /* this transaction went through HOLD */
+    int                   hold_aborted;/* smtp_session_abort() came from inside it */
+    size_t                hold_at;     /* payload bytes written before the hold: all but the final dot */
+    char                  abort_why[200];
     uint64_t              held_ms;     /* when HOLD was entered (for the log) */
     /* the connection outlives the delivery that opened it: own copies */
     char                  mx_host[256];
@@ -166,10 +170,12 @@ static const char *const status_text[] = {
     [4] = "protocol error",
     [5] = "rejected by server",
     [6] = "local resources exhausted",
+    [7] = "abandoned before the final dot",
 };
 
 /* logfmt-safe one-word form of the status, for result= in the log line */
-static const char *const status_token[] = { "ok", "network", "timeout", "tls", "protocol", "rejected", "local" };
+static const char *const status_token[] = { "ok", "network", "timeout", "tls", "protocol", "rejected", "local",
+                                             "aborted" };
 _Static_assert(sizeof(status_token) == sizeof(status_text), "one token per status");
 
 static const char *status_tok(int status)
@@ -530,14 +536,49 @@ static void after_hello(smtp_session_t *s)
 /* The payload goes out of the caller's memory: referenced, not copied
  * (the same bytes serve IMAP APPEND). One system call for all of it as
  * far as the socket takes it. */
-static void send_body(smtp_session_t *s)
+/* The payload byte at offset off (segments or one buffer). */
+static char payload_at(const smtp_session_t *s, size_t off)
+{
+    if (s->p.nsegs == 0)
+        return s->p.data[off];
+    for (size_t i = 0; i < s->p.nsegs; i++) {
+        if (off < s->p.segs[i].n)
+            return s->p.segs[i].p[off];
+        off -= s->p.segs[i].n;
+    }
+    return '\0';
+}
+
+/* Where a held transaction stops: before the ".\r\n" that ends the
+ * payload (it always follows a CRLF), so that only the final dot waits
+ * for the owner; 0 (everything waits) for a payload without one. */
+static size_t hold_point(const smtp_session_t *s)
+{
+    size_t n = s->p.len; /* with segments too: their total (payload_len) */
+    if (n >= 5 && payload_at(s, n - 5) == '\r' && payload_at(s, n - 4) == '\n' && payload_at(s, n - 3) == '.' &&
+        payload_at(s, n - 2) == '\r' && payload_at(s, n - 1) == '\n')
+        return n - 3;
+    return 0;
+}
+
+/* Write payload bytes [from, to), from where they lie. */
+static void send_body(smtp_session_t *s, size_t from, size_t to)
 {
     stream_cork(s->st, 1);
-    if (s->p.nsegs > 0) {
-        for (size_t i = 0; i < s->p.nsegs; i++)
-            stream_write_ref(s->st, s->p.segs[i].p, s->p.segs[i].n);
+    if (s->p.nsegs == 0) {
+        if (to > from)
+            stream_write_ref(s->st, s->p.data + from, to - from);
     } else {
-        stream_write_ref(s->st, s->p.data, s->p.len);
+        size_t at = 0;
+        for (size_t i = 0; i < s->p.nsegs && at < to; i++) {
+            size_t a = at, b = at + s->p.segs[i].n;
+            at = b;
+            if (b <= from)
+                continue;
+            size_t lo = a < from ? from : a, hi = b > to ? to : b;
+            if (hi > lo)
+                stream_write_ref(s->st, s->p.segs[i].p + (lo - a), hi - lo);
+        }
     }
     stream_cork(s->st, 0);
 }
@@ -694,19 +735,28 @@ static void send_envelope(smtp_session_t *s)
  * count defers a release the hook might cause. */
 static void hold_body(smtp_session_t *s)
 {
-    const char **acc = xcalloc(s->naccepted ? s->naccepted : 1, sizeof(*acc));
+    size_t *acc = xcalloc(s->naccepted ? s->naccepted : 1, sizeof(*acc));
     size_t n = 0;
     for (size_t i = 0; i < s->res.nrcpts && n < s->naccepted; i++)
         if (s->res.rcpts[i].accepted)
-            acc[n++] = s->p.rcpts[i];
+            acc[n++] = i;
     s->held_ms = loop_now_ms(s->loop);
     s->hold_resumed = 0;
+    s->hold_at = hold_point(s);
+    s->held = 1;
+    /* the body goes now; only the final dot waits for the owner */
+    send_body(s, 0, s->hold_at);
     s->in_hold_cb = 1;
-    log_debug("smtp", "hold", "%s session=%016" PRIx64 " accepted=%zu", SESS_MSG(s), s->id, n);
+    log_debug("smtp", "hold", "%s session=%016" PRIx64 " accepted=%zu held_bytes=%zu", SESS_MSG(s), s->id, n,
+              s->p.len - s->hold_at);
     s->p.before_body(s->p.before_body_arg, s, acc, n);
     s->in_hold_cb = 0;
     free(acc);
-    if (s->hold_resumed && !s->freed && !s->finished && s->state == SMTP_STATE_HOLD)
+    if (s->freed || s->finished || s->state != SMTP_STATE_HOLD)
+        return;
+    if (s->hold_aborted)
+        session_fail(s, SMTP_EABORTED, 0, "%s", s->abort_why);
+    else if (s->hold_resumed)
         enter_state(s, SMTP_STATE_BODY);
 }
 
@@ -763,11 +813,13 @@ static void enter_state(smtp_session_t *s, smtp_state_t next)
         send_cmd(s, "DATA");
         break;
     case SMTP_STATE_HOLD:
+        s->expect++; /* the reply to the final dot, owed from the first byte of the body */
         hold_body(s);
         break;
     case SMTP_STATE_BODY:
-        s->expect++; /* the reply to the final dot */
-        send_body(s);
+        if (!s->held)
+            s->expect++; /* the reply to the final dot */
+        send_body(s, s->hold_at, s->p.len);
         if (stream_pending_out(s->st) == 0)
             body_sent(s);
         /* else STREAM_EV_DRAINED completes it */
@@ -991,6 +1043,7 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
         }
         break;
 
+    case SMTP_STATE_HOLD: /* the body is going out: an answer before the dot, as in BODY */
     case SMTP_STATE_BODY:
         s->res.txn_replies++;
         if (cls == 3) {
@@ -1029,7 +1082,6 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
 
     case SMTP_STATE_CONNECT:
     case SMTP_STATE_TLS_HANDSHAKE:
-    case SMTP_STATE_HOLD:
     case SMTP_STATE_IDLE:
     case SMTP_STATE_DONE:
     case SMTP_STATE_LAST:
@@ -1262,6 +1314,9 @@ static void reset_txn(smtp_session_t *s, const smtp_session_params_t *p)
     s->res.error[0] = '\0';
     s->res.has_reply = 0;
     s->res.dot_sent = 0;
+    s->held = s->hold_aborted = 0;
+    s->hold_at = 0;
+    s->abort_why[0] = '\0';
     s->res.reusable = 0;
     s->res.txn_replies = 0;
     s->res.pipelined = 0;
@@ -1353,6 +1408,24 @@ void smtp_session_resume(smtp_session_t *s)
               (unsigned long long)(loop_now_ms(s->loop) - s->held_ms));
     s->in_cb++;
     enter_state(s, SMTP_STATE_BODY);
+    s->in_cb--;
+    if (s->freed && s->in_cb == 0)
+        release(s);
+}
+
+void smtp_session_abort(smtp_session_t *s, const char *why)
+{
+    if (s == NULL || s->freed || s->finished || s->state != SMTP_STATE_HOLD)
+        return;
+    util_copy_text(s->abort_why, sizeof(s->abort_why), why && why[0] ? why : "abandoned by the sender");
+    if (s->in_hold_cb) {
+        s->hold_aborted = 1; /* hold_body() acts on it once the hook returns */
+        return;
+    }
+    s->in_cb++;
+    /* the final dot was never written: closing the connection now makes
+     * the server discard the transaction (RFC 5321 §4.1.1.4) */
+    session_fail(s, SMTP_EABORTED, 0, "%s", s->abort_why);
     s->in_cb--;
     if (s->freed && s->in_cb == 0)
         release(s);

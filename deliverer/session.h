@@ -14,15 +14,19 @@
  * was accepted, otherwise the transaction is RSET. Without PIPELINING the
  * same states run lock-step.
  *
- * Hold before the body (params.before_body, optional): after the 354 the
- * session hands the recipients accepted at RCPT to its owner and sends
- * nothing more until smtp_session_resume(). This is where an owner
- * records "about to send the final dot" (the delivery ledger): the one
+ * Hold before the final dot (params.before_body, optional): after the
+ * 354 the session hands the recipients accepted at RCPT to its owner and
+ * writes the body, all but the ".\r\n" that ends it, which waits for
+ * smtp_session_resume(). This is where an owner records "about to send
+ * the final dot" (the delivery ledger) while the body travels: the one
  * window in which a message may be delivered without its sender knowing
- * (RFC 1047) starts with the body, not before. The session stays in
- * SMTP_STATE_HOLD under the data_block timeout; a timeout, a lost
- * connection or smtp_session_free() ends it as in any other state, the
- * payload never sent. Without the hook the body follows the 354 at once.
+ * (RFC 1047) starts with the dot, not before. smtp_session_abort()
+ * instead closes the connection without the dot, so the server discards
+ * the transaction. The session stays in SMTP_STATE_HOLD under the
+ * data_block timeout; a reply before the dot is handled as in
+ * SMTP_STATE_BODY; a timeout, a lost connection or smtp_session_free()
+ * ends it as in any other state, the dot never sent. Without the hook
+ * the whole payload follows the 354 at once.
  *
  * A session can outlive its transaction (params.keep_open): it then
  * parks in SMTP_STATE_IDLE, still authenticated and inside TLS, and the
@@ -64,7 +68,7 @@ typedef enum {
     SMTP_STATE_MAIL,
     SMTP_STATE_RCPT,
     SMTP_STATE_DATA,
-    SMTP_STATE_HOLD,          /* 354 in, payload held until the owner resumes (before_body) */
+    SMTP_STATE_HOLD,          /* 354 in, body written, the final dot held until the owner resumes */
     SMTP_STATE_BODY,          /* payload being written, then waiting for the final reply */
     SMTP_STATE_RSET,          /* no recipient accepted: abort the transaction */
     SMTP_STATE_IDLE,          /* between transactions, kept open for reuse */
@@ -86,6 +90,8 @@ typedef enum {
     SMTP_EREJECTED = -5, /* the server refused the session: 421 at any point, greeting, EHLO/HELO not 2xx */
     SMTP_ELOCAL = -6,    /* no connection for want of local resources (descriptors, ports, memory):
                           * back-pressure, never the destination's fault */
+    SMTP_EABORTED = -7,  /* the owner abandoned a held transaction (smtp_session_abort): the
+                          * connection was closed before the final dot, nothing delivered */
 } smtp_status_t;
 
 const char *smtp_strerror(int status);
@@ -177,11 +183,12 @@ typedef struct smtp_session_result {
 typedef struct smtp_session smtp_session_t;
 
 /* The 354 of a transaction is in: accepted[0..n-1] (n >= 1) are the
- * recipients the server took at RCPT, as given in params.rcpts, in order;
- * the array is valid only during the call, the strings as long as the
- * transaction. Call smtp_session_resume(s) when the body may go, now
- * (from inside the hook) or later from the loop. Do not free s here. */
-typedef void (*smtp_session_hold_cb)(void *arg, smtp_session_t *s, const char *const *accepted, size_t n);
+ * positions in params.rcpts of the recipients the server took at RCPT,
+ * in order; the array is valid only during the call. The body is on its way; call smtp_session_resume(s) when
+ * the final dot may follow, or smtp_session_abort(s, why) to abandon the
+ * transaction, now (from inside the hook) or later from the loop. Do not
+ * free s here. */
+typedef void (*smtp_session_hold_cb)(void *arg, smtp_session_t *s, const size_t *accepted, size_t n);
 
 typedef struct smtp_session_params {
     const char            *helo_name;
@@ -259,6 +266,11 @@ int smtp_session_next(smtp_session_t *s, const smtp_session_params_t *txn, smtp_
  * meanwhile (timeout, lost connection) and been reported. May be called
  * from inside the hook. Never after smtp_session_free(). */
 void smtp_session_resume(smtp_session_t *s);
+/* Abandon the held transaction instead: the connection is closed without
+ * the final dot and the callback reports SMTP_EABORTED with why as the
+ * error (every accepted recipient left without a final reply). Same
+ * rules as smtp_session_resume(). */
+void smtp_session_abort(smtp_session_t *s, const char *why);
 
 /* Called at most once while the session is IDLE or quitting, when the
  * connection ends: the server closed it or sent something unsolicited

@@ -330,6 +330,8 @@ static int worker_open_services(worker_t *w, char *err, size_t errlen)
     svc->throttle = w->env->throttle;
     svc->dcfg = &w->env->dcfg;
     svc->rate_limit_max_wait_ms = cfg->smtp_rate_limit_max_wait_ms;
+    svc->mark_wait_ms = cfg->redis_mark_wait_ms;
+    svc->send_unrecorded = cfg->redis_send_unrecorded != 0;
     svc->dctx = deliver_ctx_new(w->loop, &w->env->dcfg);
     if (cfg->imap_pool) {
         imap_pool_limits_t il = { .max_appends = cfg->imap_pool_max_appends,

@@ -56,6 +56,7 @@ static const struct {
     [MET_IMAP_SESSIONS] = { "mailpump_imap_sessions_opened_total", "IMAP connections opened for Sent copies." },
     [MET_IMAP_SESSIONS_REUSED] = { "mailpump_imap_sessions_reused_total", "Sent copies appended on a pooled IMAP session (APPEND only)." },
     [MET_IMAP_ALREADY_STORED] = { "mailpump_imap_copies_found_total", "Retried Sent copies found already stored by an earlier attempt (Message-ID search), not appended again." },
+    [MET_LEDGER_NOT_SENT] = { "mailpump_ledger_not_sent_total", "Transactions abandoned before their final dot because the ledger (Redis) could not record them; their recipients were deferred." },
     [MET_SMTP_TLS_FALLBACKS] = { "mailpump_smtp_tls_fallbacks_total", "Opportunistic TLS handshakes that failed and were retried in plaintext on the same address (never under required or verify)." },
     [MET_LOCAL_RESOURCE_ERRORS] = { "mailpump_local_resource_errors_total", "SMTP connections not made for want of local resources (descriptors, ports, memory): retried as back-pressure, never counted against the destination." },
     [MET_IMAP_BATCHED] = { "mailpump_imap_multiappend_copies_total", "Sent copies stored together with other queued copies of the same account in one APPEND (MULTIAPPEND)." },

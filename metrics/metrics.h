@@ -52,6 +52,7 @@ typedef enum {
     MET_IMAP_BATCHED,        /* Sent copies stored by a MULTIAPPEND with others */
     MET_LOCAL_RESOURCE_ERRORS, /* connections not made for want of descriptors, ports, memory */
     MET_SMTP_TLS_FALLBACKS,  /* opportunistic TLS handshakes that failed, retried in plaintext */
+    MET_LEDGER_NOT_SENT,     /* transactions abandoned before the final dot: their mark could not be recorded */
     MET_COUNTER_LAST
 } metric_counter_t;
 

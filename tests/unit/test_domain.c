@@ -8,8 +8,10 @@
  * listener that accepts and closes at once counts connection attempts),
  * the mock DNS server of tests/support/fakedns.h for the MX cases (relay
  * mode, where the smarthost replaces the MX list, drives the rest), and
- * the process's own rate-limit table (throttle.h, no Redis). There is no ledger
- * (svc.ledger = NULL: no "sending" marks, no hold before the body).
+ * the process's own rate-limit table (throttle.h, no Redis). Most tests
+ * run without a ledger (svc.ledger = NULL: no marks, no hold before the
+ * dot); the ledger tests give the leg a real one (ledger.c over rclient)
+ * backed by the fake Redis of tests/support/fakeredis.h.
  *
  * Every test ends with the loop empty: no fd, no timer.
  */
@@ -36,11 +38,13 @@
 #include "core/util.h"
 #include "deliverer/deliver.h"
 #include "deliverer/domain.h"
+#include "deliverer/ledger.h"
 #include "deliverer/outcome.h"
 #include "deliverer/session.h"
 #include "deliverer/throttle.h"
 #include "dns/resolver.h"
 #include "tests/support/fakedns.h"
+#include "tests/support/fakeredis.h"
 #include "tests/support/fakesmtp.h"
 
 /* ------------------------------------------------------------------ */
@@ -50,6 +54,7 @@
 #define FROM      "a@x"
 #define MSG_SIZE  38
 #define PAYLOAD   "Subject: test\r\n\r\nhello\r\n..leading dot\r\n.\r\n" /* dot-stuffed */
+#define PAYLOAD_HELD "Subject: test\r\n\r\nhello\r\n..leading dot\r\n" /* all but the final dot */
 
 #define TRANSCRIPT_OK(rcpts) \
     "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n" rcpts "DATA\r\n" PAYLOAD "QUIT\r\n"
@@ -82,6 +87,9 @@ typedef struct fx {
     domain_services_t svc;
     fake_server_t    *srv[4];
     size_t            nsrv;
+    fakeredis_t      *redis;
+    rclient_t        *rc;
+    ledger_t         *ledger;
 } fx_t;
 
 /* What one leg reported, and what it asked of the gate. */
@@ -188,6 +196,9 @@ static int teardown(void **state)
     fx_t *f = *state;
     if (f->dctx)
         deliver_ctx_free(f->dctx);
+    rclient_free(f->rc); /* before the ledger (ledger.h) */
+    ledger_free(f->ledger);
+    fakeredis_free(f->redis);
     for (size_t i = 0; i < f->nsrv; i++)
         fake_server_free(f->srv[i]);
     if (f->dns)
@@ -240,6 +251,31 @@ static void make_services(fx_t *f, uint64_t max_wait_ms)
         .dcfg = &f->dcfg,
         .rate_limit_max_wait_ms = max_wait_ms,
     };
+}
+
+/* A ledger on the fake Redis for the legs of this test: marks, the held
+ * dot, the records of each transaction. */
+static void with_ledger(fx_t *f, uint64_t mark_wait_ms, int send_unrecorded)
+{
+    f->redis = fakeredis_new(f->loop);
+    rclient_config_t rcfg = { .host = "127.0.0.1", .port = f->redis->port, .timeout_ms = 100,
+                              .connect_timeout_ms = 300, .reconnect_max_ms = 200 };
+    f->rc = rclient_new(f->loop, &rcfg);
+    for (uint64_t until = util_mono_ms() + 2000; !rclient_connected(f->rc) && util_mono_ms() < until;)
+        loop_run_once(f->loop, 10);
+    assert_true(rclient_connected(f->rc));
+    f->ledger = ledger_new(f->loop, f->rc, 60000);
+    f->svc.ledger = f->ledger;
+    f->svc.mark_wait_ms = mark_wait_ms;
+    f->svc.send_unrecorded = send_unrecorded;
+}
+
+/* The ledger record of recipient rcpt of the test message, or NULL. */
+static const char *record(const fx_t *f, const char *rcpt)
+{
+    char key[256];
+    snprintf(key, sizeof(key), "mp:r:test-msg-1:%s", rcpt);
+    return fakeredis_get(f->redis, key);
 }
 
 /* Relay mode: every leg goes to 127.0.0.1:port as "relay.test". */
@@ -1075,6 +1111,234 @@ static void test_free_inside_done(void **state)
     assert_int_equal(c1.fired + c2.fired + c3.fired + c4.fired, 4);
 }
 
+
+/* ------------------------------------------------------------------ */
+/* 8. the ledger, per transaction                                      */
+
+/* Each transaction is recorded as it ends: "sending" before the dot (the
+ * dot waits for it: with Redis mute it never goes, while the body does),
+ * then "done" for the 2xx, nothing for a refused recipient. */
+static void test_ledger_marks_before_dot_done_after(void **state)
+{
+    fx_t *f = *state;
+    static const rule_t rules[] = {
+        { "EHLO", "250-fake.test\r\n250 PIPELINING\r\n", ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:<c@", "550 5.1.1 no such user\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules,
+                                 .eod_reply = "250 2.0.0 Ok: queued\r\n" };
+    fake_server_t *fs = server(f, &sc);
+    relay_env(f, fs->port, NULL, 0);
+    with_ledger(f, 5000, 0);
+    const char *rcpts[] = { "b@y.test", "c@y.test", "d@y.test" };
+    leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 3 };
+    dcap_t cap = { .gate_allow = -1 };
+    domain_request_t rq = request(&a, &cap);
+    f->redis->mute = 1;
+    start(f, &rq, &cap);
+    /* the body arrives, the dot does not: the mark is unanswered */
+    for (uint64_t until = util_mono_ms() + 3000; util_mono_ms() < until;) {
+        loop_run_once(f->loop, 10);
+        const char *tr = fake_server_transcript(fs);
+        size_t n = strlen(tr), h = strlen(PAYLOAD_HELD);
+        if (n >= h && strcmp(tr + n - h, PAYLOAD_HELD) == 0)
+            break;
+    }
+    spin_ms(f->loop, 150);
+    const char *tr = fake_server_transcript(fs);
+    assert_true(strlen(tr) >= strlen(PAYLOAD_HELD));
+    assert_string_equal(tr + strlen(tr) - strlen(PAYLOAD_HELD), PAYLOAD_HELD);
+    assert_int_equal(fs->nmessages, 0);
+    assert_int_equal(cap.fired, 0);
+    assert_non_null(strstr(buf_head(&f->redis->log), "EVAL <script> 2 mp:r:test-msg-1:b@y.test "
+                                                      "mp:r:test-msg-1:d@y.test 60000 sending sending\n"));
+    fakeredis_unmute(f->redis); /* the retried mark is answered, the dot goes */
+    finish_leg(f, &cap);
+    assert_int_equal(fs->nmessages, 1);
+    assert_rcpt(&cap, 0, OUTCOME_DELIVERED, OUTCOME_R_DELIVERED, 250, "2.0.0");
+    assert_rcpt(&cap, 1, OUTCOME_PERMANENT, OUTCOME_R_NO_SUCH_USER, 550, "5.1.1");
+    assert_rcpt(&cap, 2, OUTCOME_DELIVERED, OUTCOME_R_DELIVERED, 250, "2.0.0");
+    /* recorded before the leg reported */
+    assert_string_equal(record(f, "b@y.test"), "done");
+    assert_null(record(f, "c@y.test"));
+    assert_string_equal(record(f, "d@y.test"), "done");
+}
+
+/* A recipient the job flagged is recorded "done-dup" when delivered; a
+ * refusal after the dot leaves no record for the others, the flagged
+ * one's mark stays (an earlier copy may be at the server). */
+static void test_ledger_flagged_and_refused(void **state)
+{
+    fx_t *f = *state;
+    static const script_t refuse = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok,
+                                     .eod_reply = "554 5.7.1 rejected as spam\r\n" };
+    fake_server_t *ok = server(f, &fakesmtp_script_ok);
+    fake_server_t *no = server(f, &refuse);
+    relay_env(f, ok->port, NULL, 0);
+    with_ledger(f, 5000, 0);
+    const char *rcpts[] = { "b@y.test", "c@y.test" };
+    static const unsigned char flagged[] = { 1, 0 };
+    leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 2 };
+    dcap_t c1 = { .gate_allow = -1 };
+    domain_request_t q1 = request(&a, &c1);
+    q1.flagged = flagged;
+    start(f, &q1, &c1);
+    finish_leg(f, &c1);
+    assert_string_equal(record(f, "b@y.test"), "done-dup");
+    assert_string_equal(record(f, "c@y.test"), "done");
+
+    /* the same two refused after the dot, to another message */
+    deliver_ctx_free(f->dctx);
+    f->dctx = NULL;
+    ledger_t *l = f->ledger;
+    rclient_t *rc = f->rc;
+    fakeredis_t *redis = f->redis;
+    relay_env(f, no->port, NULL, 0);
+    f->svc.ledger = l;
+    f->svc.mark_wait_ms = 5000;
+    fakeredis_set(redis, "mp:r:test-msg-1:b@y.test", "sending"); /* left by an earlier attempt */
+    fakeredis_set(redis, "mp:r:test-msg-1:c@y.test", "done");
+    dcap_t c2 = { .gate_allow = -1 };
+    domain_request_t q2 = request(&a, &c2);
+    q2.flagged = flagged;
+    start(f, &q2, &c2);
+    finish_leg(f, &c2);
+    assert_rcpt(&c2, 0, OUTCOME_PERMANENT, OUTCOME_R_SPAM, 554, "5.7.1");
+    assert_string_equal(record(f, "b@y.test"), "sending");
+    assert_null(record(f, "c@y.test"));
+    assert_ptr_equal(f->rc, rc);
+}
+
+/* Cut after the dot: the marks stay; the fast retry that delivers records
+ * "done-dup" (that copy may be the second). */
+static void test_ledger_cut_then_retry(void **state)
+{
+    fx_t *f = *state;
+    static const script_t cut = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok, .eod_close = 1 };
+    fake_server_t *fs = server(f, &cut);
+    relay_env(f, fs->port, NULL, 0);
+    with_ledger(f, 5000, 0);
+    const char *rcpts[] = { "b@y.test", "c@y.test" };
+    leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 2, .gate = 1 };
+    dcap_t c1 = { .gate_allow = -1 };
+    domain_request_t q1 = request(&a, &c1);
+    start(f, &q1, &c1);
+    finish_leg(f, &c1);
+    assert_int_equal(fs->nmessages, 1);
+    assert_string_equal(record(f, "b@y.test"), "sending");
+    assert_string_equal(record(f, "c@y.test"), "sending");
+
+    leg_args_t a2 = a;
+    a2.fast_retries = 2;
+    a2.fast_base_ms = 5;
+    dcap_t c2 = { .gate_allow = -1, .srv = fs, .switch_to = &fakesmtp_script_ok };
+    domain_request_t q2 = request(&a2, &c2);
+    start(f, &q2, &c2);
+    finish_leg(f, &c2);
+    assert_int_equal(fs->nmessages, 3);
+    assert_rcpt(&c2, 0, OUTCOME_DELIVERED, OUTCOME_R_DELIVERED, 250, "2.0.0");
+    assert_string_equal(record(f, "b@y.test"), "done-dup");
+    assert_string_equal(record(f, "c@y.test"), "done-dup");
+}
+
+/* Redis keeps failing: the mark is tried until mark_wait is spent, then
+ * the transaction is abandoned before its dot (the server got the body,
+ * never the dot: no message), the recipients deferred ledger_unavailable,
+ * no fast retry. With send_unrecorded the dot goes anyway. */
+static void test_ledger_down_not_sent(void **state)
+{
+    fx_t *f = *state;
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
+    relay_env(f, fs->port, NULL, 0);
+    with_ledger(f, 400, 0);
+    f->redis->fail_next = 1000;
+    const char *rcpts[] = { "b@y.test", "c@y.test" };
+    leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 2, .fast_retries = 2, .fast_base_ms = 5,
+                     .gate = 1 };
+    dcap_t c1 = { .gate_allow = -1 };
+    domain_request_t q1 = request(&a, &c1);
+    uint64_t t0 = util_mono_ms();
+    start(f, &q1, &c1);
+    finish_leg(f, &c1);
+    uint64_t took = c1.done_ms - t0;
+    assert_true(took >= 380 && took < 3000);
+    assert_int_equal(fs->nmessages, 0);
+    assert_int_equal(c1.gate_calls, 1);
+    const char *tr = fake_server_transcript(fs);
+    assert_string_equal(tr + strlen(tr) - strlen("DATA\r\n" PAYLOAD_HELD), "DATA\r\n" PAYLOAD_HELD);
+    for (size_t i = 0; i < 2; i++) {
+        assert_rcpt(&c1, i, OUTCOME_TRANSIENT, OUTCOME_R_LEDGER, 0, "");
+        assert_non_null(strstr(c1.r[i].text, "not sent"));
+    }
+    size_t evals = 0;
+    for (const char *p = buf_head(&f->redis->log); (p = strstr(p, " sending sending\n")) != NULL; p++)
+        evals++;
+    assert_true(evals >= 3); /* tried again while mark_wait lasted */
+    assert_null(record(f, "b@y.test"));
+
+    f->svc.send_unrecorded = 1;
+    dcap_t c2 = { .gate_allow = -1 };
+    domain_request_t q2 = request(&a, &c2);
+    start(f, &q2, &c2);
+    finish_leg(f, &c2);
+    assert_int_equal(fs->nmessages, 1);
+    assert_rcpt(&c2, 0, OUTCOME_DELIVERED, OUTCOME_R_DELIVERED, 250, "2.0.0");
+}
+
+/* A Redis that fails a moment and comes back within mark_wait: the dot
+ * goes after the retried mark, and the record follows. */
+static void test_ledger_mark_retried(void **state)
+{
+    fx_t *f = *state;
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
+    relay_env(f, fs->port, NULL, 0);
+    with_ledger(f, 3000, 0);
+    f->redis->fail_next = 2;
+    const char *rcpts[] = { "b@y.test" };
+    leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1 };
+    dcap_t c = { .gate_allow = -1 };
+    domain_request_t q = request(&a, &c);
+    start(f, &q, &c);
+    finish_leg(f, &c);
+    assert_int_equal(fs->nmessages, 1);
+    assert_rcpt(&c, 0, OUTCOME_DELIVERED, OUTCOME_R_DELIVERED, 250, "2.0.0");
+    assert_string_equal(record(f, "b@y.test"), "done");
+    assert_string_equal(buf_head(&f->redis->log),
+                        "EVAL <script> 1 mp:r:test-msg-1:b@y.test 60000 sending\n"
+                        "EVAL <script> 1 mp:r:test-msg-1:b@y.test 60000 sending\n"
+                        "EVAL <script> 1 mp:r:test-msg-1:b@y.test 60000 sending\n"
+                        "EVAL <script> 1 mp:r:test-msg-1:b@y.test 60000 done\n");
+}
+
+/* Freed while its dot waits for the mark: nothing fires, nothing leaks,
+ * the loop ends empty (teardown). */
+static void test_ledger_free_while_held(void **state)
+{
+    fx_t *f = *state;
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
+    relay_env(f, fs->port, NULL, 0);
+    with_ledger(f, 5000, 0);
+    f->redis->mute = 1;
+    const char *rcpts[] = { "b@y.test" };
+    leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1 };
+    dcap_t c = { .gate_allow = -1 };
+    domain_request_t q = request(&a, &c);
+    domain_leg_t *leg = start(f, &q, &c);
+    spin_ms(f->loop, 300);
+    assert_int_equal(fs->nmessages, 0);
+    domain_free(leg);
+    c.leg = NULL;
+    fakeredis_unmute(f->redis);
+    spin_ms(f->loop, 300);
+    assert_int_equal(c.fired, 0);
+    assert_int_equal(fs->nmessages, 0);
+}
+
 static int group_setup(void **state)
 {
     const char *lvl = getenv("MP_TEST_LOG");
@@ -1108,6 +1372,12 @@ int main(void)
         T(test_free_during_fast_wait),
         T(test_free_before_report),
         T(test_free_inside_done),
+        T(test_ledger_marks_before_dot_done_after),
+        T(test_ledger_flagged_and_refused),
+        T(test_ledger_cut_then_retry),
+        T(test_ledger_down_not_sent),
+        T(test_ledger_mark_retried),
+        T(test_ledger_free_while_held),
     };
     return cmocka_run_group_tests(tests, group_setup, NULL);
 }

@@ -2,7 +2,9 @@
  * Unit tests for deliverer/ledger without a Redis client: every call
  * completes exactly once with ok=0, never synchronously, newest first;
  * a cancelled call never completes; calls made from a callback complete
- * later; ledger_free() completes what is left.
+ * later; ledger_free() completes what is left. Then against the fake
+ * Redis of tests/support/fakeredis.h: the marks of one loop iteration
+ * go as one batch, in order.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -13,7 +15,10 @@
 #include <string.h>
 
 #include "core/loop.h"
+#include "core/rclient.h"
+#include "core/util.h"
 #include "deliverer/ledger.h"
+#include "tests/support/fakeredis.h"
 
 typedef struct seen {
     int       order[2048];
@@ -147,12 +152,70 @@ static void test_calls_from_callbacks_and_free(void **state)
     loop_free(loop);
 }
 
+/* Marks made in one loop iteration share one EVAL, applied in order (a
+ * key marked twice ends as the second); a failed batch fails every call
+ * in it; a cancelled call in a batch stays silent. */
+static void test_marks_batched_per_iteration(void **state)
+{
+    loop_t *loop = loop_new();
+    fakeredis_t *fr = fakeredis_new(loop);
+    rclient_config_t rcfg = { .host = "127.0.0.1", .port = fr->port, .timeout_ms = 500 };
+    rclient_t *rc = rclient_new(loop, &rcfg);
+    for (uint64_t until = util_mono_ms() + 2000; !rclient_connected(rc) && util_mono_ms() < until;)
+        loop_run_once(loop, 10);
+    assert_true(rclient_connected(rc));
+    ledger_t *l = ledger_new(loop, rc, 1000);
+    seen_t s = { .n = 0 };
+    tag_t t[4] = { { &s, 1 }, { &s, 2 }, { &s, 3 }, { &s, 4 } };
+    const char *ab[] = { "A@b", "c@d" };
+    const char *a[] = { "a@b" };
+    const char *c[] = { "c@d" };
+    ledger_mark(l, "m1", ab, 2, LEDGER_SENDING, on_done, &t[0]);
+    ledger_mark(l, "m1", a, 1, LEDGER_DONE, on_done, &t[1]);
+    ledger_mark(l, "m1", c, 1, LEDGER_NONE, on_done, &t[2]);
+    uint64_t gone = ledger_mark(l, "m2", a, 1, LEDGER_DONE_FLAGGED, on_done, &t[3]);
+    ledger_cancel(l, gone);
+    assert_int_equal(s.n, 0);
+    for (uint64_t until = util_mono_ms() + 2000; s.n < 3 && util_mono_ms() < until;)
+        loop_run_once(loop, 10);
+    assert_int_equal(s.n, 3);
+    assert_int_equal(s.ok_sum, 3);
+    assert_int_equal(ledger_batches(l), 1);
+    assert_int_equal(fr->nevals, 1);
+    assert_string_equal(buf_head(&fr->log),
+                        "EVAL <script> 5 mp:r:m1:a@b mp:r:m1:c@d mp:r:m1:a@b mp:r:m1:c@d mp:r:m2:a@b 1000 "
+                        "sending sending done  done-dup\n");
+    assert_string_equal(fakeredis_get(fr, "mp:r:m1:a@b"), "done");
+    assert_null(fakeredis_get(fr, "mp:r:m1:c@d"));
+    assert_string_equal(fakeredis_get(fr, "mp:r:m2:a@b"), "done-dup");
+
+    /* a batch Redis refuses fails each of its calls */
+    fr->fail_next = 1;
+    s.n = s.ok_sum = 0;
+    ledger_mark(l, "m3", a, 1, LEDGER_DONE, on_done, &t[0]);
+    ledger_mark(l, "m3", c, 1, LEDGER_DONE, on_done, &t[1]);
+    for (uint64_t until = util_mono_ms() + 2000; s.n < 2 && util_mono_ms() < until;)
+        loop_run_once(loop, 10);
+    assert_int_equal(s.n, 2);
+    assert_int_equal(s.ok_sum, 0);
+    assert_int_equal(ledger_batches(l), 2);
+    rclient_free(rc);
+    ledger_free(l);
+    fakeredis_free(fr);
+    for (int i = 0; i < 50 && (loop_fd_count(loop) || loop_timer_count(loop)); i++)
+        loop_run_once(loop, 10);
+    assert_int_equal(loop_fd_count(loop), 0);
+    assert_int_equal(loop_timer_count(loop), 0);
+    loop_free(loop);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_no_client_calls_fail_from_the_loop),
         cmocka_unit_test(test_many_calls_and_cancels),
         cmocka_unit_test(test_calls_from_callbacks_and_free),
+        cmocka_unit_test(test_marks_batched_per_iteration),
     };
     return cmocka_run_group_tests_name("ledger", tests, NULL, NULL);
 }

@@ -2759,9 +2759,15 @@ typedef struct hold_rec {
     size_t     n[HOLD_MAX];
     char       acc[HOLD_MAX][4][16];
     int        resume_inside; /* resume from inside the hook */
+    int        abort_inside;  /* abandon the transaction from inside the hook */
+    const char *const *rcpts; /* the request's, to name the positions the hook gets */
+    int        txns;          /* after_txn calls */
+    size_t     txn_idx[4];    /* the last one's recipients and states */
+    deliver_txn_state_t txn_st[4];
+    size_t     txn_n;
 } hold_rec_t;
 
-static void on_hold(void *arg, deliver_t *d, uint64_t hold, const char *const *accepted, size_t n)
+static void on_hold(void *arg, deliver_t *d, uint64_t hold, const size_t *accepted, size_t n)
 {
     hold_rec_t *h = arg;
     assert_true(h->calls < HOLD_MAX);
@@ -2771,10 +2777,24 @@ static void on_hold(void *arg, deliver_t *d, uint64_t hold, const char *const *a
     h->hold[h->calls] = hold;
     h->n[h->calls] = n;
     for (size_t i = 0; i < n; i++)
-        snprintf(h->acc[h->calls][i], sizeof(h->acc[h->calls][i]), "%s", accepted[i]);
+        snprintf(h->acc[h->calls][i], sizeof(h->acc[h->calls][i]), "%s", h->rcpts[accepted[i]]);
     h->calls++;
     if (h->resume_inside)
         deliver_resume(d, hold);
+    if (h->abort_inside)
+        deliver_abort(d, hold, "given up by the owner");
+}
+
+static void on_txn(void *arg, deliver_t *d, const size_t *accepted, const deliver_txn_state_t *st, size_t n)
+{
+    hold_rec_t *h = arg;
+    assert_true(n >= 1 && n <= 4);
+    h->txns++;
+    h->txn_n = n;
+    for (size_t i = 0; i < n; i++) {
+        h->txn_idx[i] = accepted[i];
+        h->txn_st[i] = st[i];
+    }
 }
 
 /* Like run_until(), but fails within ms instead of spinning on. */
@@ -2786,15 +2806,31 @@ static void run_until_within(loop_t *loop, const int *flag, unsigned ms)
     assert_true(*flag);
 }
 
-/* The transcript so far ends with DATA: not one byte of the body went. */
-static void assert_no_body(fake_server_t *fs)
+/* The payload without its final ".\r\n": what a held transaction sends. */
+#define PAYLOAD_HELD "Subject: test\r\n\r\nhello\r\n..leading dot\r\n"
+
+/* A held transaction: its body arrived, all but the final dot (the
+ * transcript ends with it), so the server has no message from it. */
+static void assert_dot_held(loop_t *loop, fake_server_t *fs)
 {
+    size_t want = strlen(PAYLOAD_HELD), have = 0;
+    for (uint64_t until = util_mono_ms() + 2000; util_mono_ms() < until;) {
+        have = 0;
+        for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
+            have += buf_size(&fs->conns[i].body);
+        if (have >= want)
+            break;
+        assert_true(loop_run_once(loop, 10) >= 0);
+    }
+    spin(loop, 3);
+    have = 0;
+    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
+        have += buf_size(&fs->conns[i].body);
+    assert_int_equal(have, want);
     const char *tr = fake_server_transcript(fs);
     size_t n = strlen(tr);
-    assert_true(n >= 6);
-    assert_string_equal(tr + n - 6, "DATA\r\n");
-    for (size_t i = 0; i < FAKE_MAX_CONNS; i++)
-        assert_int_equal(buf_size(&fs->conns[i].body), 0);
+    assert_true(n >= want + 6);
+    assert_string_equal(tr + n - want - 6, "DATA\r\n" PAYLOAD_HELD);
 }
 
 static deliver_request_t hold_req(const char *const *rcpts, size_t n, const deliver_candidate_t *c, size_t nc,
@@ -2811,8 +2847,11 @@ static deliver_request_t hold_req(const char *const *rcpts, size_t n, const deli
         .ncandidates = nc,
         .log_id = "test-msg-hold",
         .before_body = h ? on_hold : NULL,
+        .after_txn = h ? on_txn : NULL,
         .before_body_arg = h,
     };
+    if (h)
+        h->rcpts = rcpts;
     return req;
 }
 
@@ -2855,13 +2894,14 @@ static void test_hold_before_body(void **state)
     spin_ms(t->loop, 200);
     assert_int_equal(cap.fired, 0);
     assert_int_equal(h.calls, 1);
+    assert_dot_held(t->loop, fs);
     assert_string_equal(fake_server_transcript(fs),
                         "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
-                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\nDATA\r\n");
-    assert_no_body(fs);
+                        "RCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nRCPT TO:<d@y>\r\nDATA\r\n" PAYLOAD_HELD);
     deliver_resume(d, h.hold[0] + 1); /* not this transaction's hold */
     spin_ms(t->loop, 50);
-    assert_no_body(fs);
+    assert_dot_held(t->loop, fs);
+    assert_int_equal(fs->nmessages, 0);
     deliver_resume(d, h.hold[0]);
     run_until(t->loop, &cap.fired);
     assert_int_equal(h.calls, 1);
@@ -2921,8 +2961,8 @@ static void test_hold_per_transaction(void **state)
             if (!inside && h.calls > resumed) {
                 /* held: this transaction's body has not started */
                 assert_int_equal(fs->nmessages, resumed);
-                spin(t->loop, 3);
-                assert_no_body(fs);
+                assert_dot_held(t->loop, fs);
+                assert_int_equal(fs->nmessages, resumed);
                 deliver_resume(d, h.hold[resumed]);
                 resumed++;
             }
@@ -2966,7 +3006,7 @@ static void test_hold_timeout_fails_over(void **state)
     deliver_request_t req = hold_req(rcpts, 1, c, 2, &h);
     deliver_t *d = deliver_start(t->loop, &cfg, &req, on_result, &cap);
     run_until_within(t->loop, &h.calls, 5000);
-    assert_no_body(s1);
+    assert_dot_held(t->loop, s1);
     int two = 0;
     for (uint64_t until = util_mono_ms() + 5000; !two && util_mono_ms() < until;) {
         assert_true(loop_run_once(t->loop, 10) >= 0);
@@ -2976,13 +3016,12 @@ static void test_hold_timeout_fails_over(void **state)
     assert_int_equal(cap.fired, 0);
     assert_string_equal(fake_server_transcript(s1),
                         "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\n"
-                        "RCPT TO:<b@y>\r\nDATA\r\n");
+                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD_HELD);
     assert_int_equal(s1->nmessages, 0);
     assert_int_equal(h.n[1], 1);
     assert_string_equal(h.acc[1][0], "b@y");
     deliver_resume(d, h.hold[0]); /* the first hold is over */
-    spin(t->loop, 3);
-    assert_no_body(s2);
+    assert_dot_held(t->loop, s2);
     deliver_resume(d, h.hold[1]);
     run_until(t->loop, &cap.fired);
     assert_string_equal(fake_server_transcript(s2), TRANSCRIPT_OK("RCPT TO:<b@y>\r\n"));
@@ -2994,7 +3033,83 @@ static void test_hold_timeout_fails_over(void **state)
     drain_and_check(t->loop, all, 2);
 }
 
-/* Cancelled while held: no callback, no body, nothing left in the loop
+/* Abandoned while held (from inside the hook, then later): the body went
+ * but never its dot, so the server has no message; the attempt ends
+ * there (the second MX is never tried), the recipient transient with the
+ * owner's words, after_txn saying not sent. */
+static void test_hold_abort(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *s1 = fake_server_new(t->loop, &fakesmtp_script_ok);
+    fake_server_t *s2 = fake_server_new(t->loop, &fakesmtp_script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", s1->port), cand("mx2.fake.test", s2->port) };
+    const char *rcpts[] = { "b@y", "c@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    for (int inside = 1; inside >= 0; inside--) {
+        hold_rec_t h = { .abort_inside = inside };
+        capture_t cap = { 0 };
+        deliver_request_t req = hold_req(rcpts, 2, c, 2, &h);
+        deliver_t *d = deliver_start(t->loop, &cfg, &req, on_result, &cap);
+        run_until_within(t->loop, &h.calls, 5000);
+        if (!inside) {
+            assert_dot_held(t->loop, s1);
+            deliver_abort(d, h.hold[0] + 1, "stale"); /* not this hold: nothing */
+            spin(t->loop, 3);
+            assert_int_equal(cap.fired, 0);
+            deliver_abort(d, h.hold[0], "given up by the owner");
+        }
+        run_until(t->loop, &cap.fired);
+        assert_int_equal(s1->nmessages, 0);
+        assert_int_equal(s2->naccepted, 0);
+        assert_int_equal(cap.attempts, 1);
+        for (size_t i = 0; i < 2; i++) {
+            assert_string_equal(outcome_name(cap.r[i].outcome), outcome_name(OUTCOME_TRANSIENT));
+            assert_int_equal(cap.r[i].code, 0);
+            assert_string_equal(cap.r[i].text, "given up by the owner");
+            assert_int_equal(cap.r[i].maybe_sent, 0);
+        }
+        assert_int_equal(h.txns, 1);
+        assert_int_equal(h.txn_n, 2);
+        assert_int_equal(h.txn_idx[0], 0);
+        assert_int_equal(h.txn_idx[1], 1);
+        assert_int_equal(h.txn_st[0], DELIVER_TXN_NOT_SENT);
+        assert_int_equal(h.txn_st[1], DELIVER_TXN_NOT_SENT);
+    }
+    const char *tr = fake_server_transcript(s1);
+    assert_string_equal(tr + strlen(tr) - strlen("DATA\r\n" PAYLOAD_HELD), "DATA\r\n" PAYLOAD_HELD);
+    fake_server_t *all[] = { s1, s2 };
+    drain_and_check(t->loop, all, 2);
+}
+
+/* after_txn of a delivered transaction and of one cut after its dot. */
+static void test_hold_after_txn_states(void **state)
+{
+    tctx_t *t = *state;
+    static const script_t cut = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok, .eod_close = 1 };
+    fake_server_t *ok = fake_server_new(t->loop, &fakesmtp_script_ok);
+    fake_server_t *cs = fake_server_new(t->loop, &cut);
+    deliver_candidate_t c1[] = { cand("mx1.fake.test", ok->port) };
+    deliver_candidate_t c2[] = { cand("mx1.fake.test", cs->port) };
+    const char *rcpts[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    hold_rec_t h = { .resume_inside = 1 };
+    capture_t cap = { 0 };
+    deliver_request_t req = hold_req(rcpts, 1, c1, 1, &h);
+    deliver_req_and_wait(t, &cfg, &req, &cap);
+    assert_int_equal(h.txns, 1);
+    assert_int_equal(h.txn_st[0], DELIVER_TXN_DELIVERED);
+    hold_rec_t h2 = { .resume_inside = 1 };
+    capture_t cap2 = { 0 };
+    req = hold_req(rcpts, 1, c2, 1, &h2);
+    deliver_req_and_wait(t, &cfg, &req, &cap2);
+    assert_int_equal(h2.txns, 1);
+    assert_int_equal(h2.txn_st[0], DELIVER_TXN_MAYBE_SENT);
+    assert_int_equal(cap2.r[0].maybe_sent, 1);
+    fake_server_t *all[] = { ok, cs };
+    drain_and_check(t->loop, all, 2);
+}
+
+/* Cancelled while held: no callback, no final dot, nothing left in the loop
  * (and nothing leaked, under ASan): one-shot, then on a pooled context. */
 static void test_hold_cancel(void **state)
 {
@@ -3008,21 +3123,19 @@ static void test_hold_cancel(void **state)
     deliver_request_t req = hold_req(rcpts, 2, c, 1, &h);
     deliver_t *d = deliver_start(t->loop, &cfg, &req, never_called, NULL);
     run_until_within(t->loop, &h.calls, 5000);
-    spin(t->loop, 3);
+    assert_dot_held(t->loop, fs);
     deliver_cancel(d);
     spin(t->loop, 5);
-    assert_no_body(fs);
     assert_int_equal(fs->nmessages, 0);
 
     deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
-    hold_rec_t h2 = { 0 };
+    hold_rec_t h2 = { .rcpts = rcpts };
     req.before_body_arg = &h2;
     d = deliver_ctx_start(ctx, &req, never_called, NULL);
     run_until_within(t->loop, &h2.calls, 5000);
     deliver_cancel(d);
     deliver_ctx_free(ctx);
     spin(t->loop, 5);
-    assert_no_body(fs);
     assert_int_equal(fs->nmessages, 0);
     assert_int_equal(fs->naccepted, 2);
     drain_and_check(t->loop, &fs, 1);
@@ -3169,6 +3282,8 @@ int main(void)
         T(test_hold_per_transaction),
         T(test_hold_timeout_fails_over),
         T(test_hold_cancel),
+        T(test_hold_abort),
+        T(test_hold_after_txn_states),
         cmocka_unit_test(test_tls_session_cache),
         cmocka_unit_test(test_config_build),
     };
