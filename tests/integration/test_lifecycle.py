@@ -185,6 +185,21 @@ class Retries(unittest.TestCase):
             sink.stop()
 
 
+def count_copies(needle):
+    """Messages holding needle in the stack's receivers' maildirs."""
+    n = 0
+    for mx in ("mx1", "mx2"):
+        for sub in ("new", "cur"):
+            d = os.path.join("/tmp/mpstack", mx, "inbox", sub)
+            for name in os.listdir(d) if os.path.isdir(d) else ():
+                try:
+                    with open(os.path.join(d, name), "rb") as f:
+                        n += needle.encode() in f.read()
+                except FileNotFoundError:
+                    pass
+    return n
+
+
 class RedisOutage(unittest.TestCase):
     """A private Redis, stopped mid-run and started again."""
 
@@ -204,34 +219,67 @@ class RedisOutage(unittest.TestCase):
         while time.time() < deadline and redis_cli(port, "PING") == "PONG":
             time.sleep(0.05)
 
-    def test_delivery_continues_without_redis_and_ledger_resumes(self):
+    def outage_daemon(self, **extra):
         env = mpstack.stack_env()
         port = mpstack.free_port()
         workdir = tempfile.mkdtemp(prefix="mp-redis-")
         self.start_redis(port, workdir)
-        d = mpstack.Daemon(env, workers=1, extra_env={"MAILPUMP_REDIS_PORT": str(port)})
+        d = mpstack.Daemon(env, workers=1, extra_env={"MAILPUMP_REDIS_PORT": str(port),
+                                                       "MAILPUMP_REDIS_MARK_WAIT": "300ms",
+                                                       "MAILPUMP_RETRY_LEVELS": "1s,2s", **extra})
         tap = mpstack.EventTap(env, d.exchange)
+        self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+        self.addCleanup(self.stop_redis, port)
+        return d, tap, port, workdir
 
-        def send(tag):
-            r = d.cli("enqueue", "--from", "bob@test.example", "--to", f"{tag}@test.example",
-                      "--text", tag)
-            self.assertEqual(r.returncode, 0, r.stderr)
-            mid = r.stdout.strip()
-            tap.wait(lambda e: e["event"] == "delivered" and e.get("message_id") == mid, 1)
-            return mid
+    def send(self, d, tag):
+        r = d.cli("enqueue", "--from", "bob@test.example", "--to", f"{tag}@test.example", "--text", tag)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return r.stdout.strip()
 
+    def test_no_copy_goes_unrecorded_while_redis_is_down(self):
+        # default: a copy whose "sending" mark Redis cannot record is not
+        # sent (deferred, ledger_unavailable) and goes once Redis is back
+        d, tap, port, workdir = self.outage_daemon()
         try:
             d.start()
-            first = send("before")
+            first = self.send(d, "before")
+            tap.wait(lambda e: e["event"] == "delivered" and e.get("message_id") == first, 1)
             self.assertEqual(redis_cli(port, "GET", f"mp:r:{first}:before@test.example"), "done")
             self.stop_redis(port)
-            send("during")  # delivered all the same, at-least-once
+            tag = "during-" + os.urandom(4).hex()
+            mid = self.send(d, tag)
+            ev = tap.wait(lambda e: e.get("message_id") == mid, 1, timeout=30)[0]
+            self.assertEqual(ev["event"], "deferred", ev)
+            self.assertEqual(ev["reason"], "ledger_unavailable", ev)
+            self.assertIn("not sent", ev.get("error", ""), ev)
+            self.assertEqual(count_copies(tag), 0)
+            self.assertGreaterEqual(d.metric("mailpump_ledger_not_sent_total"), 1)
+            self.start_redis(port, workdir)
+            ev = tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "delivered", 1, timeout=60)[0]
+            self.assertFalse(ev.get("possible_duplicate"), ev)
+            self.assertEqual(redis_cli(port, "GET", f"mp:r:{mid}:{tag}@test.example"), "done")
+            self.assertEqual(count_copies(tag), 1)
+        finally:
+            self.assertEqual(d.stop(), 0)
+            tap.close()
+
+    def test_send_unrecorded_delivers_through_the_outage(self):
+        d, tap, port, workdir = self.outage_daemon(MAILPUMP_REDIS_SEND_UNRECORDED="1")
+        try:
+            d.start()
+            self.stop_redis(port)
+            mid = self.send(d, "unrecorded")
+            ev = tap.wait(lambda e: e.get("message_id") == mid, 1, timeout=30)[0]
+            self.assertEqual(ev["event"], "delivered", ev)  # at-least-once, as configured
             self.assertGreaterEqual(d.metric("mailpump_ledger_unavailable_total"), 1)
+            self.assertEqual(d.metric("mailpump_ledger_not_sent_total"), 0)
             self.start_redis(port, workdir)
             deadline = time.time() + 15
             last = None
             while time.time() < deadline:
-                last = send("after")
+                last = self.send(d, "after")
+                tap.wait(lambda e: e["event"] == "delivered" and e.get("message_id") == last, 1)
                 if redis_cli(port, "GET", f"mp:r:{last}:after@test.example") == "done":
                     break
                 time.sleep(0.5)
@@ -239,8 +287,6 @@ class RedisOutage(unittest.TestCase):
         finally:
             self.assertEqual(d.stop(), 0)
             tap.close()
-            self.stop_redis(port)
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def start_slowsink(test, delay, *extra):
