@@ -295,7 +295,7 @@ static const key_def_t keys[] = {
     { "message", "max_recipients", K_UINT, F(message_max_recipients), "10000", 0, NULL,
       "recipients (to + cc + bcc) one message may name, 1 to 100000; more are dead-lettered" },
     { "message", "inflight_memory", K_SIZE, F(message_inflight_memory), "auto", 0, NULL,
-      "bytes of message bodies in flight per worker (each charged 4 x its announced size from its "
+      "bytes of message bodies in flight per worker (each charged 3 x its announced size from its "
       "content header until its job ends); at this the worker pauses its consumer, below 3/4 of it "
       "resumes; auto (or 0) = a quarter of the cgroup memory limit (else of physical RAM) divided "
       "among the workers; at least 2 x max_size + 64 KiB" },

@@ -74,7 +74,7 @@ static const struct {
                               "Worker threads whose publishes the broker blocks (memory or disk alarm); events wait in memory." },
     [MET_DNS_L1_ENTRIES] = { "mailpump_dns_l1_entries", "Answers held in the workers' in-memory DNS caches." },
     [MET_WORKERS] = { "mailpump_workers", "Configured worker threads." },
-    [MET_INFLIGHT_BYTES] = { "mailpump_inflight_bytes", "Bytes the workers' messages in flight are charged against [message] inflight_memory (announced body x 4; a truncated one its head)." },
+    [MET_INFLIGHT_BYTES] = { "mailpump_inflight_bytes", "Bytes the workers' messages in flight are charged against [message] inflight_memory (announced body x 3; a truncated one its head)." },
 };
 
 void metrics_inc(metric_counter_t c, uint64_t n)
