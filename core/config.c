@@ -20,7 +20,7 @@
 
 #include "core/util.h"
 
-typedef enum { K_STR, K_UINT, K_ULONG, K_MS, K_ENUM } key_type_t;
+typedef enum { K_STR, K_UINT, K_ULONG, K_MS, K_ENUM, K_SIZE } key_type_t;
 
 /* A name of an enumerated key and the value it stands for; a name whose
  * value an earlier name already has is an alias (accepted, not listed). */
@@ -297,9 +297,16 @@ static const key_def_t keys[] = {
     { "retry", "p2_fast_base", K_MS, F(retry_fast_base_ms[2]), "1s", 0, NULL,
       "P2: fast retry delay base x 2^n, capped at 3 s, +-15 % jitter" },
     { "message", "max_size", K_ULONG, F(message_max_size), "26214400", 0, NULL,
-      "bytes; larger built messages are dead-lettered" },
+      "bytes; larger built messages are dead-lettered, and so is a body announced above 2 x max_size "
+      "+ 64 KiB (JSON escaping and base64 can each double the content) without being read: only its "
+      "first 64 KiB are kept for the dead letter" },
     { "message", "max_recipients", K_UINT, F(message_max_recipients), "10000", 0, NULL,
       "recipients (to + cc + bcc) one message may name, 1 to 100000; more are dead-lettered" },
+    { "message", "inflight_memory", K_SIZE, F(message_inflight_memory), "auto", 0, NULL,
+      "bytes of message bodies in flight per worker (each charged 3 x its announced size from its "
+      "content header until its job ends); at this the worker pauses its consumer, below 3/4 of it "
+      "resumes; auto (or 0) = a quarter of the cgroup memory limit (else of physical RAM) divided "
+      "among the workers; at least 2 x max_size + 64 KiB" },
     { "dkim", "keys_file", K_STR, F(dkim_keys_file), "", 0, NULL,
       "lines `domain selector rsa-sha256|ed25519-sha256 key.pem`; empty = no signing" },
     { "dkim", "headers", K_STR, F(dkim_headers),
@@ -354,6 +361,16 @@ static int set_value(mp_config_t *cfg, const key_def_t *k, const char *v, char *
         char **p = (char **)base;
         free(*p);
         *p = xstrdup(v);
+        return 0;
+    }
+    if (k->type == K_SIZE) {
+        uint64_t n;
+        if (config_parse_size(v, &n) < 0) {
+            snprintf(err, errlen, "[%s] %s: expected a size like 512MiB, 2GiB, 65536 or auto; got \"%s\"",
+                     k->section, k->key, v);
+            return -1;
+        }
+        *(unsigned long *)base = (unsigned long)n;
         return 0;
     }
     if (k->type == K_MS) {
@@ -413,6 +430,53 @@ int config_parse_duration(const char *s, uint64_t *ms)
         }
     }
     return -1;
+}
+
+int config_parse_size(const char *s, uint64_t *bytes)
+{
+    while (isspace((unsigned char)*s))
+        s++;
+    if (strcasecmp(s, "auto") == 0) {
+        *bytes = 0;
+        return 0;
+    }
+    if (!isdigit((unsigned char)*s))
+        return -1;
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(s, &end, 10);
+    if (errno)
+        return -1;
+    static const struct { const char *unit; uint64_t mult; } units[] = {
+        { "", 1 }, { "b", 1 }, { "k", 1ULL << 10 }, { "kib", 1ULL << 10 }, { "m", 1ULL << 20 },
+        { "mib", 1ULL << 20 }, { "g", 1ULL << 30 }, { "gib", 1ULL << 30 }, { "t", 1ULL << 40 },
+        { "tib", 1ULL << 40 },
+    };
+    while (isspace((unsigned char)*end))
+        end++;
+    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+        if (strcasecmp(end, units[i].unit) == 0) {
+            if (n > UINT64_MAX / units[i].mult)
+                return -1;
+            *bytes = n * units[i].mult;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+void config_format_size(uint64_t bytes, char *out, size_t outlen)
+{
+    static const struct { const char *unit; uint64_t mult; } units[] = {
+        { "TiB", 1ULL << 40 }, { "GiB", 1ULL << 30 }, { "MiB", 1ULL << 20 }, { "KiB", 1ULL << 10 },
+    };
+    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
+        if (bytes >= units[i].mult && bytes % units[i].mult == 0) {
+            snprintf(out, outlen, "%llu %s", (unsigned long long)(bytes / units[i].mult), units[i].unit);
+            return;
+        }
+    }
+    snprintf(out, outlen, "%llu bytes", (unsigned long long)bytes);
 }
 
 void config_format_duration(uint64_t ms, char *out, size_t outlen)
@@ -766,6 +830,14 @@ void config_dump(const mp_config_t *cfg, void *stream)
         case K_ENUM:
             fprintf(f, "%s = %s\n", k->key, config_enum_name(k->section, k->key, *(const int *)base));
             break;
+        case K_SIZE: {
+            unsigned long n = *(const unsigned long *)base;
+            if (n == 0)
+                fprintf(f, "%s = auto\n", k->key);
+            else
+                fprintf(f, "%s = %lu\n", k->key, n);
+            break;
+        }
         }
     }
 }
@@ -831,7 +903,8 @@ void config_print_reference(void *stream)
           "the effective values with secrets masked.\n"
           "\n"
           "Types: *integer* is a non-negative decimal number; *duration* is `250ms`, `30s`, `5m`, "
-          "`2h`, `1d` or a bare number of milliseconds; *one of* takes exactly one of the names "
+          "`2h`, `1d` or a bare number of milliseconds; *size* is a number of bytes with an optional "
+          "unit `KiB`, `MiB`, `GiB` (`K`, `M`, `G` too; powers of 1024), or `auto`; *one of* takes exactly one of the names "
           "listed; a *secret* string is masked by `--check-config`.\n", f);
     const char *section = "";
     for (size_t i = 0; i < NKEYS; i++) {
@@ -849,6 +922,7 @@ void config_print_reference(void *stream)
         case K_UINT:
         case K_ULONG: fputs("integer", f); break;
         case K_MS: fputs("duration", f); break;
+        case K_SIZE: fputs("size", f); break;
         case K_ENUM: {
             char names[256];
             enum_list(k->names, "`, `", names, sizeof(names));

@@ -142,6 +142,7 @@ typedef struct mp_config {
     /* [message] */
     unsigned long message_max_size;
     unsigned message_max_recipients; /* to + cc + bcc per message */
+    unsigned long message_inflight_memory; /* bytes per worker; 0 = auto (deliverer/budget.h) */
     /* [dkim] */
     char    *dkim_keys_file;      /* "domain selector algorithm key.pem" lines; empty = no signing */
     char    *dkim_headers;        /* colon-separated signed header fields */
@@ -157,6 +158,11 @@ int  config_validate(const mp_config_t *cfg, char *err, size_t errlen);
 /* Parse a duration: "250ms", "30s", "5m", "2h", "1d", or bare milliseconds.
  * Returns 0 and sets *ms, or -1. */
 int  config_parse_duration(const char *s, uint64_t *ms);
+/* Parse a size: bytes with an optional unit (K/KiB, M/MiB, G/GiB, T/TiB,
+ * powers of 1024, any case), or "auto" (0). Returns 0 and sets *bytes, or -1. */
+int  config_parse_size(const char *s, uint64_t *bytes);
+/* Format bytes with the largest exact binary unit ("25 MiB"), else "N bytes". */
+void config_format_size(uint64_t bytes, char *out, size_t outlen);
 /* Format ms with the largest exact unit ("90s", "5m", "250ms"). */
 void config_format_duration(uint64_t ms, char *out, size_t outlen);
 /* Print the effective configuration (passwords masked) as INI. */

@@ -16,8 +16,10 @@
 #include <netdb.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "core/tls.h"
+#include "deliverer/budget.h"
 #include "deliverer/throttle.h"
 #include "metrics/metrics.h"
 
@@ -50,11 +52,39 @@ static int resolve_imap(const mp_config_t *cfg, worker_env_t *env, char *err, si
     return 0;
 }
 
+/* The workers, and what each may hold of message bodies in flight. */
+static int memory_budget(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errlen)
+{
+    env->nworkers = cfg->worker_count;
+    if (env->nworkers == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        env->nworkers = n > 0 ? (unsigned)n : 1;
+    }
+    env->max_body = budget_max_body(cfg->message_max_size);
+    if (cfg->message_inflight_memory == 0) {
+        env->inflight_memory = budget_memory();
+        env->inflight_limit = budget_auto(env->inflight_memory, env->nworkers, env->max_body);
+        return 0;
+    }
+    if (cfg->message_inflight_memory < env->max_body) {
+        char most[32], have[32];
+        config_format_size(env->max_body, most, sizeof(most));
+        config_format_size(cfg->message_inflight_memory, have, sizeof(have));
+        snprintf(err, errlen, "[message] inflight_memory %s is below the largest body a message may "
+                              "announce, %s (2 x [message] max_size + 64 KiB)", have, most);
+        return -1;
+    }
+    env->inflight_limit = cfg->message_inflight_memory;
+    return 0;
+}
+
 int env_build(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errlen)
 {
     memset(env, 0, sizeof(*env));
     env->cfg = cfg;
     if (config_validate(cfg, err, errlen) < 0)
+        return -1;
+    if (memory_budget(cfg, env, err, errlen) < 0)
         return -1;
     if (cfg->metrics_listen[0]) { /* the syntax; the bind comes when the endpoint starts */
         struct sockaddr_storage ss;

@@ -34,6 +34,10 @@ typedef struct worker_env {
     dkim_signer_t          *dkim;        /* NULL: [dkim] keys_file empty, no signing */
     struct throttle        *throttle;    /* [smtp] rate_limits, shared by the workers; NULL: none */
     deliver_config_store_t  smtp_store;  /* what dcfg points into */
+    unsigned                nworkers;    /* [worker] count, 0 resolved to the CPUs */
+    uint64_t                max_body;    /* largest announced body read (budget_max_body) */
+    uint64_t                inflight_limit; /* per worker: [message] inflight_memory, auto resolved */
+    uint64_t                inflight_memory; /* auto: the memory it was derived from; 0 when set */
 } worker_env_t;
 
 /*
@@ -42,7 +46,10 @@ typedef struct worker_env {
  * [metrics] listen (metrics_listen_parse), the TLS contexts and CA files,
  * the IMAP accounts file and host, the DKIM keys, the retry levels,
  * deliver_config_build() ([smtp]: helo_name, tls_policy and
- * tls_policy_file, the relay) and the rate limits (throttle_load).
+ * tls_policy_file, the relay), the rate limits (throttle_load) and the
+ * memory budget of bodies in flight (deliverer/budget.h: the worker
+ * count, [message] inflight_memory, auto resolved from the cgroup limit
+ * or physical RAM, never below the largest allowed body).
  * `mailpumpd --check-config` runs exactly this and stops. Blocking (files,
  * getaddrinfo): start-up only. Returns 0, or -1 with err; either way
  * env_free() afterwards.

@@ -28,6 +28,8 @@
 #define H_APPEND_ONLY   "x-mailpump-append-only"
 #define H_DEAD_REASON   "x-mailpump-reason"
 #define H_DEAD_AT       "x-mailpump-dead-at-ms"
+#define H_DEAD_TRUNC    "x-mailpump-truncated"
+#define H_DEAD_SIZE     "x-mailpump-original-size"
 
 static int flag(const mq_delivery_t *dv, const char *key)
 {
@@ -122,4 +124,11 @@ void envelope_dead_write(const char *reason, uint64_t now_wall_ms, envelope_dead
     out->hdr[0] = (mq_header_t){ H_DEAD_REASON, reason };
     out->hdr[1] = (mq_header_t){ H_DEAD_AT, out->when };
     out->n = 2;
+}
+
+void envelope_dead_truncated(envelope_dead_t *out, uint64_t announced)
+{
+    snprintf(out->size, sizeof(out->size), "%llu", (unsigned long long)announced);
+    out->hdr[out->n++] = (mq_header_t){ H_DEAD_TRUNC, "1" };
+    out->hdr[out->n++] = (mq_header_t){ H_DEAD_SIZE, out->size };
 }

@@ -79,10 +79,15 @@ void envelope_headers_free(envelope_headers_t *h);
 
 /* The headers of a dead letter: why, and when (wall clock ms). */
 typedef struct envelope_dead {
-    mq_header_t hdr[2];
+    mq_header_t hdr[4];
     size_t      n;
     char        when[24];
+    char        size[24];
 } envelope_dead_t;
 void envelope_dead_write(const char *reason, uint64_t now_wall_ms, envelope_dead_t *out);
+/* After envelope_dead_write(): the dead letter carries only the head of
+ * a body announced at announced bytes (x-mailpump-truncated: 1,
+ * x-mailpump-original-size). */
+void envelope_dead_truncated(envelope_dead_t *out, uint64_t announced);
 
 #endif

@@ -431,6 +431,16 @@ static void job_enter_intake(job_t *j)
     mq_delivery_t *dv = j->dv;
     char err[512];
     envelope_read(dv, util_wall_ms(), &j->envelope);
+    if (dv->truncated) {
+        /* only its head was read (queue/mq.c): it cannot build within max_size */
+        char most[32];
+        config_format_size(j->ctx->env->cfg->message_max_size, most, sizeof(most));
+        metrics_inc(MET_MESSAGES_TOO_LARGE, 1);
+        job_dead_letter(j, "too large: %zu bytes announced, at most %llu ([message] max_size %s)", dv->announced,
+                        (unsigned long long)j->ctx->env->max_body, most);
+        job_next(j);
+        return;
+    }
     if (msgjson_parse(dv->body, dv->len, &j->msg, err, sizeof(err)) != MSGJSON_OK) {
         job_dead_letter(j, "%s", err);
         job_next(j);
@@ -1026,6 +1036,8 @@ static void job_enter_dead(job_t *j)
              LOG_Q(j->dead_reason));
     envelope_dead_t hdrs;
     envelope_dead_write(j->dead_reason, util_wall_ms(), &hdrs);
+    if (j->dv->truncated)
+        envelope_dead_truncated(&hdrs, j->dv->announced);
     mq_publish_opts_t o = { .content_type = "application/octet-stream", .message_id = j->dv->message_id,
                             .priority = -1, .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n,
                             .mandatory = 1 };

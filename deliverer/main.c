@@ -169,16 +169,18 @@ int main(int argc, char **argv)
         }
     }
 
-    unsigned nworkers = cfg.worker_count;
-    if (nworkers == 0) {
-        long n = sysconf(_SC_NPROCESSORS_ONLN);
-        nworkers = n > 0 ? (unsigned)n : 1;
-    }
+    unsigned nworkers = env.nworkers;
     metrics_gauge_set(MET_WORKERS, nworkers);
     log_info("main", "start", "version=%s workers=%u queue=%s amqp=%s:%u metrics=%s smtp_tls=%s",
              MAILPUMPD_VERSION, nworkers, LOG_Q(cfg.amqp_queue), cfg.amqp_host, cfg.amqp_port,
              cfg.metrics_listen[0] ? cfg.metrics_listen : "off",
              config_enum_name("smtp", "tls", (int)cfg.smtp_tls));
+    /* the memory budget of bodies in flight (deliverer/budget.h) */
+    log_info("main", "inflight_memory",
+             "per_worker=%llu workers=%u source=%s memory=%llu max_body=%llu resume_below=%llu",
+             (unsigned long long)env.inflight_limit, nworkers, env.inflight_memory ? "auto" : "config",
+             (unsigned long long)env.inflight_memory, (unsigned long long)env.max_body,
+             (unsigned long long)(env.inflight_limit / 4 * 3));
 
     worker_t **workers = xcalloc(nworkers, sizeof(worker_t *));
     int rc = 0;

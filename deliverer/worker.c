@@ -17,10 +17,18 @@
  *
  *  Shutdown: the consumer is cancelled, in-flight jobs finish within the
  *  grace period, and whatever is still unfinished is left unacked.
+ *
+ *  Memory: every delivery is charged against the worker's budget
+ *  (budget.h) from its content header (on_admit) until its job is freed
+ *  (worker_drop_job), or until its connection is lost while its body was
+ *  still arriving (on_lost). worker_charge() and worker_uncharge() are the
+ *  only code that changes the charge; they pause the consumer when it
+ *  reaches [message] inflight_memory and resume it below 3/4 of that.
  * DIAGNOSTICS
- *  Info lines consuming, finishing_smtp, draining, stopped; errors
- *  broker_unavailable and dns_init_failed; gauges of in-flight messages
- *  and ready and blocked workers.
+ *  Info lines consuming, finishing_smtp, draining, stopped,
+ *  consumer_paused, consumer_resumed; errors broker_unavailable and
+ *  dns_init_failed; gauges of in-flight messages and bytes and ready and
+ *  blocked workers.
  */
 #include "deliverer/worker.h"
 
@@ -35,6 +43,7 @@
 #include "core/log.h"
 #include "core/loop.h"
 #include "core/util.h"
+#include "deliverer/budget.h"
 #include "deliverer/job.h"
 #include "deliverer/ledger.h"
 #include "dns/resolver.h"
@@ -47,6 +56,7 @@ typedef struct worker_job {
     TAILQ_ENTRY(worker_job) link;
     worker_t               *w;
     job_t                  *job;
+    uint64_t                charge; /* against w->budget until the job is freed */
 } worker_job_t;
 
 struct worker {
@@ -69,6 +79,8 @@ struct worker {
     loop_timer_t        grace_timer;
     loop_timer_t        release_timer;
     loop_timer_t        trim_timer;    /* gives freed heap back once idle */
+    budget_t            budget;        /* bodies in flight: [message] inflight_memory */
+    uint64_t            assembling;    /* charge of the admitted delivery whose body is arriving */
     int                 exit_code;
 };
 
@@ -82,6 +94,62 @@ static void worker_check_drained(worker_t *w)
         loop_stop(w->loop);
 }
 
+/* ---- the memory budget ---- */
+
+/* Pause or resume the consumer as the charge asks. Nothing to tell a lost
+ * connection: the next one starts consuming (worker_connect). */
+static void worker_budget_update(worker_t *w)
+{
+    budget_action_t a = budget_update(&w->budget);
+    if (a == BUDGET_STEADY)
+        return;
+    if (a == BUDGET_PAUSE) {
+        metrics_inc(MET_CONSUMER_PAUSES, 1);
+        log_info("worker", "consumer_paused", "worker=%d charged=%llu limit=%llu hard=%llu inflight=%zu",
+                 w->index, (unsigned long long)w->budget.charge, (unsigned long long)w->budget.limit,
+                 (unsigned long long)w->budget.hard, w->budget.held);
+        if (w->jc.mq)
+            mq_pause(w->jc.mq);
+    } else {
+        log_info("worker", "consumer_resumed", "worker=%d charged=%llu resume_below=%llu inflight=%zu",
+                 w->index, (unsigned long long)w->budget.charge,
+                 (unsigned long long)budget_resume_below(&w->budget), w->budget.held);
+        if (w->jc.mq && !w->draining)
+            mq_resume(w->jc.mq);
+    }
+}
+
+/* 1 when the delivery is taken and charged c. */
+static int worker_charge(worker_t *w, uint64_t c)
+{
+    if (!budget_take(&w->budget, c))
+        return 0;
+    metrics_gauge_add(MET_INFLIGHT_BYTES, (int64_t)c);
+    worker_budget_update(w);
+    return 1;
+}
+
+static void worker_uncharge(worker_t *w, uint64_t c)
+{
+    budget_release(&w->budget, c);
+    metrics_gauge_add(MET_INFLIGHT_BYTES, -(int64_t)c);
+    worker_budget_update(w);
+}
+
+/* A delivery's content header: take it (charged until its job is freed)
+ * or, while paused past the hard bound, refuse it (mq nacks it back). */
+static int on_admit(void *arg, size_t announced, int truncated)
+{
+    worker_t *w = arg;
+    uint64_t c = budget_charge(announced, truncated);
+    if (!worker_charge(w, c)) {
+        metrics_inc(MET_DELIVERIES_REFUSED, 1);
+        return 0;
+    }
+    w->assembling = c;
+    return 1;
+}
+
 static void worker_drop_job(worker_job_t *wj)
 {
     worker_t *w = wj->w;
@@ -89,7 +157,9 @@ static void worker_drop_job(worker_job_t *wj)
     w->njobs--;
     metrics_gauge_add(MET_INFLIGHT, -1);
     job_free(wj->job);
+    uint64_t c = wj->charge;
     free(wj);
+    worker_uncharge(w, c);
 }
 
 /* A burst leaves the heap at its high-water mark: a thousand messages in
@@ -121,6 +191,8 @@ static void on_delivery(void *arg, mq_delivery_t *dv)
     metrics_inc(MET_MESSAGES_CONSUMED, 1);
     worker_job_t *wj = xcalloc(1, sizeof(*wj));
     wj->w = w;
+    wj->charge = w->assembling; /* admitted at its header */
+    w->assembling = 0;
     wj->job = job_new(&w->jc, dv, on_job_end, wj);
     TAILQ_INSERT_HEAD(&w->jobs, wj, link);
     w->njobs++;
@@ -173,6 +245,11 @@ static void on_lost(void *arg, const char *why)
     }
     w->mq_dead = w->jc.mq;
     w->jc.mq = NULL;
+    if (w->assembling) { /* admitted, its body never completed */
+        uint64_t c = w->assembling;
+        w->assembling = 0;
+        worker_uncharge(w, c);
+    }
     worker_job_t *wj, *next;
     TAILQ_FOREACH_SAFE(wj, &w->jobs, link, next)
         if (!job_survives_loss(wj->job))
@@ -226,6 +303,7 @@ static void worker_connect(worker_t *w)
         .heartbeat = cfg->amqp_heartbeat, .prefetch = cfg->amqp_prefetch,
         .queue = cfg->amqp_queue, .dead_queue = cfg->amqp_dead_queue,
         .events_exchange = cfg->amqp_events_exchange,
+        .max_body = (size_t)env->max_body, .head_bytes = BUDGET_HEAD_BYTES,
     };
     char err[512] = "";
     mq_t *mq = mq_open(w->loop, &mc, err, sizeof(err));
@@ -250,6 +328,10 @@ static void worker_connect(worker_t *w)
     }
     w->jc.mq = mq;
     mq_on_blocked(mq, on_broker_blocked, w);
+    mq_on_admit(mq, on_admit, w);
+    /* the new consumer runs whatever the last one was told; the jobs of
+     * the lost connection are gone (on_reconnect waited for them) */
+    w->budget.paused = 0;
     w->connected_ms = util_mono_ms();
     w->ready = 1;
     metrics_gauge_add(MET_WORKERS_READY, 1);
@@ -412,6 +494,7 @@ worker_t *worker_start(const worker_env_t *env, int index)
     loop_timer_init(&w->grace_timer, on_grace_expired, w);
     loop_timer_init(&w->release_timer, release_dead_mq, w);
     loop_timer_init(&w->trim_timer, on_trim, w);
+    budget_init(&w->budget, env->inflight_limit, budget_charge(env->max_body, 0));
     loop_set_wakeup(w->loop, on_wakeup, w);
     if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
         loop_free(w->loop);

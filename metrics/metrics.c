@@ -59,6 +59,9 @@ static const struct {
     [MET_LEDGER_NOT_SENT] = { "mailpump_ledger_not_sent_total", "Transactions abandoned before their final dot because the ledger (Redis) could not record them; their recipients were deferred." },
     [MET_SMTP_TLS_FALLBACKS] = { "mailpump_smtp_tls_fallbacks_total", "Opportunistic TLS handshakes that failed and were retried in plaintext on the same address (never under required or verify)." },
     [MET_LOCAL_RESOURCE_ERRORS] = { "mailpump_local_resource_errors_total", "SMTP connections not made for want of local resources (descriptors, ports, memory): retried as back-pressure, never counted against the destination." },
+    [MET_MESSAGES_TOO_LARGE] = { "mailpump_messages_too_large_total", "Messages whose announced body exceeded 2 x [message] max_size + 64 KiB: dead-lettered with only their head read." },
+    [MET_CONSUMER_PAUSES] = { "mailpump_consumer_pauses_total", "Times a worker cancelled its consumer because its bodies in flight reached [message] inflight_memory." },
+    [MET_DELIVERIES_REFUSED] = { "mailpump_deliveries_refused_total", "Deliveries that arrived while their worker was paused and did not fit its hard memory bound: nacked back to the queue unread." },
     [MET_IMAP_BATCHED] = { "mailpump_imap_multiappend_copies_total", "Sent copies stored together with other queued copies of the same account in one APPEND (MULTIAPPEND)." },
 };
 
@@ -72,6 +75,7 @@ static const struct {
                               "Worker threads whose publishes the broker blocks (memory or disk alarm); events wait in memory." },
     [MET_DNS_L1_ENTRIES] = { "mailpump_dns_l1_entries", "Answers held in the workers' in-memory DNS caches." },
     [MET_WORKERS] = { "mailpump_workers", "Configured worker threads." },
+    [MET_INFLIGHT_BYTES] = { "mailpump_inflight_bytes", "Bytes the workers' messages in flight are charged against [message] inflight_memory (announced body x 3; a truncated one its head)." },
 };
 
 void metrics_inc(metric_counter_t c, uint64_t n)

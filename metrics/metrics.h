@@ -53,6 +53,9 @@ typedef enum {
     MET_LOCAL_RESOURCE_ERRORS, /* connections not made for want of descriptors, ports, memory */
     MET_SMTP_TLS_FALLBACKS,  /* opportunistic TLS handshakes that failed, retried in plaintext */
     MET_LEDGER_NOT_SENT,     /* transactions abandoned before the final dot: their mark could not be recorded */
+    MET_MESSAGES_TOO_LARGE,  /* bodies announced above the largest allowed: dead-lettered unread */
+    MET_CONSUMER_PAUSES,     /* consumers cancelled because their worker's inflight_memory was reached */
+    MET_DELIVERIES_REFUSED,  /* deliveries nacked back unread: past the hard bound while paused */
     MET_COUNTER_LAST
 } metric_counter_t;
 
@@ -62,6 +65,7 @@ typedef enum {
     MET_DNS_L1_ENTRIES,     /* answers held in the workers' L1 DNS caches */
     MET_WORKERS,            /* configured workers */
     MET_WORKERS_BLOCKED,    /* workers whose publishes the broker blocks (resource alarm) */
+    MET_INFLIGHT_BYTES,     /* what the workers' deliveries in flight are charged (budget.h) */
     MET_GAUGE_LAST
 } metric_gauge_t;
 

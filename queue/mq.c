@@ -38,6 +38,21 @@
  *  others are sent one by one, so no ack ever waits for a slower message.
  *  Nacks are sent at once (corked). Blocking RPCs flush first, so they
  *  never wait on data held back.
+ *
+ *  Memory: at each content header the owner admits the delivery or not
+ *  (mq_on_admit) before its body is allocated; a refused delivery is
+ *  nacked with requeue at once and its body frames are read past, like
+ *  the content of a basic.return. A body announced above cfg.max_body
+ *  gets a buffer of cfg.head_bytes: the rest is read and dropped, and the
+ *  delivery is handed over truncated. The library's channel pool is
+ *  recycled after every frame (each handler copies what it keeps), so
+ *  reading a large body holds one frame, not the body.
+ *
+ *  Pausing: RabbitMQ applies a changed basic.qos only to consumers made
+ *  after it, so the owner's budget pauses by cancelling the consumer and
+ *  resumes by consuming again. Neither waits: cancel-ok and consume-ok
+ *  arrive as frames, and a pause or resume asked while the other is in
+ *  flight is sent when its -ok comes (cons and want_consume below).
  * DIAGNOSTICS
  *  Set-up failures return NULL with the broker's reply text. A lost
  *  connection is reported once through mq_lost_cb.
@@ -70,6 +85,16 @@ typedef struct pending_confirm {
 
 typedef enum { RX_METHOD = 0, RX_HEADER, RX_BODY } rx_state_t;
 
+/* The consumer: made by mq_consume(), cancelled and made again by
+ * mq_pause()/mq_resume() without waiting. */
+typedef enum {
+    CONS_NONE = 0,   /* mq_consume() not called yet */
+    CONS_ACTIVE,     /* consuming (consumer_tag) */
+    CONS_CANCELLING, /* basic.cancel sent, cancel-ok awaited */
+    CONS_IDLE,       /* no consumer */
+    CONS_STARTING,   /* basic.consume sent, consume-ok awaited */
+} cons_state_t;
+
 /* A publish held while the broker blocks us: everything copied. */
 typedef struct held_publish {
     STAILQ_ENTRY(held_publish) next;
@@ -93,15 +118,21 @@ struct mq {
     mq_lost_cb               on_lost;
     void                    *arg;
     char                    *consumer_tag;
-    int                      cancelled;
+    int                      cancelled;    /* mq_cancel(): no consumer any more, for good */
+    cons_state_t             cons;
+    int                      want_consume; /* mq_resume() last, not mq_pause() */
+    mq_admit_cb              on_admit;
+    void                    *admit_arg;
     uint64_t                 next_seq;
     pending_confirm_t       *pend;
     size_t                   npend, pend_cap, pend_head;
     /* delivery being assembled */
     rx_state_t               rx;
     mq_delivery_t           *cur;
-    size_t                   cur_size;
-    int                      cur_skip; /* basic.return content: discard */
+    size_t                   cur_size;  /* announced */
+    size_t                   cur_recv;  /* body bytes read so far */
+    size_t                   cur_keep;  /* of them kept in cur->body */
+    int                      cur_skip; /* basic.return content, a refused delivery: discard */
     loop_timer_t             hb_timer;
     loop_timer_t             drain_timer;
     loop_timer_t             lost_timer;
@@ -555,6 +586,34 @@ static void finish_delivery(mq_t *mq)
         mq_delivery_free(d);
 }
 
+/* basic.cancel of the current consumer; cancel-ok comes as a frame. */
+static void send_cancel(mq_t *mq)
+{
+    amqp_basic_cancel_t req;
+    memset(&req, 0, sizeof(req));
+    req.consumer_tag = amqp_cstring_bytes(mq->consumer_tag ? mq->consumer_tag : "");
+    req.nowait = 0;
+    mq->cons = CONS_CANCELLING;
+    int r = amqp_send_method(mq->conn, MQ_CHANNEL, AMQP_BASIC_CANCEL_METHOD, &req);
+    if (r != AMQP_STATUS_OK)
+        connection_lost(mq, "basic.cancel: send failed");
+}
+
+/* basic.consume of cfg.queue (the broker names the consumer); consume-ok
+ * comes as a frame. The channel's basic.qos still holds. */
+static void send_consume(mq_t *mq)
+{
+    amqp_basic_consume_t req;
+    memset(&req, 0, sizeof(req));
+    req.queue = amqp_cstring_bytes(mq->cfg.queue);
+    req.consumer_tag = amqp_empty_bytes;
+    req.arguments = amqp_empty_table;
+    mq->cons = CONS_STARTING;
+    int r = amqp_send_method(mq->conn, MQ_CHANNEL, AMQP_BASIC_CONSUME_METHOD, &req);
+    if (r != AMQP_STATUS_OK)
+        connection_lost(mq, "basic.consume: send failed");
+}
+
 static void handle_method(mq_t *mq, amqp_frame_t *f)
 {
     amqp_method_t *m = &f->payload.method;
@@ -616,8 +675,23 @@ static void handle_method(mq_t *mq, amqp_frame_t *f)
         release_held(mq);
         break;
     case AMQP_BASIC_CANCEL_OK_METHOD:
-        log_info("amqp", "consumer_cancelled", "queue=%s", LOG_Q(mq->cfg.queue));
+        mq->cons = CONS_IDLE;
+        free(mq->consumer_tag);
+        mq->consumer_tag = NULL;
+        if (mq->cancelled)
+            log_info("amqp", "consumer_cancelled", "queue=%s", LOG_Q(mq->cfg.queue));
+        else if (mq->want_consume)
+            send_consume(mq); /* resumed while the cancel was in flight */
         break;
+    case AMQP_BASIC_CONSUME_OK_METHOD: {
+        amqp_basic_consume_ok_t *ok = m->decoded;
+        free(mq->consumer_tag);
+        copy_bytes(&mq->consumer_tag, ok->consumer_tag);
+        mq->cons = CONS_ACTIVE;
+        if (mq->cancelled || !mq->want_consume)
+            send_cancel(mq); /* paused or drained while the consume was in flight */
+        break;
+    }
     case AMQP_BASIC_CANCEL_METHOD:
         /* the broker cancelled us (queue deleted, node failover) */
         log_error("amqp", "consumer_cancelled_by_broker", "queue=%s", LOG_Q(mq->cfg.queue));
@@ -680,7 +754,24 @@ static void handle_frame(mq_t *mq, amqp_frame_t *f)
                 mark_returned(mq, strtoull(seq, NULL, 10));
             }
         }
-        mq->cur->body = xmalloc(mq->cur_size + 1);
+        mq->cur->announced = mq->cur_size;
+        mq->cur_keep = mq->cur_size;
+        if (!mq->cur_skip && mq->cfg.max_body && mq->cur_size > mq->cfg.max_body) {
+            mq->cur->truncated = 1;
+            mq->cur_keep = mq->cfg.head_bytes < mq->cur_size ? mq->cfg.head_bytes : mq->cur_size;
+        }
+        if (!mq->cur_skip && mq->on_admit && !mq->on_admit(mq->admit_arg, mq->cur_size, mq->cur->truncated)) {
+            /* back to the queue, its body never buffered */
+            log_info("amqp", "delivery_refused", "tag=%llu bytes=%zu action=requeue",
+                     (unsigned long long)mq->cur->tag, mq->cur_size);
+            mq->cur_skip = 1;
+            if (mq_nack(mq, mq->cur->tag, 1) < 0)
+                return; /* lost: mq->cur is gone */
+        }
+        if (mq->cur_skip)
+            mq->cur_keep = 0;
+        mq->cur_recv = 0;
+        mq->cur->body = xmalloc(mq->cur_keep + 1);
         mq->cur->body[0] = '\0';
         mq->cur->len = 0;
         if (mq->cur_size == 0)
@@ -695,14 +786,18 @@ static void handle_frame(mq_t *mq, amqp_frame_t *f)
             return;
         }
         amqp_bytes_t b = f->payload.body_fragment;
-        if (mq->cur->len + b.len > mq->cur_size) {
+        if (mq->cur_recv + b.len > mq->cur_size) {
             connection_lost(mq, "protocol error: body larger than announced");
             return;
         }
-        memcpy(mq->cur->body + mq->cur->len, b.bytes, b.len);
-        mq->cur->len += b.len;
-        mq->cur->body[mq->cur->len] = '\0';
-        if (mq->cur->len == mq->cur_size)
+        if (mq->cur->len < mq->cur_keep) {
+            size_t n = mq->cur_keep - mq->cur->len < b.len ? mq->cur_keep - mq->cur->len : b.len;
+            memcpy(mq->cur->body + mq->cur->len, b.bytes, n);
+            mq->cur->len += n;
+            mq->cur->body[mq->cur->len] = '\0';
+        }
+        mq->cur_recv += b.len;
+        if (mq->cur_recv == mq->cur_size)
             finish_delivery(mq);
         return;
     }
@@ -732,7 +827,9 @@ static void drain(mq_t *mq)
         if (f.channel != MQ_CHANNEL && f.channel != 0)
             continue;
         handle_frame(mq, &f);
-        if (mq->rx == RX_METHOD && !amqp_frames_enqueued(mq->conn))
+        /* every handler copied what it keeps: recycle the frame's memory
+         * (a large body's frames must not pile up in the library's pool) */
+        if (mq->open && !amqp_frames_enqueued(mq->conn))
             amqp_maybe_release_buffers(mq->conn);
     }
     mq->in_drain = 0;
@@ -877,22 +974,44 @@ int mq_consume(mq_t *mq, mq_delivery_cb on_delivery, mq_lost_cb on_lost, void *a
         return -1;
     }
     copy_bytes(&mq->consumer_tag, ok->consumer_tag);
+    mq->cons = CONS_ACTIVE;
+    mq->want_consume = 1;
     loop_timer_set(mq->loop, &mq->drain_timer, 0);
     return 0;
 }
 
 void mq_cancel(mq_t *mq)
 {
-    if (!mq->open || mq->consumer_tag == NULL || mq->cancelled)
+    if (!mq->open || mq->cancelled)
         return;
     mq->cancelled = 1;
-    amqp_basic_cancel_t req;
-    memset(&req, 0, sizeof(req));
-    req.consumer_tag = amqp_cstring_bytes(mq->consumer_tag);
-    req.nowait = 0;
-    int r = amqp_send_method(mq->conn, MQ_CHANNEL, AMQP_BASIC_CANCEL_METHOD, &req);
-    if (r != AMQP_STATUS_OK)
-        connection_lost(mq, "basic.cancel: send failed");
+    mq->want_consume = 0;
+    if (mq->cons == CONS_ACTIVE)
+        send_cancel(mq); /* CONS_STARTING: at its consume-ok */
+}
+
+void mq_on_admit(mq_t *mq, mq_admit_cb cb, void *arg)
+{
+    mq->on_admit = cb;
+    mq->admit_arg = arg;
+}
+
+void mq_pause(mq_t *mq)
+{
+    if (!mq->open)
+        return;
+    mq->want_consume = 0;
+    if (mq->cons == CONS_ACTIVE)
+        send_cancel(mq); /* CONS_STARTING: at its consume-ok */
+}
+
+void mq_resume(mq_t *mq)
+{
+    if (!mq->open || mq->cancelled)
+        return;
+    mq->want_consume = 1;
+    if (mq->cons == CONS_IDLE)
+        send_consume(mq); /* CONS_CANCELLING: at its cancel-ok */
 }
 
 int mq_declare_delay_queue(mq_t *mq, const char *name, unsigned ttl_ms, char *err, size_t errlen)

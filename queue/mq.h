@@ -11,6 +11,14 @@
  * mq_confirm_cb call, ok=1 on basic.ack, ok=0 on basic.nack or when the
  * connection is lost. Deliveries are handed over whole (method + header +
  * body assembled here) and the receiver owns them.
+ *
+ * Memory: at a delivery's content header, before a body byte is kept,
+ * the owner is asked whether to take it (mq_on_admit); a refused one is
+ * nacked back to the queue and its body read past. A body announced
+ * above cfg->max_body is not buffered either: only its first
+ * cfg->head_bytes are kept and the delivery is handed over marked
+ * truncated. mq_pause()/mq_resume() cancel and re-create the consumer
+ * without waiting (their -ok replies are handled as frames).
  */
 #ifndef MP_QUEUE_MQ_H
 #define MP_QUEUE_MQ_H
@@ -40,6 +48,8 @@ typedef struct mq_config {
     const char *queue;           /* mail.outbound */
     const char *dead_queue;      /* mail.dead */
     const char *events_exchange; /* mail.events */
+    size_t      max_body;        /* bodies announced larger: only the head is kept; 0 = any */
+    size_t      head_bytes;      /* kept of such a body */
 } mq_config_t;
 
 typedef struct mq_delivery {
@@ -52,6 +62,8 @@ typedef struct mq_delivery {
     char   **hkeys;       /* string-valued headers (others are skipped) */
     char   **hvals;
     size_t   nheaders;
+    size_t   announced;   /* body size the content header announced */
+    int      truncated;   /* announced > max_body: body holds only its first len bytes */
 } mq_delivery_t;
 
 void mq_delivery_free(mq_delivery_t *d);
@@ -103,8 +115,24 @@ mq_t *mq_open(loop_t *loop, const mq_config_t *cfg, char *err, size_t errlen);
 /* Start consuming cfg->queue with basic.qos prefetch. Returns 0 or -1+err. */
 int   mq_consume(mq_t *mq, mq_delivery_cb on_delivery, mq_lost_cb on_lost, void *arg,
                  char *err, size_t errlen);
-/* Ask the broker to stop delivering (basic.cancel, not waited for). */
+/* Ask the broker to stop delivering (basic.cancel, not waited for), for
+ * good: a later mq_resume() does nothing. */
 void  mq_cancel(mq_t *mq);
+/* Asked at each delivery's content header (announced body size, and
+ * whether only its head will be kept), before any body byte is kept:
+ * return 1 to take it (it is handed over by mq_delivery_cb, unless the
+ * connection is lost first: mq_lost_cb follows then), 0 to refuse it
+ * (nacked with requeue, its body read past, never handed over). */
+typedef int (*mq_admit_cb)(void *arg, size_t announced, int truncated);
+void  mq_on_admit(mq_t *mq, mq_admit_cb cb, void *arg);
+/* Stop taking new deliveries for now: basic.cancel, not waited for. The
+ * deliveries already held stay unacked on the channel; those already on
+ * the wire still arrive (and are admitted or refused). */
+void  mq_pause(mq_t *mq);
+/* Consume again after mq_pause(): basic.consume, not waited for. A
+ * pause or resume given while the previous one is still unanswered
+ * takes effect when its -ok arrives. */
+void  mq_resume(mq_t *mq);
 /* Declare a durable delay queue: messages expire after ttl_ms and are
  * dead-lettered back to cfg->queue. Blocking RPC: call only from set-up
  * (mq_open's caller), before the loop runs. 0 or -1 + err. */
