@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/crash.h"
 #include "core/log.h"
 #include "core/util.h"
 #include "deliverer/retry.h"
@@ -119,6 +120,7 @@ static void leg_report(domain_leg_t *leg)
 static void leg_on_timer(loop_t *loop, loop_timer_t *t, void *arg)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     switch (leg->state) {
     case LEG_SLOT_WAIT: leg_smtp(leg); break;
     case LEG_FAST_WAIT: leg_throttle(leg); break; /* another transaction: another slot */
@@ -132,6 +134,7 @@ static void leg_on_timer(loop_t *loop, loop_timer_t *t, void *arg)
 static void leg_on_mx(void *arg, const dns_mx_result_t *mx)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     leg->dns_id = 0;
     if (mx->status != DNS_OK) {
         char text[256];
@@ -153,6 +156,7 @@ static void leg_on_mx(void *arg, const dns_mx_result_t *mx)
 static void leg_on_throttle(void *arg, const throttle_answer_t *ans)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     int64_t wait = ans->wait_ms;
     if (ans->local_fallback)
         log_debug("domain", "rate_limit_local", "%s domain=%s rule=%s budget=local", LEG_MSG(leg),
@@ -208,6 +212,7 @@ static int leg_worth_fast_retry(const deliver_result_t *res)
 static void leg_on_delivered(void *arg, const deliver_result_t *res)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     if (leg->state != LEG_SMTP)
         return; /* cannot happen: deliver reports once, and only while the leg waits for it */
     leg->dl = NULL;
@@ -257,6 +262,7 @@ static void leg_on_delivered(void *arg, const deliver_result_t *res)
 static void leg_on_sending_marked(void *arg, int ok)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     leg->mark_op = 0;
     if (!ok) {
         /* the body goes all the same: at-least-once, and operators see it */
@@ -269,6 +275,7 @@ static void leg_on_sending_marked(void *arg, int ok)
 static void leg_on_before_body(void *arg, deliver_t *dl, uint64_t hold, const char *const *accepted, size_t n)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     if (leg->mark_op)
         ledger_cancel(leg->svc->ledger, leg->mark_op); /* of a transaction that ended while held */
     leg->hold = hold;
