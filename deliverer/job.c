@@ -22,14 +22,25 @@
  *  copy, and the attempt that delivers must say so. Redis failing never
  *  holds a delivery back: the job goes on at-least-once and counts it.
  *
+ *  Poison (docs/architecture.md, "What makes a message poison"): the
+ *  count mp:d:<id> holds the attempts of the message that crashed a worker
+ *  (core/crash.h counts them from the signal handler, blamed by
+ *  job_blame() in every callback) or could not be finished (CHARGE, after
+ *  a publish failed with the broker still there). A redelivery reads it
+ *  at COUNT, after LOOKUP: at the limit the recipients the ledger shows
+ *  done are reported and only the others dead-lettered; with every one
+ *  done the message is not poison. SIGKILL and a lost connection never
+ *  count.
+ *
  *  Broker loss: the owner frees jobs that have not reached SMTP (the
  *  redelivery starts them afresh) and keeps the others
  *  (job_survives_loss); a kept job finishes its SMTP, records it in the
  *  ledger and ends at SENT_COPY without events: the redelivery skips
  *  what it delivered and publishes them.
  * DIAGNOSTICS
- *  Info lines message_received, one per recipient outcome, retry_scheduled
- *  and message_done; warn lines dead_letter and ledger_unavailable.
+ *  Info lines message_received, one per recipient outcome, retry_scheduled,
+ *  poison_charged, poison_settled and message_done; warn lines dead_letter
+ *  and ledger_unavailable.
  */
 #include "deliverer/job.h"
 
