@@ -208,7 +208,10 @@ static void report(int sig, const char *id)
 static void crash_handler(int sig, siginfo_t *si, void *uc)
 {
     int saved = errno;
-    if (blame[0] && atomic_exchange(&reporting, 1) == 0)
+    /* a signal another process sent with kill(2) is no fault of the
+     * message (an operator's kill -SEGV); raise() and abort() are ours */
+    int sent = si != NULL && si->si_code == SI_USER && si->si_pid != getpid();
+    if (blame[0] && !sent && atomic_exchange(&reporting, 1) == 0)
         report(sig, blame);
     blame[0] = '\0'; /* a chained handler's own fault is not counted twice */
     const struct sigaction *old = NULL;

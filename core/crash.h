@@ -13,7 +13,7 @@
  * waiting up to CRASH_REPLY_WAIT_MS for the replies; then it writes
  * "crash: signal N while handling message <id>" to stderr and chains to
  * the handler installed before (ASan's, say) or dies by the default
- * action. It uses only async-signal-safe calls. SIGKILL cannot be caught:
+ * action. A signal another process sent (kill -SEGV) is not counted. It uses only async-signal-safe calls. SIGKILL cannot be caught:
  * kill -9, the OOM killer and an eviction never count against a message.
  *
  * The connection is refreshed off the hot path (crash_reporter_check,

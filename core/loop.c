@@ -6,9 +6,9 @@
  *  owned by their callers and linked into a binary min-heap by pointer;
  *  each timer remembers its heap index so cancel is O(log n).
  *  An eventfd lets other threads wake the loop (shutdown requests).
- *  The thread's crash blame (core/crash.h) is cleared before every
- *  callback, so a message's blame never outlives the callback that set
- *  it into another one's.
+ *  The thread's crash blame (core/crash.h) is cleared before and after
+ *  every callback, so a message's blame never outlives the callback that
+ *  set it, into another one's or into the loop's own code.
  * DIAGNOSTICS
  *  Functions return -1 with errno set when the kernel refuses.
  */
@@ -261,6 +261,7 @@ static int run_timers(loop_t *loop)
         loop_timer_cancel(loop, t);
         crash_blame_clear();
         t->cb(loop, t, t->arg);
+        crash_blame_clear();
         n++;
     }
     return n;
@@ -307,6 +308,7 @@ static int dispatch(loop_t *loop, const struct epoll_event *evs, int n)
             continue;
         crash_blame_clear(); /* the callback sets its own, if it runs a message's code */
         s->cb(loop, fd, events, s->arg);
+        crash_blame_clear(); /* and the loop's own code is no message's */
         ran++;
     }
     return ran;

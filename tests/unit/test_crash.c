@@ -6,8 +6,8 @@
  *  Redis listening here on 127.0.0.1 (it reads RESP and answers ":1" per
  *  command), sets (or clears) a blame and crashes; the parent checks the
  *  exact bytes the handler sent, the line on the child's stderr, and that
- *  the child died by its signal. The loop clears a blame before every
- *  callback.
+ *  the child died by its signal. A signal sent by another process is not
+ *  counted. The loop clears a blame before and after every callback.
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -39,7 +39,7 @@
 #define UNDER_ASAN 0
 #endif
 
-enum { CRASH_RAISE_SEGV, CRASH_ABORT, CRASH_FAULT, CRASH_OVERFLOW };
+enum { CRASH_RAISE_SEGV, CRASH_ABORT, CRASH_FAULT, CRASH_OVERFLOW, CRASH_KILLED };
 
 typedef struct fake {
     int  lfd;
@@ -133,6 +133,9 @@ static void child(int port, const char *blame, int clear, int how)
         break;
     }
     case CRASH_OVERFLOW: recurse(0); break;
+    case CRASH_KILLED:
+        for (;;)
+            pause(); /* the parent sends SIGSEGV with kill(2) */
     }
     _exit(0);
 }
@@ -156,6 +159,10 @@ static void run(fake_t *f, const char *blame, int clear, int how)
     assert_int_equal(poll(&lp, 1, 10000), 1);
     int c = accept(f->lfd, NULL, NULL);
     assert_true(c >= 0);
+    if (how == CRASH_KILLED) {
+        usleep(100 * 1000); /* the child is past its blame */
+        kill(pid, SIGSEGV);
+    }
     size_t answered = 0;
     for (;;) {
         struct pollfd p[2] = { { .fd = c, .events = POLLIN }, { .fd = errp[0], .events = POLLIN } };
@@ -256,6 +263,11 @@ static void test_no_blame_sends_nothing(void **state)
     run(&f, longid, 0, CRASH_ABORT);
     assert_int_equal(f.ngot, 0);
     assert_died_by(&f, SIGABRT, 0);
+    /* kill -SEGV from another process is not the message's doing */
+    run(&f, "msg-killed", 0, CRASH_KILLED);
+    assert_int_equal(f.ngot, 0);
+    assert_null(strstr(f.err, "crash:"));
+    assert_died_by(&f, SIGSEGV, 1);
 }
 
 /* ---- the loop clears a blame before every callback ---- */
@@ -271,6 +283,7 @@ static void set_blame(loop_t *loop, loop_timer_t *t, void *arg)
 static void look_blame(loop_t *loop, loop_timer_t *t, void *arg)
 {
     snprintf(seen[1], sizeof(seen[1]), "[%s]", crash_blame());
+    crash_blame_set("stale-2");
 }
 
 static void test_loop_clears_the_blame(void **state)
@@ -285,6 +298,7 @@ static void test_loop_clears_the_blame(void **state)
     loop_run(loop);
     assert_string_equal(seen[0], "[]");
     assert_string_equal(seen[1], "[]");
+    assert_string_equal(crash_blame(), ""); /* nor into the loop's own code */
     crash_blame_set("x");
     assert_string_equal(crash_blame(), "x");
     crash_blame_clear();
