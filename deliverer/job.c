@@ -223,7 +223,7 @@ static void job_next(job_t *j)
         else
             next = JOB_IDENTITY;
         break;
-    case JOB_ASSIGN: next = job_chargeable(j) ? JOB_CHARGE : JOB_DONE; break;
+    case JOB_ASSIGN: next = JOB_DONE; break; /* no id of its own to count against yet */
     case JOB_IDENTITY:
         next = j->dead_reason[0] ? JOB_DEAD
                : j->copy_dropped ? JOB_DONE /* acked: another copy carries the message */
