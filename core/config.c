@@ -265,7 +265,8 @@ static const key_def_t keys[] = {
     { "retry", "queue_prefix", K_STR, F(retry_queue_prefix), "mail.retry", 0, NULL,
       "name prefix of the delay queues" },
     { "retry", "poison_redeliveries", K_UINT, F(retry_poison_redeliveries), "5", 0, NULL,
-      "redeliveries without finishing before a message is dead-lettered" },
+      "attempts of a message that crashed a worker (by a signal, while its code ran) or could not be "
+      "finished (a publish failed) before it is dead-lettered; kill -9 never counts; 0: never" },
     { "retry", "p0_base", K_MS, F(retry_base_ms[0]), "30s", 0, NULL,
       "first retry delay of priority class P0 (priority 8-10); doubles per attempt, +-15 % jitter" },
     { "retry", "p1_base", K_MS, F(retry_base_ms[1]), "1m", 0, NULL,

@@ -6,6 +6,9 @@
  *  owned by their callers and linked into a binary min-heap by pointer;
  *  each timer remembers its heap index so cancel is O(log n).
  *  An eventfd lets other threads wake the loop (shutdown requests).
+ *  The thread's crash blame (core/crash.h) is cleared before and after
+ *  every callback, so a message's blame never outlives the callback that
+ *  set it, into another one's or into the loop's own code.
  * DIAGNOSTICS
  *  Functions return -1 with errno set when the kernel refuses.
  */
@@ -18,6 +21,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "core/crash.h"
 #include "core/util.h"
 
 #define LOOP_MAX_EVENTS 256
@@ -255,7 +259,9 @@ static int run_timers(loop_t *loop)
     while (loop->nheap > 0 && loop->heap[0]->when <= now) {
         loop_timer_t *t = loop->heap[0];
         loop_timer_cancel(loop, t);
+        crash_blame_clear();
         t->cb(loop, t, t->arg);
+        crash_blame_clear();
         n++;
     }
     return n;
@@ -300,7 +306,9 @@ static int dispatch(loop_t *loop, const struct epoll_event *evs, int n)
         events &= s->mask | LOOP_ERROR;
         if (events == 0)
             continue;
+        crash_blame_clear(); /* the callback sets its own, if it runs a message's code */
         s->cb(loop, fd, events, s->arg);
+        crash_blame_clear(); /* and the loop's own code is no message's */
         ran++;
     }
     return ran;
@@ -308,8 +316,10 @@ static int dispatch(loop_t *loop, const struct epoll_event *evs, int n)
 
 int loop_run_once(loop_t *loop, int max_wait_ms)
 {
-    if (loop->before_sleep)
+    if (loop->before_sleep) {
+        crash_blame_clear();
         loop->before_sleep(loop, loop->before_sleep_arg);
+    }
 
     int timeout = max_wait_ms;
     loop_update_time(loop);

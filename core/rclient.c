@@ -50,6 +50,7 @@
 
 #include <hiredis/async.h>
 
+#include "core/crash.h"
 #include "core/htable.h"
 #include "core/log.h"
 #include "core/util.h"
@@ -121,6 +122,7 @@ static void rc_finish(rclient_t *c, rc_cmd_t *cmd, const redisReply *reply, cons
     c->depth++;
     if (cmd->cb != NULL)
         cmd->cb(cmd->arg, reply, err);
+    crash_blame_clear(); /* the next reply may be another message's */
     c->depth--;
     free(cmd);
 }

@@ -40,6 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/crash.h"
 #include "core/log.h"
 #include "core/util.h"
 #include "deliverer/retry.h"
@@ -146,6 +147,7 @@ static void leg_report(domain_leg_t *leg)
 static void leg_on_timer(loop_t *loop, loop_timer_t *t, void *arg)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     switch (leg->state) {
     case LEG_SMTP: leg_mark_sending(leg); break; /* the held dot's mark, again */
     case LEG_SLOT_WAIT: leg_smtp(leg); break;
@@ -160,6 +162,7 @@ static void leg_on_timer(loop_t *loop, loop_timer_t *t, void *arg)
 static void leg_on_mx(void *arg, const dns_mx_result_t *mx)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     leg->dns_id = 0;
     if (mx->status != DNS_OK) {
         char text[256];
@@ -181,6 +184,7 @@ static void leg_on_mx(void *arg, const dns_mx_result_t *mx)
 static void leg_on_throttle(void *arg, const throttle_answer_t *ans)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     int64_t wait = ans->wait_ms;
     if (ans->local_fallback)
         log_debug("domain", "rate_limit_local", "%s domain=%s rule=%s budget=local", LEG_MSG(leg),
@@ -236,6 +240,7 @@ static int leg_worth_fast_retry(const deliver_result_t *res)
 static void leg_on_delivered(void *arg, const deliver_result_t *res)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     if (leg->state != LEG_SMTP)
         return; /* cannot happen: deliver reports once, and only while the leg waits for it */
     leg->dl = NULL;
@@ -292,6 +297,7 @@ static void leg_on_delivered(void *arg, const deliver_result_t *res)
 static void leg_on_sending_marked(void *arg, int ok)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     leg->mark_op = 0;
     if (ok) {
         deliver_resume(leg->dl, leg->hold);
@@ -336,6 +342,7 @@ static void leg_mark_sending(domain_leg_t *leg)
 static void leg_on_before_body(void *arg, deliver_t *dl, uint64_t hold, const size_t *accepted, size_t n)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     leg->hold = hold;
     leg->nheld = 0;
     for (size_t i = 0; i < n; i++)
@@ -349,6 +356,7 @@ static void leg_on_before_body(void *arg, deliver_t *dl, uint64_t hold, const si
 static void leg_on_written(void *arg, int ok)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     if (!ok) {
         /* a "done" lost: the "sending" mark stays, and a redelivery flags
          * the recipient instead of skipping it */
@@ -378,6 +386,7 @@ static void leg_on_txn_over(void *arg, deliver_t *dl, const size_t *accepted, co
                             size_t n)
 {
     domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
     if (leg->mark_op) {
         ledger_cancel(leg->svc->ledger, leg->mark_op);
         leg->mark_op = 0;

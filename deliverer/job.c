@@ -26,14 +26,25 @@
  *  never hold a delivery back: the job goes on at-least-once and counts
  *  them.
  *
+ *  Poison (docs/architecture.md, "What makes a message poison"): the
+ *  count mp:d:<id> holds the attempts of the message that crashed a worker
+ *  (core/crash.h counts them from the signal handler, blamed by
+ *  job_blame() in every callback) or could not be finished (CHARGE, after
+ *  a publish failed with the broker still there). A redelivery reads it
+ *  at COUNT, after LOOKUP: at the limit the recipients the ledger shows
+ *  done are reported and only the others dead-lettered; with every one
+ *  done the message is not poison. SIGKILL and a lost connection never
+ *  count.
+ *
  *  Broker loss: the owner frees jobs that have not reached SMTP (the
  *  redelivery starts them afresh) and keeps the others
  *  (job_survives_loss); a kept job finishes its SMTP (its legs record it
  *  in the ledger) and ends at SENT_COPY without events: the redelivery
  *  skips what it delivered and publishes them.
  * DIAGNOSTICS
- *  Info lines message_received, one per recipient outcome, retry_scheduled
- *  and message_done; warn lines dead_letter and ledger_unavailable.
+ *  Info lines message_received, one per recipient outcome, retry_scheduled,
+ *  poison_charged, poison_settled and message_done; warn lines dead_letter
+ *  and ledger_unavailable.
  */
 #include "deliverer/job.h"
 
@@ -46,6 +57,7 @@
 #include <openssl/evp.h>
 
 #include "core/buf.h"
+#include "core/crash.h"
 #include "core/htable.h"
 #include "core/log.h"
 #include "core/message.h"
@@ -62,12 +74,13 @@ enum job_state {
     JOB_INTAKE = 0,
     JOB_ASSIGN,
     JOB_IDENTITY,
-    JOB_COUNT,
     JOB_LOOKUP,
+    JOB_COUNT,
     JOB_DOMAINS,
     JOB_SENT_COPY,
     JOB_EVENTS,
     JOB_DEAD,
+    JOB_CHARGE,
     JOB_DONE,
     JOB_STATE_LAST
 };
@@ -122,7 +135,7 @@ struct job {
     char                 digest[65]; /* SHA-256 of the body, hex: the message's identity check */
     size_t               legs_left;
     int                  smtp_started; /* a leg went on to SMTP: see job_survives_loss */
-    uint64_t             ledger_op;    /* the ledger call of ASSIGN, IDENTITY, COUNT or LOOKUP */
+    uint64_t             ledger_op;    /* the ledger call of ASSIGN, IDENTITY, LOOKUP, COUNT or CHARGE */
     uint64_t             throttle_ms;  /* longest rate_limits wait of a deferred domain */
     imap_append_t       *append;
     int                  append_tried;
@@ -134,6 +147,7 @@ struct job {
     int                  confirm_failed;
     int                  broker_lost;  /* found at SENT_COPY: the job ends unacked */
     int                  copy_dropped; /* a second republish of an id-less message: acked, nothing else */
+    int                  poison;       /* COUNT found the limit reached: DEAD for the recipients not done */
     uint64_t             started_ms;
 };
 
@@ -144,12 +158,13 @@ struct job {
 static void job_enter_intake(job_t *j);
 static void job_enter_assign(job_t *j);
 static void job_enter_identity(job_t *j);
-static void job_enter_count(job_t *j);
 static void job_enter_lookup(job_t *j);
+static void job_enter_count(job_t *j);
 static void job_enter_domains(job_t *j);
 static void job_enter_sent_copy(job_t *j);
 static void job_enter_events(job_t *j);
 static void job_enter_dead(job_t *j);
+static void job_enter_charge(job_t *j);
 static void job_enter_done(job_t *j);
 
 static const struct {
@@ -159,20 +174,42 @@ static const struct {
     [JOB_INTAKE] = { "intake", job_enter_intake },
     [JOB_ASSIGN] = { "assign", job_enter_assign },
     [JOB_IDENTITY] = { "identity", job_enter_identity },
-    [JOB_COUNT] = { "count", job_enter_count },
     [JOB_LOOKUP] = { "lookup", job_enter_lookup },
+    [JOB_COUNT] = { "count", job_enter_count },
     [JOB_DOMAINS] = { "domains", job_enter_domains },
     [JOB_SENT_COPY] = { "sent_copy", job_enter_sent_copy },
     [JOB_EVENTS] = { "events", job_enter_events },
     [JOB_DEAD] = { "dead", job_enter_dead },
+    [JOB_CHARGE] = { "charge", job_enter_charge },
     [JOB_DONE] = { "done", job_enter_done },
 };
+
+/* A crash from here on is this message's (core/crash.h): every callback
+ * of the job says so first. A message without an id of its own yet is
+ * not blamed: its id is new on every parse. */
+static void job_blame(const job_t *j)
+{
+    crash_blame_set(j->msg && !j->msg->id_generated ? j->msg->id : NULL);
+}
+
+static int job_broker_open(const job_t *j);
+
+/* The job ends nacked because something it published failed or was
+ * returned while the broker connection stayed up: this attempt could not
+ * be finished, and it counts against the message (CHARGE). A connection
+ * lost is nobody's fault: not counted. */
+static int job_chargeable(const job_t *j)
+{
+    return j->confirm_failed && j->ctx->svc.ledger != NULL && j->msg != NULL && !j->msg->id_generated &&
+           job_broker_open(j);
+}
 
 /* The current state's work is over: every transition is decided here.
  * Always the caller's last action (the job may be gone when it returns). */
 static void job_next(job_t *j)
 {
     enum job_state next = JOB_DONE;
+    job_blame(j);
     switch (j->state) {
     case JOB_INTAKE:
         if (j->dead_reason[0])
@@ -186,19 +223,19 @@ static void job_next(job_t *j)
         else
             next = JOB_IDENTITY;
         break;
-    case JOB_ASSIGN: next = JOB_DONE; break;
+    case JOB_ASSIGN: next = JOB_DONE; break; /* no id of its own to count against yet */
     case JOB_IDENTITY:
         next = j->dead_reason[0] ? JOB_DEAD
                : j->copy_dropped ? JOB_DONE /* acked: another copy carries the message */
-               : j->dv->redelivered ? JOB_COUNT
-                                    : JOB_LOOKUP;
+                                 : JOB_LOOKUP;
         break;
-    case JOB_COUNT: next = j->dead_reason[0] ? JOB_DEAD : JOB_LOOKUP; break;
-    case JOB_LOOKUP: next = JOB_DOMAINS; break;
+    case JOB_LOOKUP: next = j->dv->redelivered ? JOB_COUNT : JOB_DOMAINS; break;
+    case JOB_COUNT: next = j->poison ? JOB_DEAD : JOB_DOMAINS; break;
     case JOB_DOMAINS: next = JOB_SENT_COPY; break;
     case JOB_SENT_COPY: next = j->broker_lost ? JOB_DONE : JOB_EVENTS; break;
     case JOB_EVENTS:
-    case JOB_DEAD: next = JOB_DONE; break;
+    case JOB_DEAD: next = job_chargeable(j) ? JOB_CHARGE : JOB_DONE; break;
+    case JOB_CHARGE: next = JOB_DONE; break;
     case JOB_DONE:
     case JOB_STATE_LAST: return; /* nothing follows */
     }
@@ -243,6 +280,7 @@ static void rcpt_set(job_rcpt_t *r, outcome_t o, outcome_reason_t reason, int co
 static void job_on_confirm(void *arg, int ok)
 {
     job_t *j = arg;
+    job_blame(j);
     if (ok) {
         metrics_inc(MET_EVENTS_PUBLISHED, 1);
     } else {
@@ -447,6 +485,7 @@ static void job_enter_intake(job_t *j)
         return;
     }
     j->msg->priority = dv->priority;
+    job_blame(j); /* building and signing the message are its code */
     job_body_digest(j);
     if (j->msg->id_generated && j->envelope.id && msgjson_valid_id(j->envelope.id)) {
         /* the id an earlier attempt assigned (JOB_ASSIGN) */
@@ -526,6 +565,7 @@ static void job_republish_with_id(job_t *j, const char *id)
 static void job_on_id_claimed(void *arg, int ok, const char *holder)
 {
     job_t *j = arg;
+    job_blame(j);
     j->ledger_op = 0;
     if (!ok)
         job_ledger_unavailable(j, "assign_id");
@@ -557,6 +597,7 @@ static void job_enter_assign(job_t *j)
 static void job_on_copy_claimed(void *arg, int ok, const char *holder)
 {
     job_t *j = arg;
+    job_blame(j);
     j->ledger_op = 0;
     if (!ok) {
         job_ledger_unavailable(j, "claim_copy");
@@ -570,6 +611,7 @@ static void job_on_copy_claimed(void *arg, int ok, const char *holder)
 static void job_on_identity(void *arg, int ok, const char *holder)
 {
     job_t *j = arg;
+    job_blame(j);
     j->ledger_op = 0;
     if (!ok) {
         job_ledger_unavailable(j, "identity");
@@ -592,32 +634,12 @@ static void job_enter_identity(job_t *j)
     j->ledger_op = ledger_claim(j->ctx->svc.ledger, 'm', j->msg->id, j->digest, 0, job_on_identity, j);
 }
 
-/* ---- COUNT ---- */
-
-static void job_on_counted(void *arg, int ok, long long count)
-{
-    job_t *j = arg;
-    j->ledger_op = 0;
-    unsigned limit = j->ctx->env->retry.poison_redeliveries;
-    if (ok && limit > 0 && count > (long long)limit) {
-        metrics_inc(MET_MESSAGES_POISON, 1);
-        job_dead_letter(j, "poison: redelivered %lld times without finishing (limit %u)", count, limit);
-    } else if (!ok) {
-        job_ledger_unavailable(j, "count_redelivery");
-    }
-    job_next(j);
-}
-
-static void job_enter_count(job_t *j)
-{
-    j->ledger_op = ledger_count_redelivery(j->ctx->svc.ledger, j->msg->id, job_on_counted, j);
-}
-
 /* ---- LOOKUP ---- */
 
 static void job_on_looked_up(void *arg, int ok, const ledger_state_t *states)
 {
     job_t *j = arg;
+    job_blame(j);
     j->ledger_op = 0;
     if (!ok) {
         job_ledger_unavailable(j, "lookup");
@@ -660,11 +682,49 @@ static void job_enter_lookup(job_t *j)
     free(rcpts);
 }
 
+/* ---- COUNT ---- */
+
+/* A redelivered message, after LOOKUP: how many of its attempts crashed
+ * a worker (the crash handler counts those, core/crash.h) or could not be
+ * finished (CHARGE). Only read here: a redelivery itself is no fault of
+ * the message (a worker killed with SIGKILL, a lost connection). At the
+ * limit the message is poison for the recipients the ledger does not
+ * show delivered; when it shows them all delivered there is nothing left
+ * to fear from it, and it is reported and acked as usual. */
+static void job_on_counted(void *arg, int ok, long long count)
+{
+    job_t *j = arg;
+    job_blame(j);
+    j->ledger_op = 0;
+    unsigned limit = j->ctx->env->retry.poison_redeliveries;
+    size_t left = 0;
+    for (size_t i = 0; i < j->nrcpts; i++)
+        left += !j->rcpts[i].skip;
+    if (!ok) {
+        job_ledger_unavailable(j, "poison_count");
+    } else if (limit > 0 && count >= (long long)limit && left > 0) {
+        metrics_inc(MET_MESSAGES_POISON, 1);
+        j->poison = 1;
+        job_dead_letter(j, "poison: %lld attempts of this message crashed a worker or could not be finished "
+                        "(limit %u)", count, limit);
+    } else if (limit > 0 && count >= (long long)limit) {
+        log_info("job", "poison_settled", "%s count=%lld limit=%u rcpts_done=%zu", JOB_MSG(j), count, limit,
+                 j->nrcpts);
+    }
+    job_next(j);
+}
+
+static void job_enter_count(job_t *j)
+{
+    j->ledger_op = ledger_poison_count(j->ctx->svc.ledger, j->msg->id, job_on_counted, j);
+}
+
 /* ---- DOMAINS ---- */
 
 static int job_gate(void *arg, const char **why)
 {
     job_domain_t *d = arg;
+    job_blame(d->job);
     if (!job_broker_open(d->job)) {
         /* no transaction is started for a message the broker redelivers */
         *why = "broker connection lost";
@@ -680,6 +740,7 @@ static int job_gate(void *arg, const char **why)
 static void job_on_leg_cut(void *arg, size_t k)
 {
     job_domain_t *d = arg;
+    job_blame(d->job);
     if (k < d->n)
         job_flag_possible_dup(&d->job->rcpts[d->idx[k]]);
 }
@@ -688,6 +749,7 @@ static void job_on_leg_done(void *arg, const domain_result_t *res)
 {
     job_domain_t *d = arg;
     job_t *j = d->job;
+    job_blame(j);
     snprintf(d->mx_host, sizeof(d->mx_host), "%s", res->mx_host);
     snprintf(d->mx_addr, sizeof(d->mx_addr), "%s", res->mx_addr);
     snprintf(d->tls_version, sizeof(d->tls_version), "%s", res->tls_version);
@@ -771,6 +833,7 @@ static void job_enter_domains(job_t *j)
 static void job_on_appended(void *arg, const imap_append_result_t *res)
 {
     job_t *j = arg;
+    job_blame(j);
     j->append_res = *res;
     metrics_inc(MET_IMAP_SESSIONS, res->connections);
     metrics_inc(MET_IMAP_SESSIONS_REUSED, (uint64_t)res->reused);
@@ -1027,10 +1090,17 @@ static void job_enter_events(job_t *j)
 /* ---- DEAD ---- */
 
 /* The original body to the dead-letter queue with the reason, and a dead
- * event; acked once both are confirmed. */
+ * event; acked once both are confirmed. A poison message first reports
+ * the recipients the ledger shows delivered (already_delivered, as any
+ * redelivery does), and gets one dead event per recipient it leaves
+ * undelivered instead of one for the message. */
 static void job_enter_dead(job_t *j)
 {
     const mp_config_t *cfg = j->ctx->env->cfg;
+    if (j->poison)
+        for (size_t i = 0; i < j->nrcpts; i++)
+            if (j->rcpts[i].skip)
+                job_publish_rcpt_event(j, &j->rcpts[i], 0, 0);
     metrics_inc(MET_MESSAGES_DEAD, 1);
     log_warn("job", "dead_letter", "tag=%llu %s reason=%s", (unsigned long long)j->dv->tag, JOB_MSG(j),
              LOG_Q(j->dead_reason));
@@ -1045,8 +1115,43 @@ static void job_enter_dead(job_t *j)
     mq_event_t ev = { .event = "dead", .message_id = j->msg ? j->msg->id : j->dv->message_id,
                       .trace_id = j->msg ? j->msg->trace_id : NULL, .error = j->dead_reason,
                       .attempt = j->envelope.attempt };
-    job_publish_event(j, &ev);
+    if (j->poison) {
+        ev.sender = j->msg->from.addr;
+        for (size_t i = 0; i < j->nrcpts; i++) {
+            if (j->rcpts[i].skip)
+                continue;
+            ev.recipient = j->rcpts[i].addr;
+            job_publish_event(j, &ev);
+        }
+    } else {
+        job_publish_event(j, &ev);
+    }
     job_await_confirms(j);
+}
+
+/* ---- CHARGE ---- */
+
+/* This attempt could not be finished (job_chargeable): one more on the
+ * message's poison count before it is nacked, so that a message whose
+ * retry or dead letter no queue takes ends in mail.dead after the limit
+ * instead of coming round for ever. Waited for: the redelivery reads the
+ * count. */
+static void job_on_charged(void *arg, int ok, long long count)
+{
+    job_t *j = arg;
+    job_blame(j);
+    j->ledger_op = 0;
+    if (!ok)
+        job_ledger_unavailable(j, "poison_charge");
+    else
+        log_info("job", "poison_charged", "%s count=%lld limit=%u reason=publish_failed", JOB_MSG(j), count,
+                 j->ctx->env->retry.poison_redeliveries);
+    job_next(j);
+}
+
+static void job_enter_charge(job_t *j)
+{
+    j->ledger_op = ledger_poison_charge(j->ctx->svc.ledger, j->msg->id, job_on_charged, j);
 }
 
 /* ---- DONE ---- */
@@ -1066,6 +1171,7 @@ static void job_enter_done(job_t *j)
     log_info("job", "message_done", "%s ack=%d rcpts=%zu ms=%llu", JOB_MSG(j), ack, j->nrcpts,
              (unsigned long long)(util_mono_ms() - j->started_ms));
     j->end(j->end_arg, j); /* may free the job */
+    crash_blame_clear();
 }
 
 /* ---- the job ---- */
@@ -1087,6 +1193,7 @@ void job_run(job_t *j)
 {
     j->state = JOB_INTAKE;
     job_states[JOB_INTAKE].enter(j);
+    crash_blame_clear(); /* the caller's code is no message's */
 }
 
 int job_survives_loss(const job_t *j)

@@ -7,15 +7,20 @@
  *   ASSIGN     a message without id: republish it once with one, then ack
  *   IDENTITY   the body's digest under the id: an id reused for another
  *              message is dead-lettered
- *   COUNT      a redelivered message: count it (the poison limit)
  *   LOOKUP     the ledger: skip recipients delivered before, flag those
  *              an earlier attempt left mid-send as possible duplicates
+ *   COUNT      a redelivered message: read its poison count (attempts that
+ *              crashed a worker or could not be finished); at the limit it
+ *              is poison for the recipients the ledger does not show done
  *   DOMAINS    one domain leg per recipient domain, concurrently (domain.h);
  *              each records its transactions in the ledger as they end
  *   SENT_COPY  APPEND to the sender's IMAP Sent folder (UIDPLUS)
  *   EVENTS     the retry (republished to a delay queue) and one event per
  *              recipient and per Sent copy, all with publisher confirms
- *   DEAD       bad input: the body to the dead-letter queue, a dead event
+ *   DEAD       bad input or poison: the body to the dead-letter queue, a
+ *              dead event (a poison message's done recipients reported)
+ *   CHARGE     a publish failed with the broker still there: one more on
+ *              the poison count before the nack
  *   DONE       ack once everything it published is confirmed; nack (the
  *              broker delivers the message again) when anything failed
  * and reports its end to its owner through job_end_cb.

@@ -2,9 +2,9 @@
  * SUMMARY
  *  deliverer/ledger.c - delivery records in Redis (see ledger.h).
  * DESCRIPTION
- *  One Redis round trip per call: MGET for a lookup, INCR + PEXPIRE for
- *  the redelivery count; the call completes when the last reply is in.
- *  Marks are written in batches: every ledger_mark() of one loop
+ *  One Redis round trip per call: MGET for a lookup, GET for the poison
+ *  count, INCR + PEXPIRE to add to it; the call completes when the last
+ *  reply is in. Marks are written in batches: every ledger_mark() of one loop
  *  iteration (the "sending" marks of every transaction that got its 354
  *  in that pass, the "done" of every one that got its reply) joins one
  *  EVAL of a script that sets or deletes each key in order, sent from a
@@ -178,6 +178,8 @@ static void on_reply(void *arg, const redisReply *r, const char *err)
         }
     } else if (op->kind == OP_COUNT && r->type == REDIS_REPLY_INTEGER && op->count == 0) {
         op->count = r->integer; /* INCR answers first (>= 1); PEXPIRE's 1 is not a count */
+    } else if (op->kind == OP_COUNT && r->type == REDIS_REPLY_STRING) {
+        op->count = strtoll(r->str, NULL, 10); /* GET; nil leaves 0 */
     }
     if (--op->replies_left == 0)
         op_complete(op);
@@ -402,7 +404,22 @@ uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, 
     return id;
 }
 
-uint64_t ledger_count_redelivery(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg)
+uint64_t ledger_poison_count(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg)
+{
+    op_t *op = op_new(l, OP_COUNT, 0, arg);
+    op->cb.count = cb;
+    if (l->rc == NULL)
+        return no_client(l, op);
+    buf_t key = BUF_INIT;
+    buf_printf(&key, "mp:d:%s", msg_id);
+    const char *get[] = { "GET", buf_head(&key) };
+    size_t get_l[] = { 3, buf_size(&key) };
+    send_argv(l, op, 2, get, get_l);
+    buf_free(&key);
+    return op->id;
+}
+
+uint64_t ledger_poison_charge(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg)
 {
     op_t *op = op_new(l, OP_COUNT, 0, arg);
     op->cb.count = cb;

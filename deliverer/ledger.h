@@ -10,7 +10,9 @@
  * with TTL = the longest maximum message age. A redelivery skips "done"
  * recipients and delivers "sending" ones again, flagged as possible
  * duplicates: the one window no sender can close (RFC 1047). Key
- * mp:d:<message id> counts redeliveries for the poison-message limit;
+ * mp:d:<message id> counts the attempts of a message that crashed a
+ * worker (core/crash.h writes it from the signal handler) or could not
+ * be finished (a publish failed), for the poison-message limit;
  * mp:m:<message id> holds the digest of the message's body and
  * mp:a:<body digest> the id given to a message that came without one
  * (ledger_claim).
@@ -52,8 +54,11 @@ uint64_t ledger_lookup(ledger_t *l, const char *msg_id, const char *const *rcpts
 /* Set (state SENDING or DONE) or clear (NONE) the records of n recipients. */
 uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
                      ledger_state_t state, ledger_done_cb cb, void *arg);
-/* Count one more redelivery of msg_id; the callback gets the new count. */
-uint64_t ledger_count_redelivery(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg);
+/* The poison count of msg_id (GET; 0 when there is none), not changed. */
+uint64_t ledger_poison_count(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg);
+/* One more attempt of msg_id that could not be finished (INCR, PEXPIRE);
+ * the callback gets the new count. */
+uint64_t ledger_poison_charge(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg);
 /*
  * Claim key mp:<ns>:<name> for value, kept as long as the records (one
  * command, SET ... GET, Redis 7): the callback gets the value that now

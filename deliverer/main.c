@@ -7,8 +7,12 @@
  *  account map and address), starts the metrics endpoint and W worker
  *  threads, then waits for a signal. SIGTERM/SIGINT drain the workers
  *  (stop consuming, finish in flight, exit 0) - what Kubernetes sends on
- *  scale-down. Signals are blocked in every thread and taken by sigwait()
- *  here, so no handler runs inside a worker's loop.
+ *  scale-down. Signals are blocked in every thread and taken by
+ *  sigtimedwait() here, so no handler runs inside a worker's loop; the
+ *  exception is a crash (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT), whose
+ *  handler counts it against the message the crashing thread was running
+ *  (core/crash.h) over a Redis connection of its own, which this thread
+ *  makes again every CRASH_CHECK_S seconds when Redis closed it.
  * DIAGNOSTICS
  *  Exit 0 after a clean drain, 1 on a worker failure, 2 on bad
  *  configuration or usage.
@@ -20,9 +24,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "core/config.h"
+#include "core/crash.h"
 #include "core/log.h"
 #include "core/util.h"
 #include "deliverer/env.h"
@@ -30,6 +36,7 @@
 #include "metrics/metrics.h"
 
 #define MAILPUMPD_VERSION "0.1.0"
+#define CRASH_CHECK_S     3 /* how often the crash reporter's connection is looked at */
 
 static void usage(FILE *f)
 {
@@ -157,6 +164,11 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
     raise_fd_limit();
+    if (crash_install() != 0)
+        log_warn("main", "crash_handlers", "reason=%s", LOG_Q(strerror(errno)));
+    if (cfg.redis_host[0])
+        crash_reporter_connect(cfg.redis_host, cfg.redis_port, env.retry.max_age_ms,
+                               cfg.redis_timeout_ms > 500 ? cfg.redis_timeout_ms : 500);
 
     metrics_server_t *ms = NULL;
     if (cfg.metrics_listen[0]) {
@@ -195,8 +207,11 @@ int main(int argc, char **argv)
         }
     }
     if (rc == 0) {
-        int sig = 0;
-        sigwait(&set, &sig);
+        int sig;
+        struct timespec tick = { .tv_sec = CRASH_CHECK_S, .tv_nsec = 0 };
+        while ((sig = sigtimedwait(&set, NULL, &tick)) < 0)
+            if (errno == EAGAIN && cfg.redis_host[0])
+                crash_reporter_check(); /* off every worker's path */
         log_info("main", "signal", "signal=%s action=drain", LOG_Q(strsignal(sig)));
     }
     for (unsigned i = 0; i < started; i++)
@@ -206,6 +221,7 @@ int main(int argc, char **argv)
             rc = 1;
     free(workers);
     metrics_server_stop(ms);
+    crash_reporter_close();
     env_free(&env);
     config_free(&cfg);
     log_info("main", "exit", "status=%d", rc);

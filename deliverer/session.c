@@ -65,6 +65,7 @@
 #include <string.h>
 
 #include "core/base64.h"
+#include "core/crash.h"
 #include "core/log.h"
 #include "core/stream.h"
 #include "core/tls.h"
@@ -1174,6 +1175,7 @@ static void release(smtp_session_t *s)
 static void on_stream(stream_t *st, stream_event_t ev, void *arg)
 {
     smtp_session_t *s = arg;
+    crash_blame_set(s->p.log_id); /* the transaction's message; none when idle */
     s->in_cb++;
     if (s->state == SMTP_STATE_IDLE && ev != STREAM_EV_DATA && ev != STREAM_EV_DRAINED) {
         idle_lost(s); /* the server hung up on an idle connection */
@@ -1266,6 +1268,7 @@ static void report_idle(smtp_session_t *s)
 static void defer_fired(loop_t *loop, loop_timer_t *t, void *arg)
 {
     smtp_session_t *s = arg;
+    crash_blame_set(s->p.log_id);
     s->in_cb++;
     if (s->quitting && s->dead)
         closed(s);

@@ -39,6 +39,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/crash.h"
 #include "core/list.h"
 #include "core/log.h"
 #include "core/loop.h"
@@ -448,10 +449,12 @@ static void *worker_main(void *arg)
 {
     worker_t *w = arg;
     char err[512];
+    crash_thread_init(); /* a stack overflow is caught too (core/crash.h) */
     if (worker_open_services(w, err, sizeof(err)) < 0) {
         log_error("worker", "dns_init_failed", "worker=%d reason=%s", w->index, LOG_Q(err));
         w->exit_code = 1;
         kill(getpid(), SIGUSR1); /* main takes it with sigwait and stops the others */
+        crash_thread_fini();
         return NULL;
     }
     w->reconnect_delay_ms = 500;
@@ -473,6 +476,7 @@ static void *worker_main(void *arg)
     loop_timer_cancel(w->loop, &w->release_timer);
     loop_timer_cancel(w->loop, &w->trim_timer);
     log_info("worker", "stopped", "worker=%d", w->index);
+    crash_thread_fini();
     return NULL;
 }
 

@@ -180,7 +180,7 @@ void imap_append_run_alone(imap_append_t *a)
     imap_conn_msg_t m = { a->data, a->len };
     char ref[IMAP_LOG_REF_MAX];
     imap_conn_job_t job = { .msgs = &m, .nmsgs = 1, .check_msgid = a->check_msgid, .timeout_ms = a->timeout_ms,
-                            .log_ref = imap_append_log_ref(&a, 1, ref, sizeof(ref)) };
+                            .log_ref = imap_append_log_ref(&a, 1, ref, sizeof(ref)), .blame_id = a->log_id };
     imap_append_enter(a, IMAP_APPEND_ST_OWN);
     a->conn = imap_conn_open(a->loop, &a->acct, &job, own_on_conn, a);
 }

@@ -54,6 +54,7 @@
 
 #include "core/base64.h"
 #include "core/buf.h"
+#include "core/crash.h"
 #include "core/log.h"
 #include "core/stream.h"
 #include "core/util.h"
@@ -136,6 +137,7 @@ struct imap_conn {
     size_t               nmsgs;
     char                *check_msgid;
     char                *log_ref; /* the job's msg= (and trace=) fields, or NULL */
+    char                *blame_id; /* the job's one message, blamed for a crash here; NULL */
     int                  keep_open;
     int                  append_answered; /* the server said something (not BYE) to the APPEND */
     uint32_t             found_uid, found_uidvalidity;
@@ -844,6 +846,7 @@ static imap_conn_loss_t loss_of(const imap_conn_t *c, stream_t *s)
 static void on_stream(stream_t *s, stream_event_t ev, void *arg)
 {
     imap_conn_t *c = arg;
+    crash_blame_set(c->blame_id);
     if (c->state == IMAP_CONN_ST_DONE)
         return;
     if (c->state == IMAP_CONN_ST_READY && ev != STREAM_EV_DATA) {
@@ -902,6 +905,7 @@ static void on_stream(stream_t *s, stream_event_t ev, void *arg)
 static void done_fired(loop_t *loop, loop_timer_t *t, void *arg)
 {
     imap_conn_t *c = arg;
+    crash_blame_set(c->blame_id);
     if (c->nmsgs && !c->have_result) /* every path sets one; never report success by accident */
         set_result(c, IMAP_EPROTO, "session ended without a result");
     c->cb(c->arg, c, IMAP_CONN_EV_DONE, NULL); /* c may be gone */
@@ -916,6 +920,8 @@ static void job_begin(imap_conn_t *c, const imap_conn_job_t *job)
     c->check_msgid = job->check_msgid && job->check_msgid[0] ? xstrdup(job->check_msgid) : NULL;
     free(c->log_ref);
     c->log_ref = job->log_ref ? xstrdup(job->log_ref) : NULL;
+    free(c->blame_id);
+    c->blame_id = job->blame_id ? xstrdup(job->blame_id) : NULL;
     c->keep_open = job->keep_open;
     c->timeout_ms = job->timeout_ms ? job->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS;
     memset(&c->res, 0, sizeof(c->res));
@@ -959,6 +965,8 @@ void imap_conn_park(imap_conn_t *c)
     c->check_msgid = NULL;
     free(c->log_ref);
     c->log_ref = NULL;
+    free(c->blame_id);
+    c->blame_id = NULL;
     cmd_release(c);
     stream_set_timeout(c->stream, 0); /* the owner's idle timer rules now */
     stream_trim(c->stream);
@@ -974,6 +982,7 @@ void imap_conn_free(imap_conn_t *c)
     cmd_release(c);
     free(c->check_msgid);
     free(c->log_ref);
+    free(c->blame_id);
     free(c->sent_special);
     free(c->sent_named);
     free(c->sent_inbox);

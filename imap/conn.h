@@ -104,6 +104,8 @@ typedef struct imap_conn_job {
     int                    keep_open;   /* stored: go READY instead of LOGOUT */
     const char            *log_ref;     /* the job's message fields for log lines (log_msgref()); copied,
                                          * NULL: msg=- */
+    const char            *blame_id;    /* the one message whose code this is, for a crash (core/crash.h);
+                                         * copied, NULL for a batch of several */
 } imap_conn_job_t;
 
 typedef enum { IMAP_CONN_EV_DONE = 0, IMAP_CONN_EV_UNFIT } imap_conn_event_t;

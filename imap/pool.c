@@ -197,7 +197,8 @@ static void sess_open(imap_pool_sess_t *s)
     imap_conn_msg_t m = { a->data, a->len };
     char ref[IMAP_LOG_REF_MAX];
     imap_conn_job_t job = { .msgs = &m, .nmsgs = 1, .check_msgid = a->check_msgid, .timeout_ms = a->timeout_ms,
-                            .keep_open = 1, .log_ref = imap_append_log_ref(&a, 1, ref, sizeof(ref)) };
+                            .keep_open = 1, .log_ref = imap_append_log_ref(&a, 1, ref, sizeof(ref)),
+                            .blame_id = a->log_id };
     s->conn = imap_conn_open(a->loop, &a->acct, &job, sess_on_conn, s);
     s->connections++;
     if (s->pool)
@@ -492,7 +493,8 @@ static void sess_run(imap_pool_t *p, imap_pool_sess_t *s, imap_append_t *const *
     char ref[IMAP_LOG_REF_MAX];
     imap_conn_job_t job = { .msgs = msgs, .nmsgs = n, .check_msgid = n == 1 ? m[0]->check_msgid : NULL,
                             .timeout_ms = m[0]->timeout_ms, .keep_open = 1,
-                            .log_ref = imap_append_log_ref(m, n, ref, sizeof(ref)) };
+                            .log_ref = imap_append_log_ref(m, n, ref, sizeof(ref)),
+                            .blame_id = n == 1 ? m[0]->log_id : NULL };
     imap_conn_run(s->conn, &job);
 }
 

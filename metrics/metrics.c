@@ -52,7 +52,7 @@ static const struct {
     [MET_RATE_LIMIT_DEFERRED] = { "mailpump_rate_limit_deferred_total", "Messages (per domain) deferred to a retry queue because their rate_limits slot was further away than rate_limit_max_wait." },
     [MET_RATE_LIMIT_REDIS_ERRORS] = { "mailpump_rate_limit_redis_errors_total", "rate_limits budgets Redis could not give (timeout, error): the process's own table answered." },
     [MET_SMTP_DEST_CAPPED] = { "mailpump_smtp_dest_capped_total", "New connections turned away at the greeting (4xx) while others to the destination were open: it was capped at those (pool_refused_backoff) and the message waited for one." },
-    [MET_MESSAGES_POISON] = { "mailpump_messages_poison_total", "Messages dead-lettered after too many redeliveries." },
+    [MET_MESSAGES_POISON] = { "mailpump_messages_poison_total", "Messages dead-lettered after too many attempts that crashed a worker or could not be finished." },
     [MET_IMAP_SESSIONS] = { "mailpump_imap_sessions_opened_total", "IMAP connections opened for Sent copies." },
     [MET_IMAP_SESSIONS_REUSED] = { "mailpump_imap_sessions_reused_total", "Sent copies appended on a pooled IMAP session (APPEND only)." },
     [MET_IMAP_ALREADY_STORED] = { "mailpump_imap_copies_found_total", "Retried Sent copies found already stored by an earlier attempt (Message-ID search), not appended again." },

@@ -100,10 +100,15 @@ class Ledger(unittest.TestCase):
             method, _, _ = ch.basic_get(d.queue, auto_ack=False)
             self.assertIsNotNone(method)
             ch.basic_nack(method.delivery_tag, requeue=True)
+            # three earlier attempts crashed a worker or could not be finished
             redis_cli(self.rport, "SET", f"mp:d:{msg_id}", "3", "PX", "600000")
             d.start()
             ev = tap.wait(lambda e: e["event"] == "dead" and e.get("message_id") == msg_id, 1)[0]
-            self.assertIn("poison: redelivered 4 times", ev["error"])
+            self.assertIn("poison: 3 attempts of this message crashed a worker or could not be finished "
+                          "(limit 3)", ev["error"])
+            self.assertEqual(ev["recipient"], "nora@test.example")
+            # the check only reads the count
+            self.assertEqual(redis_cli(self.rport, "GET", f"mp:d:{msg_id}"), "3")
             deadline = time.time() + 10
             method = None
             while method is None and time.time() < deadline:
@@ -113,6 +118,74 @@ class Ledger(unittest.TestCase):
             self.assertIn("poison", props.headers["x-mailpump-reason"])
             self.assertEqual(json.loads(got)["id"], msg_id)
             self.assertEqual(d.metric("mailpump_messages_poison_total"), 1)
+        finally:
+            conn.close()
+            self.assertEqual(d.stop(), 0)
+            tap.close()
+
+    def poison_with_done(self, msg_id, rcpts, done):
+        """Publish msg_id to rcpts, redelivered, its poison count at the
+        limit (3) and the ledger showing done delivered; returns the
+        daemon, the tap and the channel (the caller closes them)."""
+        d = mpstack.Daemon(self.env, workers=1, extra_env={"MAILPUMP_RETRY_POISON_REDELIVERIES": "3"})
+        tap = mpstack.EventTap(self.env, d.exchange)
+        conn, ch = mpstack.amqp_channel(self.env)
+        ch.queue_declare(d.queue, durable=True, arguments={"x-max-priority": 10})
+        ch.confirm_delivery()
+        ch.basic_publish("", d.queue, json.dumps({"id": msg_id, "from": "bob@test.example", "to": rcpts,
+                                                  "text": "poison, partly delivered"}),
+                         pika.BasicProperties(delivery_mode=2))
+        method, _, _ = ch.basic_get(d.queue, auto_ack=False)
+        self.assertIsNotNone(method)
+        ch.basic_nack(method.delivery_tag, requeue=True)
+        for rcpt in done:
+            redis_cli(self.rport, "SET", f"mp:r:{msg_id}:{rcpt}", "done", "PX", "600000")
+        redis_cli(self.rport, "SET", f"mp:d:{msg_id}", "3", "PX", "600000")
+        d.start()
+        return d, tap, conn, ch
+
+    def test_poisoned_message_reports_its_delivered_recipients(self):
+        # the ledger shows olive delivered: she gets her delivered event,
+        # only pete is dead-lettered
+        msg_id = "poisondone-" + os.urandom(6).hex()
+        d, tap, conn, ch = self.poison_with_done(msg_id, ["olive@test.example", "pete@test.example"],
+                                                 ["olive@test.example"])
+        try:
+            evs = tap.wait(lambda e: e.get("message_id") == msg_id, 2)
+            by = {e["event"]: e for e in evs}
+            self.assertEqual(set(by), {"delivered", "dead"}, evs)
+            self.assertEqual(by["delivered"]["recipient"], "olive@test.example")
+            self.assertTrue(by["delivered"].get("already_delivered"))
+            self.assertEqual(by["dead"]["recipient"], "pete@test.example")
+            self.assertIn("poison: 3 attempts", by["dead"]["error"])
+            evs = [e for e in tap.drain() if e.get("message_id") == msg_id]
+            self.assertEqual(sorted(e["event"] for e in evs), ["dead", "delivered"], evs)
+            method = None
+            deadline = time.time() + 10
+            while method is None and time.time() < deadline:
+                method, props, got = ch.basic_get(d.dead_queue, auto_ack=True)
+                time.sleep(0.05)
+            self.assertIsNotNone(method)
+            self.assertEqual(json.loads(got)["id"], msg_id)
+            self.assertEqual(d.metric("mailpump_messages_poison_total"), 1)
+        finally:
+            conn.close()
+            self.assertEqual(d.stop(), 0)
+            tap.close()
+
+    def test_poison_count_at_the_limit_with_every_recipient_done_is_acked(self):
+        msg_id = "poisonall-" + os.urandom(6).hex()
+        d, tap, conn, ch = self.poison_with_done(msg_id, ["quentin@test.example"], ["quentin@test.example"])
+        try:
+            ev = tap.wait(lambda e: e.get("message_id") == msg_id, 1)[0]
+            self.assertEqual(ev["event"], "delivered")
+            self.assertTrue(ev.get("already_delivered"))
+            evs = [e for e in tap.drain(quiet=0.5) if e.get("message_id") == msg_id]
+            self.assertEqual([e["event"] for e in evs if e["event"] != "appended"], ["delivered"], evs)
+            self.assertEqual(d.metric("mailpump_messages_poison_total"), 0)
+            self.assertEqual(d.metric("mailpump_messages_done_total"), 1)
+            method, _, _ = ch.basic_get(d.dead_queue, auto_ack=True)
+            self.assertIsNone(method)
         finally:
             conn.close()
             self.assertEqual(d.stop(), 0)
@@ -452,6 +525,56 @@ class KillNine(unittest.TestCase):
             self.assertEqual(d2.stop(), 0)
         finally:
             cleanup_kill_run(d, d2, tap, sink, dumpdir)
+
+
+class CrashLoop(unittest.TestCase):
+    def test_kill9_loop_does_not_make_a_message_poison(self):
+        """A message in flight (its receiver sits on the DATA reply) while
+        the daemon is killed with SIGKILL more times than the poison limit:
+        SIGKILL is no fault of the message, so it is not dead-lettered and
+        ends delivered, once."""
+        env = mpstack.stack_env()
+        rport = env["MP_REDIS_PORT"]
+        sink = mpstack.Sink(addr="127.0.0.2", rules=["delay:DATA=2500"])
+        extra = {"MAILPUMP_SMTP_PORT": str(sink.port), "MAILPUMP_SMTP_TLS": "none",
+                 "MAILPUMP_IMAP_HOST": "", "MAILPUMP_RETRY_POISON_REDELIVERIES": "2"}
+        d = mpstack.Daemon(env, workers=1, extra_env=extra)
+        tap = mpstack.EventTap(env, d.exchange)
+        msg_id = "crashloop-" + os.urandom(6).hex()
+        daemons = [d]
+        try:
+            d.start()
+            r = d.cli("enqueue", "--id", msg_id, "--from", "bob@test.example",
+                      "--to", "rosa@test.example", "--text", "in flight while killed")
+            self.assertEqual(r.returncode, 0, r.stderr)
+            for kill in range(3):  # more than the limit
+                deadline = time.time() + 20
+                def received():
+                    return any("event=message_received" in line and f'msg="{msg_id}"' in line
+                               for line in daemons[-1].log().splitlines())
+                while not received() and time.time() < deadline:
+                    time.sleep(0.05)
+                self.assertTrue(received(), daemons[-1].log())
+                time.sleep(0.7)  # at the receiver, waiting for its DATA reply
+                daemons[-1].proc.send_signal(signal.SIGKILL)
+                daemons[-1].proc.wait(10)
+                daemons.append(mpstack.Daemon(env, workers=1, extra_env=extra, queues_of=d))
+                daemons[-1].start()
+            evs = tap.wait(lambda e: e.get("message_id") == msg_id and e["event"] in ("delivered", "dead"), 1,
+                           timeout=60)
+            self.assertEqual(evs[0]["event"], "delivered", evs)
+            self.assertEqual(redis_cli(rport, "GET", f"mp:d:{msg_id}"), "")
+            self.assertEqual(daemons[-1].metric("mailpump_messages_poison_total"), 0)
+            self.assertEqual(sum(msg_id.encode() in m for m in sink.messages()), 1)
+            self.assertEqual(daemons[-1].stop(), 0)
+        finally:
+            for daemon in daemons:
+                if daemon.proc and daemon.proc.poll() is None:
+                    daemon.proc.kill()
+                    daemon.proc.wait(10)
+            d.delete_topology()
+            tap.close()
+            sink.stop()
 
 
 if __name__ == "__main__":

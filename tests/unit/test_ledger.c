@@ -81,7 +81,7 @@ static void test_no_client_calls_fail_from_the_loop(void **state)
     tag_t t[4] = { { &s, 0 }, { &s, 1 }, { &s, 2 }, { &s, 3 } };
     ledger_lookup(l, "m1", rc, 2, on_lookup, &t[0]);
     uint64_t id1 = ledger_mark(l, "m1", rc, 2, LEDGER_SENDING, on_done, &t[1]);
-    ledger_count_redelivery(l, "m1", on_count, &t[2]);
+    ledger_poison_count(l, "m1", on_count, &t[2]);
     ledger_mark(l, "m1", rc, 0, LEDGER_NONE, on_done, &t[3]);
     assert_int_equal(s.n, 0); /* never synchronously */
     ledger_cancel(l, id1);
@@ -111,7 +111,7 @@ static void test_many_calls_and_cancels(void **state)
     uint64_t ids[N];
     for (int i = 0; i < N; i++) {
         t[i] = (tag_t){ &s, i };
-        ids[i] = ledger_count_redelivery(l, "m", on_count, &t[i]);
+        ids[i] = i % 2 ? ledger_poison_charge(l, "m", on_count, &t[i]) : ledger_poison_count(l, "m", on_count, &t[i]);
     }
     for (int i = 0; i < N; i += 2)
         ledger_cancel(l, ids[i]);
