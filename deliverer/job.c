@@ -76,6 +76,7 @@ enum job_state {
     JOB_IDENTITY,
     JOB_LOOKUP,
     JOB_COUNT,
+    JOB_BUILD,
     JOB_DOMAINS,
     JOB_SENT_COPY,
     JOB_EVENTS,
@@ -160,6 +161,7 @@ static void job_enter_assign(job_t *j);
 static void job_enter_identity(job_t *j);
 static void job_enter_lookup(job_t *j);
 static void job_enter_count(job_t *j);
+static void job_enter_build(job_t *j);
 static void job_enter_domains(job_t *j);
 static void job_enter_sent_copy(job_t *j);
 static void job_enter_events(job_t *j);
@@ -176,6 +178,7 @@ static const struct {
     [JOB_IDENTITY] = { "identity", job_enter_identity },
     [JOB_LOOKUP] = { "lookup", job_enter_lookup },
     [JOB_COUNT] = { "count", job_enter_count },
+    [JOB_BUILD] = { "build", job_enter_build },
     [JOB_DOMAINS] = { "domains", job_enter_domains },
     [JOB_SENT_COPY] = { "sent_copy", job_enter_sent_copy },
     [JOB_EVENTS] = { "events", job_enter_events },
@@ -216,10 +219,8 @@ static void job_next(job_t *j)
             next = JOB_DEAD;
         else if (j->msg->id_generated)
             next = JOB_ASSIGN; /* no id: republished with one, then acked */
-        else if (j->envelope.append_only)
-            next = JOB_SENT_COPY; /* every recipient is settled: no SMTP resend */
-        else if (j->ctx->svc.ledger == NULL)
-            next = JOB_DOMAINS;
+        else if (j->envelope.append_only || j->ctx->svc.ledger == NULL)
+            next = JOB_BUILD; /* a Sent copy only (no SMTP resend), or no ledger to ask */
         else
             next = JOB_IDENTITY;
         break;
@@ -229,8 +230,13 @@ static void job_next(job_t *j)
                : j->copy_dropped ? JOB_DONE /* acked: another copy carries the message */
                                  : JOB_LOOKUP;
         break;
-    case JOB_LOOKUP: next = j->dv->redelivered ? JOB_COUNT : JOB_DOMAINS; break;
-    case JOB_COUNT: next = j->poison ? JOB_DEAD : JOB_DOMAINS; break;
+    case JOB_LOOKUP: next = j->dv->redelivered ? JOB_COUNT : JOB_BUILD; break;
+    case JOB_COUNT: next = j->poison ? JOB_DEAD : JOB_BUILD; break;
+    case JOB_BUILD:
+        next = j->dead_reason[0]         ? JOB_DEAD
+               : j->envelope.append_only ? JOB_SENT_COPY /* every recipient is settled */
+                                         : JOB_DOMAINS;
+        break;
     case JOB_DOMAINS: next = JOB_SENT_COPY; break;
     case JOB_SENT_COPY: next = j->broker_lost ? JOB_DONE : JOB_EVENTS; break;
     case JOB_EVENTS:
@@ -485,7 +491,7 @@ static void job_enter_intake(job_t *j)
         return;
     }
     j->msg->priority = dv->priority;
-    job_blame(j); /* building and signing the message are its code */
+    job_blame(j); /* from here on a crash is this message's */
     job_body_digest(j);
     if (j->msg->id_generated && j->envelope.id && msgjson_valid_id(j->envelope.id)) {
         /* the id an earlier attempt assigned (JOB_ASSIGN) */
@@ -505,10 +511,6 @@ static void job_enter_intake(job_t *j)
         job_next(j); /* JOB_ASSIGN: nothing is built for a message that is republished */
         return;
     }
-    if (job_build(j) < 0) {
-        job_next(j);
-        return;
-    }
     job_collect_rcpts(j);
     if (j->envelope.append_only) {
         log_info("job", "message_received", "tag=%llu %s attempt=%u append_only=1", (unsigned long long)dv->tag,
@@ -522,11 +524,25 @@ static void job_enter_intake(job_t *j)
         job_next(j);
         return;
     }
-    j->need = job_smtp_need(j);
     log_info("job", "message_received",
-             "tag=%llu %s prio=%d attempt=%u rcpts=%zu domains=%zu bytes=%zu worker=%d",
+             "tag=%llu %s prio=%d attempt=%u rcpts=%zu domains=%zu body_bytes=%zu worker=%d",
              (unsigned long long)dv->tag, JOB_MSG(j), dv->priority,
-             j->envelope.attempt, j->nrcpts, j->ndomains, buf_size(&j->raw), j->ctx->worker_index);
+             j->envelope.attempt, j->nrcpts, j->ndomains, dv->len, j->ctx->worker_index);
+    job_next(j);
+}
+
+/* ---- BUILD ---- */
+
+/* The RFC 5322 bytes, built and signed once, after the ledger and the
+ * poison count were read: a message whose content crashes the builder
+ * or the signer is counted (core/crash.h) and, redelivered, stopped at
+ * COUNT before it is built again. */
+static void job_enter_build(job_t *j)
+{
+    if (job_build(j) == 0) {
+        j->need = job_smtp_need(j);
+        log_debug("job", "built", "%s bytes=%zu", JOB_MSG(j), buf_size(&j->raw));
+    }
     job_next(j);
 }
 

@@ -2,8 +2,8 @@
  * deliverer/job.h - the life of one consumed message.
  *
  * A job walks one state table (job.c):
- *   INTAKE     parse the JSON, build the RFC 5322 bytes once, DKIM-sign,
- *              read the retry envelope, collect the recipients
+ *   INTAKE     parse the JSON, read the retry envelope, collect the
+ *              recipients
  *   ASSIGN     a message without id: republish it once with one, then ack
  *   IDENTITY   the body's digest under the id: an id reused for another
  *              message is dead-lettered
@@ -12,6 +12,8 @@
  *   COUNT      a redelivered message: read its poison count (attempts that
  *              crashed a worker or could not be finished); at the limit it
  *              is poison for the recipients the ledger does not show done
+ *   BUILD      build the RFC 5322 bytes once and DKIM-sign them (after
+ *              COUNT: content that crashes the builder is counted first)
  *   DOMAINS    one domain leg per recipient domain, concurrently (domain.h);
  *              each records its transactions in the ledger as they end
  *   SENT_COPY  APPEND to the sender's IMAP Sent folder (UIDPLUS)
