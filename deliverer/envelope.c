@@ -19,6 +19,7 @@
 
 #define H_ID            "x-mailpump-id"
 #define H_COPY          "x-mailpump-copy"
+#define H_HOP           "x-mailpump-hop"
 #define H_PENDING_SET   "x-mailpump-pending-set"
 #define H_PENDING_LIST  "x-mailpump-pending" /* written by earlier versions */
 #define H_ATTEMPT       "x-mailpump-attempt"
@@ -51,6 +52,8 @@ void envelope_read(const mq_delivery_t *dv, uint64_t now_wall_ms, envelope_t *ou
     out->id = h && h[0] ? h : NULL;
     h = mq_delivery_header(dv, H_COPY);
     out->copy = h && h[0] ? h : NULL;
+    h = mq_delivery_header(dv, H_HOP);
+    out->hop = h && h[0] ? h : NULL;
     h = mq_delivery_header(dv, H_PENDING_SET);
     if (h) {
         size_t n = strlen(h), len = 0, bad = 0;
@@ -110,6 +113,8 @@ void envelope_write(const envelope_t *e, envelope_headers_t *out)
         out->hdr[n++] = (mq_header_t){ H_ID, e->id };
     if (e->copy)
         out->hdr[n++] = (mq_header_t){ H_COPY, e->copy };
+    if (e->hop)
+        out->hdr[n++] = (mq_header_t){ H_HOP, e->hop };
     out->n = n;
 }
 

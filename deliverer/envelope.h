@@ -36,6 +36,9 @@ typedef struct envelope {
     const char    *copy;          /* the republish that assigned it: a token of its own, so
                                    * that a second such republish (see job.c, ASSIGN) is
                                    * known for what it is; NULL on anything else */
+    const char    *hop;           /* the retry republish this is: a token of its own, which the
+                                   * ledger names for the recipients handed to it (job.c,
+                                   * HANDOFF); NULL for the message as first published */
     /* pending recipients: a bit per recipient (bit i of byte i / 8, low bit
      * first), or the legacy list; neither: every recipient (a first attempt) */
     unsigned char *pending_set;   /* owned by the envelope read; borrowed when writing */
@@ -66,7 +69,7 @@ static inline size_t envelope_set_bytes(size_t nbits) { return (nbits + 7) / 8; 
  * is pending): out->hdr[0..out->n-1], pointing
  * into out and into e (keep both alive until mq_publish() returns; it
  * copies them). Release with envelope_headers_free(). */
-#define ENVELOPE_MAX_HEADERS 8
+#define ENVELOPE_MAX_HEADERS 10
 typedef struct envelope_headers {
     mq_header_t hdr[ENVELOPE_MAX_HEADERS];
     size_t      n;

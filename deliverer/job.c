@@ -79,7 +79,9 @@ enum job_state {
     JOB_BUILD,
     JOB_DOMAINS,
     JOB_SENT_COPY,
+    JOB_HANDOFF,
     JOB_EVENTS,
+    JOB_HANDED,
     JOB_DEAD,
     JOB_CHARGE,
     JOB_DONE,
@@ -97,6 +99,7 @@ typedef struct job_rcpt {
     char             text[512];
     int              skip;         /* the ledger says an earlier attempt delivered it */
     int              possible_dup; /* the ledger found it mid-send, or a leg was cut after its dot */
+    int              handed;       /* a retry republished by an earlier attempt carries it: not ours */
 } job_rcpt_t;
 
 typedef struct job_domain {
@@ -142,6 +145,11 @@ struct job {
     int                  append_tried;
     imap_append_result_t append_res;
     uint64_t             retry_in_ms;  /* delay chosen for the next attempt */
+    int                  retrying;     /* HANDOFF planned a retry; EVENTS publishes it */
+    size_t               retry_level;
+    int                  retry_throttled_only;
+    uint64_t             retry_server_ms;
+    char                 hop[37];      /* the retry's token, named in the ledger ("" none) */
     char                 give_up[160]; /* why transient recipients are not retried */
     char                 dead_reason[640]; /* set: the message goes to the dead-letter queue */
     size_t               confirms_left;
@@ -164,7 +172,9 @@ static void job_enter_count(job_t *j);
 static void job_enter_build(job_t *j);
 static void job_enter_domains(job_t *j);
 static void job_enter_sent_copy(job_t *j);
+static void job_enter_handoff(job_t *j);
 static void job_enter_events(job_t *j);
+static void job_enter_handed(job_t *j);
 static void job_enter_dead(job_t *j);
 static void job_enter_charge(job_t *j);
 static void job_enter_done(job_t *j);
@@ -181,7 +191,9 @@ static const struct {
     [JOB_BUILD] = { "build", job_enter_build },
     [JOB_DOMAINS] = { "domains", job_enter_domains },
     [JOB_SENT_COPY] = { "sent_copy", job_enter_sent_copy },
+    [JOB_HANDOFF] = { "handoff", job_enter_handoff },
     [JOB_EVENTS] = { "events", job_enter_events },
+    [JOB_HANDED] = { "handed", job_enter_handed },
     [JOB_DEAD] = { "dead", job_enter_dead },
     [JOB_CHARGE] = { "charge", job_enter_charge },
     [JOB_DONE] = { "done", job_enter_done },
@@ -238,8 +250,14 @@ static void job_next(job_t *j)
                                          : JOB_DOMAINS;
         break;
     case JOB_DOMAINS: next = JOB_SENT_COPY; break;
-    case JOB_SENT_COPY: next = j->broker_lost ? JOB_DONE : JOB_EVENTS; break;
+    case JOB_SENT_COPY: next = j->broker_lost ? JOB_DONE : JOB_HANDOFF; break;
+    case JOB_HANDOFF: next = JOB_EVENTS; break;
     case JOB_EVENTS:
+        next = job_chargeable(j)                                           ? JOB_CHARGE
+               : j->hop[0] && !j->confirm_failed && job_broker_open(j) ? JOB_HANDED /* then acked */
+                                                                           : JOB_DONE;
+        break;
+    case JOB_HANDED: next = JOB_DONE; break;
     case JOB_DEAD: next = job_chargeable(j) ? JOB_CHARGE : JOB_DONE; break;
     case JOB_CHARGE: next = JOB_DONE; break;
     case JOB_DONE:
@@ -652,7 +670,7 @@ static void job_enter_identity(job_t *j)
 
 /* ---- LOOKUP ---- */
 
-static void job_on_looked_up(void *arg, int ok, const ledger_state_t *states)
+static void job_on_looked_up(void *arg, int ok, const ledger_state_t *states, const char *const *hops)
 {
     job_t *j = arg;
     job_blame(j);
@@ -684,6 +702,19 @@ static void job_on_looked_up(void *arg, int ok, const ledger_state_t *states)
              * reply: the server may have it. The mark stays until this
              * attempt settles the recipient. */
             job_flag_possible_dup(r);
+        } else if ((states[i] == LEDGER_HANDED || states[i] == LEDGER_HANDING) && hops[i] &&
+                   (j->envelope.hop == NULL || strcmp(hops[i], j->envelope.hop) != 0)) {
+            if (states[i] == LEDGER_HANDED) {
+                /* an earlier run of this very delivery deferred it and
+                 * its retry is queued (confirmed), events included: that
+                 * copy owns it now, this one leaves it alone */
+                r->skip = r->handed = 1;
+                log_info("job", "handed_off", "%s rcpt=%s hop=%s", JOB_MSG(j), LOG_Q(r->addr), LOG_Q(hops[i]));
+            } else {
+                /* it was being handed to a retry when that run died: the
+                 * retry may be queued and deliver it too */
+                job_flag_possible_dup(r);
+            }
         }
     }
     job_next(j);
@@ -879,7 +910,7 @@ static void job_enter_sent_copy(job_t *j)
     }
     size_t delivered = 0;
     for (size_t i = 0; i < j->nrcpts; i++)
-        delivered += j->rcpts[i].outcome == OUTCOME_DELIVERED;
+        delivered += j->rcpts[i].outcome == OUTCOME_DELIVERED && !j->rcpts[i].handed;
     const account_t *acct = env->imap_addrlen ? accounts_find(&env->accounts, j->msg->from.addr) : NULL;
     if ((delivered == 0 && !j->envelope.append_needed) || acct == NULL || j->envelope.appended) {
         job_next(j);
@@ -947,9 +978,10 @@ static int job_append_retryable(const job_t *j)
 
 /* Republish the original body to a delay queue with the recipients still
  * pending; the broker routes it back to the outbound queue when the delay
- * expires. Returns 1 if a retry was scheduled; 0 when there is nothing to
- * retry or attempts or age are used up (j->give_up says which). */
-static int job_schedule_retry(job_t *j)
+ * expires. Planned once (HANDOFF), published with the events: 1 if a
+ * retry is planned; 0 when there is nothing to retry or attempts or age
+ * are used up (j->give_up says which). */
+static int job_plan_retry(job_t *j)
 {
     const retry_policy_t *rp = &j->ctx->env->retry;
     int c = retry_class(j->dv->priority);
@@ -989,9 +1021,28 @@ static int job_schedule_retry(job_t *j)
         snprintf(j->give_up, sizeof(j->give_up), "expired: next attempt would pass the maximum age of %s (P%d)",
                  a, c);
     }
-    if (j->give_up[0]) {
-        buf_free(&pending);
+    buf_free(&pending);
+    if (j->give_up[0])
         return 0;
+    j->retry_level = level;
+    j->retry_in_ms = delay;
+    j->retry_server_ms = server_ms;
+    j->retry_throttled_only = throttled_only;
+    return 1;
+}
+
+static void job_publish_retry(job_t *j)
+{
+    const retry_policy_t *rp = &j->ctx->env->retry;
+    int c = retry_class(j->dv->priority);
+    unsigned attempt = j->envelope.attempt;
+    buf_t pending = BUF_INIT;
+    for (size_t i = 0; i < j->nrcpts; i++) {
+        if (j->rcpts[i].outcome != OUTCOME_TRANSIENT)
+            continue;
+        if (buf_size(&pending))
+            buf_putc(&pending, ',');
+        buf_puts(&pending, j->rcpts[i].addr);
     }
     int appended = j->envelope.appended || (j->append_tried && j->append_res.status == IMAP_OK);
     unsigned char *set = xcalloc(1, envelope_set_bytes(j->nlisted) + 1);
@@ -999,7 +1050,7 @@ static int job_schedule_retry(job_t *j)
         if (j->rcpts[i].outcome == OUTCOME_TRANSIENT)
             envelope_set_bit(set, j->rcpts[i].index);
     envelope_t next = {
-        .attempt = throttled_only ? attempt : attempt + 1,
+        .attempt = j->retry_throttled_only ? attempt : attempt + 1,
         .first_seen_ms = j->envelope.first_seen_ms,
         .id = j->envelope.id, /* the id ASSIGN gave, if that is where it came from */
         .pending_set = set,
@@ -1007,22 +1058,21 @@ static int job_schedule_retry(job_t *j)
         .appended = appended,
         .append_needed = !appended && job_append_retryable(j),
         .append_only = buf_size(&pending) == 0,
+        .hop = j->hop[0] ? j->hop : NULL,
     };
     envelope_headers_t hdrs;
     envelope_write(&next, &hdrs);
     char queue[256];
-    retry_queue_name(rp->queue_prefix, &rp->levels, level, queue, sizeof(queue));
+    retry_queue_name(rp->queue_prefix, &rp->levels, j->retry_level, queue, sizeof(queue));
     mq_publish_opts_t o = { .message_id = j->msg->id, .priority = j->dv->priority, .persistent = 1,
                             .headers = hdrs.hdr, .nheaders = hdrs.n, .mandatory = 1 };
-    j->retry_in_ms = delay;
     log_info("job", "retry_scheduled", "%s class=P%d attempt=%u queue=%s delay_ms=%llu server_ms=%llu pending=%s",
-             JOB_MSG(j), c, next.attempt, LOG_Q(queue), (unsigned long long)delay, (unsigned long long)server_ms,
-             LOG_Q(buf_head(&pending)));
+             JOB_MSG(j), c, next.attempt, LOG_Q(queue), (unsigned long long)j->retry_in_ms,
+             (unsigned long long)j->retry_server_ms, LOG_Q(buf_head(&pending)));
     job_publish(j, "", queue, j->dv->body, j->dv->len, &o);
     envelope_headers_free(&hdrs);
     free(set);
     buf_free(&pending);
-    return 1;
 }
 
 static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int appended)
@@ -1074,15 +1124,67 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
     job_publish_event(j, &ev);
 }
 
-static void job_enter_events(job_t *j)
+/* ---- HANDOFF, HANDED ---- */
+
+/* A retry republish and the attempt that made it may both be alive: the
+ * attempt's worker dies after the retry is queued but before its ack,
+ * and the broker redelivers it while the retry runs. So the recipients
+ * handed to a retry are recorded with its token (envelope hop) twice:
+ * "retry:<hop>" before it is published (HANDOFF) and "retried:<hop>"
+ * once it and the events are confirmed (HANDED, just before the ack). A
+ * redelivery of the attempt leaves a "retried" recipient to the retry
+ * (no event, no SMTP), and flags a "retry" one: that retry may or may
+ * not be queued. The retry itself finds its own token and goes on. */
+static void job_on_handoff_marked(void *arg, int ok)
 {
-    int appended = j->append_tried && j->append_res.status == IMAP_OK;
+    job_t *j = arg;
+    job_blame(j);
+    j->ledger_op = 0;
+    if (!ok)
+        job_ledger_unavailable(j, j->state == JOB_HANDOFF ? "handoff" : "handed");
+    job_next(j);
+}
+
+static void job_mark_handoff(job_t *j, ledger_state_t st)
+{
+    const char **rcpts = xcalloc(j->nrcpts ? j->nrcpts : 1, sizeof(char *));
+    size_t n = 0;
+    for (size_t i = 0; i < j->nrcpts; i++)
+        if (j->rcpts[i].outcome == OUTCOME_TRANSIENT)
+            rcpts[n++] = j->rcpts[i].addr;
+    j->ledger_op = ledger_mark_handoff(j->ctx->svc.ledger, j->msg->id, rcpts, n, st, j->hop,
+                                       job_on_handoff_marked, j);
+    free(rcpts);
+}
+
+static void job_enter_handoff(job_t *j)
+{
     size_t transient = 0;
     for (size_t i = 0; i < j->nrcpts; i++)
         transient += j->rcpts[i].outcome == OUTCOME_TRANSIENT;
-    int retrying = (transient > 0 || job_append_retryable(j)) && job_schedule_retry(j);
+    j->retrying = (transient > 0 || job_append_retryable(j)) && job_plan_retry(j);
+    if (!j->retrying || transient == 0 || j->ctx->svc.ledger == NULL) {
+        job_next(j);
+        return;
+    }
+    util_uuid(j->hop);
+    job_mark_handoff(j, LEDGER_HANDING);
+}
+
+static void job_enter_handed(job_t *j)
+{
+    job_mark_handoff(j, LEDGER_HANDED);
+}
+
+static void job_enter_events(job_t *j)
+{
+    int appended = j->append_tried && j->append_res.status == IMAP_OK;
+    int retrying = j->retrying;
+    if (retrying)
+        job_publish_retry(j);
     for (size_t i = 0; i < j->nrcpts; i++)
-        job_publish_rcpt_event(j, &j->rcpts[i], retrying, appended);
+        if (!j->rcpts[i].handed)
+            job_publish_rcpt_event(j, &j->rcpts[i], retrying, appended);
     if (j->append_tried) {
         mq_event_t ev = {
             .event = appended ? "appended" : "append_failed",
@@ -1115,7 +1217,7 @@ static void job_enter_dead(job_t *j)
     const mp_config_t *cfg = j->ctx->env->cfg;
     if (j->poison)
         for (size_t i = 0; i < j->nrcpts; i++)
-            if (j->rcpts[i].skip)
+            if (j->rcpts[i].skip && !j->rcpts[i].handed)
                 job_publish_rcpt_event(j, &j->rcpts[i], 0, 0);
     metrics_inc(MET_MESSAGES_DEAD, 1);
     log_warn("job", "dead_letter", "tag=%llu %s reason=%s", (unsigned long long)j->dv->tag, JOB_MSG(j),

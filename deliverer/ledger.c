@@ -45,6 +45,7 @@ typedef struct op {
     char           *holder;    /* OP_CLAIM: the value that holds the key */
     int             replace;   /* OP_CLAIM: ours overwrites; the old value is not the holder */
     ledger_state_t *states;
+    char          **hops;      /* OP_LOOKUP: the retry token of a handed-off record */
     union {
         ledger_lookup_cb lookup;
         ledger_done_cb   done;
@@ -104,7 +105,7 @@ static void op_complete(op_t *op)
         case OP_LOOKUP:
             if (!op->ok)
                 memset(op->states, 0, op->n * sizeof(ledger_state_t));
-            op->cb.lookup(op->arg, op->ok, op->states);
+            op->cb.lookup(op->arg, op->ok, op->states, (const char *const *)op->hops);
             break;
         case OP_MARK:
             op->cb.done(op->arg, op->ok);
@@ -119,6 +120,9 @@ static void op_complete(op_t *op)
     }
     free(op->holder);
     free(op->states);
+    for (size_t i = 0; op->hops && i < op->n; i++)
+        free(op->hops[i]);
+    free(op->hops);
     free(op);
 }
 
@@ -131,8 +135,10 @@ static op_t *op_new(ledger_t *l, op_kind_t kind, size_t n, void *arg)
     op->n = n;
     op->ok = 1;
     op->arg = arg;
-    if (kind == OP_LOOKUP)
+    if (kind == OP_LOOKUP) {
         op->states = xcalloc(n ? n : 1, sizeof(ledger_state_t));
+        op->hops = xcalloc(n ? n : 1, sizeof(char *));
+    }
     htable_insert_u64(&l->ops, &op->node, op->id);
     return op;
 }
@@ -167,6 +173,13 @@ static void on_reply(void *arg, const redisReply *r, const char *err)
                 op->states[i] = LEDGER_DONE_FLAGGED;
             else if (e->type == REDIS_REPLY_STRING && strcmp(e->str, "sending") == 0)
                 op->states[i] = LEDGER_SENDING;
+            else if (e->type == REDIS_REPLY_STRING && strncmp(e->str, "retry:", 6) == 0) {
+                op->states[i] = LEDGER_HANDING;
+                op->hops[i] = xstrdup(e->str + 6);
+            } else if (e->type == REDIS_REPLY_STRING && strncmp(e->str, "retried:", 8) == 0) {
+                op->states[i] = LEDGER_HANDED;
+                op->hops[i] = xstrdup(e->str + 8);
+            }
         }
     } else if (op->kind == OP_CLAIM) {
         /* SET ... GET: nil when the key was free (ours now), else the earlier value */
@@ -401,6 +414,23 @@ uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, 
         batch_add_key(l, rcpt_key(msg_id, rcpts[i]), v);
     uint64_t id = op->id;
     batch_add_op(l, id); /* may flush: op is not touched after this */
+    return id;
+}
+
+uint64_t ledger_mark_handoff(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
+                             ledger_state_t state, const char *hop, ledger_done_cb cb, void *arg)
+{
+    op_t *op = op_new(l, OP_MARK, n, arg);
+    op->cb.done = cb;
+    if (l->rc == NULL || n == 0)
+        return no_client(l, op);
+    buf_t v = BUF_INIT;
+    buf_printf(&v, "%s:%s", state == LEDGER_HANDED ? "retried" : "retry", hop);
+    for (size_t i = 0; i < n; i++)
+        batch_add_key(l, rcpt_key(msg_id, rcpts[i]), buf_head(&v));
+    buf_free(&v);
+    uint64_t id = op->id;
+    batch_add_op(l, id);
     return id;
 }
 

@@ -34,12 +34,15 @@ typedef enum {
     LEDGER_SENDING,
     LEDGER_DONE,
     LEDGER_DONE_FLAGGED, /* "done-dup": delivered, and that copy may have been a second one */
+    LEDGER_HANDING,      /* "retry:<hop>": being republished, pending, to the retry <hop> */
+    LEDGER_HANDED,       /* "retried:<hop>": the retry <hop> is queued (confirmed) with it pending */
 } ledger_state_t;
 
 typedef struct ledger ledger_t;
 
-/* states has n entries, valid only during the call (ok=0: all NONE). */
-typedef void (*ledger_lookup_cb)(void *arg, int ok, const ledger_state_t *states);
+/* states has n entries, valid only during the call (ok=0: all NONE);
+ * hops[i] is the retry token of a HANDING or HANDED entry, else NULL. */
+typedef void (*ledger_lookup_cb)(void *arg, int ok, const ledger_state_t *states, const char *const *hops);
 typedef void (*ledger_done_cb)(void *arg, int ok);
 typedef void (*ledger_count_cb)(void *arg, int ok, long long count);
 
@@ -54,6 +57,10 @@ uint64_t ledger_lookup(ledger_t *l, const char *msg_id, const char *const *rcpts
 /* Set (state SENDING or DONE) or clear (NONE) the records of n recipients. */
 uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
                      ledger_state_t state, ledger_done_cb cb, void *arg);
+/* Record n recipients as handed to the retry republish hop: HANDING
+ * before it is published, HANDED once the broker confirmed it. */
+uint64_t ledger_mark_handoff(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
+                             ledger_state_t state, const char *hop, ledger_done_cb cb, void *arg);
 /* The poison count of msg_id (GET; 0 when there is none), not changed. */
 uint64_t ledger_poison_count(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg);
 /* One more attempt of msg_id that could not be finished (INCR, PEXPIRE);

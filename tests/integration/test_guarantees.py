@@ -301,6 +301,77 @@ class Identity(unittest.TestCase):
         self.assertEqual(sink.messages(), [])
 
 
+    # ---- a retry and the attempt that made it, both alive ----------------------
+
+    def test_redelivered_attempt_leaves_a_handed_recipient_to_its_retry(self):
+        # the attempt deferred b, queued its retry (confirmed: "retried"),
+        # and died before its ack: its redelivery delivers a (whose copy it
+        # had not recorded) but must leave b to the retry, which carries it
+        log = os.path.join(tempfile.mkdtemp(prefix="mp-handed-"), "transcript")
+        sink = mpstack.Sink(addr="127.0.0.2", extra=["--log", log])
+        self.addCleanup(sink.stop)
+        d, tap = self.daemon(sink.port)
+        mid = "handed-" + os.urandom(4).hex()
+        a, b = f"a-{mid}@test.example", f"b-{mid}@test.example"
+        self.redis("SET", f"mp:r:{mid}:{b}", "retried:hop-x", "EX", "600")
+        self.publish(d, {"id": mid, "from": SENDER, "to": [a, b], "subject": "handed", "text": "x"},
+                     requeue_once=True)
+        self.start(d)
+        ev = self.final_events(tap, lambda e: e["message_id"] == mid, 1)[0]
+        self.assertEqual((ev["recipient"], ev["event"]), (a, "delivered"), ev)
+        time.sleep(1.0)
+        self.assertEqual([e for e in tap.drain() if e.get("recipient") == b], [])
+        self.assertEqual(len(sink.messages()), 1)
+        rcpts = [line.split(" ", 1)[1] for line in sink.transcript() if " RCPT TO:" in line]
+        self.assertEqual(rcpts, [f"RCPT TO:<{a}>"])
+        self.assertIn("event=handed_off", d.log())
+
+    def test_retry_goes_on_with_its_own_token_and_an_unconfirmed_handoff_is_flagged(self):
+        # "retry:<hop>" (being handed, not known to be queued) makes the
+        # redelivered attempt deliver it flagged; the retry carrying that
+        # very hop delivers as its own
+        sink = self.sink()
+        d, tap = self.daemon(sink.port)
+        mid = "handing-" + os.urandom(4).hex()
+        b = f"b-{mid}@test.example"
+        self.redis("SET", f"mp:r:{mid}:{b}", "retry:hop-y", "EX", "600")
+        self.publish(d, {"id": mid, "from": SENDER, "to": [b], "subject": "handing", "text": "x"},
+                     requeue_once=True)
+        self.start(d)
+        ev = self.final_events(tap, lambda e: e["message_id"] == mid, 1)[0]
+        self.assertEqual(ev["event"], "delivered", ev)
+        self.assertTrue(ev.get("possible_duplicate"), ev)
+        mid2 = "own-" + os.urandom(4).hex()
+        c = f"c-{mid2}@test.example"
+        self.redis("SET", f"mp:r:{mid2}:{c}", "retried:hop-z", "EX", "600")
+        conn, ch = mpstack.amqp_channel(self.env)
+        try:
+            ch.confirm_delivery()
+            body = json.dumps({"id": mid2, "from": SENDER, "to": [c], "subject": "own", "text": "x"})
+            ch.basic_publish("", d.queue, body, pika.BasicProperties(
+                delivery_mode=2, headers={"x-mailpump-attempt": "2", "x-mailpump-hop": "hop-z"}))
+        finally:
+            conn.close()
+        ev = self.final_events(tap, lambda e: e["message_id"] == mid2, 1)[0]
+        self.assertEqual(ev["event"], "delivered", ev)
+        self.assertFalse(ev.get("possible_duplicate"), ev)
+        self.assertFalse(ev.get("already_delivered"), ev)
+        self.assertEqual(self.redis("GET", f"mp:r:{mid2}:{c}"), "done")
+
+    def test_deferred_recipient_is_recorded_handed_to_its_retry(self):
+        sink = self.sink(rules=["cmd:RCPT#1=451 4.2.0 try later"])
+        d, tap = self.daemon(sink.port, MAILPUMP_RETRY_LEVELS="1m")
+        self.start(d)
+        mid = "handoff-" + os.urandom(4).hex()
+        b = f"b-{mid}@test.example"
+        self.publish(d, {"id": mid, "from": SENDER, "to": [b], "subject": "later", "text": "x"})
+        ev = tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "deferred", 1)[0]
+        deadline = time.time() + 5
+        while time.time() < deadline and not self.redis("GET", f"mp:r:{mid}:{b}").startswith("retried:"):
+            time.sleep(0.05)
+        self.assertRegex(self.redis("GET", f"mp:r:{mid}:{b}"), r"^retried:[0-9a-f-]{36}$", ev)
+
+
     # ---- the Sent copy ----------------------------------------------------------
 
     def test_retry_that_still_owes_the_sent_copy_looks_for_it_first(self):

@@ -40,10 +40,12 @@ static void on_done(void *arg, int ok)
     t->s->ok_sum += ok;
 }
 
-static void on_lookup(void *arg, int ok, const ledger_state_t *states)
+static void on_lookup(void *arg, int ok, const ledger_state_t *states, const char *const *hops)
 {
     assert_int_equal(states[0], LEDGER_NONE);
     assert_int_equal(states[1], LEDGER_NONE);
+    assert_null(hops[0]);
+    assert_null(hops[1]);
     on_done(arg, ok);
 }
 
@@ -152,6 +154,20 @@ static void test_calls_from_callbacks_and_free(void **state)
     loop_free(loop);
 }
 
+static int hop_seen;
+
+static void on_hop_lookup(void *arg, int ok, const ledger_state_t *states, const char *const *hops)
+{
+    assert_int_equal(ok, 1);
+    assert_int_equal(states[0], LEDGER_HANDING);
+    assert_string_equal(hops[0], "hop-1");
+    assert_int_equal(states[1], LEDGER_HANDED);
+    assert_string_equal(hops[1], "hop-2");
+    assert_int_equal(states[2], LEDGER_NONE);
+    assert_null(hops[2]);
+    hop_seen = 1;
+}
+
 /* Marks made in one loop iteration share one EVAL, applied in order (a
  * key marked twice ends as the second); a failed batch fails every call
  * in it; a cancelled call in a batch stays silent. */
@@ -189,6 +205,23 @@ static void test_marks_batched_per_iteration(void **state)
     assert_null(fakeredis_get(fr, "mp:r:m1:c@d"));
     assert_string_equal(fakeredis_get(fr, "mp:r:m2:a@b"), "done-dup");
 
+    /* a recipient handed to a retry reads back with the retry's token */
+    s.n = s.ok_sum = 0;
+    ledger_mark_handoff(l, "m4", a, 1, LEDGER_HANDING, "hop-1", on_done, &t[0]);
+    ledger_mark_handoff(l, "m4", c, 1, LEDGER_HANDED, "hop-2", on_done, &t[1]);
+    for (uint64_t until = util_mono_ms() + 2000; s.n < 2 && util_mono_ms() < until;)
+        loop_run_once(loop, 10);
+    assert_int_equal(s.ok_sum, 2);
+    assert_string_equal(fakeredis_get(fr, "mp:r:m4:a@b"), "retry:hop-1");
+    assert_string_equal(fakeredis_get(fr, "mp:r:m4:c@d"), "retried:hop-2");
+    hop_seen = 0;
+    const char *ac[] = { "a@b", "c@d", "x@y" };
+    ledger_lookup(l, "m4", ac, 3, on_hop_lookup, NULL);
+    for (uint64_t until = util_mono_ms() + 2000; !hop_seen && util_mono_ms() < until;)
+        loop_run_once(loop, 10);
+    assert_int_equal(hop_seen, 1);
+    assert_int_equal(ledger_batches(l), 2);
+
     /* a batch Redis refuses fails each of its calls */
     fr->fail_next = 1;
     s.n = s.ok_sum = 0;
@@ -198,7 +231,7 @@ static void test_marks_batched_per_iteration(void **state)
         loop_run_once(loop, 10);
     assert_int_equal(s.n, 2);
     assert_int_equal(s.ok_sum, 0);
-    assert_int_equal(ledger_batches(l), 2);
+    assert_int_equal(ledger_batches(l), 3);
     rclient_free(rc);
     ledger_free(l);
     fakeredis_free(fr);
