@@ -406,7 +406,15 @@ static int set_value(mp_config_t *cfg, const key_def_t *k, const char *v, char *
     return 0;
 }
 
-int config_parse_duration(const char *s, uint64_t *ms)
+typedef struct unit {
+    const char *name;
+    uint64_t    mult;
+} unit_t;
+
+/* A decimal number followed (after optional blanks) by one of units (""
+ * among them for a bare number), compared case-insensitively when
+ * nocase; 0 and *out, or -1. */
+static int parse_scaled(const char *s, const unit_t *units, size_t nunits, int nocase, uint64_t *out)
 {
     while (isspace((unsigned char)*s))
         s++;
@@ -417,53 +425,42 @@ int config_parse_duration(const char *s, uint64_t *ms)
     unsigned long long n = strtoull(s, &end, 10);
     if (errno)
         return -1;
-    static const struct { const char *unit; uint64_t mult; } units[] = {
-        { "", 1 }, { "ms", 1 }, { "s", 1000 }, { "m", 60000 }, { "h", 3600000 }, { "d", 86400000 },
-    };
     while (isspace((unsigned char)*end))
         end++;
-    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
-        if (strcmp(end, units[i].unit) == 0) {
+    for (size_t i = 0; i < nunits; i++) {
+        if ((nocase ? strcasecmp(end, units[i].name) : strcmp(end, units[i].name)) == 0) {
             if (n > UINT64_MAX / units[i].mult)
                 return -1;
-            *ms = n * units[i].mult;
+            *out = n * units[i].mult;
             return 0;
         }
     }
     return -1;
 }
 
+int config_parse_duration(const char *s, uint64_t *ms)
+{
+    static const unit_t units[] = {
+        { "", 1 }, { "ms", 1 }, { "s", 1000 }, { "m", 60000 }, { "h", 3600000 }, { "d", 86400000 },
+    };
+    return parse_scaled(s, units, sizeof(units) / sizeof(units[0]), 0, ms);
+}
+
 int config_parse_size(const char *s, uint64_t *bytes)
 {
-    while (isspace((unsigned char)*s))
-        s++;
-    if (strcasecmp(s, "auto") == 0) {
-        *bytes = 0;
-        return 0;
-    }
-    if (!isdigit((unsigned char)*s))
-        return -1;
-    char *end;
-    errno = 0;
-    unsigned long long n = strtoull(s, &end, 10);
-    if (errno)
-        return -1;
-    static const struct { const char *unit; uint64_t mult; } units[] = {
+    static const unit_t units[] = {
         { "", 1 }, { "b", 1 }, { "k", 1ULL << 10 }, { "kib", 1ULL << 10 }, { "m", 1ULL << 20 },
         { "mib", 1ULL << 20 }, { "g", 1ULL << 30 }, { "gib", 1ULL << 30 }, { "t", 1ULL << 40 },
         { "tib", 1ULL << 40 },
     };
-    while (isspace((unsigned char)*end))
-        end++;
-    for (size_t i = 0; i < sizeof(units) / sizeof(units[0]); i++) {
-        if (strcasecmp(end, units[i].unit) == 0) {
-            if (n > UINT64_MAX / units[i].mult)
-                return -1;
-            *bytes = n * units[i].mult;
-            return 0;
-        }
+    const char *t = s;
+    while (isspace((unsigned char)*t))
+        t++;
+    if (strcasecmp(t, "auto") == 0) {
+        *bytes = 0;
+        return 0;
     }
-    return -1;
+    return parse_scaled(t, units, sizeof(units) / sizeof(units[0]), 1, bytes);
 }
 
 void config_format_size(uint64_t bytes, char *out, size_t outlen)

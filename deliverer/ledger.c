@@ -399,17 +399,14 @@ uint64_t ledger_lookup(ledger_t *l, const char *msg_id, const char *const *rcpts
     return op->id;
 }
 
-uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
-                     ledger_state_t state, ledger_done_cb cb, void *arg)
+/* n recipients' records set to v ("" deletes), in the iteration's batch. */
+static uint64_t mark_value(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n, const char *v,
+                           ledger_done_cb cb, void *arg)
 {
     op_t *op = op_new(l, OP_MARK, n, arg);
     op->cb.done = cb;
     if (l->rc == NULL || n == 0)
         return no_client(l, op);
-    const char *v = state == LEDGER_NONE            ? ""
-                    : state == LEDGER_DONE          ? "done"
-                    : state == LEDGER_DONE_FLAGGED ? "done-dup"
-                                                    : "sending";
     for (size_t i = 0; i < n; i++)
         batch_add_key(l, rcpt_key(msg_id, rcpts[i]), v);
     uint64_t id = op->id;
@@ -417,20 +414,23 @@ uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, 
     return id;
 }
 
+uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
+                     ledger_state_t state, ledger_done_cb cb, void *arg)
+{
+    const char *v = state == LEDGER_NONE            ? ""
+                    : state == LEDGER_DONE          ? "done"
+                    : state == LEDGER_DONE_FLAGGED ? "done-dup"
+                                                    : "sending";
+    return mark_value(l, msg_id, rcpts, n, v, cb, arg);
+}
+
 uint64_t ledger_mark_handoff(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
                              ledger_state_t state, const char *hop, ledger_done_cb cb, void *arg)
 {
-    op_t *op = op_new(l, OP_MARK, n, arg);
-    op->cb.done = cb;
-    if (l->rc == NULL || n == 0)
-        return no_client(l, op);
     buf_t v = BUF_INIT;
     buf_printf(&v, "%s:%s", state == LEDGER_HANDED ? "retried" : "retry", hop);
-    for (size_t i = 0; i < n; i++)
-        batch_add_key(l, rcpt_key(msg_id, rcpts[i]), buf_head(&v));
+    uint64_t id = mark_value(l, msg_id, rcpts, n, buf_head(&v), cb, arg);
     buf_free(&v);
-    uint64_t id = op->id;
-    batch_add_op(l, id);
     return id;
 }
 
