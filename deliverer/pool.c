@@ -9,9 +9,14 @@
  *  destination nothing holds any more (no busy or idle session, no
  *  waiter, no cap in force) is freed at once by dest_gc(), and one kept
  *  only for its cap is freed by the sweep once the cap runs out.
- *  Waiters sit in one FIFO for the whole worker; every release, loss or
- *  eviction schedules a zero-delay "wake" that grants what it can, so a
- *  callback never runs inside acquire() or release().
+ *  Waiters sit in a FIFO per destination, so that a release wakes only
+ *  the waiters it can help: a slot freed at one destination puts that
+ *  destination on the pending list, and room freed in the worker (when
+ *  max_total was what held waiters back) goes to the destinations on the
+ *  starved list in the order they starved. Each release, loss or eviction
+ *  schedules a zero-delay "wake" that grants what it can from those two
+ *  lists only, so a callback never runs inside acquire() or release()
+ *  and thousands of waiters at other destinations cost nothing.
  *
  *  Expiry is a sweep timer (at most once a second, armed only while
  *  something is idle) rather than a timer per session: idle sessions are
@@ -50,7 +55,13 @@ struct pdest {
     char         *key;
     unsigned      busy;
     unsigned      nidle;
-    unsigned      nwait;  /* waiters for this key in p->waits */
+    unsigned      nwait;  /* waiters in d->waits */
+    int           pending; /* on p->pending: a slot may be free here */
+    int           starved; /* on p->starved: its first waiter wants room in the worker */
+    int           pinned;  /* wake_fired() has it in hand: dest_gc() leaves it */
+    TAILQ_HEAD(, smtp_pool_wait) waits;
+    TAILQ_ENTRY(pdest) plink; /* p->pending */
+    TAILQ_ENTRY(pdest) slink; /* p->starved */
     int           proven; /* a transaction completed here: slow start is over */
     unsigned      cap;    /* smtp_pool_refused(): connections allowed until cap_until; 0 none */
     uint64_t      cap_until;
@@ -63,7 +74,8 @@ struct smtp_pool {
     htable_t           dests;   /* key -> pdest_t */
     size_t             capped;  /* destinations with a cap (d->cap != 0) */
     pconn_list_t       closing;
-    TAILQ_HEAD(, smtp_pool_wait) waits;
+    TAILQ_HEAD(, pdest) pending; /* destinations where a slot may have come free */
+    TAILQ_HEAD(, pdest) starved; /* destinations waiting for room in the worker, FIFO */
     loop_timer_t       sweep_timer;
     loop_timer_t       wake_timer;
     size_t             busy, idle, waiting;
@@ -84,12 +96,17 @@ static pdest_t *dest_get(smtp_pool_t *p, const char *key)
     d = xcalloc(1, sizeof(*d));
     d->key = xstrdup(key);
     LIST_INIT(&d->idle);
+    TAILQ_INIT(&d->waits);
     htable_insert_str(&p->dests, &d->node, d->key);
     return d;
 }
 
 static void dest_free(smtp_pool_t *p, pdest_t *d)
 {
+    if (d->pending)
+        TAILQ_REMOVE(&p->pending, d, plink);
+    if (d->starved)
+        TAILQ_REMOVE(&p->starved, d, slink);
     htable_remove(&p->dests, &d->node);
     if (d->cap)
         p->capped--;
@@ -107,14 +124,26 @@ static int cap_in_force(smtp_pool_t *p, const pdest_t *d)
  * where no caller still has d in hand. */
 static void dest_gc(smtp_pool_t *p, pdest_t *d)
 {
-    if (d->busy == 0 && d->nidle == 0 && d->nwait == 0 && !cap_in_force(p, d))
+    if (d->busy == 0 && d->nidle == 0 && d->nwait == 0 && !d->pinned && !cap_in_force(p, d))
         dest_free(p, d);
 }
 
 static void wake_soon(smtp_pool_t *p)
 {
-    if (!TAILQ_EMPTY(&p->waits) && !loop_timer_active(&p->wake_timer))
+    if ((!TAILQ_EMPTY(&p->pending) || !TAILQ_EMPTY(&p->starved)) && !loop_timer_active(&p->wake_timer))
         loop_timer_set(p->loop, &p->wake_timer, 0);
+}
+
+/* A slot may have come free at d (a release, a loss, an eviction, a cap
+ * run out): its waiters, if any, are looked at on the next wake. The
+ * worker has room again too, which the starved list takes first. */
+static void dest_freed(smtp_pool_t *p, pdest_t *d)
+{
+    if (d != NULL && d->nwait > 0 && !d->pending) {
+        d->pending = 1;
+        TAILQ_INSERT_TAIL(&p->pending, d, plink);
+    }
+    wake_soon(p);
 }
 
 /* The sweep runs while something is idle, and while a destination is
@@ -145,9 +174,10 @@ static void on_closed(void *arg, smtp_session_t *s)
         p->idle--;
         p->st.idle_lost++;
         log_debug("pool", "idle_lost", "session=%016" PRIx64 " dest=%s", smtp_session_id(s), LOG_Q(c->d->key));
-        dest_gc(p, c->d);
+        pdest_t *d = c->d;
+        dest_freed(p, d);
+        dest_gc(p, d);
         arm_sweep(p);
-        wake_soon(p);
     }
     smtp_session_free(s); /* deferred by the session until its callback returns */
     free(c);
@@ -163,11 +193,11 @@ static void evict(smtp_pool_t *p, pconn_t *c, const char *why)
     p->st.evicted++;
     log_debug("pool", "evict", "session=%016" PRIx64 " dest=%s reason=%s", smtp_session_id(c->s), LOG_Q(c->d->key),
               LOG_Q(why));
+    dest_freed(p, c->d);
     c->closing = 1;
     c->d = NULL;
     LIST_INSERT_HEAD(&p->closing, c, link);
     smtp_session_quit(c->s);
-    wake_soon(p);
 }
 
 static int too_old(const smtp_pool_t *p, smtp_session_t *s)
@@ -177,7 +207,8 @@ static int too_old(const smtp_pool_t *p, smtp_session_t *s)
 }
 
 /* Room for one more connection to d, evicting another key's idle
- * session (least recently used) when the worker is full. */
+ * session (least recently used) when the worker is full: 1; 0 when d is
+ * at its own limit; -1 when the worker is full and nothing idle can go. */
 static int room_for(smtp_pool_t *p, pdest_t *d)
 {
     unsigned limit = p->lim.max_per_dest;
@@ -207,14 +238,15 @@ static int room_for(smtp_pool_t *p, pdest_t *d)
                 victim = c;
     }
     if (victim == NULL)
-        return 0;
+        return -1;
     pdest_t *o = victim->d;
     evict(p, victim, "worker_limit");
     dest_gc(p, o); /* another key's: nobody has it in hand */
     return 1;
 }
 
-/* Grant without queueing: REUSE, CONNECT or 0. */
+/* Grant without queueing: REUSE, CONNECT, 0 (d at its limit) or -1
+ * (the worker full). */
 static int try_grant(smtp_pool_t *p, pdest_t *d, smtp_session_t **out)
 {
     pconn_t *c;
@@ -246,8 +278,9 @@ static int try_grant(smtp_pool_t *p, pdest_t *d, smtp_session_t **out)
         arm_sweep(p);
         return SMTP_POOL_REUSE;
     }
-    if (!room_for(p, d))
-        return 0;
+    int room = room_for(p, d);
+    if (room <= 0)
+        return room;
     d->busy++;
     p->busy++;
     p->st.connects++;
@@ -255,41 +288,70 @@ static int try_grant(smtp_pool_t *p, pdest_t *d, smtp_session_t **out)
     return SMTP_POOL_CONNECT;
 }
 
-/* Take w off the FIFO. Returns its destination (not freed here: the
- * caller decides). */
+/* Take w off its destination's FIFO. Returns that destination (not
+ * freed here: the caller decides). */
 static pdest_t *wait_unlink(smtp_pool_t *p, smtp_pool_wait_t *w)
 {
-    pdest_t *d = dest_find(p, w->key);
-    if (d != NULL)
-        d->nwait--;
-    TAILQ_REMOVE(&p->waits, w, link);
+    pdest_t *d = w->dest;
+    TAILQ_REMOVE(&d->waits, w, link);
+    d->nwait--;
     w->queued = 0;
-    free(w->key);
-    w->key = NULL;
+    w->dest = NULL;
     p->waiting--;
     return d;
+}
+
+/* Grant d's waiters in order while it and the worker have room. Returns
+ * the last refusal: 0 (d at its limit, or no waiter left), -1 (the
+ * worker is full). The callbacks may acquire, release or cancel
+ * anything; d is pinned so that it outlives them. */
+static int grant_waiters(smtp_pool_t *p, pdest_t *d)
+{
+    int how = 0;
+    d->pinned++;
+    smtp_pool_wait_t *w;
+    while ((w = TAILQ_FIRST(&d->waits)) != NULL) {
+        smtp_session_t *s = NULL;
+        how = try_grant(p, d, &s);
+        if (how <= 0)
+            break;
+        smtp_pool_cb cb = w->cb;
+        void *cbarg = w->arg;
+        wait_unlink(p, w);
+        cb(cbarg, how, s);
+        how = 0;
+    }
+    d->pinned--;
+    return how;
+}
+
+static void starve(smtp_pool_t *p, pdest_t *d)
+{
+    if (!d->starved) {
+        d->starved = 1;
+        TAILQ_INSERT_TAIL(&p->starved, d, slink);
+    }
 }
 
 static void wake_fired(loop_t *loop, loop_timer_t *t, void *arg)
 {
     smtp_pool_t *p = arg;
-    smtp_pool_wait_t *w = TAILQ_FIRST(&p->waits);
-    while (w) {
-        smtp_pool_wait_t *next = TAILQ_NEXT(w, link);
-        smtp_session_t *s = NULL;
-        int how = try_grant(p, dest_get(p, w->key), &s);
-        if (how) {
-            smtp_pool_cb cb = w->cb;
-            void *cbarg = w->arg;
-            wait_unlink(p, w);
-            /* the callback may acquire, release or cancel: restart the
-             * walk from the head afterwards */
-            cb(cbarg, how, s);
-            next = TAILQ_FIRST(&p->waits);
-            if (next == w)
-                break;
-        }
-        w = next;
+    pdest_t *d;
+    /* room in the worker first goes to whoever starved first */
+    while ((d = TAILQ_FIRST(&p->starved)) != NULL) {
+        int how = grant_waiters(p, d);
+        if (how < 0)
+            break; /* still full: d stays first */
+        TAILQ_REMOVE(&p->starved, d, slink);
+        d->starved = 0;
+        dest_gc(p, d);
+    }
+    while ((d = TAILQ_FIRST(&p->pending)) != NULL) {
+        TAILQ_REMOVE(&p->pending, d, plink);
+        d->pending = 0;
+        if (grant_waiters(p, d) < 0)
+            starve(p, d);
+        dest_gc(p, d);
     }
 }
 
@@ -309,6 +371,8 @@ static void sweep_fired(loop_t *loop, loop_timer_t *t, void *arg)
             else if (smtp_session_age_ms(c->s) >= p->lim.max_age_ms)
                 evict(p, c, "age");
         }
+        if (d->cap && now >= d->cap_until)
+            dest_freed(p, d); /* its waiters may now open the connections the cap held back */
         dest_gc(p, d); /* the iterator allows freeing the current one */
     }
     arm_sweep(p);
@@ -334,7 +398,8 @@ smtp_pool_t *smtp_pool_new(loop_t *loop, const smtp_pool_limits_t *lim)
         p->lim.refused_backoff_ms = 60000;
     htable_init(&p->dests, HTABLE_STR, 16, NULL); /* xcalloc: cannot fail */
     LIST_INIT(&p->closing);
-    TAILQ_INIT(&p->waits);
+    TAILQ_INIT(&p->pending);
+    TAILQ_INIT(&p->starved);
     loop_timer_init(&p->sweep_timer, sweep_fired, p);
     loop_timer_init(&p->wake_timer, wake_fired, p);
     return p;
@@ -346,12 +411,17 @@ void smtp_pool_free(smtp_pool_t *p)
         return;
     loop_timer_cancel(p->loop, &p->sweep_timer);
     loop_timer_cancel(p->loop, &p->wake_timer);
-    smtp_pool_wait_t *w;
-    while ((w = TAILQ_FIRST(&p->waits)) != NULL) {
-        smtp_pool_cb cb = w->cb;
-        void *arg = w->arg;
-        wait_unlink(p, w);
-        cb(arg, 0, NULL);
+    htable_iter_t it;
+    htable_iter_init(&it, &p->dests);
+    for (htable_node_t *n; (n = htable_iter_next(&it)) != NULL;) {
+        pdest_t *d = HTABLE_ENTRY(n, pdest_t, node);
+        smtp_pool_wait_t *w;
+        while ((w = TAILQ_FIRST(&d->waits)) != NULL) {
+            smtp_pool_cb cb = w->cb;
+            void *arg = w->arg;
+            wait_unlink(p, w);
+            cb(arg, 0, NULL); /* must not acquire from a pool being freed */
+        }
     }
     pconn_t *c;
     while ((c = LIST_FIRST(&p->closing)) != NULL) {
@@ -359,7 +429,6 @@ void smtp_pool_free(smtp_pool_t *p)
         smtp_session_free(c->s);
         free(c);
     }
-    htable_iter_t it;
     htable_iter_init(&it, &p->dests);
     for (htable_node_t *n; (n = htable_iter_next(&it)) != NULL;) {
         pdest_t *d = HTABLE_ENTRY(n, pdest_t, node);
@@ -387,20 +456,25 @@ int smtp_pool_acquire(smtp_pool_t *p, const char *key, smtp_session_t **s, smtp_
         p->st.connects++;
         return SMTP_POOL_CONNECT;
     }
-    /* FIFO: someone already waiting for this key goes first */
-    if (d->nwait == 0) {
-        int how = try_grant(p, d, s);
-        if (how)
+    /* FIFO: someone already waiting for this key goes first, and so do
+     * the destinations that starved for room in the worker before it
+     * (an idle session of its own needs no room) */
+    int how = 0;
+    if (d->nwait == 0 && (TAILQ_EMPTY(&p->starved) || d->nidle > 0)) {
+        how = try_grant(p, d, s);
+        if (how > 0)
             return how;
     }
     memset(w, 0, sizeof(*w));
-    w->key = xstrdup(key);
+    w->dest = d;
     w->cb = cb;
     w->arg = arg;
     w->queued = 1;
-    TAILQ_INSERT_TAIL(&p->waits, w, link);
+    TAILQ_INSERT_TAIL(&d->waits, w, link);
     d->nwait++;
     p->waiting++;
+    if (how < 0 || !TAILQ_EMPTY(&p->starved))
+        starve(p, d);
     return SMTP_POOL_WAIT;
 }
 
@@ -420,7 +494,7 @@ int smtp_pool_release(smtp_pool_t *p, const char *key, smtp_session_t *s)
         d->busy--;
         p->busy--;
     }
-    wake_soon(p);
+    dest_freed(p, d);
     if (s == NULL) {
         dest_gc(p, d);
         return 0;

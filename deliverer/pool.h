@@ -79,8 +79,8 @@ typedef void (*smtp_pool_cb)(void *arg, int how, smtp_session_t *s);
 
 /* A waiting caller, embedded in its owner (no allocation). */
 typedef struct smtp_pool_wait {
-    TAILQ_ENTRY(smtp_pool_wait) link; /* in the pool's FIFO while queued */
-    char                  *key;
+    TAILQ_ENTRY(smtp_pool_wait) link; /* in its destination's FIFO while queued */
+    struct pdest          *dest;
     smtp_pool_cb           cb;
     void                  *arg;
     int                    queued;
