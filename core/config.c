@@ -91,8 +91,10 @@ static const key_def_t keys[] = {
       "RabbitMQ password (masked by --check-config)" },
     { "amqp", "vhost", K_STR, F(amqp_vhost), "/", 0, NULL,
       "RabbitMQ virtual host" },
-    { "amqp", "prefetch", K_UINT, F(amqp_prefetch), "64", 0, NULL,
-      "unacknowledged messages per worker (1-65535)" },
+    { "amqp", "prefetch", K_UINT, F(amqp_prefetch), "0", 0, NULL,
+      "unacknowledged messages per worker (1-65535); 0 = auto: twice the worker's session budget "
+      "(`[smtp] pool_max_total`), at most 65535. What a worker really holds is bounded by bytes "
+      "(`[message] inflight_memory`) and by its destinations' caps (`site_*`)" },
     { "amqp", "heartbeat", K_UINT, F(amqp_heartbeat), "30", 0, NULL,
       "AMQP heartbeat, seconds" },
     { "amqp", "queue", K_STR, F(amqp_queue), "mail.outbound", 0, NULL,
@@ -167,11 +169,28 @@ static const key_def_t keys[] = {
       "messages wait" },
     { "smtp", "pool_initial_per_dest", K_UINT, F(smtp_pool_initial_per_dest), "1", 0, NULL,
       "slow start: connections to a destination until one transaction completed there" },
-    { "smtp", "pool_max_total", K_UINT, F(smtp_pool_max_total), "1000", 0, NULL,
-      "connections per worker; idle ones of other destinations are closed to make room" },
+    { "smtp", "pool_max_total", K_UINT, F(smtp_pool_max_total), "0", 0, NULL,
+      "connections per worker (the session budget); idle ones of other destinations are closed to make "
+      "room; 0 = auto: an eighth of the cgroup memory limit (else of RAM) per worker at 64 KiB a "
+      "session, within the descriptors the process may open (its soft limit is raised to the hard one), "
+      "100 to 10000" },
     { "smtp", "pool_refused_backoff", K_MS, F(smtp_pool_refused_backoff_ms), "60s", 0, NULL,
       "a destination that answers a new connection with a 4xx greeting while others are open is capped "
       "at those for this long; 0 disables" },
+    { "smtp", "site_isolation", K_UINT, F(smtp_site_isolation), "1", 0, NULL,
+      "1: cap each destination site (the registrable domain of its MX hosts, e.g. google.com for "
+      "*.google.com) at its connection limit and its waiting messages, parking the rest; 0: no site caps" },
+    { "smtp", "site_max_connections", K_UINT, F(smtp_site_max_connections), "100", 0, NULL,
+      "connections to one site at once for the whole fleet (shared through Redis leases; without Redis "
+      "a per-process share); 0 = no limit" },
+    { "smtp", "site_limits", K_STR, F(smtp_site_limits), "", 0, NULL,
+      "per-site connection limits overriding site_max_connections: `SITE=N ...`, e.g. "
+      "`google.com=400 outlook.com=200`" },
+    { "smtp", "site_max_waiting", K_UINT, F(smtp_site_max_waiting), "500", 0, NULL,
+      "messages (domain legs) one worker lets wait for a busy site; more are parked to the delay "
+      "queues without spending an attempt" },
+    { "smtp", "site_max_wait", K_MS, F(smtp_site_max_wait_ms), "30s", 0, NULL,
+      "a message waits this long for a place in its busy site, then is parked (no attempt spent)" },
     { "smtp", "tls_cache_size", K_UINT, F(smtp_tls_cache_size), "1024", 0, NULL,
       "TLS sessions kept per worker for resumption (0 = 1024)" },
     { "smtp", "route_penalty", K_MS, F(smtp_route_penalty_ms), "1s", 0, NULL,
@@ -744,8 +763,8 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "[redis] mark_wait must be at most 60s");
         return -1;
     }
-    if (cfg->amqp_prefetch == 0 || cfg->amqp_prefetch > 65535) {
-        snprintf(err, errlen, "[amqp] prefetch must be between 1 and 65535");
+    if (cfg->amqp_prefetch > 65535) {
+        snprintf(err, errlen, "[amqp] prefetch must be between 1 and 65535, or 0 (auto)");
         return -1;
     }
     if (cfg->worker_count > 256) {

@@ -82,7 +82,12 @@ typedef struct mp_config {
     unsigned smtp_pool_idle_ms;
     unsigned smtp_pool_max_per_dest;
     unsigned smtp_pool_initial_per_dest;
-    unsigned smtp_pool_max_total; /* per worker */
+    unsigned smtp_pool_max_total; /* per worker; 0 = auto (env.h) */
+    unsigned smtp_site_isolation;
+    unsigned smtp_site_max_connections; /* fleet-wide per site; 0 = none */
+    char    *smtp_site_limits;
+    unsigned smtp_site_max_waiting;
+    uint64_t smtp_site_max_wait_ms;
     uint64_t smtp_pool_refused_backoff_ms; /* a destination that refused a new connection (4xx
                                             * greeting) while others were open is capped at
                                             * those this long; 0 = never */

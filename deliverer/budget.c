@@ -87,6 +87,30 @@ uint64_t budget_auto(uint64_t memory, unsigned workers, uint64_t floor)
     return b < floor ? floor : b;
 }
 
+unsigned budget_sessions(uint64_t memory, unsigned workers, uint64_t nofile)
+{
+    if (workers == 0)
+        workers = 1;
+    uint64_t by_mem = memory / 8 / workers / BUDGET_SESSION_BYTES;
+    uint64_t by_fd = nofile > BUDGET_FD_RESERVE ? (nofile - BUDGET_FD_RESERVE) / workers : 0;
+    uint64_t n = by_mem < by_fd ? by_mem : by_fd;
+    if (n > 10000)
+        n = 10000;
+    if (n < 100)
+        n = 100;
+    return (unsigned)n;
+}
+
+unsigned budget_prefetch(unsigned sessions)
+{
+    uint64_t n = 2ull * sessions;
+    if (n > 65535)
+        n = 65535;
+    if (n < 64)
+        n = 64;
+    return (unsigned)n;
+}
+
 void budget_init(budget_t *b, uint64_t limit, uint64_t largest)
 {
     memset(b, 0, sizeof(*b));

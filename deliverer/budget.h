@@ -52,6 +52,16 @@ uint64_t budget_memory(void);
  * workers, never below floor (the largest allowed body). */
 uint64_t budget_auto(uint64_t memory, unsigned workers, uint64_t floor);
 
+/* The automatic per-worker session budget ([smtp] pool_max_total 0): an
+ * eighth of memory divided among the workers at BUDGET_SESSION_BYTES a
+ * session, within the descriptors (nofile less BUDGET_FD_RESERVE, divided
+ * among the workers), clamped to 100..10000. */
+#define BUDGET_SESSION_BYTES (64u * 1024u)
+#define BUDGET_FD_RESERVE    256u
+unsigned budget_sessions(uint64_t memory, unsigned workers, uint64_t nofile);
+/* The automatic prefetch ([amqp] prefetch 0): twice the sessions, 64..65535. */
+unsigned budget_prefetch(unsigned sessions);
+
 typedef struct budget {
     uint64_t limit;  /* pause the consumer at this charge */
     uint64_t hard;   /* limit + the charge of one largest message: never charged beyond */

@@ -1,7 +1,8 @@
 /*
  * SUMMARY
- *  deliverer/domain.c - one domain leg of a message: MX, rate limit,
- *  SMTP, fast retries, the ledger's records of each transaction.
+ *  deliverer/domain.c - one domain leg of a message: MX, its site's
+ *  place, rate limit, SMTP, fast retries, the ledger's records of each
+ *  transaction.
  * DESCRIPTION
  *  The leg is a small state machine (enum leg_state). Each asynchronous
  *  step (DNS answer, rate-limit answer, timer, SMTP result) lands in one
@@ -10,6 +11,12 @@
  *  One timer serves the three waits a leg can have: the slot of a rate
  *  limit, the pause before a fast retry, and the zero-delay report that
  *  keeps the done callback out of domain_start().
+ *
+ *  Before its rate limit and SMTP (and again before each fast retry) the
+ *  leg takes a place in its site (sites.h): at once, after a wait in the
+ *  site's FIFO, or not at all, when the site is busy with others of this
+ *  worker waiting already; then the leg ends parked (no attempt spent).
+ *  The place is given back when the SMTP attempt ends.
  *
  *  The ledger (ledger.h), per transaction. One that has its 354 sends
  *  its body at once but holds the final dot (deliver.h before_body)
@@ -48,6 +55,7 @@
 
 enum leg_state {
     LEG_MX = 0,    /* the MX query is in flight */
+    LEG_SITE,      /* waiting for a place in the site */
     LEG_THROTTLE,  /* the fleet's rate limit is asked of Redis */
     LEG_SLOT_WAIT, /* a rate-limit slot is taken; the timer runs to it */
     LEG_SMTP,      /* the delivery attempt runs */
@@ -59,7 +67,7 @@ enum leg_state {
 };
 
 static const char *const leg_state_names[LEG_STATE_LAST] = {
-    [LEG_MX] = "mx", [LEG_THROTTLE] = "throttle", [LEG_SLOT_WAIT] = "slot_wait", [LEG_SMTP] = "smtp",
+    [LEG_MX] = "mx", [LEG_SITE] = "site", [LEG_THROTTLE] = "throttle", [LEG_SLOT_WAIT] = "slot_wait", [LEG_SMTP] = "smtp",
     [LEG_FAST_WAIT] = "fast_wait", [LEG_RECORD] = "record", [LEG_REPORT] = "report", [LEG_DONE] = "done",
 };
 
@@ -71,6 +79,8 @@ struct domain_leg {
     deliver_candidate_t     *cand;   /* from DNS, kept for fast retries */
     size_t                   ncand;
     throttle_ask_t           ask;
+    site_slot_t              slot;
+    char                     site[256];
     loop_timer_t             timer;
     deliver_t               *dl;
     uint64_t                 mark_op; /* ledger "sending" of the held transaction, 0 if none */
@@ -97,6 +107,7 @@ struct domain_leg {
 /* The message fields of a leg's log lines. */
 #define LEG_MSG(leg) LOG_MSG((leg)->req.msg_id, (leg)->req.trace_id)
 
+static void leg_site(domain_leg_t *leg);
 static void leg_throttle(domain_leg_t *leg);
 static void leg_smtp(domain_leg_t *leg);
 static void leg_mark_sending(domain_leg_t *leg);
@@ -151,7 +162,7 @@ static void leg_on_timer(loop_t *loop, loop_timer_t *t, void *arg)
     switch (leg->state) {
     case LEG_SMTP: leg_mark_sending(leg); break; /* the held dot's mark, again */
     case LEG_SLOT_WAIT: leg_smtp(leg); break;
-    case LEG_FAST_WAIT: leg_throttle(leg); break; /* another transaction: another slot */
+    case LEG_FAST_WAIT: leg_site(leg); break; /* another transaction: another place and slot */
     case LEG_REPORT: leg_report(leg); break;
     default: break;
     }
@@ -172,7 +183,50 @@ static void leg_on_mx(void *arg, const dns_mx_result_t *mx)
         return;
     }
     leg->cand = deliver_candidates_from_mx(mx, leg->svc->dcfg->max_mx, &leg->ncand);
-    leg_throttle(leg);
+    sites_name(leg->ncand > 0 ? leg->cand[0].host : leg->req.name, leg->site, sizeof(leg->site));
+    leg_site(leg);
+}
+
+/* ---- the site's place ---- */
+
+static void leg_park(domain_leg_t *leg, const char *why)
+{
+    metrics_inc(MET_SITE_PARKED, 1);
+    log_info("domain", "parked", "%s domain=%s site=%s", LEG_MSG(leg), LOG_Q(leg->req.name), LOG_Q(leg->site));
+    leg_fail(leg, OUTCOME_TRANSIENT, OUTCOME_R_PARKED, why);
+}
+
+static void leg_on_site(void *arg, int how, const char *why)
+{
+    domain_leg_t *leg = arg;
+    crash_blame_set(leg->req.msg_id);
+    if (leg->state != LEG_SITE)
+        return; /* cannot happen: the wait is withdrawn when the leg moves on */
+    if (how == SITE_GO)
+        leg_throttle(leg);
+    else
+        leg_park(leg, why ? why : "parked");
+}
+
+static void leg_site(domain_leg_t *leg)
+{
+    const char *why = NULL;
+    leg_set_state(leg, LEG_SITE);
+    if (leg->svc->sites == NULL) {
+        leg_throttle(leg);
+        return;
+    }
+    switch (sites_enter(leg->svc->sites, leg->site, &leg->slot, leg_on_site, leg, &why)) {
+    case SITE_GO: leg_throttle(leg); break;
+    case SITE_WAIT: break; /* leg_on_site */
+    default: leg_park(leg, why ? why : "parked"); break;
+    }
+}
+
+static void leg_leave_site(domain_leg_t *leg)
+{
+    if (leg->svc->sites)
+        sites_leave(leg->svc->sites, &leg->slot);
 }
 
 /* ---- rate limit ---- */
@@ -201,6 +255,7 @@ static void leg_on_throttle(void *arg, const throttle_answer_t *ans)
         metrics_inc(MET_RATE_LIMIT_DEFERRED, 1);
         log_info("domain", "rate_limited", "%s domain=%s rule=%s wait_ms=%lld deferred=1", LEG_MSG(leg),
                  LOG_Q(leg->req.name), LOG_Q(ans->rule), (long long)wait);
+        leg_leave_site(leg);
         leg_fail(leg, OUTCOME_TRANSIENT, OUTCOME_R_RATE_LIMITED, text);
         return;
     }
@@ -244,6 +299,7 @@ static void leg_on_delivered(void *arg, const deliver_result_t *res)
     if (leg->state != LEG_SMTP)
         return; /* cannot happen: deliver reports once, and only while the leg waits for it */
     leg->dl = NULL;
+    leg_leave_site(leg);
     /* cut between the final dot and its reply: whichever transaction
      * delivers these recipients later (a fast retry, a retry level) may
      * be a second copy */
@@ -423,6 +479,7 @@ static void leg_smtp(domain_leg_t *leg)
     const domain_request_t *rq = &leg->req;
     const char *why = NULL;
     if (rq->gate && !rq->gate(rq->arg, &why)) {
+        leg_leave_site(leg);
         leg_fail(leg, OUTCOME_TRANSIENT, OUTCOME_R_NETWORK, why ? why : "not started");
         return;
     }
@@ -452,8 +509,10 @@ static void leg_smtp(domain_leg_t *leg)
         .before_body_arg = leg,
     };
     leg->dl = deliver_ctx_start(leg->svc->dctx, &dr, leg_on_delivered, leg);
-    if (leg->dl == NULL)
+    if (leg->dl == NULL) {
+        leg_leave_site(leg);
         leg_fail(leg, OUTCOME_TRANSIENT, OUTCOME_R_NETWORK, "cannot start SMTP delivery");
+    }
 }
 
 /* ---- the leg ---- */
@@ -477,9 +536,10 @@ domain_leg_t *domain_start(const domain_services_t *svc, const domain_request_t 
         leg->res[i].reason = OUTCOME_R_OTHER;
         snprintf(leg->res[i].text, sizeof(leg->res[i].text), "no result");
     }
-    if (svc->dcfg->nrelay > 0) { /* relay mode: no MX lookup */
-        leg->state = LEG_THROTTLE;
-        leg_throttle(leg);
+    if (svc->dcfg->nrelay > 0) { /* relay mode: no MX lookup; the smarthost is the site */
+        sites_name(svc->dcfg->relay[0].host, leg->site, sizeof(leg->site));
+        leg->state = LEG_SITE;
+        leg_site(leg);
         return leg;
     }
     leg->state = LEG_MX;
@@ -503,6 +563,7 @@ void domain_free(domain_leg_t *leg)
     if (leg->dns_id && svc->dns)
         dns_cancel(svc->dns, leg->dns_id);
     throttle_ask_cancel(&leg->ask);
+    leg_leave_site(leg);
     if (leg->dl)
         deliver_cancel(leg->dl);
     if (leg->mark_op)

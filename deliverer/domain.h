@@ -36,6 +36,7 @@
 #include "deliverer/deliver.h"
 #include "deliverer/ledger.h"
 #include "deliverer/outcome.h"
+#include "deliverer/sites.h"
 #include "deliverer/throttle.h"
 #include "dns/resolver.h"
 #include "mime/build.h"
@@ -48,6 +49,7 @@ typedef struct domain_services {
     ledger_t               *ledger;   /* NULL: no "sending" marks and no hold before the body */
     rclient_t              *redis;    /* the fleet's rate limits; NULL: the process's own */
     throttle_t             *throttle; /* NULL: no rate limits */
+    sites_t                *sites;    /* per-site caps; NULL: none */
     const deliver_config_t *dcfg;
     uint64_t                rate_limit_max_wait_ms;
     uint64_t                mark_wait_ms;     /* a final dot waits this long for its "sending" mark */

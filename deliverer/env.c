@@ -16,6 +16,7 @@
 #include <netdb.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "core/tls.h"
@@ -78,14 +79,45 @@ static int memory_budget(const mp_config_t *cfg, worker_env_t *env, char *err, s
     return 0;
 }
 
+/* The session budget and the prefetch that goes with it. The soft
+ * descriptor limit is raised to the hard one first: thousands of SMTP
+ * connections per worker are the point. */
+static void session_budget(const mp_config_t *cfg, worker_env_t *env)
+{
+    struct rlimit rl;
+    env->nofile = 1024;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        if (rl.rlim_cur < rl.rlim_max) {
+            struct rlimit want = { .rlim_cur = rl.rlim_max, .rlim_max = rl.rlim_max };
+            if (setrlimit(RLIMIT_NOFILE, &want) == 0)
+                rl.rlim_cur = rl.rlim_max;
+        }
+        env->nofile = rl.rlim_cur == RLIM_INFINITY ? 1u << 20 : (uint64_t)rl.rlim_cur;
+    }
+    uint64_t mem = env->inflight_memory ? env->inflight_memory : budget_memory();
+    env->max_sessions = cfg->smtp_pool_max_total ? cfg->smtp_pool_max_total
+                                                 : budget_sessions(mem, env->nworkers, env->nofile);
+    env->prefetch = cfg->amqp_prefetch ? cfg->amqp_prefetch : budget_prefetch(env->max_sessions);
+}
+
 int env_build(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errlen)
 {
+    char e0[256];
     memset(env, 0, sizeof(*env));
     env->cfg = cfg;
     if (config_validate(cfg, err, errlen) < 0)
         return -1;
     if (memory_budget(cfg, env, err, errlen) < 0)
         return -1;
+    session_budget(cfg, env);
+    env->sites.disabled = !cfg->smtp_site_isolation;
+    env->sites.max_connections = cfg->smtp_site_max_connections;
+    env->sites.max_waiting = cfg->smtp_site_max_waiting;
+    env->sites.max_wait_ms = cfg->smtp_site_max_wait_ms;
+    if (sites_limits_parse(cfg->smtp_site_limits, &env->sites, e0, sizeof(e0)) < 0) {
+        snprintf(err, errlen, "[smtp] site_limits: %s", e0);
+        return -1;
+    }
     if (cfg->metrics_listen[0]) { /* the syntax; the bind comes when the endpoint starts */
         struct sockaddr_storage ss;
         if (metrics_listen_parse(cfg->metrics_listen, &ss, err, errlen) < 0)
@@ -127,6 +159,7 @@ int env_build(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errle
     if (deliver_config_build(&env->dcfg, cfg, env->smtp_verify_ctx, env->smtp_noverify_ctx, &env->smtp_store,
                              err, errlen) < 0)
         return -1;
+    env->dcfg.pool.max_total = env->max_sessions;
     /* message-rate limits per destination domain, one table per process */
     return throttle_load(cfg->smtp_rate_limits, cfg->smtp_rate_limits_file, &env->throttle, err, errlen);
 }
@@ -144,5 +177,6 @@ void env_free(worker_env_t *env)
     env->dcfg.relay = NULL;
     throttle_free(env->throttle);
     env->throttle = NULL;
+    sites_config_free(&env->sites);
 }
 

@@ -16,6 +16,7 @@
 #include "core/config.h"
 #include "deliverer/accounts.h"
 #include "deliverer/deliver.h"
+#include "deliverer/sites.h"
 #include "deliverer/retry.h"
 #include "imap/imap.h"
 #include "mime/dkim.h"
@@ -38,6 +39,10 @@ typedef struct worker_env {
     uint64_t                max_body;    /* largest announced body read (budget_max_body) */
     uint64_t                inflight_limit; /* per worker: [message] inflight_memory, auto resolved */
     uint64_t                inflight_memory; /* auto: the memory it was derived from; 0 when set */
+    unsigned                max_sessions; /* per worker: [smtp] pool_max_total, auto resolved */
+    unsigned                prefetch;     /* per worker: [amqp] prefetch, auto resolved */
+    uint64_t                nofile;       /* descriptors the process may open (soft limit, raised) */
+    sites_config_t          sites;        /* [smtp] site_* */
 } worker_env_t;
 
 /*

@@ -996,8 +996,8 @@ static int job_plan_retry(job_t *j)
         if (buf_size(&pending))
             buf_putc(&pending, ',');
         buf_puts(&pending, r->addr);
-        if (r->code == 0 && r->reason == OUTCOME_R_RATE_LIMITED)
-            continue; /* deferred by rate_limits before any server was asked */
+        if (r->code == 0 && (r->reason == OUTCOME_R_RATE_LIMITED || r->reason == OUTCOME_R_PARKED))
+            continue; /* deferred by rate_limits or parked by its site before any server was asked */
         throttled_only = 0;
         uint64_t asked = retry_server_delay_ms(r->text);
         if (asked > server_ms)

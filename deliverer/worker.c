@@ -80,6 +80,8 @@ struct worker {
     loop_timer_t        grace_timer;
     loop_timer_t        release_timer;
     loop_timer_t        trim_timer;    /* gives freed heap back once idle */
+    loop_timer_t        gauge_timer;   /* connections and sites into the gauges, every second */
+    int64_t             g_conns, g_running, g_waiting; /* this worker's share of those gauges */
     budget_t            budget;        /* bodies in flight: [message] inflight_memory */
     uint64_t            assembling;    /* charge of the admitted delivery whose body is arriving */
     int                 exit_code;
@@ -301,7 +303,7 @@ static void worker_connect(worker_t *w)
     mq_config_t mc = {
         .host = cfg->amqp_host, .port = cfg->amqp_port, .user = cfg->amqp_user,
         .password = cfg->amqp_password, .vhost = cfg->amqp_vhost,
-        .heartbeat = cfg->amqp_heartbeat, .prefetch = cfg->amqp_prefetch,
+        .heartbeat = cfg->amqp_heartbeat, .prefetch = env->prefetch,
         .queue = cfg->amqp_queue, .dead_queue = cfg->amqp_dead_queue,
         .events_exchange = cfg->amqp_events_exchange,
         .max_body = (size_t)env->max_body, .head_bytes = BUDGET_HEAD_BYTES,
@@ -336,8 +338,8 @@ static void worker_connect(worker_t *w)
     w->connected_ms = util_mono_ms();
     w->ready = 1;
     metrics_gauge_add(MET_WORKERS_READY, 1);
-    log_info("worker", "consuming", "worker=%d queue=%s prefetch=%u", w->index, LOG_Q(cfg->amqp_queue),
-             cfg->amqp_prefetch);
+    log_info("worker", "consuming", "worker=%d queue=%s prefetch=%u max_sessions=%u", w->index,
+             LOG_Q(cfg->amqp_queue), env->prefetch, env->max_sessions);
 }
 
 /* ---- shutdown ---- */
@@ -381,6 +383,42 @@ static void on_dns_event(void *arg, const dns_event_t *ev)
     }
 }
 
+/* This worker's share of a site's connection limit. Without Redis (and
+ * until its leases answer) the process's share: the limit divided among
+ * the workers, at least one. */
+static unsigned worker_site_allow(void *arg, const char *site, unsigned limit, unsigned want)
+{
+    worker_t *w = arg;
+    (void)site;
+    (void)want;
+    unsigned n = w->env->nworkers ? w->env->nworkers : 1;
+    unsigned share = (limit + n - 1) / n;
+    return share ? share : 1;
+}
+
+static void gauge_move(metric_gauge_t g, int64_t *mine, int64_t now)
+{
+    if (now != *mine) {
+        metrics_gauge_add(g, now - *mine);
+        *mine = now;
+    }
+}
+
+static void on_gauges(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    worker_t *w = arg;
+    deliver_stats_t ds;
+    sites_stats_t ss = { 0 };
+    deliver_ctx_stats(w->jc.svc.dctx, &ds);
+    if (w->jc.svc.sites)
+        sites_get_stats(w->jc.svc.sites, &ss);
+    gauge_move(MET_SMTP_CONNECTIONS, &w->g_conns, (int64_t)(ds.pool.busy + ds.pool.idle));
+    gauge_move(MET_SITE_RUNNING, &w->g_running, (int64_t)ss.running);
+    gauge_move(MET_SITE_WAITING, &w->g_waiting, (int64_t)ss.waiting);
+    if (t)
+        loop_timer_set(loop, t, 1000);
+}
+
 /* The worker's services: Redis and the ledger, the resolver, the SMTP
  * and IMAP pools. 0, or -1 with err (nothing left to free). */
 static int worker_open_services(worker_t *w, char *err, size_t errlen)
@@ -416,6 +454,9 @@ static int worker_open_services(worker_t *w, char *err, size_t errlen)
     svc->mark_wait_ms = cfg->redis_mark_wait_ms;
     svc->send_unrecorded = cfg->redis_send_unrecorded != 0;
     svc->dctx = deliver_ctx_new(w->loop, &w->env->dcfg);
+    svc->sites = sites_new(w->loop, &w->env->sites, worker_site_allow, w);
+    loop_timer_init(&w->gauge_timer, on_gauges, w);
+    loop_timer_set(w->loop, &w->gauge_timer, 1000);
     if (cfg->imap_pool) {
         imap_pool_limits_t il = { .max_appends = cfg->imap_pool_max_appends,
                                   .idle_ms = cfg->imap_pool_idle_ms,
@@ -433,6 +474,11 @@ static void worker_close_services(worker_t *w)
 {
     domain_services_t *svc = &w->jc.svc;
     worker_drop_jobs(w);
+    loop_timer_cancel(w->loop, &w->gauge_timer);
+    sites_free(svc->sites);
+    svc->sites = NULL;
+    on_gauges(w->loop, NULL, w); /* the sites are gone */
+    gauge_move(MET_SMTP_CONNECTIONS, &w->g_conns, 0);
     deliver_ctx_free(svc->dctx);
     svc->dctx = NULL;
     imap_pool_free(w->jc.imap_pool);

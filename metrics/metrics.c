@@ -63,6 +63,7 @@ static const struct {
     [MET_CONSUMER_PAUSES] = { "mailpump_consumer_pauses_total", "Times a worker cancelled its consumer because its bodies in flight reached [message] inflight_memory." },
     [MET_DELIVERIES_REFUSED] = { "mailpump_deliveries_refused_total", "Deliveries that arrived while their worker was paused and did not fit its hard memory bound: nacked back to the queue unread." },
     [MET_IMAP_BATCHED] = { "mailpump_imap_multiappend_copies_total", "Sent copies stored together with other queued copies of the same account in one APPEND (MULTIAPPEND)." },
+    [MET_SITE_PARKED] = { "mailpump_site_parked_total", "Domain legs parked to a delay queue without spending an attempt: their site had all its connections busy and [smtp] site_max_waiting legs waiting, or they waited site_max_wait." },
 };
 
 static const struct {
@@ -76,6 +77,9 @@ static const struct {
     [MET_DNS_L1_ENTRIES] = { "mailpump_dns_l1_entries", "Answers held in the workers' in-memory DNS caches." },
     [MET_WORKERS] = { "mailpump_workers", "Configured worker threads." },
     [MET_INFLIGHT_BYTES] = { "mailpump_inflight_bytes", "Bytes the workers' messages in flight are charged against [message] inflight_memory (announced body x 3; a truncated one its head)." },
+    [MET_SMTP_CONNECTIONS] = { "mailpump_smtp_connections", "SMTP connections open or being opened by the workers (in use and idle in the pools)." },
+    [MET_SITE_RUNNING] = { "mailpump_site_running", "Domain legs holding a place in their destination site (one SMTP connection each at most)." },
+    [MET_SITE_WAITING] = { "mailpump_site_waiting", "Domain legs waiting for a place in their destination site." },
 };
 
 void metrics_inc(metric_counter_t c, uint64_t n)

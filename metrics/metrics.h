@@ -56,6 +56,7 @@ typedef enum {
     MET_MESSAGES_TOO_LARGE,  /* bodies announced above the largest allowed: dead-lettered unread */
     MET_CONSUMER_PAUSES,     /* consumers cancelled because their worker's inflight_memory was reached */
     MET_DELIVERIES_REFUSED,  /* deliveries nacked back unread: past the hard bound while paused */
+    MET_SITE_PARKED,         /* domain legs parked: their site busy with others waiting */
     MET_COUNTER_LAST
 } metric_counter_t;
 
@@ -66,6 +67,9 @@ typedef enum {
     MET_WORKERS,            /* configured workers */
     MET_WORKERS_BLOCKED,    /* workers whose publishes the broker blocks (resource alarm) */
     MET_INFLIGHT_BYTES,     /* what the workers' deliveries in flight are charged (budget.h) */
+    MET_SMTP_CONNECTIONS,   /* SMTP connections open or opening (busy + idle in the pools) */
+    MET_SITE_RUNNING,       /* domain legs holding a place in their site */
+    MET_SITE_WAITING,       /* domain legs waiting for a place in their site */
     MET_GAUGE_LAST
 } metric_gauge_t;
 

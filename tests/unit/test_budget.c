@@ -184,6 +184,26 @@ static void test_config_check(void **state)
     config_free(&cfg);
 }
 
+/* The automatic session budget and prefetch: memory, descriptors, clamps. */
+static void test_sessions_auto(void **state)
+{
+    (void)state;
+    const uint64_t GiB = 1024ull * 1024 * 1024;
+    /* 1 GiB pod, 2 workers: 1 GiB / 8 / 2 / 64 KiB */
+    assert_int_equal(budget_sessions(GiB, 2, 1u << 20), 1024);
+    /* 24 GiB: clamped at 10000 */
+    assert_int_equal(budget_sessions(24 * GiB, 2, 1u << 20), 10000);
+    /* descriptors bind first: (4096 - 256) / 2 */
+    assert_int_equal(budget_sessions(24 * GiB, 2, 4096), 1920);
+    /* never below 100, even with 1024 descriptors and 8 workers */
+    assert_int_equal(budget_sessions(24 * GiB, 8, 1024), 100);
+    assert_int_equal(budget_sessions(GiB, 0, 1u << 20), 2048); /* 0 workers counts as 1 */
+    assert_int_equal(budget_prefetch(1024), 2048);
+    assert_int_equal(budget_prefetch(10000), 20000);
+    assert_int_equal(budget_prefetch(40000), 65535);
+    assert_int_equal(budget_prefetch(10), 64);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -197,6 +217,7 @@ int main(void)
         cmocka_unit_test(test_lone_large_message),
         cmocka_unit_test(test_size_syntax),
         cmocka_unit_test(test_config_check),
+        cmocka_unit_test(test_sessions_auto),
     };
     return cmocka_run_group_tests_name("budget", tests, NULL, NULL);
 }

@@ -109,7 +109,7 @@ static void test_errors_name_the_problem(void **state)
         { "[log]\nlevel = INFO\n", NULL, NULL, 1, "[log] level: \"INFO\" is not one of" },
         { "", "MAILPUMP_AMQP_PORT", "x1", 1, "MAILPUMP_AMQP_PORT" },
         { "[imap]\nhost = 127.0.0.1\n", NULL, NULL, 0, "accounts_file is empty" },
-        { "[amqp]\nprefetch = 0\n", NULL, NULL, 0, "prefetch" },
+        { "[amqp]\nprefetch = 70000\n", NULL, NULL, 0, "prefetch" },
         { "[amqp\nport = 1\n", NULL, NULL, 1, ":1: malformed section header \"[amqp\": no closing ]" },
         { "port = 1\n[amqp]\n", NULL, NULL, 1, ":1: key \"port\" outside a [section]" },
         { "[amqp]\nport\n", NULL, NULL, 1,
@@ -542,8 +542,11 @@ static void test_check_runs_every_check(void **state)
     assert_string_equal(err, "[smtp] rate_limits_file: /nonexistent/rates: No such file or directory");
     assert_int_equal(check_with("smtp", "tls_policy_file", "/nonexistent/tls", err, sizeof(err)), -1);
     assert_string_equal(err, "[smtp] tls_policy_file: /nonexistent/tls: No such file or directory");
-    assert_int_equal(check_with("amqp", "prefetch", "0", err, sizeof(err)), -1);
-    assert_string_equal(err, "[amqp] prefetch must be between 1 and 65535");
+    assert_int_equal(check_with("amqp", "prefetch", "65536", err, sizeof(err)), -1);
+    assert_string_equal(err, "[amqp] prefetch must be between 1 and 65535, or 0 (auto)");
+    assert_int_equal(check_with("smtp", "site_limits", "google.com=many", err, sizeof(err)), -1);
+    assert_string_equal(err, "[smtp] site_limits: site limit \"google.com=many\": expected SITE=CONNECTIONS "
+                             "(1 to 1000000)");
     assert_int_equal(check_with("smtp", "rate_limits", "gmail.com:100/d", err, sizeof(err)), -1);
     assert_true(strncmp(err, "[smtp] rate_limits: \"gmail.com:100/d\" is not", 43) == 0);
     assert_int_equal(check_with("log", "level", "info", err, sizeof(err)), 0);

@@ -90,6 +90,7 @@ typedef struct fx {
     fakeredis_t      *redis;
     rclient_t        *rc;
     ledger_t         *ledger;
+    sites_t          *sites;
 } fx_t;
 
 /* What one leg reported, and what it asked of the gate. */
@@ -194,6 +195,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     fx_t *f = *state;
+    sites_free(f->sites);
     if (f->dctx)
         deliver_ctx_free(f->dctx);
     rclient_free(f->rc); /* before the ledger (ledger.h) */
@@ -1347,6 +1349,85 @@ static int group_setup(void **state)
     return 0;
 }
 
+/* ------------------------------------------------------------------ */
+/* sites: one connection at a time, one waiting, the rest parked        */
+
+static void test_site_waits_and_parks(void **state)
+{
+    fx_t *f = *state;
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
+    relay_env(f, fs->port, NULL, 0);
+    sites_config_t sc = { .max_connections = 1, .max_waiting = 1, .max_wait_ms = 10000 };
+    f->sites = sites_new(f->loop, &sc, NULL, NULL);
+    f->svc.sites = f->sites;
+    const char *rcpts[] = { "b@y.test" };
+    leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1 };
+    dcap_t cap[3];
+    domain_request_t rq[3];
+    for (int i = 0; i < 3; i++) {
+        memset(&cap[i], 0, sizeof(cap[i]));
+        cap[i].gate_allow = -1;
+        cap[i].srv = fs;
+        rq[i] = request(&a, &cap[i]);
+        start(f, &rq[i], &cap[i]);
+    }
+    sites_stats_t st;
+    sites_get_stats(f->sites, &st);
+    assert_int_equal(st.running, 1);
+    assert_int_equal(st.waiting, 1);
+    assert_int_equal(st.parked, 1);
+    /* the third is parked at once, reported from the loop, no server asked */
+    run_until(f->loop, &cap[2].fired);
+    assert_int_equal(domain_smtp_started(cap[2].leg), 0);
+    assert_rcpt(&cap[2], 0, OUTCOME_TRANSIENT, OUTCOME_R_PARKED, 0, "");
+    assert_string_equal(cap[2].r[0].text, "parked: site relay.test has 1 of 1 connections busy and 1 messages "
+                                          "waiting (too many waiting)");
+    /* the first is delivered, then the second on the place it gave back */
+    finish_leg(f, &cap[0]);
+    assert_rcpt(&cap[0], 0, OUTCOME_DELIVERED, OUTCOME_R_DELIVERED, 250, "2.0.0");
+    finish_leg(f, &cap[1]);
+    assert_rcpt(&cap[1], 0, OUTCOME_DELIVERED, OUTCOME_R_DELIVERED, 250, "2.0.0");
+    assert_true(cap[1].done_ms >= cap[0].done_ms);
+    domain_free(cap[2].leg);
+    sites_get_stats(f->sites, &st);
+    assert_int_equal(st.running, 0);
+    assert_int_equal(st.sites, 0);
+    assert_int_equal(fs->naccepted, 2);
+}
+
+/* A leg freed while it waits for its site gives its place in the FIFO
+ * back, and the next waiter runs. */
+static void test_site_free_while_waiting(void **state)
+{
+    fx_t *f = *state;
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
+    relay_env(f, fs->port, NULL, 0);
+    sites_config_t sc = { .max_connections = 1, .max_waiting = 5, .max_wait_ms = 10000 };
+    f->sites = sites_new(f->loop, &sc, NULL, NULL);
+    f->svc.sites = f->sites;
+    const char *rcpts[] = { "b@y.test" };
+    leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1 };
+    dcap_t cap[3];
+    domain_request_t rq[3];
+    for (int i = 0; i < 3; i++) {
+        memset(&cap[i], 0, sizeof(cap[i]));
+        cap[i].gate_allow = -1;
+        cap[i].srv = fs;
+        rq[i] = request(&a, &cap[i]);
+        start(f, &rq[i], &cap[i]);
+    }
+    domain_free(cap[1].leg);
+    cap[1].leg = NULL;
+    finish_leg(f, &cap[0]);
+    finish_leg(f, &cap[2]);
+    assert_rcpt(&cap[2], 0, OUTCOME_DELIVERED, OUTCOME_R_DELIVERED, 250, "2.0.0");
+    assert_int_equal(cap[1].fired, 0);
+    sites_stats_t st;
+    sites_get_stats(f->sites, &st);
+    assert_int_equal(st.waiting, 0);
+    assert_int_equal(st.sites, 0);
+}
+
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
 int main(void)
@@ -1378,6 +1459,8 @@ int main(void)
         T(test_ledger_down_not_sent),
         T(test_ledger_mark_retried),
         T(test_ledger_free_while_held),
+        T(test_site_waits_and_parks),
+        T(test_site_free_while_waiting),
     };
     return cmocka_run_group_tests(tests, group_setup, NULL);
 }
