@@ -91,7 +91,7 @@ struct domain_leg {
     unsigned                 mark_tries;
     unsigned char           *flag;     /* per recipient: a delivery now may be a second copy */
     unsigned char           *not_sent; /* per recipient: in a transaction abandoned for want of its mark */
-    uint64_t                *writes;   /* ledger writes of ended transactions (ids, for cancel) */
+    struct leg_write       **writes;   /* ledger writes of ended transactions */
     size_t                   nwrites, writes_cap;
     size_t                   writes_left; /* not answered yet */
     unsigned                 fast_tries;
@@ -409,18 +409,63 @@ static void leg_on_before_body(void *arg, deliver_t *dl, uint64_t hold, const si
     leg_mark_sending(leg);
 }
 
+/* One record of an ended transaction. A "done" that fails is sent again
+ * (50 ms doubling) until mark_wait is spent: it is final, so no later
+ * write of the leg can overtake it. A deleted mark is not: a failed
+ * delete leaves the "sending" mark, which only makes a redelivery flag
+ * the recipient, and a delete sent late could remove a newer mark. */
+typedef struct leg_write {
+    domain_leg_t  *leg;
+    uint64_t       op;       /* in flight, 0 when answered */
+    ledger_state_t st;
+    const char   **rcpts;    /* the request's strings */
+    size_t         n;
+    unsigned       tries;
+    uint64_t       deadline_ms;
+    loop_timer_t   timer;
+} leg_write_t;
+
+static void leg_write_send(leg_write_t *w);
+
+static void leg_write_again(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    leg_write_t *w = arg;
+    crash_blame_set(w->leg->req.msg_id);
+    leg_write_send(w);
+}
+
 static void leg_on_written(void *arg, int ok)
 {
-    domain_leg_t *leg = arg;
+    leg_write_t *w = arg;
+    domain_leg_t *leg = w->leg;
     crash_blame_set(leg->req.msg_id);
+    w->op = 0;
+    if (!ok && w->st != LEDGER_NONE) {
+        uint64_t now = loop_now_ms(leg->svc->loop);
+        if (now < w->deadline_ms) {
+            uint64_t ms = 50ull << (w->tries < 4 ? w->tries : 4);
+            if (ms > w->deadline_ms - now)
+                ms = w->deadline_ms - now;
+            w->tries++;
+            loop_timer_set(leg->svc->loop, &w->timer, ms);
+            return;
+        }
+    }
     if (!ok) {
         /* a "done" lost: the "sending" mark stays, and a redelivery flags
          * the recipient instead of skipping it */
         metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
-        log_warn("domain", "ledger_unavailable", "%s step=record delivery=at_least_once", LEG_MSG(leg));
+        log_warn("domain", "ledger_unavailable", "%s step=record tries=%u delivery=at_least_once", LEG_MSG(leg),
+                 w->tries + 1);
     }
     if (--leg->writes_left == 0 && leg->state == LEG_RECORD)
         leg_report(leg);
+}
+
+static void leg_write_send(leg_write_t *w)
+{
+    domain_leg_t *leg = w->leg;
+    w->op = ledger_mark(leg->svc->ledger, leg->req.msg_id, w->rcpts, w->n, w->st, leg_on_written, w);
 }
 
 static void leg_write(domain_leg_t *leg, const char **rcpts, size_t n, ledger_state_t st)
@@ -431,8 +476,17 @@ static void leg_write(domain_leg_t *leg, const char **rcpts, size_t n, ledger_st
         leg->writes_cap = leg->writes_cap ? leg->writes_cap * 2 : 4;
         leg->writes = xrealloc(leg->writes, leg->writes_cap * sizeof(*leg->writes));
     }
+    leg_write_t *w = xcalloc(1, sizeof(*w));
+    w->leg = leg;
+    w->st = st;
+    w->rcpts = xcalloc(n, sizeof(*w->rcpts));
+    memcpy(w->rcpts, rcpts, n * sizeof(*rcpts));
+    w->n = n;
+    w->deadline_ms = loop_now_ms(leg->svc->loop) + leg->svc->mark_wait_ms;
+    loop_timer_init(&w->timer, leg_write_again, w);
+    leg->writes[leg->nwrites++] = w;
     leg->writes_left++;
-    leg->writes[leg->nwrites++] = ledger_mark(leg->svc->ledger, leg->req.msg_id, rcpts, n, st, leg_on_written, leg);
+    leg_write_send(w);
 }
 
 /* A held transaction is over: record at once what became of its
@@ -568,8 +622,14 @@ void domain_free(domain_leg_t *leg)
         deliver_cancel(leg->dl);
     if (leg->mark_op)
         ledger_cancel(svc->ledger, leg->mark_op);
-    for (size_t i = 0; i < leg->nwrites; i++)
-        ledger_cancel(svc->ledger, leg->writes[i]); /* harmless for answered ones */
+    for (size_t i = 0; i < leg->nwrites; i++) {
+        leg_write_t *w = leg->writes[i];
+        if (w->op)
+            ledger_cancel(svc->ledger, w->op);
+        loop_timer_cancel(svc->loop, &w->timer);
+        free(w->rcpts);
+        free(w);
+    }
     loop_timer_cancel(svc->loop, &leg->timer);
     free(leg->cand);
     free(leg->res);

@@ -115,13 +115,20 @@ static void send_int(int fd, long long v)
 static void run(fakeredis_t *f, int fd, int argc, char **argv)
 {
     f->ncommands++;
+    size_t line = buf_size(&f->log);
     for (int i = 0; i < argc; i++) {
         if (i)
             buf_putc(&f->log, ' ');
         buf_puts(&f->log, i == 1 && strcasecmp(argv[0], "EVAL") == 0 ? "<script>" : argv[i]);
     }
     buf_putc(&f->log, '\n');
-    if (f->fail_next > 0) {
+    int match = f->fail_only == NULL;
+    if (!match) {
+        char *l = xstrndup(buf_head(&f->log) + line, buf_size(&f->log) - line);
+        match = strstr(l, f->fail_only) != NULL;
+        free(l);
+    }
+    if (f->fail_next > 0 && match) {
         f->fail_next--;
         send_str(fd, "-ERR injected failure\r\n");
         return;

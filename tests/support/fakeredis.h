@@ -36,6 +36,7 @@ typedef struct fakeredis {
     char   **vals;
     size_t   nkeys, cap;
     unsigned fail_next; /* answer this many commands with -ERR */
+    const char *fail_only; /* non-NULL: fail_next counts only commands whose log line has this */
     int      mute;      /* run commands, hold their answers */
     size_t   ncommands;
     size_t   nevals;    /* EVALs answered */

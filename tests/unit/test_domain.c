@@ -38,6 +38,7 @@
 #include "core/util.h"
 #include "deliverer/deliver.h"
 #include "deliverer/domain.h"
+#include "metrics/metrics.h"
 #include "deliverer/ledger.h"
 #include "deliverer/outcome.h"
 #include "deliverer/session.h"
@@ -1349,6 +1350,44 @@ static int group_setup(void **state)
     return 0;
 }
 
+/* A "done" Redis refuses is sent again until it is recorded: the copy is
+ * not left to be flagged as a duplicate by a redelivery. */
+static void test_ledger_done_retried(void **state)
+{
+    fx_t *f = *state;
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
+    relay_env(f, fs->port, NULL, 0);
+    with_ledger(f, 5000, 0);
+    const char *rcpts[] = { "b@y.test" };
+    leg_args_t a = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1 };
+    dcap_t cap = { .gate_allow = -1 };
+    domain_request_t rq = request(&a, &cap);
+    uint64_t unavailable = metrics_counter(MET_LEDGER_UNAVAILABLE);
+    f->redis->mute = 1;
+    start(f, &rq, &cap);
+    for (uint64_t until = util_mono_ms() + 3000; util_mono_ms() < until;) {
+        loop_run_once(f->loop, 10);
+        const char *tr = fake_server_transcript(fs);
+        size_t n = strlen(tr), h = strlen(PAYLOAD_HELD);
+        if (n >= h && strcmp(tr + n - h, PAYLOAD_HELD) == 0)
+            break;
+    }
+    f->redis->fail_only = "60000 done";
+    f->redis->fail_next = 2; /* the "done" and its first retry */
+    fakeredis_unmute(f->redis);
+    finish_leg(f, &cap);
+    assert_rcpt(&cap, 0, OUTCOME_DELIVERED, OUTCOME_R_DELIVERED, 250, "2.0.0");
+    assert_string_equal(record(f, "b@y.test"), "done");
+    assert_int_equal(metrics_counter(MET_LEDGER_UNAVAILABLE), unavailable);
+    const char *log = buf_head(&f->redis->log);
+    size_t dones = 0;
+    for (const char *p = log; (p = strstr(p, "60000 done\n")) != NULL; p++)
+        dones++;
+    if (dones != 3)
+        fprintf(stderr, "redis log:\n%s", log);
+    assert_int_equal(dones, 3);
+}
+
 /* ------------------------------------------------------------------ */
 /* sites: one connection at a time, one waiting, the rest parked        */
 
@@ -1459,6 +1498,7 @@ int main(void)
         T(test_ledger_down_not_sent),
         T(test_ledger_mark_retried),
         T(test_ledger_free_while_held),
+        T(test_ledger_done_retried),
         T(test_site_waits_and_parks),
         T(test_site_free_while_waiting),
     };
