@@ -262,9 +262,9 @@ static const key_def_t keys[] = {
       "Redis for the delivery ledger, the shared DNS cache and rate limits; empty disables them" },
     { "redis", "port", K_UINT, F(redis_port), "6379", 0, NULL,
       "Redis port" },
-    { "redis", "timeout_ms", K_UINT, F(redis_timeout_ms), "50", 0, NULL,
+    { "redis", "timeout_ms", K_UINT, F(redis_timeout_ms), "250", 0, NULL,
       "milliseconds per Redis command, from when it is written; a slower Redis counts as unavailable "
-      "for that call" },
+      "for that call. A burst of 10,000 ledger marks takes Redis about 50 ms (tests/bench/run ledger)" },
     { "redis", "mark_wait", K_MS, F(redis_mark_wait_ms), "2s", 0, NULL,
       "how long a transaction's final dot waits for its ledger \"sending\" mark, retrying while Redis "
       "cannot answer (the body is already on its way); then see `send_unrecorded`" },
