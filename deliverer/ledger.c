@@ -434,6 +434,12 @@ uint64_t ledger_mark_handoff(ledger_t *l, const char *msg_id, const char *const 
     return id;
 }
 
+/* The poison count's key: mp:d:<id> (core/crash.c counts into it too). */
+static void poison_key(buf_t *key, const char *msg_id)
+{
+    buf_printf(key, "mp:d:%s", msg_id);
+}
+
 uint64_t ledger_poison_count(ledger_t *l, const char *msg_id, ledger_count_cb cb, void *arg)
 {
     op_t *op = op_new(l, OP_COUNT, 0, arg);
@@ -441,7 +447,7 @@ uint64_t ledger_poison_count(ledger_t *l, const char *msg_id, ledger_count_cb cb
     if (l->rc == NULL)
         return no_client(l, op);
     buf_t key = BUF_INIT;
-    buf_printf(&key, "mp:d:%s", msg_id);
+    poison_key(&key, msg_id);
     const char *get[] = { "GET", buf_head(&key) };
     size_t get_l[] = { 3, buf_size(&key) };
     send_argv(l, op, 2, get, get_l);
@@ -456,7 +462,7 @@ uint64_t ledger_poison_charge(ledger_t *l, const char *msg_id, ledger_count_cb c
     if (l->rc == NULL)
         return no_client(l, op);
     buf_t key = BUF_INIT;
-    buf_printf(&key, "mp:d:%s", msg_id);
+    poison_key(&key, msg_id);
     char ttl[32];
     snprintf(ttl, sizeof(ttl), "%llu", (unsigned long long)l->ttl_ms);
     const char *incr[] = { "INCR", buf_head(&key) };
