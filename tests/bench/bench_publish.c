@@ -8,7 +8,10 @@
  *  publishes unconfirmed at a time (queue/mq.c on one loop), or paced at
  *  --rate messages per second. Each message carries its enqueue wall time
  *  in its trace_id ("bench:<prefix>:<epoch-ms>") so enqueue-to-delivered
- *  latency can be read from the events. Prints the number confirmed and
+ *  latency can be read from the events. --to-file gives the recipients:
+ *  message i goes to line i (mod the number of lines) of the file, so a
+ *  caller can spread messages over domains in any mix and order it likes.
+ *  Prints the number confirmed and
  *  the publish rate; exits 1 if any publish was not confirmed.
  *
  *  bench_publish events: binds a private queue to --exchange and writes
@@ -35,7 +38,7 @@ typedef struct bench_opts {
     const char   *host, *user, *password, *vhost;
     unsigned      port;
     const char   *queue, *dead_queue, *exchange;
-    const char   *from, *to, *prefix, *out;
+    const char   *from, *to, *to_file, *prefix, *out;
     unsigned long count, size, window, rate, max_seconds;
 } bench_opts_t;
 
@@ -45,6 +48,8 @@ typedef struct bench_pub {
     mq_t         *mq;
     loop_timer_t  pace;
     buf_t         text;       /* JSON-escaped body text */
+    char        **rcpts;      /* --to-file lines */
+    size_t        nrcpts;
     unsigned long sent, confirmed, failed;
     double        credit;     /* paced mode: publishes allowed so far */
     uint64_t      start_ms;
@@ -67,7 +72,8 @@ static void publish_one(bench_pub_t *p)
     snprintf(trace, sizeof(trace), "bench:%s:%llu", p->o->prefix, (unsigned long long)util_wall_ms());
     buf_t b = BUF_INIT;
     buf_printf(&b, "{\"id\":\"%s\",\"trace_id\":\"%s\",\"from\":\"%s\",\"to\":[\"%s\"],"
-                   "\"subject\":\"bench %s\",\"text\":\"", id, trace, p->o->from, p->o->to, id);
+                   "\"subject\":\"bench %s\",\"text\":\"", id, trace, p->o->from,
+               p->nrcpts ? p->rcpts[p->sent % p->nrcpts] : p->o->to, id);
     buf_append(&b, buf_head(&p->text), buf_size(&p->text));
     buf_puts(&b, "\"}");
     mq_publish_opts_t po = { .content_type = "application/json", .message_id = id,
@@ -111,6 +117,26 @@ static int do_publish(const bench_opts_t *o)
     p.o = o;
     p.loop = loop_new();
     loop_timer_init(&p.pace, pace_tick, &p);
+    if (o->to_file) {
+        FILE *f = fopen(o->to_file, "r");
+        if (f == NULL) {
+            perror(o->to_file);
+            return 1;
+        }
+        char line[512];
+        while (fgets(line, sizeof(line), f)) {
+            line[strcspn(line, "\r\n")] = '\0';
+            if (line[0] == '\0' || line[0] == '#')
+                continue;
+            p.rcpts = xrealloc(p.rcpts, (p.nrcpts + 1) * sizeof(*p.rcpts));
+            p.rcpts[p.nrcpts++] = xstrdup(line);
+        }
+        fclose(f);
+        if (p.nrcpts == 0) {
+            fprintf(stderr, "bench_publish: %s: no recipients\n", o->to_file);
+            return 1;
+        }
+    }
     /* text: 78-octet lines, JSON-escaped newlines */
     static const char line[] = "The quick brown fox jumps over the lazy dog. 0123456789 abcdefghijklmnopqrst";
     for (size_t n = 0; n < o->size;) {
@@ -143,6 +169,9 @@ static int do_publish(const bench_opts_t *o)
     mq_free(p.mq);
     loop_free(p.loop);
     buf_free(&p.text);
+    for (size_t i = 0; i < p.nrcpts; i++)
+        free(p.rcpts[i]);
+    free(p.rcpts);
     printf("published %lu confirmed %lu failed %lu in %llu ms (%.0f msg/s)\n", p.sent,
            p.confirmed - p.failed, p.failed, (unsigned long long)ms,
            ms ? (double)p.sent * 1000.0 / (double)ms : 0.0);
@@ -210,7 +239,8 @@ static int do_events(const bench_opts_t *o)
 static void usage(FILE *f)
 {
     fputs("usage: bench_publish publish --queue Q --dead-queue D --exchange X --count N\n"
-          "                     [--size BYTES] [--from A] [--to A] [--prefix P] [--window W] [--rate R]\n"
+          "                     [--size BYTES] [--from A] [--to A | --to-file F] [--prefix P] [--window W]\n"
+          "                     [--rate R]   (--to-file: message i to line i mod lines)\n"
           "       bench_publish events --queue Q --exchange X --out FILE [--max-seconds S]\n"
           "common: --host H --port P --user U --password P --vhost V (default 127.0.0.1:5672 guest)\n",
           f);
@@ -233,7 +263,7 @@ int main(int argc, char **argv)
         { "dead-queue", 1, NULL, 'd' }, { "exchange", 1, NULL, 'x' }, { "count", 1, NULL, 'n' },
         { "size", 1, NULL, 's' }, { "from", 1, NULL, 'f' }, { "to", 1, NULL, 't' },
         { "prefix", 1, NULL, 'i' }, { "window", 1, NULL, 'w' }, { "rate", 1, NULL, 'r' },
-        { "out", 1, NULL, 'o' }, { "max-seconds", 1, NULL, 'm' }, { NULL, 0, NULL, 0 },
+        { "out", 1, NULL, 'o' }, { "to-file", 1, NULL, 'T' }, { "max-seconds", 1, NULL, 'm' }, { NULL, 0, NULL, 0 },
     };
     int c;
     optind = 2;
@@ -255,6 +285,7 @@ int main(int argc, char **argv)
         case 'w': o.window = strtoul(optarg, NULL, 10); break;
         case 'r': o.rate = strtoul(optarg, NULL, 10); break;
         case 'o': o.out = optarg; break;
+        case 'T': o.to_file = optarg; break;
         case 'm': o.max_seconds = strtoul(optarg, NULL, 10); break;
         default: usage(stderr); return 2;
         }

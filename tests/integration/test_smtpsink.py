@@ -177,6 +177,7 @@ class SmtpSinkTest(unittest.TestCase):
         r = subprocess.run([SINK, "--help"], capture_output=True, text=True, timeout=10)
         self.assertEqual(r.returncode, 0)
         for word in ("--listen", "--rule", "rcpt:PATTERN", "drop:VERB", "delay:VERB",
+                     "delay:VERB=MIN-MAX", "drip:VERB=MS", "CONNECT%2", "open_peak",
                      "multiline:VERB", "--stats-file", "--maildir", "--log", "--chunking"):
             self.assertIn(word, r.stdout)
         r = subprocess.run([SINK, "--listen", "127.0.0.1:1", "--rule", "bogus"],
@@ -390,6 +391,151 @@ class SmtpSinkTest(unittest.TestCase):
         self.assertLess(elapsed, 5)
         self.assertEqual([r[:3] for r in got], ["354", "250", "250"])
         s.close()
+
+    def test_delay_range_drawn_per_reply(self):
+        sink = self.sink("--rule", "delay:NOOP=100-300", tls=False)
+        s = sink.raw()
+        read_replies(s, 1)
+        s.sendall(b"EHLO c\r\n")
+        read_replies(s, 1)
+        took = []
+        for _ in range(20):
+            t0 = time.monotonic()
+            s.sendall(b"NOOP\r\n")
+            self.assertEqual(read_replies(s, 1), ["250 2.0.0 Ok"])
+            took.append(time.monotonic() - t0)
+        s.close()
+        # every reply held within [100, 300] ms (+ scheduling slack) ...
+        self.assertGreaterEqual(min(took), 0.095, took)
+        self.assertLess(max(took), 0.3 + 0.25, took)
+        # ... and drawn anew each time: 20 uniform draws over 200 ms do not
+        # all fall within 60 ms of each other (chance below 1e-9)
+        self.assertGreater(max(took) - min(took), 0.06, took)
+        st = sink.settle()
+        self.assertEqual(st["rules"], [{"rule": "delay:NOOP=100-300", "fired": 20}])
+
+    def test_delay_fixed_and_range_syntax_errors(self):
+        for bad in ("delay:EHLO=300-100", "delay:EHLO=100-", "delay:EHLO=-5", "delay:EHLO=1-2-3",
+                    "drip:CONNECT=0", "drip:CONNECT", "drip:CONNECT=x", "cmd:CONNECT%0=421",
+                    "cmd:CONNECT%=421", "cmd:CONNECT%2%3=421", "cmd:CONNECT%x=421", "drop:MAIL#2#3"):
+            r = subprocess.run([SINK, "--listen", "127.0.0.1:1", "--rule", bad],
+                               capture_output=True, text=True, timeout=10)
+            self.assertEqual(r.returncode, 2, bad)
+            self.assertIn("rule", r.stderr, bad)
+
+    def test_drip_greeting_one_byte_at_a_time(self):
+        sink = self.sink("--rule", "drip:CONNECT=60", "--hostname", "tarpit.test", tls=False)
+        greeting = b"220 tarpit.test ESMTP smtpsink\r\n"
+        t0 = time.monotonic()
+        s = sink.raw()
+        got, arrivals = b"", []
+        while not got.endswith(b"\r\n"):
+            chunk = s.recv(100)
+            self.assertTrue(chunk, got)
+            got += chunk
+            arrivals.append((time.monotonic() - t0, len(chunk)))
+        self.assertEqual(got, greeting)
+        n = len(greeting)
+        # the first byte at once, then one every 60 ms: n - 1 gaps
+        self.assertLess(arrivals[0][0], 0.5, arrivals[:3])
+        span = arrivals[-1][0] - arrivals[0][0]
+        self.assertGreaterEqual(span, (n - 1) * 0.060 * 0.95, arrivals)
+        self.assertLess(span, (n - 1) * 0.060 + 1.5, arrivals)
+        # one byte per segment (TCP_NODELAY): a reader this fast sees most of them apart
+        self.assertGreaterEqual(len(arrivals), n * 3 // 4, arrivals)
+        # only the greeting drips: EHLO is answered at once
+        t1 = time.monotonic()
+        s.sendall(b"EHLO c\r\n")
+        self.assertTrue(read_replies(s, 1)[0].startswith("250-tarpit.test"))
+        self.assertLess(time.monotonic() - t1, 0.5)
+        s.close()
+        st = sink.settle()
+        self.assertEqual(st["rules"], [{"rule": "drip:CONNECT=60", "fired": 1}])
+
+    def test_drip_after_delay_and_multiline(self):
+        sink = self.sink("--rule", "delay:DOT=400", "--rule", "drip:DOT=20", "--rule", "multiline:DOT",
+                         tls=False)
+        s = sink.raw()
+        read_replies(s, 1)
+        s.sendall(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
+        read_replies(s, 4)
+        t0 = time.monotonic()
+        s.sendall(b"x\r\n.\r\nNOOP\r\n")
+        s.settimeout(10)
+        first = s.recv(100)
+        t_first = time.monotonic() - t0
+        self.assertEqual(len(first), 1)
+        self.assertGreaterEqual(t_first, 0.38)
+        self.assertLess(t_first, 1.5)
+        _pending[s] = first
+        got = read_replies(s, 2)
+        elapsed = time.monotonic() - t0
+        dot = got[0].split("\n")
+        self.assertEqual(len(dot), 3, got)  # the long multi-line reply was dripped
+        n = len(got[0]) + 2 * len(dot)      # its octets with the CRLFs
+        self.assertGreaterEqual(elapsed, 0.4 + (n - 1) * 0.020 * 0.95)
+        self.assertLess(elapsed, 0.4 + (n - 1) * 0.020 + 2.0)
+        self.assertEqual(got[1], "250 2.0.0 Ok")  # NOOP waited for the dripped reply
+        s.close()
+
+    def test_every_second_connection_refused(self):
+        sink = self.sink("--rule", "cmd:CONNECT%2=421 4.7.0 try later", tls=False)
+        greetings = []
+        for _ in range(10):
+            s = sink.raw()
+            greetings.append(read_replies(s, 1)[0])
+            if greetings[-1].startswith("421"):
+                s.settimeout(5)
+                self.assertEqual(s.recv(100), b"")  # hung up after the 421
+            else:
+                s.sendall(b"QUIT\r\n")
+                self.assertTrue(read_replies(s, 1)[0].startswith("221 "))
+            s.close()
+            sink.settle()  # strictly one after the other: accept order = loop order
+        want = ["220 smtpsink.test ESMTP smtpsink", "421 4.7.0 try later"] * 5
+        self.assertEqual(greetings, want)
+        st = sink.settle()
+        self.assertEqual(st["connections"], 10)
+        self.assertEqual(st["rules"], [{"rule": "cmd:CONNECT%2=421 4.7.0 try later", "fired": 5}])
+
+    def test_every_nth_connection_with_limit_and_other_verbs(self):
+        # %3 on MAIL: every MAIL of connections 3, 6, ...; #2 stops it after two firings
+        sink = self.sink("--rule", "cmd:MAIL%3#2=451 4.3.0 not now", tls=False)
+        codes = []
+        for _ in range(9):
+            s = sink.raw()
+            read_replies(s, 1)
+            s.sendall(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRSET\r\nMAIL FROM:<a@b>\r\nQUIT\r\n")
+            got = read_replies(s, 5)
+            codes.append((got[1][:3], got[3][:3]))
+            s.close()
+            sink.settle()
+        self.assertEqual(codes, [("250", "250"), ("250", "250"), ("451", "451"),
+                                 ("250", "250"), ("250", "250"), ("250", "250"),
+                                 ("250", "250"), ("250", "250"), ("250", "250")])
+        self.assertEqual(sink.settle()["rules"][0]["fired"], 2)
+
+    def test_open_and_open_peak(self):
+        sink = self.sink(tls=False)
+        socks = []
+        for _ in range(3):
+            s = sink.raw()
+            read_replies(s, 1)
+            socks.append(s)
+        st = sink.stats()
+        self.assertEqual((st["open"], st["open_peak"], st["connections_open"]), (3, 3, 3))
+        socks.pop().close()
+        st = sink.settle(open_conns=2)
+        self.assertEqual((st["open"], st["open_peak"]), (2, 3))
+        s = sink.raw()
+        read_replies(s, 1)
+        socks.append(s)
+        st = sink.stats()
+        self.assertEqual((st["open"], st["open_peak"]), (3, 3))
+        for s in socks:
+            s.close()
+        st = sink.settle()
+        self.assertEqual((st["open"], st["open_peak"], st["connections"]), (0, 3, 4))
 
     def test_multiline_replies(self):
         sink = self.sink("--rule", "multiline:dot", "--rule", "multiline:EHLO", "--no-enhanced",

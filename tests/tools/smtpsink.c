@@ -16,9 +16,12 @@
  *
  *  Faults are rules consulted per command (see usage()): a rule may
  *  replace the reply, hang up after it (421), drop the connection
- *  without a reply, hold the reply for a while, or make it multi-line.
- *  A delayed reply stops input processing of that connection until it is
- *  sent, so ordering is preserved.
+ *  without a reply, hold the reply for a fixed or random while, trickle
+ *  it out one byte at a time (a tarpit), or make it multi-line. A rule
+ *  may fire only its first N times (#N) or only on every Nth connection
+ *  (%N, counted in accept order). A held or dripping reply stops input
+ *  processing of that connection until it is sent, so ordering is
+ *  preserved.
  *
  *  A connection costs a small struct plus the stream's buffers, and an idle
  *  one gives its read buffer back (about 16 KiB per idle TLS connection,
@@ -90,7 +93,7 @@ static int verb_from_name(const char *name, size_t n)
 
 /* ---- fault rules -------------------------------------------------------- */
 
-typedef enum { R_REPLY = 0, R_RCPT, R_DROP, R_DELAY, R_MULTILINE } sink_rule_kind_t;
+typedef enum { R_REPLY = 0, R_RCPT, R_DROP, R_DELAY, R_MULTILINE, R_DRIP } sink_rule_kind_t;
 
 typedef struct sink_rule {
     sink_rule_kind_t kind;
@@ -99,8 +102,10 @@ typedef struct sink_rule {
     int              code;      /* R_REPLY, R_RCPT */
     char            *enh;       /* "4.2.0" or NULL */
     char            *text;      /* reply text (without code / enhanced code) */
-    unsigned         delay_ms;  /* R_DELAY */
+    unsigned         delay_ms;  /* R_DELAY: at least; R_DRIP: between two bytes */
+    unsigned         delay_max; /* R_DELAY: at most (drawn uniformly per reply) */
     unsigned long    limit;     /* fires at most this often; 0 = always */
+    unsigned long    every;     /* only on connections whose number is a multiple; 0 = all */
     atomic_ulong     fired;
     char            *spec;      /* as given, for stats */
 } sink_rule_t;
@@ -137,7 +142,7 @@ typedef struct sink_conf {
 /* ---- counters (shared by all threads, relaxed atomics) ----------------- */
 
 typedef struct sink_stats {
-    atomic_ullong connections, connections_open, tls_handshakes, tls_resumed, tls_failed;
+    atomic_ullong connections, connections_open, open_peak, tls_handshakes, tls_resumed, tls_failed;
     atomic_ullong messages, recipients_accepted, recipients_rejected, bytes, commands;
     atomic_ullong bare_lf_lines, long_lines, starttls_injection;
 } sink_stats_t;
@@ -178,8 +183,10 @@ typedef struct sink_conn {
     sink_cstate_t     state;
     sink_after_t      after;      /* what to do once the pending reply is out */
     loop_timer_t      timer;      /* greeting or reply delay */
-    buf_t             held;       /* a delayed reply */
+    buf_t             held;       /* a delayed or dripping reply */
     int               holding;
+    unsigned          drip_ms;    /* held: sent one byte every drip_ms (0: at once) */
+    size_t            drip_off;   /* held: bytes already dripped */
     int               helo;       /* 0 none, 1 HELO, 2 EHLO */
     int               in_mail;
     int               authed;
@@ -283,7 +290,7 @@ static int parse_reply_spec(const char *spec, int *code, char **enh, char **text
     return 0;
 }
 
-/* KIND:TARGET[#N][=VALUE] */
+/* KIND:TARGET[#N][%N][=VALUE] */
 static void rule_add(sink_conf_t *conf, const char *spec)
 {
     sink_rule_t r;
@@ -297,13 +304,26 @@ static void rule_add(sink_conf_t *conf, const char *spec)
     size_t tlen = eq ? (size_t)(eq - target) : strlen(target);
     const char *value = eq ? eq + 1 : NULL;
     char *t = xstrndup(target, tlen);
-    char *hash = strrchr(t, '#');
-    if (hash) {
+    /* #N and %N suffixes, in either order */
+    for (;;) {
+        char *hash = strrchr(t, '#'), *pct = strrchr(t, '%');
+        char *suf = hash > pct ? hash : pct;
+        if (suf == NULL)
+            break;
         char *end;
-        r.limit = strtoul(hash + 1, &end, 10);
-        if (*end || r.limit == 0)
-            die("rule \"%s\": bad #N limit", spec);
-        *hash = '\0';
+        unsigned long n = strtoul(suf + 1, &end, 10);
+        if (*end || n == 0 || suf[1] == '\0' || !isdigit((unsigned char)suf[1]))
+            die("rule \"%s\": bad %cN (a number from 1)", spec, *suf);
+        if (*suf == '#') {
+            if (r.limit)
+                die("rule \"%s\": two #N", spec);
+            r.limit = n;
+        } else {
+            if (r.every)
+                die("rule \"%s\": two %%N", spec);
+            r.every = n;
+        }
+        *suf = '\0';
     }
     int verb = -1;
     if (klen == 4 && util_strncasecmp(spec, "rcpt", 4) == 0) {
@@ -321,8 +341,10 @@ static void rule_add(sink_conf_t *conf, const char *spec)
             r.kind = R_DELAY;
         else if (klen == 9 && util_strncasecmp(spec, "multiline", 9) == 0)
             r.kind = R_MULTILINE;
+        else if (klen == 4 && util_strncasecmp(spec, "drip", 4) == 0)
+            r.kind = R_DRIP;
         else
-            die("rule \"%s\": unknown kind (cmd, rcpt, drop, delay, multiline)", spec);
+            die("rule \"%s\": unknown kind (cmd, rcpt, drop, delay, drip, multiline)", spec);
         verb = verb_from_name(t, strlen(t));
         if (verb < 0 || verb == V_OTHER)
             die("rule \"%s\": unknown command \"%s\"", spec, t);
@@ -336,9 +358,22 @@ static void rule_add(sink_conf_t *conf, const char *spec)
             die("rule \"%s\": expected =CODE [X.Y.Z] [text] with CODE 200..599", spec);
         break;
     case R_DELAY: {
-        char *end;
-        if (value == NULL || (r.delay_ms = (unsigned)strtoul(value, &end, 10), *end))
-            die("rule \"%s\": expected =MILLISECONDS", spec);
+        char *end = NULL;
+        if (value && isdigit((unsigned char)*value)) {
+            r.delay_ms = r.delay_max = (unsigned)strtoul(value, &end, 10);
+            if (*end == '-' && isdigit((unsigned char)end[1]))
+                r.delay_max = (unsigned)strtoul(end + 1, &end, 10);
+        }
+        if (end == NULL || *end || r.delay_max < r.delay_ms)
+            die("rule \"%s\": expected =MILLISECONDS or =MIN-MAX (MIN <= MAX)", spec);
+        break;
+    }
+    case R_DRIP: {
+        char *end = NULL;
+        if (value && isdigit((unsigned char)*value))
+            r.delay_ms = (unsigned)strtoul(value, &end, 10);
+        if (end == NULL || *end || r.delay_ms == 0)
+            die("rule \"%s\": expected =MILLISECONDS between two bytes (from 1)", spec);
         break;
     }
     default:
@@ -381,12 +416,16 @@ static int rule_take(sink_rule_t *r)
     return 1;
 }
 
-/* First rule of kind for verb (and, for R_RCPT, matching addr) that may fire. */
-static sink_rule_t *rule_find(sink_rule_kind_t kind, sink_verb_t verb, const char *addr)
+/* First rule of kind for verb (and, for R_RCPT, matching addr) that may
+ * fire on connection c. */
+static sink_rule_t *rule_find(const sink_conn_t *c, sink_rule_kind_t kind, sink_verb_t verb,
+                              const char *addr)
 {
     for (size_t i = 0; i < g_conf.nrules; i++) {
         sink_rule_t *r = &g_conf.rules[i];
         if (r->kind != kind || r->verb != verb)
+            continue;
+        if (r->every && c->id % r->every != 0)
             continue;
         if (kind == R_RCPT && fnmatch(r->pattern, addr, FNM_CASEFOLD) != 0)
             continue;
@@ -399,15 +438,51 @@ static sink_rule_t *rule_find(sink_rule_kind_t kind, sink_verb_t verb, const cha
 
 /* ---- replies ---------------------------------------------------------------- */
 
+/* A uniform draw in [lo, hi] from the thread's own generator (xorshift64*). */
+static unsigned draw(unsigned lo, unsigned hi)
+{
+    static __thread uint64_t x;
+    if (x == 0)
+        x = (util_mono_ms() << 20) ^ (uint64_t)pthread_self() ^ 0x9e3779b97f4a7c15ULL;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    uint64_t v = x * 0x2545f4914f6cdd1dULL;
+    return lo + (unsigned)((v >> 11) % ((uint64_t)hi - lo + 1));
+}
+
+/* Where the reply to verb goes: the output, or c->held when a delay or
+ * drip rule fires (hold_start() then sends it). */
+static buf_t *hold_begin(sink_conn_t *c, sink_verb_t verb, unsigned *delay)
+{
+    *delay = 0;
+    if (g_conf.nrules == 0)
+        return &c->w->out;
+    sink_rule_t *d = rule_find(c, R_DELAY, verb, NULL);
+    sink_rule_t *dr = rule_find(c, R_DRIP, verb, NULL);
+    if (d)
+        *delay = d->delay_ms == d->delay_max ? d->delay_ms : draw(d->delay_ms, d->delay_max);
+    c->drip_ms = dr ? dr->delay_ms : 0;
+    c->drip_off = 0;
+    return *delay > 0 || c->drip_ms ? &c->held : &c->w->out;
+}
+
+static void hold_start(sink_conn_t *c, unsigned delay)
+{
+    if (delay == 0 && c->drip_ms == 0)
+        return;
+    c->holding = 1;
+    /* a drip starts with its first byte at once (after any delay) */
+    loop_timer_set(c->w->loop, &c->timer, delay);
+}
+
 /* Append a reply for verb: "code enh text" (enh may be NULL). The
- * multiline rule turns it into three lines; a delay rule holds it. */
+ * multiline rule turns it into three lines; a delay or drip rule holds it. */
 static void reply(sink_conn_t *c, sink_verb_t verb, int code, const char *enh, const char *text)
 {
-    buf_t *b = &c->w->out;
-    int ml = g_conf.nrules && rule_find(R_MULTILINE, verb, NULL) != NULL;
-    sink_rule_t *d = g_conf.nrules ? rule_find(R_DELAY, verb, NULL) : NULL;
-    if (d && d->delay_ms > 0)
-        b = &c->held;
+    int ml = g_conf.nrules && rule_find(c, R_MULTILINE, verb, NULL) != NULL;
+    unsigned delay;
+    buf_t *b = hold_begin(c, verb, &delay);
     const char *e = g_conf.enhanced ? enh : NULL;
     if (ml) {
         buf_printf(b, "%d-%s%s%s\r\n", code, e ? e : "", e ? " " : "", text);
@@ -416,10 +491,7 @@ static void reply(sink_conn_t *c, sink_verb_t verb, int code, const char *enh, c
     } else {
         buf_printf(b, "%d %s%s%s\r\n", code, e ? e : "", e ? " " : "", text);
     }
-    if (d && d->delay_ms > 0) {
-        c->holding = 1;
-        loop_timer_set(c->w->loop, &c->timer, d->delay_ms);
-    }
+    hold_start(c, delay);
 }
 
 static void reply_rule(sink_conn_t *c, sink_verb_t verb, const sink_rule_t *r)
@@ -453,20 +525,15 @@ static void reply_ehlo(sink_conn_t *c, const char *arg)
         kw[n++] = "SMTPUTF8";
     if (g_conf.chunking)
         kw[n++] = "CHUNKING";
-    buf_t *b = &c->w->out;
-    sink_rule_t *d = g_conf.nrules ? rule_find(R_DELAY, V_EHLO, NULL) : NULL;
-    if (d && d->delay_ms > 0)
-        b = &c->held;
-    int ml = g_conf.nrules && rule_find(R_MULTILINE, V_EHLO, NULL) != NULL;
+    unsigned delay;
+    buf_t *b = hold_begin(c, V_EHLO, &delay);
+    int ml = g_conf.nrules && rule_find(c, R_MULTILINE, V_EHLO, NULL) != NULL;
     buf_printf(b, "250%c%s greets %.64s\r\n", n || ml ? '-' : ' ', g_conf.hostname, arg);
     if (ml)
         buf_printf(b, "250%c(smtpsink multi-line reply)\r\n", n ? '-' : ' ');
     for (int i = 0; i < n; i++)
         buf_printf(b, "250%c%s\r\n", i + 1 < n ? '-' : ' ', kw[i]);
-    if (d && d->delay_ms > 0) {
-        c->holding = 1;
-        loop_timer_set(c->w->loop, &c->timer, d->delay_ms);
-    }
+    hold_start(c, delay);
 }
 
 static void flush(sink_conn_t *c)
@@ -536,12 +603,12 @@ static void message_end(sink_conn_t *c)
     STAT_ADD(bytes, c->msg_bytes);
     tlog(c, "+data %lu bytes bare_lf=%lu", c->msg_bytes, c->msg_bare_lf);
     sink_rule_t *r;
-    if (g_conf.nrules && rule_find(R_DROP, V_DOT, NULL)) {
+    if (g_conf.nrules && rule_find(c, R_DROP, V_DOT, NULL)) {
         c->after = AFTER_CLOSE;
         txn_reset(c);
         return;
     }
-    if (g_conf.nrules && (r = rule_find(R_REPLY, V_DOT, NULL)) != NULL) {
+    if (g_conf.nrules && (r = rule_find(c, R_REPLY, V_DOT, NULL)) != NULL) {
         reply_rule(c, V_DOT, r);
         if (r->code >= 200 && r->code < 300)
             STAT_ADD(messages, 1);
@@ -826,8 +893,8 @@ static void cmd_rcpt(sink_conn_t *c, const char *arg)
         return;
     }
     sink_rule_t *r = NULL;
-    if (g_conf.nrules && ((r = rule_find(R_RCPT, V_RCPT, addr)) != NULL ||
-                          (r = rule_find(R_REPLY, V_RCPT, NULL)) != NULL)) {
+    if (g_conf.nrules && ((r = rule_find(c, R_RCPT, V_RCPT, addr)) != NULL ||
+                          (r = rule_find(c, R_REPLY, V_RCPT, NULL)) != NULL)) {
         reply_rule(c, V_RCPT, r);
         if (r->code >= 200 && r->code < 300)
             goto accepted;
@@ -887,7 +954,7 @@ static void bdat_done(sink_conn_t *c)
         return;
     }
     sink_rule_t *r;
-    if (g_conf.nrules && (r = rule_find(R_REPLY, V_BDAT, NULL)) != NULL) {
+    if (g_conf.nrules && (r = rule_find(c, R_REPLY, V_BDAT, NULL)) != NULL) {
         reply_rule(c, V_BDAT, r);
         if (r->code >= 300)
             c->bdat_failed = 1;
@@ -931,13 +998,13 @@ static void command(sink_conn_t *c, char *line)
     }
     sink_rule_t *r;
     if (g_conf.nrules) {
-        if (rule_find(R_DROP, (sink_verb_t)v, NULL)) {
+        if (rule_find(c, R_DROP, (sink_verb_t)v, NULL)) {
             tlog(c, "+drop %s", verb_names[v]);
             c->after = AFTER_CLOSE;
             return;
         }
         /* RCPT's reply rules are per address: cmd_rcpt looks them up */
-        if (v != V_RCPT && v != V_BDAT && (r = rule_find(R_REPLY, (sink_verb_t)v, NULL)) != NULL) {
+        if (v != V_RCPT && v != V_BDAT && (r = rule_find(c, R_REPLY, (sink_verb_t)v, NULL)) != NULL) {
             reply_rule(c, (sink_verb_t)v, r);
             if (v == V_QUIT)
                 c->after = AFTER_CLOSE;
@@ -1155,13 +1222,13 @@ static void conn_free(sink_conn_t *c)
 static void send_greeting(sink_conn_t *c)
 {
     sink_rule_t *r;
-    if (g_conf.nrules && rule_find(R_DROP, V_CONNECT, NULL)) {
+    if (g_conf.nrules && rule_find(c, R_DROP, V_CONNECT, NULL)) {
         tlog(c, "+drop CONNECT");
         conn_free(c);
         return;
     }
     c->state = C_CMD;
-    if (g_conf.nrules && (r = rule_find(R_REPLY, V_CONNECT, NULL)) != NULL) {
+    if (g_conf.nrules && (r = rule_find(c, R_REPLY, V_CONNECT, NULL)) != NULL) {
         reply_rule(c, V_CONNECT, r);
         if (r->code >= 400)
             c->state = C_NOSERVICE;
@@ -1190,9 +1257,17 @@ static void conn_timer(loop_t *loop, loop_timer_t *t, void *arg)
         return;
     }
     if (c->holding) {
+        if (c->drip_ms && c->drip_off + 1 < buf_size(&c->held)) {
+            stream_write(c->s, buf_head(&c->held) + c->drip_off, 1);
+            c->drip_off++;
+            loop_timer_set(c->w->loop, &c->timer, c->drip_ms);
+            return;
+        }
         c->holding = 0;
-        stream_write(c->s, buf_head(&c->held), buf_size(&c->held));
+        stream_write(c->s, buf_head(&c->held) + c->drip_off, buf_size(&c->held) - c->drip_off);
         buf_free(&c->held);
+        c->drip_ms = 0;
+        c->drip_off = 0;
         conn_process(c);
     }
 }
@@ -1268,7 +1343,12 @@ static void on_accept(loop_t *loop, int lfd, unsigned events, void *arg)
             w->conns->prev = c;
         w->conns = c;
         STAT_ADD(connections, 1);
-        STAT_ADD(connections_open, 1);
+        unsigned long long open = STAT_ADD(connections_open, 1) + 1;
+        unsigned long long peak = STAT_GET(open_peak);
+        while (open > peak && !atomic_compare_exchange_weak_explicit(&g_stats.open_peak, &peak, open,
+                                                                      memory_order_relaxed,
+                                                                      memory_order_relaxed))
+            ;
         if (g_conf.log) {
             char host[INET6_ADDRSTRLEN] = "?";
             int port = 0;
@@ -1312,12 +1392,14 @@ static void stats_print(FILE *f)
 {
     unsigned long long hs = STAT_GET(tls_handshakes), res = STAT_GET(tls_resumed);
     fprintf(f,
-            "{\"connections\":%llu,\"connections_open\":%llu,\"tls_handshakes\":%llu,"
+            "{\"connections\":%llu,\"connections_open\":%llu,\"open\":%llu,\"open_peak\":%llu,"
+            "\"tls_handshakes\":%llu,"
             "\"tls_resumed\":%llu,\"tls_full\":%llu,\"tls_failed\":%llu,\"messages\":%llu,"
             "\"recipients_accepted\":%llu,\"recipients_rejected\":%llu,\"bytes\":%llu,"
             "\"commands\":%llu,\"bare_lf_lines\":%llu,\"long_lines\":%llu,"
             "\"starttls_injection\":%llu,\"rules\":[",
-            STAT_GET(connections), STAT_GET(connections_open), hs, res, hs - res, STAT_GET(tls_failed),
+            STAT_GET(connections), STAT_GET(connections_open), STAT_GET(connections_open),
+            STAT_GET(open_peak), hs, res, hs - res, STAT_GET(tls_failed),
             STAT_GET(messages), STAT_GET(recipients_accepted), STAT_GET(recipients_rejected),
             STAT_GET(bytes), STAT_GET(commands), STAT_GET(bare_lf_lines), STAT_GET(long_lines),
             STAT_GET(starttls_injection));
@@ -1452,14 +1534,21 @@ static void usage(FILE *f)
         "    cmd:VERB=CODE [X.Y.Z] TEXT      reply to VERB instead; code 421 hangs up after it\n"
         "    drop:VERB                       close the connection instead of replying\n"
         "    delay:VERB=MS                   hold the reply to VERB for MS milliseconds\n"
+        "    delay:VERB=MIN-MAX              ... for a time drawn uniformly in [MIN,MAX] ms, per reply\n"
+        "    drip:VERB=MS                    tarpit: send the reply to VERB one byte every MS ms\n"
+        "                                    (after any delay; with multiline:VERB it is longer)\n"
         "    multiline:VERB                  answer VERB with a multi-line reply\n"
         "  VERB: CONNECT (the greeting), EHLO, HELO, MAIL, RCPT, DATA, DOT (end of data,\n"
         "  also \"dot\"; includes BDAT LAST), BDAT, RSET, NOOP, QUIT, STARTTLS, AUTH, VRFY.\n"
         "  A #N after the target fires the rule only N times (cmd:MAIL#1=421 4.3.2 bye).\n"
+        "  A %N after the target fires it only on every Nth connection (the Nth, 2Nth, ...\n"
+        "  accepted): cmd:CONNECT%2=421 4.7.0 try later refuses every second connection.\n"
+        "  Both may be given (cmd:CONNECT%2#10=421 ...: the first 10 of those).\n"
         "  The first matching rule of each kind wins.\n"
         "counting and keeping\n"
         "  --stats-file FILE      JSON counters, rewritten every second, on SIGUSR1 and at exit:\n"
-        "                         connections, tls_handshakes (all), tls_resumed, tls_full, messages,\n"
+        "                         connections, open (now; also connections_open), open_peak,\n"
+        "                         tls_handshakes (all), tls_resumed, tls_full, messages,\n"
         "                         recipients_accepted/rejected, bytes, bare_lf_lines, rules[].fired ...\n"
         "  --maildir DIR          keep each accepted message in DIR/new, the envelope prepended as\n"
         "                         X-Sink-Mail-From / X-Sink-Rcpt-To headers\n"
