@@ -303,6 +303,20 @@ static void rc_on_timer(loop_t *loop, loop_timer_t *t, void *arg)
 {
     rc_cmd_t *cmd = arg;
     rclient_t *c = cmd->c;
+    if (strcmp(cmd->err, "timeout") == 0 && c->ac != NULL && c->reading && !c->free_pending) {
+        /* The loop may have been busy past the timeout while the answer
+         * waited in the socket: read what is there before calling Redis
+         * slow. */
+        uint64_t id = cmd->id;
+        c->depth++;
+        redisAsyncHandleRead(c->ac);
+        c->depth--;
+        cmd = rc_find(c, id);
+        if (cmd == NULL || strcmp(cmd->err, "timeout") != 0 || loop_timer_active(&cmd->timer)) {
+            rc_leave(c); /* answered, or failed another way (reported by its own timer) */
+            return;
+        }
+    }
     const char *err = cmd->err;
     rc_take(c, cmd->id);
     c->errors++;

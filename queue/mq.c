@@ -135,6 +135,7 @@ struct mq {
     int                      cur_skip; /* basic.return content, a refused delivery: discard */
     loop_timer_t             hb_timer;
     loop_timer_t             drain_timer;
+    unsigned                 drain_handed; /* deliveries handed over by this drain() */
     loop_timer_t             lost_timer;
     char                     lost_why[300];
     int                      in_drain;
@@ -580,6 +581,7 @@ static void finish_delivery(mq_t *mq)
         mq_delivery_free(d);
         return;
     }
+    mq->drain_handed++;
     if (mq->on_delivery)
         mq->on_delivery(mq->arg, d);
     else
@@ -806,13 +808,28 @@ static void handle_frame(mq_t *mq, amqp_frame_t *f)
     }
 }
 
-/* Read and handle every complete frame available without blocking. */
+/* Deliveries handed over per drain(): each costs a JSON parse and a MIME
+ * build, so a broker window of thousands would otherwise keep the loop
+ * from every other socket and timer (Redis answers read only after their
+ * timeouts fired, SMTP replies late) for seconds. */
+#define MQ_DRAIN_DELIVERIES 32
+
+/* Read and handle the complete frames available without blocking, up to
+ * MQ_DRAIN_DELIVERIES deliveries; the rest on the next pass of the loop. */
 static void drain(mq_t *mq)
 {
     if (mq->in_drain)
         return; /* a callback published: the outer pass picks up the rest */
     mq->in_drain = 1;
+    mq->drain_handed = 0;
     while (mq->open) {
+        if (mq->drain_handed >= MQ_DRAIN_DELIVERIES) {
+            /* what the library already read is not the socket's any more:
+             * epoll would not report it */
+            if (amqp_frames_enqueued(mq->conn) || amqp_data_in_buffer(mq->conn))
+                loop_timer_set(mq->loop, &mq->drain_timer, 0);
+            break;
+        }
         amqp_frame_t f;
         struct timeval tv = { 0, 0 };
         int r = amqp_simple_wait_frame_noblock(mq->conn, &f, &tv);

@@ -392,6 +392,48 @@ static void test_timeout_counts_from_the_write(void **state)
     loop_free(l);
 }
 
+static void busy_once(loop_t *loop, int fd, unsigned events, void *arg)
+{
+    int *ran = arg;
+    char b[8];
+    if (read(fd, b, sizeof(b)) > 0 && (*ran)++ == 0)
+        usleep(300 * 1000); /* one long callback: every timer below comes due during it */
+}
+
+/* An answer that reached the socket while the loop was busy is read when
+ * the command's timer fires, not reported as a timeout: the timer is due
+ * only because the loop was late, not Redis. */
+static void test_timeout_reads_the_socket_first(void **state)
+{
+    loop_t *l = loop_new();
+    fake_t f;
+    fake_start(&f, l);
+    rclient_t *c = client_for(l, f.port, 250);
+    assert_true(wait_connected(l, c, 1000));
+    rec_t slow = { 0 };
+    send_cmd(c, &slow, "SLOW"); /* the fake answers from a 200 ms timer */
+    run_for(l, 20);             /* written and read by the fake */
+    int p[2], ran = 0;
+    assert_int_equal(pipe(p), 0);
+    assert_int_equal(loop_fd_add(l, p[0], LOOP_READ, busy_once, &ran), 0);
+    assert_int_equal(write(p[1], "x", 1), 1);
+    /* one pass: the busy callback, then the fake's timer (the answer goes
+     * into the socket), then the command's timer in the same pass */
+    loop_run_once(l, 100);
+    assert_int_equal(ran, 1);
+    assert_int_equal(slow.calls, 1);
+    assert_int_equal(slow.type, REDIS_REPLY_STATUS);
+    assert_string_equal(slow.str, "LATE");
+    assert_int_equal(rclient_errors(c), 0);
+    loop_fd_del(l, p[0]);
+    close(p[0]);
+    close(p[1]);
+    rclient_free(c);
+    fake_stop(&f);
+    assert_loop_empty(l);
+    loop_free(l);
+}
+
 static void test_server_closes_then_reconnect(void **state)
 {
     loop_t *l = loop_new();
@@ -604,6 +646,7 @@ int main(void)
         cmocka_unit_test(test_replies_and_error_reply),
         cmocka_unit_test(test_timeout_then_late_reply_dropped),
         cmocka_unit_test(test_timeout_counts_from_the_write),
+        cmocka_unit_test(test_timeout_reads_the_socket_first),
         cmocka_unit_test(test_server_closes_then_reconnect),
         cmocka_unit_test(test_server_down_and_back),
         cmocka_unit_test(test_free_with_pending_each_once),
