@@ -56,6 +56,8 @@ typedef enum {
     MET_MESSAGES_TOO_LARGE,  /* bodies announced above the largest allowed: dead-lettered unread */
     MET_CONSUMER_PAUSES,     /* consumers cancelled because their worker's inflight_memory was reached */
     MET_DELIVERIES_REFUSED,  /* deliveries nacked back unread: past the hard bound while paused */
+    MET_SMTP_DEADLINES,      /* SMTP sessions ended by an absolute deadline (command or transaction) */
+    MET_SMTP_REPLY_FLOODS,   /* SMTP sessions ended by the reply-line cap */
     MET_COUNTER_LAST
 } metric_counter_t;
 

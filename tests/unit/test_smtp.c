@@ -218,7 +218,7 @@ static int setup(void **state)
     /* generous for valgrind; the timeout tests shorten what they need */
     smtp_timeouts_default(&t->to, 100);
     unsigned *p = (unsigned *)&t->to;
-    for (size_t i = 0; i < sizeof(t->to) / sizeof(unsigned); i++)
+    for (size_t i = 0; i < offsetof(smtp_timeouts_t, reply_lines_burst) / sizeof(unsigned); i++)
         p[i] = 5000;
     *state = t;
     return 0;
@@ -2115,6 +2115,8 @@ static void test_hostile_greeting_budget(void **state)
     assert_true(sc.bytes_in > SMTP_REPLY_MAX_LINE);
     assert_true(sc.bytes_in <= SMTP_REPLY_MAX_BYTES + READ_CHUNK);
 
+    /* the byte budget alone: the reply-line cap off */
+    t->to.reply_lines_burst = 0;
     session_run(t, f2->port, &sc);
     assert_int_equal(sc.status, SMTP_EPROTO);
     assert_int_equal(sc.state, SMTP_STATE_GREETING);
@@ -2122,9 +2124,21 @@ static void test_hostile_greeting_budget(void **state)
     assert_true(sc.bytes_in > SMTP_REPLY_MAX_BYTES);
     assert_true(sc.bytes_in <= SMTP_REPLY_MAX_BYTES + READ_CHUNK);
 
-    /* through an attempt with route penalties on: transient "protocol",
-     * and the next message connects again (the server answered: it is no
-     * unreachable address) */
+    /* with the default cap (100 lines at once) the same lines end far
+     * sooner, as a flood: the budget is what a slow trickle of long lines
+     * meets, the cap what many lines meet */
+    t->to.reply_lines_burst = SMTP_REPLY_LINES_BURST;
+    session_run(t, f2->port, &sc);
+    assert_int_equal(sc.status, SMTP_EPROTO);
+    assert_int_equal(sc.state, SMTP_STATE_GREETING);
+    assert_int_equal(strncmp(sc.error, "reply flood: ", 13), 0);
+    assert_non_null(strstr(sc.error, " ms while receiving the initial server greeting"));
+    assert_true(sc.bytes_in > 100 * 1000);
+    assert_true(sc.bytes_in <= 101 * 1000 + READ_CHUNK);
+
+    /* through an attempt with route penalties on: transient "protocol"
+     * (here the flood, the default cap being on), and the next message
+     * connects again (the server answered: it is no unreachable address) */
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
     cfg.route_penalty_ms = 5000;
     deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
@@ -2135,7 +2149,7 @@ static void test_hostile_greeting_budget(void **state)
     uint64_t downs = metrics_counter(MET_SMTP_ROUTES_DOWN);
     ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
-    assert_non_null(strstr(cap.r[0].text, "malformed reply while receiving the initial server greeting"));
+    assert_int_equal(strncmp(cap.r[0].text, "reply flood: ", 13), 0);
     assert_int_equal(cap.attempts, 1);
     ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
@@ -2193,9 +2207,10 @@ static void test_local_descriptors_exhausted(void **state)
 }
 
 /* EHLO with 5,000 extension lines (145 KB), among them "SIZE -1" and a
- * 21-digit SIZE: one reply within the budget; the absurd SIZEs are
- * ignored (no limit, no SIZE= parameter), PIPELINING is still seen, and
- * the message goes. */
+ * 21-digit SIZE: one reply within the byte budget, and within a line cap
+ * raised to take it ([smtp] reply_lines_burst; the default 100 would call
+ * it a flood); the absurd SIZEs are ignored (no limit, no SIZE=
+ * parameter), PIPELINING is still seen, and the message goes. */
 static void test_ehlo_5000_lines(void **state)
 {
     tctx_t *t = *state;
@@ -2222,6 +2237,7 @@ static void test_ehlo_5000_lines(void **state)
     capture_t cap;
 
     t->to.mail_ms = 1000;
+    t->to.reply_lines_burst = 5000;
     deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
     assert_string_equal(fake_server_transcript(fs),
                         "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\nRCPT TO:<b@y>\r\nDATA\r\n"
@@ -2391,6 +2407,9 @@ static void test_config_build(void **state)
     assert_int_equal(st.timeouts.mail_ms, 30000);      /* 300 s scaled to 10 % */
     assert_int_equal(st.timeouts.data_done_ms, 60000); /* 600 s */
     assert_int_equal(st.timeouts.connect_ms, 3000);
+    assert_int_equal(st.timeouts.transaction_ms, 180000); /* 30 min scaled to 10 % */
+    assert_int_equal(st.timeouts.reply_lines_burst, 100); /* lines are not scaled */
+    assert_int_equal(st.timeouts.reply_lines_per_s, 10);
     assert_int_equal(d.max_rcpts, 100);
     assert_true(d.pool.disabled);
     assert_true(d.no_pipelining);
@@ -2420,12 +2439,16 @@ static void test_config_build(void **state)
     mc.smtp_timeout_data_block_ms = 8;
     mc.smtp_timeout_data_done_ms = 9;
     mc.smtp_timeout_rset_ms = 10;
+    mc.smtp_timeout_transaction_ms = 11;
+    mc.smtp_reply_lines_burst = 12;
+    mc.smtp_reply_lines_per_s = 0;
     set_str(&mc.smtp_relay, "");
     set_str(&mc.smtp_helo_name, "");
     assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), 0);
     smtp_timeouts_t want = { .connect_ms = 1, .greeting_ms = 2, .helo_ms = 3, .starttls_ms = 4,
                              .mail_ms = 5, .rcpt_ms = 300000, .data_init_ms = 7, .data_block_ms = 8,
-                             .data_done_ms = 9, .rset_ms = 10, .quit_ms = 10000 };
+                             .data_done_ms = 9, .rset_ms = 10, .quit_ms = 10000, .transaction_ms = 11,
+                             .reply_lines_burst = 12, .reply_lines_per_s = 0 };
     assert_memory_equal(&st.timeouts, &want, sizeof(want));
     assert_int_equal(d.nrelay, 0);
     assert_null(d.relay);
@@ -2549,9 +2572,15 @@ static void test_strstate_and_timeouts(void **state)
     assert_int_equal(to.data_init_ms, 120000);
     assert_int_equal(to.data_block_ms, 180000);
     assert_int_equal(to.data_done_ms, 600000);
+    assert_int_equal(to.transaction_ms, 1800000);
+    assert_int_equal(to.reply_lines_burst, 100);
+    assert_int_equal(to.reply_lines_per_s, 10);
     smtp_timeouts_default(&to, 1);
     assert_int_equal(to.connect_ms, 300);
     assert_int_equal(to.data_done_ms, 6000);
+    assert_int_equal(to.transaction_ms, 18000);
+    assert_int_equal(to.reply_lines_burst, 100);
+    assert_int_equal(to.reply_lines_per_s, 10);
 }
 
 typedef struct classify_case {
