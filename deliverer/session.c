@@ -29,7 +29,20 @@
  *  (s->in_hold_cb: the flag is acted on once it returns, so the hook
  *  never runs inside enter_state(BODY)). While held the server owes us
  *  nothing: any reply is unsolicited, and the stream's inactivity
- *  timeout (data_block) still runs.
+ *  timeout (data_block) and the transaction deadline still run.
+ *
+ *  Deadlines (smtp_timeouts_t in session.h): the stream's timer is an
+ *  inactivity timer, reset by every byte; on top of it deadline_timer
+ *  gives the awaited reply an absolute deadline, armed by wait_reply()
+ *  whenever a wait starts: a command queued (enter_state), the connection
+ *  made (GREETING), the final dot written (body_sent), or, pipelined, the
+ *  reply before completed (set_state and the RCPT-to-RCPT step); a batch
+ *  was queued before that, so "the later of the two" is always now. The
+ *  TLS handshake keeps STARTTLS's deadline; HOLD and BODY before the dot
+ *  keep only the data block's inactivity rule. txn_timer runs from MAIL
+ *  FROM to end_transaction(). The reply-line bucket counts the lines the
+ *  parser's cursor reports for the reply being read, against the burst
+ *  plus the rate times the time since its wait started.
  *
  *  Reuse: with keep_open the end of a transaction leads to IDLE (after
  *  RSET when the server may still hold an open transaction) instead of
@@ -51,7 +64,17 @@
  *  replies, and a hold with its accepted recipients and (on resume) how
  *  long it lasted (event=hold / event=resume held_ms=) at debug. Sessions ending in a network, TLS or timeout
  *  error count in MET_SMTP_SESSION_ERRORS (opened sessions are counted by
- *  the worker from deliver_result_t.attempts_made).
+ *  the worker from deliver_result_t.attempts_made). A session ended by an
+ *  absolute deadline while the server was still sending (command: bytes
+ *  of the reply came in after its wait started; or the transaction's)
+ *  logs event=deadline kind=command|transaction state= elapsed_ms=
+ *  limit_ms= at info and counts in MET_SMTP_DEADLINES; its error reads
+ *  "timeout while <doing>" or "transaction deadline exceeded while
+ *  <doing>", status SMTP_ETIMEOUT either way. A deadline passing on a
+ *  silent server is what inactivity would have done: not counted. A reply
+ *  flood logs event=reply_flood lines= allowed= elapsed_ms= and counts in
+ *  MET_SMTP_REPLY_FLOODS, SMTP_EPROTO "reply flood: N lines in M ms while
+ *  <doing>".
  */
 #include "deliverer/session.h"
 

@@ -23,7 +23,7 @@
  * (RFC 1047) starts with the dot, not before. smtp_session_abort()
  * instead closes the connection without the dot, so the server discards
  * the transaction. The session stays in SMTP_STATE_HOLD under the
- * data_block timeout; a reply before the dot is handled as in
+ * data_block timeout and the transaction deadline; a reply before the dot is handled as in
  * SMTP_STATE_BODY; a timeout, a lost connection or smtp_session_free()
  * ends it as in any other state, the dot never sent. Without the hook
  * the whole payload follows the 354 at once.
