@@ -82,12 +82,14 @@ typedef struct script {
     unsigned      body_trickle_ms; /* after each FAKE_TRICKLE_BYTES of body read, read nothing
                                     * for this long */
     int           body_stall;      /* at the first body bytes, read nothing more */
+                                   /* with either, body bytes are counted in body_bytes and
+                                    * left out of the transcript */
     int           rcvbuf;          /* SO_RCVBUF of each connection (set once accepted); 0 the
                                     * system's */
 } script_t;
 
 #define FAKE_MAX_CONNS 4
-#define FAKE_TRICKLE_BYTES (256u * 1024)
+#define FAKE_TRICKLE_BYTES (512u * 1024)
 
 struct fake_server;
 
@@ -122,6 +124,7 @@ typedef struct fake_server {
     int             naccepted_idle; /* accepted before any end-of-data reply */
     int             nrefused;       /* turned away by max_conns */
     int             early_replied;
+    size_t          body_bytes;     /* body bytes taken under body_trickle_ms / body_stall */
 } fake_server_t;
 
 /* The reply of fakesmtp_rules_ok to EHLO: PIPELINING, SIZE, 8BITMIME,
