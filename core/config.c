@@ -211,25 +211,40 @@ static const key_def_t keys[] = {
     { "smtp", "timeout_connect_ms", K_UINT, F(smtp_timeout_connect_ms), "0", 0, NULL,
       "milliseconds for the TCP connect; 0 = the scaled default (30 s)" },
     { "smtp", "timeout_greeting_ms", K_UINT, F(smtp_timeout_greeting_ms), "0", 0, NULL,
-      "milliseconds of inactivity waiting for the greeting; 0 = the scaled RFC value (300 s)" },
+      "milliseconds for the whole greeting, from the connect (a deadline: bytes trickling in do not "
+      "extend it); 0 = the scaled RFC value (300 s)" },
     { "smtp", "timeout_helo_ms", K_UINT, F(smtp_timeout_helo_ms), "0", 0, NULL,
-      "milliseconds of inactivity for EHLO/HELO; 0 = the scaled RFC value (300 s)" },
+      "milliseconds for the whole reply to EHLO/HELO and to each AUTH step (a deadline); 0 = the scaled "
+      "RFC value (300 s)" },
     { "smtp", "timeout_starttls_ms", K_UINT, F(smtp_timeout_starttls_ms), "0", 0, NULL,
-      "milliseconds of inactivity for STARTTLS and the TLS handshake; 0 = the scaled default (300 s)" },
+      "milliseconds for STARTTLS's reply and the TLS handshake together (a deadline); 0 = the scaled "
+      "default (300 s)" },
     { "smtp", "timeout_mail_ms", K_UINT, F(smtp_timeout_mail_ms), "0", 0, NULL,
-      "milliseconds of inactivity for MAIL FROM; 0 = the scaled RFC value (300 s)" },
+      "milliseconds for the whole reply to MAIL FROM (a deadline); 0 = the scaled RFC value (300 s)" },
     { "smtp", "timeout_rcpt_ms", K_UINT, F(smtp_timeout_rcpt_ms), "0", 0, NULL,
-      "milliseconds of inactivity for RCPT TO; 0 = the scaled RFC value (300 s)" },
+      "milliseconds for the whole reply to each RCPT TO (a deadline; pipelined, from the end of the "
+      "reply before it); 0 = the scaled RFC value (300 s)" },
     { "smtp", "timeout_data_init_ms", K_UINT, F(smtp_timeout_data_init_ms), "0", 0, NULL,
-      "milliseconds of inactivity for DATA's 354; 0 = the scaled RFC value (120 s)" },
+      "milliseconds for DATA's 354 (a deadline); 0 = the scaled RFC value (120 s)" },
     { "smtp", "timeout_data_block_ms", K_UINT, F(smtp_timeout_data_block_ms), "0", 0, NULL,
-      "milliseconds of inactivity while the body is written; 0 = the scaled RFC value (180 s)" },
+      "milliseconds of inactivity while the body is written (each byte that moves restarts it; the "
+      "transaction deadline bounds the whole); 0 = the scaled RFC value (180 s)" },
     { "smtp", "timeout_data_done_ms", K_UINT, F(smtp_timeout_data_done_ms), "0", 0, NULL,
-      "milliseconds waiting for the reply to the final dot; 0 = the scaled RFC value (600 s)" },
+      "milliseconds for the whole reply to the final dot, from the dot (a deadline); 0 = the scaled RFC "
+      "value (600 s)" },
     { "smtp", "timeout_rset_ms", K_UINT, F(smtp_timeout_rset_ms), "0", 0, NULL,
-      "milliseconds of inactivity for RSET; 0 = the scaled default (20 s)" },
+      "milliseconds for the whole reply to RSET (a deadline); 0 = the scaled default (20 s)" },
     { "smtp", "timeout_quit_ms", K_UINT, F(smtp_timeout_quit_ms), "0", 0, NULL,
       "milliseconds waiting for QUIT's 221; 0 = the scaled default (10 s)" },
+    { "smtp", "timeout_transaction_ms", K_UINT, F(smtp_timeout_transaction_ms), "0", 0, NULL,
+      "milliseconds for a whole transaction, from MAIL FROM to its final reply, body included; past it "
+      "the session ends as a timeout (`transaction deadline exceeded while ...`); 0 = the scaled "
+      "default (1,800,000 = 30 min)" },
+    { "smtp", "reply_lines_burst", K_UINT, F(smtp_reply_lines_burst), "100", 0, NULL,
+      "lines one reply may have at once; with `reply_lines_per_s` more per second spent waiting for it;"
+      " one more ends the session as a protocol error (`reply flood`), closed without QUIT; 0 = no cap" },
+    { "smtp", "reply_lines_per_s", K_UINT, F(smtp_reply_lines_per_s), "10", 0, NULL,
+      "lines a reply may grow by per second of waiting for it, beyond `reply_lines_burst`" },
     { "imap", "host", K_STR, F(imap_host), "", 0, NULL,
       "IMAP server for Sent copies; empty disables appends (else `accounts_file` must be set)" },
     { "imap", "port", K_UINT, F(imap_port), "993", 0, NULL,

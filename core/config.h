@@ -111,6 +111,9 @@ typedef struct mp_config {
     unsigned smtp_timeout_data_done_ms;
     unsigned smtp_timeout_rset_ms;
     unsigned smtp_timeout_quit_ms;
+    unsigned smtp_timeout_transaction_ms; /* MAIL FROM to the final reply; 0 = the scaled default */
+    unsigned smtp_reply_lines_burst;      /* lines a reply may have at once; 0 = no cap */
+    unsigned smtp_reply_lines_per_s;      /* and more per second waited for it */
     /* [imap] */
     char    *imap_host;
     unsigned imap_port;

@@ -426,7 +426,10 @@ int deliver_config_build(deliver_config_t *d, const struct mp_config *cfg, SSL_C
     OVERRIDE_TIMEOUT(data_done_ms);
     OVERRIDE_TIMEOUT(rset_ms);
     OVERRIDE_TIMEOUT(quit_ms);
+    OVERRIDE_TIMEOUT(transaction_ms);
 #undef OVERRIDE_TIMEOUT
+    t->reply_lines_burst = cfg->smtp_reply_lines_burst;
+    t->reply_lines_per_s = cfg->smtp_reply_lines_per_s;
     d->timeouts = t;
     if (cfg->smtp_relay[0]) {
         size_t n = 0;

@@ -284,8 +284,9 @@ typedef struct deliver_config_store {
  * map with tls_policy_file's entries after it (read and checked here,
  * kept in store->tls_policy, parsed by each deliver_ctx_new), max_mx, pipelining,
  * max_rcpts, pool limits, TLS cache size, route penalties (one table,
- * store->routes), per-state timeouts (the scaled RFC defaults, each
- * non-zero smtp_timeout_<state>_ms overriding its state) and relay + AUTH.
+ * store->routes), per-state and transaction timeouts (the scaled
+ * defaults, each non-zero smtp_timeout_<state>_ms overriding its own),
+ * the reply-line cap ([smtp] reply_lines_*) and relay + AUTH.
  * verify_ctx and noverify_ctx become d's TLS contexts (not owned). A relay
  * is resolved now (blocking: start-up only). d's strings point into cfg
  * and *store. Returns 0, or -1 with err; either way the caller ends with

@@ -9,8 +9,10 @@
  *  SMTP_REPLY_MAX_BYTES as soon as that much of it is buffered. Only when
  *  the whole reply is there does a second pass over its lines fill the
  *  result: code, the RFC 3463 enhanced code of the first line, and the
- *  joined text. No line count is kept, so the number of lines is bounded
- *  by the byte budget alone.
+ *  joined text. The parser bounds bytes only; the complete lines it has
+ *  seen of a growing reply are counted in its cursor, and the session
+ *  decides how many a reply may have (its reply-line cap depends on time,
+ *  which a pure parser does not know).
  *
  *  Like hiredis' redisReaderGetReply it never consumes a partial reply,
  *  so callers simply retry with more bytes after SMTP_REPLY_AGAIN.
@@ -96,12 +98,12 @@ static void line_span(const char *data, size_t pos, size_t len, size_t *tstart, 
     *next = pos + (size_t)(lf - p) + 1;
 }
 
-int smtp_reply_parse_resume(const char *data, size_t len, size_t *checked, size_t *consumed,
+int smtp_reply_parse_resume(const char *data, size_t len, smtp_reply_cursor_t *cur, size_t *consumed,
                             smtp_reply_t *out, smtp_reply_line_cb line_cb, void *arg)
 {
-    /* the lines before *checked were complete and valid at the last call */
-    size_t pos = *checked <= len ? *checked : 0;
-    int n = pos > 0;
+    /* the lines before cur->checked were complete and valid at the last call */
+    size_t pos = cur->checked <= len ? cur->checked : 0;
+    unsigned n = pos > 0 ? cur->lines : 0;
 
     /* first pass: find the end of one whole reply, checking as we go */
     for (;;) {
@@ -123,7 +125,8 @@ int smtp_reply_parse_resume(const char *data, size_t len, size_t *checked, size_
             /* +1: the CR of a CRLF may already be buffered */
             if (linelen > SMTP_REPLY_MAX_LINE + 1 || len > SMTP_REPLY_MAX_BYTES)
                 return SMTP_REPLY_EPROTO;
-            *checked = pos; /* the next call starts at this incomplete line */
+            cur->checked = pos; /* the next call starts at this incomplete line */
+            cur->lines = n;
             return SMTP_REPLY_AGAIN;
         }
         if (content > SMTP_REPLY_MAX_LINE || content < 3)
@@ -171,15 +174,16 @@ int smtp_reply_parse_resume(const char *data, size_t len, size_t *checked, size_
         }
     }
     *consumed = pos;
-    *checked = 0;
+    cur->checked = 0;
+    cur->lines = 0;
     return SMTP_REPLY_OK;
 }
 
 int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_reply_t *out,
                            smtp_reply_line_cb line_cb, void *arg)
 {
-    size_t checked = 0;
-    return smtp_reply_parse_resume(data, len, &checked, consumed, out, line_cb, arg);
+    smtp_reply_cursor_t cur = { 0, 0 };
+    return smtp_reply_parse_resume(data, len, &cur, consumed, out, line_cb, arg);
 }
 
 int smtp_reply_parse(const char *data, size_t len, size_t *consumed, smtp_reply_t *out)

@@ -61,15 +61,23 @@ int smtp_reply_parse_lines(const char *data, size_t len, size_t *consumed, smtp_
                            smtp_reply_line_cb line_cb, void *arg);
 
 /*
- * Same again, for input that grows between calls: *checked (0 for a new
- * reply) is where the previous call, which returned AGAIN on a prefix of
- * the same bytes, stopped checking; lines before it are not checked
+ * Same again, for input that grows between calls: *cur (zeroed for a new
+ * reply) says where the previous call, which returned AGAIN on a prefix
+ * of the same bytes, stopped checking; lines before it are not checked
  * again, so feeding a reply a chunk at a time costs its length, not its
- * length times the number of chunks. Set on AGAIN, back to 0 on OK. Only
- * for a buffer whose head did not move since that call (reset *checked
- * to 0 after consuming).
+ * length times the number of chunks. Set on AGAIN, back to zero on OK.
+ * Only for a buffer whose head did not move since that call (zero *cur
+ * after consuming). On AGAIN cur->lines is the number of complete lines
+ * of the reply buffered so far: what the session's reply-line cap
+ * (session.h, smtp_timeouts_t) counts while the reply is still growing;
+ * a complete reply's count is out->nlines.
  */
-int smtp_reply_parse_resume(const char *data, size_t len, size_t *checked, size_t *consumed,
+typedef struct smtp_reply_cursor {
+    size_t   checked; /* bytes of complete, valid lines before the incomplete one */
+    unsigned lines;   /* those lines */
+} smtp_reply_cursor_t;
+
+int smtp_reply_parse_resume(const char *data, size_t len, smtp_reply_cursor_t *cur, size_t *consumed,
                             smtp_reply_t *out, smtp_reply_line_cb line_cb, void *arg);
 
 #endif

@@ -29,7 +29,20 @@
  *  (s->in_hold_cb: the flag is acted on once it returns, so the hook
  *  never runs inside enter_state(BODY)). While held the server owes us
  *  nothing: any reply is unsolicited, and the stream's inactivity
- *  timeout (data_block) still runs.
+ *  timeout (data_block) and the transaction deadline still run.
+ *
+ *  Deadlines (smtp_timeouts_t in session.h): the stream's timer is an
+ *  inactivity timer, reset by every byte; on top of it deadline_timer
+ *  gives the awaited reply an absolute deadline, armed by wait_reply()
+ *  whenever a wait starts: a command queued (enter_state), the connection
+ *  made (GREETING), the final dot written (body_sent), or, pipelined, the
+ *  reply before completed (set_state and the RCPT-to-RCPT step); a batch
+ *  was queued before that, so "the later of the two" is always now. The
+ *  TLS handshake keeps STARTTLS's deadline; HOLD and BODY before the dot
+ *  keep only the data block's inactivity rule. txn_timer runs from MAIL
+ *  FROM to end_transaction(). The reply-line bucket counts the lines the
+ *  parser's cursor reports for the reply being read, against the burst
+ *  plus the rate times the time since its wait started.
  *
  *  Reuse: with keep_open the end of a transaction leads to IDLE (after
  *  RSET when the server may still hold an open transaction) instead of
@@ -51,7 +64,17 @@
  *  replies, and a hold with its accepted recipients and (on resume) how
  *  long it lasted (event=hold / event=resume held_ms=) at debug. Sessions ending in a network, TLS or timeout
  *  error count in MET_SMTP_SESSION_ERRORS (opened sessions are counted by
- *  the worker from deliver_result_t.attempts_made).
+ *  the worker from deliver_result_t.attempts_made). A session ended by an
+ *  absolute deadline while the server was still sending (command: bytes
+ *  of the reply came in after its wait started; or the transaction's)
+ *  logs event=deadline kind=command|transaction state= elapsed_ms=
+ *  limit_ms= at info and counts in MET_SMTP_DEADLINES; its error reads
+ *  "timeout while <doing>" or "transaction deadline exceeded while
+ *  <doing>", status SMTP_ETIMEOUT either way. A deadline passing on a
+ *  silent server is what inactivity would have done: not counted. A reply
+ *  flood logs event=reply_flood lines= allowed= elapsed_ms= and counts in
+ *  MET_SMTP_REPLY_FLOODS, SMTP_EPROTO "reply flood: N lines in M ms while
+ *  <doing>".
  */
 #include "deliverer/session.h"
 
@@ -88,7 +111,7 @@ struct smtp_session {
     size_t                rcpt_done; /* RCPT replies received */
     size_t                naccepted;
     smtp_features_t       ehlo_feat; /* filled by the line callback while parsing EHLO */
-    size_t                reply_checked; /* input the parser already checked (smtp_reply_parse_resume) */
+    smtp_reply_cursor_t   reply_cur; /* input the parser already checked (smtp_reply_parse_resume) */
     smtp_session_result_t res;
     loop_timer_t          defer_timer;
     int                   in_cb;
@@ -120,6 +143,12 @@ struct smtp_session {
     char                  tls_key[400];
     smtp_session_closed_cb closed_cb;
     void                 *closed_arg;
+    /* deadlines (see DESCRIPTION) */
+    loop_timer_t          deadline_timer; /* the awaited reply's absolute deadline */
+    loop_timer_t          txn_timer;      /* the transaction's */
+    uint64_t              wait_ms;        /* when the wait for the next reply started */
+    uint64_t              wait_bytes_in;  /* stream_bytes_in() then */
+    uint64_t              txn_ms;         /* when MAIL FROM was sent */
 };
 
 /*
@@ -223,6 +252,7 @@ void smtp_timeouts_default(smtp_timeouts_t *t, unsigned scale_pct)
         .data_done_ms = 600000,
         .rset_ms = 20000,
         .quit_ms = 10000,
+        .transaction_ms = 1800000,
     };
     if (scale_pct == 0)
         scale_pct = 100;
@@ -238,7 +268,10 @@ void smtp_timeouts_default(smtp_timeouts_t *t, unsigned scale_pct)
     SCALE(data_done_ms);
     SCALE(rset_ms);
     SCALE(quit_ms);
+    SCALE(transaction_ms);
 #undef SCALE
+    t->reply_lines_burst = SMTP_REPLY_LINES_BURST;
+    t->reply_lines_per_s = SMTP_REPLY_LINES_PER_S;
 }
 
 const char *smtp_addr_text(const struct sockaddr *sa, char *buf, size_t len)
@@ -325,6 +358,7 @@ static void ehlo_line(void *arg, int index, const char *text, size_t len)
 /* ---- the state machine ------------------------------------------------ */
 
 static void enter_state(smtp_session_t *s, smtp_state_t next);
+static void stop_timers(smtp_session_t *s);
 
 static unsigned state_timeout(const smtp_session_t *s, smtp_state_t st)
 {
@@ -392,6 +426,7 @@ static void closed(smtp_session_t *s)
     log_debug("smtp", "state", "%s session=%016" PRIx64 " from=%s to=%s", SESS_MSG(s), s->id,
               smtp_strstate(s->state), smtp_strstate(SMTP_STATE_DONE));
     s->state = SMTP_STATE_DONE;
+    stop_timers(s);
     close_stream(s);
     if (s->closed_cb)
         s->closed_cb(s->closed_arg, s);
@@ -413,6 +448,7 @@ static void finish(smtp_session_t *s)
               smtp_strstate(s->state), smtp_strstate(SMTP_STATE_DONE));
     s->state = SMTP_STATE_DONE;
     loop_timer_cancel(s->loop, &s->defer_timer);
+    stop_timers(s);
     close_stream(s);
     s->res.reusable = 0;
     log_session(s);
@@ -449,6 +485,84 @@ static void session_rejected(smtp_session_t *s, const smtp_reply_t *r)
     /* 421: the server is closing the channel (RFC 5321 §3.8); no QUIT */
     session_fail(s, SMTP_EREJECTED, r->code != 421, "server refused the session while %s: %d%s%s %s",
                  state_info[s->state].doing, r->code, r->enh[0] ? " " : "", r->enh, r->text);
+}
+
+/* ---- deadlines and the reply-line cap --------------------------------- */
+
+/* The absolute deadline of the reply awaited in the current state, 0 for
+ * none: CONNECT (nothing can trickle), HOLD and BODY before the dot (the
+ * data block's inactivity rule, stream_set_timeout), IDLE, DONE. */
+static unsigned reply_deadline(const smtp_session_t *s)
+{
+    switch (s->state) {
+    case SMTP_STATE_CONNECT:
+    case SMTP_STATE_HOLD:
+    case SMTP_STATE_IDLE:
+    case SMTP_STATE_DONE:
+    case SMTP_STATE_LAST:
+        return 0;
+    case SMTP_STATE_BODY:
+        return s->res.dot_sent ? state_timeout(s, SMTP_STATE_BODY) : 0;
+    default:
+        return state_timeout(s, s->state);
+    }
+}
+
+/* The wait for the next reply starts now: its command was just queued,
+ * or the reply before it just completed (a pipelined command was queued
+ * earlier, so now is the later of the two). Arms that reply's deadline
+ * and restarts the reply-line bucket. */
+static void wait_reply(smtp_session_t *s)
+{
+    s->wait_ms = loop_now_ms(s->loop);
+    s->wait_bytes_in = s->st ? stream_bytes_in(s->st) : 0;
+    unsigned ms = reply_deadline(s);
+    if (ms)
+        loop_timer_set(s->loop, &s->deadline_timer, ms);
+    else
+        loop_timer_cancel(s->loop, &s->deadline_timer);
+}
+
+static uint64_t since_ms(const smtp_session_t *s, uint64_t t)
+{
+    uint64_t now = loop_now_ms(s->loop);
+    return now > t ? now - t : 0;
+}
+
+/* The transaction's clock starts with MAIL FROM and stops at its final
+ * reply (end_transaction(), or the end of the session). */
+static void txn_start(smtp_session_t *s)
+{
+    s->txn_ms = loop_now_ms(s->loop);
+    if (s->p.timeouts.transaction_ms)
+        loop_timer_set(s->loop, &s->txn_timer, s->p.timeouts.transaction_ms);
+}
+
+static void stop_timers(smtp_session_t *s)
+{
+    loop_timer_cancel(s->loop, &s->deadline_timer);
+    loop_timer_cancel(s->loop, &s->txn_timer);
+}
+
+/* The reply being read has n lines so far: more than the bucket allows
+ * after the time spent waiting for it ends the session (no QUIT: the
+ * server is still talking). Returns 1 then. */
+static int reply_flood(smtp_session_t *s, unsigned n)
+{
+    const smtp_timeouts_t *t = &s->p.timeouts;
+    if (t->reply_lines_burst == 0 || s->finished)
+        return 0;
+    uint64_t waited = since_ms(s, s->wait_ms);
+    uint64_t allowed = t->reply_lines_burst + (uint64_t)t->reply_lines_per_s * waited / 1000;
+    if (n <= allowed)
+        return 0;
+    metrics_inc(MET_SMTP_REPLY_FLOODS, 1);
+    log_info("smtp", "reply_flood", "%s session=%016" PRIx64 " mx=%s state=%s lines=%u allowed=%llu elapsed_ms=%llu",
+             SESS_MSG(s), s->id, LOG_Q(s->p.mx_host), smtp_strstate(s->state), n, (unsigned long long)allowed,
+             (unsigned long long)waited);
+    session_fail(s, SMTP_EPROTO, 0, "reply flood: %u lines in %llu ms while %s", n, (unsigned long long)waited,
+                 state_doing(s));
+    return 1;
 }
 
 static void set_rcpt_reply(smtp_rcpt_reply_t *rr, int code, const char *enh, const char *text, int final)
@@ -588,6 +702,7 @@ static void body_sent(smtp_session_t *s)
 {
     s->res.dot_sent = 1;
     stream_set_timeout(s->st, state_timeout(s, SMTP_STATE_BODY));
+    wait_reply(s); /* data_done, from the dot */
     log_debug("smtp", "send", "%s session=%016" PRIx64 " body_bytes=%zu", SESS_MSG(s), s->id, s->p.len);
 }
 
@@ -598,6 +713,7 @@ static void set_state(smtp_session_t *s, smtp_state_t next)
               smtp_strstate(s->state), smtp_strstate(next));
     s->state = next;
     stream_set_timeout(s->st, state_timeout(s, next));
+    wait_reply(s); /* the reply before completed just now */
 }
 
 /* One AUTH line (credentials), sent without logging its content. */
@@ -768,6 +884,10 @@ static void enter_state(smtp_session_t *s, smtp_state_t next)
     s->state = next;
     if (s->st)
         stream_set_timeout(s->st, state_timeout(s, next));
+    if (next != SMTP_STATE_TLS_HANDSHAKE)
+        wait_reply(s); /* the handshake runs on STARTTLS's deadline */
+    if (next == SMTP_STATE_MAIL)
+        txn_start(s);
 
     switch (next) {
     case SMTP_STATE_GREETING:
@@ -850,6 +970,7 @@ static void enter_state(smtp_session_t *s, smtp_state_t next)
  * side when it may still hold a transaction, then idle or quit. */
 static void end_transaction(smtp_session_t *s)
 {
+    loop_timer_cancel(s->loop, &s->txn_timer); /* the final reply is in */
     if (s->txn_open) {
         enter_state(s, SMTP_STATE_RSET);
         return;
@@ -962,8 +1083,10 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
         break;
 
     case SMTP_STATE_AUTH:
-        if (cls == 3 && (s->auth_step == 1 || s->auth_step == 2))
+        if (cls == 3 && (s->auth_step == 1 || s->auth_step == 2)) {
+            wait_reply(s); /* each AUTH line is a command of its own */
             auth_step(s);
+        }
         else if (cls == 2 && s->auth_step == 10)
             enter_state(s, SMTP_STATE_MAIL);
         else if (cls == 3)
@@ -1004,9 +1127,10 @@ static void on_reply(smtp_session_t *s, const smtp_reply_t *r)
         }
         rcpt_reply(s, r);
         if (s->rcpt_done < s->res.nrcpts) {
-            if (s->batch)
+            if (s->batch) {
                 stream_set_timeout(s->st, state_timeout(s, SMTP_STATE_RCPT));
-            else
+                wait_reply(s); /* the next RCPT's reply: its wait starts now */
+            } else
                 enter_state(s, SMTP_STATE_RCPT);
         } else if (s->batch) {
             set_state(s, SMTP_STATE_DATA); /* DATA went out with the batch */
@@ -1131,16 +1255,20 @@ static void on_data(smtp_session_t *s)
         smtp_reply_t r;
         size_t used = 0;
         int ehlo = s->state == SMTP_STATE_EHLO || s->state == SMTP_STATE_EHLO_TLS;
-        int rc = smtp_reply_parse_resume(buf_head(in), buf_size(in), &s->reply_checked, &used, &r,
+        int rc = smtp_reply_parse_resume(buf_head(in), buf_size(in), &s->reply_cur, &used, &r,
                                          ehlo ? ehlo_line : NULL, s);
-        if (rc == SMTP_REPLY_AGAIN)
+        if (rc == SMTP_REPLY_AGAIN) {
+            reply_flood(s, s->reply_cur.lines);
             return;
+        }
         if (rc == SMTP_REPLY_EPROTO) {
             char junk[64];
             util_quote_text(buf_head(in), junk, sizeof(junk));
             session_fail(s, SMTP_EPROTO, 0, "malformed reply while %s: \"%s\"", state_doing(s), junk);
             return;
         }
+        if (reply_flood(s, (unsigned)r.nlines))
+            return;
         buf_consume(in, used);
         log_debug("smtp", "recv", "%s session=%016" PRIx64 " state=%s code=%d enh=%s lines=%d text=%s",
                   SESS_MSG(s), s->id, smtp_strstate(s->state), r.code, r.enh[0] ? r.enh : "-", r.nlines,
@@ -1170,6 +1298,55 @@ static void release(smtp_session_t *s)
 {
     free(s->res.rcpts);
     free(s);
+}
+
+/* The awaited reply is not complete by its deadline. When nothing at all
+ * came since the wait started, the inactivity rule would have ended the
+ * session just the same (the stream's timer runs alongside with the same
+ * value); otherwise it is the deadline that did: counted and logged. */
+static void deadline_fired(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    (void)loop;
+    (void)t;
+    smtp_session_t *s = arg;
+    crash_blame_set(s->p.log_id);
+    s->in_cb++;
+    if (s->finished || s->freed) {
+        /* nothing left to end */
+    } else if (s->state == SMTP_STATE_QUIT) {
+        finish(s); /* the transaction is over; 221 is a courtesy */
+    } else {
+        uint64_t got = s->st ? stream_bytes_in(s->st) - s->wait_bytes_in : 0;
+        if (got > 0 || s->state == SMTP_STATE_TLS_HANDSHAKE) {
+            metrics_inc(MET_SMTP_DEADLINES, 1);
+            log_info("smtp", "deadline", "%s session=%016" PRIx64 " mx=%s kind=command state=%s elapsed_ms=%llu "
+                     "limit_ms=%u bytes=%llu", SESS_MSG(s), s->id, LOG_Q(s->p.mx_host), smtp_strstate(s->state),
+                     (unsigned long long)since_ms(s, s->wait_ms), reply_deadline(s), (unsigned long long)got);
+        }
+        session_fail(s, SMTP_ETIMEOUT, 0, "timeout while %s", state_doing(s));
+    }
+    s->in_cb--;
+    if (s->freed && s->in_cb == 0)
+        release(s);
+}
+
+static void txn_fired(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    (void)loop;
+    (void)t;
+    smtp_session_t *s = arg;
+    crash_blame_set(s->p.log_id);
+    s->in_cb++;
+    if (!s->finished && !s->freed && s->state != SMTP_STATE_IDLE && s->state != SMTP_STATE_QUIT) {
+        metrics_inc(MET_SMTP_DEADLINES, 1);
+        log_info("smtp", "deadline", "%s session=%016" PRIx64 " mx=%s kind=transaction state=%s elapsed_ms=%llu "
+                 "limit_ms=%u", SESS_MSG(s), s->id, LOG_Q(s->p.mx_host), smtp_strstate(s->state),
+                 (unsigned long long)since_ms(s, s->txn_ms), s->p.timeouts.transaction_ms);
+        session_fail(s, SMTP_ETIMEOUT, 0, "transaction deadline exceeded while %s", state_doing(s));
+    }
+    s->in_cb--;
+    if (s->freed && s->in_cb == 0)
+        release(s);
 }
 
 static void on_stream(stream_t *st, stream_event_t ev, void *arg)
@@ -1310,7 +1487,7 @@ static void reset_txn(smtp_session_t *s, const smtp_session_params_t *p)
     s->p.before_body = p->before_body;
     s->p.before_body_arg = p->before_body_arg;
     s->expect = 0;
-    s->reply_checked = 0;
+    memset(&s->reply_cur, 0, sizeof(s->reply_cur));
     s->rcpt_sent = s->rcpt_done = s->naccepted = 0;
     s->batch = s->mail_failed = s->txn_open = 0;
     s->res.status = SMTP_OK;
@@ -1362,6 +1539,8 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
     snprintf(s->tls_key, sizeof(s->tls_key), "%s|%u|%s|%d", s->addr_text, s->port,
              s->p.mx_host ? s->p.mx_host : "", (int)s->p.tls);
     loop_timer_init(&s->defer_timer, defer_fired, s);
+    loop_timer_init(&s->deadline_timer, deadline_fired, s);
+    loop_timer_init(&s->txn_timer, txn_fired, s);
 
     log_debug("smtp", "state", "%s session=%016" PRIx64 " to=%s mx=%s addr=%s port=%u", SESS_MSG(s), s->id,
               smtp_strstate(SMTP_STATE_CONNECT), LOG_Q(s->p.mx_host), s->addr_text, s->port);
@@ -1489,6 +1668,7 @@ void smtp_session_free(smtp_session_t *s)
     s->freed = 1;
     s->finished = 1; /* a cancel: the callback must not fire any more */
     loop_timer_cancel(s->loop, &s->defer_timer);
+    stop_timers(s);
     if (s->st) {
         stream_free(s->st);
         s->st = NULL;

@@ -23,7 +23,7 @@
  * (RFC 1047) starts with the dot, not before. smtp_session_abort()
  * instead closes the connection without the dot, so the server discards
  * the transaction. The session stays in SMTP_STATE_HOLD under the
- * data_block timeout; a reply before the dot is handled as in
+ * data_block timeout and the transaction deadline; a reply before the dot is handled as in
  * SMTP_STATE_BODY; a timeout, a lost connection or smtp_session_free()
  * ends it as in any other state, the dot never sent. Without the hook
  * the whole payload follows the 354 at once.
@@ -84,7 +84,8 @@ const char *smtp_strstate(smtp_state_t st);
 typedef enum {
     SMTP_OK = 0,         /* transaction completed: every recipient has its final reply */
     SMTP_ENETWORK = -1,  /* connect failed, connection lost, socket error */
-    SMTP_ETIMEOUT = -2,  /* no progress within the state's timeout */
+    SMTP_ETIMEOUT = -2,  /* a reply not complete within its deadline, no progress writing the body,
+                          * or the transaction deadline passed (smtp_timeouts_t) */
     SMTP_ETLS = -3,      /* STARTTLS unavailable under REQUIRED/VERIFY, refused, handshake/verify failure */
     SMTP_EPROTO = -4,    /* unparseable or unexpected reply */
     SMTP_EREJECTED = -5, /* the server refused the session: 421 at any point, greeting, EHLO/HELO not 2xx */
@@ -119,26 +120,57 @@ typedef struct smtp_features {
 void smtp_features_parse_line(smtp_features_t *f, const char *line, size_t len);
 
 /*
- * Per-state timeouts in milliseconds (0 = none). Each is an inactivity
- * timeout: it restarts on every byte read or written, which is what
- * RFC 5321 §4.5.3.2 asks for the data block ("3 minutes per send").
+ * The time budget of a dialogue, in milliseconds (0 = none).
+ *
+ * Waiting for a reply, a state's value is an absolute deadline: the whole
+ * reply must be in within it, counted from when the wait started, and
+ * bytes trickling in do not extend it. A wait starts when the state's
+ * command is queued for writing (the greeting's when the connection is
+ * made; the end-of-data reply's when the final dot is written) or when
+ * the reply before it completed, whichever is later: with PIPELINING the
+ * reply to the third RCPT of a batch gets rcpt_ms from the end of the
+ * second's reply. STARTTLS and its TLS handshake share one deadline. The
+ * connect has no bytes to trickle (its value is both). Writing the body
+ * (HOLD, BODY before the dot) is the one inactivity timeout: it restarts
+ * on every byte read or written, which is what RFC 5321 §4.5.3.2 asks for
+ * the data block ("3 minutes per send"), so a big body over a slow link
+ * is fine as long as it moves.
+ *
+ * transaction_ms bounds a whole transaction, from MAIL FROM to its final
+ * reply, body included. Both kinds of deadline end a session as
+ * SMTP_ETIMEOUT.
+ *
+ * reply_lines_burst and reply_lines_per_s are a token bucket on the lines
+ * of one reply: it may have burst lines plus per_s more per second spent
+ * waiting for it (since its wait started, as above); one more ends the
+ * session as a protocol error ("reply flood"), closed without QUIT. A
+ * burst of 0 disables the cap. (The bytes of a reply are bounded by the
+ * parser, reply.h.)
  */
 typedef struct smtp_timeouts {
     unsigned connect_ms;    /* 30 s (TCP connect) */
     unsigned greeting_ms;   /* 300 s  §4.5.3.2.1 */
-    unsigned helo_ms;       /* 300 s  EHLO/HELO (like MAIL) */
+    unsigned helo_ms;       /* 300 s  EHLO/HELO (like MAIL), each AUTH step */
     unsigned starttls_ms;   /* 300 s  STARTTLS reply and TLS handshake (Postfix smtp_starttls_timeout) */
     unsigned mail_ms;       /* 300 s  §4.5.3.2.2 */
     unsigned rcpt_ms;       /* 300 s  §4.5.3.2.3 */
     unsigned data_init_ms;  /* 120 s  §4.5.3.2.4 */
-    unsigned data_block_ms; /* 180 s  §4.5.3.2.5, while the payload is being written */
+    unsigned data_block_ms; /* 180 s  §4.5.3.2.5, inactivity while the payload is being written */
     unsigned data_done_ms;  /* 600 s  §4.5.3.2.6, waiting for the reply to the final dot */
     unsigned rset_ms;       /* 20 s   (Postfix smtp_rset_timeout) */
     unsigned quit_ms;       /* 10 s   we do not wait long for 221 */
+    unsigned transaction_ms;/* 1800 s MAIL FROM to the transaction's final reply */
+    /* not times, not scaled: the pace at which a reply may grow */
+    unsigned reply_lines_burst; /* 100 lines */
+    unsigned reply_lines_per_s; /* 10 lines per second of waiting */
 } smtp_timeouts_t;
 
-/* Fill t with the defaults above scaled by scale_pct percent (0 means
- * 100); every non-zero result is at least 1 ms. */
+#define SMTP_REPLY_LINES_BURST 100u
+#define SMTP_REPLY_LINES_PER_S 10u
+
+/* Fill t with the defaults above, the times scaled by scale_pct percent
+ * (0 means 100; every non-zero result is at least 1 ms), the reply-line
+ * bucket as it is. */
 void smtp_timeouts_default(smtp_timeouts_t *t, unsigned scale_pct);
 
 /* The reply that decided one recipient. */

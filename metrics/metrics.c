@@ -64,6 +64,8 @@ static const struct {
     [MET_DELIVERIES_REFUSED] = { "mailpump_deliveries_refused_total", "Deliveries that arrived while their worker was paused and did not fit its hard memory bound: nacked back to the queue unread." },
     [MET_IMAP_BATCHED] = { "mailpump_imap_multiappend_copies_total", "Sent copies stored together with other queued copies of the same account in one APPEND (MULTIAPPEND)." },
     [MET_SITE_PARKED] = { "mailpump_site_parked_total", "Domain legs parked to a delay queue without spending an attempt: their site had all its connections busy and [smtp] site_max_waiting legs waiting, or they waited site_max_wait." },
+    [MET_SMTP_DEADLINES] = { "mailpump_smtp_deadlines_total", "SMTP sessions ended as a timeout by an absolute deadline while the server was still sending: a reply not complete within its command's timeout, or a transaction past [smtp] timeout_transaction_ms." },
+    [MET_SMTP_REPLY_FLOODS] = { "mailpump_smtp_reply_floods_total", "SMTP sessions ended as a protocol error because a reply had more lines than [smtp] reply_lines_burst plus reply_lines_per_s per second waited." },
 };
 
 static const struct {

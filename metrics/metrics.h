@@ -57,6 +57,8 @@ typedef enum {
     MET_CONSUMER_PAUSES,     /* consumers cancelled because their worker's inflight_memory was reached */
     MET_DELIVERIES_REFUSED,  /* deliveries nacked back unread: past the hard bound while paused */
     MET_SITE_PARKED,         /* domain legs parked: their site busy with others waiting */
+    MET_SMTP_DEADLINES,      /* SMTP sessions ended by an absolute deadline (command or transaction) */
+    MET_SMTP_REPLY_FLOODS,   /* SMTP sessions ended by the reply-line cap */
     MET_COUNTER_LAST
 } metric_counter_t;
 

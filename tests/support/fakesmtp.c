@@ -39,11 +39,70 @@ const script_t fakesmtp_script_silent = { .greeting = NULL, .rules = fakesmtp_ru
 
 void fake_conn_close(fake_conn_t *c)
 {
+    loop_timer_cancel(c->fs->loop, &c->tick);
     stream_free(c->st); /* safe inside its callback */
     c->st = NULL;
     c->in_data = 0;
+    c->nunits = 0;
+    c->dripping = c->flooding = 0;
     buf_free(&c->body);
     buf_free(&c->held);
+    buf_free(&c->outq);
+}
+
+static void flood_once(fake_conn_t *c)
+{
+    const script_t *sc = c->fs->sc;
+    for (unsigned i = 0; i < sc->flood_lines; i++)
+        stream_puts(c->st, sc->flood_line);
+}
+
+/* The pacing timer: the next byte of a dripping greeting, the next
+ * delayed reply, the next burst of a flood, or the end of a body pause. */
+static void conn_tick(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    (void)t;
+    fake_conn_t *c = arg;
+    const script_t *sc = c->fs->sc;
+    if (c->st == NULL)
+        return;
+    if (c->flooding) {
+        flood_once(c);
+        loop_timer_set(loop, &c->tick, sc->flood_ms);
+        return;
+    }
+    if (c->in_data && (sc->body_trickle_ms || sc->body_stall)) {
+        stream_pause_read(c->st, 0); /* one more chunk */
+        return;
+    }
+    if (c->nunits == 0)
+        return;
+    size_t n = c->dripping ? 1 : c->units[0];
+    stream_write(c->st, buf_head(&c->outq), n);
+    buf_consume(&c->outq, n);
+    c->units[0] -= n;
+    if (c->units[0] == 0) {
+        memmove(c->units, c->units + 1, (c->nunits - 1) * sizeof(c->units[0]));
+        c->nunits--;
+        c->dripping = 0;
+    }
+    if (c->nunits > 0)
+        loop_timer_set(loop, &c->tick, c->dripping ? sc->drip_ms : sc->reply_delay_ms);
+}
+
+/* Write a reply now, or queue it behind the paced ones. */
+static void conn_write(fake_conn_t *c, const char *reply)
+{
+    const script_t *sc = c->fs->sc;
+    if (!sc->reply_delay_ms && c->nunits == 0) {
+        stream_puts(c->st, reply);
+        return;
+    }
+    assert_true(c->nunits < sizeof(c->units) / sizeof(c->units[0]));
+    buf_puts(&c->outq, reply);
+    c->units[c->nunits++] = strlen(reply);
+    if (!loop_timer_active(&c->tick))
+        loop_timer_set(c->fs->loop, &c->tick, sc->reply_delay_ms);
 }
 
 /* Reply, or hold the reply back until DATA (hold_until_data). */
@@ -58,7 +117,7 @@ static void conn_reply(fake_conn_t *c, const char *line, const char *reply)
         buf_reset(&c->held);
         return;
     }
-    stream_puts(c->st, reply);
+    conn_write(c, reply);
 }
 
 static int body_complete(const buf_t *b)
@@ -82,9 +141,28 @@ static void conn_process(fake_conn_t *c)
     buf_t *in = stream_input(c->st);
     while (buf_size(in) > 0) {
         if (c->in_data) {
-            buf_append(&fs->transcript, buf_head(in), buf_size(in));
-            buf_append(&c->body, buf_head(in), buf_size(in));
+            c->trickled += buf_size(in);
+            if (fs->sc->body_stall || fs->sc->body_trickle_ms) {
+                /* big bodies: counted, and only their end kept (copying
+                 * megabytes would stall the loop the client shares) */
+                fs->body_bytes += buf_size(in);
+                buf_append(&c->body, buf_head(in), buf_size(in));
+                if (buf_size(&c->body) > 5)
+                    buf_consume(&c->body, buf_size(&c->body) - 5);
+                buf_compact(&c->body);
+            } else {
+                buf_append(&fs->transcript, buf_head(in), buf_size(in));
+                buf_append(&c->body, buf_head(in), buf_size(in));
+            }
             buf_consume(in, buf_size(in));
+            if (fs->sc->body_stall || (fs->sc->body_trickle_ms && c->trickled >= FAKE_TRICKLE_BYTES)) {
+                c->trickled = 0;
+                stream_pause_read(c->st, 1);
+                if (fs->sc->body_trickle_ms && !body_complete(&c->body))
+                    loop_timer_set(fs->loop, &c->tick, fs->sc->body_trickle_ms);
+                if (fs->sc->body_stall)
+                    return;
+            }
             if (fs->sc->early_reply && !fs->early_replied) {
                 fs->early_replied = 1;
                 stream_puts(c->st, fs->sc->early_reply);
@@ -108,7 +186,8 @@ static void conn_process(fake_conn_t *c)
             }
             if (fs->sc->eod_act == ACT_SILENT)
                 return;
-            stream_puts(c->st, fs->sc->eod_reply ? fs->sc->eod_reply : "250 2.0.0 Ok: queued\r\n");
+            stream_pause_read(c->st, 0);
+            conn_write(c, fs->sc->eod_reply ? fs->sc->eod_reply : "250 2.0.0 Ok: queued\r\n");
             if (fs->sc->eod_then_close) {
                 fake_conn_close(c);
                 return;
@@ -129,6 +208,12 @@ static void conn_process(fake_conn_t *c)
         buf_append(&fs->transcript, buf_head(in), ll);
         buf_consume(in, ll);
 
+        if (fs->sc->flood_on && strncmp(line, fs->sc->flood_on, strlen(fs->sc->flood_on)) == 0) {
+            c->flooding = 1;
+            flood_once(c);
+            loop_timer_set(fs->loop, &c->tick, fs->sc->flood_ms);
+            continue;
+        }
         const rule_t *r = find_rule(fs->sc, line);
         if (fs->sc->close_on_reuse && c->nmsgs > 0 && strncmp(line, "MAIL FROM:", 10) == 0) {
             fake_conn_close(c);
@@ -200,6 +285,8 @@ static void srv_accept(loop_t *loop, int fd, unsigned events, void *arg)
     if (cfd < 0)
         return;
     fs->naccepted++;
+    if (fs->sc->rcvbuf)
+        assert_int_equal(setsockopt(cfd, SOL_SOCKET, SO_RCVBUF, &fs->sc->rcvbuf, sizeof(fs->sc->rcvbuf)), 0);
     if (fs->nmessages == 0)
         fs->naccepted_idle++;
     if (fs->sc->greeting == NULL && fs->sc->greeting_act == ACT_CLOSE) {
@@ -216,6 +303,11 @@ static void srv_accept(loop_t *loop, int fd, unsigned events, void *arg)
     c->in_data = 0;
     c->mail_ok = c->rcpt_ok = 0;
     buf_init(&c->body);
+    buf_init(&c->outq);
+    c->nunits = 0;
+    c->dripping = c->flooding = 0;
+    c->trickled = 0;
+    loop_timer_init(&c->tick, conn_tick, c);
     c->st = stream_new(loop, conn_cb, c);
     assert_int_equal(stream_attach(c->st, cfd), 0);
     int open = 0;
@@ -229,8 +321,18 @@ static void srv_accept(loop_t *loop, int fd, unsigned events, void *arg)
     }
     if (open > fs->maxconc)
         fs->maxconc = open;
-    if (fs->sc->greeting)
+    if (fs->sc->flood_line && fs->sc->flood_on == NULL) {
+        c->flooding = 1;
+        flood_once(c);
+        loop_timer_set(loop, &c->tick, fs->sc->flood_ms);
+    } else if (fs->sc->greeting && fs->sc->drip_ms) {
+        buf_puts(&c->outq, fs->sc->greeting);
+        c->units[c->nunits++] = strlen(fs->sc->greeting);
+        c->dripping = 1;
+        conn_tick(loop, &c->tick, c);
+    } else if (fs->sc->greeting) {
         stream_puts(c->st, fs->sc->greeting);
+    }
     if (fs->sc->greeting_act == ACT_CLOSE)
         fake_conn_close(c);
 }

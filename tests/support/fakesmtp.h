@@ -13,7 +13,11 @@
  * without MAIL) when the script would just have replied. Options of the
  * script make it stay silent, hang up (at the greeting, at a command, at
  * the body, after the end of data), hold replies back until DATA, start TLS,
- * or turn connections beyond a limit away; counters say what it saw.
+ * or turn connections beyond a limit away; counters say what it saw. Slow
+ * and hostile pacing: drip the greeting one byte every drip_ms, release
+ * each reply reply_delay_ms after the one before, flood endless lines at
+ * a rate, or take the body slowly (a chunk every body_trickle_ms) or not
+ * at all (body_stall), through a small receive buffer.
  *
  * Not thread-safe: everything runs in the thread of the loop it serves.
  * Scripts and rules are borrowed and must outlive the server (static
@@ -61,9 +65,31 @@ typedef struct script {
                                     * until the test resumes reading */
     int           max_conns;       /* a connection beyond this many open ones gets "421 too
                                     * many connections" and is closed (0: no limit) */
+    /* pacing (all times in ms of the serving loop) */
+    unsigned      drip_ms;         /* the greeting goes out one byte every drip_ms, the first
+                                    * at once */
+    unsigned      reply_delay_ms;  /* every reply to a command (and the end-of-data reply) is
+                                    * written whole, this long after the previous one was
+                                    * written or after it was due, whichever is later; an
+                                    * ACT_CLOSE reply is dropped with the connection */
+    const char   *flood_on;        /* a command with this prefix is answered with an endless
+                                    * flood: flood_lines copies of flood_line at once and
+                                    * again every flood_ms; NULL with flood_line set: the
+                                    * flood starts at the connect, instead of the greeting */
+    const char   *flood_line;      /* e.g. "250-x\r\n" */
+    unsigned      flood_lines;
+    unsigned      flood_ms;
+    unsigned      body_trickle_ms; /* after each FAKE_TRICKLE_BYTES of body read, read nothing
+                                    * for this long */
+    int           body_stall;      /* at the first body bytes, read nothing more */
+                                   /* with either, body bytes are counted in body_bytes and
+                                    * left out of the transcript */
+    int           rcvbuf;          /* SO_RCVBUF of each connection (set once accepted); 0 the
+                                    * system's */
 } script_t;
 
 #define FAKE_MAX_CONNS 4
+#define FAKE_TRICKLE_BYTES (512u * 1024)
 
 struct fake_server;
 
@@ -76,6 +102,13 @@ typedef struct fake_conn {
     int                 nmsgs;   /* messages taken on this connection */
     buf_t               held;    /* replies held back (hold_until_data) */
     buf_t               body;
+    buf_t               outq;    /* paced output not written yet (drip_ms, reply_delay_ms) */
+    size_t              units[64]; /* its replies' lengths, in order */
+    size_t              nunits;
+    int                 dripping; /* outq is the greeting, one byte at a time */
+    int                 flooding;
+    size_t              trickled; /* body bytes read since the last pause (body_trickle_ms) */
+    loop_timer_t        tick;    /* paces outq, the flood, the body trickle */
 } fake_conn_t;
 
 typedef struct fake_server {
@@ -91,6 +124,7 @@ typedef struct fake_server {
     int             naccepted_idle; /* accepted before any end-of-data reply */
     int             nrefused;       /* turned away by max_conns */
     int             early_replied;
+    size_t          body_bytes;     /* body bytes taken under body_trickle_ms / body_stall */
 } fake_server_t;
 
 /* The reply of fakesmtp_rules_ok to EHLO: PIPELINING, SIZE, 8BITMIME,

@@ -335,7 +335,8 @@ static void test_resume_in_chunks(void **state)
             const char *in = i < nvalid ? valid_cases[i].in : buf_head(&big);
             size_t len = i < nvalid ? strlen(in) : buf_size(&big);
             smtp_reply_t whole, r;
-            size_t wused = 0, used = 0, checked = 0, off = 0, n = 0;
+            size_t wused = 0, used = 0, off = 0, n = 0;
+            smtp_reply_cursor_t checked = { 0, 0 };
             assert_int_equal(smtp_reply_parse(in, len, &wused, &whole), SMTP_REPLY_OK);
             int rc = SMTP_REPLY_AGAIN;
             while (rc == SMTP_REPLY_AGAIN) {
@@ -343,7 +344,8 @@ static void test_resume_in_chunks(void **state)
                 rc = smtp_reply_parse_resume(in + off, n, &checked, &used, &r, NULL, NULL);
             }
             assert_int_equal(rc, SMTP_REPLY_OK);
-            assert_int_equal(checked, 0);
+            assert_int_equal(checked.checked, 0);
+            assert_int_equal(checked.lines, 0);
             assert_int_equal(used, wused);
             assert_int_equal(r.code, whole.code);
             assert_int_equal(r.nlines, whole.nlines);
@@ -358,7 +360,8 @@ static void test_resume_in_chunks(void **state)
         }
         for (size_t i = 0; i < sizeof(garbage_cases) / sizeof(garbage_cases[0]); i++) {
             const garbage_case_t *c = &garbage_cases[i];
-            size_t len = c->len ? c->len : strlen(c->in), checked = 0, used = 0, n = 0;
+            size_t len = c->len ? c->len : strlen(c->in), used = 0, n = 0;
+            smtp_reply_cursor_t checked = { 0, 0 };
             smtp_reply_t r;
             int rc = SMTP_REPLY_AGAIN;
             while (rc == SMTP_REPLY_AGAIN && n < len) {
@@ -371,6 +374,29 @@ static void test_resume_in_chunks(void **state)
     buf_free(&big);
 }
 
+/* While a reply grows, the cursor counts its complete lines (what the
+ * session's reply-line cap reads), a line still without its LF not yet;
+ * the complete reply resets it and says nlines. */
+static void test_resume_counts_lines(void **state)
+{
+    (void)state;
+    const char *in = "250-a\r\n250-b\r\n250-c\r\n250 d\r\n";
+    smtp_reply_cursor_t cur = { 0, 0 };
+    smtp_reply_t r;
+    size_t used = 0;
+    /* every line is 7 bytes; the last one ends the reply at 28 */
+    for (size_t n = 1; n < 28; n++) {
+        assert_int_equal(smtp_reply_parse_resume(in, n, &cur, &used, &r, NULL, NULL), SMTP_REPLY_AGAIN);
+        assert_int_equal(cur.lines, n / 7);
+        assert_int_equal(cur.checked, n / 7 * 7);
+    }
+    assert_int_equal(smtp_reply_parse_resume(in, strlen(in), &cur, &used, &r, NULL, NULL), SMTP_REPLY_OK);
+    assert_int_equal(r.nlines, 4);
+    assert_int_equal(used, strlen(in));
+    assert_int_equal(cur.lines, 0);
+    assert_int_equal(cur.checked, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -381,6 +407,7 @@ int main(void)
         cmocka_unit_test(test_line_count_limit),
         cmocka_unit_test(test_reply_byte_budget),
         cmocka_unit_test(test_resume_in_chunks),
+        cmocka_unit_test(test_resume_counts_lines),
         cmocka_unit_test(test_back_to_back),
         cmocka_unit_test(test_line_callback),
     };

@@ -218,7 +218,7 @@ static int setup(void **state)
     /* generous for valgrind; the timeout tests shorten what they need */
     smtp_timeouts_default(&t->to, 100);
     unsigned *p = (unsigned *)&t->to;
-    for (size_t i = 0; i < sizeof(t->to) / sizeof(unsigned); i++)
+    for (size_t i = 0; i < offsetof(smtp_timeouts_t, reply_lines_burst) / sizeof(unsigned); i++)
         p[i] = 5000;
     *state = t;
     return 0;
@@ -2115,6 +2115,8 @@ static void test_hostile_greeting_budget(void **state)
     assert_true(sc.bytes_in > SMTP_REPLY_MAX_LINE);
     assert_true(sc.bytes_in <= SMTP_REPLY_MAX_BYTES + READ_CHUNK);
 
+    /* the byte budget alone: the reply-line cap off */
+    t->to.reply_lines_burst = 0;
     session_run(t, f2->port, &sc);
     assert_int_equal(sc.status, SMTP_EPROTO);
     assert_int_equal(sc.state, SMTP_STATE_GREETING);
@@ -2122,9 +2124,21 @@ static void test_hostile_greeting_budget(void **state)
     assert_true(sc.bytes_in > SMTP_REPLY_MAX_BYTES);
     assert_true(sc.bytes_in <= SMTP_REPLY_MAX_BYTES + READ_CHUNK);
 
-    /* through an attempt with route penalties on: transient "protocol",
-     * and the next message connects again (the server answered: it is no
-     * unreachable address) */
+    /* with the default cap (100 lines at once) the same lines end far
+     * sooner, as a flood: the budget is what a slow trickle of long lines
+     * meets, the cap what many lines meet */
+    t->to.reply_lines_burst = SMTP_REPLY_LINES_BURST;
+    session_run(t, f2->port, &sc);
+    assert_int_equal(sc.status, SMTP_EPROTO);
+    assert_int_equal(sc.state, SMTP_STATE_GREETING);
+    assert_int_equal(strncmp(sc.error, "reply flood: ", 13), 0);
+    assert_non_null(strstr(sc.error, " ms while receiving the initial server greeting"));
+    assert_true(sc.bytes_in > 100 * 1000);
+    assert_true(sc.bytes_in <= 101 * 1000 + READ_CHUNK);
+
+    /* through an attempt with route penalties on: transient "protocol"
+     * (here the flood, the default cap being on), and the next message
+     * connects again (the server answered: it is no unreachable address) */
     deliver_config_t cfg = config(t, SMTP_TLS_NONE);
     cfg.route_penalty_ms = 5000;
     deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
@@ -2135,7 +2149,7 @@ static void test_hostile_greeting_budget(void **state)
     uint64_t downs = metrics_counter(MET_SMTP_ROUTES_DOWN);
     ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
-    assert_non_null(strstr(cap.r[0].text, "malformed reply while receiving the initial server greeting"));
+    assert_int_equal(strncmp(cap.r[0].text, "reply flood: ", 13), 0);
     assert_int_equal(cap.attempts, 1);
     ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
     assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "protocol", 0, "");
@@ -2149,6 +2163,267 @@ static void test_hostile_greeting_budget(void **state)
     drain_and_check(t->loop, all, 2);
     free(noeol);
     free(lines);
+}
+
+/* ------------------------------------------------------------------ */
+/* deadlines and the reply-line cap                                    */
+
+/* One bare session with the given recipients and payload; how long it
+ * took (ms) in *elapsed. */
+static void session_run_msg(tctx_t *t, unsigned short port, const char *const *rcpts, size_t n, const char *data,
+                            size_t len, sess_capture_t *cap, uint64_t *elapsed)
+{
+    deliver_candidate_t c = cand("mx1.fake.test", port);
+    smtp_session_params_t p = {
+        .helo_name = HELO_NAME,
+        .tls = SMTP_TLS_NONE,
+        .timeouts = t->to,
+        .mx_host = c.host,
+        .addr = (const struct sockaddr *)&c.addr,
+        .addrlen = c.addrlen,
+        .mail_from = FROM,
+        .rcpts = rcpts,
+        .nrcpts = n,
+        .data = data,
+        .len = len,
+    };
+    memset(cap, 0, sizeof(*cap));
+    uint64_t t0 = util_mono_ms();
+    smtp_session_start(t->loop, &p, on_sess, cap);
+    run_until(t->loop, &cap->fired);
+    *elapsed = util_mono_ms() - t0;
+}
+
+static void session_run_timed(tctx_t *t, unsigned short port, sess_capture_t *cap, uint64_t *elapsed)
+{
+    static const char *rcpts[] = { "b@y" };
+    session_run_msg(t, port, rcpts, 1, PAYLOAD, strlen(PAYLOAD), cap, elapsed);
+}
+
+/* A greeting dripped one byte every 50 ms never lets the inactivity
+ * timer fire; the greeting's deadline (300 ms from the connect) ends it,
+ * a timeout like any other, counted and logged as a deadline. */
+static void test_deadline_drip_greeting(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok, .drip_ms = 50 };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    sess_capture_t cap;
+    uint64_t ms, deadlines = metrics_counter(MET_SMTP_DEADLINES);
+    static char got[8192];
+    logcapture_t lc;
+
+    t->to.greeting_ms = 300;
+    assert_int_equal(logcapture_begin(&lc, LOG_INFO, LOG_FMT_LOGFMT), 0);
+    session_run_timed(t, fs->port, &cap, &ms);
+    logcapture_end(&lc, got, sizeof(got), test_log_level());
+    assert_int_equal(cap.status, SMTP_ETIMEOUT);
+    assert_int_equal(cap.state, SMTP_STATE_GREETING);
+    assert_string_equal(cap.error, "timeout while receiving the initial server greeting");
+    assert_true(ms >= 295);
+    assert_true(ms < 400); /* not at the end of the 21 bytes (1 s), nor later */
+    assert_true(cap.bytes_in >= 5 && cap.bytes_in <= 7); /* bytes at 0, 50, ... 300 ms */
+    assert_int_equal(metrics_counter(MET_SMTP_DEADLINES) - deadlines, 1);
+    char *line = strstr(got, "event=deadline");
+    assert_non_null(line);
+    *strchr(line, '\n') = '\0';
+    assert_non_null(strstr(line, " kind=command state=GREETING elapsed_ms="));
+    assert_non_null(strstr(line, " limit_ms=300 "));
+    assert_string_equal(fake_server_transcript(fs), ""); /* no QUIT after a timeout */
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* Slow but complete within its deadline: 21 bytes 10 ms apart (200 ms)
+ * against 300 ms, and the message goes. A silent server still ends at
+ * its timeout, and that is inactivity, not a deadline: not counted. */
+static void test_deadline_slow_greeting_ok(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok, .drip_ms = 10,
+                    .eod_reply = "250 2.0.0 Ok: queued\r\n" };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    fake_server_t *mute = fake_server_new(t->loop, &fakesmtp_script_silent);
+    sess_capture_t cap;
+    uint64_t ms, deadlines = metrics_counter(MET_SMTP_DEADLINES);
+
+    t->to.greeting_ms = 300;
+    session_run_timed(t, fs->port, &cap, &ms);
+    assert_int_equal(cap.status, SMTP_OK);
+    assert_string_equal(cap.error, "");
+    assert_true(ms >= 190);
+    assert_string_equal(fake_server_transcript(fs), "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=42\r\n"
+                        "RCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD "QUIT\r\n");
+
+    t->to.greeting_ms = 100;
+    session_run_timed(t, mute->port, &cap, &ms);
+    assert_int_equal(cap.status, SMTP_ETIMEOUT);
+    assert_string_equal(cap.error, "timeout while receiving the initial server greeting");
+    assert_true(ms >= 95 && ms < 200);
+    assert_int_equal(metrics_counter(MET_SMTP_DEADLINES) - deadlines, 0);
+    fake_server_t *all[] = { fs, mute };
+    drain_and_check(t->loop, all, 2);
+}
+
+/* PIPELINING: every reply comes 100 ms after the one before, well inside
+ * its own 200 ms (each reply's wait starts when the one before it
+ * completed, so the batch as a whole may take far longer than one
+ * deadline); the transaction deadline (350 ms from MAIL) is what ends it,
+ * while the third RCPT reply is awaited. Without one the same server
+ * delivers. */
+static void test_deadline_transaction_pipelined(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok, .reply_delay_ms = 100,
+                    .eod_reply = "250 2.0.0 Ok: queued\r\n" };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    static const char *rcpts[] = { "r1@y", "r2@y", "r3@y", "r4@y", "r5@y" };
+    sess_capture_t cap;
+    uint64_t ms, deadlines = metrics_counter(MET_SMTP_DEADLINES);
+
+    t->to.mail_ms = t->to.rcpt_ms = t->to.data_init_ms = t->to.data_done_ms = 200;
+    t->to.transaction_ms = 0;
+    session_run_msg(t, fs->port, rcpts, 5, PAYLOAD, strlen(PAYLOAD), &cap, &ms);
+    assert_int_equal(cap.status, SMTP_OK);
+    assert_true(ms >= 900); /* EHLO, MAIL, 5 x RCPT, DATA, end of data: 100 ms each */
+    assert_int_equal(metrics_counter(MET_SMTP_DEADLINES) - deadlines, 0);
+
+    /* MAIL goes at ~100 ms (after EHLO); replies at 200, 300, 400 (RCPT 2), ... */
+    t->to.transaction_ms = 350;
+    session_run_msg(t, fs->port, rcpts, 5, PAYLOAD, strlen(PAYLOAD), &cap, &ms);
+    assert_int_equal(cap.status, SMTP_ETIMEOUT);
+    assert_int_equal(cap.state, SMTP_STATE_RCPT);
+    assert_string_equal(cap.error, "transaction deadline exceeded while sending RCPT TO");
+    assert_true(ms >= 445);
+    assert_true(ms < 550);
+    assert_int_equal(metrics_counter(MET_SMTP_DEADLINES) - deadlines, 1);
+
+    /* through deliver: classified like any timeout */
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    capture_t dc;
+    deliver_and_wait(t, &cfg, rcpts, 5, c, 1, &dc);
+    assert_rcpt(&dc, 0, "r1@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    assert_string_equal(dc.r[0].text, "transaction deadline exceeded while sending RCPT TO");
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* Continuation lines at 120 ms apart against a bucket of 2 lines plus 5
+ * per second waited: lines 1-3 fit (the third at 240 ms has earned one),
+ * the fourth at 360 ms finds still 3 allowed: a flood, a protocol error,
+ * counted. */
+static void test_reply_flood_rate(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .rules = fakesmtp_rules_ok, .flood_line = "220-still greeting\r\n", .flood_lines = 1,
+                    .flood_ms = 120 };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    sess_capture_t cap;
+    uint64_t ms, floods = metrics_counter(MET_SMTP_REPLY_FLOODS);
+    unsigned lines = 0, took = 0;
+
+    t->to.reply_lines_burst = 2;
+    t->to.reply_lines_per_s = 5;
+    session_run_timed(t, fs->port, &cap, &ms);
+    assert_int_equal(cap.status, SMTP_EPROTO);
+    assert_int_equal(cap.state, SMTP_STATE_GREETING);
+    assert_int_equal(sscanf(cap.error, "reply flood: %u lines in %u ms while", &lines, &took), 2);
+    assert_int_equal(lines, 4);
+    assert_true(took >= 355 && took < 400);
+    assert_non_null(strstr(cap.error, " ms while receiving the initial server greeting"));
+    assert_int_equal(cap.bytes_in, 4 * strlen("220-still greeting\r\n"));
+    assert_int_equal(metrics_counter(MET_SMTP_REPLY_FLOODS) - floods, 1);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* 200 EHLO continuation lines at once, then more every second: past the
+ * default burst of 100 at once, the session ends at the first read, and
+ * says no QUIT (the server is still talking). */
+static void test_reply_flood_burst(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok, .flood_on = "EHLO",
+                    .flood_line = "250-X\r\n", .flood_lines = 200, .flood_ms = 1000 };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    sess_capture_t cap;
+    uint64_t ms, floods = metrics_counter(MET_SMTP_REPLY_FLOODS);
+    unsigned lines = 0, took = 0;
+
+    assert_int_equal(t->to.reply_lines_burst, SMTP_REPLY_LINES_BURST);
+    session_run_timed(t, fs->port, &cap, &ms);
+    assert_int_equal(cap.status, SMTP_EPROTO);
+    assert_int_equal(cap.state, SMTP_STATE_EHLO);
+    assert_int_equal(sscanf(cap.error, "reply flood: %u lines in %u ms while", &lines, &took), 2);
+    assert_int_equal(lines, 200);
+    assert_true(took < 100);
+    assert_non_null(strstr(cap.error, " ms while sending EHLO"));
+    assert_true(ms < 500);
+    assert_string_equal(fake_server_transcript(fs), "EHLO " HELO_NAME "\r\n");
+    assert_int_equal(metrics_counter(MET_SMTP_REPLY_FLOODS) - floods, 1);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* A body of 20 MB, five times what the client's socket buffer takes at
+ * most (tcp_wmem 4 MB), to a server with a 64 KB receive buffer that
+ * reads FAKE_TRICKLE_BYTES (512 KB) every 20 ms: the body takes more than
+ * twice the data block timeout (250 ms; the client's writes move every
+ * few ticks, when a third of its socket buffer is free) but keeps moving,
+ * so it goes (inactivity, not a deadline). The same body to a server that
+ * stops reading ends at the inactivity timeout, not counted as a
+ * deadline; and a transaction deadline bounds the slow one. The EHLO
+ * offers no SIZE. (Margins are wide: ASan and a busy machine slow the
+ * fake server down.) */
+static void test_deadline_body_inactivity(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules[] = {
+        { "EHLO", "250-fake.test\r\n250 PIPELINING\r\n", ACT_REPLY },
+        { "MAIL FROM:", "250 2.1.0 Ok\r\n", ACT_REPLY },
+        { "RCPT TO:", "250 2.1.5 Ok\r\n", ACT_REPLY },
+        { "DATA", "354 go ahead\r\n", ACT_REPLY },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    script_t slow = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules,
+                      .eod_reply = "250 2.0.0 Ok: queued\r\n", .body_trickle_ms = 20, .rcvbuf = 65536 };
+    script_t stall = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules, .body_stall = 1,
+                       .rcvbuf = 65536 };
+    fake_server_t *f1 = fake_server_new(t->loop, &slow);
+    fake_server_t *f2 = fake_server_new(t->loop, &stall);
+    static const char *rcpts[] = { "b@y" };
+    buf_t body = BUF_INIT;
+    buf_puts(&body, "Subject: big\r\n\r\n");
+    while (buf_size(&body) < 20u * 1024 * 1024)
+        buf_puts(&body, "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n");
+    buf_puts(&body, ".\r\n");
+    sess_capture_t cap;
+    uint64_t ms, deadlines = metrics_counter(MET_SMTP_DEADLINES);
+
+    t->to.data_block_ms = 250;
+    t->to.transaction_ms = 0;
+    session_run_msg(t, f1->port, rcpts, 1, buf_head(&body), buf_size(&body), &cap, &ms);
+    assert_int_equal(cap.status, SMTP_OK);
+    assert_true(ms > 500); /* the body alone took longer than 2 data block timeouts */
+    assert_int_equal(f1->nmessages, 1);
+    assert_int_equal(f1->body_bytes, buf_size(&body));
+
+    session_run_msg(t, f2->port, rcpts, 1, buf_head(&body), buf_size(&body), &cap, &ms);
+    assert_int_equal(cap.status, SMTP_ETIMEOUT);
+    assert_int_equal(cap.state, SMTP_STATE_BODY);
+    assert_string_equal(cap.error, "timeout while sending message body");
+    assert_true(ms >= 250 && ms < 600);
+    assert_int_equal(metrics_counter(MET_SMTP_DEADLINES) - deadlines, 0);
+
+    t->to.transaction_ms = 300;
+    session_run_msg(t, f1->port, rcpts, 1, buf_head(&body), buf_size(&body), &cap, &ms);
+    assert_int_equal(cap.status, SMTP_ETIMEOUT);
+    assert_int_equal(cap.state, SMTP_STATE_BODY);
+    assert_string_equal(cap.error, "transaction deadline exceeded while sending message body");
+    assert_true(ms >= 300 && ms < 450);
+    assert_int_equal(metrics_counter(MET_SMTP_DEADLINES) - deadlines, 1);
+    assert_int_equal(f1->nmessages, 1);
+    buf_free(&body);
+    fake_server_t *all[] = { f1, f2 };
+    drain_and_check(t->loop, all, 2);
 }
 
 /* Out of descriptors: the connection is not made for want of ours, not
@@ -2193,9 +2468,10 @@ static void test_local_descriptors_exhausted(void **state)
 }
 
 /* EHLO with 5,000 extension lines (145 KB), among them "SIZE -1" and a
- * 21-digit SIZE: one reply within the budget; the absurd SIZEs are
- * ignored (no limit, no SIZE= parameter), PIPELINING is still seen, and
- * the message goes. */
+ * 21-digit SIZE: one reply within the byte budget, and within a line cap
+ * raised to take it ([smtp] reply_lines_burst; the default 100 would call
+ * it a flood); the absurd SIZEs are ignored (no limit, no SIZE=
+ * parameter), PIPELINING is still seen, and the message goes. */
 static void test_ehlo_5000_lines(void **state)
 {
     tctx_t *t = *state;
@@ -2222,6 +2498,7 @@ static void test_ehlo_5000_lines(void **state)
     capture_t cap;
 
     t->to.mail_ms = 1000;
+    t->to.reply_lines_burst = 5000;
     deliver_and_wait(t, &cfg, rcpts, 1, c, 1, &cap);
     assert_string_equal(fake_server_transcript(fs),
                         "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM ">\r\nRCPT TO:<b@y>\r\nDATA\r\n"
@@ -2391,6 +2668,9 @@ static void test_config_build(void **state)
     assert_int_equal(st.timeouts.mail_ms, 30000);      /* 300 s scaled to 10 % */
     assert_int_equal(st.timeouts.data_done_ms, 60000); /* 600 s */
     assert_int_equal(st.timeouts.connect_ms, 3000);
+    assert_int_equal(st.timeouts.transaction_ms, 180000); /* 30 min scaled to 10 % */
+    assert_int_equal(st.timeouts.reply_lines_burst, 100); /* lines are not scaled */
+    assert_int_equal(st.timeouts.reply_lines_per_s, 10);
     assert_int_equal(d.max_rcpts, 100);
     assert_true(d.pool.disabled);
     assert_true(d.no_pipelining);
@@ -2420,12 +2700,16 @@ static void test_config_build(void **state)
     mc.smtp_timeout_data_block_ms = 8;
     mc.smtp_timeout_data_done_ms = 9;
     mc.smtp_timeout_rset_ms = 10;
+    mc.smtp_timeout_transaction_ms = 11;
+    mc.smtp_reply_lines_burst = 12;
+    mc.smtp_reply_lines_per_s = 0;
     set_str(&mc.smtp_relay, "");
     set_str(&mc.smtp_helo_name, "");
     assert_int_equal(deliver_config_build(&d, &mc, v, nv, &st, err, sizeof(err)), 0);
     smtp_timeouts_t want = { .connect_ms = 1, .greeting_ms = 2, .helo_ms = 3, .starttls_ms = 4,
                              .mail_ms = 5, .rcpt_ms = 300000, .data_init_ms = 7, .data_block_ms = 8,
-                             .data_done_ms = 9, .rset_ms = 10, .quit_ms = 10000 };
+                             .data_done_ms = 9, .rset_ms = 10, .quit_ms = 10000, .transaction_ms = 11,
+                             .reply_lines_burst = 12, .reply_lines_per_s = 0 };
     assert_memory_equal(&st.timeouts, &want, sizeof(want));
     assert_int_equal(d.nrelay, 0);
     assert_null(d.relay);
@@ -2549,9 +2833,15 @@ static void test_strstate_and_timeouts(void **state)
     assert_int_equal(to.data_init_ms, 120000);
     assert_int_equal(to.data_block_ms, 180000);
     assert_int_equal(to.data_done_ms, 600000);
+    assert_int_equal(to.transaction_ms, 1800000);
+    assert_int_equal(to.reply_lines_burst, 100);
+    assert_int_equal(to.reply_lines_per_s, 10);
     smtp_timeouts_default(&to, 1);
     assert_int_equal(to.connect_ms, 300);
     assert_int_equal(to.data_done_ms, 6000);
+    assert_int_equal(to.transaction_ms, 18000);
+    assert_int_equal(to.reply_lines_burst, 100);
+    assert_int_equal(to.reply_lines_per_s, 10);
 }
 
 typedef struct classify_case {
@@ -3227,6 +3517,12 @@ int main(void)
         T(test_body_segments_plain),
         T(test_body_segments_starttls),
         T(test_early_reply_closes),
+        T(test_deadline_drip_greeting),
+        T(test_deadline_slow_greeting_ok),
+        T(test_deadline_transaction_pipelined),
+        T(test_reply_flood_rate),
+        T(test_reply_flood_burst),
+        T(test_deadline_body_inactivity),
         T(test_per_recipient_results),
         T(test_all_rcpt_rejected),
         T(test_log_hostile_values),
