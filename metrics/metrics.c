@@ -63,6 +63,8 @@ static const struct {
     [MET_CONSUMER_PAUSES] = { "mailpump_consumer_pauses_total", "Times a worker cancelled its consumer because its bodies in flight reached [message] inflight_memory." },
     [MET_DELIVERIES_REFUSED] = { "mailpump_deliveries_refused_total", "Deliveries that arrived while their worker was paused and did not fit its hard memory bound: nacked back to the queue unread." },
     [MET_IMAP_BATCHED] = { "mailpump_imap_multiappend_copies_total", "Sent copies stored together with other queued copies of the same account in one APPEND (MULTIAPPEND)." },
+    [MET_LEASE_RENEWALS] = { "mailpump_lease_renewals_total", "Renewals of the workers' connection leases sent to Redis (one EVAL for all of a worker's sites)." },
+    [MET_LEASE_RENEWALS_FAILED] = { "mailpump_lease_renewals_failed_total", "Connection-lease renewals that failed or timed out: the worker used the fallback share, ceil(limit / holders)." },
 };
 
 static const struct {
@@ -76,6 +78,7 @@ static const struct {
     [MET_DNS_L1_ENTRIES] = { "mailpump_dns_l1_entries", "Answers held in the workers' in-memory DNS caches." },
     [MET_WORKERS] = { "mailpump_workers", "Configured worker threads." },
     [MET_INFLIGHT_BYTES] = { "mailpump_inflight_bytes", "Bytes the workers' messages in flight are charged against [message] inflight_memory (announced body x 3; a truncated one its head)." },
+    [MET_LEASE_FALLBACK] = { "mailpump_lease_fallback", "Worker lease tables using the fallback share of their sites' connection limits (Redis configured but not answering, or not yet)." },
 };
 
 void metrics_inc(metric_counter_t c, uint64_t n)

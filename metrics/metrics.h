@@ -56,6 +56,8 @@ typedef enum {
     MET_MESSAGES_TOO_LARGE,  /* bodies announced above the largest allowed: dead-lettered unread */
     MET_CONSUMER_PAUSES,     /* consumers cancelled because their worker's inflight_memory was reached */
     MET_DELIVERIES_REFUSED,  /* deliveries nacked back unread: past the hard bound while paused */
+    MET_LEASE_RENEWALS,      /* connection-lease renewals sent to Redis (deliverer/lease.c) */
+    MET_LEASE_RENEWALS_FAILED, /* of those, failed or timed out: the fallback share is in force */
     MET_COUNTER_LAST
 } metric_counter_t;
 
@@ -66,6 +68,7 @@ typedef enum {
     MET_WORKERS,            /* configured workers */
     MET_WORKERS_BLOCKED,    /* workers whose publishes the broker blocks (resource alarm) */
     MET_INFLIGHT_BYTES,     /* what the workers' deliveries in flight are charged (budget.h) */
+    MET_LEASE_FALLBACK,     /* workers' lease tables on the fallback share (Redis not answering) */
     MET_GAUGE_LAST
 } metric_gauge_t;
 
