@@ -324,7 +324,7 @@ static void renew(lease_table_t *t)
             entry_free(t, e); /* the node just returned: safe */
     }
     size_t n = htable_count(&t->sites);
-    size_t argc = 5 + 3 * n;
+    size_t argc = 6 + 3 * n; /* EVAL script numkeys registry keys... ttl holder (limit want)... */
     const char **argv = xcalloc(argc, sizeof(char *));
     char **owned = xcalloc(2 * n + 2, sizeof(char *));
     size_t a = 0, o = 0;
