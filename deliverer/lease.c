@@ -198,8 +198,8 @@ static void table_release(lease_table_t *t);
 
 /* Report every entry whose allowance differs from what its caller last
  * got. The walk runs over a snapshot whose entries are busy (not freed
- * by lease_want()) until their turn; entries the callbacks add wait for
- * the next report. */
+ * by lease_want()) until their turn is over; entries the callbacks add
+ * wait for the next report. */
 static void report_all(lease_table_t *t)
 {
     size_t n = htable_count(&t->sites), k = 0;
@@ -217,14 +217,14 @@ static void report_all(lease_table_t *t)
     t->depth++;
     for (size_t i = 0; i < k; i++) {
         entry_t *e = snap[i];
-        e->busy = 0;
-        if (t->free_pending)
-            continue;
+        /* busy through its own callback too: lease_want(site, 0) there
+         * must not free the site string the callback was given */
         unsigned a = allowance(t, e);
-        if (a != e->told) {
+        if (!t->free_pending && a != e->told) {
             e->told = a;
             t->cb(t->arg, e->site, a);
         }
+        e->busy = 0;
     }
     t->depth--;
     free(snap);

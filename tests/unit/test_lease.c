@@ -49,6 +49,8 @@ typedef struct rep {
     unsigned allowance;
     unsigned by_site[8]; /* "s0".."s7" */
     lease_table_t **free_me; /* the callback frees this table */
+    lease_table_t  *drop_in; /* the callback gives its site up in this table */
+    size_t          dropped_len; /* and reads the site it was given afterwards */
 } rep_t;
 
 static void on_changed(void *arg, const char *site, unsigned allowance)
@@ -61,6 +63,10 @@ static void on_changed(void *arg, const char *site, unsigned allowance)
     r->allowance = allowance;
     if (site[0] == 's' && site[1] >= '0' && site[1] <= '7' && site[2] == '\0')
         r->by_site[site[1] - '0'] = allowance;
+    if (r->drop_in) {
+        lease_want(r->drop_in, site, 10, 0);
+        r->dropped_len += strlen(site);
+    }
     if (r->free_me && *r->free_me) {
         lease_free(*r->free_me);
         *r->free_me = NULL;
@@ -374,6 +380,28 @@ static void test_callback_frees(void **state)
     fix_free(x);
 }
 
+static void test_callback_drops_its_site(void **state)
+{
+    fix_t *x = fix_new(1);
+    want(&x->r, x->t, "s0", 10, 10);
+    want(&x->r, x->t, "s1", 10, 10);
+    x->r.drop_in = x->t;
+    run_evals(x, 1, 1000);
+    assert_int_equal(x->r.calls, 2);
+    assert_int_equal(x->r.dropped_len, 4); /* "s0", "s1": still there when read */
+    x->r.drop_in = NULL;
+    lease_stats_t st;
+    lease_get_stats(x->t, &st);
+    assert_int_equal(st.sites, 2); /* their claims are in Redis: released first */
+    run_evals(x, 1, 1000);
+    assert_int_equal(x->m.wants[1], 0);
+    assert_int_equal(x->m.wants[2], 0);
+    lease_get_stats(x->t, &st);
+    assert_int_equal(st.sites, 0);
+    assert_int_equal(x->r.calls, 2); /* given up: not reported */
+    fix_free(x);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -383,6 +411,7 @@ int main(void)
         cmocka_unit_test(test_failure_fallback),
         cmocka_unit_test(test_release),
         cmocka_unit_test(test_callback_frees),
+        cmocka_unit_test(test_callback_drops_its_site),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
