@@ -44,8 +44,13 @@
  * claim until its expiry, then the others' next renewals take its share:
  * within ttl + renew_ms. Each holder uses the limit it is given; holders
  * configured with different limits for one site each respect their own.
- * The script is O(holders of the site) per site; all of a site's fields
- * are read on every renewal of every holder of that site.
+ * Cost: the script reads every field of a site on every renewal of every
+ * holder of it, so Redis spends about holders^2 x sites field reads per
+ * renewal period (measured on Redis 7, loopback: one renewal of 100 sites
+ * x 100 holders 14.6 ms, of 1 site x 1,000 holders 2.7 ms; 1,000 sites x
+ * 4 holders 9-15 ms round trip). Fine for tens of holders per site; a
+ * fleet of hundreds of workers all sending to one site needs a longer
+ * renew_ms or per-process holders.
  *
  * Allowance: what lease_want() returns and lease_changed_cb reports.
  *  - Redis answering: the last grant, capped by the current limit; a site
