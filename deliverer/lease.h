@@ -48,9 +48,11 @@
  * holder of it, so Redis spends about holders^2 x sites field reads per
  * renewal period (measured on Redis 7, loopback: one renewal of 100 sites
  * x 100 holders 14.6 ms, of 1 site x 1,000 holders 2.7 ms; 1,000 sites x
- * 4 holders 9-15 ms round trip). Fine for tens of holders per site; a
- * fleet of hundreds of workers all sending to one site needs a longer
- * renew_ms or per-process holders.
+ * 4 holders 9-15 ms round trip, about 10 ms of it Redis' own time). Fine
+ * for tens of holders per site and sites with a configured limit; a fleet
+ * of hundreds of workers all sending to one site needs a longer renew_ms
+ * or per-process holders, and a renewal must fit the Redis client's
+ * command timeout (a failed one is the fallback).
  *
  * Allowance: what lease_want() returns and lease_changed_cb reports.
  *  - Redis answering: the last grant, capped by the current limit; a site
