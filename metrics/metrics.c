@@ -66,6 +66,8 @@ static const struct {
     [MET_SITE_PARKED] = { "mailpump_site_parked_total", "Domain legs parked to a delay queue without spending an attempt: their site had all its connections busy and [smtp] site_max_waiting legs waiting, or they waited site_max_wait." },
     [MET_SMTP_DEADLINES] = { "mailpump_smtp_deadlines_total", "SMTP sessions ended as a timeout by an absolute deadline while the server was still sending: a reply not complete within its command's timeout, or a transaction past [smtp] timeout_transaction_ms." },
     [MET_SMTP_REPLY_FLOODS] = { "mailpump_smtp_reply_floods_total", "SMTP sessions ended as a protocol error because a reply had more lines than [smtp] reply_lines_burst plus reply_lines_per_s per second waited." },
+    [MET_LEASE_RENEWALS] = { "mailpump_lease_renewals_total", "Renewals of the workers' connection leases sent to Redis (one EVAL for all of a worker's sites)." },
+    [MET_LEASE_RENEWALS_FAILED] = { "mailpump_lease_renewals_failed_total", "Connection-lease renewals that failed or timed out: the worker used the fallback share, ceil(limit / holders)." },
 };
 
 static const struct {
@@ -82,6 +84,7 @@ static const struct {
     [MET_SMTP_CONNECTIONS] = { "mailpump_smtp_connections", "SMTP connections open or being opened by the workers (in use and idle in the pools)." },
     [MET_SITE_RUNNING] = { "mailpump_site_running", "Domain legs holding a place in their destination site (one SMTP connection each at most)." },
     [MET_SITE_WAITING] = { "mailpump_site_waiting", "Domain legs waiting for a place in their destination site." },
+    [MET_LEASE_FALLBACK] = { "mailpump_lease_fallback", "Worker lease tables using the fallback share of their sites' connection limits (Redis configured but not answering, or not yet)." },
 };
 
 void metrics_inc(metric_counter_t c, uint64_t n)

@@ -59,6 +59,8 @@ typedef enum {
     MET_SITE_PARKED,         /* domain legs parked: their site busy with others waiting */
     MET_SMTP_DEADLINES,      /* SMTP sessions ended by an absolute deadline (command or transaction) */
     MET_SMTP_REPLY_FLOODS,   /* SMTP sessions ended by the reply-line cap */
+    MET_LEASE_RENEWALS,      /* connection-lease renewals sent to Redis (deliverer/lease.c) */
+    MET_LEASE_RENEWALS_FAILED, /* of those, failed or timed out: the fallback share is in force */
     MET_COUNTER_LAST
 } metric_counter_t;
 
@@ -72,6 +74,7 @@ typedef enum {
     MET_SMTP_CONNECTIONS,   /* SMTP connections open or opening (busy + idle in the pools) */
     MET_SITE_RUNNING,       /* domain legs holding a place in their site */
     MET_SITE_WAITING,       /* domain legs waiting for a place in their site */
+    MET_LEASE_FALLBACK,     /* workers' lease tables on the fallback share (Redis not answering) */
     MET_GAUGE_LAST
 } metric_gauge_t;
 

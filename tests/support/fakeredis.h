@@ -14,6 +14,9 @@
  * server would.
  * Every command is logged, one line each, its words joined by blanks
  * (the EVAL script replaced by "<script>").
+ * eval_hook, when set, answers every EVAL instead (a test's own model of
+ * a script): it gets the command's words and appends a whole RESP answer
+ * to out.
  */
 #ifndef MP_TESTS_FAKEREDIS_H
 #define MP_TESTS_FAKEREDIS_H
@@ -24,6 +27,8 @@
 #include "core/loop.h"
 
 #define FAKEREDIS_CONNS 8
+
+typedef void (*fakeredis_eval_fn)(void *arg, int argc, char **argv, buf_t *out);
 
 typedef struct fakeredis {
     loop_t  *loop;
@@ -41,6 +46,8 @@ typedef struct fakeredis {
     size_t   ncommands;
     size_t   nevals;    /* EVALs answered */
     buf_t    log;       /* "SET mp:r:m:a@b sending PX 1000\n" ... */
+    fakeredis_eval_fn eval_hook;
+    void    *eval_arg;
 } fakeredis_t;
 
 fakeredis_t *fakeredis_new(loop_t *loop);
