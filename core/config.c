@@ -191,6 +191,12 @@ static const key_def_t keys[] = {
       "queues without spending an attempt" },
     { "smtp", "site_max_wait", K_MS, F(smtp_site_max_wait_ms), "30s", 0, NULL,
       "a message waits this long for a place in its busy site, then is parked (no attempt spent)" },
+    { "smtp", "site_lease_ttl", K_MS, F(smtp_site_lease_ttl_ms), "15s", 0, NULL,
+      "a worker's claim on a site's connections (a lease in Redis) expires this long after its last "
+      "renewal, so a killed pod's share returns to the others" },
+    { "smtp", "site_lease_renew", K_MS, F(smtp_site_lease_renew_ms), "1s", 0, NULL,
+      "how often each worker renews its leases (one EVAL for all its sites); a change of what a site "
+      "may have reaches every worker within about two of these" },
     { "smtp", "tls_cache_size", K_UINT, F(smtp_tls_cache_size), "1024", 0, NULL,
       "TLS sessions kept per worker for resumption (0 = 1024)" },
     { "smtp", "route_penalty", K_MS, F(smtp_route_penalty_ms), "1s", 0, NULL,

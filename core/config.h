@@ -88,6 +88,8 @@ typedef struct mp_config {
     char    *smtp_site_limits;
     unsigned smtp_site_max_waiting;
     uint64_t smtp_site_max_wait_ms;
+    uint64_t smtp_site_lease_ttl_ms;
+    uint64_t smtp_site_lease_renew_ms;
     uint64_t smtp_pool_refused_backoff_ms; /* a destination that refused a new connection (4xx
                                             * greeting) while others were open is capped at
                                             * those this long; 0 = never */

@@ -155,19 +155,25 @@ static site_t *site_get(sites_t *t, const char *name)
     return s;
 }
 
-/* Tell the allow function what this worker would like now; its answer
- * is the worker's allowance. */
-static unsigned allowance(sites_t *t, site_t *s)
+/* Tell the allow function what this worker would like now (extra: a leg
+ * asking to enter, not counted yet); its answer is the worker's
+ * allowance. */
+static unsigned allowance_for(sites_t *t, site_t *s, unsigned extra)
 {
     if (s->limit == 0)
         return (unsigned)-1;
-    unsigned want = s->running + s->nwait;
+    unsigned want = s->running + s->nwait + extra;
     if (want > s->limit)
         want = s->limit;
     s->wanted = want;
     if (t->allow == NULL)
         return s->limit;
     return t->allow(t->allow_arg, s->name, s->limit, want);
+}
+
+static unsigned allowance(sites_t *t, site_t *s)
+{
+    return allowance_for(t, s, 0);
 }
 
 static void site_gc(sites_t *t, site_t *s)
@@ -317,7 +323,7 @@ int sites_enter(sites_t *t, const char *site, site_slot_t *slot, sites_cb cb, vo
     slot->site = s;
     slot->cb = cb;
     slot->arg = arg;
-    if (s->limit == 0 || (s->nwait == 0 && s->running < allowance(t, s))) {
+    if (s->limit == 0 || (s->nwait == 0 && s->running < allowance_for(t, s, 1))) {
         slot->state = SITE_GO;
         s->running++;
         t->running++;

@@ -45,6 +45,7 @@
 #include "core/loop.h"
 #include "core/util.h"
 #include "deliverer/budget.h"
+#include "deliverer/lease.h"
 #include "deliverer/job.h"
 #include "deliverer/ledger.h"
 #include "dns/resolver.h"
@@ -68,6 +69,7 @@ struct worker {
     job_ctx_t           jc;        /* what the jobs run on; jc.mq is the live connection */
     mq_t               *mq_dead;   /* lost connection awaiting release */
     rclient_t          *redis;     /* NULL when [redis] host is empty */
+    lease_table_t      *leases;    /* this worker's shares of the sites' connection limits */
     TAILQ_HEAD(, worker_job) jobs;
     size_t              njobs;
     atomic_int          stop_requested;
@@ -383,17 +385,20 @@ static void on_dns_event(void *arg, const dns_event_t *ev)
     }
 }
 
-/* This worker's share of a site's connection limit. Without Redis (and
- * until its leases answer) the process's share: the limit divided among
- * the workers, at least one. */
+/* This worker's share of a site's connection limit: its leases in Redis
+ * (lease.h), or without Redis the process's share. */
 static unsigned worker_site_allow(void *arg, const char *site, unsigned limit, unsigned want)
 {
     worker_t *w = arg;
-    (void)site;
-    (void)want;
-    unsigned n = w->env->nworkers ? w->env->nworkers : 1;
-    unsigned share = (limit + n - 1) / n;
-    return share ? share : 1;
+    return lease_want(w->leases, site, limit, want);
+}
+
+static void worker_lease_changed(void *arg, const char *site, unsigned allowance)
+{
+    worker_t *w = arg;
+    (void)allowance;
+    if (w->jc.svc.sites)
+        sites_allowance_changed(w->jc.svc.sites, site);
 }
 
 static void gauge_move(metric_gauge_t g, int64_t *mine, int64_t now)
@@ -454,6 +459,14 @@ static int worker_open_services(worker_t *w, char *err, size_t errlen)
     svc->mark_wait_ms = cfg->redis_mark_wait_ms;
     svc->send_unrecorded = cfg->redis_send_unrecorded != 0;
     svc->dctx = deliver_ctx_new(w->loop, &w->env->dcfg);
+    char holder[320], host[256] = "";
+    if (gethostname(host, sizeof(host) - 1) != 0 || host[0] == '\0')
+        snprintf(host, sizeof(host), "localhost");
+    snprintf(holder, sizeof(holder), "%s:%ld:%d", host, (long)getpid(), w->index);
+    lease_config_t lc = { .ttl_ms = (unsigned)cfg->smtp_site_lease_ttl_ms,
+                          .renew_ms = (unsigned)cfg->smtp_site_lease_renew_ms,
+                          .local_holders = w->env->nworkers };
+    w->leases = lease_new(w->loop, w->redis, holder, &lc, worker_lease_changed, w);
     svc->sites = sites_new(w->loop, &w->env->sites, worker_site_allow, w);
     loop_timer_init(&w->gauge_timer, on_gauges, w);
     loop_timer_set(w->loop, &w->gauge_timer, 1000);
@@ -477,6 +490,8 @@ static void worker_close_services(worker_t *w)
     loop_timer_cancel(w->loop, &w->gauge_timer);
     sites_free(svc->sites);
     svc->sites = NULL;
+    lease_free(w->leases); /* its releases go out before the Redis client goes */
+    w->leases = NULL;
     on_gauges(w->loop, NULL, w); /* the sites are gone */
     gauge_move(MET_SMTP_CONNECTIONS, &w->g_conns, 0);
     deliver_ctx_free(svc->dctx);
