@@ -120,6 +120,9 @@ typedef struct job_domain {
 struct job {
     job_ctx_t           *ctx;
     enum job_state       state;
+    loop_timer_t         ledger_timer; /* a ledger call of this state, again */
+    uint64_t             ledger_until; /* ... until then (0: not retrying) */
+    unsigned             ledger_tries;
     job_end_cb           end;
     void                *end_arg;
     mq_delivery_t       *dv;
@@ -265,6 +268,8 @@ static void job_next(job_t *j)
     }
     log_debug("job", "state", "%s from=%s to=%s", JOB_MSG(j), job_states[j->state].name, job_states[next].name);
     j->state = next;
+    j->ledger_until = 0;
+    j->ledger_tries = 0;
     job_states[next].enter(j);
 }
 
@@ -275,6 +280,41 @@ static int job_broker_open(const job_t *j)
 
 /* Redis could not answer a ledger call: delivery goes on at-least-once,
  * and operators see it in the metric and the log. */
+/* A ledger call Redis did not answer in time, while connected: Redis is
+ * slow, not gone, so the state's call is made again (50 ms doubling)
+ * until [redis] mark_wait is spent. 1 when it will be; 0 when the caller
+ * goes on without it. Redis disconnected fails at once, as before. */
+static int job_ledger_again(job_t *j)
+{
+    const domain_services_t *svc = &j->ctx->svc;
+    uint64_t now = loop_now_ms(svc->loop);
+    if (svc->redis == NULL || !rclient_connected(svc->redis))
+        return 0;
+    if (j->ledger_until == 0)
+        j->ledger_until = now + svc->mark_wait_ms;
+    if (now >= j->ledger_until)
+        return 0;
+    uint64_t ms = 50ull << (j->ledger_tries < 4 ? j->ledger_tries : 4);
+    if (ms > j->ledger_until - now)
+        ms = j->ledger_until - now;
+    j->ledger_tries++;
+    loop_timer_set(svc->loop, &j->ledger_timer, ms);
+    return 1;
+}
+
+static void job_mark_handoff(job_t *j, ledger_state_t st);
+
+static void job_on_ledger_timer(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    job_t *j = arg;
+    job_blame(j);
+    switch (j->state) { /* the same call, once more */
+    case JOB_HANDOFF: job_mark_handoff(j, LEDGER_HANDING); break; /* the planned retry and its hop stay */
+    case JOB_HANDED: job_mark_handoff(j, LEDGER_HANDED); break;
+    default: job_states[j->state].enter(j); break; /* IDENTITY, LOOKUP: nothing but the call */
+    }
+}
+
 static void job_ledger_unavailable(const job_t *j, const char *step)
 {
     metrics_inc(MET_LEDGER_UNAVAILABLE, 1);
@@ -647,6 +687,8 @@ static void job_on_identity(void *arg, int ok, const char *holder)
     job_t *j = arg;
     job_blame(j);
     j->ledger_op = 0;
+    if (!ok && job_ledger_again(j))
+        return;
     if (!ok) {
         job_ledger_unavailable(j, "identity");
     } else if (holder && strcmp(holder, j->digest) != 0) {
@@ -675,6 +717,8 @@ static void job_on_looked_up(void *arg, int ok, const ledger_state_t *states, co
     job_t *j = arg;
     job_blame(j);
     j->ledger_op = 0;
+    if (!ok && job_ledger_again(j))
+        return;
     if (!ok) {
         job_ledger_unavailable(j, "lookup");
         if (j->dv->redelivered) {
@@ -1140,6 +1184,8 @@ static void job_on_handoff_marked(void *arg, int ok)
     job_t *j = arg;
     job_blame(j);
     j->ledger_op = 0;
+    if (!ok && job_ledger_again(j))
+        return;
     if (!ok)
         job_ledger_unavailable(j, j->state == JOB_HANDOFF ? "handoff" : "handed");
     job_next(j);
@@ -1302,6 +1348,7 @@ job_t *job_new(job_ctx_t *ctx, mq_delivery_t *dv, job_end_cb end, void *arg)
     j->end = end;
     j->end_arg = arg;
     j->started_ms = util_mono_ms();
+    loop_timer_init(&j->ledger_timer, job_on_ledger_timer, j);
     buf_init(&j->raw);
     buf_init(&j->wire_copy);
     return j;
@@ -1334,6 +1381,7 @@ void job_free(job_t *j)
     imap_append_free(j->append);
     if (j->ledger_op)
         ledger_cancel(ledger, j->ledger_op);
+    loop_timer_cancel(j->ctx->svc.loop, &j->ledger_timer);
     free(j->domains);
     free(j->rcpts);
     free(j->wire);

@@ -430,7 +430,8 @@ start_sinks() { # run: the three receivers on one free port; sets port
 }
 
 caps_off_supported() {
-    "$DAEMON" --print-config-reference 2>/dev/null | grep -q site_isolation
+    # not grep -q: it would stop reading, and pipefail would count the SIGPIPE
+    "$DAEMON" --print-config-reference 2>/dev/null | grep site_isolation >/dev/null
 }
 
 dkim_env=()
