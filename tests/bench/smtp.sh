@@ -33,6 +33,7 @@ lat_rate=      # default: half the throughput just measured (at most 1000/s)
 idle_sessions=1000
 max_seconds=1500
 runs="pool nopool"
+tls=verify     # [smtp] tls of the daemon: verify (STARTTLS) or none (plaintext)
 ceiling=1
 keep=0
 
@@ -45,6 +46,7 @@ usage: tests/bench/run smtp [options]
   --latency-rate R    their publish rate, msg/s (default: half the measured throughput, <= 1000)
   --idle-sessions N   pooled TLS sessions held for idle_tls_session_kib (default $idle_sessions; 0 skips)
   --runs "pool nopool" which runs (default both)
+  --tls verify|none   the daemon's [smtp] tls: STARTTLS with verification (default) or plaintext
   --no-ceiling        skip the smtp-source -> smtp-sink reference
   --max-seconds S     hard bound on the whole benchmark (default $max_seconds)
   --keep              keep the work directory (logs, events, sink stats)
@@ -61,6 +63,7 @@ while [ $# -gt 0 ]; do
     --latency-rate) lat_rate=$2; shift 2 ;;
     --idle-sessions) idle_sessions=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
+    --tls) tls=$2; shift 2 ;;
     --no-ceiling) ceiling=0; shift ;;
     --max-seconds) max_seconds=$2; shift 2 ;;
     --keep) keep=1; shift ;;
@@ -278,7 +281,7 @@ start_daemon() { # name pool extra-env...: sets daemon_pid, q, dq, ex
     mport=$(free_port 127.0.0.1)
     env MAILPUMP_AMQP_QUEUE="$q" MAILPUMP_AMQP_DEAD_QUEUE="$dq" MAILPUMP_AMQP_EVENTS_EXCHANGE="$ex" \
         MAILPUMP_RETRY_QUEUE_PREFIX="$tag.$name.retry" MAILPUMP_METRICS_LISTEN="127.0.0.1:$mport" \
-        MAILPUMP_SMTP_PORT="$sink_port" MAILPUMP_SMTP_TLS=verify MAILPUMP_SMTP_CA_FILE="$CA" \
+        MAILPUMP_SMTP_PORT="$sink_port" MAILPUMP_SMTP_TLS="$tls" MAILPUMP_SMTP_CA_FILE="$CA" \
         MAILPUMP_IMAP_HOST= MAILPUMP_LOG_LEVEL=info MAILPUMP_LOG_FORMAT=logfmt \
         MAILPUMP_SMTP_POOL="$pool" "$@" \
         "$DAEMON" --config "$MP_MAILPUMPD_CONFIG" >"$work/$name.daemon.log" 2>&1 &
