@@ -26,7 +26,10 @@
 
 using namespace simdjson;
 
-static constexpr size_t JDOC_SIMD_KEEP = 1024 * 1024;
+/* The parser's buffers grow with the structure of the largest body it
+ * parsed (index and tape: up to about 12 octets per input octet, touched
+ * only as far as used), and a thread keeps them: bounded here. */
+static constexpr size_t JDOC_SIMD_KEEP = 256 * 1024;
 
 namespace {
 

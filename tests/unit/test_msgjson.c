@@ -586,6 +586,38 @@ static void test_depth(void **state)
     }
 }
 
+/* A body past what a thread's parser keeps (256 KiB) takes a parser of
+ * its own: parsed alike, refused alike, and the next small body still
+ * parses on the thread's parser. */
+static void test_large_body(void **state)
+{
+    (void)state;
+    for (int dup = 0; dup <= 1; dup++) {
+        buf_t b = BUF_INIT;
+        buf_puts(&b, "{" FROM "," TO ",\"text\":\"");
+        while (buf_size(&b) < 300 * 1024)
+            buf_puts(&b, "caf\xc3\xa9 line\\n");
+        buf_puts(&b, dup ? "\",\"to\":\"c@test.example\"}" : "\"}");
+        message_t *m = NULL;
+        char err[256] = "";
+        int rc = msgjson_parse(buf_head(&b), buf_size(&b), &m, err, sizeof(err));
+        if (dup) {
+            assert_int_equal(rc, MSGJSON_EJSON);
+            assert_null(m);
+            assert_non_null(strstr(err, "duplicate object key"));
+        } else {
+            assert_int_equal(rc, MSGJSON_OK);
+            assert_true(strlen(m->text) > 250 * 1024);
+            assert_memory_equal(m->text, "caf\xc3\xa9 line\n", 10);
+            message_free(m);
+        }
+        buf_free(&b);
+    }
+    message_t *m = parse_ok("{" FROM "," TO ",\"subject\":\"small\"}");
+    assert_string_equal(m->subject, "small");
+    message_free(m);
+}
+
 static void test_strerror(void **state)
 {
     (void)state;
@@ -610,6 +642,7 @@ int main(void)
         cmocka_unit_test(test_strerror),
         cmocka_unit_test(test_refused_anywhere),
         cmocka_unit_test(test_depth),
+        cmocka_unit_test(test_large_body),
         cmocka_unit_test(test_attachments),
         cmocka_unit_test(test_raw),
         cmocka_unit_test(test_malformed_parts),
