@@ -512,6 +512,52 @@ static int mime_check_headers(const message_t *m, char *err, size_t errlen)
 
 /* ---- bodies --------------------------------------------------------------- */
 
+#define MIME_ONES 0x0101010101010101ull
+#define MIME_HIGH 0x8080808080808080ull
+
+static size_t mime_find_eol_tail(const char *s, size_t i, size_t n)
+{
+    while (i < n && s[i] != '\r' && s[i] != '\n')
+        i++;
+    return i;
+}
+
+/* Index of the first CR or LF in s[i..n), or n: eight octets at a time
+ * (a word holds one when x ^ CR or x ^ LF has a zero octet). */
+static size_t mime_find_eol(const char *s, size_t i, size_t n)
+{
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w, a, b, hit;
+        memcpy(&w, s + i, 8);
+        a = w ^ (MIME_ONES * '\n');
+        b = w ^ (MIME_ONES * '\r');
+        /* exact for the lowest octet (false hits only above a true one);
+         * octet order is the memory order on little-endian machines */
+        hit = (((a - MIME_ONES) & ~a) | ((b - MIME_ONES) & ~b)) & MIME_HIGH;
+        if (hit)
+            return __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+                       ? i + (size_t)__builtin_ctzll(hit) / 8
+                       : mime_find_eol_tail(s, i, n);
+    }
+    return mime_find_eol_tail(s, i, n);
+}
+
+/* 1 when no octet of s[0..n) is >= 0x80 */
+static int mime_ascii(const char *s, size_t n)
+{
+    uint64_t acc = 0;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        acc |= w;
+    }
+    unsigned char t = 0;
+    for (; i < n; i++)
+        t |= (unsigned char)s[i];
+    return (acc & MIME_HIGH) == 0 && t < 0x80;
+}
+
 /* Next logical line of s: CRLF, a lone CR and a lone LF all end a line, so
  * every encoder normalises line endings the same way. */
 static int mime_next_line(const char *s, size_t n, size_t *pos, size_t *start, size_t *len,
@@ -520,8 +566,7 @@ static int mime_next_line(const char *s, size_t n, size_t *pos, size_t *start, s
     size_t i = *pos;
     if (i >= n)
         return 0;
-    while (i < n && s[i] != '\r' && s[i] != '\n')
-        i++;
+    i = mime_find_eol(s, i, n);
     *start = *pos;
     *len = i - *pos;
     *eol = i < n;
@@ -537,11 +582,8 @@ static int mime_is_7bit(const char *s, size_t n)
     size_t pos = 0, st, len;
     int eol;
     while (mime_next_line(s, n, &pos, &st, &len, &eol)) {
-        if (len > MIME_LINE_HARD)
+        if (len > MIME_LINE_HARD || !mime_ascii(s + st, len))
             return 0;
-        for (size_t i = 0; i < len; i++)
-            if ((unsigned char)s[st + i] >= 0x80)
-                return 0;
     }
     return 1;
 }

@@ -33,6 +33,8 @@ lat_rate=      # default: half the throughput just measured (at most 1000/s)
 idle_sessions=1000
 max_seconds=1500
 runs="pool nopool"
+dkim=1         # 0: no DKIM signing (the stack config signs test.example)
+tls=verify     # [smtp] tls of the daemon: verify (STARTTLS) or none (plaintext)
 ceiling=1
 keep=0
 
@@ -45,6 +47,8 @@ usage: tests/bench/run smtp [options]
   --latency-rate R    their publish rate, msg/s (default: half the measured throughput, <= 1000)
   --idle-sessions N   pooled TLS sessions held for idle_tls_session_kib (default $idle_sessions; 0 skips)
   --runs "pool nopool" which runs (default both)
+  --tls verify|none   the daemon's [smtp] tls: STARTTLS with verification (default) or plaintext
+  --no-dkim           do not sign (MAILPUMP_DKIM_KEYS_FILE empty): the engine's own CPU without RSA
   --no-ceiling        skip the smtp-source -> smtp-sink reference
   --max-seconds S     hard bound on the whole benchmark (default $max_seconds)
   --keep              keep the work directory (logs, events, sink stats)
@@ -61,6 +65,8 @@ while [ $# -gt 0 ]; do
     --latency-rate) lat_rate=$2; shift 2 ;;
     --idle-sessions) idle_sessions=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
+    --tls) tls=$2; shift 2 ;;
+    --no-dkim) dkim=0; shift ;;
     --no-ceiling) ceiling=0; shift ;;
     --max-seconds) max_seconds=$2; shift 2 ;;
     --keep) keep=1; shift ;;
@@ -86,6 +92,8 @@ CA=$MP_CA_FILE
 CERT=$stack_dir/ca/server.crt
 KEY=$stack_dir/ca/server.key
 
+nodkim=()
+[ "$dkim" = 1 ] || nodkim=(MAILPUMP_DKIM_KEYS_FILE=)
 rid="$$x$(date +%s)"   # message ids must never repeat: the engine's ledger remembers them
 tag="bench.smtp.$rid"
 work=$(mktemp -d /tmp/mpbench-smtp.XXXXXX)
@@ -278,9 +286,9 @@ start_daemon() { # name pool extra-env...: sets daemon_pid, q, dq, ex
     mport=$(free_port 127.0.0.1)
     env MAILPUMP_AMQP_QUEUE="$q" MAILPUMP_AMQP_DEAD_QUEUE="$dq" MAILPUMP_AMQP_EVENTS_EXCHANGE="$ex" \
         MAILPUMP_RETRY_QUEUE_PREFIX="$tag.$name.retry" MAILPUMP_METRICS_LISTEN="127.0.0.1:$mport" \
-        MAILPUMP_SMTP_PORT="$sink_port" MAILPUMP_SMTP_TLS=verify MAILPUMP_SMTP_CA_FILE="$CA" \
+        MAILPUMP_SMTP_PORT="$sink_port" MAILPUMP_SMTP_TLS="$tls" MAILPUMP_SMTP_CA_FILE="$CA" \
         MAILPUMP_IMAP_HOST= MAILPUMP_LOG_LEVEL=info MAILPUMP_LOG_FORMAT=logfmt \
-        MAILPUMP_SMTP_POOL="$pool" "$@" \
+        MAILPUMP_SMTP_POOL="$pool" ${nodkim[@]+"${nodkim[@]}"} "$@" \
         "$DAEMON" --config "$MP_MAILPUMPD_CONFIG" >"$work/$name.daemon.log" 2>&1 &
     daemon_pid=$!
     pids+=("$daemon_pid")

@@ -17,6 +17,7 @@
 
 #include <cmocka.h>
 
+#include "core/buf.h"
 #include "core/message.h"
 #include "queue/msgjson.h"
 
@@ -526,6 +527,97 @@ static void test_valid_address_lengths(void **state)
     assert_false(msgjson_valid_address(a));
 }
 
+/* What the parser refuses anywhere in the body, also inside fields the
+ * message model ignores, with jansson's position and text. */
+static const struct bad_case bad_anywhere[] = {
+    { "{" FROM "," TO ",\"x\":{\"k\":1,\"k\":2}}", MSGJSON_EJSON,
+      "invalid JSON at line 1 column 63: duplicate object key" },
+    { "{" FROM "," TO ",\"x\":[\"a\\u0000\"]}", MSGJSON_EJSON,
+      "invalid JSON at line 1 column 63: \\u0000 is not allowed without JSON_ALLOW_NUL" },
+    { "{" FROM "," TO ",\"x\\u0000\":1}", MSGJSON_EJSON,
+      "invalid JSON at line 1 column 58: NUL byte in object key not supported" },
+    { "{" FROM "," TO ",\"x\":\"\\udc00\"}", MSGJSON_EJSON, "column 61: invalid Unicode '\\uDC00'" },
+    { "{" FROM "," TO ",\"x\":\"\\ud800x\"}", MSGJSON_EJSON, "invalid JSON at line 1" },
+    { "{" FROM "," TO ",\"x\":\"\xc0\xaf\"}", MSGJSON_EJSON, "unable to decode byte 0xc0" },
+    { "{" FROM "," TO ",\"x\":18446744073709551615}", MSGJSON_EJSON, "too big integer" },
+    { "{" FROM "," TO ",\"x\":1e999}", MSGJSON_EJSON, "real number overflow" },
+    { "{" FROM "," TO ",\"x\":[1,]}", MSGJSON_EJSON, "invalid JSON at line 1" },
+    { "{" FROM "," TO ",\"x\":01}", MSGJSON_EJSON, "invalid JSON at line 1" },
+    { "\xef\xbb\xbf{" FROM "," TO "}", MSGJSON_EJSON, "invalid JSON at line 1" },
+};
+
+static void test_refused_anywhere(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof(bad_anywhere) / sizeof(bad_anywhere[0]); i++) {
+        const struct bad_case *c = &bad_anywhere[i];
+        message_t *m = (message_t *)0x1;
+        char err[256] = "";
+        int rc = msgjson_parse(c->json, strlen(c->json), &m, err, sizeof(err));
+        if (rc != c->status || m != NULL || strstr(err, c->reason) == NULL)
+            fail_msg("case %zu: %s\n  got %d \"%s\"\n  want %d \"%s\"", i, c->json, rc, err,
+                     c->status, c->reason);
+    }
+}
+
+/* Nesting: jansson's bound (2048 levels) holds; one more is refused. */
+static void test_depth(void **state)
+{
+    (void)state;
+    for (int depth = 2047; depth <= 2049; depth++) {
+        buf_t b = BUF_INIT;
+        buf_puts(&b, "{" FROM "," TO ",\"x\":");
+        for (int i = 0; i < depth - 1; i++)
+            buf_putc(&b, '[');
+        for (int i = 0; i < depth - 1; i++)
+            buf_putc(&b, ']');
+        buf_putc(&b, '}');
+        message_t *m = NULL;
+        char err[256] = "";
+        int rc = msgjson_parse(buf_head(&b), buf_size(&b), &m, err, sizeof(err));
+        if (depth <= 2048) {
+            if (rc != MSGJSON_OK)
+                fail_msg("depth %d: %s", depth, err);
+        } else if (rc != MSGJSON_EJSON || strstr(err, "maximum parsing depth reached") == NULL) {
+            fail_msg("depth %d: got %d \"%s\"", depth, rc, err);
+        }
+        message_free(m);
+        buf_free(&b);
+    }
+}
+
+/* A body past what a thread's parser keeps (256 KiB) takes a parser of
+ * its own: parsed alike, refused alike, and the next small body still
+ * parses on the thread's parser. */
+static void test_large_body(void **state)
+{
+    (void)state;
+    for (int dup = 0; dup <= 1; dup++) {
+        buf_t b = BUF_INIT;
+        buf_puts(&b, "{" FROM "," TO ",\"text\":\"");
+        while (buf_size(&b) < 300 * 1024)
+            buf_puts(&b, "caf\xc3\xa9 line\\n");
+        buf_puts(&b, dup ? "\",\"to\":\"c@test.example\"}" : "\"}");
+        message_t *m = NULL;
+        char err[256] = "";
+        int rc = msgjson_parse(buf_head(&b), buf_size(&b), &m, err, sizeof(err));
+        if (dup) {
+            assert_int_equal(rc, MSGJSON_EJSON);
+            assert_null(m);
+            assert_non_null(strstr(err, "duplicate object key"));
+        } else {
+            assert_int_equal(rc, MSGJSON_OK);
+            assert_true(strlen(m->text) > 250 * 1024);
+            assert_memory_equal(m->text, "caf\xc3\xa9 line\n", 10);
+            message_free(m);
+        }
+        buf_free(&b);
+    }
+    message_t *m = parse_ok("{" FROM "," TO ",\"subject\":\"small\"}");
+    assert_string_equal(m->subject, "small");
+    message_free(m);
+}
+
 static void test_strerror(void **state)
 {
     (void)state;
@@ -548,6 +640,9 @@ int main(void)
         cmocka_unit_test(test_valid_address),
         cmocka_unit_test(test_valid_address_lengths),
         cmocka_unit_test(test_strerror),
+        cmocka_unit_test(test_refused_anywhere),
+        cmocka_unit_test(test_depth),
+        cmocka_unit_test(test_large_body),
         cmocka_unit_test(test_attachments),
         cmocka_unit_test(test_raw),
         cmocka_unit_test(test_malformed_parts),
