@@ -79,21 +79,16 @@ static int memory_budget(const mp_config_t *cfg, worker_env_t *env, char *err, s
     return 0;
 }
 
-/* The session budget and the prefetch that goes with it. The soft
- * descriptor limit is raised to the hard one first: thousands of SMTP
- * connections per worker are the point. */
+/* The session budget and the prefetch that goes with it, from the hard
+ * descriptor limit: mailpumpd raises the soft one to it at start-up (and
+ * logs fd_limit), since thousands of SMTP connections per worker are the
+ * point. */
 static void session_budget(const mp_config_t *cfg, worker_env_t *env)
 {
     struct rlimit rl;
     env->nofile = 1024;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
-        if (rl.rlim_cur < rl.rlim_max) {
-            struct rlimit want = { .rlim_cur = rl.rlim_max, .rlim_max = rl.rlim_max };
-            if (setrlimit(RLIMIT_NOFILE, &want) == 0)
-                rl.rlim_cur = rl.rlim_max;
-        }
-        env->nofile = rl.rlim_cur == RLIM_INFINITY ? 1u << 20 : (uint64_t)rl.rlim_cur;
-    }
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0)
+        env->nofile = rl.rlim_max == RLIM_INFINITY ? 1u << 20 : (uint64_t)rl.rlim_max;
     uint64_t mem = env->inflight_memory ? env->inflight_memory : budget_memory();
     env->max_sessions = cfg->smtp_pool_max_total ? cfg->smtp_pool_max_total
                                                  : budget_sessions(mem, env->nworkers, env->nofile);

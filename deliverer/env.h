@@ -41,7 +41,7 @@ typedef struct worker_env {
     uint64_t                inflight_memory; /* auto: the memory it was derived from; 0 when set */
     unsigned                max_sessions; /* per worker: [smtp] pool_max_total, auto resolved */
     unsigned                prefetch;     /* per worker: [amqp] prefetch, auto resolved */
-    uint64_t                nofile;       /* descriptors the process may open (soft limit, raised) */
+    uint64_t                nofile;       /* descriptors the process may open (the hard limit) */
     sites_config_t          sites;        /* [smtp] site_* */
 } worker_env_t;
 
