@@ -318,8 +318,23 @@ void sites_free(sites_t *t)
 
 int sites_enter(sites_t *t, const char *site, site_slot_t *slot, sites_cb cb, void *arg, const char **why)
 {
+    return sites_enter_limit(t, site, SITES_LIMIT_CONFIG, slot, cb, arg, why);
+}
+
+int sites_enter_limit(sites_t *t, const char *site, unsigned limit, site_slot_t *slot, sites_cb cb, void *arg,
+                      const char **why)
+{
     memset(slot, 0, sizeof(*slot));
     site_t *s = site_get(t, site);
+    if (limit != SITES_LIMIT_CONFIG && limit != s->limit) {
+        /* a shaping rule or action names this key's limit; a raised one
+         * lets waiters in, a lowered one opens nothing new until the
+         * running legs are below it */
+        unsigned old = s->limit;
+        s->limit = limit; /* the allow function hears it with the next want */
+        if (old == 0 || (limit && limit > old) || limit == 0)
+            mark_pending(t, s);
+    }
     slot->site = s;
     slot->cb = cb;
     slot->arg = arg;

@@ -99,6 +99,13 @@ void     sites_free(sites_t *t);
  * SITE_PARK (nothing held; park the leg). *why (optional) gets the reason
  * for a park, valid until the next call. */
 int  sites_enter(sites_t *t, const char *site, site_slot_t *slot, sites_cb cb, void *arg, const char **why);
+/* sites_enter() with the key's connection limit given (0 = none) instead
+ * of looked up in the configuration (SITES_LIMIT_CONFIG): shaping rules
+ * and actions name limits per destination and source. The limit given
+ * last is the key's until it is forgotten (nothing running or waiting). */
+#define SITES_LIMIT_CONFIG ((unsigned)-1)
+int  sites_enter_limit(sites_t *t, const char *site, unsigned limit, site_slot_t *slot, sites_cb cb, void *arg,
+                       const char **why);
 /* Gives back the place held, or withdraws the wait; harmless otherwise. */
 void sites_leave(sites_t *t, site_slot_t *slot);
 /* The allow function's answer for site may have changed: runs waiters

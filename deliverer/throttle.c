@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/htable.h"
 #include "core/log.h"
 #include "core/rclient.h"
 #include "core/util.h"
@@ -195,9 +196,82 @@ static const char throttle_redis_script[] =
     "end\n"
     "return math.ceil(wait)\n";
 
+/* ---- keyed budgets (throttle_ask_rate): the process's fallback ---- */
+
+typedef struct keyed {
+    htable_node_t node;
+    char         *rule;
+    double        tat_ms;
+} keyed_t;
+
+static pthread_mutex_t keyed_lock = PTHREAD_MUTEX_INITIALIZER;
+static htable_t        keyed_table;
+static int             keyed_init;
+
+/* Drops budgets whose next slot is a minute in the past: they would
+ * answer "now" anyway. Called with the lock held, when the table grows. */
+static void keyed_sweep(double now)
+{
+    htable_iter_t it;
+    htable_iter_init(&it, &keyed_table);
+    for (htable_node_t *n; (n = htable_iter_next(&it)) != NULL;) {
+        keyed_t *k = HTABLE_ENTRY(n, keyed_t, node);
+        if (k->tat_ms + 60000.0 < now) {
+            htable_remove(&keyed_table, &k->node);
+            free(k->rule);
+            free(k);
+        }
+    }
+}
+
+static int64_t keyed_take(const char *rule, double interval_ms, uint64_t now_ms, uint64_t max_wait_ms)
+{
+    double now = (double)now_ms;
+    pthread_mutex_lock(&keyed_lock);
+    if (!keyed_init) {
+        htable_init(&keyed_table, HTABLE_STR, 64, NULL);
+        keyed_init = 1;
+    }
+    htable_node_t *n = htable_find_str(&keyed_table, rule);
+    keyed_t *k;
+    if (n == NULL) {
+        if (htable_count(&keyed_table) >= 4096)
+            keyed_sweep(now);
+        k = xcalloc(1, sizeof(*k));
+        k->rule = xstrdup(rule);
+        htable_insert_str(&keyed_table, &k->node, k->rule);
+    } else {
+        k = HTABLE_ENTRY(n, keyed_t, node);
+    }
+    double tat = k->tat_ms > now ? k->tat_ms : now;
+    double wait = tat - now;
+    if (wait <= (double)max_wait_ms)
+        k->tat_ms = tat + interval_ms;
+    pthread_mutex_unlock(&keyed_lock);
+    return (int64_t)(wait + 0.999);
+}
+
+int throttle_parse_rate(const char *s, double *interval_ms)
+{
+    rule_t r;
+    char buf[48];
+    if (s == NULL || strlen(s) > 24)
+        return -1;
+    snprintf(buf, sizeof(buf), "x:%s", s);
+    if (parse_rule(buf, strlen(buf), &r) < 0)
+        return -1;
+    *interval_ms = r.interval_ms;
+    return 0;
+}
+
+static int throttle_ask_redis(throttle_ask_t *ask, double interval, throttle_answer_t *now);
+
 static int throttle_local(throttle_ask_t *ask, throttle_answer_t *ans, int fallback)
 {
-    ans->wait_ms = throttle_take(ask->t, ask->domain, util_mono_ms(), ask->max_wait_ms, NULL, 0);
+    if (ask->interval_ms > 0)
+        ans->wait_ms = keyed_take(ask->rule, ask->interval_ms, util_mono_ms(), ask->max_wait_ms);
+    else
+        ans->wait_ms = throttle_take(ask->t, ask->domain, util_mono_ms(), ask->max_wait_ms, NULL, 0);
     ans->rule = ask->rule;
     ans->local_fallback = fallback;
     return 1;
@@ -236,9 +310,31 @@ int throttle_ask_start(throttle_ask_t *ask, throttle_t *t, rclient_t *rc, const 
         *now = (throttle_answer_t){ .wait_ms = -1, .rule = ask->rule };
         return 1;
     }
+    return throttle_ask_redis(ask, interval, now);
+}
+
+int throttle_ask_rate(throttle_ask_t *ask, rclient_t *rc, const char *rule, double interval_ms,
+                      uint64_t max_wait_ms, throttle_cb cb, void *arg, throttle_answer_t *now)
+{
+    memset(ask, 0, sizeof(*ask));
+    ask->rc = rc;
+    ask->domain = ask->rule;
+    ask->max_wait_ms = max_wait_ms;
+    ask->cb = cb;
+    ask->arg = arg;
+    ask->interval_ms = interval_ms > 0 ? interval_ms : 1;
+    snprintf(ask->rule, sizeof(ask->rule), "%s", rule);
+    return throttle_ask_redis(ask, ask->interval_ms, now);
+}
+
+/* The fleet's budget for ask->rule, or the local table's answer now. */
+static int throttle_ask_redis(throttle_ask_t *ask, double interval, throttle_answer_t *now)
+{
+    rclient_t *rc = ask->rc;
+    uint64_t max_wait_ms = ask->max_wait_ms;
     if (rc == NULL || !rclient_connected(rc))
         return throttle_local(ask, now, 0);
-    char key[128], iv[32], mw[32];
+    char key[192], iv[32], mw[32];
     snprintf(key, sizeof(key), "mp:rl:%s", ask->rule);
     snprintf(iv, sizeof(iv), "%.3f", interval);
     snprintf(mw, sizeof(mw), "%llu", (unsigned long long)max_wait_ms);

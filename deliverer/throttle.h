@@ -66,7 +66,8 @@ typedef struct throttle_ask {
     uint64_t     op;       /* the Redis command in flight, 0 if none */
     const char  *domain;   /* borrowed until the answer */
     uint64_t     max_wait_ms;
-    char         rule[96];
+    char         rule[160];
+    double       interval_ms; /* a keyed ask (throttle_ask_rate): its spacing; 0 otherwise */
     throttle_cb  cb;
     void        *arg;
 } throttle_ask_t;
@@ -84,6 +85,19 @@ typedef struct throttle_ask {
  */
 int  throttle_ask_start(throttle_ask_t *ask, throttle_t *t, struct rclient *rc, const char *domain,
                         uint64_t max_wait_ms, throttle_cb cb, void *arg, throttle_answer_t *now);
+/*
+ * As throttle_ask_start(), under an explicit rate instead of a rule of t:
+ * the shaping rules' and actions' limits, per destination and source.
+ * rule names the budget and is its text in logs and answers, e.g.
+ * "google.com@mta1:300/m" (Redis key mp:rl:<rule>); interval_ms is the
+ * spacing (period / rate, > 0). The process's fallback for these budgets
+ * is a table of its own (keyed by rule, entries idle for a minute are
+ * forgotten), so t is not needed.
+ */
+int  throttle_ask_rate(throttle_ask_t *ask, struct rclient *rc, const char *rule, double interval_ms,
+                       uint64_t max_wait_ms, throttle_cb cb, void *arg, throttle_answer_t *now);
+/* "N/s", "N/m" or "N/h" (N 1..1000000) as a spacing in ms; -1 if not one. */
+int  throttle_parse_rate(const char *s, double *interval_ms);
 /* The callback will not fire. Harmless when nothing is in flight. */
 void throttle_ask_cancel(throttle_ask_t *ask);
 

@@ -219,6 +219,39 @@ static void test_limits_and_disabled(void **state)
     loop_free(loop);
 }
 
+/* A limit given at entry (shaping) replaces the configured one, even
+ * with the caps off, and a raised one lets the waiters in. */
+static void test_given_limit(void **state)
+{
+    (void)state;
+    loop_t *loop = loop_new();
+    sites_config_t off = { .disabled = 1, .max_connections = 100, .max_waiting = 5, .max_wait_ms = 100000 };
+    sites_t *t = sites_new(loop, &off, NULL, NULL);
+    char log[128] = "";
+    leg_t l[3];
+    const char *why = NULL;
+    memset(l, 0, sizeof(l));
+    for (int i = 0; i < 3; i++) {
+        l[i].name = i == 0 ? "0" : i == 1 ? "1" : "2";
+        l[i].log = log;
+        l[i].how = -1;
+    }
+    assert_int_equal(sites_enter_limit(t, "g.example@mta1", 1, &l[0].slot, on_site, &l[0], &why), SITE_GO);
+    assert_int_equal(sites_enter_limit(t, "g.example@mta1", 1, &l[1].slot, on_site, &l[1], &why), SITE_WAIT);
+    assert_int_equal(sites_limit(t, "g.example@mta1"), 100); /* what the configuration alone would say */
+    /* the next entry raises it to 3: the waiter goes from the loop */
+    assert_int_equal(sites_enter_limit(t, "g.example@mta1", 3, &l[2].slot, on_site, &l[2], &why), SITE_WAIT);
+    loop_run_once(loop, 0);
+    assert_string_equal(log, "go:1 go:2 ");
+    for (int i = 0; i < 3; i++)
+        sites_leave(t, &l[i].slot);
+    sites_stats_t st;
+    sites_get_stats(t, &st);
+    assert_int_equal(st.sites, 0);
+    sites_free(t);
+    loop_free(loop);
+}
+
 /* Freeing the table parks its waiters. */
 static void test_free_parks_waiters(void **state)
 {
@@ -246,6 +279,7 @@ int main(void)
         cmocka_unit_test(test_wait_expires),
         cmocka_unit_test(test_limits_and_disabled),
         cmocka_unit_test(test_free_parks_waiters),
+        cmocka_unit_test(test_given_limit),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -195,6 +195,35 @@ static void test_ask_without_redis(void **state)
     throttle_free(t);
 }
 
+/* An explicit rate (shaping) keeps its own budget per rule text. */
+static void test_ask_rate(void **state)
+{
+    (void)state;
+    double iv = 0;
+    assert_int_equal(throttle_parse_rate("300/m", &iv), 0);
+    assert_true(iv > 199.9 && iv < 200.1);
+    assert_int_equal(throttle_parse_rate("5/h", &iv), 0);
+    assert_true(iv > 719999.0 && iv < 720001.0);
+    const char *bad[] = { "", "0/s", "5", "5/d", "x/s", "2000000/s", "5/ss" };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+        assert_int_equal(throttle_parse_rate(bad[i], &iv), -1);
+
+    throttle_ask_t ask;
+    throttle_answer_t now;
+    /* 1/h: the first message goes at once, the next is an hour away and
+     * not reserved (further than max wait), a second key is independent */
+    assert_int_equal(throttle_ask_rate(&ask, NULL, "t.example@mta1:1/h", 3600000.0, 1000, on_answer, NULL, &now), 1);
+    assert_int_equal(now.wait_ms, 0);
+    assert_string_equal(now.rule, "t.example@mta1:1/h");
+    assert_int_equal(now.local_fallback, 0);
+    assert_int_equal(throttle_ask_rate(&ask, NULL, "t.example@mta1:1/h", 3600000.0, 1000, on_answer, NULL, &now), 1);
+    assert_true(now.wait_ms > 3590000 && now.wait_ms <= 3600000);
+    assert_int_equal(throttle_ask_rate(&ask, NULL, "t.example@mta1:1/h", 3600000.0, 1000, on_answer, NULL, &now), 1);
+    assert_true(now.wait_ms > 3590000 && now.wait_ms <= 3600000); /* nothing was reserved */
+    assert_int_equal(throttle_ask_rate(&ask, NULL, "t.example@mta2:1/h", 3600000.0, 1000, on_answer, NULL, &now), 1);
+    assert_int_equal(now.wait_ms, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -203,6 +232,7 @@ int main(void)
         cmocka_unit_test(test_spacing),
         cmocka_unit_test(test_threads),
         cmocka_unit_test(test_ask_without_redis),
+        cmocka_unit_test(test_ask_rate),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
