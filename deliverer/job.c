@@ -1040,8 +1040,9 @@ static int job_plan_retry(job_t *j)
         if (buf_size(&pending))
             buf_putc(&pending, ',');
         buf_puts(&pending, r->addr);
-        if (r->code == 0 && (r->reason == OUTCOME_R_RATE_LIMITED || r->reason == OUTCOME_R_PARKED))
-            continue; /* deferred by rate_limits or parked by its site before any server was asked */
+        if (r->code == 0 && (r->reason == OUTCOME_R_RATE_LIMITED || r->reason == OUTCOME_R_PARKED ||
+                             r->reason == OUTCOME_R_SUSPENDED))
+            continue; /* deferred by a rate limit, parked by its site or suspended before any server was asked */
         throttled_only = 0;
         uint64_t asked = retry_server_delay_ms(r->text);
         if (asked > server_ms)

@@ -137,6 +137,8 @@ static const char *const reason_names[OUTCOME_R_LAST] = {
     [OUTCOME_R_ALREADY_DELIVERED] = "already_delivered",
     [OUTCOME_R_LEDGER] = "ledger_unavailable",
     [OUTCOME_R_PARKED] = "parked",
+    [OUTCOME_R_SUSPENDED] = "suspended",
+    [OUTCOME_R_SHAPING] = "shaping",
 };
 
 const char *outcome_reason_name(outcome_reason_t r)

@@ -37,6 +37,8 @@ typedef enum {
     OUTCOME_R_ALREADY_DELIVERED, /* an earlier attempt delivered it (the ledger) */
     OUTCOME_R_LEDGER,            /* not sent: the ledger could not record the copy before its final dot */
     OUTCOME_R_PARKED,            /* not tried: its site was busy (sites.h); no attempt spent */
+    OUTCOME_R_SUSPENDED,         /* not tried: a shaping action suspends its destination; no attempt spent */
+    OUTCOME_R_SHAPING,           /* bounced by a shaping action, not by a server */
     OUTCOME_R_LAST
 } outcome_reason_t;
 
