@@ -135,7 +135,7 @@ static unsigned limit_of(const sites_config_t *cfg, const char *name)
 
 unsigned sites_limit(const sites_t *t, const char *site)
 {
-    return limit_of(&t->cfg, site);
+    return t->cfg.disabled ? 0 : limit_of(&t->cfg, site);
 }
 
 static void site_expired(loop_t *loop, loop_timer_t *tm, void *arg);

@@ -111,7 +111,7 @@ void sites_leave(sites_t *t, site_slot_t *slot);
 /* The allow function's answer for site may have changed: runs waiters
  * the new allowance lets in (from a zero-delay timer). */
 void sites_allowance_changed(sites_t *t, const char *site);
-/* The connection limit that applies to site (0 = none). */
+/* The connection limit the configuration gives site (0 = none, or the caps are off). */
 unsigned sites_limit(const sites_t *t, const char *site);
 void sites_get_stats(const sites_t *t, sites_stats_t *st);
 
