@@ -251,6 +251,14 @@ static const key_def_t keys[] = {
       " one more ends the session as a protocol error (`reply flood`), closed without QUIT; 0 = no cap" },
     { "smtp", "reply_lines_per_s", K_UINT, F(smtp_reply_lines_per_s), "10", 0, NULL,
       "lines a reply may grow by per second of waiting for it, beyond `reply_lines_burst`" },
+    { "egress", "file", K_STR, F(egress_file), "", 0, NULL,
+      "egress sources (local addresses to connect from, each with its EHLO name), weighted pools of "
+      "them, tenant-to-pool mappings and the default pool, read at start-up (docs/egress-and-shaping.md);"
+      " empty = no sources: connect from the host's default address" },
+    { "shaping", "file", K_STR, F(shaping_file), "", 0, NULL,
+      "traffic shaping per MX site or recipient domain (connection limits, rates, messages per "
+      "connection, timeouts, TLS; optionally per source or pool) and automation rules on replies, read "
+      "at start-up (docs/egress-and-shaping.md); empty = no rules" },
     { "imap", "host", K_STR, F(imap_host), "", 0, NULL,
       "IMAP server for Sent copies; empty disables appends (else `accounts_file` must be set)" },
     { "imap", "port", K_UINT, F(imap_port), "993", 0, NULL,

@@ -116,6 +116,10 @@ typedef struct mp_config {
     unsigned smtp_timeout_transaction_ms; /* MAIL FROM to the final reply; 0 = the scaled default */
     unsigned smtp_reply_lines_burst;      /* lines a reply may have at once; 0 = no cap */
     unsigned smtp_reply_lines_per_s;      /* and more per second waited for it */
+    /* [egress] */
+    char    *egress_file;         /* sources, pools, tenants (deliverer/policy.h); empty = none */
+    /* [shaping] */
+    char    *shaping_file;        /* per-site/domain shaping and automation rules; empty = none */
     /* [imap] */
     char    *imap_host;
     unsigned imap_port;

@@ -32,6 +32,7 @@
 #include "core/log.h"
 #include "core/util.h"
 #include "deliverer/env.h"
+#include "deliverer/policy.h"
 #include "deliverer/worker.h"
 #include "metrics/metrics.h"
 
@@ -148,8 +149,20 @@ int main(int argc, char **argv)
         return 2;
     }
     if (check_only) {
+        /* the egress and shaping files (docs/egress-and-shaping.md) */
+        policy_t *policy = policy_load(cfg.egress_file, cfg.shaping_file, err, sizeof(err));
+        if (policy == NULL) {
+            fprintf(stderr, "mailpumpd: configuration error: %s\n", err);
+            env_free(&env);
+            config_free(&cfg);
+            return 2;
+        }
+        char summary[256];
+        policy_summary(policy, summary, sizeof(summary));
+        policy_free(policy);
         config_dump(&cfg, stdout);
-        printf("\n# configuration is valid (%zu IMAP accounts)\n", env.accounts.n);
+        printf("\n# %s\n", summary);
+        printf("# configuration is valid (%zu IMAP accounts)\n", env.accounts.n);
         env_free(&env);
         config_free(&cfg);
         return 0;
