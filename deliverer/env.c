@@ -12,6 +12,7 @@
  *  the relay's resolution) and the rate limits and their file.
  */
 #include "deliverer/env.h"
+#include "deliverer/policy.h"
 
 #include <netdb.h>
 #include <stdio.h>
@@ -95,6 +96,25 @@ static void session_budget(const mp_config_t *cfg, worker_env_t *env)
     env->prefetch = cfg->amqp_prefetch ? cfg->amqp_prefetch : budget_prefetch(env->max_sessions);
 }
 
+/* The egress and shaping files (docs/egress-and-shaping.md), and every
+ * source address bound once: an address this host does not have is an
+ * error now, not at the first message. */
+static int load_policy(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errlen)
+{
+    env->policy = policy_load(cfg->egress_file, cfg->shaping_file, err, errlen);
+    if (env->policy == NULL)
+        return -1;
+    for (size_t i = 0; i < policy_nsources(env->policy); i++) {
+        const egress_source_t *s = policy_source(env->policy, i);
+        char e[256];
+        if (egress_check_bind((const struct sockaddr *)&s->addr, s->addrlen, e, sizeof(e)) < 0) {
+            snprintf(err, errlen, "[egress] file: source %s: %s", s->name, e);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 int env_build(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errlen)
 {
     char e0[256];
@@ -156,7 +176,9 @@ int env_build(const mp_config_t *cfg, worker_env_t *env, char *err, size_t errle
         return -1;
     env->dcfg.pool.max_total = env->max_sessions;
     /* message-rate limits per destination domain, one table per process */
-    return throttle_load(cfg->smtp_rate_limits, cfg->smtp_rate_limits_file, &env->throttle, err, errlen);
+    if (throttle_load(cfg->smtp_rate_limits, cfg->smtp_rate_limits_file, &env->throttle, err, errlen) < 0)
+        return -1;
+    return load_policy(cfg, env, err, errlen);
 }
 
 void env_free(worker_env_t *env)
@@ -172,6 +194,8 @@ void env_free(worker_env_t *env)
     env->dcfg.relay = NULL;
     throttle_free(env->throttle);
     env->throttle = NULL;
+    policy_free(env->policy);
+    env->policy = NULL;
     sites_config_free(&env->sites);
 }
 

@@ -43,6 +43,8 @@ typedef struct worker_env {
     unsigned                prefetch;     /* per worker: [amqp] prefetch, auto resolved */
     uint64_t                nofile;       /* descriptors the process may open (the hard limit) */
     sites_config_t          sites;        /* [smtp] site_* */
+    struct policy          *policy;       /* [egress] file and [shaping] file (policy.h); never NULL after
+                                           * env_build: empty when neither is set */
 } worker_env_t;
 
 /*

@@ -149,17 +149,8 @@ int main(int argc, char **argv)
         return 2;
     }
     if (check_only) {
-        /* the egress and shaping files (docs/egress-and-shaping.md) */
-        policy_t *policy = policy_load(cfg.egress_file, cfg.shaping_file, err, sizeof(err));
-        if (policy == NULL) {
-            fprintf(stderr, "mailpumpd: configuration error: %s\n", err);
-            env_free(&env);
-            config_free(&cfg);
-            return 2;
-        }
-        char summary[256];
-        policy_summary(policy, summary, sizeof(summary));
-        policy_free(policy);
+        char summary[256]; /* the egress and shaping files, loaded by env_build() */
+        policy_summary(env.policy, summary, sizeof(summary));
         config_dump(&cfg, stdout);
         printf("\n# %s\n", summary);
         printf("# configuration is valid (%zu IMAP accounts)\n", env.accounts.n);

@@ -1,0 +1,310 @@
+"""Egress sources and pools, shaping rules and automation, on real services.
+
+mailpumpd processes (private queues, the local stack's RabbitMQ and Redis)
+relay to smtpsink receivers on their own loopback addresses; the sources
+are other loopback addresses (127.0.0.21-127.0.0.26), and the receivers
+record the peer address of every connection (maildir header
+X-Smtpsink-Peer and the transcript), so each test proves which address
+sent each message:
+
+- a weighted pool splits 1,000 messages 3:1 within +-1.5 %, every event
+  names the source that the receiver saw, each source says its own EHLO
+  name, a message's pool and its tenant's pool choose, an unknown pool is
+  dead-lettered;
+- a source address that cannot be bound stops start-up and
+  --check-config;
+- a receiver answering "421 4.7.0 [TS01] ..." to one source triggers a
+  suspend action that a second and a third mailpumpd honour through Redis
+  (parked without an attempt when the pool has no other source, routed to
+  the other source when it has), and that lapses on time;
+- a fleet-wide connection limit holds for two processes of two workers.
+
+Needs the local stack (deploy/local/stack up); fails loudly without it.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import uuid
+
+import pika
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mpstack  # noqa: E402
+
+SENDER = "bob@test.example"
+PEER_RE = re.compile(rb"^X-Smtpsink-Peer: *([0-9a-fA-F.:]+)", re.M)
+MSGID_RE = re.compile(rb"^Message-ID: *<([^@>]+)@", re.M | re.I)
+
+
+def redis_cli(env, *args):
+    r = subprocess.run(["redis-cli", "-h", env["MP_REDIS_HOST"], "-p", str(env["MP_REDIS_PORT"]), *args],
+                       capture_output=True, text=True, timeout=10)
+    if r.returncode != 0:
+        raise RuntimeError(f"redis-cli {args}: {r.stderr}")
+    return r.stdout
+
+
+class Egress(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.env = mpstack.stack_env()
+        redis_cli(cls.env, "PING")
+        cls.dir = tempfile.mkdtemp(prefix="mp-egress-")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def setUp(self):
+        # actions and leases live under fixed keys: start and end clean
+        redis_cli(self.env, "DEL", "mp:act", "mp:act@v")
+        self.addCleanup(redis_cli, self.env, "DEL", "mp:act", "mp:act@v")
+
+    # ---- helpers -------------------------------------------------------------
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, f"{uuid.uuid4().hex[:6]}-{name}")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def sink(self, addr, extra=()):
+        log = os.path.join(self.dir, f"sink-{uuid.uuid4().hex[:6]}.log")
+        s = mpstack.Sink(addr=addr, extra=["--log", log, *extra])
+        self.addCleanup(s.stop)
+        return s
+
+    def daemon(self, sink, egress=None, shaping=None, workers=1, **env):
+        extra = {"MAILPUMP_SMTP_RELAY": f"{sink_addr(sink)}:{sink.port}", "MAILPUMP_SMTP_TLS": "none",
+                 "MAILPUMP_IMAP_HOST": "", "MAILPUMP_RETRY_LEVELS": "2s,1m"}
+        if egress:
+            extra["MAILPUMP_EGRESS_FILE"] = egress
+        if shaping:
+            extra["MAILPUMP_SHAPING_FILE"] = shaping
+        extra.update({k: str(v) for k, v in env.items()})
+        d = mpstack.Daemon(self.env, workers=workers, extra_env=extra)
+        tap = mpstack.EventTap(self.env, d.exchange)
+        self.addCleanup(tap.close)
+        try:
+            d.start()
+        except Exception:
+            d.stop()
+            raise
+        self.addCleanup(self.stop_daemon, d)
+        return d, tap
+
+    def stop_daemon(self, d):
+        if d.proc is not None and d.proc.poll() is None:
+            self.assertEqual(d.stop(), 0, d.log()[-3000:])
+
+    def publish(self, d, n, tag, **fields):
+        """n messages of one recipient each; returns their ids."""
+        conn, ch = mpstack.amqp_channel(self.env)
+        ids = []
+        try:
+            ch.confirm_delivery()
+            for i in range(n):
+                mid = f"{tag}-{i}-{uuid.uuid4().hex[:6]}"
+                msg = {"id": mid, "from": SENDER, "to": [f"r{i}@relay.test"], "subject": tag, "text": "hello",
+                       **fields}
+                ch.basic_publish(exchange="", routing_key=d.queue, body=json.dumps(msg).encode(),
+                                 properties=pika.BasicProperties(delivery_mode=2, priority=5))
+                ids.append(mid)
+        finally:
+            conn.close()
+        return ids
+
+    def peers(self, sink):
+        """message id -> the address that sent it, from the receiver's maildir."""
+        out = {}
+        for m in sink.messages():
+            p, i = PEER_RE.search(m), MSGID_RE.search(m)
+            self.assertIsNotNone(p, m[:400])
+            self.assertIsNotNone(i, m[:400])
+            out[i.group(1).decode()] = p.group(1).decode()
+        return out
+
+    def connections_from(self, sink, addr):
+        """(time, conn-id) of the receiver's connections from addr, in order."""
+        out = []
+        for line in sink.transcript():
+            m = re.match(r"^(\S+) \+connect .*?from[= ]\[?([0-9a-fA-F.:]+?)\]?:\d+", line)
+            if m and m.group(2) == addr:
+                out.append(m.group(1))
+        return out
+
+    # ---- 1. sources, pools, tenants ---------------------------------------------
+
+    def test_weighted_pool_split_and_choice(self):
+        sink = self.sink("127.0.0.50")
+        egress = self.write("egress.ini", """
+[source a]
+address = 127.0.0.21
+ehlo = a.mta.test
+
+[source b]
+address = 127.0.0.22
+ehlo = b.mta.test
+
+[pool bulk]
+sources = a:3 b:1
+
+[pool only-b]
+sources = b
+
+[tenant acme]
+pool = only-b
+
+[default]
+pool = bulk
+""")
+        d, tap = self.daemon(sink, egress=egress, workers=2)
+        ids = self.publish(d, 1000, "split")
+        evs = tap.wait(lambda e: e["event"] == "delivered" and e["message_id"].startswith("split-"), 1000,
+                       timeout=180)
+        peers = self.peers(sink)
+        sent = [peers[i] for i in ids]
+        from_a = sent.count("127.0.0.21")
+        from_b = sent.count("127.0.0.22")
+        self.assertEqual(from_a + from_b, 1000, sorted(set(sent)))
+        # smooth weighted round robin per worker: 3:1 within +-1.5 %
+        self.assertTrue(735 <= from_a <= 765, (from_a, from_b))
+        for e in evs:
+            self.assertIn(e["source"], ("a", "b"), e)
+            self.assertEqual(e["source_addr"], {"a": "127.0.0.21", "b": "127.0.0.22"}[e["source"]], e)
+            self.assertEqual(e["source_addr"], peers[e["message_id"]], e)
+        # each source says its own name
+        ehlo = {}
+        conn_peer = {}
+        for line in sink.transcript():
+            cid, _, rest = line.partition(" ")
+            m = re.search(r"from[= ]\[?([0-9.]+)\]?:\d+", rest) if rest.startswith("+connect") else None
+            if m:
+                conn_peer[cid] = m.group(1)
+            elif rest.upper().startswith("EHLO ") and cid in conn_peer:
+                ehlo.setdefault(conn_peer[cid], set()).add(rest.split(" ", 1)[1].strip())
+        self.assertEqual(ehlo, {"127.0.0.21": {"a.mta.test"}, "127.0.0.22": {"b.mta.test"}})
+
+        # the message's pool, then its tenant's, choose; an unknown pool is dead-lettered
+        [p1] = self.publish(d, 1, "bypool", pool="only-b")
+        [p2] = self.publish(d, 1, "bytenant", tenant="acme")
+        [p3] = self.publish(d, 1, "unknown", pool="nope")
+        got = tap.wait(lambda e: e["message_id"] in (p1, p2) and e["event"] == "delivered", 2, timeout=30)
+        for e in got:
+            self.assertEqual(e["source"], "b", e)
+        dead = tap.wait(lambda e: e["message_id"] == p3 and e["event"] == "dead", 1, timeout=30)
+        self.assertIn('unknown pool "nope"', dead[0]["error"])
+        peers = self.peers(sink)
+        self.assertEqual(peers[p1], "127.0.0.22")
+        self.assertEqual(peers[p2], "127.0.0.22")
+        self.assertNotIn(p3, peers)
+        self.assertEqual(got[0].get("tenant") or got[1].get("tenant"), "acme")
+
+    def test_unbindable_source_stops_start_up(self):
+        egress = self.write("egress.ini", "[source far]\naddress = 192.0.2.1\n\n[pool p]\nsources = far\n")
+        env = dict(os.environ, MAILPUMP_EGRESS_FILE=egress)
+        r = subprocess.run([os.path.join(mpstack.BUILD_DIR, "mailpumpd"), "--config",
+                            self.env["MP_MAILPUMPD_CONFIG"], "--check-config"], env=env,
+                           capture_output=True, text=True, timeout=30)
+        self.assertNotEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("192.0.2.1", r.stderr)
+        self.assertIn("cannot be bound", r.stderr)
+        bad = self.write("egress.ini", "[source a]\naddress = 127.0.0.21\n\n[pool p]\nsources = a nobody\n")
+        r = subprocess.run([os.path.join(mpstack.BUILD_DIR, "mailpumpd"), "--config",
+                            self.env["MP_MAILPUMPD_CONFIG"], "--check-config"],
+                           env=dict(os.environ, MAILPUMP_EGRESS_FILE=bad), capture_output=True, text=True,
+                           timeout=30)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("nobody", r.stderr)
+
+    # ---- 2. automation: a suspend shared by every process -----------------------
+
+    def test_ts01_suspend_shared_and_lapses(self):
+        sink = self.sink("127.0.0.51", extra=[
+            "--reply-from", "127.0.0.23:mail:421 4.7.0 [TS01] Messages from 127.0.0.23 temporarily deferred"])
+        egress_a = self.write("egress-a.ini", "[source a]\naddress = 127.0.0.23\n\n[pool p]\nsources = a\n\n"
+                                              "[default]\npool = p\n")
+        egress_ab = self.write("egress-ab.ini", "[source a]\naddress = 127.0.0.23\n\n[source b]\n"
+                                                "address = 127.0.0.24\n\n[pool p]\nsources = a b\n\n"
+                                                "[default]\npool = p\n")
+        duration_s = 8
+        shaping = self.write("shaping.ini", f"""
+[automation yahoo-ts01]
+site = 127.0.0.51
+code = 421
+match = \\[TS0[1-3]\\]
+action = suspend
+duration = {duration_s}s
+""")
+        d1, tap1 = self.daemon(sink, egress=egress_a, shaping=shaping)
+        d2, tap2 = self.daemon(sink, egress=egress_a, shaping=shaping)
+        d3, tap3 = self.daemon(sink, egress=egress_ab, shaping=shaping)
+
+        # the trigger: d1's first message is deferred by the receiver
+        [t1] = self.publish(d1, 1, "trigger")
+        ev = tap1.wait(lambda e: e["message_id"] == t1 and e["event"] == "deferred", 1, timeout=30)[0]
+        triggered = time.time()
+        self.assertEqual(ev["smtp"]["code"], 421, ev)
+        self.assertIn("[TS01]", ev["smtp"]["text"])
+        self.assertEqual(ev["source"], "a")
+        self.assertIn("mp:act", redis_cli(self.env, "KEYS", "mp:act"))
+        conns_a = len(self.connections_from(sink, "127.0.0.23"))
+        self.assertGreaterEqual(conns_a, 1)
+
+        # within a second, another process parks a's messages without an attempt
+        time.sleep(1.2)
+        ids2 = self.publish(d2, 5, "parked")
+        evs = tap2.wait(lambda e: e["message_id"] in ids2 and e["event"] == "deferred", 5, timeout=20)
+        for e in evs:
+            self.assertEqual(e["reason"], "suspended", e)
+            self.assertNotIn("smtp", e)
+            self.assertIn("yahoo-ts01", e.get("shaping", ""), e)
+            self.assertEqual(e["attempt"], 1, e)
+        # and a third, whose pool has another source, sends through that one
+        ids3 = self.publish(d3, 6, "around")
+        evs = tap3.wait(lambda e: e["message_id"] in ids3 and e["event"] == "delivered", 6, timeout=30)
+        for e in evs:
+            self.assertEqual(e["source"], "b", e)
+        self.assertEqual(len(self.connections_from(sink, "127.0.0.23")), conns_a,
+                         "a connection from the suspended source")
+        self.assertLess(time.time() - triggered, duration_s - 1, "the test ran past the suspension")
+
+        # the suspension lapses: after it, a is used again (and deferred again)
+        time.sleep(max(0.0, triggered + duration_s + 1.5 - time.time()))
+        ids4 = self.publish(d2, 1, "after")
+        ev = tap2.wait(lambda e: e["message_id"] in ids4 and e["event"] == "deferred", 1, timeout=20)[0]
+        self.assertEqual(ev["smtp"]["code"], 421, ev)
+        self.assertGreater(len(self.connections_from(sink, "127.0.0.23")), conns_a)
+        for d in (d1, d2, d3):
+            self.assertGreaterEqual(d.metric("mailpump_shaping_actions_active"), 0)
+
+    # ---- 3. a fleet-wide connection limit ---------------------------------------
+
+    def test_connection_limit_two_processes(self):
+        sink = self.sink("127.0.0.52", extra=["--rule", "delay:DOT=200"])
+        shaping = self.write("shaping.ini", "[site 127.0.0.52]\nconnection_limit = 3\n")
+        d1, tap1 = self.daemon(sink, shaping=shaping, workers=2)
+        d2, tap2 = self.daemon(sink, shaping=shaping, workers=2)
+        time.sleep(2.5)  # two lease renewals: every worker has heard of the others
+        ids1 = self.publish(d1, 60, "cl1")
+        ids2 = self.publish(d2, 60, "cl2")
+        tap1.wait(lambda e: e["message_id"] in ids1 and e["event"] == "delivered", 60, timeout=120)
+        tap2.wait(lambda e: e["message_id"] in ids2 and e["event"] == "delivered", 60, timeout=120)
+        st = sink.read_stats()
+        self.assertLessEqual(st["open_peak"], 3, st)
+        self.assertGreaterEqual(st["open_peak"], 2, st)  # both processes used their shares
+
+
+def sink_addr(sink):
+    args = list(sink.proc.args)
+    return args[args.index("--listen") + 1].rsplit(":", 1)[0]
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
