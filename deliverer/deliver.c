@@ -35,6 +35,14 @@
  *  nothing. When the held transaction's session reports, request.after_txn
  *  hears first what became of each of those recipients.
  *
+ *  Egress source (request.source): copied into d; session_params() binds
+ *  its address and uses its EHLO name, try_next() skips candidates of the
+ *  other address family, and the pool key ends in "|src=<name>" (the TLS
+ *  cache key gets the name from the session). Per-request knobs
+ *  (tls_override, max_msgs_per_conn, connect/command timeouts) are folded
+ *  into d->policy, d->max_msgs (smtp_pool_release_max) and d->timeouts,
+ *  which every transaction carries (txn_timeouts), pooled or new.
+ *
  *  The user callback always runs from a zero-delay timer of our own: never
  *  inside deliver_start(), never deep inside a session/stream callback
  *  chain, and the deliver_t can be released right after it returns.
@@ -728,10 +736,11 @@ static void finish(deliver_t *d)
         }
         d->settled[i] = 1;
     }
-    log_debug("deliver", "attempt", "%s mx=%s addr=%s attempts=%u connections=%u reused=%u txns=%u "
+    log_debug("deliver", "attempt", "%s mx=%s addr=%s source=%s attempts=%u connections=%u reused=%u txns=%u "
               "rcpts=%zu tls=%s",
               DELIVER_MSG(d), LOG_Q(d->res.mx_host[0] ? d->res.mx_host : NULL),
-              d->res.mx_addr[0] ? d->res.mx_addr : "-", d->res.attempts_made, d->res.connections,
+              d->res.mx_addr[0] ? d->res.mx_addr : "-", LOG_Q(d->has_source ? d->source_name : NULL),
+              d->res.attempts_made, d->res.connections,
               d->res.reused, d->res.transactions, d->nrcpts, d->res.tls_version ? d->res.tls_version : "none");
     loop_timer_set(d->loop, &d->done_timer, 0);
 }
