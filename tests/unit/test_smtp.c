@@ -3677,6 +3677,17 @@ static void test_source_family_mismatch(void **state)
     assert_int_equal(cap.attempts, 0);
     assert_int_equal(cap.connections, 0);
     assert_int_equal(fs->naccepted, 1);
+    /* an IPv6 source and IPv4 candidates: the same, the other way round */
+    struct sockaddr_in6 s6 = { .sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT };
+    deliver_source_t v6 = { .name = "mta6", .addr = (const struct sockaddr *)&s6, .addrlen = sizeof(s6),
+                            .addr_text = "::1" };
+    sreq_t q6 = { .source = &v6 };
+    deliver_candidate_t only4[] = { cand("mx1.fake.test", fs->port) };
+    src_deliver(ctx, t->loop, &q6, r1, 1, only4, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "dns", 0, "");
+    assert_string_equal(cap.r[0].text,
+                        "no MX address of family IPv6 for source mta6 (IPv6 ::1): 1 IPv4 address skipped");
+    assert_int_equal(fs->naccepted, 1);
     /* without a source the IPv6 candidates are tried as before */
     sreq_t q0 = { 0 };
     src_deliver(ctx, t->loop, &q0, r1, 1, only6, 2, &cap);
