@@ -109,6 +109,7 @@ struct stream {
     int          freed;
     char         err[256];
     int          sys_errno; /* errno of the system call that failed, 0 if none did */
+    int          bind_failed; /* the source address could not be bound (stream_connect_from) */
 };
 
 static const char *event_names[STREAM_EV_LAST] = {
@@ -636,12 +637,71 @@ static int setup_fd(stream_t *s, int fd)
     return 0;
 }
 
+/* Numeric host of a socket address ("192.0.2.1", "2001:db8::1"). */
+static const char *addr_host(const struct sockaddr *sa, char *buf, size_t len)
+{
+    const void *a = NULL;
+    if (sa->sa_family == AF_INET)
+        a = &((const struct sockaddr_in *)sa)->sin_addr;
+    else if (sa->sa_family == AF_INET6)
+        a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+    if (a == NULL || inet_ntop(sa->sa_family, a, buf, (socklen_t)len) == NULL)
+        snprintf(buf, len, "?");
+    return buf;
+}
+
+int stream_bind_source(int fd, const struct sockaddr *src, socklen_t srclen, char *err, size_t errlen)
+{
+    struct sockaddr_storage ss;
+    char host[64];
+    if (srclen == 0 || srclen > sizeof(ss)) {
+        snprintf(err, errlen, "source address cannot be bound: bad address length %u", (unsigned)srclen);
+        errno = EINVAL;
+        return -1;
+    }
+    memcpy(&ss, src, srclen);
+    if (ss.ss_family == AF_INET)
+        ((struct sockaddr_in *)&ss)->sin_port = 0;
+    else if (ss.ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)&ss)->sin6_port = 0;
+    /* the port is chosen at connect() time, per destination (4-tuple),
+     * instead of at bind() from the one ephemeral range of the address */
+    int one = 1;
+    if (ss.ss_family == AF_INET || ss.ss_family == AF_INET6)
+        (void)setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
+    if (bind(fd, (const struct sockaddr *)&ss, srclen) < 0) {
+        int e = errno;
+        snprintf(err, errlen, "source address %s cannot be bound: %s", addr_host(src, host, sizeof(host)),
+                 strerror(e));
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
 int stream_connect(stream_t *s, const struct sockaddr *sa, socklen_t salen)
+{
+    return stream_connect_from(s, NULL, 0, sa, salen);
+}
+
+int stream_bind_failed(const stream_t *s)
+{
+    return s->bind_failed;
+}
+
+int stream_connect_from(stream_t *s, const struct sockaddr *src, socklen_t srclen, const struct sockaddr *sa,
+                        socklen_t salen)
 {
     int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         s->sys_errno = errno;
         snprintf(s->err, sizeof(s->err), "socket: %s", strerror(errno));
+        return -1;
+    }
+    if (src && stream_bind_source(fd, src, srclen, s->err, sizeof(s->err)) < 0) {
+        s->sys_errno = errno;
+        s->bind_failed = 1;
+        close(fd);
         return -1;
     }
     if (setup_fd(s, fd) < 0) {

@@ -49,6 +49,22 @@ stream_t *stream_new(loop_t *loop, stream_cb cb, void *arg);
 /* Start a non-blocking connect. Returns 0 (CONNECTED or ERROR follows) or
  * -1 when the socket cannot even be created (stream_error() says why). */
 int  stream_connect(stream_t *s, const struct sockaddr *sa, socklen_t salen);
+/* The same from a source address: the socket is bound to src (its port
+ * ignored, 0; IP_BIND_ADDRESS_NO_PORT, so the ephemeral port is picked
+ * at connect time per destination and the ports of one address do not
+ * run out across destinations) before it connects. src NULL is
+ * stream_connect(). A bind that fails returns -1 at once, like a socket
+ * that cannot be created: stream_error() says "source address 192.0.2.1
+ * cannot be bound: Cannot assign requested address", stream_errno() the
+ * bind's errno and stream_bind_failed() 1. */
+int  stream_connect_from(stream_t *s, const struct sockaddr *src, socklen_t srclen, const struct sockaddr *sa,
+                         socklen_t salen);
+/* 1 when the last stream_connect_from() failed at its bind. */
+int  stream_bind_failed(const stream_t *s);
+/* Bind fd to src with port 0 (IP_BIND_ADDRESS_NO_PORT first), as
+ * stream_connect_from() does: 0, or -1 with errno and err ("source
+ * address 192.0.2.1 cannot be bound: <strerror>"). */
+int  stream_bind_source(int fd, const struct sockaddr *src, socklen_t srclen, char *err, size_t errlen);
 /* Adopt an already connected fd (server side, socketpair in tests).
  * Takes ownership of fd. */
 int  stream_attach(stream_t *s, int fd);

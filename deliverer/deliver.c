@@ -35,6 +35,14 @@
  *  nothing. When the held transaction's session reports, request.after_txn
  *  hears first what became of each of those recipients.
  *
+ *  Egress source (request.source): copied into d; session_params() binds
+ *  its address and uses its EHLO name, try_next() skips candidates of the
+ *  other address family, and the pool key ends in "|src=<name>" (the TLS
+ *  cache key gets the name from the session). Per-request knobs
+ *  (tls_override, max_msgs_per_conn, connect/command timeouts) are folded
+ *  into d->policy, d->max_msgs (smtp_pool_release_max) and d->timeouts,
+ *  which every transaction carries (txn_timeouts), pooled or new.
+ *
  *  The user callback always runs from a zero-delay timer of our own: never
  *  inside deliver_start(), never deep inside a session/stream callback
  *  chain, and the deliver_t can be released right after it returns.
@@ -57,6 +65,7 @@
 #include "core/buf.h"
 #include "core/config.h"
 #include "core/log.h"
+#include "core/stream.h"
 #include "core/tls.h"
 #include "core/util.h"
 #include "deliverer/routes.h"
@@ -135,6 +144,16 @@ struct deliver {
     size_t                 skipped_down; /* candidates skipped: their address was down */
     char                   down_why[512];/* the first of them, for the result */
     int                    down_cause;   /* and what made it down (smtp_status_t) */
+    /* egress source and shaping (request.source, tls_override, ...) */
+    int                    has_source;
+    char                   source_name[65];
+    struct sockaddr_storage source_addr;
+    socklen_t              source_addrlen;
+    char                   source_helo[256]; /* "" : the context's */
+    size_t                 skipped_family;   /* candidates skipped: not the source's address family */
+    int                    skipped_af;       /* the family of the first of them */
+    smtp_timeouts_t        timeouts;         /* the context's, with the request's overrides */
+    unsigned               max_msgs;         /* request.max_msgs_per_conn; 0: the pool's */
     deliver_result_t       res;
     loop_timer_t           done_timer;
     deliver_cb             cb;
@@ -599,7 +618,7 @@ static void drop_session(deliver_t *d, smtp_session_t *keep)
 {
     if (d->holding) {
         d->holding = 0;
-        smtp_pool_release(d->ctx->pool, d->key, keep);
+        smtp_pool_release_max(d->ctx->pool, d->key, keep, d->max_msgs);
     } else if (keep) {
         smtp_session_free(keep);
     }
@@ -646,6 +665,11 @@ static void settle(deliver_t *d, size_t i, int code, const char *enh, const char
     d->settled[i] = 1;
 }
 
+static const char *af_name(int af)
+{
+    return af == AF_INET ? "IPv4" : af == AF_INET6 ? "IPv6" : "unknown";
+}
+
 static int error_kind(int status)
 {
     switch (status) {
@@ -683,6 +707,14 @@ static void finish(deliver_t *d)
             r->outcome = outcome_for_error(error_kind(d->down_cause), &r->reason);
             r->code = 0;
             util_copy_text(r->text, sizeof(r->text), d->down_why);
+        } else if (!d->tried_any && d->skipped_family) {
+            /* like no candidate at all: nothing this source can reach */
+            r->outcome = outcome_for_error(OUTCOME_ERR_DNS, &r->reason);
+            r->code = 0;
+            snprintf(r->text, sizeof(r->text), "no MX address of family %s for source %s (%s %s): %zu %s "
+                     "address%s skipped", af_name(d->source_addr.ss_family), d->source_name,
+                     af_name(d->source_addr.ss_family), d->res.source_addr, d->skipped_family,
+                     af_name(d->skipped_af), d->skipped_family == 1 ? "" : "es");
         } else if (!d->tried_any) {
             r->outcome = outcome_for_error(OUTCOME_ERR_DNS, &r->reason);
             r->code = 0;
@@ -704,10 +736,11 @@ static void finish(deliver_t *d)
         }
         d->settled[i] = 1;
     }
-    log_debug("deliver", "attempt", "%s mx=%s addr=%s attempts=%u connections=%u reused=%u txns=%u "
+    log_debug("deliver", "attempt", "%s mx=%s addr=%s source=%s attempts=%u connections=%u reused=%u txns=%u "
               "rcpts=%zu tls=%s",
               DELIVER_MSG(d), LOG_Q(d->res.mx_host[0] ? d->res.mx_host : NULL),
-              d->res.mx_addr[0] ? d->res.mx_addr : "-", d->res.attempts_made, d->res.connections,
+              d->res.mx_addr[0] ? d->res.mx_addr : "-", LOG_Q(d->has_source ? d->source_name : NULL),
+              d->res.attempts_made, d->res.connections,
               d->res.reused, d->res.transactions, d->nrcpts, d->res.tls_version ? d->res.tls_version : "none");
     loop_timer_set(d->loop, &d->done_timer, 0);
 }
@@ -738,14 +771,15 @@ static int route_down(deliver_ctx_t *ctx, const deliver_candidate_t *c, route_st
 /* Mark the candidate's address down after sr failed there. The penalty
  * keeps the kind of failure and its wording (with how long a timeout
  * waited), which is what an attempt finding every address down reports. */
-static void route_failed(deliver_ctx_t *ctx, const deliver_candidate_t *c, const smtp_session_result_t *sr)
+static void route_failed(deliver_ctx_t *ctx, const deliver_candidate_t *c, const smtp_session_result_t *sr,
+                         const smtp_timeouts_t *to)
 {
     if (ctx->cfg.route_penalty_ms == 0)
         return;
     char key[72], text[ROUTES_WHY_LEN], waited[24] = "";
     route_key(c, key, sizeof(key));
     if (sr->status == SMTP_ETIMEOUT) {
-        unsigned ms = sr->state == SMTP_STATE_CONNECT ? ctx->timeouts.connect_ms : ctx->timeouts.greeting_ms;
+        unsigned ms = sr->state == SMTP_STATE_CONNECT ? to->connect_ms : to->greeting_ms;
         snprintf(waited, sizeof(waited), " (after %g s)", ms / 1000.0);
     }
     snprintf(text, sizeof(text), "%.100s [%.60s]: %.170s%s", c->host, key, sr->error, waited);
@@ -797,8 +831,10 @@ static void route_learn(deliver_t *d, const smtp_session_result_t *sr)
             route_ok(d->ctx, c);
         return;
     }
+    /* SMTP_ELOCAL (no descriptor, no port, a source address that cannot
+     * be bound) says nothing about the MX: never a penalty */
     if (!sr->reused && (sr->status == SMTP_ENETWORK || sr->status == SMTP_ETIMEOUT))
-        route_failed(d->ctx, c, sr);
+        route_failed(d->ctx, c, sr, &d->timeouts);
 }
 
 /* The next transaction's recipients: open ones, at most max_rcpts. */
@@ -883,16 +919,21 @@ void deliver_abort(deliver_t *d, uint64_t hold, const char *why)
     smtp_session_abort(d->sess, why);
 }
 
+static const char *session_helo(const deliver_t *d)
+{
+    return d->source_helo[0] ? d->source_helo : d->ctx->helo_name;
+}
+
 static smtp_session_params_t session_params(deliver_t *d)
 {
     const deliver_ctx_t *ctx = d->ctx;
     const deliver_candidate_t *c = &d->cands[d->cur];
     smtp_session_params_t p = {
-        .helo_name = ctx->helo_name,
+        .helo_name = session_helo(d),
         .tls = d->policy,
         .tls_verify_ctx = ctx->cfg.tls_verify_ctx,
         .tls_noverify_ctx = ctx->cfg.tls_noverify_ctx,
-        .timeouts = ctx->timeouts,
+        .timeouts = d->timeouts,
         .mx_host = c->host,
         .addr = (const struct sockaddr *)&c->addr,
         .addrlen = c->addrlen,
@@ -916,6 +957,12 @@ static smtp_session_params_t session_params(deliver_t *d)
         .tls_cache = ctx->tls_cache,
         .before_body = d->before_body ? on_session_hold : NULL,
         .before_body_arg = d,
+        .bind_addr = d->has_source ? (const struct sockaddr *)&d->source_addr : NULL,
+        .bind_addrlen = d->has_source ? d->source_addrlen : 0,
+        .source_name = d->has_source ? d->source_name : NULL,
+        /* a pooled connection runs each transaction under the deadlines
+         * of the request it carries */
+        .txn_timeouts = &d->timeouts,
     };
     return p;
 }
@@ -979,8 +1026,10 @@ static void use_candidate(deliver_t *d)
     }
     smtp_addr_text((const struct sockaddr *)&c->addr, addr, sizeof(addr));
     unsigned port = util_sockaddr_port((const struct sockaddr *)&c->addr);
-    snprintf(d->key, sizeof(d->key), "%s|%u|%d|%s|%s|%s", addr, port, (int)d->policy, c->host,
-             d->ctx->helo_name, d->ctx->auth_user ? d->ctx->auth_user : "");
+    /* sessions are kept per source and destination */
+    snprintf(d->key, sizeof(d->key), "%s|%u|%d|%s|%s|%s%s%s", addr, port, (int)d->policy, c->host,
+             session_helo(d), d->ctx->auth_user ? d->ctx->auth_user : "", d->has_source ? "|src=" : "",
+             d->has_source ? d->source_name : "");
     smtp_session_t *s = NULL;
     int how = smtp_pool_acquire(d->ctx->pool, d->key, &s, &d->wait, on_pool, d);
     if (how == SMTP_POOL_WAIT)
@@ -994,6 +1043,13 @@ static void try_next(deliver_t *d)
     unsigned max_mx = d->ctx->cfg.max_mx ? d->ctx->cfg.max_mx : 5;
     while (d->next < d->ncands) {
         const deliver_candidate_t *c = &d->cands[d->next];
+        if (d->has_source && c->addr.ss_family != d->source_addr.ss_family) {
+            /* an IPv4 source cannot reach an IPv6 MX, nor the reverse */
+            if (d->skipped_family++ == 0)
+                d->skipped_af = c->addr.ss_family;
+            d->next++;
+            continue;
+        }
         route_state_t down;
         if (route_down(d->ctx, c, &down)) {
             d->next++;
@@ -1157,6 +1213,49 @@ static void on_session(void *arg, smtp_session_t *s, const smtp_session_result_t
         finish(d);
 }
 
+/* The request's egress source and per-request knobs, copied into d. */
+static void request_shaping(deliver_t *d, const deliver_request_t *req)
+{
+    const deliver_source_t *src = req->source;
+    d->timeouts = d->ctx->timeouts;
+    if (req->connect_timeout_ms)
+        d->timeouts.connect_ms = req->connect_timeout_ms;
+    if (req->command_timeout_ms) {
+        /* every command reply but the end of data's (data_done_ms) */
+        unsigned ms = req->command_timeout_ms;
+        d->timeouts.greeting_ms = d->timeouts.helo_ms = d->timeouts.starttls_ms = ms;
+        d->timeouts.mail_ms = d->timeouts.rcpt_ms = d->timeouts.data_init_ms = ms;
+        d->timeouts.rset_ms = d->timeouts.quit_ms = ms;
+    }
+    d->max_msgs = req->max_msgs_per_conn;
+    if (src == NULL || src->addr == NULL || src->addrlen == 0 || src->addrlen > sizeof(d->source_addr))
+        return;
+    d->has_source = 1;
+    util_copy_text(d->source_name, sizeof(d->source_name), src->name ? src->name : "");
+    memcpy(&d->source_addr, src->addr, src->addrlen);
+    d->source_addrlen = src->addrlen;
+    util_sockaddr_set_port((struct sockaddr *)&d->source_addr, 0);
+    if (src->helo && src->helo[0])
+        util_copy_text(d->source_helo, sizeof(d->source_helo), src->helo);
+    util_copy_text(d->res.source_name, sizeof(d->res.source_name), d->source_name);
+    if (src->addr_text && src->addr_text[0])
+        util_copy_text(d->res.source_addr, sizeof(d->res.source_addr), src->addr_text);
+    else
+        smtp_addr_text((const struct sockaddr *)&d->source_addr, d->res.source_addr, sizeof(d->res.source_addr));
+}
+
+int egress_check_bind(const struct sockaddr *src, socklen_t srclen, char *err, size_t errlen)
+{
+    int fd = socket(src->sa_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(err, errlen, "source address cannot be bound: socket: %s", strerror(errno));
+        return -1;
+    }
+    int rc = stream_bind_source(fd, src, srclen, err, errlen);
+    close(fd);
+    return rc;
+}
+
 static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request_t *req, deliver_cb cb,
                               void *arg)
 {
@@ -1167,7 +1266,10 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
     d->cb = cb;
     d->arg = arg;
     d->policy = deliver_tls_map_lookup(&ctx->tls_map, ctx->cfg.tls, req->domain);
+    if (DELIVER_TLS_OVERRIDDEN(req->tls_override) >= 0 && DELIVER_TLS_OVERRIDDEN(req->tls_override) <= SMTP_TLS_VERIFY)
+        d->policy = (smtp_tls_policy_t)DELIVER_TLS_OVERRIDDEN(req->tls_override);
     d->res.tls_policy = d->policy;
+    request_shaping(d, req);
     d->mail_from = xstrdup(req->mail_from ? req->mail_from : "");
     d->nrcpts = req->nrcpts;
     d->rcpts = xcalloc(req->nrcpts ? req->nrcpts : 1, sizeof(*d->rcpts));

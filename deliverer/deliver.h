@@ -130,6 +130,8 @@ typedef struct deliver_result {
     smtp_tls_policy_t      tls_policy;   /* the policy applied to this domain */
     smtp_features_t        features;     /* EHLO of the last session (SIZE limit, 8BITMIME,
                                           * SMTPUTF8, PIPELINING, ...); zero if none answered */
+    char                   source_name[65]; /* the request's egress source; "" without one */
+    char                   source_addr[64]; /* its numeric address; "" without one */
 } deliver_result_t;
 
 typedef struct deliver deliver_t;
@@ -156,6 +158,30 @@ typedef enum {
 typedef void (*deliver_txn_cb)(void *arg, deliver_t *d, const size_t *accepted, const deliver_txn_state_t *st,
                                size_t n);
 
+/*
+ * An egress source: a local address (and its EHLO name) the connections
+ * of a request go out from, like a KumoMTA egress source or a PowerMTA
+ * virtual MTA. Every connection binds it before connecting
+ * (stream_connect_from); only MX addresses of its family are tried; the
+ * pool keeps sessions per source and destination, and the TLS session
+ * cache per source too. Route penalties stay per MX address, shared by
+ * every source, and a source that cannot be bound never marks an MX down
+ * (that failure is SMTP_ELOCAL, ours).
+ */
+typedef struct deliver_source {
+    const char            *name;      /* for logs, pool keys, results (at most 64 bytes kept) */
+    const struct sockaddr *addr;      /* port 0 */
+    socklen_t              addrlen;
+    const char            *addr_text; /* numeric */
+    const char            *helo;      /* NULL: the deliver_config helo_name */
+} deliver_source_t;
+
+/* mailpumpd, at start-up, for every configured source: create a TCP
+ * socket, bind src with port 0 (no connect), close it. 0, or -1 with
+ * "source address 127.0.0.9 cannot be bound: Cannot assign requested
+ * address" in err. Blocking-free but meant for start-up. */
+int egress_check_bind(const struct sockaddr *src, socklen_t srclen, char *err, size_t errlen);
+
 typedef struct deliver_request {
     const char        *mail_from;    /* "" for the null sender; copied */
     const char *const *rcpts;        /* copied */
@@ -176,7 +202,31 @@ typedef struct deliver_request {
     deliver_hold_cb    before_body;  /* NULL: each body follows its 354 at once */
     deliver_txn_cb     after_txn;    /* with before_body: each held transaction's end; may be NULL */
     void              *before_body_arg;
+    /* --- egress and shaping; zero / NULL keeps the context's behaviour --- */
+    const deliver_source_t *source;  /* NULL: the host's default address; copied. With one, every
+                                      * connection binds source->addr and says EHLO source->helo
+                                      * (else the config's helo_name); candidates of another address
+                                      * family are skipped, and when none is left the attempt ends
+                                      * transient, reason dns ("no MX address of family IPv4 for
+                                      * source mta1 (IPv4 ...)...") */
+    int                tls_override; /* 0 or -1: none (the per-domain map, else the default);
+                                      * else DELIVER_TLS_OVERRIDE(policy), which replaces both.
+                                      * Not the bare smtp_tls_policy_t: SMTP_TLS_NONE is 0, what
+                                      * every zeroed request carries */
+    unsigned           max_msgs_per_conn;  /* transactions per pooled connection for this request's
+                                            * destination; 0: the pool's max_msgs_per_session. A
+                                            * session released having carried this many is QUIT */
+    unsigned           connect_timeout_ms; /* 0: the context's connect timeout */
+    unsigned           command_timeout_ms; /* 0: the context's; else the deadline of every command
+                                            * reply (greeting, EHLO/HELO, STARTTLS, AUTH, MAIL, RCPT,
+                                            * DATA, RSET, QUIT) except the end of data's, which keeps
+                                            * data_done_ms (10 min); the body's inactivity timeout
+                                            * and the transaction deadline are left as they are */
 } deliver_request_t;
+
+/* deliver_request_t.tls_override for policy p, and back (-1: none). */
+#define DELIVER_TLS_OVERRIDE(p) ((int)(p) + 1)
+#define DELIVER_TLS_OVERRIDDEN(v) ((v) > 0 ? (int)(v) - 1 : -1)
 
 /* res is valid only during the call. */
 typedef void (*deliver_cb)(void *arg, const deliver_result_t *res);

@@ -200,9 +200,11 @@ static void evict(smtp_pool_t *p, pconn_t *c, const char *why)
     smtp_session_quit(c->s);
 }
 
-static int too_old(const smtp_pool_t *p, smtp_session_t *s)
+static int too_old(const smtp_pool_t *p, smtp_session_t *s, unsigned max_msgs)
 {
-    return smtp_session_transactions(s) >= p->lim.max_msgs_per_session ||
+    if (max_msgs == 0 || max_msgs > p->lim.max_msgs_per_session)
+        max_msgs = p->lim.max_msgs_per_session;
+    return smtp_session_transactions(s) >= max_msgs ||
            smtp_session_age_ms(s) >= p->lim.max_age_ms;
 }
 
@@ -261,7 +263,7 @@ static int try_grant(smtp_pool_t *p, pdest_t *d, smtp_session_t **out)
             free(c);
             continue;
         }
-        if (too_old(p, c->s)) {
+        if (too_old(p, c->s, 0)) {
             evict(p, c, "limits");
             continue;
         }
@@ -489,6 +491,11 @@ void smtp_pool_cancel(smtp_pool_t *p, smtp_pool_wait_t *w)
 
 int smtp_pool_release(smtp_pool_t *p, const char *key, smtp_session_t *s)
 {
+    return smtp_pool_release_max(p, key, s, 0);
+}
+
+int smtp_pool_release_max(smtp_pool_t *p, const char *key, smtp_session_t *s, unsigned max_msgs)
+{
     pdest_t *d = dest_get(p, key);
     if (d->busy > 0) {
         d->busy--;
@@ -502,7 +509,7 @@ int smtp_pool_release(smtp_pool_t *p, const char *key, smtp_session_t *s)
     int idle = smtp_session_state(s) == SMTP_STATE_IDLE;
     if (idle && smtp_session_usable(s) && smtp_session_transactions(s) > 0)
         d->proven = 1; /* waiters woken above may now open the other connections */
-    if (!p->lim.disabled && idle && smtp_session_usable(s) && !too_old(p, s) &&
+    if (!p->lim.disabled && idle && smtp_session_usable(s) && !too_old(p, s, max_msgs) &&
         d->busy + d->nidle < p->lim.max_per_dest) {
         pconn_t *c = xcalloc(1, sizeof(*c));
         c->s = s;

@@ -4,7 +4,8 @@
  *
  * A destination key names everything that makes two connections
  * interchangeable: MX address, port, TLS policy, MX host name (SNI and
- * verified name), EHLO name and AUTH identity (deliver.c builds it). A
+ * verified name), EHLO name, AUTH identity and the egress source, when
+ * the request names one (deliver.c builds it). A
  * finished transaction gives its session back; the next message for the
  * same key reuses it instead of connecting, greeting, EHLO-ing and
  * negotiating TLS again.
@@ -110,6 +111,11 @@ void smtp_pool_cancel(smtp_pool_t *p, smtp_pool_wait_t *w);
  * of s. Returns 1 if the session was kept idle, 0 if closed.
  */
 int  smtp_pool_release(smtp_pool_t *p, const char *key, smtp_session_t *s);
+/* The same with the destination's own limit of transactions per
+ * connection (a shaping rule's max_msgs_per_conn): a session that has
+ * carried max_msgs is QUIT, not kept; 0 is the pool's
+ * max_msgs_per_session, which also applies when it is lower. */
+int  smtp_pool_release_max(smtp_pool_t *p, const char *key, smtp_session_t *s, unsigned max_msgs);
 /*
  * The caller's new connection to key (its slot still held) was refused
  * for now at the greeting (a 4xx such as "421 too many connections") while

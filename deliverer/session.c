@@ -139,6 +139,9 @@ struct smtp_session {
     /* the connection outlives the delivery that opened it: own copies */
     char                  mx_host[256];
     struct sockaddr_storage addr;
+    struct sockaddr_storage bind_addr; /* the source address (p.bind_addr), when given */
+    char                  source_name[65];
+    char                  helo_name[256];
     unsigned              auth_step;
     char                  tls_key[400];
     smtp_session_closed_cb closed_cb;
@@ -393,11 +396,11 @@ static void log_session(smtp_session_t *s)
         n[outcome_classify(r->code, r->enh, r->text, NULL)]++;
     }
     log_info("smtp", "session",
-             "%s session=%016" PRIx64 " mx=%s addr=%s port=%u tls=%s cipher=%s resumed=%d result=%s "
+             "%s session=%016" PRIx64 " mx=%s addr=%s port=%u source=%s tls=%s cipher=%s resumed=%d result=%s "
              "state=%s txn=%u reused=%d pipelined=%d kept=%d rcpts=%zu delivered=%zu transient=%zu "
              "permanent=%zu unanswered=%zu bytes_in=%llu code=%d enh=%s reply=%s error=%s",
              SESS_MSG(s), s->id, LOG_Q(s->p.mx_host),
-             s->addr_text, s->port, s->res.tls_version ? s->res.tls_version : "none",
+             s->addr_text, s->port, LOG_Q(s->p.source_name), s->res.tls_version ? s->res.tls_version : "none",
              s->res.tls_cipher ? s->res.tls_cipher : "none", s->res.tls_resumed,
              status_tok(s->res.status), smtp_strstate(s->res.state), s->ntxn, s->res.reused,
              s->res.pipelined, s->res.reusable, s->res.nrcpts, n[OUTCOME_DELIVERED],
@@ -1486,6 +1489,8 @@ static void reset_txn(smtp_session_t *s, const smtp_session_params_t *p)
     s->p.keep_open = p->keep_open;
     s->p.before_body = p->before_body;
     s->p.before_body_arg = p->before_body_arg;
+    if (p->txn_timeouts)
+        s->p.timeouts = *p->txn_timeouts;
     s->expect = 0;
     memset(&s->reply_cur, 0, sizeof(s->reply_cur));
     s->rcpt_sent = s->rcpt_done = s->naccepted = 0;
@@ -1512,8 +1517,9 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
     s->loop = loop;
     s->p = *params;
     payload_len(s);
-    if (s->p.helo_name == NULL || s->p.helo_name[0] == '\0')
-        s->p.helo_name = "localhost";
+    util_copy_text(s->helo_name, sizeof(s->helo_name),
+                   s->p.helo_name && s->p.helo_name[0] ? s->p.helo_name : "localhost");
+    s->p.helo_name = s->helo_name;
     if (s->p.mail_from == NULL)
         s->p.mail_from = "";
     if (params->mx_host) {
@@ -1524,6 +1530,18 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
         memcpy(&s->addr, params->addr, params->addrlen);
         s->p.addr = (const struct sockaddr *)&s->addr;
     }
+    if (params->bind_addr && params->bind_addrlen > 0 && params->bind_addrlen <= sizeof(s->bind_addr)) {
+        memcpy(&s->bind_addr, params->bind_addr, params->bind_addrlen);
+        s->p.bind_addr = (const struct sockaddr *)&s->bind_addr;
+    } else {
+        s->p.bind_addr = NULL;
+        s->p.bind_addrlen = 0;
+    }
+    if (params->source_name) {
+        util_copy_text(s->source_name, sizeof(s->source_name), params->source_name);
+        s->p.source_name = s->source_name;
+    }
+    s->p.txn_timeouts = NULL;
     s->cb = cb;
     s->cb_arg = arg;
     s->id = util_rand64();
@@ -1535,9 +1553,10 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
     smtp_addr_text(params->addr, s->addr_text, sizeof(s->addr_text));
     s->port = util_sockaddr_port(params->addr);
     /* a session is only offered where it was issued: same address, port,
-     * name (SNI and verified name) and policy */
-    snprintf(s->tls_key, sizeof(s->tls_key), "%s|%u|%s|%d", s->addr_text, s->port,
-             s->p.mx_host ? s->p.mx_host : "", (int)s->p.tls);
+     * name (SNI and verified name) and policy, and from the same source */
+    snprintf(s->tls_key, sizeof(s->tls_key), "%s|%u|%s|%d%s%s", s->addr_text, s->port,
+             s->p.mx_host ? s->p.mx_host : "", (int)s->p.tls, s->p.source_name ? "|" : "",
+             s->p.source_name ? s->p.source_name : "");
     loop_timer_init(&s->defer_timer, defer_fired, s);
     loop_timer_init(&s->deadline_timer, deadline_fired, s);
     loop_timer_init(&s->txn_timer, txn_fired, s);
@@ -1549,11 +1568,13 @@ smtp_session_t *smtp_session_start(loop_t *loop, const smtp_session_params_t *pa
      * stream's backstop, never more unparsed than one reply may take */
     stream_set_max_input(s->st, SMTP_REPLY_MAX_BYTES);
     stream_set_timeout(s->st, state_timeout(s, SMTP_STATE_CONNECT));
-    if (params->nrcpts == 0 || stream_connect(s->st, params->addr, params->addrlen) < 0) {
-        /* report from the loop, never from inside the caller's start call */
-        s->res.status = params->nrcpts == 0                  ? SMTP_EPROTO
-                        : local_errno(stream_errno(s->st)) ? SMTP_ELOCAL
-                                                           : SMTP_ENETWORK;
+    if (params->nrcpts == 0 ||
+        stream_connect_from(s->st, s->p.bind_addr, s->p.bind_addrlen, params->addr, params->addrlen) < 0) {
+        /* report from the loop, never from inside the caller's start call;
+         * a source address that cannot be bound is ours, never the MX's */
+        s->res.status = params->nrcpts == 0                                             ? SMTP_EPROTO
+                        : stream_bind_failed(s->st) || local_errno(stream_errno(s->st)) ? SMTP_ELOCAL
+                                                                                        : SMTP_ENETWORK;
         snprintf(s->res.error, sizeof(s->res.error), "%s",
                  params->nrcpts == 0 ? "no recipients" : stream_error(s->st));
         loop_timer_set(loop, &s->defer_timer, 0);

@@ -251,6 +251,17 @@ typedef struct smtp_session_params {
     struct tls_session_cache *tls_cache;     /* resumption cache (core/tls.h), may be NULL */
     smtp_session_hold_cb   before_body;      /* per transaction; NULL: the body follows the 354 */
     void                  *before_body_arg;
+    /* --- egress source; NULL / 0: the host's default address --- */
+    const struct sockaddr *bind_addr;        /* the socket is bound to it (port ignored) before it
+                                              * connects (stream_connect_from); copied. A bind that
+                                              * fails ends the session SMTP_ELOCAL, state CONNECT */
+    socklen_t              bind_addrlen;
+    const char            *source_name;      /* the source's name: in the TLS session cache key (a
+                                              * session is only resumed from the source that got it)
+                                              * and the log line (source=); copied; NULL none */
+    /* per transaction (smtp_session_next), optional: the deadlines from
+     * this transaction on; NULL keeps the connection's */
+    const smtp_timeouts_t *txn_timeouts;
 } smtp_session_params_t;
 
 /* params.need: the message is 8-bit (BODY=8BITMIME, RFC 6152) or has
@@ -268,10 +279,9 @@ typedef void (*smtp_session_cb)(void *arg, smtp_session_t *s, const smtp_session
 
 /*
  * Connect and run the transaction. The params struct is copied, and so
- * are mx_host and the address. The transaction's strings, arrays and
+ * are mx_host, the address, helo_name, bind_addr and source_name. The transaction's strings, arrays and
  * payload must stay valid until the callback has fired (the payload is
- * sent from where it lies, never copied); helo_name,
- * auth_user/auth_pass, the SSL_CTXs and tls_cache for as long as the
+ * sent from where it lies, never copied); auth_user/auth_pass, the SSL_CTXs and tls_cache for as long as the
  * session lives (a kept session outlives the delivery that opened it).
  * Never returns NULL (a connect that cannot even start is reported
  * through the callback).
@@ -286,7 +296,8 @@ void smtp_session_free(smtp_session_t *s);
  * Run another transaction on an IDLE session (after a callback that said
  * res->reusable). Only the transaction fields of txn are used (mail_from,
  * rcpts, nrcpts, data, len, segs, nsegs, message_size, log_id, need,
- * keep_open, before_body, before_body_arg); the
+ * keep_open, before_body, before_body_arg, and txn_timeouts when it is
+ * not NULL); the
  * connection keeps the parameters it was started with. cb fires exactly
  * once, never from inside this call. Returns 0, or -1 (nothing happens)
  * when the session is not IDLE.

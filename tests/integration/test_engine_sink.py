@@ -35,12 +35,12 @@ SENDER = "bob@test.example"
 
 
 def commands(lines, conn=None):
-    """The commands of a transcript (not the "+event" lines), of one
-    connection or of all."""
+    """The commands of a transcript (not the "+event" and "PEER" lines), of
+    one connection or of all."""
     out = []
     for line in lines:
         cid, _, rest = line.partition(" ")
-        if rest.startswith("+") or (conn is not None and cid != str(conn)):
+        if rest.startswith(("+", "PEER ")) or (conn is not None and cid != str(conn)):
             continue
         out.append(rest)
     return out

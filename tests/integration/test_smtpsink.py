@@ -178,7 +178,8 @@ class SmtpSinkTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0)
         for word in ("--listen", "--rule", "rcpt:PATTERN", "drop:VERB", "delay:VERB",
                      "delay:VERB=MIN-MAX", "drip:VERB=MS", "CONNECT%2", "open_peak",
-                     "multiline:VERB", "--stats-file", "--maildir", "--log", "--chunking"):
+                     "multiline:VERB", "--stats-file", "--maildir", "--log", "--chunking",
+                     "--reply-from", "X-Smtpsink-Peer", "PEER <ip>:<port>"):
             self.assertIn(word, r.stdout)
         r = subprocess.run([SINK, "--listen", "127.0.0.1:1", "--rule", "bogus"],
                            capture_output=True, text=True, timeout=10)
@@ -217,7 +218,8 @@ class SmtpSinkTest(unittest.TestCase):
         self.assertIn(b"\r\nline one\r\n.leading dot\r\n..two dots\r\n", m)
         self.assertEqual(st["bytes"], len(body))
         t = sink.transcript()
-        cmds = [line.split(" ", 1)[1] for line in t if not line.split(" ", 1)[1].startswith("+")]
+        cmds = [line.split(" ", 1)[1] for line in t
+                if not line.split(" ", 1)[1].startswith(("+", "PEER "))]
         self.assertEqual(cmds, ["ehlo client.test", "STARTTLS", "ehlo client.test",
                                 "mail FROM:<alice@test.example>",
                                 "rcpt TO:<bob@test.example>", "rcpt TO:<carol@test.example>",
@@ -362,6 +364,47 @@ class SmtpSinkTest(unittest.TestCase):
         cmds = [line.split(" ", 1)[1] for line in sink.transcript()]
         self.assertIn("ehlo client.test", cmds)
         self.assertIn("helo client.test", cmds)
+
+    def test_reply_from_one_peer_and_peer_recorded(self):
+        deferred = "421 4.7.0 [TS01] Messages from 127.0.0.2 temporarily deferred"
+        sink = self.sink("--reply-from", "127.0.0.2:mail:" + deferred,
+                         "--reply-from", "127.0.0.3:greeting:554 5.7.1 not from you", tls=False)
+        # 127.0.0.2: 421 to MAIL, then the connection is closed
+        c = smtplib.SMTP(HOST, sink.port, timeout=10, source_address=("127.0.0.2", 0))
+        c.ehlo("client.test")
+        code, msg = c.docmd("MAIL FROM:<a@test.example>")
+        self.assertEqual((code, msg.decode()), (421, deferred[4:]))
+        with self.assertRaises(smtplib.SMTPServerDisconnected):
+            c.docmd("NOOP")
+        c.close()
+        # 127.0.0.3: refused at the greeting
+        with self.assertRaises(smtplib.SMTPConnectError) as cm:
+            smtplib.SMTP(HOST, sink.port, timeout=10, source_address=("127.0.0.3", 0))
+        self.assertEqual(cm.exception.smtp_code, 554)
+        # any other address: served as usual, its address kept
+        with smtplib.SMTP(HOST, sink.port, timeout=10, source_address=("127.0.0.4", 0)) as c:
+            self.assertEqual(c.sendmail("a@test.example", ["b@test.example"], "x\r\n"), {})
+        st = sink.settle()
+        self.assertEqual(st["messages"], 1)
+        self.assertEqual([r["fired"] for r in st["rules"]], [1, 1])
+        msgs = sink.messages()
+        self.assertEqual(len(msgs), 1)
+        self.assertTrue(msgs[0].startswith(b"X-Sink-Mail-From: <a@test.example>\r\n"
+                                           b"X-Sink-Rcpt-To: <b@test.example>\r\n"
+                                           b"X-Sink-Connection: 3\r\n"
+                                           b"X-Smtpsink-Peer: 127.0.0.4\r\n"), msgs[0])
+        t = sink.transcript()
+        peers = [line.split(" ") for line in t if line.split(" ", 1)[1].startswith("PEER ")]
+        self.assertEqual([(p[0], p[2].rsplit(":", 1)[0]) for p in peers],
+                         [("1", "127.0.0.2"), ("2", "127.0.0.3"), ("3", "127.0.0.4")])
+        # right after the +connect line of its connection, with the same port
+        for i, line in enumerate(t):
+            if " PEER " in line:
+                self.assertEqual(t[i - 1].split(" ")[1:3], ["+connect", line.split(" ")[2]])
+        r = subprocess.run([SINK, "--listen", "127.0.0.1:1", "--reply-from", "127.0.0.2:helo:421 x"],
+                           capture_output=True, text=True, timeout=10)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("STAGE", r.stderr)
 
     def test_drop_rcpt_closes_without_reply(self):
         sink = self.sink("--rule", "drop:RCPT", tls=False)

@@ -281,7 +281,11 @@ static void srv_accept(loop_t *loop, int fd, unsigned events, void *arg)
 {
     fake_server_t *fs = arg;
     fake_conn_t *c = NULL;
-    int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    struct sockaddr_in peer;
+    socklen_t plen = sizeof(peer);
+    int cfd = accept4(fd, (struct sockaddr *)&peer, &plen, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (cfd >= 0 && peer.sin_family == AF_INET)
+        inet_ntop(AF_INET, &peer.sin_addr, fs->last_peer, sizeof(fs->last_peer));
     if (cfd < 0)
         return;
     fs->naccepted++;

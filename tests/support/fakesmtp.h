@@ -125,6 +125,7 @@ typedef struct fake_server {
     int             nrefused;       /* turned away by max_conns */
     int             early_replied;
     size_t          body_bytes;     /* body bytes taken under body_trickle_ms / body_stall */
+    char            last_peer[64];  /* the client address of the newest connection ("" none) */
 } fake_server_t;
 
 /* The reply of fakesmtp_rules_ok to EHLO: PIPELINING, SIZE, 8BITMIME,

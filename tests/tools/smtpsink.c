@@ -21,7 +21,8 @@
  *  may fire only its first N times (#N) or only on every Nth connection
  *  (%N, counted in accept order). A held or dripping reply stops input
  *  processing of that connection until it is sent, so ordering is
- *  preserved.
+ *  preserved. --reply-from makes a reply rule that fires only for clients
+ *  connecting from one address (a receiver deferring one sending IP).
  *
  *  A connection costs a small struct plus the stream's buffers, and an idle
  *  one gives its read buffer back (about 16 KiB per idle TLS connection,
@@ -30,7 +31,9 @@
  *  Counters go to --stats-file (JSON, rewritten atomically every second,
  *  on SIGUSR1 and at exit) and to stderr at exit. --log writes one line
  *  per command received: "<conn-id> <command>"; lines of "<conn-id> +..."
- *  are events (connect, tls, data, close).
+ *  are events (connect, tls, data, close); "<conn-id> PEER <ip>:<port>"
+ *  follows each +connect. --maildir files carry the client's address in
+ *  X-Smtpsink-Peer after the envelope headers.
  *  Exit status: 0 after SIGTERM/SIGINT, 2 on a usage or set-up error.
  */
 #ifndef _GNU_SOURCE
@@ -108,6 +111,8 @@ typedef struct sink_rule {
     unsigned long    every;     /* only on connections whose number is a multiple; 0 = all */
     atomic_ulong     fired;
     char            *spec;      /* as given, for stats */
+    int              peer_af;   /* --reply-from: only for clients from this address; 0 = any */
+    unsigned char    peer[16];
 } sink_rule_t;
 
 /* ---- configuration (read-only once the threads run) -------------------- */
@@ -199,6 +204,9 @@ typedef struct sink_conn {
     unsigned long     msg_bare_lf;
     char              mail_from[SINK_ADDR_MAX];
     char             *auth_login_user;
+    int               peer_af;    /* the client's address (AF_INET, AF_INET6; 0 unknown) */
+    unsigned char     peer[16];
+    char              peer_text[INET6_ADDRSTRLEN];
     buf_t             msg;        /* content, only with --maildir */
     buf_t             rcpts;      /* accepted recipients "addr\n", only with --maildir */
 } sink_conn_t;
@@ -387,6 +395,63 @@ static void rule_add(sink_conf_t *conf, const char *spec)
     conf->nrules++;
 }
 
+/* --reply-from IP:STAGE:CODE [X.Y.Z] TEXT ([IPv6]:STAGE:...): the reply a
+ * client connecting from IP gets at STAGE, a cmd: rule of its own. */
+static void reply_from_add(sink_conf_t *conf, const char *spec)
+{
+    static const struct {
+        const char *name;
+        sink_verb_t verb;
+    } stages[] = { { "greeting", V_CONNECT }, { "mail", V_MAIL }, { "rcpt", V_RCPT }, { "data", V_DATA },
+                   { "dot", V_DOT } };
+    sink_rule_t r;
+    memset(&r, 0, sizeof(r));
+    char ip[INET6_ADDRSTRLEN + 2];
+    const char *p = spec, *end;
+    if (*p == '[') {
+        end = strchr(p, ']');
+        if (end == NULL || end[1] != ':')
+            die("--reply-from \"%s\": expected [IPv6]:STAGE:CODE TEXT", spec);
+        p++;
+    } else {
+        end = strchr(p, ':');
+        if (end == NULL)
+            die("--reply-from \"%s\": expected IP:STAGE:CODE TEXT", spec);
+    }
+    if ((size_t)(end - p) >= sizeof(ip))
+        die("--reply-from \"%s\": bad address", spec);
+    memcpy(ip, p, (size_t)(end - p));
+    ip[end - p] = '\0';
+    if (inet_pton(AF_INET, ip, r.peer) == 1)
+        r.peer_af = AF_INET;
+    else if (inet_pton(AF_INET6, ip, r.peer) == 1)
+        r.peer_af = AF_INET6;
+    else
+        die("--reply-from \"%s\": \"%s\" is not an IP address", spec, ip);
+    const char *stage = end + (*end == ']' ? 2 : 1);
+    const char *colon = strchr(stage, ':');
+    size_t slen = colon ? (size_t)(colon - stage) : 0;
+    int found = 0;
+    for (size_t i = 0; colon && i < sizeof(stages) / sizeof(stages[0]); i++) {
+        if (strlen(stages[i].name) == slen && util_strncasecmp(stage, stages[i].name, slen) == 0) {
+            r.verb = stages[i].verb;
+            found = 1;
+        }
+    }
+    if (!found)
+        die("--reply-from \"%s\": STAGE is one of greeting, mail, rcpt, data, dot", spec);
+    if (parse_reply_spec(colon + 1, &r.code, &r.enh, &r.text) < 0)
+        die("--reply-from \"%s\": expected CODE [X.Y.Z] [text] with CODE 200..599 after the stage", spec);
+    r.kind = R_REPLY;
+    size_t n = strlen(spec) + sizeof("reply-from:");
+    r.spec = xcalloc(1, n);
+    snprintf(r.spec, n, "reply-from:%s", spec);
+    conf->rules = xrealloc(conf->rules, (conf->nrules + 1) * sizeof(*conf->rules));
+    memcpy(&conf->rules[conf->nrules], &r, sizeof(r));
+    atomic_init(&conf->rules[conf->nrules].fired, 0);
+    conf->nrules++;
+}
+
 static void rules_load(sink_conf_t *conf, const char *path)
 {
     FILE *f = fopen(path, "r");
@@ -426,6 +491,9 @@ static sink_rule_t *rule_find(const sink_conn_t *c, sink_rule_kind_t kind, sink_
         if (r->kind != kind || r->verb != verb)
             continue;
         if (r->every && c->id % r->every != 0)
+            continue;
+        if (r->peer_af && (r->peer_af != c->peer_af ||
+                           memcmp(r->peer, c->peer, r->peer_af == AF_INET ? 4 : 16) != 0))
             continue;
         if (kind == R_RCPT && fnmatch(r->pattern, addr, FNM_CASEFOLD) != 0)
             continue;
@@ -581,6 +649,7 @@ static void maildir_store(sink_conn_t *c, unsigned long long qid)
     }
     buf_printf(&h, "X-Sink-Connection: %llu%s\r\n", (unsigned long long)c->id,
                stream_is_tls(c->s) ? " tls" : "");
+    buf_printf(&h, "X-Smtpsink-Peer: %s\r\n", c->peer_text[0] ? c->peer_text : "unknown");
     int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) {
         fprintf(stderr, "smtpsink: maildir %s: %s\n", tmp, strerror(errno));
@@ -1349,17 +1418,25 @@ static void on_accept(loop_t *loop, int lfd, unsigned events, void *arg)
                                                                       memory_order_relaxed,
                                                                       memory_order_relaxed))
             ;
+        int port = 0;
+        if (ss.ss_family == AF_INET) {
+            const struct sockaddr_in *sin = (const struct sockaddr_in *)&ss;
+            c->peer_af = AF_INET;
+            memcpy(c->peer, &sin->sin_addr, 4);
+            port = ntohs(sin->sin_port);
+        } else if (ss.ss_family == AF_INET6) {
+            const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&ss;
+            c->peer_af = AF_INET6;
+            memcpy(c->peer, &sin6->sin6_addr, 16);
+            port = ntohs(sin6->sin6_port);
+        }
+        if (c->peer_af == 0 || inet_ntop(c->peer_af, c->peer, c->peer_text, sizeof(c->peer_text)) == NULL)
+            c->peer_text[0] = '\0';
         if (g_conf.log) {
-            char host[INET6_ADDRSTRLEN] = "?";
-            int port = 0;
-            if (ss.ss_family == AF_INET) {
-                inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, host, sizeof(host));
-                port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-            } else if (ss.ss_family == AF_INET6) {
-                inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, host, sizeof(host));
-                port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-            }
+            const char *host = c->peer_text[0] ? c->peer_text : "?";
             tlog(c, "+connect %s:%d thread=%d", host, port, w->index);
+            /* the address that sent: "PEER 127.0.0.2:40312", "PEER [::1]:40312" */
+            tlog(c, c->peer_af == AF_INET6 ? "PEER [%s]:%d" : "PEER %s:%d", host, port);
         }
         if (g_conf.timeout_ms)
             stream_set_timeout(c->s, g_conf.timeout_ms);
@@ -1545,16 +1622,26 @@ static void usage(FILE *f)
         "  accepted): cmd:CONNECT%2=421 4.7.0 try later refuses every second connection.\n"
         "  Both may be given (cmd:CONNECT%2#10=421 ...: the first 10 of those).\n"
         "  The first matching rule of each kind wins.\n"
+        "  --reply-from IP:STAGE:CODE [X.Y.Z] TEXT\n"
+        "                         (repeatable) clients connecting from IP ([IPv6]:STAGE:... for\n"
+        "                         IPv6) get this reply at STAGE: greeting, mail, rcpt, data (the\n"
+        "                         DATA command) or dot (end of data); 421 closes the connection\n"
+        "                         after it. Another address is served as usual. Like a cmd: rule,\n"
+        "                         given in order with the --rule ones (the first that matches wins):\n"
+        "                         --reply-from \"127.0.0.2:mail:421 4.7.0 [TS01] Messages from\n"
+        "                         127.0.0.2 temporarily deferred\"\n"
         "counting and keeping\n"
         "  --stats-file FILE      JSON counters, rewritten every second, on SIGUSR1 and at exit:\n"
         "                         connections, open (now; also connections_open), open_peak,\n"
         "                         tls_handshakes (all), tls_resumed, tls_full, messages,\n"
         "                         recipients_accepted/rejected, bytes, bare_lf_lines, rules[].fired ...\n"
         "  --maildir DIR          keep each accepted message in DIR/new, the envelope prepended as\n"
-        "                         X-Sink-Mail-From / X-Sink-Rcpt-To headers\n"
+        "                         X-Sink-Mail-From / X-Sink-Rcpt-To headers, then\n"
+        "                         X-Sink-Connection: <conn-id> [tls] and X-Smtpsink-Peer: <client ip>\n"
         "  --log FILE             transcript: one line per command, \"<conn-id> <command>\"\n"
         "                         (AUTH secrets masked); \"<conn-id> +event ...\" for connect, tls,\n"
-        "                         data, drop, close\n"
+        "                         data, drop, close; at each accept also \"<conn-id> PEER <ip>:<port>\"\n"
+        "                         ([ip]:port for IPv6)\n"
         "  --quiet                no start-up / exit lines on stdout\n"
         "\n"
         "Prints \"smtpsink: ready ADDR:PORT ...\" on stdout once listening. SIGTERM/SIGINT close\n"
@@ -1564,7 +1651,7 @@ static void usage(FILE *f)
 
 enum {
     O_LISTEN = 256, O_THREADS, O_HOSTNAME, O_TIMEOUT, O_CERT, O_KEY, O_NOPIPE, O_NOTLS, O_NOENH,
-    O_NO8BIT, O_SIZE, O_UTF8, O_CHUNKING, O_AUTH, O_AUTHUSER, O_GDELAY, O_BANNER, O_RULE, O_RULES,
+    O_NO8BIT, O_SIZE, O_UTF8, O_CHUNKING, O_AUTH, O_AUTHUSER, O_GDELAY, O_BANNER, O_RULE, O_RULES, O_REPLYFROM,
     O_STATS, O_MAILDIR, O_LOG, O_QUIET, O_HELP
 };
 
@@ -1580,6 +1667,7 @@ static void parse_args(sink_conf_t *conf, int argc, char **argv)
         { "chunking", 0, NULL, O_CHUNKING }, { "auth", 0, NULL, O_AUTH },
         { "auth-user", 1, NULL, O_AUTHUSER }, { "greeting-delay", 1, NULL, O_GDELAY },
         { "banner", 1, NULL, O_BANNER }, { "rule", 1, NULL, O_RULE }, { "rules", 1, NULL, O_RULES },
+        { "reply-from", 1, NULL, O_REPLYFROM },
         { "stats-file", 1, NULL, O_STATS }, { "maildir", 1, NULL, O_MAILDIR },
         { "log", 1, NULL, O_LOG }, { "quiet", 0, NULL, O_QUIET }, { "help", 0, NULL, O_HELP },
         { NULL, 0, NULL, 0 },
@@ -1631,6 +1719,7 @@ static void parse_args(sink_conf_t *conf, int argc, char **argv)
             break;
         case O_RULE: rule_add(conf, optarg); break;
         case O_RULES: rules_load(conf, optarg); break;
+        case O_REPLYFROM: reply_from_add(conf, optarg); break;
         case O_STATS: conf->stats_file = optarg; break;
         case O_MAILDIR: conf->maildir = optarg; break;
         case O_LOG:

@@ -75,6 +75,9 @@ typedef struct capture {
     unsigned    attempts;
     unsigned    connections, reused, transactions, tls_full, tls_resumed;
     smtp_features_t features;
+    char        source_name[65];
+    char        source_addr[64];
+    int         tls_policy;
 } capture_t;
 
 typedef struct tls_fixture {
@@ -120,6 +123,9 @@ static void on_result(void *arg, const deliver_result_t *res)
     c->tls_full = res->tls_full;
     c->tls_resumed = res->tls_resumed;
     c->features = res->features;
+    snprintf(c->source_name, sizeof(c->source_name), "%s", res->source_name);
+    snprintf(c->source_addr, sizeof(c->source_addr), "%s", res->source_addr);
+    c->tls_policy = (int)res->tls_policy;
 }
 
 static deliver_candidate_t cand(const char *host, unsigned short port)
@@ -3506,6 +3512,469 @@ static int group_teardown(void **state)
 
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
 
+
+/* ---- egress sources and per-request shaping ------------------------ */
+
+typedef struct src_fixture {
+    struct sockaddr_in sin;
+    deliver_source_t   src;
+} src_fixture_t;
+
+static void source_init(src_fixture_t *f, const char *name, const char *ip, const char *helo)
+{
+    memset(f, 0, sizeof(*f));
+    f->sin.sin_family = AF_INET;
+    assert_int_equal(inet_pton(AF_INET, ip, &f->sin.sin_addr), 1);
+    f->src.name = name;
+    f->src.addr = (const struct sockaddr *)&f->sin;
+    f->src.addrlen = sizeof(f->sin);
+    f->src.addr_text = ip;
+    f->src.helo = helo;
+}
+
+/* A request with every shaping field spelled out. */
+typedef struct sreq {
+    const deliver_source_t *source;
+    int                     tls_override;
+    unsigned                max_msgs, connect_ms, command_ms;
+    const char             *domain;
+} sreq_t;
+
+static void src_deliver(deliver_ctx_t *ctx, loop_t *loop, const sreq_t *q, const char *const *rcpts, size_t nrcpts,
+                        const deliver_candidate_t *cands, size_t ncands, capture_t *cap)
+{
+    deliver_request_t req = {
+        .mail_from = FROM,
+        .rcpts = rcpts,
+        .nrcpts = nrcpts,
+        .data = PAYLOAD,
+        .len = strlen(PAYLOAD),
+        .message_size = MSG_SIZE,
+        .candidates = cands,
+        .ncandidates = ncands,
+        .log_id = "test-msg-src",
+        .domain = q->domain,
+        .source = q->source,
+        .tls_override = q->tls_override,
+        .max_msgs_per_conn = q->max_msgs,
+        .connect_timeout_ms = q->connect_ms,
+        .command_timeout_ms = q->command_ms,
+    };
+    memset(cap, 0, sizeof(*cap));
+    deliver_t *d = deliver_ctx_start(ctx, &req, on_result, cap);
+    assert_non_null(d);
+    assert_int_equal(cap->fired, 0);
+    run_until(loop, &cap->fired);
+}
+
+/* A source binds its address (the server sees 127.0.0.2) and says EHLO
+ * with its own name; the result names it. Sessions are pooled per
+ * source: the default address and another source each open their own
+ * connection, and the first source's idle one is reused by its next
+ * message. */
+static void test_source_bind_helo_and_pool(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y" };
+    src_fixture_t m1, m2;
+    source_init(&m1, "mta1", "127.0.0.2", "mta1.example.net");
+    source_init(&m2, "mta2", "127.0.0.3", NULL);
+    sreq_t q1 = { .source = &m1.src }, q0 = { 0 }, q2 = { .source = &m2.src };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    capture_t cap;
+
+    src_deliver(ctx, t->loop, &q1, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_string_equal(fs->last_peer, "127.0.0.2");
+    assert_string_equal(cap.source_name, "mta1");
+    assert_string_equal(cap.source_addr, "127.0.0.2");
+    assert_int_equal(cap.connections, 1);
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO mta1.example.net\r\nMAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
+
+    /* the host's default address: not mta1's session */
+    spin(t->loop, 3);
+    src_deliver(ctx, t->loop, &q0, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.connections, 1);
+    assert_int_equal(cap.reused, 0);
+    assert_string_equal(fs->last_peer, "127.0.0.1");
+    assert_string_equal(cap.source_name, "");
+    assert_string_equal(cap.source_addr, "");
+    assert_int_equal(fs->naccepted, 2);
+
+    /* mta1 again: its idle session, same EHLO, no new connection */
+    spin(t->loop, 3);
+    src_deliver(ctx, t->loop, &q1, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.connections, 0);
+    assert_int_equal(cap.reused, 1);
+    assert_int_equal(fs->naccepted, 2);
+
+    /* mta2: its own connection, the config's EHLO name (no helo of its own) */
+    spin(t->loop, 3);
+    size_t before = strlen(fake_server_transcript(fs));
+    src_deliver(ctx, t->loop, &q2, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.connections, 1);
+    assert_string_equal(fs->last_peer, "127.0.0.3");
+    assert_string_equal(cap.source_name, "mta2");
+    assert_string_equal(fake_server_transcript(fs) + before,
+                        "EHLO " HELO_NAME "\r\nMAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
+    deliver_stats_t st;
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.connects, 3);
+    assert_int_equal(st.pool.reuses, 1);
+    assert_int_equal(st.pool.idle, 3);
+    assert_int_equal(st.pool.dests, 3);
+    deliver_ctx_free(ctx);
+    spin(t->loop, 5);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static deliver_candidate_t cand6(const char *host, unsigned short port)
+{
+    deliver_candidate_t c;
+    memset(&c, 0, sizeof(c));
+    snprintf(c.host, sizeof(c.host), "%s", host);
+    struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&c.addr;
+    sin6->sin6_family = AF_INET6;
+    sin6->sin6_port = htons(port);
+    sin6->sin6_addr = in6addr_loopback;
+    c.addrlen = sizeof(*sin6);
+    return c;
+}
+
+/* An IPv4 source skips IPv6 candidates (never tried, no attempt spent);
+ * with nothing of its family left the attempt ends at once, transient,
+ * reason dns, saying why. */
+static void test_source_family_mismatch(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
+    unsigned short closed6 = fakesmtp_closed_port();
+    deliver_candidate_t mixed[] = { cand6("mx6.fake.test", closed6), cand("mx1.fake.test", fs->port) };
+    deliver_candidate_t only6[] = { cand6("mx6.fake.test", closed6), cand6("mx6b.fake.test", closed6) };
+    const char *r1[] = { "b@y" };
+    src_fixture_t m1;
+    source_init(&m1, "mta1", "127.0.0.2", NULL);
+    sreq_t q1 = { .source = &m1.src };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    capture_t cap;
+
+    src_deliver(ctx, t->loop, &q1, r1, 1, mixed, 2, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.attempts, 1);
+    assert_string_equal(cap.mx_host, "mx1.fake.test");
+    assert_string_equal(fs->last_peer, "127.0.0.2");
+
+    src_deliver(ctx, t->loop, &q1, r1, 1, only6, 2, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "dns", 0, "");
+    assert_string_equal(cap.r[0].text,
+                        "no MX address of family IPv4 for source mta1 (IPv4 127.0.0.2): 2 IPv6 addresses skipped");
+    assert_int_equal(cap.attempts, 0);
+    assert_int_equal(cap.connections, 0);
+    assert_int_equal(fs->naccepted, 1);
+    /* an IPv6 source and IPv4 candidates: the same, the other way round */
+    struct sockaddr_in6 s6 = { .sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT };
+    deliver_source_t v6 = { .name = "mta6", .addr = (const struct sockaddr *)&s6, .addrlen = sizeof(s6),
+                            .addr_text = "::1" };
+    sreq_t q6 = { .source = &v6 };
+    deliver_candidate_t only4[] = { cand("mx1.fake.test", fs->port) };
+    src_deliver(ctx, t->loop, &q6, r1, 1, only4, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "dns", 0, "");
+    assert_string_equal(cap.r[0].text,
+                        "no MX address of family IPv6 for source mta6 (IPv6 ::1): 1 IPv4 address skipped");
+    assert_int_equal(fs->naccepted, 1);
+    /* without a source the IPv6 candidates are tried as before */
+    sreq_t q0 = { 0 };
+    src_deliver(ctx, t->loop, &q0, r1, 1, only6, 2, &cap);
+    assert_int_equal(cap.attempts, 2);
+    deliver_ctx_free(ctx);
+    spin(t->loop, 5);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* A source address not on this host cannot be bound: no packet goes
+ * out, the recipients are transient (network) with the words of the
+ * bind, it counts as a local resource error, and the MX is not marked
+ * down: the next message without a source goes at once. */
+static void test_source_bind_failure(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
+    deliver_config_t cfg = config(t, SMTP_TLS_NONE);
+    cfg.route_penalty_ms = 5000;
+    deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y" };
+    src_fixture_t bad;
+    source_init(&bad, "far", "192.0.2.1", NULL);
+    sreq_t qb = { .source = &bad.src }, q0 = { 0 };
+    capture_t cap;
+    uint64_t downs = metrics_counter(MET_SMTP_ROUTES_DOWN);
+    uint64_t local = metrics_counter(MET_LOCAL_RESOURCE_ERRORS);
+
+    src_deliver(ctx, t->loop, &qb, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "network", 0, "");
+    assert_string_equal(cap.r[0].text, "source address 192.0.2.1 cannot be bound: Cannot assign requested address");
+    assert_string_equal(cap.source_name, "far");
+    assert_string_equal(cap.source_addr, "192.0.2.1");
+    assert_int_equal(fs->naccepted, 0);
+    assert_int_equal(metrics_counter(MET_LOCAL_RESOURCE_ERRORS) - local, 1);
+    assert_int_equal(metrics_counter(MET_SMTP_ROUTES_DOWN) - downs, 0);
+
+    src_deliver(ctx, t->loop, &q0, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.attempts, 1);
+    assert_int_equal(fs->naccepted, 1);
+    deliver_ctx_free(ctx);
+    spin(t->loop, 5);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+static void test_egress_check_bind(void **state)
+{
+    (void)state;
+    src_fixture_t ok, bad;
+    source_init(&ok, "lo2", "127.0.0.2", NULL);
+    source_init(&bad, "far", "192.0.2.1", NULL);
+    char err[256] = "";
+    assert_int_equal(egress_check_bind(ok.src.addr, ok.src.addrlen, err, sizeof(err)), 0);
+    assert_string_equal(err, "");
+    ok.sin.sin_port = htons(25); /* the port is ignored: 0 is bound */
+    assert_int_equal(egress_check_bind(ok.src.addr, ok.src.addrlen, err, sizeof(err)), 0);
+    assert_int_equal(egress_check_bind(bad.src.addr, bad.src.addrlen, err, sizeof(err)), -1);
+    assert_string_equal(err, "source address 192.0.2.1 cannot be bound: Cannot assign requested address");
+}
+
+/* TLS sessions are cached per source: the second connection of mta1
+ * resumes, mta2's first does a full handshake. */
+static void test_source_tls_cache_key(void **state)
+{
+    tctx_t *t = *state;
+    script_t sc = { .greeting = "220 mx.test.local ESMTP\r\n", .rules = rules_tls, .tls = fx.server_ctx };
+    fake_server_t *fs = fake_server_new(t->loop, &sc);
+    deliver_candidate_t c[] = { cand("mx.test.local", fs->port) };
+    const char *r1[] = { "b@y" };
+    src_fixture_t m1, m2;
+    source_init(&m1, "mta1", "127.0.0.2", NULL);
+    source_init(&m2, "mta2", "127.0.0.3", NULL);
+    sreq_t q1 = { .source = &m1.src }, q2 = { .source = &m2.src };
+    smtp_pool_limits_t lim = { .disabled = 1 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_VERIFY, &lim);
+    capture_t cap;
+
+    src_deliver(ctx, t->loop, &q1, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.tls_full, 1);
+    spin(t->loop, 3);
+    src_deliver(ctx, t->loop, &q1, r1, 1, c, 1, &cap);
+    assert_int_equal(cap.tls_full, 0);
+    assert_int_equal(cap.tls_resumed, 1);
+    spin(t->loop, 3);
+    src_deliver(ctx, t->loop, &q2, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.tls_full, 1);
+    assert_int_equal(cap.tls_resumed, 0);
+    deliver_stats_t st;
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.tls_cached, 2);
+    deliver_ctx_free(ctx);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* tls_override replaces both the per-domain map and the default: a
+ * plaintext-only server is refused under an override to required even
+ * for a domain the map says none, and reached under an override to none
+ * where the default requires TLS. */
+static void test_tls_override(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y" };
+    deliver_config_t cfg = config(t, SMTP_TLS_REQUIRED);
+    cfg.tls_policy_map = "plain.test:none";
+    deliver_ctx_t *ctx = deliver_ctx_new(t->loop, &cfg);
+    capture_t cap;
+
+    sreq_t dflt = { .domain = "y" };
+    src_deliver(ctx, t->loop, &dflt, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
+    assert_int_equal(cap.tls_policy, SMTP_TLS_REQUIRED);
+
+    sreq_t none = { .domain = "y", .tls_override = DELIVER_TLS_OVERRIDE(SMTP_TLS_NONE) };
+    src_deliver(ctx, t->loop, &none, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.tls_policy, SMTP_TLS_NONE);
+
+    sreq_t mapped = { .domain = "plain.test" };
+    src_deliver(ctx, t->loop, &mapped, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.tls_policy, SMTP_TLS_NONE);
+
+    sreq_t req = { .domain = "plain.test", .tls_override = DELIVER_TLS_OVERRIDE(SMTP_TLS_REQUIRED) };
+    src_deliver(ctx, t->loop, &req, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "tls", 0, "");
+    assert_int_equal(cap.tls_policy, SMTP_TLS_REQUIRED);
+    /* -1 is "no override" too */
+    sreq_t minus = { .domain = "plain.test", .tls_override = -1 };
+    src_deliver(ctx, t->loop, &minus, r1, 1, c, 1, &cap);
+    assert_int_equal(cap.tls_policy, SMTP_TLS_NONE);
+    assert_int_equal(DELIVER_TLS_OVERRIDDEN(0), -1);
+    assert_int_equal(DELIVER_TLS_OVERRIDDEN(-1), -1);
+    assert_int_equal(DELIVER_TLS_OVERRIDDEN(DELIVER_TLS_OVERRIDE(SMTP_TLS_VERIFY)), SMTP_TLS_VERIFY);
+    deliver_ctx_free(ctx);
+    spin(t->loop, 5);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* max_msgs_per_conn 2 under a pool that allows 100: the connection says
+ * QUIT after its second message, the third opens a new one. */
+static void test_max_msgs_per_conn(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y" };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    sreq_t q = { .max_msgs = 2 };
+    capture_t cap;
+    deliver_stats_t st;
+
+    for (int i = 0; i < 3; i++) {
+        src_deliver(ctx, t->loop, &q, r1, 1, c, 1, &cap);
+        assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+        assert_int_equal(cap.connections, i == 1 ? 0 : 1);
+        assert_int_equal(cap.reused, i == 1);
+        spin(t->loop, 3);
+    }
+    assert_int_equal(fs->naccepted, 2);
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\n"
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD "QUIT\r\n"
+                        "EHLO " HELO_NAME "\r\n"
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD);
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.evicted, 1);
+    assert_int_equal(st.pool.idle, 1);
+    /* without the knob the pool's 100 holds: the idle one is reused */
+    sreq_t q0 = { 0 };
+    src_deliver(ctx, t->loop, &q0, r1, 1, c, 1, &cap);
+    assert_int_equal(cap.reused, 1);
+    spin(t->loop, 3);
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.idle, 1);
+    deliver_ctx_free(ctx);
+    spin(t->loop, 5);
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* command_timeout_ms replaces the context's reply deadlines (5 s here):
+ * a silent greeting ends in about 150 ms; on a pooled connection too (a
+ * MAIL never answered); the end of data keeps data_done_ms. */
+static void test_command_timeout_override(void **state)
+{
+    tctx_t *t = *state;
+    static const rule_t rules_mail_silent[] = {
+        { "MAIL FROM:", "", ACT_SILENT },
+        { "RCPT TO:", "", ACT_SILENT },
+        { "DATA", "", ACT_SILENT },
+        { "QUIT", "221 2.0.0 Bye\r\n", ACT_CLOSE },
+        { NULL, NULL, 0 },
+    };
+    static const script_t sc_mail_silent = { .greeting = "220 fake.test ESMTP\r\n", .rules = rules_mail_silent };
+    static const script_t sc_eod_silent = { .greeting = "220 fake.test ESMTP\r\n", .rules = fakesmtp_rules_ok,
+                                            .eod_act = ACT_SILENT };
+    fake_server_t *silent = fake_server_new(t->loop, &fakesmtp_script_silent);
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
+    fake_server_t *eod = fake_server_new(t->loop, &sc_eod_silent);
+    deliver_candidate_t cs[] = { cand("mx1.fake.test", silent->port) };
+    deliver_candidate_t c[] = { cand("mx2.fake.test", fs->port) };
+    deliver_candidate_t ce[] = { cand("mx3.fake.test", eod->port) };
+    const char *r1[] = { "b@y" };
+    t->to.data_done_ms = 700;
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    sreq_t q = { .command_ms = 150 };
+    capture_t cap;
+
+    uint64_t t0 = util_mono_ms();
+    src_deliver(ctx, t->loop, &q, r1, 1, cs, 1, &cap);
+    uint64_t took = util_mono_ms() - t0;
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    assert_string_equal(cap.r[0].text, "timeout while receiving the initial server greeting");
+    assert_true(took >= 140 && took < 2000);
+
+    /* a pooled connection, then its server stops answering MAIL */
+    sreq_t q0 = { 0 };
+    src_deliver(ctx, t->loop, &q0, r1, 1, c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    spin(t->loop, 3);
+    fs->sc = &sc_mail_silent;
+    t0 = util_mono_ms();
+    src_deliver(ctx, t->loop, &q, r1, 1, c, 1, &cap);
+    took = util_mono_ms() - t0;
+    assert_int_equal(cap.reused, 1);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    assert_string_equal(cap.r[0].text, "timeout while sending MAIL FROM");
+    assert_true(took >= 140 && took < 2000);
+
+    /* no reply to the final dot: data_done_ms (700), not 150 */
+    t0 = util_mono_ms();
+    src_deliver(ctx, t->loop, &q, r1, 1, ce, 1, &cap);
+    took = util_mono_ms() - t0;
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    assert_true(cap.r[0].maybe_sent);
+    assert_true(took >= 650 && took < 3000);
+    deliver_ctx_free(ctx);
+    spin(t->loop, 5);
+    fake_server_t *all[] = { silent, fs, eod };
+    drain_and_check(t->loop, all, 3);
+}
+
+/* connect_timeout_ms replaces the context's connect timeout (5 s here):
+ * a listener whose backlog is full drops the SYN, the connect hangs and
+ * ends after about 200 ms. */
+static void test_connect_timeout_override(void **state)
+{
+    tctx_t *t = *state;
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(lfd >= 0);
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    assert_int_equal(bind(lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(listen(lfd, 0), 0);
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(getsockname(lfd, (struct sockaddr *)&sin, &sl), 0);
+    /* fill the accept queue (never accepted): later SYNs are dropped */
+    int fill[4];
+    for (int i = 0; i < 4; i++) {
+        fill[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        assert_true(fill[i] >= 0);
+        (void)connect(fill[i], (struct sockaddr *)&sin, sizeof(sin));
+    }
+    spin_ms(t->loop, 50);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", ntohs(sin.sin_port)) };
+    const char *r1[] = { "b@y" };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    sreq_t q = { .connect_ms = 200 };
+    capture_t cap;
+    uint64_t t0 = util_mono_ms();
+    src_deliver(ctx, t->loop, &q, r1, 1, c, 1, &cap);
+    uint64_t took = util_mono_ms() - t0;
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_TRANSIENT, "timeout", 0, "");
+    assert_string_equal(cap.r[0].text, "timeout while connecting");
+    assert_true(took >= 190 && took < 3000);
+    deliver_ctx_free(ctx);
+    for (int i = 0; i < 4; i++)
+        close(fill[i]);
+    close(lfd);
+    drain_and_check(t->loop, NULL, 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -3580,6 +4049,15 @@ int main(void)
         T(test_hold_cancel),
         T(test_hold_abort),
         T(test_hold_after_txn_states),
+        T(test_source_bind_helo_and_pool),
+        T(test_source_family_mismatch),
+        T(test_source_bind_failure),
+        cmocka_unit_test(test_egress_check_bind),
+        T(test_source_tls_cache_key),
+        T(test_tls_override),
+        T(test_max_msgs_per_conn),
+        T(test_command_timeout_override),
+        T(test_connect_timeout_override),
         cmocka_unit_test(test_tls_session_cache),
         cmocka_unit_test(test_config_build),
     };

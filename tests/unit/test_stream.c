@@ -365,6 +365,56 @@ static void test_errno(void **state)
     loop_free(l);
 }
 
+/* stream_connect_from: the connection leaves from the source address
+ * (the listener sees 127.0.0.2, the port one the kernel picked at
+ * connect time, whatever port src named); a source not on this host
+ * fails at once, saying which, with the bind's errno. */
+static void test_connect_from(void **state)
+{
+    (void)state;
+    loop_t *l = loop_new();
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t sl = sizeof(sin);
+    assert_int_equal(bind(lfd, (struct sockaddr *)&sin, sizeof(sin)), 0);
+    assert_int_equal(listen(lfd, 4), 0);
+    assert_int_equal(getsockname(lfd, (struct sockaddr *)&sin, &sl), 0);
+    struct sockaddr_in src = { .sin_family = AF_INET, .sin_port = htons(1) };
+    assert_int_equal(inet_pton(AF_INET, "127.0.0.2", &src.sin_addr), 1);
+    peer_t c = { 0 };
+    c.st = stream_new(l, on_writer, &c);
+    assert_int_equal(stream_connect_from(c.st, (struct sockaddr *)&src, sizeof(src), (struct sockaddr *)&sin,
+                                         sizeof(sin)), 0);
+    for (int i = 0; i < 100 && c.events[STREAM_EV_CONNECTED] == 0; i++)
+        loop_run_once(l, 10);
+    assert_int_equal(c.events[STREAM_EV_CONNECTED], 1);
+    struct sockaddr_in peer;
+    socklen_t pl = sizeof(peer);
+    int afd = accept(lfd, (struct sockaddr *)&peer, &pl);
+    assert_true(afd >= 0);
+    char text[32];
+    assert_non_null(inet_ntop(AF_INET, &peer.sin_addr, text, sizeof(text)));
+    assert_string_equal(text, "127.0.0.2");
+    assert_int_not_equal(ntohs(peer.sin_port), 1);
+    assert_int_equal(stream_bind_failed(c.st), 0);
+    close(afd);
+    stream_free(c.st);
+
+    assert_int_equal(inet_pton(AF_INET, "192.0.2.1", &src.sin_addr), 1);
+    peer_t b = { 0 };
+    b.st = stream_new(l, on_writer, &b);
+    assert_int_equal(stream_connect_from(b.st, (struct sockaddr *)&src, sizeof(src), (struct sockaddr *)&sin,
+                                         sizeof(sin)), -1);
+    assert_int_equal(stream_bind_failed(b.st), 1);
+    assert_int_equal(stream_errno(b.st), EADDRNOTAVAIL);
+    assert_string_equal(stream_error(b.st), "source address 192.0.2.1 cannot be bound: Cannot assign requested address");
+    assert_int_equal(stream_fd(b.st), -1);
+    stream_free(b.st);
+    close(lfd);
+    assert_int_equal(loop_fd_count(l), 0);
+    loop_free(l);
+}
+
 /* A reader that parses nothing: it keeps every byte in the stream's input. */
 typedef struct hoard {
     int    events[STREAM_EV_LAST];
@@ -440,6 +490,7 @@ int main(void)
         cmocka_unit_test(test_free_with_refs_queued),
         cmocka_unit_test(test_ref_over_tls),
         cmocka_unit_test(test_errno),
+        cmocka_unit_test(test_connect_from),
         cmocka_unit_test(test_input_cap_per_chunk),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
