@@ -34,7 +34,8 @@
  *  info shaping/action (or debug shaping/extended), shaping/learned,
  *  shaping/removed; warn shaping/corrupt when the number of fields a read
  *  skipped changes; warn shaping/fallback and info shaping/redis_back once
- *  per transition. Counters mailpump_shaping_actions_added_total,
+ *  per transition of the reads, warn shaping/write_failed and info
+ *  shaping/written once per transition of the writes. Counters mailpump_shaping_actions_added_total,
  *  _learned_total, _corrupt_total; gauge mailpump_shaping_actions_active.
  */
 #include "deliverer/actions.h"
@@ -100,7 +101,8 @@ struct actions {
     char               version[32];    /* mp:act@v at the last full read; "" before one */
     uint64_t           last_full_ms;   /* loop time of the last full read */
     int                changed;        /* the set changed since the last callback */
-    int                fallback, failing;
+    int                fallback, failing; /* reads */
+    int                write_failing;
     size_t             last_corrupt;
     int64_t            gauge;          /* what this table adds to the active gauge */
     uint64_t           added, from_redis, expired, corrupt, redis_errors;
@@ -608,7 +610,9 @@ static void on_expiry(loop_t *loop, loop_timer_t *timer, void *arg)
 
 /* ------------------------------------------------------------ Redis */
 
-static void redis_result(actions_t *t, int ok, const char *what, const char *err)
+/* Reads decide the fallback; writes are logged apart, so a Redis that
+ * answers reads and refuses writes (maxmemory) does not flap. */
+static void read_result(actions_t *t, int ok, const char *err)
 {
     if (ok) {
         if (t->failing)
@@ -619,10 +623,24 @@ static void redis_result(actions_t *t, int ok, const char *what, const char *err
     }
     t->redis_errors++;
     if (!t->failing)
-        log_warn("shaping", "fallback", "op=%s error=%s actions=%zu", what, LOG_Q(err ? err : "unexpected reply"),
+        log_warn("shaping", "fallback", "error=%s actions=%zu", LOG_Q(err ? err : "unexpected reply"),
                  htable_count(&t->view.ids));
     t->failing = 1;
     t->fallback = 1;
+}
+
+static void write_result(actions_t *t, int ok, const char *err)
+{
+    if (ok) {
+        if (t->write_failing)
+            log_info("shaping", "written", "ops_left=%zu", t->nops);
+        t->write_failing = 0;
+        return;
+    }
+    t->redis_errors++;
+    if (!t->write_failing)
+        log_warn("shaping", "write_failed", "error=%s ops=%zu", LOG_Q(err ? err : "unexpected reply"), t->nops);
+    t->write_failing = 1;
 }
 
 static void flush(actions_t *t);
@@ -644,7 +662,7 @@ static void on_write(void *arg, const redisReply *r, const char *err)
             free(o);
         }
     }
-    redis_result(t, ok, "write", err);
+    write_result(t, ok, err);
     if (ok && t->nops > 0)
         flush(t);
 }
@@ -776,7 +794,7 @@ static void on_poll(void *arg, const redisReply *r, const char *err)
         fields = r->element[1];
         ok = fields->type == REDIS_REPLY_ARRAY && fields->elements % 2 == 0;
     }
-    redis_result(t, ok, "poll", err);
+    read_result(t, ok, err);
     if (!ok || fields == NULL)
         return;
     memcpy(t->version, r->element[0]->str, r->element[0]->len);

@@ -45,8 +45,10 @@
  * timer at the next expiry, at most poll_ms away). While Redis does not
  * answer (or before it first has), the view is the last set read plus the
  * local changes; the writes are sent again on every poll until they are
- * answered. stats.fallback = 1 then; logged once per transition (warn
- * shaping/fallback, info shaping/redis_back). Without Redis (redis NULL)
+ * answered. stats.fallback = 1 while the polls fail; logged once per
+ * transition (warn shaping/fallback, info shaping/redis_back); writes
+ * that fail are logged apart (warn shaping/write_failed, info
+ * shaping/written), once per transition too. Without Redis (redis NULL)
  * the view is the local adds only.
  *
  * actions_find() is an index lookup per field of the query (selector and
