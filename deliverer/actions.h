@@ -69,7 +69,8 @@
  * Logs: info shaping/action for an action added locally that is new (or
  * changed other than by its expiry; a mere extension by a repeated
  * trigger is debug shaping/extended), info shaping/learned for an action
- * first seen in Redis, warn shaping/corrupt when a read skipped fields.
+ * first seen in Redis, info shaping/removed for actions_remove(), warn
+ * shaping/corrupt when the number of fields a read skipped changes.
  * Metrics: mailpump_shaping_actions_added_total,
  * mailpump_shaping_actions_learned_total,
  * mailpump_shaping_actions_corrupt_total, and the gauge

@@ -299,6 +299,35 @@ static void test_find_each_selector(void **state)
     local_free(x);
 }
 
+static void test_many(void **state)
+{
+    local_t *x = local_new(0);
+    char v[64];
+    for (int i = 0; i < 3000; i++) {
+        snprintf(v, sizeof(v), "site%d.example", i);
+        action_t a = mk(i % 2 ? ACTION_SUSPEND : ACTION_RATE, SEL_SITE, v, "", T0 + 10000 + (uint64_t)i);
+        a.rate_per_s = 1 + i;
+        assert_int_equal(actions_add(x->t, &a), 0);
+    }
+    assert_int_equal(actions_count(x->t), 3000);
+    for (int i = 0; i < 3000; i += 7) {
+        snprintf(v, sizeof(v), "site%d.example", i);
+        action_query_t q = { .site = v };
+        const action_t *f = actions_find(x->t, i % 2 ? ACTION_SUSPEND : ACTION_RATE, &q);
+        assert_non_null(f);
+        assert_string_equal(f->value, v);
+        assert_null(actions_find(x->t, i % 2 ? ACTION_RATE : ACTION_SUSPEND, &q));
+    }
+    x->now = T0 + 10000 + 1499; /* the first 1,500 have expired */
+    action_query_t q = { .site = "site1499.example" };
+    assert_null(actions_find(x->t, ACTION_SUSPEND, &q));
+    q.site = "site1501.example";
+    assert_non_null(actions_find(x->t, ACTION_SUSPEND, &q));
+    run_for(x->l, 1100);
+    assert_int_equal(actions_count(x->t), 1500);
+    local_free(x);
+}
+
 static void test_source_qualification(void **state)
 {
     local_t *x = local_new(0);
@@ -426,6 +455,18 @@ static void test_merge_by_id(void **state)
     actions_get_stats(x->t, &st);
     assert_int_equal(st.added, 4);
     assert_int_equal(st.active, 1);
+
+    /* an id given again with another selector value: moved in the index */
+    action_t g = mk(ACTION_SUSPEND, SEL_SITE, "a.example", "", T0 + 9000);
+    snprintf(g.id, sizeof(g.id), "admin-7");
+    assert_int_equal(add(&x->r, x->t, &g), 0);
+    snprintf(g.value, sizeof(g.value), "b.example");
+    assert_int_equal(add(&x->r, x->t, &g), 0);
+    action_query_t qa = { .site = "a.example" }, qb = { .site = "b.example" };
+    assert_null(actions_find(x->t, ACTION_SUSPEND, &qa));
+    assert_string_equal(actions_find(x->t, ACTION_SUSPEND, &qb)->id, "admin-7");
+    assert_int_equal(actions_count(x->t), 2);
+    assert_int_equal(actions_remove(x->t, "admin-7"), 0);
 
     /* another kind for the same site is another action */
     a = mk(ACTION_RATE, SEL_SITE, "yahoo.com", "", T0 + 5000);
@@ -953,6 +994,7 @@ int main(void)
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_validation),
         cmocka_unit_test(test_find_each_selector),
+        cmocka_unit_test(test_many),
         cmocka_unit_test(test_source_qualification),
         cmocka_unit_test(test_most_restrictive),
         cmocka_unit_test(test_merge_by_id),
