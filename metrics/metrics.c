@@ -68,6 +68,9 @@ static const struct {
     [MET_SMTP_REPLY_FLOODS] = { "mailpump_smtp_reply_floods_total", "SMTP sessions ended as a protocol error because a reply had more lines than [smtp] reply_lines_burst plus reply_lines_per_s per second waited." },
     [MET_LEASE_RENEWALS] = { "mailpump_lease_renewals_total", "Renewals of the workers' connection leases sent to Redis (one EVAL for all of a worker's sites)." },
     [MET_LEASE_RENEWALS_FAILED] = { "mailpump_lease_renewals_failed_total", "Connection-lease renewals that failed or timed out: the worker used the fallback share, ceil(limit / holders)." },
+    [MET_SHAPING_ACTIONS_ADDED] = { "mailpump_shaping_actions_added_total", "Shaping actions (suspend, bounce, lower rate or connection limit) added or extended by this process's workers, e.g. by automation rules." },
+    [MET_SHAPING_ACTIONS_LEARNED] = { "mailpump_shaping_actions_learned_total", "Shaping actions a worker first learned from Redis (mp:act), added by another worker or pod or before a restart." },
+    [MET_SHAPING_ACTIONS_CORRUPT] = { "mailpump_shaping_actions_corrupt_total", "Fields of the shaping-actions hash (mp:act) skipped by a worker's read because they were not valid actions (counted on every read that met them)." },
 };
 
 static const struct {
@@ -85,6 +88,7 @@ static const struct {
     [MET_SITE_RUNNING] = { "mailpump_site_running", "Domain legs holding a place in their destination site (one SMTP connection each at most)." },
     [MET_SITE_WAITING] = { "mailpump_site_waiting", "Domain legs waiting for a place in their destination site." },
     [MET_LEASE_FALLBACK] = { "mailpump_lease_fallback", "Worker lease tables using the fallback share of their sites' connection limits (Redis configured but not answering, or not yet)." },
+    [MET_SHAPING_ACTIONS_ACTIVE] = { "mailpump_shaping_actions_active", "Shaping actions in force in the workers' views, summed over the worker threads (each holds the whole fleet's set: divide by mailpump_workers for the number of actions)." },
 };
 
 void metrics_inc(metric_counter_t c, uint64_t n)

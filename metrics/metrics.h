@@ -61,6 +61,9 @@ typedef enum {
     MET_SMTP_REPLY_FLOODS,   /* SMTP sessions ended by the reply-line cap */
     MET_LEASE_RENEWALS,      /* connection-lease renewals sent to Redis (deliverer/lease.c) */
     MET_LEASE_RENEWALS_FAILED, /* of those, failed or timed out: the fallback share is in force */
+    MET_SHAPING_ACTIONS_ADDED,   /* shaping actions added or extended by this process (deliverer/actions.c) */
+    MET_SHAPING_ACTIONS_LEARNED, /* shaping actions first learned from Redis */
+    MET_SHAPING_ACTIONS_CORRUPT, /* fields of mp:act skipped by reads: not valid actions */
     MET_COUNTER_LAST
 } metric_counter_t;
 
@@ -75,6 +78,7 @@ typedef enum {
     MET_SITE_RUNNING,       /* domain legs holding a place in their site */
     MET_SITE_WAITING,       /* domain legs waiting for a place in their site */
     MET_LEASE_FALLBACK,     /* workers' lease tables on the fallback share (Redis not answering) */
+    MET_SHAPING_ACTIONS_ACTIVE, /* shaping actions in the workers' views, summed over the workers */
     MET_GAUGE_LAST
 } metric_gauge_t;
 
