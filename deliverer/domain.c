@@ -50,7 +50,10 @@
 #include "core/crash.h"
 #include "core/log.h"
 #include "core/util.h"
+#include "deliverer/actions.h"
+#include "deliverer/policy.h"
 #include "deliverer/retry.h"
+#include "deliverer/wrr.h"
 #include "metrics/metrics.h"
 
 enum leg_state {
@@ -81,6 +84,18 @@ struct domain_leg {
     throttle_ask_t           ask;
     site_slot_t              slot;
     char                     site[256];
+    /* egress and shaping (leg_route): the source, the key of the
+     * connection limit and the rate budget, what the events say */
+    const egress_pool_t     *pool;     /* NULL: no egress pool, the host's address */
+    const egress_source_t   *src;      /* the source chosen from it */
+    deliver_source_t         dsrc;
+    shaping_params_t         shape;
+    char                     key[340]; /* destination[@source] */
+    unsigned                 conn_limit; /* SITES_LIMIT_CONFIG, or what shaping says */
+    double                   rate_iv;  /* > 0: shaping's spacing (ms), budget rate_rule */
+    char                     rate_rule[400];
+    char                     shaping[256]; /* for the events, "" none */
+    int                      triggered; /* an automation rule fired on this leg's replies */
     loop_timer_t             timer;
     deliver_t               *dl;
     uint64_t                 mark_op; /* ledger "sending" of the held transaction, 0 if none */
@@ -108,6 +123,7 @@ struct domain_leg {
 #define LEG_MSG(leg) LOG_MSG((leg)->req.msg_id, (leg)->req.trace_id)
 
 static void leg_site(domain_leg_t *leg);
+static void leg_route(domain_leg_t *leg);
 static void leg_throttle(domain_leg_t *leg);
 static void leg_smtp(domain_leg_t *leg);
 static void leg_mark_sending(domain_leg_t *leg);
@@ -143,6 +159,11 @@ static void leg_report(domain_leg_t *leg)
         return;
     }
     leg_set_state(leg, LEG_DONE);
+    for (size_t i = 0; i < leg->req.nrcpts; i++) {
+        leg->res[i].source = leg->src ? leg->src->name : NULL;
+        leg->res[i].source_addr = leg->src ? leg->src->addr_text : NULL;
+        leg->res[i].shaping = leg->shaping[0] ? leg->shaping : NULL;
+    }
     domain_result_t out = {
         .rcpts = leg->res,
         .nrcpts = leg->req.nrcpts,
@@ -184,7 +205,171 @@ static void leg_on_mx(void *arg, const dns_mx_result_t *mx)
     }
     leg->cand = deliver_candidates_from_mx(mx, leg->svc->dcfg->max_mx, &leg->ncand);
     sites_name(leg->ncand > 0 ? leg->cand[0].host : leg->req.name, leg->site, sizeof(leg->site));
+    leg_route(leg);
+}
+
+/* ---- egress source and shaping ---- */
+
+static void leg_query(const domain_leg_t *leg, action_query_t *q)
+{
+    *q = (action_query_t){ .domain = leg->req.name, .site = leg->site,
+                           .source = leg->src ? leg->src->name : NULL,
+                           .pool = leg->pool ? leg->pool->name : NULL,
+                           .tenant = leg->req.tenant, .campaign = leg->req.campaign };
+}
+
+/* An action in force holds the leg: a suspended destination's recipients
+ * are deferred without an attempt, no sooner than the action ends; a
+ * bounced one's end permanent. */
+static void leg_held(domain_leg_t *leg, const action_t *a)
+{
+    char text[700];
+    uint64_t now = util_wall_ms();
+    uint64_t left = a->expires_ms > now ? a->expires_ms - now : 0;
+    snprintf(leg->shaping, sizeof(leg->shaping), "%s:%s", action_kind_name(a->kind), a->origin);
+    if (a->kind == ACTION_BOUNCE) {
+        snprintf(text, sizeof(text), "bounced by shaping action %s (%s): %s", a->id, a->origin, a->reason);
+        metrics_inc(MET_SHAPING_BOUNCED, leg->req.nrcpts);
+        log_info("domain", "shaping_bounced", "%s domain=%s site=%s action=%s origin=%s", LEG_MSG(leg),
+                 LOG_Q(leg->req.name), LOG_Q(leg->site), LOG_Q(a->id), LOG_Q(a->origin));
+        leg_fail(leg, OUTCOME_PERMANENT, OUTCOME_R_SHAPING, text);
+        return;
+    }
+    snprintf(text, sizeof(text), "suspended by shaping action %s for %llu s more (%s): %s", a->id,
+             (unsigned long long)((left + 999) / 1000), a->origin, a->reason);
+    leg->throttle_wait_ms = left; /* the retry comes no sooner */
+    metrics_inc(MET_SHAPING_SUSPENDED, leg->req.nrcpts);
+    log_info("domain", "suspended", "%s domain=%s site=%s source=%s action=%s left_ms=%llu", LEG_MSG(leg),
+             LOG_Q(leg->req.name), LOG_Q(leg->site), LOG_Q(leg->src ? leg->src->name : ""), LOG_Q(a->id),
+             (unsigned long long)left);
+    leg_fail(leg, OUTCOME_TRANSIENT, OUTCOME_R_SUSPENDED, text);
+}
+
+/* The source for this leg: weighted round robin over the pool's sources
+ * that no action suspends, per pool and site. -1 when none is left; *held
+ * then names an action that suspends one. */
+static int leg_pick_source(domain_leg_t *leg, const action_t **held)
+{
+    const egress_pool_t *pool = leg->pool;
+    unsigned char *ok = xcalloc(pool->n, 1);
+    action_query_t q;
+    leg_query(leg, &q);
+    *held = NULL;
+    for (size_t i = 0; i < pool->n; i++) {
+        q.source = pool->sources[i]->name;
+        const action_t *a = leg->svc->actions ? actions_find(leg->svc->actions, ACTION_SUSPEND, &q) : NULL;
+        if (a != NULL) {
+            if (*held == NULL)
+                *held = a;
+            continue;
+        }
+        ok[i] = 1;
+    }
+    char key[400];
+    snprintf(key, sizeof(key), "%s/%s", pool->name, leg->site);
+    int k = wrr_pick(leg->svc->wrr, key, pool->weights, ok, pool->n);
+    free(ok);
+    return k;
+}
+
+/* After the MX lookup (or at once in relay mode): the source, the actions
+ * in force and the shaping rules decide the key the leg's connection
+ * limit and rate budget are kept under, and their values. */
+static void leg_route(domain_leg_t *leg)
+{
+    const domain_services_t *svc = leg->svc;
+    const policy_t *p = svc->policy;
+    int unknown = 0;
+    leg->pool = p ? policy_pool_for(p, leg->req.pool, leg->req.tenant, &unknown) : NULL;
+    if (leg->pool != NULL && leg->pool->n > 0) {
+        const action_t *held = NULL;
+        int k = leg_pick_source(leg, &held);
+        if (k < 0) {
+            leg_held(leg, held);
+            return;
+        }
+        leg->src = leg->pool->sources[k];
+        leg->dsrc = (deliver_source_t){ .name = leg->src->name, .addr = (const struct sockaddr *)&leg->src->addr,
+                                        .addrlen = leg->src->addrlen, .addr_text = leg->src->addr_text,
+                                        .helo = leg->src->ehlo };
+    }
+    action_query_t q;
+    leg_query(leg, &q);
+    const action_t *a = NULL;
+    if (svc->actions && ((a = actions_find(svc->actions, ACTION_BOUNCE, &q)) != NULL ||
+                         (a = actions_find(svc->actions, ACTION_SUSPEND, &q)) != NULL)) {
+        leg_held(leg, a);
+        return;
+    }
+    policy_shaping(p, leg->req.name, leg->site, leg->pool ? leg->pool->name : NULL, leg->src ? leg->src->name : NULL,
+                   &leg->shape);
+    /* limits are per destination and source: receivers count per address */
+    const char *dest = strstr(leg->shape.rule, "domain:") != NULL ? leg->req.name : leg->site;
+    snprintf(leg->key, sizeof(leg->key), "%s%s%s", dest, leg->src ? "@" : "", leg->src ? leg->src->name : "");
+    unsigned lim = leg->shape.connection_limit;
+    if (lim == 0)
+        lim = leg->src || dest != leg->site ? (svc->sites ? sites_limit(svc->sites, leg->site) : 0)
+                                            : SITES_LIMIT_CONFIG;
+    if (leg->shape.rule[0])
+        snprintf(leg->shaping, sizeof(leg->shaping), "rule:%s", leg->shape.rule);
+    if (svc->actions && (a = actions_find(svc->actions, ACTION_CONNECTIONS, &q)) != NULL) {
+        unsigned base = lim == SITES_LIMIT_CONFIG ? (svc->sites ? sites_limit(svc->sites, leg->site) : 0) : lim;
+        if (base == 0 || a->connections < base) {
+            lim = a->connections;
+            snprintf(leg->shaping, sizeof(leg->shaping), "%s:%s", action_kind_name(a->kind), a->origin);
+        }
+    }
+    leg->conn_limit = lim;
+    leg->rate_iv = 0;
+    if (leg->shape.rate_per_s > 0) {
+        leg->rate_iv = 1000.0 / leg->shape.rate_per_s;
+        snprintf(leg->rate_rule, sizeof(leg->rate_rule), "%s:%s", leg->key, leg->shape.rate_text);
+    }
+    if (svc->actions && (a = actions_find(svc->actions, ACTION_RATE, &q)) != NULL &&
+        (leg->rate_iv == 0 || 1000.0 / a->rate_per_s > leg->rate_iv)) {
+        leg->rate_iv = 1000.0 / a->rate_per_s;
+        snprintf(leg->rate_rule, sizeof(leg->rate_rule), "%s:%s", leg->key, a->rate_text);
+        snprintf(leg->shaping, sizeof(leg->shaping), "%s:%s", action_kind_name(a->kind), a->origin);
+    }
     leg_site(leg);
+}
+
+/* A reply an automation rule matches starts its action for this site (or
+ * domain) and source, fleet-wide; once per leg. */
+static void leg_automation(domain_leg_t *leg, const domain_rcpt_result_t *r)
+{
+    const domain_services_t *svc = leg->svc;
+    if (leg->triggered || svc->actions == NULL || svc->policy == NULL || r->code < 400)
+        return;
+    const char *src = leg->src ? leg->src->name : NULL;
+    const automation_rule_t *rule = policy_match_reply(svc->policy, leg->req.name, leg->site, src, r->code, r->enh,
+                                                       r->text);
+    if (rule == NULL)
+        return;
+    leg->triggered = 1;
+    action_t a;
+    memset(&a, 0, sizeof(a));
+    switch (rule->action) {
+    case POLICY_ACT_SUSPEND: a.kind = ACTION_SUSPEND; break;
+    case POLICY_ACT_BOUNCE: a.kind = ACTION_BOUNCE; break;
+    case POLICY_ACT_RATE:
+        a.kind = ACTION_RATE;
+        a.rate_per_s = rule->rate_per_s;
+        snprintf(a.rate_text, sizeof(a.rate_text), "%s", rule->rate_text);
+        break;
+    case POLICY_ACT_CONNECTIONS:
+        a.kind = ACTION_CONNECTIONS;
+        a.connections = rule->connections;
+        break;
+    }
+    a.sel = rule->domain ? SEL_DOMAIN : SEL_SITE;
+    snprintf(a.value, sizeof(a.value), "%s", rule->domain ? leg->req.name : leg->site);
+    snprintf(a.source, sizeof(a.source), "%s", src ? src : "");
+    a.expires_ms = util_wall_ms() + rule->duration_ms;
+    snprintf(a.reason, sizeof(a.reason), "%d%s%s %s", r->code, r->enh[0] ? " " : "", r->enh, r->text);
+    snprintf(a.origin, sizeof(a.origin), "automation:%s", rule->name);
+    if (actions_add(svc->actions, &a) == 0)
+        snprintf(leg->shaping, sizeof(leg->shaping), "triggered:%s:%s", action_kind_name(a.kind), a.origin);
 }
 
 /* ---- the site's place ---- */
@@ -216,7 +401,7 @@ static void leg_site(domain_leg_t *leg)
         leg_throttle(leg);
         return;
     }
-    switch (sites_enter(leg->svc->sites, leg->site, &leg->slot, leg_on_site, leg, &why)) {
+    switch (sites_enter_limit(leg->svc->sites, leg->key, leg->conn_limit, &leg->slot, leg_on_site, leg, &why)) {
     case SITE_GO: leg_throttle(leg); break;
     case SITE_WAIT: break; /* leg_on_site */
     default: leg_park(leg, why ? why : "parked"); break;
@@ -269,9 +454,15 @@ static void leg_on_throttle(void *arg, const throttle_answer_t *ans)
 static void leg_throttle(domain_leg_t *leg)
 {
     throttle_answer_t now;
+    int ready;
     leg_set_state(leg, LEG_THROTTLE);
-    if (throttle_ask_start(&leg->ask, leg->svc->throttle, leg->svc->redis, leg->req.name,
-                           leg->svc->rate_limit_max_wait_ms, leg_on_throttle, leg, &now))
+    if (leg->rate_iv > 0) /* shaping's rate, per destination and source */
+        ready = throttle_ask_rate(&leg->ask, leg->svc->redis, leg->rate_rule, leg->rate_iv,
+                                  leg->svc->rate_limit_max_wait_ms, leg_on_throttle, leg, &now);
+    else
+        ready = throttle_ask_start(&leg->ask, leg->svc->throttle, leg->svc->redis, leg->req.name,
+                                   leg->svc->rate_limit_max_wait_ms, leg_on_throttle, leg, &now);
+    if (ready)
         leg_on_throttle(leg, &now);
 }
 
@@ -342,6 +533,8 @@ static void leg_on_delivered(void *arg, const deliver_result_t *res)
         snprintf(r->text, sizeof(r->text), "%s", rr->text);
         if (leg->not_sent[i] && r->outcome == OUTCOME_TRANSIENT && r->code == 0)
             r->reason = OUTCOME_R_LEDGER;
+        if (r->outcome != OUTCOME_DELIVERED)
+            leg_automation(leg, r);
     }
     leg_report(leg);
 }
@@ -561,6 +754,11 @@ static void leg_smtp(domain_leg_t *leg)
         .before_body = leg->svc->ledger ? leg_on_before_body : NULL,
         .after_txn = leg_on_txn_over,
         .before_body_arg = leg,
+        .source = leg->src ? &leg->dsrc : NULL,
+        .tls_override = leg->shape.tls >= 0 ? DELIVER_TLS_OVERRIDE(deliver_tls_policy_of(leg->shape.tls)) : 0,
+        .max_msgs_per_conn = leg->shape.max_msgs_per_connection,
+        .connect_timeout_ms = leg->shape.connect_timeout_ms,
+        .command_timeout_ms = leg->shape.command_timeout_ms,
     };
     leg->dl = deliver_ctx_start(leg->svc->dctx, &dr, leg_on_delivered, leg);
     if (leg->dl == NULL) {
@@ -590,10 +788,12 @@ domain_leg_t *domain_start(const domain_services_t *svc, const domain_request_t 
         leg->res[i].reason = OUTCOME_R_OTHER;
         snprintf(leg->res[i].text, sizeof(leg->res[i].text), "no result");
     }
+    leg->conn_limit = SITES_LIMIT_CONFIG;
+    leg->shape.tls = -1;
     if (svc->dcfg->nrelay > 0) { /* relay mode: no MX lookup; the smarthost is the site */
         sites_name(svc->dcfg->relay[0].host, leg->site, sizeof(leg->site));
         leg->state = LEG_SITE;
-        leg_site(leg);
+        leg_route(leg);
         return leg;
     }
     leg->state = LEG_MX;

@@ -50,6 +50,9 @@ typedef struct domain_services {
     rclient_t              *redis;    /* the fleet's rate limits; NULL: the process's own */
     throttle_t             *throttle; /* NULL: no rate limits */
     sites_t                *sites;    /* per-site caps; NULL: none */
+    const struct policy    *policy;   /* egress sources and pools, shaping rules (policy.h); NULL: none */
+    struct actions         *actions;  /* fleet-wide shaping actions (actions.h); NULL: none */
+    struct wrr             *wrr;      /* the worker's weighted round robin over a pool's sources */
     const deliver_config_t *dcfg;
     uint64_t                rate_limit_max_wait_ms;
     uint64_t                mark_wait_ms;     /* a final dot waits this long for its "sending" mark */
