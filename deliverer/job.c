@@ -100,6 +100,9 @@ typedef struct job_rcpt {
     int              skip;         /* the ledger says an earlier attempt delivered it */
     int              possible_dup; /* the ledger found it mid-send, or a leg was cut after its dot */
     int              handed;       /* a retry republished by an earlier attempt carries it: not ours */
+    char            *source;       /* what its leg reported for its event (NULL: none), copied */
+    char            *source_addr;
+    char            *shaping;
 } job_rcpt_t;
 
 typedef struct job_domain {
@@ -337,6 +340,17 @@ static void rcpt_set(job_rcpt_t *r, outcome_t o, outcome_reason_t reason, int co
     r->code = code;
     snprintf(r->enh, sizeof(r->enh), "%s", enh ? enh : "");
     snprintf(r->text, sizeof(r->text), "%s", text ? text : "");
+}
+
+/* The leg's egress source and shaping for the recipient's event. */
+static void rcpt_set_egress(job_rcpt_t *r, const char *source, const char *source_addr, const char *shaping)
+{
+    free(r->source);
+    free(r->source_addr);
+    free(r->shaping);
+    r->source = source && source[0] ? xstrdup(source) : NULL;
+    r->source_addr = source_addr && source_addr[0] ? xstrdup(source_addr) : NULL;
+    r->shaping = shaping && shaping[0] ? xstrdup(shaping) : NULL;
 }
 
 /* ---- publishing with confirms ---- */
@@ -849,6 +863,7 @@ static void job_on_leg_done(void *arg, const domain_result_t *res)
         const domain_rcpt_result_t *rr = &res->rcpts[k];
         job_rcpt_t *r = &j->rcpts[d->idx[k]];
         rcpt_set(r, rr->outcome, rr->reason, rr->code, rr->enh, rr->text);
+        rcpt_set_egress(r, rr->source, rr->source_addr, rr->shaping);
     }
     if (res->throttle_wait_ms > j->throttle_ms)
         j->throttle_ms = res->throttle_wait_ms; /* the retry comes no sooner */
@@ -898,6 +913,9 @@ static void job_enter_domains(job_t *j)
             .name = d->name,
             .msg_id = j->msg->id,
             .trace_id = j->msg->trace_id,
+            .tenant = j->msg->tenant,
+            .campaign = j->msg->campaign,
+            .pool = j->msg->pool,
             .mail_from = j->msg->from.addr,
             .rcpts = d->rcpts,
             .nrcpts = d->n,
@@ -1138,6 +1156,9 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
         .event = event_name(r->outcome),
         .message_id = j->msg->id,
         .trace_id = j->msg->trace_id,
+        .tenant = j->msg->tenant,
+        .campaign = j->msg->campaign,
+        .pool = j->msg->pool,
         .sender = j->msg->from.addr,
         .recipient = r->addr,
         .outcome = outcome_name(r->outcome),
@@ -1147,6 +1168,9 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
         .smtp_text = r->text,
         .mx_host = d->mx_host,
         .mx_addr = d->mx_addr,
+        .source = r->source,
+        .source_addr = r->source_addr,
+        .shaping = r->shaping,
         .tls_version = d->tls_version[0] ? d->tls_version : NULL,
         .tls_cipher = d->tls_cipher[0] ? d->tls_cipher : NULL,
         .attempt = j->envelope.attempt,
@@ -1236,6 +1260,9 @@ static void job_enter_events(job_t *j)
             .event = appended ? "appended" : "append_failed",
             .message_id = j->msg->id,
             .trace_id = j->msg->trace_id,
+            .tenant = j->msg->tenant,
+            .campaign = j->msg->campaign,
+            .pool = j->msg->pool,
             .sender = j->msg->from.addr,
             .attempt = j->envelope.attempt,
             .imap_appended = appended,
@@ -1279,6 +1306,11 @@ static void job_enter_dead(job_t *j)
     mq_event_t ev = { .event = "dead", .message_id = j->msg ? j->msg->id : j->dv->message_id,
                       .trace_id = j->msg ? j->msg->trace_id : NULL, .error = j->dead_reason,
                       .attempt = j->envelope.attempt };
+    if (j->msg) {
+        ev.tenant = j->msg->tenant;
+        ev.campaign = j->msg->campaign;
+        ev.pool = j->msg->pool;
+    }
     if (j->poison) {
         ev.sender = j->msg->from.addr;
         for (size_t i = 0; i < j->nrcpts; i++) {
@@ -1383,6 +1415,8 @@ void job_free(job_t *j)
         ledger_cancel(ledger, j->ledger_op);
     loop_timer_cancel(j->ctx->svc.loop, &j->ledger_timer);
     free(j->domains);
+    for (size_t i = 0; i < j->nrcpts; i++)
+        rcpt_set_egress(&j->rcpts[i], NULL, NULL, NULL);
     free(j->rcpts);
     free(j->wire);
     buf_free(&j->wire_copy);
