@@ -31,6 +31,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/log.h"
 #include "core/loop.h"
 #include "core/rclient.h"
 #include "deliverer/deliver.h"
@@ -106,6 +107,7 @@ typedef struct domain_request {
     const char        *tenant;       /* the message's sender fields (pool choice, log lines), or NULL; */
     const char        *campaign;     /* borrowed */
     const char        *pool;
+    const log_msgctx_t *log;         /* all of the above for log lines (LOG_MSGCTX), the job's; borrowed */
     const char        *mail_from;    /* borrowed, as everything below */
     const char *const *rcpts;
     size_t             nrcpts;

@@ -164,11 +164,23 @@ struct job {
     int                  copy_dropped; /* a second republish of an id-less message: acked, nothing else */
     int                  poison;       /* COUNT found the limit reached: DEAD for the recipients not done */
     uint64_t             started_ms;
+    log_msgctx_t         log;       /* the message's log fields, lent to the legs (set at DOMAINS) */
 };
 
-/* The message fields of a job's log lines: before the body parsed, the
- * AMQP message-id property (or msg=-). */
-#define JOB_MSG(j) LOG_MSG((j)->msg ? (j)->msg->id : (j)->dv->message_id, (j)->msg ? (j)->msg->trace_id : NULL)
+/* The message fields of a job's log lines (trace, tenant, campaign and
+ * pool when set): before the body parsed, the AMQP message-id property
+ * (or msg=-). */
+static const log_msgctx_t *job_logctx(const job_t *j, const char *id, log_msgctx_t *c)
+{
+    const message_t *m = j->msg;
+    if (m == NULL)
+        *c = (log_msgctx_t){ .id = id ? id : j->dv->message_id };
+    else
+        *c = (log_msgctx_t){ .id = id ? id : m->id, .trace = m->trace_id, .tenant = m->tenant,
+                             .campaign = m->campaign, .pool = m->pool };
+    return c;
+}
+#define JOB_MSG(j) LOG_MSGCTX(job_logctx((j), NULL, &(log_msgctx_t){ 0 }))
 
 static void job_enter_intake(job_t *j);
 static void job_enter_assign(job_t *j);
@@ -643,7 +655,7 @@ static void job_republish_with_id(job_t *j, const char *id)
     mq_publish_opts_t o = { .content_type = "application/json", .message_id = id, .priority = j->dv->priority,
                             .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n, .mandatory = 1 };
     log_info("job", "id_assigned", "tag=%llu %s redelivered=%d", (unsigned long long)j->dv->tag,
-             LOG_MSG(id, j->msg->trace_id),
+             LOG_MSGCTX(job_logctx(j, id, &(log_msgctx_t){ 0 })),
              j->dv->redelivered);
     job_publish(j, "", cfg->amqp_queue, j->dv->body, j->dv->len, &o);
     envelope_headers_free(&hdrs);
@@ -902,6 +914,7 @@ static void job_enter_domains(job_t *j)
         job_next(j);
         return;
     }
+    job_logctx(j, NULL, &j->log); /* the message is settled: the legs borrow it */
     /* legs report asynchronously (domain.h): every leg starts before any
      * of them can end the state */
     for (size_t i = 0; i < j->ndomains; i++) {
@@ -916,6 +929,7 @@ static void job_enter_domains(job_t *j)
             .tenant = j->msg->tenant,
             .campaign = j->msg->campaign,
             .pool = j->msg->pool,
+            .log = &j->log,
             .mail_from = j->msg->from.addr,
             .rcpts = d->rcpts,
             .nrcpts = d->n,
