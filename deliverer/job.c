@@ -1151,6 +1151,15 @@ static void job_publish_retry(job_t *j)
     buf_free(&pending);
 }
 
+/* One recipient's outcome by the message's tenant and pool and the
+ * source its leg used (r NULL: none, a message dead-lettered as a whole). */
+static void job_count_sender(const job_t *j, const job_rcpt_t *r, metrics_outcome_t o)
+{
+    metrics_count_labeled(MET_FAM_TENANT, j->msg ? j->msg->tenant : NULL, o);
+    metrics_count_labeled(MET_FAM_POOL, j->msg ? j->msg->pool : NULL, o);
+    metrics_count_labeled(MET_FAM_SOURCE, r ? r->source : NULL, o);
+}
+
 static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int appended)
 {
     const job_domain_t *d = &j->domains[r->domain];
@@ -1165,6 +1174,10 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
     case OUTCOME_TRANSIENT: metrics_inc(MET_RCPT_DEFERRED, 1); break;
     default: metrics_inc(MET_RCPT_FAILED, 1); break;
     }
+    job_count_sender(j, r, r->outcome == OUTCOME_DELIVERED                                      ? MET_OUT_DELIVERED
+                           : r->outcome == OUTCOME_TRANSIENT && r->reason == OUTCOME_R_PARKED ? MET_OUT_PARKED
+                           : r->outcome == OUTCOME_TRANSIENT                                  ? MET_OUT_DEFERRED
+                                                                                              : MET_OUT_BOUNCED);
     const char *reason = outcome_reason_name(r->reason);
     mq_event_t ev = {
         .event = event_name(r->outcome),
@@ -1331,9 +1344,11 @@ static void job_enter_dead(job_t *j)
             if (j->rcpts[i].skip)
                 continue;
             ev.recipient = j->rcpts[i].addr;
+            job_count_sender(j, &j->rcpts[i], MET_OUT_DEAD);
             job_publish_event(j, &ev);
         }
     } else {
+        job_count_sender(j, NULL, MET_OUT_DEAD); /* one dead event, for the message */
         job_publish_event(j, &ev);
     }
     job_await_confirms(j);
