@@ -1160,6 +1160,17 @@ static void job_count_sender(const job_t *j, const job_rcpt_t *r, metrics_outcom
     metrics_count_labeled(MET_FAM_SOURCE, r ? r->source : NULL, o);
 }
 
+/* The outcome label of a recipient's event (metrics.h): its event's
+ * name, parked apart from deferred. */
+static metrics_outcome_t job_metric_outcome(const job_rcpt_t *r)
+{
+    switch (r->outcome) {
+    case OUTCOME_DELIVERED: return MET_OUT_DELIVERED;
+    case OUTCOME_TRANSIENT: return r->reason == OUTCOME_R_PARKED ? MET_OUT_PARKED : MET_OUT_DEFERRED;
+    default: return MET_OUT_BOUNCED;
+    }
+}
+
 static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int appended)
 {
     const job_domain_t *d = &j->domains[r->domain];
@@ -1174,10 +1185,7 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
     case OUTCOME_TRANSIENT: metrics_inc(MET_RCPT_DEFERRED, 1); break;
     default: metrics_inc(MET_RCPT_FAILED, 1); break;
     }
-    job_count_sender(j, r, r->outcome == OUTCOME_DELIVERED                                      ? MET_OUT_DELIVERED
-                           : r->outcome == OUTCOME_TRANSIENT && r->reason == OUTCOME_R_PARKED ? MET_OUT_PARKED
-                           : r->outcome == OUTCOME_TRANSIENT                                  ? MET_OUT_DEFERRED
-                                                                                              : MET_OUT_BOUNCED);
+    job_count_sender(j, r, job_metric_outcome(r));
     const char *reason = outcome_reason_name(r->reason);
     mq_event_t ev = {
         .event = event_name(r->outcome),
