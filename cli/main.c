@@ -69,6 +69,9 @@ static void usage_enqueue(FILE *f)
             "  --header 'N: V'      extra header (repeatable)\n"
             "  --id ID              message id (default: a new UUID)\n"
             "  --trace-id ID        trace id carried into events and logs\n"
+            "  --tenant NAME        who the message is sent for (events, logs, metrics, pool choice)\n"
+            "  --campaign NAME      its campaign (events, logs)\n"
+            "  --pool NAME          the egress pool to send it from\n"
             "  --priority N         AMQP priority 0-10 (default 0)\n"
             "  --no-validate        publish stdin as is, even if the daemon would refuse it\n"
             "  --timeout MS         wait this long for the confirm (default 10000)\n");
@@ -147,6 +150,8 @@ static int cmd_enqueue(mp_config_t *cfg, int argc, char **argv)
         { "id", required_argument, NULL, 'i' },   { "trace-id", required_argument, NULL, 'r' },
         { "priority", required_argument, NULL, 'p' }, { "no-validate", no_argument, NULL, 'n' },
         { "timeout", required_argument, NULL, 'T' }, { "help", no_argument, NULL, 'h' },
+        { "tenant", required_argument, NULL, 'N' }, { "campaign", required_argument, NULL, 'G' },
+        { "pool", required_argument, NULL, 'L' },
         { NULL, 0, NULL, 0 },
     };
     json_t *m = json_object();
@@ -185,6 +190,9 @@ static int cmd_enqueue(mp_config_t *cfg, int argc, char **argv)
         }
         case 'i': json_object_set_new(m, "id", json_string(optarg)); break;
         case 'r': json_object_set_new(m, "trace_id", json_string(optarg)); break;
+        case 'N': json_object_set_new(m, "tenant", json_string(optarg)); break;
+        case 'G': json_object_set_new(m, "campaign", json_string(optarg)); break;
+        case 'L': json_object_set_new(m, "pool", json_string(optarg)); break;
         case 'p': priority = atoi(optarg);
             if (priority < 0 || priority > 10) {
                 fprintf(stderr, "mailpump enqueue: --priority must be 0..10\n");
@@ -210,7 +218,7 @@ static int cmd_enqueue(mp_config_t *cfg, int argc, char **argv)
         json_error_t je;
         json_t *in = json_loadb(body, len, 0, &je);
         if (in && json_is_object(in)) {
-            /* --id/--trace-id given on the command line win over the file's */
+            /* --id, --trace-id, --tenant, ... given on the command line win over the file's */
             const char *k;
             json_t *v;
             json_object_foreach(m, k, v) json_object_set(in, k, v);

@@ -615,6 +615,11 @@ void stress_cmd_usage(FILE *f)
             "  -s, --size BYTES       text body padded to about BYTES (default 1024)\n"
             "      --subject TEXT     subject (default \"mailpump stress\")\n"
             "  -p, --priority N       AMQP priority 0-10 (default: none)\n"
+            "      --tenant NAME      the messages' tenant\n"
+            "      --tenants N        spread the messages over the tenants t0..tN-1, in turn\n"
+            "                         (instead of --tenant)\n"
+            "      --campaign NAME    the messages' campaign\n"
+            "      --pool NAME        the messages' egress pool\n"
             "  -a, --append           the sender has an IMAP account: wait for Sent copies\n"
             "  -t, --timeout SEC      give up SEC seconds after the first publish\n"
             "                         (default 120) and report what is missing\n"
@@ -644,6 +649,10 @@ typedef struct stress_opts {
     size_t        size;
     const char   *subject;
     int           priority;
+    const char   *tenant;
+    size_t        tenants;   /* > 0: message n has tenant t<(n - 1) % tenants> */
+    const char   *campaign;
+    const char   *pool;
     int           append;
     unsigned      timeout_s;
     int           allow_failures;
@@ -745,14 +754,32 @@ static json_t *build_template(const stress_opts_t *o, const char *runid)
     char trace[64];
     snprintf(trace, sizeof(trace), "stress-%s", runid);
     json_object_set_new(m, "trace_id", json_string(trace));
+    if (o->tenant)
+        json_object_set_new(m, "tenant", json_string(o->tenant));
+    if (o->campaign)
+        json_object_set_new(m, "campaign", json_string(o->campaign));
+    if (o->pool)
+        json_object_set_new(m, "pool", json_string(o->pool));
     return m;
 }
 
-static char *message_body(json_t *tmpl, const char *runid, size_t n)
+void stress_tenant_format(char *out, size_t outlen, size_t tenants, size_t n)
+{
+    snprintf(out, outlen, "t%zu", (n - 1) % tenants);
+}
+
+/* Message n (1..count) of the run; with tenants > 0 its tenant is
+ * stress_tenant_format()'s. */
+static char *message_body(json_t *tmpl, const char *runid, size_t n, size_t tenants)
 {
     char id[64];
     stress_id_format(id, sizeof(id), runid, n);
     json_object_set_new(tmpl, "id", json_string(id));
+    if (tenants > 0) {
+        char t[32];
+        stress_tenant_format(t, sizeof(t), tenants, n);
+        json_object_set_new(tmpl, "tenant", json_string(t));
+    }
     char *s = json_dumps(tmpl, JSON_COMPACT);
     if (s == NULL)
         abort(); /* only on OOM: core policy */
@@ -799,7 +826,7 @@ static int stress_loop(mp_client_t *cl, const stress_opts_t *o, const char *runi
         if (!blocked && c->nsent < o->count && room) {
             uint64_t us = stress_bucket_take(&bucket, clock_us(CLOCK_MONOTONIC));
             if (us == 0) {
-                char *body = message_body(tmpl, runid, c->nsent + 1);
+                char *body = message_body(tmpl, runid, c->nsent + 1, o->tenants);
                 const char *id = json_string_value(json_object_get(tmpl, "id"));
                 uint64_t seq;
                 int r = mp_client_publish(cl, body, strlen(body), o->priority, id, &seq, err,
@@ -832,7 +859,7 @@ static int stress_loop(mp_client_t *cl, const stress_opts_t *o, const char *runi
 
 int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
 {
-    enum { O_FROM = 256, O_TO, O_TO_DOMAIN, O_SUBJECT, O_ALLOW, O_JSON };
+    enum { O_FROM = 256, O_TO, O_TO_DOMAIN, O_SUBJECT, O_ALLOW, O_JSON, O_TENANT, O_TENANTS, O_CAMPAIGN, O_POOL };
     static const struct option opts[] = {
         { "count", required_argument, NULL, 'n' },
         { "rate", required_argument, NULL, 'r' },
@@ -848,6 +875,10 @@ int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
         { "timeout", required_argument, NULL, 't' },
         { "allow-failures", no_argument, NULL, O_ALLOW },
         { "json", no_argument, NULL, O_JSON },
+        { "tenant", required_argument, NULL, O_TENANT },
+        { "tenants", required_argument, NULL, O_TENANTS },
+        { "campaign", required_argument, NULL, O_CAMPAIGN },
+        { "pool", required_argument, NULL, O_POOL },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -900,6 +931,14 @@ int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
         case O_TO: o.to[o.nto++] = optarg; break;
         case O_TO_DOMAIN: o.to_domain = optarg; break;
         case O_SUBJECT: o.subject = optarg; break;
+        case O_TENANT: o.tenant = optarg; break;
+        case O_TENANTS:
+            if (parse_num(optarg, 1, 100000, &v) < 0)
+                bad = "--tenants expects 1..100000";
+            o.tenants = (size_t)v;
+            break;
+        case O_CAMPAIGN: o.campaign = optarg; break;
+        case O_POOL: o.pool = optarg; break;
         case 'a': o.append = 1; break;
         case O_ALLOW: o.allow_failures = 1; break;
         case O_JSON: o.json = 1; break;
@@ -923,6 +962,11 @@ int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
         free(o.to);
         return 2;
     }
+    if (o.tenant && o.tenants) {
+        fprintf(stderr, "mailpump stress: --tenant and --tenants exclude each other\n");
+        free(o.to);
+        return 2;
+    }
     if (recipients_set && o.to_domain == NULL) {
         fprintf(stderr, "mailpump stress: --recipients goes with --to-domain\n");
         free(o.to);
@@ -940,7 +984,7 @@ int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
 
     /* refuse what the daemon would dead-letter, and learn the recipients
      * as it will report them (deduplicated like the worker does) */
-    char *first = message_body(tmpl, runid, 1);
+    char *first = message_body(tmpl, runid, 1, o.tenants);
     int pr = msgjson_parse(first, strlen(first), &msg, err, sizeof(err));
     free(first);
     if (pr != MSGJSON_OK) {

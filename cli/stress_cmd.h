@@ -63,6 +63,9 @@ void stress_id_format(char *out, size_t outlen, const char *runid, size_t n);
  * (leading zero, sign, anything after the digits). */
 long stress_id_match(const char *id, const char *runid, size_t count);
 
+/* --tenants N: the tenant of message n (1..count), "t<(n - 1) % N>". */
+void stress_tenant_format(char *out, size_t outlen, size_t tenants, size_t n);
+
 /* ---- events (deliverer/worker.c publishes them, queue/event.c encodes) ---- */
 
 typedef enum {

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "core/message.h"
 #include "core/util.h"
 
 typedef enum { K_STR, K_UINT, K_ULONG, K_MS, K_ENUM, K_SIZE } key_type_t;
@@ -304,6 +305,10 @@ static const key_def_t keys[] = {
       "duplicate nobody flags)" },
     { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0, NULL,
       "`host:port` of the HTTP metrics endpoint; empty disables it" },
+    { "metrics", "tenants", K_STR, F(metrics_tenants), "", 0, NULL,
+      "tenants counted by name in `mailpump_recipients_by_tenant_total`, comma- or blank-separated, at "
+      "most 256 (each 1-64 letters, digits, `.`, `_`, `-`); any other tenant counts as `other`, a "
+      "message without one as `none`" },
     { "log", "level", K_ENUM, F(log_level), "info", 0, log_level_names,
       "least severe level logged (`warning` is also accepted for `warn`)" },
     { "log", "format", K_ENUM, F(log_format), "logfmt", 0, log_format_names,
@@ -771,6 +776,43 @@ int config_load(mp_config_t *cfg, const char *path, char *err, size_t errlen)
     return 0;
 }
 
+/* [metrics] tenants: label values fixed at start-up, so a list of valid
+ * tenant names, each once, neither "none" nor "other" (those series are
+ * the metric's own), at most METRICS_TENANTS_MAX. */
+#define METRICS_TENANTS_MAX 256
+static int check_tenants(const char *list, char *err, size_t errlen)
+{
+    char *copy = xstrdup(list), *save = NULL;
+    const char *names[METRICS_TENANTS_MAX];
+    size_t n = 0;
+    int rc = 0;
+    char q[96];
+    for (char *t = strtok_r(copy, ", \t", &save); t && rc == 0; t = strtok_r(NULL, ", \t", &save)) {
+        if (!message_valid_ident(MESSAGE_TENANT, t)) {
+            snprintf(err, errlen, "[metrics] tenants: \"%s\" is not a tenant name (1-64 letters, digits, "
+                                  "'.', '_', '-')", util_quote_text(t, q, sizeof(q)));
+            rc = -1;
+        } else if (strcmp(t, "none") == 0 || strcmp(t, "other") == 0) {
+            snprintf(err, errlen, "[metrics] tenants: \"%s\" is reserved (the series of tenants not listed "
+                                  "and of messages without one)", t);
+            rc = -1;
+        } else if (n == METRICS_TENANTS_MAX) {
+            snprintf(err, errlen, "[metrics] tenants: more than %d names", METRICS_TENANTS_MAX);
+            rc = -1;
+        } else {
+            for (size_t i = 0; i < n && rc == 0; i++) {
+                if (strcmp(names[i], t) == 0) {
+                    snprintf(err, errlen, "[metrics] tenants: \"%s\" is listed twice", t);
+                    rc = -1;
+                }
+            }
+            names[n++] = t;
+        }
+    }
+    free(copy);
+    return rc;
+}
+
 int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
 {
     if (cfg->amqp_port == 0 || cfg->amqp_port > 65535 || cfg->smtp_port == 0 ||
@@ -839,6 +881,8 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
             return -1;
         }
     }
+    if (check_tenants(cfg->metrics_tenants, err, errlen) < 0)
+        return -1;
     if (cfg->imap_host[0] && !cfg->imap_accounts_file[0]) {
         snprintf(err, errlen, "[imap] host is set but accounts_file is empty");
         return -1;

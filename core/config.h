@@ -140,6 +140,7 @@ typedef struct mp_config {
     unsigned redis_send_unrecorded; /* 1: send the dot when the mark cannot be recorded */
     /* [metrics] */
     char    *metrics_listen;      /* host:port, empty disables */
+    char    *metrics_tenants;     /* tenant label values, comma/blank separated (metrics_label_add_list) */
     /* [log] */
     mp_log_level_t  log_level;
     mp_log_format_t log_format;

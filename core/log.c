@@ -65,12 +65,30 @@ const char *log_quote(const char *s, char *dst, size_t n)
 
 const char *log_msgref(const char *msg_id, const char *trace_id, char *dst, size_t n)
 {
-    char m[LOG_QUOTE_MAX], t[LOG_QUOTE_MAX];
-    log_quote(msg_id, m, sizeof(m));
-    if (trace_id)
-        snprintf(dst, n, "msg=%s trace=%s", m, log_quote(trace_id, t, sizeof(t)));
-    else
-        snprintf(dst, n, "msg=%s", m);
+    log_msgctx_t c = { .id = msg_id, .trace = trace_id };
+    return log_msgctx(&c, dst, n);
+}
+
+const char *log_msgctx(const log_msgctx_t *ctx, char *dst, size_t n)
+{
+    static const log_msgctx_t none = { 0 };
+    char q[LOG_QUOTE_MAX];
+    if (ctx == NULL)
+        ctx = &none;
+    const struct { const char *key, *v; } f[] = {
+        { "trace", ctx->trace }, { "tenant", ctx->tenant }, { "campaign", ctx->campaign }, { "pool", ctx->pool },
+    };
+    int len = snprintf(dst, n, "msg=%s", log_quote(ctx->id, q, sizeof(q)));
+    for (size_t i = 0; i < sizeof(f) / sizeof(f[0]); i++) {
+        if (f[i].v == NULL || len < 0 || (size_t)len >= n)
+            continue;
+        int k = snprintf(dst + len, n - (size_t)len, " %s=%s", f[i].key, log_quote(f[i].v, q, sizeof(q)));
+        if (k < 0 || (size_t)k >= n - (size_t)len) {
+            dst[len] = '\0'; /* no room for the whole pair: leave it out */
+            break;
+        }
+        len += k;
+    }
     return dst;
 }
 

@@ -6,6 +6,8 @@
  *   ts=2026-11-23T16:49:37.123Z level=info mod=smtp event=delivered msg="..." trace="..." rcpt="..." code=250
  * or, with format json, one object with one member per key:
  *   {"ts":"...","level":"info","mod":"smtp","event":"delivered","msg":"...","trace":"...","rcpt":"...","code":250}
+ * LOG_MSGCTX(ctx) in place of LOG_MSG adds the message's tenant, campaign
+ * and pool when it has them: msg="..." trace="..." tenant="..." ...
  *
  * The fields string is space-separated key=value pairs. A bare value is
  * only ever something the program made itself (a number, a static token,
@@ -43,10 +45,29 @@ const char *log_quote(const char *s, char *dst, size_t n);
  * Returns dst; n >= 2 * LOG_QUOTE_MAX + 16 never cuts. */
 const char *log_msgref(const char *msg_id, const char *trace_id, char *dst, size_t n);
 
+/* Everything that ties a line to its message. The job owns one for its
+ * message; what works for the message (domain legs, SMTP attempts, the
+ * IMAP append) borrows a pointer to it. NULL members are left out. */
+typedef struct log_msgctx {
+    const char *id;       /* the message id, or NULL: msg=- */
+    const char *trace;    /* its trace id */
+    const char *tenant;   /* the sender fields (docs/message-format.md) */
+    const char *campaign;
+    const char *pool;
+} log_msgctx_t;
+
+/* msg="<id>" trace="<trace>" tenant="<tenant>" campaign="<campaign>"
+ * pool="<pool>", each but msg only when set, quoted as LOG_Q does; with
+ * only id and trace exactly what log_msgref() writes, and msg=- for a
+ * NULL ctx. Returns dst; n >= LOG_MSGCTX_MAX never cuts. */
+#define LOG_MSGCTX_MAX (5 * LOG_QUOTE_MAX + 48)
+const char *log_msgctx(const log_msgctx_t *ctx, char *dst, size_t n);
+
 /* For a %s argument of a log_* call: the buffer lives until the end of
  * the statement. */
 #define LOG_Q(s)             log_quote((s), (char[LOG_QUOTE_MAX]){ 0 }, LOG_QUOTE_MAX)
 #define LOG_MSG(msg, trace)  log_msgref((msg), (trace), (char[2 * LOG_QUOTE_MAX + 16]){ 0 }, 2 * LOG_QUOTE_MAX + 16)
+#define LOG_MSGCTX(ctx)      log_msgctx((ctx), (char[LOG_MSGCTX_MAX]){ 0 }, LOG_MSGCTX_MAX)
 
 /* One whole line (with its '\n') for the given timestamp and fields, as
  * log_msg() writes it; what log_msg() and the tests share. Returns the

@@ -29,6 +29,9 @@ void message_free(message_t *m)
         return;
     free(m->id);
     free(m->trace_id);
+    free(m->tenant);
+    free(m->campaign);
+    free(m->pool);
     free(m->from.addr);
     free(m->from.name);
     free_addrs(m->to, m->nto);
@@ -68,4 +71,22 @@ const char *message_addr_domain(const char *addr)
 {
     const char *at = strrchr(addr, '@');
     return at ? at + 1 : addr + strlen(addr);
+}
+
+int message_valid_ident(message_ident_t kind, const char *s)
+{
+    size_t max = kind == MESSAGE_CAMPAIGN ? MESSAGE_CAMPAIGN_MAX
+                 : kind == MESSAGE_POOL   ? MESSAGE_POOL_MAX
+                                          : MESSAGE_TENANT_MAX;
+    size_t n = 0;
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++, n++) {
+        unsigned char c = *p;
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+            c == '_' || c == '-')
+            continue;
+        if (kind == MESSAGE_CAMPAIGN && (c == ':' || c == '/' || c == '@' || c == '+' || c == '='))
+            continue;
+        return 0;
+    }
+    return n >= 1 && n <= max;
 }

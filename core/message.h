@@ -35,6 +35,13 @@ typedef struct message {
     char         *id;       /* mailpump message id: given or a generated UUID */
     int           id_generated; /* the JSON had no "id": id is a UUID made by this parse */
     char         *trace_id; /* NULL if absent */
+    /* Who sends it (docs/message-format.md): the platform's customer, its
+     * campaign and the egress pool asked for; NULL if absent. Validated
+     * to a small ASCII alphabet, so they are safe in log lines, metric
+     * labels and Redis keys. */
+    char         *tenant;
+    char         *campaign;
+    char         *pool;
     mp_address_t  from;
     mp_address_t *to;  size_t nto;
     mp_address_t *cc;  size_t ncc;
@@ -55,9 +62,25 @@ typedef struct message {
 message_t *message_new(void);
 void       message_free(message_t *m);
 /* Release what only the builder reads (subject, bodies, headers,
- * attachments, raw), keeping the envelope, id and trace id: a message in
- * flight holds its built bytes, not a second, decoded copy. */
+ * attachments, raw), keeping the envelope, id, trace id, tenant,
+ * campaign and pool: a message in flight holds its built bytes, not a
+ * second, decoded copy. */
 void       message_drop_content(message_t *m);
+
+/* The sender fields (tenant, campaign, pool): what each may hold. */
+typedef enum {
+    MESSAGE_TENANT = 0, /* 1-64 of ASCII letters, digits, '.', '_', '-' */
+    MESSAGE_CAMPAIGN,   /* 1-128 of those and ':', '/', '@', '+', '=' */
+    MESSAGE_POOL,       /* as a tenant */
+} message_ident_t;
+
+#define MESSAGE_TENANT_MAX   64
+#define MESSAGE_CAMPAIGN_MAX 128
+#define MESSAGE_POOL_MAX     64
+
+/* 1 when s (NUL-terminated) is a valid value of that field, else 0. The
+ * parser, the CLI and the configuration ([metrics] tenants) share it. */
+int message_valid_ident(message_ident_t kind, const char *s);
 
 /* Domain part of an address (pointer into addr, after the last '@'). */
 const char *message_addr_domain(const char *addr);

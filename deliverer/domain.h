@@ -31,6 +31,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/log.h"
 #include "core/loop.h"
 #include "core/rclient.h"
 #include "deliverer/deliver.h"
@@ -66,6 +67,13 @@ typedef struct domain_rcpt_result {
     int              code;      /* 0: no server answered (text says why) */
     char             enh[16];
     char             text[512];
+    /* For its event (NULL: omitted), valid during the done call like the
+     * rest: the egress source the recipient went out from and its
+     * address, and the shaping rule or action that decided its outcome,
+     * e.g. "suspend:automation:yahoo-deferral". */
+    const char      *source;
+    const char      *source_addr;
+    const char      *shaping;
 } domain_rcpt_result_t;
 
 typedef struct domain_result {
@@ -99,6 +107,10 @@ typedef struct domain_request {
     const char        *name;         /* the recipient domain; borrowed */
     const char        *msg_id;       /* ledger key and log lines; borrowed */
     const char        *trace_id;     /* the message's trace id for log lines, or NULL; borrowed */
+    const char        *tenant;       /* the message's sender fields (pool choice, log lines), or NULL; */
+    const char        *campaign;     /* borrowed */
+    const char        *pool;
+    const log_msgctx_t *log;         /* all of the above for log lines (LOG_MSGCTX), the job's; borrowed */
     const char        *mail_from;    /* borrowed, as everything below */
     const char *const *rcpts;
     size_t             nrcpts;

@@ -100,6 +100,9 @@ typedef struct job_rcpt {
     int              skip;         /* the ledger says an earlier attempt delivered it */
     int              possible_dup; /* the ledger found it mid-send, or a leg was cut after its dot */
     int              handed;       /* a retry republished by an earlier attempt carries it: not ours */
+    char            *source;       /* what its leg reported for its event (NULL: none), copied */
+    char            *source_addr;
+    char            *shaping;
 } job_rcpt_t;
 
 typedef struct job_domain {
@@ -161,11 +164,23 @@ struct job {
     int                  copy_dropped; /* a second republish of an id-less message: acked, nothing else */
     int                  poison;       /* COUNT found the limit reached: DEAD for the recipients not done */
     uint64_t             started_ms;
+    log_msgctx_t         log;       /* the message's log fields, lent to the legs (set at DOMAINS) */
 };
 
-/* The message fields of a job's log lines: before the body parsed, the
- * AMQP message-id property (or msg=-). */
-#define JOB_MSG(j) LOG_MSG((j)->msg ? (j)->msg->id : (j)->dv->message_id, (j)->msg ? (j)->msg->trace_id : NULL)
+/* The message fields of a job's log lines (trace, tenant, campaign and
+ * pool when set): before the body parsed, the AMQP message-id property
+ * (or msg=-). */
+static const log_msgctx_t *job_logctx(const job_t *j, const char *id, log_msgctx_t *c)
+{
+    const message_t *m = j->msg;
+    if (m == NULL)
+        *c = (log_msgctx_t){ .id = id ? id : j->dv->message_id };
+    else
+        *c = (log_msgctx_t){ .id = id ? id : m->id, .trace = m->trace_id, .tenant = m->tenant,
+                             .campaign = m->campaign, .pool = m->pool };
+    return c;
+}
+#define JOB_MSG(j) LOG_MSGCTX(job_logctx((j), NULL, &(log_msgctx_t){ 0 }))
 
 static void job_enter_intake(job_t *j);
 static void job_enter_assign(job_t *j);
@@ -337,6 +352,17 @@ static void rcpt_set(job_rcpt_t *r, outcome_t o, outcome_reason_t reason, int co
     r->code = code;
     snprintf(r->enh, sizeof(r->enh), "%s", enh ? enh : "");
     snprintf(r->text, sizeof(r->text), "%s", text ? text : "");
+}
+
+/* The leg's egress source and shaping for the recipient's event. */
+static void rcpt_set_egress(job_rcpt_t *r, const char *source, const char *source_addr, const char *shaping)
+{
+    free(r->source);
+    free(r->source_addr);
+    free(r->shaping);
+    r->source = source && source[0] ? xstrdup(source) : NULL;
+    r->source_addr = source_addr && source_addr[0] ? xstrdup(source_addr) : NULL;
+    r->shaping = shaping && shaping[0] ? xstrdup(shaping) : NULL;
 }
 
 /* ---- publishing with confirms ---- */
@@ -629,7 +655,7 @@ static void job_republish_with_id(job_t *j, const char *id)
     mq_publish_opts_t o = { .content_type = "application/json", .message_id = id, .priority = j->dv->priority,
                             .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n, .mandatory = 1 };
     log_info("job", "id_assigned", "tag=%llu %s redelivered=%d", (unsigned long long)j->dv->tag,
-             LOG_MSG(id, j->msg->trace_id),
+             LOG_MSGCTX(job_logctx(j, id, &(log_msgctx_t){ 0 })),
              j->dv->redelivered);
     job_publish(j, "", cfg->amqp_queue, j->dv->body, j->dv->len, &o);
     envelope_headers_free(&hdrs);
@@ -849,6 +875,7 @@ static void job_on_leg_done(void *arg, const domain_result_t *res)
         const domain_rcpt_result_t *rr = &res->rcpts[k];
         job_rcpt_t *r = &j->rcpts[d->idx[k]];
         rcpt_set(r, rr->outcome, rr->reason, rr->code, rr->enh, rr->text);
+        rcpt_set_egress(r, rr->source, rr->source_addr, rr->shaping);
     }
     if (res->throttle_wait_ms > j->throttle_ms)
         j->throttle_ms = res->throttle_wait_ms; /* the retry comes no sooner */
@@ -887,6 +914,7 @@ static void job_enter_domains(job_t *j)
         job_next(j);
         return;
     }
+    job_logctx(j, NULL, &j->log); /* the message is settled: the legs borrow it */
     /* legs report asynchronously (domain.h): every leg starts before any
      * of them can end the state */
     for (size_t i = 0; i < j->ndomains; i++) {
@@ -898,6 +926,10 @@ static void job_enter_domains(job_t *j)
             .name = d->name,
             .msg_id = j->msg->id,
             .trace_id = j->msg->trace_id,
+            .tenant = j->msg->tenant,
+            .campaign = j->msg->campaign,
+            .pool = j->msg->pool,
+            .log = &j->log,
             .mail_from = j->msg->from.addr,
             .rcpts = d->rcpts,
             .nrcpts = d->n,
@@ -1120,6 +1152,26 @@ static void job_publish_retry(job_t *j)
     buf_free(&pending);
 }
 
+/* One recipient's outcome by the message's tenant and pool and the
+ * source its leg used (r NULL: none, a message dead-lettered as a whole). */
+static void job_count_sender(const job_t *j, const job_rcpt_t *r, metrics_outcome_t o)
+{
+    metrics_count_labeled(MET_FAM_TENANT, j->msg ? j->msg->tenant : NULL, o);
+    metrics_count_labeled(MET_FAM_POOL, j->msg ? j->msg->pool : NULL, o);
+    metrics_count_labeled(MET_FAM_SOURCE, r ? r->source : NULL, o);
+}
+
+/* The outcome label of a recipient's event (metrics.h): its event's
+ * name, parked apart from deferred. */
+static metrics_outcome_t job_metric_outcome(const job_rcpt_t *r)
+{
+    switch (r->outcome) {
+    case OUTCOME_DELIVERED: return MET_OUT_DELIVERED;
+    case OUTCOME_TRANSIENT: return r->reason == OUTCOME_R_PARKED ? MET_OUT_PARKED : MET_OUT_DEFERRED;
+    default: return MET_OUT_BOUNCED;
+    }
+}
+
 static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int appended)
 {
     const job_domain_t *d = &j->domains[r->domain];
@@ -1134,11 +1186,15 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
     case OUTCOME_TRANSIENT: metrics_inc(MET_RCPT_DEFERRED, 1); break;
     default: metrics_inc(MET_RCPT_FAILED, 1); break;
     }
+    job_count_sender(j, r, job_metric_outcome(r));
     const char *reason = outcome_reason_name(r->reason);
     mq_event_t ev = {
         .event = event_name(r->outcome),
         .message_id = j->msg->id,
         .trace_id = j->msg->trace_id,
+        .tenant = j->msg->tenant,
+        .campaign = j->msg->campaign,
+        .pool = j->msg->pool,
         .sender = j->msg->from.addr,
         .recipient = r->addr,
         .outcome = outcome_name(r->outcome),
@@ -1148,6 +1204,9 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
         .smtp_text = r->text,
         .mx_host = d->mx_host,
         .mx_addr = d->mx_addr,
+        .source = r->source,
+        .source_addr = r->source_addr,
+        .shaping = r->shaping,
         .tls_version = d->tls_version[0] ? d->tls_version : NULL,
         .tls_cipher = d->tls_cipher[0] ? d->tls_cipher : NULL,
         .attempt = j->envelope.attempt,
@@ -1237,6 +1296,9 @@ static void job_enter_events(job_t *j)
             .event = appended ? "appended" : "append_failed",
             .message_id = j->msg->id,
             .trace_id = j->msg->trace_id,
+            .tenant = j->msg->tenant,
+            .campaign = j->msg->campaign,
+            .pool = j->msg->pool,
             .sender = j->msg->from.addr,
             .attempt = j->envelope.attempt,
             .imap_appended = appended,
@@ -1280,15 +1342,22 @@ static void job_enter_dead(job_t *j)
     mq_event_t ev = { .event = "dead", .message_id = j->msg ? j->msg->id : j->dv->message_id,
                       .trace_id = j->msg ? j->msg->trace_id : NULL, .error = j->dead_reason,
                       .attempt = j->envelope.attempt };
+    if (j->msg) {
+        ev.tenant = j->msg->tenant;
+        ev.campaign = j->msg->campaign;
+        ev.pool = j->msg->pool;
+    }
     if (j->poison) {
         ev.sender = j->msg->from.addr;
         for (size_t i = 0; i < j->nrcpts; i++) {
             if (j->rcpts[i].skip)
                 continue;
             ev.recipient = j->rcpts[i].addr;
+            job_count_sender(j, &j->rcpts[i], MET_OUT_DEAD);
             job_publish_event(j, &ev);
         }
     } else {
+        job_count_sender(j, NULL, MET_OUT_DEAD); /* one dead event, for the message */
         job_publish_event(j, &ev);
     }
     job_await_confirms(j);
@@ -1384,6 +1453,8 @@ void job_free(job_t *j)
         ledger_cancel(ledger, j->ledger_op);
     loop_timer_cancel(j->ctx->svc.loop, &j->ledger_timer);
     free(j->domains);
+    for (size_t i = 0; i < j->nrcpts; i++)
+        rcpt_set_egress(&j->rcpts[i], NULL, NULL, NULL);
     free(j->rcpts);
     free(j->wire);
     buf_free(&j->wire_copy);

@@ -4,13 +4,15 @@
  * DESCRIPTION
  *  Names follow Prometheus conventions: a mailpump_ prefix, _total on
  *  counters. The table below is the single place a metric is named and
- *  described.
+ *  described; the labeled families (recipients by tenant, pool, source)
+ *  are named in theirs, further down.
  */
 #include "metrics/metrics.h"
 
 #include <arpa/inet.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -192,6 +194,175 @@ static void metrics_render_dns(buf_t *out)
     metrics_hist_render(&dns_latency, out);
 }
 
+/* ---- recipient outcomes by who sends ---- */
+
+/* Per family: the registered names in the order they came (their counter
+ * rows never move) and a sorted index over them for the lookup. Rows 0
+ * and 1 are none and other; name i counts in row i + 2. Registration
+ * (start-up) and rendering (the HTTP thread) hold the mutex; counting
+ * reads the table without it, which is why it is fixed before the
+ * workers start. */
+typedef struct label_family {
+    const char      *metric;
+    const char      *label;
+    const char      *help;
+    char            *names[METRICS_LABELS_MAX];
+    uint16_t         sorted[METRICS_LABELS_MAX]; /* indexes into names, by strcmp */
+    _Atomic size_t   n;
+    _Atomic uint64_t counts[METRICS_LABELS_MAX + 2][MET_OUT_LAST];
+} label_family_t;
+
+static label_family_t families[MET_FAM_LAST] = {
+    [MET_FAM_TENANT] = { .metric = "mailpump_recipients_by_tenant_total", .label = "tenant",
+                         .help = "Recipient outcomes by the message's tenant: the names of [metrics] tenants, other for "
+                                 "any other tenant, none for a message without one." },
+    [MET_FAM_POOL] = { .metric = "mailpump_recipients_by_pool_total", .label = "pool",
+                       .help = "Recipient outcomes by the message's pool: the configured pools, other for any other "
+                               "name, none for a message without one." },
+    [MET_FAM_SOURCE] = { .metric = "mailpump_recipients_by_source_total", .label = "source",
+                         .help = "Recipient outcomes by the egress source the delivery used: the configured sources, "
+                                 "other for any other, none when no source was used." },
+};
+static pthread_mutex_t label_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static const char *const outcome_names[MET_OUT_LAST] = {
+    [MET_OUT_DELIVERED] = "delivered", [MET_OUT_BOUNCED] = "bounced",       [MET_OUT_DEFERRED] = "deferred",
+    [MET_OUT_DEAD] = "dead",           [MET_OUT_SUPPRESSED] = "suppressed", [MET_OUT_PARKED] = "parked",
+};
+
+const char *metrics_outcome_name(int outcome_index)
+{
+    return outcome_index >= 0 && outcome_index < MET_OUT_LAST ? outcome_names[outcome_index] : NULL;
+}
+
+/* The position in sorted of value, or where it would go (*found = 0). */
+static size_t label_search(const label_family_t *lf, size_t n, const char *value, int *found)
+{
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = strcmp(value, lf->names[lf->sorted[mid]]);
+        if (c == 0) {
+            *found = 1;
+            return mid;
+        }
+        if (c < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    *found = 0;
+    return lo;
+}
+
+void metrics_label_add(metrics_family_t f, const char *value)
+{
+    if ((unsigned)f >= MET_FAM_LAST || value == NULL || value[0] == '\0' || strcmp(value, "none") == 0 ||
+        strcmp(value, "other") == 0)
+        return;
+    label_family_t *lf = &families[f];
+    pthread_mutex_lock(&label_lock);
+    size_t n = atomic_load_explicit(&lf->n, memory_order_relaxed);
+    int found;
+    size_t at = label_search(lf, n, value, &found);
+    if (!found && n < METRICS_LABELS_MAX) {
+        lf->names[n] = xstrdup(value);
+        memmove(&lf->sorted[at + 1], &lf->sorted[at], (n - at) * sizeof(lf->sorted[0]));
+        lf->sorted[at] = (uint16_t)n;
+        atomic_store_explicit(&lf->n, n + 1, memory_order_release);
+    }
+    pthread_mutex_unlock(&label_lock);
+}
+
+size_t metrics_label_add_list(metrics_family_t f, const char *list)
+{
+    size_t added = 0;
+    if ((unsigned)f >= MET_FAM_LAST || list == NULL)
+        return 0;
+    char *copy = xstrdup(list), *save = NULL;
+    for (char *t = strtok_r(copy, ", \t", &save); t; t = strtok_r(NULL, ", \t", &save)) {
+        size_t before = atomic_load_explicit(&families[f].n, memory_order_relaxed);
+        metrics_label_add(f, t);
+        added += atomic_load_explicit(&families[f].n, memory_order_relaxed) > before;
+    }
+    free(copy);
+    return added;
+}
+
+/* The counter row of value: 0 none, 1 other, else its name's. */
+static size_t label_row(const label_family_t *lf, const char *value)
+{
+    if (value == NULL)
+        return 0;
+    size_t n = atomic_load_explicit(&lf->n, memory_order_acquire);
+    int found;
+    size_t at = label_search(lf, n, value, &found);
+    return found ? (size_t)lf->sorted[at] + 2 : 1;
+}
+
+void metrics_count_labeled(metrics_family_t f, const char *value, int outcome_index)
+{
+    if ((unsigned)f >= MET_FAM_LAST || outcome_index < 0 || outcome_index >= MET_OUT_LAST)
+        return;
+    label_family_t *lf = &families[f];
+    atomic_fetch_add_explicit(&lf->counts[label_row(lf, value)][outcome_index], 1, memory_order_relaxed);
+}
+
+uint64_t metrics_labeled(metrics_family_t f, const char *value, int outcome_index)
+{
+    if ((unsigned)f >= MET_FAM_LAST || outcome_index < 0 || outcome_index >= MET_OUT_LAST)
+        return 0;
+    const label_family_t *lf = &families[f];
+    size_t row = value == NULL || strcmp(value, "none") == 0 ? 0
+                 : strcmp(value, "other") == 0              ? 1
+                                                            : label_row(lf, value);
+    return atomic_load_explicit(&lf->counts[row][outcome_index], memory_order_relaxed);
+}
+
+/* A label value in the text exposition format: backslash, double quote
+ * and line feed escaped. */
+static void put_label_value(buf_t *out, const char *v)
+{
+    for (; *v; v++) {
+        if (*v == '\\')
+            buf_puts(out, "\\\\");
+        else if (*v == '"')
+            buf_puts(out, "\\\"");
+        else if (*v == '\n')
+            buf_puts(out, "\\n");
+        else
+            buf_putc(out, *v);
+    }
+}
+
+static void render_row(buf_t *out, const label_family_t *lf, const char *value, size_t row)
+{
+    for (int o = 0; o < MET_OUT_LAST; o++) {
+        buf_printf(out, "%s{%s=\"", lf->metric, lf->label);
+        put_label_value(out, value);
+        buf_printf(out, "\",outcome=\"%s\"} %llu\n", outcome_names[o],
+                   (unsigned long long)atomic_load_explicit(&lf->counts[row][o], memory_order_relaxed));
+    }
+}
+
+/* Every series of every family, also those still 0: the set is fixed,
+ * so a rate over any of them is defined from the start. Values in
+ * sorted order between none and other. */
+static void metrics_render_labeled(buf_t *out)
+{
+    pthread_mutex_lock(&label_lock);
+    for (int f = 0; f < MET_FAM_LAST; f++) {
+        const label_family_t *lf = &families[f];
+        size_t n = atomic_load_explicit(&lf->n, memory_order_relaxed);
+        buf_printf(out, "# HELP %s %s\n# TYPE %s counter\n", lf->metric, lf->help, lf->metric);
+        render_row(out, lf, "none", 0);
+        for (size_t i = 0; i < n; i++)
+            render_row(out, lf, lf->names[lf->sorted[i]], (size_t)lf->sorted[i] + 2);
+        render_row(out, lf, "other", 1);
+    }
+    pthread_mutex_unlock(&label_lock);
+}
+
 void metrics_render(buf_t *out)
 {
     for (int i = 0; i < MET_COUNTER_LAST; i++)
@@ -203,6 +374,7 @@ void metrics_render(buf_t *out)
                    gauge_info[i].help, gauge_info[i].name, gauge_info[i].name,
                    (long long)metrics_gauge((metric_gauge_t)i));
     metrics_render_dns(out);
+    metrics_render_labeled(out);
 }
 
 struct metrics_server {

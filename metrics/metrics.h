@@ -117,6 +117,53 @@ void metrics_hist_render(const metrics_hist_t *h, buf_t *out);
 void metrics_dns_lookup(const char *layer, const char *result, uint64_t latency_us);
 uint64_t metrics_dns_lookups(const char *layer, const char *result);
 
+/* ---- recipient outcomes by who sends (bounded label values) ---- */
+
+/* Counter families with one label each besides outcome, whose values are
+ * fixed at start-up: the names registered with metrics_label_add(),
+ * "other" for any value not registered and "none" for no value. So what
+ * a message says can never add a series: each family has at most
+ * (METRICS_LABELS_MAX + 2) x MET_OUT_LAST of them. */
+typedef enum {
+    MET_FAM_TENANT = 0, /* mailpump_recipients_by_tenant_total{tenant,outcome}: [metrics] tenants */
+    MET_FAM_POOL,       /* mailpump_recipients_by_pool_total{pool,outcome}: the configured pools */
+    MET_FAM_SOURCE,     /* mailpump_recipients_by_source_total{source,outcome}: the configured sources */
+    MET_FAM_LAST
+} metrics_family_t;
+
+/* The outcome label: the event names (docs/message-format.md), with
+ * parked (deferred because its site was busy) and suppressed (not sent:
+ * a shaping action or suppression decided so) apart. */
+typedef enum {
+    MET_OUT_DELIVERED = 0,
+    MET_OUT_BOUNCED,
+    MET_OUT_DEFERRED,
+    MET_OUT_DEAD,
+    MET_OUT_SUPPRESSED,
+    MET_OUT_PARKED,
+    MET_OUT_LAST
+} metrics_outcome_t;
+
+#define METRICS_LABELS_MAX 1024 /* registered values per family */
+
+/* Register a label value of family f. Only before the workers start (the
+ * counting path reads the values without a lock); a value already there,
+ * "none", "other", an empty one and any past METRICS_LABELS_MAX are
+ * ignored (a message naming those counts as other). */
+void metrics_label_add(metrics_family_t f, const char *value);
+/* Every name of a comma- or blank-separated list, as metrics_label_add()
+ * ([metrics] tenants). Returns how many were added. */
+size_t metrics_label_add_list(metrics_family_t f, const char *list);
+/* One recipient outcome (metrics_outcome_t) for value: NULL counts as
+ * none, a value not registered as other. Lock-free: a binary search over
+ * the registered values and a relaxed atomic add. */
+void metrics_count_labeled(metrics_family_t f, const char *value, int outcome_index);
+/* What metrics_count_labeled() counted for value (NULL: none; "other"
+ * and "none" name those series). */
+uint64_t metrics_labeled(metrics_family_t f, const char *value, int outcome_index);
+/* "delivered", "bounced", ...; NULL out of range. */
+const char *metrics_outcome_name(int outcome_index);
+
 typedef struct metrics_server metrics_server_t;
 /* Parse [metrics] listen, "host:port" with a numeric IPv4 host or an
  * [IPv6] one, into *ss: 0, or -1 with err. The one parse of the key:

@@ -40,6 +40,9 @@ char *mq_event_to_json(const mq_event_t *ev)
     set_str(o, "event", ev->event);
     set_str(o, "message_id", ev->message_id);
     set_str(o, "trace_id", ev->trace_id);
+    set_str(o, "tenant", ev->tenant);
+    set_str(o, "campaign", ev->campaign);
+    set_str(o, "pool", ev->pool);
     set_str(o, "from", ev->sender);
     set_str(o, "recipient", ev->recipient);
     set_str(o, "outcome", ev->outcome);
@@ -56,6 +59,12 @@ char *mq_event_to_json(const mq_event_t *ev)
         set_str(o, "mx_host", ev->mx_host);
     if (ev->mx_addr && ev->mx_addr[0])
         set_str(o, "mx_addr", ev->mx_addr);
+    if (ev->source && ev->source[0])
+        set_str(o, "source", ev->source);
+    if (ev->source_addr && ev->source_addr[0])
+        set_str(o, "source_addr", ev->source_addr);
+    if (ev->shaping && ev->shaping[0])
+        set_str(o, "shaping", ev->shaping);
     if (ev->tls_version) {
         json_t *tls = json_object();
         set_str(tls, "version", ev->tls_version);

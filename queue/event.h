@@ -15,6 +15,9 @@ typedef struct mq_event {
     const char *event;        /* routing key: delivered, deferred, bounced, appended, ... */
     const char *message_id;
     const char *trace_id;     /* NULL: omitted */
+    const char *tenant;       /* the message's sender fields; NULL: omitted */
+    const char *campaign;
+    const char *pool;
     const char *sender;
     const char *recipient;    /* NULL for message-level events */
     const char *outcome;      /* delivered / transient / permanent, NULL: omitted */
@@ -24,6 +27,10 @@ typedef struct mq_event {
     const char *smtp_text;
     const char *mx_host;
     const char *mx_addr;
+    const char *source;       /* the egress source the delivery went out from; NULL or "": omitted */
+    const char *source_addr;  /* its local address */
+    const char *shaping;      /* a shaping rule or action that decided the outcome, e.g.
+                               * "suspend:automation:yahoo-deferral"; NULL or "": omitted */
     const char *tls_version;
     const char *tls_cipher;
     unsigned    attempt;

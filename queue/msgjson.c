@@ -373,6 +373,29 @@ static int msgjson_id(msgjson_ctx_t *c, const jd_node_t *root, message_t *m)
     return MSGJSON_OK;
 }
 
+/* tenant, campaign, pool: who sends the message. Short ASCII names,
+ * since they become log fields, metric labels and pool choices; a value
+ * outside that alphabet is refused rather than cleaned up. */
+static int msgjson_ident(msgjson_ctx_t *c, const jd_node_t *root, const char *key, message_ident_t kind,
+                         char **dst)
+{
+    char tmp[96];
+    int rc = msgjson_string(c, root, key, 0, dst);
+    if (rc != MSGJSON_OK || *dst == NULL || message_valid_ident(kind, *dst))
+        return rc;
+    if (kind == MESSAGE_CAMPAIGN)
+        util_seterr(c->err, c->errlen,
+                    "invalid \"%s\": must be 1-%d characters of letters, digits, '.', '_', '-', ':', '/', "
+                    "'@', '+', '=' (got \"%s\")",
+                    key, MESSAGE_CAMPAIGN_MAX, util_quote_text(*dst, tmp, sizeof(tmp)));
+    else
+        util_seterr(c->err, c->errlen,
+                    "invalid \"%s\": must be 1-%d characters of letters, digits, '.', '_', '-' (got \"%s\")",
+                    key, kind == MESSAGE_POOL ? MESSAGE_POOL_MAX : MESSAGE_TENANT_MAX,
+                    util_quote_text(*dst, tmp, sizeof(tmp)));
+    return MSGJSON_EINVAL;
+}
+
 /* RFC 5322 field-name (ftext), bounded like mime/ does. */
 static int msgjson_valid_hname(const char *name)
 {
@@ -737,6 +760,9 @@ static int msgjson_fill(msgjson_ctx_t *c, const jd_node_t *root, message_t *m)
         (rc = msgjson_string(c, root, "text", 0, &m->text)) != MSGJSON_OK ||
         (rc = msgjson_string(c, root, "html", 0, &m->html)) != MSGJSON_OK ||
         (rc = msgjson_string(c, root, "trace_id", 1, &m->trace_id)) != MSGJSON_OK ||
+        (rc = msgjson_ident(c, root, "tenant", MESSAGE_TENANT, &m->tenant)) != MSGJSON_OK ||
+        (rc = msgjson_ident(c, root, "campaign", MESSAGE_CAMPAIGN, &m->campaign)) != MSGJSON_OK ||
+        (rc = msgjson_ident(c, root, "pool", MESSAGE_POOL, &m->pool)) != MSGJSON_OK ||
         (rc = msgjson_headers(c, root, m)) != MSGJSON_OK ||
         (rc = msgjson_attachments(c, root, m)) != MSGJSON_OK ||
         (rc = msgjson_raw(c, root, m)) != MSGJSON_OK)

@@ -11,6 +11,8 @@
  *             (whether a name may be used at all is decided by mime/)
  *   id        optional: 1..200 printable ASCII without spaces or "<>@";
  *             a random UUID when absent
+ *   tenant, pool  optional: 1..64 of ASCII letters, digits, '.', '_', '-'
+ *   campaign  optional: 1..128 of those and ':', '/', '@', '+', '='
  *   attachments optional array of objects:
  *             filename       required, 1..255 octets of UTF-8, no control chars
  *             content_type   "type/subtype[; attr=value]..." (not multipart/...),

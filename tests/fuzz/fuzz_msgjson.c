@@ -4,7 +4,9 @@
  * DESCRIPTION
  *  The worker's whole parsing path on arbitrary input: msgjson_parse(),
  *  then mime_build() and mime_dotstuff() on whatever it accepts, checking
- *  the wire invariants (fuzz_common.h). Seeds: tests/fuzz/corpus/msgjson.
+ *  the wire invariants (fuzz_common.h), and that tenant, campaign and
+ *  pool are only ever accepted within their alphabet. Seeds:
+ *  tests/fuzz/corpus/msgjson.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -24,6 +26,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             abort(); /* every refusal has a reason and no result */
         return 0;
     }
+    /* the sender fields end up in log lines and metric labels as they are */
+    if ((m->tenant && !message_valid_ident(MESSAGE_TENANT, m->tenant)) ||
+        (m->campaign && !message_valid_ident(MESSAGE_CAMPAIGN, m->campaign)) ||
+        (m->pool && !message_valid_ident(MESSAGE_POOL, m->pool)))
+        abort();
     buf_t out = BUF_INIT;
     mime_opts_t o = { .now = 1700000000, .max_size = 1 << 22 };
     int rc = mime_build(m, &o, &out, err, sizeof(err));

@@ -552,6 +552,35 @@ static void test_check_runs_every_check(void **state)
     assert_int_equal(check_with("log", "level", "info", err, sizeof(err)), 0);
 }
 
+/* [metrics] tenants: label values fixed at start-up, checked there. */
+static void test_check_metrics_tenants(void **state)
+{
+    (void)state;
+    char err[512] = "";
+    assert_int_equal(check_with("metrics", "tenants", "acme, beta-1 c.d_e", err, sizeof(err)), 0);
+    assert_int_equal(check_with("metrics", "tenants", "", err, sizeof(err)), 0);
+    assert_int_equal(check_with("metrics", "tenants", "acme,a:b", err, sizeof(err)), -1);
+    assert_string_equal(err, "[metrics] tenants: \"a:b\" is not a tenant name (1-64 letters, digits, '.', '_', '-')");
+    assert_int_equal(check_with("metrics", "tenants", "acme other", err, sizeof(err)), -1);
+    assert_string_equal(err, "[metrics] tenants: \"other\" is reserved (the series of tenants not listed and of "
+                             "messages without one)");
+    assert_int_equal(check_with("metrics", "tenants", "none", err, sizeof(err)), -1);
+    assert_int_equal(check_with("metrics", "tenants", "acme,b,acme", err, sizeof(err)), -1);
+    assert_string_equal(err, "[metrics] tenants: \"acme\" is listed twice");
+    /* 256 names, and one more (through the environment: longer than the file check_with writes) */
+    char list[4096];
+    size_t o = 0;
+    for (int i = 0; i < 256; i++)
+        o += (size_t)snprintf(list + o, sizeof(list) - o, "t%d,", i);
+    setenv("MAILPUMP_METRICS_TENANTS", list, 1);
+    assert_int_equal(check_with("log", "level", "info", err, sizeof(err)), 0);
+    snprintf(list + o, sizeof(list) - o, "t256");
+    setenv("MAILPUMP_METRICS_TENANTS", list, 1);
+    assert_int_equal(check_with("log", "level", "info", err, sizeof(err)), -1);
+    unsetenv("MAILPUMP_METRICS_TENANTS");
+    assert_string_equal(err, "[metrics] tenants: more than 256 names");
+}
+
 static void test_missing_file(void **state)
 {
     mp_config_t c;
@@ -660,6 +689,7 @@ int main(void)
         cmocka_unit_test_teardown(test_check_metrics_listen, teardown),
         cmocka_unit_test_teardown(test_check_helo_name, teardown),
         cmocka_unit_test_teardown(test_check_runs_every_check, teardown),
+        cmocka_unit_test(test_check_metrics_tenants),
         cmocka_unit_test_teardown(test_missing_file, teardown),
         cmocka_unit_test_teardown(test_dump_masks_secrets, teardown),
         cmocka_unit_test(test_reference),

@@ -116,6 +116,59 @@ static void test_truncated(void **state)
                               "\"a\":1,\"truncated\":1}\n");
 }
 
+/* The message fields with the sender's: tenant, campaign and pool after
+ * msg and trace, only when set, quoted, and keys of their own in JSON. */
+static void test_msgctx(void **state)
+{
+    (void)state;
+    log_msgctx_t c = { .id = "m-1", .trace = "t-1", .tenant = "acme", .campaign = "spring:2026/news@x+y=z",
+                       .pool = "bulk" };
+    assert_string_equal(LOG_MSGCTX(&c),
+                        "msg=\"m-1\" trace=\"t-1\" tenant=\"acme\" campaign=\"spring:2026/news@x+y=z\" pool=\"bulk\"");
+    c.trace = NULL;
+    c.campaign = NULL;
+    assert_string_equal(LOG_MSGCTX(&c), "msg=\"m-1\" tenant=\"acme\" pool=\"bulk\"");
+    /* only id and trace: what LOG_MSG writes */
+    log_msgctx_t plain = { .id = "m-1", .trace = "t 1" };
+    assert_string_equal(LOG_MSGCTX(&plain), LOG_MSG("m-1", "t 1"));
+    plain.trace = NULL;
+    assert_string_equal(LOG_MSGCTX(&plain), "msg=\"m-1\"");
+    assert_string_equal(LOG_MSGCTX(NULL), "msg=-");
+    assert_string_equal(LOG_MSGCTX(&(log_msgctx_t){ .tenant = "x" }), "msg=- tenant=\"x\"");
+    /* values the parser would refuse are still quoted (no field, no line) */
+    log_msgctx_t evil = { .id = "m", .tenant = EVIL, .campaign = EVIL, .pool = EVIL };
+    assert_string_equal(LOG_MSGCTX(&evil), "msg=\"m\" tenant=" EVIL_Q " campaign=" EVIL_Q " pool=" EVIL_Q);
+    /* the longest of everything fits whole */
+    char big[1000];
+    memset(big, 'x', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    log_msgctx_t full = { big, big, big, big, big };
+    const char *r = LOG_MSGCTX(&full);
+    assert_non_null(strstr(r, " pool=\"xxx"));
+    assert_string_equal(r + strlen(r) - 4, "...\"");
+    /* a buffer too small leaves whole pairs out */
+    char small[40];
+    assert_string_equal(log_msgctx(&c, small, sizeof(small)), "msg=\"m-1\" tenant=\"acme\" pool=\"bulk\"");
+    char tiny[30];
+    assert_string_equal(log_msgctx(&c, tiny, sizeof(tiny)), "msg=\"m-1\" tenant=\"acme\"");
+
+    char line[8192], pairs[2048];
+    c = (log_msgctx_t){ .id = "m-1", .trace = "t-1", .tenant = "acme", .campaign = "c:1", .pool = "bulk" };
+    snprintf(pairs, sizeof(pairs), "%s rcpt=%s code=%d", LOG_MSGCTX(&c), LOG_Q("b@test.example"), 250);
+    log_render(line, sizeof(line), LOG_FMT_LOGFMT, LOG_INFO, TS, "job", "delivered", pairs);
+    assert_string_equal(line, "ts=" TS " level=info mod=job event=delivered msg=\"m-1\" trace=\"t-1\" "
+                              "tenant=\"acme\" campaign=\"c:1\" pool=\"bulk\" rcpt=\"b@test.example\" code=250\n");
+    log_render(line, sizeof(line), LOG_FMT_JSON, LOG_INFO, TS, "job", "delivered", pairs);
+    assert_string_equal(line, "{\"ts\":\"" TS "\",\"level\":\"info\",\"mod\":\"job\",\"event\":\"delivered\","
+                              "\"msg\":\"m-1\",\"trace\":\"t-1\",\"tenant\":\"acme\",\"campaign\":\"c:1\","
+                              "\"pool\":\"bulk\",\"rcpt\":\"b@test.example\",\"code\":250}\n");
+    /* a numeric tenant stays a string in JSON: it is quoted */
+    c.tenant = "42";
+    snprintf(pairs, sizeof(pairs), "%s", LOG_MSGCTX(&c));
+    log_render(line, sizeof(line), LOG_FMT_JSON, LOG_INFO, TS, "job", "e", pairs);
+    assert_non_null(strstr(line, ",\"tenant\":\"42\","));
+}
+
 /* log_msg itself on stderr, both formats; the ts varies, the rest not. */
 static char *capture(enum log_format f, const char *v)
 {
@@ -206,6 +259,7 @@ int main(void)
         cmocka_unit_test(test_json_odd_input),
         cmocka_unit_test(test_truncated),
         cmocka_unit_test(test_log_msg),
+        cmocka_unit_test(test_msgctx),
         cmocka_unit_test(test_json_parses),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -73,6 +73,9 @@ static void test_minimal_defaults(void **state)
     assert_null(m->text);
     assert_null(m->html);
     assert_null(m->trace_id);
+    assert_null(m->tenant);
+    assert_null(m->campaign);
+    assert_null(m->pool);
     assert_int_equal(m->nheaders, 0);
     assert_int_equal(m->priority, 0);
     assert_non_null(m->id);
@@ -263,6 +266,117 @@ static void test_malformed_table(void **state)
             fail_msg("case %zu: %s\n  got %d \"%s\"\n  want %d \"%s\"", i, c->json, rc, err,
                      c->status, c->reason);
     }
+}
+
+/* tenant, campaign, pool: kept as given, null is absent, and they stay
+ * with the envelope once the content is dropped. */
+static void test_sender_fields(void **state)
+{
+    (void)state;
+    message_t *m = parse_ok("{" "\"from\":\"a@test.example\",\"to\":\"b@test.example\","
+                            "\"tenant\":\"acme-Corp_1.eu\",\"campaign\":\"spring:2026/news@x+y=z\","
+                            "\"pool\":\"marketing\",\"subject\":\"s\"}");
+    assert_string_equal(m->tenant, "acme-Corp_1.eu");
+    assert_string_equal(m->campaign, "spring:2026/news@x+y=z");
+    assert_string_equal(m->pool, "marketing");
+    message_drop_content(m);
+    assert_null(m->subject);
+    assert_string_equal(m->tenant, "acme-Corp_1.eu");
+    assert_string_equal(m->campaign, "spring:2026/news@x+y=z");
+    assert_string_equal(m->pool, "marketing");
+    message_free(m);
+
+    m = parse_ok("{\"from\":\"a@test.example\",\"to\":\"b@test.example\",\"tenant\":null,"
+                 "\"campaign\":null,\"pool\":\"p\"}");
+    assert_null(m->tenant);
+    assert_null(m->campaign);
+    assert_string_equal(m->pool, "p");
+    message_free(m);
+
+    /* the longest values allowed */
+    char json[512], t64[65], c128[129];
+    memset(t64, 'T', 64);
+    t64[64] = '\0';
+    memset(c128, 'c', 128);
+    c128[128] = '\0';
+    snprintf(json, sizeof(json),
+             "{\"from\":\"a@test.example\",\"to\":\"b@test.example\",\"tenant\":\"%s\","
+             "\"campaign\":\"%s\",\"pool\":\"%s\"}", t64, c128, t64);
+    m = parse_ok(json);
+    assert_string_equal(m->tenant, t64);
+    assert_string_equal(m->campaign, c128);
+    assert_string_equal(m->pool, t64);
+    message_free(m);
+}
+
+static const struct bad_case bad_sender[] = {
+    { "{" FROM "," TO ",\"tenant\":5}", MSGJSON_EINVAL, "\"tenant\" must be a string" },
+    { "{" FROM "," TO ",\"tenant\":[\"a\"]}", MSGJSON_EINVAL, "\"tenant\" must be a string" },
+    { "{" FROM "," TO ",\"campaign\":true}", MSGJSON_EINVAL, "\"campaign\" must be a string" },
+    { "{" FROM "," TO ",\"pool\":{}}", MSGJSON_EINVAL, "\"pool\" must be a string" },
+    { "{" FROM "," TO ",\"tenant\":\"\"}", MSGJSON_EINVAL,
+      "invalid \"tenant\": must be 1-64 characters of letters, digits, '.', '_', '-' (got \"\")" },
+    { "{" FROM "," TO ",\"tenant\":\"a b\"}", MSGJSON_EINVAL,
+      "invalid \"tenant\": must be 1-64 characters of letters, digits, '.', '_', '-' (got \"a b\")" },
+    { "{" FROM "," TO ",\"tenant\":\"a:b\"}", MSGJSON_EINVAL, "invalid \"tenant\"" },
+    { "{" FROM "," TO ",\"tenant\":\"a\\r\\nb\"}", MSGJSON_EINVAL,
+      "invalid \"tenant\": must be 1-64 characters of letters, digits, '.', '_', '-' (got \"a\\r\\nb\")" },
+    { "{" FROM "," TO ",\"tenant\":\"caf\xc3\xa9\"}", MSGJSON_EINVAL, "invalid \"tenant\"" },
+    { "{" FROM "," TO ",\"tenant\":\"a\\u0000b\"}", MSGJSON_EJSON, "invalid JSON" },
+    { "{" FROM "," TO ",\"tenant\":\"a\",\"tenant\":\"b\"}", MSGJSON_EJSON, "duplicate" },
+    { "{" FROM "," TO ",\"tenant\":\"" "TTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTTT" "\"}",
+      MSGJSON_EINVAL, "invalid \"tenant\": must be 1-64 characters" },
+    { "{" FROM "," TO ",\"pool\":\"" "PPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPPP" "\"}",
+      MSGJSON_EINVAL, "invalid \"pool\": must be 1-64 characters of letters, digits, '.', '_', '-'" },
+    { "{" FROM "," TO ",\"pool\":\"a/b\"}", MSGJSON_EINVAL, "invalid \"pool\"" },
+    { "{" FROM "," TO ",\"pool\":\"\"}", MSGJSON_EINVAL, "invalid \"pool\"" },
+    { "{" FROM "," TO ",\"campaign\":\"\"}", MSGJSON_EINVAL,
+      "invalid \"campaign\": must be 1-128 characters of letters, digits, '.', '_', '-', ':', '/', '@', "
+      "'+', '=' (got \"\")" },
+    { "{" FROM "," TO ",\"campaign\":\"a b\"}", MSGJSON_EINVAL, "invalid \"campaign\"" },
+    { "{" FROM "," TO ",\"campaign\":\"a\\nb\"}", MSGJSON_EINVAL, "invalid \"campaign\"" },
+    { "{" FROM "," TO ",\"campaign\":\"a%b\"}", MSGJSON_EINVAL, "invalid \"campaign\"" },
+    { "{" FROM "," TO ",\"campaign\":\"a\\\"b\"}", MSGJSON_EINVAL, "invalid \"campaign\"" },
+};
+
+static void test_sender_fields_refused(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < sizeof(bad_sender) / sizeof(bad_sender[0]); i++) {
+        const struct bad_case *c = &bad_sender[i];
+        message_t *m = (message_t *)0x1;
+        char err[256] = "";
+        int rc = msgjson_parse(c->json, strlen(c->json), &m, err, sizeof(err));
+        if (rc != c->status || m != NULL || strstr(err, c->reason) == NULL)
+            fail_msg("case %zu: %s\n  got %d \"%s\"\n  want %d \"%s\"", i, c->json, rc, err,
+                     c->status, c->reason);
+    }
+    /* one past the longest campaign */
+    char json[512], c129[130];
+    memset(c129, 'c', 129);
+    c129[129] = '\0';
+    snprintf(json, sizeof(json), "{" FROM "," TO ",\"campaign\":\"%s\"}", c129);
+    message_t *m = NULL;
+    char err[256] = "";
+    assert_int_equal(msgjson_parse(json, strlen(json), &m, err, sizeof(err)), MSGJSON_EINVAL);
+    assert_null(m);
+    assert_non_null(strstr(err, "invalid \"campaign\": must be 1-128 characters"));
+}
+
+static void test_valid_ident(void **state)
+{
+    (void)state;
+    assert_true(message_valid_ident(MESSAGE_TENANT, "acme"));
+    assert_true(message_valid_ident(MESSAGE_TENANT, "A.b_c-9"));
+    assert_false(message_valid_ident(MESSAGE_TENANT, ""));
+    assert_false(message_valid_ident(MESSAGE_TENANT, "a:b"));
+    assert_false(message_valid_ident(MESSAGE_TENANT, "a=b"));
+    assert_false(message_valid_ident(MESSAGE_POOL, "a@b"));
+    assert_true(message_valid_ident(MESSAGE_CAMPAIGN, "a:b/c@d+e=f"));
+    assert_false(message_valid_ident(MESSAGE_CAMPAIGN, "a\"b"));
+    assert_false(message_valid_ident(MESSAGE_CAMPAIGN, "a,b"));
+    assert_false(message_valid_ident(MESSAGE_CAMPAIGN, "a\tb"));
+    assert_false(message_valid_ident(MESSAGE_CAMPAIGN, "\x7f"));
 }
 
 /* ---- attachments and raw ------------------------------------------------------- */
@@ -635,6 +749,9 @@ int main(void)
         cmocka_unit_test(test_address_forms),
         cmocka_unit_test(test_all_fields),
         cmocka_unit_test(test_length_bounded),
+        cmocka_unit_test(test_sender_fields),
+        cmocka_unit_test(test_sender_fields_refused),
+        cmocka_unit_test(test_valid_ident),
         cmocka_unit_test(test_malformed_table),
         cmocka_unit_test(test_id_length),
         cmocka_unit_test(test_valid_address),

@@ -110,6 +110,45 @@ static void test_bucket_paces(void **state)
     assert_int_equal(b.level, 20000 * 1000000ULL - 1000000);
 }
 
+/* --tenants N spreads the run over t0..tN-1; bad sender fields are
+ * refused before any connection is made (exit status 2). */
+static void test_tenants(void **state)
+{
+    (void)state;
+    char t[32];
+    stress_tenant_format(t, sizeof(t), 3, 1);
+    assert_string_equal(t, "t0");
+    stress_tenant_format(t, sizeof(t), 3, 3);
+    assert_string_equal(t, "t2");
+    stress_tenant_format(t, sizeof(t), 3, 4);
+    assert_string_equal(t, "t0");
+    stress_tenant_format(t, sizeof(t), 1, 1000);
+    assert_string_equal(t, "t0");
+
+    mp_config_t cfg;
+    config_defaults(&cfg);
+    free(cfg.amqp_host);
+    cfg.amqp_host = strdup("127.0.0.1");
+    cfg.amqp_port = 1; /* nothing listens: a run that got past its checks would fail with 1 */
+    const char *bad[][12] = {
+        { "stress", "--from", "a@test.example", "--to", "b@test.example", "--tenant", "a b" },
+        { "stress", "--from", "a@test.example", "--to", "b@test.example", "--campaign", "a\"b" },
+        { "stress", "--from", "a@test.example", "--to", "b@test.example", "--pool", "" },
+        { "stress", "--from", "a@test.example", "--to", "b@test.example", "--tenant", "x", "--tenants", "2" },
+        { "stress", "--from", "a@test.example", "--to", "b@test.example", "--tenants", "0" },
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        int argc = 0;
+        while (bad[i][argc])
+            argc++;
+        assert_int_equal(stress_cmd_main(&cfg, argc, (char **)bad[i]), 2);
+    }
+    const char *good[] = { "stress", "--from", "a@test.example", "--to", "b@test.example", "--tenants", "4",
+                           "--campaign", "c:1", "--pool", "bulk", "-n", "1", "-t", "1", NULL };
+    assert_int_equal(stress_cmd_main(&cfg, 15, (char **)good), 1); /* valid: it tried to connect */
+    config_free(&cfg);
+}
+
 static void test_run_ids(void **state)
 {
     char runid[STRESS_RUNID_LEN + 1];
@@ -337,6 +376,7 @@ int main(void)
         cmocka_unit_test(test_percentiles),
         cmocka_unit_test(test_bucket_paces),
         cmocka_unit_test(test_run_ids),
+        cmocka_unit_test(test_tenants),
         cmocka_unit_test(test_event_kinds_and_ts),
         cmocka_unit_test(test_tally),
         cmocka_unit_test(test_missing_reported),
