@@ -178,7 +178,14 @@ static int address_ok(const char *a, int empty_ok)
 
 /* ---- TLS policy per destination domain ---- */
 
+static smtp_tls_policy_t tls_policy_of(mp_smtp_tls_t t);
+
 /* The one mapping of the configuration's [smtp] tls values to ours. */
+smtp_tls_policy_t deliver_tls_policy_of(int t)
+{
+    return tls_policy_of((mp_smtp_tls_t)t);
+}
+
 static smtp_tls_policy_t tls_policy_of(mp_smtp_tls_t t)
 {
     switch (t) {

@@ -286,6 +286,8 @@ int deliver_domain_matches(const char *pattern, size_t plen, const char *domain)
 /* Parse "none|opportunistic|required|verify" (the names of [smtp] tls);
  * -1 when unknown. */
 int deliver_tls_policy_parse(const char *s);
+/* An [smtp] tls value (mp_smtp_tls_t, as the shaping rules hold it) as our policy. */
+smtp_tls_policy_t deliver_tls_policy_of(int t);
 
 /* A per-domain TLS policy map ([smtp] tls_policy) parsed once: its
  * (pattern, policy) entries in the map's order, the first match wins. */

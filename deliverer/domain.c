@@ -120,7 +120,8 @@ struct domain_leg {
 };
 
 /* The message fields of a leg's log lines. */
-#define LEG_MSG(leg) LOG_MSG((leg)->req.msg_id, (leg)->req.trace_id)
+#define LEG_MSG(leg) \
+    ((leg)->req.log ? LOG_MSGCTX((leg)->req.log) : LOG_MSG((leg)->req.msg_id, (leg)->req.trace_id))
 
 static void leg_site(domain_leg_t *leg);
 static void leg_route(domain_leg_t *leg);
@@ -366,7 +367,7 @@ static void leg_automation(domain_leg_t *leg, const domain_rcpt_result_t *r)
     snprintf(a.value, sizeof(a.value), "%s", rule->domain ? leg->req.name : leg->site);
     snprintf(a.source, sizeof(a.source), "%s", src ? src : "");
     a.expires_ms = util_wall_ms() + rule->duration_ms;
-    snprintf(a.reason, sizeof(a.reason), "%d%s%s %s", r->code, r->enh[0] ? " " : "", r->enh, r->text);
+    snprintf(a.reason, sizeof(a.reason), "%d%s%.15s %.200s", r->code, r->enh[0] ? " " : "", r->enh, r->text);
     snprintf(a.origin, sizeof(a.origin), "automation:%s", rule->name);
     if (actions_add(svc->actions, &a) == 0)
         snprintf(leg->shaping, sizeof(leg->shaping), "triggered:%s:%s", action_kind_name(a.kind), a.origin);

@@ -64,6 +64,7 @@
 #include "core/util.h"
 #include "deliverer/envelope.h"
 #include "deliverer/outcome.h"
+#include "deliverer/policy.h"
 #include "deliverer/retry.h"
 #include "metrics/metrics.h"
 #include "mime/build.h"
@@ -166,6 +167,18 @@ struct job {
     uint64_t             started_ms;
     log_msgctx_t         log;       /* the message's log fields, lent to the legs (set at DOMAINS) */
 };
+
+/* The message names a pool while the egress file has pools, none of
+ * them that one. Without pools the field is only a label. */
+static int job_unknown_pool(const job_t *j)
+{
+    const policy_t *p = j->ctx->svc.policy;
+    int unknown = 0;
+    if (j->msg->pool == NULL || p == NULL || policy_npools(p) == 0)
+        return 0;
+    policy_pool_for(p, j->msg->pool, NULL, &unknown);
+    return unknown;
+}
 
 /* The message fields of a job's log lines (trace, tenant, campaign and
  * pool when set): before the body parsed, the AMQP message-id property
@@ -588,6 +601,14 @@ static void job_enter_intake(job_t *j)
     if (named > most) {
         job_dead_letter(j, "too many recipients: %zu (at most %u per message, [message] max_recipients)", named,
                         most);
+        job_next(j);
+        return;
+    }
+    if (job_unknown_pool(j)) {
+        /* the application named a pool the egress file does not have:
+         * kept in the dead letters until the file has it (redrive) */
+        job_dead_letter(j, "unknown pool \"%s\": the egress file ([egress] file) has no [pool %s]", j->msg->pool,
+                        j->msg->pool);
         job_next(j);
         return;
     }

@@ -174,6 +174,14 @@ int main(int argc, char **argv)
         crash_reporter_connect(cfg.redis_host, cfg.redis_port, env.retry.max_age_ms,
                                cfg.redis_timeout_ms > 500 ? cfg.redis_timeout_ms : 500);
 
+    /* the label values of the per-tenant, per-pool and per-source series,
+     * fixed before anything counts (every other value counts as "other") */
+    metrics_label_add_list(MET_FAM_TENANT, cfg.metrics_tenants);
+    for (size_t i = 0; i < policy_npools(env.policy); i++)
+        metrics_label_add(MET_FAM_POOL, policy_pool(env.policy, i)->name);
+    for (size_t i = 0; i < policy_nsources(env.policy); i++)
+        metrics_label_add(MET_FAM_SOURCE, policy_source(env.policy, i)->name);
+
     metrics_server_t *ms = NULL;
     if (cfg.metrics_listen[0]) {
         ms = metrics_server_start(cfg.metrics_listen, err, sizeof(err));
@@ -191,6 +199,9 @@ int main(int argc, char **argv)
              MAILPUMPD_VERSION, nworkers, LOG_Q(cfg.amqp_queue), cfg.amqp_host, cfg.amqp_port,
              cfg.metrics_listen[0] ? cfg.metrics_listen : "off",
              config_enum_name("smtp", "tls", (int)cfg.smtp_tls));
+    char summary[256];
+    policy_summary(env.policy, summary, sizeof(summary));
+    log_info("main", "egress", "summary=%s", LOG_Q(summary));
     /* the memory budget of bodies in flight (deliverer/budget.h) */
     log_info("main", "inflight_memory",
              "per_worker=%llu workers=%u source=%s memory=%llu max_body=%llu resume_below=%llu",

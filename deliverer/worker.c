@@ -44,10 +44,12 @@
 #include "core/log.h"
 #include "core/loop.h"
 #include "core/util.h"
+#include "deliverer/actions.h"
 #include "deliverer/budget.h"
-#include "deliverer/lease.h"
 #include "deliverer/job.h"
+#include "deliverer/lease.h"
 #include "deliverer/ledger.h"
+#include "deliverer/wrr.h"
 #include "dns/resolver.h"
 #include "imap/imap.h"
 #include "metrics/metrics.h"
@@ -468,6 +470,12 @@ static int worker_open_services(worker_t *w, char *err, size_t errlen)
                           .local_holders = w->env->nworkers };
     w->leases = lease_new(w->loop, w->redis, holder, &lc, worker_lease_changed, w);
     svc->sites = sites_new(w->loop, &w->env->sites, worker_site_allow, w);
+    svc->policy = w->env->policy;
+    svc->wrr = wrr_new(0);
+    /* polled a little more often than once a second, so that an action
+     * taken anywhere is honoured here within a second */
+    actions_config_t ac = { .poll_ms = 800 };
+    svc->actions = actions_new(w->loop, w->redis, &ac, NULL, NULL);
     loop_timer_init(&w->gauge_timer, on_gauges, w);
     loop_timer_set(w->loop, &w->gauge_timer, 1000);
     if (cfg->imap_pool) {
@@ -490,6 +498,10 @@ static void worker_close_services(worker_t *w)
     loop_timer_cancel(w->loop, &w->gauge_timer);
     sites_free(svc->sites);
     svc->sites = NULL;
+    actions_free(svc->actions); /* before the Redis client: it cancels its commands */
+    svc->actions = NULL;
+    wrr_free(svc->wrr);
+    svc->wrr = NULL;
     lease_free(w->leases); /* its releases go out before the Redis client goes */
     w->leases = NULL;
     on_gauges(w->loop, NULL, w); /* the sites are gone */

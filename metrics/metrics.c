@@ -73,6 +73,8 @@ static const struct {
     [MET_SHAPING_ACTIONS_ADDED] = { "mailpump_shaping_actions_added_total", "Shaping actions (suspend, bounce, lower rate or connection limit) added or extended by this process's workers, e.g. by automation rules." },
     [MET_SHAPING_ACTIONS_LEARNED] = { "mailpump_shaping_actions_learned_total", "Shaping actions a worker first learned from Redis (mp:act), added by another worker or pod or before a restart." },
     [MET_SHAPING_ACTIONS_CORRUPT] = { "mailpump_shaping_actions_corrupt_total", "Fields of the shaping-actions hash (mp:act) skipped by a worker's read because they were not valid actions (counted on every read that met them)." },
+    [MET_SHAPING_SUSPENDED] = { "mailpump_shaping_suspended_total", "Recipients deferred to a delay queue without spending an attempt because a shaping action suspends their destination (site or domain, and source)." },
+    [MET_SHAPING_BOUNCED] = { "mailpump_shaping_bounced_total", "Recipients bounced by a shaping action (action = bounce), not by a server." },
 };
 
 static const struct {

@@ -64,6 +64,8 @@ typedef enum {
     MET_SHAPING_ACTIONS_ADDED,   /* shaping actions added or extended by this process (deliverer/actions.c) */
     MET_SHAPING_ACTIONS_LEARNED, /* shaping actions first learned from Redis */
     MET_SHAPING_ACTIONS_CORRUPT, /* fields of mp:act skipped by reads: not valid actions */
+    MET_SHAPING_SUSPENDED,       /* recipients deferred without an attempt: a shaping action suspends their destination */
+    MET_SHAPING_BOUNCED,         /* recipients bounced by a shaping action */
     MET_COUNTER_LAST
 } metric_counter_t;
 
