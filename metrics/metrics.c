@@ -68,6 +68,7 @@ static const struct {
     [MET_SMTP_REPLY_FLOODS] = { "mailpump_smtp_reply_floods_total", "SMTP sessions ended as a protocol error because a reply had more lines than [smtp] reply_lines_burst plus reply_lines_per_s per second waited." },
     [MET_LEASE_RENEWALS] = { "mailpump_lease_renewals_total", "Renewals of the workers' connection leases sent to Redis (one EVAL for all of a worker's sites)." },
     [MET_LEASE_RENEWALS_FAILED] = { "mailpump_lease_renewals_failed_total", "Connection-lease renewals that failed or timed out: the worker used the fallback share, ceil(limit / holders)." },
+    [MET_WARMUP_LIMITED] = { "mailpump_warmup_limited_total", "Times a domain leg found a source at its warm-up day's volume for the destination site (the leg took another source of its pool, or was parked)." },
 };
 
 static const struct {

@@ -61,6 +61,7 @@ typedef enum {
     MET_SMTP_REPLY_FLOODS,   /* SMTP sessions ended by the reply-line cap */
     MET_LEASE_RENEWALS,      /* connection-lease renewals sent to Redis (deliverer/lease.c) */
     MET_LEASE_RENEWALS_FAILED, /* of those, failed or timed out: the fallback share is in force */
+    MET_WARMUP_LIMITED,      /* sources refused for a leg: at their warm-up day's volume (deliverer/warmup.c) */
     MET_COUNTER_LAST
 } metric_counter_t;
 
