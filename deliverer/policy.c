@@ -18,7 +18,7 @@
  *  limit.
  *
  *  Everything is checked at load: unknown section types and keys, a key
- *  or a section given twice, names, numbers, durations, regexes, and
+ *  or a section given twice, names, numbers, durations, dates, regexes, and
  *  references (a pool's sources, a tenant's pool, a qualifier's source
  *  or pool when an egress file is loaded), each error as "path:line:
  *  why". Pools and tenants may name what a later section defines: the
