@@ -18,7 +18,7 @@
  *  limit.
  *
  *  Everything is checked at load: unknown section types and keys, a key
- *  or a section given twice, names, numbers, durations, regexes, and
+ *  or a section given twice, names, numbers, durations, dates, regexes, and
  *  references (a pool's sources, a tenant's pool, a qualifier's source
  *  or pool when an egress file is loaded), each error as "path:line:
  *  why". Pools and tenants may name what a later section defines: the
@@ -55,6 +55,9 @@
 #define TIMEOUT_MAX_MS 3600000u           /* connect_timeout, command_timeout */
 #define DURATION_MAX_MS (7ull * 86400000) /* automation duration */
 #define MAX_KEYS       8
+#define WARMUP_MAX     100000000ul /* messages per site per day */
+#define WARMUP_DAYS    365
+#define DAY_MS         86400000ull
 
 typedef struct ptrvec {
     void  **v;
@@ -144,7 +147,7 @@ typedef struct sec_def {
 } sec_def_t;
 
 static const sec_def_t sec_defs[] = {
-    { "source", SEC_SOURCE, 0, 1, { "address", "ehlo" } },
+    { "source", SEC_SOURCE, 0, 1, { "address", "ehlo", "warmup", "warmup_start" } },
     { "pool", SEC_POOL, 0, 1, { "sources" } },
     { "tenant", SEC_TENANT, 0, 1, { "pool" } },
     { "default", SEC_DEFAULT, 0, 0, { "pool" } },
@@ -321,6 +324,52 @@ static int valid_enhanced(const char *s)
     return *s == '\0';
 }
 
+/* Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+ * days_from_civil), and back. */
+static int64_t days_from_civil(int64_t y, unsigned m, unsigned d)
+{
+    y -= m <= 2;
+    int64_t era = (y >= 0 ? y : y - 399) / 400;
+    unsigned yoe = (unsigned)(y - era * 400);
+    unsigned doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+    unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + (int64_t)doe - 719468;
+}
+
+static void civil_from_days(int64_t z, int64_t *y, unsigned *m, unsigned *d)
+{
+    z += 719468;
+    int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+    unsigned doe = (unsigned)(z - era * 146097);
+    unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    unsigned mp = (5 * doy + 2) / 153;
+    *d = doy - (153 * mp + 2) / 5 + 1;
+    *m = mp < 10 ? mp + 3 : mp - 9;
+    *y = (int64_t)yoe + era * 400 + (*m <= 2);
+}
+
+/* "YYYY-MM-DD", a real date from 1970-01-01 to 9999-12-31. */
+static int parse_date(const char *s, int64_t *day)
+{
+    static const unsigned mdays[12] = { 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 };
+    if (strlen(s) != 10 || s[4] != '-' || s[7] != '-')
+        return -1;
+    for (int i = 0; i < 10; i++)
+        if (i != 4 && i != 7 && !isdigit((unsigned char)s[i]))
+            return -1;
+    unsigned y = (unsigned)((s[0] - '0') * 1000 + (s[1] - '0') * 100 + (s[2] - '0') * 10 + (s[3] - '0'));
+    unsigned m = (unsigned)((s[5] - '0') * 10 + (s[6] - '0'));
+    unsigned d = (unsigned)((s[8] - '0') * 10 + (s[9] - '0'));
+    if (y < 1970 || m < 1 || m > 12 || d < 1 || d > mdays[m - 1])
+        return -1;
+    int leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    if (m == 2 && d == 29 && !leap)
+        return -1;
+    *day = days_from_civil(y, m, d);
+    return 0;
+}
+
 /* ------------------------------------------------------------ sections */
 
 static int finish_section(pctx_t *pc)
@@ -333,6 +382,12 @@ static int finish_section(pctx_t *pc)
     case SEC_SOURCE:
         if (pc->src->s.addrlen == 0)
             return perr_at(pc, line, "%s has no address (an IPv4 or IPv6 literal is required)", pc->title);
+        /* line_of[2] warmup, line_of[3] warmup_start (sec_defs order) */
+        if (pc->line_of[2] && !pc->line_of[3])
+            return perr_at(pc, line, "%s has warmup but no warmup_start (its day 1, YYYY-MM-DD)", pc->title);
+        if (pc->line_of[3] && !pc->line_of[2])
+            return perr_at(pc, line, "%s has warmup_start but no warmup (the messages per site for each day)",
+                           pc->title);
         break;
     case SEC_POOL:
         if (pc->pool->names == NULL)
@@ -558,6 +613,36 @@ static int set_source_key(pctx_t *pc, const char *key, char *v)
         } else {
             return perr(pc, "%s address: \"%.80s\" is not an IPv4 or IPv6 address literal", pc->title, v);
         }
+        return 0;
+    }
+    if (strcasecmp(key, "warmup") == 0) {
+        uint32_t *days = xcalloc(WARMUP_DAYS, sizeof(uint32_t));
+        size_t nd = 0;
+        for (char *save = NULL, *w = strtok_r(v, " \t,", &save); w; w = strtok_r(NULL, " \t,", &save)) {
+            unsigned long n;
+            if (nd == WARMUP_DAYS) {
+                free(days);
+                return perr(pc, "%s warmup: more than %d days", pc->title, WARMUP_DAYS);
+            }
+            if (parse_uint(w, 1, WARMUP_MAX, &n) < 0) {
+                free(days);
+                return perr(pc, "%s warmup: day %zu: \"%.32s\" is not a number of messages from 1 to %lu",
+                            pc->title, nd + 1, w, WARMUP_MAX);
+            }
+            days[nd++] = (uint32_t)n;
+        }
+        if (nd == 0) {
+            free(days);
+            return perr(pc, "%s warmup: expected the messages per site for each day (N N ...)", pc->title);
+        }
+        s->warmup = days;
+        s->nwarmup = nd;
+        return 0;
+    }
+    if (strcasecmp(key, "warmup_start") == 0) {
+        if (parse_date(v, &s->warmup_start_day) < 0)
+            return perr(pc, "%s warmup_start: expected a date YYYY-MM-DD (UTC) like 2026-12-01, got \"%.64s\"",
+                        pc->title, v);
         return 0;
     }
     /* ehlo: a host name or an address literal, one word */
@@ -914,6 +999,7 @@ void policy_free(policy_t *p)
         src_t *s = p->srcs.v[i];
         free(s->s.name);
         free(s->s.ehlo);
+        free((void *)s->s.warmup);
         free(s);
     }
     for (size_t i = 0; i < p->pools.n; i++) {
@@ -1129,6 +1215,31 @@ const automation_rule_t *policy_match_reply(const policy_t *p, const char *domai
         if (rule_matches(r, source, code, enhanced, text))
             return &r->r;
     }
+}
+
+int64_t policy_day_of(uint64_t now_ms)
+{
+    return (int64_t)(now_ms / DAY_MS);
+}
+
+unsigned policy_day_yyyymmdd(int64_t day)
+{
+    int64_t y;
+    unsigned m, d;
+    civil_from_days(day, &y, &m, &d);
+    return (unsigned)y * 10000 + m * 100 + d;
+}
+
+uint64_t policy_warmup_limit(const egress_source_t *s, uint64_t now_ms)
+{
+    if (s == NULL || s->nwarmup == 0)
+        return 0;
+    int64_t day = policy_day_of(now_ms) - s->warmup_start_day; /* 0 on day 1 */
+    if (day < 0)
+        return s->warmup[0];
+    if ((uint64_t)day >= s->nwarmup)
+        return 0;
+    return s->warmup[day];
 }
 
 int policy_has_shaping(const policy_t *p)

@@ -6,8 +6,10 @@
  * docs/egress-and-shaping.md describes them completely):
  *
  *  - the egress file names the sources (a local address to connect from,
- *    with its own EHLO name), groups them into weighted pools, maps
- *    tenants to pools and names a default pool;
+ *    with its own EHLO name, and optionally a warm-up: a daily volume
+ *    per destination site that grows day by day, counted fleet-wide by
+ *    deliverer/warmup.c), groups them into weighted pools, maps tenants to
+ *    pools and names a default pool;
  *  - the shaping file sets limits per MX site ([site google.com]) or per
  *    recipient domain ([domain example.org]), optionally only for one
  *    source or pool ([site google.com source=mta1]), and lists automation
@@ -33,6 +35,9 @@ typedef struct egress_source {
     socklen_t               addrlen;
     char                    addr_text[64]; /* numeric, as written canonically */
     char                   *ehlo;          /* NULL: the default */
+    const uint32_t         *warmup;        /* messages per destination site per UTC day, day 1 first; NULL none */
+    size_t                  nwarmup;       /* 0: no warm-up */
+    int64_t                 warmup_start_day; /* day 1, in days since 1970-01-01 (UTC) */
 } egress_source_t;
 
 typedef struct egress_pool {
@@ -108,6 +113,15 @@ const automation_rule_t *policy_match_reply(const policy_t *p, const char *domai
                                             const char *source, int code, const char *enhanced, const char *text);
 
 int policy_has_shaping(const policy_t *p); /* any site/domain section or automation */
+
+/* Today's volume limit per site for s at now (Unix ms): 0 = no limit (no
+ * warm-up, or past its last day); before warmup_start, day 1's. NULL-safe. */
+uint64_t policy_warmup_limit(const egress_source_t *s, uint64_t now_ms);
+
+/* The UTC day of a Unix time in ms, in days since 1970-01-01, and its
+ * calendar date as yyyymmdd (20261201). */
+int64_t  policy_day_of(uint64_t now_ms);
+unsigned policy_day_yyyymmdd(int64_t day);
 
 /* One line for --check-config: "egress: 3 sources, 2 pools, 1 tenant
  * mapping, default pool transactional; shaping: 4 rules, 2 automations". */

@@ -75,6 +75,7 @@ static const struct {
     [MET_SHAPING_ACTIONS_CORRUPT] = { "mailpump_shaping_actions_corrupt_total", "Fields of the shaping-actions hash (mp:act) skipped by a worker's read because they were not valid actions (counted on every read that met them)." },
     [MET_SHAPING_SUSPENDED] = { "mailpump_shaping_suspended_total", "Recipients deferred to a delay queue without spending an attempt because a shaping action suspends their destination (site or domain, and source)." },
     [MET_SHAPING_BOUNCED] = { "mailpump_shaping_bounced_total", "Recipients bounced by a shaping action (action = bounce), not by a server." },
+    [MET_WARMUP_LIMITED] = { "mailpump_warmup_limited_total", "Times a domain leg found a source at its warm-up day's volume for the destination site (the leg took another source of its pool, or was parked)." },
 };
 
 static const struct {

@@ -66,6 +66,7 @@ typedef enum {
     MET_SHAPING_ACTIONS_CORRUPT, /* fields of mp:act skipped by reads: not valid actions */
     MET_SHAPING_SUSPENDED,       /* recipients deferred without an attempt: a shaping action suspends their destination */
     MET_SHAPING_BOUNCED,         /* recipients bounced by a shaping action */
+    MET_WARMUP_LIMITED,      /* sources refused for a leg: at their warm-up day's volume (deliverer/warmup.c) */
     MET_COUNTER_LAST
 } metric_counter_t;
 

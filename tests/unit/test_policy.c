@@ -250,7 +250,7 @@ static void test_egress_errors(void **state)
           "1: unknown section type [site] in an egress file (expected [source NAME], [pool NAME], "
           "[tenant NAME] or [default])" },
         { "[source a]\naddress = 127.0.0.1\nport = 25\n",
-          "3: unknown key \"port\" in [source a] (expected address, ehlo)" },
+          "3: unknown key \"port\" in [source a] (expected address, ehlo, warmup, warmup_start)" },
         { "[source a]\naddress = 127.0.0.1\n\n[source a]\naddress = 127.0.0.2\n",
           "4: duplicate section [source a]" },
         { "[source a]\naddress = 127.0.0.1\naddress = 127.0.0.2\n",
@@ -709,6 +709,142 @@ static void test_qualifiers_checked_against_egress(void **state)
     policy_free(p);
 }
 
+/* ------------------------------------------------------------ warm-up */
+
+#define DAY_MS 86400000ull
+
+static void test_warmup_parse_and_limit(void **state)
+{
+    (void)state;
+    policy_t *p = load_ok("[source fresh1]\n"
+                          "address = 127.0.0.30\n"
+                          "warmup = 500 1000, 2000 5000 10000 20000 50000   # per site per day\n"
+                          "warmup_start = 2026-12-01\n"
+                          "[source old]\n"
+                          "address = 127.0.0.31\n"
+                          "[source leap]\n"
+                          "address = 127.0.0.32\n"
+                          "warmup = 7 3 100000000\n" /* non-decreasing is not required */
+                          "WarmUp_Start = 2028-02-29\n",
+                          NULL);
+    const egress_source_t *s = policy_source_find(p, "fresh1");
+    assert_non_null(s);
+    assert_int_equal(s->nwarmup, 7);
+    static const uint32_t want[7] = { 500, 1000, 2000, 5000, 10000, 20000, 50000 };
+    for (size_t i = 0; i < 7; i++)
+        assert_int_equal(s->warmup[i], want[i]);
+    /* 2026-12-01 is day 20788 since 1970-01-01 */
+    assert_int_equal(s->warmup_start_day, 20788);
+    assert_int_equal(policy_day_yyyymmdd(20788), 20261201);
+    assert_int_equal(policy_day_yyyymmdd(0), 19700101);
+    assert_int_equal(policy_day_yyyymmdd(20787), 20261130);
+    uint64_t d1 = 20788ull * DAY_MS; /* 2026-12-01T00:00:00Z */
+    assert_int_equal(policy_day_of(d1), 20788);
+    assert_int_equal(policy_day_of(d1 - 1), 20787);
+    /* day 0 (before the start) and long before: day 1's */
+    assert_int_equal(policy_warmup_limit(s, d1 - 1), 500);
+    assert_int_equal(policy_warmup_limit(s, d1 - 40 * DAY_MS), 500);
+    /* day 1, from its first to its last millisecond */
+    assert_int_equal(policy_warmup_limit(s, d1), 500);
+    assert_int_equal(policy_warmup_limit(s, d1 + DAY_MS - 1), 500);
+    assert_int_equal(policy_warmup_limit(s, d1 + DAY_MS), 1000); /* day 2 */
+    assert_int_equal(policy_warmup_limit(s, d1 + 2 * DAY_MS + 12 * 3600000ull), 2000); /* day 3, noon */
+    assert_int_equal(policy_warmup_limit(s, d1 + 6 * DAY_MS + DAY_MS - 1), 50000);    /* day 7, the last */
+    /* past the list: no limit */
+    assert_int_equal(policy_warmup_limit(s, d1 + 7 * DAY_MS), 0);
+    assert_int_equal(policy_warmup_limit(s, d1 + 400 * DAY_MS), 0);
+
+    const egress_source_t *old = policy_source_find(p, "old");
+    assert_int_equal(old->nwarmup, 0);
+    assert_null(old->warmup);
+    assert_int_equal(policy_warmup_limit(old, d1), 0);
+    assert_int_equal(policy_warmup_limit(NULL, d1), 0);
+
+    const egress_source_t *lp = policy_source_find(p, "leap");
+    assert_int_equal(policy_day_yyyymmdd(lp->warmup_start_day), 20280229);
+    uint64_t l1 = (uint64_t)lp->warmup_start_day * DAY_MS;
+    assert_int_equal(policy_warmup_limit(lp, l1), 7);
+    assert_int_equal(policy_warmup_limit(lp, l1 + DAY_MS), 3);
+    assert_int_equal(policy_warmup_limit(lp, l1 + 2 * DAY_MS), 100000000);
+    assert_int_equal(policy_warmup_limit(lp, l1 + 3 * DAY_MS), 0);
+    policy_free(p);
+
+    /* exactly 365 days is allowed */
+    char text[4096];
+    int n = snprintf(text, sizeof(text), "[source a]\naddress = 127.0.0.1\nwarmup_start = 2026-01-01\nwarmup =");
+    for (int i = 0; i < 365; i++)
+        n += snprintf(text + n, sizeof(text) - (size_t)n, " %d", i + 1);
+    snprintf(text + n, sizeof(text) - (size_t)n, "\n");
+    p = load_ok(text, NULL);
+    s = policy_source_find(p, "a");
+    assert_int_equal(s->nwarmup, 365);
+    assert_int_equal(s->warmup[364], 365);
+    uint64_t a1 = (uint64_t)s->warmup_start_day * DAY_MS;
+    assert_int_equal(policy_day_yyyymmdd(s->warmup_start_day), 20260101);
+    assert_int_equal(policy_warmup_limit(s, a1 + 2 * DAY_MS), 3);
+    assert_int_equal(policy_warmup_limit(s, a1 + 364 * DAY_MS), 365);
+    assert_int_equal(policy_warmup_limit(s, a1 + 365 * DAY_MS), 0);
+    policy_free(p);
+
+    /* 366 is not */
+    n = snprintf(text, sizeof(text), "[source a]\naddress = 127.0.0.1\nwarmup_start = 2026-01-01\nwarmup =");
+    for (int i = 0; i < 366; i++)
+        n += snprintf(text + n, sizeof(text) - (size_t)n, " 5");
+    snprintf(text + n, sizeof(text) - (size_t)n, "\n");
+    expect_error(text, NULL, 0, "4: [source a] warmup: more than 365 days");
+}
+
+static void test_warmup_errors(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *text;
+        const char *want; /* after "path:" */
+    } cases[] = {
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 500 1000\n",
+          "1: [source a] has warmup but no warmup_start (its day 1, YYYY-MM-DD)" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup_start = 2026-12-01\n[source b]\naddress = 127.0.0.2\n",
+          "1: [source a] has warmup_start but no warmup (the messages per site for each day)" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 500 0 1000\nwarmup_start = 2026-12-01\n",
+          "3: [source a] warmup: day 2: \"0\" is not a number of messages from 1 to 100000000" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 100000001\nwarmup_start = 2026-12-01\n",
+          "3: [source a] warmup: day 1: \"100000001\" is not a number of messages from 1 to 100000000" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 500 1k\nwarmup_start = 2026-12-01\n",
+          "3: [source a] warmup: day 2: \"1k\" is not a number of messages from 1 to 100000000" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 500 -3\nwarmup_start = 2026-12-01\n",
+          "3: [source a] warmup: day 2: \"-3\" is not a number of messages from 1 to 100000000" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = , ,\nwarmup_start = 2026-12-01\n",
+          "3: [source a] warmup: expected the messages per site for each day (N N ...)" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = # later\n", "3: [source a] warmup: empty value" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup = 6\n",
+          "4: [source a] warmup is given twice, on lines 3 and 4" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup_start = 2026-02-30\n",
+          "4: [source a] warmup_start: expected a date YYYY-MM-DD (UTC) like 2026-12-01, got \"2026-02-30\"" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup_start = 2027-02-29\n",
+          "4: [source a] warmup_start: expected a date YYYY-MM-DD (UTC) like 2026-12-01, got \"2027-02-29\"" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup_start = 2100-02-29\n",
+          "4: [source a] warmup_start: expected a date YYYY-MM-DD (UTC) like 2026-12-01, got \"2100-02-29\"" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup_start = 2026-13-01\n",
+          "4: [source a] warmup_start: expected a date YYYY-MM-DD (UTC) like 2026-12-01, got \"2026-13-01\"" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup_start = 2026-00-10\n",
+          "4: [source a] warmup_start: expected a date YYYY-MM-DD (UTC) like 2026-12-01, got \"2026-00-10\"" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup_start = 2026-12-00\n",
+          "4: [source a] warmup_start: expected a date YYYY-MM-DD (UTC) like 2026-12-01, got \"2026-12-00\"" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup_start = 2026-12-1\n",
+          "4: [source a] warmup_start: expected a date YYYY-MM-DD (UTC) like 2026-12-01, got \"2026-12-1\"" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup_start = 2026/12/01\n",
+          "4: [source a] warmup_start: expected a date YYYY-MM-DD (UTC) like 2026-12-01, got \"2026/12/01\"" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup_start = 1969-12-31\n",
+          "4: [source a] warmup_start: expected a date YYYY-MM-DD (UTC) like 2026-12-01, got \"1969-12-31\"" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup_start = 2026-12-01T00:00\n",
+          "4: [source a] warmup_start: expected a date YYYY-MM-DD (UTC) like 2026-12-01, got \"2026-12-01T00:00\"" },
+        { "[source a]\naddress = 127.0.0.1\nwarmup = 5\nwarmup_start = 2026-12-01\nwarmup_start = 2026-12-02\n",
+          "5: [source a] warmup_start is given twice, on lines 4 and 5" },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        expect_error(cases[i].text, NULL, 0, cases[i].want);
+}
+
 static void test_example_files(void **state)
 {
     (void)state;
@@ -769,6 +905,8 @@ int main(void)
         cmocka_unit_test_teardown(test_automation_matching, teardown),
         cmocka_unit_test_teardown(test_shaping_errors, teardown),
         cmocka_unit_test_teardown(test_qualifiers_checked_against_egress, teardown),
+        cmocka_unit_test_teardown(test_warmup_parse_and_limit, teardown),
+        cmocka_unit_test_teardown(test_warmup_errors, teardown),
         cmocka_unit_test(test_example_files),
     };
     return cmocka_run_group_tests_name("policy", tests, NULL, NULL);
