@@ -53,6 +53,7 @@
 #include "deliverer/actions.h"
 #include "deliverer/policy.h"
 #include "deliverer/retry.h"
+#include "deliverer/warmup.h"
 #include "deliverer/wrr.h"
 #include "metrics/metrics.h"
 
@@ -125,6 +126,7 @@ struct domain_leg {
 
 static void leg_site(domain_leg_t *leg);
 static void leg_route(domain_leg_t *leg);
+static void leg_park(domain_leg_t *leg, const char *why);
 static void leg_throttle(domain_leg_t *leg);
 static void leg_smtp(domain_leg_t *leg);
 static void leg_mark_sending(domain_leg_t *leg);
@@ -256,6 +258,7 @@ static int leg_pick_source(domain_leg_t *leg, const action_t **held)
     action_query_t q;
     leg_query(leg, &q);
     *held = NULL;
+    uint64_t now = util_wall_ms();
     for (size_t i = 0; i < pool->n; i++) {
         q.source = pool->sources[i]->name;
         const action_t *a = leg->svc->actions ? actions_find(leg->svc->actions, ACTION_SUSPEND, &q) : NULL;
@@ -264,12 +267,16 @@ static int leg_pick_source(domain_leg_t *leg, const action_t **held)
                 *held = a;
             continue;
         }
+        if (leg->svc->warmup && !warmup_allows(leg->svc->warmup, pool->sources[i], leg->site, now))
+            continue; /* at its warm-up volume for the site today */
         ok[i] = 1;
     }
     char key[400];
     snprintf(key, sizeof(key), "%s/%s", pool->name, leg->site);
     int k = wrr_pick(leg->svc->wrr, key, pool->weights, ok, pool->n);
     free(ok);
+    if (k >= 0 && leg->svc->warmup)
+        warmup_count(leg->svc->warmup, pool->sources[k], leg->site, now);
     return k;
 }
 
@@ -285,8 +292,15 @@ static void leg_route(domain_leg_t *leg)
     if (leg->pool != NULL && leg->pool->n > 0) {
         const action_t *held = NULL;
         int k = leg_pick_source(leg, &held);
-        if (k < 0) {
+        if (k < 0 && held != NULL) {
             leg_held(leg, held);
+            return;
+        }
+        if (k < 0) {
+            char why[600];
+            snprintf(why, sizeof(why), "parked: every source of pool %s has sent its warm-up volume to site %s today",
+                     leg->pool->name, leg->site);
+            leg_park(leg, why);
             return;
         }
         leg->src = leg->pool->sources[k];

@@ -54,6 +54,7 @@ typedef struct domain_services {
     const struct policy    *policy;   /* egress sources and pools, shaping rules (policy.h); NULL: none */
     struct actions         *actions;  /* fleet-wide shaping actions (actions.h); NULL: none */
     struct wrr             *wrr;      /* the worker's weighted round robin over a pool's sources */
+    struct warmup          *warmup;   /* the sources' warm-up volumes (warmup.h); NULL: none counted */
     const deliver_config_t *dcfg;
     uint64_t                rate_limit_max_wait_ms;
     uint64_t                mark_wait_ms;     /* a final dot waits this long for its "sending" mark */

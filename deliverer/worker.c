@@ -49,6 +49,7 @@
 #include "deliverer/job.h"
 #include "deliverer/lease.h"
 #include "deliverer/ledger.h"
+#include "deliverer/warmup.h"
 #include "deliverer/wrr.h"
 #include "dns/resolver.h"
 #include "imap/imap.h"
@@ -476,6 +477,7 @@ static int worker_open_services(worker_t *w, char *err, size_t errlen)
      * taken anywhere is honoured here within a second */
     actions_config_t ac = { .poll_ms = 800 };
     svc->actions = actions_new(w->loop, w->redis, &ac, NULL, NULL);
+    svc->warmup = warmup_new(w->loop, w->redis, w->env->nworkers);
     loop_timer_init(&w->gauge_timer, on_gauges, w);
     loop_timer_set(w->loop, &w->gauge_timer, 1000);
     if (cfg->imap_pool) {
@@ -502,6 +504,8 @@ static void worker_close_services(worker_t *w)
     svc->actions = NULL;
     wrr_free(svc->wrr);
     svc->wrr = NULL;
+    warmup_free(svc->warmup);
+    svc->warmup = NULL;
     lease_free(w->leases); /* its releases go out before the Redis client goes */
     w->leases = NULL;
     on_gauges(w->loop, NULL, w); /* the sites are gone */

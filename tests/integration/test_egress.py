@@ -226,6 +226,49 @@ pool = bulk
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("nobody", r.stderr)
 
+    def test_warmup_volume_then_other_source_then_parked(self):
+        sink = self.sink("127.0.0.53")
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        fresh = f"fresh{uuid.uuid4().hex[:6]}"  # its day's count in Redis is its own
+        egress = self.write("egress.ini", f"""
+[source {fresh}]
+address = 127.0.0.25
+warmup = 5 50
+warmup_start = {today}
+
+[source old]
+address = 127.0.0.26
+
+[pool both]
+sources = {fresh}:3 old:1
+
+[pool fresh-only]
+sources = {fresh}
+
+[default]
+pool = fresh-only
+""")
+        self.addCleanup(lambda: [redis_cli(self.env, "DEL", k) for k in
+                                 redis_cli(self.env, "KEYS", f"mp:wu:{fresh}:*").split()])
+        d, tap = self.daemon(sink, egress=egress, workers=1)
+        ids = self.publish(d, 8, "warm")
+        got = tap.wait(lambda e: e["message_id"] in ids and e["event"] in ("delivered", "deferred"), 8,
+                       timeout=60)
+        delivered = [e for e in got if e["event"] == "delivered"]
+        parked = [e for e in got if e["event"] == "deferred"]
+        self.assertEqual(len(delivered), 5, got)  # day 1: 5 messages to the site
+        for e in parked:
+            self.assertEqual(e["reason"], "parked", e)
+            self.assertIn("warm-up volume", e["error"], e)
+        peers = self.peers(sink)
+        self.assertEqual(sorted(set(peers[e["message_id"]] for e in delivered)), ["127.0.0.25"])
+        # a pool with another source sends the rest through it
+        ids = self.publish(d, 6, "warm2", pool="both")
+        got = tap.wait(lambda e: e["message_id"] in ids and e["event"] == "delivered", 6, timeout=60)
+        peers = self.peers(sink)
+        self.assertEqual(sorted(set(peers[i] for i in ids)), ["127.0.0.26"])
+        self.assertGreaterEqual(d.metric("mailpump_warmup_limited_total"), 3 + 6)
+
     # ---- 2. automation: a suspend shared by every process -----------------------
 
     def test_ts01_suspend_shared_and_lapses(self):
