@@ -3,9 +3,15 @@
  * domain, from the MX lookup to the last SMTP reply.
  *
  * A leg walks
- *   MX -> RATE LIMIT -> SMTP -> (FAST RETRY -> RATE LIMIT -> SMTP)* -> RECORD -> DONE
+ *   MX -> ROUTE -> SITE -> RATE LIMIT -> SMTP -> (FAST RETRY -> SITE -> RATE LIMIT -> SMTP)* -> RECORD -> DONE
  *   - MX: dns/ resolves the domain (skipped in relay mode, where the
  *     smarthost replaces the MX list);
+ *   - ROUTE: the egress source (the message's pool, weighted round robin
+ *     over the sources no action suspends and whose warm-up allows), the
+ *     shaping actions in force (bounce, suspend: the leg ends at once)
+ *     and the shaping rules: the key and values of the connection limit
+ *     and the rate, the TLS policy, timeouts, messages per connection;
+ *   - SITE: a place under the key's connection limit (sites.h), or parked;
  *   - RATE LIMIT: [smtp] rate_limits (throttle.h). A slot within
  *     rate_limit_max_wait is waited for; a later one ends the leg
  *     transient, rate_limited, with the wait in throttle_wait_ms;
