@@ -114,6 +114,7 @@ struct deliver {
     uint64_t               hold_seq;
     char                  *log_id;
     char                  *trace_id;
+    char                  *log_ref;  /* the request's log fields, formatted once; NULL: log_id, trace_id */
     deliver_candidate_t   *cands;
     size_t                 ncands;
     size_t                 next;        /* next candidate to try */
@@ -162,7 +163,7 @@ struct deliver {
 };
 
 /* The message fields of an attempt's log lines. */
-#define DELIVER_MSG(d) LOG_MSG((d)->log_id, (d)->trace_id)
+#define DELIVER_MSG(d) ((d)->log_ref ? (d)->log_ref : LOG_MSG((d)->log_id, (d)->trace_id))
 
 /* No CR/LF/controls (command injection), no angle brackets (they would
  * end the path early). Quoted local parts with spaces stay possible. */
@@ -651,6 +652,7 @@ static void release(deliver_t *d)
     free(d->rcpts);
     free(d->log_id);
     free(d->trace_id);
+    free(d->log_ref);
     free(d->cands);
     free(d->results);
     free(d->settled);
@@ -954,6 +956,7 @@ static smtp_session_params_t session_params(deliver_t *d)
         .message_size = d->message_size,
         .log_id = d->log_id,
         .trace_id = d->trace_id,
+        .log_ref = d->log_ref,
         /* pooled, or more recipients than one transaction takes: keep the
          * connection for what comes next; otherwise QUIT right away */
         .keep_open = !smtp_pool_disabled(ctx->pool) || d->nopen < open_left(d),
@@ -1293,6 +1296,10 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
     d->before_body_arg = req->before_body_arg;
     d->log_id = req->log_id ? xstrdup(req->log_id) : NULL;
     d->trace_id = req->trace_id ? xstrdup(req->trace_id) : NULL;
+    if (req->log) {
+        char ref[LOG_MSGCTX_MAX];
+        d->log_ref = xstrdup(log_msgctx(req->log, ref, sizeof(ref)));
+    }
     const deliver_candidate_t *src = req->candidates;
     size_t nsrc = req->ncandidates;
     if (ctx->cfg.nrelay) { /* smarthost: the MX list does not matter */

@@ -48,6 +48,7 @@
 #include <sys/socket.h>
 #include <openssl/ssl.h>
 
+#include "core/log.h"
 #include "core/loop.h"
 #include "deliverer/outcome.h"
 #include "deliverer/pool.h"
@@ -197,6 +198,8 @@ typedef struct deliver_request {
     size_t             ncandidates;
     const char        *log_id;       /* message id for log lines; copied, may be NULL */
     const char        *trace_id;     /* the message's trace id for log lines; copied, may be NULL */
+    const log_msgctx_t *log;         /* or the message's fields for log lines (tenant, campaign, pool
+                                      * too), formatted once by deliver_start; may be NULL */
     const char        *domain;       /* recipient domain: picks the TLS policy; NULL: default */
     unsigned           need;         /* SMTP_NEED_8BITMIME / SMTP_NEED_SMTPUTF8 */
     deliver_hold_cb    before_body;  /* NULL: each body follows its 354 at once */

@@ -763,6 +763,7 @@ static void leg_smtp(domain_leg_t *leg)
         .ncandidates = dcfg->nrelay > 0 ? 0 : leg->ncand,
         .log_id = rq->msg_id,
         .trace_id = rq->trace_id,
+        .log = rq->log,
         .domain = rq->name,
         .need = rq->need,
         /* without a ledger there is nothing to record: no hold at all */

@@ -382,7 +382,7 @@ static const char *state_doing(const smtp_session_t *s)
 
 /* For the log line: reply text without double quotes. */
 /* The message fields of a session's log lines (msg=- between messages). */
-#define SESS_MSG(s) LOG_MSG((s)->p.log_id, (s)->p.trace_id)
+#define SESS_MSG(s) ((s)->p.log_ref ? (s)->p.log_ref : LOG_MSG((s)->p.log_id, (s)->p.trace_id))
 
 static void log_session(smtp_session_t *s)
 {
@@ -1440,6 +1440,7 @@ static void report_idle(smtp_session_t *s)
         s->p.nsegs = 0;
         s->p.log_id = NULL;
         s->p.trace_id = NULL;
+        s->p.log_ref = NULL;
         s->p.before_body = NULL;
         s->p.before_body_arg = NULL;
     }
@@ -1485,6 +1486,7 @@ static void reset_txn(smtp_session_t *s, const smtp_session_params_t *p)
     s->p.message_size = p->message_size;
     s->p.log_id = p->log_id;
     s->p.trace_id = p->trace_id;
+    s->p.log_ref = p->log_ref;
     s->p.need = p->need;
     s->p.keep_open = p->keep_open;
     s->p.before_body = p->before_body;

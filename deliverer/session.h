@@ -242,6 +242,8 @@ typedef struct smtp_session_params {
     size_t                 message_size;     /* SIZE= value; 0: the payload's length */
     const char            *log_id;           /* message id for log lines, may be NULL */
     const char            *trace_id;         /* its trace id for log lines, may be NULL */
+    const char            *log_ref;          /* or (non-NULL) the message's fields for log lines as
+                                              * log_msgctx() formats them, replacing both */
     /* --- engine additions; zero keeps the lock-step, one-shot behaviour --- */
     int                    keep_open;        /* go IDLE after the transaction instead of QUIT */
     int                    no_pipelining;    /* lock-step even when PIPELINING is offered */
@@ -295,7 +297,7 @@ void smtp_session_free(smtp_session_t *s);
 /*
  * Run another transaction on an IDLE session (after a callback that said
  * res->reusable). Only the transaction fields of txn are used (mail_from,
- * rcpts, nrcpts, data, len, segs, nsegs, message_size, log_id, need,
+ * rcpts, nrcpts, data, len, segs, nsegs, message_size, log_id (trace_id, log_ref), need,
  * keep_open, before_body, before_body_arg, and txn_timeouts when it is
  * not NULL); the
  * connection keeps the parameters it was started with. cb fires exactly
