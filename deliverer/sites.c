@@ -50,6 +50,9 @@ struct sites {
     sites_config_t cfg;
     sites_allow_fn allow;
     void          *allow_arg;
+    sites_idle_fn  idle;      /* idle connections kept for a key; NULL: none counted */
+    sites_trim_fn  trim;
+    void          *idle_arg;
     htable_t       table;
     TAILQ_HEAD(, site) pending;
     loop_timer_t   wake;
@@ -155,6 +158,13 @@ static site_t *site_get(sites_t *t, const char *name)
     return s;
 }
 
+/* Idle pooled connections the worker keeps for the key: they are open at
+ * the receiver, so they count against the limit like running legs. */
+static unsigned idle_of(const sites_t *t, const site_t *s)
+{
+    return s->limit && t->idle ? t->idle(t->idle_arg, s->name) : 0;
+}
+
 /* Tell the allow function what this worker would like now (extra: a leg
  * asking to enter, not counted yet); its answer is the worker's
  * allowance. */
@@ -162,7 +172,7 @@ static unsigned allowance_for(sites_t *t, site_t *s, unsigned extra)
 {
     if (s->limit == 0)
         return (unsigned)-1;
-    unsigned want = s->running + s->nwait + extra;
+    unsigned want = s->running + s->nwait + extra + idle_of(t, s);
     if (want > s->limit)
         want = s->limit;
     s->wanted = want;
@@ -178,7 +188,7 @@ static unsigned allowance(sites_t *t, site_t *s)
 
 static void site_gc(sites_t *t, site_t *s)
 {
-    if (s->running || s->nwait || s->pinned)
+    if (s->running || s->nwait || s->pinned || idle_of(t, s))
         return;
     if (s->limit && t->allow && s->wanted)
         t->allow(t->allow_arg, s->name, s->limit, 0); /* give the share back */
@@ -204,7 +214,7 @@ static void arm_expiry(sites_t *t, site_t *s)
 
 static void mark_pending(sites_t *t, site_t *s)
 {
-    if (s->nwait > 0 && !s->pending) {
+    if ((s->nwait > 0 || idle_of(t, s) > 0) && !s->pending) {
         s->pending = 1;
         TAILQ_INSERT_TAIL(&t->pending, s, plink);
     }
@@ -248,6 +258,23 @@ static void site_expired(loop_t *loop, loop_timer_t *tm, void *arg)
     site_gc(t, s);
 }
 
+/* Connections beyond the worker's allowance (its share shrank, or a leg
+ * gave back its place and its session stayed idle) are closed: idle ones
+ * first, down to what the running legs leave of the allowance. */
+static void enforce(sites_t *t, site_t *s)
+{
+    if (s->limit == 0 || t->trim == NULL)
+        return;
+    unsigned idle = idle_of(t, s);
+    if (idle == 0)
+        return;
+    unsigned allow = allowance(t, s);
+    if (s->running + idle <= allow)
+        return;
+    t->trim(t->idle_arg, s->name, allow > s->running ? allow - s->running : 0);
+    allowance(t, s); /* less is wanted now */
+}
+
 static void wake_fired(loop_t *loop, loop_timer_t *tm, void *arg)
 {
     sites_t *t = arg;
@@ -264,8 +291,33 @@ static void wake_fired(loop_t *loop, loop_timer_t *tm, void *arg)
             t->running++;
             w->cb(w->arg, SITE_GO, NULL);
         }
+        enforce(t, s);
         s->pinned--;
         arm_expiry(t, s);
+        site_gc(t, s);
+    }
+}
+
+void sites_set_idle(sites_t *t, sites_idle_fn idle, sites_trim_fn trim, void *arg)
+{
+    t->idle = idle;
+    t->trim = trim;
+    t->idle_arg = arg;
+}
+
+void sites_tick(sites_t *t)
+{
+    if (t->idle == NULL)
+        return;
+    htable_iter_t it;
+    htable_iter_init(&it, &t->table);
+    for (htable_node_t *n; (n = htable_iter_next(&it)) != NULL;) {
+        site_t *s = HTABLE_ENTRY(n, site_t, node);
+        if (s->pinned)
+            continue;
+        if (s->limit)
+            allowance(t, s); /* the idle ones may have gone */
+        enforce(t, s);
         site_gc(t, s);
     }
 }

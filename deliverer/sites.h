@@ -111,6 +111,21 @@ void sites_leave(sites_t *t, site_slot_t *slot);
 /* The allow function's answer for site may have changed: runs waiters
  * the new allowance lets in (from a zero-delay timer). */
 void sites_allowance_changed(sites_t *t, const char *site);
+/* Idle connections count: the pool keeps a session open after its leg
+ * gave back its place, and the receiver counts it. idle says how many
+ * the worker keeps for a key; trim closes those beyond keep. With them a
+ * key's want is running + waiting + idle, a key stays known while it has
+ * idle connections, and whenever the worker's allowance is below running
+ * + idle (a place given back, a share that shrank, sites_tick()) the idle
+ * ones beyond it are closed, from the table's zero-delay timer (never
+ * inside sites_enter() or sites_leave()). */
+typedef unsigned (*sites_idle_fn)(void *arg, const char *key);
+typedef void (*sites_trim_fn)(void *arg, const char *key, unsigned keep);
+void sites_set_idle(sites_t *t, sites_idle_fn idle, sites_trim_fn trim, void *arg);
+/* Every second: re-tells the allow function what each key wants (idle
+ * connections close by themselves), closes what is beyond the allowance,
+ * forgets keys with nothing left. */
+void sites_tick(sites_t *t);
 /* The connection limit the configuration gives site (0 = none, or the caps are off). */
 unsigned sites_limit(const sites_t *t, const char *site);
 void sites_get_stats(const sites_t *t, sites_stats_t *st);

@@ -252,6 +252,78 @@ static void test_given_limit(void **state)
     loop_free(loop);
 }
 
+/* Idle pooled connections count against a key's limit: they keep the
+ * key known, and those beyond the allowance are closed. */
+typedef struct idle_pool {
+    unsigned idle;
+    unsigned trims;
+    unsigned last_keep;
+} idle_pool_t;
+
+static unsigned idle_fn(void *arg, const char *key)
+{
+    idle_pool_t *p = arg;
+    return strcmp(key, "i.example") == 0 ? p->idle : 0;
+}
+
+static void trim_fn(void *arg, const char *key, unsigned keep)
+{
+    idle_pool_t *p = arg;
+    assert_string_equal(key, "i.example");
+    p->trims++;
+    p->last_keep = keep;
+    if (p->idle > keep)
+        p->idle = keep;
+}
+
+static void test_idle_connections(void **state)
+{
+    (void)state;
+    loop_t *loop = loop_new();
+    allow_t a = { .share = 2 };
+    sites_config_t c = { .max_connections = 10, .max_waiting = 5, .max_wait_ms = 100000 };
+    sites_t *t = sites_new(loop, &c, allow_fn, &a);
+    idle_pool_t ip = { 0 };
+    sites_set_idle(t, idle_fn, trim_fn, &ip);
+    char log[128] = "";
+    leg_t l[3];
+    assert_int_equal(enter(t, "i.example", &l[0], "0", log, NULL), SITE_GO);
+    ip.idle = 1; /* its session stays open after the leg */
+    sites_leave(t, &l[0].slot);
+    sites_stats_t st;
+    sites_get_stats(t, &st);
+    assert_int_equal(st.sites, 1); /* kept: the connection is still open */
+    assert_int_equal(a.last_want, 1);
+    loop_run_once(loop, 0);
+    assert_int_equal(ip.trims, 0); /* 1 idle within a share of 2 */
+    /* two legs run (one of them would reuse the idle one); then the share
+     * shrinks to 1: the idle connection goes, the running ones stay */
+    assert_int_equal(enter(t, "i.example", &l[1], "1", log, NULL), SITE_GO);
+    assert_int_equal(enter(t, "i.example", &l[2], "2", log, NULL), SITE_GO);
+    a.share = 1;
+    sites_tick(t);
+    assert_int_equal(ip.trims, 1);
+    assert_int_equal(ip.last_keep, 0);
+    assert_int_equal(ip.idle, 0);
+    ip.idle = 2; /* their sessions go idle (the pool has them back first) */
+    sites_leave(t, &l[1].slot);
+    sites_leave(t, &l[2].slot);
+    assert_int_equal(ip.trims, 1); /* share 1: one goes, from the loop */
+    loop_run_once(loop, 0);
+    assert_int_equal(ip.trims, 2);
+    assert_int_equal(ip.last_keep, 1);
+    assert_int_equal(ip.idle, 1);
+    /* the pool closed the last one by itself (idle time): the next tick
+     * forgets the key and gives the share back */
+    ip.idle = 0;
+    sites_tick(t);
+    sites_get_stats(t, &st);
+    assert_int_equal(st.sites, 0);
+    assert_int_equal(a.last_want, 0);
+    sites_free(t);
+    loop_free(loop);
+}
+
 /* Freeing the table parks its waiters. */
 static void test_free_parks_waiters(void **state)
 {
@@ -280,6 +352,7 @@ int main(void)
         cmocka_unit_test(test_limits_and_disabled),
         cmocka_unit_test(test_free_parks_waiters),
         cmocka_unit_test(test_given_limit),
+        cmocka_unit_test(test_idle_connections),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
