@@ -42,6 +42,9 @@
  *  (tls_override, max_msgs_per_conn, connect/command timeouts) are folded
  *  into d->policy, d->max_msgs (smtp_pool_release_max) and d->timeouts,
  *  which every transaction carries (txn_timeouts), pooled or new.
+ *  request.site_tag (copied into d) goes with every session we give back
+ *  to the pool (smtp_pool_release_tagged), so the leg can count and trim
+ *  its site's idle sessions through deliver_ctx_idle_tagged/_trim.
  *
  *  The user callback always runs from a zero-delay timer of our own: never
  *  inside deliver_start(), never deep inside a session/stream callback
@@ -155,6 +158,7 @@ struct deliver {
     int                    skipped_af;       /* the family of the first of them */
     smtp_timeouts_t        timeouts;         /* the context's, with the request's overrides */
     unsigned               max_msgs;         /* request.max_msgs_per_conn; 0: the pool's */
+    char                  *site_tag;         /* request.site_tag: what our sessions go back with */
     deliver_result_t       res;
     loop_timer_t           done_timer;
     deliver_cb             cb;
@@ -620,13 +624,23 @@ void deliver_ctx_stats(const deliver_ctx_t *ctx, deliver_stats_t *st)
     st->tls_cached = tls_session_cache_count(ctx->tls_cache);
 }
 
+size_t deliver_ctx_idle_tagged(deliver_ctx_t *ctx, const char *tag)
+{
+    return smtp_pool_idle_tagged(ctx->pool, tag);
+}
+
+size_t deliver_ctx_trim(deliver_ctx_t *ctx, const char *tag, size_t keep)
+{
+    return smtp_pool_trim_tag(ctx->pool, tag, keep);
+}
+
 /* ---- one attempt ---- */
 
 static void drop_session(deliver_t *d, smtp_session_t *keep)
 {
     if (d->holding) {
         d->holding = 0;
-        smtp_pool_release_max(d->ctx->pool, d->key, keep, d->max_msgs);
+        smtp_pool_release_tagged(d->ctx->pool, d->key, keep, d->max_msgs, d->site_tag);
     } else if (keep) {
         smtp_session_free(keep);
     }
@@ -653,6 +667,7 @@ static void release(deliver_t *d)
     free(d->log_id);
     free(d->trace_id);
     free(d->log_ref);
+    free(d->site_tag);
     free(d->cands);
     free(d->results);
     free(d->settled);
@@ -1300,6 +1315,7 @@ static deliver_t *attempt_new(deliver_ctx_t *ctx, int own, const deliver_request
         char ref[LOG_MSGCTX_MAX];
         d->log_ref = xstrdup(log_msgctx(req->log, ref, sizeof(ref)));
     }
+    d->site_tag = req->site_tag ? xstrdup(req->site_tag) : NULL;
     const deliver_candidate_t *src = req->candidates;
     size_t nsrc = req->ncandidates;
     if (ctx->cfg.nrelay) { /* smarthost: the MX list does not matter */

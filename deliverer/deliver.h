@@ -225,6 +225,12 @@ typedef struct deliver_request {
                                             * DATA, RSET, QUIT) except the end of data's, which keeps
                                             * data_done_ms (10 min); the body's inactivity timeout
                                             * and the transaction deadline are left as they are */
+    const char        *site_tag;     /* the destination site this request counts against (the
+                                      * leg's site); copied. Every session the request opens or
+                                      * reuses is released to the pool with it, so
+                                      * deliver_ctx_idle_tagged() / deliver_ctx_trim() find its idle
+                                      * sessions; a reused session takes this request's tag. NULL:
+                                      * untagged */
 } deliver_request_t;
 
 /* deliver_request_t.tls_override for policy p, and back (-1: none). */
@@ -253,6 +259,12 @@ typedef struct deliver_stats {
     size_t            tls_cached;   /* TLS sessions kept for resumption */
 } deliver_stats_t;
 void deliver_ctx_stats(const deliver_ctx_t *ctx, deliver_stats_t *st);
+
+/* The context's idle sessions tagged tag (request.site_tag); 0 for NULL. */
+size_t deliver_ctx_idle_tagged(deliver_ctx_t *ctx, const char *tag);
+/* QUIT the idle sessions tagged tag beyond keep, the longest idle first
+ * (smtp_pool_trim_tag()); busy ones are left alone. Returns how many. */
+size_t deliver_ctx_trim(deliver_ctx_t *ctx, const char *tag, size_t keep);
 
 /* Start an attempt on the context's pool (same contract as deliver_start). */
 deliver_t *deliver_ctx_start(deliver_ctx_t *ctx, const deliver_request_t *req, deliver_cb cb, void *arg);

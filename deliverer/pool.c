@@ -23,6 +23,14 @@
  *  few and the sweep is a short walk. Idle sessions carry no I/O timeout;
  *  the session reports any event on them (EOF, a 421) through its closed
  *  callback and the pool drops them at once.
+ *
+ *  Site tags: an idle session released with a tag (the caller's site)
+ *  is also on that tag's list in p->tags (core/htable.h, keyed by the
+ *  tag, the entry freed when its last idle session leaves), most recently
+ *  parked first, so counting a tag's idle sessions is a lookup and a trim
+ *  walks only that tag's sessions from the oldest. The tag belongs to the
+ *  idle session: a reused one leaves its tag's list at once and joins
+ *  whatever tag it is released with next.
  * DIAGNOSTICS
  *  Debug lines for reuse, park, loss and eviction; counters in
  *  smtp_pool_get_stats().
@@ -38,17 +46,29 @@
 #include "core/util.h"
 
 typedef struct pdest pdest_t;
+typedef struct ptag ptag_t;
 
 typedef struct pconn {
     LIST_ENTRY(pconn) link; /* its destination's idle list, or the closing list */
+    TAILQ_ENTRY(pconn) tlink; /* its tag's idle list, while t is set */
     smtp_session_t *s;
     pdest_t        *d;      /* NULL once closing: the destination may be gone */
+    ptag_t         *t;      /* idle with a site tag; NULL untagged or not idle */
     uint64_t        idle_since;
     int             closing;
     smtp_pool_t    *pool;
 } pconn_t;
 
 typedef LIST_HEAD(pconn_list, pconn) pconn_list_t;
+typedef TAILQ_HEAD(pconn_tq, pconn) pconn_tq_t;
+
+/* The idle sessions of one site tag. */
+struct ptag {
+    htable_node_t node;  /* in p->tags, keyed by tag */
+    char         *tag;
+    size_t        nidle;
+    pconn_tq_t    idle;  /* most recently parked first */
+};
 
 struct pdest {
     htable_node_t node;   /* in p->dests, keyed by key */
@@ -72,6 +92,7 @@ struct smtp_pool {
     loop_t            *loop;
     smtp_pool_limits_t lim;
     htable_t           dests;   /* key -> pdest_t */
+    htable_t           tags;    /* site tag -> ptag_t, while it has idle sessions */
     size_t             capped;  /* destinations with a cap (d->cap != 0) */
     pconn_list_t       closing;
     TAILQ_HEAD(, pdest) pending; /* destinations where a slot may have come free */
@@ -112,6 +133,53 @@ static void dest_free(smtp_pool_t *p, pdest_t *d)
         p->capped--;
     free(d->key);
     free(d);
+}
+
+static ptag_t *tag_find(const smtp_pool_t *p, const char *tag)
+{
+    htable_node_t *n = tag ? htable_find_str(&p->tags, tag) : NULL;
+    return n ? HTABLE_ENTRY(n, ptag_t, node) : NULL;
+}
+
+/* c has just become idle: put it first on tag's list (NULL: untagged). */
+static void tag_attach(smtp_pool_t *p, pconn_t *c, const char *tag)
+{
+    if (tag == NULL)
+        return;
+    ptag_t *t = tag_find(p, tag);
+    if (t == NULL) {
+        t = xcalloc(1, sizeof(*t));
+        t->tag = xstrdup(tag);
+        TAILQ_INIT(&t->idle);
+        htable_insert_str(&p->tags, &t->node, t->tag);
+    }
+    TAILQ_INSERT_HEAD(&t->idle, c, tlink);
+    t->nidle++;
+    c->t = t;
+}
+
+/* c stops being idle: off its tag's list, the tag freed with its last. */
+static void tag_detach(smtp_pool_t *p, pconn_t *c)
+{
+    ptag_t *t = c->t;
+    if (t == NULL)
+        return;
+    TAILQ_REMOVE(&t->idle, c, tlink);
+    c->t = NULL;
+    if (--t->nidle == 0) {
+        htable_remove(&p->tags, &t->node);
+        free(t->tag);
+        free(t);
+    }
+}
+
+/* Take an idle session off its destination's and its tag's lists. */
+static void idle_unlink(smtp_pool_t *p, pconn_t *c)
+{
+    LIST_REMOVE(c, link);
+    c->d->nidle--;
+    p->idle--;
+    tag_detach(p, c);
 }
 
 static int cap_in_force(smtp_pool_t *p, const pdest_t *d)
@@ -167,11 +235,11 @@ static void on_closed(void *arg, smtp_session_t *s)
 {
     pconn_t *c = arg;
     smtp_pool_t *p = c->pool;
-    LIST_REMOVE(c, link);
-    if (!c->closing) {
+    if (c->closing) {
+        LIST_REMOVE(c, link);
+    } else {
         /* the server closed an idle connection: nothing spent, just gone */
-        c->d->nidle--;
-        p->idle--;
+        idle_unlink(p, c);
         p->st.idle_lost++;
         log_debug("pool", "idle_lost", "session=%016" PRIx64 " dest=%s", smtp_session_id(s), LOG_Q(c->d->key));
         pdest_t *d = c->d;
@@ -187,9 +255,7 @@ static void on_closed(void *arg, smtp_session_t *s)
  * runs dest_gc() on c's destination when it may have been the last. */
 static void evict(smtp_pool_t *p, pconn_t *c, const char *why)
 {
-    LIST_REMOVE(c, link);
-    c->d->nidle--;
-    p->idle--;
+    idle_unlink(p, c);
     p->st.evicted++;
     log_debug("pool", "evict", "session=%016" PRIx64 " dest=%s reason=%s", smtp_session_id(c->s), LOG_Q(c->d->key),
               LOG_Q(why));
@@ -255,9 +321,7 @@ static int try_grant(smtp_pool_t *p, pdest_t *d, smtp_session_t **out)
     while ((c = LIST_FIRST(&d->idle)) != NULL) {
         if (!smtp_session_usable(c->s)) {
             /* closed while idle and not noticed yet: drop, costs nothing */
-            LIST_REMOVE(c, link);
-            d->nidle--;
-            p->idle--;
+            idle_unlink(p, c);
             p->st.idle_lost++;
             smtp_session_free(c->s);
             free(c);
@@ -267,9 +331,7 @@ static int try_grant(smtp_pool_t *p, pdest_t *d, smtp_session_t **out)
             evict(p, c, "limits");
             continue;
         }
-        LIST_REMOVE(c, link);
-        d->nidle--;
-        p->idle--;
+        idle_unlink(p, c); /* its tag goes: the next release names one */
         d->busy++;
         p->busy++;
         p->st.reuses++;
@@ -399,6 +461,7 @@ smtp_pool_t *smtp_pool_new(loop_t *loop, const smtp_pool_limits_t *lim)
     if (p->lim.refused_backoff_ms == 0)
         p->lim.refused_backoff_ms = 60000;
     htable_init(&p->dests, HTABLE_STR, 16, NULL); /* xcalloc: cannot fail */
+    htable_init(&p->tags, HTABLE_STR, 16, NULL);
     LIST_INIT(&p->closing);
     TAILQ_INIT(&p->pending);
     TAILQ_INIT(&p->starved);
@@ -436,6 +499,7 @@ void smtp_pool_free(smtp_pool_t *p)
         pdest_t *d = HTABLE_ENTRY(n, pdest_t, node);
         while ((c = LIST_FIRST(&d->idle)) != NULL) {
             LIST_REMOVE(c, link);
+            tag_detach(p, c);
             smtp_session_set_closed_cb(c->s, NULL, NULL);
             smtp_session_quit(c->s); /* QUIT is written at once, best effort */
             smtp_session_free(c->s);
@@ -444,6 +508,7 @@ void smtp_pool_free(smtp_pool_t *p)
         dest_free(p, d);
     }
     htable_fini(&p->dests);
+    htable_fini(&p->tags); /* empty: every idle session left its tag above */
     free(p);
 }
 
@@ -496,6 +561,12 @@ int smtp_pool_release(smtp_pool_t *p, const char *key, smtp_session_t *s)
 
 int smtp_pool_release_max(smtp_pool_t *p, const char *key, smtp_session_t *s, unsigned max_msgs)
 {
+    return smtp_pool_release_tagged(p, key, s, max_msgs, NULL);
+}
+
+int smtp_pool_release_tagged(smtp_pool_t *p, const char *key, smtp_session_t *s, unsigned max_msgs,
+                             const char *tag)
+{
     pdest_t *d = dest_get(p, key);
     if (d->busy > 0) {
         d->busy--;
@@ -520,9 +591,10 @@ int smtp_pool_release_max(smtp_pool_t *p, const char *key, smtp_session_t *s, un
         LIST_INSERT_HEAD(&d->idle, c, link);
         d->nidle++;
         p->idle++;
+        tag_attach(p, c, tag);
         arm_sweep(p);
-        log_debug("pool", "park", "session=%016" PRIx64 " dest=%s txn=%u", smtp_session_id(s), LOG_Q(key),
-                  smtp_session_transactions(s));
+        log_debug("pool", "park", "session=%016" PRIx64 " dest=%s txn=%u tag=%s", smtp_session_id(s), LOG_Q(key),
+                  smtp_session_transactions(s), LOG_Q(tag ? tag : ""));
         return 1;
     }
     if (idle && smtp_session_usable(s)) {
@@ -564,6 +636,29 @@ int smtp_pool_refused(smtp_pool_t *p, const char *key)
     p->st.refused++;
     log_info("pool", "dest_capped", "dest=%s cap=%u for_ms=%u", LOG_Q(key), d->cap, p->lim.refused_backoff_ms);
     return 1;
+}
+
+size_t smtp_pool_idle_tagged(const smtp_pool_t *p, const char *tag)
+{
+    const ptag_t *t = tag_find(p, tag);
+    return t ? t->nidle : 0;
+}
+
+size_t smtp_pool_trim_tag(smtp_pool_t *p, const char *tag, size_t keep)
+{
+    ptag_t *t = tag_find(p, tag);
+    if (t == NULL || t->nidle <= keep)
+        return 0;
+    size_t n = t->nidle - keep;
+    /* t is freed with its last idle session: not looked at after that */
+    for (size_t i = 0; i < n; i++) {
+        pconn_t *c = TAILQ_LAST(&t->idle, pconn_tq);
+        pdest_t *d = c->d;
+        evict(p, c, "site_trim");
+        dest_gc(p, d); /* pinned when a caller has it in hand */
+    }
+    arm_sweep(p);
+    return n;
 }
 
 void smtp_pool_get_stats(const smtp_pool_t *p, smtp_pool_stats_t *st)

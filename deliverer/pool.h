@@ -24,6 +24,15 @@
  * does it is freed (its slow start begins again next time), so a worker
  * that meets many destinations over its life keeps only the live ones.
  *
+ * Site tags: a session released with smtp_pool_release_tagged() carries
+ * the caller's site tag while it is idle (the pool keeps its own copy);
+ * smtp_pool_idle_tagged() counts a tag's idle sessions and
+ * smtp_pool_trim_tag() QUITs those beyond a number, so a domain leg whose
+ * share of a site's connection limit shrank closes what it no longer may
+ * keep open. The tag is not part of the key: a reused session leaves its
+ * tag when it is handed out and takes the one it is next released with.
+ * Untagged sessions (tag NULL, every other release) are counted nowhere.
+ *
  * Ownership: a session handed out (or connected after SMTP_POOL_CONNECT)
  * belongs to the caller until smtp_pool_release(); idle ones belong to the
  * pool. The caller's slot counts from acquire to release.
@@ -116,6 +125,17 @@ int  smtp_pool_release(smtp_pool_t *p, const char *key, smtp_session_t *s);
  * carried max_msgs is QUIT, not kept; 0 is the pool's
  * max_msgs_per_session, which also applies when it is lower. */
 int  smtp_pool_release_max(smtp_pool_t *p, const char *key, smtp_session_t *s, unsigned max_msgs);
+/* The same, and a session kept idle carries site tag tag (copied; NULL:
+ * untagged, as smtp_pool_release_max()). */
+int  smtp_pool_release_tagged(smtp_pool_t *p, const char *key, smtp_session_t *s, unsigned max_msgs,
+                              const char *tag);
+/* Idle sessions of tag (0 for NULL or unknown). A table lookup. */
+size_t smtp_pool_idle_tagged(const smtp_pool_t *p, const char *tag);
+/* QUIT and close the idle sessions of tag beyond keep, the longest idle
+ * first, as an eviction does (counted in evicted); busy sessions and other
+ * tags' are never touched, and only tag's idle sessions are visited.
+ * Returns how many were closed. */
+size_t smtp_pool_trim_tag(smtp_pool_t *p, const char *tag, size_t keep);
 /*
  * The caller's new connection to key (its slot still held) was refused
  * for now at the greeting (a 4xx such as "421 too many connections") while

@@ -947,8 +947,9 @@ typedef struct creq {
     unsigned           need;
 } creq_t;
 
-static deliver_t *ctx_start(deliver_ctx_t *ctx, const creq_t *q, const deliver_candidate_t *cands,
-                            size_t ncands, capture_t *cap)
+/* With request.site_tag = site_tag (NULL: untagged). */
+static deliver_t *ctx_start_tagged(deliver_ctx_t *ctx, const creq_t *q, const char *site_tag,
+                                   const deliver_candidate_t *cands, size_t ncands, capture_t *cap)
 {
     deliver_request_t req = {
         .mail_from = FROM,
@@ -962,6 +963,7 @@ static deliver_t *ctx_start(deliver_ctx_t *ctx, const creq_t *q, const deliver_c
         .log_id = "test-msg-ctx",
         .domain = q->domain,
         .need = q->need,
+        .site_tag = site_tag,
     };
     memset(cap, 0, sizeof(*cap));
     deliver_t *d = deliver_ctx_start(ctx, &req, on_result, cap);
@@ -970,10 +972,23 @@ static deliver_t *ctx_start(deliver_ctx_t *ctx, const creq_t *q, const deliver_c
     return d;
 }
 
+static deliver_t *ctx_start(deliver_ctx_t *ctx, const creq_t *q, const deliver_candidate_t *cands,
+                            size_t ncands, capture_t *cap)
+{
+    return ctx_start_tagged(ctx, q, NULL, cands, ncands, cap);
+}
+
 static void ctx_deliver(deliver_ctx_t *ctx, loop_t *loop, const creq_t *q, const deliver_candidate_t *cands,
                         size_t ncands, capture_t *cap)
 {
     ctx_start(ctx, q, cands, ncands, cap);
+    run_until(loop, &cap->fired);
+}
+
+static void ctx_deliver_tagged(deliver_ctx_t *ctx, loop_t *loop, const creq_t *q, const char *site_tag,
+                               const deliver_candidate_t *cands, size_t ncands, capture_t *cap)
+{
+    ctx_start_tagged(ctx, q, site_tag, cands, ncands, cap);
     run_until(loop, &cap->fired);
 }
 
@@ -1207,6 +1222,62 @@ static void test_pool_reuse(void **state)
     deliver_ctx_free(ctx);
     spin(t->loop, 5);
     assert_string_equal(fake_server_transcript(fs) + strlen(fake_server_transcript(fs)) - 6, "QUIT\r\n");
+    drain_and_check(t->loop, &fs, 1);
+}
+
+/* Two messages with site tag "s@a" leave one idle session tagged "s@a";
+ * trimming the tag to 0 says QUIT to it and closes it. An untagged
+ * message's session is counted under no tag and no trim touches it; a
+ * reused session takes the tag of the request that used it last. */
+static void test_pool_site_tag_trim(void **state)
+{
+    tctx_t *t = *state;
+    fake_server_t *fs = fake_server_new(t->loop, &fakesmtp_script_ok);
+    deliver_candidate_t c[] = { cand("mx1.fake.test", fs->port) };
+    const char *r1[] = { "b@y" }, *r2[] = { "c@y" };
+    creq_t q1 = { r1, 1, "y", 0 }, q2 = { r2, 1, "y", 0 };
+    deliver_ctx_t *ctx = pool_ctx(t, SMTP_TLS_NONE, NULL);
+    capture_t cap;
+    deliver_stats_t st;
+
+    ctx_deliver_tagged(ctx, t->loop, &q1, "s@a", c, 1, &cap);
+    assert_rcpt(&cap, 0, "b@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    ctx_deliver_tagged(ctx, t->loop, &q2, "s@a", c, 1, &cap);
+    assert_rcpt(&cap, 0, "c@y", OUTCOME_DELIVERED, "delivered", 250, "2.0.0");
+    assert_int_equal(cap.reused, 1);
+    assert_int_equal(deliver_ctx_idle_tagged(ctx, "s@a"), 1);
+    assert_int_equal(deliver_ctx_idle_tagged(ctx, "s@b"), 0);
+    assert_int_equal(deliver_ctx_idle_tagged(ctx, NULL), 0);
+    assert_int_equal(deliver_ctx_trim(ctx, "s@a", 1), 0); /* within its share */
+    assert_int_equal(deliver_ctx_trim(ctx, "s@a", 0), 1);
+    assert_int_equal(deliver_ctx_idle_tagged(ctx, "s@a"), 0);
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.idle, 0);
+    assert_int_equal(st.pool.evicted, 1);
+    for (int i = 0; i < 100 && fake_server_busy(fs); i++)
+        spin(t->loop, 1);
+    assert_false(fake_server_busy(fs)); /* QUIT answered, closed */
+    assert_string_equal(fake_server_transcript(fs),
+                        "EHLO " HELO_NAME "\r\n"
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<b@y>\r\nDATA\r\n" PAYLOAD
+                        "MAIL FROM:<" FROM "> SIZE=38\r\nRCPT TO:<c@y>\r\nDATA\r\n" PAYLOAD
+                        "QUIT\r\n");
+
+    /* untagged: idle, but no tag's */
+    ctx_deliver(ctx, t->loop, &q1, c, 1, &cap);
+    assert_int_equal(cap.connections, 1);
+    assert_int_equal(deliver_ctx_idle_tagged(ctx, "s@a"), 0);
+    assert_int_equal(deliver_ctx_trim(ctx, "s@a", 0), 0);
+    deliver_ctx_stats(ctx, &st);
+    assert_int_equal(st.pool.idle, 1);
+    /* reused by a request of site "s@b": now that site's */
+    ctx_deliver_tagged(ctx, t->loop, &q2, "s@b", c, 1, &cap);
+    assert_int_equal(cap.reused, 1);
+    assert_int_equal(deliver_ctx_idle_tagged(ctx, "s@b"), 1);
+    assert_int_equal(deliver_ctx_trim(ctx, "s@a", 0), 0);
+    assert_int_equal(deliver_ctx_idle_tagged(ctx, "s@b"), 1);
+    assert_int_equal(fs->naccepted, 2);
+    deliver_ctx_free(ctx);
     drain_and_check(t->loop, &fs, 1);
 }
 
@@ -4021,6 +4092,7 @@ int main(void)
         T(test_split_transactions),
         T(test_452_too_many_recipients_next_txn),
         T(test_pool_reuse),
+        T(test_pool_site_tag_trim),
         T(test_pool_rset_only_when_needed),
         T(test_pool_idle_close_detected),
         T(test_pool_dead_on_reuse_retried),
