@@ -771,6 +771,7 @@ static void leg_smtp(domain_leg_t *leg)
         .after_txn = leg_on_txn_over,
         .before_body_arg = leg,
         .source = leg->src ? &leg->dsrc : NULL,
+        .site_tag = leg->key, /* its idle sessions count against the key's connection limit */
         .tls_override = leg->shape.tls >= 0 ? DELIVER_TLS_OVERRIDE(deliver_tls_policy_of(leg->shape.tls)) : 0,
         .max_msgs_per_conn = leg->shape.max_msgs_per_connection,
         .connect_timeout_ms = leg->shape.connect_timeout_ms,

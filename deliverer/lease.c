@@ -54,6 +54,7 @@ typedef struct entry {
     char         *site;
     char         *key;       /* <prefix>:<site> */
     unsigned      limit, want;
+    unsigned      conns;     /* connections the caller holds there (lease_held) */
     unsigned      grant;     /* the last grant Redis gave */
     int           answered;  /* a successful renewal carried it */
     unsigned      told;      /* the allowance the caller last got */
@@ -103,8 +104,9 @@ const char LEASE_REDIS_SCRIPT[] =
     "local out = { redis.call('ZCARD', KEYS[1]) }\n"
     "for i = 2, #KEYS do\n"
     "  local key = KEYS[i]\n"
-    "  local limit = tonumber(ARGV[2 * i - 1])\n"
-    "  local want = tonumber(ARGV[2 * i])\n"
+    "  local limit = tonumber(ARGV[3 * i - 3])\n"
+    "  local want = tonumber(ARGV[3 * i - 2])\n"
+    "  local held = tonumber(ARGV[3 * i - 1])\n"
     "  local f = redis.call('HGETALL', key)\n"
     "  local taken = 0\n"
     "  local list = {}\n"
@@ -146,7 +148,8 @@ const char LEASE_REDIS_SCRIPT[] =
     "    local free = limit - taken\n"
     "    if free < 0 then free = 0 end\n"
     "    grant = math.min(want, target, free)\n"
-    "    redis.call('HSET', key, me, string.format('%d %d %d', grant, want, exp))\n"
+    "    local claim = math.max(grant, math.min(held, limit))\n"
+    "    redis.call('HSET', key, me, string.format('%d %d %d', claim, want, exp))\n"
     "    redis.call('PEXPIRE', key, keep)\n"
     "  else\n"
     "    redis.call('HDEL', key, me)\n"
@@ -324,9 +327,9 @@ static void renew(lease_table_t *t)
             entry_free(t, e); /* the node just returned: safe */
     }
     size_t n = htable_count(&t->sites);
-    size_t argc = 6 + 3 * n; /* EVAL script numkeys registry keys... ttl holder (limit want)... */
+    size_t argc = 6 + 4 * n; /* EVAL script numkeys registry keys... ttl holder (limit want held)... */
     const char **argv = xcalloc(argc, sizeof(char *));
-    char **owned = xcalloc(2 * n + 2, sizeof(char *));
+    char **owned = xcalloc(3 * n + 2, sizeof(char *));
     size_t a = 0, o = 0;
     t->sent = xrealloc(t->sent, (n ? n : 1) * sizeof(entry_t *));
     t->nsent = 0;
@@ -359,6 +362,9 @@ static void renew(lease_table_t *t)
         argv[a++] = owned[o++];
         owned[o] = xmalloc(24);
         snprintf(owned[o], 24, "%u", e->want);
+        argv[a++] = owned[o++];
+        owned[o] = xmalloc(24);
+        snprintf(owned[o], 24, "%u", e->conns);
         argv[a++] = owned[o++];
     }
     t->renewals++;
@@ -466,6 +472,13 @@ unsigned lease_want(lease_table_t *t, const char *site, unsigned limit, unsigned
     }
     e->told = allowance(t, e);
     return e->told;
+}
+
+void lease_held(lease_table_t *t, const char *site, unsigned conns)
+{
+    entry_t *e = entry_find(t, site);
+    if (e != NULL)
+        e->conns = conns;
 }
 
 void lease_get_stats(const lease_table_t *t, lease_stats_t *st)

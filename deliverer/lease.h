@@ -17,7 +17,7 @@
  *
  * Renewal: every renew_ms the table sends ONE EVAL of LEASE_REDIS_SCRIPT
  * for all its sites (KEYS = the registry, then the site keys; ARGV = ttl,
- * holder, then limit and want per site). For each site the script drops
+ * holder, then limit, want and held per site). For each site the script drops
  * the fields whose expiry has passed, then computes this holder's grant:
  *
  *   others  = the other live holders of the site (claim c_o, want w_o)
@@ -30,9 +30,13 @@
  *             names, so every holder computes the same division)
  *   grant   = min(want, free, target)
  *
- * and stores "grant want now+ttl" as its field (want 0 deletes the field:
- * the claim is released). Since grant <= free, the claims of a site never
- * sum to more than its limit, whatever the order of renewals. They
+ * and stores "claim want now+ttl" as its field, claim = max(grant, held)
+ * (want 0 deletes the field: the claim is released). held is what the
+ * holder still has open there (lease_held()): a holder whose share
+ * shrank keeps claiming the connections it has not closed yet, so the
+ * others are not granted them before they are closed. Since grant <=
+ * free, the claims of a site never sum to more than its limit, whatever
+ * the order of renewals, except by what a shrinking holder still holds. They
  * converge: a holder over its target is cut to it by its next renewal,
  * after which the free room of each holder under its target covers it;
  * so within about two renewal periods of the wants settling every holder
@@ -66,8 +70,9 @@
  *  - No Redis configured (redis NULL): always max(1, ceil(limit /
  *    local_holders)), never called "fallback".
  * The caller shrinks by not opening new connections while it holds more
- * than its allowance: the sum of claims is bounded, the sum of open
- * connections may exceed it while a shrinking holder's connections end.
+ * than its allowance (and by closing idle ones, sites.h); what it still
+ * holds stays claimed (lease_held), so the sum of open connections stays
+ * within the limit while a shrinking holder's connections end.
  *
  * Callbacks: lease_changed_cb fires from a renewal's reply (or failure)
  * for each site whose allowance differs from what the caller last got
@@ -123,6 +128,9 @@ void lease_free(lease_table_t *t);
  * after its claim is released in Redis (at once without Redis, or when
  * Redis never had it). */
 unsigned lease_want(lease_table_t *t, const char *site, unsigned limit, unsigned want);
+/* The connections the caller holds at site now (running and idle), sent
+ * with the next renewal; for a site lease_want() created. */
+void lease_held(lease_table_t *t, const char *site, unsigned conns);
 
 /* counters for metrics/tests: renewals sent, failed, sites known, fallback in force */
 void lease_get_stats(const lease_table_t *t, lease_stats_t *st);

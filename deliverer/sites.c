@@ -298,6 +298,15 @@ static void wake_fired(loop_t *loop, loop_timer_t *tm, void *arg)
     }
 }
 
+unsigned sites_held(const sites_t *t, const char *key)
+{
+    htable_node_t *n = htable_find_str(&t->table, key);
+    if (n == NULL)
+        return 0;
+    const site_t *s = HTABLE_ENTRY(n, site_t, node);
+    return s->running + idle_of(t, s);
+}
+
 void sites_set_idle(sites_t *t, sites_idle_fn idle, sites_trim_fn trim, void *arg)
 {
     t->idle = idle;

@@ -126,6 +126,8 @@ void sites_set_idle(sites_t *t, sites_idle_fn idle, sites_trim_fn trim, void *ar
  * connections close by themselves), closes what is beyond the allowance,
  * forgets keys with nothing left. */
 void sites_tick(sites_t *t);
+/* The connections the worker holds for key: running legs and idle ones. */
+unsigned sites_held(const sites_t *t, const char *key);
 /* The connection limit the configuration gives site (0 = none, or the caps are off). */
 unsigned sites_limit(const sites_t *t, const char *site);
 void sites_get_stats(const sites_t *t, sites_stats_t *st);

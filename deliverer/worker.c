@@ -388,12 +388,30 @@ static void on_dns_event(void *arg, const dns_event_t *ev)
     }
 }
 
+/* The idle pooled sessions of a site key, and closing those beyond keep
+ * (sites.h: idle connections count against the limit). */
+static unsigned worker_site_idle(void *arg, const char *key)
+{
+    worker_t *w = arg;
+    return (unsigned)deliver_ctx_idle_tagged(w->jc.svc.dctx, key);
+}
+
+static void worker_site_trim(void *arg, const char *key, unsigned keep)
+{
+    worker_t *w = arg;
+    size_t n = deliver_ctx_trim(w->jc.svc.dctx, key, keep);
+    if (n)
+        log_debug("worker", "site_trim", "key=%s closed=%zu kept=%u", LOG_Q(key), n, keep);
+}
+
 /* This worker's share of a site's connection limit: its leases in Redis
  * (lease.h), or without Redis the process's share. */
 static unsigned worker_site_allow(void *arg, const char *site, unsigned limit, unsigned want)
 {
     worker_t *w = arg;
-    return lease_want(w->leases, site, limit, want);
+    unsigned a = lease_want(w->leases, site, limit, want);
+    lease_held(w->leases, site, w->jc.svc.sites ? sites_held(w->jc.svc.sites, site) : 0);
+    return a;
 }
 
 static void worker_lease_changed(void *arg, const char *site, unsigned allowance)
@@ -418,8 +436,10 @@ static void on_gauges(loop_t *loop, loop_timer_t *t, void *arg)
     deliver_stats_t ds;
     sites_stats_t ss = { 0 };
     deliver_ctx_stats(w->jc.svc.dctx, &ds);
-    if (w->jc.svc.sites)
+    if (w->jc.svc.sites && t) {
+        sites_tick(w->jc.svc.sites); /* idle sessions closed by the pool itself, shares that shrank */
         sites_get_stats(w->jc.svc.sites, &ss);
+    }
     gauge_move(MET_SMTP_CONNECTIONS, &w->g_conns, (int64_t)(ds.pool.busy + ds.pool.idle));
     gauge_move(MET_SITE_RUNNING, &w->g_running, (int64_t)ss.running);
     gauge_move(MET_SITE_WAITING, &w->g_waiting, (int64_t)ss.waiting);
@@ -471,6 +491,7 @@ static int worker_open_services(worker_t *w, char *err, size_t errlen)
                           .local_holders = w->env->nworkers };
     w->leases = lease_new(w->loop, w->redis, holder, &lc, worker_lease_changed, w);
     svc->sites = sites_new(w->loop, &w->env->sites, worker_site_allow, w);
+    sites_set_idle(svc->sites, worker_site_idle, worker_site_trim, w);
     svc->policy = w->env->policy;
     svc->wrr = wrr_new(0);
     /* polled a little more often than once a second, so that an action

@@ -114,10 +114,11 @@ static rclient_t *connect_stack(loop_t *l, unsigned timeout_ms)
 }
 
 /* One run of the script for holder over sites[0..n) of prefix p. */
-static void script(loop_t *l, rclient_t *c, const char *p, const char *holder, unsigned ttl, size_t n,
-                   const char *const *sites, const unsigned *limits, const unsigned *wants, rec_t *out)
+static void script_held(loop_t *l, rclient_t *c, const char *p, const char *holder, unsigned ttl, size_t n,
+                        const char *const *sites, const unsigned *limits, const unsigned *wants,
+                        const unsigned *helds, rec_t *out)
 {
-    size_t argc = 6 + 3 * n, a = 0;
+    size_t argc = 6 + 4 * n, a = 0;
     const char **argv = xcalloc(argc, sizeof(char *));
     char **own = xcalloc(3 * n + 3, sizeof(char *));
     size_t o = 0;
@@ -138,12 +139,14 @@ static void script(loop_t *l, rclient_t *c, const char *p, const char *holder, u
     snprintf(own[o], 24, "%u", ttl);
     argv[a++] = own[o++];
     argv[a++] = holder;
-    char (*num)[16] = xcalloc(2 * n, 16);
+    char (*num)[16] = xcalloc(3 * n, 16);
     for (size_t i = 0; i < n; i++) {
-        snprintf(num[2 * i], 16, "%u", limits[i]);
-        snprintf(num[2 * i + 1], 16, "%u", wants[i]);
-        argv[a++] = num[2 * i];
-        argv[a++] = num[2 * i + 1];
+        snprintf(num[3 * i], 16, "%u", limits[i]);
+        snprintf(num[3 * i + 1], 16, "%u", wants[i]);
+        snprintf(num[3 * i + 2], 16, "%u", helds ? helds[i] : 0);
+        argv[a++] = num[3 * i];
+        argv[a++] = num[3 * i + 1];
+        argv[a++] = num[3 * i + 2];
     }
     memset(out, 0, sizeof(*out));
     rclient_commandargv(c, rec_cb, out, (int)a, argv, NULL);
@@ -155,6 +158,24 @@ static void script(loop_t *l, rclient_t *c, const char *p, const char *holder, u
     free(argv);
     if (!out->ok)
         fail_msg("script failed: %s", out->err);
+}
+
+static void script(loop_t *l, rclient_t *c, const char *p, const char *holder, unsigned ttl, size_t n,
+                   const char *const *sites, const unsigned *limits, const unsigned *wants, rec_t *out)
+{
+    script_held(l, c, p, holder, ttl, n, sites, limits, wants, NULL, out);
+}
+
+/* The grant of holder for one site, holding held connections there. */
+static long long grant_held(loop_t *l, rclient_t *c, const char *p, const char *holder, const char *site,
+                            unsigned limit, unsigned want, unsigned held)
+{
+    rec_t *r = xcalloc(1, sizeof(*r));
+    script_held(l, c, p, holder, 60000, 1, &site, &limit, &want, &held, r);
+    assert_int_equal(r->n, 2);
+    long long g = r->v[1];
+    free(r);
+    return g;
 }
 
 /* The grant of holder for one site (and the registry's count in *holders). */
@@ -229,6 +250,15 @@ static void test_script_exact(void **state)
     assert_int_equal(grant1(l, c, p, "A", 60000, "ex", 100, 100, NULL), 50);
     assert_int_equal(grant1(l, c, p, "B", 60000, "ex", 100, 50, NULL), 50);
 
+    /* a holder whose share shrank claims what it still holds: limit 3, A
+     * holds 3, B wants 3. A's fair share is 2, but until A has closed
+     * its third connection B is granted nothing */
+    assert_int_equal(grant_held(l, c, p, "A", "sh", 3, 3, 3), 3);
+    assert_int_equal(grant_held(l, c, p, "B", "sh", 3, 3, 0), 0);
+    assert_int_equal(grant_held(l, c, p, "A", "sh", 3, 3, 3), 2);
+    assert_int_equal(grant_held(l, c, p, "B", "sh", 3, 3, 0), 0); /* A still holds 3 */
+    assert_int_equal(grant_held(l, c, p, "A", "sh", 3, 3, 2), 2);   /* one closed */
+    assert_int_equal(grant_held(l, c, p, "B", "sh", 3, 3, 0), 1);
     /* water filling: B wants 10, A and C 100 of 100 -> 45, 10, 45 */
     assert_int_equal(grant1(l, c, p, "A", 60000, "wf", 100, 100, NULL), 100);
     assert_int_equal(grant1(l, c, p, "B", 60000, "wf", 100, 10, NULL), 0);
@@ -267,8 +297,8 @@ static void test_script_exact(void **state)
     run_until(l, &pt.calls, 2000);
     assert_true(pt.ok && pt.v[0] > 500 && pt.v[0] <= 900);
 
-    const char *used[] = { "ex", "wf", "rm", "exp" };
-    del_sites(l, c, p, 4, used);
+    const char *used[] = { "ex", "wf", "rm", "exp", "sh" };
+    del_sites(l, c, p, 5, used);
     rclient_free(c);
     loop_free(l);
 }

@@ -116,7 +116,7 @@ typedef struct model {
     int      nkeys;           /* of the last EVAL, the registry included */
     char     keys[16][64];
     char     ttl[16], holder[32];
-    unsigned limits[16], wants[16];
+    unsigned limits[16], wants[16], helds[16];
     uint64_t at_ms;           /* when it came */
     unsigned holders;         /* what to answer */
     unsigned cap;             /* grant = min(want, cap) */
@@ -131,7 +131,7 @@ static void model_eval(void *arg, int argc, char **argv, buf_t *out)
     assert_string_equal(argv[1], LEASE_REDIS_SCRIPT);
     m->nkeys = atoi(argv[2]);
     assert_true(m->nkeys >= 1 && m->nkeys <= 16);
-    assert_int_equal(argc, 3 + m->nkeys + 2 + 2 * (m->nkeys - 1));
+    assert_int_equal(argc, 3 + m->nkeys + 2 + 3 * (m->nkeys - 1));
     for (int i = 0; i < m->nkeys; i++)
         snprintf(m->keys[i], sizeof(m->keys[i]), "%s", argv[3 + i]);
     char **av = argv + 3 + m->nkeys;
@@ -140,8 +140,9 @@ static void model_eval(void *arg, int argc, char **argv, buf_t *out)
     int n = m->nkeys - 1 - m->bad_shape;
     buf_printf(out, "*%d\r\n:%u\r\n", n + 1, m->holders);
     for (int i = 0; i < m->nkeys - 1; i++) {
-        m->limits[i + 1] = (unsigned)atoi(av[2 + 2 * i]);
-        m->wants[i + 1] = (unsigned)atoi(av[3 + 2 * i]);
+        m->limits[i + 1] = (unsigned)atoi(av[2 + 3 * i]);
+        m->wants[i + 1] = (unsigned)atoi(av[3 + 3 * i]);
+        m->helds[i + 1] = (unsigned)atoi(av[4 + 3 * i]);
         if (i < n)
             buf_printf(out, ":%u\r\n", m->wants[i + 1] < m->cap ? m->wants[i + 1] : m->cap);
     }
