@@ -21,6 +21,7 @@ sent each message:
 
 Needs the local stack (deploy/local/stack up); fails loudly without it.
 """
+import datetime
 import json
 import os
 import re
@@ -104,7 +105,7 @@ class Egress(unittest.TestCase):
         if d.proc is not None and d.proc.poll() is None:
             self.assertEqual(d.stop(), 0, d.log()[-3000:])
 
-    def publish(self, d, n, tag, **fields):
+    def publish(self, d, n, tag, rcpt="r{i}@relay.test", **fields):
         """n messages of one recipient each; returns their ids."""
         conn, ch = mpstack.amqp_channel(self.env)
         ids = []
@@ -112,7 +113,7 @@ class Egress(unittest.TestCase):
             ch.confirm_delivery()
             for i in range(n):
                 mid = f"{tag}-{i}-{uuid.uuid4().hex[:6]}"
-                msg = {"id": mid, "from": SENDER, "to": [f"r{i}@relay.test"], "subject": tag, "text": "hello",
+                msg = {"id": mid, "from": SENDER, "to": [rcpt.format(i=i)], "subject": tag, "text": "hello",
                        **fields}
                 ch.basic_publish(exchange="", routing_key=d.queue, body=json.dumps(msg).encode(),
                                  properties=pika.BasicProperties(delivery_mode=2, priority=5))
@@ -330,6 +331,56 @@ duration = {duration_s}s
         for d in (d1, d2, d3):
             self.assertGreaterEqual(d.metric("mailpump_shaping_actions_active"), 0)
 
+    def test_bounce_and_rate_actions(self):
+        sink = self.sink("127.0.0.54", extra=["--rule", "rcpt:blocked*@*=550 5.7.1 [BL21] listed",
+                                              "--rule", "cmd:MAIL#1=451 4.7.1 [RL7] slow down"])
+        shaping = self.write("shaping.ini", """
+[automation listed]
+code = 5
+match = \\[BL21\\]
+action = bounce
+duration = 6s
+
+[automation slow]
+enhanced = 4.7.1
+match = \\[RL7\\]
+action = rate=2/s
+duration = 30s
+""")
+        d, tap = self.daemon(sink, shaping=shaping)
+        # the first MAIL is deferred [RL7]: the rate drops to 2/s
+        [t] = self.publish(d, 1, "slowtrigger")
+        ev = tap.wait(lambda e: e["message_id"] == t and e["event"] == "deferred", 1, timeout=30)[0]
+        self.assertEqual(ev.get("shaping"), "triggered:rate:automation:slow", ev)
+        ids = self.publish(d, 6, "slowed")
+        evs = tap.wait(lambda e: e["message_id"] in ids and e["event"] == "delivered", 6, timeout=60)
+        ts = sorted(e["ts"] for e in evs)
+        span = (parse_ts(ts[-1]) - parse_ts(ts[0]))
+        self.assertGreaterEqual(span, 2.2, ts)  # 6 messages 0.5 s apart
+        for e in evs:
+            self.assertEqual(e.get("shaping"), "rate:automation:slow", e)
+
+        # a 5xx [BL21] bounces the site's messages for 6 s, none sent
+        [b] = self.publish(d, 1, "bltrigger", rcpt="blocked{i}@relay.test")
+        ev = tap.wait(lambda e: e["message_id"] == b and e["event"] == "bounced", 1, timeout=30)[0]
+        triggered = time.time()
+        self.assertEqual(ev["smtp"]["code"], 550, ev)
+        self.assertEqual(ev.get("shaping"), "triggered:bounce:automation:listed", ev)
+        before = len(sink.messages())
+        ids = self.publish(d, 3, "bounced")
+        evs = tap.wait(lambda e: e["message_id"] in ids and e["event"] == "bounced", 3, timeout=30)
+        for e in evs:
+            self.assertEqual(e["reason"], "shaping", e)
+            self.assertNotIn("smtp", e)
+            self.assertIn("bounce:site:127.0.0.54", e["error"], e)
+            self.assertEqual(e.get("shaping"), "bounce:automation:listed", e)
+        self.assertEqual(len(sink.messages()), before)
+        self.assertLess(time.time() - triggered, 5)
+        # it lapses: the next message is delivered
+        time.sleep(max(0.0, triggered + 6.5 - time.time()))
+        [a] = self.publish(d, 1, "afterbl")
+        tap.wait(lambda e: e["message_id"] == a and e["event"] == "delivered", 1, timeout=30)
+
     # ---- 3. a fleet-wide connection limit ---------------------------------------
 
     def test_connection_limit_two_processes(self):
@@ -347,6 +398,12 @@ duration = {duration_s}s
               file=sys.stderr)
         self.assertLessEqual(st["open_peak"], 3, st)
         self.assertGreaterEqual(st["open_peak"], 2, st)  # both processes used their shares
+
+
+def parse_ts(ts):
+    """An event's ts (UTC, milliseconds) as Unix seconds."""
+    return datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
 
 
 def sink_addr(sink):
