@@ -1026,6 +1026,7 @@ static void job_enter_sent_copy(job_t *j)
         .pool = ctx->imap_pool,
         .log_id = j->msg->id,
         .trace_id = j->msg->trace_id,
+        .log_ref = JOB_MSG(j),
     };
     /* a retried append, or a message back after a worker or connection
      * died, may find its copy already stored: look before appending; and

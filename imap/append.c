@@ -62,7 +62,7 @@ const char *imap_strerror(int status)
 }
 
 /* The message fields of an append's log lines. */
-#define APPEND_MSG(a) LOG_MSG((a)->log_id, (a)->trace_id)
+#define APPEND_MSG(a) ((a)->log_ref ? (a)->log_ref : LOG_MSG((a)->log_id, (a)->trace_id))
 
 static const char *const state_names[IMAP_APPEND_ST_LAST] = {
     [IMAP_APPEND_ST_INIT] = "INIT",     [IMAP_APPEND_ST_OWN] = "OWN",       [IMAP_APPEND_ST_WAIT] = "WAIT",
@@ -83,6 +83,10 @@ void imap_append_enter(imap_append_t *a, imap_append_state_t st)
 
 const char *imap_append_log_ref(imap_append_t *const *a, size_t n, char *dst, size_t len)
 {
+    if (n == 1 && a[0]->log_ref) {
+        snprintf(dst, len, "%s", a[0]->log_ref);
+        return dst;
+    }
     if (n == 1)
         return log_msgref(a[0]->log_id, a[0]->trace_id, dst, len);
     char ids[LOG_QUOTE_MAX];
@@ -115,6 +119,7 @@ static void release(imap_append_t *a)
     free(a->msgid);
     free(a->log_id);
     free(a->trace_id);
+    free(a->log_ref);
     free(a);
 }
 
@@ -222,6 +227,7 @@ imap_append_t *imap_append_start(loop_t *loop, const imap_account_t *acct, const
     a->timeout_ms = acct->timeout_ms ? acct->timeout_ms : IMAP_DEFAULT_TIMEOUT_MS;
     a->log_id = acct->log_id ? xstrdup(acct->log_id) : NULL;
     a->trace_id = acct->trace_id ? xstrdup(acct->trace_id) : NULL;
+    a->log_ref = acct->log_ref ? xstrdup(acct->log_ref) : NULL;
     loop_timer_init(&a->done_timer, done_fired, a);
 
     char err[128];

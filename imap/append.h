@@ -43,6 +43,7 @@ struct imap_append {
     char               *msgid;       /* the message's Message-ID, or NULL */
     char               *log_id;      /* queue message id and trace id for log lines, or NULL */
     char               *trace_id;
+    char               *log_ref;     /* or their log fields, formatted (tenant, campaign, pool too), or NULL */
     const char         *data;        /* the message: referenced until the callback or the free */
     size_t              len;
     imap_append_cb      cb;

@@ -103,6 +103,7 @@ typedef struct imap_account {
      * id, or NULL; copied. */
     const char            *log_id;
     const char            *trace_id;
+    const char            *log_ref;  /* or the message's fields for log lines, formatted (log_msgctx()); copied */
 } imap_account_t;
 
 typedef struct imap_append_result {

@@ -148,7 +148,7 @@ static void sess_debug(const imap_pool_sess_t *s, const char *event, const char 
 static void wait_debug(const imap_append_t *a, const imap_pool_t *p, const char *event, const char *reason)
 {
     if (log_enabled(LOG_DEBUG))
-        pool_debug(LOG_MSG(a->log_id, a->trace_id), a->id, &a->acct, 0, 0, p, event, reason);
+        pool_debug(a->log_ref ? a->log_ref : LOG_MSG(a->log_id, a->trace_id), a->id, &a->acct, 0, 0, p, event, reason);
 }
 
 /* ---------------------------------------------------------------- sessions */
