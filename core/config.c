@@ -309,6 +309,9 @@ static const key_def_t keys[] = {
       "tenants counted by name in `mailpump_recipients_by_tenant_total`, comma- or blank-separated, at "
       "most 256 (each 1-64 letters, digits, `.`, `_`, `-`); any other tenant counts as `other`, a "
       "message without one as `none`" },
+    { "metrics", "campaigns", K_STR, F(metrics_campaigns), "", 0, NULL,
+      "campaigns counted by name in `mailpump_recipients_by_campaign_total`, comma- or blank-separated, "
+      "at most 256; any other campaign counts as `other`, a message without one as `none`" },
     { "log", "level", K_ENUM, F(log_level), "info", 0, log_level_names,
       "least severe level logged (`warning` is also accepted for `warn`)" },
     { "log", "format", K_ENUM, F(log_format), "logfmt", 0, log_format_names,
@@ -780,7 +783,7 @@ int config_load(mp_config_t *cfg, const char *path, char *err, size_t errlen)
  * tenant names, each once, neither "none" nor "other" (those series are
  * the metric's own), at most METRICS_TENANTS_MAX. */
 #define METRICS_TENANTS_MAX 256
-static int check_tenants(const char *list, char *err, size_t errlen)
+static int check_names(const char *list, int kind, const char *key, char *err, size_t errlen)
 {
     char *copy = xstrdup(list), *save = NULL;
     const char *names[METRICS_TENANTS_MAX];
@@ -788,21 +791,23 @@ static int check_tenants(const char *list, char *err, size_t errlen)
     int rc = 0;
     char q[96];
     for (char *t = strtok_r(copy, ", \t", &save); t && rc == 0; t = strtok_r(NULL, ", \t", &save)) {
-        if (!message_valid_ident(MESSAGE_TENANT, t)) {
-            snprintf(err, errlen, "[metrics] tenants: \"%s\" is not a tenant name (1-64 letters, digits, "
-                                  "'.', '_', '-')", util_quote_text(t, q, sizeof(q)));
+        if (!message_valid_ident((message_ident_t)kind, t)) {
+            snprintf(err, errlen, "[metrics] %s: \"%s\" is not a %s name (%s)", key, util_quote_text(t, q, sizeof(q)),
+                     kind == MESSAGE_TENANT ? "tenant" : "campaign",
+                     kind == MESSAGE_TENANT ? "1-64 letters, digits, '.', '_', '-'"
+                                            : "1-128 letters, digits, '.', '_', '-', ':', '/', '@', '+', '='");
             rc = -1;
         } else if (strcmp(t, "none") == 0 || strcmp(t, "other") == 0) {
-            snprintf(err, errlen, "[metrics] tenants: \"%s\" is reserved (the series of tenants not listed "
-                                  "and of messages without one)", t);
+            snprintf(err, errlen, "[metrics] %s: \"%s\" is reserved (the series of %s not listed "
+                                  "and of messages without one)", key, t, key);
             rc = -1;
         } else if (n == METRICS_TENANTS_MAX) {
-            snprintf(err, errlen, "[metrics] tenants: more than %d names", METRICS_TENANTS_MAX);
+            snprintf(err, errlen, "[metrics] %s: more than %d names", key, METRICS_TENANTS_MAX);
             rc = -1;
         } else {
             for (size_t i = 0; i < n && rc == 0; i++) {
                 if (strcmp(names[i], t) == 0) {
-                    snprintf(err, errlen, "[metrics] tenants: \"%s\" is listed twice", t);
+                    snprintf(err, errlen, "[metrics] %s: \"%s\" is listed twice", key, t);
                     rc = -1;
                 }
             }
@@ -881,7 +886,8 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
             return -1;
         }
     }
-    if (check_tenants(cfg->metrics_tenants, err, errlen) < 0)
+    if (check_names(cfg->metrics_tenants, MESSAGE_TENANT, "tenants", err, errlen) < 0 ||
+        check_names(cfg->metrics_campaigns, MESSAGE_CAMPAIGN, "campaigns", err, errlen) < 0)
         return -1;
     if (cfg->imap_host[0] && !cfg->imap_accounts_file[0]) {
         snprintf(err, errlen, "[imap] host is set but accounts_file is empty");

@@ -141,6 +141,7 @@ typedef struct mp_config {
     /* [metrics] */
     char    *metrics_listen;      /* host:port, empty disables */
     char    *metrics_tenants;     /* tenant label values, comma/blank separated (metrics_label_add_list) */
+    char    *metrics_campaigns;   /* campaign label values, the same way */
     /* [log] */
     mp_log_level_t  log_level;
     mp_log_format_t log_format;

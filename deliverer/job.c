@@ -1180,6 +1180,7 @@ static void job_count_sender(const job_t *j, const job_rcpt_t *r, metrics_outcom
 {
     metrics_count_labeled(MET_FAM_TENANT, j->msg ? j->msg->tenant : NULL, o);
     metrics_count_labeled(MET_FAM_POOL, j->msg ? j->msg->pool : NULL, o);
+    metrics_count_labeled(MET_FAM_CAMPAIGN, j->msg ? j->msg->campaign : NULL, o);
     metrics_count_labeled(MET_FAM_SOURCE, r ? r->source : NULL, o);
 }
 

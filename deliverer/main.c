@@ -177,6 +177,7 @@ int main(int argc, char **argv)
     /* the label values of the per-tenant, per-pool and per-source series,
      * fixed before anything counts (every other value counts as "other") */
     metrics_label_add_list(MET_FAM_TENANT, cfg.metrics_tenants);
+    metrics_label_add_list(MET_FAM_CAMPAIGN, cfg.metrics_campaigns);
     for (size_t i = 0; i < policy_npools(env.policy); i++)
         metrics_label_add(MET_FAM_POOL, policy_pool(env.policy, i)->name);
     for (size_t i = 0; i < policy_nsources(env.policy); i++)

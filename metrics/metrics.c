@@ -222,6 +222,9 @@ static label_family_t families[MET_FAM_LAST] = {
     [MET_FAM_POOL] = { .metric = "mailpump_recipients_by_pool_total", .label = "pool",
                        .help = "Recipient outcomes by the message's pool: the configured pools, other for any other "
                                "name, none for a message without one." },
+    [MET_FAM_CAMPAIGN] = { .metric = "mailpump_recipients_by_campaign_total", .label = "campaign",
+                           .help = "Recipient outcomes by the message's campaign: the names of [metrics] campaigns, "
+                                   "other for any other campaign, none for a message without one." },
     [MET_FAM_SOURCE] = { .metric = "mailpump_recipients_by_source_total", .label = "source",
                          .help = "Recipient outcomes by the egress source the delivery used: the configured sources, "
                                  "other for any other, none when no source was used." },

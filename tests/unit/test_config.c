@@ -579,6 +579,14 @@ static void test_check_metrics_tenants(void **state)
     assert_int_equal(check_with("log", "level", "info", err, sizeof(err)), -1);
     unsetenv("MAILPUMP_METRICS_TENANTS");
     assert_string_equal(err, "[metrics] tenants: more than 256 names");
+    /* campaigns: their own alphabet */
+    assert_int_equal(check_with("metrics", "campaigns", "spring-2026 news:weekly a/b+c=d", err, sizeof(err)), 0);
+    assert_int_equal(check_with("metrics", "campaigns", "ok bad;name", err, sizeof(err)), -1);
+    assert_string_equal(err, "[metrics] campaigns: \"bad;name\" is not a campaign name (1-128 letters, digits, "
+                             "'.', '_', '-', ':', '/', '@', '+', '=')");
+    assert_int_equal(check_with("metrics", "campaigns", "none", err, sizeof(err)), -1);
+    assert_string_equal(err, "[metrics] campaigns: \"none\" is reserved (the series of campaigns not listed and "
+                             "of messages without one)");
 }
 
 static void test_missing_file(void **state)
