@@ -730,32 +730,20 @@ static int parse_line(parse_ctx_t *pc, char *line)
     return 0;
 }
 
+static int file_line(void *arg, char *line, size_t len)
+{
+    parse_ctx_t *pc = arg;
+    pc->lineno++;
+    if (strlen(line) != len)
+        return parse_error(pc, "NUL byte in the line (not a text file?)");
+    return parse_line(pc, line);
+}
+
 static int parse_file(mp_config_t *cfg, const char *path, char *err, size_t errlen)
 {
-    FILE *f = fopen(path, "r");
-    if (f == NULL) {
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-        return -1;
-    }
     parse_ctx_t pc = { .cfg = cfg, .path = path, .err = err, .errlen = errlen };
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t n;
-    int rc = 0;
-    while (rc == 0 && (n = getline(&line, &cap, f)) >= 0) {
-        pc.lineno++;
-        if (strlen(line) != (size_t)n)
-            rc = parse_error(&pc, "NUL byte in the line (not a text file?)");
-        else
-            rc = parse_line(&pc, line);
-    }
-    if (rc == 0 && ferror(f)) {
-        snprintf(err, errlen, "%s: %s", path, strerror(errno));
-        rc = -1;
-    }
-    free(line);
+    int rc = util_file_lines(path, file_line, &pc, err, errlen) == 0 ? 0 : -1;
     free(pc.section);
-    fclose(f);
     return rc;
 }
 

@@ -216,3 +216,26 @@ void util_sockaddr_set_port(struct sockaddr *sa, unsigned port)
     else if (sa->sa_family == AF_INET6)
         ((struct sockaddr_in6 *)(void *)sa)->sin6_port = htons((uint16_t)port);
 }
+
+int util_file_lines(const char *path, int (*fn)(void *arg, char *line, size_t len), void *arg, char *err,
+                    size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        util_seterr(err, errlen, "%s: %s", path, strerror(errno));
+        return -1;
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    int rc = 0;
+    while (rc == 0 && (n = getline(&line, &cap, f)) >= 0)
+        rc = fn(arg, line, (size_t)n);
+    if (rc == 0 && ferror(f)) {
+        util_seterr(err, errlen, "%s: %s", path, strerror(errno));
+        rc = -1;
+    }
+    free(line);
+    fclose(f);
+    return rc;
+}

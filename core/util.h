@@ -48,6 +48,15 @@ size_t util_utf8_len(const unsigned char *s, size_t n);
 /* Case-insensitive ASCII compare of at most n bytes. */
 int util_strncasecmp(const char *a, const char *b, size_t n);
 
+/* Reads path line by line (getline: any length, the newline kept) and
+ * calls fn(arg, line, len) for each, len counting a NUL byte inside the
+ * line (strlen(line) < len says there is one), until fn returns
+ * non-zero. Returns fn's non-zero value, 0 at the end of the file, or -1
+ * with err ("path: why") when it cannot be opened or read. Start-up only:
+ * it blocks. */
+int util_file_lines(const char *path, int (*fn)(void *arg, char *line, size_t len), void *arg, char *err,
+                    size_t errlen);
+
 /* The port of an AF_INET or AF_INET6 address in host order; 0 for any
  * other family. */
 unsigned util_sockaddr_port(const struct sockaddr *sa);

@@ -920,31 +920,19 @@ static int resolve_egress(pctx_t *pc)
     return 0;
 }
 
+static int file_line(void *arg, char *line, size_t len)
+{
+    pctx_t *pc = arg;
+    pc->lineno++;
+    if (strlen(line) != len)
+        return perr(pc, "NUL byte in the line (not a text file?)");
+    return parse_line(pc, line);
+}
+
 static int parse_file(policy_t *p, const char *path, int shaping, char *err, size_t errlen)
 {
-    FILE *f = fopen(path, "r");
-    if (f == NULL) {
-        util_seterr(err, errlen, "%s: %s", path, strerror(errno));
-        return -1;
-    }
     pctx_t pc = { .p = p, .path = path, .shaping = shaping, .err = err, .errlen = errlen };
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t n;
-    int rc = 0;
-    while (rc == 0 && (n = getline(&line, &cap, f)) >= 0) {
-        pc.lineno++;
-        if (strlen(line) != (size_t)n)
-            rc = perr(&pc, "NUL byte in the line (not a text file?)");
-        else
-            rc = parse_line(&pc, line);
-    }
-    if (rc == 0 && ferror(f)) {
-        util_seterr(err, errlen, "%s: %s", path, strerror(errno));
-        rc = -1;
-    }
-    free(line);
-    fclose(f);
+    int rc = util_file_lines(path, file_line, &pc, err, errlen) == 0 ? 0 : -1;
     if (rc == 0)
         rc = finish_section(&pc);
     if (rc == 0 && !shaping)
