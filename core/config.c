@@ -631,21 +631,6 @@ static int parse_error(parse_ctx_t *pc, const char *fmt, ...)
     return -1;
 }
 
-static int is_blank(char c)
-{
-    return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v';
-}
-
-/* s without its leading and trailing blanks (in place) */
-static char *trim(char *s)
-{
-    while (is_blank(*s))
-        s++;
-    size_t n = strlen(s);
-    while (n > 0 && is_blank(s[n - 1]))
-        s[--n] = '\0';
-    return s;
-}
 
 /* The first of chars in s, or the ';' of an inline comment (after a
  * blank), or the end of s: libinih's find_chars_or_comment(). */
@@ -655,7 +640,7 @@ static char *find_or_comment(char *s, const char *chars)
     for (; *s; s++) {
         if ((chars && strchr(chars, *s)) || (was_blank && *s == ';'))
             break;
-        was_blank = is_blank(*s);
+        was_blank = util_is_blank(*s);
     }
     return s;
 }
@@ -665,7 +650,7 @@ static int parse_line(parse_ctx_t *pc, char *line)
     if (pc->lineno == 1 && strncmp(line, "\xef\xbb\xbf", 3) == 0)
         line += 3;
     int indented = line[0] == ' ' || line[0] == '\t';
-    char *s = trim(line);
+    char *s = util_trim(line);
     if (*s == '\0' || *s == ';' || *s == '#')
         return 0;
     if (indented && pc->prev) {
@@ -681,11 +666,11 @@ static int parse_line(parse_ctx_t *pc, char *line)
         char *end = strchr(s, ']');
         if (end == NULL)
             return parse_error(pc, "malformed section header \"%.64s\": no closing ]", s);
-        char *rest = trim(end + 1);
+        char *rest = util_trim(end + 1);
         if (*rest && *rest != ';' && *rest != '#')
             return parse_error(pc, "unexpected \"%.64s\" after the section header", rest);
         *end = '\0';
-        char *name = trim(s + 1);
+        char *name = util_trim(s + 1);
         if (*name == '\0')
             return parse_error(pc, "empty section name");
         free(pc->section);
@@ -699,11 +684,11 @@ static int parse_line(parse_ctx_t *pc, char *line)
                            s);
     char sep = *delim;
     *delim = '\0';
-    char *name = trim(s), *value = delim + 1;
+    char *name = util_trim(s), *value = delim + 1;
     char *comment = find_or_comment(value, NULL);
     int has_comment = *comment == ';';
     *comment = '\0';
-    value = trim(value);
+    value = util_trim(value);
     if (*name == '\0')
         return parse_error(pc, "syntax error: no key name before the '%c'", sep);
     if (pc->section == NULL)

@@ -239,3 +239,18 @@ int util_file_lines(const char *path, int (*fn)(void *arg, char *line, size_t le
     fclose(f);
     return rc;
 }
+
+int util_is_blank(char c)
+{
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v';
+}
+
+char *util_trim(char *s)
+{
+    while (util_is_blank(*s))
+        s++;
+    size_t n = strlen(s);
+    while (n > 0 && util_is_blank(s[n - 1]))
+        s[--n] = '\0';
+    return s;
+}

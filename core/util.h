@@ -48,6 +48,11 @@ size_t util_utf8_len(const unsigned char *s, size_t n);
 /* Case-insensitive ASCII compare of at most n bytes. */
 int util_strncasecmp(const char *a, const char *b, size_t n);
 
+/* Space, tab, CR, LF, FF, VT. */
+int   util_is_blank(char c);
+/* s without its leading and trailing blanks, in place. */
+char *util_trim(char *s);
+
 /* Reads path line by line (getline: any length, the newline kept) and
  * calls fn(arg, line, len) for each, len counting a NUL byte inside the
  * line (strlen(line) < len says there is one), until fn returns

@@ -193,20 +193,6 @@ static int perr_at(pctx_t *pc, int line, const char *fmt, ...)
 
 #define perr(pc, ...) perr_at((pc), (pc)->lineno, __VA_ARGS__)
 
-static int is_blank(char c)
-{
-    return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v';
-}
-
-static char *trim(char *s)
-{
-    while (is_blank(*s))
-        s++;
-    size_t n = strlen(s);
-    while (n > 0 && is_blank(s[n - 1]))
-        s[--n] = '\0';
-    return s;
-}
 
 /* Cut s at an inline comment: '#' or ';' at the start or after a blank. */
 static void cut_comment(char *s)
@@ -217,7 +203,7 @@ static void cut_comment(char *s)
             *s = '\0';
             return;
         }
-        was_blank = is_blank(*s);
+        was_blank = util_is_blank(*s);
     }
 }
 
@@ -472,7 +458,7 @@ static int begin_section(pctx_t *pc, char *s)
         return perr(pc, "malformed section header \"%.64s\": no closing ]", s);
     char *rest = end + 1;
     cut_comment(rest);
-    rest = trim(rest);
+    rest = util_trim(rest);
     if (*rest)
         return perr(pc, "unexpected \"%.64s\" after the section header", rest);
     *end = '\0';
@@ -864,7 +850,7 @@ static int parse_line(pctx_t *pc, char *line)
 {
     if (pc->lineno == 1 && strncmp(line, "\xef\xbb\xbf", 3) == 0)
         line += 3;
-    char *s = trim(line);
+    char *s = util_trim(line);
     if (*s == '\0' || *s == ';' || *s == '#')
         return 0;
     if (*s == '[') {
@@ -876,9 +862,9 @@ static int parse_line(pctx_t *pc, char *line)
     if (eq == NULL)
         return perr(pc, "syntax error: expected \"key = value\", \"[section]\" or a comment, got \"%.64s\"", s);
     *eq = '\0';
-    char *key = trim(s), *v = eq + 1;
+    char *key = util_trim(s), *v = eq + 1;
     cut_comment(v);
-    v = trim(v);
+    v = util_trim(v);
     if (*key == '\0')
         return perr(pc, "syntax error: no key name before the '='");
     if (pc->def == NULL)
