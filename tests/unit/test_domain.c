@@ -36,8 +36,10 @@
 #include "core/loop.h"
 #include "core/stream.h"
 #include "core/util.h"
+#include "deliverer/actions.h"
 #include "deliverer/deliver.h"
 #include "deliverer/domain.h"
+#include "deliverer/policy.h"
 #include "metrics/metrics.h"
 #include "deliverer/ledger.h"
 #include "deliverer/outcome.h"
@@ -92,6 +94,8 @@ typedef struct fx {
     rclient_t        *rc;
     ledger_t         *ledger;
     sites_t          *sites;
+    actions_t        *actions;
+    policy_t         *policy;
 } fx_t;
 
 /* What one leg reported, and what it asked of the gate. */
@@ -103,7 +107,9 @@ typedef struct dcap {
     domain_leg_t        *leg;
     uint64_t             done_ms;
     size_t               nrcpts;
-    domain_rcpt_result_t r[8];
+    domain_rcpt_result_t r[8];     /* source, source_addr and shaping: copied below */
+    char                 shaping[8][256];
+    char                 source[8][72];
     char                 mx_host[256];
     char                 mx_addr[64];
     char                 tls_version[32];
@@ -133,8 +139,12 @@ static void on_done(void *arg, const domain_result_t *res)
     c->done_ms = util_mono_ms();
     c->nrcpts = res->nrcpts;
     assert_true(res->nrcpts <= 8);
-    for (size_t i = 0; i < res->nrcpts; i++)
+    for (size_t i = 0; i < res->nrcpts; i++) {
         c->r[i] = res->rcpts[i];
+        snprintf(c->shaping[i], sizeof(c->shaping[i]), "%s", res->rcpts[i].shaping ? res->rcpts[i].shaping : "");
+        snprintf(c->source[i], sizeof(c->source[i]), "%s", res->rcpts[i].source ? res->rcpts[i].source : "");
+        c->r[i].shaping = c->r[i].source = c->r[i].source_addr = NULL; /* the leg's, gone with it */
+    }
     assert_non_null(res->mx_host);
     assert_non_null(res->mx_addr);
     assert_non_null(res->tls_version);
@@ -197,6 +207,8 @@ static int teardown(void **state)
 {
     fx_t *f = *state;
     sites_free(f->sites);
+    actions_free(f->actions);
+    policy_free(f->policy);
     if (f->dctx)
         deliver_ctx_free(f->dctx);
     rclient_free(f->rc); /* before the ledger (ledger.h) */
@@ -1469,6 +1481,134 @@ static void test_site_free_while_waiting(void **state)
 
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
 
+/* ------------------------------------------------------------------ */
+/* shaping actions and automation                                      */
+
+/* The worker's actions table (no Redis: its own view only) and, with
+ * shaping text, a policy of that shaping file. */
+static void with_shaping(fx_t *f, const char *shaping)
+{
+    f->actions = actions_new(f->loop, NULL, &(actions_config_t){ 0 }, NULL, NULL);
+    f->svc.actions = f->actions;
+    if (shaping) {
+        char path[] = "/tmp/mp-test-shaping-XXXXXX";
+        int fd = mkstemp(path);
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, shaping, strlen(shaping)), (ssize_t)strlen(shaping));
+        close(fd);
+        char err[256] = "";
+        f->policy = policy_load(NULL, path, err, sizeof(err));
+        unlink(path);
+        if (f->policy == NULL)
+            fail_msg("shaping: %s", err);
+        f->svc.policy = f->policy;
+    }
+}
+
+/* A suspension in force: the leg asks no server, its recipients are
+ * deferred "suspended" no sooner than its end, and say which action. */
+static void test_action_suspends(void **state)
+{
+    fx_t *f = *state;
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
+    relay_env(f, fs->port, NULL, 0);
+    with_shaping(f, NULL);
+    action_t a = { .kind = ACTION_SUSPEND, .sel = SEL_SITE, .expires_ms = util_wall_ms() + 60000 };
+    snprintf(a.value, sizeof(a.value), "relay.test");
+    snprintf(a.reason, sizeof(a.reason), "421 4.7.0 [TS01] deferred");
+    snprintf(a.origin, sizeof(a.origin), "automation:ts01");
+    assert_int_equal(actions_add(f->actions, &a), 0);
+    const char *rcpts[] = { "b@y.test", "c@y.test" };
+    leg_args_t la = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 2 };
+    dcap_t cap = { .gate_allow = -1 };
+    domain_request_t rq = request(&la, &cap);
+    start(f, &rq, &cap);
+    finish_leg(f, &cap);
+    assert_int_equal(fs->naccepted, 0);
+    for (size_t i = 0; i < 2; i++) {
+        assert_rcpt(&cap, i, OUTCOME_TRANSIENT, OUTCOME_R_SUSPENDED, 0, "");
+        assert_non_null(strstr(cap.r[i].text, "suspended by shaping action suspend:site:relay.test for 60 s more "
+                                             "(automation:ts01): 421 4.7.0 [TS01] deferred"));
+        assert_string_equal(cap.shaping[i], "suspend:automation:ts01");
+        assert_string_equal(cap.source[i], "");
+    }
+    assert_true(cap.throttle_wait_ms > 59000 && cap.throttle_wait_ms <= 60000);
+}
+
+/* A bounce in force ends the recipients permanent, reason shaping, and
+ * a selector of another kind (a tenant) matches through the request. */
+static void test_action_bounces_by_tenant(void **state)
+{
+    fx_t *f = *state;
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
+    relay_env(f, fs->port, NULL, 0);
+    with_shaping(f, NULL);
+    action_t a = { .kind = ACTION_BOUNCE, .sel = SEL_TENANT, .expires_ms = util_wall_ms() + 60000 };
+    snprintf(a.value, sizeof(a.value), "acme");
+    snprintf(a.reason, sizeof(a.reason), "abuse report");
+    snprintf(a.origin, sizeof(a.origin), "admin:ops");
+    assert_int_equal(actions_add(f->actions, &a), 0);
+    const char *rcpts[] = { "b@y.test" };
+    leg_args_t la = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1 };
+    dcap_t cap = { .gate_allow = -1 };
+    domain_request_t rq = request(&la, &cap);
+    rq.tenant = "other-tenant"; /* not this one */
+    start(f, &rq, &cap);
+    finish_leg(f, &cap);
+    assert_rcpt(&cap, 0, OUTCOME_DELIVERED, OUTCOME_R_DELIVERED, 250, "2.0.0");
+    assert_string_equal(cap.shaping[0], "");
+    dcap_t cap2 = { .gate_allow = -1 };
+    rq = request(&la, &cap2);
+    rq.tenant = "acme";
+    start(f, &rq, &cap2);
+    finish_leg(f, &cap2);
+    assert_int_equal(fs->naccepted, 1); /* the first leg's only */
+    assert_rcpt(&cap2, 0, OUTCOME_PERMANENT, OUTCOME_R_SHAPING, 0, "");
+    assert_string_equal(cap2.r[0].text, "bounced by shaping action bounce:tenant:acme (admin:ops): abuse report");
+    assert_string_equal(cap2.shaping[0], "bounce:admin:ops");
+}
+
+/* A reply an automation rule matches takes its action for the site, at
+ * once: the next leg there is held without a connection. A reply the
+ * rule does not match takes nothing. */
+static void test_automation_triggers(void **state)
+{
+    fx_t *f = *state;
+    static const script_t busy = { .greeting = "421 4.7.0 [TS01] Messages from 127.0.0.1 temporarily deferred\r\n",
+                                   .greeting_act = ACT_CLOSE };
+    fake_server_t *fs = server(f, &busy);
+    relay_env(f, fs->port, NULL, 0);
+    with_shaping(f, "[automation other]\ncode = 5\naction = bounce\nduration = 1h\n\n"
+                    "[automation ts]\nsite = relay.test\ncode = 421\nmatch = \\[TS0[1-3]\\]\n"
+                    "action = suspend\nduration = 90s\n");
+    const char *rcpts[] = { "b@y.test" };
+    leg_args_t la = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1 };
+    dcap_t cap = { .gate_allow = -1 };
+    domain_request_t rq = request(&la, &cap);
+    start(f, &rq, &cap);
+    finish_leg(f, &cap);
+    assert_int_equal(fs->naccepted, 1);
+    assert_int_equal(cap.r[0].code, 421);
+    assert_string_equal(cap.shaping[0], "triggered:suspend:automation:ts");
+    action_query_t q = { .domain = "y.test", .site = "relay.test" };
+    const action_t *a = actions_find(f->actions, ACTION_SUSPEND, &q);
+    assert_non_null(a);
+    assert_string_equal(a->id, "suspend:site:relay.test");
+    assert_string_equal(a->origin, "automation:ts");
+    assert_string_equal(a->source, "");
+    assert_non_null(strstr(a->reason, "421 4.7.0 [TS01] Messages from"));
+    uint64_t left = a->expires_ms - util_wall_ms();
+    assert_true(left > 85000 && left <= 90000);
+    assert_null(actions_find(f->actions, ACTION_BOUNCE, &q));
+
+    dcap_t cap2 = { .gate_allow = -1 };
+    rq = request(&la, &cap2);
+    start(f, &rq, &cap2);
+    finish_leg(f, &cap2);
+    assert_int_equal(fs->naccepted, 1); /* no second connection */
+    assert_rcpt(&cap2, 0, OUTCOME_TRANSIENT, OUTCOME_R_SUSPENDED, 0, "");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1501,6 +1641,9 @@ int main(void)
         T(test_ledger_done_retried),
         T(test_site_waits_and_parks),
         T(test_site_free_while_waiting),
+        T(test_action_suspends),
+        T(test_action_bounces_by_tenant),
+        T(test_automation_triggers),
     };
     return cmocka_run_group_tests(tests, group_setup, NULL);
 }
