@@ -32,106 +32,42 @@
 #include "core/rclient.h"
 #include "core/util.h"
 #include "deliverer/actions.h"
-#include "tests/support/stackenv.h"
-
-#define STACK_HINT "run `deploy/local/stack up` first"
+#include "tests/support/stackredis.h"
 
 static char redis_host[64];
 static unsigned redis_port;
 
 /* ------------------------------------------------------------ helpers */
 
-typedef struct rec {
-    int       calls;
-    int       ok;
-    int       type;
-    long long v[8];
-    size_t    n;
-    char      str[4096];
-    char      err[128];
-} rec_t;
-
-static void rec_cb(void *arg, const redisReply *r, const char *err)
-{
-    rec_t *x = arg;
-    x->calls++;
-    x->ok = r != NULL;
-    if (r == NULL) {
-        snprintf(x->err, sizeof(x->err), "%s", err);
-        return;
-    }
-    x->type = r->type;
-    if (r->type == REDIS_REPLY_INTEGER) {
-        x->v[0] = r->integer;
-        x->n = 1;
-    }
-    if (r->type == REDIS_REPLY_STRING)
-        snprintf(x->str, sizeof(x->str), "%.*s", (int)r->len, r->str);
-    for (size_t i = 0; r->type == REDIS_REPLY_ARRAY && i < r->elements && i < 8; i++) {
-        x->v[i] = r->element[i]->type == REDIS_REPLY_INTEGER ? r->element[i]->integer : -1;
-        x->n = i + 1;
-    }
-}
-
-static void run_until(loop_t *l, const int *flag, unsigned ms)
-{
-    uint64_t end = util_mono_ms() + ms;
-    while (!*flag && util_mono_ms() < end)
-        loop_run_once(l, 10);
-}
-
-static rclient_t *connect_port(loop_t *l, unsigned port)
-{
-    rclient_config_t cfg = { .host = redis_host, .port = port, .timeout_ms = 500 };
-    rclient_t *c = rclient_new(l, &cfg);
-    uint64_t end = util_mono_ms() + 2000;
-    while (!rclient_connected(c) && util_mono_ms() < end)
-        loop_run_once(l, 10);
-    if (!rclient_connected(c))
-        fail_msg("no Redis at %s:%u: " STACK_HINT, redis_host, port);
-    return c;
-}
-
-/* One command, waited for. */
-static void cmd(loop_t *l, rclient_t *c, rec_t *out, int argc, const char **argv)
-{
-    memset(out, 0, sizeof(*out));
-    rclient_commandargv(c, rec_cb, out, argc, argv, NULL);
-    run_until(l, &out->calls, 2000);
-    assert_int_equal(out->calls, 1);
-    if (!out->ok)
-        fail_msg("%s: %s", argv[0], out->err);
-}
-
 static void del_keys(loop_t *l, rclient_t *c)
 {
-    rec_t r;
+    sr_rec_t r;
     const char *argv[] = { "DEL", ACTIONS_KEY, ACTIONS_VERSION_KEY };
-    cmd(l, c, &r, 3, argv);
+    sr_command(l, c, &r, 3, argv, 2000);
 }
 
 static long long hlen(loop_t *l, rclient_t *c)
 {
-    rec_t r;
+    sr_rec_t r;
     const char *argv[] = { "HLEN", ACTIONS_KEY };
-    cmd(l, c, &r, 2, argv);
+    sr_command(l, c, &r, 2, argv, 2000);
     return r.v[0];
 }
 
 static long long version(loop_t *l, rclient_t *c)
 {
-    rec_t r;
+    sr_rec_t r;
     const char *argv[] = { "GET", ACTIONS_VERSION_KEY };
-    cmd(l, c, &r, 2, argv);
+    sr_command(l, c, &r, 2, argv, 2000);
     return r.type == REDIS_REPLY_STRING ? atoll(r.str) : 0;
 }
 
 /* The stored field, parsed; NULL when there is none. */
 static json_t *field(loop_t *l, rclient_t *c, const char *id)
 {
-    rec_t r;
+    sr_rec_t r;
     const char *argv[] = { "HGET", ACTIONS_KEY, id };
-    cmd(l, c, &r, 3, argv);
+    sr_command(l, c, &r, 3, argv, 2000);
     if (r.type != REDIS_REPLY_STRING)
         return NULL;
     json_error_t e;
@@ -161,13 +97,13 @@ static char *json_of(const char *id, const char *reason, unsigned long long crea
 }
 
 /* The write script with ops ("+", json | "-", id); returns { version, changed } in r. */
-static void write_ops(loop_t *l, rclient_t *c, rec_t *r, int nops, const char **ops)
+static void write_ops(loop_t *l, rclient_t *c, sr_rec_t *r, int nops, const char **ops)
 {
     const char *argv[16] = { "EVAL", ACTIONS_WRITE_SCRIPT, "2", ACTIONS_KEY, ACTIONS_VERSION_KEY };
     int a = 5;
     for (int i = 0; i < 2 * nops; i++)
         argv[a++] = ops[i];
-    cmd(l, c, r, a, argv);
+    sr_command(l, c, r, a, argv, 2000);
     assert_int_equal(r->type, REDIS_REPLY_ARRAY);
     assert_int_equal(r->n, 2);
 }
@@ -186,10 +122,10 @@ static void on_changed(void *arg)
 static void test_script_direct(void **state)
 {
     loop_t *l = loop_new();
-    rclient_t *c = connect_port(l, redis_port);
+    rclient_t *c = sr_connect(l, redis_host, redis_port, 500);
     del_keys(l, c);
     uint64_t now = util_wall_ms();
-    rec_t r;
+    sr_rec_t r;
 
     char *j1 = json_of("s1", "first", now, now + 60000);
     const char *ops1[] = { "+", j1 };
@@ -227,14 +163,14 @@ static void test_script_direct(void **state)
     json_decref(o);
     assert_int_equal(hlen(l, c), 2);
     const char *pttl[] = { "PTTL", ACTIONS_KEY };
-    cmd(l, c, &r, 2, pttl);
+    sr_command(l, c, &r, 2, pttl, 2000);
     long long left = (long long)(now + 90000) - (long long)util_wall_ms();
     assert_true(r.v[0] > left - 2000 && r.v[0] <= left + 50);
 
     /* an expired field goes with the next write; an expired add is not stored */
     char *j5 = json_of("old", "x", now - 10000, now - 1);
     const char *hset[] = { "HSET", ACTIONS_KEY, "old", j5 };
-    cmd(l, c, &r, 4, hset);
+    sr_command(l, c, &r, 4, hset, 2000);
     assert_int_equal(hlen(l, c), 3);
     char *j6 = json_of("late", "x", now - 10000, now - 5);
     const char *ops4[] = { "+", j6, "-", "s2" };
@@ -253,7 +189,7 @@ static void test_script_direct(void **state)
 
     /* a corrupt field is left alone (and does not break the script) */
     const char *junk[] = { "HSET", ACTIONS_KEY, "junk", "{not json" };
-    cmd(l, c, &r, 4, junk);
+    sr_command(l, c, &r, 4, junk, 2000);
     write_ops(l, c, &r, 1, ops1);
     assert_int_equal(hlen(l, c), 2);
 
@@ -261,10 +197,10 @@ static void test_script_direct(void **state)
     char v[32];
     snprintf(v, sizeof(v), "%lld", version(l, c));
     const char *poll[] = { "EVAL", ACTIONS_POLL_SCRIPT, "2", ACTIONS_KEY, ACTIONS_VERSION_KEY, v };
-    cmd(l, c, &r, 6, poll);
+    sr_command(l, c, &r, 6, poll, 2000);
     assert_int_equal(r.n, 1);
     poll[5] = "";
-    cmd(l, c, &r, 6, poll);
+    sr_command(l, c, &r, 6, poll, 2000);
     assert_int_equal(r.n, 2);
 
     del_keys(l, c);
@@ -290,7 +226,7 @@ static void proc_init(proc_t *p, unsigned port)
 {
     memset(p, 0, sizeof(*p));
     p->l = loop_new();
-    p->c = connect_port(p->l, port);
+    p->c = sr_connect(p->l, redis_host, port, 500);
     p->t = actions_new(p->l, p->c, NULL, on_changed, &p->r);
 }
 
@@ -423,11 +359,11 @@ static void test_two_processes(void **state)
     assert_int_equal(actions_add(A.t, &a), 0);
     q.site = "aol.com";
     assert_true(until_found(&A, &B, &B, ACTION_BOUNCE, &q, 1, 1500) >= 0);
-    rec_t r;
+    sr_rec_t r;
     const char *hset[] = { "HSET", ACTIONS_KEY, "junk", "{\"id\":\"junk\",\"kind\":\"explode\"}" };
-    cmd(A.l, A.c, &r, 4, hset);
+    sr_command(A.l, A.c, &r, 4, hset, 2000);
     const char *incr[] = { "INCR", ACTIONS_VERSION_KEY };
-    cmd(A.l, A.c, &r, 2, incr);
+    sr_command(A.l, A.c, &r, 2, incr, 2000);
     actions_stats_t sa, sb;
     end = util_mono_ms() + 1500;
     do {
@@ -456,9 +392,7 @@ static void test_nobody_listening(void **state)
     rep_t rep = { 0 };
     actions_config_t acfg = { .poll_ms = 100 };
     actions_t *t = actions_new(l, c, &acfg, on_changed, &rep);
-    uint64_t end = util_mono_ms() + 400;
-    while (util_mono_ms() < end)
-        loop_run_once(l, 10);
+    sr_run_for(l, 400);
     actions_stats_t st;
     actions_get_stats(t, &st);
     assert_int_equal(st.fallback, 1);
@@ -467,9 +401,7 @@ static void test_nobody_listening(void **state)
     assert_int_equal(actions_add(t, &a), 0);
     action_query_t q = { .site = "yahoo.com" };
     assert_non_null(actions_find(t, ACTION_SUSPEND, &q));
-    end = util_mono_ms() + 300;
-    while (util_mono_ms() < end)
-        loop_run_once(l, 10);
+    sr_run_for(l, 300);
     assert_non_null(actions_find(t, ACTION_SUSPEND, &q)); /* kept while unwritten */
     assert_int_equal(rep.calls, 1);
     actions_free(t);
@@ -480,14 +412,7 @@ static void test_nobody_listening(void **state)
 
 static int setup(void **state)
 {
-    char port[16];
-    if (stackenv_get("MP_REDIS_HOST", redis_host, sizeof(redis_host)) < 0 ||
-        stackenv_get("MP_REDIS_PORT", port, sizeof(port)) < 0) {
-        fprintf(stderr, "missing %s: " STACK_HINT "\n", stackenv_path());
-        return -1;
-    }
-    redis_port = (unsigned)atoi(port);
-    return 0;
+    return sr_stack_redis(redis_host, sizeof(redis_host), &redis_port);
 }
 
 int main(void)

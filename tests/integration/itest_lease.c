@@ -38,56 +38,13 @@
 #include "core/util.h"
 #include "deliverer/lease.h"
 #include "tests/support/logcapture.h"
-#include "tests/support/stackenv.h"
-
-#define STACK_HINT "run `deploy/local/stack up` first"
+#include "tests/support/stackredis.h"
 
 static char redis_host[64];
 static unsigned redis_port;
 static char prefix[48];
 
 /* ------------------------------------------------------------ helpers */
-
-typedef struct rec {
-    int       calls;
-    int       ok;
-    long long v[1100];
-    size_t    n;
-    char      err[128];
-} rec_t;
-
-static void rec_cb(void *arg, const redisReply *r, const char *err)
-{
-    rec_t *x = arg;
-    x->calls++;
-    x->ok = r != NULL;
-    if (r == NULL) {
-        snprintf(x->err, sizeof(x->err), "%s", err);
-        return;
-    }
-    if (r->type == REDIS_REPLY_INTEGER) {
-        x->v[0] = r->integer;
-        x->n = 1;
-    }
-    for (size_t i = 0; r->type == REDIS_REPLY_ARRAY && i < r->elements && i < 1100; i++) {
-        x->v[i] = r->element[i]->type == REDIS_REPLY_INTEGER ? r->element[i]->integer : -1;
-        x->n = i + 1;
-    }
-}
-
-static void run_until(loop_t *l, const int *flag, unsigned ms)
-{
-    uint64_t end = util_mono_ms() + ms;
-    while (!*flag && util_mono_ms() < end)
-        loop_run_once(l, 10);
-}
-
-static void run_for(loop_t *l, unsigned ms)
-{
-    uint64_t end = util_mono_ms() + ms;
-    while (util_mono_ms() < end)
-        loop_run_once(l, 10);
-}
 
 static uint64_t mono_us(void)
 {
@@ -96,27 +53,10 @@ static uint64_t mono_us(void)
     return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
-static rclient_t *connect_port(loop_t *l, unsigned port, unsigned timeout_ms)
-{
-    rclient_config_t cfg = { .host = redis_host, .port = port, .timeout_ms = timeout_ms };
-    rclient_t *c = rclient_new(l, &cfg);
-    uint64_t end = util_mono_ms() + 2000;
-    while (!rclient_connected(c) && util_mono_ms() < end)
-        loop_run_once(l, 10);
-    if (!rclient_connected(c))
-        fail_msg("no Redis at %s:%u: " STACK_HINT, redis_host, port);
-    return c;
-}
-
-static rclient_t *connect_stack(loop_t *l, unsigned timeout_ms)
-{
-    return connect_port(l, redis_port, timeout_ms);
-}
-
 /* One run of the script for holder over sites[0..n) of prefix p. */
 static void script_held(loop_t *l, rclient_t *c, const char *p, const char *holder, unsigned ttl, size_t n,
                         const char *const *sites, const unsigned *limits, const unsigned *wants,
-                        const unsigned *helds, rec_t *out)
+                        const unsigned *helds, sr_rec_t *out)
 {
     size_t argc = 6 + 4 * n, a = 0;
     const char **argv = xcalloc(argc, sizeof(char *));
@@ -148,20 +88,16 @@ static void script_held(loop_t *l, rclient_t *c, const char *p, const char *hold
         argv[a++] = num[3 * i + 1];
         argv[a++] = num[3 * i + 2];
     }
-    memset(out, 0, sizeof(*out));
-    rclient_commandargv(c, rec_cb, out, (int)a, argv, NULL);
-    run_until(l, &out->calls, 3000);
+    sr_command(l, c, out, (int)a, argv, 3000);
     for (size_t i = 0; i < o; i++)
         free(own[i]);
     free(own);
     free(num);
     free(argv);
-    if (!out->ok)
-        fail_msg("script failed: %s", out->err);
 }
 
 static void script(loop_t *l, rclient_t *c, const char *p, const char *holder, unsigned ttl, size_t n,
-                   const char *const *sites, const unsigned *limits, const unsigned *wants, rec_t *out)
+                   const char *const *sites, const unsigned *limits, const unsigned *wants, sr_rec_t *out)
 {
     script_held(l, c, p, holder, ttl, n, sites, limits, wants, NULL, out);
 }
@@ -170,7 +106,7 @@ static void script(loop_t *l, rclient_t *c, const char *p, const char *holder, u
 static long long grant_held(loop_t *l, rclient_t *c, const char *p, const char *holder, const char *site,
                             unsigned limit, unsigned want, unsigned held)
 {
-    rec_t *r = xcalloc(1, sizeof(*r));
+    sr_rec_t *r = xcalloc(1, sizeof(*r));
     script_held(l, c, p, holder, 60000, 1, &site, &limit, &want, &held, r);
     assert_int_equal(r->n, 2);
     long long g = r->v[1];
@@ -182,7 +118,7 @@ static long long grant_held(loop_t *l, rclient_t *c, const char *p, const char *
 static long long grant1(loop_t *l, rclient_t *c, const char *p, const char *holder, unsigned ttl,
                         const char *site, unsigned limit, unsigned want, long long *holders)
 {
-    rec_t *r = xcalloc(1, sizeof(*r));
+    sr_rec_t *r = xcalloc(1, sizeof(*r));
     script(l, c, p, holder, ttl, 1, &site, &limit, &want, r);
     assert_int_equal(r->n, 2);
     if (holders)
@@ -197,7 +133,6 @@ static long long grant1(loop_t *l, rclient_t *c, const char *p, const char *hold
 static void del_sites(loop_t *l, rclient_t *c, const char *p, size_t n, const char *const *sites)
 {
     const char **argv = xcalloc(n + 2, sizeof(char *));
-    size_t *lens = xcalloc(n + 2, sizeof(size_t));
     char (*keys)[160] = xcalloc(n + 1, 160);
     argv[0] = "DEL";
     snprintf(keys[0], 160, "%s@holders", p);
@@ -205,22 +140,13 @@ static void del_sites(loop_t *l, rclient_t *c, const char *p, size_t n, const ch
         snprintf(keys[i + 1], 160, "%s:%s", p, sites[i]);
     for (size_t i = 0; i <= n; i++)
         argv[i + 1] = keys[i];
-    for (size_t i = 0; i < n + 2; i++)
-        lens[i] = strlen(argv[i]);
-    rec_t *r = xcalloc(1, sizeof(*r));
-    rclient_commandargv(c, rec_cb, r, (int)n + 2, argv, lens);
-    run_until(l, &r->calls, 3000);
-    assert_true(r->ok);
-    memset(r, 0, sizeof(*r));
+    sr_rec_t *r = xcalloc(1, sizeof(*r));
+    sr_command(l, c, r, (int)n + 2, argv, 3000);
     argv[0] = "EXISTS";
-    lens[0] = 6;
-    rclient_commandargv(c, rec_cb, r, (int)n + 2, argv, lens);
-    run_until(l, &r->calls, 3000);
-    assert_true(r->ok);
+    sr_command(l, c, r, (int)n + 2, argv, 3000);
     assert_int_equal(r->v[0], 0);
     free(r);
     free(keys);
-    free(lens);
     free(argv);
 }
 
@@ -234,7 +160,7 @@ static void del_site(loop_t *l, rclient_t *c, const char *p, const char *site)
 static void test_script_exact(void **state)
 {
     loop_t *l = loop_new();
-    rclient_t *c = connect_stack(l, 2000);
+    rclient_t *c = sr_connect(l, redis_host, redis_port, 2000);
     char p[64];
     snprintf(p, sizeof(p), "%s:s", prefix);
     long long holders = 0;
@@ -284,17 +210,17 @@ static void test_script_exact(void **state)
     /* expiry on Redis' clock: P's 10 of 10 block Q until they expire */
     assert_int_equal(grant1(l, c, p, "P", 300, "exp", 10, 10, NULL), 10);
     assert_int_equal(grant1(l, c, p, "Q", 300, "exp", 10, 10, &holders), 0);
-    run_for(l, 400);
+    sr_run_for(l, 400);
     assert_int_equal(grant1(l, c, p, "Q", 300, "exp", 10, 10, &holders), 10);
     /* P expired from the registry too (the others hold 60 s) */
     assert_int_equal(holders, 7);
 
     /* the site keys carry a PEXPIRE of 3 x ttl */
-    rec_t pt = { 0 };
+    sr_rec_t pt = { 0 };
     char key[96];
     snprintf(key, sizeof(key), "%s:exp", p);
-    rclient_command(c, rec_cb, &pt, "PTTL %s", key);
-    run_until(l, &pt.calls, 2000);
+    rclient_command(c, sr_rec_cb, &pt, "PTTL %s", key);
+    sr_run_until(l, &pt.calls, 2000);
     assert_true(pt.ok && pt.v[0] > 500 && pt.v[0] <= 900);
 
     const char *used[] = { "ex", "wf", "rm", "exp", "sh" };
@@ -345,7 +271,7 @@ static void wait_answered(loop_t *l, lease_table_t **t, size_t n)
 static void test_three_tables_fair(void **state)
 {
     loop_t *l = loop_new();
-    rclient_t *c = connect_stack(l, 500);
+    rclient_t *c = sr_connect(l, redis_host, redis_port, 500);
     char p[64];
     snprintf(p, sizeof(p), "%s:f", prefix);
     watch_t w[3] = { { 0 } };
@@ -404,12 +330,12 @@ static void test_three_tables_fair(void **state)
 
     for (int i = 0; i < 3; i++)
         lease_free(t[i]);
-    run_for(l, 100); /* the HDELs go out */
+    sr_run_for(l, 100); /* the HDELs go out */
     char key[96];
     snprintf(key, sizeof(key), "%s:fair.example", p);
-    rec_t ex = { 0 };
-    rclient_command(c, rec_cb, &ex, "EXISTS %s", key);
-    run_until(l, &ex.calls, 2000);
+    sr_rec_t ex = { 0 };
+    rclient_command(c, sr_rec_cb, &ex, "EXISTS %s", key);
+    sr_run_until(l, &ex.calls, 2000);
     assert_int_equal(ex.v[0], 0); /* every claim given up */
     del_site(l, c, p, "fair.example");
     rclient_free(c);
@@ -458,7 +384,7 @@ static void test_killed_holder_expires(void **state)
     close(pipefd[0]);
 
     loop_t *l = loop_new();
-    rclient_t *c = connect_stack(l, 500);
+    rclient_t *c = sr_connect(l, redis_host, redis_port, 500);
     watch_t w[2] = { { 0 } };
     lease_table_t *t[2] = { table(l, c, p, "h1", &w[0]), table(l, c, p, "h2", &w[1]) };
     wait_answered(l, t, 2);
@@ -497,7 +423,7 @@ static void test_killed_holder_expires(void **state)
 
     lease_free(t[0]);
     lease_free(t[1]);
-    run_for(l, 50);
+    sr_run_for(l, 50);
     del_site(l, c, p, "kill.example");
     rclient_free(c);
     loop_free(l);
@@ -588,12 +514,12 @@ static void proxy_cut(proxy_t *x)
 static void test_fallback_share(void **state)
 {
     loop_t *l = loop_new();
-    rclient_t *c = connect_stack(l, 500);
+    rclient_t *c = sr_connect(l, redis_host, redis_port, 500);
     char p[64];
     snprintf(p, sizeof(p), "%s:b", prefix);
     proxy_t x = { .loop = l, .lfd = -1 };
     proxy_listen(&x);
-    rclient_t *pc = connect_port(l, x.port, 100);
+    rclient_t *pc = sr_connect(l, redis_host, x.port, 100);
 
     /* three holders seen; the proxied one learns it */
     watch_t w[3] = { { 0 } };
@@ -601,7 +527,7 @@ static void test_fallback_share(void **state)
                             table(l, pc, p, "h3", &w[2]) };
     wait_answered(l, t, 3);
     for (int k = 0; k < 20; k++) {
-        run_for(l, 50);
+        sr_run_for(l, 50);
         for (int i = 0; i < 3; i++)
             lease_want(t[i], "cut.example", 10, 10);
     }
@@ -622,7 +548,7 @@ static void test_fallback_share(void **state)
     assert_int_equal(w[2].last, 4);
     assert_int_equal(lease_want(t[2], "cut.example", 10, 10), 4);
     assert_int_equal(lease_want(t[2], "new.example", 7, 7), 3); /* ceil(7 / 3), at once */
-    run_for(l, 600); /* more failed renewals: no more lines, no more reports */
+    sr_run_for(l, 600); /* more failed renewals: no more lines, no more reports */
     assert_int_equal(w[2].calls, 1);
     lease_get_stats(t[2], &st);
     assert_int_equal(st.fallback, 1);
@@ -636,7 +562,7 @@ static void test_fallback_share(void **state)
         loop_run_once(l, 10);
         lease_get_stats(t[2], &st);
     } while (st.fallback && util_mono_ms() - t0 < 8000);
-    run_for(l, 600);
+    sr_run_for(l, 600);
     char logs[8192];
     logcapture_end(&lc, logs, sizeof(logs), LOG_INFO);
     assert_int_equal(st.fallback, 0);
@@ -654,7 +580,7 @@ static void test_fallback_share(void **state)
 
     for (int i = 0; i < 3; i++)
         lease_free(t[i]);
-    run_for(l, 50);
+    sr_run_for(l, 50);
     const char *used[] = { "cut.example", "new.example" };
     del_sites(l, c, p, 2, used);
     rclient_free(pc);
@@ -680,7 +606,7 @@ static void test_nobody_listening(void **state)
     lease_config_t cfg = { .ttl_ms = 1500, .renew_ms = 200, .local_holders = 4 };
     lease_table_t *t = lease_new(l, c, "lonely", &cfg, on_changed, &w);
     assert_int_equal(lease_want(t, "x.example", 10, 10), 3); /* ceil(10 / 4) */
-    run_for(l, 700);
+    sr_run_for(l, 700);
     lease_stats_t st;
     lease_get_stats(t, &st);
     assert_int_equal(st.fallback, 1);
@@ -700,7 +626,7 @@ static void test_nobody_listening(void **state)
 static void test_thousand_sites(void **state)
 {
     loop_t *l = loop_new();
-    rclient_t *c = connect_stack(l, 5000);
+    rclient_t *c = sr_connect(l, redis_host, redis_port, 5000);
     char p[64];
     snprintf(p, sizeof(p), "%s:m", prefix);
     enum { N = 1000 };
@@ -713,7 +639,7 @@ static void test_thousand_sites(void **state)
         limits[i] = 20;
         wants[i] = 8;
     }
-    rec_t *r = xcalloc(1, sizeof(*r));
+    sr_rec_t *r = xcalloc(1, sizeof(*r));
     const char *holders[4] = { "m1", "m2", "m3", "m4" };
     uint64_t best = UINT64_MAX;
     for (int round = 0; round < 3; round++)
@@ -740,7 +666,7 @@ static void test_thousand_sites(void **state)
     lease_table_t *t = lease_new(l, c, "m5", &cfg, on_changed, &w);
     for (int i = 0; i < N; i++)
         lease_want(t, sites[i], 20, 8);
-    run_for(l, 700);
+    sr_run_for(l, 700);
     lease_stats_t st;
     lease_get_stats(t, &st);
     assert_int_equal(st.sites, N);
@@ -750,7 +676,7 @@ static void test_thousand_sites(void **state)
     /* four others hold 5 each of 20: nothing free */
     assert_int_equal(lease_want(t, sites[0], 20, 8), 0);
     lease_free(t);
-    run_for(l, 100);
+    sr_run_for(l, 100);
 
     del_sites(l, c, p, N, sites);
     free(r);
@@ -764,13 +690,8 @@ static void test_thousand_sites(void **state)
 
 static int setup(void **state)
 {
-    char port[16];
-    if (stackenv_get("MP_REDIS_HOST", redis_host, sizeof(redis_host)) < 0 ||
-        stackenv_get("MP_REDIS_PORT", port, sizeof(port)) < 0) {
-        fprintf(stderr, "missing %s: " STACK_HINT "\n", stackenv_path());
+    if (sr_stack_redis(redis_host, sizeof(redis_host), &redis_port) < 0)
         return -1;
-    }
-    redis_port = (unsigned)atoi(port);
     snprintf(prefix, sizeof(prefix), "mp:itest:lease:%016llx", (unsigned long long)util_rand64());
     return 0;
 }

@@ -26,7 +26,6 @@
 
 #include <signal.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "core/loop.h"
@@ -34,49 +33,11 @@
 #include "core/util.h"
 #include "deliverer/policy.h"
 #include "deliverer/warmup.h"
-#include "tests/support/stackenv.h"
-
-#define STACK_HINT "run `deploy/local/stack up` first"
+#include "tests/support/stackredis.h"
 
 static char redis_host[64];
 static unsigned redis_port;
 static char source_name[48];
-
-typedef struct rec {
-    int       calls;
-    int       ok;
-    int       type;
-    long long integer;
-    char      str[64];
-    long long v[8];
-    size_t    n;
-} rec_t;
-
-static void rec_cb(void *arg, const redisReply *r, const char *err)
-{
-    rec_t *x = arg;
-    (void)err;
-    x->calls++;
-    x->ok = r != NULL;
-    if (r == NULL)
-        return;
-    x->type = r->type;
-    if (r->type == REDIS_REPLY_INTEGER)
-        x->integer = r->integer;
-    if (r->type == REDIS_REPLY_STRING)
-        snprintf(x->str, sizeof(x->str), "%.*s", (int)r->len, r->str);
-    for (size_t i = 0; r->type == REDIS_REPLY_ARRAY && i < r->elements && i < 8; i++) {
-        x->v[i] = r->element[i]->type == REDIS_REPLY_INTEGER ? r->element[i]->integer : -1;
-        x->n = i + 1;
-    }
-}
-
-static void run_until(loop_t *l, const int *flag, unsigned ms)
-{
-    uint64_t end = util_mono_ms() + ms;
-    while (!*flag && util_mono_ms() < end)
-        loop_run_once(l, 10);
-}
 
 /* Both loops, for ms. */
 static void run_both(loop_t *a, loop_t *b, unsigned ms)
@@ -87,28 +48,6 @@ static void run_both(loop_t *a, loop_t *b, unsigned ms)
         if (b)
             loop_run_once(b, 5);
     }
-}
-
-static rclient_t *connect_stack(loop_t *l)
-{
-    rclient_config_t cfg = { .host = redis_host, .port = redis_port, .timeout_ms = 1000 };
-    rclient_t *c = rclient_new(l, &cfg);
-    uint64_t end = util_mono_ms() + 2000;
-    while (!rclient_connected(c) && util_mono_ms() < end)
-        loop_run_once(l, 10);
-    if (!rclient_connected(c))
-        fail_msg("no Redis at %s:%u: " STACK_HINT, redis_host, redis_port);
-    return c;
-}
-
-/* One command's reply, waited for. */
-static void command(loop_t *l, rclient_t *c, rec_t *r, int argc, const char **argv)
-{
-    memset(r, 0, sizeof(*r));
-    rclient_commandargv(c, rec_cb, r, argc, argv, NULL);
-    run_until(l, &r->calls, 3000);
-    assert_int_equal(r->calls, 1);
-    assert_true(r->ok);
 }
 
 /* How many of up to max tries are allowed (each allowed one counted). */
@@ -146,13 +85,13 @@ static void key_of(char *out, size_t outlen, const char *site, uint64_t now)
 
 static void expect_key(loop_t *l, rclient_t *c, const char *key, const char *value)
 {
-    rec_t r;
+    sr_rec_t r;
     const char *get[] = { "GET", key };
-    command(l, c, &r, 2, get);
+    sr_command(l, c, &r, 2, get, 3000);
     assert_int_equal(r.type, REDIS_REPLY_STRING);
     assert_string_equal(r.str, value);
     const char *ttl[] = { "TTL", key };
-    command(l, c, &r, 2, ttl);
+    sr_command(l, c, &r, 2, ttl, 3000);
     assert_int_equal(r.type, REDIS_REPLY_INTEGER);
     if (r.integer < 172800 - 60 || r.integer > 172800)
         fail_msg("TTL of %s is %lld, expected about 2 days (172800 s)", key, r.integer);
@@ -160,11 +99,11 @@ static void expect_key(loop_t *l, rclient_t *c, const char *key, const char *val
 
 static void del_key(loop_t *l, rclient_t *c, const char *key)
 {
-    rec_t r;
+    sr_rec_t r;
     const char *del[] = { "DEL", key };
-    command(l, c, &r, 2, del);
+    sr_command(l, c, &r, 2, del, 3000);
     const char *ex[] = { "EXISTS", key };
-    command(l, c, &r, 2, ex);
+    sr_command(l, c, &r, 2, ex, 3000);
     assert_int_equal(r.integer, 0);
 }
 
@@ -172,7 +111,8 @@ static void test_two_processes_share_the_day(void **state)
 {
     (void)state;
     loop_t *la = loop_new(), *lb = loop_new();
-    rclient_t *ca = connect_stack(la), *cb = connect_stack(lb);
+    rclient_t *ca = sr_connect(la, redis_host, redis_port, 1000);
+    rclient_t *cb = sr_connect(lb, redis_host, redis_port, 1000);
     uint32_t ramp[1] = { 100 };
     uint64_t now = util_wall_ms(); /* fixed: the test's day even across midnight */
     egress_source_t src = { .name = source_name, .warmup = ramp, .nwarmup = 1,
@@ -233,23 +173,23 @@ static void test_script(void **state)
 {
     (void)state;
     loop_t *l = loop_new();
-    rclient_t *c = connect_stack(l);
+    rclient_t *c = sr_connect(l, redis_host, redis_port, 1000);
     char k1[160], k2[160];
     uint64_t now = util_wall_ms();
     key_of(k1, sizeof(k1), "s1.example", now);
     key_of(k2, sizeof(k2), "s2.example", now);
-    rec_t r;
+    sr_rec_t r;
     const char *e1[] = { "EVAL", WARMUP_REDIS_SCRIPT, "2", k1, k2, "172800", "7", "0" };
-    command(l, c, &r, 8, e1);
+    sr_command(l, c, &r, 8, e1, 3000);
     assert_int_equal(r.type, REDIS_REPLY_ARRAY);
     assert_int_equal(r.n, 2);
     assert_int_equal(r.v[0], 7);
     assert_int_equal(r.v[1], 0);
     const char *ex[] = { "EXISTS", k2 };
-    command(l, c, &r, 2, ex);
+    sr_command(l, c, &r, 2, ex, 3000);
     assert_int_equal(r.integer, 0);
     const char *e2[] = { "EVAL", WARMUP_REDIS_SCRIPT, "2", k1, k2, "172800", "0", "5" };
-    command(l, c, &r, 8, e2);
+    sr_command(l, c, &r, 8, e2, 3000);
     assert_int_equal(r.v[0], 7);
     assert_int_equal(r.v[1], 5);
     expect_key(l, c, k1, "7");
@@ -263,13 +203,8 @@ static void test_script(void **state)
 static int setup(void **state)
 {
     (void)state;
-    char port[16];
-    if (stackenv_get("MP_REDIS_HOST", redis_host, sizeof(redis_host)) < 0 ||
-        stackenv_get("MP_REDIS_PORT", port, sizeof(port)) < 0) {
-        fprintf(stderr, "missing %s: " STACK_HINT "\n", stackenv_path());
+    if (sr_stack_redis(redis_host, sizeof(redis_host), &redis_port) < 0)
         return -1;
-    }
-    redis_port = (unsigned)atoi(port);
     snprintf(source_name, sizeof(source_name), "itest-wu-%016llx", (unsigned long long)util_rand64());
     return 0;
 }
