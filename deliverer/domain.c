@@ -93,6 +93,7 @@ struct domain_leg {
     shaping_params_t         shape;
     char                     key[340]; /* destination[@source] */
     unsigned                 conn_limit; /* SITES_LIMIT_CONFIG, or what shaping says */
+    int                      conn_strict; /* an explicit limit: idle sessions count against it */
     double                   rate_iv;  /* > 0: shaping's spacing (ms), budget rate_rule */
     char                     rate_rule[400];
     char                     shaping[256]; /* for the events, "" none */
@@ -322,6 +323,7 @@ static void leg_route(domain_leg_t *leg)
     const char *dest = strstr(leg->shape.rule, "domain:") != NULL ? leg->req.name : leg->site;
     snprintf(leg->key, sizeof(leg->key), "%s%s%s", dest, leg->src ? "@" : "", leg->src ? leg->src->name : "");
     unsigned lim = leg->shape.connection_limit;
+    int strict = lim != 0 || (svc->sites && sites_limit_named(svc->sites, leg->site));
     if (lim == 0)
         lim = leg->src || dest != leg->site ? (svc->sites ? sites_limit(svc->sites, leg->site) : 0)
                                             : SITES_LIMIT_CONFIG;
@@ -331,10 +333,12 @@ static void leg_route(domain_leg_t *leg)
         unsigned base = lim == SITES_LIMIT_CONFIG ? (svc->sites ? sites_limit(svc->sites, leg->site) : 0) : lim;
         if (base == 0 || a->connections < base) {
             lim = a->connections;
+            strict = 1;
             snprintf(leg->shaping, sizeof(leg->shaping), "%s:%s", action_kind_name(a->kind), a->origin);
         }
     }
     leg->conn_limit = lim;
+    leg->conn_strict = strict;
     leg->rate_iv = 0;
     if (leg->shape.rate_per_s > 0) {
         leg->rate_iv = 1000.0 / leg->shape.rate_per_s;
@@ -416,7 +420,8 @@ static void leg_site(domain_leg_t *leg)
         leg_throttle(leg);
         return;
     }
-    switch (sites_enter_limit(leg->svc->sites, leg->key, leg->conn_limit, &leg->slot, leg_on_site, leg, &why)) {
+    switch (sites_enter_limit(leg->svc->sites, leg->key, leg->conn_limit, leg->conn_strict, &leg->slot, leg_on_site,
+                              leg, &why)) {
     case SITE_GO: leg_throttle(leg); break;
     case SITE_WAIT: break; /* leg_on_site */
     default: leg_park(leg, why ? why : "parked"); break;

@@ -34,6 +34,7 @@ typedef struct site {
     htable_node_t node;
     char         *name;
     unsigned      limit;   /* 0 = none */
+    int           strict;  /* an explicit limit: idle connections count too */
     unsigned      running;
     unsigned      nwait;
     unsigned      wanted;  /* last want told to the allow function */
@@ -128,12 +129,23 @@ void sites_name(const char *host, char *out, size_t n)
 
 /* ---- the table ---- */
 
-static unsigned limit_of(const sites_config_t *cfg, const char *name)
+static const site_limit_t *named_limit(const sites_config_t *cfg, const char *name)
 {
     for (size_t i = 0; i < cfg->nlimits; i++)
         if (strcmp(cfg->limits[i].site, name) == 0)
-            return cfg->limits[i].connections;
-    return cfg->max_connections;
+            return &cfg->limits[i];
+    return NULL;
+}
+
+static unsigned limit_of(const sites_config_t *cfg, const char *name)
+{
+    const site_limit_t *l = named_limit(cfg, name);
+    return l ? l->connections : cfg->max_connections;
+}
+
+int sites_limit_named(const sites_t *t, const char *site)
+{
+    return !t->cfg.disabled && named_limit(&t->cfg, site) != NULL;
 }
 
 unsigned sites_limit(const sites_t *t, const char *site)
@@ -151,6 +163,7 @@ static site_t *site_get(sites_t *t, const char *name)
     site_t *s = xcalloc(1, sizeof(*s));
     s->name = xstrdup(name);
     s->limit = t->cfg.disabled ? 0 : limit_of(&t->cfg, name);
+    s->strict = sites_limit_named(t, name);
     s->t = t;
     TAILQ_INIT(&s->waits);
     loop_timer_init(&s->timer, site_expired, s);
@@ -162,7 +175,7 @@ static site_t *site_get(sites_t *t, const char *name)
  * the receiver, so they count against the limit like running legs. */
 static unsigned idle_of(const sites_t *t, const site_t *s)
 {
-    return s->limit && t->idle ? t->idle(t->idle_arg, s->name) : 0;
+    return s->limit && s->strict && t->idle ? t->idle(t->idle_arg, s->name) : 0;
 }
 
 /* Tell the allow function what this worker would like now (extra: a leg
@@ -379,14 +392,16 @@ void sites_free(sites_t *t)
 
 int sites_enter(sites_t *t, const char *site, site_slot_t *slot, sites_cb cb, void *arg, const char **why)
 {
-    return sites_enter_limit(t, site, SITES_LIMIT_CONFIG, slot, cb, arg, why);
+    return sites_enter_limit(t, site, SITES_LIMIT_CONFIG, 0, slot, cb, arg, why);
 }
 
-int sites_enter_limit(sites_t *t, const char *site, unsigned limit, site_slot_t *slot, sites_cb cb, void *arg,
-                      const char **why)
+int sites_enter_limit(sites_t *t, const char *site, unsigned limit, int strict, site_slot_t *slot, sites_cb cb,
+                      void *arg, const char **why)
 {
     memset(slot, 0, sizeof(*slot));
     site_t *s = site_get(t, site);
+    if (limit != SITES_LIMIT_CONFIG)
+        s->strict = strict != 0;
     if (limit != SITES_LIMIT_CONFIG && limit != s->limit) {
         /* a shaping rule or action names this key's limit; a raised one
          * lets waiters in, a lowered one opens nothing new until the

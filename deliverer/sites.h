@@ -102,16 +102,22 @@ int  sites_enter(sites_t *t, const char *site, site_slot_t *slot, sites_cb cb, v
 /* sites_enter() with the key's connection limit given (0 = none) instead
  * of looked up in the configuration (SITES_LIMIT_CONFIG): shaping rules
  * and actions name limits per destination and source. The limit given
- * last is the key's until it is forgotten (nothing running or waiting). */
+ * last is the key's until it is forgotten (nothing running or waiting).
+ * strict: an explicit limit (a shaping rule, an action, a site_limits
+ * entry), under which idle connections count as well (below); the
+ * default cap (site_max_connections) counts the running legs only. A
+ * configured site_limits entry is strict by itself. */
 #define SITES_LIMIT_CONFIG ((unsigned)-1)
-int  sites_enter_limit(sites_t *t, const char *site, unsigned limit, site_slot_t *slot, sites_cb cb, void *arg,
-                       const char **why);
+int  sites_enter_limit(sites_t *t, const char *site, unsigned limit, int strict, site_slot_t *slot, sites_cb cb,
+                       void *arg, const char **why);
+/* 1 when [smtp] site_limits names site (and the caps are on). */
+int  sites_limit_named(const sites_t *t, const char *site);
 /* Gives back the place held, or withdraws the wait; harmless otherwise. */
 void sites_leave(sites_t *t, site_slot_t *slot);
 /* The allow function's answer for site may have changed: runs waiters
  * the new allowance lets in (from a zero-delay timer). */
 void sites_allowance_changed(sites_t *t, const char *site);
-/* Idle connections count: the pool keeps a session open after its leg
+/* Idle connections count, under a strict limit: the pool keeps a session open after its leg
  * gave back its place, and the receiver counts it. idle says how many
  * the worker keeps for a key; trim closes those beyond keep. With them a
  * key's want is running + waiting + idle, a key stays known while it has

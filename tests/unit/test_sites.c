@@ -236,11 +236,11 @@ static void test_given_limit(void **state)
         l[i].log = log;
         l[i].how = -1;
     }
-    assert_int_equal(sites_enter_limit(t, "g.example@mta1", 1, &l[0].slot, on_site, &l[0], &why), SITE_GO);
-    assert_int_equal(sites_enter_limit(t, "g.example@mta1", 1, &l[1].slot, on_site, &l[1], &why), SITE_WAIT);
+    assert_int_equal(sites_enter_limit(t, "g.example@mta1", 1, 1, &l[0].slot, on_site, &l[0], &why), SITE_GO);
+    assert_int_equal(sites_enter_limit(t, "g.example@mta1", 1, 1, &l[1].slot, on_site, &l[1], &why), SITE_WAIT);
     assert_int_equal(sites_limit(t, "g.example@mta1"), 0); /* the caps are off: the configuration says none */
     /* the next entry raises it to 3: the waiter goes from the loop */
-    assert_int_equal(sites_enter_limit(t, "g.example@mta1", 3, &l[2].slot, on_site, &l[2], &why), SITE_WAIT);
+    assert_int_equal(sites_enter_limit(t, "g.example@mta1", 3, 1, &l[2].slot, on_site, &l[2], &why), SITE_WAIT);
     loop_run_once(loop, 0);
     assert_string_equal(log, "go:1 go:2 ");
     for (int i = 0; i < 3; i++)
@@ -256,6 +256,7 @@ static void test_given_limit(void **state)
  * key known, and those beyond the allowance are closed. */
 typedef struct idle_pool {
     unsigned idle;
+    unsigned idle_d; /* of d.example, under the default cap */
     unsigned trims;
     unsigned last_keep;
 } idle_pool_t;
@@ -263,7 +264,7 @@ typedef struct idle_pool {
 static unsigned idle_fn(void *arg, const char *key)
 {
     idle_pool_t *p = arg;
-    return strcmp(key, "i.example") == 0 ? p->idle : 0;
+    return strcmp(key, "i.example") == 0 ? p->idle : strcmp(key, "d.example") == 0 ? p->idle_d : 0;
 }
 
 static void trim_fn(void *arg, const char *key, unsigned keep)
@@ -282,9 +283,14 @@ static void test_idle_connections(void **state)
     loop_t *loop = loop_new();
     allow_t a = { .share = 2 };
     sites_config_t c = { .max_connections = 10, .max_waiting = 5, .max_wait_ms = 100000 };
+    char err[128];
+    assert_int_equal(sites_limits_parse("i.example=10", &c, err, sizeof(err)), 0); /* explicit: strict */
     sites_t *t = sites_new(loop, &c, allow_fn, &a);
+    sites_config_free(&c);
     idle_pool_t ip = { 0 };
     sites_set_idle(t, idle_fn, trim_fn, &ip);
+    assert_int_equal(sites_limit_named(t, "i.example"), 1);
+    assert_int_equal(sites_limit_named(t, "d.example"), 0);
     char log[128] = "";
     leg_t l[3];
     assert_int_equal(enter(t, "i.example", &l[0], "0", log, NULL), SITE_GO);
@@ -320,6 +326,18 @@ static void test_idle_connections(void **state)
     sites_get_stats(t, &st);
     assert_int_equal(st.sites, 0);
     assert_int_equal(a.last_want, 0);
+    /* the default cap counts running legs only: idle ones neither keep
+     * the site nor are closed */
+    ip.idle_d = 3;
+    assert_int_equal(enter(t, "d.example", &l[0], "d", log, NULL), SITE_GO);
+    assert_int_equal(a.last_want, 1);
+    sites_leave(t, &l[0].slot);
+    sites_tick(t);
+    loop_run_once(loop, 0);
+    sites_get_stats(t, &st);
+    assert_int_equal(st.sites, 0);
+    assert_int_equal(ip.trims, 2);
+    assert_int_equal(ip.idle_d, 3);
     sites_free(t);
     loop_free(loop);
 }
