@@ -212,6 +212,27 @@ class Daemon:
                               input=stdin, capture_output=True, text=True, timeout=60)
 
 
+def started_daemon(test, env, workers=1, extra_env=None):
+    """A Daemon started for unittest case `test`, with an EventTap on its
+    events exchange declared before it runs (no event can be missed).
+    At cleanup the tap closes and the daemon is stopped, and must exit 0
+    (its log's tail is the failure message)."""
+    d = Daemon(env, workers=workers, extra_env=extra_env)
+    tap = EventTap(env, d.exchange)
+    test.addCleanup(tap.close)
+    try:
+        d.start()
+    except Exception:
+        d.stop()
+        raise
+
+    def stop():
+        if d.proc is not None and d.proc.poll() is None:
+            test.assertEqual(d.stop(), 0, d.log()[-3000:])
+    test.addCleanup(stop)
+    return d, tap
+
+
 class EventTap:
     """A private queue bound to the events exchange, declared before any
     message is enqueued so no event can be missed."""

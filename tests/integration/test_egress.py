@@ -90,20 +90,7 @@ class Egress(unittest.TestCase):
         if shaping:
             extra["MAILPUMP_SHAPING_FILE"] = shaping
         extra.update({k: str(v) for k, v in env.items()})
-        d = mpstack.Daemon(self.env, workers=workers, extra_env=extra)
-        tap = mpstack.EventTap(self.env, d.exchange)
-        self.addCleanup(tap.close)
-        try:
-            d.start()
-        except Exception:
-            d.stop()
-            raise
-        self.addCleanup(self.stop_daemon, d)
-        return d, tap
-
-    def stop_daemon(self, d):
-        if d.proc is not None and d.proc.poll() is None:
-            self.assertEqual(d.stop(), 0, d.log()[-3000:])
+        return mpstack.started_daemon(self, self.env, workers=workers, extra_env=extra)
 
     def publish(self, d, n, tag, rcpt="r{i}@relay.test", **fields):
         """n messages of one recipient each; returns their ids."""

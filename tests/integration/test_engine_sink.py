@@ -94,16 +94,7 @@ class EngineSink(unittest.TestCase):
         extra = {"MAILPUMP_SMTP_PORT": str(port), "MAILPUMP_SMTP_TLS": "none",
                  "MAILPUMP_IMAP_HOST": "", "MAILPUMP_RETRY_LEVELS": "1m"}
         extra.update({k: str(v) for k, v in env.items()})
-        d = mpstack.Daemon(self.env, workers=workers, extra_env=extra)
-        tap = mpstack.EventTap(self.env, d.exchange)
-        self.addCleanup(tap.close)
-        try:
-            d.start()
-        except Exception:
-            d.stop()
-            raise
-        self.addCleanup(self.stop_daemon, d)
-        return d, tap
+        return mpstack.started_daemon(self, self.env, workers=workers, extra_env=extra)
 
     def stop_daemon(self, d):
         if d.proc is not None and d.proc.poll() is None:

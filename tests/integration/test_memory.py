@@ -53,20 +53,7 @@ class Memory(unittest.TestCase):
     def daemon(self, port, **env):
         extra = {"MAILPUMP_SMTP_PORT": str(port), "MAILPUMP_SMTP_TLS": "none", "MAILPUMP_IMAP_HOST": ""}
         extra.update({k: str(v) for k, v in env.items()})
-        d = mpstack.Daemon(self.env, workers=1, extra_env=extra)
-        tap = mpstack.EventTap(self.env, d.exchange)
-        self.addCleanup(tap.close)
-        try:
-            d.start()
-        except Exception:
-            d.stop()
-            raise
-        self.addCleanup(self.stop, d)
-        return d, tap
-
-    def stop(self, d):
-        if d.proc is not None and d.proc.poll() is None:
-            self.assertEqual(d.stop(), 0, d.log()[-3000:])
+        return mpstack.started_daemon(self, self.env, extra_env=extra)
 
     def publish(self, d, bodies, message_ids=None):
         conn, ch = mpstack.amqp_channel(self.env)
