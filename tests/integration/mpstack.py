@@ -8,6 +8,7 @@ import atexit
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -75,12 +76,40 @@ def format_duration(ms):
     return f"{ms}ms"
 
 
+_handed_out = set()
+
+
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A loopback port nothing listens on, for a server a test starts.
+
+    Chosen below the kernel's ephemeral range (32768 and up by default): a
+    port the kernel handed out for bind(0) is just as likely to be taken
+    next by an outgoing connection (a daemon's Redis client, say) before the
+    server binds it, and the server then fails with "address in use". Ports
+    below that range are only ever taken by listeners, which this checks."""
+    lo, hi = 20000, 32000
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            eph = int(f.read().split()[0])
+        hi = min(hi, eph - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randint(lo, hi)
+        if port in _handed_out or port == 25673:  # the stack's broker distribution port
+            continue
+        s = socket.socket()
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port between %d and %d" % (lo, hi))
 
 
 def amqp_channel(env):

@@ -28,15 +28,11 @@ import tempfile
 import time
 import uuid
 
+import mpstack
+
 RABBITMQ_BIN = "/usr/lib/rabbitmq/bin"
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _alive(pid):
@@ -96,9 +92,9 @@ class PrivateBroker:
         self.dir = tempfile.mkdtemp(prefix="mprmq-")
         os.chmod(self.dir, 0o755)
         self.nodename = f"mptest{uuid.uuid4().hex[:8]}@localhost"
-        self.port = _free_port()
-        self.dist_port = _free_port()
-        self.epmd_port = _free_port()
+        self.port = mpstack.free_port()
+        self.dist_port = mpstack.free_port()
+        self.epmd_port = mpstack.free_port()
         self.start_timeout = start_timeout
         self.pid_file = os.path.join(self.dir, "rabbitmq.pid")
         self.startup_log = os.path.join(self.dir, "startup.log")
