@@ -1,0 +1,49 @@
+/*
+ * control/ctl.h - the operator's control plane, blocking: what the
+ * `mailpump` admin commands and mailpumpd's HTTP API (api/) both call, so
+ * each operation exists once and both front ends show the same thing.
+ *
+ * A ctl_t holds the configuration (borrowed) and its own connections,
+ * opened on first use: a synchronous hiredis context to [redis] and, for
+ * the queue operations, an AMQP connection. Never used from a worker
+ * loop: the CLI runs it in its main thread, the API in its own request
+ * threads, one ctl_t per thread (not thread-safe).
+ *
+ * Results are jansson objects (the caller owns them), so the CLI prints
+ * them as tables or JSON and the API returns them as they are.
+ * Errors: -1 (or NULL) with a reason in the caller's err buffer that says
+ * what failed, e.g. "redis 127.0.0.1:6390: Connection refused".
+ */
+#ifndef MP_CONTROL_CTL_H
+#define MP_CONTROL_CTL_H
+
+#include <stddef.h>
+
+#include <hiredis/hiredis.h>
+
+#include "core/config.h"
+
+typedef struct ctl ctl_t;
+
+/* No I/O. cfg is borrowed and must outlive the ctl. */
+ctl_t *ctl_new(const mp_config_t *cfg);
+void   ctl_free(ctl_t *c);
+const mp_config_t *ctl_config(const ctl_t *c);
+
+/* The Redis connection, connected on first use (timeouts: [redis]
+ * timeout_ms, at least 1 s: an operator's command may wait longer than a
+ * worker's). NULL + err when [redis] host is empty or Redis cannot be
+ * reached. After a command fails with an I/O error, call ctl_redis_reset()
+ * so the next use reconnects. */
+redisContext *ctl_redis(ctl_t *c, char *err, size_t errlen);
+void          ctl_redis_reset(ctl_t *c);
+
+/* One command through ctl_redis(), printf-style like redisCommand(). NULL
+ * + err (the connection is reset) on an I/O error; a Redis error reply is
+ * also NULL + err ("redis: ERR ..."). The caller frees the reply. */
+redisReply *ctl_command(ctl_t *c, char *err, size_t errlen, const char *fmt, ...);
+/* The same with an argument vector (binary-safe; lens may be NULL). */
+redisReply *ctl_command_argv(ctl_t *c, char *err, size_t errlen, int argc, const char **argv,
+                             const size_t *lens);
+
+#endif
