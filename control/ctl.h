@@ -11,8 +11,9 @@
  *
  * Results are jansson objects (the caller owns them), so the CLI prints
  * them as tables or JSON and the API returns them as they are.
- * Errors: -1 (or NULL) with a reason in the caller's err buffer that says
- * what failed, e.g. "redis 127.0.0.1:6390: Connection refused".
+ * Errors: a negative ctl_status_t (or NULL) with a reason in the caller's
+ * err buffer that says what failed, e.g. "redis 127.0.0.1:6390:
+ * Connection refused".
  */
 #ifndef MP_CONTROL_CTL_H
 #define MP_CONTROL_CTL_H
@@ -24,6 +25,16 @@
 #include "core/config.h"
 
 typedef struct ctl ctl_t;
+
+/* What an operation's failure was, for the front ends: the CLI exits 2
+ * for CTL_EINVAL and 1 otherwise; the API answers 400, 404, 409, 503. */
+typedef enum {
+    CTL_OK = 0,
+    CTL_EINVAL = -1,    /* the request is wrong (a bad selector, address, duration...) */
+    CTL_ENOTFOUND = -2, /* what it names does not exist */
+    CTL_ECONFLICT = -3, /* it conflicts with what exists */
+    CTL_EUNAVAIL = -4,  /* Redis or the broker could not answer */
+} ctl_status_t;
 
 /* No I/O. cfg is borrowed and must outlive the ctl. */
 ctl_t *ctl_new(const mp_config_t *cfg);
