@@ -1535,8 +1535,9 @@ static void test_action_suspends(void **state)
     assert_true(cap.throttle_wait_ms > 59000 && cap.throttle_wait_ms <= 60000);
 }
 
-/* A bounce in force ends the recipients permanent, reason shaping, and
- * a selector of another kind (a tenant) matches through the request. */
+/* An operator's bounce in force ends the recipients permanent, reason
+ * admin naming who and why, and a selector of another kind (a tenant)
+ * matches through the request. */
 static void test_action_bounces_by_tenant(void **state)
 {
     fx_t *f = *state;
@@ -1563,8 +1564,8 @@ static void test_action_bounces_by_tenant(void **state)
     start(f, &rq, &cap2);
     finish_leg(f, &cap2);
     assert_int_equal(fs->naccepted, 1); /* the first leg's only */
-    assert_rcpt(&cap2, 0, OUTCOME_PERMANENT, OUTCOME_R_SHAPING, 0, "");
-    assert_string_equal(cap2.r[0].text, "bounced by shaping action bounce:tenant:acme (admin:ops): abuse report");
+    assert_rcpt(&cap2, 0, OUTCOME_PERMANENT, OUTCOME_R_ADMIN, 0, "");
+    assert_string_equal(cap2.r[0].text, "bounced by admin:ops: abuse report (action bounce:tenant:acme)");
     assert_string_equal(cap2.shaping[0], "bounce:admin:ops");
 }
 
