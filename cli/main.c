@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cli/admin_cmd.h"
 #include "cli/client.h"
 #include "core/buf.h"
 #include "cli/dns_cmd.h"
@@ -35,6 +36,8 @@ static void usage(FILE *f)
             "  dns       resolve MX as the engine would, or prewarm the Redis cache: mailpump dns --help\n"
             "  stress    publish N messages, follow them to their final events, report rates\n"
             "            and latencies: mailpump stress --help\n"
+            "  admin     suspend, resume, bounce or slow deliveries by selector, list the actions\n"
+            "            in force: mailpump admin --help\n"
             "  help      show help for a command: mailpump help enqueue\n"
             "\n"
             "Global options (before the command):\n"
@@ -374,6 +377,8 @@ int main(int argc, char **argv)
             usage_events(stdout);
         else if (strcmp(what, "stress") == 0)
             stress_cmd_usage(stdout);
+        else if (strcmp(what, "admin") == 0)
+            admin_cmd_usage(stdout);
         else
             usage(stdout);
         return 0;
@@ -406,6 +411,8 @@ int main(int argc, char **argv)
         rc = dns_cmd_main(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "stress") == 0) {
         rc = stress_cmd_main(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "admin") == 0) {
+        rc = admin_cmd_main(&cfg, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "mailpump: unknown command \"%s\" (try mailpump --help)\n", cmd);
         rc = 2;
