@@ -222,6 +222,8 @@ static void leg_query(const domain_leg_t *leg, action_query_t *q)
                            .tenant = leg->req.tenant, .campaign = leg->req.campaign };
 }
 
+#define DOMAIN_ADMIN_RECHECK_MS 60000u /* the longest retry delay an operator's suspend asks for */
+
 /* An action in force holds the leg: a suspended destination's recipients
  * are deferred without an attempt, no sooner than the action ends; a
  * bounced one's end permanent (reason admin when an operator's action,
@@ -250,7 +252,10 @@ static void leg_held(domain_leg_t *leg, const action_t *a)
     else
         snprintf(text, sizeof(text), "suspended by shaping action %s for %llu s more (%s): %s", a->id,
                  (unsigned long long)((left + 999) / 1000), a->origin, a->reason);
-    leg->throttle_wait_ms = left; /* the retry comes no sooner */
+    /* the retry comes no sooner; an operator's suspend usually ends by a
+     * resume, so its messages come back to look at least every
+     * DOMAIN_ADMIN_RECHECK_MS (docs/operations.md) */
+    leg->throttle_wait_ms = admin && left > DOMAIN_ADMIN_RECHECK_MS ? DOMAIN_ADMIN_RECHECK_MS : left;
     metrics_inc(MET_SHAPING_SUSPENDED, leg->req.nrcpts);
     log_info("domain", "suspended", "%s domain=%s site=%s source=%s action=%s left_ms=%llu", LEG_MSG(leg),
              LOG_Q(leg->req.name), LOG_Q(leg->site), LOG_Q(leg->src ? leg->src->name : ""), LOG_Q(a->id),
