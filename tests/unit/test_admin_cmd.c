@@ -7,7 +7,7 @@
  * worker accepts (action_to_json / action_from_json round trip); the
  * answer's JSON shape; the operations' errors when Redis is not
  * configured or refuses the connection. With the stack's Redis:
- * tests/integration/test_admin.py.
+ * tests/integration/test_admin.py (the CLI end to end).
  */
 #include <stdarg.h>
 #include <stddef.h>
