@@ -26,6 +26,7 @@
 #include "core/config.h"
 #include "core/util.h"
 #include "deliverer/actions.h"
+#include "deliverer/outcome.h"
 
 #define NOW 1800000000000ull
 
@@ -433,6 +434,9 @@ static void test_action_json(void **state)
     assert_int_equal(json_integer_value(json_object_get(o, "connection_limit")), 4);
     assert_int_equal(json_integer_value(json_object_get(o, "remaining_s")), 0);
     json_decref(o);
+    /* the reason tag an operator's bounce gives its recipients */
+    assert_string_equal(outcome_reason_name(OUTCOME_R_ADMIN), "admin");
+    assert_string_equal(outcome_reason_name(OUTCOME_R_SHAPING), "shaping");
 }
 
 /* ------------------------------------------------------------ no Redis */
