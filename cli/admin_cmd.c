@@ -190,7 +190,8 @@ int admin_cmd_parse(int argc, char **argv, admin_args_t *a, char *err, size_t er
     if (npos > 0)
         return usage_err(err, errlen, sub, "unexpected argument");
     if (nsel == 0)
-        return usage_err(err, errlen, sub, "expected a selector: --domain, --site, --tenant, --campaign, --pool or --source");
+        return usage_err(err, errlen, sub,
+                         "expected a selector: --domain, --site, --tenant, --campaign, --pool or --source");
     if (dur == NULL)
         return usage_err(err, errlen, sub, "--for DURATION is required (90s, 30m, 2h, 1d)");
     uint64_t ms;
@@ -294,7 +295,8 @@ static void print_table(FILE *f, const json_t *arr)
         if (strcmp(str(o, "kind"), "rate") == 0)
             snprintf(kind, sizeof(kind), "rate=%s", str(o, "rate"));
         else if (strcmp(str(o, "kind"), "connection_limit") == 0)
-            snprintf(kind, sizeof(kind), "conn=%lld", (long long)json_integer_value(json_object_get(o, "connection_limit")));
+            snprintf(kind, sizeof(kind), "conn=%lld",
+                     (long long)json_integer_value(json_object_get(o, "connection_limit")));
         else
             snprintf(kind, sizeof(kind), "%s", str(o, "kind"));
         fprintf(f, "%-28s %-16s %-9s %-28s %-12s %-10s %-24s %s\n", str(o, "id"), kind, str(o, "selector"),

@@ -89,6 +89,9 @@ int ctl_action_from_request(const json_t *req, const char *who, uint64_t now_ms,
     }
     if (who == NULL || who[0] == '\0')
         return bad(err, errlen, "%s", "who: empty (the operator the action is recorded for)");
+    for (const char *p = who; *p; p++)
+        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+            return bad(err, errlen, "%s", "who: control characters");
     char kind[24], sel[16];
     if (member_text(req, "kind", kind, sizeof(kind)) != 0 || action_kind_parse(kind) < 0)
         return bad(err, errlen, "%s", "kind: expected suspend, bounce, rate or connection_limit");

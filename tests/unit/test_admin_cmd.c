@@ -131,7 +131,8 @@ static void test_cli_add(void **state)
                                "r", NULL),
                          0);
         assert_int_equal(a.sel, i + 1);
-        assert_string_equal(json_string_value(json_object_get(a.req, "selector")), action_sel_name((action_sel_t)(i + 1)));
+        assert_string_equal(json_string_value(json_object_get(a.req, "selector")),
+                            action_sel_name((action_sel_t)(i + 1)));
         admin_args_free(&a);
     }
 }
@@ -398,6 +399,8 @@ static void test_request_invalid(void **state)
     assert_int_equal(from(ok, "", &a, err, sizeof(err)), CTL_EINVAL);
     assert_non_null(strstr(err, "who: empty"));
     assert_int_equal(from(ok, NULL, &a, err, sizeof(err)), CTL_EINVAL);
+    assert_int_equal(from(ok, "al\nice", &a, err, sizeof(err)), CTL_EINVAL);
+    assert_non_null(strstr(err, "who: control characters"));
     char who[100];
     memset(who, 'w', 89);
     who[89] = '\0';
