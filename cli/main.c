@@ -19,6 +19,7 @@
 #include "core/buf.h"
 #include "cli/dns_cmd.h"
 #include "cli/stress_cmd.h"
+#include "cli/suppress_cmd.h"
 #include "core/config.h"
 #include "core/message.h"
 #include "core/util.h"
@@ -35,6 +36,7 @@ static void usage(FILE *f)
             "  dns       resolve MX as the engine would, or prewarm the Redis cache: mailpump dns --help\n"
             "  stress    publish N messages, follow them to their final events, report rates\n"
             "            and latencies: mailpump stress --help\n"
+            "  suppress  the suppression lists (add, remove, list, get, import, export): mailpump suppress --help\n"
             "  help      show help for a command: mailpump help enqueue\n"
             "\n"
             "Global options (before the command):\n"
@@ -374,6 +376,8 @@ int main(int argc, char **argv)
             usage_events(stdout);
         else if (strcmp(what, "stress") == 0)
             stress_cmd_usage(stdout);
+        else if (strcmp(what, "suppress") == 0)
+            suppress_cmd_usage(stdout);
         else
             usage(stdout);
         return 0;
@@ -406,6 +410,8 @@ int main(int argc, char **argv)
         rc = dns_cmd_main(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "stress") == 0) {
         rc = stress_cmd_main(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "suppress") == 0) {
+        rc = suppress_cmd_main(&cfg, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "mailpump: unknown command \"%s\" (try mailpump --help)\n", cmd);
         rc = 2;
