@@ -26,6 +26,14 @@
  *  never hold a delivery back: the job goes on at-least-once and counts
  *  them.
  *
+ *  Suppression (suplist.h, docs/operations.md#suppression-lists): the
+ *  LOOKUP command also reads each recipient in the global list and the
+ *  tenant's; one found there is skipped like a delivered one and gets a
+ *  "suppressed" event, final. Redis unable to answer: sent, or deferred
+ *  without an attempt ([suppression] when_unavailable). A permanent
+ *  bounce of a reason in [suppression] auto_reasons adds its recipient
+ *  at EVENTS, fire-and-forget.
+ *
  *  Poison (docs/architecture.md, "What makes a message poison"): the
  *  count mp:d:<id> holds the attempts of the message that crashed a worker
  *  (core/crash.h counts them from the signal handler, blamed by

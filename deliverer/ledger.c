@@ -2,7 +2,8 @@
  * SUMMARY
  *  deliverer/ledger.c - delivery records in Redis (see ledger.h).
  * DESCRIPTION
- *  One Redis round trip per call: MGET for a lookup, GET for the poison
+ *  One Redis round trip per call: MGET for a lookup (an EVAL that also
+ *  reads the suppression hashes for ledger_lookup_sup), GET for the poison
  *  count, INCR + PEXPIRE to add to it; the call completes when the last
  *  reply is in. Marks are written in batches: every ledger_mark() of one loop
  *  iteration (the "sending" marks of every transaction that got its 354
