@@ -25,6 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mpstack  # noqa: E402
 
 
+# mpstack's daemons run without suppression (the lists are in the shared
+# Redis); these run with it, at its defaults
+SUPPRESSION_ON = {"MAILPUMP_SUPPRESSION_ENABLED": "1", "MAILPUMP_SUPPRESSION_AUTO_REASONS": "no_such_user"}
+
+
 def redis_cli(env, *args):
     r = subprocess.run(["redis-cli", "-h", env["MP_REDIS_HOST"], "-p", str(env["MP_REDIS_PORT"]), *args],
                        capture_output=True, text=True, timeout=30)
@@ -77,7 +82,7 @@ class Suppress(unittest.TestCase):
         cls.env = mpstack.stack_env()
 
     def setUp(self):
-        self.daemon, self.tap = mpstack.started_daemon(self, self.env, workers=1)
+        self.daemon, self.tap = mpstack.started_daemon(self, self.env, workers=1, extra_env=SUPPRESSION_ON)
         self.tenant = "sup-" + uuid.uuid4().hex[:12]
         self.other = "sup-" + uuid.uuid4().hex[:12]
         self.tag = uuid.uuid4().hex[:10]
@@ -286,8 +291,8 @@ class SuppressUnavailable(unittest.TestCase):
 
     def run_with(self, when):
         env = mpstack.stack_env()
-        extra = {"MAILPUMP_REDIS_PORT": str(mpstack.free_port()), "MAILPUMP_REDIS_SEND_UNRECORDED": "1",
-                 "MAILPUMP_SUPPRESSION_WHEN_UNAVAILABLE": when}
+        extra = dict(SUPPRESSION_ON, MAILPUMP_REDIS_PORT=str(mpstack.free_port()),
+                     MAILPUMP_REDIS_SEND_UNRECORDED="1", MAILPUMP_SUPPRESSION_WHEN_UNAVAILABLE=when)
         d, tap = mpstack.started_daemon(self, env, workers=1, extra_env=extra)
         tag = uuid.uuid4().hex[:10]
         addr = f"u-{tag}@test.example"
