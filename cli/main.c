@@ -20,6 +20,7 @@
 #include "core/buf.h"
 #include "cli/dns_cmd.h"
 #include "cli/stress_cmd.h"
+#include "cli/suppress_cmd.h"
 #include "core/config.h"
 #include "core/message.h"
 #include "core/util.h"
@@ -38,6 +39,7 @@ static void usage(FILE *f)
             "            and latencies: mailpump stress --help\n"
             "  admin     suspend, resume, bounce or slow deliveries by selector, list the actions\n"
             "            in force: mailpump admin --help\n"
+            "  suppress  the suppression lists (add, remove, list, get, import, export): mailpump suppress --help\n"
             "  help      show help for a command: mailpump help enqueue\n"
             "\n"
             "Global options (before the command):\n"
@@ -379,6 +381,8 @@ int main(int argc, char **argv)
             stress_cmd_usage(stdout);
         else if (strcmp(what, "admin") == 0)
             admin_cmd_usage(stdout);
+        else if (strcmp(what, "suppress") == 0)
+            suppress_cmd_usage(stdout);
         else
             usage(stdout);
         return 0;
@@ -413,6 +417,8 @@ int main(int argc, char **argv)
         rc = stress_cmd_main(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "admin") == 0) {
         rc = admin_cmd_main(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "suppress") == 0) {
+        rc = suppress_cmd_main(&cfg, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "mailpump: unknown command \"%s\" (try mailpump --help)\n", cmd);
         rc = 2;

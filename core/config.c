@@ -74,6 +74,13 @@ static const enum_name_t log_format_names[] = {
     { NULL, 0 },
 };
 
+static const enum_name_t sup_unavailable_names[] = {
+    { "send", MP_SUP_UNAVAILABLE_SEND },
+    { "defer", MP_SUP_UNAVAILABLE_DEFER },
+    { NULL, 0 },
+};
+_Static_assert(sizeof(mp_sup_unavailable_t) == sizeof(int), "enum stored as int");
+
 #define F(field) offsetof(mp_config_t, field)
 
 static const key_def_t keys[] = {
@@ -303,6 +310,18 @@ static const key_def_t keys[] = {
       "before its final dot and its recipients deferred (`ledger_unavailable`), so no copy ever goes "
       "unrecorded; 1: the dot goes anyway (at-least-once: a worker killed in that window causes a "
       "duplicate nobody flags)" },
+    { "suppression", "enabled", K_UINT, F(suppression_enabled), "1", 0, NULL,
+      "1: recipients on the global suppression list or their message's tenant's are not sent (a "
+      "`suppressed` event); needs `[redis] host`, else off. 0: no check, no automatic adds" },
+    { "suppression", "auto_reasons", K_STR, F(suppression_auto_reasons), "no_such_user", 0, NULL,
+      "reason tags (deliverer/outcome.c) of permanent bounces whose recipient is added to its tenant's "
+      "list (the global one without a tenant), comma-separated; empty: nothing is added automatically" },
+    { "suppression", "when_unavailable", K_ENUM, F(suppression_when_unavailable), "send", 0,
+      sup_unavailable_names,
+      "while Redis cannot answer the check: `send` (fail open, counted in "
+      "`mailpump_suppression_unavailable_total`) or `defer` (deferred `suppression_unavailable`, no attempt spent)" },
+    { "suppression", "auto_ttl", K_UINT, F(suppression_auto_ttl), "0", 0, NULL,
+      "seconds an automatically added entry suppresses its recipient; 0: until an operator removes it" },
     { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0, NULL,
       "`host:port` of the HTTP metrics endpoint; empty disables it" },
     { "metrics", "tenants", K_STR, F(metrics_tenants), "", 0, NULL,
@@ -801,6 +820,10 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
     if (cfg->message_max_recipients == 0 || cfg->message_max_recipients > 100000) {
         /* a retry carries a bit per recipient in one AMQP header frame */
         snprintf(err, errlen, "[message] max_recipients must be between 1 and 100000");
+        return -1;
+    }
+    if (cfg->suppression_enabled > 1) {
+        snprintf(err, errlen, "[suppression] enabled must be 0 or 1");
         return -1;
     }
     if (cfg->redis_send_unrecorded > 1) {

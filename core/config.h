@@ -39,6 +39,12 @@ typedef enum {
     MP_LOG_FORMAT_JSON,       /* "json" */
 } mp_log_format_t;
 
+/* [suppression] when_unavailable */
+typedef enum {
+    MP_SUP_UNAVAILABLE_SEND = 0, /* fail open */
+    MP_SUP_UNAVAILABLE_DEFER,    /* deferred, no attempt spent */
+} mp_sup_unavailable_t;
+
 typedef struct mp_config {
     /* [worker] */
     unsigned worker_count;        /* 0 = number of CPUs */
@@ -138,6 +144,11 @@ typedef struct mp_config {
     unsigned redis_timeout_ms;
     unsigned redis_mark_wait_ms;    /* the final dot waits this long for its "sending" mark */
     unsigned redis_send_unrecorded; /* 1: send the dot when the mark cannot be recorded */
+    /* [suppression] (deliverer/suplist.h) */
+    unsigned suppression_enabled;       /* needs [redis] host */
+    char    *suppression_auto_reasons;  /* reason tags added automatically; empty: none */
+    mp_sup_unavailable_t suppression_when_unavailable;
+    unsigned suppression_auto_ttl;      /* seconds an automatic entry lasts; 0: for ever */
     /* [metrics] */
     char    *metrics_listen;      /* host:port, empty disables */
     char    *metrics_tenants;     /* tenant label values, comma/blank separated (metrics_label_add_list) */

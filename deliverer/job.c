@@ -26,6 +26,14 @@
  *  never hold a delivery back: the job goes on at-least-once and counts
  *  them.
  *
+ *  Suppression (suplist.h, docs/operations.md#suppression-lists): the
+ *  LOOKUP command also reads each recipient in the global list and the
+ *  tenant's; one found there is skipped like a delivered one and gets a
+ *  "suppressed" event, final. Redis unable to answer: sent, or deferred
+ *  without an attempt ([suppression] when_unavailable). A permanent
+ *  bounce of a reason in [suppression] auto_reasons adds its recipient
+ *  at EVENTS, fire-and-forget.
+ *
  *  Poison (docs/architecture.md, "What makes a message poison"): the
  *  count mp:d:<id> holds the attempts of the message that crashed a worker
  *  (core/crash.h counts them from the signal handler, blamed by
@@ -49,6 +57,7 @@
 #include "deliverer/job.h"
 
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,6 +75,7 @@
 #include "deliverer/outcome.h"
 #include "deliverer/policy.h"
 #include "deliverer/retry.h"
+#include "deliverer/suplist.h"
 #include "metrics/metrics.h"
 #include "mime/build.h"
 #include "queue/event.h"
@@ -101,6 +111,9 @@ typedef struct job_rcpt {
     int              skip;         /* the ledger says an earlier attempt delivered it */
     int              possible_dup; /* the ledger found it mid-send, or a leg was cut after its dot */
     int              handed;       /* a retry republished by an earlier attempt carries it: not ours */
+    int              held;         /* not sent by this attempt: suppressed, or deferred without a check */
+    char            *sup_list;     /* suppressed: "global" or the tenant */
+    suplist_entry_t *sup;          /* ... the entry that suppressed it */
     char            *source;       /* what its leg reported for its event (NULL: none), copied */
     char            *source_addr;
     char            *shaping;
@@ -759,13 +772,9 @@ static void job_enter_identity(job_t *j)
 
 /* ---- LOOKUP ---- */
 
-static void job_on_looked_up(void *arg, int ok, const ledger_state_t *states, const char *const *hops)
+/* What the ledger says of each recipient (ok=0: nothing). */
+static void job_apply_ledger(job_t *j, int ok, const ledger_state_t *states, const char *const *hops)
 {
-    job_t *j = arg;
-    job_blame(j);
-    j->ledger_op = 0;
-    if (!ok && job_ledger_again(j))
-        return;
     if (!ok) {
         job_ledger_unavailable(j, "lookup");
         if (j->dv->redelivered) {
@@ -775,7 +784,6 @@ static void job_on_looked_up(void *arg, int ok, const ledger_state_t *states, co
             for (size_t i = 0; i < j->nrcpts; i++)
                 job_flag_possible_dup(&j->rcpts[i]);
         }
-        job_next(j);
         return;
     }
     for (size_t i = 0; i < j->nrcpts; i++) {
@@ -808,15 +816,129 @@ static void job_on_looked_up(void *arg, int ok, const ledger_state_t *states, co
             }
         }
     }
+}
+
+static void job_on_looked_up(void *arg, int ok, const ledger_state_t *states, const char *const *hops)
+{
+    job_t *j = arg;
+    job_blame(j);
+    j->ledger_op = 0;
+    if (!ok && job_ledger_again(j))
+        return;
+    job_apply_ledger(j, ok, states, hops);
+    job_next(j);
+}
+
+/* The suppression check is on: [suppression] enabled, with Redis. */
+static int job_sup_on(const job_t *j)
+{
+    return j->ctx->env->cfg->suppression_enabled && j->ctx->svc.redis != NULL;
+}
+
+/* Whether the last check of the process could be made: logged once per
+ * change, not per message. */
+static atomic_int job_sup_down;
+
+static void job_sup_state(const job_t *j, int down)
+{
+    if (atomic_exchange_explicit(&job_sup_down, down, memory_order_relaxed) == down)
+        return;
+    if (down)
+        log_warn("job", "suppression_unavailable", "%s when_unavailable=%s", JOB_MSG(j),
+                 j->ctx->env->cfg->suppression_when_unavailable == MP_SUP_UNAVAILABLE_DEFER ? "defer" : "send");
+    else
+        log_info("job", "suppression_available", "%s", JOB_MSG(j));
+}
+
+/* Recipient r was found on list (tenant, or NULL: global) with value v. */
+static int job_suppress(job_t *j, job_rcpt_t *r, const char *tenant, const char *v)
+{
+    suplist_entry_t e;
+    if (suplist_decode(v, strlen(v), &e) < 0) {
+        log_warn("job", "suppression_corrupt", "%s rcpt=%s list=%s", JOB_MSG(j), LOG_Q(r->addr),
+                 tenant ? tenant : "global");
+        return 0; /* not an entry: sent as if absent */
+    }
+    if (suplist_expired(&e, util_wall_ms() / 1000))
+        return 0;
+    r->skip = r->held = 1;
+    r->sup_list = xstrdup(tenant ? tenant : "global");
+    r->sup = xmalloc(sizeof(*r->sup));
+    *r->sup = e;
+    char text[300];
+    snprintf(text, sizeof(text), "on the %s suppression list%s%s", tenant ? "tenant's" : "global",
+             e.reason[0] ? ": " : "", e.reason);
+    rcpt_set(r, OUTCOME_PERMANENT, OUTCOME_R_SUPPRESSED, 0, NULL, text);
+    return 1;
+}
+
+/* The ledger and both suppression lists, one command (ledger.h). */
+static void job_on_looked_up_sup(void *arg, int ok, const ledger_state_t *states, const char *const *hops,
+                                 const char *const *sup)
+{
+    job_t *j = arg;
+    job_blame(j);
+    j->ledger_op = 0;
+    if (!ok && job_ledger_again(j))
+        return;
+    job_apply_ledger(j, ok, states, hops);
+    const char *tenant = j->msg->tenant;
+    size_t n = j->nrcpts;
+    if (!ok) {
+        metrics_inc(MET_SUP_UNAVAILABLE, 1);
+        job_sup_state(j, 1);
+        if (j->ctx->env->cfg->suppression_when_unavailable == MP_SUP_UNAVAILABLE_DEFER) {
+            for (size_t i = 0; i < n; i++) {
+                job_rcpt_t *r = &j->rcpts[i];
+                if (r->skip)
+                    continue;
+                r->skip = r->held = 1;
+                rcpt_set(r, OUTCOME_TRANSIENT, OUTCOME_R_SUPPRESSION_UNAVAILABLE, 0, NULL,
+                         "suppression lists unavailable (Redis): deferred");
+            }
+        }
+        job_next(j);
+        return;
+    }
+    job_sup_state(j, 0);
+    for (size_t i = 0; i < n; i++) {
+        job_rcpt_t *r = &j->rcpts[i];
+        if (r->skip)
+            continue; /* delivered before, or a retry's */
+        if (!(sup[i] && job_suppress(j, r, NULL, sup[i])) && tenant && sup[n + i])
+            job_suppress(j, r, tenant, sup[n + i]);
+        if (r->held)
+            log_info("job", "suppressed", "%s rcpt=%s list=%s reason=%s", JOB_MSG(j), LOG_Q(r->addr),
+                     LOG_Q(r->sup_list), LOG_Q(r->sup->reason));
+    }
     job_next(j);
 }
 
 static void job_enter_lookup(job_t *j)
 {
-    const char **rcpts = xcalloc(j->nrcpts, sizeof(char *));
-    for (size_t i = 0; i < j->nrcpts; i++)
+    size_t n = j->nrcpts;
+    const char **rcpts = xcalloc(n ? n : 1, sizeof(char *));
+    for (size_t i = 0; i < n; i++)
         rcpts[i] = j->rcpts[i].addr;
-    j->ledger_op = ledger_lookup(j->ctx->svc.ledger, j->msg->id, rcpts, j->nrcpts, job_on_looked_up, j);
+    if (!job_sup_on(j)) {
+        j->ledger_op = ledger_lookup(j->ctx->svc.ledger, j->msg->id, rcpts, n, job_on_looked_up, j);
+        free(rcpts);
+        return;
+    }
+    char **fields = xcalloc(n ? n : 1, sizeof(char *));
+    for (size_t i = 0; i < n; i++) {
+        char f[SUPLIST_ADDR_MAX];
+        if (suplist_normalize(j->rcpts[i].addr, f) == 0)
+            fields[i] = xstrdup(f);
+    }
+    char *keys[2] = { suplist_key(NULL), j->msg->tenant ? suplist_key(j->msg->tenant) : NULL };
+    j->ledger_op = ledger_lookup_sup(j->ctx->svc.ledger, j->msg->id, rcpts, n, (const char *const *)keys,
+                                     keys[1] ? 2 : 1, (const char *const *)fields, job_on_looked_up_sup, j);
+    for (size_t i = 0; i < n; i++)
+        free(fields[i]);
+    free(fields);
+    free(keys[0]);
+    free(keys[1]);
     free(rcpts);
 }
 
@@ -1045,9 +1167,11 @@ static void job_enter_sent_copy(job_t *j)
 
 /* ---- EVENTS ---- */
 
-static const char *event_name(outcome_t o)
+static const char *event_name(const job_rcpt_t *r)
 {
-    switch (o) {
+    if (r->reason == OUTCOME_R_SUPPRESSED && r->held)
+        return "suppressed";
+    switch (r->outcome) {
     case OUTCOME_DELIVERED: return "delivered";
     case OUTCOME_TRANSIENT: return "deferred";
     default: return "bounced";
@@ -1095,7 +1219,7 @@ static int job_plan_retry(job_t *j)
             buf_putc(&pending, ',');
         buf_puts(&pending, r->addr);
         if (r->code == 0 && (r->reason == OUTCOME_R_RATE_LIMITED || r->reason == OUTCOME_R_PARKED ||
-                             r->reason == OUTCOME_R_SUSPENDED))
+                             r->reason == OUTCOME_R_SUSPENDED || r->reason == OUTCOME_R_SUPPRESSION_UNAVAILABLE))
             continue; /* deferred by a rate limit, parked by its site or suspended before any server was asked */
         throttled_only = 0;
         uint64_t asked = retry_server_delay_ms(r->text);
@@ -1188,6 +1312,8 @@ static void job_count_sender(const job_t *j, const job_rcpt_t *r, metrics_outcom
  * name, parked apart from deferred. */
 static metrics_outcome_t job_metric_outcome(const job_rcpt_t *r)
 {
+    if (r->reason == OUTCOME_R_SUPPRESSED && r->held)
+        return MET_OUT_SUPPRESSED;
     switch (r->outcome) {
     case OUTCOME_DELIVERED: return MET_OUT_DELIVERED;
     case OUTCOME_TRANSIENT: return r->reason == OUTCOME_R_PARKED ? MET_OUT_PARKED : MET_OUT_DEFERRED;
@@ -1195,24 +1321,69 @@ static metrics_outcome_t job_metric_outcome(const job_rcpt_t *r)
     }
 }
 
+static void job_on_auto_added(void *arg, const redisReply *r, const char *err)
+{
+    (void)arg;
+    if (r == NULL || r->type == REDIS_REPLY_ERROR) {
+        metrics_inc(MET_SUP_AUTO_FAILED, 1);
+        log_warn("job", "suppression_add_failed", "error=%s",
+                 LOG_Q(r ? r->str : err ? err : "no reply"));
+    }
+}
+
+/* A permanent bounce of a reason in [suppression] auto_reasons: the
+ * recipient goes on its tenant's list (the global one without a tenant),
+ * fire-and-forget; a write that fails is counted. */
+static void job_auto_suppress(job_t *j, const job_rcpt_t *r)
+{
+    const mp_config_t *cfg = j->ctx->env->cfg;
+    const char *reason = outcome_reason_name(r->reason);
+    char field[SUPLIST_ADDR_MAX];
+    if (!job_sup_on(j) || !suplist_reason_in(cfg->suppression_auto_reasons, reason) ||
+        suplist_normalize(r->addr, field) < 0)
+        return;
+    uint64_t now = util_wall_ms() / 1000;
+    suplist_entry_t e = { .added_s = now, .origin = SUPLIST_AUTO, .code = r->code,
+                          .expires_s = cfg->suppression_auto_ttl ? now + cfg->suppression_auto_ttl : 0 };
+    snprintf(e.reason, sizeof(e.reason), "%s", reason);
+    snprintf(e.enh, sizeof(e.enh), "%s", r->enh);
+    snprintf(e.message_id, sizeof(e.message_id), "%s", j->msg->id);
+    snprintf(e.text, sizeof(e.text), "%.*s", (int)sizeof(e.text) - 1, r->text);
+    char *key = suplist_key(j->msg->tenant);
+    char *val = suplist_encode(&e);
+    const char *argv[] = { "HSET", key, field, val };
+    size_t lens[] = { 4, strlen(key), strlen(field), strlen(val) };
+    rclient_commandargv(j->ctx->svc.redis, job_on_auto_added, NULL, 4, argv, lens);
+    metrics_inc(MET_SUP_AUTO_ADDED, 1);
+    log_info("job", "suppression_added", "%s rcpt=%s list=%s reason=%s code=%d", JOB_MSG(j), LOG_Q(r->addr),
+             LOG_Q(j->msg->tenant ? j->msg->tenant : "global"), reason, r->code);
+    free(key);
+    free(val);
+}
+
 static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int appended)
 {
     const job_domain_t *d = &j->domains[r->domain];
     char exhausted[700] = "";
+    if (r->outcome == OUTCOME_PERMANENT && r->code >= 500 && !r->held && !r->skip)
+        job_auto_suppress(j, r);
     if (r->outcome == OUTCOME_TRANSIENT && !retrying) {
         /* out of attempts or time: the last transient answer becomes final */
         snprintf(exhausted, sizeof(exhausted), "%s; last reply: %s", j->give_up, r->text);
         r->outcome = OUTCOME_PERMANENT;
     }
-    switch (r->outcome) {
-    case OUTCOME_DELIVERED: metrics_inc(MET_RCPT_DELIVERED, 1); break;
-    case OUTCOME_TRANSIENT: metrics_inc(MET_RCPT_DEFERRED, 1); break;
+    metrics_outcome_t mo = job_metric_outcome(r);
+    switch (mo) {
+    case MET_OUT_DELIVERED: metrics_inc(MET_RCPT_DELIVERED, 1); break;
+    case MET_OUT_SUPPRESSED: metrics_inc(MET_RCPT_SUPPRESSED, 1); break;
+    case MET_OUT_DEFERRED:
+    case MET_OUT_PARKED: metrics_inc(MET_RCPT_DEFERRED, 1); break;
     default: metrics_inc(MET_RCPT_FAILED, 1); break;
     }
-    job_count_sender(j, r, job_metric_outcome(r));
+    job_count_sender(j, r, mo);
     const char *reason = outcome_reason_name(r->reason);
     mq_event_t ev = {
-        .event = event_name(r->outcome),
+        .event = event_name(r),
         .message_id = j->msg->id,
         .trace_id = j->msg->trace_id,
         .tenant = j->msg->tenant,
@@ -1242,10 +1413,13 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
         .error = exhausted[0] ? exhausted : r->code == 0 && r->text[0] ? r->text : NULL,
         .retry_in_ms = r->outcome == OUTCOME_TRANSIENT ? j->retry_in_ms : 0,
         .possible_duplicate = r->possible_dup && r->outcome == OUTCOME_DELIVERED,
-        .already_delivered = r->skip,
+        .already_delivered = r->skip && !r->held,
+        .suppression_list = r->sup_list,
+        .suppression_reason = r->sup ? r->sup->reason : NULL,
+        .suppression_added_s = r->sup ? r->sup->added_s : 0,
         .age_ms = util_wall_ms() - j->envelope.first_seen_ms,
     };
-    log_info("job", event_name(r->outcome), "%s rcpt=%s attempt=%u code=%d enh=%s reason=%s mx=%s tls=%s",
+    log_info("job", event_name(r), "%s rcpt=%s attempt=%u code=%d enh=%s reason=%s mx=%s tls=%s",
              JOB_MSG(j), LOG_Q(r->addr), j->envelope.attempt, r->code, r->enh[0] ? r->enh : "-", reason,
              LOG_Q(d->mx_host[0] ? d->mx_host : NULL), d->tls_version[0] ? d->tls_version : "none");
     job_publish_event(j, &ev);
@@ -1476,8 +1650,11 @@ void job_free(job_t *j)
         ledger_cancel(ledger, j->ledger_op);
     loop_timer_cancel(j->ctx->svc.loop, &j->ledger_timer);
     free(j->domains);
-    for (size_t i = 0; i < j->nrcpts; i++)
+    for (size_t i = 0; i < j->nrcpts; i++) {
         rcpt_set_egress(&j->rcpts[i], NULL, NULL, NULL);
+        free(j->rcpts[i].sup_list);
+        free(j->rcpts[i].sup);
+    }
     free(j->rcpts);
     free(j->wire);
     buf_free(&j->wire_copy);

@@ -8,7 +8,9 @@
  *   IDENTITY   the body's digest under the id: an id reused for another
  *              message is dead-lettered
  *   LOOKUP     the ledger: skip recipients delivered before, flag those
- *              an earlier attempt left mid-send as possible duplicates
+ *              an earlier attempt left mid-send as possible duplicates;
+ *              in the same command, the suppression lists (suplist.h):
+ *              a recipient on one is settled "suppressed"
  *   COUNT      a redelivered message: read its poison count (attempts that
  *              crashed a worker or could not be finished); at the limit it
  *              is poison for the recipients the ledger does not show done

@@ -2,7 +2,8 @@
  * SUMMARY
  *  deliverer/ledger.c - delivery records in Redis (see ledger.h).
  * DESCRIPTION
- *  One Redis round trip per call: MGET for a lookup, GET for the poison
+ *  One Redis round trip per call: MGET for a lookup (an EVAL that also
+ *  reads the suppression hashes for ledger_lookup_sup), GET for the poison
  *  count, INCR + PEXPIRE to add to it; the call completes when the last
  *  reply is in. Marks are written in batches: every ledger_mark() of one loop
  *  iteration (the "sending" marks of every transaction that got its 354
@@ -46,8 +47,11 @@ typedef struct op {
     int             replace;   /* OP_CLAIM: ours overwrites; the old value is not the holder */
     ledger_state_t *states;
     char          **hops;      /* OP_LOOKUP: the retry token of a handed-off record */
+    size_t          nsup;      /* OP_LOOKUP: suppression hashes asked (ledger_lookup_sup) */
+    char          **sup;       /* ... their values, nsup x n */
     union {
         ledger_lookup_cb lookup;
+        ledger_lookup_sup_cb lookup_sup;
         ledger_done_cb   done;
         ledger_count_cb  count;
         ledger_claim_cb  claim;
@@ -103,9 +107,22 @@ static void op_complete(op_t *op)
     if (!op->cancelled) {
         switch (op->kind) {
         case OP_LOOKUP:
-            if (!op->ok)
+            if (!op->ok) {
                 memset(op->states, 0, op->n * sizeof(ledger_state_t));
-            op->cb.lookup(op->arg, op->ok, op->states, (const char *const *)op->hops);
+                for (size_t i = 0; i < op->n; i++) {
+                    free(op->hops[i]);
+                    op->hops[i] = NULL;
+                }
+                for (size_t i = 0; i < op->nsup * op->n; i++) {
+                    free(op->sup[i]);
+                    op->sup[i] = NULL;
+                }
+            }
+            if (op->sup != NULL)
+                op->cb.lookup_sup(op->arg, op->ok, op->states, (const char *const *)op->hops,
+                                  (const char *const *)op->sup);
+            else
+                op->cb.lookup(op->arg, op->ok, op->states, (const char *const *)op->hops);
             break;
         case OP_MARK:
             op->cb.done(op->arg, op->ok);
@@ -123,6 +140,9 @@ static void op_complete(op_t *op)
     for (size_t i = 0; op->hops && i < op->n; i++)
         free(op->hops[i]);
     free(op->hops);
+    for (size_t i = 0; i < op->nsup * op->n; i++)
+        free(op->sup[i]);
+    free(op->sup);
     free(op);
 }
 
@@ -165,6 +185,11 @@ static void on_reply(void *arg, const redisReply *r, const char *err)
     if (r == NULL || r->type == REDIS_REPLY_ERROR) {
         op->ok = 0;
     } else if (op->kind == OP_LOOKUP && r->type == REDIS_REPLY_ARRAY) {
+        for (size_t i = op->n; i < r->elements && i < op->n * (1 + op->nsup); i++) {
+            const redisReply *e = r->element[i];
+            if (e->type == REDIS_REPLY_STRING)
+                op->sup[i - op->n] = xstrdup(e->str);
+        }
         for (size_t i = 0; i < r->elements && i < op->n; i++) {
             const redisReply *e = r->element[i];
             if (e->type == REDIS_REPLY_STRING && strcmp(e->str, "done") == 0)
@@ -374,6 +399,58 @@ void ledger_free(ledger_t *l)
     free(l->batch.vals);
     free(l->batch.ops);
     free(l);
+}
+
+/* The ledger's records (KEYS[1..n]) then, for each further key (a
+ * suppression hash), the field ARGV[i + 1] of every recipient i ("": not
+ * asked): n x (1 + hashes) values, false (nil) for none. */
+static const char LOOKUP_SUP_SCRIPT[] =
+    "local n = tonumber(ARGV[1]) "
+    "local out = {} "
+    "for i = 1, n do out[i] = redis.call('GET', KEYS[i]) end "
+    "for k = n + 1, #KEYS do "
+    "for i = 1, n do "
+    "local f = ARGV[i + 1] "
+    "if f == '' then out[#out + 1] = false else out[#out + 1] = redis.call('HGET', KEYS[k], f) end "
+    "end "
+    "end "
+    "return out";
+
+uint64_t ledger_lookup_sup(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
+                           const char *const *keys, size_t nkeys, const char *const *fields,
+                           ledger_lookup_sup_cb cb, void *arg)
+{
+    op_t *op = op_new(l, OP_LOOKUP, n, arg);
+    op->cb.lookup_sup = cb;
+    op->nsup = nkeys;
+    op->sup = xcalloc(n * nkeys > 0 ? n * nkeys : 1, sizeof(char *));
+    if (l->rc == NULL || n == 0)
+        return no_client(l, op);
+    size_t argc = 3 + n + nkeys + 1 + n;
+    const char **argv = xcalloc(argc, sizeof(char *));
+    size_t *lens = xcalloc(argc, sizeof(size_t));
+    char nk[24], nn[24];
+    snprintf(nk, sizeof(nk), "%zu", n + nkeys);
+    snprintf(nn, sizeof(nn), "%zu", n);
+    size_t a = 0;
+    argv[a++] = "EVAL";
+    argv[a++] = LOOKUP_SUP_SCRIPT;
+    argv[a++] = nk;
+    for (size_t i = 0; i < n; i++)
+        argv[a++] = rcpt_key(msg_id, rcpts[i]);
+    for (size_t k = 0; k < nkeys; k++)
+        argv[a++] = keys[k];
+    argv[a++] = nn;
+    for (size_t i = 0; i < n; i++)
+        argv[a++] = fields[i] ? fields[i] : "";
+    for (size_t i = 0; i < a; i++)
+        lens[i] = strlen(argv[i]);
+    send_argv(l, op, (int)a, argv, lens);
+    for (size_t i = 0; i < n; i++)
+        free((char *)argv[3 + i]);
+    free(argv);
+    free(lens);
+    return op->id;
 }
 
 uint64_t ledger_lookup(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,

@@ -54,6 +54,18 @@ void      ledger_free(ledger_t *l); /* pending callbacks fire with ok=0 */
 
 uint64_t ledger_lookup(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
                        ledger_lookup_cb cb, void *arg);
+/*
+ * ledger_lookup() and the suppression lists (deliverer/suplist.h) in the
+ * same command, one EVAL: for each of the nkeys hashes keys[] (global,
+ * tenant), the value of field fields[i] (NULL: not looked up) for every
+ * recipient. sup[k * n + i] is what keys[k] holds for recipient i (NULL:
+ * nothing), valid during the call; ok=0 leaves every one NULL.
+ */
+typedef void (*ledger_lookup_sup_cb)(void *arg, int ok, const ledger_state_t *states, const char *const *hops,
+                                     const char *const *sup);
+uint64_t ledger_lookup_sup(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
+                           const char *const *keys, size_t nkeys, const char *const *fields,
+                           ledger_lookup_sup_cb cb, void *arg);
 /* Set (state SENDING or DONE) or clear (NONE) the records of n recipients. */
 uint64_t ledger_mark(ledger_t *l, const char *msg_id, const char *const *rcpts, size_t n,
                      ledger_state_t state, ledger_done_cb cb, void *arg);

@@ -140,6 +140,8 @@ static const char *const reason_names[OUTCOME_R_LAST] = {
     [OUTCOME_R_SUSPENDED] = "suspended",
     [OUTCOME_R_SHAPING] = "shaping",
     [OUTCOME_R_ADMIN] = "admin",
+    [OUTCOME_R_SUPPRESSED] = "suppressed",
+    [OUTCOME_R_SUPPRESSION_UNAVAILABLE] = "suppression_unavailable",
 };
 
 const char *outcome_reason_name(outcome_reason_t r)

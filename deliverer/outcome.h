@@ -40,6 +40,8 @@ typedef enum {
     OUTCOME_R_SUSPENDED,         /* not tried: a shaping action suspends its destination; no attempt spent */
     OUTCOME_R_SHAPING,           /* bounced by a shaping action, not by a server */
     OUTCOME_R_ADMIN,             /* bounced by an operator's action (origin "admin:<who>"), not by a server */
+    OUTCOME_R_SUPPRESSED,        /* not sent: on a suppression list (deliverer/suplist.h) */
+    OUTCOME_R_SUPPRESSION_UNAVAILABLE, /* not tried: the suppression check could not be made; no attempt spent */
     OUTCOME_R_LAST
 } outcome_reason_t;
 

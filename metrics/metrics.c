@@ -76,6 +76,10 @@ static const struct {
     [MET_SHAPING_SUSPENDED] = { "mailpump_shaping_suspended_total", "Recipients deferred to a delay queue without spending an attempt because a shaping action suspends their destination (site or domain, and source)." },
     [MET_SHAPING_BOUNCED] = { "mailpump_shaping_bounced_total", "Recipients bounced by a shaping action (action = bounce), not by a server." },
     [MET_WARMUP_LIMITED] = { "mailpump_warmup_limited_total", "Times a domain leg found a source at its warm-up day's volume for the destination site (the leg took another source of its pool, or was parked)." },
+    [MET_RCPT_SUPPRESSED] = { "mailpump_recipients_suppressed_total", "Recipients not sent because they are on a suppression list (global or their tenant's)." },
+    [MET_SUP_UNAVAILABLE] = { "mailpump_suppression_unavailable_total", "Messages whose suppression check Redis could not answer: sent ([suppression] when_unavailable = send) or deferred." },
+    [MET_SUP_AUTO_ADDED] = { "mailpump_suppression_auto_added_total", "Recipients added to a suppression list after a permanent bounce ([suppression] auto_reasons)." },
+    [MET_SUP_AUTO_FAILED] = { "mailpump_suppression_auto_add_failed_total", "Automatic suppression list writes that Redis refused or did not answer." },
 };
 
 static const struct {

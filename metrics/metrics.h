@@ -67,6 +67,10 @@ typedef enum {
     MET_SHAPING_SUSPENDED,       /* recipients deferred without an attempt: a shaping action suspends their destination */
     MET_SHAPING_BOUNCED,         /* recipients bounced by a shaping action */
     MET_WARMUP_LIMITED,      /* sources refused for a leg: at their warm-up day's volume (deliverer/warmup.c) */
+    MET_RCPT_SUPPRESSED,     /* recipients not sent: on a suppression list (deliverer/suplist.h) */
+    MET_SUP_UNAVAILABLE,     /* suppression checks Redis could not answer ([suppression] when_unavailable) */
+    MET_SUP_AUTO_ADDED,      /* recipients added to a suppression list after a permanent bounce */
+    MET_SUP_AUTO_FAILED,     /* of those, writes Redis refused or did not answer */
     MET_COUNTER_LAST
 } metric_counter_t;
 

@@ -87,9 +87,20 @@ char *mq_event_to_json(const mq_event_t *ev)
         json_object_set_new(o, "possible_duplicate", json_true());
     if (ev->already_delivered)
         json_object_set_new(o, "already_delivered", json_true());
+    struct tm tm;
+    if (ev->suppression_list) {
+        json_t *sup = json_object();
+        set_str(sup, "list", ev->suppression_list);
+        set_str(sup, "reason", ev->suppression_reason ? ev->suppression_reason : "");
+        time_t added = (time_t)ev->suppression_added_s;
+        gmtime_r(&added, &tm);
+        char at[40];
+        strftime(at, sizeof(at), "%Y-%m-%dT%H:%M:%SZ", &tm);
+        set_str(sup, "added", at);
+        json_object_set_new(o, "suppression", sup);
+    }
     uint64_t ts = ev->ts_ms ? ev->ts_ms : util_wall_ms();
     time_t secs = (time_t)(ts / 1000);
-    struct tm tm;
     gmtime_r(&secs, &tm);
     char when[40];
     strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", &tm);

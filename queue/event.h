@@ -43,6 +43,9 @@ typedef struct mq_event {
     uint64_t    age_ms;       /* since the message was first consumed */
     int         possible_duplicate; /* delivered again after a redelivery found it mid-send */
     int         already_delivered;  /* an earlier attempt delivered it (ledger): not sent again */
+    const char *suppression_list;   /* suppressed: "global" or the tenant; NULL: omitted */
+    const char *suppression_reason; /* ... the entry's reason */
+    uint64_t    suppression_added_s; /* ... when it was added (Unix time) */
     uint64_t    ts_ms;        /* wall clock; 0 = now */
 } mq_event_t;
 

@@ -151,6 +151,10 @@ class Daemon:
             "MAILPUMP_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
             "MAILPUMP_WORKER_COUNT": str(workers),
             "MAILPUMP_RETRY_QUEUE_PREFIX": retry_prefix,
+            # the suppression lists live in the shared Redis: a bounce to
+            # reject@ would put it on the global list for every later test;
+            # test_suppress.py turns them on with lists of its own
+            "MAILPUMP_SUPPRESSION_ENABLED": "0",
         })
         if queues_of is not None and "MAILPUMP_RETRY_LEVELS" in queues_of.proc_env:
             self.proc_env["MAILPUMP_RETRY_LEVELS"] = queues_of.proc_env["MAILPUMP_RETRY_LEVELS"]

@@ -97,6 +97,35 @@ static void test_event_with_sender_fields(void **state)
                       "\"attempt\":1,\"age_ms\":118,\"ts\":\"2026-11-23T17:00:00.123Z\"}");
 }
 
+/* A suppressed recipient: the list, the entry's reason and when it was
+ * added (Unix seconds, printed UTC). */
+static void test_event_suppressed(void **state)
+{
+    (void)state;
+    mq_event_t ev = {
+        .event = "suppressed",
+        .message_id = "m-1",
+        .tenant = "acme",
+        .sender = "alice@test.example",
+        .recipient = "bob@test.example",
+        .outcome = "permanent",
+        .reason = "suppressed",
+        .error = "on the tenant's suppression list: no_such_user",
+        .attempt = 1,
+        .age_ms = 3,
+        .suppression_list = "acme",
+        .suppression_reason = "no_such_user",
+        .suppression_added_s = 1795453200,
+        .ts_ms = TS,
+    };
+    assert_event(&ev, "{\"event\":\"suppressed\",\"message_id\":\"m-1\",\"tenant\":\"acme\","
+                      "\"from\":\"alice@test.example\",\"recipient\":\"bob@test.example\","
+                      "\"outcome\":\"permanent\",\"reason\":\"suppressed\",\"attempt\":1,"
+                      "\"error\":\"on the tenant's suppression list: no_such_user\",\"age_ms\":3,"
+                      "\"suppression\":{\"list\":\"acme\",\"reason\":\"no_such_user\","
+                      "\"added\":\"2026-11-23T17:00:00Z\"},\"ts\":\"2026-11-23T17:00:00.123Z\"}");
+}
+
 /* Each field on its own: present alone, the others omitted. */
 static void test_event_fields_one_by_one(void **state)
 {
@@ -142,6 +171,7 @@ int main(void)
         cmocka_unit_test(test_event_with_sender_fields),
         cmocka_unit_test(test_event_fields_one_by_one),
         cmocka_unit_test(test_event_dead),
+        cmocka_unit_test(test_event_suppressed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
