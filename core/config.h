@@ -138,6 +138,10 @@ typedef struct mp_config {
     unsigned redis_timeout_ms;
     unsigned redis_mark_wait_ms;    /* the final dot waits this long for its "sending" mark */
     unsigned redis_send_unrecorded; /* 1: send the dot when the mark cannot be recorded */
+    /* [trace] (deliverer/history.h) */
+    unsigned trace_enabled;       /* 1: write each message's history (needs [redis] host) */
+    uint64_t trace_ttl_ms;        /* lifetime of a history after its last write */
+    unsigned trace_max_records;   /* records kept per message */
     /* [metrics] */
     char    *metrics_listen;      /* host:port, empty disables */
     char    *metrics_tenants;     /* tenant label values, comma/blank separated (metrics_label_add_list) */

@@ -76,6 +76,8 @@ static const struct {
     [MET_SHAPING_SUSPENDED] = { "mailpump_shaping_suspended_total", "Recipients deferred to a delay queue without spending an attempt because a shaping action suspends their destination (site or domain, and source)." },
     [MET_SHAPING_BOUNCED] = { "mailpump_shaping_bounced_total", "Recipients bounced by a shaping action (action = bounce), not by a server." },
     [MET_WARMUP_LIMITED] = { "mailpump_warmup_limited_total", "Times a domain leg found a source at its warm-up day's volume for the destination site (the leg took another source of its pool, or was parked)." },
+    [MET_TRACE_WRITES] = { "mailpump_trace_writes_total", "Message history writes sent to Redis ([trace]): one per attempt, whatever its recipients." },
+    [MET_TRACE_WRITE_FAILURES] = { "mailpump_trace_write_failures_total", "Message history writes Redis did not take (down, slow, an error): those attempts are missing from `mailpump trace`." },
 };
 
 static const struct {

@@ -67,6 +67,8 @@ typedef enum {
     MET_SHAPING_SUSPENDED,       /* recipients deferred without an attempt: a shaping action suspends their destination */
     MET_SHAPING_BOUNCED,         /* recipients bounced by a shaping action */
     MET_WARMUP_LIMITED,      /* sources refused for a leg: at their warm-up day's volume (deliverer/warmup.c) */
+    MET_TRACE_WRITES,        /* message history writes sent to Redis, one per attempt (deliverer/history.c) */
+    MET_TRACE_WRITE_FAILURES, /* of those, failed or timed out: that attempt is missing from the history */
     MET_COUNTER_LAST
 } metric_counter_t;
 
