@@ -6,7 +6,8 @@
  *  the same MAILPUMP_AMQP_* environment variables, or flags, in that
  *  order of increasing precedence.
  * DIAGNOSTICS
- *  Exit 0 on success, 1 on a runtime failure, 2 on bad usage or input.
+ *  Exit 0 on success, 1 on a runtime failure, 2 on bad usage or input
+ *  (trace: 3 when nothing is recorded for the id).
  */
 #include <getopt.h>
 #include <jansson.h>
@@ -19,6 +20,7 @@
 #include "core/buf.h"
 #include "cli/dns_cmd.h"
 #include "cli/stress_cmd.h"
+#include "cli/trace_cmd.h"
 #include "core/config.h"
 #include "core/message.h"
 #include "core/util.h"
@@ -35,6 +37,7 @@ static void usage(FILE *f)
             "  dns       resolve MX as the engine would, or prewarm the Redis cache: mailpump dns --help\n"
             "  stress    publish N messages, follow them to their final events, report rates\n"
             "            and latencies: mailpump stress --help\n"
+            "  trace     what happened to a message, where it is now: mailpump trace --help\n"
             "  help      show help for a command: mailpump help enqueue\n"
             "\n"
             "Global options (before the command):\n"
@@ -374,6 +377,8 @@ int main(int argc, char **argv)
             usage_events(stdout);
         else if (strcmp(what, "stress") == 0)
             stress_cmd_usage(stdout);
+        else if (strcmp(what, "trace") == 0)
+            trace_cmd_usage(stdout);
         else
             usage(stdout);
         return 0;
@@ -406,6 +411,8 @@ int main(int argc, char **argv)
         rc = dns_cmd_main(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "stress") == 0) {
         rc = stress_cmd_main(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "trace") == 0) {
+        rc = trace_cmd_main(&cfg, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "mailpump: unknown command \"%s\" (try mailpump --help)\n", cmd);
         rc = 2;
