@@ -304,10 +304,11 @@ static const key_def_t keys[] = {
       "unrecorded; 1: the dot goes anyway (at-least-once: a worker killed in that window causes a "
       "duplicate nobody flags)" },
     { "trace", "enabled", K_UINT, F(trace_enabled), "1", 0, NULL,
-      "1: record each message's history in Redis (mp:h:<id>, one write per attempt) for `mailpump trace`; "
+      "1: record each message's history in Redis (`mp:h:<id>`, one write per attempt) for `mailpump trace`; "
       "0: none. Needs [redis] host" },
     { "trace", "ttl", K_MS, F(trace_ttl_ms), "7d", 0, NULL,
-      "how long a message's history is kept after its last attempt (about 1 KB per recipient and attempt: "
+      "how long a message's history is kept after its last attempt (about 400 bytes of Redis memory per "
+      "record, 0.9 KB for a message delivered to one recipient at once: "
       "docs/operations.md, \"Tracing a message\")" },
     { "trace", "max_records", K_UINT, F(trace_max_records), "1000", 0, NULL,
       "records kept per message, the newest (an attempt writes one record, plus one per recipient and Sent "

@@ -102,6 +102,7 @@ class Trace(unittest.TestCase):
                              MAILPUMP_RETRY_P1_BASE="4s", MAILPUMP_RETRY_P2_BASE="4s", MAILPUMP_TRACE_TTL="1h")
         tag = os.urandom(4).hex()
         mid = f"trace-{tag}"
+        self.addCleanup(self.redis, "DEL", f"mp:h:{mid}")
         ok, bad, later = (f"ok-{tag}@test.example", f"bad-{tag}@test.example", f"later-{tag}@test.example")
         writes0 = d.metric("mailpump_trace_writes_total")
         self.publish(d, {"id": mid, "from": SENDER, "to": [ok, bad, later], "subject": "trace", "text": tag,
@@ -179,6 +180,7 @@ class Trace(unittest.TestCase):
         d, tap = self.daemon(sink)
         tag = os.urandom(4).hex()
         mid = f"trace-dead-{tag}"
+        self.addCleanup(self.redis, "DEL", f"mp:h:{mid}")
         self.publish(d, {"id": mid, "from": SENDER, "to": ["bob@"], "subject": "bad"}, message_id=mid)
         ev = tap.wait(lambda e: e["event"] == "dead" and e.get("message_id") == mid, 1, 30)[0]
         t = self.trace_until(d, mid, lambda t: t["state"] == "dead")
@@ -206,6 +208,7 @@ class Trace(unittest.TestCase):
         d, tap = self.daemon(sink, MAILPUMP_TRACE_MAX_RECORDS="3")
         tag = os.urandom(4).hex()
         mid = f"trace-max-{tag}"
+        self.addCleanup(self.redis, "DEL", f"mp:h:{mid}")
         rcpts = [f"r{i}-{tag}@test.example" for i in range(4)]
         self.publish(d, {"id": mid, "from": SENDER, "to": rcpts, "subject": "max", "text": tag})
         tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "delivered", 4, 30)
@@ -218,6 +221,7 @@ class Trace(unittest.TestCase):
 
         d2, tap2 = self.daemon(sink, MAILPUMP_TRACE_ENABLED="0")
         mid2 = f"trace-off-{tag}"
+        self.addCleanup(self.redis, "DEL", f"mp:h:{mid2}")
         self.publish(d2, {"id": mid2, "from": SENDER, "to": rcpts[:1], "subject": "off", "text": tag})
         tap2.wait(lambda e: e.get("message_id") == mid2 and e["event"] == "delivered", 1, 30)
         time.sleep(0.3)
