@@ -173,6 +173,7 @@ struct job {
     uint64_t             started_wall_ms;
     char               **hist;      /* this attempt's events, for its history (history.h) */
     size_t               nhist, hist_cap;
+    size_t               hist_rcpts; /* of them, recipients' events */
     log_msgctx_t         log;       /* the message's log fields, lent to the legs (set at DOMAINS) */
 };
 
@@ -431,6 +432,7 @@ static void job_publish_event(job_t *j, const mq_event_t *ev)
             j->hist = xrealloc(j->hist, j->hist_cap * sizeof(char *));
         }
         j->hist[j->nhist++] = json;
+        j->hist_rcpts += ev->recipient != NULL;
         return;
     }
     free(json);
@@ -447,14 +449,11 @@ static void job_write_history(job_t *j)
     char queue[256] = "";
     if (j->retrying)
         retry_queue_name(rp->queue_prefix, &rp->levels, j->retry_level, queue, sizeof(queue));
-    size_t rcpts = 0;
-    for (size_t i = 0; i < j->nhist; i++)
-        rcpts += strstr(j->hist[i], "\"recipient\":") != NULL;
     history_attempt_t a = {
         .message_id = id,
         .attempt = j->envelope.attempt,
         .started_ms = j->started_wall_ms,
-        .recipients = rcpts,
+        .recipients = j->hist_rcpts,
         .retrying = j->retrying && j->state == JOB_EVENTS,
         .retry_level = j->retry_level,
         .retry_queue = queue,
