@@ -11,6 +11,8 @@ bounces bad-* recipients (550 5.1.1) and defers later-* ones once (451):
 - the history is one write per attempt (mailpump_trace_writes_total),
   whatever the recipients, its list has a lifetime ([trace] ttl: PTTL)
   and keeps at most [trace] max_records records;
+- a recipient whose final dot the server has not answered yet leaves a
+  first attempt "in_flight" (the ledger's "sending", no history yet);
 - a dead-lettered message (bad input) is "dead" with its reason;
 - an unknown id is not found (exit 3); [trace] enabled = 0 writes none.
 
@@ -202,6 +204,28 @@ class Trace(unittest.TestCase):
         # bad usage
         self.assertEqual(d.cli("trace").returncode, 2)
         self.assertEqual(d.cli("trace", "a", "b").returncode, 2)
+
+    def test_in_flight_while_the_server_holds_its_reply(self):
+        # the server holds its reply to the final dot: the ledger shows the
+        # recipient "sending" and the first attempt has no history yet
+        sink = self.sink(["delay:DOT=3000"])
+        d, tap = self.daemon(sink)
+        tag = os.urandom(4).hex()
+        mid = f"trace-fly-{tag}"
+        self.addCleanup(self.redis, "DEL", f"mp:h:{mid}")
+        rcpt = f"Fly-{tag}@test.example"
+        self.publish(d, {"id": mid, "from": SENDER, "to": [rcpt], "subject": "fly", "text": tag})
+        t = self.trace_until(d, mid, lambda t: t["state"] == "in_flight", 10)
+        self.assertEqual(t["where"]["recipients"], [{"recipient": rcpt.lower(), "ledger": "sending"}])
+        self.assertEqual(t["history"], [])
+        self.assertEqual(t["attempts"], 0)
+        r = self.trace(d, mid)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stdout.splitlines()[-1], f"state: in_flight (an attempt is running: {rcpt.lower()}=sending)")
+        tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "delivered", 1, 30)
+        t = self.trace_until(d, mid, lambda t: t["state"] == "done")
+        self.assertEqual([(r["recipient"], r["outcome"], r["ledger"]) for r in t["recipients"]],
+                         [(rcpt, "delivered", "done")])
 
     def test_records_bounded_and_disabled(self):
         sink = self.sink()
