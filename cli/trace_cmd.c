@@ -56,6 +56,9 @@ static void print_attempt(const json_t *rec)
         printf("; retry: level %lld, queue %s, in %lld ms, due %s",
                (long long)json_integer_value(json_object_get(retry, "level")), s_or(retry, "queue", "-"),
                (long long)json_integer_value(json_object_get(retry, "delay_ms")), s_or(retry, "due", "-"));
+    if (json_object_get(rec, "omitted") != NULL)
+        printf("; %lld event(s) not kept ([trace] max_records)",
+               (long long)json_integer_value(json_object_get(rec, "omitted")));
     if (json_object_get(rec, "give_up") != NULL)
         printf("; not retried: %s", s_or(rec, "give_up", "-"));
     if (dead != NULL)

@@ -311,8 +311,8 @@ static const key_def_t keys[] = {
       "record, 0.9 KB for a message delivered to one recipient at once: "
       "docs/operations.md, \"Tracing a message\")" },
     { "trace", "max_records", K_UINT, F(trace_max_records), "1000", 0, NULL,
-      "records kept per message, the newest (an attempt writes one record, plus one per recipient and Sent "
-      "copy); at least 1" },
+      "records kept per message, the newest (an attempt writes one record plus one per recipient and Sent "
+      "copy, at most this many: its record counts the rest as `omitted`); at least 1" },
     { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0, NULL,
       "`host:port` of the HTTP metrics endpoint; empty disables it" },
     { "metrics", "tenants", K_STR, F(metrics_tenants), "", 0, NULL,

@@ -72,6 +72,8 @@ char *history_attempt_json(const history_attempt_t *a)
     json_object_set_new(o, "started_ms", json_integer((json_int_t)a->started_ms));
     json_object_set_new(o, "finished_ms", json_integer((json_int_t)finished));
     json_object_set_new(o, "recipients", json_integer((json_int_t)a->recipients));
+    if (a->omitted > 0)
+        json_object_set_new(o, "omitted", json_integer((json_int_t)a->omitted));
     if (a->retrying) {
         json_t *r = json_object();
         json_object_set_new(r, "level", json_integer((json_int_t)a->retry_level));

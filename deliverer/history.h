@@ -9,7 +9,10 @@
  * one per Sent copy or dead letter), byte for byte, so the history and
  * the events never disagree. An attempt's records go in with ONE
  * command at the end of the attempt (EVAL: RPUSH, PEXPIRE, LTRIM to the
- * last max_records), never one per recipient; nothing waits for it: a
+ * last max_records), never one per recipient; an attempt keeps its
+ * record and its first max_records - 1 events (the attempt record counts
+ * the others as "omitted"), so a message with very many recipients costs
+ * neither the job's memory nor Redis more than that. Nothing waits: a
  * failure is only counted (mailpump_trace_write_failures_total).
  * docs/operations.md, "Tracing a message", says what it costs.
  */
@@ -28,6 +31,7 @@ typedef struct history_attempt {
     uint64_t    started_ms;   /* wall clock, when the attempt was consumed */
     uint64_t    finished_ms;  /* wall clock, when its events were built; 0 = now */
     size_t      recipients;   /* recipients it handled (its events), 0 for a dead message */
+    size_t      omitted;      /* events not kept: past max_records for one attempt */
     int         retrying;     /* a retry is planned: the fields below are set */
     size_t      retry_level;
     const char *retry_queue;
@@ -40,7 +44,7 @@ typedef struct history_attempt {
 
 /* The attempt record as compact JSON (malloc'd):
  * {"event":"attempt","message_id","attempt","ts","started_ms","finished_ms",
- *  "recipients", ["retry":{"level","queue","delay_ms","due","due_ms","attempt"}],
+ *  "recipients", ["omitted"], ["retry":{"level","queue","delay_ms","due","due_ms","attempt"}],
  *  ["give_up"], ["dead":{"reason","queue"}]}; ts is the ISO 8601 start. */
 char *history_attempt_json(const history_attempt_t *a);
 

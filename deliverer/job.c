@@ -173,7 +173,8 @@ struct job {
     uint64_t             started_wall_ms;
     char               **hist;      /* this attempt's events, for its history (history.h) */
     size_t               nhist, hist_cap;
-    size_t               hist_rcpts; /* of them, recipients' events */
+    size_t               hist_rcpts; /* recipients' events published */
+    size_t               hist_omitted; /* events past [trace] max_records, not kept */
     log_msgctx_t         log;       /* the message's log fields, lent to the legs (set at DOMAINS) */
 };
 
@@ -427,12 +428,18 @@ static void job_publish_event(job_t *j, const mq_event_t *ev)
     mq_publish_opts_t o = { .message_id = j->msg ? j->msg->id : NULL, .priority = -1, .persistent = 1 };
     job_publish(j, j->ctx->env->cfg->amqp_events_exchange, ev->event, json, strlen(json), &o);
     if (job_history_on(j)) { /* the history keeps the event as published */
+        j->hist_rcpts += ev->recipient != NULL;
+        if (j->nhist + 1 >= j->ctx->env->cfg->trace_max_records) {
+            /* the attempt record and the first events fill the list */
+            j->hist_omitted++;
+            free(json);
+            return;
+        }
         if (j->nhist == j->hist_cap) {
             j->hist_cap = j->hist_cap ? 2 * j->hist_cap : 8;
             j->hist = xrealloc(j->hist, j->hist_cap * sizeof(char *));
         }
         j->hist[j->nhist++] = json;
-        j->hist_rcpts += ev->recipient != NULL;
         return;
     }
     free(json);
@@ -454,6 +461,7 @@ static void job_write_history(job_t *j)
         .attempt = j->envelope.attempt,
         .started_ms = j->started_wall_ms,
         .recipients = j->hist_rcpts,
+        .omitted = j->hist_omitted,
         .retrying = j->retrying && j->state == JOB_EVENTS,
         .retry_level = j->retry_level,
         .retry_queue = queue,
@@ -472,6 +480,9 @@ static void job_write_history(job_t *j)
     history_write(j->ctx->svc.redis, id, recs, j->nhist + 1, cfg->trace_ttl_ms, cfg->trace_max_records);
     free(recs);
     free(attempt);
+    for (size_t i = 0; i < j->nhist; i++)
+        free(j->hist[i]);
+    j->nhist = 0;
 }
 
 /* Everything is published: DONE once the confirms are in (at once when

@@ -10,7 +10,8 @@ bounces bad-* recipients (550 5.1.1) and defers later-* ones once (451):
   the message is "done" and that recipient has two attempts;
 - the history is one write per attempt (mailpump_trace_writes_total),
   whatever the recipients, its list has a lifetime ([trace] ttl: PTTL)
-  and keeps at most [trace] max_records records;
+  and keeps at most [trace] max_records records (an attempt its first
+  ones, the list its newest);
 - a recipient whose final dot the server has not answered yet leaves a
   first attempt "in_flight" (the ledger's "sending", no history yet);
 - a dead-lettered message (bad input) is "dead" with its reason;
@@ -237,11 +238,22 @@ class Trace(unittest.TestCase):
         self.publish(d, {"id": mid, "from": SENDER, "to": rcpts, "subject": "max", "text": tag})
         tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "delivered", 4, 30)
         t = self.trace_until(d, mid, lambda t: len(t["history"]) > 0)
-        # 5 records written (the attempt and 4 events): the newest 3 kept
+        # the attempt record and its first 2 events; the other 2 counted
         self.assertEqual(int(self.redis("LLEN", f"mp:h:{mid}")), 3)
-        self.assertEqual([h["recipient"] for h in t["history"]],
-                         [e["recipient"] for e in tap.events if e.get("message_id") == mid][-3:])
+        first = [e["recipient"] for e in tap.events if e.get("message_id") == mid][:2]
+        self.assertEqual([h.get("recipient") for h in t["history"]], [None] + first)
+        self.assertEqual((t["history"][0]["recipients"], t["history"][0]["omitted"]), (4, 2))
+        self.assertEqual(t["state"], "done")
         self.assertEqual(d.metric("mailpump_trace_writes_total"), 1)
+        # a second attempt's records push the oldest out: LTRIM keeps the newest 3
+        self.publish(d, {"id": mid, "from": SENDER, "to": rcpts, "subject": "max", "text": tag})
+        tap.wait(lambda e: e.get("message_id") == mid and e["event"] == "delivered", 8, 30)
+        started = t["history"][0]["started_ms"]
+        t = self.trace_until(d, mid, lambda t: t["history"][0].get("started_ms", started) != started)
+        self.assertEqual(int(self.redis("LLEN", f"mp:h:{mid}")), 3)
+        self.assertEqual([h["event"] for h in t["history"]], ["attempt", "delivered", "delivered"])
+        self.assertTrue(all(h.get("already_delivered") for h in t["history"][1:]), t["history"])
+        self.assertEqual(d.metric("mailpump_trace_writes_total"), 2)
 
         d2, tap2 = self.daemon(sink, MAILPUMP_TRACE_ENABLED="0")
         mid2 = f"trace-off-{tag}"

@@ -105,12 +105,12 @@ static void test_attempt_record(void **state)
                              "\"queue\":\"mail.retry.1m\",\"delay_ms\":60000,\"due\":\"2026-11-23T17:01:01.123Z\","
                              "\"due_ms\":1795453261123,\"attempt\":4}}");
     free(got);
-    history_attempt_t d = { .message_id = "m-2", .attempt = 1, .started_ms = T0, .finished_ms = T0,
+    history_attempt_t d = { .message_id = "m-2", .attempt = 1, .started_ms = T0, .finished_ms = T0, .omitted = 5,
                             .dead_reason = "invalid JSON: \xff", .dead_queue = "mail.dead" };
     got = history_attempt_json(&d);
     assert_string_equal(got, "{\"event\":\"attempt\",\"message_id\":\"m-2\",\"attempt\":1,"
                              "\"ts\":\"2026-11-23T17:00:00.123Z\",\"started_ms\":1795453200123,"
-                             "\"finished_ms\":1795453200123,\"recipients\":0,"
+                             "\"finished_ms\":1795453200123,\"recipients\":0,\"omitted\":5,"
                              "\"dead\":{\"reason\":\"invalid JSON: ?\",\"queue\":\"mail.dead\"}}");
     free(got);
     char *key = history_key("m-1");
