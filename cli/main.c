@@ -16,6 +16,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cli/admin_cmd.h"
 #include "cli/client.h"
 #include "core/buf.h"
 #include "cli/dns_cmd.h"
@@ -38,6 +39,8 @@ static void usage(FILE *f)
             "  stress    publish N messages, follow them to their final events, report rates\n"
             "            and latencies: mailpump stress --help\n"
             "  trace     what happened to a message, where it is now: mailpump trace --help\n"
+            "  admin     suspend, resume, bounce or slow deliveries by selector, list the actions\n"
+            "            in force: mailpump admin --help\n"
             "  help      show help for a command: mailpump help enqueue\n"
             "\n"
             "Global options (before the command):\n"
@@ -379,6 +382,8 @@ int main(int argc, char **argv)
             stress_cmd_usage(stdout);
         else if (strcmp(what, "trace") == 0)
             trace_cmd_usage(stdout);
+        else if (strcmp(what, "admin") == 0)
+            admin_cmd_usage(stdout);
         else
             usage(stdout);
         return 0;
@@ -413,6 +418,8 @@ int main(int argc, char **argv)
         rc = stress_cmd_main(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "trace") == 0) {
         rc = trace_cmd_main(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "admin") == 0) {
+        rc = admin_cmd_main(&cfg, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "mailpump: unknown command \"%s\" (try mailpump --help)\n", cmd);
         rc = 2;

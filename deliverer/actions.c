@@ -266,9 +266,8 @@ static void derive_id(action_t *a)
                  (unsigned long long)fnv1a(a->value, a->source));
 }
 
-/* A clean copy of in (zeroed, every string terminated, fields of other
- * kinds cleared, site/domain lower-cased, id derived when empty), or -1. */
-static int normalize(const action_t *in, action_t *out)
+/* See actions.h. */
+int action_normalize(const action_t *in, action_t *out)
 {
     memset(out, 0, sizeof(*out));
     if (in->kind < 1 || in->kind > NKINDS || in->sel < 1 || in->sel > NSELS)
@@ -335,7 +334,7 @@ static void merge(const action_t *old, const action_t *in, action_t *out)
 
 /* ------------------------------------------------------------ JSON */
 
-static char *action_to_json(const action_t *a)
+char *action_to_json(const action_t *a)
 {
     json_t *o = json_object();
     json_object_set_new(o, "id", json_string(a->id));
@@ -393,8 +392,8 @@ static int json_uint(const json_t *o, const char *k, uint64_t max, uint64_t *out
     return -1;
 }
 
-/* The action stored under field, validated; -1 when anything is off. */
-static int action_from_json(const char *field, size_t flen, const char *s, size_t len, action_t *out)
+/* See actions.h. */
+int action_from_json(const char *field, size_t flen, const char *s, size_t len, action_t *out)
 {
     json_error_t jerr;
     json_t *o = json_loadb(s, len, JSON_REJECT_DUPLICATES, &jerr);
@@ -425,7 +424,7 @@ static int action_from_json(const char *field, size_t flen, const char *s, size_
     a.rate_per_s = json_number_value(json_object_get(o, "rate"));
     if (strlen(a.id) != flen || memcmp(a.id, field, flen) != 0)
         goto out;
-    rc = normalize(&a, out);
+    rc = action_normalize(&a, out);
 out:
     json_decref(o);
     return rc;
@@ -891,7 +890,7 @@ int actions_add(actions_t *t, const action_t *in)
 {
     action_t a;
     uint64_t now = wall_now(t);
-    if (normalize(in, &a) < 0 || a.expires_ms <= now)
+    if (action_normalize(in, &a) < 0 || a.expires_ms <= now)
         return -1;
     if (a.created_ms == 0)
         a.created_ms = now;

@@ -11,7 +11,8 @@
  * Automation rules create them when a reply matches (origin
  * "automation:<rule>", id derived from what it does, so a repeated
  * trigger extends the one action instead of adding another); operators
- * will create them later with ids of their own (origin "admin:<who>").
+ * create them with `mailpump admin` (control/admin.h: ids of their own,
+ * origin "admin:<who>", written with the same script).
  *
  * Data in Redis (fixed keys):
  *   mp:act     hash, field = action id, value = the action as one compact
@@ -170,6 +171,24 @@ const char *action_kind_name(action_kind_t k); /* "suspend" "bounce" "rate" "con
 const char *action_sel_name(action_sel_t s);   /* "site" "domain" "source" "pool" "tenant" "campaign"; "?" else */
 int action_kind_parse(const char *s);          /* the kind, or -1 unknown */
 int action_sel_parse(const char *s);           /* the selector, or -1 unknown */
+
+/* The validation and the stored form every writer shares (the workers'
+ * tables and the operators' control/admin.c):
+ * action_normalize: a clean copy of in (zeroed, every string terminated,
+ * fields of other kinds cleared, site/domain lower-cased, id derived when
+ * empty), or -1 when actions_add() would refuse it for anything but its
+ * expiry (kind or selector unknown, empty value, a string that does not
+ * fit, an id, value or source with control bytes or not UTF-8, a rate not
+ * > 0, a connection limit of 0, expires_ms 0). No clock is read.
+ * action_to_json: the compact JSON object stored in mp:act (malloc'd,
+ * never NULL); a must be normalized.
+ * action_from_json: the action stored under field (flen bytes) as the s
+ * (len bytes) JSON, validated as a read validates it (the shape above,
+ * the id equal to field, then action_normalize); 0, or -1 when anything
+ * is off. Expiry is not checked. */
+int   action_normalize(const action_t *in, action_t *out);
+char *action_to_json(const action_t *a);
+int   action_from_json(const char *field, size_t flen, const char *s, size_t len, action_t *out);
 
 /* The scripts (see above); exposed for tests that drive them directly.
  * WRITE: KEYS mp:act mp:act@v, ARGV ("+" json | "-" id)...; returns

@@ -222,26 +222,40 @@ static void leg_query(const domain_leg_t *leg, action_query_t *q)
                            .tenant = leg->req.tenant, .campaign = leg->req.campaign };
 }
 
+#define DOMAIN_ADMIN_RECHECK_MS 60000u /* the longest retry delay an operator's suspend asks for */
+
 /* An action in force holds the leg: a suspended destination's recipients
  * are deferred without an attempt, no sooner than the action ends; a
- * bounced one's end permanent. */
+ * bounced one's end permanent (reason admin when an operator's action,
+ * origin "admin:<who>", bounced them, with who and why in the text). */
 static void leg_held(domain_leg_t *leg, const action_t *a)
 {
     char text[700];
     uint64_t now = util_wall_ms();
     uint64_t left = a->expires_ms > now ? a->expires_ms - now : 0;
+    int admin = strncmp(a->origin, "admin:", 6) == 0;
     snprintf(leg->shaping, sizeof(leg->shaping), "%s:%s", action_kind_name(a->kind), a->origin);
     if (a->kind == ACTION_BOUNCE) {
-        snprintf(text, sizeof(text), "bounced by shaping action %s (%s): %s", a->id, a->origin, a->reason);
+        if (admin)
+            snprintf(text, sizeof(text), "bounced by %s: %s (action %s)", a->origin, a->reason, a->id);
+        else
+            snprintf(text, sizeof(text), "bounced by shaping action %s (%s): %s", a->id, a->origin, a->reason);
         metrics_inc(MET_SHAPING_BOUNCED, leg->req.nrcpts);
         log_info("domain", "shaping_bounced", "%s domain=%s site=%s action=%s origin=%s", LEG_MSG(leg),
                  LOG_Q(leg->req.name), LOG_Q(leg->site), LOG_Q(a->id), LOG_Q(a->origin));
-        leg_fail(leg, OUTCOME_PERMANENT, OUTCOME_R_SHAPING, text);
+        leg_fail(leg, OUTCOME_PERMANENT, admin ? OUTCOME_R_ADMIN : OUTCOME_R_SHAPING, text);
         return;
     }
-    snprintf(text, sizeof(text), "suspended by shaping action %s for %llu s more (%s): %s", a->id,
-             (unsigned long long)((left + 999) / 1000), a->origin, a->reason);
-    leg->throttle_wait_ms = left; /* the retry comes no sooner */
+    if (admin)
+        snprintf(text, sizeof(text), "suspended by %s for %llu s more: %s (action %s)", a->origin,
+                 (unsigned long long)((left + 999) / 1000), a->reason, a->id);
+    else
+        snprintf(text, sizeof(text), "suspended by shaping action %s for %llu s more (%s): %s", a->id,
+                 (unsigned long long)((left + 999) / 1000), a->origin, a->reason);
+    /* the retry comes no sooner; an operator's suspend usually ends by a
+     * resume, so its messages come back to look at least every
+     * DOMAIN_ADMIN_RECHECK_MS (docs/operations.md) */
+    leg->throttle_wait_ms = admin && left > DOMAIN_ADMIN_RECHECK_MS ? DOMAIN_ADMIN_RECHECK_MS : left;
     metrics_inc(MET_SHAPING_SUSPENDED, leg->req.nrcpts);
     log_info("domain", "suspended", "%s domain=%s site=%s source=%s action=%s left_ms=%llu", LEG_MSG(leg),
              LOG_Q(leg->req.name), LOG_Q(leg->site), LOG_Q(leg->src ? leg->src->name : ""), LOG_Q(a->id),

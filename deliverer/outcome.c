@@ -139,6 +139,7 @@ static const char *const reason_names[OUTCOME_R_LAST] = {
     [OUTCOME_R_PARKED] = "parked",
     [OUTCOME_R_SUSPENDED] = "suspended",
     [OUTCOME_R_SHAPING] = "shaping",
+    [OUTCOME_R_ADMIN] = "admin",
 };
 
 const char *outcome_reason_name(outcome_reason_t r)

@@ -39,6 +39,7 @@ typedef enum {
     OUTCOME_R_PARKED,            /* not tried: its site was busy (sites.h); no attempt spent */
     OUTCOME_R_SUSPENDED,         /* not tried: a shaping action suspends its destination; no attempt spent */
     OUTCOME_R_SHAPING,           /* bounced by a shaping action, not by a server */
+    OUTCOME_R_ADMIN,             /* bounced by an operator's action (origin "admin:<who>"), not by a server */
     OUTCOME_R_LAST
 } outcome_reason_t;
 

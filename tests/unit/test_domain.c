@@ -1535,8 +1535,9 @@ static void test_action_suspends(void **state)
     assert_true(cap.throttle_wait_ms > 59000 && cap.throttle_wait_ms <= 60000);
 }
 
-/* A bounce in force ends the recipients permanent, reason shaping, and
- * a selector of another kind (a tenant) matches through the request. */
+/* An operator's bounce in force ends the recipients permanent, reason
+ * admin naming who and why, and a selector of another kind (a tenant)
+ * matches through the request. */
 static void test_action_bounces_by_tenant(void **state)
 {
     fx_t *f = *state;
@@ -1563,9 +1564,61 @@ static void test_action_bounces_by_tenant(void **state)
     start(f, &rq, &cap2);
     finish_leg(f, &cap2);
     assert_int_equal(fs->naccepted, 1); /* the first leg's only */
-    assert_rcpt(&cap2, 0, OUTCOME_PERMANENT, OUTCOME_R_SHAPING, 0, "");
-    assert_string_equal(cap2.r[0].text, "bounced by shaping action bounce:tenant:acme (admin:ops): abuse report");
+    assert_rcpt(&cap2, 0, OUTCOME_PERMANENT, OUTCOME_R_ADMIN, 0, "");
+    assert_string_equal(cap2.r[0].text, "bounced by admin:ops: abuse report (action bounce:tenant:acme)");
     assert_string_equal(cap2.shaping[0], "bounce:admin:ops");
+}
+
+/* An operator's suspend holds the leg whichever selector names it (site,
+ * domain, tenant, campaign; pool and source: tests/integration/
+ * test_admin.py): no server asked, no attempt spent, the text says who
+ * and why, and the retry comes back within a minute to look (a resume
+ * usually ends it) however long the action lasts. */
+static void test_admin_suspend_every_selector(void **state)
+{
+    fx_t *f = *state;
+    fake_server_t *fs = server(f, &fakesmtp_script_ok);
+    relay_env(f, fs->port, NULL, 0);
+    with_shaping(f, NULL);
+    static const struct {
+        action_sel_t sel;
+        const char  *value;
+    } cases[] = { { SEL_SITE, "Relay.Test" }, { SEL_DOMAIN, "y.test" }, { SEL_TENANT, "acme" },
+                  { SEL_CAMPAIGN, "spring" } };
+    const char *rcpts[] = { "b@y.test" };
+    leg_args_t la = { .domain = "y.test", .rcpts = rcpts, .nrcpts = 1 };
+    for (size_t i = 0; i < 4; i++) {
+        action_t a = { .kind = ACTION_SUSPEND, .sel = cases[i].sel, .expires_ms = util_wall_ms() + 600000 };
+        snprintf(a.id, sizeof(a.id), "adm-%zu", i);
+        snprintf(a.value, sizeof(a.value), "%s", cases[i].value);
+        snprintf(a.reason, sizeof(a.reason), "provider outage");
+        snprintf(a.origin, sizeof(a.origin), "admin:alice@ops");
+        assert_int_equal(actions_add(f->actions, &a), 0);
+        dcap_t cap = { .gate_allow = -1 };
+        domain_request_t rq = request(&la, &cap);
+        rq.tenant = "acme";
+        rq.campaign = "spring";
+        start(f, &rq, &cap);
+        finish_leg(f, &cap);
+        assert_int_equal(fs->naccepted, 0);
+        assert_rcpt(&cap, 0, OUTCOME_TRANSIENT, OUTCOME_R_SUSPENDED, 0, "");
+        char want[200];
+        snprintf(want, sizeof(want), "suspended by admin:alice@ops for 600 s more: provider outage (action adm-%zu)",
+                 i);
+        assert_string_equal(cap.r[0].text, want);
+        assert_string_equal(cap.shaping[0], "suspend:admin:alice@ops");
+        assert_int_equal(cap.throttle_wait_ms, 60000);
+        assert_int_equal(actions_remove(f->actions, a.id), 0);
+    }
+    /* resumed: the same leg is delivered */
+    dcap_t cap = { .gate_allow = -1 };
+    domain_request_t rq = request(&la, &cap);
+    rq.tenant = "acme";
+    rq.campaign = "spring";
+    start(f, &rq, &cap);
+    finish_leg(f, &cap);
+    assert_rcpt(&cap, 0, OUTCOME_DELIVERED, OUTCOME_R_DELIVERED, 250, "2.0.0");
+    assert_int_equal(fs->naccepted, 1);
 }
 
 /* A reply an automation rule matches takes its action for the site, at
@@ -1643,6 +1696,7 @@ int main(void)
         T(test_site_free_while_waiting),
         T(test_action_suspends),
         T(test_action_bounces_by_tenant),
+        T(test_admin_suspend_every_selector),
         T(test_automation_triggers),
     };
     return cmocka_run_group_tests(tests, group_setup, NULL);
