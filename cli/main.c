@@ -6,7 +6,8 @@
  *  the same MAILPUMP_AMQP_* environment variables, or flags, in that
  *  order of increasing precedence.
  * DIAGNOSTICS
- *  Exit 0 on success, 1 on a runtime failure, 2 on bad usage or input.
+ *  Exit 0 on success, 1 on a runtime failure, 2 on bad usage or input
+ *  (trace: 3 when nothing is recorded for the id).
  */
 #include <getopt.h>
 #include <jansson.h>
@@ -21,6 +22,7 @@
 #include "cli/dns_cmd.h"
 #include "cli/stress_cmd.h"
 #include "cli/suppress_cmd.h"
+#include "cli/trace_cmd.h"
 #include "core/config.h"
 #include "core/message.h"
 #include "core/util.h"
@@ -37,6 +39,7 @@ static void usage(FILE *f)
             "  dns       resolve MX as the engine would, or prewarm the Redis cache: mailpump dns --help\n"
             "  stress    publish N messages, follow them to their final events, report rates\n"
             "            and latencies: mailpump stress --help\n"
+            "  trace     what happened to a message, where it is now: mailpump trace --help\n"
             "  admin     suspend, resume, bounce or slow deliveries by selector, list the actions\n"
             "            in force: mailpump admin --help\n"
             "  suppress  the suppression lists (add, remove, list, get, import, export): mailpump suppress --help\n"
@@ -379,6 +382,8 @@ int main(int argc, char **argv)
             usage_events(stdout);
         else if (strcmp(what, "stress") == 0)
             stress_cmd_usage(stdout);
+        else if (strcmp(what, "trace") == 0)
+            trace_cmd_usage(stdout);
         else if (strcmp(what, "admin") == 0)
             admin_cmd_usage(stdout);
         else if (strcmp(what, "suppress") == 0)
@@ -415,6 +420,8 @@ int main(int argc, char **argv)
         rc = dns_cmd_main(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "stress") == 0) {
         rc = stress_cmd_main(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "trace") == 0) {
+        rc = trace_cmd_main(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "admin") == 0) {
         rc = admin_cmd_main(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "suppress") == 0) {

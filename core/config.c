@@ -322,6 +322,16 @@ static const key_def_t keys[] = {
       "`mailpump_suppression_unavailable_total`) or `defer` (deferred `suppression_unavailable`, no attempt spent)" },
     { "suppression", "auto_ttl", K_UINT, F(suppression_auto_ttl), "0", 0, NULL,
       "seconds an automatically added entry suppresses its recipient; 0: until an operator removes it" },
+    { "trace", "enabled", K_UINT, F(trace_enabled), "1", 0, NULL,
+      "1: record each message's history in Redis (`mp:h:<id>`, one write per attempt) for `mailpump trace`; "
+      "0: none. Needs [redis] host" },
+    { "trace", "ttl", K_MS, F(trace_ttl_ms), "7d", 0, NULL,
+      "how long a message's history is kept after its last attempt (about 400 bytes of Redis memory per "
+      "record, 0.9 KB for a message delivered to one recipient at once: "
+      "docs/operations.md, \"Tracing a message\")" },
+    { "trace", "max_records", K_UINT, F(trace_max_records), "1000", 0, NULL,
+      "records kept per message, the newest (an attempt writes one record plus one per recipient and Sent "
+      "copy, at most this many: its record counts the rest as `omitted`); at least 1" },
     { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0, NULL,
       "`host:port` of the HTTP metrics endpoint; empty disables it" },
     { "metrics", "tenants", K_STR, F(metrics_tenants), "", 0, NULL,
@@ -828,6 +838,10 @@ int config_validate(const mp_config_t *cfg, char *err, size_t errlen)
     }
     if (cfg->redis_send_unrecorded > 1) {
         snprintf(err, errlen, "[redis] send_unrecorded must be 0 or 1");
+        return -1;
+    }
+    if (cfg->trace_enabled > 1 || cfg->trace_max_records == 0 || cfg->trace_ttl_ms == 0) {
+        snprintf(err, errlen, "[trace] enabled must be 0 or 1, ttl and max_records above 0");
         return -1;
     }
     if (cfg->redis_mark_wait_ms > 60000) {

@@ -149,6 +149,10 @@ typedef struct mp_config {
     char    *suppression_auto_reasons;  /* reason tags added automatically; empty: none */
     mp_sup_unavailable_t suppression_when_unavailable;
     unsigned suppression_auto_ttl;      /* seconds an automatic entry lasts; 0: for ever */
+    /* [trace] (deliverer/history.h) */
+    unsigned trace_enabled;       /* 1: write each message's history (needs [redis] host) */
+    uint64_t trace_ttl_ms;        /* lifetime of a history after its last write */
+    unsigned trace_max_records;   /* records kept per message */
     /* [metrics] */
     char    *metrics_listen;      /* host:port, empty disables */
     char    *metrics_tenants;     /* tenant label values, comma/blank separated (metrics_label_add_list) */

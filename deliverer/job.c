@@ -49,6 +49,10 @@
  *  (job_survives_loss); a kept job finishes its SMTP (its legs record it
  *  in the ledger) and ends at SENT_COPY without events: the redelivery
  *  skips what it delivered and publishes them.
+ *
+ *  History (history.h): EVENTS and DEAD keep the events they publish
+ *  and, once all are published, write them after an attempt record to
+ *  the message's history in one Redis command, unawaited.
  * DIAGNOSTICS
  *  Info lines message_received, one per recipient outcome, retry_scheduled,
  *  poison_charged, poison_settled and message_done; warn lines dead_letter
@@ -72,6 +76,7 @@
 #include "core/message.h"
 #include "core/util.h"
 #include "deliverer/envelope.h"
+#include "deliverer/history.h"
 #include "deliverer/outcome.h"
 #include "deliverer/policy.h"
 #include "deliverer/retry.h"
@@ -178,6 +183,11 @@ struct job {
     int                  copy_dropped; /* a second republish of an id-less message: acked, nothing else */
     int                  poison;       /* COUNT found the limit reached: DEAD for the recipients not done */
     uint64_t             started_ms;
+    uint64_t             started_wall_ms;
+    char               **hist;      /* this attempt's events, for its history (history.h) */
+    size_t               nhist, hist_cap;
+    size_t               hist_rcpts; /* recipients' events published */
+    size_t               hist_omitted; /* events past [trace] max_records, not kept */
     log_msgctx_t         log;       /* the message's log fields, lent to the legs (set at DOMAINS) */
 };
 
@@ -419,12 +429,73 @@ static void job_publish(job_t *j, const char *exchange, const char *rkey, const 
     }
 }
 
+/* The message's history is written ([trace] enabled, Redis configured). */
+static int job_history_on(const job_t *j)
+{
+    return j->ctx->env->cfg->trace_enabled && j->ctx->svc.redis != NULL;
+}
+
 static void job_publish_event(job_t *j, const mq_event_t *ev)
 {
     char *json = mq_event_to_json(ev);
     mq_publish_opts_t o = { .message_id = j->msg ? j->msg->id : NULL, .priority = -1, .persistent = 1 };
     job_publish(j, j->ctx->env->cfg->amqp_events_exchange, ev->event, json, strlen(json), &o);
+    if (job_history_on(j)) { /* the history keeps the event as published */
+        j->hist_rcpts += ev->recipient != NULL;
+        if (j->nhist + 1 >= j->ctx->env->cfg->trace_max_records) {
+            /* the attempt record and the first events fill the list */
+            j->hist_omitted++;
+            free(json);
+            return;
+        }
+        if (j->nhist == j->hist_cap) {
+            j->hist_cap = j->hist_cap ? 2 * j->hist_cap : 8;
+            j->hist = xrealloc(j->hist, j->hist_cap * sizeof(char *));
+        }
+        j->hist[j->nhist++] = json;
+        return;
+    }
     free(json);
+}
+
+/* The attempt's records to its history, in one command (history.h): the
+ * attempt record, then its events. Nothing waits for it. */
+static void job_write_history(job_t *j)
+{
+    const char *id = j->msg ? j->msg->id : j->dv->message_id;
+    if (!job_history_on(j) || id == NULL || id[0] == '\0')
+        return;
+    const retry_policy_t *rp = &j->ctx->env->retry;
+    char queue[256] = "";
+    if (j->retrying)
+        retry_queue_name(rp->queue_prefix, &rp->levels, j->retry_level, queue, sizeof(queue));
+    history_attempt_t a = {
+        .message_id = id,
+        .attempt = j->envelope.attempt,
+        .started_ms = j->started_wall_ms,
+        .recipients = j->hist_rcpts,
+        .omitted = j->hist_omitted,
+        .retrying = j->retrying && j->state == JOB_EVENTS,
+        .retry_level = j->retry_level,
+        .retry_queue = queue,
+        .retry_delay_ms = j->retry_in_ms,
+        .retry_attempt = j->retry_throttled_only ? j->envelope.attempt : j->envelope.attempt + 1,
+        .give_up = j->give_up,
+        .dead_reason = j->state == JOB_DEAD ? j->dead_reason : NULL,
+        .dead_queue = j->ctx->env->cfg->amqp_dead_queue,
+    };
+    const char **recs = xcalloc(j->nhist + 1, sizeof(char *));
+    char *attempt = history_attempt_json(&a);
+    recs[0] = attempt;
+    for (size_t i = 0; i < j->nhist; i++)
+        recs[i + 1] = j->hist[i];
+    const mp_config_t *cfg = j->ctx->env->cfg;
+    history_write(j->ctx->svc.redis, id, recs, j->nhist + 1, cfg->trace_ttl_ms, cfg->trace_max_records);
+    free(recs);
+    free(attempt);
+    for (size_t i = 0; i < j->nhist; i++)
+        free(j->hist[i]);
+    j->nhist = 0;
 }
 
 /* Everything is published: DONE once the confirms are in (at once when
@@ -1508,6 +1579,7 @@ static void job_enter_events(job_t *j)
         };
         job_publish_event(j, &ev);
     }
+    job_write_history(j);
     job_await_confirms(j);
 }
 
@@ -1557,6 +1629,7 @@ static void job_enter_dead(job_t *j)
         job_count_sender(j, NULL, MET_OUT_DEAD); /* one dead event, for the message */
         job_publish_event(j, &ev);
     }
+    job_write_history(j);
     job_await_confirms(j);
 }
 
@@ -1615,6 +1688,7 @@ job_t *job_new(job_ctx_t *ctx, mq_delivery_t *dv, job_end_cb end, void *arg)
     j->end = end;
     j->end_arg = arg;
     j->started_ms = util_mono_ms();
+    j->started_wall_ms = util_wall_ms();
     loop_timer_init(&j->ledger_timer, job_on_ledger_timer, j);
     buf_init(&j->raw);
     buf_init(&j->wire_copy);
@@ -1656,6 +1730,9 @@ void job_free(job_t *j)
         free(j->rcpts[i].sup);
     }
     free(j->rcpts);
+    for (size_t i = 0; i < j->nhist; i++)
+        free(j->hist[i]);
+    free(j->hist);
     free(j->wire);
     buf_free(&j->wire_copy);
     buf_free(&j->raw);

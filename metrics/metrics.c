@@ -80,6 +80,8 @@ static const struct {
     [MET_SUP_UNAVAILABLE] = { "mailpump_suppression_unavailable_total", "Messages whose suppression check Redis could not answer: sent ([suppression] when_unavailable = send) or deferred." },
     [MET_SUP_AUTO_ADDED] = { "mailpump_suppression_auto_added_total", "Recipients added to a suppression list after a permanent bounce ([suppression] auto_reasons)." },
     [MET_SUP_AUTO_FAILED] = { "mailpump_suppression_auto_add_failed_total", "Automatic suppression list writes that Redis refused or did not answer." },
+    [MET_TRACE_WRITES] = { "mailpump_trace_writes_total", "Message history writes sent to Redis ([trace]): one per attempt, whatever its recipients." },
+    [MET_TRACE_WRITE_FAILURES] = { "mailpump_trace_write_failures_total", "Message history writes Redis did not take (down, slow, an error): those attempts are missing from `mailpump trace`." },
 };
 
 static const struct {

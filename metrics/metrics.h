@@ -71,6 +71,8 @@ typedef enum {
     MET_SUP_UNAVAILABLE,     /* suppression checks Redis could not answer ([suppression] when_unavailable) */
     MET_SUP_AUTO_ADDED,      /* recipients added to a suppression list after a permanent bounce */
     MET_SUP_AUTO_FAILED,     /* of those, writes Redis refused or did not answer */
+    MET_TRACE_WRITES,        /* message history writes sent to Redis, one per attempt (deliverer/history.c) */
+    MET_TRACE_WRITE_FAILURES, /* of those, failed or timed out: that attempt is missing from the history */
     MET_COUNTER_LAST
 } metric_counter_t;
 
