@@ -18,6 +18,7 @@
 #include "cli/client.h"
 #include "core/buf.h"
 #include "cli/dns_cmd.h"
+#include "cli/queue_cmd.h"
 #include "cli/stress_cmd.h"
 #include "core/config.h"
 #include "core/message.h"
@@ -35,6 +36,8 @@ static void usage(FILE *f)
             "  dns       resolve MX as the engine would, or prewarm the Redis cache: mailpump dns --help\n"
             "  stress    publish N messages, follow them to their final events, report rates\n"
             "            and latencies: mailpump stress --help\n"
+            "  queue     queue depths, workers' messages in flight, busiest destinations: mailpump queue --help\n"
+            "  dead      list or re-drive dead letters: mailpump dead --help\n"
             "  help      show help for a command: mailpump help enqueue\n"
             "\n"
             "Global options (before the command):\n"
@@ -374,6 +377,10 @@ int main(int argc, char **argv)
             usage_events(stdout);
         else if (strcmp(what, "stress") == 0)
             stress_cmd_usage(stdout);
+        else if (strcmp(what, "queue") == 0)
+            queue_cmd_usage(stdout);
+        else if (strcmp(what, "dead") == 0)
+            dead_cmd_usage(stdout);
         else
             usage(stdout);
         return 0;
@@ -406,6 +413,10 @@ int main(int argc, char **argv)
         rc = dns_cmd_main(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "stress") == 0) {
         rc = stress_cmd_main(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "queue") == 0) {
+        rc = queue_cmd_main(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "dead") == 0) {
+        rc = dead_cmd_main(&cfg, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "mailpump: unknown command \"%s\" (try mailpump --help)\n", cmd);
         rc = 2;

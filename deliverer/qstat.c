@@ -3,7 +3,7 @@
  * tables (see qstat.h).
  *
  * The record's JSON, written by the workers and read by control/queue.c:
- *   {"host","pid","worker","inflight","inflight_bytes","smtp_connections",
+ *   {"queue","host","pid","worker","inflight","inflight_bytes","smtp_connections",
  *    "oldest_first_seen_ms","updated_ms",
  *    "dests":[{"d","w","p","f","e","et"}]}
  * d destination, w waiting, p parked, f deferred, e last error, et its
@@ -174,6 +174,7 @@ static json_t *jstr(const char *s)
 char *qstat_encode(const qstat_record_t *r)
 {
     json_t *o = json_object();
+    json_object_set_new(o, "queue", jstr(r->queue));
     json_object_set_new(o, "host", jstr(r->host));
     json_object_set_new(o, "pid", json_integer(r->pid));
     json_object_set_new(o, "worker", json_integer(r->worker));
@@ -230,7 +231,8 @@ int qstat_decode(const char *s, size_t len, qstat_record_t *out)
     }
     uint64_t pid = 0, worker = 0;
     int rc = 0;
-    if (get_str(o, "host", out->host, sizeof(out->host)) < 0 || get_u64(o, "pid", &pid) < 0 ||
+    if (get_str(o, "queue", out->queue, sizeof(out->queue)) < 0 ||
+        get_str(o, "host", out->host, sizeof(out->host)) < 0 || get_u64(o, "pid", &pid) < 0 ||
         get_u64(o, "worker", &worker) < 0 || get_u64(o, "inflight", &out->inflight) < 0 ||
         get_u64(o, "inflight_bytes", &out->inflight_bytes) < 0 ||
         get_u64(o, "smtp_connections", &out->smtp_connections) < 0 ||

@@ -52,6 +52,7 @@ typedef struct qstat_row {
 } qstat_row_t;
 
 typedef struct qstat_record {
+    char        queue[256];        /* the [amqp] queue the worker consumes */
     char        host[256];
     long        pid;
     int         worker;

@@ -133,6 +133,7 @@ static void test_codec_round_trip(void **state)
     (void)state;
     qstat_record_t r, back;
     memset(&r, 0, sizeof(r));
+    snprintf(r.queue, sizeof(r.queue), "mail.outbound");
     snprintf(r.host, sizeof(r.host), "pod-1");
     r.pid = 4242;
     r.worker = 3;
@@ -148,6 +149,7 @@ static void test_codec_round_trip(void **state)
     assert_non_null(strstr(s, "\"inflight\":17"));
     assert_int_equal(qstat_decode(s, strlen(s), &back), 0);
     free(s);
+    assert_string_equal(back.queue, "mail.outbound");
     assert_string_equal(back.host, "pod-1");
     assert_int_equal(back.pid, 4242);
     assert_int_equal(back.worker, 3);
@@ -174,14 +176,14 @@ static void test_decode_rejects(void **state)
         "",
         "[]",
         "{\"host\":\"h\"}",
-        "{\"host\":\"h\",\"pid\":1,\"worker\":0,\"inflight\":-1,\"inflight_bytes\":0,\"smtp_connections\":0,"
+        "{\"queue\":\"q\",\"host\":\"h\",\"pid\":1,\"worker\":0,\"inflight\":-1,\"inflight_bytes\":0,\"smtp_connections\":0,"
         "\"oldest_first_seen_ms\":0,\"updated_ms\":0,\"dests\":[]}",
-        "{\"host\":\"h\",\"pid\":1,\"worker\":0,\"inflight\":1,\"inflight_bytes\":0,\"smtp_connections\":0,"
+        "{\"queue\":\"q\",\"host\":\"h\",\"pid\":1,\"worker\":0,\"inflight\":1,\"inflight_bytes\":0,\"smtp_connections\":0,"
         "\"oldest_first_seen_ms\":0,\"updated_ms\":0,\"dests\":[{\"d\":\"x\"}]}",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         assert_int_equal(qstat_decode(bad[i], strlen(bad[i]), &r), -1);
-    const char *ok = "{\"host\":\"h\",\"pid\":1,\"worker\":0,\"inflight\":1,\"inflight_bytes\":0,"
+    const char *ok = "{\"queue\":\"q\",\"host\":\"h\",\"pid\":1,\"worker\":0,\"inflight\":1,\"inflight_bytes\":0,"
                      "\"smtp_connections\":0,\"oldest_first_seen_ms\":0,\"updated_ms\":0,\"dests\":[]}";
     assert_int_equal(qstat_decode(ok, strlen(ok), &r), 0);
     assert_int_equal(r.nrows, 0);
