@@ -65,7 +65,9 @@
 #include "deliverer/envelope.h"
 #include "deliverer/outcome.h"
 #include "deliverer/policy.h"
+#include "deliverer/qstat.h"
 #include "deliverer/retry.h"
+#include "deliverer/sites.h"
 #include "metrics/metrics.h"
 #include "mime/build.h"
 #include "queue/event.h"
@@ -1195,6 +1197,25 @@ static metrics_outcome_t job_metric_outcome(const job_rcpt_t *r)
     }
 }
 
+/* A recipient deferred or parked, into the worker's status table, under
+ * its site (docs/operations.md, "Queue summary"). */
+static void job_note_deferred(job_t *j, const job_domain_t *d, const job_rcpt_t *r)
+{
+    char site[256], error[600];
+    sites_name(d->mx_host[0] ? d->mx_host : d->name, site, sizeof(site));
+    int parked = r->reason == OUTCOME_R_PARKED;
+    if (r->code > 0)
+        snprintf(error, sizeof(error), "%d%s%s %s", r->code, r->enh[0] ? " " : "", r->enh, r->text);
+    else
+        snprintf(error, sizeof(error), "%s", r->text);
+    qstat_note(j->ctx->qstat, site, parked, parked ? NULL : error, util_wall_ms());
+}
+
+uint64_t job_first_seen_ms(const job_t *j)
+{
+    return j->envelope.first_seen_ms;
+}
+
 static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int appended)
 {
     const job_domain_t *d = &j->domains[r->domain];
@@ -1209,6 +1230,8 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
     case OUTCOME_TRANSIENT: metrics_inc(MET_RCPT_DEFERRED, 1); break;
     default: metrics_inc(MET_RCPT_FAILED, 1); break;
     }
+    if (r->outcome == OUTCOME_TRANSIENT && j->ctx->qstat != NULL)
+        job_note_deferred(j, d, r);
     job_count_sender(j, r, job_metric_outcome(r));
     const char *reason = outcome_reason_name(r->reason);
     mq_event_t ev = {
