@@ -1381,8 +1381,9 @@ static void job_enter_dead(job_t *j)
     envelope_dead_write(j->dead_reason, util_wall_ms(), &hdrs);
     if (j->dv->truncated)
         envelope_dead_truncated(&hdrs, j->dv->announced);
+    /* its priority kept: a redrive republishes it with it (docs/operations.md) */
     mq_publish_opts_t o = { .content_type = "application/octet-stream", .message_id = j->dv->message_id,
-                            .priority = -1, .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n,
+                            .priority = j->dv->priority, .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n,
                             .mandatory = 1 };
     job_publish(j, "", cfg->amqp_dead_queue, j->dv->body, j->dv->len, &o);
     mq_event_t ev = { .event = "dead", .message_id = j->msg ? j->msg->id : j->dv->message_id,

@@ -632,6 +632,7 @@ static void worker_close_services(worker_t *w)
             const char *argv[2] = { "DEL", w->status_key };
             rclient_commandargv(w->redis, NULL, NULL, 2, argv, NULL);
         }
+        rclient_flush(w->redis); /* the DEL, and the leases' releases above */
     }
     w->jc.qstat = NULL;
     free(w->qstat);
