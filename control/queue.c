@@ -285,7 +285,8 @@ static int dead_get(ctl_t *c, int ch, dead_msg_t *d, char *err, size_t errlen)
     if (conn == NULL)
         return -1;
     amqp_maybe_release_buffers(conn);
-    amqp_rpc_reply_t r = amqp_basic_get(conn, (amqp_channel_t)ch, amqp_cstring_bytes(ctl_config(c)->amqp_dead_queue), 0);
+    amqp_bytes_t q = amqp_cstring_bytes(ctl_config(c)->amqp_dead_queue);
+    amqp_rpc_reply_t r = amqp_basic_get(conn, (amqp_channel_t)ch, q, 0);
     if (r.reply_type != AMQP_RESPONSE_NORMAL) {
         rpc_failed(c, ch, "basic.get", err, errlen);
         return -1;

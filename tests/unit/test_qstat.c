@@ -176,9 +176,11 @@ static void test_decode_rejects(void **state)
         "",
         "[]",
         "{\"host\":\"h\"}",
-        "{\"queue\":\"q\",\"host\":\"h\",\"pid\":1,\"worker\":0,\"inflight\":-1,\"inflight_bytes\":0,\"smtp_connections\":0,"
+        "{\"queue\":\"q\",\"host\":\"h\",\"pid\":1,\"worker\":0,\"inflight\":-1,\"inflight_bytes\":0,"
+        "\"smtp_connections\":0,"
         "\"oldest_first_seen_ms\":0,\"updated_ms\":0,\"dests\":[]}",
-        "{\"queue\":\"q\",\"host\":\"h\",\"pid\":1,\"worker\":0,\"inflight\":1,\"inflight_bytes\":0,\"smtp_connections\":0,"
+        "{\"queue\":\"q\",\"host\":\"h\",\"pid\":1,\"worker\":0,\"inflight\":1,\"inflight_bytes\":0,"
+        "\"smtp_connections\":0,"
         "\"oldest_first_seen_ms\":0,\"updated_ms\":0,\"dests\":[{\"d\":\"x\"}]}",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
