@@ -384,13 +384,15 @@ static json_t *dead_entry(const amqp_message_t *m, const char *reason)
     return e;
 }
 
+/* 1 with the dead queue's ready messages, 0 when it does not exist
+ * (*total 0; nothing to read), -1 + err. */
 static int dead_total(ctl_t *c, int *ch, uint64_t *total, char *err, size_t errlen)
 {
     uint64_t consumers;
     int r = queue_depth(c, ch, ctl_config(c)->amqp_dead_queue, total, &consumers, err, errlen);
     if (r == 0)
         *total = 0;
-    return r < 0 ? -1 : 0;
+    return r;
 }
 
 json_t *ctl_dead_list(ctl_t *c, const char *reason_substr, size_t limit, int *status, char *err,
@@ -401,11 +403,12 @@ json_t *ctl_dead_list(ctl_t *c, const char *reason_substr, size_t limit, int *st
     *status = CTL_EUNAVAIL;
     int ch = ctl_amqp_channel(c, err, errlen);
     uint64_t total = 0;
-    if (ch < 0 || dead_total(c, &ch, &total, err, errlen) < 0)
+    int exists = ch < 0 ? -1 : dead_total(c, &ch, &total, err, errlen);
+    if (exists < 0)
         return NULL;
     json_t *msgs = json_array();
     size_t scanned = 0;
-    while (json_array_size(msgs) < limit && scanned < CTL_DEAD_MAX) {
+    while (exists && json_array_size(msgs) < limit && scanned < CTL_DEAD_MAX) {
         dead_msg_t d;
         int r = dead_get(c, ch, &d, err, errlen);
         if (r < 0) {
@@ -566,7 +569,9 @@ json_t *ctl_dead_redrive(ctl_t *c, const char *reason_substr, size_t limit, int 
         limit = CTL_DEAD_MAX;
     *status = CTL_EUNAVAIL;
     int ch = ctl_amqp_channel(c, err, errlen);
-    if (ch < 0)
+    uint64_t total = 0;
+    int exists = ch < 0 ? -1 : dead_total(c, &ch, &total, err, errlen);
+    if (exists < 0)
         return NULL;
     amqp_connection_state_t conn = ctl_amqp(c, err, errlen);
     if (!dry_run) {
@@ -581,7 +586,7 @@ json_t *ctl_dead_redrive(ctl_t *c, const char *reason_substr, size_t limit, int 
     uint64_t seq = 0;
     char why[512] = "";
     int channel_gone = 0;
-    while (redriven < limit && scanned < CTL_DEAD_MAX) {
+    while (exists && redriven < limit && scanned < CTL_DEAD_MAX) {
         dead_msg_t d;
         int r = dead_get(c, ch, &d, why, sizeof(why));
         if (r < 0) {

@@ -39,7 +39,8 @@ json_t *ctl_queue_summary(ctl_t *c, int *status, char *err, size_t errlen);
  * {"messages":[{"id":s|null,"reason":s|null,"size":n,"dead_at":s|null,
  *               "tenant":s|null,"recipients":n|null}],
  *  "total":n, "scanned":n}
- * total: the dead queue's ready messages before the browse. */
+ * total: the dead queue's ready messages before the browse (a dead
+ * queue that does not exist has none). */
 json_t *ctl_dead_list(ctl_t *c, const char *reason_substr, size_t limit, int *status, char *err,
                       size_t errlen);
 

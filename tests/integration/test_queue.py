@@ -116,6 +116,21 @@ class Queue(unittest.TestCase):
         self.assertEqual(s["workers"], [])
         self.assertIsNone(s["oldest_age_s"])
         self.assertIn("first-seen", s["oldest_age_covers"])
+        # no dead queue yet: nothing to list or move
+        self.assertEqual(self.dead_list(d), {"messages": [], "total": 0, "scanned": 0})
+        r = self.cli(d, "dead", "redrive")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout)["redriven"], 0)
+        # Redis unreachable: the depths still, and why the workers are missing
+        env = dict(d.proc_env, MAILPUMP_REDIS_PORT=str(mpstack.free_port()))
+        r = subprocess.run([os.path.join(mpstack.BUILD_DIR, "mailpump"), "--config",
+                            self.env["MP_MAILPUMPD_CONFIG"], "queue", "--json"],
+                           env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        s = json.loads(r.stdout)
+        self.assertEqual(next(q for q in s["queues"] if q["name"] == d.queue)["messages"], 7)
+        self.assertEqual(s["workers"], [])
+        self.assertIn("redis 127.0.0.1:", s["workers_error"])
         # the table names the queue with its depth
         r = self.cli(d, "queue")
         self.assertEqual(r.returncode, 0, r.stderr)
