@@ -89,6 +89,7 @@ struct worker {
     loop_timer_t        gauge_timer;   /* connections and sites into the gauges, every second */
     int64_t             g_conns, g_running, g_waiting; /* this worker's share of those gauges */
     qstat_table_t      *qstat;         /* destinations deferred and parked: the status record */
+    struct status_rows *status_rows;   /* scratch for it */
     unsigned            status_ticks;  /* gauge ticks since the last status record */
     uint64_t            status_cmd;    /* its SET, unanswered (0: none) */
     char                status_key[360]; /* mp:st:<host>:<pid>:<worker> */
@@ -440,8 +441,10 @@ static void gauge_move(metric_gauge_t g, int64_t *mine, int64_t now)
 #define STATUS_SITE_ROWS 256
 
 typedef struct status_rows {
-    qstat_row_t rows[STATUS_SITE_ROWS];
-    size_t      n;
+    qstat_row_t    rows[STATUS_SITE_ROWS];
+    size_t         n;
+    qstat_row_t    mine[QSTAT_DESTS];
+    qstat_record_t rec;
 } status_rows_t;
 
 static void status_site(void *arg, const char *key, unsigned running, unsigned waiting)
@@ -474,35 +477,34 @@ static void worker_write_status(worker_t *w, const deliver_stats_t *ds)
     if (w->redis == NULL || w->status_cmd != 0 || w->qstat == NULL)
         return;
     uint64_t now = util_wall_ms();
-    static __thread status_rows_t sr; /* large: off the stack */
-    sr.n = 0;
+    status_rows_t *sr = w->status_rows;
+    sr->n = 0;
     if (w->jc.svc.sites)
-        sites_each(w->jc.svc.sites, status_site, &sr);
+        sites_each(w->jc.svc.sites, status_site, sr);
     qstat_expire(w->qstat, now);
-    qstat_row_t mine[QSTAT_DESTS];
-    size_t nmine = qstat_table_rows(w->qstat, mine, QSTAT_DESTS, now);
-    sr.n = qstat_merge(sr.rows, sr.n, STATUS_SITE_ROWS, mine, nmine);
-    static __thread qstat_record_t rec;
-    memset(&rec, 0, sizeof(rec));
-    util_copy_text(rec.queue, sizeof(rec.queue), w->env->cfg->amqp_queue);
-    if (gethostname(rec.host, sizeof(rec.host) - 1) != 0 || rec.host[0] == '\0')
-        util_copy_text(rec.host, sizeof(rec.host), "localhost");
-    rec.pid = (long)getpid();
-    rec.worker = w->index;
-    rec.inflight = w->njobs;
-    rec.inflight_bytes = w->budget.charge;
-    rec.smtp_connections = ds->pool.busy + ds->pool.idle;
+    size_t nmine = qstat_table_rows(w->qstat, sr->mine, QSTAT_DESTS, now);
+    sr->n = qstat_merge(sr->rows, sr->n, STATUS_SITE_ROWS, sr->mine, nmine);
+    qstat_record_t *r = &sr->rec;
+    memset(r, 0, sizeof(*r));
+    util_copy_text(r->queue, sizeof(r->queue), w->env->cfg->amqp_queue);
+    if (gethostname(r->host, sizeof(r->host) - 1) != 0 || r->host[0] == '\0')
+        util_copy_text(r->host, sizeof(r->host), "localhost");
+    r->pid = (long)getpid();
+    r->worker = w->index;
+    r->inflight = w->njobs;
+    r->inflight_bytes = w->budget.charge;
+    r->smtp_connections = ds->pool.busy + ds->pool.idle;
     worker_job_t *wj;
     TAILQ_FOREACH(wj, &w->jobs, link) {
         uint64_t fs = job_first_seen_ms(wj->job);
-        if (fs != 0 && (rec.oldest_first_seen_ms == 0 || fs < rec.oldest_first_seen_ms))
-            rec.oldest_first_seen_ms = fs;
+        if (fs != 0 && (r->oldest_first_seen_ms == 0 || fs < r->oldest_first_seen_ms))
+            r->oldest_first_seen_ms = fs;
     }
-    rec.updated_ms = now;
-    rec.nrows = sr.n < QSTAT_TOP ? sr.n : QSTAT_TOP;
-    memcpy(rec.rows, sr.rows, rec.nrows * sizeof(rec.rows[0]));
-    char *json = qstat_encode(&rec);
-    snprintf(w->status_key, sizeof(w->status_key), "%s%s:%ld:%d", QSTAT_KEY_PREFIX, rec.host, rec.pid, w->index);
+    r->updated_ms = now;
+    r->nrows = sr->n < QSTAT_TOP ? sr->n : QSTAT_TOP;
+    memcpy(r->rows, sr->rows, r->nrows * sizeof(r->rows[0]));
+    char *json = qstat_encode(r);
+    snprintf(w->status_key, sizeof(w->status_key), "%s%s:%ld:%d", QSTAT_KEY_PREFIX, r->host, r->pid, w->index);
     char ttl[16];
     snprintf(ttl, sizeof(ttl), "%u", (unsigned)QSTAT_TTL_MS);
     const char *argv[5] = { "SET", w->status_key, json, "PX", ttl };
@@ -585,6 +587,7 @@ static int worker_open_services(worker_t *w, char *err, size_t errlen)
     svc->actions = actions_new(w->loop, w->redis, &ac, NULL, NULL);
     svc->warmup = warmup_new(w->loop, w->redis, w->env->nworkers);
     w->qstat = xcalloc(1, sizeof(*w->qstat));
+    w->status_rows = xcalloc(1, sizeof(*w->status_rows));
     w->jc.qstat = w->qstat;
     w->status_ticks = QSTAT_PERIOD_MS / 1000 - 1; /* the first record a second after start */
     loop_timer_init(&w->gauge_timer, on_gauges, w);
@@ -636,7 +639,9 @@ static void worker_close_services(worker_t *w)
     }
     w->jc.qstat = NULL;
     free(w->qstat);
+    free(w->status_rows);
     w->qstat = NULL;
+    w->status_rows = NULL;
     rclient_free(w->redis);
     ledger_free(svc->ledger);
     w->redis = svc->redis = NULL;
