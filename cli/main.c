@@ -20,6 +20,7 @@
 #include "cli/client.h"
 #include "core/buf.h"
 #include "cli/dns_cmd.h"
+#include "cli/queue_cmd.h"
 #include "cli/stress_cmd.h"
 #include "cli/suppress_cmd.h"
 #include "cli/trace_cmd.h"
@@ -43,6 +44,8 @@ static void usage(FILE *f)
             "  admin     suspend, resume, bounce or slow deliveries by selector, list the actions\n"
             "            in force: mailpump admin --help\n"
             "  suppress  the suppression lists (add, remove, list, get, import, export): mailpump suppress --help\n"
+            "  queue     queue depths, workers' messages in flight, busiest destinations: mailpump queue --help\n"
+            "  dead      list or re-drive dead letters: mailpump dead --help\n"
             "  help      show help for a command: mailpump help enqueue\n"
             "\n"
             "Global options (before the command):\n"
@@ -388,6 +391,10 @@ int main(int argc, char **argv)
             admin_cmd_usage(stdout);
         else if (strcmp(what, "suppress") == 0)
             suppress_cmd_usage(stdout);
+        else if (strcmp(what, "queue") == 0)
+            queue_cmd_usage(stdout);
+        else if (strcmp(what, "dead") == 0)
+            dead_cmd_usage(stdout);
         else
             usage(stdout);
         return 0;
@@ -426,6 +433,10 @@ int main(int argc, char **argv)
         rc = admin_cmd_main(&cfg, sub_argc, sub_argv);
     } else if (strcmp(cmd, "suppress") == 0) {
         rc = suppress_cmd_main(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "queue") == 0) {
+        rc = queue_cmd_main(&cfg, sub_argc, sub_argv);
+    } else if (strcmp(cmd, "dead") == 0) {
+        rc = dead_cmd_main(&cfg, sub_argc, sub_argv);
     } else {
         fprintf(stderr, "mailpump: unknown command \"%s\" (try mailpump --help)\n", cmd);
         rc = 2;

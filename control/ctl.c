@@ -9,11 +9,17 @@
 #include <string.h>
 #include <sys/time.h>
 
+#include <amqp.h>
+#include <amqp_tcp_socket.h>
+
 #include "core/util.h"
+#include "queue/mq.h"
 
 struct ctl {
-    const mp_config_t *cfg;
-    redisContext      *redis;
+    const mp_config_t      *cfg;
+    redisContext           *redis;
+    amqp_connection_state_t amqp;
+    int                     next_channel;
 };
 
 ctl_t *ctl_new(const mp_config_t *cfg)
@@ -28,6 +34,10 @@ void ctl_free(ctl_t *c)
     if (c == NULL)
         return;
     ctl_redis_reset(c);
+    if (c->amqp != NULL) {
+        amqp_connection_close(c->amqp, AMQP_REPLY_SUCCESS);
+        amqp_destroy_connection(c->amqp);
+    }
     free(c);
 }
 
@@ -103,4 +113,82 @@ redisReply *ctl_command_argv(ctl_t *c, char *err, size_t errlen, int argc, const
         return NULL;
     redisReply *rep = redisCommandArgv(r, argc, argv, lens);
     return checked(c, rep, err, errlen);
+}
+
+/* ---- the broker ---- */
+
+void ctl_amqp_reset(ctl_t *c)
+{
+    if (c->amqp != NULL)
+        amqp_destroy_connection(c->amqp);
+    c->amqp = NULL;
+}
+
+amqp_connection_state_t ctl_amqp(ctl_t *c, char *err, size_t errlen)
+{
+    if (c->amqp != NULL)
+        return c->amqp;
+    const mp_config_t *cfg = c->cfg;
+    amqp_connection_state_t conn = amqp_new_connection();
+    amqp_socket_t *s = amqp_tcp_socket_new(conn);
+    struct timeval tv = { 10, 0 };
+    int r = s ? amqp_socket_open_noblock(s, cfg->amqp_host, (int)cfg->amqp_port, &tv) : AMQP_STATUS_NO_MEMORY;
+    if (r != AMQP_STATUS_OK) {
+        snprintf(err, errlen, "amqp %s:%u: %s", cfg->amqp_host, cfg->amqp_port, amqp_error_string2(r));
+        amqp_destroy_connection(conn);
+        return NULL;
+    }
+    amqp_rpc_reply_t lr = amqp_login(conn, cfg->amqp_vhost, 0, 131072, 0, AMQP_SASL_METHOD_PLAIN,
+                                     cfg->amqp_user, cfg->amqp_password);
+    if (lr.reply_type != AMQP_RESPONSE_NORMAL) {
+        snprintf(err, errlen, "amqp %s:%u: login as %s to vhost %s failed", cfg->amqp_host, cfg->amqp_port,
+                 cfg->amqp_user, cfg->amqp_vhost);
+        amqp_destroy_connection(conn);
+        return NULL;
+    }
+    c->amqp = conn;
+    c->next_channel = 1;
+    return conn;
+}
+
+int ctl_amqp_channel(ctl_t *c, char *err, size_t errlen)
+{
+    amqp_connection_state_t conn = ctl_amqp(c, err, errlen);
+    if (conn == NULL)
+        return -1;
+    int ch = c->next_channel;
+    c->next_channel = c->next_channel >= 60000 ? 1 : c->next_channel + 1;
+    amqp_channel_open(conn, (amqp_channel_t)ch);
+    char why[256];
+    if (mq_rpc_check(conn, "channel.open", why, sizeof(why)) < 0) {
+        snprintf(err, errlen, "amqp %s:%u: %s", c->cfg->amqp_host, c->cfg->amqp_port, why);
+        ctl_amqp_reset(c);
+        return -1;
+    }
+    return ch;
+}
+
+void ctl_amqp_close_channel(ctl_t *c, int channel)
+{
+    if (c->amqp == NULL)
+        return;
+    amqp_rpc_reply_t r = amqp_channel_close(c->amqp, (amqp_channel_t)channel, AMQP_REPLY_SUCCESS);
+    if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION ||
+        (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CONNECTION_CLOSE_METHOD))
+        ctl_amqp_reset(c);
+}
+
+void ctl_amqp_channel_closed(ctl_t *c, int channel)
+{
+    if (c->amqp == NULL)
+        return;
+    amqp_rpc_reply_t r = amqp_get_rpc_reply(c->amqp);
+    if (r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION && r.reply.id == AMQP_CHANNEL_CLOSE_METHOD) {
+        amqp_channel_close_ok_t ok = { 0 };
+        if (amqp_send_method(c->amqp, (amqp_channel_t)channel, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok) !=
+            AMQP_STATUS_OK)
+            ctl_amqp_reset(c);
+        return;
+    }
+    ctl_amqp_reset(c); /* the connection itself is gone or confused */
 }

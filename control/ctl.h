@@ -57,4 +57,23 @@ redisReply *ctl_command(ctl_t *c, char *err, size_t errlen, const char *fmt, ...
 redisReply *ctl_command_argv(ctl_t *c, char *err, size_t errlen, int argc, const char **argv,
                              const size_t *lens);
 
+/* ---- the broker ----
+ * One AMQP connection, connected on first use with [amqp] host, port,
+ * user, password, vhost (no heartbeat: it is used in bursts of blocking
+ * calls). Each operation takes a channel of its own and closes it, so
+ * what it leaves unacknowledged goes back to its queue. */
+struct amqp_connection_state_t_;
+/* NULL + err ("amqp 127.0.0.1:5672: ...") when the broker cannot be reached. */
+struct amqp_connection_state_t_ *ctl_amqp(ctl_t *c, char *err, size_t errlen);
+/* After an I/O error or a connection.close: the next use reconnects. */
+void ctl_amqp_reset(ctl_t *c);
+/* A new channel on ctl_amqp() (opened, waited for): its number, or -1 + err. */
+int  ctl_amqp_channel(ctl_t *c, char *err, size_t errlen);
+/* Close a channel of ctl_amqp_channel(), best effort; its unacknowledged
+ * deliveries are requeued by the broker. */
+void ctl_amqp_close_channel(ctl_t *c, int channel);
+/* The broker closed channel (a server exception seen by the caller):
+ * answer close-ok so its number may be used again. */
+void ctl_amqp_channel_closed(ctl_t *c, int channel);
+
 #endif

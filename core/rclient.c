@@ -497,6 +497,13 @@ static void rc_release(rclient_t *c)
     free(c);
 }
 
+void rclient_flush(rclient_t *c)
+{
+    if (c == NULL || c->freeing || c->ac == NULL || c->state != RC_UP || !c->writing)
+        return;
+    rc_on_fd(c->loop, c->fd, LOOP_WRITE, c);
+}
+
 void rclient_free(rclient_t *c)
 {
     if (c == NULL || c->freeing)

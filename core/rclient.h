@@ -55,6 +55,9 @@ int  rclient_connected(const rclient_t *c);
 /* Counters for metrics: commands failed (timeout, down, lost) plus failed
  * connection attempts and lost connections. Error replies are not counted. */
 uint64_t rclient_errors(const rclient_t *c);
+/* Write what is buffered, now (non-blocking, best effort): commands given
+ * just before rclient_free() leave with it instead of being dropped. */
+void rclient_flush(rclient_t *c);
 /* Pending callbacks fire with NULL/"shutting down"; no fd or timer remains
  * in the loop afterwards. Safe to call from inside an rclient_cb (the
  * release is deferred until it returns). */

@@ -79,8 +79,10 @@
 #include "deliverer/history.h"
 #include "deliverer/outcome.h"
 #include "deliverer/policy.h"
+#include "deliverer/qstat.h"
 #include "deliverer/retry.h"
 #include "deliverer/suplist.h"
+#include "deliverer/sites.h"
 #include "metrics/metrics.h"
 #include "mime/build.h"
 #include "queue/event.h"
@@ -1432,6 +1434,25 @@ static void job_auto_suppress(job_t *j, const job_rcpt_t *r)
     free(val);
 }
 
+/* A recipient deferred or parked, into the worker's status table, under
+ * its site (docs/operations.md, "Queue summary"). */
+static void job_note_deferred(job_t *j, const job_domain_t *d, const job_rcpt_t *r)
+{
+    char site[256], error[600];
+    sites_name(d->mx_host[0] ? d->mx_host : d->name, site, sizeof(site));
+    int parked = r->reason == OUTCOME_R_PARKED;
+    if (r->code > 0)
+        snprintf(error, sizeof(error), "%d%s%s %s", r->code, r->enh[0] ? " " : "", r->enh, r->text);
+    else
+        snprintf(error, sizeof(error), "%s", r->text);
+    qstat_note(j->ctx->qstat, site, parked, parked ? NULL : error, util_wall_ms());
+}
+
+uint64_t job_first_seen_ms(const job_t *j)
+{
+    return j->envelope.first_seen_ms;
+}
+
 static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int appended)
 {
     const job_domain_t *d = &j->domains[r->domain];
@@ -1451,6 +1472,8 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
     case MET_OUT_PARKED: metrics_inc(MET_RCPT_DEFERRED, 1); break;
     default: metrics_inc(MET_RCPT_FAILED, 1); break;
     }
+    if (r->outcome == OUTCOME_TRANSIENT && j->ctx->qstat != NULL)
+        job_note_deferred(j, d, r);
     job_count_sender(j, r, mo);
     const char *reason = outcome_reason_name(r->reason);
     mq_event_t ev = {
@@ -1604,8 +1627,9 @@ static void job_enter_dead(job_t *j)
     envelope_dead_write(j->dead_reason, util_wall_ms(), &hdrs);
     if (j->dv->truncated)
         envelope_dead_truncated(&hdrs, j->dv->announced);
+    /* its priority kept: a redrive republishes it with it (docs/operations.md) */
     mq_publish_opts_t o = { .content_type = "application/octet-stream", .message_id = j->dv->message_id,
-                            .priority = -1, .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n,
+                            .priority = j->dv->priority, .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n,
                             .mandatory = 1 };
     job_publish(j, "", cfg->amqp_dead_queue, j->dv->body, j->dv->len, &o);
     mq_event_t ev = { .event = "dead", .message_id = j->msg ? j->msg->id : j->dv->message_id,

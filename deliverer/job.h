@@ -47,9 +47,15 @@ typedef struct job_ctx {
     mq_t               *mq;        /* the broker connection the jobs' messages came on;
                                     * the worker sets NULL once it is lost */
     int                 worker_index;
+    struct qstat_table *qstat;     /* recipients deferred and parked, per destination
+                                    * (deliverer/qstat.h); NULL: not counted */
 } job_ctx_t;
 
 typedef struct job job_t;
+
+/* Wall-clock ms of the message's first consume (its retry envelope's
+ * first-seen time, counting earlier attempts); 0 before it is read. */
+uint64_t job_first_seen_ms(const job_t *j);
 
 /* The job is over: it acked or nacked its message (or could not, the
  * connection being gone). The owner frees it, from inside the call or

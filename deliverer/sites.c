@@ -477,3 +477,14 @@ void sites_get_stats(const sites_t *t, sites_stats_t *st)
     st->waiting = t->waiting;
     st->parked = t->parked;
 }
+
+void sites_each(const sites_t *t, sites_each_fn fn, void *arg)
+{
+    htable_iter_t it;
+    htable_iter_init(&it, &t->table);
+    htable_node_t *n;
+    while ((n = htable_iter_next(&it)) != NULL) {
+        const site_t *s = HTABLE_ENTRY(n, site_t, node);
+        fn(arg, s->name, s->running, s->nwait);
+    }
+}

@@ -137,5 +137,9 @@ unsigned sites_held(const sites_t *t, const char *key);
 /* The connection limit the configuration gives site (0 = none, or the caps are off). */
 unsigned sites_limit(const sites_t *t, const char *site);
 void sites_get_stats(const sites_t *t, sites_stats_t *st);
+/* Every known key (destination[@source]) with its legs running and
+ * waiting, in no particular order (the worker's status record). */
+typedef void (*sites_each_fn)(void *arg, const char *key, unsigned running, unsigned waiting);
+void sites_each(const sites_t *t, sites_each_fn fn, void *arg);
 
 #endif

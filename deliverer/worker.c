@@ -49,6 +49,7 @@
 #include "deliverer/job.h"
 #include "deliverer/lease.h"
 #include "deliverer/ledger.h"
+#include "deliverer/qstat.h"
 #include "deliverer/warmup.h"
 #include "deliverer/wrr.h"
 #include "dns/resolver.h"
@@ -87,6 +88,11 @@ struct worker {
     loop_timer_t        trim_timer;    /* gives freed heap back once idle */
     loop_timer_t        gauge_timer;   /* connections and sites into the gauges, every second */
     int64_t             g_conns, g_running, g_waiting; /* this worker's share of those gauges */
+    qstat_table_t      *qstat;         /* destinations deferred and parked: the status record */
+    struct status_rows *status_rows;   /* scratch for it */
+    unsigned            status_ticks;  /* gauge ticks since the last status record */
+    uint64_t            status_cmd;    /* its SET, unanswered (0: none) */
+    char                status_key[360]; /* mp:st:<host>:<pid>:<worker> */
     budget_t            budget;        /* bodies in flight: [message] inflight_memory */
     uint64_t            assembling;    /* charge of the admitted delivery whose body is arriving */
     int                 exit_code;
@@ -430,6 +436,83 @@ static void gauge_move(metric_gauge_t g, int64_t *mine, int64_t now)
     }
 }
 
+/* ---- the status record (docs/operations.md, "Queue summary") ---- */
+
+#define STATUS_SITE_ROWS 256
+
+typedef struct status_rows {
+    qstat_row_t    rows[STATUS_SITE_ROWS];
+    size_t         n;
+    qstat_row_t    mine[QSTAT_DESTS];
+    qstat_record_t rec;
+} status_rows_t;
+
+static void status_site(void *arg, const char *key, unsigned running, unsigned waiting)
+{
+    status_rows_t *sr = arg;
+    (void)running;
+    if (waiting == 0)
+        return;
+    qstat_row_t r;
+    memset(&r, 0, sizeof(r));
+    size_t len = strcspn(key, "@"); /* destination[@source]: the destination */
+    if (len >= sizeof(r.dest))
+        len = sizeof(r.dest) - 1;
+    memcpy(r.dest, key, len);
+    r.waiting = waiting;
+    sr->n = qstat_merge(sr->rows, sr->n, STATUS_SITE_ROWS, &r, 1);
+}
+
+static void on_status_written(void *arg, const redisReply *reply, const char *err)
+{
+    worker_t *w = arg;
+    (void)reply;
+    (void)err; /* the next one, 2 s later, replaces it */
+    w->status_cmd = 0;
+}
+
+/* One SET a period, skipped while the last one is unanswered. */
+static void worker_write_status(worker_t *w, const deliver_stats_t *ds)
+{
+    if (w->redis == NULL || w->status_cmd != 0 || w->qstat == NULL)
+        return;
+    uint64_t now = util_wall_ms();
+    status_rows_t *sr = w->status_rows;
+    sr->n = 0;
+    if (w->jc.svc.sites)
+        sites_each(w->jc.svc.sites, status_site, sr);
+    qstat_expire(w->qstat, now);
+    size_t nmine = qstat_table_rows(w->qstat, sr->mine, QSTAT_DESTS, now);
+    sr->n = qstat_merge(sr->rows, sr->n, STATUS_SITE_ROWS, sr->mine, nmine);
+    qstat_record_t *r = &sr->rec;
+    memset(r, 0, sizeof(*r));
+    util_copy_text(r->queue, sizeof(r->queue), w->env->cfg->amqp_queue);
+    if (gethostname(r->host, sizeof(r->host) - 1) != 0 || r->host[0] == '\0')
+        util_copy_text(r->host, sizeof(r->host), "localhost");
+    r->pid = (long)getpid();
+    r->worker = w->index;
+    r->inflight = w->njobs;
+    r->inflight_bytes = w->budget.charge;
+    r->smtp_connections = ds->pool.busy + ds->pool.idle;
+    worker_job_t *wj;
+    TAILQ_FOREACH(wj, &w->jobs, link) {
+        uint64_t fs = job_first_seen_ms(wj->job);
+        if (fs != 0 && (r->oldest_first_seen_ms == 0 || fs < r->oldest_first_seen_ms))
+            r->oldest_first_seen_ms = fs;
+    }
+    r->updated_ms = now;
+    r->nrows = sr->n < QSTAT_TOP ? sr->n : QSTAT_TOP;
+    memcpy(r->rows, sr->rows, r->nrows * sizeof(r->rows[0]));
+    char *json = qstat_encode(r);
+    snprintf(w->status_key, sizeof(w->status_key), "%s%s:%ld:%d", QSTAT_KEY_PREFIX, r->host, r->pid, w->index);
+    char ttl[16];
+    snprintf(ttl, sizeof(ttl), "%u", (unsigned)QSTAT_TTL_MS);
+    const char *argv[5] = { "SET", w->status_key, json, "PX", ttl };
+    size_t lens[5] = { 3, strlen(w->status_key), strlen(json), 2, strlen(ttl) };
+    w->status_cmd = rclient_commandargv(w->redis, on_status_written, w, 5, argv, lens);
+    free(json);
+}
+
 static void on_gauges(loop_t *loop, loop_timer_t *t, void *arg)
 {
     worker_t *w = arg;
@@ -443,6 +526,10 @@ static void on_gauges(loop_t *loop, loop_timer_t *t, void *arg)
     gauge_move(MET_SMTP_CONNECTIONS, &w->g_conns, (int64_t)(ds.pool.busy + ds.pool.idle));
     gauge_move(MET_SITE_RUNNING, &w->g_running, (int64_t)ss.running);
     gauge_move(MET_SITE_WAITING, &w->g_waiting, (int64_t)ss.waiting);
+    if (t && ++w->status_ticks >= QSTAT_PERIOD_MS / 1000) {
+        w->status_ticks = 0;
+        worker_write_status(w, &ds);
+    }
     if (t)
         loop_timer_set(loop, t, 1000);
 }
@@ -499,6 +586,10 @@ static int worker_open_services(worker_t *w, char *err, size_t errlen)
     actions_config_t ac = { .poll_ms = 800 };
     svc->actions = actions_new(w->loop, w->redis, &ac, NULL, NULL);
     svc->warmup = warmup_new(w->loop, w->redis, w->env->nworkers);
+    w->qstat = xcalloc(1, sizeof(*w->qstat));
+    w->status_rows = xcalloc(1, sizeof(*w->status_rows));
+    w->jc.qstat = w->qstat;
+    w->status_ticks = QSTAT_PERIOD_MS / 1000 - 1; /* the first record a second after start */
     loop_timer_init(&w->gauge_timer, on_gauges, w);
     loop_timer_set(w->loop, &w->gauge_timer, 1000);
     if (cfg->imap_pool) {
@@ -537,6 +628,20 @@ static void worker_close_services(worker_t *w)
     w->jc.imap_pool = NULL;
     dns_resolver_free(svc->dns);
     svc->dns = NULL;
+    if (w->redis != NULL) {
+        rclient_cancel(w->redis, w->status_cmd);
+        w->status_cmd = 0;
+        if (w->status_key[0]) { /* gone from the summary now, not in 10 s (best effort) */
+            const char *argv[2] = { "DEL", w->status_key };
+            rclient_commandargv(w->redis, NULL, NULL, 2, argv, NULL);
+        }
+        rclient_flush(w->redis); /* the DEL, and the leases' releases above */
+    }
+    w->jc.qstat = NULL;
+    free(w->qstat);
+    free(w->status_rows);
+    w->qstat = NULL;
+    w->status_rows = NULL;
     rclient_free(w->redis);
     ledger_free(svc->ledger);
     w->redis = svc->redis = NULL;
