@@ -76,6 +76,11 @@ static const struct {
     [MET_SHAPING_SUSPENDED] = { "mailpump_shaping_suspended_total", "Recipients deferred to a delay queue without spending an attempt because a shaping action suspends their destination (site or domain, and source)." },
     [MET_SHAPING_BOUNCED] = { "mailpump_shaping_bounced_total", "Recipients bounced by a shaping action (action = bounce), not by a server." },
     [MET_WARMUP_LIMITED] = { "mailpump_warmup_limited_total", "Times a domain leg found a source at its warm-up day's volume for the destination site (the leg took another source of its pool, or was parked)." },
+    [MET_API_REQUESTS] = { "mailpump_api_requests_total", "HTTP API requests answered." },
+    [MET_API_CLIENT_ERRORS] = { "mailpump_api_client_errors_total", "HTTP API requests answered with a 4xx status." },
+    [MET_API_SERVER_ERRORS] = { "mailpump_api_server_errors_total", "HTTP API requests answered with a 5xx status (e.g. the broker unavailable)." },
+    [MET_API_AUTH_FAILURES] = { "mailpump_api_auth_failures_total", "HTTP API requests refused with 401: no bearer token, or not one of [api] tokens_file." },
+    [MET_API_MESSAGES_SUBMITTED] = { "mailpump_api_messages_submitted_total", "Messages published by POST /v1/messages and confirmed by the broker." },
 };
 
 static const struct {

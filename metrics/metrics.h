@@ -67,6 +67,11 @@ typedef enum {
     MET_SHAPING_SUSPENDED,       /* recipients deferred without an attempt: a shaping action suspends their destination */
     MET_SHAPING_BOUNCED,         /* recipients bounced by a shaping action */
     MET_WARMUP_LIMITED,      /* sources refused for a leg: at their warm-up day's volume (deliverer/warmup.c) */
+    MET_API_REQUESTS,        /* HTTP API requests answered (api/http.h) */
+    MET_API_CLIENT_ERRORS,   /* of those, answered 4xx */
+    MET_API_SERVER_ERRORS,   /* of those, answered 5xx */
+    MET_API_AUTH_FAILURES,   /* of those, refused for want of a valid bearer token */
+    MET_API_MESSAGES_SUBMITTED, /* messages POST /v1/messages published and confirmed */
     MET_COUNTER_LAST
 } metric_counter_t;
 
