@@ -174,8 +174,8 @@ const char *api_tokens_match(const api_tokens_t *t, const char *token, size_t le
     size_t found = 0; /* index + 1 of the match */
     for (size_t i = 0; i < t->n; i++) {
         /* no branch on the comparison: a mask selects the index */
-        size_t eq = (size_t)(CRYPTO_memcmp(d, t->v[i].digest, sizeof(d)) == 0);
-        found |= (i + 1) & ((size_t)0 - eq);
+        size_t mask = (size_t)0 - (size_t)(CRYPTO_memcmp(d, t->v[i].digest, sizeof(d)) == 0);
+        found = (found & ~mask) | ((i + 1) & mask); /* the last match wins */
     }
     OPENSSL_cleanse(d, sizeof(d));
     return found ? t->v[found - 1].who : NULL;
