@@ -426,10 +426,11 @@ static void handle_submit(api_call_t *c, void *arg)
     if (!sub->up || sub->stopping) {
         char why[400];
         snprintf(why, sizeof(why), "broker unavailable: %s", sub->stopping ? "the server is stopping" : sub->down);
+        json_t *extra = json_pack("{s:[], s:o}", "confirmed", "unconfirmed", id_list(b, 0));
         b->refs = 1;
         batch_unref_locked(b);
         pthread_mutex_unlock(&sub->lock);
-        api_error(c, 503, "unavailable", "%s", why);
+        api_error_with(c, 503, "unavailable", extra, "%s", why);
         return;
     }
     if (sub->tail)

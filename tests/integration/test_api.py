@@ -350,6 +350,8 @@ class ApiOwnDaemon(unittest.TestCase):
         self.assertEqual(doc["error"]["code"], "unavailable")
         self.assertTrue(doc["error"]["reason"].startswith("broker unavailable: "), doc)
         self.assertIn(str(dead), doc["error"]["reason"])
+        self.assertEqual(doc["error"]["confirmed"], [])
+        self.assertEqual(len(doc["error"]["unconfirmed"]), 2)
         self.assertLess(time.time() - t0, 2, "fails fast, without waiting for publish_timeout")
 
     def test_tls(self):
