@@ -159,6 +159,20 @@ class Api(unittest.TestCase):
     # ---- the server's refusals ----
 
     def test_too_large_by_content_length(self):
+        # answered from the headers: the body is never sent
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        try:
+            s.sendall(f"POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {MAX_BODY + 1}\r\n\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            s.close()
+        self.assertTrue(data.startswith(b"HTTP/1.1 413 "), data)
         body = b'{"x":"' + b"a" * MAX_BODY + b'"}'
         self.assertError(self.request("POST", "/v1/messages", body, raw=True), 413, "too_large")
         # exactly max_body passes the size check (and is then not a message)
@@ -317,7 +331,10 @@ class ApiOwnDaemon(unittest.TestCase):
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            log.seek(0)
+            text = log.read()
             log.close()
+            self.assertEqual(proc.returncode, 0, text[-3000:])
         self.addCleanup(stop)
         return proc, log
 
