@@ -138,6 +138,8 @@ static void fail_batch(api_submit_t *sub, batch_t *b, size_t from, const char *w
 
 static void publish_batch(api_submit_t *sub, batch_t *b)
 {
+    if (sub->mq != NULL && !mq_is_open(sub->mq))
+        set_state(sub, 0, "connection to the broker lost"); /* before on_check sees it */
     if (sub->mq == NULL || !mq_is_open(sub->mq) || sub->blocked) {
         char why[400];
         pthread_mutex_lock(&sub->lock);

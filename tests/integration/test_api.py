@@ -15,6 +15,9 @@ stack's sinks); others start their own:
   or generated), then delivered (the events name those ids); a batch with
   an invalid message -> 422 naming its index, and none of the batch is
   published; a broker nobody listens on -> 503 "broker unavailable";
+  a private broker frozen -> 503 after [api] publish_timeout with the ids
+  unconfirmed; stopped -> 503 at once; started again -> 202 (the
+  publisher reconnected);
 - TLS with a self-signed certificate: HTTPS works, plaintext does not;
 - --check-config refuses [api] listen without a tokens file.
 
@@ -35,6 +38,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mpstack  # noqa: E402
+import privbroker  # noqa: E402
 
 TOKEN = "s3cr3t-token-for-ops-alice-0001"
 TOKEN2 = "another-token-0123456789"
@@ -271,9 +275,10 @@ class Api(unittest.TestCase):
         ok1, ok2 = str(uuid.uuid4()), str(uuid.uuid4())
         bad = message()
         del bad["to"]
-        before = self.daemon.metric("mailpump_messages_consumed_total")
+        before = self.daemon.metric("mailpump_api_messages_submitted_total")
         doc = self.assertError(self.request("POST", "/v1/messages", [message(ok1), bad, message(ok2), 5]),
                                422, "invalid_message")
+        self.assertEqual(self.daemon.metric("mailpump_api_messages_submitted_total"), before)
         msgs = doc["error"]["messages"]
         self.assertEqual([m["index"] for m in msgs], [1, 3])
         self.assertIn('"to"', msgs[0]["reason"])
@@ -285,7 +290,7 @@ class Api(unittest.TestCase):
         self.delivered([probe])
         self.tap.drain()
         self.assertFalse([e for e in self.tap.events if e.get("message_id") in (ok1, ok2)])
-        self.assertEqual(self.daemon.metric("mailpump_messages_consumed_total"), before + 1)
+        self.assertEqual(self.daemon.metric("mailpump_api_messages_submitted_total"), before + 1)
 
     def test_empty_and_oversized_batch(self):
         self.assertError(self.request("POST", "/v1/messages", []), 400, "invalid")
@@ -420,6 +425,88 @@ class ApiOwnDaemon(unittest.TestCase):
         self.assertIn("both or neither", r.stderr)
         r = self.run_check({"MAILPUMP_API_LISTEN": "127.0.0.1:1", "MAILPUMP_API_TOKENS_FILE": self.tokens})
         self.assertEqual(r.returncode, 0, r.stderr)
+
+
+class ApiBroker(unittest.TestCase):
+    """POST /v1/messages while a private broker freezes, stops and returns."""
+
+    def post(self, port, msgs):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("POST", "/v1/messages", body=json.dumps(msgs),
+                  headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        r = c.getresponse()
+        doc = json.loads(r.read())
+        c.close()
+        return r.status, doc
+
+    def test_frozen_stopped_and_back(self):
+        tmp = tempfile.mkdtemp(prefix="mp-api3-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        tokens = os.path.join(tmp, "tokens")
+        with open(tokens, "w") as f:
+            f.write(f"{TOKEN}\n")
+        broker = privbroker.PrivateBroker()
+        self.addCleanup(broker.close)
+        broker.start()
+        env = broker.stack_env(mpstack.stack_env())
+        port = mpstack.free_port()
+        d = mpstack.Daemon(env, workers=1, extra_env=api_env(
+            port, tokens, MAILPUMP_API_PUBLISH_TIMEOUT="1s", MAILPUMP_IMAP_HOST="",
+            MAILPUMP_AMQP_HEARTBEAT="5", MAILPUMP_WORKER_SHUTDOWN_GRACE_MS="3000"))
+        try:
+            d.start()
+        except Exception:
+            d.stop()
+            raise
+
+        def stop():
+            if d.proc.poll() is None:
+                broker.thaw()
+                self.assertEqual(d.stop(), 0, d.log()[-3000:])
+        self.addCleanup(stop)
+        st, doc = self.post(port, [message()])
+        self.assertEqual(st, 202, doc)
+
+        # frozen: the publishes go out, no confirm comes back
+        broker.freeze()
+        ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+        t0 = time.time()
+        st, doc = self.post(port, [message(ids[0]), message(ids[1])])
+        took = time.time() - t0
+        broker.thaw()
+        self.assertEqual(st, 503, doc)
+        self.assertEqual(doc["error"]["code"], "unavailable")
+        self.assertIn("did not confirm within [api] publish_timeout (1000 ms)", doc["error"]["reason"])
+        self.assertEqual(doc["error"]["confirmed"], [])
+        self.assertEqual(sorted(doc["error"]["unconfirmed"]), sorted(ids))
+        self.assertGreaterEqual(took, 0.9)
+        self.assertLess(took, 5)
+
+        # stopped: 503 at once once the loss is seen
+        broker.stop_app()
+        deadline = time.time() + 20
+        while True:
+            t0 = time.time()
+            st, doc = self.post(port, [message()])
+            took = time.time() - t0
+            if st == 503 and doc["error"]["reason"].startswith("broker unavailable: "):
+                break
+            self.assertLess(time.time(), deadline, (st, doc))
+            time.sleep(0.2)
+        self.assertLess(took, 0.9, "fails fast, without waiting for publish_timeout")
+        self.assertEqual(len(doc["error"]["unconfirmed"]), 1)
+
+        # back: the publisher reconnects
+        broker.start_app()
+        deadline = time.time() + 40
+        while True:
+            mid = str(uuid.uuid4())
+            st, doc = self.post(port, [message(mid)])
+            if st == 202:
+                break
+            self.assertLess(time.time(), deadline, (st, doc))
+            time.sleep(0.5)
+        self.assertEqual(doc, {"ids": [mid]})
 
 
 if __name__ == "__main__":
