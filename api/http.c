@@ -27,7 +27,10 @@
 
 #include <microhttpd.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/sha.h>
+#include <openssl/x509.h>
 
 #include "core/log.h"
 #include "core/util.h"
@@ -401,6 +404,33 @@ static char *read_pem(const char *what, const char *path, char *err, size_t errl
     return text;
 }
 
+/* The certificate and the key parse and belong together (GnuTLS serves
+ * them; OpenSSL only checks them here). */
+static int check_pair(const mp_config_t *cfg, const char *cert, const char *key, char *err,
+                      size_t errlen)
+{
+    BIO *cb = BIO_new_mem_buf(cert, -1), *kb = BIO_new_mem_buf(key, -1);
+    X509 *x = PEM_read_bio_X509(cb, NULL, NULL, NULL);
+    EVP_PKEY *k = PEM_read_bio_PrivateKey(kb, NULL, NULL, NULL);
+    int rc = -1;
+    if (x == NULL)
+        snprintf(err, errlen, "[api] tls_cert: %s: no certificate", cfg->api_tls_cert);
+    else if (k == NULL)
+        snprintf(err, errlen, "[api] tls_key: %s: no private key (or one with a passphrase)",
+                 cfg->api_tls_key);
+    else if (X509_check_private_key(x, k) != 1)
+        snprintf(err, errlen, "[api] tls_key: %s is not the key of %s", cfg->api_tls_key,
+                 cfg->api_tls_cert);
+    else
+        rc = 0;
+    X509_free(x);
+    EVP_PKEY_free(k);
+    BIO_free(cb);
+    BIO_free(kb);
+    ERR_clear_error();
+    return rc;
+}
+
 /* The checks of api_config_check(); with s, also keeps what it loaded. */
 static int check_config(const mp_config_t *cfg, api_server_t *s, char *err, size_t errlen)
 {
@@ -444,6 +474,12 @@ static int check_config(const mp_config_t *cfg, api_server_t *s, char *err, size
         char *key = read_pem("tls_key", cfg->api_tls_key, err, errlen);
         if (key == NULL) {
             free(cert);
+            return -1;
+        }
+        if (check_pair(cfg, cert, key, err, errlen) < 0) {
+            free(cert);
+            OPENSSL_cleanse(key, strlen(key));
+            free(key);
             return -1;
         }
         if (s != NULL) {

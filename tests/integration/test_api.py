@@ -423,6 +423,20 @@ class ApiOwnDaemon(unittest.TestCase):
                             "MAILPUMP_API_TLS_CERT": self.tokens})
         self.assertEqual(r.returncode, 2)
         self.assertIn("both or neither", r.stderr)
+        # a certificate with another's key
+        keys = []
+        for n in ("a", "b"):
+            cert, key = os.path.join(self.dir, f"{n}.crt"), os.path.join(self.dir, f"{n}.key")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                            "-out", cert, "-days", "2", "-subj", "/CN=x"], check=True, capture_output=True)
+            keys.append((cert, key))
+        r = self.run_check({"MAILPUMP_API_LISTEN": "127.0.0.1:1", "MAILPUMP_API_TOKENS_FILE": self.tokens,
+                            "MAILPUMP_API_TLS_CERT": keys[0][0], "MAILPUMP_API_TLS_KEY": keys[1][1]})
+        self.assertEqual(r.returncode, 2)
+        self.assertIn(f"[api] tls_key: {keys[1][1]} is not the key of {keys[0][0]}", r.stderr)
+        r = self.run_check({"MAILPUMP_API_LISTEN": "127.0.0.1:1", "MAILPUMP_API_TOKENS_FILE": self.tokens,
+                            "MAILPUMP_API_TLS_CERT": keys[0][0], "MAILPUMP_API_TLS_KEY": keys[0][1]})
+        self.assertEqual(r.returncode, 0, r.stderr)
         r = self.run_check({"MAILPUMP_API_LISTEN": "127.0.0.1:1", "MAILPUMP_API_TOKENS_FILE": self.tokens})
         self.assertEqual(r.returncode, 0, r.stderr)
 
