@@ -266,6 +266,27 @@ class Api(unittest.TestCase):
         self.assertEqual(by_id, {mid: "alice@test.example", ids[0]: "alice@test.example",
                                  ids[1]: "bob@test.example", ids[2]: "alice@test.example"})
 
+    def test_concurrent_requests(self):
+        """Requests of several clients at once share the one publisher
+        connection: each gets its own ids back, and every one is delivered."""
+        import threading
+        results, lock = [], threading.Lock()
+
+        def client(n):
+            batch = [message(f"conc-{n}-{i}-{uuid.uuid4().hex[:8]}") for i in range(3)]
+            got = self.request("POST", "/v1/messages", batch)
+            with lock:
+                results.append(([m["id"] for m in batch], got))
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(len(results), 10)
+        for ids, (st, _, doc) in results:
+            self.assertEqual((st, doc), (202, {"ids": ids}))
+        self.delivered([i for ids, _ in results for i in ids])
+
     def test_bad_priority(self):
         self.assertError(self.request("POST", "/v1/messages?priority=11", message()), 400, "invalid")
         self.assertError(self.request("POST", "/v1/messages", message(),
