@@ -157,6 +157,17 @@ typedef struct mp_config {
     char    *metrics_listen;      /* host:port, empty disables */
     char    *metrics_tenants;     /* tenant label values, comma/blank separated (metrics_label_add_list) */
     char    *metrics_campaigns;   /* campaign label values, the same way */
+    /* [api] (api/http.h) */
+    char    *api_listen;          /* host:port of the HTTP API, empty disables */
+    char    *api_tokens_file;     /* bearer tokens, NAME:TOKEN or TOKEN per line */
+    char    *api_tls_cert;        /* PEM; both or neither of cert and key */
+    char    *api_tls_key;
+    unsigned long api_max_body;   /* bytes of a request body */
+    uint64_t api_timeout_ms;      /* inactivity per connection */
+    unsigned api_max_connections;
+    unsigned api_threads;         /* MHD thread pool */
+    unsigned api_max_batch;       /* messages per POST /v1/messages */
+    uint64_t api_publish_timeout_ms; /* wait for the broker's confirms */
     /* [log] */
     mp_log_level_t  log_level;
     mp_log_format_t log_format;

@@ -4,7 +4,8 @@
  * DESCRIPTION
  *  Loads the configuration (file, then MAILPUMP_<SECTION>_<KEY>), builds
  *  the read-only environment the workers share (TLS contexts, the IMAP
- *  account map and address), starts the metrics endpoint and W worker
+ *  account map and address), starts the metrics endpoint, the HTTP API
+ *  when [api] listen is set (api/http.h), and W worker
  *  threads, then waits for a signal. SIGTERM/SIGINT drain the workers
  *  (stop consuming, finish in flight, exit 0) - what Kubernetes sends on
  *  scale-down. Signals are blocked in every thread and taken by
@@ -27,6 +28,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "api/http.h"
+#include "api/submit.h"
 #include "core/config.h"
 #include "core/crash.h"
 #include "core/log.h"
@@ -142,7 +145,7 @@ int main(int argc, char **argv)
 
     /* every check start-up makes: --check-config stops after it */
     worker_env_t env;
-    if (env_build(&cfg, &env, err, sizeof(err)) < 0) {
+    if (env_build(&cfg, &env, err, sizeof(err)) < 0 || api_config_check(&cfg, err, sizeof(err)) < 0) {
         fprintf(stderr, "mailpumpd: configuration error: %s\n", err);
         env_free(&env);
         config_free(&cfg);
@@ -194,6 +197,25 @@ int main(int argc, char **argv)
         }
     }
 
+    /* the HTTP API (api/http.h), off unless [api] listen is set */
+    api_server_t *api = NULL;
+    api_submit_t *submit = NULL;
+    if (cfg.api_listen[0]) {
+        api = api_server_new(&cfg, err, sizeof(err));
+        if (api != NULL)
+            submit = api_submit_start(&cfg, err, sizeof(err));
+        if (api == NULL || submit == NULL || api_submit_route(api, submit) < 0 ||
+            api_server_start(api, err, sizeof(err)) < 0) {
+            fprintf(stderr, "mailpumpd: %s\n", err);
+            api_server_free(api);
+            api_submit_stop(submit);
+            metrics_server_stop(ms);
+            env_free(&env);
+            config_free(&cfg);
+            return 2;
+        }
+    }
+
     unsigned nworkers = env.nworkers;
     metrics_gauge_set(MET_WORKERS, nworkers);
     log_info("main", "start", "version=%s workers=%u queue=%s amqp=%s:%u metrics=%s smtp_tls=%s",
@@ -230,6 +252,9 @@ int main(int argc, char **argv)
                 crash_reporter_check(); /* off every worker's path */
         log_info("main", "signal", "signal=%s action=drain", LOG_Q(strsignal(sig)));
     }
+    /* the API first: no new submissions while the workers drain */
+    api_server_free(api);
+    api_submit_stop(submit);
     for (unsigned i = 0; i < started; i++)
         worker_stop(workers[i]);
     for (unsigned i = 0; i < started; i++)

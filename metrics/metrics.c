@@ -82,6 +82,11 @@ static const struct {
     [MET_SUP_AUTO_FAILED] = { "mailpump_suppression_auto_add_failed_total", "Automatic suppression list writes that Redis refused or did not answer." },
     [MET_TRACE_WRITES] = { "mailpump_trace_writes_total", "Message history writes sent to Redis ([trace]): one per attempt, whatever its recipients." },
     [MET_TRACE_WRITE_FAILURES] = { "mailpump_trace_write_failures_total", "Message history writes Redis did not take (down, slow, an error): those attempts are missing from `mailpump trace`." },
+    [MET_API_REQUESTS] = { "mailpump_api_requests_total", "HTTP API requests answered." },
+    [MET_API_CLIENT_ERRORS] = { "mailpump_api_client_errors_total", "HTTP API requests answered with a 4xx status." },
+    [MET_API_SERVER_ERRORS] = { "mailpump_api_server_errors_total", "HTTP API requests answered with a 5xx status (e.g. the broker unavailable)." },
+    [MET_API_AUTH_FAILURES] = { "mailpump_api_auth_failures_total", "HTTP API requests refused with 401: no bearer token, or not one of [api] tokens_file." },
+    [MET_API_MESSAGES_SUBMITTED] = { "mailpump_api_messages_submitted_total", "Messages published by POST /v1/messages and confirmed by the broker." },
 };
 
 static const struct {

@@ -73,6 +73,11 @@ typedef enum {
     MET_SUP_AUTO_FAILED,     /* of those, writes Redis refused or did not answer */
     MET_TRACE_WRITES,        /* message history writes sent to Redis, one per attempt (deliverer/history.c) */
     MET_TRACE_WRITE_FAILURES, /* of those, failed or timed out: that attempt is missing from the history */
+    MET_API_REQUESTS,        /* HTTP API requests answered (api/http.h) */
+    MET_API_CLIENT_ERRORS,   /* of those, answered 4xx */
+    MET_API_SERVER_ERRORS,   /* of those, answered 5xx */
+    MET_API_AUTH_FAILURES,   /* of those, refused for want of a valid bearer token */
+    MET_API_MESSAGES_SUBMITTED, /* messages POST /v1/messages published and confirmed */
     MET_COUNTER_LAST
 } metric_counter_t;
 
