@@ -586,7 +586,10 @@ json_t *ctl_dead_redrive(ctl_t *c, const char *reason_substr, size_t limit, int 
     uint64_t seq = 0;
     char why[512] = "";
     int channel_gone = 0;
-    while (exists && redriven < limit && scanned < CTL_DEAD_MAX) {
+    /* only the dead letters there when it starts: one re-driven to a
+     * cause not yet fixed comes back to the queue's tail at once, and
+     * must not be taken again (and again) by this same call */
+    while (exists && redriven < limit && scanned < total && scanned < CTL_DEAD_MAX) {
         dead_msg_t d;
         int r = dead_get(c, ch, &d, why, sizeof(why));
         if (r < 0) {

@@ -49,7 +49,9 @@ json_t *ctl_dead_list(ctl_t *c, const char *reason_substr, size_t limit, int *st
  * publisher confirm (persistent, mandatory, its message-id and priority,
  * its headers but x-mailpump-reason and x-death, plus
  * x-mailpump-redriven: the times it was re-driven) and its dead copy is
- * acked only once the confirm arrived. Others are left in place. The
+ * acked only once the confirm arrived. Others are left in place. Only
+ * the dead letters the queue held when the call started are read (one
+ * re-driven that fails again lands at the tail and is not taken twice). The
  * first publish that fails stops the redrive; its dead copy stays.
  * {"redriven":n,"skipped":n,"failed":n,"ids":[...],"dry_run":b}
  * skipped: read and left (no match, or a truncated dead letter); ids:

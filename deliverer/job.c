@@ -67,6 +67,8 @@
 #include <string.h>
 #include <strings.h>
 #include <ctype.h>
+
+#include <jansson.h>
 #include <openssl/evp.h>
 
 #include "core/buf.h"
@@ -1608,6 +1610,20 @@ static void job_enter_events(job_t *j)
 
 /* ---- DEAD ---- */
 
+/* The "id" of a body the parser refused, when it is a JSON object whose
+ * id is a valid one (msgjson_valid_id); else NULL. Dead letters only. */
+static char *job_salvage_id(const mq_delivery_t *dv)
+{
+    if (dv->truncated || dv->body == NULL)
+        return NULL;
+    json_t *root = json_loadb(dv->body, dv->len, JSON_REJECT_DUPLICATES, NULL);
+    const json_t *id = json_is_object(root) ? json_object_get(root, "id") : NULL;
+    char *out = json_is_string(id) && msgjson_valid_id(json_string_value(id)) ? xstrdup(json_string_value(id))
+                                                                              : NULL;
+    json_decref(root);
+    return out;
+}
+
 /* The original body to the dead-letter queue with the reason, and a dead
  * event; acked once both are confirmed. A poison message first reports
  * the recipients the ledger shows delivered (already_delivered, as any
@@ -1627,12 +1643,16 @@ static void job_enter_dead(job_t *j)
     envelope_dead_write(j->dead_reason, util_wall_ms(), &hdrs);
     if (j->dv->truncated)
         envelope_dead_truncated(&hdrs, j->dv->announced);
+    /* a body refused by validation may still name a valid id: the dead
+     * copy and the dead event carry it, for `mailpump dead` and trace */
+    char *salvaged = j->msg == NULL && j->dv->message_id == NULL ? job_salvage_id(j->dv) : NULL;
+    const char *dead_id = j->msg ? j->msg->id : j->dv->message_id ? j->dv->message_id : salvaged;
     /* its priority kept: a redrive republishes it with it (docs/operations.md) */
-    mq_publish_opts_t o = { .content_type = "application/octet-stream", .message_id = j->dv->message_id,
+    mq_publish_opts_t o = { .content_type = "application/octet-stream", .message_id = dead_id,
                             .priority = j->dv->priority, .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n,
                             .mandatory = 1 };
     job_publish(j, "", cfg->amqp_dead_queue, j->dv->body, j->dv->len, &o);
-    mq_event_t ev = { .event = "dead", .message_id = j->msg ? j->msg->id : j->dv->message_id,
+    mq_event_t ev = { .event = "dead", .message_id = dead_id,
                       .trace_id = j->msg ? j->msg->trace_id : NULL, .error = j->dead_reason,
                       .attempt = j->envelope.attempt };
     if (j->msg) {
@@ -1654,6 +1674,7 @@ static void job_enter_dead(job_t *j)
         job_publish_event(j, &ev);
     }
     job_write_history(j);
+    free(salvaged);
     job_await_confirms(j);
 }
 

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "api/http.h"
+#include "api/control.h"
 #include "api/submit.h"
 #include "core/config.h"
 #include "core/crash.h"
@@ -205,7 +206,7 @@ int main(int argc, char **argv)
         if (api != NULL)
             submit = api_submit_start(&cfg, err, sizeof(err));
         if (api == NULL || submit == NULL || api_submit_route(api, submit) < 0 ||
-            api_server_start(api, err, sizeof(err)) < 0) {
+            api_control_routes(api, err, sizeof(err)) < 0 || api_server_start(api, err, sizeof(err)) < 0) {
             fprintf(stderr, "mailpumpd: %s\n", err);
             api_server_free(api);
             api_submit_stop(submit);
