@@ -220,7 +220,9 @@ class Api(unittest.TestCase):
 
     def test_unknown_path_and_wrong_method(self):
         self.assertError(self.request("GET", "/v1/nothing-here"), 404, "not_found")
-        self.assertError(self.request("POST", "/v1/messages/extra", [message()]), 404, "not_found")
+        self.assertError(self.request("POST", "/v1/messages/some-id/extra", [message()]), 404, "not_found")
+        st, hdrs, _ = self.request("POST", "/v1/messages/some-id", [message()])  # GET only: the history
+        self.assertEqual((st, hdrs.get("allow")), (405, "GET"))
         self.assertError(self.request("GET", "/elsewhere", token=None), 404, "not_found")
         got = self.assertError(self.request("DELETE", "/v1/messages"), 405, "method_not_allowed")
         self.assertIn("DELETE", got["error"]["reason"])
