@@ -6,11 +6,11 @@
  *  An entry per site (core/htable.h, keyed by the site name) keeps the
  *  caller's limit and want, the last grant and what the caller was last
  *  told. lease_want() only updates the entry and answers from it. One loop
- *  timer per table renews: every renew_ms one EVAL carries every entry
- *  (those wanting something, and those wanting nothing whose claim may
- *  still be in Redis, to release it) plus the holder registry; one renewal
- *  is in flight at a time (a tick that finds one still out waits for the
- *  next). The reply sets the grants of the entries it carried, then every
+ *  timer per table renews: every renew_ms a round starts, whose EVALs
+ *  carry the entries due (entry_due(): lease.h, "Renewal"), at most
+ *  LEASE_CHUNK each, one after the other (more_timer), plus the holder
+ *  registry; one renewal is in flight at a time (a tick that finds one
+ *  still out waits for the next). The reply sets the grants of the entries it carried, then every
  *  entry whose allowance changed is reported (lease_changed_cb); a failure
  *  switches the table to the fallback share and reports the same way.
  *  A new site, while Redis answers, gets 0 until its first grant, so its
@@ -60,6 +60,11 @@ typedef struct entry {
     unsigned      told;      /* the allowance the caller last got */
     int           busy;      /* carried by the renewal in flight, or waiting in a report walk */
     unsigned      sent_want; /* the want the renewal in flight carries */
+    unsigned      sent_limit, sent_held; /* ... its limit and held (capped by the limit) */
+    unsigned      a_limit, a_want, a_held; /* what the last answered renewal carried */
+    int           contended; /* that answer said another holder wants more than it claims */
+    uint64_t      renewed_ms; /* loop time of that renewal's sending */
+    uint64_t      round;     /* the renewal round that last carried it */
     int           held;      /* a claim may be in Redis */
     uint64_t      held_until; /* loop time after which that claim has surely expired */
 } entry_t;
@@ -75,6 +80,7 @@ struct lease_table {
     void            *arg;
     htable_t         sites;
     loop_timer_t     tick;
+    loop_timer_t     more_timer; /* sends the next chunk of a round */
     uint64_t         inflight;  /* the renewal's command id, 0 when none */
     entry_t        **sent;      /* the entries it carries, in KEYS order */
     size_t           nsent;
@@ -85,12 +91,16 @@ struct lease_table {
     unsigned         depth;     /* report walks on the stack */
     int              free_pending;
     int              early;     /* a new site waits for the renewal in flight to end */
+    uint64_t         round;     /* renewal rounds started (a tick starts one) */
+    int              more;      /* the round has entries left for another chunk */
+    unsigned         refresh_ms; /* a settled entry is renewed at least this often */
     uint64_t         renewals, renewals_failed, fallbacks;
 };
 
 /* KEYS[1] the holder registry, KEYS[2..] the sites; ARGV[1] ttl, ARGV[2]
- * holder, then limit and want per site. Returns { live holders, grant of
- * each site }. See lease.h for the algorithm. */
+ * holder, then limit, want and held per site. Returns { live holders,
+ * grant of each site, then contended (1: another live holder wants more
+ * than it claims there) of each site }. See lease.h for the algorithm. */
 const char LEASE_REDIS_SCRIPT[] =
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
@@ -102,6 +112,7 @@ const char LEASE_REDIS_SCRIPT[] =
     "redis.call('ZADD', KEYS[1], exp, me)\n"
     "redis.call('PEXPIRE', KEYS[1], keep)\n"
     "local out = { redis.call('ZCARD', KEYS[1]) }\n"
+    "local flags = {}\n"
     "for i = 2, #KEYS do\n"
     "  local key = KEYS[i]\n"
     "  local limit = tonumber(ARGV[3 * i - 3])\n"
@@ -110,6 +121,7 @@ const char LEASE_REDIS_SCRIPT[] =
     "  local f = redis.call('HGETALL', key)\n"
     "  local taken = 0\n"
     "  local list = {}\n"
+    "  local waiting = 0\n"
     "  for j = 1, #f, 2 do\n"
     "    local h = f[j]\n"
     "    if h ~= me then\n"
@@ -119,6 +131,7 @@ const char LEASE_REDIS_SCRIPT[] =
     "      else\n"
     "        taken = taken + tonumber(c)\n"
     "        if tonumber(w) > 0 then list[#list + 1] = { tonumber(w), h } end\n"
+    "        if tonumber(w) > tonumber(c) then waiting = 1 end\n"
     "      end\n"
     "    end\n"
     "  end\n"
@@ -155,7 +168,9 @@ const char LEASE_REDIS_SCRIPT[] =
     "    redis.call('HDEL', key, me)\n"
     "  end\n"
     "  out[#out + 1] = grant\n"
+    "  flags[#flags + 1] = waiting\n"
     "end\n"
+    "for i = 1, #flags do out[#out + 1] = flags[i] end\n"
     "return out\n";
 
 unsigned lease_fallback_share(unsigned limit, unsigned holders)
@@ -264,11 +279,16 @@ static void bring_forward(lease_table_t *t)
         arm_tick(t, due > now ? due - now : 0);
 }
 
+static void arm_more(lease_table_t *t)
+{
+    loop_timer_set(t->loop, &t->more_timer, 0);
+}
+
 static void on_renewal(void *arg, const redisReply *r, const char *err)
 {
     lease_table_t *t = arg;
     t->inflight = 0;
-    int ok = r != NULL && r->type == REDIS_REPLY_ARRAY && r->elements == t->nsent + 1;
+    int ok = r != NULL && r->type == REDIS_REPLY_ARRAY && r->elements == 2 * t->nsent + 1;
     for (size_t i = 0; ok && i < r->elements; i++)
         ok = r->element[i]->type == REDIS_REPLY_INTEGER && r->element[i]->integer >= 0;
     if (ok) {
@@ -298,6 +318,10 @@ static void on_renewal(void *arg, const redisReply *r, const char *err)
             continue;
         e->answered = 1;
         e->grant = (unsigned)r->element[i + 1]->integer;
+        e->contended = r->element[t->nsent + i + 1]->integer != 0;
+        e->a_limit = e->sent_limit;
+        e->a_want = e->sent_want;
+        e->a_held = e->sent_held;
         if (e->sent_want == 0) {
             e->held = 0;
             if (e->want == 0) /* released, and still wanted by nobody */
@@ -305,6 +329,8 @@ static void on_renewal(void *arg, const redisReply *r, const char *err)
         }
     }
     t->nsent = 0;
+    if (ok && t->more) /* the rest of this round, at once: one chunk at a time */
+        arm_more(t);
     if (t->early) {
         t->early = 0;
         bring_forward(t);
@@ -314,6 +340,32 @@ static void on_renewal(void *arg, const redisReply *r, const char *err)
         table_release(t);
 }
 
+/* Sites per renewal EVAL: a round with more goes in several, one after
+ * the other, so that no single script holds Redis (single-threaded) for
+ * long and the other commands of this connection (the ledger's marks)
+ * are not queued behind all of it. */
+#define LEASE_CHUNK 128
+
+static unsigned held_capped(const entry_t *e)
+{
+    return e->conns < e->limit ? e->conns : e->limit;
+}
+
+/* Whether this round's renewal must carry e (see lease.h, "Renewal"). */
+static int entry_due(const lease_table_t *t, const entry_t *e, uint64_t now)
+{
+    if (e->busy || e->round == t->round)
+        return 0;
+    if (t->fallback || !e->answered)
+        return 1;
+    if (e->want == 0)
+        return e->held; /* its claim is to be released */
+    unsigned h = held_capped(e), ha = e->a_held < e->a_limit ? e->a_held : e->a_limit;
+    unsigned claim_now = e->grant > h ? e->grant : h, claim_then = e->grant > ha ? e->grant : ha;
+    return e->limit != e->a_limit || claim_now != claim_then || e->want > e->grant || e->contended ||
+           now - e->renewed_ms >= t->refresh_ms;
+}
+
 static void renew(lease_table_t *t)
 {
     uint64_t now = loop_now_ms(t->loop);
@@ -321,12 +373,19 @@ static void renew(lease_table_t *t)
     htable_node_t *node;
     htable_iter_t it;
     htable_iter_init(&it, &t->sites);
+    size_t due = 0;
     while ((node = htable_iter_next(&it)) != NULL) {
         entry_t *e = HTABLE_ENTRY(node, entry_t, node);
         if (e->want == 0 && !e->busy && entry_empty(t, e))
             entry_free(t, e); /* the node just returned: safe */
+        else if (entry_due(t, e, now))
+            due++;
     }
-    size_t n = htable_count(&t->sites);
+    t->more = due > LEASE_CHUNK;
+    size_t n = due > LEASE_CHUNK ? LEASE_CHUNK : due;
+    /* nothing to say: the registry entry is refreshed at least every refresh_ms */
+    if (n == 0 && !t->fallback && t->holders > 0 && now - t->last_sent_ms < t->refresh_ms)
+        return;
     size_t argc = 6 + 4 * n; /* EVAL script numkeys registry keys... ttl holder (limit want held)... */
     const char **argv = xcalloc(argc, sizeof(char *));
     char **owned = xcalloc(3 * n + 2, sizeof(char *));
@@ -340,8 +399,10 @@ static void renew(lease_table_t *t)
     argv[a++] = owned[o++];
     argv[a++] = t->registry;
     htable_iter_init(&it, &t->sites);
-    while ((node = htable_iter_next(&it)) != NULL) {
+    while (t->nsent < n && (node = htable_iter_next(&it)) != NULL) {
         entry_t *e = HTABLE_ENTRY(node, entry_t, node);
+        if (!entry_due(t, e, now))
+            continue;
         argv[a++] = e->key;
         t->sent[t->nsent++] = e;
     }
@@ -352,7 +413,11 @@ static void renew(lease_table_t *t)
     for (size_t i = 0; i < t->nsent; i++) {
         entry_t *e = t->sent[i];
         e->busy = 1;
+        e->round = t->round;
+        e->renewed_ms = now;
         e->sent_want = e->want;
+        e->sent_limit = e->limit;
+        e->sent_held = e->conns;
         if (e->want > 0) {
             e->held = 1;
             e->held_until = now + t->ttl_ms + t->renew_ms;
@@ -381,7 +446,17 @@ static void on_tick(loop_t *loop, loop_timer_t *timer, void *arg)
 {
     lease_table_t *t = arg;
     arm_tick(t, t->renew_ms);
-    if (t->inflight == 0)
+    if (t->inflight == 0) {
+        t->round++;
+        renew(t);
+    }
+}
+
+/* The next chunk of the round, once the last one is answered. */
+static void on_more(loop_t *loop, loop_timer_t *timer, void *arg)
+{
+    lease_table_t *t = arg;
+    if (t->inflight == 0 && t->more)
         renew(t);
 }
 
@@ -403,6 +478,8 @@ lease_table_t *lease_new(loop_t *loop, rclient_t *redis, const char *holder, con
     t->arg = arg;
     htable_init(&t->sites, HTABLE_STR, 16, NULL); /* xcalloc: cannot fail */
     loop_timer_init(&t->tick, on_tick, t);
+    loop_timer_init(&t->more_timer, on_more, t);
+    t->refresh_ms = t->ttl_ms / 4 > t->renew_ms ? t->ttl_ms / 4 : t->renew_ms;
     if (redis != NULL) {
         set_fallback(t, 1); /* until the first answer; not counted as a fall */
         t->fallbacks = 0;
@@ -416,6 +493,7 @@ static void table_release(lease_table_t *t)
     if (t->inflight)
         rclient_cancel(t->rc, t->inflight);
     loop_timer_cancel(t->loop, &t->tick);
+    loop_timer_cancel(t->loop, &t->more_timer);
     htable_node_t *n;
     size_t hint = 0;
     while ((n = htable_first(&t->sites, &hint)) != NULL) {

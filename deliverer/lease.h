@@ -15,9 +15,22 @@
  * clocks do not matter. Both keys get a PEXPIRE of 3 x ttl on every write,
  * so a site nobody claims any more disappears.
  *
- * Renewal: every renew_ms the table sends ONE EVAL of LEASE_REDIS_SCRIPT
- * for all its sites (KEYS = the registry, then the site keys; ARGV = ttl,
- * holder, then limit, want and held per site). For each site the script drops
+ * Renewal: every renew_ms the table sends an EVAL of LEASE_REDIS_SCRIPT
+ * (KEYS = the registry, then the site keys; ARGV = ttl, holder, then
+ * limit, want and held per site) for the sites due: one not answered yet,
+ * or while the fallback is in force; one whose limit changed, or whose
+ * claim would (held above its grant, or no longer); one that wants more
+ * than its grant (it waits for room); one where the last answer said
+ * another holder waits (contended, below); one to release (want 0); and
+ * any other once refresh_ms (ttl / 4, at least renew_ms) has passed since
+ * it was last sent, which keeps its claim from expiring. A settled site
+ * (granted what it wants, nobody waiting) thus costs one renewal every
+ * refresh_ms instead of every renew_ms, and a period with no site due and
+ * the registry fresh sends nothing. At most LEASE_CHUNK (128) sites go in
+ * one EVAL; a round with more sends the next chunk as soon as the one
+ * before is answered, so no single script holds Redis (single-threaded)
+ * long and this connection's other commands (the ledger's marks) are not
+ * queued behind the whole round. For each site the script drops
  * the fields whose expiry has passed, then computes this holder's grant:
  *
  *   others  = the other live holders of the site (claim c_o, want w_o)
@@ -30,6 +43,10 @@
  *             names, so every holder computes the same division)
  *   grant   = min(want, free, target)
  *
+ * (the reply: { live holders, each site's grant, then each site's
+ * contended flag: 1 when another live holder there wants more than it
+ * claims, so this holder's share may have to shrink or what it frees is
+ * awaited: such a site is renewed every period until the flag clears)
  * and stores "claim want now+ttl" as its field, claim = max(grant, held)
  * (want 0 deletes the field: the claim is released). held is what the
  * holder still has open there (lease_held()): a holder whose share
@@ -40,7 +57,9 @@
  * converge: a holder over its target is cut to it by its next renewal,
  * after which the free room of each holder under its target covers it;
  * so within about two renewal periods of the wants settling every holder
- * has its target. Example, limit 100: A holds 100, B wants 50. B's
+ * has its target (a settled holder learns that another waits at its next
+ * refresh, within refresh_ms, then renews every period).
+ * Example, limit 100: A holds 100, B wants 50. B's
  * renewal: free 0, grant 0. A's: target 50, grant 50. B's next: free 50,
  * grant 50. Never more than 100 claimed. (target is at least the simpler
  * max(floor(limit / n_wanting), limit - sum(w_o)), and sums to the limit

@@ -108,7 +108,21 @@ static long long grant_held(loop_t *l, rclient_t *c, const char *p, const char *
 {
     sr_rec_t *r = xcalloc(1, sizeof(*r));
     script_held(l, c, p, holder, 60000, 1, &site, &limit, &want, &held, r);
-    assert_int_equal(r->n, 2);
+    assert_int_equal(r->n, 3); /* holders, grant, contended */
+    long long g = r->v[1];
+    free(r);
+    return g;
+}
+
+/* The grant of holder for one site, and in *contended the script's flag:
+ * another live holder wants more than it claims there. */
+static long long grant1f(loop_t *l, rclient_t *c, const char *p, const char *holder, const char *site,
+                         unsigned limit, unsigned want, long long *contended)
+{
+    sr_rec_t *r = xcalloc(1, sizeof(*r));
+    script(l, c, p, holder, 60000, 1, &site, &limit, &want, r);
+    assert_int_equal(r->n, 3);
+    *contended = r->v[2];
     long long g = r->v[1];
     free(r);
     return g;
@@ -120,7 +134,7 @@ static long long grant1(loop_t *l, rclient_t *c, const char *p, const char *hold
 {
     sr_rec_t *r = xcalloc(1, sizeof(*r));
     script(l, c, p, holder, ttl, 1, &site, &limit, &want, r);
-    assert_int_equal(r->n, 2);
+    assert_int_equal(r->n, 3); /* holders, grant, contended */
     if (holders)
         *holders = r->v[0];
     long long g = r->v[1];
@@ -170,10 +184,16 @@ static void test_script_exact(void **state)
     assert_int_equal(holders, 1);
     assert_int_equal(grant1(l, c, p, "B", 60000, "ex", 100, 50, &holders), 0);
     assert_int_equal(holders, 2);
-    assert_int_equal(grant1(l, c, p, "A", 60000, "ex", 100, 100, NULL), 50);
-    assert_int_equal(grant1(l, c, p, "B", 60000, "ex", 100, 50, NULL), 50);
-    /* settled: renewals change nothing */
-    assert_int_equal(grant1(l, c, p, "A", 60000, "ex", 100, 100, NULL), 50);
+    long long cont = -1;
+    /* A learns that B waits (B wants 50, claims 0) */
+    assert_int_equal(grant1f(l, c, p, "A", "ex", 100, 100, &cont), 50);
+    assert_int_equal(cont, 1);
+    /* B: A wants 100 and claims 50 */
+    assert_int_equal(grant1f(l, c, p, "B", "ex", 100, 50, &cont), 50);
+    assert_int_equal(cont, 1);
+    /* settled: renewals change nothing; A sees nobody waiting */
+    assert_int_equal(grant1f(l, c, p, "A", "ex", 100, 100, &cont), 50);
+    assert_int_equal(cont, 0);
     assert_int_equal(grant1(l, c, p, "B", 60000, "ex", 100, 50, NULL), 50);
 
     /* a holder whose share shrank claims what it still holds: limit 3, A
@@ -649,11 +669,13 @@ static void test_thousand_sites(void **state)
             uint64_t dt = mono_us() - t0;
             if (round == 2 && dt < best)
                 best = dt;
-            assert_int_equal(r->n, N + 1);
+            assert_int_equal(r->n, 2 * N + 1);
         }
-    /* settled: 4 holders x 5 of 20 */
-    for (int i = 1; i <= N; i++)
+    /* settled: 4 holders x 5 of 20, and each of them waits for more */
+    for (int i = 1; i <= N; i++) {
         assert_int_equal(r->v[i], 5);
+        assert_int_equal(r->v[N + i], 1);
+    }
     /* the round trip on loopback: Redis' time for the script plus
      * hiredis' encoding and parsing of 3,000 arguments */
     printf("lease: one renewal EVAL of %d sites, 4 holders each: %.2f ms round trip (best of the last 4)\n",

@@ -20,8 +20,8 @@
 
 #define SR_STACK_HINT "run `deploy/local/stack up` first"
 
-/* Enough for one lease renewal of 1,000 sites (the holders' count first). */
-#define SR_REC_ELEMENTS 1100
+/* Enough for one lease renewal of 1,000 sites (the holders' count, then a grant and a flag per site). */
+#define SR_REC_ELEMENTS 2100
 
 /* What sr_rec_cb saw of the last reply (zero it before reusing it). */
 typedef struct sr_rec {

@@ -111,16 +111,19 @@ static void test_no_redis(void **state)
 
 /* --------------------------------------------- a model of the script */
 
+#define MODEL_KEYS 200 /* a renewal carries at most 128 sites and the registry */
+
 typedef struct model {
     int      evals;
     int      nkeys;           /* of the last EVAL, the registry included */
-    char     keys[16][64];
+    char     keys[MODEL_KEYS][64];
     char     ttl[16], holder[32];
-    unsigned limits[16], wants[16], helds[16];
+    unsigned limits[MODEL_KEYS], wants[MODEL_KEYS], helds[MODEL_KEYS];
     uint64_t at_ms;           /* when it came */
     unsigned holders;         /* what to answer */
     unsigned cap;             /* grant = min(want, cap) */
     int      bad_shape;       /* answer one element too few */
+    int      contended;       /* the flag answered for every site */
 } model_t;
 
 static void model_eval(void *arg, int argc, char **argv, buf_t *out)
@@ -130,7 +133,7 @@ static void model_eval(void *arg, int argc, char **argv, buf_t *out)
     m->at_ms = util_mono_ms();
     assert_string_equal(argv[1], LEASE_REDIS_SCRIPT);
     m->nkeys = atoi(argv[2]);
-    assert_true(m->nkeys >= 1 && m->nkeys <= 16);
+    assert_true(m->nkeys >= 1 && m->nkeys <= MODEL_KEYS);
     assert_int_equal(argc, 3 + m->nkeys + 2 + 3 * (m->nkeys - 1));
     for (int i = 0; i < m->nkeys; i++)
         snprintf(m->keys[i], sizeof(m->keys[i]), "%s", argv[3 + i]);
@@ -138,7 +141,7 @@ static void model_eval(void *arg, int argc, char **argv, buf_t *out)
     snprintf(m->ttl, sizeof(m->ttl), "%s", av[0]);
     snprintf(m->holder, sizeof(m->holder), "%s", av[1]);
     int n = m->nkeys - 1 - m->bad_shape;
-    buf_printf(out, "*%d\r\n:%u\r\n", n + 1, m->holders);
+    buf_printf(out, "*%d\r\n:%u\r\n", 2 * n + 1, m->holders);
     for (int i = 0; i < m->nkeys - 1; i++) {
         m->limits[i + 1] = (unsigned)atoi(av[2 + 3 * i]);
         m->wants[i + 1] = (unsigned)atoi(av[3 + 3 * i]);
@@ -146,6 +149,8 @@ static void model_eval(void *arg, int argc, char **argv, buf_t *out)
         if (i < n)
             buf_printf(out, ":%u\r\n", m->wants[i + 1] < m->cap ? m->wants[i + 1] : m->cap);
     }
+    for (int i = 0; i < n; i++) /* the contended flags */
+        buf_printf(out, ":%d\r\n", m->contended);
 }
 
 /* Index of key in the last EVAL, or -1. */
@@ -264,6 +269,105 @@ static void test_renewal(void **state)
     assert_int_equal(st.renewals, 5);
     assert_int_equal(st.renewals_failed, 0);
     assert_int_equal(st.sites, 3);
+    fix_free(x);
+}
+
+/* A settled site (granted what it wants, nobody waiting) is renewed only
+ * every ttl / 4; a site that wants more than its grant, or that another
+ * holder waits at, every period; a limit or held count that changes the
+ * claim at the next period. */
+static void test_incremental_renewal(void **state)
+{
+    fix_t *x = fix_new(1); /* ttl 1000, renew 100: refresh 250 ms */
+    x->m.cap = 100;
+    want(&x->r, x->t, "s0", 10, 5);
+    want(&x->r, x->t, "s1", 10, 5);
+    run_evals(x, 1, 1000);
+    assert_int_equal(x->m.nkeys, 3);
+    uint64_t first = x->m.at_ms;
+    /* settled: the periods in between send nothing */
+    size_t seen = x->f->ncommands;
+    uint64_t end = util_mono_ms() + 150;
+    while (util_mono_ms() < end)
+        loop_run_once(x->l, 5);
+    assert_int_equal(x->f->ncommands, seen);
+    /* then both, with the registry, a refresh period after the first */
+    run_evals(x, 1, 1000);
+    assert_true(x->m.at_ms - first >= 240);
+    assert_int_equal(x->m.nkeys, 3);
+    first = x->m.at_ms;
+
+    /* s1 wants more than its grant: the next period carries it alone */
+    assert_int_equal(want(&x->r, x->t, "s1", 10, 8), 5);
+    x->m.cap = 6;
+    run_evals(x, 1, 1000);
+    assert_true(x->m.at_ms - first < 150);
+    assert_int_equal(x->m.nkeys, 2);
+    assert_string_equal(x->m.keys[1], "t:p:s1");
+    assert_int_equal(x->r.by_site[1], 6);
+    /* ... and every period while it waits */
+    first = x->m.at_ms;
+    run_evals(x, 1, 1000);
+    assert_true(x->m.at_ms - first < 150);
+    assert_int_equal(x->m.nkeys, 2);
+
+    /* another holder waits at s0 (the flag): s0 every period too */
+    x->m.cap = 100;
+    run_evals(x, 1, 1000); /* s1 satisfied now (8) */
+    x->m.contended = 1;
+    run_evals(x, 1, 1000); /* the refresh of s0 (and s1) learns it */
+    x->m.contended = 0;
+    first = x->m.at_ms;
+    run_evals(x, 1, 1000);
+    assert_true(x->m.at_ms - first < 150);
+    assert_int_equal(x->m.nkeys, 3); /* both were flagged */
+    /* the flag gone: settled again, nothing until the refresh */
+    seen = x->f->ncommands;
+    end = util_mono_ms() + 150;
+    while (util_mono_ms() < end)
+        loop_run_once(x->l, 5);
+    assert_int_equal(x->f->ncommands, seen);
+
+    /* connections held beyond the grant change the claim: sent at once */
+    lease_held(x->t, "s0", 9); /* grant 5 */
+    run_evals(x, 1, 1000);
+    assert_int_equal(x->m.nkeys, 2);
+    assert_string_equal(x->m.keys[1], "t:p:s0");
+    assert_int_equal(x->m.helds[1], 9);
+    fix_free(x);
+}
+
+/* More sites than one EVAL carries: the round goes in chunks of 128, each
+ * sent when the one before is answered, every site once. */
+static void test_renewal_chunks(void **state)
+{
+    fix_t *x = fix_new(1);
+    x->m.cap = 100;
+    char site[16];
+    for (int i = 0; i < 300; i++) {
+        snprintf(site, sizeof(site), "c%03d", i);
+        want(&x->r, x->t, site, 10, 1);
+    }
+    int seen[300] = { 0 };
+    int sizes[3];
+    uint64_t at[3];
+    for (int k = 0; k < 3; k++) {
+        run_evals(x, 1, 1000);
+        at[k] = x->m.at_ms;
+        sizes[k] = x->m.nkeys - 1;
+        for (int i = 1; i < x->m.nkeys; i++)
+            seen[atoi(x->m.keys[i] + strlen("t:p:c"))]++;
+    }
+    assert_int_equal(sizes[0], 128);
+    assert_int_equal(sizes[1], 128);
+    assert_int_equal(sizes[2], 44);
+    /* back to back, not a renewal period (100 ms) apart */
+    assert_true(at[1] - at[0] < 50 && at[2] - at[1] < 50);
+    for (int i = 0; i < 300; i++)
+        assert_int_equal(seen[i], 1);
+    lease_stats_t st;
+    lease_get_stats(x->t, &st);
+    assert_int_equal(st.renewals, 3);
     fix_free(x);
 }
 
@@ -409,6 +513,8 @@ int main(void)
         cmocka_unit_test(test_fallback_share),
         cmocka_unit_test(test_no_redis),
         cmocka_unit_test(test_renewal),
+        cmocka_unit_test(test_incremental_renewal),
+        cmocka_unit_test(test_renewal_chunks),
         cmocka_unit_test(test_failure_fallback),
         cmocka_unit_test(test_release),
         cmocka_unit_test(test_callback_frees),
