@@ -395,15 +395,24 @@ static int dead_total(ctl_t *c, int *ch, uint64_t *total, char *err, size_t errl
     return r;
 }
 
+/* What a dead-letter browse or redrive starts with: limit made
+ * 1..CTL_DEAD_MAX, *status CTL_EUNAVAIL until the caller succeeds, a
+ * channel and the dead queue's ready count. dead_total()'s answer (1, 0
+ * when the dead queue does not exist), or -1 + err. */
+static int dead_open(ctl_t *c, size_t *limit, int *status, int *ch, uint64_t *total, char *err, size_t errlen)
+{
+    if (*limit == 0 || *limit > CTL_DEAD_MAX)
+        *limit = CTL_DEAD_MAX;
+    *status = CTL_EUNAVAIL;
+    *ch = ctl_amqp_channel(c, err, errlen);
+    return *ch < 0 ? -1 : dead_total(c, ch, total, err, errlen);
+}
+
 json_t *ctl_dead_list(ctl_t *c, const char *reason_substr, size_t limit, int *status, char *err,
                       size_t errlen)
 {
-    if (limit == 0 || limit > CTL_DEAD_MAX)
-        limit = CTL_DEAD_MAX;
-    *status = CTL_EUNAVAIL;
-    int ch = ctl_amqp_channel(c, err, errlen);
     uint64_t total = 0;
-    int exists = ch < 0 ? -1 : dead_total(c, &ch, &total, err, errlen);
+    int ch = -1, exists = dead_open(c, &limit, status, &ch, &total, err, errlen);
     if (exists < 0)
         return NULL;
     json_t *msgs = json_array();
@@ -565,12 +574,8 @@ static int republish(ctl_t *c, int ch, const dead_msg_t *d, uint64_t seq, char *
 json_t *ctl_dead_redrive(ctl_t *c, const char *reason_substr, size_t limit, int dry_run, int *status,
                          char *err, size_t errlen)
 {
-    if (limit == 0 || limit > CTL_DEAD_MAX)
-        limit = CTL_DEAD_MAX;
-    *status = CTL_EUNAVAIL;
-    int ch = ctl_amqp_channel(c, err, errlen);
     uint64_t total = 0;
-    int exists = ch < 0 ? -1 : dead_total(c, &ch, &total, err, errlen);
+    int ch = -1, exists = dead_open(c, &limit, status, &ch, &total, err, errlen);
     if (exists < 0)
         return NULL;
     amqp_connection_state_t conn = ctl_amqp(c, err, errlen);

@@ -112,6 +112,15 @@ def free_port():
     raise RuntimeError("no free loopback port between %d and %d" % (lo, hi))
 
 
+def redis_cli(env, *args, stdin=None, timeout=60):
+    """redis-cli against the stack's Redis: its output; a failure fails the test."""
+    r = subprocess.run(["redis-cli", "-h", env["MP_REDIS_HOST"], "-p", str(env["MP_REDIS_PORT"]), *args],
+                       input=stdin, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"redis-cli {args}: {r.stderr}")
+    return r.stdout
+
+
 def amqp_channel(env):
     params = pika.ConnectionParameters(
         host=env["MP_AMQP_HOST"], port=int(env["MP_AMQP_PORT"]),

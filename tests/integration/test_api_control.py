@@ -27,7 +27,6 @@ import http.client
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,19 +38,12 @@ import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mpstack  # noqa: E402
+from mpstack import redis_cli  # noqa: E402
 
 TOKEN = "control-plane-token-0123456789"
 WHO = "ops-carol"
 SINK_ADDR = "127.0.0.74"
 SENDER = "bob@test.example"
-
-
-def redis_cli(env, *args):
-    r = subprocess.run(["redis-cli", "-h", env["MP_REDIS_HOST"], "-p", str(env["MP_REDIS_PORT"]), *args],
-                       capture_output=True, text=True, timeout=10)
-    if r.returncode != 0:
-        raise RuntimeError(f"redis-cli {args}: {r.stderr}")
-    return r.stdout
 
 
 class ApiControl(unittest.TestCase):

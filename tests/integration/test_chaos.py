@@ -37,7 +37,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +45,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mpstack  # noqa: E402
+from mpstack import redis_cli  # noqa: E402
 import pika  # noqa: E402
 
 SENDER = "alice@test.example"
@@ -58,14 +58,6 @@ DEFERRED_RCPTS = 40     # distinct defer-* recipients; the sink defers 40 RCPTs 
 DOT_DELAY_MS = int(os.environ.get("MP_CHAOS_DOT_DELAY_MS", "300"))
 FINISH_TIMEOUT = 150    # seconds for the last daemon to finish after the last kill
 PUBLISH_SECONDS = 15    # the messages are published over this long, while the kills go on
-
-
-def redis_cli(env, *args, stdin=None):
-    r = subprocess.run(["redis-cli", "-h", env["MP_REDIS_HOST"], "-p", str(env["MP_REDIS_PORT"]), *args],
-                       input=stdin, capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        raise AssertionError(f"redis-cli {args}: {r.stderr}")
-    return r.stdout
 
 
 def pump(tap, seconds):

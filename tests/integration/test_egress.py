@@ -37,19 +37,12 @@ import pika
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mpstack  # noqa: E402
+from mpstack import redis_cli  # noqa: E402
 
 SENDER = "bob@test.example"
 PEER_RE = re.compile(rb"^X-Smtpsink-Peer: *([0-9a-fA-F.:]+)", re.M)
 PEERLINE_RE = re.compile(r"^(\S+) PEER \[?([0-9a-fA-F.:]+?)\]?:\d+$")
 MSGID_RE = re.compile(rb"^Message-ID: *<([^@>]+)@", re.M | re.I)
-
-
-def redis_cli(env, *args):
-    r = subprocess.run(["redis-cli", "-h", env["MP_REDIS_HOST"], "-p", str(env["MP_REDIS_PORT"]), *args],
-                       capture_output=True, text=True, timeout=10)
-    if r.returncode != 0:
-        raise RuntimeError(f"redis-cli {args}: {r.stderr}")
-    return r.stdout
 
 
 class Egress(unittest.TestCase):
