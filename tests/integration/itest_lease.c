@@ -682,7 +682,9 @@ static void test_thousand_sites(void **state)
            N, best / 1000.0);
     assert_true(best < 200000);
 
-    /* a table renewing 1,000 sites in one EVAL */
+    /* a table renewing 1,000 sites: rounds of 8 EVALs (chunks of 128), one
+     * every 200 ms; every site wants more than it gets, so each round
+     * carries all of them */
     watch_t w = { 0 };
     lease_config_t cfg = { .ttl_ms = 1500, .renew_ms = 200, .prefix = p };
     lease_table_t *t = lease_new(l, c, "m5", &cfg, on_changed, &w);
@@ -694,7 +696,7 @@ static void test_thousand_sites(void **state)
     assert_int_equal(st.sites, N);
     assert_int_equal(st.fallback, 0);
     assert_int_equal(st.renewals_failed, 0);
-    assert_true(st.renewals >= 3 && st.renewals <= 6);
+    assert_true(st.renewals >= 2 * 8 && st.renewals <= 4 * 8);
     /* four others hold 5 each of 20: nothing free */
     assert_int_equal(lease_want(t, sites[0], 20, 8), 0);
     lease_free(t);
