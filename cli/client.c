@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <time.h>
 
 #include "core/util.h"
 #include "queue/mq.h"
@@ -121,6 +122,8 @@ static int client_publish(mp_client_t *c, const char *body, size_t len, int prio
         p._flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
         p.message_id = amqp_cstring_bytes(message_id);
     }
+    p._flags |= AMQP_BASIC_TIMESTAMP_FLAG; /* when it was enqueued: the queue summary's ages */
+    p.timestamp = (uint64_t)time(NULL);
     amqp_bytes_t b = { len, (void *)body };
     int r = amqp_basic_publish(c->conn, CH, amqp_empty_bytes, amqp_cstring_bytes(c->o.queue), 1,
                                0, &p, b);

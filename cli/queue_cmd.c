@@ -88,14 +88,18 @@ static void print_summary(json_t *s)
 {
     json_t *qs = json_object_get(s, "queues"), *v;
     size_t i;
-    printf("%-40s %-8s %8s %10s %9s\n", "QUEUE", "KIND", "DELAY_S", "MESSAGES", "CONSUMERS");
+    printf("%-40s %-8s %8s %10s %9s %10s\n", "QUEUE", "KIND", "DELAY_S", "MESSAGES", "CONSUMERS", "HEAD_AGE_S");
     json_array_foreach(qs, i, v) {
-        char d[24], m[24], c[24];
+        char d[24], m[24], c[24], h[24];
         fmt_num(d, sizeof(d), json_object_get(v, "delay_s"));
         fmt_num(m, sizeof(m), json_object_get(v, "messages"));
         fmt_num(c, sizeof(c), json_object_get(v, "consumers"));
-        printf("%-40s %-8s %8s %10s %9s\n", jstr_or(v, "name", ""), jstr_or(v, "kind", ""), d, m, c);
+        fmt_num(h, sizeof(h), json_object_get(v, "head_age_s")); /* "-" without the management API */
+        printf("%-40s %-8s %8s %10s %9s %10s\n", jstr_or(v, "name", ""), jstr_or(v, "kind", ""), d, m, c, h);
     }
+    const char *merr = jstr_or(s, "management_error", NULL);
+    if (merr != NULL)
+        printf("head ages unknown: %s\n", merr);
     printf("\n");
     const char *werr = jstr_or(s, "workers_error", NULL);
     if (werr != NULL)

@@ -3,15 +3,21 @@
  */
 #include "control/ctl.h"
 
+#include <errno.h>
+#include <netdb.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/time.h>
+#include <unistd.h>
 
 #include <amqp.h>
 #include <amqp_tcp_socket.h>
 
+#include "core/base64.h"
+#include "core/buf.h"
 #include "core/util.h"
 #include "queue/mq.h"
 
@@ -191,4 +197,135 @@ void ctl_amqp_channel_closed(ctl_t *c, int channel)
         return;
     }
     ctl_amqp_reset(c); /* the connection itself is gone or confused */
+}
+
+/* ---- RabbitMQ's management API ---- */
+
+/* "http://host:port" (an [IPv6] host allowed, a trailing '/' too) into
+ * host and port. 0, or -1. */
+static int mgmt_url(const char *url, char *host, size_t hostlen, char *port, size_t portlen)
+{
+    if (strncmp(url, "http://", 7) != 0)
+        return -1;
+    const char *h = url + 7, *end = h + strcspn(h, "/");
+    if (end[0] == '/' && end[1] != '\0')
+        return -1; /* no path: the API is at the root */
+    const char *colon;
+    size_t hl;
+    if (h[0] == '[') {
+        const char *rb = memchr(h, ']', (size_t)(end - h));
+        if (rb == NULL || rb[1] != ':')
+            return -1;
+        h++;
+        hl = (size_t)(rb - h);
+        colon = rb + 1;
+    } else {
+        colon = memchr(h, ':', (size_t)(end - h));
+        if (colon == NULL)
+            return -1;
+        hl = (size_t)(colon - h);
+    }
+    size_t pl = (size_t)(end - colon - 1);
+    if (hl == 0 || hl >= hostlen || pl == 0 || pl >= portlen || strspn(colon + 1, "0123456789") < pl)
+        return -1;
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    memcpy(port, colon + 1, pl);
+    port[pl] = '\0';
+    return 0;
+}
+
+#define MGMT_MAX_REPLY (4u << 20)
+
+int ctl_mgmt_get(ctl_t *c, const char *path, json_t **out, char *err, size_t errlen)
+{
+    const mp_config_t *cfg = c->cfg;
+    const char *url = cfg->amqp_management_url ? cfg->amqp_management_url : "";
+    char host[256], port[8];
+    *out = NULL;
+    if (url[0] == '\0' || mgmt_url(url, host, sizeof(host), port, sizeof(port)) < 0) {
+        snprintf(err, errlen, "[amqp] management_url %s: expected http://host:port",
+                 url[0] ? url : "is empty");
+        return CTL_EINVAL;
+    }
+    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM }, *ai = NULL;
+    int gr = getaddrinfo(host, port, &hints, &ai);
+    if (gr != 0) {
+        snprintf(err, errlen, "management API %s: %s", url, gai_strerror(gr));
+        return CTL_EUNAVAIL;
+    }
+    int fd = -1;
+    struct timeval tv = { .tv_sec = 3 };
+    for (struct addrinfo *a = ai; a != NULL && fd < 0; a = a->ai_next) {
+        fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0)
+            continue;
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)); /* connect() honours it too */
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+        if (connect(fd, a->ai_addr, a->ai_addrlen) < 0) {
+            snprintf(err, errlen, "management API %s: %s", url, strerror(errno));
+            close(fd);
+            fd = -1;
+        }
+    }
+    freeaddrinfo(ai);
+    if (fd < 0)
+        return CTL_EUNAVAIL;
+    buf_t cred = BUF_INIT, req = BUF_INIT, rep = BUF_INIT;
+    buf_printf(&cred, "%s:%s", cfg->amqp_user, cfg->amqp_password);
+    buf_printf(&req, "GET %s HTTP/1.0\r\nHost: %s:%s\r\nAccept: application/json\r\nAuthorization: Basic ", path,
+               host, port);
+    base64_encode(&req, cred.data, cred.len);
+    buf_printf(&req, "\r\n\r\n");
+    int st = CTL_EUNAVAIL;
+    size_t off = 0;
+    while (off < req.len) {
+        ssize_t w = send(fd, req.data + off, req.len - off, MSG_NOSIGNAL);
+        if (w <= 0) {
+            snprintf(err, errlen, "management API %s: send: %s", url, w < 0 ? strerror(errno) : "closed");
+            goto done;
+        }
+        off += (size_t)w;
+    }
+    char chunk[16384];
+    for (;;) {
+        ssize_t r = recv(fd, chunk, sizeof(chunk), 0);
+        if (r == 0)
+            break;
+        if (r < 0 || rep.len + (size_t)r > MGMT_MAX_REPLY) {
+            snprintf(err, errlen, "management API %s: %s", url, r < 0 ? strerror(errno) : "reply too large");
+            goto done;
+        }
+        buf_append(&rep, chunk, (size_t)r);
+    }
+    buf_append(&rep, "", 1); /* NUL-terminated */
+    int code = 0;
+    const char *body = rep.len > 0 ? strstr(rep.data, "\r\n\r\n") : NULL;
+    if (body == NULL || sscanf(rep.data, "HTTP/1.%*d %d", &code) != 1) {
+        snprintf(err, errlen, "management API %s: not an HTTP reply", url);
+        goto done;
+    }
+    body += 4;
+    if (code == 404) {
+        snprintf(err, errlen, "management API %s: %s: not found", url, path);
+        st = CTL_ENOTFOUND;
+        goto done;
+    }
+    if (code != 200) {
+        snprintf(err, errlen, "management API %s: %s: HTTP %d", url, path, code);
+        goto done;
+    }
+    json_error_t je;
+    *out = json_loads(body, 0, &je);
+    if (*out == NULL) {
+        snprintf(err, errlen, "management API %s: %s: %s", url, path, je.text);
+        goto done;
+    }
+    st = CTL_OK;
+done:
+    close(fd);
+    buf_free(&cred);
+    buf_free(&req);
+    buf_free(&rep);
+    return st;
 }

@@ -21,6 +21,7 @@
 #include <stddef.h>
 
 #include <hiredis/hiredis.h>
+#include <jansson.h>
 
 #include "core/config.h"
 
@@ -75,5 +76,12 @@ void ctl_amqp_close_channel(ctl_t *c, int channel);
 /* The broker closed channel (a server exception seen by the caller):
  * answer close-ok so its number may be used again. */
 void ctl_amqp_channel_closed(ctl_t *c, int channel);
+
+/* GET path ("/api/queues/%2F/mail.outbound") from RabbitMQ's management
+ * API ([amqp] management_url, plain HTTP, Basic authentication with [amqp]
+ * user and password; 3 s timeouts), its JSON body in *out. CTL_OK;
+ * CTL_ENOTFOUND for a 404; CTL_EINVAL when management_url is empty or not
+ * http://host:port; CTL_EUNAVAIL for any other failure, with err. */
+int ctl_mgmt_get(ctl_t *c, const char *path, json_t **out, char *err, size_t errlen);
 
 #endif

@@ -18,7 +18,8 @@
 #define CTL_DEAD_MAX 100000
 
 /* {"queues":[{"name","kind":"outbound"|"retry"|"dead","level":n|null,
- *             "delay_s":n|null,"messages":n|null,"consumers":n|null}],
+ *             "delay_s":n|null,"messages":n|null,"consumers":n|null,
+ *             "head_age_s":n|null (only with [amqp] management_url)}],
  *  "workers":[{"host","pid","worker","inflight","inflight_bytes",
  *              "smtp_connections","oldest_inflight_s":n|null,"updated_s_ago"}],
  *  "destinations":[{"destination","waiting","parked","deferred_recent",
@@ -27,8 +28,11 @@
  * Depths by passive queue.declare (ready messages; a queue that does not
  * exist has null counts). Workers and destinations from the workers'
  * status records in Redis (SCAN mp:st:*): without Redis both are empty
- * and "workers_error" says why. NULL + *status (CTL_EUNAVAIL) + err when
- * the broker cannot be reached. */
+ * and "workers_error" says why. Head ages from the management API
+ * (ctl_mgmt_get: each queue's head message's AMQP timestamp), when
+ * configured; "management_error" when it cannot answer. oldest_age_s: the
+ * oldest of the head ages and of the workers' messages in flight. NULL +
+ * *status (CTL_EUNAVAIL) + err when the broker cannot be reached. */
 json_t *ctl_queue_summary(ctl_t *c, int *status, char *err, size_t errlen);
 
 /* Browse the dead queue: up to limit messages (0: CTL_DEAD_MAX) whose

@@ -111,6 +111,10 @@ static const key_def_t keys[] = {
       "queue for malformed, oversized and poison messages" },
     { "amqp", "events_exchange", K_STR, F(amqp_events_exchange), "mail.events", 0, NULL,
       "topic exchange the per-recipient events are published to" },
+    { "amqp", "management_url", K_STR, F(amqp_management_url), "", 0, NULL,
+      "RabbitMQ's management API, `http://host:port` (plain HTTP; [amqp] user and password): "
+      "`mailpump queue` and GET /v1/queue read each queue's head message's age from it. "
+      "Empty: ages only of the messages the workers hold" },
     { "dns", "servers", K_STR, F(dns_servers), "", 0, NULL,
       "`host:port,...` resolvers for MX/A/AAAA; empty = the system's" },
     { "dns", "timeout_ms", K_UINT, F(dns_timeout_ms), "2000", 0, NULL,

@@ -60,6 +60,7 @@ typedef struct mp_config {
     char    *amqp_queue;
     char    *amqp_dead_queue;
     char    *amqp_events_exchange;
+    char    *amqp_management_url; /* http://host:port of the management API; empty: not used */
     /* [dns] */
     char    *dns_servers;         /* "host:port,..." or empty for the system's */
     unsigned dns_timeout_ms;

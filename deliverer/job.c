@@ -762,7 +762,8 @@ static void job_republish_with_id(job_t *j, const char *id)
     envelope_headers_t hdrs;
     envelope_write(&next, &hdrs);
     mq_publish_opts_t o = { .content_type = "application/json", .message_id = id, .priority = j->dv->priority,
-                            .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n, .mandatory = 1 };
+                            .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n, .mandatory = 1,
+                            .timestamp_s = j->dv->timestamp_s };
     log_info("job", "id_assigned", "tag=%llu %s redelivered=%d", (unsigned long long)j->dv->tag,
              LOG_MSGCTX(job_logctx(j, id, &(log_msgctx_t){ 0 })),
              j->dv->redelivered);
@@ -1362,8 +1363,11 @@ static void job_publish_retry(job_t *j)
     envelope_write(&next, &hdrs);
     char queue[256];
     retry_queue_name(rp->queue_prefix, &rp->levels, j->retry_level, queue, sizeof(queue));
+    /* its age goes on counting from when it was first enqueued (or consumed) */
     mq_publish_opts_t o = { .message_id = j->msg->id, .priority = j->dv->priority, .persistent = 1,
-                            .headers = hdrs.hdr, .nheaders = hdrs.n, .mandatory = 1 };
+                            .headers = hdrs.hdr, .nheaders = hdrs.n, .mandatory = 1,
+                            .timestamp_s = j->dv->timestamp_s ? j->dv->timestamp_s
+                                                              : j->envelope.first_seen_ms / 1000 };
     log_info("job", "retry_scheduled", "%s class=P%d attempt=%u queue=%s delay_ms=%llu server_ms=%llu pending=%s",
              JOB_MSG(j), c, next.attempt, LOG_Q(queue), (unsigned long long)j->retry_in_ms,
              (unsigned long long)j->retry_server_ms, LOG_Q(buf_head(&pending)));
@@ -1650,7 +1654,7 @@ static void job_enter_dead(job_t *j)
     /* its priority kept: a redrive republishes it with it (docs/operations.md) */
     mq_publish_opts_t o = { .content_type = "application/octet-stream", .message_id = dead_id,
                             .priority = j->dv->priority, .persistent = 1, .headers = hdrs.hdr, .nheaders = hdrs.n,
-                            .mandatory = 1 };
+                            .mandatory = 1, .timestamp_s = j->dv->timestamp_s };
     job_publish(j, "", cfg->amqp_dead_queue, j->dv->body, j->dv->len, &o);
     mq_event_t ev = { .event = "dead", .message_id = dead_id,
                       .trace_id = j->msg ? j->msg->trace_id : NULL, .error = j->dead_reason,

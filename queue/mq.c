@@ -101,6 +101,7 @@ typedef struct held_publish {
     char                *exchange, *routing_key, *body, *content_type, *message_id;
     size_t               len;
     int                  priority, persistent, mandatory;
+    uint64_t             timestamp_s; /* when it was held, unless given */
     mq_header_t         *headers;
     size_t               nheaders;
     mq_confirm_cb        cb;
@@ -465,6 +466,7 @@ static void hold_publish(mq_t *mq, const char *exchange, const char *routing_key
     h->len = len;
     h->priority = -1;
     h->persistent = 1;
+    h->timestamp_s = opts && opts->timestamp_s ? opts->timestamp_s : util_wall_ms() / 1000;
     if (opts) {
         h->content_type = opts->content_type ? xstrdup(opts->content_type) : NULL;
         h->message_id = opts->message_id ? xstrdup(opts->message_id) : NULL;
@@ -516,7 +518,7 @@ static void release_held(mq_t *mq)
     while (!STAILQ_EMPTY(&mq->held)) {
         held_publish_t *h = STAILQ_FIRST(&mq->held);
         mq_publish_opts_t o = { h->content_type, h->message_id, h->priority, h->persistent,
-                                h->headers, h->nheaders, h->mandatory };
+                                h->headers, h->nheaders, h->mandatory, h->timestamp_s };
         if (send_publish(mq, h->exchange, h->routing_key, h->body, h->len, &o, h->cb, h->arg) < 0)
             return; /* the connection is lost: this one and the rest fail with it */
         held_free(held_pop(mq));
@@ -748,6 +750,8 @@ static void handle_frame(mq_t *mq, amqp_frame_t *f)
                 mq->cur->priority = p->priority;
             if (p->_flags & AMQP_BASIC_MESSAGE_ID_FLAG)
                 copy_bytes(&mq->cur->message_id, p->message_id);
+            if (p->_flags & AMQP_BASIC_TIMESTAMP_FLAG)
+                mq->cur->timestamp_s = p->timestamp;
             if (p->_flags & AMQP_BASIC_HEADERS_FLAG)
                 copy_headers(mq->cur, &p->headers);
             if (mq->cur_skip && (p->_flags & AMQP_BASIC_CORRELATION_ID_FLAG)) {
@@ -1078,6 +1082,10 @@ static int send_publish(mq_t *mq, const char *exchange, const char *routing_key,
         p._flags |= AMQP_BASIC_PRIORITY_FLAG;
         p.priority = (uint8_t)opts->priority;
     }
+    /* when it was first enqueued: the broker reports the head message's
+     * as its queue's age (docs/operations.md, "Queue summary") */
+    p._flags |= AMQP_BASIC_TIMESTAMP_FLAG;
+    p.timestamp = opts && opts->timestamp_s ? opts->timestamp_s : util_wall_ms() / 1000;
     amqp_table_entry_t entries[16];
     if (opts && opts->nheaders > 0) {
         size_t n = opts->nheaders > 16 ? 16 : opts->nheaders;

@@ -64,6 +64,7 @@ typedef struct mq_delivery {
     size_t   nheaders;
     size_t   announced;   /* body size the content header announced */
     int      truncated;   /* announced > max_body: body holds only its first len bytes */
+    uint64_t timestamp_s; /* the AMQP timestamp property (Unix s), 0 when absent */
 } mq_delivery_t;
 
 void mq_delivery_free(mq_delivery_t *d);
@@ -106,6 +107,8 @@ typedef struct mq_publish_opts {
     size_t             nheaders;
     int                mandatory;    /* no queue takes it: the broker returns it and the
                                       * confirm callback gets ok=0 */
+    uint64_t           timestamp_s;  /* the AMQP timestamp (Unix seconds: when the message was
+                                      * first enqueued); 0: now */
 } mq_publish_opts_t;
 
 /* Connect, log in, open channel 1 with confirms, declare the topology

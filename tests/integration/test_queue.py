@@ -135,7 +135,64 @@ class Queue(unittest.TestCase):
         r = self.cli(d, "queue")
         self.assertEqual(r.returncode, 0, r.stderr)
         line = next(ln for ln in r.stdout.splitlines() if ln.startswith(d.queue + " "))
-        self.assertEqual(line.split()[1:], ["outbound", "-", "7", "0"])
+        self.assertEqual(line.split()[1:], ["outbound", "-", "7", "0", "-"])  # no timestamp: no head age
+
+    def test_head_ages_from_the_management_api(self):
+        """The stack's config names the management API: each queue's head
+        message's age by its AMQP timestamp, kept through a dead letter."""
+        d = mpstack.Daemon(self.env, workers=1)
+        self.addCleanup(d.delete_topology)
+        conn, ch = mpstack.amqp_channel(self.env)
+        ch.queue_declare(d.queue, durable=True, arguments={"x-max-priority": 10})
+        ch.queue_declare(d.dead_queue, durable=True)
+        conn.close()
+        now = int(time.time())
+        self.publish(d, [self.message("age", 0, "r@relay.test")], priority=3, timestamp=now - 300)
+        self.publish(d, [self.message("age", 1, "r@relay.test")], priority=3, timestamp=now - 120)
+        self.publish(d, [b"{not json"], queue=d.dead_queue, timestamp=now - 200)
+
+        def heads(s):
+            q = {q["name"]: q for q in s["queues"]}
+            return q[d.queue]["head_age_s"] is not None and q[d.dead_queue]["head_age_s"] is not None
+
+        s, _ = self.poll(d, heads, timeout=20)  # the broker's statistics are 5 s old at most
+        q = {q["name"]: q for q in s["queues"]}
+        self.assertTrue(300 <= q[d.queue]["head_age_s"] < 330, q[d.queue])  # the head, the older one
+        self.assertTrue(200 <= q[d.dead_queue]["head_age_s"] < 230, q[d.dead_queue])
+        self.assertTrue(300 <= s["oldest_age_s"] < 330, s)
+        self.assertIn("head of each queue", s["oldest_age_covers"])
+        self.assertNotIn("management_error", s)
+        # the management API unreachable: the depths still, the ages unknown and why
+        env = dict(d.proc_env, MAILPUMP_AMQP_MANAGEMENT_URL=f"http://127.0.0.1:{mpstack.free_port()}")
+        r = subprocess.run([os.path.join(mpstack.BUILD_DIR, "mailpump"), "--config",
+                            self.env["MP_MAILPUMPD_CONFIG"], "queue", "--json"],
+                           env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        s = json.loads(r.stdout)
+        q = {q["name"]: q for q in s["queues"]}
+        self.assertEqual(q[d.queue]["messages"], 2)
+        self.assertIsNone(q[d.queue]["head_age_s"])
+        self.assertIn("Connection refused", s["management_error"])
+
+    def test_a_dead_letter_keeps_its_timestamp(self):
+        """mailpumpd's own publishes carry the AMQP timestamp: a dead
+        letter the one its message was enqueued with."""
+        d = mpstack.Daemon(self.env, workers=1)
+        d.start()
+        self.addCleanup(d.stop)
+        then = int(time.time()) - 500
+        self.publish(d, [{"id": f"ts-{uuid.uuid4().hex[:6]}", "from": SENDER, "to": ["not an address"],
+                          "text": "x"}], timestamp=then)
+        deadline = time.time() + 20
+        while self.depth(d.dead_queue) < 1 and time.time() < deadline:
+            time.sleep(0.2)
+        conn, ch = mpstack.amqp_channel(self.env)
+        try:
+            method, props, body = ch.basic_get(d.dead_queue, auto_ack=False)
+            self.assertIsNotNone(method, "nothing dead-lettered")
+            self.assertEqual(props.timestamp, then)
+        finally:
+            conn.close()
 
     # ---- workers and destinations ----
 
