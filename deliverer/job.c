@@ -86,6 +86,7 @@
 #include "deliverer/suplist.h"
 #include "deliverer/sites.h"
 #include "metrics/metrics.h"
+#include "metrics/ops.h"
 #include "mime/build.h"
 #include "queue/event.h"
 #include "queue/msgjson.h"
@@ -1459,6 +1460,15 @@ uint64_t job_first_seen_ms(const job_t *j)
     return j->envelope.first_seen_ms;
 }
 
+/* mailpump_recipients_total and, for a final event, the delivery latency
+ * (from the message's first enqueue) and the age at delivery. */
+static void job_count_event(const job_t *j, metrics_event_t ev, int reason)
+{
+    uint64_t now = util_wall_ms(), fs = j->envelope.first_seen_ms;
+    metrics_recipient_event(ev, reason, metrics_latency_us(now, j->dv->timestamp_s, fs),
+                            fs && now > fs ? (now - fs) * 1000 : 0);
+}
+
 static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int appended)
 {
     const job_domain_t *d = &j->domains[r->domain];
@@ -1481,6 +1491,11 @@ static void job_publish_rcpt_event(job_t *j, job_rcpt_t *r, int retrying, int ap
     if (r->outcome == OUTCOME_TRANSIENT && j->ctx->qstat != NULL)
         job_note_deferred(j, d, r);
     job_count_sender(j, r, mo);
+    job_count_event(j, mo == MET_OUT_DELIVERED    ? MET_EV_DELIVERED
+                       : mo == MET_OUT_SUPPRESSED ? MET_EV_SUPPRESSED
+                       : mo == MET_OUT_BOUNCED    ? MET_EV_BOUNCED
+                                                  : MET_EV_DEFERRED,
+                    r->reason);
     const char *reason = outcome_reason_name(r->reason);
     mq_event_t ev = {
         .event = event_name(r),
@@ -1671,6 +1686,7 @@ static void job_enter_dead(job_t *j)
                 continue;
             ev.recipient = j->rcpts[i].addr;
             job_count_sender(j, &j->rcpts[i], MET_OUT_DEAD);
+            job_count_event(j, MET_EV_DEAD, OUTCOME_R_OTHER);
             job_publish_event(j, &ev);
         }
     } else {

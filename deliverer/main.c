@@ -36,9 +36,11 @@
 #include "core/log.h"
 #include "core/util.h"
 #include "deliverer/env.h"
+#include "deliverer/outcome.h"
 #include "deliverer/policy.h"
 #include "deliverer/worker.h"
 #include "metrics/metrics.h"
+#include "metrics/ops.h"
 
 #define MAILPUMPD_VERSION "0.1.0"
 #define CRASH_CHECK_S     3 /* how often the crash reporter's connection is looked at */
@@ -181,6 +183,8 @@ int main(int argc, char **argv)
     /* the label values of the per-tenant, per-pool and per-source series,
      * fixed before anything counts (every other value counts as "other") */
     metrics_label_add_list(MET_FAM_TENANT, cfg.metrics_tenants);
+    for (int i = 0; i < OUTCOME_R_LAST; i++)
+        metrics_reason_name(i, outcome_reason_name((outcome_reason_t)i));
     metrics_label_add_list(MET_FAM_CAMPAIGN, cfg.metrics_campaigns);
     for (size_t i = 0; i < policy_npools(env.policy); i++)
         metrics_label_add(MET_FAM_POOL, policy_pool(env.policy, i)->name);

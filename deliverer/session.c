@@ -95,6 +95,7 @@
 #include "core/util.h"
 #include "deliverer/outcome.h"
 #include "metrics/metrics.h"
+#include "metrics/ops.h"
 
 #define TIMEOUT_NONE ((size_t)-1)
 
@@ -150,6 +151,7 @@ struct smtp_session {
     loop_timer_t          deadline_timer; /* the awaited reply's absolute deadline */
     loop_timer_t          txn_timer;      /* the transaction's */
     uint64_t              wait_ms;        /* when the wait for the next reply started */
+    uint64_t              tls_ms;         /* when the TLS handshake started */
     uint64_t              wait_bytes_in;  /* stream_bytes_in() then */
     uint64_t              txn_ms;         /* when MAIL FROM was sent */
 };
@@ -907,6 +909,7 @@ static void enter_state(smtp_session_t *s, smtp_state_t next)
         send_cmd(s, "STARTTLS");
         break;
     case SMTP_STATE_TLS_HANDSHAKE: {
+        s->tls_ms = loop_now_ms(s->loop);
         SSL_SESSION *resume = s->p.tls_cache ? tls_session_cache_get(s->p.tls_cache, s->tls_key) : NULL;
         log_debug("smtp", "tls_resume", "%s session=%016" PRIx64 " offered=%d", SESS_MSG(s), s->id, resume != NULL);
         /* refuses when bytes are buffered after the 220: STARTTLS injection */
@@ -1244,6 +1247,32 @@ static void idle_lost(smtp_session_t *s)
     closed(s);
 }
 
+/* mailpump_smtp_command_seconds: a reply complete, timed from its wait's
+ * start (wait_reply: the command queued; pipelined, the reply before it;
+ * the final dot written). AUTH and RSET are not timed. */
+static void observe_reply(const smtp_session_t *s)
+{
+    metrics_smtp_cmd_t c;
+    switch (s->state) {
+    case SMTP_STATE_GREETING: c = MET_CMD_GREETING; break;
+    case SMTP_STATE_EHLO:
+    case SMTP_STATE_EHLO_TLS:
+    case SMTP_STATE_HELO: c = MET_CMD_EHLO; break;
+    case SMTP_STATE_STARTTLS: c = MET_CMD_STARTTLS; break;
+    case SMTP_STATE_MAIL: c = MET_CMD_MAIL; break;
+    case SMTP_STATE_RCPT: c = MET_CMD_RCPT; break;
+    case SMTP_STATE_DATA: c = MET_CMD_DATA; break;
+    case SMTP_STATE_BODY:
+        if (!s->res.dot_sent)
+            return;
+        c = MET_CMD_DOT;
+        break;
+    case SMTP_STATE_QUIT: c = MET_CMD_QUIT; break;
+    default: return;
+    }
+    metrics_smtp_command(c, since_ms(s, s->wait_ms) * 1000);
+}
+
 static void on_data(smtp_session_t *s)
 {
     buf_t *in = stream_input(s->st);
@@ -1289,6 +1318,7 @@ static void on_data(smtp_session_t *s)
             return;
         }
         s->expect--;
+        observe_reply(s);
         on_reply(s, &r);
         if (s->state == SMTP_STATE_TLS_HANDSHAKE)
             return; /* what follows is TLS, read by the stream */
@@ -1363,10 +1393,13 @@ static void on_stream(stream_t *st, stream_event_t ev, void *arg)
     }
     switch (ev) {
     case STREAM_EV_CONNECTED:
-        if (s->state == SMTP_STATE_CONNECT)
+        if (s->state == SMTP_STATE_CONNECT) {
+            metrics_smtp_command(MET_CMD_CONNECT, since_ms(s, s->born_ms) * 1000);
             enter_state(s, SMTP_STATE_GREETING);
+        }
         break;
     case STREAM_EV_TLS_READY:
+        metrics_smtp_command(MET_CMD_TLS, since_ms(s, s->tls_ms) * 1000);
         s->res.tls_version = stream_tls_version(st);
         s->res.tls_cipher = stream_tls_cipher(st);
         s->res.tls_resumed = stream_tls_resumed(st);

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "core/util.h"
+#include "metrics/ops.h"
 
 static _Atomic uint64_t counters[MET_COUNTER_LAST];
 static _Atomic int64_t  gauges[MET_GAUGE_LAST];
@@ -392,6 +393,7 @@ void metrics_render(buf_t *out)
                    (long long)metrics_gauge((metric_gauge_t)i));
     metrics_render_dns(out);
     metrics_render_labeled(out);
+    metrics_ops_render(out);
 }
 
 struct metrics_server {
