@@ -101,7 +101,7 @@ void metrics_gauge_add(metric_gauge_t g, int64_t delta);
 void metrics_gauge_set(metric_gauge_t g, int64_t v);
 uint64_t metrics_counter(metric_counter_t c);
 int64_t  metrics_gauge(metric_gauge_t g);
-/* Append the Prometheus text exposition to out. */
+/* Append the Prometheus text exposition to out (with metrics/ops.h's families). */
 void metrics_render(buf_t *out);
 
 /* ---- histograms and DNS lookups ---- */
