@@ -1015,6 +1015,118 @@ static void put_cell(FILE *f, const char *s)
     }
 }
 
+/* s as roff text: backslashes escaped, a leading '.' or '\'' guarded, and
+ * `code` spans of the Markdown descriptions set in bold */
+static void put_roff(FILE *f, const char *s)
+{
+    int code = 0;
+    if (*s == '.' || *s == '\'')
+        fputs("\\&", f);
+    for (; *s; s++) {
+        if (*s == '\\')
+            fputs("\\e", f);
+        else if (*s == '-')
+            fputs("\\-", f);
+        else if (*s == '`') {
+            fputs(code ? "\\fR" : "\\fB", f);
+            code = !code;
+        } else
+            fputc(*s, f);
+    }
+    if (code)
+        fputs("\\fR", f);
+}
+
+void config_print_reference_man(void *stream, const char *version)
+{
+    FILE *f = stream;
+    fprintf(f,
+            ".\\\" Generated from the key table in core/config.c by\n"
+            ".\\\" `mailpumpd --print-config-reference --format man`; do not edit.\n"
+            ".TH MAILPUMPD.INI 5 \"\" \"mailpump %s\" \"File Formats\"\n"
+            ".nh\n"
+            ".ad l\n"
+            ".SH NAME\n"
+            "mailpumpd.ini \\- configuration file of the mailpumpd delivery engine\n"
+            ".SH SYNOPSIS\n"
+            ".B /etc/mailpump/mailpumpd.ini\n"
+            ".SH DESCRIPTION\n"
+            "An INI file (\\fBmailpumpd \\-\\-config\\fR \\fIFILE\\fR) of \\fB[section]\\fR headers\n"
+            "and \\fBkey = value\\fR lines (\\fBkey: value\\fR too), each value on one line\n"
+            "and taken as written.\n"
+            "A line whose first non-blank character is \\fB;\\fR or \\fB#\\fR is a comment,\n"
+            "and so is the rest of a line from a \\fB;\\fR after a blank, except on a secret,\n"
+            "where that is an error.\n"
+            "A key given twice, an indented continuation line, and unknown sections or keys are errors.\n"
+            ".PP\n"
+            "Every key can be overridden by its environment variable\n"
+            "\\fBMAILPUMP_\\fR\\fISECTION\\fR\\fB_\\fR\\fIKEY\\fR, which wins over the file.\n"
+            "\\fBmailpumpd \\-\\-check\\-config\\fR runs every check start-up runs and prints\n"
+            "the effective values with secrets masked.\n"
+            ".PP\n"
+            "Types: \\fIinteger\\fR is a non-negative decimal number;\n"
+            "\\fIduration\\fR is \\fB250ms\\fR, \\fB30s\\fR, \\fB5m\\fR, \\fB2h\\fR, \\fB1d\\fR\n"
+            "or a bare number of milliseconds;\n"
+            "\\fIsize\\fR is a number of bytes with an optional unit \\fBKiB\\fR, \\fBMiB\\fR, \\fBGiB\\fR\n"
+            "(powers of 1024), or \\fBauto\\fR;\n"
+            "\\fIone of\\fR takes exactly one of the names listed;\n"
+            "a \\fIsecret\\fR string is masked by \\fB\\-\\-check\\-config\\fR.\n"
+            ".SH KEYS\n",
+            version);
+    const char *section = "";
+    for (size_t i = 0; i < NKEYS; i++) {
+        const key_def_t *k = &keys[i];
+        if (strcmp(section, k->section) != 0) {
+            fprintf(f, ".SS [%s]\n", k->section);
+            section = k->section;
+        }
+        char env[128];
+        env_name(k, env, sizeof(env));
+        fprintf(f, ".TP\n.B %s\n", k->key);
+        switch (k->type) {
+        case K_STR: fputs(k->secret ? "\\fIsecret string\\fR" : "\\fIstring\\fR", f); break;
+        case K_UINT:
+        case K_ULONG: fputs("\\fIinteger\\fR", f); break;
+        case K_MS: fputs("\\fIduration\\fR", f); break;
+        case K_SIZE: fputs("\\fIsize\\fR", f); break;
+        case K_ENUM: {
+            char names[256];
+            enum_list(k->names, ", ", names, sizeof(names));
+            fputs("\\fIone of\\fR ", f);
+            put_roff(f, names);
+            break;
+        }
+        }
+        fputs(", default ", f);
+        if (k->defval[0]) {
+            fputs("\\fB", f);
+            for (const char *d = k->defval; *d; d++) {
+                if (*d == '\\')
+                    fputs("\\e", f);
+                else if (*d == '-')
+                    fputs("\\-", f);
+                else if (*d == ':' || *d == ',')
+                    fprintf(f, "%c\\:", *d); /* a place to break a long list */
+                else
+                    fputc(*d, f);
+            }
+            fputs("\\fR", f);
+        } else {
+            fputs("empty", f);
+        }
+        fprintf(f, ", environment \\fB\\%%%s\\fR.\n.br\n", env);
+        put_roff(f, k->desc);
+        fputc('\n', f);
+    }
+    fputs(".SH FILES\n"
+          ".TP\n"
+          ".I /etc/mailpump/mailpumpd.ini\n"
+          "the file the packaged systemd unit passes to \\fBmailpumpd \\-\\-config\\fR\n"
+          ".SH SEE ALSO\n"
+          ".BR mailpumpd (8),\n"
+          ".BR mailpump (1)\n", f);
+}
+
 void config_print_reference(void *stream)
 {
     FILE *f = stream;

@@ -213,6 +213,9 @@ void config_dump(const mp_config_t *cfg, void *FILE_stream);
 /* Print the reference of every key (section, key, type, default,
  * environment variable, description) as Markdown: docs/configuration.md. */
 void config_print_reference(void *FILE_stream);
+/* The same reference as the roff man page mailpumpd.ini(5); version goes
+ * into its header. */
+void config_print_reference_man(void *FILE_stream, const char *version);
 /* The value the enumerated key [section] key gives the name s (exact
  * spelling, aliases included), or -1 when unknown (or not an enum key). */
 int  config_enum_parse(const char *section, const char *key, const char *s);

@@ -48,7 +48,8 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "Usage: mailpumpd [--config FILE] [--check-config] [--print-config-reference]\n"
+            "Usage: mailpumpd [--config FILE] [--check-config]\n"
+            "                 [--print-config-reference [--format markdown|man]]\n"
             "                 [--help] [--version]\n"
             "\n"
             "Outbound mail delivery engine: consumes JSON messages from RabbitMQ,\n"
@@ -63,6 +64,8 @@ static void usage(FILE *f)
             "                       print every key (type, default, environment\n"
             "                       variable, meaning) as Markdown, and exit\n"
             "                       (docs/configuration.md is this output)\n"
+            "      --format man     with --print-config-reference: the same as\n"
+            "                       the roff man page mailpumpd.ini(5)\n"
             "  -h, --help           this text\n"
             "  -V, --version        print the version\n"
             "\n"
@@ -114,17 +117,20 @@ int main(int argc, char **argv)
         { "config", required_argument, NULL, 'c' },
         { "check-config", no_argument, NULL, 'k' },
         { "print-config-reference", no_argument, NULL, 'r' },
+        { "format", required_argument, NULL, 'f' },
         { "help", no_argument, NULL, 'h' },
         { "version", no_argument, NULL, 'V' },
         { NULL, 0, NULL, 0 },
     };
     const char *config_path = NULL;
-    int check_only = 0, c;
+    const char *ref_format = NULL;
+    int check_only = 0, print_ref = 0, c;
     while ((c = getopt_long(argc, argv, "c:hV", opts, NULL)) != -1) {
         switch (c) {
         case 'c': config_path = optarg; break;
         case 'k': check_only = 1; break;
-        case 'r': config_print_reference(stdout); return 0;
+        case 'r': print_ref = 1; break;
+        case 'f': ref_format = optarg; break;
         case 'h': usage(stdout); return 0;
         case 'V': printf("mailpumpd %s\n", MAILPUMPD_VERSION); return 0;
         default: usage(stderr); return 2;
@@ -134,6 +140,21 @@ int main(int argc, char **argv)
         fprintf(stderr, "mailpumpd: unexpected argument \"%s\"\n", argv[optind]);
         usage(stderr);
         return 2;
+    }
+    if (ref_format && !print_ref) {
+        fprintf(stderr, "mailpumpd: --format goes with --print-config-reference\n");
+        return 2;
+    }
+    if (print_ref) {
+        if (ref_format == NULL || strcmp(ref_format, "markdown") == 0) {
+            config_print_reference(stdout);
+        } else if (strcmp(ref_format, "man") == 0) {
+            config_print_reference_man(stdout, MAILPUMPD_VERSION);
+        } else {
+            fprintf(stderr, "mailpumpd: unknown reference format \"%s\" (markdown, man)\n", ref_format);
+            return 2;
+        }
+        return 0;
     }
 
     mp_config_t cfg;

@@ -681,6 +681,65 @@ static void test_reference(void **state)
     config_free(&c);
 }
 
+/* The man page mailpumpd.ini(5) lists every key of the dump as a .TP/.B
+ * entry under its .SS [section], with its type, default and environment
+ * variable, and escapes roff's special characters. */
+static void test_reference_man(void **state)
+{
+    mp_config_t c;
+    config_defaults(&c);
+    char *dump = NULL, *man = NULL;
+    size_t dlen = 0, mlen = 0;
+    FILE *f = open_memstream(&dump, &dlen);
+    config_dump(&c, f);
+    fclose(f);
+    f = open_memstream(&man, &mlen);
+    config_print_reference_man(f, "9.8.7");
+    fclose(f);
+    assert_non_null(strstr(man, "\n.TH MAILPUMPD.INI 5 \"\" \"mailpump 9.8.7\" \"File Formats\"\n"));
+    char section[32] = "", *save = NULL;
+    const char *sec_at = man;
+    int n = 0;
+    for (char *line = strtok_r(dump, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+        char key[64], want[256];
+        if (sscanf(line, "[%31[a-z]]", section) == 1) {
+            snprintf(want, sizeof(want), "\n.SS [%s]\n", section);
+            sec_at = strstr(man, want);
+            if (sec_at == NULL)
+                fail_msg("no %s in the man page", want);
+            continue;
+        }
+        if (sscanf(line, "%63[a-z0-9_] =", key) != 1)
+            continue;
+        char env[128];
+        snprintf(env, sizeof(env), "MAILPUMP_%s_%s", section, key);
+        for (char *p = env; *p; p++)
+            *p = (char)toupper((unsigned char)*p);
+        snprintf(want, sizeof(want), "\n.TP\n.B %s\n", key);
+        const char *entry = strstr(sec_at, want);
+        const char *next = strstr(sec_at + 1, "\n.SS [");
+        if (entry == NULL || (next && entry > next))
+            fail_msg("[%s] %s: no entry in its section", section, key);
+        const char *end = strstr(entry + strlen(want), "\n.TP\n");
+        snprintf(want, sizeof(want), ", environment \\fB\\%%%s\\fR.\n.br\n", env);
+        const char *e = strstr(entry, want);
+        if (e == NULL || (end && e > end))
+            fail_msg("[%s] %s: no %s", section, key, env);
+        n++;
+    }
+    assert_true(n > 90);
+    assert_non_null(strstr(man, "\n.B tls\n\\fIone of\\fR none, opportunistic, required, verify, "
+                                "default \\fBopportunistic\\fR,"));
+    assert_non_null(strstr(man, "\n.B password\n\\fIsecret string\\fR, default \\fBguest\\fR,"));
+    assert_non_null(strstr(man, "\n.B helo_name\n\\fIstring\\fR, default empty,"));
+    assert_non_null(strstr(man, "\\fBdomain selector rsa\\-sha256|ed25519\\-sha256 key.pem\\fR"));
+    assert_non_null(strstr(man, "default \\fBfrom:\\:to:\\:cc:\\:")); /* break points in a long list */
+    assert_null(strstr(strstr(man, "\n.TH "), "`")); /* every code span converted */
+    free(dump);
+    free(man);
+    config_free(&c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -701,6 +760,7 @@ int main(void)
         cmocka_unit_test_teardown(test_missing_file, teardown),
         cmocka_unit_test_teardown(test_dump_masks_secrets, teardown),
         cmocka_unit_test(test_reference),
+        cmocka_unit_test(test_reference_man),
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }
