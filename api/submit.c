@@ -131,8 +131,10 @@ static void on_confirm(void *arg, int ok)
 static void fail_batch(api_submit_t *sub, batch_t *b, size_t from, const char *why)
 {
     pthread_mutex_lock(&sub->lock);
+    b->refs++; /* the last mark may drop the publisher's reference: b must outlive the loop */
     for (size_t i = from; i < b->n; i++)
         mark_locked(b, i, 0, why);
+    batch_unref_locked(b);
     pthread_mutex_unlock(&sub->lock);
 }
 
