@@ -40,7 +40,7 @@
 #include "deliverer/worker.h"
 #include "metrics/metrics.h"
 
-#define MAILPUMPD_VERSION "0.1.0"
+#define MAILPUMPD_VERSION MAILPUMP_VERSION /* CMake's project(VERSION) */
 #define CRASH_CHECK_S     3 /* how often the crash reporter's connection is looked at */
 
 static void usage(FILE *f)
