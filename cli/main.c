@@ -419,8 +419,8 @@ int main(int argc, char **argv)
                 return 0;
             }
         }
-        fprintf(stderr, "mailpump: no help for \"%s\": not a command\n", what);
-        usage(stderr);
+        fprintf(stderr, "mailpump: no help for \"%s\": not a command (try mailpump --help)\n",
+                what);
         return 2;
     }
     mp_config_t cfg;
