@@ -203,6 +203,7 @@ stress_ev_t stress_event_kind(const char *event, int has_retry_in)
         { "delivered", STRESS_EV_DELIVERED }, { "bounced", STRESS_EV_BOUNCED },
         { "deferred", STRESS_EV_DEFERRED },   { "dead", STRESS_EV_DEAD },
         { "appended", STRESS_EV_APPENDED },   { "append_failed", STRESS_EV_APPEND_FAILED },
+        { "suppressed", STRESS_EV_SUPPRESSED },
     };
     if (event == NULL)
         return STRESS_EV_OTHER;
@@ -252,7 +253,7 @@ uint64_t stress_parse_ts(const char *ts)
 
 /* ---- the tally ---- */
 
-enum { R_PENDING = 0, R_DELIVERED, R_BOUNCED };
+enum { R_PENDING = 0, R_DELIVERED, R_BOUNCED, R_SUPPRESSED };
 enum { A_PENDING = 0, A_APPENDED, A_FAILED };
 
 typedef struct stress_msg {
@@ -283,7 +284,7 @@ struct stress_run {
     size_t        nconfirmed;
     size_t        ncomplete; /* confirmed and complete */
     size_t        delivered, bounced, dead, retried, appended, append_failed, duplicates;
-    size_t        deferred;
+    size_t        deferred, suppressed;
     uint64_t      last_delivered_ms;
     stress_window_t recent;  /* confirm to final recipient event, ms */
     size_t          nreasons;
@@ -453,7 +454,8 @@ int stress_run_event(stress_run_t *r, const char *body, size_t len, uint64_t rec
     stress_msg_t *m = &r->msgs[idx];
     switch (kind) {
     case STRESS_EV_DELIVERED:
-    case STRESS_EV_BOUNCED: {
+    case STRESS_EV_BOUNCED:
+    case STRESS_EV_SUPPRESSED: {
         const char *rcpt = jstr(o, "recipient");
         long ri = rcpt ? rcpt_find(r, rcpt) : -1;
         if (ri < 0)
@@ -474,6 +476,9 @@ int stress_run_event(stress_run_t *r, const char *body, size_t len, uint64_t rec
             r->delivered++;
             if (ts > r->last_delivered_ms)
                 r->last_delivered_ms = ts;
+        } else if (kind == STRESS_EV_SUPPRESSED) {
+            r->rstate[cell] = R_SUPPRESSED;
+            r->suppressed++;
         } else {
             r->rstate[cell] = R_BOUNCED;
             r->bounced++;
@@ -586,6 +591,7 @@ void stress_run_report(const stress_run_t *r, uint64_t start_us, uint64_t last_c
     out->retried = r->retried;
     out->appended = r->appended;
     out->append_failed = r->append_failed;
+    out->suppressed = r->suppressed;
     out->duplicates = r->duplicates;
     size_t ndel = 0, napp = 0;
     uint64_t *del = xcalloc(r->delivered + 1, sizeof(*del));
@@ -668,6 +674,7 @@ char *stress_report_json(const stress_report_t *rep)
         { "delivered", rep->delivered },   { "bounced", rep->bounced },
         { "dead", rep->dead },             { "retried", rep->retried },
         { "appended", rep->appended },     { "append_failed", rep->append_failed },
+        { "suppressed", rep->suppressed },
         { "duplicates", rep->duplicates }, { "missing", rep->missing },
     };
     for (size_t i = 0; i < sizeof(counts) / sizeof(counts[0]); i++)
@@ -763,6 +770,8 @@ void stress_report_print(FILE *f, const stress_report_t *rep)
     fprintf(f, "retried        %8zu\n", rep->retried);
     fprintf(f, "appended       %8zu\n", rep->appended);
     fprintf(f, "append_failed  %8zu\n", rep->append_failed);
+    if (rep->suppressed)
+        fprintf(f, "suppressed     %8zu\n", rep->suppressed);
     if (rep->duplicates)
         fprintf(f, "duplicates     %8zu\n", rep->duplicates);
     fprintf(f, "missing        %8zu%s\n", rep->missing, rep->timed_out ? " (timed out)" : "");
@@ -789,8 +798,8 @@ void stress_cmd_usage(FILE *f)
             "                [OPTIONS]\n"
             "\n"
             "Subscribes to the events exchange, publishes --count messages with publisher\n"
-            "confirms, waits until each reached its final events (delivered, bounced or\n"
-            "dead; deferred counts as a retry) and, with --append, its Sent copy\n"
+            "confirms, waits until each reached its final events (delivered, bounced,\n"
+            "suppressed or dead; deferred counts as a retry) and, with --append, its Sent copy\n"
             "(appended or append_failed), then prints a report. Message ids are\n"
             "stress-<runid>-<n>; other traffic on the exchange is ignored.\n"
             "\n"

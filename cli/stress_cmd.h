@@ -96,6 +96,7 @@ typedef enum {
     STRESS_EV_APPENDED,      /* per message: the Sent copy */
     STRESS_EV_APPEND_FAILED, /* per message, final: no retry_in_ms */
     STRESS_EV_APPEND_RETRY,  /* append_failed with retry_in_ms: retried alone */
+    STRESS_EV_SUPPRESSED,    /* per recipient, final: on a suppression list, not sent */
     STRESS_EV_LAST
 } stress_ev_t;
 
@@ -166,6 +167,7 @@ typedef struct stress_report {
     size_t        published;   /* confirmed by the broker */
     size_t        unpublished; /* refused (nack), unconfirmed or never sent */
     size_t        delivered, bounced, dead, retried, appended, append_failed;
+    size_t        suppressed;  /* recipients: not sent, not a failure of the run */
     size_t        duplicates;  /* a second final event for a recipient or message */
     size_t        missing;
     double        publish_s;       /* first publish to last confirm */

@@ -192,6 +192,7 @@ static void test_event_kinds_and_ts(void **state)
     assert_int_equal(stress_event_kind("appended", 0), STRESS_EV_APPENDED);
     assert_int_equal(stress_event_kind("append_failed", 0), STRESS_EV_APPEND_FAILED);
     assert_int_equal(stress_event_kind("append_failed", 1), STRESS_EV_APPEND_RETRY);
+    assert_int_equal(stress_event_kind("suppressed", 0), STRESS_EV_SUPPRESSED);
     assert_int_equal(stress_event_kind("failed", 0), STRESS_EV_OTHER);
     assert_int_equal(stress_event_kind("Delivered", 0), STRESS_EV_OTHER);
     assert_int_equal(stress_event_kind(NULL, 0), STRESS_EV_OTHER);
@@ -450,16 +451,23 @@ static void test_progress_and_breakdown(void **state)
 #undef EV
 
     stress_progress_t p;
+    stress_run_progress(r, 1000, &p);
+    assert_int_equal(p.in_flight, 1); /* message 5 */
+    /* a suppressed recipient is final, not a bounce */
+    assert_int_equal(feed(r, "{\"event\":\"suppressed\",\"message_id\":\"stress-" RUN "-5\","
+                             "\"recipient\":\"a@test.example\",\"reason\":\"suppressed\","
+                             "\"ts\":\"" TS0 "\"}"), 1);
+
     stress_run_progress(r, now, &p);
     assert_int_equal(p.count, 5);
     assert_int_equal(p.published, 5);
     assert_int_equal(p.delivered, 1);
     assert_int_equal(p.bounced, 3);
     assert_int_equal(p.deferred, 3);
-    assert_int_equal(p.in_flight, 1); /* message 5 */
+    assert_int_equal(p.in_flight, 0);
     /* feed() stamps the receive time: the samples are recent; 4 final
      * events, each 100 ms after its confirm (deferred ones are not final) */
-    assert_int_equal(p.recent.n, 4);
+    assert_int_equal(p.recent.n, 5);
     assert_int_equal(p.recent.p50, 100);
     assert_int_equal(p.recent.p99, 100);
     stress_run_progress(r, 77 + STRESS_RECENT_MS, &p); /* they left the window */
@@ -470,12 +478,16 @@ static void test_progress_and_breakdown(void **state)
     stress_run_report(r, c0, c0 + 1000, &rep);
     assert_true(rep.failure_rate > 0.5999 && rep.failure_rate < 0.6001); /* 3 of 5 */
     assert_int_equal(rep.nreasons, 5);
+    assert_int_equal(rep.suppressed, 1);
+    assert_int_equal(rep.bounced, 3);
+    assert_int_equal(rep.missing, 0);
 
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     stress_report_print(f, &rep);
     fclose(f);
+    assert_non_null(strstr(buf, "\nsuppressed            1\n"));
     assert_non_null(strstr(buf, "failure rate     60.00% (bounced + dead / recipients published)\n"));
     assert_non_null(strstr(buf, "\nbounced: no_such_user 2 (550 5.1.1: 2)\n"
                                 "bounced: other 1 (-: 1)\n"
@@ -489,6 +501,7 @@ static void test_progress_and_breakdown(void **state)
     free(js);
     assert_non_null(o);
     assert_true(json_real_value(json_object_get(o, "failure_rate")) == 0.6);
+    assert_int_equal(json_integer_value(json_object_get(o, "suppressed")), 1);
     char *bd = json_dumps(json_object_get(o, "breakdown"), JSON_COMPACT | JSON_SORT_KEYS);
     assert_string_equal(bd, "{\"bounced\":[{\"codes\":{\"550 5.1.1\":2},\"count\":2,\"reason\":\"no_such_user\"},"
                             "{\"codes\":{\"-\":1},\"count\":1,\"reason\":\"other\"}],"
