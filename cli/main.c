@@ -47,6 +47,7 @@ static void usage(FILE *f)
             "  queue     queue depths, workers' messages in flight, busiest destinations: mailpump queue --help\n"
             "  dead      list or re-drive dead letters: mailpump dead --help\n"
             "  help      show help for a command: mailpump help enqueue\n"
+            "  version   print the version (also: mailpump --version)\n"
             "\n"
             "Global options (before the command):\n"
             "  -c, --config FILE      read [amqp] settings from the daemon's config file\n"
@@ -55,6 +56,13 @@ static void usage(FILE *f)
             "      --password PASS    broker password (default guest)\n"
             "      --vhost VHOST      broker virtual host (default /)\n"
             "  -h, --help             this text\n"
+            "  -V, --version          print the version and exit\n"
+            "\n"
+            "Exit status: 0 success, 1 runtime failure (broker or Redis unreachable or\n"
+            "failing; dns resolve: a lookup failed; stress: a message missing or, without\n"
+            "--allow-failures, failed; admin resume: nothing in force; suppress get: not\n"
+            "listed), 2 bad usage, input or configuration, 3 trace: nothing is recorded\n"
+            "for the id. Each command's help has the details.\n"
             "\n"
             "The environment variables MAILPUMP_AMQP_HOST, _PORT, _USER, _PASSWORD,\n"
             "_VHOST, _QUEUE and _EVENTS_EXCHANGE are honoured as by mailpumpd.\n");
@@ -96,11 +104,29 @@ static void usage_events(FILE *f)
             "Subscribes to the events exchange and prints each event as one JSON line.\n"
             "Prints \"subscribed\" on standard error once events are being received.\n"
             "\n"
-            "  --key PATTERN   routing-key pattern: delivered, bounced, deferred, dead,\n"
-            "                  appended, append_failed, or # for all (default #)\n"
+            "  --key PATTERN   routing-key pattern: an event name (delivered, deferred,\n"
+            "                  bounced, suppressed, dead, appended, append_failed),\n"
+            "                  or # for all (default #)\n"
             "  --count N       exit 0 after N events\n"
             "  --timeout SEC   exit 1 if no event arrives for SEC seconds (default: wait)\n");
 }
+
+/* The version string mailpumpd -V prints: CMake's project version. */
+static void print_version(void)
+{
+    printf("mailpump %s\n", MAILPUMP_VERSION);
+}
+
+/* `mailpump help CMD`: every command, its own usage */
+static const struct {
+    const char *name;
+    void (*usage)(FILE *f);
+} helps[] = {
+    { "enqueue", usage_enqueue },      { "events", usage_events },   { "dns", dns_cmd_usage },
+    { "stress", stress_cmd_usage },    { "trace", trace_cmd_usage }, { "queue", queue_cmd_usage },
+    { "dead", dead_cmd_usage },        { "admin", admin_cmd_usage }, { "suppress", suppress_cmd_usage },
+    { "help", usage },
+};
 
 static int split_hostport(const char *s, mp_config_t *cfg)
 {
@@ -356,12 +382,13 @@ int main(int argc, char **argv)
         { "config", required_argument, NULL, 'c' }, { "amqp", required_argument, NULL, 'a' },
         { "user", required_argument, NULL, 'u' },   { "password", required_argument, NULL, 'P' },
         { "vhost", required_argument, NULL, 'v' },  { "help", no_argument, NULL, 'h' },
+        { "version", no_argument, NULL, 'V' },
         { NULL, 0, NULL, 0 },
     };
     const char *config_path = NULL, *amqp = NULL, *user = NULL, *pass = NULL, *vhost = NULL;
     int c;
     /* '+': stop at the command name; its options are parsed by the command */
-    while ((c = getopt_long(argc, argv, "+c:h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "+c:hV", opts, NULL)) != -1) {
         switch (c) {
         case 'c': config_path = optarg; break;
         case 'a': amqp = optarg; break;
@@ -369,6 +396,7 @@ int main(int argc, char **argv)
         case 'P': pass = optarg; break;
         case 'v': vhost = optarg; break;
         case 'h': usage(stdout); return 0;
+        case 'V': print_version(); return 0;
         default: usage(stderr); return 2;
         }
     }
@@ -377,27 +405,25 @@ int main(int argc, char **argv)
         return 2;
     }
     const char *cmd = argv[optind];
-    if (strcmp(cmd, "help") == 0) {
-        const char *what = optind + 1 < argc ? argv[optind + 1] : "";
-        if (strcmp(what, "enqueue") == 0)
-            usage_enqueue(stdout);
-        else if (strcmp(what, "events") == 0)
-            usage_events(stdout);
-        else if (strcmp(what, "stress") == 0)
-            stress_cmd_usage(stdout);
-        else if (strcmp(what, "trace") == 0)
-            trace_cmd_usage(stdout);
-        else if (strcmp(what, "admin") == 0)
-            admin_cmd_usage(stdout);
-        else if (strcmp(what, "suppress") == 0)
-            suppress_cmd_usage(stdout);
-        else if (strcmp(what, "queue") == 0)
-            queue_cmd_usage(stdout);
-        else if (strcmp(what, "dead") == 0)
-            dead_cmd_usage(stdout);
-        else
-            usage(stdout);
+    if (strcmp(cmd, "version") == 0) {
+        print_version();
         return 0;
+    }
+    if (strcmp(cmd, "help") == 0) {
+        const char *what = optind + 1 < argc ? argv[optind + 1] : NULL;
+        if (what == NULL) {
+            usage(stdout);
+            return 0;
+        }
+        for (size_t i = 0; i < sizeof(helps) / sizeof(helps[0]); i++) {
+            if (strcmp(what, helps[i].name) == 0) {
+                helps[i].usage(stdout);
+                return 0;
+            }
+        }
+        fprintf(stderr, "mailpump: no help for \"%s\": not a command (try mailpump --help)\n",
+                what);
+        return 2;
     }
     mp_config_t cfg;
     char err[512];

@@ -37,6 +37,7 @@
 #include <string.h>
 #include <strings.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cli/client.h"
 #include "core/buf.h"
@@ -73,6 +74,53 @@ void stress_pcts_compute(uint64_t *v, size_t n, stress_pcts_t *out)
     out->p90 = stress_percentile(v, n, 90);
     out->p99 = stress_percentile(v, n, 99);
     out->max = v[n - 1];
+}
+
+/* ---- rolling latencies ---- */
+
+void stress_window_init(stress_window_t *w, uint64_t window_ms, size_t cap)
+{
+    memset(w, 0, sizeof(*w));
+    w->window_ms = window_ms;
+    w->cap = cap ? cap : 1;
+    w->at_ms = xcalloc(w->cap, sizeof(*w->at_ms));
+    w->val = xcalloc(w->cap, sizeof(*w->val));
+    w->tmp = xcalloc(w->cap, sizeof(*w->tmp));
+}
+
+void stress_window_free(stress_window_t *w)
+{
+    free(w->at_ms);
+    free(w->val);
+    free(w->tmp);
+    memset(w, 0, sizeof(*w));
+}
+
+void stress_window_add(stress_window_t *w, uint64_t at_ms, uint64_t val)
+{
+    w->at_ms[w->head] = at_ms;
+    w->val[w->head] = val;
+    w->head = (w->head + 1) % w->cap;
+    if (w->n < w->cap)
+        w->n++;
+}
+
+void stress_window_pcts(stress_window_t *w, uint64_t now_ms, stress_pcts_t *out)
+{
+    /* drop the oldest that left the window; samples are added in time order */
+    while (w->n > 0) {
+        size_t oldest = (w->head + w->cap - w->n) % w->cap;
+        if (w->at_ms[oldest] + w->window_ms > now_ms)
+            break;
+        w->n--;
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < w->n; i++) {
+        size_t slot = (w->head + w->cap - w->n + i) % w->cap;
+        if (w->at_ms[slot] <= now_ms)
+            w->tmp[k++] = w->val[slot];
+    }
+    stress_pcts_compute(w->tmp, k, out);
 }
 
 /* ---- token bucket ---- */
@@ -155,6 +203,7 @@ stress_ev_t stress_event_kind(const char *event, int has_retry_in)
         { "delivered", STRESS_EV_DELIVERED }, { "bounced", STRESS_EV_BOUNCED },
         { "deferred", STRESS_EV_DEFERRED },   { "dead", STRESS_EV_DEAD },
         { "appended", STRESS_EV_APPENDED },   { "append_failed", STRESS_EV_APPEND_FAILED },
+        { "suppressed", STRESS_EV_SUPPRESSED },
     };
     if (event == NULL)
         return STRESS_EV_OTHER;
@@ -204,7 +253,7 @@ uint64_t stress_parse_ts(const char *ts)
 
 /* ---- the tally ---- */
 
-enum { R_PENDING = 0, R_DELIVERED, R_BOUNCED };
+enum { R_PENDING = 0, R_DELIVERED, R_BOUNCED, R_SUPPRESSED };
 enum { A_PENDING = 0, A_APPENDED, A_FAILED };
 
 typedef struct stress_msg {
@@ -235,7 +284,11 @@ struct stress_run {
     size_t        nconfirmed;
     size_t        ncomplete; /* confirmed and complete */
     size_t        delivered, bounced, dead, retried, appended, append_failed, duplicates;
+    size_t        deferred, suppressed;
     uint64_t      last_delivered_ms;
+    stress_window_t recent;  /* confirm to final recipient event, ms */
+    size_t          nreasons;
+    stress_reason_t reasons[STRESS_REASONS];
 };
 
 static int rcpt_ix_cmp(const void *a, const void *b)
@@ -262,6 +315,7 @@ stress_run_t *stress_run_new(const char *runid, size_t count, const char *const 
     size_t cells = count * nrcpts;
     r->rstate = xcalloc(cells ? cells : 1, 1);
     r->rts = xcalloc(cells ? cells : 1, sizeof(*r->rts));
+    stress_window_init(&r->recent, STRESS_RECENT_MS, 65536);
     return r;
 }
 
@@ -275,6 +329,7 @@ void stress_run_free(stress_run_t *r)
     free(r->msgs);
     free(r->rstate);
     free(r->rts);
+    stress_window_free(&r->recent);
     free(r);
 }
 
@@ -327,6 +382,53 @@ static const char *jstr(json_t *o, const char *key)
     return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
+/* confirm (us) to event (ms), rounded to the nearest ms; an event stamped
+ * before the confirm was read counts as 0 */
+static uint64_t latency_ms(uint64_t confirm_us, uint64_t event_ms)
+{
+    uint64_t ev_us = event_ms * 1000;
+    return ev_us > confirm_us ? (ev_us - confirm_us + 500) / 1000 : 0;
+}
+
+/* Count a bounce or a deferral under its reason tag and reply code. */
+static void count_reason(stress_run_t *r, const char *event, json_t *o)
+{
+    const char *reason = jstr(o, "reason");
+    char code[24] = "-";
+    json_t *smtp = json_object_get(o, "smtp");
+    json_t *jc = json_object_get(smtp, "code");
+    if (json_is_integer(jc)) {
+        const char *enh = jstr(smtp, "enhanced");
+        if (enh && *enh)
+            snprintf(code, sizeof(code), "%d %.16s", (int)json_integer_value(jc), enh);
+        else
+            snprintf(code, sizeof(code), "%d", (int)json_integer_value(jc));
+    }
+    if (reason == NULL || *reason == '\0' || strlen(reason) >= sizeof(r->reasons[0].reason))
+        reason = "other";
+    for (size_t i = 0; i < r->nreasons; i++) {
+        stress_reason_t *e = &r->reasons[i];
+        if (strcmp(e->event, event) == 0 && strcmp(e->reason, reason) == 0 &&
+            strcmp(e->code, code) == 0) {
+            e->n++;
+            return;
+        }
+    }
+    if (r->nreasons == STRESS_REASONS) {
+        /* the last slot gathers what no longer fits */
+        stress_reason_t *e = &r->reasons[STRESS_REASONS - 1];
+        snprintf(e->reason, sizeof(e->reason), "other");
+        snprintf(e->code, sizeof(e->code), "-");
+        e->n++;
+        return;
+    }
+    stress_reason_t *e = &r->reasons[r->nreasons++];
+    snprintf(e->event, sizeof(e->event), "%s", event);
+    snprintf(e->reason, sizeof(e->reason), "%s", reason);
+    snprintf(e->code, sizeof(e->code), "%s", code);
+    e->n = 1;
+}
+
 int stress_run_event(stress_run_t *r, const char *body, size_t len, uint64_t recv_ms)
 {
     /* the exchange may carry far more than this run: skip without parsing */
@@ -352,7 +454,8 @@ int stress_run_event(stress_run_t *r, const char *body, size_t len, uint64_t rec
     stress_msg_t *m = &r->msgs[idx];
     switch (kind) {
     case STRESS_EV_DELIVERED:
-    case STRESS_EV_BOUNCED: {
+    case STRESS_EV_BOUNCED:
+    case STRESS_EV_SUPPRESSED: {
         const char *rcpt = jstr(o, "recipient");
         long ri = rcpt ? rcpt_find(r, rcpt) : -1;
         if (ri < 0)
@@ -364,6 +467,8 @@ int stress_run_event(stress_run_t *r, const char *body, size_t len, uint64_t rec
             goto out;
         }
         m->ndone++;
+        if (m->confirm_us)
+            stress_window_add(&r->recent, recv_ms, latency_ms(m->confirm_us, ts));
         if (kind == STRESS_EV_DELIVERED) {
             r->rstate[cell] = R_DELIVERED;
             r->rts[cell] = ts;
@@ -371,13 +476,20 @@ int stress_run_event(stress_run_t *r, const char *body, size_t len, uint64_t rec
             r->delivered++;
             if (ts > r->last_delivered_ms)
                 r->last_delivered_ms = ts;
+        } else if (kind == STRESS_EV_SUPPRESSED) {
+            r->rstate[cell] = R_SUPPRESSED;
+            r->suppressed++;
         } else {
             r->rstate[cell] = R_BOUNCED;
             r->bounced++;
+            count_reason(r, "bounced", o);
         }
         break;
     }
     case STRESS_EV_DEFERRED:
+        r->deferred++;
+        count_reason(r, "deferred", o);
+        /* fall through */
     case STRESS_EV_APPEND_RETRY:
         r->retried++;
         rc = 1;
@@ -416,12 +528,41 @@ out:
     return rc;
 }
 
-/* confirm (us) to event (ms), rounded to the nearest ms; an event stamped
- * before the confirm was read counts as 0 */
-static uint64_t latency_ms(uint64_t confirm_us, uint64_t event_ms)
+void stress_run_progress(stress_run_t *r, uint64_t now_ms, stress_progress_t *out)
 {
-    uint64_t ev_us = event_ms * 1000;
-    return ev_us > confirm_us ? (ev_us - confirm_us + 500) / 1000 : 0;
+    memset(out, 0, sizeof(*out));
+    out->count = r->count;
+    out->published = r->nconfirmed;
+    out->delivered = r->delivered;
+    out->bounced = r->bounced;
+    out->deferred = r->deferred;
+    out->in_flight = r->nconfirmed - r->ncomplete;
+    stress_window_pcts(&r->recent, now_ms, &out->recent);
+}
+
+void stress_progress_format(char *out, size_t outlen, const stress_progress_t *p)
+{
+    char p50[24] = "-", p99[24] = "-";
+    if (p->recent.n) {
+        snprintf(p50, sizeof(p50), "%llums", (unsigned long long)p->recent.p50);
+        snprintf(p99, sizeof(p99), "%llums", (unsigned long long)p->recent.p99);
+    }
+    snprintf(out, outlen,
+             "stress %.1fs published %zu/%zu delivered %zu bounced %zu deferred %zu "
+             "in_flight %zu rate %.1f/s avg %.1f/s p50 %s p99 %s",
+             p->elapsed_s, p->published, p->count, p->delivered, p->bounced, p->deferred,
+             p->in_flight, p->rate, p->avg_rate, p50, p99);
+}
+
+static int reason_cmp(const void *a, const void *b)
+{
+    const stress_reason_t *x = a, *y = b;
+    int c = strcmp(x->event, y->event); /* "bounced" before "deferred" */
+    if (c == 0)
+        c = strcmp(x->reason, y->reason);
+    if (c == 0)
+        c = strcmp(x->code, y->code);
+    return c;
 }
 
 static void describe_missing(const stress_run_t *r, const stress_msg_t *m, char *out, size_t len)
@@ -450,6 +591,7 @@ void stress_run_report(const stress_run_t *r, uint64_t start_us, uint64_t last_c
     out->retried = r->retried;
     out->appended = r->appended;
     out->append_failed = r->append_failed;
+    out->suppressed = r->suppressed;
     out->duplicates = r->duplicates;
     size_t ndel = 0, napp = 0;
     uint64_t *del = xcalloc(r->delivered + 1, sizeof(*del));
@@ -477,6 +619,15 @@ void stress_run_report(const stress_run_t *r, uint64_t start_us, uint64_t last_c
             app[napp++] = latency_ms(m->confirm_us, m->append_ms);
     }
     out->unpublished = r->count - out->published;
+    if (out->published) {
+        double total = (double)out->published * (double)(r->nrcpts ? r->nrcpts : 1);
+        out->failure_rate = (double)(r->bounced + r->dead) / total;
+        if (out->failure_rate > 1)
+            out->failure_rate = 1;
+    }
+    out->nreasons = r->nreasons;
+    memcpy(out->reasons, r->reasons, r->nreasons * sizeof(r->reasons[0]));
+    qsort(out->reasons, out->nreasons, sizeof(out->reasons[0]), reason_cmp);
     stress_pcts_compute(del, ndel, &out->lat_delivered);
     stress_pcts_compute(app, napp, &out->lat_appended);
     free(del);
@@ -523,6 +674,7 @@ char *stress_report_json(const stress_report_t *rep)
         { "delivered", rep->delivered },   { "bounced", rep->bounced },
         { "dead", rep->dead },             { "retried", rep->retried },
         { "appended", rep->appended },     { "append_failed", rep->append_failed },
+        { "suppressed", rep->suppressed },
         { "duplicates", rep->duplicates }, { "missing", rep->missing },
     };
     for (size_t i = 0; i < sizeof(counts) / sizeof(counts[0]); i++)
@@ -536,6 +688,31 @@ char *stress_report_json(const stress_report_t *rep)
     json_object_set_new(lat, "appended", jpcts(&rep->lat_appended));
     json_object_set_new(o, "latency_ms", lat);
     json_object_set_new(o, "timed_out", json_boolean(rep->timed_out));
+    json_object_set_new(o, "failure_rate", jreal(rep->failure_rate, 10000));
+    /* {"bounced":[{"reason":"no_such_user","count":12,"codes":{"550 5.1.1":12}}],
+     *  "deferred":[...]}; rep->reasons is sorted by event, reason, code */
+    json_t *bd = json_object();
+    json_object_set_new(bd, "bounced", json_array());
+    json_object_set_new(bd, "deferred", json_array());
+    json_t *cur = NULL;
+    for (size_t i = 0; i < rep->nreasons; i++) {
+        const stress_reason_t *e = &rep->reasons[i];
+        json_t *arr = json_object_get(bd, e->event);
+        if (arr == NULL)
+            continue;
+        if (i == 0 || strcmp(e->event, rep->reasons[i - 1].event) != 0 ||
+            strcmp(e->reason, rep->reasons[i - 1].reason) != 0) {
+            cur = json_object();
+            json_object_set_new(cur, "reason", json_string(e->reason));
+            json_object_set_new(cur, "count", json_integer(0));
+            json_object_set_new(cur, "codes", json_object());
+            json_array_append_new(arr, cur);
+        }
+        json_t *jn = json_object_get(cur, "count");
+        json_integer_set(jn, json_integer_value(jn) + (json_int_t)e->n);
+        json_object_set_new(json_object_get(cur, "codes"), e->code, json_integer((json_int_t)e->n));
+    }
+    json_object_set_new(o, "breakdown", bd);
     json_t *shown = json_array();
     for (size_t i = 0; i < rep->nshown; i++) {
         json_t *s = json_object();
@@ -561,6 +738,24 @@ static void print_pcts(FILE *f, const char *name, const stress_pcts_t *p)
                 (unsigned long long)p->max);
 }
 
+/* "bounced: no_such_user 12 (550 5.1.1: 12)", one line per event and
+ * reason; rep->reasons is sorted by event, reason, code */
+static void print_reasons(FILE *f, const stress_report_t *rep)
+{
+    for (size_t i = 0; i < rep->nreasons;) {
+        const stress_reason_t *e = &rep->reasons[i];
+        size_t k = i, total = 0;
+        while (k < rep->nreasons && strcmp(rep->reasons[k].event, e->event) == 0 &&
+               strcmp(rep->reasons[k].reason, e->reason) == 0)
+            total += rep->reasons[k++].n;
+        fprintf(f, "%s: %s %zu (", e->event, e->reason, total);
+        for (size_t j = i; j < k; j++)
+            fprintf(f, "%s%s: %zu", j > i ? ", " : "", rep->reasons[j].code, rep->reasons[j].n);
+        fprintf(f, ")\n");
+        i = k;
+    }
+}
+
 void stress_report_print(FILE *f, const stress_report_t *rep)
 {
     fprintf(f, "mailpump stress: run %s, %zu messages x %zu recipient%s%s\n", rep->run_id,
@@ -575,6 +770,8 @@ void stress_report_print(FILE *f, const stress_report_t *rep)
     fprintf(f, "retried        %8zu\n", rep->retried);
     fprintf(f, "appended       %8zu\n", rep->appended);
     fprintf(f, "append_failed  %8zu\n", rep->append_failed);
+    if (rep->suppressed)
+        fprintf(f, "suppressed     %8zu\n", rep->suppressed);
     if (rep->duplicates)
         fprintf(f, "duplicates     %8zu\n", rep->duplicates);
     fprintf(f, "missing        %8zu%s\n", rep->missing, rep->timed_out ? " (timed out)" : "");
@@ -583,6 +780,9 @@ void stress_report_print(FILE *f, const stress_report_t *rep)
     fprintf(f, "latency ms           p50      p90      p99      max\n");
     print_pcts(f, "delivered", &rep->lat_delivered);
     print_pcts(f, "appended", &rep->lat_appended);
+    fprintf(f, "failure rate   %7.2f%% (bounced + dead / recipients published)\n",
+            rep->failure_rate * 100);
+    print_reasons(f, rep);
     for (size_t i = 0; i < rep->nshown; i++)
         fprintf(f, "missing %s: waiting for %s\n", rep->shown[i].id, rep->shown[i].what);
     if (rep->missing > rep->nshown)
@@ -598,8 +798,8 @@ void stress_cmd_usage(FILE *f)
             "                [OPTIONS]\n"
             "\n"
             "Subscribes to the events exchange, publishes --count messages with publisher\n"
-            "confirms, waits until each reached its final events (delivered, bounced or\n"
-            "dead; deferred counts as a retry) and, with --append, its Sent copy\n"
+            "confirms, waits until each reached its final events (delivered, bounced,\n"
+            "suppressed or dead; deferred counts as a retry) and, with --append, its Sent copy\n"
             "(appended or append_failed), then prints a report. Message ids are\n"
             "stress-<runid>-<n>; other traffic on the exchange is ignored.\n"
             "\n"
@@ -625,13 +825,26 @@ void stress_cmd_usage(FILE *f)
             "                         (default 120) and report what is missing\n"
             "      --allow-failures   bounced, dead and failed Sent copies do not fail the run\n"
             "      --json             print the report as one JSON object\n"
+            "      --progress-interval SEC\n"
+            "                         without a terminal on stderr, a progress line every\n"
+            "                         SEC seconds there (default 5; 0: none); on a\n"
+            "                         terminal a status line redrawn every second (0: none)\n"
             "  -h, --help             this text\n"
             "\n"
             "Report: published (confirmed), publish rate, delivered and bounced\n"
             "(recipients), dead, retried, appended, append_failed, missing (published\n"
             "messages without their final outcome), delivered/s from the first publish\n"
             "to the last delivered event, and p50/p90/p99/max latency in ms from the\n"
-            "confirm to the delivered and appended events (the events' own ts).\n"
+            "confirm to the delivered and appended events (the events' own ts), the\n"
+            "failure rate (bounced + dead over the recipients published), and bounces\n"
+            "and deferrals by reason and reply code:\n"
+            "  bounced: no_such_user 12 (550 5.1.1: 12)\n"
+            "Progress lines (standard error):\n"
+            "  stress 12.0s published 340/500 delivered 300 bounced 10 deferred 2\n"
+            "  in_flight 30 rate 45.0/s avg 28.3/s p50 120ms p99 480ms\n"
+            "(one line; rate: delivered + bounced per second since the previous line,\n"
+            "avg: since the first publish, p50/p99: ms from confirm to the final\n"
+            "event over the last 5 s).\n"
             "Exit 0 when everything reached an expected outcome, 1 when anything is\n"
             "missing or unpublished or (without --allow-failures) bounced, dead or\n"
             "not appended, 2 on bad usage.\n");
@@ -657,6 +870,8 @@ typedef struct stress_opts {
     unsigned      timeout_s;
     int           allow_failures;
     int           json;
+    unsigned      progress_s; /* without a terminal: a line every progress_s; 0 = off */
+    int           tty;        /* stderr is a terminal: one status line, redrawn every second */
 } stress_opts_t;
 
 /* Unsigned decimal in [lo, hi]; -1 otherwise. */
@@ -682,6 +897,10 @@ typedef struct stress_ctx {
     size_t        low;    /* no index below it awaits a confirm */
     size_t        outstanding;
     uint64_t      last_confirm_us;
+    uint64_t      next_progress_ms; /* monotonic; 0 = no progress output */
+    uint64_t      prev_progress_ms;
+    size_t        prev_finals;      /* delivered + bounced at the previous line */
+    int           status_shown;     /* a terminal status line is on screen */
 } stress_ctx_t;
 
 enum { P_UNSENT = 0, P_SENT, P_CONFIRMED, P_REFUSED };
@@ -717,6 +936,42 @@ static void on_event(void *arg, const char *body, size_t len)
 {
     stress_ctx_t *c = arg;
     stress_run_event(c->run, body, len, clock_us(CLOCK_REALTIME) / 1000);
+}
+
+/* The live status: on a terminal one line redrawn in place, else a plain
+ * line every --progress-interval seconds. */
+static void progress(stress_ctx_t *c, const stress_opts_t *o, uint64_t start_us, uint64_t now_mono)
+{
+    uint64_t now_us = clock_us(CLOCK_REALTIME);
+    stress_progress_t p;
+    stress_run_progress(c->run, now_us / 1000, &p);
+    p.elapsed_s = now_us > start_us ? (double)(now_us - start_us) / 1e6 : 0;
+    size_t finals = p.delivered + p.bounced;
+    uint64_t dt = now_mono - c->prev_progress_ms;
+    p.rate = dt ? (double)(finals - c->prev_finals) * 1000.0 / (double)dt : 0;
+    p.avg_rate = p.elapsed_s > 0 ? (double)finals / p.elapsed_s : 0;
+    c->prev_finals = finals;
+    c->prev_progress_ms = now_mono;
+    char line[512];
+    stress_progress_format(line, sizeof(line), &p);
+    if (o->tty) {
+        fprintf(stderr, "\r%s\033[K", line);
+        c->status_shown = 1;
+    } else {
+        fprintf(stderr, "%s\n", line);
+    }
+    fflush(stderr);
+    c->next_progress_ms = now_mono + (o->tty ? 1000 : (uint64_t)o->progress_s * 1000);
+}
+
+/* Erase the terminal status line before anything else goes to stderr. */
+static void progress_clear(stress_ctx_t *c)
+{
+    if (c->status_shown) {
+        fprintf(stderr, "\r\033[K");
+        fflush(stderr);
+        c->status_shown = 0;
+    }
 }
 
 /* The message every publish sends, its id replaced each time. */
@@ -798,8 +1053,14 @@ static int stress_loop(mp_client_t *cl, const stress_opts_t *o, const char *runi
     uint64_t deadline = util_mono_ms() + (uint64_t)o->timeout_s * 1000;
     *start_us = clock_us(CLOCK_REALTIME);
     int was_blocked = 0;
+    if (o->progress_s) {
+        c->prev_progress_ms = util_mono_ms();
+        c->next_progress_ms = c->prev_progress_ms + (o->tty ? 1000 : (uint64_t)o->progress_s * 1000);
+    }
     for (;;) {
         uint64_t now = util_mono_ms();
+        if (c->next_progress_ms && now >= c->next_progress_ms)
+            progress(c, o, *start_us, now);
         if (now >= deadline) {
             *timed_out = 1;
             return 0;
@@ -807,11 +1068,14 @@ static int stress_loop(mp_client_t *cl, const stress_opts_t *o, const char *runi
         if (c->nsent == o->count && c->outstanding == 0 && stress_run_missing(c->run) == 0)
             return 0;
         uint64_t wait = deadline - now < 200 ? deadline - now : 200;
+        if (c->next_progress_ms && c->next_progress_ms - now < wait)
+            wait = c->next_progress_ms - now;
         /* a broker resource alarm: publishing would only fill buffers (and
          * then block this loop past --timeout); wait for it to clear */
         const char *blocked = mp_client_blocked(cl);
         if ((blocked != NULL) != was_blocked) {
             was_blocked = blocked != NULL;
+            progress_clear(c);
             if (blocked)
                 fprintf(stderr, "mailpump stress: the broker blocks publishers (%s); waiting\n",
                         blocked);
@@ -859,7 +1123,8 @@ static int stress_loop(mp_client_t *cl, const stress_opts_t *o, const char *runi
 
 int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
 {
-    enum { O_FROM = 256, O_TO, O_TO_DOMAIN, O_SUBJECT, O_ALLOW, O_JSON, O_TENANT, O_TENANTS, O_CAMPAIGN, O_POOL };
+    enum { O_FROM = 256, O_TO, O_TO_DOMAIN, O_SUBJECT, O_ALLOW, O_JSON, O_TENANT, O_TENANTS, O_CAMPAIGN, O_POOL,
+           O_PROGRESS };
     static const struct option opts[] = {
         { "count", required_argument, NULL, 'n' },
         { "rate", required_argument, NULL, 'r' },
@@ -879,11 +1144,13 @@ int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
         { "tenants", required_argument, NULL, O_TENANTS },
         { "campaign", required_argument, NULL, O_CAMPAIGN },
         { "pool", required_argument, NULL, O_POOL },
+        { "progress-interval", required_argument, NULL, O_PROGRESS },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     stress_opts_t o = { .count = 100, .window = 64, .recipients = 1, .size = 1024,
-                        .subject = "mailpump stress", .priority = -1, .timeout_s = 120 };
+                        .subject = "mailpump stress", .priority = -1, .timeout_s = 120,
+                        .progress_s = 5, .tty = isatty(STDERR_FILENO) };
     o.to = xcalloc((size_t)argc + 1, sizeof(*o.to));
     int rc = 2, c, recipients_set = 0;
     unsigned long long v = 0;
@@ -939,6 +1206,11 @@ int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
             break;
         case O_CAMPAIGN: o.campaign = optarg; break;
         case O_POOL: o.pool = optarg; break;
+        case O_PROGRESS:
+            if (parse_num(optarg, 0, 86400, &v) < 0)
+                bad = "--progress-interval expects 0..86400 seconds";
+            o.progress_s = (unsigned)v;
+            break;
         case 'a': o.append = 1; break;
         case O_ALLOW: o.allow_failures = 1; break;
         case O_JSON: o.json = 1; break;
@@ -1032,6 +1304,7 @@ int stress_cmd_main(const mp_config_t *cfg, int argc, char **argv)
     uint64_t start_us = 0;
     int timed_out = 0;
     int lr = stress_loop(cl, &o, runid, tmpl, &ctx, &start_us, &timed_out, err, sizeof(err));
+    progress_clear(&ctx);
     if (lr < 0)
         fprintf(stderr, "mailpump stress: %s\n", err);
     stress_report_t rep;

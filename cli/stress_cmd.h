@@ -36,6 +36,25 @@ uint64_t stress_percentile(const uint64_t *sorted, size_t n, unsigned p);
 /* Sorts v in place and fills out; every field 0 when n == 0. */
 void     stress_pcts_compute(uint64_t *v, size_t n, stress_pcts_t *out);
 
+/* ---- rolling latencies: the samples of the last window_ms ---- */
+
+typedef struct stress_window {
+    uint64_t  window_ms;
+    size_t    cap;   /* samples kept at most; the oldest make room */
+    size_t    head;  /* next slot */
+    size_t    n;
+    uint64_t *at_ms; /* cap: when the sample was taken */
+    uint64_t *val;   /* cap */
+    uint64_t *tmp;   /* cap: scratch for the percentiles */
+} stress_window_t;
+
+void stress_window_init(stress_window_t *w, uint64_t window_ms, size_t cap);
+void stress_window_free(stress_window_t *w);
+/* A sample taken at at_ms (non-decreasing from one call to the next). */
+void stress_window_add(stress_window_t *w, uint64_t at_ms, uint64_t val);
+/* The percentiles of the samples taken in (now_ms - window_ms, now_ms]. */
+void stress_window_pcts(stress_window_t *w, uint64_t now_ms, stress_pcts_t *out);
+
 /* ---- token bucket ---- */
 
 typedef struct stress_bucket {
@@ -77,6 +96,7 @@ typedef enum {
     STRESS_EV_APPENDED,      /* per message: the Sent copy */
     STRESS_EV_APPEND_FAILED, /* per message, final: no retry_in_ms */
     STRESS_EV_APPEND_RETRY,  /* append_failed with retry_in_ms: retried alone */
+    STRESS_EV_SUPPRESSED,    /* per recipient, final: on a suppression list, not sent */
     STRESS_EV_LAST
 } stress_ev_t;
 
@@ -104,9 +124,41 @@ int           stress_run_event(stress_run_t *r, const char *body, size_t len, ui
 /* Confirmed messages still without their final outcome. */
 size_t        stress_run_missing(const stress_run_t *r);
 
+/* ---- live progress (stderr) ---- */
+
+typedef struct stress_progress {
+    double        elapsed_s;  /* since the first publish */
+    size_t        count;      /* --count */
+    size_t        published;  /* confirmed */
+    size_t        delivered, bounced, deferred; /* recipients; deferred: every retry */
+    size_t        in_flight;  /* published, not complete */
+    double        rate;       /* final recipient events (delivered + bounced) per s, last interval */
+    double        avg_rate;   /* the same since the first publish */
+    stress_pcts_t recent;     /* ms, confirm to final event, the last STRESS_RECENT_MS */
+} stress_progress_t;
+
+#define STRESS_RECENT_MS 5000
+
+/* The counts so far; rate, avg_rate and elapsed_s are the caller's. now_ms:
+ * wall clock, for the rolling percentiles. */
+void stress_run_progress(stress_run_t *r, uint64_t now_ms, stress_progress_t *out);
+/* One line, no newline:
+ * "stress 12.0s published 340/500 delivered 300 bounced 10 deferred 2
+ *  in_flight 30 rate 45.0/s avg 28.3/s p50 120ms p99 480ms"
+ * (p50 -, p99 - without a final event in the window). */
+void stress_progress_format(char *out, size_t outlen, const stress_progress_t *p);
+
 #define STRESS_SHOWN 20
+#define STRESS_REASONS 32 /* distinct (event, reason, reply code) counted; the rest: "other" */
 #define STRESS_MAX_CELLS 10000000u          /* messages x recipients followed by one run */
 #define STRESS_INFLIGHT_BYTES (2u << 20)     /* unconfirmed message bodies at most (one always goes) */
+
+typedef struct stress_reason {
+    char   event[12];  /* "bounced" or "deferred" */
+    char   reason[32]; /* the event's reason tag, "other" without one */
+    char   code[24];   /* "550 5.1.1", "421", "-" without an SMTP reply */
+    size_t n;
+} stress_reason_t;
 
 typedef struct stress_report {
     char          run_id[STRESS_RUNID_LEN + 1];
@@ -115,6 +167,7 @@ typedef struct stress_report {
     size_t        published;   /* confirmed by the broker */
     size_t        unpublished; /* refused (nack), unconfirmed or never sent */
     size_t        delivered, bounced, dead, retried, appended, append_failed;
+    size_t        suppressed;  /* recipients: not sent, not a failure of the run */
     size_t        duplicates;  /* a second final event for a recipient or message */
     size_t        missing;
     double        publish_s;       /* first publish to last confirm */
@@ -124,6 +177,9 @@ typedef struct stress_report {
     stress_pcts_t lat_delivered;   /* ms, confirm to delivered event, per recipient */
     stress_pcts_t lat_appended;    /* ms, confirm to appended event, per message */
     int           timed_out;
+    double        failure_rate;    /* (bounced + dead) / recipients of the published messages */
+    size_t        nreasons;        /* bounced, then deferred; by reason, then reply code */
+    stress_reason_t reasons[STRESS_REASONS];
     size_t        nshown;          /* the first missing messages */
     struct {
         char id[64];

@@ -42,7 +42,7 @@
 #include "metrics/metrics.h"
 #include "metrics/ops.h"
 
-#define MAILPUMPD_VERSION "0.1.0"
+#define MAILPUMPD_VERSION MAILPUMP_VERSION /* CMake's project(VERSION) */
 #define CRASH_CHECK_S     3 /* how often the crash reporter's connection is looked at */
 
 static void usage(FILE *f)

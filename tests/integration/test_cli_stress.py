@@ -155,6 +155,59 @@ class Stress(unittest.TestCase):
         self.assertEqual(rep["bounced"], 20)
         self.assertEqual(rep["missing"], 0)
 
+    def test_progress_lines_and_breakdown(self):
+        # 400 messages at 100/s to user1@ (delivered) and reject@ (550 5.1.1):
+        # without a terminal, a progress line on stderr every second
+        r, wall = run_stress(self.daemon, "--count", "400", "--rate", "100", "--from", SENDER,
+                             "--to", "reject@test.example", "--to-domain", "test.example",
+                             "--progress-interval", "1", "--allow-failures", "--timeout", "120",
+                             "--json")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        rep = report(r)  # stdout: still exactly one JSON line
+        line_re = re.compile(
+            r"^stress (\d+\.\d)s published (\d+)/400 delivered (\d+) bounced (\d+) "
+            r"deferred (\d+) in_flight (\d+) rate (\d+\.\d)/s avg (\d+\.\d)/s "
+            r"p50 (-|\d+ms) p99 (-|\d+ms)$")
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("stress ")]
+        self.assertNotIn("\r", r.stderr)
+        # publishing alone takes 4 s at 100/s
+        self.assertGreaterEqual(len(lines), 3, r.stderr)
+        prev = None
+        for ln in lines:
+            m = line_re.match(ln)
+            self.assertIsNotNone(m, ln)
+            el, pub, dlv, bnc, dfr, infl = (float(m.group(1)), *map(int, m.group(2, 3, 4, 5, 6)))
+            self.assertLessEqual(infl, pub, ln)
+            self.assertLessEqual(dlv, 400, ln)
+            self.assertLessEqual(bnc, 400, ln)
+            if m.group(9) != "-":
+                self.assertLessEqual(int(m.group(9)[:-2]), int(m.group(10)[:-2]), ln)
+            if prev:
+                for a, b in zip(prev, (el, pub, dlv, bnc, dfr)):
+                    self.assertLessEqual(a, b, (prev, ln))  # monotonic
+            prev = (el, pub, dlv, bnc, dfr)
+        self.assertLess(int(line_re.match(lines[0]).group(2)), 400, lines[0])
+        self.assertEqual(rep["published"], 400)
+        self.assertEqual(rep["delivered"], 400)
+        self.assertEqual(rep["bounced"], 400)
+        self.assertEqual(rep["missing"], 0)
+        self.assertEqual(rep["failure_rate"], 0.5)  # 400 of 800 recipients
+        self.assertEqual(rep["breakdown"]["bounced"],
+                         [{"reason": "no_such_user", "count": 400, "codes": {"550 5.1.1": 400}}])
+        self.assertEqual(rep["breakdown"]["deferred"], [])
+        print(f"\nstress 400 x 2 with progress: {wall:.1f} s wall, {len(lines)} lines, "
+              f"last: {lines[-1]}", file=sys.stderr)
+
+    def test_human_report_breakdown(self):
+        r, _ = run_stress(self.daemon, "--count", "4", "--from", "carol@test.example",
+                          "--to", "reject@test.example", "--to", "dave@test.example",
+                          "--allow-failures", "--progress-interval", "0", "--timeout", "60")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("\nfailure rate     50.00% (bounced + dead / recipients published)\n"
+                      "bounced: no_such_user 4 (550 5.1.1: 4)\n", r.stdout)
+        self.assertNotIn("deferred:", r.stdout)
+        self.assertNotRegex(r.stderr, r"(?m)^stress ")
+
     def test_human_report(self):
         r, _ = run_stress(self.daemon, "--count", "5", "--from", "carol@test.example",
                           "--to", "dave@test.example", "--timeout", "60")
@@ -192,6 +245,69 @@ class Usage(unittest.TestCase):
     def run_cli(self, *args):
         return subprocess.run([os.path.join(mpstack.BUILD_DIR, "mailpump"), *args],
                               capture_output=True, text=True, timeout=30)
+
+    COMMANDS = {  # command: a line only its own usage has
+        "enqueue": "Usage: mailpump enqueue --from ADDR --to ADDR",
+        "events": "Usage: mailpump events [--key PATTERN]",
+        "dns": "dns resolve [OPTIONS] DOMAIN...",
+        "stress": "stress --from ADDR (--to ADDR... | --to-domain DOMAIN)",
+        "trace": "trace [--json] MESSAGE_ID",
+        "queue": "Usage: mailpump [--config FILE] queue [--json]",
+        "dead": "dead list [--reason TEXT]",
+        "admin": "Usage: mailpump admin suspend|bounce SELECTOR",
+        "suppress": "suppress add [--tenant T | --global]",
+    }
+
+    def test_help_for_every_command(self):
+        general = self.run_cli("--help")
+        self.assertEqual(general.returncode, 0)
+        self.assertIn("Usage: mailpump [GLOBAL OPTIONS] COMMAND", general.stdout)
+        self.assertIn("Exit status: 0 success, 1 runtime failure", general.stdout)
+        self.assertEqual(self.run_cli("help").stdout, general.stdout)
+        for cmd, needle in self.COMMANDS.items():
+            self.assertIn(f"\n  {cmd} ", general.stdout, cmd)
+            r = self.run_cli("help", cmd)
+            self.assertEqual(r.returncode, 0, cmd)
+            self.assertIn(needle, r.stdout, cmd)
+            self.assertNotIn("Commands:", r.stdout, cmd)
+            for other, n2 in self.COMMANDS.items():
+                if other != cmd and n2 not in needle:
+                    self.assertNotIn(n2, r.stdout, (cmd, other))
+            # the same text as the command's own --help
+            own = self.run_cli("--amqp", "127.0.0.1:1", cmd, "--help")
+            self.assertEqual(own.returncode, 0, (cmd, own.stderr))
+            self.assertEqual(own.stdout, r.stdout, cmd)
+        r = self.run_cli("help", "nosuch")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn('no help for "nosuch"', r.stderr)
+
+    def test_events_keys_are_the_documented_events(self):
+        with open(os.path.join(mpstack.SOURCE_DIR, "docs", "message-format.md")) as f:
+            doc = f.read()
+        table = doc[doc.index("| event | when |"):]
+        table = table[:table.index("\n\n")]
+        documented = set(re.findall(r"`([a-z_]+)`", "\n".join(
+            ln.split("|")[1] for ln in table.splitlines()[2:])))
+        self.assertEqual(documented, {"delivered", "deferred", "bounced", "suppressed", "dead",
+                                      "appended", "append_failed"})
+        text = self.run_cli("help", "events").stdout
+        keys = text[text.index("  --key PATTERN "):text.index("  --count N")]
+        offered = set(re.findall(r"[a-z_]{4,}", keys.split(":", 1)[1])) - {
+            "name", "event", "all", "default"}
+        self.assertEqual(offered, documented, keys)
+
+    def test_version(self):
+        d = self.run_cli("--version")
+        self.assertEqual(d.returncode, 0)
+        self.assertRegex(d.stdout, r"^mailpump \d+\.\d+\.\d+\n$")
+        self.assertEqual(self.run_cli("version").stdout, d.stdout)
+        self.assertEqual(self.run_cli("-V").stdout, d.stdout)
+        daemon = subprocess.run([os.path.join(mpstack.BUILD_DIR, "mailpumpd"), "-V"],
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual(daemon.stdout.split()[1], d.stdout.split()[1])
+        with open(os.path.join(mpstack.SOURCE_DIR, "CMakeLists.txt")) as f:
+            m = re.search(r"project\(mailpump VERSION (\S+)", f.read())
+        self.assertEqual(d.stdout, f"mailpump {m.group(1)}\n")
 
     def test_help_and_bad_usage(self):
         r = self.run_cli("stress", "--help")

@@ -192,6 +192,7 @@ static void test_event_kinds_and_ts(void **state)
     assert_int_equal(stress_event_kind("appended", 0), STRESS_EV_APPENDED);
     assert_int_equal(stress_event_kind("append_failed", 0), STRESS_EV_APPEND_FAILED);
     assert_int_equal(stress_event_kind("append_failed", 1), STRESS_EV_APPEND_RETRY);
+    assert_int_equal(stress_event_kind("suppressed", 0), STRESS_EV_SUPPRESSED);
     assert_int_equal(stress_event_kind("failed", 0), STRESS_EV_OTHER);
     assert_int_equal(stress_event_kind("Delivered", 0), STRESS_EV_OTHER);
     assert_int_equal(stress_event_kind(NULL, 0), STRESS_EV_OTHER);
@@ -370,6 +371,147 @@ static void test_missing_reported(void **state)
     stress_run_free(r);
 }
 
+static void test_window(void **state)
+{
+    stress_window_t w;
+    stress_window_init(&w, 1000, 8);
+    stress_pcts_t p;
+    stress_window_pcts(&w, 5000, &p);
+    assert_int_equal(p.n, 0);
+    assert_int_equal(p.p50, 0);
+    /* samples at 1000..1400 ms, values 10..50 */
+    for (uint64_t i = 0; i < 5; i++)
+        stress_window_add(&w, 1000 + i * 100, 10 * (i + 1));
+    stress_window_pcts(&w, 1400, &p);
+    assert_int_equal(p.n, 5);
+    assert_int_equal(p.p50, 30);
+    assert_int_equal(p.p99, 50);
+    /* at 2000 the sample taken at 1000 is out: (1000, 2000] */
+    stress_window_pcts(&w, 2000, &p);
+    assert_int_equal(p.n, 4);
+    assert_int_equal(p.p50, 30); /* rank 2 of 20,30,40,50 */
+    assert_int_equal(p.p99, 50);
+    /* the window slides: only 1400 (50) remains at 2350 */
+    stress_window_pcts(&w, 2350, &p);
+    assert_int_equal(p.n, 1);
+    assert_int_equal(p.p50, 50);
+    /* full: the oldest make room; 10 samples kept in 8 slots */
+    for (uint64_t i = 0; i < 10; i++)
+        stress_window_add(&w, 3000, 100 + i);
+    stress_window_pcts(&w, 3000, &p);
+    assert_int_equal(p.n, 8);
+    assert_int_equal(p.max, 109);
+    assert_int_equal(p.p50, 105); /* 102..109, rank 4 */
+    stress_window_pcts(&w, 10000, &p);
+    assert_int_equal(p.n, 0);
+    stress_window_free(&w);
+}
+
+static void test_progress_line(void **state)
+{
+    stress_progress_t p = { .elapsed_s = 12.04, .count = 500, .published = 340,
+                            .delivered = 300, .bounced = 10, .deferred = 2, .in_flight = 30,
+                            .rate = 45.04, .avg_rate = 28.25 };
+    char line[256];
+    stress_progress_format(line, sizeof(line), &p);
+    assert_string_equal(line, "stress 12.0s published 340/500 delivered 300 bounced 10 "
+                              "deferred 2 in_flight 30 rate 45.0/s avg 28.2/s p50 - p99 -");
+    p.recent.n = 3;
+    p.recent.p50 = 120;
+    p.recent.p99 = 480;
+    stress_progress_format(line, sizeof(line), &p);
+    assert_string_equal(line, "stress 12.0s published 340/500 delivered 300 bounced 10 "
+                              "deferred 2 in_flight 30 rate 45.0/s avg 28.2/s p50 120ms p99 480ms");
+}
+
+/* The run's progress counts, its rolling latencies, the failure rate and
+ * the breakdown by reason and reply code, in text and JSON. */
+static void test_progress_and_breakdown(void **state)
+{
+    const char *rcpts[] = { "a@test.example" };
+    stress_run_t *r = stress_run_new(RUN, 5, rcpts, 1, 0);
+    const uint64_t c0 = TS0_MS * 1000 - 100000; /* confirmed 100 ms before TS0 */
+    for (size_t i = 0; i < 5; i++)
+        stress_run_confirmed(r, i, c0);
+    const uint64_t now = 1000; /* feed() receives at 77 ms */
+#define EV(n, what, extra) \
+    feed(r, "{\"event\":\"" what "\",\"message_id\":\"stress-" RUN "-" #n "\"," \
+            "\"recipient\":\"a@test.example\",\"ts\":\"" TS0 "\"" extra "}")
+    assert_int_equal(EV(1, "delivered", ""), 1);
+    assert_int_equal(EV(2, "bounced", ",\"reason\":\"no_such_user\","
+                                      "\"smtp\":{\"code\":550,\"enhanced\":\"5.1.1\",\"text\":\"x\"}"), 1);
+    assert_int_equal(EV(3, "bounced", ",\"reason\":\"no_such_user\","
+                                      "\"smtp\":{\"code\":550,\"enhanced\":\"5.1.1\",\"text\":\"x\"}"), 1);
+    assert_int_equal(EV(4, "deferred", ",\"reason\":\"greylisted\",\"retry_in_ms\":100,"
+                                       "\"smtp\":{\"code\":450,\"text\":\"later\"}"), 1);
+    assert_int_equal(EV(4, "deferred", ",\"reason\":\"greylisted\",\"retry_in_ms\":100,"
+                                       "\"smtp\":{\"code\":451,\"enhanced\":\"4.7.1\"}"), 1);
+    assert_int_equal(EV(4, "deferred", ",\"reason\":\"dns\",\"retry_in_ms\":100"), 1);
+    assert_int_equal(EV(4, "bounced", ",\"error\":\"retries used up\""), 1);
+#undef EV
+
+    stress_progress_t p;
+    stress_run_progress(r, 1000, &p);
+    assert_int_equal(p.in_flight, 1); /* message 5 */
+    /* a suppressed recipient is final, not a bounce */
+    assert_int_equal(feed(r, "{\"event\":\"suppressed\",\"message_id\":\"stress-" RUN "-5\","
+                             "\"recipient\":\"a@test.example\",\"reason\":\"suppressed\","
+                             "\"ts\":\"" TS0 "\"}"), 1);
+
+    stress_run_progress(r, now, &p);
+    assert_int_equal(p.count, 5);
+    assert_int_equal(p.published, 5);
+    assert_int_equal(p.delivered, 1);
+    assert_int_equal(p.bounced, 3);
+    assert_int_equal(p.deferred, 3);
+    assert_int_equal(p.in_flight, 0);
+    /* feed() stamps the receive time: the samples are recent; 4 final
+     * events, each 100 ms after its confirm (deferred ones are not final) */
+    assert_int_equal(p.recent.n, 5);
+    assert_int_equal(p.recent.p50, 100);
+    assert_int_equal(p.recent.p99, 100);
+    stress_run_progress(r, 77 + STRESS_RECENT_MS, &p); /* they left the window */
+    assert_int_equal(p.recent.n, 0);
+    assert_int_equal(p.delivered, 1);
+
+    stress_report_t rep;
+    stress_run_report(r, c0, c0 + 1000, &rep);
+    assert_true(rep.failure_rate > 0.5999 && rep.failure_rate < 0.6001); /* 3 of 5 */
+    assert_int_equal(rep.nreasons, 5);
+    assert_int_equal(rep.suppressed, 1);
+    assert_int_equal(rep.bounced, 3);
+    assert_int_equal(rep.missing, 0);
+
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    stress_report_print(f, &rep);
+    fclose(f);
+    assert_non_null(strstr(buf, "\nsuppressed            1\n"));
+    assert_non_null(strstr(buf, "failure rate     60.00% (bounced + dead / recipients published)\n"));
+    assert_non_null(strstr(buf, "\nbounced: no_such_user 2 (550 5.1.1: 2)\n"
+                                "bounced: other 1 (-: 1)\n"
+                                "deferred: dns 1 (-: 1)\n"
+                                "deferred: greylisted 2 (450: 1, 451 4.7.1: 1)\n"));
+    free(buf);
+
+    char *js = stress_report_json(&rep);
+    json_error_t je;
+    json_t *o = json_loads(js, 0, &je);
+    free(js);
+    assert_non_null(o);
+    assert_true(json_real_value(json_object_get(o, "failure_rate")) == 0.6);
+    assert_int_equal(json_integer_value(json_object_get(o, "suppressed")), 1);
+    char *bd = json_dumps(json_object_get(o, "breakdown"), JSON_COMPACT | JSON_SORT_KEYS);
+    assert_string_equal(bd, "{\"bounced\":[{\"codes\":{\"550 5.1.1\":2},\"count\":2,\"reason\":\"no_such_user\"},"
+                            "{\"codes\":{\"-\":1},\"count\":1,\"reason\":\"other\"}],"
+                            "\"deferred\":[{\"codes\":{\"-\":1},\"count\":1,\"reason\":\"dns\"},"
+                            "{\"codes\":{\"450\":1,\"451 4.7.1\":1},\"count\":2,\"reason\":\"greylisted\"}]}");
+    free(bd);
+    json_decref(o);
+    stress_run_free(r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -380,6 +522,9 @@ int main(void)
         cmocka_unit_test(test_event_kinds_and_ts),
         cmocka_unit_test(test_tally),
         cmocka_unit_test(test_missing_reported),
+        cmocka_unit_test(test_window),
+        cmocka_unit_test(test_progress_line),
+        cmocka_unit_test(test_progress_and_breakdown),
     };
     return cmocka_run_group_tests_name("stress", tests, NULL, NULL);
 }
