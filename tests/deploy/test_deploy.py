@@ -1065,7 +1065,6 @@ def check_netpol(tree):
         " ".join("%d/%s" % p for p in sorted(egress)), " ".join("%d/%s" % p for p in sorted(ingress)))
 
 
-@functools.lru_cache(maxsize=None)
 def metric_names(root):
     """Metric names metrics/metrics.c exposes (histograms with their series suffixes)."""
     with open(os.path.join(root, "metrics", "metrics.c")) as f:
