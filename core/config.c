@@ -338,6 +338,10 @@ static const key_def_t keys[] = {
       "copy, at most this many: its record counts the rest as `omitted`); at least 1" },
     { "metrics", "listen", K_STR, F(metrics_listen), "127.0.0.1:9464", 0, NULL,
       "`host:port` of the HTTP metrics endpoint; empty disables it" },
+    { "metrics", "stuck_after", K_MS, F(metrics_stuck_after_ms), "30s", 0, NULL,
+      "/healthz answers 503 (naming the worker) when a running worker's event loop has not stamped "
+      "its once-a-second heartbeat for this long: a thread stuck in a callback or a blocking call; "
+      "0 = off (200 while the HTTP thread answers)" },
     { "metrics", "tenants", K_STR, F(metrics_tenants), "", 0, NULL,
       "tenants counted by name in `mailpump_recipients_by_tenant_total`, comma- or blank-separated, at "
       "most 256 (each 1-64 letters, digits, `.`, `_`, `-`); any other tenant counts as `other`, a "

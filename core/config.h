@@ -156,6 +156,7 @@ typedef struct mp_config {
     unsigned trace_max_records;   /* records kept per message */
     /* [metrics] */
     char    *metrics_listen;      /* host:port, empty disables */
+    uint64_t metrics_stuck_after_ms; /* /healthz: a worker heartbeat older than this is stuck; 0 = off */
     char    *metrics_tenants;     /* tenant label values, comma/blank separated (metrics_label_add_list) */
     char    *metrics_campaigns;   /* campaign label values, the same way */
     /* [api] (api/http.h) */

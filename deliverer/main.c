@@ -39,6 +39,7 @@
 #include "deliverer/outcome.h"
 #include "deliverer/policy.h"
 #include "deliverer/worker.h"
+#include "metrics/heartbeat.h"
 #include "metrics/metrics.h"
 #include "metrics/ops.h"
 
@@ -244,6 +245,7 @@ int main(int argc, char **argv)
 
     unsigned nworkers = env.nworkers;
     metrics_gauge_set(MET_WORKERS, nworkers);
+    heartbeat_init(nworkers, cfg.metrics_stuck_after_ms);
     log_info("main", "start", "version=%s workers=%u queue=%s amqp=%s:%u metrics=%s smtp_tls=%s",
              MAILPUMPD_VERSION, nworkers, LOG_Q(cfg.amqp_queue), cfg.amqp_host, cfg.amqp_port,
              cfg.metrics_listen[0] ? cfg.metrics_listen : "off",

@@ -54,6 +54,7 @@
 #include "deliverer/wrr.h"
 #include "dns/resolver.h"
 #include "imap/imap.h"
+#include "metrics/heartbeat.h"
 #include "metrics/metrics.h"
 #include "queue/mq.h"
 
@@ -87,6 +88,7 @@ struct worker {
     loop_timer_t        release_timer;
     loop_timer_t        trim_timer;    /* gives freed heap back once idle */
     loop_timer_t        gauge_timer;   /* connections and sites into the gauges, every second */
+    loop_timer_t        heartbeat_timer; /* liveness stamp for /healthz, every second */
     int64_t             g_conns, g_running, g_waiting; /* this worker's share of those gauges */
     qstat_table_t      *qstat;         /* destinations deferred and parked: the status record */
     struct status_rows *status_rows;   /* scratch for it */
@@ -534,6 +536,15 @@ static void on_gauges(loop_t *loop, loop_timer_t *t, void *arg)
         loop_timer_set(loop, t, 1000);
 }
 
+/* The liveness heartbeat (metrics/heartbeat.h): a loop that stops coming
+ * round stops stamping, and /healthz reports it stuck. */
+static void on_heartbeat(loop_t *loop, loop_timer_t *t, void *arg)
+{
+    worker_t *w = arg;
+    heartbeat_stamp(w->index, util_mono_ms());
+    loop_timer_set(loop, t, 1000);
+}
+
 /* The worker's services: Redis and the ledger, the resolver, the SMTP
  * and IMAP pools. 0, or -1 with err (nothing left to free). */
 static int worker_open_services(worker_t *w, char *err, size_t errlen)
@@ -653,7 +664,12 @@ static void *worker_main(void *arg)
     worker_t *w = arg;
     char err[512];
     crash_thread_init(); /* a stack overflow is caught too (core/crash.h) */
+    char tname[16];
+    snprintf(tname, sizeof(tname), "mp-worker-%d", w->index % 10000);
+    pthread_setname_np(pthread_self(), tname); /* top -H, /proc/PID/task/TID/comm */
+    heartbeat_stamp(w->index, util_mono_ms()); /* running from here: a hang opening services counts */
     if (worker_open_services(w, err, sizeof(err)) < 0) {
+        heartbeat_stamp(w->index, 0);
         log_error("worker", "dns_init_failed", "worker=%d reason=%s", w->index, LOG_Q(err));
         w->exit_code = 1;
         kill(getpid(), SIGUSR1); /* main takes it with sigwait and stops the others */
@@ -664,7 +680,10 @@ static void *worker_main(void *arg)
     if (!atomic_load(&w->stop_requested))
         worker_connect(w);
     on_wakeup(w->loop, w); /* a stop that came before the loop ran */
+    loop_timer_set(w->loop, &w->heartbeat_timer, 1000);
     loop_run(w->loop);
+    loop_timer_cancel(w->loop, &w->heartbeat_timer);
+    heartbeat_stamp(w->index, 0); /* out of its loop: stopping, not stuck */
 
     /* the connection first: mq_free() fails the unconfirmed publishes, and
      * their jobs finish (unacked) while they still exist */
@@ -701,6 +720,7 @@ worker_t *worker_start(const worker_env_t *env, int index)
     loop_timer_init(&w->grace_timer, on_grace_expired, w);
     loop_timer_init(&w->release_timer, release_dead_mq, w);
     loop_timer_init(&w->trim_timer, on_trim, w);
+    loop_timer_init(&w->heartbeat_timer, on_heartbeat, w);
     budget_init(&w->budget, env->inflight_limit, budget_charge(env->max_body, 0));
     loop_set_wakeup(w->loop, on_wakeup, w);
     if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {

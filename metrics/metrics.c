@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "core/util.h"
+#include "metrics/heartbeat.h"
 #include "metrics/ops.h"
 
 static _Atomic uint64_t counters[MET_COUNTER_LAST];
@@ -426,8 +427,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return reply(c, MHD_HTTP_OK, "text/plain; version=0.0.4", &b);
     }
     if (strcmp(url, "/healthz") == 0) {
-        buf_puts(&b, "ok\n");
-        return reply(c, MHD_HTTP_OK, "text/plain", &b);
+        /* 503 when a worker loop stopped stamping its heartbeat (metrics/heartbeat.h) */
+        unsigned status = heartbeat_health(&b, util_mono_ms());
+        return reply(c, status, "text/plain", &b);
     }
     if (strcmp(url, "/readyz") == 0) {
         int64_t ready = metrics_gauge(MET_WORKERS_READY), want = metrics_gauge(MET_WORKERS);

@@ -40,6 +40,20 @@ Checks (each prints "ok" or "FAIL" with the reason; any FAIL exits 1):
                 its Debian package; a library the binaries link directly must
                 come from a listed package, the others from the dependencies of
                 the listed ones; libc6 is in the base image); no -dev packages
+  rollout       the Deployment sets no replicas (KEDA owns them) and mounts nothing
+                with subPath; its ConfigMap comes from kustomization.yaml's
+                configMapGenerator with the hash suffix (a config change rolls the
+                pods); PDB unhealthyPodEvictionPolicy AlwaysAllow; KEDA fallback
+  memory        request = limit, and the worst case of the memory model
+                (docs/operations.md, Memory) fits the limit: limit/4 in flight +
+                one 3 x max_size overshoot per worker + limit/8 sessions + 64 MiB
+                base; the auto in-flight budget is not below its floor
+  netpol        the NetworkPolicy's egress ports are exactly DNS, SMTP 25/465/587
+                and the ports mailpumpd.ini connects to (AMQP, management, Redis,
+                IMAP); ingress allows the metrics port (and [api] listen's)
+  monitoring    every metric a PrometheusRule names is in metrics/metrics.c;
+                alerts have for: and severity; the ServiceMonitor selects the
+                metrics Service and its port
   build_pkgs    the build stage installs the package of every pkg-config module
                 CMakeLists.txt requires (cmocka only with the tests), plus cmake,
                 pkg-config and a compiler, all of them in tests/run's BUILD_PKGS
@@ -71,6 +85,10 @@ CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 DRAIN_MARGIN_S = 5
 # YAML files deliberately left out of kustomization.yaml
 UNLISTED_OK = {"secret-examples.yaml", "hpa-cpu.yaml"}
+# kustomize components under deploy/k8s (optional, named in kustomization.yaml)
+COMPONENT_DIRS = ["monitoring"]
+# resident memory besides the budgets: code, TLS contexts, DNS caches, buffers
+BASE_RSS = 64 << 20
 # keys whose value is a file the pod must have
 PATH_KEYS = [("imap", "accounts_file"), ("dkim", "keys_file"), ("smtp", "ca_file"),
              ("imap", "ca_file")]
@@ -266,9 +284,13 @@ class Tree:
         self.root = root
         self.k8s = os.path.join(root, "deploy", "k8s")
         self.docker = os.path.join(root, "deploy", "docker")
-        self.docs = []          # (file, doc)
+        self.docs = []          # (file relative to deploy/k8s, doc)
         self.load_errors = []
-        for name in sorted(os.listdir(self.k8s)):
+        names = sorted(os.listdir(self.k8s))
+        for sub in COMPONENT_DIRS:
+            if os.path.isdir(os.path.join(self.k8s, sub)):
+                names += [sub + "/" + n for n in sorted(os.listdir(os.path.join(self.k8s, sub)))]
+        for name in names:
             if not name.endswith((".yaml", ".yml")):
                 continue
             try:
@@ -278,19 +300,46 @@ class Tree:
                             self.docs.append((name, doc))
             except yaml.YAMLError as e:
                 self.load_errors.append("%s: %s" % (name, str(e).replace("\n", " ")))
+        self.generated = self.generated_configmaps()
         with open(os.path.join(self.docker, "Dockerfile")) as f:
             self.stages = parse_dockerfile(f.read())
         self.effective = None   # filled by check_config
+
+    def kustomization(self):
+        with open(os.path.join(self.k8s, "kustomization.yaml")) as f:
+            return yaml.safe_load(f) or {}
+
+    def generated_configmaps(self):
+        """The ConfigMaps kustomization.yaml's configMapGenerator makes, as documents."""
+        try:
+            gens = self.kustomization().get("configMapGenerator") or []
+        except (OSError, yaml.YAMLError):
+            return []
+        out = []
+        for g in gens:
+            data = {}
+            for spec in g.get("files") or []:
+                key, _, path = spec.rpartition("=")
+                with open(os.path.join(self.k8s, path)) as f:
+                    data[key or os.path.basename(path)] = f.read()
+            for lit in g.get("literals") or []:
+                k, _, v = lit.partition("=")
+                data[k] = v
+            out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": g["name"]},
+                        "data": data, "generated": True})
+        return out
 
     def kind(self, kind, name=None, files=None):
         out = [d for f, d in self.docs if isinstance(d, dict) and d.get("kind") == kind
                and (name is None or d.get("metadata", {}).get("name") == name)
                and (files is None or f in files)]
+        if files is None:
+            out += [d for d in self.generated if d["kind"] == kind
+                    and (name is None or d["metadata"]["name"] == name)]
         return out
 
     def listed(self):
-        with open(os.path.join(self.k8s, "kustomization.yaml")) as f:
-            return set(yaml.safe_load(f).get("resources", []))
+        return set(self.kustomization().get("resources", []))
 
     def deployment(self):
         deps = self.kind("Deployment")
@@ -382,7 +431,7 @@ def check_yaml(tree):
     need(not tree.load_errors, "; ".join(tree.load_errors))
     for f, d in tree.docs:
         need(isinstance(d, dict), "%s: a document is not a mapping" % f)
-        if f == "kustomization.yaml":
+        if os.path.basename(f) == "kustomization.yaml":
             continue
         for k in ("apiVersion", "kind"):
             need(d.get(k), "%s: document without %s" % (f, k))
@@ -396,14 +445,37 @@ def check_yaml(tree):
         if name.endswith((".yaml", ".yml")) and name != "kustomization.yaml" and name not in listed:
             need(name in UNLISTED_OK and name in ktext,
                  "%s is neither in kustomization.yaml's resources nor named there as left out" % name)
+    for sub in COMPONENT_DIRS:
+        kpath = os.path.join(tree.k8s, sub, "kustomization.yaml")
+        need(os.path.exists(kpath), "component %s/ has no kustomization.yaml" % sub)
+        with open(kpath) as f:
+            comp = yaml.safe_load(f)
+        need(comp.get("kind") == "Component", "%s/kustomization.yaml is not a kustomize Component" % sub)
+        for r in comp.get("resources", []):
+            need(os.path.exists(os.path.join(tree.k8s, sub, r)), "component %s: resource %s missing" %
+                 (sub, r))
+        for name in os.listdir(os.path.join(tree.k8s, sub)):
+            need(name == "kustomization.yaml" or name in comp.get("resources", []),
+                 "%s/%s is not in the component's resources" % (sub, name))
+        need(re.search(r"^#?\s*-\s*%s\s*$" % re.escape(sub), ktext, re.M),
+             "component %s/ is not named in kustomization.yaml's components" % sub)
     note = "%d documents" % len(tree.docs)
     kubectl = shutil.which("kubectl")
     if kubectl:
         r = run([kubectl, "kustomize", tree.k8s])
         need(r.returncode == 0, "kubectl kustomize: %s" % r.stderr.strip())
-        kinds = [d["kind"] for d in yaml.safe_load_all(r.stdout) if d]
+        rendered = [d for d in yaml.safe_load_all(r.stdout) if d]
+        kinds = [d["kind"] for d in rendered]
         need("Deployment" in kinds, "kubectl kustomize rendered no Deployment")
         note += ", kubectl kustomize renders %d" % len(kinds)
+        # the generated ConfigMap's hashed name must be what the pods mount
+        cms = {d["metadata"]["name"] for d in rendered if d["kind"] == "ConfigMap"}
+        for d in rendered:
+            if d["kind"] == "Deployment":
+                for v in d["spec"]["template"]["spec"].get("volumes", []):
+                    if "configMap" in v:
+                        need(v["configMap"]["name"] in cms, "rendered Deployment mounts ConfigMap %s, "
+                             "which is not rendered" % v["configMap"]["name"])
     else:
         note += " (kubectl not installed: kustomize rendering not checked)"
     return note
@@ -863,11 +935,189 @@ def check_build_pkgs(tree):
     return " ".join(mods)
 
 
+def size_quantity(q):
+    """A Kubernetes memory quantity in bytes."""
+    m = re.match(r"^(\d+(?:\.\d+)?)([KMGTE]i?)?$", str(q))
+    need(m, "memory quantity %r not understood" % q)
+    mult = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+            "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}[m.group(2)]
+    return int(float(m.group(1)) * mult)
+
+
+def check_rollout(tree):
+    d = tree.deployment()
+    need("replicas" not in d["spec"], "the Deployment sets replicas: %s (KEDA owns the count; "
+         "every apply would reset it)" % d["spec"].get("replicas"))
+    c = tree.container()
+    for vm in c.get("volumeMounts", []):
+        need(not vm.get("subPath"), "volumeMount %s uses subPath %s: a subPath mount never sees "
+             "an update of its ConfigMap or Secret" % (vm["name"], vm.get("subPath")))
+    static = [x["metadata"]["name"] for x in tree.kind("ConfigMap", files=tree.listed())]
+    need(not static, "static ConfigMap %s in kustomization.yaml's resources: a change would not "
+         "roll the pods (use configMapGenerator)" % static)
+    gen = {g["metadata"]["name"] for g in tree.generated}
+    opts = tree.kustomization().get("generatorOptions") or {}
+    need(not opts.get("disableNameSuffixHash"), "generatorOptions disables the name hash: a "
+         "config change would not roll the pods")
+    cfg_vols = [v for v in tree.pod().get("volumes", []) if "configMap" in v]
+    need(cfg_vols, "the pods mount no ConfigMap")
+    for v in cfg_vols:
+        need(v["configMap"]["name"] in gen, "volume %s mounts ConfigMap %s, which configMapGenerator "
+             "does not make" % (v["name"], v["configMap"]["name"]))
+    pdbs = tree.kind("PodDisruptionBudget")
+    need(pdbs, "no PodDisruptionBudget")
+    for pdb in pdbs:
+        pol = pdb["spec"].get("unhealthyPodEvictionPolicy")
+        need(pol == "AlwaysAllow", "PodDisruptionBudget unhealthyPodEvictionPolicy %s: an unready "
+             "pod would block node drains (AlwaysAllow)" % pol)
+    for so in tree.kind("ScaledObject"):
+        fb = so["spec"].get("fallback") or {}
+        need(int(fb.get("failureThreshold", 0)) >= 1 and
+             int(fb.get("replicas", 0)) >= int(so["spec"].get("minReplicaCount", 1)),
+             "ScaledObject fallback %s: needs failureThreshold >= 1 and replicas >= "
+             "minReplicaCount" % fb)
+    return "no replicas, no subPath, ConfigMap %s generated, PDB AlwaysAllow, KEDA fallback" % (
+        ",".join(sorted(gen)))
+
+
+def check_memory(tree):
+    need(tree.effective is not None, "no effective configuration (check_config failed)")
+    eff = tree.effective
+    res = tree.container().get("resources") or {}
+    lim = (res.get("limits") or {}).get("memory")
+    req = (res.get("requests") or {}).get("memory")
+    need(lim, "no memory limit: the auto budgets would be sized from the node's RAM")
+    L = size_quantity(lim)
+    need(req is not None and size_quantity(req) == L, "memory request %s != limit %s: mailpumpd "
+         "sizes its budgets from the limit, so it uses a fixed share of it" % (req, lim))
+    workers = int(eff["worker"]["count"])
+    need(workers >= 1, "[worker] count = 0: the budgets would be split among the node's CPUs")
+    max_size = int(eff["message"]["max_size"])
+    floor = 2 * max_size + (64 << 10)
+    im = eff["message"]["inflight_memory"].strip()
+    if im in ("auto", "0"):
+        per_worker = L // 4 // workers
+        need(per_worker >= floor, "inflight_memory auto = %d MiB per worker (limit/4/workers) is "
+             "below its floor 2 x max_size + 64 KiB = %d MiB: raise the limit" %
+             (per_worker >> 20, floor >> 20))
+    else:
+        per_worker = size_quantity(im.replace("B", ""))
+    sessions = eff["smtp"]["pool_max_total"].strip()
+    sess_bytes = L // 8 if sessions in ("0", "auto") else int(sessions) * workers * (64 << 10)
+    # each worker may take one largest message (3 x max_size) over its budget
+    peak = per_worker * workers + workers * 3 * max_size + sess_bytes + BASE_RSS
+    need(peak <= L, "worst case %d MiB (inflight %d x %d MiB + overshoot %d x 3 x %d MiB + sessions "
+         "%d MiB + base %d MiB) exceeds the memory limit %s" % (
+             peak >> 20, workers, per_worker >> 20, workers, max_size >> 20, sess_bytes >> 20,
+             BASE_RSS >> 20, lim))
+    return "limit %s: worst case %d MiB (inflight %d MiB/worker, sessions %d MiB)" % (
+        lim, peak >> 20, per_worker >> 20, sess_bytes >> 20)
+
+
+def url_port(url, default):
+    u = urllib.parse.urlsplit(url)
+    return u.port or {"http": 80, "https": 443}.get(u.scheme, default)
+
+
+def check_netpol(tree):
+    need(tree.effective is not None, "no effective configuration (check_config failed)")
+    eff = tree.effective
+    pols = tree.kind("NetworkPolicy", files=tree.listed())
+    need(len(pols) == 1, "expected one NetworkPolicy in kustomization.yaml's resources, found %d" %
+         len(pols))
+    np = pols[0]["spec"]
+    labels = tree.deployment()["spec"]["template"]["metadata"]["labels"]
+    for k, v in (np.get("podSelector", {}).get("matchLabels") or {}).items():
+        need(labels.get(k) == v, "NetworkPolicy selects %s=%s, the pods have %s" % (k, v, labels.get(k)))
+    need(np.get("podSelector", {}).get("matchLabels"), "NetworkPolicy selects every pod")
+    need(set(np.get("policyTypes", [])) == {"Ingress", "Egress"}, "policyTypes %s: expected both "
+         "Ingress and Egress" % np.get("policyTypes"))
+
+    def ports(rules, what):
+        out = set()
+        for r in rules or []:
+            need(r.get("ports"), "%s rule without ports allows every port" % what)
+            for p in r["ports"]:
+                out.add((int(p["port"]), p.get("protocol", "TCP")))
+        return out
+
+    egress = ports(np.get("egress"), "egress")
+    want = {(53, "UDP"), (53, "TCP"), (25, "TCP"), (465, "TCP"), (587, "TCP"),
+            (int(eff["amqp"]["port"]), "TCP"), (int(eff["redis"]["port"]), "TCP")}
+    if eff["imap"]["host"].strip():
+        want.add((int(eff["imap"]["port"]), "TCP"))
+    if eff["amqp"]["management_url"].strip():
+        want.add((url_port(eff["amqp"]["management_url"], 15672), "TCP"))
+    missing = sorted(want - egress)
+    need(not missing, "egress lacks %s (the ports mailpumpd.ini connects to)" % missing)
+    # the other IMAP port (993/143) is allowed for a switch of [imap] tls
+    extra = sorted(egress - want - {(993, "TCP"), (143, "TCP"), (15672, "TCP")})
+    need(not extra, "egress allows %s, which mailpumpd does not use" % extra)
+    ingress = ports(np.get("ingress"), "ingress")
+    _, mport = metrics_port(tree)
+    need((mport, "TCP") in ingress, "ingress does not allow the metrics port %d (probes, "
+         "Prometheus)" % mport)
+    api = eff["api"]["listen"].strip() if eff.has_option("api", "listen") else ""
+    if api:
+        aport = int(api.rpartition(":")[2])
+        need((aport, "TCP") in ingress, "ingress does not allow [api] listen port %d" % aport)
+    return "egress %s; ingress %s" % (
+        " ".join("%d/%s" % p for p in sorted(egress)), " ".join("%d/%s" % p for p in sorted(ingress)))
+
+
+def metric_names(root):
+    """Metric names metrics/metrics.c exposes (histograms with their series suffixes)."""
+    with open(os.path.join(root, "metrics", "metrics.c")) as f:
+        names = set(re.findall(r'"(mailpump_[a-z0-9_]+)', f.read()))
+    need(len(names) >= 20, "could not read the metric table from metrics/metrics.c")
+    out = set(names)
+    for n in names:
+        out |= {n + s for s in ("_bucket", "_sum", "_count")}
+    return frozenset(out)
+
+
+def check_monitoring(tree):
+    known = metric_names(tree.root)
+    rules = tree.kind("PrometheusRule")
+    need(rules, "no PrometheusRule")
+    alerts, used = [], set()
+    for pr in rules:
+        for g in pr["spec"]["groups"]:
+            for r in g["rules"]:
+                expr = str(r["expr"])
+                names = set(re.findall(r"\bmailpump_[a-z0-9_]+", expr))
+                need(names, "rule %s names no mailpump metric" % r.get("alert", r.get("record")))
+                unknown = sorted(names - known)
+                need(not unknown, "rule %s uses %s, not in metrics/metrics.c" %
+                     (r.get("alert", r.get("record")), unknown))
+                used |= names
+                if "alert" in r:
+                    need(r.get("for") and (r.get("labels") or {}).get("severity"),
+                         "alert %s lacks for: or a severity label" % r["alert"])
+                    alerts.append(r["alert"])
+    sms = tree.kind("ServiceMonitor")
+    need(sms, "no ServiceMonitor")
+    svc_ports = {p.get("name") for s in tree.kind("Service") for p in s["spec"]["ports"]}
+    svc_labels = [s["metadata"].get("labels") or {} for s in tree.kind("Service")]
+    for sm in sms:
+        sel = sm["spec"]["selector"].get("matchLabels") or {}
+        need(sel and any(all(l.get(k) == v for k, v in sel.items()) for l in svc_labels),
+             "ServiceMonitor selects %s, which no Service carries" % sel)
+        for ep in sm["spec"]["endpoints"]:
+            need(ep.get("port") in svc_ports, "ServiceMonitor port %s is not a Service port" %
+                 ep.get("port"))
+            need(ep.get("path", "/metrics") == "/metrics", "ServiceMonitor path is not /metrics")
+    return "%d alerts on %d metrics, all in metrics/metrics.c; ServiceMonitor on port %s" % (
+        len(alerts), len(used), ",".join(sorted({e.get("port") for sm in sms
+                                                  for e in sm["spec"]["endpoints"]})))
+
+
 CHECKS = [("yaml", check_yaml), ("env_keys", check_env_keys), ("check_config", check_config),
           ("probes", check_probes), ("drain", check_drain), ("workers", check_workers),
           ("scaling", check_scaling), ("selectors", check_selectors), ("security", check_security),
           ("dockerfile", check_dockerfile), ("runtime_libs", check_runtime_libs),
-          ("build_pkgs", check_build_pkgs)]
+          ("build_pkgs", check_build_pkgs), ("rollout", check_rollout), ("memory", check_memory),
+          ("netpol", check_netpol), ("monitoring", check_monitoring)]
 
 
 def run_checks(root, quiet=False):
@@ -900,24 +1150,25 @@ MUTATIONS = [
     ("env_keys", "deploy/k8s/deployment.yaml", "name: MAILPUMP_AMQP_PASSWORD",
      "name: MAILPUMP_AMQP_PASSWD"),
     ("env_keys", "deploy/k8s/README.md", "MAILPUMP_LOG_LEVEL", "MAILPUMP_LOGLEVEL"),
-    ("check_config", "deploy/k8s/configmap.yaml", "prefetch = 0", "prefetch = 70000"),
-    ("check_config", "deploy/k8s/configmap.yaml", "pool_max_per_dest = 20",
+    ("check_config", "deploy/k8s/mailpumpd.ini", "prefetch = 0", "prefetch = 70000"),
+    ("check_config", "deploy/k8s/mailpumpd.ini", "pool_max_per_dest = 20",
      "pool_max_per_destination = 5"),
-    ("check_config", "deploy/k8s/configmap.yaml", "shutdown_grace_ms = 45000",
+    ("check_config", "deploy/k8s/mailpumpd.ini", "shutdown_grace_ms = 45000",
      "shutdown_grace_ms = 45s"),
     ("check_config", "deploy/k8s/deployment.yaml", "mountPath: /etc/mailpump/dkim",
      "mountPath: /etc/mailpump/dkim-keys"),
-    ("check_config", "deploy/k8s/deployment.yaml", "subPath: mailpumpd.ini", "subPath: mailpump.ini"),
+    ("check_config", "deploy/k8s/deployment.yaml", '"/etc/mailpump/config/mailpumpd.ini"',
+     '"/etc/mailpump/mailpumpd.ini"'),
     ("check_config", "deploy/k8s/secret-examples.yaml", "billing@example.com         billing",
      "billing@example.com"),
     ("probes", "deploy/k8s/deployment.yaml", "path: /readyz", "path: /ready"),
-    ("probes", "deploy/k8s/configmap.yaml", "listen = 0.0.0.0:9464", "listen = 0.0.0.0:9465"),
-    ("probes", "deploy/k8s/configmap.yaml", "listen = 0.0.0.0:9464", "listen = 127.0.0.1:9464"),
+    ("probes", "deploy/k8s/mailpumpd.ini", "listen = 0.0.0.0:9464", "listen = 0.0.0.0:9465"),
+    ("probes", "deploy/k8s/mailpumpd.ini", "listen = 0.0.0.0:9464", "listen = 127.0.0.1:9464"),
     ("probes", "deploy/docker/Dockerfile", "EXPOSE 9464", "EXPOSE 9090"),
     ("drain", "deploy/k8s/deployment.yaml", "terminationGracePeriodSeconds: 60",
      "terminationGracePeriodSeconds: 45"),
-    ("drain", "deploy/k8s/configmap.yaml", "shutdown_grace_ms = 45000", "shutdown_grace_ms = 90000"),
-    ("workers", "deploy/k8s/configmap.yaml", "count = 2", "count = 0"),
+    ("drain", "deploy/k8s/mailpumpd.ini", "shutdown_grace_ms = 45000", "shutdown_grace_ms = 90000"),
+    ("workers", "deploy/k8s/mailpumpd.ini", "count = 2", "count = 0"),
     ("scaling", "deploy/k8s/keda-scaledobject.yaml", "queueName: mail.outbound",
      "queueName: mail.outbund"),
     ("scaling", "deploy/k8s/secret-examples.yaml", "CHANGE-ME-amqp-password@rabbitmq:5672/",
@@ -940,8 +1191,35 @@ MUTATIONS = [
     ("build_pkgs", "deploy/docker/Dockerfile", "build-essential cmake pkg-config",
      "build-essential cmake"),
     ("build_pkgs", "tests/run", "libidn2-dev ", ""),
+    ("rollout", "deploy/k8s/deployment.yaml", "  revisionHistoryLimit: 5",
+     "  replicas: 2\n  revisionHistoryLimit: 5"),
+    ("rollout", "deploy/k8s/deployment.yaml", "              mountPath: /etc/mailpump/config\n",
+     "              mountPath: /etc/mailpump/config/mailpumpd.ini\n              subPath: mailpumpd.ini\n"),
+    ("rollout", "deploy/k8s/kustomization.yaml", "configMapGenerator:",
+     "generatorOptions:\n  disableNameSuffixHash: true\nconfigMapGenerator:"),
+    ("rollout", "deploy/k8s/pdb.yaml", "unhealthyPodEvictionPolicy: AlwaysAllow",
+     "unhealthyPodEvictionPolicy: IfHealthyBudget"),
+    ("rollout", "deploy/k8s/keda-scaledobject.yaml", "    replicas: 4\n", ""),
+    ("memory", "deploy/k8s/deployment.yaml", "              memory: 1Gi\n            limits:",
+     "              memory: 256Mi\n            limits:"),
+    ("memory", "deploy/k8s/deployment.yaml", "              cpu: \"2\"\n              memory: 1Gi",
+     "              cpu: \"2\"\n              memory: 200Mi"),
+    ("memory", "deploy/k8s/mailpumpd.ini", "max_size = 26214400", "max_size = 104857600"),
+    ("netpol", "deploy/k8s/networkpolicy.yaml", "        - port: 6379", "        - port: 6380"),
+    ("netpol", "deploy/k8s/mailpumpd.ini", "port = 5672", "port = 5671"),
+    ("netpol", "deploy/k8s/networkpolicy.yaml", "        - port: 53\n          protocol: UDP\n", ""),
+    ("netpol", "deploy/k8s/networkpolicy.yaml", "        - port: 9464", "        - port: 9090"),
+    ("netpol", "deploy/k8s/networkpolicy.yaml", "        - port: 587\n",
+     "        - port: 587\n          protocol: TCP\n        - port: 22\n"),
+    ("monitoring", "deploy/k8s/monitoring/prometheusrule.yaml", "mailpump_ledger_unavailable_total",
+     "mailpump_ledger_unavailable"),
+    ("monitoring", "metrics/metrics.c", '"mailpump_smtp_tls_fallbacks_total"',
+     '"mailpump_smtp_tls_fallback_total"'),
+    ("monitoring", "deploy/k8s/monitoring/servicemonitor.yaml", "    - port: metrics", "    - port: http"),
+    ("yaml", "deploy/k8s/kustomization.yaml", "#   - monitoring", "#   - monitor"),
 ]
-COPIED = ["deploy/docker", "deploy/k8s", "CMakeLists.txt", "tests/run", ".dockerignore"]
+COPIED = ["deploy/docker", "deploy/k8s", "CMakeLists.txt", "tests/run", ".dockerignore",
+          "metrics/metrics.c"]
 
 
 def run_mutations():
