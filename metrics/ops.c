@@ -27,8 +27,8 @@
 
 #include "metrics/metrics.h"
 
-#ifndef MP_VERSION
-#define MP_VERSION "unknown"
+#ifndef MAILPUMP_VERSION
+#define MAILPUMP_VERSION "unknown"
 #endif
 
 /* ---- histograms ---- */
@@ -264,9 +264,9 @@ void metrics_ops_render(buf_t *out)
     buf_puts(out, "# HELP mailpump_build_info The running build: version, and the git commit it was configured at.\n"
                   "# TYPE mailpump_build_info gauge\n");
 #ifdef MP_GIT_COMMIT
-    buf_printf(out, "mailpump_build_info{version=\"%s\",commit=\"%s\"} 1\n", MP_VERSION, MP_GIT_COMMIT);
+    buf_printf(out, "mailpump_build_info{version=\"%s\",commit=\"%s\"} 1\n", MAILPUMP_VERSION, MP_GIT_COMMIT);
 #else
-    buf_printf(out, "mailpump_build_info{version=\"%s\"} 1\n", MP_VERSION);
+    buf_printf(out, "mailpump_build_info{version=\"%s\"} 1\n", MAILPUMP_VERSION);
 #endif
     render_recipients(out);
     buf_printf(out, "# HELP %s Time from when a message was first enqueued (its AMQP timestamp, else its first "
