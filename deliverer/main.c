@@ -73,7 +73,25 @@ static void usage(FILE *f)
             "Every key can be overridden from the environment as\n"
             "MAILPUMP_<SECTION>_<KEY>, e.g. MAILPUMP_AMQP_HOST=rabbitmq.\n"
             "Signals: SIGTERM/SIGINT stop consuming, finish in-flight messages\n"
-            "within [worker] shutdown_grace_ms, and exit 0.\n");
+            "within [worker] shutdown_grace_ms, and exit 0. SIGHUP validates the\n"
+            "configuration again and logs the result; changes still need a restart.\n");
+}
+
+/* SIGHUP: the configuration is read and validated again, and the result
+ * logged; nothing is applied (every setting still needs a restart) and
+ * nothing stops: a HUP never drops a message. */
+static void reload_check(const char *config_path)
+{
+    mp_config_t next;
+    char err[512];
+    config_defaults(&next);
+    if (config_load(&next, config_path, err, sizeof(err)) < 0 || config_validate(&next, err, sizeof(err)) < 0)
+        log_warn("main", "reload", "config=%s valid=0 reason=%s action=keep_running",
+                 LOG_Q(config_path ? config_path : "-"), LOG_Q(err));
+    else
+        log_info("main", "reload", "config=%s valid=1 action=keep_running note=%s",
+                 LOG_Q(config_path ? config_path : "-"), LOG_Q("live reload is not supported yet: restart to apply"));
+    config_free(&next);
 }
 
 /* The one mapping of the configuration's enums to the modules' own. */
@@ -193,6 +211,7 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGUSR1);
+    sigaddset(&set, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
     raise_fd_limit();
@@ -275,9 +294,14 @@ int main(int argc, char **argv)
     if (rc == 0) {
         int sig;
         struct timespec tick = { .tv_sec = CRASH_CHECK_S, .tv_nsec = 0 };
-        while ((sig = sigtimedwait(&set, NULL, &tick)) < 0)
-            if (errno == EAGAIN && cfg.redis_host[0])
-                crash_reporter_check(); /* off every worker's path */
+        for (;;) {
+            while ((sig = sigtimedwait(&set, NULL, &tick)) < 0)
+                if (errno == EAGAIN && cfg.redis_host[0])
+                    crash_reporter_check(); /* off every worker's path */
+            if (sig != SIGHUP)
+                break;
+            reload_check(config_path);
+        }
         log_info("main", "signal", "signal=%s action=drain", LOG_Q(strsignal(sig)));
     }
     /* the API first: no new submissions while the workers drain */
