@@ -51,7 +51,8 @@ Checks (each prints "ok" or "FAIL" with the reason; any FAIL exits 1):
   netpol        the NetworkPolicy's egress ports are exactly DNS, SMTP 25/465/587
                 and the ports mailpumpd.ini connects to (AMQP, management, Redis,
                 IMAP); ingress allows the metrics port (and [api] listen's)
-  monitoring    every metric a PrometheusRule names is in metrics/metrics.c;
+  monitoring    every metric a PrometheusRule names is in metrics/metrics.c or
+                metrics/ops.c (tests/deploy/test_monitoring.py checks more);
                 alerts have for: and severity; the ServiceMonitor selects the
                 metrics Service and its port
   build_pkgs    the build stage installs the package of every pkg-config module
@@ -1066,9 +1067,12 @@ def check_netpol(tree):
 
 
 def metric_names(root):
-    """Metric names metrics/metrics.c exposes (histograms with their series suffixes)."""
-    with open(os.path.join(root, "metrics", "metrics.c")) as f:
-        names = set(re.findall(r'"(mailpump_[a-z0-9_]+)', f.read()))
+    """Metric names metrics/metrics.c and metrics/ops.c expose (histograms with
+    their series suffixes)."""
+    names = set()
+    for src in ("metrics.c", "ops.c"):
+        with open(os.path.join(root, "metrics", src)) as f:
+            names |= set(re.findall(r'"(mailpump_[a-z0-9_]+)', f.read()))
     need(len(names) >= 20, "could not read the metric table from metrics/metrics.c")
     out = set(names)
     for n in names:
@@ -1224,7 +1228,7 @@ MUTATIONS = [
     ("yaml", "deploy/k8s/kustomization.yaml", "#   - monitoring", "#   - monitor"),
 ]
 COPIED = ["deploy/docker", "deploy/k8s", "CMakeLists.txt", "tests/run", ".dockerignore",
-          "metrics/metrics.c"]
+          "metrics/metrics.c", "metrics/ops.c"]
 
 
 def run_mutations():
