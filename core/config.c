@@ -349,6 +349,11 @@ static const key_def_t keys[] = {
     { "metrics", "campaigns", K_STR, F(metrics_campaigns), "", 0, NULL,
       "campaigns counted by name in `mailpump_recipients_by_campaign_total`, comma- or blank-separated, "
       "at most 256; any other campaign counts as `other`, a message without one as `none`" },
+    { "metrics", "sites", K_STR, F(metrics_sites), "google.com outlook.com yahoodns.net icloud.com", 0,
+      NULL,
+      "destination sites (an MX host's registrable domain: `google.com` for every `*.google.com` MX) counted "
+      "by name in `mailpump_recipients_by_site_total`, comma- or blank-separated, at most 256; any other "
+      "site counts as `other`" },
     { "api", "listen", K_STR, F(api_listen), "", 0, NULL,
       "`host:port` of the HTTP API (docs/http-api.md), like [metrics] listen; empty disables it" },
     { "api", "tokens_file", K_STR, F(api_tokens_file), "", 0, NULL,

@@ -159,6 +159,7 @@ typedef struct mp_config {
     uint64_t metrics_stuck_after_ms; /* /healthz: a worker heartbeat older than this is stuck; 0 = off */
     char    *metrics_tenants;     /* tenant label values, comma/blank separated (metrics_label_add_list) */
     char    *metrics_campaigns;   /* campaign label values, the same way */
+    char    *metrics_sites;       /* destination site label values, the same way */
     /* [api] (api/http.h) */
     char    *api_listen;          /* host:port of the HTTP API, empty disables */
     char    *api_tokens_file;     /* bearer tokens, NAME:TOKEN or TOKEN per line */

@@ -1386,6 +1386,14 @@ static void job_count_sender(const job_t *j, const job_rcpt_t *r, metrics_outcom
     metrics_count_labeled(MET_FAM_POOL, j->msg ? j->msg->pool : NULL, o);
     metrics_count_labeled(MET_FAM_CAMPAIGN, j->msg ? j->msg->campaign : NULL, o);
     metrics_count_labeled(MET_FAM_SOURCE, r ? r->source : NULL, o);
+    if (r == NULL) {
+        metrics_count_labeled(MET_FAM_SITE, NULL, o);
+    } else {
+        const job_domain_t *d = &j->domains[r->domain];
+        char site[256];
+        sites_name(d->mx_host[0] ? d->mx_host : d->name, site, sizeof(site));
+        metrics_count_labeled(MET_FAM_SITE, site, o);
+    }
 }
 
 /* The outcome label of a recipient's event (metrics.h): its event's

@@ -227,6 +227,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < OUTCOME_R_LAST; i++)
         metrics_reason_name(i, outcome_reason_name((outcome_reason_t)i));
     metrics_label_add_list(MET_FAM_CAMPAIGN, cfg.metrics_campaigns);
+    metrics_label_add_list(MET_FAM_SITE, cfg.metrics_sites);
     for (size_t i = 0; i < policy_npools(env.policy); i++)
         metrics_label_add(MET_FAM_POOL, policy_pool(env.policy, i)->name);
     for (size_t i = 0; i < policy_nsources(env.policy); i++)

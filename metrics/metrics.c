@@ -238,6 +238,10 @@ static label_family_t families[MET_FAM_LAST] = {
     [MET_FAM_CAMPAIGN] = { .metric = "mailpump_recipients_by_campaign_total", .label = "campaign",
                            .help = "Recipient outcomes by the message's campaign: the names of [metrics] campaigns, "
                                    "other for any other campaign, none for a message without one." },
+    [MET_FAM_SITE] = { .metric = "mailpump_recipients_by_site_total", .label = "site",
+                       .help = "Recipient outcomes by destination site (the MX hosts' registrable domain, e.g. "
+                               "google.com): the sites of [metrics] sites, other for any other, none for a message "
+                               "dead-lettered as a whole. Outcome parked counts the legs parked for a busy site." },
     [MET_FAM_SOURCE] = { .metric = "mailpump_recipients_by_source_total", .label = "source",
                          .help = "Recipient outcomes by the egress source the delivery used: the configured sources, "
                                  "other for any other, none when no source was used." },

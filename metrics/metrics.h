@@ -143,6 +143,7 @@ typedef enum {
     MET_FAM_POOL,       /* mailpump_recipients_by_pool_total{pool,outcome}: the configured pools */
     MET_FAM_SOURCE,     /* mailpump_recipients_by_source_total{source,outcome}: the configured sources */
     MET_FAM_CAMPAIGN,   /* mailpump_recipients_by_campaign_total{campaign,outcome}: [metrics] campaigns */
+    MET_FAM_SITE,       /* mailpump_recipients_by_site_total{site,outcome}: [metrics] sites */
     MET_FAM_LAST
 } metrics_family_t;
 

@@ -55,7 +55,8 @@ def project_version():
 class MetricsDoc(unittest.TestCase):
     def test_docs_match_and_a_delivery_shows(self):
         env = mpstack.stack_env()
-        d, tap = mpstack.started_daemon(self, env, workers=1)
+        d, tap = mpstack.started_daemon(self, env, workers=1,
+                                        extra_env={"MAILPUMP_METRICS_SITES": "test.example google.com"})
         started = time.time()
         _, before = d.http("/metrics")
         docs = documented()
@@ -77,6 +78,11 @@ class MetricsDoc(unittest.TestCase):
 
         self.assertEqual(value(after, 'mailpump_recipients_total{outcome="delivered",reason="delivered"}'), 1)
         self.assertEqual(value(after, 'mailpump_recipients_total{outcome="bounced",reason="no_such_user"}'), 1)
+        # by destination site: the configured one by name (both recipients' MX is mx1.test.example)
+        self.assertEqual(value(after, 'mailpump_recipients_by_site_total{site="test.example",outcome="delivered"}'), 1)
+        self.assertEqual(value(after, 'mailpump_recipients_by_site_total{site="test.example",outcome="bounced"}'), 1)
+        self.assertEqual(value(after, 'mailpump_recipients_by_site_total{site="google.com",outcome="delivered"}'), 0)
+        self.assertEqual(value(after, 'mailpump_recipients_by_site_total{site="other",outcome="delivered"}'), 0)
         rcpt_series = re.findall(r'^mailpump_recipients_total\{.*\} (\S+)$', after, re.M)
         self.assertEqual(sum(float(v) for v in rcpt_series), 2)
         # the old counters still count, bounced as failed
