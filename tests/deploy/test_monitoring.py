@@ -260,6 +260,14 @@ class DashboardTest(NamesMixin, unittest.TestCase):
         self.assertEqual(d["__inputs"][0]["pluginId"], "prometheus")
         variables = {v["name"]: v for v in d["templating"]["list"]}
         self.assertEqual(set(variables), {"job", "instance"})
+        cells = set()
+        for p in d["panels"]:
+            g = p["gridPos"]
+            self.assertLessEqual(g["x"] + g["w"], 24, p["title"])
+            area = {(x, y) for x in range(g["x"], g["x"] + g["w"])
+                    for y in range(g["y"], g["y"] + g["h"])}
+            self.assertFalse(area & cells, "panel %r overlaps another" % p["title"])
+            cells |= area
         ids = [p["id"] for p in all_panels(d)]
         self.assertEqual(len(ids), len(set(ids)), "panel ids repeat")
         for p in all_panels(d):
