@@ -150,7 +150,7 @@ static void leg_fail(domain_leg_t *leg, outcome_t o, outcome_reason_t reason, co
         r->reason = reason;
         r->code = 0;
         r->enh[0] = '\0';
-        snprintf(r->text, sizeof(r->text), "%s", text);
+        snprintf(r->text, sizeof(r->text), "%.*s", (int)sizeof(r->text) - 1, text); /* cut to fit */
     }
     leg_set_state(leg, LEG_REPORT);
     loop_timer_set(leg->svc->loop, &leg->timer, 0);
