@@ -1,8 +1,22 @@
 # tests/bench/common.bash - what the engine benchmarks (smtp.sh, wide.sh) share:
 # the private topology's removal, the EXIT trap, the hard time bound, free
-# ports, polling, the receivers' counters. Sourced after the script has
-# set PY, tag, work, keep, pids (an array), max_seconds and log() and
-# stop_pid().
+# ports, polling, the receivers' counters, stopping a process. Sourced
+# after the script has set PY, tag, work, keep, pids (an array),
+# max_seconds and log() (and, if it keeps a list of live pids, forget()).
+
+stop_pid() { # pid [seconds]: TERM, wait, then KILL; then forget pid, if the script has forget()
+    local pid=$1 t=${2:-30} i
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < t * 10; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+    fi
+    wait "$pid" 2>/dev/null || true
+    if declare -F forget >/dev/null; then forget "$pid"; fi
+}
 
 delete_topology() { # every queue and exchange named $tag.*
     $PY - "$tag" <<'EOF' || log "could not delete the private queues of $tag"

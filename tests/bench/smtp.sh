@@ -100,18 +100,6 @@ work=$(mktemp -d /tmp/mpbench-smtp.XXXXXX)
 pids=()
 log() { echo "smtp.sh: $*" >&2; }
 
-stop_pid() { # pid [seconds]: TERM, wait, then KILL
-    local pid=$1 t=${2:-30} i
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < t * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
-}
-
 . "$(dirname "$0")/common.bash"
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM

@@ -140,18 +140,6 @@ work=$(mktemp -d /tmp/mpbench-wide.XXXXXX)
 pids=()
 log() { echo "wide.sh: $*" >&2; }
 
-stop_pid() { # pid [seconds]: TERM, wait, then KILL
-    local pid=$1 t=${2:-30} i
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; forget "$pid"; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < t * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
-    forget "$pid"
-}
 # forget pid: off the list the EXIT trap stops (a reaped pid may be reused)
 forget() {
     local i
